@@ -1,0 +1,225 @@
+"""Run directories, manifests and the stage cache: how stages hand work to each other.
+
+`run_stage` is the one place that decides whether a stage's work is still valid, runs it, and
+marks it complete. A stage directory is complete exactly when its manifest.json exists, and the
+manifest is written last, atomically, after every output file is hashed. A killed stage therefore
+leaves a directory without a manifest, which the next run redoes and every consumer refuses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import xxhash
+
+import lmforge
+from lmforge.common import progress as progress_mod
+from lmforge.common.io import atomic_path, atomic_write_json, atomic_write_text
+from lmforge.common.logging import MetricsWriter, is_rank_zero
+from lmforge.config import StageConfig, config_hash, to_yaml
+from lmforge.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+# Outputs that are intermediate or volatile and must not decide downstream caching.
+UNHASHED_DIRS = {"checkpoints", "__pycache__"}
+
+C = TypeVar("C", bound=StageConfig)
+
+
+@dataclass
+class StageContext:
+    """What a stage's build() gets besides its config: where to write and how to report."""
+
+    out: Path
+    stage: str
+    log: logging.Logger
+    metrics: MetricsWriter
+    atomic_path = staticmethod(atomic_path)
+    atomic_write_text = staticmethod(atomic_write_text)
+    atomic_write_json = staticmethod(atomic_write_json)
+    progress = staticmethod(progress_mod.progress)
+
+
+@dataclass
+class StageResult:
+    """The outcome of run_stage: where the artifact is and whether it was reused."""
+
+    out: Path
+    cached: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every manifest, so a result can be traced to its software."""
+    info = {"lmforge": lmforge.__version__, "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:  # the data stage runs without torch
+        pass
+    return info
+
+
+def _iter_files(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in UNHASHED_DIRS and not d.startswith(".")
+        )
+        for name in sorted(filenames):
+            if name != MANIFEST and not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def file_hash(path: Path) -> str:
+    """xxh3-128 of a file's bytes, streamed (GB/s, so hashing shards and weights is cheap)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_outputs(root: Path) -> dict[str, str]:
+    """Relative path -> content hash of every output file of a stage directory."""
+    return {f.relative_to(root).as_posix(): file_hash(f) for f in _iter_files(root)}
+
+
+def content_hash(path: Path) -> str:
+    """The identity of an input: a stage directory's recorded outputs, else its bytes."""
+    path = Path(path)
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is not None:
+        payload = json.dumps(manifest.get("outputs", {}), sort_keys=True)
+    elif path.is_dir():
+        payload = json.dumps(hash_outputs(path), sort_keys=True)
+    elif path.exists():
+        payload = file_hash(path)
+    else:
+        raise InputError(f"input {path} does not exist; check the path or build it first")
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a complete stage directory, or None if absent or unreadable."""
+    path = Path(stage_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_incomplete_stage(path: Path) -> bool:
+    """A directory a stage started (config.yaml written) but never finished (no manifest)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).exists() and not (path / MANIFEST).exists()
+
+
+def require_artifact(path: Path, files: list[str], hint: str) -> Path:
+    """Checks an input artifact before a stage uses it; the error says how to build it.
+
+    Args:
+        path: the directory a previous stage (or the user) provided.
+        files: files that must exist inside it.
+        hint: the command that builds a correct one, e.g. "lmforge tokenizer train ...".
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist; build it with: {hint}")
+    if is_incomplete_stage(path):
+        raise InputError(
+            f"{path} is incomplete (its stage was interrupted: no {MANIFEST}); rerun: {hint}"
+        )
+    missing = [f for f in files if not (path / f).exists()]
+    if missing:
+        raise InputError(f"{path} has no {', '.join(missing)}; build it with: {hint}")
+    return path
+
+
+def _is_valid_cache(manifest: dict[str, Any] | None, cfg_hash: str, inputs: dict[str, str]) -> bool:
+    return (
+        manifest is not None
+        and manifest.get("status") == "complete"
+        and manifest.get("config_hash") == cfg_hash
+        and manifest.get("inputs") == inputs
+    )
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_stage(
+    stage: str,
+    cfg: C,
+    build: Callable[[C, StageContext], dict[str, Any] | None],
+    *,
+    force: bool = False,
+    kind: str | None = None,
+) -> StageResult:
+    """Runs build(cfg, ctx) into cfg.out unless a complete, matching result is already there.
+
+    Args:
+        stage: the stage's name (its directory name in a recipe run).
+        cfg: the validated config; cfg.out is the stage directory.
+        build: does the work and returns headline metrics.
+        force: rerun even when the cache is valid.
+        kind: the stage kind from stages.py (defaults to stage).
+    """
+    out = Path(cfg.out)
+    cfg_hash = config_hash(cfg)
+    inputs = {str(Path(p).resolve()): content_hash(p) for p in cfg.inputs()}
+    manifest = read_manifest(out)
+    if not force and _is_valid_cache(manifest, cfg_hash, inputs):
+        log.info("%s: cached (config and inputs unchanged) -> %s", stage, out)
+        return StageResult(out, cached=True, metrics=manifest.get("metrics", {}))
+
+    out.mkdir(parents=True, exist_ok=True)
+    if is_rank_zero():
+        # Remove the old manifest first: from here on the directory is "incomplete".
+        (out / MANIFEST).unlink(missing_ok=True)
+        atomic_write_text(out / CONFIG_FILE, to_yaml(cfg))
+    started, t0 = _now(), time.perf_counter()
+    metrics_writer = MetricsWriter(out / "metrics.jsonl")
+    ctx = StageContext(
+        out=out, stage=stage, log=logging.getLogger(f"lmforge.{stage}"), metrics=metrics_writer
+    )
+    log.info("%s: running -> %s", stage, out)
+    try:
+        metrics = build(cfg, ctx) or {}
+    finally:
+        metrics_writer.close()
+    duration = time.perf_counter() - t0
+    if is_rank_zero():
+        atomic_write_json(
+            out / MANIFEST,
+            {
+                "stage": stage,
+                "kind": kind or stage,
+                "status": "complete",
+                "config": cfg.model_dump(mode="json"),
+                "config_hash": cfg_hash,
+                "inputs": inputs,
+                "outputs": hash_outputs(out),
+                "versions": versions(),
+                "started_at": started,
+                "finished_at": _now(),
+                "duration_s": round(duration, 3),
+                "metrics": metrics,
+            },
+        )
+    return StageResult(out, cached=False, metrics=metrics, duration_s=duration)

@@ -1,0 +1,138 @@
+"""The `lmforge` command: one entry point, one thin subcommand per stage.
+
+Each stage command gathers its flags into a dict and hands them to runner.run_single(), which
+merges them over `--config FILE.yaml` and under `--set key=value`, validates, and runs the stage
+with caching. No stage logic lives here. Errors a person can fix print as one line (exit 2);
+failures while working exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+from rich.markup import escape
+
+from lmforge.common.logging import console, setup_logging
+from lmforge.errors import LmforgeError
+
+app = typer.Typer(
+    name="lmforge",
+    help="Take a language model through its whole life: data, tokenizer, pretraining, "
+    "fine-tuning, evaluation and the report.\n\nExample: lmforge quickstart",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Options shared by every stage command.
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
+    typer.Option("--config", help="YAML file with this stage's config (flags and --set win)."),
+]
+SetOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--set", help="Override one config key, e.g. --set train.lr=3e-4 (repeatable)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if a matching result exists.")]
+
+
+@app.callback()
+def _global_options(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log as JSON lines on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    setup_logging(quiet=quiet, log_json=log_json, verbose=verbose)
+
+
+def run_stage_command(
+    kind: str, values: dict[str, Any], config: Path | None, sets: list[str] | None, force: bool
+) -> None:
+    """The body of every stage command: run it, then print its headline."""
+    from lmforge.runner import run_single
+
+    result = run_single(kind, values, config_file=config, overrides=sets or [], force=force)
+    print_stage_result(kind, result)
+
+
+def print_stage_result(name: str, result: Any) -> None:
+    """One line per stage: cached or done, its time, its headline metrics, where it wrote."""
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
+    if result.cached:
+        console().print(f"[dim]= {name}: cached[/dim]  {shown}  [dim]{result.out}[/dim]", soft_wrap=True)
+    else:
+        console().print(
+            f"[green]✓[/green] [bold]{name}[/bold] {result.duration_s:.1f}s  {shown}  [dim]{result.out}[/dim]",
+            soft_wrap=True,
+        )
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a built-in recipe name.")],
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<name>).")] = None,  # noqa: UP045
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run just this stage.")] = None,  # noqa: UP045
+    from_stage: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--from", help="Rerun this stage and every stage after it."),
+    ] = None,
+) -> None:
+    """Run a recipe's stages in order; unchanged stages are skipped.
+
+    Example: lmforge run recipes/quickstart.yaml --set train.max_steps=50
+    """
+    from lmforge.runner import run_recipe
+
+    for name, result in run_recipe(
+        recipe, out=out, overrides=sets or [], force=force, only=only, from_stage=from_stage
+    ):
+        print_stage_result(name, result)
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).")],
+) -> None:
+    """Write report.html and report.md for a run, from its manifests.
+
+    Example: lmforge report runs/quickstart
+    """
+    from lmforge.evals.report import write_report
+
+    html_path = write_report(run_dir)
+    console().print(f"[green]✓[/green] report: {html_path}")
+
+
+def main() -> None:
+    """Console entry point: runs the app and turns expected errors into one line + exit code."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=sys.argv[1:], prog_name="lmforge", standalone_mode=False)
+    except LmforgeError as exc:
+        console().print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console().print("[red]interrupted[/red]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

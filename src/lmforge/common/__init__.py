@@ -1,0 +1,1 @@
+"""Shared plumbing: logging, progress, metrics, file io, device and seeding."""

@@ -1,0 +1,43 @@
+"""The registry of stage kinds: kind -> where its config class and build function live.
+
+Imported lazily so `lmforge --help` and the data stage never pay for importing torch. A kind
+whose module is not importable is simply not available (and not listed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.config import StageConfig
+from lmforge.errors import ConfigError
+
+# kind -> "module:ConfigClass:build_function"
+STAGES: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A resolved registry entry."""
+
+    kind: str
+    config_cls: type[StageConfig]
+    build: Callable[..., dict[str, Any] | None]
+
+
+def register(kind: str, target: str) -> None:
+    """Adds a stage kind ("module:ConfigClass:build"); tests use it for toy stages."""
+    STAGES[kind] = target
+
+
+def get_stage(kind: str) -> StageKind:
+    """Imports and returns a stage kind; unknown kinds list the valid ones."""
+    target = STAGES.get(kind)
+    if target is None:
+        valid = ", ".join(sorted(STAGES)) or "none"
+        raise ConfigError(f"unknown stage kind '{kind}' (valid kinds: {valid})")
+    module_name, cls_name, fn_name = target.split(":")
+    module = importlib.import_module(module_name)
+    return StageKind(kind, getattr(module, cls_name), getattr(module, fn_name))
