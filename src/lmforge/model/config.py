@@ -1,0 +1,145 @@
+"""ModelConfig: every architecture knob of the Transformer, plus named presets.
+
+Llama-style and GPT-2-style models are two settings of the same fields (norm, pos, mlp, bias), not
+two classes. The config is a plain dataclass so it round-trips through JSON (checkpoints, the
+"lmforge" key of an exported config.json) with to_dict()/from_dict().
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from lmforge.errors import ConfigError
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+MLPS = ("swiglu", "gelu")
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a decoder-only Transformer (paper names: n_layer, n_head, n_embd)."""
+
+    vocab_size: int  # number of token ids (embedding rows / logits)
+    n_layer: int  # number of Transformer blocks
+    n_head: int  # number of query heads
+    n_kv_head: int  # number of key/value heads (== n_head: MHA, 1: MQA, else GQA)
+    n_embd: int  # residual stream width C
+    intermediate_size: int  # MLP hidden size
+    block_size: int  # max sequence length (positions / rope cache)
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    pos: str = "rope"  # "rope" (rotary) | "learned" (absolute position embeddings)
+    mlp: str = "swiglu"  # "swiglu" (silu(gate) * up) | "gelu" (tanh approximation, as GPT-2)
+    bias: bool = False  # biases on all linears and layernorms (GPT-2)
+    attn_bias: bool = False  # biases on q/k/v only (Qwen2)
+    tie_embeddings: bool = False  # lm_head shares the token embedding matrix
+    rope_theta: float = 10000.0  # rotary base frequency
+    norm_eps: float = 1e-5  # epsilon inside the norms
+    dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
+    init_std: float = 0.02  # std of the normal init (residual projections get /sqrt(2*n_layer))
+    head_dim: int | None = None  # per-head width; None means n_embd // n_head
+    sliding_window: int | None = None  # attend to at most this many past tokens (Mistral)
+    rope_scaling: dict[str, Any] | None = field(default=None)  # {"rope_type": "llama3", ...}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def hd(self) -> int:
+        """Per-head width actually used (head_dim, or n_embd // n_head)."""
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that cannot build a model."""
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.intermediate_size < 1:
+            raise ConfigError(f"model.intermediate_size must be >= 1, got {self.intermediate_size}")
+        choices = {"norm": NORMS, "pos": POSITIONS, "mlp": MLPS}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)!r} is not one of {', '.join(valid)}"
+                )
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                "change one of them or set model.head_dim"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"model.n_head={self.n_head} is not a multiple of model.n_kv_head={self.n_kv_head}"
+            )
+        if self.pos == "rope" and self.hd % 2:
+            raise ConfigError(f"rotary embeddings need an even head_dim, got {self.hd}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"model.rope_scaling rope_type={rope_type!r} is not one of {', '.join(ROPE_TYPES)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of to_dict; an unknown key is a ConfigError naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+
+_GPT2_STYLE = dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True)
+
+# Named starting points. vocab_size is usually overridden with the tokenizer's size.
+PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: 2 layers, 64 wide, GQA, a few thousand params per layer
+    "micro": dict(
+        vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+        intermediate_size=128, block_size=128, tie_embeddings=True,
+    ),
+    # the same size in GPT-2 style, for tests of the other flavour
+    "micro-gpt2": dict(
+        vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
+        intermediate_size=256, block_size=128, **_GPT2_STYLE,
+    ),
+    # the 2-core CPU quickstart: ~1.3M params with a 4096 vocab, trains in minutes
+    "tiny": dict(
+        vocab_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
+        intermediate_size=352, block_size=256, tie_embeddings=True,
+    ),
+    # a small llama-style model for one GPU (~16M params with a 16k vocab)
+    "small": dict(
+        vocab_size=16384, n_layer=6, n_head=6, n_kv_head=2, n_embd=384,
+        intermediate_size=1024, block_size=1024, tie_embeddings=True,
+    ),
+    # GPT-2 small (124M) as in nanoGPT: vocab padded to 50304 for fast matmuls
+    "gpt2-124m": dict(
+        vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
+        intermediate_size=3072, block_size=1024, **_GPT2_STYLE,
+    ),
+    # about 1B params, llama style (the Llama-3.2-1B body with a 32k vocab)
+    "llama-1b": dict(
+        vocab_size=32000, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+        intermediate_size=8192, block_size=2048, rope_theta=500000.0, tie_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+def preset_config(name: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig of a named preset, with keyword overrides (e.g. vocab_size=tokenizer size)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})

@@ -1,0 +1,178 @@
+"""Autoregressive generation: a preallocated KV cache and the sampling rules.
+
+generate() runs the prompt once (prefill), then feeds one token per step, reusing cached keys and
+values, so each step costs O(T) instead of O(T^2). Sampling follows the usual order: repetition
+penalty, temperature, top-k, top-p, then a multinomial draw (or argmax when greedy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import ConfigError, InputError
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: k[layer] is (B, n_kv_head, max_len, hd)."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> KVCache:
+        """A cache shaped for `model` (a Transformer), on its device and in its dtype."""
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(
+            cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.hd, device=p.device, dtype=p.dtype
+        )
+
+    def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, n_kv_head, T, hd) at start_pos; return all keys/values up to there."""
+        end = start_pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, step needs {end}")
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, hd)
+
+
+def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
+    """Make already-seen tokens less likely (CTRL paper / HF): divide positive, multiply negative."""
+    seen = torch.gather(logits, 1, history)  # (B, T)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, history, seen)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits per row, -inf elsewhere."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability is >= p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of strictly better tokens
+    drop_sorted = mass_before >= p  # the most likely token always has mass_before 0, so it stays
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: Tensor,
+    history: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick one token per row from last-position logits (B, V); history (B, T) is the context."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, history, repetition_penalty)
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, rp: float) -> None:
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1 (or unset), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1] (or unset), got {top_p}")
+    if rp <= 0:
+        raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {rp}")
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Continue each row of idx (B, T); returns (B, T + n), n <= max_new_tokens.
+
+    A row that emits one of stop_tokens keeps that token and is padded with it afterwards;
+    generation ends early once every row has stopped. temperature=0 or greedy=True is argmax.
+    use_cache=False recomputes the whole prefix each step (the reference the cache is tested on).
+    """
+    _check_sampling(temperature, top_k, top_p, repetition_penalty)
+    B, T = idx.shape
+    total = T + max_new_tokens
+    if total > model.config.block_size:
+        raise InputError(
+            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"block_size {model.config.block_size}; shorten the prompt or ask for fewer tokens"
+        )
+    sampling = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, greedy=greedy, generator=generator,
+    )  # fmt: skip
+    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    pad = torch.zeros(B, dtype=torch.long, device=idx.device)  # each finished row's stop token
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache.for_model(model, B, total) if use_cache else None
+        out = idx
+        logits = model(idx, kv_cache=cache)[:, -1]  # (B, V)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, out, **sampling)  # (B,)
+            nxt = torch.where(finished, pad, nxt)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if len(stops):
+                hit = torch.isin(nxt, stops) & ~finished
+                pad = torch.where(hit, nxt, pad)
+                finished |= hit
+                if bool(finished.all()):
+                    break
+            if step + 1 == max_new_tokens:
+                break
+            if cache is not None:
+                logits = model(nxt[:, None], kv_cache=cache, start_pos=out.size(1) - 1)[:, -1]
+            else:
+                logits = model(out)[:, -1]
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,334 @@
+"""The decoder-only Transformer: one readable file, top to bottom.
+
+Llama style (RMSNorm, RoPE, SwiGLU, GQA) and GPT-2 style (LayerNorm, learned positions, GELU,
+biases) are settings of ModelConfig, not subclasses. Attention goes through
+F.scaled_dot_product_attention: the is_causal fast path when nothing else restricts attention, an
+explicit boolean mask for packed documents (doc_ids), sliding windows and chunked prefill.
+
+Shapes: B batch, T sequence length, C = n_embd, hd = head_dim, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.errors import InputError
+from lmforge.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from lmforge.model.generate import KVCache
+
+Rope = tuple[Tensor, Tensor]  # (cos, sin), each broadcastable to (B, n_head, T, hd)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like Llama's reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Rotary frequencies theta^(-2i/hd), with Llama 3's long-context rescaling if configured."""
+    hd = config.hd
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", "default") != "llama3":
+        return inv_freq
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(
+        wavelen > old_len / low, inv_freq / factor, inv_freq
+    )  # low freqs slow down
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + hd/2]) by position-dependent angles (the HF/Llama layout)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, h, T, hd/2) each
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def doc_positions(doc_ids: Tensor) -> Tensor:
+    """Position of each token inside its document: restarts at 0 where doc_ids changes. (B, T)"""
+    T = doc_ids.size(1)
+    t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)  # (B, T)
+    new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    doc_start = torch.where(new_doc, t, 0).cummax(dim=1).values  # (B, T)
+    return t - doc_start
+
+
+def attention_mask(
+    T: int, start_pos: int, doc_ids: Tensor | None, sliding_window: int | None, device: torch.device
+) -> Tensor | None:
+    """Boolean mask (B|1, 1, T, start_pos + T), True = may attend; None = plain causal.
+
+    None lets SDPA use is_causal=True (or no mask at all for a single decoded token), which is the
+    fast path. A mask is built only for packed documents, sliding windows longer than the window,
+    and multi-token steps after a cached prefix.
+    """
+    T_k = start_pos + T
+    windowed = sliding_window is not None and T_k > sliding_window
+    if doc_ids is None and not windowed and (start_pos == 0 or T == 1):
+        return None
+    q_pos = torch.arange(start_pos, T_k, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(T_k, device=device)[None, :]  # (1, T_k)
+    mask = k_pos <= q_pos  # (T, T_k) causal
+    if windowed:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T) same document
+    return mask.unsqueeze(-3)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads and one fused q/k/v projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.hd
+        self.dropout = config.dropout
+        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.hd
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias or config.attn_bias)
+        self.proj = nn.Linear(config.n_head * config.hd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Rope | None,
+        mask: Tensor | None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, T_k, hd)
+        gqa = nkv != nh
+        if gqa and mask is not None:  # masked SDPA kernels lack GQA support: expand k/v heads
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+            enable_gqa=gqa and mask is None,
+        )  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, n_head * hd)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """SwiGLU (fc holds [gate; up]) or GELU feed-forward."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.intermediate_size
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)  # (B, T, 2 * hidden) for swiglu, (B, T, hidden) for gelu
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # (B, T, hidden)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Rope | None,
+        mask: Tensor | None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache, start_pos)
+        return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+
+
+class Transformer(nn.Module):
+    """Token ids in, next-token logits out."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = nn.Embedding(config.block_size, C) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
+        rope_shape = (config.block_size, config.hd)
+        has_rope = config.pos == "rope"
+        self.register_buffer("rope_cos", torch.empty(rope_shape) if has_rope else None, False)
+        self.register_buffer("rope_sin", torch.empty(rope_shape) if has_rope else None, False)
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the token embedding when the config says so (call after loading)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) everywhere; residual projections scaled by 1/sqrt(2 * n_layer).
+
+        The scaling keeps the residual stream's variance flat with depth (GPT-2 paper). Also
+        (re)computes the rotary tables, so a model built on the meta device and moved with
+        to_empty() is complete after this call.
+        """
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.reset_parameters()
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Fill the (non-persistent) rotary cos/sin tables on the parameters' device, in float32."""
+        if self.rope_cos is None:
+            return
+        device = self.tok_emb.weight.device
+        t = torch.arange(self.config.block_size, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, rope_inv_freq(self.config).to(device))  # (block_size, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hd)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+
+    def hidden_states(
+        self,
+        idx: Tensor,
+        doc_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> Tensor:
+        """Final-norm hidden states (B, T, C): what lm_head, classifier and reward heads read."""
+        T = idx.size(1)
+        if start_pos + T > self.config.block_size:
+            raise InputError(
+                f"sequence of {start_pos + T} tokens exceeds model.block_size="
+                f"{self.config.block_size}; shorten the input or raise model.block_size"
+            )
+        if doc_ids is not None and (kv_cache is not None or start_pos > 0):
+            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+        if doc_ids is None:
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        else:
+            pos = doc_positions(doc_ids)  # (B, T)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        rope = None
+        if self.rope_cos is not None:
+            rope = (
+                self.rope_cos[pos].unsqueeze(-3),
+                self.rope_sin[pos].unsqueeze(-3),
+            )  # (B|1,1,T,hd)
+        mask = attention_mask(T, start_pos, doc_ids, self.config.sliding_window, idx.device)
+        x = self.drop(x)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, kv_cache, start_pos)
+        return self.norm_f(x)  # (B, T, C)
+
+    def forward(
+        self,
+        idx: Tensor,
+        doc_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> Tensor:
+        """Logits (B, T, V) in the model's dtype.
+
+        idx: token ids (B, T). doc_ids: (B, T) document index of each token in packed sequences;
+        attention stays inside a document and positions restart at each document's first token.
+        kv_cache/start_pos: incremental decoding, idx holds the tokens at start_pos..start_pos+T.
+        """
+        return self.lm_head(self.hidden_states(idx, doc_ids, kv_cache, start_pos))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; shared (tied) tensors count once.
+
+        exclude_embeddings drops the lookup-only tables: position embeddings, and the token
+        embedding unless it is tied to lm_head (then it is also the output matmul). This is
+        nanoGPT's count and the N of the 6N FLOPs rule.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * n_head * hd * T.
+
+        The PaLM appendix B / nanoGPT estimate used for MFU; the second term is attention scores.
+        """
+        cfg = self.config
+        attn = 12 * cfg.n_layer * cfg.n_head * cfg.hd * seq_len
+        return float(6 * self.num_params(exclude_embeddings=True) + attn)

@@ -1,0 +1,128 @@
+"""generate(): the KV cache changes nothing but speed; sampling filters do what they promise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError, InputError
+from lmforge.model.config import preset_config
+from lmforge.model.generate import (
+    apply_repetition_penalty,
+    generate,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
+from lmforge.model.transformer import Transformer
+
+
+def make(name: str = "micro", **overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset_config(name, init_std=0.2, **overrides))  # peaky, varied tokens
+
+
+@pytest.mark.parametrize("style", ["micro", "micro-gpt2"])
+def test_cached_greedy_equals_uncached_token_for_token(style):
+    model = make(style)
+    prompt = torch.randint(0, 256, (3, 7))
+    cached = generate(model, prompt, 30, greedy=True)
+    uncached = generate(model, prompt, 30, greedy=True, use_cache=False)
+    assert cached.shape == (3, 37)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :7], prompt)
+    assert len(set(cached[:, 7:].flatten().tolist())) > 3  # not a degenerate constant model
+
+
+def test_temperature_zero_and_top_k_one_are_greedy():
+    model = make()
+    prompt = torch.randint(0, 256, (2, 5))
+    greedy = generate(model, prompt, 12, greedy=True)
+    assert torch.equal(generate(model, prompt, 12, temperature=0.0), greedy)
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(generate(model, prompt, 12, top_k=1, generator=g), greedy)
+
+
+def test_sampling_is_reproducible_with_a_generator_and_restores_train_mode():
+    model = make().train()
+    prompt = torch.randint(0, 256, (2, 5))
+    a = generate(model, prompt, 10, generator=torch.Generator().manual_seed(3))
+    b = generate(model, prompt, 10, generator=torch.Generator().manual_seed(3))
+    c = generate(model, prompt, 10, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert model.training
+
+
+def test_stop_tokens_end_rows_and_pad_with_the_stop_token():
+    model = make()
+    prompt = torch.randint(0, 256, (2, 4))
+    free = generate(model, prompt, 20, greedy=True)
+    stop = int(free[0, 4 + 3])  # the token row 0 emits at its 4th step
+    first = (free[0, 4:] == stop).nonzero()[0].item() + 4
+    out = generate(model, prompt, 20, greedy=True, stop_tokens=[stop])
+    assert torch.equal(out[0, : first + 1], free[0, : first + 1])
+    assert (out[0, first:] == stop).all()  # padded with the stop token after stopping
+    hits1 = (free[1, 4:] == stop).nonzero()
+    if len(hits1) == 0:  # row 1 never stops: it runs the full length, unchanged
+        assert torch.equal(out[1], free[1])
+    else:
+        end1 = hits1[0].item() + 4
+        assert torch.equal(out[1, : end1 + 1], free[1, : end1 + 1])
+        assert (out[1, end1:] == stop).all()
+        assert out.size(1) == max(first, end1) + 1  # both stopped: generation ended early
+
+
+def test_generation_ends_early_when_every_row_stops():
+    model = make()
+    prompt = torch.randint(0, 256, (1, 4))
+    free = generate(model, prompt, 10, greedy=True)
+    out = generate(model, prompt, 10, greedy=True, stop_tokens=[int(free[0, 4])])
+    assert out.shape == (1, 5)
+
+
+def test_top_k_filter_keeps_exactly_k():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [[False, True, False, True, False]]
+
+
+@pytest.mark.parametrize(("p", "expected"), [(0.5, 1), (0.7, 2), (0.8, 2), (0.81, 3), (1.0, 4)])
+def test_top_p_filter_keeps_the_smallest_nucleus(p, expected):
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    filtered = top_p_filter(probs.log(), p)
+    kept = torch.isfinite(filtered)[0]
+    assert kept.sum().item() == expected
+    order = [1, 3, 0, 2]  # tokens by probability
+    assert kept[order[:expected]].all()
+
+
+def test_top_p_sampling_only_draws_from_the_nucleus():
+    logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log().repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, logits.new_zeros(2000, 1, dtype=torch.long), top_p=0.7, generator=g)
+    assert set(draws.tolist()) == {1, 3}
+    frac = (draws == 1).float().mean().item()
+    assert abs(frac - 0.5 / 0.8) < 0.04  # renormalised inside the nucleus
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    history = torch.tensor([[0, 1, 1]])
+    out = apply_repetition_penalty(logits, history, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    # greedy would pick token 0 without the penalty, token 2 with a strong one
+    logits = torch.tensor([[3.0, 0.0, 2.0]])
+    hist = torch.tensor([[0]])
+    assert sample_next(logits, hist, greedy=True).item() == 0
+    assert sample_next(logits, hist, greedy=True, repetition_penalty=2.0).item() == 2
+
+
+def test_bad_sampling_settings_and_lengths_are_reported():
+    model = make()
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="temperature"):
+        generate(model, prompt, 2, temperature=-1)
+    with pytest.raises(ConfigError, match="top_p"):
+        generate(model, prompt, 2, top_p=0.0)
+    with pytest.raises(InputError, match="block_size"):
+        generate(model, prompt, 200)
