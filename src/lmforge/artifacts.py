@@ -185,7 +185,7 @@ def run_stage(
     inputs = {str(Path(p).resolve()): content_hash(p) for p in cfg.inputs()}
     manifest = read_manifest(out)
     if not force and _is_valid_cache(manifest, cfg_hash, inputs):
-        log.info("%s: cached (config and inputs unchanged) -> %s", stage, out)
+        log.debug("%s: cached (config and inputs unchanged) -> %s", stage, out)
         return StageResult(out, cached=True, metrics=manifest.get("metrics", {}))
 
     out.mkdir(parents=True, exist_ok=True)

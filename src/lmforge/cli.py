@@ -44,7 +44,9 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if a matchin
 @app.callback()
 def _global_options(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
-    log_json: Annotated[bool, typer.Option("--log-json", help="Log as JSON lines on stderr.")] = False,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Log as JSON lines on stderr.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     setup_logging(quiet=quiet, log_json=log_json, verbose=verbose)
@@ -64,7 +66,9 @@ def print_stage_result(name: str, result: Any) -> None:
     """One line per stage: cached or done, its time, its headline metrics, where it wrote."""
     shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
     if result.cached:
-        console().print(f"[dim]= {name}: cached[/dim]  {shown}  [dim]{result.out}[/dim]", soft_wrap=True)
+        console().print(
+            f"[dim]= {name}: cached[/dim]  {shown}  [dim]{result.out}[/dim]", soft_wrap=True
+        )
     else:
         console().print(
             f"[green]✓[/green] [bold]{name}[/bold] {result.duration_s:.1f}s  {shown}  [dim]{result.out}[/dim]",
@@ -79,7 +83,9 @@ def _fmt(value: Any) -> str:
 @app.command("run")
 def run_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a built-in recipe name.")],
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<name>).")] = None,  # noqa: UP045
+    out: Annotated[
+        Optional[Path], typer.Option(help="Run directory (default runs/<name>).")
+    ] = None,  # noqa: UP045
     sets: SetOpt = None,
     force: ForceOpt = False,
     only: Annotated[Optional[str], typer.Option("--only", help="Run just this stage.")] = None,  # noqa: UP045
