@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-all demo lint format bench clean
+.PHONY: setup browser test test-all demo lint format bench clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: setup
+# Headless Chromium for the report's browser test (Debian's package; needs root or sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: chromium could not be installed; the browser test will say so"
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-all: setup

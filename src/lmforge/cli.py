@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import click
 import typer
@@ -31,11 +31,11 @@ app = typer.Typer(
 
 # Options shared by every stage command.
 ConfigOpt = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
+    Path | None,
     typer.Option("--config", help="YAML file with this stage's config (flags and --set win)."),
 ]
 SetOpt = Annotated[
-    Optional[list[str]],  # noqa: UP045
+    list[str] | None,
     typer.Option("--set", help="Override one config key, e.g. --set train.lr=3e-4 (repeatable)."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if a matching result exists.")]
@@ -83,14 +83,12 @@ def _fmt(value: Any) -> str:
 @app.command("run")
 def run_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a built-in recipe name.")],
-    out: Annotated[
-        Optional[Path], typer.Option(help="Run directory (default runs/<name>).")
-    ] = None,  # noqa: UP045
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<name>).")] = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
-    only: Annotated[Optional[str], typer.Option("--only", help="Run just this stage.")] = None,  # noqa: UP045
+    only: Annotated[str | None, typer.Option("--only", help="Run just this stage.")] = None,
     from_stage: Annotated[
-        Optional[str],  # noqa: UP045
+        str | None,
         typer.Option("--from", help="Rerun this stage and every stage after it."),
     ] = None,
 ) -> None:
@@ -118,6 +116,25 @@ def report_cmd(
 
     html_path = write_report(run_dir)
     console().print(f"[green]✓[/green] report: {html_path}")
+
+
+@app.command("config")
+def config_cmd(
+    kind: Annotated[str, typer.Argument(help="A stage kind, e.g. pretrain.")],
+) -> None:
+    """Show every config key of a stage kind with its default and meaning.
+
+    Example: lmforge config pretrain
+    """
+    from rich.table import Table
+
+    from lmforge.config import describe_fields
+    from lmforge.stages import get_stage
+
+    table = Table("key", "default", "meaning", title=f"{kind} config (use with --set key=value)")
+    for key, default, doc in describe_fields(get_stage(kind).config_cls):
+        table.add_row(key, default, doc)
+    console().print(table)
 
 
 def main() -> None:
