@@ -1,0 +1,303 @@
+"""The one training loop, shared by pretraining, fine-tuning, alignment and distillation.
+
+Callers differ only in their batches, which parameters train, and their
+`loss_fn(model, batch) -> (loss, metrics)`. The loop owns everything else: device and
+distributed setup, gradient accumulation, clipping, the LR schedule, NaN/inf skipping, eval and
+checkpoint cadence, early stopping, metrics.jsonl, the progress bar, and exact resume from the
+newest checkpoint in `<out>/checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import StageError
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.config import TrainConfig
+from lmforge.train.distributed import (
+    Runtime,
+    mean_across_ranks,
+    no_sync,
+    prepare_model,
+    setup_runtime,
+)
+from lmforge.train.distributed import unwrap as unwrap_model
+from lmforge.train.optim import ParamGroups, build_optimizer, set_lr
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU; GPUs not listed get no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+@dataclass
+class LoopState:
+    """The loop's counters; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    bad_steps_in_a_row: int = 0
+    skipped_steps: int = 0
+    scaler: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What a caller needs after training: the trained model and the headline numbers."""
+
+    model: nn.Module
+    step: int
+    tokens_seen: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    skipped_steps: int
+    stopped_early: bool
+    resumed_from: int | None
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    loader: Iterator[Batch],
+    cfg: TrainConfig,
+    ctx: Any,
+    *,
+    eval_fn: EvalFn | None = None,
+    param_groups: ParamGroups | None = None,
+    flops_per_token: float | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Trains `model` for cfg.max_steps optimizer steps; see the module docstring.
+
+    Args:
+        model: the module; moved to the device and wrapped (DDP/FSDP) here.
+        loss_fn: (model, batch) -> (scalar loss, extra float metrics to log).
+        loader: an iterator of dict batches; its state_dict()/load_state_dict() (if any) is
+            checkpointed so a resumed run sees the same batches.
+        cfg: the train section.
+        ctx: the StageContext (out, metrics, progress).
+        eval_fn: model -> {"val_loss": ..., ...} averaged over this rank's val batches.
+        param_groups: optimizer groups (default: every trainable parameter, decay split).
+        flops_per_token: training FLOPs per token, for MFU on GPUs with a known peak.
+        resume: continue from the newest checkpoint in ctx.out/checkpoints when there is one.
+    """
+    rt = setup_runtime(cfg)
+    model = prepare_model(model, cfg, rt)
+    optimizer = build_optimizer(unwrap_model(model), cfg, param_groups)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    accum = cfg.accum_steps(rt.env.world_size)
+    ckpt_root = Path(ctx.out) / "checkpoints"
+    state, resumed_from = LoopState(), None
+    if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
+        saved = load_checkpoint(latest, model, optimizer, loader=loader)
+        state = LoopState(**saved["loop"])
+        resumed_from = state.step
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+        if rt.env.is_main:
+            _truncate_metrics(ctx.metrics, after_step=state.step)
+        ctx.log.info("resumed from %s (step %d)", latest, state.step)
+
+    peak = _peak_flops(rt)
+    last_loss = val_loss = None
+    stopped_early = False
+    window_tokens, window_t0 = 0, time.perf_counter()
+    run_tokens, run_t0 = 0, time.perf_counter()
+    with ctx.progress("train", total=cfg.max_steps, unit="step") as bar:
+        bar.advance(state.step)
+        while state.step < cfg.max_steps:
+            lr = cfg.lr * set_lr(optimizer, state.step, cfg)
+            model.train()
+            loss, extra, n_tokens = _accumulate(model, loss_fn, loader, accum, rt, scaler)
+            loss = mean_across_ranks(loss, rt.device)
+            n_tokens *= rt.env.world_size
+            grad_norm = _clip(model, optimizer, scaler, cfg.grad_clip)
+            fp16_overflow = scaler.is_enabled() and not math.isfinite(grad_norm)
+            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not fp16_overflow):
+                optimizer.zero_grad(set_to_none=True)
+                state.skipped_steps += 1
+                state.bad_steps_in_a_row += 1
+                ctx.log.warning(
+                    "step %d: loss %s, grad norm %s: step skipped", state.step, loss, grad_norm
+                )
+                if state.bad_steps_in_a_row >= cfg.max_bad_steps:
+                    raise StageError(
+                        f"loss was NaN/inf for {state.bad_steps_in_a_row} steps in a row "
+                        f"(step {state.step}, lr {lr:.3g}); lower train.lr, set train.grad_clip, "
+                        "or check the data; raise train.max_bad_steps to tolerate more"
+                    )
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                state.bad_steps_in_a_row = 0
+                last_loss = loss
+            state.step += 1
+            state.tokens_seen += n_tokens
+            window_tokens += n_tokens
+            run_tokens += n_tokens
+            bar.advance(1)
+
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                elapsed = max(time.perf_counter() - window_t0, 1e-9)
+                row = {
+                    "step": state.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "tokens_seen": state.tokens_seen,
+                    "tokens_per_s": window_tokens / elapsed,
+                    "grad_norm": grad_norm,
+                    **extra,
+                }
+                if peak and flops_per_token:
+                    row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * rt.env.world_size)
+                ctx.metrics.log(**row)
+                bar.update(loss=loss, lr=lr, tok_s=round(row["tokens_per_s"]))
+                window_tokens, window_t0 = 0, time.perf_counter()
+
+            done = state.step == cfg.max_steps
+            evaluated = None
+            if eval_fn is not None and (
+                done or (cfg.eval_every and state.step % cfg.eval_every == 0)
+            ):
+                evaluated = _evaluate(model, eval_fn, rt)
+                val_loss = evaluated["val_loss"]
+                ctx.metrics.log(step=state.step, tokens_seen=state.tokens_seen, **evaluated)
+                stopped_early = _update_early_stop(state, val_loss, cfg)
+                window_t0 = time.perf_counter()  # eval time is not training throughput
+            if cfg.ckpt_every and (done or stopped_early or state.step % cfg.ckpt_every == 0):
+                state.scaler = scaler.state_dict() if scaler.is_enabled() else {}
+                save_checkpoint(
+                    ckpt_root, state.step, model, optimizer, loader=loader,
+                    loop_state=asdict(state), keep_last=cfg.keep_last, keep_best=cfg.keep_best,
+                    val_loss=evaluated["val_loss"] if evaluated else None,
+                )  # fmt: skip
+                window_t0 = time.perf_counter()
+            if stopped_early:
+                ctx.log.info("early stop at step %d: no val improvement in %d evals",
+                             state.step, cfg.early_stop_patience)  # fmt: skip
+                break
+
+    run_elapsed = max(time.perf_counter() - run_t0, 1e-9)
+    return TrainResult(
+        model=unwrap_model(model),
+        step=state.step,
+        tokens_seen=state.tokens_seen,
+        train_loss=last_loss,
+        val_loss=val_loss,
+        best_val_loss=state.best_val_loss,
+        tokens_per_s=run_tokens / run_elapsed,
+        skipped_steps=state.skipped_steps,
+        stopped_early=stopped_early,
+        resumed_from=resumed_from,
+    )
+
+
+def _autocast(rt: Runtime) -> contextlib.AbstractContextManager:
+    if rt.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    non_blocking = device.type == "cuda"
+    return {
+        k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+    }
+
+
+def _accumulate(
+    model: nn.Module, loss_fn: LossFn, loader: Iterator[Batch], accum: int, rt: Runtime, scaler: Any
+) -> tuple[float, dict[str, float], int]:
+    """Forward/backward over `accum` micro-batches; returns mean loss, mean metrics, tokens."""
+    total = torch.zeros((), device=rt.device)
+    extra: dict[str, float] = {}
+    n_tokens = 0
+    for micro in range(accum):
+        batch = _to_device(next(loader), rt.device)
+        n_tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        with no_sync(model, skip_sync=micro < accum - 1):  # DDP: forward and backward inside
+            with _autocast(rt):
+                loss, metrics = loss_fn(model, batch)
+            scaler.scale(loss / accum).backward()
+        total += loss.detach().float()
+        for key, value in metrics.items():
+            extra[key] = extra.get(key, 0.0) + float(value) / accum
+    return float(total.item()) / accum, extra, n_tokens
+
+
+def _clip(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, max_norm: float
+) -> float:
+    """Unscales (fp16) and clips gradients; returns the global grad norm before clipping."""
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, eval_fn: EvalFn, rt: Runtime) -> dict[str, float]:
+    """Runs eval_fn in eval mode; averages over ranks; adds perplexity."""
+    model.eval()
+    with _autocast(rt):
+        result = {k: mean_across_ranks(float(v), rt.device) for k, v in eval_fn(model).items()}
+    model.train()
+    result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
+    return result
+
+
+def _update_early_stop(state: LoopState, val_loss: float, cfg: TrainConfig) -> bool:
+    """Tracks the best val loss; True when patience has run out."""
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step = val_loss, state.step
+        state.evals_without_improvement = 0
+        return False
+    state.evals_without_improvement += 1
+    return (
+        bool(cfg.early_stop_patience) and state.evals_without_improvement >= cfg.early_stop_patience
+    )
+
+
+def _peak_flops(rt: Runtime) -> float | None:
+    if rt.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(rt.device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _truncate_metrics(writer: Any, after_step: int) -> None:
+    """Drops metrics rows a killed run wrote after its last checkpoint (they will be redone)."""
+    import json
+
+    path = Path(getattr(writer, "path", ""))
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if row.get("step", 0) <= after_step:
+            keep.append(line)
+    path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
