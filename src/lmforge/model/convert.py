@@ -1,0 +1,164 @@
+"""Import and export models in the Hugging Face layout: config.json + safetensors, never pickles.
+
+Export writes what transformers.AutoModelForCausalLM loads (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM or GPT2LMHeadModel, whichever represents the config exactly), plus an "lmforge"
+key holding our ModelConfig so a round trip is lossless. A config no HF family can express is
+written in lmforge's own layout (model_type "lmforge", our parameter names).
+
+Import reads our exports and local HF checkpoints of the llama, mistral, qwen2 and gpt2 families,
+single-file or sharded. Legacy pytorch_model.bin files are read only through
+torch.load(weights_only=True), which refuses anything but plain tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lmforge.common.io import atomic_path, atomic_write_json
+from lmforge.errors import InputError
+from lmforge.model.config import ModelConfig
+from lmforge.model.hf_families import FAMILIES, family_for, hf_to_ours, ours_to_hf
+from lmforge.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+NATIVE = "lmforge"  # model_type of exports in our own layout
+SUPPORTED_MODEL_TYPES = (*FAMILIES, NATIVE)
+
+
+def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a config.json dict: our exact config if present, else the family mapper."""
+    if NATIVE in hf:
+        return ModelConfig.from_dict(hf[NATIVE])
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise InputError(
+            f"config.json model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        return FAMILIES[model_type].to_config(hf)
+    except KeyError as err:
+        raise InputError(f"config.json (model_type {model_type}) lacks key {err}") from None
+
+
+def _load_bin(path: Path) -> dict[str, Tensor]:
+    log.warning("reading legacy pickle %s with weights_only=True; prefer safetensors", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(
+            f"{path} holds pickled objects other than tensors; lmforge does not unpickle untrusted "
+            "files. Convert it to model.safetensors with a tool you trust"
+        ) from err
+
+
+def read_tensors(model_dir: Path) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory (single or sharded safetensors, or legacy .bin)."""
+    for weights, index, loader in (
+        ("model.safetensors", "model.safetensors.index.json", load_file),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json", _load_bin),
+    ):
+        if (model_dir / weights).exists():
+            return loader(model_dir / weights)
+        if (model_dir / index).exists():
+            weight_map = json.loads((model_dir / index).read_text())["weight_map"]
+            tensors: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors.update(loader(model_dir / shard))
+            return tensors
+    raise InputError(
+        f"{model_dir} has no model.safetensors (or model.safetensors.index.json); "
+        "point --model at a directory written by lmforge or transformers' save_pretrained"
+    )
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise InputError(
+            f"{path} not found; a model directory needs config.json + model.safetensors "
+            "(written by lmforge pretrain/finetune or transformers' save_pretrained)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_pretrained(
+    model_dir: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """A Transformer (in eval mode) from an lmforge export or a local HF checkpoint directory."""
+    model_dir = Path(model_dir)
+    hf = _read_config(model_dir)
+    cfg = hf_config_to_model_config(hf)
+    tensors = read_tensors(model_dir)
+    model_type = hf.get("model_type")
+    if model_type == NATIVE:
+        state = tensors
+    else:
+        family = FAMILIES[model_type]
+        if family.prefix:
+            tensors = {_with_prefix(k, family.prefix): v for k, v in tensors.items()}
+        state = hf_to_ours(tensors, family.rules(cfg))
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    state = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = Transformer(cfg)  # no memory, no init: the weights are assigned below
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise InputError(f"{model_dir}: weights do not match config.json: {first}") from None
+    model.tie_weights()
+    model.init_buffers()
+    return model.eval()
+
+
+def _with_prefix(name: str, prefix: str) -> str:
+    return name if name.startswith(prefix) or name == "lm_head.weight" else prefix + name
+
+
+def save_pretrained(
+    model: nn.Module, out_dir: Path | str, extra_config: dict[str, Any] | None = None
+) -> None:
+    """Write config.json + model.safetensors (each atomically) in the HF layout when possible.
+
+    extra_config is merged into config.json (e.g. bos_token_id/eos_token_id from the tokenizer).
+    A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper.
+    """
+    model = getattr(model, "_orig_mod", model)
+    cfg: ModelConfig = model.config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    model_type = family_for(cfg)
+    if model_type is None:
+        log.info("model config has no Hugging Face equivalent; writing lmforge's own layout")
+        hf: dict[str, Any] = {"architectures": ["LmforgeTransformer"], "model_type": NATIVE}
+        skip = "lm_head.weight" if cfg.tie_embeddings else None
+        tensors = {k: v.detach() for k, v in state.items() if k != skip}
+    else:
+        family = FAMILIES[model_type]
+        hf = family.hf_config(cfg, model_type, family.architecture)
+        tensors = ours_to_hf(state, family.rules(cfg))
+    dtype = next(model.parameters()).dtype
+    hf.update(torch_dtype=str(dtype).removeprefix("torch."), **(extra_config or {}))
+    hf[NATIVE] = cfg.to_dict()
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    stale_index = out_dir / "model.safetensors.index.json"
+    if stale_index.exists():  # an older sharded export would shadow the new single file
+        stale_index.unlink()
+    atomic_write_json(out_dir / "config.json", hf)

@@ -1,0 +1,295 @@
+"""Hugging Face model families: config.json <-> ModelConfig, and parameter-name tables.
+
+Each family is a small set of functions in FAMILIES (keyed by config.json's model_type). Weight
+names map through a table of Rules built from the config: one of our tensors is the concatenation
+(dim 0) of one or more HF tensors, optionally transposed (GPT-2's Conv1D stores weights as
+(in, out)). The same table drives import and export, so the two directions cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import InputError
+from lmforge.model.config import ModelConfig
+
+# HF checkpoints carry these non-parameter buffers; they are recomputed, never loaded.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """ours = cat([hf[n] (transposed if transpose) for n in hf_names]); sizes split it back."""
+
+    ours: str
+    hf_names: tuple[str, ...]
+    sizes: tuple[int, ...] | None = None  # row counts of each part when hf_names has several
+    transpose: bool = False
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either the v4 (rope_theta/rope_scaling) or v5 layout."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return theta, {"rope_type": "llama3", **{k: params[k] for k in keys}}
+    raise InputError(
+        f"config.json rope type {rope_type!r} is not supported; supported: default, llama3"
+    )
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    scaling = dict(cfg.rope_scaling or {"rope_type": "default"})
+    return {
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {**scaling, "rope_theta": cfg.rope_theta},
+    }
+
+
+def _require(hf: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> None:
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise InputError(
+            f"config.json {key}={value!r} is not supported for model_type "
+            f"{hf.get('model_type')!r}; supported: {', '.join(map(repr, allowed))}"
+        )
+
+
+# ---- llama, mistral, qwen2: RMSNorm + RoPE + SwiGLU, differing only in biases / windows ----
+
+
+def _llama_like_config(
+    hf: dict[str, Any], attn_bias: bool, sliding_window: int | None
+) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    bias = bool(hf.get("attention_bias", False))
+    if bias != bool(hf.get("mlp_bias", False)):
+        raise InputError("config.json attention_bias and mlp_bias differ; only equal is supported")
+    n_head = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    theta, scaling = _rope_from_hf(hf)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        block_size=hf.get("max_position_embeddings", 2048),
+        bias=bias,
+        attn_bias=attn_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        head_dim=None if head_dim in (None, hf["hidden_size"] // n_head) else head_dim,
+        sliding_window=sliding_window,
+    )
+
+
+def llama_config(hf: dict[str, Any]) -> ModelConfig:
+    return _llama_like_config(hf, attn_bias=False, sliding_window=None)
+
+
+def mistral_config(hf: dict[str, Any]) -> ModelConfig:
+    return _llama_like_config(hf, attn_bias=False, sliding_window=hf.get("sliding_window"))
+
+
+def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
+    _require(hf, "use_sliding_window", (False,), False)
+    return _llama_like_config(hf, attn_bias=True, sliding_window=None)
+
+
+def _llama_like_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    hf = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.hd,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": cfg.dropout,
+        **_rope_to_hf(cfg),
+    }
+    if model_type == "llama":
+        hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    elif model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    else:  # qwen2
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+def llama_rules(cfg: ModelConfig) -> list[Rule]:
+    qkv = (cfg.n_head * cfg.hd, cfg.n_kv_head * cfg.hd, cfg.n_kv_head * cfg.hd)
+    fc = (cfg.intermediate_size, cfg.intermediate_size)
+    rules = [
+        Rule("tok_emb.weight", ("model.embed_tokens.weight",)),
+        Rule("norm_f.weight", ("model.norm.weight",)),
+    ]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head.weight",)))
+    params = ["weight"] + (["bias"] if cfg.bias else [])
+    for i in range(cfg.n_layer):
+        o, a, m = f"blocks.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        rules += [
+            Rule(o + "attn_norm.weight", (f"model.layers.{i}.input_layernorm.weight",)),
+            Rule(o + "mlp_norm.weight", (f"model.layers.{i}.post_attention_layernorm.weight",)),
+        ]
+        for p in ["weight"] + (["bias"] if cfg.bias or cfg.attn_bias else []):
+            rules.append(Rule(o + f"attn.qkv.{p}", tuple(a + f"{x}_proj.{p}" for x in "qkv"), qkv))
+        for p in params:
+            rules += [
+                Rule(o + f"attn.proj.{p}", (a + f"o_proj.{p}",)),
+                Rule(o + f"mlp.fc.{p}", (m + f"gate_proj.{p}", m + f"up_proj.{p}"), fc),
+                Rule(o + f"mlp.proj.{p}", (m + f"down_proj.{p}",)),
+            ]
+    return rules
+
+
+# ---- gpt2: LayerNorm + learned positions + GELU(tanh) + biases, Conv1D (in, out) weights ----
+
+
+def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
+    _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+    _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
+    _require(hf, "scale_attn_weights", (True,), True)
+    n_embd, n_head = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["n_layer"],
+        n_head=n_head,
+        n_kv_head=n_head,
+        n_embd=n_embd,
+        intermediate_size=hf.get("n_inner") or 4 * n_embd,
+        block_size=hf.get("n_positions", 1024),
+        norm="layernorm",
+        pos="learned",
+        mlp="gelu",
+        bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def _gpt2_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.intermediate_size,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.norm_eps,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+
+
+def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = [
+        Rule("tok_emb.weight", ("transformer.wte.weight",)),
+        Rule("pos_emb.weight", ("transformer.wpe.weight",)),
+        Rule("norm_f.weight", ("transformer.ln_f.weight",)),
+        Rule("norm_f.bias", ("transformer.ln_f.bias",)),
+    ]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head.weight",)))
+    pairs = [("attn_norm", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj")]
+    pairs += [("mlp_norm", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]
+    for i in range(cfg.n_layer):
+        for ours, theirs in pairs:
+            conv1d = "norm" not in ours  # linears are Conv1D: weight stored transposed
+            o, h = f"blocks.{i}.{ours}", f"transformer.h.{i}.{theirs}"
+            rules.append(Rule(o + ".weight", (h + ".weight",), transpose=conv1d))
+            rules.append(Rule(o + ".bias", (h + ".bias",)))
+    return rules
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one HF model_type maps onto ModelConfig and our parameter names."""
+
+    architecture: str  # the HF class, written to config.json "architectures"
+    to_config: Callable[[dict[str, Any]], ModelConfig]
+    hf_config: Callable[[ModelConfig, str, str], dict[str, Any]]
+    rules: Callable[[ModelConfig], list[Rule]]
+    prefix: str = ""  # some checkpoints (the original gpt2) omit this prefix on body tensors
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM", llama_config, _llama_like_hf, llama_rules),
+    "mistral": Family("MistralForCausalLM", mistral_config, _llama_like_hf, llama_rules),
+    "qwen2": Family("Qwen2ForCausalLM", qwen2_config, _llama_like_hf, llama_rules),
+    "gpt2": Family("GPT2LMHeadModel", gpt2_config, _gpt2_hf, gpt2_rules, "transformer."),
+}
+
+
+def family_for(cfg: ModelConfig) -> str | None:
+    """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
+    standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
+    if (cfg.norm, cfg.pos, cfg.mlp) == ("layernorm", "learned", "gelu"):
+        gpt2_ok = cfg.bias and cfg.n_kv_head == cfg.n_head and standard_heads
+        return "gpt2" if gpt2_ok and cfg.sliding_window is None else None
+    if (cfg.norm, cfg.pos, cfg.mlp) != ("rmsnorm", "rope", "swiglu"):
+        return None
+    if cfg.sliding_window is not None:
+        plain = not (cfg.bias or cfg.attn_bias) and cfg.rope_scaling is None
+        return "mistral" if plain else None
+    if cfg.attn_bias and not cfg.bias:
+        return "qwen2" if standard_heads and cfg.rope_scaling is None else None
+    return "llama"
+
+
+def hf_to_ours(tensors: dict[str, Tensor], rules: list[Rule]) -> dict[str, Tensor]:
+    """Rename/fuse HF tensors into our state dict; a missing or unexpected name is an InputError."""
+    out, used = {}, set()
+    for rule in rules:
+        missing = [n for n in rule.hf_names if n not in tensors]
+        if missing:
+            raise InputError(f"checkpoint is missing tensor {missing[0]!r} (for {rule.ours})")
+        parts = [tensors[n].T if rule.transpose else tensors[n] for n in rule.hf_names]
+        out[rule.ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        used.update(rule.hf_names)
+    extra = [n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES)]
+    extra = [n for n in extra if n != "lm_head.weight"]  # some tied checkpoints store it anyway
+    if extra:
+        raise InputError(f"checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[0]!r}")
+    return out
+
+
+def ours_to_hf(state: dict[str, Tensor], rules: list[Rule]) -> dict[str, Tensor]:
+    """Split/transpose our state dict into HF tensors (fresh contiguous copies, safe to save)."""
+    out = {}
+    for rule in rules:
+        t = state[rule.ours].detach()
+        parts = t.split(list(rule.sizes), dim=0) if rule.sizes else (t,)
+        for name, part in zip(rule.hf_names, parts, strict=True):
+            out[name] = (part.T if rule.transpose else part).clone(
+                memory_format=torch.contiguous_format
+            )
+    return out

@@ -1,0 +1,184 @@
+"""Hugging Face import/export: logits must match transformers on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import InputError
+from lmforge.model.config import preset_config
+from lmforge.model.convert import hf_config_to_model_config, load_pretrained, save_pretrained
+from lmforge.model.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 300
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+SMALL |= dict(intermediate_size=96, max_position_embeddings=64)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values everywhere (norm gains near 1, non-zero biases) so no mapping hides."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_gain = p.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight")
+            p.copy_(1 + 0.1 * noise if is_gain else 0.08 * noise)
+    return model.eval()
+
+
+def hf_logits(model_dir, idx: torch.Tensor) -> torch.Tensor:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+HF_MODELS = {
+    "llama-gqa": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2),
+    "llama-bias-tied": lambda: transformers.LlamaConfig(
+        **SMALL, attention_bias=True, mlp_bias=True, tie_word_embeddings=True
+    ),
+    "llama3-rope": lambda: transformers.LlamaConfig(
+        **SMALL,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=10000.0,
+            factor=4.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+    ),
+    "qwen2-tied": lambda: transformers.Qwen2Config(
+        **SMALL, num_key_value_heads=2, tie_word_embeddings=True
+    ),
+    "mistral-window": lambda: transformers.MistralConfig(
+        **SMALL, num_key_value_heads=1, sliding_window=6
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(HF_MODELS))
+def test_import_hf_checkpoint_matches_transformers(kind, tmp_path):
+    torch.manual_seed(0)
+    hf = randomize(transformers.AutoModelForCausalLM.from_config(HF_MODELS[kind]()))
+    hf.save_pretrained(tmp_path)
+    idx = torch.randint(0, VOCAB, (2, 40))
+    ours = load_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert not ours.training
+
+
+OUR_MODELS = {
+    "llama-tied-gqa": ("micro", {}, "LlamaForCausalLM"),
+    "llama-untied-mha": ("micro", dict(tie_embeddings=False, n_kv_head=4), "LlamaForCausalLM"),
+    "llama-bias": ("micro", dict(bias=True), "LlamaForCausalLM"),
+    "qwen2": ("micro", dict(attn_bias=True), "Qwen2ForCausalLM"),
+    "mistral": ("micro", dict(sliding_window=5, tie_embeddings=False), "MistralForCausalLM"),
+    "gpt2-tied": ("micro-gpt2", {}, "GPT2LMHeadModel"),
+    "gpt2-untied": ("micro-gpt2", dict(tie_embeddings=False), "GPT2LMHeadModel"),
+}
+
+
+@pytest.mark.parametrize("kind", list(OUR_MODELS))
+def test_export_loads_in_transformers_with_same_logits(kind, tmp_path):
+    preset, overrides, architecture = OUR_MODELS[kind]
+    model = randomize(Transformer(preset_config(preset, vocab_size=VOCAB, **overrides)))
+    save_pretrained(model, tmp_path, extra_config={"eos_token_id": 2})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [architecture] and config["eos_token_id"] == 2
+    idx = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        expected = model(idx)
+    assert (hf_logits(tmp_path, idx) - expected).abs().max().item() <= 1e-4
+    back = load_pretrained(tmp_path)
+    assert back.config == model.config
+    torch.testing.assert_close(back(idx), expected, atol=0, rtol=0)
+    assert (back.lm_head.weight is back.tok_emb.weight) == model.config.tie_embeddings
+
+
+def test_config_without_hf_equivalent_round_trips_in_native_layout(tmp_path):
+    cfg = preset_config("micro", pos="learned", norm="layernorm")  # no HF family has this mix
+    model = randomize(Transformer(cfg))
+    save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "lmforge"
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # tied: stored once
+    idx = torch.randint(0, 256, (1, 10))
+    torch.testing.assert_close(load_pretrained(tmp_path)(idx), model(idx), atol=0, rtol=0)
+
+
+def test_sharded_checkpoint_and_bf16_load(tmp_path):
+    hf = randomize(transformers.AutoModelForCausalLM.from_config(HF_MODELS["llama-gqa"]()))
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    idx = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        expected = hf(idx).logits
+    assert (load_pretrained(tmp_path)(idx) - expected).abs().max().item() <= 1e-4
+    half = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.tok_emb.weight.dtype == torch.bfloat16
+    assert (half(idx).float() - expected).abs().max().item() < 0.1
+
+
+def test_gpt2_names_without_transformer_prefix(tmp_path):
+    """The original gpt2 checkpoint stores body tensors without the 'transformer.' prefix."""
+    hf = randomize(transformers.AutoModelForCausalLM.from_config(HF_MODELS["gpt2"]()))
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
+              tmp_path / "model.safetensors")  # fmt: skip
+    idx = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert (load_pretrained(tmp_path)(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+class Payload:
+    """Stands in for arbitrary code inside a pickle."""
+
+
+def test_bin_checkpoints_load_only_plain_tensors(tmp_path):
+    model = randomize(Transformer(preset_config("micro", vocab_size=VOCAB)))
+    save_pretrained(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    idx = torch.randint(0, VOCAB, (1, 8))
+    torch.testing.assert_close(load_pretrained(tmp_path)(idx), model(idx))
+    torch.save({**tensors, "payload": Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(InputError, match="does not unpickle"):
+        load_pretrained(tmp_path)
+
+
+def test_bad_inputs_are_reported_in_one_line(tmp_path):
+    with pytest.raises(InputError, match=r"config\.json not found"):
+        load_pretrained(tmp_path)
+    with pytest.raises(InputError, match="supported: llama, mistral, qwen2, gpt2, lmforge"):
+        hf_config_to_model_config({"model_type": "bert"})
+    with pytest.raises(InputError, match="activation_function='relu'"):
+        hf_config_to_model_config(HF_MODELS["gpt2"]().to_dict() | {"activation_function": "relu"})
+    model = Transformer(preset_config("micro", vocab_size=VOCAB))
+    save_pretrained(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(InputError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj"):
+        load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(InputError, match=r"no model\.safetensors"):
+        load_pretrained(tmp_path)
