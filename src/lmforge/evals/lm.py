@@ -1,0 +1,197 @@
+"""A model directory as something evaluations can ask questions of.
+
+Every evaluation (perplexity, generation, classification, multiple choice, the lm-evaluation-harness
+adapter) needs the same four operations on a model directory in Hugging Face layout: encode text,
+score tokens given a context, generate a continuation, decode. `EvalModel` provides exactly those,
+so task code never touches tensors or tokenizer internals. Special tokens come from config.json
+(bos_token_id / eos_token_id) or, failing that, special_tokens_map.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.artifacts import require_artifact
+from lmforge.errors import InputError
+
+MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
+
+
+@dataclass
+class GenerationSettings:
+    """How continuations are produced; recorded next to every generation metric."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)  # cut the text at the first of these
+    seed: int = 0
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """A model directory, also accepting a training stage directory (uses its final/)."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        return path / "final"
+    return path
+
+
+def _special_ids(model_dir: Path, hf: dict[str, Any], tok: Any) -> tuple[int | None, int | None]:
+    bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    stm = model_dir / "special_tokens_map.json"
+    if (bos is None or eos is None) and stm.exists():
+        names = json.loads(stm.read_text())
+
+        def token_id(key: str) -> int | None:
+            value = names.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            return tok.token_to_id(value) if isinstance(value, str) else None
+
+        bos = bos if bos is not None else token_id("bos_token")
+        eos = eos if eos is not None else token_id("eos_token")
+    return bos, eos
+
+
+class EvalModel:
+    """A loaded causal LM and its tokenizer, with the scoring and generation evals need."""
+
+    def __init__(self, name: str, path: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.name = name
+        self.path = Path(path)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        hf = json.loads((self.path / "config.json").read_text())
+        self.bos_id, self.eos_id = _special_ids(self.path, hf, tokenizer)
+        self.block_size: int = model.config.block_size
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
+        """Loads model + tokenizer from a directory written by lmforge or save_pretrained."""
+        from tokenizers import Tokenizer
+
+        from lmforge.model.convert import load_pretrained
+
+        model_dir = resolve_model_dir(Path(path))
+        require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
+        try:
+            tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+            raise InputError(f"{model_dir}/tokenizer.json cannot be read: {exc}") from None
+        model = load_pretrained(model_dir, device=device)
+        default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
+        return cls(name or default, model_dir, model, tok)
+
+    # -- text <-> ids --------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without special tokens (callers add the ones they need)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def prefix_id(self) -> int | None:
+        """The token that starts a document (BOS, else EOS as GPT-2 does), if the vocab has one."""
+        return self.bos_id if self.bos_id is not None else self.eos_id
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def token_nll(self, context: list[int], targets: list[int]) -> list[float]:
+        """-log p(target_i | context, targets_<i) in nats, one forward pass.
+
+        context must be non-empty and len(context) + len(targets) - 1 <= block_size; callers with
+        long inputs window them (see perplexity.sliding_windows).
+        """
+        if not context:
+            raise ValueError("token_nll needs at least one context token")
+        ids = (context + targets)[:-1] if targets else context
+        if len(ids) > self.block_size:
+            raise ValueError(f"{len(ids)} tokens exceed block_size {self.block_size}")
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(x)[0, len(context) - 1 :].float()  # (len(targets), V)
+        y = torch.tensor(targets, dtype=torch.long, device=self.device)
+        return F.cross_entropy(logits, y, reduction="none").double().tolist()
+
+    def start(self, text: str) -> list[int]:
+        """Ids of text as the start of a document: the prefix token first when there is one."""
+        ids = self.encode(text)
+        return [self.prefix_id, *ids] if self.prefix_id is not None else ids
+
+    def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        """(sum log p(continuation | context), is the continuation the greedy one) like lm-eval.
+
+        The context is a document start (see start()); tokens beyond the window are dropped from
+        the left, as lm-evaluation-harness does.
+        """
+        ctx, cont = self.start(context), self.encode(continuation)
+        if not ctx:
+            raise InputError("empty context and the tokenizer has no BOS/EOS token to start from")
+        if not cont:
+            return 0.0, True
+        return self._score_with_greedy(ctx, cont[-self.block_size :])
+
+    @torch.no_grad()
+    def _score_with_greedy(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        ids = (ctx + cont)[:-1][-self.block_size :]  # the last window that predicts all of cont
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(x)[0, -len(cont) :].float()  # (len(cont), V)
+        logp = torch.log_softmax(logits, dim=-1)
+        y = torch.tensor(cont, dtype=torch.long, device=self.device)
+        total = float(logp.gather(1, y[:, None]).sum().double())
+        greedy = bool((logp.argmax(dim=-1) == y).all())
+        return total, greedy
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, prompt: str, settings: GenerationSettings) -> str:
+        """The model's continuation of prompt (text only, cut at the first stop string)."""
+        from lmforge.model.generate import generate
+
+        ids = self.start(prompt)
+        if not ids:
+            raise InputError("empty prompt and the tokenizer has no BOS/EOS token to start from")
+        budget = min(settings.max_new_tokens, max(self.block_size - 1, 1))
+        ids = ids[-(self.block_size - budget) :]
+        gen = torch.Generator(device=self.device).manual_seed(settings.seed)
+        out = generate(
+            self.model,
+            torch.tensor([ids], dtype=torch.long, device=self.device),
+            budget,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            repetition_penalty=settings.repetition_penalty,
+            stop_tokens=[self.eos_id] if self.eos_id is not None else [],
+            greedy=settings.temperature == 0,
+            generator=gen,
+        )
+        text = self.decode(out[0, len(ids) :].tolist())
+        return cut_at_stop(text, settings.stop)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """text up to (not including) the earliest stop string."""
+    cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+def nll_to_ppl(total_nll: float, n_tokens: int) -> float:
+    """exp(mean NLL), guarded against overflow for untrained models."""
+    return math.exp(min(total_nll / max(n_tokens, 1), 700.0))
