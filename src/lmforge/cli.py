@@ -118,6 +118,29 @@ def report_cmd(
     console().print(f"[green]✓[/green] report: {html_path}")
 
 
+@app.command("pretrain")
+def pretrain_cmd(
+    tokens: Annotated[Path, typer.Option(help="Token shard directory (lmforge tokenizer encode).")],
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory the shards were made with.")],
+    out: Annotated[Path, typer.Option(help="Stage directory: final/, checkpoints/, metrics.")],
+    preset: Annotated[
+        str | None, typer.Option(help="Model preset (micro, tiny, small, gpt2-124m, llama-1b).")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Pretrain a Transformer on token shards (resumes a killed run from its checkpoints).
+
+    Example: lmforge pretrain --tokens runs/x/tokens --tokenizer runs/x/tokenizer --out runs/x/pretrain --set train.max_steps=200
+    Distributed: torchrun --nproc-per-node 2 -m lmforge.cli pretrain ... --set train.distributed=ddp
+    """
+    values: dict[str, Any] = {"tokens": tokens, "tokenizer": tokenizer, "out": out}
+    if preset is not None:
+        values["model"] = {"preset": preset}
+    run_stage_command("pretrain", values, config, sets, force)
+
+
 @app.command("config")
 def config_cmd(
     kind: Annotated[str, typer.Argument(help="A stage kind, e.g. pretrain.")],

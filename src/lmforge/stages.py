@@ -15,7 +15,9 @@ from lmforge.config import StageConfig
 from lmforge.errors import ConfigError
 
 # kind -> "module:ConfigClass:build_function"
-STAGES: dict[str, str] = {}
+STAGES: dict[str, str] = {
+    "pretrain": "lmforge.train.pretrain:PretrainConfig:build",
+}
 
 
 @dataclass(frozen=True)

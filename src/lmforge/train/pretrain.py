@@ -1,0 +1,233 @@
+"""The `pretrain` stage: next-token prediction on token shards, through the one training loop.
+
+Inputs: a token shard directory (`lmforge tokenizer encode`: train.bin, val.bin, meta.json) and
+the tokenizer that made it (refused when its hash differs from the one in meta.json). Outputs in
+the stage directory: `final/` (a complete Hugging Face model directory: config.json,
+model.safetensors, tokenizer files), `checkpoints/step_N/`, metrics.jsonl, TensorBoard events in
+`tensorboard/`, and loss.png. A killed run resumes from its newest checkpoint when rerun with
+the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from lmforge.artifacts import StageContext, require_artifact, run_stage
+from lmforge.common.logging import read_metrics
+from lmforge.config import Section, StageConfig, config_hash
+from lmforge.errors import ConfigError, InputError
+from lmforge.train.config import TrainConfig
+from lmforge.train.distributed import barrier, setup_runtime
+from lmforge.train.loader import IGNORE_INDEX, TokenWindows, open_tokens
+from lmforge.train.loop import TrainResult, train
+from lmforge.train.observe import plot_losses, write_tensorboard
+
+TOKENS_HINT = "lmforge tokenizer encode --data DIR --tokenizer DIR --out DIR"
+TOKENIZER_HINT = "lmforge tokenizer train --data DIR --out DIR"
+# Files of a tokenizer directory that make final/ loadable by transformers.AutoTokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+class ModelSection(Section):
+    """Which Transformer to train: a preset, optionally with some fields changed."""
+
+    preset: str = Field("tiny", description="model preset (micro, tiny, small, gpt2-124m, ...)")
+    n_layer: int | None = Field(None, ge=1, description="override the preset's number of blocks")
+    n_head: int | None = Field(None, ge=1, description="override the preset's query heads")
+    n_kv_head: int | None = Field(None, ge=1, description="override the preset's key/value heads")
+    n_embd: int | None = Field(None, ge=1, description="override the preset's width")
+    intermediate_size: int | None = Field(None, ge=1, description="override the MLP hidden size")
+    block_size: int | None = Field(None, ge=1, description="override the max sequence length")
+    dropout: float | None = Field(None, ge=0, lt=1, description="override the dropout rate")
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields set here, to apply over the preset."""
+        return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+
+
+class PretrainConfig(StageConfig):
+    """`lmforge pretrain --tokens DIR --tokenizer DIR --out DIR [--preset NAME]`."""
+
+    tokens: Path = Field(description="token shard directory (lmforge tokenizer encode)")
+    tokenizer: Path = Field(description="tokenizer directory the shards were encoded with")
+    model: ModelSection = Field(default_factory=ModelSection, description="model architecture")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
+
+    def inputs(self) -> list[Path]:
+        return [self.tokens, self.tokenizer]
+
+
+def pretrain(cfg: PretrainConfig, force: bool = False) -> Path:
+    """Runs (or reuses) the pretrain stage; returns its directory (final/ holds the model)."""
+    return run_stage("pretrain", cfg, build, force=force).out
+
+
+def tokenizer_hash(tokenizer_dir: Path) -> str:
+    """The tokenizer's identity, as the encode stage records it in meta.json."""
+    try:
+        from lmforge.tokenizer import tokenizer_hash as official
+    except ImportError:
+        import xxhash
+
+        return xxhash.xxh3_128((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()
+    return official(tokenizer_dir)
+
+
+def read_token_meta(tokens: Path, tokenizer: Path) -> dict[str, Any]:
+    """meta.json of a shard directory, after checking it was made with this tokenizer."""
+    require_artifact(tokens, ["meta.json", "train.bin", "val.bin"], hint=TOKENS_HINT)
+    require_artifact(tokenizer, ["tokenizer.json"], hint=TOKENIZER_HINT)
+    meta = json.loads((Path(tokens) / "meta.json").read_text(encoding="utf-8"))
+    for key in ("dtype", "vocab_size", "tokenizer_hash"):
+        if key not in meta:
+            raise InputError(f"{tokens}/meta.json has no '{key}'; re-encode with: {TOKENS_HINT}")
+    expected = tokenizer_hash(tokenizer)
+    if meta["tokenizer_hash"] != expected:
+        raise InputError(
+            f"{tokens} was encoded with tokenizer hash {meta['tokenizer_hash']}, but {tokenizer} "
+            f"has hash {expected}; pass the tokenizer the shards were made with, or re-encode: "
+            f"{TOKENS_HINT}"
+        )
+    return meta
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy (in fp32 even under autocast)."""
+    logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
+    )
+    return loss, {}
+
+
+def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
+    from lmforge.model.config import preset_config
+    from lmforge.model.transformer import Transformer
+
+    model_cfg = preset_config(
+        cfg.model.preset, **{"vocab_size": vocab_size, **cfg.model.overrides()}
+    )
+    if cfg.train.seq_len > model_cfg.block_size:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
+            f"{model_cfg.block_size}; lower train.seq_len or set model.block_size"
+        )
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(model_cfg)
+
+
+def _forget_other_runs(ckpt_root: Path, run_hash: str) -> None:
+    """Checkpoints of a different config must not be resumed: remove them."""
+    marker = ckpt_root / "run.json"
+    if ckpt_root.is_dir():
+        try:
+            old = json.loads(marker.read_text(encoding="utf-8")).get("config_hash")
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != run_hash:
+            shutil.rmtree(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"config_hash": run_hash}) + "\n", encoding="utf-8")
+
+
+def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
+    """Trains the model and writes final/, loss.png and TensorBoard events; returns headlines."""
+    meta = read_token_meta(cfg.tokens, cfg.tokenizer)
+    tc = cfg.train
+    rt = setup_runtime(tc)
+    if rt.env.is_main:
+        _forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+    barrier()
+    model = _build_model(cfg, int(meta["vocab_size"]))
+    n_params = model.num_params()
+    flops = model.flops_per_token(tc.seq_len)
+    ranks = {"rank": rt.env.rank, "world_size": rt.env.world_size}
+    train_tokens = open_tokens(Path(cfg.tokens) / "train.bin", meta["dtype"])
+    val_tokens = open_tokens(Path(cfg.tokens) / "val.bin", meta["dtype"])
+    loader = TokenWindows(train_tokens, tc.seq_len, tc.micro_batch_size, seed=tc.seed, **ranks)
+    val = TokenWindows(val_tokens, tc.seq_len, tc.micro_batch_size, shuffle=False, **ranks)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        losses = [lm_loss(m, _to(val.batch(i), rt.device))[0].item() for i in range(tc.eval_steps)]
+        return {"val_loss": sum(losses) / len(losses)}
+
+    ctx.log.info(
+        "pretrain: %s, %.2fM params, vocab %d", cfg.model.preset, n_params / 1e6, meta["vocab_size"]
+    )
+    result = train(model, lm_loss, loader, tc, ctx, eval_fn=evaluate, flops_per_token=flops)
+    if rt.env.is_main:
+        _write_outputs(cfg, ctx, result)
+    barrier()
+    return _headline(result, n_params)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) -> None:
+    """final/ (model + tokenizer, renamed into place complete), loss.png, TensorBoard events."""
+    from lmforge.model.convert import save_pretrained
+
+    with ctx.atomic_path(ctx.out / "final") as tmp:
+        save_pretrained(result.model, tmp, extra_config=_special_token_ids(cfg.tokenizer))
+        for name in TOKENIZER_FILES:
+            if (Path(cfg.tokenizer) / name).is_file():
+                shutil.copy2(Path(cfg.tokenizer) / name, tmp / name)
+    ctx.metrics.close()  # flush before reading the whole file back
+    rows = read_metrics(ctx.out / "metrics.jsonl")
+    plot_losses(rows, ctx.out / "loss.png", title=f"pretrain ({cfg.model.preset})")
+    shutil.rmtree(ctx.out / "tensorboard", ignore_errors=True)
+    write_tensorboard(rows, ctx.out / "tensorboard")
+
+
+def _special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """bos/eos/pad token ids for config.json, from tokenizer_config.json's token strings."""
+    config_path = Path(tokenizer_dir) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return {}
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    names = json.loads(config_path.read_text(encoding="utf-8"))
+    ids = {}
+    for key in ("bos", "eos", "pad"):
+        token = names.get(f"{key}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tok.token_to_id(token) is not None:
+            ids[f"{key}_token_id"] = tok.token_to_id(token)
+    return ids
+
+
+def _headline(result: TrainResult, n_params: int) -> dict[str, Any]:
+    val = result.val_loss
+    return {
+        "train_loss": _round(result.train_loss),
+        "val_loss": _round(val),
+        "val_ppl": _round(torch.tensor(val).exp().item()) if val is not None else None,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "params": n_params,
+        "steps": result.step,
+        "best_val_loss": _round(result.best_val_loss),
+        "skipped_steps": result.skipped_steps,
+        "stopped_early": result.stopped_early,
+        "resumed_from_step": result.resumed_from,
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 5)
