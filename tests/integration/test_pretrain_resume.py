@@ -1,0 +1,74 @@
+"""Exact resume: SIGKILL a real pretraining process at a random step, rerun, compare bitwise."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from .test_pretrain_stage import lmforge, make_shards
+
+STEPS = 60
+ARGS = [
+    "--preset", "micro",
+    "--set", f"train.max_steps={STEPS}", "--set", "train.seq_len=64", "--set", "train.micro_batch_size=16",
+    "--set", "train.eval_every=10", "--set", "train.eval_steps=2", "--set", "train.ckpt_every=5",
+    "--set", "train.keep_last=2", "--set", "train.device=cpu", "--set", "model.dropout=0.1",
+]  # fmt: skip
+
+
+def _losses(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [
+        (r["step"], r["val_loss"]) for r in rows if "val_loss" in r
+    ]
+
+
+def _kill_at_random_step(cmd: list[str], metrics, lo: int, hi: int) -> int:
+    """Starts cmd, SIGKILLs it once metrics.jsonl shows a step in [lo, hi); returns that step."""
+    target = random.Random().randrange(lo, hi)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists():
+                steps = [
+                    json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()[:-1]
+                ]
+                if steps and max(steps) >= target:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return max(steps)
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    pytest.fail(f"the run ended (rc={proc.returncode}) before reaching step {target}")
+
+
+@pytest.mark.integration
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    tokens, tok_dir = make_shards(tmp_path)
+    common = ["pretrain", "--tokens", str(tokens), "--tokenizer", str(tok_dir), *ARGS]
+    lmforge(*common, "--out", str(tmp_path / "full"))
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lmforge.cli", "--quiet", *common, "--out", str(killed)]
+    died_at = _kill_at_random_step(cmd, killed / "metrics.jsonl", lo=7, hi=STEPS - 10)
+    assert not (killed / "manifest.json").exists()
+    lmforge(*common, "--out", str(killed))
+
+    manifest = json.loads((killed / "manifest.json").read_text())
+    resumed_from = manifest["metrics"]["resumed_from_step"]
+    assert resumed_from is not None and 5 <= resumed_from <= died_at and resumed_from % 5 == 0
+    assert _losses(killed) == _losses(tmp_path / "full")  # every train and val loss, bitwise
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
