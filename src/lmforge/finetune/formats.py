@@ -1,0 +1,263 @@
+"""Fine-tuning data: read records from JSONL, Parquet or a local HF dataset and normalize them.
+
+Five common shapes are recognised, per file, from its first record:
+
+- alpaca: `instruction`, optional `input`, `output` (optional `type` / `category` kept as meta)
+- sharegpt: `conversations: [{from, value}, ...]`
+- openai: `messages: [{role, content}, ...]`
+- prompt_completion: `prompt`, `completion`
+- classification: `text`, `label`
+
+Every record of a file must fit that file's shape; one that does not is an InputError naming the
+file and line (row for Parquet / HF datasets). Chat shapes become `{"messages": [...], "meta":
+{...}}` with roles system/user/assistant; classification becomes `{"text": str, "label": str}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lmforge.common.io import open_text
+from lmforge.errors import InputError
+
+Record = dict[str, Any]
+Example = dict[str, Any]
+
+CHAT_FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion")
+ROLES = ("system", "user", "assistant")
+# ShareGPT speaker names seen in the wild -> chat roles.
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "chatgpt": "assistant", "model": "assistant", "system": "system",
+}  # fmt: skip
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
+    with open_text(path) as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path} line {line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path} line {line_no}: expected a JSON object per line")
+            yield line_no, obj
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[int, Record]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:  # maybe JSON lines with a .json name
+        yield from _iter_jsonl(path)
+        return
+    rows = data if isinstance(data, list) else [data]
+    for i, obj in enumerate(rows, start=1):
+        if not isinstance(obj, dict):
+            raise InputError(f"{path} record {i}: expected a JSON object")
+        yield i, obj
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Record]]:
+    import pyarrow.parquet as pq
+
+    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+
+
+def _iter_hf_dataset(path: Path) -> Iterator[tuple[int, Record]]:
+    try:
+        from datasets import load_from_disk
+    except ImportError as err:  # pragma: no cover - datasets is in the [hf] extra
+        raise ImportError("reading a saved HF dataset needs: pip install 'lmforge[hf]'") from err
+    ds = load_from_disk(str(path))
+    if hasattr(ds, "keys"):  # a DatasetDict: take "train" (or the only split)
+        split = "train" if "train" in ds else next(iter(ds.keys()))
+        ds = ds[split]
+    for i, row in enumerate(ds, start=1):
+        yield i, dict(row)
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset_info.json").exists()
+        or (path / "state.json").exists()
+        or (path / "dataset_dict.json").exists()
+    )
+
+
+def data_files(path: Path) -> list[Path]:
+    """The record files under `path`: itself, a saved HF dataset dir, or a dir's data files."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"fine-tuning data {path} does not exist; pass a .jsonl/.parquet file")
+    if path.is_file() or _is_hf_dataset(path):
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.name.endswith(DATA_SUFFIXES))
+    if not files:
+        raise InputError(
+            f"{path} holds no {', '.join(DATA_SUFFIXES)} files and is not a saved HF dataset"
+        )
+    return files
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Record]]:
+    """(line or row number, record) of one data file (JSONL, JSON, Parquet or HF dataset dir)."""
+    path = Path(path)
+    if _is_hf_dataset(path):
+        yield from _iter_hf_dataset(path)
+    elif path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+    elif path.suffix == ".json":
+        yield from _iter_json_array(path)
+    else:
+        yield from _iter_jsonl(path)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _is_str(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+def _turns(x: Any, key_a: str, key_b: str) -> bool:
+    return (
+        isinstance(x, list)
+        and len(x) > 0
+        and all(isinstance(t, dict) and key_a in t and key_b in t for t in x)
+    )
+
+
+# name -> does a record have this shape?  Checked in this order.
+DETECTORS: dict[str, Callable[[Record], bool]] = {
+    "openai": lambda r: _turns(r.get("messages"), "role", "content"),
+    "sharegpt": lambda r: _turns(r.get("conversations"), "from", "value"),
+    "alpaca": lambda r: _is_str(r.get("instruction")) and _is_str(r.get("output")),
+    "prompt_completion": lambda r: _is_str(r.get("prompt")) and _is_str(r.get("completion")),
+    "classification": lambda r: _is_str(r.get("text")) and isinstance(r.get("label"), (str, int)),
+}
+
+EXPECTED = (
+    "alpaca {instruction, input?, output}, sharegpt {conversations: [{from, value}]}, "
+    "openai {messages: [{role, content}]}, {prompt, completion}, or {text, label}"
+)
+
+
+def detect_format(record: Record) -> str | None:
+    """The shape a record has (see DETECTORS), or None."""
+    return next((name for name, fits in DETECTORS.items() if fits(record)), None)
+
+
+def _alpaca(r: Record) -> Example:
+    user = r["instruction"].strip()
+    if r.get("input"):
+        user = f"{user}\n\n{str(r['input']).strip()}"
+    meta = {k: r[k] for k in ("type", "category") if r.get(k) is not None}
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]
+    return {"messages": msgs, "meta": meta}
+
+
+def _sharegpt(r: Record) -> Example:
+    msgs = []
+    for turn in r["conversations"]:
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise ValueError(
+                f"unknown speaker {turn['from']!r} (known: {', '.join(sorted(SHAREGPT_ROLES))})"
+            )
+        msgs.append({"role": role, "content": str(turn["value"])})
+    return {"messages": msgs, "meta": {}}
+
+
+def _openai(r: Record) -> Example:
+    msgs = []
+    for turn in r["messages"]:
+        if turn["role"] not in ROLES:
+            raise ValueError(f"unknown role {turn['role']!r} (known: {', '.join(ROLES)})")
+        msgs.append({"role": turn["role"], "content": str(turn["content"] or "")})
+    return {"messages": msgs, "meta": {}}
+
+
+def _prompt_completion(r: Record) -> Example:
+    msgs = [
+        {"role": "user", "content": r["prompt"]},
+        {"role": "assistant", "content": r["completion"]},
+    ]
+    return {"messages": msgs, "meta": {}}
+
+
+def _classification(r: Record) -> Example:
+    return {"text": r["text"], "label": str(r["label"])}
+
+
+NORMALIZERS: dict[str, Callable[[Record], Example]] = {
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "openai": _openai,
+    "prompt_completion": _prompt_completion,
+    "classification": _classification,
+}
+
+
+def _check_chat(example: Example) -> None:
+    roles = [m["role"] for m in example["messages"]]
+    if "assistant" not in roles:
+        raise ValueError("the conversation has no assistant turn to learn from")
+
+
+def read_file(path: Path) -> tuple[str, list[Example]]:
+    """(detected format, normalized examples) of one data file; every record must fit."""
+    fmt: str | None = None
+    examples: list[Example] = []
+    where = "row" if path.suffix == ".parquet" or path.is_dir() else "line"
+    for n, record in iter_records(path):
+        if fmt is None:
+            fmt = detect_format(record)
+            if fmt is None:
+                raise InputError(
+                    f"{path} {where} {n}: record with keys {sorted(record)} fits no known format; "
+                    f"expected {EXPECTED}"
+                )
+        elif not DETECTORS[fmt](record):
+            raise InputError(
+                f"{path} {where} {n}: record with keys {sorted(record)} does not fit this file's "
+                f"format '{fmt}' (detected from its first record); fix or remove it"
+            )
+        try:
+            example = NORMALIZERS[fmt](record)
+            if fmt in CHAT_FORMATS:
+                _check_chat(example)
+        except ValueError as err:
+            raise InputError(f"{path} {where} {n}: {err}") from None
+        examples.append(example)
+    if fmt is None:
+        raise InputError(f"{path} has no records; pass a non-empty data file")
+    return fmt, examples
+
+
+def load_examples(path: Path) -> tuple[str, list[Example]]:
+    """Reads every data file under `path`; all files must be chat-shaped, or all classification."""
+    formats: dict[str, str] = {}
+    examples: list[Example] = []
+    for file in data_files(Path(path)):
+        fmt, rows = read_file(file)
+        formats[str(file)] = fmt
+        examples.extend(rows)
+    kinds = {"classification" if f == "classification" else "chat" for f in formats.values()}
+    if len(kinds) > 1:
+        raise InputError(f"{path} mixes chat and classification files ({formats}); keep them apart")
+    fmt = next(iter(formats.values())) if len(set(formats.values())) == 1 else "mixed-chat"
+    return fmt, examples
+
+
+def is_classification(examples: list[Example]) -> bool:
+    """True for text+label examples."""
+    return bool(examples) and "label" in examples[0]

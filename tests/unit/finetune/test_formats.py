@@ -1,0 +1,105 @@
+"""Fine-tuning data formats: detection per file, normalization, errors naming file and line."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmforge.errors import InputError
+from lmforge.finetune.formats import detect_format, load_examples, read_file
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_alpaca_input_joined_and_meta_kept(tmp_path):
+    f = _jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Add", "input": "1 and 2", "output": "3", "category": "math"},
+            {"instruction": "Say hi", "output": "hi"},
+        ],
+    )
+    fmt, ex = read_file(f)
+    assert fmt == "alpaca"
+    assert ex[0]["messages"] == [
+        {"role": "user", "content": "Add\n\n1 and 2"},
+        {"role": "assistant", "content": "3"},
+    ]
+    assert ex[0]["meta"] == {"category": "math"}
+    assert ex[1]["messages"][0]["content"] == "Say hi"
+
+
+def test_sharegpt_openai_prompt_completion(tmp_path):
+    sg = _jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "be brief"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            }
+        ],
+    )
+    oa = _jsonl(
+        tmp_path / "o.jsonl",
+        [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+    )
+    pc = _jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "completion": "a"}])
+    assert read_file(sg)[1][0]["messages"][0] == {"role": "system", "content": "be brief"}
+    assert [m["role"] for m in read_file(sg)[1][0]["messages"]] == ["system", "user", "assistant"]
+    assert read_file(oa)[0] == "openai"
+    assert read_file(pc)[1][0]["messages"][1] == {"role": "assistant", "content": "a"}
+
+
+def test_classification_labels_become_strings(tmp_path):
+    f = _jsonl(tmp_path / "c.jsonl", [{"text": "x", "label": 1}, {"text": "y", "label": "b"}])
+    fmt, ex = read_file(f)
+    assert fmt == "classification"
+    assert ex == [{"text": "x", "label": "1"}, {"text": "y", "label": "b"}]
+
+
+def test_unknown_record_names_file_and_line(tmp_path):
+    f = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "completion": "a"}, {"foo": 1}])
+    with pytest.raises(InputError, match=r"bad\.jsonl line 2: .*does not fit .*prompt_completion"):
+        read_file(f)
+    g = _jsonl(tmp_path / "none.jsonl", [{"foo": 1}])
+    with pytest.raises(InputError, match=r"none\.jsonl line 1: .*fits no known format"):
+        read_file(g)
+    assert detect_format({"foo": 1}) is None
+
+
+def test_bad_json_and_bad_role(tmp_path):
+    f = tmp_path / "j.jsonl"
+    f.write_text('{"prompt": "q", "completion": "a"}\n{not json\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"j\.jsonl line 2: not valid JSON"):
+        read_file(f)
+    g = _jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
+    with pytest.raises(InputError, match=r"r\.jsonl line 1: unknown role 'robot'"):
+        read_file(g)
+
+
+def test_parquet_and_hf_dataset_dir(tmp_path):
+    rows = [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert read_file(tmp_path / "d.parquet")[1][1] == {"text": "b", "label": "y"}
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"instruction": "i", "input": "", "output": "o"}]).save_to_disk(
+        str(tmp_path / "hf")
+    )
+    fmt, ex = load_examples(tmp_path / "hf")
+    assert fmt == "alpaca" and ex[0]["messages"][1]["content"] == "o"
+
+
+def test_directory_mixing_chat_and_labels_is_refused(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    _jsonl(d / "a.jsonl", [{"prompt": "q", "completion": "a"}])
+    _jsonl(d / "b.jsonl", [{"text": "t", "label": "l"}])
+    with pytest.raises(InputError, match="mixes chat and classification"):
+        load_examples(d)
