@@ -11,30 +11,32 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from lmforge.artifacts import require_artifact
+from lmforge.config import Section
 from lmforge.errors import InputError
 
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
 
-@dataclass
-class GenerationSettings:
+class GenerationSettings(Section):
     """How continuations are produced; recorded next to every generation metric."""
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)  # cut the text at the first of these
-    seed: int = 0
+    max_new_tokens: int = Field(64, ge=1, description="most tokens generated per prompt")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (the default), else sampling")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
+    repetition_penalty: float = Field(1.0, gt=0, description="1 = off")
+    stop: list[str] = Field(
+        default_factory=list, description="cut the output at the first of these strings"
+    )
+    seed: int = Field(0, description="sampling seed (ignored when greedy)")
 
 
 def resolve_model_dir(path: Path) -> Path:

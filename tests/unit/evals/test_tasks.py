@@ -1,0 +1,133 @@
+"""Task runners score the way lm-evaluation-harness does and read the user's task files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.errors import ConfigError, InputError
+from lmforge.evals.lm import EvalModel, GenerationSettings
+from lmforge.evals.tasks import TaskSpec, load_task, run_task
+
+MC = [
+    {"query": "2 + 2 =", "choices": ["4", "five", "twenty-two"], "gold": 0},
+    {"query": "The capital of France is", "choices": ["Paris", "a big dog"], "gold": "Paris"},
+    {"query": "def f(): return", "choices": ["None", "1", "lambda x: x"], "gold": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> EvalModel:
+    return EvalModel.load(model_dir)
+
+
+def ref_loglikelihood(model: EvalModel, context: str, continuation: str) -> float:
+    ctx = [model.prefix_id, *model.encode(context)]
+    cont = model.encode(continuation)
+    seq = ctx + cont
+    with torch.no_grad():
+        logp = torch.log_softmax(model.model(torch.tensor([seq[:-1]]))[0], dim=-1)
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+def test_multiple_choice_acc_and_acc_norm_match_reference(model: EvalModel) -> None:
+    spec = TaskSpec(name="mc", type="multiple_choice", examples=MC)
+    result = run_task(model, spec, GenerationSettings())
+    acc, acc_norm = [], []
+    for row, rec in zip(MC, result.records, strict=True):
+        lls = [ref_loglikelihood(model, row["query"], " " + c) for c in row["choices"]]
+        assert rec["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
+        gold = row["gold"] if isinstance(row["gold"], int) else row["choices"].index(row["gold"])
+        acc.append(int(np.argmax(lls)) == gold)
+        norm = [ll / len(c.encode()) for ll, c in zip(lls, row["choices"], strict=True)]
+        acc_norm.append(int(np.argmax(norm)) == gold)
+    assert result.metrics["acc"] == pytest.approx(np.mean(acc))
+    assert result.metrics["acc_norm"] == pytest.approx(np.mean(acc_norm))
+    assert result.metrics["n"] == 3
+
+
+def test_classification_predicts_argmax_label_and_counts(model: EvalModel) -> None:
+    rows = [
+        {"text": t, "label": lab}
+        for t, lab in [
+            ("def f(): pass", "func"),
+            ("X = 1", "const"),
+            ("class A: pass", "class"),
+            ("def g(x): return x", "func"),
+        ]
+    ]
+    spec = TaskSpec(name="cls", type="classification", examples=rows)
+    result = run_task(model, spec, GenerationSettings())
+    cm, labels = result.confusion
+    assert labels == ["class", "const", "func"] and cm.sum() == 4
+    for rec in result.records:
+        lls = {lab: ref_loglikelihood(model, rec["text"] + "\nLabel:", " " + lab) for lab in labels}
+        assert rec["predicted"] == max(lls, key=lls.get)
+    correct = sum(r["predicted"] == r["label"] for r in result.records)
+    assert result.metrics["accuracy"] == pytest.approx(correct / 4)
+
+
+def test_generation_is_greedy_and_metrics_follow_outputs(model: EvalModel) -> None:
+    rows = [
+        {"prompt": "def add(a, b):", "reference": "return a + b"},
+        {"prompt": "import", "reference": "os"},
+    ]
+    settings = GenerationSettings(max_new_tokens=6)
+    result = run_task(model, TaskSpec(name="gen", type="generation", examples=rows), settings)
+    ids = [model.prefix_id, *model.encode("def add(a, b):")]
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model.model(torch.tensor([ids]))[0, -1].argmax()))
+    n_prompt = 1 + len(model.encode("def add(a, b):"))
+    assert result.records[0]["output"] == model.decode(ids[n_prompt:])
+    from lmforge.evals.metrics import bleu
+
+    outputs = [r["output"] for r in result.records]
+    assert result.metrics["bleu"] == pytest.approx(
+        bleu(outputs, [r["reference"] for r in rows])["bleu"]
+    )
+    assert result.metrics["generation"]["max_new_tokens"] == 6
+    assert result.metrics["generation"]["temperature"] == 0.0
+
+
+def test_task_files_yaml_jsonl_and_dirs(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    data = tmp_path / "sub" / "facts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MC))
+    spec_file = tmp_path / "facts.yaml"
+    spec_file.write_text("type: multiple_choice\ndata: sub/facts.jsonl\nmax_examples: 2\n")
+    spec = load_task(spec_file)
+    assert (spec.name, spec.type, spec.data) == ("facts", "multiple_choice", data.resolve())
+    assert load_task(data).type == "multiple_choice"
+    gen = tmp_path / "explain.jsonl"
+    gen.write_text(json.dumps({"prompt": "p", "reference": "r"}) + "\n")
+    assert (load_task(gen).name, load_task(gen).type) == ("explain", "generation")
+    assert load_task(tmp_path / "sub").type == "perplexity"
+    bad = tmp_path / "odd.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(InputError, match="match no task type"):
+        load_task(bad)
+    with pytest.raises(ConfigError, match="unknown key 'promt'"):
+        load_task({"type": "generation", "data": str(gen), "promt": "x"})
+    with pytest.raises(InputError, match="no such file"):
+        load_task(tmp_path / "missing.yaml")
+
+
+def test_missing_fields_and_template_errors_name_the_record(model: EvalModel) -> None:
+    spec = TaskSpec(
+        name="g", type="generation", examples=[{"prompt": "a", "reference": "b"}, {"prompt": "c"}]
+    )
+    with pytest.raises(InputError, match="record 2: missing field\\(s\\) reference"):
+        run_task(model, spec, GenerationSettings())
+    spec = TaskSpec(
+        name="g",
+        type="generation",
+        prompt_template="{question}",
+        examples=[{"prompt": "a", "reference": "b"}],
+    )
+    with pytest.raises(ConfigError, match="uses 'question'"):
+        run_task(model, spec, GenerationSettings())
