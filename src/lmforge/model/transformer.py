@@ -280,11 +280,9 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         rope = None
-        if self.rope_cos is not None:
-            rope = (
-                self.rope_cos[pos].unsqueeze(-3),
-                self.rope_sin[pos].unsqueeze(-3),
-            )  # (B|1,1,T,hd)
+        if self.rope_cos is not None:  # a slice is a view; packed documents gather per token
+            at = slice(start_pos, start_pos + T) if doc_ids is None else pos
+            rope = self.rope_cos[at].unsqueeze(-3), self.rope_sin[at].unsqueeze(-3)  # (B|1,1,T,hd)
         mask = attention_mask(T, start_pos, doc_ids, self.config.sliding_window, idx.device)
         x = self.drop(x)
         for block in self.blocks:

@@ -22,9 +22,11 @@ def make(name: str = "micro", **overrides) -> Transformer:
     return Transformer(preset_config(name, init_std=0.2, **overrides))  # peaky, varied tokens
 
 
-@pytest.mark.parametrize("style", ["micro", "micro-gpt2"])
-def test_cached_greedy_equals_uncached_token_for_token(style):
-    model = make(style)
+@pytest.mark.parametrize(
+    ("style", "overrides"), [("micro", {}), ("micro", {"sliding_window": 6}), ("micro-gpt2", {})]
+)
+def test_cached_greedy_equals_uncached_token_for_token(style, overrides):
+    model = make(style, **overrides)
     prompt = torch.randint(0, 256, (3, 7))
     cached = generate(model, prompt, 30, greedy=True)
     uncached = generate(model, prompt, 30, greedy=True, use_cache=False)

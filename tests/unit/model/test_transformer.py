@@ -171,6 +171,14 @@ def test_meta_device_build_then_init_weights():
     assert torch.allclose(model.rope_cos[0], torch.ones(model.config.hd))
 
 
+def test_hidden_states_feed_the_lm_head():
+    model = make("micro")
+    idx = torch.randint(0, 256, (2, 9))
+    h = model.hidden_states(idx)
+    assert h.shape == (2, 9, model.config.n_embd)
+    torch.testing.assert_close(model.lm_head(h), model(idx))
+
+
 def test_too_long_sequence_is_an_input_error():
     model = make("micro", block_size=16)
     with pytest.raises(InputError, match="block_size=16"):
