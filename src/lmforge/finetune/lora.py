@@ -1,0 +1,266 @@
+"""LoRA by module replacement: inject adapters, train only them, merge, save in PEFT's format.
+
+`inject(model, LoraConfig)` freezes the model and swaps every nn.Linear whose name matches a
+target pattern for a LoRALinear: y = base(x) + (alpha / r) * B(A(dropout(x))), with B zero at
+the start so the model is unchanged until it trains. With `quantize: int8|int4` the frozen base
+Linear is first replaced by a weight-only QuantLinear (QLoRA-style). `merge(model)` folds the
+adapters back into plain nn.Linear weights. `save_peft_adapter` writes adapter_config.json +
+adapter_model.safetensors under PEFT's key names for the Hugging Face export of the same model,
+splitting our fused q/k/v and gate/up projections with the export's own name table.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from lmforge.common.io import atomic_path, atomic_write_json
+from lmforge.config import Section
+from lmforge.errors import ConfigError
+from lmforge.finetune.quant import QuantLinear
+
+DEFAULT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
+
+
+class LoraConfig(Section):
+    """Where adapters go and how big they are (the `lora:` section of finetune)."""
+
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: updates scale by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    targets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="module name patterns to adapt: a suffix ('attn.qkv') or a glob ('blocks.0.*')",
+    )
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none", description="weight-only quantize the frozen base (QLoRA-style): none|int8|int4"
+    )
+    group_size: int = Field(32, ge=2, description="int4: input columns sharing one scale")
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear plus a trainable low-rank update (PEFT's lora_A / lora_B)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        in_f, out_f = base.in_features, base.out_features
+        self.lora_A = nn.Linear(in_f, r, bias=False)
+        self.lora_B = nn.Linear(r, out_f, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """The update as a dense (out, in) matrix: scaling * B @ A."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding base + update (dequantized when the base was quantized)."""
+        base = self.base
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
+        with torch.no_grad():
+            weight = base.weight.detach().float() + self.delta_weight().detach().float()
+            linear.weight.copy_(weight)
+            if base.bias is not None:
+                linear.bias.copy_(base.bias.detach())
+        return linear.to(self.lora_A.weight.device, self.lora_A.weight.dtype)
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """True when a module name equals, ends with ('.' + pattern) or globs one of the patterns."""
+    return any(
+        name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns
+    )
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def inject(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Freezes `model` and replaces matching nn.Linear modules with LoRALinear (in place)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    tied = _tied_linear_names(model)
+    chosen = [n for n in names if matches(n, cfg.targets) and n not in tied]
+    if not chosen:
+        raise ConfigError(
+            f"lora.targets {cfg.targets} match no linear layer; linear layers are e.g. "
+            f"{', '.join(names[:6])}"
+        )
+    for name in chosen:
+        base = model.get_submodule(name)
+        if cfg.quantize != "none":
+            base = QuantLinear(base, cfg.quantize, cfg.group_size)
+        device = next(iter(model.parameters())).device
+        _replace(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout).to(device))
+    return model
+
+
+def _tied_linear_names(model: nn.Module) -> set[str]:
+    """Linears whose weight is shared with another module (a tied lm_head): not adaptable."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen and isinstance(module, nn.Linear):
+                tied.add(name)
+            seen.setdefault(id(p), name)
+    return tied
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Name -> LoRALinear of every adapter in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Folds every adapter into its base: the model becomes a plain Transformer again."""
+    for name, module in lora_modules(model).items():
+        _replace(model, name, module.merged())
+    return model
+
+
+def trainable_fraction(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors count once, quantized codes count."""
+    params = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in params)
+    total += sum(
+        m.codes.numel() * (8 // m.bits) for m in model.modules() if isinstance(m, QuantLinear)
+    )
+    return sum(p.numel() for p in params if p.requires_grad), total
+
+
+# --------------------------------------------------------------------------- PEFT format
+
+
+def peft_tensors(model: nn.Module) -> tuple[dict[str, Tensor], list[str], bool]:
+    """(PEFT state dict, HF module names adapted, fan_in_fan_out) for the model's HF export."""
+    from lmforge.model.hf_families import FAMILIES, family_for
+
+    cfg = model.config
+    model_type = family_for(cfg)
+    if model_type is None:
+        raise ConfigError(
+            "this model has no Hugging Face equivalent, so PEFT adapters cannot be written; "
+            "use a llama/mistral/qwen2/gpt2-style model"
+        )
+    family = FAMILIES[model_type]
+    rules = {r.ours: r for r in family.rules(cfg)}
+    tensors: dict[str, Tensor] = {}
+    hf_modules: list[str] = []
+    for name, module in lora_modules(model).items():
+        rule = rules.get(f"{name}.weight")
+        if rule is None:
+            raise ConfigError(
+                f"adapted module {name} has no Hugging Face name; drop it from lora.targets"
+            )
+        a = module.lora_A.weight.detach().cpu().contiguous()
+        b = module.lora_B.weight.detach().cpu()
+        parts = b.split(list(rule.sizes), dim=0) if rule.sizes else (b,)
+        for hf_name, b_part in zip(rule.hf_names, parts, strict=True):
+            hf_module = hf_name.removesuffix(".weight")
+            hf_modules.append(hf_module)
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a.clone()
+            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = b_part.contiguous()
+    fan_in_fan_out = any(r.transpose for r in rules.values())
+    return tensors, hf_modules, fan_in_fan_out
+
+
+def save_peft_adapter(model: nn.Module, out_dir: Path, base_model: str = "") -> Path:
+    """Writes adapter_config.json + adapter_model.safetensors that peft.PeftModel loads."""
+    from safetensors.torch import save_file
+
+    tensors, hf_modules, fan_in_fan_out = peft_tensors(model)
+    first = next(iter(lora_modules(model).values()))
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    # Exact module names as one regex, so PEFT adapts these modules and no others.
+    targets = "^(" + "|".join(re.escape(m) for m in hf_modules) + ")$"
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(out_dir / "adapter_config.json", config)
+    return out_dir
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Injects adapters per adapter_config.json and loads their weights (inverse of save)."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    cfg = LoraConfig(
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        targets=_our_targets_for(model, saved),
+    )
+    inject(model, cfg)
+    _load_from_peft(model, saved)
+    return model
+
+
+def _our_targets_for(model: nn.Module, saved: dict[str, Tensor]) -> list[str]:
+    from lmforge.model.hf_families import FAMILIES, family_for
+
+    rules = FAMILIES[family_for(model.config)].rules(model.config)
+    adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in saved}
+    return [
+        r.ours.removesuffix(".weight")
+        for r in rules
+        if r.ours.endswith(".weight")
+        and any(h.removesuffix(".weight") in adapted for h in r.hf_names)
+    ]
+
+
+def _load_from_peft(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    from lmforge.model.hf_families import FAMILIES, family_for
+
+    rules = {r.ours: r for r in FAMILIES[family_for(model.config)].rules(model.config)}
+    with torch.no_grad():
+        for name, module in lora_modules(model).items():
+            rule = rules[f"{name}.weight"]
+            keys = [f"base_model.model.{h.removesuffix('.weight')}" for h in rule.hf_names]
+            module.lora_A.weight.copy_(saved[f"{keys[0]}.lora_A.weight"])
+            module.lora_B.weight.copy_(torch.cat([saved[f"{k}.lora_B.weight"] for k in keys]))
