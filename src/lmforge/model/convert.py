@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,30 @@ NATIVE = "lmforge"  # model_type of exports in our own layout
 SUPPORTED_MODEL_TYPES = (*FAMILIES, NATIVE)
 
 
+# Training-only fields HF configs do not carry; taken from an export's "lmforge" key when present.
+TRAINING_FIELDS = ("dropout", "init_std")
+
+
 def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from a config.json dict: our exact config if present, else the family mapper."""
-    if NATIVE in hf:
-        return ModelConfig.from_dict(hf[NATIVE])
+    """ModelConfig from a config.json dict.
+
+    The HF fields are the source of truth for the architecture (a checkpoint edited or resized by
+    transformers stays consistent); our own "lmforge" key only fills the training-only fields.
+    """
     model_type = hf.get("model_type")
+    if model_type == NATIVE:
+        return ModelConfig.from_dict(hf[NATIVE])
     if model_type not in FAMILIES:
         raise InputError(
             f"config.json model_type {model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     try:
-        return FAMILIES[model_type].to_config(hf)
+        cfg = FAMILIES[model_type].to_config(hf)
     except KeyError as err:
         raise InputError(f"config.json (model_type {model_type}) lacks key {err}") from None
+    ours = hf.get(NATIVE) or {}
+    return replace(cfg, **{k: ours[k] for k in TRAINING_FIELDS if k in ours})
 
 
 def _load_bin(path: Path) -> dict[str, Tensor]:

@@ -88,11 +88,11 @@ def test_import_hf_checkpoint_matches_transformers(kind, tmp_path):
 OUR_MODELS = {
     "llama-tied-gqa": ("micro", {}, "LlamaForCausalLM"),
     "llama-untied-mha": ("micro", dict(tie_embeddings=False, n_kv_head=4), "LlamaForCausalLM"),
-    "llama-bias": ("micro", dict(bias=True), "LlamaForCausalLM"),
+    "llama-bias": ("micro", dict(bias=True, dropout=0.1, init_std=0.01), "LlamaForCausalLM"),
     "qwen2": ("micro", dict(attn_bias=True), "Qwen2ForCausalLM"),
     "mistral": ("micro", dict(sliding_window=5, tie_embeddings=False), "MistralForCausalLM"),
     "gpt2-tied": ("micro-gpt2", {}, "GPT2LMHeadModel"),
-    "gpt2-untied": ("micro-gpt2", dict(tie_embeddings=False), "GPT2LMHeadModel"),
+    "gpt2-untied": ("micro-gpt2", dict(tie_embeddings=False, dropout=0.1), "GPT2LMHeadModel"),
 }
 
 
