@@ -286,6 +286,8 @@ def ours_to_hf(state: dict[str, Tensor], rules: list[Rule]) -> dict[str, Tensor]
     """Split/transpose our state dict into HF tensors (fresh contiguous copies, safe to save)."""
     out = {}
     for rule in rules:
+        if rule.ours not in state:
+            raise KeyError(f"{rule.ours} not in the state dict; merge LoRA adapters before export")
         t = state[rule.ours].detach()
         parts = t.split(list(rule.sizes), dim=0) if rule.sizes else (t,)
         for name, part in zip(rule.hf_names, parts, strict=True):

@@ -197,3 +197,20 @@ def test_config_round_trip_and_errors():
     with pytest.raises(ConfigError, match="unknown model config key"):
         ModelConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
     assert set(PRESETS) >= {"micro", "tiny", "small", "gpt2-124m", "llama-1b"}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_bf16_weights_and_autocast_run_close_to_fp32(style):
+    from lmforge.model.generate import generate
+
+    model = make(style)
+    idx = torch.randint(0, 256, (2, 16))
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9, [0] * 16])
+    ref = model(idx, doc_ids=doc_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(idx, doc_ids=doc_ids)
+    assert mixed.dtype == torch.bfloat16
+    assert (mixed.float() - ref).abs().max().item() < 0.05
+    half = make(style).to(torch.bfloat16)
+    assert (half(idx, doc_ids=doc_ids).float() - ref).abs().max().item() < 0.05
+    assert generate(half, idx[:, :4], 6, greedy=True).shape == (2, 10)
