@@ -141,6 +141,35 @@ def pretrain_cmd(
     run_stage_command("pretrain", values, config, sets, force)
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[
+        list[Path] | None,
+        typer.Option("--model", help="Model directory (HF layout) or training stage; repeatable."),
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tasks: task YAML, JSONL examples or data directories."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Stage directory: eval.json, errors, plots.")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Evaluate one or more models on tasks and compare them in one table.
+
+    Example: lmforge eval --model runs/x/pretrain --model runs/x/finetune --tasks runs/x/data,my_task.yaml --out runs/x/eval
+    """
+    values: dict[str, Any] = {"out": out}
+    if model:
+        values["models"] = [str(m) for m in model]
+    if tasks:
+        values["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
+    run_stage_command("eval", values, config, sets, force)
+
+
 @app.command("config")
 def config_cmd(
     kind: Annotated[str, typer.Argument(help="A stage kind, e.g. pretrain.")],

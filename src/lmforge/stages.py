@@ -17,6 +17,7 @@ from lmforge.errors import ConfigError
 # kind -> "module:ConfigClass:build_function"
 STAGES: dict[str, str] = {
     "pretrain": "lmforge.train.pretrain:PretrainConfig:build",
+    "eval": "lmforge.evals.stage:EvalConfig:build",
 }
 
 

@@ -51,17 +51,17 @@ def _special_ids(model_dir: Path, hf: dict[str, Any], tok: Any) -> tuple[int | N
     bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    stm = model_dir / "special_tokens_map.json"
-    if (bos is None or eos is None) and stm.exists():
-        names = json.loads(stm.read_text())
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (bos is None or eos is None) and (model_dir / file).exists():
+            names = json.loads((model_dir / file).read_text())
 
-        def token_id(key: str) -> int | None:
-            value = names.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            return tok.token_to_id(value) if isinstance(value, str) else None
+            def token_id(key: str, names: dict[str, Any] = names) -> int | None:
+                value = names.get(key)
+                value = value.get("content") if isinstance(value, dict) else value
+                return tok.token_to_id(value) if isinstance(value, str) else None
 
-        bos = bos if bos is not None else token_id("bos_token")
-        eos = eos if eos is not None else token_id("eos_token")
+            bos = bos if bos is not None else token_id("bos_token")
+            eos = eos if eos is not None else token_id("eos_token")
     return bos, eos
 
 

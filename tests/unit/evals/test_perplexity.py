@@ -14,7 +14,7 @@ from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.evals.perplexity import perplexity, read_texts, sliding_windows, unigram_baseline
 
-from .conftest import CORPUS, make_model_dir
+from .helpers import CORPUS, make_model_dir
 
 TEXTS = CORPUS[:5]
 
