@@ -195,7 +195,10 @@ def _prompt_completion(r: Record) -> Example:
 
 
 def _classification(r: Record) -> Example:
-    return {"text": r["text"], "label": str(r["label"])}
+    example = {"text": r["text"], "label": str(r["label"])}
+    if isinstance(r.get("fold"), int):  # the data stage's fold assignment, for k-fold
+        example["fold"] = r["fold"]
+    return example
 
 
 NORMALIZERS: dict[str, Callable[[Record], Example]] = {

@@ -1,0 +1,339 @@
+"""The `finetune` stage: SFT, classification or both, full or LoRA, through the one training loop.
+
+Inputs: a model directory in Hugging Face layout with its tokenizer files (our pretrain's final/
+or an imported checkpoint) and a data file or directory (formats.py). The methods differ only in
+what they hand the loop: rows (packed chat with assistant-only labels, or padded labeled texts),
+the trainable parameters (LoRA adapters, or the model minus frozen parts, in layer-wise LR
+groups) and the loss_fn. Outputs: final/ (the merged model + tokenizer files; for classification
+also head.safetensors + labels.json), adapter/ (PEFT format, LoRA only), metrics.jsonl,
+loss.png, checkpoints/ (a killed run resumes), and headline metrics in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from lmforge.artifacts import StageContext, require_artifact, run_stage
+from lmforge.common.logging import MetricsWriter, read_metrics
+from lmforge.config import Section, StageConfig, config_hash
+from lmforge.errors import ConfigError, InputError
+from lmforge.finetune import heads
+from lmforge.finetune.evaluate import rouge_eval
+from lmforge.finetune.formats import is_classification, load_examples
+from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
+from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
+from lmforge.finetune.lora import LoraConfig, inject, merge, save_peft_adapter, trainable_fraction
+from lmforge.finetune.sft import ChatTokenizer, build_sft_rows
+from lmforge.train.config import TrainConfig
+from lmforge.train.loader import RowBatches
+from lmforge.train.loop import train
+from lmforge.train.observe import plot_losses
+from lmforge.train.pretrain import TOKENIZER_FILES, _forget_other_runs, lm_loss
+
+MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (its final/ directory)"
+
+
+class SFTOptions(Section):
+    """How chat examples become training rows (the `sft:` section)."""
+
+    truncation: Literal["left", "right", "drop"] = Field(
+        "right", description="examples longer than train.seq_len: keep start|keep end|drop"
+    )
+    packing: bool = Field(True, description="pack short examples into one row (no cross-attention)")
+
+
+class EvalOptions(Section):
+    """Held-out evaluation after training (the `eval:` section)."""
+
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of data held out for validation when no val_data"
+    )
+    rouge_examples: int = Field(
+        32, ge=0, description="SFT: val examples answered greedily for ROUGE-L (0 = skip)"
+    )
+    max_new_tokens: int = Field(48, ge=1, description="SFT: answer length limit for ROUGE-L")
+    compare_base: bool = Field(True, description="SFT: also score the base model's ROUGE-L")
+
+
+class MultitaskWeights(Section):
+    """Loss weights of task=multitask: w_lm * LM loss + w_cls * classification loss."""
+
+    w_lm: float = Field(1.0, ge=0, description="weight of next-token loss on the texts")
+    w_cls: float = Field(1.0, ge=0, description="weight of the classification loss")
+
+
+class FinetuneConfig(StageConfig):
+    """`lmforge finetune --model DIR --data FILE --out DIR [--method full|lora] [--task ...]`."""
+
+    model: Path = Field(description="model directory in HF layout, with tokenizer files")
+    data: Path = Field(description="training data: .jsonl/.parquet file, dir, or saved HF dataset")
+    val_data: Path | None = Field(None, description="validation data (default: split from data)")
+    method: Literal["full", "lora"] = Field("full", description="full | lora")
+    task: Literal["sft", "classify", "multitask"] = Field(
+        "sft", description="sft (chat) | classify (text+label) | multitask (LM + classify)"
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="freezing / layer LRs")
+    sft: SFTOptions = Field(default_factory=SFTOptions, description="SFT row building")
+    multitask: MultitaskWeights = Field(default_factory=MultitaskWeights, description="weights")
+    kfold: KFoldConfig = Field(default_factory=KFoldConfig, description="cross-validation")
+    eval: EvalOptions = Field(default_factory=EvalOptions, description="held-out evaluation")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
+
+    def inputs(self) -> list[Path]:
+        return [p for p in (self.model, self.data, self.val_data) if p is not None]
+
+
+def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
+    """Runs (or reuses) the finetune stage; returns its directory (final/ holds the model)."""
+    return run_stage("finetune", cfg, build, force=force).out
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Prepared:
+    """Everything the loop and the evaluation need, built once from the inputs."""
+
+    train_rows: dict[str, np.ndarray]
+    val_rows: dict[str, np.ndarray]
+    val_examples: list[dict[str, Any]]
+    labels: list[str]
+    stats: dict[str, Any]
+
+
+def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = max(1, round(fraction * len(examples)))
+    if len(examples) - n_val < 1:
+        raise InputError(f"only {len(examples)} examples: too few to hold out validation data")
+    val = set(order[:n_val].tolist())
+    return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
+
+
+def _check_task(cfg: FinetuneConfig, path: Path, examples: list) -> None:
+    labeled = is_classification(examples)
+    if cfg.task == "sft" and labeled:
+        raise ConfigError(f"{path} holds text+label records; use --task classify (or multitask)")
+    if cfg.task != "sft" and not labeled:
+        raise ConfigError(f"{path} holds chat records; --task {cfg.task} needs text+label records")
+
+
+def load_splits(cfg: FinetuneConfig) -> tuple[list, list]:
+    """(train, val) examples: val from val_data, else a seeded share of data."""
+    _, examples = load_examples(cfg.data)
+    _check_task(cfg, cfg.data, examples)
+    if cfg.val_data is None:
+        return _split(examples, cfg.eval.val_fraction, cfg.train.seed)
+    _, val = load_examples(cfg.val_data)
+    _check_task(cfg, cfg.val_data, val)
+    return examples, val
+
+
+def prepare(
+    cfg: FinetuneConfig, tok: ChatTokenizer, train_ex: list, val_ex: list, labels: list[str]
+) -> Prepared:
+    """Training and validation rows for the task."""
+    seq_len = cfg.train.seq_len
+    if cfg.task == "sft":
+        opts = {"truncation": cfg.sft.truncation, "packing": cfg.sft.packing}
+        train_rows, stats = build_sft_rows(tok, train_ex, seq_len, **opts)
+        val_rows, val_stats = build_sft_rows(tok, val_ex, seq_len, **opts)
+        stats = {**stats, **{f"val_{k}": v for k, v in val_stats.items()}}
+        return Prepared(train_rows, val_rows, val_ex, [], stats)
+    index = {name: i for i, name in enumerate(labels)}
+    train_rows, cut = heads.encode_texts(
+        tok, [e["text"] for e in train_ex], [index[e["label"]] for e in train_ex], seq_len
+    )
+    val_rows, val_cut = heads.encode_texts(
+        tok, [e["text"] for e in val_ex], [index[e["label"]] for e in val_ex], seq_len
+    )
+    stats = {"examples": len(train_ex), "truncated": cut, "val_examples": len(val_ex),
+             "val_truncated": val_cut, "classes": len(labels)}  # fmt: skip
+    return Prepared(train_rows, val_rows, val_ex, labels, stats)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[nn.Module, nn.Module]:
+    """(trainable model, its language model): base loaded, adapters/freezing/head applied."""
+    from lmforge.model.convert import load_pretrained
+
+    lm = load_pretrained(cfg.model).train()
+    if cfg.train.seq_len > lm.config.block_size:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
+            f"{lm.config.block_size}; lower train.seq_len"
+        )
+    torch.manual_seed(cfg.train.seed)  # adapters and heads start the same on resume
+    if cfg.method == "lora":
+        inject(lm, cfg.lora)
+    model: nn.Module = lm if cfg.task == "sft" else heads.SequenceClassifier(lm, n_classes)
+    if cfg.method == "full":
+        apply_freeze(model, cfg.freeze, lm.config.n_layer)
+    return model, lm
+
+
+def loss_for(cfg: FinetuneConfig):
+    """The loss_fn handed to the loop."""
+    if cfg.task == "sft":
+        return lm_loss
+    if cfg.task == "classify":
+        return heads.classify_loss
+    return heads.make_multitask_loss(cfg.multitask.w_lm, cfg.multitask.w_cls)
+
+
+def _eval_fn(cfg: FinetuneConfig, rows: dict[str, np.ndarray]):
+    loss_fn = loss_for(cfg)
+    bs = cfg.train.micro_batch_size
+    n_batches = max(1, min(cfg.train.eval_steps, -(-len(rows["input_ids"]) // bs)))
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        losses = []
+        for b in range(n_batches):
+            batch = {
+                k: torch.from_numpy(v[b * bs : (b + 1) * bs]).to(device) for k, v in rows.items()
+            }
+            losses.append(float(loss_fn(model, batch)[0]))
+        return {"val_loss": float(np.mean(losses))}
+
+    return evaluate
+
+
+def fit(cfg: FinetuneConfig, ctx: Any, data: Prepared) -> tuple[nn.Module, nn.Module, Any]:
+    """Builds the model and trains it with the one loop; returns (model, lm, TrainResult)."""
+    model, lm = build_model(cfg, len(data.labels))
+    tc = cfg.train
+    lr_groups = param_groups(model, cfg.freeze, tc.lr, tc.weight_decay, lm.config.n_layer)
+    if not lr_groups:
+        raise ConfigError("nothing left to train: every parameter is frozen; relax freeze.*")
+    loader = RowBatches(data.train_rows, tc.micro_batch_size, seed=tc.seed)
+    result = train(
+        model, loss_for(cfg), loader, tc, ctx,
+        eval_fn=_eval_fn(cfg, data.val_rows), param_groups=lr_groups,
+    )  # fmt: skip
+    return result.model, lm, result
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
+    """Prepares data, trains, evaluates and writes final/ (+ adapter/); returns headlines."""
+    require_artifact(cfg.model, ["config.json"], hint=MODEL_HINT)
+    tok = ChatTokenizer.from_dir(cfg.model)
+    train_ex, val_ex = load_splits(cfg)
+    labels = sorted({e["label"] for e in train_ex + val_ex}) if cfg.task != "sft" else []
+    headline: dict[str, Any] = {}
+    if cfg.kfold.k > 1:
+        if cfg.task == "sft":
+            raise ConfigError("kfold.k > 1 needs labeled data (--task classify or multitask)")
+        headline.update(cross_validate(cfg, ctx, tok, train_ex + val_ex, labels))
+    _forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+    data = prepare(cfg, tok, train_ex, val_ex, labels)
+    ctx.log.info("finetune %s/%s: %s", cfg.task, cfg.method, data.stats)
+    model, lm, result = fit(cfg, ctx, data)
+    trainable, total = trainable_fraction(model)
+    headline.update(
+        train_loss=_round(result.train_loss), val_loss=_round(result.val_loss), steps=result.step,
+        trainable_params=trainable, total_params=total,
+        trainable_fraction=round(trainable / total, 5), resumed_from_step=result.resumed_from,
+        **{f"data_{k}": v for k, v in data.stats.items() if k in ("examples", "rows", "truncated", "dropped")},
+    )  # fmt: skip
+    if cfg.task == "sft":
+        headline.update(_sft_eval(cfg, tok, model, data))
+    else:
+        preds = heads.predict(model, data.val_rows)
+        headline.update(
+            heads.classification_metrics(data.val_rows["class_labels"], preds, len(labels))
+        )
+    _write_outputs(cfg, ctx, model, lm, labels)
+    return headline
+
+
+def _sft_eval(cfg: FinetuneConfig, tok: ChatTokenizer, model: nn.Module, data: Prepared) -> dict:
+    """ROUGE-L of greedy answers on val examples, for the tuned and (optionally) base model."""
+    from lmforge.model.convert import load_pretrained
+
+    n = cfg.eval.rouge_examples
+    if n == 0:
+        return {}
+    examples = data.val_examples[:n]
+    score, _ = rouge_eval(model, tok, examples, cfg.eval.max_new_tokens)
+    out = {"rouge_l": round(score, 4), "rouge_examples": len(examples)}
+    if cfg.eval.compare_base:
+        base = load_pretrained(cfg.model, device=next(model.parameters()).device)
+        out["base_rouge_l"] = round(rouge_eval(base, tok, examples, cfg.eval.max_new_tokens)[0], 4)
+    return out
+
+
+def _write_outputs(
+    cfg: FinetuneConfig, ctx: StageContext, model: nn.Module, lm: nn.Module, labels: list[str]
+) -> None:
+    """adapter/ (LoRA), final/ (merged model, tokenizer, head), loss.png."""
+    from lmforge.model.convert import save_pretrained
+
+    if cfg.method == "lora":
+        with ctx.atomic_path(ctx.out / "adapter") as tmp:
+            save_peft_adapter(lm, tmp, base_model=str(Path(cfg.model).resolve()))
+        merge(lm)
+    config_json = json.loads((Path(cfg.model) / "config.json").read_text(encoding="utf-8"))
+    special = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if config_json.get(k) is not None}  # fmt: skip
+    with ctx.atomic_path(ctx.out / "final") as tmp:
+        save_pretrained(lm, tmp, extra_config=special)
+        for name in TOKENIZER_FILES:
+            if (Path(cfg.model) / name).is_file():
+                shutil.copy2(Path(cfg.model) / name, tmp / name)
+        if cfg.task != "sft":
+            from safetensors.torch import save_file
+
+            head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+            save_file(head, str(tmp / "head.safetensors"))
+            (tmp / "labels.json").write_text(json.dumps(labels) + "\n", encoding="utf-8")
+    ctx.metrics.close()
+    rows = read_metrics(ctx.out / "metrics.jsonl")
+    plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")
+
+
+def cross_validate(
+    cfg: FinetuneConfig, ctx: StageContext, tok: ChatTokenizer, examples: list, labels: list[str]
+) -> dict[str, float]:
+    """Trains one model per held-out fold (in folds/fold_i/); mean and std of val metrics."""
+    folds = assign_folds(examples, cfg.kfold.k, cfg.kfold.seed)
+    per_fold = []
+    for f in range(cfg.kfold.k):
+        held = [e for e, g in zip(examples, folds, strict=True) if g == f]
+        rest = [e for e, g in zip(examples, folds, strict=True) if g != f]
+        fold_dir = ctx.out / "folds" / f"fold_{f}"
+        shutil.rmtree(fold_dir, ignore_errors=True)
+        fold_ctx = StageContext(
+            out=fold_dir, stage=f"{ctx.stage}/fold_{f}", log=ctx.log,
+            metrics=MetricsWriter(fold_dir / "metrics.jsonl"),
+        )  # fmt: skip
+        data = prepare(cfg, tok, rest, held, labels)
+        fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"ckpt_every": 0})})
+        model, _, result = fit(fold_cfg, fold_ctx, data)
+        fold_ctx.metrics.close()
+        preds = heads.predict(model, data.val_rows)
+        metrics = heads.classification_metrics(data.val_rows["class_labels"], preds, len(labels))
+        per_fold.append({"val_loss": result.val_loss, **metrics})
+        ctx.metrics.log(fold=f, **per_fold[-1])
+    ctx.atomic_write_json(ctx.out / "folds" / "folds.json", per_fold)
+    return summarize(per_fold)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 5)
