@@ -170,6 +170,26 @@ def eval_cmd(
     run_stage_command("eval", values, config, sets, force)
 
 
+@app.command("finetune")
+def finetune_cmd(
+    model: Annotated[Path, typer.Option(help="Model directory (HF layout + tokenizer files).")],
+    data: Annotated[Path, typer.Option(help="Data: .jsonl/.parquet file, directory or HF dataset.")],
+    out: Annotated[Path, typer.Option(help="Stage directory: final/, adapter/, metrics.")],
+    method: Annotated[str | None, typer.Option(help="full | lora")] = None,
+    task: Annotated[str | None, typer.Option(help="sft | classify | multitask")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Fine-tune a model: chat SFT or classification, full or LoRA (resumes a killed run).
+
+    Example: lmforge finetune --model runs/x/pretrain/final --data runs/x/tasks/explain_train.jsonl --out runs/x/sft --method lora --set train.max_steps=200
+    """
+    values: dict[str, Any] = {"model": model, "data": data, "out": out}
+    values.update({k: v for k, v in (("method", method), ("task", task)) if v is not None})
+    run_stage_command("finetune", values, config, sets, force)
+
+
 @app.command("config")
 def config_cmd(
     kind: Annotated[str, typer.Argument(help="A stage kind, e.g. pretrain.")],

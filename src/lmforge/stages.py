@@ -18,6 +18,7 @@ from lmforge.errors import ConfigError
 STAGES: dict[str, str] = {
     "pretrain": "lmforge.train.pretrain:PretrainConfig:build",
     "eval": "lmforge.evals.stage:EvalConfig:build",
+    "finetune": "lmforge.finetune.stage:FinetuneConfig:build",
 }
 
 
