@@ -49,17 +49,32 @@ class StageInfo:
     kind: str
     path: Path
     manifest: dict[str, Any]
+    assets: Path | None = None  # where section builders write the plots they derive
+
+    def asset(self, name: str) -> Path:
+        """A path for a derived plot: <run>/report_files/<stage>_<name>."""
+        root = self.assets or self.path / "report_files"
+        root.mkdir(parents=True, exist_ok=True)
+        return root / f"{self.name}_{name}"
 
 
 # kind -> builder(stage) -> blocks placed before the generic metrics/plots of that stage.
 SECTIONS: dict[str, Callable[[StageInfo], list[Block]]] = {}
+# kind -> names of the stage's own PNGs its section already shows better (not repeated).
+REPLACES: dict[str, tuple[str, ...]] = {}
 
 
-def register_section(kind: str) -> Callable:
-    """Decorator registering a section builder for a stage kind."""
+def register_section(kind: str, replaces: tuple[str, ...] = ()) -> Callable:
+    """Decorator registering a section builder for a stage kind.
+
+    Args:
+        replaces: PNG file names in the stage directory that the section supersedes (e.g. a
+            loss.png the section redraws with validation loss and throughput).
+    """
 
     def wrap(fn: Callable[[StageInfo], list[Block]]) -> Callable[[StageInfo], list[Block]]:
         SECTIONS[kind] = fn
+        REPLACES[kind] = replaces
         return fn
 
     return wrap
@@ -92,14 +107,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _generic_blocks(stage: StageInfo) -> list[Block]:
+def _generic_blocks(stage: StageInfo, shown: set[Path]) -> list[Block]:
     metrics = stage.manifest.get("metrics", {})
     blocks = []
     if metrics:
-        rows = [["metric", "value"]] + [[k, _fmt(v)] for k, v in metrics.items()]
+        rows = [["headline metric", "value"]] + [[k, _fmt(v)] for k, v in metrics.items()]
         blocks.append(Block(table=rows))
+    skip = set(REPLACES.get(stage.kind, ()))
     for png in sorted(stage.path.glob("*.png")):
-        blocks.append(Block(image=png, caption=png.stem.replace("_", " ")))
+        if png.name not in skip and png.resolve() not in shown:
+            blocks.append(Block(image=png, caption=png.stem.replace("_", " ")))
     return blocks
 
 
@@ -115,7 +132,8 @@ def build_sections(stages: list[StageInfo]) -> list[Section]:
     sections = [Section("Stages and time", [Block(table=overview)])]
     for s in stages:
         extra = SECTIONS.get(s.kind, lambda _: [])(s)
-        sections.append(Section(f"{s.name} ({s.kind})", extra + _generic_blocks(s)))
+        shown = {b.image.resolve() for b in extra if b.image is not None}
+        sections.append(Section(f"{s.name} ({s.kind})", extra + _generic_blocks(s, shown)))
     return sections
 
 
@@ -151,6 +169,7 @@ h1{border-bottom:2px solid #333}h2{margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f2f2f2}img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:.9em}
+td{white-space:pre-wrap;word-break:break-word;max-width:40em}p.note{color:#555}
 """
 
 
@@ -206,6 +225,8 @@ def write_report(run_dir: Path) -> Path:
         )
     _load_section_builders()
     stages = discover_stages(run_dir)
+    for stage in stages:
+        stage.assets = run_dir / "report_files"
     if not stages:
         raise InputError(
             f"{run_dir} has no completed stage (no */{MANIFEST}); run a stage or recipe first"
@@ -226,7 +247,7 @@ def _load_section_builders() -> None:
     """Imports the modules that register stage-specific sections (they may be absent)."""
     import importlib
 
-    for module in ("lmforge.evals.report_sections",):
+    for module in ("lmforge.evals.report_sections", "lmforge.evals.report_eval"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -1,0 +1,140 @@
+"""The eval stage's part of the run report: which model is better at what, and how they fail.
+
+Reads eval.json, generations.jsonl and errors.jsonl of an eval stage directory and shows, in
+order: the headline comparison (one row per model, one column per task), each task's full
+metrics, the comparison and confusion plots, a dozen generation samples (the best and the worst
+by ROUGE-L) and the worst errors of the other tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.evals.report import Block, StageInfo, register_section
+from lmforge.evals.report_sections import clip, fmt_num, read_rows
+
+N_SAMPLES = 12  # generation samples shown: half the best, half the worst
+ERRORS_SHOWN = 3  # worst errors shown per model and task
+HIDDEN = {"n", "tokens", "bytes", "documents"}  # counts, shown once in the task line
+
+
+def _metric_names(per_model: list[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for metrics in per_model:
+        for key, value in metrics.items():
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if is_number and key not in HIDDEN and key not in names:
+                names.append(key)
+    return names
+
+
+def headline_table(report: dict[str, Any]) -> list[list[Any]]:
+    """Models x tasks, each cell the task's headline metric (baseline beside perplexity)."""
+    header = ["model"]
+    for task in report["tasks"]:
+        arrow = "↑" if task["higher_is_better"] else "↓"
+        header.append(f"{task['name']}: {task['main_metric']} {arrow}")
+    rows = [header]
+    for model in report["models"]:
+        row = [model["name"]]
+        for task in report["tasks"]:
+            metrics = report["results"][model["name"]][task["name"]]
+            cell = fmt_num(metrics.get(task["main_metric"]))
+            if "unigram_bits_per_byte" in metrics:
+                cell += f" (unigram {fmt_num(metrics['unigram_bits_per_byte'])})"
+            row.append(cell)
+        rows.append(row)
+    return rows
+
+
+def task_blocks(report: dict[str, Any], task: dict[str, Any]) -> list[Block]:
+    models = [m["name"] for m in report["models"]]
+    per_model = [report["results"][m][task["name"]] for m in models]
+    names = _metric_names(per_model)
+    table = [["model", *names]] + [
+        [m, *(fmt_num(r.get(k, "")) for k in names)] for m, r in zip(models, per_model, strict=True)
+    ]
+    count = next((per_model[0][k] for k in ("n", "documents") if k in per_model[0]), None)
+    text = f"{task['name']} ({task['type']}"
+    text += f", {fmt_num(count)} examples)" if count is not None else ")"
+    first = per_model[0]
+    if "bleu_signature" in first:
+        text += f"; BLEU signature {first['bleu_signature']}"
+    if isinstance(first.get("generation"), dict):
+        text += "; generation " + json.dumps(first["generation"])
+    return [Block(text=text, table=table)]
+
+
+def generation_samples(rows: list[dict[str, Any]], n: int = N_SAMPLES) -> list[dict[str, Any]]:
+    """The n/2 best and n/2 worst generations by ROUGE-L (all of them when there are fewer)."""
+    ranked = sorted(rows, key=lambda r: -float(r.get("rougeL", 0.0)))
+    if len(ranked) <= n:
+        return ranked
+    return ranked[: n // 2] + ranked[-(n - n // 2) :]
+
+
+def _samples_block(stage_dir: Path) -> list[Block]:
+    picked = generation_samples(read_rows(stage_dir / "generations.jsonl"))
+    if not picked:
+        return []
+    table = [["model", "task", "ROUGE-L", "prompt", "reference", "output"]]
+    table += [
+        [r["model"], r["task"], f"{r['rougeL']:.3f}", clip(r["prompt"], 200),
+         clip(r["reference"], 200), clip(r["output"], 200)]
+        for r in picked
+    ]  # fmt: skip
+    return [Block(text="Generation samples, best first and worst last (by ROUGE-L):", table=table)]
+
+
+def _errors_block(stage_dir: Path) -> list[Block]:
+    rows = [
+        r
+        for r in read_rows(stage_dir / "errors.jsonl")
+        if r.get("type") != "generation" and r.get("rank", 1) <= ERRORS_SHOWN
+    ]
+    if not rows:
+        return []
+    table = [["model", "task", "why", "score", "input", "expected", "got"]]
+    for r in rows:
+        if r["type"] == "multiple_choice":
+            expected, got = r["choices"][r["gold"]], r["choices"][r["predicted"]]
+        else:
+            expected, got = r.get("label", ""), r.get("predicted", "")
+        text = r.get("text", r.get("prompt", ""))
+        table.append(
+            [
+                r["model"],
+                r["task"],
+                r["reason"],
+                fmt_num(r["score"]),
+                clip(text, 200),
+                expected,
+                got,
+            ]
+        )
+    return [Block(text="The worst errors (all of them are in errors.jsonl):", table=table)]
+
+
+@register_section("eval")
+def eval_section(stage: StageInfo) -> list[Block]:
+    path = stage.path / "eval.json"
+    if not path.exists():
+        return [Block(text="No eval.json in this eval directory.")]
+    report = json.loads(path.read_text(encoding="utf-8"))
+    models = ", ".join(f"{m['name']} ({fmt_num(m['params'])} params)" for m in report["models"])
+    blocks = [
+        Block(
+            text=f"{len(report['models'])} model(s) on {len(report['tasks'])} task(s): {models}."
+        ),
+        Block(table=headline_table(report)),
+    ]
+    plots = stage.path / "plots"
+    if (plots / "comparison.png").exists():
+        blocks.append(Block(image=plots / "comparison.png", caption="headline metric per task"))
+    for task in report["tasks"]:
+        blocks += task_blocks(report, task)
+    for png in sorted(plots.glob("confusion_*.png")):
+        blocks.append(Block(image=png, caption=png.stem.replace("_", " ")))
+    return blocks + _samples_block(stage.path) + _errors_block(stage.path)

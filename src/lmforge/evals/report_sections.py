@@ -1,0 +1,284 @@
+"""Stage-specific parts of the run report, one builder per stage kind (see report.SECTIONS).
+
+Each builder reads only what its stage left on disk and tells that stage's part of the story in
+a sentence, a table and a plot:
+
+- data: the funnel (documents and characters in/out of each step) as a table and a bar plot,
+  why documents were dropped, and samples of what was removed (stats.json, samples/);
+- tokenizer: vocabulary and compression stats, the longest tokens (stats.json);
+- tokens: how many tokens each split holds (meta.json);
+- pretrain / finetune: train and val loss and throughput from metrics.jsonl, final numbers;
+- eval: the model-by-task comparison, per-task tables, confusion matrices, a dozen generation
+  samples (best and worst) and the worst errors (eval.json, generations.jsonl, errors.jsonl).
+
+Builders are tolerant: a missing or differently shaped file yields a short note, never a crash,
+because a report of a half-finished run is still worth reading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.common.io import read_jsonl
+from lmforge.evals.report import Block, StageInfo, register_section
+
+SAMPLE_CHARS = 300  # characters of each sample shown in tables
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for row in read_jsonl(path):
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def clip(text: Any, n: int = SAMPLE_CHARS) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def fmt_num(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+def _pick(row: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first of several accepted spellings of a field (documents_in / docs_in ...)."""
+    for key in keys:
+        if key in row:
+            return row[key]
+    return default
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scalars_table(data: dict[str, Any], header: tuple[str, str] = ("stat", "value")) -> list:
+    rows: list[list[Any]] = [list(header)]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows += [
+                [f"{key}.{k}", fmt_num(v)]
+                for k, v in value.items()
+                if not isinstance(v, (dict, list))
+            ]
+        elif not isinstance(value, list):
+            rows.append([key, fmt_num(value)])
+    return rows
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def funnel_steps(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Normalised funnel rows: name, docs_in, docs_out, chars_in, chars_out, reasons."""
+    steps = _pick(stats, "steps", "funnel", default=[])
+    if isinstance(steps, dict):  # {"clean": {...}, "dedup": {...}}
+        steps = [{"name": k, **v} for k, v in steps.items()]
+    out = []
+    for step in steps:
+        out.append(
+            {
+                "name": _pick(step, "name", "step", default="?"),
+                "docs_in": _pick(step, "documents_in", "docs_in", default=0),
+                "docs_out": _pick(step, "documents_out", "docs_out", default=0),
+                "chars_in": _pick(step, "characters_in", "chars_in", default=0),
+                "chars_out": _pick(step, "characters_out", "chars_out", default=0),
+                "reasons": _pick(step, "reasons", "drop_reasons", "dropped", default={}) or {},
+            }
+        )
+    return out
+
+
+def _plot_funnel(steps: list[dict[str, Any]], path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    names = [s["name"] for s in steps]
+    for ax, key, label in ((axes[0], "docs", "documents"), (axes[1], "chars", "characters")):
+        values = [steps[0][f"{key}_in"]] + [s[f"{key}_out"] for s in steps] if steps else []
+        bars = ax.bar(range(len(values)), values, color="#4c72b0")
+        ax.bar_label(bars, labels=[fmt_num(v) for v in values], fontsize=7)
+        ax.set_xticks(range(len(values)), ["input", *names], rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{label} after each step", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@register_section("data")
+def data_section(stage: StageInfo) -> list[Block]:
+    stats = _json(stage.path / "stats.json")
+    if not isinstance(stats, dict):
+        return [Block(text="No stats.json in this data directory.")]
+    steps = funnel_steps(stats)
+    blocks: list[Block] = []
+    if steps:
+        first, last = steps[0], steps[-1]
+        kept = last["docs_out"] / first["docs_in"] if first["docs_in"] else 0.0
+        blocks.append(
+            Block(
+                text=f"The data pipeline read {fmt_num(first['docs_in'])} documents "
+                f"({fmt_num(first['chars_in'])} characters) and kept {fmt_num(last['docs_out'])} "
+                f"({kept:.1%}) after {len(steps)} steps."
+            )
+        )
+        table = [["step", "docs in", "docs out", "dropped", "chars in", "chars out"]]
+        table += [
+            [s["name"], fmt_num(s["docs_in"]), fmt_num(s["docs_out"]), fmt_num(s["docs_in"] - s["docs_out"]),
+             fmt_num(s["chars_in"]), fmt_num(s["chars_out"])]
+            for s in steps
+        ]  # fmt: skip
+        blocks.append(Block(table=table))
+        blocks.append(
+            Block(image=_plot_funnel(steps, stage.asset("funnel.png")), caption="data funnel")
+        )
+        reasons = [[s["name"], r, fmt_num(n)] for s in steps for r, n in s["reasons"].items()]
+        if reasons:
+            blocks.append(
+                Block(
+                    text="Why documents were dropped:",
+                    table=[["step", "reason", "documents"], *reasons],
+                )
+            )
+    splits = _pick(stats, "splits", default=None)
+    if isinstance(splits, dict):
+        blocks.append(Block(text="Splits:", table=_scalars_table(splits, ("split", "documents"))))
+    blocks += _removed_samples(stage.path)
+    return blocks
+
+
+def _removed_samples(stage_dir: Path, per_file: int = 2) -> list[Block]:
+    files = (
+        sorted((stage_dir / "samples").glob("*.jsonl*")) if (stage_dir / "samples").is_dir() else []
+    )
+    rows = [["removed by", "text"]]
+    for file in files:
+        for row in read_rows(file, per_file):
+            text = _pick(row, "text", "content", default=json.dumps(row)[:SAMPLE_CHARS])
+            rows.append([file.name.split(".")[0], clip(text)])
+    return [Block(text="Samples of removed documents:", table=rows)] if len(rows) > 1 else []
+
+
+# -- tokenizer and tokens ----------------------------------------------------------------------
+
+
+@register_section("tokenizer")
+def tokenizer_section(stage: StageInfo) -> list[Block]:
+    stats = _json(stage.path / "stats.json")
+    if not isinstance(stats, dict):
+        return [Block(text="No stats.json in this tokenizer directory.")]
+    blocks = []
+    vocab, bpt = _pick(stats, "vocab_size"), _pick(stats, "bytes_per_token")
+    if vocab is not None and bpt is not None:
+        blocks.append(
+            Block(
+                text=f"A vocabulary of {fmt_num(vocab)} tokens; on held-out text one token covers {fmt_num(bpt)} bytes."
+            )
+        )
+    blocks.append(Block(table=_scalars_table(stats)))
+    longest = _pick(stats, "longest_tokens", default=[])
+    if longest:
+        shown = [
+            [i + 1, repr(t if isinstance(t, str) else t[0] if isinstance(t, list) else t)]
+            for i, t in enumerate(longest[:15])
+        ]
+        blocks.append(Block(text="Longest tokens:", table=[["#", "token"], *shown]))
+    return blocks
+
+
+@register_section("tokens")
+def tokens_section(stage: StageInfo) -> list[Block]:
+    meta = _json(stage.path / "meta.json")
+    if not isinstance(meta, dict):
+        return [Block(text="No meta.json in this token directory.")]
+    return [
+        Block(
+            text="Token shards written for training:",
+            table=_scalars_table(meta, ("field", "value")),
+        )
+    ]
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def _plot_training(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    plt = _plt()
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and "step" in r]
+    speed = [(r["step"], r["tokens_per_s"]) for r in rows if "tokens_per_s" in r and "step" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2, 1]})
+    if train:
+        axes[0].plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if val:
+        axes[0].plot(*zip(*val, strict=True), label="val", marker="o", linewidth=1.5)
+    axes[0].set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    if speed:
+        axes[1].plot(*zip(*speed, strict=True), color="#55a868", linewidth=1)
+    axes[1].set(xlabel="step", ylabel="tokens/s", title="throughput")
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def training_section(stage: StageInfo) -> list[Block]:
+    rows = read_rows(stage.path / "metrics.jsonl")
+    if not rows:
+        return [Block(text="No metrics.jsonl in this training directory.")]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    speeds = [r["tokens_per_s"] for r in rows if isinstance(r.get("tokens_per_s"), (int, float))]
+    seen = max((r.get("tokens_seen", 0) for r in rows), default=0)
+    summary = [["", "value"], ["steps", fmt_num(max((r.get("step", 0) for r in rows), default=0))]]
+    summary.append(["tokens seen", fmt_num(seen)])
+    if train:
+        summary.append(
+            ["first / last train loss", f"{train[0]['loss']:.4f} / {train[-1]['loss']:.4f}"]
+        )
+    if val:
+        best = min(r["val_loss"] for r in val)
+        summary.append(["last / best val loss", f"{val[-1]['val_loss']:.4f} / {best:.4f}"])
+    if speeds:
+        summary.append(["mean tokens/s", fmt_num(sum(speeds) / len(speeds))])
+    text = f"Trained for {summary[1][1]} steps on {fmt_num(seen)} tokens"
+    if train:
+        text += f"; train loss went from {train[0]['loss']:.3f} to {train[-1]['loss']:.3f}"
+    if val:
+        text += f", validation loss ended at {val[-1]['val_loss']:.3f}"
+    plot = _plot_training(rows, stage.asset("loss.png"), f"{stage.name}: loss")
+    return [
+        Block(text=text + "."),
+        Block(table=summary),
+        Block(image=plot, caption=f"{stage.name} loss and throughput"),
+    ]
+
+
+for _kind in ("pretrain", "finetune", "align"):
+    register_section(_kind, replaces=("loss.png",))(training_section)

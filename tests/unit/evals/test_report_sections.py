@@ -1,0 +1,69 @@
+"""The report tells the run's story from the artifacts each stage left behind."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lmforge.evals.report import write_report
+from lmforge.evals.report_eval import generation_samples
+from lmforge.evals.report_sections import funnel_steps
+
+from .fake_run import write_run
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    run = write_run(tmp_path_factory.mktemp("report"))
+    return run, write_report(run).read_text()
+
+
+def test_sections_in_story_order(report: tuple[Path, str]) -> None:
+    _, page = report
+    titles = re.findall(r"<h2>(.*?)</h2>", page)
+    assert titles == ["Stages and time", "data (data)", "tokenizer (tokenizer)", "tokens (tokens)",
+                      "pretrain (pretrain)", "eval (eval)"]  # fmt: skip
+    assert "<script" not in page
+
+
+def test_data_funnel_reasons_and_escaped_samples(report: tuple[Path, str]) -> None:
+    run, page = report
+    assert "read 1,000 documents (900,000 characters) and kept 795 (79.5%) after 3 steps" in page
+    assert "<td>exact_duplicate</td><td>150</td>" in page
+    assert "&lt;dup &amp; &#x27;quoted&#x27;&gt;" in page  # removed text is escaped, not markup
+    assert (run / "report_files" / "data_funnel.png").stat().st_size > 5000
+
+
+def test_tokenizer_tokens_and_training(report: tuple[Path, str]) -> None:
+    run, page = report
+    assert "A vocabulary of 300 tokens; on held-out text one token covers 2.7 bytes." in page
+    assert "&#x27;__init__&#x27;" in page and "<td>counts.train</td><td>120,000</td>" in page
+    assert "Trained for 40 steps on 20,480 tokens; train loss went from" in page
+    assert (run / "report_files" / "pretrain_loss.png").exists()
+
+
+def test_eval_tables_plots_samples_and_errors(report: tuple[Path, str]) -> None:
+    _, page = report
+    assert "2 model(s) on 3 task(s): pretrain" in page
+    assert "data: bits_per_byte ↓" in page and "(unigram " in page
+    assert "explain: rougeL ↑" in page and "BLEU signature nrefs:1|case:mixed" in page
+    assert 'alt="headline metric per task"' in page and 'alt="confusion untrained kinds"' in page
+    assert "Generation samples, best first and worst last" in page
+    assert "The worst errors" in page and "wrong class" in page
+    assert page.count("data:image/png;base64,") == 5  # funnel, loss, comparison, 2 confusions
+
+
+def test_funnel_accepts_step_mapping_and_short_names() -> None:
+    steps = funnel_steps({"funnel": {"clean": {"docs_in": 5, "docs_out": 4, "chars_in": 50,
+                                                "chars_out": 40, "dropped": {"empty": 1}}}})  # fmt: skip
+    assert steps == [{"name": "clean", "docs_in": 5, "docs_out": 4, "chars_in": 50,
+                      "chars_out": 40, "reasons": {"empty": 1}}]  # fmt: skip
+
+
+def test_generation_samples_best_and_worst() -> None:
+    rows = [{"rougeL": i / 20} for i in range(20)]
+    picked = [r["rougeL"] for r in generation_samples(rows, n=4)]
+    assert picked == [0.95, 0.9, 0.05, 0.0]
+    assert len(generation_samples(rows[:5], n=12)) == 5
