@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "pretrain": "lmforge.train.pretrain:PretrainConfig:build",
     "eval": "lmforge.evals.stage:EvalConfig:build",
     "finetune": "lmforge.finetune.stage:FinetuneConfig:build",
+    "tasks": "lmforge.finetune.builtin_tasks:TasksConfig:build",
 }
 
 
