@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from unit.evals.helpers import CORPUS, make_model_dir, train_briefly, write_split
+from unit.evals.helpers import CORPUS, make_model_dir, trained_model_dir, write_split
 
 MC = [
     {"query": "def add(a, b):\n    return", "choices": ["a + b", "the lazy dog"], "gold": 0},
@@ -27,7 +27,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     make_model_dir(root / "base" / "final")
     (root / "base" / "final").rename(root / "base_model")
-    tuned = train_briefly(make_model_dir(root / "tuned"), CORPUS)
+    tuned = trained_model_dir(root / "tuned")
     data = root / "data"
     write_split(data, "train", CORPUS)
     write_split(data, "val", CORPUS[:4])

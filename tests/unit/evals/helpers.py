@@ -97,3 +97,18 @@ def write_split(directory: Path, split: str, texts: list[str]) -> Path:
     path = directory / f"{split}.jsonl.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(rows))
     return path
+
+
+_TRAINED: dict[int, Path] = {}
+
+
+def trained_model_dir(dest: Path, steps: int = 60) -> Path:
+    """A copy of a model fitted to CORPUS; trained once per test process, then copied (fast)."""
+    import shutil
+    import tempfile
+
+    if steps not in _TRAINED:
+        src = Path(tempfile.mkdtemp(prefix="lmforge-trained-")) / "model"
+        _TRAINED[steps] = train_briefly(make_model_dir(src), CORPUS, steps=steps)
+    shutil.copytree(_TRAINED[steps], dest)
+    return dest
