@@ -203,6 +203,21 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return unwrap(model).state_dict(), optim_sd
 
 
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model state dict on CPU (a collective under FSDP2: call it on every rank)."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts)
+    return unwrap(model).state_dict()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for an FSDP2-sharded model (its parameters are DTensor shards)."""
+    return _is_fsdp(model)
+
+
 def load_full_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict
 ) -> None:

@@ -25,6 +25,7 @@ from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import (
     Runtime,
+    full_model_state,
     mean_across_ranks,
     no_sync,
     prepare_model,
@@ -60,6 +61,7 @@ class TrainResult:
     """What a caller needs after training: the trained model and the headline numbers."""
 
     model: nn.Module
+    state_dict: dict[str, torch.Tensor]
     step: int
     tokens_seen: int
     train_loss: float | None
@@ -197,6 +199,7 @@ def train(
     run_elapsed = max(time.perf_counter() - run_t0, 1e-9)
     return TrainResult(
         model=unwrap_model(model),
+        state_dict=full_model_state(model),  # a collective under FSDP: complete on rank 0
         step=state.step,
         tokens_seen=state.tokens_seen,
         train_loss=last_loss,

@@ -25,7 +25,7 @@ from lmforge.common.logging import read_metrics
 from lmforge.config import Section, StageConfig, config_hash
 from lmforge.errors import ConfigError, InputError
 from lmforge.train.config import TrainConfig
-from lmforge.train.distributed import barrier, setup_runtime
+from lmforge.train.distributed import barrier, is_sharded, setup_runtime
 from lmforge.train.loader import IGNORE_INDEX, TokenWindows, open_tokens
 from lmforge.train.loop import TrainResult, train
 from lmforge.train.observe import plot_losses, write_tensorboard
@@ -182,8 +182,14 @@ def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) 
     """final/ (model + tokenizer, renamed into place complete), loss.png, TensorBoard events."""
     from lmforge.model.convert import save_pretrained
 
+    model = result.model
+    if is_sharded(model):  # FSDP2: rebuild an unsharded copy from the gathered state
+        from lmforge.model.transformer import Transformer
+
+        model = Transformer(model.config)
+        model.load_state_dict(result.state_dict)
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(result.model, tmp, extra_config=_special_token_ids(cfg.tokenizer))
+        save_pretrained(model, tmp, extra_config=_special_token_ids(cfg.tokenizer))
         for name in TOKENIZER_FILES:
             if (Path(cfg.tokenizer) / name).is_file():
                 shutil.copy2(Path(cfg.tokenizer) / name, tmp / name)
