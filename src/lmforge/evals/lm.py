@@ -22,6 +22,7 @@ from lmforge.artifacts import require_artifact
 from lmforge.config import Section
 from lmforge.errors import InputError
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "</s>")  # end-of-turn markers of common templates
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
 
@@ -77,6 +78,8 @@ class EvalModel:
         self.bos_id, self.eos_id = _special_ids(self.path, hf, tokenizer)
         self.block_size: int = model.config.block_size
         self.device = next(model.parameters()).device
+        self.chat_template = _chat_template(self.path)
+        self._head: tuple[torch.nn.Linear, list[str]] | bool | None = False  # False: not loaded
 
     @classmethod
     def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
@@ -111,6 +114,47 @@ class EvalModel:
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def stop_ids(self) -> list[int]:
+        """Tokens that end a turn: EOS and the usual end-of-turn markers present in the vocab."""
+        ids = {self.eos_id} | {self.tokenizer.token_to_id(t) for t in END_OF_TURN}
+        return sorted(i for i in ids if i is not None)
+
+    def render_chat(self, user_text: str) -> str:
+        """user_text as one user turn plus the assistant prompt, with the model's chat template."""
+        if self.chat_template is None:
+            raise InputError(f"{self.path} has no chat template (chat_template.jinja)")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        specials = {
+            "bos_token": self.tokenizer.id_to_token(self.bos_id) if self.bos_id is not None else "",
+            "eos_token": self.tokenizer.id_to_token(self.eos_id) if self.eos_id is not None else "",
+        }
+        messages = [{"role": "user", "content": user_text}]
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, **specials
+        )
+
+    # -- classification head (lmforge finetune --task classify) ---------------------------------
+
+    @property
+    def head(self) -> tuple[torch.nn.Linear, list[str]] | None:
+        """(Linear head, labels) when the directory has head.safetensors + labels.json."""
+        if self._head is False:
+            self._head = _load_head(self.path, self.device)
+        return self._head or None
+
+    @torch.no_grad()
+    def classify(self, text: str) -> list[float]:
+        """Log-probabilities of each head label for text (its last token's hidden state)."""
+        if self.head is None:
+            raise InputError(f"{self.path} has no classification head (head.safetensors)")
+        linear, _ = self.head
+        ids = self.encode(text)[: self.block_size] or [self.prefix_id or 0]
+        h = self.model.hidden_states(torch.tensor([ids], dtype=torch.long, device=self.device))
+        logits = linear(h[0, -1].to(linear.weight.dtype)).float()  # (n_classes,)
+        return torch.log_softmax(logits, dim=-1).double().tolist()
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -162,11 +206,15 @@ class EvalModel:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate(self, prompt: str, settings: GenerationSettings) -> str:
-        """The model's continuation of prompt (text only, cut at the first stop string)."""
+    def generate(self, prompt: str, settings: GenerationSettings, chat: bool = False) -> str:
+        """The model's continuation of prompt (text only, cut at the first stop string).
+
+        chat=True renders prompt as a user turn with the chat template (as fine-tuning did, so
+        no prefix token is added) and stops at the end-of-turn token.
+        """
         from lmforge.model.generate import generate
 
-        ids = self.start(prompt)
+        ids = self.encode(self.render_chat(prompt)) if chat else self.start(prompt)
         if not ids:
             raise InputError("empty prompt and the tokenizer has no BOS/EOS token to start from")
         budget = min(settings.max_new_tokens, max(self.block_size - 1, 1))
@@ -180,12 +228,40 @@ class EvalModel:
             top_k=settings.top_k,
             top_p=settings.top_p,
             repetition_penalty=settings.repetition_penalty,
-            stop_tokens=[self.eos_id] if self.eos_id is not None else [],
+            stop_tokens=self.stop_ids(),
             greedy=settings.temperature == 0,
             generator=gen,
         )
         text = self.decode(out[0, len(ids) :].tolist())
         return cut_at_stop(text, settings.stop)
+
+
+def _chat_template(model_dir: Path) -> str | None:
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def _load_head(model_dir: Path, device: torch.device) -> tuple[torch.nn.Linear, list[str]] | None:
+    """The classification head the finetune stage saves beside the model, if any."""
+    if not ((model_dir / "head.safetensors").is_file() and (model_dir / "labels.json").is_file()):
+        return None
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_dir / "head.safetensors"))
+    labels = [str(x) for x in json.loads((model_dir / "labels.json").read_text(encoding="utf-8"))]
+    n_classes, n_embd = state["weight"].shape
+    if n_classes != len(labels):
+        raise InputError(
+            f"{model_dir}: head.safetensors has {n_classes} classes but labels.json {len(labels)}"
+        )
+    linear = torch.nn.Linear(n_embd, n_classes, bias="bias" in state)
+    linear.load_state_dict(state)
+    return linear.to(device).eval(), labels
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

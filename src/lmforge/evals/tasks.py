@@ -57,6 +57,14 @@ class TaskSpec(Section):
     baseline: bool = Field(True, description="perplexity: also score the unigram baseline")
     baseline_max_documents: int = Field(2000, ge=1, description="train docs for the baseline")
     generation: GenerationSettings | None = Field(None, description="overrides eval generation")
+    chat: bool | None = Field(
+        None, description="generation: prompt as a chat turn (default: if the model has a template)"
+    )
+    classifier: Literal["auto", "head", "likelihood"] = Field(
+        "auto",
+        description="classification: the model's trained head (head.safetensors) or label "
+        "likelihood; auto = the head when the model has one",
+    )
 
 
 @dataclass
@@ -93,6 +101,8 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
     else:
         raise ConfigError(f"task '{spec.name}': give 'data' (a JSONL file) or inline 'examples'")
     rows = rows[: spec.max_examples] if spec.max_examples else rows
+    if spec.type == "generation":
+        rows = [from_alpaca(r) if isinstance(r, dict) else r for r in rows]
     for i, row in enumerate(rows):
         missing = [f for f in needed if not isinstance(row, dict) or f not in row]
         if missing:
@@ -103,6 +113,14 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
     if not rows:
         raise InputError(f"{where}: no examples")
     return rows
+
+
+def from_alpaca(row: dict[str, Any]) -> dict[str, Any]:
+    """An Alpaca record ({instruction, input, output}) as a prompt/reference pair."""
+    if "prompt" in row or "instruction" not in row or "output" not in row:
+        return row
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return {**row, "prompt": prompt, "reference": row["output"]}
 
 
 def _prompt(spec: TaskSpec, row: dict[str, Any]) -> str:
@@ -151,7 +169,8 @@ def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSetting
     rows = load_examples(spec)
     prompts = [_prompt(spec, r) for r in rows]
     refs = [str(r["reference"]) for r in rows]
-    outputs = [model.generate(p, settings) for p in prompts]
+    chat = spec.chat if spec.chat is not None else model.chat_template is not None
+    outputs = [model.generate(p, settings, chat=chat).strip() for p in prompts]
     per_rouge = M.rouge_scores(outputs, refs)
     records = [
         {
@@ -168,7 +187,7 @@ def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSetting
     metrics: dict[str, Any] = {**M.bleu(outputs, refs), **M.rouge(outputs, refs)}
     metrics["exact_match"] = M.exact_match(outputs, refs)
     metrics["n"] = len(rows)
-    metrics["generation"] = settings.model_dump()
+    metrics["generation"] = {**settings.model_dump(), "chat": chat}
     return TaskResult(metrics, records)
 
 
@@ -207,17 +226,32 @@ def run_multiple_choice(model: EvalModel, spec: TaskSpec, _: GenerationSettings)
     return TaskResult(metrics, records)
 
 
+def _use_head(model: EvalModel, spec: TaskSpec) -> bool:
+    if spec.classifier == "head" and model.head is None:
+        raise InputError(
+            f"task '{spec.name}': classifier 'head' but {model.path} has no head.safetensors + "
+            "labels.json (train one with: lmforge finetune --task classify ...)"
+        )
+    return spec.classifier != "likelihood" and model.head is not None
+
+
 def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) -> TaskResult:
     rows = load_examples(spec)
-    labels = spec.labels or sorted({str(r["label"]) for r in rows})
-    unknown = sorted({str(r["label"]) for r in rows} - set(labels))
+    use_head = _use_head(model, spec)
+    seen = sorted({str(r["label"]) for r in rows})
+    labels = model.head[1] if use_head else spec.labels or seen
+    unknown = sorted(set(seen) - set(labels))
     if unknown:
         raise InputError(
-            f"task '{spec.name}': labels {unknown} are not in the task's labels {labels}"
+            f"task '{spec.name}': labels {unknown} are not in the "
+            f"{'model head' if use_head else 'task'}'s labels {labels}"
         )
     records, y_true, y_pred = [], [], []
     for i, row in enumerate(rows):
-        lls = choice_loglikelihoods(model, _prompt(spec, row), labels, spec.target_delimiter)
+        if use_head:
+            lls = model.classify(str(row["text"]))
+        else:
+            lls = choice_loglikelihoods(model, _prompt(spec, row), labels, spec.target_delimiter)
         pred, true = labels[int(np.argmax(lls))], str(row["label"])
         gold = labels.index(true)
         others = [ll for j, ll in enumerate(lls) if j != gold]
@@ -235,6 +269,7 @@ def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) 
         )
     metrics = M.classification_metrics(y_true, y_pred, labels)
     metrics["n"] = len(rows)
+    metrics["classifier"] = "head" if use_head else "likelihood"
     return TaskResult(metrics, records, (M.confusion_matrix(y_true, y_pred, labels), labels))
 
 
@@ -272,6 +307,8 @@ def infer_type(keys: set[str]) -> str:
     for name in ("multiple_choice", "generation", "classification", "perplexity"):
         if set(TASK_TYPES[name].fields) <= keys:
             return name
+    if {"instruction", "output"} <= keys:
+        return "generation"  # Alpaca records
     valid = "; ".join(f"{n}: {', '.join(t.fields)}" for n, t in TASK_TYPES.items())
     raise InputError(f"records with fields {sorted(keys)} match no task type ({valid})")
 

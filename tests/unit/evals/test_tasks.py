@@ -83,7 +83,7 @@ def test_generation_is_greedy_and_metrics_follow_outputs(model: EvalModel) -> No
         for _ in range(6):
             ids.append(int(model.model(torch.tensor([ids]))[0, -1].argmax()))
     n_prompt = 1 + len(model.encode("def add(a, b):"))
-    assert result.records[0]["output"] == model.decode(ids[n_prompt:])
+    assert result.records[0]["output"] == model.decode(ids[n_prompt:]).strip()
     from lmforge.evals.metrics import bleu
 
     outputs = [r["output"] for r in result.records]
@@ -131,3 +131,65 @@ def test_missing_fields_and_template_errors_name_the_record(model: EvalModel) ->
     )
     with pytest.raises(ConfigError, match="uses 'question'"):
         run_task(model, spec, GenerationSettings())
+
+
+def test_classification_uses_the_finetuned_head_when_present(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    head_dir = shutil.copytree(model_dir, tmp_path / "classifier")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 3)
+    save_file(
+        {k: v.contiguous() for k, v in linear.state_dict().items()}, head_dir / "head.safetensors"
+    )
+    (head_dir / "labels.json").write_text(json.dumps(["class", "const", "func"]))
+    model = EvalModel.load(head_dir)
+    rows = [{"text": "def f(): pass", "label": "func"}, {"text": "X = 1", "label": "const"}]
+    result = run_task(
+        model, TaskSpec(name="c", type="classification", examples=rows), GenerationSettings()
+    )
+    assert result.metrics["classifier"] == "head"
+    for row, rec in zip(rows, result.records, strict=True):
+        with torch.no_grad():
+            h = model.model.hidden_states(torch.tensor([model.encode(row["text"])]))[0, -1]
+            want = ["class", "const", "func"][int(linear(h).argmax())]
+        assert rec["predicted"] == want
+    spec = TaskSpec(name="c", type="classification", examples=rows, classifier="likelihood")
+    assert run_task(model, spec, GenerationSettings()).metrics["classifier"] == "likelihood"
+    bare = EvalModel.load(model_dir)
+    with pytest.raises(InputError, match=r"has no head\.safetensors"):
+        run_task(bare, spec.model_copy(update={"classifier": "head"}), GenerationSettings())
+
+
+def test_chat_models_get_the_prompt_as_a_user_turn_and_alpaca_records(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    chat_dir = shutil.copytree(model_dir, tmp_path / "chat")
+    (chat_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    model = EvalModel.load(chat_dir)
+    assert model.render_chat("hi") == "<|bos|>user: hi\nassistant:"
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text(
+        json.dumps({"instruction": "Explain", "input": "len(x)", "output": "length"}) + "\n"
+    )
+    spec = load_task(data)
+    assert spec.type == "generation"
+    result = run_task(model, spec, GenerationSettings(max_new_tokens=3))
+    assert result.records[0]["prompt"] == "Explain\n\nlen(x)"
+    assert result.metrics["generation"]["chat"] is True
+    ids = model.encode(model.render_chat("Explain\n\nlen(x)"))
+    assert ids[0] == model.bos_id  # the template's special token, not an added prefix
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(model.model(torch.tensor([ids]))[0, -1].argmax()))
+    n = len(model.encode(model.render_chat("Explain\n\nlen(x)")))
+    assert result.records[0]["output"] == model.decode(ids[n:]).strip()
