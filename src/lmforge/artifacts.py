@@ -100,7 +100,10 @@ def hash_outputs(root: Path) -> dict[str, str]:
 
 
 def content_hash(path: Path) -> str:
-    """The identity of an input: a stage directory's recorded outputs, else its bytes."""
+    """The identity of an input: a stage directory's recorded outputs, else its bytes.
+
+    A missing input hashes to "missing" so the stage itself reports it with the right hint.
+    """
     path = Path(path)
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest is not None:
@@ -109,8 +112,8 @@ def content_hash(path: Path) -> str:
         payload = json.dumps(hash_outputs(path), sort_keys=True)
     elif path.exists():
         payload = file_hash(path)
-    else:
-        raise InputError(f"input {path} does not exist; check the path or build it first")
+    else:  # the stage's own require_artifact() says what to run to build it
+        return "missing"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -16,9 +16,12 @@ from lmforge.errors import ConfigError
 
 # kind -> "module:ConfigClass:build_function"
 STAGES: dict[str, str] = {
+    "tokenizer": "lmforge.tokenizer.train:TokenizerConfig:build",
+    "tokens": "lmforge.tokenizer.encode:EncodeConfig:build",
     "pretrain": "lmforge.train.pretrain:PretrainConfig:build",
     "eval": "lmforge.evals.stage:EvalConfig:build",
     "finetune": "lmforge.finetune.stage:FinetuneConfig:build",
+    "data": "lmforge.data.stage:DataConfig:build",
     "tasks": "lmforge.finetune.builtin_tasks:TasksConfig:build",
 }
 

@@ -1,0 +1,165 @@
+"""A tokenizer directory as every stage reads it: tokenizer.json, its special tokens, chat template.
+
+The directory layout is the Hugging Face one (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json, chat_template.jinja), so `transformers.AutoTokenizer` loads what we
+write and we load what it writes. Pretraining, fine-tuning and evaluation all read tokenizers
+through `TokenizerFiles`, so special-token and chat-template handling lives in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from lmforge.errors import InputError
+
+TOKENIZER_HINT = "lmforge tokenizer train --data DIR --out DIR"
+# The files that make a directory loadable by transformers.AutoTokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+# ChatML: the template lmforge writes into the tokenizers it trains.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# End-of-turn markers of common chat templates; generation stops on whichever the vocab has.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>")
+
+
+def tokenizer_hash(tokenizer_dir: Path) -> str:
+    """The tokenizer's identity: xxh3-128 of tokenizer.json (shards record it in meta.json)."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"{tokenizer_dir} has no tokenizer.json; build one with: {TOKENIZER_HINT}")
+    return xxhash.xxh3_128(path.read_bytes()).hexdigest()
+
+
+def _token_string(value: Any) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string or {"content": ...}."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
+@lru_cache(maxsize=32)
+def compile_chat_template(template: str) -> Any:
+    """Compiles a chat template in the same sandboxed Jinja setup transformers uses."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+@dataclass
+class TokenizerFiles:
+    """tokenizer.json plus the metadata around it, loaded from a tokenizer or model directory."""
+
+    path: Path
+    tokenizer: Any  # tokenizers.Tokenizer
+    chat_template: str | None = None
+    special: dict[str, str] = field(default_factory=dict)  # bos_token/eos_token/pad_token/unk_token
+
+    @classmethod
+    def load(cls, path: Path | str) -> TokenizerFiles:
+        """Reads a directory written by lmforge or by transformers' save_pretrained."""
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise InputError(f"{path} has no tokenizer.json; build one with: {TOKENIZER_HINT}")
+        try:
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+            raise InputError(f"{path}/tokenizer.json cannot be read: {exc}") from None
+        config: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
+            if (path / name).is_file():
+                config.update(json.loads((path / name).read_text(encoding="utf-8")))
+        template = config.get("chat_template")
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        special = {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            token = _token_string(config.get(key))
+            if token is not None and tok.token_to_id(token) is not None:
+                special[key] = token
+        return cls(path, tok, template if isinstance(template, str) else None, special)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.special.get("bos_token"))
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.special.get("eos_token"))
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id: pad, else eos, else 0 (padding is always masked out of losses)."""
+        for key in ("pad_token", "eos_token"):
+            token_id = self.token_id(self.special.get(key))
+            if token_id is not None:
+                return token_id
+        return 0
+
+    def special_token_ids(self) -> dict[str, int]:
+        """{"bos_token_id": ..., "eos_token_id": ..., "pad_token_id": ...} for config.json."""
+        ids = {}
+        for key in ("bos", "eos", "pad"):
+            token_id = self.token_id(self.special.get(f"{key}_token"))
+            if token_id is not None:
+                ids[f"{key}_token_id"] = token_id
+        return ids
+
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an assistant turn: eos and the end-of-turn markers in the vocab."""
+        candidates = [self.special.get("eos_token"), *END_OF_TURN]
+        return sorted({i for t in candidates if (i := self.token_id(t)) is not None})
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text; special tokens only where the text spells them."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets), for masks built from character spans."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> str:
+        """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False)."""
+        if self.chat_template is None:
+            raise InputError(
+                f"{self.path} has no chat template (tokenizer_config.json chat_template or "
+                "chat_template.jinja); train the tokenizer with lmforge or add one"
+            )
+        return compile_chat_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self.special
+        )

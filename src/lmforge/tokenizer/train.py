@@ -1,0 +1,248 @@
+"""The `tokenizer` stage: train (or import) a tokenizer and write it in Hugging Face layout.
+
+Training uses Hugging Face `tokenizers` on the data stage's train split, streamed. Four kinds:
+byte-level BPE (the default; lossless on any unicode string), WordPiece, Unigram, and
+character-level. The output directory loads with `transformers.AutoTokenizer.from_pretrained`
+and encodes exactly as lmforge does, and carries a ChatML chat template for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lmforge.artifacts import StageContext, require_artifact, run_stage
+from lmforge.common.io import read_jsonl
+from lmforge.config import Section, StageConfig
+from lmforge.errors import InputError
+from lmforge.tokenizer.files import CHATML_TEMPLATE, TOKENIZER_FILES, TokenizerFiles
+from lmforge.tokenizer.stats import tokenizer_stats
+
+DATA_HINT = "lmforge data prepare --source stdlib-docs --out DIR"
+
+
+class SpecialTokens(Section):
+    """Special tokens added to the vocabulary (never split, never produced by merges)."""
+
+    bos: str = Field("<|endoftext|>", description="beginning-of-document token")
+    eos: str = Field(
+        "<|endoftext|>", description="end-of-document token, written between documents"
+    )
+    pad: str = Field("<|pad|>", description="padding token")
+    unk: str = Field("<|unk|>", description="unknown token (wordpiece, unigram, char)")
+    chat: list[str] = Field(
+        default_factory=lambda: ["<|im_start|>", "<|im_end|>"],
+        description="chat role markers used by the ChatML template",
+    )
+
+    def all(self) -> list[str]:
+        """Every special token once, in a stable order (their ids come first in the vocab)."""
+        return list(dict.fromkeys([self.eos, self.bos, self.pad, self.unk, *self.chat]))
+
+
+class TokenizerConfig(StageConfig):
+    """`lmforge tokenizer train --data DIR --out DIR [--kind ...] [--vocab-size N]`."""
+
+    data: Path | None = Field(
+        None, description="data stage directory (train.jsonl.zst, val.jsonl.zst)"
+    )
+    import_from: Path | None = Field(
+        None,
+        description="use an existing tokenizer.json or HF tokenizer directory instead of training",
+    )
+    kind: Literal["bpe", "wordpiece", "unigram", "char"] = Field(
+        "bpe", description="tokenizer model"
+    )
+    vocab_size: int = Field(8192, ge=32, le=1 << 20, description="target vocabulary size")
+    min_frequency: int = Field(
+        2, ge=1, description="minimum pair/word frequency to enter the vocab"
+    )
+    normalization: list[Literal["nfc", "nfkc", "lowercase", "strip_accents"]] = Field(
+        default_factory=list, description="normalizers applied before tokenization, in order"
+    )
+    split_digits: bool = Field(True, description="split numbers into single digits")
+    max_chars: int = Field(200_000_000, ge=1, description="train on at most this many characters")
+    model_max_length: int = Field(2048, ge=1, description="max length recorded for transformers")
+    special_tokens: SpecialTokens = Field(
+        default_factory=SpecialTokens, description="special tokens"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerConfig:
+        if (self.data is None) == (self.import_from is None):
+            raise ValueError("give exactly one of 'data' (to train) or 'import_from' (to import)")
+        return self
+
+    def inputs(self) -> list[Path]:
+        return [p for p in (self.data, self.import_from) if p is not None]
+
+
+def train_tokenizer(cfg: TokenizerConfig, force: bool = False) -> Path:
+    """Runs (or reuses) the tokenizer stage; returns the tokenizer directory."""
+    return run_stage("tokenizer", cfg, build, force=force).out
+
+
+def iter_texts(data_dir: Path, split: str, max_chars: int | None = None) -> Iterator[str]:
+    """Streams document texts of one split of a data stage directory."""
+    path = Path(data_dir) / f"{split}.jsonl.zst"
+    seen = 0
+    for row in read_jsonl(path):
+        text = row.get("text", "")
+        yield text
+        seen += len(text)
+        if max_chars is not None and seen >= max_chars:
+            return
+
+
+def _normalizer(names: list[str]) -> Any:
+    from tokenizers import normalizers
+
+    table = {
+        "nfc": normalizers.NFC,
+        "nfkc": normalizers.NFKC,
+        "lowercase": normalizers.Lowercase,
+        "strip_accents": lambda: normalizers.Sequence(
+            [normalizers.NFD(), normalizers.StripAccents()]
+        ),
+    }
+    return normalizers.Sequence([table[n]() for n in names]) if names else None
+
+
+def _char_vocab(texts: Iterator[str], cfg: TokenizerConfig) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text)
+    specials = cfg.special_tokens.all()
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for char, n in counts.most_common():
+        if len(vocab) >= cfg.vocab_size:
+            break
+        if n >= cfg.min_frequency and char not in vocab:
+            vocab[char] = len(vocab)
+    return vocab
+
+
+def build_tokenizer(cfg: TokenizerConfig, texts: Iterator[str]) -> Any:
+    """Trains a `tokenizers.Tokenizer` of cfg.kind on texts."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = cfg.special_tokens.all()
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if cfg.split_digits else []
+    if cfg.kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [*digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif cfg.kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=cfg.special_tokens.unk))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, pre_tokenizers.BertPreTokenizer()])
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=specials,
+            show_progress=False,
+        )
+    elif cfg.kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, pre_tokenizers.Metaspace()])
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=cfg.vocab_size,
+            special_tokens=specials,
+            unk_token=cfg.special_tokens.unk,
+            show_progress=False,
+        )
+    else:  # char: one token per character, the most frequent vocab_size of them
+        tok = Tokenizer(models.WordLevel(_char_vocab(texts, cfg), unk_token=cfg.special_tokens.unk))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        trainer = None
+    if cfg.normalization:
+        tok.normalizer = _normalizer(cfg.normalization)
+    if trainer is not None:
+        tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def tokenizer_config_json(cfg: TokenizerConfig) -> dict[str, Any]:
+    """tokenizer_config.json as transformers expects it (no post-processor specials added)."""
+    st = cfg.special_tokens
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": st.bos,
+        "eos_token": st.eos,
+        "pad_token": st.pad,
+        "unk_token": st.unk,
+        "additional_special_tokens": st.chat,
+        "model_max_length": cfg.model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHATML_TEMPLATE,
+    }
+
+
+def write_tokenizer_dir(tok: Any, cfg: TokenizerConfig, out: Path, ctx: StageContext) -> None:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json + chat_template.jinja."""
+    st = cfg.special_tokens
+    ctx.atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=False))
+    ctx.atomic_write_json(out / "tokenizer_config.json", tokenizer_config_json(cfg))
+    ctx.atomic_write_json(
+        out / "special_tokens_map.json",
+        {
+            "bos_token": st.bos,
+            "eos_token": st.eos,
+            "pad_token": st.pad,
+            "unk_token": st.unk,
+            "additional_special_tokens": st.chat,
+        },
+    )
+    ctx.atomic_write_text(out / "chat_template.jinja", CHATML_TEMPLATE)
+
+
+def import_tokenizer(source: Path, out: Path, ctx: StageContext) -> None:
+    """Copies an existing tokenizer (a tokenizer.json file or an HF tokenizer directory)."""
+    source = Path(source)
+    src_dir = source.parent if source.is_file() else source
+    if not (src_dir / "tokenizer.json").is_file():
+        raise InputError(f"{source}: no tokenizer.json to import (give the file or its directory)")
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            with ctx.atomic_path(out / name) as tmp:
+                shutil.copyfile(src_dir / name, tmp)
+
+
+def build(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, Any]:
+    """Trains or imports, then measures the tokenizer on the val split (when there is data)."""
+    out = ctx.out
+    if cfg.import_from is not None:
+        import_tokenizer(cfg.import_from, out, ctx)
+    else:
+        require_artifact(cfg.data, ["train.jsonl.zst"], hint=DATA_HINT)
+        tok = build_tokenizer(cfg, iter_texts(cfg.data, "train", cfg.max_chars))
+        if tok.get_vocab_size() < 2:
+            raise InputError(f"{cfg.data}/train.jsonl.zst has no text to train a tokenizer on")
+        write_tokenizer_dir(tok, cfg, out, ctx)
+    files = TokenizerFiles.load(out)
+    stats: dict[str, Any] = {
+        "kind": cfg.kind if cfg.import_from is None else "imported",
+        "vocab_size": files.vocab_size,
+    }
+    if cfg.data is not None and (Path(cfg.data) / "val.jsonl.zst").exists():
+        stats.update(tokenizer_stats(files, iter_texts(cfg.data, "val", 5_000_000)))
+    ctx.atomic_write_json(out / "stats.json", stats)
+    return {k: v for k, v in stats.items() if not isinstance(v, (list, dict))}
