@@ -1,69 +1,15 @@
-"""Fixtures: a tiny byte-level BPE tokenizer with a ChatML template, and micro model dirs."""
+"""Fixtures: a tiny tokenizer directory and a micro model directory, built once per session."""
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
-CORPUS = [
-    "What is the capital of France? The capital is Paris.",
-    "Return the absolute value of a number. os.path.join joins paths.",
-    "def f(x): return x + 1  # user assistant system",
-] * 20
-
-
-def make_tokenizer_dir(path: Path, vocab_size: int = 300) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    config = {
-        "chat_template": CHATML,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|pad|>",
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return path
+from .helpers import make_model_dir, make_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     return make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
-
-
-def make_model_dir(path: Path, tokenizer_dir: Path, preset: str = "micro", seed: int = 0) -> Path:
-    from tokenizers import Tokenizer
-
-    from lmforge.model.config import preset_config
-    from lmforge.model.convert import save_pretrained
-    from lmforge.model.transformer import Transformer
-
-    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
-    torch.manual_seed(seed)
-    model = Transformer(preset_config(preset, vocab_size=vocab))
-    save_pretrained(model, path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy2(f, path / f.name)
-    return path
 
 
 @pytest.fixture(scope="session")
