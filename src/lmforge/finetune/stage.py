@@ -74,7 +74,9 @@ class MultitaskWeights(Section):
 class FinetuneConfig(StageConfig):
     """`lmforge finetune --model DIR --data FILE --out DIR [--method full|lora] [--task ...]`."""
 
-    model: Path = Field(description="model directory in HF layout, with tokenizer files")
+    model: Path = Field(
+        description="model directory in HF layout with tokenizer files (or a pretrain stage dir)"
+    )
     data: Path = Field(description="training data: .jsonl/.parquet file, dir, or saved HF dataset")
     val_data: Path | None = Field(None, description="validation data (default: split from data)")
     method: Literal["full", "lora"] = Field("full", description="full | lora")
@@ -91,6 +93,13 @@ class FinetuneConfig(StageConfig):
 
     def inputs(self) -> list[Path]:
         return [p for p in (self.model, self.data, self.val_data) if p is not None]
+
+    def model_dir(self) -> Path:
+        """`model`, or its final/ when `model` is a training stage's directory."""
+        final = Path(self.model) / "final"
+        if not (Path(self.model) / "config.json").exists() and (final / "config.json").exists():
+            return final
+        return Path(self.model)
 
 
 def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
@@ -170,7 +179,7 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[nn.Module, nn.Modu
     """(trainable model, its language model): base loaded, adapters/freezing/head applied."""
     from lmforge.model.convert import load_pretrained
 
-    lm = load_pretrained(cfg.model).train()
+    lm = load_pretrained(cfg.model_dir()).train()
     if cfg.train.seq_len > lm.config.block_size:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
@@ -232,8 +241,8 @@ def fit(cfg: FinetuneConfig, ctx: Any, data: Prepared) -> tuple[nn.Module, nn.Mo
 
 def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     """Prepares data, trains, evaluates and writes final/ (+ adapter/); returns headlines."""
-    require_artifact(cfg.model, ["config.json"], hint=MODEL_HINT)
-    tok = ChatTokenizer.from_dir(cfg.model)
+    require_artifact(cfg.model_dir(), ["config.json"], hint=MODEL_HINT)
+    tok = ChatTokenizer.from_dir(cfg.model_dir())
     train_ex, val_ex = load_splits(cfg)
     labels = sorted({e["label"] for e in train_ex + val_ex}) if cfg.task != "sft" else []
     headline: dict[str, Any] = {}
@@ -274,7 +283,7 @@ def _sft_eval(cfg: FinetuneConfig, tok: ChatTokenizer, model: nn.Module, data: P
     score, _ = rouge_eval(model, tok, examples, cfg.eval.max_new_tokens)
     out = {"rouge_l": round(score, 4), "rouge_examples": len(examples)}
     if cfg.eval.compare_base:
-        base = load_pretrained(cfg.model, device=next(model.parameters()).device)
+        base = load_pretrained(cfg.model_dir(), device=next(model.parameters()).device)
         out["base_rouge_l"] = round(rouge_eval(base, tok, examples, cfg.eval.max_new_tokens)[0], 4)
     return out
 
@@ -287,16 +296,16 @@ def _write_outputs(
 
     if cfg.method == "lora":
         with ctx.atomic_path(ctx.out / "adapter") as tmp:
-            save_peft_adapter(lm, tmp, base_model=str(Path(cfg.model).resolve()))
+            save_peft_adapter(lm, tmp, base_model=str(cfg.model_dir().resolve()))
         merge(lm)
-    config_json = json.loads((Path(cfg.model) / "config.json").read_text(encoding="utf-8"))
+    config_json = json.loads((cfg.model_dir() / "config.json").read_text(encoding="utf-8"))
     special = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if config_json.get(k) is not None}  # fmt: skip
     with ctx.atomic_path(ctx.out / "final") as tmp:
         save_pretrained(lm, tmp, extra_config=special)
         for name in TOKENIZER_FILES:
-            if (Path(cfg.model) / name).is_file():
-                shutil.copy2(Path(cfg.model) / name, tmp / name)
+            if (cfg.model_dir() / name).is_file():
+                shutil.copy2(cfg.model_dir() / name, tmp / name)
         if cfg.task != "sft":
             from safetensors.torch import save_file
 

@@ -161,3 +161,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, model_dir, monkeypatch
         load_file(full / "final" / "head.safetensors")["weight"],
         load_file(resumed / "final" / "head.safetensors")["weight"],
     )
+
+
+def test_model_may_be_a_training_stage_directory(tmp_path, model_dir):
+    import shutil
+
+    shutil.copytree(model_dir, tmp_path / "pretrain" / "final")
+    cfg = _cfg(tmp_path, tmp_path / "pretrain", tmp_path / "d.jsonl")
+    assert cfg.model_dir() == tmp_path / "pretrain" / "final"
+    assert _cfg(tmp_path, model_dir, tmp_path / "d.jsonl").model_dir() == model_dir
