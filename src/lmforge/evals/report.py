@@ -31,6 +31,7 @@ class Block:
     table: list[list[Any]] | None = None  # first row is the header
     image: Path | None = None
     caption: str = ""
+    summary: bool = False  # this text also opens the report, in "The run at a glance"
 
 
 @dataclass
@@ -130,10 +131,14 @@ def build_sections(stages: list[StageInfo]) -> list[Section]:
         overview.append([s.name, s.kind, f"{seconds:.1f}", s.manifest.get("finished_at", "")])
     overview.append(["total", "", f"{total:.1f}", ""])
     sections = [Section("Stages and time", [Block(table=overview)])]
+    story = []
     for s in stages:
         extra = SECTIONS.get(s.kind, lambda _: [])(s)
+        story += [Block(text=f"{s.name}: {b.text}") for b in extra if b.summary and b.text]
         shown = {b.image.resolve() for b in extra if b.image is not None}
         sections.append(Section(f"{s.name} ({s.kind})", extra + _generic_blocks(s, shown)))
+    if story:
+        sections.insert(0, Section("The run at a glance", story))
     return sections
 
 

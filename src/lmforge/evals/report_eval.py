@@ -117,6 +117,23 @@ def _errors_block(stage_dir: Path) -> list[Block]:
     return [Block(text="The worst errors (all of them are in errors.jsonl):", table=table)]
 
 
+def story(report: dict[str, Any]) -> str:
+    """One sentence per model: its headline metric on every task."""
+    parts = []
+    for model in report["models"]:
+        cells = []
+        for task in report["tasks"]:
+            metrics = report["results"][model["name"]][task["name"]]
+            cell = (
+                f"{task['name']} {task['main_metric']} {fmt_num(metrics.get(task['main_metric']))}"
+            )
+            if "unigram_bits_per_byte" in metrics:
+                cell += f" (unigram baseline {fmt_num(metrics['unigram_bits_per_byte'])})"
+            cells.append(cell)
+        parts.append(f"{model['name']}: {', '.join(cells)}")
+    return "; ".join(parts) + "."
+
+
 @register_section("eval")
 def eval_section(stage: StageInfo) -> list[Block]:
     path = stage.path / "eval.json"
@@ -128,6 +145,7 @@ def eval_section(stage: StageInfo) -> list[Block]:
         Block(
             text=f"{len(report['models'])} model(s) on {len(report['tasks'])} task(s): {models}."
         ),
+        Block(text=story(report), summary=True),
         Block(table=headline_table(report)),
     ]
     plots = stage.path / "plots"

@@ -137,14 +137,17 @@ def data_section(stage: StageInfo) -> list[Block]:
     blocks: list[Block] = []
     if steps:
         first, last = steps[0], steps[-1]
-        kept = last["docs_out"] / first["docs_in"] if first["docs_in"] else 0.0
-        blocks.append(
-            Block(
-                text=f"The data pipeline read {fmt_num(first['docs_in'])} documents "
-                f"({fmt_num(first['chars_in'])} characters) and kept {fmt_num(last['docs_out'])} "
-                f"({kept:.1%}) after {len(steps)} steps."
-            )
+        docs_in = _pick(stats, "documents_in", default=first["docs_in"])
+        docs_out = _pick(stats, "documents_out", default=last["docs_out"])
+        kept = docs_out / docs_in if docs_in else 0.0
+        text = (
+            f"The data pipeline read {fmt_num(docs_in)} documents "
+            f"({fmt_num(first['chars_in'])} characters) and kept {fmt_num(docs_out)} "
+            f"({kept:.1%}) after {len(steps)} steps"
         )
+        rejects = _pick(stats, "rejects", default=0)
+        text += f"; {fmt_num(rejects)} unreadable records were rejected." if rejects else "."
+        blocks.append(Block(text=text, summary=True))
         table = [["step", "docs in", "docs out", "dropped", "chars in", "chars out"]]
         table += [
             [s["name"], fmt_num(s["docs_in"]), fmt_num(s["docs_out"]), fmt_num(s["docs_in"] - s["docs_out"]),
@@ -163,9 +166,10 @@ def data_section(stage: StageInfo) -> list[Block]:
                     table=[["step", "reason", "documents"], *reasons],
                 )
             )
-    splits = _pick(stats, "splits", default=None)
-    if isinstance(splits, dict):
-        blocks.append(Block(text="Splits:", table=_scalars_table(splits, ("split", "documents"))))
+    for key, header in (("splits", ("split", "documents")), ("pii", ("PII kind", "replaced"))):
+        value = _pick(stats, key, default=None)
+        if isinstance(value, dict) and value:
+            blocks.append(Block(text=f"{key.capitalize()}:", table=_scalars_table(value, header)))
     blocks += _removed_samples(stage.path)
     return blocks
 
@@ -174,11 +178,11 @@ def _removed_samples(stage_dir: Path, per_file: int = 2) -> list[Block]:
     files = (
         sorted((stage_dir / "samples").glob("*.jsonl*")) if (stage_dir / "samples").is_dir() else []
     )
-    rows = [["removed by", "text"]]
+    rows = [["step", "reason", "text"]]
     for file in files:
         for row in read_rows(file, per_file):
             text = _pick(row, "text", "content", default=json.dumps(row)[:SAMPLE_CHARS])
-            rows.append([file.name.split(".")[0], clip(text)])
+            rows.append([file.name.split(".")[0], row.get("reason", ""), clip(text)])
     return [Block(text="Samples of removed documents:", table=rows)] if len(rows) > 1 else []
 
 
@@ -195,7 +199,9 @@ def tokenizer_section(stage: StageInfo) -> list[Block]:
     if vocab is not None and bpt is not None:
         blocks.append(
             Block(
-                text=f"A vocabulary of {fmt_num(vocab)} tokens; on held-out text one token covers {fmt_num(bpt)} bytes."
+                text=f"A vocabulary of {fmt_num(vocab)} tokens; on held-out text one token covers "
+                f"{fmt_num(bpt)} bytes.",
+                summary=True,
             )
         )
     blocks.append(Block(table=_scalars_table(stats)))
@@ -214,12 +220,27 @@ def tokens_section(stage: StageInfo) -> list[Block]:
     meta = _json(stage.path / "meta.json")
     if not isinstance(meta, dict):
         return [Block(text="No meta.json in this token directory.")]
-    return [
-        Block(
-            text="Token shards written for training:",
-            table=_scalars_table(meta, ("field", "value")),
+    counts = meta.get("counts", {}) if isinstance(meta.get("counts"), dict) else {}
+    story = ", ".join(f"{fmt_num(n)} {split}" for split, n in counts.items())
+    blocks = [Block(text=f"Token shards: {story} tokens ({meta.get('dtype', '?')}).", summary=True)]
+    return [*blocks, Block(table=_scalars_table(meta, ("field", "value")))]
+
+
+@register_section("tasks")
+def tasks_section(stage: StageInfo) -> list[Block]:
+    stats = _json(stage.path / "stats.json")
+    if not isinstance(stats, dict):
+        return [Block(text="No stats.json in this tasks directory.")]
+    counts = _pick(stats, "counts", default={})
+    story = ", ".join(f"{fmt_num(n)} {name}" for name, n in counts.items())
+    blocks = [Block(text=f"Built-in task examples: {story}.", summary=True)]
+    blocks.append(Block(table=_scalars_table(counts, ("file", "examples"))))
+    labels = _pick(stats, "train_labels", default={})
+    if labels:
+        blocks.append(
+            Block(text="Training labels:", table=_scalars_table(labels, ("label", "examples")))
         )
-    ]
+    return blocks
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -274,7 +295,7 @@ def training_section(stage: StageInfo) -> list[Block]:
         text += f", validation loss ended at {val[-1]['val_loss']:.3f}"
     plot = _plot_training(rows, stage.asset("loss.png"), f"{stage.name}: loss")
     return [
-        Block(text=text + "."),
+        Block(text=text + ".", summary=True),
         Block(table=summary),
         Block(image=plot, caption=f"{stage.name} loss and throughput"),
     ]

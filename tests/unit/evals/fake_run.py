@@ -26,37 +26,44 @@ def _manifest(path: Path, kind: str, metrics: dict, seconds: float) -> None:
 
 
 def write_data(path: Path) -> None:
+    """stats.json and samples/ exactly as lmforge.data.stage writes them."""
     stats = {
-        "steps": [
-            {"name": "clean", "documents_in": 1000, "documents_out": 990, "characters_in": 900000,
-             "characters_out": 880000, "reasons": {"empty": 10}},
-            {"name": "dedup", "documents_in": 990, "documents_out": 800, "characters_in": 880000,
-             "characters_out": 700000, "reasons": {"exact_duplicate": 150, "near_duplicate": 40}},
-            {"name": "decontam", "documents_in": 800, "documents_out": 795, "characters_in": 700000,
-             "characters_out": 695000, "reasons": {"overlaps_eval": 5}},
-        ],
+        "documents_in": 1000, "rejects": 2, "documents_out": 795,
         "splits": {"train": 755, "val": 40},
+        "steps": {
+            "read": {"docs_in": 1002, "chars_in": 900000, "docs_out": 1000, "chars_out": 900000,
+                     "dropped": {"bad_utf8": 2}},
+            "clean": {"docs_in": 1000, "chars_in": 900000, "docs_out": 990, "chars_out": 880000,
+                      "dropped": {"empty": 10}},
+            "exact_dedup": {"docs_in": 990, "chars_in": 880000, "docs_out": 800,
+                            "chars_out": 700000, "dropped": {"exact_duplicate": 190}},
+            "decontam": {"docs_in": 800, "chars_in": 700000, "docs_out": 795, "chars_out": 695000,
+                         "dropped": {"overlaps_eval": 5}},
+        },
+        "pii": {"email": 3},
     }  # fmt: skip
     path.mkdir(parents=True, exist_ok=True)
     (path / "stats.json").write_text(json.dumps(stats))
     (path / "samples").mkdir(exist_ok=True)
-    (path / "samples" / "exact_duplicate.jsonl").write_text(
-        json.dumps({"text": "def add(a, b):\n    return a + b  <dup & 'quoted'>"}) + "\n"
-    )
+    sample = {"id": 7, "source": "x", "reason": "exact_duplicate",
+              "text": "def add(a, b):\n    return a + b  <dup & 'quoted'>"}  # fmt: skip
+    (path / "samples" / "exact_dedup.jsonl").write_text(json.dumps(sample) + "\n")
     write_split(path, "train", CORPUS)
     write_split(path, "val", CORPUS[:3])
-    _manifest(path, "data", {"documents": 795}, 3.2)
+    _manifest(path, "data", {"documents_out": 795}, 3.2)
 
 
 def write_tokenizer_and_tokens(tok: Path, tokens: Path) -> None:
     tok.mkdir(parents=True, exist_ok=True)
-    stats = {"vocab_size": 300, "bytes_per_token": 2.7, "tokens_per_word": 1.4,
-             "unk_rate": 0.0, "longest_tokens": ["        return", "__init__", "print"]}  # fmt: skip
+    stats = {"kind": "bpe", "vocab_size": 300, "val_bytes": 5000, "val_tokens": 1850,
+             "bytes_per_token": 2.7, "tokens_per_word": 1.4, "unk_rate": 0.0,
+             "longest_tokens": ["        return", "__init__", "print"]}  # fmt: skip
     (tok / "stats.json").write_text(json.dumps(stats))
     _manifest(tok, "tokenizer", {"vocab_size": 300}, 1.5)
     tokens.mkdir(parents=True, exist_ok=True)
-    meta = {"dtype": "uint16", "vocab_size": 300, "tokenizer_hash": "abc",
-            "counts": {"train": 120000, "val": 6000}}  # fmt: skip
+    meta = {"dtype": "uint16", "vocab_size": 300, "tokenizer_hash": "abc", "eos_id": 1,
+            "bos_id": 0, "counts": {"train": 120000, "val": 6000},
+            "documents": {"train": 755, "val": 40}}  # fmt: skip
     (tokens / "meta.json").write_text(json.dumps(meta))
     _manifest(tokens, "tokens", {"train_tokens": 120000}, 0.8)
 

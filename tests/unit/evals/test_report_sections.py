@@ -23,15 +23,29 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_sections_in_story_order(report: tuple[Path, str]) -> None:
     _, page = report
     titles = re.findall(r"<h2>(.*?)</h2>", page)
-    assert titles == ["Stages and time", "data (data)", "tokenizer (tokenizer)", "tokens (tokens)",
+    assert titles == ["The run at a glance", "Stages and time", "data (data)", "tokenizer (tokenizer)", "tokens (tokens)",
                       "pretrain (pretrain)", "eval (eval)"]  # fmt: skip
     assert "<script" not in page
+    glance = page[page.index("The run at a glance") : page.index("Stages and time")]
+    for opening in (
+        "data: The data pipeline read",
+        "tokenizer: A vocabulary of 300",
+        "tokens: Token shards: 120,000 train, 6,000 val tokens (uint16)",
+        "pretrain: Trained for 40 steps",
+        "eval: pretrain: data bits_per_byte",
+    ):
+        assert opening in glance  # fmt: skip
+    assert "(unigram baseline " in glance
 
 
 def test_data_funnel_reasons_and_escaped_samples(report: tuple[Path, str]) -> None:
     run, page = report
-    assert "read 1,000 documents (900,000 characters) and kept 795 (79.5%) after 3 steps" in page
-    assert "<td>exact_duplicate</td><td>150</td>" in page
+    assert (
+        "read 1,000 documents (900,000 characters) and kept 795 (79.5%) after 4 steps; "
+        "2 unreadable records were rejected." in page
+    )
+    assert "<td>exact_dedup</td><td>exact_duplicate</td><td>190</td>" in page
+    assert "<td>email</td><td>3</td>" in page
     assert "&lt;dup &amp; &#x27;quoted&#x27;&gt;" in page  # removed text is escaped, not markup
     assert (run / "report_files" / "data_funnel.png").stat().st_size > 5000
 
