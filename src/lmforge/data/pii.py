@@ -1,0 +1,85 @@
+"""PII anonymization: emails, phone numbers, IP addresses and card numbers become typed placeholders.
+
+Card-like digit runs are replaced only when they pass the Luhn check, so ordinary long numbers
+survive. The step never drops a document; it counts replacements per type (stats.json "pii").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lmforge.data.document import Document
+
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)")
+IPV6 = re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b")
+CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
+PHONE = re.compile(
+    r"(?<![\w.])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}\b(?![ .-]?\d)"
+)
+PLACEHOLDERS = {
+    "email": "<EMAIL>",
+    "ip": "<IP_ADDRESS>",
+    "card": "<CARD_NUMBER>",
+    "phone": "<PHONE>",
+}
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum used by payment card numbers."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _valid_ip(text: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return not (ip.is_loopback or ip.is_unspecified)  # 127.0.0.1 / 0.0.0.0 in docs are not PII
+
+
+@dataclass
+class PiiStep:
+    """Replaces PII with placeholders; `counts` accumulates replacements per type."""
+
+    email: bool = True
+    phone: bool = True
+    ip: bool = True
+    card: bool = True
+    name: str = "pii"
+    counts: Counter = field(default_factory=Counter)
+
+    def __call__(self, doc: Document) -> str | None:
+        doc.text = self.anonymize(doc.text)
+        return None
+
+    def anonymize(self, text: str) -> str:
+        # Order matters: cards and IPs before phones, whose pattern would match parts of them.
+        if self.email:
+            text = self._sub(EMAIL, "email", text)
+        if self.card:
+            text = self._sub(CARD, "card", text, lambda m: luhn_valid(re.sub(r"\D", "", m)))
+        if self.ip:
+            text = self._sub(IPV4, "ip", text, _valid_ip)
+            text = self._sub(IPV6, "ip", text, _valid_ip)
+        if self.phone:
+            text = self._sub(PHONE, "phone", text, lambda m: 7 <= sum(c.isdigit() for c in m) <= 15)
+        return text
+
+    def _sub(self, pattern: re.Pattern, kind: str, text: str, check=None) -> str:
+        def repl(match: re.Match) -> str:
+            if check is not None and not check(match.group(0)):
+                return match.group(0)
+            self.counts[kind] += 1
+            return PLACEHOLDERS[kind]
+
+        return pattern.sub(repl, text)
