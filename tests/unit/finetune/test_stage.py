@@ -77,6 +77,14 @@ def test_lora_sft_writes_merged_model_adapter_and_metrics(tmp_path, model_dir):
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all("proj" in k for k in changed)
     assert any("q_proj" in k for k in changed)
+    # PEFT puts adapter/ on the base and gets what our merged final/ gives
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    auto = transformers.AutoModelForCausalLM
+    with_adapter = peft.PeftModel.from_pretrained(auto.from_pretrained(model_dir), out / "adapter")
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = auto.from_pretrained(out / "final").eval()(ids).logits
+        assert torch.allclose(with_adapter.eval()(ids).logits, merged, atol=1e-4)
 
 
 def test_full_sft_with_frozen_layers_leaves_them_untouched(tmp_path, model_dir):
