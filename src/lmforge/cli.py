@@ -171,6 +171,59 @@ def tokenizer_encode_cmd(
     )
 
 
+data_app = typer.Typer(help="Prepare a clean, deduplicated, split corpus.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare_cmd(
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source", help="File, folder, glob, HF dataset dir or 'stdlib-docs' (repeatable)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Stage directory: splits, stats.json, samples/.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (default: all cores).")
+    ] = None,
+    executor: Annotated[str | None, typer.Option(help="local | ray")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (--executor ray).")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Read sources, clean, filter, anonymize, deduplicate, decontaminate and split them.
+
+    Example: lmforge data prepare --source stdlib-docs --out runs/x/data --set quality.preset=lenient
+    """
+    values = {
+        "source": source,
+        "out": out,
+        "workers": workers,
+        "executor": executor,
+        "address": address,
+    }
+    run_stage_command("data", values, config, sets, force)
+
+
+@data_app.command("stats")
+def data_stats_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="A data stage directory.")],
+) -> None:
+    """Print the funnel: documents and characters through each step, drop reasons, splits.
+
+    Example: lmforge data stats runs/x/data
+    """
+    from lmforge.data.stats import funnel_table, load_stats
+
+    console().print(funnel_table(load_stats(out_dir)))
+
+
 @app.command("pretrain")
 def pretrain_cmd(
     tokens: Annotated[Path, typer.Option(help="Token shard directory (lmforge tokenizer encode).")],

@@ -227,6 +227,14 @@ class DataConfig(StageConfig):
         return value
 
     def inputs(self) -> list[Path]:
-        """Local source files/folders and eval sets: their content decides the cache."""
-        paths = [Path(s.path) for s in self.source if Path(s.path).exists()]
+        """Source files and eval sets: their content decides the cache.
+
+        Also the first check of every source, so a missing path fails before the stage starts.
+        """
+        from lmforge.data.sources import check_source, source_files
+
+        paths: list[Path] = []
+        for spec in self.source:
+            check_source(spec)
+            paths += [Path(spec.path)] if Path(spec.path).is_dir() else source_files(spec)
         return paths + list(self.decontam.eval_sets)

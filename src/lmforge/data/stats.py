@@ -33,7 +33,10 @@ def funnel_table(stats: dict[str, Any], top_reasons: int = 3) -> Table:
     """One row per step: docs in/out, kept %, chars in/out, top drop reasons."""
     table = Table(title=f"data funnel (python {stats.get('python', '?')})")
     for col in ("step", "docs in", "docs out", "kept", "chars in", "chars out", "top reasons"):
-        table.add_column(col, justify="left" if col in ("step", "top reasons") else "right")
+        if col == "top reasons":
+            table.add_column(col, overflow="fold", min_width=20)
+        else:
+            table.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
     for step, row in stats["steps"].items():
         reasons = ", ".join(f"{r} {n}" for r, n in list(row["dropped"].items())[:top_reasons])
         table.add_row(

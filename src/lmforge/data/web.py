@@ -15,6 +15,8 @@ from lmforge.data.readers import DEFAULT_MAX_RECORD_BYTES, Item, open_binary
 from lmforge.errors import InputError
 
 HTML = "text/html"
+# trafilatura falls back to any text it finds (a lone "Home" link); fewer words is not content.
+MIN_CONTENT_WORDS = 5
 
 
 def extract_html(html: str) -> str | None:
@@ -29,7 +31,7 @@ def extract_html(html: str) -> str | None:
         favor_recall=True,
         fast=True,
     )
-    return text if text and text.strip() else None
+    return text if text and len(text.split()) >= MIN_CONTENT_WORDS else None
 
 
 def read_html_file(
