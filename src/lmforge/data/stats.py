@@ -36,7 +36,13 @@ def funnel_table(stats: dict[str, Any], top_reasons: int = 3) -> Table:
         if col == "top reasons":
             table.add_column(col, overflow="fold", min_width=20)
         else:
-            table.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
+            left = col == "step"
+            table.add_column(
+                col,
+                justify="left" if left else "right",
+                no_wrap=True,
+                min_width=17 if left else None,
+            )
     for step, row in stats["steps"].items():
         reasons = ", ".join(f"{r} {n}" for r, n in list(row["dropped"].items())[:top_reasons])
         table.add_row(
