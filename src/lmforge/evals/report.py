@@ -63,19 +63,24 @@ class StageInfo:
 SECTIONS: dict[str, Callable[[StageInfo], list[Block]]] = {}
 # kind -> names of the stage's own PNGs its section already shows better (not repeated).
 REPLACES: dict[str, tuple[str, ...]] = {}
+# kinds whose section already shows every headline metric (no second table of the same numbers)
+NO_HEADLINE_TABLE: set[str] = set()
 
 
-def register_section(kind: str, replaces: tuple[str, ...] = ()) -> Callable:
+def register_section(kind: str, replaces: tuple[str, ...] = (), headline: bool = True) -> Callable:
     """Decorator registering a section builder for a stage kind.
 
     Args:
         replaces: PNG file names in the stage directory that the section supersedes (e.g. a
             loss.png the section redraws with validation loss and throughput).
+        headline: False when the section's tables already hold the manifest's headline metrics.
     """
 
     def wrap(fn: Callable[[StageInfo], list[Block]]) -> Callable[[StageInfo], list[Block]]:
         SECTIONS[kind] = fn
         REPLACES[kind] = replaces
+        if not headline:
+            NO_HEADLINE_TABLE.add(kind)
         return fn
 
     return wrap
@@ -111,7 +116,7 @@ def _fmt(value: Any) -> str:
 def _generic_blocks(stage: StageInfo, shown: set[Path]) -> list[Block]:
     metrics = stage.manifest.get("metrics", {})
     blocks = []
-    if metrics:
+    if metrics and stage.kind not in NO_HEADLINE_TABLE:
         rows = [["headline metric", "value"]] + [[k, _fmt(v)] for k, v in metrics.items()]
         blocks.append(Block(table=rows))
     skip = set(REPLACES.get(stage.kind, ()))
@@ -174,7 +179,7 @@ h1{border-bottom:2px solid #333}h2{margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f2f2f2}img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:.9em}
-td{white-space:pre-wrap;word-break:break-word;max-width:40em}p.note{color:#555}
+td{white-space:pre-wrap;overflow-wrap:break-word;max-width:40em}p.note{color:#555}
 """
 
 

@@ -119,7 +119,9 @@ def _plot_funnel(steps: list[dict[str, Any]], path: Path) -> Path:
     for ax, key, label in ((axes[0], "docs", "documents"), (axes[1], "chars", "characters")):
         values = [steps[0][f"{key}_in"]] + [s[f"{key}_out"] for s in steps] if steps else []
         bars = ax.bar(range(len(values)), values, color="#4c72b0")
-        ax.bar_label(bars, labels=[fmt_num(v) for v in values], fontsize=7)
+        ax.bar_label(bars, labels=[fmt_num(v) for v in values], fontsize=6, rotation=90, padding=2)
+        ax.margins(y=0.25)  # room for the rotated labels
+        ax.ticklabel_format(axis="y", style="plain")
         ax.set_xticks(range(len(values)), ["input", *names], rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{label} after each step", fontsize=10)
     fig.tight_layout()
@@ -189,7 +191,7 @@ def _removed_samples(stage_dir: Path, per_file: int = 2) -> list[Block]:
 # -- tokenizer and tokens ----------------------------------------------------------------------
 
 
-@register_section("tokenizer")
+@register_section("tokenizer", headline=False)
 def tokenizer_section(stage: StageInfo) -> list[Block]:
     stats = _json(stage.path / "stats.json")
     if not isinstance(stats, dict):
@@ -215,7 +217,7 @@ def tokenizer_section(stage: StageInfo) -> list[Block]:
     return blocks
 
 
-@register_section("tokens")
+@register_section("tokens", headline=False)
 def tokens_section(stage: StageInfo) -> list[Block]:
     meta = _json(stage.path / "meta.json")
     if not isinstance(meta, dict):
@@ -226,7 +228,7 @@ def tokens_section(stage: StageInfo) -> list[Block]:
     return [*blocks, Block(table=_scalars_table(meta, ("field", "value")))]
 
 
-@register_section("tasks")
+@register_section("tasks", headline=False)
 def tasks_section(stage: StageInfo) -> list[Block]:
     stats = _json(stage.path / "stats.json")
     if not isinstance(stats, dict):

@@ -55,6 +55,12 @@ def test_tokenizer_tokens_and_training(report: tuple[Path, str]) -> None:
     assert "A vocabulary of 300 tokens; on held-out text one token covers 2.7 bytes." in page
     assert "&#x27;__init__&#x27;" in page and "<td>counts.train</td><td>120,000</td>" in page
     assert "Trained for 40 steps on 20,480 tokens; train loss went from" in page
+    tokenizer_part = page[
+        page.index("<h2>tokenizer (tokenizer)") : page.index("<h2>tokens (tokens)")
+    ]
+    assert "headline metric" not in tokenizer_part  # its stats table already holds them
+    pretrain_part = page[page.index("<h2>pretrain (pretrain)") : page.index("<h2>eval (eval)")]
+    assert "headline metric" in pretrain_part
     assert (run / "report_files" / "pretrain_loss.png").exists()
 
 
