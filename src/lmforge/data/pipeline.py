@@ -151,7 +151,7 @@ class Worker:
         """Runs the steps over a batch; returns kept records + keys, funnel, samples, rejects."""
         funnel, samples, rejects = Funnel(), [], []
         taken: Counter = Counter()
-        kept_idx, records, keys, sigs, overlaps = [], [], [], [], []
+        kept_idx, records, keys, overlaps = [], [], [], []
         for idx, doc in batch:
             reason = None
             for step in self.steps:
@@ -183,9 +183,12 @@ class Worker:
             kept_idx.append(idx)
             records.append(doc.to_record())
             keys.append(exact_key(doc.text))
-            if self.hasher is not None:
-                sigs.append(self.hasher.signature(doc.text))
             overlaps.append(self.decontam.overlap(doc.text) if self.decontam else 0)
+        sigs = (
+            self.hasher.signatures([r["text"] for r in records])
+            if self.hasher and records
+            else None
+        )
         pii = Counter()
         for step in self.steps:
             if isinstance(step, PiiStep):
@@ -194,7 +197,7 @@ class Worker:
             "index": kept_idx,
             "records": records,
             "keys": np.array(keys, dtype=np.uint64),
-            "sigs": np.stack(sigs) if sigs else None,
+            "sigs": sigs,
             "overlaps": overlaps,
             "funnel": funnel.to_dict(),
             "samples": samples,
