@@ -55,7 +55,16 @@ class LmforgeLM(LM):
         self.max_gen_toks = int(max_gen_toks)
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        return [self.lm.loglikelihood(*req.args) for req in requests]
+        # requests sharing a context (the choices of one question) are scored in one batch
+        by_context: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            by_context.setdefault(req.args[0], []).append(i)
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for context, indices in by_context.items():
+            scores = self.lm.loglikelihoods(context, [requests[i].args[1] for i in indices])
+            for i, score in zip(indices, scores, strict=True):
+                out[i] = score
+        return out
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
         n = self.lm.block_size

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from lmforge.artifacts import require_artifact
 from lmforge.config import Section
 from lmforge.errors import InputError
 
+SCORE_BATCH = 16  # rows per forward pass when scoring
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "</s>")  # end-of-turn markers of common templates
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
@@ -159,50 +159,84 @@ class EvalModel:
     # -- scoring -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def token_nll(self, context: list[int], targets: list[int]) -> list[float]:
-        """-log p(target_i | context, targets_<i) in nats, one forward pass.
+    def score_batch(
+        self, rows: list[tuple[list[int], list[int]]]
+    ) -> list[tuple[list[float], bool]]:
+        """For each (context, targets): log p of every target token, and whether all are greedy.
 
-        context must be non-empty and len(context) + len(targets) - 1 <= block_size; callers with
-        long inputs window them (see perplexity.sliding_windows).
+        One forward pass per batch of rows, right-padded (causal attention: padding after a row's
+        tokens cannot change them); only the target positions go through lm_head, so memory
+        is (targets x vocab), not (tokens x vocab). Each row needs a non-empty context and
+        len(context) + len(targets) - 1 <= block_size (callers window longer inputs).
         """
-        if not context:
-            raise ValueError("token_nll needs at least one context token")
-        ids = (context + targets)[:-1] if targets else context
-        if len(ids) > self.block_size:
-            raise ValueError(f"{len(ids)} tokens exceed block_size {self.block_size}")
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits = self.model(x)[0, len(context) - 1 :].float()  # (len(targets), V)
-        y = torch.tensor(targets, dtype=torch.long, device=self.device)
-        return F.cross_entropy(logits, y, reduction="none").double().tolist()
+        results: list[tuple[list[float], bool]] = []
+        for lo in range(0, len(rows), SCORE_BATCH):
+            chunk = rows[lo : lo + SCORE_BATCH]
+            inputs = [(ctx + tgt)[:-1] for ctx, tgt in chunk]
+            if any(not ctx for ctx, _ in chunk) or max(map(len, inputs)) > self.block_size:
+                raise ValueError("each row needs context and at most block_size input tokens")
+            width = max(map(len, inputs))
+            x = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+            for i, ids in enumerate(inputs):
+                x[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            h = self.model.hidden_states(x)  # (B, T, C)
+            rows_idx = [i for i, (_, t) in enumerate(chunk) for _ in t]
+            cols_idx = [
+                len(inp) - len(t) + j
+                for inp, (_, t) in zip(inputs, chunk, strict=True)
+                for j in range(len(t))
+            ]
+            logp = torch.log_softmax(self.model.lm_head(h[rows_idx, cols_idx]).float(), dim=-1)
+            y = torch.tensor(
+                [tok for _, t in chunk for tok in t], dtype=torch.long, device=self.device
+            )
+            picked = logp.gather(1, y[:, None])[:, 0].double().tolist()
+            greedy = (logp.argmax(dim=-1) == y).tolist()
+            pos = 0
+            for _, t in chunk:
+                results.append((picked[pos : pos + len(t)], all(greedy[pos : pos + len(t)])))
+                pos += len(t)
+        return results
+
+    def token_nll(self, context: list[int], targets: list[int]) -> list[float]:
+        """-log p(target_i | context, targets_<i) in nats (see score_batch)."""
+        return [-lp for lp in self.score_batch([(context, targets)])[0][0]]
 
     def start(self, text: str) -> list[int]:
         """Ids of text as the start of a document: the prefix token first when there is one."""
         ids = self.encode(text)
         return [self.prefix_id, *ids] if self.prefix_id is not None else ids
 
-    def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
-        """(sum log p(continuation | context), is the continuation the greedy one) like lm-eval.
+    def loglikelihoods(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
+        """(sum log p(continuation | context), is it the greedy one) per continuation, batched.
 
-        The context is a document start (see start()); tokens beyond the window are dropped from
-        the left, as lm-evaluation-harness does.
+        The context is a document start (see start()); when context + continuation exceed the
+        window, context tokens are dropped from the left, as lm-evaluation-harness does.
         """
-        ctx, cont = self.start(context), self.encode(continuation)
+        ctx = self.start(context)
         if not ctx:
             raise InputError("empty context and the tokenizer has no BOS/EOS token to start from")
-        if not cont:
-            return 0.0, True
-        return self._score_with_greedy(ctx, cont[-self.block_size :])
+        rows, empty = [], []
+        for i, text in enumerate(continuations):
+            cont = self.encode(text)[-self.block_size :]
+            if not cont:
+                empty.append(i)
+                continue
+            keep = self.block_size + 1 - len(cont)  # context tokens that still fit the window
+            rows.append((ctx[-keep:], cont))
+        scored = iter(self.score_batch(rows))
+        out = []
+        for i in range(len(continuations)):
+            if i in empty:
+                out.append((0.0, True))
+            else:
+                lps, greedy = next(scored)
+                out.append((float(sum(lps)), greedy))
+        return out
 
-    @torch.no_grad()
-    def _score_with_greedy(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-        ids = (ctx + cont)[:-1][-self.block_size :]  # the last window that predicts all of cont
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits = self.model(x)[0, -len(cont) :].float()  # (len(cont), V)
-        logp = torch.log_softmax(logits, dim=-1)
-        y = torch.tensor(cont, dtype=torch.long, device=self.device)
-        total = float(logp.gather(1, y[:, None]).sum().double())
-        greedy = bool((logp.argmax(dim=-1) == y).all())
-        return total, greedy
+    def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        """loglikelihoods() for one continuation."""
+        return self.loglikelihoods(context, [continuation])[0]
 
     # -- generation ----------------------------------------------------------------------------
 

@@ -135,9 +135,11 @@ def score_document(
 ) -> PerplexityResult:
     """NLL of every token of one document (see sliding_windows)."""
     seq, n_bytes = document_tokens(model, text)
-    nll = 0.0
-    for begin, scored_from, end in sliding_windows(len(seq), max_length, stride):
-        nll += sum(model.token_nll(seq[begin:scored_from], seq[scored_from:end]))
+    windows = [
+        (seq[begin:scored_from], seq[scored_from:end])
+        for begin, scored_from, end in sliding_windows(len(seq), max_length, stride)
+    ]
+    nll = -sum(sum(logps) for logps, _ in model.score_batch(windows))
     n_tokens = max(len(seq) - 1, 0)
     return PerplexityResult(n_tokens, n_bytes, nll, 1, [DocScore(index, text, n_tokens, nll)])
 

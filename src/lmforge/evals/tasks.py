@@ -195,7 +195,7 @@ def choice_loglikelihoods(
     model: EvalModel, context: str, choices: list[str], delimiter: str
 ) -> list[float]:
     """log p(delimiter + choice | context) for each choice (lm-evaluation-harness requests)."""
-    return [model.loglikelihood(context, delimiter + c)[0] for c in choices]
+    return [ll for ll, _ in model.loglikelihoods(context, [delimiter + c for c in choices])]
 
 
 def run_multiple_choice(model: EvalModel, spec: TaskSpec, _: GenerationSettings) -> TaskResult:

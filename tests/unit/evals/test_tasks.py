@@ -193,3 +193,17 @@ def test_chat_models_get_the_prompt_as_a_user_turn_and_alpaca_records(
             ids.append(int(model.model(torch.tensor([ids]))[0, -1].argmax()))
     n = len(model.encode(model.render_chat("Explain\n\nlen(x)")))
     assert result.records[0]["output"] == model.decode(ids[n:]).strip()
+
+
+def test_long_context_is_cut_from_the_left_like_lm_eval(model: EvalModel) -> None:
+    context = " ".join(["def add(a, b): return a + b"] * 30)
+    cont = " The quick brown fox"
+    ctx_ids, cont_ids = model.start(context), model.encode(cont)
+    assert len(ctx_ids) + len(cont_ids) > model.block_size + 1
+    kept = ctx_ids[-(model.block_size + 1 - len(cont_ids)) :]
+    seq = kept + cont_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model.model(torch.tensor([seq[:-1]]))[0], dim=-1)
+    want = sum(logp[len(kept) - 1 + i, t].item() for i, t in enumerate(cont_ids))
+    got, _ = model.loglikelihood(context, cont)
+    assert got == pytest.approx(want, abs=1e-4)
