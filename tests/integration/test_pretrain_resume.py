@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from .test_pretrain_stage import lmforge, make_shards
 
-STEPS = 60
+STEPS = 40
 ARGS = [
     "--preset", "micro",
-    "--set", f"train.max_steps={STEPS}", "--set", "train.seq_len=64", "--set", "train.micro_batch_size=16",
+    "--set", f"train.max_steps={STEPS}", "--set", "train.seq_len=32", "--set", "train.micro_batch_size=8",
     "--set", "train.eval_every=10", "--set", "train.eval_steps=2", "--set", "train.ckpt_every=5",
     "--set", "train.keep_last=2", "--set", "train.device=cpu", "--set", "model.dropout=0.1",
 ]  # fmt: skip
@@ -61,13 +61,15 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lmforge.cli", "--quiet", *common, "--out", str(killed)]
-    died_at = _kill_at_random_step(cmd, killed / "metrics.jsonl", lo=7, hi=STEPS - 10)
+    died_at = _kill_at_random_step(cmd, killed / "metrics.jsonl", lo=7, hi=STEPS - 8)
     assert not (killed / "manifest.json").exists()
     lmforge(*common, "--out", str(killed))
 
     manifest = json.loads((killed / "manifest.json").read_text())
     resumed_from = manifest["metrics"]["resumed_from_step"]
-    assert resumed_from is not None and 5 <= resumed_from <= died_at and resumed_from % 5 == 0
+    # the process may pass one more checkpoint between our read of metrics.jsonl and the kill
+    assert resumed_from is not None and 5 <= resumed_from <= died_at + 5 and resumed_from % 5 == 0
+    assert resumed_from < STEPS
     assert _losses(killed) == _losses(tmp_path / "full")  # every train and val loss, bitwise
     a = load_file(tmp_path / "full" / "final" / "model.safetensors")
     b = load_file(killed / "final" / "model.safetensors")
