@@ -53,6 +53,8 @@ class LoopState:
     evals_without_improvement: int = 0
     bad_steps_in_a_row: int = 0
     skipped_steps: int = 0
+    last_loss: float | None = None
+    last_val_loss: float | None = None
     scaler: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,7 +119,6 @@ def train(
         ctx.log.info("resumed from %s (step %d)", latest, state.step)
 
     peak = _peak_flops(rt)
-    last_loss = val_loss = None
     stopped_early = False
     window_tokens, window_t0 = 0, time.perf_counter()
     run_tokens, run_t0 = 0, time.perf_counter()
@@ -149,7 +150,7 @@ def train(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 state.bad_steps_in_a_row = 0
-                last_loss = loss
+                state.last_loss = loss
             state.step += 1
             state.tokens_seen += n_tokens
             window_tokens += n_tokens
@@ -179,7 +180,7 @@ def train(
                 done or (cfg.eval_every and state.step % cfg.eval_every == 0)
             ):
                 evaluated = _evaluate(model, eval_fn, rt)
-                val_loss = evaluated["val_loss"]
+                val_loss = state.last_val_loss = evaluated["val_loss"]
                 ctx.metrics.log(step=state.step, tokens_seen=state.tokens_seen, **evaluated)
                 stopped_early = _update_early_stop(state, val_loss, cfg)
                 window_t0 = time.perf_counter()  # eval time is not training throughput
@@ -202,8 +203,8 @@ def train(
         state_dict=full_model_state(model),  # a collective under FSDP: complete on rank 0
         step=state.step,
         tokens_seen=state.tokens_seen,
-        train_loss=last_loss,
-        val_loss=val_loss,
+        train_loss=state.last_loss,
+        val_loss=state.last_val_loss,
         best_val_loss=state.best_val_loss,
         tokens_per_s=run_tokens / run_elapsed,
         skipped_steps=state.skipped_steps,

@@ -136,3 +136,12 @@ def test_retention_on_disk_after_training(tmp_path):
     _run(tmp_path, _cfg(max_steps=20, ckpt_every=5, eval_every=5, keep_last=2))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert "step_20" in names and "step_15" in names and len(names) <= 3
+
+
+def test_rerun_after_the_last_checkpoint_reports_the_same_result(tmp_path):
+    cfg = _cfg(max_steps=6, ckpt_every=3, eval_every=3)
+    first, _ = _run(tmp_path, cfg)
+    again, rows = _run(tmp_path, cfg)
+    assert again.resumed_from == 6 and again.step == 6
+    assert (again.train_loss, again.val_loss) == (first.train_loss, first.val_loss) != (None, None)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # nothing duplicated
