@@ -3,14 +3,16 @@
 - explain: "Explain the Python function `json.dumps(obj, *, ...)`." -> the docstring's summary.
 - classify: a docstring -> the module family it comes from (os, text, collections, ...).
 
-Splits are by module (a stable hash of the module name), so evaluation functions come from
-modules the model never saw in fine-tuning. The `tasks` stage writes explain_{train,val,test}.jsonl
+The explain task splits by module (a stable hash of the module name), so its evaluation
+functions come from modules the model never saw in fine-tuning; the classify task splits by
+function (a hash of the qualified name), since a family is known only through its modules. The `tasks` stage writes explain_{train,val,test}.jsonl
 (Alpaca records), classify_{train,val,test}.jsonl (text+label), eval_set.jsonl (every val/test
 text, for the data stage's decontamination) and stats.json.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -29,7 +31,17 @@ from lmforge.errors import ConfigError
 
 # Module family -> stdlib modules in it. Fixed, so labels are the same on every machine.
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "files": ("os", "posixpath", "shutil", "pathlib", "glob", "tempfile", "fnmatch", "filecmp"),
+    "files": (
+        "os",
+        "posix",
+        "posixpath",
+        "shutil",
+        "pathlib",
+        "glob",
+        "tempfile",
+        "fnmatch",
+        "filecmp",
+    ),
     "text": ("string", "re", "textwrap", "difflib", "unicodedata", "html", "shlex"),
     "collections": ("collections", "heapq", "bisect", "itertools", "functools", "operator"),
     "io": ("io", "codecs", "json", "csv", "pickle", "base64", "binascii", "gzip", "zipfile"),
@@ -69,8 +81,16 @@ def _field(record: Any, *names: str) -> str:
     return ""
 
 
-def stdlib_functions() -> Iterator[Function]:
-    """Documented functions: the data stage's stdlib-docs reader when present, else our walk."""
+@functools.cache
+def stdlib_functions() -> tuple[Function, ...]:
+    """Documented functions: the data stage's stdlib-docs reader when present, else our walk.
+
+    Cached: the reader imports much of the standard library in a child process (seconds).
+    """
+    return tuple(_documented())
+
+
+def _documented() -> Iterator[Function]:
     try:
         from lmforge.data.stdlib_docs import iter_functions
     except ImportError:
@@ -133,9 +153,9 @@ def family_of(module: str) -> str | None:
     return None
 
 
-def split_of(module: str, cfg: TasksConfig) -> str:
-    """train/val/test by a stable hash of the module name (never Python's salted hash())."""
-    digest = hashlib.sha256(f"{cfg.seed}:{module}".encode()).digest()
+def split_of(key: str, cfg: TasksConfig) -> str:
+    """train/val/test by a stable hash of `key` (never Python's salted hash())."""
+    digest = hashlib.sha256(f"{cfg.seed}:{key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     if u < cfg.val_fraction:
         return "val"
@@ -152,7 +172,7 @@ def make_tasks_records(cfg: TasksConfig) -> dict[str, list[dict[str, Any]]]:
         if fn.qualname in seen:
             continue
         seen.add(fn.qualname)
-        split = split_of(fn.module, cfg)
+        split = split_of(fn.module, cfg)  # explain: whole modules are unseen
         answer = summary(fn.docstring, cfg.max_summary_chars)
         if len(answer) >= 10:
             out[f"explain_{split}"].append({
@@ -162,7 +182,10 @@ def make_tasks_records(cfg: TasksConfig) -> dict[str, list[dict[str, Any]]]:
         family = family_of(fn.module)
         if family is not None:
             text = " ".join(fn.docstring.split())[: cfg.max_text_chars]
-            out[f"classify_{split}"].append({"text": text, "label": family, "module": fn.module})
+            # classify: functions are unseen, their families are not (a family is its modules)
+            out[f"classify_{split_of(fn.qualname, cfg)}"].append(
+                {"text": text, "label": family, "module": fn.module}
+            )
     return out
 
 
