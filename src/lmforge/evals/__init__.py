@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lmforge.evals.stage import EvalConfig
 
 
-def evaluate(cfg: EvalConfig, force: bool = False) -> Path:
+def evaluate(cfg: EvalConfig | dict[str, Any], force: bool = False) -> Path:
     """Runs (or reuses) the eval stage described by cfg; returns its directory."""
     from lmforge.evals.stage import evaluate as run
 

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from lmforge.artifacts import StageContext, run_stage
 from lmforge.common.io import write_jsonl
-from lmforge.config import Section, StageConfig
+from lmforge.config import Section, StageConfig, validate
 from lmforge.errors import ConfigError
 from lmforge.evals.errors import worst_examples
 from lmforge.evals.lm import EvalModel, GenerationSettings, resolve_model_dir
@@ -88,8 +88,10 @@ class EvalConfig(StageConfig):
         return paths
 
 
-def evaluate(cfg: EvalConfig, force: bool = False) -> Path:
+def evaluate(cfg: EvalConfig | dict[str, Any], force: bool = False) -> Path:
     """Runs (or reuses) the eval stage; returns its directory (eval.json inside)."""
+    if not isinstance(cfg, EvalConfig):
+        cfg = validate(EvalConfig, cfg)
     return run_stage("eval", cfg, build, force=force).out
 
 

@@ -207,3 +207,24 @@ def test_long_context_is_cut_from_the_left_like_lm_eval(model: EvalModel) -> Non
     want = sum(logp[len(kept) - 1 + i, t].item() for i, t in enumerate(cont_ids))
     got, _ = model.loglikelihood(context, cont)
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_evaluate_public_api_takes_a_dict_and_reports_bad_keys(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from lmforge.evals import evaluate
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MC))
+    out = evaluate({"models": [str(model_dir)], "tasks": [str(data)], "out": str(tmp_path / "ev")})
+    report = json.loads((out / "eval.json").read_text())
+    assert report["tasks"] == [
+        {
+            "name": "mc",
+            "type": "multiple_choice",
+            "main_metric": "acc_norm",
+            "higher_is_better": True,
+        }
+    ]
+    with pytest.raises(ConfigError, match="unknown key 'model'"):
+        evaluate({"model": [str(model_dir)], "tasks": [str(data)], "out": str(tmp_path / "x")})
