@@ -6,6 +6,7 @@ above the threshold; the language and its score go into the document's metadata.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,15 @@ from lmforge.data.document import Document
 _MAX_CHARS = 2000
 
 
+@functools.lru_cache(maxsize=1)
+def _model() -> tuple[Any, np.ndarray]:
+    """langid's identifier and its weights as float64, loaded once per process (~2 s to decode)."""
+    from langid.langid import LanguageIdentifier, model
+
+    identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+    return identifier, np.ascontiguousarray(identifier.nb_ptc, dtype=np.float64)
+
+
 @dataclass
 class LanguageStep:
     """Keep listed languages (ISO 639-1) above a confidence threshold; empty list keeps all."""
@@ -24,8 +34,6 @@ class LanguageStep:
     languages: list[str] = field(default_factory=lambda: ["en"])
     threshold: float = 0.5
     name: str = "language"
-    _identifier: Any = field(default=None, repr=False)
-    _ptc: Any = field(default=None, repr=False)
 
     def identify(self, text: str) -> tuple[str, float]:
         """(language, normalized probability), as langid.classify with norm_probs.
@@ -34,15 +42,10 @@ class LanguageStep:
         only has a few hundred non-zero features, so using just those rows is ~20x faster with
         the same result.
         """
-        if self._identifier is None:
-            from langid.langid import LanguageIdentifier, model
-
-            self._identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-            self._ptc = np.ascontiguousarray(self._identifier.nb_ptc, dtype=np.float64)
-        li = self._identifier
+        li, ptc = _model()
         fv = li.instance2fv(text[:_MAX_CHARS])
         nz = np.flatnonzero(fv)
-        pd = fv[nz].astype(np.float64) @ self._ptc[nz] + li.nb_pc
+        pd = fv[nz].astype(np.float64) @ ptc[nz] + li.nb_pc
         with np.errstate(over="ignore"):
             probs = 1 / np.exp(pd[None, :] - pd[:, None]).sum(1)
         best = int(np.argmax(probs))
