@@ -226,5 +226,5 @@ def test_evaluate_public_api_takes_a_dict_and_reports_bad_keys(
             "higher_is_better": True,
         }
     ]
-    with pytest.raises(ConfigError, match="unknown key 'model'"):
+    with pytest.raises(ConfigError, match="missing required key 'models'"):
         evaluate({"model": [str(model_dir)], "tasks": [str(data)], "out": str(tmp_path / "x")})
