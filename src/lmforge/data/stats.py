@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from lmforge.errors import InputError
@@ -29,32 +30,45 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
+def _human(n: int) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
 def funnel_table(stats: dict[str, Any], top_reasons: int = 3) -> Table:
-    """One row per step: docs in/out, kept %, chars in/out, top drop reasons."""
-    table = Table(title=f"data funnel (python {stats.get('python', '?')})")
-    for col in ("step", "docs in", "docs out", "kept", "chars in", "chars out", "top reasons"):
-        if col == "top reasons":
-            table.add_column(col, overflow="fold", min_width=20)
-        else:
-            left = col == "step"
-            table.add_column(
-                col,
-                justify="left" if left else "right",
-                no_wrap=True,
-                min_width=17 if left else None,
-            )
+    """One row per step (docs in/out, chars out), its top drop reasons as dim rows beneath it."""
+    table = Table(title=f"data funnel (python {stats.get('python', '?')})", box=box.SIMPLE_HEAD)
+    table.add_column("step / drop reason", no_wrap=True, overflow="ellipsis", max_width=26)
+    # chars in of a step = chars out of the one before, so only chars out is shown (stats.json has both)
+    for col in ("docs in", "docs out", "kept", "chars out"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 6))
     for step, row in stats["steps"].items():
-        reasons = ", ".join(f"{r} {n}" for r, n in list(row["dropped"].items())[:top_reasons])
         table.add_row(
-            step,
+            f"[bold]{step}[/bold]",
             f"{row['docs_in']:,}",
             f"{row['docs_out']:,}",
             _pct(row["docs_out"], row["docs_in"]),
-            f"{row['chars_in']:,}",
-            f"{row['chars_out']:,}",
-            reasons,
+            _human(row["chars_out"]),
         )
+        reasons = list(row["dropped"].items())
+        for reason, n in reasons[:top_reasons]:
+            table.add_row(f"[dim]  - {reason}[/dim]", "", f"[dim]-{n:,}[/dim]", "", "")
+        if len(reasons) > top_reasons:
+            rest = sum(n for _, n in reasons[top_reasons:])
+            table.add_row(
+                f"[dim]  - {len(reasons) - top_reasons} more reasons[/dim]",
+                "",
+                f"[dim]-{rest:,}[/dim]",
+                "",
+                "",
+                "",
+            )
     splits = "  ".join(f"{k} {v:,}" for k, v in stats.get("splits", {}).items())
     pii = "  ".join(f"{k} {v:,}" for k, v in stats.get("pii", {}).items()) or "none"
-    table.caption = f"documents in {stats['documents_in']:,} -> out {stats['documents_out']:,}  |  {splits}  |  rejects {stats['rejects']:,}  |  PII replaced: {pii}"
+    table.caption = (
+        f"documents in {stats['documents_in']:,} -> out {stats['documents_out']:,}  |  {splits}  |  "
+        f"rejects {stats['rejects']:,}  |  PII replaced: {pii}"
+    )
     return table
