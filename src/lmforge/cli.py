@@ -311,7 +311,10 @@ def config_cmd(
     from lmforge.config import describe_fields
     from lmforge.stages import get_stage
 
-    table = Table("key", "default", "meaning", title=f"{kind} config (use with --set key=value)")
+    table = Table(title=f"{kind} config (use with --set key=value)")
+    table.add_column("key", no_wrap=True)
+    table.add_column("default")
+    table.add_column("meaning")
     for key, default, doc in describe_fields(get_stage(kind).config_cls):
         table.add_row(key, default, doc)
     console().print(table)
@@ -323,7 +326,9 @@ def main() -> None:
     try:
         command.main(args=sys.argv[1:], prog_name="lmforge", standalone_mode=False)
     except LmforgeError as exc:
-        console().print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console(always=True).print(
+            f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -60,6 +60,8 @@ def test_config_error_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     missing = lmforge("run", "nope.yaml", cwd=tmp_path)
     assert missing.returncode == 2 and "neither a file nor a built-in recipe" in missing.stderr
+    quiet = lmforge("--quiet", "run", "nope.yaml", cwd=tmp_path)  # errors survive --quiet
+    assert quiet.returncode == 2 and "neither a file nor a built-in recipe" in quiet.stderr
 
 
 def test_run_twice_caches_and_reports_it(tmp_path: Path) -> None:

@@ -25,9 +25,13 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def console() -> Console:
-    """The one console for human output (stderr, so stdout stays clean for data)."""
-    return Console(stderr=True, quiet=_state["quiet"] or not is_rank_zero())
+def console(always: bool = False) -> Console:
+    """The one console for human output (stderr, so stdout stays clean for data).
+
+    Args:
+        always: print even under --quiet (errors must never be swallowed).
+    """
+    return Console(stderr=True, quiet=not always and (_state["quiet"] or not is_rank_zero()))
 
 
 def is_quiet() -> bool:
