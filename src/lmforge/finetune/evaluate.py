@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.finetune.sft import ChatTokenizer
+from lmforge.tokenizer.files import TokenizerFiles
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -39,7 +39,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, tok: ChatTokenizer, examples: list[dict[str, Any]], max_new_tokens: int = 48
+    model: nn.Module, tok: TokenizerFiles, examples: list[dict[str, Any]], max_new_tokens: int = 48
 ) -> list[str]:
     """Greedy answer to each example's conversation up to its last assistant turn."""
     from lmforge.model.generate import generate
@@ -50,7 +50,7 @@ def generate_answers(
     for example in examples:
         msgs = example["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompt, _ = tok.encode(tok.render(msgs[:last], add_generation_prompt=True))
+        prompt = tok.encode(tok.render_chat(msgs[:last], add_generation_prompt=True))
         room = model.config.block_size - max_new_tokens
         prompt = prompt[-room:]
         out = generate(
@@ -66,7 +66,7 @@ def generate_answers(
 
 
 def rouge_eval(
-    model: nn.Module, tok: ChatTokenizer, examples: list[dict[str, Any]], max_new_tokens: int = 48
+    model: nn.Module, tok: TokenizerFiles, examples: list[dict[str, Any]], max_new_tokens: int = 48
 ) -> tuple[float, list[dict[str, Any]]]:
     """Mean ROUGE-L of greedy answers against the reference answers, and per-example rows."""
     answers = generate_answers(model, tok, examples, max_new_tokens)

@@ -50,8 +50,9 @@ def encode_texts(
     last = np.zeros(n, dtype=np.int64)
     truncated = 0
     for r, text in enumerate(texts):
-        toks = tok.encode(text)[0][:seq_len] or [tok.pad_id]
-        truncated += len(tok.encode(text)[0]) > seq_len
+        full = tok.encode(text)
+        toks = full[:seq_len] or [tok.pad_id]
+        truncated += len(full) > seq_len
         ids[r, : len(toks)] = toks
         lm_labels[r, : len(toks) - 1] = toks[1:]
         last[r] = len(toks) - 1

@@ -11,113 +11,41 @@ packed into rows with doc_ids so attention never crosses an example boundary.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from lmforge.errors import InputError
+from lmforge.tokenizer.files import CHATML_TEMPLATE, TokenizerFiles
 
-# A plain ChatML template, used only when the tokenizer directory carries none.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 Truncation = Literal["left", "right", "drop"]
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class ChatTokenizer:
-    """A tokenizer.json plus its chat template and special tokens, from a model/tokenizer dir."""
-
-    tokenizer: Any  # tokenizers.Tokenizer
-    template: str
-    special: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dir(cls, path: Path) -> ChatTokenizer:
-        from tokenizers import Tokenizer
-
-        path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise InputError(
-                f"{path} has no tokenizer.json; fine-tuning needs the model's tokenizer files "
-                "beside config.json (lmforge pretrain writes them into final/)"
-            )
-        config = {}
-        if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        template = config.get("chat_template")
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        special = {}
-        for key in ("bos_token", "eos_token", "pad_token"):
-            value = config.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            if isinstance(value, str):
-                special[key] = value
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        return cls(tok, template or DEFAULT_CHAT_TEMPLATE, special)
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """The conversation as text, as transformers' apply_chat_template(tokenize=False)."""
-        return _compiled(self.template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special
+def load_chat_tokenizer(path: Path) -> TokenizerFiles:
+    """The tokenizer files of a model directory; ChatML when they carry no chat template."""
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise InputError(
+            f"{path} has no tokenizer.json; fine-tuning needs the model's tokenizer files "
+            "beside config.json (lmforge pretrain writes them into final/)"
         )
-
-    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """(ids, char offsets); special tokens come only from the rendered text."""
-        enc = self.tokenizer.encode(text, add_special_tokens=False)
-        return list(enc.ids), list(enc.offsets)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def token_id(self, token: str | None) -> int | None:
-        return None if token is None else self.tokenizer.token_to_id(token)
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.token_id(self.special.get("pad_token") or self.special.get("eos_token"))
-        return pad if pad is not None else 0
-
-    def stop_ids(self) -> list[int]:
-        """Token ids that end an assistant turn: eos and the template's end-of-turn marker."""
-        candidates = [self.special.get("eos_token"), "<|im_end|>", "<|eot_id|>", "</s>"]
-        return sorted({i for t in candidates if (i := self.token_id(t)) is not None})
+    tok = TokenizerFiles.load(path)
+    if tok.chat_template is None:
+        log.warning("%s has no chat template; rendering conversations as ChatML", path)
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
 
 
-_TEMPLATES: dict[str, Any] = {}
-
-
-def _compiled(template: str) -> Any:
-    """A Jinja template with transformers' chat-template environment (cached)."""
-    if template not in _TEMPLATES:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        _TEMPLATES[template] = env.from_string(template)
-    return _TEMPLATES[template]
-
-
-def assistant_spans(tok: ChatTokenizer, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+def assistant_spans(tok: TokenizerFiles, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
     """Character spans of the rendered text that the model should learn to produce."""
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tok.render(messages[:i], add_generation_prompt=True)
-        upto = tok.render(messages[: i + 1])
+        before = tok.render_chat(messages[:i], add_generation_prompt=True)
+        upto = tok.render_chat(messages[: i + 1])
         if not upto.startswith(before):
             raise InputError(
                 "the chat template renders a conversation prefix differently from the whole "
@@ -127,10 +55,10 @@ def assistant_spans(tok: ChatTokenizer, messages: list[dict[str, str]]) -> list[
     return spans
 
 
-def encode_chat(tok: ChatTokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def encode_chat(tok: TokenizerFiles, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """(token ids, loss mask): mask 1 exactly on tokens that start inside an assistant span."""
-    text = tok.render(messages)
-    ids, offsets = tok.encode(text)
+    text = tok.render_chat(messages)
+    ids, offsets = tok.encode_with_offsets(text)
     spans = assistant_spans(tok, messages)
     mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in offsets]
     return ids, mask
@@ -150,7 +78,7 @@ def truncate(
 
 
 def build_sft_rows(
-    tok: ChatTokenizer,
+    tok: TokenizerFiles,
     examples: list[dict[str, Any]],
     seq_len: int,
     *,

@@ -32,7 +32,8 @@ from lmforge.finetune.formats import is_classification, load_examples
 from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
 from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
 from lmforge.finetune.lora import LoraConfig, inject, merge, save_peft_adapter, trainable_fraction
-from lmforge.finetune.sft import ChatTokenizer, build_sft_rows
+from lmforge.finetune.sft import build_sft_rows, load_chat_tokenizer
+from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.train.config import TrainConfig
 from lmforge.train.loader import RowBatches
 from lmforge.train.loop import train
@@ -150,7 +151,7 @@ def load_splits(cfg: FinetuneConfig) -> tuple[list, list]:
 
 
 def prepare(
-    cfg: FinetuneConfig, tok: ChatTokenizer, train_ex: list, val_ex: list, labels: list[str]
+    cfg: FinetuneConfig, tok: TokenizerFiles, train_ex: list, val_ex: list, labels: list[str]
 ) -> Prepared:
     """Training and validation rows for the task."""
     seq_len = cfg.train.seq_len
@@ -242,7 +243,7 @@ def fit(cfg: FinetuneConfig, ctx: Any, data: Prepared) -> tuple[nn.Module, nn.Mo
 def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     """Prepares data, trains, evaluates and writes final/ (+ adapter/); returns headlines."""
     require_artifact(cfg.model_dir(), ["config.json"], hint=MODEL_HINT)
-    tok = ChatTokenizer.from_dir(cfg.model_dir())
+    tok = load_chat_tokenizer(cfg.model_dir())
     train_ex, val_ex = load_splits(cfg)
     labels = sorted({e["label"] for e in train_ex + val_ex}) if cfg.task != "sft" else []
     headline: dict[str, Any] = {}
@@ -272,7 +273,7 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     return headline
 
 
-def _sft_eval(cfg: FinetuneConfig, tok: ChatTokenizer, model: nn.Module, data: Prepared) -> dict:
+def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: Prepared) -> dict:
     """ROUGE-L of greedy answers on val examples, for the tuned and (optionally) base model."""
     from lmforge.model.convert import load_pretrained
 
@@ -318,7 +319,7 @@ def _write_outputs(
 
 
 def cross_validate(
-    cfg: FinetuneConfig, ctx: StageContext, tok: ChatTokenizer, examples: list, labels: list[str]
+    cfg: FinetuneConfig, ctx: StageContext, tok: TokenizerFiles, examples: list, labels: list[str]
 ) -> dict[str, float]:
     """Trains one model per held-out fold (in folds/fold_i/); mean and std of val metrics."""
     folds = assign_folds(examples, cfg.kfold.k, cfg.kfold.seed)

@@ -11,7 +11,7 @@ from lmforge.finetune.heads import (
     encode_texts,
     make_multitask_loss,
 )
-from lmforge.finetune.sft import ChatTokenizer
+from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.model.config import preset_config
 from lmforge.model.transformer import Transformer
 
@@ -22,7 +22,7 @@ def _clf(n_classes=3):
 
 
 def test_pooling_reads_the_last_real_token_so_padding_does_not_matter(tokenizer_dir):
-    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    tok = load_chat_tokenizer(tokenizer_dir)
     rows12, _ = encode_texts(tok, ["The capital is Paris."], [1], seq_len=12)
     rows32, _ = encode_texts(tok, ["The capital is Paris."], [1], seq_len=32)
     model = _clf()
@@ -33,7 +33,7 @@ def test_pooling_reads_the_last_real_token_so_padding_does_not_matter(tokenizer_
 
 
 def test_losses_and_multitask_weights(tokenizer_dir):
-    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    tok = load_chat_tokenizer(tokenizer_dir)
     rows, truncated = encode_texts(tok, ["os.path.join joins paths", "x" * 50], [0, 2], seq_len=16)
     assert truncated == 1
     batch = {k: torch.from_numpy(v) for k, v in rows.items()}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lmforge.errors import InputError
-from lmforge.finetune.sft import ChatTokenizer, build_sft_rows, encode_chat, truncate
+from lmforge.finetune.sft import build_sft_rows, encode_chat, load_chat_tokenizer, truncate
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -18,14 +18,14 @@ CONV = [
 def test_render_matches_transformers_apply_chat_template(tokenizer_dir):
     transformers = pytest.importorskip("transformers")
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    tok = load_chat_tokenizer(tokenizer_dir)
     for gen in (False, True):
-        ours = tok.render(CONV[:2], add_generation_prompt=gen)
+        ours = tok.render_chat(CONV[:2], add_generation_prompt=gen)
         assert ours == hf.apply_chat_template(CONV[:2], tokenize=False, add_generation_prompt=gen)
 
 
 def test_loss_mask_is_exactly_the_assistant_turns(tokenizer_dir):
-    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    tok = load_chat_tokenizer(tokenizer_dir)
     ids, mask = encode_chat(tok, CONV)
     assert len(ids) == len(mask)
     trained = [i for i, m in zip(ids, mask, strict=True) if m]
@@ -53,7 +53,7 @@ def test_truncation_policies():
 
 
 def test_rows_pack_examples_with_boundaries_and_count_truncation(tokenizer_dir):
-    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    tok = load_chat_tokenizer(tokenizer_dir)
     short = [
         {
             "messages": [
@@ -80,6 +80,6 @@ def test_rows_pack_examples_with_boundaries_and_count_truncation(tokenizer_dir):
 
 
 def test_nothing_fits_is_an_input_error(tokenizer_dir):
-    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    tok = load_chat_tokenizer(tokenizer_dir)
     with pytest.raises(InputError, match="seq_len"):
         build_sft_rows(tok, [{"messages": CONV}], 8, truncation="drop")
