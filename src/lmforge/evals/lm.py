@@ -4,7 +4,7 @@ Every evaluation (perplexity, generation, classification, multiple choice, the l
 adapter) needs the same four operations on a model directory in Hugging Face layout: encode text,
 score tokens given a context, generate a continuation, decode. `EvalModel` provides exactly those,
 so task code never touches tensors or tokenizer internals. Special tokens come from config.json
-(bos_token_id / eos_token_id) or, failing that, special_tokens_map.json.
+(bos_token_id / eos_token_id) or, failing that, the tokenizer files (lmforge.tokenizer.files).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import Field
@@ -20,9 +19,9 @@ from pydantic import Field
 from lmforge.artifacts import require_artifact
 from lmforge.config import Section
 from lmforge.errors import InputError
+from lmforge.tokenizer.files import TokenizerFiles
 
 SCORE_BATCH = 16  # rows per forward pass when scoring
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "</s>")  # end-of-turn markers of common templates
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
 
@@ -48,52 +47,36 @@ def resolve_model_dir(path: Path) -> Path:
     return path
 
 
-def _special_ids(model_dir: Path, hf: dict[str, Any], tok: Any) -> tuple[int | None, int | None]:
-    bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (bos is None or eos is None) and (model_dir / file).exists():
-            names = json.loads((model_dir / file).read_text())
-
-            def token_id(key: str, names: dict[str, Any] = names) -> int | None:
-                value = names.get(key)
-                value = value.get("content") if isinstance(value, dict) else value
-                return tok.token_to_id(value) if isinstance(value, str) else None
-
-            bos = bos if bos is not None else token_id("bos_token")
-            eos = eos if eos is not None else token_id("eos_token")
-    return bos, eos
-
-
 class EvalModel:
     """A loaded causal LM and its tokenizer, with the scoring and generation evals need."""
 
-    def __init__(self, name: str, path: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+    def __init__(
+        self, name: str, path: Path, model: torch.nn.Module, files: TokenizerFiles
+    ) -> None:
         self.name = name
         self.path = Path(path)
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        self.files = files
+        self.tokenizer = files.tokenizer
         hf = json.loads((self.path / "config.json").read_text())
-        self.bos_id, self.eos_id = _special_ids(self.path, hf, tokenizer)
+        eos = hf.get("eos_token_id")
+        eos = (eos[0] if eos else None) if isinstance(eos, list) else eos
+        bos = hf.get("bos_token_id")
+        self.bos_id: int | None = bos if bos is not None else files.bos_id
+        self.eos_id: int | None = eos if eos is not None else files.eos_id
         self.block_size: int = model.config.block_size
         self.device = next(model.parameters()).device
-        self.chat_template = _chat_template(self.path)
+        self.chat_template = files.chat_template
         self._head: tuple[torch.nn.Linear, list[str]] | bool | None = False  # False: not loaded
 
     @classmethod
     def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
         """Loads model + tokenizer from a directory written by lmforge or save_pretrained."""
-        from tokenizers import Tokenizer
-
         from lmforge.model.convert import load_pretrained
 
         model_dir = resolve_model_dir(Path(path))
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
-        try:
-            tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
-            raise InputError(f"{model_dir}/tokenizer.json cannot be read: {exc}") from None
+        tok = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device)
         default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
         return cls(name or default, model_dir, model, tok)
@@ -102,10 +85,10 @@ class EvalModel:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, without special tokens (callers add the ones they need)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return self.files.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.files.decode(ids)
 
     @property
     def prefix_id(self) -> int | None:
@@ -117,23 +100,12 @@ class EvalModel:
 
     def stop_ids(self) -> list[int]:
         """Tokens that end a turn: EOS and the usual end-of-turn markers present in the vocab."""
-        ids = {self.eos_id} | {self.tokenizer.token_to_id(t) for t in END_OF_TURN}
-        return sorted(i for i in ids if i is not None)
+        return sorted({*self.files.stop_ids(), *([self.eos_id] if self.eos_id is not None else [])})
 
     def render_chat(self, user_text: str) -> str:
         """user_text as one user turn plus the assistant prompt, with the model's chat template."""
-        if self.chat_template is None:
-            raise InputError(f"{self.path} has no chat template (chat_template.jinja)")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        specials = {
-            "bos_token": self.tokenizer.id_to_token(self.bos_id) if self.bos_id is not None else "",
-            "eos_token": self.tokenizer.id_to_token(self.eos_id) if self.eos_id is not None else "",
-        }
-        messages = [{"role": "user", "content": user_text}]
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, **specials
+        return self.files.render_chat(
+            [{"role": "user", "content": user_text}], add_generation_prompt=True
         )
 
     # -- classification head (lmforge finetune --task classify) ---------------------------------
@@ -268,16 +240,6 @@ class EvalModel:
         )
         text = self.decode(out[0, len(ids) :].tolist())
         return cut_at_stop(text, settings.stop)
-
-
-def _chat_template(model_dir: Path) -> str | None:
-    if (model_dir / "chat_template.jinja").is_file():
-        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    config = model_dir / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
 
 
 def _load_head(model_dir: Path, device: torch.device) -> tuple[torch.nn.Linear, list[str]] | None:
