@@ -97,6 +97,7 @@ def test_funnel_dedup_decontam_rejects_and_worker_invariance(tmp_path):
         for line in (one / "samples" / "exact_dedup.jsonl").read_text().splitlines()
     ]
     assert len(samples) == N_EXACT and samples[0]["reason"] == "exact_duplicate"
+    assert [s["duplicate_of"] for s in samples] == [f"d{i}" for i in range(N_EXACT)]
     manifest = json.loads((one / "manifest.json").read_text())
     assert (
         manifest["metrics"]["python"]

@@ -18,20 +18,22 @@ def exact_key(text: str) -> int:
     return xxhash.xxh3_64_intdigest(" ".join(words_of(text)).encode())
 
 
-def exact_duplicate_mask(keys: np.ndarray) -> np.ndarray:
-    """True for every document whose key already appeared earlier."""
-    dup = np.ones(len(keys), dtype=bool)
-    _, first = np.unique(keys, return_index=True)
-    dup[first] = False
-    return dup
+def exact_duplicate_of(keys: np.ndarray) -> np.ndarray:
+    """Index of the first document with the same key, or -1 for the first one itself."""
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    dup_of = first[inverse.reshape(-1)].astype(np.int64)
+    dup_of[dup_of == np.arange(len(keys))] = -1
+    return dup_of
 
 
-def fuzzy_duplicate_mask(
+def fuzzy_duplicate_of(
     sigs: np.ndarray, candidates: np.ndarray, bands: int, rows: int, threshold: float
 ) -> np.ndarray:
-    """True for documents (among `candidates`, a bool mask) that near-duplicate an earlier one."""
-    dup = np.zeros(len(sigs), dtype=bool)
+    """Among `candidates` (a bool mask), the index of the kept near-duplicate, or -1."""
+    dup_of = np.full(len(sigs), -1, dtype=np.int64)
     idx = np.nonzero(candidates)[0]
     if len(idx):
-        dup[idx] = cluster_duplicates(np.asarray(sigs[idx]), bands, rows, threshold)
-    return dup
+        roots = idx[cluster_duplicates(np.asarray(sigs[idx]), bands, rows, threshold)]
+        dup = roots != idx
+        dup_of[idx[dup]] = roots[dup]
+    return dup_of

@@ -155,14 +155,14 @@ def candidate_pairs(bands_h: np.ndarray) -> np.ndarray:
 def cluster_duplicates(
     sigs: np.ndarray, bands: int, rows: int, threshold: float, batch: int = 65536
 ) -> np.ndarray:
-    """Boolean mask over documents: True for those that duplicate an earlier-kept document.
+    """For each document, the smallest index of its near-duplicate cluster (itself if unique).
 
     Candidate pairs from LSH are kept when their estimated Jaccard >= threshold; each connected
-    component keeps its smallest index.
+    component keeps its smallest index, so `roots != arange(n)` marks the duplicates to drop.
     """
     n = sigs.shape[0]
     if n == 0:
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0, dtype=np.int64)
     pairs = candidate_pairs(band_hashes(sigs, bands, rows))
     good = []
     for s in range(0, len(pairs), batch):
@@ -182,5 +182,4 @@ def cluster_duplicates(
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)  # the root is always the component's smallest index
-    roots = np.array([find(i) for i in range(n)]) if len(edges) else parent
-    return roots != np.arange(n)
+    return np.array([find(i) for i in range(n)]) if len(edges) else parent

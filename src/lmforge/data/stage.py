@@ -23,7 +23,7 @@ import numpy as np
 from lmforge.artifacts import run_stage
 from lmforge.common.io import atomic_path, atomic_write_json, open_text, write_jsonl
 from lmforge.data.config import DataConfig
-from lmforge.data.dedup import exact_duplicate_mask, fuzzy_duplicate_mask
+from lmforge.data.dedup import exact_duplicate_of, fuzzy_duplicate_of
 from lmforge.data.document import Document, Reject
 from lmforge.data.executors import run_batches
 from lmforge.data.pipeline import SAMPLE_CHARS, Funnel
@@ -131,17 +131,15 @@ def _pass_one(
     return all_keys, sigs, np.array(overlaps, dtype=np.int64)
 
 
-def _dedup_masks(
+def _dedup(
     cfg: DataConfig, keys: np.ndarray, sigs: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    exact = exact_duplicate_mask(keys) if cfg.dedup.exact else np.zeros(len(keys), dtype=bool)
-    d = cfg.dedup
-    fuzzy = (
-        fuzzy_duplicate_mask(sigs, ~exact, d.bands, d.rows, d.threshold)
-        if d.fuzzy and sigs is not None
-        else np.zeros(len(keys), dtype=bool)
-    )
-    return exact, fuzzy
+    """(exact, fuzzy): for each spilled document, the index of the copy that is kept, or -1."""
+    d, none = cfg.dedup, np.full(len(keys), -1, dtype=np.int64)
+    exact = exact_duplicate_of(keys) if d.exact else none
+    if not (d.fuzzy and sigs is not None):
+        return exact, none
+    return exact, fuzzy_duplicate_of(sigs, exact < 0, d.bands, d.rows, d.threshold)
 
 
 def _pass_two(
@@ -149,11 +147,13 @@ def _pass_two(
     ctx: Any,
     work: Path,
     col: _Collector,
-    masks: tuple[np.ndarray, np.ndarray],
+    dup_of: tuple[np.ndarray, np.ndarray],
     overlaps: np.ndarray,
 ) -> dict[str, int]:
     """Applies dedup, decontamination, mixture weights and the split; writes the three shards."""
-    exact, fuzzy = masks
+    exact, fuzzy = dup_of
+    originals = set(exact[exact >= 0].tolist()) | set(fuzzy[fuzzy >= 0].tolist())
+    ids: dict[int, str] = {}  # ids of kept originals, for "duplicate_of" in the samples
     weights = [s.weight for s in cfg.source]
     mixing = any(w != 1 for w in weights)
     ratios = (cfg.split.train, cfg.split.val, cfg.split.test)
@@ -167,14 +167,20 @@ def _pass_two(
             for i, line in enumerate(spill):
                 rec = json.loads(line)
                 chars = len(rec["text"])
+                if i in originals:
+                    ids[i] = rec["id"]
                 if cfg.dedup.exact:
-                    if exact[i]:
-                        col.drop("exact_dedup", rec, "exact_duplicate")
+                    if exact[i] >= 0:
+                        col.drop(
+                            "exact_dedup", rec, "exact_duplicate", duplicate_of=ids[int(exact[i])]
+                        )
                         continue
                     col.funnel.record("exact_dedup", chars, chars)
                 if cfg.dedup.fuzzy:
-                    if fuzzy[i]:
-                        col.drop("fuzzy_dedup", rec, "near_duplicate")
+                    if fuzzy[i] >= 0:
+                        col.drop(
+                            "fuzzy_dedup", rec, "near_duplicate", duplicate_of=ids[int(fuzzy[i])]
+                        )
                         continue
                     col.funnel.record("fuzzy_dedup", chars, chars)
                 if cfg.decontam.enabled and cfg.decontam.eval_sets:
@@ -224,9 +230,9 @@ def build(cfg: DataConfig, ctx: Any) -> dict[str, Any]:
     work = _clear_leftovers(Path(ctx.out))
     col = _Collector(cfg.samples_per_reason)
     keys, sigs, overlaps = _pass_one(cfg, ctx, work, col)
-    masks = _dedup_masks(cfg, keys, sigs)
+    dup_of = _dedup(cfg, keys, sigs)
     del sigs
-    counts = _pass_two(cfg, ctx, work, col, masks, overlaps)
+    counts = _pass_two(cfg, ctx, work, col, dup_of, overlaps)
     funnel = col.funnel.to_dict()
     read = funnel.get("read", {"docs_in": 0, "docs_out": 0, "chars_out": 0})
     docs_out = sum(counts.values())
@@ -248,8 +254,8 @@ def build(cfg: DataConfig, ctx: Any) -> dict[str, Any]:
         "documents_in": stats["documents_in"],
         "documents_out": docs_out,
         "rejects": stats["rejects"],
-        "exact_duplicates": int(masks[0].sum()),
-        "near_duplicates": int(masks[1].sum()),
+        "exact_duplicates": int((dup_of[0] >= 0).sum()),
+        "near_duplicates": int((dup_of[1] >= 0).sum()),
         "python": platform.python_version(),
         **{f"{k}_docs": v for k, v in counts.items()},
     }

@@ -155,31 +155,31 @@ def _signature(obj: Any) -> str:
         return "(...)"
 
 
+def _callables(mod: Any) -> Iterator[tuple[str, Any]]:
+    """(qualified name within mod, object) for public functions and methods of public classes."""
+    for name, obj in _public_members(mod):
+        if not inspect.isclass(obj):
+            yield name, obj
+            continue
+        for attr in sorted(vars(obj)):
+            # getattr (not vars) resolves static/class methods, and getdoc on the result finds
+            # the docstring a method inherits from its base class: the corpus' duplicates.
+            member = getattr(obj, attr, None)
+            if not attr.startswith("_") and callable(member) and not inspect.isclass(member):
+                yield f"{name}.{attr}", member
+
+
 def _function_records(mod: Any) -> Iterator[dict[str, Any]]:
     """Functions and methods with their signatures and (inherited) docstrings."""
-    for name, obj in _public_members(mod):
-        members = [(name, obj)]
-        if inspect.isclass(obj):
-            members += [
-                (f"{name}.{m}", v)
-                for m, v in sorted(vars(obj).items())
-                if not m.startswith("_") and callable(v)
-            ]
-        for qual, fn in members:
-            if inspect.isclass(fn):
-                continue
-            doc = (
-                inspect.getdoc(getattr(obj, qual.split(".")[-1], fn))
-                if "." in qual
-                else inspect.getdoc(fn)
-            )
-            if doc:
-                yield {
-                    "qualname": f"{mod.__name__}.{qual}",
-                    "module": mod.__name__,
-                    "signature": _clean(_signature(fn)),
-                    "docstring": _clean(doc),
-                }
+    for qual, fn in _callables(mod):
+        doc = inspect.getdoc(fn)
+        if doc:
+            yield {
+                "qualname": f"{mod.__name__}.{qual}",
+                "module": mod.__name__,
+                "signature": _clean(_signature(fn)),
+                "docstring": _clean(doc),
+            }
 
 
 def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
