@@ -98,10 +98,15 @@ def run_cmd(
     """
     from lmforge.runner import run_recipe
 
-    for name, result in run_recipe(
-        recipe, out=out, overrides=sets or [], force=force, only=only, from_stage=from_stage
-    ):
-        print_stage_result(name, result)
+    run_recipe(
+        recipe,
+        out=out,
+        overrides=sets or [],
+        force=force,
+        only=only,
+        from_stage=from_stage,
+        on_result=print_stage_result,
+    )
 
 
 @app.command("report")
@@ -296,6 +301,35 @@ def finetune_cmd(
     values: dict[str, Any] = {"model": model, "data": data, "out": out}
     values.update({k: v for k, v in (("method", method), ("task", task)) if v is not None})
     run_stage_command("finetune", values, config, sets, force)
+
+
+@app.command("quickstart")
+def quickstart_cmd(
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/quickstart"),
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """The whole path on the built-in corpus, no download, on a CPU: data, tokenizer,
+    pretraining, SFT, LoRA, a classifier, evaluation and the report.
+
+    Runs the built-in recipe lmforge/recipes/quickstart.yaml; a second run reuses every stage.
+    Example: lmforge quickstart --out runs/quickstart --set pretrain.train.max_steps=600
+    """
+    from lmforge.evals.report import write_report
+    from lmforge.runner import run_recipe
+
+    run_recipe(
+        "quickstart", out=out, overrides=sets or [], force=force, on_result=print_stage_result
+    )
+    html_path = write_report(out)
+    console().print(f"\n[green]✓[/green] report: [bold]{html_path}[/bold]\n\nNext:", soft_wrap=True)
+    for line in (
+        f"lmforge data stats {out}/data                       # the data funnel",
+        "lmforge config pretrain                             # every pretraining knob",
+        f"lmforge eval --model {out}/sft --tasks {out}/tasks/explain_test.jsonl --out {out}/my_eval",
+        f"lmforge run quickstart --out {out} --set pretrain.train.max_steps=800   # reruns only what changes",
+    ):
+        console().print(f"  {line}", soft_wrap=True, highlight=False)
 
 
 @app.command("config")

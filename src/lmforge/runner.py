@@ -1,7 +1,7 @@
 """Runs stages: one from a CLI command, or a whole recipe in order with caching.
 
 A recipe is YAML: `name`, optional `defaults` merged into every stage that has those keys, and
-`stages` in the order they run. Values of the form "@stage" (or "@stage/sub/path") refer to
+`stages` in the order they run; a stage's kind is its name unless it says `stage: KIND`. Values of the form "@stage" (or "@stage/sub/path") refer to
 another stage's output directory in the same run. Every stage config is resolved and validated
 before the first stage starts, so a typo in the last stage fails in a second, not an hour in.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -57,7 +58,9 @@ class Recipe(Section):
     defaults: dict[str, Any] = Field(
         default_factory=dict, description="keys merged into every stage that has them"
     )
-    stages: dict[str, dict[str, Any]] = Field(description="stage name -> its config (plus 'kind')")
+    stages: dict[str, dict[str, Any]] = Field(
+        description="stage name -> its config, plus 'stage: KIND' when the name is not the kind"
+    )
 
 
 @dataclass
@@ -115,7 +118,7 @@ def plan_recipe(
     per_stage: dict[str, dict[str, Any]] = {
         name: dict(body or {}) for name, body in recipe.stages.items()
     }
-    kinds = {name: str(body.pop("kind", name)) for name, body in per_stage.items()}
+    kinds = {name: str(body.pop("stage", name)) for name, body in per_stage.items()}
     classes = {name: get_stage(kind).config_cls for name, kind in kinds.items()}
     for name in per_stage:
         per_stage[name] = deep_merge(
@@ -152,12 +155,14 @@ def run_recipe(
     force: bool = False,
     only: str | None = None,
     from_stage: str | None = None,
+    on_result: Callable[[str, StageResult], None] | None = None,
 ) -> list[tuple[str, StageResult]]:
     """Runs a recipe's stages in order; returns each stage's result.
 
     Args:
         only: run just this stage (the cache still applies unless force).
         from_stage: rerun this stage and every later one; earlier ones are left as they are.
+        on_result: called as each stage finishes (the CLI prints its headline right away).
     """
     recipe_file = resolve_recipe_path(recipe)
     spec, run_dir, planned = plan_recipe(recipe_file, out, overrides)
@@ -187,4 +192,6 @@ def run_recipe(
         )
         result.duration_s = result.duration_s or time.perf_counter() - t0
         results.append((step.name, result))
+        if on_result is not None:
+            on_result(step.name, result)
     return results

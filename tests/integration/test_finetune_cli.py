@@ -63,7 +63,7 @@ def test_recipe_builds_tasks_then_classifies(tmp_path):
     model = make_model_dir(tmp_path / "model", make_tokenizer_dir(tmp_path / "tok"))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "name: ft\nstages:\n  tasks:\n    kind: tasks\n  clf:\n    kind: finetune\n"
+        "name: ft\nstages:\n  tasks:\n    stage: tasks\n  clf:\n    stage: finetune\n"
         f"    model: {model}\n    data: '@tasks/classify_train.jsonl'\n"
         "    val_data: '@tasks/classify_val.jsonl'\n    task: classify\n"
     )

@@ -54,7 +54,7 @@ SPLITS = ("train", "val", "test")
 
 
 class TasksConfig(StageConfig):
-    """`kind: tasks` in a recipe: writes the built-in explain and classify task files."""
+    """`stage: tasks` in a recipe: writes the built-in explain and classify task files."""
 
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of modules held out for val")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="share of modules held out for test")
