@@ -138,6 +138,57 @@ def test_killed_run_reruns_to_identical_output(tmp_path, monkeypatch):
     assert not list(out.glob(".*"))  # no temp files or work dir left behind
 
 
+@pytest.mark.slow  # extra: test_killed_run_reruns_to_identical_output covers this in the default suite
+def test_sigkill_midway_then_rerun_gives_the_same_bytes(tmp_path):
+    """A real kill -9 of the CLI and its worker processes at a point that depends on timing; whatever
+    that point, the rerun must produce exactly the uninterrupted output."""
+    import os
+    import signal
+    import time
+
+    make_corpus(tmp_path / "src", n=120)
+    args = [
+        "--quiet",
+        "data",
+        "prepare",
+        "--source",
+        str(tmp_path / "src"),
+        "--workers",
+        "2",
+        "--set",
+        "batch_size=8",
+    ]
+    assert _cli(*args, "--out", str(tmp_path / "clean")).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", *args, "--out", str(tmp_path / "run")],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while (
+        not (tmp_path / "run" / ".work").exists()
+        and time.monotonic() < deadline
+        and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the workers it spawned
+    proc.wait()
+    print("killed mid-way:", not (tmp_path / "run" / "manifest.json").exists())
+    assert _cli(*args, "--out", str(tmp_path / "run")).returncode == 0
+    for name in (
+        "train.jsonl.zst",
+        "val.jsonl.zst",
+        "test.jsonl.zst",
+        "stats.json",
+        "rejects.jsonl",
+    ):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), (
+            name
+        )
+
+
 def test_adding_documents_keeps_old_split_assignments(tmp_path):
     make_corpus(tmp_path / "a")
     first = prepare(
