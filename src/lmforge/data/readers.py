@@ -24,13 +24,54 @@ DEFAULT_MAX_RECORD_BYTES = 8 * 1024 * 1024
 _SKIP_CHUNK = 1 << 20
 
 
+class _ZstdReader(io.RawIOBase):
+    """Streams a .zst file frame by frame, and raises EOFError when the last frame is cut short.
+
+    zstandard's stream_reader just stops at a truncated frame; a silent end would drop records.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self._fh, self._zstd = open(path, "rb"), zstandard
+        self._dobj, self._started = zstandard.ZstdDecompressor().decompressobj(), False
+        self._buf, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        while self._pos >= len(self._buf):
+            self._buf, self._pos = b"", 0
+            chunk = self._fh.read(1 << 16)
+            if not chunk:
+                if self._started and not self._dobj.eof:
+                    raise EOFError("zstd stream ends inside a frame (truncated file)")
+                return 0
+            while chunk:
+                self._started = True
+                self._buf += self._dobj.decompress(chunk)
+                chunk = self._dobj.unused_data if self._dobj.eof else b""
+                if self._dobj.eof:  # next frame, if any
+                    self._dobj, self._started = (
+                        self._zstd.ZstdDecompressor().decompressobj(),
+                        bool(chunk),
+                    )
+        n = min(len(out), len(self._buf) - self._pos)
+        out[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 def open_binary(path: Path) -> BinaryIO:
     """Opens a plain, .gz or .zst file for binary streaming."""
     name = path.name.lower()
     if name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdReader(path))  # type: ignore[return-value]
     if name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")

@@ -11,6 +11,8 @@ import glob as globlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import zstandard
+
 from lmforge.data import readers, web
 from lmforge.data.config import SourceSpec
 from lmforge.data.document import Reject
@@ -121,5 +123,5 @@ def iter_source(
             continue
         try:
             yield from _reader(kind, max_bytes, text_field)(path, name)
-        except OSError as exc:
-            yield Reject(str(path), "unreadable", str(exc)[:200])
+        except (OSError, EOFError, zstandard.ZstdError) as exc:  # truncated or corrupt archives
+            yield Reject(str(path), "unreadable", f"{type(exc).__name__}: {exc}"[:200])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import random
 
 import pytest
 import zstandard
@@ -175,3 +176,21 @@ def test_hf_dataset_saved_to_disk_and_local_json_dir(tmp_path):
     assert [x.text for x in got] == ["gamma"]
     with pytest.raises(InputError, match="cannot open as a Hugging Face dataset"):
         items(tmp_path / "missing_ds", kind="hf")
+
+
+def test_truncated_archives_keep_what_was_read_and_reject_the_rest(tmp_path):
+    rng = random.Random(0)
+    lines = (json.dumps({"text": f"doc {i} {rng.random()} {rng.random()}"}) for i in range(2000))
+    data = "".join(line + "\n" for line in lines).encode()
+    cctx = zstandard.ZstdCompressor()
+    two_frames = cctx.compress(data[:1000]) + cctx.compress(data[1000:])
+    (tmp_path / "ok.jsonl.zst").write_bytes(two_frames)
+    assert len(items(tmp_path / "ok.jsonl.zst")) == 2000  # multi-frame files read whole
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(data)[:-400])
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data)[:-400])
+    got = items(tmp_path)
+    rejects = [x for x in got if isinstance(x, Reject)]
+    assert [r.reason for r in rejects] == ["unreadable", "unreadable"]
+    assert rejects[0].where == str(tmp_path / "a.jsonl.gz")
+    assert rejects[1].where == str(tmp_path / "b.jsonl.zst") and "truncated" in rejects[1].detail
+    assert sum(isinstance(x, Document) for x in got) > 1500  # gzip yields what precedes the cut
