@@ -232,9 +232,12 @@ class DataConfig(StageConfig):
         Also the first check of every source, so a missing path fails before the stage starts.
         """
         from lmforge.data.sources import check_source, source_files
+        from lmforge.data.stdlib_docs import NAME, corpus_marker
 
         paths: list[Path] = []
         for spec in self.source:
             check_source(spec)
+            if spec.path == NAME or spec.kind == NAME:
+                paths.append(corpus_marker())
             paths += [Path(spec.path)] if Path(spec.path).is_dir() else source_files(spec)
         return paths + list(self.decontam.eval_sets)

@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from lmforge.data.document import Document
@@ -273,6 +274,13 @@ def _run_child(what: str) -> Iterator[dict[str, Any]]:
             raise InputError(
                 f"{NAME}: collecting the standard-library docs failed (exit {proc.returncode})"
             )
+
+
+def corpus_marker() -> Path:
+    """A file whose content changes with the Python docs (pydoc topics): the corpus' cache input."""
+    import pydoc_data.topics
+
+    return Path(pydoc_data.topics.__file__)
 
 
 def read_stdlib_docs(source: str = NAME) -> Iterator[Document]:

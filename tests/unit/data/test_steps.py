@@ -177,3 +177,14 @@ def test_config_errors_are_one_line():
         DataConfig.model_validate({"source": ["x"], "out": "o", "dedup": {"bands": 20, "rows": 8}})
     with pytest.raises(ConfigError, match="must be 1"):
         DataConfig.model_validate({"source": ["x"], "out": "o", "split": {"train": 0.9}})
+
+
+def test_stdlib_source_cache_depends_on_the_python_docs(tmp_path):
+    from lmforge.data.stdlib_docs import corpus_marker
+
+    (tmp_path / "a.txt").write_text("x")
+    cfg = DataConfig.model_validate(
+        {"source": ["stdlib-docs", str(tmp_path / "*.txt")], "out": "o"}
+    )
+    assert cfg.inputs() == [corpus_marker(), tmp_path / "a.txt"]
+    assert corpus_marker().name == "topics.py"
