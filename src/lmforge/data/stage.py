@@ -117,7 +117,9 @@ def _pass_one(
             for rec in res["records"]:
                 spill.write(json.dumps(rec, ensure_ascii=False) + "\n")
             keys.append(res["keys"])
-            overlaps.extend(res["overlaps"])
+            overlaps.append(
+                np.asarray(res["overlaps"], dtype=np.int64)
+            )  # arrays, not ints: compact
             if res["sigs"] is not None:
                 sig_fh.write(res["sigs"].tobytes())
             bar.advance(sum(r["docs_in"] for s, r in res["funnel"].items() if s == "extract"))
@@ -128,7 +130,7 @@ def _pass_one(
         if cfg.dedup.fuzzy and n
         else None
     )
-    return all_keys, sigs, np.array(overlaps, dtype=np.int64)
+    return all_keys, sigs, np.concatenate(overlaps) if overlaps else np.zeros(0, dtype=np.int64)
 
 
 def _dedup(
