@@ -162,6 +162,13 @@ def _is_valid_cache(manifest: dict[str, Any] | None, cfg_hash: str, inputs: dict
     )
 
 
+def is_valid_result(cfg: StageConfig) -> dict[str, Any] | None:
+    """The manifest in cfg.out if it is complete and matches cfg and its inputs, else None."""
+    inputs = {str(Path(p).resolve()): content_hash(p) for p in cfg.inputs()}
+    manifest = read_manifest(Path(cfg.out))
+    return manifest if _is_valid_cache(manifest, config_hash(cfg), inputs) else None
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -8,6 +8,7 @@ before the first stage starts, so a typo in the last stage fails in a second, no
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -18,8 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lmforge.artifacts import StageResult, run_stage
+from lmforge.artifacts import StageResult, is_valid_result, run_stage
 from lmforge.common.io import atomic_write_json
+from lmforge.common.logging import is_rank_zero
 from lmforge.config import (
     Section,
     StageConfig,
@@ -31,7 +33,7 @@ from lmforge.config import (
     validate,
 )
 from lmforge.errors import ConfigError
-from lmforge.stages import get_stage
+from lmforge.stages import DISTRIBUTED_KINDS, get_stage
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +187,30 @@ def run_recipe(
     for index, step in enumerate(planned):
         if (only and step.name != only) or index < start_index:
             continue
-        t0 = time.perf_counter()
         stage_force = force or (from_stage is not None and index >= start_index)
-        result = run_stage(
-            step.name, step.config, get_stage(step.kind).build, force=stage_force, kind=step.kind
-        )
-        result.duration_s = result.duration_s or time.perf_counter() - t0
+        if is_rank_zero() or step.kind in DISTRIBUTED_KINDS:
+            build = get_stage(step.kind).build
+            result = run_stage(step.name, step.config, build, force=stage_force, kind=step.kind)
+        else:
+            result = wait_for_rank_zero(step, fresh=stage_force)
         results.append((step.name, result))
         if on_result is not None:
             on_result(step.name, result)
     return results
+
+
+def wait_for_rank_zero(step: PlannedStage, fresh: bool, poll_s: float = 1.0) -> StageResult:
+    """Under torchrun, a non-zero rank waits while rank zero runs a single-process stage.
+
+    Args:
+        fresh: the stage is being forced, so only a manifest finished after now counts.
+    """
+    since = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    log.debug("waiting for rank 0 to finish %s", step.name)
+    while True:
+        manifest = is_valid_result(step.config)
+        if manifest is not None and (not fresh or manifest.get("finished_at", "") >= since):
+            return StageResult(
+                Path(step.config.out), cached=True, metrics=manifest.get("metrics", {})
+            )
+        time.sleep(poll_s)

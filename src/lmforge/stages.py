@@ -25,6 +25,10 @@ STAGES: dict[str, str] = {
     "tasks": "lmforge.finetune.builtin_tasks:TasksConfig:build",
 }
 
+# Kinds whose build() joins a torchrun process group and works on every rank. Under torchrun,
+# `lmforge run` runs every other kind on rank zero only while the other ranks wait for it.
+DISTRIBUTED_KINDS = {"pretrain"}
+
 
 @dataclass(frozen=True)
 class StageKind:

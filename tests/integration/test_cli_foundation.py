@@ -97,3 +97,22 @@ def test_sigkill_midway_leaves_incomplete_stage_that_reruns(tmp_path: Path) -> N
     assert read_manifest(shout)["status"] == "complete"
     assert sorted(p.name for p in shout.glob("part_*.txt")) == [f"part_{i}.txt" for i in range(6)]
     assert not list(shout.glob(".*tmp*"))  # no temp files left behind
+
+
+def test_torchrun_non_zero_rank_waits_for_rank_zero_stages(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path)
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "COLUMNS": "200"}
+    rank1 = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, "run", str(recipe)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)
+    assert rank1.poll() is None  # still waiting: single-process stages belong to rank zero
+    assert not (tmp_path / "runs/toy/letters/manifest.json").exists()
+    assert lmforge("run", str(recipe), cwd=tmp_path).returncode == 0  # rank zero does the work
+    _, err = rank1.communicate(timeout=60)
+    assert rank1.returncode == 0, err
