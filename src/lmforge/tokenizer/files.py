@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
 from lmforge.errors import InputError
+from lmforge.tokenizer.chat import CHATML_TEMPLATE, ChatEncoding, encode_chat, render_chat
+
+# CHATML_TEMPLATE lives in chat.py; importers of it from here keep working.
+__all__ = ["CHATML_TEMPLATE", "TOKENIZER_HINT", "TokenizerFiles", "tokenizer_hash"]
 
 TOKENIZER_HINT = "lmforge tokenizer train --data DIR --out DIR"
 # The files that make a directory loadable by transformers.AutoTokenizer.
@@ -25,13 +28,6 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
-)
-# ChatML: the template lmforge writes into the tokenizers it trains.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # End-of-turn markers of common chat templates; generation stops on whichever the vocab has.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>")
@@ -49,21 +45,6 @@ def _token_string(value: Any) -> str | None:
     """A special token as tokenizer_config.json stores it: a string or {"content": ...}."""
     value = value.get("content") if isinstance(value, dict) else value
     return value if isinstance(value, str) else None
-
-
-@lru_cache(maxsize=32)
-def compile_chat_template(template: str) -> Any:
-    """Compiles a chat template in the same sandboxed Jinja setup transformers uses."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
 
 
 @dataclass
@@ -148,18 +129,35 @@ class TokenizerFiles:
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         return list(enc.ids), list(enc.offsets)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ids; special tokens dropped unless asked for (as transformers' decode)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
-    ) -> str:
-        """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False)."""
+    def _require_template(self) -> None:
         if self.chat_template is None:
             raise InputError(
                 f"{self.path} has no chat template (tokenizer_config.json chat_template or "
                 "chat_template.jinja); train the tokenizer with lmforge or add one"
             )
-        return compile_chat_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special
+
+    def render_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> str:
+        """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False)."""
+        self._require_template()
+        return render_chat(
+            messages, add_generation_prompt, template=self.chat_template, **self.special
+        )
+
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> ChatEncoding:
+        """Renders and encodes a conversation: ids + assistant_mask (1 = loss on that token)."""
+        self._require_template()
+        return encode_chat(
+            self.tokenizer,
+            messages,
+            add_generation_prompt,
+            template=self.chat_template,
+            **self.special,
         )

@@ -20,14 +20,31 @@ from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.io import read_jsonl
 from lmforge.config import Section, StageConfig
 from lmforge.errors import InputError
-from lmforge.tokenizer.files import CHATML_TEMPLATE, TOKENIZER_FILES, TokenizerFiles
+from lmforge.tokenizer.chat import CHAT_TOKENS, CHATML_TEMPLATE
+from lmforge.tokenizer.files import TOKENIZER_FILES, TokenizerFiles
 from lmforge.tokenizer.stats import tokenizer_stats
 
 DATA_HINT = "lmforge data prepare --source stdlib-docs --out DIR"
+# cl100k-style split: case-insensitive contractions, letters with one leading non-letter,
+# numbers in groups of up to three, punctuation runs, newlines kept apart from other spaces.
+GPT4_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Which pre-tokenizers each kind accepts (its decoder must be able to undo the cut).
+PRE_TOKENIZERS = {
+    "bpe": ("auto", "gpt2", "gpt4"),
+    "wordpiece": ("auto", "bert", "whitespace"),
+    "unigram": ("auto",),
+    "char": ("auto",),
+}
 
 
 class SpecialTokens(Section):
-    """Special tokens added to the vocabulary (never split, never produced by merges)."""
+    """Special tokens added to the vocabulary (never split, never produced by merges).
+
+    The ChatML markers <|im_start|> and <|im_end|> are always added: the chat template spells them.
+    """
 
     bos: str = Field("<|endoftext|>", description="beginning-of-document token")
     eos: str = Field(
@@ -35,14 +52,18 @@ class SpecialTokens(Section):
     )
     pad: str = Field("<|pad|>", description="padding token")
     unk: str = Field("<|unk|>", description="unknown token (wordpiece, unigram, char)")
-    chat: list[str] = Field(
-        default_factory=lambda: ["<|im_start|>", "<|im_end|>"],
-        description="chat role markers used by the ChatML template",
+    extra: list[str] = Field(
+        default_factory=list, description="more special tokens (e.g. tool-call markers)"
     )
+
+    def additional(self) -> list[str]:
+        """The chat markers and extras: tokenizer_config.json's additional_special_tokens."""
+        named = {self.bos, self.eos, self.pad, self.unk}
+        return [t for t in dict.fromkeys([*CHAT_TOKENS, *self.extra]) if t not in named]
 
     def all(self) -> list[str]:
         """Every special token once, in a stable order (their ids come first in the vocab)."""
-        return list(dict.fromkeys([self.eos, self.bos, self.pad, self.unk, *self.chat]))
+        return list(dict.fromkeys([self.eos, self.bos, self.pad, self.unk, *self.additional()]))
 
 
 class TokenizerConfig(StageConfig):
@@ -65,6 +86,12 @@ class TokenizerConfig(StageConfig):
     normalization: list[Literal["nfc", "nfkc", "lowercase", "strip_accents"]] = Field(
         default_factory=list, description="normalizers applied before tokenization, in order"
     )
+    pre_tokenizer: Literal["auto", "gpt2", "gpt4", "bert", "whitespace"] = Field(
+        "auto",
+        description="how text is cut before the model sees it: gpt2/gpt4 regexes (bpe), "
+        "bert/whitespace (wordpiece); auto = gpt2 for bpe, bert for wordpiece, "
+        "metaspace for unigram, one piece per character for char",
+    )
     split_digits: bool = Field(True, description="split numbers into single digits")
     max_chars: int = Field(200_000_000, ge=1, description="train on at most this many characters")
     model_max_length: int = Field(2048, ge=1, description="max length recorded for transformers")
@@ -73,9 +100,15 @@ class TokenizerConfig(StageConfig):
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> TokenizerConfig:
+    def _check(self) -> TokenizerConfig:
         if (self.data is None) == (self.import_from is None):
             raise ValueError("give exactly one of 'data' (to train) or 'import_from' (to import)")
+        valid = PRE_TOKENIZERS[self.kind]
+        if self.pre_tokenizer not in valid:
+            raise ValueError(
+                f"pre_tokenizer '{self.pre_tokenizer}' does not fit kind '{self.kind}'; "
+                f"valid: {', '.join(valid)}"
+            )
         return self
 
     def inputs(self) -> list[Path]:
@@ -135,9 +168,14 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterator[str]) -> Any:
     digits = [pre_tokenizers.Digits(individual_digits=True)] if cfg.split_digits else []
     if cfg.kind == "bpe":
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [*digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        )
+        if cfg.pre_tokenizer == "gpt4":
+            split = [
+                pre_tokenizers.Split(Regex(GPT4_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        else:
+            split = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, *split])
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         trainer = trainers.BpeTrainer(
@@ -149,7 +187,12 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterator[str]) -> Any:
         )
     elif cfg.kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token=cfg.special_tokens.unk))
-        tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, pre_tokenizers.BertPreTokenizer()])
+        words = (
+            pre_tokenizers.Whitespace()
+            if cfg.pre_tokenizer == "whitespace"
+            else pre_tokenizers.BertPreTokenizer()
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, words])
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(
             vocab_size=cfg.vocab_size,
@@ -189,7 +232,7 @@ def tokenizer_config_json(cfg: TokenizerConfig) -> dict[str, Any]:
         "eos_token": st.eos,
         "pad_token": st.pad,
         "unk_token": st.unk,
-        "additional_special_tokens": st.chat,
+        "additional_special_tokens": st.additional(),
         "model_max_length": cfg.model_max_length,
         "clean_up_tokenization_spaces": False,
         "chat_template": CHATML_TEMPLATE,
@@ -208,7 +251,7 @@ def write_tokenizer_dir(tok: Any, cfg: TokenizerConfig, out: Path, ctx: StageCon
             "eos_token": st.eos,
             "pad_token": st.pad,
             "unk_token": st.unk,
-            "additional_special_tokens": st.chat,
+            "additional_special_tokens": st.additional(),
         },
     )
     ctx.atomic_write_text(out / "chat_template.jinja", CHATML_TEMPLATE)
@@ -233,9 +276,12 @@ def build(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, Any]:
         import_tokenizer(cfg.import_from, out, ctx)
     else:
         require_artifact(cfg.data, ["train.jsonl.zst"], hint=DATA_HINT)
+        if not any(text.strip() for text in iter_texts(cfg.data, "train", max_chars=1)):
+            raise InputError(
+                f"{cfg.data}/train.jsonl.zst has no text to train a tokenizer on; check the data "
+                f"funnel (lmforge data stats {cfg.data}) and loosen the filters that removed it"
+            )
         tok = build_tokenizer(cfg, iter_texts(cfg.data, "train", cfg.max_chars))
-        if tok.get_vocab_size() < 2:
-            raise InputError(f"{cfg.data}/train.jsonl.zst has no text to train a tokenizer on")
         write_tokenizer_dir(tok, cfg, out, ctx)
     files = TokenizerFiles.load(out)
     stats: dict[str, Any] = {

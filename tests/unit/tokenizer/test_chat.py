@@ -1,0 +1,116 @@
+"""Chat rendering and assistant masks, checked against transformers' apply_chat_template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.errors import InputError
+from lmforge.tokenizer import TokenizerFiles
+from lmforge.tokenizer.chat import CHATML_TEMPLATE, encode_chat, render_chat, render_chat_spans
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is a token?"},
+    {"role": "assistant", "content": "A piece of text."},
+    {"role": "user", "content": "And 42?"},
+    {"role": "assistant", "content": "A number, 4 and 2."},
+]
+# A template without generation blocks (like most imported ones); spans come from prefixes.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ '### ' + m['role'] | upper + ': ' + m['content'] + eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### ASSISTANT: ' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hf(bpe_dir: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(bpe_dir))
+
+
+def test_render_matches_transformers(bpe_dir: Path, hf) -> None:
+    files = TokenizerFiles.load(bpe_dir)
+    for messages in (CHAT, CHAT[:2], CHAT[1:3]):
+        for gen in (False, True):
+            expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            assert files.render_chat(messages, add_generation_prompt=gen) == expected
+            assert render_chat(messages, gen) == expected  # the default template is ChatML
+
+
+def test_render_chatml_text() -> None:
+    text = render_chat(CHAT[1:3], add_generation_prompt=False)
+    assert text == (
+        "<|im_start|>user\nWhat is a token?<|im_end|>\n"
+        "<|im_start|>assistant\nA piece of text.<|im_end|>\n"
+    )
+    assert render_chat(CHAT[1:2], True).endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_assistant_spans_cover_reply_and_end_marker() -> None:
+    text, spans = render_chat_spans(CHAT)
+    assert [text[a:b] for a, b in spans] == [
+        "A piece of text.<|im_end|>",
+        "A number, 4 and 2.<|im_end|>",
+    ]
+
+
+def test_assistant_mask_matches_transformers(bpe_dir: Path, hf) -> None:
+    files = TokenizerFiles.load(bpe_dir)
+    enc = files.encode_chat(CHAT)
+    out = hf.apply_chat_template(
+        CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert enc.ids == list(out["input_ids"])
+    assert enc.assistant_mask == list(out["assistant_masks"])
+    masked = [i for i, m in zip(enc.ids, enc.assistant_mask, strict=True) if m]
+    assert files.decode(masked, skip_special_tokens=False) == (
+        "A piece of text.<|im_end|>A number, 4 and 2.<|im_end|>"
+    )
+
+
+def test_prefix_spans_for_templates_without_generation_blocks(bpe_dir: Path) -> None:
+    files = TokenizerFiles.load(bpe_dir)
+    enc = encode_chat(
+        files.tokenizer, CHAT[1:3], template=PLAIN_TEMPLATE, eos_token="<|endoftext|>"
+    )
+    assert (
+        enc.text
+        == "### USER: What is a token?<|endoftext|>### ASSISTANT: A piece of text.<|endoftext|>"
+    )
+    assert [enc.text[a:b] for a, b in enc.spans] == ["A piece of text.<|endoftext|>"]
+    masked = [i for i, m in zip(enc.ids, enc.assistant_mask, strict=True) if m]
+    assert (
+        files.decode(masked, skip_special_tokens=False).strip() == "A piece of text.<|endoftext|>"
+    )
+
+
+def test_non_append_only_template_is_a_clear_error() -> None:
+    reversed_template = "{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(InputError, match="append-only template"):
+        render_chat_spans(CHAT[1:3], template=reversed_template)
+
+
+def test_template_from_imported_tokenizer_is_used(bpe_dir: Path, tmp_path: Path, hf) -> None:
+    local = tmp_path / "tok"
+    local.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        (local / name).write_bytes((bpe_dir / name).read_bytes())
+    config = json.loads((bpe_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = PLAIN_TEMPLATE
+    (local / "tokenizer_config.json").write_text(json.dumps(config))
+    files = TokenizerFiles.load(local)
+    assert files.chat_template == PLAIN_TEMPLATE != CHATML_TEMPLATE
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(local))
+    assert files.render_chat(CHAT, True) == theirs.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_missing_template_is_a_clear_error(bpe_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(InputError, match="has no chat template"):
+        TokenizerFiles.load(tmp_path).encode_chat(CHAT)

@@ -1,0 +1,175 @@
+"""Tokenizer training and import: the HF layout, parity with transformers, stats, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmforge.common.io import write_jsonl
+from lmforge.config import load_config
+from lmforge.errors import ConfigError, InputError
+from lmforge.tokenizer import TokenizerConfig, TokenizerFiles, tokenizer_hash, train_tokenizer
+
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def test_bpe_writes_hf_layout_and_stats(bpe_dir: Path) -> None:
+    for name in (*HF_FILES, "chat_template.jinja", "stats.json", "manifest.json"):
+        assert (bpe_dir / name).is_file(), name
+    stats = json.loads((bpe_dir / "stats.json").read_text())
+    assert 256 + 5 < stats["vocab_size"] <= 400  # bytes + specials + merges (small corpus)
+    assert stats["unk_rate"] == 0
+    assert 1.5 < stats["bytes_per_token"] < 10
+    assert stats["tokens_per_word"] >= 1
+    assert len(stats["longest_tokens"]) == 10
+    assert all(len(t) >= len(stats["longest_tokens"][-1]) for t in stats["longest_tokens"])
+    config = json.loads((bpe_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["model_max_length"] == 2048 and "{% generation %}" in config["chat_template"]
+    manifest = json.loads((bpe_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["vocab_size"] == stats["vocab_size"]
+    assert manifest["metrics"]["bytes_per_token"] == stats["bytes_per_token"]
+
+
+def test_special_tokens_come_first_and_are_never_split(bpe_dir: Path) -> None:
+    files = TokenizerFiles.load(bpe_dir)
+    specials = ["<|endoftext|>", "<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>"]
+    assert [files.token_id(t) for t in specials] == [0, 1, 2, 3, 4]
+    assert files.eos_id == files.bos_id == 0 and files.pad_id == 1
+    assert files.encode("a<|im_end|>b")[1] == 4
+    assert files.stop_ids() == [0, 4]
+
+
+def test_transformers_autotokenizer_matches_ours(bpe_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(bpe_dir))
+    ours = TokenizerFiles.load(bpe_dir)
+    for text in [
+        "the model reads",
+        "Item 42 costs 3.14 €",
+        "naïve café\n\n  indent",
+        "<|im_end|> x",
+    ]:
+        ids = ours.encode(text)
+        assert hf.encode(text) == ids
+        assert hf.decode(ids) == text == ours.decode(ids, skip_special_tokens=False)
+        assert hf.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+    assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>"
+    assert hf.unk_token == "<|unk|>" and hf.model_max_length == 2048
+    assert len(hf) == ours.vocab_size
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.text(max_size=200))
+def test_byte_level_bpe_round_trips_any_unicode(bpe_dir: Path, text: str) -> None:
+    files = TokenizerFiles.load(bpe_dir)
+    assert files.decode(files.encode(text), skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram", "char"])
+def test_other_kinds_train_and_encode(kind: str, corpus: Path, tmp_path: Path) -> None:
+    out = train_tokenizer(
+        TokenizerConfig(data=corpus, out=tmp_path / kind, kind=kind, vocab_size=300)
+    )
+    files = TokenizerFiles.load(out)
+    ids = files.encode("the model reads text")
+    assert ids and files.token_id("<|unk|>") not in ids
+    assert files.decode(ids).replace(" ", "") == "themodelreadstext"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kind"] == kind and stats["vocab_size"] <= 300
+    assert stats["unk_rate"] == 0  # every val character was seen in train
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf.encode("Item 7 costs 3 €") == files.encode("Item 7 costs 3 €")
+
+
+def test_unknown_characters_count_in_unk_rate(corpus: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl.zst", [{"text": "abc abc cab"}] * 5)
+    write_jsonl(data / "val.jsonl.zst", [{"text": "abcxyz"}])  # x, y, z never seen
+    out = train_tokenizer(TokenizerConfig(data=data, out=tmp_path / "c", kind="char"))
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["unk_rate"] == pytest.approx(3 / 6)
+
+
+def test_char_tokenizer_is_one_token_per_character(corpus: Path, tmp_path: Path) -> None:
+    files = TokenizerFiles.load(
+        train_tokenizer(
+            TokenizerConfig(data=corpus, out=tmp_path / "c", kind="char", vocab_size=200)
+        )
+    )
+    text = "naïve café 12"
+    assert len(files.encode(text)) == len(text)
+    assert files.decode(files.encode(text)) == text
+
+
+def test_normalization_digits_and_pre_tokenizer(corpus: Path, tmp_path: Path) -> None:
+    cfg = TokenizerConfig(
+        data=corpus,
+        out=tmp_path / "n",
+        vocab_size=400,
+        normalization=["nfkc", "lowercase"],
+        pre_tokenizer="gpt4",
+    )
+    files = TokenizerFiles.load(train_tokenizer(cfg))
+    assert files.decode(files.encode("THE Model ﬁ")) == "the model fi"  # ﬁ ligature -> fi
+    pieces = [files.tokenizer.id_to_token(i) for i in files.encode("12345")]
+    assert pieces == list("12345")  # split_digits (default) wins over gpt4's groups of three
+    whole = TokenizerConfig(data=corpus, out=tmp_path / "d", vocab_size=400, split_digits=False)
+    assert len(TokenizerFiles.load(train_tokenizer(whole)).encode(" 12.5")) == 3  # " 12" "." "5"
+
+
+def test_import_existing_tokenizer(bpe_dir: Path, tmp_path: Path) -> None:
+    from_file = train_tokenizer(
+        TokenizerConfig(import_from=bpe_dir / "tokenizer.json", out=tmp_path / "imp")
+    )
+    assert tokenizer_hash(from_file) == tokenizer_hash(bpe_dir)
+    assert TokenizerFiles.load(from_file).chat_template is not None
+    from_dir = train_tokenizer(TokenizerConfig(import_from=bpe_dir, out=tmp_path / "imp2"))
+    assert json.loads((from_dir / "stats.json").read_text())["kind"] == "imported"
+
+
+def test_import_bare_tokenizer_json_gets_no_invented_specials(
+    bpe_dir: Path, tmp_path: Path
+) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+    out = train_tokenizer(TokenizerConfig(import_from=bare / "tokenizer.json", out=tmp_path / "o"))
+    assert TokenizerFiles.load(out).chat_template is None
+    assert not (out / "tokenizer_config.json").exists()
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="exactly one of 'data'"):
+        load_config(TokenizerConfig, values={"out": str(tmp_path)})
+    with pytest.raises(ConfigError, match="pre_tokenizer 'gpt4' does not fit kind 'wordpiece'"):
+        load_config(
+            TokenizerConfig,
+            values={"out": "o", "data": "d", "kind": "wordpiece", "pre_tokenizer": "gpt4"},
+        )
+    with pytest.raises(ConfigError, match="kind"):
+        load_config(TokenizerConfig, values={"out": "o", "data": "d", "kind": "sentencepiece"})
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_jsonl(empty / "train.jsonl.zst", [])
+    write_jsonl(empty / "val.jsonl.zst", [])
+    with pytest.raises(InputError, match=r"no text to train a tokenizer on.*lmforge data stats"):
+        train_tokenizer(TokenizerConfig(data=empty, out=tmp_path / "t"))
+
+
+def test_missing_inputs_name_the_command(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="lmforge data prepare"):
+        train_tokenizer(TokenizerConfig(data=tmp_path / "nope", out=tmp_path / "t"))
+    with pytest.raises(InputError, match=r"no tokenizer\.json to import"):
+        train_tokenizer(TokenizerConfig(import_from=tmp_path, out=tmp_path / "t2"))
