@@ -2,15 +2,23 @@
 
 Each split becomes one `<split>.bin` of uint16 (when the vocabulary fits) or uint32 ids, with an
 eos token after every document, plus meta.json recording the dtype, counts and the tokenizer's
-hash (pretraining refuses shards made with another tokenizer). Documents are read in batches and
-encoded with the Rust tokenizer's `encode_batch_fast`, which uses every core; output order equals
-input order, so the shards are deterministic. Memory stays flat: batches are written as they come.
+hash (pretraining refuses shards made with another tokenizer).
+
+Parallelism: the main process only decompresses and hands batches of raw JSON lines to worker
+processes, which parse them, encode and return packed token bytes; results are written in
+submission order, so the shards are byte-identical for any number of workers. At most a few
+batches are in flight, so memory stays flat however large the corpus. Document text is encoded
+as plain text (a document that spells "<|endoftext|>" gets byte tokens, not a fake eos).
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +26,14 @@ import numpy as np
 from pydantic import Field
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
-from lmforge.common.io import read_jsonl
+from lmforge.common.io import open_text
 from lmforge.config import NOT_HASHED, StageConfig
 from lmforge.errors import InputError
 from lmforge.tokenizer.files import TOKENIZER_HINT, TokenizerFiles, tokenizer_hash
 
 DATA_HINT = "lmforge data prepare --source stdlib-docs --out DIR"
 SPLITS = ("train", "val", "test")
+Batch = tuple[str, int, list[str]]  # (file name, first line number, raw JSON lines)
 
 
 class EncodeConfig(StageConfig):
@@ -33,10 +42,10 @@ class EncodeConfig(StageConfig):
     data: Path = Field(description="data stage directory ({train,val,test}.jsonl.zst)")
     tokenizer: Path = Field(description="tokenizer directory (tokenizer.json)")
     batch_docs: int = Field(
-        1024, ge=1, description="documents per encode_batch call", json_schema_extra=NOT_HASHED
+        1024, ge=1, description="documents per worker task", json_schema_extra=NOT_HASHED
     )
     workers: int = Field(
-        0, ge=0, description="tokenizer threads (0 = all cores)", json_schema_extra=NOT_HASHED
+        0, ge=0, description="encoding processes (0 = all cores)", json_schema_extra=NOT_HASHED
     )
 
     def inputs(self) -> list[Path]:
@@ -53,15 +62,80 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _batches(path: Path, size: int) -> Iterator[list[str]]:
+# ----------------------------------------------------------------------------- worker side
+
+_STATE: dict[str, Any] = {}  # per process: the tokenizer, eos id and dtype
+
+
+def init_worker(tokenizer_json: str, eos_id: int, dtype: str, threads: int | None) -> None:
+    """Loads the tokenizer once per process; threads=1 in pool workers (the pool is the
+    parallelism), None in-process (the Rust tokenizer then uses every core itself)."""
+    if threads is not None:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_json)
+    tok.encode_special_tokens = True  # document text is text, never control tokens
+    _STATE.update(tok=tok, eos=eos_id, dtype=np.dtype(dtype))
+
+
+def _document_text(name: str, line_no: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{name} line {line_no}: not valid JSON ({err.msg})") from None
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        raise InputError(f"{name} line {line_no}: expected a JSON object with a string 'text'")
+    return text
+
+
+def encode_lines(batch: Batch) -> tuple[bytes, int]:
+    """JSON lines -> (ids of each document followed by eos, as bytes; number of documents)."""
+    name, first, lines = batch
+    texts = [_document_text(name, first + i, line) for i, line in enumerate(lines)]
+    encodings = _STATE["tok"].encode_batch(texts, add_special_tokens=False)
+    eos = _STATE["eos"]
+    ids = np.fromiter(
+        (i for enc in encodings for i in (*enc.ids, eos)),
+        dtype=_STATE["dtype"],
+        count=sum(len(enc.ids) + 1 for enc in encodings),
+    )
+    return ids.tobytes(), len(lines)
+
+
+# ----------------------------------------------------------------------------- main side
+
+
+def line_batches(path: Path, size: int) -> Iterator[Batch]:
+    """Raw non-empty JSON lines of a .jsonl[.zst|.gz] file, `size` at a time, with line numbers."""
     batch: list[str] = []
-    for row in read_jsonl(path):
-        batch.append(row.get("text", ""))
-        if len(batch) >= size:
-            yield batch
-            batch = []
+    first = 1
+    with open_text(path) as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            if not batch:
+                first = line_no
+            batch.append(line)
+            if len(batch) >= size:
+                yield path.name, first, batch
+                batch = []
     if batch:
-        yield batch
+        yield path.name, first, batch
+
+
+def _ordered_map(
+    fn: Callable[[Batch], tuple[bytes, int]], batches: Iterator[Batch], pool: Any, depth: int
+) -> Iterator[tuple[bytes, int]]:
+    """pool.imap with back-pressure: at most `depth` batches read ahead, results in order."""
+    pending: deque[Any] = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(fn, (batch,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def encode_split(
@@ -69,40 +143,44 @@ def encode_split(
     source: Path,
     dest: Path,
     dtype: np.dtype,
-    batch_docs: int,
+    cfg: EncodeConfig,
     ctx: StageContext,
 ) -> tuple[int, int]:
     """Encodes one split into dest atomically; returns (tokens, documents)."""
-    eos = files.eos_id
-    # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which shards never use:
-    # same ids, ~20% faster (benchmarks/bench_tokenizer.py).
-    encode_batch = getattr(files.tokenizer, "encode_batch_fast", files.tokenizer.encode_batch)
+    workers = cfg.workers or os.cpu_count() or 1
+    batches = line_batches(source, cfg.batch_docs)
+    head = list(islice(batches, 2))  # a split of one batch is not worth starting processes
+    all_batches = iter([*head, *batches])
+    args = (str(Path(files.path, "tokenizer.json").resolve()), files.eos_id, dtype.name)
     n_tokens = n_docs = 0
     with (
         ctx.atomic_path(dest) as tmp,
         open(tmp, "wb") as fh,
-        ctx.progress(f"encode {source.stem.split('.')[0]}", unit="doc") as bar,
+        ctx.progress(f"encode {dest.stem}", unit="doc") as bar,
     ):
-        for batch in _batches(source, batch_docs):
-            encodings = encode_batch(batch, add_special_tokens=False)
-            ids: list[int] = []
-            for enc in encodings:
-                ids.extend(enc.ids)
-                ids.append(eos)
-            array = np.asarray(ids, dtype=dtype)
-            fh.write(array.tobytes())
-            n_tokens += len(array)
-            n_docs += len(batch)
-            bar.advance(len(batch))
-            bar.update(tokens=n_tokens)
+
+        def write(results: Iterator[tuple[bytes, int]]) -> None:
+            nonlocal n_tokens, n_docs
+            for data, docs in results:
+                fh.write(data)
+                n_tokens += len(data) // dtype.itemsize
+                n_docs += docs
+                bar.advance(docs)
+                bar.update(tokens=n_tokens)
+
+        if workers == 1 or len(head) < 2:
+            init_worker(*args, threads=None)
+            write(map(encode_lines, all_batches))
+        else:
+            spawn = multiprocessing.get_context("spawn")  # no fork of a threaded tokenizer
+            with spawn.Pool(workers, initializer=init_worker, initargs=(*args, 1)) as pool:
+                write(_ordered_map(encode_lines, all_batches, pool, depth=2 * workers))
     return n_tokens, n_docs
 
 
 def build(cfg: EncodeConfig, ctx: StageContext) -> dict[str, Any]:
     require_artifact(cfg.data, ["train.jsonl.zst", "val.jsonl.zst"], hint=DATA_HINT)
     require_artifact(cfg.tokenizer, ["tokenizer.json"], hint=TOKENIZER_HINT)
-    if cfg.workers:
-        os.environ["RAYON_NUM_THREADS"] = str(cfg.workers)
     files = TokenizerFiles.load(cfg.tokenizer)
     if files.eos_id is None:
         raise InputError(
@@ -116,7 +194,7 @@ def build(cfg: EncodeConfig, ctx: StageContext) -> dict[str, Any]:
         source = Path(cfg.data) / f"{split}.jsonl.zst"
         if source.exists():
             counts[split], documents[split] = encode_split(
-                files, source, ctx.out / f"{split}.bin", dtype, cfg.batch_docs, ctx
+                files, source, ctx.out / f"{split}.bin", dtype, cfg, ctx
             )
     if not counts.get("train"):
         raise InputError(

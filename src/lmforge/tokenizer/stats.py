@@ -30,13 +30,18 @@ def tokenizer_stats(
                 n_unk += sum(1 for i in enc.ids if i == unk_id)
         pending.clear()
 
-    for text in texts:
-        n_bytes += len(text.encode("utf-8"))
-        n_words += len(text.split())
-        pending.append(text)
-        if len(pending) >= batch:
-            flush()
-    flush()
+    plain = tok.encode_special_tokens
+    tok.encode_special_tokens = True  # documents are text, as the tokens stage encodes them
+    try:
+        for text in texts:
+            n_bytes += len(text.encode("utf-8"))
+            n_words += len(text.split())
+            pending.append(text)
+            if len(pending) >= batch:
+                flush()
+        flush()
+    finally:
+        tok.encode_special_tokens = plain
     specials = set(files.special.values())
     decoded = {i: tok.decode([i]) for t, i in tok.get_vocab().items() if t not in specials}
     longest = sorted(decoded, key=lambda i: (-len(decoded[i]), i))[:10]
