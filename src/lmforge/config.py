@@ -157,6 +157,8 @@ def describe_error(cls: type[BaseModel], exc: ValidationError, where: str = "") 
         hint = f" ({desc})" if desc else ""
         return f"{prefix}missing required key '{key}'{hint}"
     value = err.get("input")
+    if isinstance(value, dict):  # a section-level rule: the message names the keys involved
+        return f"{prefix}bad value in '{key}': {err['msg']}"
     return f"{prefix}bad value for '{key}': {value!r}: {err['msg']}"
 
 
