@@ -97,10 +97,9 @@ class FinetuneConfig(StageConfig):
 
     def model_dir(self) -> Path:
         """`model`, or its final/ when `model` is a training stage's directory."""
-        final = Path(self.model) / "final"
-        if not (Path(self.model) / "config.json").exists() and (final / "config.json").exists():
-            return final
-        return Path(self.model)
+        from lmforge.model.convert import resolve_model_dir
+
+        return resolve_model_dir(self.model)
 
 
 def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
@@ -274,18 +273,26 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: Prepared) -> dict:
-    """ROUGE-L of greedy answers on val examples, for the tuned and (optionally) base model."""
+    """ROUGE-L of greedy answers on val examples; with compare_base, the base model's too.
+
+    base_val_loss is the untuned model on the same val batches as val_loss, so the gain of any
+    method is base_val_loss - val_loss.
+    """
     from lmforge.model.convert import load_pretrained
 
-    n = cfg.eval.rouge_examples
-    if n == 0:
-        return {}
-    examples = data.val_examples[:n]
-    score, _ = rouge_eval(model, tok, examples, cfg.eval.max_new_tokens)
-    out = {"rouge_l": round(score, 4), "rouge_examples": len(examples)}
+    out: dict[str, Any] = {}
+    base = None
     if cfg.eval.compare_base:
         base = load_pretrained(cfg.model_dir(), device=next(model.parameters()).device)
-        out["base_rouge_l"] = round(rouge_eval(base, tok, examples, cfg.eval.max_new_tokens)[0], 4)
+        with torch.no_grad():
+            out["base_val_loss"] = _round(_eval_fn(cfg, data.val_rows)(base)["val_loss"])
+    examples = data.val_examples[: cfg.eval.rouge_examples]
+    if examples:
+        score, _ = rouge_eval(model, tok, examples, cfg.eval.max_new_tokens)
+        out.update(rouge_l=round(score, 4), rouge_examples=len(examples))
+        if base is not None:
+            base_score, _ = rouge_eval(base, tok, examples, cfg.eval.max_new_tokens)
+            out["base_rouge_l"] = round(base_score, 4)
     return out
 
 

@@ -68,7 +68,7 @@ def test_lora_sft_writes_merged_model_adapter_and_metrics(tmp_path, model_dir):
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "loss.png").stat().st_size > 1000
     assert 0 < m["trainable_fraction"] < 0.2 and m["steps"] == 6
-    assert {"val_loss", "rouge_l", "base_rouge_l"} <= set(m)
+    assert {"val_loss", "base_val_loss", "rouge_l", "base_rouge_l"} <= set(m)
     # the merged final model differs from the base exactly where adapters were
     base, tuned = (
         load_file(model_dir / "model.safetensors"),
