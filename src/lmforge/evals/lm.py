@@ -39,14 +39,6 @@ class GenerationSettings(Section):
     seed: int = Field(0, description="sampling seed (ignored when greedy)")
 
 
-def resolve_model_dir(path: Path) -> Path:
-    """A model directory, also accepting a training stage directory (uses its final/)."""
-    path = Path(path)
-    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
-        return path / "final"
-    return path
-
-
 class EvalModel:
     """A loaded causal LM and its tokenizer, with the scoring and generation evals need."""
 
@@ -72,7 +64,7 @@ class EvalModel:
     @classmethod
     def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
         """Loads model + tokenizer from a directory written by lmforge or save_pretrained."""
-        from lmforge.model.convert import load_pretrained
+        from lmforge.model.convert import load_pretrained, resolve_model_dir
 
         model_dir = resolve_model_dir(Path(path))
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)

@@ -27,9 +27,10 @@ from lmforge.common.io import write_jsonl
 from lmforge.config import Section, StageConfig, validate
 from lmforge.errors import ConfigError
 from lmforge.evals.errors import worst_examples
-from lmforge.evals.lm import EvalModel, GenerationSettings, resolve_model_dir
+from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.metrics import plot_confusion
 from lmforge.evals.tasks import TASK_TYPES, TaskResult, TaskSpec, load_task, run_task
+from lmforge.model.convert import resolve_model_dir
 
 
 class ModelRef(Section):

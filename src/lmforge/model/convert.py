@@ -39,6 +39,14 @@ SUPPORTED_MODEL_TYPES = (*FAMILIES, NATIVE)
 TRAINING_FIELDS = ("dropout", "init_std")
 
 
+def resolve_model_dir(path: Path | str) -> Path:
+    """A model directory; a training stage's directory stands for its final/ model."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        return path / "final"
+    return path
+
+
 def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a config.json dict.
 

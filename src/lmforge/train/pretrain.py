@@ -24,6 +24,7 @@ from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
 from lmforge.config import Section, StageConfig, config_hash
 from lmforge.errors import ConfigError, InputError
+from lmforge.tokenizer.files import TOKENIZER_FILES, TOKENIZER_HINT, TokenizerFiles, tokenizer_hash
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import barrier, is_sharded, setup_runtime
 from lmforge.train.loader import IGNORE_INDEX, TokenWindows, open_tokens
@@ -31,14 +32,6 @@ from lmforge.train.loop import TrainResult, train
 from lmforge.train.observe import plot_losses, write_tensorboard
 
 TOKENS_HINT = "lmforge tokenizer encode --data DIR --tokenizer DIR --out DIR"
-TOKENIZER_HINT = "lmforge tokenizer train --data DIR --out DIR"
-# Files of a tokenizer directory that make final/ loadable by transformers.AutoTokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 
 
 class ModelSection(Section):
@@ -64,26 +57,20 @@ class PretrainConfig(StageConfig):
     tokens: Path = Field(description="token shard directory (lmforge tokenizer encode)")
     tokenizer: Path = Field(description="tokenizer directory the shards were encoded with")
     model: ModelSection = Field(default_factory=ModelSection, description="model architecture")
+    init_from: Path | None = Field(
+        None,
+        description="continue pretraining this model directory (HF layout) instead of a fresh "
+        "preset; its architecture wins over model.*",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
 
     def inputs(self) -> list[Path]:
-        return [self.tokens, self.tokenizer]
+        return [self.tokens, self.tokenizer, *([self.init_from] if self.init_from else [])]
 
 
 def pretrain(cfg: PretrainConfig, force: bool = False) -> Path:
     """Runs (or reuses) the pretrain stage; returns its directory (final/ holds the model)."""
     return run_stage("pretrain", cfg, build, force=force).out
-
-
-def tokenizer_hash(tokenizer_dir: Path) -> str:
-    """The tokenizer's identity, as the encode stage records it in meta.json."""
-    try:
-        from lmforge.tokenizer import tokenizer_hash as official
-    except ImportError:
-        import xxhash
-
-        return xxhash.xxh3_128((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()
-    return official(tokenizer_dir)
 
 
 def read_token_meta(tokens: Path, tokenizer: Path) -> dict[str, Any]:
@@ -114,19 +101,29 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
 
 
 def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
+    """A fresh preset model, or the model in init_from for continued pretraining."""
     from lmforge.model.config import preset_config
+    from lmforge.model.convert import load_pretrained, resolve_model_dir
     from lmforge.model.transformer import Transformer
 
-    model_cfg = preset_config(
-        cfg.model.preset, **{"vocab_size": vocab_size, **cfg.model.overrides()}
-    )
-    if cfg.train.seq_len > model_cfg.block_size:
+    torch.manual_seed(cfg.train.seed)
+    if cfg.init_from is not None:
+        model = load_pretrained(resolve_model_dir(cfg.init_from)).train()
+        if model.config.vocab_size < vocab_size:
+            raise InputError(
+                f"{cfg.init_from} has a {model.config.vocab_size}-token vocabulary but the shards "
+                f"use {vocab_size}; encode with the model's own tokenizer "
+                f"(lmforge tokenizer train --import-from {cfg.init_from} ...)"
+            )
+    else:
+        overrides = {"vocab_size": vocab_size, **cfg.model.overrides()}
+        model = Transformer(preset_config(cfg.model.preset, **overrides))
+    if cfg.train.seq_len > model.config.block_size:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
-            f"{model_cfg.block_size}; lower train.seq_len or set model.block_size"
+            f"{model.config.block_size}; lower train.seq_len or set model.block_size"
         )
-    torch.manual_seed(cfg.train.seed)
-    return Transformer(model_cfg)
+    return model
 
 
 def _forget_other_runs(ckpt_root: Path, run_hash: str) -> None:
@@ -189,7 +186,9 @@ def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) 
         model = Transformer(model.config)
         model.load_state_dict(result.state_dict)
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(model, tmp, extra_config=_special_token_ids(cfg.tokenizer))
+        save_pretrained(
+            model, tmp, extra_config=TokenizerFiles.load(cfg.tokenizer).special_token_ids()
+        )
         for name in TOKENIZER_FILES:
             if (Path(cfg.tokenizer) / name).is_file():
                 shutil.copy2(Path(cfg.tokenizer) / name, tmp / name)
@@ -198,24 +197,6 @@ def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) 
     plot_losses(rows, ctx.out / "loss.png", title=f"pretrain ({cfg.model.preset})")
     shutil.rmtree(ctx.out / "tensorboard", ignore_errors=True)
     write_tensorboard(rows, ctx.out / "tensorboard")
-
-
-def _special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
-    """bos/eos/pad token ids for config.json, from tokenizer_config.json's token strings."""
-    config_path = Path(tokenizer_dir) / "tokenizer_config.json"
-    if not config_path.is_file():
-        return {}
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    names = json.loads(config_path.read_text(encoding="utf-8"))
-    ids = {}
-    for key in ("bos", "eos", "pad"):
-        token = names.get(f"{key}_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        if isinstance(token, str) and tok.token_to_id(token) is not None:
-            ids[f"{key}_token_id"] = tok.token_to_id(token)
-    return ids
 
 
 def _headline(result: TrainResult, n_params: int) -> dict[str, Any]:
