@@ -13,12 +13,11 @@ as plain text (a document that spells "<|endoftext|>" gets byte tokens, not a fa
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
-from itertools import islice
+from collections.abc import Iterator
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,11 @@ from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.io import open_text
 from lmforge.config import NOT_HASHED, StageConfig
 from lmforge.errors import InputError
+from lmforge.tokenizer.encode_worker import Batch, encode_lines, init_worker
 from lmforge.tokenizer.files import TOKENIZER_HINT, TokenizerFiles, tokenizer_hash
 
 DATA_HINT = "lmforge data prepare --source stdlib-docs --out DIR"
 SPLITS = ("train", "val", "test")
-Batch = tuple[str, int, list[str]]  # (file name, first line number, raw JSON lines)
 
 
 class EncodeConfig(StageConfig):
@@ -62,51 +61,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-# ----------------------------------------------------------------------------- worker side
-
-_STATE: dict[str, Any] = {}  # per process: the tokenizer, eos id and dtype
-
-
-def init_worker(tokenizer_json: str, eos_id: int, dtype: str, threads: int | None) -> None:
-    """Loads the tokenizer once per process; threads=1 in pool workers (the pool is the
-    parallelism), None in-process (the Rust tokenizer then uses every core itself)."""
-    if threads is not None:
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer_json)
-    tok.encode_special_tokens = True  # document text is text, never control tokens
-    _STATE.update(tok=tok, eos=eos_id, dtype=np.dtype(dtype))
-
-
-def _document_text(name: str, line_no: int, line: str) -> str:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{name} line {line_no}: not valid JSON ({err.msg})") from None
-    text = row.get("text") if isinstance(row, dict) else None
-    if not isinstance(text, str):
-        raise InputError(f"{name} line {line_no}: expected a JSON object with a string 'text'")
-    return text
-
-
-def encode_lines(batch: Batch) -> tuple[bytes, int]:
-    """JSON lines -> (ids of each document followed by eos, as bytes; number of documents)."""
-    name, first, lines = batch
-    texts = [_document_text(name, first + i, line) for i, line in enumerate(lines)]
-    encodings = _STATE["tok"].encode_batch(texts, add_special_tokens=False)
-    eos = _STATE["eos"]
-    ids = np.fromiter(
-        (i for enc in encodings for i in (*enc.ids, eos)),
-        dtype=_STATE["dtype"],
-        count=sum(len(enc.ids) + 1 for enc in encodings),
-    )
-    return ids.tobytes(), len(lines)
-
-
-# ----------------------------------------------------------------------------- main side
-
-
 def line_batches(path: Path, size: int) -> Iterator[Batch]:
     """Raw non-empty JSON lines of a .jsonl[.zst|.gz] file, `size` at a time, with line numbers."""
     batch: list[str] = []
@@ -125,56 +79,65 @@ def line_batches(path: Path, size: int) -> Iterator[Batch]:
         yield path.name, first, batch
 
 
-def _ordered_map(
-    fn: Callable[[Batch], tuple[bytes, int]], batches: Iterator[Batch], pool: Any, depth: int
-) -> Iterator[tuple[bytes, int]]:
-    """pool.imap with back-pressure: at most `depth` batches read ahead, results in order."""
-    pending: deque[Any] = deque()
-    for batch in batches:
-        pending.append(pool.apply_async(fn, (batch,)))
-        if len(pending) >= depth:
+class ShardEncoder:
+    """Maps batches to token bytes in order: in this process for a small split or one worker,
+    else in a pool of processes started on first need and shared by every split."""
+
+    def __init__(self, files: TokenizerFiles, dtype: np.dtype, workers: int) -> None:
+        self.args = (str(Path(files.path, "tokenizer.json").resolve()), files.eos_id, dtype.name)
+        self.workers = workers
+        self.pool: Any = None
+        self.local = False
+
+    def map(self, batches: Iterator[Batch]) -> Iterator[tuple[bytes, int]]:
+        head = list(islice(batches, 2))  # a split of one batch is not worth starting processes
+        batches = chain(head, batches)
+        if self.workers == 1 or len(head) < 2:
+            if not self.local:
+                init_worker(*self.args, threads=None)
+                self.local = True
+            return map(encode_lines, batches)
+        if self.pool is None:
+            spawn = multiprocessing.get_context("spawn")  # no fork of a threaded tokenizer
+            self.pool = spawn.Pool(self.workers, initializer=init_worker, initargs=(*self.args, 1))
+        return self._ordered(batches, depth=2 * self.workers)
+
+    def _ordered(self, batches: Iterator[Batch], depth: int) -> Iterator[tuple[bytes, int]]:
+        """pool.imap with back-pressure: at most `depth` batches read ahead, results in order."""
+        pending: deque[Any] = deque()
+        for batch in batches:
+            pending.append(self.pool.apply_async(encode_lines, (batch,)))
+            if len(pending) >= depth:
+                yield pending.popleft().get()
+        while pending:
             yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+
+    def __enter__(self) -> ShardEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 def encode_split(
-    files: TokenizerFiles,
-    source: Path,
-    dest: Path,
-    dtype: np.dtype,
-    cfg: EncodeConfig,
-    ctx: StageContext,
+    encoder: ShardEncoder, source: Path, dest: Path, cfg: EncodeConfig, ctx: StageContext
 ) -> tuple[int, int]:
     """Encodes one split into dest atomically; returns (tokens, documents)."""
-    workers = cfg.workers or os.cpu_count() or 1
-    batches = line_batches(source, cfg.batch_docs)
-    head = list(islice(batches, 2))  # a split of one batch is not worth starting processes
-    all_batches = iter([*head, *batches])
-    args = (str(Path(files.path, "tokenizer.json").resolve()), files.eos_id, dtype.name)
+    itemsize = np.dtype(encoder.args[2]).itemsize
     n_tokens = n_docs = 0
     with (
         ctx.atomic_path(dest) as tmp,
         open(tmp, "wb") as fh,
         ctx.progress(f"encode {dest.stem}", unit="doc") as bar,
     ):
-
-        def write(results: Iterator[tuple[bytes, int]]) -> None:
-            nonlocal n_tokens, n_docs
-            for data, docs in results:
-                fh.write(data)
-                n_tokens += len(data) // dtype.itemsize
-                n_docs += docs
-                bar.advance(docs)
-                bar.update(tokens=n_tokens)
-
-        if workers == 1 or len(head) < 2:
-            init_worker(*args, threads=None)
-            write(map(encode_lines, all_batches))
-        else:
-            spawn = multiprocessing.get_context("spawn")  # no fork of a threaded tokenizer
-            with spawn.Pool(workers, initializer=init_worker, initargs=(*args, 1)) as pool:
-                write(_ordered_map(encode_lines, all_batches, pool, depth=2 * workers))
+        for data, docs in encoder.map(line_batches(source, cfg.batch_docs)):
+            fh.write(data)
+            n_tokens += len(data) // itemsize
+            n_docs += docs
+            bar.advance(docs)
+            bar.update(tokens=n_tokens)
     return n_tokens, n_docs
 
 
@@ -190,12 +153,14 @@ def build(cfg: EncodeConfig, ctx: StageContext) -> dict[str, Any]:
     dtype = token_dtype(files.vocab_size)
     counts: dict[str, int] = {}
     documents: dict[str, int] = {}
-    for split in SPLITS:
-        source = Path(cfg.data) / f"{split}.jsonl.zst"
-        if source.exists():
-            counts[split], documents[split] = encode_split(
-                files, source, ctx.out / f"{split}.bin", dtype, cfg, ctx
-            )
+    workers = cfg.workers or os.cpu_count() or 1
+    with ShardEncoder(files, dtype, workers) as encoder:
+        for split in SPLITS:
+            source = Path(cfg.data) / f"{split}.jsonl.zst"
+            if source.exists():
+                counts[split], documents[split] = encode_split(
+                    encoder, source, ctx.out / f"{split}.bin", cfg, ctx
+                )
     if not counts.get("train"):
         raise InputError(
             f"{cfg.data}/train.jsonl.zst holds no documents; check the data funnel "

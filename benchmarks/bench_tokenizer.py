@@ -1,0 +1,205 @@
+"""Tokenizer benchmark: training time vs sentencepiece, encode throughput vs tiktoken and HF.
+
+One run prints the numbers side by side and the ratios; results go to docs/benchmarks.md. Not a
+timed test. Needs the bench extra (sentencepiece, tiktoken): pip install 'lmforge[bench]'.
+
+    python benchmarks/bench_tokenizer.py --vocab-size 8192 --repeat 3
+
+Corpus: the built-in stdlib-docs corpus (lmforge.data's reader, HTML pages left out), else
+pydoc_data.topics. Training: lmforge's byte-level BPE (HF `tokenizers` under our config) and
+sentencepiece BPE on the same lines and vocabulary size, all cores for both. Encoding: the whole
+`lmforge tokenizer encode` stage (.jsonl.zst in, .bin out) against the in-memory batch encoders
+of HF `tokenizers` (encode_batch) and tiktoken (encode_ordinary_batch). tiktoken's gpt2 file is
+a download, so the tiktoken Encoding is built from OUR trained BPE: its byte-level vocabulary
+mapped back to bytes (rank = id, which is merge order) and a regex equal to our pre-tokenizer;
+the share of documents both encode identically is printed as a check that it is the same job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+
+def load_texts() -> tuple[list[str], str]:
+    """Documents of the stdlib-docs corpus (no HTML pages), or of pydoc topics as a fallback."""
+    try:
+        from lmforge.data.stdlib_docs import read_stdlib_docs
+
+        docs = [d.text for d in read_stdlib_docs() if not d.text.lstrip().startswith("<")]
+        return [t for t in docs if t.strip()], "stdlib-docs (lmforge.data, HTML pages left out)"
+    except ImportError:
+        from pydoc_data.topics import topics
+
+        return [t for t in topics.values() if t.strip()], "pydoc_data.topics"
+
+
+def best_of(rounds: int, fn) -> tuple[float, object]:
+    """Fastest wall time of `rounds` calls (the machine is shared) and the last result."""
+    best, result = float("inf"), None
+    for _ in range(rounds):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_lmforge(texts: list[str], vocab_size: int, kind: str):
+    from lmforge.tokenizer.train import TokenizerConfig, build_tokenizer
+
+    cfg = TokenizerConfig(data=Path("."), out=Path("."), kind=kind, vocab_size=vocab_size)
+    return build_tokenizer(cfg, iter(texts))
+
+
+def train_spm(lines: list[str], vocab_size: int, kind: str, workdir: Path) -> None:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(workdir / f"spm_{kind}"),
+        model_type=kind,
+        vocab_size=vocab_size,
+        num_threads=os.cpu_count(),
+        input_sentence_size=0,  # every line, no sampling
+        max_sentence_length=1 << 20,
+        character_coverage=1.0,
+        byte_fallback=True,  # lossless like byte-level BPE
+        minloglevel=2,
+    )
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what byte-level BPE vocabularies spell)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+# GPT-2's split with single digits: what our default pre-tokenizer (Digits + ByteLevel) does.
+OUR_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def tiktoken_from_bpe(tok) -> object:
+    """A tiktoken Encoding with our BPE's merges (rank = id; ids follow merge order)."""
+    import tiktoken
+
+    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    vocab = tok.get_vocab(with_added_tokens=False)
+    ranks = {bytes(char_to_byte[c] for c in piece): i for piece, i in vocab.items()}
+    return tiktoken.Encoding(
+        name="lmforge-bpe", pat_str=OUR_PATTERN, mergeable_ranks=ranks, special_tokens={}
+    )
+
+
+def encode_stage(data: Path, tok_dir: Path, out: Path, workers: int) -> int:
+    """The whole tokens stage; returns train tokens (val is 10 short documents)."""
+    import json
+
+    from lmforge.tokenizer import EncodeConfig, encode
+
+    cfg = EncodeConfig(data=data, tokenizer=tok_dir, out=out, workers=workers)
+    done = encode(cfg, force=True)
+    return json.loads((done / "meta.json").read_text())["counts"]["train"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--repeat", type=int, default=3, help="corpus copies for encoding")
+    parser.add_argument("--rounds", type=int, default=3, help="best of N for encoding")
+    parser.add_argument("--unigram", action="store_true", help="also time unigram training")
+    args = parser.parse_args()
+
+    from lmforge.common.io import write_jsonl
+    from lmforge.common.logging import setup_logging
+    from lmforge.tokenizer import TokenizerConfig, train_tokenizer
+
+    setup_logging(quiet=True)  # no progress bars inside timed regions
+
+    texts, name = load_texts()
+    lines = [line for t in texts for line in t.splitlines() if line.strip()]
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    cores = os.cpu_count()
+    print(f"corpus: {name}: {len(texts):,} documents, {mb:.1f} MB; {cores} cores")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    )
+
+    print(f"\n== training, vocab {args.vocab_size} (same lines for both) ==")
+    kinds = ["bpe", "unigram"] if args.unigram else ["bpe"]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for kind in kinds:
+            t_ours, _ = best_of(1, lambda k=kind: train_lmforge(lines, args.vocab_size, k))
+            t_spm, _ = best_of(1, lambda k=kind: train_spm(lines, args.vocab_size, k, work))
+            print(
+                f"{kind:8s} lmforge {t_ours:7.2f} s   sentencepiece {t_spm:7.2f} s   "
+                f"ratio {t_spm / t_ours:5.2f}x"
+            )
+
+        print(
+            f"\n== encoding, corpus x{args.repeat} ({mb * args.repeat:.1f} MB), best of {args.rounds} =="
+        )
+        data = work / "data"
+        data.mkdir()
+        write_jsonl(data / "train.jsonl.zst", ({"text": t} for t in texts * args.repeat))
+        write_jsonl(data / "val.jsonl.zst", ({"text": t[:200]} for t in texts[:10]))
+        tok_dir = train_tokenizer(
+            TokenizerConfig(data=data, out=work / "tok", vocab_size=args.vocab_size)
+        )
+        from lmforge.tokenizer import TokenizerFiles
+
+        hf = TokenizerFiles.load(tok_dir).tokenizer
+        hf.encode_special_tokens = True
+        enc = tiktoken_from_bpe(hf)
+        docs = texts * args.repeat
+        same = sum(
+            hf.encode(t, add_special_tokens=False).ids == enc.encode_ordinary(t) for t in texts
+        )
+        print(
+            f"tiktoken built from our BPE encodes {same / len(texts):.1%} of documents identically"
+        )
+
+        rows = {}
+        t, n = best_of(
+            args.rounds,
+            lambda: sum(len(e.ids) for e in hf.encode_batch(docs, add_special_tokens=False)),
+        )
+        rows["HF tokenizers encode_batch (in memory)"] = (t, n)
+        t, n = best_of(
+            args.rounds,
+            lambda: sum(map(len, enc.encode_ordinary_batch(docs, num_threads=cores))),
+        )
+        rows["tiktoken encode_ordinary_batch (in memory)"] = (t, n)
+        for workers in sorted({1, cores}):
+            label = f"lmforge encode stage, .zst -> .bin, workers={workers}"
+            rows[label] = best_of(
+                args.rounds, lambda w=workers: encode_stage(data, tok_dir, work / "tokens", w)
+            )
+        for label, (t, n) in rows.items():
+            print(f"{label:50s} {n / t / 1e6:6.2f} M tok/s  ({t:.2f} s, {n:,} tokens)")
+        ours = rows[f"lmforge encode stage, .zst -> .bin, workers={cores}"]
+        for label in list(rows)[:2]:
+            ratio = (ours[1] / ours[0]) / (rows[label][1] / rows[label][0])
+            print(f"ratio lmforge stage / {label.split(' (')[0]}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
