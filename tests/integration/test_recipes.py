@@ -173,3 +173,24 @@ def test_classifier_kfold_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     )
     metrics = read_manifest(tmp_path / "run/classify")["metrics"]
     assert any("std" in key for key in metrics), metrics
+
+
+def test_domain_adapt_recipe_lowers_heldout_perplexity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_hf_checkpoint(tmp_path)
+    write_texts(tmp_path / "domain")
+    overrides = [
+        *lenient_data(),
+        *MICRO_TRAIN,
+        "train.max_steps=30",
+        "train.lr=3e-3",
+        "train.eval_every=30",
+        "train.ckpt_every=30",
+        "train.seq_len=64",
+    ]
+    run_recipe("domain-adapt", out=tmp_path / "run", overrides=overrides)
+    results = json.loads((tmp_path / "run/eval/eval.json").read_text())
+    ppl = {model: tasks["domain_heldout"]["perplexity"] for model, tasks in results["results"].items()}
+    assert ppl["after"] < 0.5 * ppl["before"], ppl
