@@ -66,11 +66,11 @@ class _Clock:
 
 
 def our_model() -> torch.nn.Module:
-    """lmforge's Transformer in GPT-2 style at nanoGPT's shape (GELU is GPT-2's tanh form)."""
+    """lmforge's Transformer in GPT-2 style at nanoGPT's shape, with nanoGPT's exact (erf) GELU."""
     cfg = ModelConfig(
         vocab_size=SHAPE["vocab_size"], n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"],
         n_kv_head=SHAPE["n_head"], n_embd=SHAPE["n_embd"], intermediate_size=4 * SHAPE["n_embd"],
-        block_size=SHAPE["block_size"], norm="layernorm", pos="learned", mlp="gelu", bias=False,
+        block_size=SHAPE["block_size"], norm="layernorm", pos="learned", mlp="gelu_exact", bias=False,
         tie_embeddings=True,
     )  # fmt: skip
     return Transformer(cfg)

@@ -14,7 +14,7 @@ from lmforge.errors import ConfigError
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
-MLPS = ("swiglu", "gelu")
+MLPS = ("swiglu", "gelu", "gelu_exact")
 ROPE_TYPES = ("default", "llama3")
 
 
@@ -31,7 +31,9 @@ class ModelConfig:
     block_size: int  # max sequence length (positions / rope cache)
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
     pos: str = "rope"  # "rope" (rotary) | "learned" (absolute position embeddings)
-    mlp: str = "swiglu"  # "swiglu" (silu(gate) * up) | "gelu" (tanh approximation, as GPT-2)
+    mlp: str = (
+        "swiglu"  # "swiglu" (silu(gate) * up) | "gelu" (tanh approx., GPT-2) | "gelu_exact" (erf)
+    )
     bias: bool = False  # biases on all linears and layernorms (GPT-2)
     attn_bias: bool = False  # biases on q/k/v only (Qwen2)
     tie_embeddings: bool = False  # lm_head shares the token embedding matrix

@@ -55,13 +55,15 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _require(hf: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> None:
+def _require(hf: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> Any:
+    """hf[key] (or default) if it is one of allowed; the value, for callers that branch on it."""
     value = hf.get(key, default)
     if value not in allowed:
         raise InputError(
             f"config.json {key}={value!r} is not supported for model_type "
             f"{hf.get('model_type')!r}; supported: {', '.join(map(repr, allowed))}"
         )
+    return value
 
 
 # ---- llama, mistral, qwen2: RMSNorm + RoPE + SwiGLU, differing only in biases / windows ----
@@ -167,7 +169,9 @@ def llama_rules(cfg: ModelConfig) -> list[Rule]:
 
 
 def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
-    _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+    activation = _require(
+        hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh", "gelu"), "gelu_new"
+    )
     _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
     _require(hf, "scale_attn_weights", (True,), True)
     n_embd, n_head = hf["n_embd"], hf["n_head"]
@@ -181,7 +185,7 @@ def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
         block_size=hf.get("n_positions", 1024),
         norm="layernorm",
         pos="learned",
-        mlp="gelu",
+        mlp="gelu_exact" if activation == "gelu" else "gelu",
         bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
@@ -198,7 +202,7 @@ def _gpt2_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, 
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": cfg.intermediate_size,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
         "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
@@ -252,7 +256,7 @@ FAMILIES: dict[str, Family] = {
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
-    if (cfg.norm, cfg.pos, cfg.mlp) == ("layernorm", "learned", "gelu"):
+    if (cfg.norm, cfg.pos) == ("layernorm", "learned") and cfg.mlp in ("gelu", "gelu_exact"):
         gpt2_ok = cfg.bias and cfg.n_kv_head == cfg.n_head and standard_heads
         return "gpt2" if gpt2_ok and cfg.sliding_window is None else None
     if (cfg.norm, cfg.pos, cfg.mlp) != ("rmsnorm", "rope", "swiglu"):

@@ -160,6 +160,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = "none" if config.mlp == "gelu_exact" else "tanh"
         hidden = config.intermediate_size
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -171,7 +172,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # (B, T, hidden)
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.dropout(self.proj(h))  # (B, T, C)
 
 

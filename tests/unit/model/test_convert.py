@@ -68,6 +68,9 @@ HF_MODELS = {
         bos_token_id=0,
         eos_token_id=0,
     ),
+    "gpt2-exact-gelu": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, activation_function="gelu"
+    ),
 }
 
 
@@ -93,6 +96,7 @@ OUR_MODELS = {
     "mistral": ("micro", dict(sliding_window=5, tie_embeddings=False), "MistralForCausalLM"),
     "gpt2-tied": ("micro-gpt2", {}, "GPT2LMHeadModel"),
     "gpt2-untied": ("micro-gpt2", dict(tie_embeddings=False, dropout=0.1), "GPT2LMHeadModel"),
+    "gpt2-exact-gelu": ("micro-gpt2", dict(mlp="gelu_exact"), "GPT2LMHeadModel"),
 }
 
 
