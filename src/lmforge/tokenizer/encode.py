@@ -44,7 +44,11 @@ class EncodeConfig(StageConfig):
         1024, ge=1, description="documents per worker task", json_schema_extra=NOT_HASHED
     )
     workers: int = Field(
-        0, ge=0, description="encoding processes (0 = all cores)", json_schema_extra=NOT_HASHED
+        0,
+        ge=0,
+        description="encoding processes (0 = auto: 1 on <= 2 cores, else one per core; "
+        "1 = in this process, the Rust encoder still uses every core)",
+        json_schema_extra=NOT_HASHED,
     )
 
     def inputs(self) -> list[Path]:
@@ -77,6 +81,16 @@ def line_batches(path: Path, size: int) -> Iterator[Batch]:
                 batch = []
     if batch:
         yield path.name, first, batch
+
+
+def resolve_workers(requested: int) -> int:
+    """0 = auto: one process (the Rust encoder already uses every core) on machines of up to
+    two cores, where worker processes measured slower (docs/benchmarks.md); else one per core,
+    which also spreads JSON parsing and packing, the serial part of the one-process path."""
+    if requested:
+        return requested
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else cores
 
 
 class ShardEncoder:
@@ -153,8 +167,7 @@ def build(cfg: EncodeConfig, ctx: StageContext) -> dict[str, Any]:
     dtype = token_dtype(files.vocab_size)
     counts: dict[str, int] = {}
     documents: dict[str, int] = {}
-    workers = cfg.workers or os.cpu_count() or 1
-    with ShardEncoder(files, dtype, workers) as encoder:
+    with ShardEncoder(files, dtype, resolve_workers(cfg.workers)) as encoder:
         for split in SPLITS:
             source = Path(cfg.data) / f"{split}.jsonl.zst"
             if source.exists():

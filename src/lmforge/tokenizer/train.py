@@ -223,57 +223,63 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterator[str]) -> Any:
     return tok
 
 
-def tokenizer_config_json(cfg: TokenizerConfig) -> dict[str, Any]:
-    """tokenizer_config.json as transformers expects it (no post-processor specials added)."""
+def special_tokens_map(cfg: TokenizerConfig, vocab: dict[str, int]) -> dict[str, Any]:
+    """special_tokens_map.json: the configured special tokens that the vocabulary has."""
     st = cfg.special_tokens
-    return {
+    named = {"bos_token": st.bos, "eos_token": st.eos, "pad_token": st.pad, "unk_token": st.unk}
+    found: dict[str, Any] = {k: t for k, t in named.items() if t in vocab}
+    found["additional_special_tokens"] = [t for t in st.additional() if t in vocab]
+    return found
+
+
+def write_metadata(
+    cfg: TokenizerConfig, vocab: dict[str, int], out: Path, ctx: StageContext
+) -> None:
+    """tokenizer_config.json + special_tokens_map.json (+ chat_template.jinja when the vocab
+    has the ChatML markers), as transformers' AutoTokenizer expects them."""
+    specials = special_tokens_map(cfg, vocab)
+    config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": st.bos,
-        "eos_token": st.eos,
-        "pad_token": st.pad,
-        "unk_token": st.unk,
-        "additional_special_tokens": st.additional(),
+        **specials,
         "model_max_length": cfg.model_max_length,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHATML_TEMPLATE,
     }
+    if all(t in vocab for t in CHAT_TOKENS):
+        config["chat_template"] = CHATML_TEMPLATE
+        ctx.atomic_write_text(out / "chat_template.jinja", CHATML_TEMPLATE)
+    ctx.atomic_write_json(out / "tokenizer_config.json", config)
+    ctx.atomic_write_json(out / "special_tokens_map.json", specials)
 
 
-def write_tokenizer_dir(tok: Any, cfg: TokenizerConfig, out: Path, ctx: StageContext) -> None:
-    """tokenizer.json + tokenizer_config.json + special_tokens_map.json + chat_template.jinja."""
-    st = cfg.special_tokens
-    ctx.atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=False))
-    ctx.atomic_write_json(out / "tokenizer_config.json", tokenizer_config_json(cfg))
-    ctx.atomic_write_json(
-        out / "special_tokens_map.json",
-        {
-            "bos_token": st.bos,
-            "eos_token": st.eos,
-            "pad_token": st.pad,
-            "unk_token": st.unk,
-            "additional_special_tokens": st.additional(),
-        },
-    )
-    ctx.atomic_write_text(out / "chat_template.jinja", CHATML_TEMPLATE)
-
-
-def import_tokenizer(source: Path, out: Path, ctx: StageContext) -> None:
-    """Copies an existing tokenizer (a tokenizer.json file or an HF tokenizer directory)."""
-    source = Path(source)
-    src_dir = source.parent if source.is_file() else source
-    if not (src_dir / "tokenizer.json").is_file():
+def import_tokenizer(cfg: TokenizerConfig, out: Path, ctx: StageContext) -> None:
+    """Copies an existing tokenizer: an HF tokenizer directory with its metadata as it is, or a
+    bare tokenizer.json (any name) with metadata for the configured special tokens it has."""
+    source = Path(cfg.import_from)  # type: ignore[arg-type]
+    main = source if source.is_file() else source / "tokenizer.json"
+    if not main.is_file():
         raise InputError(f"{source}: no tokenizer.json to import (give the file or its directory)")
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            with ctx.atomic_path(out / name) as tmp:
-                shutil.copyfile(src_dir / name, tmp)
+    with ctx.atomic_path(out / "tokenizer.json") as tmp:
+        shutil.copyfile(main, tmp)
+    if main.name == "tokenizer.json":
+        for name in TOKENIZER_FILES[1:]:
+            if (main.parent / name).is_file():
+                with ctx.atomic_path(out / name) as tmp:
+                    shutil.copyfile(main.parent / name, tmp)
+    if not (out / "tokenizer_config.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            vocab = Tokenizer.from_file(str(main)).get_vocab(with_added_tokens=True)
+        except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+            raise InputError(f"{main} is not a tokenizers JSON file: {exc}") from None
+        write_metadata(cfg, vocab, out, ctx)
 
 
 def build(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, Any]:
     """Trains or imports, then measures the tokenizer on the val split (when there is data)."""
     out = ctx.out
     if cfg.import_from is not None:
-        import_tokenizer(cfg.import_from, out, ctx)
+        import_tokenizer(cfg, out, ctx)
     else:
         require_artifact(cfg.data, ["train.jsonl.zst"], hint=DATA_HINT)
         if not any(text.strip() for text in iter_texts(cfg.data, "train", max_chars=1)):
@@ -282,7 +288,8 @@ def build(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, Any]:
                 f"funnel (lmforge data stats {cfg.data}) and loosen the filters that removed it"
             )
         tok = build_tokenizer(cfg, iter_texts(cfg.data, "train", cfg.max_chars))
-        write_tokenizer_dir(tok, cfg, out, ctx)
+        ctx.atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=False))
+        write_metadata(cfg, tok.get_vocab(with_added_tokens=True), out, ctx)
     files = TokenizerFiles.load(out)
     stats: dict[str, Any] = {
         "kind": cfg.kind if cfg.import_from is None else "imported",

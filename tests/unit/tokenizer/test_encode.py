@@ -88,3 +88,15 @@ def test_missing_inputs_name_the_command(corpus: Path, tmp_path: Path) -> None:
 def test_token_dtype_switches_at_uint16_limit() -> None:
     assert token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
+
+
+def test_tokenizer_without_eos_is_a_clear_error(corpus: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(
+        str(tok_dir / "tokenizer.json")
+    )
+    with pytest.raises(InputError, match="defines no eos_token"):
+        encode(EncodeConfig(data=corpus, tokenizer=tok_dir, out=tmp_path / "t"))

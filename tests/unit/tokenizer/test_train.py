@@ -136,15 +136,31 @@ def test_import_existing_tokenizer(bpe_dir: Path, tmp_path: Path) -> None:
     assert json.loads((from_dir / "stats.json").read_text())["kind"] == "imported"
 
 
-def test_import_bare_tokenizer_json_gets_no_invented_specials(
+def test_import_bare_tokenizer_json_gets_metadata_for_tokens_it_has(
     bpe_dir: Path, tmp_path: Path
 ) -> None:
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    (bare / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
-    out = train_tokenizer(TokenizerConfig(import_from=bare / "tokenizer.json", out=tmp_path / "o"))
-    assert TokenizerFiles.load(out).chat_template is None
-    assert not (out / "tokenizer_config.json").exists()
+    bare = tmp_path / "my-tokenizer.json"  # any file name
+    bare.write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+    out = train_tokenizer(TokenizerConfig(import_from=bare, out=tmp_path / "o"))
+    files = TokenizerFiles.load(out)
+    assert files.special == TokenizerFiles.load(bpe_dir).special and files.chat_template
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf.eos_token == "<|endoftext|>" and hf.encode("café 12") == files.encode("café 12")
+
+
+def test_import_bare_tokenizer_without_our_specials(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = train_tokenizer(TokenizerConfig(import_from=tmp_path, out=tmp_path / "o"))
+    files = TokenizerFiles.load(out)
+    assert files.special == {} and files.chat_template is None  # nothing invented
+    assert files.encode("hello world") == [1, 2]
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
