@@ -33,12 +33,13 @@ from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
 from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
 from lmforge.finetune.lora import LoraConfig, inject, merge, save_peft_adapter, trainable_fraction
 from lmforge.finetune.sft import build_sft_rows, load_chat_tokenizer
-from lmforge.tokenizer.files import TokenizerFiles
+from lmforge.tokenizer.files import TOKENIZER_FILES, TokenizerFiles
+from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.config import TrainConfig
 from lmforge.train.loader import RowBatches
 from lmforge.train.loop import train
 from lmforge.train.observe import plot_losses
-from lmforge.train.pretrain import TOKENIZER_FILES, _forget_other_runs, lm_loss
+from lmforge.train.pretrain import lm_loss
 
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (its final/ directory)"
 
@@ -250,7 +251,7 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         if cfg.task == "sft":
             raise ConfigError("kfold.k > 1 needs labeled data (--task classify or multitask)")
         headline.update(cross_validate(cfg, ctx, tok, train_ex + val_ex, labels))
-    _forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+    forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
     data = prepare(cfg, tok, train_ex, val_ex, labels)
     ctx.log.info("finetune %s/%s: %s", cfg.task, cfg.method, data.stats)
     model, lm, result = fit(cfg, ctx, data)

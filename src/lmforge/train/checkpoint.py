@@ -190,3 +190,17 @@ def _val_loss(path: Path) -> float | None:
         return json.loads((path / "meta.json").read_text(encoding="utf-8")).get("val_loss")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def forget_other_runs(ckpt_root: Path, run_hash: str) -> None:
+    """Checkpoints of a different config must not be resumed: remove them."""
+    marker = ckpt_root / "run.json"
+    if ckpt_root.is_dir():
+        try:
+            old = json.loads(marker.read_text(encoding="utf-8")).get("config_hash")
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != run_hash:
+            shutil.rmtree(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"config_hash": run_hash}) + "\n", encoding="utf-8")

@@ -25,6 +25,7 @@ from lmforge.common.logging import read_metrics
 from lmforge.config import Section, StageConfig, config_hash
 from lmforge.errors import ConfigError, InputError
 from lmforge.tokenizer.files import TOKENIZER_FILES, TOKENIZER_HINT, TokenizerFiles, tokenizer_hash
+from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import barrier, is_sharded, setup_runtime
 from lmforge.train.loader import IGNORE_INDEX, TokenWindows, open_tokens
@@ -126,27 +127,13 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
     return model
 
 
-def _forget_other_runs(ckpt_root: Path, run_hash: str) -> None:
-    """Checkpoints of a different config must not be resumed: remove them."""
-    marker = ckpt_root / "run.json"
-    if ckpt_root.is_dir():
-        try:
-            old = json.loads(marker.read_text(encoding="utf-8")).get("config_hash")
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != run_hash:
-            shutil.rmtree(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"config_hash": run_hash}) + "\n", encoding="utf-8")
-
-
 def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     """Trains the model and writes final/, loss.png and TensorBoard events; returns headlines."""
     meta = read_token_meta(cfg.tokens, cfg.tokenizer)
     tc = cfg.train
     rt = setup_runtime(tc)
     if rt.env.is_main:
-        _forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+        forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
     barrier()
     model = _build_model(cfg, int(meta["vocab_size"]))
     n_params = model.num_params()
