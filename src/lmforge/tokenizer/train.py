@@ -70,7 +70,8 @@ class TokenizerConfig(StageConfig):
     """`lmforge tokenizer train --data DIR --out DIR [--kind ...] [--vocab-size N]`."""
 
     data: Path | None = Field(
-        None, description="data stage directory (train.jsonl.zst, val.jsonl.zst)"
+        None,
+        description="data stage directory: train.jsonl.zst to train on, val.jsonl.zst to measure",
     )
     import_from: Path | None = Field(
         None,
@@ -101,8 +102,11 @@ class TokenizerConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerConfig:
-        if (self.data is None) == (self.import_from is None):
-            raise ValueError("give exactly one of 'data' (to train) or 'import_from' (to import)")
+        if self.data is None and self.import_from is None:
+            raise ValueError(
+                "give 'data' (a data stage directory to train on) or 'import_from' "
+                "(an existing tokenizer; with 'data' too, its val split only measures it)"
+            )
         valid = PRE_TOKENIZERS[self.kind]
         if self.pre_tokenizer not in valid:
             raise ValueError(

@@ -126,14 +126,19 @@ def test_normalization_digits_and_pre_tokenizer(corpus: Path, tmp_path: Path) ->
     assert len(TokenizerFiles.load(train_tokenizer(whole)).encode(" 12.5")) == 3  # " 12" "." "5"
 
 
-def test_import_existing_tokenizer(bpe_dir: Path, tmp_path: Path) -> None:
+def test_import_existing_tokenizer(bpe_dir: Path, corpus: Path, tmp_path: Path) -> None:
     from_file = train_tokenizer(
         TokenizerConfig(import_from=bpe_dir / "tokenizer.json", out=tmp_path / "imp")
     )
     assert tokenizer_hash(from_file) == tokenizer_hash(bpe_dir)
     assert TokenizerFiles.load(from_file).chat_template is not None
-    from_dir = train_tokenizer(TokenizerConfig(import_from=bpe_dir, out=tmp_path / "imp2"))
-    assert json.loads((from_dir / "stats.json").read_text())["kind"] == "imported"
+    measured = TokenizerConfig(import_from=bpe_dir, data=corpus, out=tmp_path / "imp2")
+    stats = json.loads((train_tokenizer(measured) / "stats.json").read_text())
+    assert stats["kind"] == "imported"  # not retrained, but measured on the val split
+    assert (
+        stats["bytes_per_token"]
+        == json.loads((bpe_dir / "stats.json").read_text())["bytes_per_token"]
+    )
 
 
 def test_import_bare_tokenizer_json_gets_metadata_for_tokens_it_has(
@@ -164,7 +169,7 @@ def test_import_bare_tokenizer_without_our_specials(tmp_path: Path) -> None:
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="exactly one of 'data'"):
+    with pytest.raises(ConfigError, match=r"give 'data' .* or 'import_from'"):
         load_config(TokenizerConfig, values={"out": str(tmp_path)})
     with pytest.raises(ConfigError, match="pre_tokenizer 'gpt4' does not fit kind 'wordpiece'"):
         load_config(
