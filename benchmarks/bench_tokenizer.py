@@ -22,6 +22,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -38,27 +39,33 @@ def load_texts() -> tuple[list[str], str]:
         return [t for t in topics.values() if t.strip()], "pydoc_data.topics"
 
 
-def best_of(rounds: int, fn) -> tuple[float, object]:
-    """Fastest wall time of `rounds` calls (the machine is shared) and the last result."""
-    best, result = float("inf"), None
+def interleaved(rounds: int, jobs: dict[str, Callable[[], int]]) -> dict[str, tuple[float, int]]:
+    """{name: (fastest wall time, result)} running the jobs round-robin, so that load from other
+    users of a shared machine hits every contender alike."""
+    best: dict[str, tuple[float, int]] = {}
     for _ in range(rounds):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, fn in jobs.items():
+            start = time.perf_counter()
+            result = fn()
+            elapsed = time.perf_counter() - start
+            if name not in best or elapsed < best[name][0]:
+                best[name] = (elapsed, result)
+    return best
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def train_lmforge(texts: list[str], vocab_size: int, kind: str):
+def train_lmforge(texts: list[str], vocab_size: int, kind: str) -> int:
+    """lmforge's trainer (the stage minus file writing and stats); returns the vocab size."""
     from lmforge.tokenizer.train import TokenizerConfig, build_tokenizer
 
     cfg = TokenizerConfig(data=Path("."), out=Path("."), kind=kind, vocab_size=vocab_size)
-    return build_tokenizer(cfg, iter(texts))
+    return build_tokenizer(cfg, iter(texts)).get_vocab_size()
 
 
-def train_spm(lines: list[str], vocab_size: int, kind: str, workdir: Path) -> None:
+def train_spm(lines: list[str], vocab_size: int, kind: str, workdir: Path) -> int:
+    """sentencepiece on the same lines, all threads; returns the vocab size."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
@@ -73,6 +80,7 @@ def train_spm(lines: list[str], vocab_size: int, kind: str, workdir: Path) -> No
         byte_fallback=True,  # lossless like byte-level BPE
         minloglevel=2,
     )
+    return spm.SentencePieceProcessor(model_file=str(workdir / f"spm_{kind}.model")).vocab_size()
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -119,91 +127,93 @@ def encode_stage(data: Path, tok_dir: Path, out: Path, workers: int) -> int:
     return json.loads((done / "meta.json").read_text())["counts"]["train"]
 
 
+def bench_training(lines: list[str], args: argparse.Namespace, work: Path) -> None:
+    print(f"\n== training, vocab {args.vocab_size}, same lines for both, best of {args.rounds} ==")
+    for kind in ["bpe", "unigram"] if args.unigram else ["bpe"]:
+        times = interleaved(
+            args.rounds,
+            {
+                "lmforge": lambda k=kind: train_lmforge(lines, args.vocab_size, k),
+                "sentencepiece": lambda k=kind: train_spm(lines, args.vocab_size, k, work),
+            },
+        )
+        ours, spm = times["lmforge"][0], times["sentencepiece"][0]
+        print(
+            f"{kind:8s} lmforge {ours:6.2f} s   sentencepiece {spm:6.2f} s   ratio {spm / ours:5.2f}x"
+        )
+
+
+def bench_encoding(texts: list[str], args: argparse.Namespace, work: Path) -> None:
+    from lmforge.common.io import write_jsonl
+    from lmforge.tokenizer import TokenizerConfig, TokenizerFiles, train_tokenizer
+    from lmforge.tokenizer.encode import resolve_workers
+
+    mb = sum(len(t.encode()) for t in texts) * args.repeat / 1e6
+    print(f"\n== encoding, corpus x{args.repeat} ({mb:.1f} MB), best of {args.rounds} ==")
+    data = work / "data"
+    data.mkdir()
+    docs = texts * args.repeat
+    write_jsonl(data / "train.jsonl.zst", ({"text": t} for t in docs))
+    write_jsonl(data / "val.jsonl.zst", ({"text": t[:200]} for t in texts[:10]))
+    tok_dir = train_tokenizer(
+        TokenizerConfig(data=data, out=work / "tok", vocab_size=args.vocab_size)
+    )
+    hf = TokenizerFiles.load(tok_dir).tokenizer
+    hf.encode_special_tokens = True  # as the stage does: document text is text (like tiktoken's)
+    hf.encode_special_tokens = True  # as the stage encodes documents
+    enc = tiktoken_from_bpe(hf)
+    same = sum(hf.encode(t, add_special_tokens=False).ids == enc.encode_ordinary(t) for t in texts)
+    print(f"tiktoken built from our BPE encodes {same / len(texts):.1%} of documents identically")
+
+    cores = os.cpu_count() or 1
+    auto = resolve_workers(0)
+    ours = f"lmforge encode stage .zst -> .bin, workers=auto ({auto})"
+    jobs: dict[str, Callable[[], int]] = {
+        "HF tokenizers encode_batch (in memory)": lambda: sum(
+            len(e.ids) for e in hf.encode_batch(docs, add_special_tokens=False)
+        ),
+        "HF tokenizers encode_batch_fast (in memory)": lambda: sum(
+            len(e.ids) for e in hf.encode_batch_fast(docs, add_special_tokens=False)
+        ),
+        "tiktoken encode_ordinary_batch (in memory)": lambda: sum(
+            map(len, enc.encode_ordinary_batch(docs, num_threads=cores))
+        ),
+        ours: lambda: encode_stage(data, tok_dir, work / "tokens", auto),
+    }
+    if auto != cores:
+        jobs[f"lmforge encode stage, workers={cores} processes"] = lambda: encode_stage(
+            data, tok_dir, work / "tokens", cores
+        )
+    rows = interleaved(args.rounds, jobs)
+    for label, (t, n) in rows.items():
+        print(f"{label:55s} {n / t / 1e6:6.2f} M tok/s  ({t:.2f} s, {n:,} tokens)")
+    rate = rows[ours][1] / rows[ours][0]
+    for label in list(rows)[:3]:
+        print(
+            f"ratio lmforge stage / {label.split(' (')[0]}: {rate / (rows[label][1] / rows[label][0]):.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--repeat", type=int, default=3, help="corpus copies for encoding")
-    parser.add_argument("--rounds", type=int, default=3, help="best of N for encoding")
+    parser.add_argument("--rounds", type=int, default=3, help="best of N, run round-robin")
     parser.add_argument("--unigram", action="store_true", help="also time unigram training")
     args = parser.parse_args()
 
-    from lmforge.common.io import write_jsonl
     from lmforge.common.logging import setup_logging
-    from lmforge.tokenizer import TokenizerConfig, train_tokenizer
 
     setup_logging(quiet=True)  # no progress bars inside timed regions
-
     texts, name = load_texts()
     lines = [line for t in texts for line in t.splitlines() if line.strip()]
     mb = sum(len(t.encode()) for t in texts) / 1e6
-    cores = os.cpu_count()
-    print(f"corpus: {name}: {len(texts):,} documents, {mb:.1f} MB; {cores} cores")
-    print(
-        f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}"
-    )
-
-    print(f"\n== training, vocab {args.vocab_size} (same lines for both) ==")
-    kinds = ["bpe", "unigram"] if args.unigram else ["bpe"]
+    print(f"corpus: {name}: {len(texts):,} documents, {mb:.1f} MB")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {os.cpu_count()} cores, Python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for kind in kinds:
-            t_ours, _ = best_of(1, lambda k=kind: train_lmforge(lines, args.vocab_size, k))
-            t_spm, _ = best_of(1, lambda k=kind: train_spm(lines, args.vocab_size, k, work))
-            print(
-                f"{kind:8s} lmforge {t_ours:7.2f} s   sentencepiece {t_spm:7.2f} s   "
-                f"ratio {t_spm / t_ours:5.2f}x"
-            )
-
-        print(
-            f"\n== encoding, corpus x{args.repeat} ({mb * args.repeat:.1f} MB), best of {args.rounds} =="
-        )
-        data = work / "data"
-        data.mkdir()
-        write_jsonl(data / "train.jsonl.zst", ({"text": t} for t in texts * args.repeat))
-        write_jsonl(data / "val.jsonl.zst", ({"text": t[:200]} for t in texts[:10]))
-        tok_dir = train_tokenizer(
-            TokenizerConfig(data=data, out=work / "tok", vocab_size=args.vocab_size)
-        )
-        from lmforge.tokenizer import TokenizerFiles
-
-        hf = TokenizerFiles.load(tok_dir).tokenizer
-        hf.encode_special_tokens = True
-        enc = tiktoken_from_bpe(hf)
-        docs = texts * args.repeat
-        same = sum(
-            hf.encode(t, add_special_tokens=False).ids == enc.encode_ordinary(t) for t in texts
-        )
-        print(
-            f"tiktoken built from our BPE encodes {same / len(texts):.1%} of documents identically"
-        )
-
-        rows = {}
-        t, n = best_of(
-            args.rounds,
-            lambda: sum(len(e.ids) for e in hf.encode_batch(docs, add_special_tokens=False)),
-        )
-        rows["HF tokenizers encode_batch (in memory)"] = (t, n)
-        t, n = best_of(
-            args.rounds,
-            lambda: sum(len(e.ids) for e in hf.encode_batch_fast(docs, add_special_tokens=False)),
-        )
-        rows["HF tokenizers encode_batch_fast (in memory)"] = (t, n)
-        t, n = best_of(
-            args.rounds,
-            lambda: sum(map(len, enc.encode_ordinary_batch(docs, num_threads=cores))),
-        )
-        rows["tiktoken encode_ordinary_batch (in memory)"] = (t, n)
-        for workers in sorted({1, cores}):
-            label = f"lmforge encode stage, .zst -> .bin, workers={workers}"
-            rows[label] = best_of(
-                args.rounds, lambda w=workers: encode_stage(data, tok_dir, work / "tokens", w)
-            )
-        for label, (t, n) in rows.items():
-            print(f"{label:50s} {n / t / 1e6:6.2f} M tok/s  ({t:.2f} s, {n:,} tokens)")
-        ours = rows[f"lmforge encode stage, .zst -> .bin, workers={cores}"]
-        for label in list(rows)[:3]:
-            ratio = (ours[1] / ours[0]) / (rows[label][1] / rows[label][0])
-            print(f"ratio lmforge stage / {label.split(' (')[0]}: {ratio:.2f}x")
+        bench_training(lines, args, Path(tmp))
+        bench_encoding(texts, args, Path(tmp))
 
 
 if __name__ == "__main__":
