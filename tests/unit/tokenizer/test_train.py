@@ -17,6 +17,13 @@ from lmforge.tokenizer import TokenizerConfig, TokenizerFiles, tokenizer_hash, t
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+@pytest.fixture(scope="module")
+def gpt4_bpe(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> TokenizerFiles:
+    out = tmp_path_factory.mktemp("gpt4") / "tok"
+    cfg = TokenizerConfig(data=corpus, out=out, vocab_size=350, pre_tokenizer="gpt4")
+    return TokenizerFiles.load(train_tokenizer(cfg))
+
+
 def test_bpe_writes_hf_layout_and_stats(bpe_dir: Path) -> None:
     for name in (*HF_FILES, "chat_template.jinja", "stats.json", "manifest.json"):
         assert (bpe_dir / name).is_file(), name
@@ -86,7 +93,16 @@ def test_other_kinds_train_and_encode(kind: str, corpus: Path, tmp_path: Path) -
     assert stats["unk_rate"] == 0  # every val character was seen in train
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
-    assert hf.encode("Item 7 costs 3 €") == files.encode("Item 7 costs 3 €")
+    for text in ("Item 7 costs 3 €", "the model, reads: text!"):
+        ids = files.encode(text)
+        assert hf.encode(text) == ids
+        assert hf.decode(ids, skip_special_tokens=True) == files.decode(ids)
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=st.text(max_size=120))
+def test_gpt4_split_byte_level_bpe_is_lossless_too(gpt4_bpe: TokenizerFiles, text: str) -> None:
+    assert gpt4_bpe.decode(gpt4_bpe.encode(text), skip_special_tokens=False) == text
 
 
 def test_unknown_characters_count_in_unk_rate(corpus: Path, tmp_path: Path) -> None:
