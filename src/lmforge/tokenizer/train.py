@@ -136,6 +136,16 @@ def iter_texts(data_dir: Path, split: str, max_chars: int | None = None) -> Iter
             return
 
 
+def _advancing(texts: Iterator[str], bar: Any, every: int = 1000) -> Iterator[str]:
+    """Passes texts through, moving a progress bar every `every` documents."""
+    n = 0
+    for n, text in enumerate(texts, start=1):
+        yield text
+        if n % every == 0:
+            bar.advance(every)
+    bar.advance(n % every)
+
+
 def _normalizer(names: list[str]) -> Any:
     from tokenizers import normalizers
 
@@ -291,7 +301,9 @@ def build(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, Any]:
                 f"{cfg.data}/train.jsonl.zst has no text to train a tokenizer on; check the data "
                 f"funnel (lmforge data stats {cfg.data}) and loosen the filters that removed it"
             )
-        tok = build_tokenizer(cfg, iter_texts(cfg.data, "train", cfg.max_chars))
+        with ctx.progress("train tokenizer", unit="doc") as bar:
+            texts = _advancing(iter_texts(cfg.data, "train", cfg.max_chars), bar)
+            tok = build_tokenizer(cfg, texts)
         ctx.atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=False))
         write_metadata(cfg, tok.get_vocab(with_added_tokens=True), out, ctx)
     files = TokenizerFiles.load(out)
