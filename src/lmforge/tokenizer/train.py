@@ -2,8 +2,12 @@
 
 Training uses Hugging Face `tokenizers` on the data stage's train split, streamed. Four kinds:
 byte-level BPE (the default; lossless on any unicode string), WordPiece, Unigram, and
-character-level. The output directory loads with `transformers.AutoTokenizer.from_pretrained`
-and encodes exactly as lmforge does, and carries a ChatML chat template for fine-tuning.
+character-level; normalizers, the pre-tokenizer (GPT-2 or GPT-4 style split for BPE) and digit
+splitting are config keys. Importing copies an HF tokenizer directory, or wraps a bare
+tokenizer.json with metadata for the special tokens it has. Either way the output directory
+loads with `transformers.AutoTokenizer.from_pretrained`, encodes and decodes exactly as lmforge
+does, carries the ChatML chat template (chat.py) when its vocabulary has the markers, and gets
+stats.json measured on the val split (tokenizer/stats.py).
 """
 
 from __future__ import annotations
