@@ -186,6 +186,19 @@ def make_tasks_records(cfg: TasksConfig) -> dict[str, list[dict[str, Any]]]:
             out[f"classify_{split_of(fn.qualname, cfg)}"].append(
                 {"text": text, "label": family, "module": fn.module}
             )
+    return _drop_leaked(out)
+
+
+def _drop_leaked(out: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Held-out records whose answer (explain) or text (classify) also occurs in train go.
+
+    Many stdlib docstrings are copied between modules (the encodings.* codecs, inherited
+    methods), so a module-disjoint split alone would still test on memorized answers.
+    """
+    for task, key in (("explain", "output"), ("classify", "text")):
+        seen = {r[key] for r in out[f"{task}_train"]}
+        for split in ("val", "test"):
+            out[f"{task}_{split}"] = [r for r in out[f"{task}_{split}"] if r[key] not in seen]
     return out
 
 

@@ -55,3 +55,15 @@ def test_stage_writes_readable_task_files_and_eval_set(tmp_path):
     )
     val_text = json.loads((out / "explain_val.jsonl").read_text().splitlines()[0])["output"]
     assert any(val_text in json.loads(line)["text"] for line in eval_lines)
+
+
+def test_held_out_answers_never_occur_in_train() -> None:
+    from lmforge.finetune.builtin_tasks import TasksConfig, make_tasks_records
+
+    records = make_tasks_records(TasksConfig(out="unused"))
+    train_answers = {r["output"] for r in records["explain_train"]}
+    train_texts = {r["text"] for r in records["classify_train"]}
+    for split in ("val", "test"):
+        assert records[f"explain_{split}"] and records[f"classify_{split}"]
+        assert not train_answers & {r["output"] for r in records[f"explain_{split}"]}
+        assert not train_texts & {r["text"] for r in records[f"classify_{split}"]}
