@@ -192,5 +192,7 @@ def test_domain_adapt_recipe_lowers_heldout_perplexity(
     ]
     run_recipe("domain-adapt", out=tmp_path / "run", overrides=overrides)
     results = json.loads((tmp_path / "run/eval/eval.json").read_text())
-    ppl = {model: tasks["domain_heldout"]["perplexity"] for model, tasks in results["results"].items()}
+    ppl = {
+        model: tasks["domain_heldout"]["perplexity"] for model, tasks in results["results"].items()
+    }
     assert ppl["after"] < 0.5 * ppl["before"], ppl
