@@ -20,6 +20,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -61,6 +62,12 @@ class TasksConfig(StageConfig):
     max_summary_chars: int = Field(200, ge=20, description="explain: answer length cap (chars)")
     max_text_chars: int = Field(400, ge=20, description="classify: docstring length cap (chars)")
     seed: int = Field(0, description="salt of the module hash that assigns splits")
+
+    def inputs(self) -> list[Path]:
+        """The tasks come from this Python's stdlib: another Python version rebuilds them."""
+        from lmforge.data.stdlib_docs import corpus_marker
+
+        return [corpus_marker()]
 
 
 @dataclass(frozen=True)

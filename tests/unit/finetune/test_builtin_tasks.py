@@ -1,6 +1,7 @@
 """Built-in stdlib tasks: module-disjoint splits, deterministic labels, files the finetune stage reads."""
 
 import json
+from pathlib import Path
 
 from lmforge.finetune.builtin_tasks import (
     FAMILIES,
@@ -67,3 +68,11 @@ def test_held_out_answers_never_occur_in_train() -> None:
         assert records[f"explain_{split}"] and records[f"classify_{split}"]
         assert not train_answers & {r["output"] for r in records[f"explain_{split}"]}
         assert not train_texts & {r["text"] for r in records[f"classify_{split}"]}
+
+
+def test_tasks_cache_depends_on_the_python_docs() -> None:
+    import pydoc_data.topics
+
+    from lmforge.finetune.builtin_tasks import TasksConfig
+
+    assert TasksConfig(out="unused").inputs() == [Path(pydoc_data.topics.__file__)]
