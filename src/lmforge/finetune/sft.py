@@ -1,12 +1,11 @@
 """Supervised fine-tuning data: chat rendering, assistant-only loss masks, truncation, packing.
 
 A conversation is rendered with the tokenizer's Jinja chat template exactly as transformers'
-apply_chat_template does (same Jinja settings). The loss mask comes from character spans: for
-each assistant turn, the text added between rendering the conversation up to it (with the
-generation prompt) and rendering it including that turn is the assistant's span (its content
-and end-of-turn marker); tokens starting inside a span are trained on, everything else is
-context. Examples longer than train.seq_len follow the truncation policy, and short ones are
-packed into rows with doc_ids so attention never crosses an example boundary.
+apply_chat_template does, and the loss mask covers exactly the assistant replies (with their
+end-of-turn marker), as located by lmforge.tokenizer.chat: the template's generation blocks
+when it has them, else the text each assistant turn adds to the rendered conversation.
+Examples longer than train.seq_len follow the truncation policy, and short ones are packed
+into rows with doc_ids so attention never crosses an example boundary.
 """
 
 from __future__ import annotations
@@ -38,30 +37,14 @@ def load_chat_tokenizer(path: Path) -> TokenizerFiles:
     return tok
 
 
-def assistant_spans(tok: TokenizerFiles, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
-    """Character spans of the rendered text that the model should learn to produce."""
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tok.render_chat(messages[:i], add_generation_prompt=True)
-        upto = tok.render_chat(messages[: i + 1])
-        if not upto.startswith(before):
-            raise InputError(
-                "the chat template renders a conversation prefix differently from the whole "
-                "conversation, so assistant tokens cannot be located; use an append-only template"
-            )
-        spans.append((len(before), len(upto)))
-    return spans
-
-
 def encode_chat(tok: TokenizerFiles, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask): mask 1 exactly on tokens that start inside an assistant span."""
-    text = tok.render_chat(messages)
-    ids, offsets = tok.encode_with_offsets(text)
-    spans = assistant_spans(tok, messages)
-    mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in offsets]
-    return ids, mask
+    """(token ids, loss mask): 1 exactly on the tokens of assistant replies.
+
+    The spans come from the tokenizer package (the template's generation blocks, as
+    transformers' return_assistant_tokens_mask, or prefix renders for other templates).
+    """
+    enc = tok.encode_chat(messages)
+    return enc.ids, enc.assistant_mask
 
 
 def truncate(
