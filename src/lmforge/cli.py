@@ -231,9 +231,15 @@ def data_stats_cmd(
 
 @app.command("pretrain")
 def pretrain_cmd(
-    tokens: Annotated[Path, typer.Option(help="Token shard directory (lmforge tokenizer encode).")],
-    tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory the shards were made with.")],
-    out: Annotated[Path, typer.Option(help="Stage directory: final/, checkpoints/, metrics.")],
+    tokens: Annotated[
+        Path | None, typer.Option(help="Token shard directory (lmforge tokenizer encode).")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer directory the shards were made with.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Stage directory: final/, checkpoints/, metrics.")
+    ] = None,
     preset: Annotated[
         str | None, typer.Option(help="Model preset (micro, tiny, small, gpt2-124m, llama-1b).")
     ] = None,
@@ -283,11 +289,15 @@ def eval_cmd(
 
 @app.command("finetune")
 def finetune_cmd(
-    model: Annotated[Path, typer.Option(help="Model directory (HF layout + tokenizer files).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (HF layout + tokenizer files).")
+    ] = None,
     data: Annotated[
-        Path, typer.Option(help="Data: .jsonl/.parquet file, directory or HF dataset.")
-    ],
-    out: Annotated[Path, typer.Option(help="Stage directory: final/, adapter/, metrics.")],
+        Path | None, typer.Option(help="Data: .jsonl/.parquet file, directory or HF dataset.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Stage directory: final/, adapter/, metrics.")
+    ] = None,
     method: Annotated[str | None, typer.Option(help="full | lora")] = None,
     task: Annotated[str | None, typer.Option(help="sft | classify | multitask")] = None,
     config: ConfigOpt = None,

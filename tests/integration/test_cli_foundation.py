@@ -116,3 +116,12 @@ def test_torchrun_non_zero_rank_waits_for_rank_zero_stages(tmp_path: Path) -> No
     assert lmforge("run", str(recipe), cwd=tmp_path).returncode == 0  # rank zero does the work
     _, err = rank1.communicate(timeout=60)
     assert rank1.returncode == 0, err
+
+
+def test_stage_command_takes_its_inputs_from_config_alone(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("tokens: missing_tokens\ntokenizer: missing_tok\nout: pre\n")
+    result = lmforge("pretrain", "--config", "p.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "missing_tokens does not exist; build it with: lmforge tokenizer encode" in result.stderr
+    bare = lmforge("pretrain", "--out", "pre", cwd=tmp_path)
+    assert bare.returncode == 2 and "missing required key 'tokens'" in bare.stderr
