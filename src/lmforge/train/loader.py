@@ -32,7 +32,34 @@ def open_tokens(path: Path, dtype: str) -> np.memmap:
     return np.memmap(path, dtype=_DTYPES[dtype], mode="r")
 
 
-class TokenWindows:
+class _SeekableBatches:
+    """The cursor both loaders share: batch(index) is pure, so position + seed is the state.
+
+    Subclasses set `position` and `seed` and define `batch(index)`; checkpoints save state_dict().
+    """
+
+    position: int
+    seed: int
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.batch(self.position)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position, self.seed = int(state["position"]), int(state["seed"])
+
+
+class TokenWindows(_SeekableBatches):
     """Batches of (T+1)-token windows from a flat token array.
 
     shuffle=True: random contiguous windows (pretraining); batch `i` uses the RNG seeded with
@@ -85,20 +112,6 @@ class TokenWindows:
         )
         data = torch.from_numpy(rows)
         return {"input_ids": data[:, :t], "labels": data[:, 1:]}
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        batch = self.batch(self.position)
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position, self.seed = int(state["position"]), int(state["seed"])
 
 
 def pack_documents(
@@ -156,7 +169,7 @@ def pack_documents(
     return {"input_ids": ids, "labels": labels, "doc_ids": doc_ids}, stats
 
 
-class RowBatches:
+class RowBatches(_SeekableBatches):
     """Shuffled batches over fixed rows (packed fine-tuning data), epoch after epoch.
 
     Epoch e visits rows in the permutation seeded with (seed, e); the state is the global batch
@@ -196,17 +209,3 @@ class RowBatches:
         lo = k * global_b + self.rank * self.batch_size
         idx = order[lo : lo + self.batch_size]
         return {name: t[idx] for name, t in self.rows.items()}
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        batch = self.batch(self.position)
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position, self.seed = int(state["position"]), int(state["seed"])
