@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tiny_tokenizers import train_byte_bpe
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -23,18 +24,8 @@ CORPUS = [
 
 
 def build_tokenizer(vocab_size: int = 300, specials: bool = True):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|bos|>", "<|eos|>"] if specials else [],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    specials_list = ["<|bos|>", "<|eos|>"] if specials else []
+    tok = train_byte_bpe(CORPUS * 4, vocab_size, specials_list)
     return tok
 
 

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tiny_tokenizers import train_byte_bpe
 
 CHATML = (
     "{% for message in messages %}"
@@ -21,17 +22,7 @@ CORPUS = [
 
 
 def make_tokenizer_dir(path: Path, vocab_size: int = 300) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok = train_byte_bpe(CORPUS, vocab_size, SPECIALS)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
     config = {
