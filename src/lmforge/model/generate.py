@@ -1,8 +1,11 @@
 """Autoregressive generation: a preallocated KV cache and the sampling rules.
 
 generate() runs the prompt once (prefill), then feeds one token per step, reusing cached keys and
-values, so each step costs O(T) instead of O(T^2). Sampling follows the usual order: repetition
-penalty, temperature, top-k, top-p, then a multinomial draw (or argmax when greedy).
+values, so each step costs O(T) instead of O(T^2). Prompts of different lengths run as one batch
+when left-padded (left_pad() builds the ids and the pad mask): padding is masked out of attention
+and of the repetition penalty, and each row's positions start at its own first token. Sampling
+follows the usual order: repetition penalty, temperature, top-k, top-p, then a multinomial draw
+(or argmax when greedy).
 """
 
 from __future__ import annotations
@@ -54,11 +57,45 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, hd)
 
 
-def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
-    """Make already-seen tokens less likely (CTRL paper / HF): divide positive, multiply negative."""
-    seen = torch.gather(logits, 1, history)  # (B, T)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits.scatter(1, history, seen)
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int = 0, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Token lists of different lengths as (ids, pad_mask), both (B, T_max), padded on the left.
+
+    pad_mask is 1 at tokens and 0 at padding (HF's attention_mask); pad_id is never attended to.
+    """
+    if not rows or any(len(r) == 0 for r in rows):
+        raise InputError("left_pad needs at least one row and no empty rows")
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, T - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def new_tokens(out: Tensor, prompt_len: int, stop_tokens: Sequence[int] = ()) -> list[list[int]]:
+    """Each row's generated ids from generate()'s output, up to and including its first stop."""
+    stops = set(stop_tokens)
+    rows = []
+    for row in out[:, prompt_len:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def apply_repetition_penalty(
+    logits: Tensor, history: Tensor, penalty: float, history_mask: Tensor | None = None
+) -> Tensor:
+    """Make already-seen tokens less likely (CTRL paper / HF): divide positive, multiply negative.
+
+    history (B, T) are the tokens seen; history_mask (B, T), 0 at padding, leaves padding out.
+    """
+    weight = torch.ones_like(history, dtype=logits.dtype) if history_mask is None else history_mask
+    seen = torch.zeros_like(logits).scatter_add_(1, history, weight.to(logits.dtype)) > 0  # (B, V)
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -88,11 +125,15 @@ def sample_next(
     repetition_penalty: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    history_mask: Tensor | None = None,
 ) -> Tensor:
-    """Pick one token per row from last-position logits (B, V); history (B, T) is the context."""
+    """Pick one token per row from last-position logits (B, V); history (B, T) is the context.
+
+    history_mask (B, T): 0 where history is padding (ignored by the repetition penalty).
+    """
     logits = logits.float()
     if repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, history, repetition_penalty)
+        logits = apply_repetition_penalty(logits, history, repetition_penalty, history_mask)
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -121,6 +162,7 @@ def generate(
     idx: Tensor,
     max_new_tokens: int,
     *,
+    pad_mask: Tensor | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -132,6 +174,9 @@ def generate(
 ) -> Tensor:
     """Continue each row of idx (B, T); returns (B, T + n), n <= max_new_tokens.
 
+    pad_mask (B, T): 1 = token, 0 = padding, for prompts of different lengths left-padded to T
+    (see left_pad); each row then generates exactly what it would alone (greedy: token for token,
+    up to float rounding). The output keeps the padding, so row i's new tokens are out[i, T:].
     A row that emits one of stop_tokens keeps that token and is padded with it afterwards;
     generation ends early once every row has stopped. temperature=0 or greedy=True is argmax.
     use_cache=False recomputes the whole prefix each step (the reference the cache is tested on).
@@ -144,6 +189,7 @@ def generate(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"block_size {model.config.block_size}; shorten the prompt or ask for fewer tokens"
         )
+    mask = _check_pad_mask(pad_mask, idx)  # None when nothing is padded: the unmasked fast path
     sampling = dict(
         temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, greedy=greedy, generator=generator,
@@ -151,16 +197,18 @@ def generate(
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     pad = torch.zeros(B, dtype=torch.long, device=idx.device)  # each finished row's stop token
+    ones = torch.ones((B, 1), dtype=torch.long, device=idx.device)
     was_training = model.training
     model.eval()
     try:
         cache = KVCache.for_model(model, B, total) if use_cache else None
         out = idx
-        logits = model(idx, kv_cache=cache)[:, -1]  # (B, V)
+        logits = model(idx, kv_cache=cache, pad_mask=mask)[:, -1]  # (B, V)
         for step in range(max_new_tokens):
-            nxt = sample_next(logits, out, **sampling)  # (B,)
+            nxt = sample_next(logits, out, history_mask=mask, **sampling)  # (B,)
             nxt = torch.where(finished, pad, nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
+            mask = None if mask is None else torch.cat([mask, ones], dim=1)  # (B, out.size(1))
             if len(stops):
                 hit = torch.isin(nxt, stops) & ~finished
                 pad = torch.where(hit, nxt, pad)
@@ -170,9 +218,24 @@ def generate(
             if step + 1 == max_new_tokens:
                 break
             if cache is not None:
-                logits = model(nxt[:, None], kv_cache=cache, start_pos=out.size(1) - 1)[:, -1]
+                pos = out.size(1) - 1
+                logits = model(nxt[:, None], kv_cache=cache, start_pos=pos, pad_mask=mask)[:, -1]
             else:
-                logits = model(out)[:, -1]
+                logits = model(out, pad_mask=mask)[:, -1]
     finally:
         model.train(was_training)
     return out
+
+
+def _check_pad_mask(pad_mask: Tensor | None, idx: Tensor) -> Tensor | None:
+    """pad_mask as 0/1 longs, or None when it pads nothing; left padding only."""
+    if pad_mask is None:
+        return None
+    if pad_mask.shape != idx.shape:
+        raise InputError(f"pad_mask {tuple(pad_mask.shape)} must match idx {tuple(idx.shape)}")
+    mask = (pad_mask != 0).long()
+    if bool(mask.all()):
+        return None
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()) or not bool(mask[:, -1].all()):
+        raise InputError("pad_mask must pad on the left and leave every row at least one token")
+    return mask

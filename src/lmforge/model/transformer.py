@@ -3,7 +3,8 @@
 Llama style (RMSNorm, RoPE, SwiGLU, GQA) and GPT-2 style (LayerNorm, learned positions, GELU,
 biases) are settings of ModelConfig, not subclasses. Attention goes through
 F.scaled_dot_product_attention: the is_causal fast path when nothing else restricts attention, an
-explicit boolean mask for packed documents (doc_ids), sliding windows and chunked prefill.
+explicit boolean mask for packed documents (doc_ids), left-padded batches (pad_mask), sliding
+windows and chunked prefill.
 
 Shapes: B batch, T sequence length, C = n_embd, hd = head_dim, V = vocab_size.
 """
@@ -84,18 +85,32 @@ def doc_positions(doc_ids: Tensor) -> Tensor:
     return t - doc_start
 
 
+def pad_positions(pad_mask: Tensor, start_pos: int) -> Tensor:
+    """Positions of the tokens from start_pos on, counted from each row's first token. (B, T)
+
+    pad_mask (B, start_pos + T) is 1 at tokens and 0 at padding; padding gets position 0.
+    """
+    pos = pad_mask.long().cumsum(dim=1) - 1  # (B, T_k) real tokens before each, minus one
+    return pos[:, start_pos:].clamp(min=0)
+
+
 def attention_mask(
-    T: int, start_pos: int, doc_ids: Tensor | None, sliding_window: int | None, device: torch.device
+    T: int,
+    start_pos: int,
+    doc_ids: Tensor | None,
+    sliding_window: int | None,
+    device: torch.device,
+    pad_mask: Tensor | None = None,
 ) -> Tensor | None:
     """Boolean mask (B|1, 1, T, start_pos + T), True = may attend; None = plain causal.
 
     None lets SDPA use is_causal=True (or no mask at all for a single decoded token), which is the
-    fast path. A mask is built only for packed documents, sliding windows longer than the window,
-    and multi-token steps after a cached prefix.
+    fast path. A mask is built only for packed documents, padding (pad_mask (B, start_pos + T),
+    0 = pad), sliding windows longer than the window, and multi-token steps after a cached prefix.
     """
     T_k = start_pos + T
     windowed = sliding_window is not None and T_k > sliding_window
-    if doc_ids is None and not windowed and (start_pos == 0 or T == 1):
+    if doc_ids is None and pad_mask is None and not windowed and (start_pos == 0 or T == 1):
         return None
     q_pos = torch.arange(start_pos, T_k, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(T_k, device=device)[None, :]  # (1, T_k)
@@ -104,6 +119,9 @@ def attention_mask(
         mask = mask & (q_pos - k_pos < sliding_window)
     if doc_ids is not None:
         mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T) same document
+    if pad_mask is not None:  # nobody attends to padding; a pad query sees itself, so that no
+        # row is all-masked (SDPA would give NaN there, and 0 * NaN reaches the real tokens)
+        mask = (mask & pad_mask.bool()[:, None, :]) | (k_pos == q_pos)  # (B, T, T_k)
     return mask.unsqueeze(-3)
 
 
@@ -263,6 +281,7 @@ class Transformer(nn.Module):
         doc_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        pad_mask: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, C): what lm_head, classifier and reward heads read."""
         T = idx.size(1)
@@ -271,20 +290,28 @@ class Transformer(nn.Module):
                 f"sequence of {start_pos + T} tokens exceeds model.block_size="
                 f"{self.config.block_size}; shorten the input or raise model.block_size"
             )
-        if doc_ids is not None and (kv_cache is not None or start_pos > 0):
-            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
-        if doc_ids is None:
-            pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
-        else:
+        if doc_ids is not None and (kv_cache is not None or start_pos > 0 or pad_mask is not None):
+            raise ValueError(
+                "doc_ids (packed documents) cannot be combined with a KV cache or padding"
+            )
+        if pad_mask is not None and pad_mask.shape != (idx.size(0), start_pos + T):
+            raise ValueError(f"pad_mask must be (B, start_pos + T), got {tuple(pad_mask.shape)}")
+        if doc_ids is not None:
             pos = doc_positions(doc_ids)  # (B, T)
+        elif pad_mask is not None:
+            pos = pad_positions(pad_mask, start_pos)  # (B, T)
+        else:
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         rope = None
-        if self.rope_cos is not None:  # a slice is a view; packed documents gather per token
-            at = slice(start_pos, start_pos + T) if doc_ids is None else pos
+        if self.rope_cos is not None:  # a slice is a view; per-row positions gather per token
+            at = slice(start_pos, start_pos + T) if pos.dim() == 1 else pos
             rope = self.rope_cos[at].unsqueeze(-3), self.rope_sin[at].unsqueeze(-3)  # (B|1,1,T,hd)
-        mask = attention_mask(T, start_pos, doc_ids, self.config.sliding_window, idx.device)
+        mask = attention_mask(
+            T, start_pos, doc_ids, self.config.sliding_window, idx.device, pad_mask
+        )
         x = self.drop(x)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -299,14 +326,18 @@ class Transformer(nn.Module):
         doc_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        pad_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V) in the model's dtype.
 
         idx: token ids (B, T). doc_ids: (B, T) document index of each token in packed sequences;
         attention stays inside a document and positions restart at each document's first token.
         kv_cache/start_pos: incremental decoding, idx holds the tokens at start_pos..start_pos+T.
+        pad_mask: (B, start_pos + T), 1 = token, 0 = padding (HF's attention_mask, cached steps
+        included) for a batch of left-padded prompts: no token attends to padding and each row's
+        positions start at its first token. None (no padding) keeps the unmasked fast path.
         """
-        return self.lm_head(self.hidden_states(idx, doc_ids, kv_cache, start_pos))
+        return self.lm_head(self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; shared (tied) tensors count once.

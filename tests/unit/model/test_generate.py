@@ -10,6 +10,8 @@ from lmforge.model.config import preset_config
 from lmforge.model.generate import (
     apply_repetition_penalty,
     generate,
+    left_pad,
+    new_tokens,
     sample_next,
     top_k_filter,
     top_p_filter,
@@ -80,6 +82,92 @@ def test_generation_ends_early_when_every_row_stops():
     free = generate(model, prompt, 10, greedy=True)
     out = generate(model, prompt, 10, greedy=True, stop_tokens=[int(free[0, 4])])
     assert out.shape == (1, 5)
+
+
+def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_left_pad_pads_on_the_left_and_new_tokens_cut_at_the_first_stop():
+    ids, mask = left_pad([[5, 6, 7], [8], [9, 10]], pad_id=1)
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 8], [1, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    with pytest.raises(InputError, match="empty"):
+        left_pad([[1], []])
+    out = torch.tensor([[0, 3, 4, 2, 2], [0, 4, 4, 4, 4]])
+    assert new_tokens(out, 1, stop_tokens=[2]) == [[3, 4, 2], [4, 4, 4, 4]]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize(
+    ("style", "overrides"), [("micro", {}), ("micro", {"sliding_window": 6}), ("micro-gpt2", {})]
+)
+def test_batched_greedy_equals_one_prompt_at_a_time(style, overrides, use_cache):
+    model = make(style, **overrides)
+    prompts = random_prompts([3, 11, 1, 7, 5])
+    alone = [generate(model, torch.tensor([p]), 24, greedy=True)[0, len(p) :] for p in prompts]
+    stop = int(alone[1][4])  # some rows stop early on it, at different steps
+    assert any(stop not in a.tolist() for a in alone)  # and at least one row never does
+    ids, mask = left_pad(prompts, pad_id=9)
+    for stops in ([], [stop]):
+        out = generate(
+            model, ids, 24, pad_mask=mask, greedy=True, stop_tokens=stops, use_cache=use_cache
+        )
+        assert torch.equal(out[:, : ids.size(1)], ids)  # the prompts, padding included
+        expected = [new_tokens(a[None], 0, stops)[0] for a in alone]
+        assert new_tokens(out, ids.size(1), stops) == expected
+    assert out.size(1) == ids.size(1) + 24  # a row that never stops runs the full length
+
+
+def test_repetition_penalty_ignores_padding():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    history, history_mask = torch.tensor([[3, 3, 0, 1]]), torch.tensor([[0, 0, 1, 1]])
+    out = apply_repetition_penalty(logits, history, 2.0, history_mask)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]  # token 3 sits only in padding: untouched
+    model = make()
+    prompts = random_prompts([2, 6, 4], seed=1)
+    alone = [
+        generate(model, torch.tensor([p]), 16, greedy=True, repetition_penalty=1.5)[0, len(p) :]
+        for p in prompts
+    ]
+    ids, mask = left_pad(prompts, pad_id=int(alone[0][0]))  # pad with a token row 0 emits
+    out = generate(model, ids, 16, pad_mask=mask, greedy=True, repetition_penalty=1.5)
+    assert [r.tolist() for r in out[:, ids.size(1) :]] == [a.tolist() for a in alone]
+
+
+@pytest.mark.parametrize("style", ["micro", "micro-gpt2"])
+def test_padded_sampling_never_sees_padding_and_stops_per_row(style):
+    model = make(style)
+    prompts = random_prompts([2, 9, 5, 1], seed=2)
+
+    def sample(pad_id: int, stops=()):
+        ids, mask = left_pad(prompts, pad_id=pad_id)
+        g = torch.Generator().manual_seed(5)
+        out = generate(model, ids, 20, pad_mask=mask, top_k=20, stop_tokens=stops, generator=g)
+        return ids, out
+
+    ids, free = sample(pad_id=0)
+    _, other_pad = sample(pad_id=123)
+    assert torch.equal(free[:, ids.size(1) :], other_pad[:, ids.size(1) :])  # pads are not seen
+    stop = int(free[0, ids.size(1) + 2])
+    _, out = sample(pad_id=0, stops=[stop])
+    for row in range(len(prompts)):
+        expected = new_tokens(free[row : row + 1], ids.size(1), [stop])[0]
+        got = out[row, ids.size(1) :].tolist()
+        assert got[: len(expected)] == expected  # same draws until the row stops
+        assert all(t == stop for t in got[len(expected) :])  # then padded with its stop token
+
+
+def test_bad_pad_masks_are_reported():
+    model = make()
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(InputError, match="left"):
+        generate(model, ids, 2, pad_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(InputError, match="left"):
+        generate(model, ids, 2, pad_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(InputError, match="match"):
+        generate(model, ids, 2, pad_mask=torch.ones(2, 3))
 
 
 def test_top_k_filter_keeps_exactly_k():

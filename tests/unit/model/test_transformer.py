@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.config import PRESETS, ModelConfig, preset_config
 from lmforge.model.generate import KVCache
-from lmforge.model.transformer import Transformer, doc_positions
+from lmforge.model.transformer import Transformer, attention_mask, doc_positions, pad_positions
 
 STYLES = ["micro", "micro-gpt2"]
 
@@ -103,6 +103,50 @@ def test_chunked_prefill_with_kv_cache_matches_full_forward(style):
     parts = [model(idx[:, :8], kv_cache=cache), model(idx[:, 8:15], kv_cache=cache, start_pos=8)]
     parts += [model(idx[:, t : t + 1], kv_cache=cache, start_pos=t) for t in range(15, 20)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_pad_positions_start_at_each_rows_first_token():
+    pad_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert pad_positions(pad_mask, 0).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0] * 5]
+    assert pad_positions(pad_mask, 3).tolist() == [[1, 2], [3, 4], [0, 0]]
+
+
+def test_attention_mask_hides_padding_and_keeps_the_fast_path_without_it():
+    assert attention_mask(6, 0, None, None, torch.device("cpu")) is None  # is_causal path
+    assert attention_mask(1, 5, None, None, torch.device("cpu")) is None  # one decoded token
+    pad_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    mask = attention_mask(4, 0, None, None, torch.device("cpu"), pad_mask)
+    assert mask.shape == (2, 1, 4, 4)
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert torch.equal(mask[1, 0], causal)
+    expected = causal & pad_mask[0].bool()
+    expected[0, 0] = expected[1, 1] = True  # a pad query sees only itself: no all-masked row
+    assert torch.equal(mask[0, 0], expected)
+
+
+@pytest.mark.parametrize(("style", "window"), [("micro", None), ("micro", 5), ("micro-gpt2", None)])
+def test_left_padded_batch_equals_each_row_alone(style, window):
+    """Prefill, then cached decode steps: every real position matches the row run unpadded."""
+    model = make(style, sliding_window=window)
+    lengths, T, steps = [12, 4, 9, 1], 12, 5
+    seqs = torch.randint(0, 256, (len(lengths), T + steps))
+    idx = torch.full((len(lengths), T), 7)  # the pad id should not matter: it is never seen
+    pad_mask = torch.zeros(len(lengths), T + steps, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        idx[i, T - n :] = seqs[i, :n]
+        pad_mask[i, T - n :] = 1
+    cache = KVCache.for_model(model, batch_size=len(lengths), max_len=T + steps)
+    parts = [model(idx, kv_cache=cache, pad_mask=pad_mask[:, :T])]
+    for t in range(steps):  # decode: row i's next token is seqs[i, n_i + t]
+        nxt = torch.stack([seqs[i, n + t] for i, n in enumerate(lengths)])[:, None]
+        parts.append(model(nxt, kv_cache=cache, start_pos=T + t, pad_mask=pad_mask[:, : T + t + 1]))
+    padded = torch.cat(parts, dim=1)  # (B, T + steps, V)
+    uncached = model(idx, pad_mask=pad_mask[:, :T])  # the prompt alone, no cache
+    assert torch.isfinite(padded).all() and torch.isfinite(uncached).all()
+    for i, n in enumerate(lengths):
+        alone = model(seqs[i : i + 1, : n + steps])[0]  # (n + steps, V)
+        torch.testing.assert_close(padded[i, T - n :], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(uncached[i, T - n :], alone[:n], atol=1e-5, rtol=0)
 
 
 def test_sliding_window_limits_context():
