@@ -22,47 +22,27 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
+from _common import (
+    import_nanogpt,
+    nanogpt_get_batch,
+    nanogpt_loss,
+    time_lmforge,
+    time_nanogpt_loop,
+    write_tokens,
+)
 
-from lmforge.artifacts import StageContext
-from lmforge.common.logging import MetricsWriter
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 from lmforge.train.config import TrainConfig
-from lmforge.train.loader import TokenWindows
-from lmforge.train.loop import train
 from lmforge.train.pretrain import lm_loss
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65)
 BATCH, LR, BETAS = 12, 1e-3, (0.9, 0.99)
-
-
-def make_tokens(path: Path, n: int = 1_000_000) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    rng.integers(0, SHAPE["vocab_size"], n, dtype=np.uint16).tofile(path)
-    return np.memmap(path, dtype=np.uint16, mode="r")
-
-
-class _Clock:
-    """Wraps a loader; notes wall and CPU time when the first timed step fetches its batch."""
-
-    def __init__(self, loader: TokenWindows, warmup: int) -> None:
-        self.loader, self.warmup, self.t0 = loader, warmup, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.loader.position == self.warmup:
-            self.t0 = (time.perf_counter(), time.process_time())
-        return next(self.loader)
+CPU = torch.device("cpu")
 
 
 def our_model() -> torch.nn.Module:
@@ -77,15 +57,8 @@ def our_model() -> torch.nn.Module:
 
 
 def nanogpt_model(nanogpt_dir: Path) -> torch.nn.Module:
-    sys.path.insert(0, str(nanogpt_dir))
-    from model import GPT, GPTConfig  # nanoGPT's model.py
-
-    return GPT(GPTConfig(**SHAPE, dropout=0.0, bias=False))
-
-
-def nanogpt_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-    """nanoGPT's model computes its loss itself when given targets."""
-    return model(batch["input_ids"], batch["labels"].contiguous())[1], {}
+    ng = import_nanogpt(nanogpt_dir)
+    return ng.GPT(ng.GPTConfig(**SHAPE, dropout=0.0, bias=False))
 
 
 def run_lmforge(
@@ -97,16 +70,7 @@ def run_lmforge(
         seq_len=SHAPE["block_size"], warmup_steps=0, schedule="constant", eval_every=0,
         ckpt_every=0, grad_clip=1.0, weight_decay=0.1, device="cpu",
     )  # fmt: skip
-    tokens = np.memmap(tokens_path, dtype=np.uint16, mode="r")
-    loader = _Clock(TokenWindows(tokens, tc.seq_len, tc.micro_batch_size, seed=0), warmup)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        ctx = StageContext(out, "bench", logging.getLogger("bench"), MetricsWriter(out / "m.jsonl"))
-        train(model, loss_fn, loader, tc, ctx)
-        wall, cpu = time.perf_counter(), time.process_time()
-        ctx.metrics.close()
-    n = steps * BATCH * SHAPE["block_size"]
-    return n / (wall - loader.t0[0]), n / (cpu - loader.t0[1])
+    return time_lmforge(model, loss_fn, tokens_path, tc, warmup)
 
 
 def run_nanogpt(
@@ -116,35 +80,10 @@ def run_nanogpt(
     torch.manual_seed(0)
     model = nanogpt_model(nanogpt_dir)
     optimizer = model.configure_optimizers(0.1, LR, BETAS, "cpu")
-    ctx, block = nullcontext(), SHAPE["block_size"]
-
-    def get_batch():  # train.py: the memmap is recreated every batch to avoid a memory leak
-        data = np.memmap(tokens_path, dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - block, (BATCH,))
-        x = torch.stack([torch.from_numpy(data[i : i + block].astype(np.int64)) for i in ix])
-        y = torch.stack(
-            [torch.from_numpy(data[i + 1 : i + 1 + block].astype(np.int64)) for i in ix]
-        )
-        return x, y
-
-    x, y = get_batch()
-    t0 = None
-    for it in range(warmup + steps):
-        if it == warmup:
-            t0 = (time.perf_counter(), time.process_time())
-        for group in optimizer.param_groups:  # get_lr + set (constant here, as our warmup=0 run)
-            group["lr"] = LR
-        with ctx:
-            _, loss = model(x, y)
-        x, y = get_batch()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # log_interval=1 in nanoGPT's CPU command
-    wall, cpu = time.perf_counter(), time.process_time()
-    n = steps * BATCH * block
-    return n / (wall - t0[0]), n / (cpu - t0[1])
+    get_batch = nanogpt_get_batch(tokens_path, SHAPE["block_size"], BATCH, CPU)
+    return time_nanogpt_loop(
+        model, lambda m, x, y: m(x, y)[1], optimizer, get_batch, warmup, steps, lr=LR
+    )
 
 
 def main() -> None:
@@ -159,13 +98,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.nanogpt_dir / "model.py").is_file():
-        sys.exit(f"{args.nanogpt_dir}/model.py not found; see this file's docstring")
+    import_nanogpt(args.nanogpt_dir)  # exits with the command to get model.py when missing
     logging.getLogger("lmforge").setLevel(logging.WARNING)
     runs: dict[str, list[tuple[float, float]]] = {"nanogpt": [], "lmforge_loop": [], "lmforge": []}
     with tempfile.TemporaryDirectory() as tmp:
         tokens_path = Path(tmp) / "train.bin"
-        make_tokens(tokens_path)
+        write_tokens(tokens_path, SHAPE["vocab_size"])
         for r in range(args.rounds):
             runs["nanogpt"].append(
                 run_nanogpt(args.nanogpt_dir, tokens_path, args.warmup, args.steps)
