@@ -5,6 +5,13 @@ Qwen2ForCausalLM or GPT2LMHeadModel, whichever represents the config exactly), p
 key holding our ModelConfig so a round trip is lossless. A config no HF family can express is
 written in lmforge's own layout (model_type "lmforge", our parameter names).
 
+A sequence classifier (save_pretrained(..., classifier=ClassifierHead)) is exported as the family's
+*ForSequenceClassification: the body without lm_head, `score.weight` (bias-free), and
+id2label/label2id in config.json, which AutoModelForSequenceClassification loads as is. Such a
+directory (ours or transformers') loads here as a Transformer (load_pretrained) plus its head
+(load_classifier). transformers pools the rightmost token that is not config.pad_token_id, so the
+exporter writes the pad id its rows were padded with (lmforge.finetune.heads pools the same way).
+
 Import reads our exports and local HF checkpoints of the llama, mistral, qwen2 and gpt2 families,
 single-file or sharded. Legacy pytorch_model.bin files are read only through
 torch.load(weights_only=True), which refuses anything but plain tensors.
@@ -15,28 +22,56 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
-from lmforge.model.hf_families import FAMILIES, family_for, hf_to_ours, ours_to_hf
+from lmforge.model.hf_families import (
+    FAMILIES,
+    SCORE,
+    family_for,
+    hf_to_ours,
+    ours_to_hf,
+    without_lm_head,
+)
 from lmforge.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
 NATIVE = "lmforge"  # model_type of exports in our own layout
 SUPPORTED_MODEL_TYPES = (*FAMILIES, NATIVE)
+NATIVE_CLASSIFIER = "LmforgeForSequenceClassification"  # architecture of a native-layout classifier
 
 
 # Training-only fields HF configs do not carry; taken from an export's "lmforge" key when present.
 TRAINING_FIELDS = ("dropout", "init_std")
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    """A sequence-classification head: score weight (n_labels, n_embd), no bias, and its labels."""
+
+    weight: Tensor
+    labels: list[str]
+
+    def hf_config(self) -> dict[str, Any]:
+        """The config.json keys transformers reads for a classifier."""
+        hf: dict[str, Any] = {
+            "num_labels": len(self.labels),
+            "id2label": {str(i): label for i, label in enumerate(self.labels)},
+            "label2id": {label: i for i, label in enumerate(self.labels)},
+        }
+        if len(self.labels) > 1:  # transformers refuses single_label with one label
+            hf["problem_type"] = "single_label_classification"
+        return hf
 
 
 def resolve_model_dir(path: Path | str) -> Path:
@@ -121,6 +156,7 @@ def load_pretrained(
     hf = _read_config(model_dir)
     cfg = hf_config_to_model_config(hf)
     tensors = read_tensors(model_dir)
+    score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
     model_type = hf.get("model_type")
     if model_type == NATIVE:
         state = tensors
@@ -128,9 +164,15 @@ def load_pretrained(
         family = FAMILIES[model_type]
         if family.prefix:
             tensors = {_with_prefix(k, family.prefix): v for k, v in tensors.items()}
-        state = hf_to_ours(tensors, family.rules(cfg))
+        rules = family.rules(cfg)
+        state = hf_to_ours(tensors, rules if score is None else without_lm_head(rules))
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
+    elif "lm_head.weight" not in state:
+        log.warning(
+            "%s is a classifier without an LM head: next-token scores are uniform", model_dir
+        )
+        state["lm_head.weight"] = torch.zeros_like(state["tok_emb.weight"])
     state = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     with torch.device("meta"):
         model = Transformer(cfg)  # no memory, no init: the weights are assigned below
@@ -144,16 +186,51 @@ def load_pretrained(
     return model.eval()
 
 
+def load_classifier(model_dir: Path | str) -> ClassifierHead | None:
+    """The sequence-classification head of a model directory (score.weight + id2label), if any.
+
+    Labels missing from id2label (transformers omits the default two) are named LABEL_<i>.
+    """
+    model_dir = Path(model_dir)
+    weight = _read_tensor(model_dir, SCORE)
+    if weight is None:
+        return None
+    id2label = {str(k): str(v) for k, v in (_read_config(model_dir).get("id2label") or {}).items()}
+    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(weight.shape[0])]
+    return ClassifierHead(weight.float(), labels)
+
+
+def _read_tensor(model_dir: Path, name: str) -> Tensor | None:
+    """One tensor of a checkpoint without reading the others (safetensors), or None."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shard = json.loads(index.read_text())["weight_map"].get(name)
+        path = model_dir / shard if shard else None
+    elif (model_dir / "model.safetensors").exists():
+        path = model_dir / "model.safetensors"
+    else:
+        return read_tensors(model_dir).get(name)  # legacy .bin: no partial reads
+    if path is None:
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name) if name in f.keys() else None  # noqa: SIM118
+
+
 def _with_prefix(name: str, prefix: str) -> str:
     return name if name.startswith(prefix) or name == "lm_head.weight" else prefix + name
 
 
 def save_pretrained(
-    model: nn.Module, out_dir: Path | str, extra_config: dict[str, Any] | None = None
+    model: nn.Module,
+    out_dir: Path | str,
+    extra_config: dict[str, Any] | None = None,
+    classifier: ClassifierHead | None = None,
 ) -> None:
     """Write config.json + model.safetensors (each atomically) in the HF layout when possible.
 
     extra_config is merged into config.json (e.g. bos_token_id/eos_token_id from the tokenizer).
+    With classifier, the model is written as a sequence classifier (see the module docstring);
+    extra_config should then carry the pad_token_id the classifier's inputs are padded with.
     A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper.
     """
     model = getattr(model, "_orig_mod", model)
@@ -164,14 +241,22 @@ def save_pretrained(
     model_type = family_for(cfg)
     if model_type is None:
         log.info("model config has no Hugging Face equivalent; writing lmforge's own layout")
-        hf: dict[str, Any] = {"architectures": ["LmforgeTransformer"], "model_type": NATIVE}
+        architecture = NATIVE_CLASSIFIER if classifier else "LmforgeTransformer"
+        hf: dict[str, Any] = {"architectures": [architecture], "model_type": NATIVE}
         skip = "lm_head.weight" if cfg.tie_embeddings else None
         tensors = {k: v.detach() for k, v in state.items() if k != skip}
-    else:
+    elif classifier is None:
         family = FAMILIES[model_type]
         hf = family.hf_config(cfg, model_type, family.architecture)
         tensors = ours_to_hf(state, family.rules(cfg))
+    else:
+        family = FAMILIES[model_type]
+        hf = family.hf_config(cfg, model_type, family.classifier)
+        tensors = ours_to_hf(state, without_lm_head(family.rules(cfg)))
     dtype = next(model.parameters()).dtype
+    if classifier is not None:
+        tensors[SCORE] = classifier.weight.detach().to(dtype)
+        hf.update(classifier.hf_config())
     hf.update(torch_dtype=str(dtype).removeprefix("torch."), **(extra_config or {}))
     hf[NATIVE] = cfg.to_dict()
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}

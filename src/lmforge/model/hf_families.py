@@ -4,6 +4,10 @@ Each family is a small set of functions in FAMILIES (keyed by config.json's mode
 names map through a table of Rules built from the config: one of our tensors is the concatenation
 (dim 0) of one or more HF tensors, optionally transposed (GPT-2's Conv1D stores weights as
 (in, out)). The same table drives import and export, so the two directions cannot drift apart.
+
+A sequence classifier is the same body without lm_head plus SCORE, a bias-free
+Linear(n_embd, num_labels) that every family here names alike; its class is the family's
+`classifier` architecture (e.g. LlamaForSequenceClassification).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from lmforge.model.config import ModelConfig
 
 # HF checkpoints carry these non-parameter buffers; they are recomputed, never loaded.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+SCORE = "score.weight"  # the classification head of every *ForSequenceClassification here
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,8 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
 class Family:
     """How one HF model_type maps onto ModelConfig and our parameter names."""
 
-    architecture: str  # the HF class, written to config.json "architectures"
+    architecture: str  # the HF causal-LM class, written to config.json "architectures"
+    classifier: str  # the HF sequence-classification class (body + SCORE, no lm_head)
     to_config: Callable[[dict[str, Any]], ModelConfig]
     hf_config: Callable[[ModelConfig, str, str], dict[str, Any]]
     rules: Callable[[ModelConfig], list[Rule]]
@@ -246,10 +252,35 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaForCausalLM", llama_config, _llama_like_hf, llama_rules),
-    "mistral": Family("MistralForCausalLM", mistral_config, _llama_like_hf, llama_rules),
-    "qwen2": Family("Qwen2ForCausalLM", qwen2_config, _llama_like_hf, llama_rules),
-    "gpt2": Family("GPT2LMHeadModel", gpt2_config, _gpt2_hf, gpt2_rules, "transformer."),
+    "llama": Family(
+        "LlamaForCausalLM",
+        "LlamaForSequenceClassification",
+        llama_config,
+        _llama_like_hf,
+        llama_rules,
+    ),
+    "mistral": Family(
+        "MistralForCausalLM",
+        "MistralForSequenceClassification",
+        mistral_config,
+        _llama_like_hf,
+        llama_rules,
+    ),
+    "qwen2": Family(
+        "Qwen2ForCausalLM",
+        "Qwen2ForSequenceClassification",
+        qwen2_config,
+        _llama_like_hf,
+        llama_rules,
+    ),
+    "gpt2": Family(
+        "GPT2LMHeadModel",
+        "GPT2ForSequenceClassification",
+        gpt2_config,
+        _gpt2_hf,
+        gpt2_rules,
+        "transformer.",
+    ),
 }
 
 
@@ -267,6 +298,11 @@ def family_for(cfg: ModelConfig) -> str | None:
     if cfg.attn_bias and not cfg.bias:
         return "qwen2" if standard_heads and cfg.rope_scaling is None else None
     return "llama"
+
+
+def without_lm_head(rules: list[Rule]) -> list[Rule]:
+    """The rules of a sequence classifier's body: HF's *ForSequenceClassification has no lm_head."""
+    return [r for r in rules if r.ours != "lm_head.weight"]
 
 
 def hf_to_ours(tensors: dict[str, Tensor], rules: list[Rule]) -> dict[str, Tensor]:

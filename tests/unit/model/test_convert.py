@@ -10,7 +10,13 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.errors import InputError
 from lmforge.model.config import preset_config
-from lmforge.model.convert import hf_config_to_model_config, load_pretrained, save_pretrained
+from lmforge.model.convert import (
+    ClassifierHead,
+    hf_config_to_model_config,
+    load_classifier,
+    load_pretrained,
+    save_pretrained,
+)
 from lmforge.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -115,6 +121,103 @@ def test_export_loads_in_transformers_with_same_logits(kind, tmp_path):
     assert back.config == model.config
     torch.testing.assert_close(back(idx), expected, atol=0, rtol=0)
     assert (back.lm_head.weight is back.tok_emb.weight) == model.config.tie_embeddings
+
+
+PAD = 1
+LABELS = ["neg", "neu", "pos"]
+
+
+def right_padded(lengths: list[int], seed: int = 0) -> torch.Tensor:
+    """Rows of random ids right-padded with PAD; the pad id also occurs inside the texts."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.full((len(lengths), max(lengths)), PAD)
+    for r, n in enumerate(lengths):
+        idx[r, :n] = torch.randint(2, VOCAB, (n,), generator=g)
+    idx[0, 2] = PAD
+    return idx
+
+
+def pooled_logits(model: Transformer, score: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Class logits at the rightmost non-PAD position (transformers' pooling written out)."""
+    last = ((idx != PAD) * torch.arange(idx.shape[1])).argmax(-1)
+    with torch.no_grad():
+        return model.hidden_states(idx)[torch.arange(len(idx)), last] @ score.T
+
+
+CLASSIFIERS = {
+    "llama-tied": ("micro", {}, "LlamaForSequenceClassification"),
+    "llama-untied": ("micro", dict(tie_embeddings=False), "LlamaForSequenceClassification"),
+    "qwen2": ("micro", dict(attn_bias=True), "Qwen2ForSequenceClassification"),
+    "mistral": ("micro", dict(sliding_window=5), "MistralForSequenceClassification"),
+    "gpt2-tied": ("micro-gpt2", {}, "GPT2ForSequenceClassification"),
+    "gpt2-untied": ("micro-gpt2", dict(tie_embeddings=False), "GPT2ForSequenceClassification"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CLASSIFIERS))
+def test_classifier_export_loads_in_transformers_with_same_logits(kind, tmp_path):
+    preset, overrides, architecture = CLASSIFIERS[kind]
+    model = randomize(Transformer(preset_config(preset, vocab_size=VOCAB, **overrides)))
+    score = 0.1 * torch.randn(len(LABELS), model.config.n_embd)
+    head = ClassifierHead(score, LABELS)
+    save_pretrained(model, tmp_path, extra_config={"pad_token_id": PAD}, classifier=head)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [architecture] and config["pad_token_id"] == PAD
+    assert config["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
+    assert config["label2id"] == {"neg": 0, "neu": 1, "pos": 2} and config["num_labels"] == 3
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert hf.config.id2label == dict(enumerate(LABELS)) and hf.config.pad_token_id == PAD
+    idx = right_padded([12, 7, 20, 1])
+    with torch.no_grad():
+        expected = hf.eval()(idx).logits
+    assert (pooled_logits(model, score, idx) - expected).abs().max().item() <= 1e-4
+    back, back_head = load_pretrained(tmp_path), load_classifier(tmp_path)
+    assert back_head.labels == LABELS and torch.equal(back_head.weight, score)
+    with torch.no_grad():
+        torch.testing.assert_close(back.hidden_states(idx), model.hidden_states(idx))
+    if not model.config.tie_embeddings:  # a classifier has no LM head to restore
+        assert not back.lm_head.weight.any()
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-tied", "gpt2"])
+def test_hf_classifier_imports_with_same_logits(kind, tmp_path):
+    config = HF_MODELS[kind]()
+    config.pad_token_id = PAD
+    config.id2label, config.label2id = dict(enumerate(LABELS)), {n: i for i, n in enumerate(LABELS)}
+    hf = randomize(transformers.AutoModelForSequenceClassification.from_config(config))
+    hf.save_pretrained(tmp_path)
+    idx = right_padded([9, 16, 3])
+    with torch.no_grad():
+        expected = hf(idx).logits
+    ours, head = load_pretrained(tmp_path), load_classifier(tmp_path)
+    assert head.labels == LABELS
+    assert (pooled_logits(ours, head.weight, idx) - expected).abs().max().item() <= 1e-4
+
+
+def test_hf_classifier_without_id2label_gets_default_names(tmp_path):
+    hf = transformers.AutoModelForSequenceClassification.from_config(HF_MODELS["gpt2"]())
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("id2label", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_classifier(tmp_path).labels == ["LABEL_0", "LABEL_1"]
+
+
+def test_native_layout_classifier_round_trips(tmp_path):
+    model = randomize(Transformer(preset_config("micro", pos="learned", norm="layernorm")))
+    head = ClassifierHead(torch.randn(2, model.config.n_embd), ["no", "yes"])
+    save_pretrained(model, tmp_path, classifier=head)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LmforgeForSequenceClassification"]
+    idx = torch.randint(0, 256, (1, 10))
+    torch.testing.assert_close(load_pretrained(tmp_path)(idx), model(idx), atol=0, rtol=0)
+    assert load_classifier(tmp_path).labels == ["no", "yes"]
+    save_pretrained(model, tmp_path / "lm")
+    assert load_classifier(tmp_path / "lm") is None
 
 
 def test_config_without_hf_equivalent_round_trips_in_native_layout(tmp_path):
