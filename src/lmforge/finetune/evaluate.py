@@ -39,37 +39,49 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, tok: TokenizerFiles, examples: list[dict[str, Any]], max_new_tokens: int = 48
+    model: nn.Module,
+    tok: TokenizerFiles,
+    examples: list[dict[str, Any]],
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answer to each example's conversation up to its last assistant turn."""
-    from lmforge.model.generate import generate
+    """Greedy answer to each example's conversation up to its last assistant turn.
+
+    Prompts run batch_size at a time, left-padded, in order of length (less padding); answers
+    come back in the examples' order and equal one-at-a-time generation.
+    """
+    from lmforge.model.generate import generate, left_pad, new_tokens
 
     device = next(model.parameters()).device
     stops = tok.stop_ids()
-    answers = []
+    room = model.config.block_size - max_new_tokens
+    prompts = []
     for example in examples:
         msgs = example["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompt = tok.encode(tok.render_chat(msgs[:last], add_generation_prompt=True))
-        room = model.config.block_size - max_new_tokens
-        prompt = prompt[-room:]
+        prompts.append(tok.encode(tok.render_chat(msgs[:last], add_generation_prompt=True))[-room:])
+    answers = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for lo in range(0, len(order), batch_size):
+        chunk = order[lo : lo + batch_size]
+        ids, pad_mask = left_pad([prompts[i] for i in chunk], device=device)
         out = generate(
-            model,
-            torch.tensor([prompt], device=device),
-            max_new_tokens,
-            greedy=True,
-            stop_tokens=stops,
+            model, ids, max_new_tokens, pad_mask=pad_mask, greedy=True, stop_tokens=stops
         )
-        new = [t for t in out[0, len(prompt) :].tolist() if t not in stops]
-        answers.append(tok.decode(new).strip())
+        for i, new in zip(chunk, new_tokens(out, ids.size(1), stops), strict=True):
+            answers[i] = tok.decode([t for t in new if t not in stops]).strip()
     return answers
 
 
 def rouge_eval(
-    model: nn.Module, tok: TokenizerFiles, examples: list[dict[str, Any]], max_new_tokens: int = 48
+    model: nn.Module,
+    tok: TokenizerFiles,
+    examples: list[dict[str, Any]],
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Mean ROUGE-L of greedy answers against the reference answers, and per-example rows."""
-    answers = generate_answers(model, tok, examples, max_new_tokens)
+    answers = generate_answers(model, tok, examples, max_new_tokens, batch_size)
     rows = []
     for example, answer in zip(examples, answers, strict=True):
         reference = [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"]
