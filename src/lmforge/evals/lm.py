@@ -235,7 +235,19 @@ class EvalModel:
 
 
 def _load_head(model_dir: Path, device: torch.device) -> tuple[torch.nn.Linear, list[str]] | None:
-    """The classification head the finetune stage saves beside the model, if any."""
+    """The classification head of a model directory, if any.
+
+    A sequence-classifier checkpoint (score.weight + id2label in config.json, as the finetune
+    stage and transformers write it) or, from lmforge before that, head.safetensors (a Linear
+    with bias) + labels.json beside the model.
+    """
+    from lmforge.model.convert import load_classifier
+
+    head = load_classifier(model_dir)
+    if head is not None:
+        linear = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=False)
+        linear.load_state_dict({"weight": head.weight})
+        return linear.to(device).eval(), head.labels
     if not ((model_dir / "head.safetensors").is_file() and (model_dir / "labels.json").is_file()):
         return None
     from safetensors.torch import load_file

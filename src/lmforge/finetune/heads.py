@@ -1,7 +1,15 @@
 """Sequence classification on a causal LM: a linear head over the last real token, and its losses.
 
 `SequenceClassifier(lm, n_classes)` reads `lm.hidden_states(ids)` and pools the last non-pad
-token (what a causal model has seen the whole text at). `classify_loss` trains the head (and
+token (what a causal model has seen the whole text at) into `head`, a Linear without bias: the
+`score` layer of transformers' *ForSequenceClassification, which the finetune stage exports.
+
+Pooling contract (so our logits are transformers' logits): transformers pools the rightmost
+position whose id is not config.pad_token_id (position 0 when every id is the pad). encode_texts
+right-pads with tok.pad_id and sets `last` by that same rule, so a text that itself ends in the pad
+token (possible when the pad is EOS, or spelled in the text) is pooled at its last other token,
+exactly as transformers does; the export writes tok.pad_id as pad_token_id. Causal attention
+makes the right padding invisible to the pooled position. `classify_loss` trains the head (and
 whatever of the LM is trainable); `multitask_loss` adds next-token loss on the same texts,
 w_lm * LM + w_cls * classification, in one forward pass. Metrics: accuracy, macro precision /
 recall / F1, and the majority-class baseline they should beat.
@@ -21,14 +29,13 @@ IGNORE_INDEX = -100
 
 
 class SequenceClassifier(nn.Module):
-    """A Transformer plus `head`: Linear(n_embd, n_classes) on the last real token's state."""
+    """A Transformer plus `head`: Linear(n_embd, n_classes, bias=False) on the pooled state."""
 
     def __init__(self, lm: nn.Module, n_classes: int) -> None:
         super().__init__()
         self.lm = lm
-        self.head = nn.Linear(lm.config.n_embd, n_classes)
+        self.head = nn.Linear(lm.config.n_embd, n_classes, bias=False)
         nn.init.normal_(self.head.weight, std=lm.config.init_std)
-        nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
         """(class logits (B, n_classes), hidden states (B, T, C)); last: (B,) last real index."""
@@ -42,7 +49,8 @@ def encode_texts(
 ) -> tuple[dict[str, np.ndarray], int]:
     """Right-padded rows for classification (+ LM labels on the text); returns rows, truncated.
 
-    A text longer than seq_len keeps its start (the docstring's first lines say most).
+    A text longer than seq_len keeps its start (the docstring's first lines say most). `last` is
+    the rightmost position that is not tok.pad_id, 0 if none (see the module docstring).
     """
     n = len(texts)
     ids = np.full((n, seq_len), tok.pad_id, dtype=np.int64)
@@ -55,7 +63,7 @@ def encode_texts(
         truncated += len(full) > seq_len
         ids[r, : len(toks)] = toks
         lm_labels[r, : len(toks) - 1] = toks[1:]
-        last[r] = len(toks) - 1
+        last[r] = max((i for i, t in enumerate(toks) if t != tok.pad_id), default=0)
     rows = {
         "input_ids": ids,
         "labels": lm_labels,

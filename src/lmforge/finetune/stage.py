@@ -4,14 +4,20 @@ Inputs: a model directory in Hugging Face layout with its tokenizer files (our p
 or an imported checkpoint) and a data file or directory (formats.py). The methods differ only in
 what they hand the loop: rows (packed chat with assistant-only labels, or padded labeled texts),
 the trainable parameters (LoRA adapters, or the model minus frozen parts, in layer-wise LR
-groups) and the loss_fn. Outputs: final/ (the merged model + tokenizer files; for classification
-also head.safetensors + labels.json), adapter/ (PEFT format, LoRA only), metrics.jsonl,
-loss.png, checkpoints/ (a killed run resumes), and headline metrics in the manifest.
+groups) and the loss_fn. Outputs: final/ (the merged model + tokenizer files; for classify and
+multitask the model is a Hugging Face *ForSequenceClassification with id2label and the pad id
+its inputs are pooled by, see lmforge.model.convert), adapter/ (PEFT format, LoRA only),
+metrics.jsonl, loss.png, checkpoints/ (a killed run resumes), and headline metrics in the manifest.
+
+A classifier's final/ has no LM head when the model's embeddings are untied (transformers'
+classifiers carry none), so multitask's trained lm_head survives only in tied models. A base model
+that is itself a classifier with the same label set starts the head from its own.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,7 @@ from lmforge.train.loop import train
 from lmforge.train.observe import plot_losses
 from lmforge.train.pretrain import lm_loss
 
+log = logging.getLogger(__name__)
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (its final/ directory)"
 
 
@@ -176,7 +183,7 @@ def prepare(
 # --------------------------------------------------------------------------- model
 
 
-def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[nn.Module, nn.Module]:
+def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.Module]:
     """(trainable model, its language model): base loaded, adapters/freezing/head applied."""
     from lmforge.model.convert import load_pretrained
 
@@ -189,10 +196,27 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[nn.Module, nn.Modu
     torch.manual_seed(cfg.train.seed)  # adapters and heads start the same on resume
     if cfg.method == "lora":
         inject(lm, cfg.lora)
-    model: nn.Module = lm if cfg.task == "sft" else heads.SequenceClassifier(lm, n_classes)
+    model: nn.Module = lm
+    if cfg.task != "sft":
+        model = heads.SequenceClassifier(lm, len(labels))
+        _start_from_base_head(model, cfg.model_dir(), labels)
     if cfg.method == "full":
         apply_freeze(model, cfg.freeze, lm.config.n_layer)
     return model, lm
+
+
+def _start_from_base_head(model: nn.Module, model_dir: Path, labels: list[str]) -> None:
+    """Copies the base model's classifier rows into the new head when it has exactly our labels."""
+    from lmforge.model.convert import load_classifier
+
+    base = load_classifier(model_dir)
+    if base is None:
+        return
+    if sorted(base.labels) != labels:
+        log.info("%s classifies %s, not %s: the head starts fresh", model_dir, base.labels, labels)
+        return
+    with torch.no_grad():
+        model.head.weight.copy_(base.weight[[base.labels.index(name) for name in labels]])
 
 
 def loss_for(cfg: FinetuneConfig):
@@ -224,7 +248,7 @@ def _eval_fn(cfg: FinetuneConfig, rows: dict[str, np.ndarray]):
 
 def fit(cfg: FinetuneConfig, ctx: Any, data: Prepared) -> tuple[nn.Module, nn.Module, Any]:
     """Builds the model and trains it with the one loop; returns (model, lm, TrainResult)."""
-    model, lm = build_model(cfg, len(data.labels))
+    model, lm = build_model(cfg, data.labels)
     tc = cfg.train
     lr_groups = param_groups(model, cfg.freeze, tc.lr, tc.weight_decay, lm.config.n_layer)
     if not lr_groups:
@@ -269,7 +293,7 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         headline.update(
             heads.classification_metrics(data.val_rows["class_labels"], preds, len(labels))
         )
-    _write_outputs(cfg, ctx, model, lm, labels)
+    _write_outputs(cfg, ctx, tok, model, lm, labels)
     return headline
 
 
@@ -298,10 +322,15 @@ def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: 
 
 
 def _write_outputs(
-    cfg: FinetuneConfig, ctx: StageContext, model: nn.Module, lm: nn.Module, labels: list[str]
+    cfg: FinetuneConfig,
+    ctx: StageContext,
+    tok: TokenizerFiles,
+    model: nn.Module,
+    lm: nn.Module,
+    labels: list[str],
 ) -> None:
-    """adapter/ (LoRA), final/ (merged model, tokenizer, head), loss.png."""
-    from lmforge.model.convert import save_pretrained
+    """adapter/ (LoRA), final/ (merged model or classifier, tokenizer files), loss.png."""
+    from lmforge.model.convert import ClassifierHead, save_pretrained
 
     if cfg.method == "lora":
         with ctx.atomic_path(ctx.out / "adapter") as tmp:
@@ -310,17 +339,15 @@ def _write_outputs(
     config_json = json.loads((cfg.model_dir() / "config.json").read_text(encoding="utf-8"))
     special = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if config_json.get(k) is not None}  # fmt: skip
+    classifier = None
+    if cfg.task != "sft":
+        classifier = ClassifierHead(model.head.weight.detach().cpu(), labels)
+        special["pad_token_id"] = tok.pad_id  # what encode_texts padded with and pools by
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(lm, tmp, extra_config=special)
+        save_pretrained(lm, tmp, extra_config=special, classifier=classifier)
         for name in TOKENIZER_FILES:
             if (cfg.model_dir() / name).is_file():
                 shutil.copy2(cfg.model_dir() / name, tmp / name)
-        if cfg.task != "sft":
-            from safetensors.torch import save_file
-
-            head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-            save_file(head, str(tmp / "head.safetensors"))
-            (tmp / "labels.json").write_text(json.dumps(labels) + "\n", encoding="utf-8")
     ctx.metrics.close()
     rows = read_metrics(ctx.out / "metrics.jsonl")
     plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")

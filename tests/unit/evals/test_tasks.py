@@ -165,6 +165,54 @@ def test_classification_uses_the_finetuned_head_when_present(
         run_task(bare, spec.model_copy(update={"classifier": "head"}), GenerationSettings())
 
 
+def test_classification_reads_a_sequence_classifier_checkpoint(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The finetune stage's export: score.weight (no bias) + id2label in the model itself."""
+    import shutil
+
+    from lmforge.model.convert import ClassifierHead, load_pretrained, save_pretrained
+
+    clf_dir = shutil.copytree(model_dir, tmp_path / "clf")
+    weight = torch.randn(3, 64)
+    labels = ["class", "const", "func"]
+    save_pretrained(load_pretrained(model_dir), clf_dir, classifier=ClassifierHead(weight, labels))
+    model = EvalModel.load(clf_dir)
+    linear, head_labels = model.head
+    assert head_labels == labels and linear.bias is None and torch.equal(linear.weight, weight)
+    rows = [{"text": "def f(): pass", "label": "func"}, {"text": "X = 1", "label": "const"}]
+    result = run_task(
+        model, TaskSpec(name="c", type="classification", examples=rows), GenerationSettings()
+    )
+    assert result.metrics["classifier"] == "head"
+
+
+def test_a_transformers_classifier_evaluates_with_its_own_logits(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    vocab = EvalModel.load(model_dir).files.vocab_size
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+        id2label={0: "no", 1: "yes"}, label2id={"no": 0, "yes": 1},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    with torch.no_grad():
+        hf.score.weight.normal_(std=0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copy2(model_dir / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    model = EvalModel.load(tmp_path / "hf")
+    assert model.head[1] == ["no", "yes"]
+    text = "def add(a, b): return a + b"
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([model.encode(text)])).logits[0], -1)
+    assert np.abs(np.asarray(model.classify(text)) - want.numpy()).max() <= 1e-4
+
+
 def test_chat_models_get_the_prompt_as_a_user_turn_and_alpaca_records(
     model_dir: Path, tmp_path: Path
 ) -> None:

@@ -7,8 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.errors import ConfigError
+from lmforge.finetune import heads
 from lmforge.finetune import stage as ft
+from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.finetune.stage import FinetuneConfig, finetune
+from lmforge.model.convert import ClassifierHead, load_classifier, load_pretrained, save_pretrained
 from lmforge.train.loader import RowBatches
 
 WORDS = ["alpha", "beta", "gamma", "delta", "paris", "value", "path", "join"]
@@ -110,7 +113,7 @@ def test_full_sft_with_frozen_layers_leaves_them_untouched(tmp_path, model_dir):
     )
 
 
-def test_classify_reports_metrics_and_saves_head(tmp_path, model_dir):
+def test_classify_reports_metrics_and_exports_a_sequence_classifier(tmp_path, model_dir):
     cfg = _cfg(
         tmp_path,
         model_dir,
@@ -132,9 +135,47 @@ def test_classify_reports_metrics_and_saves_head(tmp_path, model_dir):
     ):
         assert key in m
     assert m["cv_folds"] == 2
-    assert json.loads((out / "final" / "labels.json").read_text()) == sorted(WORDS[:4])
-    assert load_file(out / "final" / "head.safetensors")["weight"].shape[0] == 4
     assert len(json.loads((out / "folds" / "folds.json").read_text())) == 2
+    final = out / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["id2label"] == {str(i): name for i, name in enumerate(sorted(WORDS[:4]))}
+    tok = load_chat_tokenizer(final)
+    assert config["pad_token_id"] == tok.pad_id
+    assert not (final / "head.safetensors").exists() and not (final / "labels.json").exists()
+    assert load_file(final / "model.safetensors")["score.weight"].shape == (4, 64)
+    _assert_transformers_agrees(final, tok, ["alpha beta text", "path<|pad|>", "join"])
+
+
+def _assert_transformers_agrees(final, tok, texts):
+    """AutoModelForSequenceClassification loads final/ cleanly and gives our logits."""
+    transformers = pytest.importorskip("transformers")
+    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        final, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    head = load_classifier(final)
+    ours = heads.SequenceClassifier(load_pretrained(final), len(head.labels)).eval()
+    ours.head.weight.data.copy_(head.weight)
+    rows, _ = heads.encode_texts(tok, texts, [0] * len(texts), seq_len=16)
+    ids, last = torch.from_numpy(rows["input_ids"]), torch.from_numpy(rows["last"])
+    with torch.no_grad():
+        diff = ours(ids, last)[0] - hf.eval()(ids).logits
+    assert diff.abs().max().item() <= 1e-4
+
+
+def test_a_classifier_base_model_starts_the_head_from_its_own(tmp_path, model_dir):
+    import shutil
+
+    base = shutil.copytree(model_dir, tmp_path / "base")
+    lm = load_pretrained(model_dir)
+    weight = torch.randn(3, lm.config.n_embd)
+    save_pretrained(lm, base, classifier=ClassifierHead(weight, ["gamma", "alpha", "beta"]))
+    cfg = _cfg(tmp_path, base, tmp_path / "c.jsonl", task="classify")
+    model, _ = ft.build_model(cfg, ["alpha", "beta", "gamma"])
+    assert torch.equal(model.head.weight.data, weight[[1, 2, 0]])
+    model, _ = ft.build_model(cfg, ["alpha", "beta", "delta"])
+    assert not torch.equal(model.head.weight.data, weight[[1, 2, 0]])
 
 
 def test_task_and_data_must_agree(tmp_path, model_dir):
@@ -164,11 +205,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, model_dir, monkeypatch
         load_file(full / "final" / "model.safetensors"),
         load_file(resumed / "final" / "model.safetensors"),
     )
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(
-        load_file(full / "final" / "head.safetensors")["weight"],
-        load_file(resumed / "final" / "head.safetensors")["weight"],
-    )
+    assert "score.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_model_may_be_a_training_stage_directory(tmp_path, model_dir):
