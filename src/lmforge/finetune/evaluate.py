@@ -47,12 +47,11 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answer to each example's conversation up to its last assistant turn.
 
-    Prompts run batch_size at a time, left-padded, in order of length (less padding); answers
-    come back in the examples' order and equal one-at-a-time generation.
+    Prompts run batch_size at a time, left-padded (model.generate.generate_batched); the answers
+    equal one-at-a-time generation.
     """
-    from lmforge.model.generate import generate, left_pad, new_tokens
+    from lmforge.model.generate import generate_batched
 
-    device = next(model.parameters()).device
     stops = tok.stop_ids()
     room = model.config.block_size - max_new_tokens
     prompts = []
@@ -60,17 +59,10 @@ def generate_answers(
         msgs = example["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         prompts.append(tok.encode(tok.render_chat(msgs[:last], add_generation_prompt=True))[-room:])
-    answers = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for lo in range(0, len(order), batch_size):
-        chunk = order[lo : lo + batch_size]
-        ids, pad_mask = left_pad([prompts[i] for i in chunk], device=device)
-        out = generate(
-            model, ids, max_new_tokens, pad_mask=pad_mask, greedy=True, stop_tokens=stops
-        )
-        for i, new in zip(chunk, new_tokens(out, ids.size(1), stops), strict=True):
-            answers[i] = tok.decode([t for t in new if t not in stops]).strip()
-    return answers
+    new = generate_batched(
+        model, prompts, max_new_tokens, batch_size=batch_size, stop_tokens=stops, greedy=True
+    )
+    return [tok.decode([t for t in ids if t not in stops]).strip() for ids in new]
 
 
 def rouge_eval(

@@ -2,15 +2,16 @@
 
 generate() runs the prompt once (prefill), then feeds one token per step, reusing cached keys and
 values, so each step costs O(T) instead of O(T^2). Prompts of different lengths run as one batch
-when left-padded (left_pad() builds the ids and the pad mask): padding is masked out of attention
-and of the repetition penalty, and each row's positions start at its own first token. Sampling
-follows the usual order: repetition penalty, temperature, top-k, top-p, then a multinomial draw
-(or argmax when greedy).
+when left-padded (left_pad() builds the ids and the pad mask; generate_batched() does it all for
+token lists): padding is masked out of attention and of the repetition penalty, and each row's
+positions start at its own first token. Sampling follows the usual order: repetition penalty,
+temperature, top-k, top-p, then a multinomial draw (or argmax when greedy).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -239,3 +240,34 @@ def _check_pad_mask(pad_mask: Tensor | None, idx: Tensor) -> Tensor | None:
     if not bool((mask[:, 1:] >= mask[:, :-1]).all()) or not bool(mask[:, -1].all()):
         raise InputError("pad_mask must pad on the left and leave every row at least one token")
     return mask
+
+
+def generate_batched(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 16,
+    stop_tokens: Sequence[int] = (),
+    **sampling: Any,
+) -> list[list[int]]:
+    """generate() over token lists of any lengths: each prompt's new ids, through its first stop.
+
+    Prompts run batch_size at a time, in order of length (so a batch holds little padding),
+    left-padded; results come back in the prompts' order. sampling: generate()'s keywords. Greedy
+    results equal one prompt at a time; sampled ones depend on the batch a prompt lands in.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    results: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for lo in range(0, len(order), batch_size):
+        chunk = order[lo : lo + batch_size]
+        ids, pad_mask = left_pad([prompts[i] for i in chunk], device=device)
+        out = generate(
+            model, ids, max_new_tokens, pad_mask=pad_mask, stop_tokens=stop_tokens, **sampling
+        )
+        for i, new in zip(chunk, new_tokens(out, ids.size(1), stop_tokens), strict=True):
+            results[i] = new
+    return results

@@ -10,6 +10,7 @@ from lmforge.model.config import preset_config
 from lmforge.model.generate import (
     apply_repetition_penalty,
     generate,
+    generate_batched,
     left_pad,
     new_tokens,
     sample_next,
@@ -118,6 +119,18 @@ def test_batched_greedy_equals_one_prompt_at_a_time(style, overrides, use_cache)
         expected = [new_tokens(a[None], 0, stops)[0] for a in alone]
         assert new_tokens(out, ids.size(1), stops) == expected
     assert out.size(1) == ids.size(1) + 24  # a row that never stops runs the full length
+
+
+def test_generate_batched_keeps_the_prompts_order():
+    model = make("micro-gpt2")
+    prompts = random_prompts([6, 2, 9, 4, 1], seed=3)
+    alone = [generate(model, torch.tensor([p]), 10, greedy=True)[0, len(p) :] for p in prompts]
+    stop = int(alone[2][3])
+    expected = [new_tokens(a[None], 0, [stop])[0] for a in alone]
+    got = generate_batched(model, prompts, 10, batch_size=2, stop_tokens=[stop], greedy=True)
+    assert got == expected
+    with pytest.raises(ConfigError, match="batch_size"):
+        generate_batched(model, prompts, 10, batch_size=0)
 
 
 def test_repetition_penalty_ignores_padding():
