@@ -6,13 +6,15 @@ on top of EvalModel, so scores mean exactly what they mean for the harness's own
 - loglikelihood(context, continuation) -> (log p, is greedy);
 - loglikelihood_rolling(text) -> log p of the whole text (disjoint max-length windows, as the
   harness does; every token scored once);
-- generate_until(context, {until, max_gen_toks, temperature, do_sample}) -> text.
+- generate_until(context, {until, max_gen_toks, temperature, do_sample}) -> text; requests with
+  the same settings run as left-padded batches of --batch_size prompts.
 
 The stock `lm_eval` command only knows the models it ships (lm_eval 0.4 has no plugin entry
 point), so run the harness through this module, which registers "lmforge" first and then hands
 over to lm_eval's own command line:
 
-    python -m lmforge.evals.harness --model lmforge --model_args pretrained=DIR --tasks TASKS
+    python -m lmforge.evals.harness --model lmforge --model_args pretrained=DIR --tasks TASKS \
+        --batch_size 16
 
 From Python: `import lmforge.evals.harness` and then `lm_eval.simple_evaluate(model="lmforge",
 model_args="pretrained=DIR", tasks=[...])`. Needs `pip install 'lmforge[eval]'`.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.evals.lm import EvalModel, GenerationSettings
+from lmforge.evals.lm import GENERATE_BATCH, EvalModel, GenerationSettings
 from lmforge.evals.perplexity import score_document
 
 try:
@@ -43,7 +45,7 @@ class LmforgeLM(LM):
         pretrained: str,
         device: str = "cpu",
         max_gen_toks: int = 256,
-        batch_size: int | str = 1,  # accepted for the CLI's sake; requests run one at a time
+        batch_size: int | str = GENERATE_BATCH,  # prompts per generation batch ("auto": default)
         **_: Any,
     ) -> None:
         super().__init__()
@@ -53,6 +55,7 @@ class LmforgeLM(LM):
             device = "cpu"  # lm_eval passes cuda by default; fall back like its HF model does
         self.lm = EvalModel.load(pretrained, device=device)
         self.max_gen_toks = int(max_gen_toks)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else GENERATE_BATCH
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         # requests sharing a context (the choices of one question) are scored in one batch
@@ -71,19 +74,26 @@ class LmforgeLM(LM):
         return [-score_document(self.lm, req.args[0], n, n).nll for req in requests]
 
     def generate_until(self, requests: list[Any]) -> list[str]:
-        outputs = []
-        for req in requests:
-            context, kwargs = req.args
-            until = kwargs.get("until") or []
-            settings = GenerationSettings(
-                max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                temperature=float(kwargs.get("temperature", 0.0))
-                if kwargs.get("do_sample")
-                else 0.0,
-                stop=[until] if isinstance(until, str) else list(until),
-            )
-            outputs.append(self.lm.generate(context, settings))
+        # requests with the same settings run as batches; stop strings still cut each output
+        groups: dict[str, tuple[GenerationSettings, list[int]]] = {}
+        for i, req in enumerate(requests):
+            settings = self._settings(req.args[1])
+            groups.setdefault(settings.model_dump_json(), (settings, []))[1].append(i)
+        outputs = [""] * len(requests)
+        for settings, indices in groups.values():
+            contexts = [requests[i].args[0] for i in indices]
+            texts = self.lm.generate_batch(contexts, settings, batch_size=self.batch_size)
+            for i, text in zip(indices, texts, strict=True):
+                outputs[i] = text
         return outputs
+
+    def _settings(self, kwargs: dict[str, Any]) -> GenerationSettings:
+        until = kwargs.get("until") or []
+        return GenerationSettings(
+            max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+            temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+            stop=[until] if isinstance(until, str) else list(until),
+        )
 
 
 def main() -> None:

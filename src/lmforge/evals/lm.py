@@ -22,6 +22,7 @@ from lmforge.errors import InputError
 from lmforge.tokenizer.files import TokenizerFiles
 
 SCORE_BATCH = 16  # rows per forward pass when scoring
+GENERATE_BATCH = 16  # prompts per batch when generating
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
 
@@ -205,23 +206,40 @@ class EvalModel:
     # -- generation ----------------------------------------------------------------------------
 
     def generate(self, prompt: str, settings: GenerationSettings, chat: bool = False) -> str:
-        """The model's continuation of prompt (text only, cut at the first stop string).
+        """The model's continuation of prompt: generate_batch() for one prompt."""
+        return self.generate_batch([prompt], settings, chat=chat)[0]
 
-        chat=True renders prompt as a user turn with the chat template (as fine-tuning did, so
-        no prefix token is added) and stops at the end-of-turn token.
+    def generate_batch(
+        self,
+        prompts: list[str],
+        settings: GenerationSettings,
+        chat: bool = False,
+        batch_size: int = GENERATE_BATCH,
+    ) -> list[str]:
+        """Each prompt's continuation (text only, cut at the first stop string), in order.
+
+        chat=True renders each prompt as a user turn with the chat template (as fine-tuning did,
+        so no prefix token is added) and stops at the end-of-turn token. Prompts run batch_size
+        at a time, left-padded (model.generate.generate_batched): greedy outputs equal one prompt
+        at a time; sampling uses one generator seeded with settings.seed per call.
         """
-        from lmforge.model.generate import generate
+        from lmforge.model.generate import generate_batched
 
-        ids = self.encode(self.render_chat(prompt)) if chat else self.start(prompt)
-        if not ids:
-            raise InputError("empty prompt and the tokenizer has no BOS/EOS token to start from")
         budget = min(settings.max_new_tokens, max(self.block_size - 1, 1))
-        ids = ids[-(self.block_size - budget) :]
+        rows = []
+        for prompt in prompts:
+            ids = self.encode(self.render_chat(prompt)) if chat else self.start(prompt)
+            if not ids:
+                raise InputError(
+                    "empty prompt and the tokenizer has no BOS/EOS token to start from"
+                )
+            rows.append(ids[-(self.block_size - budget) :])
         gen = torch.Generator(device=self.device).manual_seed(settings.seed)
-        out = generate(
+        new = generate_batched(
             self.model,
-            torch.tensor([ids], dtype=torch.long, device=self.device),
+            rows,
             budget,
+            batch_size=batch_size,
             temperature=settings.temperature,
             top_k=settings.top_k,
             top_p=settings.top_p,
@@ -230,8 +248,7 @@ class EvalModel:
             greedy=settings.temperature == 0,
             generator=gen,
         )
-        text = self.decode(out[0, len(ids) :].tolist())
-        return cut_at_stop(text, settings.stop)
+        return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
 
 
 def _load_head(model_dir: Path, device: torch.device) -> tuple[torch.nn.Linear, list[str]] | None:

@@ -170,7 +170,7 @@ def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSetting
     prompts = [_prompt(spec, r) for r in rows]
     refs = [str(r["reference"]) for r in rows]
     chat = spec.chat if spec.chat is not None else model.chat_template is not None
-    outputs = [model.generate(p, settings, chat=chat).strip() for p in prompts]
+    outputs = [out.strip() for out in model.generate_batch(prompts, settings, chat=chat)]
     per_rouge = M.rouge_scores(outputs, refs)
     records = [
         {

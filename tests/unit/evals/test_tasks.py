@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.evals.lm import EvalModel, GenerationSettings
+from lmforge.evals.lm import EvalModel, GenerationSettings, cut_at_stop
 from lmforge.evals.tasks import TaskSpec, load_task, run_task
 
 MC = [
@@ -92,6 +92,35 @@ def test_generation_is_greedy_and_metrics_follow_outputs(model: EvalModel) -> No
     )
     assert result.metrics["generation"]["max_new_tokens"] == 6
     assert result.metrics["generation"]["temperature"] == 0.0
+
+
+def one_at_a_time(model: EvalModel, prompt: str, settings: GenerationSettings) -> str:
+    """Greedy continuation of one unpadded prompt, no KV cache: the reference for batching."""
+    n = settings.max_new_tokens
+    ids, new = model.start(prompt)[-(model.block_size - n) :], []
+    with torch.no_grad():
+        for _ in range(n):
+            new.append(int(model.model(torch.tensor([ids + new]))[0, -1].argmax()))
+            if new[-1] in model.stop_ids():
+                break
+    return cut_at_stop(model.decode(new), settings.stop)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(model: EvalModel) -> None:
+    prompts = ["def add(a, b):", "import", "The quick brown fox jumps over the lazy dog", "x"]
+    prompts += [" ".join(["def add(a, b): return a + b"] * 30), "print(", "class A:\n    def"]
+    settings = GenerationSettings(max_new_tokens=10)
+    free = [one_at_a_time(model, p, settings) for p in prompts]
+    assert model.generate_batch(prompts, settings, batch_size=3) == free
+    stop = next(out[3:5] for out in free if len(out) > 5)  # cuts some rows, maybe not all
+    settings = GenerationSettings(max_new_tokens=10, stop=[stop])
+    expected = [one_at_a_time(model, p, settings) for p in prompts]
+    assert any(len(e) < len(f) for e, f in zip(expected, free, strict=True))
+    assert model.generate_batch(prompts, settings, batch_size=4) == expected
+    assert [model.generate(p, settings) for p in prompts] == expected
+    rows = [{"prompt": p, "reference": "x"} for p in prompts]
+    result = run_task(model, TaskSpec(name="gen", type="generation", examples=rows), settings)
+    assert [r["output"] for r in result.records] == [e.strip() for e in expected]
 
 
 def test_task_files_yaml_jsonl_and_dirs(tmp_path: Path) -> None:
