@@ -81,11 +81,14 @@ def test_lamb_minimises_a_quadratic():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(8, 8))
     opt = Lamb([w], lr=0.05)
-    for _ in range(200):
+    for i in range(200):
+        # A decaying lr, as LAMB is run: at a constant lr the trust-ratio-scaled steps keep
+        # orbiting the minimum at about lr * ||w|| / ||update|| per coordinate.
+        opt.param_groups[0]["lr"] = 0.05 * (1 - i / 200)
         opt.zero_grad()
         (w - 1.0).pow(2).sum().backward()
         opt.step()
-    assert (w - 1.0).abs().max() < 0.1
+    assert (w - 1.0).abs().max() < 0.05
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch without Muon")
