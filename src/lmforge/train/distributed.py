@@ -84,6 +84,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cuda)
     env = dist_env()
     device = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:  # fp32 matmuls outside autocast (and train.dtype=fp32) run on tensor cores
+        torch.set_float32_matmul_precision("high")
     if cfg.dtype == "auto":
         amp = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else None
     else:
@@ -165,13 +167,13 @@ def zero1_optimizer(groups: list[dict], optimizer_cls: type, **defaults: object)
     return ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_cls, **defaults)
 
 
-def mean_across_ranks(value: float, device: torch.device) -> float:
-    """The mean of a scalar over all ranks (for logging a global loss)."""
+def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar tensor over all ranks, on its device (no host sync)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    total = value.detach().double().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 def barrier() -> None:

@@ -38,8 +38,25 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU; GPUs not listed get no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+# Dense bf16 peak FLOP/s (vendor datasheets) by a part of the GPU's name, for MFU; the longest
+# matching key wins, so "H100 PCIe" is not read as the SXM part, nor an L40S as an L4. GPUs not
+# listed get no MFU rather than a wrong one.
+PEAK_FLOPS = {
+    "H100": 989e12,  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU called device_name, or None when it is not listed."""
+    matches = [k for k in PEAK_FLOPS if k in device_name]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 @dataclass
@@ -127,10 +144,14 @@ def train(
         while state.step < cfg.max_steps:
             lr = cfg.lr * set_lr(optimizer, state.step, cfg)
             model.train()
-            loss, extra, n_tokens = _accumulate(model, loss_fn, loader, accum, rt, scaler)
-            loss = mean_across_ranks(loss, rt.device)
+            loss_t, extra_t, n_tokens = _accumulate(model, loss_fn, loader, accum, rt, scaler)
             n_tokens *= rt.env.world_size
-            grad_norm = _clip(model, optimizer, scaler, cfg.grad_clip)
+            norm_t = _clip(model, optimizer, scaler, cfg.grad_clip)
+            # The step's one host sync: the skip decision needs loss and norm on the CPU.
+            loss, grad_norm = torch.stack(
+                [mean_across_ranks(loss_t).double(), norm_t.double()]
+            ).tolist()
+            extra = {key: float(value) for key, value in extra_t.items()}
             fp16_overflow = scaler.is_enabled() and not math.isfinite(grad_norm)
             if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not fp16_overflow):
                 optimizer.zero_grad(set_to_none=True)
@@ -220,19 +241,25 @@ def _autocast(rt: Runtime) -> contextlib.AbstractContextManager:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    non_blocking = device.type == "cuda"
+    """Copies a batch to the device; on CUDA through pinned memory, so the copy is asynchronous."""
+    if device.type != "cuda":
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     return {
-        k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+        k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v
         for k, v in batch.items()
     }
 
 
 def _accumulate(
     model: nn.Module, loss_fn: LossFn, loader: Iterator[Batch], accum: int, rt: Runtime, scaler: Any
-) -> tuple[float, dict[str, float], int]:
-    """Forward/backward over `accum` micro-batches; returns mean loss, mean metrics, tokens."""
+) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """Forward/backward over `accum` micro-batches; returns mean loss, mean metrics, tokens.
+
+    The loss (and any tensor metric) stays on the device: reading it here would stall the GPU
+    once per micro-batch.
+    """
     total = torch.zeros((), device=rt.device)
-    extra: dict[str, float] = {}
+    extra: dict[str, Any] = {}
     n_tokens = 0
     for micro in range(accum):
         batch = _to_device(next(loader), rt.device)
@@ -243,20 +270,21 @@ def _accumulate(
             scaler.scale(loss / accum).backward()
         total += loss.detach().float()
         for key, value in metrics.items():
-            extra[key] = extra.get(key, 0.0) + float(value) / accum
-    return float(total.item()) / accum, extra, n_tokens
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            extra[key] = extra.get(key, 0.0) + value / accum
+    return total / accum, extra, n_tokens
 
 
 def _clip(
     model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, max_norm: float
-) -> float:
+) -> torch.Tensor:
     """Unscales (fp16) and clips gradients; returns the global grad norm before clipping."""
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 @torch.no_grad()
@@ -264,7 +292,10 @@ def _evaluate(model: nn.Module, eval_fn: EvalFn, rt: Runtime) -> dict[str, float
     """Runs eval_fn in eval mode; averages over ranks; adds perplexity."""
     model.eval()
     with _autocast(rt):
-        result = {k: mean_across_ranks(float(v), rt.device) for k, v in eval_fn(model).items()}
+        result = {
+            k: float(mean_across_ranks(torch.tensor(float(v), device=rt.device)))
+            for k, v in eval_fn(model).items()
+        }
     model.train()
     result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
     return result
@@ -285,8 +316,7 @@ def _update_early_stop(state: LoopState, val_loss: float, cfg: TrainConfig) -> b
 def _peak_flops(rt: Runtime) -> float | None:
     if rt.device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(rt.device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops(torch.cuda.get_device_name(rt.device))
 
 
 def _truncate_metrics(writer: Any, after_step: int) -> None:
