@@ -61,7 +61,7 @@ import lmforge
 from lmforge.model.config import preset_config
 from lmforge.model.transformer import Transformer
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import PEAK_FLOPS
+from lmforge.train.loop import peak_flops as lmforge_peak_flops
 from lmforge.train.pretrain import lm_loss
 
 LR, BETAS, WEIGHT_DECAY = 6e-4, (0.9, 0.95), 0.1
@@ -224,8 +224,7 @@ def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of this GPU from lmforge's table (None on CPU or an unlisted GPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return lmforge_peak_flops(torch.cuda.get_device_name(device))
 
 
 def timed(c: Contender, s: Setup, warmup: int, steps: int) -> float:

@@ -145,3 +145,13 @@ def test_rerun_after_the_last_checkpoint_reports_the_same_result(tmp_path):
     assert again.resumed_from == 6 and again.step == 6
     assert (again.train_loss, again.val_loss) == (first.train_loss, first.val_loss) != (None, None)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # nothing duplicated
+
+
+def test_mfu_peak_is_the_longest_matching_gpu_name():
+    from lmforge.train.loop import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA L40S") == 362e12
+    assert peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("Tesla T4") is None
