@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from lmforge.model.transformer import IGNORE_INDEX
 
 
 class SequenceClassifier(nn.Module):

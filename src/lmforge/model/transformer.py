@@ -22,6 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 
+IGNORE_INDEX = -100  # label of a position that takes no loss (PyTorch's and HF's convention)
+
 if TYPE_CHECKING:
     from lmforge.model.generate import KVCache
 
@@ -327,8 +329,9 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         pad_mask: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, V) in the model's dtype.
+        """Logits (B, T, V) in the model's dtype; with labels, the mean next-token loss instead.
 
         idx: token ids (B, T). doc_ids: (B, T) document index of each token in packed sequences;
         attention stays inside a document and positions restart at each document's first token.
@@ -336,8 +339,16 @@ class Transformer(nn.Module):
         pad_mask: (B, start_pos + T), 1 = token, 0 = padding (HF's attention_mask, cached steps
         included) for a batch of left-padded prompts: no token attends to padding and each row's
         positions start at its first token. None (no padding) keeps the unmasked fast path.
+        labels: (B, T) target ids, IGNORE_INDEX (-100) where no loss is taken. The fp32
+        cross-entropy then runs inside forward, so `model.compile()` fuses it with lm_head and
+        the (B, T, V) fp32 logits are never kept for backward outside the compiled graph.
         """
-        return self.lm_head(self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask))
+        logits = self.lm_head(self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask))
+        if labels is None:
+            return logits
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; shared (tied) tensors count once.

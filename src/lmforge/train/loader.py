@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from lmforge.errors import InputError
+from lmforge.model.transformer import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 

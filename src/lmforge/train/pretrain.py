@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -28,7 +27,7 @@ from lmforge.tokenizer.files import TOKENIZER_FILES, TOKENIZER_HINT, TokenizerFi
 from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import barrier, is_sharded, setup_runtime
-from lmforge.train.loader import IGNORE_INDEX, TokenWindows, open_tokens
+from lmforge.train.loader import TokenWindows, open_tokens
 from lmforge.train.loop import TrainResult, train
 from lmforge.train.observe import plot_losses, write_tensorboard
 
@@ -93,12 +92,8 @@ def read_token_meta(tokens: Path, tokenizer: Path) -> dict[str, Any]:
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy (in fp32 even under autocast)."""
-    logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-    loss = F.cross_entropy(
-        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
-    )
-    return loss, {}
+    """Mean next-token cross-entropy (in fp32 even under autocast), computed in model.forward."""
+    return model(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"]), {}
 
 
 def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:

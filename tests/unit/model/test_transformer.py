@@ -258,3 +258,17 @@ def test_bf16_weights_and_autocast_run_close_to_fp32(style):
     half = make(style).to(torch.bfloat16)
     assert (half(idx, doc_ids=doc_ids).float() - ref).abs().max().item() < 0.05
     assert generate(half, idx[:, :4], 6, greedy=True).shape == (2, 10)
+
+
+def test_forward_with_labels_returns_the_fp32_next_token_loss():
+    from lmforge.model.transformer import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = Transformer(preset_config("micro", vocab_size=50))
+    x = torch.randint(0, 50, (2, 12))
+    y = torch.randint(0, 50, (2, 12))
+    y[0, :4] = IGNORE_INDEX
+    expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+    loss = model(x, labels=y)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert torch.allclose(loss, expected, atol=1e-6)

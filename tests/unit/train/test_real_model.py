@@ -34,6 +34,22 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_compiled_training_matches_eager(tmp_path):
+    """train.compile=true (loss inside the compiled forward) trains like eager, within fp noise."""
+    tokens = bigram_tokens(4000)
+    results = {}
+    for flag in (False, True):
+        cfg = TrainConfig(max_steps=4, micro_batch_size=4, seq_len=16, warmup_steps=0, eval_every=0,
+                          ckpt_every=0, device="cpu", lr=1e-2, compile=flag)  # fmt: skip
+        loader = TokenWindows(tokens, 16, 4, seed=0)
+        results[flag] = train(_model(), lm_loss, loader, cfg, make_ctx(tmp_path / str(flag)))
+    assert abs(results[True].train_loss - results[False].train_loss) < 1e-4
+    for a, b in zip(
+        results[False].state_dict.values(), results[True].state_dict.values(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
 def test_packed_rows_train_with_document_masking(tmp_path):
     docs = [[(i + j) % 32 for j in range(3 + i % 7)] for i in range(60)]
     rows, _ = pack_documents(docs, seq_len=16)
