@@ -78,7 +78,7 @@ def classify_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, d
     logits, _ = model(batch["input_ids"], batch["last"])
     loss = F.cross_entropy(logits.float(), batch["class_labels"])
     acc = (logits.argmax(-1) == batch["class_labels"]).float().mean()
-    return loss, {"cls_loss": float(loss.detach()), "acc": float(acc)}
+    return loss, {"cls_loss": loss.detach(), "acc": acc}  # tensors: the loop reads them once
 
 
 def make_multitask_loss(w_lm: float, w_cls: float):
@@ -92,7 +92,7 @@ def make_multitask_loss(w_lm: float, w_cls: float):
             lm_logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
         )
         loss = w_lm * lm + w_cls * cls
-        return loss, {"lm_loss": float(lm.detach()), "cls_loss": float(cls.detach())}
+        return loss, {"lm_loss": lm.detach(), "cls_loss": cls.detach()}
 
     return multitask_loss
 

@@ -35,7 +35,8 @@ from lmforge.train.distributed import unwrap as unwrap_model
 from lmforge.train.optim import ParamGroups, build_optimizer, set_lr
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+# loss_fn(model, batch) -> (loss, metrics); tensor metrics are read once per step, not per batch
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 # Dense bf16 peak FLOP/s (vendor datasheets) by a part of the GPU's name, for MFU; the longest

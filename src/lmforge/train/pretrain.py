@@ -140,8 +140,8 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     val = TokenWindows(val_tokens, tc.seq_len, tc.micro_batch_size, shuffle=False, **ranks)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        losses = [lm_loss(m, _to(val.batch(i), rt.device))[0].item() for i in range(tc.eval_steps)]
-        return {"val_loss": sum(losses) / len(losses)}
+        losses = [lm_loss(m, _to(val.batch(i), rt.device))[0] for i in range(tc.eval_steps)]
+        return {"val_loss": torch.stack(losses).float().mean().item()}  # one host sync
 
     ctx.log.info(
         "pretrain: %s, %.2fM params, vocab %d", cfg.model.preset, n_params / 1e6, meta["vocab_size"]

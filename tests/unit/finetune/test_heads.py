@@ -69,7 +69,8 @@ def test_losses_and_multitask_weights(tokenizer_dir):
     # untrained head (std init_std): logits within a few tenths of 0, so near log(3) per seed
     assert cls.item() == pytest.approx(np.log(3), abs=0.3)
     mt, parts = make_multitask_loss(0.5, 2.0)(model, batch)
-    assert mt.item() == pytest.approx(0.5 * parts["lm_loss"] + 2.0 * parts["cls_loss"], rel=1e-5)
+    expected = 0.5 * parts["lm_loss"].item() + 2.0 * parts["cls_loss"].item()
+    assert mt.item() == pytest.approx(expected, rel=1e-5)
     mt.backward()
     assert model.head.weight.grad.abs().sum() > 0 and model.lm.tok_emb.weight.grad is not None
 
