@@ -57,6 +57,8 @@ class EvalModel:
         bos = hf.get("bos_token_id")
         self.bos_id: int | None = bos if bos is not None else files.bos_id
         self.eos_id: int | None = eos if eos is not None else files.eos_id
+        pad = hf.get("pad_token_id")
+        self.pad_id: int = pad if pad is not None else files.pad_id
         self.block_size: int = model.config.block_size
         self.device = next(model.parameters()).device
         self.chat_template = files.chat_template
@@ -105,20 +107,30 @@ class EvalModel:
 
     @property
     def head(self) -> tuple[torch.nn.Linear, list[str]] | None:
-        """(Linear head, labels) when the directory has head.safetensors + labels.json."""
+        """(Linear head, labels) when the directory is a sequence classifier (see _load_head)."""
         if self._head is False:
             self._head = _load_head(self.path, self.device)
         return self._head or None
 
     @torch.no_grad()
     def classify(self, text: str) -> list[float]:
-        """Log-probabilities of each head label for text (its last token's hidden state)."""
+        """Log-probabilities of each head label for text.
+
+        The head reads the hidden state where fine-tuning and transformers pool: the rightmost
+        token that is not the pad token (finetune.heads.pooled_index).
+        """
+        from lmforge.finetune.heads import pooled_index
+
         if self.head is None:
-            raise InputError(f"{self.path} has no classification head (head.safetensors)")
+            raise InputError(
+                f"{self.path} has no classification head (no score.weight + id2label in "
+                "config.json); train one with `lmforge finetune --task classify`"
+            )
         linear, _ = self.head
-        ids = self.encode(text)[: self.block_size] or [self.prefix_id or 0]
+        ids = self.encode(text)[: self.block_size] or [self.pad_id]
         h = self.model.hidden_states(torch.tensor([ids], dtype=torch.long, device=self.device))
-        logits = linear(h[0, -1].to(linear.weight.dtype)).float()  # (n_classes,)
+        pooled = h[0, pooled_index(ids, self.pad_id)]  # (C,)
+        logits = linear(pooled.to(linear.weight.dtype)).float()  # (n_classes,)
         return torch.log_softmax(logits, dim=-1).double().tolist()
 
     # -- scoring -------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class TaskSpec(Section):
     )
     classifier: Literal["auto", "head", "likelihood"] = Field(
         "auto",
-        description="classification: the model's trained head (head.safetensors) or label "
+        description="classification: the model's trained head (a sequence classifier) or label "
         "likelihood; auto = the head when the model has one",
     )
 
@@ -229,8 +229,8 @@ def run_multiple_choice(model: EvalModel, spec: TaskSpec, _: GenerationSettings)
 def _use_head(model: EvalModel, spec: TaskSpec) -> bool:
     if spec.classifier == "head" and model.head is None:
         raise InputError(
-            f"task '{spec.name}': classifier 'head' but {model.path} has no head.safetensors + "
-            "labels.json (train one with: lmforge finetune --task classify ...)"
+            f"task '{spec.name}': classifier 'head' but {model.path} is no sequence classifier "
+            "(no score.weight + id2label); train one with: lmforge finetune --task classify ..."
         )
     return spec.classifier != "likelihood" and model.head is not None
 

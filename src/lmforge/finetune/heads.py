@@ -44,6 +44,11 @@ class SequenceClassifier(nn.Module):
         return self.head(pooled), h
 
 
+def pooled_index(ids: list[int], pad_id: int) -> int:
+    """The position a classifier reads: the rightmost id that is not pad_id, 0 if there is none."""
+    return max((i for i, t in enumerate(ids) if t != pad_id), default=0)
+
+
 def encode_texts(
     tok: Any, texts: list[str], labels: list[int], seq_len: int
 ) -> tuple[dict[str, np.ndarray], int]:
@@ -63,7 +68,7 @@ def encode_texts(
         truncated += len(full) > seq_len
         ids[r, : len(toks)] = toks
         lm_labels[r, : len(toks) - 1] = toks[1:]
-        last[r] = max((i for i, t in enumerate(toks) if t != tok.pad_id), default=0)
+        last[r] = pooled_index(toks, tok.pad_id)
     rows = {
         "input_ids": ids,
         "labels": lm_labels,

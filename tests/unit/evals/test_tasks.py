@@ -190,7 +190,9 @@ def test_classification_uses_the_finetuned_head_when_present(
     spec = TaskSpec(name="c", type="classification", examples=rows, classifier="likelihood")
     assert run_task(model, spec, GenerationSettings()).metrics["classifier"] == "likelihood"
     bare = EvalModel.load(model_dir)
-    with pytest.raises(InputError, match=r"has no head\.safetensors"):
+    with pytest.raises(
+        InputError, match=r"is no sequence classifier .*lmforge finetune --task classify"
+    ):
         run_task(bare, spec.model_copy(update={"classifier": "head"}), GenerationSettings())
 
 

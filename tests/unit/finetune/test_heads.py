@@ -89,3 +89,14 @@ def test_metrics_match_sklearn():
     assert m["majority_macro_f1"] == pytest.approx(
         skm.f1_score(y, maj, average="macro", zero_division=0), abs=1e-4
     )
+
+
+def test_pooled_index_is_the_rightmost_non_pad_token():
+    from lmforge.finetune.heads import pooled_index
+
+    assert pooled_index([5, 6, 7], pad_id=0) == 2
+    assert pooled_index([5, 6, 0, 0], pad_id=0) == 1
+    assert (
+        pooled_index([5, 0, 6, 0], pad_id=0) == 2
+    )  # a pad inside the text is skipped only at the end
+    assert pooled_index([0, 0], pad_id=0) == 0
