@@ -89,6 +89,24 @@ def read_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+def read_user_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) from a .jsonl[.gz|.zst] a person wrote: a bad line is an InputError
+    naming the file and line, and blank lines are skipped."""
+    from lmforge.errors import InputError
+
+    with open_text(path) as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path} line {line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path} line {line_no}: expected a JSON object per line")
+            yield line_no, obj
+
+
 def write_jsonl(path: Path | str, rows: Iterable[dict[str, Any]]) -> int:
     """Writes rows atomically to .jsonl[.gz|.zst]; returns how many were written."""
     count = 0

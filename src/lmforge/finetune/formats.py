@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.common.io import open_text
+from lmforge.common.io import read_user_jsonl
 from lmforge.errors import InputError
 
 Record = dict[str, Any]
@@ -39,25 +39,11 @@ DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet")
 # --------------------------------------------------------------------------- reading
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
-    with open_text(path) as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path} line {line_no}: expected a JSON object per line")
-            yield line_no, obj
-
-
 def _iter_json_array(path: Path) -> Iterator[tuple[int, Record]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:  # maybe JSON lines with a .json name
-        yield from _iter_jsonl(path)
+        yield from read_user_jsonl(path)
         return
     rows = data if isinstance(data, list) else [data]
     for i, obj in enumerate(rows, start=1):
@@ -118,7 +104,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, Record]]:
     elif path.suffix == ".json":
         yield from _iter_json_array(path)
     else:
-        yield from _iter_jsonl(path)
+        yield from read_user_jsonl(path)
 
 
 # --------------------------------------------------------------------------- shapes
