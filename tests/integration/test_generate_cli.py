@@ -1,0 +1,93 @@
+"""`lmforge generate`: the CLI prints and writes what EvalModel generates, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from unit.evals.helpers import trained_model_dir
+from unit.finetune.helpers import make_model_dir as make_chat_model_dir
+from unit.finetune.helpers import make_tokenizer_dir
+
+from lmforge.errors import ConfigError, InputError
+from lmforge.evals.lm import EvalModel, GenerationSettings
+from lmforge.evals.sample import read_prompts, sample
+
+PROMPTS = ["def add(a, b):\n", "The quick brown", "import os\n"]
+
+
+def lmforge(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lmforge.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_model_dir(tmp_path_factory.mktemp("gen") / "model")
+
+
+def test_cli_prints_and_writes_the_greedy_answers(model_dir: Path, tmp_path: Path) -> None:
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[1:]))
+    out = tmp_path / "answers.jsonl"
+    proc = lmforge("generate", "--model", str(model_dir), "-p", PROMPTS[0], "--prompts",
+                   str(prompts_file), "--max-new-tokens", "12", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = EvalModel.load(model_dir).generate_batch(
+        PROMPTS, GenerationSettings(max_new_tokens=12)
+    )
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["completion"] for r in rows] == expected
+    assert any(expected), "the trained model should write something"
+    for prompt, answer in zip(PROMPTS, expected, strict=True):
+        assert f"> {prompt}\n{answer}\n" in proc.stdout
+
+
+def test_cli_bad_prompts_file_is_one_line_naming_the_line(model_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    proc = lmforge("generate", "--model", str(model_dir), "--prompts", str(bad))
+    assert proc.returncode == 2
+    assert f'{bad} line 2: expected an object with a "prompt" string' in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sampling_is_seeded_and_num_samples_needs_a_temperature(model_dir: Path) -> None:
+    model = EvalModel.load(model_dir)
+    settings = GenerationSettings(max_new_tokens=10, temperature=1.0, seed=3)
+    first = sample(model, PROMPTS[:2], settings, num_samples=3)
+    assert [(r["prompt"], r["sample"]) for r in first] == [
+        (p, i) for p in PROMPTS[:2] for i in range(3)
+    ]
+    assert first == sample(model, PROMPTS[:2], settings, num_samples=3)
+    assert len({r["completion"] for r in first}) > 1, "temperature 1 should vary the answers"
+    with pytest.raises(ConfigError, match="set --temperature above 0"):
+        sample(model, PROMPTS, GenerationSettings(), num_samples=2)
+    with pytest.raises(InputError, match="no prompts"):
+        sample(model, [], GenerationSettings())
+
+
+def test_chat_answers_go_through_the_chat_template(tmp_path: Path) -> None:
+    tok_dir = make_tokenizer_dir(tmp_path / "tok")
+    model = EvalModel.load(make_chat_model_dir(tmp_path / "chat_model", tok_dir))
+    settings = GenerationSettings(max_new_tokens=6)
+    rows = sample(model, ["What is the capital of France?"], settings, chat=True)
+    assert rows[0]["completion"] == model.generate(
+        "What is the capital of France?", settings, chat=True
+    )
+    (tmp_path / "plain").mkdir()
+    plain = trained_model_dir(tmp_path / "plain" / "model")
+    with pytest.raises(InputError, match="has no chat template; drop --chat"):
+        sample(EvalModel.load(plain), ["hi"], settings, chat=True)
+
+
+def test_read_prompts_plain_text_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "p.txt"
+    path.write_text("first prompt\n\n  \nsecond prompt\n")
+    assert read_prompts(path) == ["first prompt", "second prompt"]
+    with pytest.raises(InputError, match="prompts file not found"):
+        read_prompts(tmp_path / "missing.txt")
