@@ -204,7 +204,7 @@ def generate(
     try:
         cache = KVCache.for_model(model, B, total) if use_cache else None
         out = idx
-        logits = model(idx, kv_cache=cache, pad_mask=mask)[:, -1]  # (B, V)
+        logits = _last_logits(model, idx, kv_cache=cache, pad_mask=mask)  # (B, V)
         for step in range(max_new_tokens):
             nxt = sample_next(logits, out, history_mask=mask, **sampling)  # (B,)
             nxt = torch.where(finished, pad, nxt)
@@ -220,12 +220,20 @@ def generate(
                 break
             if cache is not None:
                 pos = out.size(1) - 1
-                logits = model(nxt[:, None], kv_cache=cache, start_pos=pos, pad_mask=mask)[:, -1]
+                logits = _last_logits(
+                    model, nxt[:, None], kv_cache=cache, start_pos=pos, pad_mask=mask
+                )
             else:
-                logits = model(out, pad_mask=mask)[:, -1]
+                logits = _last_logits(model, out, pad_mask=mask)
     finally:
         model.train(was_training)
     return out
+
+
+def _last_logits(model: nn.Module, idx: Tensor, **kwargs: object) -> Tensor:
+    """Next-token logits (B, V) at the last position only: lm_head on one position per row, not
+    on the whole prompt (most of a prefill's matmul work at a small model's vocabulary)."""
+    return model.lm_head(model.hidden_states(idx, **kwargs)[:, -1])
 
 
 def _check_pad_mask(pad_mask: Tensor | None, idx: Tensor) -> Tensor | None:
