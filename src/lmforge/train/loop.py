@@ -193,7 +193,8 @@ def train(
                 if peak and flops_per_token:
                     row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * rt.env.world_size)
                 ctx.metrics.log(**row)
-                bar.update(loss=loss, lr=lr, tok_s=round(row["tokens_per_s"]))
+                shown = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+                bar.update(loss=loss, lr=lr, tok_s=round(row["tokens_per_s"]), **shown)
                 window_tokens, window_t0 = 0, time.perf_counter()
 
             done = state.step == cfg.max_steps
