@@ -64,6 +64,7 @@ def test_sampling_is_seeded_and_num_samples_needs_a_temperature(model_dir: Path)
         (p, i) for p in PROMPTS[:2] for i in range(3)
     ]
     assert first == sample(model, PROMPTS[:2], settings, num_samples=3)
+    assert first == sample(model, PROMPTS[:2], settings, num_samples=3, batch_size=1)
     assert len({r["completion"] for r in first}) > 1, "temperature 1 should vary the answers"
     with pytest.raises(ConfigError, match="set --temperature above 0"):
         sample(model, PROMPTS, GenerationSettings(), num_samples=2)

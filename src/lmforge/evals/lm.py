@@ -233,7 +233,8 @@ class EvalModel:
         chat=True renders each prompt as a user turn with the chat template (as fine-tuning did,
         so no prefix token is added) and stops at the end-of-turn token. Prompts run batch_size
         at a time, left-padded (model.generate.generate_batched): greedy outputs equal one prompt
-        at a time; sampling uses one generator seeded with settings.seed per call.
+        at a time; sampled prompt i draws from its own generator seeded by (settings.seed, i), so
+        the batch size does not change what is sampled.
         """
         from lmforge.model.generate import generate_batched
 
@@ -246,7 +247,6 @@ class EvalModel:
                     "empty prompt and the tokenizer has no BOS/EOS token to start from"
                 )
             rows.append(ids[-(self.block_size - budget) :])
-        gen = torch.Generator(device=self.device).manual_seed(settings.seed)
         new = generate_batched(
             self.model,
             rows,
@@ -258,7 +258,7 @@ class EvalModel:
             repetition_penalty=settings.repetition_penalty,
             stop_tokens=self.stop_ids(),
             greedy=settings.temperature == 0,
-            generator=gen,
+            seed=settings.seed,
         )
         return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
 

@@ -125,12 +125,14 @@ def sample_next(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     greedy: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     history_mask: Tensor | None = None,
 ) -> Tensor:
     """Pick one token per row from last-position logits (B, V); history (B, T) is the context.
 
     history_mask (B, T): 0 where history is padding (ignored by the repetition penalty).
+    generator: one for the whole batch, or one per row, so that a row's draws do not depend on
+    which other rows share its batch (see draw_per_row).
     """
     logits = logits.float()
     if repetition_penalty != 1.0:
@@ -142,8 +144,25 @@ def sample_next(
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
+    if isinstance(generator, Sequence):
+        return draw_per_row(logits, generator)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def draw_per_row(logits: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """One draw from softmax(logits[i]) per row, with row i's randomness from generators[i] alone.
+
+    The Gumbel-max trick: argmax(log p + G), G = -log(-log U), U ~ Uniform(0, 1) is an exact
+    sample of p, and each row consumes exactly V uniforms from its own generator per step; so a
+    prompt samples the same tokens alone or in any batch. Filtered logits (-inf) never win.
+    """
+    if len(generators) != logits.size(0):
+        raise ValueError(f"{len(generators)} generators for {logits.size(0)} rows")
+    V = logits.size(-1)
+    u = torch.stack([torch.rand(V, generator=g, device=logits.device) for g in generators])
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # (B, V)
+    return (F.log_softmax(logits, dim=-1) + gumbel).argmax(dim=-1)  # (B,)
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, rp: float) -> None:
@@ -170,7 +189,7 @@ def generate(
     repetition_penalty: float = 1.0,
     stop_tokens: Sequence[int] = (),
     greedy: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
 ) -> Tensor:
     """Continue each row of idx (B, T); returns (B, T + n), n <= max_new_tokens.
@@ -257,25 +276,40 @@ def generate_batched(
     *,
     batch_size: int = 16,
     stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
     **sampling: Any,
 ) -> list[list[int]]:
     """generate() over token lists of any lengths: each prompt's new ids, through its first stop.
 
     Prompts run batch_size at a time, in order of length (so a batch holds little padding),
     left-padded; results come back in the prompts' order. sampling: generate()'s keywords. Greedy
-    results equal one prompt at a time; sampled ones depend on the batch a prompt lands in.
+    results equal one prompt at a time. With seed, prompt i samples from its own generator
+    seeded by (seed, i), so sampled results do not depend on batch_size or on the other prompts'
+    lengths: rerunning with another batch size reproduces them.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if seed is not None and sampling.get("generator") is not None:
+        raise ConfigError("pass either seed (one generator per prompt) or generator, not both")
     device = next(model.parameters()).device
+    gens = None
+    if seed is not None:
+        gens = [torch.Generator(device).manual_seed(row_seed(seed, i)) for i in range(len(prompts))]
     results: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
         ids, pad_mask = left_pad([prompts[i] for i in chunk], device=device)
+        if gens is not None:
+            sampling["generator"] = [gens[i] for i in chunk]
         out = generate(
             model, ids, max_new_tokens, pad_mask=pad_mask, stop_tokens=stop_tokens, **sampling
         )
         for i, new in zip(chunk, new_tokens(out, ids.size(1), stop_tokens), strict=True):
             results[i] = new
     return results
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of prompt `index` in a call seeded with `seed` (distinct per index, 63 bits)."""
+    return (seed * 1_000_003 + index * 0x9E3779B97F4A7C15 + 1) % 2**63

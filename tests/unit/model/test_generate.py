@@ -13,6 +13,7 @@ from lmforge.model.generate import (
     generate_batched,
     left_pad,
     new_tokens,
+    row_seed,
     sample_next,
     top_k_filter,
     top_p_filter,
@@ -197,6 +198,43 @@ def test_top_p_filter_keeps_the_smallest_nucleus(p, expected):
     assert kept.sum().item() == expected
     order = [1, 3, 0, 2]  # tokens by probability
     assert kept[order[:expected]].all()
+
+
+def test_per_row_generators_draw_from_the_softmax_and_only_their_own_rows():
+    p = torch.tensor([0.1, 0.6, 0.05, 0.25])
+    logits = p.log().repeat(4000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    draws = sample_next(logits, logits.new_zeros(4000, 1, dtype=torch.long), generator=gens)
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert torch.allclose(freq, p, atol=0.025)  # Gumbel-max samples p exactly in distribution
+    filtered = sample_next(logits[:200], logits.new_zeros(200, 1, dtype=torch.long), top_k=2,
+                           generator=gens[:200])  # fmt: skip
+    assert set(filtered.tolist()) <= {1, 3}
+    # row 0's draw depends on its generator alone, not on the rows beside it
+    one = sample_next(logits[:1], None, generator=[torch.Generator().manual_seed(7)])
+    many = sample_next(
+        logits[:3], None, generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    )
+    assert one[0] == many[0]
+
+
+@pytest.mark.parametrize("style", ["micro", "micro-gpt2"])
+def test_seeded_batched_sampling_does_not_depend_on_the_batch_size(style):
+    model = make(style)
+    prompts = random_prompts([3, 11, 1, 7, 5, 2], seed=5)
+    runs = {
+        b: generate_batched(model, prompts, 16, batch_size=b, seed=11, temperature=1.0, top_p=0.9)
+        for b in (1, 4, 16)
+    }
+    assert runs[1] == runs[4] == runs[16]
+    assert len({tuple(r) for r in runs[1]}) > 1
+    other_seed = generate_batched(model, prompts, 16, seed=12, temperature=1.0, top_p=0.9)
+    assert other_seed != runs[1]
+    alone = generate_batched(model, prompts[:1], 16, seed=11, temperature=1.0, top_p=0.9)
+    assert alone[0] == runs[1][0]  # prompt 0 has seed (11, 0) in both calls
+    assert len({row_seed(11, i) for i in range(1000)}) == 1000
+    with pytest.raises(ConfigError, match="either seed"):
+        generate_batched(model, prompts, 4, seed=1, generator=torch.Generator())
 
 
 def test_top_p_sampling_only_draws_from_the_nucleus():
