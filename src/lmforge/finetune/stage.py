@@ -30,7 +30,7 @@ from torch import nn
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import MetricsWriter, read_metrics
-from lmforge.config import Section, StageConfig, config_hash
+from lmforge.config import NOT_HASHED, Section, StageConfig, config_hash
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune import heads
 from lmforge.finetune.evaluate import rouge_eval
@@ -71,6 +71,12 @@ class EvalOptions(Section):
     )
     max_new_tokens: int = Field(48, ge=1, description="SFT: answer length limit for ROUGE-L")
     compare_base: bool = Field(True, description="SFT: also score the base model's ROUGE-L")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="SFT: prompts decoded together (greedy answers do not change)",
+        json_schema_extra=NOT_HASHED,
+    )
 
 
 class MultitaskWeights(Section):
@@ -313,10 +319,12 @@ def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: 
             out["base_val_loss"] = _round(_eval_fn(cfg, data.val_rows)(base)["val_loss"])
     examples = data.val_examples[: cfg.eval.rouge_examples]
     if examples:
-        score, _ = rouge_eval(model, tok, examples, cfg.eval.max_new_tokens)
+        score, _ = rouge_eval(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         out.update(rouge_l=round(score, 4), rouge_examples=len(examples))
         if base is not None:
-            base_score, _ = rouge_eval(base, tok, examples, cfg.eval.max_new_tokens)
+            base_score, _ = rouge_eval(
+                base, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size
+            )
             out["base_rouge_l"] = round(base_score, 4)
     return out
 
