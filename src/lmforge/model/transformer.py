@@ -159,7 +159,10 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, T_k, hd)
         gqa = nkv != nh
-        if gqa and mask is not None:  # masked SDPA kernels lack GQA support: expand k/v heads
+        # CUDA's masked SDPA kernels lack GQA (it would fall back to the slow math path), so
+        # expand k/v heads there; on CPU enable_gqa with a mask is exact and about 2x faster.
+        expand = gqa and mask is not None and q.device.type == "cuda"
+        if expand:
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         y = F.scaled_dot_product_attention(
             q,
@@ -168,7 +171,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,
-            enable_gqa=gqa and mask is None,
+            enable_gqa=gqa and not expand,
         )  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, n_head * hd)
         return self.resid_dropout(self.proj(y))
