@@ -8,16 +8,20 @@ timed test. Needs the bench extra (sentencepiece, tiktoken): pip install 'lmforg
 Corpus: the built-in stdlib-docs corpus (lmforge.data's reader, HTML pages left out), else
 pydoc_data.topics. Training: lmforge's byte-level BPE (HF `tokenizers` under our config) and
 sentencepiece BPE on the same lines and vocabulary size, all cores for both. Encoding: the whole
-`lmforge tokenizer encode` stage (.jsonl.zst in, .bin out) against the in-memory batch encoders
-of HF `tokenizers` (encode_batch) and tiktoken (encode_ordinary_batch). tiktoken's gpt2 file is
-a download, so the tiktoken Encoding is built from OUR trained BPE: its byte-level vocabulary
-mapped back to bytes (rank = id, which is merge order) and a regex equal to our pre-tokenizer;
-the share of documents both encode identically is printed as a check that it is the same job.
+`lmforge tokenizer encode` stage (.jsonl.zst in, .bin out), on its tiktoken path (encoder=auto)
+and forced onto HF (encoder=hf), against the in-memory batch encoders of HF `tokenizers`
+(encode_batch) and tiktoken (encode_ordinary_batch). tiktoken's gpt2 file is a download, so the
+tiktoken Encoding is built from OUR trained BPE by lmforge.tokenizer.fast_bpe, as the stage
+builds it; the share of documents both encode identically is printed, and the two stage paths'
+shards are compared byte for byte.
+
+    python benchmarks/bench_tokenizer.py --skip-training   # the encoding half only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -90,47 +94,12 @@ def train_spm(lines: list[str], vocab_size: int, kind: str, workdir: Path) -> ob
 # ----------------------------------------------------------------------------- encoding
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (what byte-level BPE vocabularies spell)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-# GPT-2's split with single digits: what our default pre-tokenizer (Digits + ByteLevel) does.
-# Whitespace before a digit stays one piece (Digits cut it off before ByteLevel's regex saw it).
-OUR_PATTERN = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
-    r"""|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-)
-
-
-def tiktoken_from_bpe(tok) -> object:
-    """A tiktoken Encoding with our BPE's merges (rank = id; ids follow merge order)."""
-    import tiktoken
-
-    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    vocab = tok.get_vocab(with_added_tokens=False)
-    ranks = {bytes(char_to_byte[c] for c in piece): i for piece, i in vocab.items()}
-    return tiktoken.Encoding(
-        name="lmforge-bpe", pat_str=OUR_PATTERN, mergeable_ranks=ranks, special_tokens={}
-    )
-
-
-def encode_stage(data: Path, tok_dir: Path, out: Path, workers: int) -> int:
-    """The whole tokens stage; returns train tokens (val is 10 short documents)."""
-    import json
-
+def encode_stage(data: Path, tok_dir: Path, out: Path, workers: int, encoder: str = "auto") -> int:
+    """The whole tokens stage; returns train tokens (val is 10 short documents). The encoder it
+    used is in out/manifest.json's metrics."""
     from lmforge.tokenizer import EncodeConfig, encode
 
-    cfg = EncodeConfig(data=data, tokenizer=tok_dir, out=out, workers=workers)
+    cfg = EncodeConfig(data=data, tokenizer=tok_dir, out=out, workers=workers, encoder=encoder)
     done = encode(cfg, force=True)
     return json.loads((done / "meta.json").read_text())["counts"]["train"]
 
@@ -166,6 +135,7 @@ def bench_encoding(texts: list[str], args: argparse.Namespace, work: Path) -> No
     from lmforge.common.io import write_jsonl
     from lmforge.tokenizer import TokenizerConfig, TokenizerFiles, train_tokenizer
     from lmforge.tokenizer.encode import resolve_workers
+    from lmforge.tokenizer.fast_bpe import tiktoken_encoding
 
     mb = sum(len(t.encode()) for t in texts) * args.repeat / 1e6
     print(f"\n== encoding, corpus x{args.repeat} ({mb:.1f} MB), best of {args.rounds} ==")
@@ -179,13 +149,14 @@ def bench_encoding(texts: list[str], args: argparse.Namespace, work: Path) -> No
     )
     hf = TokenizerFiles.load(tok_dir).tokenizer
     hf.encode_special_tokens = True  # as the stage encodes documents
-    enc = tiktoken_from_bpe(hf)
+    enc = tiktoken_encoding(json.loads(hf.to_str()))
     same = sum(hf.encode(t, add_special_tokens=False).ids == enc.encode_ordinary(t) for t in texts)
     print(f"tiktoken built from our BPE encodes {same / len(texts):.1%} of documents identically")
 
     cores = os.cpu_count() or 1
     auto = resolve_workers(0)
     ours = f"lmforge encode stage .zst -> .bin, workers=auto ({auto})"
+    hf_stage = f"lmforge encode stage, encoder=hf, workers=auto ({auto})"
     jobs: dict[str, Callable[[], int]] = {
         "HF tokenizers encode_batch (in memory)": lambda: sum(
             len(e.ids) for e in hf.encode_batch(docs, add_special_tokens=False)
@@ -197,16 +168,22 @@ def bench_encoding(texts: list[str], args: argparse.Namespace, work: Path) -> No
             map(len, enc.encode_ordinary_batch(docs, num_threads=cores))
         ),
         ours: lambda: encode_stage(data, tok_dir, work / "tokens", auto),
+        hf_stage: lambda: encode_stage(data, tok_dir, work / "tokens_hf", auto, encoder="hf"),
     }
     if auto != cores:
         jobs[f"lmforge encode stage, workers={cores} processes"] = lambda: encode_stage(
-            data, tok_dir, work / "tokens", cores
+            data, tok_dir, work / "tokens_procs", cores
         )
     rows = interleaved(args.rounds, jobs)
     for label, (t, n) in rows.items():
         print(f"{label:55s} {n / t / 1e6:6.2f} M tok/s  ({t:.2f} s, {n:,} tokens)")
+    used = json.loads((work / "tokens" / "manifest.json").read_text())["metrics"]["encoder"]
+    same_bytes = (work / "tokens" / "train.bin").read_bytes() == (
+        work / "tokens_hf" / "train.bin"
+    ).read_bytes()
+    print(f"stage encoder (auto): {used}; train.bin equal to the encoder=hf stage's: {same_bytes}")
     rate = rows[ours][1] / rows[ours][0]
-    for label in list(rows)[:3]:
+    for label in [*list(rows)[:3], hf_stage]:
         print(
             f"ratio lmforge stage / {label.split(' (')[0]}: {rate / (rows[label][1] / rows[label][0]):.2f}x"
         )
@@ -218,6 +195,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="corpus copies for encoding")
     parser.add_argument("--rounds", type=int, default=3, help="best of N, run round-robin")
     parser.add_argument("--unigram", action="store_true", help="also time unigram training")
+    parser.add_argument("--skip-training", action="store_true", help="encoding benchmark only")
     args = parser.parse_args()
 
     from lmforge.common.logging import setup_logging
@@ -230,7 +208,8 @@ def main() -> None:
     print(f"machine: {machine}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"load average (1 min) at start: {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
-        bench_training(texts, args, Path(tmp))
+        if not args.skip_training:
+            bench_training(texts, args, Path(tmp))
         bench_encoding(texts, args, Path(tmp))
     print(f"load average (1 min) at end: {os.getloadavg()[0]:.1f}")
 

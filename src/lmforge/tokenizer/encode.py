@@ -9,17 +9,24 @@ processes, which parse them, encode and return packed token bytes; results are w
 submission order, so the shards are byte-identical for any number of workers. At most a few
 batches are in flight, so memory stays flat however large the corpus. Document text is encoded
 as plain text (a document that spells "<|endoftext|>" gets byte tokens, not a fake eos).
+
+Encoder: lmforge's own byte-level BPE is encoded by tiktoken (about 2x HF tokenizers' speed,
+docs/benchmarks.md) when fast_bpe.py finds it exactly representable and a sample of the corpus
+plus a fixed set of tricky strings encodes to the same ids both ways; otherwise, and for every
+other tokenizer, by HF tokenizers. The choice is made once per stage and recorded in the
+manifest's metrics (`encoder`); the shards are the same bytes either way.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -28,11 +35,28 @@ from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.io import open_text
 from lmforge.config import NOT_HASHED, StageConfig
 from lmforge.errors import InputError
-from lmforge.tokenizer.encode_worker import Batch, encode_lines, init_worker
+from lmforge.tokenizer import encode_worker
+from lmforge.tokenizer.encode_worker import Batch, Encoder, document_text, encode_lines, init_worker
+from lmforge.tokenizer.fast_bpe import NotExact
 from lmforge.tokenizer.files import TOKENIZER_HINT, TokenizerFiles, tokenizer_hash
 
 DATA_HINT = "lmforge data prepare --source stdlib-docs --out DIR"
 SPLITS = ("train", "val", "test")
+SAMPLE_DOCS = 2000  # documents of the train split encoded both ways before trusting tiktoken
+SAMPLE_CHARS = 2_000_000  # ... or fewer, when they are long
+# Strings where a regex or merge-order mismatch would show first: special-token spellings,
+# digits against spaces, whitespace runs, contractions, scripts and marks the regexes classify.
+TRICKY = (
+    "<|endoftext|> <|im_start|>user\nhi<|im_end|>\n<|pad|><|unk|>",
+    "a  1 \t2\n\n 3   x 12345 6.5e-3 ½ ² ٣ Ⅻ",
+    "  lead\ttab\r\nCRLF \n\n\n   \u00a0nbsp\u2003em\u3000ideo  ",
+    "it's I'M we'LL they'd O'Neil 's 'S ſ K",
+    "naïve cafe\u0301 e\u0301\u0301 \u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd",
+    "汉字かなカナ한국어 🙂👍🏽👨‍👩‍👧 \u200d\u200b\ufeff",
+    "def f(x):\n    return x**2  # comment\n\n\nclass A:\n\tpass\n",
+    "a" * 3000 + " " + "ab" * 500 + "\n" * 40 + " " * 40 + "!" * 40,
+)
+log = logging.getLogger(__name__)
 
 
 class EncodeConfig(StageConfig):
@@ -48,6 +72,12 @@ class EncodeConfig(StageConfig):
         ge=0,
         description="encoding processes (0 = auto: 1 on <= 2 cores, else one per core; "
         "1 = in this process, the Rust encoder still uses every core)",
+        json_schema_extra=NOT_HASHED,
+    )
+    encoder: Literal["auto", "hf"] = Field(
+        "auto",
+        description="auto = tiktoken for lmforge's byte-level BPE when it gives HF's exact ids "
+        "(checked on a sample), else HF tokenizers; hf = always HF tokenizers",
         json_schema_extra=NOT_HASHED,
     )
 
@@ -97,8 +127,11 @@ class ShardEncoder:
     """Maps batches to token bytes in order: in this process for a small split or one worker,
     else in a pool of processes started on first need and shared by every split."""
 
-    def __init__(self, files: TokenizerFiles, dtype: np.dtype, workers: int) -> None:
-        self.args = (str(Path(files.path, "tokenizer.json").resolve()), files.eos_id, dtype.name)
+    def __init__(
+        self, files: TokenizerFiles, dtype: np.dtype, encoder: Encoder, workers: int
+    ) -> None:
+        path = str(Path(files.path, "tokenizer.json").resolve())
+        self.args = (path, files.eos_id, dtype.name, encoder)
         self.workers = workers
         self.pool: Any = None
         self.local = False
@@ -135,6 +168,54 @@ class ShardEncoder:
             self.pool.join()
 
 
+def sample_texts(source: Path, limit: int = SAMPLE_DOCS) -> list[tuple[str, str]]:
+    """(where, text) of the first `limit` documents of a split (at most SAMPLE_CHARS of text)."""
+    sample: list[tuple[str, str]] = []
+    chars = 0
+    for name, first, lines in line_batches(source, 256):
+        for i, line in enumerate(lines):
+            text = document_text(name, first + i, line)
+            sample.append((f"{name} line {first + i}", text))
+            chars += len(text)
+            if len(sample) >= limit or chars >= SAMPLE_CHARS:
+                return sample
+    return sample
+
+
+def choose_encoder(cfg: EncodeConfig, tokenizer_json: Path) -> Encoder:
+    """tiktoken when the tokenizer is exactly representable and the first documents of the
+    train split plus TRICKY encode to the same ids as HF; else (and on request) HF."""
+    if cfg.encoder == "hf":
+        return "hf"
+    try:
+        fast = encode_worker.load_encoder(str(tokenizer_json), "tiktoken", None)
+    except NotExact as why:
+        log.info("encoding with HF tokenizers: tiktoken cannot be exact here (%s)", why)
+        return "hf"
+    sample = sample_texts(Path(cfg.data) / "train.jsonl.zst")
+    sample += [(f"built-in check string {i}", text) for i, text in enumerate(TRICKY)]
+    texts = [text for _, text in sample]
+    try:
+        want_ids = encode_worker.load_encoder(str(tokenizer_json), "hf", None)(texts)
+    except TypeError:  # HF's answer to a lone surrogate: the stage names its line later
+        return "hf"
+    got_ids = fast(texts)
+    for (where, _), want, got in zip(sample, want_ids, got_ids, strict=True):
+        if want != got:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b),
+                min(len(want), len(got)),
+            )
+            log.warning(
+                "tiktoken and HF tokenizers differ on %s (from token %d: HF %s, tiktoken %s); "
+                "encoding the whole stage with HF tokenizers",
+                *(where, at, want[at : at + 5], got[at : at + 5]),
+            )
+            return "hf"
+    log.info("encoding with tiktoken: same ids as HF tokenizers on %d sample texts", len(sample))
+    return "tiktoken"
+
+
 def encode_split(
     encoder: ShardEncoder, source: Path, dest: Path, cfg: EncodeConfig, ctx: StageContext
 ) -> tuple[int, int]:
@@ -167,7 +248,9 @@ def build(cfg: EncodeConfig, ctx: StageContext) -> dict[str, Any]:
     dtype = token_dtype(files.vocab_size)
     counts: dict[str, int] = {}
     documents: dict[str, int] = {}
-    with ShardEncoder(files, dtype, resolve_workers(cfg.workers)) as encoder:
+    tokenizer_json = Path(cfg.tokenizer, "tokenizer.json").resolve()
+    encoder_name = choose_encoder(cfg, tokenizer_json)
+    with ShardEncoder(files, dtype, encoder_name, resolve_workers(cfg.workers)) as encoder:
         for split in SPLITS:
             source = Path(cfg.data) / f"{split}.jsonl.zst"
             if source.exists():
@@ -193,4 +276,5 @@ def build(cfg: EncodeConfig, ctx: StageContext) -> dict[str, Any]:
         "train_tokens": counts.get("train", 0),
         "val_tokens": counts.get("val", 0),
         "dtype": dtype.name,
+        "encoder": encoder_name,
     }
