@@ -167,6 +167,9 @@ def bench_encoding(texts: list[str], args: argparse.Namespace, work: Path) -> No
         "tiktoken encode_ordinary_batch (in memory)": lambda: sum(
             map(len, enc.encode_ordinary_batch(docs, num_threads=cores))
         ),
+        "tiktoken encode_ordinary, 1 thread (in memory)": lambda: sum(
+            len(enc.encode_ordinary(d)) for d in docs
+        ),
         ours: lambda: encode_stage(data, tok_dir, work / "tokens", auto),
         hf_stage: lambda: encode_stage(data, tok_dir, work / "tokens_hf", auto, encoder="hf"),
     }
@@ -183,7 +186,7 @@ def bench_encoding(texts: list[str], args: argparse.Namespace, work: Path) -> No
     ).read_bytes()
     print(f"stage encoder (auto): {used}; train.bin equal to the encoder=hf stage's: {same_bytes}")
     rate = rows[ours][1] / rows[ours][0]
-    for label in [*list(rows)[:3], hf_stage]:
+    for label in [*list(rows)[:4], hf_stage]:
         print(
             f"ratio lmforge stage / {label.split(' (')[0]}: {rate / (rows[label][1] / rows[label][0]):.2f}x"
         )

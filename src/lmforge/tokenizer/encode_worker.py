@@ -27,15 +27,15 @@ _STATE: dict[str, Any] = {}  # per process: the batch encoder, eos id and dtype
 def load_encoder(tokenizer_json: str, encoder: Encoder, threads: int | None) -> BatchEncode:
     """texts -> ids of each, document text encoded as text (special-token strings included).
 
-    threads: None = every core (HF's Rust threads, tiktoken's thread pool), 1 = this thread."""
+    threads (HF only): None = every core in Rust threads, 1 = this thread; tiktoken always
+    runs on the calling thread."""
     if encoder == "tiktoken":
         from lmforge.tokenizer.fast_bpe import tiktoken_encoding
 
         enc = tiktoken_encoding(tokenizer_json)
-        if threads == 1:
-            return lambda texts: [enc.encode_ordinary(text) for text in texts]
-        cores = os.cpu_count() or 1
-        return lambda texts: enc.encode_ordinary_batch(texts, num_threads=cores)
+        # one thread: tiktoken's thread pool (a future per document) measured slower than this
+        # loop on 2 cores (docs/benchmarks.md); processes are the way to use more cores
+        return lambda texts: [enc.encode_ordinary(text) for text in texts]
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_json)
