@@ -71,7 +71,7 @@ class EncodeConfig(StageConfig):
         0,
         ge=0,
         description="encoding processes (0 = auto: 1 on <= 2 cores, else one per core; "
-        "1 = in this process, the Rust encoder still uses every core)",
+        "1 = in this process: HF's Rust encoder still uses every core, tiktoken one)",
         json_schema_extra=NOT_HASHED,
     )
     encoder: Literal["auto", "hf"] = Field(
@@ -114,8 +114,8 @@ def line_batches(path: Path, size: int) -> Iterator[Batch]:
 
 
 def resolve_workers(requested: int) -> int:
-    """0 = auto: one process (the Rust encoder already uses every core) on machines of up to
-    two cores, where worker processes measured slower (docs/benchmarks.md); else one per core,
+    """0 = auto: one process on machines of up to two cores, where worker processes measured
+    slower with either encoder (docs/benchmarks.md); else one per core,
     which also spreads JSON parsing and packing, the serial part of the one-process path."""
     if requested:
         return requested

@@ -69,7 +69,9 @@ def split_pattern(spec: dict[str, Any]) -> str:
         raise NotExact("it has a normalizer")
     pre = spec.get("pre_tokenizer")
     parts = (
-        pre.get("pretokenizers") if isinstance(pre, dict) and pre["type"] == "Sequence" else None
+        pre.get("pretokenizers")
+        if isinstance(pre, dict) and pre.get("type") == "Sequence"
+        else None
     )
     if not parts:
         raise NotExact(f"pre-tokenizer {json.dumps(pre)[:200]} is not lmforge's bpe split")
