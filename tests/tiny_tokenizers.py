@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def train_byte_bpe(corpus: Sequence[str], vocab_size: int, specials: Sequence[str]):
-    """A `tokenizers.Tokenizer`: byte-level BPE (no prefix space) trained on corpus in memory."""
+def train_byte_bpe(
+    corpus: Sequence[str], vocab_size: int, specials: Sequence[str], add_prefix_space: bool = False
+):
+    """A `tokenizers.Tokenizer`: byte-level BPE trained on corpus in memory (GPT-2's layout when
+    add_prefix_space, lmforge's without)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -38,19 +38,11 @@ WORDS = [
 
 def make_tokenizer(out: Path) -> Path:
     """A byte-level BPE tokenizer (vocab ~300) with <|eos|>, trained on synthetic sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tiny_tokenizers import train_byte_bpe
 
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=12)) for _ in range(300)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|eos|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
+    tok = train_byte_bpe(texts, 300, ["<|eos|>"])
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {

@@ -136,18 +136,10 @@ def test_other_kinds_are_refused(corpus: Path, tmp_path: Path, kind: str) -> Non
 
 
 def test_imported_gpt2_style_tokenizer_is_refused(corpus: Path, tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tiny_tokenizers import train_byte_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["the model reads text", "and learns 12 tokens"] * 50, trainer)
+    texts = ["the model reads text", "and learns 12 tokens"] * 50
+    tok = train_byte_bpe(texts, 300, ["<|endoftext|>"], add_prefix_space=True)
     tok.save(str(tmp_path / "gpt2.json"))
     out = train_tokenizer(
         TokenizerConfig(import_from=tmp_path / "gpt2.json", data=corpus, out=tmp_path / "tok")
