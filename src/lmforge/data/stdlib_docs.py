@@ -133,8 +133,23 @@ def _import(name: str) -> Any:
         signal.signal(signal.SIGALRM, old)
 
 
+def _own_paths() -> list[tuple[str, str]]:
+    """This interpreter's location (a venv's path differs per checkout) and its stand-ins.
+
+    Defaults such as platform.architecture(executable=sys.executable) print it into signatures
+    and pydoc pages. sys.prefix is replaced only inside a venv, where it is a unique path; a
+    system prefix such as /usr also occurs in ordinary docstrings.
+    """
+    pairs = [(sys.executable, "<python>")]
+    if sys.prefix != sys.base_prefix:
+        pairs.append((sys.prefix, "<venv>"))
+    return [(path, stand_in) for path, stand_in in pairs if path]
+
+
 def _clean(text: str) -> str:
     """Removes what differs between runs and machines: object addresses and install paths."""
+    for path, stand_in in _own_paths():  # the executable first: it lies inside the venv
+        text = text.replace(path, stand_in)
     return _PATH.sub("<stdlib>/", _ADDR.sub("", text))
 
 

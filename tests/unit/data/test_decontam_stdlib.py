@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from lmforge.data.decontam import Decontaminator
-from lmforge.data.stdlib_docs import _module_names, iter_functions, read_stdlib_docs
+from lmforge.data.stdlib_docs import _clean, _module_names, iter_functions, read_stdlib_docs
 from lmforge.errors import InputError
 
 from .corpus import prose
@@ -61,3 +62,11 @@ def test_iter_functions_records():
     dumps = next(r for r in recs if r["qualname"] == "json.dumps")
     assert dumps["module"] == "json" and dumps["signature"].startswith("(obj, *, skipkeys=False")
     assert dumps["docstring"].startswith("Serialize")
+
+
+def test_stdlib_text_does_not_depend_on_where_python_is_installed():
+    signature = f"(executable='{sys.executable}', bits='', linkage='')"
+    assert _clean(signature) == "(executable='<python>', bits='', linkage='')"
+    if sys.prefix != sys.base_prefix:  # inside a venv (as tests and the quickstart run)
+        assert _clean(f"site: {sys.prefix}/share") == "site: <venv>/share"
+    assert _clean("see /usr/bin/env and 0x1F") == "see /usr/bin/env and 0x1F"
