@@ -10,7 +10,7 @@ submission order, so the shards are byte-identical for any number of workers. At
 batches are in flight, so memory stays flat however large the corpus. Document text is encoded
 as plain text (a document that spells "<|endoftext|>" gets byte tokens, not a fake eos).
 
-Encoder: lmforge's own byte-level BPE is encoded by tiktoken (about 2x HF tokenizers' speed,
+Encoder: lmforge's own byte-level BPE is encoded by tiktoken (1.5x HF tokenizers on the stage,
 docs/benchmarks.md) when fast_bpe.py finds it exactly representable and a sample of the corpus
 plus a fixed set of tricky strings encodes to the same ids both ways; otherwise, and for every
 other tokenizer, by HF tokenizers. The choice is made once per stage and recorded in the
