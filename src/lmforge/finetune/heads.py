@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.model.transformer import IGNORE_INDEX, next_token_loss
 
 
 class SequenceClassifier(nn.Module):
@@ -92,10 +92,7 @@ def make_multitask_loss(w_lm: float, w_cls: float):
     def multitask_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         logits, h = model(batch["input_ids"], batch["last"])
         cls = F.cross_entropy(logits.float(), batch["class_labels"])
-        lm_logits = model.lm.lm_head(h).float()
-        lm = F.cross_entropy(
-            lm_logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
-        )
+        lm = next_token_loss(model.lm.lm_head(h), batch["labels"])
         loss = w_lm * lm + w_cls * cls
         return loss, {"lm_loss": lm.detach(), "cls_loss": cls.detach()}
 

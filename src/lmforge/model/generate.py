@@ -5,7 +5,8 @@ values, so each step costs O(T) instead of O(T^2). Prompts of different lengths 
 when left-padded (left_pad() builds the ids and the pad mask; generate_batched() does it all for
 token lists): padding is masked out of attention and of the repetition penalty, and each row's
 positions start at its own first token. Sampling follows the usual order: repetition penalty,
-temperature, top-k, top-p, then a multinomial draw (or argmax when greedy).
+temperature, top-k, top-p, then a draw (or argmax when greedy): multinomial from one generator,
+or Gumbel-max from one generator per row when a prompt's sample must not depend on its batch.
 """
 
 from __future__ import annotations

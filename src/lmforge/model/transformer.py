@@ -87,6 +87,13 @@ def doc_positions(doc_ids: Tensor) -> Tensor:
     return t - doc_start
 
 
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy in fp32 of logits (B, T, V) against labels (B, T), IGNORE_INDEX skipped."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
 def pad_positions(pad_mask: Tensor, start_pos: int) -> Tensor:
     """Positions of the tokens from start_pos on, counted from each row's first token. (B, T)
 
@@ -347,11 +354,7 @@ class Transformer(nn.Module):
         the (B, T, V) fp32 logits are never kept for backward outside the compiled graph.
         """
         logits = self.lm_head(self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask))
-        if labels is None:
-            return logits
-        return F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        return logits if labels is None else next_token_loss(logits, labels)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; shared (tied) tensors count once.

@@ -148,11 +148,13 @@ def train(
             loss_t, extra_t, n_tokens = _accumulate(model, loss_fn, loader, accum, rt, scaler)
             n_tokens *= rt.env.world_size
             norm_t = _clip(model, optimizer, scaler, cfg.grad_clip)
-            # The step's one host sync: the skip decision needs loss and norm on the CPU.
-            loss, grad_norm = torch.stack(
-                [mean_across_ranks(loss_t).double(), norm_t.double()]
+            # The step's one host sync: the skip decision needs loss and norm on the CPU, and the
+            # loss_fn's metrics come along in the same copy.
+            synced = [mean_across_ranks(loss_t), norm_t, *extra_t.values()]
+            loss, grad_norm, *values = torch.stack(
+                [torch.as_tensor(v, device=rt.device).double() for v in synced]
             ).tolist()
-            extra = {key: float(value) for key, value in extra_t.items()}
+            extra = dict(zip(extra_t, values, strict=True))
             fp16_overflow = scaler.is_enabled() and not math.isfinite(grad_norm)
             if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not fp16_overflow):
                 optimizer.zero_grad(set_to_none=True)
