@@ -54,12 +54,10 @@ def lmforge_batched(model, prompts: list[list[int]], new: int, batch: int) -> li
 
 def hf_batched(hf_model, prompts: list[list[int]], new: int, batch: int) -> list[list[int]]:
     """HF generate over the same length-sorted, left-padded batches lmforge builds."""
-    from lmforge.model.generate import left_pad
+    from lmforge.model.generate import left_pad, length_sorted_batches
 
     results: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for lo in range(0, len(order), batch):
-        chunk = order[lo : lo + batch]
+    for chunk in length_sorted_batches(prompts, batch):
         ids, mask = left_pad([prompts[i] for i in chunk])
         with torch.no_grad():
             out = hf_model.generate(

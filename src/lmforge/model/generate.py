@@ -297,9 +297,7 @@ def generate_batched(
     if seed is not None:
         gens = [torch.Generator(device).manual_seed(row_seed(seed, i)) for i in range(len(prompts))]
     results: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for lo in range(0, len(order), batch_size):
-        chunk = order[lo : lo + batch_size]
+    for chunk in length_sorted_batches(prompts, batch_size):
         ids, pad_mask = left_pad([prompts[i] for i in chunk], device=device)
         if gens is not None:
             sampling["generator"] = [gens[i] for i in chunk]
@@ -309,6 +307,12 @@ def generate_batched(
         for i, new in zip(chunk, new_tokens(out, ids.size(1), stop_tokens), strict=True):
             results[i] = new
     return results
+
+
+def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of prompts in batches of batch_size, shortest first, so a batch pads little."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
 
 
 def row_seed(seed: int, index: int) -> int:
