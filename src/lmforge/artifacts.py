@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,6 +74,33 @@ def versions() -> dict[str, str]:
     except ImportError:  # the data stage runs without torch
         pass
     return info
+
+
+def runtime() -> dict[str, Any]:
+    """The machine a stage ran on, recorded so a slow or odd result can be traced to it.
+
+    When the stage uses torch (its module imported it), its thread pool is first sized to the
+    CPUs this process may use (lmforge.common.threads): torch's own default counts every core
+    the kernel shows, which oversubscribes a container or VM slice with a CPU quota.
+    """
+    info: dict[str, Any] = {"cpu": cpu_model(), "cpus": os.cpu_count()}
+    if "torch" in sys.modules:
+        from lmforge.common.threads import configure_torch_threads
+
+        info.update(configure_torch_threads())
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _iter_files(root: Path) -> Iterator[Path]:
@@ -204,9 +232,13 @@ def run_stage(
         (out / MANIFEST).unlink(missing_ok=True)
         atomic_write_text(out / CONFIG_FILE, to_yaml(cfg))
     started, t0 = _now(), time.perf_counter()
+    machine = runtime()
     metrics_writer = MetricsWriter(out / "metrics.jsonl")
     ctx = StageContext(
-        out=out, stage=stage, log=logging.getLogger(f"lmforge.{stage}"), metrics=metrics_writer
+        out=out,
+        stage=stage,
+        log=logging.getLogger(f"lmforge.{stage}"),
+        metrics=metrics_writer,
     )
     log.info("%s: running -> %s", stage, out)
     try:
@@ -226,6 +258,7 @@ def run_stage(
                 "inputs": inputs,
                 "outputs": hash_outputs(out),
                 "versions": versions(),
+                "runtime": machine,
                 "started_at": started,
                 "finished_at": _now(),
                 "duration_s": round(duration, 3),

@@ -8,11 +8,11 @@ reading stays ahead of the workers without pulling the whole input into memory.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from lmforge.common.threads import usable_cpus
 from lmforge.data import pipeline
 from lmforge.errors import ConfigError
 
@@ -20,11 +20,8 @@ Batch = list[tuple[int, Any]]
 
 
 def default_workers() -> int:
-    """All cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        return os.cpu_count() or 1
+    """All cores this process may use (affinity and cgroup quota)."""
+    return usable_cpus()
 
 
 def run_local(

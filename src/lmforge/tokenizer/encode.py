@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Iterator
 from itertools import chain, islice
@@ -33,6 +32,7 @@ from pydantic import Field
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.io import open_text
+from lmforge.common.threads import usable_cpus
 from lmforge.config import NOT_HASHED, StageConfig
 from lmforge.errors import InputError
 from lmforge.tokenizer import encode_worker
@@ -119,7 +119,7 @@ def resolve_workers(requested: int) -> int:
     which also spreads JSON parsing and packing, the serial part of the one-process path."""
     if requested:
         return requested
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     return 1 if cores <= 2 else cores
 
 
