@@ -40,6 +40,16 @@ UNHASHED_DIRS = {"checkpoints", "__pycache__"}
 C = TypeVar("C", bound=StageConfig)
 
 
+@dataclass(frozen=True)
+class Expectation:
+    """A recipe's reference timings, seen from one stage: how long this stage and the stages
+    after it took on the machine the recipe was measured on (Recipe.reference)."""
+
+    machine: str
+    stage_s: float
+    rest_s: float
+
+
 @dataclass
 class StageContext:
     """What a stage's build() gets besides its config: where to write and how to report."""
@@ -48,10 +58,37 @@ class StageContext:
     stage: str
     log: logging.Logger
     metrics: MetricsWriter
+    expect: Expectation | None = None
+    started: float = field(default_factory=time.perf_counter)
     atomic_path = staticmethod(atomic_path)
     atomic_write_text = staticmethod(atomic_write_text)
     atomic_write_json = staticmethod(atomic_write_json)
     progress = staticmethod(progress_mod.progress)
+
+    def announce_eta(self, left_s: float, speed: str) -> None:
+        """Logs, once early in a long stage, how long it has left on this machine and, in a
+        recipe with reference timings, how long the stages after it should take here."""
+        self.log.info("%s: %s, about %s left", self.stage, speed, fmt_duration(left_s))
+        if self.expect is None or self.expect.stage_s <= 0:
+            return
+        scale = (time.perf_counter() - self.started + left_s) / self.expect.stage_s
+        rest = self.expect.rest_s * scale
+        self.log.info(
+            "%s: at this machine's speed (%.1fx the time on the reference %s), the stages "
+            "after it take about %s; the run ends in about %s",
+            self.stage, scale, self.expect.machine, fmt_duration(rest),
+            fmt_duration(left_s + rest),
+        )  # fmt: skip
+
+
+def fmt_duration(seconds: float) -> str:
+    """12 s, 3 min 05 s, 1 h 02 min: a duration for people."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 @dataclass
@@ -208,6 +245,7 @@ def run_stage(
     *,
     force: bool = False,
     kind: str | None = None,
+    expect: Expectation | None = None,
 ) -> StageResult:
     """Runs build(cfg, ctx) into cfg.out unless a complete, matching result is already there.
 
@@ -217,6 +255,7 @@ def run_stage(
         build: does the work and returns headline metrics.
         force: rerun even when the cache is valid.
         kind: the stage kind from stages.py (defaults to stage).
+        expect: the recipe's reference timings for this stage and the rest (announce_eta).
     """
     out = Path(cfg.out)
     cfg_hash = config_hash(cfg)
@@ -239,6 +278,7 @@ def run_stage(
         stage=stage,
         log=logging.getLogger(f"lmforge.{stage}"),
         metrics=metrics_writer,
+        expect=expect,
     )
     log.info("%s: running -> %s", stage, out)
     try:

@@ -19,7 +19,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lmforge.artifacts import StageResult, is_valid_result, run_stage
+from lmforge.artifacts import (
+    Expectation,
+    StageResult,
+    fmt_duration,
+    is_valid_result,
+    run_stage,
+)
 from lmforge.common.io import atomic_write_json
 from lmforge.common.logging import is_rank_zero
 from lmforge.config import (
@@ -52,6 +58,15 @@ def run_single(
     return run_stage(kind, cfg, stage.build, force=force, kind=kind)
 
 
+class RecipeReference(Section):
+    """How long each stage took on one machine, so a run elsewhere can say how long it will take."""
+
+    machine: str = Field(
+        description="the machine measured, e.g. '2-core AMD EPYC VM, torch 2.13 CPU'"
+    )
+    seconds: dict[str, float] = Field(description="stage name -> seconds it took there")
+
+
 class Recipe(Section):
     """The top level of a recipe file."""
 
@@ -62,6 +77,9 @@ class Recipe(Section):
     )
     stages: dict[str, dict[str, Any]] = Field(
         description="stage name -> its config, plus 'stage: KIND' when the name is not the kind"
+    )
+    reference: RecipeReference | None = Field(
+        None, description="measured stage times, for the run's early time estimate"
     )
 
 
@@ -183,20 +201,47 @@ def run_recipe(
         },
     )
     start_index = names.index(from_stage) if from_stage else 0
+    to_run = [
+        p.name for i, p in enumerate(planned) if not (only and p.name != only) and i >= start_index
+    ]
+    if spec.reference is not None:
+        total = sum(spec.reference.seconds.get(n, 0.0) for n in to_run)
+        log.info(
+            "%s: its stages took %s on the reference %s; the estimate for this machine "
+            "follows after the first training steps",
+            spec.name, fmt_duration(total), spec.reference.machine,
+        )  # fmt: skip
     results: list[tuple[str, StageResult]] = []
     for index, step in enumerate(planned):
-        if (only and step.name != only) or index < start_index:
+        if step.name not in to_run:
             continue
         stage_force = force or (from_stage is not None and index >= start_index)
         if is_rank_zero() or step.kind in DISTRIBUTED_KINDS:
             build = get_stage(step.kind).build
-            result = run_stage(step.name, step.config, build, force=stage_force, kind=step.kind)
+            expect = _expectation(spec.reference, step.name, to_run)
+            result = run_stage(
+                step.name, step.config, build, force=stage_force, kind=step.kind, expect=expect
+            )
         else:
             result = wait_for_rank_zero(step, fresh=stage_force)
         results.append((step.name, result))
         if on_result is not None:
             on_result(step.name, result)
     return results
+
+
+def _expectation(
+    reference: RecipeReference | None, stage: str, to_run: list[str]
+) -> Expectation | None:
+    """This stage's and the later stages' reference seconds, when the recipe has them."""
+    if reference is None or stage not in reference.seconds:
+        return None
+    rest = to_run[to_run.index(stage) + 1 :]
+    return Expectation(
+        machine=reference.machine,
+        stage_s=reference.seconds[stage],
+        rest_s=sum(reference.seconds.get(n, 0.0) for n in rest),
+    )
 
 
 def wait_for_rank_zero(step: PlannedStage, fresh: bool, poll_s: float = 1.0) -> StageResult:

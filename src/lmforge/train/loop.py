@@ -39,6 +39,10 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
+# The run's time estimate is announced once this much training has been timed, if the stage still
+# has at least ETA_MIN_LEFT_S to go (short fine-tunes stay quiet).
+ETA_AFTER_S, ETA_MIN_LEFT_S = 10.0, 20.0
+
 # Dense bf16 peak FLOP/s (vendor datasheets) by a part of the GPU's name, for MFU; the longest
 # matching key wins, so "H100 PCIe" is not read as the SXM part, nor an L40S as an L4. GPUs not
 # listed get no MFU rather than a wrong one.
@@ -139,7 +143,8 @@ def train(
     peak = _peak_flops(rt)
     stopped_early = False
     window_tokens, window_t0 = 0, time.perf_counter()
-    run_tokens, run_t0 = 0, time.perf_counter()
+    run_tokens, run_t0, first_step = 0, time.perf_counter(), state.step
+    eta_announced = False
     with ctx.progress("train", total=cfg.max_steps, unit="step") as bar:
         bar.advance(state.step)
         while state.step < cfg.max_steps:
@@ -199,6 +204,11 @@ def train(
                 bar.update(loss=loss, lr=lr, tok_s=round(row["tokens_per_s"]), **shown)
                 window_tokens, window_t0 = 0, time.perf_counter()
 
+            if not eta_announced and (spent := time.perf_counter() - run_t0) >= ETA_AFTER_S:
+                eta_announced = True
+                left = spent / (state.step - first_step) * (cfg.max_steps - state.step)
+                if left >= ETA_MIN_LEFT_S and rt.env.is_main:
+                    ctx.announce_eta(left, _speed(run_tokens / spent, rt))
             done = state.step == cfg.max_steps
             evaluated = None
             if eval_fn is not None and (
@@ -236,6 +246,15 @@ def train(
         stopped_early=stopped_early,
         resumed_from=resumed_from,
     )
+
+
+def _speed(tokens_per_s: float, rt: Runtime) -> str:
+    """'10,250 tokens/s on 2 CPU threads' / '... on NVIDIA H100': the rate and what gave it."""
+    if rt.device.type == "cuda":
+        where = torch.cuda.get_device_name(rt.device)
+    else:
+        where = f"{torch.get_num_threads()} CPU threads"
+    return f"{tokens_per_s:,.0f} tokens/s on {where}"
 
 
 def _autocast(rt: Runtime) -> contextlib.AbstractContextManager:

@@ -119,3 +119,34 @@ def test_recipe_errors_fail_before_any_work(recipe: Path, tmp_path: Path) -> Non
     bad.write_text(recipe.read_text().replace('"@letters"', '"@later"'))
     with pytest.raises(ConfigError, match="refers to 'later', which is not an earlier stage"):
         run_recipe(bad, out=out)
+
+
+def test_reference_timings_scale_to_this_machine(tmp_path: Path, caplog) -> None:
+    """A recipe's reference seconds become each stage's Expectation; the estimate scales them."""
+    import logging
+    import time
+
+    from lmforge.artifacts import Expectation, StageContext
+    from lmforge.runner import RecipeReference, _expectation
+
+    ref = RecipeReference(machine="test VM", seconds={"a": 10, "b": 20, "c": 30})
+    assert _expectation(ref, "b", ["a", "b", "c"]) == Expectation("test VM", 20, 30)
+    assert _expectation(ref, "a", ["a", "c"]) == Expectation("test VM", 10, 30)  # b not run
+    assert _expectation(None, "a", ["a"]) is None
+    ctx = StageContext(
+        out=tmp_path, stage="b", log=logging.getLogger("t"), metrics=None,
+        expect=Expectation("test VM", 20, 30), started=time.perf_counter() - 10,
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="t"):
+        ctx.announce_eta(30.0, "1,000 tokens/s on 2 CPU threads")  # 40 s here vs 20 s there
+    text = caplog.text
+    assert "1,000 tokens/s on 2 CPU threads, about 30 s left" in text
+    assert "2.0x the time on the reference test VM" in text
+    assert "the stages after it take about 1 min 00 s; the run ends in about 1 min 30 s" in text
+
+
+def test_bad_reference_fails_before_any_work(tmp_path: Path, recipe: Path) -> None:
+    recipe.write_text(recipe.read_text() + "reference: {machine: vm, seconds: {letters: fast}}\n")
+    with pytest.raises(ConfigError, match=r"reference\.seconds\.letters"):
+        run_recipe(recipe, out=tmp_path / "run")
+    assert not (tmp_path / "run" / "letters").exists()

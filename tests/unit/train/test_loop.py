@@ -155,3 +155,20 @@ def test_mfu_peak_is_the_longest_matching_gpu_name():
     assert peak_flops("NVIDIA L40S") == 362e12
     assert peak_flops("NVIDIA L4") == 121e12
     assert peak_flops("Tesla T4") is None
+
+
+def test_time_estimate_is_announced_once_early(tmp_path, monkeypatch):
+    """After ETA_AFTER_S of training the loop tells the context how long the stage has left."""
+    import lmforge.train.loop as loop
+
+    monkeypatch.setattr(loop, "ETA_AFTER_S", 0.0)
+    monkeypatch.setattr(loop, "ETA_MIN_LEFT_S", 0.0)
+    calls = []
+    monkeypatch.setattr(
+        "lmforge.artifacts.StageContext.announce_eta",
+        lambda self, left, speed: calls.append((left, speed)),
+    )
+    _run(tmp_path, _cfg(max_steps=12, eval_every=0))
+    assert len(calls) == 1
+    left, speed = calls[0]
+    assert left > 0 and speed.endswith(f"tokens/s on {torch.get_num_threads()} CPU threads")
