@@ -20,9 +20,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import InputError
+from lmforge.model.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 from lmforge.model.config import ModelConfig
-
-IGNORE_INDEX = -100  # label of a position that takes no loss (PyTorch's and HF's convention)
 
 if TYPE_CHECKING:
     from lmforge.model.generate import KVCache
@@ -351,10 +350,25 @@ class Transformer(nn.Module):
         positions start at its first token. None (no padding) keeps the unmasked fast path.
         labels: (B, T) target ids, IGNORE_INDEX (-100) where no loss is taken. The fp32
         cross-entropy then runs inside forward, so `model.compile()` fuses it with lm_head and
-        the (B, T, V) fp32 logits are never kept for backward outside the compiled graph.
+        the (B, T, V) fp32 logits are never kept for backward outside the compiled graph; eager
+        fp32 training on CPU takes it chunk by chunk from the hidden states (chunked_loss.py).
         """
-        logits = self.lm_head(self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask))
+        h = self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask)
+        if labels is not None and self._loss_from_hidden(h):
+            return linear_cross_entropy(h, self.lm_head.weight, labels)
+        logits = self.lm_head(h)
         return logits if labels is None else next_token_loss(logits, labels)
+
+    def _loss_from_hidden(self, h: Tensor) -> bool:
+        """Whether the chunked loss applies: eager fp32 training on CPU through a plain lm_head
+        (a LoRA or quantized lm_head, autocast, no_grad or compile take the ordinary path)."""
+        return (
+            h.device.type == "cpu"
+            and h.dtype == torch.float32
+            and torch.is_grad_enabled()
+            and type(self.lm_head) is nn.Linear
+            and not torch.compiler.is_compiling()
+        )
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; shared (tied) tensors count once.
