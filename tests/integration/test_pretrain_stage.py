@@ -125,6 +125,9 @@ def test_pretrain_writes_a_complete_hf_model_and_learns(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_20", "step_40"]
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["vocab_size"] == vocab and config["eos_token_id"] == 0
+    # no chat template: generation stops at the document end only; pad falls back to eos
+    generation = json.loads((out / "final" / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": [0], "bos_token_id": 0, "pad_token_id": 0}
 
     # the exported directory loads in transformers with the same logits as our model
     transformers = pytest.importorskip("transformers")
@@ -137,6 +140,7 @@ def test_pretrain_writes_a_complete_hf_model_and_learns(tmp_path):
     ]
     with torch.no_grad():
         assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-4)
+    assert hf.generation_config.eos_token_id == [0] and hf.generation_config.pad_token_id == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(out / "final")
     assert hf_tok.decode(hf_tok("the lazy dog").input_ids) == "the lazy dog"
 

@@ -4,7 +4,9 @@ Every evaluation (perplexity, generation, classification, multiple choice, the l
 adapter) needs the same four operations on a model directory in Hugging Face layout: encode text,
 score tokens given a context, generate a continuation, decode. `EvalModel` provides exactly those,
 so task code never touches tensors or tokenizer internals. Special tokens come from config.json
-(bos_token_id / eos_token_id) or, failing that, the tokenizer files (lmforge.tokenizer.files).
+(bos_token_id / eos_token_id) or, failing that, the tokenizer files (lmforge.tokenizer.files);
+generation stops where transformers' would, at generation_config.json's eos_token_id
+(lmforge.tokenizer.generation).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lmforge.artifacts import require_artifact
 from lmforge.config import Section
 from lmforge.errors import InputError
 from lmforge.tokenizer.files import TokenizerFiles
+from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
 SCORE_BATCH = 16  # rows per forward pass when scoring
 GENERATE_BATCH = 16  # prompts per batch when generating
@@ -62,6 +65,7 @@ class EvalModel:
         self.block_size: int = model.config.block_size
         self.device = next(model.parameters()).device
         self.chat_template = files.chat_template
+        self.generation_config = load_generation_config(self.path, files)
         self._head: tuple[torch.nn.Linear, list[str]] | bool | None = False  # False: not loaded
 
     @classmethod
@@ -94,8 +98,9 @@ class EvalModel:
         return sum(p.numel() for p in self.model.parameters())
 
     def stop_ids(self) -> list[int]:
-        """Tokens that end a turn: EOS and the usual end-of-turn markers present in the vocab."""
-        return sorted({*self.files.stop_ids(), *([self.eos_id] if self.eos_id is not None else [])})
+        """Tokens that end a generation: generation_config.json's eos_token_id (the document end
+        and the chat template's end of turn), the list transformers' generate() stops at."""
+        return eos_ids(self.generation_config)
 
     def render_chat(self, user_text: str) -> str:
         """user_text as one user turn plus the assistant prompt, with the model's chat template."""

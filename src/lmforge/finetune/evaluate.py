@@ -8,6 +8,7 @@ so the fine-tuning stage needs no extra dependency.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -42,17 +43,18 @@ def generate_answers(
     model: nn.Module,
     tok: TokenizerFiles,
     examples: list[dict[str, Any]],
+    stops: Sequence[int],
     max_new_tokens: int = 48,
     batch_size: int = 16,
 ) -> list[str]:
     """Greedy answer to each example's conversation up to its last assistant turn.
 
+    stops: the token ids that end an answer (the model's generation_config eos_token_id).
     Prompts run batch_size at a time, left-padded (model.generate.generate_batched); the answers
     equal one-at-a-time generation.
     """
     from lmforge.model.generate import generate_batched
 
-    stops = tok.stop_ids()
     room = model.config.block_size - max_new_tokens
     prompts = []
     for example in examples:
@@ -69,11 +71,12 @@ def rouge_eval(
     model: nn.Module,
     tok: TokenizerFiles,
     examples: list[dict[str, Any]],
+    stops: Sequence[int],
     max_new_tokens: int = 48,
     batch_size: int = 16,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Mean ROUGE-L of greedy answers against the reference answers, and per-example rows."""
-    answers = generate_answers(model, tok, examples, max_new_tokens, batch_size)
+    answers = generate_answers(model, tok, examples, stops, max_new_tokens, batch_size)
     rows = []
     for example, answer in zip(examples, answers, strict=True):
         reference = [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"]

@@ -4,7 +4,8 @@ Inputs: a model directory in Hugging Face layout with its tokenizer files (our p
 or an imported checkpoint) and a data file or directory (formats.py). The methods differ only in
 what they hand the loop: rows (packed chat with assistant-only labels, or padded labeled texts),
 the trainable parameters (LoRA adapters, or the model minus frozen parts, in layer-wise LR
-groups) and the loss_fn. Outputs: final/ (the merged model + tokenizer files; for classify and
+groups) and the loss_fn. Outputs: final/ (the merged model, its generation_config.json (the
+stop tokens of the chat template it was tuned on) and tokenizer files; for classify and
 multitask the model is a Hugging Face *ForSequenceClassification with id2label and the pad id
 its inputs are pooled by, see lmforge.model.convert), adapter/ (PEFT format, LoRA only),
 metrics.jsonl, loss.png, checkpoints/ (a killed run resumes), and headline metrics in the manifest.
@@ -40,6 +41,7 @@ from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
 from lmforge.finetune.lora import LoraConfig, inject, merge, save_peft_adapter, trainable_fraction
 from lmforge.finetune.sft import build_sft_rows, load_chat_tokenizer
 from lmforge.tokenizer.files import TOKENIZER_FILES, TokenizerFiles
+from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
 from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.config import TrainConfig
 from lmforge.train.loader import RowBatches
@@ -319,14 +321,20 @@ def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: 
             out["base_val_loss"] = _round(_eval_fn(cfg, data.val_rows)(base)["val_loss"])
     examples = data.val_examples[: cfg.eval.rouge_examples]
     if examples:
-        score, _ = rouge_eval(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        stops = eos_ids(_generation_config(cfg, tok))  # what final/ will stop at, base included
+        opts = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        score, _ = rouge_eval(model, tok, examples, stops, **opts)
         out.update(rouge_l=round(score, 4), rouge_examples=len(examples))
         if base is not None:
-            base_score, _ = rouge_eval(
-                base, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size
-            )
+            base_score, _ = rouge_eval(base, tok, examples, stops, **opts)
             out["base_rouge_l"] = round(base_score, 4)
     return out
+
+
+def _generation_config(cfg: FinetuneConfig, tok: TokenizerFiles) -> dict[str, Any]:
+    """final/'s generation_config.json: the base model's, with the stops of the chat template
+    the model was tuned on (the base may have stopped at the document end only)."""
+    return generation_config(tok, load_generation_config(cfg.model_dir(), tok))
 
 
 def _write_outputs(
@@ -337,7 +345,8 @@ def _write_outputs(
     lm: nn.Module,
     labels: list[str],
 ) -> None:
-    """adapter/ (LoRA), final/ (merged model or classifier, tokenizer files), loss.png."""
+    """adapter/ (LoRA), final/ (merged model + generation_config.json, or classifier; tokenizer
+    files), loss.png."""
     from lmforge.model.convert import ClassifierHead, save_pretrained
 
     if cfg.method == "lora":
@@ -347,12 +356,16 @@ def _write_outputs(
     config_json = json.loads((cfg.model_dir() / "config.json").read_text(encoding="utf-8"))
     special = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if config_json.get(k) is not None}  # fmt: skip
-    classifier = None
-    if cfg.task != "sft":
+    classifier, generation = None, None
+    if cfg.task == "sft":
+        generation = _generation_config(cfg, tok)
+    else:  # a classifier generates nothing (transformers writes no generation config for one)
         classifier = ClassifierHead(model.head.weight.detach().cpu(), labels)
         special["pad_token_id"] = tok.pad_id  # what encode_texts padded with and pools by
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(lm, tmp, extra_config=special, classifier=classifier)
+        save_pretrained(
+            lm, tmp, extra_config=special, classifier=classifier, generation_config=generation
+        )
         for name in TOKENIZER_FILES:
             if (cfg.model_dir() / name).is_file():
                 shutil.copy2(cfg.model_dir() / name, tmp / name)

@@ -225,10 +225,13 @@ def save_pretrained(
     out_dir: Path | str,
     extra_config: dict[str, Any] | None = None,
     classifier: ClassifierHead | None = None,
+    generation_config: dict[str, Any] | None = None,
 ) -> None:
     """Write config.json + model.safetensors (each atomically) in the HF layout when possible.
 
     extra_config is merged into config.json (e.g. bos_token_id/eos_token_id from the tokenizer).
+    generation_config is written as generation_config.json, the stop tokens transformers'
+    generate() reads (lmforge.tokenizer.generation builds it from the tokenizer).
     With classifier, the model is written as a sequence classifier (see the module docstring);
     extra_config should then carry the pad_token_id the classifier's inputs are padded with.
     A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper.
@@ -265,4 +268,6 @@ def save_pretrained(
     stale_index = out_dir / "model.safetensors.index.json"
     if stale_index.exists():  # an older sharded export would shadow the new single file
         stale_index.unlink()
+    if generation_config is not None:
+        atomic_write_json(out_dir / "generation_config.json", generation_config)
     atomic_write_json(out_dir / "config.json", hf)

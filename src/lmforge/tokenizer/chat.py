@@ -162,6 +162,33 @@ def _prefix_spans(
     return spans
 
 
+_PROBE = "lmforge-turn-end-probe"  # an assistant reply no template rewrites
+
+
+def turn_end(template: str, tokens: Sequence[str], **special_tokens: str) -> str | None:
+    """The token the template writes right after an assistant reply, if it is one of tokens.
+
+    tokens are the tokenizer's added tokens (its atomic ones); the reply's end is found by
+    rendering a probe reply, so any template works: ChatML's <|im_end|>, Llama 3's <|eot_id|>,
+    Llama 2's " </s>" (whitespace before the token is skipped). None when the reply is followed by
+    plain text or nothing (such a template ends a turn only with the document). InputError when
+    the template refuses a plain user/assistant exchange.
+    """
+    from jinja2.exceptions import TemplateError
+
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = render_chat(messages, template=template, **special_tokens)
+    except TemplateError as exc:  # e.g. a template that insists on a system message
+        raise InputError(
+            f"the chat template cannot render a user/assistant exchange: {exc}"
+        ) from None
+    if _PROBE not in text:
+        return None
+    after = text[text.index(_PROBE) + len(_PROBE) :].lstrip()
+    return max((t for t in tokens if t and after.startswith(t)), key=len, default=None)
+
+
 @dataclass
 class ChatEncoding:
     """A rendered conversation: text, token ids, and which tokens are assistant output."""

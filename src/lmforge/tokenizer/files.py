@@ -9,6 +9,7 @@ through `TokenizerFiles`, so special-token and chat-template handling lives in o
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,18 @@ from typing import Any
 import xxhash
 
 from lmforge.errors import InputError
-from lmforge.tokenizer.chat import CHATML_TEMPLATE, ChatEncoding, encode_chat, render_chat
+from lmforge.tokenizer.chat import (
+    CHATML_TEMPLATE,
+    ChatEncoding,
+    encode_chat,
+    render_chat,
+    turn_end,
+)
 
 # CHATML_TEMPLATE lives in chat.py; importers of it from here keep working.
 __all__ = ["CHATML_TEMPLATE", "TOKENIZER_HINT", "TokenizerFiles", "tokenizer_hash"]
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_HINT = "lmforge tokenizer train --data DIR --out DIR"
 # The files that make a directory loadable by transformers.AutoTokenizer.
@@ -29,8 +38,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-# End-of-turn markers of common chat templates; generation stops on whichever the vocab has.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>")
 
 
 def tokenizer_hash(tokenizer_dir: Path) -> str:
@@ -115,10 +122,23 @@ class TokenizerFiles:
                 ids[f"{key}_token_id"] = token_id
         return ids
 
+    def turn_end_token(self) -> str | None:
+        """The token the chat template ends an assistant reply with (None without one)."""
+        if self.chat_template is None:
+            return None
+        added = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
+        try:
+            return turn_end(self.chat_template, added, **self.special)
+        except InputError as exc:  # a template may refuse a plain user/assistant exchange
+            log.warning("%s: %s; generation stops at eos only", self.path, exc)
+            return None
+
     def stop_ids(self) -> list[int]:
-        """Tokens that end an assistant turn: eos and the end-of-turn markers in the vocab."""
-        candidates = [self.special.get("eos_token"), *END_OF_TURN]
-        return sorted({i for t in candidates if (i := self.token_id(t)) is not None})
+        """Tokens that end an assistant reply: eos (the document end), then the chat template's
+        end-of-turn token. A model directory's own list is its generation_config.json
+        (lmforge.tokenizer.generation); this is what lmforge writes there."""
+        ids = [self.eos_id, self.token_id(self.turn_end_token())]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text; special tokens only where the text spells them."""

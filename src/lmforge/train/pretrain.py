@@ -24,6 +24,7 @@ from lmforge.common.logging import read_metrics
 from lmforge.config import Section, StageConfig, config_hash
 from lmforge.errors import ConfigError, InputError
 from lmforge.tokenizer.files import TOKENIZER_FILES, TOKENIZER_HINT, TokenizerFiles, tokenizer_hash
+from lmforge.tokenizer.generation import generation_config
 from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import barrier, is_sharded, setup_runtime
@@ -158,7 +159,8 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) -> None:
-    """final/ (model + tokenizer, renamed into place complete), loss.png, TensorBoard events."""
+    """final/ (model, generation_config.json, tokenizer; renamed into place complete), loss.png,
+    TensorBoard events."""
     from lmforge.model.convert import save_pretrained
 
     model = result.model
@@ -167,9 +169,13 @@ def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) 
 
         model = Transformer(model.config)
         model.load_state_dict(result.state_dict)
+    tok = TokenizerFiles.load(cfg.tokenizer)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         save_pretrained(
-            model, tmp, extra_config=TokenizerFiles.load(cfg.tokenizer).special_token_ids()
+            model,
+            tmp,
+            extra_config=tok.special_token_ids(),
+            generation_config=generation_config(tok),
         )
         for name in TOKENIZER_FILES:
             if (Path(cfg.tokenizer) / name).is_file():

@@ -65,7 +65,8 @@ def test_batched_answers_equal_one_at_a_time(tokenizer_dir):
     reference, n_new = one_at_a_time(model, tok, rows, 12)
     assert min(n_new) < 12 and max(n_new) == 12  # some rows stop early, some run on
     for batch_size in (1, 3, 16):
-        assert generate_answers(model, tok, rows, 12, batch_size=batch_size) == reference
-    score, per_row = rouge_eval(model, tok, rows, 12, batch_size=4)
+        answers = generate_answers(model, tok, rows, tok.stop_ids(), 12, batch_size=batch_size)
+        assert answers == reference
+    score, per_row = rouge_eval(model, tok, rows, tok.stop_ids(), 12, batch_size=4)
     assert [r["prediction"] for r in per_row] == reference
     assert score == sum(rouge_l(a, "Paris") for a in reference) / len(rows)

@@ -69,6 +69,11 @@ def test_lora_sft_writes_merged_model_adapter_and_metrics(tmp_path, model_dir):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / "final" / name).is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
+    tok = load_chat_tokenizer(model_dir)  # eos is <|im_end|>, which also ends the chat turn
+    assert json.loads((out / "final" / "generation_config.json").read_text()) == {
+        "eos_token_id": [tok.token_id("<|im_end|>")],
+        "pad_token_id": tok.token_id("<|pad|>"),
+    }
     assert (out / "loss.png").stat().st_size > 1000
     assert 0 < m["trainable_fraction"] < 0.2 and m["steps"] == 6
     assert {"val_loss", "base_val_loss", "rouge_l", "base_rouge_l"} <= set(m)
@@ -137,6 +142,7 @@ def test_classify_reports_metrics_and_exports_a_sequence_classifier(tmp_path, mo
     assert m["cv_folds"] == 2
     assert len(json.loads((out / "folds" / "folds.json").read_text())) == 2
     final = out / "final"
+    assert not (final / "generation_config.json").exists()  # a classifier generates nothing
     config = json.loads((final / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
     assert config["id2label"] == {str(i): name for i, name in enumerate(sorted(WORDS[:4]))}

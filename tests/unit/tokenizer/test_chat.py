@@ -9,7 +9,13 @@ import pytest
 
 from lmforge.errors import InputError
 from lmforge.tokenizer import TokenizerFiles
-from lmforge.tokenizer.chat import CHATML_TEMPLATE, encode_chat, render_chat, render_chat_spans
+from lmforge.tokenizer.chat import (
+    CHATML_TEMPLATE,
+    encode_chat,
+    render_chat,
+    render_chat_spans,
+    turn_end,
+)
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -114,3 +120,54 @@ def test_missing_template_is_a_clear_error(bpe_dir: Path, tmp_path: Path) -> Non
     (tmp_path / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
     with pytest.raises(InputError, match="has no chat template"):
         TokenizerFiles.load(tmp_path).encode_chat(CHAT)
+
+
+# How well-known templates end an assistant reply (simplified to the part that matters here).
+LLAMA3_TEMPLATE = (
+    "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+    "+ m['content'] + '<|eot_id|>' }}{% endfor %}"
+)
+LLAMA2_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] "
+    "+ ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+SYSTEM_FIRST = (
+    "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+)
+ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<s>", "</s>"]
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (CHATML_TEMPLATE, "<|im_end|>"),
+        (LLAMA3_TEMPLATE, "<|eot_id|>"),
+        (LLAMA2_TEMPLATE, "</s>"),  # " </s>": whitespace before the token is skipped
+        (PLAIN_TEMPLATE, "<|endoftext|>"),  # eos_token as the template's variable
+        ("{% for m in messages %}{{ m['content'] + '\n\n' }}{% endfor %}", None),
+    ],
+)
+def test_turn_end_is_the_token_after_an_assistant_reply(template: str, expected) -> None:
+    specials = {
+        "bos_token": "<s>",
+        "eos_token": "</s>" if "[INST]" in template else "<|endoftext|>",
+    }
+    assert turn_end(template, ADDED, **specials) == expected
+
+
+def test_turn_end_of_a_template_that_refuses_the_probe_is_a_clear_error(bpe_dir: Path, tmp_path):
+    with pytest.raises(InputError, match="cannot render a user/assistant exchange: system first"):
+        turn_end(SYSTEM_FIRST, ADDED)
+    files = TokenizerFiles.load(bpe_dir)
+    files.chat_template = SYSTEM_FIRST
+    assert files.turn_end_token() is None and files.stop_ids() == [files.eos_id]
+
+
+def test_stop_ids_are_eos_then_the_templates_turn_end(bpe_dir: Path) -> None:
+    files = TokenizerFiles.load(bpe_dir)
+    assert files.turn_end_token() == "<|im_end|>"
+    assert files.stop_ids() == [files.eos_id, files.token_id("<|im_end|>")] == [0, 4]
+    files.chat_template = LLAMA3_TEMPLATE  # a turn end this vocab lacks: the document end only
+    assert files.stop_ids() == [0]
+    files.chat_template = None
+    assert files.turn_end_token() is None and files.stop_ids() == [0]
