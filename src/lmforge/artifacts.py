@@ -47,6 +47,9 @@ class StageContext:
     stage: str
     log: logging.Logger
     metrics: MetricsWriter
+    # Called by the training loop after each evaluation as on_eval(step, metrics); it may raise
+    # to stop the run (tune's pruning of poor trials).
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
     atomic_path = staticmethod(atomic_path)
     atomic_write_text = staticmethod(atomic_write_text)
     atomic_write_json = staticmethod(atomic_write_json)
