@@ -90,6 +90,7 @@ def plot_history(rows: list[dict[str, Any]], direction: str, objective: str, pat
     if line:
         ax.step(*zip(*line, strict=True), where="post", color="#c44e52", label="best so far")
     ax.set(xlabel="trial", ylabel=objective, title="optimization history")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -131,6 +132,7 @@ def write_results(study: optuna.Study, cfg: TuneConfig, ctx: StageContext) -> di
     }
     scores = importances(study, cfg.seed)
     summary: dict[str, Any] = {
+        "study": study.study_name,
         "objective": cfg.objective,
         "direction": cfg.direction,
         "sampler": cfg.sampler,

@@ -11,14 +11,16 @@ peers is pruned (it stops, its directory stays without a manifest, the study rec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.artifacts import StageContext, run_stage
-from lmforge.config import NOT_HASHED, StageConfig, validate
+from lmforge.artifacts import StageContext, content_hash, run_stage
+from lmforge.config import NOT_HASHED, StageConfig, hashed_dump, validate
 from lmforge.errors import ConfigError, StageError
 from lmforge.stages import get_stage
 from lmforge.tune.results import write_results
@@ -53,7 +55,11 @@ class TuneConfig(StageConfig):
     storage: str | None = Field(
         None, description="Optuna database URL shared by workers (default: sqlite in out/)"
     )
-    study_name: str = Field("lmforge-tune", description="study to create or join in the storage")
+    study_name: str | None = Field(
+        None,
+        description="study to create or join (default: <stage>-<hash of this config and the "
+        "inputs' content>; give one name to workers whose paths differ)",
+    )
     heartbeat_s: int = Field(
         10, ge=1, description="seconds between a running trial's heartbeats",
         json_schema_extra=NOT_HASHED,
@@ -84,6 +90,20 @@ class TuneConfig(StageConfig):
     def inputs(self) -> list[Path]:
         """The tuned stage's inputs: a trial reruns when they change."""
         return self.trial_config(0, {}).inputs()
+
+    def resolved_study_name(self) -> str:
+        """The study name: given, or derived so that a changed search never continues an old one.
+
+        Everything hashed except `trials` goes in, plus the inputs' content, so raising `trials`
+        continues the same study while new data or a new space starts a fresh one.
+        """
+        if self.study_name:
+            return self.study_name
+        data = hashed_dump(self)
+        data.pop("trials", None)
+        data["inputs"] = sorted(content_hash(p) for p in self.inputs())
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        return f"{self.stage}-{digest[:12]}"
 
 
 def pruning_hook(trial: Any, objective: str) -> Any:

@@ -8,8 +8,12 @@ so it shows up as failed instead of staying RUNNING forever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +40,15 @@ def import_optuna() -> Any:
     return optuna
 
 
+@contextlib.contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Hides Optuna's ExperimentalWarning for heartbeats, a feature tune relies on on purpose."""
+    optuna = import_optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def storage_url(cfg: TuneConfig) -> str:
     """The configured database URL, or a SQLite file in the stage directory."""
     if cfg.storage:
@@ -44,19 +57,27 @@ def storage_url(cfg: TuneConfig) -> str:
 
 
 def open_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats; SQLite waits for its lock instead of failing at once."""
+    """An RDB storage with heartbeats; SQLite waits for its lock instead of failing at once.
+
+    Two workers starting together may race to create the tables; the loser retries.
+    """
     optuna = import_optuna()
     url = storage_url(cfg)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=cfg.heartbeat_s,
-            grace_period=cfg.grace_s or 2 * cfg.heartbeat_s,
-        )
-    except Exception as exc:  # a bad URL or an unreachable server: say which
-        raise ConfigError(f"tune storage {url!r} cannot be opened: {exc}") from None
+    for attempt in range(3):
+        try:
+            with quiet_experimental():
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=cfg.heartbeat_s,
+                    grace_period=cfg.grace_s or 2 * cfg.heartbeat_s,
+                )
+        except Exception as exc:  # a bad URL or an unreachable server: say which
+            if attempt == 2:
+                raise ConfigError(f"tune storage {url!r} cannot be opened: {exc}") from None
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def make_sampler(cfg: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
@@ -91,22 +112,22 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
     """
     optuna = import_optuna()
     storage = open_storage(cfg)
-    direction = cfg.direction
+    name, direction = cfg.resolved_study_name(), cfg.direction
     try:
-        optuna.create_study(storage=storage, study_name=cfg.study_name, direction=direction)
+        optuna.create_study(storage=storage, study_name=name, direction=direction)
         seed = cfg.seed
     except optuna.exceptions.DuplicatedStudyError:
         seed = cfg.seed * 1_000_003 + os.getpid()
-        log.info("joining study %s (sampler seed %d)", cfg.study_name, seed)
+        log.info("joining study %s (sampler seed %d)", name, seed)
     study = optuna.load_study(
-        study_name=cfg.study_name,
+        study_name=name,
         storage=storage,
         sampler=make_sampler(cfg, seed),
         pruner=make_pruner(cfg),
     )
     if study.direction.name.lower() != direction:
         raise ConfigError(
-            f"study '{cfg.study_name}' in {storage_url(cfg)} is {study.direction.name.lower()}; "
+            f"study '{name}' in {storage_url(cfg)} is {study.direction.name.lower()}; "
             f"this config asks for {direction}: use another study_name"
         )
     return study
@@ -121,9 +142,6 @@ def count(study: optuna.Study, states: tuple[str, ...]) -> int:
 
 def fail_stale(study: optuna.Study) -> None:
     """Marks trials of dead workers (no heartbeat within the grace period) FAIL."""
-    import warnings
-
     optuna = import_optuna()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental():
         optuna.storages.fail_stale_trials(study)
