@@ -26,10 +26,10 @@ TRAIN = {"max_steps": 20, "lr": POOR_LR, "seq_len": 32, "micro_batch_size": 8, "
 
 
 def _write_config(root: Path, tokens: Path, tok_dir: Path, **kw) -> Path:
+    base = {"tokens": str(tokens), "tokenizer": str(tok_dir), "model": {"preset": "micro"}}
     config = {
         "stage": "pretrain",
-        "base": {"tokens": str(tokens), "tokenizer": str(tok_dir), "model": {"preset": "micro"},
-                 "train": TRAIN},  # fmt: skip
+        "base": {**base, "train": TRAIN},
         "space": {"train.lr": {"low": 1e-4, "high": 3e-2, "log": True}},
         **kw,
     }
@@ -91,7 +91,9 @@ def test_tune_finds_a_better_learning_rate_than_a_poor_start(tmp_path):
     assert f"the best, trial {best['number']}, reached val_loss" in report
     assert "optimization_history.png" in report and "param_importance.png" in report
 
-    again = lmforge("tune", "--config", str(config), "--trials", "4", "--out", str(out), quiet=False)
+    again = lmforge(
+        "tune", "--config", str(config), "--trials", "4", "--out", str(out), quiet=False
+    )
     assert "cached" in again.stdout + again.stderr
 
 
