@@ -115,3 +115,23 @@ def test_the_loop_calls_on_eval_after_each_eval_and_stops_when_it_raises(tmp_pat
               eval_fn=lambda m: {"val_loss": lm_loss(m, val.batch(0))[0].item()})  # fmt: skip
     ctx.metrics.close()
     assert [s for s, _ in seen] == [10, 20] and all(math.isfinite(v) for _, v in seen)
+
+
+def test_a_recipe_tune_stage_refers_to_earlier_stages(tmp_path):
+    from lmforge.runner import plan_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\n"
+        "stages:\n"
+        "  tokens: {data: /d, tokenizer: /t}\n"
+        "  tune:\n"
+        "    base: {tokens: '@tokens', tokenizer: /t, train: {max_steps: 20}}\n"
+        "    space: {train.lr: {choices: [1.0e-3, 3.0e-3]}}\n"
+        "    sampler: grid\n"
+    )
+    _, run_dir, planned = plan_recipe(recipe, out=tmp_path / "run")
+    tune = planned[1].config
+    assert planned[1].kind == "tune" and tune.out == run_dir / "tune"
+    assert tune.base["tokens"] == str(run_dir / "tokens")
+    assert tune.trial_config(1, {"train.lr": 3e-3}).tokens == run_dir / "tokens"
