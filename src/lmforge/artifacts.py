@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
-# Outputs that are intermediate or volatile and must not decide downstream caching.
-UNHASHED_DIRS = {"checkpoints", "__pycache__"}
+# Outputs that are intermediate or volatile and must not decide downstream caching. tune's
+# trials/ holds stage runs with their own manifests and the live study database, which other
+# workers may be writing while this one hashes.
+UNHASHED_DIRS = {"checkpoints", "__pycache__", "trials"}
 
 C = TypeVar("C", bound=StageConfig)
 

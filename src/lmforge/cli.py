@@ -316,7 +316,8 @@ def finetune_cmd(
 @app.command("tune")
 def tune_cmd(
     out: Annotated[
-        Path | None, typer.Option(help="Stage directory: study.db, trials/, trials.csv, best.yaml.")
+        Path | None,
+        typer.Option(help="Stage directory: trials/ (runs, study.db), trials.csv, best.yaml."),
     ] = None,
     trials: Annotated[
         int | None, typer.Option(min=1, help="Trials to finish, over all workers of the study.")
@@ -325,7 +326,7 @@ def tune_cmd(
     pruner: Annotated[str | None, typer.Option(help="none | median | halving")] = None,
     storage: Annotated[
         str | None,
-        typer.Option(help="Optuna database URL shared by workers (default: sqlite in --out)."),
+        typer.Option(help="Optuna database URL shared by workers (default: OUT/trials/study.db)."),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,

@@ -39,7 +39,7 @@ def _write_config(root: Path, tokens: Path, tok_dir: Path, **kw) -> Path:
 
 
 def _study(out: Path) -> optuna.Study:
-    storage = f"sqlite:///{out / 'study.db'}"
+    storage = f"sqlite:///{out / 'trials' / 'study.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     return optuna.load_study(study_name=summary.study_name, storage=storage)
 
@@ -79,6 +79,8 @@ def test_tune_finds_a_better_learning_rate_than_a_poor_start(tmp_path):
             assert row["state"] == "PRUNED" and not (trial_dir / "manifest.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["best_val_loss"] == best["value"]
+    assert "best.yaml" in manifest["outputs"]  # trials/ has its own manifests and the live study
+    assert not any(name.startswith("trials/") for name in manifest["outputs"])
     assert manifest["metrics"]["complete"] + manifest["metrics"]["pruned"] == 4
     for png in ("optimization_history.png", "param_importance.png"):
         assert (out / png).stat().st_size > 5000, png

@@ -53,7 +53,7 @@ class TuneConfig(StageConfig):
     prune_warmup_steps: int = Field(0, ge=0, description="never prune before this training step")
     seed: int = Field(0, description="sampler seed of the worker that creates the study")
     storage: str | None = Field(
-        None, description="Optuna database URL shared by workers (default: sqlite in out/)"
+        None, description="Optuna database URL shared by workers (default: out/trials/study.db)"
     )
     study_name: str | None = Field(
         None,

@@ -50,10 +50,15 @@ def quiet_experimental() -> Iterator[None]:
 
 
 def storage_url(cfg: TuneConfig) -> str:
-    """The configured database URL, or a SQLite file in the stage directory."""
+    """The configured database URL, or trials/study.db in the stage directory.
+
+    Inside trials/ because other workers write it while a finishing worker hashes its outputs.
+    """
     if cfg.storage:
         return cfg.storage
-    return f"sqlite:///{(Path(cfg.out) / 'study.db').resolve()}"
+    path = (Path(cfg.out) / "trials" / "study.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
 
 
 def open_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
