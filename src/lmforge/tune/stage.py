@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,7 +107,7 @@ class TuneConfig(StageConfig):
         return f"{self.stage}-{digest[:12]}"
 
 
-def pruning_hook(trial: Any, objective: str) -> Any:
+def pruning_hook(trial: Any, objective: str) -> Callable[[int, dict[str, float]], None]:
     """ctx.on_eval for one trial: reports the objective, raises TrialPruned when it lags."""
     optuna = import_optuna()
 

@@ -51,6 +51,10 @@ def test_a_trial_config_is_the_base_with_the_params_in_its_own_directory(tmp_pat
         ({"train.optimizer": {"choices": ["adamw", "sgd"]}}, "'train.optimizer'"),
         ({"train.max_steps.x": {"low": 1, "high": 2}}, "'train.max_steps' is a value"),
         ({}, "'space' is empty"),
+        (
+            {"train.lr": {"lo": 1e-4}},
+            "unknown key 'space.train.lr.lo' (allowed here: choices, high, log, low",
+        ),
     ],
 )
 def test_a_bad_search_space_is_one_config_error_naming_the_key(tmp_path, space, expected):
