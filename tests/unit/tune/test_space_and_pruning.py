@@ -139,3 +139,11 @@ def test_a_recipe_tune_stage_refers_to_earlier_stages(tmp_path):
     assert planned[1].kind == "tune" and tune.out == run_dir / "tune"
     assert tune.base["tokens"] == str(run_dir / "tokens")
     assert tune.trial_config(1, {"train.lr": 3e-3}).tokens == run_dir / "tokens"
+
+
+def test_a_storage_that_cannot_be_opened_is_a_config_error_naming_it(tmp_path):
+    from lmforge.tune.study import open_storage
+
+    cfg = _tune(tmp_path, storage="nosuchdb://host/db")
+    with pytest.raises(ConfigError, match=r"tune storage 'nosuchdb://host/db' cannot be opened"):
+        open_storage(cfg)
