@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
-# Outputs that are intermediate or volatile and must not decide downstream caching.
-UNHASHED_DIRS = {"checkpoints", "__pycache__"}
+# Outputs that are intermediate or volatile and must not decide downstream caching. tune's
+# trials/ holds stage runs with their own manifests and the live study database, which other
+# workers may be writing while this one hashes.
+UNHASHED_DIRS = {"checkpoints", "__pycache__", "trials"}
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -60,6 +62,9 @@ class StageContext:
     metrics: MetricsWriter
     expect: Expectation | None = None
     started: float = field(default_factory=time.perf_counter)
+    # Called by the training loop after each evaluation as on_eval(step, metrics); it may raise
+    # to stop the run (tune's pruning of poor trials).
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
     atomic_path = staticmethod(atomic_path)
     atomic_write_text = staticmethod(atomic_write_text)
     atomic_write_json = staticmethod(atomic_write_json)

@@ -313,6 +313,39 @@ def finetune_cmd(
     run_stage_command("finetune", values, config, sets, force)
 
 
+@app.command("tune")
+def tune_cmd(
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Stage directory: trials/ (runs, study.db), trials.csv, best.yaml."),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Trials to finish, over all workers of the study.")
+    ] = None,
+    sampler: Annotated[str | None, typer.Option(help="grid | random | tpe")] = None,
+    pruner: Annotated[str | None, typer.Option(help="none | median | halving")] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna database URL shared by workers (default: OUT/trials/study.db)."),
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Search hyperparameters of any stage with Optuna; each trial is a stage run in trials/<n>/.
+
+    The YAML names the stage, its base config and the space of dotted keys, e.g.
+    stage: pretrain, base: {tokens: ..., tokenizer: ...}, space: {train.lr: {low: 1e-4, high: 3e-2, log: true}}.
+    Start the same command on more machines with one --storage URL to share the study.
+
+    Example: lmforge tune --config tune.yaml --trials 20 --out runs/x/tune
+    """
+    values = {
+        "out": out, "trials": trials, "sampler": sampler, "pruner": pruner, "storage": storage,
+    }  # fmt: skip
+    run_stage_command("tune", values, config, sets, force)
+
+
 @app.command("generate")
 def generate_cmd(
     model: Annotated[

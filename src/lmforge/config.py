@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -163,9 +163,12 @@ def describe_error(cls: type[BaseModel], exc: ValidationError, where: str = "") 
 
 
 def _walk(cls: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
-    for part in loc:
+    parts = iter(loc)
+    for part in parts:
         field = cls.model_fields.get(part)
         ann = getattr(field, "annotation", None)
+        if get_origin(ann) is dict:  # a mapping of sections: the next part is its key
+            ann = get_args(ann)[1] if next(parts, None) is not None else None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         cls = ann

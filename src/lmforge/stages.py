@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "finetune": "lmforge.finetune.stage:FinetuneConfig:build",
     "data": "lmforge.data.stage:DataConfig:build",
     "tasks": "lmforge.finetune.builtin_tasks:TasksConfig:build",
+    "tune": "lmforge.tune.stage:TuneConfig:build",
 }
 
 # Kinds whose build() joins a torchrun process group and works on every rank. Under torchrun,

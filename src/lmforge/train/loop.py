@@ -218,6 +218,8 @@ def train(
                 val_loss = state.last_val_loss = evaluated["val_loss"]
                 ctx.metrics.log(step=state.step, tokens_seen=state.tokens_seen, **evaluated)
                 stopped_early = _update_early_stop(state, val_loss, cfg)
+                if ctx.on_eval is not None:
+                    ctx.on_eval(state.step, evaluated)  # e.g. tune's pruning; may raise to stop
                 window_t0 = time.perf_counter()  # eval time is not training throughput
             if cfg.ckpt_every and (done or stopped_early or state.step % cfg.ckpt_every == 0):
                 state.scaler = scaler.state_dict() if scaler.is_enabled() else {}
