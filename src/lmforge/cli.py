@@ -313,6 +313,49 @@ def finetune_cmd(
     run_stage_command("finetune", values, config, sets, force)
 
 
+@app.command("align")
+def align_cmd(
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (HF layout + tokenizer), e.g. the SFT one.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Preference pairs: prompt/chosen/rejected or ranked JSONL.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Stage directory: final/, metrics.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="reward (reward model) | dpo (preference-tuned policy)")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Align a model on preference pairs: train a reward model, or a policy with DPO / IPO.
+
+    Example: lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/dpo --method dpo --set dpo.beta=0.1
+    """
+    values: dict[str, Any] = {"model": model, "data": data, "out": out}
+    if method is not None:
+        values["method"] = method
+    run_stage_command("align", values, config, sets, force)
+
+
+@app.command("preferences")
+def preferences_cmd(
+    tasks: Annotated[
+        Path | None, typer.Option(help="The tasks stage's directory (explain_*.jsonl).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Where prefs_{train,val,test}.jsonl go.")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Build synthetic preference pairs from the built-in "explain this function" task.
+
+    Example: lmforge preferences --tasks runs/quickstart/tasks --out runs/align/prefs
+    """
+    run_stage_command("preferences", {"tasks": tasks, "out": out}, config, sets, force)
+
+
 @app.command("generate")
 def generate_cmd(
     model: Annotated[

@@ -23,6 +23,8 @@ STAGES: dict[str, str] = {
     "finetune": "lmforge.finetune.stage:FinetuneConfig:build",
     "data": "lmforge.data.stage:DataConfig:build",
     "tasks": "lmforge.finetune.builtin_tasks:TasksConfig:build",
+    "align": "lmforge.align.stage:AlignConfig:build",
+    "preferences": "lmforge.align.synthetic:PreferencesConfig:build",
 }
 
 # Kinds whose build() joins a torchrun process group and works on every rank. Under torchrun,

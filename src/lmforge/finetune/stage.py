@@ -16,7 +16,6 @@ that is itself a classifier with the same label set starts the head from its own
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -34,12 +33,13 @@ from lmforge.config import NOT_HASHED, Section, StageConfig, config_hash
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune import heads
 from lmforge.finetune.evaluate import rouge_eval
+from lmforge.finetune.export import export_model
 from lmforge.finetune.formats import is_classification, load_examples
 from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
 from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
-from lmforge.finetune.lora import LoraConfig, inject, merge, save_peft_adapter, trainable_fraction
+from lmforge.finetune.lora import LoraConfig, inject, trainable_fraction
 from lmforge.finetune.sft import build_sft_rows, load_chat_tokenizer
-from lmforge.tokenizer.files import TOKENIZER_FILES, TokenizerFiles
+from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.config import TrainConfig
 from lmforge.train.loader import RowBatches
@@ -338,24 +338,13 @@ def _write_outputs(
     labels: list[str],
 ) -> None:
     """adapter/ (LoRA), final/ (merged model or classifier, tokenizer files), loss.png."""
-    from lmforge.model.convert import ClassifierHead, save_pretrained
+    from lmforge.model.convert import ClassifierHead
 
-    if cfg.method == "lora":
-        with ctx.atomic_path(ctx.out / "adapter") as tmp:
-            save_peft_adapter(lm, tmp, base_model=str(cfg.model_dir().resolve()))
-        merge(lm)
-    config_json = json.loads((cfg.model_dir() / "config.json").read_text(encoding="utf-8"))
-    special = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if config_json.get(k) is not None}  # fmt: skip
     classifier = None
     if cfg.task != "sft":
         classifier = ClassifierHead(model.head.weight.detach().cpu(), labels)
-        special["pad_token_id"] = tok.pad_id  # what encode_texts padded with and pools by
-    with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(lm, tmp, extra_config=special, classifier=classifier)
-        for name in TOKENIZER_FILES:
-            if (cfg.model_dir() / name).is_file():
-                shutil.copy2(cfg.model_dir() / name, tmp / name)
+    # the pad id encode_texts padded with is what a classifier pools by
+    export_model(ctx, cfg.model_dir(), lm, classifier=classifier, pad_id=tok.pad_id)
     ctx.metrics.close()
     rows = read_metrics(ctx.out / "metrics.jsonl")
     plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")

@@ -1,0 +1,69 @@
+"""Alignment losses against values computed by hand on tiny tensors."""
+
+import math
+
+import pytest
+import torch
+
+from lmforge.align.losses import bradley_terry_loss, dpo_loss, sequence_logps
+
+LOG2 = math.log(2.0)
+SOFTPLUS_M1 = math.log1p(math.exp(-1.0))  # -log sigmoid(1) = 0.3132617
+
+
+def test_bradley_terry_is_mean_negative_log_sigmoid_of_the_margin():
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert loss.item() == pytest.approx((SOFTPLUS_M1 + LOG2) / 2, abs=1e-6)
+    # a large wrong-way margin costs about the margin itself
+    assert bradley_terry_loss(torch.tensor([0.0]), torch.tensor([20.0])).item() == pytest.approx(
+        20.0, abs=1e-6
+    )
+
+
+def _pairs():
+    # pair 0: policy moved chosen +1 and rejected -1 from the reference; pair 1: not moved
+    return (
+        torch.tensor([-1.0, -4.0]),  # policy chosen
+        torch.tensor([-3.0, -5.0]),  # policy rejected
+        torch.tensor([-2.0, -4.0]),  # reference chosen
+        torch.tensor([-2.0, -5.0]),  # reference rejected
+    )
+
+
+def test_dpo_sigmoid_loss_and_implicit_rewards():
+    loss, chosen_r, rejected_r = dpo_loss(*_pairs(), beta=0.5)
+    # pair 0: beta * ((1) - (-1)) = 1 -> -log sigmoid(1); pair 1: margin 0 -> log 2
+    assert loss.item() == pytest.approx((SOFTPLUS_M1 + LOG2) / 2, abs=1e-6)
+    assert chosen_r.tolist() == pytest.approx([0.5, 0.0])
+    assert rejected_r.tolist() == pytest.approx([-0.5, 0.0])
+
+
+def test_ipo_regresses_the_log_ratio_margin_to_one_over_two_beta():
+    loss, _, _ = dpo_loss(*_pairs(), beta=0.5, kind="ipo")
+    # target 1 / (2 * 0.5) = 1: pair 0 has margin 2 -> (2 - 1)^2 = 1, pair 1 margin 0 -> 1
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    loss, _, _ = dpo_loss(*_pairs(), beta=0.25, kind="ipo")  # target 2: (0)^2 and (-2)^2
+    assert loss.item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
+    pc, pr, rc, rr = (t.clone().requires_grad_(i < 2) for i, t in enumerate(_pairs()))
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    loss.backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    # d/dpc of -log sigmoid(beta*h)/2 = -beta * sigmoid(-beta*h) / 2; pair 1: h = 0
+    assert pc.grad[1].item() == pytest.approx(-0.5 * 0.5 / 2, abs=1e-6)
+
+
+def test_unknown_dpo_kind_is_refused():
+    with pytest.raises(ValueError, match="sigmoid \\| ipo"):
+        dpo_loss(*_pairs(), beta=0.1, kind="hinge")
+
+
+def test_sequence_logps_sums_labelled_tokens_only():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, -5.0], [0.0, 0.0]]])  # (1, 3, 2)
+    labels = torch.tensor([[1, -100, 0]])
+    # p(1) = 3/4 at position 0, position 1 skipped, p(0) = 1/2 at position 2
+    expected = math.log(0.75) + math.log(0.5)
+    assert sequence_logps(logits, labels).tolist() == pytest.approx([expected], abs=1e-6)
+    assert sequence_logps(logits, torch.full((1, 3), -100)).tolist() == [0.0]
