@@ -92,5 +92,5 @@ def test_pair_rows_label_exactly_the_reply(tokenizer_dir):
         at = np.flatnonzero(labels != IGNORE_INDEX)
         assert (labels[at] == ids[at + 1]).all()
     # a reply cut away entirely drops the pair
-    with pytest.raises(InputError, match="raise train.seq_len"):
+    with pytest.raises(InputError, match=r"raise train\.seq_len"):
         encode_pairs(tok, pairs, seq_len=4)

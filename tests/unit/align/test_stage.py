@@ -71,6 +71,6 @@ def test_bad_preference_file_fails_before_training(tmp_path, model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')
     cfg = _cfg(tmp_path, model_dir, "dpo").model_copy(update={"data": bad})
-    with pytest.raises(InputError, match="bad.jsonl line 2"):
+    with pytest.raises(InputError, match=r"bad\.jsonl line 2"):
         align(cfg)
     assert not (tmp_path / "dpo" / "manifest.json").exists()
