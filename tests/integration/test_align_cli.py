@@ -27,7 +27,9 @@ def lmforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_align_command_reports_a_bad_record_in_one_line(tmp_path):
     model = make_model_dir(tmp_path / "model", make_tokenizer_dir(tmp_path / "tok"))
     bad = tmp_path / "prefs.jsonl"
-    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "ranked": 3}\n')
+    bad.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "ranked": 3}\n'
+    )
     proc = lmforge("align", "--model", str(model), "--data", str(bad), "--out", "rm",
                    "--method", "reward", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2, proc.stderr

@@ -33,7 +33,10 @@ def test_pair_ranked_and_message_prompts_normalize_to_pairs():
         "rejected": [{"role": "assistant", "content": "b"}],
     }
     (pair,) = pairs_of(trl)
-    assert pair["prompt"][0]["role"] == "system" and (pair["chosen"], pair["rejected"]) == ("a", "b")
+    assert pair["prompt"][0]["role"] == "system" and (pair["chosen"], pair["rejected"]) == (
+        "a",
+        "b",
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,7 +69,9 @@ def test_synthetic_pairs_reject_with_another_answer_or_a_repetition():
     assert degenerate("Return the absolute value of a number.") == (
         "Return the absolute Return the absolute Return the absolute"
     )
-    records = [{"instruction": f"Explain f{i}", "output": f"Does thing {i} well."} for i in range(40)]
+    records = [
+        {"instruction": f"Explain f{i}", "output": f"Does thing {i} well."} for i in range(40)
+    ]
     others = synthetic_pairs(records, seed=0, degenerate_fraction=0.0)
     assert all(p["rejected"] != p["chosen"] and p["kind"] == "other_function" for p in others)
     assert {p["rejected"] for p in others} <= {r["output"] for r in records}
@@ -81,7 +86,11 @@ def test_pair_rows_label_exactly_the_reply(tokenizer_dir):
     pairs = [{"prompt": [{"role": "user", "content": "What is the capital?"}],
               "chosen": "The capital is Paris.", "rejected": "Paris Paris Paris"}]  # fmt: skip
     rows, stats = encode_pairs(tok, pairs, seq_len=64)
-    assert rows["input_ids"].shape == (1, 2, 64) and stats == {"pairs": 1, "truncated": 0, "dropped": 0}
+    assert rows["input_ids"].shape == (1, 2, 64) and stats == {
+        "pairs": 1,
+        "truncated": 0,
+        "dropped": 0,
+    }
     for side, reply in enumerate(["The capital is Paris.", "Paris Paris Paris"]):
         labels = rows["labels"][0, side]
         target = labels[labels != IGNORE_INDEX].tolist()
