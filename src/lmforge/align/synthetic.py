@@ -2,8 +2,8 @@
 
 For each record of the `tasks` stage's explain_{train,val,test}.jsonl, chosen is the real
 docstring summary and rejected, by a seeded coin, is either a degenerate repetition of its first
-words (a failure mode small models fall into) or the summary of another function from the same
-split (fluent but wrong). The splits stay the tasks stage's, so held-out pairs are about modules
+words (a failure mode small models fall into) or the summary of a function from another module
+of the same split (fluent but wrong). The splits stay the tasks stage's, so held-out pairs are about modules
 no training pair saw. Writes prefs_{train,val,test}.jsonl in the prompt/chosen/rejected format
 `lmforge align` reads, and stats.json.
 """
@@ -49,18 +49,22 @@ def degenerate(text: str, n_words: int = 3) -> str:
 def synthetic_pairs(
     records: list[dict[str, Any]], seed: int, degenerate_fraction: float = 0.5
 ) -> list[dict[str, str]]:
-    """Explain records (instruction, output) -> prompt/chosen/rejected records, one each."""
+    """Explain records (instruction, output[, category]) -> prompt/chosen/rejected, one each.
+
+    Another function's answer comes from another module (`category`) when the split has one, so
+    the rejected answer is about something else rather than a sibling method's near-paraphrase.
+    """
     rng = np.random.default_rng(seed)
-    outputs = [r["output"] for r in records]
+    outputs = [(r["output"], r.get("category")) for r in records]
     pairs = []
     for record in records:
-        chosen = record["output"]
-        if rng.random() < degenerate_fraction or len(set(outputs)) < 2:
+        chosen, module = record["output"], record.get("category")
+        others = [o for o, m in outputs if o != chosen and (m != module or module is None)]
+        others = others or [o for o, _ in outputs if o != chosen]
+        if rng.random() < degenerate_fraction or not others:
             rejected, kind = degenerate(chosen), "degenerate"
         else:
-            rejected, kind = chosen, "other_function"
-            while rejected == chosen:
-                rejected = outputs[int(rng.integers(len(outputs)))]
+            rejected, kind = others[int(rng.integers(len(others)))], "other_function"
         pairs.append(
             {"prompt": record["instruction"], "chosen": chosen, "rejected": rejected, "kind": kind}
         )
