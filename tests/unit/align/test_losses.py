@@ -67,3 +67,37 @@ def test_sequence_logps_sums_labelled_tokens_only():
     expected = math.log(0.75) + math.log(0.5)
     assert sequence_logps(logits, labels).tolist() == pytest.approx([expected], abs=1e-6)
     assert sequence_logps(logits, torch.full((1, 3), -100)).tolist() == [0.0]
+
+
+def test_gae_by_hand_with_a_masked_prompt_prefix():
+    from lmforge.align.losses import gae
+
+    rewards = torch.tensor([[9.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    values = torch.tensor([[7.0, 0.5, 0.5], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # last action: delta = 1 - 0.5; before it: delta 0 + lam * 0.5; then 0 + lam * 0.25
+    assert adv.tolist() == [pytest.approx([0.0, 0.25, 0.5]), pytest.approx([0.125, 0.25, 0.5])]
+    assert ret.tolist() == [pytest.approx([0.0, 0.75, 1.0]), pytest.approx([0.625, 0.75, 1.0])]
+    adv, _ = gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    # gamma 0.5: delta_1 = 0 + 0.5 * 0.5 - 0.5 = -0.25, adv_1 = -0.25 + 0.5 * 0.5 = 0
+    assert adv[0].tolist() == pytest.approx([0.0, 0.0, 0.5])
+
+
+def test_ppo_clipped_surrogate_and_value_loss_by_hand():
+    from lmforge.align.losses import ppo_policy_loss, value_loss
+
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.tensor([[True, True, True]])
+    loss, clipfrac = ppo_policy_loss(new, old, adv, mask, clip=0.2)
+    # max(-A r, -A clip(r)): -1.2 (clipped at 1.2), -0.5 (unclipped is worse), 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(1 / 3, abs=1e-6)
+    masked, _ = ppo_policy_loss(new, old, adv, torch.tensor([[True, False, False]]), clip=0.2)
+    assert masked.item() == pytest.approx(-1.2, abs=1e-6)
+    v = value_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]),
+                   torch.tensor([[1.0, 2.0]]), torch.tensor([[True, True]]), clip=0.2)  # fmt: skip
+    # pos 0: v=1 exact but clipped 0.2 -> (0.8)^2 = 0.64 wins; pos 1: (2)^2 = 4 both -> 0.5 * mean
+    assert v.item() == pytest.approx(0.5 * (0.64 + 4.0) / 2, abs=1e-6)
