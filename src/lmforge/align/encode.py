@@ -7,7 +7,8 @@ a policy is scored on exactly the tokens it was fine-tuned to produce). Arrays: 
 belongs to the reply (its end-of-turn marker included) and -100 elsewhere, and `last` (N, 2), the
 position a reward head pools (finetune.heads.pooled_index: the last non-pad token, as transformers'
 *ForSequenceClassification). A conversation longer than T keeps its start; a pair in which either
-reply is cut away entirely is dropped and counted.
+reply is cut away entirely is dropped and counted. Pairs that carry a `kind` (the synthetic
+ones do) list their kinds in the stats, row for row, for per-kind metrics.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def encode_pairs(
     """Rows for every pair that keeps a reply token on both sides, and counts."""
     kept: list[tuple[list[int], list[int]]] = []
     truncated = dropped = 0
+    groups: list[str] = []
     for pair in pairs:
         sides = [
             encode_reply(tok, pair["prompt"], pair[k], seq_len) for k in ("chosen", "rejected")
@@ -48,6 +50,7 @@ def encode_pairs(
             dropped += 1
             continue
         kept.extend((ids, labels) for ids, labels, _ in sides)
+        groups.append(pair.get("kind", ""))
     if not kept:
         raise InputError(
             f"no preference pair keeps a reply within train.seq_len={seq_len}; raise train.seq_len"
@@ -65,4 +68,7 @@ def encode_pairs(
         "labels": labels.reshape(n, 2, seq_len),
         "last": last.reshape(n, 2),
     }
-    return rows, {"pairs": n, "truncated": truncated, "dropped": dropped}
+    stats = {"pairs": n, "truncated": truncated, "dropped": dropped}
+    if any(groups):
+        stats["kinds"] = groups
+    return rows, stats

@@ -73,7 +73,10 @@ def pairs_of(record: dict[str, Any]) -> list[Pair]:
         rejected = _response(record["rejected"], "rejected")
         if chosen == rejected:
             raise ValueError("chosen and rejected are the same text: nothing to prefer")
-        return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if isinstance(record.get("kind"), str):  # e.g. the synthetic pairs' rejection kind
+            pair["kind"] = record["kind"]
+        return [pair]
     raise ValueError(
         f"record with keys {sorted(record)} fits no preference shape; expected {EXPECTED}"
     )

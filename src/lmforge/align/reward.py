@@ -49,9 +49,14 @@ def row_batches(
 
 @torch.no_grad()
 def evaluate_rewards(
-    model: nn.Module, rows: dict[str, np.ndarray], batch_size: int, limit: int | None = None
+    model: nn.Module,
+    rows: dict[str, np.ndarray],
+    batch_size: int,
+    limit: int | None = None,
+    kinds: list[str] | None = None,
 ) -> dict[str, float]:
-    """Held-out Bradley-Terry loss, pairwise accuracy and mean reward margin."""
+    """Held-out Bradley-Terry loss, pairwise accuracy and mean reward margin; with kinds (one per
+    row), the accuracy of each kind too (val_pair_accuracy_<kind>)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -63,8 +68,14 @@ def evaluate_rewards(
     )
     model.train(was_training)
     margin = r[:, 0] - r[:, 1]
-    return {
+    out = {
         "val_loss": float(bradley_terry_loss(r[:, 0], r[:, 1])),
         "val_pair_accuracy": float((margin > 0).float().mean()),
         "val_reward_margin": float(margin.mean()),
     }
+    if kinds is not None and limit is None:
+        right = (margin > 0).cpu().numpy()
+        for kind in sorted(set(kinds)):
+            at = np.array([k == kind for k in kinds])
+            out[f"val_pair_accuracy_{kind}"] = float(right[at].mean())
+    return out

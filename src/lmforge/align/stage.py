@@ -172,13 +172,11 @@ def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dic
     train_pairs, val_pairs = load_splits(cfg)
     train_rows, stats = encode_pairs(tok, train_pairs, cfg.train.seq_len)
     val_rows, val_stats = encode_pairs(tok, val_pairs, cfg.train.seq_len)
+    stats.pop("kinds", None)
+    kinds = val_stats.pop("kinds", None)
     ctx.log.info("align %s/%s: train %s, val %s", cfg.method, cfg.tuning, stats, val_stats)
-    return (
-        train_rows,
-        val_rows,
-        val_pairs,
-        {"train_pairs": stats["pairs"], "val_pairs": val_stats["pairs"]},
-    )
+    counts = {"train_pairs": stats["pairs"], "val_pairs": val_stats["pairs"], "val_kinds": kinds}
+    return train_rows, val_rows, val_pairs, counts
 
 
 def _fit(cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any):
@@ -201,14 +199,14 @@ def _adapt(cfg: AlignConfig, lm: Any) -> None:
 def _reward(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
     """Bradley-Terry reward model; held-out pairwise accuracy before (random head) and after."""
     train_rows, val_rows, _, headline = _pair_rows(cfg, ctx, tok)
-    bs = cfg.eval.batch_size
+    kinds, bs = headline.pop("val_kinds"), cfg.eval.batch_size
     _adapt(cfg, lm)
     model = reward_model(lm)
     before = evaluate_rewards(model, val_rows, bs)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
     model, fit = _fit(cfg, ctx, model, reward_loss, loader,
                       lambda m: evaluate_rewards(m, val_rows, bs, limit=cfg.train.eval_steps))  # fmt: skip
-    after = evaluate_rewards(model, val_rows, bs)
+    after = evaluate_rewards(model, val_rows, bs, kinds=kinds)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     headline["base_val_pair_accuracy"] = _round(before["val_pair_accuracy"])
     return model, headline
@@ -219,6 +217,7 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     from lmforge.model.convert import load_pretrained
 
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
+    headline.pop("val_kinds")
     bs, beta, kind = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss
     ref = load_pretrained(cfg.dpo.reference) if cfg.dpo.reference else lm
     train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)

@@ -79,6 +79,8 @@ def test_synthetic_pairs_reject_with_another_answer_or_a_repetition():
     kinds = [p["kind"] for p in mixed]
     assert 10 <= kinds.count("degenerate") <= 30
     assert mixed == synthetic_pairs(records, seed=0, degenerate_fraction=0.5)  # seeded
+    # the kind travels with the pair into the rows' stats, for per-kind accuracy
+    assert pairs_of(mixed[0])[0]["kind"] == mixed[0]["kind"]
 
 
 def test_pair_rows_label_exactly_the_reply(tokenizer_dir):

@@ -15,7 +15,8 @@ WORDS = ["alpha", "beta", "gamma", "delta", "paris", "value", "number", "path"]
 
 
 def _prefs(path, n=48):
-    rows = [{"prompt": f"Say {w} {i}", "chosen": f"The {w} is here.", "rejected": "no no no no"}
+    rows = [{"prompt": f"Say {w} {i}", "chosen": f"The {w} is here.", "rejected": "no no no no",
+             "kind": "degenerate"}
             for i, w in enumerate(WORDS * (n // len(WORDS)))]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -39,6 +40,7 @@ def test_reward_model_learns_pairs_and_exports_a_one_label_hf_classifier(reward_
     m = read_manifest(out)["metrics"]
     assert m["base_val_pair_accuracy"] <= 0.8 and m["val_pair_accuracy"] == 1.0
     assert m["val_reward_margin"] > 0 and m["steps"] == 25
+    assert m["val_pair_accuracy_degenerate"] == 1.0  # per kind, when pairs carry one
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["num_labels"] == 1 and config["architectures"][0].endswith(
         "ForSequenceClassification"
