@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lmforge.align.losses import dpo_loss, sequence_logps
 from lmforge.align.reward import row_batches
+from lmforge.model.transformer import IGNORE_INDEX
 
 
 def pair_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
@@ -35,8 +36,13 @@ def reference_logps(model: nn.Module, rows: dict[str, np.ndarray], batch_size: i
     return torch.cat(out).numpy().astype(np.float32)
 
 
-def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"]):
-    """loss_fn for the loop; logs implicit reward margin, preference accuracy, log-prob margin."""
+def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: float = 0.0):
+    """loss_fn for the loop; logs implicit rewards, their margin and preference accuracy.
+
+    sft_weight > 0 adds the chosen replies' per-token negative log-likelihood (RPO, Pang et al.,
+    2024): plain DPO only needs the margin to grow and often gets there by lowering the chosen
+    reply's probability too, which costs answer quality.
+    """
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         logps = pair_logps(model, batch["input_ids"], batch["labels"])
@@ -44,6 +50,9 @@ def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"]):
         loss, chosen_r, rejected_r = dpo_loss(
             logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind
         )
+        if sft_weight > 0:
+            n_tokens = (batch["labels"][:, 0] != IGNORE_INDEX).sum(-1).clamp(min=1)
+            loss = loss + sft_weight * (-logps[:, 0] / n_tokens).mean()
         return loss, {
             "reward_margin": (chosen_r - rejected_r).mean(),
             "pref_acc": (chosen_r > rejected_r).float().mean(),
@@ -81,4 +90,5 @@ def evaluate_dpo(
         "val_reward_margin": float((chosen_r - rejected_r).mean()),
         "val_logp_margin": float((logp[:, 0] - logp[:, 1]).mean()),
         "ref_logp_margin": float((ref[:, 0] - ref[:, 1]).mean()),
+        "val_chosen_logp_change": float((logp[:, 0] - ref[:, 0]).mean()),
     }

@@ -56,6 +56,9 @@ class DPOOptions(Section):
     reference: Path | None = Field(
         None, description="reference model directory (default: the starting model itself)"
     )
+    sft_weight: float = Field(
+        0.0, ge=0, description="weight of the chosen replies' NLL (RPO) that keeps them likely"
+    )
 
 
 class PPOOptions(Section):
@@ -225,7 +228,7 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
-    model, fit = _fit(cfg, ctx, lm, make_dpo_loss(beta, kind), loader,
+    model, fit = _fit(cfg, ctx, lm, make_dpo_loss(beta, kind, cfg.dpo.sft_weight), loader,
                       lambda m: evaluate_dpo(m, val_rows, bs, beta, kind, cfg.train.eval_steps))  # fmt: skip
     after = evaluate_dpo(model, val_rows, bs, beta, kind)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})

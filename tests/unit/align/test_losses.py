@@ -101,3 +101,24 @@ def test_ppo_clipped_surrogate_and_value_loss_by_hand():
                    torch.tensor([[1.0, 2.0]]), torch.tensor([[True, True]]), clip=0.2)  # fmt: skip
     # pos 0: v=1 exact but clipped 0.2 -> (0.8)^2 = 0.64 wins; pos 1: (2)^2 = 4 both -> 0.5 * mean
     assert v.item() == pytest.approx(0.5 * (0.64 + 4.0) / 2, abs=1e-6)
+
+
+def test_dpo_loss_fn_adds_the_chosen_per_token_nll_when_asked():
+    from torch import nn
+
+    from lmforge.align.dpo import make_dpo_loss
+
+    class Fixed(nn.Module):  # logits that give p(token 1) = 3/4 everywhere (vocab of 2)
+        def forward(self, ids):
+            return torch.tensor([0.0, math.log(3.0)]).expand(*ids.shape, 2)
+
+    ids = torch.zeros(1, 2, 3, dtype=torch.long)
+    labels = torch.tensor([[[1, 1, -100], [0, -100, -100]]])  # chosen 2 tokens, rejected 1
+    batch = {"input_ids": ids, "labels": labels, "ref_logps": torch.zeros(1, 2)}
+    chosen, rejected = 2 * math.log(0.75), math.log(0.25)
+    plain, metrics = make_dpo_loss(0.5, "sigmoid")(Fixed(), batch)
+    expected = math.log1p(math.exp(-0.5 * (chosen - rejected)))
+    assert plain.item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["chosen_reward"].item() == pytest.approx(0.5 * chosen, abs=1e-6)
+    rpo, _ = make_dpo_loss(0.5, "sigmoid", sft_weight=2.0)(Fixed(), batch)
+    assert rpo.item() == pytest.approx(expected + 2.0 * -math.log(0.75), abs=1e-6)
