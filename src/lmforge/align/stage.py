@@ -1,13 +1,16 @@
-"""The `align` stage: a reward model or a DPO policy from preference pairs, through the one loop.
+"""The `align` stage: a reward model, or a policy by DPO/IPO or PPO, through the one loop.
 
 Inputs: a model directory in Hugging Face layout with its tokenizer files (usually the SFT
-model) and preference data (align.prefs). method=reward trains the Transformer with a scalar head
-on Bradley-Terry and writes final/ as a *ForSequenceClassification with num_labels=1. method=dpo
-trains the policy (full, or LoRA adapters over the frozen base) against reference log-probs
-scored once before training, and writes final/ as a causal LM (+ adapter/ for LoRA). Headline
-metrics: held-out pairwise accuracy and reward margin (reward); held-out preference accuracy,
-implicit reward margin, the chosen-over-rejected log-prob margin before and after, and greedy
-ROUGE-L of the chosen answers for the policy and the reference (dpo).
+model) and preference data (align.prefs; PPO reads only the prompts). method=reward trains the
+Transformer with a scalar head on Bradley-Terry and writes final/ as a *ForSequenceClassification
+with num_labels=1. method=dpo trains the policy (full, or LoRA adapters over the frozen base)
+against reference log-probs scored once before training. method=ppo samples answers, scores them
+with a reward model (ppo.reward_model) and trains policy + value head (align.ppo). Policies are
+written to final/ as a causal LM (+ adapter/ for LoRA). Headline metrics: held-out pairwise
+accuracy, per kind too (reward); preference accuracy, implicit reward margin, chosen-over-rejected
+log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo); mean
+reward, KL to the reference, entropy and answer length of sampled held-out answers, before and
+after (ppo).
 """
 
 from __future__ import annotations
