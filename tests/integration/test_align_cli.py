@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
 
+from integration.test_finetune_cli import lmforge
 from lmforge.artifacts import read_manifest
 from lmforge.runner import run_recipe
 
 pytestmark = pytest.mark.integration
-
-
-def lmforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmforge.cli", *args],
-        cwd=cwd, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True,
-    )  # fmt: skip
 
 
 def test_align_command_reports_a_bad_record_in_one_line(tmp_path):
