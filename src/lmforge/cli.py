@@ -323,13 +323,16 @@ def align_cmd(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Stage directory: final/, metrics.")] = None,
     method: Annotated[
-        str | None, typer.Option(help="reward (reward model) | dpo (preference-tuned policy)")
+        str | None,
+        typer.Option(
+            help="reward (reward model) | dpo (policy from pairs) | ppo (policy from a reward model)"
+        ),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Align a model on preference pairs: train a reward model, or a policy with DPO / IPO.
+    """Align a model on preference pairs: a reward model, or a policy by DPO / IPO or PPO.
 
     Example: lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/dpo --method dpo --set dpo.beta=0.1
     """
