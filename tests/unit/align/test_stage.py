@@ -74,6 +74,14 @@ def test_dpo_raises_the_held_out_log_prob_margin(tmp_path, model_dir, tuning):
     assert {"reward_margin", "pref_acc", "chosen_reward", "rejected_reward"} <= set(rows[0])
 
 
+def test_ipo_against_an_explicit_reference_directory(tmp_path, model_dir):
+    dpo = {"beta": 0.5, "loss": "ipo", "reference": model_dir, "sft_weight": 0.5}
+    out = align(_cfg(tmp_path, model_dir, "dpo", dpo=dpo))
+    m = read_manifest(out)["metrics"]
+    assert m["val_logp_margin"] > m["ref_logp_margin"] + 0.5 and m["val_pref_accuracy"] >= 0.9
+    assert str(model_dir) in read_manifest(out)["inputs"]  # the reference is a hashed input
+
+
 def test_bad_preference_file_fails_before_training(tmp_path, model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')
