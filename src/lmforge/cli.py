@@ -313,6 +313,35 @@ def finetune_cmd(
     run_stage_command("finetune", values, config, sets, force)
 
 
+@app.command("align")
+def align_cmd(
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (HF layout + tokenizer), e.g. the SFT one.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Preference pairs: prompt/chosen/rejected or ranked JSONL.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Stage directory: final/, metrics.")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="reward (reward model) | dpo (policy from pairs) | ppo (policy from a reward model)"
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Align a model on preference pairs: a reward model, or a policy by DPO / IPO or PPO.
+
+    Example: lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/dpo --method dpo --set dpo.beta=0.1
+    """
+    values: dict[str, Any] = {"model": model, "data": data, "out": out}
+    if method is not None:
+        values["method"] = method
+    run_stage_command("align", values, config, sets, force)
+
+
 @app.command("tune")
 def tune_cmd(
     out: Annotated[

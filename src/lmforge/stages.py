@@ -24,6 +24,8 @@ STAGES: dict[str, str] = {
     "data": "lmforge.data.stage:DataConfig:build",
     "tasks": "lmforge.finetune.builtin_tasks:TasksConfig:build",
     "tune": "lmforge.tune.stage:TuneConfig:build",
+    "align": "lmforge.align.stage:AlignConfig:build",
+    "preferences": "lmforge.align.synthetic:PreferencesConfig:build",
 }
 
 # Kinds whose build() joins a torchrun process group and works on every rank. Under torchrun,

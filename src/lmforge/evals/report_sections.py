@@ -8,6 +8,8 @@ a sentence, a table and a plot:
 - tokenizer: vocabulary and compression stats, the longest tokens (stats.json);
 - tokens: how many tokens each split holds (meta.json);
 - pretrain / finetune: train and val loss and throughput from metrics.jsonl, final numbers;
+- align: the method's headline (pairwise accuracy, DPO margins and ROUGE-L, PPO reward and KL)
+  before the same training curves;
 - eval: the model-by-task comparison, per-task tables, confusion matrices, a dozen generation
   samples (best and worst) and the worst errors (eval.json, generations.jsonl, errors.jsonl).
 
@@ -303,7 +305,7 @@ def training_section(stage: StageInfo) -> list[Block]:
     ]
 
 
-for _kind in ("pretrain", "finetune", "align"):
+for _kind in ("pretrain", "finetune"):
     register_section(_kind, replaces=("loss.png",))(training_section)
 
 
@@ -349,3 +351,34 @@ def tune_section(stage: StageInfo) -> list[Block]:
     if not results.get("importance"):
         blocks.append(Block(text="Parameter importance needs at least two complete trials."))
     return blocks
+
+
+def _align_summary(method: str, m: dict[str, Any]) -> str:
+    """The headline of an align stage in one sentence, by method (manifest metrics)."""
+    if method == "reward" and "val_pair_accuracy" in m:
+        return (f"Reward model: held-out pairwise accuracy {fmt_num(m['val_pair_accuracy'])} "
+                f"(untrained head {fmt_num(m.get('base_val_pair_accuracy'))}).")  # fmt: skip
+    if method == "dpo" and "val_logp_margin" in m:
+        text = (f"DPO: held-out chosen-over-rejected log-prob margin {fmt_num(m['ref_logp_margin'])}"
+                f" -> {fmt_num(m['val_logp_margin'])}, preference accuracy "
+                f"{fmt_num(m['val_pref_accuracy'])}")  # fmt: skip
+        if "rouge_l" in m:
+            text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
+        return text + "."
+    if method == "ppo" and "val_reward" in m:
+        return (f"PPO: mean reward of held-out answers {fmt_num(m['val_reward_before'])} -> "
+                f"{fmt_num(m['val_reward'])}, KL to the reference {fmt_num(m['val_kl'])} nats "
+                "per answer.")  # fmt: skip
+    return ""
+
+
+@register_section("align", replaces=("loss.png",))
+def align_section(stage: StageInfo) -> list[Block]:
+    """The method's headline sentence, then the training curves (for PPO val_loss is -reward)."""
+    blocks = training_section(stage)
+    config = stage.manifest.get("config", {})
+    text = _align_summary(config.get("method", ""), stage.manifest.get("metrics", {}))
+    if not text:
+        return blocks
+    blocks[0].summary = False
+    return [Block(text=text, summary=True), *blocks]

@@ -17,7 +17,6 @@ that is itself a classifier with the same label set starts the head from its own
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -35,13 +34,14 @@ from lmforge.config import NOT_HASHED, Section, StageConfig, config_hash
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune import heads
 from lmforge.finetune.evaluate import rouge_eval
+from lmforge.finetune.export import export_model, tuned_generation_config
 from lmforge.finetune.formats import is_classification, load_examples
 from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
 from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
-from lmforge.finetune.lora import LoraConfig, inject, merge, save_peft_adapter, trainable_fraction
+from lmforge.finetune.lora import LoraConfig, inject, trainable_fraction
 from lmforge.finetune.sft import build_sft_rows, load_chat_tokenizer
-from lmforge.tokenizer.files import TOKENIZER_FILES, TokenizerFiles
-from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
+from lmforge.tokenizer.files import TokenizerFiles
+from lmforge.tokenizer.generation import eos_ids
 from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.config import TrainConfig
 from lmforge.train.loader import RowBatches
@@ -321,7 +321,9 @@ def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: 
             out["base_val_loss"] = _round(_eval_fn(cfg, data.val_rows)(base)["val_loss"])
     examples = data.val_examples[: cfg.eval.rouge_examples]
     if examples:
-        stops = eos_ids(_generation_config(cfg, tok))  # what final/ will stop at, base included
+        stops = eos_ids(
+            tuned_generation_config(cfg.model_dir(), tok)
+        )  # what final/ will stop at, base included
         opts = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
         score, _ = rouge_eval(model, tok, examples, stops, **opts)
         out.update(rouge_l=round(score, 4), rouge_examples=len(examples))
@@ -329,12 +331,6 @@ def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: 
             base_score, _ = rouge_eval(base, tok, examples, stops, **opts)
             out["base_rouge_l"] = round(base_score, 4)
     return out
-
-
-def _generation_config(cfg: FinetuneConfig, tok: TokenizerFiles) -> dict[str, Any]:
-    """final/'s generation_config.json: the base model's, with the stops of the chat template
-    the model was tuned on (the base may have stopped at the document end only)."""
-    return generation_config(tok, load_generation_config(cfg.model_dir(), tok))
 
 
 def _write_outputs(
@@ -347,28 +343,13 @@ def _write_outputs(
 ) -> None:
     """adapter/ (LoRA), final/ (merged model + generation_config.json, or classifier; tokenizer
     files), loss.png."""
-    from lmforge.model.convert import ClassifierHead, save_pretrained
+    from lmforge.model.convert import ClassifierHead
 
-    if cfg.method == "lora":
-        with ctx.atomic_path(ctx.out / "adapter") as tmp:
-            save_peft_adapter(lm, tmp, base_model=str(cfg.model_dir().resolve()))
-        merge(lm)
-    config_json = json.loads((cfg.model_dir() / "config.json").read_text(encoding="utf-8"))
-    special = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if config_json.get(k) is not None}  # fmt: skip
-    classifier, generation = None, None
-    if cfg.task == "sft":
-        generation = _generation_config(cfg, tok)
-    else:  # a classifier generates nothing (transformers writes no generation config for one)
+    classifier = None
+    if cfg.task != "sft":
         classifier = ClassifierHead(model.head.weight.detach().cpu(), labels)
-        special["pad_token_id"] = tok.pad_id  # what encode_texts padded with and pools by
-    with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(
-            lm, tmp, extra_config=special, classifier=classifier, generation_config=generation
-        )
-        for name in TOKENIZER_FILES:
-            if (cfg.model_dir() / name).is_file():
-                shutil.copy2(cfg.model_dir() / name, tmp / name)
+    # a classifier pools by the pad id encode_texts padded with
+    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier)
     ctx.metrics.close()
     rows = read_metrics(ctx.out / "metrics.jsonl")
     plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")

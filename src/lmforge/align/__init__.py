@@ -1,0 +1,26 @@
+"""lmforge.align: preference data, reward models and DPO/IPO, trained through the one loop.
+
+Public API: `align(AlignConfig(...)) -> Path` (the align stage) and
+`make_preferences(PreferencesConfig(...)) -> Path` (built-in synthetic pairs), plus the pieces
+in prefs, synthetic, encode, losses, reward and dpo. Imports are lazy so `import lmforge.align`
+does not pull in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AlignConfig": "lmforge.align.stage",
+    "align": "lmforge.align.stage",
+    "PreferencesConfig": "lmforge.align.synthetic",
+    "make_preferences": "lmforge.align.synthetic",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmforge.align' has no attribute {name!r}")

@@ -1,0 +1,94 @@
+"""DPO: the policy's response log-probs against a frozen reference's, precomputed once.
+
+The reference is scored before training (by default the starting model itself, the usual SFT
+reference), so training holds one model in memory and a LoRA policy needs no second copy of the
+base. Rows then carry `ref_logps` (N, 2) next to the pair tokens (align.encode).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmforge.align.losses import dpo_loss, sequence_logps
+from lmforge.align.reward import row_batches
+from lmforge.model.transformer import IGNORE_INDEX
+
+
+def pair_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+    """Summed reply log-probs (B, 2) of pair rows ids/labels (B, 2, T)."""
+    logits = model(ids.flatten(0, 1))  # (2B, T, V)
+    return sequence_logps(logits, labels.flatten(0, 1)).view(ids.size(0), 2)
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, rows: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """Reply log-probs (N, 2) of every pair row under the (frozen) reference model."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = [
+        pair_logps(model, b["input_ids"], b["labels"]).cpu()
+        for b in row_batches({k: rows[k] for k in ("input_ids", "labels")}, batch_size, device)
+    ]
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: float = 0.0):
+    """loss_fn for the loop; logs implicit rewards, their margin and preference accuracy.
+
+    sft_weight > 0 adds the chosen replies' per-token negative log-likelihood (RPO, Pang et al.,
+    2024): plain DPO only needs the margin to grow and often gets there by lowering the chosen
+    reply's probability too, which costs answer quality.
+    """
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        logps = pair_logps(model, batch["input_ids"], batch["labels"])
+        ref = batch["ref_logps"]
+        loss, chosen_r, rejected_r = dpo_loss(
+            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind
+        )
+        if sft_weight > 0:
+            n_tokens = (batch["labels"][:, 0] != IGNORE_INDEX).sum(-1).clamp(min=1)
+            loss = loss + sft_weight * (-logps[:, 0] / n_tokens).mean()
+        return loss, {
+            "reward_margin": (chosen_r - rejected_r).mean(),
+            "pref_acc": (chosen_r > rejected_r).float().mean(),
+            "chosen_reward": chosen_r.mean(),
+            "rejected_reward": rejected_r.mean(),
+        }
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_dpo(
+    model: nn.Module,
+    rows: dict[str, np.ndarray],
+    batch_size: int,
+    beta: float,
+    kind: Literal["sigmoid", "ipo"],
+    limit: int | None = None,
+) -> dict[str, float]:
+    """Held-out DPO loss, implicit-reward accuracy and margin, and the chosen-over-rejected
+    log-prob margin of the policy (val_logp_margin) beside the reference's (ref_logp_margin)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps, refs = [], []
+    for b in row_batches(rows, batch_size, device, limit):
+        logps.append(pair_logps(model, b["input_ids"], b["labels"]))
+        refs.append(b["ref_logps"])
+    model.train(was_training)
+    logp, ref = torch.cat(logps), torch.cat(refs).float()
+    loss, chosen_r, rejected_r = dpo_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, kind)
+    return {
+        "val_loss": float(loss),
+        "val_pref_accuracy": float((chosen_r > rejected_r).float().mean()),
+        "val_reward_margin": float((chosen_r - rejected_r).mean()),
+        "val_logp_margin": float((logp[:, 0] - logp[:, 1]).mean()),
+        "ref_logp_margin": float((ref[:, 0] - ref[:, 1]).mean()),
+        "val_chosen_logp_change": float((logp[:, 0] - ref[:, 0]).mean()),
+    }

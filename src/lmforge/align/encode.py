@@ -1,0 +1,74 @@
+"""Preference pairs -> fixed-size training rows, chosen and rejected side by side.
+
+Each pair becomes rows of shape (2, T): index 0 the chosen conversation, 1 the rejected one, each
+the prompt plus one assistant reply rendered with the model's chat template (the SFT encoding, so
+a policy is scored on exactly the tokens it was fine-tuned to produce). Arrays: `input_ids`
+(N, 2, T) right-padded with the pad id, `labels` (N, 2, T) holding the next token only where it
+belongs to the reply (its end-of-turn marker included) and -100 elsewhere, and `last` (N, 2), the
+position a reward head pools (finetune.heads.pooled_index: the last non-pad token, as transformers'
+*ForSequenceClassification). A conversation longer than T keeps its start; a pair in which either
+reply is cut away entirely is dropped and counted. Pairs that carry a `kind` (the synthetic
+ones do) list their kinds in the stats, row for row, for per-kind metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lmforge.errors import InputError
+from lmforge.finetune.heads import pooled_index
+from lmforge.finetune.sft import encode_chat
+from lmforge.model.transformer import IGNORE_INDEX
+
+
+def encode_reply(
+    tok: Any, prompt: list[dict[str, str]], reply: str, seq_len: int
+) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, truncated) of prompt + reply cut to seq_len; labels mark the reply."""
+    ids, mask = encode_chat(tok, [*prompt, {"role": "assistant", "content": reply}])
+    truncated = len(ids) > seq_len
+    ids, mask = ids[:seq_len], mask[:seq_len]
+    labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
+    return ids, [*labels, IGNORE_INDEX], truncated
+
+
+def encode_pairs(
+    tok: Any, pairs: list[dict[str, Any]], seq_len: int
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Rows for every pair that keeps a reply token on both sides, and counts."""
+    kept: list[tuple[list[int], list[int]]] = []
+    truncated = dropped = 0
+    groups: list[str] = []
+    for pair in pairs:
+        sides = [
+            encode_reply(tok, pair["prompt"], pair[k], seq_len) for k in ("chosen", "rejected")
+        ]
+        truncated += sum(cut for _, _, cut in sides)
+        if any(all(t == IGNORE_INDEX for t in labels) for _, labels, _ in sides):
+            dropped += 1
+            continue
+        kept.extend((ids, labels) for ids, labels, _ in sides)
+        groups.append(pair.get("kind", ""))
+    if not kept:
+        raise InputError(
+            f"no preference pair keeps a reply within train.seq_len={seq_len}; raise train.seq_len"
+        )
+    n = len(kept) // 2
+    ids = np.full((n * 2, seq_len), tok.pad_id, dtype=np.int64)
+    labels = np.full((n * 2, seq_len), IGNORE_INDEX, dtype=np.int64)
+    last = np.zeros(n * 2, dtype=np.int64)
+    for r, (row_ids, row_labels) in enumerate(kept):
+        ids[r, : len(row_ids)] = row_ids
+        labels[r, : len(row_labels)] = row_labels
+        last[r] = pooled_index(row_ids, tok.pad_id)
+    rows = {
+        "input_ids": ids.reshape(n, 2, seq_len),
+        "labels": labels.reshape(n, 2, seq_len),
+        "last": last.reshape(n, 2),
+    }
+    stats = {"pairs": n, "truncated": truncated, "dropped": dropped}
+    if any(groups):
+        stats["kinds"] = groups
+    return rows, stats

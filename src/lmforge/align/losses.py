@@ -1,0 +1,110 @@
+"""Alignment losses as pure functions of small tensors (no model inside), each unit-tested.
+
+- bradley_terry_loss: reward model training, -log sigmoid(r_chosen - r_rejected).
+- dpo_loss: Direct Preference Optimization (Rafailov et al., 2023), sigmoid or IPO (Azar et al.,
+  2023) form, from summed response log-probs of the policy and of a frozen reference.
+- sequence_logps / token_logps: log-probs of the labelled tokens (the response) of each row.
+- PPO (Schulman et al., 2017) with a KL-penalized reward as in Ouyang et al. (2022): gae,
+  ppo_policy_loss (the clipped surrogate), value_loss (clipped), masked_mean.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.model.transformer import IGNORE_INDEX
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Mean -log sigmoid(r_chosen - r_rejected) over pairs (B,)."""
+    return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+    kind: Literal["sigmoid", "ipo"] = "sigmoid",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss, chosen rewards, rejected rewards) of pairs; inputs are (B,) log-probs.
+
+    The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)). sigmoid:
+    -log sigmoid(reward margin). ipo: (h - 1 / (2 beta))^2 where h is the margin of the log-ratios
+    without beta, which regresses the margin to a fixed target instead of pushing it to infinity.
+    """
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    h = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        loss = -F.logsigmoid(beta * h)
+    elif kind == "ipo":
+        loss = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss kind {kind!r} (sigmoid | ipo)")
+    return loss.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed log-prob (fp32) of each row's labels (B, T) under logits (B, T, V); -100 skipped."""
+    return token_logps(logits, labels).sum(-1)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over the positions where mask is true (0 when there are none)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation over each row's contiguous action span (B, T).
+
+    rewards, values: (B, T), meaningful where mask is true; the value after the last action
+    is 0 (the episode ends). Returns (advantages, returns = advantages + values), 0 off the mask.
+    """
+    mask = mask.to(values.dtype)
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    T = values.size(1)
+    for t in reversed(range(T)):
+        nxt_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        nxt_value = values[:, t + 1] * nxt_mask if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt_value - values[:, t]
+        last = delta + gamma * lam * nxt_mask * last
+        adv[:, t] = last * mask[:, t]
+    return adv, (adv + values) * mask
+
+
+def ppo_policy_loss(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip: float
+) -> tuple[Tensor, Tensor]:
+    """(clipped surrogate loss, fraction of actions clipped) over masked actions (B, T)."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac.detach()
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float
+) -> Tensor:
+    """Clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2) over masked positions."""
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    worst = torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return 0.5 * masked_mean(worst, mask)
+
+
+def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-prob (fp32) of each label (B, T) under logits (B, T, V); 0 where the label is -100."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (labels != IGNORE_INDEX)

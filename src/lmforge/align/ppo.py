@@ -1,0 +1,260 @@
+"""PPO (RLHF): a policy with a value head, rewards from the reward model, a KL penalty to a frozen
+reference, GAE and the clipped objective, trained through the one loop.
+
+The loop's "loader" is `Rollouts`: every `ppo_epochs * minibatches` steps it samples answers to a
+batch of prompts with the current policy (model.generate, KV cache), scores them with the reward
+model, and computes old log-probs, reference log-probs, values, per-token rewards (a KL penalty
+on every answer token, the reward model's score on the last) and GAE advantages; in between it
+hands the loop shuffled minibatches of that rollout, so the later ones meet a policy that has
+moved and the clip matters. With a LoRA policy the reference is the same model with its adapters
+switched off (one copy of the base in memory); with full tuning it is a frozen copy.
+
+Batches are (B, T) aligned to logits: at position t the action is token t + 1 (mask `actions`).
+Resume from a checkpoint restarts the rollout in progress with a fresh sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmforge.align.encode import encode_reply
+from lmforge.align.losses import gae, masked_mean, ppo_policy_loss, token_logps, value_loss
+from lmforge.align.reward import reward_model
+from lmforge.errors import ConfigError
+from lmforge.finetune.heads import pooled_index
+from lmforge.finetune.lora import lora_modules
+from lmforge.model.transformer import IGNORE_INDEX
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM plus `value_head`: Linear(n_embd, 1) on every position's hidden state."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config
+        self.value_head = nn.Linear(lm.config.n_embd, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits (B, T, V), values (B, T))."""
+        h = self.lm.hidden_states(idx)
+        return self.lm.lm_head(h), self.value_head(h).squeeze(-1).float()
+
+
+@contextlib.contextmanager
+def adapters_off(lm: nn.Module) -> Iterator[bool]:
+    """Runs `lm` as its frozen base (LoRA scaling 0) inside the block; yields whether it had any."""
+    modules = list(lora_modules(lm).values())
+    saved = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield bool(modules)
+    finally:
+        for m, s in zip(modules, saved, strict=True):
+            m.scaling = s
+
+
+def load_reward_model(path: Path, vocab_size: int) -> nn.Module:
+    """The reward stage's final/ (a 1-label classifier) as a frozen SequenceClassifier."""
+    from lmforge.model.convert import load_classifier, load_pretrained, resolve_model_dir
+
+    path = resolve_model_dir(path)
+    head = load_classifier(path)
+    if head is None or head.weight.shape[0] != 1:
+        raise ConfigError(
+            f"ppo.reward_model={path} is not a reward model (a 1-label classifier); "
+            "train one with: lmforge align --method reward"
+        )
+    lm = load_pretrained(path)
+    if lm.config.vocab_size != vocab_size:
+        raise ConfigError(
+            f"ppo.reward_model vocab_size {lm.config.vocab_size} differs from the policy's "
+            f"{vocab_size}: the reward model must share the policy's tokenizer"
+        )
+    model = reward_model(lm)
+    with torch.no_grad():
+        model.head.weight.copy_(head.weight)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def score(reward: nn.Module, tok: Any, prompts: list, answers: list[str], seq_len: int) -> Tensor:
+    """Reward of each (prompt, answer), encoded exactly as the reward model was trained."""
+    device = next(reward.parameters()).device
+    enc = [encode_reply(tok, p, a, seq_len)[0] for p, a in zip(prompts, answers, strict=True)]
+    ids = torch.full((len(enc), max(map(len, enc))), tok.pad_id, dtype=torch.long)
+    for r, row in enumerate(enc):
+        ids[r, : len(row)] = torch.tensor(row)
+    last = torch.tensor([pooled_index(row, tok.pad_id) for row in enc])
+    return reward(ids.to(device), last.to(device))[0].squeeze(-1).float()
+
+
+class Rollouts:
+    """The PPO loader: fresh rollouts from the current policy, served as minibatches."""
+
+    def __init__(
+        self, policy: PolicyWithValue, reference: nn.Module | None, reward: nn.Module, tok: Any,
+        prompts: list, opts: Any, batch_size: int, seq_len: int, seed: int,
+    ) -> None:  # fmt: skip
+        if opts.rollout_prompts % batch_size:
+            raise ConfigError(
+                f"ppo.rollout_prompts={opts.rollout_prompts} must be a multiple of "
+                f"train.micro_batch_size={batch_size}"
+            )
+        self.policy, self.reference, self.reward, self.tok = policy, reference, reward, tok
+        self.prompts, self.opts, self.batch_size = prompts, opts, batch_size
+        self.seq_len, self.seed = seq_len, seed
+        self.position = 0
+        self.rollout: dict[str, Tensor] | None = None
+        self.steps_per_rollout = opts.ppo_epochs * (opts.rollout_prompts // batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position, self.seed = int(state["position"]), int(state["seed"])
+        self.rollout = None
+
+    def __iter__(self) -> Rollouts:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        index, k = divmod(self.position, self.steps_per_rollout)
+        if k == 0 or self.rollout is None:
+            rng = np.random.default_rng([self.seed, index])
+            chosen = rng.choice(len(self.prompts), self.opts.rollout_prompts, replace=False)
+            self.rollout = make_rollout(self, [self.prompts[i] for i in chosen], seed=index)
+        per_epoch = self.opts.rollout_prompts // self.batch_size
+        epoch, mb = divmod(k, per_epoch)
+        order = np.random.default_rng([self.seed, index, epoch]).permutation(
+            self.opts.rollout_prompts
+        )
+        rows = torch.from_numpy(order[mb * self.batch_size : (mb + 1) * self.batch_size])
+        self.position += 1
+        return {name: t[rows] for name, t in self.rollout.items()}
+
+
+def sample_answers(
+    lm: nn.Module, tok: Any, prompts: list, max_new_tokens: int, seed: int, temperature: float
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids through the stop token) sampled with one generator per prompt."""
+    from lmforge.model.generate import generate_batched
+
+    room = lm.config.block_size - max_new_tokens
+    ids = [tok.encode(tok.render_chat(p, add_generation_prompt=True))[-room:] for p in prompts]
+    answers = generate_batched(
+        lm, ids, max_new_tokens, batch_size=len(ids), stop_tokens=tok.stop_ids(), seed=seed,
+        temperature=temperature,
+    )  # fmt: skip
+    return ids, answers
+
+
+@torch.no_grad()
+def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
+    """Samples, scores and prices one batch of answers; every tensor is (N, T) or (N,)."""
+    opts, tok, policy = src.opts, src.tok, src.policy
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    prompt_ids, answers = sample_answers(
+        policy.lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
+    )
+    stops = set(tok.stop_ids())
+    texts = [tok.decode([t for t in a if t not in stops]).strip() for a in answers]
+    scores = score(src.reward.to(device), tok, prompts, texts, src.seq_len)
+    seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    for r, (p, a) in enumerate(zip(prompt_ids, answers, strict=True)):
+        ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[r, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a, dtype=torch.long)
+    ids, labels = ids.to(device), labels.to(device)
+    actions = labels != IGNORE_INDEX
+    logits, values = policy(ids)
+    old_logps = token_logps(logits, labels)
+    if src.reference is None:
+        with adapters_off(policy.lm):
+            ref_logps = token_logps(policy.lm(ids), labels)
+    else:
+        ref_logps = token_logps(src.reference.to(device)(ids), labels)
+    kl = (old_logps - ref_logps) * actions
+    rewards = -opts.kl_coef * kl
+    last = actions.long().cumsum(1).argmax(1)  # each row's last action position
+    has_action = actions.any(1)
+    rewards[has_action, last[has_action]] += scores[has_action]
+    adv, returns = gae(rewards, values, actions, opts.gamma, opts.lam)
+    mean, std = (
+        masked_mean(adv, actions),
+        masked_mean((adv - masked_mean(adv, actions)) ** 2, actions).sqrt(),
+    )
+    adv = (adv - mean) / (std + 1e-8) * actions
+    entropy = -(torch.softmax(logits.float(), -1) * torch.log_softmax(logits.float(), -1)).sum(-1)
+    policy.train(was_training)
+    rollout = {
+        "input_ids": ids, "labels": labels, "old_logps": old_logps, "old_values": values,
+        "advantages": adv, "returns": returns, "score": scores, "kl": kl.sum(1),
+        "entropy": (entropy * actions).sum(1) / actions.sum(1).clamp(min=1),
+        "answer_len": actions.sum(1).float(),
+    }  # fmt: skip
+    return {k: v.cpu() for k, v in rollout.items()}  # the loop moves batches to the device
+
+
+def make_ppo_loss(clip: float, vf_coef: float, vf_clip: float):
+    """loss_fn for the loop: clipped surrogate + vf_coef * clipped value loss; logs the rollout's
+    reward, KL to the reference, entropy, answer length and the clip fraction."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, values = model(batch["input_ids"])
+        actions = batch["labels"] != IGNORE_INDEX
+        logps = token_logps(logits, batch["labels"])
+        pg, clipfrac = ppo_policy_loss(
+            logps, batch["old_logps"], batch["advantages"], actions, clip
+        )
+        vf = value_loss(values, batch["old_values"], batch["returns"], actions, vf_clip)
+        return pg + vf_coef * vf, {
+            "reward": batch["score"].mean(), "kl": batch["kl"].mean(),
+            "entropy": batch["entropy"].mean(), "answer_len": batch["answer_len"].mean(),
+            "clipfrac": clipfrac, "pg_loss": pg.detach(), "vf_loss": vf.detach(),
+        }  # fmt: skip
+
+    return loss_fn
+
+
+def frozen_copy(lm: nn.Module) -> nn.Module:
+    """A frozen reference for full tuning (a LoRA policy uses its own base instead)."""
+    return copy.deepcopy(lm).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: PolicyWithValue,
+    reference: nn.Module | None,
+    reward: nn.Module,
+    tok: Any,
+    prompts: list,
+    opts: Any,
+    seq_len: int,
+) -> dict[str, float]:
+    """Mean reward and KL to the reference of answers sampled (seeded) for held-out prompts;
+    val_loss is minus the mean reward, so the loop's best-val tracking follows the reward."""
+    src = Rollouts(policy, reference, reward, tok, prompts, opts.model_copy(
+        update={"rollout_prompts": len(prompts), "ppo_epochs": 1}), len(prompts), seq_len, 0)  # fmt: skip
+    rollout = make_rollout(src, prompts, seed=10**6)
+    reward_mean = float(rollout["score"].mean())
+    return {
+        "val_loss": -reward_mean, "val_reward": reward_mean, "val_kl": float(rollout["kl"].mean()),
+        "val_entropy": float(rollout["entropy"].mean()),
+        "val_answer_len": float(rollout["answer_len"].mean()),
+    }  # fmt: skip

@@ -1,0 +1,130 @@
+"""Preference data: pairs and ranked lists from files, and synthetic pairs for the quickstart.
+
+A record is one of (per line of a .jsonl[.gz|.zst] file; every file under a directory is read):
+
+- pair: `{"prompt": P, "chosen": str, "rejected": str}`
+- ranked: `{"prompt": P, "ranked": [best, ..., worst]}`, which becomes every (better, worse) pair
+
+P is a string (one user turn) or OpenAI-style messages `[{role, content}, ...]`; a response may
+also be TRL's conversational form, a one-message list `[{"role": "assistant", "content": ...}]`.
+A record that fits neither shape is an InputError naming the file and line. Every pair becomes
+`{"prompt": [messages], "chosen": str, "rejected": str}`.
+
+The built-in synthetic pairs are align.synthetic's. The serving feedback store is not a source
+yet (it does not exist).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmforge.common.io import read_user_jsonl
+from lmforge.errors import InputError
+
+Pair = dict[str, Any]
+ROLES = ("system", "user", "assistant")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+EXPECTED = '{"prompt", "chosen", "rejected"} or {"prompt", "ranked": [best, ..., worst]}'
+
+
+def _prompt(value: Any) -> list[dict[str, str]]:
+    if isinstance(value, str) and value.strip():
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        for m in value:
+            if not (
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            ):
+                raise ValueError(f"prompt messages need a role in {ROLES} and string content")
+        if value[-1]["role"] == "assistant":
+            raise ValueError("the prompt's last message is the assistant's; it must await one")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError("prompt must be a non-empty string or a list of {role, content} messages")
+
+
+def _response(value: Any, key: str) -> str:
+    one = isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+    if one and value[0].get("role") == "assistant":
+        value = value[0].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} must be a non-empty string (or one assistant message)")
+    return value
+
+
+def pairs_of(record: dict[str, Any]) -> list[Pair]:
+    """The pairs one record holds; ValueError says what is wrong with it."""
+    if "prompt" not in record:
+        raise ValueError(f"record with keys {sorted(record)} has no prompt; expected {EXPECTED}")
+    prompt = _prompt(record["prompt"])
+    if "ranked" in record:
+        ranked = record["ranked"]
+        if not isinstance(ranked, list) or len(ranked) < 2:
+            raise ValueError("ranked must list at least two responses, best first")
+        texts = [_response(r, f"ranked[{i}]") for i, r in enumerate(ranked)]
+        return [
+            {"prompt": prompt, "chosen": texts[i], "rejected": texts[j]}
+            for i in range(len(texts))
+            for j in range(i + 1, len(texts))
+            if texts[i] != texts[j]
+        ]
+    if "chosen" in record and "rejected" in record:
+        chosen = _response(record["chosen"], "chosen")
+        rejected = _response(record["rejected"], "rejected")
+        if chosen == rejected:
+            raise ValueError("chosen and rejected are the same text: nothing to prefer")
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if isinstance(record.get("kind"), str):  # e.g. the synthetic pairs' rejection kind
+            pair["kind"] = record["kind"]
+        return [pair]
+    raise ValueError(
+        f"record with keys {sorted(record)} fits no preference shape; expected {EXPECTED}"
+    )
+
+
+def preference_files(path: Path) -> list[Path]:
+    """The JSONL files under `path` (itself when it is a file)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"preference data {path} does not exist; pass a .jsonl file or directory")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.name.endswith(SUFFIXES))
+    if not files:
+        raise InputError(f"{path} holds no {', '.join(SUFFIXES)} preference files")
+    return files
+
+
+def load_pairs(path: Path) -> list[Pair]:
+    """Every pair in a file or directory of preference records; a bad record names file and line."""
+    pairs: list[Pair] = []
+    for file in preference_files(path):
+        for line, record in read_user_jsonl(file):
+            try:
+                pairs.extend(pairs_of(record))
+            except ValueError as err:
+                raise InputError(f"{file} line {line}: {err}") from None
+    if not pairs:
+        raise InputError(f"{path} holds no preference pairs; pass prompt/chosen/rejected records")
+    return pairs
+
+
+def load_prompts(path: Path) -> list[list[dict[str, str]]]:
+    """The distinct prompts of a file or directory of records with a `prompt` (PPO's input):
+    preference records or prompt-only ones `{"prompt": P}`; a bad prompt names file and line."""
+    prompts, seen = [], set()
+    for file in preference_files(path):
+        for line, record in read_user_jsonl(file):
+            try:
+                if "prompt" not in record:
+                    raise ValueError(f"record with keys {sorted(record)} has no prompt")
+                prompt = _prompt(record["prompt"])
+            except ValueError as err:
+                raise InputError(f"{file} line {line}: {err}") from None
+            key = repr(prompt)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(prompt)
+    if not prompts:
+        raise InputError(f"{path} holds no prompts; pass records with a prompt")
+    return prompts

@@ -1,0 +1,306 @@
+"""The `align` stage: a reward model, or a policy by DPO/IPO or PPO, through the one loop.
+
+Inputs: a model directory in Hugging Face layout with its tokenizer files (usually the SFT
+model) and preference data (align.prefs; PPO reads only the prompts). method=reward trains the
+Transformer with a scalar head on Bradley-Terry and writes final/ as a *ForSequenceClassification
+with num_labels=1. method=dpo trains the policy (full, or LoRA adapters over the frozen base)
+against reference log-probs scored once before training. method=ppo samples answers, scores them
+with a reward model (ppo.reward_model) and trains policy + value head (align.ppo). Policies are
+written to final/ as a causal LM (+ adapter/ for LoRA). Headline metrics: held-out pairwise
+accuracy, per kind too (reward); preference accuracy, implicit reward margin, chosen-over-rejected
+log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo); mean
+reward, KL to the reference, entropy and answer length of sampled held-out answers, before and
+after (ppo).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from lmforge.align.dpo import evaluate_dpo, make_dpo_loss, reference_logps
+from lmforge.align.encode import encode_pairs
+from lmforge.align.ppo import (
+    PolicyWithValue,
+    Rollouts,
+    evaluate_policy,
+    frozen_copy,
+    load_reward_model,
+    make_ppo_loss,
+)
+from lmforge.align.prefs import load_pairs, load_prompts
+from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
+from lmforge.artifacts import StageContext, require_artifact, run_stage
+from lmforge.common.logging import read_metrics
+from lmforge.config import NOT_HASHED, Section, StageConfig, config_hash
+from lmforge.errors import ConfigError, InputError
+from lmforge.finetune.evaluate import rouge_eval
+from lmforge.finetune.export import export_model, tuned_generation_config
+from lmforge.finetune.lora import LoraConfig, inject, trainable_fraction
+from lmforge.finetune.sft import load_chat_tokenizer
+from lmforge.tokenizer.generation import eos_ids
+from lmforge.train.checkpoint import forget_other_runs
+from lmforge.train.config import TrainConfig
+from lmforge.train.loader import RowBatches
+from lmforge.train.loop import train
+from lmforge.train.observe import plot_losses
+
+MODEL_HINT = "lmforge finetune --model DIR --data FILE --out DIR (its final/ directory)"
+
+
+class DPOOptions(Section):
+    """The `dpo:` section."""
+
+    beta: float = Field(0.1, gt=0, description="strength of the KL anchor to the reference")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) | ipo")
+    reference: Path | None = Field(
+        None, description="reference model directory (default: the starting model itself)"
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="weight of the chosen replies' NLL (RPO) that keeps them likely"
+    )
+
+
+class PPOOptions(Section):
+    """The `ppo:` section."""
+
+    reward_model: Path | None = Field(
+        None, description="reward model: an `align --method reward` stage dir or its final/"
+    )
+    rollout_prompts: int = Field(
+        16, ge=1, description="prompts answered per rollout (a multiple of micro_batch_size)"
+    )
+    ppo_epochs: int = Field(2, ge=1, description="passes over each rollout's minibatches")
+    max_new_tokens: int = Field(32, ge=1, description="answer length limit while sampling")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
+    kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty to the reference")
+    clip: float = Field(0.2, gt=0, description="policy ratio clip range")
+    vf_coef: float = Field(0.5, ge=0, description="weight of the value loss")
+    vf_clip: float = Field(0.2, gt=0, description="value clip range")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts scored before/after")
+
+
+class AlignEval(Section):
+    """Held-out evaluation (the `eval:` section)."""
+
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of pairs held out when no val_data"
+    )
+    rouge_examples: int = Field(
+        32, ge=0, description="dpo: held-out prompts answered greedily for ROUGE-L (0 = skip)"
+    )
+    max_new_tokens: int = Field(48, ge=1, description="dpo: answer length limit for ROUGE-L")
+    batch_size: int = Field(
+        16, ge=1, description="rows scored / prompts decoded together", json_schema_extra=NOT_HASHED
+    )
+
+
+class AlignConfig(StageConfig):
+    """`lmforge align --model DIR --data FILE --out DIR --method reward|dpo|ppo`."""
+
+    model: Path = Field(description="model directory in HF layout with tokenizer files")
+    data: Path = Field(description="preference pairs: .jsonl file or directory (align.prefs)")
+    val_data: Path | None = Field(None, description="held-out pairs (default: split from data)")
+    method: Literal["reward", "dpo", "ppo"] = Field(
+        description="reward (reward model) | dpo (policy from pairs) | ppo (policy from a reward model)"
+    )
+    tuning: Literal["full", "lora"] = Field("full", description="full | lora (adapters only)")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
+    dpo: DPOOptions = Field(default_factory=DPOOptions, description="DPO settings")
+    ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO settings")
+    eval: AlignEval = Field(default_factory=AlignEval, description="held-out evaluation")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
+
+    def inputs(self) -> list[Path]:
+        paths = (self.model, self.data, self.val_data, self.dpo.reference, self.ppo.reward_model)
+        return [p for p in paths if p is not None]
+
+    def model_dir(self) -> Path:
+        """`model`, or its final/ when `model` is a training stage's directory."""
+        from lmforge.model.convert import resolve_model_dir
+
+        return resolve_model_dir(self.model)
+
+
+def align(cfg: AlignConfig, force: bool = False) -> Path:
+    """Runs (or reuses) the align stage; returns its directory (final/ holds the model)."""
+    return run_stage("align", cfg, build, force=force).out
+
+
+def load_splits(cfg: AlignConfig, read: Any = load_pairs) -> tuple[list, list]:
+    """(train, val) records read from data: val from val_data, else a seeded share of data."""
+    items = read(cfg.data)
+    if cfg.val_data is not None:
+        return items, read(cfg.val_data)
+    order = np.random.default_rng(cfg.train.seed).permutation(len(items))
+    n_val = max(1, round(cfg.eval.val_fraction * len(items)))
+    if len(items) - n_val < 1:
+        raise InputError(f"{cfg.data}: only {len(items)} records, too few to hold out validation")
+    held = set(order[:n_val].tolist())
+    return [p for i, p in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def load_prompt_splits(cfg: AlignConfig) -> tuple[list, list]:
+    """PPO's (train, held-out) prompts; at most ppo.eval_prompts held out are scored."""
+    prompts, val = load_splits(cfg, load_prompts)
+    return prompts, val[: cfg.ppo.eval_prompts]
+
+
+def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
+    """Loads the model, trains it by the method with the one loop, writes final/; headlines."""
+    from lmforge.model.convert import load_pretrained
+
+    model_dir = cfg.model_dir()
+    require_artifact(model_dir, ["config.json"], hint=MODEL_HINT)
+    if cfg.method == "ppo" and cfg.ppo.reward_model is None:
+        raise ConfigError("--method ppo needs ppo.reward_model (an `align --method reward` dir)")
+    tok = load_chat_tokenizer(model_dir)
+    forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+    lm = load_pretrained(model_dir).train()
+    if cfg.train.seq_len > lm.config.block_size:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
+            f"{lm.config.block_size}; lower train.seq_len"
+        )
+    method = {"reward": _reward, "dpo": _dpo, "ppo": _ppo}[cfg.method]
+    model, headline = method(cfg, ctx, tok, lm)
+    _write_outputs(cfg, ctx, tok, model, lm)
+    return headline
+
+
+def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dict, list, dict]:
+    """(train rows, val rows, val pairs, headline counts) of the preference data."""
+    train_pairs, val_pairs = load_splits(cfg)
+    train_rows, stats = encode_pairs(tok, train_pairs, cfg.train.seq_len)
+    val_rows, val_stats = encode_pairs(tok, val_pairs, cfg.train.seq_len)
+    stats.pop("kinds", None)
+    kinds = val_stats.pop("kinds", None)
+    ctx.log.info("align %s/%s: train %s, val %s", cfg.method, cfg.tuning, stats, val_stats)
+    counts = {"train_pairs": stats["pairs"], "val_pairs": val_stats["pairs"], "val_kinds": kinds}
+    return train_rows, val_rows, val_pairs, counts
+
+
+def _fit(cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any):
+    """The one loop, and the headline numbers every method shares."""
+    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn)
+    trainable, total = trainable_fraction(result.model)
+    headline = {
+        "steps": result.step, "train_loss": _round(result.train_loss),
+        "trainable_fraction": round(trainable / total, 5), "resumed_from_step": result.resumed_from,
+    }  # fmt: skip
+    return result.model, headline
+
+
+def _adapt(cfg: AlignConfig, lm: Any) -> None:
+    torch.manual_seed(cfg.train.seed)  # adapters and heads start the same on resume
+    if cfg.tuning == "lora":
+        inject(lm, cfg.lora)
+
+
+def _reward(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+    """Bradley-Terry reward model; held-out pairwise accuracy before (random head) and after."""
+    train_rows, val_rows, _, headline = _pair_rows(cfg, ctx, tok)
+    kinds, bs = headline.pop("val_kinds"), cfg.eval.batch_size
+    _adapt(cfg, lm)
+    model = reward_model(lm)
+    before = evaluate_rewards(model, val_rows, bs)
+    loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
+    model, fit = _fit(cfg, ctx, model, reward_loss, loader,
+                      lambda m: evaluate_rewards(m, val_rows, bs, limit=cfg.train.eval_steps))  # fmt: skip
+    after = evaluate_rewards(model, val_rows, bs, kinds=kinds)
+    headline.update(fit, **{k: _round(v) for k, v in after.items()})
+    headline["base_val_pair_accuracy"] = _round(before["val_pair_accuracy"])
+    return model, headline
+
+
+def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+    """DPO/IPO against reference log-probs scored once; log-prob margins and ROUGE-L."""
+    from lmforge.model.convert import load_pretrained
+
+    train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
+    headline.pop("val_kinds")
+    bs, beta, kind = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss
+    ref = load_pretrained(cfg.dpo.reference) if cfg.dpo.reference else lm
+    train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
+    val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
+    lm.train()
+    _adapt(cfg, lm)
+    loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
+    model, fit = _fit(cfg, ctx, lm, make_dpo_loss(beta, kind, cfg.dpo.sft_weight), loader,
+                      lambda m: evaluate_dpo(m, val_rows, bs, beta, kind, cfg.train.eval_steps))  # fmt: skip
+    after = evaluate_dpo(model, val_rows, bs, beta, kind)
+    headline.update(fit, **{k: _round(v) for k, v in after.items()})
+    headline.update(_rouge(cfg, tok, model, val_pairs, ref if cfg.dpo.reference else None))
+    return model, headline
+
+
+def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+    """PPO against the reward model; held-out mean reward and KL before and after."""
+    opts, seq_len = cfg.ppo, cfg.train.seq_len
+    prompts, val_prompts = load_prompt_splits(cfg)
+    reward = load_reward_model(opts.reward_model, lm.config.vocab_size)
+    reference = frozen_copy(lm) if cfg.tuning == "full" else None  # LoRA: the base itself
+    _adapt(cfg, lm)
+    policy = PolicyWithValue(lm)
+    evaluate = lambda m: evaluate_policy(m, reference, reward, tok, val_prompts, opts, seq_len)  # noqa: E731
+    before = evaluate(policy)
+    loader = Rollouts(policy, reference, reward, tok, prompts, opts,
+                      cfg.train.micro_batch_size, seq_len, cfg.train.seed)  # fmt: skip
+    policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
+                       loader, evaluate)  # fmt: skip
+    after = evaluate(policy)
+    headline = {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
+    headline.update({k: _round(v) for k, v in after.items() if k != "val_loss"})
+    headline.update(val_reward_before=_round(before["val_reward"]),
+                    val_answer_len_before=_round(before["val_answer_len"]))  # fmt: skip
+    return policy, headline
+
+
+def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list, reference: Any) -> dict:
+    """Greedy ROUGE-L against the chosen answers of held-out prompts: policy and reference."""
+    from lmforge.model.convert import load_pretrained
+
+    seen, examples = set(), []
+    for p in pairs:
+        key = str(p["prompt"])
+        if key not in seen and len(examples) < cfg.eval.rouge_examples:
+            seen.add(key)
+            examples.append(
+                {"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
+            )
+    if not examples:
+        return {}
+    if reference is None:
+        reference = load_pretrained(cfg.model_dir())
+    stops = eos_ids(tuned_generation_config(cfg.model_dir(), tok))  # what final/ stops at
+    args = (examples, stops, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    score, _ = rouge_eval(policy, tok, *args)
+    ref_score, _ = rouge_eval(reference.to(next(policy.parameters()).device), tok, *args)
+    return {
+        "rouge_l": round(score, 4),
+        "ref_rouge_l": round(ref_score, 4),
+        "rouge_examples": len(examples),
+    }
+
+
+def _write_outputs(cfg: AlignConfig, ctx: StageContext, tok: Any, model: Any, lm: Any) -> None:
+    """adapter/ (LoRA), final/ (reward classifier or policy LM, tokenizer files), loss.png."""
+    from lmforge.model.convert import ClassifierHead
+
+    classifier = None
+    if cfg.method == "reward":
+        classifier = ClassifierHead(model.head.weight.detach().cpu(), ["reward"])
+    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier)
+    ctx.metrics.close()
+    plot_losses(read_metrics(ctx.out / "metrics.jsonl"), ctx.out / "loss.png",
+                title=f"align ({cfg.method}, {cfg.tuning})")  # fmt: skip
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 5)

@@ -1,0 +1,64 @@
+"""Writes a trained model as the stage's outputs: adapter/ (LoRA) and final/ (HF layout).
+
+Shared by every stage that trains a model from a model directory (finetune, align): the adapters
+are saved in PEFT format and then merged, and final/ gets config.json + model.safetensors (a
+*ForSequenceClassification when a classifier head is given), the base's tokenizer files and, for a
+causal LM, generation_config.json with the stops of the chat template it was tuned on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lmforge.finetune.lora import lora_modules, merge, save_peft_adapter
+from lmforge.tokenizer.files import TOKENIZER_FILES, TokenizerFiles
+from lmforge.tokenizer.generation import generation_config, load_generation_config
+
+
+def tuned_generation_config(model_dir: Path, tok: TokenizerFiles) -> dict[str, Any]:
+    """final/'s generation_config.json: the base model's, with the stops of the chat template
+    the model was tuned on (the base may have stopped at the document end only)."""
+    return generation_config(tok, load_generation_config(model_dir, tok))
+
+
+def export_model(
+    ctx: Any,
+    model_dir: Path,
+    lm: nn.Module,
+    tok: TokenizerFiles,
+    *,
+    classifier: Any = None,
+) -> None:
+    """adapter/ when `lm` carries LoRA adapters (then merged into it) and final/.
+
+    model_dir is the base the model started from (its special token ids and tokenizer files are
+    carried over); tok is the tokenizer the data was encoded with: a classifier
+    (model.convert.ClassifierHead) pools by its pad id, a causal LM stops at its chat template's
+    end of turn.
+    """
+    from lmforge.model.convert import save_pretrained
+
+    if lora_modules(lm):
+        with ctx.atomic_path(ctx.out / "adapter") as tmp:
+            save_peft_adapter(lm, tmp, base_model=str(Path(model_dir).resolve()))
+        merge(lm)
+    config_json = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    special = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if config_json.get(k) is not None}  # fmt: skip
+    generation = None
+    if classifier is not None:  # a classifier generates nothing (transformers writes no file)
+        special["pad_token_id"] = tok.pad_id
+    else:
+        generation = tuned_generation_config(model_dir, tok)
+    with ctx.atomic_path(ctx.out / "final") as tmp:
+        save_pretrained(
+            lm, tmp, extra_config=special, classifier=classifier, generation_config=generation
+        )
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)

@@ -1,0 +1,124 @@
+"""Alignment losses against values computed by hand on tiny tensors."""
+
+import math
+
+import pytest
+import torch
+
+from lmforge.align.losses import bradley_terry_loss, dpo_loss, sequence_logps
+
+LOG2 = math.log(2.0)
+SOFTPLUS_M1 = math.log1p(math.exp(-1.0))  # -log sigmoid(1) = 0.3132617
+
+
+def test_bradley_terry_is_mean_negative_log_sigmoid_of_the_margin():
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert loss.item() == pytest.approx((SOFTPLUS_M1 + LOG2) / 2, abs=1e-6)
+    # a large wrong-way margin costs about the margin itself
+    assert bradley_terry_loss(torch.tensor([0.0]), torch.tensor([20.0])).item() == pytest.approx(
+        20.0, abs=1e-6
+    )
+
+
+def _pairs():
+    # pair 0: policy moved chosen +1 and rejected -1 from the reference; pair 1: not moved
+    return (
+        torch.tensor([-1.0, -4.0]),  # policy chosen
+        torch.tensor([-3.0, -5.0]),  # policy rejected
+        torch.tensor([-2.0, -4.0]),  # reference chosen
+        torch.tensor([-2.0, -5.0]),  # reference rejected
+    )
+
+
+def test_dpo_sigmoid_loss_and_implicit_rewards():
+    loss, chosen_r, rejected_r = dpo_loss(*_pairs(), beta=0.5)
+    # pair 0: beta * ((1) - (-1)) = 1 -> -log sigmoid(1); pair 1: margin 0 -> log 2
+    assert loss.item() == pytest.approx((SOFTPLUS_M1 + LOG2) / 2, abs=1e-6)
+    assert chosen_r.tolist() == pytest.approx([0.5, 0.0])
+    assert rejected_r.tolist() == pytest.approx([-0.5, 0.0])
+
+
+def test_ipo_regresses_the_log_ratio_margin_to_one_over_two_beta():
+    loss, _, _ = dpo_loss(*_pairs(), beta=0.5, kind="ipo")
+    # target 1 / (2 * 0.5) = 1: pair 0 has margin 2 -> (2 - 1)^2 = 1, pair 1 margin 0 -> 1
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    loss, _, _ = dpo_loss(*_pairs(), beta=0.25, kind="ipo")  # target 2: (0)^2 and (-2)^2
+    assert loss.item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
+    pc, pr, rc, rr = (t.clone().requires_grad_(i < 2) for i, t in enumerate(_pairs()))
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    loss.backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    # d/dpc of -log sigmoid(beta*h)/2 = -beta * sigmoid(-beta*h) / 2; pair 1: h = 0
+    assert pc.grad[1].item() == pytest.approx(-0.5 * 0.5 / 2, abs=1e-6)
+
+
+def test_unknown_dpo_kind_is_refused():
+    with pytest.raises(ValueError, match="sigmoid \\| ipo"):
+        dpo_loss(*_pairs(), beta=0.1, kind="hinge")
+
+
+def test_sequence_logps_sums_labelled_tokens_only():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, -5.0], [0.0, 0.0]]])  # (1, 3, 2)
+    labels = torch.tensor([[1, -100, 0]])
+    # p(1) = 3/4 at position 0, position 1 skipped, p(0) = 1/2 at position 2
+    expected = math.log(0.75) + math.log(0.5)
+    assert sequence_logps(logits, labels).tolist() == pytest.approx([expected], abs=1e-6)
+    assert sequence_logps(logits, torch.full((1, 3), -100)).tolist() == [0.0]
+
+
+def test_gae_by_hand_with_a_masked_prompt_prefix():
+    from lmforge.align.losses import gae
+
+    rewards = torch.tensor([[9.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    values = torch.tensor([[7.0, 0.5, 0.5], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # last action: delta = 1 - 0.5; before it: delta 0 + lam * 0.5; then 0 + lam * 0.25
+    assert adv.tolist() == [pytest.approx([0.0, 0.25, 0.5]), pytest.approx([0.125, 0.25, 0.5])]
+    assert ret.tolist() == [pytest.approx([0.0, 0.75, 1.0]), pytest.approx([0.625, 0.75, 1.0])]
+    adv, _ = gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    # gamma 0.5: delta_1 = 0 + 0.5 * 0.5 - 0.5 = -0.25, adv_1 = -0.25 + 0.5 * 0.5 = 0
+    assert adv[0].tolist() == pytest.approx([0.0, 0.0, 0.5])
+
+
+def test_ppo_clipped_surrogate_and_value_loss_by_hand():
+    from lmforge.align.losses import ppo_policy_loss, value_loss
+
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.tensor([[True, True, True]])
+    loss, clipfrac = ppo_policy_loss(new, old, adv, mask, clip=0.2)
+    # max(-A r, -A clip(r)): -1.2 (clipped at 1.2), -0.5 (unclipped is worse), 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(1 / 3, abs=1e-6)
+    masked, _ = ppo_policy_loss(new, old, adv, torch.tensor([[True, False, False]]), clip=0.2)
+    assert masked.item() == pytest.approx(-1.2, abs=1e-6)
+    v = value_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]),
+                   torch.tensor([[1.0, 2.0]]), torch.tensor([[True, True]]), clip=0.2)  # fmt: skip
+    # pos 0: v=1 exact but clipped 0.2 -> (0.8)^2 = 0.64 wins; pos 1: (2)^2 = 4 both -> 0.5 * mean
+    assert v.item() == pytest.approx(0.5 * (0.64 + 4.0) / 2, abs=1e-6)
+
+
+def test_dpo_loss_fn_adds_the_chosen_per_token_nll_when_asked():
+    from torch import nn
+
+    from lmforge.align.dpo import make_dpo_loss
+
+    class Fixed(nn.Module):  # logits that give p(token 1) = 3/4 everywhere (vocab of 2)
+        def forward(self, ids):
+            return torch.tensor([0.0, math.log(3.0)]).expand(*ids.shape, 2)
+
+    ids = torch.zeros(1, 2, 3, dtype=torch.long)
+    labels = torch.tensor([[[1, 1, -100], [0, -100, -100]]])  # chosen 2 tokens, rejected 1
+    batch = {"input_ids": ids, "labels": labels, "ref_logps": torch.zeros(1, 2)}
+    chosen, rejected = 2 * math.log(0.75), math.log(0.25)
+    plain, metrics = make_dpo_loss(0.5, "sigmoid")(Fixed(), batch)
+    expected = math.log1p(math.exp(-0.5 * (chosen - rejected)))
+    assert plain.item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["chosen_reward"].item() == pytest.approx(0.5 * chosen, abs=1e-6)
+    rpo, _ = make_dpo_loss(0.5, "sigmoid", sft_weight=2.0)(Fixed(), batch)
+    assert rpo.item() == pytest.approx(expected + 2.0 * -math.log(0.75), abs=1e-6)

@@ -1,0 +1,28 @@
+"""The align stage's report section opens with its method's headline."""
+
+import json
+
+from lmforge.evals.report import StageInfo
+from lmforge.evals.report_sections import align_section
+
+
+def _stage(tmp_path, method, metrics):
+    rows = [{"step": 1, "loss": 0.7, "tokens_seen": 10}, {"step": 2, "loss": 0.5, "val_loss": 0.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = {"config": {"method": method}, "metrics": metrics}
+    return StageInfo(name=method, kind="align", path=tmp_path, manifest=manifest, assets=tmp_path)
+
+
+def test_each_method_leads_with_its_headline(tmp_path):
+    blocks = align_section(_stage(tmp_path, "ppo", {"val_reward_before": 2.27, "val_reward": 2.77,
+                                                     "val_kl": 3.4}))  # fmt: skip
+    assert blocks[0].summary and blocks[0].text.startswith("PPO: mean reward")
+    assert "2.27 -> 2.77" in blocks[0].text and not blocks[1].summary
+    assert any(b.image for b in blocks)  # the training curves follow
+    dpo = {"ref_logp_margin": 20.5, "val_logp_margin": 27.1, "val_pref_accuracy": 0.77,
+           "ref_rouge_l": 0.14, "rouge_l": 0.17}  # fmt: skip
+    assert "20.5 -> 27.1" in align_section(_stage(tmp_path, "dpo", dpo))[0].text
+    reward = {"val_pair_accuracy": 0.75, "base_val_pair_accuracy": 0.5}
+    assert "pairwise accuracy 0.75" in align_section(_stage(tmp_path, "reward", reward))[0].text
+    # a stage without its headline metrics still gets the curves
+    assert align_section(_stage(tmp_path, "reward", {}))[0].summary

@@ -1,0 +1,150 @@
+"""The align stage on a micro model: reward model and DPO (full and LoRA) end to end."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge.align.stage import AlignConfig, align
+from lmforge.artifacts import read_manifest
+from lmforge.errors import ConfigError, InputError
+from lmforge.tokenizer.files import TokenizerFiles
+
+FAST = {"max_steps": 25, "seq_len": 48, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 2,
+        "eval_every": 0, "eval_steps": 2, "ckpt_every": 0}  # fmt: skip
+WORDS = ["alpha", "beta", "gamma", "delta", "paris", "value", "number", "path"]
+
+
+def _prefs(path, n=48):
+    rows = [{"prompt": f"Say {w} {i}", "chosen": f"The {w} is here.", "rejected": "no no no no",
+             "kind": "degenerate"}
+            for i, w in enumerate(WORDS * (n // len(WORDS)))]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, model_dir, method, **extra):
+    return AlignConfig(
+        model=model_dir, data=_prefs(tmp_path / "prefs.jsonl"), out=tmp_path / method,
+        method=method, train=FAST, eval={"rouge_examples": 2, "max_new_tokens": 4}, **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory, model_dir):
+    return align(_cfg(tmp_path_factory.mktemp("rm"), model_dir, "reward"))
+
+
+def test_reward_model_learns_pairs_and_exports_a_one_label_hf_classifier(reward_dir):
+    transformers = pytest.importorskip("transformers")
+    out = reward_dir
+    m = read_manifest(out)["metrics"]
+    assert m["base_val_pair_accuracy"] <= 0.8 and m["val_pair_accuracy"] == 1.0
+    assert m["val_reward_margin"] > 0 and m["steps"] == 25
+    assert m["val_pair_accuracy_degenerate"] == 1.0  # per kind, when pairs carry one
+    assert not (out / "final" / "generation_config.json").exists()  # a classifier generates nothing
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["num_labels"] == 1 and config["architectures"][0].endswith(
+        "ForSequenceClassification"
+    )
+    # transformers' reward for a chosen and a rejected conversation ranks them as ours did
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(out / "final"))
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Say beta 1"}, {"role": "assistant", "content": reply}],
+            tokenize=False,
+        )
+        for reply in ("The beta is here.", "no no no no")
+    ]
+    with torch.no_grad():
+        rewards = [hf(**tok(t, return_tensors="pt")).logits.item() for t in texts]
+    assert rewards[0] > rewards[1]
+
+
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_dpo_raises_the_held_out_log_prob_margin(tmp_path, model_dir, tuning):
+    out = align(_cfg(tmp_path, model_dir, "dpo", tuning=tuning, dpo={"beta": 0.5}))
+    m = read_manifest(out)["metrics"]
+    assert m["val_logp_margin"] > m["ref_logp_margin"] + 1.0
+    assert m["val_pref_accuracy"] >= 0.9 and m["val_reward_margin"] > 0
+    assert {"rouge_l", "ref_rouge_l"} <= set(m)
+    assert (out / "final" / "model.safetensors").is_file() and (out / "loss.png").is_file()
+    assert (out / "adapter").is_dir() == (tuning == "lora")
+    assert (m["trainable_fraction"] < 0.5) == (tuning == "lora")
+    # a tuned chat policy stops where its turn ends, in transformers too (generation_config.json)
+    gen = json.loads((out / "final" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == TokenizerFiles.load(model_dir).stop_ids()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward_margin", "pref_acc", "chosen_reward", "rejected_reward"} <= set(rows[0])
+
+
+def test_ipo_against_an_explicit_reference_directory(tmp_path, model_dir):
+    dpo = {"beta": 0.5, "loss": "ipo", "reference": model_dir, "sft_weight": 0.5}
+    out = align(_cfg(tmp_path, model_dir, "dpo", dpo=dpo))
+    m = read_manifest(out)["metrics"]
+    assert m["val_logp_margin"] > m["ref_logp_margin"] + 0.5 and m["val_pref_accuracy"] >= 0.9
+    assert str(model_dir) in read_manifest(out)["inputs"]  # the reference is a hashed input
+
+
+def test_bad_preference_file_fails_before_training(tmp_path, model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')
+    cfg = _cfg(tmp_path, model_dir, "dpo").model_copy(update={"data": bad})
+    with pytest.raises(InputError, match=r"bad\.jsonl line 2"):
+        align(cfg)
+    assert not (tmp_path / "dpo" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
+    tmp_path, model_dir, reward_dir, tuning
+):
+    """Mechanics on a micro model (whether PPO raises reward is measured on the quickstart)."""
+    ppo = {"reward_model": reward_dir, "rollout_prompts": 16, "max_new_tokens": 8,
+           "eval_prompts": 8}  # fmt: skip
+    cfg = _cfg(tmp_path, model_dir, "ppo", tuning=tuning, ppo=ppo)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 8})})
+    out = align(cfg)
+    m = read_manifest(out)["metrics"]
+    assert {"val_reward", "val_reward_before", "val_kl", "val_entropy"} <= set(m)
+    assert m["val_kl"] != 0  # the policy moved away from the reference
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 8 and {"reward", "kl", "entropy", "clipfrac"} <= set(steps[0])
+    assert abs(steps[0]["kl"]) < 1e-4  # the first rollout's policy is the reference
+    assert any(r["clipfrac"] > 0 for r in steps)  # later minibatches meet a moved policy
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "adapter").is_dir() == (tuning == "lora")
+
+
+def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir):
+    from lmforge.align.ppo import PolicyWithValue, Rollouts, load_reward_model, make_rollout
+    from lmforge.align.stage import PPOOptions
+    from lmforge.finetune.sft import load_chat_tokenizer
+    from lmforge.model.convert import load_pretrained
+
+    tok = load_chat_tokenizer(model_dir)
+    lm = load_pretrained(model_dir)
+    policy = PolicyWithValue(lm)
+    reward = load_reward_model(reward_dir, lm.config.vocab_size)
+    opts = PPOOptions(rollout_prompts=4, max_new_tokens=6, kl_coef=0.1)
+    prompts = [[{"role": "user", "content": f"Say {w}"}] for w in WORDS[:4]]
+    src = Rollouts(policy, lm, reward, tok, prompts, opts, 2, 48, 0)
+    r = make_rollout(src, prompts, seed=0)
+    actions = r["labels"] != -100
+    assert actions.sum(1).tolist() == r["answer_len"].tolist()
+    assert (r["input_ids"][:, 1:][actions[:, :-1]] == r["labels"][actions]).all()
+    assert r["kl"].abs().max() < 1e-5  # reference == policy
+    assert abs(float(r["advantages"][actions].mean())) < 1e-5  # whitened
+    assert (r["advantages"][~actions] == 0).all() and (r["returns"][~actions] == 0).all()
+    assert r["score"].shape == (4,) and torch.isfinite(r["score"]).all()
+    # the loader serves ppo_epochs passes of minibatches of one rollout, then samples anew
+    first = [next(src)["input_ids"] for _ in range(src.steps_per_rollout)]
+    assert src.steps_per_rollout == 4 and all(b.shape[0] == 2 for b in first)
+
+
+def test_ppo_refuses_a_model_that_is_not_a_reward_model(tmp_path, model_dir):
+    cfg = _cfg(tmp_path, model_dir, "ppo", ppo={"reward_model": model_dir})
+    with pytest.raises(ConfigError, match="not a reward model"):
+        align(cfg)
