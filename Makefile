@@ -5,17 +5,28 @@ BIN    := $(VENV)/bin
 # The CPU build of torch, installed before anything can pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# The quickstart needs fewer extras than the tests: a fresh `make demo` installs only those.
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: setup browser test test-all demo lint format bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# $(call venv_with,EXTRA): .venv with CPU torch first, then lmforge[EXTRA] in editable mode.
+define venv_with
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[$(1)]"
+endef
+
+$(STAMP): pyproject.toml Makefile
+	$(call venv_with,dev)
+	touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml Makefile
+	$(call venv_with,demo)
+	touch $(DEMO_STAMP)
 
 # Headless Chromium for the report's browser test (Debian's package; needs root or sudo).
 browser:
@@ -30,7 +41,7 @@ test: setup browser
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""
 
-demo: setup
+demo: $(DEMO_STAMP)
 	$(BIN)/lmforge quickstart
 
 lint: setup
