@@ -313,6 +313,67 @@ def finetune_cmd(
     run_stage_command("finetune", values, config, sets, force)
 
 
+compress_app = typer.Typer(
+    help="Make a trained model smaller or portable: quantize, export (ONNX, GGUF).",
+    no_args_is_help=True,
+)
+app.add_typer(compress_app, name="compress")
+
+CompressModelOpt = Annotated[
+    Path | None, typer.Option("--model", help="Model directory (HF layout + tokenizer files).")
+]
+CompressOutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Stage directory (compression.json and the model).")
+]
+CompressDataOpt = Annotated[
+    Path | None, typer.Option("--data", help="Data directory whose val split scores quality.")
+]
+
+
+def _compress(method: str, model: Path | None, out: Path | None, data: Path | None,
+              config: Path | None, sets: list[str] | None, force: bool,
+              extra: dict[str, Any]) -> None:  # fmt: skip
+    values: dict[str, Any] = {"method": method, "model": model, "out": out, "data": data}
+    run_stage_command("compress", {**values, **extra}, config, sets, force)
+
+
+@compress_app.command("quantize")
+def compress_quantize_cmd(
+    model: CompressModelOpt = None,
+    out: CompressOutOpt = None,
+    data: CompressDataOpt = None,
+    scheme: Annotated[str | None, typer.Option(help="int8 | int4 (weight-only)")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Quantize every weight matrix to int8/int4 (out/final/ reloads without the original).
+
+    Example: lmforge compress quantize --model runs/x/pretrain --data runs/x/data --out runs/x/int8 --scheme int8
+    """
+    extra = {"quantize": {"scheme": scheme}} if scheme else {}
+    _compress("quantize", model, out, data, config, sets, force, extra)
+
+
+@compress_app.command("export")
+def compress_export_cmd(
+    model: CompressModelOpt = None,
+    out: CompressOutOpt = None,
+    formats: Annotated[
+        str | None, typer.Option(help="Comma list: onnx,gguf (default both).")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Export to ONNX (KV cache, checked with onnxruntime) and GGUF (checked by reading back).
+
+    Example: lmforge compress export --model runs/x/pretrain --out runs/x/export --formats onnx,gguf
+    """
+    extra = {"export": {"formats": [f.strip() for f in formats.split(",")]}} if formats else {}
+    _compress("export", model, out, None, config, sets, force, extra)
+
+
 @app.command("tune")
 def tune_cmd(
     out: Annotated[

@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "data": "lmforge.data.stage:DataConfig:build",
     "tasks": "lmforge.finetune.builtin_tasks:TasksConfig:build",
     "tune": "lmforge.tune.stage:TuneConfig:build",
+    "compress": "lmforge.compress.stage:CompressConfig:build",
 }
 
 # Kinds whose build() joins a torchrun process group and works on every rank. Under torchrun,
