@@ -7,6 +7,7 @@ fails is a StageError, and the stage then leaves no manifest.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from lmforge.compress.onnx_export import (
     ort_session,
 )
 from lmforge.compress.quantize import copy_side_files
+from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.convert import read_config
 
@@ -33,10 +35,24 @@ def special_ids(model_dir: Path) -> dict[str, int]:
     return {k: hf[k] for k in SPECIAL_KEYS if type(hf.get(k)) is int}
 
 
+EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "gguf": ("gguf",)}
+
+
+def require_extra(fmt: str) -> None:
+    """ConfigError naming the extra to install when a format's packages are missing."""
+    missing = [m for m in EXTRAS[fmt] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"export to {fmt} needs {', '.join(missing)}: pip install 'lmforge[{fmt}]'"
+        )
+
+
 def export_method(cfg: Any, ctx: StageContext, src: Path, original: EvalModel) -> dict[str, Any]:
     """Writes the requested formats; returns their checks and sizes ("after" is the ONNX model
     when exported, else the GGUF file)."""
     settings, model = cfg.export, original.model
+    for fmt in settings.formats:
+        require_extra(fmt)
     result: dict[str, Any] = {}
     if "onnx" in settings.formats:
         with ctx.atomic_path(ctx.out / "onnx") as tmp:
