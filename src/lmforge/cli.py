@@ -314,7 +314,7 @@ def finetune_cmd(
 
 
 compress_app = typer.Typer(
-    help="Make a trained model smaller or portable: quantize, export (ONNX, GGUF).",
+    help="Make a trained model smaller or portable: quantize, prune, export (ONNX, GGUF).",
     no_args_is_help=True,
 )
 app.add_typer(compress_app, name="compress")
@@ -353,6 +353,31 @@ def compress_quantize_cmd(
     """
     extra = {"quantize": {"scheme": scheme}} if scheme else {}
     _compress("quantize", model, out, data, config, sets, force, extra)
+
+
+@compress_app.command("prune")
+def compress_prune_cmd(
+    model: CompressModelOpt = None,
+    out: CompressOutOpt = None,
+    data: CompressDataOpt = None,
+    kind: Annotated[str | None, typer.Option(help="magnitude | neurons | heads")] = None,
+    sparsity: Annotated[float | None, typer.Option(help="Fraction removed, e.g. 0.5.")] = None,
+    tokens: Annotated[
+        Path | None, typer.Option(help="Token shards for a recovery fine-tune (optional).")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Prune weights (magnitude) or whole MLP units / attention heads, then optionally recover.
+
+    Example: lmforge compress prune --model runs/x/pretrain --data runs/x/data --tokens runs/x/tokens --out runs/x/pruned --kind neurons --sparsity 0.25 --set train.max_steps=50
+    """
+    settings = {k: v for k, v in (("kind", kind), ("sparsity", sparsity)) if v is not None}
+    extra: dict[str, Any] = {"prune": settings} if settings else {}
+    if tokens is not None:
+        extra["tokens"] = tokens
+    _compress("prune", model, out, data, config, sets, force, extra)
 
 
 @compress_app.command("export")

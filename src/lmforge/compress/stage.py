@@ -1,8 +1,9 @@
-"""The `compress` stage: one kind, a `method` field (quantize | export).
+"""The `compress` stage: one kind, a `method` field (quantize | prune | export).
 
 `lmforge compress quantize --model DIR --out DIR` writes `final/` (a model directory: config.json,
 model.safetensors, tokenizer files, generation_config.json when the source has one) that eval and
-generate load like any other; `lmforge compress export` writes `model.onnx` (KV-cache inputs and
+generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
+`tokens`, recovered by a short fine-tune through the one training loop); `lmforge compress export` writes `model.onnx` (KV-cache inputs and
 outputs, checked against PyTorch with onnxruntime) and `model.gguf` (llama.cpp, read back with
 gguf's reader). Both write compression.json: weight bytes, greedy decode tokens/s and (with
 `data`) perplexity / bits-per-byte of the original and the result.
@@ -18,6 +19,7 @@ from pydantic import Field
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.config import Section, StageConfig
+from lmforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,25 @@ class ExportSettings(Section):
     opset: int = Field(18, ge=14, description="ONNX opset version")
 
 
+class PruneSettings(Section):
+    """method=prune: what is removed, and how much."""
+
+    kind: Literal["magnitude", "neurons", "heads"] = Field(
+        "magnitude",
+        description="magnitude (zero weights) | neurons (MLP units) | heads (kv groups)",
+    )
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights/units/groups removed")
+    scope: Literal["global", "layer"] = Field(
+        "global", description="magnitude: rank weights over all matrices or within each"
+    )
+
+
+def recovery_train() -> TrainConfig:
+    """A short recovery fine-tune: no checkpoints, one evaluation at the end."""
+    return TrainConfig(max_steps=50, lr=3e-4, warmup_steps=5, ckpt_every=0, eval_every=0,
+                       eval_steps=5)  # fmt: skip
+
+
 class SpeedSettings(Section):
     """How decode speed is measured (greedy, KV cache, a fixed random prompt)."""
 
@@ -54,7 +75,7 @@ class SpeedSettings(Section):
 class CompressConfig(StageConfig):
     """`lmforge compress quantize|export --model DIR --out DIR [--data DIR]`."""
 
-    method: Literal["quantize", "export"] = Field(description="quantize | export")
+    method: Literal["quantize", "prune", "export"] = Field(description="quantize | prune | export")
     model: Path = Field(description="model directory (HF layout + tokenizer) or a training stage")
     data: Path | None = Field(
         None, description="data directory or JSONL whose split scores quality (default: none)"
@@ -62,11 +83,18 @@ class CompressConfig(StageConfig):
     split: str = Field("val", description="split of data to score")
     max_docs: int = Field(64, ge=1, description="documents of the split scored")
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings, description="quantize")
+    prune: PruneSettings = Field(default_factory=PruneSettings, description="prune")
+    tokens: Path | None = Field(
+        None, description="prune: token shards (lmforge tokenizer encode) for recovery training"
+    )
+    train: TrainConfig = Field(
+        default_factory=recovery_train, description="prune: the recovery fine-tune (with tokens)"
+    )
     export: ExportSettings = Field(default_factory=ExportSettings, description="export")
     speed: SpeedSettings = Field(default_factory=SpeedSettings, description="speed measurement")
 
     def inputs(self) -> list[Path]:
-        return [p for p in (self.model, self.data) if p is not None]
+        return [p for p in (self.model, self.data, self.tokens) if p is not None]
 
     def model_dir(self) -> Path:
         """`model`, or its final/ when `model` is a training stage's directory."""
@@ -83,6 +111,7 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     """Measures the original, runs the method, measures the result; writes compression.json."""
     from lmforge.compress import export, measure
+    from lmforge.compress.prune import prune_method
     from lmforge.compress.quantize import quantize_method
     from lmforge.evals.lm import EvalModel
     from lmforge.evals.perplexity import read_texts
@@ -95,6 +124,8 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     ctx.log.info("original: %s", before)
     if cfg.method == "quantize":
         result = quantize_method(cfg, ctx, src, original, texts)
+    elif cfg.method == "prune":
+        result = prune_method(cfg, ctx, src, original, texts)
     else:
         result = export.export_method(cfg, ctx, src, original)
     after = result.pop("after")

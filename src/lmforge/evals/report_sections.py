@@ -360,12 +360,19 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The variants compression.json measured: the original, the result, and the extras
     (dynamic int8 in memory; each exported file), each with what was measured for it."""
     method = report.get("method", "?")
-    label = {"quantize": (report.get("quantization") or {}).get("scheme", "quantized")}
     rows = [{"variant": "original (fp32)", **(report.get("before") or {})}]
     if method == "quantize":
-        rows.append({"variant": f"{label['quantize']} weight-only", **(report.get("after") or {})})
+        scheme = (report.get("quantization") or {}).get("scheme", "quantized")
+        rows.append({"variant": f"{scheme} weight-only", **(report.get("after") or {})})
         if report.get("dynamic_int8"):
             rows.append({"variant": "dynamic int8 (in memory)", **report["dynamic_int8"]})
+    if method == "prune":
+        p = report.get("pruning") or {}
+        label = f"{p.get('kind', '?')} pruned {p.get('target', '?')}"
+        if report.get("before_recovery"):
+            rows.append({"variant": f"{label}, before recovery", **report["before_recovery"]})
+            label += f", recovered {(report.get('recovery') or {}).get('steps', '?')} steps"
+        rows.append({"variant": label, **(report.get("after") or {})})
     for fmt, name in (("onnx", "ONNX (onnxruntime)"), ("gguf", "GGUF f32")):
         if report.get(fmt):
             rows.append({"variant": name, **report[fmt]})
