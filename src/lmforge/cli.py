@@ -314,7 +314,7 @@ def finetune_cmd(
 
 
 compress_app = typer.Typer(
-    help="Make a trained model smaller or portable: quantize, prune, export (ONNX, GGUF).",
+    help="Make a trained model smaller or portable: quantize, prune, distill, export.",
     no_args_is_help=True,
 )
 app.add_typer(compress_app, name="compress")
@@ -378,6 +378,29 @@ def compress_prune_cmd(
     if tokens is not None:
         extra["tokens"] = tokens
     _compress("prune", model, out, data, config, sets, force, extra)
+
+
+@compress_app.command("distill")
+def compress_distill_cmd(
+    model: CompressModelOpt = None,
+    out: CompressOutOpt = None,
+    data: CompressDataOpt = None,
+    tokens: Annotated[
+        Path | None, typer.Option(help="Token shards made with the teacher's tokenizer.")
+    ] = None,
+    student: Annotated[str | None, typer.Option(help="Student preset, e.g. micro.")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train a smaller student preset from the model (KL on softened logits + next-token CE).
+
+    Example: lmforge compress distill --model runs/x/pretrain --data runs/x/data --tokens runs/x/tokens --out runs/x/student --student micro --set train.max_steps=300
+    """
+    extra: dict[str, Any] = {"distill": {"student": student}} if student else {}
+    if tokens is not None:
+        extra["tokens"] = tokens
+    _compress("distill", model, out, data, config, sets, force, extra)
 
 
 @compress_app.command("export")

@@ -150,15 +150,11 @@ def prune_model(model: Transformer, settings: Any) -> tuple[Transformer, dict[st
     return prune_heads(model, settings.sparsity), {}
 
 
-def recover(
-    model: Transformer, masks: dict[str, Tensor], tokens: Path, model_dir: Path, cfg: Any, ctx: Any
-) -> dict[str, float]:
-    """Short fine-tune on token shards through the one loop; pruned weights stay zero."""
+def shard_loaders(tokens: Path, model_dir: Path, tc: Any, loss_fn: Any) -> tuple[Any, Any]:
+    """(train loader, eval_fn) over token shards made with model_dir's tokenizer."""
     from lmforge.train.loader import TokenWindows, open_tokens
-    from lmforge.train.loop import train
-    from lmforge.train.pretrain import lm_loss, read_token_meta
+    from lmforge.train.pretrain import read_token_meta
 
-    tc = cfg.train
     meta = read_token_meta(tokens, model_dir)
     loader = TokenWindows(open_tokens(tokens / "train.bin", meta["dtype"]), tc.seq_len,
                           tc.micro_batch_size, seed=tc.seed)  # fmt: skip
@@ -167,14 +163,25 @@ def recover(
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         device = next(m.parameters()).device
-        losses = [lm_loss(m, {k: v.to(device) for k, v in val.batch(i).items()})[0]
+        losses = [loss_fn(m, {k: v.to(device) for k, v in val.batch(i).items()})[0]
                   for i in range(tc.eval_steps)]  # fmt: skip
         return {"val_loss": torch.stack(losses).float().mean().item()}
 
+    return loader, evaluate
+
+
+def recover(
+    model: Transformer, masks: dict[str, Tensor], tokens: Path, model_dir: Path, cfg: Any, ctx: Any
+) -> dict[str, float]:
+    """Short fine-tune on token shards through the one loop; pruned weights stay zero."""
+    from lmforge.train.loop import train
+    from lmforge.train.pretrain import lm_loss
+
+    loader, evaluate = shard_loaders(tokens, model_dir, cfg.train, lm_loss)
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         params[name].register_hook(lambda g, m=mask: g * m.to(g.dtype))
-    result = train(model.train(), lm_loss, loader, tc, ctx, eval_fn=evaluate, resume=False)
+    result = train(model.train(), lm_loss, loader, cfg.train, ctx, eval_fn=evaluate, resume=False)
     model.eval()
     return {"steps": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss}
 

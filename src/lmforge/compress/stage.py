@@ -1,9 +1,10 @@
-"""The `compress` stage: one kind, a `method` field (quantize | prune | export).
+"""The `compress` stage: one kind, a `method` field (quantize | prune | distill | export).
 
 `lmforge compress quantize --model DIR --out DIR` writes `final/` (a model directory: config.json,
 model.safetensors, tokenizer files, generation_config.json when the source has one) that eval and
 generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
-`tokens`, recovered by a short fine-tune through the one training loop); `lmforge compress export` writes `model.onnx` (KV-cache inputs and
+`tokens`, recovered by a short fine-tune through the one training loop); `lmforge compress
+distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (KV-cache inputs and
 outputs, checked against PyTorch with onnxruntime) and `model.gguf` (llama.cpp, read back with
 gguf's reader). Both write compression.json: weight bytes, greedy decode tokens/s and (with
 `data`) perplexity / bits-per-byte of the original and the result.
@@ -58,6 +59,14 @@ class PruneSettings(Section):
     )
 
 
+class DistillSettings(Section):
+    """method=distill: the student and how it learns from the teacher."""
+
+    student: str = Field("micro", description="student preset (vocab and block size: teacher's)")
+    temperature: float = Field(2.0, gt=0, description="softens both logit distributions")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term (1 - alpha: CE)")
+
+
 def recovery_train() -> TrainConfig:
     """A short recovery fine-tune: no checkpoints, one evaluation at the end."""
     return TrainConfig(max_steps=50, lr=3e-4, warmup_steps=5, ckpt_every=0, eval_every=0,
@@ -75,7 +84,9 @@ class SpeedSettings(Section):
 class CompressConfig(StageConfig):
     """`lmforge compress quantize|export --model DIR --out DIR [--data DIR]`."""
 
-    method: Literal["quantize", "prune", "export"] = Field(description="quantize | prune | export")
+    method: Literal["quantize", "prune", "distill", "export"] = Field(
+        description="quantize | prune | distill | export"
+    )
     model: Path = Field(description="model directory (HF layout + tokenizer) or a training stage")
     data: Path | None = Field(
         None, description="data directory or JSONL whose split scores quality (default: none)"
@@ -84,11 +95,12 @@ class CompressConfig(StageConfig):
     max_docs: int = Field(64, ge=1, description="documents of the split scored")
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings, description="quantize")
     prune: PruneSettings = Field(default_factory=PruneSettings, description="prune")
+    distill: DistillSettings = Field(default_factory=DistillSettings, description="distill")
     tokens: Path | None = Field(
-        None, description="prune: token shards (lmforge tokenizer encode) for recovery training"
+        None, description="token shards (lmforge tokenizer encode): prune's recovery, distill"
     )
     train: TrainConfig = Field(
-        default_factory=recovery_train, description="prune: the recovery fine-tune (with tokens)"
+        default_factory=recovery_train, description="prune's recovery / distill's training"
     )
     export: ExportSettings = Field(default_factory=ExportSettings, description="export")
     speed: SpeedSettings = Field(default_factory=SpeedSettings, description="speed measurement")
@@ -111,6 +123,7 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     """Measures the original, runs the method, measures the result; writes compression.json."""
     from lmforge.compress import export, measure
+    from lmforge.compress.distill import distill_method
     from lmforge.compress.prune import prune_method
     from lmforge.compress.quantize import quantize_method
     from lmforge.evals.lm import EvalModel
@@ -126,6 +139,8 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
         result = quantize_method(cfg, ctx, src, original, texts)
     elif cfg.method == "prune":
         result = prune_method(cfg, ctx, src, original, texts)
+    elif cfg.method == "distill":
+        result = distill_method(cfg, ctx, src, original, texts)
     else:
         result = export.export_method(cfg, ctx, src, original)
     after = result.pop("after")

@@ -360,7 +360,8 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The variants compression.json measured: the original, the result, and the extras
     (dynamic int8 in memory; each exported file), each with what was measured for it."""
     method = report.get("method", "?")
-    rows = [{"variant": "original (fp32)", **(report.get("before") or {})}]
+    first = "teacher (fp32)" if method == "distill" else "original (fp32)"
+    rows = [{"variant": first, **(report.get("before") or {})}]
     if method == "quantize":
         scheme = (report.get("quantization") or {}).get("scheme", "quantized")
         rows.append({"variant": f"{scheme} weight-only", **(report.get("after") or {})})
@@ -372,6 +373,10 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         if report.get("before_recovery"):
             rows.append({"variant": f"{label}, before recovery", **report["before_recovery"]})
             label += f", recovered {(report.get('recovery') or {}).get('steps', '?')} steps"
+        rows.append({"variant": label, **(report.get("after") or {})})
+    if method == "distill":
+        d = report.get("distillation") or {}
+        label = f"student {d.get('student', '?')} ({fmt_num(d.get('student_params'))} params)"
         rows.append({"variant": label, **(report.get("after") or {})})
     for fmt, name in (("onnx", "ONNX (onnxruntime)"), ("gguf", "GGUF f32")):
         if report.get(fmt):
