@@ -79,9 +79,9 @@ def main() -> None:
         "fp32 eager": torch_decoder(model, idx, args.new_tokens),
         "int8 weight-only": torch_decoder(load_pretrained(work / "int8"), idx, args.new_tokens),
         "dynamic int8": torch_decoder(dynamic_int8(model), idx, args.new_tokens),
-        "ONNX onnxruntime": ort_decoder(ort_session(work / "model.onnx"), model, idx,
-                                        args.new_tokens),  # fmt: skip
     }
+    session = ort_session(work / "model.onnx")
+    variants["ONNX onnxruntime"] = ort_decoder(session, model, idx, args.new_tokens)
     times: dict[str, list[float]] = {name: [] for name in variants}
     tokens = {name: run() for name, run in variants.items()}  # warm-up, and the outputs
     for _ in range(args.rounds):

@@ -37,3 +37,22 @@ def test_cli_missing_model_and_unknown_format_are_one_line(tmp_path: Path) -> No
     proc = lmforge("compress", "export", "--model", str(tmp_path), "--out", str(tmp_path / "x"),
                    "--formats", "tflite")  # fmt: skip
     assert proc.returncode == 2 and "tflite" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_recipe_chains_quantize_into_export_and_caches(tmp_path: Path) -> None:
+    from lmforge.runner import run_recipe
+
+    model = trained_model_dir(tmp_path / "model")
+    recipe = tmp_path / "compress.yaml"
+    recipe.write_text(
+        "name: compress\n"
+        "stages:\n"
+        f"  int8: {{stage: compress, method: quantize, model: {model}}}\n"
+        "  export: {stage: compress, method: export, model: '@int8', export: {formats: [onnx]}}\n"
+    )
+    results = dict(run_recipe(recipe, out=tmp_path / "run"))
+    report = json.loads((results["export"].out / "compression.json").read_text())
+    assert report["source"].endswith("int8/final")  # the quantized model, dequantized on load
+    assert report["onnx"]["decode_max_abs_diff"] < 1e-3
+    again = dict(run_recipe(recipe, out=tmp_path / "run"))
+    assert all(r.cached for r in again.values())
