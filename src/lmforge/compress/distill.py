@@ -49,13 +49,12 @@ def distill_method(
     cfg: Any, ctx: Any, src: Path, original: Any, texts: list[str] | None
 ) -> dict[str, Any]:
     """final/ (the trained student) measured against the teacher."""
+    from lmforge.compress.files import write_final
     from lmforge.compress.measure import model_report
     from lmforge.compress.prune import shard_loaders
-    from lmforge.compress.quantize import copy_side_files
     from lmforge.errors import ConfigError
     from lmforge.evals.lm import EvalModel
     from lmforge.model.config import preset_config
-    from lmforge.model.convert import read_config, save_pretrained
     from lmforge.model.transformer import Transformer
     from lmforge.train.loop import train
     from lmforge.train.pretrain import lm_loss
@@ -71,12 +70,7 @@ def distill_method(
     result = train(student, make_loss_fn(teacher, settings.temperature, settings.alpha), loader,
                    cfg.train, ctx, eval_fn=evaluate, resume=False)  # fmt: skip
     student.eval()
-    hf = read_config(src)
-    special = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
-    with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(student, tmp, extra_config=special)
-        copy_side_files(src, tmp)
-    final = ctx.out / "final"
+    final = write_final(student, src, ctx)
     return {
         "after": model_report(EvalModel.load(final), final, texts, cfg.speed),
         "distillation": {

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.artifacts import StageContext
+from lmforge.compress.files import copy_side_files, special_ids
 from lmforge.compress.gguf_export import check_gguf, export_gguf
 from lmforge.compress.measure import weights_bytes
 from lmforge.compress.onnx_export import (
@@ -21,19 +22,8 @@ from lmforge.compress.onnx_export import (
     ort_decode_tokens_per_s,
     ort_session,
 )
-from lmforge.compress.quantize import copy_side_files
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
-from lmforge.model.convert import read_config
-
-SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def special_ids(model_dir: Path) -> dict[str, int]:
-    """bos/eos/pad ids of config.json that are single ints (what GGUF's keys hold)."""
-    hf = read_config(model_dir)
-    return {k: hf[k] for k in SPECIAL_KEYS if type(hf.get(k)) is int}
-
 
 EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "gguf": ("gguf",)}
 

@@ -190,10 +190,10 @@ def prune_method(
     cfg: Any, ctx: Any, src: Path, original: Any, texts: list[str] | None
 ) -> dict[str, Any]:
     """final/ (the pruned, optionally recovered model) measured, with what was pruned."""
+    from lmforge.compress.files import write_final
     from lmforge.compress.measure import model_report, quality
-    from lmforge.compress.quantize import copy_side_files
     from lmforge.evals.lm import EvalModel
-    from lmforge.model.convert import load_pretrained, read_config, save_pretrained
+    from lmforge.model.convert import load_pretrained
 
     settings = cfg.prune
     model = load_pretrained(src)
@@ -209,11 +209,6 @@ def prune_method(
             report["before_recovery"] = quality(unrecovered, texts)
         report["recovery"] = recover(pruned, masks, Path(cfg.tokens), src, cfg, ctx)
     report["pruning"]["block_sparsity"] = sparsity_of(pruned)
-    hf = read_config(src)
-    special = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
-    with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(pruned, tmp, extra_config=special)
-        copy_side_files(src, tmp)
-    final = ctx.out / "final"
+    final = write_final(pruned, src, ctx)
     report["after"] = model_report(EvalModel.load(final), final, texts, cfg.speed)
     return report

@@ -12,7 +12,6 @@ nn.Linear, applied in memory after loading, since its packed weights have no saf
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,19 +22,11 @@ from torch import nn
 
 from lmforge.artifacts import StageContext
 from lmforge.common.io import atomic_path, atomic_write_json
+from lmforge.compress.files import copy_side_files
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.convert import read_config, read_tensors
 from lmforge.model.quant import quantize_tensors
-from lmforge.tokenizer.files import TOKENIZER_FILES
-from lmforge.tokenizer.generation import GENERATION_CONFIG
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer files and generation_config.json of src, so dst is a complete model directory."""
-    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
 
 
 def quantize_dir(src: Path, dst: Path, scheme: str, group_size: int) -> dict[str, Any]:
