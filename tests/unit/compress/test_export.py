@@ -62,6 +62,14 @@ def test_onnx_greedy_decoding_reproduces_pytorch_generate(onnx_model) -> None:
     assert keys.shape == (2, 1, 2, 4 + 7, model.config.hd)  # (n_layer, B, n_kv, P + T, hd)
 
 
+def test_gpt2_style_onnx_export_matches_too(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset_config("micro-gpt2")).eval()  # learned positions, biases, GELU
+    export_onnx(model, tmp_path / "gpt2.onnx")
+    diffs = check_onnx(model, ort_session(tmp_path / "gpt2.onnx"), atol=1e-4)
+    assert max(diffs.values()) < 1e-4
+
+
 def test_onnx_check_fails_for_a_graph_of_other_weights(onnx_model) -> None:
     _, path = onnx_model
     torch.manual_seed(1)

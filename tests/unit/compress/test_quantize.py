@@ -91,3 +91,15 @@ def test_dynamic_int8_quantizes_every_linear_and_stays_close(trained_dir: Path) 
         ref, got = model(ids), dyn(ids)
     assert (ref - got).abs().max().item() < 0.1 * ref.abs().max().item()
     assert (ref.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+
+
+def test_gpt2_style_checkpoint_quantizes_and_reloads(tmp_path: Path) -> None:
+    from unit.evals.helpers import make_model_dir
+
+    src = make_model_dir(tmp_path / "gpt2", preset="micro-gpt2")
+    quant = quantize_dir(src, tmp_path / "q", "int8", 32)
+    assert any("wpe" in name or "position" in name for name in quant["bits"])  # learned positions
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        ref, got = load_pretrained(src)(ids), load_pretrained(tmp_path / "q")(ids)
+    assert (ref - got).abs().max().item() < 0.02 * ref.abs().max().item()
