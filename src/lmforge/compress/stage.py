@@ -69,8 +69,8 @@ class DistillSettings(Section):
 
 def recovery_train() -> TrainConfig:
     """A short recovery fine-tune: no checkpoints, one evaluation at the end."""
-    return TrainConfig(max_steps=50, lr=3e-4, warmup_steps=5, ckpt_every=0, eval_every=0,
-                       eval_steps=5)  # fmt: skip
+    return TrainConfig(max_steps=50, lr=1e-4, micro_batch_size=16, warmup_steps=5, ckpt_every=0,
+                       eval_every=0, eval_steps=5)  # fmt: skip
 
 
 class SpeedSettings(Section):
