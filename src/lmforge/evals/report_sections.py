@@ -419,18 +419,17 @@ def compress_section(stage: StageInfo) -> list[Block]:
     text += f"{Path(str(report.get('source', '?'))).name}: "
     parts = []
     for r in rows[1:]:
-        part = f"{r['variant']}"
+        bits = []
         if r.get("weights_bytes"):
-            part += f" {r['weights_bytes'] / max(base['weights_bytes'], 1):.2f}x the size"
+            bits.append(f"{r['weights_bytes'] / max(base['weights_bytes'], 1):.2f}x the size")
         if r.get("tokens_per_s"):
-            part += f", {r['tokens_per_s'] / max(base['tokens_per_s'], 1e-9):.2f}x the speed"
+            bits.append(f"{r['tokens_per_s'] / max(base['tokens_per_s'], 1e-9):.2f}x the speed")
         if r.get("perplexity") is not None and base.get("perplexity"):
-            part += f", perplexity {100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%"
+            bits.append(f"perplexity {100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%")
         if r.get("decode_max_abs_diff") is not None:
-            part += (
-                f", logits within {max(r['prefill_max_abs_diff'], r['decode_max_abs_diff']):.1e}"
-            )
-        parts.append(part)
+            diff = max(r["prefill_max_abs_diff"], r["decode_max_abs_diff"])
+            bits.append(f"logits within {diff:.1e}")
+        parts.append(f"{r['variant']} " + ", ".join(bits))
     blocks = [Block(text=text + "; ".join(parts) + ".", summary=True)]
     table = [["variant", "MB", "size", "tokens/s", "speed", "perplexity", "bits/byte"]]
     for r in rows:
