@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "tune": "lmforge.tune.stage:TuneConfig:build",
     "align": "lmforge.align.stage:AlignConfig:build",
     "preferences": "lmforge.align.synthetic:PreferencesConfig:build",
+    "compress": "lmforge.compress.stage:CompressConfig:build",
 }
 
 # Kinds whose build() joins a torchrun process group and works on every rank. Under torchrun,

@@ -2,7 +2,7 @@
 
 Public API: `finetune(FinetuneConfig(...)) -> Path` (the finetune stage) and
 `make_tasks(TasksConfig(...)) -> Path` (the built-in stdlib tasks), plus the pieces in formats,
-lora, quant, freeze, heads, sft, evaluate and kfold. Imports are lazy so `import lmforge.finetune`
+lora, freeze, heads, sft, evaluate and kfold. Imports are lazy so `import lmforge.finetune`
 does not pull in torch.
 """
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.config import Section
 from lmforge.errors import ConfigError
-from lmforge.finetune.quant import QuantLinear
+from lmforge.model.quant import QuantLinear
 
 DEFAULT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
 

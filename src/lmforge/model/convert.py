@@ -42,6 +42,7 @@ from lmforge.model.hf_families import (
     ours_to_hf,
     without_lm_head,
 )
+from lmforge.model.quant import SCALE_SUFFIX, dequantize_tensors
 from lmforge.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def read_tensors(model_dir: Path) -> dict[str, Tensor]:
     )
 
 
-def _read_config(model_dir: Path) -> dict[str, Any]:
+def read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.exists():
         raise InputError(
@@ -153,9 +154,9 @@ def load_pretrained(
 ) -> Transformer:
     """A Transformer (in eval mode) from an lmforge export or a local HF checkpoint directory."""
     model_dir = Path(model_dir)
-    hf = _read_config(model_dir)
+    hf = read_config(model_dir)
     cfg = hf_config_to_model_config(hf)
-    tensors = read_tensors(model_dir)
+    tensors = dequantize_tensors(read_tensors(model_dir), hf.get("quantization_config"), model_dir)
     score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
     model_type = hf.get("model_type")
     if model_type == NATIVE:
@@ -195,7 +196,12 @@ def load_classifier(model_dir: Path | str) -> ClassifierHead | None:
     weight = _read_tensor(model_dir, SCORE)
     if weight is None:
         return None
-    id2label = {str(k): str(v) for k, v in (_read_config(model_dir).get("id2label") or {}).items()}
+    hf = read_config(model_dir)
+    quant = hf.get("quantization_config")
+    if quant and SCORE in quant.get("bits", {}):
+        scale = {SCORE + SCALE_SUFFIX: _read_tensor(model_dir, SCORE + SCALE_SUFFIX)}
+        weight = dequantize_tensors({SCORE: weight, **scale}, quant, model_dir)[SCORE]
+    id2label = {str(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
     labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(weight.shape[0])]
     return ClassifierHead(weight.float(), labels)
 

@@ -14,8 +14,8 @@ from lmforge.finetune.lora import (
     save_peft_adapter,
     trainable_fraction,
 )
-from lmforge.finetune.quant import QuantLinear, dequantize_weight, quantize_weight
 from lmforge.model.config import preset_config
+from lmforge.model.quant import QuantLinear, dequantize_weight, quantize_weight
 from lmforge.model.transformer import Transformer
 
 

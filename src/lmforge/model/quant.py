@@ -1,20 +1,30 @@
-"""Weight-only quantization of a frozen nn.Linear, for QLoRA-style fine-tuning.
+"""Weight-only int8/int4 quantization: of a frozen nn.Linear (QLoRA) and of a whole checkpoint.
 
-The base weight is stored as int8 (one scale per output row) or 4-bit (one scale per group of
+QuantLinear keeps a frozen base weight as int8 (one scale per output row) or 4-bit (one scale per group of
 `group_size` input columns, two values packed per byte) and dequantized on every forward, so a
 frozen base takes 1/4 or ~1/7 of its fp32 memory while LoRA adapters on top train in full
 precision. Symmetric absmax rounding: small, readable, no custom kernels.
+
+quantize_tensors() applies the same rounding to every matrix of a checkpoint (`lmforge compress
+quantize`): model.safetensors then holds the codes under each weight's own name plus
+`<name>_scale`, and config.json's `quantization_config` (quant_method "lmforge") says which
+tensors are quantized with how many bits. load_pretrained() dequantizes them on load
+(dequantize_tensors), so a quantized directory needs nothing but itself.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 
 BITS = {"int8": 8, "int4": 4}
+QUANT_METHOD = "lmforge"  # quantization_config.quant_method of our checkpoints
+SCALE_SUFFIX = "_scale"
 
 
 def quantize_weight(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
@@ -75,3 +85,47 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
+
+
+def quantize_tensors(
+    tensors: dict[str, Tensor], kind: str, group_size: int = 32
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, quantization_config) with every floating-point matrix quantized.
+
+    int4 needs in_features divisible by group_size; a matrix that is not is kept at int8 (the
+    config records each tensor's bits). Vectors (norms, biases) stay as they are.
+    """
+    if kind not in BITS:
+        raise ConfigError(f"unknown quantization {kind!r}; valid: {', '.join(BITS)}")
+    out: dict[str, Tensor] = {}
+    bits_of: dict[str, int] = {}
+    for name, t in tensors.items():
+        if t.dim() != 2 or not t.is_floating_point():
+            out[name] = t
+            continue
+        bits = BITS[kind] if t.shape[1] % group_size == 0 else 8
+        codes, scale = quantize_weight(t.float(), bits, group_size)
+        out[name], out[name + SCALE_SUFFIX] = codes, scale
+        bits_of[name] = bits
+    config = {"quant_method": QUANT_METHOD, "group_size": group_size, "bits": bits_of}
+    return out, config
+
+
+def dequantize_tensors(
+    tensors: dict[str, Tensor], config: dict[str, Any] | None, where: object = "checkpoint"
+) -> dict[str, Tensor]:
+    """Inverse of quantize_tensors (float32 weights); unchanged when config is None."""
+    if not config:
+        return tensors
+    if config.get("quant_method") != QUANT_METHOD:
+        raise InputError(
+            f"{where}: quantization_config.quant_method {config.get('quant_method')!r} is not "
+            f"supported; lmforge reads its own ('{QUANT_METHOD}') or unquantized checkpoints"
+        )
+    out = dict(tensors)
+    for name, bits in config["bits"].items():
+        scale = out.pop(name + SCALE_SUFFIX, None)
+        if name not in out or scale is None:
+            raise InputError(f"{where}: quantized tensor {name} or its scale is missing")
+        out[name] = dequantize_weight(out[name], scale.float(), int(bits), config["group_size"])
+    return out

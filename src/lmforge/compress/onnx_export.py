@@ -1,0 +1,156 @@
+"""ONNX export with KV-cache inputs and outputs, checked against PyTorch with onnxruntime.
+
+The graph takes `input_ids` (B, T), `attention_mask` (B, P + T; 1 = token, 0 = left padding) and
+`past_keys` / `past_values` (n_layer, B, n_kv_head, P, hd), and returns `logits` (B, T, V) and
+`present_keys` / `present_values` (n_layer, B, n_kv_head, P + T, hd). P = 0 is the prefill; each
+decode step feeds back the presents. B, T and P are dynamic. The attention mask is always passed
+to the model, so one graph serves prefill and decode (the explicit-mask attention path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmforge.errors import StageError
+
+INPUTS = ["input_ids", "attention_mask", "past_keys", "past_values"]
+OUTPUTS = ["logits", "present_keys", "present_values"]
+
+
+class ConcatCache:
+    """The KVCache interface (update) over past tensors, growing by concatenation (traceable)."""
+
+    def __init__(self, past_keys: Tensor, past_values: Tensor) -> None:
+        self.past_keys, self.past_values = past_keys, past_values
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k = torch.cat([self.past_keys[layer], k], dim=2)  # (B, n_kv_head, P + T, hd)
+        v = torch.cat([self.past_values[layer], v], dim=2)
+        self.keys.append(k)
+        self.values.append(v)
+        return k, v
+
+
+class CachedLM(nn.Module):
+    """A Transformer as (ids, mask, past) -> (logits, presents): what the ONNX graph computes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, past_keys: Tensor, past_values: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cache = ConcatCache(past_keys, past_values)
+        logits = self.model(
+            input_ids, kv_cache=cache, start_pos=past_keys.size(3), pad_mask=attention_mask
+        )
+        return logits, torch.stack(cache.keys), torch.stack(cache.values)
+
+
+def empty_past(model: nn.Module, batch: int, length: int = 0) -> tuple[Tensor, Tensor]:
+    """Zero past keys and values (n_layer, B, n_kv_head, length, hd) for model."""
+    cfg = model.config
+    shape = (cfg.n_layer, batch, cfg.n_kv_head, length, cfg.hd)
+    return torch.zeros(shape), torch.zeros(shape)
+
+
+def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
+    """Write model (a Transformer, fp32, eval) to path as a KV-cache ONNX graph."""
+    wrapper = CachedLM(model.float()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 3))
+    past_k, past_v = empty_past(model, 2, 4)
+    mask = torch.ones((2, 7), dtype=torch.long)
+    dyn = torch.export.Dim.DYNAMIC
+    dynamic = {
+        "input_ids": {0: dyn, 1: dyn},
+        "attention_mask": {0: dyn, 1: dyn},
+        "past_keys": {1: dyn, 3: dyn},
+        "past_values": {1: dyn, 3: dyn},
+    }
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (ids, mask, past_k, past_v),
+            dynamo=True,
+            input_names=INPUTS,
+            output_names=OUTPUTS,
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    program.save(str(path))
+
+
+def ort_session(path: Path) -> Any:
+    """An onnxruntime CPU session using as many threads as torch does (a fair comparison)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_step(session: Any, ids: Tensor, mask: Tensor, past: tuple[Any, Any]) -> list[np.ndarray]:
+    """One graph call: (logits, present_keys, present_values) as numpy arrays."""
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    feed.update(past_keys=np.asarray(past[0]), past_values=np.asarray(past[1]))
+    return session.run(None, feed)
+
+
+@torch.no_grad()
+def check_onnx(model: nn.Module, session: Any, atol: float) -> dict[str, float]:
+    """Max |logit difference| ONNX vs PyTorch on a left-padded prefill and one cached decode step.
+
+    Two prompts (6 and 4 tokens, the second left-padded) are compared at their real positions;
+    the decode step appends one token to each. Raises StageError beyond atol.
+    """
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
+    mask = torch.ones((2, 6), dtype=torch.long)
+    mask[1, :2] = 0
+    logits, keys, values = run_step(session, ids, mask, empty_past(model, 2))
+    ref = model(ids, pad_mask=mask).float().numpy()
+    real = mask.bool().numpy()
+    prefill = float(np.abs(logits - ref)[real].max())
+    nxt = torch.randint(0, model.config.vocab_size, (2, 1), generator=gen)
+    mask2 = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], dim=1)
+    step, _, _ = run_step(session, nxt, mask2, (keys, values))
+    ref2 = model(torch.cat([ids, nxt], dim=1), pad_mask=mask2)[:, -1:].float().numpy()
+    decode = float(np.abs(step - ref2).max())
+    if max(prefill, decode) > atol:
+        raise StageError(
+            f"ONNX logits differ from PyTorch by {max(prefill, decode):.2e} (> atol {atol}); "
+            "the export is wrong for this model, please report it"
+        )
+    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode}
+
+
+def ort_decode_tokens_per_s(
+    session: Any, model: nn.Module, prompt_tokens: int, new_tokens: int, repeats: int = 1
+) -> float:
+    """Greedy decode speed of the ONNX graph under onnxruntime (prefill, then cached steps)."""
+    from lmforge.compress.measure import prompt_ids, time_decode
+
+    idx = prompt_ids(model.config.vocab_size, prompt_tokens)
+
+    def step() -> int:
+        ids, mask = idx, torch.ones_like(idx)
+        past: tuple[Any, Any] = empty_past(model, 1)
+        for _ in range(new_tokens):
+            logits, keys, values = run_step(session, ids, mask, past)
+            ids = torch.from_numpy(logits[:, -1].argmax(-1, keepdims=True))
+            mask = torch.ones((1, mask.size(1) + 1), dtype=torch.long)
+            past = (keys, values)
+        return new_tokens
+
+    return time_decode(step, repeats)

@@ -1,0 +1,150 @@
+"""The `compress` stage: one kind, a `method` field (quantize | prune | distill | export).
+
+`lmforge compress quantize --model DIR --out DIR` writes `final/` (a model directory: config.json,
+model.safetensors, tokenizer files, generation_config.json when the source has one) that eval and
+generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
+`tokens`, recovered by a short fine-tune through the one training loop); `lmforge compress
+distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (KV-cache inputs and
+outputs, checked against PyTorch with onnxruntime) and `model.gguf` (llama.cpp, read back with
+gguf's reader). Both write compression.json: weight bytes, greedy decode tokens/s and (with
+`data`) perplexity / bits-per-byte of the original and the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lmforge.artifacts import StageContext, require_artifact, run_stage
+from lmforge.config import Section, StageConfig
+from lmforge.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (or point at its final/)"
+
+
+class QuantizeSettings(Section):
+    """method=quantize: weight-only rounding of every matrix."""
+
+    scheme: Literal["int8", "int4"] = Field(
+        "int8", description="int8 (a scale per row) | int4 (a scale per group of columns)"
+    )
+    group_size: int = Field(32, ge=2, description="int4: input columns sharing one scale (even)")
+
+
+class ExportSettings(Section):
+    """method=export: which files, and how closely they must match PyTorch."""
+
+    formats: list[Literal["onnx", "gguf"]] = Field(
+        default_factory=lambda: ["onnx", "gguf"], description="onnx and/or gguf"
+    )
+    atol: float = Field(1e-3, gt=0, description="max |logit difference| ONNX vs PyTorch allowed")
+    opset: int = Field(18, ge=14, description="ONNX opset version")
+
+
+class PruneSettings(Section):
+    """method=prune: what is removed, and how much."""
+
+    kind: Literal["magnitude", "neurons", "heads"] = Field(
+        "magnitude",
+        description="magnitude (zero weights) | neurons (MLP units) | heads (kv groups)",
+    )
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights/units/groups removed")
+    scope: Literal["global", "layer"] = Field(
+        "global", description="magnitude: rank weights over all matrices or within each"
+    )
+
+
+class DistillSettings(Section):
+    """method=distill: the student and how it learns from the teacher."""
+
+    student: str = Field("micro", description="student preset (vocab and block size: teacher's)")
+    temperature: float = Field(2.0, gt=0, description="softens both logit distributions")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term (1 - alpha: CE)")
+
+
+def recovery_train() -> TrainConfig:
+    """A short recovery fine-tune: no checkpoints, one evaluation at the end."""
+    return TrainConfig(max_steps=50, lr=1e-4, micro_batch_size=16, warmup_steps=5, ckpt_every=0,
+                       eval_every=0, eval_steps=5)  # fmt: skip
+
+
+class SpeedSettings(Section):
+    """How decode speed is measured (greedy, KV cache, a fixed random prompt)."""
+
+    prompt_tokens: int = Field(16, ge=1, description="prompt length")
+    new_tokens: int = Field(32, ge=1, description="tokens generated per run")
+    repeats: int = Field(2, ge=1, description="timed runs (best counts), after one warm-up")
+
+
+class CompressConfig(StageConfig):
+    """`lmforge compress quantize|export --model DIR --out DIR [--data DIR]`."""
+
+    method: Literal["quantize", "prune", "distill", "export"] = Field(
+        description="quantize | prune | distill | export"
+    )
+    model: Path = Field(description="model directory (HF layout + tokenizer) or a training stage")
+    data: Path | None = Field(
+        None, description="data directory or JSONL whose split scores quality (default: none)"
+    )
+    split: str = Field("val", description="split of data to score")
+    max_docs: int = Field(64, ge=1, description="documents of the split scored")
+    quantize: QuantizeSettings = Field(default_factory=QuantizeSettings, description="quantize")
+    prune: PruneSettings = Field(default_factory=PruneSettings, description="prune")
+    distill: DistillSettings = Field(default_factory=DistillSettings, description="distill")
+    tokens: Path | None = Field(
+        None, description="token shards (lmforge tokenizer encode): prune's recovery, distill"
+    )
+    train: TrainConfig = Field(
+        default_factory=recovery_train, description="prune's recovery / distill's training"
+    )
+    export: ExportSettings = Field(default_factory=ExportSettings, description="export")
+    speed: SpeedSettings = Field(default_factory=SpeedSettings, description="speed measurement")
+
+    def inputs(self) -> list[Path]:
+        return [p for p in (self.model, self.data, self.tokens) if p is not None]
+
+    def model_dir(self) -> Path:
+        """`model`, or its final/ when `model` is a training stage's directory."""
+        from lmforge.model.convert import resolve_model_dir
+
+        return resolve_model_dir(self.model)
+
+
+def compress(cfg: CompressConfig, force: bool = False) -> Path:
+    """Runs (or reuses) the compress stage; returns its directory."""
+    return run_stage("compress", cfg, build, force=force).out
+
+
+def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
+    """Measures the original, runs the method, measures the result; writes compression.json."""
+    from lmforge.compress import export, measure
+    from lmforge.compress.distill import distill_method
+    from lmforge.compress.prune import prune_method
+    from lmforge.compress.quantize import quantize_method
+    from lmforge.evals.lm import EvalModel
+    from lmforge.evals.perplexity import read_texts
+
+    src = cfg.model_dir()
+    require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
+    texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
+    original = EvalModel.load(src)
+    before = measure.model_report(original, src, texts, cfg.speed)
+    ctx.log.info("original: %s", before)
+    if cfg.method == "quantize":
+        result = quantize_method(cfg, ctx, src, original, texts)
+    elif cfg.method == "prune":
+        result = prune_method(cfg, ctx, src, original, texts)
+    elif cfg.method == "distill":
+        result = distill_method(cfg, ctx, src, original, texts)
+    else:
+        result = export.export_method(cfg, ctx, src, original)
+    after = result.pop("after")
+    report = {"method": cfg.method, "source": str(src), "before": before, "after": after, **result}
+    report.update(measure.compare(before, after))
+    ctx.atomic_write_json(ctx.out / "compression.json", report)
+    return {k: v for k, v in report.items() if isinstance(v, (int, float)) and v is not None}

@@ -1,0 +1,132 @@
+"""compress export: ONNX with a KV cache against PyTorch (onnxruntime), GGUF read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.compress.gguf_export import (
+    check_gguf,
+    check_llama_style,
+    export_gguf,
+    rope_permute,
+    tokenizer_metadata,
+)
+from lmforge.compress.onnx_export import (
+    check_onnx,
+    empty_past,
+    export_onnx,
+    ort_session,
+    run_step,
+)
+from lmforge.compress.stage import CompressConfig, compress
+from lmforge.errors import ConfigError, StageError
+from lmforge.model.config import preset_config
+from lmforge.model.convert import load_pretrained
+from lmforge.model.generate import generate
+from lmforge.model.transformer import Transformer, apply_rotary
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Transformer, Path]:
+    """A micro model (GQA: 4 query heads, 2 kv heads) and its ONNX export."""
+    torch.manual_seed(0)
+    model = Transformer(preset_config("micro")).eval()
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+def test_onnx_matches_pytorch_on_padded_prefill_and_cached_decode(onnx_model) -> None:
+    model, path = onnx_model
+    diffs = check_onnx(model, ort_session(path), atol=1e-4)
+    assert diffs["prefill_max_abs_diff"] < 1e-4 and diffs["decode_max_abs_diff"] < 1e-4
+
+
+def test_onnx_greedy_decoding_reproduces_pytorch_generate(onnx_model) -> None:
+    model, path = onnx_model
+    session = ort_session(path)
+    prompt = torch.tensor([[5, 17, 42, 9]])
+    want = generate(model, prompt, 8, greedy=True)[0, 4:].tolist()
+    ids, mask, past, got = prompt, torch.ones_like(prompt), empty_past(model, 1), []
+    for _ in range(8):
+        logits, keys, values = run_step(session, ids, mask, past)
+        ids = torch.from_numpy(logits[:, -1].argmax(-1, keepdims=True))
+        got.append(int(ids))
+        mask, past = torch.ones((1, mask.size(1) + 1), dtype=torch.long), (keys, values)
+    assert got == want
+    assert keys.shape == (2, 1, 2, 4 + 7, model.config.hd)  # (n_layer, B, n_kv, P + T, hd)
+
+
+def test_gpt2_style_onnx_export_matches_too(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset_config("micro-gpt2")).eval()  # learned positions, biases, GELU
+    export_onnx(model, tmp_path / "gpt2.onnx")
+    diffs = check_onnx(model, ort_session(tmp_path / "gpt2.onnx"), atol=1e-4)
+    assert max(diffs.values()) < 1e-4
+
+
+def test_onnx_check_fails_for_a_graph_of_other_weights(onnx_model) -> None:
+    _, path = onnx_model
+    torch.manual_seed(1)
+    other = Transformer(preset_config("micro")).eval()
+    with pytest.raises(StageError, match="ONNX logits differ"):
+        check_onnx(other, ort_session(path), atol=1e-3)
+
+
+def test_rope_permute_turns_rotate_halves_into_ggml_adjacent_pairs() -> None:
+    hd, pos, theta = 8, 5, 10000.0
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd)  # (hd/2,)
+    angle = pos * inv
+    q = torch.randn(hd)
+    cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
+    ours = apply_rotary(q[None], cos, sin)[0]  # rotate halves, lmforge/HF layout
+    p = rope_permute(q[:, None], 1)[:, 0]  # GGML layout: pairs (2i, 2i+1)
+    ggml = torch.empty(hd)
+    ggml[0::2] = p[0::2] * angle.cos() - p[1::2] * angle.sin()
+    ggml[1::2] = p[0::2] * angle.sin() + p[1::2] * angle.cos()
+    assert torch.allclose(ggml, rope_permute(ours[:, None], 1)[:, 0], atol=1e-6)
+
+
+def test_gguf_reads_back_every_tensor_and_the_tokenizer(trained_dir: Path, tmp_path: Path) -> None:
+    import gguf
+
+    model = load_pretrained(trained_dir)
+    special = {"bos_token_id": 0, "eos_token_id": 1}
+    export_gguf(model, trained_dir, tmp_path / "m.gguf", special)
+    summary = check_gguf(tmp_path / "m.gguf", model, trained_dir, special)
+    assert summary["tensors"] == 2 + 9 * model.config.n_layer  # embeddings, final norm, blocks
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    vocab = json.loads((trained_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    assert all(tokens[i] == text for text, i in vocab.items())
+    v = {t.name: np.asarray(t.data) for t in reader.tensors}["blk.0.attn_v.weight"]
+    kv = model.config.n_kv_head * model.config.hd
+    qkv = model.blocks[0].attn.qkv.weight.detach().numpy()
+    assert np.array_equal(v, qkv[-kv:])  # v rows are the last of the fused projection
+    torch.manual_seed(3)
+    other = Transformer(model.config).eval()
+    with pytest.raises(StageError, match="differs"):
+        check_gguf(tmp_path / "m.gguf", other, trained_dir, special)
+
+
+def test_gguf_refuses_gpt2_style_and_non_bpe_tokenizers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"llama-style models only.*norm='layernorm'"):
+        check_llama_style(preset_config("micro-gpt2"))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
+    with pytest.raises(ConfigError, match="byte-level BPE tokenizers only"):
+        tokenizer_metadata(tmp_path, {})
+
+
+def test_export_stage_writes_checked_onnx_and_gguf(trained_dir: Path, tmp_path: Path) -> None:
+    out = compress(CompressConfig(method="export", model=trained_dir, out=tmp_path / "x"))
+    report = json.loads((out / "compression.json").read_text())
+    assert report["onnx"]["prefill_max_abs_diff"] < 1e-3
+    assert report["onnx"]["decode_max_abs_diff"] < 1e-3
+    assert report["onnx"]["tokens_per_s"] > 0 and report["gguf"]["tokens"] > 0
+    assert (out / "onnx" / "tokenizer.json").is_file() and (out / "model.gguf").is_file()
+    assert (out / "manifest.json").is_file()
