@@ -366,6 +366,7 @@ class Transformer(nn.Module):
             h.device.type == "cpu"
             and h.dtype == torch.float32
             and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
             and type(self.lm_head) is nn.Linear
             and not torch.compiler.is_compiling()
         )

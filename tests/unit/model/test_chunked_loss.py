@@ -60,3 +60,14 @@ def test_transformer_training_loss_and_grads_equal_the_logits_path() -> None:
     torch.testing.assert_close(chunked, ref, rtol=1e-6, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_autocast_takes_the_ordinary_path() -> None:
+    """Under CPU bf16 autocast the logits are bf16: the chunked fp32 path must step aside."""
+    model = Transformer(preset_config("micro"))
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model._loss_from_hidden(model.hidden_states(idx))
+        loss = model(idx, labels=idx)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
