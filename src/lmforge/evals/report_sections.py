@@ -484,3 +484,4 @@ def compress_section(stage: StageInfo) -> list[Block]:
     plot = _plot_tradeoff(rows, stage.asset("tradeoff.png"))
     if plot:
         blocks.append(Block(image=plot, caption="quality vs size vs speed"))
+    return blocks
