@@ -1,10 +1,12 @@
 """The quickstart's pretraining throughput by torch thread count, and under a CPU quota.
 
 Each row runs in its own process (torch's thread pool is sized once per process): the
-quickstart's pretraining shape (the `tiny` preset with a 4096-token vocabulary, 32 x 128 tokens
-a step, AdamW) through the real training loop, `warmup` steps then `steps` timed ones.
+quickstart's pretraining step (the `tiny` preset with a 4096-token vocabulary and the `train:`
+section of the built-in quickstart recipe: 32 x 128 tokens a step, its optimizer) through the
+real training loop, `warmup` steps then `steps` timed ones.
 
-Rows: 1 and 2 threads set explicitly, torch's own default, and lmforge's default
+Rows: 1 and 2 threads set explicitly, 8 threads (what torch's default picks on an 8-core host
+when only 2 cores are usable), torch's own default, and lmforge's default
 (`configure_torch_threads`, which every stage applies: the CPUs this process may use). As root
 on a machine with a writable cgroup v1 cpu controller it adds the case that hurt a newcomer: a
 CPU quota smaller than the cores the kernel shows (here a 1-CPU quota on this 2-core machine),
@@ -25,7 +27,13 @@ import uuid
 from pathlib import Path
 
 V1_CPU = Path("/sys/fs/cgroup/cpu")
-ROWS = {"1 thread": "1", "2 threads": "2", "torch default": "torch", "lmforge default": "lmforge"}
+ROWS = {
+    "1 thread": "1",
+    "2 threads": "2",
+    "8 threads": "8",
+    "torch default": "torch",
+    "lmforge default": "lmforge",
+}
 
 
 def measure(threads: str, steps: int, warmup: int) -> dict[str, float]:
@@ -36,8 +44,10 @@ def measure(threads: str, steps: int, warmup: int) -> dict[str, float]:
     from _common import time_lmforge, write_tokens
 
     from lmforge.common.threads import configure_torch_threads
+    from lmforge.config import load_yaml
     from lmforge.model.config import preset_config
     from lmforge.model.transformer import Transformer
+    from lmforge.runner import builtin_recipe
     from lmforge.train.config import TrainConfig
     from lmforge.train.pretrain import lm_loss
 
@@ -47,17 +57,21 @@ def measure(threads: str, steps: int, warmup: int) -> dict[str, float]:
         torch.set_num_threads(int(threads))
     n_threads = torch.get_num_threads()  # the loop does not change it: it runs outside a stage
     logging.getLogger("lmforge").setLevel(logging.WARNING)
-    tc = TrainConfig(
-        max_steps=warmup + steps, lr=3e-3, micro_batch_size=32, seq_len=128, warmup_steps=0,
-        schedule="constant", eval_every=0, ckpt_every=0, device="cpu",
-    )  # fmt: skip
+    quickstart = load_yaml(builtin_recipe("quickstart"))["stages"]["pretrain"]["train"]
+    timing = dict(max_steps=warmup + steps, warmup_steps=0, eval_every=0, ckpt_every=0)
+    tc = TrainConfig(**{**quickstart, **timing, "device": "cpu"})
     torch.manual_seed(0)
     model = Transformer(preset_config("tiny", vocab_size=4096))
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(tmp) / "train.bin"
         write_tokens(tokens, 4096, n=300_000)
         wall, cpu = time_lmforge(model, lm_loss, tokens, tc, warmup)
-    return {"threads": n_threads, "tokens_per_s": round(wall), "tokens_per_cpu_s": round(cpu)}
+    return {
+        "threads": n_threads,
+        "optimizer": tc.optimizer,
+        "tokens_per_s": round(wall),
+        "tokens_per_cpu_s": round(cpu),
+    }
 
 
 def run_row(threads: str, args: argparse.Namespace, cgroup: Path | None = None) -> dict:
