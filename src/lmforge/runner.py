@@ -139,6 +139,12 @@ def plan_recipe(
         name: dict(body or {}) for name, body in recipe.stages.items()
     }
     kinds = {name: str(body.pop("stage", name)) for name, body in per_stage.items()}
+    unknown = sorted(set(recipe.reference.seconds) - set(kinds)) if recipe.reference else []
+    if unknown:
+        raise ConfigError(
+            f"{recipe_file}: reference.seconds names no stage {', '.join(unknown)} "
+            f"(stages: {', '.join(kinds)})"
+        )
     classes = {name: get_stage(kind).config_cls for name, kind in kinds.items()}
     for name in per_stage:
         per_stage[name] = deep_merge(

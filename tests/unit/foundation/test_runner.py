@@ -150,3 +150,9 @@ def test_bad_reference_fails_before_any_work(tmp_path: Path, recipe: Path) -> No
     with pytest.raises(ConfigError, match=r"reference\.seconds\.letters"):
         run_recipe(recipe, out=tmp_path / "run")
     assert not (tmp_path / "run" / "letters").exists()
+
+
+def test_reference_naming_an_unknown_stage_fails(tmp_path: Path, recipe: Path) -> None:
+    recipe.write_text(recipe.read_text() + "reference: {machine: vm, seconds: {letterz: 1}}\n")
+    with pytest.raises(ConfigError, match=r"reference\.seconds names no stage letterz"):
+        run_recipe(recipe, out=tmp_path / "run")
