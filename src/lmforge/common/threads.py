@@ -78,22 +78,19 @@ def _v1_quota(directory: Path) -> float | None:
     return None if quota <= 0 or period <= 0 else quota / period
 
 
-def configure_torch_threads(requested: int = 0) -> dict[str, int | str]:
+def configure_torch_threads() -> dict[str, int | str]:
     """Sets torch's intra-op threads and says where the number came from (for the manifest).
 
-    Args:
-        requested: a thread count from the config; 0 = automatic. Automatic keeps a count the
-            user chose through OMP_NUM_THREADS (torchrun sets 1 per process), else uses
-            usable_cpus().
+    A count the user chose through OMP_NUM_THREADS (torchrun sets 1 per process) is kept;
+    otherwise torch gets usable_cpus() threads.
     """
     import torch
 
-    if requested > 0:
-        threads, source = requested, "config"
-    elif os.environ.get("OMP_NUM_THREADS"):
+    usable = usable_cpus()
+    if os.environ.get("OMP_NUM_THREADS"):
         threads, source = torch.get_num_threads(), "OMP_NUM_THREADS"
     else:
-        threads, source = usable_cpus(), "usable_cpus"
+        threads, source = usable, "usable_cpus"
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return {"torch_threads": threads, "threads_from": source, "usable_cpus": usable_cpus()}
+    return {"torch_threads": threads, "threads_from": source, "usable_cpus": usable}
