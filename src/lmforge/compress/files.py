@@ -9,17 +9,15 @@ from typing import Any
 from torch import nn
 
 from lmforge.model.convert import read_config, save_pretrained
-from lmforge.tokenizer.files import TOKENIZER_FILES
-from lmforge.tokenizer.generation import GENERATION_CONFIG
-
-SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+from lmforge.tokenizer.files import copy_tokenizer_files
+from lmforge.tokenizer.generation import GENERATION_CONFIG, SPECIAL_KEYS
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer files and generation_config.json of src, so dst is a complete model directory."""
-    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    copy_tokenizer_files(src, dst)
+    if (src / GENERATION_CONFIG).is_file():
+        shutil.copy2(src / GENERATION_CONFIG, dst / GENERATION_CONFIG)
 
 
 def special_ids(model_dir: Path) -> dict[str, int]:

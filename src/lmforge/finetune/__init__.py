@@ -8,8 +8,7 @@ does not pull in torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lmforge.common.lazy import lazy_getattr
 
 _EXPORTS = {
     "FinetuneConfig": "lmforge.finetune.stage",
@@ -18,9 +17,4 @@ _EXPORTS = {
     "make_tasks": "lmforge.finetune.builtin_tasks",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lmforge.finetune' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -9,15 +9,18 @@ causal LM, generation_config.json with the stops of the chat template it was tun
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lmforge.finetune.lora import lora_modules, merge, save_peft_adapter
-from lmforge.tokenizer.files import TOKENIZER_FILES, TokenizerFiles
-from lmforge.tokenizer.generation import generation_config, load_generation_config
+from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
+from lmforge.tokenizer.generation import (
+    SPECIAL_KEYS,
+    generation_config,
+    load_generation_config,
+)
 
 
 def tuned_generation_config(model_dir: Path, tok: TokenizerFiles) -> dict[str, Any]:
@@ -48,8 +51,7 @@ def export_model(
             save_peft_adapter(lm, tmp, base_model=str(Path(model_dir).resolve()))
         merge(lm)
     config_json = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    special = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if config_json.get(k) is not None}  # fmt: skip
+    special = {k: config_json[k] for k in SPECIAL_KEYS if config_json.get(k) is not None}
     generation = None
     if classifier is not None:  # a classifier generates nothing (transformers writes no file)
         special["pad_token_id"] = tok.pad_id
@@ -59,6 +61,4 @@ def export_model(
         save_pretrained(
             lm, tmp, extra_config=special, classifier=classifier, generation_config=generation
         )
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        copy_tokenizer_files(model_dir, tmp)

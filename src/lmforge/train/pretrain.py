@@ -23,7 +23,12 @@ from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
 from lmforge.config import Section, StageConfig, config_hash
 from lmforge.errors import ConfigError, InputError
-from lmforge.tokenizer.files import TOKENIZER_FILES, TOKENIZER_HINT, TokenizerFiles, tokenizer_hash
+from lmforge.tokenizer.files import (
+    TOKENIZER_HINT,
+    TokenizerFiles,
+    copy_tokenizer_files,
+    tokenizer_hash,
+)
 from lmforge.tokenizer.generation import generation_config
 from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.config import TrainConfig
@@ -177,9 +182,7 @@ def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) 
             extra_config=tok.special_token_ids(),
             generation_config=generation_config(tok),
         )
-        for name in TOKENIZER_FILES:
-            if (Path(cfg.tokenizer) / name).is_file():
-                shutil.copy2(Path(cfg.tokenizer) / name, tmp / name)
+        copy_tokenizer_files(cfg.tokenizer, tmp)
     ctx.metrics.close()  # flush before reading the whole file back
     rows = read_metrics(ctx.out / "metrics.jsonl")
     plot_losses(rows, ctx.out / "loss.png", title=f"pretrain ({cfg.model.preset})")
