@@ -3,9 +3,11 @@
 Requests join and leave the running batch at every decoding step. A background thread loops:
 
 1. apply aborts; admit waiting requests into the free batch slots (max_batch_size);
-2. prefill the newcomers together (left-padded, one forward pass, their own BatchCache); each
-   newcomer samples its first token from the prefill logits and its keys/values merge into the
-   running batch's cache (BatchCache.merge: both blocks right-aligned at the longer length);
+2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
+   group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
+   a prefill is compute-bound already and padding only adds work); each newcomer samples its
+   first token from the prefill logits and the groups' keys/values merge into the running
+   batch's cache in one copy (BatchCache.merge: all blocks right-aligned at the longest length);
 3. one decoding step for the whole running batch: every row feeds its last token at start_pos=L
    with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
    and never attends to another row's padding;
