@@ -278,6 +278,15 @@ class KnowledgeBase:
         # FTS5's bm25() is negated so that ascending order is best first; report it positive
         return [Passage(r["source"], r["text"], -r["rank"], r["offset"]) for r in rows]
 
+    def augment_messages(
+        self,
+        messages: Sequence[dict[str, Any]],
+        passages: Sequence[Passage],
+        instruction: str = CITE_INSTRUCTION,
+    ) -> list[dict[str, Any]]:
+        """The module's augment_messages, reachable from a knowledge base the server holds."""
+        return augment_messages(messages, passages, instruction)
+
     def close(self) -> None:
         self._connections.close()
 

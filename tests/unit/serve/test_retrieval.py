@@ -150,6 +150,12 @@ def test_augment_messages_numbers_passages_and_keeps_the_input():
     assert augment_messages(msgs, []) == msgs
 
 
+def test_kb_augments_with_its_own_search_results(kb):
+    msgs = [{"role": "user", "content": "what drives the tides?"}]
+    out = kb.augment_messages(msgs, kb.search(msgs[-1]["content"], k=1))
+    assert "[1] (space.txt)\nThe Moon orbits" in out[0]["content"] and out[1:] == msgs
+
+
 def test_search_from_many_threads(kb):
     from concurrent.futures import ThreadPoolExecutor
 
