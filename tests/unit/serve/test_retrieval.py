@@ -71,7 +71,9 @@ def test_fts_syntax_in_queries_does_not_crash(kb, query):
     hits = kb.search(query, k=2)
     if "moon" in query.lower() or "tides" in query.lower():
         assert hits and hits[0].source == "space.txt"
-    assert fts_query('say "hi" OR NOT x') == '"say" OR "hi" OR "or" OR "not" OR "x"'
+    assert fts_query('say "hi" OR NOT x') == '"say" OR "hi" OR "not" OR "x"'
+    assert fts_query("how is it") == '"how" OR "is" OR "it"'  # only stopwords: kept
+    assert fts_query("?!") is None
 
 
 def test_rebuild_touches_only_the_changed_file(tmp_path, kb):
