@@ -164,3 +164,14 @@ def test_search_from_many_threads(kb):
     with ThreadPoolExecutor(4) as pool:
         tops = list(pool.map(lambda q: kb.search(q, k=1)[0].source, ["json loads", "moon"] * 20))
     assert tops == ["python/json.txt", "space.txt"] * 20
+
+
+def test_a_sqlite_without_fts5_is_a_clear_error():
+    from lmforge.serve.retrieval import require_fts5
+
+    class NoFts5:
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("no such module: fts5")
+
+    with pytest.raises(InputError, match=r"lacks the FTS5 extension .*no such module: fts5"):
+        require_fts5(NoFts5())
