@@ -2,7 +2,8 @@
 
 Requests join and leave the running batch at every decoding step. A background thread loops:
 
-1. apply aborts; admit waiting requests into the free batch slots (max_batch_size);
+1. apply aborts; admit waiting requests into the free batch slots (max_batch_size), up to
+   max_prefill_tokens prompt tokens a step, so a burst of long prompts stalls decoding little;
 2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
    group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
    a prefill is compute-bound already and padding only adds work); each newcomer samples its
@@ -117,10 +118,12 @@ class Engine:
         max_batch_size: int = 32,
         max_queue: int = 256,
         generation_config: dict[str, Any] | None = None,
+        max_prefill_tokens: int = 2048,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 0:
+        if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise InputError(
-                f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}"
+                "max_batch_size and max_prefill_tokens must be >= 1 and max_queue >= 0, got "
+                f"{max_batch_size}, {max_prefill_tokens}, {max_queue}"
             )
         _configure_threads_once()
         self.model = model.eval()
@@ -128,6 +131,7 @@ class Engine:
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens prefilled per step
         self.max_context: int = model.config.block_size
         self.vocab_size: int = model.config.vocab_size
         self.device = next(model.parameters()).device
@@ -287,10 +291,7 @@ class Engine:
                     self._apply_aborts()
                     if self._stopping and not (self._waiting or self._running):
                         return
-                    free = self.max_batch_size - len(self._running)
-                    joining = [
-                        self._waiting.popleft() for _ in range(min(free, len(self._waiting)))
-                    ]
+                    joining = self._admit()
                     for row in joining:
                         self._active[row.request_id] = row
                 try:
@@ -303,6 +304,20 @@ class Engine:
                     self._fail([*self._running, *joining], exc)
                     with self._lock:
                         self._running, self._cache = [], None
+
+    def _admit(self) -> list[_Row]:
+        """(lock held) Waiting requests for this step's prefill: as many as the batch has free
+        rows and max_prefill_tokens allows (one at least), so a burst of long prompts delays
+        the running rows' next tokens by one budget's prefill, not by all of them."""
+        free = self.max_batch_size - len(self._running)
+        budget = self.max_prefill_tokens
+        joining: list[_Row] = []
+        while self._waiting and len(joining) < free:
+            if joining and len(self._waiting[0].prompt) > budget:
+                break
+            joining.append(self._waiting.popleft())
+            budget -= len(joining[-1].prompt)
+        return joining
 
     def _apply_aborts(self) -> None:
         """(lock held) Drops aborted rows from the running batch."""

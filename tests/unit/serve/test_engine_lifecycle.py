@@ -212,3 +212,18 @@ def test_from_dir_takes_the_dtype_saved_in_the_model_dir(tmp_path, serve_model_d
     assert max(c.token_ids) > 256  # ids a bf16 tensor could not hold exactly
     for lp, top in zip(c.logprobs, c.top_logprobs, strict=True):  # greedy: the best is chosen
         assert lp == max(top.values()) and lp <= 0
+
+
+def test_a_burst_of_prompts_is_prefilled_within_the_token_budget(serve_model_dir):
+    files = TokenizerFiles.load(serve_model_dir)
+    model = micro_model(files.vocab_size)
+    eng = Engine(model, files, name="budget", max_prefill_tokens=20)
+    prompts = [[5 + i] * 8 for i in range(4)]  # one length: a single group without the budget
+    handles = [eng.submit(p, greedy(5), f"burst-{i}") for i, p in enumerate(prompts)]
+    eng.start()
+    try:
+        results = [collect(h) for h in handles]
+    finally:
+        eng.shutdown()
+    assert eng.stats().prefills == 2  # 8 + 8 tokens fit in 20, a third would not
+    assert [c.token_ids for c in results] == [alone(model, p, 5) for p in prompts]
