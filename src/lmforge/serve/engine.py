@@ -3,7 +3,9 @@
 Requests join and leave the running batch at every decoding step. A background thread loops:
 
 1. apply aborts; admit waiting requests into the free batch slots (max_batch_size), up to
-   max_prefill_tokens prompt tokens a step, so a burst of long prompts stalls decoding little;
+   max_prefill_tokens prompt tokens a step, so a burst of prompts stalls decoding little; a
+   prompt longer than that budget is prefilled alone, one budget-sized chunk per step (the
+   model's start_pos + explicit causal mask), with the running batch decoding in between;
 2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
    group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
    a prefill is compute-bound already and padding only adds work); each newcomer samples its
@@ -143,6 +145,8 @@ class Engine:
         self._aborts: set[str] = set()
         self._running: list[_Row] = []
         self._cache: BatchCache | None = None
+        self._chunked: deque[_Row] = deque()  # prompts over the budget, prefilled a chunk a step
+        self._chunk: tuple[BatchCache, int] | None = None  # the first one's cache, columns done
         self._closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -286,24 +290,28 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._waiting or self._running or self._aborts or self._stopping):
+                    while not (self._waiting or self._running or self._chunked or self._stopping):
                         self._lock.wait()
                     self._apply_aborts()
-                    if self._stopping and not (self._waiting or self._running):
+                    if self._stopping and not (self._waiting or self._running or self._chunked):
                         return
-                    joining = self._admit()
+                    joining = [] if self._chunked else self._admit()
                     for row in joining:
                         self._active[row.request_id] = row
                 try:
-                    if joining:
+                    if self._chunked:
+                        self._prefill_chunk()
+                    elif joining:
                         self._prefill(joining)
                     if self._running:
                         self._decode()
                 except Exception as exc:  # an engine bug: fail the batch rather than hang readers
                     log.exception("engine step failed")
-                    self._fail([*self._running, *joining], exc)
+                    self._fail([*self._running, *joining, *self._chunked], exc)
                     with self._lock:
                         self._running, self._cache = [], None
+                        self._chunked.clear()
+                        self._chunk = None
 
     def _admit(self) -> list[_Row]:
         """(lock held) Waiting requests for this step's prefill: as many as the batch has free
@@ -327,6 +335,12 @@ class Engine:
         for row in self._running:
             if row.request_id in self._aborts:
                 self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+        for row in [r for r in self._chunked if r.request_id in self._aborts]:
+            if row is self._chunked[0]:
+                self._chunk = None
+            self._chunked.remove(row)
+            log.debug("request %s aborted during its chunked prefill", row.request_id)
+            self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
         self._aborts &= set(self._active)  # those still being admitted wait for the next step
         self._keep(keep)
 
@@ -343,7 +357,15 @@ class Engine:
         """Prefills newcomers in groups of similar length, then merges them into the batch."""
         joined: list[tuple[list[_Row], BatchCache]] = []
         for group in prefill_groups([r.prompt for r in rows]):
-            joined += self._prefill_group([rows[i] for i in group])
+            group_rows = [rows[i] for i in group]
+            if len(group) * len(group_rows[0].prompt) > self.max_prefill_tokens:
+                self._chunked.extend(group_rows)  # longest first: each alone, chunk by chunk
+            else:
+                joined += self._prefill_group(group_rows)
+        self._join(joined)
+
+    def _join(self, joined: list[tuple[list[_Row], BatchCache]]) -> None:
+        """Merges prefilled rows (and their caches) into the running batch."""
         if not joined:
             return
         caches = [cache for _, cache in joined]
@@ -374,6 +396,43 @@ class Engine:
         cache.keep(keep)
         return [([rows[i] for i in keep], cache)]
 
+    def _prefill_chunk(self) -> None:
+        """The next max_prefill_tokens of the first over-budget prompt; at its end the request
+        samples its first token and joins the batch. Running rows decode between chunks."""
+        row = self._chunked[0]
+        if self._chunk is None:
+            self._start(row)
+            self._chunk = BatchCache.empty(self.model, 1, len(row.prompt)), 0
+        cache, done = self._chunk
+        end = min(done + self.max_prefill_tokens, len(row.prompt))
+        try:
+            ids = torch.tensor([row.prompt[done:end]], dtype=torch.long, device=self.device)
+            h = self.model.hidden_states(ids, kv_cache=cache, start_pos=done)
+            logits = self.model.lm_head(h[:, -1]) if end == len(row.prompt) else None
+        except Exception as exc:  # this request alone fails
+            log.exception("prefill of request %s failed", row.request_id)
+            self._chunked.popleft()
+            self._chunk = None
+            self._fail([row], exc)
+            return
+        if logits is None:
+            self._chunk = cache, end
+            return
+        self._chunked.popleft()
+        self._chunk = None
+        cache.pad_mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        with self._lock:
+            self._counts["prefills"] += 1
+            self._counts["prompt_tokens"] += end
+        if self._emit([row], logits):
+            self._join([([row], cache)])
+
+    def _start(self, row: _Row) -> None:
+        """A request's text stream and (when sampling) its generator, at its prefill."""
+        row.stream = TextStream(self.files.tokenizer, row.params.stop)
+        if not row.params.greedy:
+            row.generator = new_generator(row.params.seed, self.device)
+
     def _prefill_forward(self, rows: list[_Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""
         from lmforge.model.generate import left_pad
@@ -384,9 +443,7 @@ class Engine:
         h = self.model.hidden_states(ids, kv_cache=cache, pad_mask=mask if padded else None)
         cache.pad_mask = mask
         for row in rows:
-            row.stream = TextStream(self.files.tokenizer, row.params.stop)
-            if not row.params.greedy:
-                row.generator = new_generator(row.params.seed, self.device)
+            self._start(row)
         return cache, self.model.lm_head(h[:, -1])  # (B, V): last column = each last token
 
     def _decode(self) -> None:

@@ -227,3 +227,35 @@ def test_a_burst_of_prompts_is_prefilled_within_the_token_budget(serve_model_dir
         eng.shutdown()
     assert eng.stats().prefills == 2  # 8 + 8 tokens fit in 20, a third would not
     assert [c.token_ids for c in results] == [alone(model, p, 5) for p in prompts]
+
+
+def test_a_prompt_over_the_budget_is_prefilled_in_chunks_between_decoding_steps(
+    serve_model_dir,
+):
+    files = TokenizerFiles.load(serve_model_dir)
+    model = micro_model(files.vocab_size)
+    eng = Engine(model, files, name="chunks", max_prefill_tokens=4)
+    eng.start()
+    try:
+        running = eng.submit([5, 6, 7], greedy(60), "running")
+        events = iter(running)
+        next(events)
+        long_prompt = [(7 * i) % 250 + 3 for i in range(61)]  # 16 chunks of <= 4 tokens
+        long = eng.submit(long_prompt, greedy(8), "long")
+        long_tokens = collect(long).token_ids
+        second = eng.submit(long_prompt, greedy(8), "aborted-while-chunked")
+        deadline = time.monotonic() + 10
+        while eng._chunk is None and time.monotonic() < deadline:  # its prefill has begun
+            time.sleep(0.001)
+        eng.abort("aborted-while-chunked")
+        rest = [e.token_id for e in events]
+    finally:
+        eng.shutdown()
+    assert long_tokens == alone(model, long_prompt, 8)
+    assert rest == alone(model, [5, 6, 7], 60)[1:]
+    # the running request kept decoding while the long prompt was prefilled
+    between = [t for t in running.token_times if long.submitted_at < t < long.first_token_at]
+    assert len(between) >= 8
+    aborted = collect(second)
+    assert aborted.finish_reason == "abort" and aborted.token_ids == []
+    assert eng.stats().prompt_tokens == 3 + 61  # the aborted prompt's prefill never completed
