@@ -259,3 +259,20 @@ def test_a_prompt_over_the_budget_is_prefilled_in_chunks_between_decoding_steps(
     aborted = collect(second)
     assert aborted.finish_reason == "abort" and aborted.token_ids == []
     assert eng.stats().prompt_tokens == 3 + 61  # the aborted prompt's prefill never completed
+
+
+def test_shutdown_timeout_aborts_what_is_still_running(fresh, monkeypatch):
+    embed = fresh.model.tok_emb.forward
+
+    def slow(idx):  # 5 ms a forward pass: 100 tokens take >= 0.5 s
+        time.sleep(0.005)
+        return embed(idx)
+
+    monkeypatch.setattr(fresh.model.tok_emb, "forward", slow)
+    fresh.start()
+    handle = fresh.submit([5, 6, 7], greedy(100), "slow")
+    events = iter(handle)
+    next(events)
+    fresh.shutdown(drain=True, timeout=0.1)  # draining would take >= 0.5 s
+    rest = list(events)
+    assert rest[-1].finish_reason == "abort" and len(rest) < 99
