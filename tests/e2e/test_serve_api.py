@@ -133,6 +133,17 @@ def test_n_and_seed(client):
     assert c.choices[0].text == a.choices[1].text  # seed 8 is choice 1 of seed 7
 
 
+def test_n_streamed(client):
+    kw = dict(model="micro", prompt=PROMPT, max_tokens=6, temperature=1.0, n=2, seed=3,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**kw)
+    texts = ["", ""]
+    for c in client.completions.create(**kw, stream=True):
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
+
+
 def test_stop_cuts_the_answer(client):
     text = greedy(client, max_tokens=20).choices[0].text
     stop = text[8:11]
@@ -186,6 +197,8 @@ def test_bad_requests_get_openai_errors(server):
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "micro", "messages": []},
                    headers=auth)  # fmt: skip
     assert r.status_code == 400 and error_of(r)["param"] == "messages"
+    r = httpx.post(url, json={**ok, "prompt": ""}, headers=auth)
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = httpx.post(url, json={"model": "micro"}, headers=auth)
     assert r.status_code == 400 and "prompt" in error_of(r)["message"]
     with pytest.raises(openai.BadRequestError):  # the client raises the typed error

@@ -144,6 +144,8 @@ def test_timeout_is_504(model_dir, tmp_path):
         with pytest.raises(openai.APIStatusError) as err:
             greedy(client, max_tokens=1000 - 20)
         assert err.value.status_code == 504 and err.value.body["code"] == "timeout"
+        with pytest.raises(openai.APIError, match="timed out"):  # a stream ends with the error
+            list(greedy(client, max_tokens=1000 - 20, stream=True))
         deadline = time.monotonic() + 5  # the timed-out sequence was aborted
         while srv.metric("lmforge_running", model="micro") and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -167,3 +169,18 @@ def test_sigterm_lets_the_in_flight_request_finish(model_dir, tmp_path):
     worker.join(30)
     assert done and done[0].usage.completion_tokens == 400
     assert done[0].choices[0].finish_reason == "length"
+
+
+def test_several_workers_behind_one_port(model_dir, tmp_path):
+    srv = ServerProcess(
+        ["--model", f"micro={model_dir}", "--workers", "2", "--feedback-db", str(tmp_path / "f.db")],
+        tmp_path / "server.log",
+    )  # fmt: skip
+    try:
+        client = client_of(srv)
+        texts = {greedy(client, max_tokens=4).choices[0].text for _ in range(6)}
+        assert len(texts) == 1  # every worker serves the same model the same way
+        pids = set(re.findall(r"Started server process \[(\d+)\]", srv.output()))
+        assert len(pids) == 2
+    finally:
+        srv.stop()

@@ -175,6 +175,8 @@ class CompletionService:
         engine: Any, prompt_len: int, asked: int | None, default: int | None, prompt_param: str
     ) -> int:
         """max_tokens, checked against the context window (the default fills what is left)."""
+        if prompt_len == 0:
+            raise APIError(400, "the prompt is empty", param=prompt_param)
         room = engine.max_context - prompt_len
         if room < 1:
             raise APIError(
