@@ -132,13 +132,15 @@ class CompletionService:
                     refused = True
                 else:
                     m["content"] = screened
+        from lmforge.serve.retrieval import augment_messages
+
         sources = None
         use_kb = self.state.kb is not None and req.kb is not False
         if use_kb and not refused:
             query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             passages = await asyncio.to_thread(self.state.kb.search, query, 3) if query else []
-            sources = [{"source": p.source, "text": p.text, "score": p.score} for p in passages]
-            messages = self.state.kb.augment_messages(messages, passages) if passages else messages
+            sources = [p.to_dict() for p in passages]
+            messages = augment_messages(messages, passages)
         elif req.kb and self.state.kb is None:
             raise APIError(
                 400, "this server has no knowledge base (start it with --kb)", param="kb"
