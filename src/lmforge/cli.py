@@ -517,10 +517,10 @@ def generate_cmd(
 
     Example: lmforge generate --model runs/quickstart/sft --chat -p "What does os.path.join do?"
     """
-    from lmforge.common.io import write_jsonl
+    from lmforge.common.io import read_prompts, write_jsonl
     from lmforge.config import validate
     from lmforge.evals.lm import EvalModel, GenerationSettings
-    from lmforge.evals.sample import read_prompts, sample
+    from lmforge.evals.sample import sample
 
     settings = validate(GenerationSettings, {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
