@@ -89,10 +89,13 @@ def test_image_runs_non_root_and_its_healthcheck_is_a_real_route(
 ) -> None:
     user = instruction("USER").split(":")[0]
     assert user not in {"root", "0"}
-    assert int(user) == manifests["Deployment"]["spec"]["template"]["spec"]["securityContext"][
-        "runAsUser"
-    ]
-    health = re.search(r"http://127\.0\.0\.1:\$\{LMFORGE_PORT\}(/[\w/-]*)", instruction("HEALTHCHECK"))
+    assert (
+        int(user)
+        == manifests["Deployment"]["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    )
+    health = re.search(
+        r"http://127\.0\.0\.1:\$\{LMFORGE_PORT\}(/[\w/-]*)", instruction("HEALTHCHECK")
+    )
     assert health and health.group(1) in app_paths
     port = instruction("EXPOSE")
     assert re.search(rf"LMFORGE_PORT={port}\b", dockerfile())
