@@ -88,7 +88,9 @@ def _error_text(status: int, body: bytes) -> str:
         return f"{status}: {body[:200].decode(errors='replace')}"
 
 
-async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> RequestTiming:
+async def one_request(
+    client: Any, model: str, prompt: str, max_tokens: int, ignore_eos: bool = False
+) -> RequestTiming:
     """Sends one streamed completion and times its chunks; errors are recorded, not raised."""
     import httpx
 
@@ -96,6 +98,8 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
         "stream": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
+    if ignore_eos:  # vLLM's extension, which lmforge serve honours: every answer is max_tokens
+        body["ignore_eos"] = True
     timing = RequestTiming(start=time.perf_counter())
     usage_tokens = None
     try:
@@ -150,7 +154,7 @@ def summarize(concurrency: int, timings: list[RequestTiming], duration: float) -
 
 async def run_level(
     url: str, model: str, prompts: Sequence[str], concurrency: int, requests: int,
-    max_tokens: int, api_key: str | None = None, timeout: float = 300.0,
+    max_tokens: int, api_key: str | None = None, ignore_eos: bool = False, timeout: float = 300.0,
 ) -> LevelResult:  # fmt: skip
     """`concurrency` clients share `requests` requests (prompts taken in turn)."""
     import httpx
@@ -166,7 +170,7 @@ async def run_level(
         async def worker() -> None:
             for i in queue:  # the shared iterator hands each index to exactly one worker
                 prompt = prompts[i % len(prompts)]
-                timings.append(await one_request(client, model, prompt, max_tokens))
+                timings.append(await one_request(client, model, prompt, max_tokens, ignore_eos))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -191,6 +195,7 @@ def first_model(url: str, api_key: str | None = None) -> str:
 def run_bench(
     url: str, model: str | None, concurrency: Sequence[int], requests: int, max_tokens: int,
     *, api_key: str | None = None, prompts: Sequence[str] = DEFAULT_PROMPTS,
+    ignore_eos: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Every level in turn against `url`: {"url", "model", "max_tokens", "levels": [...]}."""
     if requests < 1 or max_tokens < 1:
@@ -200,11 +205,14 @@ def run_bench(
     url = url.rstrip("/")
     model = model or first_model(url, api_key)
     levels = [
-        asyncio.run(run_level(url, model, prompts, level, requests, max_tokens, api_key))
+        asyncio.run(
+            run_level(url, model, prompts, level, requests, max_tokens, api_key, ignore_eos)
+        )
         for level in concurrency
     ]
     return {
         "url": url, "model": model, "max_tokens": max_tokens, "requests": requests,
+        "ignore_eos": ignore_eos,
         "levels": [asdict(level) for level in levels],
     }  # fmt: skip
 
@@ -233,7 +241,7 @@ def render_table(result: dict[str, Any]) -> Any:
 def bench_command(
     *, url: str | None, start_model: str | None, model: str | None, concurrency: str,
     requests: int, max_tokens: int, api_key: str | None = None, prompts_file: str | None = None,
-    out: str | None = None,
+    out: str | None = None, ignore_eos: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """What `lmforge serve bench` runs: against --url, or a server it starts on --start-model;
     prints the table and writes the JSON to --out (atomically)."""
@@ -245,16 +253,13 @@ def bench_command(
         raise InputError("pass exactly one of --url URL (a running server) or --start-model DIR")
     levels = parse_concurrency(concurrency)
     prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
+    options = {"api_key": api_key, "prompts": prompts, "ignore_eos": ignore_eos}
     if start_model is None:
-        result = run_bench(
-            url, model, levels, requests, max_tokens, api_key=api_key, prompts=prompts
-        )
+        result = run_bench(url, model, levels, requests, max_tokens, **options)
     else:
         key_args = ["--api-key", api_key] if api_key else []
         with ServerProcess([start_model], args=key_args) as server:
-            result = run_bench(
-                server.url, model, levels, requests, max_tokens, api_key=api_key, prompts=prompts
-            )
+            result = run_bench(server.url, model, levels, requests, max_tokens, **options)
     console().print(render_table(result))
     if out is not None:
         atomic_write_json(out, result)

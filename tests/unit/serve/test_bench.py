@@ -20,6 +20,7 @@ from lmforge.serve.bench import bench_command, parse_concurrency, percentiles, r
 from lmforge.serve.launch import free_port
 
 TOKEN_GAP = 0.02
+SEEN: list[dict] = []  # request bodies the app received
 
 
 def contract_app():
@@ -34,6 +35,7 @@ def contract_app():
 
     @app.post("/v1/completions")
     async def completions(body: dict):
+        SEEN.append(body)
         if body["model"] != "tiny":
             error = {"message": f"model {body['model']!r} not found", "type": "invalid_request_error",
                      "param": "model", "code": "model_not_found"}  # fmt: skip
@@ -103,8 +105,10 @@ def test_bench_command_writes_json_and_reads_the_prompts_file(
     out = tmp_path / "bench.json"
     bench_command(
         url=server_url, start_model=None, model="tiny", concurrency="2", requests=2,
-        max_tokens=2, prompts_file=str(prompts), out=str(out),
+        max_tokens=2, prompts_file=str(prompts), out=str(out), ignore_eos=True,
     )  # fmt: skip
+    assert sorted(b["prompt"] for b in SEEN[-2:]) == ["hello", "world"]
+    assert all(b["ignore_eos"] and b["temperature"] == 1.0 and "seed" not in b for b in SEEN[-2:])
     written = json.loads(out.read_text())
     assert written["levels"][0]["output_tokens"] == 4
     assert written["levels"][0]["concurrency"] == 2
