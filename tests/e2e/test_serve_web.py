@@ -41,16 +41,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         yield proc.url, db
 
 
-def rows_with(db: Path, *values: object) -> list[dict]:
-    """Every row (column -> value) of every feedback table that holds all of `values`."""
+def query(db: Path, sql: str, *args: object) -> list[tuple]:
+    """Rows of the feedback database (serve/feedback.py's schema), read while the server runs."""
     conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
     try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        rows = [dict(r) for table in tables for r in conn.execute(f'SELECT * FROM "{table}"')]
+        return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
-    return [row for row in rows if all(v in row.values() for v in values)]
 
 
 def test_chat_streams_and_feedback_reaches_the_database(server: tuple[str, Path]) -> None:
@@ -81,7 +78,8 @@ def test_chat_streams_and_feedback_reaches_the_database(server: tuple[str, Path]
         assert response_id.startswith("chatcmpl-")
         answer.get_by_role("button", name="Good answer").click()
         expect(answer.locator(".feedback-status")).to_contain_text("saved")
-        assert rows_with(db, response_id, 1), "no rating row for the answer"
+        ratings = "SELECT rating, scale FROM ratings WHERE response_id = ?"
+        assert query(db, ratings, response_id) == [(1, "thumbs")]
 
         # side by side: model a against model b, then pick A
         page.check("#side-by-side")
@@ -96,9 +94,10 @@ def test_chat_streams_and_feedback_reaches_the_database(server: tuple[str, Path]
         assert len(set(ids)) == 2
         page.get_by_role("button", name="Answer A is better").click()
         expect(page.locator(".turn").last.locator(".feedback-status")).to_contain_text("saved")
-        (choice,) = rows_with(db, ids[0], ids[1])
-        by_value = {v: k for k, v in choice.items()}
-        assert "chosen" in by_value[ids[0]] and "rejected" in by_value[ids[1]], choice
+        choices = query(db, "SELECT chosen_id, rejected_id FROM choices")
+        assert choices == [(ids[0], ids[1])]
+        recorded = query(db, "SELECT id FROM responses WHERE id IN (?, ?)", *ids)
+        assert sorted(r[0] for r in recorded) == sorted(ids)
 
         # a request the server refuses: its OpenAI error message is on the page
         page.uncheck("#side-by-side")
