@@ -214,8 +214,8 @@ async function chatTurn(prompt) {
     state.history = [...messages, { role: "assistant", content: result.text }];
     if (result.id) {
       const rate = [
-        ["👍", 1, "Good answer"],
-        ["👎", -1, "Bad answer"],
+        ["↑ Good", 1, "Good answer"],
+        ["↓ Bad", -1, "Bad answer"],
       ];
       view.node.append(feedbackButtons(rate, (rating) => ({ response_id: result.id, rating })));
     }
