@@ -537,6 +537,70 @@ def generate_cmd(
         console().print(f"[green]✓[/green] {len(rows)} answers: {out}")
 
 
+serve_app = typer.Typer(
+    help="Serve models over an OpenAI-compatible HTTP API (and its tools: see commands).\n\n"
+    "Example: lmforge serve --model runs/quickstart/sft/final --port 8000",
+    invoke_without_command=True,
+)
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.callback()
+def serve_cmd(
+    ctx: typer.Context,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Model dir, or NAME=DIR to serve it under NAME (repeatable)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require Authorization: Bearer KEY on /v1 (or env LMFORGE_API_KEY)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes behind the port.")] = 1,
+    kb: Annotated[
+        Path | None, typer.Option(help="Documents directory: retrieval-augmented chat.")
+    ] = None,
+    safety: Annotated[Path | None, typer.Option(help="Safety policy YAML.")] = None,
+    feedback_db: Annotated[
+        Path | None,
+        typer.Option(help="Feedback SQLite file (default: <run dir or cwd>/feedback.db)."),
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Sequences decoded together per model.")
+    ] = 32,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Waiting requests per model before 429.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds before a request is aborted with 504.")
+    ] = 120.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions
+    (streaming), /v1/models, /v1/feedback, /metrics, /health, and the chat page at /.
+
+    Example: lmforge serve --model runs/quickstart/sft/final --model base=runs/quickstart/pretrain/final --api-key secret
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from lmforge.config import validate
+    from lmforge.errors import ConfigError
+    from lmforge.serve.server import serve
+    from lmforge.serve.settings import ServeSettings, parse_model_specs
+
+    if not model:
+        raise ConfigError("lmforge serve needs --model DIR (or NAME=DIR); see --help")
+    settings = validate(ServeSettings, {
+        "models": parse_model_specs(model), "host": host, "port": port, "api_key": api_key,
+        "workers": workers, "kb": kb, "safety": safety, "feedback_db": feedback_db,
+        "max_batch_size": max_batch_size, "max_queue": max_queue,
+        "request_timeout_s": request_timeout, "device": device,
+    }, where="serve")  # fmt: skip
+    serve(settings)
+
+
 @app.command("quickstart")
 def quickstart_cmd(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/quickstart"),

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,8 +317,9 @@ class CompletionService:
         cached = self._cache_get(prep)
         if cached is not None:
             return await self._finish(prep, cached)
-        async with asyncio.timeout(self.state.settings.request_timeout_s):
-            async for job, event in self.events(prep):
+        timeout = asyncio.timeout(self.state.settings.request_timeout_s)
+        async with timeout, aclosing(self.events(prep)) as events:
+            async for job, event in events:
                 self._accept(prep, job, event)
         choices = []
         for job in prep.jobs:
@@ -427,8 +429,9 @@ class CompletionService:
                     job.redactor = StreamRedactor(self.state.safety)
             sent = {job.index: 0 for job in prep.jobs}
             try:
-                async with asyncio.timeout(self.state.settings.request_timeout_s):
-                    async for job, event in self.events(prep):
+                timeout = asyncio.timeout(self.state.settings.request_timeout_s)
+                async with timeout, aclosing(self.events(prep)) as events:
+                    async for job, event in events:
                         if job.finish_reason == "content_filter":
                             continue  # refused output: nothing more from this choice
                         text = self._accept(prep, job, event)

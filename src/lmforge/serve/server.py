@@ -163,7 +163,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         if not state.ready:
             raise APIError(503, "the server is not ready", type="server_error", code="not_ready")
         if prep.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 service.stream(prep),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -272,6 +272,17 @@ def _authorized(request: Request, key: str) -> bool:
 
 def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its generator however the response ends, so a client that goes away mid-stream
+    aborts its engine requests now, not whenever the generator is garbage-collected."""
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 class Guard:

@@ -1,0 +1,120 @@
+"""A real `lmforge serve` in a subprocess on a free port, for the server's end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+LONG_CONTEXT = 1024  # room for answers long enough to be cut short by a disconnect or a timeout
+
+
+def make_serve_model(tmp: Path) -> Path:
+    """A micro model with a long context window (random weights: answers are gibberish, but
+    deterministic under greedy decoding)."""
+    return make_model_dir(
+        tmp / "runs" / "q" / "sft" / "final",
+        make_tokenizer_dir(tmp / "tok"),
+        block_size=LONG_CONTEXT,
+    )
+
+
+def direct_greedy(model_dir: Path):
+    """prompt, n -> the model's greedy continuation decoded directly, no server in between."""
+    import torch
+
+    from lmforge.model.convert import load_pretrained
+    from lmforge.model.generate import generate
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    model = load_pretrained(model_dir)
+    files = TokenizerFiles.load(model_dir)
+
+    def run(prompt: str, n: int) -> str:
+        ids = files.encode(prompt)
+        out = generate(model, torch.tensor([ids]), n, greedy=True)
+        return files.decode(out[0, len(ids) :].tolist())
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m lmforge.cli serve ARGS --port P`; waits until /ready says so."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "lmforge.cli", "serve", *args, "--port", str(self.port)]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
+        self.wait_ready()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def rss_kb(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when the series does not exist yet)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            metric, _, label_text = series.partition("{")
+            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+            if metric == name and got == want:
+                return float(value)
+        return 0.0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
