@@ -130,3 +130,18 @@ def test_bad_arguments_are_one_line_input_errors(tmp_path: Path) -> None:
 def test_percentiles_in_milliseconds() -> None:
     values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
     assert percentiles(values) == {"p50": 50.5, "p90": 90.1, "p99": 99.01}
+
+
+def test_cli_serve_bench_runs_against_a_url(server_url: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli.json"
+    cmd = [sys.executable, "-m", "lmforge.cli", "serve", "bench", "--url", server_url,
+           "--concurrency", "1,2", "--requests", "2", "--max-tokens", "3", "--out", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "TTFT ms" in res.stderr  # the table, on the console (stderr) as `lmforge config`
+    assert [lv["output_tokens"] for lv in json.loads(out.read_text())["levels"]] == [6, 6]
+    bad = subprocess.run([*cmd[:7], "--concurrency", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected positive integers" in bad.stdout + bad.stderr
