@@ -1,4 +1,4 @@
-"""The chat page at / against the real server (`lmforge serve`, two micro models) in headless
+"""The chat page at / against the real server (`lmforge serve`, one micro model under two names) in headless
 Chromium: a streamed answer grows token by token, a thumbs-up and a side-by-side choice land in
 the feedback database with the right response ids, a server error is shown, and the page logs no
 console error. Chromium policy (skip with the install hint, fail under CI=true) is
@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
 
+from e2e.serve_helpers import make_serve_model
 from e2e.test_report_browser import find_chromium
 from lmforge.serve.launch import ServerProcess
 
@@ -31,13 +31,11 @@ RECORD_GROWTH = """() => {
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     find_chromium()
     tmp = tmp_path_factory.mktemp("serve_web")
-    tok = make_tokenizer_dir(tmp / "tok")
-    models = [
-        f"a={make_model_dir(tmp / 'a', tok, seed=0)}",
-        f"b={make_model_dir(tmp / 'b', tok, seed=1)}",
-    ]
+    model_dir = make_serve_model(tmp)
+    models = [f"a={model_dir}", f"b={model_dir}"]  # two names, two engines
     db = tmp / "feedback.db"
-    with ServerProcess(models, args=["--feedback-db", str(db)]) as proc:
+    args = ["--feedback-db", str(db)]
+    with ServerProcess(models, args=args, env={"OMP_NUM_THREADS": "1"}) as proc:
         yield proc.url, db
 
 
