@@ -55,7 +55,7 @@ def hf_generate_rate(
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = model.to(device).eval()
     texts = [prompts[i % len(prompts)] for i in range(requests)]
 
