@@ -18,14 +18,25 @@ ROOT = Path(__file__).resolve().parents[2]
 LONG_CONTEXT = 1024  # room for answers long enough to be cut short by a disconnect or a timeout
 
 
-def make_serve_model(tmp: Path) -> Path:
-    """A micro model with a long context window (random weights: answers are gibberish, but
-    deterministic under greedy decoding)."""
-    return make_model_dir(
+def make_serve_model(tmp: Path, noise: float = 0.3) -> Path:
+    """A micro model with a long context window. Its weights get extra noise: a freshly
+    initialized model only repeats the prompt's last token, which would let a server that mixes
+    up sequences or positions pass; with noise every answer is a varied (gibberish) text."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = make_model_dir(
         tmp / "runs" / "q" / "sft" / "final",
         make_tokenizer_dir(tmp / "tok"),
         block_size=LONG_CONTEXT,
     )
+    weights = path / "model.safetensors"
+    tensors, gen = load_file(weights), torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.dim() > 1:
+            tensors[name] = t + noise * torch.randn(t.shape, generator=gen)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return path
 
 
 def direct_greedy(model_dir: Path):
@@ -87,7 +98,8 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def rss_kb(self) -> int:
@@ -109,6 +121,8 @@ class ServerProcess:
         return 0.0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Sends sig and waits; the exit status (uvicorn re-raises SIGTERM after its graceful
+        shutdown, so a clean stop is -SIGTERM)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -118,3 +132,8 @@ class ServerProcess:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+    def stopped_cleanly(self) -> bool:
+        """SIGTERM, then the lifespan shutdown (engines drained) ran to its end."""
+        code = self.stop(signal.SIGTERM)
+        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.output()

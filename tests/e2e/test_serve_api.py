@@ -41,7 +41,7 @@ def server(model_dir, tmp_path_factory):
         tmp / "server.log",
     )  # fmt: skip
     yield srv
-    assert srv.stop() == 0, srv.output()
+    assert srv.stopped_cleanly(), srv.output()
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +108,16 @@ def test_logprobs(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == 5
     assert "".join(lp.tokens) == out.choices[0].text
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
-        assert len(top) == 3 and chosen <= 0
-        assert chosen == pytest.approx(max(top.values()), abs=1e-4)  # greedy takes the best
+        # alternatives are keyed by text: tokens that decode alike (partial UTF-8) share a key
+        assert 1 <= len(top) <= 3 and chosen <= 0
+        assert chosen >= max(top.values()) - 1e-4  # greedy takes the best
     chat = client.chat.completions.create(
         model="micro", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
         temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True},
     )  # fmt: skip
     content = chat.choices[0].logprobs.content
-    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert len(content) == 4 and all(1 <= len(c.top_logprobs) <= 2 for c in content)
+    assert all(c.logprob >= max(t.logprob for t in c.top_logprobs) - 1e-4 for c in content)
 
 
 def test_n_and_seed(client):

@@ -86,6 +86,7 @@ def test_prompt_refused(tight):
 
 def test_prompt_and_output_redacted(tight, model_dir):
     client = client_of(tight)
+    before = tight.metric("lmforge_safety_verdicts_total", where="prompt", action="redact")
     redacted = greedy(client, "my key is secret-12345 ok")
     plain = greedy(client, "my key is [REDACTED] ok")
     assert redacted.usage.prompt_tokens == plain.usage.prompt_tokens
@@ -95,7 +96,10 @@ def test_prompt_and_output_redacted(tight, model_dir):
     assert greedy(client).choices[0].text == expected
     streamed = "".join(c.choices[0].text for c in greedy(client, stream=True))
     assert streamed == expected
-    assert tight.metric("lmforge_safety_verdicts_total", where="prompt", action="redact") >= 2
+    assert tight.metric("lmforge_safety_verdicts_total", where="prompt", action="redact") == (
+        before + 1
+    )
+    assert tight.metric("lmforge_safety_verdicts_total", where="output", action="redact") >= 2
 
 
 def test_queue_full_is_429(tight):
@@ -145,7 +149,7 @@ def test_timeout_is_504(model_dir, tmp_path):
             time.sleep(0.05)
         assert srv.metric("lmforge_running", model="micro") == 0
     finally:
-        assert srv.stop() == 0, srv.output()
+        assert srv.stopped_cleanly(), srv.output()
 
 
 def test_sigterm_lets_the_in_flight_request_finish(model_dir, tmp_path):
@@ -159,7 +163,7 @@ def test_sigterm_lets_the_in_flight_request_finish(model_dir, tmp_path):
     deadline = time.monotonic() + 10
     while srv.metric("lmforge_running", model="micro") < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert srv.stop(signal.SIGTERM) == 0, srv.output()
+    assert srv.stopped_cleanly(), srv.output()
     worker.join(30)
     assert done and done[0].usage.completion_tokens == 400
     assert done[0].choices[0].finish_reason == "length"
