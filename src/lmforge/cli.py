@@ -548,10 +548,10 @@ def generate_cmd(
 
     Example: lmforge generate --model runs/quickstart/sft --chat -p "What does os.path.join do?"
     """
-    from lmforge.common.io import write_jsonl
+    from lmforge.common.io import read_prompts, write_jsonl
     from lmforge.config import validate
     from lmforge.evals.lm import EvalModel, GenerationSettings
-    from lmforge.evals.sample import read_prompts, sample
+    from lmforge.evals.sample import sample
 
     settings = validate(GenerationSettings, {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
@@ -630,6 +630,49 @@ def serve_cmd(
         "request_timeout_s": request_timeout, "device": device,
     }, where="serve")  # fmt: skip
     serve(settings)
+
+
+@serve_app.command("bench")
+def serve_bench_cmd(
+    url: Annotated[
+        str | None, typer.Option(help="A running server, e.g. http://127.0.0.1:8000.")
+    ] = None,
+    start_model: Annotated[
+        Path | None,
+        typer.Option(help="Start a server on this model dir (free local port) for the run."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name to request (default: the first listed).")
+    ] = None,
+    concurrency: Annotated[
+        str, typer.Option(help="Comma-separated client counts, one level each.")
+    ] = "1,4,16",
+    requests: Annotated[int, typer.Option(min=1, help="Requests per level.")] = 32,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of every request.")] = 64,
+    api_key: Annotated[
+        str | None, typer.Option(help="Bearer key (also given to --start-model's server).")
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help='Prompts file: one per line, or .jsonl with a "prompt" field.'),
+    ] = None,
+    ignore_eos: Annotated[
+        bool, typer.Option(help="Ask for exactly max_tokens per answer (vLLM's extension).")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
+) -> None:
+    """Load-test a server: streamed requests at each concurrency level; requests/s, output
+    tokens/s, time to first token and inter-token latency (p50/p90/p99), errors.
+
+    Example: lmforge serve bench --url http://127.0.0.1:8000 --concurrency 1,4,16 --requests 64 --max-tokens 64 --out bench.json
+    """
+    from lmforge.serve.bench import bench_command
+
+    bench_command(
+        url=url, start_model=start_model and str(start_model), model=model,
+        concurrency=concurrency, requests=requests, max_tokens=max_tokens, api_key=api_key,
+        prompts_file=prompts and str(prompts), out=out and str(out), ignore_eos=ignore_eos,
+    )  # fmt: skip
 
 
 @app.command("quickstart")
