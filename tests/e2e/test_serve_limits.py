@@ -171,6 +171,7 @@ def test_sigterm_lets_the_in_flight_request_finish(model_dir, tmp_path):
     assert done[0].choices[0].finish_reason == "length"
 
 
+@pytest.mark.slow  # two processes each load torch and the model: ~20 s on 2 busy cores
 def test_several_workers_behind_one_port(model_dir, tmp_path):
     srv = ServerProcess(
         ["--model", f"micro={model_dir}", "--workers", "2", "--feedback-db", str(tmp_path / "f.db")],
