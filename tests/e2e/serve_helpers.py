@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -92,6 +93,13 @@ class ServerProcess(launch.ServerProcess):
             if metric == name and got == want:
                 return float(value)
         return 0.0
+
+    def wait_metric(self, name: str, want: float, timeout: float = 10.0, **labels: str) -> float:
+        """Polls /metrics until the sample equals want (or timeout); returns the last value."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(name, **labels)) != want and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return value
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Sends sig and waits; the exit status (uvicorn re-raises SIGTERM after its graceful

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
@@ -273,11 +272,7 @@ def test_disconnect_aborts_the_sequence(server):
         lines = r.iter_lines()
         assert json.loads(next(lines).removeprefix("data: "))["choices"]
     # the client is gone: its sequence leaves the running batch promptly
-    for _ in range(50):
-        if server.metric("lmforge_running", model="micro") == 0:
-            break
-        time.sleep(0.05)
-    assert server.metric("lmforge_running", model="micro") == 0
+    assert server.wait_metric("lmforge_running", 0, timeout=2.5, model="micro") == 0
     generated = server.metric("lmforge_generation_tokens_total", model="micro") - gen_before
     assert 1 <= generated < 900
 
