@@ -234,6 +234,10 @@ def test_metrics_move_and_cache_hits(server, client):
     assert server.metric("lmforge_generation_tokens_total", model="micro") == gen_before + 4
     assert server.metric("lmforge_time_to_first_token_seconds_count", model="micro") > 0
     assert server.metric("lmforge_feedback_rows_total", kind="response") > 0
+    e2e = server.metric("lmforge_e2e_request_latency_seconds_count", endpoint="/v1/completions")
+    assert e2e >= server.metric("lmforge_requests_total", **url_count)
+    assert server.metric("lmforge_inter_token_latency_seconds_count", model="micro") > 0
+    assert 'lmforge_kv_cache_capacity{model="micro"}' in httpx.get(f"{server.url}/metrics").text
 
 
 def test_feedback_rating_and_choice(server, client):
