@@ -244,6 +244,12 @@ def test_feedback_rating_and_choice(server, client):
     assert r.status_code == 200
     r = httpx.post(url, json={"response_id": "cmpl-unknown", "rating": 1}, headers=auth)
     assert r.status_code == 404 and error_of(r)["param"] == "response_id"
+    r = httpx.post(url, json={"response_id": a.id, "rating": 9}, headers=auth)
+    assert r.status_code == 400 and error_of(r)["param"] == "rating"
+    r = httpx.post(url, json={"chosen_id": a.id, "rejected_id": "chatcmpl-x"}, headers=auth)
+    assert r.status_code == 404 and error_of(r)["param"] == "chosen_id"
+    r = httpx.post(url, json={"rating": 1}, headers=auth)
+    assert r.status_code == 400
 
 
 def test_knowledge_base_sources(client):

@@ -226,8 +226,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                     param="response_id",
                 )  # fmt: skip
         except InputError as exc:
-            status = 404 if "unknown" in str(exc).lower() or "no response" in str(exc) else 400
-            raise APIError(status, str(exc), param="response_id") from None
+            unknown = str(exc).startswith("unknown response id")  # the store's wording
+            rating = req.response_id is not None
+            param = "rating" if rating and not unknown else "response_id" if rating else "chosen_id"
+            raise APIError(404 if unknown else 400, str(exc), param=param) from None
         state.metrics.feedback.labels(kind).inc()
         return {"ok": True, "feedback_id": fid}
 
