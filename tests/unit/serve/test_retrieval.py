@@ -71,7 +71,9 @@ def test_fts_syntax_in_queries_does_not_crash(kb, query):
     hits = kb.search(query, k=2)
     if "moon" in query.lower() or "tides" in query.lower():
         assert hits and hits[0].source == "space.txt"
-    assert fts_query('say "hi" OR NOT x') == '"say" OR "hi" OR "or" OR "not" OR "x"'
+    assert fts_query('say "hi" OR NOT x') == '"say" OR "hi" OR "not" OR "x"'
+    assert fts_query("how is it") == '"how" OR "is" OR "it"'  # only stopwords: kept
+    assert fts_query("?!") is None
 
 
 def test_rebuild_touches_only_the_changed_file(tmp_path, kb):
@@ -150,9 +152,43 @@ def test_augment_messages_numbers_passages_and_keeps_the_input():
     assert augment_messages(msgs, []) == msgs
 
 
+def test_kb_augments_with_its_own_search_results(kb):
+    msgs = [{"role": "user", "content": "what drives the tides?"}]
+    out = kb.augment_messages(msgs, kb.search(msgs[-1]["content"], k=1))
+    assert "[1] (space.txt)\nThe Moon orbits" in out[0]["content"] and out[1:] == msgs
+
+
 def test_search_from_many_threads(kb):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(4) as pool:
         tops = list(pool.map(lambda q: kb.search(q, k=1)[0].source, ["json loads", "moon"] * 20))
     assert tops == ["python/json.txt", "space.txt"] * 20
+
+
+def test_a_sqlite_without_fts5_is_a_clear_error():
+    from lmforge.serve.retrieval import require_fts5
+
+    class NoFts5:
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("no such module: fts5")
+
+    with pytest.raises(InputError, match=r"lacks the FTS5 extension .*no such module: fts5"):
+        require_fts5(NoFts5())
+
+
+def test_concurrent_builds_of_one_index_wait_for_each_other(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    write_docs(tmp_path / "docs")
+
+    def build(_):
+        kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
+        report = {k: len(v) for k, v in kb.last_build.items()}
+        kb.close()
+        return report
+
+    with ThreadPoolExecutor(3) as pool:
+        reports = list(pool.map(build, range(3)))
+    assert sorted(r["added"] for r in reports) == [0, 0, 4]  # one indexed, the others found it
+    assert KnowledgeBase.open(tmp_path / "kb.db").passage_count() == 5
