@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -257,9 +258,15 @@ def bench_command(
     if start_model is None:
         result = run_bench(url, model, levels, requests, max_tokens, **options)
     else:
-        key_args = ["--api-key", api_key] if api_key else []
-        with ServerProcess([start_model], args=key_args) as server:
-            result = run_bench(server.url, model, levels, requests, max_tokens, **options)
+        # the bench's answers go to a throwaway feedback store, not the model's run directory
+        with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
+            args = [
+                "--feedback-db",
+                f"{tmp}/feedback.db",
+                *(["--api-key", api_key] * bool(api_key)),
+            ]
+            with ServerProcess([start_model], args=args) as server:
+                result = run_bench(server.url, model, levels, requests, max_tokens, **options)
     console().print(render_table(result))
     if out is not None:
         atomic_write_json(out, result)
