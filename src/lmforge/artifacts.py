@@ -182,6 +182,9 @@ def content_hash(path: Path) -> str:
         payload = json.dumps(hash_outputs(path), sort_keys=True)
     elif path.exists():
         payload = file_hash(path)
+        wal = path.with_name(path.name + "-wal")  # a live SQLite database's committed rows
+        if wal.exists():
+            payload += file_hash(wal)
     else:  # the stage's own require_artifact() says what to run to build it
         return "missing"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -229,6 +229,33 @@ def data_stats_cmd(
     console().print(funnel_table(load_stats(out_dir)))
 
 
+@data_app.command("feedback-export")
+def data_feedback_export_cmd(
+    db: Annotated[
+        Path | None, typer.Option(help="The feedback store (SQLite) `lmforge serve` wrote.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory: sft.jsonl, preferences.jsonl, manifest.json.")
+    ] = None,
+    min_rating: Annotated[
+        float | None,
+        typer.Option(help="SFT keeps responses rated at least this (1..5; thumbs up = 5)."),
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Turn served responses and their ratings and side-by-side choices into training data.
+
+    Writes sft.jsonl (well-rated responses, for `lmforge finetune --data`) and preferences.jsonl
+    (choices, and differently-rated answers to one prompt, for `lmforge align --data`).
+
+    Example: lmforge data feedback-export --db runs/serve/feedback.db --out runs/fb/export --min-rating 4
+    """
+    values = {"db": db, "out": out, "min_rating": min_rating}
+    run_stage_command("feedback-export", values, config, sets, force)
+
+
 @app.command("pretrain")
 def pretrain_cmd(
     tokens: Annotated[
@@ -428,7 +455,11 @@ def align_cmd(
         Path | None, typer.Option(help="Model directory (HF layout + tokenizer), e.g. the SFT one.")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="Preference pairs: prompt/chosen/rejected or ranked JSONL.")
+        Path | None,
+        typer.Option(
+            help="Preference pairs: prompt/chosen/rejected or ranked JSONL, a feedback-export "
+            "directory, or the serving feedback store (.db) itself."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Stage directory: final/, metrics.")] = None,
     method: Annotated[

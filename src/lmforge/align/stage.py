@@ -105,7 +105,10 @@ class AlignConfig(StageConfig):
     """`lmforge align --model DIR --data FILE --out DIR --method reward|dpo|ppo`."""
 
     model: Path = Field(description="model directory in HF layout with tokenizer files")
-    data: Path = Field(description="preference pairs: .jsonl file or directory (align.prefs)")
+    data: Path = Field(
+        description="preference pairs: .jsonl file or directory, a feedback export or the "
+        "serving feedback store (align.prefs)"
+    )
     val_data: Path | None = Field(None, description="held-out pairs (default: split from data)")
     method: Literal["reward", "dpo", "ppo"] = Field(
         description="reward (reward model) | dpo (policy from pairs) | ppo (policy from a reward model)"

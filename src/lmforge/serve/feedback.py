@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import InputError
+from lmforge.serve.sqlite_conn import ThreadConnections
 
 __all__ = ["SCHEMA_VERSION", "FeedbackStore"]
 
@@ -89,37 +89,17 @@ class FeedbackStore:
         self.path = Path(path)
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connections = ThreadConnections(
+            self.path,
+            ["journal_mode = WAL", f"synchronous = {synchronous}", "foreign_keys = ON"],
+            what="a feedback store",
+            busy_timeout_ms=busy_timeout_ms,
+        )
         self._init_schema()
 
-    # ---------------------------------------------------------------- connections
-
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # autocommit: each INSERT below is its own transaction, committed when it returns
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout_ms / 1000,
-                isolation_level=None,
-                check_same_thread=False,  # used by its own thread only; close() may run elsewhere
-            )
-            conn.row_factory = sqlite3.Row
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-                conn.execute("PRAGMA foreign_keys = ON")
-            except sqlite3.DatabaseError as err:
-                conn.close()
-                raise InputError(f"{self.path} is not a feedback store ({err})") from None
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+        return self._connections.get()
 
     def _write(self, sql: str, args: Sequence[Any]) -> int:
         conn = self._conn()
@@ -153,11 +133,7 @@ class FeedbackStore:
 
     def close(self) -> None:
         """Closes every thread's connection (call once no thread uses the store any more)."""
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._connections.close()
 
     def __enter__(self) -> FeedbackStore:
         return self
