@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
+
+from lmforge.serve import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG_CONTEXT = 1024  # room for answers long enough to be cut short by a disconnect or a timeout
@@ -58,48 +58,22 @@ def direct_greedy(model_dir: Path):
     return run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProcess(launch.ServerProcess):
+    """launch.ServerProcess started at once, with what the tests read: the server's RSS, one
+    /metrics sample, its output, and stops by any signal."""
 
-
-class ServerProcess:
-    """`python -m lmforge.cli serve ARGS --port P`; waits until /ready says so."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "lmforge.cli", "serve", *args, "--port", str(self.port)]
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        full_env["PYTHONPATH"] = os.pathsep.join(
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
             [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
-        self.wait_ready()
+        )}  # fmt: skip
+        super().__init__([], args=args, env=env, ready_timeout=60, log_path=log_path)
+        self.__enter__()
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+        return self.process.pid
 
     def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def rss_kb(self) -> int:
@@ -120,18 +94,24 @@ class ServerProcess:
                 return float(value)
         return 0.0
 
+    def wait_metric(self, name: str, want: float, timeout: float = 10.0, **labels: str) -> float:
+        """Polls /metrics until the sample equals want (or timeout); returns the last value."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(name, **labels)) != want and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return value
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Sends sig and waits; the exit status (uvicorn re-raises SIGTERM after its graceful
         shutdown, so a clean stop is -SIGTERM)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
             try:
-                self.proc.wait(timeout)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
 
     def stopped_cleanly(self) -> bool:
         """SIGTERM, then the lifespan shutdown (engines drained) ran to its end."""

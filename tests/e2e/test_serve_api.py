@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
@@ -133,6 +132,17 @@ def test_n_and_seed(client):
     assert c.choices[0].text == a.choices[1].text  # seed 8 is choice 1 of seed 7
 
 
+def test_n_streamed(client):
+    kw = dict(model="micro", prompt=PROMPT, max_tokens=6, temperature=1.0, n=2, seed=3,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**kw)
+    texts = ["", ""]
+    for c in client.completions.create(**kw, stream=True):
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
+
+
 def test_stop_cuts_the_answer(client):
     text = greedy(client, max_tokens=20).choices[0].text
     stop = text[8:11]
@@ -186,6 +196,8 @@ def test_bad_requests_get_openai_errors(server):
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "micro", "messages": []},
                    headers=auth)  # fmt: skip
     assert r.status_code == 400 and error_of(r)["param"] == "messages"
+    r = httpx.post(url, json={**ok, "prompt": ""}, headers=auth)
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = httpx.post(url, json={"model": "micro"}, headers=auth)
     assert r.status_code == 400 and "prompt" in error_of(r)["message"]
     with pytest.raises(openai.BadRequestError):  # the client raises the typed error
@@ -222,6 +234,10 @@ def test_metrics_move_and_cache_hits(server, client):
     assert server.metric("lmforge_generation_tokens_total", model="micro") == gen_before + 4
     assert server.metric("lmforge_time_to_first_token_seconds_count", model="micro") > 0
     assert server.metric("lmforge_feedback_rows_total", kind="response") > 0
+    e2e = server.metric("lmforge_e2e_request_latency_seconds_count", endpoint="/v1/completions")
+    assert e2e >= server.metric("lmforge_requests_total", **url_count)
+    assert server.metric("lmforge_inter_token_latency_seconds_count", model="micro") > 0
+    assert 'lmforge_kv_cache_capacity{model="micro"}' in httpx.get(f"{server.url}/metrics").text
 
 
 def test_feedback_rating_and_choice(server, client):
@@ -260,11 +276,7 @@ def test_disconnect_aborts_the_sequence(server):
         lines = r.iter_lines()
         assert json.loads(next(lines).removeprefix("data: "))["choices"]
     # the client is gone: its sequence leaves the running batch promptly
-    for _ in range(50):
-        if server.metric("lmforge_running", model="micro") == 0:
-            break
-        time.sleep(0.05)
-    assert server.metric("lmforge_running", model="micro") == 0
+    assert server.wait_metric("lmforge_running", 0, timeout=2.5, model="micro") == 0
     generated = server.metric("lmforge_generation_tokens_total", model="micro") - gen_before
     assert 1 <= generated < 900
 

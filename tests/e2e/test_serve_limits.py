@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import signal
 import threading
-import time
 
 import httpx
 import openai
@@ -111,9 +110,7 @@ def test_queue_full_is_429(tight):
     queued: list = []
     waiter = threading.Thread(target=lambda: queued.append(greedy(client_of(tight), max_tokens=2)))
     waiter.start()
-    deadline = time.monotonic() + 10
-    while tight.metric("lmforge_queue_depth", model="micro") < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert tight.wait_metric("lmforge_queue_depth", 1, model="micro") == 1
     with pytest.raises(openai.RateLimitError) as err:
         client.completions.create(**long)
     assert err.value.body["code"] == "queue_full"
@@ -144,10 +141,10 @@ def test_timeout_is_504(model_dir, tmp_path):
         with pytest.raises(openai.APIStatusError) as err:
             greedy(client, max_tokens=1000 - 20)
         assert err.value.status_code == 504 and err.value.body["code"] == "timeout"
-        deadline = time.monotonic() + 5  # the timed-out sequence was aborted
-        while srv.metric("lmforge_running", model="micro") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert srv.metric("lmforge_running", model="micro") == 0
+        with pytest.raises(openai.APIError, match="timed out"):  # a stream ends with the error
+            list(greedy(client, max_tokens=1000 - 20, stream=True))
+        # the timed-out sequences were aborted
+        assert srv.wait_metric("lmforge_running", 0, timeout=5, model="micro") == 0
     finally:
         assert srv.stopped_cleanly(), srv.output()
 
@@ -160,10 +157,24 @@ def test_sigterm_lets_the_in_flight_request_finish(model_dir, tmp_path):
     done: list = []
     worker = threading.Thread(target=lambda: done.append(greedy(client_of(srv), max_tokens=400)))
     worker.start()
-    deadline = time.monotonic() + 10
-    while srv.metric("lmforge_running", model="micro") < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert srv.wait_metric("lmforge_running", 1, model="micro") == 1  # in flight at SIGTERM
     assert srv.stopped_cleanly(), srv.output()
     worker.join(30)
     assert done and done[0].usage.completion_tokens == 400
     assert done[0].choices[0].finish_reason == "length"
+
+
+@pytest.mark.slow  # two processes each load torch and the model: ~20 s on 2 busy cores
+def test_several_workers_behind_one_port(model_dir, tmp_path):
+    srv = ServerProcess(
+        ["--model", f"micro={model_dir}", "--workers", "2", "--feedback-db", str(tmp_path / "f.db")],
+        tmp_path / "server.log",
+    )  # fmt: skip
+    try:
+        client = client_of(srv)
+        texts = {greedy(client, max_tokens=4).choices[0].text for _ in range(6)}
+        assert len(texts) == 1  # every worker serves the same model the same way
+        pids = set(re.findall(r"Started server process \[(\d+)\]", srv.output()))
+        assert len(pids) == 2
+    finally:
+        srv.stop()

@@ -132,13 +132,15 @@ class CompletionService:
                     refused = True
                 else:
                     m["content"] = screened
+        from lmforge.serve.retrieval import augment_messages
+
         sources = None
         use_kb = self.state.kb is not None and req.kb is not False
         if use_kb and not refused:
             query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             passages = await asyncio.to_thread(self.state.kb.search, query, 3) if query else []
-            sources = [{"source": p.source, "text": p.text, "score": p.score} for p in passages]
-            messages = self.state.kb.augment_messages(messages, passages) if passages else messages
+            sources = [p.to_dict() for p in passages]
+            messages = augment_messages(messages, passages)
         elif req.kb and self.state.kb is None:
             raise APIError(
                 400, "this server has no knowledge base (start it with --kb)", param="kb"
@@ -175,6 +177,8 @@ class CompletionService:
         engine: Any, prompt_len: int, asked: int | None, default: int | None, prompt_param: str
     ) -> int:
         """max_tokens, checked against the context window (the default fills what is left)."""
+        if prompt_len == 0:
+            raise APIError(400, "the prompt is empty", param=prompt_param)
         room = engine.max_context - prompt_len
         if room < 1:
             raise APIError(
@@ -280,6 +284,21 @@ class CompletionService:
             for handle in handles:
                 self._observe(prep.model, handle)
 
+    async def timed_events(self, prep: Prepared) -> AsyncIterator[tuple[Job, Any]]:
+        """events() under the request timeout: TimeoutError (and every job aborted) when the
+        whole answer is not there in request_timeout_s. (asyncio.timeout is Python 3.11+.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.state.settings.request_timeout_s
+        async with aclosing(self.events(prep)) as events:
+            while True:
+                try:
+                    item = await asyncio.wait_for(anext(events), max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
+                    raise TimeoutError from None
+                yield item
+
     def _observe(self, model: str, handle: Any) -> None:
         m = self.state.metrics
         m.prompt_tokens.labels(model).inc(handle.prompt_tokens)
@@ -317,8 +336,7 @@ class CompletionService:
         cached = self._cache_get(prep)
         if cached is not None:
             return await self._finish(prep, cached)
-        timeout = asyncio.timeout(self.state.settings.request_timeout_s)
-        async with timeout, aclosing(self.events(prep)) as events:
+        async with aclosing(self.timed_events(prep)) as events:
             async for job, event in events:
                 self._accept(prep, job, event)
         choices = []
@@ -429,8 +447,7 @@ class CompletionService:
                     job.redactor = StreamRedactor(self.state.safety)
             sent = {job.index: 0 for job in prep.jobs}
             try:
-                timeout = asyncio.timeout(self.state.settings.request_timeout_s)
-                async with timeout, aclosing(self.events(prep)) as events:
+                async with aclosing(self.timed_events(prep)) as events:
                     async for job, event in events:
                         if job.finish_reason == "content_filter":
                             continue  # refused output: nothing more from this choice

@@ -62,6 +62,13 @@ class ServerMetrics:
         self.running = Gauge(
             "lmforge_running", "Sequences in the running batch", ["model"], registry=r
         )
+        self.kv_tokens = Gauge(
+            "lmforge_kv_cache_tokens", "KV positions the running batch spans", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.kv_capacity = Gauge(
+            "lmforge_kv_cache_capacity", "KV positions allocated", ["model"], registry=r
+        )
         self.cache = Counter("lmforge_cache", "Response cache lookups", ["result"], registry=r)
         self.safety = Counter(
             "lmforge_safety_verdicts", "Safety verdicts by where and action", ["where", "action"],
@@ -76,6 +83,8 @@ class ServerMetrics:
             stats = engine.stats()
             self.queue_depth.labels(name).set(stats.queue_depth)
             self.running.labels(name).set(stats.running)
+            self.kv_tokens.labels(name).set(stats.cache_tokens)
+            self.kv_capacity.labels(name).set(stats.cache_capacity)
 
     def render(self, engines: dict[str, Any]) -> bytes:
         self.observe_engines(engines)

@@ -77,7 +77,11 @@ def open_stores(state: ServeState) -> None:
         from lmforge.serve.safety import SafetyPolicy
 
         state.safety = SafetyPolicy.from_file(s.safety)
-    if s.kb is not None:
+    if s.kb is not None and s.workers > 1:  # serve() built it before starting the workers
+        from lmforge.serve.retrieval import KnowledgeBase
+
+        state.kb = KnowledgeBase.open(s.kb_path())
+    elif s.kb is not None:
         state.kb = open_knowledge_base(s)
     state.feedback = FeedbackStore(s.feedback_path())
 
