@@ -1,0 +1,128 @@
+"""The running batch's KV cache: rows right-aligned at one common length, padding on the left.
+
+Continuous batching needs rows to join and leave between decoding steps. The Transformer already
+decodes left-padded batches (pad_mask gives each row its own positions and hides padding from
+attention), so the batch keeps that layout: every row's tokens end at column L, the columns before
+a row's first token are padding (pad_mask 0). Then
+
+- a decoding step feeds one token per row at start_pos=L, one forward pass for the whole batch;
+- joining rows (prefilled on their own, in the same layout) merge by left-padding the shorter of
+  the two blocks to the longer one's length and concatenating rows;
+- leaving rows are dropped with index_select, and columns that are padding in every remaining row
+  are trimmed by moving a start offset (no copy), so L stays the longest live row, which a request
+  never lets exceed the model's block_size.
+
+The storage grows in chunks of GROW columns (and compacts before it grows), so a decoding step
+normally only writes one column. `update()` has KVCache's signature, so Transformer.forward uses
+this cache unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+GROW = 64  # columns added when the storage is full: few reallocations, little waste
+
+
+class BatchCache:
+    """Keys/values (n_layer, B, n_kv_head, capacity, hd) with rows right-aligned at length L."""
+
+    def __init__(self, k: Tensor, v: Tensor, pad_mask: Tensor, start: int = 0) -> None:
+        self.k, self.v = k, v
+        self.start = start  # storage column of logical position 0
+        self.pad_mask = pad_mask  # (B, L) long: 1 = token, 0 = padding
+
+    @classmethod
+    def empty(cls, model: nn.Module, rows: int, capacity: int) -> BatchCache:
+        """A cache for `rows` rows of up to `capacity` positions, on the model's device/dtype."""
+        cfg = model.config
+        p = next(model.parameters())
+        shape = (cfg.n_layer, rows, cfg.n_kv_head, capacity, cfg.hd)
+        k = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        mask = torch.zeros((rows, 0), dtype=torch.long, device=p.device)
+        return cls(k, torch.zeros_like(k), mask)
+
+    @property
+    def rows(self) -> int:
+        return self.pad_mask.size(0)
+
+    @property
+    def length(self) -> int:
+        """L: positions every row spans (padding included)."""
+        return self.pad_mask.size(1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    def padded(self) -> bool:
+        """Whether any row has padding (if not, attention can take the unmasked fast path)."""
+        return bool(self.rows) and not bool(self.pad_mask[:, 0].all())
+
+    def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """KVCache.update: store k, v (B, n_kv_head, T, hd) at start_pos, return keys up to there."""
+        lo = self.start + start_pos
+        hi = lo + k.size(2)
+        if hi > self.capacity:
+            raise ValueError(f"BatchCache holds {self.capacity} columns, step needs {hi}")
+        self.k[layer, :, :, lo:hi] = k
+        self.v[layer, :, :, lo:hi] = v
+        return self.k[layer, :, :, self.start : hi], self.v[layer, :, :, self.start : hi]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n more columns after L: compact to start 0 first, grow if still short."""
+        need = self.length + n
+        if self.start + need <= self.capacity:
+            return
+        capacity = self.capacity if need <= self.capacity else need + GROW
+        self.k, self.v = (self._moved(t, capacity, 0) for t in (self.k, self.v))
+        self.start = 0
+
+    def extend_mask(self, n: int = 1) -> Tensor:
+        """pad_mask with n more token columns: the (B, L + n) mask a step of n tokens needs."""
+        ones = torch.ones((self.rows, n), dtype=torch.long, device=self.pad_mask.device)
+        self.pad_mask = torch.cat([self.pad_mask, ones], dim=1)
+        return self.pad_mask
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order), then trim the columns that are all padding."""
+        if len(rows) == self.rows:
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.pad_mask = self.pad_mask.index_select(0, index)
+        if rows:
+            first = int(self.pad_mask.argmax(dim=1).min())  # earliest first token of any row
+            self.start += first
+            self.pad_mask = self.pad_mask[:, first:]
+        else:
+            self.start, self.pad_mask = 0, self.pad_mask[:, :0]
+
+    def merge(self, other: BatchCache) -> None:
+        """Append other's rows (prefilled joiners) after ours; both right-aligned at max(L)."""
+        if self.rows == 0:
+            self.k, self.v, self.pad_mask, self.start = (
+                other.k,
+                other.v,
+                other.pad_mask,
+                other.start,
+            )
+            return
+        L = max(self.length, other.length)
+        capacity = L + GROW
+        ks = [self._moved(c.k, capacity, L - c.length, c) for c in (self, other)]
+        vs = [self._moved(c.v, capacity, L - c.length, c) for c in (self, other)]
+        masks = [torch.nn.functional.pad(c.pad_mask, (L - c.length, 0)) for c in (self, other)]
+        self.k, self.v = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+        self.pad_mask = torch.cat(masks, dim=0)
+        self.start = 0
+
+    def _moved(self, t: Tensor, capacity: int, shift: int, src: BatchCache | None = None) -> Tensor:
+        """t's live columns copied into new storage of `capacity` columns, at column `shift`."""
+        src = src or self
+        out = t.new_zeros((*t.shape[:3], capacity, t.size(4)))
+        live = t[:, :, :, src.start : src.start + src.length]
+        out[:, :, :, shift : shift + src.length] = live
+        return out
