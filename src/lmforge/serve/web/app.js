@@ -148,7 +148,7 @@ function answerView(label) {
       for (const s of sources) {
         const item = document.createElement("li");
         const where = document.createElement("strong");
-        where.textContent = `${s.source} (score ${Number(s.score).toFixed(2)})`;
+        where.textContent = `${s.source} (score ${Number(s.score).toPrecision(3)})`;
         const quote = document.createElement("blockquote");
         quote.textContent = s.text;
         item.append(where, quote);
