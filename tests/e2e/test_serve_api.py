@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from e2e.serve_helpers import ServerProcess, direct_greedy, make_serve_model
+from e2e.serve_helpers import ServerProcess, direct_greedy
 
 pytest.importorskip("fastapi")
 
@@ -23,19 +23,14 @@ PROMPT = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_serve_model(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+def server(serve_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     docs = tmp / "docs"
     docs.mkdir()
     (docs / "paris.md").write_text("Paris is the capital of France. It lies on the Seine.\n")
     (docs / "python.txt").write_text("os.path.join joins path components in Python.\n")
     srv = ServerProcess(
-        ["--model", f"micro={model_dir}", "--api-key", KEY, "--kb", str(docs),
+        ["--model", f"micro={serve_model}", "--api-key", KEY, "--kb", str(docs),
          "--feedback-db", str(tmp / "feedback.db"), "--request-timeout", "60"],
         tmp / "server.log",
     )  # fmt: skip
@@ -49,8 +44,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
-    return direct_greedy(model_dir)
+def reference(serve_model):
+    return direct_greedy(serve_model)
 
 
 def greedy(client, prompt=PROMPT, max_tokens=12, **kw):

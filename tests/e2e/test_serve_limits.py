@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from e2e.serve_helpers import ServerProcess, direct_greedy, make_serve_model
+from e2e.serve_helpers import ServerProcess, direct_greedy
 
 pytest.importorskip("fastapi")
 
@@ -36,17 +36,12 @@ rules:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_serve_model(tmp_path_factory.mktemp("limits"))
-
-
-@pytest.fixture(scope="module")
-def tight(model_dir, tmp_path_factory):
+def tight(serve_model, tmp_path_factory):
     """One sequence at a time, one waiting: the third concurrent request is refused."""
     tmp = tmp_path_factory.mktemp("tight")
     (tmp / "policy.yaml").write_text(POLICY)
     srv = ServerProcess(
-        ["--model", f"micro={model_dir}", "--safety", str(tmp / "policy.yaml"),
+        ["--model", f"micro={serve_model}", "--safety", str(tmp / "policy.yaml"),
          "--feedback-db", str(tmp / "feedback.db"), "--max-batch-size", "1", "--max-queue", "1"],
         tmp / "server.log",
     )  # fmt: skip
@@ -83,7 +78,7 @@ def test_prompt_refused(tight):
     assert after == refusals + 2
 
 
-def test_prompt_and_output_redacted(tight, model_dir):
+def test_prompt_and_output_redacted(tight, serve_model):
     client = client_of(tight)
     before = tight.metric("lmforge_safety_verdicts_total", where="prompt", action="redact")
     redacted = greedy(client, "my key is secret-12345 ok")
@@ -91,7 +86,7 @@ def test_prompt_and_output_redacted(tight, model_dir):
     assert redacted.usage.prompt_tokens == plain.usage.prompt_tokens
     assert redacted.choices[0].text == plain.choices[0].text
     # outputs: every vowel the model writes is replaced, in whole and in streamed answers
-    expected = re.sub("[aeiou]", "*", direct_greedy(model_dir)(PROMPT, 12))
+    expected = re.sub("[aeiou]", "*", direct_greedy(serve_model)(PROMPT, 12))
     assert greedy(client).choices[0].text == expected
     streamed = "".join(c.choices[0].text for c in greedy(client, stream=True))
     assert streamed == expected
@@ -130,9 +125,9 @@ def test_feedback_survives_sigkill(tight):
     assert store.add_rating(out.id, -1) > r.json()["feedback_id"]
 
 
-def test_timeout_is_504(model_dir, tmp_path):
+def test_timeout_is_504(serve_model, tmp_path):
     srv = ServerProcess(
-        ["--model", f"micro={model_dir}", "--request-timeout", "0.3",
+        ["--model", f"micro={serve_model}", "--request-timeout", "0.3",
          "--feedback-db", str(tmp_path / "f.db")],
         tmp_path / "server.log",
     )  # fmt: skip
@@ -149,9 +144,9 @@ def test_timeout_is_504(model_dir, tmp_path):
         assert srv.stopped_cleanly(), srv.output()
 
 
-def test_sigterm_lets_the_in_flight_request_finish(model_dir, tmp_path):
+def test_sigterm_lets_the_in_flight_request_finish(serve_model, tmp_path):
     srv = ServerProcess(
-        ["--model", f"micro={model_dir}", "--feedback-db", str(tmp_path / "f.db")],
+        ["--model", f"micro={serve_model}", "--feedback-db", str(tmp_path / "f.db")],
         tmp_path / "server.log",
     )  # fmt: skip
     done: list = []
@@ -165,9 +160,9 @@ def test_sigterm_lets_the_in_flight_request_finish(model_dir, tmp_path):
 
 
 @pytest.mark.slow  # two processes each load torch and the model: ~20 s on 2 busy cores
-def test_several_workers_behind_one_port(model_dir, tmp_path):
+def test_several_workers_behind_one_port(serve_model, tmp_path):
     srv = ServerProcess(
-        ["--model", f"micro={model_dir}", "--workers", "2", "--feedback-db", str(tmp_path / "f.db")],
+        ["--model", f"micro={serve_model}", "--workers", "2", "--feedback-db", str(tmp_path / "f.db")],
         tmp_path / "server.log",
     )  # fmt: skip
     try:

@@ -1,7 +1,8 @@
-"""lmforge.serve: an OpenAI-compatible server over a continuous-batching engine.
+"""lmforge.serve: an OpenAI-compatible server over a continuous-batching engine, with its stores.
 
 The engine (engine.py: Engine, SamplingParams, RequestHandle, collect) knows nothing of HTTP.
-Imports are lazy so `import lmforge.serve` pulls in neither torch nor FastAPI.
+Imports are lazy so `import lmforge.serve` (or lmforge.serve.cache, for the data tools that read
+the feedback store) pulls in neither torch nor FastAPI.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.errors import InputError
+from lmforge.serve.cache import cache_key
+from lmforge.serve.engine import EngineClosed, QueueFull, SamplingParams
+from lmforge.serve.handle import NO_TOKEN
 from lmforge.serve.protocol import (
     APIError,
     ChatRequest,
@@ -30,10 +33,10 @@ from lmforge.serve.protocol import (
     now,
     usage,
 )
+from lmforge.serve.retrieval import augment_messages
+from lmforge.serve.safety import StreamRedactor
 
 log = logging.getLogger(__name__)
-
-NO_TOKEN = -1  # the engine's final event without a token (abort, error)
 
 
 @dataclass
@@ -98,18 +101,14 @@ class CompletionService:
         files = engine.files
         refused, jobs, prompt_tokens = False, [], 0
         for prompt in req.prompts():
-            if isinstance(prompt, str):
-                text, prompt, ids = self._screen_prompt(prompt), prompt, None
-            else:
-                ids = [int(t) for t in prompt]
-                if any(t < 0 or t >= files.vocab_size for t in ids):
-                    raise APIError(
-                        400, "prompt has token ids outside the vocabulary", param="prompt"
-                    )
-                text = self._screen_prompt(files.decode(ids, skip_special_tokens=False))
+            ids = None if isinstance(prompt, str) else [int(t) for t in prompt]
+            if ids is not None and any(t < 0 or t >= files.vocab_size for t in ids):
+                raise APIError(400, "prompt has token ids outside the vocabulary", param="prompt")
+            original = prompt if ids is None else files.decode(ids, skip_special_tokens=False)
+            text = self._screen_prompt(original)
             if text is None:
-                refused, text = True, prompt if isinstance(prompt, str) else ""
-            if ids is None or (text != files.decode(ids, skip_special_tokens=False)):
+                refused, text = True, original
+            if ids is None or text != original:  # token prompts stay as sent unless redacted
                 ids = files.encode(text)
             max_tokens = self._token_limit(engine, len(ids), req.max_tokens, 16, "prompt")
             prompt_tokens += len(ids)
@@ -126,14 +125,10 @@ class CompletionService:
         messages = req.plain_messages()
         refused = False
         for m in messages:
-            screened = self._screen_prompt(m["content"]) if m["role"] != "assistant" else None
-            if m["role"] != "assistant":
-                if screened is None:
-                    refused = True
-                else:
-                    m["content"] = screened
-        from lmforge.serve.retrieval import augment_messages
-
+            if m["role"] != "assistant":  # the model's own turns are not the user's prompt
+                screened = self._screen_prompt(m["content"])
+                refused |= screened is None
+                m["content"] = m["content"] if screened is None else screened
         sources = None
         use_kb = self.state.kb is not None and req.kb is not False
         if use_kb and not refused:
@@ -203,8 +198,6 @@ class CompletionService:
     def _jobs(
         self, req: Any, start: int, ids: list[int], text: str, max_tokens: int, logprobs: int | None
     ) -> list[Job]:
-        from lmforge.serve.engine import SamplingParams
-
         jobs = []
         for i in range(req.n):
             params = SamplingParams(
@@ -228,8 +221,6 @@ class CompletionService:
         return jobs
 
     def _set_cache_key(self, prep: Prepared, req: Any) -> None:
-        from lmforge.serve.cache import cache_key
-
         if self.state.cache is None or prep.refused or prep.stream:
             return
         model = self.state.model_ids[prep.model]  # name@content hash: new weights, new keys
@@ -245,8 +236,6 @@ class CompletionService:
 
         Leaving early (timeout, client gone, an error) aborts every job still running.
         """
-        from lmforge.serve.engine import EngineClosed, QueueFull
-
         engine, handles = prep.engine, []
         queue: asyncio.Queue[tuple[Job, Any]] = asyncio.Queue()
         tasks: list[asyncio.Task] = []
@@ -441,8 +430,6 @@ class CompletionService:
             await self.record(prep, [text] * len(prep.jobs))
         else:
             if self.state.safety is not None:
-                from lmforge.serve.safety import StreamRedactor
-
                 for job in prep.jobs:
                     job.redactor = StreamRedactor(self.state.safety)
             sent = {job.index: 0 for job in prep.jobs}
