@@ -12,8 +12,8 @@ a row's first token are padding (pad_mask 0). Then
   are trimmed by moving a start offset (no copy), so L stays the longest live row, which a request
   never lets exceed the model's block_size.
 
-The storage grows in chunks of GROW columns (and compacts before it grows), so a decoding step
-normally only writes one column. `update()` has KVCache's signature, so Transformer.forward uses
+The storage grows in chunks of GROW columns, never past the model's block_size (and compacts
+before it grows), so a decoding step normally only writes one column. `update()` has KVCache's signature, so Transformer.forward uses
 this cache unchanged.
 """
 
@@ -28,20 +28,23 @@ GROW = 64  # columns added when the storage is full: few reallocations, little w
 class BatchCache:
     """Keys/values (n_layer, B, n_kv_head, capacity, hd) with rows right-aligned at length L."""
 
-    def __init__(self, k: Tensor, v: Tensor, pad_mask: Tensor, start: int = 0) -> None:
+    def __init__(self, k: Tensor, v: Tensor, pad_mask: Tensor, limit: int, start: int = 0) -> None:
         self.k, self.v = k, v
+        self.limit = limit  # most columns ever needed: the model's block_size
         self.start = start  # storage column of logical position 0
         self.pad_mask = pad_mask  # (B, L) long: 1 = token, 0 = padding
 
     @classmethod
-    def empty(cls, model: nn.Module, rows: int, capacity: int) -> BatchCache:
-        """A cache for `rows` rows of up to `capacity` positions, on the model's device/dtype."""
+    def empty(cls, model: nn.Module, rows: int, length: int) -> BatchCache:
+        """A cache for `rows` rows of `length` positions and room to grow, on the model's
+        device and in its dtype."""
         cfg = model.config
         p = next(model.parameters())
+        capacity = _grown(length, cfg.block_size)
         shape = (cfg.n_layer, rows, cfg.n_kv_head, capacity, cfg.hd)
         k = torch.zeros(shape, device=p.device, dtype=p.dtype)
         mask = torch.zeros((rows, 0), dtype=torch.long, device=p.device)
-        return cls(k, torch.zeros_like(k), mask)
+        return cls(k, torch.zeros_like(k), mask, cfg.block_size)
 
     @property
     def rows(self) -> int:
@@ -75,7 +78,7 @@ class BatchCache:
         need = self.length + n
         if self.start + need <= self.capacity:
             return
-        capacity = self.capacity if need <= self.capacity else need + GROW
+        capacity = self.capacity if need <= self.capacity else _grown(need, self.limit)
         self.k, self.v = (self._moved(t, capacity, 0) for t in (self.k, self.v))
         self.start = 0
 
@@ -111,7 +114,7 @@ class BatchCache:
             )
             return
         L = max(self.length, other.length)
-        capacity = L + GROW
+        capacity = _grown(L, self.limit)
         ks = [self._moved(c.k, capacity, L - c.length, c) for c in (self, other)]
         vs = [self._moved(c.v, capacity, L - c.length, c) for c in (self, other)]
         masks = [torch.nn.functional.pad(c.pad_mask, (L - c.length, 0)) for c in (self, other)]
@@ -126,3 +129,8 @@ class BatchCache:
         live = t[:, :, :, src.start : src.start + src.length]
         out[:, :, :, shift : shift + src.length] = live
         return out
+
+
+def _grown(length: int, limit: int) -> int:
+    """Storage columns for `length` live ones: GROW more, but no more than the limit needs."""
+    return max(length, min(length + GROW, limit))

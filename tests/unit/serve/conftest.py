@@ -34,7 +34,7 @@ def serve_model_dir(tmp_path_factory) -> Path:
 def engine(serve_model_dir):
     from lmforge.serve.engine import Engine
 
-    eng = Engine.from_dir(serve_model_dir, max_batch_size=8)
+    eng = Engine.from_dir(serve_model_dir, device="cpu", max_batch_size=8)
     eng.start()
     yield eng
     eng.shutdown(drain=False)
