@@ -41,6 +41,8 @@ def fill_store(path):
         # the same text rated differently (a cached answer): no pair, counted as skipped
         store.record_response("cmpl-4", "base", "2+2=", None, "5")
         store.add_rating("cmpl-4", 5)
+        # a "choice" between answers to different prompts is not a preference
+        store.add_choice("chatcmpl-alpha-good", "chatcmpl-beta-bad")
 
 
 def test_export_writes_sft_and_preferences_with_counts_and_reruns_on_new_feedback(tmp_path):
@@ -77,7 +79,8 @@ def test_export_writes_sft_and_preferences_with_counts_and_reruns_on_new_feedbac
     metrics = read_manifest(out)["metrics"]
     assert metrics == {
         "sft": n + 2, "preferences": 2 * n, "choice_pairs": n, "rating_pairs": n,
-        "skipped_identical": 1, "responses": 4 * n + 4, "ratings": 2 * n + 3, "choices": n,
+        "skipped_identical": 1, "skipped_other_prompt": 1, "responses": 4 * n + 4,
+        "ratings": 2 * n + 3, "choices": n + 1,
     }  # fmt: skip
     assert read_manifest(out)["kind"] == "feedback-export"
 

@@ -6,7 +6,8 @@ DPO round learn from what people rated.
   shape. A completion (no chat messages) becomes one user turn, as finetune reads
   prompt/completion records.
 - `preferences.jsonl`: `{"prompt", "chosen", "rejected", "kind"}`, align.prefs' pair shape,
-  from side-by-side choices (kind "choice") and from two responses to the same prompt whose
+  from side-by-side choices (kind "choice"; both answers must come from the same conversation,
+  or the same prompt text for completions) and from two responses to the same prompt whose
   mean ratings differ by at least min_rating_gap (kind "rating").
 
 The manifest (run_stage's, written last) carries the counts. `lmforge align --data` also takes
@@ -98,10 +99,14 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
         if r["stars"] >= cfg.min_rating and r["text"].strip() and key not in seen:
             seen.add(key)
             sft.append(_sft_record(r))
-    pairs, skipped = [], 0
+    pairs, skipped, mismatched = [], 0, 0
     for c in choices:
-        prompt = c["prompt"] if c["prompt"] else _prompt(c["chosen"])
-        pair = _pair(prompt, c["chosen"], c["rejected"], "choice")
+        # the pair's prompt is the conversation the answers were generated from (the choice's
+        # own optional prompt text is only a note); answers to different prompts are no pair
+        if _prompt_key(c["chosen"]) != _prompt_key(c["rejected"]):
+            mismatched += 1
+            continue
+        pair = _pair(_prompt(c["chosen"]), c["chosen"], c["rejected"], "choice")
         skipped += pair is None
         pairs.extend([pair] if pair else [])
     n_choice_pairs = len(pairs)
@@ -121,6 +126,7 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
         "choice_pairs": n_choice_pairs,
         "rating_pairs": len(pairs) - n_choice_pairs,
         "skipped_identical": skipped,
+        "skipped_other_prompt": mismatched,
         "responses": totals["responses"],
         "ratings": totals["ratings"],
         "choices": totals["choices"],

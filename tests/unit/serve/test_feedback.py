@@ -143,3 +143,31 @@ def test_sigkill_mid_stream_keeps_every_committed_row_and_a_sound_db(tmp_path):
     with FeedbackStore(path) as store:
         store.add_rating(f"r{acked}", -1)
         assert store.counts()["responses"] == n
+
+
+CONCURRENT = """
+import sys
+from lmforge.serve.feedback import FeedbackStore
+store = FeedbackStore(sys.argv[1], busy_timeout_ms=30_000)
+for i in range(1000):
+    store.record_response(f"{sys.argv[2]}-{i}", "m", "p", None, "t")
+    store.add_rating(f"{sys.argv[2]}-{i}", 1)
+"""
+
+
+def test_worker_processes_write_one_store_without_lock_errors(tmp_path):
+    """Several server workers behind one port share the store: the busy timeout serializes
+    their writes instead of failing with 'database is locked'."""
+    path = tmp_path / "fb.db"
+    FeedbackStore(path).close()
+    env = dict(os.environ, PYTHONPATH=SRC)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(path), f"w{w}"], env=env,
+                         stderr=subprocess.PIPE, text=True)
+        for w in range(3)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    with FeedbackStore(path) as store:
+        assert store.counts() == {"responses": 3000, "ratings": 3000, "choices": 0}

@@ -164,3 +164,31 @@ def test_search_from_many_threads(kb):
     with ThreadPoolExecutor(4) as pool:
         tops = list(pool.map(lambda q: kb.search(q, k=1)[0].source, ["json loads", "moon"] * 20))
     assert tops == ["python/json.txt", "space.txt"] * 20
+
+
+def test_a_sqlite_without_fts5_is_a_clear_error():
+    from lmforge.serve.retrieval import require_fts5
+
+    class NoFts5:
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("no such module: fts5")
+
+    with pytest.raises(InputError, match=r"lacks the FTS5 extension .*no such module: fts5"):
+        require_fts5(NoFts5())
+
+
+def test_concurrent_builds_of_one_index_wait_for_each_other(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    write_docs(tmp_path / "docs")
+
+    def build(_):
+        kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
+        report = {k: len(v) for k, v in kb.last_build.items()}
+        kb.close()
+        return report
+
+    with ThreadPoolExecutor(3) as pool:
+        reports = list(pool.map(build, range(3)))
+    assert sorted(r["added"] for r in reports) == [0, 0, 4]  # one indexed, the others found it
+    assert KnowledgeBase.open(tmp_path / "kb.db").passage_count() == 5
