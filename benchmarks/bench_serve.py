@@ -16,7 +16,7 @@ same exported model directory: the same prompts, left-padded batches of 16, samp
 `--max-tokens` new tokens, and prints the server's 16-client tokens/s against it. On a CPU-only
 machine without `--hf` that part is skipped with the reason.
 
-Run: `.venv/bin/python benchmarks/bench_serve.py --preset tiny --requests 32 --max-tokens 64`
+Run: `.venv/bin/python benchmarks/bench_serve.py --preset tiny --requests 64 --max-tokens 64`
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="model dir to serve (default: build --preset)")
     ap.add_argument("--preset", default="tiny", help="lmforge model preset when building")
-    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,16", help="levels; the ratio is last / first")
     ap.add_argument("--device", default="auto", help="the server's device: auto | cpu | cuda")

@@ -1,5 +1,5 @@
 """The chat page at / against the real server (`lmforge serve`, one micro model under two names) in headless
-Chromium: a streamed answer grows token by token, a thumbs-up and a side-by-side choice land in
+Chromium: a streamed answer grows token by token and shows its knowledge-base sources, a thumbs-up and a side-by-side choice land in
 the feedback database with the right response ids, a server error is shown, and the page logs no
 console error. Chromium policy (skip with the install hint, fail under CI=true) is
 test_report_browser's find_chromium.
@@ -33,8 +33,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     tmp = tmp_path_factory.mktemp("serve_web")
     model_dir = make_serve_model(tmp)
     models = [f"a={model_dir}", f"b={model_dir}"]  # two names, two engines
+    docs = tmp / "docs"
+    docs.mkdir()
+    (docs / "france.md").write_text("Paris is the capital of France and its largest city.\n")
     db = tmp / "feedback.db"
-    args = ["--feedback-db", str(db)]
+    args = ["--feedback-db", str(db), "--kb", str(docs)]
     with ServerProcess(models, args=args, env={"OMP_NUM_THREADS": "1"}) as proc:
         yield proc.url, db
 
@@ -72,6 +75,8 @@ def test_chat_streams_and_feedback_reaches_the_database(server: tuple[str, Path]
         assert len(set(lengths)) > 1, f"the answer appeared in one piece: {lengths}"
         assert lengths == sorted(lengths)
         assert answer.locator(".text").text_content() != ""
+        expect(answer.locator(".sources")).to_be_visible()  # the knowledge base's passages
+        expect(answer.locator(".sources li").first).to_contain_text("france.md")
         response_id = answer.get_attribute("data-response-id")
         assert response_id.startswith("chatcmpl-")
         answer.get_by_role("button", name="Good answer").click()

@@ -3,10 +3,11 @@
 For each concurrency level, that many async clients send streamed /v1/completions requests back
 to back until `requests` have been sent, and each request's timing is taken from the SSE stream
 itself: time to first token (TTFT) is the request start to the first chunk carrying text, and
-inter-token latency (ITL) the gaps between later text chunks. A level reports requests/s, output
-tokens/s (the server's usage counts when it sends them), TTFT and ITL percentiles, and errors.
-Sampling runs at temperature 1 without a seed, so no answer can come from the response cache.
-Works against any OpenAI-compatible server, not only lmforge's.
+inter-token latency (ITL) the gaps between later text chunks as the client reads them (chunks
+that arrive in one network read count as a gap of about zero). A level reports requests/s,
+output tokens/s (the server's usage counts when it sends them), TTFT and ITL percentiles, and
+errors. Sampling runs at temperature 1 without a seed, so no answer can come from the response
+cache. Works against any OpenAI-compatible server, not only lmforge's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -222,13 +224,13 @@ def render_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     def ms(values: dict[str, float | None]) -> str:
-        return " / ".join("-" if v is None else f"{v:.1f}" for v in values.values())
+        return "/".join("-" if v is None else f"{v:.1f}" for v in values.values())
 
     table = Table(title=f"{result['model']} at {result['url']} (max_tokens {result['max_tokens']})")
     for name in ("clients", "requests", "errors", "req/s", "out tok/s"):
         table.add_column(name, justify="right")
-    table.add_column("TTFT ms p50/p90/p99", justify="right")
-    table.add_column("ITL ms p50/p90/p99", justify="right")
+    table.add_column("TTFT ms p50/90/99", justify="right")
+    table.add_column("ITL ms p50/90/99", justify="right")
     for level in result["levels"]:
         table.add_row(
             str(level["concurrency"]), str(level["requests"]), str(level["errors"]),
@@ -257,9 +259,15 @@ def bench_command(
     if start_model is None:
         result = run_bench(url, model, levels, requests, max_tokens, **options)
     else:
-        key_args = ["--api-key", api_key] if api_key else []
-        with ServerProcess([start_model], args=key_args) as server:
-            result = run_bench(server.url, model, levels, requests, max_tokens, **options)
+        # the bench's answers go to a throwaway feedback store, not the model's run directory
+        with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
+            args = [
+                "--feedback-db",
+                f"{tmp}/feedback.db",
+                *(["--api-key", api_key] * bool(api_key)),
+            ]
+            with ServerProcess([start_model], args=args) as server:
+                result = run_bench(server.url, model, levels, requests, max_tokens, **options)
     console().print(render_table(result))
     if out is not None:
         atomic_write_json(out, result)

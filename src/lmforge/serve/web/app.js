@@ -132,6 +132,7 @@ function answerView(label) {
   const node = $("answer-template").content.firstElementChild.cloneNode(true);
   const text = node.querySelector(".text");
   node.querySelector(".meta").textContent = label;
+  node.setAttribute("aria-busy", "true"); // screen readers read the answer once, when complete
   return {
     node,
     setId(id) {
@@ -147,7 +148,7 @@ function answerView(label) {
       for (const s of sources) {
         const item = document.createElement("li");
         const where = document.createElement("strong");
-        where.textContent = `${s.source} (score ${Number(s.score).toFixed(2)})`;
+        where.textContent = `${s.source} (score ${Number(s.score).toPrecision(3)})`;
         const quote = document.createElement("blockquote");
         quote.textContent = s.text;
         item.append(where, quote);
@@ -160,12 +161,14 @@ function answerView(label) {
       const note = result.finish === "content_filter" ? " (refused by the safety filter)" : "";
       node.querySelector(".finish").textContent = `finish: ${result.finish}${tokens}${note}`;
       node.classList.add("done");
+      node.setAttribute("aria-busy", "false");
     },
     fail(message) {
       const box = node.querySelector(".answer-error");
       box.textContent = message;
       box.hidden = false;
       node.classList.add("failed");
+      node.setAttribute("aria-busy", "false");
     },
   };
 }
