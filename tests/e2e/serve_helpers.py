@@ -18,25 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 LONG_CONTEXT = 1024  # room for answers long enough to be cut short by a disconnect or a timeout
 
 
-def make_serve_model(tmp: Path, noise: float = 0.3) -> Path:
-    """A micro model with a long context window. Its weights get extra noise: a freshly
-    initialized model only repeats the prompt's last token, which would let a server that mixes
-    up sequences or positions pass; with noise every answer is a varied (gibberish) text."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    path = make_model_dir(
+def make_serve_model(tmp: Path) -> Path:
+    """A micro model with a long context window and wide initial weights: a default-initialized
+    model only repeats the prompt's last token, which would let a server that mixes up sequences
+    or positions pass; this one writes a varied (gibberish) text for every prompt."""
+    return make_model_dir(
         tmp / "runs" / "q" / "sft" / "final",
         make_tokenizer_dir(tmp / "tok"),
         block_size=LONG_CONTEXT,
+        init_std=0.2,
     )
-    weights = path / "model.safetensors"
-    tensors, gen = load_file(weights), torch.Generator().manual_seed(0)
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.dim() > 1:
-            tensors[name] = t + noise * torch.randn(t.shape, generator=gen)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    return path
 
 
 def direct_greedy(model_dir: Path):
