@@ -266,6 +266,11 @@ def test_knowledge_base_sources(client):
     )  # fmt: skip
     assert "sources" not in (off.model_extra or {})
     assert off.usage.prompt_tokens < out.usage.prompt_tokens  # the passages went into the prompt
+    chunks = list(client.chat.completions.create(
+        model="micro", messages=[{"role": "user", "content": "capital of France"}],
+        max_tokens=2, stream=True,
+    ))  # fmt: skip
+    assert chunks[0].model_extra["sources"] == sources  # streamed: in the first chunk
 
 
 def test_disconnect_aborts_the_sequence(server):
