@@ -297,3 +297,16 @@ def test_sagemaker_invocations(server, client):
     chat = {"model": "micro", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     r = httpx.post(f"{server.url}/invocations", json=chat, headers=auth)
     assert r.json()["object"] == "chat.completion"
+
+
+def test_non_streamed_client_gone_aborts_too(server):
+    gen_before = server.metric("lmforge_generation_tokens_total", model="micro")
+    body = {"model": "micro", "prompt": PROMPT, "max_tokens": 900, "temperature": 0.5,
+            "ignore_eos": True}  # fmt: skip
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5,
+                   headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert server.wait_metric("lmforge_running", 0, timeout=2.5, model="micro") == 0
+    generated = server.metric("lmforge_generation_tokens_total", model="micro") - gen_before
+    assert 1 <= generated < 900
+    assert server.metric("lmforge_requests_total", endpoint="/v1/completions", status="499") >= 1

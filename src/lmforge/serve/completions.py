@@ -234,11 +234,16 @@ class CompletionService:
     async def events(self, prep: Prepared) -> AsyncIterator[tuple[Job, Any]]:
         """Submits every job and yields (job, TokenEvent) as they come, all choices merged.
 
-        Leaving early (timeout, client gone, an error) aborts every job still running.
+        Past request_timeout_s it raises TimeoutError. Leaving early (timeout, client gone,
+        an error) aborts every job still running. The deadline is a timer that drops a marker
+        into the queue, not asyncio.wait_for, which before Python 3.12 can swallow a
+        cancellation when the item it waits for is already there (and so never abort).
         """
         engine, handles = prep.engine, []
-        queue: asyncio.Queue[tuple[Job, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[Job | None, Any]] = asyncio.Queue()
         tasks: list[asyncio.Task] = []
+        timeout = self.state.settings.request_timeout_s
+        timer = asyncio.get_running_loop().call_later(timeout, queue.put_nowait, (None, None))
         try:
             for job in prep.jobs:
                 job.request_id = f"{prep.response_id}-{job.index}"
@@ -260,11 +265,14 @@ class CompletionService:
             remaining = len(tasks)
             while remaining:
                 job, event = await queue.get()
+                if job is None:
+                    raise TimeoutError(f"no complete answer within {timeout}s")
                 if event is None:
                     remaining -= 1
                     continue
                 yield job, event
         finally:
+            timer.cancel()
             for task in tasks:
                 task.cancel()
             for handle in handles:
@@ -272,21 +280,6 @@ class CompletionService:
                     engine.abort(handle.request_id)
             for handle in handles:
                 self._observe(prep.model, handle)
-
-    async def timed_events(self, prep: Prepared) -> AsyncIterator[tuple[Job, Any]]:
-        """events() under the request timeout: TimeoutError (and every job aborted) when the
-        whole answer is not there in request_timeout_s. (asyncio.timeout is Python 3.11+.)"""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.state.settings.request_timeout_s
-        async with aclosing(self.events(prep)) as events:
-            while True:
-                try:
-                    item = await asyncio.wait_for(anext(events), max(0.0, deadline - loop.time()))
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
-                    raise TimeoutError from None
-                yield item
 
     def _observe(self, model: str, handle: Any) -> None:
         m = self.state.metrics
@@ -325,7 +318,7 @@ class CompletionService:
         cached = self._cache_get(prep)
         if cached is not None:
             return await self._finish(prep, cached)
-        async with aclosing(self.timed_events(prep)) as events:
+        async with aclosing(self.events(prep)) as events:
             async for job, event in events:
                 self._accept(prep, job, event)
         choices = []
@@ -434,7 +427,7 @@ class CompletionService:
                     job.redactor = StreamRedactor(self.state.safety)
             sent = {job.index: 0 for job in prep.jobs}
             try:
-                async with aclosing(self.timed_events(prep)) as events:
+                async with aclosing(self.events(prep)) as events:
                     async for job, event in events:
                         if job.finish_reason == "content_filter":
                             continue  # refused output: nothing more from this choice

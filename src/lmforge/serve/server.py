@@ -155,15 +155,15 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return _error(APIError(500, f"internal error: {exc}", type="server_error"))
 
-    async def completions_route(body: Any) -> Response:
+    async def completions_route(request: Request, body: Any) -> Response:
         req = parse_request(CompletionRequest, body)
-        return await _run(await service.prepare_completion(req))
+        return await _run(request, await service.prepare_completion(req))
 
-    async def chat_route(body: Any) -> Response:
+    async def chat_route(request: Request, body: Any) -> Response:
         req = parse_request(ChatRequest, body)
-        return await _run(await service.prepare_chat(req))
+        return await _run(request, await service.prepare_chat(req))
 
-    async def _run(prep: Any) -> Response:
+    async def _run(request: Request, prep: Any) -> Response:
         if not state.ready:
             raise APIError(503, "the server is not ready", type="server_error", code="not_ready")
         if prep.stream:
@@ -173,7 +173,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            return JSONResponse(await service.complete(prep))
+            return JSONResponse(await _unless_disconnected(request, service.complete(prep)))
         except TimeoutError:
             raise APIError(
                 504, f"the request took longer than {settings.request_timeout_s}s",
@@ -182,19 +182,19 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await completions_route(await _json(request))
+        return await completions_route(request, await _json(request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await chat_route(await _json(request))
+        return await chat_route(request, await _json(request))
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
         """SageMaker's inference route: a chat request when it has messages, else a completion."""
         body = await _json(request)
         if isinstance(body, dict) and "messages" in body:
-            return await chat_route(body)
-        return await completions_route(body)
+            return await chat_route(request, body)
+        return await completions_route(request, body)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -268,6 +268,27 @@ async def _json(request: Request) -> Any:
         raise APIError(
             400, f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Awaits work, cancelling it (so its engine requests are aborted) if the client goes away
+    first: a non-streamed answer nobody will read should not keep its batch slot."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise APIError(499, "the client closed the request", code="client_closed")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _authorized(request: Request, key: str) -> bool:
