@@ -15,6 +15,9 @@ tokens and the three do identical work. The script also checks that every reques
 the same in all three runs. Requests have different prompt lengths and max_tokens, so rows leave
 the batch at different steps.
 
+On a CPU shared with other work, `--threads 1` avoids torch's parallel ops stalling on a
+descheduled thread (the batched steps suffer most, see lmforge.common.threads).
+
 Run: `.venv/bin/python benchmarks/bench_serve_engine.py` (`--quick` for a smoke run)
 """
 
@@ -102,6 +105,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=96, help="longest prompt (tokens)")
     ap.add_argument("--new-tokens", type=int, default=64, help="most tokens per request")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the engine's)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: fewer tokens, one round")
     args = ap.parse_args()
     if args.quick:
@@ -117,6 +121,8 @@ def main() -> None:
     cfg = preset_config("small", vocab_size=files.vocab_size, block_size=512)
     model = Transformer(cfg).eval()
     engine = Engine(model, files, name="bench", max_batch_size=args.requests)
+    if args.threads:  # after Engine(), which sizes the pool to the usable CPUs
+        torch.set_num_threads(args.threads)
     engine.start()
     requests = make_requests(args.requests, cfg.vocab_size, args)
     n_new = sum(n for _, n in requests)

@@ -30,7 +30,7 @@ from torch import nn
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import MetricsWriter, read_metrics
-from lmforge.config import NOT_HASHED, Section, StageConfig, config_hash
+from lmforge.config import NOT_HASHED, Section, StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune import heads
 from lmforge.finetune.evaluate import rouge_eval
@@ -283,7 +283,7 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         if cfg.task == "sft":
             raise ConfigError("kfold.k > 1 needs labeled data (--task classify or multitask)")
         headline.update(cross_validate(cfg, ctx, tok, train_ex + val_ex, labels))
-    forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+    forget_other_runs(ctx.out / "checkpoints", ctx.run_hash)
     data = prepare(cfg, tok, train_ex, val_ex, labels)
     ctx.log.info("finetune %s/%s: %s", cfg.task, cfg.method, data.stats)
     model, lm, result = fit(cfg, ctx, data)

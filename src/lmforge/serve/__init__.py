@@ -1,8 +1,9 @@
-"""lmforge.serve: an OpenAI-compatible server over a continuous-batching engine, with its stores.
+"""Serving: an OpenAI-compatible server over a continuous-batching engine, with its stores.
 
-The engine (engine.py: Engine, SamplingParams, RequestHandle, collect) knows nothing of HTTP.
-Imports are lazy so `import lmforge.serve` (or lmforge.serve.cache, for the data tools that read
-the feedback store) pulls in neither torch nor FastAPI.
+Nothing heavy is imported here, so `import lmforge.serve.cache` stays cheap for the CLI and the
+data tools that read the feedback store. The engine's names (engine.py: Engine, SamplingParams,
+RequestHandle, collect; it knows nothing of HTTP) are exported lazily: `lmforge.serve.Engine`
+imports torch on first use only.
 """
 
 from __future__ import annotations

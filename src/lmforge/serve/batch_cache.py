@@ -33,6 +33,7 @@ class BatchCache:
         self.limit = limit  # most columns ever needed: the model's block_size
         self.start = start  # storage column of logical position 0
         self.pad_mask = pad_mask  # (B, L) long: 1 = token, 0 = padding
+        self._padded: tuple[Tensor, bool] | None = None  # padded() of that mask, kept per step
 
     @classmethod
     def empty(cls, model: nn.Module, rows: int, length: int) -> BatchCache:
@@ -61,7 +62,10 @@ class BatchCache:
 
     def padded(self) -> bool:
         """Whether any row has padding (if not, attention can take the unmasked fast path)."""
-        return bool(self.rows) and not bool(self.pad_mask[:, 0].all())
+        if self._padded is None or self._padded[0] is not self.pad_mask:  # a host sync: once
+            # per change of rows, not per step (extend_mask keeps the answer)
+            self._padded = self.pad_mask, bool(self.rows) and not bool(self.pad_mask[:, 0].all())
+        return self._padded[1]
 
     def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """KVCache.update: store k, v (B, n_kv_head, T, hd) at start_pos, return keys up to there."""
@@ -85,7 +89,10 @@ class BatchCache:
     def extend_mask(self, n: int = 1) -> Tensor:
         """pad_mask with n more token columns: the (B, L + n) mask a step of n tokens needs."""
         ones = torch.ones((self.rows, n), dtype=torch.long, device=self.pad_mask.device)
+        known = self._padded is not None and self._padded[0] is self.pad_mask
         self.pad_mask = torch.cat([self.pad_mask, ones], dim=1)
+        if known:
+            self._padded = self.pad_mask, self._padded[1]
         return self.pad_mask
 
     def keep(self, rows: list[int]) -> None:
@@ -103,23 +110,18 @@ class BatchCache:
         else:
             self.start, self.pad_mask = 0, self.pad_mask[:, :0]
 
-    def merge(self, other: BatchCache) -> None:
-        """Append other's rows (prefilled joiners) after ours; both right-aligned at max(L)."""
-        if self.rows == 0:
-            self.k, self.v, self.pad_mask, self.start = (
-                other.k,
-                other.v,
-                other.pad_mask,
-                other.start,
-            )
-            return
-        L = max(self.length, other.length)
+    def merge(self, others: list[BatchCache]) -> None:
+        """Appends others' rows (prefilled joiners) after ours, all right-aligned at the longest
+        length, in one copy."""
+        blocks = [self, *others]
+        L = max(c.length for c in blocks)
         capacity = _grown(L, self.limit)
-        ks = [self._moved(c.k, capacity, L - c.length, c) for c in (self, other)]
-        vs = [self._moved(c.v, capacity, L - c.length, c) for c in (self, other)]
-        masks = [torch.nn.functional.pad(c.pad_mask, (L - c.length, 0)) for c in (self, other)]
-        self.k, self.v = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
-        self.pad_mask = torch.cat(masks, dim=0)
+        self.k, self.v = (
+            torch.cat([self._moved(getattr(c, kv), capacity, L - c.length, c) for c in blocks], 1)
+            for kv in ("k", "v")
+        )
+        pad = torch.nn.functional.pad
+        self.pad_mask = torch.cat([pad(c.pad_mask, (L - c.length, 0)) for c in blocks], dim=0)
         self.start = 0
 
     def _moved(self, t: Tensor, capacity: int, shift: int, src: BatchCache | None = None) -> Tensor:

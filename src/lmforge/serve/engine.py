@@ -3,9 +3,11 @@
 Requests join and leave the running batch at every decoding step. A background thread loops:
 
 1. apply aborts; admit waiting requests into the free batch slots (max_batch_size);
-2. prefill the newcomers together (left-padded, one forward pass, their own BatchCache); each
-   newcomer samples its first token from the prefill logits and its keys/values merge into the
-   running batch's cache (BatchCache.merge: both blocks right-aligned at the longer length);
+2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
+   group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
+   a prefill is compute-bound already and padding only adds work); each newcomer samples its
+   first token from the prefill logits and the groups' keys/values merge into the running
+   batch's cache in one copy (BatchCache.merge: all blocks right-aligned at the longest length);
 3. one decoding step for the whole running batch: every row feeds its last token at start_pos=L
    with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
    and never attends to another row's padding;
@@ -59,6 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _threads_configured = False
+PREFILL_PADDING = 0.25  # most padding a prefill pass may add, as a fraction of its prompt tokens
 
 
 class QueueFull(LmforgeError):
@@ -322,29 +325,39 @@ class Engine:
             self._cache = None
 
     def _prefill(self, rows: list[_Row]) -> None:
-        """Prefills newcomers together; if that fails, one by one, failing only those that fail."""
+        """Prefills newcomers in groups of similar length, then merges them into the batch."""
+        joined: list[tuple[list[_Row], BatchCache]] = []
+        for group in prefill_groups([r.prompt for r in rows]):
+            joined += self._prefill_group([rows[i] for i in group])
+        if not joined:
+            return
+        caches = [cache for _, cache in joined]
+        if self._cache is None:
+            self._cache = caches.pop(0)
+        if caches:
+            self._cache.merge(caches)
+        with self._lock:
+            self._running += [row for group_rows, _ in joined for row in group_rows]
+
+    def _prefill_group(self, rows: list[_Row]) -> list[tuple[list[_Row], BatchCache]]:
+        """One prefill pass; if it fails, one pass per row, failing only the rows that fail.
+        Returns the rows that continue, with their cache."""
         try:
             cache, logits = self._prefill_forward(rows)
         except Exception as exc:  # any failure must stay inside these requests
-            if len(rows) == 1:
-                log.exception("prefill of request %s failed", rows[0].request_id)
-                self._fail(rows, exc)
-            else:
-                for row in rows:
-                    self._prefill([row])
-            return
+            if len(rows) > 1:
+                return [joined for row in rows for joined in self._prefill_group([row])]
+            log.exception("prefill of request %s failed", rows[0].request_id)
+            self._fail(rows, exc)
+            return []
         with self._lock:
             self._counts["prefills"] += 1
             self._counts["prompt_tokens"] += sum(len(r.prompt) for r in rows)
         keep = self._emit(rows, logits)
-        if keep:
-            cache.keep(keep)
-            if self._cache is None:
-                self._cache = cache
-            else:
-                self._cache.merge(cache)
-            with self._lock:
-                self._running += [rows[i] for i in keep]
+        if not keep:
+            return []
+        cache.keep(keep)
+        return [([rows[i] for i in keep], cache)]
 
     def _prefill_forward(self, rows: list[_Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""
@@ -456,6 +469,27 @@ class Engine:
         self._aborts.discard(row.request_id)
         self._counts["finished"] += 1
         row.handle.push(event)
+
+
+def prefill_groups(prompts: list[list[int]], waste: float = PREFILL_PADDING) -> list[list[int]]:
+    """Indices of prompts grouped for prefill: longest first, a group closed when padding to its
+    longest prompt would add more than `waste` (a fraction) to its tokens. A prefill is already
+    compute-bound on its own tokens, so padding is pure loss; similar lengths still share a pass.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        n = len(prompts[i])
+        if groups and len(prompts[groups[-1][0]]) * (len(groups[-1]) + 1) <= (1 + waste) * (
+            total + n
+        ):
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
 
 
 def _default_gen(files: TokenizerFiles) -> dict[str, Any]:

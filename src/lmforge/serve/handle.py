@@ -8,6 +8,7 @@ the engine thread resolves through loop.call_soon_threadsafe), so no reader ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -78,7 +79,9 @@ class RequestHandle:
             waiter, loop = self._waiter, self._loop
             self._waiter = None
         if waiter is not None and loop is not None:
-            loop.call_soon_threadsafe(_wake, waiter)
+            # RuntimeError: the reader's event loop is closed, nobody is left to wake
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_wake, waiter)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:

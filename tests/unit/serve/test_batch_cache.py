@@ -32,7 +32,7 @@ def test_merge_right_aligns_and_keep_trims_padding_columns():
     torch.manual_seed(0)
     model = Transformer(preset_config("micro", block_size=32))
     cache = block(model, [3, 5], fill=10)
-    cache.merge(block(model, [9], fill=20))  # longer joiner: the running rows shift right
+    cache.merge([block(model, [9], fill=20)])  # longer joiner: the running rows shift right
     assert cache.length == 9 and cache.rows == 3
     assert cache.pad_mask.sum(1).tolist() == [3, 5, 9]
     assert [live(cache, i).tolist() for i in range(3)] == [[10] * 3, [11] * 5, [20] * 9]
@@ -71,3 +71,12 @@ def test_a_joiner_longer_than_the_batch_shifts_it_and_all_stay_exact(engine):
 
     assert joiner.token_ids == alone(long, 8)[: len(joiner.token_ids)]
     assert rest == alone(short, 30)[1:]
+
+
+def test_prefill_groups_keep_padding_small():
+    from lmforge.serve.engine import prefill_groups
+
+    prompts = [[1] * 10, [1] * 2, [1] * 9, [1] * 3]
+    assert prefill_groups(prompts) == [[0, 2], [3, 1]]
+    assert prefill_groups([[1] * 5] * 4) == [[0, 1, 2, 3]]
+    assert prefill_groups(prompts, waste=0.0) == [[0], [2], [3], [1]]
