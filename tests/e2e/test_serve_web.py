@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from e2e.serve_helpers import make_serve_model
 from e2e.test_report_browser import find_chromium
 from lmforge.serve.launch import ServerProcess
 
@@ -28,11 +27,12 @@ RECORD_GROWTH = """() => {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def server(
+    serve_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
     find_chromium()
     tmp = tmp_path_factory.mktemp("serve_web")
-    model_dir = make_serve_model(tmp)
-    models = [f"a={model_dir}", f"b={model_dir}"]  # two names, two engines
+    models = [f"a={serve_model}", f"b={serve_model}"]  # two names, two engines
     docs = tmp / "docs"
     docs.mkdir()
     (docs / "france.md").write_text("Paris is the capital of France and its largest city.\n")
