@@ -618,7 +618,6 @@ def serve_cmd(
         return
     from lmforge.config import validate
     from lmforge.errors import ConfigError
-    from lmforge.serve.server import serve
     from lmforge.serve.settings import ServeSettings, parse_model_specs
 
     if not model:
@@ -629,6 +628,8 @@ def serve_cmd(
         "max_batch_size": max_batch_size, "max_queue": max_queue,
         "request_timeout_s": request_timeout, "device": device,
     }, where="serve")  # fmt: skip
+    from lmforge.serve.server import serve  # torch and FastAPI: only once the flags are right
+
     serve(settings)
 
 
