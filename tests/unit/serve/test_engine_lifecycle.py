@@ -276,3 +276,29 @@ def test_shutdown_timeout_aborts_what_is_still_running(fresh, monkeypatch):
     fresh.shutdown(drain=True, timeout=0.1)  # draining would take >= 0.5 s
     rest = list(events)
     assert rest[-1].finish_reason == "abort" and len(rest) < 99
+
+
+def test_gpt2_style_with_a_sliding_window_stays_exact_in_a_continuous_batch(serve_model_dir):
+    """Learned positions come from the pad mask too; a window measured in columns is right
+    because a row's tokens sit contiguously at the right of the batch."""
+    from lmforge.model.config import preset_config
+    from lmforge.model.transformer import Transformer
+
+    files = TokenizerFiles.load(serve_model_dir)
+    torch.manual_seed(1)
+    cfg = preset_config("micro-gpt2", vocab_size=files.vocab_size, init_std=0.2, sliding_window=9)
+    model = Transformer(cfg).eval()
+    eng = Engine(model, files, name="gpt2", max_prefill_tokens=12)
+    eng.start()
+    prompts = [[5, 6, 7], [(3 * i) % 200 + 3 for i in range(30)], [9, 8, 7, 6, 5, 4]]
+    try:
+        first = eng.submit(prompts[0], greedy(40), "g0")
+        events = iter(first)
+        next(events)
+        others = [eng.submit(p, greedy(15), f"g{i}") for i, p in enumerate(prompts[1:], 1)]
+        results = [collect(h).token_ids for h in others]
+        rest = [e.token_id for e in events]
+    finally:
+        eng.shutdown()
+    assert rest == alone(model, prompts[0], 40)[1:]
+    assert results == [alone(model, p, 15) for p in prompts[1:]]
