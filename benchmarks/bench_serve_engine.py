@@ -68,6 +68,9 @@ def make_requests(n: int, vocab: int, args: argparse.Namespace) -> list[tuple[li
     ]
 
 
+LATENCY: dict[str, list] = {}  # contender -> the last round's handles, for TTFT and ITL
+
+
 def engine_concurrent(engine, requests) -> list[list[int]]:
     from lmforge.serve.engine import SamplingParams, collect
 
@@ -75,17 +78,27 @@ def engine_concurrent(engine, requests) -> list[list[int]]:
         engine.submit(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), f"c{i}")
         for i, (ids, n) in enumerate(requests)
     ]
+    LATENCY["engine, concurrent"] = handles
     return [collect(h).token_ids for h in handles]
 
 
 def engine_sequential(engine, requests) -> list[list[int]]:
     from lmforge.serve.engine import SamplingParams, collect
 
-    out = []
+    out, handles = [], []
     for i, (ids, n) in enumerate(requests):
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        out.append(collect(engine.submit(ids, params, f"s{i}")).token_ids)
+        handles.append(engine.submit(ids, params, f"s{i}"))
+        out.append(collect(handles[-1]).token_ids)
+    LATENCY["engine, one at a time"] = handles
     return out
+
+
+def latency_ms(handles) -> tuple[float, float]:
+    """Median time to first token and median inter-token latency (ms) over the handles."""
+    ttft = [h.first_token_at - h.submitted_at for h in handles]
+    itl = [b - a for h in handles for a, b in zip(h.token_times, h.token_times[1:], strict=False)]
+    return statistics.median(ttft) * 1e3, statistics.median(itl) * 1e3
 
 
 def generate_sequential(model, requests) -> list[list[int]]:
@@ -167,6 +180,9 @@ def main() -> None:
         same = sum(a == b for a, b in zip(outputs[name], ref, strict=True))
         print(f"{name}: {same}/{len(ref)} requests equal to generate alone token for token")
     print(f"engine: {stats.steps} decoding steps, {stats.prefills} prefills")
+    for name, handles in LATENCY.items():
+        ttft, itl = latency_ms(handles)
+        print(f"{name}: median time to first token {ttft:.0f} ms, inter-token {itl:.1f} ms")
 
 
 if __name__ == "__main__":
