@@ -156,6 +156,8 @@ def attach_augmented(
     train: list[dict[str, Any]], augmented: list[dict[str, Any]], text_field: str = "text"
 ) -> list[dict[str, Any]]:
     """train plus the augmented rows whose source is in train (copies of held-out rows go)."""
+    if not augmented:
+        return train
     ids = {row_id(r, text_field) for r in train}
     return train + [r for r in augmented if r.get(SOURCE) in ids]
 
