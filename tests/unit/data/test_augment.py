@@ -124,7 +124,7 @@ def test_held_out_rows_get_no_copies_in_training():
     assert originals == ROWS and len(augmented) == 3
     train = attach_augmented(originals[:2], augmented)
     assert {r["source_id"] for r in train if "source_id" in r} == {"a", "b"}
-    with pytest.raises(InputError, match="val.jsonl record 2 is augmented"):
+    with pytest.raises(InputError, match=r"val\.jsonl record 2 is augmented"):
         refuse_augmented([ROWS[0], augmented[0]], "val.jsonl")
 
 
@@ -132,7 +132,7 @@ def test_rows_without_id_are_keyed_by_text():
     rows = [{"text": "Open the file and read the text.", "label": "x"}]
     out = Augmenter(_cfg(methods=["swap"])).augment(rows, "train")
     assert out[0]["source_id"] == row_id(rows[0]) and "id" not in out[0]
-    with pytest.raises(InputError, match="row 1 .* no text field"):
+    with pytest.raises(InputError, match=r"row 1 .* no text field"):
         Augmenter(_cfg()).augment([{"label": "x"}], "train")
 
 

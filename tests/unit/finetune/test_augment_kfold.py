@@ -69,7 +69,7 @@ def test_split_keeps_pre_augmented_rows_out_of_validation(tmp_path, model_dir):
     assert not val_texts & {r["text"] for r in train}
 
     bad_val = _write(tmp_path / "v.jsonl", rows[:2] + aug[:1])
-    with pytest.raises(InputError, match="v.jsonl record 3 is augmented"):
+    with pytest.raises(InputError, match=r"v\.jsonl record 3 is augmented"):
         load_splits(_cfg(tmp_path, model_dir, data, val_data=bad_val))
 
 
