@@ -8,11 +8,13 @@ side make the numbers checkable by eye.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from lmforge.data.terms import TermGroup
+from lmforge.data.terms import TermGroup, load_groups
 
 SNIPPET = 120  # characters around a term in the examples
 _WORD = re.compile(r"\w+")
@@ -84,3 +86,29 @@ def split_term_report(
             counter.add(str(row.get(text_field, "")), row.get(label_field))
         report[split] = counter.to_dict()
     return report
+
+
+def stage_term_report(
+    out_dir: Path, terms: Path | None = None, groups: list[str] | None = None
+) -> dict[str, Any]:
+    """A data stage's term report: stats.json's (built with bias: on), else counted from its
+    split files now (also when another terms file or group list is asked for)."""
+    from lmforge.common.io import read_jsonl
+    from lmforge.data.split import SPLITS
+    from lmforge.errors import InputError
+
+    out_dir = Path(out_dir)
+    stats_path = out_dir / "stats.json"
+    if terms is None and not groups and stats_path.is_file():
+        stored = json.loads(stats_path.read_text(encoding="utf-8")).get("bias")
+        if stored:
+            return stored
+    files = {s: out_dir / f"{s}.jsonl.zst" for s in SPLITS if (out_dir / f"{s}.jsonl.zst").exists()}
+    if not files:
+        raise InputError(
+            f"{out_dir} has no split files; build it with: lmforge data prepare --source PATH "
+            f"--out {out_dir} --set bias.enabled=true"
+        )
+    return split_term_report(
+        {s: read_jsonl(f) for s, f in files.items()}, load_groups(terms, groups or None)
+    )
