@@ -361,7 +361,7 @@ def augment_compare_blocks(stage_dir: Path) -> list[Block]:
     metrics = [k[3:-5] for k in with_ if k.startswith("cv_") and k.endswith("_mean")]
     table = [["metric (held-out fold)", "without augmentation", "with augmentation"]]
     for m in metrics:
-        cell = lambda s, m=m: f"{s[f'cv_{m}_mean']:.4f} ± {s[f'cv_{m}_std']:.4f}"  # noqa: E731
+        cell = lambda s, m=m: f"{s[f'cv_{m}_mean']:.4g} ± {s[f'cv_{m}_std']:.2g}"  # noqa: E731
         table.append([m, cell(without), cell(with_)])
     acc = "accuracy" if "accuracy" in metrics else metrics[0]
     delta = with_[f"cv_{acc}_mean"] - without[f"cv_{acc}_mean"]

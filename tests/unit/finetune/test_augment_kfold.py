@@ -49,6 +49,10 @@ def test_kfold_compares_with_and_without_augmentation(tmp_path, model_dir):
     assert sum(24 - wo["train_examples"] for wo in without) == 24
     assert compare["with"]["cv_accuracy_mean"] == m["cv_accuracy_mean"]
     assert (out / "folds" / "fold_1_noaug" / "metrics.jsonl").exists()
+    from lmforge.evals.report import write_report
+
+    md = write_report(out).with_suffix(".md").read_text()
+    assert "| accuracy |" in md and "without augmentation" in md and "each fold augmented" in md
     # the final model trains on the train share plus its copies (24 - 2 val = 22, + copies)
     assert m["data_examples"] == 22 + m["augmented_eda-swap"] + m["augmented_eda-synonym"]
 
