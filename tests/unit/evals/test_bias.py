@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lmforge.data.bias_stats import TermCounter, split_term_report
+from lmforge.data.bias_stats import TermCounter, split_term_report, stage_term_report
 from lmforge.data.terms import load_groups
 from lmforge.errors import InputError
 from lmforge.evals.bias import counterfactual_pairs, gap_report
@@ -14,7 +14,7 @@ from lmforge.evals.errors import worst_examples
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.tasks import TaskSpec, run_task
 
-from .helpers import make_model_dir, train_briefly
+from .helpers import make_model_dir, train_briefly, write_split
 
 
 def _gender():
@@ -108,3 +108,19 @@ def test_term_counter_reports_per_1k_words_ratio_and_labels():
     assert g["sides"]["male"]["rows"] == 2
     by_split = split_term_report({"train": [{"text": "the woman"}]}, load_groups(names=["gender"]))
     assert by_split["train"]["groups"]["gender"]["ratio"] == 0.0
+
+
+def test_stage_report_counts_the_splits_when_stats_json_has_none(tmp_path):
+    write_split(tmp_path, "train", ["she and her mother", "the man"])
+    write_split(tmp_path, "val", ["nothing"])
+    (tmp_path / "stats.json").write_text(json.dumps({"splits": {"train": 2}}))
+    report = stage_term_report(tmp_path, groups=None)
+    assert set(report) == {"train", "val"}
+    sides = report["train"]["groups"]["gender"]["sides"]
+    assert sides["female"]["count"] == 3 and sides["male"]["count"] == 1
+    (tmp_path / "stats.json").write_text(
+        json.dumps({"bias": {"train": {"words": 1, "groups": {}}}})
+    )
+    assert stage_term_report(tmp_path) == {"train": {"words": 1, "groups": {}}}
+    with pytest.raises(InputError, match="has no split files"):
+        stage_term_report(tmp_path / "nope", groups=["gender"])
