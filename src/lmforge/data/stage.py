@@ -2,10 +2,10 @@
 
 Pass 1 streams documents through the workers and spills the survivors (with their dedup keys)
 to a work directory. The main process then decides exact and fuzzy duplicates over all documents
-at once. Pass 2 streams the spill again and writes {train,val,test}.jsonl.zst, adding augmented copies
-of train rows only (augment:) and counting demographic terms per split (bias:). Every output is
-written under a temporary name and renamed when complete, so a killed run leaves nothing that
-looks finished and a rerun produces the same bytes.
+at once. Pass 2 streams the spill again and writes {train,val,test}.jsonl.zst, adding augmented
+copies of train rows only (augment:) and counting demographic terms per split (bias:). Every
+output is written under a temporary name and renamed when complete, so a killed run leaves
+nothing that looks finished and a rerun produces the same bytes.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def _pass_two(
 ) -> tuple[dict[str, int], dict[str, Any]]:
     """Applies dedup, decontamination, mixture weights and the split; writes the three shards.
 
-    Returns the split sizes and the augmentation / bias-term stats of what was written."""
+    Returns the split sizes and the augmentation / bias-term stats of what was written.
+    """
     exact, fuzzy = dup_of
     originals = set(exact[exact >= 0].tolist()) | set(fuzzy[fuzzy >= 0].tolist())
     ids: dict[int, str] = {}  # ids of kept originals, for "duplicate_of" in the samples
