@@ -241,7 +241,14 @@ def pretrain_cmd(
         Path | None, typer.Option(help="Stage directory: final/, checkpoints/, metrics.")
     ] = None,
     preset: Annotated[
-        str | None, typer.Option(help="Model preset (micro, tiny, small, gpt2-124m, llama-1b).")
+        str | None,
+        typer.Option(
+            help="Model preset (micro, tiny, small, gpt2-124m, llama-1b, bert-tiny, ...)."
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="clm (next token, decoders) | mlm (masked tokens, bert-* presets)."),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -250,9 +257,12 @@ def pretrain_cmd(
     """Pretrain a Transformer on token shards (resumes a killed run from its checkpoints).
 
     Example: lmforge pretrain --tokens runs/x/tokens --tokenizer runs/x/tokenizer --out runs/x/pretrain --set train.max_steps=200
+    Masked LM (the tokenizer needs a mask token: tokenizer train --set special_tokens.mask='[MASK]'):
+    lmforge pretrain --objective mlm --preset bert-tiny --tokens runs/x/tokens --tokenizer runs/x/tokenizer --out runs/x/mlm
     Distributed: torchrun --nproc-per-node 2 -m lmforge.cli pretrain ... --set train.distributed=ddp
     """
     values: dict[str, Any] = {"tokens": tokens, "tokenizer": tokenizer, "out": out}
+    values["objective"] = objective
     if preset is not None:
         values["model"] = {"preset": preset}
     run_stage_command("pretrain", values, config, sets, force)

@@ -12,8 +12,12 @@ directory (ours or transformers') loads here as a Transformer (load_pretrained) 
 (load_classifier). transformers pools the rightmost token that is not config.pad_token_id, so the
 exporter writes the pad id its rows were padded with (lmforge.finetune.heads pools the same way).
 
-Import reads our exports and local HF checkpoints of the llama, mistral, qwen2 and gpt2 families,
-single-file or sharded. Legacy pytorch_model.bin files are read only through
+An encoder (ModelConfig.causal=False) exports as BertForMaskedLM, or RobertaForMaskedLM when its
+positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as BertModel/RobertaModel.
+
+Import reads our exports and local HF checkpoints of the llama, mistral, qwen2, gpt2, bert and
+roberta families, single-file or sharded. An encoder checkpoint without MLM head tensors (a
+classifier, a bare BertModel) loads with mlm_head off. Legacy pytorch_model.bin files are read only through
 torch.load(weights_only=True), which refuses anything but plain tensors.
 """
 
@@ -35,6 +39,7 @@ from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 from lmforge.model.hf_families import (
+    ENCODER_FAMILIES,
     FAMILIES,
     SCORE,
     family_for,
@@ -159,6 +164,8 @@ def load_pretrained(
     tensors = dequantize_tensors(read_tensors(model_dir), hf.get("quantization_config"), model_dir)
     score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
     model_type = hf.get("model_type")
+    if model_type in ENCODER_FAMILIES:
+        cfg, tensors = _encoder_body(cfg, tensors, model_type)
     if model_type == NATIVE:
         state = tensors
     else:
@@ -185,6 +192,21 @@ def load_pretrained(
     model.tie_weights()
     model.init_buffers()
     return model.eval()
+
+
+def _encoder_body(
+    cfg: ModelConfig, tensors: dict[str, Tensor], model_type: str
+) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The encoder's body tensors (pooler and task heads set aside), and cfg with mlm_head off
+    when the checkpoint has no MLM head; unprefixed (bare BertModel) names get the prefix."""
+    prefix = f"{model_type}."
+    heads = ("classifier.", "cls.", "lm_head.")
+    tensors = {k if k.startswith((prefix, *heads)) else prefix + k: v for k, v in tensors.items()}
+    body = {
+        k: v for k, v in tensors.items() if not k.startswith((f"{prefix}pooler.", "classifier."))
+    }
+    has_mlm = any(k.startswith(("cls.predictions.", "lm_head.")) for k in body)
+    return replace(cfg, mlm_head=has_mlm), body
 
 
 def load_classifier(model_dir: Path | str) -> ClassifierHead | None:
@@ -256,7 +278,10 @@ def save_pretrained(
         tensors = {k: v.detach() for k, v in state.items() if k != skip}
     elif classifier is None:
         family = FAMILIES[model_type]
-        hf = family.hf_config(cfg, model_type, family.architecture)
+        architecture = family.architecture
+        if model_type in ENCODER_FAMILIES and not cfg.mlm_head:
+            architecture = f"{architecture.removesuffix('ForMaskedLM')}Model"
+        hf = family.hf_config(cfg, model_type, architecture)
         tensors = ours_to_hf(state, family.rules(cfg))
     else:
         family = FAMILIES[model_type]
@@ -267,6 +292,8 @@ def save_pretrained(
         tensors[SCORE] = classifier.weight.detach().to(dtype)
         hf.update(classifier.hf_config())
     hf.update(torch_dtype=str(dtype).removeprefix("torch."), **(extra_config or {}))
+    if model_type == "roberta":  # its positions count from pad_token_id + 1, whatever the tokenizer
+        hf["pad_token_id"] = cfg.pos_offset - 1
     hf[NATIVE] = cfg.to_dict()
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(out_dir / "model.safetensors") as tmp:
