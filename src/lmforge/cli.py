@@ -309,7 +309,9 @@ def finetune_cmd(
         Path | None, typer.Option(help="Stage directory: final/, adapter/, metrics.")
     ] = None,
     method: Annotated[str | None, typer.Option(help="full | lora")] = None,
-    task: Annotated[str | None, typer.Option(help="sft | classify | multitask")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="sft | classify | multitask | tag (encoders)")
+    ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
@@ -317,6 +319,8 @@ def finetune_cmd(
     """Fine-tune a model: chat SFT or classification, full or LoRA (resumes a killed run).
 
     Example: lmforge finetune --model runs/x/pretrain/final --data runs/x/tasks/explain_train.jsonl --out runs/x/sft --method lora --set train.max_steps=200
+    Token tagging on an encoder ({"tokens": [...], "tags": [...]} JSONL):
+    lmforge finetune --model runs/mlm/pretrain --data ner.jsonl --task tag --out runs/mlm/ner
     """
     values: dict[str, Any] = {"model": model, "data": data, "out": out}
     values.update({k: v for k, v in (("method", method), ("task", task)) if v is not None})

@@ -42,9 +42,11 @@ from lmforge.model.hf_families import (
     ENCODER_FAMILIES,
     FAMILIES,
     SCORE,
+    encoder_head_names,
     family_for,
     hf_to_ours,
     ours_to_hf,
+    token_classifier_architecture,
     without_lm_head,
 )
 from lmforge.model.quant import SCALE_SUFFIX, dequantize_tensors
@@ -63,10 +65,29 @@ TRAINING_FIELDS = ("dropout", "init_std")
 
 @dataclass(frozen=True)
 class ClassifierHead:
-    """A sequence-classification head: score weight (n_labels, n_embd), no bias, and its labels."""
+    """A classification head: score weight (n_labels, n_embd) and its labels.
+
+    A decoder's is bias-free on the last real token. An encoder's has a bias and either a pooler
+    (pool_weight/pool_bias: dense + tanh on the first token, *ForSequenceClassification) or none
+    and per_token (*ForTokenClassification: every position is classified).
+    """
 
     weight: Tensor
     labels: list[str]
+    bias: Tensor | None = None
+    pool_weight: Tensor | None = None
+    pool_bias: Tensor | None = None
+    per_token: bool = False
+
+    def encoder_tensors(self, model_type: str) -> dict[str, Tensor]:
+        """The head's tensors under the encoder family's names (hf_families.encoder_head_names)."""
+        names = encoder_head_names(model_type, self.per_token)
+        ours = {"out_weight": self.weight, "out_bias": self.bias,
+                "pool_weight": self.pool_weight, "pool_bias": self.pool_bias}  # fmt: skip
+        missing = [role for role in names if ours[role] is None]
+        if missing:
+            raise ValueError(f"an encoder classifier head needs {', '.join(missing)}")
+        return {names[role]: ours[role] for role in names}
 
     def hf_config(self) -> dict[str, Any]:
         """The config.json keys transformers reads for a classifier."""
@@ -215,17 +236,36 @@ def load_classifier(model_dir: Path | str) -> ClassifierHead | None:
     Labels missing from id2label (transformers omits the default two) are named LABEL_<i>.
     """
     model_dir = Path(model_dir)
+    hf = read_config(model_dir)
+    if hf.get("model_type") in ENCODER_FAMILIES:
+        return _load_encoder_classifier(model_dir, hf)
     weight = _read_tensor(model_dir, SCORE)
     if weight is None:
         return None
-    hf = read_config(model_dir)
     quant = hf.get("quantization_config")
     if quant and SCORE in quant.get("bits", {}):
         scale = {SCORE + SCALE_SUFFIX: _read_tensor(model_dir, SCORE + SCALE_SUFFIX)}
         weight = dequantize_tensors({SCORE: weight, **scale}, quant, model_dir)[SCORE]
+    return ClassifierHead(weight.float(), _labels(hf, weight.shape[0]))
+
+
+def _labels(hf: dict[str, Any], n: int) -> list[str]:
     id2label = {str(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
-    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(weight.shape[0])]
-    return ClassifierHead(weight.float(), labels)
+    return [id2label.get(str(i), f"LABEL_{i}") for i in range(n)]
+
+
+def _load_encoder_classifier(model_dir: Path, hf: dict[str, Any]) -> ClassifierHead | None:
+    """A BERT/RoBERTa sequence or token classifier's head (None for an MLM or bare encoder)."""
+    per_token = any(a.endswith("ForTokenClassification") for a in hf.get("architectures") or [])
+    names = encoder_head_names(hf["model_type"], per_token)
+    found = {role: _read_tensor(model_dir, name) for role, name in names.items()}
+    if found["out_weight"] is None:
+        return None
+    found = {role: t.float() if t is not None else None for role, t in found.items()}
+    return ClassifierHead(
+        found["out_weight"], _labels(hf, found["out_weight"].shape[0]), found["out_bias"],
+        found.get("pool_weight"), found.get("pool_bias"), per_token,
+    )  # fmt: skip
 
 
 def _read_tensor(model_dir: Path, name: str) -> Tensor | None:
@@ -285,11 +325,18 @@ def save_pretrained(
         tensors = ours_to_hf(state, family.rules(cfg))
     else:
         family = FAMILIES[model_type]
-        hf = family.hf_config(cfg, model_type, family.classifier)
+        architecture = family.classifier
+        if classifier.per_token:
+            architecture = token_classifier_architecture(model_type)
+        hf = family.hf_config(cfg, model_type, architecture)
         tensors = ours_to_hf(state, without_lm_head(family.rules(cfg)))
     dtype = next(model.parameters()).dtype
     if classifier is not None:
-        tensors[SCORE] = classifier.weight.detach().to(dtype)
+        if model_type in ENCODER_FAMILIES:
+            head = classifier.encoder_tensors(model_type)
+        else:
+            head = {SCORE: classifier.weight}
+        tensors.update({k: v.detach().to(dtype) for k, v in head.items()})
         hf.update(classifier.hf_config())
     hf.update(torch_dtype=str(dtype).removeprefix("torch."), **(extra_config or {}))
     if model_type == "roberta":  # its positions count from pad_token_id + 1, whatever the tokenizer

@@ -403,6 +403,26 @@ FAMILIES: dict[str, Family] = {
 ENCODER_FAMILIES = ("bert", "roberta")
 
 
+def encoder_head_names(model_type: str, per_token: bool) -> dict[str, str]:
+    """Tensor names of an encoder's task head: out_weight/out_bias, and for a sequence
+    classifier pool_weight/pool_bias (dense + tanh on the first token: BERT's pooler, RoBERTa's
+    classification head)."""
+    if per_token:  # *ForTokenClassification: one Linear on every position
+        return {"out_weight": "classifier.weight", "out_bias": "classifier.bias"}
+    if model_type == "bert":
+        pool, out = "bert.pooler.dense.", "classifier."
+    else:
+        pool, out = "classifier.dense.", "classifier.out_proj."
+    return {"pool_weight": pool + "weight", "pool_bias": pool + "bias",
+            "out_weight": out + "weight", "out_bias": out + "bias"}  # fmt: skip
+
+
+def token_classifier_architecture(model_type: str) -> str:
+    return {"bert": "BertForTokenClassification", "roberta": "RobertaForTokenClassification"}[
+        model_type
+    ]
+
+
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd

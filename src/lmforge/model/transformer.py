@@ -407,6 +407,10 @@ class Transformer(nn.Module):
         fp32 training on CPU takes it chunk by chunk from the hidden states (chunked_loss.py).
         """
         h = self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask)
+        if labels is not None and self.mlm_transform is not None:
+            # MLM predicts ~15% of positions: the head and the V-wide logits run on those only
+            picked = labels != IGNORE_INDEX  # (B, T)
+            return next_token_loss(self.logits(h[picked])[None], labels[picked][None])
         if labels is not None and self._loss_from_hidden(h):
             return linear_cross_entropy(h, self.lm_head.weight, labels)
         logits = self.logits(h)
@@ -427,7 +431,6 @@ class Transformer(nn.Module):
             and torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and type(self.lm_head) is nn.Linear
-            and self.mlm_transform is None
             and not torch.compiler.is_compiling()
         )
 

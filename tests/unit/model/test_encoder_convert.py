@@ -118,3 +118,19 @@ def test_bare_encoder_exports_as_base_model(tmp_path):
     assert not back.config.mlm_head
     with torch.no_grad():
         assert torch.allclose(back.hidden_states(idx), ours, atol=1e-6)
+
+
+def test_mlm_loss_on_masked_positions_equals_full_cross_entropy():
+    torch.manual_seed(0)
+    model = Transformer(preset_config("bert-micro"))
+    idx = ids(256, (3, 16))
+    labels = torch.full_like(idx, -100)
+    labels[:, 1::4] = idx[:, 1::4]
+    loss = model(idx, labels=labels)
+    full = torch.nn.functional.cross_entropy(
+        model(idx).flatten(0, 1), labels.flatten(), ignore_index=-100
+    )
+    assert torch.allclose(loss, full, atol=1e-6)
+    loss.backward()  # the head's dense, norm and bias all get gradients
+    assert model.mlm_transform.dense.weight.grad.abs().sum() > 0
+    assert model.lm_head.bias.grad.abs().sum() > 0
