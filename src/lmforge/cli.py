@@ -316,7 +316,7 @@ def finetune_cmd(
     sets: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Fine-tune a model: chat SFT or classification, full or LoRA (resumes a killed run).
+    """Fine-tune a model: chat SFT, classification or token tagging, full or LoRA (resumes a killed run).
 
     Example: lmforge finetune --model runs/x/pretrain/final --data runs/x/tasks/explain_train.jsonl --out runs/x/sft --method lora --set train.max_steps=200
     Token tagging on an encoder ({"tokens": [...], "tags": [...]} JSONL):
