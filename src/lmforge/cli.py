@@ -281,7 +281,14 @@ def pretrain_cmd(
         Path | None, typer.Option(help="Stage directory: final/, checkpoints/, metrics.")
     ] = None,
     preset: Annotated[
-        str | None, typer.Option(help="Model preset (micro, tiny, small, gpt2-124m, llama-1b).")
+        str | None,
+        typer.Option(
+            help="Model preset (micro, tiny, small, gpt2-124m, llama-1b, bert-tiny, ...)."
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="clm (next token, decoders) | mlm (masked tokens, bert-* presets)."),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -290,9 +297,12 @@ def pretrain_cmd(
     """Pretrain a Transformer on token shards (resumes a killed run from its checkpoints).
 
     Example: lmforge pretrain --tokens runs/x/tokens --tokenizer runs/x/tokenizer --out runs/x/pretrain --set train.max_steps=200
+    Masked LM (the tokenizer needs a mask token: tokenizer train --set special_tokens.mask='[MASK]'):
+    lmforge pretrain --objective mlm --preset bert-tiny --tokens runs/x/tokens --tokenizer runs/x/tokenizer --out runs/x/mlm
     Distributed: torchrun --nproc-per-node 2 -m lmforge.cli pretrain ... --set train.distributed=ddp
     """
     values: dict[str, Any] = {"tokens": tokens, "tokenizer": tokenizer, "out": out}
+    values["objective"] = objective
     if preset is not None:
         values["model"] = {"preset": preset}
     run_stage_command("pretrain", values, config, sets, force)
@@ -339,14 +349,18 @@ def finetune_cmd(
         Path | None, typer.Option(help="Stage directory: final/, adapter/, metrics.")
     ] = None,
     method: Annotated[str | None, typer.Option(help="full | lora")] = None,
-    task: Annotated[str | None, typer.Option(help="sft | classify | multitask")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="sft | classify | multitask | tag (encoders)")
+    ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Fine-tune a model: chat SFT or classification, full or LoRA (resumes a killed run).
+    """Fine-tune a model: chat SFT, classification or token tagging, full or LoRA (resumes a killed run).
 
     Example: lmforge finetune --model runs/x/pretrain/final --data runs/x/tasks/explain_train.jsonl --out runs/x/sft --method lora --set train.max_steps=200
+    Token tagging on an encoder ({"tokens": [...], "tags": [...]} JSONL):
+    lmforge finetune --model runs/mlm/pretrain --data ner.jsonl --task tag --out runs/mlm/ner
     """
     values: dict[str, Any] = {"model": model, "data": data, "out": out}
     values.update({k: v for k, v in (("method", method), ("task", task)) if v is not None})

@@ -128,6 +128,25 @@ def test_quickstart_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert all(r.cached for _, r in again)
 
 
+def test_mlm_quickstart_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_texts(tmp_path / "texts")
+    overrides = [
+        "data.source=[texts/]",
+        *lenient_data(),
+        "tokenizer.vocab_size=300",
+        "pretrain.model.preset=bert-micro",
+        *MICRO_TRAIN,
+    ]
+    run_recipe("mlm-quickstart", out=tmp_path / "run", overrides=overrides)
+    metrics = read_manifest(tmp_path / "run/pretrain")["metrics"]
+    assert metrics["objective"] == "mlm" and metrics["steps"] == 3
+    assert metrics["initial_val_loss"] > 0 and metrics["val_loss"] > 0
+    hf_config = json.loads((tmp_path / "run/pretrain/final/config.json").read_text())
+    assert hf_config["architectures"] == ["BertForMaskedLM"]
+    assert hf_config["lmforge"]["causal"] is False
+
+
 def test_pretrain_gpt2_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_texts(tmp_path / "texts")

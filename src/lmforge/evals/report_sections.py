@@ -24,6 +24,7 @@ because a report of a half-finished run is still worth reading.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -341,12 +342,27 @@ def training_section(stage: StageInfo) -> list[Block]:
         text += f"; train loss went from {train[0]['loss']:.3f} to {train[-1]['loss']:.3f}"
     if val:
         text += f", validation loss ended at {val[-1]['val_loss']:.3f}"
+    text += _mlm_summary(stage.manifest.get("metrics") or {}, summary)
     plot = _plot_training(rows, stage.asset("loss.png"), f"{stage.name}: loss")
     return [
         Block(text=text + ".", summary=True),
         Block(table=summary),
         Block(image=plot, caption=f"{stage.name} loss and throughput"),
     ]
+
+
+def _mlm_summary(metrics: dict[str, Any], summary: list[list[str]]) -> str:
+    """A masked-LM run's before/after held-out masked-token loss: a table row and a sentence."""
+    before, after = metrics.get("initial_val_loss"), metrics.get("val_loss")
+    if metrics.get("objective") != "mlm" or before is None or after is None:
+        return ""
+    ppl = math.exp(min(after, 50.0))
+    summary.append(["masked-token val loss before / after", f"{before:.4f} / {after:.4f}"])
+    return (
+        f" (masked-LM: held-out masked-token loss {before:.3f} before training, {after:.3f} "
+        f"after, perplexity {ppl:.1f})"
+    )
+
 
 
 register_section("pretrain", replaces=("loss.png",))(training_section)

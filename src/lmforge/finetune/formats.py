@@ -7,10 +7,12 @@ Five common shapes are recognised, per file, from its first record:
 - openai: `messages: [{role, content}, ...]`
 - prompt_completion: `prompt`, `completion`
 - classification: `text`, `label`
+- tagging: `tokens` (words), `tags` (one per word, e.g. BIO entity tags)
 
 Every record of a file must fit that file's shape; one that does not is an InputError naming the
 file and line (row for Parquet / HF datasets). Chat shapes become `{"messages": [...], "meta":
-{...}}` with roles system/user/assistant; classification becomes `{"text": str, "label": str}`.
+{...}}` with roles system/user/assistant; classification becomes `{"text": str, "label": str}`,
+tagging `{"tokens": [str], "tags": [str]}`.
 """
 
 from __future__ import annotations
@@ -129,11 +131,13 @@ DETECTORS: dict[str, Callable[[Record], bool]] = {
     "alpaca": lambda r: _is_str(r.get("instruction")) and _is_str(r.get("output")),
     "prompt_completion": lambda r: _is_str(r.get("prompt")) and _is_str(r.get("completion")),
     "classification": lambda r: _is_str(r.get("text")) and isinstance(r.get("label"), (str, int)),
+    "tagging": lambda r: isinstance(r.get("tokens"), list) and isinstance(r.get("tags"), list),
 }
 
 EXPECTED = (
     "alpaca {instruction, input?, output}, sharegpt {conversations: [{from, value}]}, "
-    "openai {messages: [{role, content}]}, {prompt, completion}, or {text, label}"
+    "openai {messages: [{role, content}]}, {prompt, completion}, {text, label} "
+    "or {tokens, tags}"
 )
 
 
@@ -190,12 +194,22 @@ def _classification(r: Record) -> Example:
     return example
 
 
+def _tagging(r: Record) -> Example:
+    words, tags = r["tokens"], r["tags"]
+    if not words or len(words) != len(tags):
+        raise ValueError(f"needs one tag per token, got {len(words)} tokens and {len(tags)} tags")
+    if not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError("every token must be a non-empty string")
+    return {"tokens": list(words), "tags": [str(t) for t in tags]}
+
+
 NORMALIZERS: dict[str, Callable[[Record], Example]] = {
     "alpaca": _alpaca,
     "sharegpt": _sharegpt,
     "openai": _openai,
     "prompt_completion": _prompt_completion,
     "classification": _classification,
+    "tagging": _tagging,
 }
 
 
@@ -236,16 +250,18 @@ def read_file(path: Path) -> tuple[str, list[Example]]:
 
 
 def load_examples(path: Path) -> tuple[str, list[Example]]:
-    """Reads every data file under `path`; all files must be chat-shaped, or all classification."""
+    """Reads every data file under `path`; all chat-shaped, all classification or all tagging."""
     formats: dict[str, str] = {}
     examples: list[Example] = []
     for file in data_files(Path(path)):
         fmt, rows = read_file(file)
         formats[str(file)] = fmt
         examples.extend(rows)
-    kinds = {"classification" if f == "classification" else "chat" for f in formats.values()}
+    kinds = {f if f in ("classification", "tagging") else "chat" for f in formats.values()}
     if len(kinds) > 1:
-        raise InputError(f"{path} mixes chat and classification files ({formats}); keep them apart")
+        raise InputError(
+            f"{path} mixes {' and '.join(sorted(kinds))} files ({formats}); keep them apart"
+        )
     fmt = next(iter(formats.values())) if len(set(formats.values())) == 1 else "mixed-chat"
     return fmt, examples
 
@@ -253,3 +269,8 @@ def load_examples(path: Path) -> tuple[str, list[Example]]:
 def is_classification(examples: list[Example]) -> bool:
     """True for text+label examples."""
     return bool(examples) and "label" in examples[0]
+
+
+def is_tagging(examples: list[Example]) -> bool:
+    """True for tokens+tags examples."""
+    return bool(examples) and "tags" in examples[0]

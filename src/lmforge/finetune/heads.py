@@ -13,6 +13,11 @@ makes the right padding invisible to the pooled position. `classify_loss` trains
 whatever of the LM is trainable); `multitask_loss` adds next-token loss on the same texts,
 w_lm * LM + w_cls * classification, in one forward pass. Metrics: accuracy, macro precision /
 recall / F1, and the majority-class baseline they should beat.
+
+An encoder (lm.config.causal False) is pooled as BERT is: the first token's state through `pool`
+(dense + tanh), then `head` with a bias (BertForSequenceClassification's pooler + classifier,
+RobertaForSequenceClassification's classification head); its padding is hidden with a pad mask
+built from `last` (bidirectional attention would otherwise see it).
 """
 
 from __future__ import annotations
@@ -34,19 +39,53 @@ class SequenceClassifier(nn.Module):
     def __init__(self, lm: nn.Module, n_classes: int) -> None:
         super().__init__()
         self.lm = lm
-        self.head = nn.Linear(lm.config.n_embd, n_classes, bias=False)
-        nn.init.normal_(self.head.weight, std=lm.config.init_std)
+        self.encoder = not lm.config.causal
+        C = lm.config.n_embd
+        self.pool = nn.Linear(C, C) if self.encoder else None
+        self.head = nn.Linear(C, n_classes, bias=self.encoder)
+        for layer in (self.pool, self.head):
+            if layer is not None:
+                nn.init.normal_(layer.weight, std=lm.config.init_std)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, idx: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
         """(class logits (B, n_classes), hidden states (B, T, C)); last: (B,) last real index."""
+        if self.pool is not None:
+            h = self.lm.hidden_states(idx, pad_mask=real_tokens(idx, last))  # (B, T, C)
+            return self.head(torch.tanh(self.pool(h[:, 0]))), h
         h = self.lm.hidden_states(idx)  # (B, T, C)
         pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
         return self.head(pooled), h
+
+    def classifier_head(self, labels: list[str]) -> Any:
+        """The head as model.convert.ClassifierHead, for export."""
+        from lmforge.model.convert import ClassifierHead
+
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu()
+
+        pool_w, pool_b = (self.pool.weight, self.pool.bias) if self.pool else (None, None)
+        return ClassifierHead(
+            cpu(self.head.weight), labels, cpu(self.head.bias), cpu(pool_w), cpu(pool_b)
+        )
+
+
+def real_tokens(idx: Tensor, last: Tensor) -> Tensor:
+    """Pad mask (B, T) of right-padded rows: 1 up to and including each row's `last`."""
+    return (torch.arange(idx.size(1), device=idx.device)[None, :] <= last[:, None]).long()
 
 
 def pooled_index(ids: list[int], pad_id: int) -> int:
     """The position a classifier reads: the rightmost id that is not pad_id, 0 if there is none."""
     return max((i for i, t in enumerate(ids) if t != pad_id), default=0)
+
+
+def padded_rows(n: int, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty right-padded rows to fill: (ids all pad_id, labels all IGNORE_INDEX, last zeros)."""
+    ids = np.full((n, seq_len), pad_id, dtype=np.int64)
+    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
+    return ids, labels, np.zeros(n, dtype=np.int64)
 
 
 def encode_texts(
@@ -57,10 +96,7 @@ def encode_texts(
     A text longer than seq_len keeps its start (the docstring's first lines say most). `last` is
     the rightmost position that is not tok.pad_id, 0 if none (see the module docstring).
     """
-    n = len(texts)
-    ids = np.full((n, seq_len), tok.pad_id, dtype=np.int64)
-    lm_labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
-    last = np.zeros(n, dtype=np.int64)
+    ids, lm_labels, last = padded_rows(len(texts), seq_len, tok.pad_id)
     truncated = 0
     for r, text in enumerate(texts):
         full = tok.encode(text)
@@ -92,7 +128,7 @@ def make_multitask_loss(w_lm: float, w_cls: float):
     def multitask_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         logits, h = model(batch["input_ids"], batch["last"])
         cls = F.cross_entropy(logits.float(), batch["class_labels"])
-        lm = next_token_loss(model.lm.lm_head(h), batch["labels"])
+        lm = next_token_loss(model.lm.logits(h), batch["labels"])
         loss = w_lm * lm + w_cls * cls
         return loss, {"lm_loss": lm.detach(), "cls_loss": cls.detach()}
 

@@ -39,10 +39,10 @@ from lmforge.data.augment import (
     separate_augmented,
 )
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune import heads
+from lmforge.finetune import heads, tagging
 from lmforge.finetune.evaluate import rouge_eval
 from lmforge.finetune.export import export_model, tuned_generation_config
-from lmforge.finetune.formats import is_classification, load_examples
+from lmforge.finetune.formats import is_classification, is_tagging, load_examples
 from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
 from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
 from lmforge.finetune.lora import LoraConfig, inject, trainable_fraction
@@ -104,8 +104,10 @@ class FinetuneConfig(StageConfig):
     data: Path = Field(description="training data: .jsonl/.parquet file, dir, or saved HF dataset")
     val_data: Path | None = Field(None, description="validation data (default: split from data)")
     method: Literal["full", "lora"] = Field("full", description="full | lora")
-    task: Literal["sft", "classify", "multitask"] = Field(
-        "sft", description="sft (chat) | classify (text+label) | multitask (LM + classify)"
+    task: Literal["sft", "classify", "multitask", "tag"] = Field(
+        "sft",
+        description="sft (chat) | classify (text+label) | multitask (LM + classify) | "
+        "tag (tokens+tags, encoders)",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="freezing / layer LRs")
@@ -159,6 +161,12 @@ def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def _check_task(cfg: FinetuneConfig, path: Path, examples: list) -> None:
+    if (cfg.task == "tag") != is_tagging(examples):
+        if cfg.task == "tag":
+            raise ConfigError(f"{path} does not hold tokens+tags records, which --task tag needs")
+        raise ConfigError(f"{path} holds tokens+tags records; use --task tag")
+    if cfg.task == "tag":
+        return
     labeled = is_classification(examples)
     if cfg.task == "sft" and labeled:
         raise ConfigError(f"{path} holds text+label records; use --task classify (or multitask)")
@@ -196,6 +204,12 @@ def prepare(
         stats = {**stats, **{f"val_{k}": v for k, v in val_stats.items()}}
         return Prepared(train_rows, val_rows, val_ex, [], stats)
     index = {name: i for i, name in enumerate(labels)}
+    if cfg.task == "tag":
+        train_rows, cut = tagging.encode_tagged(tok, train_ex, index, seq_len)
+        val_rows, val_cut = tagging.encode_tagged(tok, val_ex, index, seq_len)
+        stats = {"examples": len(train_ex), "truncated": cut, "val_examples": len(val_ex),
+                 "val_truncated": val_cut, "tags": len(labels)}  # fmt: skip
+        return Prepared(train_rows, val_rows, val_ex, labels, stats)
     train_rows, cut = heads.encode_texts(
         tok, [e["text"] for e in train_ex], [index[e["label"]] for e in train_ex], seq_len
     )
@@ -224,7 +238,19 @@ def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.M
     if cfg.method == "lora":
         inject(lm, cfg.lora)
     model: nn.Module = lm
-    if cfg.task != "sft":
+    if not lm.config.causal and cfg.task not in ("classify", "tag"):
+        raise ConfigError(
+            f"{cfg.model_dir()} is an encoder (BERT-style): --task {cfg.task} needs a causal "
+            "LM; use --task classify or tag"
+        )
+    if lm.config.causal and cfg.task == "tag":
+        raise ConfigError(
+            f"{cfg.model_dir()} is a causal LM: --task tag needs an encoder (a bert-* preset "
+            "pretrained with --objective mlm, or a BERT/RoBERTa checkpoint)"
+        )
+    if cfg.task == "tag":
+        model = tagging.TokenTagger(lm, len(labels))
+    elif cfg.task != "sft":
         model = heads.SequenceClassifier(lm, len(labels))
         _start_from_base_head(model, cfg.model_dir(), labels)
     if cfg.method == "full":
@@ -237,13 +263,19 @@ def _start_from_base_head(model: nn.Module, model_dir: Path, labels: list[str]) 
     from lmforge.model.convert import load_classifier
 
     base = load_classifier(model_dir)
-    if base is None:
+    if base is None or base.per_token != isinstance(model, tagging.TokenTagger):
         return
     if sorted(base.labels) != labels:
         log.info("%s classifies %s, not %s: the head starts fresh", model_dir, base.labels, labels)
         return
+    order = [base.labels.index(name) for name in labels]
     with torch.no_grad():
-        model.head.weight.copy_(base.weight[[base.labels.index(name) for name in labels]])
+        model.head.weight.copy_(base.weight[order])
+        if model.head.bias is not None and base.bias is not None:
+            model.head.bias.copy_(base.bias[order])
+        if model.pool is not None and base.pool_weight is not None:
+            model.pool.weight.copy_(base.pool_weight)
+            model.pool.bias.copy_(base.pool_bias)
 
 
 def loss_for(cfg: FinetuneConfig):
@@ -252,6 +284,8 @@ def loss_for(cfg: FinetuneConfig):
         return lm_loss
     if cfg.task == "classify":
         return heads.classify_loss
+    if cfg.task == "tag":
+        return tagging.tag_loss
     return heads.make_multitask_loss(cfg.multitask.w_lm, cfg.multitask.w_cls)
 
 
@@ -296,11 +330,11 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     require_artifact(cfg.model_dir(), ["config.json"], hint=MODEL_HINT)
     tok = load_chat_tokenizer(cfg.model_dir())
     train_ex, val_ex = load_splits(cfg)
-    labels = sorted({e["label"] for e in train_ex + val_ex}) if cfg.task != "sft" else []
+    labels = task_labels(cfg, train_ex + val_ex)
     headline: dict[str, Any] = {}
     augmenter = _augmenter(cfg)
     if cfg.kfold.k > 1:
-        if cfg.task == "sft":
+        if cfg.task in ("sft", "tag"):
             raise ConfigError("kfold.k > 1 needs labeled data (--task classify or multitask)")
         headline.update(cross_validate(cfg, ctx, tok, train_ex + val_ex, labels, augmenter))
     if augmenter is not None:
@@ -320,6 +354,10 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     )  # fmt: skip
     if cfg.task == "sft":
         headline.update(_sft_eval(cfg, tok, model, data))
+    elif cfg.task == "tag":
+        gold = [r[r != heads.IGNORE_INDEX].tolist() for r in data.val_rows["tag_labels"]]
+        preds = tagging.predict_tags(model, data.val_rows)
+        headline.update(tagging.tag_metrics(gold, preds, labels))
     else:
         preds = heads.predict(model, data.val_rows)
         headline.update(
@@ -327,6 +365,13 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         )
     _write_outputs(cfg, ctx, tok, model, lm, labels)
     return headline
+
+
+def task_labels(cfg: FinetuneConfig, examples: list) -> list[str]:
+    """The sorted class names (classify, multitask) or tag names (tag); none for sft."""
+    if cfg.task == "tag":
+        return sorted({t for e in examples for t in e["tags"]})
+    return sorted({e["label"] for e in examples}) if cfg.task != "sft" else []
 
 
 def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: Prepared) -> dict:
@@ -367,11 +412,9 @@ def _write_outputs(
 ) -> None:
     """adapter/ (LoRA), final/ (merged model + generation_config.json, or classifier; tokenizer
     files), loss.png."""
-    from lmforge.model.convert import ClassifierHead
-
     classifier = None
     if cfg.task != "sft":
-        classifier = ClassifierHead(model.head.weight.detach().cpu(), labels)
+        classifier = model.classifier_head(labels)
     # a classifier pools by the pad id encode_texts padded with
     export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier)
     ctx.metrics.close()

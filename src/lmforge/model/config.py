@@ -20,7 +20,10 @@ ROPE_TYPES = ("default", "llama3")
 
 @dataclass
 class ModelConfig:
-    """Shape and flavour of a decoder-only Transformer (paper names: n_layer, n_head, n_embd)."""
+    """Shape and flavour of a Transformer (paper names: n_layer, n_head, n_embd).
+
+    A decoder by default; causal=False with the encoder switches below makes BERT or RoBERTa.
+    """
 
     vocab_size: int  # number of token ids (embedding rows / logits)
     n_layer: int  # number of Transformer blocks
@@ -44,6 +47,13 @@ class ModelConfig:
     head_dim: int | None = None  # per-head width; None means n_embd // n_head
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral)
     rope_scaling: dict[str, Any] | None = field(default=None)  # {"rope_type": "llama3", ...}
+    # Encoder (BERT/RoBERTa) switches; the defaults are the decoder's, so decoders never change.
+    causal: bool = True  # False: bidirectional encoder; pad masks then only hide padding keys
+    post_norm: bool = False  # norm after each residual add (BERT), and no final norm
+    emb_norm: bool = False  # a norm on the summed embeddings (BERT's embedding LayerNorm)
+    type_vocab_size: int = 0  # token-type (segment) embeddings; every token gets type 0
+    pos_offset: int = 0  # first position id (RoBERTa: pad id + 1 = 2); table = block_size + it
+    mlm_head: bool = False  # dense + GELU + norm before the tied output layer, which has a bias
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,11 +91,22 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
+        self._validate_encoder()
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ConfigError(
                 f"model.rope_scaling rope_type={rope_type!r} is not one of {', '.join(ROPE_TYPES)}"
             )
+
+    def _validate_encoder(self) -> None:
+        if self.type_vocab_size < 0 or self.pos_offset < 0:
+            raise ConfigError("model.type_vocab_size and model.pos_offset must be >= 0")
+        if self.pos_offset and self.pos != "learned":
+            raise ConfigError("model.pos_offset needs learned positions (model.pos='learned')")
+        if not self.causal and self.sliding_window is not None:
+            raise ConfigError("model.sliding_window applies to causal models only; unset it")
+        if self.mlm_head and self.mlp == "swiglu":
+            raise ConfigError("model.mlm_head uses the MLP's GELU; set model.mlp to gelu_exact")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
@@ -104,6 +125,11 @@ class ModelConfig:
 
 
 _GPT2_STYLE = dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True)
+# BERT: post-norm LayerNorm blocks, learned positions + token types, erf GELU, the MLM head.
+_BERT_STYLE = dict(
+    norm="layernorm", pos="learned", mlp="gelu_exact", bias=True, tie_embeddings=True,
+    causal=False, post_norm=True, emb_norm=True, type_vocab_size=2, mlm_head=True, norm_eps=1e-12,
+)  # fmt: skip
 
 # Named starting points. vocab_size is usually overridden with the tokenizer's size.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -126,6 +152,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
         vocab_size=16384, n_layer=6, n_head=6, n_kv_head=2, n_embd=384,
         intermediate_size=1024, block_size=1024, tie_embeddings=True,
+    ),
+    # encoder (BERT-style) test size
+    "bert-micro": dict(
+        vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
+        intermediate_size=256, block_size=128, **_BERT_STYLE,
+    ),
+    # the 2-core CPU MLM quickstart, the shape of the decoder "tiny"
+    "bert-tiny": dict(
+        vocab_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
+        intermediate_size=512, block_size=256, **_BERT_STYLE,
+    ),
+    # BERT-base (110M with its 30522 wordpiece vocab)
+    "bert-base": dict(
+        vocab_size=30522, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
+        intermediate_size=3072, block_size=512, **_BERT_STYLE,
     ),
     # GPT-2 small (124M) as in nanoGPT: vocab padded to 50304 for fast matmuls
     "gpt2-124m": dict(

@@ -12,9 +12,13 @@ directory (ours or transformers') loads here as a Transformer (load_pretrained) 
 (load_classifier). transformers pools the rightmost token that is not config.pad_token_id, so the
 exporter writes the pad id its rows were padded with (lmforge.finetune.heads pools the same way).
 
-Import reads our exports and local HF checkpoints of the llama, mistral, qwen2 and gpt2 families,
-single-file or sharded. Legacy pytorch_model.bin files are read only through
-torch.load(weights_only=True), which refuses anything but plain tensors.
+An encoder (ModelConfig.causal=False) exports as BertForMaskedLM, or RobertaForMaskedLM when its
+positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as BertModel/RobertaModel.
+
+Import reads our exports and local HF checkpoints of the llama, mistral, qwen2, gpt2, bert and
+roberta families, single-file or sharded. An encoder checkpoint without MLM head tensors (a
+classifier, a bare BertModel) loads with mlm_head off. Legacy pytorch_model.bin files are read
+only through torch.load(weights_only=True), which refuses anything but plain tensors.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 from lmforge.model.hf_families import (
+    ENCODER_FAMILIES,
     FAMILIES,
     SCORE,
+    encoder_head_names,
     family_for,
     hf_to_ours,
     ours_to_hf,
+    token_classifier_architecture,
     without_lm_head,
 )
 from lmforge.model.quant import SCALE_SUFFIX, dequantize_tensors
@@ -58,10 +65,29 @@ TRAINING_FIELDS = ("dropout", "init_std")
 
 @dataclass(frozen=True)
 class ClassifierHead:
-    """A sequence-classification head: score weight (n_labels, n_embd), no bias, and its labels."""
+    """A classification head: score weight (n_labels, n_embd) and its labels.
+
+    A decoder's is bias-free on the last real token. An encoder's has a bias and either a pooler
+    (pool_weight/pool_bias: dense + tanh on the first token, *ForSequenceClassification) or none
+    and per_token (*ForTokenClassification: every position is classified).
+    """
 
     weight: Tensor
     labels: list[str]
+    bias: Tensor | None = None
+    pool_weight: Tensor | None = None
+    pool_bias: Tensor | None = None
+    per_token: bool = False
+
+    def encoder_tensors(self, model_type: str) -> dict[str, Tensor]:
+        """The head's tensors under the encoder family's names (hf_families.encoder_head_names)."""
+        names = encoder_head_names(model_type, self.per_token)
+        ours = {"out_weight": self.weight, "out_bias": self.bias,
+                "pool_weight": self.pool_weight, "pool_bias": self.pool_bias}  # fmt: skip
+        missing = [role for role in names if ours[role] is None]
+        if missing:
+            raise ValueError(f"an encoder classifier head needs {', '.join(missing)}")
+        return {names[role]: ours[role] for role in names}
 
     def hf_config(self) -> dict[str, Any]:
         """The config.json keys transformers reads for a classifier."""
@@ -159,6 +185,8 @@ def load_pretrained(
     tensors = dequantize_tensors(read_tensors(model_dir), hf.get("quantization_config"), model_dir)
     score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
     model_type = hf.get("model_type")
+    if model_type in ENCODER_FAMILIES:
+        cfg, tensors = _encoder_body(cfg, tensors, model_type)
     if model_type == NATIVE:
         state = tensors
     else:
@@ -187,23 +215,57 @@ def load_pretrained(
     return model.eval()
 
 
+def _encoder_body(
+    cfg: ModelConfig, tensors: dict[str, Tensor], model_type: str
+) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The encoder's body tensors (pooler and task heads set aside), and cfg with mlm_head off
+    when the checkpoint has no MLM head; unprefixed (bare BertModel) names get the prefix."""
+    prefix = f"{model_type}."
+    heads = ("classifier.", "cls.", "lm_head.")
+    tensors = {k if k.startswith((prefix, *heads)) else prefix + k: v for k, v in tensors.items()}
+    body = {
+        k: v for k, v in tensors.items() if not k.startswith((f"{prefix}pooler.", "classifier."))
+    }
+    has_mlm = any(k.startswith(("cls.predictions.", "lm_head.")) for k in body)
+    return replace(cfg, mlm_head=has_mlm), body
+
+
 def load_classifier(model_dir: Path | str) -> ClassifierHead | None:
     """The sequence-classification head of a model directory (score.weight + id2label), if any.
 
     Labels missing from id2label (transformers omits the default two) are named LABEL_<i>.
     """
     model_dir = Path(model_dir)
+    hf = read_config(model_dir)
+    if hf.get("model_type") in ENCODER_FAMILIES:
+        return _load_encoder_classifier(model_dir, hf)
     weight = _read_tensor(model_dir, SCORE)
     if weight is None:
         return None
-    hf = read_config(model_dir)
     quant = hf.get("quantization_config")
     if quant and SCORE in quant.get("bits", {}):
         scale = {SCORE + SCALE_SUFFIX: _read_tensor(model_dir, SCORE + SCALE_SUFFIX)}
         weight = dequantize_tensors({SCORE: weight, **scale}, quant, model_dir)[SCORE]
+    return ClassifierHead(weight.float(), _labels(hf, weight.shape[0]))
+
+
+def _labels(hf: dict[str, Any], n: int) -> list[str]:
     id2label = {str(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
-    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(weight.shape[0])]
-    return ClassifierHead(weight.float(), labels)
+    return [id2label.get(str(i), f"LABEL_{i}") for i in range(n)]
+
+
+def _load_encoder_classifier(model_dir: Path, hf: dict[str, Any]) -> ClassifierHead | None:
+    """A BERT/RoBERTa sequence or token classifier's head (None for an MLM or bare encoder)."""
+    per_token = any(a.endswith("ForTokenClassification") for a in hf.get("architectures") or [])
+    names = encoder_head_names(hf["model_type"], per_token)
+    found = {role: _read_tensor(model_dir, name) for role, name in names.items()}
+    if found["out_weight"] is None:
+        return None
+    found = {role: t.float() if t is not None else None for role, t in found.items()}
+    return ClassifierHead(
+        found["out_weight"], _labels(hf, found["out_weight"].shape[0]), found["out_bias"],
+        found.get("pool_weight"), found.get("pool_bias"), per_token,
+    )  # fmt: skip
 
 
 def _read_tensor(model_dir: Path, name: str) -> Tensor | None:
@@ -248,6 +310,12 @@ def save_pretrained(
     out_dir.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     model_type = family_for(cfg)
+    encoder_head = classifier is not None and (classifier.bias is not None or classifier.per_token)
+    if model_type is None and encoder_head:
+        raise ValueError(
+            "an encoder classifier exports only as BERT/RoBERTa (family_for found none for this "
+            "config); keep the bert-* preset's shape"
+        )
     if model_type is None:
         log.info("model config has no Hugging Face equivalent; writing lmforge's own layout")
         architecture = NATIVE_CLASSIFIER if classifier else "LmforgeTransformer"
@@ -256,17 +324,29 @@ def save_pretrained(
         tensors = {k: v.detach() for k, v in state.items() if k != skip}
     elif classifier is None:
         family = FAMILIES[model_type]
-        hf = family.hf_config(cfg, model_type, family.architecture)
+        architecture = family.architecture
+        if model_type in ENCODER_FAMILIES and not cfg.mlm_head:
+            architecture = f"{architecture.removesuffix('ForMaskedLM')}Model"
+        hf = family.hf_config(cfg, model_type, architecture)
         tensors = ours_to_hf(state, family.rules(cfg))
     else:
         family = FAMILIES[model_type]
-        hf = family.hf_config(cfg, model_type, family.classifier)
+        architecture = family.classifier
+        if classifier.per_token:
+            architecture = token_classifier_architecture(model_type)
+        hf = family.hf_config(cfg, model_type, architecture)
         tensors = ours_to_hf(state, without_lm_head(family.rules(cfg)))
     dtype = next(model.parameters()).dtype
     if classifier is not None:
-        tensors[SCORE] = classifier.weight.detach().to(dtype)
+        if model_type in ENCODER_FAMILIES:
+            head = classifier.encoder_tensors(model_type)
+        else:
+            head = {SCORE: classifier.weight}
+        tensors.update({k: v.detach().to(dtype) for k, v in head.items()})
         hf.update(classifier.hf_config())
     hf.update(torch_dtype=str(dtype).removeprefix("torch."), **(extra_config or {}))
+    if model_type == "roberta":  # its positions count from pad_token_id + 1, whatever the tokenizer
+        hf["pad_token_id"] = cfg.pos_offset - 1
     hf[NATIVE] = cfg.to_dict()
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(out_dir / "model.safetensors") as tmp:

@@ -22,8 +22,14 @@ from torch import Tensor
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 
-# HF checkpoints carry these non-parameter buffers; they are recomputed, never loaded.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+# HF checkpoints carry these non-parameter buffers and tied copies; they are recomputed (or are
+# the tied tensor), never loaded. BERT/RoBERTa's decoder weight/bias are the word embeddings and
+# the MLM head's bias.
+IGNORED_SUFFIXES = (
+    ".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids",
+    "embeddings.token_type_ids", "predictions.decoder.weight", "predictions.decoder.bias",
+    "lm_head.decoder.weight", "lm_head.decoder.bias",
+)  # fmt: skip
 SCORE = "score.weight"  # the classification head of every *ForSequenceClassification here
 
 
@@ -239,6 +245,108 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
+# ---- bert, roberta: bidirectional post-norm encoders with the MLM head ----
+
+ENCODER_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def _encoder_config(hf: dict[str, Any], pos_offset: int) -> ModelConfig:
+    activation = _require(hf, "hidden_act", ENCODER_ACTIVATIONS, "gelu")
+    _require(hf, "position_embedding_type", ("absolute",), "absolute")
+    _require(hf, "is_decoder", (False,), False)
+    _require(hf, "tie_word_embeddings", (True,), True)
+    n_head = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=n_head,
+        n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        block_size=hf.get("max_position_embeddings", 512) - pos_offset,
+        norm="layernorm",
+        pos="learned",
+        mlp="gelu_exact" if activation == "gelu" else "gelu",
+        bias=True,
+        tie_embeddings=True,
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        causal=False,
+        post_norm=True,
+        emb_norm=True,
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        pos_offset=pos_offset,
+        mlm_head=True,
+    )
+
+
+def bert_config(hf: dict[str, Any]) -> ModelConfig:
+    return _encoder_config(hf, pos_offset=0)
+
+
+def roberta_config(hf: dict[str, Any]) -> ModelConfig:
+    """RoBERTa counts positions from pad_token_id + 1 (its table has that many extra rows)."""
+    return _encoder_config(hf, pos_offset=int(hf.get("pad_token_id", 1)) + 1)
+
+
+def _encoder_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    hf = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": "gelu" if cfg.mlp == "gelu_exact" else "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.block_size + cfg.pos_offset,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps,
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": True,
+        "is_decoder": False,
+    }
+    if model_type == "roberta":  # its position ids count from this id (roberta_config)
+        hf["pad_token_id"] = cfg.pos_offset - 1
+    return hf
+
+
+def _encoder_rules(cfg: ModelConfig, body: str, mlm: str, dense: str, mlm_norm: str) -> list[Rule]:
+    """BERT's names (RoBERTa differs only in body/head prefixes and the head's norm name)."""
+    e = body + "embeddings."
+    pairs = [("tok_emb", "word_embeddings"), ("pos_emb", "position_embeddings"),
+             ("type_emb", "token_type_embeddings")]  # fmt: skip
+    rules = [Rule(f"{ours}.weight", (f"{e}{theirs}.weight",)) for ours, theirs in pairs]
+    rules += [Rule(f"emb_norm.{p}", (f"{e}LayerNorm.{p}",)) for p in ("weight", "bias")]
+    qkv = (cfg.n_embd, cfg.n_embd, cfg.n_embd)
+    layer_pairs = [("attn.proj", "attention.output.dense"),
+                   ("attn_norm", "attention.output.LayerNorm"), ("mlp.fc", "intermediate.dense"),
+                   ("mlp.proj", "output.dense"), ("mlp_norm", "output.LayerNorm")]  # fmt: skip
+    for i in range(cfg.n_layer):
+        o, h = f"blocks.{i}.", f"{body}encoder.layer.{i}."
+        for p in ("weight", "bias"):
+            parts = tuple(f"{h}attention.self.{x}.{p}" for x in ("query", "key", "value"))
+            rules.append(Rule(f"{o}attn.qkv.{p}", parts, qkv))
+            rules += [Rule(f"{o}{ours}.{p}", (f"{h}{theirs}.{p}",)) for ours, theirs in layer_pairs]
+    if cfg.mlm_head:
+        for p in ("weight", "bias"):
+            rules.append(Rule(f"mlm_transform.dense.{p}", (f"{mlm}{dense}.{p}",)))
+            rules.append(Rule(f"mlm_transform.norm.{p}", (f"{mlm}{mlm_norm}.{p}",)))
+        rules.append(Rule("lm_head.bias", (f"{mlm}bias",)))
+    return rules
+
+
+def bert_rules(cfg: ModelConfig) -> list[Rule]:
+    return _encoder_rules(
+        cfg, "bert.", "cls.predictions.", "transform.dense", "transform.LayerNorm"
+    )
+
+
+def roberta_rules(cfg: ModelConfig) -> list[Rule]:
+    return _encoder_rules(cfg, "roberta.", "lm_head.", "dense", "layer_norm")
+
+
 @dataclass(frozen=True)
 class Family:
     """How one HF model_type maps onto ModelConfig and our parameter names."""
@@ -281,12 +389,47 @@ FAMILIES: dict[str, Family] = {
         gpt2_rules,
         "transformer.",
     ),
+    "bert": Family(
+        "BertForMaskedLM", "BertForSequenceClassification", bert_config, _encoder_hf, bert_rules
+    ),
+    "roberta": Family(
+        "RobertaForMaskedLM",
+        "RobertaForSequenceClassification",
+        roberta_config,
+        _encoder_hf,
+        roberta_rules,
+    ),
 }
+ENCODER_FAMILIES = ("bert", "roberta")
+
+
+def encoder_head_names(model_type: str, per_token: bool) -> dict[str, str]:
+    """Tensor names of an encoder's task head: out_weight/out_bias, and for a sequence
+    classifier pool_weight/pool_bias (dense + tanh on the first token: BERT's pooler, RoBERTa's
+    classification head)."""
+    if per_token:  # *ForTokenClassification: one Linear on every position
+        return {"out_weight": "classifier.weight", "out_bias": "classifier.bias"}
+    if model_type == "bert":
+        pool, out = "bert.pooler.dense.", "classifier."
+    else:
+        pool, out = "classifier.dense.", "classifier.out_proj."
+    return {"pool_weight": pool + "weight", "pool_bias": pool + "bias",
+            "out_weight": out + "weight", "out_bias": out + "bias"}  # fmt: skip
+
+
+def token_classifier_architecture(model_type: str) -> str:
+    return {"bert": "BertForTokenClassification", "roberta": "RobertaForTokenClassification"}[
+        model_type
+    ]
 
 
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
+    if not cfg.causal:
+        return _encoder_family(cfg, standard_heads)
+    if cfg.post_norm or cfg.emb_norm or cfg.type_vocab_size or cfg.pos_offset or cfg.mlm_head:
+        return None  # decoders with encoder parts: no HF family has them
     if (cfg.norm, cfg.pos) == ("layernorm", "learned") and cfg.mlp in ("gelu", "gelu_exact"):
         gpt2_ok = cfg.bias and cfg.n_kv_head == cfg.n_head and standard_heads
         return "gpt2" if gpt2_ok and cfg.sliding_window is None else None
@@ -300,9 +443,27 @@ def family_for(cfg: ModelConfig) -> str | None:
     return "llama"
 
 
+def _encoder_family(cfg: ModelConfig, standard_heads: bool) -> str | None:
+    """bert (positions from 0) or roberta (from pos_offset), if cfg is exactly that shape."""
+    bert_shape = (
+        (cfg.norm, cfg.pos) == ("layernorm", "learned")
+        and cfg.mlp in ("gelu", "gelu_exact")
+        and cfg.bias
+        and cfg.tie_embeddings
+        and cfg.post_norm
+        and cfg.emb_norm
+        and cfg.type_vocab_size >= 1
+        and cfg.n_kv_head == cfg.n_head
+        and standard_heads
+    )
+    if not bert_shape:
+        return None
+    return "roberta" if cfg.pos_offset else "bert"
+
+
 def without_lm_head(rules: list[Rule]) -> list[Rule]:
-    """The rules of a sequence classifier's body: HF's *ForSequenceClassification has no lm_head."""
-    return [r for r in rules if r.ours != "lm_head.weight"]
+    """The rules of a classifier's body: HF's classifiers have no LM (or MLM) head."""
+    return [r for r in rules if not r.ours.startswith(("lm_head.", "mlm_transform."))]
 
 
 def hf_to_ours(tensors: dict[str, Tensor], rules: list[Rule]) -> dict[str, Tensor]:

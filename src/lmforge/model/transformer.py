@@ -1,7 +1,8 @@
-"""The decoder-only Transformer: one readable file, top to bottom.
+"""The Transformer: one readable file, top to bottom.
 
 Llama style (RMSNorm, RoPE, SwiGLU, GQA) and GPT-2 style (LayerNorm, learned positions, GELU,
-biases) are settings of ModelConfig, not subclasses. Attention goes through
+biases) are settings of ModelConfig, not subclasses; so is a BERT/RoBERTa encoder (causal=False,
+post-norm blocks, embedding norm, token types, position offset, the MLM head's transform). Attention goes through
 F.scaled_dot_product_attention: the is_causal fast path when nothing else restricts attention, an
 explicit boolean mask for packed documents (doc_ids), left-padded batches (pad_mask), sliding
 windows and chunked prefill.
@@ -109,13 +110,18 @@ def attention_mask(
     sliding_window: int | None,
     device: torch.device,
     pad_mask: Tensor | None = None,
+    causal: bool = True,
 ) -> Tensor | None:
-    """Boolean mask (B|1, 1, T, start_pos + T), True = may attend; None = plain causal.
+    """Boolean mask (B|1, 1, T, start_pos + T), True = may attend; None = plain causal (or, for
+    an encoder, everything).
 
     None lets SDPA use is_causal=True (or no mask at all for a single decoded token), which is the
     fast path. A mask is built only for packed documents, padding (pad_mask (B, start_pos + T),
     0 = pad), sliding windows longer than the window, and multi-token steps after a cached prefix.
+    An encoder's (causal=False) pad mask only hides padding keys, as BERT's attention_mask does.
     """
+    if not causal:
+        return _encoder_mask(T, doc_ids, device, pad_mask)
     T_k = start_pos + T
     windowed = sliding_window is not None and T_k > sliding_window
     if doc_ids is None and pad_mask is None and not windowed and (start_pos == 0 or T == 1):
@@ -133,12 +139,27 @@ def attention_mask(
     return mask.unsqueeze(-3)
 
 
+def _encoder_mask(
+    T: int, doc_ids: Tensor | None, device: torch.device, pad_mask: Tensor | None
+) -> Tensor | None:
+    """Bidirectional mask: same document (packed rows) and not a padding key; None = all."""
+    if doc_ids is None and pad_mask is None:
+        return None
+    mask = torch.ones(1, T, T, dtype=torch.bool, device=device)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
+    if pad_mask is not None:
+        mask = mask & pad_mask.bool()[:, None, :]  # (B, T, T)
+    return mask.unsqueeze(-3)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with grouped key/value heads and one fused q/k/v projection."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.causal = config.causal
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.hd
         self.dropout = config.dropout
         qkv_out = (config.n_head + 2 * config.n_kv_head) * config.hd
@@ -176,7 +197,7 @@ class CausalSelfAttention(nn.Module):
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
+            is_causal=self.causal and mask is None and T > 1,
             enable_gqa=gqa and not expand,
         )  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, n_head * hd)
@@ -206,10 +227,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    post_norm (BERT): norm(x + attn(x)), then norm(x + mlp(x)).
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.post_norm = config.post_norm
         self.attn_norm = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp_norm = make_norm(config)
@@ -223,23 +248,43 @@ class Block(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> Tensor:
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x, rope, mask, kv_cache, start_pos))
+            return self.mlp_norm(x + self.mlp(x))  # (B, T, C)
         x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache, start_pos)
         return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
 
 
+class MLMTransform(nn.Module):
+    """BERT's MLM head before its output layer: norm(gelu(dense(h))), per token."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd)
+        self.approximate = "none" if config.mlp == "gelu_exact" else "tanh"
+        self.norm = make_norm(config)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.norm(F.gelu(self.dense(h), approximate=self.approximate))
+
+
 class Transformer(nn.Module):
-    """Token ids in, next-token logits out."""
+    """Token ids in, logits out: next-token (decoder) or masked-token (encoder with mlm_head)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         C = config.n_embd
         self.tok_emb = nn.Embedding(config.vocab_size, C)
-        self.pos_emb = nn.Embedding(config.block_size, C) if config.pos == "learned" else None
+        n_pos = config.block_size + config.pos_offset
+        self.pos_emb = nn.Embedding(n_pos, C) if config.pos == "learned" else None
+        self.type_emb = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None
+        self.emb_norm = make_norm(config) if config.emb_norm else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.norm_f = nn.Identity() if config.post_norm else make_norm(config)
+        self.mlm_transform = MLMTransform(config) if config.mlm_head else None
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=config.mlm_head)
         self.tie_weights()
         self.gradient_checkpointing = False  # recompute each block's activations in backward
         rope_shape = (config.block_size, config.hd)
@@ -296,6 +341,8 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Final-norm hidden states (B, T, C): what lm_head, classifier and reward heads read."""
         T = idx.size(1)
+        if not self.config.causal and (kv_cache is not None or start_pos):
+            raise ValueError("an encoder (causal=False) has no KV cache: pass the whole sequence")
         if start_pos + T > self.config.block_size:
             raise InputError(
                 f"sequence of {start_pos + T} tokens exceeds model.block_size="
@@ -315,14 +362,19 @@ class Transformer(nn.Module):
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)
+            x = x + self.pos_emb(pos + self.config.pos_offset if self.config.pos_offset else pos)
+        if self.type_emb is not None:
+            x = x + self.type_emb.weight[0]  # single-segment inputs: token type 0 everywhere
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         rope = None
         if self.rope_cos is not None:  # a slice is a view; per-row positions gather per token
             at = slice(start_pos, start_pos + T) if pos.dim() == 1 else pos
             rope = self.rope_cos[at].unsqueeze(-3), self.rope_sin[at].unsqueeze(-3)  # (B|1,1,T,hd)
         mask = attention_mask(
-            T, start_pos, doc_ids, self.config.sliding_window, idx.device, pad_mask
-        )
+            T, start_pos, doc_ids, self.config.sliding_window, idx.device, pad_mask,
+            causal=self.config.causal,
+        )  # fmt: skip
         x = self.drop(x)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -340,7 +392,8 @@ class Transformer(nn.Module):
         pad_mask: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, V) in the model's dtype; with labels, the mean next-token loss instead.
+        """Logits (B, T, V) in the model's dtype; with labels, the mean loss against them instead
+        (labels already aligned: shifted next tokens for a decoder, masked tokens for MLM).
 
         idx: token ids (B, T). doc_ids: (B, T) document index of each token in packed sequences;
         attention stays inside a document and positions restart at each document's first token.
@@ -354,10 +407,20 @@ class Transformer(nn.Module):
         fp32 training on CPU takes it chunk by chunk from the hidden states (chunked_loss.py).
         """
         h = self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask)
+        if labels is not None and self.mlm_transform is not None:
+            # MLM predicts ~15% of positions: the head and the V-wide logits run on those only
+            picked = labels != IGNORE_INDEX  # (B, T)
+            return next_token_loss(self.logits(h[picked])[None], labels[picked][None])
         if labels is not None and self._loss_from_hidden(h):
             return linear_cross_entropy(h, self.lm_head.weight, labels)
-        logits = self.lm_head(h)
+        logits = self.logits(h)
         return logits if labels is None else next_token_loss(logits, labels)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Vocabulary logits (B, T, V) of hidden states (through the MLM transform if any)."""
+        if self.mlm_transform is not None:
+            h = self.mlm_transform(h)
+        return self.lm_head(h)
 
     def _loss_from_hidden(self, h: Tensor) -> bool:
         """Whether the chunked loss applies: eager fp32 training on CPU through a plain lm_head
@@ -382,6 +445,8 @@ class Transformer(nn.Module):
         if exclude_embeddings:
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
+            if self.type_emb is not None:
+                n -= self.type_emb.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.tok_emb.weight.numel()
         return n

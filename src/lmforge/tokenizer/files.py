@@ -69,7 +69,7 @@ class TokenizerFiles:
     path: Path
     tokenizer: Any  # tokenizers.Tokenizer
     chat_template: str | None = None
-    special: dict[str, str] = field(default_factory=dict)  # bos_token/eos_token/pad_token/unk_token
+    special: dict[str, str] = field(default_factory=dict)  # bos/eos/pad/unk/mask_token -> token
 
     @classmethod
     def load(cls, path: Path | str) -> TokenizerFiles:
@@ -91,7 +91,7 @@ class TokenizerFiles:
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         special = {}
-        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
             token = _token_string(config.get(key))
             if token is not None and tok.token_to_id(token) is not None:
                 special[key] = token
@@ -111,6 +111,16 @@ class TokenizerFiles:
     @property
     def eos_id(self) -> int | None:
         return self.token_id(self.special.get("eos_token"))
+
+    @property
+    def mask_id(self) -> int | None:
+        """The [MASK] token's id (masked-LM pretraining), None when the tokenizer has none."""
+        return self.token_id(self.special.get("mask_token"))
+
+    def special_ids(self) -> list[int]:
+        """Ids of every special added token (never masked, never predicted by MLM)."""
+        added = self.tokenizer.get_added_tokens_decoder()
+        return sorted(i for i, token in added.items() if token.special)
 
     @property
     def pad_id(self) -> int:

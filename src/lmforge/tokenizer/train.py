@@ -56,18 +56,22 @@ class SpecialTokens(Section):
     )
     pad: str = Field("<|pad|>", description="padding token")
     unk: str = Field("<|unk|>", description="unknown token (wordpiece, unigram, char)")
+    mask: str | None = Field(
+        None, description="mask token for masked-LM pretraining (e.g. [MASK] or <mask>)"
+    )
     extra: list[str] = Field(
         default_factory=list, description="more special tokens (e.g. tool-call markers)"
     )
 
     def additional(self) -> list[str]:
         """The chat markers and extras: tokenizer_config.json's additional_special_tokens."""
-        named = {self.bos, self.eos, self.pad, self.unk}
+        named = {self.bos, self.eos, self.pad, self.unk, self.mask}
         return [t for t in dict.fromkeys([*CHAT_TOKENS, *self.extra]) if t not in named]
 
     def all(self) -> list[str]:
         """Every special token once, in a stable order (their ids come first in the vocab)."""
-        return list(dict.fromkeys([self.eos, self.bos, self.pad, self.unk, *self.additional()]))
+        named = [self.eos, self.bos, self.pad, self.unk, *([self.mask] if self.mask else [])]
+        return list(dict.fromkeys([*named, *self.additional()]))
 
 
 class TokenizerConfig(StageConfig):
@@ -245,6 +249,8 @@ def special_tokens_map(cfg: TokenizerConfig, vocab: dict[str, int]) -> dict[str,
     """special_tokens_map.json: the configured special tokens that the vocabulary has."""
     st = cfg.special_tokens
     named = {"bos_token": st.bos, "eos_token": st.eos, "pad_token": st.pad, "unk_token": st.unk}
+    if st.mask:
+        named["mask_token"] = st.mask
     found: dict[str, Any] = {k: t for k, t in named.items() if t in vocab}
     found["additional_special_tokens"] = [t for t in st.additional() if t in vocab]
     return found

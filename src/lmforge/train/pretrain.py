@@ -1,4 +1,9 @@
-"""The `pretrain` stage: next-token prediction on token shards, through the one training loop.
+"""The `pretrain` stage: next-token (clm) or masked-token (mlm) prediction on token shards,
+through the one training loop.
+
+objective=mlm trains a bidirectional encoder preset (bert-micro, bert-tiny, bert-base) with
+train/mlm.py's loss_fn on the same shards; its val_loss is the masked-token loss on val windows
+masked once with fixed seeds, and the manifest adds initial_val_loss (before any step).
 
 Inputs: a token shard directory (`lmforge tokenizer encode`: train.bin, val.bin, meta.json) and
 the tokenizer that made it (refused when its hash differs from the one in meta.json). Outputs in
@@ -13,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -35,6 +40,7 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import barrier, is_sharded, setup_runtime
 from lmforge.train.loader import TokenWindows, open_tokens
 from lmforge.train.loop import TrainResult, train
+from lmforge.train.mlm import MaskSpec, make_mlm_loss, masked_val_batch
 from lmforge.train.observe import plot_losses, write_tensorboard
 
 TOKENS_HINT = "lmforge tokenizer encode --data DIR --tokenizer DIR --out DIR"
@@ -67,6 +73,12 @@ class PretrainConfig(StageConfig):
         None,
         description="continue pretraining this model directory (HF layout) instead of a fresh "
         "preset; its architecture wins over model.*",
+    )
+    objective: Literal["clm", "mlm"] = Field(
+        "clm", description="clm (next token, decoder) | mlm (masked tokens, encoder preset)"
+    )
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="mlm: share of tokens chosen for prediction (80/10/10)"
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
 
@@ -120,6 +132,12 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
     else:
         overrides = {"vocab_size": vocab_size, **cfg.model.overrides()}
         model = Transformer(preset_config(cfg.model.preset, **overrides))
+    if model.config.causal != (cfg.objective == "clm"):
+        kind = "a causal decoder" if model.config.causal else "a bidirectional encoder"
+        fix = "a bert-* preset" if cfg.objective == "mlm" else "a decoder preset or objective=mlm"
+        raise ConfigError(f"objective={cfg.objective} cannot train {kind}; use {fix}")
+    if cfg.objective == "mlm" and not model.config.mlm_head:
+        raise ConfigError("objective=mlm needs a model with an MLM head (model.mlm_head=true)")
     if cfg.train.seq_len > model.config.block_size:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
@@ -139,6 +157,11 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     model = _build_model(cfg, int(meta["vocab_size"]))
     n_params = model.num_params()
     flops = model.flops_per_token(tc.seq_len)
+    loss_fn, prepare_val = lm_loss, _identity
+    if cfg.objective == "mlm":
+        spec = mask_spec(cfg, model.config.vocab_size)
+        loss_fn = make_mlm_loss(spec)
+        prepare_val = lambda batch, i: masked_val_batch(batch, spec, seed=tc.seed + i)  # noqa: E731
     ranks = {"rank": rt.env.rank, "world_size": rt.env.world_size}
     train_tokens = open_tokens(Path(cfg.tokens) / "train.bin", meta["dtype"])
     val_tokens = open_tokens(Path(cfg.tokens) / "val.bin", meta["dtype"])
@@ -146,17 +169,50 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     val = TokenWindows(val_tokens, tc.seq_len, tc.micro_batch_size, shuffle=False, **ranks)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        losses = [lm_loss(m, _to(val.batch(i), rt.device))[0] for i in range(tc.eval_steps)]
+        batches = (_to(prepare_val(val.batch(i), i), rt.device) for i in range(tc.eval_steps))
+        losses = [loss_fn(m, batch)[0] for batch in batches]
         return {"val_loss": torch.stack(losses).float().mean().item()}  # one host sync
 
     ctx.log.info(
-        "pretrain: %s, %.2fM params, vocab %d", cfg.model.preset, n_params / 1e6, meta["vocab_size"]
-    )
-    result = train(model, lm_loss, loader, tc, ctx, eval_fn=evaluate, flops_per_token=flops)
+        "pretrain (%s): %s, %.2fM params, vocab %d",
+        cfg.objective, cfg.model.preset, n_params / 1e6, meta["vocab_size"],
+    )  # fmt: skip
+    initial = None
+    if cfg.objective == "mlm":
+        initial = _initial_val_loss(model, evaluate, rt.device)
+        ctx.log.info("masked-token val loss before training: %.4f", initial)
+    result = train(model, loss_fn, loader, tc, ctx, eval_fn=evaluate, flops_per_token=flops)
     if rt.env.is_main:
         _write_outputs(cfg, ctx, result)
     barrier()
-    return _headline(result, n_params)
+    headline = _headline(result, n_params)
+    if initial is not None:
+        headline.update(objective="mlm", initial_val_loss=_round(initial))
+    return headline
+
+
+def mask_spec(cfg: PretrainConfig, vocab_size: int) -> MaskSpec:
+    """The tokenizer's [MASK] and special ids; a tokenizer without a mask token is refused."""
+    tok = TokenizerFiles.load(cfg.tokenizer)
+    if tok.mask_id is None:
+        raise InputError(
+            f"{cfg.tokenizer} has no mask token, which objective=mlm needs; retrain it with "
+            "--set special_tokens.mask='[MASK]' (lmforge tokenizer train) and re-encode"
+        )
+    return MaskSpec(tok.mask_id, tuple(tok.special_ids()), vocab_size, cfg.mlm_probability)
+
+
+def _identity(batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    return batch
+
+
+@torch.no_grad()
+def _initial_val_loss(model: nn.Module, evaluate, device: torch.device) -> float:
+    """The val loss of the untrained model (the "before" of an MLM run's before/after)."""
+    model.to(device).eval()
+    loss = evaluate(model)["val_loss"]
+    model.train()
+    return loss
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

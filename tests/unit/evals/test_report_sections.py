@@ -87,3 +87,20 @@ def test_generation_samples_best_and_worst() -> None:
     picked = [r["rougeL"] for r in generation_samples(rows, n=4)]
     assert picked == [0.95, 0.9, 0.05, 0.0]
     assert len(generation_samples(rows[:5], n=12)) == 5
+
+
+def test_mlm_pretraining_shows_masked_loss_before_and_after(tmp_path: Path) -> None:
+    import json
+
+    from lmforge.evals.report import StageInfo
+    from lmforge.evals.report_sections import training_section
+
+    rows = [{"step": 1, "loss": 8.3, "tokens_per_s": 100.0}, {"step": 2, "val_loss": 6.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = {"objective": "mlm", "initial_val_loss": 8.35, "val_loss": 6.2}
+    stage = StageInfo("pretrain", "pretrain", tmp_path, {"metrics": metrics}, tmp_path / "assets")
+    blocks = training_section(stage)
+    assert (
+        "masked-token loss 8.350 before training, 6.200 after, perplexity 492.7" in blocks[0].text
+    )
+    assert ["masked-token val loss before / after", "8.3500 / 6.2000"] in blocks[1].table

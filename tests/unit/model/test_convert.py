@@ -275,8 +275,8 @@ def test_bin_checkpoints_load_only_plain_tensors(tmp_path):
 def test_bad_inputs_are_reported_in_one_line(tmp_path):
     with pytest.raises(InputError, match=r"config\.json not found"):
         load_pretrained(tmp_path)
-    with pytest.raises(InputError, match="supported: llama, mistral, qwen2, gpt2, lmforge"):
-        hf_config_to_model_config({"model_type": "bert"})
+    with pytest.raises(InputError, match="supported: llama, mistral, qwen2, gpt2, bert, roberta"):
+        hf_config_to_model_config({"model_type": "t5"})
     with pytest.raises(InputError, match="activation_function='relu'"):
         hf_config_to_model_config(HF_MODELS["gpt2"]().to_dict() | {"activation_function": "relu"})
     model = Transformer(preset_config("micro", vocab_size=VOCAB))

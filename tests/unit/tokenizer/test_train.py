@@ -210,3 +210,19 @@ def test_missing_inputs_name_the_command(tmp_path: Path) -> None:
         train_tokenizer(TokenizerConfig(data=tmp_path / "nope", out=tmp_path / "t"))
     with pytest.raises(InputError, match=r"no tokenizer\.json to import"):
         train_tokenizer(TokenizerConfig(import_from=tmp_path, out=tmp_path / "t2"))
+
+
+def test_wordpiece_with_a_mask_token_for_masked_lm(corpus: Path, tmp_path: Path) -> None:
+    specials = {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "unk": "[UNK]", "mask": "[MASK]"}
+    cfg = TokenizerConfig(
+        data=corpus, out=tmp_path / "wp", kind="wordpiece", vocab_size=300, special_tokens=specials
+    )
+    files = TokenizerFiles.load(train_tokenizer(cfg))
+    assert files.mask_id == files.token_id("[MASK]") is not None
+    assert files.encode("a [MASK] b")[1] == files.mask_id  # never split
+    assert {files.mask_id, files.pad_id, files.eos_id} <= set(files.special_ids())
+    assert json.loads((tmp_path / "wp" / "special_tokens_map.json").read_text())["mask_token"] == (
+        "[MASK]"
+    )
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "wp")).mask_token == "[MASK]"

@@ -1,0 +1,139 @@
+"""Token tagging (NER-style) on an encoder: word-level tags aligned to subwords, a per-token head.
+
+Records are `{"tokens": [words], "tags": [one tag per word]}` (formats.py). Each word is encoded
+on its own (with the space that precedes it in running text, so byte-level BPE sees the same
+pieces as in a sentence); its tag trains and is predicted on its first subword only, the rest get
+IGNORE_INDEX, as transformers' token-classification recipe does. `TokenTagger` is the encoder plus
+`head`, Linear(n_embd, n_tags) with a bias on every position: BertForTokenClassification /
+RobertaForTokenClassification, which the finetune stage exports. Metrics: word accuracy and, when
+the tags are BIO (IOB2) spans, seqeval-style entity precision / recall / F1 (an entity counts
+only when its type and exact span match).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.finetune.heads import padded_rows, real_tokens
+from lmforge.model.chunked_loss import IGNORE_INDEX
+
+
+def encode_tagged(
+    tok: Any, examples: list[dict[str, Any]], tag_index: dict[str, int], seq_len: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """Right-padded rows (input_ids, tag_labels on first subwords, last); returns rows, truncated.
+
+    A sentence longer than seq_len keeps the words that fit whole; metrics score only those.
+    """
+    ids, tags, last = padded_rows(len(examples), seq_len, tok.pad_id)
+    truncated = 0
+    for r, ex in enumerate(examples):
+        pos = 0
+        for w, (word, tag) in enumerate(zip(ex["tokens"], ex["tags"], strict=True)):
+            pieces = tok.encode(word if w == 0 else " " + word) or [tok.pad_id]
+            if pos + len(pieces) > seq_len:
+                truncated += 1
+                break
+            ids[r, pos : pos + len(pieces)] = pieces
+            tags[r, pos] = tag_index[tag]
+            pos += len(pieces)
+        last[r] = max(pos - 1, 0)
+    return {"input_ids": ids, "tag_labels": tags, "last": last}, truncated
+
+
+class TokenTagger(nn.Module):
+    """An encoder plus `head`: Linear(n_embd, n_tags) on every position's hidden state."""
+
+    def __init__(self, lm: nn.Module, n_tags: int) -> None:
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.config.n_embd, n_tags)
+        nn.init.normal_(self.head.weight, std=lm.config.init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
+        """(tag logits (B, T, n_tags), hidden states (B, T, C)); padding after `last` is hidden."""
+        h = self.lm.hidden_states(idx, pad_mask=real_tokens(idx, last))
+        return self.head(h), h
+
+    def classifier_head(self, labels: list[str]) -> Any:
+        """The head as model.convert.ClassifierHead (per_token), for export."""
+        from lmforge.model.convert import ClassifierHead
+
+        weight, bias = self.head.weight.detach().cpu(), self.head.bias.detach().cpu()
+        return ClassifierHead(weight, labels, bias, per_token=True)
+
+
+def tag_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+    """Cross-entropy over the first subword of every word."""
+    logits, _ = model(batch["input_ids"], batch["last"])
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), batch["tag_labels"].flatten(), ignore_index=IGNORE_INDEX
+    )
+    return loss, {"tag_loss": loss.detach()}
+
+
+@torch.no_grad()
+def predict_tags(
+    model: nn.Module, rows: dict[str, np.ndarray], batch_size: int = 32
+) -> list[list[int]]:
+    """Predicted tag id of every word that fit, per row."""
+    device = next(model.parameters()).device
+    model.eval()
+    out: list[list[int]] = []
+    for lo in range(0, len(rows["input_ids"]), batch_size):
+        ids = torch.from_numpy(rows["input_ids"][lo : lo + batch_size]).to(device)
+        last = torch.from_numpy(rows["last"][lo : lo + batch_size]).to(device)
+        pred = model(ids, last)[0].argmax(-1).cpu().numpy()
+        for r, labels in enumerate(rows["tag_labels"][lo : lo + batch_size]):
+            out.append(pred[r][labels != IGNORE_INDEX].tolist())
+    return out
+
+
+def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) of the BIO (IOB2) entities in a tag sequence; an I- without a matching
+    open entity starts one (seqeval's lenient default)."""
+    spans, kind, start = set(), None, 0
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, name = tag.partition("-")
+        continues = prefix == "I" and name == kind
+        if kind is not None and not continues:
+            spans.add((kind, start, i))
+            kind = None
+        if prefix in ("B", "I") and name and not continues:
+            kind, start = name, i
+    return spans
+
+
+def is_bio(labels: list[str]) -> bool:
+    """Whether the tag set is BIO: 'O' and B-/I- prefixed names only."""
+    return all(t == "O" or (t[:2] in ("B-", "I-") and len(t) > 2) for t in labels)
+
+
+def tag_metrics(
+    gold: list[list[int]], pred: list[list[int]], labels: list[str]
+) -> dict[str, float]:
+    """Word accuracy; with BIO tags also entity precision / recall / F1 (micro, exact spans)."""
+    flat_gold = [t for row in gold for t in row]
+    flat_pred = [t for row in pred for t in row]
+    correct = sum(g == p for g, p in zip(flat_gold, flat_pred, strict=True))
+    out = {"token_accuracy": round(correct / max(1, len(flat_gold)), 4)}
+    if not is_bio(labels):
+        return out
+    tp = n_pred = n_gold = 0
+    for g, p in zip(gold, pred, strict=True):
+        g_spans = entity_spans([labels[i] for i in g])
+        p_spans = entity_spans([labels[i] for i in p])
+        tp += len(g_spans & p_spans)
+        n_pred += len(p_spans)
+        n_gold += len(g_spans)
+    precision, recall = tp / max(1, n_pred), tp / max(1, n_gold)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    out.update(entity_precision=round(precision, 4), entity_recall=round(recall, 4),
+               entity_f1=round(f1, 4))  # fmt: skip
+    return out
