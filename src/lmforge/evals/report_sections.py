@@ -364,7 +364,6 @@ def _mlm_summary(metrics: dict[str, Any], summary: list[list[str]]) -> str:
     )
 
 
-
 register_section("pretrain", replaces=("loss.png",))(training_section)
 
 
