@@ -12,6 +12,9 @@ directory (ours or transformers') loads here as a Transformer (load_pretrained) 
 (load_classifier). transformers pools the rightmost token that is not config.pad_token_id, so the
 exporter writes the pad id its rows were padded with (lmforge.finetune.heads pools the same way).
 
+An encoder-decoder (ModelConfig.n_dec_layer > 0, model.seq2seq.Seq2SeqLM) exports as
+BartForConditionalGeneration (AutoModelForSeq2SeqLM) and local BART checkpoints import as one.
+
 An encoder (ModelConfig.causal=False) exports as BertForMaskedLM, or RobertaForMaskedLM when its
 positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as BertModel/RobertaModel.
 
@@ -204,7 +207,7 @@ def load_pretrained(
         state["lm_head.weight"] = torch.zeros_like(state["tok_emb.weight"])
     state = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     with torch.device("meta"):
-        model = Transformer(cfg)  # no memory, no init: the weights are assigned below
+        model = model_class(cfg)(cfg)  # no memory, no init: the weights are assigned below
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
@@ -213,6 +216,15 @@ def load_pretrained(
     model.tie_weights()
     model.init_buffers()
     return model.eval()
+
+
+def model_class(cfg: ModelConfig) -> type[nn.Module]:
+    """The module a config builds: Seq2SeqLM for an encoder-decoder, else the Transformer."""
+    if cfg.n_dec_layer:
+        from lmforge.model.seq2seq import Seq2SeqLM
+
+        return Seq2SeqLM
+    return Transformer
 
 
 def _encoder_body(
