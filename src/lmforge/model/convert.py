@@ -14,6 +14,7 @@ exporter writes the pad id its rows were padded with (lmforge.finetune.heads poo
 
 An encoder-decoder (ModelConfig.n_dec_layer > 0, model.seq2seq.Seq2SeqLM) exports as
 BartForConditionalGeneration (AutoModelForSeq2SeqLM) and local BART checkpoints import as one.
+Local T5 checkpoints load as model.t5.T5Adapter (transformers' module behind the same interface).
 
 An encoder (ModelConfig.causal=False) exports as BertForMaskedLM, or RobertaForMaskedLM when its
 positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as BertModel/RobertaModel.
@@ -58,7 +59,7 @@ from lmforge.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 NATIVE = "lmforge"  # model_type of exports in our own layout
-SUPPORTED_MODEL_TYPES = (*FAMILIES, NATIVE)
+SUPPORTED_MODEL_TYPES = (*FAMILIES, "t5", NATIVE)
 NATIVE_CLASSIFIER = "LmforgeForSequenceClassification"  # architecture of a native-layout classifier
 
 
@@ -184,6 +185,10 @@ def load_pretrained(
     """A Transformer (in eval mode) from an lmforge export or a local HF checkpoint directory."""
     model_dir = Path(model_dir)
     hf = read_config(model_dir)
+    if hf.get("model_type") == "t5":  # transformers' own module behind our interface (model.t5)
+        from lmforge.model.t5 import load_t5
+
+        return load_t5(model_dir, device, dtype)
     cfg = hf_config_to_model_config(hf)
     tensors = dequantize_tensors(read_tensors(model_dir), hf.get("quantization_config"), model_dir)
     score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
@@ -317,9 +322,14 @@ def save_pretrained(
     A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper.
     """
     model = getattr(model, "_orig_mod", model)
-    cfg: ModelConfig = model.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_hf"):  # the T5 adapter: transformers writes its own module
+        model.save_hf(out_dir, extra_config)
+        if generation_config is not None:
+            atomic_write_json(out_dir / "generation_config.json", generation_config)
+        return
+    cfg: ModelConfig = model.config
     state = model.state_dict()
     model_type = family_for(cfg)
     if model_type is None:
