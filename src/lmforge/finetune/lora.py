@@ -201,7 +201,7 @@ def save_peft_adapter(model: nn.Module, out_dir: Path, base_model: str = "") -> 
     targets = "^(" + "|".join(re.escape(m) for m in hf_modules) + ")$"
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if getattr(model.config, "n_dec_layer", 0) else "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": first.r,
         "lora_alpha": first.alpha,
