@@ -159,17 +159,7 @@ def trainable_fraction(model: nn.Module) -> tuple[int, int]:
 
 def peft_tensors(model: nn.Module) -> tuple[dict[str, Tensor], list[str], bool]:
     """(PEFT state dict, HF module names adapted, fan_in_fan_out) for the model's HF export."""
-    from lmforge.model.hf_families import FAMILIES, family_for
-
-    cfg = model.config
-    model_type = family_for(cfg)
-    if model_type is None:
-        raise ConfigError(
-            "this model has no Hugging Face equivalent, so PEFT adapters cannot be written; "
-            "use a llama/mistral/qwen2/gpt2-style model"
-        )
-    family = FAMILIES[model_type]
-    rules = {r.ours: r for r in family.rules(cfg)}
+    rules = _hf_rules(model)
     tensors: dict[str, Tensor] = {}
     hf_modules: list[str] = []
     for name, module in lora_modules(model).items():
@@ -188,6 +178,22 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, Tensor], list[str], bool]:
             tensors[f"base_model.model.{hf_module}.lora_B.weight"] = b_part.contiguous()
     fan_in_fan_out = any(r.transpose for r in rules.values())
     return tensors, hf_modules, fan_in_fan_out
+
+
+def _hf_rules(model: nn.Module) -> dict:
+    """Our parameter name -> hf_families.Rule for the model's Hugging Face export."""
+    from lmforge.model.hf_families import FAMILIES, Rule, family_for
+
+    if hasattr(model, "save_hf"):  # the T5 adapter: names are transformers' own under "hf."
+        names = [f"{n}.weight" for n in lora_modules(model)]
+        return {n: Rule(n, (n.removeprefix("hf."),)) for n in names}
+    model_type = family_for(model.config)
+    if model_type is None:
+        raise ConfigError(
+            "this model has no Hugging Face equivalent, so PEFT adapters cannot be written; "
+            "use a llama/mistral/qwen2/gpt2-style model"
+        )
+    return {r.ours: r for r in FAMILIES[model_type].rules(model.config)}
 
 
 def save_peft_adapter(model: nn.Module, out_dir: Path, base_model: str = "") -> Path:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.finetune.lora import DEFAULT_TARGETS, LoraConfig
 from lmforge.model.seq2seq_generate import source_row
 from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.tokenizer.files import TokenizerFiles
@@ -112,6 +113,18 @@ def build_seq2seq_model(model_dir: Path, preset: str | None, vocab_size: int) ->
             "or --set from_scratch=bart-micro (then --model only supplies tokenizer files)"
         )
     return model
+
+
+# T5's attention (q, k, v, o) and feed-forward input (wi, or wi_0/wi_1) linears; not wo, whose
+# .weight transformers' feed-forward reads directly (a LoRA wrapper has none)
+T5_LORA_TARGETS = ["q", "k", "v", "o", "wi", "wi_0", "wi_1"]
+
+
+def lora_targets_for(model: nn.Module, lora: LoraConfig) -> LoraConfig:
+    """lora, with T5's module names as targets when a T5 model kept the default (our) names."""
+    if hasattr(model, "save_hf") and lora.targets == DEFAULT_TARGETS:
+        return lora.model_copy(update={"targets": T5_LORA_TARGETS})
+    return lora
 
 
 def seq2seq_eval(

@@ -269,7 +269,7 @@ def _build_seq2seq(cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
     vocab = load_chat_tokenizer(cfg.model_dir()).vocab_size
     model = seq2seq.build_seq2seq_model(cfg.model_dir(), cfg.from_scratch, vocab)
     if cfg.method == "lora":
-        inject(model, cfg.lora)
+        inject(model, seq2seq.lora_targets_for(model, cfg.lora))
     elif hasattr(model, "enc_blocks"):  # freezing names our blocks; the T5 adapter trains whole
         apply_freeze(model, cfg.freeze, model.config.n_layer)
     return model, model
