@@ -77,6 +77,12 @@ class EvalModel:
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
         tok = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device)
+        if not model.config.causal:
+            raise InputError(
+                f"{model_dir} is a bidirectional encoder (BERT-style): lmforge eval scores and "
+                "generates with causal LMs; an MLM's held-out masked-token loss is in its "
+                "pretrain manifest (val_loss, initial_val_loss)"
+            )
         default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
         return cls(name or default, model_dir, model, tok)
 
