@@ -77,7 +77,7 @@ class EvalModel:
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
         tok = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device)
-        if not model.config.causal:
+        if not model.config.causal and not hasattr(model, "cross_kv"):  # seq2seq generates
             raise InputError(
                 f"{model_dir} is a bidirectional encoder (BERT-style): lmforge eval scores and "
                 "generates with causal LMs; an MLM's held-out masked-token loss is in its "
