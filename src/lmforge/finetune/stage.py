@@ -265,6 +265,11 @@ def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.M
 def _build_seq2seq(cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
     if cfg.task != "seq2seq":
         raise ConfigError(f"from_scratch applies to --task seq2seq only, not --task {cfg.task}")
+    if cfg.freeze.first_n_layers or cfg.freeze.layer_lr_decay != 1.0:
+        raise ConfigError(
+            "freeze.first_n_layers and freeze.layer_lr_decay count a decoder's blocks; for "
+            "seq2seq freeze by name with freeze.patterns (e.g. 'enc_blocks.0.*')"
+        )
     torch.manual_seed(cfg.train.seed)  # a scratch model and adapters start the same on resume
     vocab = load_chat_tokenizer(cfg.model_dir()).vocab_size
     model = seq2seq.build_seq2seq_model(cfg.model_dir(), cfg.from_scratch, vocab)
