@@ -157,6 +157,12 @@ class EvalModel:
         is (targets x vocab), not (tokens x vocab). Each row needs a non-empty context and
         len(context) + len(targets) - 1 <= block_size (callers window longer inputs).
         """
+        if hasattr(self.model, "cross_kv"):
+            raise InputError(
+                f"{self.path} is an encoder-decoder: scoring (perplexity, log-likelihood tasks) "
+                "is built for causal LMs only; `lmforge generate` works, and finetune --task "
+                "seq2seq reports ROUGE/BLEU/exact match"
+            )
         results: list[tuple[list[float], bool]] = []
         for lo in range(0, len(rows), SCORE_BATCH):
             chunk = rows[lo : lo + SCORE_BATCH]

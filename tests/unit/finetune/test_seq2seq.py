@@ -195,3 +195,20 @@ def test_task_mismatches_are_config_errors(tmp_path, tokenizer_dir, model_dir):
         finetune(_config(tmp_path, tokenizer_dir, chat, from_scratch="bart-micro"))
     with pytest.raises(ConfigError, match="use --task seq2seq"):
         finetune(_config(tmp_path, model_dir, pairs).model_copy(update={"task": "sft"}))
+
+
+def test_eval_model_generates_from_a_seq2seq_dir_and_refuses_to_score_it(tmp_path, tokenizer_dir):
+    from lmforge.evals.lm import EvalModel, GenerationSettings
+    from lmforge.model.seq2seq_generate import generate_seq2seq_batched
+
+    base = _bart_dir(tmp_path, tokenizer_dir)
+    model = EvalModel.load(base)
+    tok = load_chat_tokenizer(base)
+    [ids] = generate_seq2seq_batched(
+        model.model, [[*tok.encode("cat dog"), 2]], 6, decoder_start_id=2, pad_id=0,
+        stop_tokens=[2], greedy=True,
+    )  # fmt: skip
+    settings = GenerationSettings(max_new_tokens=6)
+    assert model.generate("cat dog", settings) == tok.decode(ids)
+    with pytest.raises(InputError, match="is an encoder-decoder: scoring"):
+        model.token_nll([5, 6], [7])
