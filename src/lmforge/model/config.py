@@ -54,6 +54,9 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (segment) embeddings; every token gets type 0
     pos_offset: int = 0  # first position id (RoBERTa: pad id + 1 = 2); table = block_size + it
     mlm_head: bool = False  # dense + GELU + norm before the tied output layer, which has a bias
+    # Encoder-decoder (model.seq2seq.Seq2SeqLM): n_layer encoder blocks (the encoder switches
+    # above) and this many causal decoder blocks with cross-attention; 0 = not a seq2seq model.
+    n_dec_layer: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,6 +95,14 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
         self._validate_encoder()
+        if self.n_dec_layer < 0:
+            raise ConfigError(f"model.n_dec_layer must be >= 0, got {self.n_dec_layer}")
+        seq2seq_ok = not self.causal and self.pos == "learned" and self.tie_embeddings
+        if self.n_dec_layer and not (seq2seq_ok and not self.type_vocab_size and not self.mlm_head):
+            raise ConfigError(
+                "model.n_dec_layer > 0 (encoder-decoder) needs causal=false, pos='learned', "
+                "tie_embeddings=true, type_vocab_size=0 and mlm_head=false (see the bart-* presets)"
+            )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ConfigError(
@@ -130,6 +141,11 @@ _BERT_STYLE = dict(
     norm="layernorm", pos="learned", mlp="gelu_exact", bias=True, tie_embeddings=True,
     causal=False, post_norm=True, emb_norm=True, type_vocab_size=2, mlm_head=True, norm_eps=1e-12,
 )  # fmt: skip
+# BART: BERT's post-norm blocks without token types, positions from 2, biased LM logits.
+_BART_STYLE = dict(
+    norm="layernorm", pos="learned", mlp="gelu_exact", bias=True, tie_embeddings=True,
+    causal=False, post_norm=True, emb_norm=True, pos_offset=2,
+)  # fmt: skip
 
 # Named starting points. vocab_size is usually overridden with the tokenizer's size.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -167,6 +183,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-base": dict(
         vocab_size=30522, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
         intermediate_size=3072, block_size=512, **_BERT_STYLE,
+    ),
+    # encoder-decoder (BART-style) test size
+    "bart-micro": dict(
+        vocab_size=256, n_layer=2, n_dec_layer=2, n_head=4, n_kv_head=4, n_embd=64,
+        intermediate_size=256, block_size=128, **_BART_STYLE,
+    ),
+    # a 2-core CPU seq2seq, the width of the decoder "tiny"
+    "bart-tiny": dict(
+        vocab_size=4096, n_layer=3, n_dec_layer=3, n_head=4, n_kv_head=4, n_embd=128,
+        intermediate_size=512, block_size=256, **_BART_STYLE,
     ),
     # GPT-2 small (124M) as in nanoGPT: vocab padded to 50304 for fast matmuls
     "gpt2-124m": dict(

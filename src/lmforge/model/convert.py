@@ -12,6 +12,10 @@ directory (ours or transformers') loads here as a Transformer (load_pretrained) 
 (load_classifier). transformers pools the rightmost token that is not config.pad_token_id, so the
 exporter writes the pad id its rows were padded with (lmforge.finetune.heads pools the same way).
 
+An encoder-decoder (ModelConfig.n_dec_layer > 0, model.seq2seq.Seq2SeqLM) exports as
+BartForConditionalGeneration (AutoModelForSeq2SeqLM) and local BART checkpoints import as one.
+Local T5 checkpoints load as model.t5.T5Adapter (transformers' module behind the same interface).
+
 An encoder (ModelConfig.causal=False) exports as BertForMaskedLM, or RobertaForMaskedLM when its
 positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as BertModel/RobertaModel.
 
@@ -55,7 +59,7 @@ from lmforge.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 NATIVE = "lmforge"  # model_type of exports in our own layout
-SUPPORTED_MODEL_TYPES = (*FAMILIES, NATIVE)
+SUPPORTED_MODEL_TYPES = (*FAMILIES, "t5", NATIVE)
 NATIVE_CLASSIFIER = "LmforgeForSequenceClassification"  # architecture of a native-layout classifier
 
 
@@ -181,6 +185,10 @@ def load_pretrained(
     """A Transformer (in eval mode) from an lmforge export or a local HF checkpoint directory."""
     model_dir = Path(model_dir)
     hf = read_config(model_dir)
+    if hf.get("model_type") == "t5":  # transformers' own module behind our interface (model.t5)
+        from lmforge.model.t5 import load_t5
+
+        return load_t5(model_dir, device, dtype)
     cfg = hf_config_to_model_config(hf)
     tensors = dequantize_tensors(read_tensors(model_dir), hf.get("quantization_config"), model_dir)
     score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
@@ -204,7 +212,7 @@ def load_pretrained(
         state["lm_head.weight"] = torch.zeros_like(state["tok_emb.weight"])
     state = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     with torch.device("meta"):
-        model = Transformer(cfg)  # no memory, no init: the weights are assigned below
+        model = model_class(cfg)(cfg)  # no memory, no init: the weights are assigned below
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
@@ -213,6 +221,15 @@ def load_pretrained(
     model.tie_weights()
     model.init_buffers()
     return model.eval()
+
+
+def model_class(cfg: ModelConfig) -> type[nn.Module]:
+    """The module a config builds: Seq2SeqLM for an encoder-decoder, else the Transformer."""
+    if cfg.n_dec_layer:
+        from lmforge.model.seq2seq import Seq2SeqLM
+
+        return Seq2SeqLM
+    return Transformer
 
 
 def _encoder_body(
@@ -305,9 +322,14 @@ def save_pretrained(
     A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper.
     """
     model = getattr(model, "_orig_mod", model)
-    cfg: ModelConfig = model.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_hf"):  # the T5 adapter: transformers writes its own module
+        model.save_hf(out_dir, extra_config)
+        if generation_config is not None:
+            atomic_write_json(out_dir / "generation_config.json", generation_config)
+        return
+    cfg: ModelConfig = model.config
     state = model.state_dict()
     model_type = family_for(cfg)
     encoder_head = classifier is not None and (classifier.bias is not None or classifier.per_token)

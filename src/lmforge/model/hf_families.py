@@ -29,6 +29,7 @@ IGNORED_SUFFIXES = (
     ".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids",
     "embeddings.token_type_ids", "predictions.decoder.weight", "predictions.decoder.bias",
     "lm_head.decoder.weight", "lm_head.decoder.bias",
+    "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # BART's tied copies of shared
 )  # fmt: skip
 SCORE = "score.weight"  # the classification head of every *ForSequenceClassification here
 
@@ -347,6 +348,101 @@ def roberta_rules(cfg: ModelConfig) -> list[Rule]:
     return _encoder_rules(cfg, "roberta.", "lm_head.", "dense", "layer_norm")
 
 
+# ---- bart: encoder-decoder, post-norm, positions from 2, shared embeddings (model.seq2seq) ----
+
+
+def bart_config(hf: dict[str, Any]) -> ModelConfig:
+    """BART with equal encoder/decoder widths (the shape Seq2SeqLM has)."""
+    activation = _require(hf, "activation_function", ENCODER_ACTIVATIONS, "gelu")
+    _require(hf, "scale_embedding", (False,), False)
+    _require(hf, "tie_word_embeddings", (True,), True)
+    for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"),
+                     ("encoder_ffn_dim", "decoder_ffn_dim")):  # fmt: skip
+        if hf[enc] != hf[dec]:
+            raise InputError(
+                f"config.json {enc}={hf[enc]} != {dec}={hf[dec]}; only equal is supported"
+            )
+    n_head = hf["encoder_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["encoder_layers"],
+        n_dec_layer=hf["decoder_layers"],
+        n_head=n_head,
+        n_kv_head=n_head,
+        n_embd=hf["d_model"],
+        intermediate_size=hf["encoder_ffn_dim"],
+        block_size=hf.get("max_position_embeddings", 1024),
+        norm="layernorm",
+        pos="learned",
+        mlp="gelu_exact" if activation == "gelu" else "gelu",
+        bias=True,
+        tie_embeddings=True,
+        norm_eps=1e-5,  # BART's LayerNorms use torch's default
+        causal=False,
+        post_norm=True,
+        emb_norm=True,
+        pos_offset=2,
+    )
+
+
+def _bart_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.n_embd,
+        "encoder_layers": cfg.n_layer,
+        "decoder_layers": cfg.n_dec_layer,
+        "encoder_attention_heads": cfg.n_head,
+        "decoder_attention_heads": cfg.n_head,
+        "encoder_ffn_dim": cfg.intermediate_size,
+        "decoder_ffn_dim": cfg.intermediate_size,
+        "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
+        "max_position_embeddings": cfg.block_size,
+        "scale_embedding": False,
+        "dropout": cfg.dropout,
+        "attention_dropout": cfg.dropout,
+        "activation_dropout": 0.0,
+        "init_std": cfg.init_std,
+        "tie_word_embeddings": True,
+        "is_encoder_decoder": True,
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+    }
+
+
+def bart_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = [Rule("tok_emb.weight", ("model.shared.weight",)),
+             Rule("final_logits_bias", ("final_logits_bias",))]  # fmt: skip
+    C = cfg.n_embd
+    block_pairs = [
+        ("attn.proj", "self_attn.out_proj"),
+        ("attn_norm", "self_attn_layer_norm"),
+        ("mlp.fc", "fc1"),
+        ("mlp.proj", "fc2"),
+        ("mlp_norm", "final_layer_norm"),
+    ]
+    cross_pairs = [("cross.q", "encoder_attn.q_proj"), ("cross.proj", "encoder_attn.out_proj"),
+                   ("cross_norm", "encoder_attn_layer_norm")]  # fmt: skip
+    for side, n in (("enc", cfg.n_layer), ("dec", cfg.n_dec_layer)):
+        body = f"model.{'encoder' if side == 'enc' else 'decoder'}."
+        pairs = [("pos_emb", "embed_positions"), ("emb_norm", "layernorm_embedding")]
+        for p in ("weight", "bias"):
+            rules += [Rule(f"{side}_{ours}.{p}", (f"{body}{theirs}.{p}",)) for ours, theirs in pairs
+                      if ours != "pos_emb" or p == "weight"]  # fmt: skip
+        for i in range(n):
+            o, h = f"{side}_blocks.{i}.", f"{body}layers.{i}."
+            for p in ("weight", "bias"):
+                qkv = tuple(f"{h}self_attn.{x}_proj.{p}" for x in "qkv")
+                rules.append(Rule(f"{o}attn.qkv.{p}", qkv, (C, C, C)))
+                layer = block_pairs + (cross_pairs if side == "dec" else [])
+                rules += [Rule(f"{o}{ours}.{p}", (f"{h}{theirs}.{p}",)) for ours, theirs in layer]
+                if side == "dec":
+                    kv = (f"{h}encoder_attn.k_proj.{p}", f"{h}encoder_attn.v_proj.{p}")
+                    rules.append(Rule(f"{o}cross.kv.{p}", kv, (C, C)))
+    return rules
+
+
 @dataclass(frozen=True)
 class Family:
     """How one HF model_type maps onto ModelConfig and our parameter names."""
@@ -399,8 +495,16 @@ FAMILIES: dict[str, Family] = {
         _encoder_hf,
         roberta_rules,
     ),
+    "bart": Family(
+        "BartForConditionalGeneration",
+        "BartForSequenceClassification",
+        bart_config,
+        _bart_hf,
+        bart_rules,
+    ),
 }
 ENCODER_FAMILIES = ("bert", "roberta")
+SEQ2SEQ_FAMILIES = ("bart",)
 
 
 def encoder_head_names(model_type: str, per_token: bool) -> dict[str, str]:
@@ -426,6 +530,8 @@ def token_classifier_architecture(model_type: str) -> str:
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
+    if cfg.n_dec_layer:
+        return "bart" if _bart_shape(cfg, standard_heads) else None
     if not cfg.causal:
         return _encoder_family(cfg, standard_heads)
     if cfg.post_norm or cfg.emb_norm or cfg.type_vocab_size or cfg.pos_offset or cfg.mlm_head:
@@ -459,6 +565,17 @@ def _encoder_family(cfg: ModelConfig, standard_heads: bool) -> str | None:
     if not bert_shape:
         return None
     return "roberta" if cfg.pos_offset else "bert"
+
+
+def _bart_shape(cfg: ModelConfig, standard_heads: bool) -> bool:
+    """Whether an encoder-decoder config is exactly BART (bart_config's fixed fields)."""
+    return (
+        (cfg.norm, cfg.pos, cfg.pos_offset, cfg.norm_eps) == ("layernorm", "learned", 2, 1e-5)
+        and cfg.mlp in ("gelu", "gelu_exact")
+        and cfg.bias and cfg.tie_embeddings and cfg.post_norm and cfg.emb_norm
+        and not cfg.type_vocab_size and not cfg.mlm_head and not cfg.attn_bias
+        and cfg.n_kv_head == cfg.n_head and standard_heads
+    )  # fmt: skip
 
 
 def without_lm_head(rules: list[Rule]) -> list[Rule]:
