@@ -219,14 +219,27 @@ def data_prepare_cmd(
 @data_app.command("stats")
 def data_stats_cmd(
     out_dir: Annotated[Path, typer.Argument(help="A data stage directory.")],
+    bias: Annotated[
+        bool, typer.Option("--bias", help="Also count demographic terms per split and group.")
+    ] = False,
+    terms: Annotated[
+        Path | None, typer.Option(help="--bias: term groups file (default: the built-in list).")
+    ] = None,
+    group: Annotated[
+        list[str] | None, typer.Option("--group", help="--bias: only this group (repeatable).")
+    ] = None,
 ) -> None:
     """Print the funnel: documents and characters through each step, drop reasons, splits.
 
-    Example: lmforge data stats runs/x/data
+    Example: lmforge data stats runs/x/data --bias --group gender
     """
-    from lmforge.data.stats import funnel_table, load_stats
+    from lmforge.data.stats import bias_table, funnel_table, load_stats
 
     console().print(funnel_table(load_stats(out_dir)))
+    if bias:
+        from lmforge.data.bias_stats import stage_term_report
+
+        console().print(bias_table(stage_term_report(out_dir, terms, group)))
 
 
 @app.command("pretrain")

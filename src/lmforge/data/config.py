@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import NOT_HASHED, Section, StageConfig
+from lmforge.data.augment import AugmentConfig
 
 SourceKind = Literal["auto", "text", "jsonl", "parquet", "html", "warc", "hf", "stdlib-docs"]
 
@@ -186,8 +187,18 @@ class SplitConfig(Section):
         return self
 
 
+class BiasStatsConfig(Section):
+    enabled: bool = Field(
+        False, description="count demographic terms per split (stats.json 'bias')"
+    )
+    terms: Path | None = Field(None, description="term groups file (default: the built-in list)")
+    groups: list[str] = Field([], description="only these groups ([] = all in the file)")
+    label_field: str = Field("label", description="rows with this field are also counted per label")
+
+
 class DataConfig(StageConfig):
-    """The data stage: sources -> clean -> language -> quality -> pii -> dedup -> decontam -> split."""
+    """The data stage: sources -> clean -> language -> quality -> pii -> dedup -> decontam -> split
+    -> augment (train only)."""
 
     source: list[SourceSpec] = Field(
         description="sources: paths, globs, HF datasets or 'stdlib-docs'"
@@ -201,6 +212,10 @@ class DataConfig(StageConfig):
     dedup: DedupConfig = DedupConfig()
     decontam: DecontamConfig = DecontamConfig()
     split: SplitConfig = SplitConfig()
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="augmented copies of train rows (after split)"
+    )
+    bias: BiasStatsConfig = BiasStatsConfig()
     samples_per_reason: int = Field(
         20, ge=0, description="removed documents kept per reason in samples/"
     )
@@ -240,4 +255,5 @@ class DataConfig(StageConfig):
             if spec.path == NAME or spec.kind == NAME:
                 paths.append(corpus_marker())
             paths += [Path(spec.path)] if Path(spec.path).is_dir() else source_files(spec)
-        return paths + list(self.decontam.eval_sets)
+        terms = [self.bias.terms] if self.bias.enabled and self.bias.terms else []
+        return paths + list(self.decontam.eval_sets) + self.augment.inputs() + terms

@@ -2,9 +2,10 @@
 
 Pass 1 streams documents through the workers and spills the survivors (with their dedup keys)
 to a work directory. The main process then decides exact and fuzzy duplicates over all documents
-at once. Pass 2 streams the spill again and writes {train,val,test}.jsonl.zst. Every output is
-written under a temporary name and renamed when complete, so a killed run leaves nothing that
-looks finished and a rerun produces the same bytes.
+at once. Pass 2 streams the spill again and writes {train,val,test}.jsonl.zst, adding augmented
+copies of train rows only (augment:) and counting demographic terms per split (bias:). Every
+output is written under a temporary name and renamed when complete, so a killed run leaves
+nothing that looks finished and a rerun produces the same bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 
 from lmforge.artifacts import run_stage
 from lmforge.common.io import atomic_path, atomic_write_json, open_text, write_jsonl
+from lmforge.data.augment import Augmenter, is_augmented
+from lmforge.data.bias_stats import TermCounter
 from lmforge.data.config import DataConfig
 from lmforge.data.dedup import exact_duplicate_of, fuzzy_duplicate_of
 from lmforge.data.document import Document, Reject
@@ -29,6 +32,7 @@ from lmforge.data.executors import run_batches
 from lmforge.data.pipeline import SAMPLE_CHARS, Funnel
 from lmforge.data.sources import check_source, iter_source
 from lmforge.data.split import SPLITS, assign_fold, assign_split, mixture_copies
+from lmforge.data.terms import load_groups
 
 WORK = ".work"
 
@@ -151,8 +155,11 @@ def _pass_two(
     col: _Collector,
     dup_of: tuple[np.ndarray, np.ndarray],
     overlaps: np.ndarray,
-) -> dict[str, int]:
-    """Applies dedup, decontamination, mixture weights and the split; writes the three shards."""
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Applies dedup, decontamination, mixture weights and the split; writes the three shards.
+
+    Returns the split sizes and the augmentation / bias-term stats of what was written.
+    """
     exact, fuzzy = dup_of
     originals = set(exact[exact >= 0].tolist()) | set(fuzzy[fuzzy >= 0].tolist())
     ids: dict[int, str] = {}  # ids of kept originals, for "duplicate_of" in the samples
@@ -165,6 +172,7 @@ def _pass_two(
         for name in SPLITS:
             tmp = stack.enter_context(atomic_path(ctx.out / f"{name}.jsonl.zst"))
             outs[name] = stack.enter_context(open_text(tmp, "wt"))
+        writer = _SplitWriter(cfg, outs, counts)
         with open_text(work / "kept.jsonl.zst") as spill:
             for i, line in enumerate(spill):
                 rec = json.loads(line)
@@ -207,11 +215,59 @@ def _pass_two(
                 split = assign_split(key, ratios, cfg.split.seed)
                 if cfg.split.folds:
                     rec["fold"] = assign_fold(key, cfg.split.folds, cfg.split.seed)
-                row = json.dumps(rec, ensure_ascii=False) + "\n"
-                for _ in range(copies):
-                    outs[split].write(row)
-                counts[split] += copies
-    return counts
+                writer.write(split, rec, copies)
+            writer.flush()
+    return counts, writer.stats()
+
+
+class _SplitWriter:
+    """Writes rows to their split; adds augmented copies of train rows; counts bias terms.
+
+    Augmentation happens here, after the split is decided, and only for train rows: no copy of
+    a val/test document can be trained on and no augmented row can be evaluated.
+    """
+
+    def __init__(self, cfg: DataConfig, outs: dict[str, Any], counts: dict[str, int]) -> None:
+        self.outs, self.counts = outs, counts
+        self.augmenter = Augmenter(cfg.augment) if cfg.augment.enabled else None
+        self.pending: list[dict[str, Any]] = []
+        self.batch = cfg.batch_size
+        self.label_field = cfg.bias.label_field
+        self.terms = None
+        if cfg.bias.enabled:
+            groups = load_groups(cfg.bias.terms, cfg.bias.groups or None)
+            self.terms = {name: TermCounter(groups) for name in SPLITS}
+
+    def write(self, split: str, rec: dict[str, Any], copies: int = 1) -> None:
+        row = json.dumps(rec, ensure_ascii=False) + "\n"
+        for _ in range(copies):
+            self.outs[split].write(row)
+        self.counts[split] += copies
+        if self.terms is not None:
+            self.terms[split].add(rec["text"], rec.get(self.label_field), copies)
+        if self.augmenter is not None and split == "train" and not is_augmented(rec):
+            self.pending.append(rec)
+            if len(self.pending) >= self.batch:
+                self.flush()
+
+    def flush(self) -> None:
+        """Writes the augmented copies of the train rows seen since the last flush."""
+        if not self.pending:
+            return
+        rows, self.pending = self.pending, []
+        for aug in self.augmenter.augment(rows, "train"):  # type: ignore[union-attr]
+            self.write("train", aug)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.augmenter is not None:
+            out["augment"] = {
+                "rows": dict(self.augmenter.counts),
+                "synonyms": self.augmenter.synonym_source,
+            }
+        if self.terms is not None:
+            out["bias"] = {name: c.to_dict() for name, c in self.terms.items()}
+        return out
 
 
 def _clear_leftovers(out: Path) -> Path:
@@ -234,7 +290,7 @@ def build(cfg: DataConfig, ctx: Any) -> dict[str, Any]:
     keys, sigs, overlaps = _pass_one(cfg, ctx, work, col)
     dup_of = _dedup(cfg, keys, sigs)
     del sigs
-    counts = _pass_two(cfg, ctx, work, col, dup_of, overlaps)
+    counts, written = _pass_two(cfg, ctx, work, col, dup_of, overlaps)
     funnel = col.funnel.to_dict()
     read = funnel.get("read", {"docs_in": 0, "docs_out": 0, "chars_out": 0})
     docs_out = sum(counts.values())
@@ -247,6 +303,7 @@ def build(cfg: DataConfig, ctx: Any) -> dict[str, Any]:
         "splits": counts,
         "steps": funnel,
         "pii": dict(col.pii),
+        **written,
     }
     for step, rows in col.samples.items():
         write_jsonl(ctx.out / "samples" / f"{step}.jsonl", rows)
@@ -260,6 +317,7 @@ def build(cfg: DataConfig, ctx: Any) -> dict[str, Any]:
         "near_duplicates": int((dup_of[1] >= 0).sum()),
         "python": platform.python_version(),
         **{f"{k}_docs": v for k, v in counts.items()},
+        **{f"augmented_{k}": v for k, v in written.get("augment", {}).get("rows", {}).items()},
     }
 
 

@@ -1,7 +1,8 @@
 """`lmforge data stats DIR`: the funnel of a data stage as a rich table.
 
 Reads stats.json (written by the stage) and shows, per step, documents and characters in and
-out and the most frequent drop reasons, then the split sizes and PII counts.
+out and the most frequent drop reasons, then the split sizes and PII counts. With --bias, a
+second table: each term group's two sides per split (per 1k words, ratio, labels).
 """
 
 from __future__ import annotations
@@ -71,4 +72,23 @@ def funnel_table(stats: dict[str, Any], top_reasons: int = 3) -> Table:
         f"documents in {stats['documents_in']:,} -> out {stats['documents_out']:,}  |  {splits}  |  "
         f"rejects {stats['rejects']:,}  |  PII replaced: {pii}"
     )
+    return table
+
+
+def bias_table(report: dict[str, Any]) -> Table:
+    """One row per split and group: each side's count and rate, their ratio, the top label."""
+    table = Table(title="demographic terms per split", box=box.SIMPLE_HEAD)
+    for col in ("split", "group", "side 0", "per 1k", "side 1", "per 1k", "ratio 0/1", "labels"):
+        table.add_column(col, justify="left" if col in ("split", "group", "labels") else "right")
+    for split, rep in report.items():
+        for name, g in rep["groups"].items():
+            (s0, a), (s1, b) = g["sides"].items()
+            labels = "; ".join(
+                f"{side}: " + ", ".join(f"{k} {v}" for k, v in list(d["by_label"].items())[:3])
+                for side, d in g["sides"].items()
+                if d["by_label"]
+            )
+            ratio = "-" if g["ratio"] is None else f"{g['ratio']:.3g}"
+            table.add_row(split, name, f"{s0} {a['count']:,}", f"{a['per_1k_words']:.3g}",
+                          f"{s1} {b['count']:,}", f"{b['per_1k_words']:.3g}", ratio, labels)  # fmt: skip
     return table

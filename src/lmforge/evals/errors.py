@@ -37,6 +37,9 @@ WORST: dict[str, WorstRule] = {
     "multiple_choice": WorstRule(
         lambda r: r["predicted"] != r["gold"], lambda r: r["margin"], "margin", "wrong choice"
     ),
+    "counterfactual": WorstRule(
+        lambda r: True, lambda r: -abs(r["gap"]), "gap", "largest counterfactual gap"
+    ),
 }
 
 

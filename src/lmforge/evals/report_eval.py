@@ -2,8 +2,8 @@
 
 Reads eval.json, generations.jsonl and errors.jsonl of an eval stage directory and shows, in
 order: the headline comparison (one row per model, one column per task), each task's full
-metrics, the comparison and confusion plots, a dozen generation samples (the best and the worst
-by ROUGE-L) and the worst errors of the other tasks.
+metrics, the comparison and confusion plots, the counterfactual bias gaps per group, a dozen
+generation samples (the best and the worst by ROUGE-L) and the worst errors of the other tasks.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def _errors_block(stage_dir: Path) -> list[Block]:
     rows = [
         r
         for r in read_rows(stage_dir / "errors.jsonl")
-        if r.get("type") != "generation" and r.get("rank", 1) <= ERRORS_SHOWN
+        if r.get("type") not in ("generation", "counterfactual")
+        and r.get("rank", 1) <= ERRORS_SHOWN
     ]
     if not rows:
         return []
@@ -115,6 +116,41 @@ def _errors_block(stage_dir: Path) -> list[Block]:
             ]
         )
     return [Block(text="The worst errors (all of them are in errors.jsonl):", table=table)]
+
+
+def bias_blocks(report: dict[str, Any], plots: Path) -> list[Block]:
+    """Counterfactual tasks: the gap per group and model, the plot, the worst swapped pairs."""
+    tasks = [t for t in report["tasks"] if t["type"] == "counterfactual"]
+    if not tasks:
+        return []
+    gaps = [["model", "task", "group (side 0 / side 1)", "n", "mean gap ± std", "mean |gap|"]]
+    worst = [["model", "task", "group", "gap", "side 0 text", "side 1 text"]]
+    for task in tasks:
+        for model in report["models"]:
+            metrics = report["results"][model["name"]][task["name"]]
+            for group, g in metrics.get("groups", {}).items():
+                spread = f"{g['mean_gap']:+.4f} ± {g['std_gap']:.4f}" if g["n"] else "-"
+                gaps.append([model["name"], task["name"], f"{group} ({' / '.join(g['sides'])})",
+                             fmt_num(g["n"]), spread, fmt_num(g["mean_abs_gap"])])  # fmt: skip
+                worst += [
+                    [model["name"], task["name"], group, f"{w['gap']:+.4f}",
+                     clip(w["text_a"], 160), clip(w["text_b"], 160)]
+                    for w in g.get("worst", [])[:2]
+                ]  # fmt: skip
+    scoring = report["results"][report["models"][0]["name"]][tasks[0]["name"]].get("scoring", "")
+    blocks = [
+        Block(
+            text="Counterfactual bias: each example rewritten with one side's terms, then the "
+            f"other's; the gap is score(side 0) - score(side 1), scored by {scoring} "
+            "(0 = the model treats both sides alike).",
+            table=gaps,
+        )
+    ]
+    for png in sorted(plots.glob("bias_*.png")):
+        blocks.append(Block(image=png, caption=png.stem.replace("_", " ")))
+    if len(worst) > 1:
+        blocks.append(Block(text="The largest gaps (all pairs are in errors.jsonl):", table=worst))
+    return blocks
 
 
 def story(report: dict[str, Any]) -> str:
@@ -155,4 +191,5 @@ def eval_section(stage: StageInfo) -> list[Block]:
         blocks += task_blocks(report, task)
     for png in sorted(plots.glob("confusion_*.png")):
         blocks.append(Block(image=png, caption=png.stem.replace("_", " ")))
+    blocks += bias_blocks(report, plots)
     return blocks + _samples_block(stage.path) + _errors_block(stage.path)

@@ -4,10 +4,12 @@ Each builder reads only what its stage left on disk and tells that stage's part 
 a sentence, a table and a plot:
 
 - data: the funnel (documents and characters in/out of each step) as a table and a bar plot,
-  why documents were dropped, and samples of what was removed (stats.json, samples/);
+  why documents were dropped, augmented rows, demographic term rates per split (the data-side
+  bias report) and samples of what was removed (stats.json, samples/);
 - tokenizer: vocabulary and compression stats, the longest tokens (stats.json);
 - tokens: how many tokens each split holds (meta.json);
 - pretrain / finetune: train and val loss and throughput from metrics.jsonl, final numbers;
+  finetune k-fold with augmentation: held-out metrics with and without it (mean ± std);
 - align: the method's headline (pairwise accuracy, DPO margins and ROUGE-L, PPO reward and KL)
   before the same training curves;
 - compress: size, decode speed and perplexity of the original and each variant, and a
@@ -177,7 +179,47 @@ def data_section(stage: StageInfo) -> list[Block]:
         value = _pick(stats, key, default=None)
         if isinstance(value, dict) and value:
             blocks.append(Block(text=f"{key.capitalize()}:", table=_scalars_table(value, header)))
+    blocks += _augment_blocks(stats.get("augment")) + _bias_blocks(stats.get("bias"))
     blocks += _removed_samples(stage.path)
+    return blocks
+
+
+def _augment_blocks(augment: Any) -> list[Block]:
+    if not isinstance(augment, dict) or not augment.get("rows"):
+        return []
+    rows = [["method", "augmented train rows"]]
+    rows += [[k, fmt_num(v)] for k, v in augment["rows"].items()]
+    text = (
+        f"Augmentation added {fmt_num(sum(augment['rows'].values()))} rows to train only "
+        f"(synonyms: {augment.get('synonyms') or 'not used'}); val and test hold originals."
+    )
+    return [Block(text=text, table=rows)]
+
+
+def _bias_blocks(bias: Any) -> list[Block]:
+    """Term frequencies per split and group: rates per 1k words, their ratio, labels, examples."""
+    if not isinstance(bias, dict) or not bias:
+        return []
+    table = [["split", "group", "side 0 (per 1k words)", "side 1 (per 1k words)", "ratio 0/1",
+              "rows by label"]]  # fmt: skip
+    examples = [["group", "side", "example"]]
+    for split, rep in bias.items():
+        for name, g in rep.get("groups", {}).items():
+            (s0, a), (s1, b) = g["sides"].items()
+            labels = "; ".join(
+                f"{side}: {', '.join(f'{k} {v}' for k, v in d['by_label'].items())}"
+                for side, d in g["sides"].items()
+                if d.get("by_label")
+            )
+            table.append([split, name, f"{s0} {a['count']} ({a['per_1k_words']:.3g})",
+                          f"{s1} {b['count']} ({b['per_1k_words']:.3g})",
+                          fmt_num(g["ratio"]) if g["ratio"] is not None else "-", clip(labels, 120)])  # fmt: skip
+            if split == "train":
+                examples += [[name, side, clip(d["examples"][0], 120)]
+                             for side, d in g["sides"].items() if d.get("examples")]  # fmt: skip
+    blocks = [Block(text="Demographic terms in the data (data-side bias report):", table=table)]
+    if len(examples) > 1:
+        blocks.append(Block(text="Where the terms occur (train):", table=examples))
     return blocks
 
 
@@ -322,8 +364,35 @@ def _mlm_summary(metrics: dict[str, Any], summary: list[list[str]]) -> str:
     )
 
 
-for _kind in ("pretrain", "finetune"):
-    register_section(_kind, replaces=("loss.png",))(training_section)
+register_section("pretrain", replaces=("loss.png",))(training_section)
+
+
+def augment_compare_blocks(stage_dir: Path) -> list[Block]:
+    """finetune k-fold with augment.compare: the same folds with and without augmentation."""
+    compare = _json(stage_dir / "folds" / "augment_compare.json")
+    if not isinstance(compare, dict):
+        return []
+    with_, without = compare["with"], compare["without"]
+    metrics = [k[3:-5] for k in with_ if k.startswith("cv_") and k.endswith("_mean")]
+    table = [["metric (held-out fold)", "without augmentation", "with augmentation"]]
+    for m in metrics:
+        cell = lambda s, m=m: f"{s[f'cv_{m}_mean']:.4g} ± {s[f'cv_{m}_std']:.2g}"  # noqa: E731
+        table.append([m, cell(without), cell(with_)])
+    acc = "accuracy" if "accuracy" in metrics else metrics[0]
+    delta = with_[f"cv_{acc}_mean"] - without[f"cv_{acc}_mean"]
+    text = (
+        f"Augmentation ({', '.join(compare['methods'])}, alpha {compare['alpha']}, "
+        f"{compare['copies']} copies) over {compare['k']} folds: held-out {acc} "
+        f"{without[f'cv_{acc}_mean']:.3f} ± {without[f'cv_{acc}_std']:.3f} without, "
+        f"{with_[f'cv_{acc}_mean']:.3f} ± {with_[f'cv_{acc}_std']:.3f} with ({delta:+.3f}); "
+        "each fold augmented only its own training part."
+    )
+    return [Block(text=text, summary=True), Block(table=table)]
+
+
+@register_section("finetune", replaces=("loss.png",))
+def finetune_section(stage: StageInfo) -> list[Block]:
+    return training_section(stage) + augment_compare_blocks(stage.path)
 
 
 # -- tune --------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ and writes, in the stage directory:
   metric, and the generation settings;
 - errors.jsonl: the worst examples of each task for each model (see errors.py);
 - generations.jsonl: every generation with its reference and scores (the report samples it);
-- plots/comparison.png (headline metric per task, one bar per model) and
-  plots/confusion_<model>_<task>.png for classification tasks.
+- plots/comparison.png (headline metric per task, one bar per model),
+  plots/confusion_<model>_<task>.png for classification tasks and plots/bias_<model>_<task>.png
+  (the gap per group) for counterfactual tasks.
 
 Models are loaded one at a time, so comparing many does not multiply memory.
 """
@@ -26,6 +27,7 @@ from lmforge.artifacts import StageContext, run_stage
 from lmforge.common.io import write_jsonl
 from lmforge.config import Section, StageConfig, validate
 from lmforge.errors import ConfigError
+from lmforge.evals.bias import plot_gaps
 from lmforge.evals.errors import worst_examples
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.metrics import plot_confusion
@@ -84,8 +86,9 @@ class EvalConfig(StageConfig):
         for item, spec in zip(self.tasks, self.task_specs(), strict=True):
             if isinstance(item, str):
                 paths.append(Path(item))
-            if spec.data is not None and Path(spec.data) not in paths:
-                paths.append(Path(spec.data))
+            for extra in (spec.data, getattr(spec, "terms", None)):
+                if extra is not None and Path(extra) not in paths:
+                    paths.append(Path(extra))
         return paths
 
 
@@ -130,6 +133,12 @@ def build(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
                 _plot_confusion(
                     result, plots / f"confusion_{_slug(ref.name)}_{_slug(spec.name)}.png", tags
                 )
+                if spec.type == "counterfactual":
+                    plot_gaps(
+                        result.metrics,
+                        plots / f"bias_{_slug(ref.name)}_{_slug(spec.name)}.png",
+                        f"{ref.name} on {spec.name}: counterfactual gap per group",
+                    )
                 ctx.metrics.log(**tags, **_numeric(result.metrics))
                 bar.advance()
         del model

@@ -8,7 +8,9 @@ A task is a `TaskSpec`: a type plus where its examples are. Four types are built
 - classification: {"text", "label"}; each label scored as a continuation of the prompt (the
   label with the highest log-likelihood wins), accuracy/precision/recall/F1 and a confusion matrix;
 - multiple_choice: {"query", "choices", "gold"}; scored by log-likelihood the way
-  lm-evaluation-harness does: acc (argmax of log p) and acc_norm (argmax of log p per UTF-8 byte).
+  lm-evaluation-harness does: acc (argmax of log p) and acc_norm (argmax of log p per UTF-8 byte);
+- counterfactual: {"text"}; demographic terms swapped to each side of a group and both versions
+  scored (class probability or log-likelihood per token); the gap per group (evals/bias.py).
 
 A task is given as a YAML file (a TaskSpec; its `data` is relative to the file, or `examples` are
 inline), a JSONL file (type inferred from the first record's fields), or a data directory.
@@ -31,7 +33,9 @@ from lmforge.evals import metrics as M
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.perplexity import perplexity, read_texts, split_file, unigram_baseline
 
-TaskTypeName = Literal["perplexity", "generation", "classification", "multiple_choice"]
+TaskTypeName = Literal[
+    "perplexity", "generation", "classification", "multiple_choice", "counterfactual"
+]
 
 
 class TaskSpec(Section):
@@ -39,7 +43,7 @@ class TaskSpec(Section):
 
     name: str = Field("", description="name in tables (default: the file name)")
     type: TaskTypeName = Field(
-        description="perplexity | generation | classification | multiple_choice"
+        description="perplexity | generation | classification | multiple_choice | counterfactual"
     )
     data: Path | None = Field(None, description="JSONL file or data stage directory")
     examples: list[dict[str, Any]] | None = Field(
@@ -64,6 +68,13 @@ class TaskSpec(Section):
         "auto",
         description="classification: the model's trained head (a sequence classifier) or label "
         "likelihood; auto = the head when the model has one",
+    )
+    terms: Path | None = Field(
+        None, description="counterfactual: term groups file (default: the built-in list)"
+    )
+    groups: list[str] | None = Field(None, description="counterfactual: only these groups")
+    target_label: str | None = Field(
+        None, description="counterfactual with a head: the class whose probability is compared"
     )
 
 
@@ -273,6 +284,14 @@ def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) 
     return TaskResult(metrics, records, (M.confusion_matrix(y_true, y_pred, labels), labels))
 
 
+def run_counterfactual(
+    model: EvalModel, spec: TaskSpec, settings: GenerationSettings
+) -> TaskResult:
+    from lmforge.evals.bias import run_counterfactual as run  # bias.py imports this module
+
+    return run(model, spec, settings)
+
+
 TASK_TYPES: dict[str, TaskType] = {
     "perplexity": TaskType(run_perplexity, ("text",), "bits_per_byte", False),
     "generation": TaskType(run_generation, ("prompt", "reference"), "rougeL", True, "{prompt}"),
@@ -282,6 +301,7 @@ TASK_TYPES: dict[str, TaskType] = {
     "multiple_choice": TaskType(
         run_multiple_choice, ("query", "choices", "gold"), "acc_norm", True, "{query}"
     ),
+    "counterfactual": TaskType(run_counterfactual, ("text",), "max_abs_gap", False),
 }
 
 
@@ -332,8 +352,9 @@ def load_task(item: str | Path | dict[str, Any]) -> TaskSpec:
         return TaskSpec(name=path.name, type="perplexity", data=path)
     if path.suffix in (".yaml", ".yml"):
         body = load_yaml(path)
-        if body.get("data") is not None:
-            body["data"] = str((path.parent / body["data"]).resolve())
+        for key in ("data", "terms"):
+            if body.get(key) is not None:
+                body[key] = str((path.parent / body[key]).resolve())
         body.setdefault("name", _stem(path))
         return validate(TaskSpec, body, where=str(path))
     first = next(iter(read_jsonl(path)), None)

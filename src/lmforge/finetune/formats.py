@@ -188,6 +188,9 @@ def _classification(r: Record) -> Example:
     example = {"text": r["text"], "label": str(r["label"])}
     if isinstance(r.get("fold"), int):  # the data stage's fold assignment, for k-fold
         example["fold"] = r["fold"]
+    for key in ("id", "augmented", "source_id"):  # augmented rows stay out of held-out parts
+        if r.get(key) is not None:
+            example[key] = r[key]
     return example
 
 

@@ -31,6 +31,13 @@ from torch import nn
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import MetricsWriter, read_metrics
 from lmforge.config import NOT_HASHED, Section, StageConfig, config_hash
+from lmforge.data.augment import (
+    AugmentConfig,
+    Augmenter,
+    attach_augmented,
+    refuse_augmented,
+    separate_augmented,
+)
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune import heads, tagging
 from lmforge.finetune.evaluate import rouge_eval
@@ -107,11 +114,16 @@ class FinetuneConfig(StageConfig):
     sft: SFTOptions = Field(default_factory=SFTOptions, description="SFT row building")
     multitask: MultitaskWeights = Field(default_factory=MultitaskWeights, description="weights")
     kfold: KFoldConfig = Field(default_factory=KFoldConfig, description="cross-validation")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="classify/multitask: augmented copies of the training part (of each fold)",
+    )
     eval: EvalOptions = Field(default_factory=EvalOptions, description="held-out evaluation")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
 
     def inputs(self) -> list[Path]:
-        return [p for p in (self.model, self.data, self.val_data) if p is not None]
+        paths = [p for p in (self.model, self.data, self.val_data) if p is not None]
+        return paths + self.augment.inputs()
 
     def model_dir(self) -> Path:
         """`model`, or its final/ when `model` is a training stage's directory."""
@@ -163,13 +175,20 @@ def _check_task(cfg: FinetuneConfig, path: Path, examples: list) -> None:
 
 
 def load_splits(cfg: FinetuneConfig) -> tuple[list, list]:
-    """(train, val) examples: val from val_data, else a seeded share of data."""
+    """(train, val) examples: val from val_data, else a seeded share of data.
+
+    Rows the data stage augmented are never held out: only originals are split, and an
+    augmented row joins train when its source did (a copy of a val row would inflate val).
+    """
     _, examples = load_examples(cfg.data)
     _check_task(cfg, cfg.data, examples)
     if cfg.val_data is None:
-        return _split(examples, cfg.eval.val_fraction, cfg.train.seed)
+        originals, augmented = separate_augmented(examples)
+        train_ex, val_ex = _split(originals, cfg.eval.val_fraction, cfg.train.seed)
+        return attach_augmented(train_ex, augmented), val_ex
     _, val = load_examples(cfg.val_data)
     _check_task(cfg, cfg.val_data, val)
+    refuse_augmented(val, str(cfg.val_data))
     return examples, val
 
 
@@ -313,10 +332,15 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     train_ex, val_ex = load_splits(cfg)
     labels = task_labels(cfg, train_ex + val_ex)
     headline: dict[str, Any] = {}
+    augmenter = _augmenter(cfg)
     if cfg.kfold.k > 1:
         if cfg.task in ("sft", "tag"):
             raise ConfigError("kfold.k > 1 needs labeled data (--task classify or multitask)")
-        headline.update(cross_validate(cfg, ctx, tok, train_ex + val_ex, labels))
+        headline.update(cross_validate(cfg, ctx, tok, train_ex + val_ex, labels, augmenter))
+    if augmenter is not None:
+        augmenter.counts.clear()  # the folds' copies are counted in folds/augment_compare.json
+        train_ex = train_ex + augmenter.augment(train_ex, "train")
+        headline.update({f"augmented_{k}": v for k, v in augmenter.counts.items()})
     forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
     data = prepare(cfg, tok, train_ex, val_ex, labels)
     ctx.log.info("finetune %s/%s: %s", cfg.task, cfg.method, data.stats)
@@ -398,31 +422,70 @@ def _write_outputs(
     plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")
 
 
+def _augmenter(cfg: FinetuneConfig) -> Augmenter | None:
+    if not cfg.augment.enabled:
+        return None
+    if cfg.task == "sft":
+        raise ConfigError("augment needs text+label records (--task classify or multitask)")
+    return Augmenter(cfg.augment)
+
+
+def _fit_fold(
+    cfg: FinetuneConfig, ctx: StageContext, tok: TokenizerFiles, name: str,
+    train_ex: list, held: list, labels: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """Trains on train_ex in folds/<name>/ and returns the held-out metrics."""
+    fold_dir = ctx.out / "folds" / name
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    fold_ctx = StageContext(
+        out=fold_dir, stage=f"{ctx.stage}/{name}", log=ctx.log,
+        metrics=MetricsWriter(fold_dir / "metrics.jsonl"),
+    )  # fmt: skip
+    data = prepare(cfg, tok, train_ex, held, labels)
+    fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"ckpt_every": 0})})
+    model, _, result = fit(fold_cfg, fold_ctx, data)
+    fold_ctx.metrics.close()
+    preds = heads.predict(model, data.val_rows)
+    metrics = heads.classification_metrics(data.val_rows["class_labels"], preds, len(labels))
+    return {"val_loss": result.val_loss, "train_examples": len(train_ex), **metrics}
+
+
 def cross_validate(
-    cfg: FinetuneConfig, ctx: StageContext, tok: TokenizerFiles, examples: list, labels: list[str]
-) -> dict[str, float]:
-    """Trains one model per held-out fold (in folds/fold_i/); mean and std of val metrics."""
-    folds = assign_folds(examples, cfg.kfold.k, cfg.kfold.seed)
-    per_fold = []
+    cfg: FinetuneConfig, ctx: StageContext, tok: TokenizerFiles, examples: list,
+    labels: list[str], augmenter: Augmenter | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Trains one model per held-out fold (in folds/fold_i/); mean and std of val metrics.
+
+    Only original rows are folded; already-augmented rows follow their source into training.
+    With an augmenter each fold augments its own training part (never the held-out fold), and
+    with augment.compare the same fold is also trained without augmentation (folds/fold_i_noaug/)
+    so folds/augment_compare.json holds both, mean and std over the same folds.
+    """
+    originals, augmented = separate_augmented(examples)
+    folds = assign_folds(originals, cfg.kfold.k, cfg.kfold.seed)
+    per_fold, plain = [], []
     for f in range(cfg.kfold.k):
-        held = [e for e, g in zip(examples, folds, strict=True) if g == f]
-        rest = [e for e, g in zip(examples, folds, strict=True) if g != f]
-        fold_dir = ctx.out / "folds" / f"fold_{f}"
-        shutil.rmtree(fold_dir, ignore_errors=True)
-        fold_ctx = StageContext(
-            out=fold_dir, stage=f"{ctx.stage}/fold_{f}", log=ctx.log,
-            metrics=MetricsWriter(fold_dir / "metrics.jsonl"),
-        )  # fmt: skip
-        data = prepare(cfg, tok, rest, held, labels)
-        fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"ckpt_every": 0})})
-        model, _, result = fit(fold_cfg, fold_ctx, data)
-        fold_ctx.metrics.close()
-        preds = heads.predict(model, data.val_rows)
-        metrics = heads.classification_metrics(data.val_rows["class_labels"], preds, len(labels))
-        per_fold.append({"val_loss": result.val_loss, **metrics})
+        held = [e for e, g in zip(originals, folds, strict=True) if g == f]
+        rest = attach_augmented(
+            [e for e, g in zip(originals, folds, strict=True) if g != f], augmented
+        )
+        train_ex = rest + augmenter.augment(rest, "train") if augmenter else rest
+        per_fold.append(_fit_fold(cfg, ctx, tok, f"fold_{f}", train_ex, held, labels))
         ctx.metrics.log(fold=f, **per_fold[-1])
+        if augmenter is not None and cfg.augment.compare:
+            plain.append(_fit_fold(cfg, ctx, tok, f"fold_{f}_noaug", rest, held, labels))
     ctx.atomic_write_json(ctx.out / "folds" / "folds.json", per_fold)
-    return summarize(per_fold)
+    out: dict[str, Any] = summarize(per_fold)
+    if plain:
+        without = summarize(plain)
+        compare = {
+            "k": cfg.kfold.k, "methods": cfg.augment.methods, "alpha": cfg.augment.alpha,
+            "copies": cfg.augment.copies, "synonyms": augmenter.synonym_source,  # type: ignore[union-attr]
+            "with": out, "without": without, "per_fold": {"with": per_fold, "without": plain},
+        }  # fmt: skip
+        ctx.atomic_write_json(ctx.out / "folds" / "augment_compare.json", compare)
+        out = {**out, **{f"noaug_{k}": v for k, v in without.items() if k != "cv_folds"}}
+    return out
 
 
 def _round(x: float | None) -> float | None:
