@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,9 @@ class StageContext:
     log: logging.Logger
     metrics: MetricsWriter
     expect: Expectation | None = None
+    # The config hash and the input content hashes together: checkpoints written under another
+    # run_hash (a changed config OR changed input data) are never resumed.
+    run_hash: str = ""
     started: float = field(default_factory=time.perf_counter)
     # Called by the training loop after each evaluation as on_eval(step, metrics); it may raise
     # to stop the run (tune's pruning of poor trials).
@@ -182,6 +186,9 @@ def content_hash(path: Path) -> str:
         payload = json.dumps(hash_outputs(path), sort_keys=True)
     elif path.exists():
         payload = file_hash(path)
+        wal = path.with_name(path.name + "-wal")  # a live SQLite database's committed rows
+        if wal.exists():
+            payload += file_hash(wal)
     else:  # the stage's own require_artifact() says what to run to build it
         return "missing"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -243,6 +250,26 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _run_hash(cfg_hash: str, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"config": cfg_hash, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _start_afresh_unless_resuming(out: Path, force: bool, run_hash: str) -> None:
+    """Keeps checkpoints only for resuming the same run (same config and inputs, no --force);
+    without checkpoints to resume from, the old metrics.jsonl goes too, so a rerun's rows are not
+    appended to the last run's. checkpoints/run.json is written by train.checkpoint."""
+    checkpoints = out / "checkpoints"
+    try:
+        marker = json.loads((checkpoints / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        marker = {}
+    if force or marker.get("run_hash") != run_hash:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    if not any(checkpoints.glob("step_*")):
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
 def run_stage(
     stage: str,
     cfg: C,
@@ -275,6 +302,7 @@ def run_stage(
         # Remove the old manifest first: from here on the directory is "incomplete".
         (out / MANIFEST).unlink(missing_ok=True)
         atomic_write_text(out / CONFIG_FILE, to_yaml(cfg))
+        _start_afresh_unless_resuming(out, force, _run_hash(cfg_hash, inputs))
     started, t0 = _now(), time.perf_counter()
     machine = runtime()
     metrics_writer = MetricsWriter(out / "metrics.jsonl")
@@ -284,6 +312,7 @@ def run_stage(
         log=logging.getLogger(f"lmforge.{stage}"),
         metrics=metrics_writer,
         expect=expect,
+        run_hash=_run_hash(cfg_hash, inputs),
     )
     log.info("%s: running -> %s", stage, out)
     try:

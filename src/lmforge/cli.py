@@ -242,6 +242,33 @@ def data_stats_cmd(
         console().print(bias_table(stage_term_report(out_dir, terms, group)))
 
 
+@data_app.command("feedback-export")
+def data_feedback_export_cmd(
+    db: Annotated[
+        Path | None, typer.Option(help="The feedback store (SQLite) `lmforge serve` wrote.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory: sft.jsonl, preferences.jsonl, manifest.json.")
+    ] = None,
+    min_rating: Annotated[
+        float | None,
+        typer.Option(help="SFT keeps responses rated at least this (1..5; thumbs up = 5)."),
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Turn served responses and their ratings and side-by-side choices into training data.
+
+    Writes sft.jsonl (well-rated responses, for `lmforge finetune --data`) and preferences.jsonl
+    (choices, and differently-rated answers to one prompt, for `lmforge align --data`).
+
+    Example: lmforge data feedback-export --db runs/serve/feedback.db --out runs/fb/export --min-rating 4
+    """
+    values = {"db": db, "out": out, "min_rating": min_rating}
+    run_stage_command("feedback-export", values, config, sets, force)
+
+
 @app.command("pretrain")
 def pretrain_cmd(
     tokens: Annotated[
@@ -455,7 +482,11 @@ def align_cmd(
         Path | None, typer.Option(help="Model directory (HF layout + tokenizer), e.g. the SFT one.")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="Preference pairs: prompt/chosen/rejected or ranked JSONL.")
+        Path | None,
+        typer.Option(
+            help="Preference pairs: prompt/chosen/rejected or ranked JSONL, a feedback-export "
+            "directory, or the serving feedback store (.db) itself."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Stage directory: final/, metrics.")] = None,
     method: Annotated[
@@ -544,10 +575,10 @@ def generate_cmd(
 
     Example: lmforge generate --model runs/quickstart/sft --chat -p "What does os.path.join do?"
     """
-    from lmforge.common.io import write_jsonl
+    from lmforge.common.io import read_prompts, write_jsonl
     from lmforge.config import validate
     from lmforge.evals.lm import EvalModel, GenerationSettings
-    from lmforge.evals.sample import read_prompts, sample
+    from lmforge.evals.sample import sample
 
     settings = validate(GenerationSettings, {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
@@ -562,6 +593,113 @@ def generate_cmd(
     if out is not None:
         write_jsonl(out, rows)
         console().print(f"[green]✓[/green] {len(rows)} answers: {out}")
+
+
+serve_app = typer.Typer(
+    help="Serve models over an OpenAI-compatible HTTP API (and its tools: see commands).\n\n"
+    "Example: lmforge serve --model runs/quickstart/sft/final --port 8000",
+    invoke_without_command=True,
+)
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.callback()
+def serve_cmd(
+    ctx: typer.Context,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Model dir, or NAME=DIR to serve it under NAME (repeatable)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require Authorization: Bearer KEY on /v1 (or env LMFORGE_API_KEY)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes behind the port.")] = 1,
+    kb: Annotated[
+        Path | None, typer.Option(help="Documents directory: retrieval-augmented chat.")
+    ] = None,
+    safety: Annotated[Path | None, typer.Option(help="Safety policy YAML.")] = None,
+    feedback_db: Annotated[
+        Path | None,
+        typer.Option(help="Feedback SQLite file (default: <run dir or cwd>/feedback.db)."),
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Sequences decoded together per model.")
+    ] = 32,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Waiting requests per model before 429.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds before a request is aborted with 504.")
+    ] = 120.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions
+    (streaming), /v1/models, /v1/feedback, /metrics, /health, and the chat page at /.
+
+    Example: lmforge serve --model runs/quickstart/sft/final --model base=runs/quickstart/pretrain/final --api-key secret
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from lmforge.config import validate
+    from lmforge.errors import ConfigError
+    from lmforge.serve.server import serve
+    from lmforge.serve.settings import ServeSettings, parse_model_specs
+
+    if not model:
+        raise ConfigError("lmforge serve needs --model DIR (or NAME=DIR); see --help")
+    settings = validate(ServeSettings, {
+        "models": parse_model_specs(model), "host": host, "port": port, "api_key": api_key,
+        "workers": workers, "kb": kb, "safety": safety, "feedback_db": feedback_db,
+        "max_batch_size": max_batch_size, "max_queue": max_queue,
+        "request_timeout_s": request_timeout, "device": device,
+    }, where="serve")  # fmt: skip
+    serve(settings)
+
+
+@serve_app.command("bench")
+def serve_bench_cmd(
+    url: Annotated[
+        str | None, typer.Option(help="A running server, e.g. http://127.0.0.1:8000.")
+    ] = None,
+    start_model: Annotated[
+        Path | None,
+        typer.Option(help="Start a server on this model dir (free local port) for the run."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name to request (default: the first listed).")
+    ] = None,
+    concurrency: Annotated[
+        str, typer.Option(help="Comma-separated client counts, one level each.")
+    ] = "1,4,16",
+    requests: Annotated[int, typer.Option(min=1, help="Requests per level.")] = 32,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of every request.")] = 64,
+    api_key: Annotated[
+        str | None, typer.Option(help="Bearer key (also given to --start-model's server).")
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help='Prompts file: one per line, or .jsonl with a "prompt" field.'),
+    ] = None,
+    ignore_eos: Annotated[
+        bool, typer.Option(help="Ask for exactly max_tokens per answer (vLLM's extension).")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
+) -> None:
+    """Load-test a server: streamed requests at each concurrency level; requests/s, output
+    tokens/s, time to first token and inter-token latency (p50/p90/p99), errors.
+
+    Example: lmforge serve bench --url http://127.0.0.1:8000 --concurrency 1,4,16 --requests 64 --max-tokens 64 --out bench.json
+    """
+    from lmforge.serve.bench import bench_command
+
+    bench_command(
+        url=url, start_model=start_model and str(start_model), model=model,
+        concurrency=concurrency, requests=requests, max_tokens=max_tokens, api_key=api_key,
+        prompts_file=prompts and str(prompts), out=out and str(out), ignore_eos=ignore_eos,
+    )  # fmt: skip
 
 
 @app.command("quickstart")

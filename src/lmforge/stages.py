@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "align": "lmforge.align.stage:AlignConfig:build",
     "preferences": "lmforge.align.synthetic:PreferencesConfig:build",
     "compress": "lmforge.compress.stage:CompressConfig:build",
+    "feedback-export": "lmforge.serve.feedback_export:FeedbackExportConfig:build",
 }
 
 # Kinds whose build() joins a torchrun process group and works on every rank. Under torchrun,

@@ -12,9 +12,10 @@ from unit.evals.helpers import trained_model_dir
 from unit.finetune.helpers import make_model_dir as make_chat_model_dir
 from unit.finetune.helpers import make_tokenizer_dir
 
+from lmforge.common.io import read_prompts
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel, GenerationSettings
-from lmforge.evals.sample import read_prompts, sample
+from lmforge.evals.sample import sample
 
 PROMPTS = ["def add(a, b):\n", "The quick brown", "import os\n"]
 

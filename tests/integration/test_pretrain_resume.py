@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -74,3 +75,34 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
     a = load_file(tmp_path / "full" / "final" / "model.safetensors")
     b = load_file(killed / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def _steps(out) -> list[int]:
+    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_force_retrains_and_changed_data_never_resumes(tmp_path):
+    """--force starts from step 0; new input data with the same config does not resume the old
+    run's checkpoints; neither rerun appends to the previous metrics.jsonl."""
+    tokens, tok_dir = make_shards(tmp_path)
+    out = tmp_path / "run"
+    short = [a.replace(f"max_steps={STEPS}", "max_steps=10") for a in ARGS]
+    cmd = ["pretrain", "--tokens", str(tokens), "--tokenizer", str(tok_dir), "--out", str(out)]
+    lmforge(*cmd, *short)
+    first = _steps(out)
+    assert first == sorted(set(first)) and first[-1] == 10
+
+    lmforge(*cmd, *short, "--force")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] is None  # it used to resume at step 10
+    assert _steps(out) == first  # one row per step, not the old rows plus new ones
+
+    dtype = json.loads((tokens / "meta.json").read_text())["dtype"]
+    ids = np.fromfile(tokens / "train.bin", dtype=dtype)
+    ids[::-1].tofile(tokens / "train.bin")  # new data: the same tokens in reverse order
+    lmforge(*cmd, *short)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] is None
+    assert _steps(out) == first

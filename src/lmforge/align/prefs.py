@@ -10,12 +10,17 @@ also be TRL's conversational form, a one-message list `[{"role": "assistant", "c
 A record that fits neither shape is an InputError naming the file and line. Every pair becomes
 `{"prompt": [messages], "chosen": str, "rejected": str}`.
 
-The built-in synthetic pairs are align.synthetic's. The serving feedback store is not a source
-yet (it does not exist).
+The built-in synthetic pairs are align.synthetic's. The serving feedback store is a source too:
+pass the directory `lmforge data feedback-export` wrote (its preferences.jsonl is read), or the
+store's SQLite file itself, which is exported first through the stage registry (kind
+"feedback-export": align does not import serve's internals) into a temporary directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,8 @@ Pair = dict[str, Any]
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 EXPECTED = '{"prompt", "chosen", "rejected"} or {"prompt", "ranked": [best, ..., worst]}'
+FEEDBACK_EXPORT = "feedback-export"  # the stage kind that turns the serving store into pairs
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def _prompt(value: Any) -> list[dict[str, str]]:
@@ -83,27 +90,60 @@ def pairs_of(record: dict[str, Any]) -> list[Pair]:
 
 
 def preference_files(path: Path) -> list[Path]:
-    """The JSONL files under `path` (itself when it is a file)."""
+    """The JSONL files under `path` (itself when it is a file; a feedback export's
+    preferences.jsonl, not its sft.jsonl)."""
+    from lmforge.artifacts import read_manifest
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"preference data {path} does not exist; pass a .jsonl file or directory")
     if path.is_file():
         return [path]
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("kind") == FEEDBACK_EXPORT:
+        return [path / "preferences.jsonl"]
     files = sorted(p for p in path.iterdir() if p.name.endswith(SUFFIXES))
     if not files:
         raise InputError(f"{path} holds no {', '.join(SUFFIXES)} preference files")
     return files
 
 
+def is_sqlite(path: Path) -> bool:
+    """Whether path is an SQLite database file (the serving feedback store)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+
+
+@contextlib.contextmanager
+def record_files(path: Path) -> Iterator[list[Path]]:
+    """The preference files of `path`; a feedback store is exported into a temporary directory
+    (through the stage registry) that lives as long as the context."""
+    if not is_sqlite(path):
+        yield preference_files(path)
+        return
+    from lmforge.artifacts import run_stage
+    from lmforge.stages import get_stage
+
+    stage = get_stage(FEEDBACK_EXPORT)
+    with tempfile.TemporaryDirectory(prefix="lmforge-feedback-") as tmp:
+        cfg = stage.config_cls(db=Path(path), out=Path(tmp) / "export")
+        out = run_stage(FEEDBACK_EXPORT, cfg, stage.build, kind=FEEDBACK_EXPORT).out
+        yield [out / "preferences.jsonl"]
+
+
 def load_pairs(path: Path) -> list[Pair]:
     """Every pair in a file or directory of preference records; a bad record names file and line."""
     pairs: list[Pair] = []
-    for file in preference_files(path):
-        for line, record in read_user_jsonl(file):
-            try:
-                pairs.extend(pairs_of(record))
-            except ValueError as err:
-                raise InputError(f"{file} line {line}: {err}") from None
+    with record_files(path) as files:
+        for file in files:
+            for line, record in read_user_jsonl(file):
+                try:
+                    pairs.extend(pairs_of(record))
+                except ValueError as err:
+                    raise InputError(f"{file} line {line}: {err}") from None
     if not pairs:
         raise InputError(f"{path} holds no preference pairs; pass prompt/chosen/rejected records")
     return pairs
@@ -113,18 +153,19 @@ def load_prompts(path: Path) -> list[list[dict[str, str]]]:
     """The distinct prompts of a file or directory of records with a `prompt` (PPO's input):
     preference records or prompt-only ones `{"prompt": P}`; a bad prompt names file and line."""
     prompts, seen = [], set()
-    for file in preference_files(path):
-        for line, record in read_user_jsonl(file):
-            try:
-                if "prompt" not in record:
-                    raise ValueError(f"record with keys {sorted(record)} has no prompt")
-                prompt = _prompt(record["prompt"])
-            except ValueError as err:
-                raise InputError(f"{file} line {line}: {err}") from None
-            key = repr(prompt)
-            if key not in seen:
-                seen.add(key)
-                prompts.append(prompt)
+    with record_files(path) as files:
+        for file in files:
+            for line, record in read_user_jsonl(file):
+                try:
+                    if "prompt" not in record:
+                        raise ValueError(f"record with keys {sorted(record)} has no prompt")
+                    prompt = _prompt(record["prompt"])
+                except ValueError as err:
+                    raise InputError(f"{file} line {line}: {err}") from None
+                key = repr(prompt)
+                if key not in seen:
+                    seen.add(key)
+                    prompts.append(prompt)
     if not prompts:
         raise InputError(f"{path} holds no prompts; pass records with a prompt")
     return prompts

@@ -36,7 +36,7 @@ from lmforge.align.prefs import load_pairs, load_prompts
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
-from lmforge.config import NOT_HASHED, Section, StageConfig, config_hash
+from lmforge.config import NOT_HASHED, Section, StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.evaluate import rouge_eval
 from lmforge.finetune.export import export_model, tuned_generation_config
@@ -105,7 +105,10 @@ class AlignConfig(StageConfig):
     """`lmforge align --model DIR --data FILE --out DIR --method reward|dpo|ppo`."""
 
     model: Path = Field(description="model directory in HF layout with tokenizer files")
-    data: Path = Field(description="preference pairs: .jsonl file or directory (align.prefs)")
+    data: Path = Field(
+        description="preference pairs: .jsonl file or directory, a feedback export or the "
+        "serving feedback store (align.prefs)"
+    )
     val_data: Path | None = Field(None, description="held-out pairs (default: split from data)")
     method: Literal["reward", "dpo", "ppo"] = Field(
         description="reward (reward model) | dpo (policy from pairs) | ppo (policy from a reward model)"
@@ -161,7 +164,7 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
     if cfg.method == "ppo" and cfg.ppo.reward_model is None:
         raise ConfigError("--method ppo needs ppo.reward_model (an `align --method reward` dir)")
     tok = load_chat_tokenizer(model_dir)
-    forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+    forget_other_runs(ctx.out / "checkpoints", ctx.run_hash)
     lm = load_pretrained(model_dir).train()
     if cfg.train.seq_len > lm.config.block_size:
         raise ConfigError(

@@ -107,6 +107,25 @@ def read_user_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_no, obj
 
 
+def read_prompts(path: Path | str) -> list[str]:
+    """Prompts from a file: one per non-empty line, or a "prompt" field per line of a .jsonl.
+
+    `lmforge generate` and `lmforge serve bench` read the same prompt files."""
+    from lmforge.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: prompts file not found")
+    if path.suffix != ".jsonl":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for number, record in read_user_jsonl(path):
+        if not isinstance(record.get("prompt"), str):
+            raise InputError(f'{path} line {number}: expected an object with a "prompt" string')
+        prompts.append(record["prompt"])
+    return prompts
+
+
 def write_jsonl(path: Path | str, rows: Iterable[dict[str, Any]]) -> int:
     """Writes rows atomically to .jsonl[.gz|.zst]; returns how many were written."""
     count = 0

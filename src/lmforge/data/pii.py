@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmforge.data.document import Document
@@ -47,6 +48,25 @@ def _valid_ip(text: str) -> bool:
     return not (ip.is_loopback or ip.is_unspecified)  # 127.0.0.1 / 0.0.0.0 in docs are not PII
 
 
+def _card_ok(text: str) -> bool:
+    return luhn_valid(re.sub(r"\D", "", text))
+
+
+def _phone_ok(text: str) -> bool:
+    return 7 <= sum(c.isdigit() for c in text) <= 15
+
+
+# kind -> (pattern, check of the matched text or None), in the order they must apply: cards and
+# IPs before phones, whose pattern would match parts of them. The serving safety policy reuses
+# these (serve/safety.py's `pii:` rules).
+PII_PATTERNS: dict[str, tuple[tuple[re.Pattern, Callable[[str], bool] | None], ...]] = {
+    "email": ((EMAIL, None),),
+    "card": ((CARD, _card_ok),),
+    "ip": ((IPV4, _valid_ip), (IPV6, _valid_ip)),
+    "phone": ((PHONE, _phone_ok),),
+}
+
+
 @dataclass
 class PiiStep:
     """Replaces PII with placeholders; `counts` accumulates replacements per type."""
@@ -63,16 +83,10 @@ class PiiStep:
         return None
 
     def anonymize(self, text: str) -> str:
-        # Order matters: cards and IPs before phones, whose pattern would match parts of them.
-        if self.email:
-            text = self._sub(EMAIL, "email", text)
-        if self.card:
-            text = self._sub(CARD, "card", text, lambda m: luhn_valid(re.sub(r"\D", "", m)))
-        if self.ip:
-            text = self._sub(IPV4, "ip", text, _valid_ip)
-            text = self._sub(IPV6, "ip", text, _valid_ip)
-        if self.phone:
-            text = self._sub(PHONE, "phone", text, lambda m: 7 <= sum(c.isdigit() for c in m) <= 15)
+        for kind, patterns in PII_PATTERNS.items():
+            if getattr(self, kind):
+                for pattern, check in patterns:
+                    text = self._sub(pattern, kind, text, check)
         return text
 
     def _sub(self, pattern: re.Pattern, kind: str, text: str, check=None) -> str:

@@ -8,26 +8,10 @@ printed or written as JSONL.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from lmforge.common.io import read_user_jsonl
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel, GenerationSettings
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a file: one per non-empty line, or a "prompt" field per line of a .jsonl."""
-    if not path.is_file():
-        raise InputError(f"{path}: prompts file not found")
-    if path.suffix != ".jsonl":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = []
-    for number, record in read_user_jsonl(path):
-        if not isinstance(record.get("prompt"), str):
-            raise InputError(f'{path} line {number}: expected an object with a "prompt" string')
-        prompts.append(record["prompt"])
-    return prompts
 
 
 def sample(

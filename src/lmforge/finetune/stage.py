@@ -30,7 +30,7 @@ from torch import nn
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import MetricsWriter, read_metrics
-from lmforge.config import NOT_HASHED, Section, StageConfig, config_hash
+from lmforge.config import NOT_HASHED, Section, StageConfig
 from lmforge.data.augment import (
     AugmentConfig,
     Augmenter,
@@ -341,7 +341,7 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         augmenter.counts.clear()  # the folds' copies are counted in folds/augment_compare.json
         train_ex = train_ex + augmenter.augment(train_ex, "train")
         headline.update({f"augmented_{k}": v for k, v in augmenter.counts.items()})
-    forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+    forget_other_runs(ctx.out / "checkpoints", ctx.run_hash)
     data = prepare(cfg, tok, train_ex, val_ex, labels)
     ctx.log.info("finetune %s/%s: %s", cfg.task, cfg.method, data.stats)
     model, lm, result = fit(cfg, ctx, data)

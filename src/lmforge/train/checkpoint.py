@@ -193,14 +193,15 @@ def _val_loss(path: Path) -> float | None:
 
 
 def forget_other_runs(ckpt_root: Path, run_hash: str) -> None:
-    """Checkpoints of a different config must not be resumed: remove them."""
+    """Checkpoints of another run (config or input data changed) must not be resumed: remove
+    them. run_hash is StageContext.run_hash; run_stage reads the same marker."""
     marker = ckpt_root / "run.json"
     if ckpt_root.is_dir():
         try:
-            old = json.loads(marker.read_text(encoding="utf-8")).get("config_hash")
+            old = json.loads(marker.read_text(encoding="utf-8")).get("run_hash")
         except (OSError, json.JSONDecodeError):
             old = None
         if old != run_hash:
             shutil.rmtree(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"config_hash": run_hash}) + "\n", encoding="utf-8")
+    marker.write_text(json.dumps({"run_hash": run_hash}) + "\n", encoding="utf-8")

@@ -26,7 +26,7 @@ from torch import nn
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
-from lmforge.config import Section, StageConfig, config_hash
+from lmforge.config import Section, StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.tokenizer.files import (
     TOKENIZER_HINT,
@@ -152,7 +152,7 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     tc = cfg.train
     rt = setup_runtime(tc)
     if rt.env.is_main:
-        forget_other_runs(ctx.out / "checkpoints", config_hash(cfg))
+        forget_other_runs(ctx.out / "checkpoints", ctx.run_hash)
     barrier()
     model = _build_model(cfg, int(meta["vocab_size"]))
     n_params = model.num_params()

@@ -35,7 +35,9 @@ def make_tokenizer_dir(path: Path, vocab_size: int = 300) -> Path:
     return path
 
 
-def make_model_dir(path: Path, tokenizer_dir: Path, preset: str = "micro", seed: int = 0) -> Path:
+def make_model_dir(
+    path: Path, tokenizer_dir: Path, preset: str = "micro", seed: int = 0, **overrides: object
+) -> Path:
     from tokenizers import Tokenizer
 
     from lmforge.model.config import preset_config
@@ -44,7 +46,7 @@ def make_model_dir(path: Path, tokenizer_dir: Path, preset: str = "micro", seed:
 
     vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
     torch.manual_seed(seed)
-    model = Transformer(preset_config(preset, vocab_size=vocab))
+    model = Transformer(preset_config(preset, vocab_size=vocab, **overrides))
     save_pretrained(model, path)
     for f in tokenizer_dir.iterdir():
         shutil.copy2(f, path / f.name)

@@ -1,0 +1,148 @@
+"""The feedback store as training data (stage kind "feedback-export"): the next fine-tune and
+DPO round learn from what people rated.
+
+- `sft.jsonl`: well-rated responses (mean rating >= min_rating on the 1..5 scale; thumbs up = 5)
+  as `{"messages": [...prompt..., {"role": "assistant", ...}]}`, the finetune stage's openai
+  shape. A completion (no chat messages) becomes one user turn, as finetune reads
+  prompt/completion records.
+- `preferences.jsonl`: `{"prompt", "chosen", "rejected", "kind"}`, align.prefs' pair shape,
+  from side-by-side choices (kind "choice"; both answers must come from the same conversation,
+  or the same prompt text for completions) and from two responses to the same prompt whose
+  mean ratings differ by at least min_rating_gap (kind "rating").
+
+The manifest (run_stage's, written last) carries the counts. `lmforge align --data` also takes
+this directory, or the database itself (align.prefs exports it through the stage registry).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from lmforge.artifacts import StageContext, run_stage
+from lmforge.common.io import write_jsonl
+from lmforge.config import StageConfig
+from lmforge.errors import InputError
+from lmforge.serve.feedback import FeedbackStore
+
+__all__ = ["FeedbackExportConfig", "build", "export_feedback"]
+
+
+class FeedbackExportConfig(StageConfig):
+    """`lmforge data feedback-export --db FILE --out DIR [--min-rating N]`."""
+
+    db: Path = Field(description="the feedback store (SQLite) the server wrote")
+    min_rating: float = Field(
+        4.0, ge=1, le=5, description="SFT keeps responses whose mean rating (1..5) is at least this"
+    )
+    min_rating_gap: float = Field(
+        1.0, gt=0, le=4, description="rating pairs: the better response's mean exceeds by this"
+    )
+    rating_pairs: bool = Field(True, description="also pair differently-rated responses")
+
+    def inputs(self) -> list[Path]:
+        return [self.db]
+
+
+def _prompt(response: dict[str, Any]) -> str | list[dict[str, str]]:
+    """The prompt as align/finetune read it: the chat messages, else the raw prompt text."""
+    messages = response["messages"]
+    if messages:
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return response["prompt"]
+
+
+def _prompt_key(response: dict[str, Any]) -> str:
+    return json.dumps(_prompt(response), sort_keys=True)
+
+
+def _sft_record(response: dict[str, Any]) -> dict[str, Any]:
+    prompt = _prompt(response)
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return {
+        "messages": [*turns, {"role": "assistant", "content": response["text"]}],
+        "response_id": response["id"],
+        "rating": round(response["stars"], 3),
+    }
+
+
+def _pair(prompt: Any, chosen: dict, rejected: dict, kind: str) -> dict[str, Any] | None:
+    if chosen["text"].strip() == rejected["text"].strip() or not chosen["text"].strip():
+        return None  # nothing to prefer
+    return {
+        "prompt": prompt,
+        "chosen": chosen["text"],
+        "rejected": rejected["text"],
+        "kind": kind,
+        "chosen_id": chosen["id"],
+        "rejected_id": rejected["id"],
+    }
+
+
+def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(sft records, preference pairs, counts) read from the store."""
+    if not Path(cfg.db).is_file():
+        raise InputError(
+            f"feedback store {cfg.db} does not exist; pass the SQLite file `lmforge serve` wrote"
+        )
+    with FeedbackStore(cfg.db) as store:
+        totals = store.counts()
+        rated = list(store.iter_rated())
+        choices = list(store.iter_choices())
+    sft, seen = [], set()
+    for r in rated:
+        key = (_prompt_key(r), r["text"])
+        if r["stars"] >= cfg.min_rating and r["text"].strip() and key not in seen:
+            seen.add(key)
+            sft.append(_sft_record(r))
+    pairs, skipped, mismatched = [], 0, 0
+    for c in choices:
+        # the pair's prompt is the conversation the answers were generated from (the choice's
+        # own optional prompt text is only a note); answers to different prompts are no pair
+        if _prompt_key(c["chosen"]) != _prompt_key(c["rejected"]):
+            mismatched += 1
+            continue
+        pair = _pair(_prompt(c["chosen"]), c["chosen"], c["rejected"], "choice")
+        skipped += pair is None
+        pairs.extend([pair] if pair else [])
+    n_choice_pairs = len(pairs)
+    if cfg.rating_pairs:
+        by_prompt: dict[str, list[dict]] = {}
+        for r in rated:
+            by_prompt.setdefault(_prompt_key(r), []).append(r)
+        for group in by_prompt.values():
+            for a, b in itertools.combinations(sorted(group, key=lambda r: -r["stars"]), 2):
+                if a["stars"] - b["stars"] >= cfg.min_rating_gap:
+                    pair = _pair(_prompt(a), a, b, "rating")
+                    skipped += pair is None
+                    pairs.extend([pair] if pair else [])
+    counts = {
+        "sft": len(sft),
+        "preferences": len(pairs),
+        "choice_pairs": n_choice_pairs,
+        "rating_pairs": len(pairs) - n_choice_pairs,
+        "skipped_identical": skipped,
+        "skipped_other_prompt": mismatched,
+        "responses": totals["responses"],
+        "ratings": totals["ratings"],
+        "choices": totals["choices"],
+    }
+    return sft, pairs, counts
+
+
+def build(cfg: FeedbackExportConfig, ctx: StageContext) -> dict[str, Any]:
+    """Writes sft.jsonl and preferences.jsonl (atomically); the counts are the headline."""
+    sft, pairs, counts = collect(cfg)
+    write_jsonl(ctx.out / "sft.jsonl", sft)
+    write_jsonl(ctx.out / "preferences.jsonl", pairs)
+    ctx.log.info("feedback export: %s", counts)
+    return counts
+
+
+def export_feedback(cfg: FeedbackExportConfig, force: bool = False) -> Path:
+    """Runs (or reuses) the export; returns its directory."""
+    return run_stage("feedback-export", cfg, build, force=force).out

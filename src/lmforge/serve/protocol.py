@@ -1,0 +1,270 @@
+"""The OpenAI request and response shapes the server speaks, as pydantic models.
+
+Requests accept unknown fields and ignore them, as OpenAI does, so clients written for newer API
+versions still work; a known field of the wrong type or range is a 400 that names the field.
+Responses are plain dicts built by the helpers here so that the JSON matches OpenAI's byte for
+byte in field names (the openai client parses them into its own types).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# OpenAI caps top_logprobs at 20 for chat and logprobs at 5 for completions.
+MAX_TOP_LOGPROBS_CHAT = 20
+MAX_LOGPROBS_COMPLETION = 5
+MAX_N = 16
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's body: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields completions and chat share; vLLM-style extras (top_k, ignore_eos) are honoured."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    ignore_eos: bool = False
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @property
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS_COMPLETION)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and (
+            not value or any(isinstance(v, list | str) and not v for v in value)
+        ):
+            raise ValueError("prompt must not be empty")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list: one string or one token list per prompt."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts other than text are refused (no vision here)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400,
+                    f"content part type {part.type!r} is not supported; send text parts",
+                    param="messages",
+                )
+            texts.append(part.text)
+        return "".join(texts)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    kb: bool | None = None  # lmforge extra: use the knowledge base (default: on when there is one)
+
+    @field_validator("messages")
+    @classmethod
+    def _non_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value:
+            raise ValueError("messages must contain at least one message")
+        return value
+
+    @property
+    def token_limit(self) -> int | None:
+        """max_completion_tokens (the newer name) wins over max_tokens."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        """Messages as the chat template takes them ("developer" is OpenAI's new "system")."""
+        out = []
+        for m in self.messages:
+            role = "system" if m.role == "developer" else m.role
+            out.append({"role": role, "content": m.text()})
+        return out
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    response_id: str | None = None
+    rating: int | None = None
+    comment: str | None = None
+    chosen_id: str | None = None
+    rejected_id: str | None = None
+    prompt: str | None = None
+
+
+def parse_request(model: type[BaseModel], body: Any) -> Any:
+    """Validates a decoded JSON body; the first error becomes a 400 that names its field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "list["))]
+        # pydantic names union branches in loc (e.g. "str", "list[int]"); drop them
+        param = ".".join(p for p in loc if p not in {"str", "int", "float", "bool"}) or None
+        if err["type"] == "missing":
+            msg = f"missing required parameter {param!r}"
+        else:
+            msg = f"invalid value for {param!r}: {err['msg']}"
+        raise APIError(400, msg, param=param, code="invalid_value") from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class LogprobsBuilder:
+    """Accumulates per-token logprobs into the completions or the chat layout.
+
+    Completions: {"tokens", "token_logprobs", "top_logprobs", "text_offset"}; chat:
+    {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}.
+    """
+
+    def __init__(self, chat: bool, text_offset: int = 0) -> None:
+        self.chat = chat
+        self.offset = text_offset
+        self.tokens: list[str] = []
+        self.logprobs: list[float | None] = []
+        self.tops: list[dict[str, float] | None] = []
+        self.offsets: list[int] = []
+
+    def add(self, token: str, logprob: float | None, top: dict[str, float] | None) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.tops.append(top)
+        self.offsets.append(self.offset)
+        self.offset += len(token)
+
+    def build(self, start: int = 0) -> dict[str, Any]:
+        """The layout for tokens[start:] (a stream chunk sends only its new tokens)."""
+        rows = range(start, len(self.tokens))
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": self.tokens[i],
+                        "logprob": self.logprobs[i],
+                        "bytes": list(self.tokens[i].encode("utf-8")),
+                        "top_logprobs": [
+                            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                            for t, lp in (self.tops[i] or {}).items()
+                        ],
+                    }
+                    for i in rows
+                ]
+            }
+        return {
+            "tokens": [self.tokens[i] for i in rows],
+            "token_logprobs": [self.logprobs[i] for i in rows],
+            "top_logprobs": [self.tops[i] or {} for i in rows],
+            "text_offset": [self.offsets[i] for i in rows],
+        }

@@ -1,0 +1,106 @@
+"""Per-request sampling settings, and the next token of every row under its own settings.
+
+Every row of the running batch may ask for something else (greedy, a temperature, top-k, top-p, a
+seed), so the batch's logits are sampled in two groups: greedy rows take one vectorized argmax;
+sampled rows go through model.generate's filters one row at a time and draw with the Gumbel-max
+trick from the row's own generator (draw_per_row), so a seeded request draws the same tokens
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.errors import InputError
+from lmforge.model.generate import draw_per_row, top_k_filter, top_p_filter
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded (the OpenAI completion parameters the engine implements)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()  # stop strings: output is cut before them
+    stop_token_ids: tuple[int, ...] = ()  # added to the model's own stop set
+    seed: int | None = None  # fixed seed => reproducible whatever the batch it runs in
+    logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob + top-k alternatives
+    ignore_eos: bool = False  # do not stop at the model's own stop tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raises InputError naming the first bad field and its valid range."""
+        checks = [
+            ("max_tokens", type(self.max_tokens) is int and self.max_tokens >= 1, "an int >= 1"),
+            ("temperature", 0 <= self.temperature <= 100, "a number in [0, 100] (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", type(self.top_k) is int and self.top_k >= 0, "an int >= 0 (0 = off)"),
+            (
+                "stop",
+                isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+                "a tuple of non-empty strings",
+            ),
+            (
+                "stop_token_ids",
+                all(type(t) is int and t >= 0 for t in self.stop_token_ids),
+                "token ids >= 0",
+            ),
+            ("seed", self.seed is None or type(self.seed) is int, "an int or None"),
+            (
+                "logprobs",
+                self.logprobs is None
+                or (type(self.logprobs) is int and 0 <= self.logprobs <= MAX_LOGPROBS),
+                f"None or an int in [0, {MAX_LOGPROBS}]",
+            ),
+        ]
+        for name, ok, valid in checks:
+            if not ok:
+                raise InputError(f"{name} must be {valid}, got {getattr(self, name)!r}")
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A row's own generator: seeded when the request has a seed, else from fresh entropy."""
+    gen = torch.Generator(device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed % 2**63)
+    return gen
+
+
+def sample_rows(
+    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> Tensor:
+    """Next token of each row (B,) from last-position logits (B, V), each row by its params."""
+    logits = logits.float()
+    out = logits.argmax(dim=-1)
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        row = logits[i : i + 1] / p.temperature
+        if p.top_k:
+            row = top_k_filter(row, p.top_k)
+        if p.top_p < 1.0:
+            row = top_p_filter(row, p.top_p)
+        out[i] = draw_per_row(row, [generators[i]])[0]
+    return out
+
+
+def top_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[list[float], Tensor, Tensor]:
+    """log_softmax of raw logits (B, V): each row's chosen-token logprob and its top-k (values,
+    ids), computed for the whole batch at once."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    chosen_lp = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
+    values, ids = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], chosen[:, None][:, :0])
+    return chosen_lp, values, ids

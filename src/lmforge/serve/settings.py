@@ -1,0 +1,100 @@
+"""The server's settings: which models, where the stores live, the limits.
+
+One pydantic model so that `lmforge serve` flags, the LMFORGE_SERVE_CONFIG JSON that uvicorn's
+worker processes read, and tests all describe a server the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+
+from lmforge.config import Section
+from lmforge.errors import ConfigError
+
+ENV_CONFIG = "LMFORGE_SERVE_CONFIG"
+ENV_API_KEY = "LMFORGE_API_KEY"
+
+
+class ModelSpec(Section):
+    name: str
+    path: Path
+
+
+class ServeSettings(Section):
+    models: list[ModelSpec] = Field(min_length=1, description="models served, by name")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="Bearer key every /v1 route requires")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes behind the port")
+    kb: Path | None = Field(None, description="documents directory of the knowledge base")
+    kb_db: Path | None = Field(None, description="knowledge base index (default beside feedback)")
+    safety: Path | None = Field(None, description="safety policy YAML")
+    feedback_db: Path | None = Field(None, description="feedback SQLite file")
+    max_batch_size: int = Field(32, ge=1)
+    max_queue: int = Field(256, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    graceful_timeout_s: float = Field(30.0, ge=0)
+    cache_entries: int = Field(1024, ge=0, description="response cache size; 0 = off")
+    device: str = "auto"
+
+    def store_dir(self) -> Path:
+        """Where the stores go by default: the first model's run directory, else the cwd."""
+        return run_dir(self.models[0].path) or Path.cwd()
+
+    def feedback_path(self) -> Path:
+        return self.feedback_db or self.store_dir() / "feedback.db"
+
+    def kb_path(self) -> Path:
+        return self.kb_db or self.feedback_path().parent / "kb.db"
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(ENV_API_KEY) or None
+
+
+def run_dir(model_dir: Path) -> Path | None:
+    """runs/q/sft/final (a stage's export, the stage dir holding manifest.json) -> runs/q."""
+    model_dir = Path(model_dir)
+    for stage_dir in (model_dir, model_dir.parent):
+        if (stage_dir / "manifest.json").is_file():
+            return stage_dir.parent
+    return None
+
+
+def model_name(model_dir: Path) -> str:
+    """The name a model is served under: its run stage (runs/q/sft/final -> "sft")."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.name == "final" and model_dir.parent.name:
+        return model_dir.parent.name
+    return model_dir.name
+
+
+def parse_model_specs(values: list[str]) -> list[ModelSpec]:
+    """`--model DIR` or `--model NAME=DIR`, each name once."""
+    specs: list[ModelSpec] = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = "", value
+        if not Path(path).is_dir():
+            raise ConfigError(f"--model {value}: {path} is not a directory (a model dir)")
+        specs.append(ModelSpec(name=name or model_name(Path(path)), path=Path(path)))
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"--model: name {dupes[0]!r} is used twice; name them NAME=DIR")
+    return specs
+
+
+def settings_from_env() -> ServeSettings:
+    """The settings a uvicorn worker process was started with (JSON in LMFORGE_SERVE_CONFIG)."""
+    raw = os.environ.get(ENV_CONFIG)
+    if not raw:
+        raise ConfigError(f"{ENV_CONFIG} is not set; start the server with `lmforge serve`")
+    try:
+        return ServeSettings.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        raise ConfigError(f"{ENV_CONFIG}: {exc}") from None

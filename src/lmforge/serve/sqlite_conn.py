@@ -1,0 +1,63 @@
+"""One SQLite connection per thread, opened with the same pragmas, closable all at once.
+
+sqlite3 connections must not be used by two threads at a time; the server answers requests on
+several threads, so each store (feedback, knowledge base) keeps one connection per thread. A
+file that is not a database becomes an InputError naming it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmforge.errors import InputError
+
+
+class ThreadConnections:
+    """`get()` returns this thread's connection to `path` (autocommit, sqlite3.Row rows)."""
+
+    def __init__(
+        self, path: Path, pragmas: Sequence[str] = (), *, what: str, busy_timeout_ms: int = 10_000
+    ):
+        self.path = Path(path)
+        self.what = what  # "a feedback store", "a knowledge base": for error messages
+        self.busy_timeout_ms = busy_timeout_ms
+        self.pragmas = [f"busy_timeout = {int(busy_timeout_ms)}", *pragmas]
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[sqlite3.Connection] = []
+
+    def get(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # autocommit: each statement outside an explicit BEGIN is its own transaction
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,  # used by its own thread only; close() may run elsewhere
+            )
+            conn.row_factory = sqlite3.Row
+            try:
+                for pragma in self.pragmas:
+                    conn.execute(f"PRAGMA {pragma}")
+            except sqlite3.DatabaseError as err:
+                conn.close()
+                raise InputError(f"{self.path} is not {self.what} ({err})") from None
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def close(self) -> None:
+        """Closes every thread's connection (once no thread uses them any more)."""
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()

@@ -1,0 +1,175 @@
+"""`lmforge serve` under a safety policy and tight limits: refusal and redaction, a full queue
+(429), a timeout (504), graceful shutdown on SIGTERM, and a feedback store that survives SIGKILL."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+
+import httpx
+import openai
+import pytest
+
+from e2e.serve_helpers import ServerProcess, direct_greedy
+
+pytest.importorskip("fastapi")
+
+PROMPT = "What is the capital of France?"
+POLICY = """
+refusal_message: "Sorry, I cannot help with that."
+rules:
+  - name: forbidden
+    words: ["forbidden topic"]
+    action: refuse
+    apply_to: [prompts]
+  - name: secret
+    pattern: "secret-[0-9]+"
+    action: redact
+    apply_to: [prompts]
+  - name: vowels
+    pattern: "[aeiou]"
+    action: redact
+    replacement: "*"
+    apply_to: [outputs]
+"""
+
+
+@pytest.fixture(scope="module")
+def tight(serve_model, tmp_path_factory):
+    """One sequence at a time, one waiting: the third concurrent request is refused."""
+    tmp = tmp_path_factory.mktemp("tight")
+    (tmp / "policy.yaml").write_text(POLICY)
+    srv = ServerProcess(
+        ["--model", f"micro={serve_model}", "--safety", str(tmp / "policy.yaml"),
+         "--feedback-db", str(tmp / "feedback.db"), "--max-batch-size", "1", "--max-queue", "1"],
+        tmp / "server.log",
+    )  # fmt: skip
+    srv.feedback_db = tmp / "feedback.db"
+    yield srv
+    srv.stop(signal.SIGKILL)
+
+
+def client_of(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def greedy(client, prompt=PROMPT, max_tokens=12, **kw):
+    return client.completions.create(
+        model="micro", prompt=prompt, max_tokens=max_tokens, temperature=0,
+        extra_body={"ignore_eos": True}, **kw,
+    )  # fmt: skip
+
+
+def test_prompt_refused(tight):
+    client = client_of(tight)
+    refusals = tight.metric("lmforge_safety_verdicts_total", where="prompt", action="refuse")
+    out = greedy(client, "tell me about the Forbidden  Topic please")
+    assert out.choices[0].finish_reason == "content_filter"
+    assert out.choices[0].text == "Sorry, I cannot help with that."
+    chunks = list(client.chat.completions.create(
+        model="micro", messages=[{"role": "user", "content": "forbidden topic"}], stream=True,
+    ))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
+        "Sorry, I cannot help with that."
+    )
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    after = tight.metric("lmforge_safety_verdicts_total", where="prompt", action="refuse")
+    assert after == refusals + 2
+
+
+def test_prompt_and_output_redacted(tight, serve_model):
+    client = client_of(tight)
+    before = tight.metric("lmforge_safety_verdicts_total", where="prompt", action="redact")
+    redacted = greedy(client, "my key is secret-12345 ok")
+    plain = greedy(client, "my key is [REDACTED] ok")
+    assert redacted.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert redacted.choices[0].text == plain.choices[0].text
+    # outputs: every vowel the model writes is replaced, in whole and in streamed answers
+    expected = re.sub("[aeiou]", "*", direct_greedy(serve_model)(PROMPT, 12))
+    assert greedy(client).choices[0].text == expected
+    streamed = "".join(c.choices[0].text for c in greedy(client, stream=True))
+    assert streamed == expected
+    assert tight.metric("lmforge_safety_verdicts_total", where="prompt", action="redact") == (
+        before + 1
+    )
+    assert tight.metric("lmforge_safety_verdicts_total", where="output", action="redact") >= 2
+
+
+def test_queue_full_is_429(tight):
+    client = client_of(tight)
+    long = dict(model="micro", prompt=PROMPT, max_tokens=900, temperature=0,
+                extra_body={"ignore_eos": True})  # fmt: skip
+    running = client.completions.create(**long, stream=True)
+    next(iter(running))  # the one batch slot is taken
+    queued: list = []
+    waiter = threading.Thread(target=lambda: queued.append(greedy(client_of(tight), max_tokens=2)))
+    waiter.start()
+    assert tight.wait_metric("lmforge_queue_depth", 1, model="micro") == 1
+    with pytest.raises(openai.RateLimitError) as err:
+        client.completions.create(**long)
+    assert err.value.body["code"] == "queue_full"
+    running.close()  # the stream's client leaves: its slot frees, the queued request runs
+    waiter.join(30)
+    assert queued and queued[0].usage.completion_tokens == 2
+
+
+def test_feedback_survives_sigkill(tight):
+    from lmforge.serve.feedback import FeedbackStore
+
+    out = greedy(client_of(tight), max_tokens=3)
+    r = httpx.post(f"{tight.url}/v1/feedback", json={"response_id": out.id, "rating": 1})
+    assert r.status_code == 200
+    tight.stop(signal.SIGKILL)
+    store = FeedbackStore(tight.feedback_db)  # the row the killed server wrote is there
+    assert store.add_rating(out.id, -1) > r.json()["feedback_id"]
+
+
+def test_timeout_is_504(serve_model, tmp_path):
+    srv = ServerProcess(
+        ["--model", f"micro={serve_model}", "--request-timeout", "0.3",
+         "--feedback-db", str(tmp_path / "f.db")],
+        tmp_path / "server.log",
+    )  # fmt: skip
+    try:
+        client = client_of(srv)
+        with pytest.raises(openai.APIStatusError) as err:
+            greedy(client, max_tokens=1000 - 20)
+        assert err.value.status_code == 504 and err.value.body["code"] == "timeout"
+        with pytest.raises(openai.APIError, match="timed out"):  # a stream ends with the error
+            list(greedy(client, max_tokens=1000 - 20, stream=True))
+        # the timed-out sequences were aborted
+        assert srv.wait_metric("lmforge_running", 0, timeout=5, model="micro") == 0
+    finally:
+        assert srv.stopped_cleanly(), srv.output()
+
+
+def test_sigterm_lets_the_in_flight_request_finish(serve_model, tmp_path):
+    srv = ServerProcess(
+        ["--model", f"micro={serve_model}", "--feedback-db", str(tmp_path / "f.db")],
+        tmp_path / "server.log",
+    )  # fmt: skip
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(greedy(client_of(srv), max_tokens=400)))
+    worker.start()
+    assert srv.wait_metric("lmforge_running", 1, model="micro") == 1  # in flight at SIGTERM
+    assert srv.stopped_cleanly(), srv.output()
+    worker.join(30)
+    assert done and done[0].usage.completion_tokens == 400
+    assert done[0].choices[0].finish_reason == "length"
+
+
+@pytest.mark.slow  # two processes each load torch and the model: ~20 s on 2 busy cores
+def test_several_workers_behind_one_port(serve_model, tmp_path):
+    srv = ServerProcess(
+        ["--model", f"micro={serve_model}", "--workers", "2", "--feedback-db", str(tmp_path / "f.db")],
+        tmp_path / "server.log",
+    )  # fmt: skip
+    try:
+        client = client_of(srv)
+        texts = {greedy(client, max_tokens=4).choices[0].text for _ in range(6)}
+        assert len(texts) == 1  # every worker serves the same model the same way
+        pids = set(re.findall(r"Started server process \[(\d+)\]", srv.output()))
+        assert len(pids) == 2
+    finally:
+        srv.stop()

@@ -1,0 +1,155 @@
+"""Requests join and leave the running batch; abort, queue limits, shutdown, failures, asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from lmforge.errors import InputError
+from lmforge.model.generate import generate
+from lmforge.serve.engine import Engine, EngineClosed, QueueFull, SamplingParams, collect
+from lmforge.tokenizer.files import TokenizerFiles
+
+from .conftest import micro_model
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def alone(model, ids: list[int], n: int) -> list[int]:
+    return generate(model, torch.tensor([ids]), n, greedy=True)[0, len(ids) :].tolist()
+
+
+@pytest.fixture
+def fresh(serve_model_dir):
+    """A model and engine of their own (tests here patch the model or stop the engine)."""
+    files = TokenizerFiles.load(serve_model_dir)
+    model = micro_model(files.vocab_size)
+    eng = Engine(model, files, name="fresh", max_batch_size=4, max_queue=5)
+    yield eng
+    eng.shutdown(drain=False)
+
+
+def test_short_requests_join_a_long_one_and_finish_first(engine):
+    long_ids = engine.files.encode("What is the capital of France?")
+    long = engine.submit(long_ids, greedy(90), "long")
+    events = iter(long)
+    next(events)  # the long request is decoding
+    shorts = [engine.submit(engine.files.encode(p), greedy(4), f"s{i}") for i, p in
+              enumerate(["Paris", "def f(x): return", "os.path"])]  # fmt: skip
+    short_results = [collect(h) for h in shorts]
+    assert not long.finished  # every short request ended while the long one still ran
+    rest = list(events)
+    assert rest[-1].finish_reason == "length" and len(rest) == 89
+    assert all(h.finished_at < long.finished_at for h in shorts)
+    assert all(h.first_token_at < long.finished_at for h in shorts)
+    for p, c in zip(["Paris", "def f(x): return", "os.path"], short_results, strict=True):
+        assert c.token_ids == alone(engine.model, engine.files.encode(p), 4)
+    assert [e.token_id for e in rest] == alone(engine.model, long_ids, 90)[1:]
+    assert len(long.token_times) == 90 and long.submitted_at <= long.first_token_at
+
+
+def test_abort_frees_the_row_and_the_engine_keeps_serving(engine):
+    ids = engine.files.encode("def f(x):")
+    handle = engine.submit(ids, greedy(100), "to-abort")
+    events = iter(handle)
+    next(events)
+    engine.abort("to-abort")
+    rest = list(events)
+    assert rest[-1].finish_reason == "abort"
+    assert len(rest) < 99
+    assert engine.stats().running == 0
+    engine.abort("unknown-id")  # harmless
+    assert collect(engine.submit(ids, greedy(3), "after")).token_ids == alone(engine.model, ids, 3)
+
+
+def test_queue_full_waiting_abort_and_shutdown_without_drain(fresh):
+    handles = [fresh.submit([1, 2, 3], greedy(5), f"q{i}") for i in range(4)]  # not started
+    with pytest.raises(InputError, match="already in use"):
+        fresh.submit([1, 2, 3], greedy(5), "q0")
+    handles.append(fresh.submit([1, 2, 3], greedy(5), "q4"))
+    with pytest.raises(QueueFull, match="max_queue 5"):
+        fresh.submit([1, 2, 3], greedy(5), "q5")
+    fresh.abort("q1")  # a waiting request ends at once
+    assert collect(handles[1]).finish_reason == "abort"
+    assert fresh.stats().queue_depth == 4
+    fresh.shutdown(drain=False)
+    assert {collect(h).finish_reason for h in handles if h is not handles[1]} == {"abort"}
+    with pytest.raises(EngineClosed):
+        fresh.submit([1, 2, 3], greedy(5), "late")
+
+
+def test_shutdown_drains_in_flight_requests_and_refuses_new_ones(fresh):
+    fresh.start()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]  # one more than the batch
+    handles = [fresh.submit(p, greedy(6), f"d{i}") for i, p in enumerate(prompts)]
+    fresh.shutdown(drain=True)
+    with pytest.raises(EngineClosed, match="shutting down"):
+        fresh.submit([1], greedy(2), "refused")
+    for p, h in zip(prompts, handles, strict=True):
+        c = collect(h)
+        assert c.finish_reason == "length" and c.token_ids == alone(fresh.model, p, 6)
+    stats = fresh.stats()
+    assert stats.finished == 5 and stats.generated_tokens == 30 and stats.running == 0
+    assert stats.prompt_tokens == sum(map(len, prompts)) and stats.steps >= 5
+
+
+def test_a_failing_prefill_fails_only_its_request(fresh, monkeypatch):
+    poison = 42
+    embed = fresh.model.tok_emb.forward
+
+    def flaky(idx):
+        if idx.size(1) > 1 and bool((idx == poison).any()):
+            raise RuntimeError("poisoned prompt")
+        return embed(idx)
+
+    monkeypatch.setattr(fresh.model.tok_emb, "forward", flaky)
+    good, bad = [5, 6, 7, 8], [5, poison, 7]
+    handles = [fresh.submit(good, greedy(5), "good"), fresh.submit(bad, greedy(5), "bad")]
+    fresh.start()  # both are prefilled together: the group fails, then each alone
+    ok, failed = collect(handles[0]), collect(handles[1])
+    assert failed.finish_reason == "error" and "poisoned prompt" in failed.error
+    assert failed.token_ids == []
+    assert ok.finish_reason == "length" and ok.token_ids == alone(fresh.model, good, 5)
+
+
+def test_a_failing_decode_step_fails_its_rows_and_the_engine_keeps_serving(fresh, monkeypatch):
+    embed = fresh.model.tok_emb.forward
+    calls = {"decode": 0}
+
+    def fails_once_in_decode(idx):
+        if idx.size(1) == 1:
+            calls["decode"] += 1
+            if calls["decode"] == 2:
+                raise RuntimeError("device hiccup")
+        return embed(idx)
+
+    monkeypatch.setattr(fresh.model.tok_emb, "forward", fails_once_in_decode)
+    fresh.start()
+    first = collect(fresh.submit([5, 6, 7], greedy(6), "hit"))
+    assert first.finish_reason == "error" and "device hiccup" in first.error
+    assert len(first.token_ids) == 2  # prefill's token and the first decoding step's
+    again = collect(fresh.submit([5, 6, 7], greedy(6), "after"))
+    assert again.finish_reason == "length" and again.token_ids == alone(fresh.model, [5, 6, 7], 6)
+
+
+def test_async_iteration_from_an_event_loop(engine):
+    prompts = [engine.files.encode(p) for p in ("Paris", "def f(x):", "user assistant")]
+
+    async def consume(i: int, ids: list[int]) -> list[int]:
+        handle = engine.submit(ids, greedy(8), f"async-{i}")
+        tokens = []
+        async for event in handle:
+            tokens.append(event.token_id)
+            last = event
+        assert last.finish_reason == "length"
+        return tokens
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(consume(i, p) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(main())
+    assert results == [alone(engine.model, p, 8) for p in prompts]

@@ -1,0 +1,111 @@
+"""Streamed text: whole characters only, stop strings never sent, pieces add up to the decode."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.serve.detok import REPLACEMENT, TextStream
+from lmforge.serve.engine import Engine, SamplingParams, collect
+from lmforge.tokenizer.files import TokenizerFiles
+
+from .conftest import micro_model
+
+UNICODE = "héllo wörld — 世界 🙂 ok"
+
+
+def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    s = TextStream(tokenizer, stop)
+    pieces = []
+    for t in ids:
+        text, stopped = s.push(t)
+        pieces.append(text)
+        if stopped:
+            return pieces, True
+    return [*pieces, s.flush()], False
+
+
+def test_multibyte_characters_stream_whole(engine):
+    tok = engine.files.tokenizer
+    ids = engine.files.encode(UNICODE)
+    assert any(REPLACEMENT in tok.decode([t]) for t in ids)  # characters do span tokens here
+    pieces, stopped = stream(tok, ids)
+    assert not stopped
+    assert all(REPLACEMENT not in p for p in pieces)
+    assert "".join(pieces) == UNICODE
+    assert "" in pieces  # some tokens had to wait for the rest of their character
+
+
+def test_stop_strings_cut_the_text_and_no_part_of_them_is_sent(engine):
+    tok = engine.files.tokenizer
+    text = "What is the capital of France? The capital is Paris."
+    ids = engine.files.encode(text)
+    pieces, stopped = stream(tok, ids, stop=("Paris", "zzz"))
+    assert stopped
+    assert "".join(pieces) == "What is the capital of France? The capital is "
+    sent = ""
+    for p in pieces:  # at no point did the stream end in a prefix of "Paris"
+        sent += p
+        assert not any(sent.endswith("Paris"[:n]) for n in range(1, 6))
+    pieces, stopped = stream(tok, ids, stop=("is P",))  # a stop string across tokens
+    assert stopped and "".join(pieces) == "What is the capital of France? The capital "
+
+
+def test_a_held_back_stop_prefix_is_sent_when_it_does_not_complete(engine):
+    tok = engine.files.tokenizer
+    ids = engine.files.encode("The capital is Pa")
+    pieces, stopped = stream(tok, ids, stop=("Paris",))
+    assert not stopped and "".join(pieces) == "The capital is Pa"
+    assert pieces[-1].endswith("Pa")  # held until the end, then flushed
+
+
+def test_engine_stop_strings_cut_generated_text(engine):
+    ids = engine.files.encode("What is the capital of France?")
+    ref = collect(
+        engine.submit(ids, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), "ref")
+    )
+    stop = next(
+        ref.text[i : i + 3] for i in range(6, len(ref.text) - 3) if ref.text[i : i + 3].strip()
+    )
+    cut = ref.text[: ref.text.index(stop)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,))
+    events = list(engine.submit(ids, params, "stop-str"))
+    assert events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events) == cut
+    assert all(stop not in e.text for e in events)
+    assert [e.token_id for e in events] == ref.token_ids[: len(events)]
+
+
+def test_streamed_pieces_add_up_to_the_decode_of_sampled_tokens(engine):
+    ids = engine.files.encode("héllo 世界")
+    for seed in range(3):
+        params = SamplingParams(max_tokens=30, temperature=1.5, seed=seed, ignore_eos=True)
+        events = list(engine.submit(ids, params, f"sampled-{seed}"))
+        tokens = [e.token_id for e in events]
+        assert "".join(e.text for e in events) == engine.files.decode(tokens)
+
+
+def test_engine_streams_forced_multibyte_output_intact(serve_model_dir, monkeypatch):
+    files = TokenizerFiles.load(serve_model_dir)
+    model = micro_model(files.vocab_size)
+    target = files.encode(UNICODE)
+    head = model.lm_head.forward
+    step = {"n": 0}
+
+    def forced(h):  # the model "wants" to write UNICODE, one token per call
+        logits = head(h)
+        forced_logits = torch.full_like(logits, -1e4)
+        forced_logits[..., target[min(step["n"], len(target) - 1)]] = 0
+        step["n"] += 1
+        return forced_logits
+
+    monkeypatch.setattr(model.lm_head, "forward", forced)
+    eng = Engine(model, files, name="unicode")
+    eng.start()
+    try:
+        params = SamplingParams(max_tokens=len(target), temperature=0, ignore_eos=True)
+        events = list(eng.submit(files.encode("Say it:"), params, "uni"))
+    finally:
+        eng.shutdown()
+    assert [e.token_id for e in events] == target
+    assert all(REPLACEMENT not in e.text for e in events)
+    assert "".join(e.text for e in events) == UNICODE

@@ -1,0 +1,173 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lmforge.errors import InputError
+from lmforge.serve.feedback import SCHEMA_VERSION, FeedbackStore
+
+SRC = str(Path(__file__).resolve().parents[3] / "src")
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_records_ratings_choices_and_reads_them_back(tmp_path):
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        store.record_response("chatcmpl-a", "sft", "<p>hi", MESSAGES, "hello!", {"temperature": 0})
+        store.record_response("chatcmpl-b", "sft", "<p>hi", MESSAGES, "go away", {"seed": 1})
+        store.record_response("cmpl-c", "base", "def f(", None, "x): pass")
+        assert store.add_rating("chatcmpl-a", 1) == 1
+        store.add_rating("chatcmpl-a", 4, comment="fine")
+        store.add_rating("chatcmpl-b", -1)
+        store.add_rating("cmpl-c", 1, scale="stars")
+        assert store.add_choice("chatcmpl-a", "chatcmpl-b") == 1
+        assert store.counts() == {"responses": 3, "ratings": 4, "choices": 1}
+
+        rated = {r["id"]: r for r in store.iter_rated()}
+        assert rated["chatcmpl-a"]["stars"] == pytest.approx(4.5)  # thumbs up = 5, and a 4
+        assert rated["chatcmpl-a"]["n_ratings"] == 2
+        assert rated["chatcmpl-a"]["messages"] == MESSAGES
+        assert rated["chatcmpl-a"]["params"] == {"temperature": 0}
+        assert rated["chatcmpl-b"]["stars"] == 1.0 and rated["cmpl-c"]["stars"] == 1.0
+        assert [r["id"] for r in store.iter_rated(min_stars=4)] == ["chatcmpl-a"]
+        (choice,) = store.iter_choices()
+        assert (choice["chosen"]["text"], choice["rejected"]["text"]) == ("hello!", "go away")
+        assert choice["created_at"].endswith("Z")
+
+
+def test_unknown_ids_bad_ratings_and_duplicates_are_input_errors(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.db")
+    store.record_response("r1", "m", "p", None, "t")
+    with pytest.raises(InputError, match="unknown response id 'nope'"):
+        store.add_rating("nope", 1)
+    with pytest.raises(InputError, match="unknown response id 'nope'"):
+        store.add_choice("r1", "nope")
+    with pytest.raises(InputError, match="same response"):
+        store.add_choice("r1", "r1")
+    for bad in (0, 6, -2, 2.5, True):
+        with pytest.raises(InputError, match="rating"):
+            store.add_rating("r1", bad)
+    with pytest.raises(InputError, match="not valid on the thumbs scale"):
+        store.add_rating("r1", 3, scale="thumbs")
+    with pytest.raises(InputError, match="UNIQUE"):
+        store.record_response("r1", "m", "p", None, "t")
+    assert store.counts() == {"responses": 1, "ratings": 0, "choices": 0}
+    store.close()
+
+
+def test_schema_is_versioned_and_wal_is_on(tmp_path):
+    path = tmp_path / "fb.db"
+    FeedbackStore(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    assert int(version) == SCHEMA_VERSION
+    conn.execute("UPDATE meta SET value = ? WHERE key='schema_version'", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(InputError, match="newer than this lmforge"):
+        FeedbackStore(path)
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(InputError, match="is not a feedback store"):
+        FeedbackStore(tmp_path / "junk.db")
+
+
+def test_threads_write_concurrently_through_their_own_connections(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.db")
+    errors = []
+
+    def worker(t):
+        try:
+            for i in range(40):
+                store.record_response(f"t{t}-{i}", "m", "p", None, "x")
+                store.add_rating(f"t{t}-{i}", 1)
+        except Exception as err:  # pragma: no cover - reported by the assert below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert store.counts() == {"responses": 160, "ratings": 160, "choices": 0}
+    assert len(store._connections) == 5  # the main thread's plus one per worker
+    store.close()
+
+
+WRITER = """
+import sys
+from lmforge.serve.feedback import FeedbackStore
+store = FeedbackStore(sys.argv[1])
+i = 0
+while True:
+    store.record_response(f"r{i}", "m", "prompt %d" % i, None, "text " * 50)
+    store.add_rating(f"r{i}", 1)
+    print(i, flush=True)  # acknowledged only after both commits returned
+    i += 1
+"""
+
+
+def test_sigkill_mid_stream_keeps_every_committed_row_and_a_sound_db(tmp_path):
+    path = tmp_path / "fb.db"
+    FeedbackStore(path).close()
+    env = dict(os.environ, PYTHONPATH=SRC)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    acked = -1
+    try:
+        while acked < 150:
+            line = proc.stdout.readline()
+            assert line, "writer died early"
+            acked = int(line)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ids = {r[0] for r in conn.execute("SELECT id FROM responses")}
+    assert {f"r{i}" for i in range(acked + 1)} <= ids
+    n = len(ids)
+    assert ids == {f"r{i}" for i in range(n)}  # no holes: rows land whole, in order
+    rated = conn.execute("SELECT COUNT(DISTINCT response_id) FROM ratings").fetchone()[0]
+    assert rated in (n - 1, n)  # at most the last response's rating was cut off
+    conn.close()
+    # and the store opens and takes writes again
+    with FeedbackStore(path) as store:
+        store.add_rating(f"r{acked}", -1)
+        assert store.counts()["responses"] == n
+
+
+CONCURRENT = """
+import sys
+from lmforge.serve.feedback import FeedbackStore
+store = FeedbackStore(sys.argv[1], busy_timeout_ms=30_000)
+for i in range(1000):
+    store.record_response(f"{sys.argv[2]}-{i}", "m", "p", None, "t")
+    store.add_rating(f"{sys.argv[2]}-{i}", 1)
+"""
+
+
+def test_worker_processes_write_one_store_without_lock_errors(tmp_path):
+    """Several server workers behind one port share the store: the busy timeout serializes
+    their writes instead of failing with 'database is locked'."""
+    path = tmp_path / "fb.db"
+    FeedbackStore(path).close()
+    env = dict(os.environ, PYTHONPATH=SRC)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(path), f"w{w}"], env=env,
+                         stderr=subprocess.PIPE, text=True)
+        for w in range(3)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    with FeedbackStore(path) as store:
+        assert store.counts() == {"responses": 3000, "ratings": 3000, "choices": 0}

@@ -1,0 +1,194 @@
+import json
+import sqlite3
+
+import pytest
+
+from lmforge.errors import InputError
+from lmforge.serve.retrieval import (
+    KnowledgeBase,
+    Passage,
+    augment_messages,
+    chunk_words,
+    fts_query,
+)
+
+DOCS = {
+    "cooking.md": "# Bread\nKnead the dough for ten minutes, let it rise, then bake the loaf "
+    "at 220 degrees until the crust is brown.",
+    "python/json.txt": "json.dumps serializes a Python object to a JSON formatted string; "
+    "json.loads parses a JSON document back into Python objects.",
+    "space.txt": "The Moon orbits the Earth every 27 days; its gravity drives the tides.",
+    "faq.jsonl": json.dumps({"text": "Refunds are issued within 14 days of a returned order."})
+    + "\n\n"
+    + json.dumps({"text": "Shipping to Canada takes five business days."})
+    + "\n",
+}
+
+
+def write_docs(root, docs=DOCS):
+    for rel, text in docs.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+@pytest.fixture
+def kb(tmp_path):
+    write_docs(tmp_path / "docs")
+    kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
+    yield kb
+    kb.close()
+
+
+def test_chunks_have_the_requested_size_overlap_and_offsets():
+    text = " ".join(f"w{i}" for i in range(10))
+    chunks = list(chunk_words(text, passage_words=4, overlap=1))
+    assert [c[1] for c in chunks] == ["w0 w1 w2 w3", "w3 w4 w5 w6", "w6 w7 w8 w9"]
+    assert all(text[off : off + len(t)] == t for off, t in chunks)
+    assert list(chunk_words("a  b", 4, 1)) == [(0, "a  b")]  # spacing kept
+    assert list(chunk_words("   ", 4, 1)) == []
+
+
+def test_bm25_ranks_the_relevant_document_first(kb):
+    assert kb.last_build["added"] == ["cooking.md", "faq.jsonl", "python/json.txt", "space.txt"]
+    hits = kb.search("how do I parse a JSON string in Python?", k=3)
+    assert hits[0].source == "python/json.txt"
+    assert all(isinstance(h, Passage) for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert hits[0].score > 0
+    # porter stemming: "baking loaves" finds "bake the loaf"
+    assert kb.search("baking bread", k=1)[0].source == "cooking.md"
+    # JSONL records are sources of their own, by line
+    assert kb.search("refund for a returned order", k=1)[0].source == "faq.jsonl:1"
+    assert kb.search("shipping to canada", k=1)[0].source == "faq.jsonl:3"
+    assert kb.search("quantum chromodynamics") == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    ['"unbalanced', "moon AND", "NOT tides", "text:moon", "moo*", "^moon", "(moon", "a:b:c", "---"],
+)
+def test_fts_syntax_in_queries_does_not_crash(kb, query):
+    hits = kb.search(query, k=2)
+    if "moon" in query.lower() or "tides" in query.lower():
+        assert hits and hits[0].source == "space.txt"
+    assert fts_query('say "hi" OR NOT x') == '"say" OR "hi" OR "not" OR "x"'
+    assert fts_query("how is it") == '"how" OR "is" OR "it"'  # only stopwords: kept
+    assert fts_query("?!") is None
+
+
+def test_rebuild_touches_only_the_changed_file(tmp_path, kb):
+    docs = tmp_path / "docs"
+    before = {r[0]: r[1] for r in kb._conn().execute("SELECT rowid, source FROM passages")}
+    (docs / "space.txt").write_text("Mars has two moons, Phobos and Deimos.")
+    (docs / "cooking.md").unlink()
+    (docs / "new.txt").write_text("Volcanoes erupt molten rock called lava.")
+    kb2 = KnowledgeBase.build(docs, tmp_path / "kb.db")
+    assert kb2.last_build == {
+        "added": ["new.txt"],
+        "updated": ["space.txt"],
+        "removed": ["cooking.md"],
+        "unchanged": ["faq.jsonl", "python/json.txt"],
+    }
+    after = {r[0]: r[1] for r in kb2._conn().execute("SELECT rowid, source FROM passages")}
+    kept = {rowid: src for rowid, src in before.items() if src not in ("space.txt", "cooking.md")}
+    assert kept.items() <= after.items()  # untouched files keep their rows (same rowids)
+    assert kb2.search("Phobos", k=1)[0].source == "space.txt"
+    assert kb2.search("tides") == [] and kb2.search("knead dough") == []
+    # a third build with nothing changed re-reads nothing
+    assert KnowledgeBase.build(docs, tmp_path / "kb.db").last_build["unchanged"] == sorted(
+        ["faq.jsonl", "new.txt", "python/json.txt", "space.txt"]
+    )
+    # changing the chunking re-indexes everything
+    kb4 = KnowledgeBase.build(docs, tmp_path / "kb.db", passage_words=50, overlap=5)
+    assert len(kb4.last_build["added"]) == 4
+    kb2.close()
+    kb4.close()
+
+
+def test_html_is_indexed_by_its_main_text(tmp_path):
+    pytest.importorskip("trafilatura")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    body = "<p>" + "The lighthouse keeper climbs one hundred steps every evening. " * 3 + "</p>"
+    (docs / "page.html").write_text(
+        f"<html><head><title>t</title><script>var secretToken = 1;</script></head>"
+        f"<body><nav>Home</nav><article>{body}</article></body></html>"
+    )
+    kb = KnowledgeBase.build(docs, tmp_path / "kb.db")
+    hit = kb.search("lighthouse keeper", k=1)[0]
+    assert hit.source == "page.html" and "<p>" not in hit.text
+    assert kb.search("secretToken") == []
+
+
+def test_open_and_errors(tmp_path, kb):
+    again = KnowledgeBase.open(tmp_path / "kb.db")
+    assert again.search("moon tides")[0].source == "space.txt"
+    with pytest.raises(InputError, match="does not exist"):
+        KnowledgeBase.open(tmp_path / "nope.db")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="holds no"):
+        KnowledgeBase.build(empty, tmp_path / "e.db")
+    with pytest.raises(InputError, match="overlap"):
+        KnowledgeBase.build(tmp_path / "docs", tmp_path / "x.db", passage_words=10, overlap=10)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(InputError, match="not a knowledge base"):
+        KnowledgeBase.open(other)
+
+
+def test_augment_messages_numbers_passages_and_keeps_the_input():
+    msgs = [{"role": "user", "content": "When do refunds arrive?"}]
+    passages = [Passage("faq.jsonl:1", "Refunds within 14 days.", 2.5)]
+    out = augment_messages(msgs, passages)
+    assert out[0]["role"] == "system" and out[1:] == msgs
+    assert "[1] (faq.jsonl:1)\nRefunds within 14 days." in out[0]["content"]
+    assert "cite" in out[0]["content"]
+    assert len(msgs) == 1
+    with_system = [{"role": "system", "content": "Be brief."}, *msgs]
+    out = augment_messages(with_system, passages)
+    assert len(out) == 2 and out[0]["content"].startswith("Be brief.\n\n")
+    assert with_system[0]["content"] == "Be brief."
+    assert augment_messages(msgs, []) == msgs
+
+
+def test_kb_augments_with_its_own_search_results(kb):
+    msgs = [{"role": "user", "content": "what drives the tides?"}]
+    out = kb.augment_messages(msgs, kb.search(msgs[-1]["content"], k=1))
+    assert "[1] (space.txt)\nThe Moon orbits" in out[0]["content"] and out[1:] == msgs
+
+
+def test_search_from_many_threads(kb):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        tops = list(pool.map(lambda q: kb.search(q, k=1)[0].source, ["json loads", "moon"] * 20))
+    assert tops == ["python/json.txt", "space.txt"] * 20
+
+
+def test_a_sqlite_without_fts5_is_a_clear_error():
+    from lmforge.serve.retrieval import require_fts5
+
+    class NoFts5:
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("no such module: fts5")
+
+    with pytest.raises(InputError, match=r"lacks the FTS5 extension .*no such module: fts5"):
+        require_fts5(NoFts5())
+
+
+def test_concurrent_builds_of_one_index_wait_for_each_other(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    write_docs(tmp_path / "docs")
+
+    def build(_):
+        kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
+        report = {k: len(v) for k, v in kb.last_build.items()}
+        kb.close()
+        return report
+
+    with ThreadPoolExecutor(3) as pool:
+        reports = list(pool.map(build, range(3)))
+    assert sorted(r["added"] for r in reports) == [0, 0, 4]  # one indexed, the others found it
+    assert KnowledgeBase.open(tmp_path / "kb.db").passage_count() == 5
