@@ -124,8 +124,8 @@ def make_dialogues(cfg: DialoguesConfig) -> tuple[dict[str, list[dict[str, Any]]
     rows = _function_dialogues(cfg)
     for intent, (phrasings, answer) in _SMALL_TALK.items():
         for i, phrase in enumerate(phrasings):
-            for copy in range(cfg.small_talk_copies):  # same phrasing, same split
-                rows.append((f"{intent}:{i}", intent, phrase, answer))
+            # copies of a phrasing share its split (its key), so none is both seen and held out
+            rows += [(f"{intent}:{i}", intent, phrase, answer)] * cfg.small_talk_copies
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     planted: Counter = Counter()
     rng = random.Random(cfg.seed)
@@ -167,8 +167,11 @@ def build(cfg: DialoguesConfig, ctx: StageContext) -> dict[str, Any]:
     write_jsonl(
         ctx.out / "dialogues.jsonl",
         (
-            {"text": dialogue_text(r["context"], r["response"]), "intent": r["intent"],
-             "dialogue_split": split}  # fmt: skip
+            {
+                "text": dialogue_text(r["context"], r["response"]),
+                "intent": r["intent"],
+                "dialogue_split": split,
+            }
             for split, rows in splits.items()
             for r in rows
         ),

@@ -83,6 +83,8 @@ def load_serve_config(path: Path | str) -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"serve config {path} does not exist; run the recipe's serve-config stage")
+        raise ConfigError(
+            f"serve config {path} does not exist; run the recipe's serve-config stage"
+        )
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return validate(ServeSettings, raw, where=str(path))

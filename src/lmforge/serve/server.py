@@ -95,11 +95,11 @@ def open_knowledge_base(settings: ServeSettings) -> Any:
 
 def start_engines(state: ServeState) -> None:
     from lmforge.serve.cache import model_identity
-    from lmforge.serve.engine import Engine
+    from lmforge.serve.seq2seq_engine import engine_class
 
     s = state.settings
     for spec in s.models:
-        engine = Engine.from_dir(
+        engine = engine_class(spec.path).from_dir(
             spec.path, name=spec.name, device=s.device,
             max_batch_size=s.max_batch_size, max_queue=s.max_queue,
         )  # fmt: skip
