@@ -12,7 +12,7 @@ from lmforge.serve.engine import Engine
 from lmforge.serve.handle import collect
 from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.seq2seq_engine import Seq2SeqEngine, engine_class
-from tests.unit.finetune.helpers import make_model_dir, make_tokenizer_dir
+from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
 
 PROMPTS = ["hello there", "What arguments does os.path.join take?", "tell me a joke",
            "where does dumps come from in the json module?", "hi", "how do I read a file?"]  # fmt: skip
