@@ -350,17 +350,20 @@ def finetune_cmd(
     ] = None,
     method: Annotated[str | None, typer.Option(help="full | lora")] = None,
     task: Annotated[
-        str | None, typer.Option(help="sft | classify | multitask | tag (encoders)")
+        str | None,
+        typer.Option(help="sft | classify | multitask | tag (encoders) | seq2seq (BART/T5)"),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Fine-tune a model: chat SFT or classification, full or LoRA (resumes a killed run).
+    """Fine-tune a model: chat SFT, classification, tagging or seq2seq, full or LoRA (resumes).
 
     Example: lmforge finetune --model runs/x/pretrain/final --data runs/x/tasks/explain_train.jsonl --out runs/x/sft --method lora --set train.max_steps=200
     Token tagging on an encoder ({"tokens": [...], "tags": [...]} JSONL):
     lmforge finetune --model runs/mlm/pretrain --data ner.jsonl --task tag --out runs/mlm/ner
+    An encoder-decoder on {"source", "target"} JSONL, from a BART/T5 dir or from scratch:
+    lmforge finetune --model TOKENIZER_DIR --data pairs.jsonl --task seq2seq --out runs/s2s --set from_scratch=bart-micro
     """
     values: dict[str, Any] = {"model": model, "data": data, "out": out}
     values.update({k: v for k, v in (("method", method), ("task", task)) if v is not None})

@@ -77,6 +77,12 @@ class EvalModel:
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
         tok = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device)
+        if not model.config.causal and not hasattr(model, "cross_kv"):  # seq2seq generates
+            raise InputError(
+                f"{model_dir} is a bidirectional encoder (BERT-style): lmforge eval scores and "
+                "generates with causal LMs; an MLM's held-out masked-token loss is in its "
+                "pretrain manifest (val_loss, initial_val_loss)"
+            )
         default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
         return cls(name or default, model_dir, model, tok)
 
@@ -151,6 +157,12 @@ class EvalModel:
         is (targets x vocab), not (tokens x vocab). Each row needs a non-empty context and
         len(context) + len(targets) - 1 <= block_size (callers window longer inputs).
         """
+        if hasattr(self.model, "cross_kv"):
+            raise InputError(
+                f"{self.path} is an encoder-decoder: scoring (perplexity, log-likelihood tasks) "
+                "is built for causal LMs only; `lmforge generate` works, and finetune --task "
+                "seq2seq reports ROUGE/BLEU/exact match"
+            )
         results: list[tuple[list[float], bool]] = []
         for lo in range(0, len(rows), SCORE_BATCH):
             chunk = rows[lo : lo + SCORE_BATCH]
@@ -243,6 +255,8 @@ class EvalModel:
         """
         from lmforge.model.generate import generate_batched
 
+        if hasattr(self.model, "cross_kv"):  # an encoder-decoder: the prompt is the source
+            return self._generate_seq2seq(prompts, settings, batch_size)
         budget = min(settings.max_new_tokens, max(self.block_size - 1, 1))
         rows = []
         for prompt in prompts:
@@ -265,6 +279,33 @@ class EvalModel:
             greedy=settings.temperature == 0,
             seed=settings.seed,
         )
+        return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
+
+    def _generate_seq2seq(
+        self, prompts: list[str], settings: GenerationSettings, batch_size: int
+    ) -> list[str]:
+        """Each prompt encoded as a source (then eos), the target decoded from the directory's
+        decoder_start_token_id (model.seq2seq_generate), stopping at its eos ids."""
+        from lmforge.model.seq2seq_generate import generate_seq2seq_batched, source_row
+
+        hf = json.loads((self.path / "config.json").read_text())
+        start = self.generation_config.get(
+            "decoder_start_token_id", hf.get("decoder_start_token_id")
+        )
+        stops = self.stop_ids()
+        if start is None or not stops:
+            raise InputError(
+                f"{self.path} lacks decoder_start_token_id or eos_token_id in config.json / "
+                "generation_config.json; an encoder-decoder needs both to generate"
+            )
+        sources = [source_row(self.encode(p), stops[0], self.block_size) for p in prompts]
+        new = generate_seq2seq_batched(
+            self.model, sources, min(settings.max_new_tokens, self.block_size - 1),
+            decoder_start_id=start, pad_id=self.pad_id, stop_tokens=stops, batch_size=batch_size,
+            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+            repetition_penalty=settings.repetition_penalty, greedy=settings.temperature == 0,
+            seed=settings.seed,
+        )  # fmt: skip
         return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
 
 

@@ -343,6 +343,7 @@ def training_section(stage: StageInfo) -> list[Block]:
     if val:
         text += f", validation loss ended at {val[-1]['val_loss']:.3f}"
     text += _mlm_summary(stage.manifest.get("metrics") or {}, summary)
+    text += _seq2seq_summary(stage.manifest.get("metrics") or {}, summary)
     plot = _plot_training(rows, stage.asset("loss.png"), f"{stage.name}: loss")
     return [
         Block(text=text + ".", summary=True),
@@ -361,6 +362,26 @@ def _mlm_summary(metrics: dict[str, Any], summary: list[list[str]]) -> str:
     return (
         f" (masked-LM: held-out masked-token loss {before:.3f} before training, {after:.3f} "
         f"after, perplexity {ppl:.1f})"
+    )
+
+
+SEQ2SEQ_METRICS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
+                   ("bleu", "BLEU"), ("exact_match", "exact match"))  # fmt: skip
+
+
+def _seq2seq_summary(metrics: dict[str, Any], summary: list[list[str]]) -> str:
+    """A seq2seq fine-tune's text metrics on val (base -> tuned when the base was scored):
+    one table row each and a sentence with ROUGE-L and BLEU."""
+    if "rougeL" not in metrics or "exact_match" not in metrics:
+        return ""
+    for key, name in SEQ2SEQ_METRICS:
+        value = fmt_num(metrics.get(key))
+        base = metrics.get(f"base_{key}")
+        summary.append([f"val {name}", value if base is None else f"{fmt_num(base)} -> {value}"])
+    n = metrics.get("eval_examples", "?")
+    return (
+        f" (seq2seq: on {n} val examples ROUGE-L {fmt_num(metrics['rougeL'])}, BLEU "
+        f"{fmt_num(metrics.get('bleu'))}, exact match {fmt_num(metrics['exact_match'])})"
     )
 
 

@@ -36,13 +36,16 @@ def export_model(
     tok: TokenizerFiles,
     *,
     classifier: Any = None,
+    seq2seq_ids: dict[str, Any] | None = None,
 ) -> None:
     """adapter/ when `lm` carries LoRA adapters (then merged into it) and final/.
 
     model_dir is the base the model started from (its special token ids and tokenizer files are
     carried over); tok is the tokenizer the data was encoded with: a classifier
     (model.convert.ClassifierHead) pools by its pad id, a causal LM stops at its chat template's
-    end of turn.
+    end of turn. seq2seq_ids (an encoder-decoder's pad, eos, decoder start and bos) go into
+    config.json and make up generation_config.json; model_dir then may hold only a tokenizer
+    (a model trained from scratch).
     """
     from lmforge.model.convert import save_pretrained
 
@@ -50,10 +53,16 @@ def export_model(
         with ctx.atomic_path(ctx.out / "adapter") as tmp:
             save_peft_adapter(lm, tmp, base_model=str(Path(model_dir).resolve()))
         merge(lm)
-    config_json = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config_path = model_dir / "config.json"
+    config_json = (
+        json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    )
     special = {k: config_json[k] for k in SPECIAL_KEYS if config_json.get(k) is not None}
     generation = None
-    if classifier is not None:  # a classifier generates nothing (transformers writes no file)
+    if seq2seq_ids is not None:
+        special.update(seq2seq_ids)
+        generation = dict(seq2seq_ids)
+    elif classifier is not None:  # a classifier generates nothing (transformers writes no file)
         special["pad_token_id"] = tok.pad_id
     else:
         generation = tuned_generation_config(model_dir, tok)

@@ -1,6 +1,6 @@
 """Fine-tuning data: read records from JSONL, Parquet or a local HF dataset and normalize them.
 
-Five common shapes are recognised, per file, from its first record:
+These shapes are recognised, per file, from its first record:
 
 - alpaca: `instruction`, optional `input`, `output` (optional `type` / `category` kept as meta)
 - sharegpt: `conversations: [{from, value}, ...]`
@@ -8,11 +8,12 @@ Five common shapes are recognised, per file, from its first record:
 - prompt_completion: `prompt`, `completion`
 - classification: `text`, `label`
 - tagging: `tokens` (words), `tags` (one per word, e.g. BIO entity tags)
+- seq2seq: `source`, `target` (or `input`, `output` without an `instruction`) for encoder-decoders
 
 Every record of a file must fit that file's shape; one that does not is an InputError naming the
 file and line (row for Parquet / HF datasets). Chat shapes become `{"messages": [...], "meta":
 {...}}` with roles system/user/assistant; classification becomes `{"text": str, "label": str}`,
-tagging `{"tokens": [str], "tags": [str]}`.
+tagging `{"tokens": [str], "tags": [str]}`, seq2seq `{"source": str, "target": str}`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ Record = dict[str, Any]
 Example = dict[str, Any]
 
 CHAT_FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion")
+NON_CHAT = ("classification", "tagging", "seq2seq")
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names seen in the wild -> chat roles.
 SHAREGPT_ROLES = {
@@ -132,12 +134,18 @@ DETECTORS: dict[str, Callable[[Record], bool]] = {
     "prompt_completion": lambda r: _is_str(r.get("prompt")) and _is_str(r.get("completion")),
     "classification": lambda r: _is_str(r.get("text")) and isinstance(r.get("label"), (str, int)),
     "tagging": lambda r: isinstance(r.get("tokens"), list) and isinstance(r.get("tags"), list),
+    "seq2seq": lambda r: _pair(r, "source", "target") or _pair(r, "input", "output"),
 }
+
+
+def _pair(r: Record, source: str, target: str) -> bool:
+    return _is_str(r.get(source)) and _is_str(r.get(target)) and "instruction" not in r
+
 
 EXPECTED = (
     "alpaca {instruction, input?, output}, sharegpt {conversations: [{from, value}]}, "
     "openai {messages: [{role, content}]}, {prompt, completion}, {text, label} "
-    "or {tokens, tags}"
+    "{tokens, tags} or {source, target}"
 )
 
 
@@ -203,6 +211,13 @@ def _tagging(r: Record) -> Example:
     return {"tokens": list(words), "tags": [str(t) for t in tags]}
 
 
+def _seq2seq(r: Record) -> Example:
+    source, target = (r["source"], r["target"]) if "source" in r else (r["input"], r["output"])
+    if not source.strip() or not target.strip():
+        raise ValueError("source and target must be non-empty text")
+    return {"source": source, "target": target}
+
+
 NORMALIZERS: dict[str, Callable[[Record], Example]] = {
     "alpaca": _alpaca,
     "sharegpt": _sharegpt,
@@ -210,6 +225,7 @@ NORMALIZERS: dict[str, Callable[[Record], Example]] = {
     "prompt_completion": _prompt_completion,
     "classification": _classification,
     "tagging": _tagging,
+    "seq2seq": _seq2seq,
 }
 
 
@@ -250,14 +266,14 @@ def read_file(path: Path) -> tuple[str, list[Example]]:
 
 
 def load_examples(path: Path) -> tuple[str, list[Example]]:
-    """Reads every data file under `path`; all chat-shaped, all classification or all tagging."""
+    """Reads every data file under `path`; all chat-shaped, or all of one other shape."""
     formats: dict[str, str] = {}
     examples: list[Example] = []
     for file in data_files(Path(path)):
         fmt, rows = read_file(file)
         formats[str(file)] = fmt
         examples.extend(rows)
-    kinds = {f if f in ("classification", "tagging") else "chat" for f in formats.values()}
+    kinds = {f if f in NON_CHAT else "chat" for f in formats.values()}
     if len(kinds) > 1:
         raise InputError(
             f"{path} mixes {' and '.join(sorted(kinds))} files ({formats}); keep them apart"
@@ -269,6 +285,11 @@ def load_examples(path: Path) -> tuple[str, list[Example]]:
 def is_classification(examples: list[Example]) -> bool:
     """True for text+label examples."""
     return bool(examples) and "label" in examples[0]
+
+
+def is_seq2seq(examples: list[Example]) -> bool:
+    """True for source+target examples."""
+    return bool(examples) and "source" in examples[0]
 
 
 def is_tagging(examples: list[Example]) -> bool:

@@ -159,17 +159,7 @@ def trainable_fraction(model: nn.Module) -> tuple[int, int]:
 
 def peft_tensors(model: nn.Module) -> tuple[dict[str, Tensor], list[str], bool]:
     """(PEFT state dict, HF module names adapted, fan_in_fan_out) for the model's HF export."""
-    from lmforge.model.hf_families import FAMILIES, family_for
-
-    cfg = model.config
-    model_type = family_for(cfg)
-    if model_type is None:
-        raise ConfigError(
-            "this model has no Hugging Face equivalent, so PEFT adapters cannot be written; "
-            "use a llama/mistral/qwen2/gpt2-style model"
-        )
-    family = FAMILIES[model_type]
-    rules = {r.ours: r for r in family.rules(cfg)}
+    rules = _hf_rules(model)
     tensors: dict[str, Tensor] = {}
     hf_modules: list[str] = []
     for name, module in lora_modules(model).items():
@@ -190,6 +180,22 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, Tensor], list[str], bool]:
     return tensors, hf_modules, fan_in_fan_out
 
 
+def _hf_rules(model: nn.Module) -> dict:
+    """Our parameter name -> hf_families.Rule for the model's Hugging Face export."""
+    from lmforge.model.hf_families import FAMILIES, Rule, family_for
+
+    if hasattr(model, "save_hf"):  # the T5 adapter: names are transformers' own under "hf."
+        names = [f"{n}.weight" for n in lora_modules(model)]
+        return {n: Rule(n, (n.removeprefix("hf."),)) for n in names}
+    model_type = family_for(model.config)
+    if model_type is None:
+        raise ConfigError(
+            "this model has no Hugging Face equivalent, so PEFT adapters cannot be written; "
+            "use a llama/mistral/qwen2/gpt2-style model"
+        )
+    return {r.ours: r for r in FAMILIES[model_type].rules(model.config)}
+
+
 def save_peft_adapter(model: nn.Module, out_dir: Path, base_model: str = "") -> Path:
     """Writes adapter_config.json + adapter_model.safetensors that peft.PeftModel loads."""
     from safetensors.torch import save_file
@@ -201,7 +207,7 @@ def save_peft_adapter(model: nn.Module, out_dir: Path, base_model: str = "") -> 
     targets = "^(" + "|".join(re.escape(m) for m in hf_modules) + ")$"
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if getattr(model.config, "n_dec_layer", 0) else "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": first.r,
         "lora_alpha": first.alpha,

@@ -17,6 +17,7 @@ that is itself a classifier with the same label set starts the head from its own
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -39,10 +40,10 @@ from lmforge.data.augment import (
     separate_augmented,
 )
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune import heads, tagging
+from lmforge.finetune import heads, seq2seq, tagging
 from lmforge.finetune.evaluate import rouge_eval
 from lmforge.finetune.export import export_model, tuned_generation_config
-from lmforge.finetune.formats import is_classification, is_tagging, load_examples
+from lmforge.finetune.formats import is_classification, is_seq2seq, is_tagging, load_examples
 from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
 from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
 from lmforge.finetune.lora import LoraConfig, inject, trainable_fraction
@@ -104,10 +105,15 @@ class FinetuneConfig(StageConfig):
     data: Path = Field(description="training data: .jsonl/.parquet file, dir, or saved HF dataset")
     val_data: Path | None = Field(None, description="validation data (default: split from data)")
     method: Literal["full", "lora"] = Field("full", description="full | lora")
-    task: Literal["sft", "classify", "multitask", "tag"] = Field(
+    task: Literal["sft", "classify", "multitask", "tag", "seq2seq"] = Field(
         "sft",
         description="sft (chat) | classify (text+label) | multitask (LM + classify) | "
-        "tag (tokens+tags, encoders)",
+        "tag (tokens+tags, encoders) | seq2seq (source+target, encoder-decoders)",
+    )
+    from_scratch: str | None = Field(
+        None,
+        description="seq2seq: train this preset (e.g. bart-micro) from scratch; --model then "
+        "only supplies the tokenizer files",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="freezing / layer LRs")
@@ -161,6 +167,14 @@ def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def _check_task(cfg: FinetuneConfig, path: Path, examples: list) -> None:
+    if (cfg.task == "seq2seq") != is_seq2seq(examples):
+        if cfg.task == "seq2seq":
+            raise ConfigError(
+                f"{path} does not hold source+target records, which --task seq2seq needs"
+            )
+        raise ConfigError(f"{path} holds source+target records; use --task seq2seq")
+    if cfg.task == "seq2seq":
+        return
     if (cfg.task == "tag") != is_tagging(examples):
         if cfg.task == "tag":
             raise ConfigError(f"{path} does not hold tokens+tags records, which --task tag needs")
@@ -197,6 +211,13 @@ def prepare(
 ) -> Prepared:
     """Training and validation rows for the task."""
     seq_len = cfg.train.seq_len
+    if cfg.task == "seq2seq":
+        ids = _seq2seq_ids(cfg, tok)
+        train_rows, cut = seq2seq.encode_pairs(tok, train_ex, ids, seq_len)
+        val_rows, val_cut = seq2seq.encode_pairs(tok, val_ex, ids, seq_len)
+        stats = {"examples": len(train_ex), "truncated": cut, "val_examples": len(val_ex),
+                 "val_truncated": val_cut}  # fmt: skip
+        return Prepared(train_rows, val_rows, val_ex, [], stats)
     if cfg.task == "sft":
         opts = {"truncation": cfg.sft.truncation, "packing": cfg.sft.packing}
         train_rows, stats = build_sft_rows(tok, train_ex, seq_len, **opts)
@@ -228,6 +249,8 @@ def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.M
     """(trainable model, its language model): base loaded, adapters/freezing/head applied."""
     from lmforge.model.convert import load_pretrained
 
+    if cfg.task == "seq2seq" or cfg.from_scratch:
+        return _build_seq2seq(cfg)
     lm = load_pretrained(cfg.model_dir()).train()
     if cfg.train.seq_len > lm.config.block_size:
         raise ConfigError(
@@ -258,6 +281,31 @@ def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.M
     return model, lm
 
 
+def _build_seq2seq(cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
+    if cfg.task != "seq2seq":
+        raise ConfigError(f"from_scratch applies to --task seq2seq only, not --task {cfg.task}")
+    if cfg.freeze.first_n_layers or cfg.freeze.layer_lr_decay != 1.0:
+        raise ConfigError(
+            "freeze.first_n_layers and freeze.layer_lr_decay count a decoder's blocks; for "
+            "seq2seq freeze by name with freeze.patterns (e.g. 'enc_blocks.0.*')"
+        )
+    torch.manual_seed(cfg.train.seed)  # a scratch model and adapters start the same on resume
+    vocab = load_chat_tokenizer(cfg.model_dir()).vocab_size
+    model = seq2seq.build_seq2seq_model(cfg.model_dir(), cfg.from_scratch, vocab)
+    if cfg.method == "lora":
+        inject(model, seq2seq.lora_targets_for(model, cfg.lora))
+    elif hasattr(model, "enc_blocks"):  # freezing names our blocks; the T5 adapter trains whole
+        apply_freeze(model, cfg.freeze, model.config.n_layer)
+    return model, model
+
+
+def _seq2seq_ids(cfg: FinetuneConfig, tok: TokenizerFiles) -> seq2seq.Seq2SeqIds:
+    """The base model's special ids (none from scratch: the tokenizer's)."""
+    config_json = cfg.model_dir() / "config.json"
+    base = {} if cfg.from_scratch else json.loads(config_json.read_text(encoding="utf-8"))
+    return seq2seq.Seq2SeqIds.of(base, tok)
+
+
 def _start_from_base_head(model: nn.Module, model_dir: Path, labels: list[str]) -> None:
     """Copies the base model's classifier rows into the new head when it has exactly our labels."""
     from lmforge.model.convert import load_classifier
@@ -282,6 +330,8 @@ def loss_for(cfg: FinetuneConfig):
     """The loss_fn handed to the loop."""
     if cfg.task == "sft":
         return lm_loss
+    if cfg.task == "seq2seq":
+        return seq2seq.seq2seq_loss
     if cfg.task == "classify":
         return heads.classify_loss
     if cfg.task == "tag":
@@ -327,14 +377,15 @@ def fit(cfg: FinetuneConfig, ctx: Any, data: Prepared) -> tuple[nn.Module, nn.Mo
 
 def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     """Prepares data, trains, evaluates and writes final/ (+ adapter/); returns headlines."""
-    require_artifact(cfg.model_dir(), ["config.json"], hint=MODEL_HINT)
+    needed = ["tokenizer.json"] if cfg.from_scratch else ["config.json"]
+    require_artifact(cfg.model_dir(), needed, hint=MODEL_HINT)
     tok = load_chat_tokenizer(cfg.model_dir())
     train_ex, val_ex = load_splits(cfg)
     labels = task_labels(cfg, train_ex + val_ex)
     headline: dict[str, Any] = {}
     augmenter = _augmenter(cfg)
     if cfg.kfold.k > 1:
-        if cfg.task in ("sft", "tag"):
+        if cfg.task in ("sft", "tag", "seq2seq"):
             raise ConfigError("kfold.k > 1 needs labeled data (--task classify or multitask)")
         headline.update(cross_validate(cfg, ctx, tok, train_ex + val_ex, labels, augmenter))
     if augmenter is not None:
@@ -354,6 +405,8 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     )  # fmt: skip
     if cfg.task == "sft":
         headline.update(_sft_eval(cfg, tok, model, data))
+    elif cfg.task == "seq2seq":
+        headline.update(_seq2seq_eval(cfg, ctx, tok, model, data))
     elif cfg.task == "tag":
         gold = [r[r != heads.IGNORE_INDEX].tolist() for r in data.val_rows["tag_labels"]]
         preds = tagging.predict_tags(model, data.val_rows)
@@ -371,7 +424,7 @@ def task_labels(cfg: FinetuneConfig, examples: list) -> list[str]:
     """The sorted class names (classify, multitask) or tag names (tag); none for sft."""
     if cfg.task == "tag":
         return sorted({t for e in examples for t in e["tags"]})
-    return sorted({e["label"] for e in examples}) if cfg.task != "sft" else []
+    return sorted({e["label"] for e in examples}) if cfg.task not in ("sft", "seq2seq") else []
 
 
 def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: Prepared) -> dict:
@@ -402,6 +455,32 @@ def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: 
     return out
 
 
+def _seq2seq_eval(
+    cfg: FinetuneConfig, ctx: StageContext, tok: TokenizerFiles, model: nn.Module, data: Prepared
+) -> dict[str, Any]:
+    """Text metrics of greedy outputs on val (base_* and base_val_loss too for a pretrained
+    base), and val_outputs.jsonl with each source, target and output."""
+    from lmforge.model.convert import load_pretrained
+
+    examples = data.val_examples[: cfg.eval.rouge_examples]
+    if not examples:
+        return {}
+    ids = _seq2seq_ids(cfg, tok)
+    opts = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    scores, rows = seq2seq.seq2seq_eval(model, tok, examples, ids, **opts)
+    ctx.atomic_write_text(
+        ctx.out / "val_outputs.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    out: dict[str, Any] = {**scores, "eval_examples": len(examples)}
+    if cfg.eval.compare_base and not cfg.from_scratch:
+        base = load_pretrained(cfg.model_dir(), device=next(model.parameters()).device)
+        with torch.no_grad():
+            out["base_val_loss"] = _round(_eval_fn(cfg, data.val_rows)(base)["val_loss"])
+        base_scores, _ = seq2seq.seq2seq_eval(base, tok, examples, ids, **opts)
+        out.update({f"base_{k}": v for k, v in base_scores.items()})
+    return out
+
+
 def _write_outputs(
     cfg: FinetuneConfig,
     ctx: StageContext,
@@ -412,11 +491,13 @@ def _write_outputs(
 ) -> None:
     """adapter/ (LoRA), final/ (merged model + generation_config.json, or classifier; tokenizer
     files), loss.png."""
-    classifier = None
-    if cfg.task != "sft":
+    classifier, seq2seq_ids = None, None
+    if cfg.task == "seq2seq":
+        seq2seq_ids = _seq2seq_ids(cfg, tok).config(tok.bos_id)
+    elif cfg.task != "sft":
         classifier = model.classifier_head(labels)
     # a classifier pools by the pad id encode_texts padded with
-    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier)
+    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier, seq2seq_ids=seq2seq_ids)
     ctx.metrics.close()
     rows = read_metrics(ctx.out / "metrics.jsonl")
     plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")

@@ -95,8 +95,14 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
         self._validate_encoder()
-        if self.n_dec_layer < 0 or (self.n_dec_layer and self.causal):
-            raise ConfigError("model.n_dec_layer > 0 (encoder-decoder) needs model.causal=false")
+        if self.n_dec_layer < 0:
+            raise ConfigError(f"model.n_dec_layer must be >= 0, got {self.n_dec_layer}")
+        seq2seq_ok = not self.causal and self.pos == "learned" and self.tie_embeddings
+        if self.n_dec_layer and not (seq2seq_ok and not self.type_vocab_size and not self.mlm_head):
+            raise ConfigError(
+                "model.n_dec_layer > 0 (encoder-decoder) needs causal=false, pos='learned', "
+                "tie_embeddings=true, type_vocab_size=0 and mlm_head=false (see the bart-* presets)"
+            )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ConfigError(

@@ -21,8 +21,8 @@ positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as Ber
 
 Import reads our exports and local HF checkpoints of the llama, mistral, qwen2, gpt2, bert and
 roberta families, single-file or sharded. An encoder checkpoint without MLM head tensors (a
-classifier, a bare BertModel) loads with mlm_head off. Legacy pytorch_model.bin files are read only through
-torch.load(weights_only=True), which refuses anything but plain tensors.
+classifier, a bare BertModel) loads with mlm_head off. Legacy pytorch_model.bin files are read
+only through torch.load(weights_only=True), which refuses anything but plain tensors.
 """
 
 from __future__ import annotations
@@ -332,6 +332,12 @@ def save_pretrained(
     cfg: ModelConfig = model.config
     state = model.state_dict()
     model_type = family_for(cfg)
+    encoder_head = classifier is not None and (classifier.bias is not None or classifier.per_token)
+    if model_type is None and encoder_head:
+        raise ValueError(
+            "an encoder classifier exports only as BERT/RoBERTa (family_for found none for this "
+            "config); keep the bert-* preset's shape"
+        )
     if model_type is None:
         log.info("model config has no Hugging Face equivalent; writing lmforge's own layout")
         architecture = NATIVE_CLASSIFIER if classifier else "LmforgeTransformer"

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
@@ -118,7 +119,7 @@ class Seq2SeqLM(nn.Module):
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
         self.tie_weights()
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -162,7 +163,7 @@ class Seq2SeqLM(nn.Module):
         x = self._embed(src, self.enc_pos_emb, self.enc_emb_norm, 0)
         mask = attention_mask(src.size(1), 0, None, None, src.device, src_mask, causal=False)
         for block in self.enc_blocks:
-            x = block(x, None, mask)
+            x = self._run(block, x, None, mask)
         return self.enc_norm_f(x)
 
     def cross_kv(self, memory: Tensor) -> CrossKV:
@@ -185,8 +186,17 @@ class Seq2SeqLM(nn.Module):
         if src_mask is not None and not bool(src_mask.all()):
             cross_mask = src_mask.bool()[:, None, None, :]  # (B, 1, 1, S): padding keys hidden
         for block, kv in zip(self.dec_blocks, cross, strict=True):
-            x = block(x, self_mask, kv, cross_mask, kv_cache, start_pos)
+            if kv_cache is None:
+                x = self._run(block, x, self_mask, kv, cross_mask)
+            else:
+                x = block(x, self_mask, kv, cross_mask, kv_cache, start_pos)
         return self.dec_norm_f(x)
+
+    def _run(self, block: nn.Module, *args: object) -> Tensor:
+        """block(*args), recomputed in backward when gradient_checkpointing is on (training)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def logits(self, h: Tensor) -> Tensor:
         return self.lm_head(h) + self.final_logits_bias.to(h.dtype)

@@ -26,6 +26,12 @@ from lmforge.model.generate import (
 )
 
 
+def source_row(ids: Sequence[int], eos: int, max_len: int) -> list[int]:
+    """The encoder's input for a source text's ids: cut to max_len - 1, then eos (as BART's
+    tokenizer ends every sequence); fine-tuning and generation build sources alike."""
+    return [*ids[: max_len - 1], eos]
+
+
 def right_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -134,3 +134,15 @@ def test_mlm_loss_on_masked_positions_equals_full_cross_entropy():
     loss.backward()  # the head's dense, norm and bias all get gradients
     assert model.mlm_transform.dense.weight.grad.abs().sum() > 0
     assert model.lm_head.bias.grad.abs().sum() > 0
+
+
+def test_encoder_without_hf_family_refuses_a_biased_head_and_keeps_native_mlm(tmp_path):
+    from lmforge.model.convert import ClassifierHead
+
+    model = randomize(Transformer(preset_config("bert-micro", n_kv_head=2)))  # GQA: no HF family
+    head = ClassifierHead(torch.zeros(2, 64), ["a", "b"], bias=torch.zeros(2), per_token=True)
+    with pytest.raises(ValueError, match="exports only as BERT/RoBERTa"):
+        save_pretrained(model, tmp_path / "clf", classifier=head)
+    save_pretrained(model, tmp_path / "mlm")  # lmforge's own layout round-trips exactly
+    idx = ids(256)
+    assert torch.equal(our_logits(load_pretrained(tmp_path / "mlm"), idx), our_logits(model, idx))

@@ -1,8 +1,11 @@
 """Seq2SeqLM against transformers: BART both ways, T5 through the adapter, cached generation."""
 
+import json
+
 import pytest
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.seq2seq import Seq2SeqLM
@@ -146,3 +149,38 @@ def test_t5_checkpoint_loads_generates_and_exports_through_the_adapter(tmp_path)
     again = load_pretrained(tmp_path / "t5-out")
     with torch.no_grad():
         torch.testing.assert_close(again(src, tgt, mask), ours(src, tgt, mask), atol=0, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = Seq2SeqLM(preset_config("bart-micro")).train()
+    src, mask, tgt = _batch(256)
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = recompute
+        model(src, tgt, mask, labels=tgt).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=0)
+
+
+def test_a_non_bart_seq2seq_round_trips_in_lmforge_layout(tmp_path):
+    torch.manual_seed(0)
+    cfg = preset_config("bart-micro", norm="rmsnorm", post_norm=False, mlp="swiglu", bias=False)
+    model = Seq2SeqLM(cfg).eval()
+    save_pretrained(model, tmp_path / "native")
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert config["model_type"] == "lmforge"
+    src, mask, tgt = _batch(256)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_pretrained(tmp_path / "native")(src, tgt, mask), model(src, tgt, mask)
+        )
+
+
+def test_encoder_decoder_configs_are_checked():
+    with pytest.raises(ConfigError, match="needs causal=false, pos='learned'"):
+        preset_config("bart-micro", pos="rope", pos_offset=0)
+    with pytest.raises(ConfigError, match="needs causal=false"):
+        preset_config("micro", n_dec_layer=2)
