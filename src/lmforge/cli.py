@@ -642,7 +642,7 @@ def serve_cmd(
         Path | None,
         typer.Option(
             help="serve.yaml (e.g. a recipe's serve-config stage): models, kb, safety, feedback "
-            "from the file; host, port, api key, workers and device from the flags."
+            "from the file; host, port, api key, workers, limits and device from the flags."
         ),
     ] = None,
 ) -> None:
@@ -657,14 +657,17 @@ def serve_cmd(
         return
     from lmforge.config import validate
     from lmforge.errors import ConfigError
-    from lmforge.serve.server import serve
     from lmforge.serve.settings import ServeSettings, parse_model_specs
 
     if config is not None:
         from lmforge.serve.recipe_config import load_serve_config
 
         base = load_serve_config(config)
-        flags = {"host": host, "port": port, "workers": workers, "device": device}
+        flags = {"host": host, "port": port, "workers": workers, "device": device,
+                 "max_batch_size": max_batch_size, "max_queue": max_queue,
+                 "request_timeout_s": request_timeout}  # fmt: skip
+        from lmforge.serve.server import serve
+
         serve(base.model_copy(update={**flags, "api_key": api_key or base.api_key}))
         return
     if not model:
@@ -675,6 +678,8 @@ def serve_cmd(
         "max_batch_size": max_batch_size, "max_queue": max_queue,
         "request_timeout_s": request_timeout, "device": device,
     }, where="serve")  # fmt: skip
+    from lmforge.serve.server import serve  # torch and FastAPI: only once the flags are right
+
     serve(settings)
 
 

@@ -45,7 +45,6 @@ def tight(serve_model, tmp_path_factory):
          "--feedback-db", str(tmp / "feedback.db"), "--max-batch-size", "1", "--max-queue", "1"],
         tmp / "server.log",
     )  # fmt: skip
-    srv.feedback_db = tmp / "feedback.db"
     yield srv
     srv.stop(signal.SIGKILL)
 
@@ -114,49 +113,52 @@ def test_queue_full_is_429(tight):
     assert queued and queued[0].usage.completion_tokens == 2
 
 
-def test_feedback_survives_sigkill(tight):
-    from lmforge.serve.feedback import FeedbackStore
-
-    out = greedy(client_of(tight), max_tokens=3)
-    r = httpx.post(f"{tight.url}/v1/feedback", json={"response_id": out.id, "rating": 1})
-    assert r.status_code == 200
-    tight.stop(signal.SIGKILL)
-    store = FeedbackStore(tight.feedback_db)  # the row the killed server wrote is there
-    assert store.add_rating(out.id, -1) > r.json()["feedback_id"]
-
-
-def test_timeout_is_504(serve_model, tmp_path):
-    srv = ServerProcess(
-        ["--model", f"micro={serve_model}", "--request-timeout", "0.3",
-         "--feedback-db", str(tmp_path / "f.db")],
-        tmp_path / "server.log",
-    )  # fmt: skip
-    try:
-        client = client_of(srv)
-        with pytest.raises(openai.APIStatusError) as err:
-            greedy(client, max_tokens=1000 - 20)
-        assert err.value.status_code == 504 and err.value.body["code"] == "timeout"
-        with pytest.raises(openai.APIError, match="timed out"):  # a stream ends with the error
-            list(greedy(client, max_tokens=1000 - 20, stream=True))
-        # the timed-out sequences were aborted
-        assert srv.wait_metric("lmforge_running", 0, timeout=5, model="micro") == 0
-    finally:
-        assert srv.stopped_cleanly(), srv.output()
-
-
-def test_sigterm_lets_the_in_flight_request_finish(serve_model, tmp_path):
-    srv = ServerProcess(
-        ["--model", f"micro={serve_model}", "--feedback-db", str(tmp_path / "f.db")],
-        tmp_path / "server.log",
-    )  # fmt: skip
+def test_sigterm_lets_the_in_flight_request_finish(tight):
+    """Last of the tight server's tests: it stops the server."""
     done: list = []
-    worker = threading.Thread(target=lambda: done.append(greedy(client_of(srv), max_tokens=400)))
+    worker = threading.Thread(target=lambda: done.append(greedy(client_of(tight), max_tokens=400)))
     worker.start()
-    assert srv.wait_metric("lmforge_running", 1, model="micro") == 1  # in flight at SIGTERM
-    assert srv.stopped_cleanly(), srv.output()
+    assert tight.wait_metric("lmforge_running", 1, model="micro") == 1  # in flight at SIGTERM
+    assert tight.stopped_cleanly(), tight.output()
     worker.join(30)
     assert done and done[0].usage.completion_tokens == 400
     assert done[0].choices[0].finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def hasty(serve_model, tmp_path_factory):
+    """A server that gives every request half a second (a long answer takes seconds)."""
+    tmp = tmp_path_factory.mktemp("hasty")
+    srv = ServerProcess(
+        ["--model", f"micro={serve_model}", "--request-timeout", "0.5",
+         "--feedback-db", str(tmp / "feedback.db")],
+        tmp / "server.log",
+    )  # fmt: skip
+    srv.feedback_db = tmp / "feedback.db"
+    yield srv
+    srv.stop(signal.SIGKILL)
+
+
+def test_timeout_is_504(hasty):
+    client = client_of(hasty)
+    with pytest.raises(openai.APIStatusError) as err:
+        greedy(client, max_tokens=1000 - 20)
+    assert err.value.status_code == 504 and err.value.body["code"] == "timeout"
+    with pytest.raises(openai.APIError, match="timed out"):  # a stream ends with the error
+        list(greedy(client, max_tokens=1000 - 20, stream=True))
+    # the timed-out sequences were aborted
+    assert hasty.wait_metric("lmforge_running", 0, timeout=5, model="micro") == 0
+
+
+def test_feedback_survives_sigkill(hasty):
+    from lmforge.serve.feedback import FeedbackStore
+
+    out = greedy(client_of(hasty), max_tokens=3)
+    r = httpx.post(f"{hasty.url}/v1/feedback", json={"response_id": out.id, "rating": 1})
+    assert r.status_code == 200
+    hasty.stop(signal.SIGKILL)
+    store = FeedbackStore(hasty.feedback_db)  # the row the killed server wrote is there
+    assert store.add_rating(out.id, -1) > r.json()["feedback_id"]
 
 
 @pytest.mark.slow  # two processes each load torch and the model: ~20 s on 2 busy cores

@@ -2,7 +2,8 @@
 
 Requests join and leave the running batch at every decoding step. A background thread loops:
 
-1. apply aborts; admit waiting requests into the free batch slots (max_batch_size);
+1. apply aborts; admit waiting requests into the free batch slots (max_batch_size), up to
+   max_prefill_tokens prompt tokens a step, so a burst of long prompts stalls decoding little;
 2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
    group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
    a prefill is compute-bound already and padding only adds work); each newcomer samples its
@@ -36,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,12 @@ class Engine:
         max_batch_size: int = 32,
         max_queue: int = 256,
         generation_config: dict[str, Any] | None = None,
+        max_prefill_tokens: int = 2048,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 0:
+        if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise InputError(
-                f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}"
+                "max_batch_size and max_prefill_tokens must be >= 1 and max_queue >= 0, got "
+                f"{max_batch_size}, {max_prefill_tokens}, {max_queue}"
             )
         _configure_threads_once()
         self.model = model.eval()
@@ -128,6 +131,7 @@ class Engine:
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens prefilled per step
         self.max_context: int = model.config.block_size
         self.vocab_size: int = model.config.vocab_size
         self.device = next(model.parameters()).device
@@ -287,10 +291,7 @@ class Engine:
                     self._apply_aborts()
                     if self._stopping and not (self._waiting or self._running):
                         return
-                    free = self.max_batch_size - len(self._running)
-                    joining = [
-                        self._waiting.popleft() for _ in range(min(free, len(self._waiting)))
-                    ]
+                    joining = self._admit()
                     for row in joining:
                         self._active[row.request_id] = row
                 try:
@@ -303,6 +304,20 @@ class Engine:
                     self._fail([*self._running, *joining], exc)
                     with self._lock:
                         self._running, self._cache = [], None
+
+    def _admit(self) -> list[_Row]:
+        """(lock held) Waiting requests for this step's prefill: as many as the batch has free
+        rows and max_prefill_tokens allows (one at least), so a burst of long prompts delays
+        the running rows' next tokens by one budget's prefill, not by all of them."""
+        free = self.max_batch_size - len(self._running)
+        budget = self.max_prefill_tokens
+        joining: list[_Row] = []
+        while self._waiting and len(joining) < free:
+            if joining and len(self._waiting[0].prompt) > budget:
+                break
+            joining.append(self._waiting.popleft())
+            budget -= len(joining[-1].prompt)
+        return joining
 
     def _apply_aborts(self) -> None:
         """(lock held) Drops aborted rows from the running batch."""
@@ -396,25 +411,30 @@ class Engine:
             return
         with self._lock:
             self._counts["steps"] += 1
-        keep = self._emit(rows, logits)
-        with self._lock:
-            self._keep(keep)
+        self._emit(rows, logits, leave=self._keep)
 
-    def _emit(self, rows: list[_Row], logits: Tensor) -> list[int]:
-        """Samples each row's next token and sends its event; returns the rows that continue."""
+    def _emit(
+        self, rows: list[_Row], logits: Tensor, leave: Callable[[list[int]], None] | None = None
+    ) -> list[int]:
+        """Samples each row's next token and sends its event; returns the rows that continue.
+
+        leave(keep) drops the others from the running batch, under the lock and before their
+        final events go out, so a reader that saw its request end never finds it still running.
+        """
         params = [r.params for r in rows]
         k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        keep: list[int] = []
+        finals: list[tuple[_Row, TokenEvent]] = []
         try:
-            chosen = sample_rows(logits, params, [r.generator for r in rows])
+            chosen = sample_rows(logits, params, [r.generator for r in rows]).tolist()
             if k is not None:
-                lps, top_values, top_ids = top_logprobs(logits, chosen, k)
+                ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)
+                lps, top_values, top_ids = top_logprobs(logits, ids, k)
                 top_values, top_ids = top_values.tolist(), top_ids.tolist()
         except Exception as exc:  # fail these rows, keep serving
             log.exception("sampling failed for %d requests", len(rows))
-            self._fail(rows, exc)
-            return []
-        keep = []
-        for i, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
+            chosen, finals = [], [(row, _error_event(exc)) for row in rows]
+        for i, (row, token) in enumerate(zip(rows, chosen, strict=False)):
             try:
                 event = self._next_event(row, token)
                 if row.params.logprobs is not None:
@@ -423,17 +443,20 @@ class Engine:
                     event.top_logprobs = self._alternatives(top_ids[i][:n], top_values[i][:n])
             except Exception as exc:  # a row's own failure ends only that row
                 log.exception("request %s failed", row.request_id)
-                self._fail([row], exc)
+                finals.append((row, _error_event(exc)))
                 continue
             if event.finish_reason is None:
                 row.pending = token
                 keep.append(i)
                 row.handle.push(event)
             else:
-                with self._lock:
-                    self._finish(row, event)
+                finals.append((row, event))
         with self._lock:
-            self._counts["generated_tokens"] += len(rows)
+            if leave is not None:
+                leave(keep)
+            for row, event in finals:
+                self._finish(row, event)
+            self._counts["generated_tokens"] += len(chosen)
         return keep
 
     def _next_event(self, row: _Row, token: int) -> TokenEvent:
@@ -456,10 +479,9 @@ class Engine:
         return out
 
     def _fail(self, rows: list[_Row], exc: BaseException) -> None:
-        message = f"{type(exc).__name__}: {exc}"
         with self._lock:
             for row in rows:
-                self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="error", error=message))
+                self._finish(row, _error_event(exc))
 
     def _finish(self, row: _Row, event: TokenEvent) -> None:
         """(lock held) Sends a request's final event and forgets the request."""
@@ -469,6 +491,11 @@ class Engine:
         self._aborts.discard(row.request_id)
         self._counts["finished"] += 1
         row.handle.push(event)
+
+
+def _error_event(exc: BaseException) -> TokenEvent:
+    """The final event of a request that failed: what went wrong, for the server's 500 body."""
+    return TokenEvent(NO_TOKEN, "", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
 
 
 def prefill_groups(prompts: list[list[int]], waste: float = PREFILL_PADDING) -> list[list[int]]:

@@ -28,7 +28,9 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from exc
 
 from lmforge.errors import InputError
+from lmforge.serve.cache import ResponseCache, model_identity
 from lmforge.serve.completions import CompletionService
+from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.protocol import (
     APIError,
@@ -37,6 +39,9 @@ from lmforge.serve.protocol import (
     FeedbackRequest,
     parse_request,
 )
+from lmforge.serve.retrieval import KnowledgeBase
+from lmforge.serve.safety import SafetyPolicy
+from lmforge.serve.seq2seq_engine import engine_class
 from lmforge.serve.settings import ENV_CONFIG, ServeSettings, settings_from_env
 
 log = logging.getLogger(__name__)
@@ -67,19 +72,12 @@ class ServeState:
 
 def open_stores(state: ServeState) -> None:
     """The response cache, safety policy, knowledge base and feedback store the settings ask for."""
-    from lmforge.serve.cache import ResponseCache
-    from lmforge.serve.feedback import FeedbackStore
-
     s = state.settings
     if s.cache_entries:
         state.cache = ResponseCache(max_entries=s.cache_entries)
     if s.safety is not None:
-        from lmforge.serve.safety import SafetyPolicy
-
         state.safety = SafetyPolicy.from_file(s.safety)
     if s.kb is not None and s.workers > 1:  # serve() built it before starting the workers
-        from lmforge.serve.retrieval import KnowledgeBase
-
         state.kb = KnowledgeBase.open(s.kb_path())
     elif s.kb is not None:
         state.kb = open_knowledge_base(s)
@@ -88,15 +86,10 @@ def open_stores(state: ServeState) -> None:
 
 def open_knowledge_base(settings: ServeSettings) -> Any:
     """Builds (incrementally: unchanged files are skipped) or opens the --kb index."""
-    from lmforge.serve.retrieval import KnowledgeBase
-
     return KnowledgeBase.build(settings.kb, settings.kb_path())
 
 
 def start_engines(state: ServeState) -> None:
-    from lmforge.serve.cache import model_identity
-    from lmforge.serve.seq2seq_engine import engine_class
-
     s = state.settings
     for spec in s.models:
         engine = engine_class(spec.path).from_dir(
@@ -133,9 +126,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         finally:
             state.ready = False
             await asyncio.to_thread(stop_engines, state)
-            close = getattr(state.feedback, "close", None)
-            if close is not None:
-                close()
+            for store in (state.feedback, state.kb):
+                if store is not None:
+                    store.close()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serve = state

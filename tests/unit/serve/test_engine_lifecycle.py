@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
 import pytest
 import torch
 
 from lmforge.errors import InputError
 from lmforge.model.generate import generate
-from lmforge.serve.engine import Engine, EngineClosed, QueueFull, SamplingParams, collect
+from lmforge.serve.engine import (
+    NO_TOKEN,
+    Engine,
+    EngineClosed,
+    QueueFull,
+    SamplingParams,
+    collect,
+)
 from lmforge.tokenizer.files import TokenizerFiles
 
 from .conftest import micro_model
@@ -42,6 +51,9 @@ def test_short_requests_join_a_long_one_and_finish_first(engine):
               enumerate(["Paris", "def f(x): return", "os.path"])]  # fmt: skip
     short_results = [collect(h) for h in shorts]
     assert not long.finished  # every short request ended while the long one still ran
+    stats = engine.stats()  # the long row alone, 80-odd steps from its end
+    assert stats.running == 1 and stats.cache_tokens >= len(long_ids)
+    assert stats.cache_capacity >= stats.cache_tokens
     rest = list(events)
     assert rest[-1].finish_reason == "length" and len(rest) == 89
     assert all(h.finished_at < long.finished_at for h in shorts)
@@ -153,3 +165,65 @@ def test_async_iteration_from_an_event_loop(engine):
 
     results = asyncio.run(main())
     assert results == [alone(engine.model, p, 8) for p in prompts]
+
+
+def test_random_arrivals_leaves_and_aborts_keep_every_request_exact(fresh):
+    """Queueing (batch of 4), joins of every length, max_tokens 1 (never joins), aborts."""
+    rng = random.Random(0)
+    fresh.start()
+    requests = [
+        ([rng.randrange(3, 250) for _ in range(rng.randint(1, 40))], rng.randint(1, 20))
+        for _ in range(14)
+    ]
+    aborted = {3, 8}
+    handles = []
+    for i, (ids, n) in enumerate(requests):
+        handles.append(fresh.submit(ids, greedy(n), f"rand-{i}"))
+        time.sleep(rng.random() * 0.02)  # arrivals while the batch decodes
+        if i in aborted:
+            fresh.abort(f"rand-{i}")
+    for i, ((ids, n), h) in enumerate(zip(requests, handles, strict=True)):
+        tokens = [e.token_id for e in h if e.token_id != NO_TOKEN]
+        expected = alone(fresh.model, ids, n)
+        if i in aborted:
+            assert h.finish_reason in ("abort", "length")  # it may have finished first
+            assert tokens == expected[: len(tokens)]
+        else:
+            assert h.finish_reason == "length" and tokens == expected
+    assert fresh.stats().running == 0 and fresh.stats().queue_depth == 0
+
+
+def test_from_dir_takes_the_dtype_saved_in_the_model_dir(tmp_path, serve_model_dir):
+    from lmforge.model.convert import load_pretrained, save_pretrained
+    from lmforge.tokenizer.files import copy_tokenizer_files
+
+    bf16 = load_pretrained(serve_model_dir).to(torch.bfloat16)
+    save_pretrained(bf16, tmp_path / "bf16")
+    copy_tokenizer_files(serve_model_dir, tmp_path / "bf16")
+    eng = Engine.from_dir(tmp_path / "bf16", device="cpu")
+    assert next(eng.model.parameters()).dtype == torch.bfloat16 and eng.name == "bf16"
+    eng.start()
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+        c = collect(eng.submit(eng.files.encode("The capital is Paris."), params, "bf16"))
+    finally:
+        eng.shutdown()
+    assert c.finish_reason == "length" and len(c.token_ids) == 12
+    assert max(c.token_ids) > 256  # ids a bf16 tensor could not hold exactly
+    for lp, top in zip(c.logprobs, c.top_logprobs, strict=True):  # greedy: the best is chosen
+        assert lp == max(top.values()) and lp <= 0
+
+
+def test_a_burst_of_prompts_is_prefilled_within_the_token_budget(serve_model_dir):
+    files = TokenizerFiles.load(serve_model_dir)
+    model = micro_model(files.vocab_size)
+    eng = Engine(model, files, name="budget", max_prefill_tokens=20)
+    prompts = [[5 + i] * 8 for i in range(4)]  # one length: a single group without the budget
+    handles = [eng.submit(p, greedy(5), f"burst-{i}") for i, p in enumerate(prompts)]
+    eng.start()
+    try:
+        results = [collect(h) for h in handles]
+    finally:
+        eng.shutdown()
+    assert eng.stats().prefills == 2  # 8 + 8 tokens fit in 20, a third would not
+    assert [c.token_ids for c in results] == [alone(model, p, 5) for p in prompts]
