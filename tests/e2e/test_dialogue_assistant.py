@@ -16,7 +16,7 @@ from e2e.serve_helpers import ServerProcess
 MICRO = [
     "dialogues.max_functions=80", "dialogues.small_talk_copies=2", "tokenizer.vocab_size=512",
     "dialogue.model.preset=bart-micro", "dialogue.train.max_steps=20",
-    "dialogue.train.warmup_steps=2", "dialogue.train.micro_batch_size=16",
+    "dialogue.train.warmup_steps=2", "dialogue.train.seq_len=32", "dialogue.train.micro_batch_size=16",
     "dialogue.train.eval_every=10", "dialogue.train.ckpt_every=20",
     "dialogue.eval.max_examples=16", "dialogue.eval.max_new_tokens=12",
     "serve_config.kb_functions=40",
@@ -58,7 +58,8 @@ def test_model_dir_and_report_sections(run_dir):
     assert labels == sorted(labels) and "greeting" in labels and head.out_features == len(labels)
     assert type(load_pretrained(final)).__name__ == "Seq2SeqLM"
     scores = json.loads((run_dir / "dialogue" / "eval.json").read_text())
-    assert 0 <= scores["test_rouge_l"] <= 1 and 0 <= scores["intent_accuracy"] <= 1
+    assert 0 <= scores["test_rougeL"] <= 1 and 0 <= scores["intent_accuracy"] <= 1
+    assert scores["test_bleu"] >= 0 and scores["intent_test_dialogues"] > 0
     report = (run_dir / "report.md").read_text()
     for stage in ("dialogues", "data", "tokenizer", "dialogue", "serve_config"):
         assert f"## {stage} (" in report, stage

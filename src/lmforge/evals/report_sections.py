@@ -605,12 +605,13 @@ def dialogue_section(stage: StageInfo) -> list[Block]:
         return [*training_section(stage), Block(text="No eval.json in this dialogue stage.")]
     text = (
         f"On {scores['test_responses']} held-out dialogues about unseen functions the responder "
-        f"scores ROUGE-L {scores['test_rouge_l']:.3f} (exact match {scores['test_exact_match']:.3f});"
+        f"scores ROUGE-L {scores['test_rougeL']:.3f}, BLEU {scores['test_bleu']:.1f} (exact match "
+        f"{scores['test_exact_match']:.3f});"
         f" its intent head is right on {scores['intent_accuracy']:.1%} of "
         f"{scores['intent_test_dialogues']} (macro-F1 {scores['intent_macro_f1']:.3f}; always "
         f"guessing the commonest intent: {scores['intent_majority_accuracy']:.1%})."
     )
-    shown = ("test_rouge_l", "test_exact_match", "intent_accuracy", "intent_macro_f1",
+    shown = ("test_rouge1", "test_rouge2", "test_rougeL", "test_bleu", "test_exact_match", "intent_accuracy", "intent_macro_f1",
              "intent_majority_accuracy")  # fmt: skip
     table = [["metric (held-out test)", "value"], *([k, f"{scores[k]:.4g}"] for k in shown)]
     rows = [["user", "reference", "response", "intent (predicted)"]]

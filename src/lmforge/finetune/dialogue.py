@@ -10,7 +10,8 @@ used here instead of the data stage's text-hash split.
 final/ is a BART-layout model directory (servable, transformers-loadable) with the tokenizer files,
 generation_config.json (decoder_start_token_id, eos) and the intent head: intent_head.safetensors
 + intent_head.json (labels, pooling), read back by load_intent_head. Held-out test dialogues are
-scored: ROUGE-L and exact match of greedy responses, intent accuracy and macro-F1.
+scored: ROUGE-1/2/L, BLEU and exact match of greedy responses (finetune.seq2seq's evaluation),
+intent accuracy and macro-F1. Rows, ids and scoring are finetune.seq2seq's (sources end in eos).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from lmforge.common.io import read_jsonl, write_jsonl
 from lmforge.config import Section, StageConfig
 from lmforge.errors import InputError
 from lmforge.finetune.dialogue_data import parse_dialogue
-from lmforge.finetune.evaluate import rouge_l
 from lmforge.finetune.heads import classification_metrics
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.finetune.seq2seq import Seq2SeqIds, encode_pairs, seq2seq_eval
+from lmforge.model.transformer import next_token_loss
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from lmforge.train.config import TrainConfig
 from lmforge.train.pretrain import ModelSection
@@ -54,8 +55,6 @@ class DialogueConfig(StageConfig):
     tokenizer: Path = Field(description="tokenizer directory")
     model: ModelSection = Field(default_factory=lambda: ModelSection(preset="bart-tiny"))
     intent_weight: float = Field(0.5, ge=0, description="weight of the intent cross-entropy")
-    max_source_len: int = Field(64, ge=4, description="user turn tokens kept")
-    max_target_len: int = Field(64, ge=4, description="response tokens kept (with the stop)")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: DialogueEval = Field(default_factory=DialogueEval)
 
@@ -90,10 +89,10 @@ def make_loss(intent_weight: float):
     """The loop's loss_fn: response NLL + intent_weight * intent CE."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        logits, intents = model(batch["input_ids"], batch["src_mask"], batch["dec_in"])
-        nll = F.cross_entropy(
-            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
+        logits, intents = model(
+            batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
         )
+        nll = next_token_loss(logits, batch["labels"])  # as Seq2SeqLM.forward with labels
         ce = F.cross_entropy(intents.float(), batch["intent"])
         return nll + intent_weight * ce, {"response_nll": nll.detach(), "intent_ce": ce.detach()}
 
@@ -101,34 +100,20 @@ def make_loss(intent_weight: float):
 
 
 class Encoded:
-    """A split's dialogues as padded arrays (sources right-padded, targets with -100)."""
+    """A split's dialogues as finetune.seq2seq's padded rows plus each one's intent index."""
 
-    def __init__(self, rows: list[dict[str, Any]], tok: TokenizerFiles, cfg: DialogueConfig,
-                 intents: list[str], start_id: int, stop_id: int) -> None:  # fmt: skip
-        n, S, T = len(rows), cfg.max_source_len, cfg.max_target_len
-        self.src = np.full((n, S), tok.pad_id, dtype=np.int64)
-        self.src_mask = np.zeros((n, S), dtype=np.int64)
-        self.dec_in = np.full((n, T), tok.pad_id, dtype=np.int64)
-        self.labels = np.full((n, T), IGNORE_INDEX, dtype=np.int64)
+    def __init__(self, rows: list[dict[str, Any]], tok: TokenizerFiles, ids: Seq2SeqIds,
+                 max_len: int, intents: list[str]) -> None:  # fmt: skip
+        self.examples = [{"source": r["context"], "target": r["response"]} for r in rows]
+        self.rows, self.truncated = encode_pairs(tok, self.examples, ids, max_len)
         index = {name: i for i, name in enumerate(intents)}
-        self.intent = np.array([index[r["intent"]] for r in rows], dtype=np.int64)
-        self.sources: list[list[int]] = []
-        for i, r in enumerate(rows):
-            src = tok.encode(r["context"])[:S] or [tok.pad_id]
-            tgt = [*tok.encode(r["response"])[: T - 1], stop_id]
-            self.sources.append(src)
-            self.src[i, : len(src)], self.src_mask[i, : len(src)] = src, 1
-            self.dec_in[i, : len(tgt)] = [start_id, *tgt[:-1]]
-            self.labels[i, : len(tgt)] = tgt
+        self.rows["intent"] = np.array([index[r["intent"]] for r in rows], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.intent)
+        return len(self.examples)
 
     def batch(self, idx: np.ndarray) -> dict[str, Tensor]:
-        names = ("src", "src_mask", "dec_in", "labels", "intent")
-        out = {k: torch.from_numpy(getattr(self, k)[idx]) for k in names}
-        out["input_ids"] = out.pop("src")  # the loop counts tokens/s by input_ids
-        return out
+        return {k: torch.from_numpy(v[idx]) for k, v in self.rows.items()}
 
 
 class Batches:
@@ -185,7 +170,9 @@ def eval_fn_for(val: Encoded, batch_size: int, intent_weight: float):
             loss, extra = loss_fn(model, batch)
             losses.append(float(loss) * len(idx))
             nlls.append(float(extra["response_nll"]) * len(idx))
-            _, intents = model(batch["input_ids"], batch["src_mask"], batch["dec_in"])
+            _, intents = model(
+                batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
+            )
             hits += int((intents.argmax(-1) == batch["intent"]).sum())
         n = len(val)
         return {"val_loss": sum(losses) / n, "val_response_nll": sum(nlls) / n,
@@ -223,36 +210,25 @@ def predict_intents(model: DialogueModel, data: Encoded, batch_size: int = 64) -
     device, out = next(model.parameters()).device, []
     for lo in range(0, len(data), batch_size):
         b = data.batch(np.arange(lo, min(lo + batch_size, len(data))))
-        src, mask = b["input_ids"].to(device), b["src_mask"].to(device)
+        src, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
         out.append(model.intent_logits(model.seq2seq.encode(src, mask), mask).argmax(-1).cpu())
     return torch.cat(out).numpy()
 
 
 def evaluate(model: DialogueModel, test: Encoded, rows: list[dict[str, Any]],
-             tok: TokenizerFiles, cfg: DialogueConfig, intents: list[str],
-             start_id: int, stop_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
-    """Held-out responses (ROUGE-L, exact match) and intents (accuracy, macro-F1)."""
-    from lmforge.model.seq2seq_generate import generate_seq2seq_batched
-
+             tok: TokenizerFiles, cfg: DialogueConfig, ids: Seq2SeqIds,
+             intents: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """Held-out responses (finetune.seq2seq's ROUGE/BLEU/exact match) and intents."""
     n = min(len(rows), cfg.eval.max_examples)
-    new = generate_seq2seq_batched(
-        model.seq2seq, test.sources[:n], cfg.eval.max_new_tokens, decoder_start_id=start_id,
-        pad_id=tok.pad_id, stop_tokens=[stop_id], greedy=True,
-    )  # fmt: skip
+    scores, outputs = seq2seq_eval(model.seq2seq, tok, test.examples[:n], ids,
+                                   cfg.eval.max_new_tokens, batch_size=32)  # fmt: skip
     pred = predict_intents(model, test)
-    samples = []
-    for i in range(n):
-        answer = tok.decode([t for t in new[i] if t != stop_id]).strip()
-        ref = rows[i]["response"]
-        samples.append({"context": rows[i]["context"], "reference": ref, "prediction": answer,
-                        "rouge_l": round(rouge_l(answer, ref), 4), "intent": rows[i]["intent"],
-                        "predicted_intent": intents[int(pred[i])]})  # fmt: skip
-    cls = classification_metrics(test.intent.tolist(), pred.tolist(), len(intents))
+    samples = [{"context": o["source"], "reference": o["target"], "prediction": o["output"],
+                "intent": rows[i]["intent"], "predicted_intent": intents[int(pred[i])]}
+               for i, o in enumerate(outputs)]  # fmt: skip
+    cls = classification_metrics(test.rows["intent"].tolist(), pred.tolist(), len(intents))
     metrics = {
-        "test_rouge_l": round(float(np.mean([s["rouge_l"] for s in samples])), 4),
-        "test_exact_match": round(
-            float(np.mean([s["prediction"] == s["reference"] for s in samples])), 4
-        ),
+        **{f"test_{k}": v for k, v in scores.items()},
         "test_responses": n,
         **{f"intent_{k}": v for k, v in cls.items()},
         "intent_test_dialogues": len(test),
@@ -264,16 +240,14 @@ def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.model.config import preset_config
     from lmforge.model.convert import save_pretrained
     from lmforge.model.seq2seq import Seq2SeqLM
-    from lmforge.tokenizer.generation import generation_config
     from lmforge.train.distributed import unwrap
     from lmforge.train.loop import train
 
     tok = TokenizerFiles.load(cfg.tokenizer)
     splits = load_splits(cfg.data)
     intents = sorted({r["intent"] for rows in splits.values() for r in rows})
-    start_id = tok.bos_id if tok.bos_id is not None else tok.pad_id
-    stop_id = tok.eos_id if tok.eos_id is not None else tok.pad_id
-    enc = {s: Encoded(rows, tok, cfg, intents, start_id, stop_id) for s, rows in splits.items()}
+    ids = Seq2SeqIds.of({}, tok)  # from scratch: the tokenizer's eos, bos as decoder start
+    enc = {s: Encoded(rows, tok, ids, cfg.train.seq_len, intents) for s, rows in splits.items()}
     overrides = {"vocab_size": tok.vocab_size, **cfg.model.overrides()}
     mcfg = preset_config(cfg.model.preset, **overrides)
     if not mcfg.n_dec_layer:
@@ -289,17 +263,14 @@ def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
         eval_fn=eval_fn_for(enc["val"], cfg.train.micro_batch_size, cfg.intent_weight),
     )  # fmt: skip
     model = unwrap(result.model).cpu().float()
-    metrics, samples = evaluate(model, enc["test"], splits["test"], tok, cfg, intents,
-                                start_id, stop_id)  # fmt: skip
-    special = {"bos_token_id": tok.bos_id, "eos_token_id": stop_id, "pad_token_id": tok.pad_id,
-               "decoder_start_token_id": start_id}  # fmt: skip
-    gen = generation_config(tok, {"decoder_start_token_id": start_id, "eos_token_id": stop_id})
+    metrics, samples = evaluate(model, enc["test"], splits["test"], tok, cfg, ids, intents)
+    special = ids.config(tok.bos_id)
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(model.seq2seq, tmp, extra_config=special, generation_config=gen)
+        save_pretrained(model.seq2seq, tmp, extra_config=special, generation_config=special)
         copy_tokenizer_files(cfg.tokenizer, tmp)
         save_intent_head(model, intents, tmp)
     write_jsonl(ctx.out / "samples.jsonl", samples)
     ctx.atomic_write_json(ctx.out / "eval.json", {"intents": intents, **metrics})
     return {"train_loss": round(float(result.train_loss), 4),
             "val_loss": round(float(result.val_loss), 4) if result.val_loss is not None else None,
-            "steps": result.step, **metrics}  # fmt: skip
+            "steps": result.step, "truncated": enc["train"].truncated, **metrics}  # fmt: skip

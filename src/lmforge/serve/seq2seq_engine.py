@@ -10,6 +10,7 @@ engine step decodes each cohort once (one batched forward per cohort). Requests 
 any step (as a new cohort) and leave at any step (their rows are dropped from their cohort's
 tensors); sampling, detokenization, stop handling and failures are the base Engine's.
 
+Sources end in the model's eos (model.seq2seq_generate.source_row), as fine-tuning builds them.
 A chat request's source is its last user message (engine.render_chat): the model was trained
 on user turns; knowledge-base passages still come back as sources, but do not reach the model.
 engine_class(model_dir) picks this class when config.json describes an encoder-decoder.
@@ -26,11 +27,12 @@ from torch import Tensor, nn
 
 from lmforge.errors import InputError
 from lmforge.model.generate import KVCache
-from lmforge.model.seq2seq_generate import right_pad
+from lmforge.model.seq2seq_generate import right_pad, source_row
 from lmforge.serve.detok import TextStream
 from lmforge.serve.engine import Engine, EngineStats
 from lmforge.serve.sampling import SamplingParams, new_generator
 from lmforge.tokenizer.files import TokenizerFiles
+from lmforge.tokenizer.generation import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class Seq2SeqEngine(Engine):
         if start is None:
             start = files.bos_id if files.bos_id is not None else files.pad_id
         self.decoder_start_id = int(start)
+        stops = eos_ids(gen) if gen else []
+        self.source_eos: int | None = stops[0] if stops else None  # sources end in eos (BART)
         self._cohorts: list[_Cohort] = []
 
     def render_chat(
@@ -148,7 +152,9 @@ class Seq2SeqEngine(Engine):
 
     def _start_cohort(self, rows: list[Any]) -> tuple[_Cohort, Tensor]:
         model = self.model
-        src, mask = right_pad([r.prompt for r in rows], self.files.pad_id, self.device)
+        sources = [r.prompt if self.source_eos is None else
+                   source_row(r.prompt, self.source_eos, self.max_context) for r in rows]  # fmt: skip
+        src, mask = right_pad(sources, self.files.pad_id, self.device)
         cross = model.cross_kv(model.encode(src, mask))
         max_len = 1 + max(r.params.max_tokens for r in rows)
         cohort = _Cohort(list(rows), cross, mask, model.new_cache(len(rows), max_len))

@@ -73,11 +73,11 @@ def test_multitask_loss_trains_both_heads():
     model = _model()
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(0, 64, (6, 7), generator=g),
-             "src_mask": torch.ones(6, 7, dtype=torch.long),
-             "dec_in": torch.randint(0, 64, (6, 5), generator=g),
+             "attention_mask": torch.ones(6, 7, dtype=torch.long),
+             "decoder_input_ids": torch.randint(0, 64, (6, 5), generator=g),
              "labels": torch.randint(0, 64, (6, 5), generator=g),
              "intent": torch.tensor([0, 1, 2, 0, 1, 2])}  # fmt: skip
-    batch["src_mask"][0, 4:] = 0
+    batch["attention_mask"][0, 4:] = 0
     loss_fn = make_loss(0.5)
     loss, extra = loss_fn(model, batch)
     assert loss.item() == pytest.approx(

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from lmforge.model.seq2seq_generate import generate_seq2seq_batched
+from lmforge.model.seq2seq_generate import generate_seq2seq_batched, source_row
 from lmforge.serve.engine import Engine
 from lmforge.serve.handle import collect
 from lmforge.serve.sampling import SamplingParams
@@ -38,10 +38,12 @@ def s2s_dir(tmp_path_factory):
     return out
 
 
-def _reference(engine: Seq2SeqEngine, ids: list[list[int]], n: int) -> list[list[int]]:
+def _reference(engine: Seq2SeqEngine, ids: list[list[int]], n: int, **kw) -> list[list[int]]:
+    """generate_seq2seq on the sources as fine-tuning builds them (ending in eos)."""
+    sources = [source_row(p, engine.source_eos, engine.max_context) for p in ids]
     return generate_seq2seq_batched(
-        engine.model, ids, n, decoder_start_id=engine.decoder_start_id,
-        pad_id=engine.files.pad_id, stop_tokens=sorted(engine.model_stops), greedy=True,
+        engine.model, sources, n, decoder_start_id=engine.decoder_start_id, **kw,
+        pad_id=engine.files.pad_id, greedy=True,
     )  # fmt: skip
 
 
@@ -63,10 +65,7 @@ def test_joining_at_different_steps_equals_batched_generate(s2s_dir):
             time.sleep(0.02)
         outs = [collect(h) for h in handles]
         for i, (out, prompt) in enumerate(zip(outs, ids, strict=True)):
-            want = generate_seq2seq_batched(
-                engine.model, [prompt], 10 + i, decoder_start_id=engine.decoder_start_id,
-                pad_id=engine.files.pad_id, greedy=True,
-            )[0]  # fmt: skip
+            want = _reference(engine, [prompt], 10 + i)[0]
             assert out.token_ids == want and out.finish_reason == "length"
         assert len({tuple(o.token_ids[:6]) for o in outs}) > 2  # the model's text varies
         stats = engine.stats()
@@ -80,7 +79,8 @@ def test_stops_abort_and_bad_input(s2s_dir):
     engine.start()
     try:
         ids = [engine.files.encode(p) for p in PROMPTS[:3]]
-        ref = _reference(engine, ids, 12)
+        assert engine.source_eos == engine.files.eos_id
+        ref = _reference(engine, ids, 12, stop_tokens=sorted(engine.model_stops))
         outs = [collect(engine.submit(p, SamplingParams(max_tokens=12, temperature=0.0),
                                       f"s{i}")) for i, p in enumerate(ids)]  # fmt: skip
         for out, want in zip(outs, ref, strict=True):
