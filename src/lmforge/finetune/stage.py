@@ -292,6 +292,11 @@ def _build_seq2seq(cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(cfg.train.seed)  # a scratch model and adapters start the same on resume
     vocab = load_chat_tokenizer(cfg.model_dir()).vocab_size
     model = seq2seq.build_seq2seq_model(cfg.model_dir(), cfg.from_scratch, vocab)
+    if cfg.train.seq_len > model.config.block_size:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
+            f"{model.config.block_size} (longest source or target); lower train.seq_len"
+        )
     if cfg.method == "lora":
         inject(model, seq2seq.lora_targets_for(model, cfg.lora))
     elif hasattr(model, "enc_blocks"):  # freezing names our blocks; the T5 adapter trains whole

@@ -188,6 +188,9 @@ def test_task_mismatches_are_config_errors(tmp_path, tokenizer_dir, model_dir):
     with pytest.raises(ConfigError, match=r"for seq2seq freeze by name with freeze\.patterns"):
         finetune(_config(tmp_path, tokenizer_dir, pairs, from_scratch="bart-micro",
                          freeze={"first_n_layers": 1}))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train\.seq_len=256 exceeds the model's block_size=128"):
+        finetune(_config(tmp_path, tokenizer_dir, pairs, from_scratch="bart-micro",
+                         train={"seq_len": 256}))  # fmt: skip
     with pytest.raises(ConfigError, match="'micro' is not an encoder-decoder"):
         finetune(_config(tmp_path, tokenizer_dir, pairs, from_scratch="micro"))
     chat = _write(tmp_path / "c.jsonl", [{"prompt": "a", "completion": "b"}] * 8)
