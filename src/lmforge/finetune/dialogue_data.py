@@ -9,6 +9,7 @@ Made from the same documented stdlib functions as builtin_tasks (no download), d
 
 Some user turns carry planted PII (an email address and/or a phone number, with a person's name)
 so the data stage's PII step has something to anonymize; stats.json counts what was planted.
+The person's name stays: data.pii detects emails, phones, IPs and cards, not names.
 Splits go by a stable hash of the function (or of the phrasing for the small-talk intents), so a
 held-out dialogue asks about a function never seen in training. One row per dialogue in
 dialogues.jsonl: text ("User: ...\\nAssistant: ..." so the data stage cleans, anonymizes and
