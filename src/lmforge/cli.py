@@ -638,11 +638,20 @@ def serve_cmd(
         float, typer.Option(help="Seconds before a request is aborted with 504.")
     ] = 120.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="serve.yaml (e.g. a recipe's serve-config stage): models, kb, safety, feedback "
+            "from the file; host, port, api key, workers, limits and device from the flags."
+        ),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions
     (streaming), /v1/models, /v1/feedback, /metrics, /health, and the chat page at /.
+    Encoder-decoder model directories (BART/T5 layout) are served too.
 
     Example: lmforge serve --model runs/quickstart/sft/final --model base=runs/quickstart/pretrain/final --api-key secret
+    Example: lmforge serve --config runs/dialogue/serve_config/serve.yaml --port 8000
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -650,6 +659,17 @@ def serve_cmd(
     from lmforge.errors import ConfigError
     from lmforge.serve.settings import ServeSettings, parse_model_specs
 
+    if config is not None:
+        from lmforge.serve.recipe_config import load_serve_config
+
+        base = load_serve_config(config)
+        flags = {"host": host, "port": port, "workers": workers, "device": device,
+                 "max_batch_size": max_batch_size, "max_queue": max_queue,
+                 "request_timeout_s": request_timeout}  # fmt: skip
+        from lmforge.serve.server import serve
+
+        serve(base.model_copy(update={**flags, "api_key": api_key or base.api_key}))
+        return
     if not model:
         raise ConfigError("lmforge serve needs --model DIR (or NAME=DIR); see --help")
     settings = validate(ServeSettings, {

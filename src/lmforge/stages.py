@@ -23,11 +23,14 @@ STAGES: dict[str, str] = {
     "finetune": "lmforge.finetune.stage:FinetuneConfig:build",
     "data": "lmforge.data.stage:DataConfig:build",
     "tasks": "lmforge.finetune.builtin_tasks:TasksConfig:build",
+    "dialogues": "lmforge.finetune.dialogue_data:DialoguesConfig:build",
+    "dialogue": "lmforge.finetune.dialogue:DialogueConfig:build",
     "tune": "lmforge.tune.stage:TuneConfig:build",
     "align": "lmforge.align.stage:AlignConfig:build",
     "preferences": "lmforge.align.synthetic:PreferencesConfig:build",
     "compress": "lmforge.compress.stage:CompressConfig:build",
     "feedback-export": "lmforge.serve.feedback_export:FeedbackExportConfig:build",
+    "serve-config": "lmforge.serve.recipe_config:ServeConfigStage:build",
 }
 
 # Kinds whose build() joins a torchrun process group and works on every rank. Under torchrun,

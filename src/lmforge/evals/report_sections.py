@@ -590,3 +590,40 @@ def compress_section(stage: StageInfo) -> list[Block]:
     if plot:
         blocks.append(Block(image=plot, caption="quality vs size vs speed"))
     return blocks
+
+
+# -- dialogue (multi-task seq2seq responder + intent head) ---------------------------------------
+
+DIALOGUE_SAMPLES = 8  # held-out responses shown
+
+
+@register_section("dialogue", replaces=("loss.png",))
+def dialogue_section(stage: StageInfo) -> list[Block]:
+    """Training curves, then held-out responses (ROUGE-L) and intents (accuracy, macro-F1)."""
+    scores = _json(stage.path / "eval.json")
+    if not isinstance(scores, dict):
+        return [*training_section(stage), Block(text="No eval.json in this dialogue stage.")]
+    text = (
+        f"On {scores['test_responses']} held-out dialogues about unseen functions the responder "
+        f"scores ROUGE-L {scores['test_rougeL']:.3f}, BLEU {scores['test_bleu']:.1f} (exact match "
+        f"{scores['test_exact_match']:.3f});"
+        f" its intent head is right on {scores['intent_accuracy']:.1%} of "
+        f"{scores['intent_test_dialogues']} (macro-F1 {scores['intent_macro_f1']:.3f}; always "
+        f"guessing the commonest intent: {scores['intent_majority_accuracy']:.1%})."
+    )
+    shown = ("test_rouge1", "test_rouge2", "test_rougeL", "test_bleu", "test_exact_match", "intent_accuracy", "intent_macro_f1",
+             "intent_majority_accuracy")  # fmt: skip
+    table = [["metric (held-out test)", "value"], *([k, f"{scores[k]:.4g}"] for k in shown)]
+    rows = [["user", "reference", "response", "intent (predicted)"]]
+    samples_path = stage.path / "samples.jsonl"
+    if samples_path.exists():
+        for line in samples_path.read_text(encoding="utf-8").splitlines()[:DIALOGUE_SAMPLES]:
+            s = json.loads(line)
+            rows.append([s["context"], s["reference"], s["prediction"],
+                         f"{s['intent']} ({s['predicted_intent']})"])  # fmt: skip
+    return [
+        *training_section(stage),
+        Block(text=text, summary=True),
+        Block(table=table),
+        Block(table=rows, caption="held-out dialogues"),
+    ]

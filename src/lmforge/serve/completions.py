@@ -141,7 +141,8 @@ class CompletionService:
                 400, "this server has no knowledge base (start it with --kb)", param="kb"
             )
         try:
-            text = engine.files.render_chat(messages, add_generation_prompt=True)
+            render = getattr(engine, "render_chat", engine.files.render_chat)  # seq2seq: own
+            text = render(messages, add_generation_prompt=True)
         except Exception as exc:  # a template may refuse a conversation (e.g. role order)
             raise APIError(
                 400, f"the chat template rejected the messages: {exc}", param="messages"

@@ -30,7 +30,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from lmforge.errors import InputError
 from lmforge.serve.cache import ResponseCache, model_identity
 from lmforge.serve.completions import CompletionService
-from lmforge.serve.engine import Engine
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.protocol import (
@@ -42,6 +41,7 @@ from lmforge.serve.protocol import (
 )
 from lmforge.serve.retrieval import KnowledgeBase
 from lmforge.serve.safety import SafetyPolicy
+from lmforge.serve.seq2seq_engine import engine_class
 from lmforge.serve.settings import ENV_CONFIG, ServeSettings, settings_from_env
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def open_knowledge_base(settings: ServeSettings) -> Any:
 def start_engines(state: ServeState) -> None:
     s = state.settings
     for spec in s.models:
-        engine = Engine.from_dir(
+        engine = engine_class(spec.path).from_dir(
             spec.path, name=spec.name, device=s.device,
             max_batch_size=s.max_batch_size, max_queue=s.max_queue,
         )  # fmt: skip

@@ -1,0 +1,186 @@
+"""Built-in dialogue data (stage kind "dialogues"): user turns about the stdlib, with intents.
+
+Made from the same documented stdlib functions as builtin_tasks (no download), deterministically:
+
+- ask_usage: "How do I join two or more pathname components?" -> "Use os.path.join. <summary>"
+- ask_signature: "What arguments does os.path.join take?" -> "os.path.join(a, *p)"
+- ask_module: "Which module is join in?" -> "join is in the os.path module (os.path.join)."
+- greeting / goodbye / out_of_scope: fixed phrasings with fixed answers.
+
+Some user turns carry planted PII (an email address and/or a phone number, with a person's name)
+so the data stage's PII step has something to anonymize; stats.json counts what was planted.
+The person's name stays: data.pii detects emails, phones, IPs and cards, not names.
+Splits go by a stable hash of the function (or of the phrasing for the small-talk intents), so a
+held-out dialogue asks about a function never seen in training. One row per dialogue in
+dialogues.jsonl: text ("User: ...\\nAssistant: ..." so the data stage cleans, anonymizes and
+tokenizes both turns), intent and split; {split}.jsonl hold {context, response, intent}.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from typing import Any
+
+from pydantic import Field
+
+from lmforge.artifacts import StageContext
+from lmforge.common.io import write_jsonl
+from lmforge.config import StageConfig
+from lmforge.errors import ConfigError, InputError
+from lmforge.finetune.builtin_tasks import SPLITS, split_of, stdlib_functions, summary
+
+INTENTS = ("ask_usage", "ask_signature", "ask_module", "greeting", "goodbye", "out_of_scope")
+USER, ASSISTANT = "User: ", "\nAssistant: "
+
+_USAGE = ("How do I {task}?", "how can I {task} in Python?", "What should I use to {task}?")
+_SIGNATURE = ("What arguments does {name} take?", "What is the signature of {name}?",
+              "how do I call {name}?")  # fmt: skip
+_MODULE = ("Which module is {short} in?", "where does {short} come from?",
+           "What do I import to get {short}?")  # fmt: skip
+_SMALL_TALK: dict[str, tuple[tuple[str, ...], str]] = {
+    "greeting": (
+        ("hi", "hello", "hello there", "good morning", "hey, anyone there?", "hi, nice to meet you",
+         "good afternoon", "greetings", "hey there", "hello, who are you?"),
+        "Hello! Ask me about a Python function or module.",
+    ),
+    "goodbye": (
+        ("bye", "thanks, bye", "goodbye", "that is all, thank you", "see you later",
+         "thank you, that helped", "ok thanks, goodbye", "bye for now", "cheers, bye"),
+        "Goodbye! Happy coding.",
+    ),
+    "out_of_scope": (
+        ("what is the weather in Paris?", "tell me a joke", "who won the football game?",
+         "can you book a table for two?", "what is the capital of Peru?", "sing me a song",
+         "recommend a good movie", "how tall is Mount Everest?", "what should I cook tonight?"),
+        "Sorry, I can only answer questions about the Python standard library.",
+    ),
+}  # fmt: skip
+_NAMES = ("Alice Smith", "Bob Jones", "Carol White", "Dan Brown", "Eve Miller", "Frank Moore")
+# verbs a summary may start with for "How do I <summary>?" to read as a question
+_VERBS = re.compile(r"^(?!Returns?\b|This\b|The\b|A\b|An\b|If\b)[A-Z][a-z]+\b(?<!s)(?<!ed) ")
+
+
+class DialoguesConfig(StageConfig):
+    """`stage: dialogues` in a recipe: the built-in dialogue data (see the module docstring)."""
+
+    max_functions: int = Field(0, ge=0, description="use at most this many functions (0 = all)")
+    small_talk_copies: int = Field(8, ge=1, description="dialogues per small-talk phrasing")
+    pii_fraction: float = Field(0.15, ge=0, le=1, description="user turns that carry planted PII")
+    max_answer_chars: int = Field(160, ge=20, description="ask_usage: answer summary cap (chars)")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = Field(0, description="salt of the split hash and of the phrasing choices")
+
+    def inputs(self) -> list:
+        from lmforge.data.stdlib_docs import corpus_marker
+
+        return [corpus_marker()]
+
+
+def _plant_pii(question: str, rng: random.Random, planted: Counter) -> str:
+    """Prefix a person introducing themselves with an email and/or phone number."""
+    name = rng.choice(_NAMES)
+    first, last = name.lower().split()
+    email = f"{first}.{last}{rng.randint(1, 99)}@example.com"
+    phone = f"+1 555-{rng.randint(100, 999)}-{rng.randint(1000, 9999)}"
+    kind = rng.choice(("email", "phone", "both"))
+    contact = {"email": email, "phone": phone, "both": f"{email}, {phone}"}[kind]
+    planted["names"] += 1
+    planted["email"] += kind in ("email", "both")
+    planted["phone"] += kind in ("phone", "both")
+    return f"I am {name} ({contact}). {question}"
+
+
+def _function_dialogues(cfg: DialoguesConfig) -> list[tuple[str, str, str, str]]:
+    """(split key, intent, user turn, answer) for each documented function."""
+    rows, seen = [], set()
+    functions = [f for f in stdlib_functions() if "." in f.qualname]
+    if cfg.max_functions and len(functions) > cfg.max_functions:  # a seeded sample, all modules
+        functions = random.Random(cfg.seed).sample(functions, cfg.max_functions)
+    for fn in functions:
+        if fn.qualname in seen:
+            continue
+        seen.add(fn.qualname)
+        short = fn.qualname.rsplit(".", 1)[1]
+        module = fn.qualname.rsplit(".", 1)[0]
+        rng = random.Random(f"{cfg.seed}:{fn.qualname}")
+        first = summary(fn.docstring, cfg.max_answer_chars)
+        task = first.split(".")[0].rstrip()
+        if _VERBS.match(task) and 3 <= len(task.split()) <= 14:
+            q = rng.choice(_USAGE).format(task=task[0].lower() + task[1:])
+            rows.append((fn.qualname, "ask_usage", q, f"Use {fn.qualname}. {first}"))
+        if fn.signature and fn.signature != "(...)" and len(fn.signature) <= 80:
+            q = rng.choice(_SIGNATURE).format(name=fn.qualname)
+            rows.append((fn.qualname, "ask_signature", q, f"{fn.qualname}{fn.signature}"))
+        if module == fn.module:  # a module-level function, not a method
+            q = rng.choice(_MODULE).format(short=short)
+            rows.append((fn.qualname, "ask_module", q, f"{short} is in the {module} module."))
+    return rows
+
+
+def make_dialogues(cfg: DialoguesConfig) -> tuple[dict[str, list[dict[str, Any]]], Counter]:
+    """{split: [{context, response, intent}]} and the planted PII counts."""
+    rows = _function_dialogues(cfg)
+    for intent, (phrasings, answer) in _SMALL_TALK.items():
+        for i, phrase in enumerate(phrasings):
+            # copies of a phrasing share its split (its key), so none is both seen and held out
+            rows += [(f"{intent}:{i}", intent, phrase, answer)] * cfg.small_talk_copies
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    planted: Counter = Counter()
+    rng = random.Random(cfg.seed)
+    for key, intent, question, answer in rows:
+        if rng.random() < cfg.pii_fraction:
+            question = _plant_pii(question, rng, planted)
+        split = split_of(key, cfg)  # type: ignore[arg-type]  (val/test_fraction + seed)
+        out[split].append({"context": question, "response": answer, "intent": intent})
+    return out, planted
+
+
+def dialogue_text(context: str, response: str) -> str:
+    """One dialogue as the data stage's text: both turns, so both are cleaned and anonymized."""
+    return f"{USER}{context}{ASSISTANT}{response}"
+
+
+def parse_dialogue(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """A data-stage row back into {context, response, intent, split}; a clear error otherwise."""
+    text = row.get("text", "")
+    if not text.startswith(USER) or ASSISTANT not in text or "intent" not in row:
+        raise InputError(
+            f"{where}: row {row.get('id', '?')} is not a dialogue (expected text 'User: ...\\n"
+            "Assistant: ...' and an intent field); point dialogue.data at a data stage run "
+            "over dialogues/dialogues.jsonl"
+        )
+    context, response = text[len(USER) :].split(ASSISTANT, 1)
+    return {"context": context, "response": response, "intent": row["intent"],
+            "split": row.get("dialogue_split", "train")}  # fmt: skip
+
+
+def build(cfg: DialoguesConfig, ctx: StageContext) -> dict[str, Any]:
+    """Writes {train,val,test}.jsonl, dialogues.jsonl (for the data stage) and stats.json."""
+    splits, planted = make_dialogues(cfg)
+    empty = [s for s, rows in splits.items() if not rows]
+    if empty:
+        raise ConfigError(f"dialogues: no {', '.join(empty)} dialogues; raise max_functions")
+    for split, rows in splits.items():
+        write_jsonl(ctx.out / f"{split}.jsonl", rows)
+    write_jsonl(
+        ctx.out / "dialogues.jsonl",
+        (
+            {
+                "text": dialogue_text(r["context"], r["response"]),
+                "intent": r["intent"],
+                "dialogue_split": split,
+            }
+            for split, rows in splits.items()
+            for r in rows
+        ),
+    )
+    intents = Counter(r["intent"] for rows in splits.values() for r in rows)
+    counts = {s: len(rows) for s, rows in splits.items()}
+    ctx.atomic_write_json(
+        ctx.out / "stats.json", {"counts": counts, "intents": intents, "planted_pii": planted}
+    )
+    return {**{f"{s}_dialogues": n for s, n in counts.items()}, "intents": len(intents),
+            **{f"planted_{k}": v for k, v in planted.items()}}  # fmt: skip

@@ -1,0 +1,190 @@
+"""Seq2SeqEngine: the Engine interface (submit/abort/stats/shutdown, same events) for an
+encoder-decoder model directory (Seq2SeqLM, or the T5 adapter).
+
+The base Engine's batch is one right-aligned KV cache of a causal Transformer. An encoder-decoder
+row needs its encoder output (cross-attention keys/values, computed once when it joins) and a
+decoder cache whose positions start at 0 for every row, and Seq2SeqLM.decode takes one start
+position per call. So the running batch is a list of cohorts, each the requests that joined in
+one step: a cohort holds its rows' cross keys/values, source mask and decoder KVCache, and every
+engine step decodes each cohort once (one batched forward per cohort). Requests still join at
+any step (as a new cohort) and leave at any step (their rows are dropped from their cohort's
+tensors); sampling, detokenization, stop handling and failures are the base Engine's.
+
+Sources end in the model's eos (model.seq2seq_generate.source_row), as fine-tuning builds them.
+A chat request's source is its last user message (engine.render_chat): the model was trained
+on user turns; knowledge-base passages still come back as sources, but do not reach the model.
+engine_class(model_dir) picks this class when config.json describes an encoder-decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.errors import InputError
+from lmforge.model.generate import KVCache
+from lmforge.model.seq2seq_generate import right_pad, source_row
+from lmforge.serve.detok import TextStream
+from lmforge.serve.engine import Engine, EngineStats
+from lmforge.serve.sampling import SamplingParams, new_generator
+from lmforge.tokenizer.files import TokenizerFiles
+from lmforge.tokenizer.generation import eos_ids
+
+log = logging.getLogger(__name__)
+
+
+def is_encoder_decoder(model_dir: Path | str) -> bool:
+    """config.json of a BART/T5-family or lmforge Seq2SeqLM export."""
+    from lmforge.model.convert import read_config, resolve_model_dir
+
+    hf = read_config(resolve_model_dir(Path(model_dir)))
+    return bool(hf.get("is_encoder_decoder")) or hf.get("model_type") in ("bart", "t5")
+
+
+def engine_class(model_dir: Path | str) -> type[Engine]:
+    """The engine that serves model_dir: Seq2SeqEngine for encoder-decoders, else Engine."""
+    return Seq2SeqEngine if is_encoder_decoder(model_dir) else Engine
+
+
+class _Cohort:
+    """Rows that joined in one step: their encoder keys/values, source mask, decoder cache."""
+
+    def __init__(self, rows: list[Any], cross: list[tuple[Tensor, Tensor]], src_mask: Tensor,
+                 cache: KVCache) -> None:  # fmt: skip
+        self.rows, self.cross, self.src_mask, self.cache = rows, cross, src_mask, cache
+        self.length = 0  # decoder positions cached
+
+    def keep(self, keep: list[int]) -> None:
+        """Only these rows (indices into self.rows) stay."""
+        if len(keep) == len(self.rows):
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.src_mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.cross = [(k[idx], v[idx]) for k, v in self.cross]
+        self.src_mask = self.src_mask[idx]
+        self.cache.k, self.cache.v = self.cache.k[:, idx], self.cache.v[:, idx]
+
+
+class Seq2SeqEngine(Engine):
+    """Continuous batching for an encoder-decoder: see the module docstring."""
+
+    def __init__(self, model: nn.Module, files: TokenizerFiles, **kw: Any) -> None:
+        super().__init__(model, files, **kw)
+        gen = kw.get("generation_config") or {}
+        start = gen.get("decoder_start_token_id", getattr(model.config, "decoder_start_id", None))
+        if start is None:
+            start = files.bos_id if files.bos_id is not None else files.pad_id
+        self.decoder_start_id = int(start)
+        stops = eos_ids(gen) if gen else []
+        self.source_eos: int | None = stops[0] if stops else None  # sources end in eos (BART)
+        self._cohorts: list[_Cohort] = []
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """The source text of a conversation: its last user message."""
+        users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
+        if not users or not str(users[-1]).strip():
+            raise InputError("a seq2seq model answers a user message; the conversation has none")
+        return str(users[-1])
+
+    def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InputError("prompt is empty: give at least one token")
+        if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt):
+            raise InputError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+        if len(prompt) > self.max_context or params.max_tokens + 1 > self.max_context:
+            raise InputError(
+                f"the source ({len(prompt)} tokens) and max_tokens ({params.max_tokens}) must "
+                f"each fit the model's {self.max_context} positions (decoder: max_tokens + 1)"
+            )
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            tokens = sum(len(c.rows) * c.length for c in self._cohorts)
+            capacity = sum(len(c.rows) * c.cache.max_len for c in self._cohorts)
+            return EngineStats(
+                queue_depth=len(self._waiting), running=len(self._running),
+                max_batch_size=self.max_batch_size, cache_tokens=tokens,
+                cache_capacity=capacity, **self._counts,
+            )  # fmt: skip
+
+    def _sync_running(self) -> None:
+        """(lock held) The running rows in cohort order, which _keep's indices refer to."""
+        for cohort in self._cohorts:  # rows a failed step already finished leave here
+            cohort.keep([i for i, r in enumerate(cohort.rows) if not r.handle.finished])
+        self._cohorts = [c for c in self._cohorts if c.rows]
+        self._running = [row for c in self._cohorts for row in c.rows]
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self._running):
+            return
+        wanted, offset = set(keep), 0
+        for cohort in self._cohorts:
+            n = len(cohort.rows)
+            cohort.keep([i for i in range(n) if offset + i in wanted])
+            offset += n
+        self._sync_running()
+
+    def _prefill(self, rows: list[Any]) -> None:
+        """Encodes the newcomers in one pass and takes their first decoder step as a cohort."""
+        try:
+            cohort, logits = self._start_cohort(rows)
+        except Exception as exc:  # any failure stays inside these requests
+            if len(rows) > 1:
+                for row in rows:
+                    self._prefill([row])
+                return
+            log.exception("prefill of request %s failed", rows[0].request_id)
+            self._fail(rows, exc)
+            return
+        with self._lock:
+            self._counts["prefills"] += 1
+            self._counts["prompt_tokens"] += sum(len(r.prompt) for r in rows)
+        cohort.keep(self._emit(rows, logits))
+        with self._lock:
+            self._cohorts.append(cohort)
+            self._sync_running()
+
+    def _start_cohort(self, rows: list[Any]) -> tuple[_Cohort, Tensor]:
+        model = self.model
+        sources = [r.prompt if self.source_eos is None else
+                   source_row(r.prompt, self.source_eos, self.max_context) for r in rows]  # fmt: skip
+        src, mask = right_pad(sources, self.files.pad_id, self.device)
+        cross = model.cross_kv(model.encode(src, mask))
+        max_len = 1 + max(r.params.max_tokens for r in rows)
+        cohort = _Cohort(list(rows), cross, mask, model.new_cache(len(rows), max_len))
+        for row in rows:
+            row.stream = TextStream(self.files.tokenizer, row.params.stop)
+            if not row.params.greedy:
+                row.generator = new_generator(row.params.seed, self.device)
+        start = torch.full((len(rows), 1), self.decoder_start_id, device=self.device)
+        return cohort, self._step(cohort, start)
+
+    def _step(self, cohort: _Cohort, ids: Tensor) -> Tensor:
+        """One decoder position for a cohort: next-token logits (B, V)."""
+        h = self.model.decode(ids, cohort.cross, cohort.src_mask, kv_cache=cohort.cache,
+                              start_pos=cohort.length)  # fmt: skip
+        cohort.length += 1
+        return self.model.logits(h[:, -1])
+
+    def _decode(self) -> None:
+        """One decoder step for every cohort; a cohort that fails fails only its rows."""
+        for cohort in list(self._cohorts):
+            try:
+                ids = torch.tensor([[r.pending] for r in cohort.rows], device=self.device)
+                logits = self._step(cohort, ids)
+            except Exception as exc:
+                log.exception("decoding step failed for %d requests", len(cohort.rows))
+                self._fail(cohort.rows, exc)
+                cohort.keep([])
+                continue
+            with self._lock:
+                self._counts["steps"] += 1
+            cohort.keep(self._emit(cohort.rows, logits))
+        with self._lock:
+            self._sync_running()

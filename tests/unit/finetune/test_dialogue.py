@@ -1,0 +1,104 @@
+"""Built-in dialogues (splits, planted PII, parsing) and the multi-task model's pieces."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lmforge.errors import InputError
+from lmforge.finetune.dialogue import DialogueModel, load_intent_head, make_loss, save_intent_head
+from lmforge.finetune.dialogue_data import (
+    DialoguesConfig,
+    dialogue_text,
+    make_dialogues,
+    parse_dialogue,
+)
+
+
+@pytest.fixture(scope="module")
+def dialogues(tmp_path_factory):
+    cfg = DialoguesConfig(out=tmp_path_factory.mktemp("d"), max_functions=120, pii_fraction=0.3)
+    return cfg, *make_dialogues(cfg)
+
+
+def test_deterministic_with_every_intent(dialogues):
+    cfg, splits, planted = dialogues
+    again, planted_again = make_dialogues(cfg)
+    assert again == splits and planted_again == planted
+    intents = {r["intent"] for rows in splits.values() for r in rows}
+    assert intents == {"ask_usage", "ask_signature", "ask_module", "greeting", "goodbye",
+                       "out_of_scope"}  # fmt: skip
+
+
+def test_held_out_dialogues_ask_about_unseen_functions(dialogues):
+    _, splits, _ = dialogues
+
+    def functions(rows):  # ask_signature answers start with the qualified name
+        return {r["response"].split("(")[0] for r in rows if r["intent"] == "ask_signature"}
+
+    train = functions(splits["train"])
+    assert train and functions(splits["test"]) and not train & functions(splits["test"])
+    assert not train & functions(splits["val"])
+
+
+def test_planted_pii_is_counted(dialogues):
+    _, splits, planted = dialogues
+    contexts = [r["context"] for rows in splits.values() for r in rows]
+    emails = sum(len(re.findall(r"@example\.com", c)) for c in contexts)
+    phones = sum(len(re.findall(r"\+1 555-\d{3}-\d{4}", c)) for c in contexts)
+    assert planted["email"] == emails > 0 and planted["phone"] == phones > 0
+    assert planted["names"] == sum(c.startswith("I am ") for c in contexts)
+
+
+def test_parse_round_trip_and_clear_error():
+    row = {"text": dialogue_text("hi <EMAIL>", "Hello!"), "intent": "greeting",
+           "dialogue_split": "val", "id": "d:3"}  # fmt: skip
+    assert parse_dialogue(row, "x") == {"context": "hi <EMAIL>", "response": "Hello!",
+                                        "intent": "greeting", "split": "val"}  # fmt: skip
+    with pytest.raises(InputError, match=r"data/train.jsonl.zst: row d:4 is not a dialogue"):
+        parse_dialogue({"text": "plain text", "id": "d:4"}, "data/train.jsonl.zst")
+
+
+def _model() -> DialogueModel:
+    from lmforge.model.config import preset_config
+    from lmforge.model.seq2seq import Seq2SeqLM
+
+    torch.manual_seed(0)
+    return DialogueModel(Seq2SeqLM(preset_config("bart-micro", vocab_size=64)), 3)
+
+
+def test_multitask_loss_trains_both_heads():
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(0, 64, (6, 7), generator=g),
+             "attention_mask": torch.ones(6, 7, dtype=torch.long),
+             "decoder_input_ids": torch.randint(0, 64, (6, 5), generator=g),
+             "labels": torch.randint(0, 64, (6, 5), generator=g),
+             "intent": torch.tensor([0, 1, 2, 0, 1, 2])}  # fmt: skip
+    batch["attention_mask"][0, 4:] = 0
+    loss_fn = make_loss(0.5)
+    loss, extra = loss_fn(model, batch)
+    assert loss.item() == pytest.approx(
+        float(extra["response_nll"]) + 0.5 * float(extra["intent_ce"]), rel=1e-5
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        opt.zero_grad()
+        loss_fn(model, batch)[0].backward()
+        opt.step()
+    _, after = loss_fn(model, batch)
+    assert float(after["response_nll"]) < float(extra["response_nll"]) - 0.5
+    assert float(after["intent_ce"]) < float(extra["intent_ce"]) - 0.3
+
+
+def test_intent_head_saved_and_read_back(tmp_path):
+    model = _model()
+    save_intent_head(model, ["a", "b", "c"], tmp_path)
+    head, labels = load_intent_head(tmp_path)
+    x = torch.randn(4, model.seq2seq.config.n_embd)
+    assert labels == ["a", "b", "c"]
+    torch.testing.assert_close(head(x), model.intent_head(x))
+    with pytest.raises(Exception, match="intent_head"):
+        load_intent_head(tmp_path / "missing")

@@ -1,0 +1,96 @@
+"""Seq2SeqEngine: continuous batching of an encoder-decoder gives generate_seq2seq's tokens."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lmforge.model.seq2seq_generate import generate_seq2seq_batched, source_row
+from lmforge.serve.engine import Engine
+from lmforge.serve.handle import collect
+from lmforge.serve.sampling import SamplingParams
+from lmforge.serve.seq2seq_engine import Seq2SeqEngine, engine_class
+from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
+
+PROMPTS = ["hello there", "What arguments does os.path.join take?", "tell me a joke",
+           "where does dumps come from in the json module?", "hi", "how do I read a file?"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def s2s_dir(tmp_path_factory):
+    """A random bart-micro (init_std 0.2: varied greedy text) with a tokenizer."""
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.seq2seq import Seq2SeqLM
+    from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
+
+    root = tmp_path_factory.mktemp("s2s")
+    tok_dir = make_tokenizer_dir(root / "tok")
+    tok = TokenizerFiles.load(tok_dir)
+    torch.manual_seed(0)
+    model = Seq2SeqLM(preset_config("bart-micro", vocab_size=tok.vocab_size, init_std=0.2))
+    out = root / "model"
+    gen = {"decoder_start_token_id": tok.pad_id, "eos_token_id": [tok.eos_id]}
+    save_pretrained(model, out, extra_config={"pad_token_id": tok.pad_id}, generation_config=gen)
+    copy_tokenizer_files(tok_dir, out)
+    return out
+
+
+def _reference(engine: Seq2SeqEngine, ids: list[list[int]], n: int, **kw) -> list[list[int]]:
+    """generate_seq2seq on the sources as fine-tuning builds them (ending in eos)."""
+    sources = [source_row(p, engine.source_eos, engine.max_context) for p in ids]
+    return generate_seq2seq_batched(
+        engine.model, sources, n, decoder_start_id=engine.decoder_start_id, **kw,
+        pad_id=engine.files.pad_id, greedy=True,
+    )  # fmt: skip
+
+
+def test_engine_class_by_config(s2s_dir, tmp_path):
+    assert engine_class(s2s_dir) is Seq2SeqEngine
+    tok = make_tokenizer_dir(tmp_path / "tok")
+    assert engine_class(make_model_dir(tmp_path / "causal", tok)) is Engine
+
+
+def test_joining_at_different_steps_equals_batched_generate(s2s_dir):
+    engine = Seq2SeqEngine.from_dir(s2s_dir, name="s2s", max_batch_size=4)
+    engine.start()
+    try:
+        ids = [engine.files.encode(p) for p in PROMPTS]
+        handles = []
+        for i, prompt in enumerate(ids):  # staggered: several cohorts run at once
+            params = SamplingParams(max_tokens=10 + i, temperature=0.0, ignore_eos=True)
+            handles.append(engine.submit(prompt, params, f"r{i}"))
+            time.sleep(0.02)
+        outs = [collect(h) for h in handles]
+        for i, (out, prompt) in enumerate(zip(outs, ids, strict=True)):
+            want = _reference(engine, [prompt], 10 + i)[0]
+            assert out.token_ids == want and out.finish_reason == "length"
+        assert len({tuple(o.token_ids[:6]) for o in outs}) > 2  # the model's text varies
+        stats = engine.stats()
+        assert stats.prefills >= 2 and stats.finished == len(PROMPTS) and stats.running == 0
+    finally:
+        engine.shutdown()
+
+
+def test_stops_abort_and_bad_input(s2s_dir):
+    engine = Seq2SeqEngine.from_dir(s2s_dir, name="s2s")
+    engine.start()
+    try:
+        ids = [engine.files.encode(p) for p in PROMPTS[:3]]
+        assert engine.source_eos == engine.files.eos_id
+        ref = _reference(engine, ids, 12, stop_tokens=sorted(engine.model_stops))
+        outs = [collect(engine.submit(p, SamplingParams(max_tokens=12, temperature=0.0),
+                                      f"s{i}")) for i, p in enumerate(ids)]  # fmt: skip
+        for out, want in zip(outs, ref, strict=True):
+            assert out.token_ids == want
+        long = engine.submit(ids[0], SamplingParams(max_tokens=100, ignore_eos=True), "long")
+        engine.abort("long")
+        assert collect(long).finish_reason == "abort"
+        with pytest.raises(Exception, match="must each fit"):
+            engine.submit(ids[0], SamplingParams(max_tokens=500), "big")
+        assert engine.render_chat([{"role": "system", "content": "x"},
+                                   {"role": "user", "content": "hi there"}]) == "hi there"  # fmt: skip
+    finally:
+        engine.shutdown()
