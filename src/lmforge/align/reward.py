@@ -27,7 +27,8 @@ def pair_rewards(model: nn.Module, ids: Tensor, last: Tensor) -> Tensor:
 
     The batch is cut after its furthest pooled position first: causal attention makes the
     right padding beyond it invisible to every pooled state, and pairs are mostly far shorter
-    than train.seq_len, so this roughly halves the cost of a step with the same rewards.
+    than train.seq_len (the quickstart's: median 54 of 128 tokens), so a step costs about a
+    third less with the same rewards.
     """
     ids = ids[..., : int(last.max()) + 1]
     logits, _ = model(ids.flatten(0, 1), last.flatten())  # (2B, 1)

@@ -3,8 +3,9 @@
 For each record of the `tasks` stage's explain_{train,val,test}.jsonl, chosen is the real
 docstring summary and rejected, by a seeded coin, is either a degenerate repetition of its first
 words (a failure mode small models fall into) or the summary of a function from another module
-of the same split (fluent but wrong). The splits stay the tasks stage's, so held-out pairs are about modules
-no training pair saw. Writes prefs_{train,val,test}.jsonl in the prompt/chosen/rejected format
+of the same split (fluent but wrong). The splits stay the tasks stage's, so held-out pairs are about
+modules no training pair saw. `train_draws` > 1 draws that many rejected answers per training
+prompt (more pairs of the same construction and kind mix); val and test keep one. Writes prefs_{train,val,test}.jsonl in the prompt/chosen/rejected format
 `lmforge align` reads, and stats.json.
 """
 
