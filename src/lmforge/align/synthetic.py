@@ -3,9 +3,8 @@
 For each record of the `tasks` stage's explain_{train,val,test}.jsonl, chosen is the real
 docstring summary and rejected, by a seeded coin, is either a degenerate repetition of its first
 words (a failure mode small models fall into) or the summary of a function from another module
-of the same split (fluent but wrong). The splits stay the tasks stage's, so held-out pairs are about
-modules no training pair saw. `train_draws` > 1 draws that many rejected answers per training
-prompt (more pairs of the same construction and kind mix); val and test keep one. Writes prefs_{train,val,test}.jsonl in the prompt/chosen/rejected format
+of the same split (fluent but wrong). The splits stay the tasks stage's, so held-out pairs are about modules
+no training pair saw. Writes prefs_{train,val,test}.jsonl in the prompt/chosen/rejected format
 `lmforge align` reads, and stats.json.
 """
 
@@ -34,13 +33,6 @@ class PreferencesConfig(StageConfig):
         0.5, ge=0, le=1, description="share of rejected answers that are degenerate repetitions"
     )
     seed: int = Field(0, description="seed of the rejected-answer draws")
-    train_draws: int = Field(
-        1,
-        ge=1,
-        description="rejected draws per train prompt: more pairs of the same construction for the "
-        "reward model and DPO to learn from; val and test keep one draw, so held-out pairs "
-        "stay the same",
-    )
 
     def inputs(self) -> list[Path]:
         return [self.tasks / f"explain_{s}.jsonl" for s in SPLITS]
@@ -55,19 +47,17 @@ def degenerate(text: str, n_words: int = 3) -> str:
 
 
 def synthetic_pairs(
-    records: list[dict[str, Any]], seed: int, degenerate_fraction: float = 0.5, draws: int = 1
+    records: list[dict[str, Any]], seed: int, degenerate_fraction: float = 0.5
 ) -> list[dict[str, str]]:
-    """Explain records (instruction, output[, category]) -> prompt/chosen/rejected, `draws` each.
+    """Explain records (instruction, output[, category]) -> prompt/chosen/rejected, one each.
 
     Another function's answer comes from another module (`category`) when the split has one, so
     the rejected answer is about something else rather than a sibling method's near-paraphrase.
-    Each draw is a pass over the records with the one generator, so the first `k` draws of a run
-    with more are exactly the pairs of a run with `draws=k`.
     """
     rng = np.random.default_rng(seed)
     outputs = [(r["output"], r.get("category")) for r in records]
     pairs = []
-    for record in [r for _ in range(draws) for r in records]:
+    for record in records:
         chosen, module = record["output"], record.get("category")
         others = [o for o, m in outputs if o != chosen and (m != module or module is None)]
         others = others or [o for o, _ in outputs if o != chosen]
@@ -87,8 +77,9 @@ def build(cfg: PreferencesConfig, ctx: StageContext) -> dict[str, Any]:
     counts: dict[str, Any] = {}
     for i, split in enumerate(SPLITS):
         records = list(read_jsonl(cfg.tasks / f"explain_{split}.jsonl"))
-        draws = cfg.train_draws if split == "train" else 1
-        pairs = synthetic_pairs(records, cfg.seed * 1000 + i, cfg.degenerate_fraction, draws)
+        pairs = synthetic_pairs(
+            records, seed=cfg.seed * 1000 + i, degenerate_fraction=cfg.degenerate_fraction
+        )
         write_jsonl(ctx.out / f"prefs_{split}.jsonl", pairs)
         counts[split] = len(pairs)
         counts[f"{split}_kinds"] = dict(Counter(p["kind"] for p in pairs))

@@ -7,13 +7,7 @@ import pytest
 
 from lmforge.align.encode import encode_pairs
 from lmforge.align.prefs import load_pairs, pairs_of
-from lmforge.align.synthetic import (
-    SPLITS,
-    PreferencesConfig,
-    degenerate,
-    make_preferences,
-    synthetic_pairs,
-)
+from lmforge.align.synthetic import degenerate, synthetic_pairs
 from lmforge.errors import InputError
 from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.model.transformer import IGNORE_INDEX
@@ -87,36 +81,6 @@ def test_synthetic_pairs_reject_with_another_answer_or_a_repetition():
     assert mixed == synthetic_pairs(records, seed=0, degenerate_fraction=0.5)  # seeded
     # the kind travels with the pair into the rows' stats, for per-kind accuracy
     assert pairs_of(mixed[0])[0]["kind"] == mixed[0]["kind"]
-
-
-def test_more_train_draws_add_pairs_and_leave_held_out_pairs_as_they_were(tmp_path):
-    records = [
-        {
-            "instruction": f"Explain m{i % 4}.f{i}",
-            "output": f"Does thing {i}.",
-            "category": f"m{i % 4}",
-        }
-        for i in range(30)
-    ]
-    one = synthetic_pairs(records, seed=3)
-    three = synthetic_pairs(records, seed=3, draws=3)
-    assert len(three) == 90 and three[:30] == one  # the first draw is the one-draw run
-    for draw in (three[30:60], three[60:]):
-        assert [p["chosen"] for p in draw] == [r["output"] for r in records]
-    assert [p["rejected"] for p in three[30:60]] != [p["rejected"] for p in one]
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for split in SPLITS:
-        _write(tasks / f"explain_{split}.jsonl", records)
-    outs = [
-        make_preferences(PreferencesConfig(tasks=tasks, train_draws=d, out=tmp_path / f"p{d}"))
-        for d in (1, 2)
-    ]
-    n = {d: json.loads((o / "stats.json").read_text()) for d, o in zip((1, 2), outs, strict=True)}
-    assert (n[1]["train"], n[2]["train"], n[2]["val"], n[2]["test"]) == (30, 60, 30, 30)
-    for split in ("val", "test"):
-        files = [(o / f"prefs_{split}.jsonl").read_text() for o in outs]
-        assert files[0] == files[1]
 
 
 def test_pair_rows_label_exactly_the_reply(tokenizer_dir):
