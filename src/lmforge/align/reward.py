@@ -23,7 +23,14 @@ def reward_model(lm: nn.Module) -> SequenceClassifier:
 
 
 def pair_rewards(model: nn.Module, ids: Tensor, last: Tensor) -> Tensor:
-    """Rewards (B, 2) of pair rows ids (B, 2, T) pooled at last (B, 2)."""
+    """Rewards (B, 2) of pair rows ids (B, 2, T) pooled at last (B, 2).
+
+    The batch is cut after its furthest pooled position first: causal attention makes the
+    right padding beyond it invisible to every pooled state, and pairs are mostly far shorter
+    than train.seq_len (the quickstart's: median 54 of 128 tokens), so a step costs about a
+    third less with the same rewards.
+    """
+    ids = ids[..., : int(last.max()) + 1]
     logits, _ = model(ids.flatten(0, 1), last.flatten())  # (2B, 1)
     return logits.float().view(ids.size(0), 2)
 

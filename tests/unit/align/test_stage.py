@@ -148,3 +148,17 @@ def test_ppo_refuses_a_model_that_is_not_a_reward_model(tmp_path, model_dir):
     cfg = _cfg(tmp_path, model_dir, "ppo", ppo={"reward_model": model_dir})
     with pytest.raises(ConfigError, match="not a reward model"):
         align(cfg)
+
+
+def test_pair_rewards_cut_at_the_furthest_pooled_token_equal_the_full_rows(model_dir):
+    from lmforge.align.reward import pair_rewards, reward_model
+    from lmforge.model.convert import load_pretrained
+
+    torch.manual_seed(0)
+    model = reward_model(load_pretrained(model_dir)).eval()
+    ids = torch.randint(3, 60, (3, 2, 40))
+    last = torch.tensor([[5, 17], [9, 11], [3, 12]])
+    ids[..., 18:] = 0  # right padding past the furthest pooled position
+    with torch.no_grad():
+        full = model(ids.flatten(0, 1), last.flatten())[0].view(3, 2)
+        assert torch.allclose(pair_rewards(model, ids, last), full, atol=1e-5)
