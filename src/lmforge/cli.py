@@ -638,6 +638,13 @@ def serve_cmd(
         float, typer.Option(help="Seconds before a request is aborted with 504.")
     ] = 120.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch threads per worker (default: usable CPUs / workers, or OMP_NUM_THREADS).",
+        ),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions
     (streaming), /v1/models, /v1/feedback, /metrics, /health, and the chat page at /.
@@ -656,7 +663,7 @@ def serve_cmd(
         "models": parse_model_specs(model), "host": host, "port": port, "api_key": api_key,
         "workers": workers, "kb": kb, "safety": safety, "feedback_db": feedback_db,
         "max_batch_size": max_batch_size, "max_queue": max_queue,
-        "request_timeout_s": request_timeout, "device": device,
+        "request_timeout_s": request_timeout, "device": device, "threads": threads,
     }, where="serve")  # fmt: skip
     from lmforge.serve.server import serve  # torch and FastAPI: only once the flags are right
 
