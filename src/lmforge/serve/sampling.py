@@ -90,10 +90,12 @@ def sample_rows(
     launch overhead (16 sampled rows of a 4k vocabulary: see the commit that vectorized it).
     """
     logits = logits.float()
-    out = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
-        return out
+        return logits.argmax(dim=-1)
+    # a (B, V) argmax costs as much as a sampling op: only when some row is greedy
+    greedy = len(sampled) < len(params)
+    out = logits.argmax(dim=-1) if greedy else logits.new_empty(len(params), dtype=torch.long)
     index = torch.tensor(sampled, dtype=torch.long, device=logits.device)
     temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
     rows = logits.index_select(0, index) / temps[:, None]
