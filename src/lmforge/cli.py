@@ -645,6 +645,13 @@ def serve_cmd(
             "from the file; host, port, api key, workers, limits and device from the flags."
         ),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch threads per worker (default: usable CPUs / workers, or OMP_NUM_THREADS).",
+        ),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions
     (streaming), /v1/models, /v1/feedback, /metrics, /health, and the chat page at /.
@@ -665,7 +672,7 @@ def serve_cmd(
         base = load_serve_config(config)
         flags = {"host": host, "port": port, "workers": workers, "device": device,
                  "max_batch_size": max_batch_size, "max_queue": max_queue,
-                 "request_timeout_s": request_timeout}  # fmt: skip
+                 "request_timeout_s": request_timeout, "threads": threads}  # fmt: skip
         from lmforge.serve.server import serve
 
         serve(base.model_copy(update={**flags, "api_key": api_key or base.api_key}))
@@ -676,7 +683,7 @@ def serve_cmd(
         "models": parse_model_specs(model), "host": host, "port": port, "api_key": api_key,
         "workers": workers, "kb": kb, "safety": safety, "feedback_db": feedback_db,
         "max_batch_size": max_batch_size, "max_queue": max_queue,
-        "request_timeout_s": request_timeout, "device": device,
+        "request_timeout_s": request_timeout, "device": device, "threads": threads,
     }, where="serve")  # fmt: skip
     from lmforge.serve.server import serve  # torch and FastAPI: only once the flags are right
 

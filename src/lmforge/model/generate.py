@@ -160,10 +160,12 @@ def draw_per_row(logits: Tensor, generators: Sequence[torch.Generator]) -> Tenso
     """
     if len(generators) != logits.size(0):
         raise ValueError(f"{len(generators)} generators for {logits.size(0)} rows")
-    V = logits.size(-1)
-    u = torch.stack([torch.rand(V, generator=g, device=logits.device) for g in generators])
-    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # (B, V)
-    return (F.log_softmax(logits, dim=-1) + gumbel).argmax(dim=-1)  # (B,)
+    u = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for row, g in zip(u, generators, strict=True):
+        row.uniform_(generator=g)  # what torch.rand(V, generator=g) draws
+    # in place: a (B, V) temporary per op costs more than the op itself at a serving batch
+    gumbel = u.clamp_min_(torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()  # (B, V)
+    return gumbel.add_(F.log_softmax(logits, dim=-1)).argmax(dim=-1)  # (B,)
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, rp: float) -> None:

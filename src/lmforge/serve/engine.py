@@ -122,13 +122,14 @@ class Engine:
         max_queue: int = 256,
         generation_config: dict[str, Any] | None = None,
         max_prefill_tokens: int = 2048,
+        threads: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise InputError(
                 "max_batch_size and max_prefill_tokens must be >= 1 and max_queue >= 0, got "
                 f"{max_batch_size}, {max_prefill_tokens}, {max_queue}"
             )
-        _configure_threads_once()
+        _configure_threads(threads)
         self.model = model.eval()
         self.files = files
         self.name = name
@@ -582,9 +583,17 @@ def _default_gen(files: TokenizerFiles) -> dict[str, Any]:
     return generation_config(files)
 
 
-def _configure_threads_once() -> None:
+def _configure_threads(threads: int | None) -> None:
+    """torch's intra-op threads (process-wide): `threads` when given, else lmforge's default
+    (usable CPUs, or OMP_NUM_THREADS), set once. On a small shared CPU fewer threads than cores
+    can serve faster: the HTTP event loop needs a core too (see `lmforge serve --threads`)."""
     global _threads_configured
-    if not _threads_configured:
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        _threads_configured = True
+    elif not _threads_configured:
         from lmforge.common.threads import configure_torch_threads
 
         configure_torch_threads()

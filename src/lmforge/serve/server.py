@@ -94,7 +94,7 @@ def start_engines(state: ServeState) -> None:
     for spec in s.models:
         engine = engine_class(spec.path).from_dir(
             spec.path, name=spec.name, device=s.device,
-            max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+            max_batch_size=s.max_batch_size, max_queue=s.max_queue, threads=s.torch_threads(),
         )  # fmt: skip
         engine.start()
         state.engines[spec.name] = engine

@@ -40,6 +40,21 @@ class ServeSettings(Section):
     graceful_timeout_s: float = Field(30.0, ge=0)
     cache_entries: int = Field(1024, ge=0, description="response cache size; 0 = off")
     device: str = "auto"
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per worker (default: usable CPUs / workers)"
+    )
+
+    def torch_threads(self) -> int | None:
+        """Threads each worker's engines compute with: --threads, else OMP_NUM_THREADS (None:
+        torch keeps it), else the usable CPUs shared among the workers, so several workers on
+        one machine do not each start a pool as wide as all of it."""
+        if self.threads is not None:
+            return self.threads
+        if os.environ.get("OMP_NUM_THREADS"):
+            return None
+        from lmforge.common.threads import usable_cpus
+
+        return max(1, usable_cpus() // self.workers)
 
     def store_dir(self) -> Path:
         """Where the stores go by default: the first model's run directory, else the cwd."""

@@ -21,7 +21,7 @@ def test_help_has_an_example_and_every_flag():
     out = lmforge("serve", "--help").stdout
     assert "Example: lmforge serve --model" in out
     for flag in ("--model", "--api-key", "--workers", "--kb", "--safety", "--feedback-db",
-                 "--max-batch-size", "--max-queue", "--request-timeout", "bench"):  # fmt: skip
+                 "--max-batch-size", "--max-queue", "--request-timeout", "--threads", "bench"):  # fmt: skip
         assert flag in out, flag
 
 
@@ -33,3 +33,30 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     (tmp_path / "a").mkdir()
     r = lmforge("serve", "--model", f"x={tmp_path / 'a'}", "--model", f"x={tmp_path / 'a'}")
     assert r.returncode == 2 and "used twice" in r.stderr + r.stdout
+
+
+def test_torch_threads_come_from_the_flag_then_omp_then_cpus_shared_by_workers(
+    tmp_path, monkeypatch
+):
+    import torch
+
+    from lmforge.common.threads import usable_cpus
+    from lmforge.serve.engine import _configure_threads
+    from lmforge.serve.settings import ServeSettings
+
+    def settings(**kw):
+        return ServeSettings(models=[{"name": "m", "path": tmp_path}], **kw)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert settings(threads=3).torch_threads() == 3
+    assert settings().torch_threads() == usable_cpus()
+    assert settings(workers=64).torch_threads() == max(1, usable_cpus() // 64)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert settings().torch_threads() is None  # torch already took OMP_NUM_THREADS
+    assert settings(threads=2).torch_threads() == 2  # the flag wins
+    before = torch.get_num_threads()
+    try:
+        _configure_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
