@@ -537,13 +537,13 @@ def _write_outputs(
 def _save_unexportable(ctx: StageContext, model: nn.Module, labels: list[str]) -> None:
     """A mean-pooled classifier: no transformers class computes it (convert.MEAN_POOLING_REFUSAL),
     so no final/; its weights (LoRA merged) and labels are kept for lmforge to reload."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     if lora_modules(model):
         merge(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with ctx.atomic_path(ctx.out / "mean_pooled_classifier.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"labels": json.dumps(labels), "pooling": "mean"})
+        # save_model keeps one name of tied tensors (the MLM head shares the embedding)
+        save_model(model, str(tmp), metadata={"labels": json.dumps(labels), "pooling": "mean"})
 
 
 def _augmenter(cfg: FinetuneConfig) -> Augmenter | None:
