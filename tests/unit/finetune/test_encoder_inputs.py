@@ -86,6 +86,11 @@ def test_classifier_logits_equal_transformers_end_to_end_with_pairs(family, tmp_
             ours = model(batch["input_ids"], batch["last"], batch["token_type_ids"])[0]
             theirs = hf(**hf_tok(TEXTS, pairs, padding=True, return_tensors="pt")).logits
         assert (ours - theirs).abs().max().item() <= 1e-4, (name, pairs)
+    # transformers' pipeline (its own tokenizer call, its own model) gives our probabilities
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path), top_k=None)
+    scores = {d["label"]: d["score"] for d in pipe({"text": TEXTS[0], "text_pair": PAIRS[0]})}
+    want = torch.softmax(ours[0], -1).tolist()
+    assert [scores[k] for k in "abc"] == pytest.approx(want, abs=1e-5)
     if name == "bert":  # the second segment's type embedding matters: pairs are really typed
         types = batch["token_type_ids"]
         with torch.no_grad():
