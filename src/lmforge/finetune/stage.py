@@ -536,7 +536,8 @@ def _write_outputs(
 
 def _save_unexportable(ctx: StageContext, model: nn.Module, labels: list[str]) -> None:
     """A mean-pooled classifier: no transformers class computes it (convert.MEAN_POOLING_REFUSAL),
-    so no final/; its weights (LoRA merged) and labels are kept for lmforge to reload."""
+    so no final/; its weights (SequenceClassifier's state dict, LoRA merged) and labels are kept
+    so the training is not lost (no lmforge loader reads this file yet)."""
     from safetensors.torch import save_model
 
     if lora_modules(model):
