@@ -362,6 +362,8 @@ def finetune_cmd(
     Example: lmforge finetune --model runs/x/pretrain/final --data runs/x/tasks/explain_train.jsonl --out runs/x/sft --method lora --set train.max_steps=200
     Token tagging on an encoder ({"tokens": [...], "tags": [...]} JSONL):
     lmforge finetune --model runs/mlm/pretrain --data ner.jsonl --task tag --out runs/mlm/ner
+    Sentence pairs ({"text", "text_pair", "label"}) on an encoder, mean-pooled (not exportable):
+    lmforge finetune --model runs/mlm/pretrain --data pairs.jsonl --task classify --out runs/mlm/nli --set pooling=mean
     An encoder-decoder on {"source", "target"} JSONL, from a BART/T5 dir or from scratch:
     lmforge finetune --model TOKENIZER_DIR --data pairs.jsonl --task seq2seq --out runs/s2s --set from_scratch=bart-micro
     """

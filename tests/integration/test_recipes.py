@@ -145,6 +145,17 @@ def test_mlm_quickstart_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyP
     hf_config = json.loads((tmp_path / "run/pretrain/final/config.json").read_text())
     assert hf_config["architectures"] == ["BertForMaskedLM"]
     assert hf_config["lmforge"]["causal"] is False
+    # the classify stage: a BERT classifier whose exported tokenizer adds [CLS] ... [SEP]
+    clf = read_manifest(tmp_path / "run/classify")["metrics"]
+    assert 0 <= clf["accuracy"] <= 1 and clf["majority_accuracy"] > 0
+    final = tmp_path / "run/classify/final"
+    assert json.loads((final / "config.json").read_text())["architectures"] == [
+        "BertForSequenceClassification"
+    ]
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(final)
+    ids = tok("Return the path.")["input_ids"]
+    assert tok.convert_ids_to_tokens([ids[0], ids[-1]]) == ["[CLS]", "[SEP]"]
 
 
 def test_pretrain_gpt2_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,8 +50,10 @@ def export_model(
     from lmforge.model.convert import save_pretrained
 
     if lora_modules(lm):
+        head, task_type = _encoder_head(lm, classifier)
         with ctx.atomic_path(ctx.out / "adapter") as tmp:
-            save_peft_adapter(lm, tmp, base_model=str(Path(model_dir).resolve()))
+            base = str(Path(model_dir).resolve())
+            save_peft_adapter(lm, tmp, base_model=base, head=head, task_type=task_type)
         merge(lm)
     config_path = model_dir / "config.json"
     config_json = (
@@ -71,3 +73,14 @@ def export_model(
             lm, tmp, extra_config=special, classifier=classifier, generation_config=generation
         )
         copy_tokenizer_files(model_dir, tmp)
+
+
+def _encoder_head(lm: nn.Module, classifier: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(an encoder classifier's head tensors under transformers' names, PEFT task type), which
+    the adapter carries as modules_to_save; (None, None) for other models."""
+    from lmforge.model.hf_families import family_for
+
+    if classifier is None or (classifier.bias is None and not classifier.per_token):
+        return None, None
+    task_type = "TOKEN_CLS" if classifier.per_token else "SEQ_CLS"
+    return classifier.encoder_tensors(family_for(lm.config)), task_type

@@ -6,7 +6,8 @@ These shapes are recognised, per file, from its first record:
 - sharegpt: `conversations: [{from, value}, ...]`
 - openai: `messages: [{role, content}, ...]`
 - prompt_completion: `prompt`, `completion`
-- classification: `text`, `label`
+- classification: `text`, `label`, optional `text_pair` (a second text: an encoder reads the
+  pair as [CLS] text [SEP] text_pair [SEP] with token type 1 on the second)
 - tagging: `tokens` (words), `tags` (one per word, e.g. BIO entity tags)
 - seq2seq: `source`, `target` (or `input`, `output` without an `instruction`) for encoder-decoders
 
@@ -194,6 +195,10 @@ def _prompt_completion(r: Record) -> Example:
 
 def _classification(r: Record) -> Example:
     example = {"text": r["text"], "label": str(r["label"])}
+    if r.get("text_pair") is not None:
+        if not isinstance(r["text_pair"], str):
+            raise ValueError("text_pair must be a string (the second text of a pair)")
+        example["text_pair"] = r["text_pair"]
     if isinstance(r.get("fold"), int):  # the data stage's fold assignment, for k-fold
         example["fold"] = r["fold"]
     for key in ("id", "augmented", "source_id"):  # augmented rows stay out of held-out parts

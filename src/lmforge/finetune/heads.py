@@ -17,7 +17,12 @@ recall / F1, and the majority-class baseline they should beat.
 An encoder (lm.config.causal False) is pooled as BERT is: the first token's state through `pool`
 (dense + tanh), then `head` with a bias (BertForSequenceClassification's pooler + classifier,
 RobertaForSequenceClassification's classification head); its padding is hidden with a pad mask
-built from `last` (bidirectional attention would otherwise see it).
+built from `last` (bidirectional attention would otherwise see it). An encoder's inputs carry the
+specials of its tokenizer's template ([CLS] text [SEP], <s> text </s>; a pair's second text with
+token type 1), exactly as transformers' tokenizer makes them, so an imported checkpoint is tuned
+on the inputs it was pretrained on. pooling="mean" averages the real tokens' states instead (no
+pooler): sentence-transformers style, which no transformers *ForSequenceClassification computes,
+so such a classifier is not exported as one (model.convert refuses).
 """
 
 from __future__ import annotations
@@ -36,12 +41,15 @@ from lmforge.model.transformer import IGNORE_INDEX, next_token_loss
 class SequenceClassifier(nn.Module):
     """A Transformer plus `head`: Linear(n_embd, n_classes, bias=False) on the pooled state."""
 
-    def __init__(self, lm: nn.Module, n_classes: int) -> None:
+    def __init__(self, lm: nn.Module, n_classes: int, pooling: str = "first") -> None:
         super().__init__()
         self.lm = lm
         self.encoder = not lm.config.causal
+        if pooling not in ("first", "mean") or (pooling == "mean" and not self.encoder):
+            raise ValueError(f"pooling {pooling!r}: 'first', or 'mean' for an encoder")
+        self.pooling = pooling
         C = lm.config.n_embd
-        self.pool = nn.Linear(C, C) if self.encoder else None
+        self.pool = nn.Linear(C, C) if self.encoder and pooling == "first" else None
         self.head = nn.Linear(C, n_classes, bias=self.encoder)
         for layer in (self.pool, self.head):
             if layer is not None:
@@ -49,10 +57,16 @@ class SequenceClassifier(nn.Module):
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
 
-    def forward(self, idx: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, idx: Tensor, last: Tensor, token_type_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(class logits (B, n_classes), hidden states (B, T, C)); last: (B,) last real index."""
-        if self.pool is not None:
-            h = self.lm.hidden_states(idx, pad_mask=real_tokens(idx, last))  # (B, T, C)
+        if self.encoder:
+            mask = real_tokens(idx, last)
+            h = self.lm.hidden_states(idx, pad_mask=mask, token_type_ids=token_type_ids)
+            if self.pool is None:  # mean of the real tokens' states
+                m = mask.unsqueeze(-1).to(h.dtype)
+                return self.head((h * m).sum(1) / m.sum(1)), h
             return self.head(torch.tanh(self.pool(h[:, 0]))), h
         h = self.lm.hidden_states(idx)  # (B, T, C)
         pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
@@ -67,8 +81,9 @@ class SequenceClassifier(nn.Module):
 
         pool_w, pool_b = (self.pool.weight, self.pool.bias) if self.pool else (None, None)
         return ClassifierHead(
-            cpu(self.head.weight), labels, cpu(self.head.bias), cpu(pool_w), cpu(pool_b)
-        )
+            cpu(self.head.weight), labels, cpu(self.head.bias), cpu(pool_w), cpu(pool_b),
+            pooling=self.pooling,
+        )  # fmt: skip
 
 
 def real_tokens(idx: Tensor, last: Tensor) -> Tensor:
@@ -89,20 +104,34 @@ def padded_rows(n: int, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarr
 
 
 def encode_texts(
-    tok: Any, texts: list[str], labels: list[int], seq_len: int
+    tok: Any,
+    texts: list[str],
+    labels: list[int],
+    seq_len: int,
+    pairs: list[str | None] | None = None,
+    template: bool = False,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Right-padded rows for classification (+ LM labels on the text); returns rows, truncated.
 
     A text longer than seq_len keeps its start (the docstring's first lines say most). `last` is
     the rightmost position that is not tok.pad_id, 0 if none (see the module docstring).
+    template (encoders): the tokenizer's specials and token types, as transformers' tokenizer(
+    text, pair, truncation=True, max_length=seq_len); pairs are second texts (None: single).
     """
     ids, lm_labels, last = padded_rows(len(texts), seq_len, tok.pad_id)
+    types = np.zeros_like(ids)
     truncated = 0
     for r, text in enumerate(texts):
-        full = tok.encode(text)
-        toks = full[:seq_len] or [tok.pad_id]
-        truncated += len(full) > seq_len
+        pair = pairs[r] if pairs else None
+        if template:
+            toks, segs, cut = tok.encode_input(text, pair, max_len=seq_len)
+        else:
+            full = tok.encode(text if pair is None else f"{text} {pair}")
+            toks, segs, cut = full[:seq_len], [0] * min(len(full), seq_len), len(full) > seq_len
+        toks = toks or [tok.pad_id]
+        truncated += cut
         ids[r, : len(toks)] = toks
+        types[r, : len(segs)] = segs
         lm_labels[r, : len(toks) - 1] = toks[1:]
         last[r] = pooled_index(toks, tok.pad_id)
     rows = {
@@ -111,12 +140,14 @@ def encode_texts(
         "last": last,
         "class_labels": np.asarray(labels, dtype=np.int64),
     }
+    if template:
+        rows["token_type_ids"] = types
     return rows, truncated
 
 
 def classify_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of the class logits; logs batch accuracy."""
-    logits, _ = model(batch["input_ids"], batch["last"])
+    logits, _ = model(batch["input_ids"], batch["last"], batch.get("token_type_ids"))
     loss = F.cross_entropy(logits.float(), batch["class_labels"])
     acc = (logits.argmax(-1) == batch["class_labels"]).float().mean()
     return loss, {"cls_loss": loss.detach(), "acc": acc}  # tensors: the loop reads them once
@@ -144,7 +175,10 @@ def predict(model: nn.Module, rows: dict[str, np.ndarray], batch_size: int = 32)
     for lo in range(0, len(rows["input_ids"]), batch_size):
         ids = torch.from_numpy(rows["input_ids"][lo : lo + batch_size]).to(device)
         last = torch.from_numpy(rows["last"][lo : lo + batch_size]).to(device)
-        preds.append(model(ids, last)[0].argmax(-1).cpu().numpy())
+        types = rows.get("token_type_ids")
+        if types is not None:
+            types = torch.from_numpy(types[lo : lo + batch_size]).to(device)
+        preds.append(model(ids, last, types)[0].argmax(-1).cpu().numpy())
     return np.concatenate(preds)
 
 

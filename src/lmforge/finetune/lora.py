@@ -196,18 +196,38 @@ def _hf_rules(model: nn.Module) -> dict:
     return {r.ours: r for r in FAMILIES[model_type].rules(model.config)}
 
 
-def save_peft_adapter(model: nn.Module, out_dir: Path, base_model: str = "") -> Path:
-    """Writes adapter_config.json + adapter_model.safetensors that peft.PeftModel loads."""
+def save_peft_adapter(
+    model: nn.Module,
+    out_dir: Path,
+    base_model: str = "",
+    head: dict[str, Tensor] | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Writes adapter_config.json + adapter_model.safetensors that peft.PeftModel loads.
+
+    head: a task head trained in full next to the adapters (an encoder classifier's pooler and
+    classifier, under transformers' names): saved as PEFT's modules_to_save, so the adapter on
+    the base's *ForSequenceClassification / *ForTokenClassification is the tuned model.
+    """
     from safetensors.torch import save_file
 
     tensors, hf_modules, fan_in_fan_out = peft_tensors(model)
+    head = head or {}
+    tensors.update({f"base_model.model.{k}": v.contiguous() for k, v in head.items()})
+    # whole modules, as PEFT wraps them: "classifier" (which SEQ_CLS/TOKEN_CLS wrap anyway) and
+    # BERT's "bert.pooler.dense"
+    modules_to_save = (
+        sorted({"classifier" if k.startswith("classifier.") else k.rsplit(".", 1)[0] for k in head})
+        or None
+    )
     first = next(iter(lora_modules(model).values()))
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     # Exact module names as one regex, so PEFT adapts these modules and no others.
     targets = "^(" + "|".join(re.escape(m) for m in hf_modules) + ")$"
     config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_2_SEQ_LM" if getattr(model.config, "n_dec_layer", 0) else "CAUSAL_LM",
+        "task_type": task_type
+        or ("SEQ_2_SEQ_LM" if getattr(model.config, "n_dec_layer", 0) else "CAUSAL_LM"),
         "base_model_name_or_path": base_model,
         "r": first.r,
         "lora_alpha": first.alpha,
@@ -219,7 +239,7 @@ def save_peft_adapter(model: nn.Module, out_dir: Path, base_model: str = "") -> 
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from lmforge.finetune.export import export_model, tuned_generation_config
 from lmforge.finetune.formats import is_classification, is_seq2seq, is_tagging, load_examples
 from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
 from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
-from lmforge.finetune.lora import LoraConfig, inject, trainable_fraction
+from lmforge.finetune.lora import LoraConfig, inject, lora_modules, merge, trainable_fraction
 from lmforge.finetune.sft import build_sft_rows, load_chat_tokenizer
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids
@@ -114,6 +114,13 @@ class FinetuneConfig(StageConfig):
         None,
         description="seq2seq: train this preset (e.g. bart-micro) from scratch; --model then "
         "only supplies the tokenizer files",
+    )
+    pooling: Literal["first", "mean"] = Field(
+        "first",
+        description="classify on an encoder: first ([CLS] through the pooler, exported as "
+        "*ForSequenceClassification) | mean (average of the tokens' states; no transformers "
+        "class computes it, so final/ is not written: the trained weights go to "
+        "mean_pooled_classifier.safetensors)",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="freezing / layer LRs")
@@ -231,18 +238,28 @@ def prepare(
         stats = {"examples": len(train_ex), "truncated": cut, "val_examples": len(val_ex),
                  "val_truncated": val_cut, "tags": len(labels)}  # fmt: skip
         return Prepared(train_rows, val_rows, val_ex, labels, stats)
-    train_rows, cut = heads.encode_texts(
-        tok, [e["text"] for e in train_ex], [index[e["label"]] for e in train_ex], seq_len
-    )
-    val_rows, val_cut = heads.encode_texts(
-        tok, [e["text"] for e in val_ex], [index[e["label"]] for e in val_ex], seq_len
-    )
+    template = is_encoder(cfg.model_dir())  # an encoder reads [CLS] text [SEP] as pretrained
+
+    def rows(examples: list) -> tuple[dict[str, np.ndarray], int]:
+        texts, pairs = [e["text"] for e in examples], [e.get("text_pair") for e in examples]
+        labels_ = [index[e["label"]] for e in examples]
+        return heads.encode_texts(tok, texts, labels_, seq_len, pairs=pairs, template=template)
+
+    train_rows, cut = rows(train_ex)
+    val_rows, val_cut = rows(val_ex)
     stats = {"examples": len(train_ex), "truncated": cut, "val_examples": len(val_ex),
              "val_truncated": val_cut, "classes": len(labels)}  # fmt: skip
     return Prepared(train_rows, val_rows, val_ex, labels, stats)
 
 
 # --------------------------------------------------------------------------- model
+
+
+def is_encoder(model_dir: Path) -> bool:
+    """True when model_dir holds a bidirectional encoder (BERT/RoBERTa-style)."""
+    from lmforge.model.convert import hf_config_to_model_config, read_config
+
+    return not hf_config_to_model_config(read_config(model_dir)).causal
 
 
 def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.Module]:
@@ -274,8 +291,11 @@ def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.M
     if cfg.task == "tag":
         model = tagging.TokenTagger(lm, len(labels))
     elif cfg.task != "sft":
-        model = heads.SequenceClassifier(lm, len(labels))
-        _start_from_base_head(model, cfg.model_dir(), labels)
+        if cfg.pooling == "mean" and (lm.config.causal or cfg.task != "classify"):
+            raise ConfigError("pooling: mean is for --task classify on an encoder")
+        model = heads.SequenceClassifier(lm, len(labels), pooling=cfg.pooling)
+        if cfg.pooling == "first":
+            _start_from_base_head(model, cfg.model_dir(), labels)
     if cfg.method == "full":
         apply_freeze(model, cfg.freeze, lm.config.n_layer)
     return model, lm
@@ -422,6 +442,10 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
             heads.classification_metrics(data.val_rows["class_labels"], preds, len(labels))
         )
     _write_outputs(cfg, ctx, tok, model, lm, labels)
+    if cfg.task == "classify" and cfg.pooling == "mean":
+        from lmforge.model.convert import MEAN_POOLING_REFUSAL
+
+        headline["export"] = f"refused: {MEAN_POOLING_REFUSAL}"
     return headline
 
 
@@ -501,11 +525,26 @@ def _write_outputs(
         seq2seq_ids = _seq2seq_ids(cfg, tok).config(tok.bos_id)
     elif cfg.task != "sft":
         classifier = model.classifier_head(labels)
-    # a classifier pools by the pad id encode_texts padded with
-    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier, seq2seq_ids=seq2seq_ids)
+    if classifier is not None and classifier.pooling == "mean":
+        _save_unexportable(ctx, model, labels)
+    else:  # a classifier pools by the pad id encode_texts padded with
+        export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier, seq2seq_ids=seq2seq_ids)
     ctx.metrics.close()
     rows = read_metrics(ctx.out / "metrics.jsonl")
     plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")
+
+
+def _save_unexportable(ctx: StageContext, model: nn.Module, labels: list[str]) -> None:
+    """A mean-pooled classifier: no transformers class computes it (convert.MEAN_POOLING_REFUSAL),
+    so no final/; its weights (SequenceClassifier's state dict, LoRA merged) and labels are kept
+    so the training is not lost (no lmforge loader reads this file yet)."""
+    from safetensors.torch import save_model
+
+    if lora_modules(model):
+        merge(model)
+    with ctx.atomic_path(ctx.out / "mean_pooled_classifier.safetensors") as tmp:
+        # save_model keeps one name of tied tensors (the MLM head shares the embedding)
+        save_model(model, str(tmp), metadata={"labels": json.dumps(labels), "pooling": "mean"})
 
 
 def _augmenter(cfg: FinetuneConfig) -> Augmenter | None:

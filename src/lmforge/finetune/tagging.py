@@ -28,21 +28,27 @@ def encode_tagged(
 ) -> tuple[dict[str, np.ndarray], int]:
     """Right-padded rows (input_ids, tag_labels on first subwords, last); returns rows, truncated.
 
-    A sentence longer than seq_len keeps the words that fit whole; metrics score only those.
+    A sentence longer than seq_len keeps the words that fit whole; metrics score only those. The
+    tokenizer's template wraps the words ([CLS] ... [SEP], <s> ... </s>), untagged, as
+    transformers' tokenizer(words, is_split_into_words=True) does.
     """
     ids, tags, last = padded_rows(len(examples), seq_len, tok.pad_id)
+    prefix, suffix = tok.template_ends()
+    end = seq_len - len(suffix)  # words stop here; the suffix follows them
     truncated = 0
     for r, ex in enumerate(examples):
-        pos = 0
+        ids[r, : len(prefix)] = prefix
+        pos = len(prefix)
         for w, (word, tag) in enumerate(zip(ex["tokens"], ex["tags"], strict=True)):
             pieces = tok.encode(word if w == 0 else " " + word) or [tok.pad_id]
-            if pos + len(pieces) > seq_len:
+            if pos + len(pieces) > end:
                 truncated += 1
                 break
             ids[r, pos : pos + len(pieces)] = pieces
             tags[r, pos] = tag_index[tag]
             pos += len(pieces)
-        last[r] = max(pos - 1, 0)
+        ids[r, pos : pos + len(suffix)] = suffix
+        last[r] = max(pos + len(suffix) - 1, 0)
     return {"input_ids": ids, "tag_labels": tags, "last": last}, truncated
 
 

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmforge.common.io import atomic_path, atomic_write_json
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.model.config import ModelConfig
 from lmforge.model.hf_families import (
     ENCODER_FAMILIES,
@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 
 NATIVE = "lmforge"  # model_type of exports in our own layout
 SUPPORTED_MODEL_TYPES = (*FAMILIES, "t5", NATIVE)
+MEAN_POOLING_REFUSAL = (
+    "a mean-pooled classifier has no transformers class (BERT/RoBERTa *ForSequenceClassification "
+    "pool the first token): not exported as one, which would compute different logits; use "
+    "pooling 'first' to export"
+)
 NATIVE_CLASSIFIER = "LmforgeForSequenceClassification"  # architecture of a native-layout classifier
 
 
@@ -73,7 +78,9 @@ class ClassifierHead:
 
     A decoder's is bias-free on the last real token. An encoder's has a bias and either a pooler
     (pool_weight/pool_bias: dense + tanh on the first token, *ForSequenceClassification) or none
-    and per_token (*ForTokenClassification: every position is classified).
+    and per_token (*ForTokenClassification: every position is classified). pooling "mean" (an
+    encoder's mean of its real tokens' states, no pooler) has no transformers class: save_pretrained
+    refuses it rather than writing a model that computes something else.
     """
 
     weight: Tensor
@@ -82,6 +89,7 @@ class ClassifierHead:
     pool_weight: Tensor | None = None
     pool_bias: Tensor | None = None
     per_token: bool = False
+    pooling: str = "first"
 
     def encoder_tensors(self, model_type: str) -> dict[str, Tensor]:
         """The head's tensors under the encoder family's names (hf_families.encoder_head_names)."""
@@ -322,6 +330,8 @@ def save_pretrained(
     A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper.
     """
     model = getattr(model, "_orig_mod", model)
+    if classifier is not None and classifier.pooling != "first":
+        raise ConfigError(MEAN_POOLING_REFUSAL)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_hf"):  # the T5 adapter: transformers writes its own module

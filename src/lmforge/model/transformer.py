@@ -338,8 +338,12 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         pad_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
     ) -> Tensor:
-        """Final-norm hidden states (B, T, C): what lm_head, classifier and reward heads read."""
+        """Final-norm hidden states (B, T, C): what lm_head, classifier and reward heads read.
+
+        token_type_ids (B, T): an encoder's segment of each token (1 for a pair's second text);
+        None means segment 0 everywhere. A model without type embeddings ignores them."""
         T = idx.size(1)
         if not self.config.causal and (kv_cache is not None or start_pos):
             raise ValueError("an encoder (causal=False) has no KV cache: pass the whole sequence")
@@ -363,7 +367,9 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos + self.config.pos_offset if self.config.pos_offset else pos)
-        if self.type_emb is not None:
+        if self.type_emb is not None and token_type_ids is not None:
+            x = x + self.type_emb(token_type_ids)
+        elif self.type_emb is not None:
             x = x + self.type_emb.weight[0]  # single-segment inputs: token type 0 everywhere
         if self.emb_norm is not None:
             x = self.emb_norm(x)

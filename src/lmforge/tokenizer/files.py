@@ -162,6 +162,40 @@ class TokenizerFiles:
         """Token ids of text; special tokens only where the text spells them."""
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def encode_input(
+        self, text: str, pair: str | None = None, max_len: int | None = None
+    ) -> tuple[list[int], list[int], bool]:
+        """(ids, token_type_ids, truncated) of a model input, as transformers' tokenizer(text,
+        pair, truncation=True, max_length=max_len) makes it: tokenizer.json's post_processor adds
+        the specials its model was pretrained with ([CLS] a [SEP] b [SEP], <s> a </s></s> b </s>)
+        and marks the pair's segment; longest_first truncation keeps those specials."""
+        previous = self.tokenizer.truncation
+        try:
+            if max_len is None:
+                self.tokenizer.no_truncation()
+            else:
+                self.tokenizer.enable_truncation(max_len, strategy="longest_first")
+            enc = self.tokenizer.encode(text, pair, add_special_tokens=True)
+        finally:
+            if previous is None:
+                self.tokenizer.no_truncation()
+            else:
+                self.tokenizer.enable_truncation(**previous)
+        return list(enc.ids), list(enc.type_ids), bool(enc.overflowing)
+
+    def template_ends(self) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) a single text in the post_processor's template: ([CLS], [SEP])
+        for BERT, ([<s>], [</s>]) for RoBERTa, ([], []) for a tokenizer without one."""
+        probe = "a b"
+        bare = self.encode(probe)
+        full, _, _ = self.encode_input(probe)
+        start = next(
+            (i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None
+        )
+        if start is None:
+            raise InputError(f"{self.path}/tokenizer.json: its post_processor rewrites the text")
+        return full[:start], full[start + len(bare) :]
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, character offsets), for masks built from character spans."""
         enc = self.tokenizer.encode(text, add_special_tokens=False)

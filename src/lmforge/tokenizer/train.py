@@ -107,6 +107,12 @@ class TokenizerConfig(StageConfig):
     special_tokens: SpecialTokens = Field(
         default_factory=SpecialTokens, description="special tokens"
     )
+    template: Literal["none", "encoder"] = Field(
+        "none",
+        description="what transformers' tokenizer adds around a text: none (decoders) | encoder "
+        "(bos text eos, pair: bos a eos b eos with token type 1 on b: BERT's [CLS]/[SEP] when "
+        "bos is [CLS] and eos is [SEP])",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerConfig:
@@ -242,7 +248,23 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterator[str]) -> Any:
     if trainer is not None:
         tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(specials)
+    if cfg.template == "encoder":
+        tok.post_processor = _encoder_template(tok, cfg.special_tokens, tok.post_processor)
     return tok
+
+
+def _encoder_template(tok: Any, st: SpecialTokens, byte_level: Any) -> Any:
+    """BERT's TemplateProcessing with bos as [CLS] and eos as [SEP] (after byte-level BPE's
+    offset fix when there is one), so encoders see the inputs transformers' tokenizer makes."""
+    from tokenizers import processors
+
+    specials = [(t, tok.token_to_id(t)) for t in dict.fromkeys([st.bos, st.eos])]
+    template = processors.TemplateProcessing(
+        single=f"{st.bos} $A {st.eos}",
+        pair=f"{st.bos} $A {st.eos} $B:1 {st.eos}:1",
+        special_tokens=specials,
+    )
+    return template if byte_level is None else processors.Sequence([byte_level, template])
 
 
 def special_tokens_map(cfg: TokenizerConfig, vocab: dict[str, int]) -> dict[str, Any]:
@@ -268,6 +290,8 @@ def write_metadata(
         "model_max_length": cfg.model_max_length,
         "clean_up_tokenization_spaces": False,
     }
+    if cfg.template == "encoder":  # BERT's names for the template's bos and eos
+        config.update(cls_token=cfg.special_tokens.bos, sep_token=cfg.special_tokens.eos)
     if all(t in vocab for t in CHAT_TOKENS):
         config["chat_template"] = CHATML_TEMPLATE
         ctx.atomic_write_text(out / "chat_template.jinja", CHATML_TEMPLATE)

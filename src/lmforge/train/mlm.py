@@ -5,6 +5,9 @@ document separator, padding or [MASK] itself), 80% become [MASK], 10% a random o
 10% stay as they are; the loss is cross-entropy on the chosen positions only (IGNORE_INDEX
 elsewhere). Training draws fresh masks every step; validation masks each val batch with its own
 seeded generator, so every evaluation scores the same masked tokens and losses are comparable.
+With a tokenizer whose template opens a text with [CLS] (MaskSpec.start_ids), every window starts
+with it as BERT's pretraining inputs do (its first token gives way), so the first position a
+classifier pools has been trained as [CLS]; documents inside a window stay [SEP]-separated.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class MaskSpec:
     special_ids: tuple[int, ...]
     vocab_size: int
     probability: float = 0.15
+    start_ids: tuple[int, ...] = ()  # the template's opening specials ([CLS]), if any
 
     def replaceable_ids(self, device: torch.device) -> Tensor:
         """The ordinary token ids a random replacement is drawn from."""
@@ -42,6 +46,9 @@ def mask_tokens(
     pad_mask-free: padding must be one of spec.special_ids (it is, for lmforge tokenizers).
     """
     device = ids.device
+    if spec.start_ids:
+        ids = ids.clone()
+        ids[:, : len(spec.start_ids)] = torch.tensor(spec.start_ids, device=device)
 
     def uniform(shape: torch.Size) -> Tensor:
         return torch.rand(shape, generator=generator, device=device)

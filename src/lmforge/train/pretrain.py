@@ -199,7 +199,8 @@ def mask_spec(cfg: PretrainConfig, vocab_size: int) -> MaskSpec:
             f"{cfg.tokenizer} has no mask token, which objective=mlm needs; retrain it with "
             "--set special_tokens.mask='[MASK]' (lmforge tokenizer train) and re-encode"
         )
-    return MaskSpec(tok.mask_id, tuple(tok.special_ids()), vocab_size, cfg.mlm_probability)
+    start = tuple(tok.template_ends()[0])  # [CLS] when the tokenizer's template opens with it
+    return MaskSpec(tok.mask_id, tuple(tok.special_ids()), vocab_size, cfg.mlm_probability, start)
 
 
 def _identity(batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:

@@ -64,6 +64,16 @@ def test_classification_labels_become_strings(tmp_path):
     assert ex == [{"text": "x", "label": "1"}, {"text": "y", "label": "b"}]
 
 
+def test_classification_pairs_keep_text_pair_and_refuse_a_non_string(tmp_path):
+    rows = [{"text": "a", "text_pair": "b", "label": "same"}, {"text": "c", "label": "x"}]
+    fmt, ex = read_file(_jsonl(tmp_path / "p.jsonl", rows))
+    assert fmt == "classification"
+    assert ex == [{"text": "a", "text_pair": "b", "label": "same"}, {"text": "c", "label": "x"}]
+    bad = _jsonl(tmp_path / "bad.jsonl", [rows[0], {"text": "c", "text_pair": 3, "label": "x"}])
+    with pytest.raises(InputError, match=r"bad\.jsonl line 2: text_pair must be a string"):
+        read_file(bad)
+
+
 def test_unknown_record_names_file_and_line(tmp_path):
     f = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "completion": "a"}, {"foo": 1}])
     with pytest.raises(InputError, match=r"bad\.jsonl line 2: .*does not fit .*prompt_completion"):

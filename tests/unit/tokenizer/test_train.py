@@ -226,3 +226,27 @@ def test_wordpiece_with_a_mask_token_for_masked_lm(corpus: Path, tmp_path: Path)
     )
     transformers = pytest.importorskip("transformers")
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "wp")).mask_token == "[MASK]"
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_encoder_template_adds_cls_sep_as_transformers_does(
+    kind: str, corpus: Path, tmp_path: Path
+) -> None:
+    specials = {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "unk": "[UNK]", "mask": "[MASK]"}
+    cfg = TokenizerConfig(data=corpus, out=tmp_path / kind, kind=kind, vocab_size=300,
+                          special_tokens=specials, template="encoder")  # fmt: skip
+    files = TokenizerFiles.load(train_tokenizer(cfg))
+    cls, sep = files.token_id("[CLS]"), files.token_id("[SEP]")
+    assert files.template_ends() == ([cls], [sep])
+    ids, types, _ = files.encode_input("the model reads", "which token")
+    a = files.encode("the model reads")
+    assert ids == [cls, *a, sep, *files.encode("which token"), sep]
+    assert types == [0] * (len(a) + 2) + [1] * (len(files.encode("which token")) + 1)
+    assert (
+        files.encode("the model") == files.encode_input("the model")[0][1:-1]
+    )  # bare: no specials
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / kind))
+    want = hf("the model reads", "which token", return_token_type_ids=True)
+    assert (want["input_ids"], want["token_type_ids"]) == (ids, types)
+    assert (hf.cls_token, hf.sep_token) == ("[CLS]", "[SEP]")

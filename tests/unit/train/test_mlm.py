@@ -51,3 +51,13 @@ def test_val_masks_repeat_and_train_masks_change():
     _, metrics = loss_fn(fake_model, a)
     assert torch.equal(seen[-1], a["mlm_labels"])  # a masked val batch is used as it is
     assert metrics["masked_tokens"] == (a["mlm_labels"] != IGNORE_INDEX).sum()
+
+
+def test_windows_open_with_the_templates_cls_which_is_never_masked():
+    spec = MaskSpec(mask_id=3, special_ids=(0, 1, 2, 3), vocab_size=50, start_ids=(2,))
+    ids = torch.randint(4, 50, (32, 16), generator=torch.Generator().manual_seed(0))
+    corrupted, labels = mask_tokens(ids, spec, torch.Generator().manual_seed(1))
+    assert (corrupted[:, 0] == 2).all() and (labels[:, 0] == IGNORE_INDEX).all()
+    assert (ids[:, 0] != 2).all()  # the caller's batch is left as it was
+    chosen = labels != IGNORE_INDEX
+    assert chosen[:, 1:].any() and torch.equal(labels[chosen], ids[chosen])
