@@ -9,8 +9,8 @@ with a reward model (ppo.reward_model) and trains policy + value head (align.ppo
 written to final/ as a causal LM (+ adapter/ for LoRA). Headline metrics: held-out pairwise
 accuracy, per kind too (reward); preference accuracy, implicit reward margin, chosen-over-rejected
 log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo); mean
-reward, KL to the reference, entropy and answer length of sampled held-out answers, before and
-after (ppo).
+reward (+- its standard error), KL to the reference, entropy and answer length of sampled
+held-out answers, before and after, and the reward gain paired by prompt (ppo).
 """
 
 from __future__ import annotations
