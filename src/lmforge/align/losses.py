@@ -61,6 +61,15 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def whiten(x: Tensor) -> Tensor:
+    """x (N,) shifted to mean 0 and scaled to std 1 (unbiased); only centred when N < 2 or all
+    equal, so a constant batch carries no signal instead of dividing by zero."""
+    centred = x.float() - x.float().mean()
+    if x.numel() < 2:
+        return centred
+    return centred / (centred.std() + 1e-8)
+
+
 def gae(
     rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:

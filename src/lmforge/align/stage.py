@@ -9,8 +9,8 @@ with a reward model (ppo.reward_model) and trains policy + value head (align.ppo
 written to final/ as a causal LM (+ adapter/ for LoRA). Headline metrics: held-out pairwise
 accuracy, per kind too (reward); preference accuracy, implicit reward margin, chosen-over-rejected
 log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo); mean
-reward, KL to the reference, entropy and answer length of sampled held-out answers, before and
-after (ppo).
+reward (+- its standard error), KL to the reference, entropy and answer length of sampled
+held-out answers, before and after, and the reward gain paired by prompt (ppo).
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from lmforge.align.encode import encode_pairs
 from lmforge.align.ppo import (
     PolicyWithValue,
     Rollouts,
-    evaluate_policy,
     frozen_copy,
+    heldout_rollout,
     load_reward_model,
     make_ppo_loss,
+    rollout_metrics,
+    standard_error,
 )
 from lmforge.align.prefs import load_pairs, load_prompts
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
@@ -78,12 +80,21 @@ class PPOOptions(Section):
     max_new_tokens: int = Field(32, ge=1, description="answer length limit while sampling")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
     kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty to the reference")
+    reward_norm: Literal["none", "batch"] = Field(
+        "none",
+        description="none: the reward model's raw score | batch: scores whitened across each "
+        "rollout (mean 0, std 1), so the KL penalty and the value head see the same scale "
+        "whatever the reward model's offset and spread",
+    )
     clip: float = Field(0.2, gt=0, description="policy ratio clip range")
     vf_coef: float = Field(0.5, ge=0, description="weight of the value loss")
     vf_clip: float = Field(0.2, gt=0, description="value clip range")
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     eval_prompts: int = Field(32, ge=1, description="held-out prompts scored before/after")
+    eval_samples: int = Field(
+        1, ge=1, description="answers sampled per held-out prompt (more: a less noisy mean)"
+    )
 
 
 class AlignEval(Section):
@@ -251,17 +262,23 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     reference = frozen_copy(lm) if cfg.tuning == "full" else None  # LoRA: the base itself
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)
-    evaluate = lambda m: evaluate_policy(m, reference, reward, tok, val_prompts, opts, seq_len)  # noqa: E731
-    before = evaluate(policy)
+    held_out = lambda m: heldout_rollout(m, reference, reward, tok, val_prompts, opts, seq_len)  # noqa: E731
+    before = held_out(policy)
     loader = Rollouts(policy, reference, reward, tok, prompts, opts,
                       cfg.train.micro_batch_size, seq_len, cfg.train.seed)  # fmt: skip
     policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
-                       loader, evaluate)  # fmt: skip
-    after = evaluate(policy)
+                       loader, lambda m: rollout_metrics(held_out(m)))  # fmt: skip
+    after = held_out(policy)
     headline = {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
-    headline.update({k: _round(v) for k, v in after.items() if k != "val_loss"})
-    headline.update(val_reward_before=_round(before["val_reward"]),
-                    val_answer_len_before=_round(before["val_answer_len"]))  # fmt: skip
+    metrics, metrics_before = rollout_metrics(after), rollout_metrics(before)
+    headline.update({k: _round(v) for k, v in metrics.items() if k != "val_loss"})
+    headline.update({f"{k}_before": _round(metrics_before[k]) for k in (
+        "val_reward", "val_reward_se", "val_kl", "val_answer_len")})  # fmt: skip
+    # paired by prompt: the gain's standard error without the spread between prompts
+    gain = after["prompt_reward"] - before["prompt_reward"]
+    headline.update(
+        val_reward_gain=_round(gain.mean()), val_reward_gain_se=_round(standard_error(gain))
+    )
     return policy, headline
 
 

@@ -473,9 +473,13 @@ def _align_summary(method: str, m: dict[str, Any]) -> str:
             text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
         return text + "."
     if method == "ppo" and "val_reward" in m:
+        gain = ""
+        if "val_reward_gain_se" in m:  # paired by prompt
+            gain = (f" (gain {fmt_num(m['val_reward_gain'])} +- "
+                    f"{fmt_num(m['val_reward_gain_se'])} s.e.)")  # fmt: skip
         return (f"PPO: mean reward of held-out answers {fmt_num(m['val_reward_before'])} -> "
-                f"{fmt_num(m['val_reward'])}, KL to the reference {fmt_num(m['val_kl'])} nats "
-                "per answer.")  # fmt: skip
+                f"{fmt_num(m['val_reward'])}{gain}, KL to the reference {fmt_num(m['val_kl'])} "
+                "nats per answer.")  # fmt: skip
     return ""
 
 

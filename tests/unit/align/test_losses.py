@@ -122,3 +122,13 @@ def test_dpo_loss_fn_adds_the_chosen_per_token_nll_when_asked():
     assert metrics["chosen_reward"].item() == pytest.approx(0.5 * chosen, abs=1e-6)
     rpo, _ = make_dpo_loss(0.5, "sigmoid", sft_weight=2.0)(Fixed(), batch)
     assert rpo.item() == pytest.approx(expected + 2.0 * -math.log(0.75), abs=1e-6)
+
+
+def test_whiten_gives_mean_zero_unit_std_and_zero_for_a_constant_batch():
+    from lmforge.align.losses import whiten
+
+    w = whiten(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    # mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3)
+    assert w.tolist() == pytest.approx([(x - 3.0) / math.sqrt(14 / 3) for x in (1, 2, 3, 6)])
+    assert whiten(torch.tensor([5.0, 5.0])).tolist() == [0.0, 0.0]
+    assert whiten(torch.tensor([4.0])).tolist() == [0.0]

@@ -19,6 +19,11 @@ def test_each_method_leads_with_its_headline(tmp_path):
     assert blocks[0].summary and blocks[0].text.startswith("PPO: mean reward")
     assert "2.27 -> 2.77" in blocks[0].text and not blocks[1].summary
     assert any(b.image for b in blocks)  # the training curves follow
+    paired = {"val_reward_before": 0.0, "val_reward": 0.5, "val_kl": 1.5, "val_reward_gain": 0.5,
+              "val_reward_gain_se": 0.12}  # fmt: skip
+    assert (
+        "0 -> 0.5 (gain 0.5 +- 0.12 s.e.)" in align_section(_stage(tmp_path, "ppo", paired))[0].text
+    )
     dpo = {"ref_logp_margin": 20.5, "val_logp_margin": 27.1, "val_pref_accuracy": 0.77,
            "ref_rouge_l": 0.14, "rouge_l": 0.17}  # fmt: skip
     assert "20.5 -> 27.1" in align_section(_stage(tmp_path, "dpo", dpo))[0].text

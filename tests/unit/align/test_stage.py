@@ -109,6 +109,9 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
     m = read_manifest(out)["metrics"]
     assert {"val_reward", "val_reward_before", "val_kl", "val_entropy"} <= set(m)
     assert m["val_kl"] != 0  # the policy moved away from the reference
+    # the gain is paired by prompt: its mean is the difference of the means
+    assert m["val_reward_gain"] == pytest.approx(m["val_reward"] - m["val_reward_before"], abs=1e-4)
+    assert m["val_reward_gain_se"] > 0 and m["val_reward_se_before"] > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 8 and {"reward", "kl", "entropy", "clipfrac"} <= set(steps[0])
@@ -142,6 +145,51 @@ def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir)
     # the loader serves ppo_epochs passes of minibatches of one rollout, then samples anew
     first = [next(src)["input_ids"] for _ in range(src.steps_per_rollout)]
     assert src.steps_per_rollout == 4 and all(b.shape[0] == 2 for b in first)
+
+
+def test_batch_reward_norm_prices_whitened_scores_and_eval_samples_each_prompt(
+    model_dir, reward_dir
+):
+    from lmforge.align.losses import whiten
+    from lmforge.align.ppo import (
+        PolicyWithValue,
+        Rollouts,
+        heldout_rollout,
+        load_reward_model,
+        make_rollout,
+        rollout_metrics,
+    )
+    from lmforge.align.stage import PPOOptions
+    from lmforge.finetune.sft import load_chat_tokenizer
+    from lmforge.model.convert import load_pretrained
+
+    tok = load_chat_tokenizer(model_dir)
+    lm = load_pretrained(model_dir)
+    policy = PolicyWithValue(lm)  # values 0 (zero-initialised head)
+    reward = load_reward_model(reward_dir, lm.config.vocab_size)
+    prompts = [[{"role": "user", "content": f"Say {w}"}] for w in WORDS[:4]]
+    # no KL, gamma = lam = 1: the return at an answer's first token is its priced score
+    for norm in ("none", "batch"):
+        opts = PPOOptions(rollout_prompts=4, max_new_tokens=6, kl_coef=0.0, lam=1.0,
+                          reward_norm=norm)  # fmt: skip
+        r = make_rollout(Rollouts(policy, lm, reward, tok, prompts, opts, 4, 48, 0), prompts, 0)
+        first = (r["labels"] != -100).long().argmax(1)
+        priced = r["returns"][torch.arange(4), first]
+        expected = whiten(r["score"]) if norm == "batch" else r["score"]
+        assert priced.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert abs(float(priced.mean())) < 1e-4 and float(priced.std()) == pytest.approx(1, abs=1e-4)
+    # eval_samples answers per prompt: the mean over all of them, and its standard error
+    one = rollout_metrics(heldout_rollout(policy, lm, reward, tok, prompts, PPOOptions(), 48))
+    held = heldout_rollout(policy, lm, reward, tok, prompts, PPOOptions(eval_samples=3), 48)
+    three = rollout_metrics(held)
+    rows = [p for p in prompts for _ in range(3)]
+    opts = PPOOptions(rollout_prompts=12)
+    all_rows = make_rollout(Rollouts(policy, lm, reward, tok, rows, opts, 12, 48, 0), rows, 10**6)
+    per_prompt = all_rows["score"].view(4, 3).mean(1)
+    assert three["val_reward"] == pytest.approx(float(per_prompt.mean()), abs=1e-5)
+    assert three["val_reward_se"] == pytest.approx(float(per_prompt.std()) / 2, abs=1e-5)
+    assert held["prompt_reward"].tolist() == pytest.approx(per_prompt.tolist(), abs=1e-5)
+    assert one["val_reward_se"] > 0 and one["val_reward"] != three["val_reward"]
 
 
 def test_ppo_refuses_a_model_that_is_not_a_reward_model(tmp_path, model_dir):
