@@ -48,9 +48,8 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
 OPEN_PATHS = {"/health", "/ready", "/ping", "/metrics", "/"}  # no API key needed
-KNOWN_PATHS = {
-    "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/invocations",
-    "/health", "/ready", "/ping", "/metrics", "/",
+KNOWN_PATHS = OPEN_PATHS | {
+    "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/invocations"
 }  # fmt: skip
 
 
