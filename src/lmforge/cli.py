@@ -668,25 +668,20 @@ def serve_cmd(
     from lmforge.errors import ConfigError
     from lmforge.serve.settings import ServeSettings, parse_model_specs
 
+    flags = {"host": host, "port": port, "workers": workers, "device": device,
+             "max_batch_size": max_batch_size, "max_queue": max_queue,
+             "request_timeout_s": request_timeout, "threads": threads}  # fmt: skip
     if config is not None:
         from lmforge.serve.recipe_config import load_serve_config
 
         base = load_serve_config(config)
-        flags = {"host": host, "port": port, "workers": workers, "device": device,
-                 "max_batch_size": max_batch_size, "max_queue": max_queue,
-                 "request_timeout_s": request_timeout, "threads": threads}  # fmt: skip
-        from lmforge.serve.server import serve
-
-        serve(base.model_copy(update={**flags, "api_key": api_key or base.api_key}))
-        return
-    if not model:
+        fields = {**base.model_dump(), **flags, "api_key": api_key or base.api_key}
+    elif not model:
         raise ConfigError("lmforge serve needs --model DIR (or NAME=DIR); see --help")
-    settings = validate(ServeSettings, {
-        "models": parse_model_specs(model), "host": host, "port": port, "api_key": api_key,
-        "workers": workers, "kb": kb, "safety": safety, "feedback_db": feedback_db,
-        "max_batch_size": max_batch_size, "max_queue": max_queue,
-        "request_timeout_s": request_timeout, "device": device, "threads": threads,
-    }, where="serve")  # fmt: skip
+    else:
+        fields = {"models": parse_model_specs(model), "kb": kb, "safety": safety,
+                  "feedback_db": feedback_db, **flags, "api_key": api_key}  # fmt: skip
+    settings = validate(ServeSettings, fields, where="serve")
     from lmforge.serve.server import serve  # torch and FastAPI: only once the flags are right
 
     serve(settings)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def direct_greedy(model_dir: Path):
 
 class ServerProcess(launch.ServerProcess):
     """launch.ServerProcess started at once, with what the tests read: the server's RSS, one
-    /metrics sample, its output, and stops by any signal."""
+    /metrics sample, its output, and whether it stopped cleanly."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
         env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
@@ -92,19 +91,8 @@ class ServerProcess(launch.ServerProcess):
             time.sleep(0.02)
         return value
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Sends sig and waits; the exit status (uvicorn re-raises SIGTERM after its graceful
-        shutdown, so a clean stop is -SIGTERM)."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
     def stopped_cleanly(self) -> bool:
-        """SIGTERM, then the lifespan shutdown (engines drained) ran to its end."""
+        """SIGTERM, then the lifespan shutdown (engines drained) ran to its end (uvicorn re-raises
+        SIGTERM after its graceful shutdown, so a clean stop is -SIGTERM)."""
         code = self.stop(signal.SIGTERM)
         return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.output()

@@ -9,6 +9,7 @@ server drains as in production.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,11 +100,12 @@ class ServerProcess:
             f"its log ({self.log_path}) ends:\n{self.log_tail()}"
         )
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (the server drains in-flight requests), SIGKILL after `timeout` seconds."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Sends `sig` (SIGTERM: the server drains in-flight requests), SIGKILL after `timeout`
+        seconds; the exit status (None when it never started)."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
-        self.process.terminate()
+        self.process.send_signal(sig)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:

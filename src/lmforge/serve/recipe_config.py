@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import Field
 
 from lmforge.artifacts import StageContext, require_artifact
-from lmforge.config import StageConfig, to_yaml
+from lmforge.config import StageConfig, load_yaml, to_yaml, validate
+from lmforge.errors import ConfigError
 
 
 class ServeConfigStage(StageConfig):
@@ -75,10 +76,6 @@ def build(cfg: ServeConfigStage, ctx: StageContext) -> dict[str, Any]:
 
 def load_serve_config(path: Path | str) -> Any:
     """ServeSettings from a serve.yaml (this stage's, or one written by hand)."""
-    import yaml
-
-    from lmforge.config import validate
-    from lmforge.errors import ConfigError
     from lmforge.serve.settings import ServeSettings
 
     path = Path(path)
@@ -86,5 +83,4 @@ def load_serve_config(path: Path | str) -> Any:
         raise ConfigError(
             f"serve config {path} does not exist; run the recipe's serve-config stage"
         )
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return validate(ServeSettings, raw, where=str(path))
+    return validate(ServeSettings, load_yaml(path), where=str(path))

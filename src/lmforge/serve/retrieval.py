@@ -135,7 +135,7 @@ class KnowledgeBase:
     def __init__(self, db_path: Path | str):
         self.db_path = Path(db_path)
         # Searches never wait (WAL readers see the last commit); a build waits for another
-        # process's build of the same index (each worker process builds it at start) instead of
+        # process's build of the same index (another server on the same documents) instead of
         # failing with "database is locked", then finds nothing left to do.
         self._connections = ThreadConnections(
             self.db_path, ["journal_mode = WAL"], what="a knowledge base", busy_timeout_ms=600_000

@@ -185,18 +185,33 @@ class SafetyPolicy(Section):
                 chosen.append(m)
         return chosen
 
-    def _apply(self, text: str, target: Target) -> Verdict:
-        out, pos, rules = [], 0, []
-        for start, end, rule in self.matches(text, target):
+    def apply_matches(
+        self, text: str, target: Target, pos: int, hold: int, rules: list[str]
+    ) -> tuple[str, int, bool]:
+        """Applies the matches starting in text[pos:hold] (text before pos is context only):
+        (the text to emit, where in `text` it ends, whether a refuse rule matched). A refusal
+        emits the text before its match; otherwise the emitted text runs to `hold` or past the
+        last match, whichever is further. Appends the names of matched rules to `rules`."""
+        out = []
+        for start, end, rule in self.matches(text, target, pos):
+            if start >= hold:
+                break
             if rule.name not in rules:
                 rules.append(rule.name)
             out.append(text[pos:start])
             if rule.action == "refuse":
-                return Verdict("refuse", "".join(out), tuple(rules))
+                return "".join(out), start, True
             out.append(rule.replacement_text)
             pos = end
-        out.append(text[pos:])
-        return Verdict("redact" if rules else "allow", "".join(out), tuple(rules))
+        cut = max(pos, hold)
+        out.append(text[pos:cut])
+        return "".join(out), cut, False
+
+    def _apply(self, text: str, target: Target) -> Verdict:
+        rules: list[str] = []
+        emitted, _, refused = self.apply_matches(text, target, 0, len(text), rules)
+        action = "refuse" if refused else "redact" if rules else "allow"
+        return Verdict(action, emitted, tuple(rules))
 
     def check_prompt(self, text: str) -> Verdict:
         """The verdict on a prompt: refuse (answer with refusal_message), redact, or allow."""
@@ -252,21 +267,12 @@ class StreamRedactor:
                 start = rule.pending_start(text, base)
                 if start is not None:
                     hold = min(hold, start)
-        out, pos = [], base
-        for start, end, rule in self.policy.matches(text, "outputs", base):
-            if start >= hold:
-                break
-            if rule.name not in self.rules:
-                self.rules.append(rule.name)
-            out.append(text[pos:start])
-            if rule.action == "refuse":
-                self.refused = True
-                self._pending = ""
-                return "".join(out)
-            out.append(rule.replacement_text)
-            pos = end
-        cut = max(pos, hold)
-        out.append(text[pos:cut])
+        emitted, cut, self.refused = self.policy.apply_matches(
+            text, "outputs", base, hold, self.rules
+        )
+        if self.refused:
+            self._pending = ""
+            return emitted
         self._context = text[max(0, cut - CONTEXT) : cut]
         self._pending = text[cut:]
-        return "".join(out)
+        return emitted

@@ -48,9 +48,8 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
 OPEN_PATHS = {"/health", "/ready", "/ping", "/metrics", "/"}  # no API key needed
-KNOWN_PATHS = {
-    "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/invocations",
-    "/health", "/ready", "/ping", "/metrics", "/",
+KNOWN_PATHS = OPEN_PATHS | {
+    "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/invocations"
 }  # fmt: skip
 
 
@@ -77,10 +76,9 @@ def open_stores(state: ServeState) -> None:
         state.cache = ResponseCache(max_entries=s.cache_entries)
     if s.safety is not None:
         state.safety = SafetyPolicy.from_file(s.safety)
-    if s.kb is not None and s.workers > 1:  # serve() built it before starting the workers
-        state.kb = KnowledgeBase.open(s.kb_path())
-    elif s.kb is not None:
-        state.kb = open_knowledge_base(s)
+    if s.kb is not None and state.kb is None:  # not passed in by serve(): build it, or with
+        # several workers open the index serve() built before starting them
+        state.kb = KnowledgeBase.open(s.kb_path()) if s.workers > 1 else open_knowledge_base(s)
     state.feedback = FeedbackStore(s.feedback_path())
 
 
@@ -110,10 +108,11 @@ def stop_engines(state: ServeState) -> None:
         engine.shutdown(drain=True, timeout=timeout)
 
 
-def create_app(settings: ServeSettings | None = None) -> FastAPI:
-    """The app for one worker process; settings from LMFORGE_SERVE_CONFIG when not given."""
+def create_app(settings: ServeSettings | None = None, kb: KnowledgeBase | None = None) -> FastAPI:
+    """The app for one worker process; settings from LMFORGE_SERVE_CONFIG when not given. `kb`:
+    the --kb index when the caller has built it already (the app closes it at shutdown)."""
     settings = settings or settings_from_env()
-    state = ServeState(settings=settings, metrics=ServerMetrics())
+    state = ServeState(settings=settings, metrics=ServerMetrics(), kb=kb)
     service = CompletionService(state)
 
     @asynccontextmanager
@@ -347,14 +346,16 @@ def serve(settings: ServeSettings) -> None:
     """Runs the server until SIGINT/SIGTERM; in-flight requests get graceful_timeout_s to end."""
     import uvicorn
 
-    if settings.kb is not None:  # built once here, not by every worker at once
-        open_knowledge_base(settings).close()
+    # built once here (so a bad --kb fails before the server starts), not by every worker at once
+    kb = open_knowledge_base(settings) if settings.kb is not None else None
     common = dict(
         host=settings.host, port=settings.port,
         timeout_graceful_shutdown=int(settings.graceful_timeout_s), log_level="info",
     )  # fmt: skip
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings, kb=kb), **common)
         return
+    if kb is not None:
+        kb.close()
     os.environ[ENV_CONFIG] = settings.model_dump_json()
     uvicorn.run("lmforge.serve.server:create_app", factory=True, workers=settings.workers, **common)
