@@ -660,7 +660,7 @@ def serve_cmd(
     Encoder-decoder model directories (BART/T5 layout) are served too.
 
     Example: lmforge serve --model runs/quickstart/sft/final --model base=runs/quickstart/pretrain/final --api-key secret
-    Example: lmforge serve --config runs/dialogue/serve_config/serve.yaml --port 8000
+    Example: lmforge serve --config runs/dialogue-assistant/serve_config/serve.yaml --port 8000
     """
     if ctx.invoked_subcommand is not None:
         return
