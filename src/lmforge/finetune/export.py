@@ -80,7 +80,7 @@ def _encoder_head(lm: nn.Module, classifier: Any) -> tuple[dict[str, Any] | None
     the adapter carries as modules_to_save; (None, None) for other models."""
     from lmforge.model.hf_families import family_for
 
-    if classifier is None or (classifier.bias is None and not classifier.per_token):
+    if classifier is None or not classifier.encoder:
         return None, None
     task_type = "TOKEN_CLS" if classifier.per_token else "SEQ_CLS"
     return classifier.encoder_tensors(family_for(lm.config)), task_type

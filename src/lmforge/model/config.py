@@ -97,8 +97,11 @@ class ModelConfig:
         self._validate_encoder()
         if self.n_dec_layer < 0:
             raise ConfigError(f"model.n_dec_layer must be >= 0, got {self.n_dec_layer}")
-        seq2seq_ok = not self.causal and self.pos == "learned" and self.tie_embeddings
-        if self.n_dec_layer and not (seq2seq_ok and not self.type_vocab_size and not self.mlm_head):
+        seq2seq_ok = (
+            not self.causal and self.pos == "learned" and self.tie_embeddings
+            and not self.type_vocab_size and not self.mlm_head
+        )  # fmt: skip
+        if self.n_dec_layer and not seq2seq_ok:
             raise ConfigError(
                 "model.n_dec_layer > 0 (encoder-decoder) needs causal=false, pos='learned', "
                 "tie_embeddings=true, type_vocab_size=0 and mlm_head=false (see the bart-* presets)"

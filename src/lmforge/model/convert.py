@@ -91,6 +91,11 @@ class ClassifierHead:
     per_token: bool = False
     pooling: str = "first"
 
+    @property
+    def encoder(self) -> bool:
+        """Whether this is an encoder's head (biased, or per token), exported as BERT/RoBERTa's."""
+        return self.bias is not None or self.per_token
+
     def encoder_tensors(self, model_type: str) -> dict[str, Tensor]:
         """The head's tensors under the encoder family's names (hf_families.encoder_head_names)."""
         names = encoder_head_names(model_type, self.per_token)
@@ -342,8 +347,7 @@ def save_pretrained(
     cfg: ModelConfig = model.config
     state = model.state_dict()
     model_type = family_for(cfg)
-    encoder_head = classifier is not None and (classifier.bias is not None or classifier.per_token)
-    if model_type is None and encoder_head:
+    if model_type is None and classifier is not None and classifier.encoder:
         raise ValueError(
             "an encoder classifier exports only as BERT/RoBERTa (family_for found none for this "
             "config); keep the bert-* preset's shape"

@@ -12,22 +12,21 @@ Shapes: B batch, S source length, T target length, C = n_embd, V = vocab_size.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 from lmforge.model.generate import KVCache
 from lmforge.model.transformer import (
     MLP,
     Block,
     CausalSelfAttention,
-    RMSNorm,
     attention_mask,
+    check_length,
+    init_normal_,
     make_norm,
     next_token_loss,
 )
@@ -127,21 +126,9 @@ class Seq2SeqLM(nn.Module):
         self.lm_head.weight = self.tok_emb.weight
 
     def init_weights(self) -> None:
-        """Normal(0, init_std) linears and embeddings, unit norms, zero biases; residual
-        projections scaled by 1/sqrt(2 * layers) as in Transformer.init_weights."""
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                module.reset_parameters()
-        for blocks in (self.enc_blocks, self.dec_blocks):
-            resid_std = std / math.sqrt(2 * len(blocks))
-            for block in blocks:
-                nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
-                nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+        """transformer.init_normal_ (the Transformer's init), the residual projections of the
+        encoder and of the decoder each scaled by their own depth; final_logits_bias zero."""
+        init_normal_(self, self.config.init_std, self.enc_blocks, self.dec_blocks)
         nn.init.zeros_(self.final_logits_bias)
 
     def init_buffers(self) -> None:
@@ -149,11 +136,7 @@ class Seq2SeqLM(nn.Module):
 
     def _embed(self, ids: Tensor, pos_emb: nn.Embedding, norm: nn.Module | None, start: int):
         T = ids.size(1)
-        if start + T > self.config.block_size:
-            raise InputError(
-                f"sequence of {start + T} tokens exceeds model.block_size="
-                f"{self.config.block_size}; shorten the input or raise model.block_size"
-            )
+        check_length(self.config, start + T)
         pos = torch.arange(start, start + T, device=ids.device) + self.config.pos_offset
         x = self.tok_emb(ids) + pos_emb(pos)  # (B, T, C)
         return self.drop(x if norm is None else norm(x))

@@ -51,6 +51,33 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
+def check_length(config: ModelConfig, n_tokens: int) -> None:
+    """InputError when a sequence of n_tokens (cached ones included) exceeds model.block_size."""
+    if n_tokens > config.block_size:
+        raise InputError(
+            f"sequence of {n_tokens} tokens exceeds model.block_size="
+            f"{config.block_size}; shorten the input or raise model.block_size"
+        )
+
+
+def init_normal_(model: nn.Module, std: float, *stacks: nn.ModuleList) -> None:
+    """Normal(0, std) linears and embeddings, zero biases, reset norms; in each stack of blocks
+    the residual projections get std / sqrt(2 * its depth), which keeps the residual stream's
+    variance flat with depth (GPT-2 paper)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            module.reset_parameters()
+    for blocks in stacks:
+        resid_std = std / math.sqrt(2 * len(blocks))
+        for block in blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+
+
 def rope_inv_freq(config: ModelConfig) -> Tensor:
     """Rotary frequencies theta^(-2i/hd), with Llama 3's long-context rescaling if configured."""
     hd = config.hd
@@ -299,26 +326,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     def init_weights(self) -> None:
-        """Normal(0, init_std) everywhere; residual projections scaled by 1/sqrt(2 * n_layer).
-
-        The scaling keeps the residual stream's variance flat with depth (GPT-2 paper). Also
-        (re)computes the rotary tables, so a model built on the meta device and moved with
-        to_empty() is complete after this call.
+        """Normal(0, init_std) everywhere; residual projections scaled by 1/sqrt(2 * n_layer)
+        (init_normal_). Also (re)computes the rotary tables, so a model built on the meta device
+        and moved with to_empty() is complete after this call.
         """
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                module.reset_parameters()
-        resid_std = std / math.sqrt(2 * self.config.n_layer)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+        init_normal_(self, self.config.init_std, self.blocks)
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -347,11 +359,7 @@ class Transformer(nn.Module):
         T = idx.size(1)
         if not self.config.causal and (kv_cache is not None or start_pos):
             raise ValueError("an encoder (causal=False) has no KV cache: pass the whole sequence")
-        if start_pos + T > self.config.block_size:
-            raise InputError(
-                f"sequence of {start_pos + T} tokens exceeds model.block_size="
-                f"{self.config.block_size}; shorten the input or raise model.block_size"
-            )
+        check_length(self.config, start_pos + T)
         if doc_ids is not None and (kv_cache is not None or start_pos > 0 or pad_mask is not None):
             raise ValueError(
                 "doc_ids (packed documents) cannot be combined with a KV cache or padding"

@@ -12,6 +12,7 @@ classifier pools has been trained as [CLS]; documents inside a window stay [SEP]
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,24 +47,34 @@ def mask_tokens(
     pad_mask-free: padding must be one of spec.special_ids (it is, for lmforge tokenizers).
     """
     device = ids.device
+    start, never_ids, pool = _device_ids(spec, device)
     if spec.start_ids:
         ids = ids.clone()
-        ids[:, : len(spec.start_ids)] = torch.tensor(spec.start_ids, device=device)
+        ids[:, : len(spec.start_ids)] = start
 
     def uniform(shape: torch.Size) -> Tensor:
         return torch.rand(shape, generator=generator, device=device)
 
-    never = torch.isin(ids, torch.tensor([*spec.special_ids, spec.mask_id], device=device))
+    never = torch.isin(ids, never_ids)
     chosen = (uniform(ids.shape) < spec.probability) & ~never
     labels = torch.where(chosen, ids, IGNORE_INDEX)
     roll = uniform(ids.shape)
     to_mask = chosen & (roll < 0.8)
     to_random = chosen & (roll >= 0.8) & (roll < 0.9)
-    pool = spec.replaceable_ids(device)
     pick = (uniform(ids.shape) * len(pool)).long().clamp(max=len(pool) - 1)
     corrupted = torch.where(to_mask, spec.mask_id, ids)
     corrupted = torch.where(to_random, pool[pick], corrupted)
     return corrupted, labels
+
+
+@functools.lru_cache(maxsize=8)
+def _device_ids(spec: MaskSpec, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """spec's ids as tensors on device, built once rather than every training step (the pool's
+    nonzero() waits for the device): (the window's opening ids, ids never chosen, ids a random
+    replacement is drawn from)."""
+    start = torch.tensor(spec.start_ids, dtype=torch.long, device=device)
+    never = torch.tensor([*spec.special_ids, spec.mask_id], device=device)
+    return start, never, spec.replaceable_ids(device)
 
 
 def make_mlm_loss(spec: MaskSpec):
