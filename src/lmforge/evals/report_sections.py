@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.common.io import read_jsonl
+from lmforge.common.plots import pyplot
 from lmforge.evals.report import Block, StageInfo, register_section
 
 SAMPLE_CHARS = 300  # characters of each sample shown in tables
@@ -73,15 +74,6 @@ def _pick(row: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _scalars_table(data: dict[str, Any], header: tuple[str, str] = ("stat", "value")) -> list:
     rows: list[list[Any]] = [list(header)]
     for key, value in data.items():
@@ -120,7 +112,7 @@ def funnel_steps(stats: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _plot_funnel(steps: list[dict[str, Any]], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     names = [s["name"] for s in steps]
     for ax, key, label in ((axes[0], "docs", "documents"), (axes[1], "chars", "characters")):
@@ -296,7 +288,7 @@ def tasks_section(stage: StageInfo) -> list[Block]:
 
 
 def _plot_training(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and "step" in r]
     speed = [(r["step"], r["tokens_per_s"]) for r in rows if "tokens_per_s" in r and "step" in r]
@@ -533,7 +525,7 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
     points = [r for r in rows if r.get("perplexity") is not None and r.get("weights_bytes")]
     if len(points) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in points:
         mb = r["weights_bytes"] / 1e6
