@@ -30,6 +30,7 @@ from typing import Any
 
 from lmforge.common.io import read_jsonl
 from lmforge.common.plots import pyplot
+from lmforge.data.bias_stats import labels_text
 from lmforge.evals.report import Block, StageInfo, register_section
 
 SAMPLE_CHARS = 300  # characters of each sample shown in tables
@@ -198,14 +199,10 @@ def _bias_blocks(bias: Any) -> list[Block]:
     for split, rep in bias.items():
         for name, g in rep.get("groups", {}).items():
             (s0, a), (s1, b) = g["sides"].items()
-            labels = "; ".join(
-                f"{side}: {', '.join(f'{k} {v}' for k, v in d['by_label'].items())}"
-                for side, d in g["sides"].items()
-                if d.get("by_label")
-            )
             table.append([split, name, f"{s0} {a['count']} ({a['per_1k_words']:.3g})",
                           f"{s1} {b['count']} ({b['per_1k_words']:.3g})",
-                          fmt_num(g["ratio"]) if g["ratio"] is not None else "-", clip(labels, 120)])  # fmt: skip
+                          fmt_num(g["ratio"]) if g["ratio"] is not None else "-",
+                          clip(labels_text(g), 120)])  # fmt: skip
             if split == "train":
                 examples += [[name, side, clip(d["examples"][0], 120)]
                              for side, d in g["sides"].items() if d.get("examples")]  # fmt: skip
