@@ -87,7 +87,7 @@ class EvalConfig(StageConfig):
         for item, spec in zip(self.tasks, self.task_specs(), strict=True):
             if isinstance(item, str):
                 paths.append(Path(item))
-            for extra in (spec.data, getattr(spec, "terms", None)):
+            for extra in (spec.data, spec.terms):
                 if extra is not None and Path(extra) not in paths:
                     paths.append(Path(extra))
         return paths
