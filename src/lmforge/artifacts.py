@@ -39,6 +39,7 @@ CONFIG_FILE = "config.yaml"
 # trials/ holds stage runs with their own manifests and the live study database, which other
 # workers may be writing while this one hashes.
 UNHASHED_DIRS = {"checkpoints", "__pycache__", "trials"}
+RUN_MARKER = "run.json"  # in checkpoints/: the run_hash its checkpoints belong to
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -255,16 +256,21 @@ def _run_hash(cfg_hash: str, inputs: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def checkpoints_run_hash(checkpoints: Path) -> str | None:
+    """The run_hash the checkpoints under `checkpoints` were written for, from its RUN_MARKER
+    (train.checkpoint.forget_other_runs writes it); None when there is none to read."""
+    try:
+        return json.loads((checkpoints / RUN_MARKER).read_text(encoding="utf-8")).get("run_hash")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _start_afresh_unless_resuming(out: Path, force: bool, run_hash: str) -> None:
     """Keeps checkpoints only for resuming the same run (same config and inputs, no --force);
     without checkpoints to resume from, the old metrics.jsonl goes too, so a rerun's rows are not
-    appended to the last run's. checkpoints/run.json is written by train.checkpoint."""
+    appended to the last run's."""
     checkpoints = out / "checkpoints"
-    try:
-        marker = json.loads((checkpoints / "run.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        marker = {}
-    if force or marker.get("run_hash") != run_hash:
+    if force or checkpoints_run_hash(checkpoints) != run_hash:
         shutil.rmtree(checkpoints, ignore_errors=True)
     if not any(checkpoints.glob("step_*")):
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -298,11 +304,12 @@ def run_stage(
         return StageResult(out, cached=True, metrics=manifest.get("metrics", {}))
 
     out.mkdir(parents=True, exist_ok=True)
+    run_hash = _run_hash(cfg_hash, inputs)
     if is_rank_zero():
         # Remove the old manifest first: from here on the directory is "incomplete".
         (out / MANIFEST).unlink(missing_ok=True)
         atomic_write_text(out / CONFIG_FILE, to_yaml(cfg))
-        _start_afresh_unless_resuming(out, force, _run_hash(cfg_hash, inputs))
+        _start_afresh_unless_resuming(out, force, run_hash)
     started, t0 = _now(), time.perf_counter()
     machine = runtime()
     metrics_writer = MetricsWriter(out / "metrics.jsonl")
@@ -312,7 +319,7 @@ def run_stage(
         log=logging.getLogger(f"lmforge.{stage}"),
         metrics=metrics_writer,
         expect=expect,
-        run_hash=_run_hash(cfg_hash, inputs),
+        run_hash=run_hash,
     )
     log.info("%s: running -> %s", stage, out)
     try:

@@ -56,6 +56,20 @@ def lenient_data() -> list[str]:
     return ["data.quality.preset=lenient", "data.language.enabled=false", "data.dedup.fuzzy=false"]
 
 
+def micro_texts_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset: str) -> list[str]:
+    """Works in tmp_path with texts/ written; the overrides that run a texts -> tokenizer ->
+    pretrain recipe on them at micro size with the given model preset."""
+    monkeypatch.chdir(tmp_path)
+    write_texts(tmp_path / "texts")
+    return [
+        "data.source=[texts/]",
+        *lenient_data(),
+        "tokenizer.vocab_size=300",
+        f"pretrain.model.preset={preset}",
+        *MICRO_TRAIN,
+    ]
+
+
 def make_hf_checkpoint(root: Path) -> Path:
     """A tiny random Llama saved by transformers itself, with a tokenizer trained by lmforge."""
     transformers = pytest.importorskip("transformers")
@@ -91,14 +105,8 @@ def make_hf_checkpoint(root: Path) -> Path:
 
 
 def test_quickstart_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    write_texts(tmp_path / "texts")
     overrides = [
-        "data.source=[texts/]",
-        *lenient_data(),
-        "tokenizer.vocab_size=300",
-        "pretrain.model.preset=micro",
-        *MICRO_TRAIN,
+        *micro_texts_run(tmp_path, monkeypatch, "micro"),
         "train.seq_len=128",  # the explain prompts need room for an answer
         "sft.eval.rouge_examples=2",
         "lora.eval.rouge_examples=2",
@@ -129,15 +137,7 @@ def test_quickstart_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_mlm_quickstart_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    write_texts(tmp_path / "texts")
-    overrides = [
-        "data.source=[texts/]",
-        *lenient_data(),
-        "tokenizer.vocab_size=300",
-        "pretrain.model.preset=bert-micro",
-        *MICRO_TRAIN,
-    ]
+    overrides = micro_texts_run(tmp_path, monkeypatch, "bert-micro")
     run_recipe("mlm-quickstart", out=tmp_path / "run", overrides=overrides)
     metrics = read_manifest(tmp_path / "run/pretrain")["metrics"]
     assert metrics["objective"] == "mlm" and metrics["steps"] == 3
@@ -159,13 +159,8 @@ def test_mlm_quickstart_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_pretrain_gpt2_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    write_texts(tmp_path / "texts")
     overrides = [
-        *lenient_data(),
-        "tokenizer.vocab_size=300",
-        "pretrain.model.preset=micro-gpt2",
-        *MICRO_TRAIN,
+        *micro_texts_run(tmp_path, monkeypatch, "micro-gpt2"),
         "pretrain.train.tokens_per_step=null",
         "pretrain.train.warmup_steps=1",
     ]

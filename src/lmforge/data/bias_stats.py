@@ -72,6 +72,16 @@ class TermCounter:
         return out
 
 
+def labels_text(group: dict[str, Any], per_side: int | None = None) -> str:
+    """A group report's rows by label, side by side: "female: care 12; male: build 9, care 1"
+    (at most per_side labels of each side, in name order; sides without labels left out)."""
+    return "; ".join(
+        f"{side}: " + ", ".join(f"{k} {v}" for k, v in list(d["by_label"].items())[:per_side])
+        for side, d in group["sides"].items()
+        if d.get("by_label")
+    )
+
+
 def split_term_report(
     rows_by_split: dict[str, Any],
     groups: list[TermGroup],

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 
 from lmforge.data.synonyms import Synonyms
+from lmforge.data.terms import match_case
 
 _CORE = re.compile(r"^(\W*)(\w[\w'-]*\w|\w)(\W*)$")
 
@@ -20,12 +21,6 @@ def _split_word(token: str) -> tuple[str, str, str] | None:
     """(leading punctuation, word, trailing punctuation), or None for a token with no word."""
     m = _CORE.match(token)
     return (m.group(1), m.group(2), m.group(3)) if m else None
-
-
-def _match_case(new: str, old: str) -> str:
-    if old.isupper() and len(old) > 1:
-        return new.upper()
-    return new[:1].upper() + new[1:] if old[:1].isupper() else new
 
 
 def _n_changes(n_words: int, alpha: float) -> int:
@@ -48,7 +43,7 @@ def synonym_replace(text: str, alpha: float, rng: random.Random, syn: Synonyms) 
     rng.shuffle(candidates)
     for i in candidates[: _n_changes(len(words), alpha)]:
         lead, word, trail = _split_word(words[i])  # type: ignore[misc]
-        words[i] = lead + _match_case(rng.choice(syn.synonyms(word)), word) + trail
+        words[i] = lead + match_case(rng.choice(syn.synonyms(word)), word) + trail
     return " ".join(words)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
+from lmforge.data.bias_stats import labels_text
 from lmforge.errors import InputError
 
 
@@ -83,12 +84,8 @@ def bias_table(report: dict[str, Any]) -> Table:
     for split, rep in report.items():
         for name, g in rep["groups"].items():
             (s0, a), (s1, b) = g["sides"].items()
-            labels = "; ".join(
-                f"{side}: " + ", ".join(f"{k} {v}" for k, v in list(d["by_label"].items())[:3])
-                for side, d in g["sides"].items()
-                if d["by_label"]
-            )
             ratio = "-" if g["ratio"] is None else f"{g['ratio']:.3g}"
             table.add_row(split, name, f"{s0} {a['count']:,}", f"{a['per_1k_words']:.3g}",
-                          f"{s1} {b['count']:,}", f"{b['per_1k_words']:.3g}", ratio, labels)  # fmt: skip
+                          f"{s1} {b['count']:,}", f"{b['per_1k_words']:.3g}", ratio,
+                          labels_text(g, per_side=3))  # fmt: skip
     return table

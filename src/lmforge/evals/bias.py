@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.common.plots import pyplot
 from lmforge.data.terms import TermGroup, load_groups
 from lmforge.errors import InputError
 
@@ -126,11 +127,7 @@ def run_counterfactual(model: Any, spec: Any, _settings: Any) -> Any:
 
 def plot_gaps(metrics: dict[str, Any], path: Path, title: str) -> Path:
     """Mean gap per group with its std as an error bar, and the mean absolute gap beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = [g for g, v in metrics["groups"].items() if v["n"]]
     means = [metrics["groups"][g]["mean_gap"] for g in groups]
     stds = [metrics["groups"][g]["std_gap"] for g in groups]

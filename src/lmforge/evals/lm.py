@@ -62,6 +62,7 @@ class EvalModel:
         self.eos_id: int | None = eos if eos is not None else files.eos_id
         pad = hf.get("pad_token_id")
         self.pad_id: int = pad if pad is not None else files.pad_id
+        self.decoder_start_id: int | None = hf.get("decoder_start_token_id")  # encoder-decoders
         self.block_size: int = model.config.block_size
         self.device = next(model.parameters()).device
         self.chat_template = files.chat_template
@@ -288,10 +289,7 @@ class EvalModel:
         decoder_start_token_id (model.seq2seq_generate), stopping at its eos ids."""
         from lmforge.model.seq2seq_generate import generate_seq2seq_batched, source_row
 
-        hf = json.loads((self.path / "config.json").read_text())
-        start = self.generation_config.get(
-            "decoder_start_token_id", hf.get("decoder_start_token_id")
-        )
+        start = self.generation_config.get("decoder_start_token_id", self.decoder_start_id)
         stops = self.stop_ids()
         if start is None or not stops:
             raise InputError(

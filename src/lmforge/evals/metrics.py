@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.common.plots import pyplot
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
@@ -120,11 +122,7 @@ def classification_metrics(
 
 def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> Path:
     """A confusion-matrix heatmap with counts in the cells (rows: true, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     size = max(3.0, 0.6 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(cm, cmap="Blues")

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.common.io import read_jsonl
+from lmforge.common.plots import pyplot
+from lmforge.data.bias_stats import labels_text
 from lmforge.evals.report import Block, StageInfo, register_section
 
 SAMPLE_CHARS = 300  # characters of each sample shown in tables
@@ -73,15 +75,6 @@ def _pick(row: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _scalars_table(data: dict[str, Any], header: tuple[str, str] = ("stat", "value")) -> list:
     rows: list[list[Any]] = [list(header)]
     for key, value in data.items():
@@ -120,7 +113,7 @@ def funnel_steps(stats: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _plot_funnel(steps: list[dict[str, Any]], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     names = [s["name"] for s in steps]
     for ax, key, label in ((axes[0], "docs", "documents"), (axes[1], "chars", "characters")):
@@ -206,14 +199,10 @@ def _bias_blocks(bias: Any) -> list[Block]:
     for split, rep in bias.items():
         for name, g in rep.get("groups", {}).items():
             (s0, a), (s1, b) = g["sides"].items()
-            labels = "; ".join(
-                f"{side}: {', '.join(f'{k} {v}' for k, v in d['by_label'].items())}"
-                for side, d in g["sides"].items()
-                if d.get("by_label")
-            )
             table.append([split, name, f"{s0} {a['count']} ({a['per_1k_words']:.3g})",
                           f"{s1} {b['count']} ({b['per_1k_words']:.3g})",
-                          fmt_num(g["ratio"]) if g["ratio"] is not None else "-", clip(labels, 120)])  # fmt: skip
+                          fmt_num(g["ratio"]) if g["ratio"] is not None else "-",
+                          clip(labels_text(g), 120)])  # fmt: skip
             if split == "train":
                 examples += [[name, side, clip(d["examples"][0], 120)]
                              for side, d in g["sides"].items() if d.get("examples")]  # fmt: skip
@@ -296,7 +285,7 @@ def tasks_section(stage: StageInfo) -> list[Block]:
 
 
 def _plot_training(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and "step" in r]
     speed = [(r["step"], r["tokens_per_s"]) for r in rows if "tokens_per_s" in r and "step" in r]
@@ -533,7 +522,7 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
     points = [r for r in rows if r.get("perplexity") is not None and r.get("weights_bytes")]
     if len(points) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in points:
         mb = r["weights_bytes"] / 1e6

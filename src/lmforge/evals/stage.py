@@ -25,6 +25,7 @@ from pydantic import Field
 
 from lmforge.artifacts import StageContext, run_stage
 from lmforge.common.io import write_jsonl
+from lmforge.common.plots import pyplot
 from lmforge.config import Section, StageConfig, validate
 from lmforge.errors import ConfigError
 from lmforge.evals.bias import plot_gaps
@@ -86,7 +87,7 @@ class EvalConfig(StageConfig):
         for item, spec in zip(self.tasks, self.task_specs(), strict=True):
             if isinstance(item, str):
                 paths.append(Path(item))
-            for extra in (spec.data, getattr(spec, "terms", None)):
+            for extra in (spec.data, spec.terms):
                 if extra is not None and Path(extra) not in paths:
                     paths.append(Path(extra))
         return paths
@@ -188,11 +189,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
 
 def plot_comparison(report: dict[str, Any], path: Path) -> Path:
     """One panel per task: its headline metric, one bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks, models = report["tasks"], [m["name"] for m in report["models"]]
     cols = min(len(tasks), 3)
     rows = (len(tasks) + cols - 1) // cols

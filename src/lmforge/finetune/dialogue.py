@@ -85,15 +85,18 @@ class DialogueModel(nn.Module):
         return s2s.logits(h), self.intent_logits(memory, src_mask)
 
 
+def _losses(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(response NLL, intent CE, intent logits) of a batch, from one forward pass."""
+    logits, intents = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
+    nll = next_token_loss(logits, batch["labels"])  # as Seq2SeqLM.forward with labels
+    return nll, F.cross_entropy(intents.float(), batch["intent"]), intents
+
+
 def make_loss(intent_weight: float):
     """The loop's loss_fn: response NLL + intent_weight * intent CE."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        logits, intents = model(
-            batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
-        )
-        nll = next_token_loss(logits, batch["labels"])  # as Seq2SeqLM.forward with labels
-        ce = F.cross_entropy(intents.float(), batch["intent"])
+        nll, ce, _ = _losses(model, batch)
         return nll + intent_weight * ce, {"response_nll": nll.detach(), "intent_ce": ce.detach()}
 
     return loss_fn
@@ -116,32 +119,6 @@ class Encoded:
         return {k: torch.from_numpy(v[idx]) for k, v in self.rows.items()}
 
 
-class Batches:
-    """Seeded shuffled epochs of micro batches; state_dict so a resumed run sees the same ones."""
-
-    def __init__(self, data: Encoded, batch_size: int, seed: int) -> None:
-        self.data, self.bs, self.seed = data, min(batch_size, len(data)), seed
-        self.epoch, self.pos = 0, 0
-
-    def __iter__(self) -> Batches:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
-        if self.pos + self.bs > len(order):
-            self.epoch, self.pos = self.epoch + 1, 0
-            return next(self)
-        idx = order[self.pos : self.pos + self.bs]
-        self.pos += self.bs
-        return self.data.batch(idx)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-
-
 def load_splits(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """The data stage's rows regrouped by their dialogue split."""
     require_artifact(data_dir, ["train.jsonl.zst"], hint=DATA_HINT)
@@ -158,8 +135,6 @@ def load_splits(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def eval_fn_for(val: Encoded, batch_size: int, intent_weight: float):
-    loss_fn = make_loss(intent_weight)
-
     @torch.no_grad()
     def eval_fn(model: nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -167,12 +142,9 @@ def eval_fn_for(val: Encoded, batch_size: int, intent_weight: float):
         for lo in range(0, len(val), batch_size):
             idx = np.arange(lo, min(lo + batch_size, len(val)))
             batch = {k: v.to(device) for k, v in val.batch(idx).items()}
-            loss, extra = loss_fn(model, batch)
-            losses.append(float(loss) * len(idx))
-            nlls.append(float(extra["response_nll"]) * len(idx))
-            _, intents = model(
-                batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
-            )
+            nll, ce, intents = _losses(model, batch)
+            losses.append(float(nll + intent_weight * ce) * len(idx))
+            nlls.append(float(nll) * len(idx))
             hits += int((intents.argmax(-1) == batch["intent"]).sum())
         n = len(val)
         return {"val_loss": sum(losses) / n, "val_response_nll": sum(nlls) / n,
@@ -241,6 +213,7 @@ def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.model.convert import save_pretrained
     from lmforge.model.seq2seq import Seq2SeqLM
     from lmforge.train.distributed import unwrap
+    from lmforge.train.loader import RowBatches
     from lmforge.train.loop import train
 
     tok = TokenizerFiles.load(cfg.tokenizer)
@@ -257,7 +230,8 @@ def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
     ctx.log.info("dialogue: %s, %.2fM parameters, %d intents, %s dialogues", cfg.model.preset,
                  sum(p.numel() for p in model.parameters()) / 1e6, len(intents),
                  {s: len(e) for s, e in enc.items()})  # fmt: skip
-    loader = Batches(enc["train"], cfg.train.micro_batch_size, cfg.train.seed)
+    batch_size = min(cfg.train.micro_batch_size, len(enc["train"]))
+    loader = RowBatches(enc["train"].rows, batch_size, seed=cfg.train.seed)
     result = train(
         model, make_loss(cfg.intent_weight), loader, cfg.train, ctx,
         eval_fn=eval_fn_for(enc["val"], cfg.train.micro_batch_size, cfg.intent_weight),

@@ -174,20 +174,14 @@ def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def _check_task(cfg: FinetuneConfig, path: Path, examples: list) -> None:
-    if (cfg.task == "seq2seq") != is_seq2seq(examples):
-        if cfg.task == "seq2seq":
-            raise ConfigError(
-                f"{path} does not hold source+target records, which --task seq2seq needs"
-            )
-        raise ConfigError(f"{path} holds source+target records; use --task seq2seq")
-    if cfg.task == "seq2seq":
-        return
-    if (cfg.task == "tag") != is_tagging(examples):
-        if cfg.task == "tag":
-            raise ConfigError(f"{path} does not hold tokens+tags records, which --task tag needs")
-        raise ConfigError(f"{path} holds tokens+tags records; use --task tag")
-    if cfg.task == "tag":
-        return
+    for task, holds, what in (("seq2seq", is_seq2seq, "source+target"),
+                              ("tag", is_tagging, "tokens+tags")):  # fmt: skip
+        if (cfg.task == task) != holds(examples):
+            if cfg.task == task:
+                raise ConfigError(f"{path} does not hold {what} records, which --task {task} needs")
+            raise ConfigError(f"{path} holds {what} records; use --task {task}")
+        if cfg.task == task:
+            return
     labeled = is_classification(examples)
     if cfg.task == "sft" and labeled:
         raise ConfigError(f"{path} holds text+label records; use --task classify (or multitask)")

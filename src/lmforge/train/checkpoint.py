@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge.artifacts import RUN_MARKER, checkpoints_run_hash
 from lmforge.errors import InputError
 from lmforge.train.distributed import barrier, full_state, load_full_state
 
@@ -195,13 +196,7 @@ def _val_loss(path: Path) -> float | None:
 def forget_other_runs(ckpt_root: Path, run_hash: str) -> None:
     """Checkpoints of another run (config or input data changed) must not be resumed: remove
     them. run_hash is StageContext.run_hash; run_stage reads the same marker."""
-    marker = ckpt_root / "run.json"
-    if ckpt_root.is_dir():
-        try:
-            old = json.loads(marker.read_text(encoding="utf-8")).get("run_hash")
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != run_hash:
-            shutil.rmtree(ckpt_root)
+    if ckpt_root.is_dir() and checkpoints_run_hash(ckpt_root) != run_hash:
+        shutil.rmtree(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"run_hash": run_hash}) + "\n", encoding="utf-8")
+    (ckpt_root / RUN_MARKER).write_text(json.dumps({"run_hash": run_hash}) + "\n", encoding="utf-8")

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lmforge.common.plots import pyplot
+
 log = logging.getLogger(__name__)
 
 # Scalars worth a TensorBoard chart; anything else in metrics.jsonl is left to the file.
@@ -42,11 +44,7 @@ def write_tensorboard(rows: list[dict[str, Any]], logdir: Path) -> Path | None:
 
 def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "loss") -> Path:
     """loss.png: train loss per step and val loss at each eval, on one axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and "step" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

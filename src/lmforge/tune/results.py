@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lmforge.common.plots import pyplot
 from lmforge.tune.study import import_optuna
 
 if TYPE_CHECKING:
@@ -60,18 +61,9 @@ def importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:
     return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_history(rows: list[dict[str, Any]], direction: str, objective: str, path: Path) -> None:
     """Each finished trial's value (pruned ones hollow) and the best-so-far line."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     best, line = None, []
     pick = min if direction == "minimize" else max
@@ -100,7 +92,7 @@ def plot_history(rows: list[dict[str, Any]], direction: str, objective: str, pat
 
 def plot_importance(scores: dict[str, float], path: Path) -> None:
     """Horizontal bars, most important key on top."""
-    plt = _plt()
+    plt = pyplot()
     names = list(scores)[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
     ax.barh(names, [scores[n] for n in names], color="#4c72b0")
