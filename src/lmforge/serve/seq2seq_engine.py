@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from lmforge.errors import InputError
 from lmforge.model.generate import KVCache
 from lmforge.model.seq2seq_generate import right_pad, source_row
-from lmforge.serve.detok import TextStream
 from lmforge.serve.engine import Engine, EngineStats
-from lmforge.serve.sampling import SamplingParams, new_generator
+from lmforge.serve.sampling import SamplingParams
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids
 
@@ -159,9 +158,7 @@ class Seq2SeqEngine(Engine):
         max_len = 1 + max(r.params.max_tokens for r in rows)
         cohort = _Cohort(list(rows), cross, mask, model.new_cache(len(rows), max_len))
         for row in rows:
-            row.stream = TextStream(self.files.tokenizer, row.params.stop)
-            if not row.params.greedy:
-                row.generator = new_generator(row.params.seed, self.device)
+            self._start(row)
         start = torch.full((len(rows), 1), self.decoder_start_id, device=self.device)
         return cohort, self._step(cohort, start)
 
