@@ -270,11 +270,14 @@ class Engine:
 
     # -- the step loop ------------------------------------------------------------------------
 
-    def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+    def _check_ids(self, prompt: list[int]) -> None:
         if not prompt:
             raise InputError("prompt is empty: give at least one token")
         if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt):
             raise InputError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+
+    def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        self._check_ids(prompt)
         if len(prompt) + params.max_tokens > self.max_context:
             raise InputError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "

@@ -92,10 +92,7 @@ class Seq2SeqEngine(Engine):
         return str(users[-1])
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
-        if not prompt:
-            raise InputError("prompt is empty: give at least one token")
-        if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt):
-            raise InputError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+        self._check_ids(prompt)
         if len(prompt) > self.max_context or params.max_tokens + 1 > self.max_context:
             raise InputError(
                 f"the source ({len(prompt)} tokens) and max_tokens ({params.max_tokens}) must "
