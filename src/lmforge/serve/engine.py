@@ -236,16 +236,22 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            cache = self._cache
-            rows = len(self._running)
+            tokens, capacity = self._cache_usage()
             return EngineStats(
                 queue_depth=len(self._waiting),
-                running=rows,
+                running=len(self._running),
                 max_batch_size=self.max_batch_size,
-                cache_tokens=rows * cache.length if cache else 0,
-                cache_capacity=cache.rows * cache.capacity if cache else 0,
+                cache_tokens=tokens,
+                cache_capacity=capacity,
                 **self._counts,
             )
+
+    def _cache_usage(self) -> tuple[int, int]:
+        """(lock held) KV positions the running batch spans, and those allocated."""
+        cache = self._cache
+        if cache is None:
+            return 0, 0
+        return len(self._running) * cache.length, cache.rows * cache.capacity
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuses new requests; drain=True finishes the in-flight ones first, else aborts them.

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lmforge.errors import InputError
 from lmforge.model.generate import KVCache
 from lmforge.model.seq2seq_generate import right_pad, source_row
-from lmforge.serve.engine import Engine, EngineStats
+from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingParams
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids
@@ -99,15 +99,10 @@ class Seq2SeqEngine(Engine):
                 f"each fit the model's {self.max_context} positions (decoder: max_tokens + 1)"
             )
 
-    def stats(self) -> EngineStats:
-        with self._lock:
-            tokens = sum(len(c.rows) * c.length for c in self._cohorts)
-            capacity = sum(len(c.rows) * c.cache.max_len for c in self._cohorts)
-            return EngineStats(
-                queue_depth=len(self._waiting), running=len(self._running),
-                max_batch_size=self.max_batch_size, cache_tokens=tokens,
-                cache_capacity=capacity, **self._counts,
-            )  # fmt: skip
+    def _cache_usage(self) -> tuple[int, int]:
+        tokens = sum(len(c.rows) * c.length for c in self._cohorts)
+        capacity = sum(len(c.rows) * c.cache.max_len for c in self._cohorts)
+        return tokens, capacity
 
     def _sync_running(self) -> None:
         """(lock held) The running rows in cohort order, which _keep's indices refer to."""
