@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError, LmforgeError
+from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.detok import TextStream
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
@@ -446,8 +447,6 @@ class Engine:
 
     def _prefill_forward(self, rows: list[_Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""
-        from lmforge.model.generate import left_pad
-
         ids, mask = left_pad([r.prompt for r in rows], device=self.device)
         cache = BatchCache.empty(self.model, len(rows), ids.size(1))
         padded = not bool(mask.all())
