@@ -54,6 +54,7 @@ from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.detok import TextStream
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
 from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
+from lmforge.serve.settings import model_name
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
 
@@ -181,9 +182,8 @@ class Engine:
                 dtype = torch.float32
         files = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device, dtype=dtype)
-        default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
         gen = load_generation_config(model_dir, files)
-        return cls(model, files, name=name or default, generation_config=gen, **kw)
+        return cls(model, files, name=name or model_name(model_dir), generation_config=gen, **kw)
 
     # -- the API the server calls -----------------------------------------------------------
 
