@@ -122,26 +122,16 @@ class Seq2SeqEngine(Engine):
         self._sync_running()
 
     def _prefill(self, rows: list[Any]) -> None:
-        """Encodes the newcomers in one pass and takes their first decoder step as a cohort."""
-        try:
-            cohort, logits = self._start_cohort(rows)
-        except Exception as exc:  # any failure stays inside these requests
-            if len(rows) > 1:
-                for row in rows:
-                    self._prefill([row])
-                return
-            log.exception("prefill of request %s failed", rows[0].request_id)
-            self._fail(rows, exc)
-            return
+        """Encodes the newcomers in one pass and takes their first decoder step as a cohort
+        (Engine._prefill_group: a failed pass retries them one by one, each its own cohort)."""
+        joined = self._prefill_group(rows)
         with self._lock:
-            self._counts["prefills"] += 1
-            self._counts["prompt_tokens"] += sum(len(r.prompt) for r in rows)
-        cohort.keep(self._emit(rows, logits))
-        with self._lock:
-            self._cohorts.append(cohort)
+            self._cohorts += [cohort for _, cohort in joined]
             self._sync_running()
 
-    def _start_cohort(self, rows: list[Any]) -> tuple[_Cohort, Tensor]:
+    def _prefill_forward(self, rows: list[Any]) -> tuple[_Cohort, Tensor]:
+        """The newcomers' cohort and their first decoder step's logits (a _Cohort keeps rows as a
+        BatchCache does, which is all Engine._prefill_group asks of it)."""
         model = self.model
         sources = [r.prompt if self.source_eos is None else
                    source_row(r.prompt, self.source_eos, self.max_context) for r in rows]  # fmt: skip
