@@ -229,7 +229,7 @@ class Engine:
             for row in self._waiting:
                 if row.request_id == request_id:
                     self._waiting.remove(row)
-                    self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+                    self._finish_aborted(row)
                     return
             if request_id in self._active:
                 self._aborts.add(request_id)
@@ -295,7 +295,7 @@ class Engine:
     def _abort_all(self) -> None:
         """(lock held) Aborts the waiting requests now and the admitted ones at the next step."""
         while self._waiting:
-            self._finish(self._waiting.popleft(), TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+            self._finish_aborted(self._waiting.popleft())
         self._aborts.update(self._active)
 
     def _loop(self) -> None:
@@ -346,13 +346,13 @@ class Engine:
         keep = [i for i, r in enumerate(self._running) if r.request_id not in self._aborts]
         for row in self._running:
             if row.request_id in self._aborts:
-                self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+                self._finish_aborted(row)
         for row in [r for r in self._chunked if r.request_id in self._aborts]:
             if row is self._chunked[0]:
                 self._chunk = None
             self._chunked.remove(row)
             log.debug("request %s aborted during its chunked prefill", row.request_id)
-            self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+            self._finish_aborted(row)
         self._aborts &= set(self._active)  # those still being admitted wait for the next step
         self._keep(keep)
 
@@ -549,6 +549,10 @@ class Engine:
         with self._lock:
             for row in rows:
                 self._finish(row, _error_event(exc))
+
+    def _finish_aborted(self, row: _Row) -> None:
+        """(lock held) Ends a request with finish_reason "abort"."""
+        self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
 
     def _finish(self, row: _Row, event: TokenEvent) -> None:
         """(lock held) Sends a request's final event and forgets the request."""
