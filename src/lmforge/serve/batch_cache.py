@@ -13,8 +13,8 @@ a row's first token are padding (pad_mask 0). Then
   never lets exceed the model's block_size.
 
 The storage grows in chunks of GROW columns, never past the model's block_size (and compacts
-before it grows), so a decoding step normally only writes one column. `update()` has KVCache's signature, so Transformer.forward uses
-this cache unchanged.
+before it grows), so a decoding step normally only writes one column. `update()` has KVCache's
+signature, so Transformer.forward uses this cache unchanged.
 """
 
 from __future__ import annotations
