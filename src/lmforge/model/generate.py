@@ -68,12 +68,21 @@ def left_pad(
     """
     if not rows or any(len(r) == 0 for r in rows):
         raise InputError("left_pad needs at least one row and no empty rows")
+    return pad_rows(rows, pad_id, device, left=True)
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None, *, left: bool
+) -> tuple[Tensor, Tensor]:
+    """Non-empty token lists as (ids, mask), (B, T_max), padded on the left (left=True) or on
+    the right; mask is 1 at tokens. left_pad and seq2seq_generate.right_pad check the rows."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, T - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, T - len(r) :] = 1
+        cols = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[i, cols] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, cols] = 1
     return ids.to(device), mask.to(device)
 
 

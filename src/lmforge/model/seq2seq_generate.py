@@ -21,6 +21,7 @@ from lmforge.model.generate import (
     _check_sampling,
     length_sorted_batches,
     new_tokens,
+    pad_rows,
     row_seed,
     sample_next,
 )
@@ -39,13 +40,7 @@ def right_pad(
     count from each row's first token, so sources are padded after it)."""
     if not rows or any(len(r) == 0 for r in rows):
         raise InputError("a seq2seq batch needs at least one source and no empty sources")
-    S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), S), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
+    return pad_rows(rows, pad_id, device, left=False)
 
 
 @torch.no_grad()

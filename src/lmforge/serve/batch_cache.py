@@ -13,14 +13,16 @@ a row's first token are padding (pad_mask 0). Then
   never lets exceed the model's block_size.
 
 The storage grows in chunks of GROW columns, never past the model's block_size (and compacts
-before it grows), so a decoding step normally only writes one column. `update()` has KVCache's signature, so Transformer.forward uses
-this cache unchanged.
+before it grows), so a decoding step normally only writes one column. `update()` has KVCache's
+signature, so Transformer.forward uses this cache unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from lmforge.model.generate import KVCache
 
 GROW = 64  # columns added when the storage is full: few reallocations, little waste
 
@@ -39,13 +41,10 @@ class BatchCache:
     def empty(cls, model: nn.Module, rows: int, length: int) -> BatchCache:
         """A cache for `rows` rows of `length` positions and room to grow, on the model's
         device and in its dtype."""
-        cfg = model.config
-        p = next(model.parameters())
-        capacity = _grown(length, cfg.block_size)
-        shape = (cfg.n_layer, rows, cfg.n_kv_head, capacity, cfg.hd)
-        k = torch.zeros(shape, device=p.device, dtype=p.dtype)
-        mask = torch.zeros((rows, 0), dtype=torch.long, device=p.device)
-        return cls(k, torch.zeros_like(k), mask, cfg.block_size)
+        limit = model.config.block_size
+        kv = KVCache.for_model(model, rows, _grown(length, limit))
+        mask = torch.zeros((rows, 0), dtype=torch.long, device=kv.k.device)
+        return cls(kv.k, kv.v, mask, limit)
 
     @property
     def rows(self) -> int:

@@ -49,10 +49,12 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError, LmforgeError
+from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.detok import TextStream
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
 from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
+from lmforge.serve.settings import model_name
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
 
@@ -180,9 +182,8 @@ class Engine:
                 dtype = torch.float32
         files = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device, dtype=dtype)
-        default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
         gen = load_generation_config(model_dir, files)
-        return cls(model, files, name=name or default, generation_config=gen, **kw)
+        return cls(model, files, name=name or model_name(model_dir), generation_config=gen, **kw)
 
     # -- the API the server calls -----------------------------------------------------------
 
@@ -228,7 +229,7 @@ class Engine:
             for row in self._waiting:
                 if row.request_id == request_id:
                     self._waiting.remove(row)
-                    self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+                    self._finish_aborted(row)
                     return
             if request_id in self._active:
                 self._aborts.add(request_id)
@@ -236,16 +237,22 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            cache = self._cache
-            rows = len(self._running)
+            tokens, capacity = self._cache_usage()
             return EngineStats(
                 queue_depth=len(self._waiting),
-                running=rows,
+                running=len(self._running),
                 max_batch_size=self.max_batch_size,
-                cache_tokens=rows * cache.length if cache else 0,
-                cache_capacity=cache.rows * cache.capacity if cache else 0,
+                cache_tokens=tokens,
+                cache_capacity=capacity,
                 **self._counts,
             )
+
+    def _cache_usage(self) -> tuple[int, int]:
+        """(lock held) KV positions the running batch spans, and those allocated."""
+        cache = self._cache
+        if cache is None:
+            return 0, 0
+        return len(self._running) * cache.length, cache.rows * cache.capacity
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuses new requests; drain=True finishes the in-flight ones first, else aborts them.
@@ -270,11 +277,14 @@ class Engine:
 
     # -- the step loop ------------------------------------------------------------------------
 
-    def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+    def _check_ids(self, prompt: list[int]) -> None:
         if not prompt:
             raise InputError("prompt is empty: give at least one token")
         if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt):
             raise InputError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+
+    def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        self._check_ids(prompt)
         if len(prompt) + params.max_tokens > self.max_context:
             raise InputError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -285,7 +295,7 @@ class Engine:
     def _abort_all(self) -> None:
         """(lock held) Aborts the waiting requests now and the admitted ones at the next step."""
         while self._waiting:
-            self._finish(self._waiting.popleft(), TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+            self._finish_aborted(self._waiting.popleft())
         self._aborts.update(self._active)
 
     def _loop(self) -> None:
@@ -336,13 +346,13 @@ class Engine:
         keep = [i for i, r in enumerate(self._running) if r.request_id not in self._aborts]
         for row in self._running:
             if row.request_id in self._aborts:
-                self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+                self._finish_aborted(row)
         for row in [r for r in self._chunked if r.request_id in self._aborts]:
             if row is self._chunked[0]:
                 self._chunk = None
             self._chunked.remove(row)
             log.debug("request %s aborted during its chunked prefill", row.request_id)
-            self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+            self._finish_aborted(row)
         self._aborts &= set(self._active)  # those still being admitted wait for the next step
         self._keep(keep)
 
@@ -437,8 +447,6 @@ class Engine:
 
     def _prefill_forward(self, rows: list[_Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""
-        from lmforge.model.generate import left_pad
-
         ids, mask = left_pad([r.prompt for r in rows], device=self.device)
         cache = BatchCache.empty(self.model, len(rows), ids.size(1))
         padded = not bool(mask.all())
@@ -541,6 +549,10 @@ class Engine:
         with self._lock:
             for row in rows:
                 self._finish(row, _error_event(exc))
+
+    def _finish_aborted(self, row: _Row) -> None:
+        """(lock held) Ends a request with finish_reason "abort"."""
+        self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
 
     def _finish(self, row: _Row, event: TokenEvent) -> None:
         """(lock held) Sends a request's final event and forgets the request."""

@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from lmforge.errors import InputError
 from lmforge.model.generate import KVCache
 from lmforge.model.seq2seq_generate import right_pad, source_row
-from lmforge.serve.detok import TextStream
-from lmforge.serve.engine import Engine, EngineStats
-from lmforge.serve.sampling import SamplingParams, new_generator
+from lmforge.serve.engine import Engine
+from lmforge.serve.sampling import SamplingParams
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids
 
@@ -93,25 +92,17 @@ class Seq2SeqEngine(Engine):
         return str(users[-1])
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
-        if not prompt:
-            raise InputError("prompt is empty: give at least one token")
-        if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt):
-            raise InputError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+        self._check_ids(prompt)
         if len(prompt) > self.max_context or params.max_tokens + 1 > self.max_context:
             raise InputError(
                 f"the source ({len(prompt)} tokens) and max_tokens ({params.max_tokens}) must "
                 f"each fit the model's {self.max_context} positions (decoder: max_tokens + 1)"
             )
 
-    def stats(self) -> EngineStats:
-        with self._lock:
-            tokens = sum(len(c.rows) * c.length for c in self._cohorts)
-            capacity = sum(len(c.rows) * c.cache.max_len for c in self._cohorts)
-            return EngineStats(
-                queue_depth=len(self._waiting), running=len(self._running),
-                max_batch_size=self.max_batch_size, cache_tokens=tokens,
-                cache_capacity=capacity, **self._counts,
-            )  # fmt: skip
+    def _cache_usage(self) -> tuple[int, int]:
+        tokens = sum(len(c.rows) * c.length for c in self._cohorts)
+        capacity = sum(len(c.rows) * c.cache.max_len for c in self._cohorts)
+        return tokens, capacity
 
     def _sync_running(self) -> None:
         """(lock held) The running rows in cohort order, which _keep's indices refer to."""
@@ -131,26 +122,16 @@ class Seq2SeqEngine(Engine):
         self._sync_running()
 
     def _prefill(self, rows: list[Any]) -> None:
-        """Encodes the newcomers in one pass and takes their first decoder step as a cohort."""
-        try:
-            cohort, logits = self._start_cohort(rows)
-        except Exception as exc:  # any failure stays inside these requests
-            if len(rows) > 1:
-                for row in rows:
-                    self._prefill([row])
-                return
-            log.exception("prefill of request %s failed", rows[0].request_id)
-            self._fail(rows, exc)
-            return
+        """Encodes the newcomers in one pass and takes their first decoder step as a cohort
+        (Engine._prefill_group: a failed pass retries them one by one, each its own cohort)."""
+        joined = self._prefill_group(rows)
         with self._lock:
-            self._counts["prefills"] += 1
-            self._counts["prompt_tokens"] += sum(len(r.prompt) for r in rows)
-        cohort.keep(self._emit(rows, logits))
-        with self._lock:
-            self._cohorts.append(cohort)
+            self._cohorts += [cohort for _, cohort in joined]
             self._sync_running()
 
-    def _start_cohort(self, rows: list[Any]) -> tuple[_Cohort, Tensor]:
+    def _prefill_forward(self, rows: list[Any]) -> tuple[_Cohort, Tensor]:
+        """The newcomers' cohort and their first decoder step's logits (a _Cohort keeps rows as a
+        BatchCache does, which is all Engine._prefill_group asks of it)."""
         model = self.model
         sources = [r.prompt if self.source_eos is None else
                    source_row(r.prompt, self.source_eos, self.max_context) for r in rows]  # fmt: skip
@@ -159,9 +140,7 @@ class Seq2SeqEngine(Engine):
         max_len = 1 + max(r.params.max_tokens for r in rows)
         cohort = _Cohort(list(rows), cross, mask, model.new_cache(len(rows), max_len))
         for row in rows:
-            row.stream = TextStream(self.files.tokenizer, row.params.stop)
-            if not row.params.greedy:
-                row.generator = new_generator(row.params.seed, self.device)
+            self._start(row)
         start = torch.full((len(rows), 1), self.decoder_start_id, device=self.device)
         return cohort, self._step(cohort, start)
 
