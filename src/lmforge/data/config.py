@@ -133,6 +133,9 @@ class PiiConfig(Section):
     phone: bool = Field(True, description="phone numbers -> <PHONE>")
     ip: bool = Field(True, description="IP addresses -> <IP_ADDRESS>")
     card: bool = Field(True, description="Luhn-valid card numbers -> <CARD_NUMBER>")
+    names: bool = Field(
+        False, description="person names (lexicons + cue phrases, data.names) -> <NAME>"
+    )
 
 
 class DedupConfig(Section):

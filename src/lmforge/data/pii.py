@@ -1,7 +1,9 @@
-"""PII anonymization: emails, phone numbers, IP addresses and card numbers become typed placeholders.
+"""PII anonymization: emails, phone numbers, IP addresses, card numbers and (opt-in) person names
+become typed placeholders.
 
 Card-like digit runs are replaced only when they pass the Luhn check, so ordinary long numbers
-survive. The step never drops a document; it counts replacements per type (stats.json "pii").
+survive. Names come from data/names.py (lexicons + cue phrases), compiled on first use. The step
+never drops a document; it counts replacements per type (stats.json "pii").
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from lmforge.data.document import Document
+from lmforge.data.names import name_patterns
 
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)")
@@ -26,6 +29,7 @@ PLACEHOLDERS = {
     "ip": "<IP_ADDRESS>",
     "card": "<CARD_NUMBER>",
     "phone": "<PHONE>",
+    "name": "<NAME>",
 }
 
 
@@ -56,15 +60,38 @@ def _phone_ok(text: str) -> bool:
     return 7 <= sum(c.isdigit() for c in text) <= 15
 
 
-# kind -> (pattern, check of the matched text or None), in the order they must apply: cards and
-# IPs before phones, whose pattern would match parts of them. The serving safety policy reuses
-# these (serve/safety.py's `pii:` rules).
-PII_PATTERNS: dict[str, tuple[tuple[re.Pattern, Callable[[str], bool] | None], ...]] = {
-    "email": ((EMAIL, None),),
-    "card": ((CARD, _card_ok),),
-    "ip": ((IPV4, _valid_ip), (IPV6, _valid_ip)),
-    "phone": ((PHONE, _phone_ok),),
-}
+Matchers = tuple[tuple[re.Pattern, Callable[[str], bool] | None], ...]
+
+
+class _Detectors(Mapping[str, Matchers]):
+    """kind -> its (pattern, check of the matched text or None) pairs, built when asked for: the
+    name patterns take seconds to compile (once per process) and most runs never ask for them."""
+
+    def __init__(self, builders: dict[str, Callable[[], Matchers]]) -> None:
+        self._builders = builders
+
+    def __getitem__(self, kind: str) -> Matchers:
+        return self._builders[kind]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+
+# In the order they must apply: cards and IPs before phones, whose pattern would match parts of
+# them; names last, after the emails that contain them. The serving safety policy reuses these
+# (serve/safety.py's `pii:` rules).
+PII_PATTERNS: Mapping[str, Matchers] = _Detectors(
+    {
+        "email": lambda: ((EMAIL, None),),
+        "card": lambda: ((CARD, _card_ok),),
+        "ip": lambda: ((IPV4, _valid_ip), (IPV6, _valid_ip)),
+        "phone": lambda: ((PHONE, _phone_ok),),
+        "name": lambda: tuple((p, None) for p in name_patterns()),
+    }
+)
 
 
 @dataclass
@@ -75,6 +102,7 @@ class PiiStep:
     phone: bool = True
     ip: bool = True
     card: bool = True
+    names: bool = False
     name: str = "pii"
     counts: Counter = field(default_factory=Counter)
 
@@ -83,9 +111,9 @@ class PiiStep:
         return None
 
     def anonymize(self, text: str) -> str:
-        for kind, patterns in PII_PATTERNS.items():
-            if getattr(self, kind):
-                for pattern, check in patterns:
+        for kind in PII_PATTERNS:
+            if getattr(self, "names" if kind == "name" else kind):
+                for pattern, check in PII_PATTERNS[kind]:
                     text = self._sub(pattern, kind, text, check)
         return text
 

@@ -2,8 +2,8 @@
 
 A policy is a YAML file of rules (see safety_default.yaml, the default policy, for the schema).
 Each rule matches either `words` (case-insensitive whole words or phrases), a regex `pattern`, or
-one of the data package's PII detectors (`pii: email|card|ip|phone`, the same patterns and checks
-the data stage anonymizes with), and says what to do (`refuse` or `redact`) and where
+one of the data package's PII detectors (`pii: email|card|ip|phone|name`, the same patterns and
+checks the data stage anonymizes with), and says what to do (`refuse` or `redact`) and where
 (`prompts`, `outputs`).
 
 Streamed output is filtered by StreamRedactor, which holds back only text that could still be
@@ -14,6 +14,7 @@ and everything before it flows at once (no fixed-size delay).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ __all__ = ["DEFAULT_POLICY", "SafetyPolicy", "SafetyRule", "StreamRedactor", "Ve
 DEFAULT_POLICY = Path(__file__).with_name("safety_default.yaml")
 Action = Literal["refuse", "redact"]
 Target = Literal["prompts", "outputs"]
-# Characters before the unemitted text that lookbehinds (\b, (?<!\w), the PII guards) inspect, and
-# characters after a complete match that its lookahead may still reject when more text comes
-# (partial matching does not cover lookaheads; the longest built-in one is the phone pattern's
-# `(?![ .-]?\d)`: 2 characters).
-CONTEXT = 8
+# Characters before the unemitted text that lookbehinds (\b, (?<!\w), the PII guards, the name
+# detector's cue phrases such as `(?<=\b[Mm]y name is )`) inspect, and characters after a
+# complete match that its lookahead may still reject when more text comes (partial matching does
+# not cover lookaheads; the longest built-in ones are the phone pattern's `(?![ .-]?\d)` and the
+# name pattern's `(?![\w(]|[.:/-]\w)`: 2 characters).
+CONTEXT = 16
 LOOKAHEAD = 2
 _FLAGS = (
     (re.IGNORECASE, regex.IGNORECASE),
@@ -46,8 +48,10 @@ _FLAGS = (
 Matcher = tuple[regex.Pattern, Callable[[str], bool] | None]
 
 
+@functools.cache
 def _to_regex(pattern: re.Pattern) -> regex.Pattern:
-    """The same pattern compiled by `regex` (V0: re's syntax), which can match partially."""
+    """The same pattern compiled by `regex` (V0: re's syntax), which can match partially; once
+    per process (the name detector's lexicon patterns take seconds to compile)."""
     flags = 0
     for re_flag, regex_flag in _FLAGS:
         if pattern.flags & re_flag:
@@ -63,7 +67,7 @@ class SafetyRule(Section):
         default_factory=list, description="words or phrases, case-insensitive, whole words only"
     )
     pattern: str | None = Field(default=None, description="a Python regular expression")
-    pii: Literal["email", "card", "ip", "phone"] | None = Field(
+    pii: Literal["email", "card", "ip", "phone", "name"] | None = Field(
         default=None, description="one of the data stage's PII detectors (lmforge.data.pii)"
     )
     action: Action = Field(description="refuse the request / stop the output, or redact the match")

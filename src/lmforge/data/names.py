@@ -1,0 +1,144 @@
+"""Person-name detection from lexicons and cue phrases (no NER model): the `name` PII detector.
+
+A name is found two ways:
+- a full name: a given name, an optional middle initial and a surname-like word ("Alice Smith",
+  "Alice B. Smith"). Surname-like = a known surname, or a Title-case word that is not a common
+  English word ("Alice Python" is not a name, "Alice Kowalczyk" is);
+- after a cue: "my name is", "I am", "I'm", "this is", "Dear", a sign-off line ("Regards,\\n"),
+  a given name with an optional surname; after a title (Mr./Mrs./Ms./Dr./Prof.) also a lone
+  surname.
+Given names that are also English words ("Will", "May", "Mark", "Bob") count only after a cue or
+before a known surname that is not a common word ("Will Smith", not "Will Return"). A word inside
+an identifier (`self.Alice`, `Alice_Smith`, `AliceSmith`, `Alice(`) never matches; a possessive
+keeps its "'s" ("<NAME>'s").
+
+The lexicons (resources/names.json) come from the faker package's person providers (MIT; see the
+file's `source` and `license`, rebuilt by scripts/extract_names.py); they are read and compiled
+into trie-shaped regexes on first use, so importing this module costs nothing. The patterns are
+plain `re` patterns (fixed-width lookbehinds), so the serving safety policy can recompile them
+with `regex` for partial matching in streams.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+LEXICON = Path(__file__).parent / "resources" / "names.json"
+
+# Given names that are also everyday or technical English words beyond the lexicon's
+# `common_given` (those are the faker given names found lowercase in an English dictionary).
+AMBIGUOUS_GIVEN = frozenset(
+    "Will May Bill Grant Mark Rose Art Long Young Case Max Min Key Page Line Hope Joy Faith Grace "
+    "June April August Summer Autumn Dawn Guy Ray Dean Chase Lane Reed Wade Price King Major "
+    "Royal Sterling Golden Crystal Amber Ruby Pearl Jade Iris Violet Lily Ivy Holly Daisy Sky "
+    "Rich Frank Jack Drew Pat Sue Rob Don Bob Eve Carol Dan Ben Tom Sam Al Ed Ted Kit Jay Lee "
+    "Miles Norman Mason Hunter Carter Cooper Parker Taylor Tyler Walker Baker Else Per My Us "
+    "Monty Von Van De Del Della La Le "  # "Monty Python", "Von Neumann": particles, not names
+    "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Wed Thu Fri Sat Sun".split()
+)
+# Title-case words that are never surname-like besides the lexicon's common words: the calendar
+# ("Jan Feb", "Sep Oct" in date tables) and the language the built-in corpus documents.
+NOT_SURNAMES = frozenset(
+    "January February March April May June July August September October November December "
+    "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Monday Tuesday Wednesday Thursday Friday "
+    "Saturday Sunday Mon Tue Wed Thu Fri Sat Sun Python".split()
+)
+
+# Common words that are also frequent surnames: after an ambiguous given name they still make a
+# full name ("Carol White").
+WORD_SURNAMES = frozenset(
+    "White Black Green Young Long West Little Price Church Field Wall".split()
+)
+
+# Title-case letters: ASCII, Latin-1 and Latin Extended-A (whose cases interleave).
+_UP = "A-Z\u00c0-\u00d6\u00d8-\u00de\u0100-\u017f"
+_LOW = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u017f"
+_WORD = rf"(?:Ma?c|O['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
+_START = r"(?<![\w.@/\\$#-])"
+# Not the start of an identifier or a dotted/hyphenated word: `Alice_x`, `Alice(`, `Alice.smith`.
+_END = r"(?![\w(]|[.:/-]\w)"
+_GAP = r"[ \t]+"
+_INITIAL = rf"(?:{_GAP}[A-Z]\.)?"
+_CUES = (
+    r"\b[Mm]y name is ",
+    r"\bI am ",
+    r"\bI'm ",
+    "\\bI\u2019m ",
+    r"\b[Tt]his is ",
+    r"\bDear ",
+    r"\b[Rr]egards,\n",
+    r"\b[Tt]hanks,\n",
+    r"\bSincerely,\n",
+    r"\bCheers,\n",
+    r"\bBest,\n",
+)
+_TITLES = ("Mr. ", "Mrs. ", "Ms. ", "Dr. ", "Prof. ", "Mr ", "Mrs ", "Ms ", "Dr ")
+
+
+@functools.cache
+def lexicon() -> dict[str, frozenset[str]]:
+    """The packaged lexicons: given, common_given (given names that are English words),
+    surnames, common_words (capitalized)."""
+    data = json.loads(LEXICON.read_text(encoding="utf-8"))
+    common = frozenset(w.capitalize() for w in data["common_words"].split())
+    return {
+        "given": frozenset(data["given"].split()),
+        "common_given": frozenset(data["common_given"].split()) | AMBIGUOUS_GIVEN | common,
+        "surnames": frozenset(data["surnames"].split()),
+        "common_words": common,
+    }
+
+
+def trie_regex(words: Iterable[str]) -> str:
+    """One regex alternation of `words` shaped as a prefix trie, so matching a lexicon of
+    thousands of words costs about one character comparison per letter."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        children = [(ch, sub) for ch, sub in sorted(node.items()) if ch]
+        leaves = [re.escape(ch) for ch, sub in children if sub == {"": {}}]
+        alts = [re.escape(ch) + emit(sub) for ch, sub in children if sub != {"": {}}]
+        alts += ["[" + "".join(leaves) + "]"] if len(leaves) > 1 else leaves  # last letters
+        if not alts:
+            return ""
+        if "" not in node:
+            return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return "(?:" + "|".join(alts) + ")?"
+
+    return emit(trie) or "(?!)"
+
+
+@functools.cache
+def name_patterns() -> tuple[re.Pattern, ...]:
+    """The compiled detectors: names after a cue or title, full names anywhere."""
+    lex = lexicon()
+    given = trie_regex(lex["given"])
+    ambiguous = trie_regex(lex["given"] & lex["common_given"])
+    # a known surname that is not a common word, so it can make an ambiguous given name a name
+    strict_surname = trie_regex(
+        lex["surnames"] - (lex["common_words"] - WORD_SURNAMES) - NOT_SURNAMES
+    )
+    # a Title-case word, unless it is a common word that is not also a known surname
+    not_surname = (lex["common_words"] - lex["surnames"]) | NOT_SURNAMES
+    surname_like = rf"(?!(?:{trie_regex(not_surname)}){_END}){_WORD}"
+    cue = "|".join(f"(?<={c})" for c in _CUES)
+    title = "|".join(f"(?<=\\b{re.escape(t)})" for t in _TITLES)
+    return (
+        re.compile(
+            rf"(?:(?:{cue}|{title})(?:{given})(?:{_INITIAL}{_GAP}{surname_like})?"
+            rf"|(?:{title}){surname_like}){_END}"
+        ),
+        re.compile(
+            rf"{_START}(?:(?!(?:{ambiguous}){_END})(?:{given}){_INITIAL}{_GAP}{surname_like}"
+            rf"|(?:{ambiguous}){_INITIAL}{_GAP}(?:{strict_surname})){_END}"
+        ),
+    )

@@ -1,0 +1,113 @@
+"""Person-name detection (data.names) and the PII step / data stage counting it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lmforge.common.io import read_jsonl
+from lmforge.data import prepare
+from lmforge.data.config import PiiConfig
+from lmforge.data.document import Document
+from lmforge.data.names import LEXICON, lexicon, trie_regex
+from lmforge.data.pii import PiiStep
+
+# text -> the names the detector must replace in it (an empty list: it must leave it alone)
+CASES = [
+    ("I am Alice Smith (<EMAIL>). How do I join paths?", ["Alice Smith"]),
+    ("Hello, my name is Will.", ["Will"]),  # a stop-list given name after a cue
+    ("My name is Gerhard Häring", ["Gerhard Häring"]),
+    ("I'm Eve, thanks", ["Eve"]),
+    ("This is Mark.", ["Mark"]),
+    ("Dear Bob,\nthe build is green.", ["Bob"]),
+    ("Regards,\nCarol White", ["Carol White"]),
+    ("Ask Mr. Kowalczyk or Dr. Alice B. Smith.", ["Kowalczyk", "Alice B. Smith"]),
+    ("Will Smith and Dan Brown met Frank Moore.", ["Will Smith", "Dan Brown", "Frank Moore"]),
+    ("Return Alice Smith now", ["Alice Smith"]),  # a Title-case word before the name
+    ("Alice Smith's book", ["Alice Smith"]),  # the possessive stays: "<NAME>'s book"
+    ("Written by Sjoerd Mullender.", ["Sjoerd Mullender"]),  # unknown surname, not a word
+    # stop-list given names need a cue or a known surname after them
+    ("Will Return the value. May 2024. Mark the item. Grant Access.", []),
+    ("Bill Payment Service, Rose Garden, Case Study, Long Term", []),
+    ("Alice's turn", []),  # a lone given name without a cue is not enough
+    ("Alice Python, Alice Return, Jan Feb Mar, Sep Oct", []),  # not surname-like
+    # names inside code identifiers, paths and dotted names
+    ("self.Alice Smith, Alice_Smith, AliceSmith, Alice(x), alice.smith, /Alice Smith", []),
+    ("The Python Software Foundation and the Unicode Standard", []),
+    ("i am alice smith", []),  # lowercase is not a name to this detector
+]
+
+
+@pytest.mark.parametrize(("text", "names"), CASES)
+def test_name_detector_hits_and_misses(text, names):
+    step = PiiStep(email=False, phone=False, ip=False, card=False, names=True)
+    expected = text
+    for name in names:
+        expected = expected.replace(name, "<NAME>", 1)
+    assert step.anonymize(text) == expected
+    assert step.counts == ({"name": len(names)} if names else {})
+
+
+def test_pii_step_replaces_names_only_when_asked_and_counts_them():
+    text = "I am Alice Smith (alice.smith@example.com); Will Return; Dan Brown's patch."
+    off = PiiStep()
+    assert off.anonymize(text) == "I am Alice Smith (<EMAIL>); Will Return; Dan Brown's patch."
+    assert off.counts == {"email": 1}
+    on = PiiStep(names=True)
+    doc = Document("d", text)
+    assert on(doc) is None
+    assert doc.text == "I am <NAME> (<EMAIL>); Will Return; <NAME>'s patch."
+    assert on.counts == {"email": 1, "name": 2}
+    assert PiiConfig().names is False  # off by default: the quickstart docs credit authors
+
+
+def test_trie_regex_matches_exactly_its_words():
+    words = ["Ann", "Anna", "Anne", "Al", "Alice", "Bob", "B", "O-b"]
+    pattern = re.compile(f"(?:{trie_regex(words)})")
+    assert all(pattern.fullmatch(w) for w in words)
+    assert not any(pattern.fullmatch(w) for w in ["An", "Annb", "Alic", "Bo", "O-", ""])
+    assert re.compile(trie_regex([])).search("anything") is None
+
+
+def test_lexicon_is_attributed_and_splits_ambiguous_given_names():
+    data = json.loads(LEXICON.read_text(encoding="utf-8"))
+    assert data["source"].startswith("faker ") and "MIT" in data["source"] + data["license"]
+    assert "Daniele Faraglia" in data["license"]
+    lex = lexicon()
+    assert len(lex["given"]) > 10_000 and len(lex["surnames"]) > 10_000
+    assert {"Alice", "Sjoerd", "Gerhard"} <= lex["given"] - lex["common_given"]
+    assert {"Will", "May", "Mark", "Bob"} <= lex["given"] & lex["common_given"]
+    assert {"Smith", "Brown", "Nowak", "Müller", "García", "Nguyen", "Okafor"} <= lex["surnames"]
+    assert "Kowalczyk" not in lex["surnames"]  # yet "Mr. Kowalczyk" is found: surname-like
+
+
+def test_data_stage_counts_names_in_stats(tmp_path):
+    rows = [
+        {"text": "User: I am Alice Smith (+1 555-123-4567). What does os.path.join do?"},
+        {"text": "User: hi\nAssistant: Hello! Will Return the value of Mark."},
+        {"text": "Regards,\nCarol White"},
+    ]
+    src = tmp_path / "dialogues.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    off = {"language": {"enabled": False}, "dedup": {"exact": False, "fuzzy": False}}
+    quality = {k: {"enabled": False} for k in ("gopher_quality", "gopher_repetition", "c4")}
+    out = prepare(
+        {
+            "source": [str(src)],
+            "out": str(tmp_path / "data"),
+            "workers": 1,
+            "split": {"train": 1.0, "val": 0.0, "test": 0.0},
+            "quality": {**quality, "fineweb": {"enabled": False}},
+            "pii": {"names": True},
+            **off,
+        }
+    )
+    assert json.loads((out / "stats.json").read_text())["pii"] == {"phone": 1, "name": 2}
+    texts = sorted(r["text"] for r in read_jsonl(out / "train.jsonl.zst"))
+    assert texts == [
+        "Regards,\n<NAME>",
+        "User: I am <NAME> (<PHONE>). What does os.path.join do?",
+        "User: hi\nAssistant: Hello! Will Return the value of Mark.",
+    ]
