@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 LEXICON = Path(__file__).parent / "resources" / "names.json"
@@ -118,27 +118,40 @@ def trie_regex(words: Iterable[str]) -> str:
 
 
 @functools.cache
-def name_patterns() -> tuple[re.Pattern, ...]:
-    """The compiled detectors: names after a cue or title, full names anywhere."""
+def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ...]:
+    """The detectors as data.pii's (pattern, check of the matched text or None) pairs, longest
+    first: a given name + a surname after a cue or anywhere; an ambiguous given name + a known
+    surname; a lone given name after a cue; a lone surname after a title.
+
+    Every pattern with a surname requires it (no optional tail), so `regex`'s partial matching
+    reports "my name is Alice Sm" as a full name in progress rather than settling on "Alice";
+    only the large given-name trie is compiled into a pattern, and only once."""
     lex = lexicon()
-    given = trie_regex(lex["given"])
-    ambiguous = trie_regex(lex["given"] & lex["common_given"])
-    # a known surname that is not a common word, so it can make an ambiguous given name a name
-    strict_surname = trie_regex(
-        lex["surnames"] - (lex["common_words"] - WORD_SURNAMES) - NOT_SURNAMES
-    )
+    given = lex["given"]
+    ambiguous = trie_regex(given & lex["common_given"])
     # a Title-case word, unless it is a common word that is not also a known surname
     not_surname = (lex["common_words"] - lex["surnames"]) | NOT_SURNAMES
     surname_like = rf"(?!(?:{trie_regex(not_surname)}){_END}){_WORD}"
+    # a known surname that is not a common word makes an ambiguous given name a name
+    strict = lex["surnames"] - (lex["common_words"] - WORD_SURNAMES) - NOT_SURNAMES
     cue = "|".join(f"(?<={c})" for c in _CUES)
     title = "|".join(f"(?<=\\b{re.escape(t)})" for t in _TITLES)
+    surname = rf"{_INITIAL}{_GAP}{surname_like}"
+    # every name starts with a capital: testing that first skips the lookbehinds at most
+    # positions (25x faster on the stdlib docs)
+    cap = f"(?=[{_UP}])"
     return (
-        re.compile(
-            rf"(?:(?:{cue}|{title})(?:{given})(?:{_INITIAL}{_GAP}{surname_like})?"
-            rf"|(?:{title}){surname_like}){_END}"
+        (
+            re.compile(
+                rf"{cap}(?:{cue}|{title}|{_START}(?!(?:{ambiguous}){_END}))"
+                rf"(?:{trie_regex(given)}){surname}{_END}"
+            ),
+            None,
         ),
-        re.compile(
-            rf"{_START}(?:(?!(?:{ambiguous}){_END})(?:{given}){_INITIAL}{_GAP}{surname_like}"
-            rf"|(?:{ambiguous}){_INITIAL}{_GAP}(?:{strict_surname})){_END}"
+        (
+            re.compile(rf"{cap}{_START}(?:{ambiguous}){surname}{_END}"),
+            lambda text: text.split()[-1] in strict,
         ),
+        (re.compile(rf"{cap}(?:{cue}|{title}){_WORD}{_END}"), given.__contains__),
+        (re.compile(rf"{cap}(?:{title}){surname_like}{_END}"), None),
     )

@@ -89,7 +89,7 @@ PII_PATTERNS: Mapping[str, Matchers] = _Detectors(
         "card": lambda: ((CARD, _card_ok),),
         "ip": lambda: ((IPV4, _valid_ip), (IPV6, _valid_ip)),
         "phone": lambda: ((PHONE, _phone_ok),),
-        "name": lambda: tuple((p, None) for p in name_patterns()),
+        "name": name_patterns,
     }
 )
 

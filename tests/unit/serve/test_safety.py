@@ -111,3 +111,43 @@ def test_stream_equals_whole_text_redaction_for_any_split():
         assert "".join(out) == whole.text
         assert tuple(r.rules) == whole.rules and r.refused
     assert whole.text.endswith("Done, and we ") and "<EMAIL>" in whole.text
+
+
+NAME = {"name": "person", "pii": "name", "action": "redact", "apply_to": ["outputs"]}
+
+
+def test_name_rule_redacts_outputs_and_streams_equal_whole_text_redaction():
+    p = policy(NAME, {"name": "email", "pii": "email", "action": "redact"})
+    text = (
+        "Hi, my name is Alice Smith (alice.smith@example.com). Will Return the value.\n"
+        "Mr. Nowak met Will Smith and Dan Brown; self.Alice Smith stays.\nRegards,\nCarol White"
+    )
+    whole = p.redact_output(text)
+    assert whole.text == (
+        "Hi, my name is <NAME> (<EMAIL>). Will Return the value.\n"
+        "Mr. <NAME> met <NAME> and <NAME>; self.Alice Smith stays.\nRegards,\n<NAME>"
+    )
+    assert whole.rules == ("person", "email")
+    assert p.check_prompt("I am Alice Smith").action == "allow"  # outputs only
+    rng = random.Random(1)
+    for _ in range(20):
+        r, out, i = StreamRedactor(p), [], 0
+        while i < len(text):
+            step = rng.randint(1, 6)
+            out.append(r.feed(text[i : i + step]))
+            i += step
+        out.append(r.flush())
+        assert "".join(out) == whole.text
+
+
+def test_stream_holds_a_name_until_it_is_settled():
+    r = StreamRedactor(policy(NAME))
+    assert r.feed("Sure. My name is ") == "Sure. My name is "  # the cue itself flows
+    assert r.feed("Ali") == ""  # may be a name: held
+    assert r.feed("ce Sm") == ""  # the surname may still grow
+    assert r.feed("ith, and") == "<NAME>, and"
+    assert r.flush() == "" and r.rules == ["person"]
+
+
+def test_default_policy_leaves_names_alone():
+    assert SafetyPolicy.default().redact_output("Written by Gerhard Häring.").action == "allow"
