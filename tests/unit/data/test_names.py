@@ -11,7 +11,7 @@ from lmforge.common.io import read_jsonl
 from lmforge.data import prepare
 from lmforge.data.config import PiiConfig
 from lmforge.data.document import Document
-from lmforge.data.names import LEXICON, lexicon, trie_regex
+from lmforge.data.names import LEXICON, lexicon, name_patterns, trie_regex
 from lmforge.data.pii import PiiStep
 
 # text -> the names the detector must replace in it (an empty list: it must leave it alone)
@@ -111,3 +111,12 @@ def test_data_stage_counts_names_in_stats(tmp_path):
         "User: I am <NAME> (<PHONE>). What does os.path.join do?",
         "User: hi\nAssistant: Hello! Will Return the value of Mark.",
     ]
+
+
+def test_pii_without_names_never_compiles_the_lexicons():
+    name_patterns.cache_clear()
+    step = PiiStep()
+    assert step.anonymize("Alice Smith, alice@example.com") == "Alice Smith, <EMAIL>"
+    assert name_patterns.cache_info().currsize == 0  # the quickstart pays nothing for names
+    assert PiiStep(names=True).anonymize("Alice Smith") == "<NAME>"
+    assert name_patterns.cache_info().currsize == 1

@@ -92,6 +92,17 @@ def test_stream_refusal_stops_the_output():
     assert r.feed("more text") == "" and r.flush() == ""
 
 
+def stream_in_random_pieces(p: SafetyPolicy, text: str, rng: random.Random):
+    """The redactor after feeding `text` in pieces of 1-7 characters, and all it emitted."""
+    r, out, i = StreamRedactor(p), [], 0
+    while i < len(text):
+        step = rng.randint(1, 7)
+        out.append(r.feed(text[i : i + step]))
+        i += step
+    out.append(r.flush())
+    return r, "".join(out)
+
+
 def test_stream_equals_whole_text_redaction_for_any_split():
     p = SafetyPolicy.default()
     text = (
@@ -102,13 +113,8 @@ def test_stream_equals_whole_text_redaction_for_any_split():
     whole = p.redact_output(text)
     rng = random.Random(0)
     for _ in range(30):
-        r, out, i = StreamRedactor(p), [], 0
-        while i < len(text):
-            step = rng.randint(1, 7)
-            out.append(r.feed(text[i : i + step]))
-            i += step
-        out.append(r.flush())
-        assert "".join(out) == whole.text
+        r, out = stream_in_random_pieces(p, text, rng)
+        assert out == whole.text
         assert tuple(r.rules) == whole.rules and r.refused
     assert whole.text.endswith("Done, and we ") and "<EMAIL>" in whole.text
 
@@ -131,13 +137,8 @@ def test_name_rule_redacts_outputs_and_streams_equal_whole_text_redaction():
     assert p.check_prompt("I am Alice Smith").action == "allow"  # outputs only
     rng = random.Random(1)
     for _ in range(20):
-        r, out, i = StreamRedactor(p), [], 0
-        while i < len(text):
-            step = rng.randint(1, 6)
-            out.append(r.feed(text[i : i + step]))
-            i += step
-        out.append(r.flush())
-        assert "".join(out) == whole.text
+        r, out = stream_in_random_pieces(p, text, rng)
+        assert out == whole.text and tuple(r.rules) == whole.rules
 
 
 def test_stream_holds_a_name_until_it_is_settled():
