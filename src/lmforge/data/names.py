@@ -124,8 +124,8 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     surname; a lone given name after a cue; a lone surname after a title.
 
     Every pattern with a surname requires it (no optional tail), so `regex`'s partial matching
-    reports "my name is Alice Sm" as a full name in progress rather than settling on "Alice";
-    only the large given-name trie is compiled into a pattern, and only once."""
+    reports "my name is Alice Sm" as a full name in progress rather than settling on "Alice".
+    The large given-name trie is in the first pattern only; the others check the lexicon."""
     lex = lexicon()
     given = lex["given"]
     ambiguous = trie_regex(given & lex["common_given"])
