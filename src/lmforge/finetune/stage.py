@@ -40,6 +40,7 @@ from lmforge.data.augment import (
     separate_augmented,
 )
 from lmforge.errors import ConfigError, InputError
+from lmforge.evals.metrics import tag_metrics
 from lmforge.finetune import heads, seq2seq, tagging
 from lmforge.finetune.evaluate import rouge_eval
 from lmforge.finetune.export import export_model, tuned_generation_config
@@ -429,7 +430,7 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     elif cfg.task == "tag":
         gold = [r[r != heads.IGNORE_INDEX].tolist() for r in data.val_rows["tag_labels"]]
         preds = tagging.predict_tags(model, data.val_rows)
-        headline.update(tagging.tag_metrics(gold, preds, labels))
+        headline.update(tag_metrics(gold, preds, labels))
     else:
         preds = heads.predict(model, data.val_rows)
         headline.update(
