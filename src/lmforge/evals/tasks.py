@@ -51,6 +51,11 @@ class TaskSpec(Section):
         None, description="inline examples instead of data"
     )
     split: str = Field("val", description="split to read when data is a data stage directory")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="task field -> record field, for records named otherwise (e.g. {prompt: "
+        "context, label: intent})",
+    )
     max_examples: int | None = Field(None, ge=1, description="evaluate only the first N examples")
     prompt_template: str | None = Field(
         None, description="str.format template over the example's fields (default per type)"
@@ -119,6 +124,11 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
     else:
         raise ConfigError(f"task '{spec.name}': give 'data' (a JSONL file) or inline 'examples'")
     rows = rows[: spec.max_examples] if spec.max_examples else rows
+    if spec.fields:
+        rows = [
+            {**r, **{k: r[v] for k, v in spec.fields.items() if v in r}} if isinstance(r, dict) else r
+            for r in rows
+        ]
     if spec.type == "generation":
         rows = [from_alpaca(r) if isinstance(r, dict) else r for r in rows]
     for i, row in enumerate(rows):
@@ -126,7 +136,8 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
         if missing:
             raise InputError(
                 f"{where} record {i + 1}: missing field(s) {', '.join(missing)} "
-                f"(a {spec.type} task needs {', '.join(needed)})"
+                f"(a {spec.type} task needs {', '.join(needed)}; 'fields' maps them from other "
+                "names)"
             )
     if not rows:
         raise InputError(f"{where}: no examples")
