@@ -49,7 +49,10 @@ def bert_dirs(root: Path) -> dict[str, Path]:
 
 
 def bart_dirs(root: Path) -> dict[str, Path]:
-    """{"bart", "dialogue"}: a random bart-micro, and the same with a 2-intent head beside it."""
+    """{"bart", "dialogue", "t5"}: a random bart-micro, the same with a 2-intent head beside it,
+    and a tiny T5 saved by transformers itself."""
+    import transformers
+
     from lmforge.finetune.dialogue import DialogueModel, save_intent_head
     from lmforge.model.config import preset_config
     from lmforge.model.convert import save_pretrained
@@ -62,9 +65,15 @@ def bart_dirs(root: Path) -> dict[str, Path]:
     dialogue = DialogueModel(s2s, 2).eval()
     with torch.no_grad():
         dialogue.intent_head.weight.normal_(std=2.0)
-    dirs = {"tok": tok, "bart": root / "bart", "dialogue": root / "dialogue"}
+    dirs = {"tok": tok, "bart": root / "bart", "dialogue": root / "dialogue", "t5": root / "t5"}
     for name in ("bart", "dialogue"):
         save_pretrained(s2s, dirs[name], extra_config=SEQ2SEQ_IDS, generation_config=SEQ2SEQ_IDS)
         _copy_files(tok, dirs[name])
     save_intent_head(dialogue, ["ask", "thank"], dirs["dialogue"])
+    t5 = transformers.T5Config(
+        vocab_size=TokenizerFiles.load(tok).vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+        num_decoder_layers=1, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+    )  # fmt: skip
+    transformers.T5ForConditionalGeneration(t5).save_pretrained(dirs["t5"])
+    _copy_files(tok, dirs["t5"])
     return dirs

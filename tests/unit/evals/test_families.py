@@ -140,10 +140,12 @@ def test_tagging_reports_seqeval_entity_scores_on_a_planted_case(
                  TaskSpec(name="t", type="tagging", examples=bad), GenerationSettings())  # fmt: skip
 
 
-def test_seq2seq_loglikelihood_equals_transformers_bart_loss(bart: dict[str, Path]) -> None:
-    model = EvalModel.load(bart["bart"])
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_seq2seq_loglikelihood_equals_transformers_loss(bart: dict[str, Path], name: str) -> None:
+    """log p(continuation + eos | context) = -(transformers' mean loss) * label count."""
+    model = EvalModel.load(bart[name])
     assert (model.scorer.kind, model.scorer.scoring) == ("seq2seq", "conditional")
-    hf = transformers.BartForConditionalGeneration.from_pretrained(bart["bart"]).eval()
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(bart[name]).eval()
     eos = SEQ2SEQ_IDS["eos_token_id"]
     context, conts = "What is the capital of France?", ["The capital is Paris.", "x", ""]
     got = model.loglikelihoods(context, conts)
@@ -152,6 +154,18 @@ def test_seq2seq_loglikelihood_equals_transformers_bart_loss(bart: dict[str, Pat
         with torch.no_grad():
             loss = hf(input_ids=torch.tensor([[*model.encode(context), eos]]), labels=labels).loss
         assert abs(ll - (-loss.item() * labels.size(1))) <= 1e-4
+
+
+def test_causal_generation_tasks_report_reference_perplexity(model_dir: Path) -> None:
+    model = EvalModel.load(model_dir)
+    rows = [{"prompt": "def add(a, b):", "reference": "return a + b"},
+            {"prompt": "The quick brown", "reference": "fox jumps"}]  # fmt: skip
+    spec = TaskSpec(name="g", type="generation", examples=rows, chat=False)
+    metrics = run_task(model, spec, GenerationSettings(max_new_tokens=3)).metrics
+    lls = [model.loglikelihood(r["prompt"], r["reference"])[0] for r in rows]
+    n = sum(len(model.encode(r["reference"])) for r in rows)
+    assert metrics["reference_scoring"] == "causal"
+    assert math.isclose(metrics["reference_perplexity"], math.exp(-sum(lls) / n), rel_tol=1e-6)
 
 
 def test_seq2seq_through_the_eval_stage(bart: dict[str, Path], tmp_path: Path) -> None:
