@@ -126,7 +126,9 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
     rows = rows[: spec.max_examples] if spec.max_examples else rows
     if spec.fields:
         rows = [
-            {**r, **{k: r[v] for k, v in spec.fields.items() if v in r}} if isinstance(r, dict) else r
+            {**r, **{k: r[v] for k, v in spec.fields.items() if v in r}}
+            if isinstance(r, dict)
+            else r
             for r in rows
         ]
     if spec.type == "generation":
