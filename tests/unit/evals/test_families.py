@@ -245,3 +245,16 @@ def test_unsupported_combinations_say_what_to_do(
                  settings)  # fmt: skip
     with pytest.raises(InputError, match="no classification head"):
         EvalModel.load(bert["mlm"]).classify("the capital")
+
+
+def test_the_harness_refuses_a_rolling_loglikelihood_that_is_not_causal(
+    bert: dict[str, Path],
+) -> None:
+    pytest.importorskip("lm_eval", reason="lm_eval not installed: pip install 'lmforge[eval]'")
+    from types import SimpleNamespace
+
+    from lmforge.evals.harness import LmforgeLM
+
+    lm = LmforgeLM(str(bert["mlm"]))
+    with pytest.raises(InputError, match="scores by pseudo_log_likelihood"):
+        lm.loglikelihood_rolling([SimpleNamespace(args=("the capital is paris .",))])
