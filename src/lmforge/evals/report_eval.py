@@ -184,7 +184,7 @@ def story(report: dict[str, Any]) -> str:
             )
             if "unigram_bits_per_byte" in metrics:
                 cell += f" (unigram baseline {fmt_num(metrics['unigram_bits_per_byte'])})"
-            cells.append(cell)
+            cells.append(cell + _scoring_note(metrics))
         parts.append(f"{model['name']}: {', '.join(cells)}")
     return "; ".join(parts) + "."
 

@@ -110,10 +110,11 @@ def test_encoders_through_the_eval_stage(bert: dict[str, Path], tmp_path: Path) 
     assert res["ppl"]["scoring"] == "pseudo_log_likelihood" and "pseudo_perplexity" in res["ppl"]
     assert res["mc"]["scoring"] == "pseudo_log_likelihood" and res["mc"]["n"] == 1
     assert res["cf"]["scoring"] == "pseudo-log-likelihood per token"
-    from lmforge.evals.report_eval import headline_table
+    from lmforge.evals.report_eval import headline_table, story
 
     assert headline_table(report)[1][1] == "encoder"
     assert headline_table(report)[1][2].endswith("[pseudo_log_likelihood]")
+    assert "bits_per_byte" in story(report) and "[pseudo_log_likelihood]" in story(report)
 
 
 def test_tagging_reports_seqeval_entity_scores_on_a_planted_case(
