@@ -126,6 +126,15 @@ def resolve_model_dir(path: Path | str) -> Path:
     return path
 
 
+def model_display_name(model_dir: Path | str) -> str:
+    """The name a model goes by in tables, the server and exports: its run stage when the
+    directory is a stage's final/ model (runs/q/sft/final -> "sft"), else the directory's name."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.name == "final" and model_dir.parent.name:
+        return model_dir.parent.name
+    return model_dir.name
+
+
 def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a config.json dict.
 
