@@ -62,6 +62,11 @@ class ModelConfig:
         self.validate()
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        """Builds a seq2seq model (model.seq2seq.Seq2SeqLM: encode / cross_kv / decode)."""
+        return self.n_dec_layer > 0
+
+    @property
     def hd(self) -> int:
         """Per-head width actually used (head_dim, or n_embd // n_head)."""
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head

@@ -530,7 +530,7 @@ def token_classifier_architecture(model_type: str) -> str:
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
-    if cfg.n_dec_layer:
+    if cfg.is_encoder_decoder:
         return "bart" if _bart_shape(cfg, standard_heads) else None
     if not cfg.causal:
         return _encoder_family(cfg, standard_heads)
