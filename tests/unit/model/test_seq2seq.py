@@ -123,6 +123,21 @@ def test_seeded_sampling_does_not_depend_on_batch_size(tmp_path):
     assert one != generate_seq2seq_batched(model, sources, 8, batch_size=4, **{**opts, "seed": 8})
 
 
+def test_a_passed_generator_is_used_and_seed_with_generator_is_refused(tmp_path):
+    model, _ = _ours(tmp_path, init_std=1.0)
+    sources = [[5, 6, 7, 2], [9, 10, 2], [11, 2], [12, 13, 14, 15, 2]]
+    opts = dict(decoder_start_id=2, pad_id=1, temperature=0.9)
+
+    def with_generator(seed):
+        return generate_seq2seq_batched(
+            model, sources, 8, generator=torch.Generator().manual_seed(seed), **opts
+        )
+
+    assert with_generator(3) == with_generator(3) != with_generator(4)
+    with pytest.raises(ConfigError, match="either seed"):
+        generate_seq2seq_batched(model, sources, 8, seed=7, generator=torch.Generator(), **opts)
+
+
 def test_t5_checkpoint_loads_generates_and_exports_through_the_adapter(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.T5Config(
