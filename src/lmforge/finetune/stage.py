@@ -545,8 +545,11 @@ def _save_unexportable(ctx: StageContext, model: nn.Module, labels: list[str]) -
 def _augmenter(cfg: FinetuneConfig) -> Augmenter | None:
     if not cfg.augment.enabled:
         return None
-    if cfg.task == "sft":
-        raise ConfigError("augment needs text+label records (--task classify or multitask)")
+    if cfg.task not in ("classify", "multitask"):  # EDA rewrites a record's "text" field
+        raise ConfigError(
+            "augment needs text+label records (--task classify or multitask), "
+            f"not --task {cfg.task}; unset augment.enabled"
+        )
     return Augmenter(cfg.augment)
 
 
