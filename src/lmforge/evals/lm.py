@@ -72,7 +72,7 @@ class EvalModel:
     @classmethod
     def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
         """Loads model + tokenizer from a directory written by lmforge or save_pretrained."""
-        from lmforge.model.convert import load_pretrained, resolve_model_dir
+        from lmforge.model.convert import load_pretrained, model_display_name, resolve_model_dir
 
         model_dir = resolve_model_dir(Path(path))
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
@@ -84,8 +84,7 @@ class EvalModel:
                 "generates with causal LMs; an MLM's held-out masked-token loss is in its "
                 "pretrain manifest (val_loss, initial_val_loss)"
             )
-        default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
-        return cls(name or default, model_dir, model, tok)
+        return cls(name or model_display_name(model_dir), model_dir, model, tok)
 
     # -- text <-> ids --------------------------------------------------------------------------
 
