@@ -19,6 +19,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, StageError
+from lmforge.model.convert import model_display_name
 
 ARCH = "llama"
 NORMAL, CONTROL = 1, 3  # llama.cpp token types
@@ -114,7 +115,7 @@ def export_gguf(model: nn.Module, model_dir: Path, path: Path, special: dict[str
     check_llama_style(cfg)
     meta = tokenizer_metadata(model_dir, special)
     writer = gguf.GGUFWriter(str(path), ARCH)
-    writer.add_name(model_dir.parent.name if model_dir.name == "final" else model_dir.name)
+    writer.add_name(model_display_name(model_dir))
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)

@@ -78,14 +78,13 @@ class EvalModel:
     @classmethod
     def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
         """Loads model + tokenizer from a directory written by lmforge or save_pretrained."""
-        from lmforge.model.convert import load_pretrained, resolve_model_dir
+        from lmforge.model.convert import load_pretrained, model_display_name, resolve_model_dir
 
         model_dir = resolve_model_dir(Path(path))
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
         tok = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device)
-        default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
-        return cls(name or default, model_dir, model, tok)
+        return cls(name or model_display_name(model_dir), model_dir, model, tok)
 
     # -- text <-> ids --------------------------------------------------------------------------
 

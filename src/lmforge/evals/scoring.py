@@ -9,8 +9,9 @@ config.json (scorer_for), never from a model's name:
 - CausalScorer: next-token log-probabilities; perplexity with sliding windows (evals.perplexity);
 - EncoderScorer (evals.pll, causal=false): masked-LM pseudo-log-likelihood (Salazar et al. 2020),
   labelled "pseudo_log_likelihood" so it is never read as a causal perplexity; no generation;
-- Seq2SeqScorer (is_encoder_decoder / n_dec_layer > 0): log p(target | source) through the
-  decoder, the target ending in eos as fine-tuning trained it; generation from the decoder start.
+- Seq2SeqScorer (config.json's is_encoder_decoder, or our ModelConfig's): log p(target | source)
+  through the decoder, the target ending in eos as fine-tuning trained it; generation from the
+  decoder start.
   Its perplexity task is refused: a decoder's perplexity needs a source, which held-out text has
   not; a generation task's reference perplexity (NLL of the reference given its prompt) is the
   number seq2seq users compare.
@@ -59,7 +60,7 @@ class Scorer(Protocol):
 
 def scorer_for(lm: EvalModel, hf: dict[str, Any]) -> Scorer:
     """The scorer config.json describes: encoder-decoder, bidirectional encoder, or causal LM."""
-    if hf.get("is_encoder_decoder") or getattr(lm.model.config, "n_dec_layer", 0) > 0:
+    if hf.get("is_encoder_decoder") or lm.model.config.is_encoder_decoder:
         return Seq2SeqScorer(lm)
     if not lm.model.config.causal:
         from lmforge.evals.pll import EncoderScorer

@@ -33,7 +33,7 @@ from lmforge.evals.errors import worst_examples
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.metrics import plot_confusion
 from lmforge.evals.tasks import TASK_TYPES, TaskResult, TaskSpec, load_task, run_task
-from lmforge.model.convert import resolve_model_dir
+from lmforge.model.convert import model_display_name, resolve_model_dir
 
 
 class ModelRef(Section):
@@ -64,9 +64,7 @@ class EvalConfig(StageConfig):
         for item in self.models:
             ref = item if isinstance(item, ModelRef) else ModelRef(path=item)
             model_dir = resolve_model_dir(ref.path)
-            name = ref.name or (
-                model_dir.parent.name if model_dir.name == "final" else model_dir.name
-            )
+            name = ref.name or model_display_name(model_dir)
             base, k = name, 2
             while name in seen:
                 name, k = f"{base}-{k}", k + 1
