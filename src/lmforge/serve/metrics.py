@@ -57,7 +57,7 @@ def multiprocess_dir() -> Iterator[Path]:
     previous = os.environ.get(MULTIPROC_ENV)
     base = Path(previous) if previous else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_dirs(base)
+    _remove_orphaned_dirs(base)
     path = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=base))
     os.environ[MULTIPROC_ENV] = str(path)
     try:
@@ -70,17 +70,14 @@ def multiprocess_dir() -> Iterator[Path]:
             os.environ[MULTIPROC_ENV] = previous
 
 
-def remove_orphaned_dirs(base: Path) -> list[Path]:
+def _remove_orphaned_dirs(base: Path) -> None:
     """Removes the metric directories in `base` of servers that are no longer running (killed
     before they could clean up); a directory named after this process is a former one's that
-    had the same pid (pid 1 in a restarted container). Returns what was removed."""
-    removed = []
+    had the same pid (pid 1 in a restarted container)."""
     for path in base.glob(f"{DIR_PREFIX}*"):
         pid = path.name[len(DIR_PREFIX) :].partition("-")[0]
         if path.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def _alive(pid: int) -> bool:
