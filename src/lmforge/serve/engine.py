@@ -289,9 +289,15 @@ class Engine:
         if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt):
             raise InputError(f"prompt token ids must be ints in [0, {self.vocab_size})")
 
+    def token_room(self, prompt_len: int) -> int:
+        """The most tokens an answer to a prompt of `prompt_len` tokens can have: what the
+        context leaves after the prompt (negative when the prompt alone does not fit). The one
+        rule behind submit's check and the server's max_tokens default and 400."""
+        return self.max_context - prompt_len
+
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         self._check_ids(prompt)
-        if len(prompt) + params.max_tokens > self.max_context:
+        if params.max_tokens > self.token_room(len(prompt)):
             raise InputError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {self.max_context} tokens; shorten the prompt or lower "
