@@ -119,7 +119,7 @@ def test_gguf_refuses_gpt2_style_and_non_bpe_tokenizers(tmp_path: Path) -> None:
         check_llama_style(preset_config("micro-gpt2"))
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
     with pytest.raises(ConfigError, match="byte-level BPE tokenizers only"):
-        tokenizer_metadata(tmp_path, {})
+        tokenizer_metadata(tmp_path, {}, 256)
 
 
 def test_export_stage_writes_checked_onnx_and_gguf(trained_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,184 @@
+"""Runs an lmforge model's GGUF export in llama.cpp itself and compares it with lmforge.
+
+For each file type (f32, f16, q8_0) the model directory is exported with
+lmforge.compress.gguf_export (and read back by check_gguf), loaded by llama.cpp through
+llama-cpp-python, and compared with lmforge on three things:
+  - tokenization: llama.cpp's tokenizer, built from the GGUF's tokenizer.ggml.* metadata, must give
+    tokenizer.json's ids (TokenizerFiles.encode) on texts with digits, odd spacing, contractions,
+    non-ASCII and the chat markers, and decode them back to the same text;
+  - logits: max |difference| over every position of a few prompts (limit per file type: rounding
+    the weights to f16 or q8_0 moves logits more than f32 arithmetic does);
+  - greedy decoding: --new-tokens tokens from llama.cpp's greedy sampler against lmforge's
+    generate(greedy=True). Rounded weights may pick another token at a near tie, so the check
+    prints how many leading tokens agree and requires all of them for f32 only.
+
+  PYTHONPATH=src:LLAMA_CPP_SITE_PACKAGES python benchmarks/check_gguf_llamacpp.py MODEL_DIR \\
+      [--types f32,f16,q8_0] [--new-tokens 32] [--out result.json]
+
+Needs llama_cpp importable (pip install 'lmforge[gguf-check]' compiles llama.cpp from source).
+Prints a markdown table; exits 1 when a check misses its limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.compress.files import special_ids
+from lmforge.compress.gguf_export import check_gguf, export_gguf
+from lmforge.model.convert import load_pretrained
+from lmforge.model.generate import generate
+from lmforge.tokenizer.files import TokenizerFiles
+
+# max |logit difference| llama.cpp vs lmforge allowed per file type
+LOGIT_LIMITS = {"f32": 1e-3, "f16": 5e-2, "q8_0": 0.5}
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "In 2024 there were 366 days; pi is 3.14159 and 1e-5 is small.",
+    "  two leading spaces,\ttabs\tand\n\n\nblank lines   then trailing  ",
+    "Unicode: café, naïve, Straße, 東京, emoji 🙂 and ½ ⅔ ².",
+    "don't, I'll, we've, 'quoted' and \"double\" -- x=[1,2]; y={'k': v}",
+    "<|im_start|>user\nWhat does print do?<|im_end|>\n<|im_start|>assistant\n",
+    "",
+]
+PROMPTS = [
+    "def add(a, b):\n",
+    "The quick brown fox",
+    "for i in range(10):\n    print(i * i)\n",
+    "<|im_start|>user\nExplain len.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def load_llama(path: Path, n_ctx: int) -> Any:
+    """llama.cpp's model, one thread, logits kept for every position of a batch, and a float32
+    KV cache: llama.cpp's default f16 cache alone moves f32 logits by about 2e-3, which would
+    hide what the export itself does."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False, seed=0,
+    )  # fmt: skip
+
+
+def tokenizer_report(llm: Any, tok: TokenizerFiles) -> dict[str, Any]:
+    """Texts whose llama.cpp ids or decoded text differ from lmforge's (with both id lists)."""
+    mismatches = []
+    for text in TEXTS:
+        ours = tok.encode(text)
+        theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        decoded = llm.detokenize(ours).decode("utf-8", errors="replace")
+        if ours != theirs or decoded != tok.decode(ours):
+            mismatches.append({"text": text, "lmforge": ours, "llama_cpp": theirs,
+                               "lmforge_text": tok.decode(ours), "llama_cpp_text": decoded})  # fmt: skip
+    return {"texts": len(TEXTS), "tokenize_equal": len(TEXTS) - len(mismatches),
+            "mismatches": mismatches}  # fmt: skip
+
+
+def logits_diff(llm: Any, model: torch.nn.Module, ids: list[int]) -> float:
+    """max |logit difference| over every position of ids."""
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].float().numpy()
+    return float(np.abs(theirs - ours).max())
+
+
+def greedy_agreement(llm: Any, model: torch.nn.Module, ids: list[int], n: int) -> dict[str, Any]:
+    """n greedy tokens from each: the two lists and how many leading tokens agree."""
+    ours = generate(model, torch.tensor([ids]), n, greedy=True)[0, len(ids) :].tolist()
+    theirs = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        theirs.append(int(token))
+        if len(theirs) == n:
+            break
+    agree = 0
+    while agree < min(len(ours), len(theirs)) and ours[agree] == theirs[agree]:
+        agree += 1
+    return {"lmforge": ours, "llama_cpp": theirs, "agree": agree}
+
+
+def check_type(model_dir: Path, file_type: str, out_dir: Path, new_tokens: int) -> dict[str, Any]:
+    """Export model_dir as file_type, load it in llama.cpp, run every comparison."""
+    model = load_pretrained(model_dir).eval()
+    tok = TokenizerFiles.load(model_dir)
+    special = special_ids(model_dir)
+    path = out_dir / f"model-{file_type}.gguf"
+    export_gguf(model, model_dir, path, special, file_type)
+    check_gguf(path, model, model_dir, special, file_type)
+    llm = load_llama(path, model.config.block_size)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    try:
+        greedy = [greedy_agreement(llm, model, ids, new_tokens) for ids in prompts]
+        tokenizer = tokenizer_report(llm, tok)
+        max_diff = max(logits_diff(llm, model, ids) for ids in prompts)
+    finally:
+        llm.close()
+    result = {
+        "file_type": file_type,
+        "bytes": path.stat().st_size,
+        **tokenizer,
+        "max_abs_logit_diff": max_diff,
+        "logit_limit": LOGIT_LIMITS[file_type],
+        "greedy_tokens": new_tokens,
+        "greedy_agree": [g["agree"] for g in greedy],
+        "greedy": greedy,
+    }
+    result["ok"] = (
+        result["tokenize_equal"] == result["texts"]
+        and result["max_abs_logit_diff"] <= result["logit_limit"]
+        and (file_type != "f32" or all(a == new_tokens for a in result["greedy_agree"]))
+    )
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown: one row per file type."""
+    lines = [
+        "| file type | bytes | token ids equal | max abs logit diff (limit) | greedy tokens agreeing |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        agree = ", ".join(f"{a}/{r['greedy_tokens']}" for a in r["greedy_agree"])
+        lines.append(
+            f"| {r['file_type']} | {r['bytes']:,} | {r['tokenize_equal']}/{r['texts']} | "
+            f"{r['max_abs_logit_diff']:.2e} ({r['logit_limit']:g}) | {agree} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", type=Path, help="an lmforge model directory (llama-style)")
+    parser.add_argument("--types", default="f32,f16,q8_0", help="comma list of GGUF file types")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared")
+    parser.add_argument("--out", type=Path, help="write every result as JSON here")
+    args = parser.parse_args(argv)
+    import llama_cpp
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [
+            check_type(args.model_dir, t, Path(tmp), args.new_tokens) for t in args.types.split(",")
+        ]
+    print(f"llama-cpp-python {llama_cpp.__version__}, {args.model_dir}")
+    print(table(results))
+    for r in results:
+        for m in r["mismatches"]:
+            print(f"{r['file_type']}: tokenization differs on {m['text']!r}: {json.dumps(m)}")
+    if args.out:
+        args.out.write_text(json.dumps({"llama_cpp_python": llama_cpp.__version__,
+                                        "results": results}, indent=1))  # fmt: skip
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
