@@ -1,6 +1,6 @@
 """Runs an lmforge model's GGUF export in llama.cpp itself and compares it with lmforge.
 
-For each file type (f32, f16, q8_0) the model directory is exported with
+For each file type (f32, f16, q8_0) the model directory (llama- or GPT-2-style) is exported with
 lmforge.compress.gguf_export (and read back by check_gguf), loaded by llama.cpp through
 llama-cpp-python, and compared with lmforge on three things:
   - tokenization: llama.cpp's tokenizer, built from the GGUF's tokenizer.ggml.* metadata, must give
@@ -32,13 +32,16 @@ import numpy as np
 import torch
 
 from lmforge.compress.files import special_ids
-from lmforge.compress.gguf_export import check_gguf, export_gguf
+from lmforge.compress.gguf_export import check_gguf, export_gguf, gguf_arch
 from lmforge.model.convert import load_pretrained
 from lmforge.model.generate import generate
 from lmforge.tokenizer.files import TokenizerFiles
 
 # max |logit difference| llama.cpp vs lmforge allowed per file type
 LOGIT_LIMITS = {"f32": 1e-3, "f16": 5e-2, "q8_0": 0.5}
+# added for gpt2: llama.cpp's CPU GELU reads a float16 table (input and output rounded to f16);
+# on a micro GPT-2 that moved f32 logits by 1.5e-3, and by 1.4e-6 once lmforge rounded the same way
+GELU_TABLE_SLACK = 5e-3
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
     "In 2024 there were 366 days; pi is 3.14159 and 1e-5 is small.",
@@ -124,12 +127,14 @@ def check_type(model_dir: Path, file_type: str, out_dir: Path, new_tokens: int) 
         max_diff = max(logits_diff(llm, model, ids) for ids in prompts)
     finally:
         llm.close()
+    arch = gguf_arch(model.config)
     result = {
         "file_type": file_type,
+        "arch": arch,
         "bytes": path.stat().st_size,
         **tokenizer,
         "max_abs_logit_diff": max_diff,
-        "logit_limit": LOGIT_LIMITS[file_type],
+        "logit_limit": LOGIT_LIMITS[file_type] + (GELU_TABLE_SLACK if arch == "gpt2" else 0.0),
         "greedy_agree": [f"{g['agree']}/{g['n']}" for g in greedy],
         "greedy": greedy,
     }
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [
             check_type(args.model_dir, t, Path(tmp), args.new_tokens) for t in args.types.split(",")
         ]
-    print(f"llama-cpp-python {llama_cpp.__version__}, {args.model_dir}")
+    print(f"llama-cpp-python {llama_cpp.__version__}, {args.model_dir} ({results[0]['arch']})")
     print(table(results))
     for r in results:
         for m in r["mismatches"]:

@@ -1,11 +1,12 @@
 """GGUF export for llama.cpp users (the `gguf` package), checked by reading the file back.
 
-Llama-style models only (RMSNorm, rotary positions, SwiGLU, no biases): they map onto llama.cpp's
-"llama" architecture. Tensors get llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm;
-no output.weight when the embeddings are tied); the fused q/k/v and gate/up matrices are split,
-and q/k rows are reordered from the Hugging Face rotary layout (rotate halves) to GGML's
-(rotate adjacent pairs), as llama.cpp's convert_hf_to_gguf.py does. Matrices are stored as f32,
-f16 or q8_0 (norms stay f32, as llama.cpp wants them).
+Llama-style models map onto llama.cpp's "llama" architecture (RMSNorm, rotary positions, SwiGLU,
+no biases), GPT-2-style ones onto "gpt2" (LayerNorm, learned positions, tanh GELU, biases).
+Tensors get llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm; no output.weight when
+the embeddings are tied). For llama the fused q/k/v and gate/up matrices are split, and q/k rows
+are reordered from the Hugging Face rotary layout (rotate halves) to GGML's (rotate adjacent
+pairs), as llama.cpp's convert_hf_to_gguf.py does; gpt2 keeps the fused attn_qkv. Matrices are
+stored as f32, f16 or q8_0 (norms and biases stay f32, as llama.cpp wants them).
 
 The tokenizer goes in as tokenizer.ggml.* (model "gpt2" = byte-level BPE): tokens (padded to the
 model's vocabulary with unused [PAD<i>] entries), token types, merges, special ids, the chat
@@ -26,7 +27,6 @@ from torch import Tensor, nn
 from lmforge.errors import ConfigError, StageError
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
-ARCH = "llama"
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # llama.cpp token types
 # config.json's special ids -> their GGUF keys (gguf.Keys.Tokenizer.BOS_ID, EOS_ID, PAD_ID)
 GGUF_SPECIAL_KEYS = {
@@ -46,20 +46,37 @@ FILE_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"),
 Q8_BLOCK = 32  # values sharing one q8_0 scale: a row's length must be a multiple
 
 
-def check_llama_style(cfg: Any) -> None:
-    """ConfigError unless cfg maps onto llama.cpp's llama architecture exactly."""
-    problems = [
-        f"{name}={getattr(cfg, name)!r} (needs {want!r})"
-        for name, want in (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"),
-                           ("bias", False), ("attn_bias", False), ("sliding_window", None),
-                           ("rope_scaling", None))
-        if getattr(cfg, name) != want
-    ]  # fmt: skip
-    if problems:
-        raise ConfigError(
-            f"GGUF export supports llama-style models only; this one has {', '.join(problems)}; "
-            "use --set export.formats=[onnx]"
-        )
+# what each llama.cpp architecture needs of a ModelConfig, beyond COMMON_NEEDS
+ARCH_NEEDS = {
+    "llama": (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"), ("bias", False),
+              ("attn_bias", False), ("sliding_window", None), ("rope_scaling", None)),
+    "gpt2": (("norm", "layernorm"), ("pos", "learned"), ("mlp", "gelu"), ("bias", True),
+             ("head_dim", None), ("sliding_window", None)),
+}  # fmt: skip
+COMMON_NEEDS = (("causal", True), ("post_norm", False), ("emb_norm", False),
+                ("type_vocab_size", 0), ("pos_offset", 0), ("mlm_head", False),
+                ("n_dec_layer", 0))  # fmt: skip
+# lmforge's GPT-2 block modules -> llama.cpp's gpt2 tensor names (each has a weight and a bias)
+GPT2_NAMES = {"attn_norm": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
+              "mlp_norm": "ffn_norm", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}  # fmt: skip
+
+
+def gguf_arch(cfg: Any) -> str:
+    """The llama.cpp architecture cfg maps onto exactly ("llama" or "gpt2"); else ConfigError."""
+    problems = []
+    for arch, needs in ARCH_NEEDS.items():
+        wrong = [
+            f"{name}={getattr(cfg, name)!r} (needs {want!r})"
+            for name, want in (*COMMON_NEEDS, *needs)
+            if getattr(cfg, name) != want
+        ]
+        if not wrong:
+            return arch
+        problems.append(f"as {arch}: {', '.join(wrong)}")
+    raise ConfigError(
+        f"GGUF export writes llama-style or GPT-2-style decoders only; this model does not fit "
+        f"({'; '.join(problems)}); use --set export.formats=[onnx]"
+    )
 
 
 def rope_permute(w: Tensor, n_head: int) -> Tensor:
@@ -71,32 +88,50 @@ def rope_permute(w: Tensor, n_head: int) -> Tensor:
     )
 
 
+def llama_block(state: dict[str, Tensor], i: int, cfg: Any) -> dict[str, Tensor]:
+    """Block i under llama.cpp's llama names: q/k/v and gate/up split, q/k rows permuted."""
+    nh, nkv, hd, p = cfg.n_head, cfg.n_kv_head, cfg.hd, f"blocks.{i}."
+    q, k, v = state[p + "attn.qkv.weight"].split([nh * hd, nkv * hd, nkv * hd])
+    gate, up = state[p + "mlp.fc.weight"].chunk(2)
+    return {
+        f"blk.{i}.attn_norm.weight": state[p + "attn_norm.weight"],
+        f"blk.{i}.attn_q.weight": rope_permute(q, nh),
+        f"blk.{i}.attn_k.weight": rope_permute(k, nkv),
+        f"blk.{i}.attn_v.weight": v,
+        f"blk.{i}.attn_output.weight": state[p + "attn.proj.weight"],
+        f"blk.{i}.ffn_norm.weight": state[p + "mlp_norm.weight"],
+        f"blk.{i}.ffn_gate.weight": gate,
+        f"blk.{i}.ffn_up.weight": up,
+        f"blk.{i}.ffn_down.weight": state[p + "mlp.proj.weight"],
+    }
+
+
+def gpt2_block(state: dict[str, Tensor], i: int, cfg: Any) -> dict[str, Tensor]:
+    """Block i under llama.cpp's gpt2 names: the fused qkv stays fused, every bias kept."""
+    return {
+        f"blk.{i}.{theirs}.{kind}": state[f"blocks.{i}.{ours}.{kind}"]
+        for ours, theirs in GPT2_NAMES.items()
+        for kind in ("weight", "bias")
+    }
+
+
 def gguf_tensors(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's weights under llama.cpp's names, as float32 arrays."""
+    """The model's weights under llama.cpp's names for its architecture, as float32 arrays."""
     cfg = model.config
-    nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.hd
+    arch = gguf_arch(cfg)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out = {
         "token_embd.weight": state["tok_emb.weight"],
         "output_norm.weight": state["norm_f.weight"],
     }
+    if arch == "gpt2":
+        out["position_embd.weight"] = state["pos_emb.weight"]
+        out["output_norm.bias"] = state["norm_f.bias"]
     if not cfg.tie_embeddings:
         out["output.weight"] = state["lm_head.weight"]
+    block = llama_block if arch == "llama" else gpt2_block
     for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        q, k, v = state[p + "attn.qkv.weight"].split([nh * hd, nkv * hd, nkv * hd])
-        gate, up = state[p + "mlp.fc.weight"].chunk(2)
-        out.update({
-            f"blk.{i}.attn_norm.weight": state[p + "attn_norm.weight"],
-            f"blk.{i}.attn_q.weight": rope_permute(q, nh),
-            f"blk.{i}.attn_k.weight": rope_permute(k, nkv),
-            f"blk.{i}.attn_v.weight": v,
-            f"blk.{i}.attn_output.weight": state[p + "attn.proj.weight"],
-            f"blk.{i}.ffn_norm.weight": state[p + "mlp_norm.weight"],
-            f"blk.{i}.ffn_gate.weight": gate,
-            f"blk.{i}.ffn_up.weight": up,
-            f"blk.{i}.ffn_down.weight": state[p + "mlp.proj.weight"],
-        })  # fmt: skip
+        out.update(block(state, i, cfg))
     return {name: t.contiguous().numpy() for name, t in out.items()}
 
 
@@ -172,31 +207,39 @@ def tokenizer_metadata(model_dir: Path, special: dict[str, int], vocab_size: int
     }
 
 
-def export_gguf(
-    model: nn.Module, model_dir: Path, path: Path, special: dict[str, int], file_type: str = "f32"
-) -> None:
-    """Write model (llama-style) with its tokenizer metadata to path, matrices as file_type
-    (f32 | f16 | q8_0)."""
-    import gguf
-
-    cfg = model.config
-    check_llama_style(cfg)
-    meta = tokenizer_metadata(model_dir, special, cfg.vocab_size)
-    tensors = {name: encode_tensor(name, a, file_type) for name, a in gguf_tensors(model).items()}
-    writer = gguf.GGUFWriter(str(path), ARCH)
-    writer.add_name(model_dir.parent.name if model_dir.name == "final" else model_dir.name)
+def add_hyperparameters(writer: Any, cfg: Any, arch: str) -> None:
+    """The {arch}.* keys llama.cpp reads for arch."""
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_vocab_size(cfg.vocab_size)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        return
     writer.add_key_length(cfg.hd)
     writer.add_value_length(cfg.hd)
     writer.add_rope_dimension_count(cfg.hd)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
+
+
+def export_gguf(
+    model: nn.Module, model_dir: Path, path: Path, special: dict[str, int], file_type: str = "f32"
+) -> None:
+    """Write model (llama- or GPT-2-style) with its tokenizer metadata to path, matrices as
+    file_type (f32 | f16 | q8_0)."""
+    import gguf
+
+    cfg = model.config
+    arch = gguf_arch(cfg)
+    meta = tokenizer_metadata(model_dir, special, cfg.vocab_size)
+    tensors = {name: encode_tensor(name, a, file_type) for name, a in gguf_tensors(model).items()}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(model_dir.parent.name if model_dir.name == "final" else model_dir.name)
+    add_hyperparameters(writer, cfg, arch)
     writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[file_type][1]])
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(meta["pre"])
@@ -250,11 +293,13 @@ def check_gguf(
                 f"written {qtype.name} {array.shape})"
             )
     cfg = model.config
+    arch = gguf_arch(cfg)
     meta = tokenizer_metadata(model_dir, special, cfg.vocab_size)
     expected = {
-        f"{ARCH}.block_count": cfg.n_layer, f"{ARCH}.embedding_length": cfg.n_embd,
-        f"{ARCH}.attention.head_count": cfg.n_head,
-        f"{ARCH}.attention.head_count_kv": cfg.n_kv_head,
+        "general.architecture": arch,
+        f"{arch}.block_count": cfg.n_layer, f"{arch}.embedding_length": cfg.n_embd,
+        f"{arch}.attention.head_count": cfg.n_head,
+        f"{arch}.attention.head_count_kv": cfg.n_kv_head,
         "general.file_type": gguf.LlamaFileType[FILE_TYPES[file_type][1]],
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["pre"],
         "tokenizer.ggml.tokens": meta["tokens"], "tokenizer.ggml.token_type": meta["token_types"],
