@@ -9,8 +9,13 @@ llama-cpp-python, and compared with lmforge on three things:
   - logits: max |difference| over every position of a few prompts (limit per file type: rounding
     the weights to f16 or q8_0 moves logits more than f32 arithmetic does);
   - greedy decoding: --new-tokens tokens from llama.cpp's greedy sampler against lmforge's
-    generate(greedy=True). Rounded weights may pick another token at a near tie, so the check
-    prints how many leading tokens agree and requires all of them for f32 only.
+    generate(greedy=True), and the text of `lmforge generate` (EvalModel.generate_batch) against
+    llama.cpp's completion API on the same prompt. Rounded weights may pick another token at a
+    near tie, so the check prints how many leading tokens agree and requires all of them (and
+    equal texts) for f32 only.
+
+Every text goes in as lmforge feeds a raw text, a document start (BOS first, EOS when there is no
+BOS); the export's add_bos_token makes llama.cpp do the same.
 
   PYTHONPATH=src:LLAMA_CPP_SITE_PACKAGES python benchmarks/check_gguf_llamacpp.py MODEL_DIR \\
       [--types f32,f16,q8_0] [--new-tokens 32] [--out result.json]
@@ -33,9 +38,8 @@ import torch
 
 from lmforge.compress.files import special_ids
 from lmforge.compress.gguf_export import check_gguf, export_gguf, gguf_arch
-from lmforge.model.convert import load_pretrained
+from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.model.generate import generate
-from lmforge.tokenizer.files import TokenizerFiles
 
 # max |logit difference| llama.cpp vs lmforge allowed per file type
 LOGIT_LIMITS = {"f32": 1e-3, "f16": 5e-2, "q8_0": 0.5}
@@ -71,16 +75,20 @@ def load_llama(path: Path, n_ctx: int) -> Any:
     )  # fmt: skip
 
 
-def tokenizer_report(llm: Any, tok: TokenizerFiles) -> dict[str, Any]:
-    """Texts whose llama.cpp ids or decoded text differ from lmforge's (with both id lists)."""
+def tokenizer_report(llm: Any, lm: EvalModel) -> dict[str, Any]:
+    """Texts whose llama.cpp ids or decoded text differ from lmforge's (with both id lists).
+
+    lmforge feeds a raw text as a document start (EvalModel.start: BOS first); llama.cpp's
+    tokenize with add_bos=True adds the GGUF's bos when its add_bos_token says so."""
     mismatches = []
     for text in TEXTS:
-        ours = tok.encode(text)
-        theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        decoded = llm.detokenize(ours).decode("utf-8", errors="replace")
-        if ours != theirs or decoded != tok.decode(ours):
+        ours = lm.start(text)
+        theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        decoded = llm.detokenize(lm.encode(text)).decode("utf-8", errors="replace")
+        if ours != theirs or decoded != lm.decode(lm.encode(text)):
             mismatches.append({"text": text, "lmforge": ours, "llama_cpp": theirs,
-                               "lmforge_text": tok.decode(ours), "llama_cpp_text": decoded})  # fmt: skip
+                               "lmforge_text": lm.decode(lm.encode(text)),
+                               "llama_cpp_text": decoded})  # fmt: skip
     return {"texts": len(TEXTS), "tokenize_equal": len(TEXTS) - len(mismatches),
             "mismatches": mismatches}  # fmt: skip
 
@@ -95,11 +103,14 @@ def logits_diff(llm: Any, model: torch.nn.Module, ids: list[int]) -> float:
     return float(np.abs(theirs - ours).max())
 
 
-def greedy_agreement(llm: Any, model: torch.nn.Module, ids: list[int], n: int) -> dict[str, Any]:
-    """n greedy tokens from each (fewer where the prompt leaves less room in the model's context):
-    the two lists and how many leading tokens agree."""
-    n = min(n, model.config.block_size - len(ids))
-    ours = generate(model, torch.tensor([ids]), n, greedy=True)[0, len(ids) :].tolist()
+def greedy_agreement(llm: Any, lm: EvalModel, prompt: str, n: int) -> dict[str, Any]:
+    """n greedy tokens (fewer where the prompt leaves less room in the model's context) after the
+    prompt's document-start ids from each, how many leading tokens agree, and whether the texts
+    `lmforge generate` and llama.cpp's completion API make of the prompt are equal (both stop at
+    the model's stop tokens)."""
+    ids = lm.start(prompt)
+    n = min(n, lm.block_size - len(ids))
+    ours = generate(lm.model, torch.tensor([ids]), n, greedy=True)[0, len(ids) :].tolist()
     theirs = []
     for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
         theirs.append(int(token))
@@ -108,23 +119,25 @@ def greedy_agreement(llm: Any, model: torch.nn.Module, ids: list[int], n: int) -
     agree = 0
     while agree < min(len(ours), len(theirs)) and ours[agree] == theirs[agree]:
         agree += 1
-    return {"lmforge": ours, "llama_cpp": theirs, "agree": agree, "n": n}
+    our_text = lm.generate_batch([prompt], GenerationSettings(max_new_tokens=n))[0]
+    their_text = llm.create_completion(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"]
+    return {"lmforge": ours, "llama_cpp": theirs, "agree": agree, "n": n,
+            "text_equal": our_text == their_text, "lmforge_text": our_text,
+            "llama_cpp_text": their_text}  # fmt: skip
 
 
 def check_type(model_dir: Path, file_type: str, out_dir: Path, new_tokens: int) -> dict[str, Any]:
     """Export model_dir as file_type, load it in llama.cpp, run every comparison."""
-    model = load_pretrained(model_dir).eval()
-    tok = TokenizerFiles.load(model_dir)
-    special = special_ids(model_dir)
+    lm = EvalModel.load(model_dir)
+    model, special = lm.model.eval(), special_ids(model_dir)
     path = out_dir / f"model-{file_type}.gguf"
     export_gguf(model, model_dir, path, special, file_type)
     check_gguf(path, model, model_dir, special, file_type)
-    llm = load_llama(path, model.config.block_size)
-    prompts = [tok.encode(p) for p in PROMPTS]
+    llm = load_llama(path, lm.block_size)
     try:
-        greedy = [greedy_agreement(llm, model, ids, new_tokens) for ids in prompts]
-        tokenizer = tokenizer_report(llm, tok)
-        max_diff = max(logits_diff(llm, model, ids) for ids in prompts)
+        greedy = [greedy_agreement(llm, lm, prompt, new_tokens) for prompt in PROMPTS]
+        tokenizer = tokenizer_report(llm, lm)
+        max_diff = max(logits_diff(llm, model, lm.start(p)) for p in PROMPTS)
     finally:
         llm.close()
     arch = gguf_arch(model.config)
@@ -136,12 +149,13 @@ def check_type(model_dir: Path, file_type: str, out_dir: Path, new_tokens: int) 
         "max_abs_logit_diff": max_diff,
         "logit_limit": LOGIT_LIMITS[file_type] + (GELU_TABLE_SLACK if arch == "gpt2" else 0.0),
         "greedy_agree": [f"{g['agree']}/{g['n']}" for g in greedy],
+        "texts_equal": sum(g["text_equal"] for g in greedy),
         "greedy": greedy,
     }
     result["ok"] = (
         result["tokenize_equal"] == result["texts"]
         and result["max_abs_logit_diff"] <= result["logit_limit"]
-        and (file_type != "f32" or all(g["agree"] == g["n"] for g in greedy))
+        and (file_type != "f32" or all(g["agree"] == g["n"] and g["text_equal"] for g in greedy))
     )
     return result
 
@@ -149,20 +163,22 @@ def check_type(model_dir: Path, file_type: str, out_dir: Path, new_tokens: int) 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: one row per file type."""
     lines = [
-        "| file type | bytes | token ids equal | max abs logit diff (limit) | greedy tokens agreeing |",
-        "|---|---:|---:|---:|---|",
+        "| file type | bytes | token ids equal | max abs logit diff (limit) "
+        "| greedy tokens agreeing | completion texts equal |",
+        "|---|---:|---:|---:|---|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['file_type']} | {r['bytes']:,} | {r['tokenize_equal']}/{r['texts']} | "
-            f"{r['max_abs_logit_diff']:.2e} ({r['logit_limit']:g}) | {', '.join(r['greedy_agree'])} |"
+            f"{r['max_abs_logit_diff']:.2e} ({r['logit_limit']:g}) | "
+            f"{', '.join(r['greedy_agree'])} | {r['texts_equal']}/{len(r['greedy'])} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path, help="an lmforge model directory (llama-style)")
+    parser.add_argument("model_dir", type=Path, help="an lmforge model directory")
     parser.add_argument("--types", default="f32,f16,q8_0", help="comma list of GGUF file types")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared")
     parser.add_argument("--out", type=Path, help="write every result as JSON here")

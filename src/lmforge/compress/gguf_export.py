@@ -10,7 +10,7 @@ stored as f32, f16 or q8_0 (norms and biases stay f32, as llama.cpp wants them).
 
 The tokenizer goes in as tokenizer.ggml.* (model "gpt2" = byte-level BPE): tokens (padded to the
 model's vocabulary with unused [PAD<i>] entries), token types, merges, special ids, the chat
-template, add_bos/add_eos false (lmforge never adds them to a prompt), and the pre-tokenizer
+template, add_bos (lmforge starts a raw text with BOS, else EOS), and the pre-tokenizer
 name whose regexes llama.cpp runs: read from tokenizer.json, so llama.cpp cuts text exactly
 where `tokenizers` does (benchmarks/check_gguf_llamacpp.py checks it in llama.cpp itself).
 """
@@ -197,12 +197,17 @@ def tokenizer_metadata(model_dir: Path, special: dict[str, int], vocab_size: int
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     eos = special.get("eos_token_id")
     turn_ends = [i for i in eos_ids(load_generation_config(model_dir)) if i != eos]
+    # lmforge starts a raw text as a document (evals.lm.EvalModel.start): BOS first, else EOS as
+    # GPT-2 does; llama.cpp adds its bos to every prompt when add_bos is set
+    start = special.get("bos_token_id", eos)
     return {
         "tokens": tokens,
         "token_types": types,
         "merges": merges,
         "pre": llama_cpp_pre(tok, model_dir),
         **special,
+        **({"bos_token_id": start} if start is not None else {}),
+        "add_bos": start is not None,
         **({"eot_token_id": turn_ends[0]} if turn_ends else {}),
     }
 
@@ -252,7 +257,7 @@ def export_gguf(
                      ("eot_token_id", writer.add_eot_token_id)):  # fmt: skip
         if key in meta:
             add(meta[key])
-    writer.add_add_bos_token(False)  # lmforge encodes prompts as they are
+    writer.add_add_bos_token(meta["add_bos"])
     writer.add_add_eos_token(False)
     if (model_dir / "chat_template.jinja").is_file():
         writer.add_chat_template((model_dir / "chat_template.jinja").read_text(encoding="utf-8"))
@@ -304,8 +309,8 @@ def check_gguf(
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["pre"],
         "tokenizer.ggml.tokens": meta["tokens"], "tokenizer.ggml.token_type": meta["token_types"],
         "tokenizer.ggml.merges": meta["merges"],
-        "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
-        **{GGUF_SPECIAL_KEYS[k]: v for k, v in special.items()},
+        "tokenizer.ggml.add_bos_token": meta["add_bos"], "tokenizer.ggml.add_eos_token": False,
+        **{key: meta[k] for k, key in GGUF_SPECIAL_KEYS.items() if k in meta},
         **({"tokenizer.ggml.eot_token_id": meta["eot_token_id"]} if "eot_token_id" in meta
            else {}),
     }  # fmt: skip

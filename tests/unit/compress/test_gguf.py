@@ -91,9 +91,12 @@ def test_gguf_tokenizer_metadata_types_padding_and_special_ids(tmp_path: Path) -
     assert types[tok.token_to_id("NOT_SPECIAL")] == USER_DEFINED
     assert types[tok.encode(" return").ids[0]] == NORMAL
     assert fields["tokenizer.ggml.pre"] == "smollm"
-    assert fields["tokenizer.ggml.add_bos_token"] is False  # lmforge never prepends bos
+    assert fields["tokenizer.ggml.add_bos_token"] is True  # lmforge starts a raw text with BOS
     assert fields["tokenizer.ggml.eos_token_id"] == 0 and fields["tokenizer.ggml.bos_token_id"] == 1
     assert fields["tokenizer.ggml.eot_token_id"] == tok.token_to_id("<|im_end|>")
+    gpt2_like = tokenizer_metadata(directory, {"eos_token_id": 0}, n + 3)  # EOS starts documents
+    assert gpt2_like["bos_token_id"] == 0 and gpt2_like["add_bos"] is True
+    assert tokenizer_metadata(directory, {}, n + 3)["add_bos"] is False
 
 
 def test_gguf_f16_and_q8_0_store_matrices_rounded_and_norms_in_f32(tmp_path: Path) -> None:
@@ -165,5 +168,5 @@ def test_llama_cpp_tokenizes_scores_and_decodes_like_lmforge(tmp_path: Path, pre
     for r in results.values():
         assert r["tokenize_equal"] == r["texts"] and r["mismatches"] == []
     assert results["f32"]["max_abs_logit_diff"] < (1e-3 if preset == "micro" else 6e-3)
-    assert results["f32"]["greedy_agree"] == ["12/12"] * 4
+    assert results["f32"]["greedy_agree"] == ["12/12"] * 4 and results["f32"]["texts_equal"] == 4
     assert results["q8_0"]["max_abs_logit_diff"] < 0.5
