@@ -168,8 +168,8 @@ def llama_cpp_pre(tok: dict[str, Any], model_dir: Path) -> str:
     raise ConfigError(
         f"{model_dir}/tokenizer.json: normalizer {tok.get('normalizer')} and pre-tokenizer "
         f"{shape} have no llama.cpp equivalent, so llama.cpp would tokenize differently; GGUF "
-        "export takes lmforge's byte-level BPE (tokenizer train --kind bpe --pre-tokenizer gpt2, "
-        "no normalization)"
+        "export takes lmforge's byte-level BPE (lmforge tokenizer train --kind bpe "
+        "--set pre_tokenizer=gpt2, no normalization)"
     )
 
 
