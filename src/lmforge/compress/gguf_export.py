@@ -25,6 +25,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, StageError
+from lmforge.model.convert import model_display_name
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # llama.cpp token types
@@ -243,7 +244,7 @@ def export_gguf(
     meta = tokenizer_metadata(model_dir, special, cfg.vocab_size)
     tensors = {name: encode_tensor(name, a, file_type) for name, a in gguf_tensors(model).items()}
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(model_dir.parent.name if model_dir.name == "final" else model_dir.name)
+    writer.add_name(model_display_name(model_dir))
     add_hyperparameters(writer, cfg, arch)
     writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[file_type][1]])
     writer.add_tokenizer_model("gpt2")

@@ -54,7 +54,6 @@ from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.detok import TextStream
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
 from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
-from lmforge.serve.settings import model_name
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
 
@@ -171,7 +170,12 @@ class Engine:
         device "auto" is CUDA when available, else CPU. dtype defaults to config.json's
         torch_dtype (float16 becomes float32 on CPU, where half matmuls are slow).
         """
-        from lmforge.model.convert import load_pretrained, read_config, resolve_model_dir
+        from lmforge.model.convert import (
+            load_pretrained,
+            model_display_name,
+            read_config,
+            resolve_model_dir,
+        )
 
         model_dir = resolve_model_dir(Path(model_dir))
         if device == "auto":
@@ -183,7 +187,9 @@ class Engine:
         files = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device, dtype=dtype)
         gen = load_generation_config(model_dir, files)
-        return cls(model, files, name=name or model_name(model_dir), generation_config=gen, **kw)
+        return cls(
+            model, files, name=name or model_display_name(model_dir), generation_config=gen, **kw
+        )
 
     # -- the API the server calls -----------------------------------------------------------
 
