@@ -21,14 +21,12 @@ Run: `.venv/bin/python benchmarks/bench_generate.py --preset tiny --prompts 64 -
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from _rates import print_rates, time_round_robin
 
 
 def make_prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -74,12 +72,6 @@ def hf_batched(hf_model, prompts: list[list[int]], new: int, batch: int) -> list
     return results
 
 
-def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="lmforge model preset (llama style)")
@@ -119,25 +111,13 @@ def main() -> None:
         ),
         "HF generate": lambda: hf_batched(hf, prompts, args.new_tokens, args.batch_size),
     }
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    outputs: dict[str, list[list[int]]] = {}
-    for _ in range(args.rounds):
-        for name, fn in contenders.items():
-            seconds, outputs[name] = timed(fn)
-            times[name].append(seconds)
+    times, outputs = time_round_robin(contenders, args.rounds)
 
     ours, theirs = outputs["lmforge batched"], outputs["HF generate"]
     agree = sum(a == b for a, b in zip(ours, theirs, strict=True))
     same_alone = sum(a == b for a, b in zip(ours, outputs["lmforge one-by-one"], strict=True))
-    print("\n| | new tokens/s (median) | wall (median) |\n|---|---:|---:|")
-    rate = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rate[name] = n_new / med
-        print(f"| {name} | {rate[name]:,.0f} | {med:.2f} s |")
-    print(f"\nlmforge batched / HF generate: {rate['lmforge batched'] / rate['HF generate']:.2f}x")
-    one = rate["lmforge one-by-one"]
-    print(f"lmforge batched / lmforge one-by-one: {rate['lmforge batched'] / one:.2f}x")
+    ratios = [("lmforge batched", "HF generate"), ("lmforge batched", "lmforge one-by-one")]
+    print_rates(times, n_new, ratios)
     print(f"rows equal to HF token for token: {agree}/{len(ours)}; "
           f"to lmforge one-by-one: {same_alone}/{len(ours)}")  # fmt: skip
 

@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _rates import print_rates, time_round_robin
 
 
 def make_tokenizer(vocab_size: int, out: Path):
@@ -149,32 +149,13 @@ def main() -> None:
         "engine, one at a time": lambda: engine_sequential(engine, requests),
         "generate, one at a time": lambda: generate_sequential(model, requests),
     }
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    outputs: dict[str, list[list[int]]] = {}
     engine_concurrent(engine, requests[:2])  # warm-up
-    for _ in range(args.rounds):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - t0)
+    times, outputs = time_round_robin(contenders, args.rounds)
     stats = engine.stats()
     engine.shutdown()
 
-    print("\n| | new tokens/s (median) | wall (median) |\n|---|---:|---:|")
-    rate = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rate[name] = n_new / med
-        print(f"| {name} | {rate[name]:,.0f} | {med:.2f} s |")
-    conc = rate["engine, concurrent"]
-    print(
-        f"\nengine concurrent / engine one at a time: {conc / rate['engine, one at a time']:.2f}x"
-    )
-    print(
-        f"engine concurrent / generate one at a time: {conc / rate['generate, one at a time']:.2f}x"
-    )
-    print(f"engine one at a time / generate one at a time: "
-          f"{rate['engine, one at a time'] / rate['generate, one at a time']:.2f}x")  # fmt: skip
+    conc, one, alone = contenders
+    print_rates(times, n_new, [(conc, one), (conc, alone), (one, alone)])
     ref = outputs["generate, one at a time"]
     for name in ("engine, concurrent", "engine, one at a time"):
         same = sum(a == b for a, b in zip(outputs[name], ref, strict=True))

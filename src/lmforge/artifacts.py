@@ -187,8 +187,9 @@ def content_hash(path: Path) -> str:
         payload = json.dumps(hash_outputs(path), sort_keys=True)
     elif path.exists():
         payload = file_hash(path)
-        wal = path.with_name(path.name + "-wal")  # a live SQLite database's committed rows
-        if wal.exists():
+        # a live SQLite database's committed rows; an empty WAL (a reader leaves one) holds none
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size:
             payload += file_hash(wal)
     else:  # the stage's own require_artifact() says what to run to build it
         return "missing"

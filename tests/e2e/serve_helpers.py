@@ -52,10 +52,10 @@ class ServerProcess(launch.ServerProcess):
     """launch.ServerProcess started at once, with what the tests read: the server's RSS, one
     /metrics sample, its output, and whether it stopped cleanly."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
             [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )}  # fmt: skip
+        ), **(env or {})}  # fmt: skip
         super().__init__([], args=args, env=env, ready_timeout=60, log_path=log_path)
         self.__enter__()
 

@@ -90,3 +90,15 @@ def test_served_with_kb_and_safety(run_dir, tmp_path):
         assert blocked.choices[0].finish_reason == "content_filter"
     finally:
         assert srv.stopped_cleanly(), srv.output()
+
+
+def test_eval_stage_scores_responses_and_intents(run_dir):
+    """The recipe's eval stage: held-out responses with reference perplexity, intents by head."""
+    results = json.loads((run_dir / "eval" / "eval.json").read_text())["results"]["dialogue"]
+    responses, intent = results["responses"], results["intent"]
+    assert responses["reference_scoring"] == "conditional" and responses["reference_perplexity"] > 1
+    assert 0 <= responses["rougeL"] <= 1 and responses["n"] > 0
+    assert intent["scoring"] == "head (mean_source)" and 0 <= intent["accuracy"] <= 1
+    # the head scores what the dialogue stage's own test eval scored, on the same dialogues
+    stage = json.loads((run_dir / "dialogue" / "eval.json").read_text())
+    assert intent["n"] == min(stage["intent_test_dialogues"], 16)

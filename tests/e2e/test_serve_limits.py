@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import openai
@@ -161,17 +165,63 @@ def test_feedback_survives_sigkill(hasty):
     assert store.add_rating(out.id, -1) > r.json()["feedback_id"]
 
 
-@pytest.mark.slow  # two processes each load torch and the model: ~20 s on 2 busy cores
-def test_several_workers_behind_one_port(serve_model, tmp_path):
+@pytest.mark.slow  # two processes each load torch and the model: ~30 s on 2 busy cores
+def test_several_workers_behind_one_port_with_true_metrics(serve_model, tmp_path):
+    """Every scrape, whichever worker answers, shows the server's totals; a worker killed and
+    restarted by uvicorn keeps its counts in them; files of a crashed server do not leak in."""
+    base = tmp_path / "prom"  # a PROMETHEUS_MULTIPROC_DIR that outlived a crashed server
+    stale = base / "lmforge-metrics-999999999-old"
+    stale.mkdir(parents=True)
+    for where in (base, stale):
+        leave_counts(where, 1000)
     srv = ServerProcess(
         ["--model", f"micro={serve_model}", "--workers", "2", "--feedback-db", str(tmp_path / "f.db")],
-        tmp_path / "server.log",
+        tmp_path / "server.log", env={"PROMETHEUS_MULTIPROC_DIR": str(base)},
     )  # fmt: skip
     try:
         client = client_of(srv)
-        texts = {greedy(client, max_tokens=4).choices[0].text for _ in range(6)}
-        assert len(texts) == 1  # every worker serves the same model the same way
+        k = 6
+        texts = {greedy(client, f"request {i}", max_tokens=4).choices[0].text for i in range(k)}
+        assert len(texts) > 1  # distinct prompts: no answer comes from the response cache
         pids = set(re.findall(r"Started server process \[(\d+)\]", srv.output()))
         assert len(pids) == 2
+        for _ in range(6):  # the kernel hands the scrapes to either worker
+            assert totals(srv) == {"requests": k, "e2e": k, "ttft": k, "tokens": 4 * k}
+        scrape = httpx.get(f"{srv.url}/metrics", timeout=5).text  # gauges: one summed series
+        assert 'lmforge_queue_depth{model="micro"} 0.0' in scrape and 'pid="' not in scrape
+        os.kill(int(pids.pop()), signal.SIGKILL)  # uvicorn starts another worker
+        deadline = time.monotonic() + 60
+        while len(re.findall(r"Started server process", srv.output())) < 3:
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.2)
+        greedy(client, "one more", max_tokens=4)
+        assert totals(srv) == {"requests": k + 1, "e2e": k + 1, "ttft": k + 1, "tokens": 4 * k + 4}
+        assert not stale.exists()  # a dead server's directory is swept
     finally:
-        srv.stop()
+        assert srv.stopped_cleanly(), srv.output()
+    assert [p.name for p in base.iterdir()] == ["counter_777.db"]  # its own dir is removed
+
+
+def leave_counts(path, n: int) -> None:
+    """A counter file as a server process (pid 777) killed after n requests leaves it."""
+    code = (
+        "from prometheus_client import Counter; "
+        "Counter('lmforge_requests', 'x', ['endpoint', 'status'])"
+        f".labels('/v1/completions', '200').inc({n})"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    next(path.glob("counter_*.db")).rename(path / "counter_777.db")
+
+
+def totals(srv) -> dict[str, float]:
+    """One scrape's request counter, e2e and TTFT histogram counts and generated tokens."""
+    text = httpx.get(f"{srv.url}/metrics", timeout=5).text
+    want = {
+        "requests": 'lmforge_requests_total{endpoint="/v1/completions",status="200"}',
+        "e2e": 'lmforge_e2e_request_latency_seconds_count{endpoint="/v1/completions"}',
+        "ttft": 'lmforge_time_to_first_token_seconds_count{model="micro"}',
+        "tokens": 'lmforge_generation_tokens_total{model="micro"}',
+    }
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return {key: float(samples.get(series, 0)) for key, series in want.items()}

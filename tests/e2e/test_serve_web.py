@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
 
 from e2e.test_report_browser import find_chromium
 from lmforge.serve.launch import ServerProcess
+
+SHORT = 128
 
 # every text the last answer showed, each time the page changed the conversation
 RECORD_GROWTH = """() => {
@@ -32,7 +35,9 @@ def server(
 ) -> Iterator[tuple[str, Path]]:
     find_chromium()
     tmp = tmp_path_factory.mktemp("serve_web")
-    models = [f"a={serve_model}", f"b={serve_model}"]  # two names, two engines
+    # the micro preset's context (128 tokens) is no more than the page's default max tokens
+    short = make_model_dir(tmp / "short", make_tokenizer_dir(tmp / "tok"), block_size=SHORT)
+    models = [f"a={serve_model}", f"b={serve_model}", f"short={short}"]
     docs = tmp / "docs"
     docs.mkdir()
     (docs / "france.md").write_text("Paris is the capital of France and its largest city.\n")
@@ -62,7 +67,7 @@ def test_chat_streams_and_feedback_reaches_the_database(server: tuple[str, Path]
         page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
         page.on("pageerror", lambda e: console_errors.append(str(e)))
         page.goto(url + "/")
-        expect(page.locator("#model-a option")).to_have_count(2)
+        expect(page.locator("#model-a option")).to_have_count(3)
         page.fill("#max-tokens", "48")
 
         # chat: Enter sends; the answer is appended chunk by chunk while it streams
@@ -102,10 +107,21 @@ def test_chat_streams_and_feedback_reaches_the_database(server: tuple[str, Path]
         recorded = query(db, "SELECT id FROM responses WHERE id IN (?, ?)", *ids)
         assert sorted(r[0] for r in recorded) == sorted(ids)
 
-        # a request the server refuses: its OpenAI error message is on the page
+        # the default max tokens (128) on a model whose context is 128: capped by max_model_len
+        # from /v1/models (the server answers with the room the prompt leaves), not a 400
         page.uncheck("#side-by-side")
-        page.fill("#max-tokens", "100000")
-        page.fill("#prompt", "too long")
+        page.click("#clear")  # a fresh conversation, without knowledge-base passages
+        page.uncheck("#use-kb")
+        page.select_option("#model-a", "short")
+        page.fill("#max-tokens", "128")
+        assert page.get_attribute("#max-tokens", "title").startswith(f"context {SHORT} tokens")
+        page.fill("#prompt", "Name a city.")
+        page.press("#prompt", "Enter")
+        expect(page.locator("#log .answer").last).to_have_class("answer done", timeout=60_000)
+        expect(page.locator("#error")).to_be_hidden()
+
+        # a request the server refuses: its OpenAI error message is on the page
+        page.fill("#prompt", "too long " * SHORT)
         page.press("#prompt", "Enter")
         expect(page.locator("#error")).to_contain_text("400", timeout=30_000)
         browser.close()

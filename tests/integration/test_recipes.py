@@ -156,6 +156,13 @@ def test_mlm_quickstart_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyP
     tok = transformers.AutoTokenizer.from_pretrained(final)
     ids = tok("Return the path.")["input_ids"]
     assert tok.convert_ids_to_tokens([ids[0], ids[-1]]) == ["[CLS]", "[SEP]"]
+    # the eval stages: the MLM's pseudo-perplexity (labelled) and the classifier through its head
+    ppl = json.loads((tmp_path / "run/eval/eval.json").read_text())["results"]["mlm"]
+    assert ppl["heldout_text"]["scoring"] == "pseudo_log_likelihood"
+    assert ppl["heldout_text"]["pseudo_perplexity"] > 1 and "perplexity" not in ppl["heldout_text"]
+    head = json.loads((tmp_path / "run/eval_classifier/eval.json").read_text())["results"]
+    assert head["classifier"]["module_family"]["scoring"] == "head (first_token_pooler)"
+    assert 0 <= head["classifier"]["module_family"]["accuracy"] <= 1
 
 
 def test_pretrain_gpt2_recipe_micro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

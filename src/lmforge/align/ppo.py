@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +265,31 @@ def heldout_rollout(
     rollout = make_rollout(src, rows, seed=10**6)
     rollout["prompt_reward"] = rollout["score"].view(len(prompts), n).mean(1)
     return rollout
+
+
+class HeldOutEval:
+    """The loop's eval_fn (held-out rollout -> rollout_metrics) that keeps its last rollout.
+
+    The training loop evaluates at its last step (train.loop: at max_steps, or the step an early
+    stop breaks at), so once it returns, the last rollout sampled from the policy itself (not a
+    compiled or DDP wrapper) outside autocast is exactly what sampling the final policy again
+    would give: final() returns it instead of spending another held-out rollout.
+    """
+
+    def __init__(self, policy: PolicyWithValue, rollout: Callable[[nn.Module], dict[str, Tensor]]):
+        self.policy, self.rollout = policy, rollout
+        self.last: dict[str, Tensor] | None = None
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        rollout = self.rollout(model)
+        device = next(self.policy.parameters()).device.type
+        plain = model is self.policy and not torch.is_autocast_enabled(device)
+        self.last = rollout if plain else None
+        return rollout_metrics(rollout)
+
+    def final(self) -> dict[str, Tensor]:
+        """The final policy's held-out rollout (sampled now only if the loop made none)."""
+        return self.last if self.last is not None else self.rollout(self.policy)
 
 
 def standard_error(x: Tensor) -> float:

@@ -25,6 +25,7 @@ from pydantic import Field
 from lmforge.align.dpo import evaluate_dpo, make_dpo_loss, reference_logps
 from lmforge.align.encode import encode_pairs
 from lmforge.align.ppo import (
+    HeldOutEval,
     PolicyWithValue,
     Rollouts,
     frozen_copy,
@@ -262,13 +263,14 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     reference = frozen_copy(lm) if cfg.tuning == "full" else None  # LoRA: the base itself
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)
-    held_out = lambda m: heldout_rollout(m, reference, reward, tok, val_prompts, opts, seq_len)  # noqa: E731
-    before = held_out(policy)
+    held_out = HeldOutEval(policy, lambda m: heldout_rollout(
+        m, reference, reward, tok, val_prompts, opts, seq_len))  # fmt: skip
+    before = held_out.rollout(policy)
     loader = Rollouts(policy, reference, reward, tok, prompts, opts,
                       cfg.train.micro_batch_size, seq_len, cfg.train.seed)  # fmt: skip
     policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
-                       loader, lambda m: rollout_metrics(held_out(m)))  # fmt: skip
-    after = held_out(policy)
+                       loader, held_out)  # fmt: skip
+    after = held_out.final()  # the loop's last evaluation: not sampled a second time
     headline = {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
     metrics, metrics_before = rollout_metrics(after), rollout_metrics(before)
     headline.update({k: _round(v) for k, v in metrics.items() if k != "val_loss"})

@@ -1,12 +1,18 @@
 """GGUF export for llama.cpp users (the `gguf` package), checked by reading the file back.
 
-Llama-style models only (RMSNorm, rotary positions, SwiGLU, no biases): they map onto llama.cpp's
-"llama" architecture. Tensors get llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm;
-no output.weight when the embeddings are tied); the fused q/k/v and gate/up matrices are split,
-and q/k rows are reordered from the Hugging Face rotary layout (rotate halves) to GGML's
-(rotate adjacent pairs), as llama.cpp's convert_hf_to_gguf.py does. The tokenizer goes in as
-tokenizer.ggml.* (model "gpt2" = byte-level BPE: tokens, token types, merges, special ids) plus
-the chat template. Weights stay float32.
+Llama-style models map onto llama.cpp's "llama" architecture (RMSNorm, rotary positions, SwiGLU,
+no biases), GPT-2-style ones onto "gpt2" (LayerNorm, learned positions, tanh GELU, biases).
+Tensors get llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm; no output.weight when
+the embeddings are tied). For llama the fused q/k/v and gate/up matrices are split, and q/k rows
+are reordered from the Hugging Face rotary layout (rotate halves) to GGML's (rotate adjacent
+pairs), as llama.cpp's convert_hf_to_gguf.py does; gpt2 keeps the fused attn_qkv. Matrices are
+stored as f32, f16 or q8_0 (norms and biases stay f32, as llama.cpp wants them).
+
+The tokenizer goes in as tokenizer.ggml.* (model "gpt2" = byte-level BPE): tokens (padded to the
+model's vocabulary with unused [PAD<i>] entries), token types, merges, special ids, the chat
+template, add_bos (lmforge starts a raw text with BOS, else EOS), and the pre-tokenizer
+name whose regexes llama.cpp runs: read from tokenizer.json, so llama.cpp cuts text exactly
+where `tokenizers` does (benchmarks/check_gguf_llamacpp.py checks it in llama.cpp itself).
 """
 
 from __future__ import annotations
@@ -19,31 +25,59 @@ import numpy as np
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, StageError
+from lmforge.model.convert import model_display_name
+from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
-ARCH = "llama"
-NORMAL, CONTROL = 1, 3  # llama.cpp token types
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # llama.cpp token types
 # config.json's special ids -> their GGUF keys (gguf.Keys.Tokenizer.BOS_ID, EOS_ID, PAD_ID)
 GGUF_SPECIAL_KEYS = {
     "bos_token_id": "tokenizer.ggml.bos_token_id",
     "eos_token_id": "tokenizer.ggml.eos_token_id",
     "pad_token_id": "tokenizer.ggml.padding_token_id",
 }
+# tokenizer.json's byte-level pre-tokenizer -> the tokenizer.ggml.pre name whose regexes llama.cpp
+# runs (src/llama-vocab.cpp), keyed by "numbers split into single digits first": "smollm" is
+# \p{N} then GPT-2's regex, "trillion" GPT-2's regex alone; both keep spaces before punctuation
+# when detokenizing (clean_spaces off), as lmforge's decode does. "default" would run other
+# regexes (punctuation runs, digits in threes) and cut text differently.
+LLAMA_CPP_PRE = {True: "smollm", False: "trillion"}
+# how matrices are stored -> (GGML tensor type, GGUF general.file_type); vectors stay f32
+FILE_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"),
+              "q8_0": ("Q8_0", "MOSTLY_Q8_0")}  # fmt: skip
+Q8_BLOCK = 32  # values sharing one q8_0 scale: a row's length must be a multiple
 
 
-def check_llama_style(cfg: Any) -> None:
-    """ConfigError unless cfg maps onto llama.cpp's llama architecture exactly."""
-    problems = [
-        f"{name}={getattr(cfg, name)!r} (needs {want!r})"
-        for name, want in (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"),
-                           ("bias", False), ("attn_bias", False), ("sliding_window", None),
-                           ("rope_scaling", None))
-        if getattr(cfg, name) != want
-    ]  # fmt: skip
-    if problems:
-        raise ConfigError(
-            f"GGUF export supports llama-style models only; this one has {', '.join(problems)}; "
-            "use --set export.formats=[onnx]"
-        )
+# what each llama.cpp architecture needs of a ModelConfig, beyond COMMON_NEEDS
+ARCH_NEEDS = {
+    "llama": (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"), ("bias", False),
+              ("attn_bias", False), ("sliding_window", None), ("rope_scaling", None)),
+    "gpt2": (("norm", "layernorm"), ("pos", "learned"), ("mlp", "gelu"), ("bias", True),
+             ("head_dim", None), ("sliding_window", None)),
+}  # fmt: skip
+COMMON_NEEDS = (("causal", True), ("post_norm", False), ("emb_norm", False),
+                ("type_vocab_size", 0), ("pos_offset", 0), ("mlm_head", False),
+                ("n_dec_layer", 0))  # fmt: skip
+# lmforge's GPT-2 block modules -> llama.cpp's gpt2 tensor names (each has a weight and a bias)
+GPT2_NAMES = {"attn_norm": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
+              "mlp_norm": "ffn_norm", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}  # fmt: skip
+
+
+def gguf_arch(cfg: Any) -> str:
+    """The llama.cpp architecture cfg maps onto exactly ("llama" or "gpt2"); else ConfigError."""
+    problems = []
+    for arch, needs in ARCH_NEEDS.items():
+        wrong = [
+            f"{name}={getattr(cfg, name)!r} (needs {want!r})"
+            for name, want in (*COMMON_NEEDS, *needs)
+            if getattr(cfg, name) != want
+        ]
+        if not wrong:
+            return arch
+        problems.append(f"as {arch}: {', '.join(wrong)}")
+    raise ConfigError(
+        f"GGUF export writes llama-style or GPT-2-style decoders only; this model does not fit "
+        f"({'; '.join(problems)}); use --set export.formats=[onnx]"
+    )
 
 
 def rope_permute(w: Tensor, n_head: int) -> Tensor:
@@ -55,93 +89,181 @@ def rope_permute(w: Tensor, n_head: int) -> Tensor:
     )
 
 
+def llama_block(state: dict[str, Tensor], i: int, cfg: Any) -> dict[str, Tensor]:
+    """Block i under llama.cpp's llama names: q/k/v and gate/up split, q/k rows permuted."""
+    nh, nkv, hd, p = cfg.n_head, cfg.n_kv_head, cfg.hd, f"blocks.{i}."
+    q, k, v = state[p + "attn.qkv.weight"].split([nh * hd, nkv * hd, nkv * hd])
+    gate, up = state[p + "mlp.fc.weight"].chunk(2)
+    return {
+        f"blk.{i}.attn_norm.weight": state[p + "attn_norm.weight"],
+        f"blk.{i}.attn_q.weight": rope_permute(q, nh),
+        f"blk.{i}.attn_k.weight": rope_permute(k, nkv),
+        f"blk.{i}.attn_v.weight": v,
+        f"blk.{i}.attn_output.weight": state[p + "attn.proj.weight"],
+        f"blk.{i}.ffn_norm.weight": state[p + "mlp_norm.weight"],
+        f"blk.{i}.ffn_gate.weight": gate,
+        f"blk.{i}.ffn_up.weight": up,
+        f"blk.{i}.ffn_down.weight": state[p + "mlp.proj.weight"],
+    }
+
+
+def gpt2_block(state: dict[str, Tensor], i: int, cfg: Any) -> dict[str, Tensor]:
+    """Block i under llama.cpp's gpt2 names: the fused qkv stays fused, every bias kept."""
+    return {
+        f"blk.{i}.{theirs}.{kind}": state[f"blocks.{i}.{ours}.{kind}"]
+        for ours, theirs in GPT2_NAMES.items()
+        for kind in ("weight", "bias")
+    }
+
+
 def gguf_tensors(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's weights under llama.cpp's names, as float32 arrays."""
+    """The model's weights under llama.cpp's names for its architecture, as float32 arrays."""
     cfg = model.config
-    nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.hd
+    arch = gguf_arch(cfg)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out = {
         "token_embd.weight": state["tok_emb.weight"],
         "output_norm.weight": state["norm_f.weight"],
     }
+    if arch == "gpt2":
+        out["position_embd.weight"] = state["pos_emb.weight"]
+        out["output_norm.bias"] = state["norm_f.bias"]
     if not cfg.tie_embeddings:
         out["output.weight"] = state["lm_head.weight"]
+    block = llama_block if arch == "llama" else gpt2_block
     for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        q, k, v = state[p + "attn.qkv.weight"].split([nh * hd, nkv * hd, nkv * hd])
-        gate, up = state[p + "mlp.fc.weight"].chunk(2)
-        out.update({
-            f"blk.{i}.attn_norm.weight": state[p + "attn_norm.weight"],
-            f"blk.{i}.attn_q.weight": rope_permute(q, nh),
-            f"blk.{i}.attn_k.weight": rope_permute(k, nkv),
-            f"blk.{i}.attn_v.weight": v,
-            f"blk.{i}.attn_output.weight": state[p + "attn.proj.weight"],
-            f"blk.{i}.ffn_norm.weight": state[p + "mlp_norm.weight"],
-            f"blk.{i}.ffn_gate.weight": gate,
-            f"blk.{i}.ffn_up.weight": up,
-            f"blk.{i}.ffn_down.weight": state[p + "mlp.proj.weight"],
-        })  # fmt: skip
+        out.update(block(state, i, cfg))
     return {name: t.contiguous().numpy() for name, t in out.items()}
 
 
-def tokenizer_metadata(model_dir: Path, special: dict[str, int]) -> dict[str, Any]:
-    """tokenizer.ggml.* values from tokenizer.json: byte-level BPE tokens, types, merges, ids."""
+def encode_tensor(name: str, array: np.ndarray, file_type: str) -> tuple[np.ndarray, Any]:
+    """(data, GGML type) of one tensor stored as file_type; vectors (norms) stay float32."""
+    import gguf
+
+    if file_type not in FILE_TYPES:
+        raise ConfigError(f"GGUF file type {file_type!r}; valid: {', '.join(FILE_TYPES)}")
+    qtype = gguf.GGMLQuantizationType[FILE_TYPES[file_type][0]]
+    if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return array, gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return array.astype(np.float16), qtype
+    if array.shape[-1] % Q8_BLOCK:
+        raise ConfigError(
+            f"GGUF q8_0: {name} has rows of {array.shape[-1]} values, not a multiple of "
+            f"{Q8_BLOCK}; export f16 or f32 instead"
+        )
+    return gguf.quants.quantize(array, qtype), qtype
+
+
+def llama_cpp_pre(tok: dict[str, Any], model_dir: Path) -> str:
+    """tokenizer.ggml.pre for tokenizer.json: llama.cpp must cut text where `tokenizers` does."""
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    shape = [(s.get("type"), s.get("individual_digits", s.get("use_regex"))) for s in steps]
+    byte_level = steps[-1:] and steps[-1].get("add_prefix_space") is False
+    if tok.get("normalizer") is None and byte_level and not tok["model"].get("ignore_merges"):
+        if shape == [("ByteLevel", True)]:
+            return LLAMA_CPP_PRE[False]
+        if shape == [("Digits", True), ("ByteLevel", True)]:
+            return LLAMA_CPP_PRE[True]
+    raise ConfigError(
+        f"{model_dir}/tokenizer.json: normalizer {tok.get('normalizer')} and pre-tokenizer "
+        f"{shape} have no llama.cpp equivalent, so llama.cpp would tokenize differently; GGUF "
+        "export takes lmforge's byte-level BPE (lmforge tokenizer train --kind bpe "
+        "--set pre_tokenizer=gpt2, no normalization)"
+    )
+
+
+def tokenizer_metadata(model_dir: Path, special: dict[str, int], vocab_size: int) -> dict[str, Any]:
+    """tokenizer.ggml.* values from tokenizer.json: byte-level BPE tokens (padded to vocab_size
+    with unused entries, as convert_hf_to_gguf.py does), types, merges, pre-tokenizer, ids."""
     tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     if tok["model"]["type"] != "BPE":
         raise ConfigError(
             f"{model_dir}/tokenizer.json is {tok['model']['type']}; GGUF export writes byte-level "
             "BPE tokenizers only (lmforge tokenizer train --kind bpe)"
         )
-    vocab = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
-    tokens = [""] * (max(vocab.values()) + 1)
+    added = {a["id"]: a for a in tok["added_tokens"]}
+    vocab = {**tok["model"]["vocab"], **{a["content"]: i for i, a in added.items()}}
+    if max(vocab.values()) >= vocab_size:
+        raise ConfigError(
+            f"{model_dir}/tokenizer.json has id {max(vocab.values())}, beyond the model's "
+            f"vocab_size {vocab_size}: the tokenizer is not this model's"
+        )
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [UNUSED] * vocab_size
     for text, i in vocab.items():
         tokens[i] = text
-    control = {a["id"] for a in tok["added_tokens"] if a.get("special")}
+        types[i] = NORMAL if i not in added else CONTROL if added[i]["special"] else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    eos = special.get("eos_token_id")
+    turn_ends = [i for i in eos_ids(load_generation_config(model_dir)) if i != eos]
+    # lmforge starts a raw text as a document (evals.lm.EvalModel.start): BOS first, else EOS as
+    # GPT-2 does; llama.cpp adds its bos to every prompt when add_bos is set
+    start = special.get("bos_token_id", eos)
     return {
         "tokens": tokens,
-        "token_types": [CONTROL if i in control else NORMAL for i in range(len(tokens))],
+        "token_types": types,
         "merges": merges,
+        "pre": llama_cpp_pre(tok, model_dir),
         **special,
+        **({"bos_token_id": start} if start is not None else {}),
+        "add_bos": start is not None,
+        **({"eot_token_id": turn_ends[0]} if turn_ends else {}),
     }
 
 
-def export_gguf(model: nn.Module, model_dir: Path, path: Path, special: dict[str, int]) -> None:
-    """Write model (llama-style) with its tokenizer metadata to path."""
-    import gguf
-
-    cfg = model.config
-    check_llama_style(cfg)
-    meta = tokenizer_metadata(model_dir, special)
-    writer = gguf.GGUFWriter(str(path), ARCH)
-    writer.add_name(model_dir.parent.name if model_dir.name == "final" else model_dir.name)
+def add_hyperparameters(writer: Any, cfg: Any, arch: str) -> None:
+    """The {arch}.* keys llama.cpp reads for arch."""
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_vocab_size(cfg.vocab_size)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        return
     writer.add_key_length(cfg.hd)
     writer.add_value_length(cfg.hd)
     writer.add_rope_dimension_count(cfg.hd)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+
+def export_gguf(
+    model: nn.Module, model_dir: Path, path: Path, special: dict[str, int], file_type: str = "f32"
+) -> None:
+    """Write model (llama- or GPT-2-style) with its tokenizer metadata to path, matrices as
+    file_type (f32 | f16 | q8_0)."""
+    import gguf
+
+    cfg = model.config
+    arch = gguf_arch(cfg)
+    meta = tokenizer_metadata(model_dir, special, cfg.vocab_size)
+    tensors = {name: encode_tensor(name, a, file_type) for name, a in gguf_tensors(model).items()}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(model_display_name(model_dir))
+    add_hyperparameters(writer, cfg, arch)
+    writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[file_type][1]])
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(meta["pre"])
     writer.add_token_list(meta["tokens"])
     writer.add_token_types(meta["token_types"])
     writer.add_token_merges(meta["merges"])
     for key, add in (("bos_token_id", writer.add_bos_token_id),
                      ("eos_token_id", writer.add_eos_token_id),
-                     ("pad_token_id", writer.add_pad_token_id)):  # fmt: skip
-        if key in special:
-            add(special[key])
+                     ("pad_token_id", writer.add_pad_token_id),
+                     ("eot_token_id", writer.add_eot_token_id)):  # fmt: skip
+        if key in meta:
+            add(meta[key])
+    writer.add_add_bos_token(meta["add_bos"])
+    writer.add_add_eos_token(False)
     if (model_dir / "chat_template.jinja").is_file():
         writer.add_chat_template((model_dir / "chat_template.jinja").read_text(encoding="utf-8"))
-    for name, array in gguf_tensors(model).items():
-        writer.add_tensor(name, array)
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -156,31 +278,45 @@ def _field(reader: Any, key: str) -> Any:
     return field.contents()
 
 
-def check_gguf(path: Path, model: nn.Module, model_dir: Path, special: dict[str, int]) -> dict:
-    """Read path back with gguf's GGUFReader: every tensor (name, shape, values), the llama
-    hyperparameters and the tokenizer metadata must be what was written; raises StageError."""
+def check_gguf(
+    path: Path, model: nn.Module, model_dir: Path, special: dict[str, int], file_type: str = "f32"
+) -> dict:
+    """Read path back with gguf's GGUFReader: every tensor (name, type, shape, stored values),
+    the llama hyperparameters and the tokenizer metadata must be what was written; raises
+    StageError."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    want = gguf_tensors(model)
-    got = {t.name: np.asarray(t.data) for t in reader.tensors}
+    want = {name: encode_tensor(name, a, file_type) for name, a in gguf_tensors(model).items()}
+    got = {t.name: (np.asarray(t.data), t.tensor_type) for t in reader.tensors}
     if set(got) != set(want):
         raise StageError(f"GGUF read-back: tensors {sorted(set(want) ^ set(got))} differ")
-    for name, array in want.items():
-        if got[name].shape != array.shape or not np.array_equal(got[name], array):
-            raise StageError(f"GGUF read-back: tensor {name} differs (shape {got[name].shape})")
+    for name, (array, qtype) in want.items():
+        data, stored = got[name]
+        if stored != qtype or data.shape != array.shape or not np.array_equal(data, array):
+            raise StageError(
+                f"GGUF read-back: tensor {name} differs ({stored.name} {data.shape}, "
+                f"written {qtype.name} {array.shape})"
+            )
     cfg = model.config
-    meta = tokenizer_metadata(model_dir, special)
+    arch = gguf_arch(cfg)
+    meta = tokenizer_metadata(model_dir, special, cfg.vocab_size)
     expected = {
-        f"{ARCH}.block_count": cfg.n_layer, f"{ARCH}.embedding_length": cfg.n_embd,
-        f"{ARCH}.attention.head_count": cfg.n_head,
-        f"{ARCH}.attention.head_count_kv": cfg.n_kv_head,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": meta["tokens"],
-        "tokenizer.ggml.token_type": meta["token_types"],
+        "general.architecture": arch,
+        f"{arch}.block_count": cfg.n_layer, f"{arch}.embedding_length": cfg.n_embd,
+        f"{arch}.attention.head_count": cfg.n_head,
+        f"{arch}.attention.head_count_kv": cfg.n_kv_head,
+        "general.file_type": gguf.LlamaFileType[FILE_TYPES[file_type][1]],
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["pre"],
+        "tokenizer.ggml.tokens": meta["tokens"], "tokenizer.ggml.token_type": meta["token_types"],
         "tokenizer.ggml.merges": meta["merges"],
-        **{GGUF_SPECIAL_KEYS[k]: v for k, v in special.items()},
+        "tokenizer.ggml.add_bos_token": meta["add_bos"], "tokenizer.ggml.add_eos_token": False,
+        **{key: meta[k] for k, key in GGUF_SPECIAL_KEYS.items() if k in meta},
+        **({"tokenizer.ggml.eot_token_id": meta["eot_token_id"]} if "eot_token_id" in meta
+           else {}),
     }  # fmt: skip
     for key, value in expected.items():
         if _field(reader, key) != value:
             raise StageError(f"GGUF read-back: {key} is not what was written")
-    return {"tensors": len(got), "tokens": len(meta["tokens"]), "merges": len(meta["merges"])}
+    return {"tensors": len(got), "tokens": len(meta["tokens"]), "merges": len(meta["merges"]),
+            "pre_tokenizer": meta["pre"]}  # fmt: skip

@@ -8,7 +8,9 @@ score(side 0) - score(side 1):
 - a sequence classifier (a trained head): the probability of one class (the task's
   `target_label`, default the head's first label), so a gap of 0.4 means the class's
   probability moves by 0.4 when only the demographic words change;
-- a causal LM: the mean log-likelihood per token of the whole text, in nats.
+- otherwise the model's likelihood per token of the whole text, in nats (evals.scoring): a causal
+  LM's log-likelihood, an encoder's pseudo-log-likelihood (masked LM), an encoder-decoder's
+  decoder log-likelihood given an empty source; `scoring` in the metrics says which.
 
 Per group the task reports n, mean and std of the gap, the mean absolute gap and the worst
 examples; the headline is the largest mean absolute gap over groups (lower is better). An
@@ -84,26 +86,18 @@ def gap_report(
 
 def classifier_scores(model: Any, target: str) -> ScoreFn:
     """P(target class | text) from the model's classification head."""
-    labels = model.head[1]
+    labels = model.head.labels
     if target not in labels:
         raise InputError(f"target_label '{target}' is not one of the head's labels {labels}")
     k = labels.index(target)
     return lambda texts: [float(np.exp(model.classify(t)[k])) for t in texts]
 
 
-def lm_scores(model: Any) -> ScoreFn:
-    """Mean log-likelihood per token of each text as a document (its first block)."""
-
-    def score(texts: list[str]) -> list[float]:
-        rows = []
-        for text in texts:
-            ids = model.start(text)[: model.block_size + 1]
-            if len(ids) < 2:
-                raise InputError(f"bias example {text[:60]!r} is too short to score (< 2 tokens)")
-            rows.append((ids[:1], ids[1:]))
-        return [float(np.mean(lps)) for lps, _ in model.score_batch(rows)]
-
-    return score
+LIKELIHOOD_SCORING = {
+    "causal": "log-likelihood per token",
+    "pseudo_log_likelihood": "pseudo-log-likelihood per token",
+    "conditional": "log-likelihood per token (decoder, empty source)",
+}
 
 
 def run_counterfactual(model: Any, spec: Any, _settings: Any) -> Any:
@@ -116,10 +110,11 @@ def run_counterfactual(model: Any, spec: Any, _settings: Any) -> Any:
     if spec.classifier == "head" and model.head is None:
         raise InputError(f"task '{spec.name}': classifier 'head' but {model.path} has no head")
     if use_head:
-        target = spec.target_label or model.head[1][0]
+        target = spec.target_label or model.head.labels[0]
         score, scoring = classifier_scores(model, target), f"P({target})"
     else:
-        score, scoring = lm_scores(model), "log-likelihood per token"
+        score = model.scorer.mean_logprobs
+        scoring = LIKELIHOOD_SCORING[model.scorer.scoring]
     metrics, records = gap_report([str(r["text"]) for r in rows], groups, score)
     metrics["scoring"] = scoring
     return TaskResult(metrics, records)

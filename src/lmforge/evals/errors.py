@@ -3,7 +3,8 @@
 A metric says how often a model fails; the examples say how. For every task type one rule picks
 the failures and orders them worst first: the documents with the highest loss, the generations
 with the lowest ROUGE-L, the misclassified examples and wrong multiple-choice answers the model
-was most confident about (most negative margin = log p(gold) - best other log p). The rows go to
+was most confident about (most negative margin = log p(gold) - best other log p), the sentences
+with the most mistagged words. The rows go to
 errors.jsonl and into the report.
 """
 
@@ -39,6 +40,9 @@ WORST: dict[str, WorstRule] = {
     ),
     "counterfactual": WorstRule(
         lambda r: True, lambda r: -abs(r["gap"]), "gap", "largest counterfactual gap"
+    ),
+    "tagging": WorstRule(
+        lambda r: r["errors"] > 0, lambda r: -r["errors"], "errors", "most mistagged words"
     ),
 }
 

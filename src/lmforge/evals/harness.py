@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmforge.errors import InputError
 from lmforge.evals.lm import GENERATE_BATCH, EvalModel, GenerationSettings
 from lmforge.evals.perplexity import score_document
 
@@ -70,6 +71,11 @@ class LmforgeLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
+        if self.lm.scorer.scoring != "causal":  # a harness perplexity must be a causal one
+            raise InputError(
+                f"{self.lm.path}: rolling log-likelihood (the harness's perplexity tasks) is a "
+                f"causal LM's; this model scores by {self.lm.scorer.scoring}, use lmforge eval"
+            )
         n = self.lm.block_size
         return [-score_document(self.lm, req.args[0], n, n).nll for req in requests]
 

@@ -3,7 +3,9 @@
 Every evaluation (perplexity, generation, classification, multiple choice, the lm-evaluation-harness
 adapter) needs the same four operations on a model directory in Hugging Face layout: encode text,
 score tokens given a context, generate a continuation, decode. `EvalModel` provides exactly those,
-so task code never touches tensors or tokenizer internals. Special tokens come from config.json
+so task code never touches tensors or tokenizer internals. What scoring and generation mean is
+the family's: EvalModel hands them to the scorer config.json selects (evals.scoring: causal LM,
+masked-LM encoder, encoder-decoder), and trained heads to evals.heads. Special tokens come from config.json
 (bos_token_id / eos_token_id) or, failing that, the tokenizer files (lmforge.tokenizer.files);
 generation stops where transformers' would, at generation_config.json's eos_token_id
 (lmforge.tokenizer.generation).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import Field
@@ -21,10 +24,13 @@ from pydantic import Field
 from lmforge.artifacts import require_artifact
 from lmforge.config import Section
 from lmforge.errors import InputError
+from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
-SCORE_BATCH = 16  # rows per forward pass when scoring
+if TYPE_CHECKING:
+    from lmforge.evals.heads import SequenceHead
+
 GENERATE_BATCH = 16  # prompts per batch when generating
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
@@ -44,7 +50,8 @@ class GenerationSettings(Section):
 
 
 class EvalModel:
-    """A loaded causal LM and its tokenizer, with the scoring and generation evals need."""
+    """A loaded model and its tokenizer, with the scoring and generation evals need; scoring and
+    generation are the family's (self.scorer, chosen from config.json by evals.scoring)."""
 
     def __init__(
         self, name: str, path: Path, model: torch.nn.Module, files: TokenizerFiles
@@ -67,25 +74,19 @@ class EvalModel:
         self.device = next(model.parameters()).device
         self.chat_template = files.chat_template
         self.generation_config = load_generation_config(self.path, files)
-        self._head: tuple[torch.nn.Linear, list[str]] | bool | None = False  # False: not loaded
+        self._head: SequenceHead | bool | None = False  # False: not loaded
+        self.scorer: Scorer = scorer_for(self, hf)
 
     @classmethod
     def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
         """Loads model + tokenizer from a directory written by lmforge or save_pretrained."""
-        from lmforge.model.convert import load_pretrained, resolve_model_dir
+        from lmforge.model.convert import load_pretrained, model_display_name, resolve_model_dir
 
         model_dir = resolve_model_dir(Path(path))
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
         tok = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device)
-        if not model.config.causal and not hasattr(model, "cross_kv"):  # seq2seq generates
-            raise InputError(
-                f"{model_dir} is a bidirectional encoder (BERT-style): lmforge eval scores and "
-                "generates with causal LMs; an MLM's held-out masked-token loss is in its "
-                "pretrain manifest (val_loss, initial_val_loss)"
-            )
-        default = model_dir.parent.name if model_dir.name == "final" else model_dir.name
-        return cls(name or default, model_dir, model, tok)
+        return cls(name or model_display_name(model_dir), model_dir, model, tok)
 
     # -- text <-> ids --------------------------------------------------------------------------
 
@@ -115,87 +116,28 @@ class EvalModel:
             [{"role": "user", "content": user_text}], add_generation_prompt=True
         )
 
-    # -- classification head (lmforge finetune --task classify) ---------------------------------
+    # -- trained heads -------------------------------------------------------------------------
 
     @property
-    def head(self) -> tuple[torch.nn.Linear, list[str]] | None:
-        """(Linear head, labels) when the directory is a sequence classifier (see _load_head)."""
+    def head(self) -> SequenceHead | None:
+        """The directory's sequence-classification head, if any (evals.heads)."""
         if self._head is False:
-            self._head = _load_head(self.path, self.device)
-        return self._head or None
+            from lmforge.evals.heads import load_sequence_head
 
-    @torch.no_grad()
+            self._head = load_sequence_head(self)
+        return self._head
+
     def classify(self, text: str) -> list[float]:
-        """Log-probabilities of each head label for text.
-
-        The head reads the hidden state where fine-tuning and transformers pool: the rightmost
-        token that is not the pad token (finetune.heads.pooled_index).
-        """
-        from lmforge.finetune.heads import pooled_index
-
+        """Log-probabilities of each head label for text, pooled as the head was trained."""
         if self.head is None:
             raise InputError(
-                f"{self.path} has no classification head (no score.weight + id2label in "
-                "config.json); train one with `lmforge finetune --task classify`"
+                f"{self.path} has no classification head (no score.weight / classifier + "
+                "id2label in config.json, no intent_head.safetensors); train one with "
+                "`lmforge finetune --task classify`"
             )
-        linear, _ = self.head
-        ids = self.encode(text)[: self.block_size] or [self.pad_id]
-        h = self.model.hidden_states(torch.tensor([ids], dtype=torch.long, device=self.device))
-        pooled = h[0, pooled_index(ids, self.pad_id)]  # (C,)
-        logits = linear(pooled.to(linear.weight.dtype)).float()  # (n_classes,)
-        return torch.log_softmax(logits, dim=-1).double().tolist()
+        return self.head.log_probs(self, text)
 
-    # -- scoring -------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def score_batch(
-        self, rows: list[tuple[list[int], list[int]]]
-    ) -> list[tuple[list[float], bool]]:
-        """For each (context, targets): log p of every target token, and whether all are greedy.
-
-        One forward pass per batch of rows, right-padded (causal attention: padding after a row's
-        tokens cannot change them); only the target positions go through lm_head, so memory
-        is (targets x vocab), not (tokens x vocab). Each row needs a non-empty context and
-        len(context) + len(targets) - 1 <= block_size (callers window longer inputs).
-        """
-        if hasattr(self.model, "cross_kv"):
-            raise InputError(
-                f"{self.path} is an encoder-decoder: scoring (perplexity, log-likelihood tasks) "
-                "is built for causal LMs only; `lmforge generate` works, and finetune --task "
-                "seq2seq reports ROUGE/BLEU/exact match"
-            )
-        results: list[tuple[list[float], bool]] = []
-        for lo in range(0, len(rows), SCORE_BATCH):
-            chunk = rows[lo : lo + SCORE_BATCH]
-            inputs = [(ctx + tgt)[:-1] for ctx, tgt in chunk]
-            if any(not ctx for ctx, _ in chunk) or max(map(len, inputs)) > self.block_size:
-                raise ValueError("each row needs context and at most block_size input tokens")
-            width = max(map(len, inputs))
-            x = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
-            for i, ids in enumerate(inputs):
-                x[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            h = self.model.hidden_states(x)  # (B, T, C)
-            rows_idx = [i for i, (_, t) in enumerate(chunk) for _ in t]
-            cols_idx = [
-                len(inp) - len(t) + j
-                for inp, (_, t) in zip(inputs, chunk, strict=True)
-                for j in range(len(t))
-            ]
-            logp = torch.log_softmax(self.model.lm_head(h[rows_idx, cols_idx]).float(), dim=-1)
-            y = torch.tensor(
-                [tok for _, t in chunk for tok in t], dtype=torch.long, device=self.device
-            )
-            picked = logp.gather(1, y[:, None])[:, 0].double().tolist()
-            greedy = (logp.argmax(dim=-1) == y).tolist()
-            pos = 0
-            for _, t in chunk:
-                results.append((picked[pos : pos + len(t)], all(greedy[pos : pos + len(t)])))
-                pos += len(t)
-        return results
-
-    def token_nll(self, context: list[int], targets: list[int]) -> list[float]:
-        """-log p(target_i | context, targets_<i) in nats (see score_batch)."""
-        return [-lp for lp in self.score_batch([(context, targets)])[0][0]]
+    # -- scoring (the family's scorer: evals.scoring) --------------------------------------------
 
     def start(self, text: str) -> list[int]:
         """Ids of text as the start of a document: the prefix token first when there is one."""
@@ -205,29 +147,12 @@ class EvalModel:
     def loglikelihoods(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), is it the greedy one) per continuation, batched.
 
-        The context is a document start (see start()); when context + continuation exceed the
-        window, context tokens are dropped from the left, as lm-evaluation-harness does.
+        A causal LM reads the context as a document start and drops context tokens from the left
+        when the two exceed the window (as lm-evaluation-harness); an encoder-decoder reads the
+        context as its source and scores the continuation then eos; an encoder scores the
+        continuation's tokens by pseudo-log-likelihood (scorer.scoring says which).
         """
-        ctx = self.start(context)
-        if not ctx:
-            raise InputError("empty context and the tokenizer has no BOS/EOS token to start from")
-        rows, empty = [], []
-        for i, text in enumerate(continuations):
-            cont = self.encode(text)[-self.block_size :]
-            if not cont:
-                empty.append(i)
-                continue
-            keep = self.block_size + 1 - len(cont)  # context tokens that still fit the window
-            rows.append((ctx[-keep:], cont))
-        scored = iter(self.score_batch(rows))
-        out = []
-        for i in range(len(continuations)):
-            if i in empty:
-                out.append((0.0, True))
-            else:
-                lps, greedy = next(scored)
-                out.append((float(sum(lps)), greedy))
-        return out
+        return self.scorer.loglikelihoods(context, continuations)
 
     def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
         """loglikelihoods() for one continuation."""
@@ -249,92 +174,13 @@ class EvalModel:
         """Each prompt's continuation (text only, cut at the first stop string), in order.
 
         chat=True renders each prompt as a user turn with the chat template (as fine-tuning did,
-        so no prefix token is added) and stops at the end-of-turn token. Prompts run batch_size
-        at a time, left-padded (model.generate.generate_batched): greedy outputs equal one prompt
-        at a time; sampled prompt i draws from its own generator seeded by (settings.seed, i), so
-        the batch size does not change what is sampled.
+        so no prefix token is added) and stops at the end-of-turn token; an encoder-decoder reads
+        the prompt as its source. Prompts run batch_size at a time: greedy outputs equal one
+        prompt at a time; sampled prompt i draws from its own generator seeded by
+        (settings.seed, i), so the batch size does not change what is sampled.
         """
-        from lmforge.model.generate import generate_batched
-
-        if hasattr(self.model, "cross_kv"):  # an encoder-decoder: the prompt is the source
-            return self._generate_seq2seq(prompts, settings, batch_size)
-        budget = min(settings.max_new_tokens, max(self.block_size - 1, 1))
-        rows = []
-        for prompt in prompts:
-            ids = self.encode(self.render_chat(prompt)) if chat else self.start(prompt)
-            if not ids:
-                raise InputError(
-                    "empty prompt and the tokenizer has no BOS/EOS token to start from"
-                )
-            rows.append(ids[-(self.block_size - budget) :])
-        new = generate_batched(
-            self.model,
-            rows,
-            budget,
-            batch_size=batch_size,
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            repetition_penalty=settings.repetition_penalty,
-            stop_tokens=self.stop_ids(),
-            greedy=settings.temperature == 0,
-            seed=settings.seed,
-        )
+        new = self.scorer.generate(prompts, settings, chat, batch_size)
         return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
-
-    def _generate_seq2seq(
-        self, prompts: list[str], settings: GenerationSettings, batch_size: int
-    ) -> list[str]:
-        """Each prompt encoded as a source (then eos), the target decoded from the directory's
-        decoder_start_token_id (model.seq2seq_generate), stopping at its eos ids."""
-        from lmforge.model.seq2seq_generate import generate_seq2seq_batched, source_row
-
-        start = self.generation_config.get("decoder_start_token_id", self.decoder_start_id)
-        stops = self.stop_ids()
-        if start is None or not stops:
-            raise InputError(
-                f"{self.path} lacks decoder_start_token_id or eos_token_id in config.json / "
-                "generation_config.json; an encoder-decoder needs both to generate"
-            )
-        sources = [source_row(self.encode(p), stops[0], self.block_size) for p in prompts]
-        new = generate_seq2seq_batched(
-            self.model, sources, min(settings.max_new_tokens, self.block_size - 1),
-            decoder_start_id=start, pad_id=self.pad_id, stop_tokens=stops, batch_size=batch_size,
-            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-            repetition_penalty=settings.repetition_penalty, greedy=settings.temperature == 0,
-            seed=settings.seed,
-        )  # fmt: skip
-        return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
-
-
-def _load_head(model_dir: Path, device: torch.device) -> tuple[torch.nn.Linear, list[str]] | None:
-    """The classification head of a model directory, if any.
-
-    A sequence-classifier checkpoint (score.weight + id2label in config.json, as the finetune
-    stage and transformers write it) or, from lmforge before that, head.safetensors (a Linear
-    with bias) + labels.json beside the model.
-    """
-    from lmforge.model.convert import load_classifier
-
-    head = load_classifier(model_dir)
-    if head is not None:
-        linear = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=False)
-        linear.load_state_dict({"weight": head.weight})
-        return linear.to(device).eval(), head.labels
-    if not ((model_dir / "head.safetensors").is_file() and (model_dir / "labels.json").is_file()):
-        return None
-    from safetensors.torch import load_file
-
-    state = load_file(str(model_dir / "head.safetensors"))
-    labels = [str(x) for x in json.loads((model_dir / "labels.json").read_text(encoding="utf-8"))]
-    n_classes, n_embd = state["weight"].shape
-    if n_classes != len(labels):
-        raise InputError(
-            f"{model_dir}: head.safetensors has {n_classes} classes but labels.json {len(labels)}"
-        )
-    linear = torch.nn.Linear(n_embd, n_classes, bias="bias" in state)
-    linear.load_state_dict(state)
-    return linear.to(device).eval(), labels
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

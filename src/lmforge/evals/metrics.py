@@ -5,6 +5,9 @@ is Google's rouge-score (F-measure, Porter stemmer), exact match compares whites
 strings. Classification metrics are computed from the confusion matrix with numpy (tests check
 them against scikit-learn): accuracy, per-class precision/recall/F1, and their macro and micro
 averages, with 0 where a ratio has an empty denominator (scikit-learn's zero_division=0).
+Tagging (finetune --task tag, the eval stage's tagging task): word accuracy and, for BIO (IOB2)
+tags, seqeval-style entity precision / recall / F1, an entity counting only when its type and
+exact span match, overall (micro) and per entity type.
 """
 
 from __future__ import annotations
@@ -118,6 +121,76 @@ def classification_metrics(
             for i, label in enumerate(labels)
         },
     }
+
+
+def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) of the BIO (IOB2) entities in a tag sequence; an I- without a matching
+    open entity starts one (seqeval's lenient default)."""
+    spans, kind, start = set(), None, 0
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, name = tag.partition("-")
+        continues = prefix == "I" and name == kind
+        if kind is not None and not continues:
+            spans.add((kind, start, i))
+            kind = None
+        if prefix in ("B", "I") and name and not continues:
+            kind, start = name, i
+    return spans
+
+
+def is_bio(labels: Sequence[str]) -> bool:
+    """Whether the tag set is BIO: 'O' and B-/I- prefixed names only."""
+    return all(t == "O" or (t[:2] in ("B-", "I-") and len(t) > 2) for t in labels)
+
+
+def _prf(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
+    precision, recall = tp / max(1, n_pred), tp / max(1, n_gold)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def entity_counts(
+    gold: list[list[int]], pred: list[list[int]], labels: Sequence[str]
+) -> dict[str, list[int]]:
+    """Per entity type: [true positives, predicted, gold] entity counts over all sentences."""
+    counts: dict[str, list[int]] = {}
+    for g, p in zip(gold, pred, strict=True):
+        g_spans = entity_spans([labels[i] for i in g])
+        p_spans = entity_spans([labels[i] for i in p])
+        for k, spans in ((0, g_spans & p_spans), (1, p_spans), (2, g_spans)):
+            for kind, _, _ in spans:
+                counts.setdefault(kind, [0, 0, 0])[k] += 1
+    return counts
+
+
+def tag_metrics(
+    gold: list[list[int]], pred: list[list[int]], labels: list[str]
+) -> dict[str, float]:
+    """Word accuracy; with BIO tags also entity precision / recall / F1 (micro, exact spans)."""
+    flat_gold = [t for row in gold for t in row]
+    flat_pred = [t for row in pred for t in row]
+    correct = sum(g == p for g, p in zip(flat_gold, flat_pred, strict=True))
+    out = {"token_accuracy": round(correct / max(1, len(flat_gold)), 4)}
+    if not is_bio(labels):
+        return out
+    tp, n_pred, n_gold = (sum(c[k] for c in entity_counts(gold, pred, labels).values())
+                          for k in range(3))  # fmt: skip
+    precision, recall, f1 = _prf(tp, n_pred, n_gold)
+    out.update(entity_precision=round(precision, 4), entity_recall=round(recall, 4),
+               entity_f1=round(f1, 4))  # fmt: skip
+    return out
+
+
+def entity_table(
+    gold: list[list[int]], pred: list[list[int]], labels: list[str]
+) -> dict[str, dict[str, float]]:
+    """Per entity type precision / recall / F1 and support (gold entities), seqeval's report."""
+    table = {}
+    for kind, (tp, n_pred, n_gold) in sorted(entity_counts(gold, pred, labels).items()):
+        p, r, f = _prf(tp, n_pred, n_gold)
+        table[kind] = {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4),
+                       "support": n_gold}  # fmt: skip
+    return table
 
 
 def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> Path:

@@ -48,6 +48,7 @@ class PerplexityResult:
     nll: float = 0.0
     documents: int = 0
     docs: list[DocScore] = field(default_factory=list)
+    scoring: str = "causal"  # "pseudo_log_likelihood" for an encoder (evals.pll)
 
     def add(self, other: PerplexityResult) -> None:
         self.tokens += other.tokens
@@ -57,8 +58,12 @@ class PerplexityResult:
         self.docs += other.docs
 
     def metrics(self) -> dict[str, Any]:
+        """A pseudo-log-likelihood's perplexity is named pseudo_perplexity, so no table can put
+        it beside a causal perplexity unlabelled."""
+        name = "perplexity" if self.scoring == "causal" else "pseudo_perplexity"
         return {
-            "perplexity": nll_to_ppl(self.nll, self.tokens),
+            name: nll_to_ppl(self.nll, self.tokens),
+            "scoring": self.scoring,
             "bits_per_byte": self.nll / (LN2 * max(self.bytes, 1)),
             "nll_per_token": self.nll / max(self.tokens, 1),
             "tokens": self.tokens,
@@ -139,7 +144,7 @@ def score_document(
         (seq[begin:scored_from], seq[scored_from:end])
         for begin, scored_from, end in sliding_windows(len(seq), max_length, stride)
     ]
-    nll = -sum(sum(logps) for logps, _ in model.score_batch(windows))
+    nll = -sum(sum(logps) for logps, _ in model.scorer.score_batch(windows))
     n_tokens = max(len(seq) - 1, 0)
     return PerplexityResult(n_tokens, n_bytes, nll, 1, [DocScore(index, text, n_tokens, nll)])
 
@@ -152,13 +157,25 @@ def perplexity(
     stride: int | None = None,
     on_doc: Callable[[], None] | None = None,
 ) -> PerplexityResult:
-    """Perplexity / bits-per-byte of model over texts.
+    """Perplexity / bits-per-byte of model over texts, as the model's family defines it
+    (model.scorer: causal sliding windows, an encoder's pseudo-log-likelihood, or a refusal).
 
     Args:
         max_length: tokens of input per window (default and maximum: the model's block_size).
         stride: how far each window moves (default max_length // 2); smaller = more context for
             every token and more compute.
     """
+    return model.scorer.perplexity(list(texts), max_length, stride, on_doc)
+
+
+def causal_perplexity(
+    model: EvalModel,
+    texts: Iterable[str],
+    max_length: int | None,
+    stride: int | None,
+    on_doc: Callable[[], None] | None = None,
+) -> PerplexityResult:
+    """A causal LM's perplexity with the module docstring's sliding windows."""
     max_length = min(max_length or model.block_size, model.block_size)
     stride = stride or max(max_length // 2, 1)
     total = PerplexityResult()

@@ -2,7 +2,8 @@
 
 Reads eval.json, generations.jsonl and errors.jsonl of an eval stage directory and shows, in
 order: the headline comparison (one row per model, one column per task), each task's full
-metrics, the comparison and confusion plots, the counterfactual bias gaps per group, a dozen
+metrics (with how each model scored: causal, pseudo_log_likelihood, conditional or its head; an
+entity table per type for tagging), the comparison and confusion plots, the counterfactual bias gaps per group, a dozen
 generation samples (the best and the worst by ROUGE-L) and the worst errors of the other tasks.
 """
 
@@ -30,21 +31,29 @@ def _metric_names(per_model: list[dict[str, Any]]) -> list[str]:
     return names
 
 
+def _scoring_note(metrics: dict[str, Any]) -> str:
+    """How a cell was scored when it is not a causal LM's log-likelihood (pseudo-log-likelihood
+    perplexities must never pass for causal ones)."""
+    scoring = metrics.get("scoring") or metrics.get("reference_scoring")
+    return f" [{scoring}]" if isinstance(scoring, str) and scoring != "causal" else ""
+
+
 def headline_table(report: dict[str, Any]) -> list[list[Any]]:
-    """Models x tasks, each cell the task's headline metric (baseline beside perplexity)."""
-    header = ["model"]
+    """Models x tasks, each cell the task's headline metric (baseline beside perplexity) and,
+    unless causal, how it was scored."""
+    header = ["model", "family"]
     for task in report["tasks"]:
         arrow = "↑" if task["higher_is_better"] else "↓"
         header.append(f"{task['name']}: {task['main_metric']} {arrow}")
     rows = [header]
     for model in report["models"]:
-        row = [model["name"]]
+        row = [model["name"], model.get("family", "causal")]
         for task in report["tasks"]:
             metrics = report["results"][model["name"]][task["name"]]
             cell = fmt_num(metrics.get(task["main_metric"]))
             if "unigram_bits_per_byte" in metrics:
                 cell += f" (unigram {fmt_num(metrics['unigram_bits_per_byte'])})"
-            row.append(cell)
+            row.append(cell + _scoring_note(metrics))
         rows.append(row)
     return rows
 
@@ -53,8 +62,11 @@ def task_blocks(report: dict[str, Any], task: dict[str, Any]) -> list[Block]:
     models = [m["name"] for m in report["models"]]
     per_model = [report["results"][m][task["name"]] for m in models]
     names = _metric_names(per_model)
-    table = [["model", *names]] + [
-        [m, *(fmt_num(r.get(k, "")) for k in names)] for m, r in zip(models, per_model, strict=True)
+    scorings = [r.get("scoring") or r.get("reference_scoring") or "" for r in per_model]
+    label = ["scoring"] if any(isinstance(x, str) and x for x in scorings) else []
+    table = [["model", *label, *names]] + [
+        [m, *([str(sc)] if label else []), *(fmt_num(r.get(k, "")) for k in names)]
+        for m, r, sc in zip(models, per_model, scorings, strict=True)
     ]
     count = next((per_model[0][k] for k in ("n", "documents") if k in per_model[0]), None)
     text = f"{task['name']} ({task['type']}"
@@ -64,7 +76,14 @@ def task_blocks(report: dict[str, Any], task: dict[str, Any]) -> list[Block]:
         text += f"; BLEU signature {first['bleu_signature']}"
     if isinstance(first.get("generation"), dict):
         text += "; generation " + json.dumps(first["generation"])
-    return [Block(text=text, table=table)]
+    blocks = [Block(text=text, table=table)]
+    for m, r in zip(models, per_model, strict=True):
+        if isinstance(r.get("per_type"), dict):  # tagging: seqeval's per-entity-type report
+            rows = [["entity type", "precision", "recall", "f1", "support"]]
+            rows += [[k, *(fmt_num(v[c]) for c in ("precision", "recall", "f1", "support"))]
+                     for k, v in r["per_type"].items()]  # fmt: skip
+            blocks.append(Block(text=f"{m} on {task['name']}: entities per type", table=rows))
+    return blocks
 
 
 def generation_samples(rows: list[dict[str, Any]], n: int = N_SAMPLES) -> list[dict[str, Any]]:
@@ -165,7 +184,7 @@ def story(report: dict[str, Any]) -> str:
             )
             if "unigram_bits_per_byte" in metrics:
                 cell += f" (unigram baseline {fmt_num(metrics['unigram_bits_per_byte'])})"
-            cells.append(cell)
+            cells.append(cell + _scoring_note(metrics))
         parts.append(f"{model['name']}: {', '.join(cells)}")
     return "; ".join(parts) + "."
 

@@ -33,7 +33,7 @@ from lmforge.evals.errors import worst_examples
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.metrics import plot_confusion
 from lmforge.evals.tasks import TASK_TYPES, TaskResult, TaskSpec, load_task, run_task
-from lmforge.model.convert import resolve_model_dir
+from lmforge.model.convert import model_display_name, resolve_model_dir
 
 
 class ModelRef(Section):
@@ -64,9 +64,7 @@ class EvalConfig(StageConfig):
         for item in self.models:
             ref = item if isinstance(item, ModelRef) else ModelRef(path=item)
             model_dir = resolve_model_dir(ref.path)
-            name = ref.name or (
-                model_dir.parent.name if model_dir.name == "final" else model_dir.name
-            )
+            name = ref.name or model_display_name(model_dir)
             base, k = name, 2
             while name in seen:
                 name, k = f"{base}-{k}", k + 1
@@ -118,9 +116,9 @@ def build(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
     plots = ctx.out / "plots"
     for ref in refs:
         model = EvalModel.load(ref.path, name=ref.name, device=cfg.device)
-        models_info.append(
-            {"name": ref.name, "path": str(model.path), "params": model.num_params()}
-        )
+        models_info.append({"name": ref.name, "path": str(model.path),
+                            "params": model.num_params(), "family": model.scorer.kind,
+                            "scoring": model.scorer.scoring})  # fmt: skip
         results[ref.name] = {}
         with ctx.progress(f"eval {ref.name}", total=len(specs), unit="task") as bar:
             for spec in specs:
@@ -143,11 +141,12 @@ def build(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
                 ctx.metrics.log(**tags, **_numeric(result.metrics))
                 bar.advance()
         del model
+    first = results[refs[0].name]
     tasks_info = [
         {
             "name": s.name,
             "type": s.type,
-            "main_metric": TASK_TYPES[s.type].main_metric,
+            "main_metric": TASK_TYPES[s.type].headline_metric(first[s.name]),
             "higher_is_better": TASK_TYPES[s.type].higher_is_better,
         }
         for s in specs
@@ -191,6 +190,8 @@ def plot_comparison(report: dict[str, Any], path: Path) -> Path:
     """One panel per task: its headline metric, one bar per model."""
     plt = pyplot()
     tasks, models = report["tasks"], [m["name"] for m in report["models"]]
+    ticks = [m["name"] + (f"\n[{m['scoring']}]" if m.get("scoring", "causal") != "causal" else "")
+             for m in report["models"]]  # fmt: skip
     cols = min(len(tasks), 3)
     rows = (len(tasks) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -199,7 +200,7 @@ def plot_comparison(report: dict[str, Any], path: Path) -> Path:
         values = [report["results"][m][task["name"]][task["main_metric"]] for m in models]
         bars = ax.bar(range(len(models)), values, color=colors[: len(models)] or None)
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(range(len(models)), ticks, rotation=20, ha="right", fontsize=8)
         arrow = "higher is better" if task["higher_is_better"] else "lower is better"
         ax.set_title(f"{task['name']}\n{task['main_metric']} ({arrow})", fontsize=9)
     for ax in list(axes.flat)[len(tasks) :]:

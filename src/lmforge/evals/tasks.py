@@ -30,11 +30,11 @@ from lmforge.common.io import read_jsonl
 from lmforge.config import Section, load_yaml, validate
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals import metrics as M
-from lmforge.evals.lm import EvalModel, GenerationSettings
+from lmforge.evals.lm import EvalModel, GenerationSettings, nll_to_ppl
 from lmforge.evals.perplexity import perplexity, read_texts, split_file, unigram_baseline
 
 TaskTypeName = Literal[
-    "perplexity", "generation", "classification", "multiple_choice", "counterfactual"
+    "perplexity", "generation", "classification", "multiple_choice", "counterfactual", "tagging"
 ]
 
 
@@ -44,12 +44,18 @@ class TaskSpec(Section):
     name: str = Field("", description="name in tables (default: the file name)")
     type: TaskTypeName = Field(
         description="perplexity | generation | classification | multiple_choice | counterfactual"
+        " | tagging"
     )
     data: Path | None = Field(None, description="JSONL file or data stage directory")
     examples: list[dict[str, Any]] | None = Field(
         None, description="inline examples instead of data"
     )
     split: str = Field("val", description="split to read when data is a data stage directory")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="task field -> record field, for records named otherwise (e.g. {prompt: "
+        "context, label: intent})",
+    )
     max_examples: int | None = Field(None, ge=1, description="evaluate only the first N examples")
     prompt_template: str | None = Field(
         None, description="str.format template over the example's fields (default per type)"
@@ -99,6 +105,12 @@ class TaskType:
     main_metric: str
     higher_is_better: bool
     default_template: str = ""
+    fallback_metric: str = ""  # the headline when a result lacks main_metric
+
+    def headline_metric(self, metrics: dict[str, Any]) -> str:
+        """main_metric, or fallback_metric where the result has no main_metric (tagging without
+        BIO tags has no entities, only word accuracy)."""
+        return self.main_metric if self.main_metric in metrics else self.fallback_metric
 
 
 def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
@@ -112,6 +124,13 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
     else:
         raise ConfigError(f"task '{spec.name}': give 'data' (a JSONL file) or inline 'examples'")
     rows = rows[: spec.max_examples] if spec.max_examples else rows
+    if spec.fields:
+        rows = [
+            {**r, **{k: r[v] for k, v in spec.fields.items() if v in r}}
+            if isinstance(r, dict)
+            else r
+            for r in rows
+        ]
     if spec.type == "generation":
         rows = [from_alpaca(r) if isinstance(r, dict) else r for r in rows]
     for i, row in enumerate(rows):
@@ -119,7 +138,8 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
         if missing:
             raise InputError(
                 f"{where} record {i + 1}: missing field(s) {', '.join(missing)} "
-                f"(a {spec.type} task needs {', '.join(needed)})"
+                f"(a {spec.type} task needs {', '.join(needed)}; 'fields' maps them from other "
+                "names)"
             )
     if not rows:
         raise InputError(f"{where}: no examples")
@@ -183,6 +203,7 @@ def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSetting
     chat = spec.chat if spec.chat is not None else model.chat_template is not None
     outputs = [out.strip() for out in model.generate_batch(prompts, settings, chat=chat)]
     per_rouge = M.rouge_scores(outputs, refs)
+    ref_scores = model.scorer.reference_scores(prompts, refs, chat)
     records = [
         {
             "index": i,
@@ -192,14 +213,27 @@ def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSetting
             "rougeL": rs["rougeL"],
             "bleu": M.sentence_bleu(out, ref),
             "exact_match": M.normalize(out) == M.normalize(ref),
+            "reference_nll_per_token": -sum(lps) / max(len(lps), 1),
         }
-        for i, (p, ref, out, rs) in enumerate(zip(prompts, refs, outputs, per_rouge, strict=True))
+        for i, (p, ref, out, rs, (lps, _)) in enumerate(
+            zip(prompts, refs, outputs, per_rouge, ref_scores, strict=True)
+        )
     ]
     metrics: dict[str, Any] = {**M.bleu(outputs, refs), **M.rouge(outputs, refs)}
     metrics["exact_match"] = M.exact_match(outputs, refs)
+    metrics.update(reference_perplexity(ref_scores, model.scorer.scoring))
     metrics["n"] = len(rows)
     metrics["generation"] = {**settings.model_dump(), "chat": chat}
     return TaskResult(metrics, records)
+
+
+def reference_perplexity(scores: list[tuple[list[float], bool]], scoring: str) -> dict[str, Any]:
+    """exp(mean NLL) of the references' tokens given their prompts (an encoder-decoder scores
+    each reference's eos too, as it was trained), with how it was scored."""
+    n = sum(len(lps) for lps, _ in scores)
+    nll = -sum(sum(lps) for lps, _ in scores)
+    return {"reference_perplexity": nll_to_ppl(nll, n),
+            "reference_nll_per_token": nll / max(n, 1), "reference_scoring": scoring}  # fmt: skip
 
 
 def choice_loglikelihoods(
@@ -233,7 +267,8 @@ def run_multiple_choice(model: EvalModel, spec: TaskSpec, _: GenerationSettings)
                 "margin": lls[gold] - max(others) if others else 0.0,
             }
         )
-    metrics = {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(records)}
+    metrics = {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(records),
+               "scoring": model.scorer.scoring}  # fmt: skip
     return TaskResult(metrics, records)
 
 
@@ -250,7 +285,7 @@ def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) 
     rows = load_examples(spec)
     use_head = _use_head(model, spec)
     seen = sorted({str(r["label"]) for r in rows})
-    labels = model.head[1] if use_head else spec.labels or seen
+    labels = model.head.labels if use_head else spec.labels or seen
     unknown = sorted(set(seen) - set(labels))
     if unknown:
         raise InputError(
@@ -281,6 +316,7 @@ def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) 
     metrics = M.classification_metrics(y_true, y_pred, labels)
     metrics["n"] = len(rows)
     metrics["classifier"] = "head" if use_head else "likelihood"
+    metrics["scoring"] = f"head ({model.head.reads})" if use_head else model.scorer.scoring
     return TaskResult(metrics, records, (M.confusion_matrix(y_true, y_pred, labels), labels))
 
 
@@ -288,6 +324,12 @@ def run_counterfactual(
     model: EvalModel, spec: TaskSpec, settings: GenerationSettings
 ) -> TaskResult:
     from lmforge.evals.bias import run_counterfactual as run  # bias.py imports this module
+
+    return run(model, spec, settings)
+
+
+def run_tagging(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> TaskResult:
+    from lmforge.evals.tagging import run_tagging as run  # tagging.py imports this module
 
     return run(model, spec, settings)
 
@@ -302,6 +344,9 @@ TASK_TYPES: dict[str, TaskType] = {
         run_multiple_choice, ("query", "choices", "gold"), "acc_norm", True, "{query}"
     ),
     "counterfactual": TaskType(run_counterfactual, ("text",), "max_abs_gap", False),
+    "tagging": TaskType(
+        run_tagging, ("tokens", "tags"), "entity_f1", True, fallback_metric="token_accuracy"
+    ),
 }
 
 
@@ -324,7 +369,7 @@ def _stem(path: Path) -> str:
 
 def infer_type(keys: set[str]) -> str:
     """The task type whose fields a record has (the most specific one wins)."""
-    for name in ("multiple_choice", "generation", "classification", "perplexity"):
+    for name in ("multiple_choice", "tagging", "generation", "classification", "perplexity"):
         if set(TASK_TYPES[name].fields) <= keys:
             return name
     if {"instruction", "output"} <= keys:

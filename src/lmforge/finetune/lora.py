@@ -26,6 +26,7 @@ from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.config import Section
 from lmforge.errors import ConfigError
 from lmforge.model.quant import QuantLinear
+from lmforge.model.t5 import wraps_transformers
 
 DEFAULT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
 
@@ -184,7 +185,7 @@ def _hf_rules(model: nn.Module) -> dict:
     """Our parameter name -> hf_families.Rule for the model's Hugging Face export."""
     from lmforge.model.hf_families import FAMILIES, Rule, family_for
 
-    if hasattr(model, "save_hf"):  # the T5 adapter: names are transformers' own under "hf."
+    if wraps_transformers(model):  # the T5 adapter: names are transformers' own under "hf."
         names = [f"{n}.weight" for n in lora_modules(model)]
         return {n: Rule(n, (n.removeprefix("hf."),)) for n in names}
     model_type = family_for(model.config)
@@ -227,7 +228,7 @@ def save_peft_adapter(
     config = {
         "peft_type": "LORA",
         "task_type": task_type
-        or ("SEQ_2_SEQ_LM" if getattr(model.config, "n_dec_layer", 0) else "CAUSAL_LM"),
+        or ("SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"),
         "base_model_name_or_path": base_model,
         "r": first.r,
         "lora_alpha": first.alpha,

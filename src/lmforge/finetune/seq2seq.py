@@ -24,6 +24,7 @@ from torch import nn
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.lora import DEFAULT_TARGETS, LoraConfig
 from lmforge.model.seq2seq_generate import source_row
+from lmforge.model.t5 import wraps_transformers
 from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.tokenizer.files import TokenizerFiles
 
@@ -101,13 +102,13 @@ def build_seq2seq_model(model_dir: Path, preset: str | None, vocab_size: int) ->
 
     if preset is not None:
         cfg = preset_config(preset, vocab_size=vocab_size)
-        if not cfg.n_dec_layer:
+        if not cfg.is_encoder_decoder:
             raise ConfigError(
                 f"from_scratch={preset!r} is not an encoder-decoder; use bart-micro or bart-tiny"
             )
         return Seq2SeqLM(cfg).train()
     model = load_pretrained(model_dir).train()
-    if not hasattr(model, "cross_kv"):
+    if not model.config.is_encoder_decoder:
         raise ConfigError(
             f"{model_dir} is not an encoder-decoder: --task seq2seq needs a BART or T5 checkpoint, "
             "or --set from_scratch=bart-micro (then --model only supplies tokenizer files)"
@@ -122,7 +123,7 @@ T5_LORA_TARGETS = ["q", "k", "v", "o", "wi", "wi_0", "wi_1"]
 
 def lora_targets_for(model: nn.Module, lora: LoraConfig) -> LoraConfig:
     """lora, with T5's module names as targets when a T5 model kept the default (our) names."""
-    if hasattr(model, "save_hf") and lora.targets == DEFAULT_TARGETS:
+    if wraps_transformers(model) and lora.targets == DEFAULT_TARGETS:
         return lora.model_copy(update={"targets": T5_LORA_TARGETS})
     return lora
 

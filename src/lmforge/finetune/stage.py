@@ -40,6 +40,7 @@ from lmforge.data.augment import (
     separate_augmented,
 )
 from lmforge.errors import ConfigError, InputError
+from lmforge.evals.metrics import tag_metrics
 from lmforge.finetune import heads, seq2seq, tagging
 from lmforge.finetune.evaluate import rouge_eval
 from lmforge.finetune.export import export_model, tuned_generation_config
@@ -48,6 +49,7 @@ from lmforge.finetune.freeze import FreezeConfig, apply_freeze, param_groups
 from lmforge.finetune.kfold import KFoldConfig, assign_folds, summarize
 from lmforge.finetune.lora import LoraConfig, inject, lora_modules, merge, trainable_fraction
 from lmforge.finetune.sft import build_sft_rows, load_chat_tokenizer
+from lmforge.model.t5 import wraps_transformers
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids
 from lmforge.train.checkpoint import forget_other_runs
@@ -313,7 +315,7 @@ def _build_seq2seq(cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
         )
     if cfg.method == "lora":
         inject(model, seq2seq.lora_targets_for(model, cfg.lora))
-    elif hasattr(model, "enc_blocks"):  # freezing names our blocks; the T5 adapter trains whole
+    elif not wraps_transformers(model):  # freezing names our blocks; the T5 adapter trains whole
         apply_freeze(model, cfg.freeze, model.config.n_layer)
     return model, model
 
@@ -429,7 +431,7 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     elif cfg.task == "tag":
         gold = [r[r != heads.IGNORE_INDEX].tolist() for r in data.val_rows["tag_labels"]]
         preds = tagging.predict_tags(model, data.val_rows)
-        headline.update(tagging.tag_metrics(gold, preds, labels))
+        headline.update(tag_metrics(gold, preds, labels))
     else:
         preds = heads.predict(model, data.val_rows)
         headline.update(
@@ -544,8 +546,11 @@ def _save_unexportable(ctx: StageContext, model: nn.Module, labels: list[str]) -
 def _augmenter(cfg: FinetuneConfig) -> Augmenter | None:
     if not cfg.augment.enabled:
         return None
-    if cfg.task == "sft":
-        raise ConfigError("augment needs text+label records (--task classify or multitask)")
+    if cfg.task not in ("classify", "multitask"):  # EDA rewrites a record's "text" field
+        raise ConfigError(
+            "augment needs text+label records (--task classify or multitask), "
+            f"not --task {cfg.task}; unset augment.enabled"
+        )
     return Augmenter(cfg.augment)
 
 

@@ -5,9 +5,9 @@ on its own (with the space that precedes it in running text, so byte-level BPE s
 pieces as in a sentence); its tag trains and is predicted on its first subword only, the rest get
 IGNORE_INDEX, as transformers' token-classification recipe does. `TokenTagger` is the encoder plus
 `head`, Linear(n_embd, n_tags) with a bias on every position: BertForTokenClassification /
-RobertaForTokenClassification, which the finetune stage exports. Metrics: word accuracy and, when
-the tags are BIO (IOB2) spans, seqeval-style entity precision / recall / F1 (an entity counts
-only when its type and exact span match).
+RobertaForTokenClassification, which the finetune stage exports. Metrics are evals.metrics'
+tag_metrics (word accuracy; seqeval-style entity precision / recall / F1 for BIO tags), which the
+eval stage's tagging task reports too.
 """
 
 from __future__ import annotations
@@ -98,48 +98,4 @@ def predict_tags(
         pred = model(ids, last)[0].argmax(-1).cpu().numpy()
         for r, labels in enumerate(rows["tag_labels"][lo : lo + batch_size]):
             out.append(pred[r][labels != IGNORE_INDEX].tolist())
-    return out
-
-
-def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
-    """(type, start, end) of the BIO (IOB2) entities in a tag sequence; an I- without a matching
-    open entity starts one (seqeval's lenient default)."""
-    spans, kind, start = set(), None, 0
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, _, name = tag.partition("-")
-        continues = prefix == "I" and name == kind
-        if kind is not None and not continues:
-            spans.add((kind, start, i))
-            kind = None
-        if prefix in ("B", "I") and name and not continues:
-            kind, start = name, i
-    return spans
-
-
-def is_bio(labels: list[str]) -> bool:
-    """Whether the tag set is BIO: 'O' and B-/I- prefixed names only."""
-    return all(t == "O" or (t[:2] in ("B-", "I-") and len(t) > 2) for t in labels)
-
-
-def tag_metrics(
-    gold: list[list[int]], pred: list[list[int]], labels: list[str]
-) -> dict[str, float]:
-    """Word accuracy; with BIO tags also entity precision / recall / F1 (micro, exact spans)."""
-    flat_gold = [t for row in gold for t in row]
-    flat_pred = [t for row in pred for t in row]
-    correct = sum(g == p for g, p in zip(flat_gold, flat_pred, strict=True))
-    out = {"token_accuracy": round(correct / max(1, len(flat_gold)), 4)}
-    if not is_bio(labels):
-        return out
-    tp = n_pred = n_gold = 0
-    for g, p in zip(gold, pred, strict=True):
-        g_spans = entity_spans([labels[i] for i in g])
-        p_spans = entity_spans([labels[i] for i in p])
-        tp += len(g_spans & p_spans)
-        n_pred += len(p_spans)
-        n_gold += len(g_spans)
-    precision, recall = tp / max(1, n_pred), tp / max(1, n_gold)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    out.update(entity_precision=round(precision, 4), entity_recall=round(recall, 4),
-               entity_f1=round(f1, 4))  # fmt: skip
     return out

@@ -62,6 +62,11 @@ class ModelConfig:
         self.validate()
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        """Builds a seq2seq model (model.seq2seq.Seq2SeqLM: encode / cross_kv / decode)."""
+        return self.n_dec_layer > 0
+
+    @property
     def hd(self) -> int:
         """Per-head width actually used (head_dim, or n_embd // n_head)."""
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
@@ -139,16 +144,20 @@ class ModelConfig:
 
 
 _GPT2_STYLE = dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True)
-# BERT: post-norm LayerNorm blocks, learned positions + token types, erf GELU, the MLM head.
-_BERT_STYLE = dict(
-    norm="layernorm", pos="learned", mlp="gelu_exact", bias=True, tie_embeddings=True,
-    causal=False, post_norm=True, emb_norm=True, type_vocab_size=2, mlm_head=True, norm_eps=1e-12,
+# The fields every BERT/RoBERTa encoder has: post-norm LayerNorm blocks, learned positions, an
+# embedding norm, biases, tied embeddings. hf_families builds imports from these and recognizes
+# exports by them, so presets, import and export share one definition.
+BERT_SHAPE: dict[str, Any] = dict(
+    norm="layernorm", pos="learned", bias=True, tie_embeddings=True, causal=False, post_norm=True,
+    emb_norm=True,
 )  # fmt: skip
-# BART: BERT's post-norm blocks without token types, positions from 2, biased LM logits.
-_BART_STYLE = dict(
-    norm="layernorm", pos="learned", mlp="gelu_exact", bias=True, tie_embeddings=True,
-    causal=False, post_norm=True, emb_norm=True, pos_offset=2,
-)  # fmt: skip
+# BART: BERT's blocks without token types or MLM head, positions from 2, torch's LayerNorm eps.
+BART_SHAPE: dict[str, Any] = dict(
+    BERT_SHAPE, pos_offset=2, norm_eps=1e-5, type_vocab_size=0, mlm_head=False, attn_bias=False
+)
+# The presets add what a checkpoint sets: erf GELU, BERT's two token types, eps and MLM head.
+_BERT_STYLE = dict(BERT_SHAPE, mlp="gelu_exact", type_vocab_size=2, mlm_head=True, norm_eps=1e-12)
+_BART_STYLE = dict(BART_SHAPE, mlp="gelu_exact")
 
 # Named starting points. vocab_size is usually overridden with the tokenizer's size.
 PRESETS: dict[str, dict[str, Any]] = {

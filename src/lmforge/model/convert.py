@@ -12,8 +12,9 @@ directory (ours or transformers') loads here as a Transformer (load_pretrained) 
 (load_classifier). transformers pools the rightmost token that is not config.pad_token_id, so the
 exporter writes the pad id its rows were padded with (lmforge.finetune.heads pools the same way).
 
-An encoder-decoder (ModelConfig.n_dec_layer > 0, model.seq2seq.Seq2SeqLM) exports as
-BartForConditionalGeneration (AutoModelForSeq2SeqLM) and local BART checkpoints import as one.
+An encoder-decoder (ModelConfig.is_encoder_decoder: n_dec_layer > 0, model.seq2seq.Seq2SeqLM)
+exports as BartForConditionalGeneration (AutoModelForSeq2SeqLM) and local BART checkpoints import
+as one.
 Local T5 checkpoints load as model.t5.T5Adapter (transformers' module behind the same interface).
 
 An encoder (ModelConfig.causal=False) exports as BertForMaskedLM, or RobertaForMaskedLM when its
@@ -54,6 +55,7 @@ from lmforge.model.hf_families import (
     without_lm_head,
 )
 from lmforge.model.quant import SCALE_SUFFIX, dequantize_tensors
+from lmforge.model.t5 import wraps_transformers
 from lmforge.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,15 @@ def resolve_model_dir(path: Path | str) -> Path:
     if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
         return path / "final"
     return path
+
+
+def model_display_name(model_dir: Path | str) -> str:
+    """The name a model goes by in tables, the server and exports: its run stage when the
+    directory is a stage's final/ model (runs/q/sft/final -> "sft"), else the directory's name."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.name == "final" and model_dir.parent.name:
+        return model_dir.parent.name
+    return model_dir.name
 
 
 def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
@@ -238,7 +249,7 @@ def load_pretrained(
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:
     """The module a config builds: Seq2SeqLM for an encoder-decoder, else the Transformer."""
-    if cfg.n_dec_layer:
+    if cfg.is_encoder_decoder:
         from lmforge.model.seq2seq import Seq2SeqLM
 
         return Seq2SeqLM
@@ -339,7 +350,7 @@ def save_pretrained(
         raise ConfigError(MEAN_POOLING_REFUSAL)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_hf"):  # the T5 adapter: transformers writes its own module
+    if wraps_transformers(model):  # the T5 adapter: transformers writes its own module
         model.save_hf(out_dir, extra_config)
         if generation_config is not None:
             atomic_write_json(out_dir / "generation_config.json", generation_config)

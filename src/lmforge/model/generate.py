@@ -11,7 +11,7 @@ or Gumbel-max from one generator per row when a prompt's sample must not depend 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -297,26 +297,50 @@ def generate_batched(
     left-padded; results come back in the prompts' order. sampling: generate()'s keywords. Greedy
     results equal one prompt at a time. With seed, prompt i samples from its own generator
     seeded by (seed, i), so sampled results do not depend on batch_size or on the other prompts'
-    lengths: rerunning with another batch size reproduces them.
+    lengths: rerunning with another batch size reproduces them. seed and a sampling generator
+    are exclusive (ConfigError): see in_length_batches.
+    """
+    device = next(model.parameters()).device
+
+    def one_batch(rows: list[Sequence[int]], batch_sampling: dict[str, Any]) -> list[list[int]]:
+        ids, pad_mask = left_pad(rows, device=device)
+        out = generate(
+            model, ids, max_new_tokens, pad_mask=pad_mask, stop_tokens=stop_tokens, **batch_sampling
+        )
+        return new_tokens(out, ids.size(1), stop_tokens)
+
+    return in_length_batches(prompts, one_batch, batch_size, seed, device, sampling)
+
+
+def in_length_batches(
+    rows: Sequence[Sequence[int]],
+    run_batch: Callable[[list[Sequence[int]], dict[str, Any]], list[list[int]]],
+    batch_size: int,
+    seed: int | None,
+    device: torch.device | str,
+    sampling: dict[str, Any],
+) -> list[list[int]]:
+    """run_batch(rows of one batch, sampling) over batch_size rows at a time, shortest first;
+    results in the rows' order. The loop of generate_batched and generate_seq2seq_batched.
+
+    seed gives row i its own generator seeded by (seed, i), so a row's sample does not depend on
+    batch_size or its batch-mates. seed and sampling["generator"] are two ways to say where the
+    randomness comes from: passing both is a ConfigError, never a silent choice.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if seed is not None and sampling.get("generator") is not None:
         raise ConfigError("pass either seed (one generator per prompt) or generator, not both")
-    device = next(model.parameters()).device
-    gens = None
-    if seed is not None:
-        gens = [torch.Generator(device).manual_seed(row_seed(seed, i)) for i in range(len(prompts))]
-    results: list[list[int]] = [[] for _ in prompts]
-    for chunk in length_sorted_batches(prompts, batch_size):
-        ids, pad_mask = left_pad([prompts[i] for i in chunk], device=device)
-        if gens is not None:
-            sampling["generator"] = [gens[i] for i in chunk]
-        out = generate(
-            model, ids, max_new_tokens, pad_mask=pad_mask, stop_tokens=stop_tokens, **sampling
-        )
-        for i, new in zip(chunk, new_tokens(out, ids.size(1), stop_tokens), strict=True):
-            results[i] = new
+    results: list[list[int]] = [[] for _ in rows]
+    for chunk in length_sorted_batches(rows, batch_size):
+        batch_sampling = dict(sampling)
+        if seed is not None:
+            batch_sampling["generator"] = [
+                torch.Generator(device).manual_seed(row_seed(seed, i)) for i in chunk
+            ]
+        new = run_batch([rows[i] for i in chunk], batch_sampling)
+        for i, ids in zip(chunk, new, strict=True):
+            results[i] = ids
     return results
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import InputError
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import BART_SHAPE, BERT_SHAPE, ModelConfig
 
 # HF checkpoints carry these non-parameter buffers and tied copies; they are recomputed (or are
 # the tied tensor), never loaded. BERT/RoBERTa's decoder weight/bias are the word embeddings and
@@ -258,6 +258,7 @@ def _encoder_config(hf: dict[str, Any], pos_offset: int) -> ModelConfig:
     _require(hf, "tie_word_embeddings", (True,), True)
     n_head = hf["num_attention_heads"]
     return ModelConfig(
+        **BERT_SHAPE,
         vocab_size=hf["vocab_size"],
         n_layer=hf["num_hidden_layers"],
         n_head=n_head,
@@ -265,15 +266,8 @@ def _encoder_config(hf: dict[str, Any], pos_offset: int) -> ModelConfig:
         n_embd=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
         block_size=hf.get("max_position_embeddings", 512) - pos_offset,
-        norm="layernorm",
-        pos="learned",
         mlp="gelu_exact" if activation == "gelu" else "gelu",
-        bias=True,
-        tie_embeddings=True,
         norm_eps=hf.get("layer_norm_eps", 1e-12),
-        causal=False,
-        post_norm=True,
-        emb_norm=True,
         type_vocab_size=hf.get("type_vocab_size", 2),
         pos_offset=pos_offset,
         mlm_head=True,
@@ -364,6 +358,7 @@ def bart_config(hf: dict[str, Any]) -> ModelConfig:
             )
     n_head = hf["encoder_attention_heads"]
     return ModelConfig(
+        **BART_SHAPE,
         vocab_size=hf["vocab_size"],
         n_layer=hf["encoder_layers"],
         n_dec_layer=hf["decoder_layers"],
@@ -372,16 +367,7 @@ def bart_config(hf: dict[str, Any]) -> ModelConfig:
         n_embd=hf["d_model"],
         intermediate_size=hf["encoder_ffn_dim"],
         block_size=hf.get("max_position_embeddings", 1024),
-        norm="layernorm",
-        pos="learned",
         mlp="gelu_exact" if activation == "gelu" else "gelu",
-        bias=True,
-        tie_embeddings=True,
-        norm_eps=1e-5,  # BART's LayerNorms use torch's default
-        causal=False,
-        post_norm=True,
-        emb_norm=True,
-        pos_offset=2,
     )
 
 
@@ -530,7 +516,7 @@ def token_classifier_architecture(model_type: str) -> str:
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
-    if cfg.n_dec_layer:
+    if cfg.is_encoder_decoder:
         return "bart" if _bart_shape(cfg, standard_heads) else None
     if not cfg.causal:
         return _encoder_family(cfg, standard_heads)
@@ -549,33 +535,26 @@ def family_for(cfg: ModelConfig) -> str | None:
     return "llama"
 
 
-def _encoder_family(cfg: ModelConfig, standard_heads: bool) -> str | None:
-    """bert (positions from 0) or roberta (from pos_offset), if cfg is exactly that shape."""
-    bert_shape = (
-        (cfg.norm, cfg.pos) == ("layernorm", "learned")
+def _has_shape(cfg: ModelConfig, shape: dict[str, Any], standard_heads: bool) -> bool:
+    """cfg has every field of shape (config.BERT_SHAPE / BART_SHAPE), a GELU and plain heads."""
+    return (
+        all(getattr(cfg, k) == v for k, v in shape.items())
         and cfg.mlp in ("gelu", "gelu_exact")
-        and cfg.bias
-        and cfg.tie_embeddings
-        and cfg.post_norm
-        and cfg.emb_norm
-        and cfg.type_vocab_size >= 1
         and cfg.n_kv_head == cfg.n_head
         and standard_heads
     )
-    if not bert_shape:
+
+
+def _encoder_family(cfg: ModelConfig, standard_heads: bool) -> str | None:
+    """bert (positions from 0) or roberta (from pos_offset), if cfg is exactly that shape."""
+    if not _has_shape(cfg, BERT_SHAPE, standard_heads) or cfg.type_vocab_size < 1:
         return None
     return "roberta" if cfg.pos_offset else "bert"
 
 
 def _bart_shape(cfg: ModelConfig, standard_heads: bool) -> bool:
     """Whether an encoder-decoder config is exactly BART (bart_config's fixed fields)."""
-    return (
-        (cfg.norm, cfg.pos, cfg.pos_offset, cfg.norm_eps) == ("layernorm", "learned", 2, 1e-5)
-        and cfg.mlp in ("gelu", "gelu_exact")
-        and cfg.bias and cfg.tie_embeddings and cfg.post_norm and cfg.emb_norm
-        and not cfg.type_vocab_size and not cfg.mlm_head and not cfg.attn_bias
-        and cfg.n_kv_head == cfg.n_head and standard_heads
-    )  # fmt: skip
+    return _has_shape(cfg, BART_SHAPE, standard_heads)
 
 
 def without_lm_head(rules: list[Rule]) -> list[Rule]:

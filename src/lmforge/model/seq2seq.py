@@ -5,7 +5,8 @@ embedding norm, learned positions from pos_offset); the decoder is causal Blocks
 MLP plus one cross-attention per layer over the encoder's output. One token embedding is shared
 by encoder, decoder and the tied lm_head, whose logits get a (non-trained) final_logits_bias, as
 in BartForConditionalGeneration, so a BART checkpoint maps onto it tensor for tensor
-(hf_families.bart_rules). ModelConfig.n_dec_layer > 0 selects this class (convert.model_class).
+(hf_families.bart_rules). ModelConfig.is_encoder_decoder (n_dec_layer > 0) selects this class
+(convert.model_class).
 
 Shapes: B batch, S source length, T target length, C = n_embd, V = vocab_size.
 """

@@ -16,13 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.errors import ConfigError, InputError
+from lmforge.errors import InputError
 from lmforge.model.generate import (
     _check_sampling,
-    length_sorted_batches,
+    in_length_batches,
     new_tokens,
     pad_rows,
-    row_seed,
     sample_next,
 )
 
@@ -102,23 +101,18 @@ def generate_seq2seq_batched(
 ) -> list[list[int]]:
     """Each source's new target ids (through its first stop), batch_size sources at a time.
 
-    As generate.generate_batched: batches by length, results in the sources' order, and with
-    seed each source samples from its own generator, so results do not depend on batch_size.
+    The loop is generate.generate_batched's (in_length_batches): batches by length, results in
+    the sources' order, and with seed each source samples from its own generator, so results do
+    not depend on batch_size; seed together with a sampling generator is a ConfigError.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
-    results: list[list[int]] = [[] for _ in sources]
-    for chunk in length_sorted_batches(sources, batch_size):
-        ids, mask = right_pad([sources[i] for i in chunk], pad_id, device)
-        if seed is not None:
-            sampling["generator"] = [
-                torch.Generator(device).manual_seed(row_seed(seed, i)) for i in chunk
-            ]
+
+    def one_batch(rows: list[Sequence[int]], batch_sampling: dict[str, Any]) -> list[list[int]]:
+        ids, mask = right_pad(rows, pad_id, device)
         out = generate_seq2seq(
             model, ids, mask, max_new_tokens, decoder_start_id=decoder_start_id,
-            stop_tokens=stop_tokens, **sampling,
+            stop_tokens=stop_tokens, **batch_sampling,
         )  # fmt: skip
-        for i, new in zip(chunk, new_tokens(out, 1, stop_tokens), strict=True):
-            results[i] = new
-    return results
+        return new_tokens(out, 1, stop_tokens)
+
+    return in_length_batches(sources, one_batch, batch_size, seed, device, sampling)

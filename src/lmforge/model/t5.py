@@ -32,6 +32,17 @@ class T5Shape:
     causal: bool = False
     tie_embeddings: bool = True
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """As ModelConfig.is_encoder_decoder: T5 always is one."""
+        return self.n_dec_layer > 0
+
+
+def wraps_transformers(model: nn.Module) -> bool:
+    """A T5Adapter: parameter names are transformers' own (under "hf.") and transformers'
+    save_pretrained writes it."""
+    return isinstance(model, T5Adapter)
+
 
 def _transformers():
     try:

@@ -172,10 +172,11 @@ class CompletionService:
     def _token_limit(
         engine: Any, prompt_len: int, asked: int | None, default: int | None, prompt_param: str
     ) -> int:
-        """max_tokens, checked against the context window (the default fills what is left)."""
+        """max_tokens, checked against the room the engine leaves after the prompt (the default
+        fills it), so a request the engine would refuse is a 400 naming the field."""
         if prompt_len == 0:
             raise APIError(400, "the prompt is empty", param=prompt_param)
-        room = engine.max_context - prompt_len
+        room = engine.token_room(prompt_len)
         if room < 1:
             raise APIError(
                 400,

@@ -54,7 +54,6 @@ from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.detok import TextStream
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
 from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
-from lmforge.serve.settings import model_name
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
 
@@ -171,7 +170,12 @@ class Engine:
         device "auto" is CUDA when available, else CPU. dtype defaults to config.json's
         torch_dtype (float16 becomes float32 on CPU, where half matmuls are slow).
         """
-        from lmforge.model.convert import load_pretrained, read_config, resolve_model_dir
+        from lmforge.model.convert import (
+            load_pretrained,
+            model_display_name,
+            read_config,
+            resolve_model_dir,
+        )
 
         model_dir = resolve_model_dir(Path(model_dir))
         if device == "auto":
@@ -183,7 +187,9 @@ class Engine:
         files = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device, dtype=dtype)
         gen = load_generation_config(model_dir, files)
-        return cls(model, files, name=name or model_name(model_dir), generation_config=gen, **kw)
+        return cls(
+            model, files, name=name or model_display_name(model_dir), generation_config=gen, **kw
+        )
 
     # -- the API the server calls -----------------------------------------------------------
 
@@ -283,9 +289,15 @@ class Engine:
         if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt):
             raise InputError(f"prompt token ids must be ints in [0, {self.vocab_size})")
 
+    def token_room(self, prompt_len: int) -> int:
+        """The most tokens an answer to a prompt of `prompt_len` tokens can have: what the
+        context leaves after the prompt (negative when the prompt alone does not fit). The one
+        rule behind submit's check and the server's max_tokens default and 400."""
+        return self.max_context - prompt_len
+
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         self._check_ids(prompt)
-        if len(prompt) + params.max_tokens > self.max_context:
+        if params.max_tokens > self.token_room(len(prompt)):
             raise InputError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {self.max_context} tokens; shorten the prompt or lower "

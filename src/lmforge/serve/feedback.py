@@ -77,7 +77,11 @@ def _stars(rating: int, scale: Scale | None) -> tuple[Scale, float]:
 
 
 class FeedbackStore:
-    """Thread-safe access to one feedback database (created on first use)."""
+    """Thread-safe access to one feedback database (created on first use).
+
+    read_only=True opens an existing store for reading (the export): no schema writes, no write
+    lock, so it never waits on (or delays) a server that is writing; writes then fail.
+    """
 
     def __init__(
         self,
@@ -85,18 +89,25 @@ class FeedbackStore:
         *,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         busy_timeout_ms: int = 10_000,
+        read_only: bool = False,
     ):
         self.path = Path(path)
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        pragmas = ["query_only = ON"]
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            pragmas = ["journal_mode = WAL", f"synchronous = {synchronous}", "foreign_keys = ON"]
         self._connections = ThreadConnections(
             self.path,
-            ["journal_mode = WAL", f"synchronous = {synchronous}", "foreign_keys = ON"],
+            pragmas,
             what="a feedback store",
             busy_timeout_ms=busy_timeout_ms,
+            read_only=read_only,
         )
-        self._init_schema()
+        if not read_only:
+            self._init_schema()
+        self._check_version()
 
     def _conn(self) -> sqlite3.Connection:
         return self._connections.get()
@@ -119,17 +130,24 @@ class FeedbackStore:
         except sqlite3.DatabaseError as err:
             conn.execute("ROLLBACK")
             raise InputError(f"{self.path} is not a feedback store ({err})") from None
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            conn.execute("COMMIT")
-        else:
-            conn.execute("COMMIT")
-            if int(row[0]) > SCHEMA_VERSION:
-                raise InputError(
-                    f"{self.path} has feedback schema version {row[0]}, newer than this lmforge "
-                    f"reads ({SCHEMA_VERSION}); upgrade lmforge"
-                )
+        conn.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        conn.execute("COMMIT")
+
+    def _check_version(self) -> None:
+        try:
+            row = self._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'")
+            version = row.fetchone()
+        except sqlite3.DatabaseError as err:
+            raise InputError(f"{self.path} is not a feedback store ({err})") from None
+        if version is None:
+            raise InputError(f"{self.path} is not a feedback store (no schema_version)")
+        if int(version[0]) > SCHEMA_VERSION:
+            raise InputError(
+                f"{self.path} has feedback schema version {version[0]}, newer than this lmforge "
+                f"reads ({SCHEMA_VERSION}); upgrade lmforge"
+            )
 
     def close(self) -> None:
         """Closes every thread's connection (call once no thread uses the store any more)."""
@@ -225,28 +243,30 @@ class FeedbackStore:
             yield _response_dict(row) | {"stars": row["stars"], "n_ratings": row["n_ratings"]}
 
     def iter_choices(self) -> Iterator[dict[str, Any]]:
-        """Side-by-side choices, oldest first: the chosen and rejected responses in full."""
+        """Side-by-side choices, oldest first: the chosen and rejected responses in full (one
+        query, both responses joined in)."""
+        both = ", ".join(f"{a}.{col} AS {a}_{col}" for a in ("a", "b") for col in RESPONSE_COLUMNS)
         sql = (
-            "SELECT c.id, c.prompt AS choice_prompt, c.created_at AS chosen_at, "
-            "c.chosen_id, c.rejected_id FROM choices c ORDER BY c.id"
+            f"SELECT c.id, c.prompt, c.created_at, {both} FROM choices c "
+            "JOIN responses a ON a.id = c.chosen_id JOIN responses b ON b.id = c.rejected_id "
+            "ORDER BY c.id"
         )
-        for row in self._conn().execute(sql).fetchall():
+        for row in self._conn().execute(sql):
             yield {
                 "id": row["id"],
-                "prompt": row["choice_prompt"],
-                "created_at": row["chosen_at"],
-                "chosen": self.response(row["chosen_id"]),
-                "rejected": self.response(row["rejected_id"]),
+                "prompt": row["prompt"],
+                "created_at": row["created_at"],
+                "chosen": _response_dict(row, "a_"),
+                "rejected": _response_dict(row, "b_"),
             }
 
 
-def _response_dict(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "model": row["model"],
-        "prompt": row["prompt"],
-        "messages": None if row["messages"] is None else json.loads(row["messages"]),
-        "text": row["text"],
-        "params": json.loads(row["params"]),
-        "created_at": row["created_at"],
-    }
+RESPONSE_COLUMNS = ("id", "model", "prompt", "messages", "text", "params", "created_at")
+
+
+def _response_dict(row: sqlite3.Row, prefix: str = "") -> dict[str, Any]:
+    """A responses row (its columns under prefix, as iter_choices' join names them) as a dict."""
+    out = {col: row[prefix + col] for col in RESPONSE_COLUMNS}
+    out["messages"] = None if out["messages"] is None else json.loads(out["messages"])
+    out["params"] = json.loads(out["params"])
+    return out

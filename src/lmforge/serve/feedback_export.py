@@ -89,7 +89,7 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
         raise InputError(
             f"feedback store {cfg.db} does not exist; pass the SQLite file `lmforge serve` wrote"
         )
-    with FeedbackStore(cfg.db) as store:
+    with FeedbackStore(cfg.db, read_only=True) as store:  # never waits on a writing server
         totals = store.counts()
         rated = list(store.iter_rated())
         choices = list(store.iter_choices())

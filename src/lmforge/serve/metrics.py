@@ -1,13 +1,28 @@
-"""Prometheus metrics of one server process, on a registry of its own.
+"""Prometheus metrics of the server, true for the whole server however many workers it runs.
 
-A registry per app (not prometheus_client's global one) so that several apps in one process --
-tests, or models served side by side -- never collide over metric names. With `--workers N` each
-worker reports its own series; scrape them behind the port or sum them.
+One worker keeps its series in a registry of its own (not prometheus_client's global one), so
+several apps in one process -- tests, or models served side by side -- never collide over metric
+names. With `--workers N` each worker is a process of its own behind one port and a scrape
+reaches whichever one the kernel picks, so serve() runs them in prometheus_client's multiprocess
+mode: `multiprocess_dir` gives the server a fresh directory and exports PROMETHEUS_MULTIPROC_DIR
+before uvicorn spawns the workers (prometheus_client reads it when a worker imports it); every
+worker writes its values to files there and a scrape merges all workers' files. Counters and
+histograms of a worker that died keep counting (they are the server's totals); its gauges leave
+the sums (`livesum`, mark_process_dead).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+from lmforge.errors import ConfigError
 
 try:
     from prometheus_client import (
@@ -18,20 +33,90 @@ try:
         Histogram,
         generate_latest,
     )
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the server needs prometheus_client: pip install 'lmforge[serve]'") from exc
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's name for the directory
+DIR_PREFIX = "lmforge-metrics-"  # + the serving process's pid + a random part
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+GAUGE_PERIOD_S = 0.5  # how often a worker that is not scraped writes its engine gauges
+
+
+@contextmanager
+def multiprocess_dir() -> Iterator[Path]:
+    """A new directory for the metric files of the workers started inside the with-block,
+    exported as PROMETHEUS_MULTIPROC_DIR, and removed afterwards.
+
+    It is made inside the PROMETHEUS_MULTIPROC_DIR the caller set, if any (a volume that outlives
+    a container, say), else in the system temp dir. New for every server, so the files a crashed
+    server left behind never add their counts to this one's; the directories of servers whose
+    process is gone are removed on the way in.
+    """
+    previous = os.environ.get(MULTIPROC_ENV)
+    base = Path(previous) if previous else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    _remove_orphaned_dirs(base)
+    path = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=base))
+    os.environ[MULTIPROC_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+
+
+def _remove_orphaned_dirs(base: Path) -> None:
+    """Removes the metric directories in `base` of servers that are no longer running (killed
+    before they could clean up); a directory named after this process is a former one's that
+    had the same pid (pid 1 in a restarted container)."""
+    for path in base.glob(f"{DIR_PREFIX}*"):
+        pid = path.name[len(DIR_PREFIX) :].partition("-")[0]
+        if path.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _check_multiprocess_values(path: Path) -> None:
+    """prometheus_client picks in-memory or file-backed values once, when it is imported: with
+    the directory exported later every worker would count in memory and scrapes show zeros."""
+    from prometheus_client import values
+
+    if values.ValueClass is values.MutexValue:
+        raise ConfigError(
+            f"{MULTIPROC_ENV}={path} was set after prometheus_client was imported, so this "
+            "process's metrics would not reach it; set it before the process starts (lmforge "
+            "serve --workers N does this for its workers)"
+        )
 
 
 class ServerMetrics:
-    """Every series /metrics shows; the server calls the methods, the engine gauges are read at
-    scrape time from engine.stats() so they are never stale."""
+    """Every series /metrics shows; the server calls the methods, the engine gauges are read
+    from engine.stats() at scrape time.
+
+    `multiprocess_dir`: the PROMETHEUS_MULTIPROC_DIR this worker was started with, when it is one
+    of several; a scrape then shows the sums over all of them. Gauges are `livesum`: each worker
+    has its own engines, so the server's queue depth or KV use is the sum over the live workers
+    (those of a worker the scrape did not reach are at most GAUGE_PERIOD_S old).
+    """
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | Path | None = None) -> None:
+        self.multiprocess_dir = None if multiprocess_dir is None else Path(multiprocess_dir)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -56,19 +141,10 @@ class ServerMetrics:
             "lmforge_e2e_request_latency_seconds", "Request start to last byte", ["endpoint"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge(
-            "lmforge_queue_depth", "Requests waiting for a batch slot", ["model"], registry=r
-        )
-        self.running = Gauge(
-            "lmforge_running", "Sequences in the running batch", ["model"], registry=r
-        )
-        self.kv_tokens = Gauge(
-            "lmforge_kv_cache_tokens", "KV positions the running batch spans", ["model"],
-            registry=r,
-        )  # fmt: skip
-        self.kv_capacity = Gauge(
-            "lmforge_kv_cache_capacity", "KV positions allocated", ["model"], registry=r
-        )
+        self.queue_depth = self._gauge("lmforge_queue_depth", "Requests waiting for a batch slot")
+        self.running = self._gauge("lmforge_running", "Sequences in the running batch")
+        self.kv_tokens = self._gauge("lmforge_kv_cache_tokens", "KV positions the batch spans")
+        self.kv_capacity = self._gauge("lmforge_kv_cache_capacity", "KV positions allocated")
         self.cache = Counter("lmforge_cache", "Response cache lookups", ["result"], registry=r)
         self.safety = Counter(
             "lmforge_safety_verdicts", "Safety verdicts by where and action", ["where", "action"],
@@ -77,6 +153,14 @@ class ServerMetrics:
         self.feedback = Counter(
             "lmforge_feedback_rows", "Rows written to the feedback store", ["kind"], registry=r
         )
+        self._scraped = self.registry
+        if self.multiprocess_dir is not None:  # the files of every worker, merged at each scrape
+            _check_multiprocess_values(self.multiprocess_dir)
+            self._scraped = CollectorRegistry()
+            MultiProcessCollector(self._scraped, path=str(self.multiprocess_dir))
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, ["model"], registry=self.registry, multiprocess_mode="livesum")
 
     def observe_engines(self, engines: dict[str, Any]) -> None:
         for name, engine in engines.items():
@@ -86,6 +170,32 @@ class ServerMetrics:
             self.kv_tokens.labels(name).set(stats.cache_tokens)
             self.kv_capacity.labels(name).set(stats.cache_capacity)
 
+    async def observe_engines_every(self, engines: dict[str, Any], period: float) -> None:
+        """Writes the engine gauges every `period` seconds until cancelled: with several workers
+        a scrape refreshes only the worker it reaches, the others' gauges come from here."""
+        while True:
+            self.observe_engines(engines)
+            await asyncio.sleep(period)
+
     def render(self, engines: dict[str, Any]) -> bytes:
         self.observe_engines(engines)
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self._forget_dead_workers()
+        try:
+            return generate_latest(self._scraped)
+        except FileNotFoundError:  # a worker's gauge file went away while it was being read
+            return generate_latest(self._scraped)
+
+    def close(self) -> None:
+        """At this worker's exit: its gauges leave the sums (its counters stay in the totals)."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), str(self.multiprocess_dir))
+
+    def _forget_dead_workers(self) -> None:
+        """Drops the gauges of workers that died without close() (killed; uvicorn starts
+        another)."""
+        pids = {f.stem.rpartition("_")[2] for f in self.multiprocess_dir.glob("gauge_live*.db")}
+        for pid in filter(str.isdigit, pids):
+            if not _alive(int(pid)):
+                mark_process_dead(int(pid), str(self.multiprocess_dir))

@@ -31,7 +31,7 @@ from lmforge.errors import InputError
 from lmforge.serve.cache import ResponseCache, model_identity
 from lmforge.serve.completions import CompletionService
 from lmforge.serve.feedback import FeedbackStore
-from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.metrics import GAUGE_PERIOD_S, MULTIPROC_ENV, ServerMetrics, multiprocess_dir
 from lmforge.serve.protocol import (
     APIError,
     ChatRequest,
@@ -112,22 +112,29 @@ def create_app(settings: ServeSettings | None = None, kb: KnowledgeBase | None =
     """The app for one worker process; settings from LMFORGE_SERVE_CONFIG when not given. `kb`:
     the --kb index when the caller has built it already (the app closes it at shutdown)."""
     settings = settings or settings_from_env()
-    state = ServeState(settings=settings, metrics=ServerMetrics(), kb=kb)
+    shared = os.environ.get(MULTIPROC_ENV) if settings.workers > 1 else None  # serve() sets it
+    state = ServeState(settings=settings, metrics=ServerMetrics(shared), kb=kb)
     service = CompletionService(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(open_stores, state)
         await asyncio.to_thread(start_engines, state)
+        gauges, m = None, state.metrics
+        if m.multiprocess_dir is not None:  # scrapes reach other workers too
+            gauges = asyncio.create_task(m.observe_engines_every(state.engines, GAUGE_PERIOD_S))
         state.ready = True
         try:
             yield
         finally:
             state.ready = False
+            if gauges is not None:
+                gauges.cancel()
             await asyncio.to_thread(stop_engines, state)
             for store in (state.feedback, state.kb):
                 if store is not None:
                     store.close()
+            m.close()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serve = state
@@ -357,5 +364,8 @@ def serve(settings: ServeSettings) -> None:
         return
     if kb is not None:
         kb.close()
-    os.environ[ENV_CONFIG] = settings.model_dump_json()
-    uvicorn.run("lmforge.serve.server:create_app", factory=True, workers=settings.workers, **common)
+    with multiprocess_dir():  # exported before the workers import prometheus_client
+        os.environ[ENV_CONFIG] = settings.model_dump_json()
+        uvicorn.run(
+            "lmforge.serve.server:create_app", factory=True, workers=settings.workers, **common
+        )

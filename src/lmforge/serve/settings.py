@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 
 from lmforge.config import Section
 from lmforge.errors import ConfigError
+from lmforge.model.convert import model_display_name
 
 ENV_CONFIG = "LMFORGE_SERVE_CONFIG"
 ENV_API_KEY = "LMFORGE_API_KEY"
@@ -79,14 +80,6 @@ def run_dir(model_dir: Path) -> Path | None:
     return None
 
 
-def model_name(model_dir: Path) -> str:
-    """The name a model is served under: its run stage (runs/q/sft/final -> "sft")."""
-    model_dir = Path(model_dir).resolve()
-    if model_dir.name == "final" and model_dir.parent.name:
-        return model_dir.parent.name
-    return model_dir.name
-
-
 def parse_model_specs(values: list[str]) -> list[ModelSpec]:
     """`--model DIR` or `--model NAME=DIR`, each name once."""
     specs: list[ModelSpec] = []
@@ -96,7 +89,7 @@ def parse_model_specs(values: list[str]) -> list[ModelSpec]:
             name, path = "", value
         if not Path(path).is_dir():
             raise ConfigError(f"--model {value}: {path} is not a directory (a model dir)")
-        specs.append(ModelSpec(name=name or model_name(Path(path)), path=Path(path)))
+        specs.append(ModelSpec(name=name or model_display_name(path), path=Path(path)))
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -19,11 +19,18 @@ class ThreadConnections:
     """`get()` returns this thread's connection to `path` (autocommit, sqlite3.Row rows)."""
 
     def __init__(
-        self, path: Path, pragmas: Sequence[str] = (), *, what: str, busy_timeout_ms: int = 10_000
+        self,
+        path: Path,
+        pragmas: Sequence[str] = (),
+        *,
+        what: str,
+        busy_timeout_ms: int = 10_000,
+        read_only: bool = False,
     ):
         self.path = Path(path)
         self.what = what  # "a feedback store", "a knowledge base": for error messages
         self.busy_timeout_ms = busy_timeout_ms
+        self.read_only = read_only  # opened mode=ro: never takes a write lock, never creates
         self.pragmas = [f"busy_timeout = {int(busy_timeout_ms)}", *pragmas]
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -33,12 +40,16 @@ class ThreadConnections:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             # autocommit: each statement outside an explicit BEGIN is its own transaction
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout_ms / 1000,
-                isolation_level=None,
-                check_same_thread=False,  # used by its own thread only; close() may run elsewhere
-            )
+            try:
+                conn = sqlite3.connect(
+                    self.path.resolve().as_uri() + "?mode=ro" if self.read_only else self.path,
+                    timeout=self.busy_timeout_ms / 1000,
+                    isolation_level=None,
+                    check_same_thread=False,  # its own thread uses it; close() may run elsewhere
+                    uri=self.read_only,
+                )
+            except sqlite3.OperationalError as err:  # read-only and missing: nothing to create
+                raise InputError(f"{self.path}: cannot open {self.what} ({err})") from None
             conn.row_factory = sqlite3.Row
             try:
                 for pragma in self.pragmas:

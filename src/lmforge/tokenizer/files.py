@@ -17,7 +17,7 @@ from typing import Any
 
 import xxhash
 
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.tokenizer.chat import (
     CHATML_TEMPLATE,
     ChatEncoding,
@@ -62,6 +62,21 @@ def _token_string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def longest_first(lengths: list[int], budget: int) -> list[int]:
+    """How many tokens of each text (one or two) to keep within budget, as the tokenizers
+    library's longest_first truncation keeps them: the shorter text whole if it fits in half, the
+    longer gets the rest; else each half (the longer one the odd token)."""
+    if sum(lengths) <= budget:
+        return list(lengths)
+    if len(lengths) == 1:
+        return [budget]
+    short, long = sorted(lengths)
+    long = short if short > budget else max(short, budget - short)
+    if short + long > budget:
+        short, long = budget // 2, budget // 2 + budget % 2
+    return [long, short] if lengths[0] > lengths[1] else [short, long]
+
+
 @dataclass
 class TokenizerFiles:
     """tokenizer.json plus the metadata around it, loaded from a tokenizer or model directory."""
@@ -83,6 +98,9 @@ class TokenizerFiles:
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
             raise InputError(f"{path}/tokenizer.json cannot be read: {exc}") from None
+        # lengths are cut by the caller (encode_input's max_len, seq_len): a truncation saved in
+        # tokenizer.json must not cut encode() silently; set once here, never toggled after
+        tok.no_truncation()
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
             if (path / name).is_file():
@@ -168,20 +186,29 @@ class TokenizerFiles:
         """(ids, token_type_ids, truncated) of a model input, as transformers' tokenizer(text,
         pair, truncation=True, max_length=max_len) makes it: tokenizer.json's post_processor adds
         the specials its model was pretrained with ([CLS] a [SEP] b [SEP], <s> a </s></s> b </s>)
-        and marks the pair's segment; longest_first truncation keeps those specials."""
-        previous = self.tokenizer.truncation
-        try:
-            if max_len is None:
-                self.tokenizer.no_truncation()
-            else:
-                self.tokenizer.enable_truncation(max_len, strategy="longest_first")
-            enc = self.tokenizer.encode(text, pair, add_special_tokens=True)
-        finally:
-            if previous is None:
-                self.tokenizer.no_truncation()
-            else:
-                self.tokenizer.enable_truncation(**previous)
-        return list(enc.ids), list(enc.type_ids), bool(enc.overflowing)
+        and marks the pair's segment; longest_first truncation keeps those specials.
+
+        Stateless (the server calls it from several threads): the texts are encoded bare, cut
+        here, then post-processed; the shared tokenizer's truncation setting is never touched.
+        """
+        tok = self.tokenizer
+        first = tok.encode(text, add_special_tokens=False)
+        second = None if pair is None else tok.encode(pair, add_special_tokens=False)
+        truncated = False
+        if max_len is not None:
+            budget = max_len - tok.num_special_tokens_to_add(pair is not None)
+            if budget < 0:
+                raise ConfigError(
+                    f"max length {max_len} leaves no room for {self.path}'s "
+                    f"{max_len - budget} special tokens; raise it"
+                )
+            lengths = [len(first)] + ([] if second is None else [len(second)])
+            keep = longest_first(lengths, budget)
+            truncated = keep != lengths
+            for enc, n in zip((first, second), keep, strict=False):
+                enc.truncate(n)
+        enc = tok.post_process(first, second, add_special_tokens=True)
+        return list(enc.ids), list(enc.type_ids), truncated
 
     def template_ends(self) -> tuple[list[int], list[int]]:
         """(ids before, ids after) a single text in the post_processor's template: ([CLS], [SEP])

@@ -98,15 +98,26 @@ def test_bad_preference_file_fails_before_training(tmp_path, model_dir):
 
 @pytest.mark.parametrize("tuning", ["lora", "full"])
 def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
-    tmp_path, model_dir, reward_dir, tuning
+    tmp_path, model_dir, reward_dir, tuning, monkeypatch
 ):
     """Mechanics on a micro model (whether PPO raises reward is measured on the quickstart)."""
+    from lmforge.align import stage
+
     ppo = {"reward_model": reward_dir, "rollout_prompts": 16, "max_new_tokens": 8,
            "eval_prompts": 8}  # fmt: skip
     cfg = _cfg(tmp_path, model_dir, "ppo", tuning=tuning, ppo=ppo)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 8})})
+    held_out_rollouts, real = [], stage.heldout_rollout
+
+    def counted(*args):
+        held_out_rollouts.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(stage, "heldout_rollout", counted)
     out = align(cfg)
     m = read_manifest(out)["metrics"]
+    # before training, and the loop's final evaluation, which the "after" numbers reuse
+    assert len(held_out_rollouts) == 2
     assert {"val_reward", "val_reward_before", "val_kl", "val_entropy"} <= set(m)
     assert m["val_kl"] != 0  # the policy moved away from the reference
     # the gain is paired by prompt: its mean is the difference of the means
@@ -115,6 +126,8 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 8 and {"reward", "kl", "entropy", "clipfrac"} <= set(steps[0])
+    (final_eval,) = [r for r in rows if "val_reward" in r]
+    assert m["val_reward"] == pytest.approx(final_eval["val_reward"], abs=1e-5)
     assert abs(steps[0]["kl"]) < 1e-4  # the first rollout's policy is the reference
     assert any(r["clipfrac"] > 0 for r in steps)  # later minibatches meet a moved policy
     assert (out / "final" / "model.safetensors").is_file()

@@ -11,8 +11,8 @@ import torch
 
 from lmforge.compress.gguf_export import (
     check_gguf,
-    check_llama_style,
     export_gguf,
+    gguf_arch,
     rope_permute,
     tokenizer_metadata,
 )
@@ -114,12 +114,14 @@ def test_gguf_reads_back_every_tensor_and_the_tokenizer(trained_dir: Path, tmp_p
         check_gguf(tmp_path / "m.gguf", other, trained_dir, special)
 
 
-def test_gguf_refuses_gpt2_style_and_non_bpe_tokenizers(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"llama-style models only.*norm='layernorm'"):
-        check_llama_style(preset_config("micro-gpt2"))
+def test_gguf_refuses_encoders_and_non_bpe_tokenizers(tmp_path: Path) -> None:
+    assert gguf_arch(preset_config("micro")) == "llama"
+    assert gguf_arch(preset_config("micro-gpt2")) == "gpt2"
+    with pytest.raises(ConfigError, match=r"as gpt2: causal=False \(needs True\)"):
+        gguf_arch(preset_config("bert-micro"))
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
     with pytest.raises(ConfigError, match="byte-level BPE tokenizers only"):
-        tokenizer_metadata(tmp_path, {})
+        tokenizer_metadata(tmp_path, {}, 256)
 
 
 def test_export_stage_writes_checked_onnx_and_gguf(trained_dir: Path, tmp_path: Path) -> None:

@@ -12,11 +12,14 @@ from lmforge.evals.metrics import (
     bleu,
     classification_metrics,
     confusion_matrix,
+    entity_spans,
+    entity_table,
     exact_match,
     plot_confusion,
     rouge,
     rouge_scores,
     sentence_bleu,
+    tag_metrics,
 )
 
 HYPS = [
@@ -92,3 +95,21 @@ def test_confusion_plot_is_a_png(tmp_path: Path) -> None:
     cm = np.array([[3, 1], [0, 4]])
     out = plot_confusion(cm, ["a", "b"], tmp_path / "cm.png", title="toy")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 2000
+
+
+def test_entity_metrics_are_seqeval_style():
+    labels = ["B-LOC", "B-PER", "I-PER", "O"]
+    gold = [[1, 2, 3, 0]]  # PER(0,2), LOC(3,4)
+    assert tag_metrics(gold, gold, labels)["entity_f1"] == 1.0
+    partial = tag_metrics(gold, [[1, 3, 3, 0]], labels)  # PER span cut short
+    assert partial["entity_precision"] == 0.5 and partial["entity_recall"] == 0.5
+    assert partial["token_accuracy"] == 0.75
+    assert entity_spans(["I-X", "I-X", "O", "B-Y", "I-Z"]) == {
+        ("X", 0, 2),
+        ("Y", 3, 4),
+        ("Z", 4, 5),
+    }
+    assert "entity_f1" not in tag_metrics([[0]], [[0]], ["NOUN"])  # not BIO: accuracy only
+    table = entity_table(gold, [[1, 3, 3, 0]], labels)
+    assert table == {"LOC": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1},
+                     "PER": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}}  # fmt: skip

@@ -116,9 +116,3 @@ def test_read_texts_from_data_dir_and_errors(tmp_path: Path) -> None:
     bad.write_text('{"text": "ok"}\n{"body": "x"}\n')
     with pytest.raises(InputError, match=r"bad\.jsonl record 2: needs a string field"):
         read_texts(bad)
-
-
-def test_an_encoder_is_refused_with_where_its_loss_is(tmp_path: Path) -> None:
-    encoder = make_model_dir(tmp_path / "bert", preset="bert-micro")
-    with pytest.raises(InputError, match=r"bidirectional encoder.*masked-token loss"):
-        EvalModel.load(encoder)

@@ -209,7 +209,7 @@ def test_classification_reads_a_sequence_classifier_checkpoint(
     labels = ["class", "const", "func"]
     save_pretrained(load_pretrained(model_dir), clf_dir, classifier=ClassifierHead(weight, labels))
     model = EvalModel.load(clf_dir)
-    linear, head_labels = model.head
+    linear, head_labels = model.head.linear, model.head.labels
     assert head_labels == labels and linear.bias is None and torch.equal(linear.weight, weight)
     rows = [{"text": "def f(): pass", "label": "func"}, {"text": "X = 1", "label": "const"}]
     result = run_task(
@@ -237,7 +237,7 @@ def test_a_transformers_classifier_evaluates_with_its_own_logits(
     hf.save_pretrained(tmp_path / "hf")
     shutil.copy2(model_dir / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
     model = EvalModel.load(tmp_path / "hf")
-    assert model.head[1] == ["no", "yes"]
+    assert model.head.labels == ["no", "yes"]
     text = "def add(a, b): return a + b"
     with torch.no_grad():
         want = torch.log_softmax(hf(torch.tensor([model.encode(text)])).logits[0], -1)

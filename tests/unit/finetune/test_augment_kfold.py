@@ -77,11 +77,21 @@ def test_split_keeps_pre_augmented_rows_out_of_validation(tmp_path, model_dir):
         load_splits(_cfg(tmp_path, model_dir, data, val_data=bad_val))
 
 
-def test_augment_refuses_chat_data(tmp_path, model_dir):
-    data = _write(tmp_path / "a.jsonl", [{"instruction": "say hi", "output": "hi"}] * 8)
+@pytest.mark.parametrize(
+    ("task", "record"),
+    [
+        ("sft", {"instruction": "say hi", "output": "hi"}),
+        ("tag", {"tokens": ["Paris", "is", "big"], "tags": ["B-LOC", "O", "O"]}),
+        ("seq2seq", {"source": "say hi", "target": "hi"}),
+    ],
+)
+def test_augment_refuses_every_task_but_classify_and_multitask(tmp_path, model_dir, task, record):
+    data = _write(tmp_path / "a.jsonl", [record] * 8)
     cfg = FinetuneConfig.model_validate(
-        {"model": model_dir, "data": data, "out": tmp_path / "o", "train": TRAIN,
+        {"model": model_dir, "data": data, "out": tmp_path / "o", "train": TRAIN, "task": task,
          "augment": {"enabled": True}}
     )  # fmt: skip
-    with pytest.raises(ConfigError, match="augment needs text\\+label records"):
+    want = f"augment needs text\\+label records .*--task classify or multitask.*not --task {task}"
+    with pytest.raises(ConfigError, match=want):
         finetune(cfg)
+    assert not (tmp_path / "o" / "manifest.json").exists()

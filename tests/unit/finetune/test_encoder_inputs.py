@@ -3,9 +3,13 @@ sentence pairs with token types, and the classifier's logits end to end (tokeniz
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.finetune import heads, tagging
 from lmforge.model.config import preset_config
 from lmforge.model.convert import save_pretrained
@@ -46,7 +50,53 @@ def test_encoded_ids_equal_transformers_tokenizer(family):
     ] * 4
 
 
-def test_tagging_rows_carry_the_template_as_transformers_word_split():
+def test_truncation_equals_the_tokenizers_library_at_every_length(family):
+    _, tok_dir, _ = family
+    ours = TokenizerFiles.load(tok_dir)
+    ref = TokenizerFiles.load(tok_dir).tokenizer  # a private copy the reference may reconfigure
+    words = "the capital is paris and more words here".split()
+    for a, b in itertools.product(range(9), range(-1, 9)):
+        text, pair = " ".join(words[:a]), None if b < 0 else " ".join(words[:b])
+        specials = ref.num_special_tokens_to_add(pair is not None)
+        for max_len in range(specials, 20):
+            ref.enable_truncation(max_len, strategy="longest_first")
+            want = ref.encode(text, pair, add_special_tokens=True)
+            got = ours.encode_input(text, pair, max_len=max_len)
+            assert got == (want.ids, want.type_ids, bool(want.overflowing)), (text, pair, max_len)
+        with pytest.raises(ConfigError, match=f"no room for .* {specials} special tokens"):
+            ours.encode_input(text, pair, max_len=specials - 1)
+
+
+class _NoReconfiguring:
+    """A tokenizer that fails if anyone toggles its (shared) truncation setting."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        if name in ("enable_truncation", "no_truncation", "enable_padding", "no_padding"):
+            raise AssertionError(f"{name} on the shared tokenizer")
+        return getattr(self._tok, name)
+
+
+def test_encode_input_is_stateless_and_safe_under_threads(family):
+    _, tok_dir, _ = family
+    files = TokenizerFiles.load(tok_dir)
+    shared = TokenizerFiles(files.path, _NoReconfiguring(files.tokenizer), None, files.special)
+    jobs = [(t, p, n) for t in TEXTS for p in (None, *PAIRS) for n in (None, 4, 6, 9)]
+    jobs += [(t, "encode", None) for t in TEXTS]  # plain encode() must never see a truncation
+
+    def run(job):
+        text, pair, max_len = job
+        if pair == "encode":
+            return shared.encode(text)
+        return shared.encode_input(text, pair, max_len=max_len)
+
+    want = [run(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(20):
+            assert list(pool.map(run, jobs)) == want
+
     import tempfile
     from pathlib import Path
 

@@ -200,7 +200,7 @@ def test_task_mismatches_are_config_errors(tmp_path, tokenizer_dir, model_dir):
         finetune(_config(tmp_path, model_dir, pairs).model_copy(update={"task": "sft"}))
 
 
-def test_eval_model_generates_from_a_seq2seq_dir_and_refuses_to_score_it(tmp_path, tokenizer_dir):
+def test_eval_model_generates_from_a_seq2seq_dir(tmp_path, tokenizer_dir):
     from lmforge.evals.lm import EvalModel, GenerationSettings
     from lmforge.model.seq2seq_generate import generate_seq2seq_batched
 
@@ -213,5 +213,3 @@ def test_eval_model_generates_from_a_seq2seq_dir_and_refuses_to_score_it(tmp_pat
     )  # fmt: skip
     settings = GenerationSettings(max_new_tokens=6)
     assert model.generate("cat dog", settings) == tok.decode(ids)
-    with pytest.raises(InputError, match="is an encoder-decoder: scoring"):
-        model.token_nll([5, 6], [7])

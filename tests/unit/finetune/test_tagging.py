@@ -56,21 +56,6 @@ def test_words_are_tagged_on_their_first_subword(tokenizer_dir):
     assert cut == 1 and (short["tag_labels"][0] != IGNORE_INDEX).sum() == 1  # whole words only
 
 
-def test_entity_metrics_are_seqeval_style():
-    labels = ["B-LOC", "B-PER", "I-PER", "O"]
-    gold = [[1, 2, 3, 0]]  # PER(0,2), LOC(3,4)
-    assert tagging.tag_metrics(gold, gold, labels)["entity_f1"] == 1.0
-    partial = tagging.tag_metrics(gold, [[1, 3, 3, 0]], labels)  # PER span cut short
-    assert partial["entity_precision"] == 0.5 and partial["entity_recall"] == 0.5
-    assert partial["token_accuracy"] == 0.75
-    assert tagging.entity_spans(["I-X", "I-X", "O", "B-Y", "I-Z"]) == {
-        ("X", 0, 2),
-        ("Y", 3, 4),
-        ("Z", 4, 5),
-    }
-    assert "entity_f1" not in tagging.tag_metrics([[0]], [[0]], ["NOUN"])  # not BIO: accuracy only
-
-
 def test_bad_tagging_records_name_the_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["O"]}) + "\n")

@@ -15,6 +15,7 @@ from lmforge.model.convert import (
     hf_config_to_model_config,
     load_classifier,
     load_pretrained,
+    model_display_name,
     save_pretrained,
 )
 from lmforge.model.transformer import Transformer
@@ -289,3 +290,14 @@ def test_bad_inputs_are_reported_in_one_line(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(InputError, match=r"no model\.safetensors"):
         load_pretrained(tmp_path)
+
+
+def test_model_display_name_is_the_stage_for_a_final_dir(tmp_path, monkeypatch):
+    final = tmp_path / "runs" / "q" / "sft" / "final"
+    final.mkdir(parents=True)
+    assert model_display_name(final) == "sft"
+    assert model_display_name(tmp_path / "mine") == "mine"
+    monkeypatch.chdir(final)  # a relative "." or "final" still names the stage
+    assert model_display_name(".") == "sft"
+    monkeypatch.chdir(final.parent)
+    assert model_display_name("final") == "sft"

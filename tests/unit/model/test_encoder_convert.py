@@ -146,3 +146,17 @@ def test_encoder_without_hf_family_refuses_a_biased_head_and_keeps_native_mlm(tm
     save_pretrained(model, tmp_path / "mlm")  # lmforge's own layout round-trips exactly
     idx = ids(256)
     assert torch.equal(our_logits(load_pretrained(tmp_path / "mlm"), idx), our_logits(model, idx))
+
+
+@pytest.mark.parametrize("preset", ["bert-micro", "bert-tiny", "bart-micro", "bart-tiny"])
+def test_presets_are_exactly_the_hf_shapes_they_export_as(preset):
+    from lmforge.model.hf_families import FAMILIES, family_for
+
+    cfg = preset_config(preset)
+    model_type = family_for(cfg)
+    assert model_type == ("bart" if cfg.is_encoder_decoder else "bert")
+    family = FAMILIES[model_type]
+    hf = family.hf_config(cfg, model_type, family.architecture)
+    assert family.to_config(hf) == cfg  # the import builds the preset back, field for field
+    # one field off the shared shape and the config no longer claims the family
+    assert family_for(preset_config(preset, emb_norm=False)) is None

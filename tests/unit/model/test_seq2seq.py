@@ -7,9 +7,11 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.model.config import preset_config
-from lmforge.model.convert import load_pretrained, save_pretrained
+from lmforge.model.convert import load_pretrained, model_class, save_pretrained
 from lmforge.model.seq2seq import Seq2SeqLM
 from lmforge.model.seq2seq_generate import generate_seq2seq, generate_seq2seq_batched, right_pad
+from lmforge.model.t5 import wraps_transformers
+from lmforge.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,6 +123,21 @@ def test_seeded_sampling_does_not_depend_on_batch_size(tmp_path):
     assert one != generate_seq2seq_batched(model, sources, 8, batch_size=4, **{**opts, "seed": 8})
 
 
+def test_a_passed_generator_is_used_and_seed_with_generator_is_refused(tmp_path):
+    model, _ = _ours(tmp_path, init_std=1.0)
+    sources = [[5, 6, 7, 2], [9, 10, 2], [11, 2], [12, 13, 14, 15, 2]]
+    opts = dict(decoder_start_id=2, pad_id=1, temperature=0.9)
+
+    def with_generator(seed):
+        return generate_seq2seq_batched(
+            model, sources, 8, generator=torch.Generator().manual_seed(seed), **opts
+        )
+
+    assert with_generator(3) == with_generator(3) != with_generator(4)
+    with pytest.raises(ConfigError, match="either seed"):
+        generate_seq2seq_batched(model, sources, 8, seed=7, generator=torch.Generator(), **opts)
+
+
 def test_t5_checkpoint_loads_generates_and_exports_through_the_adapter(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.T5Config(
@@ -145,6 +162,7 @@ def test_t5_checkpoint_loads_generates_and_exports_through_the_adapter(tmp_path)
     for source, ids in zip(sources, new, strict=True):
         expect = hf.generate(torch.tensor([source]), do_sample=False, max_new_tokens=10)
         assert ids == [t for t in expect[0, 1:].tolist() if t != 0]
+    assert ours.config.is_encoder_decoder and wraps_transformers(ours)
     save_pretrained(ours, tmp_path / "t5-out", extra_config={"eos_token_id": 1})
     again = load_pretrained(tmp_path / "t5-out")
     with torch.no_grad():
@@ -184,3 +202,12 @@ def test_encoder_decoder_configs_are_checked():
         preset_config("bart-micro", pos="rope", pos_offset=0)
     with pytest.raises(ConfigError, match="needs causal=false"):
         preset_config("micro", n_dec_layer=2)
+
+
+def test_is_encoder_decoder_names_the_configs_that_build_seq2seq_models():
+    bart = preset_config("bart-micro")
+    assert bart.is_encoder_decoder and model_class(bart) is Seq2SeqLM
+    assert not wraps_transformers(Seq2SeqLM(bart))  # ours: freezing and LoRA use our names
+    for decoder_or_encoder in ("micro", "bert-micro"):
+        cfg = preset_config(decoder_or_encoder)
+        assert not cfg.is_encoder_decoder and model_class(cfg) is Transformer

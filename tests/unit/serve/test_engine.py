@@ -155,6 +155,14 @@ def test_bad_requests_are_refused_with_the_field_named(engine):
         engine.submit([10**6], SamplingParams(), "oov")
 
 
+def test_an_answer_may_fill_exactly_the_room_the_prompt_leaves(engine):
+    assert engine.token_room(100) == 28  # context 128
+    fits = collect(engine.submit([1] * 100, greedy(28), "fits"))
+    assert len(fits.token_ids) == 28
+    with pytest.raises(InputError, match="shorten the prompt or lower max_tokens"):
+        engine.submit([1] * 101, greedy(28), "one-over")
+
+
 def test_submit_is_thread_safe(engine):
     ids = engine.files.encode("def f(x):")
     handles, lock = [], threading.Lock()

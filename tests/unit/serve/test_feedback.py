@@ -171,3 +171,47 @@ def test_worker_processes_write_one_store_without_lock_errors(tmp_path):
         assert proc.returncode == 0, err
     with FeedbackStore(path) as store:
         assert store.counts() == {"responses": 3000, "ratings": 3000, "choices": 0}
+
+
+def _store_with_choices(path, n):
+    with FeedbackStore(path) as store:
+        for i in range(n):
+            store.record_response(f"a{i}", "sft", f"p{i}", MESSAGES, f"good {i}", {"seed": i})
+            store.record_response(f"b{i}", "sft", f"p{i}", None, f"bad {i}")
+            store.add_choice(f"a{i}", f"b{i}", prompt=f"note {i}")
+
+
+def test_iter_choices_reads_every_choice_in_one_query(tmp_path):
+    _store_with_choices(tmp_path / "fb.db", 5)
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        statements = []
+        store._conn().set_trace_callback(statements.append)
+        choices = list(store.iter_choices())
+    assert len(statements) == 1 and statements[0].startswith("SELECT")
+    assert [c["prompt"] for c in choices] == [f"note {i}" for i in range(5)]
+    assert choices[3]["chosen"] | {"created_at": None} == {
+        "id": "a3", "model": "sft", "prompt": "p3", "messages": MESSAGES, "text": "good 3",
+        "params": {"seed": 3}, "created_at": None,
+    }  # fmt: skip
+    assert choices[3]["rejected"]["messages"] is None and choices[3]["rejected"]["text"] == "bad 3"
+
+
+def test_read_only_store_reads_while_a_writer_holds_the_lock(tmp_path):
+    path = tmp_path / "fb.db"
+    _store_with_choices(path, 2)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a server mid-write: the write lock is taken
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            FeedbackStore(path, busy_timeout_ms=50)  # a writer's open waits, then gives up
+        with FeedbackStore(path, read_only=True, busy_timeout_ms=50) as store:
+            assert store.counts() == {"responses": 4, "ratings": 0, "choices": 2}
+            assert len(list(store.iter_choices())) == 2
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                store.record_response("c", "m", "p", None, "t")
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    with pytest.raises(InputError, match="cannot open a feedback store"):
+        FeedbackStore(tmp_path / "missing.db", read_only=True)
+    assert not (tmp_path / "missing.db").exists()

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lmforge.errors import ConfigError
+from lmforge.model.convert import model_display_name
 from lmforge.serve.protocol import (
     APIError,
     ChatRequest,
@@ -17,7 +18,6 @@ from lmforge.serve.protocol import (
 from lmforge.serve.settings import (
     ENV_CONFIG,
     ServeSettings,
-    model_name,
     parse_model_specs,
     run_dir,
     settings_from_env,
@@ -118,7 +118,7 @@ def test_model_names_and_specs(tmp_path):
     (final.parent / "manifest.json").write_text("{}")
     other = tmp_path / "mine"
     other.mkdir()
-    assert model_name(final) == "sft" and model_name(other) == "mine"
+    assert model_display_name(final) == "sft" and model_display_name(other) == "mine"
     assert run_dir(final) == tmp_path / "runs" / "q" and run_dir(other) is None
     specs = parse_model_specs([str(final), f"base={other}"])
     assert [(s.name, s.path) for s in specs] == [("sft", final), ("base", other)]

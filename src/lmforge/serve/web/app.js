@@ -9,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   history: [], // chat mode: the conversation sent with every turn
   busy: false,
+  contexts: {}, // model id -> its context window in tokens (/v1/models max_model_len)
 };
 
 // ---- talking to the server -------------------------------------------------------------------
@@ -72,6 +73,15 @@ async function* sseEvents(response) {
   throw new Error("the stream ended before [DONE]");
 }
 
+// The "Max tokens" field for `model`, capped by its context window: a value that cannot fit
+// (a micro model's context is shorter than the default 128) is left out of the request, and the
+// server answers with all the room the prompt leaves.
+function maxTokens(model) {
+  const asked = Number($("max-tokens").value) || 128;
+  const context = state.contexts[model];
+  return context && asked >= context ? undefined : asked;
+}
+
 // Streams one chat completion into `view`; resolves to {id, text, finish}.
 async function streamChat(model, messages, seed, view) {
   const body = {
@@ -79,9 +89,10 @@ async function streamChat(model, messages, seed, view) {
     messages,
     stream: true,
     stream_options: { include_usage: true },
-    max_tokens: Number($("max-tokens").value) || 128,
     temperature: Number($("temperature").value),
   };
+  const limit = maxTokens(model);
+  if (limit !== undefined) body.max_tokens = limit;
   if (seed !== null) body.seed = seed;
   if (!$("use-kb").checked) body.kb = false; // on by default when the server has a knowledge base
   const response = await request("/v1/chat/completions", {
@@ -291,6 +302,7 @@ async function loadModels() {
   try {
     const body = await (await request("/v1/models")).json();
     const ids = body.data.map((m) => m.id);
+    state.contexts = Object.fromEntries(body.data.map((m) => [m.id, m.max_model_len]));
     for (const [n, select] of [$("model-a"), $("model-b")].entries()) {
       const previous = select.value;
       select.replaceChildren(
@@ -312,6 +324,11 @@ async function loadModels() {
 
 function updateHint() {
   const sbs = $("side-by-side").checked;
+  const selected = sbs ? [$("model-a").value, $("model-b").value] : [$("model-a").value];
+  const contexts = selected.map((m) => state.contexts[m]).filter(Boolean);
+  $("max-tokens").title = contexts.length
+    ? `context ${Math.min(...contexts)} tokens: a larger value answers with what the prompt leaves`
+    : "";
   $("model-b-label").hidden = !sbs;
   const same = sbs && $("model-a").value === $("model-b").value;
   const hint = $("sbs-hint");

@@ -1,0 +1,133 @@
+"""Trained task heads of a model directory, read where their training pooled.
+
+A head is chosen by the files that hold it, never by the model's name:
+
+- a dialogue model's intent_head.safetensors (finetune.dialogue): the mean of the encoder states
+  over the source (the text, then eos), through a biased Linear;
+- an encoder's *ForSequenceClassification (biased head with pooler: BERT's pooler, RoBERTa's
+  classification head dense): the first token of the template-wrapped text through dense + tanh;
+- a decoder's *ForSequenceClassification (score.weight, no bias), or the older head.safetensors +
+  labels.json: the rightmost token that is not the pad token (finetune.heads.pooled_index);
+- an encoder's *ForTokenClassification (per-token head): the tagging task's TokenTagger.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lmforge.errors import InputError
+
+if TYPE_CHECKING:
+    from lmforge.evals.lm import EvalModel
+
+Pool = Callable[["EvalModel", str], torch.Tensor]  # (lm, text) -> pooled state (C,)
+
+
+@dataclass
+class SequenceHead:
+    """A sequence classifier's labels, its pooling, and the Linear over the pooled state."""
+
+    labels: list[str]
+    linear: nn.Linear
+    pool: Pool
+    reads: str  # how it pools, recorded in the task's metrics
+
+    @torch.no_grad()
+    def log_probs(self, lm: EvalModel, text: str) -> list[float]:
+        pooled = self.pool(lm, text)
+        logits = self.linear(pooled.to(self.linear.weight.dtype)).float()  # (n_classes,)
+        return torch.log_softmax(logits, dim=-1).double().tolist()
+
+
+def last_token(lm: EvalModel, text: str) -> torch.Tensor:
+    """A decoder's state at the rightmost non-pad token (where fine-tuning and transformers pool)."""
+    from lmforge.finetune.heads import pooled_index
+
+    ids = lm.encode(text)[: lm.block_size] or [lm.pad_id]
+    h = lm.model.hidden_states(torch.tensor([ids], device=lm.device))
+    return h[0, pooled_index(ids, lm.pad_id)]
+
+
+def pooled_first_token(dense: nn.Linear) -> Pool:
+    """An encoder's first-token state of the template-wrapped text through dense + tanh."""
+
+    def pool(lm: EvalModel, text: str) -> torch.Tensor:
+        ids, types, _ = lm.files.encode_input(text, max_len=lm.block_size)
+        x, t = (torch.tensor([v], device=lm.device) for v in (ids, types))
+        return torch.tanh(dense(lm.model.hidden_states(x, token_type_ids=t)[0, 0]))
+
+    return pool
+
+
+def mean_source_state(lm: EvalModel, text: str) -> torch.Tensor:
+    """The mean of an encoder-decoder's encoder states over the source (the dialogue's intent)."""
+    src = torch.tensor([lm.scorer.source(text)], device=lm.device)
+    return lm.model.encode(src)[0].mean(0)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.load_state_dict({"weight": weight} | ({"bias": bias} if bias is not None else {}))
+    return linear.to(device).eval()
+
+
+def load_sequence_head(lm: EvalModel) -> SequenceHead | None:
+    """The directory's sequence-classification head, if it has one (module docstring)."""
+    from lmforge.finetune.dialogue import INTENT_HEAD, load_intent_head
+    from lmforge.model.convert import load_classifier
+
+    if (lm.path / INTENT_HEAD).is_file():
+        linear, labels = load_intent_head(lm.path)
+        return SequenceHead(labels, linear.to(lm.device), mean_source_state, "mean_source")
+    head = load_classifier(lm.path)
+    if head is not None and head.per_token:
+        return None
+    if head is not None and head.pool_weight is not None:
+        dense = _linear(head.pool_weight, head.pool_bias, lm.device)
+        linear = _linear(head.weight, head.bias, lm.device)
+        return SequenceHead(head.labels, linear, pooled_first_token(dense), "first_token_pooler")
+    if head is not None:
+        return SequenceHead(head.labels, _linear(head.weight, head.bias, lm.device), last_token,
+                            "last_token")  # fmt: skip
+    return _legacy_head(lm)
+
+
+def _legacy_head(lm: EvalModel) -> SequenceHead | None:
+    """head.safetensors (a Linear with bias) + labels.json beside the model (older lmforge)."""
+    model_dir: Path = lm.path
+    if not ((model_dir / "head.safetensors").is_file() and (model_dir / "labels.json").is_file()):
+        return None
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_dir / "head.safetensors"))
+    labels = [str(x) for x in json.loads((model_dir / "labels.json").read_text(encoding="utf-8"))]
+    if state["weight"].shape[0] != len(labels):
+        raise InputError(
+            f"{model_dir}: head.safetensors has {state['weight'].shape[0]} classes but "
+            f"labels.json {len(labels)}"
+        )
+    return SequenceHead(labels, _linear(state["weight"], state.get("bias"), lm.device),
+                        last_token, "last_token")  # fmt: skip
+
+
+def load_token_head(lm: EvalModel) -> tuple[nn.Module, list[str]]:
+    """(finetune.tagging.TokenTagger with the directory's per-token head, its tag labels)."""
+    from lmforge.finetune.tagging import TokenTagger
+    from lmforge.model.convert import load_classifier
+
+    head = load_classifier(lm.path)
+    if head is None or not head.per_token:
+        raise InputError(
+            f"{lm.path} has no token-classification head (*ForTokenClassification); train one "
+            "with `lmforge finetune --task tag` on an encoder"
+        )
+    tagger = TokenTagger(lm.model, len(head.labels))
+    tagger.head.load_state_dict({"weight": head.weight, "bias": head.bias})
+    return tagger.to(lm.device).eval(), head.labels
