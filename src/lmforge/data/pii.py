@@ -102,7 +102,7 @@ class PiiStep:
     phone: bool = True
     ip: bool = True
     card: bool = True
-    names: bool = False
+    names: bool = False  # kind "name" (`name` is the step's own name)
     name: str = "pii"
     counts: Counter = field(default_factory=Counter)
 
