@@ -41,12 +41,14 @@ def test_data_stage_anonymized_the_planted_pii(run_dir):
     pii = json.loads((run_dir / "data" / "stats.json").read_text())["pii"]
     assert planted["email"] > 0 and planted["phone"] > 0
     assert pii["email"] == planted["email"] and pii["phone"] == planted["phone"]
+    assert pii["name"] == planted["names"] > 0  # the recipe turns pii.names on
     from lmforge.common.io import read_jsonl
 
     texts = [r["text"] for s in ("train", "val", "test")
              for r in read_jsonl(run_dir / "data" / f"{s}.jsonl.zst")]  # fmt: skip
     assert not any("@example.com" in t or "555-" in t for t in texts)
     assert any("<EMAIL>" in t for t in texts) and any("<PHONE>" in t for t in texts)
+    assert any(t.startswith("User: I am <NAME> (") for t in texts)
 
 
 def test_model_dir_and_report_sections(run_dir):
