@@ -44,6 +44,9 @@ class ExportSettings(Section):
     )
     atol: float = Field(1e-3, gt=0, description="max |logit difference| ONNX vs PyTorch allowed")
     opset: int = Field(18, ge=14, description="ONNX opset version")
+    gguf_type: Literal["f32", "f16", "q8_0"] = Field(
+        "f32", description="GGUF matrices: f32 | f16 | q8_0 (norms and biases stay f32)"
+    )
 
 
 class PruneSettings(Section):
@@ -142,7 +145,7 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     elif cfg.method == "distill":
         result = distill_method(cfg, ctx, src, original, texts)
     else:
-        result = export.export_method(cfg, ctx, src, original)
+        result = export.export_method(cfg, ctx, src, original, texts)
     after = result.pop("after")
     report = {"method": cfg.method, "source": str(src), "before": before, "after": after, **result}
     report.update(measure.compare(before, after))

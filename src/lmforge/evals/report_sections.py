@@ -511,9 +511,10 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         d = report.get("distillation") or {}
         label = f"student {d.get('student', '?')} ({fmt_num(d.get('student_params'))} params)"
         rows.append({"variant": label, **(report.get("after") or {})})
-    for fmt, name in (("onnx", "ONNX (onnxruntime)"), ("gguf", "GGUF f32")):
-        if report.get(fmt):
-            rows.append({"variant": name, **report[fmt]})
+    if report.get("onnx"):
+        rows.append({"variant": "ONNX (onnxruntime)", **report["onnx"]})
+    if report.get("gguf"):  # compression.json before export.gguf_type: always f32
+        rows.append({"variant": f"GGUF {report['gguf'].get('file_type', 'f32')}", **report["gguf"]})
     return rows
 
 
@@ -562,6 +563,8 @@ def compress_section(stage: StageInfo) -> list[Block]:
         if r.get("decode_max_abs_diff") is not None:
             diff = max(r["prefill_max_abs_diff"], r["decode_max_abs_diff"])
             bits.append(f"logits within {diff:.1e}")
+        if r.get("max_abs_logit_diff") is not None:  # GGUF: the file's rounded weights
+            bits.append(f"logits within {r['max_abs_logit_diff']:.1e}")
         parts.append(f"{r['variant']} " + ", ".join(bits))
     blocks = [Block(text=text + "; ".join(parts) + ".", summary=True)]
     table = [["variant", "MB", "size", "tokens/s", "speed", "perplexity", "bits/byte"]]

@@ -91,6 +91,14 @@ class Seq2SeqEngine(Engine):
             raise InputError("a seq2seq model answers a user message; the conversation has none")
         return str(users[-1])
 
+    def token_room(self, prompt_len: int) -> int:
+        """The most tokens an answer to a source of `prompt_len` tokens can have: the decoder's
+        context after its start token, whatever the source's length (the encoder reads the
+        source separately); negative when the source alone does not fit. _check_prompt's rule."""
+        if prompt_len > self.max_context:
+            return self.max_context - prompt_len
+        return self.max_context - 1
+
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         self._check_ids(prompt)
         if len(prompt) > self.max_context or params.max_tokens + 1 > self.max_context:

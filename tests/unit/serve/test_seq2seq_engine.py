@@ -94,3 +94,34 @@ def test_stops_abort_and_bad_input(s2s_dir):
                                    {"role": "user", "content": "hi there"}]) == "hi there"  # fmt: skip
     finally:
         engine.shutdown()
+
+
+def test_server_gives_the_decoder_its_whole_context_whatever_the_source(s2s_dir, tmp_path):
+    """A causal model's prompt + max_tokens share the context; a seq2seq source does not."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.server import create_app
+    from lmforge.serve.settings import ServeSettings
+
+    settings = ServeSettings(models=[{"name": "s2s", "path": s2s_dir}], feedback_db=tmp_path / "f")
+    with TestClient(create_app(settings)) as client:
+        n = client.app.state.serve.engines["s2s"].max_context
+        source = [7] * (n - 8)
+        body = {"model": "s2s", "prompt": source, "max_tokens": 40, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        r = client.post("/v1/completions", json=body)  # source + max_tokens > n: still fits
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 40
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        r = client.post("/v1/completions", json={**body, "max_tokens": n})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert f"at most {n - 1}" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={**body, "prompt": [7] * (n + 1)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        chat = {"model": "s2s", "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": " ".join(PROMPTS[1:4])}]}  # fmt: skip
+        r = client.post("/v1/chat/completions", json=chat)  # no max_tokens: the room is filled
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert n // 2 < usage["prompt_tokens"] <= n and usage["completion_tokens"] == n - 1
