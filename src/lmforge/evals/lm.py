@@ -103,7 +103,10 @@ class EvalModel:
         return self.bos_id if self.bos_id is not None else self.eos_id
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Parameters, the weights a quantized model keeps as codes included."""
+        from lmforge.model.quant import quantized_numel
+
+        return sum(p.numel() for p in self.model.parameters()) + quantized_numel(self.model)
 
     def stop_ids(self) -> list[int]:
         """Tokens that end a generation: generation_config.json's eos_token_id (the document end

@@ -14,6 +14,8 @@ tensors are quantized with how many bits. load_pretrained() dequantizes them on 
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -59,32 +61,129 @@ def dequantize_weight(codes: Tensor, scale: Tensor, bits: int, group_size: int) 
     return (groups * scale).reshape(out_f, in_f)
 
 
-class QuantLinear(nn.Module):
-    """A frozen Linear whose weight lives as int8/int4 codes; computes in the scale's dtype."""
+@functools.cache
+def int8_kernel_available() -> bool:
+    """Whether torch has the CPU int8 weight-only matmul (aten._weight_int8pack_mm) and it runs."""
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    try:
+        op(torch.ones(1, 8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
-    def __init__(self, linear: nn.Linear, kind: str = "int8", group_size: int = 32) -> None:
+
+def _uses_int8_kernel(x: Tensor, bits: int) -> bool:
+    """The int8 kernel serves inference on CPU; autograd (QLoRA training) dequantizes instead."""
+    return (
+        bits == 8
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and int8_kernel_available()
+    )
+
+
+class QuantLinear(nn.Module):
+    """A frozen Linear whose weight lives as int8/int4 codes; computes in the input's dtype.
+
+    `transposed` marks a weight its checkpoint stores as (in, out) (GPT-2's Conv1D). int8 codes
+    are (out, in) with a scale per output row (out, 1), or per input column (1, in) when
+    transposed; inference on CPU runs torch's int8 weight-only matmul where torch has it. int4
+    codes stay packed ((out, in / 2), or (in, out / 2) when transposed) and are dequantized on
+    each forward.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int = 32,
+        bias: bool = False,
+        transposed: bool = False,
+    ) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.transposed = bits, group_size, transposed
+        rows, cols = (in_features, out_features) if transposed else (out_features, in_features)
+        if bits == 8:  # codes always (out, in): a transposed checkpoint's are transposed on load
+            self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8))
+            self.register_buffer(
+                "scale", torch.empty(1, in_features) if transposed else torch.empty(out_features, 1)
+            )
+        else:
+            self.register_buffer("codes", torch.empty(rows, cols // 2, dtype=torch.uint8))
+            self.register_buffer("scale", torch.empty(rows, cols // group_size, 1))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, kind: str = "int8", group_size: int = 32
+    ) -> QuantLinear:
+        """linear's weight quantized (the QLoRA base)."""
         if kind not in BITS:
             raise ConfigError(f"unknown quantization {kind!r}; valid: {', '.join(BITS)}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bits, self.group_size = BITS[kind], group_size
-        codes, scale = quantize_weight(linear.weight.detach().float(), self.bits, group_size)
-        self.register_buffer("codes", codes)
-        self.register_buffer("scale", scale)
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
+        q = cls(linear.in_features, linear.out_features, BITS[kind], group_size)
+        q.codes, q.scale = quantize_weight(linear.weight.detach().float(), q.bits, group_size)
+        q.bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return q
 
     @property
     def weight(self) -> Tensor:
         """The dequantized weight (out, in); recomputed on each access."""
-        return dequantize_weight(self.codes, self.scale, self.bits, self.group_size)
+        w = dequantize_weight(self.codes, self.scale, self.bits, self.group_size)
+        return w.T if self.transposed and self.bits == 4 else w
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not _uses_int8_kernel(x, self.bits):
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        scale = self.scale.to(x.dtype)
+        if scale.shape[0] == 1:  # per input column: scale x, then plain int8 codes
+            flat, scale = flat * scale, torch.ones(self.out_features, dtype=x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.codes, scale.reshape(-1))
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept as int8/int4 codes (a scale per row or per group of columns):
+    a lookup dequantizes only the rows it gathers."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size = bits, group_size
+        if bits == 8:
+            self.register_buffer(
+                "codes", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8)
+            )
+            self.register_buffer("scale", torch.empty(num_embeddings, 1))
+        else:
+            packed = (num_embeddings, embedding_dim // 2)
+            self.register_buffer("codes", torch.empty(packed, dtype=torch.uint8))
+            self.register_buffer(
+                "scale", torch.empty(num_embeddings, embedding_dim // group_size, 1)
+            )
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole dequantized table (num_embeddings, embedding_dim)."""
+        return dequantize_weight(self.codes, self.scale, self.bits, self.group_size)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        flat = idx.reshape(-1)
+        rows = dequantize_weight(self.codes[flat], self.scale[flat], self.bits, self.group_size)
+        return rows.reshape(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
 
 def quantize_tensors(
@@ -117,15 +216,114 @@ def dequantize_tensors(
     """Inverse of quantize_tensors (float32 weights); unchanged when config is None."""
     if not config:
         return tensors
+    packed = read_quantized(tensors, config, where)
+    return {k: v.dequantize() if isinstance(v, QuantWeight) else v for k, v in packed.items()}
+
+
+def quantized_numel(model: nn.Module) -> int:
+    """How many weights the model holds as codes (a table shared by two modules counts once):
+    what parameter counts add, since codes are buffers."""
+    kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    return sum({id(m.codes): m.codes.numel() * (8 // m.bits) for m in kept}.values())
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """One quantized matrix of a checkpoint on its way into a model, in our (out, in) layout
+    unless `transposed` (int4 codes of a weight the checkpoint stores as (in, out))."""
+
+    codes: Tensor
+    scale: Tensor
+    bits: int
+    group_size: int
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The (out, in) shape of the weight the codes stand for."""
+        rows = self.codes.shape[0]
+        cols = self.codes.shape[1] * (2 if self.bits == 4 else 1)
+        return (cols, rows) if self.transposed and self.bits == 4 else (rows, cols)
+
+    def dequantize(self) -> Tensor:
+        w = dequantize_weight(self.codes, self.scale.float(), self.bits, self.group_size)
+        return w.T.contiguous() if self.transposed and self.bits == 4 else w
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> QuantWeight:
+        """Codes moved as they are; the scale in the model's dtype."""
+        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device, dtype))
+
+    def fused(self, rest: list[QuantWeight], transpose: bool) -> QuantWeight | None:
+        """self and rest as one weight, the checkpoint's parts transposed and/or concatenated
+        along the output rows like an unquantized weight; None if they cannot stay quantized."""
+        parts = [self, *rest]
+        if any(
+            (p.bits, p.group_size, p.transposed) != (self.bits, self.group_size, False)
+            for p in parts
+        ):
+            return None
+        if transpose and len(parts) > 1:
+            return None
+        if (
+            transpose and self.bits == 8
+        ):  # (in, out) codes with a scale per stored row = input column
+            return replace(
+                self, codes=self.codes.T.contiguous(), scale=self.scale.T, transposed=True
+            )
+        if transpose:
+            return replace(self, transposed=True)
+        codes = torch.cat([p.codes for p in parts]) if rest else self.codes
+        scale = torch.cat([p.scale for p in parts]) if rest else self.scale
+        return replace(self, codes=codes, scale=scale)
+
+
+def read_quantized(
+    tensors: dict[str, Tensor], config: dict[str, Any], where: object
+) -> dict[str, Tensor | QuantWeight]:
+    """The checkpoint with each quantized tensor and its scale as one QuantWeight."""
+    _check_method(config, where)
+    out: dict[str, Tensor | QuantWeight] = dict(tensors)
+    for name, bits in config["bits"].items():
+        scale = out.pop(name + SCALE_SUFFIX, None)
+        if name not in out or scale is None:
+            raise InputError(f"{where}: quantized tensor {name} or its scale is missing")
+        out[name] = QuantWeight(out[name], scale, int(bits), config["group_size"])
+    return out
+
+
+def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]:
+    """Swap each nn.Linear / nn.Embedding whose weight is a QuantWeight in state for a
+    QuantLinear / QuantEmbedding (empty, on model's device: call under torch.device("meta"));
+    returns state with their codes/scale under the new modules' names, the rest dequantized."""
+    out: dict[str, Tensor] = {}
+    for name, value in state.items():
+        if not isinstance(value, QuantWeight):
+            out[name] = value
+            continue
+        path = name.removesuffix(".weight")
+        module = model.get_submodule(path) if name.endswith(".weight") else None
+        swapped = _quant_module(module, value)
+        if swapped is None:  # not a plain Linear/Embedding weight: the module gets floats
+            out[name] = value.dequantize().to(value.scale.dtype)
+            continue
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, swapped)
+        out[f"{path}.codes"], out[f"{path}.scale"] = value.codes, value.scale
+    return out
+
+
+def _quant_module(module: nn.Module | None, w: QuantWeight) -> nn.Module | None:
+    if type(module) is nn.Linear:
+        bias = module.bias is not None
+        return QuantLinear(*reversed(w.shape), w.bits, w.group_size, bias, w.transposed)
+    if type(module) is nn.Embedding and not w.transposed:
+        return QuantEmbedding(*w.shape, w.bits, w.group_size)
+    return None
+
+
+def _check_method(config: dict[str, Any], where: object) -> None:
     if config.get("quant_method") != QUANT_METHOD:
         raise InputError(
             f"{where}: quantization_config.quant_method {config.get('quant_method')!r} is not "
             f"supported; lmforge reads its own ('{QUANT_METHOD}') or unquantized checkpoints"
         )
-    out = dict(tensors)
-    for name, bits in config["bits"].items():
-        scale = out.pop(name + SCALE_SUFFIX, None)
-        if name not in out or scale is None:
-            raise InputError(f"{where}: quantized tensor {name} or its scale is missing")
-        out[name] = dequantize_weight(out[name], scale.float(), int(bits), config["group_size"])
-    return out
