@@ -272,7 +272,7 @@ def load_pretrained(
     kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     if not isinstance(getattr(model, "tok_emb", None), QuantEmbedding):
         model.tie_weights()  # a kept tied pair already shares its codes (one tensor, assigned)
-    model.init_buffers()
+    model.init_buffers(device)
     if kept:
         bits = sorted({f"int{m.bits}" for m in kept})
         log.info("%s: kept %d matrices quantized (%s)", model_dir, len(kept), "/".join(bits))

@@ -74,12 +74,27 @@ def int8_kernel_available() -> bool:
     return True
 
 
-def _uses_int8_kernel(x: Tensor, bits: int) -> bool:
-    """The int8 kernel serves inference on CPU; autograd (QLoRA training) dequantizes instead."""
+# torch's CPU int8 kernel is vectorized for bf16/fp16 activations only: with fp32 ones it runs
+# ~10x slower than fp32 F.linear (torch 2.13, measured), so fp32 activations go in as bf16.
+KERNEL_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.bfloat16,
+                torch.float16: torch.float16}  # fmt: skip
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """t in memory that starts on a 64-byte boundary: torch's int8 kernel crashes (SIGSEGV)
+    on operands that do not (a view, a tensor inside a safetensors buffer)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+def _uses_int8_kernel(x: Tensor, layer: QuantLinear) -> bool:
+    """The int8 kernel serves inference on CPU; autograd (QLoRA training) dequantizes instead.
+    It also crashes unless in_features is a multiple of 16 (torch 2.13, measured)."""
     return (
-        bits == 8
+        layer.bits == 8
+        and layer.in_features % 16 == 0
+        and layer.codes.data_ptr() % 64 == 0
         and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and x.dtype in KERNEL_DTYPE
         and not (torch.is_grad_enabled() and x.requires_grad)
         and int8_kernel_available()
     )
@@ -90,7 +105,8 @@ class QuantLinear(nn.Module):
 
     `transposed` marks a weight its checkpoint stores as (in, out) (GPT-2's Conv1D). int8 codes
     are (out, in) with a scale per output row (out, 1), or per input column (1, in) when
-    transposed; inference on CPU runs torch's int8 weight-only matmul where torch has it. int4
+    transposed; inference on CPU runs torch's int8 weight-only matmul where torch has it, with
+    activations in bf16 (KERNEL_DTYPE: the rest of an fp32 model stays fp32). int4
     codes stay packed ((out, in / 2), or (in, out / 2) when transposed) and are dequantized on
     each forward.
     """
@@ -138,14 +154,17 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if not _uses_int8_kernel(x, self.bits):
+        if not _uses_int8_kernel(x, self):
             return F.linear(x, self.weight.to(x.dtype), bias)
+        dtype = KERNEL_DTYPE[x.dtype]
         flat = x.reshape(-1, self.in_features)  # (N, in)
-        scale = self.scale.to(x.dtype)
-        if scale.shape[0] == 1:  # per input column: scale x, then plain int8 codes
-            flat, scale = flat * scale, torch.ones(self.out_features, dtype=x.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.codes, scale.reshape(-1))
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        scale = self.scale.reshape(-1)
+        if self.scale.shape[0] == 1:  # per input column: scale x, then plain int8 codes
+            flat, scale = flat * scale.to(x.dtype), torch.ones(self.out_features)
+        y = torch.ops.aten._weight_int8pack_mm(
+            _aligned(flat.to(dtype).contiguous()), self.codes, _aligned(scale.to(dtype))
+        )  # (N, out)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
@@ -280,9 +299,14 @@ class QuantWeight:
 def read_quantized(
     tensors: dict[str, Tensor], config: dict[str, Any], where: object
 ) -> dict[str, Tensor | QuantWeight]:
-    """The checkpoint with each quantized tensor and its scale as one QuantWeight."""
+    """The checkpoint with each quantized tensor and its scale as one QuantWeight.
+
+    Every tensor is copied into memory of its own: safetensors' load_file hands out views into
+    the file's mapping (which one kept view keeps whole, and at offsets the int8 kernel cannot
+    take); a copy starts on a 64-byte boundary and the mapping is released once loaded.
+    """
     _check_method(config, where)
-    out: dict[str, Tensor | QuantWeight] = dict(tensors)
+    out: dict[str, Tensor | QuantWeight] = {name: t.clone() for name, t in tensors.items()}
     for name, bits in config["bits"].items():
         scale = out.pop(name + SCALE_SUFFIX, None)
         if name not in out or scale is None:

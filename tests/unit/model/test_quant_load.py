@@ -57,7 +57,10 @@ def test_kept_logits_equal_dequantized_on_load(dirs, preset: str, kind: str) -> 
     assert bits == {int(kind[3:])}
     with torch.no_grad():
         ref, got = floats(IDS), kept(IDS)
-    assert (ref - got).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-6
+    # int4 dequantizes each forward: the same fp32 matmuls. int8 runs torch's int8 kernel with
+    # bf16 activations (quant.KERNEL_DTYPE): bf16 rounding, well inside int8's own error
+    tolerance = 1e-5 if kind == "int4" or not int8_kernel_available() else 1e-2
+    assert (ref - got).abs().max().item() < tolerance * ref.abs().max().item()
 
 
 def test_kept_model_holds_a_quarter_of_the_bytes_and_shares_the_tied_table(dirs) -> None:
@@ -94,11 +97,13 @@ def test_int8_linear_matches_its_dequantized_weight(per_column: bool) -> None:
     layer.codes, layer.scale, layer.bias = codes, scale, torch.randn(48)
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
-        got = layer(x)
+        got = layer(x)  # the int8 kernel, bf16 activations
     ref = F.linear(x, codes.float() * scale, layer.bias)
-    assert torch.allclose(got, ref, atol=1e-5) and got.shape == (2, 5, 48)
-    x.requires_grad_(True)  # QLoRA's path: autograd through the dequantized weight
-    layer(x).sum().backward()
+    assert (got - ref).abs().max() < 1e-2 * ref.abs().max() and got.shape == (2, 5, 48)
+    x.requires_grad_(True)  # QLoRA's path: autograd through the dequantized fp32 weight
+    out = layer(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
     assert torch.allclose(x.grad[0, 0], (codes.float() * scale).sum(0), atol=1e-5)
 
 
@@ -139,4 +144,4 @@ def test_an_encoder_and_an_encoder_decoder_keep_their_codes_too(tmp_path: Path) 
         assert isinstance(kept.tok_emb, QuantEmbedding) and isinstance(kept.lm_head, QuantLinear)
         with torch.no_grad():
             ref, got = (m(IDS, tgt) if name == "bart" else m(IDS) for m in (floats, kept))
-        assert (ref - got).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-6
+        assert (ref - got).abs().max().item() < 1e-2 * ref.abs().max().item()  # bf16 kernel
