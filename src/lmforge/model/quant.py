@@ -1,15 +1,18 @@
 """Weight-only int8/int4 quantization: of a frozen nn.Linear (QLoRA) and of a whole checkpoint.
 
-QuantLinear keeps a frozen base weight as int8 (one scale per output row) or 4-bit (one scale per group of
-`group_size` input columns, two values packed per byte) and dequantized on every forward, so a
-frozen base takes 1/4 or ~1/7 of its fp32 memory while LoRA adapters on top train in full
-precision. Symmetric absmax rounding: small, readable, no custom kernels.
+QuantLinear keeps a frozen weight as int8 (one scale per output row) or 4-bit (one scale per
+group of `group_size` input columns, two values packed per byte), so it takes 1/4 or ~1/7 of its
+fp32 memory. int8 inference on CPU runs torch's int8 weight-only matmul (aten._weight_int8pack_mm,
+bf16 activations); otherwise (int4, autograd, GPU, a torch without the kernel) the weight is
+dequantized on every forward. QLoRA trains LoRA adapters on top in full precision. Symmetric
+absmax rounding: small, readable, no custom kernels.
 
 quantize_tensors() applies the same rounding to every matrix of a checkpoint (`lmforge compress
 quantize`): model.safetensors then holds the codes under each weight's own name plus
 `<name>_scale`, and config.json's `quantization_config` (quant_method "lmforge") says which
-tensors are quantized with how many bits. load_pretrained() dequantizes them on load
-(dequantize_tensors), so a quantized directory needs nothing but itself.
+tensors are quantized with how many bits. load_pretrained() keeps them quantized by default
+(read_quantized -> QuantWeight -> keep_quantized: QuantLinear / QuantEmbedding built from the
+stored codes, never an fp32 matrix) or dequantizes them for training (dequantize_tensors).
 """
 
 from __future__ import annotations
