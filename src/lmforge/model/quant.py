@@ -56,12 +56,11 @@ def dequantize_weight(codes: Tensor, scale: Tensor, bits: int, group_size: int) 
     """Inverse of quantize_weight (up to rounding), in the scale's dtype."""
     if bits == 8:
         return codes.to(scale.dtype) * scale
-    lo = (codes & 0xF).to(torch.int16) - 8
-    hi = (codes >> 4).to(torch.int16) - 8
-    q = torch.stack([lo, hi], dim=-1).reshape(codes.shape[0], -1)  # (out, in)
-    out_f, in_f = q.shape
-    groups = q.reshape(out_f, in_f // group_size, group_size).to(scale.dtype)
-    return (groups * scale).reshape(out_f, in_f)
+    out_f, in_f = codes.shape[0], codes.shape[1] * 2
+    q = torch.empty(out_f, in_f // 2, 2, dtype=scale.dtype, device=codes.device)
+    q[..., 0], q[..., 1] = codes & 0xF, codes >> 4  # one float buffer, filled in place
+    groups = q.view(out_f, in_f // group_size, group_size).sub_(8).mul_(scale)
+    return groups.view(out_f, in_f)
 
 
 @functools.cache
@@ -81,6 +80,9 @@ def int8_kernel_available() -> bool:
 # ~10x slower than fp32 F.linear (torch 2.13, measured), so fp32 activations go in as bf16.
 KERNEL_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.bfloat16,
                 torch.float16: torch.float16}  # fmt: skip
+
+
+INT4_CHUNK_WEIGHTS = 1 << 22  # an int4 matmul dequantizes 4M weights (16 MB in fp32) at a time
 
 
 def _aligned(t: Tensor) -> Tensor:
@@ -157,6 +159,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.bits == 4:
+            y = self._int4_forward(x)
+            return y if bias is None else y + bias
         if not _uses_int8_kernel(x, self):
             return F.linear(x, self.weight.to(x.dtype), bias)
         dtype = KERNEL_DTYPE[x.dtype]
@@ -169,6 +174,25 @@ class QuantLinear(nn.Module):
         )  # (N, out)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
+
+    def _int4_forward(self, x: Tensor) -> Tensor:
+        """x @ weight.T, dequantizing INT4_CHUNK_WEIGHTS weights at a time: a vocab-wide head
+        never exists in floats whole. Chunks of stored rows are output features (concatenated)
+        or, transposed, input features (partial sums)."""
+        rows = self.codes.shape[0]
+        step = max(1, INT4_CHUNK_WEIGHTS // (self.codes.shape[1] * 2))
+        starts = range(0, rows, step)
+        weights = (
+            dequantize_weight(
+                self.codes[r : r + step], self.scale[r : r + step], 4, self.group_size
+            )
+            for r in starts
+        )
+        if self.transposed:  # (in_chunk, out) each
+            return sum(
+                x[..., r : r + step] @ w.to(x.dtype) for r, w in zip(starts, weights, strict=True)
+            )
+        return torch.cat([F.linear(x, w.to(x.dtype)) for w in weights], dim=-1)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"

@@ -13,11 +13,13 @@ from torch import nn
 from lmforge.compress.quantize import quantize_dir
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
+from lmforge.model import quant
 from lmforge.model.convert import load_pretrained
 from lmforge.model.quant import (
     QuantEmbedding,
     QuantLinear,
     QuantWeight,
+    dequantize_weight,
     int8_kernel_available,
     quantize_weight,
 )
@@ -145,3 +147,19 @@ def test_an_encoder_and_an_encoder_decoder_keep_their_codes_too(tmp_path: Path) 
         with torch.no_grad():
             ref, got = (m(IDS, tgt) if name == "bart" else m(IDS) for m in (floats, kept))
         assert (ref - got).abs().max().item() < 1e-2 * ref.abs().max().item()  # bf16 kernel
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_int4_linear_dequantizes_in_chunks_to_the_same_result(monkeypatch, transposed) -> None:
+    torch.manual_seed(0)
+    stored = torch.randn(64, 96)  # (out, in), or (in, out) as GPT-2's Conv1D stores it
+    codes, scale = quantize_weight(stored, 4, 32)
+    out_f, in_f = (96, 64) if transposed else (64, 96)
+    layer = QuantLinear(in_f, out_f, 4, 32, bias=False, transposed=transposed)
+    layer.codes, layer.scale = codes, scale
+    w = dequantize_weight(codes, scale, 4, 32)
+    x = torch.randn(3, in_f)
+    ref = x @ w if transposed else x @ w.T
+    whole = layer(x)
+    monkeypatch.setattr(quant, "INT4_CHUNK_WEIGHTS", 96 * 5)  # 5 stored rows a chunk
+    assert torch.allclose(layer(x), ref, atol=1e-5) and torch.allclose(whole, ref, atol=1e-5)
