@@ -78,14 +78,17 @@ class EvalModel:
         self.scorer: Scorer = scorer_for(self, hf)
 
     @classmethod
-    def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
-        """Loads model + tokenizer from a directory written by lmforge or save_pretrained."""
+    def load(
+        cls, path: Path | str, name: str | None = None, device: str = "cpu", quantized: str = "keep"
+    ) -> EvalModel:
+        """Loads model + tokenizer from a directory written by lmforge or save_pretrained
+        (a quantized one kept quantized unless quantized="dequantize": load_pretrained)."""
         from lmforge.model.convert import load_pretrained, model_display_name, resolve_model_dir
 
         model_dir = resolve_model_dir(Path(path))
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
         tok = TokenizerFiles.load(model_dir)
-        model = load_pretrained(model_dir, device=device)
+        model = load_pretrained(model_dir, device=device, quantized=quantized)
         return cls(name or model_display_name(model_dir), model_dir, model, tok)
 
     # -- text <-> ids --------------------------------------------------------------------------

@@ -70,7 +70,12 @@ def int8_kernel_available() -> bool:
     if op is None:
         return False
     try:
-        op(torch.ones(1, 8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4))
+        bf16 = torch.bfloat16  # the probe is shaped like every real call (see _uses_int8_kernel)
+        op(
+            torch.ones(1, 16, dtype=bf16),
+            torch.ones(4, 16, dtype=torch.int8),
+            torch.ones(4, dtype=bf16),
+        )
     except (RuntimeError, NotImplementedError):
         return False
     return True
@@ -96,6 +101,7 @@ def _uses_int8_kernel(x: Tensor, layer: QuantLinear) -> bool:
     It also crashes unless in_features is a multiple of 16 (torch 2.13, measured)."""
     return (
         layer.bits == 8
+        and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())  # no data_ptr
         and layer.in_features % 16 == 0
         and layer.codes.data_ptr() % 64 == 0
         and x.device.type == "cpu"
