@@ -135,7 +135,7 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     src = cfg.model_dir()
     require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
-    original = EvalModel.load(src)
+    original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     before = measure.model_report(original, src, texts, cfg.speed)
     ctx.log.info("original: %s", before)
     if cfg.method == "quantize":
