@@ -131,7 +131,8 @@ class CompletionService:
                 screened = self._screen_prompt(m["content"])
                 refused |= screened is None
                 m["content"] = m["content"] if screened is None else screened
-        sources = passages = None
+        sources = None
+        passages = [] if refused else None  # None: no knowledge base (a refusal is not generated)
         use_kb = self.state.kb is not None and req.kb is not False
         if use_kb and not refused:
             query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
