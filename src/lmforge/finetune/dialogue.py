@@ -62,6 +62,8 @@ class DialogueEval(Section):
 
 
 class DialogueRetrieval(Section):
+    """`retrieval:` sources = the user turn + its top passages from a knowledge-base stage."""
+
     kb: Path | None = Field(None, description="knowledge-base stage directory (none: no passages)")
     passages: int = Field(3, ge=1, description="passages per source (top k for the user turn)")
     compare: bool = Field(
