@@ -621,5 +621,31 @@ def dialogue_section(stage: StageInfo) -> list[Block]:
         *training_section(stage),
         Block(text=text, summary=True),
         Block(table=table),
+        *_retrieval_blocks(scores),
         Block(table=rows, caption="held-out dialogues"),
     ]
+
+
+def _retrieval_blocks(scores: dict[str, Any]) -> list[Block]:
+    """A retrieval-augmented responder: recall@k and per-intent scores with/without passages."""
+    retrieval = scores.get("retrieval")
+    if not retrieval:
+        return []
+    k, recall = retrieval["passages"], retrieval["recall_at_k"]
+    text = (f"Each source carries the top {k} knowledge-base passages for the user turn; the "
+            f"asked-about function's passage is among them for {recall.get('all', 0):.1%} of the "
+            f"held-out questions about a function (recall@{k}).")  # fmt: skip
+    plain = scores.get("without_retrieval")
+    if plain is None:
+        return [Block(text=text)]
+    text += (f" Trained the same way without passages, the responder scores ROUGE-L "
+             f"{plain['test_rougeL']:.3f} (with: {scores['test_rougeL']:.3f}).")  # fmt: skip
+    table = [["intent", "n", f"recall@{k}", "ROUGE-L with / without passages",
+              "BLEU with / without", "exact match with / without"]]  # fmt: skip
+    for intent, row in scores["per_intent"].items():
+        other = plain["per_intent"].get(intent, {})
+        cells = [f"{row[m]:.3g} / {other.get(m, float('nan')):.3g}"
+                 for m in ("rougeL", "bleu", "exact_match")]  # fmt: skip
+        r = recall.get(intent)
+        table.append([intent, str(row["n"]), "" if r is None else f"{r:.3f}", *cells])
+    return [Block(text=text), Block(table=table, caption="held-out, with vs without passages")]
