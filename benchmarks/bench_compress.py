@@ -4,8 +4,8 @@ Greedy decoding (a prompt, then one cached token a step) of the same weights fou
 round-robin so machine noise hits all alike, median of the rounds:
 
 - **fp32 eager**: the Transformer through lmforge.model.generate (the baseline);
-- **int8 weight-only**: the `compress quantize` checkpoint reloaded (dequantized on load, so the
-  compute is fp32: the file is smaller, the speed should equal the baseline);
+- **int8 weight-only**: the `compress quantize` checkpoint reloaded (kept int8: torch's int8
+  matmul with bf16 activations; benchmarks/bench_quant_load.py measures its memory);
 - **dynamic int8**: torch.ao dynamic quantization of every nn.Linear (int8 matmuls);
 - **ONNX / onnxruntime**: the `compress export` graph with KV-cache inputs and outputs, decoded
   with the same greedy loop on numpy.

@@ -473,9 +473,10 @@ def compress_export_cmd(
     sets: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Export to ONNX (KV cache, checked with onnxruntime) and GGUF (checked by reading back).
+    """Export to ONNX (KV cache, checked with onnxruntime) and GGUF (checked by reading back;
+    matrices f32, f16 or q8_0 with --set export.gguf_type=).
 
-    Example: lmforge compress export --model runs/x/pretrain --out runs/x/export --formats onnx,gguf
+    Example: lmforge compress export --model runs/x/pretrain --out runs/x/export --formats onnx,gguf --set export.gguf_type=q8_0
     """
     extra = {"export": {"formats": [f.strip() for f in formats.split(",")]}} if formats else {}
     _compress("export", model, out, None, config, sets, force, extra)

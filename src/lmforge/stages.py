@@ -30,6 +30,7 @@ STAGES: dict[str, str] = {
     "preferences": "lmforge.align.synthetic:PreferencesConfig:build",
     "compress": "lmforge.compress.stage:CompressConfig:build",
     "feedback-export": "lmforge.serve.feedback_export:FeedbackExportConfig:build",
+    "knowledge-base": "lmforge.serve.recipe_config:KnowledgeBaseStage:build_kb",
     "serve-config": "lmforge.serve.recipe_config:ServeConfigStage:build",
 }
 

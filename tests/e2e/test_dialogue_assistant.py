@@ -1,5 +1,6 @@
-"""The dialogue-assistant recipe end to end at micro size: data (PII), multi-task training, report,
-then the real server on its serve-config with the openai client (answer + KB sources, refusal)."""
+"""The dialogue-assistant recipe end to end at micro size: knowledge base, data (PII), multi-task
+retrieval-augmented training (and its comparison without passages), report, then the real server
+on its serve-config with the openai client (answer from a source with the KB's passages, refusal)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from e2e.serve_helpers import ServerProcess
 MICRO = [
     "dialogues.max_functions=80", "dialogues.small_talk_copies=2", "tokenizer.vocab_size=512",
     "dialogue.model.preset=bart-micro", "dialogue.train.max_steps=20",
-    "dialogue.train.warmup_steps=2", "dialogue.train.seq_len=32", "dialogue.train.micro_batch_size=16",
+    "dialogue.train.warmup_steps=2", "dialogue.train.seq_len=64", "dialogue.train.micro_batch_size=16",
     "dialogue.train.eval_every=10", "dialogue.train.ckpt_every=20",
     "dialogue.eval.max_examples=16", "dialogue.eval.max_new_tokens=12",
-    "serve_config.kb_functions=40",
 ]  # fmt: skip
+QUESTION = "What is the signature of json.dumps?"
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +64,28 @@ def test_model_dir_and_report_sections(run_dir):
     assert 0 <= scores["test_rougeL"] <= 1 and 0 <= scores["intent_accuracy"] <= 1
     assert scores["test_bleu"] >= 0 and scores["intent_test_dialogues"] > 0
     report = (run_dir / "report.md").read_text()
-    for stage in ("dialogues", "data", "tokenizer", "dialogue", "serve_config"):
+    for stage in ("kb", "dialogues", "data", "tokenizer", "dialogue", "serve_config"):
         assert f"## {stage} (" in report, stage
     assert "PII" in report and "intent head is right on" in report
     assert "Demographic terms in the data" in report  # the data-side bias term report
     assert "held-out dialogues" in report
+    assert "without passages" in report and "recall@2" in report
+
+
+def test_retrieval_recorded_measured_and_compared(run_dir):
+    from lmforge.serve.retrieval import RetrievalSpec
+
+    final = run_dir / "dialogue" / "final"
+    assert RetrievalSpec.load(final) == RetrievalSpec(passages=2, source_tokens=63)
+    scores = json.loads((run_dir / "dialogue" / "eval.json").read_text())
+    recall = scores["retrieval"]["recall_at_k"]
+    assert recall["all"] >= 0.5 and set(recall) >= {"ask_signature", "ask_usage"}
+    plain = scores["without_retrieval"]
+    assert set(plain["per_intent"]) == set(scores["per_intent"])
+    assert (run_dir / "dialogue" / "no_retrieval" / "samples.jsonl").is_file()
+    metrics = json.loads((run_dir / "dialogue" / "manifest.json").read_text())["metrics"]
+    assert metrics["norag_test_rougeL"] == plain["test_rougeL"]
+    assert metrics["test_recall_at_k"] == recall["all"]
 
 
 def test_served_with_kb_and_safety(run_dir, tmp_path):
@@ -78,13 +96,13 @@ def test_served_with_kb_and_safety(run_dir, tmp_path):
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["assistant"]
         out = client.chat.completions.create(
-            model="assistant", messages=[{"role": "user", "content": "How do I join paths?"}],
+            model="assistant", messages=[{"role": "user", "content": QUESTION}],
             max_tokens=12, temperature=0,
         )  # fmt: skip
         assert out.choices[0].finish_reason in ("stop", "length")
         assert out.usage.completion_tokens >= 1
         sources = out.model_extra["sources"]
-        assert sources and sources[0]["source"].endswith(".md")
+        assert sources[0]["source"] == "json.dumps"  # a passage per function, named by it
         blocked = client.chat.completions.create(
             model="assistant", max_tokens=8,
             messages=[{"role": "user", "content": "how do I build a bomb?"}],
@@ -92,6 +110,36 @@ def test_served_with_kb_and_safety(run_dir, tmp_path):
         assert blocked.choices[0].finish_reason == "content_filter"
     finally:
         assert srv.stopped_cleanly(), srv.output()
+    assert "knowledge-base passages" not in srv.output()  # the no-KB warning
+    served = _served_source(run_dir / "serve_config" / "feedback.db", out.id)
+    assert served == _training_source(run_dir, QUESTION)
+    assert served.startswith(f"{QUESTION}\n[1] json.dumps(obj, ")
+
+
+def _served_source(feedback_db, response_id):
+    """The source the server gave the model, as its feedback store recorded it."""
+    import sqlite3
+
+    with sqlite3.connect(feedback_db) as conn:
+        row = conn.execute("SELECT prompt FROM responses WHERE id = ?", (response_id,)).fetchone()
+    return row[0]
+
+
+def _training_source(run_dir, question):
+    """The source the dialogue stage builds for the same user turn, from the recipe's KB."""
+    from lmforge.finetune.dialogue import Retrieved
+    from lmforge.serve.recipe_config import open_kb
+    from lmforge.serve.retrieval import RetrievalSpec
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    final = run_dir / "dialogue" / "final"
+    kb = open_kb(run_dir / "kb")
+    try:
+        row = {"context": question, "response": "", "intent": "ask_usage"}
+        built = Retrieved([row], TokenizerFiles.load(final), RetrievalSpec.load(final), kb)
+        return built.sources[0]
+    finally:
+        kb.close()
 
 
 def test_eval_stage_scores_responses_and_intents(run_dir):

@@ -37,6 +37,10 @@ def test_cli_missing_model_and_unknown_format_are_one_line(tmp_path: Path) -> No
     proc = lmforge("compress", "export", "--model", str(tmp_path), "--out", str(tmp_path / "x"),
                    "--formats", "tflite")  # fmt: skip
     assert proc.returncode == 2 and "tflite" in proc.stderr and "Traceback" not in proc.stderr
+    proc = lmforge("compress", "export", "--model", str(tmp_path), "--out", str(tmp_path / "x"),
+                   "--set", "export.gguf_type=q4_k")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "export.gguf_type" in proc.stderr and "'q4_k'" in proc.stderr
 
 
 def test_recipe_chains_quantize_into_export_and_caches(tmp_path: Path) -> None:

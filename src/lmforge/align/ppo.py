@@ -83,7 +83,7 @@ def load_reward_model(path: Path, vocab_size: int) -> nn.Module:
             f"ppo.reward_model={path} is not a reward model (a 1-label classifier); "
             "train one with: lmforge align --method reward"
         )
-    lm = load_pretrained(path)
+    lm = load_pretrained(path, quantized="dequantize")
     if lm.config.vocab_size != vocab_size:
         raise ConfigError(
             f"ppo.reward_model vocab_size {lm.config.vocab_size} differs from the policy's "

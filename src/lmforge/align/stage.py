@@ -177,7 +177,7 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
         raise ConfigError("--method ppo needs ppo.reward_model (an `align --method reward` dir)")
     tok = load_chat_tokenizer(model_dir)
     forget_other_runs(ctx.out / "checkpoints", ctx.run_hash)
-    lm = load_pretrained(model_dir).train()
+    lm = load_pretrained(model_dir, quantized="dequantize").train()
     if cfg.train.seq_len > lm.config.block_size:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
@@ -241,7 +241,7 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
     bs, beta, kind = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss
-    ref = load_pretrained(cfg.dpo.reference) if cfg.dpo.reference else lm
+    ref = load_pretrained(cfg.dpo.reference, quantized="dequantize") if cfg.dpo.reference else lm
     train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
     val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
     lm.train()
@@ -299,7 +299,7 @@ def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list, reference: Any)
     if not examples:
         return {}
     if reference is None:
-        reference = load_pretrained(cfg.model_dir())
+        reference = load_pretrained(cfg.model_dir(), quantized="dequantize")
     stops = eos_ids(tuned_generation_config(cfg.model_dir(), tok))  # what final/ stops at
     args = (examples, stops, cfg.eval.max_new_tokens, cfg.eval.batch_size)
     score, _ = rouge_eval(policy, tok, *args)

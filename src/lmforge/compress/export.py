@@ -1,21 +1,27 @@
 """`compress export`: onnx/ (model.onnx + tokenizer files) and model.gguf, each checked.
 
 ONNX is compared with PyTorch's logits under onnxruntime (a left-padded prefill and one cached
-decode step) and timed at greedy decoding; GGUF is read back with gguf's reader. A check that
-fails is a StageError, and the stage then leaves no manifest.
+decode step) and timed at greedy decoding; GGUF (matrices as `export.gguf_type`) is read back
+with gguf's reader, and what its rounding costs is measured on the model holding the file's
+weights: max |logit difference| and, with `data`, perplexity. A check that fails is a
+StageError, and the stage then leaves no manifest.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from lmforge.artifacts import StageContext
 from lmforge.compress.files import copy_side_files, special_ids
-from lmforge.compress.gguf_export import check_gguf, export_gguf
-from lmforge.compress.measure import weights_bytes
+from lmforge.compress.gguf_export import check_gguf, encode_tensor, export_gguf
+from lmforge.compress.measure import prompt_ids, quality, weights_bytes
 from lmforge.compress.onnx_export import (
     check_onnx,
     export_onnx,
@@ -37,9 +43,48 @@ def require_extra(fmt: str) -> None:
         )
 
 
-def export_method(cfg: Any, ctx: StageContext, src: Path, original: EvalModel) -> dict[str, Any]:
-    """Writes the requested formats; returns their checks and sizes ("after" is the ONNX model
-    when exported, else the GGUF file)."""
+def gguf_rounded(model: nn.Module, file_type: str) -> nn.Module:
+    """model, or a copy whose matrices hold what a GGUF of file_type stores, back in float32.
+
+    Rounding works within a row (q8_0: blocks of 32 columns), so llama.cpp's row reordering and
+    splits of q/k/v and gate/up commute with it: the copy's GGUF tensors are the file's.
+    """
+    import gguf
+
+    if file_type == "f32":
+        return model
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, weight in rounded.named_parameters():
+            if weight.ndim == 2:
+                data, qtype = encode_tensor(name, weight.float().numpy(), file_type)
+                values = gguf.quants.dequantize(data, qtype).reshape(weight.shape)
+                weight.copy_(torch.from_numpy(values))
+    return rounded
+
+
+def gguf_quality(
+    original: EvalModel, file_type: str, prompt_tokens: int, texts: list[str] | None
+) -> dict[str, Any]:
+    """What the GGUF's rounding costs: max |logit difference| from the original on a fixed
+    prompt and, with texts, perplexity / bits-per-byte of the file's weights."""
+    rounded = gguf_rounded(original.model, file_type)
+    idx = prompt_ids(original.model.config.vocab_size, prompt_tokens)
+    with torch.no_grad():
+        diff = (rounded(idx) - original.model(idx)).abs().max().item()
+    row: dict[str, Any] = {"max_abs_logit_diff": diff}
+    if texts:
+        name = f"{original.name}-gguf-{file_type}"
+        scored = quality(EvalModel(name, original.path, rounded, original.files), texts)
+        row.update(perplexity=scored["perplexity"], bits_per_byte=scored["bits_per_byte"])
+    return row
+
+
+def export_method(
+    cfg: Any, ctx: StageContext, src: Path, original: EvalModel, texts: list[str] | None = None
+) -> dict[str, Any]:
+    """Writes the requested formats; returns their checks, sizes and (GGUF, with texts) quality
+    ("after" is the ONNX model when exported, else the GGUF file)."""
     settings, model = cfg.export, original.model
     for fmt in settings.formats:
         require_extra(fmt)
@@ -62,11 +107,17 @@ def export_method(cfg: Any, ctx: StageContext, src: Path, original: EvalModel) -
             **checks,
         }
     if "gguf" in settings.formats:
-        special = special_ids(src)
+        special, file_type = special_ids(src), settings.gguf_type
         with ctx.atomic_path(ctx.out / "model.gguf") as tmp:
-            export_gguf(model, src, tmp, special)
-            checks = check_gguf(tmp, model, src, special)
-        result["gguf"] = {"weights_bytes": weights_bytes(ctx.out / "model.gguf"), **checks}
+            export_gguf(model, src, tmp, special, file_type)
+            checks = check_gguf(tmp, model, src, special, file_type)
+        result["gguf"] = {
+            "file_type": file_type,
+            "weights_bytes": weights_bytes(ctx.out / "model.gguf"),
+            **checks,
+            **gguf_quality(original, file_type, cfg.speed.prompt_tokens, texts),
+        }
     first = result.get("onnx") or result["gguf"]
-    result["after"] = {k: first[k] for k in ("weights_bytes", "tokens_per_s") if k in first}
+    measured = ("weights_bytes", "tokens_per_s", "perplexity", "bits_per_byte")
+    result["after"] = {k: first[k] for k in measured if k in first}
     return result

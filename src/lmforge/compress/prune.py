@@ -196,7 +196,7 @@ def prune_method(
     from lmforge.model.convert import load_pretrained
 
     settings = cfg.prune
-    model = load_pretrained(src)
+    model = load_pretrained(src, quantized="dequantize")
     n_before = model.num_params()
     pruned, masks = prune_model(model, settings)
     report: dict[str, Any] = {"pruning": {

@@ -3,11 +3,11 @@
 The checkpoint's matrices are rounded with lmforge.model.quant (the QLoRA base's quantizer: int8
 with one scale per output row, int4 with one scale per group of input columns, two codes a byte)
 and written under their own names in model.safetensors, with config.json's quantization_config
-saying how; load_pretrained dequantizes on load, so the directory reloads for eval and generate
-without the original. Weight-only quantization shrinks the file, not the compute: on CPU the
-dequantized model runs at fp32 speed. dynamic_int8() is the speed option: torch.ao's dynamic
-quantization (int8 weights, activations quantized per batch, fbgemm int8 matmuls) of every
-nn.Linear, applied in memory after loading, since its packed weights have no safetensors form.
+saying how; load_pretrained keeps them quantized (eval, generate, serve: int8/int4 memory, int8
+matmuls on CPU) and dequantizes them for training, so the directory needs nothing but itself.
+dynamic_int8() is torch.ao's dynamic quantization (int8 weights, activations quantized per
+batch, fbgemm int8 matmuls) of every nn.Linear, applied in memory after loading, since its
+packed weights have no safetensors form; the stage measures both.
 """
 
 from __future__ import annotations

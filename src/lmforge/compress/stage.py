@@ -44,6 +44,9 @@ class ExportSettings(Section):
     )
     atol: float = Field(1e-3, gt=0, description="max |logit difference| ONNX vs PyTorch allowed")
     opset: int = Field(18, ge=14, description="ONNX opset version")
+    gguf_type: Literal["f32", "f16", "q8_0"] = Field(
+        "f32", description="GGUF matrices: f32 | f16 | q8_0 (norms and biases stay f32)"
+    )
 
 
 class PruneSettings(Section):
@@ -132,7 +135,7 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     src = cfg.model_dir()
     require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
-    original = EvalModel.load(src)
+    original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     before = measure.model_report(original, src, texts, cfg.speed)
     ctx.log.info("original: %s", before)
     if cfg.method == "quantize":
@@ -142,7 +145,7 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     elif cfg.method == "distill":
         result = distill_method(cfg, ctx, src, original, texts)
     else:
-        result = export.export_method(cfg, ctx, src, original)
+        result = export.export_method(cfg, ctx, src, original, texts)
     after = result.pop("after")
     report = {"method": cfg.method, "source": str(src), "before": before, "after": after, **result}
     report.update(measure.compare(before, after))

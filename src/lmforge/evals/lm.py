@@ -78,14 +78,17 @@ class EvalModel:
         self.scorer: Scorer = scorer_for(self, hf)
 
     @classmethod
-    def load(cls, path: Path | str, name: str | None = None, device: str = "cpu") -> EvalModel:
-        """Loads model + tokenizer from a directory written by lmforge or save_pretrained."""
+    def load(
+        cls, path: Path | str, name: str | None = None, device: str = "cpu", quantized: str = "keep"
+    ) -> EvalModel:
+        """Loads model + tokenizer from a directory written by lmforge or save_pretrained
+        (a quantized one kept quantized unless quantized="dequantize": load_pretrained)."""
         from lmforge.model.convert import load_pretrained, model_display_name, resolve_model_dir
 
         model_dir = resolve_model_dir(Path(path))
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
         tok = TokenizerFiles.load(model_dir)
-        model = load_pretrained(model_dir, device=device)
+        model = load_pretrained(model_dir, device=device, quantized=quantized)
         return cls(name or model_display_name(model_dir), model_dir, model, tok)
 
     # -- text <-> ids --------------------------------------------------------------------------
@@ -103,7 +106,10 @@ class EvalModel:
         return self.bos_id if self.bos_id is not None else self.eos_id
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Parameters, the weights a quantized model keeps as codes included."""
+        from lmforge.model.quant import quantized_numel
+
+        return sum(p.numel() for p in self.model.parameters()) + quantized_numel(self.model)
 
     def stop_ids(self) -> list[int]:
         """Tokens that end a generation: generation_config.json's eos_token_id (the document end

@@ -511,9 +511,10 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         d = report.get("distillation") or {}
         label = f"student {d.get('student', '?')} ({fmt_num(d.get('student_params'))} params)"
         rows.append({"variant": label, **(report.get("after") or {})})
-    for fmt, name in (("onnx", "ONNX (onnxruntime)"), ("gguf", "GGUF f32")):
-        if report.get(fmt):
-            rows.append({"variant": name, **report[fmt]})
+    if report.get("onnx"):
+        rows.append({"variant": "ONNX (onnxruntime)", **report["onnx"]})
+    if report.get("gguf"):  # compression.json before export.gguf_type: always f32
+        rows.append({"variant": f"GGUF {report['gguf'].get('file_type', 'f32')}", **report["gguf"]})
     return rows
 
 
@@ -562,6 +563,8 @@ def compress_section(stage: StageInfo) -> list[Block]:
         if r.get("decode_max_abs_diff") is not None:
             diff = max(r["prefill_max_abs_diff"], r["decode_max_abs_diff"])
             bits.append(f"logits within {diff:.1e}")
+        if r.get("max_abs_logit_diff") is not None:  # GGUF: the file's rounded weights
+            bits.append(f"logits within {r['max_abs_logit_diff']:.1e}")
         parts.append(f"{r['variant']} " + ", ".join(bits))
     blocks = [Block(text=text + "; ".join(parts) + ".", summary=True)]
     table = [["variant", "MB", "size", "tokens/s", "speed", "perplexity", "bits/byte"]]
@@ -618,5 +621,31 @@ def dialogue_section(stage: StageInfo) -> list[Block]:
         *training_section(stage),
         Block(text=text, summary=True),
         Block(table=table),
+        *_retrieval_blocks(scores),
         Block(table=rows, caption="held-out dialogues"),
     ]
+
+
+def _retrieval_blocks(scores: dict[str, Any]) -> list[Block]:
+    """A retrieval-augmented responder: recall@k and per-intent scores with/without passages."""
+    retrieval = scores.get("retrieval")
+    if not retrieval:
+        return []
+    k, recall = retrieval["passages"], retrieval["recall_at_k"]
+    text = (f"Each source carries the top {k} knowledge-base passages for the user turn; the "
+            f"asked-about function's passage is among them for {recall.get('all', 0):.1%} of the "
+            f"held-out questions about a function (recall@{k}).")  # fmt: skip
+    plain = scores.get("without_retrieval")
+    if plain is None:
+        return [Block(text=text)]
+    text += (f" Trained the same way without passages, the responder scores ROUGE-L "
+             f"{plain['test_rougeL']:.3f} (with: {scores['test_rougeL']:.3f}).")  # fmt: skip
+    table = [["intent", "n", f"recall@{k}", "ROUGE-L with / without passages",
+              "BLEU with / without", "exact match with / without"]]  # fmt: skip
+    for intent, row in scores["per_intent"].items():
+        other = plain["per_intent"].get(intent, {})
+        cells = [f"{row[m]:.3g} / {other.get(m, float('nan')):.3g}"
+                 for m in ("rougeL", "bleu", "exact_match")]  # fmt: skip
+        r = recall.get(intent)
+        table.append([intent, str(row["n"]), "" if r is None else f"{r:.3f}", *cells])
+    return [Block(text=text), Block(table=table, caption="held-out, with vs without passages")]

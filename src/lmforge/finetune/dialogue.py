@@ -11,12 +11,24 @@ final/ is a BART-layout model directory (servable, transformers-loadable) with t
 generation_config.json (decoder_start_token_id, eos) and the intent head: intent_head.safetensors
 + intent_head.json (labels, pooling), read back by load_intent_head. Held-out test dialogues are
 scored: ROUGE-1/2/L, BLEU and exact match of greedy responses (finetune.seq2seq's evaluation),
-intent accuracy and macro-F1. Rows, ids and scoring are finetune.seq2seq's (sources end in eos).
+overall and per intent, intent accuracy and macro-F1. Rows, ids and scoring are finetune.seq2seq's
+(sources end in eos).
+
+With `retrieval.kb` (a knowledge-base stage) the responder is retrieval-augmented: each source is
+the user turn + the top `retrieval.passages` passages KnowledgeBase.search finds for it, laid out
+by serve.retrieval.RetrievalSpec.source -- the function the serving engine formats chat sources
+with -- and final/retrieval.json records the spec, so the server builds the same sources. The
+stage reads the index through serve.retrieval (a leaf module: SQLite and the data readers), the
+one place finetune reaches into serve, because training and serving must share that one function.
+Held-out scores then include retrieval recall@k (the asked-about function's passage among the
+top k) and, with `retrieval.compare`, the same training without passages (no_retrieval/).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +40,13 @@ from torch import Tensor, nn
 
 from lmforge.artifacts import StageContext, require_artifact
 from lmforge.common.io import read_jsonl, write_jsonl
+from lmforge.common.logging import MetricsWriter
 from lmforge.config import Section, StageConfig
 from lmforge.errors import InputError
 from lmforge.finetune.dialogue_data import parse_dialogue
 from lmforge.finetune.heads import classification_metrics
 from lmforge.finetune.seq2seq import Seq2SeqIds, encode_pairs, seq2seq_eval
-from lmforge.model.transformer import next_token_loss
+from lmforge.model.transformer import IGNORE_INDEX, next_token_loss
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from lmforge.train.config import TrainConfig
 from lmforge.train.pretrain import ModelSection
@@ -48,6 +61,16 @@ class DialogueEval(Section):
     max_new_tokens: int = Field(48, ge=1, description="response length cap (tokens)")
 
 
+class DialogueRetrieval(Section):
+    """`retrieval:` sources = the user turn + its top passages from a knowledge-base stage."""
+
+    kb: Path | None = Field(None, description="knowledge-base stage directory (none: no passages)")
+    passages: int = Field(3, ge=1, description="passages per source (top k for the user turn)")
+    compare: bool = Field(
+        True, description="also train without passages (same steps, seed) in no_retrieval/"
+    )
+
+
 class DialogueConfig(StageConfig):
     """`stage: dialogue`: trains the multi-task responder + intent classifier."""
 
@@ -57,9 +80,10 @@ class DialogueConfig(StageConfig):
     intent_weight: float = Field(0.5, ge=0, description="weight of the intent cross-entropy")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: DialogueEval = Field(default_factory=DialogueEval)
+    retrieval: DialogueRetrieval = Field(default_factory=DialogueRetrieval)
 
     def inputs(self) -> list[Path]:
-        return [self.data, self.tokenizer]
+        return [self.data, self.tokenizer, *([self.retrieval.kb] if self.retrieval.kb else [])]
 
 
 class DialogueModel(nn.Module):
@@ -102,12 +126,29 @@ def make_loss(intent_weight: float):
     return loss_fn
 
 
+class Retrieved:
+    """A split's sources: each user turn alone, or with its passages as the server lays them out
+    (RetrievalSpec.source), plus the passages' sources (function names) for recall."""
+
+    def __init__(self, rows: list[dict[str, Any]], tok: TokenizerFiles, spec: Any, kb: Any):
+        if spec is None:
+            self.sources, self.found = [r["context"] for r in rows], [[] for _ in rows]
+            return
+        count = lambda text: len(tok.encode(text))  # noqa: E731
+        self.sources, self.found = [], []
+        for r in rows:
+            passages = spec.search(kb, r["context"])
+            self.sources.append(spec.source(r["context"], passages, count))
+            self.found.append([p.source for p in passages])
+
+
 class Encoded:
     """A split's dialogues as finetune.seq2seq's padded rows plus each one's intent index."""
 
-    def __init__(self, rows: list[dict[str, Any]], tok: TokenizerFiles, ids: Seq2SeqIds,
-                 max_len: int, intents: list[str]) -> None:  # fmt: skip
-        self.examples = [{"source": r["context"], "target": r["response"]} for r in rows]
+    def __init__(self, rows: list[dict[str, Any]], sources: list[str], tok: TokenizerFiles,
+                 ids: Seq2SeqIds, max_len: int, intents: list[str]) -> None:  # fmt: skip
+        self.examples = [{"source": src, "target": r["response"]}
+                         for src, r in zip(sources, rows, strict=True)]  # fmt: skip
         self.rows, self.truncated = encode_pairs(tok, self.examples, ids, max_len)
         index = {name: i for i, name in enumerate(intents)}
         self.rows["intent"] = np.array([index[r["intent"]] for r in rows], dtype=np.int64)
@@ -116,7 +157,36 @@ class Encoded:
         return len(self.examples)
 
     def batch(self, idx: np.ndarray) -> dict[str, Tensor]:
-        return {k: torch.from_numpy(v[idx]) for k, v in self.rows.items()}
+        return trim({k: torch.from_numpy(v[idx]) for k, v in self.rows.items()})
+
+
+def trim(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A batch cut to its longest source and target. encode_pairs pads a split's rows to its
+    longest ones; padding is masked, so cutting it changes only the compute, which matters once
+    sources carry passages (padded to the source budget, every row costs the longest)."""
+    s = int(batch["attention_mask"].sum(1).max())
+    t = int((batch["labels"] != IGNORE_INDEX).sum(1).max())
+    cut = {"input_ids": s, "attention_mask": s, "decoder_input_ids": t, "labels": t}
+    return {k: v[:, : cut[k]] if k in cut else v for k, v in batch.items()}
+
+
+class TrimmedBatches:
+    """The loop's loader: RowBatches (whose state checkpoints save) with each batch trimmed."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> TrimmedBatches:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        return trim(next(self.batches))
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches.load_state_dict(state)
 
 
 def load_splits(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -187,16 +257,45 @@ def predict_intents(model: DialogueModel, data: Encoded, batch_size: int = 64) -
     return torch.cat(out).numpy()
 
 
+def per_intent_scores(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """ROUGE-L, BLEU and exact match of the responses to each intent's dialogues."""
+    from lmforge.evals.metrics import bleu, exact_match, rouge
+
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        groups[s["intent"]].append(s)
+    out = {}
+    for intent, group in sorted(groups.items()):
+        hyp, ref = [s["prediction"] for s in group], [s["reference"] for s in group]
+        out[intent] = {"rougeL": round(float(rouge(hyp, ref)["rougeL"]), 4),
+                       "bleu": round(float(bleu(hyp, ref)["bleu"]), 4),
+                       "exact_match": round(float(exact_match(hyp, ref)), 4), "n": len(group)}  # fmt: skip
+    return out
+
+
+def recall_at_k(rows: list[dict[str, Any]], found: list[list[str]]) -> dict[str, float]:
+    """Per intent and "all": the share of dialogues about a function whose function's passage
+    was among the passages retrieved for the user turn."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row, sources in zip(rows, found, strict=True):
+        if row.get("function"):
+            hits[row["intent"]].append(row["function"] in sources)
+            hits["all"].append(row["function"] in sources)
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
+
+
 def evaluate(model: DialogueModel, test: Encoded, rows: list[dict[str, Any]],
-             tok: TokenizerFiles, cfg: DialogueConfig, ids: Seq2SeqIds,
+             found: list[list[str]], tok: TokenizerFiles, cfg: DialogueConfig, ids: Seq2SeqIds,
              intents: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Held-out responses (finetune.seq2seq's ROUGE/BLEU/exact match) and intents."""
     n = min(len(rows), cfg.eval.max_examples)
     scores, outputs = seq2seq_eval(model.seq2seq, tok, test.examples[:n], ids,
                                    cfg.eval.max_new_tokens, batch_size=32)  # fmt: skip
     pred = predict_intents(model, test)
-    samples = [{"context": o["source"], "reference": o["target"], "prediction": o["output"],
-                "intent": rows[i]["intent"], "predicted_intent": intents[int(pred[i])]}
+    samples = [{"context": rows[i]["context"], "passages": found[i], "source": o["source"],
+                "reference": o["target"],
+                "prediction": o["output"], "intent": rows[i]["intent"],
+                "predicted_intent": intents[int(pred[i])]}
                for i, o in enumerate(outputs)]  # fmt: skip
     cls = classification_metrics(test.rows["intent"].tolist(), pred.tolist(), len(intents))
     metrics = {
@@ -208,19 +307,18 @@ def evaluate(model: DialogueModel, test: Encoded, rows: list[dict[str, Any]],
     return metrics, samples
 
 
-def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
+def fit(cfg: DialogueConfig, ctx: StageContext, tok: TokenizerFiles,
+        splits: dict[str, list[dict[str, Any]]], sources: dict[str, Retrieved], ids: Seq2SeqIds,
+        intents: list[str]) -> tuple[DialogueModel, Any, dict[str, Encoded]]:  # fmt: skip
+    """Trains one responder + intent head on the given sources: (model, TrainResult, splits)."""
     from lmforge.model.config import preset_config
-    from lmforge.model.convert import save_pretrained
     from lmforge.model.seq2seq import Seq2SeqLM
     from lmforge.train.distributed import unwrap
     from lmforge.train.loader import RowBatches
     from lmforge.train.loop import train
 
-    tok = TokenizerFiles.load(cfg.tokenizer)
-    splits = load_splits(cfg.data)
-    intents = sorted({r["intent"] for rows in splits.values() for r in rows})
-    ids = Seq2SeqIds.of({}, tok)  # from scratch: the tokenizer's eos, bos as decoder start
-    enc = {s: Encoded(rows, tok, ids, cfg.train.seq_len, intents) for s, rows in splits.items()}
+    enc = {s: Encoded(rows, sources[s].sources, tok, ids, cfg.train.seq_len, intents)
+           for s, rows in splits.items()}  # fmt: skip
     overrides = {"vocab_size": tok.vocab_size, **cfg.model.overrides()}
     mcfg = preset_config(cfg.model.preset, **overrides)
     if not mcfg.n_dec_layer:
@@ -231,20 +329,86 @@ def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
                  sum(p.numel() for p in model.parameters()) / 1e6, len(intents),
                  {s: len(e) for s, e in enc.items()})  # fmt: skip
     batch_size = min(cfg.train.micro_batch_size, len(enc["train"]))
-    loader = RowBatches(enc["train"].rows, batch_size, seed=cfg.train.seed)
+    loader = TrimmedBatches(RowBatches(enc["train"].rows, batch_size, seed=cfg.train.seed))
     result = train(
         model, make_loss(cfg.intent_weight), loader, cfg.train, ctx,
         eval_fn=eval_fn_for(enc["val"], cfg.train.micro_batch_size, cfg.intent_weight),
     )  # fmt: skip
-    model = unwrap(result.model).cpu().float()
-    metrics, samples = evaluate(model, enc["test"], splits["test"], tok, cfg, ids, intents)
+    return unwrap(result.model).cpu().float(), result, enc
+
+
+def score(model: DialogueModel, enc: dict[str, Encoded], splits: dict[str, list[dict[str, Any]]],
+          found: list[list[str]], tok: TokenizerFiles, cfg: DialogueConfig, ids: Seq2SeqIds,
+          intents: list[str], out: Path) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """(headline metrics, per-intent scores) on the test split; samples.jsonl into out."""
+    metrics, samples = evaluate(model, enc["test"], splits["test"], found, tok, cfg, ids, intents)
+    write_jsonl(out / "samples.jsonl", samples)
+    per_intent = per_intent_scores(samples)
+    metrics.update({f"test_rougeL_{k}": v["rougeL"] for k, v in per_intent.items()})
+    return metrics, per_intent
+
+
+def without_retrieval(cfg: DialogueConfig, ctx: StageContext, tok: TokenizerFiles,
+                      splits: dict[str, list[dict[str, Any]]], ids: Seq2SeqIds,
+                      intents: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The same training (steps, seed) on user turns alone, in no_retrieval/: its scores."""
+    out = ctx.out / "no_retrieval"
+    shutil.rmtree(out, ignore_errors=True)
+    sub = StageContext(out=out, stage=f"{ctx.stage}/no_retrieval", log=ctx.log,
+                       metrics=MetricsWriter(out / "metrics.jsonl"))  # fmt: skip
+    plain = {s: Retrieved(rows, tok, None, None) for s, rows in splits.items()}
+    once = cfg.model_copy(update={"train": cfg.train.model_copy(update={"ckpt_every": 0})})
+    model, _, enc = fit(once, sub, tok, splits, plain, ids, intents)
+    sub.metrics.close()
+    return score(model, enc, splits, plain["test"].found, tok, cfg, ids, intents, out)
+
+
+def retrieve(cfg: DialogueConfig, tok: TokenizerFiles,
+             splits: dict[str, list[dict[str, Any]]]) -> tuple[Any, dict[str, Retrieved]]:  # fmt: skip
+    """(RetrievalSpec or None, each split's sources) for the config's retrieval section."""
+    if cfg.retrieval.kb is None:
+        return None, {s: Retrieved(rows, tok, None, None) for s, rows in splits.items()}
+    from lmforge.serve.recipe_config import open_kb
+    from lmforge.serve.retrieval import RetrievalSpec
+
+    spec = RetrievalSpec(passages=cfg.retrieval.passages, source_tokens=cfg.train.seq_len - 1)
+    kb = open_kb(cfg.retrieval.kb)
+    try:
+        return spec, {s: Retrieved(rows, tok, spec, kb) for s, rows in splits.items()}
+    finally:
+        kb.close()
+
+
+def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
+    from lmforge.model.convert import save_pretrained
+
+    tok = TokenizerFiles.load(cfg.tokenizer)
+    splits = load_splits(cfg.data)
+    intents = sorted({r["intent"] for rows in splits.values() for r in rows})
+    ids = Seq2SeqIds.of({}, tok)  # from scratch: the tokenizer's eos, bos as decoder start
+    spec, sources = retrieve(cfg, tok, splits)
+    model, result, enc = fit(cfg, ctx, tok, splits, sources, ids, intents)
+    metrics, per_intent = score(model, enc, splits, sources["test"].found, tok, cfg, ids, intents,
+                                ctx.out)  # fmt: skip
+    report: dict[str, Any] = {"intents": intents, **metrics, "per_intent": per_intent}
+    if spec is not None:
+        recall = recall_at_k(splits["test"], sources["test"].found)
+        metrics.update(retrieval_passages=spec.passages, test_recall_at_k=recall.get("all"))
+        report.update(retrieval={"passages": spec.passages, "recall_at_k": recall})
     special = ids.config(tok.bos_id)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         save_pretrained(model.seq2seq, tmp, extra_config=special, generation_config=special)
         copy_tokenizer_files(cfg.tokenizer, tmp)
         save_intent_head(model, intents, tmp)
-    write_jsonl(ctx.out / "samples.jsonl", samples)
-    ctx.atomic_write_json(ctx.out / "eval.json", {"intents": intents, **metrics})
+        if spec is not None:
+            spec.save(tmp)
+    if spec is not None and cfg.retrieval.compare:
+        plain, plain_intents = without_retrieval(cfg, ctx, tok, splits, ids, intents)
+        report["without_retrieval"] = {**plain, "per_intent": plain_intents}
+        keep = ("test_rougeL", "test_bleu", "test_exact_match")
+        metrics.update({f"norag_{k}": v for k, v in plain.items()
+                        if k in keep or k.startswith("test_rougeL_")})  # fmt: skip
+    ctx.atomic_write_json(ctx.out / "eval.json", report)
     return {"train_loss": round(float(result.train_loss), 4),
             "val_loss": round(float(result.val_loss), 4) if result.val_loss is not None else None,
             "steps": result.step, "truncated": enc["train"].truncated, **metrics}  # fmt: skip

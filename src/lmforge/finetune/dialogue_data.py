@@ -9,11 +9,13 @@ Made from the same documented stdlib functions as builtin_tasks (no download), d
 
 Some user turns carry planted PII (an email address and/or a phone number, with a person's name)
 so the data stage's PII step has something to anonymize; stats.json counts what was planted.
-The person's name stays: data.pii detects emails, phones, IPs and cards, not names.
+The name is found only with data.pii.names on (the dialogue-assistant recipe turns it on).
 Splits go by a stable hash of the function (or of the phrasing for the small-talk intents), so a
 held-out dialogue asks about a function never seen in training. One row per dialogue in
 dialogues.jsonl: text ("User: ...\\nAssistant: ..." so the data stage cleans, anonymizes and
-tokenizes both turns), intent and split; {split}.jsonl hold {context, response, intent}.
+tokenizes both turns), intent, split and function (the qualified name a question asks about,
+which retrieval recall is scored against; null for small talk); {split}.jsonl hold {context,
+response, intent, function}.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from lmforge.config import StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.builtin_tasks import SPLITS, split_of, stdlib_functions, summary
 
-INTENTS = ("ask_usage", "ask_signature", "ask_module", "greeting", "goodbye", "out_of_scope")
+FUNCTION_INTENTS = ("ask_usage", "ask_signature", "ask_module")
+INTENTS = (*FUNCTION_INTENTS, "greeting", "goodbye", "out_of_scope")
 USER, ASSISTANT = "User: ", "\nAssistant: "
 
 _USAGE = ("How do I {task}?", "how can I {task} in Python?", "What should I use to {task}?")
@@ -121,7 +124,7 @@ def _function_dialogues(cfg: DialoguesConfig) -> list[tuple[str, str, str, str]]
 
 
 def make_dialogues(cfg: DialoguesConfig) -> tuple[dict[str, list[dict[str, Any]]], Counter]:
-    """{split: [{context, response, intent}]} and the planted PII counts."""
+    """{split: [{context, response, intent, function}]} and the planted PII counts."""
     rows = _function_dialogues(cfg)
     for intent, (phrasings, answer) in _SMALL_TALK.items():
         for i, phrase in enumerate(phrasings):
@@ -134,7 +137,10 @@ def make_dialogues(cfg: DialoguesConfig) -> tuple[dict[str, list[dict[str, Any]]
         if rng.random() < cfg.pii_fraction:
             question = _plant_pii(question, rng, planted)
         split = split_of(key, cfg)  # type: ignore[arg-type]  (val/test_fraction + seed)
-        out[split].append({"context": question, "response": answer, "intent": intent})
+        function = key if intent in FUNCTION_INTENTS else None
+        out[split].append(
+            {"context": question, "response": answer, "intent": intent, "function": function}
+        )
     return out, planted
 
 
@@ -144,7 +150,8 @@ def dialogue_text(context: str, response: str) -> str:
 
 
 def parse_dialogue(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """A data-stage row back into {context, response, intent, split}; a clear error otherwise."""
+    """A data-stage row back into {context, response, intent, split, function}; a clear error
+    otherwise."""
     text = row.get("text", "")
     if not text.startswith(USER) or ASSISTANT not in text or "intent" not in row:
         raise InputError(
@@ -154,7 +161,7 @@ def parse_dialogue(row: dict[str, Any], where: str) -> dict[str, Any]:
         )
     context, response = text[len(USER) :].split(ASSISTANT, 1)
     return {"context": context, "response": response, "intent": row["intent"],
-            "split": row.get("dialogue_split", "train")}  # fmt: skip
+            "split": row.get("dialogue_split", "train"), "function": row.get("function")}  # fmt: skip
 
 
 def build(cfg: DialoguesConfig, ctx: StageContext) -> dict[str, Any]:
@@ -172,6 +179,7 @@ def build(cfg: DialoguesConfig, ctx: StageContext) -> dict[str, Any]:
                 "text": dialogue_text(r["context"], r["response"]),
                 "intent": r["intent"],
                 "dialogue_split": split,
+                "function": r["function"],
             }
             for split, rows in splits.items()
             for r in rows

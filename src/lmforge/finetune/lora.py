@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.config import Section
 from lmforge.errors import ConfigError
-from lmforge.model.quant import QuantLinear
+from lmforge.model.quant import QuantLinear, quantized_numel
 from lmforge.model.t5 import wraps_transformers
 
 DEFAULT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
@@ -115,7 +115,7 @@ def inject(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     for name in chosen:
         base = model.get_submodule(name)
         if cfg.quantize != "none":
-            base = QuantLinear(base, cfg.quantize, cfg.group_size)
+            base = QuantLinear.from_linear(base, cfg.quantize, cfg.group_size)
         device = next(iter(model.parameters())).device
         _replace(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout).to(device))
     return model
@@ -149,9 +149,7 @@ def trainable_fraction(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors count once, quantized codes count."""
     params = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in params)
-    total += sum(
-        m.codes.numel() * (8 // m.bits) for m in model.modules() if isinstance(m, QuantLinear)
-    )
+    total += quantized_numel(model)
     return sum(p.numel() for p in params if p.requires_grad), total
 
 

@@ -107,7 +107,7 @@ def build_seq2seq_model(model_dir: Path, preset: str | None, vocab_size: int) ->
                 f"from_scratch={preset!r} is not an encoder-decoder; use bart-micro or bart-tiny"
             )
         return Seq2SeqLM(cfg).train()
-    model = load_pretrained(model_dir).train()
+    model = load_pretrained(model_dir, quantized="dequantize").train()
     if not model.config.is_encoder_decoder:
         raise ConfigError(
             f"{model_dir} is not an encoder-decoder: --task seq2seq needs a BART or T5 checkpoint, "

@@ -264,7 +264,7 @@ def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.M
 
     if cfg.task == "seq2seq" or cfg.from_scratch:
         return _build_seq2seq(cfg)
-    lm = load_pretrained(cfg.model_dir()).train()
+    lm = load_pretrained(cfg.model_dir(), quantized="dequantize").train()
     if cfg.train.seq_len > lm.config.block_size:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
@@ -463,7 +463,9 @@ def _sft_eval(cfg: FinetuneConfig, tok: TokenizerFiles, model: nn.Module, data: 
     out: dict[str, Any] = {}
     base = None
     if cfg.eval.compare_base:
-        base = load_pretrained(cfg.model_dir(), device=next(model.parameters()).device)
+        base = load_pretrained(
+            cfg.model_dir(), next(model.parameters()).device, quantized="dequantize"
+        )
         with torch.no_grad():
             out["base_val_loss"] = _round(_eval_fn(cfg, data.val_rows)(base)["val_loss"])
     examples = data.val_examples[: cfg.eval.rouge_examples]
@@ -498,7 +500,9 @@ def _seq2seq_eval(
     )
     out: dict[str, Any] = {**scores, "eval_examples": len(examples)}
     if cfg.eval.compare_base and not cfg.from_scratch:
-        base = load_pretrained(cfg.model_dir(), device=next(model.parameters()).device)
+        base = load_pretrained(
+            cfg.model_dir(), next(model.parameters()).device, quantized="dequantize"
+        )
         with torch.no_grad():
             out["base_val_loss"] = _round(_eval_fn(cfg, data.val_rows)(base)["val_loss"])
         base_scores, _ = seq2seq.seq2seq_eval(base, tok, examples, ids, **opts)

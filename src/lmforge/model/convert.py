@@ -22,7 +22,9 @@ positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as Ber
 
 Import reads our exports and local HF checkpoints of the llama, mistral, qwen2, gpt2, bert and
 roberta families, single-file or sharded. An encoder checkpoint without MLM head tensors (a
-classifier, a bare BertModel) loads with mlm_head off. Legacy pytorch_model.bin files are read
+classifier, a bare BertModel) loads with mlm_head off. An lmforge-quantized checkpoint (`compress
+quantize`) loads quantized by default (model.quant.QuantLinear / QuantEmbedding from its codes);
+training callers pass quantized="dequantize". Legacy pytorch_model.bin files are read
 only through torch.load(weights_only=True), which refuses anything but plain tensors.
 """
 
@@ -33,7 +35,7 @@ import logging
 import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -47,6 +49,7 @@ from lmforge.model.hf_families import (
     ENCODER_FAMILIES,
     FAMILIES,
     SCORE,
+    Rule,
     encoder_head_names,
     family_for,
     hf_to_ours,
@@ -54,13 +57,23 @@ from lmforge.model.hf_families import (
     token_classifier_architecture,
     without_lm_head,
 )
-from lmforge.model.quant import SCALE_SUFFIX, dequantize_tensors
+from lmforge.model.quant import (
+    SCALE_SUFFIX,
+    QuantEmbedding,
+    QuantLinear,
+    QuantWeight,
+    dequantize_tensors,
+    keep_quantized,
+    read_quantized,
+)
 from lmforge.model.t5 import wraps_transformers
 from lmforge.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
 NATIVE = "lmforge"  # model_type of exports in our own layout
+QuantizedLoad = Literal["keep", "dequantize"]
+QUANTIZED_LOADS: tuple[str, ...] = ("keep", "dequantize")
 SUPPORTED_MODEL_TYPES = (*FAMILIES, "t5", NATIVE)
 MEAN_POOLING_REFUSAL = (
     "a mean-pooled classifier has no transformers class (BERT/RoBERTa *ForSequenceClassification "
@@ -204,9 +217,20 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 
 def load_pretrained(
-    model_dir: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    model_dir: Path | str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantized: QuantizedLoad = "keep",
 ) -> Transformer:
-    """A Transformer (in eval mode) from an lmforge export or a local HF checkpoint directory."""
+    """A Transformer (in eval mode) from an lmforge export or a local HF checkpoint directory.
+
+    quantized: what to do with an lmforge-quantized checkpoint (`lmforge compress quantize`).
+    "keep" (inference: serve, eval, generate) builds QuantLinear / QuantEmbedding modules from
+    the codes and scales as stored, so the model takes int8/int4 memory; "dequantize" (training,
+    which needs float weights to update) loads float weights.
+    """
+    if quantized not in QUANTIZED_LOADS:
+        raise ConfigError(f"quantized={quantized!r}; valid: {', '.join(QUANTIZED_LOADS)}")
     model_dir = Path(model_dir)
     hf = read_config(model_dir)
     if hf.get("model_type") == "t5":  # transformers' own module behind our interface (model.t5)
@@ -214,7 +238,11 @@ def load_pretrained(
 
         return load_t5(model_dir, device, dtype)
     cfg = hf_config_to_model_config(hf)
-    tensors = dequantize_tensors(read_tensors(model_dir), hf.get("quantization_config"), model_dir)
+    quant = hf.get("quantization_config")
+    if quant and quantized == "keep":
+        tensors = read_quantized(read_tensors(model_dir), quant, model_dir)
+    else:
+        tensors = dequantize_tensors(read_tensors(model_dir), quant, model_dir)
     score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
     model_type = hf.get("model_type")
     if model_type in ENCODER_FAMILIES:
@@ -226,25 +254,56 @@ def load_pretrained(
         if family.prefix:
             tensors = {_with_prefix(k, family.prefix): v for k, v in tensors.items()}
         rules = family.rules(cfg)
-        state = hf_to_ours(tensors, rules if score is None else without_lm_head(rules))
+        state = _to_ours(tensors, rules if score is None else without_lm_head(rules))
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     elif "lm_head.weight" not in state:
         log.warning(
             "%s is a classifier without an LM head: next-token scores are uniform", model_dir
         )
-        state["lm_head.weight"] = torch.zeros_like(state["tok_emb.weight"])
-    state = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+        state["lm_head.weight"] = torch.zeros(state["tok_emb.weight"].shape)
+    state = {k: v.to(device, dtype if _floating(v) else v.dtype) for k, v in state.items()}
     with torch.device("meta"):
         model = model_class(cfg)(cfg)  # no memory, no init: the weights are assigned below
+        state = keep_quantized(model, state)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1].strip()
         raise InputError(f"{model_dir}: weights do not match config.json: {first}") from None
-    model.tie_weights()
-    model.init_buffers()
+    kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    if not isinstance(getattr(model, "tok_emb", None), QuantEmbedding):
+        model.tie_weights()  # a kept tied pair already shares its codes (one tensor, assigned)
+    model.init_buffers(device)
+    if kept:
+        bits = sorted({f"int{m.bits}" for m in kept})
+        log.info("%s: kept %d matrices quantized (%s)", model_dir, len(kept), "/".join(bits))
     return model.eval()
+
+
+def _floating(value: Tensor | QuantWeight) -> bool:
+    return isinstance(value, QuantWeight) or value.is_floating_point()
+
+
+def _to_ours(tensors: dict[str, Any], rules: list[Rule]) -> dict[str, Any]:
+    """hf_to_ours, with the quantized weights a rule takes kept quantized (QuantWeight.fused);
+    ones that cannot stay quantized (mixed bits in one fused weight) are dequantized."""
+    kept: dict[str, QuantWeight] = {}
+    for rule in rules:
+        parts = [tensors.get(n) for n in rule.hf_names]
+        if all(isinstance(p, QuantWeight) for p in parts):
+            fused = parts[0].fused(parts[1:], rule.transpose)
+            if fused is not None:
+                kept[rule.ours] = fused
+    used = {n for rule in rules if rule.ours in kept for n in rule.hf_names}
+    needed = {n for rule in rules if rule.ours not in kept for n in rule.hf_names}
+    rest = {  # a name no rule takes (ignored or unexpected) is only named, never computed on
+        n: v.dequantize() if n in needed and isinstance(v, QuantWeight) else v
+        for n, v in tensors.items()
+        if n not in used
+    }
+    state = hf_to_ours(rest, [rule for rule in rules if rule.ours not in kept])
+    return {**state, **kept}
 
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:

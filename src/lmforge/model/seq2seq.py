@@ -132,7 +132,7 @@ class Seq2SeqLM(nn.Module):
         init_normal_(self, self.config.init_std, self.enc_blocks, self.dec_blocks)
         nn.init.zeros_(self.final_logits_bias)
 
-    def init_buffers(self) -> None:
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Nothing to recompute (learned positions); here so loaders treat both classes alike."""
 
     def _embed(self, ids: Tensor, pos_emb: nn.Embedding, norm: nn.Module | None, start: int):

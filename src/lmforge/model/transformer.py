@@ -333,11 +333,12 @@ class Transformer(nn.Module):
         init_normal_(self, self.config.init_std, self.blocks)
         self.init_buffers()
 
-    def init_buffers(self) -> None:
-        """Fill the (non-persistent) rotary cos/sin tables on the parameters' device, in float32."""
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Fill the (non-persistent) rotary cos/sin tables in float32 on device (default: the
+        token embedding's; a loader passes it, since a quantized table has no weight tensor)."""
         if self.rope_cos is None:
             return
-        device = self.tok_emb.weight.device
+        device = device or self.tok_emb.weight.device
         t = torch.arange(self.config.block_size, dtype=torch.float32, device=device)
         freqs = torch.outer(t, rope_inv_freq(self.config).to(device))  # (block_size, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hd)

@@ -38,6 +38,8 @@ from lmforge.serve.safety import StreamRedactor
 
 log = logging.getLogger(__name__)
 
+KB_PASSAGES = 3  # passages a chat gets, unless its model was trained with another number
+
 
 @dataclass
 class Job:
@@ -130,10 +132,13 @@ class CompletionService:
                 refused |= screened is None
                 m["content"] = m["content"] if screened is None else screened
         sources = None
+        passages = [] if refused else None  # None: no knowledge base (a refusal is not generated)
         use_kb = self.state.kb is not None and req.kb is not False
         if use_kb and not refused:
             query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            passages = await asyncio.to_thread(self.state.kb.search, query, 3) if query else []
+            spec = getattr(engine, "retrieval", None)  # a seq2seq model trained with passages
+            k = spec.passages if spec is not None else KB_PASSAGES
+            passages = await asyncio.to_thread(self.state.kb.search, query, k) if query else []
             sources = [p.to_dict() for p in passages]
             messages = augment_messages(messages, passages)
         elif req.kb and self.state.kb is None:
@@ -141,8 +146,10 @@ class CompletionService:
                 400, "this server has no knowledge base (start it with --kb)", param="kb"
             )
         try:
-            render = getattr(engine, "render_chat", engine.files.render_chat)  # seq2seq: own
-            text = render(messages, add_generation_prompt=True)
+            if hasattr(engine, "render_chat"):  # seq2seq: the user turn (+ its passages)
+                text = engine.render_chat(messages, passages=passages)
+            else:
+                text = engine.files.render_chat(messages, add_generation_prompt=True)
         except Exception as exc:  # a template may refuse a conversation (e.g. role order)
             raise APIError(
                 400, f"the chat template rejected the messages: {exc}", param="messages"

@@ -11,8 +11,10 @@ any step (as a new cohort) and leave at any step (their rows are dropped from th
 tensors); sampling, detokenization, stop handling and failures are the base Engine's.
 
 Sources end in the model's eos (model.seq2seq_generate.source_row), as fine-tuning builds them.
-A chat request's source is its last user message (engine.render_chat): the model was trained
-on user turns; knowledge-base passages still come back as sources, but do not reach the model.
+A chat request's source is its last user message (render_chat), as the model was trained on user
+turns; a retrieval-augmented model (retrieval.json in its directory: serve.retrieval.RetrievalSpec)
+gets that message + the knowledge-base passages the server found for it, laid out by the same
+RetrievalSpec.source that built its training sources, and warns when a chat arrives without them.
 engine_class(model_dir) picks this class when config.json describes an encoder-decoder.
 """
 
@@ -29,6 +31,7 @@ from lmforge.errors import InputError
 from lmforge.model.generate import KVCache
 from lmforge.model.seq2seq_generate import right_pad, source_row
 from lmforge.serve.engine import Engine
+from lmforge.serve.retrieval import Passage, RetrievalSpec
 from lmforge.serve.sampling import SamplingParams
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids
@@ -71,8 +74,11 @@ class _Cohort:
 class Seq2SeqEngine(Engine):
     """Continuous batching for an encoder-decoder: see the module docstring."""
 
-    def __init__(self, model: nn.Module, files: TokenizerFiles, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, files: TokenizerFiles, *,
+                 retrieval: RetrievalSpec | None = None, **kw: Any) -> None:  # fmt: skip
         super().__init__(model, files, **kw)
+        self.retrieval = retrieval  # the model's sources carry knowledge-base passages
+        self._warned_no_kb = False
         gen = kw.get("generation_config") or {}
         start = gen.get("decoder_start_token_id", getattr(model.config, "decoder_start_id", None))
         if start is None:
@@ -82,14 +88,49 @@ class Seq2SeqEngine(Engine):
         self.source_eos: int | None = stops[0] if stops else None  # sources end in eos (BART)
         self._cohorts: list[_Cohort] = []
 
+    @classmethod
+    def from_dir(cls, model_dir: Path | str, **kw: Any) -> Engine:
+        """Engine.from_dir, plus the model's RetrievalSpec when it was trained with passages."""
+        from lmforge.model.convert import resolve_model_dir
+
+        spec = RetrievalSpec.load(resolve_model_dir(Path(model_dir)))
+        return super().from_dir(model_dir, retrieval=spec, **kw)
+
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        passages: list[Passage] | None = None,
     ) -> str:
-        """The source text of a conversation: its last user message."""
+        """The source text of a conversation: its last user message, with `passages` (the
+        knowledge base's results for it; None when there is no knowledge base) when the model was
+        trained with them."""
         users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
         if not users or not str(users[-1]).strip():
             raise InputError("a seq2seq model answers a user message; the conversation has none")
-        return str(users[-1])
+        question = str(users[-1])
+        if self.retrieval is None:
+            return question
+        if passages is None:
+            if not self._warned_no_kb:
+                log.warning(
+                    "%s was trained on sources with %d knowledge-base passages (retrieval.json), "
+                    "but this chat has none (no knowledge base, or the request turned it off): "
+                    "it answers from the question alone, worse than it was trained to; serve it "
+                    "with --kb (the recipe's serve.yaml has it)",
+                    self.name, self.retrieval.passages,
+                )  # fmt: skip
+                self._warned_no_kb = True
+            return question
+        return self.retrieval.source(question, passages, lambda text: len(self.files.encode(text)))
+
+    def token_room(self, prompt_len: int) -> int:
+        """The most tokens an answer to a source of `prompt_len` tokens can have: the decoder's
+        context after its start token, whatever the source's length (the encoder reads the
+        source separately); negative when the source alone does not fit. _check_prompt's rule."""
+        if prompt_len > self.max_context:
+            return self.max_context - prompt_len
+        return self.max_context - 1
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         self._check_ids(prompt)

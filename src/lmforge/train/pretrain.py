@@ -122,7 +122,7 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
 
     torch.manual_seed(cfg.train.seed)
     if cfg.init_from is not None:
-        model = load_pretrained(resolve_model_dir(cfg.init_from)).train()
+        model = load_pretrained(resolve_model_dir(cfg.init_from), quantized="dequantize").train()
         if model.config.vocab_size < vocab_size:
             raise InputError(
                 f"{cfg.init_from} has a {model.config.vocab_size}-token vocabulary but the shards "

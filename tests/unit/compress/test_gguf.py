@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.compress.export import gguf_rounded
 from lmforge.compress.gguf_export import (
     CONTROL,
     NORMAL,
@@ -24,9 +25,13 @@ from lmforge.compress.gguf_export import (
     USER_DEFINED,
     check_gguf,
     export_gguf,
+    gguf_tensors,
     tokenizer_metadata,
 )
+from lmforge.compress.stage import CompressConfig, compress
+from lmforge.config import load_config
 from lmforge.errors import ConfigError
+from lmforge.evals.report import write_report
 from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.transformer import Transformer
@@ -146,6 +151,60 @@ def test_gpt2_style_models_export_as_llama_cpp_gpt2(tmp_path: Path) -> None:
     assert np.array_equal(tensors["blk.0.attn_qkv.bias"], qkv.bias.detach().numpy())  # f32 kept
     assert np.array_equal(tensors["blk.0.attn_qkv.weight"], qkv.weight.detach().half().numpy())
     assert tensors["position_embd.weight"].shape == (128, 64)  # (block_size, n_embd)
+
+
+def test_rounded_model_holds_exactly_the_weights_the_q8_0_file_stores(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path / "m", lmforge_tokenizer(tmp_path))
+    model = load_pretrained(directory)
+    export_gguf(model, directory, tmp_path / "q.gguf", {}, "q8_0")
+    stored = {
+        t.name: gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(t.shape[::-1])
+        for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors
+    }
+    rounded = gguf_tensors(gguf_rounded(model, "q8_0"))
+    assert set(rounded) == set(stored)
+    for name, values in rounded.items():  # q/k rows permuted and split after rounding: equal
+        assert np.array_equal(values, stored[name].reshape(values.shape)), name
+    assert not np.array_equal(
+        rounded["blk.0.attn_q.weight"], gguf_tensors(model)["blk.0.attn_q.weight"]
+    )
+    assert gguf_rounded(model, "f32") is model
+
+
+@pytest.mark.parametrize("file_type", ["f16", "q8_0"])
+def test_export_stage_writes_the_configured_gguf_type_and_measures_it(
+    trained_dir: Path, data_dir: Path, tmp_path: Path, file_type: str
+) -> None:
+    cfg = load_config(
+        CompressConfig,
+        values={"method": "export", "model": trained_dir, "data": data_dir, "out": tmp_path / "x"},
+        overrides=["export.formats=[gguf]", f"export.gguf_type={file_type}",
+                   "speed.new_tokens=4"],
+    )  # fmt: skip
+    out = compress(cfg)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == file_type.upper()
+    assert tensors["token_embd.weight"].tensor_type.name == file_type.upper()
+    assert tensors["output_norm.weight"].tensor_type.name == "F32"
+    report = json.loads((out / "compression.json").read_text())
+    gguf_row = report["gguf"]
+    assert gguf_row["file_type"] == file_type
+    assert gguf_row["weights_bytes"] == (out / "model.gguf").stat().st_size
+    assert report["after"]["weights_bytes"] == gguf_row["weights_bytes"]
+    assert 0 < gguf_row["max_abs_logit_diff"] < (0.05 if file_type == "f16" else 0.5)
+    before = report["before"]["perplexity"]
+    assert gguf_row["perplexity"] == report["after"]["perplexity"] != before
+    assert abs(gguf_row["perplexity"] / before - 1) < 0.05  # rounding, not a different model
+    assert report["size_ratio"] < (0.6 if file_type == "f16" else 0.4)
+    page = write_report(tmp_path).read_text()
+    assert f"<td>GGUF {file_type}</td>" in page and "GGUF f32" not in page
+    assert f"logits within {gguf_row['max_abs_logit_diff']:.1e}" in page
+
+
+def test_a_bad_gguf_type_is_a_config_error_naming_the_field(trained_dir: Path) -> None:
+    values = {"method": "export", "model": trained_dir, "out": trained_dir / "never"}
+    with pytest.raises(ConfigError, match=r"'export\.gguf_type': 'q4'.*'f32', 'f16' or 'q8_0'"):
+        load_config(CompressConfig, values=values, overrides=["export.gguf_type=q4"])
 
 
 @pytest.mark.integration

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from lmforge.errors import InputError
-from lmforge.finetune.dialogue import DialogueModel, load_intent_head, make_loss, save_intent_head
+from lmforge.finetune.dialogue import (
+    DialogueModel,
+    load_intent_head,
+    make_loss,
+    per_intent_scores,
+    recall_at_k,
+    save_intent_head,
+    trim,
+)
 from lmforge.finetune.dialogue_data import (
     DialoguesConfig,
     dialogue_text,
@@ -41,6 +49,11 @@ def test_held_out_dialogues_ask_about_unseen_functions(dialogues):
     train = functions(splits["train"])
     assert train and functions(splits["test"]) and not train & functions(splits["test"])
     assert not train & functions(splits["val"])
+    for r in splits["test"]:  # each question names the function recall is scored against
+        if r["intent"] == "ask_signature":
+            assert r["response"].startswith(r["function"] + "(")
+        elif r["intent"] in ("greeting", "goodbye", "out_of_scope"):
+            assert r["function"] is None
 
 
 def test_planted_pii_is_counted(dialogues):
@@ -56,7 +69,8 @@ def test_parse_round_trip_and_clear_error():
     row = {"text": dialogue_text("hi <EMAIL>", "Hello!"), "intent": "greeting",
            "dialogue_split": "val", "id": "d:3"}  # fmt: skip
     assert parse_dialogue(row, "x") == {"context": "hi <EMAIL>", "response": "Hello!",
-                                        "intent": "greeting", "split": "val"}  # fmt: skip
+                                        "intent": "greeting", "split": "val",
+                                        "function": None}  # fmt: skip
     with pytest.raises(InputError, match=r"data/train.jsonl.zst: row d:4 is not a dialogue"):
         parse_dialogue({"text": "plain text", "id": "d:4"}, "data/train.jsonl.zst")
 
@@ -102,3 +116,37 @@ def test_intent_head_saved_and_read_back(tmp_path):
     torch.testing.assert_close(head(x), model.intent_head(x))
     with pytest.raises(Exception, match="intent_head"):
         load_intent_head(tmp_path / "missing")
+
+
+def test_recall_and_per_intent_scores():
+    rows = [{"intent": "ask_usage", "function": "os.path.join"},
+            {"intent": "ask_usage", "function": "json.dumps"},
+            {"intent": "ask_module", "function": "json.loads"},
+            {"intent": "greeting", "function": None}]  # fmt: skip
+    found = [["os.path.join", "os.sep"], ["json.loads"], ["json.loads"], ["os.path.join"]]
+    assert recall_at_k(rows, found) == {"all": round(2 / 3, 4), "ask_module": 1.0,
+                                        "ask_usage": 0.5}  # fmt: skip
+    hello = "Hello! Ask me about a Python function or module."
+    samples = [{"intent": "greeting", "prediction": hello, "reference": hello},
+               {"intent": "ask_usage", "prediction": "Use os.path.join.",
+                "reference": "Use os.path.join. Join paths."},
+               {"intent": "ask_usage", "prediction": "no", "reference": "Use json.dumps."}]  # fmt: skip
+    scores = per_intent_scores(samples)
+    assert scores["greeting"] == {"rougeL": 1.0, "bleu": pytest.approx(100.0), "exact_match": 1.0,
+                                  "n": 1}  # fmt: skip
+    assert scores["ask_usage"]["n"] == 2 and scores["ask_usage"]["exact_match"] == 0.0
+    assert 0 < scores["ask_usage"]["rougeL"] < 1
+
+
+def test_trim_cuts_a_batch_to_its_longest_source_and_target():
+    ids = torch.arange(12).reshape(2, 6)
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0],
+                                                                [1, 1, 0, 0, 0, 0]]),
+             "decoder_input_ids": ids, "labels": torch.tensor([[5, -100, -100, -100, -100, -100],
+                                                               [5, 6, 7, 8, -100, -100]]),
+             "intent": torch.tensor([0, 1])}  # fmt: skip
+    out = trim(batch)
+    assert out["input_ids"].tolist() == [[0, 1, 2], [6, 7, 8]]
+    assert out["attention_mask"].shape == (2, 3) and out["labels"].shape == (2, 4)
+    assert out["decoder_input_ids"].tolist() == [[0, 1, 2, 3], [6, 7, 8, 9]]
+    assert out["intent"].tolist() == [0, 1]

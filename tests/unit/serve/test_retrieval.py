@@ -7,9 +7,11 @@ from lmforge.errors import InputError
 from lmforge.serve.retrieval import (
     KnowledgeBase,
     Passage,
+    RetrievalSpec,
     augment_messages,
     chunk_words,
     fts_query,
+    passages_source,
 )
 
 DOCS = {
@@ -192,3 +194,41 @@ def test_concurrent_builds_of_one_index_wait_for_each_other(tmp_path):
         reports = list(pool.map(build, range(3)))
     assert sorted(r["added"] for r in reports) == [0, 0, 4]  # one indexed, the others found it
     assert KnowledgeBase.open(tmp_path / "kb.db").passage_count() == 5
+
+
+def words(text: str) -> int:  # a token counter for the layout tests: one token per word
+    return len(text.split())
+
+
+def test_passages_source_keeps_the_user_turn_and_fits_passages_to_the_budget():
+    question = "how do I join paths"  # 5 tokens
+    long = " ".join(f"w{i}" for i in range(40))
+    short = "os.path.join(a, *p) joins"
+    src = passages_source(question, [long, short, long], words, 26)
+    assert src.startswith(question + "\n[1] w0 w1 ")
+    # each passage (with its marker) may use an equal share of what is free; the short one
+    # leaves its rest to the last, which fills the budget
+    first, second, third = src.split("\n")[1:]
+    assert words(first) == (26 - 5) // 3 and second == f"[2] {short}"
+    assert words(src) == 26 and words(third) == 26 - 5 - 7 - 4
+    assert passages_source(question, [long], words, 100) == f"{question}\n[1] {long}"
+    # no room: the passages go, never the user turn, which stays whole even past the budget
+    assert passages_source(question, [long, short], words, 5) == question
+    assert passages_source(question, [short], words, 3) == question
+    assert passages_source(question, [], words, 50) == question
+
+
+def test_retrieval_spec_sources_round_trip_and_version(tmp_path, kb):
+    spec = RetrievalSpec(passages=2, source_tokens=30)
+    found = spec.search(kb, "How does json.dumps serialize objects?")
+    assert len(found) <= 2 and found[0].source == "python/json.txt"
+    src = spec.source("How does json.dumps serialize objects?", found, words)
+    assert src.startswith("How does json.dumps serialize objects?\n[1] json.dumps serializes")
+    assert words(src) <= 30
+    assert RetrievalSpec.load(tmp_path) is None  # a model trained without passages
+    spec.save(tmp_path)
+    assert RetrievalSpec.load(tmp_path) == spec
+    (tmp_path / "retrieval.json").write_text(json.dumps({"format": 99, "passages": 2,
+                                                         "source_tokens": 30}))  # fmt: skip
+    with pytest.raises(InputError, match=r"retrieval.json: .* source format 99.*retrain"):
+        RetrievalSpec.load(tmp_path)

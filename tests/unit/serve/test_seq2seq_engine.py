@@ -94,3 +94,114 @@ def test_stops_abort_and_bad_input(s2s_dir):
                                    {"role": "user", "content": "hi there"}]) == "hi there"  # fmt: skip
     finally:
         engine.shutdown()
+
+
+def test_server_gives_the_decoder_its_whole_context_whatever_the_source(s2s_dir, tmp_path):
+    """A causal model's prompt + max_tokens share the context; a seq2seq source does not."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.server import create_app
+    from lmforge.serve.settings import ServeSettings
+
+    settings = ServeSettings(models=[{"name": "s2s", "path": s2s_dir}], feedback_db=tmp_path / "f")
+    with TestClient(create_app(settings)) as client:
+        n = client.app.state.serve.engines["s2s"].max_context
+        source = [7] * (n - 8)
+        body = {"model": "s2s", "prompt": source, "max_tokens": 40, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        r = client.post("/v1/completions", json=body)  # source + max_tokens > n: still fits
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 40
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        r = client.post("/v1/completions", json={**body, "max_tokens": n})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert f"at most {n - 1}" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={**body, "prompt": [7] * (n + 1)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        chat = {"model": "s2s", "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": " ".join(PROMPTS[1:4])}]}  # fmt: skip
+        r = client.post("/v1/chat/completions", json=chat)  # no max_tokens: the room is filled
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert n // 2 < usage["prompt_tokens"] <= n and usage["completion_tokens"] == n - 1
+
+
+FUNCTIONS = {
+    "os.path": [("os.path.join", "(a, *p)", "Join two or more pathname components."),
+                ("os.path.split", "(p)", "Split a pathname into a pair (head, tail).")],
+    "json": [("json.dumps", "(obj, **kw)", "Serialize obj to a JSON formatted str.")],
+}  # fmt: skip
+
+
+@pytest.fixture
+def rag_setup(s2s_dir, tmp_path):
+    """A knowledge base laid out as the knowledge-base stage writes it, and a copy of the model
+    directory that records retrieval.json (2 passages in 100 source tokens: this tokenizer makes
+    the question 39 tokens, each passage over 40, so both get trimmed)."""
+    import json
+    import shutil
+
+    from lmforge.serve.retrieval import KnowledgeBase, RetrievalSpec
+
+    docs = tmp_path / "kb"
+    docs.mkdir()
+    for module, fns in FUNCTIONS.items():
+        lines = [json.dumps({"id": q, "text": f"{q}{sig}\n{doc}"}) for q, sig, doc in fns]
+        (docs / f"{module}.jsonl").write_text("\n".join(lines) + "\n")
+    kb = KnowledgeBase.build(docs, tmp_path / "kb.db")
+    model_dir = tmp_path / "rag-model"
+    shutil.copytree(s2s_dir, model_dir)
+    spec = RetrievalSpec(passages=2, source_tokens=100)
+    spec.save(model_dir)
+    yield kb, model_dir, spec
+    kb.close()
+
+
+def _chat(engine, store, question, **req):
+    import asyncio
+    from types import SimpleNamespace
+
+    from lmforge.serve.completions import CompletionService
+    from lmforge.serve.protocol import ChatRequest
+
+    state = SimpleNamespace(engines={"m": engine}, kb=store, safety=None, cache=None)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": question}]
+    request = ChatRequest(model="m", messages=messages, max_tokens=4, **req)
+    return asyncio.run(CompletionService(state).prepare_chat(request))
+
+
+def test_chat_source_with_kb_equals_the_training_source(rag_setup):
+    from lmforge.finetune.dialogue import Retrieved
+
+    kb, model_dir, spec = rag_setup
+    engine = Seq2SeqEngine.from_dir(model_dir, name="rag")
+    assert engine.retrieval == spec
+    question = "How do I join two or more pathname components?"
+    prep = _chat(engine, kb, question)
+    row = {"context": question, "response": "Use os.path.join.", "intent": "ask_usage"}
+    train = Retrieved([row], engine.files, spec, kb)  # the dialogue stage's sources
+    assert prep.jobs[0].prompt_text == train.sources[0]
+    assert prep.jobs[0].prompt_ids == engine.files.encode(train.sources[0])
+    assert train.sources[0].startswith(f"{question}\n[1] os.path.join(a, *p) Join two")
+    assert "\n[2] os.path.split(p)" in train.sources[0]
+    assert 90 < len(engine.files.encode(train.sources[0])) <= spec.source_tokens
+    assert (
+        [s["source"] for s in prep.sources] == train.found[0] == ["os.path.join", "os.path.split"]
+    )
+
+
+def test_model_that_expects_passages_without_a_kb_warns_once(rag_setup, s2s_dir, caplog):
+    kb, model_dir, _ = rag_setup
+    engine = Seq2SeqEngine.from_dir(model_dir, name="rag")
+    question = "What is the signature of json.dumps?"
+    with caplog.at_level("WARNING", logger="lmforge.serve.seq2seq_engine"):
+        assert _chat(engine, None, question).jobs[0].prompt_text == question
+        assert _chat(engine, kb, question, kb=False).jobs[0].prompt_text == question
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "rag was trained on sources with 2 knowledge-base passages" in warnings[0]
+    assert "serve it with --kb" in warnings[0]
+    plain = Seq2SeqEngine.from_dir(s2s_dir, name="plain")  # trained without: user turn, kb or not
+    assert plain.retrieval is None
+    assert _chat(plain, kb, question).jobs[0].prompt_text == question

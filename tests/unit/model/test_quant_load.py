@@ -1,0 +1,165 @@
+"""Quantized checkpoints load quantized: codes as stored, logits equal to dequantizing on load."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.compress.quantize import quantize_dir
+from lmforge.errors import ConfigError
+from lmforge.evals.lm import EvalModel
+from lmforge.model import quant
+from lmforge.model.convert import load_pretrained
+from lmforge.model.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantWeight,
+    dequantize_weight,
+    int8_kernel_available,
+    quantize_weight,
+)
+from unit.evals.helpers import make_model_dir
+
+IDS = torch.arange(1, 30)[None]
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (a tied table once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    """A llama-shaped and a GPT-2-shaped micro model, each as fp32, int8 and int4 directories."""
+    root = tmp_path_factory.mktemp("quant-load")
+    out = {}
+    for preset in ("micro", "micro-gpt2"):
+        src = make_model_dir(root / preset, preset=preset)
+        out[preset] = src
+        for kind in ("int8", "int4"):
+            quantize_dir(src, root / f"{preset}-{kind}", kind, 32)
+            out[f"{preset}-{kind}"] = root / f"{preset}-{kind}"
+    return out
+
+
+@pytest.mark.parametrize("preset", ["micro", "micro-gpt2"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_kept_logits_equal_dequantized_on_load(dirs, preset: str, kind: str) -> None:
+    kept = load_pretrained(dirs[f"{preset}-{kind}"])
+    floats = load_pretrained(dirs[f"{preset}-{kind}"], quantized="dequantize")
+    assert not any(type(m) in (nn.Linear, nn.Embedding) for m in kept.modules())
+    assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in floats.modules())
+    bits = {m.bits for m in kept.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    assert bits == {int(kind[3:])}
+    with torch.no_grad():
+        ref, got = floats(IDS), kept(IDS)
+    # int4 dequantizes each forward: the same fp32 matmuls. int8 runs torch's int8 kernel with
+    # bf16 activations (quant.KERNEL_DTYPE): bf16 rounding, well inside int8's own error
+    tolerance = 1e-5 if kind == "int4" or not int8_kernel_available() else 1e-2
+    assert (ref - got).abs().max().item() < tolerance * ref.abs().max().item()
+
+
+def test_kept_model_holds_a_quarter_of_the_bytes_and_shares_the_tied_table(dirs) -> None:
+    fp32 = tensor_bytes(load_pretrained(dirs["micro"]))
+    int8, int4 = (load_pretrained(dirs[f"micro-{k}"]) for k in ("int8", "int4"))
+    assert tensor_bytes(int8) < 0.3 * fp32
+    assert tensor_bytes(int4) < 0.65 * tensor_bytes(int8)
+    assert int8.config.tie_embeddings and int8.lm_head.codes is int8.tok_emb.codes
+    assert EvalModel.load(dirs["micro-int8"]).num_params() == sum(
+        p.numel() for p in load_pretrained(dirs["micro"]).parameters()
+    )
+
+
+def test_the_load_says_it_kept_quantized_weights(dirs, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="lmforge.model.convert"):
+        model = load_pretrained(dirs["micro-gpt2-int8"])
+    n = sum(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+    assert f"kept {n} matrices quantized (int8)" in caplog.text
+
+
+def test_an_unknown_quantized_mode_is_refused(dirs) -> None:
+    with pytest.raises(ConfigError, match="quantized='fp16'; valid: keep, dequantize"):
+        load_pretrained(dirs["micro-int8"], quantized="fp16")
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+def test_int8_linear_matches_its_dequantized_weight(per_column: bool) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    codes, scale = quantize_weight(w.T if per_column else w, 8, 32)  # Conv1D: scale per column
+    layer = QuantLinear(64, 48, 8, bias=True, transposed=per_column)
+    if per_column:
+        codes, scale = codes.T.contiguous(), scale.T
+    layer.codes, layer.scale, layer.bias = codes, scale, torch.randn(48)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        got = layer(x)  # the int8 kernel, bf16 activations
+    ref = F.linear(x, codes.float() * scale, layer.bias)
+    assert (got - ref).abs().max() < 1e-2 * ref.abs().max() and got.shape == (2, 5, 48)
+    x.requires_grad_(True)  # QLoRA's path: autograd through the dequantized fp32 weight
+    out = layer(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
+    assert torch.allclose(x.grad[0, 0], (codes.float() * scale).sum(0), atol=1e-5)
+
+
+def test_kept_int8_inference_runs_the_int8_kernel(dirs) -> None:
+    # torch >= 2.6 on CPU has aten._weight_int8pack_mm; without it, QuantLinear dequantizes each
+    # forward (the equality tests above hold either way)
+    if not int8_kernel_available():
+        pytest.skip("this torch build has no CPU _weight_int8pack_mm")
+    model = load_pretrained(dirs["micro-gpt2-int8"])
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(IDS)
+    calls = [e for e in prof.events() if e.name == "aten::_weight_int8pack_mm"]
+    n_linear = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert len(calls) == n_linear > 0
+
+
+def test_parts_of_different_bits_are_not_fused() -> None:
+    a = QuantWeight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), 8, 32)
+    b = QuantWeight(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 1, 1), 4, 8)
+    assert a.fused([b], transpose=False) is None
+    both = a.fused([a], transpose=False)
+    assert both.codes.shape == (8, 8) and both.shape == (8, 8)
+
+
+def test_an_encoder_and_an_encoder_decoder_keep_their_codes_too(tmp_path: Path) -> None:
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.seq2seq import Seq2SeqLM
+
+    torch.manual_seed(0)
+    save_pretrained(Seq2SeqLM(preset_config("bart-micro", vocab_size=300)), tmp_path / "bart")
+    make_model_dir(tmp_path / "bert", preset="bert-micro")
+    tgt = torch.arange(2, 9)[None]
+    for name in ("bart", "bert"):
+        quantize_dir(tmp_path / name, tmp_path / f"{name}-q", "int8", 32)
+        kept = load_pretrained(tmp_path / f"{name}-q")
+        floats = load_pretrained(tmp_path / f"{name}-q", quantized="dequantize")
+        assert isinstance(kept.tok_emb, QuantEmbedding) and isinstance(kept.lm_head, QuantLinear)
+        with torch.no_grad():
+            ref, got = (m(IDS, tgt) if name == "bart" else m(IDS) for m in (floats, kept))
+        assert (ref - got).abs().max().item() < 1e-2 * ref.abs().max().item()  # bf16 kernel
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_int4_linear_dequantizes_in_chunks_to_the_same_result(monkeypatch, transposed) -> None:
+    torch.manual_seed(0)
+    stored = torch.randn(64, 96)  # (out, in), or (in, out) as GPT-2's Conv1D stores it
+    codes, scale = quantize_weight(stored, 4, 32)
+    out_f, in_f = (96, 64) if transposed else (64, 96)
+    layer = QuantLinear(in_f, out_f, 4, 32, bias=False, transposed=transposed)
+    layer.codes, layer.scale = codes, scale
+    w = dequantize_weight(codes, scale, 4, 32)
+    x = torch.randn(3, in_f)
+    ref = x @ w if transposed else x @ w.T
+    whole = layer(x)
+    monkeypatch.setattr(quant, "INT4_CHUNK_WEIGHTS", 96 * 5)  # 5 stored rows a chunk
+    assert torch.allclose(layer(x), ref, atol=1e-5) and torch.allclose(whole, ref, atol=1e-5)
