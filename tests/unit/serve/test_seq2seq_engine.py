@@ -138,7 +138,9 @@ def test_server_gives_the_decoder_its_whole_context_whatever_the_source(s2s_dir,
         assert r.json()["choices"][0]["finish_reason"] == "length"
         r = client.post("/v1/completions", json={**body, "max_tokens": n})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
-        assert f"at most {n - 1}" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]  # the source does not share the decoder's room
+        assert f"leaves {n - 1} for an answer to this {n - 8}-token prompt" in message
+        assert f"at most {n - 1}" in message
         r = client.post("/v1/completions", json={**body, "prompt": [7] * (n + 1)})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         chat = {"model": "s2s", "temperature": 0, "ignore_eos": True,
