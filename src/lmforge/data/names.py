@@ -70,11 +70,12 @@ _CUES = (
     "\\bI\u2019m ",
     r"\b[Tt]his is ",
     r"\bDear ",
-    r"\b[Rr]egards,\n",
-    r"\b[Tt]hanks,\n",
-    r"\bSincerely,\n",
-    r"\bCheers,\n",
-    r"\bBest,\n",
+    # a sign-off line, ended by \n or (Windows mail, pasted text) \r\n: lookbehinds are fixed-width
+    *(
+        rf"\b{word},{eol}"
+        for word in ("[Rr]egards", "[Tt]hanks", "Sincerely", "Cheers", "Best")
+        for eol in (r"\n", r"\r\n")
+    ),
 )
 _TITLES = ("Mr. ", "Mrs. ", "Ms. ", "Dr. ", "Prof. ", "Mr ", "Mrs ", "Ms ", "Dr ")
 

@@ -23,6 +23,7 @@ CASES = [
     ("This is Mark.", ["Mark"]),
     ("Dear Bob,\nthe build is green.", ["Bob"]),
     ("Regards,\nCarol White", ["Carol White"]),
+    ("Thanks,\r\nCarol White\r\nSincerely,\r\nBob", ["Carol White", "Bob"]),  # CRLF lines
     ("Ask Mr. Kowalczyk or Dr. Alice B. Smith.", ["Kowalczyk", "Alice B. Smith"]),
     ("Will Smith and Dan Brown met Frank Moore.", ["Will Smith", "Dan Brown", "Frank Moore"]),
     ("Return Alice Smith now", ["Alice Smith"]),  # a Title-case word before the name
