@@ -133,7 +133,8 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     # a Title-case word, unless it is a common word that is not also a known surname
     not_surname = (lex["common_words"] - lex["surnames"]) | NOT_SURNAMES
     surname_like = rf"(?!(?:{trie_regex(not_surname)}){_END}){_WORD}"
-    # a known surname that is not a common word makes an ambiguous given name a name
+    # a known surname that is not a common word makes an ambiguous given name a name (in a
+    # double-barrelled surname, either part: "Anna Smith-Jones")
     strict = lex["surnames"] - (lex["common_words"] - WORD_SURNAMES) - NOT_SURNAMES
     cue = "|".join(f"(?<={c})" for c in _CUES)
     title = "|".join(f"(?<=\\b{re.escape(t)})" for t in _TITLES)
@@ -151,7 +152,7 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
         ),
         (
             re.compile(rf"{cap}{_START}(?:{ambiguous}){surname}{_END}"),
-            lambda text: text.split()[-1] in strict,
+            lambda text: any(part in strict for part in text.split()[-1].split("-")),
         ),
         (re.compile(rf"{cap}(?:{cue}|{title}){_WORD}{_END}"), given.__contains__),
         (re.compile(rf"{cap}(?:{title}){surname_like}{_END}"), None),

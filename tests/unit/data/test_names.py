@@ -24,6 +24,7 @@ CASES = [
     ("Dear Bob,\nthe build is green.", ["Bob"]),
     ("Regards,\nCarol White", ["Carol White"]),
     ("Thanks,\r\nCarol White\r\nSincerely,\r\nBob", ["Carol White", "Bob"]),  # CRLF lines
+    ("Anna Smith-Jones and Will Kowalczyk-Brown", ["Anna Smith-Jones", "Will Kowalczyk-Brown"]),
     ("Ask Mr. Kowalczyk or Dr. Alice B. Smith.", ["Kowalczyk", "Alice B. Smith"]),
     ("Will Smith and Dan Brown met Frank Moore.", ["Will Smith", "Dan Brown", "Frank Moore"]),
     ("Return Alice Smith now", ["Alice Smith"]),  # a Title-case word before the name
