@@ -54,9 +54,11 @@ WORD_SURNAMES = frozenset(
     "White Black Green Young Long West Little Price Church Field Wall".split()
 )
 
-# Title-case letters: ASCII, Latin-1 and Latin Extended-A (whose cases interleave).
-_UP = "A-Z\u00c0-\u00d6\u00d8-\u00de\u0100-\u017f"
-_LOW = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u017f"
+# Title-case letters: ASCII, Latin-1, Latin Extended-A and -B and Latin Extended Additional
+# (whose cases interleave: Romanian ș/ț, Vietnamese ầ/ư), and lowercase IPA letters (the
+# Azerbaijani ə): every letter of the lexicon's names, which scripts/extract_names.py keeps.
+_UP = "A-Z\u00c0-\u00d6\u00d8-\u00de\u0100-\u024f\u1e00-\u1eff"
+_LOW = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u024f\u0250-\u02af\u1e00-\u1eff"
 _WORD = rf"(?:Ma?c|O['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
 _START = r"(?<![\w.@/\\$#-])"
 # Not the start of an identifier or a dotted/hyphenated word: `Alice_x`, `Alice(`, `Alice.smith`.
