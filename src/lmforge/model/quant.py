@@ -351,14 +351,17 @@ def read_quantized(
 def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]:
     """Swap each nn.Linear / nn.Embedding whose weight is a QuantWeight in state for a
     QuantLinear / QuantEmbedding (empty, on model's device: call under torch.device("meta"));
-    returns state with their codes/scale under the new modules' names, the rest dequantized."""
+    returns state with their codes/scale under the new modules' names, the rest dequantized.
+
+    A weight whose module is missing or of another shape (a config.json that is not the
+    checkpoint's) is dequantized too, so load_state_dict refuses it as it refuses floats."""
     out: dict[str, Tensor] = {}
     for name, value in state.items():
         if not isinstance(value, QuantWeight):
             out[name] = value
             continue
         path = name.removesuffix(".weight")
-        module = model.get_submodule(path) if name.endswith(".weight") else None
+        module = _submodule(model, path) if name.endswith(".weight") else None
         swapped = _quant_module(module, value)
         if swapped is None:  # not a plain Linear/Embedding weight: the module gets floats
             out[name] = value.dequantize().to(value.scale.dtype)
@@ -369,7 +372,16 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
     return out
 
 
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:  # an unexpected name: load_state_dict names it
+        return None
+
+
 def _quant_module(module: nn.Module | None, w: QuantWeight) -> nn.Module | None:
+    if type(module) not in (nn.Linear, nn.Embedding) or tuple(module.weight.shape) != w.shape:
+        return None
     if type(module) is nn.Linear:
         bias = module.bias is not None
         return QuantLinear(*reversed(w.shape), w.bits, w.group_size, bias, w.transposed)

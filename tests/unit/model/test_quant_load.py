@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress.quantize import quantize_dir
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.model import quant
 from lmforge.model.convert import load_pretrained
@@ -163,3 +163,24 @@ def test_int4_linear_dequantizes_in_chunks_to_the_same_result(monkeypatch, trans
     whole = layer(x)
     monkeypatch.setattr(quant, "INT4_CHUNK_WEIGHTS", 96 * 5)  # 5 stored rows a chunk
     assert torch.allclose(layer(x), ref, atol=1e-5) and torch.allclose(whole, ref, atol=1e-5)
+
+
+def test_a_config_that_is_not_the_checkpoints_is_refused_when_kept(dirs, tmp_path) -> None:
+    import json
+    import shutil
+
+    bad = shutil.copytree(dirs["micro-int8"], tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 8}))
+    for mode in ("keep", "dequantize"):  # kept codes must not take the checkpoint's shape
+        with pytest.raises(InputError, match=f"{bad}: weights do not match config.json"):
+            load_pretrained(bad, quantized=mode)
+
+
+def test_a_quantized_name_the_model_lacks_is_left_for_load_state_dict() -> None:
+    model = nn.Sequential(nn.Linear(8, 4))
+    w = QuantWeight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), 8, 32)
+    state = quant.keep_quantized(model, {"0.weight": w, "5.weight": w, "0.proj.weight": w})
+    assert isinstance(model[0], QuantLinear)
+    assert set(state) == {"0.codes", "0.scale", "5.weight", "0.proj.weight"}
+    assert state["5.weight"].shape == (4, 8) and state["5.weight"].is_floating_point()
