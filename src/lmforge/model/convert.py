@@ -254,7 +254,10 @@ def load_pretrained(
         if family.prefix:
             tensors = {_with_prefix(k, family.prefix): v for k, v in tensors.items()}
         rules = family.rules(cfg)
-        state = _to_ours(tensors, rules if score is None else without_lm_head(rules))
+        try:
+            state = _to_ours(tensors, rules if score is None else without_lm_head(rules))
+        except InputError as err:  # a tensor missing or unexpected: say whose
+            raise InputError(f"{model_dir}: {err}") from None
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     elif "lm_head.weight" not in state:
