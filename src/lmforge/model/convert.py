@@ -237,6 +237,31 @@ def load_pretrained(
         from lmforge.model.t5 import load_t5
 
         return load_t5(model_dir, device, dtype)
+    cfg, state = _checkpoint_state(model_dir, hf, quantized)
+    state = {k: v.to(device, dtype if _floating(v) else v.dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)  # no memory, no init: the weights are assigned below
+        state = keep_quantized(model, state)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise InputError(f"{model_dir}: weights do not match config.json: {first}") from None
+    kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    if not isinstance(getattr(model, "tok_emb", None), QuantEmbedding):
+        model.tie_weights()  # a kept tied pair already shares its codes (one tensor, assigned)
+    model.init_buffers(device)
+    if kept:
+        bits = sorted({f"int{m.bits}" for m in kept})
+        log.info("%s: kept %d matrices quantized (%s)", model_dir, len(kept), "/".join(bits))
+    return model.eval()
+
+
+def _checkpoint_state(
+    model_dir: Path, hf: dict[str, Any], quantized: QuantizedLoad
+) -> tuple[ModelConfig, dict[str, Tensor | QuantWeight]]:
+    """The ModelConfig and our state dict (quantized weights as QuantWeight when kept) of a
+    checkpoint, its lm_head tied or, for a classifier without one, zeros."""
     cfg = hf_config_to_model_config(hf)
     quant = hf.get("quantization_config")
     if quant and quantized == "keep":
@@ -265,23 +290,7 @@ def load_pretrained(
             "%s is a classifier without an LM head: next-token scores are uniform", model_dir
         )
         state["lm_head.weight"] = torch.zeros(state["tok_emb.weight"].shape)
-    state = {k: v.to(device, dtype if _floating(v) else v.dtype) for k, v in state.items()}
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)  # no memory, no init: the weights are assigned below
-        state = keep_quantized(model, state)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1].strip()
-        raise InputError(f"{model_dir}: weights do not match config.json: {first}") from None
-    kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
-    if not isinstance(getattr(model, "tok_emb", None), QuantEmbedding):
-        model.tie_weights()  # a kept tied pair already shares its codes (one tensor, assigned)
-    model.init_buffers(device)
-    if kept:
-        bits = sorted({f"int{m.bits}" for m in kept})
-        log.info("%s: kept %d matrices quantized (%s)", model_dir, len(kept), "/".join(bits))
-    return model.eval()
+    return cfg, state
 
 
 def _floating(value: Tensor | QuantWeight) -> bool:
