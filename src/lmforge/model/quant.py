@@ -97,8 +97,10 @@ def _aligned(t: Tensor) -> Tensor:
 
 
 def _uses_int8_kernel(x: Tensor, layer: QuantLinear) -> bool:
-    """The int8 kernel serves inference on CPU; autograd (QLoRA training) dequantizes instead.
-    It also crashes unless in_features is a multiple of 16 (torch 2.13, measured)."""
+    """The int8 kernel serves inference (no_grad / inference_mode) on CPU; with grad enabled
+    (QLoRA training) the weight is dequantized, so the frozen base computes in the input's dtype
+    even where the input needs no gradient (the first block's, below every adapter). The kernel
+    also crashes unless in_features is a multiple of 16 (torch 2.13, measured)."""
     return (
         layer.bits == 8
         and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())  # no data_ptr
@@ -106,7 +108,7 @@ def _uses_int8_kernel(x: Tensor, layer: QuantLinear) -> bool:
         and layer.codes.data_ptr() % 64 == 0
         and x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPE
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.is_grad_enabled()
         and int8_kernel_available()
     )
 

@@ -184,3 +184,13 @@ def test_a_quantized_name_the_model_lacks_is_left_for_load_state_dict() -> None:
     assert isinstance(model[0], QuantLinear)
     assert set(state) == {"0.codes", "0.scale", "5.weight", "0.proj.weight"}
     assert state["5.weight"].shape == (4, 8) and state["5.weight"].is_floating_point()
+
+
+def test_int8_base_trains_in_fp32_even_where_its_input_needs_no_gradient() -> None:
+    # QLoRA: the first block's input comes from frozen embeddings (no requires_grad); with grad
+    # enabled its base matmul must not drop to the kernel's bf16 activations
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(64, 48), "int8")
+    x = torch.randn(4, 64)
+    ref = F.linear(x, layer.weight, layer.bias)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
