@@ -2,10 +2,11 @@
 
 QuantLinear keeps a frozen weight as int8 (one scale per output row) or 4-bit (one scale per
 group of `group_size` input columns, two values packed per byte), so it takes 1/4 or, with
-groups of 32 and their fp32 scales (5 bits a weight), 1/6.4 of its fp32 memory. int8 inference on CPU runs torch's int8 weight-only matmul (aten._weight_int8pack_mm,
-bf16 activations); otherwise (int4, grad enabled, GPU, a torch without the kernel) the weight is
-dequantized on every forward. QLoRA trains LoRA adapters on top in full precision. Symmetric
-absmax rounding: small, readable, no custom kernels.
+groups of 32 and their fp32 scales (5 bits a weight), 1/6.4 of its fp32 memory. int8 inference
+on CPU runs torch's int8 weight-only matmul (aten._weight_int8pack_mm, bf16 activations);
+otherwise (int4, grad enabled, GPU, a torch without the kernel) the weight is dequantized on
+every forward. QLoRA trains LoRA adapters on top in full precision. Symmetric absmax rounding:
+small, readable, no custom kernels.
 
 quantize_tensors() applies the same rounding to every matrix of a checkpoint (`lmforge compress
 quantize`): model.safetensors then holds the codes under each weight's own name plus
