@@ -23,8 +23,8 @@ positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as Ber
 Import reads our exports and local HF checkpoints of the llama, mistral, qwen2, gpt2, bert and
 roberta families, single-file or sharded. An encoder checkpoint without MLM head tensors (a
 classifier, a bare BertModel) loads with mlm_head off. An lmforge-quantized checkpoint (`compress
-quantize`) loads quantized by default (model.quant.QuantLinear / QuantEmbedding from its codes);
-training callers pass quantized="dequantize". Legacy pytorch_model.bin files are read
+quantize`) loads quantized by default (model.quant_checkpoint: QuantLinear / QuantEmbedding from
+its codes); training callers pass quantized="dequantize". Legacy pytorch_model.bin files are read
 only through torch.load(weights_only=True), which refuses anything but plain tensors.
 """
 
@@ -57,10 +57,9 @@ from lmforge.model.hf_families import (
     token_classifier_architecture,
     without_lm_head,
 )
-from lmforge.model.quant import (
+from lmforge.model.quant import QuantEmbedding, QuantLinear
+from lmforge.model.quant_checkpoint import (
     SCALE_SUFFIX,
-    QuantEmbedding,
-    QuantLinear,
     QuantWeight,
     dequantize_tensors,
     keep_quantized,

@@ -18,11 +18,11 @@ from lmforge.model.convert import load_pretrained
 from lmforge.model.quant import (
     QuantEmbedding,
     QuantLinear,
-    QuantWeight,
     dequantize_weight,
     int8_kernel_available,
     quantize_weight,
 )
+from lmforge.model.quant_checkpoint import QuantWeight, keep_quantized
 from unit.evals.helpers import make_model_dir
 
 IDS = torch.arange(1, 30)[None]
@@ -180,7 +180,7 @@ def test_a_config_that_is_not_the_checkpoints_is_refused_when_kept(dirs, tmp_pat
 def test_a_quantized_name_the_model_lacks_is_left_for_load_state_dict() -> None:
     model = nn.Sequential(nn.Linear(8, 4))
     w = QuantWeight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), 8, 32)
-    state = quant.keep_quantized(model, {"0.weight": w, "5.weight": w, "0.proj.weight": w})
+    state = keep_quantized(model, {"0.weight": w, "5.weight": w, "0.proj.weight": w})
     assert isinstance(model[0], QuantLinear)
     assert set(state) == {"0.codes", "0.scale", "5.weight", "0.proj.weight"}
     assert state["5.weight"].shape == (4, 8) and state["5.weight"].is_floating_point()
