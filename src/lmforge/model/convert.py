@@ -350,13 +350,9 @@ def load_classifier(model_dir: Path | str) -> ClassifierHead | None:
     hf = read_config(model_dir)
     if hf.get("model_type") in ENCODER_FAMILIES:
         return _load_encoder_classifier(model_dir, hf)
-    weight = _read_tensor(model_dir, SCORE)
+    weight = _read_head_tensor(model_dir, hf, SCORE)
     if weight is None:
         return None
-    quant = hf.get("quantization_config")
-    if quant and SCORE in quant.get("bits", {}):
-        scale = {SCORE + SCALE_SUFFIX: _read_tensor(model_dir, SCORE + SCALE_SUFFIX)}
-        weight = dequantize_tensors({SCORE: weight, **scale}, quant, model_dir)[SCORE]
     return ClassifierHead(weight.float(), _labels(hf, weight.shape[0]))
 
 
@@ -369,7 +365,7 @@ def _load_encoder_classifier(model_dir: Path, hf: dict[str, Any]) -> ClassifierH
     """A BERT/RoBERTa sequence or token classifier's head (None for an MLM or bare encoder)."""
     per_token = any(a.endswith("ForTokenClassification") for a in hf.get("architectures") or [])
     names = encoder_head_names(hf["model_type"], per_token)
-    found = {role: _read_tensor(model_dir, name) for role, name in names.items()}
+    found = {role: _read_head_tensor(model_dir, hf, name) for role, name in names.items()}
     if found["out_weight"] is None:
         return None
     found = {role: t.float() if t is not None else None for role, t in found.items()}
@@ -377,6 +373,18 @@ def _load_encoder_classifier(model_dir: Path, hf: dict[str, Any]) -> ClassifierH
         found["out_weight"], _labels(hf, found["out_weight"].shape[0]), found["out_bias"],
         found.get("pool_weight"), found.get("pool_bias"), per_token,
     )  # fmt: skip
+
+
+def _read_head_tensor(model_dir: Path, hf: dict[str, Any], name: str) -> Tensor | None:
+    """One head tensor, dequantized when `compress quantize` stored it as codes (+ its scale)."""
+    tensor = _read_tensor(model_dir, name)
+    quant = hf.get("quantization_config")
+    if tensor is None or not quant or name not in quant.get("bits", {}):
+        return tensor
+    scale = {name + SCALE_SUFFIX: _read_tensor(model_dir, name + SCALE_SUFFIX)}
+    scale = {k: v for k, v in scale.items() if v is not None}  # missing: read_quantized says so
+    alone = {**quant, "bits": {name: quant["bits"][name]}}  # only this tensor was read
+    return dequantize_tensors({name: tensor, **scale}, alone, model_dir)[name]
 
 
 def _read_tensor(model_dir: Path, name: str) -> Tensor | None:

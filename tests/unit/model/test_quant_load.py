@@ -194,3 +194,28 @@ def test_int8_base_trains_in_fp32_even_where_its_input_needs_no_gradient() -> No
     x = torch.randn(4, 64)
     ref = F.linear(x, layer.weight, layer.bias)
     assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["micro", "bert-micro"])
+def test_a_quantized_classifiers_head_loads_dequantized(tmp_path: Path, preset: str) -> None:
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import ClassifierHead, load_classifier, save_pretrained
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = preset_config(preset, vocab_size=320)
+    d = cfg.n_embd
+    encoder = not cfg.causal  # a BERT head: biased, behind a dense+tanh pooler
+    head = ClassifierHead(
+        torch.randn(3, d), ["a", "b", "c"], *(
+            (torch.randn(3), torch.randn(d, d), torch.randn(d)) if encoder else ()
+        )
+    )  # fmt: skip
+    save_pretrained(Transformer(cfg), tmp_path / "f", classifier=head)
+    quantize_dir(tmp_path / "f", tmp_path / "q", "int8", 32)
+    back = load_classifier(tmp_path / "q")
+    rounded = dequantize_weight(*quantize_weight(head.weight, 8, 32), 8, 32)
+    assert back.labels == head.labels and torch.allclose(back.weight, rounded)
+    if encoder:  # each matrix its codes times its scale, never the raw int8 codes
+        pool = dequantize_weight(*quantize_weight(head.pool_weight, 8, 32), 8, 32)
+        assert torch.allclose(back.pool_weight, pool) and torch.equal(back.bias, head.bias)
