@@ -169,6 +169,28 @@ def test_causal_generation_tasks_report_reference_perplexity(model_dir: Path) ->
     assert math.isclose(metrics["reference_perplexity"], math.exp(-sum(lls) / n), rel_tol=1e-6)
 
 
+def test_causal_reference_scores_batch_the_prompts(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reference scores of many prompts take one forward pass per SCORE_BATCH rows, and equal
+    one prompt at a time."""
+    from lmforge.evals.scoring import SCORE_BATCH
+
+    model = EvalModel.load(model_dir)
+    prompts = [f"def f{i}(x):" for i in range(SCORE_BATCH + 3)]
+    refs = ["" if i == 0 else f"return x + {i}" for i in range(len(prompts))]  # one empty
+    one_by_one = [model.scorer.reference_scores([p], [r], False)[0]
+                  for p, r in zip(prompts, refs, strict=True)]  # fmt: skip
+    calls, forward = [], model.model.hidden_states
+    monkeypatch.setattr(model.model, "hidden_states", lambda x: calls.append(x) or forward(x))
+    batched = model.scorer.reference_scores(prompts, refs, False)
+    assert len(calls) == 2
+    assert [g for _, g in batched] == [g for _, g in one_by_one]
+    for (got, _), (want, _) in zip(batched, one_by_one, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert batched[0] == ([], True)
+
+
 def test_seq2seq_through_the_eval_stage(bart: dict[str, Path], tmp_path: Path) -> None:
     gen = [{"prompt": "What is the capital of France?", "reference": "The capital is Paris."},
            {"prompt": "def f(x): return x + 1", "reference": "Return the absolute value."}]  # fmt: skip
