@@ -392,11 +392,19 @@ class RetrievalSpec:
         path = Path(model_dir) / RETRIEVAL_FILE
         if not path.is_file():
             return None
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("format") != SOURCE_FORMAT:
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            fmt = raw.get("format")
+            if fmt == SOURCE_FORMAT:
+                return cls(passages=int(raw["passages"]), source_tokens=int(raw["source_tokens"]))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise InputError(
-                f"{path}: the model was trained on knowledge-base source format "
-                f"{raw.get('format')}, this lmforge writes format {SOURCE_FORMAT}; retrain it "
-                "(stage dialogue with retrieval) with this version"
-            )
-        return cls(passages=int(raw["passages"]), source_tokens=int(raw["source_tokens"]))
+                f"{path} is not a retrieval spec ({type(e).__name__}: {e}); it needs "
+                '{"passages": int, "source_tokens": int, "format": '
+                f"{SOURCE_FORMAT}}}: copy it from the dialogue stage's final/ or retrain"
+            ) from e
+        raise InputError(
+            f"{path}: the model was trained on knowledge-base source format {fmt}, this "
+            f"lmforge writes format {SOURCE_FORMAT}; retrain it (stage dialogue with retrieval) "
+            "with this version"
+        )

@@ -232,3 +232,8 @@ def test_retrieval_spec_sources_round_trip_and_version(tmp_path, kb):
                                                          "source_tokens": 30}))  # fmt: skip
     with pytest.raises(InputError, match=r"retrieval.json: .* source format 99.*retrain"):
         RetrievalSpec.load(tmp_path)
+    for bad in ('{"format": 1, "passages": 2}', "[1]", '{"format": 1, "passages": "x", '
+                '"source_tokens": 3}', "{not json"):  # fmt: skip
+        (tmp_path / "retrieval.json").write_text(bad)
+        with pytest.raises(InputError, match=r"retrieval.json is not a retrieval spec.*retrain"):
+            RetrievalSpec.load(tmp_path)
