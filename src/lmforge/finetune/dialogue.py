@@ -358,8 +358,10 @@ def without_retrieval(cfg: DialogueConfig, ctx: StageContext, tok: TokenizerFile
                        metrics=MetricsWriter(out / "metrics.jsonl"))  # fmt: skip
     plain = {s: Retrieved(rows, tok, None, None) for s, rows in splits.items()}
     once = cfg.model_copy(update={"train": cfg.train.model_copy(update={"ckpt_every": 0})})
-    model, _, enc = fit(once, sub, tok, splits, plain, ids, intents)
-    sub.metrics.close()
+    try:
+        model, _, enc = fit(once, sub, tok, splits, plain, ids, intents)
+    finally:
+        sub.metrics.close()
     return score(model, enc, splits, plain["test"].found, tok, cfg, ids, intents, out)
 
 

@@ -75,8 +75,10 @@ def build_kb(cfg: KnowledgeBaseStage, ctx: StageContext) -> dict[str, Any]:
         n = write_kb(docs, cfg.functions, cfg.seed)
     with ctx.atomic_path(ctx.out / KB_INDEX) as db:
         kb = KnowledgeBase.build(ctx.out / KB_DOCS, db)  # the server's chunking, as it will
-        passages = kb.passage_count()
-        kb.close()
+        try:
+            passages = kb.passage_count()
+        finally:
+            kb.close()
     return {"kb_functions": n, "kb_files": len(list((ctx.out / KB_DOCS).glob("*.jsonl"))),
             "kb_passages": passages}  # fmt: skip
 
