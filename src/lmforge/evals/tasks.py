@@ -107,10 +107,12 @@ class TaskType:
     default_template: str = ""
     fallback_metric: str = ""  # the headline when a result lacks main_metric
 
-    def headline_metric(self, metrics: dict[str, Any]) -> str:
-        """main_metric, or fallback_metric where the result has no main_metric (tagging without
-        BIO tags has no entities, only word accuracy)."""
-        return self.main_metric if self.main_metric in metrics else self.fallback_metric
+    def headline_metric(self, *results: dict[str, Any]) -> str:
+        """main_metric, or fallback_metric where a result has no main_metric (tagging without
+        BIO tags has no entities, only word accuracy): one metric every model's result has."""
+        if all(self.main_metric in metrics for metrics in results):
+            return self.main_metric
+        return self.fallback_metric
 
 
 def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
