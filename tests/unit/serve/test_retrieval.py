@@ -215,6 +215,9 @@ def test_passages_source_keeps_the_user_turn_and_fits_passages_to_the_budget():
     # no room: the passages go, never the user turn, which stays whole even past the budget
     assert passages_source(question, [long, short], words, 5) == question
     assert passages_source(question, [short], words, 3) == question
+    # [1]'s share (5 + 3 // 2 = 6 tokens) has no room for a word: [2] goes too, though its
+    # share (5 + 3 = 8) would fit "[2] os.path.join(a, *p)"
+    assert passages_source(question, [long, "os.path.join(a, *p)"], words, 8) == question
     assert passages_source(question, [], words, 50) == question
 
 
