@@ -135,10 +135,13 @@ def test_tagging_reports_seqeval_entity_scores_on_a_planted_case(
     assert metrics["per_type"]["LOC"]["f1"] == 0.0 and metrics["per_type"]["LOC"]["support"] == 1
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert errors[0]["errors"] == 3 and errors[0]["predicted"] == ["B-PER"] * 4
-    bad = [{"tokens": ["a"], "tags": ["B-ORG"]}]
-    with pytest.raises(InputError, match=r"record 1: tags \['B-ORG'\] are not in"):
-        run_task(EvalModel.load(bert["tag"]),
-                 TaskSpec(name="t", type="tagging", examples=bad), GenerationSettings())  # fmt: skip
+    model = EvalModel.load(bert["tag"])
+    for bad, match in (
+        ([{"tokens": ["a"], "tags": ["B-ORG"]}], r"tags \['B-ORG'\] are not in"),
+        ([{"tokens": ["a", 7], "tags": ["O", "O"]}], "'tokens' must be the words"),
+    ):
+        with pytest.raises(InputError, match="record 1: " + match):
+            run_task(model, TaskSpec(name="t", type="tagging", examples=bad), GenerationSettings())
 
 
 @pytest.mark.parametrize("name", ["bart", "t5"])
