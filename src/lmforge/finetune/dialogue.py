@@ -253,7 +253,8 @@ def per_intent_scores(samples: list[dict[str, Any]]) -> dict[str, dict[str, floa
         hyp, ref = [s["prediction"] for s in group], [s["reference"] for s in group]
         out[intent] = {"rougeL": round(float(rouge(hyp, ref)["rougeL"]), 4),
                        "bleu": round(float(bleu(hyp, ref)["bleu"]), 4),
-                       "exact_match": round(float(exact_match(hyp, ref)), 4), "n": len(group)}  # fmt: skip
+                       "exact_match": round(float(exact_match(hyp, ref)), 4),
+                       "n": len(group)}  # fmt: skip
     return out
 
 
