@@ -121,7 +121,7 @@ def test_dialogue_retrieval_blocks_compare_with_and_without_passages() -> None:
     text, table = _retrieval_blocks(scores)
     assert "top 2 knowledge-base passages" in text.text and "89.0%" in text.text
     assert "(recall@2)" in text.text and "ROUGE-L 0.540 (with: 0.623)" in text.text
-    assert table.table[0][2] == "recall@2"
+    assert table.table[0][2] == "recall@2" and "recall@2: every test dialogue" in table.caption
     assert table.table[1] == ["ask_usage", "40", "0.800", "0.534 / 0.362", "35.5 / 16.3",
                               "0.1 / 0"]  # fmt: skip
     assert table.table[2][:3] == ["greeting", "5", ""]  # no function asked: no recall
