@@ -1,4 +1,5 @@
-"""Timing and the rate table the generation benchmarks share (bench_generate, bench_serve_engine).
+"""Timing and the rate table the generation benchmarks share (bench_generate, bench_serve_engine,
+bench_quant_load).
 
 Each contender is a no-argument function that produces every request's new tokens; all run in one
 process, round-robin, so load on a shared machine falls on each alike. The table reports new

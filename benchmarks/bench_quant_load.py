@@ -27,9 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _rates import time_round_robin
 
 from lmforge.compress.measure import prompt_ids
 from lmforge.compress.quantize import quantize_dir
@@ -93,21 +95,37 @@ def decode_times(
     models = {name: load_pretrained(d) for name, d in dirs.items()}
     idx = prompt_ids(models["fp32"].config.vocab_size, prompt_tokens)
 
-    @torch.no_grad()
-    def run(name: str) -> list[int]:
-        return generate(models[name], idx, new_tokens, greedy=True)[0, prompt_tokens:].tolist()
+    def decoder(name: str) -> Callable[[], list[list[int]]]:
+        @torch.no_grad()
+        def run() -> list[list[int]]:
+            return generate(models[name], idx, new_tokens, greedy=True)[:, prompt_tokens:].tolist()
 
-    tokens = {name: run(name) for name in models}  # warm-up, and the outputs compared
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name in models:
-            start = time.perf_counter()
-            run(name)
-            times[name].append(time.perf_counter() - start)
+        return run
+
+    contenders = {name: decoder(name) for name in models}
+    tokens = {name: run()[0] for name, run in contenders.items()}  # warm-up; outputs compared
+    times, _ = time_round_robin(contenders, rounds)
     same = {
         n: sum(a == b for a, b in zip(t, tokens["fp32"], strict=True)) for n, t in tokens.items()
     }
     return {name: statistics.median(t) for name, t in times.items()}, same
+
+
+def make_dirs(work: Path, preset: str, group_size: int) -> tuple[dict[str, Path], int]:
+    """fp32, int8 and int4 directories of one random `preset` model (and its parameter count),
+    plus the micro int8 warm-up directory measure_load loads first."""
+    torch.manual_seed(0)
+    model = Transformer(preset_config(preset))
+    n_params = model.num_params()
+    save_pretrained(model, work / "fp32")
+    del model
+    dirs = {"fp32": work / "fp32"}
+    for kind in VARIANTS[1:]:
+        quantize_dir(dirs["fp32"], work / kind, kind, group_size)
+        dirs[kind] = work / kind
+    save_pretrained(Transformer(preset_config("micro")), work / "micro")
+    quantize_dir(work / "micro", work / "warmup", "int8", 32)
+    return dirs, n_params
 
 
 def main() -> None:
@@ -122,20 +140,12 @@ def main() -> None:
     if args.measure_load:
         print(json.dumps(measure_load(*args.measure_load)))
         return
-    work = Path(tempfile.mkdtemp(prefix="bench-quant-load-"))
-    torch.manual_seed(0)
-    model = Transformer(preset_config(args.preset))
-    n_params = model.num_params()
-    save_pretrained(model, work / "fp32")
-    del model
-    dirs = {"fp32": work / "fp32"}
-    for kind in VARIANTS[1:]:
-        quantize_dir(dirs["fp32"], work / kind, kind, args.group_size)
-        dirs[kind] = work / kind
-    save_pretrained(Transformer(preset_config("micro")), work / "micro")
-    quantize_dir(work / "micro", work / "warmup", "int8", 32)
-    memory = {name: load_in_child(d, work / "warmup") for name, d in dirs.items()}
-    seconds, same = decode_times(dirs, args.prompt_tokens, args.new_tokens, args.rounds)
+    with tempfile.TemporaryDirectory(prefix="bench-quant-load-") as tmp:  # ~1 GB for gpt2-124m
+        work = Path(tmp)
+        dirs, n_params = make_dirs(work, args.preset, args.group_size)
+        memory = {name: load_in_child(d, work / "warmup") for name, d in dirs.items()}
+        seconds, same = decode_times(dirs, args.prompt_tokens, args.new_tokens, args.rounds)
+        file_mb = {n: (d / "model.safetensors").stat().st_size / 2**20 for n, d in dirs.items()}
     print(
         f"{args.preset}: {n_params / 1e6:.1f}M params, {torch.get_num_threads()} torch threads; "
         f"decode: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, batch 1, "
@@ -146,11 +156,10 @@ def main() -> None:
         f"{'load s':>7}{'tokens/s':>9}{'RSS vs fp32':>12}{'speed vs fp32':>14}{'same':>7}"
     )
     base = memory["fp32"]
-    for name, d in dirs.items():
+    for name in dirs:
         m, t = memory[name], seconds[name]
-        file_mb = (d / "model.safetensors").stat().st_size / 2**20
         print(
-            f"{name:<8}{file_mb:>8.1f}{m['tensor_mb']:>10.1f}{m['rss_mb']:>8.1f}"
+            f"{name:<8}{file_mb[name]:>8.1f}{m['tensor_mb']:>10.1f}{m['rss_mb']:>8.1f}"
             f"{m['decoding_rss_mb']:>9.1f}{m['peak_mb']:>7.1f}{m['load_s']:>7.2f}"
             f"{args.new_tokens / t:>9.1f}{m['decoding_rss_mb'] / base['decoding_rss_mb']:>11.2f}x"
             f"{seconds['fp32'] / t:>13.2f}x{same[name]:>4}/{args.new_tokens}"

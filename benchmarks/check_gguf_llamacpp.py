@@ -128,7 +128,7 @@ def greedy_agreement(llm: Any, lm: EvalModel, prompt: str, n: int) -> dict[str, 
 
 def check_type(model_dir: Path, file_type: str, out_dir: Path, new_tokens: int) -> dict[str, Any]:
     """Export model_dir as file_type, load it in llama.cpp, run every comparison."""
-    lm = EvalModel.load(model_dir)
+    lm = EvalModel.load(model_dir, quantized="dequantize")  # as `compress export` loads it
     model, special = lm.model.eval(), special_ids(model_dir)
     path = out_dir / f"model-{file_type}.gguf"
     export_gguf(model, model_dir, path, special, file_type)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, StageError
 from lmforge.model.convert import model_display_name
+from lmforge.model.quant import quantized_numel
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # llama.cpp token types
@@ -120,6 +121,11 @@ def gguf_tensors(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's weights under llama.cpp's names for its architecture, as float32 arrays."""
     cfg = model.config
     arch = gguf_arch(cfg)
+    if quantized_numel(model):
+        raise ConfigError(
+            "GGUF export takes float weights and this model keeps int8/int4 codes; load it with "
+            "load_pretrained(..., quantized='dequantize') as `lmforge compress export` does"
+        )
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out = {
         "token_embd.weight": state["tok_emb.weight"],

@@ -26,7 +26,7 @@ from lmforge.compress.files import copy_side_files
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.convert import read_config, read_tensors
-from lmforge.model.quant import quantize_tensors
+from lmforge.model.quant_checkpoint import quantize_tensors
 
 
 def quantize_dir(src: Path, dst: Path, scheme: str, group_size: int) -> dict[str, Any]:

@@ -54,9 +54,11 @@ WORD_SURNAMES = frozenset(
     "White Black Green Young Long West Little Price Church Field Wall".split()
 )
 
-# Title-case letters: ASCII, Latin-1 and Latin Extended-A (whose cases interleave).
-_UP = "A-Z\u00c0-\u00d6\u00d8-\u00de\u0100-\u017f"
-_LOW = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u017f"
+# Title-case letters: ASCII, Latin-1, Latin Extended-A and -B and Latin Extended Additional
+# (whose cases interleave: Romanian ș/ț, Vietnamese ầ/ư), and lowercase IPA letters (the
+# Azerbaijani ə): every letter of the lexicon's names, which scripts/extract_names.py keeps.
+_UP = "A-Z\u00c0-\u00d6\u00d8-\u00de\u0100-\u024f\u1e00-\u1eff"
+_LOW = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u024f\u0250-\u02af\u1e00-\u1eff"
 _WORD = rf"(?:Ma?c|O['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
 _START = r"(?<![\w.@/\\$#-])"
 # Not the start of an identifier or a dotted/hyphenated word: `Alice_x`, `Alice(`, `Alice.smith`.
@@ -70,11 +72,12 @@ _CUES = (
     "\\bI\u2019m ",
     r"\b[Tt]his is ",
     r"\bDear ",
-    r"\b[Rr]egards,\n",
-    r"\b[Tt]hanks,\n",
-    r"\bSincerely,\n",
-    r"\bCheers,\n",
-    r"\bBest,\n",
+    # a sign-off line, ended by \n or (Windows mail, pasted text) \r\n: lookbehinds are fixed-width
+    *(
+        rf"\b{word},{eol}"
+        for word in ("[Rr]egards", "[Tt]hanks", "Sincerely", "Cheers", "Best")
+        for eol in (r"\n", r"\r\n")
+    ),
 )
 _TITLES = ("Mr. ", "Mrs. ", "Ms. ", "Dr. ", "Prof. ", "Mr ", "Mrs ", "Ms ", "Dr ")
 
@@ -132,7 +135,8 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     # a Title-case word, unless it is a common word that is not also a known surname
     not_surname = (lex["common_words"] - lex["surnames"]) | NOT_SURNAMES
     surname_like = rf"(?!(?:{trie_regex(not_surname)}){_END}){_WORD}"
-    # a known surname that is not a common word makes an ambiguous given name a name
+    # a known surname that is not a common word makes an ambiguous given name a name (in a
+    # double-barrelled surname, either part: "Anna Smith-Jones")
     strict = lex["surnames"] - (lex["common_words"] - WORD_SURNAMES) - NOT_SURNAMES
     cue = "|".join(f"(?<={c})" for c in _CUES)
     title = "|".join(f"(?<=\\b{re.escape(t)})" for t in _TITLES)
@@ -150,7 +154,7 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
         ),
         (
             re.compile(rf"{cap}{_START}(?:{ambiguous}){surname}{_END}"),
-            lambda text: text.split()[-1] in strict,
+            lambda text: any(part in strict for part in text.split()[-1].split("-")),
         ),
         (re.compile(rf"{cap}(?:{cue}|{title}){_WORD}{_END}"), given.__contains__),
         (re.compile(rf"{cap}(?:{title}){surname_like}{_END}"), None),

@@ -5,10 +5,10 @@ adapter) needs the same four operations on a model directory in Hugging Face lay
 score tokens given a context, generate a continuation, decode. `EvalModel` provides exactly those,
 so task code never touches tensors or tokenizer internals. What scoring and generation mean is
 the family's: EvalModel hands them to the scorer config.json selects (evals.scoring: causal LM,
-masked-LM encoder, encoder-decoder), and trained heads to evals.heads. Special tokens come from config.json
-(bos_token_id / eos_token_id) or, failing that, the tokenizer files (lmforge.tokenizer.files);
-generation stops where transformers' would, at generation_config.json's eos_token_id
-(lmforge.tokenizer.generation).
+masked-LM encoder, encoder-decoder), and trained heads to evals.heads. Special tokens come from
+config.json (bos_token_id / eos_token_id) or, failing that, the tokenizer files
+(lmforge.tokenizer.files); generation stops where transformers' would, at
+generation_config.json's eos_token_id (lmforge.tokenizer.generation).
 """
 
 from __future__ import annotations

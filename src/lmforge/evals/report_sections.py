@@ -648,4 +648,6 @@ def _retrieval_blocks(scores: dict[str, Any]) -> list[Block]:
                  for m in ("rougeL", "bleu", "exact_match")]  # fmt: skip
         r = recall.get(intent)
         table.append([intent, str(row["n"]), "" if r is None else f"{r:.3f}", *cells])
-    return [Block(text=text), Block(table=table, caption="held-out, with vs without passages")]
+    caption = (f"held-out, with vs without passages (n: responses scored; recall@{k}: every test "
+               "dialogue about a function)")  # fmt: skip
+    return [Block(text=text), Block(table=table, caption=caption)]

@@ -125,17 +125,18 @@ class CausalScorer:
         cont = cont[-self.lm.block_size :]
         return ctx[-(self.lm.block_size + 1 - len(cont)) :], cont
 
-    def _score_continuations(self, ctx: list[int], conts: list[list[int]]) -> list[Scored]:
-        """score_batch over (ctx, cont) rows; an empty continuation scores ([], True)."""
-        scored = iter(self.score_batch([self._window(ctx, c) for c in conts if c]))
-        return [next(scored) if c else ([], True) for c in conts]
+    def _score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[Scored]:
+        """score_batch over the (context, continuation) pairs, windowed, SCORE_BATCH rows a
+        pass; an empty continuation scores ([], True)."""
+        scored = iter(self.score_batch([self._window(ctx, c) for ctx, c in pairs if c]))
+        return [next(scored) if c else ([], True) for _, c in pairs]
 
     def loglikelihoods(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
         """The context as a document start (EvalModel.start), each continuation after it."""
         ctx = self.lm.start(context)
         if not ctx:
             raise InputError("empty context and the tokenizer has no BOS/EOS token to start from")
-        return summed(self._score_continuations(ctx, [self.lm.encode(c) for c in continuations]))
+        return summed(self._score_pairs([(ctx, self.lm.encode(c)) for c in continuations]))
 
     def perplexity(self, texts: list[str], max_length: int | None, stride: int | None,
                    on_doc: Any = None) -> PerplexityResult:  # fmt: skip
@@ -153,12 +154,12 @@ class CausalScorer:
         return [sum(lps) / len(lps) for lps, _ in self.score_batch(rows)]
 
     def reference_scores(self, prompts: list[str], refs: list[str], chat: bool) -> list[Scored]:
-        """The reference's tokens after the prompt as generate() renders it."""
-        out = []
-        for prompt, ref in zip(prompts, refs, strict=True):
-            ctx = self.lm.encode(self.lm.render_chat(prompt)) if chat else self.lm.start(prompt)
-            out += self._score_continuations(ctx, [self.lm.encode(ref)])
-        return out
+        """The reference's tokens after the prompt as generate() renders it, batched."""
+        lm = self.lm
+        return self._score_pairs([
+            (lm.encode(lm.render_chat(p)) if chat else lm.start(p), lm.encode(r))
+            for p, r in zip(prompts, refs, strict=True)
+        ])  # fmt: skip
 
     def generate(self, prompts: list[str], settings: GenerationSettings, chat: bool,
                  batch_size: int) -> list[list[int]]:  # fmt: skip

@@ -141,12 +141,13 @@ def build(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
                 ctx.metrics.log(**tags, **_numeric(result.metrics))
                 bar.advance()
         del model
-    first = results[refs[0].name]
     tasks_info = [
         {
             "name": s.name,
             "type": s.type,
-            "main_metric": TASK_TYPES[s.type].headline_metric(first[s.name]),
+            "main_metric": TASK_TYPES[s.type].headline_metric(
+                *(results[r.name][s.name] for r in refs)
+            ),
             "higher_is_better": TASK_TYPES[s.type].higher_is_better,
         }
         for s in specs

@@ -30,6 +30,9 @@ def run_tagging(model: Any, spec: Any, _settings: Any) -> Any:
         if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
             raise InputError(f"task '{spec.name}' record {i + 1}: 'tokens' and 'tags' must be "
                              "lists of the same length")  # fmt: skip
+        if not all(isinstance(w, str) for w in words):
+            raise InputError(f"task '{spec.name}' record {i + 1}: 'tokens' must be the words as "
+                             "strings")  # fmt: skip
         unknown = sorted({str(t) for t in tags} - set(index))
         if unknown:
             raise InputError(f"task '{spec.name}' record {i + 1}: tags {unknown} are not in the "

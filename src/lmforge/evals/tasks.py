@@ -107,10 +107,12 @@ class TaskType:
     default_template: str = ""
     fallback_metric: str = ""  # the headline when a result lacks main_metric
 
-    def headline_metric(self, metrics: dict[str, Any]) -> str:
-        """main_metric, or fallback_metric where the result has no main_metric (tagging without
-        BIO tags has no entities, only word accuracy)."""
-        return self.main_metric if self.main_metric in metrics else self.fallback_metric
+    def headline_metric(self, *results: dict[str, Any]) -> str:
+        """main_metric, or fallback_metric where a result has no main_metric (tagging without
+        BIO tags has no entities, only word accuracy): one metric every model's result has."""
+        if all(self.main_metric in metrics for metrics in results):
+            return self.main_metric
+        return self.fallback_metric
 
 
 def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
@@ -125,12 +127,7 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
         raise ConfigError(f"task '{spec.name}': give 'data' (a JSONL file) or inline 'examples'")
     rows = rows[: spec.max_examples] if spec.max_examples else rows
     if spec.fields:
-        rows = [
-            {**r, **{k: r[v] for k, v in spec.fields.items() if v in r}}
-            if isinstance(r, dict)
-            else r
-            for r in rows
-        ]
+        rows = [renamed(r, spec.fields, f"{where} record {i + 1}") for i, r in enumerate(rows)]
     if spec.type == "generation":
         rows = [from_alpaca(r) if isinstance(r, dict) else r for r in rows]
     for i, row in enumerate(rows):
@@ -144,6 +141,21 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
     if not rows:
         raise InputError(f"{where}: no examples")
     return rows
+
+
+def renamed(row: Any, fields: dict[str, str], where: str) -> Any:
+    """The record with each task field taken from the record field `fields` names for it; a
+    named field the record lacks is an error (the record's own field of that name is not used
+    in its place)."""
+    if not isinstance(row, dict):
+        return row  # the field check names it
+    absent = [f"'{v}' (for {k})" for k, v in fields.items() if v not in row]
+    if absent:
+        raise InputError(
+            f"{where}: no field(s) {', '.join(absent)}, which the task's 'fields' maps from; "
+            f"the record has {', '.join(sorted(map(str, row))) or 'no fields'}"
+        )
+    return {**row, **{k: row[v] for k, v in fields.items()}}
 
 
 def from_alpaca(row: dict[str, Any]) -> dict[str, Any]:

@@ -17,11 +17,10 @@ overall and per intent, intent accuracy and macro-F1. Rows, ids and scoring are 
 With `retrieval.kb` (a knowledge-base stage) the responder is retrieval-augmented: each source is
 the user turn + the top `retrieval.passages` passages KnowledgeBase.search finds for it, laid out
 by serve.retrieval.RetrievalSpec.source -- the function the serving engine formats chat sources
-with -- and final/retrieval.json records the spec, so the server builds the same sources. The
-stage reads the index through serve.retrieval (a leaf module: SQLite and the data readers), the
-one place finetune reaches into serve, because training and serving must share that one function.
-Held-out scores then include retrieval recall@k (the asked-about function's passage among the
-top k) and, with `retrieval.compare`, the same training without passages (no_retrieval/).
+with -- and final/retrieval.json records the spec, so the server builds the same sources
+(finetune.dialogue_retrieval). Held-out scores then include retrieval recall@k (the asked-about
+function's passage among the top k) and, with `retrieval.compare`, the same training without
+passages (no_retrieval/).
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from lmforge.common.logging import MetricsWriter
 from lmforge.config import Section, StageConfig
 from lmforge.errors import InputError
 from lmforge.finetune.dialogue_data import parse_dialogue
+from lmforge.finetune.dialogue_retrieval import Retrieved, recall_at_k, retrieve
 from lmforge.finetune.heads import classification_metrics
 from lmforge.finetune.seq2seq import Seq2SeqIds, encode_pairs, seq2seq_eval
 from lmforge.model.transformer import IGNORE_INDEX, next_token_loss
@@ -124,22 +124,6 @@ def make_loss(intent_weight: float):
         return nll + intent_weight * ce, {"response_nll": nll.detach(), "intent_ce": ce.detach()}
 
     return loss_fn
-
-
-class Retrieved:
-    """A split's sources: each user turn alone, or with its passages as the server lays them out
-    (RetrievalSpec.source), plus the passages' sources (function names) for recall."""
-
-    def __init__(self, rows: list[dict[str, Any]], tok: TokenizerFiles, spec: Any, kb: Any):
-        if spec is None:
-            self.sources, self.found = [r["context"] for r in rows], [[] for _ in rows]
-            return
-        count = lambda text: len(tok.encode(text))  # noqa: E731
-        self.sources, self.found = [], []
-        for r in rows:
-            passages = spec.search(kb, r["context"])
-            self.sources.append(spec.source(r["context"], passages, count))
-            self.found.append([p.source for p in passages])
 
 
 class Encoded:
@@ -269,19 +253,9 @@ def per_intent_scores(samples: list[dict[str, Any]]) -> dict[str, dict[str, floa
         hyp, ref = [s["prediction"] for s in group], [s["reference"] for s in group]
         out[intent] = {"rougeL": round(float(rouge(hyp, ref)["rougeL"]), 4),
                        "bleu": round(float(bleu(hyp, ref)["bleu"]), 4),
-                       "exact_match": round(float(exact_match(hyp, ref)), 4), "n": len(group)}  # fmt: skip
+                       "exact_match": round(float(exact_match(hyp, ref)), 4),
+                       "n": len(group)}  # fmt: skip
     return out
-
-
-def recall_at_k(rows: list[dict[str, Any]], found: list[list[str]]) -> dict[str, float]:
-    """Per intent and "all": the share of dialogues about a function whose function's passage
-    was among the passages retrieved for the user turn."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for row, sources in zip(rows, found, strict=True):
-        if row.get("function"):
-            hits[row["intent"]].append(row["function"] in sources)
-            hits["all"].append(row["function"] in sources)
-    return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
 
 
 def evaluate(model: DialogueModel, test: Encoded, rows: list[dict[str, Any]],
@@ -358,25 +332,11 @@ def without_retrieval(cfg: DialogueConfig, ctx: StageContext, tok: TokenizerFile
                        metrics=MetricsWriter(out / "metrics.jsonl"))  # fmt: skip
     plain = {s: Retrieved(rows, tok, None, None) for s, rows in splits.items()}
     once = cfg.model_copy(update={"train": cfg.train.model_copy(update={"ckpt_every": 0})})
-    model, _, enc = fit(once, sub, tok, splits, plain, ids, intents)
-    sub.metrics.close()
-    return score(model, enc, splits, plain["test"].found, tok, cfg, ids, intents, out)
-
-
-def retrieve(cfg: DialogueConfig, tok: TokenizerFiles,
-             splits: dict[str, list[dict[str, Any]]]) -> tuple[Any, dict[str, Retrieved]]:  # fmt: skip
-    """(RetrievalSpec or None, each split's sources) for the config's retrieval section."""
-    if cfg.retrieval.kb is None:
-        return None, {s: Retrieved(rows, tok, None, None) for s, rows in splits.items()}
-    from lmforge.serve.recipe_config import open_kb
-    from lmforge.serve.retrieval import RetrievalSpec
-
-    spec = RetrievalSpec(passages=cfg.retrieval.passages, source_tokens=cfg.train.seq_len - 1)
-    kb = open_kb(cfg.retrieval.kb)
     try:
-        return spec, {s: Retrieved(rows, tok, spec, kb) for s, rows in splits.items()}
+        model, _, enc = fit(once, sub, tok, splits, plain, ids, intents)
     finally:
-        kb.close()
+        sub.metrics.close()
+    return score(model, enc, splits, plain["test"].found, tok, cfg, ids, intents, out)
 
 
 def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:

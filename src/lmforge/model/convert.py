@@ -23,8 +23,8 @@ positions start at an offset (RoBERTa's pad id + 1); without an MLM head, as Ber
 Import reads our exports and local HF checkpoints of the llama, mistral, qwen2, gpt2, bert and
 roberta families, single-file or sharded. An encoder checkpoint without MLM head tensors (a
 classifier, a bare BertModel) loads with mlm_head off. An lmforge-quantized checkpoint (`compress
-quantize`) loads quantized by default (model.quant.QuantLinear / QuantEmbedding from its codes);
-training callers pass quantized="dequantize". Legacy pytorch_model.bin files are read
+quantize`) loads quantized by default (model.quant_checkpoint: QuantLinear / QuantEmbedding from
+its codes); training callers pass quantized="dequantize". Legacy pytorch_model.bin files are read
 only through torch.load(weights_only=True), which refuses anything but plain tensors.
 """
 
@@ -57,10 +57,9 @@ from lmforge.model.hf_families import (
     token_classifier_architecture,
     without_lm_head,
 )
-from lmforge.model.quant import (
+from lmforge.model.quant import QuantEmbedding, QuantLinear
+from lmforge.model.quant_checkpoint import (
     SCALE_SUFFIX,
-    QuantEmbedding,
-    QuantLinear,
     QuantWeight,
     dequantize_tensors,
     keep_quantized,
@@ -237,31 +236,7 @@ def load_pretrained(
         from lmforge.model.t5 import load_t5
 
         return load_t5(model_dir, device, dtype)
-    cfg = hf_config_to_model_config(hf)
-    quant = hf.get("quantization_config")
-    if quant and quantized == "keep":
-        tensors = read_quantized(read_tensors(model_dir), quant, model_dir)
-    else:
-        tensors = dequantize_tensors(read_tensors(model_dir), quant, model_dir)
-    score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
-    model_type = hf.get("model_type")
-    if model_type in ENCODER_FAMILIES:
-        cfg, tensors = _encoder_body(cfg, tensors, model_type)
-    if model_type == NATIVE:
-        state = tensors
-    else:
-        family = FAMILIES[model_type]
-        if family.prefix:
-            tensors = {_with_prefix(k, family.prefix): v for k, v in tensors.items()}
-        rules = family.rules(cfg)
-        state = _to_ours(tensors, rules if score is None else without_lm_head(rules))
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    elif "lm_head.weight" not in state:
-        log.warning(
-            "%s is a classifier without an LM head: next-token scores are uniform", model_dir
-        )
-        state["lm_head.weight"] = torch.zeros(state["tok_emb.weight"].shape)
+    cfg, state = _checkpoint_state(model_dir, hf, quantized)
     state = {k: v.to(device, dtype if _floating(v) else v.dtype) for k, v in state.items()}
     with torch.device("meta"):
         model = model_class(cfg)(cfg)  # no memory, no init: the weights are assigned below
@@ -279,6 +254,42 @@ def load_pretrained(
         bits = sorted({f"int{m.bits}" for m in kept})
         log.info("%s: kept %d matrices quantized (%s)", model_dir, len(kept), "/".join(bits))
     return model.eval()
+
+
+def _checkpoint_state(
+    model_dir: Path, hf: dict[str, Any], quantized: QuantizedLoad
+) -> tuple[ModelConfig, dict[str, Tensor | QuantWeight]]:
+    """The ModelConfig and our state dict (quantized weights as QuantWeight when kept) of a
+    checkpoint, its lm_head tied or, for a classifier without one, zeros."""
+    cfg = hf_config_to_model_config(hf)
+    quant = hf.get("quantization_config")
+    if quant and quantized == "keep":
+        tensors = read_quantized(read_tensors(model_dir), quant, model_dir)
+    else:
+        tensors = dequantize_tensors(read_tensors(model_dir), quant, model_dir)
+    score = tensors.pop(SCORE, None)  # a sequence classifier's head: load_classifier reads it
+    model_type = hf.get("model_type")
+    if model_type in ENCODER_FAMILIES:
+        cfg, tensors = _encoder_body(cfg, tensors, model_type)
+    if model_type == NATIVE:
+        state = tensors
+    else:
+        family = FAMILIES[model_type]
+        if family.prefix:
+            tensors = {_with_prefix(k, family.prefix): v for k, v in tensors.items()}
+        rules = family.rules(cfg)
+        try:
+            state = _to_ours(tensors, rules if score is None else without_lm_head(rules))
+        except InputError as err:  # a tensor missing or unexpected: say whose
+            raise InputError(f"{model_dir}: {err}") from None
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    elif "lm_head.weight" not in state:
+        log.warning(
+            "%s is a classifier without an LM head: next-token scores are uniform", model_dir
+        )
+        state["lm_head.weight"] = torch.zeros(state["tok_emb.weight"].shape)
+    return cfg, state
 
 
 def _floating(value: Tensor | QuantWeight) -> bool:
@@ -339,13 +350,9 @@ def load_classifier(model_dir: Path | str) -> ClassifierHead | None:
     hf = read_config(model_dir)
     if hf.get("model_type") in ENCODER_FAMILIES:
         return _load_encoder_classifier(model_dir, hf)
-    weight = _read_tensor(model_dir, SCORE)
+    weight = _read_head_tensor(model_dir, hf, SCORE)
     if weight is None:
         return None
-    quant = hf.get("quantization_config")
-    if quant and SCORE in quant.get("bits", {}):
-        scale = {SCORE + SCALE_SUFFIX: _read_tensor(model_dir, SCORE + SCALE_SUFFIX)}
-        weight = dequantize_tensors({SCORE: weight, **scale}, quant, model_dir)[SCORE]
     return ClassifierHead(weight.float(), _labels(hf, weight.shape[0]))
 
 
@@ -358,7 +365,7 @@ def _load_encoder_classifier(model_dir: Path, hf: dict[str, Any]) -> ClassifierH
     """A BERT/RoBERTa sequence or token classifier's head (None for an MLM or bare encoder)."""
     per_token = any(a.endswith("ForTokenClassification") for a in hf.get("architectures") or [])
     names = encoder_head_names(hf["model_type"], per_token)
-    found = {role: _read_tensor(model_dir, name) for role, name in names.items()}
+    found = {role: _read_head_tensor(model_dir, hf, name) for role, name in names.items()}
     if found["out_weight"] is None:
         return None
     found = {role: t.float() if t is not None else None for role, t in found.items()}
@@ -366,6 +373,18 @@ def _load_encoder_classifier(model_dir: Path, hf: dict[str, Any]) -> ClassifierH
         found["out_weight"], _labels(hf, found["out_weight"].shape[0]), found["out_bias"],
         found.get("pool_weight"), found.get("pool_bias"), per_token,
     )  # fmt: skip
+
+
+def _read_head_tensor(model_dir: Path, hf: dict[str, Any], name: str) -> Tensor | None:
+    """One head tensor, dequantized when `compress quantize` stored it as codes (+ its scale)."""
+    tensor = _read_tensor(model_dir, name)
+    quant = hf.get("quantization_config")
+    if tensor is None or not quant or name not in quant.get("bits", {}):
+        return tensor
+    scale = {name + SCALE_SUFFIX: _read_tensor(model_dir, name + SCALE_SUFFIX)}
+    scale = {k: v for k, v in scale.items() if v is not None}  # missing: read_quantized says so
+    alone = {**quant, "bits": {name: quant["bits"][name]}}  # only this tensor was read
+    return dequantize_tensors({name: tensor, **scale}, alone, model_dir)[name]
 
 
 def _read_tensor(model_dir: Path, name: str) -> Tensor | None:

@@ -331,6 +331,12 @@ def in_length_batches(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if seed is not None and sampling.get("generator") is not None:
         raise ConfigError("pass either seed (one generator per prompt) or generator, not both")
+    empty = [i for i, row in enumerate(rows) if len(row) == 0]
+    if empty:  # named here: a batch of them would not know which row it was
+        raise InputError(
+            f"{len(empty)} of the {len(rows)} prompts are empty (the first at index {empty[0]}); "
+            "each needs at least one token: drop them, or start them with a bos token"
+        )
     results: list[list[int]] = [[] for _ in rows]
     for chunk in length_sorted_batches(rows, batch_size):
         batch_sampling = dict(sampling)

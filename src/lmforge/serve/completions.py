@@ -187,8 +187,8 @@ class CompletionService:
         if room < 1:
             raise APIError(
                 400,
-                f"the prompt is {prompt_len} tokens; the model's context window is "
-                f"{engine.max_context} tokens, leaving no room for an answer",
+                f"the {prompt_len}-token prompt leaves no room for an answer in the model's "
+                f"context window of {engine.max_context} tokens; shorten it",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
@@ -197,8 +197,9 @@ class CompletionService:
         if asked > room:
             raise APIError(
                 400,
-                f"max_tokens={asked} plus the {prompt_len}-token prompt exceeds the model's "
-                f"context window of {engine.max_context} tokens; ask for at most {room}",
+                f"max_tokens={asked} does not fit: the model's context window of "
+                f"{engine.max_context} tokens leaves {room} for an answer to this "
+                f"{prompt_len}-token prompt; ask for at most {room}",
                 param="max_tokens",
                 code="context_length_exceeded",
             )

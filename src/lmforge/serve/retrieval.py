@@ -339,8 +339,10 @@ def passages_source(
 
     The source stays within max_tokens (as count_tokens counts them) by cutting passages at word
     boundaries, never the user turn: each passage may use an equal share of the tokens still free
-    (a short one leaves its rest to the next), and a passage with no room is left out. A user turn
-    longer than max_tokens comes back alone and whole."""
+    (a short one leaves its rest to the next). A passage with no room in its share is left out
+    and so are the ones after it, although a later one's share would be larger: a source never
+    shows a lower-ranked passage without the better ones. A user turn longer than max_tokens comes
+    back alone and whole."""
     source, used = question, count_tokens(question)
     for i, text in enumerate(passages, 1):
         cap = used + (max_tokens - used) // (len(passages) - i + 1)
@@ -355,7 +357,7 @@ def passages_source(
             else:
                 hi = mid - 1
         if best is None:
-            break  # later passages get no more room than this one had
+            break  # the lower-ranked passages go too (docstring)
         source, used = best
     return source
 
@@ -392,11 +394,19 @@ class RetrievalSpec:
         path = Path(model_dir) / RETRIEVAL_FILE
         if not path.is_file():
             return None
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("format") != SOURCE_FORMAT:
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            fmt = raw.get("format")
+            if fmt == SOURCE_FORMAT:
+                return cls(passages=int(raw["passages"]), source_tokens=int(raw["source_tokens"]))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise InputError(
-                f"{path}: the model was trained on knowledge-base source format "
-                f"{raw.get('format')}, this lmforge writes format {SOURCE_FORMAT}; retrain it "
-                "(stage dialogue with retrieval) with this version"
-            )
-        return cls(passages=int(raw["passages"]), source_tokens=int(raw["source_tokens"]))
+                f"{path} is not a retrieval spec ({type(e).__name__}: {e}); it needs "
+                '{"passages": int, "source_tokens": int, "format": '
+                f"{SOURCE_FORMAT}}}: copy it from the dialogue stage's final/ or retrain"
+            ) from e
+        raise InputError(
+            f"{path}: the model was trained on knowledge-base source format {fmt}, this "
+            f"lmforge writes format {SOURCE_FORMAT}; retrain it (stage dialogue with retrieval) "
+            "with this version"
+        )

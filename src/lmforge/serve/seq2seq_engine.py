@@ -86,6 +86,8 @@ class Seq2SeqEngine(Engine):
         self.decoder_start_id = int(start)
         stops = eos_ids(gen) if gen else []
         self.source_eos: int | None = stops[0] if stops else None  # sources end in eos (BART)
+        # the longest source the encoder takes whole: source_row appends eos within max_context
+        self.max_source = self.max_context - (self.source_eos is not None)
         self._cohorts: list[_Cohort] = []
 
     @classmethod
@@ -127,17 +129,19 @@ class Seq2SeqEngine(Engine):
     def token_room(self, prompt_len: int) -> int:
         """The most tokens an answer to a source of `prompt_len` tokens can have: the decoder's
         context after its start token, whatever the source's length (the encoder reads the
-        source separately); negative when the source alone does not fit. _check_prompt's rule."""
-        if prompt_len > self.max_context:
-            return self.max_context - prompt_len
+        source separately); negative when the source alone (+ its eos) does not fit.
+        _check_prompt's rule."""
+        if prompt_len > self.max_source:
+            return self.max_source - prompt_len
         return self.max_context - 1
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         self._check_ids(prompt)
-        if len(prompt) > self.max_context or params.max_tokens + 1 > self.max_context:
+        if len(prompt) > self.max_source or params.max_tokens + 1 > self.max_context:
             raise InputError(
                 f"the source ({len(prompt)} tokens) and max_tokens ({params.max_tokens}) must "
-                f"each fit the model's {self.max_context} positions (decoder: max_tokens + 1)"
+                f"each fit the model's {self.max_context} positions (source: at most "
+                f"{self.max_source} tokens, before its eos; decoder: max_tokens + 1)"
             )
 
     def _cache_usage(self) -> tuple[int, int]:

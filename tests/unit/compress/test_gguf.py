@@ -28,6 +28,7 @@ from lmforge.compress.gguf_export import (
     gguf_tensors,
     tokenizer_metadata,
 )
+from lmforge.compress.quantize import quantize_dir
 from lmforge.compress.stage import CompressConfig, compress
 from lmforge.config import load_config
 from lmforge.errors import ConfigError
@@ -133,6 +134,17 @@ def test_gguf_refuses_q8_0_rows_and_tokenizers_that_do_not_fit(tmp_path: Path) -
         export_gguf(load_pretrained(directory), directory, tmp_path / "x.gguf", {}, "q4")
     with pytest.raises(ConfigError, match="beyond the model's vocab_size 256"):
         tokenizer_metadata(directory, {}, 256)
+
+
+def test_gguf_refuses_a_model_kept_quantized_and_names_the_float_load(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path / "m", lmforge_tokenizer(tmp_path))
+    quantize_dir(directory, tmp_path / "q", "int8", 32)
+    kept = load_pretrained(tmp_path / "q")
+    with pytest.raises(ConfigError, match="quantized='dequantize'"):
+        export_gguf(kept, tmp_path / "q", tmp_path / "x.gguf", {}, "f32")
+    assert not (tmp_path / "x.gguf").exists()
+    floats = load_pretrained(tmp_path / "q", quantized="dequantize")
+    assert len(gguf_tensors(floats)) == 2 + 9 * 2
 
 
 def test_gpt2_style_models_export_as_llama_cpp_gpt2(tmp_path: Path) -> None:

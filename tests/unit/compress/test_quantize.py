@@ -13,7 +13,7 @@ from lmforge.compress.stage import CompressConfig, compress
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.model.convert import load_pretrained
-from lmforge.model.quant import dequantize_tensors, quantize_tensors
+from lmforge.model.quant_checkpoint import dequantize_tensors, quantize_tensors
 
 
 def test_quantize_tensors_round_trip_within_half_a_step() -> None:

@@ -135,10 +135,13 @@ def test_tagging_reports_seqeval_entity_scores_on_a_planted_case(
     assert metrics["per_type"]["LOC"]["f1"] == 0.0 and metrics["per_type"]["LOC"]["support"] == 1
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert errors[0]["errors"] == 3 and errors[0]["predicted"] == ["B-PER"] * 4
-    bad = [{"tokens": ["a"], "tags": ["B-ORG"]}]
-    with pytest.raises(InputError, match=r"record 1: tags \['B-ORG'\] are not in"):
-        run_task(EvalModel.load(bert["tag"]),
-                 TaskSpec(name="t", type="tagging", examples=bad), GenerationSettings())  # fmt: skip
+    model = EvalModel.load(bert["tag"])
+    for bad, match in (
+        ([{"tokens": ["a"], "tags": ["B-ORG"]}], r"tags \['B-ORG'\] are not in"),
+        ([{"tokens": ["a", 7], "tags": ["O", "O"]}], "'tokens' must be the words"),
+    ):
+        with pytest.raises(InputError, match="record 1: " + match):
+            run_task(model, TaskSpec(name="t", type="tagging", examples=bad), GenerationSettings())
 
 
 @pytest.mark.parametrize("name", ["bart", "t5"])
@@ -167,6 +170,28 @@ def test_causal_generation_tasks_report_reference_perplexity(model_dir: Path) ->
     n = sum(len(model.encode(r["reference"])) for r in rows)
     assert metrics["reference_scoring"] == "causal"
     assert math.isclose(metrics["reference_perplexity"], math.exp(-sum(lls) / n), rel_tol=1e-6)
+
+
+def test_causal_reference_scores_batch_the_prompts(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reference scores of many prompts take one forward pass per SCORE_BATCH rows, and equal
+    one prompt at a time."""
+    from lmforge.evals.scoring import SCORE_BATCH
+
+    model = EvalModel.load(model_dir)
+    prompts = [f"def f{i}(x):" for i in range(SCORE_BATCH + 3)]
+    refs = ["" if i == 0 else f"return x + {i}" for i in range(len(prompts))]  # one empty
+    one_by_one = [model.scorer.reference_scores([p], [r], False)[0]
+                  for p, r in zip(prompts, refs, strict=True)]  # fmt: skip
+    calls, forward = [], model.model.hidden_states
+    monkeypatch.setattr(model.model, "hidden_states", lambda x: calls.append(x) or forward(x))
+    batched = model.scorer.reference_scores(prompts, refs, False)
+    assert len(calls) == 2
+    assert [g for _, g in batched] == [g for _, g in one_by_one]
+    for (got, _), (want, _) in zip(batched, one_by_one, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert batched[0] == ([], True)
 
 
 def test_seq2seq_through_the_eval_stage(bart: dict[str, Path], tmp_path: Path) -> None:

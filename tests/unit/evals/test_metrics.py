@@ -113,3 +113,13 @@ def test_entity_metrics_are_seqeval_style():
     table = entity_table(gold, [[1, 3, 3, 0]], labels)
     assert table == {"LOC": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1},
                      "PER": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}}  # fmt: skip
+
+
+def test_the_tagging_headline_is_one_every_model_reports():
+    from lmforge.evals.tasks import TASK_TYPES
+
+    bio = tag_metrics([[0]], [[0]], ["B-X", "O"])
+    plain = tag_metrics([[0]], [[0]], ["NOUN", "VERB"])
+    tagging = TASK_TYPES["tagging"]
+    assert tagging.headline_metric(bio, bio) == "entity_f1"
+    assert tagging.headline_metric(bio, plain) == "token_accuracy" == tagging.headline_metric(plain)

@@ -104,3 +104,28 @@ def test_mlm_pretraining_shows_masked_loss_before_and_after(tmp_path: Path) -> N
         "masked-token loss 8.350 before training, 6.200 after, perplexity 492.7" in blocks[0].text
     )
     assert ["masked-token val loss before / after", "8.3500 / 6.2000"] in blocks[1].table
+
+
+def test_dialogue_retrieval_blocks_compare_with_and_without_passages() -> None:
+    from lmforge.evals.report_sections import _retrieval_blocks
+
+    assert _retrieval_blocks({"test_rougeL": 0.5}) == []  # trained without passages
+    with_rag = {"rougeL": 0.534, "bleu": 35.5, "exact_match": 0.1, "n": 40}
+    scores = {
+        "test_rougeL": 0.623,
+        "retrieval": {"passages": 2, "recall_at_k": {"all": 0.89, "ask_usage": 0.8}},
+        "per_intent": {"ask_usage": with_rag, "greeting": {**with_rag, "n": 5}},
+        "without_retrieval": {"test_rougeL": 0.54, "per_intent": {
+            "ask_usage": {"rougeL": 0.362, "bleu": 16.3, "exact_match": 0.0, "n": 40}}},
+    }  # fmt: skip
+    text, table = _retrieval_blocks(scores)
+    assert "top 2 knowledge-base passages" in text.text and "89.0%" in text.text
+    assert "(recall@2)" in text.text and "ROUGE-L 0.540 (with: 0.623)" in text.text
+    assert table.table[0][2] == "recall@2" and "recall@2: every test dialogue" in table.caption
+    assert table.table[1] == ["ask_usage", "40", "0.800", "0.534 / 0.362", "35.5 / 16.3",
+                              "0.1 / 0"]  # fmt: skip
+    assert table.table[2][:3] == ["greeting", "5", ""]  # no function asked: no recall
+    assert table.table[2][3] == "0.534 / nan"  # the comparison run had no such dialogue
+    only = {k: v for k, v in scores.items() if k != "without_retrieval"}
+    (alone,) = _retrieval_blocks(only)
+    assert alone.table is None and "recall@2" in alone.text

@@ -162,6 +162,24 @@ def test_missing_fields_and_template_errors_name_the_record(model: EvalModel) ->
         run_task(model, spec, GenerationSettings())
 
 
+def test_fields_map_task_fields_from_other_names_and_a_missing_one_is_an_error(
+    model: EvalModel,
+) -> None:
+    from lmforge.evals.tasks import load_examples
+
+    rows = [{"context": "x = 1", "intent": "code", "text": "not this", "label": "nor this"},
+            {"context": "hello", "intent": "chat"}]  # fmt: skip
+    spec = TaskSpec(name="c", type="classification", examples=rows,
+                    fields={"text": "context", "label": "intent"})  # fmt: skip
+    got = load_examples(spec)
+    assert [(r["text"], r["label"]) for r in got] == [("x = 1", "code"), ("hello", "chat")]
+    # the record's own 'text' is not used when the field 'fields' names is absent
+    spec = spec.model_copy(update={"examples": [rows[0], {"text": "t", "label": "l"}]})
+    with pytest.raises(InputError, match=r"record 2: no field\(s\) 'context' \(for text\), "
+                                         r"'intent' \(for label\).*has label, text"):  # fmt: skip
+        load_examples(spec)
+
+
 def test_classification_uses_the_finetuned_head_when_present(
     model_dir: Path, tmp_path: Path
 ) -> None:

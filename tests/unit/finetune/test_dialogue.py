@@ -13,7 +13,6 @@ from lmforge.finetune.dialogue import (
     load_intent_head,
     make_loss,
     per_intent_scores,
-    recall_at_k,
     save_intent_head,
     trim,
 )
@@ -23,6 +22,7 @@ from lmforge.finetune.dialogue_data import (
     make_dialogues,
     parse_dialogue,
 )
+from lmforge.finetune.dialogue_retrieval import recall_at_k
 
 
 @pytest.fixture(scope="module")

@@ -132,6 +132,9 @@ def test_generate_batched_keeps_the_prompts_order():
     assert got == expected
     with pytest.raises(ConfigError, match="batch_size"):
         generate_batched(model, prompts, 10, batch_size=0)
+    with pytest.raises(InputError, match=r"1 of the 6 prompts are empty \(the first at index 4\)"):
+        generate_batched(model, [*prompts[:4], [], prompts[4]], 10, batch_size=2, greedy=True)
+    assert generate_batched(model, [], 10) == []
 
 
 def test_repetition_penalty_ignores_padding():

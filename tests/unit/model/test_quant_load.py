@@ -11,18 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress.quantize import quantize_dir
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.model import quant
 from lmforge.model.convert import load_pretrained
 from lmforge.model.quant import (
     QuantEmbedding,
     QuantLinear,
-    QuantWeight,
     dequantize_weight,
     int8_kernel_available,
     quantize_weight,
 )
+from lmforge.model.quant_checkpoint import QuantWeight, keep_quantized
 from unit.evals.helpers import make_model_dir
 
 IDS = torch.arange(1, 30)[None]
@@ -163,3 +163,59 @@ def test_int4_linear_dequantizes_in_chunks_to_the_same_result(monkeypatch, trans
     whole = layer(x)
     monkeypatch.setattr(quant, "INT4_CHUNK_WEIGHTS", 96 * 5)  # 5 stored rows a chunk
     assert torch.allclose(layer(x), ref, atol=1e-5) and torch.allclose(whole, ref, atol=1e-5)
+
+
+def test_a_config_that_is_not_the_checkpoints_is_refused_when_kept(dirs, tmp_path) -> None:
+    import json
+    import shutil
+
+    bad = shutil.copytree(dirs["micro-int8"], tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 8}))
+    for mode in ("keep", "dequantize"):  # kept codes must not take the checkpoint's shape
+        with pytest.raises(InputError, match=f"{bad}: weights do not match config.json"):
+            load_pretrained(bad, quantized=mode)
+
+
+def test_a_quantized_name_the_model_lacks_is_left_for_load_state_dict() -> None:
+    model = nn.Sequential(nn.Linear(8, 4))
+    w = QuantWeight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), 8, 32)
+    state = keep_quantized(model, {"0.weight": w, "5.weight": w, "0.proj.weight": w})
+    assert isinstance(model[0], QuantLinear)
+    assert set(state) == {"0.codes", "0.scale", "5.weight", "0.proj.weight"}
+    assert state["5.weight"].shape == (4, 8) and state["5.weight"].is_floating_point()
+
+
+def test_int8_base_trains_in_fp32_even_where_its_input_needs_no_gradient() -> None:
+    # QLoRA: the first block's input comes from frozen embeddings (no requires_grad); with grad
+    # enabled its base matmul must not drop to the kernel's bf16 activations
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(64, 48), "int8")
+    x = torch.randn(4, 64)
+    ref = F.linear(x, layer.weight, layer.bias)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["micro", "bert-micro"])
+def test_a_quantized_classifiers_head_loads_dequantized(tmp_path: Path, preset: str) -> None:
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import ClassifierHead, load_classifier, save_pretrained
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = preset_config(preset, vocab_size=320)
+    d = cfg.n_embd
+    encoder = not cfg.causal  # a BERT head: biased, behind a dense+tanh pooler
+    head = ClassifierHead(
+        torch.randn(3, d), ["a", "b", "c"], *(
+            (torch.randn(3), torch.randn(d, d), torch.randn(d)) if encoder else ()
+        )
+    )  # fmt: skip
+    save_pretrained(Transformer(cfg), tmp_path / "f", classifier=head)
+    quantize_dir(tmp_path / "f", tmp_path / "q", "int8", 32)
+    back = load_classifier(tmp_path / "q")
+    rounded = dequantize_weight(*quantize_weight(head.weight, 8, 32), 8, 32)
+    assert back.labels == head.labels and torch.allclose(back.weight, rounded)
+    if encoder:  # each matrix its codes times its scale, never the raw int8 codes
+        pool = dequantize_weight(*quantize_weight(head.pool_weight, 8, 32), 8, 32)
+        assert torch.allclose(back.pool_weight, pool) and torch.equal(back.bias, head.bias)

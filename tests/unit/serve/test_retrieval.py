@@ -215,6 +215,9 @@ def test_passages_source_keeps_the_user_turn_and_fits_passages_to_the_budget():
     # no room: the passages go, never the user turn, which stays whole even past the budget
     assert passages_source(question, [long, short], words, 5) == question
     assert passages_source(question, [short], words, 3) == question
+    # [1]'s share (5 + 3 // 2 = 6 tokens) has no room for a word: [2] goes too, though its
+    # share (5 + 3 = 8) would fit "[2] os.path.join(a, *p)"
+    assert passages_source(question, [long, "os.path.join(a, *p)"], words, 8) == question
     assert passages_source(question, [], words, 50) == question
 
 
@@ -232,3 +235,8 @@ def test_retrieval_spec_sources_round_trip_and_version(tmp_path, kb):
                                                          "source_tokens": 30}))  # fmt: skip
     with pytest.raises(InputError, match=r"retrieval.json: .* source format 99.*retrain"):
         RetrievalSpec.load(tmp_path)
+    for bad in ('{"format": 1, "passages": 2}', "[1]", '{"format": 1, "passages": "x", '
+                '"source_tokens": 3}', "{not json"):  # fmt: skip
+        (tmp_path / "retrieval.json").write_text(bad)
+        with pytest.raises(InputError, match=r"retrieval.json is not a retrieval spec.*retrain"):
+            RetrievalSpec.load(tmp_path)

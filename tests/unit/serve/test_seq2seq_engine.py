@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from lmforge.errors import InputError
 from lmforge.model.seq2seq_generate import generate_seq2seq_batched, source_row
 from lmforge.serve.engine import Engine
 from lmforge.serve.handle import collect
@@ -96,6 +97,27 @@ def test_stops_abort_and_bad_input(s2s_dir):
         engine.shutdown()
 
 
+def test_a_source_is_never_cut_to_make_room_for_its_eos(s2s_dir):
+    """source_row appends eos within the context: the longest source taken is one shorter, and
+    one token more is refused, not silently cut."""
+    engine = Seq2SeqEngine.from_dir(s2s_dir, name="s2s")
+    engine.start()
+    try:
+        n = engine.max_context
+        assert engine.source_eos is not None and engine.max_source == n - 1
+        assert engine.token_room(n - 1) == n - 1 and engine.token_room(n) == -1
+        whole = [7] * (n - 2) + [9]  # its last token must reach the encoder
+        out = collect(engine.submit(whole, SamplingParams(max_tokens=4, temperature=0.0), "w"))
+        assert (
+            out.token_ids
+            == _reference(engine, [whole], 4, stop_tokens=sorted(engine.model_stops))[0]
+        )
+        with pytest.raises(InputError, match=f"source: at most {n - 1} tokens"):
+            engine.submit([*whole, 9], SamplingParams(max_tokens=4), "over")
+    finally:
+        engine.shutdown()
+
+
 def test_server_gives_the_decoder_its_whole_context_whatever_the_source(s2s_dir, tmp_path):
     """A causal model's prompt + max_tokens share the context; a seq2seq source does not."""
     pytest.importorskip("fastapi")
@@ -116,7 +138,9 @@ def test_server_gives_the_decoder_its_whole_context_whatever_the_source(s2s_dir,
         assert r.json()["choices"][0]["finish_reason"] == "length"
         r = client.post("/v1/completions", json={**body, "max_tokens": n})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
-        assert f"at most {n - 1}" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]  # the source does not share the decoder's room
+        assert f"leaves {n - 1} for an answer to this {n - 8}-token prompt" in message
+        assert f"at most {n - 1}" in message
         r = client.post("/v1/completions", json={**body, "prompt": [7] * (n + 1)})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         chat = {"model": "s2s", "temperature": 0, "ignore_eos": True,

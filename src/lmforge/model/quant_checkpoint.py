@@ -1,0 +1,182 @@
+"""Quantized checkpoints: every matrix of a state dict as int8/int4 codes, and back.
+
+quantize_tensors() applies model.quant's rounding to every matrix of a checkpoint (`lmforge
+compress quantize`): model.safetensors then holds the codes under each weight's own name plus
+`<name>_scale`, and config.json's `quantization_config` (quant_method "lmforge") says which
+tensors are quantized with how many bits. load_pretrained() keeps them quantized by default
+(read_quantized -> QuantWeight -> keep_quantized: QuantLinear / QuantEmbedding built from the
+stored codes, never an fp32 matrix) or dequantizes them for training (dequantize_tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.errors import ConfigError, InputError
+from lmforge.model.quant import (
+    BITS,
+    QuantEmbedding,
+    QuantLinear,
+    dequantize_weight,
+    quantize_weight,
+)
+
+QUANT_METHOD = "lmforge"  # quantization_config.quant_method of our checkpoints
+SCALE_SUFFIX = "_scale"
+
+
+def quantize_tensors(
+    tensors: dict[str, Tensor], kind: str, group_size: int = 32
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, quantization_config) with every floating-point matrix quantized.
+
+    int4 needs in_features divisible by group_size; a matrix that is not is kept at int8 (the
+    config records each tensor's bits). Vectors (norms, biases) stay as they are.
+    """
+    if kind not in BITS:
+        raise ConfigError(f"unknown quantization {kind!r}; valid: {', '.join(BITS)}")
+    out: dict[str, Tensor] = {}
+    bits_of: dict[str, int] = {}
+    for name, t in tensors.items():
+        if t.dim() != 2 or not t.is_floating_point():
+            out[name] = t
+            continue
+        bits = BITS[kind] if t.shape[1] % group_size == 0 else 8
+        codes, scale = quantize_weight(t.float(), bits, group_size)
+        out[name], out[name + SCALE_SUFFIX] = codes, scale
+        bits_of[name] = bits
+    config = {"quant_method": QUANT_METHOD, "group_size": group_size, "bits": bits_of}
+    return out, config
+
+
+def dequantize_tensors(
+    tensors: dict[str, Tensor], config: dict[str, Any] | None, where: object = "checkpoint"
+) -> dict[str, Tensor]:
+    """Inverse of quantize_tensors (float32 weights); unchanged when config is None."""
+    if not config:
+        return tensors
+    packed = read_quantized(tensors, config, where)
+    return {k: v.dequantize() if isinstance(v, QuantWeight) else v for k, v in packed.items()}
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """One quantized matrix of a checkpoint on its way into a model, in our (out, in) layout
+    unless `transposed` (int4 codes of a weight the checkpoint stores as (in, out))."""
+
+    codes: Tensor
+    scale: Tensor
+    bits: int
+    group_size: int
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The (out, in) shape of the weight the codes stand for."""
+        rows = self.codes.shape[0]
+        cols = self.codes.shape[1] * (2 if self.bits == 4 else 1)
+        return (cols, rows) if self.transposed and self.bits == 4 else (rows, cols)
+
+    def dequantize(self) -> Tensor:
+        w = dequantize_weight(self.codes, self.scale.float(), self.bits, self.group_size)
+        return w.T.contiguous() if self.transposed and self.bits == 4 else w
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> QuantWeight:
+        """Codes moved as they are; the scale in the model's dtype."""
+        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device, dtype))
+
+    def fused(self, rest: list[QuantWeight], transpose: bool) -> QuantWeight | None:
+        """self and rest as one weight, the checkpoint's parts transposed and/or concatenated
+        along the output rows like an unquantized weight; None if they cannot stay quantized."""
+        parts = [self, *rest]
+        if any(
+            (p.bits, p.group_size, p.transposed) != (self.bits, self.group_size, False)
+            for p in parts
+        ):
+            return None
+        if transpose and len(parts) > 1:
+            return None
+        if (
+            transpose and self.bits == 8
+        ):  # (in, out) codes with a scale per stored row = input column
+            return replace(
+                self, codes=self.codes.T.contiguous(), scale=self.scale.T, transposed=True
+            )
+        if transpose:
+            return replace(self, transposed=True)
+        codes = torch.cat([p.codes for p in parts]) if rest else self.codes
+        scale = torch.cat([p.scale for p in parts]) if rest else self.scale
+        return replace(self, codes=codes, scale=scale)
+
+
+def read_quantized(
+    tensors: dict[str, Tensor], config: dict[str, Any], where: object
+) -> dict[str, Tensor | QuantWeight]:
+    """The checkpoint with each quantized tensor and its scale as one QuantWeight.
+
+    Every tensor is copied into memory of its own: safetensors' load_file hands out views into
+    the file's mapping (which one kept view keeps whole, and at offsets the int8 kernel cannot
+    take); a copy starts on a 64-byte boundary and the mapping is released once loaded.
+    """
+    _check_method(config, where)
+    out: dict[str, Tensor | QuantWeight] = {name: t.clone() for name, t in tensors.items()}
+    for name, bits in config["bits"].items():
+        scale = out.pop(name + SCALE_SUFFIX, None)
+        if name not in out or scale is None:
+            raise InputError(f"{where}: quantized tensor {name} or its scale is missing")
+        out[name] = QuantWeight(out[name], scale, int(bits), config["group_size"])
+    return out
+
+
+def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]:
+    """Swap each nn.Linear / nn.Embedding whose weight is a QuantWeight in state for a
+    QuantLinear / QuantEmbedding (empty, on model's device: call under torch.device("meta"));
+    returns state with their codes/scale under the new modules' names, the rest dequantized.
+
+    A weight whose module is missing or of another shape (a config.json that is not the
+    checkpoint's) is dequantized too, so load_state_dict refuses it as it refuses floats."""
+    out: dict[str, Tensor] = {}
+    for name, value in state.items():
+        if not isinstance(value, QuantWeight):
+            out[name] = value
+            continue
+        path = name.removesuffix(".weight")
+        module = _submodule(model, path) if name.endswith(".weight") else None
+        swapped = _quant_module(module, value)
+        if swapped is None:  # not a plain Linear/Embedding weight: the module gets floats
+            out[name] = value.dequantize().to(value.scale.dtype)
+            continue
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, swapped)
+        out[f"{path}.codes"], out[f"{path}.scale"] = value.codes, value.scale
+    return out
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:  # an unexpected name: load_state_dict names it
+        return None
+
+
+def _quant_module(module: nn.Module | None, w: QuantWeight) -> nn.Module | None:
+    if type(module) not in (nn.Linear, nn.Embedding) or tuple(module.weight.shape) != w.shape:
+        return None
+    if type(module) is nn.Linear:
+        bias = module.bias is not None
+        return QuantLinear(*reversed(w.shape), w.bits, w.group_size, bias, w.transposed)
+    if type(module) is nn.Embedding and not w.transposed:
+        return QuantEmbedding(*w.shape, w.bits, w.group_size)
+    return None
+
+
+def _check_method(config: dict[str, Any], where: object) -> None:
+    if config.get("quant_method") != QUANT_METHOD:
+        raise InputError(
+            f"{where}: quantization_config.quant_method {config.get('quant_method')!r} is not "
+            f"supported; lmforge reads its own ('{QUANT_METHOD}') or unquantized checkpoints"
+        )
