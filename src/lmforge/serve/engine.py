@@ -52,7 +52,14 @@ from lmforge.errors import InputError, LmforgeError
 from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.detok import TextStream
-from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
+from lmforge.serve.handle import (
+    NO_TOKEN,
+    Completion,
+    RequestHandle,
+    TokenEvent,
+    WakeBatch,
+    collect,
+)
 from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
@@ -499,7 +506,21 @@ class Engine:
 
         leave(keep) drops the others from the running batch, under the lock and before their
         final events go out, so a reader that saw its request end never finds it still running.
+        The rows' asyncio readers are woken once for the whole step (WakeBatch), not per row.
         """
+        wakes = WakeBatch()
+        try:
+            return self._emit_rows(rows, logits, leave, wakes)
+        finally:
+            wakes.send()
+
+    def _emit_rows(
+        self,
+        rows: list[_Row],
+        logits: Tensor,
+        leave: Callable[[list[int]], None] | None,
+        wakes: WakeBatch,
+    ) -> list[int]:
         params = [r.params for r in rows]
         k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         keep: list[int] = []
@@ -527,7 +548,7 @@ class Engine:
             if event.finish_reason is None:
                 row.pending = token
                 keep.append(i)
-                row.handle.push(event)
+                row.handle.push(event, wakes)
             else:
                 finals.append((row, event))
         with self._lock:

@@ -63,8 +63,9 @@ class RequestHandle:
     def finished(self) -> bool:
         return self.finished_at is not None
 
-    def push(self, event: TokenEvent) -> None:
-        """Called by the engine thread: queue the event and wake the reader."""
+    def push(self, event: TokenEvent, wakes: WakeBatch | None = None) -> None:
+        """Called by the engine thread: queue the event and wake the reader (at once, or with
+        the rest of `wakes` when the engine sends it at the end of its step)."""
         now = time.perf_counter()
         with self._lock:
             if self.finished_at is not None:
@@ -79,9 +80,10 @@ class RequestHandle:
             waiter, loop = self._waiter, self._loop
             self._waiter = None
         if waiter is not None and loop is not None:
-            # RuntimeError: the reader's event loop is closed, nobody is left to wake
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_wake, waiter)
+            if wakes is not None:
+                wakes.add(loop, waiter)
+            else:
+                _send(loop, [waiter])
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
@@ -109,9 +111,35 @@ class RequestHandle:
                 return
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+class WakeBatch:
+    """The asyncio readers to wake after one engine step, woken together: one
+    call_soon_threadsafe per event loop (one self-pipe write, one loop wake-up) instead of one
+    per token, so the loop is not woken, and does not take the GIL from the engine thread,
+    once for every row of the batch."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> None:
+        self._waiters.setdefault(loop, []).append(waiter)
+
+    def send(self) -> None:
+        """Wakes every reader added so far (each once); the batch is empty afterwards."""
+        waiters, self._waiters = self._waiters, {}
+        for loop, futures in waiters.items():
+            _send(loop, futures)
+
+
+def _send(loop: asyncio.AbstractEventLoop, waiters: list[asyncio.Future[None]]) -> None:
+    # RuntimeError: the readers' event loop is closed, nobody is left to wake
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_wake, waiters)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def collect(handle: RequestHandle) -> Completion:

@@ -19,6 +19,7 @@ from lmforge.serve.engine import (
     SamplingParams,
     collect,
 )
+from lmforge.serve.handle import RequestHandle, TokenEvent, WakeBatch
 from lmforge.tokenizer.files import TokenizerFiles
 
 from .conftest import micro_model
@@ -165,6 +166,32 @@ def test_async_iteration_from_an_event_loop(engine):
 
     results = asyncio.run(main())
     assert results == [alone(engine.model, p, 8) for p in prompts]
+
+
+def test_a_step_wakes_its_async_readers_with_one_call_per_event_loop():
+    """The engine pushes a step's tokens with a WakeBatch: readers wake at send(), together."""
+
+    async def main() -> tuple[list[int], list[bool], int]:
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: calls.append(a) or real(*a)
+        handles = [RequestHandle(f"r{i}", 1) for i in range(3)]
+        readers = [asyncio.create_task(anext(aiter(h))) for h in handles]
+        await asyncio.sleep(0)  # every reader now awaits its future
+        wakes = WakeBatch()
+        for i, handle in enumerate(handles):
+            handle.push(TokenEvent(i, "x"), wakes)
+        await asyncio.sleep(0.01)
+        woken_early = [r.done() for r in readers]
+        wakes.send()
+        events = await asyncio.gather(*readers)
+        return [e.token_id for e in events], woken_early, len(calls)
+
+    tokens, woken_early, calls = asyncio.run(main())
+    assert tokens == [0, 1, 2]
+    assert woken_early == [False, False, False]
+    assert calls == 1
 
 
 def test_random_arrivals_leaves_and_aborts_keep_every_request_exact(fresh):
