@@ -14,6 +14,7 @@ the sums (`livesum`, mark_process_dead).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ try:
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the server needs prometheus_client: pip install 'lmforge[serve]'") from exc
+
+log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's name for the directory
 DIR_PREFIX = "lmforge-metrics-"  # + the serving process's pid + a random part
@@ -172,9 +175,15 @@ class ServerMetrics:
 
     async def observe_engines_every(self, engines: dict[str, Any], period: float) -> None:
         """Writes the engine gauges every `period` seconds until cancelled: with several workers
-        a scrape refreshes only the worker it reaches, the others' gauges come from here."""
+        a scrape refreshes only the worker it reaches, the others' gauges come from here. A
+        failed read is logged and retried next period: the task must not end silently, or this
+        worker's gauges would freeze in every scrape."""
         while True:
-            self.observe_engines(engines)
+            try:
+                self.observe_engines(engines)
+            except Exception:
+                log.exception("metrics: reading the engine gauges failed; retrying in %.1f s",
+                              period)  # fmt: skip
             await asyncio.sleep(period)
 
     def render(self, engines: dict[str, Any]) -> bytes:

@@ -92,3 +92,34 @@ def test_multiprocess_dir_is_fresh_removed_after_and_sweeps_orphans(tmp_path, mo
     with multiprocess_dir() as path:
         assert os.environ[MULTIPROC_ENV] == str(path)
     assert MULTIPROC_ENV not in os.environ and not path.exists()
+
+
+def test_periodic_gauges_survive_a_failed_engine_read(caplog):
+    """One failing engine.stats() is logged; the task goes on and later reads set the gauges."""
+    import asyncio
+    import types
+
+    calls = []
+
+    def stats():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("engine busy")
+        return types.SimpleNamespace(queue_depth=3, running=2, cache_tokens=8, cache_capacity=64)
+
+    m = ServerMetrics()
+
+    async def run():
+        task = asyncio.create_task(
+            m.observe_engines_every({"micro": types.SimpleNamespace(stats=stats)}, 0.01)
+        )
+        for _ in range(200):  # at most 2 s: a task that died after the failure never gets there
+            if len(calls) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(calls) >= 3, "the gauge task stopped after a failed read"
+    assert "reading the engine gauges failed" in caplog.text
+    assert m.queue_depth.labels("micro")._value.get() == 3
