@@ -45,18 +45,9 @@ from torch import Tensor, nn
 from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.config import ModelConfig
-from lmforge.model.hf_families import (
-    ENCODER_FAMILIES,
-    FAMILIES,
-    SCORE,
-    Rule,
-    encoder_head_names,
-    family_for,
-    hf_to_ours,
-    ours_to_hf,
-    token_classifier_architecture,
-    without_lm_head,
-)
+from lmforge.model.hf_families import ENCODER_FAMILIES, FAMILIES, family_for
+from lmforge.model.hf_families.bert import encoder_head_names, token_classifier_architecture
+from lmforge.model.hf_families.rules import SCORE, Rule, hf_to_ours, ours_to_hf, without_lm_head
 from lmforge.model.quant import QuantEmbedding, QuantLinear
 from lmforge.model.quant_checkpoint import (
     SCALE_SUFFIX,
@@ -111,7 +102,7 @@ class ClassifierHead:
         return self.bias is not None or self.per_token
 
     def encoder_tensors(self, model_type: str) -> dict[str, Tensor]:
-        """The head's tensors under the encoder family's names (hf_families.encoder_head_names)."""
+        """The head's tensors under the encoder family's names (hf_families.bert.encoder_head_names)."""
         names = encoder_head_names(model_type, self.per_token)
         ours = {"out_weight": self.weight, "out_bias": self.bias,
                 "pool_weight": self.pool_weight, "pool_bias": self.pool_bias}  # fmt: skip
