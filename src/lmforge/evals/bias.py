@@ -102,7 +102,7 @@ LIKELIHOOD_SCORING = {
 
 def run_counterfactual(model: Any, spec: Any, _settings: Any) -> Any:
     """The `counterfactual` task type (see lmforge.evals.tasks)."""
-    from lmforge.evals.tasks import TaskResult, load_examples
+    from lmforge.evals.task_format import TaskResult, load_examples
 
     rows = load_examples(spec)
     groups = load_groups(spec.terms, spec.groups)

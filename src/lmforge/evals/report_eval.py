@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.evals.report import Block, StageInfo, register_section
-from lmforge.evals.report_sections import clip, fmt_num, read_rows
+from lmforge.evals.report_sections.common import clip, fmt_num, read_rows
 
 N_SAMPLES = 12  # generation samples shown: half the best, half the worst
 ERRORS_SHOWN = 3  # worst errors shown per model and task

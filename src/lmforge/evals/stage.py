@@ -32,7 +32,8 @@ from lmforge.evals.bias import plot_gaps
 from lmforge.evals.errors import worst_examples
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.metrics import plot_confusion
-from lmforge.evals.tasks import TASK_TYPES, TaskResult, TaskSpec, load_task, run_task
+from lmforge.evals.task_format import TaskResult, TaskSpec
+from lmforge.evals.tasks import TASK_TYPES, load_task, run_task
 from lmforge.model.convert import model_display_name, resolve_model_dir
 
 

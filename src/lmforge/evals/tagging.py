@@ -19,7 +19,7 @@ from lmforge.evals import metrics as M
 def run_tagging(model: Any, spec: Any, _settings: Any) -> Any:
     """Tags every example's words with the model's head; the metrics above."""
     from lmforge.evals.heads import load_token_head
-    from lmforge.evals.tasks import TaskResult, load_examples
+    from lmforge.evals.task_format import TaskResult, load_examples
     from lmforge.finetune.tagging import encode_tagged, predict_tags
 
     rows = load_examples(spec)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from lmforge.common.lazy import lazy_getattr
 
 _EXPORTS = {
-    "FinetuneConfig": "lmforge.finetune.stage",
+    "FinetuneConfig": "lmforge.finetune.config",
     "finetune": "lmforge.finetune.stage",
     "TasksConfig": "lmforge.finetune.builtin_tasks",
     "make_tasks": "lmforge.finetune.builtin_tasks",

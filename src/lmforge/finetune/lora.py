@@ -181,7 +181,8 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, Tensor], list[str], bool]:
 
 def _hf_rules(model: nn.Module) -> dict:
     """Our parameter name -> hf_families.Rule for the model's Hugging Face export."""
-    from lmforge.model.hf_families import FAMILIES, Rule, family_for
+    from lmforge.model.hf_families import FAMILIES, family_for
+    from lmforge.model.hf_families.rules import Rule
 
     if wraps_transformers(model):  # the T5 adapter: names are transformers' own under "hf."
         names = [f"{n}.weight" for n in lora_modules(model)]

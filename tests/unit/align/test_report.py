@@ -3,7 +3,7 @@
 import json
 
 from lmforge.evals.report import StageInfo
-from lmforge.evals.report_sections import align_section
+from lmforge.evals.report_sections.align import align_section
 
 
 def _stage(tmp_path, method, metrics):

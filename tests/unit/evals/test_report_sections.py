@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.evals.report import write_report
 from lmforge.evals.report_eval import generation_samples
-from lmforge.evals.report_sections import funnel_steps
+from lmforge.evals.report_sections.data import funnel_steps
 
 from .fake_run import write_run
 
@@ -93,7 +93,7 @@ def test_mlm_pretraining_shows_masked_loss_before_and_after(tmp_path: Path) -> N
     import json
 
     from lmforge.evals.report import StageInfo
-    from lmforge.evals.report_sections import training_section
+    from lmforge.evals.report_sections.training import training_section
 
     rows = [{"step": 1, "loss": 8.3, "tokens_per_s": 100.0}, {"step": 2, "val_loss": 6.2}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -107,7 +107,7 @@ def test_mlm_pretraining_shows_masked_loss_before_and_after(tmp_path: Path) -> N
 
 
 def test_dialogue_retrieval_blocks_compare_with_and_without_passages() -> None:
-    from lmforge.evals.report_sections import _retrieval_blocks
+    from lmforge.evals.report_sections.dialogue import _retrieval_blocks
 
     assert _retrieval_blocks({"test_rougeL": 0.5}) == []  # trained without passages
     with_rag = {"rougeL": 0.534, "bleu": 35.5, "exact_match": 0.1, "n": 40}

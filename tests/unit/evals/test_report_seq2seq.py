@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lmforge.evals.report import StageInfo
-from lmforge.evals.report_sections import training_section
+from lmforge.evals.report_sections.training import training_section
 
 
 def test_seq2seq_finetune_shows_rouge_bleu_and_exact_match(tmp_path: Path) -> None:

@@ -165,7 +165,7 @@ def test_missing_fields_and_template_errors_name_the_record(model: EvalModel) ->
 def test_fields_map_task_fields_from_other_names_and_a_missing_one_is_an_error(
     model: EvalModel,
 ) -> None:
-    from lmforge.evals.tasks import load_examples
+    from lmforge.evals.task_format import load_examples
 
     rows = [{"context": "x = 1", "intent": "code", "text": "not this", "label": "nor this"},
             {"context": "hello", "intent": "chat"}]  # fmt: skip

@@ -6,7 +6,8 @@ import pytest
 
 from lmforge.data.augment import AugmentConfig, Augmenter
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune.stage import FinetuneConfig, finetune, load_splits
+from lmforge.finetune.prepare import load_splits
+from lmforge.finetune.stage import FinetuneConfig, finetune
 
 WORDS = ["big", "small", "happy", "sad"]
 TRAIN = {"max_steps": 4, "lr": 3e-3, "micro_batch_size": 8, "seq_len": 32, "warmup_steps": 1,

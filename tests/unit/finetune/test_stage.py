@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.errors import ConfigError
+from lmforge.finetune import fit as ft
 from lmforge.finetune import heads
-from lmforge.finetune import stage as ft
 from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.finetune.stage import FinetuneConfig, finetune
 from lmforge.model.convert import ClassifierHead, load_classifier, load_pretrained, save_pretrained

@@ -1,0 +1,45 @@
+"""Report section of the align stage: the method's headline (pairwise accuracy, DPO margins and
+ROUGE-L, PPO reward and KL) before the same training curves as the training stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmforge.evals.report import Block, StageInfo, register_section
+from lmforge.evals.report_sections.common import fmt_num
+from lmforge.evals.report_sections.training import training_section
+
+
+def _align_summary(method: str, m: dict[str, Any]) -> str:
+    """The headline of an align stage in one sentence, by method (manifest metrics)."""
+    if method == "reward" and "val_pair_accuracy" in m:
+        return (f"Reward model: held-out pairwise accuracy {fmt_num(m['val_pair_accuracy'])} "
+                f"(untrained head {fmt_num(m.get('base_val_pair_accuracy'))}).")  # fmt: skip
+    if method == "dpo" and "val_logp_margin" in m:
+        text = (f"DPO: held-out chosen-over-rejected log-prob margin {fmt_num(m['ref_logp_margin'])}"
+                f" -> {fmt_num(m['val_logp_margin'])}, preference accuracy "
+                f"{fmt_num(m['val_pref_accuracy'])}")  # fmt: skip
+        if "rouge_l" in m:
+            text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
+        return text + "."
+    if method == "ppo" and "val_reward" in m:
+        gain = ""
+        if "val_reward_gain_se" in m:  # paired by prompt
+            gain = (f" (gain {fmt_num(m['val_reward_gain'])} +- "
+                    f"{fmt_num(m['val_reward_gain_se'])} s.e.)")  # fmt: skip
+        return (f"PPO: mean reward of held-out answers {fmt_num(m['val_reward_before'])} -> "
+                f"{fmt_num(m['val_reward'])}{gain}, KL to the reference {fmt_num(m['val_kl'])} "
+                "nats per answer.")  # fmt: skip
+    return ""
+
+
+@register_section("align", replaces=("loss.png",))
+def align_section(stage: StageInfo) -> list[Block]:
+    """The method's headline sentence, then the training curves (for PPO val_loss is -reward)."""
+    blocks = training_section(stage)
+    config = stage.manifest.get("config", {})
+    text = _align_summary(config.get("method", ""), stage.manifest.get("metrics", {}))
+    if not text:
+        return blocks
+    blocks[0].summary = False
+    return [Block(text=text, summary=True), *blocks]

@@ -1,0 +1,108 @@
+"""Export: save_pretrained writes config.json + model.safetensors in the family's HF layout (a
+causal or masked LM, a sequence or token classifier, BART), else in lmforge's own layout."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from lmforge.common.io import atomic_path, atomic_write_json
+from lmforge.errors import ConfigError
+from lmforge.model.config import ModelConfig
+from lmforge.model.convert.classifier import ClassifierHead
+from lmforge.model.convert.hf_import import NATIVE
+from lmforge.model.hf_families import ENCODER_FAMILIES, FAMILIES, family_for
+from lmforge.model.hf_families.bert import token_classifier_architecture
+from lmforge.model.hf_families.rules import SCORE, ours_to_hf, without_lm_head
+from lmforge.model.t5 import wraps_transformers
+
+log = logging.getLogger(__name__)
+
+
+MEAN_POOLING_REFUSAL = (
+    "a mean-pooled classifier has no transformers class (BERT/RoBERTa *ForSequenceClassification "
+    "pool the first token): not exported as one, which would compute different logits; use "
+    "pooling 'first' to export"
+)
+NATIVE_CLASSIFIER = "LmforgeForSequenceClassification"  # architecture of a native-layout classifier
+
+
+def save_pretrained(
+    model: nn.Module,
+    out_dir: Path | str,
+    extra_config: dict[str, Any] | None = None,
+    classifier: ClassifierHead | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> None:
+    """Write config.json + model.safetensors (each atomically) in the HF layout when possible.
+
+    extra_config is merged into config.json (e.g. bos_token_id/eos_token_id from the tokenizer).
+    generation_config is written as generation_config.json, the stop tokens transformers'
+    generate() reads (lmforge.tokenizer.generation builds it from the tokenizer).
+    With classifier, the model is written as a sequence classifier (see the module docstring);
+    extra_config should then carry the pad_token_id the classifier's inputs are padded with.
+    A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper.
+    """
+    model = getattr(model, "_orig_mod", model)
+    if classifier is not None and classifier.pooling != "first":
+        raise ConfigError(MEAN_POOLING_REFUSAL)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if wraps_transformers(model):  # the T5 adapter: transformers writes its own module
+        model.save_hf(out_dir, extra_config)
+        if generation_config is not None:
+            atomic_write_json(out_dir / "generation_config.json", generation_config)
+        return
+    cfg: ModelConfig = model.config
+    state = model.state_dict()
+    model_type = family_for(cfg)
+    if model_type is None and classifier is not None and classifier.encoder:
+        raise ValueError(
+            "an encoder classifier exports only as BERT/RoBERTa (family_for found none for this "
+            "config); keep the bert-* preset's shape"
+        )
+    if model_type is None:
+        log.info("model config has no Hugging Face equivalent; writing lmforge's own layout")
+        architecture = NATIVE_CLASSIFIER if classifier else "LmforgeTransformer"
+        hf: dict[str, Any] = {"architectures": [architecture], "model_type": NATIVE}
+        skip = "lm_head.weight" if cfg.tie_embeddings else None
+        tensors = {k: v.detach() for k, v in state.items() if k != skip}
+    elif classifier is None:
+        family = FAMILIES[model_type]
+        architecture = family.architecture
+        if model_type in ENCODER_FAMILIES and not cfg.mlm_head:
+            architecture = f"{architecture.removesuffix('ForMaskedLM')}Model"
+        hf = family.hf_config(cfg, model_type, architecture)
+        tensors = ours_to_hf(state, family.rules(cfg))
+    else:
+        family = FAMILIES[model_type]
+        architecture = family.classifier
+        if classifier.per_token:
+            architecture = token_classifier_architecture(model_type)
+        hf = family.hf_config(cfg, model_type, architecture)
+        tensors = ours_to_hf(state, without_lm_head(family.rules(cfg)))
+    dtype = next(model.parameters()).dtype
+    if classifier is not None:
+        if model_type in ENCODER_FAMILIES:
+            head = classifier.encoder_tensors(model_type)
+        else:
+            head = {SCORE: classifier.weight}
+        tensors.update({k: v.detach().to(dtype) for k, v in head.items()})
+        hf.update(classifier.hf_config())
+    hf.update(torch_dtype=str(dtype).removeprefix("torch."), **(extra_config or {}))
+    if model_type == "roberta":  # its positions count from pad_token_id + 1, whatever the tokenizer
+        hf["pad_token_id"] = cfg.pos_offset - 1
+    hf[NATIVE] = cfg.to_dict()
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    stale_index = out_dir / "model.safetensors.index.json"
+    if stale_index.exists():  # an older sharded export would shadow the new single file
+        stale_index.unlink()
+    if generation_config is not None:
+        atomic_write_json(out_dir / "generation_config.json", generation_config)
+    atomic_write_json(out_dir / "config.json", hf)

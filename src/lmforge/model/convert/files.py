@@ -1,0 +1,97 @@
+"""Reading a model directory's files: where the model is (a stage's final/), what it is called,
+config.json, and its tensors (single-file or sharded safetensors, or legacy .bin read only through
+torch.load(weights_only=True), which refuses anything but plain tensors)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from lmforge.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(path: Path | str) -> Path:
+    """A model directory; a training stage's directory stands for its final/ model."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        return path / "final"
+    return path
+
+
+def model_display_name(model_dir: Path | str) -> str:
+    """The name a model goes by in tables, the server and exports: its run stage when the
+    directory is a stage's final/ model (runs/q/sft/final -> "sft"), else the directory's name."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.name == "final" and model_dir.parent.name:
+        return model_dir.parent.name
+    return model_dir.name
+
+
+def _load_bin(path: Path) -> dict[str, Tensor]:
+    log.warning("reading legacy pickle %s with weights_only=True; prefer safetensors", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(
+            f"{path} holds pickled objects other than tensors; lmforge does not unpickle untrusted "
+            "files. Convert it to model.safetensors with a tool you trust"
+        ) from err
+
+
+def read_tensors(model_dir: Path) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory (single or sharded safetensors, or legacy .bin)."""
+    for weights, index, loader in (
+        ("model.safetensors", "model.safetensors.index.json", load_file),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json", _load_bin),
+    ):
+        if (model_dir / weights).exists():
+            return loader(model_dir / weights)
+        if (model_dir / index).exists():
+            weight_map = json.loads((model_dir / index).read_text())["weight_map"]
+            tensors: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors.update(loader(model_dir / shard))
+            return tensors
+    raise InputError(
+        f"{model_dir} has no model.safetensors (or model.safetensors.index.json); "
+        "point --model at a directory written by lmforge or transformers' save_pretrained"
+    )
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise InputError(
+            f"{path} not found; a model directory needs config.json + model.safetensors "
+            "(written by lmforge pretrain/finetune or transformers' save_pretrained)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON: {err}") from None
+
+
+def read_tensor(model_dir: Path, name: str) -> Tensor | None:
+    """One tensor of a checkpoint without reading the others (safetensors), or None."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shard = json.loads(index.read_text())["weight_map"].get(name)
+        path = model_dir / shard if shard else None
+    elif (model_dir / "model.safetensors").exists():
+        path = model_dir / "model.safetensors"
+    else:
+        return read_tensors(model_dir).get(name)  # legacy .bin: no partial reads
+    if path is None:
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name) if name in f.keys() else None  # noqa: SIM118

@@ -1,0 +1,148 @@
+"""Hugging Face model families: config.json <-> ModelConfig, and parameter-name tables.
+
+Each family is a small set of functions in FAMILIES (keyed by config.json's model_type). Weight
+names map through a table of Rules built from the config: one of our tensors is the concatenation
+(dim 0) of one or more HF tensors, optionally transposed (GPT-2's Conv1D stores weights as
+(in, out)). The same table drives import and export, so the two directions cannot drift apart.
+
+A sequence classifier is the same body without lm_head plus SCORE, a bias-free
+Linear(n_embd, num_labels) that every family here names alike; its class is the family's
+`classifier` architecture (e.g. LlamaForSequenceClassification).
+
+One module per family group (llama: llama/mistral/qwen2, gpt2, bert: bert/roberta, bart) holds
+its config translation and name table; rules holds the table machinery. This module is the
+registry (FAMILIES) and family_for, which recognizes the family that represents a ModelConfig.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.model.config import BART_SHAPE, BERT_SHAPE, ModelConfig
+from lmforge.model.hf_families.bart import bart_config, bart_hf, bart_rules
+from lmforge.model.hf_families.bert import (
+    bert_config,
+    bert_rules,
+    encoder_hf,
+    roberta_config,
+    roberta_rules,
+)
+from lmforge.model.hf_families.gpt2 import gpt2_config, gpt2_hf, gpt2_rules
+from lmforge.model.hf_families.llama import (
+    llama_config,
+    llama_like_hf,
+    llama_rules,
+    mistral_config,
+    qwen2_config,
+)
+from lmforge.model.hf_families.rules import Rule
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one HF model_type maps onto ModelConfig and our parameter names."""
+
+    architecture: str  # the HF causal-LM class, written to config.json "architectures"
+    classifier: str  # the HF sequence-classification class (body + SCORE, no lm_head)
+    to_config: Callable[[dict[str, Any]], ModelConfig]
+    hf_config: Callable[[ModelConfig, str, str], dict[str, Any]]
+    rules: Callable[[ModelConfig], list[Rule]]
+    prefix: str = ""  # some checkpoints (the original gpt2) omit this prefix on body tensors
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        "LlamaForCausalLM",
+        "LlamaForSequenceClassification",
+        llama_config,
+        llama_like_hf,
+        llama_rules,
+    ),
+    "mistral": Family(
+        "MistralForCausalLM",
+        "MistralForSequenceClassification",
+        mistral_config,
+        llama_like_hf,
+        llama_rules,
+    ),
+    "qwen2": Family(
+        "Qwen2ForCausalLM",
+        "Qwen2ForSequenceClassification",
+        qwen2_config,
+        llama_like_hf,
+        llama_rules,
+    ),
+    "gpt2": Family(
+        "GPT2LMHeadModel",
+        "GPT2ForSequenceClassification",
+        gpt2_config,
+        gpt2_hf,
+        gpt2_rules,
+        "transformer.",
+    ),
+    "bert": Family(
+        "BertForMaskedLM", "BertForSequenceClassification", bert_config, encoder_hf, bert_rules
+    ),
+    "roberta": Family(
+        "RobertaForMaskedLM",
+        "RobertaForSequenceClassification",
+        roberta_config,
+        encoder_hf,
+        roberta_rules,
+    ),
+    "bart": Family(
+        "BartForConditionalGeneration",
+        "BartForSequenceClassification",
+        bart_config,
+        bart_hf,
+        bart_rules,
+    ),
+}
+ENCODER_FAMILIES = ("bert", "roberta")
+SEQ2SEQ_FAMILIES = ("bart",)
+
+
+def family_for(cfg: ModelConfig) -> str | None:
+    """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
+    standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
+    if cfg.is_encoder_decoder:
+        return "bart" if _bart_shape(cfg, standard_heads) else None
+    if not cfg.causal:
+        return _encoder_family(cfg, standard_heads)
+    if cfg.post_norm or cfg.emb_norm or cfg.type_vocab_size or cfg.pos_offset or cfg.mlm_head:
+        return None  # decoders with encoder parts: no HF family has them
+    if (cfg.norm, cfg.pos) == ("layernorm", "learned") and cfg.mlp in ("gelu", "gelu_exact"):
+        gpt2_ok = cfg.bias and cfg.n_kv_head == cfg.n_head and standard_heads
+        return "gpt2" if gpt2_ok and cfg.sliding_window is None else None
+    if (cfg.norm, cfg.pos, cfg.mlp) != ("rmsnorm", "rope", "swiglu"):
+        return None
+    if cfg.sliding_window is not None:
+        plain = not (cfg.bias or cfg.attn_bias) and cfg.rope_scaling is None
+        return "mistral" if plain else None
+    if cfg.attn_bias and not cfg.bias:
+        return "qwen2" if standard_heads and cfg.rope_scaling is None else None
+    return "llama"
+
+
+def _has_shape(cfg: ModelConfig, shape: dict[str, Any], standard_heads: bool) -> bool:
+    """cfg has every field of shape (config.BERT_SHAPE / BART_SHAPE), a GELU and plain heads."""
+    return (
+        all(getattr(cfg, k) == v for k, v in shape.items())
+        and cfg.mlp in ("gelu", "gelu_exact")
+        and cfg.n_kv_head == cfg.n_head
+        and standard_heads
+    )
+
+
+def _encoder_family(cfg: ModelConfig, standard_heads: bool) -> str | None:
+    """bert (positions from 0) or roberta (from pos_offset), if cfg is exactly that shape."""
+    if not _has_shape(cfg, BERT_SHAPE, standard_heads) or cfg.type_vocab_size < 1:
+        return None
+    return "roberta" if cfg.pos_offset else "bert"
+
+
+def _bart_shape(cfg: ModelConfig, standard_heads: bool) -> bool:
+    """Whether an encoder-decoder config is exactly BART (bart_config's fixed fields)."""
+    return _has_shape(cfg, BART_SHAPE, standard_heads)

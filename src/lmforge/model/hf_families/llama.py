@@ -1,0 +1,131 @@
+"""llama, mistral, qwen2: RMSNorm + RoPE + SwiGLU, differing only in biases / windows.
+
+config.json <-> ModelConfig (rope_theta/rope_scaling in the v4 or v5 layout) and the name table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmforge.errors import InputError
+from lmforge.model.config import ModelConfig
+from lmforge.model.hf_families.rules import Rule, require_supported
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either the v4 (rope_theta/rope_scaling) or v5 layout."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return theta, {"rope_type": "llama3", **{k: params[k] for k in keys}}
+    raise InputError(
+        f"config.json rope type {rope_type!r} is not supported; supported: default, llama3"
+    )
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    scaling = dict(cfg.rope_scaling or {"rope_type": "default"})
+    return {
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {**scaling, "rope_theta": cfg.rope_theta},
+    }
+
+
+def _llama_like_config(
+    hf: dict[str, Any], attn_bias: bool, sliding_window: int | None
+) -> ModelConfig:
+    require_supported(hf, "hidden_act", ("silu",), "silu")
+    bias = bool(hf.get("attention_bias", False))
+    if bias != bool(hf.get("mlp_bias", False)):
+        raise InputError("config.json attention_bias and mlp_bias differ; only equal is supported")
+    n_head = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    theta, scaling = _rope_from_hf(hf)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        block_size=hf.get("max_position_embeddings", 2048),
+        bias=bias,
+        attn_bias=attn_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        head_dim=None if head_dim in (None, hf["hidden_size"] // n_head) else head_dim,
+        sliding_window=sliding_window,
+    )
+
+
+def llama_config(hf: dict[str, Any]) -> ModelConfig:
+    return _llama_like_config(hf, attn_bias=False, sliding_window=None)
+
+
+def mistral_config(hf: dict[str, Any]) -> ModelConfig:
+    return _llama_like_config(hf, attn_bias=False, sliding_window=hf.get("sliding_window"))
+
+
+def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
+    require_supported(hf, "use_sliding_window", (False,), False)
+    return _llama_like_config(hf, attn_bias=True, sliding_window=None)
+
+
+def llama_like_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    hf = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.hd,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": cfg.dropout,
+        **_rope_to_hf(cfg),
+    }
+    if model_type == "llama":
+        hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    elif model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    else:  # qwen2
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+def llama_rules(cfg: ModelConfig) -> list[Rule]:
+    qkv = (cfg.n_head * cfg.hd, cfg.n_kv_head * cfg.hd, cfg.n_kv_head * cfg.hd)
+    fc = (cfg.intermediate_size, cfg.intermediate_size)
+    rules = [
+        Rule("tok_emb.weight", ("model.embed_tokens.weight",)),
+        Rule("norm_f.weight", ("model.norm.weight",)),
+    ]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head.weight",)))
+    params = ["weight"] + (["bias"] if cfg.bias else [])
+    for i in range(cfg.n_layer):
+        o, a, m = f"blocks.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        rules += [
+            Rule(o + "attn_norm.weight", (f"model.layers.{i}.input_layernorm.weight",)),
+            Rule(o + "mlp_norm.weight", (f"model.layers.{i}.post_attention_layernorm.weight",)),
+        ]
+        for p in ["weight"] + (["bias"] if cfg.bias or cfg.attn_bias else []):
+            rules.append(Rule(o + f"attn.qkv.{p}", tuple(a + f"{x}_proj.{p}" for x in "qkv"), qkv))
+        for p in params:
+            rules += [
+                Rule(o + f"attn.proj.{p}", (a + f"o_proj.{p}",)),
+                Rule(o + f"mlp.fc.{p}", (m + f"gate_proj.{p}", m + f"up_proj.{p}"), fc),
+                Rule(o + f"mlp.proj.{p}", (m + f"down_proj.{p}",)),
+            ]
+    return rules
