@@ -34,8 +34,8 @@ from torch import Tensor
 Step = Callable[[], list[list[int]]]  # runs prefill + decode, returns tokens; times itself
 
 
-def build(vocab: int, block_size: int, out: Path):
-    """Our `small` body with random weights, and transformers' load of its export."""
+def build(preset: str, vocab: int, block_size: int, out: Path):
+    """Our `preset` body with random weights, and transformers' load of its export."""
     from transformers import AutoModelForCausalLM
 
     from lmforge.model.config import preset_config
@@ -43,7 +43,7 @@ def build(vocab: int, block_size: int, out: Path):
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)
-    ours = Transformer(preset_config("small", vocab_size=vocab, block_size=block_size)).eval()
+    ours = Transformer(preset_config(preset, vocab_size=vocab, block_size=block_size)).eval()
     save_pretrained(ours, out)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="sdpa")
     return ours, hf.eval()
@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--padded", action="store_true", help="rows of different prompt lengths")
+    ap.add_argument("--preset", default="small", help="model shape: small (11M) or tiny (1.3M)")
     ap.add_argument("--vocab", type=int, default=4096, help="vocabulary (bench_serve's: ~300)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="print op tables (largest batch)")
@@ -154,8 +155,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        ours, hf = build(args.vocab, 512, Path(tmp))
-    print(f"`small` body {ours.num_params() / 1e6:.1f}M params, vocab {args.vocab}, prompt "
+        ours, hf = build(args.preset, args.vocab, 256, Path(tmp))
+    print(f"`{args.preset}` body {ours.num_params() / 1e6:.1f}M params, vocab {args.vocab}, prompt "
           f"{args.prompt} tokens{' (left-padded, 1/2 to full length)' if args.padded else ''}, {args.steps} decode "
           f"steps, {args.rounds} rounds, {torch.get_num_threads()} thread(s), "
           f"torch {torch.__version__}")  # fmt: skip
