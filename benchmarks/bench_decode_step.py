@@ -1,9 +1,10 @@
 """One decoding step of our Transformer against transformers' LlamaForCausalLM, same weights.
 
-The serving engine is forward-bound on the `small` model, and transformers' batched generate was
-faster on the same requests; this isolates the model's decode step from everything around it.
-Our model (the `small` preset's body, `--vocab` tokens, random weights) is exported with lmforge's
-own exporter and loaded back by transformers, so both sides hold the same weights. Per batch size:
+`lmforge serve` trailed transformers' batched generate on the same requests, and the engine is
+forward-bound on `small`; this isolates the model's decode step from everything around it. Our
+model (the `--preset` body, `small` by default, `--vocab` tokens, random weights) is exported
+with lmforge's own exporter and loaded back by transformers, so both sides hold the same
+weights. Per batch size:
 
 - both prefill the same prompts (`--prompt` tokens each; with `--padded`, rows of different
   lengths, left-padded, as a serving batch has), then decode `--steps` steps feeding each row's
