@@ -13,8 +13,10 @@ Issue #16's benchmark. One run, one model, one machine:
 
 With CUDA (or `--hf` on CPU) it also times Hugging Face transformers' batched `generate` on the
 same exported model directory: the same prompts, left-padded batches of 16, sampling, exactly
-`--max-tokens` new tokens, and prints the server's 16-client tokens/s against it. On a CPU-only
-machine without `--hf` that part is skipped with the reason.
+`--max-tokens` new tokens, and prints the server's 16-client tokens/s against it. Interleaved
+with HF it times the server's own Engine on the same requests in this process (no HTTP, no
+client), which splits the server's gap to HF into the engine's and the HTTP streaming's parts.
+On a CPU-only machine without `--hf` that part is skipped with the reason.
 
 Run: `.venv/bin/python benchmarks/bench_serve.py --preset tiny --requests 64 --max-tokens 64`
 """
@@ -22,11 +24,14 @@ Run: `.venv/bin/python benchmarks/bench_serve.py --preset tiny --requests 64 --m
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,11 +49,10 @@ def build_model_dir(out: Path, preset: str) -> Path:
     return make_model_dir(out / "model", make_tokenizer_dir(out / "tokenizer"), preset=preset)
 
 
-def hf_generate_rate(
-    model_dir: Path, prompts: list[str], requests: int, max_tokens: int, batch: int, device: str
-) -> float:
-    """Output tokens/s of transformers' generate over `requests` prompts in batches of `batch`
-    (median of 3 timed rounds after one warmup batch)."""
+def hf_generate_round(
+    model_dir: Path, texts: list[str], max_tokens: int, batch: int, device: str
+) -> Callable[[], None]:
+    """One round of transformers' generate over `texts` in left-padded batches of `batch`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -57,7 +61,6 @@ def hf_generate_rate(
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = model.to(device).eval()
-    texts = [prompts[i % len(prompts)] for i in range(requests)]
 
     def run(chunk: list[str]) -> None:
         enc = tok(chunk, return_tensors="pt", padding=True).to(device)
@@ -69,14 +72,57 @@ def hf_generate_rate(
         if device == "cuda":
             torch.cuda.synchronize()
 
-    run(texts[:batch])  # warmup
-    seconds = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    def one_round() -> None:
         for i in range(0, len(texts), batch):
             run(texts[i : i + batch])
-        seconds.append(time.perf_counter() - t0)
-    return requests * max_tokens / statistics.median(seconds)
+
+    return one_round
+
+
+def engine_round(engine: Any, texts: list[str], max_tokens: int) -> Callable[[], None]:
+    """One round of the server's engine in this process, no HTTP: every request submitted at
+    once (the engine runs max_batch_size of them, the rest wait), read to the end."""
+    from lmforge.serve.engine import SamplingParams, collect
+
+    prompts = [engine.files.encode(text) for text in texts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
+    rounds = itertools.count()
+
+    def run() -> None:
+        r = next(rounds)  # request ids stay unique across rounds
+        handles = [engine.submit(ids, params, f"r{r}-{i}") for i, ids in enumerate(prompts)]
+        for handle in handles:
+            collect(handle)
+
+    return run
+
+
+def in_process_rates(
+    model_dir: Path, prompts: list[str], requests: int, max_tokens: int, batch: int, device: str
+) -> dict[str, float]:
+    """Output tokens/s of HF's batched generate and of our engine (in this process, no HTTP) on
+    the same requests: median of 3 rounds each, interleaved, after one warm-up round."""
+    from lmforge.serve.engine import Engine
+
+    texts = [prompts[i % len(prompts)] for i in range(requests)]
+    engine = Engine.from_dir(model_dir, device=device, max_batch_size=batch)
+    engine.start()
+    contenders = {
+        "hf": hf_generate_round(model_dir, texts, max_tokens, batch, device),
+        "engine": engine_round(engine, texts, max_tokens),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    try:
+        for run in contenders.values():
+            run()  # warm-up
+        for _ in range(3):
+            for name, run in contenders.items():
+                t0 = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - t0)
+    finally:
+        engine.shutdown(drain=False)
+    return {name: requests * max_tokens / statistics.median(s) for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -121,14 +167,17 @@ def main() -> None:
                   "asks for it on the GPU; pass --hf to time it on the CPU anyway)")  # fmt: skip
             return
         device = "cuda" if cuda else "cpu"
-        hf = hf_generate_rate(
+        rates = in_process_rates(
             Path(model_dir), list(DEFAULT_PROMPTS), args.requests, args.max_tokens,
             batch=last["concurrency"], device=device,
         )  # fmt: skip
-        print(f"HF generate ({device}, batches of {last['concurrency']}): {hf:,.0f} tokens/s; "
-              f"lmforge serve at {last['concurrency']} clients: "
-              f"{last['output_tokens_per_s']:,.0f} tokens/s = "
-              f"{last['output_tokens_per_s'] / hf:.2f}x HF")  # fmt: skip
+        served = last["output_tokens_per_s"]
+        print(f"HF generate ({device}, batches of {last['concurrency']}): {rates['hf']:,.0f} "
+              f"tokens/s; our engine in this process (no HTTP, max batch "
+              f"{last['concurrency']}): {rates['engine']:,.0f} tokens/s = "
+              f"{rates['engine'] / rates['hf']:.2f}x HF; lmforge serve at "
+              f"{last['concurrency']} clients: {served:,.0f} tokens/s = "
+              f"{served / rates['hf']:.2f}x HF, {served / rates['engine']:.2f}x the engine")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -242,7 +242,15 @@ class CompletionService:
     # ---- running ---------------------------------------------------------------------------
 
     async def events(self, prep: Prepared) -> AsyncIterator[tuple[Job, Any]]:
-        """Submits every job and yields (job, TokenEvent) as they come, all choices merged.
+        """Submits every job and yields (job, TokenEvent) as they come, all choices merged."""
+        async with aclosing(self.event_batches(prep)) as batches:
+            async for batch in batches:
+                for job_event in batch:
+                    yield job_event
+
+    async def event_batches(self, prep: Prepared) -> AsyncIterator[list[tuple[Job, Any]]]:
+        """Submits every job and yields lists of (job, TokenEvent): all that arrived, in order,
+        since the last list (streaming writes each list to the client at once).
 
         Past request_timeout_s it raises TimeoutError. Leaving early (timeout, client gone,
         an error) aborts every job still running. The deadline is a timer that drops a marker
@@ -274,13 +282,21 @@ class CompletionService:
                 tasks.append(asyncio.create_task(_pump(handle, job, queue)))
             remaining = len(tasks)
             while remaining:
-                job, event = await queue.get()
-                if job is None:
-                    raise TimeoutError(f"no complete answer within {timeout}s")
-                if event is None:
-                    remaining -= 1
-                    continue
-                yield job, event
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                batch: list[tuple[Job, Any]] = []
+                for job, events in items:
+                    if job is None:
+                        if batch:
+                            yield batch
+                        raise TimeoutError(f"no complete answer within {timeout}s")
+                    if events is None:
+                        remaining -= 1
+                        continue
+                    batch += [(job, event) for event in events]
+                if batch:
+                    yield batch
         finally:
             timer.cancel()
             for task in tasks:
@@ -436,27 +452,32 @@ class CompletionService:
                 for job in prep.jobs:
                     job.redactor = StreamRedactor(self.state.safety)
             sent = {job.index: 0 for job in prep.jobs}
+            out: list[str] = []  # the SSE chunks of the events that arrived together
             try:
-                async with aclosing(self.events(prep)) as events:
-                    async for job, event in events:
-                        if job.finish_reason == "content_filter":
-                            continue  # refused output: nothing more from this choice
-                        text = self._accept(prep, job, event)
-                        reason = job.finish_reason if event.finish_reason else None
-                        if reason is None and job.finish_reason == "content_filter":
-                            reason = "content_filter"
-                        lp = None
-                        if job.logprobs is not None:
-                            lp = job.logprobs.build(sent[job.index])
-                            sent[job.index] = len(job.logprobs.tokens)
-                        if text or reason or lp:
-                            yield chunk([piece(job, text, reason, lp)])
+                async with aclosing(self.event_batches(prep)) as batches:
+                    async for batch in batches:
+                        for job, event in batch:
+                            if job.finish_reason == "content_filter":
+                                continue  # refused output: nothing more from this choice
+                            text = self._accept(prep, job, event)
+                            reason = job.finish_reason if event.finish_reason else None
+                            if reason is None and job.finish_reason == "content_filter":
+                                reason = "content_filter"
+                            lp = None
+                            if job.logprobs is not None:
+                                lp = job.logprobs.build(sent[job.index])
+                                sent[job.index] = len(job.logprobs.tokens)
+                            if text or reason or lp:
+                                out.append(chunk([piece(job, text, reason, lp)]))
+                        if out:  # one write (one socket send) for all of them
+                            yield "".join(out)
+                            out.clear()
             except TimeoutError:
                 err = APIError(504, "the request timed out", type="timeout", code="timeout")
-                yield f"data: {json.dumps(err.body())}\n\n"
+                yield "".join(out) + f"data: {json.dumps(err.body())}\n\n"
                 return
             except APIError as exc:
-                yield f"data: {json.dumps(exc.body())}\n\n"
+                yield "".join(out) + f"data: {json.dumps(exc.body())}\n\n"
                 return
             for job in prep.jobs:
                 if job.redactor is not None:
@@ -468,9 +489,10 @@ class CompletionService:
 
 
 async def _pump(handle: Any, job: Job, queue: asyncio.Queue) -> None:
-    """Moves one handle's events into the shared queue; None marks its end."""
+    """Moves one handle's events into the shared queue, those of one wake-up as one item;
+    None marks its end."""
     try:
-        async for event in handle:
-            queue.put_nowait((job, event))
+        async for events in handle.batches():
+            queue.put_nowait((job, events))
     finally:
         queue.put_nowait((job, None))

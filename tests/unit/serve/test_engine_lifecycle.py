@@ -329,3 +329,22 @@ def test_gpt2_style_with_a_sliding_window_stays_exact_in_a_continuous_batch(serv
         eng.shutdown()
     assert rest == alone(model, prompts[0], 40)[1:]
     assert results == [alone(model, p, 15) for p in prompts[1:]]
+
+
+def test_an_async_reader_takes_every_queued_event_in_one_batch():
+    """batches(): what arrived while the reader was away comes as one list, in order; later
+    events come in the next list; the final event ends the iteration."""
+
+    async def main() -> list[list[int]]:
+        handle = RequestHandle("r", 1)
+        for token in (1, 2, 3):
+            handle.push(TokenEvent(token, "x"))
+        got = []
+        async for batch in handle.batches():
+            got.append([e.token_id for e in batch])
+            if len(got) == 1:
+                handle.push(TokenEvent(4, "x"))
+                handle.push(TokenEvent(5, "x", finish_reason="length"))
+        return got
+
+    assert asyncio.run(main()) == [[1, 2, 3], [4, 5]]

@@ -1,0 +1,66 @@
+"""Streaming: the events that reach a response together leave in one SSE write, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+from lmforge.serve.completions import CompletionService, Job, Prepared
+from lmforge.serve.engine import SamplingParams
+from lmforge.serve.handle import RequestHandle, TokenEvent
+from lmforge.serve.metrics import ServerMetrics
+
+
+class QueuedEngine:
+    """An engine whose requests have all their events queued before the stream reads them:
+    a reader that fell behind the engine."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+        handle = RequestHandle(request_id, len(prompt_ids))
+        for i, text in enumerate(self.texts):
+            last = i == len(self.texts) - 1
+            handle.push(TokenEvent(i, text, finish_reason="length" if last else None))
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        raise AssertionError(f"{request_id} finished; nothing to abort")
+
+
+def streamed(texts: list[str], n: int) -> list[str]:
+    """The strings stream() hands the response, one per write, for n choices of `texts`."""
+    state = SimpleNamespace(
+        settings=SimpleNamespace(request_timeout_s=30.0), metrics=ServerMetrics(),
+        safety=None, feedback=None, cache=None,
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=len(texts))
+    jobs = [Job(i, [1, 2, 3], "abc", params) for i in range(n)]
+    prep = Prepared("completion", "cmpl-1", "m", QueuedEngine(texts), jobs, 3, stream=True)
+
+    async def read() -> list[str]:
+        return [write async for write in CompletionService(state).stream(prep)]
+
+    return asyncio.run(read())
+
+
+def chunks(write: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in write.split("\n\n") if line.startswith("data: {")]
+
+
+def test_events_that_arrived_together_are_one_write():
+    writes = streamed(["Hel", "lo", "!"], n=1)
+    assert len(writes) == 2  # the three tokens, then [DONE]
+    assert [c["choices"][0]["text"] for c in chunks(writes[0])] == ["Hel", "lo", "!"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks(writes[0])] == [None, None, "length"]
+    assert writes[1] == "data: [DONE]\n\n"
+
+
+def test_choices_of_one_request_share_the_write_and_keep_their_order():
+    writes = streamed(["a", "b"], n=3)
+    assert len(writes) == 2
+    got = [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks(writes[0])]
+    for index in range(3):  # each choice's tokens in order, every choice complete
+        assert [text for i, text in got if i == index] == ["a", "b"]
