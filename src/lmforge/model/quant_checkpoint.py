@@ -5,7 +5,8 @@ compress quantize`): model.safetensors then holds the codes under each weight's 
 `<name>_scale`, and config.json's `quantization_config` (quant_method "lmforge") says which
 tensors are quantized with how many bits. load_pretrained() keeps them quantized by default
 (read_quantized -> QuantWeight -> keep_quantized: QuantLinear / QuantEmbedding built from the
-stored codes, never an fp32 matrix) or dequantizes them for training (dequantize_tensors).
+stored codes, never an fp32 matrix; int4 ones repacked for torch's CPU int4 kernel where it
+takes them, model.int4pack) or dequantizes them for training (dequantize_tensors).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.model import int4pack
 from lmforge.model.quant import (
     BITS,
     QuantEmbedding,
     QuantLinear,
     dequantize_weight,
+    kernel_packable,
     quantize_weight,
 )
 
@@ -73,6 +76,13 @@ class QuantWeight:
     bits: int
     group_size: int
     transposed: bool = False
+
+    @property
+    def kernel_packable(self) -> bool:
+        """Whether the weight loads repacked for torch's CPU int4 kernel (model.int4pack)."""
+        return not self.transposed and kernel_packable(
+            self.bits, self.shape, self.group_size, self.codes.device
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -138,8 +148,11 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
     returns state with their codes/scale under the new modules' names, the rest dequantized.
 
     A weight whose module is missing or of another shape (a config.json that is not the
-    checkpoint's) is dequantized too, so load_state_dict refuses it as it refuses floats."""
+    checkpoint's) is dequantized too, so load_state_dict refuses it as it refuses floats.
+    A kernel_packable weight is repacked once (a tied table and LM head share the bytes) and
+    its codes are left to be freed: only the kernel's layout stays resident."""
     out: dict[str, Tensor] = {}
+    repacked: dict[int, tuple[Tensor, Tensor]] = {}  # id(codes) -> (int4pack, scales_and_zeros)
     for name, value in state.items():
         if not isinstance(value, QuantWeight):
             out[name] = value
@@ -152,7 +165,13 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
             continue
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, swapped)
-        out[f"{path}.codes"], out[f"{path}.scale"] = value.codes, value.scale
+        if swapped.kernel_packed:
+            key = id(value.codes)
+            if key not in repacked:
+                repacked[key] = int4pack.pack(value.codes, value.scale, value.group_size)
+            out[f"{path}.int4pack"], out[f"{path}.scales_and_zeros"] = repacked[key]
+        else:
+            out[f"{path}.codes"], out[f"{path}.scale"] = value.codes, value.scale
     return out
 
 
@@ -166,11 +185,12 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
 def _quant_module(module: nn.Module | None, w: QuantWeight) -> nn.Module | None:
     if type(module) not in (nn.Linear, nn.Embedding) or tuple(module.weight.shape) != w.shape:
         return None
+    packed = w.kernel_packable
     if type(module) is nn.Linear:
         bias = module.bias is not None
-        return QuantLinear(*reversed(w.shape), w.bits, w.group_size, bias, w.transposed)
+        return QuantLinear(*reversed(w.shape), w.bits, w.group_size, bias, w.transposed, packed)
     if type(module) is nn.Embedding and not w.transposed:
-        return QuantEmbedding(*w.shape, w.bits, w.group_size)
+        return QuantEmbedding(*w.shape, w.bits, w.group_size, packed, w.scale.dtype)
     return None
 
 
