@@ -19,7 +19,7 @@ from torch import Tensor
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes (qGroupSize) the kernel takes
 INNER_K_TILES = 2  # the packer's innerKTiles argument (unused by the CPU layout; K % 32 == 0)
-PACK_CHUNK_ROWS = 4096  # rows packed / unpacked at a time (a multiple of every layout's block)
+PACK_CHUNK_ROWS = 1024  # rows packed / unpacked at a time (a multiple of every layout's block)
 
 
 class Layout(NamedTuple):
@@ -44,15 +44,14 @@ def packable(out_features: int, in_features: int, group_size: int) -> bool:
 def pack(codes: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """(packed (out, in / 2) uint8, scales_and_zeros (in / group_size, out, 2) bf16) of our
     int4 codes (out, in / 2) and scales (out, in / group_size, 1), packed PACK_CHUNK_ROWS rows
-    at a time (each block of rows packs on its own, so chunks concatenate)."""
+    at a time (each block of rows packs on its own, so chunks are consecutive rows)."""
     out_f, in_f = codes.shape[0], codes.shape[1] * 2
     convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-    parts = []
+    packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=codes.device)
     for r in range(0, out_f, PACK_CHUNK_ROWS):
         c = codes[r : r + PACK_CHUNK_ROWS]
         q = torch.stack([c & 0xF, c >> 4], dim=-1).reshape(c.shape[0], in_f).to(torch.int32)
-        parts.append(convert(q, INNER_K_TILES))
-    packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+        packed[r : r + PACK_CHUNK_ROWS] = convert(q, INNER_K_TILES)
     scales = scale.reshape(out_f, in_f // group_size).T  # (G, out)
     scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)
     return packed, scales_and_zeros.to(torch.bfloat16).contiguous()

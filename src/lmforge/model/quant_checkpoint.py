@@ -128,12 +128,18 @@ def read_quantized(
 ) -> dict[str, Tensor | QuantWeight]:
     """The checkpoint with each quantized tensor and its scale as one QuantWeight.
 
-    Every tensor is copied into memory of its own: safetensors' load_file hands out views into
+    Tensors are copied into memory of their own: safetensors' load_file hands out views into
     the file's mapping (which one kept view keeps whole, and at offsets the int8 kernel cannot
-    take); a copy starts on a 64-byte boundary and the mapping is released once loaded.
+    take); a copy starts on a 64-byte boundary and the mapping is released once loaded. int4
+    codes and scales are left as they are: keep_quantized repacks most for the int4 kernel
+    (a copy first would be freed into the heap, where it stays resident) and copies the rest.
     """
     _check_method(config, where)
-    out: dict[str, Tensor | QuantWeight] = {name: t.clone() for name, t in tensors.items()}
+    int4 = {n for n, bits in config.get("bits", {}).items() if int(bits) == 4}
+    as_is = int4 | {n + SCALE_SUFFIX for n in int4}
+    out: dict[str, Tensor | QuantWeight] = {
+        name: t if name in as_is else t.clone() for name, t in tensors.items()
+    }
     for name, bits in config["bits"].items():
         scale = out.pop(name + SCALE_SUFFIX, None)
         if name not in out or scale is None:
@@ -149,10 +155,11 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
 
     A weight whose module is missing or of another shape (a config.json that is not the
     checkpoint's) is dequantized too, so load_state_dict refuses it as it refuses floats.
-    A kernel_packable weight is repacked once (a tied table and LM head share the bytes) and
-    its codes are left to be freed: only the kernel's layout stays resident."""
+    A kernel_packable weight is repacked (into the only copy that stays resident), the others
+    get memory of their own (read_quantized leaves int4 codes in the file's mapping); either
+    once for a table tied to the LM head, so both modules share the bytes."""
     out: dict[str, Tensor] = {}
-    repacked: dict[int, tuple[Tensor, Tensor]] = {}  # id(codes) -> (int4pack, scales_and_zeros)
+    stored: dict[int, tuple[Tensor, Tensor]] = {}  # id(codes) -> the two buffers
     for name, value in state.items():
         if not isinstance(value, QuantWeight):
             out[name] = value
@@ -165,14 +172,22 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
             continue
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, swapped)
-        if swapped.kernel_packed:
-            key = id(value.codes)
-            if key not in repacked:
-                repacked[key] = int4pack.pack(value.codes, value.scale, value.group_size)
-            out[f"{path}.int4pack"], out[f"{path}.scales_and_zeros"] = repacked[key]
-        else:
-            out[f"{path}.codes"], out[f"{path}.scale"] = value.codes, value.scale
+        if id(value.codes) not in stored:
+            stored[id(value.codes)] = (
+                int4pack.pack(value.codes, value.scale, value.group_size)
+                if swapped.kernel_packed
+                else (_owned(value.codes), _owned(value.scale))
+            )
+        names = ("int4pack", "scales_and_zeros") if swapped.kernel_packed else ("codes", "scale")
+        out[f"{path}.{names[0]}"], out[f"{path}.{names[1]}"] = stored[id(value.codes)]
     return out
+
+
+def _owned(t: Tensor) -> Tensor:
+    """t, or a copy of it where t is a view into a larger storage (the file's mapping)."""
+    storage = t.untyped_storage()
+    whole = storage.nbytes() == t.nbytes and storage.data_ptr() == t.data_ptr()
+    return t if whole else t.clone()
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:

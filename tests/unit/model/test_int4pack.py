@@ -87,6 +87,8 @@ def test_a_group_size_the_kernel_lacks_keeps_our_layout(tmp_path: Path) -> None:
     model = load_pretrained(tmp_path / "q")
     kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     assert kept and not any(m.kernel_packed for m in kept)
+    codes = model.lm_head.codes  # copied out of the file's mapping, once for the tied pair
+    assert codes is model.tok_emb.codes and codes.untyped_storage().nbytes() == codes.nbytes
     floats = load_pretrained(tmp_path / "q", quantized="dequantize")
     with torch.no_grad():
         ref, got = floats(IDS), model(IDS)
