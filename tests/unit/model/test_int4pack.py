@@ -151,3 +151,27 @@ def test_each_cpu_layout_is_found_and_read_back(capability: str, layout: Layout)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.stdout.split("\n")[0] == f"{tuple(layout)} True", out.stderr
     assert int4pack.LAYOUTS.index(layout) > 0
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_gpt2_conv1d_weights_quantize_along_their_input(tmp_path: Path, monkeypatch, flip) -> None:
+    from lmforge.compress import quantize
+
+    src = make_model_dir(tmp_path / "f", preset="micro-gpt2")  # Conv1D weights, stored (in, out)
+    if not flip:  # a checkpoint written before "flipped": int4 grouped along the output
+        monkeypatch.setattr(quantize, "stored_transposed", lambda hf, names: set())
+    config = quantize_dir(src, tmp_path / "q", "int4", 32)
+    assert len(config.get("flipped", [])) == (8 if flip else 0)  # 4 linears x 2 blocks
+    floats = load_pretrained(tmp_path / "q", quantized="dequantize")
+    weight = load_pretrained(src).blocks[0].attn.qkv.weight.detach()  # (out, in)
+    codes, scale = quantize_weight(weight if flip else weight.T, 4, 32)
+    rounded = dequantize_weight(codes, scale, 4, 32)
+    assert torch.equal(floats.blocks[0].attn.qkv.weight, rounded if flip else rounded.T)
+    kept = load_pretrained(tmp_path / "q")
+    blocks = [m for m in kept.blocks.modules() if isinstance(m, QuantLinear)]
+    assert len(blocks) == 8
+    assert all(m.kernel_packed == (flip and int4pack_layout() is not None) for m in blocks)
+    with torch.no_grad():
+        ref, got = floats(IDS), kept(IDS)
+    tolerance = 1e-2 if int4pack_layout() is not None else 1e-5  # bf16: the head's kernel
+    assert (ref - got).abs().max() < tolerance * ref.abs().max()
