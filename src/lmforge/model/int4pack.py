@@ -19,7 +19,7 @@ from torch import Tensor
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes (qGroupSize) the kernel takes
 INNER_K_TILES = 2  # the packer's innerKTiles argument (unused by the CPU layout; K % 32 == 0)
-PACK_CHUNK_ROWS = 1024  # rows packed / unpacked at a time (a multiple of every layout's block)
+PACK_CHUNK_WEIGHTS = 1 << 18  # weights packed / unpacked at a time (1 MB of int32 codes)
 
 
 class Layout(NamedTuple):
@@ -43,15 +43,17 @@ def packable(out_features: int, in_features: int, group_size: int) -> bool:
 
 def pack(codes: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """(packed (out, in / 2) uint8, scales_and_zeros (in / group_size, out, 2) bf16) of our
-    int4 codes (out, in / 2) and scales (out, in / group_size, 1), packed PACK_CHUNK_ROWS rows
-    at a time (each block of rows packs on its own, so chunks are consecutive rows)."""
+    int4 codes (out, in / 2) and scales (out, in / group_size, 1), a chunk of rows at a time
+    (each block of rows packs on its own, so chunks are consecutive rows): small transients,
+    which a load's heap does not keep growing by."""
     out_f, in_f = codes.shape[0], codes.shape[1] * 2
     convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=codes.device)
-    for r in range(0, out_f, PACK_CHUNK_ROWS):
-        c = codes[r : r + PACK_CHUNK_ROWS]
+    step = _chunk_rows(in_f)
+    for r in range(0, out_f, step):
+        c = codes[r : r + step]
         q = torch.stack([c & 0xF, c >> 4], dim=-1).reshape(c.shape[0], in_f).to(torch.int32)
-        packed[r : r + PACK_CHUNK_ROWS] = convert(q, INNER_K_TILES)
+        packed[r : r + step] = convert(q, INNER_K_TILES)
     scales = scale.reshape(out_f, in_f // group_size).T  # (G, out)
     scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)
     return packed, scales_and_zeros.to(torch.bfloat16).contiguous()
@@ -82,14 +84,19 @@ def dequantize_rows(
 
 
 def dequantize(packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout) -> Tensor:
-    """The whole float32 weight (out, in), PACK_CHUNK_ROWS rows at a time."""
-    out_f = packed.shape[0]
+    """The whole float32 weight (out, in), a chunk of rows at a time."""
+    out_f, step = packed.shape[0], _chunk_rows(packed.shape[1] * 2)
     rows = torch.arange(out_f, device=packed.device)
     parts = [
-        dequantize_rows(packed, scales_and_zeros, group_size, rows[r : r + PACK_CHUNK_ROWS], layout)
-        for r in range(0, out_f, PACK_CHUNK_ROWS)
+        dequantize_rows(packed, scales_and_zeros, group_size, rows[r : r + step], layout)
+        for r in range(0, out_f, step)
     ]
     return torch.cat(parts)
+
+
+def _chunk_rows(in_features: int) -> int:
+    """Rows of about PACK_CHUNK_WEIGHTS weights, a multiple of every layout's block (64)."""
+    return max(64, PACK_CHUNK_WEIGHTS // in_features // 64 * 64)
 
 
 def matmul(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
