@@ -309,7 +309,7 @@ def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | Non
     return int4pack.dequantize_rows(*args, rows, layout)
 
 
-def stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:
+def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:
     """The tensor holding a quantized module's codes, in whichever layout it keeps them."""
     return module.int4pack if module.kernel_packed else module.codes
 
@@ -319,5 +319,5 @@ def quantized_numel(model: nn.Module) -> int:
     what parameter counts add, since codes are buffers."""
     kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     return sum(
-        {id(stored_codes(m)): stored_codes(m).numel() * (8 // m.bits) for m in kept}.values()
+        {id(_stored_codes(m)): _stored_codes(m).numel() * (8 // m.bits) for m in kept}.values()
     )

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.compress.quantize import quantize_dir
-from lmforge.model import int4pack, quant
+from lmforge.model import quant
 from lmforge.model.convert import load_pretrained
 from lmforge.model.int4pack import Layout, int4pack_layout
 from lmforge.model.quant import QuantEmbedding, QuantLinear, dequantize_weight, quantize_weight
@@ -96,7 +96,6 @@ def test_a_group_size_the_kernel_lacks_keeps_our_layout(tmp_path: Path) -> None:
 
 
 def test_without_the_ops_int4_stays_in_our_layout(monkeypatch) -> None:
-    monkeypatch.delattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", raising=False)
     monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None, raising=False)
     int4pack_layout.cache_clear()
     try:
@@ -150,7 +149,6 @@ def test_each_cpu_layout_is_found_and_read_back(capability: str, layout: Layout)
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.stdout.split("\n")[0] == f"{tuple(layout)} True", out.stderr
-    assert int4pack.LAYOUTS.index(layout) > 0
 
 
 @pytest.mark.parametrize("flip", [True, False])
