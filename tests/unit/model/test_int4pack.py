@@ -173,3 +173,17 @@ def test_gpt2_conv1d_weights_quantize_along_their_input(tmp_path: Path, monkeypa
         ref, got = floats(IDS), kept(IDS)
     tolerance = 1e-2 if int4pack_layout() is not None else 1e-5  # bf16: the head's kernel
     assert (ref - got).abs().max() < tolerance * ref.abs().max()
+
+
+@needs_kernel
+def test_packing_in_chunks_of_rows_gives_the_same_bytes(monkeypatch) -> None:
+    from lmforge.model import int4pack
+
+    torch.manual_seed(0)
+    codes, scale = quantize_weight(torch.randn(176, 64), 4, 32)  # 2 full 64-row blocks + 48
+    whole = int4pack.pack(codes, scale, 32)
+    monkeypatch.setattr(int4pack, "PACK_CHUNK_WEIGHTS", 64 * 64)  # chunks of 64 rows
+    chunked = int4pack.pack(codes, scale, 32)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    rows = int4pack.dequantize(*chunked, 32, int4pack_layout())
+    assert torch.equal(rows, dequantize_weight(codes, scale.bfloat16().float(), 4, 32))
