@@ -8,7 +8,9 @@ quantized by `compress quantize`'s quantize_dir to int8 and int4. Then:
   the load and after decoding 2 tokens ("decoding": every weight read once, as when serving;
   fp32 weights are safetensors' file mapping, resident once touched), the peak (VmHWM: int4
   dequantizes each matrix per forward) and the summed bytes of the parameters and buffers;
-  "RSS vs fp32" compares the decoding column;
+  "RSS vs fp32" compares the decoding column; "in kernel layout" counts the int4 matrices
+  repacked for torch's CPU int4 kernel (model.int4pack; GPT-2's Conv1D weights, grouped along
+  the output, stay in ours and are dequantized per forward);
 - **speed**: the three models decode greedily (lmforge.model.generate: prompt, then one cached
   token a step) in this process, round-robin so machine noise hits all alike, median of the
   rounds; also how many tokens agree with fp32's.
@@ -38,6 +40,7 @@ from lmforge.compress.quantize import quantize_dir
 from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.generate import generate
+from lmforge.model.quant import QuantEmbedding, QuantLinear
 from lmforge.model.transformer import Transformer
 
 VARIANTS = ("fp32", "int8", "int4")
@@ -57,7 +60,7 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def measure_load(model_dir: Path, warmup_dir: Path) -> dict[str, float]:
+def measure_load(model_dir: Path, warmup_dir: Path) -> dict[str, float | str]:
     """(child process) What loading model_dir adds to this process's memory, measured after
     loading a micro int8 model once: torch's lazy imports on a first load (~75 MB) are not the
     model's."""
@@ -77,10 +80,17 @@ def measure_load(model_dir: Path, warmup_dir: Path) -> dict[str, float]:
         "peak_mb": (proc_status_kb("VmHWM") - before) / 1024,
         "tensor_mb": tensor_bytes(model) / 2**20,
         "load_s": load_s,
+        "kernel_layout": kernel_layout(model),
     }
 
 
-def load_in_child(model_dir: Path, warmup_dir: Path) -> dict[str, float]:
+def kernel_layout(model: torch.nn.Module) -> str:
+    """How many of the model's quantized matrices are held in torch's int4 kernel layout."""
+    kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    return f"{sum(m.kernel_packed for m in kept)}/{len(kept)}" if kept else "-"
+
+
+def load_in_child(model_dir: Path, warmup_dir: Path) -> dict[str, float | str]:
     out = subprocess.run(
         [sys.executable, __file__, "--measure-load", str(model_dir), str(warmup_dir)],
         check=True, capture_output=True, text=True,
@@ -154,6 +164,7 @@ def main() -> None:
     print(
         f"{'variant':<8}{'file MB':>8}{'tensor MB':>10}{'RSS +MB':>8}{'decoding':>9}{'peak':>7}"
         f"{'load s':>7}{'tokens/s':>9}{'RSS vs fp32':>12}{'speed vs fp32':>14}{'same':>7}"
+        f"{'in kernel layout':>17}"
     )
     base = memory["fp32"]
     for name in dirs:
@@ -163,6 +174,7 @@ def main() -> None:
             f"{m['decoding_rss_mb']:>9.1f}{m['peak_mb']:>7.1f}{m['load_s']:>7.2f}"
             f"{args.new_tokens / t:>9.1f}{m['decoding_rss_mb'] / base['decoding_rss_mb']:>11.2f}x"
             f"{seconds['fp32'] / t:>13.2f}x{same[name]:>4}/{args.new_tokens}"
+            f"{m['kernel_layout']:>17}"
         )
 
 

@@ -103,6 +103,16 @@ def logits_diff(llm: Any, model: torch.nn.Module, ids: list[int]) -> float:
     return float(np.abs(theirs - ours).max())
 
 
+def within_positions(block_size: int) -> Any:
+    """A stopping criterion that ends a completion before it evaluates a position the model
+    lacks. llama-cpp-python keeps sampling past max_tokens while its text ends inside a UTF-8
+    character, and llama.cpp pads the context to 256 tokens, so a GPT-2 of a 64-token block
+    reached position 64 and llama.cpp aborted the process (an untrained micro-gpt2)."""
+    import llama_cpp
+
+    return llama_cpp.StoppingCriteriaList([lambda ids, logits: len(ids) >= block_size])
+
+
 def greedy_agreement(llm: Any, lm: EvalModel, prompt: str, n: int) -> dict[str, Any]:
     """n greedy tokens (fewer where the prompt leaves less room in the model's context) after the
     prompt's document-start ids from each, how many leading tokens agree, and whether the texts
@@ -120,7 +130,9 @@ def greedy_agreement(llm: Any, lm: EvalModel, prompt: str, n: int) -> dict[str, 
     while agree < min(len(ours), len(theirs)) and ours[agree] == theirs[agree]:
         agree += 1
     our_text = lm.generate_batch([prompt], GenerationSettings(max_new_tokens=n))[0]
-    their_text = llm.create_completion(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"]
+    their_text = llm.create_completion(
+        prompt, max_tokens=n, temperature=0.0, stopping_criteria=within_positions(lm.block_size)
+    )["choices"][0]["text"]
     return {"lmforge": ours, "llama_cpp": theirs, "agree": agree, "n": n,
             "text_equal": our_text == their_text, "lmforge_text": our_text,
             "llama_cpp_text": their_text}  # fmt: skip

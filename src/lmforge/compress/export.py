@@ -64,10 +64,20 @@ def gguf_rounded(model: nn.Module, file_type: str) -> nn.Module:
 
 
 def gguf_quality(
-    original: EvalModel, file_type: str, prompt_tokens: int, texts: list[str] | None
+    original: EvalModel,
+    file_type: str,
+    prompt_tokens: int,
+    texts: list[str] | None,
+    original_quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the GGUF's rounding costs: max |logit difference| from the original on a fixed
-    prompt and, with texts, perplexity / bits-per-byte of the file's weights."""
+    prompt and, with texts, perplexity / bits-per-byte of the file's weights. An f32 file holds
+    the original's weights: no difference, and its quality is original_quality where given."""
+    if file_type == "f32" and original_quality and "perplexity" in original_quality:
+        keys = ("perplexity", "bits_per_byte")
+        return {"max_abs_logit_diff": 0.0, **{k: original_quality[k] for k in keys}}
+    if file_type == "f32" and not texts:
+        return {"max_abs_logit_diff": 0.0}
     rounded = gguf_rounded(original.model, file_type)
     idx = prompt_ids(original.model.config.vocab_size, prompt_tokens)
     with torch.no_grad():
@@ -81,10 +91,16 @@ def gguf_quality(
 
 
 def export_method(
-    cfg: Any, ctx: StageContext, src: Path, original: EvalModel, texts: list[str] | None = None
+    cfg: Any,
+    ctx: StageContext,
+    src: Path,
+    original: EvalModel,
+    texts: list[str] | None = None,
+    original_quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes the requested formats; returns their checks, sizes and (GGUF, with texts) quality
-    ("after" is the ONNX model when exported, else the GGUF file)."""
+    ("after" is the ONNX model when exported, else the GGUF file). original_quality: the
+    original's perplexity / bits-per-byte when already measured (an f32 GGUF's own)."""
     settings, model = cfg.export, original.model
     for fmt in settings.formats:
         require_extra(fmt)
@@ -115,7 +131,7 @@ def export_method(
             "file_type": file_type,
             "weights_bytes": weights_bytes(ctx.out / "model.gguf"),
             **checks,
-            **gguf_quality(original, file_type, cfg.speed.prompt_tokens, texts),
+            **gguf_quality(original, file_type, cfg.speed.prompt_tokens, texts, original_quality),
         }
     first = result.get("onnx") or result["gguf"]
     measured = ("weights_bytes", "tokens_per_s", "perplexity", "bits_per_byte")

@@ -13,6 +13,7 @@ packed weights have no safetensors form; the stage measures both.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.compress.files import copy_side_files
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
-from lmforge.model.convert import read_config, read_tensors
+from lmforge.model.convert import hf_config_to_model_config, read_config, read_tensors
+from lmforge.model.hf_families import FAMILIES
 from lmforge.model.quant_checkpoint import quantize_tensors
 
 
@@ -37,13 +39,26 @@ def quantize_dir(src: Path, dst: Path, scheme: str, group_size: int) -> dict[str
             f"{src} is already quantized ({hf['quantization_config'].get('quant_method')}); "
             "quantize the original model instead"
         )
-    tensors, quant = quantize_tensors(read_tensors(src), scheme, group_size)
+    tensors = read_tensors(src)
+    flip = stored_transposed(hf, tensors)
+    tensors, quant = quantize_tensors(tensors, scheme, group_size, flip)
     dst.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     copy_side_files(src, dst)
     atomic_write_json(dst / "config.json", {**hf, "quantization_config": quant})
     return quant
+
+
+def stored_transposed(hf: dict[str, Any], names: Iterable[str]) -> set[str]:
+    """The checkpoint's weights stored (in, out), its family's transposed rules (GPT-2's
+    Conv1D): int4 groups them along their input too, as torch's int4 kernel needs."""
+    family = FAMILIES.get(hf.get("model_type", ""))
+    if family is None:
+        return set()
+    rules = family.rules(hf_config_to_model_config(hf))
+    conv1d = {n for rule in rules if rule.transpose for n in rule.hf_names}
+    return {n for n in names if n in conv1d or family.prefix + n in conv1d}
 
 
 def dynamic_int8(model: nn.Module) -> nn.Module:

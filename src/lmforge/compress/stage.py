@@ -131,12 +131,15 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.compress.quantize import quantize_method
     from lmforge.evals.lm import EvalModel
     from lmforge.evals.perplexity import read_texts
+    from lmforge.model.convert import read_config
 
     src = cfg.model_dir()
     require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
-    before = measure.model_report(original, src, texts, cfg.speed)
+    # a quantized source is measured as it runs (kept quantized), not as the floats above
+    served = EvalModel.load(src) if read_config(src).get("quantization_config") else original
+    before = measure.model_report(served, src, texts, cfg.speed)
     ctx.log.info("original: %s", before)
     if cfg.method == "quantize":
         result = quantize_method(cfg, ctx, src, original, texts)
@@ -145,7 +148,8 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     elif cfg.method == "distill":
         result = distill_method(cfg, ctx, src, original, texts)
     else:
-        result = export.export_method(cfg, ctx, src, original, texts)
+        measured = before if served is original else None  # the floats' own quality, if known
+        result = export.export_method(cfg, ctx, src, original, texts, measured)
     after = result.pop("after")
     report = {"method": cfg.method, "source": str(src), "before": before, "after": after, **result}
     report.update(measure.compare(before, after))

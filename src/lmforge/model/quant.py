@@ -2,11 +2,12 @@
 
 QuantLinear keeps a frozen weight as int8 (one scale per output row) or 4-bit (one scale per
 group of `group_size` input columns, two values packed per byte), so it takes 1/4 or, with
-groups of 32 and their fp32 scales (5 bits a weight), 1/6.4 of its fp32 memory. int8 inference
-on CPU runs torch's int8 weight-only matmul (aten._weight_int8pack_mm, bf16 activations);
-otherwise (int4, grad enabled, GPU, a torch without the kernel) the weight is dequantized on
-every forward. QLoRA trains LoRA adapters on top in full precision. Symmetric absmax rounding:
-small, readable, no custom kernels.
+groups of 32 and their fp32 scales (5 bits a weight), 1/6.4 of its fp32 memory. Inference on
+CPU runs torch's weight-only matmuls with bf16 activations: int8's aten._weight_int8pack_mm,
+and int4's aten._weight_int4pack_mm_for_cpu on a checkpoint's weights repacked at load into
+its layout (model.int4pack); otherwise (grad enabled, GPU, a torch without the kernel, a group
+size it lacks, QLoRA's base) the weight is dequantized on every forward. QLoRA trains LoRA
+adapters on top in full precision. Symmetric absmax rounding: small, readable, no custom kernels.
 
 A whole checkpoint's quantization (`lmforge compress quantize`) and how it loads is
 model.quant_checkpoint.
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
+from lmforge.model import int4pack
 
 BITS = {"int8": 8, "int4": 4}
 
@@ -64,14 +66,14 @@ def int8_kernel_available() -> bool:
         return False
     try:
         bf16 = torch.bfloat16  # the probe is shaped like every real call (see _uses_int8_kernel)
-        op(
+        got = op(
             torch.ones(1, 16, dtype=bf16),
             torch.ones(4, 16, dtype=torch.int8),
-            torch.ones(4, dtype=bf16),
+            torch.full((4,), 0.5, dtype=bf16),
         )
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, TypeError):  # no kernel here, other signature
         return False
-    return True
+    return got.shape == (1, 4) and bool((got == 8).all())  # 16 ones * 0.5 per output
 
 
 # torch's CPU int8 kernel is vectorized for bf16/fp16 activations only: with fp32 ones it runs
@@ -89,6 +91,17 @@ def _aligned(t: Tensor) -> Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
+def _inference_on_cpu(x: Tensor) -> bool:
+    """Whether x goes through a CPU kernel: inference (no autograd through the kernels), outside
+    torch.compile/export (no data_ptr), in a float dtype KERNEL_DTYPE takes."""
+    return (
+        not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        and x.device.type == "cpu"
+        and x.dtype in KERNEL_DTYPE
+        and not torch.is_grad_enabled()
+    )
+
+
 def _uses_int8_kernel(x: Tensor, layer: QuantLinear) -> bool:
     """The int8 kernel serves inference (no_grad / inference_mode) on CPU; with grad enabled
     (QLoRA training) the weight is dequantized, so the frozen base computes in the input's dtype
@@ -96,13 +109,22 @@ def _uses_int8_kernel(x: Tensor, layer: QuantLinear) -> bool:
     also crashes unless in_features is a multiple of 16 (torch 2.13, measured)."""
     return (
         layer.bits == 8
-        and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())  # no data_ptr
+        and _inference_on_cpu(x)
         and layer.in_features % 16 == 0
         and layer.codes.data_ptr() % 64 == 0
-        and x.device.type == "cpu"
-        and x.dtype in KERNEL_DTYPE
-        and not torch.is_grad_enabled()
         and int8_kernel_available()
+    )
+
+
+def kernel_packable(bits: int, shape: tuple[int, int], group_size: int, device: object) -> bool:
+    """Whether an int4 weight of this (out, in) shape on `device` loads repacked for torch's CPU
+    int4 kernel (model.int4pack): a CPU weight in a group size and shape the kernel takes, on a
+    torch whose kernel works here."""
+    return (
+        bits == 4
+        and torch.device(device).type == "cpu"
+        and int4pack.packable(*shape, group_size)
+        and int4pack.int4pack_layout() is not None
     )
 
 
@@ -114,7 +136,9 @@ class QuantLinear(nn.Module):
     transposed; inference on CPU runs torch's int8 weight-only matmul where torch has it, with
     activations in bf16 (KERNEL_DTYPE: the rest of an fp32 model stays fp32). int4
     codes stay packed ((out, in / 2), or (in, out / 2) when transposed) and are dequantized on
-    each forward.
+    each forward, unless `kernel_packed` (a checkpoint's weight that kernel_packable): then the
+    weight is held only in torch's int4 kernel layout (buffers int4pack, scales_and_zeros: see
+    model.int4pack) and inference on CPU runs that kernel with bf16 activations.
     """
 
     def __init__(
@@ -125,12 +149,16 @@ class QuantLinear(nn.Module):
         group_size: int = 32,
         bias: bool = False,
         transposed: bool = False,
+        kernel_packed: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.transposed = bits, group_size, transposed
+        self.kernel_packed = kernel_packed
         rows, cols = (in_features, out_features) if transposed else (out_features, in_features)
-        if bits == 8:  # codes always (out, in): a transposed checkpoint's are transposed on load
+        if kernel_packed:
+            _register_kernel_buffers(self, out_features, in_features, group_size)
+        elif bits == 8:  # codes always (out, in): a transposed checkpoint's are transposed on load
             self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8))
             self.register_buffer(
                 "scale", torch.empty(1, in_features) if transposed else torch.empty(out_features, 1)
@@ -155,11 +183,16 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The dequantized weight (out, in); recomputed on each access."""
+        if self.kernel_packed:
+            return _kernel_packed_rows(self, None)
         w = dequantize_weight(self.codes, self.scale, self.bits, self.group_size)
         return w.T if self.transposed and self.bits == 4 else w
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kernel_packed:
+            y = self._kernel_int4_forward(x)
+            return y if bias is None else y + bias
         if self.bits == 4:
             y = self._int4_forward(x)
             return y if bias is None else y + bias
@@ -175,6 +208,15 @@ class QuantLinear(nn.Module):
         )  # (N, out)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
+
+    def _kernel_int4_forward(self, x: Tensor) -> Tensor:
+        """x @ weight.T through torch's int4 kernel (bf16 activations); off the kernel's ground
+        (grad enabled, another device) through the weight read back from its layout."""
+        if not _inference_on_cpu(x):
+            return F.linear(x, self.weight.to(x.dtype))
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (N, in)
+        y = int4pack.matmul(flat, self.int4pack, self.scales_and_zeros, self.group_size)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _int4_forward(self, x: Tensor) -> Tensor:
         """x @ weight.T, dequantizing INT4_CHUNK_WEIGHTS weights at a time: a vocab-wide head
@@ -201,13 +243,26 @@ class QuantLinear(nn.Module):
 
 class QuantEmbedding(nn.Module):
     """An embedding table kept as int8/int4 codes (a scale per row or per group of columns):
-    a lookup dequantizes only the rows it gathers."""
+    a lookup dequantizes only the rows it gathers. `kernel_packed`: int4 held in torch's int4
+    kernel layout like QuantLinear's (a table tied to the LM head shares the head's bytes);
+    rows come out in `dtype` (the model's), as they would from our own layout's scales."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        group_size: int,
+        kernel_packed: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.bits, self.group_size = bits, group_size
-        if bits == 8:
+        self.bits, self.group_size, self.kernel_packed = bits, group_size, kernel_packed
+        self.dtype = dtype
+        if kernel_packed:
+            _register_kernel_buffers(self, num_embeddings, embedding_dim, group_size)
+        elif bits == 8:
             self.register_buffer(
                 "codes", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8)
             )
@@ -222,19 +277,47 @@ class QuantEmbedding(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The whole dequantized table (num_embeddings, embedding_dim)."""
+        if self.kernel_packed:
+            return _kernel_packed_rows(self, None).to(self.dtype)
         return dequantize_weight(self.codes, self.scale, self.bits, self.group_size)
 
     def forward(self, idx: Tensor) -> Tensor:
         flat = idx.reshape(-1)
-        rows = dequantize_weight(self.codes[flat], self.scale[flat], self.bits, self.group_size)
+        if self.kernel_packed:
+            rows = _kernel_packed_rows(self, flat).to(self.dtype)
+        else:
+            rows = dequantize_weight(self.codes[flat], self.scale[flat], self.bits, self.group_size)
         return rows.reshape(*idx.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
 
+def _register_kernel_buffers(module: nn.Module, rows: int, cols: int, group_size: int) -> None:
+    """An int4 (rows, cols) weight's buffers in torch's int4 kernel layout (model.int4pack)."""
+    module.register_buffer("int4pack", torch.empty(rows, cols // 2, dtype=torch.uint8))
+    groups = torch.empty(cols // group_size, rows, 2, dtype=torch.bfloat16)
+    module.register_buffer("scales_and_zeros", groups)
+
+
+def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | None) -> Tensor:
+    """Float32 rows (all of them for None) of a kernel-packed weight, read back from its bytes."""
+    layout = int4pack.int4pack_layout()
+    args = (module.int4pack, module.scales_and_zeros, module.group_size)
+    if rows is None:
+        return int4pack.dequantize(*args, layout)
+    return int4pack.dequantize_rows(*args, rows, layout)
+
+
+def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:
+    """The tensor holding a quantized module's codes, in whichever layout it keeps them."""
+    return module.int4pack if module.kernel_packed else module.codes
+
+
 def quantized_numel(model: nn.Module) -> int:
     """How many weights the model holds as codes (a table shared by two modules counts once):
     what parameter counts add, since codes are buffers."""
     kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
-    return sum({id(m.codes): m.codes.numel() * (8 // m.bits) for m in kept}.values())
+    return sum(
+        {id(_stored_codes(m)): _stored_codes(m).numel() * (8 // m.bits) for m in kept}.values()
+    )

@@ -5,11 +5,13 @@ compress quantize`): model.safetensors then holds the codes under each weight's 
 `<name>_scale`, and config.json's `quantization_config` (quant_method "lmforge") says which
 tensors are quantized with how many bits. load_pretrained() keeps them quantized by default
 (read_quantized -> QuantWeight -> keep_quantized: QuantLinear / QuantEmbedding built from the
-stored codes, never an fp32 matrix) or dequantizes them for training (dequantize_tensors).
+stored codes, never an fp32 matrix; int4 ones repacked for torch's CPU int4 kernel where it
+takes them, model.int4pack) or dequantizes them for training (dequantize_tensors).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.model import int4pack
 from lmforge.model.quant import (
     BITS,
     QuantEmbedding,
     QuantLinear,
     dequantize_weight,
+    kernel_packable,
     quantize_weight,
 )
 
@@ -30,27 +34,36 @@ SCALE_SUFFIX = "_scale"
 
 
 def quantize_tensors(
-    tensors: dict[str, Tensor], kind: str, group_size: int = 32
+    tensors: dict[str, Tensor],
+    kind: str,
+    group_size: int = 32,
+    stored_transposed: Collection[str] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors, quantization_config) with every floating-point matrix quantized.
 
     int4 needs in_features divisible by group_size; a matrix that is not is kept at int8 (the
-    config records each tensor's bits). Vectors (norms, biases) stay as they are.
+    config records each tensor's bits). Vectors (norms, biases) stay as they are. The int4
+    codes of a matrix named in stored_transposed (stored (in, out), GPT-2's Conv1D) are those
+    of its transpose, grouped along the input like every other weight (so they load into
+    torch's int4 kernel); the config lists them under "flipped".
     """
     if kind not in BITS:
         raise ConfigError(f"unknown quantization {kind!r}; valid: {', '.join(BITS)}")
     out: dict[str, Tensor] = {}
     bits_of: dict[str, int] = {}
+    flipped: list[str] = []
     for name, t in tensors.items():
         if t.dim() != 2 or not t.is_floating_point():
             out[name] = t
             continue
-        bits = BITS[kind] if t.shape[1] % group_size == 0 else 8
-        codes, scale = quantize_weight(t.float(), bits, group_size)
+        flip = kind == "int4" and name in stored_transposed and t.shape[0] % group_size == 0
+        bits = BITS[kind] if flip or t.shape[1] % group_size == 0 else 8
+        codes, scale = quantize_weight((t.T if flip else t).float(), bits, group_size)
         out[name], out[name + SCALE_SUFFIX] = codes, scale
         bits_of[name] = bits
+        flipped += [name] if flip else []
     config = {"quant_method": QUANT_METHOD, "group_size": group_size, "bits": bits_of}
-    return out, config
+    return out, {**config, "flipped": flipped} if flipped else config
 
 
 def dequantize_tensors(
@@ -66,24 +79,38 @@ def dequantize_tensors(
 @dataclass(frozen=True)
 class QuantWeight:
     """One quantized matrix of a checkpoint on its way into a model, in our (out, in) layout
-    unless `transposed` (int4 codes of a weight the checkpoint stores as (in, out))."""
+    unless `transposed` (int4 codes of a weight the checkpoint stores as (in, out)) or
+    `flipped` (int4 codes of the transpose of a checkpoint tensor stored (in, out): ours once
+    fused with the checkpoint's transpose, as GPT-2's Conv1D weights are)."""
 
     codes: Tensor
     scale: Tensor
     bits: int
     group_size: int
     transposed: bool = False
+    flipped: bool = False
+
+    @property
+    def kernel_packable(self) -> bool:
+        """Whether the weight loads repacked for torch's CPU int4 kernel (model.int4pack)."""
+        return not (self.transposed or self.flipped) and kernel_packable(
+            self.bits, self.shape, self.group_size, self.codes.device
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
-        """The (out, in) shape of the weight the codes stand for."""
+        """The (out, in) shape of the weight the codes stand for (flipped: the shape stored)."""
         rows = self.codes.shape[0]
         cols = self.codes.shape[1] * (2 if self.bits == 4 else 1)
-        return (cols, rows) if self.transposed and self.bits == 4 else (rows, cols)
+        return (cols, rows) if self._codes_transposed else (rows, cols)
+
+    @property
+    def _codes_transposed(self) -> bool:
+        return (self.transposed or self.flipped) and self.bits == 4
 
     def dequantize(self) -> Tensor:
         w = dequantize_weight(self.codes, self.scale.float(), self.bits, self.group_size)
-        return w.T.contiguous() if self.transposed and self.bits == 4 else w
+        return w.T.contiguous() if self._codes_transposed else w
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> QuantWeight:
         """Codes moved as they are; the scale in the model's dtype."""
@@ -94,12 +121,15 @@ class QuantWeight:
         along the output rows like an unquantized weight; None if they cannot stay quantized."""
         parts = [self, *rest]
         if any(
-            (p.bits, p.group_size, p.transposed) != (self.bits, self.group_size, False)
+            (p.bits, p.group_size, p.transposed, p.flipped)
+            != (self.bits, self.group_size, False, self.flipped)
             for p in parts
         ):
             return None
         if transpose and len(parts) > 1:
             return None
+        if self.flipped:  # the checkpoint's transpose is what the codes already stand for
+            return replace(self, flipped=False) if transpose else None
         if (
             transpose and self.bits == 8
         ):  # (in, out) codes with a scale per stored row = input column
@@ -118,17 +148,26 @@ def read_quantized(
 ) -> dict[str, Tensor | QuantWeight]:
     """The checkpoint with each quantized tensor and its scale as one QuantWeight.
 
-    Every tensor is copied into memory of its own: safetensors' load_file hands out views into
+    Tensors are copied into memory of their own: safetensors' load_file hands out views into
     the file's mapping (which one kept view keeps whole, and at offsets the int8 kernel cannot
-    take); a copy starts on a 64-byte boundary and the mapping is released once loaded.
+    take); a copy starts on a 64-byte boundary and the mapping is released once loaded. int4
+    codes and scales are left as they are: keep_quantized repacks most for the int4 kernel
+    (a copy first would be freed into the heap, where it stays resident) and copies the rest.
     """
     _check_method(config, where)
-    out: dict[str, Tensor | QuantWeight] = {name: t.clone() for name, t in tensors.items()}
+    int4 = {n for n, bits in config.get("bits", {}).items() if int(bits) == 4}
+    as_is = int4 | {n + SCALE_SUFFIX for n in int4}
+    out: dict[str, Tensor | QuantWeight] = {
+        name: t if name in as_is else t.clone() for name, t in tensors.items()
+    }
+    flipped = set(config.get("flipped", ()))
     for name, bits in config["bits"].items():
         scale = out.pop(name + SCALE_SUFFIX, None)
         if name not in out or scale is None:
             raise InputError(f"{where}: quantized tensor {name} or its scale is missing")
-        out[name] = QuantWeight(out[name], scale, int(bits), config["group_size"])
+        out[name] = QuantWeight(
+            out[name], scale, int(bits), config["group_size"], flipped=name in flipped
+        )
     return out
 
 
@@ -138,8 +177,12 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
     returns state with their codes/scale under the new modules' names, the rest dequantized.
 
     A weight whose module is missing or of another shape (a config.json that is not the
-    checkpoint's) is dequantized too, so load_state_dict refuses it as it refuses floats."""
+    checkpoint's) is dequantized too, so load_state_dict refuses it as it refuses floats.
+    A kernel_packable weight is repacked (into the only copy that stays resident), the others
+    get memory of their own (read_quantized leaves int4 codes in the file's mapping); either
+    once for a table tied to the LM head, so both modules share the bytes."""
     out: dict[str, Tensor] = {}
+    stored: dict[int, tuple[Tensor, Tensor]] = {}  # id(codes) -> the two buffers
     for name, value in state.items():
         if not isinstance(value, QuantWeight):
             out[name] = value
@@ -152,8 +195,22 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
             continue
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, swapped)
-        out[f"{path}.codes"], out[f"{path}.scale"] = value.codes, value.scale
+        if id(value.codes) not in stored:
+            stored[id(value.codes)] = (
+                int4pack.pack(value.codes, value.scale, value.group_size)
+                if swapped.kernel_packed
+                else (_owned(value.codes), _owned(value.scale))
+            )
+        names = ("int4pack", "scales_and_zeros") if swapped.kernel_packed else ("codes", "scale")
+        out[f"{path}.{names[0]}"], out[f"{path}.{names[1]}"] = stored[id(value.codes)]
     return out
+
+
+def _owned(t: Tensor) -> Tensor:
+    """t, or a copy of it where t is a view into a larger storage (the file's mapping)."""
+    storage = t.untyped_storage()
+    whole = storage.nbytes() == t.nbytes and storage.data_ptr() == t.data_ptr()
+    return t if whole else t.clone()
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:
@@ -166,11 +223,12 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
 def _quant_module(module: nn.Module | None, w: QuantWeight) -> nn.Module | None:
     if type(module) not in (nn.Linear, nn.Embedding) or tuple(module.weight.shape) != w.shape:
         return None
+    packed = w.kernel_packable
     if type(module) is nn.Linear:
         bias = module.bias is not None
-        return QuantLinear(*reversed(w.shape), w.bits, w.group_size, bias, w.transposed)
+        return QuantLinear(*reversed(w.shape), w.bits, w.group_size, bias, w.transposed, packed)
     if type(module) is nn.Embedding and not w.transposed:
-        return QuantEmbedding(*w.shape, w.bits, w.group_size)
+        return QuantEmbedding(*w.shape, w.bits, w.group_size, packed, w.scale.dtype)
     return None
 
 

@@ -132,3 +132,44 @@ def test_export_stage_writes_checked_onnx_and_gguf(trained_dir: Path, tmp_path: 
     assert report["onnx"]["tokens_per_s"] > 0 and report["gguf"]["tokens"] > 0
     assert (out / "onnx" / "tokenizer.json").is_file() and (out / "model.gguf").is_file()
     assert (out / "manifest.json").is_file()
+
+
+def gguf_f32_only(**kw) -> CompressConfig:
+    return CompressConfig(method="export", export={"formats": ["gguf"], "gguf_type": "f32"}, **kw)
+
+
+def test_an_f32_gguf_reuses_the_originals_quality(trained_dir, data_dir, tmp_path, monkeypatch):
+    from lmforge.compress import export
+
+    def scored_again(*args, **kwargs):
+        raise AssertionError("the f32 GGUF's weights are the original's: already scored")
+
+    monkeypatch.setattr(export, "quality", scored_again)
+    out = compress(gguf_f32_only(model=trained_dir, data=data_dir, out=tmp_path / "x"))
+    report = json.loads((out / "compression.json").read_text())
+    assert report["gguf"]["max_abs_logit_diff"] == 0.0
+    assert report["gguf"]["perplexity"] == report["before"]["perplexity"] > 1
+    assert report["gguf"]["bits_per_byte"] == report["before"]["bits_per_byte"]
+
+
+def test_a_quantized_source_is_measured_as_it_runs(trained_dir, data_dir, tmp_path, monkeypatch):
+    from lmforge.compress import measure
+    from lmforge.compress.quantize import quantize_dir
+    from lmforge.evals.lm import EvalModel
+    from lmforge.evals.perplexity import read_texts
+    from lmforge.model.quant import QuantLinear
+
+    quantize_dir(trained_dir, tmp_path / "q", "int8", 32)
+    measured, report_of = [], measure.model_report
+
+    def spy(model, *args):
+        measured.append(any(isinstance(m, QuantLinear) for m in model.model.modules()))
+        return report_of(model, *args)
+
+    monkeypatch.setattr(measure, "model_report", spy)
+    out = compress(gguf_f32_only(model=tmp_path / "q", data=data_dir, out=tmp_path / "x"))
+    assert measured == [True]  # "before": the kept int8 model, as serve and eval run it
+    report = json.loads((out / "compression.json").read_text())
+    floats = EvalModel.load(tmp_path / "q", quantized="dequantize")  # what the GGUF holds
+    want = measure.quality(floats, read_texts(data_dir, "val", limit=64))
+    assert report["gguf"]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)

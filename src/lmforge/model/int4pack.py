@@ -1,0 +1,139 @@
+"""Our int4 codes in the layout of torch's CPU int4 matmul (aten._weight_int4pack_mm_for_cpu).
+
+model.quant stores int4 weights as codes 0..15 (value = (code - 8) * scale), two a byte along
+the input dimension, an fp32 scale per group of input columns. torch's CPU kernel ("tinygemm")
+dequantizes `code * scale + zero` with the same code offset, from its own interleaved bytes
+(aten._convert_weight_to_int4pack_for_cpu) and bf16 (scale, zero) pairs: so our codes repack
+exactly, with zero 0 and the scales rounded to bf16. The packed bytes are then the only copy: a
+lookup (a tied embedding table) or a float weight reads rows back out of them, in the layout
+int4pack_layout() found torch to use on this machine (it differs with the CPU's vector width).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes (qGroupSize) the kernel takes
+INNER_K_TILES = 2  # the packer's innerKTiles argument (unused by the CPU layout; K % 32 == 0)
+PACK_CHUNK_WEIGHTS = 1 << 18  # weights packed / unpacked at a time (1 MB of int32 codes)
+
+
+class Layout(NamedTuple):
+    """Where torch's packer puts a weight's rows: blocks of `block` rows, each (K, rows / 2)
+    bytes; a full block pairs row r with row r + block / 2 in one byte (`halves`, the AVX2 and
+    AVX-512 layouts), a short last block (and every block without `halves`) rows 2i and 2i + 1."""
+
+    block: int
+    halves: bool
+
+
+# AVX-512, AVX2, unvectorized (torch 2.13's aten/src/ATen/native/cpu/int4mm_kernel.cpp);
+# int4pack_layout() checks which one torch's packer writes before any is used
+LAYOUTS = (Layout(64, True), Layout(32, True), Layout(32, False))
+
+
+def packable(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether the kernel takes a weight of this shape and group size (blocks of 16 rows)."""
+    return group_size in KERNEL_GROUP_SIZES and out_features % 16 == 0 and in_features % 32 == 0
+
+
+def pack(codes: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """(packed (out, in / 2) uint8, scales_and_zeros (in / group_size, out, 2) bf16) of our
+    int4 codes (out, in / 2) and scales (out, in / group_size, 1), a chunk of rows at a time
+    (each block of rows packs on its own, so chunks are consecutive rows): small transients,
+    which a load's heap does not keep growing by."""
+    out_f, in_f = codes.shape[0], codes.shape[1] * 2
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=codes.device)
+    step = _chunk_rows(in_f)
+    for r in range(0, out_f, step):
+        c = codes[r : r + step]
+        q = torch.stack([c & 0xF, c >> 4], dim=-1).reshape(c.shape[0], in_f).to(torch.int32)
+        packed[r : r + step] = convert(q, INNER_K_TILES)
+    scales = scale.reshape(out_f, in_f // group_size).T  # (G, out)
+    scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)
+    return packed, scales_and_zeros.to(torch.bfloat16).contiguous()
+
+
+def unpack_codes(packed: Tensor, rows: Tensor, layout: Layout) -> Tensor:
+    """Codes 0..15 (len(rows), in) of the given output rows of a packed weight."""
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    block, r = rows // layout.block, rows % layout.block
+    nb = (out_f - block * layout.block).clamp(max=layout.block)  # rows in this row's block
+    half = layout.block // 2
+    paired = (nb == layout.block) & layout.halves
+    byte = torch.where(paired, r % half, r // 2)  # its byte column in each of the K byte rows
+    shift = torch.where(paired, r // half, r % 2) * 4
+    start = block * layout.block * in_f // 2 + byte  # (R,) the byte of k = 0
+    idx = start[:, None] + torch.arange(in_f, device=rows.device) * (nb // 2)[:, None]  # (R, K)
+    return (packed.reshape(-1)[idx] >> shift[:, None]) & 0xF
+
+
+def dequantize_rows(
+    packed: Tensor, scales_and_zeros: Tensor, group_size: int, rows: Tensor, layout: Layout
+) -> Tensor:
+    """The float32 weight rows (len(rows), in) of a packed weight: (code - 8) * scale."""
+    codes = unpack_codes(packed, rows, layout).float()  # (R, K)
+    scale = scales_and_zeros[:, rows, 0].T.float()  # (R, G)
+    groups = codes.view(len(rows), -1, group_size).sub_(8).mul_(scale[..., None])
+    return groups.view(len(rows), -1)
+
+
+def dequantize(packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout) -> Tensor:
+    """The whole float32 weight (out, in), a chunk of rows at a time."""
+    out_f, step = packed.shape[0], _chunk_rows(packed.shape[1] * 2)
+    rows = torch.arange(out_f, device=packed.device)
+    parts = [
+        dequantize_rows(packed, scales_and_zeros, group_size, rows[r : r + step], layout)
+        for r in range(0, out_f, step)
+    ]
+    return torch.cat(parts)
+
+
+def _chunk_rows(in_features: int) -> int:
+    """Rows of about PACK_CHUNK_WEIGHTS weights, a multiple of every layout's block (64)."""
+    return max(64, PACK_CHUNK_WEIGHTS // in_features // 64 * 64)
+
+
+def matmul(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """x (N, in) bf16 @ the packed weight's transpose: (N, out) bf16, torch's CPU kernel."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+
+
+@functools.cache
+def int4pack_layout() -> Layout | None:
+    """The layout torch's CPU int4 packer writes on this machine, or None where torch lacks the
+    ops (before 2.6), they fail, the kernel's product is not our dequantized weight exactly, or
+    the layout is none of LAYOUTS: then int4 weights stay in our own layout (dequantized per
+    forward). A probe of 112 rows (full blocks and a short one) checks all of it once."""
+    names = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+    if any(getattr(torch.ops.aten, n, None) is None for n in names):
+        return None
+    with torch.device("cpu"):  # a first call may come while a model is built on "meta"
+        return _probe_layout()
+
+
+def _probe_layout() -> Layout | None:
+    gen = torch.Generator().manual_seed(0)
+    out_f, in_f, group_size = 112, 64, 32
+    codes = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, generator=gen)
+    scale = torch.rand(out_f, in_f // group_size, 1, generator=gen) + 0.5
+    want = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(out_f, in_f)
+    try:
+        packed, scales_and_zeros = pack(codes, scale, group_size)
+        eye = torch.eye(in_f, dtype=torch.bfloat16)  # eye @ W.T: each weight, rounded to bf16
+        product = matmul(eye, packed, scales_and_zeros, group_size).T.float()
+    except (RuntimeError, NotImplementedError, TypeError):  # missing kernel, other signature
+        return None
+    bf16_scale = scale.to(torch.bfloat16).float()
+    weight = ((want.float() - 8).view(out_f, -1, group_size) * bf16_scale).view(out_f, in_f)
+    if not torch.equal(product, weight.to(torch.bfloat16).float()):
+        return None
+    rows = torch.arange(out_f)
+    return next(
+        (lay for lay in LAYOUTS if torch.equal(unpack_codes(packed, rows, lay), want)), None
+    )

@@ -1,0 +1,189 @@
+"""int4 weights repacked for torch's CPU int4 kernel: the same weights, one layout, a fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.compress.quantize import quantize_dir
+from lmforge.model import quant
+from lmforge.model.convert import load_pretrained
+from lmforge.model.int4pack import Layout, int4pack_layout
+from lmforge.model.quant import QuantEmbedding, QuantLinear, dequantize_weight, quantize_weight
+from lmforge.model.quant_checkpoint import QuantWeight, keep_quantized
+from unit.evals.helpers import make_model_dir
+
+needs_kernel = pytest.mark.skipif(
+    int4pack_layout() is None, reason="this torch has no working CPU int4 kernel (torch < 2.6)"
+)
+IDS = torch.arange(1, 30)[None]
+
+
+def packed_linear(w: torch.Tensor, group_size: int) -> tuple[QuantLinear, torch.Tensor]:
+    """A kernel-packed QuantLinear of w, loaded as a checkpoint loads it, and our scales."""
+    codes, scale = quantize_weight(w, 4, group_size)
+    model = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+    state = keep_quantized(model, {"0.weight": QuantWeight(codes, scale, 4, group_size)})
+    model.load_state_dict(state, assign=True)
+    return model[0], scale
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_repacked_weights_are_ours_up_to_bf16_scales(group_size: int) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(112, 256)  # a full 64-row block and a short one of 48
+    layer, scale = packed_linear(w, group_size)
+    assert layer.kernel_packed and not hasattr(layer, "codes")
+    ours = dequantize_weight(*quantize_weight(w, 4, group_size), 4, group_size)
+    # exactly our codes times our scales rounded to bf16: the only difference
+    bf16 = dequantize_weight(*quantize_weight(w, 4, group_size)[:1], scale.bfloat16().float(), 4,
+                             group_size)  # fmt: skip
+    assert torch.equal(layer.weight, bf16)
+    diff = (layer.weight - ours).abs().max().item()  # 0.0099 on this weight, every group size
+    bound = 8 * (scale - scale.bfloat16().float()).abs().max().item()
+    assert 0 < diff <= bound < 2**-8 * ours.abs().max().item()
+    x = torch.randn(3, 5, 256)
+    with torch.no_grad():  # the kernel: bf16 activations
+        got = layer(x)
+    ref = F.linear(x, ours)
+    assert got.shape == (3, 5, 112) and (got - ref).abs().max() < 1e-2 * ref.abs().max()
+    x.requires_grad_(True)  # off the kernel (grad enabled): the float weight read back
+    assert torch.allclose(layer(x), F.linear(x, bf16), atol=1e-5)
+
+
+@needs_kernel
+def test_a_kept_int4_model_runs_the_kernel_and_holds_one_layout(tmp_path: Path) -> None:
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)  # llama-style, a tied table of 256 rows (the kernel takes 16k rows)
+    save_pretrained(Transformer(preset_config("micro")), tmp_path / "f")
+    quantize_dir(tmp_path / "f", tmp_path / "q", "int4", 32)
+    model = load_pretrained(tmp_path / "q")
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(m.kernel_packed and not hasattr(m, "codes") for m in linears)
+    assert isinstance(model.tok_emb, QuantEmbedding) and model.tok_emb.kernel_packed
+    assert model.lm_head.int4pack is model.tok_emb.int4pack  # the tied table's bytes, once
+    assert not any(name.endswith(".codes") for name, _ in model.named_buffers())
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(IDS)
+    calls = [e for e in prof.events() if e.name == "aten::_weight_int4pack_mm_for_cpu"]
+    assert len(calls) == len(linears) > 0
+    floats = load_pretrained(tmp_path / "q", quantized="dequantize")
+    assert torch.allclose(model.tok_emb(IDS), floats.tok_emb(IDS), atol=0.02)  # bf16 scales
+
+
+def test_a_group_size_the_kernel_lacks_keeps_our_layout(tmp_path: Path) -> None:
+    src = make_model_dir(tmp_path / "f", preset="micro")
+    quantize_dir(src, tmp_path / "q", "int4", 16)
+    model = load_pretrained(tmp_path / "q")
+    kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    assert kept and not any(m.kernel_packed for m in kept)
+    codes = model.lm_head.codes  # copied out of the file's mapping, once for the tied pair
+    assert codes is model.tok_emb.codes and codes.untyped_storage().nbytes() == codes.nbytes
+    floats = load_pretrained(tmp_path / "q", quantized="dequantize")
+    with torch.no_grad():
+        ref, got = floats(IDS), model(IDS)
+    assert (ref - got).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_without_the_ops_int4_stays_in_our_layout(monkeypatch) -> None:
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None, raising=False)
+    int4pack_layout.cache_clear()
+    try:
+        assert int4pack_layout() is None
+        torch.manual_seed(0)
+        codes, scale = quantize_weight(torch.randn(64, 64), 4, 32)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False))
+        keep_quantized(model, {"0.weight": QuantWeight(codes, scale, 4, 32)})
+        assert not model[0].kernel_packed
+    finally:
+        monkeypatch.undo()
+        int4pack_layout.cache_clear()
+
+
+def test_a_failing_int8_kernel_is_a_clean_fallback(monkeypatch) -> None:
+    def other_signature(x, w, scales, extra):  # a torch whose op takes other arguments
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", other_signature)
+    quant.int8_kernel_available.cache_clear()
+    try:
+        assert not quant.int8_kernel_available()
+        layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), "int8")
+        x = torch.randn(2, 64)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        quant.int8_kernel_available.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("capability", "layout"),
+    [("avx2", Layout(32, True)), ("default", Layout(32, False))],
+)
+def test_each_cpu_layout_is_found_and_read_back(capability: str, layout: Layout) -> None:
+    # torch packs int4 per CPU vector width (this machine: AVX-512, Layout(64, True)); ATen's
+    # ATEN_CPU_CAPABILITY picks a narrower one in a fresh process
+    script = (
+        "import torch\n"
+        "from lmforge.model.int4pack import int4pack_layout, pack, dequantize\n"
+        "from lmforge.model.quant import quantize_weight, dequantize_weight\n"
+        "lay = int4pack_layout()\n"
+        "torch.manual_seed(0)\n"
+        "codes, scale = quantize_weight(torch.randn(80, 64), 4, 32)\n"
+        "w = dequantize(*pack(codes, scale, 32), 32, lay)\n"
+        "ok = torch.equal(w, dequantize_weight(codes, scale.bfloat16().float(), 4, 32))\n"
+        "print(tuple(lay), ok)\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.stdout.split("\n")[0] == f"{tuple(layout)} True", out.stderr
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_gpt2_conv1d_weights_quantize_along_their_input(tmp_path: Path, monkeypatch, flip) -> None:
+    from lmforge.compress import quantize
+
+    src = make_model_dir(tmp_path / "f", preset="micro-gpt2")  # Conv1D weights, stored (in, out)
+    if not flip:  # a checkpoint written before "flipped": int4 grouped along the output
+        monkeypatch.setattr(quantize, "stored_transposed", lambda hf, names: set())
+    config = quantize_dir(src, tmp_path / "q", "int4", 32)
+    assert len(config.get("flipped", [])) == (8 if flip else 0)  # 4 linears x 2 blocks
+    floats = load_pretrained(tmp_path / "q", quantized="dequantize")
+    weight = load_pretrained(src).blocks[0].attn.qkv.weight.detach()  # (out, in)
+    codes, scale = quantize_weight(weight if flip else weight.T, 4, 32)
+    rounded = dequantize_weight(codes, scale, 4, 32)
+    assert torch.equal(floats.blocks[0].attn.qkv.weight, rounded if flip else rounded.T)
+    kept = load_pretrained(tmp_path / "q")
+    blocks = [m for m in kept.blocks.modules() if isinstance(m, QuantLinear)]
+    assert len(blocks) == 8
+    assert all(m.kernel_packed == (flip and int4pack_layout() is not None) for m in blocks)
+    with torch.no_grad():
+        ref, got = floats(IDS), kept(IDS)
+    tolerance = 1e-2 if int4pack_layout() is not None else 1e-5  # bf16: the head's kernel
+    assert (ref - got).abs().max() < tolerance * ref.abs().max()
+
+
+@needs_kernel
+def test_packing_in_chunks_of_rows_gives_the_same_bytes(monkeypatch) -> None:
+    from lmforge.model import int4pack
+
+    torch.manual_seed(0)
+    codes, scale = quantize_weight(torch.randn(176, 64), 4, 32)  # 2 full 64-row blocks + 48
+    whole = int4pack.pack(codes, scale, 32)
+    monkeypatch.setattr(int4pack, "PACK_CHUNK_WEIGHTS", 64 * 64)  # chunks of 64 rows
+    chunked = int4pack.pack(codes, scale, 32)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    rows = int4pack.dequantize(*chunked, 32, int4pack_layout())
+    assert torch.equal(rows, dequantize_weight(codes, scale.bfloat16().float(), 4, 32))
