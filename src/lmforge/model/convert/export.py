@@ -61,9 +61,9 @@ def save_pretrained(
     state = model.state_dict()
     model_type = family_for(cfg)
     if model_type is None and classifier is not None and classifier.encoder:
-        raise ValueError(
-            "an encoder classifier exports only as BERT/RoBERTa (family_for found none for this "
-            "config); keep the bert-* preset's shape"
+        raise ConfigError(
+            f"{out_dir}: an encoder classifier exports only as BERT/RoBERTa (family_for found "
+            "none for this config); keep the bert-* preset's shape"
         )
     if model_type is None:
         log.info("model config has no Hugging Face equivalent; writing lmforge's own layout")
