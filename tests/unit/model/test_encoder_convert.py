@@ -146,6 +146,7 @@ def test_encoder_without_hf_family_refuses_a_biased_head_and_keeps_native_mlm(tm
         ConfigError, match="clf: an encoder classifier exports only as BERT/RoBERTa"
     ):
         save_pretrained(model, tmp_path / "clf", classifier=head)
+    assert not (tmp_path / "clf").exists()  # refused before anything was written
     save_pretrained(model, tmp_path / "mlm")  # lmforge's own layout round-trips exactly
     idx = ids(256)
     assert torch.equal(our_logits(load_pretrained(tmp_path / "mlm"), idx), our_logits(model, idx))

@@ -51,8 +51,8 @@ def save_pretrained(
     if classifier is not None and classifier.pooling != "first":
         raise ConfigError(MEAN_POOLING_REFUSAL)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if wraps_transformers(model):  # the T5 adapter: transformers writes its own module
+        out_dir.mkdir(parents=True, exist_ok=True)
         model.save_hf(out_dir, extra_config)
         if generation_config is not None:
             atomic_write_json(out_dir / "generation_config.json", generation_config)
@@ -64,6 +64,7 @@ def save_pretrained(
             f"{out_dir}: an encoder classifier exports only as BERT/RoBERTa (family_for found "
             "none for this config); keep the bert-* preset's shape"
         )
+    out_dir.mkdir(parents=True, exist_ok=True)  # refused above: no empty directory left behind
     hf, tensors = _body_layout(cfg, model.state_dict(), model_type, classifier)
     dtype = next(model.parameters()).dtype
     if classifier is not None:
