@@ -107,7 +107,6 @@ def hf_step(model, ids: Tensor, mask: Tensor | None, steps: int, clock: Timed):
     from transformers import DynamicCache
 
     def run() -> list[list[int]]:
-        T = ids.size(1)
         cache = DynamicCache(config=model.config)
         kw = {}
         if mask is not None:
@@ -117,11 +116,11 @@ def hf_step(model, ids: Tensor, mask: Tensor | None, steps: int, clock: Timed):
         out = [nxt]
         step_mask = mask
         t0 = time.perf_counter()
-        for i in range(steps - 1):
-            kw = {"cache_position": torch.tensor([T + i])}
+        for _ in range(steps - 1):
+            kw = {}  # unpadded: positions follow from the cache's length
             if step_mask is not None:
                 step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
-                kw.update(attention_mask=step_mask, position_ids=step_mask.sum(1, keepdim=True) - 1)
+                kw = dict(attention_mask=step_mask, position_ids=step_mask.sum(1, keepdim=True) - 1)
             logits = model(nxt[:, None], cache=cache, use_cache=True, logits_to_keep=1, **kw).logits
             nxt = logits[:, -1].argmax(-1)
             out.append(nxt)
@@ -153,6 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="print op tables (largest batch)")
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error(f"--steps {args.steps}: at least 2 (the first token comes from the prefill)")
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +188,7 @@ def main() -> None:
             }
             print(f"| {batch} | {ms['batch']:.2f} | {ms['kv']:.2f} | {ms['hf']:.2f} "
                   f"| {ms['batch'] / ms['hf']:.2f}x | {ms['kv'] / ms['hf']:.2f}x |")  # fmt: skip
-            if args.profile and batch == batches[-1]:
+            if args.profile and batch == max(batches):
                 profile("ours (BatchCache)", runs["batch"])
                 profile("HF", runs["hf"])
 

@@ -105,7 +105,8 @@ def in_process_rates(
     from lmforge.serve.engine import Engine
 
     texts = [prompts[i % len(prompts)] for i in range(requests)]
-    engine = Engine.from_dir(model_dir, device=device, max_batch_size=batch)
+    # every request is submitted at once: a queue that holds them all, not the default
+    engine = Engine.from_dir(model_dir, device=device, max_batch_size=batch, max_queue=requests)
     engine.start()
     contenders = {
         "hf": hf_generate_round(model_dir, texts, max_tokens, batch, device),

@@ -1,6 +1,6 @@
 """Evaluation tasks: a small file format users extend without code, and the runners behind it.
 
-A task is a `TaskSpec`: a type plus where its examples are. Four types are built in:
+A task is a `TaskSpec`: a type plus where its examples are. Six types are built in:
 
 - perplexity: texts ({"text"}), or a data stage directory (its `val` split); perplexity and
   bits-per-byte with a sliding window, plus the unigram baseline when a train split is at hand;
@@ -10,7 +10,9 @@ A task is a `TaskSpec`: a type plus where its examples are. Four types are built
 - multiple_choice: {"query", "choices", "gold"}; scored by log-likelihood the way
   lm-evaluation-harness does: acc (argmax of log p) and acc_norm (argmax of log p per UTF-8 byte);
 - counterfactual: {"text"}; demographic terms swapped to each side of a group and both versions
-  scored (class probability or log-likelihood per token); the gap per group (evals/bias.py).
+  scored (class probability or log-likelihood per token); the gap per group (evals/bias.py);
+- tagging: {"tokens", "tags"}; an encoder's token-classification head tags each word; word
+  accuracy and, for BIO tags, entity precision/recall/F1 per type (evals/tagging.py).
 
 A task is given as a YAML file (a TaskSpec; its `data` is relative to the file, or `examples` are
 inline), a JSONL file (type inferred from the first record's fields), or a data directory.

@@ -126,6 +126,8 @@ def loss_for(cfg: FinetuneConfig):
 
 
 def eval_fn(cfg: FinetuneConfig, rows: dict[str, np.ndarray]):
+    """The loop's eval_fn: the task's loss averaged over the first train.eval_steps
+    micro-batches of rows (always the same ones), as {"val_loss": ...}."""
     loss_fn = loss_for(cfg)
     bs = cfg.train.micro_batch_size
     n_batches = max(1, min(cfg.train.eval_steps, -(-len(rows["input_ids"]) // bs)))

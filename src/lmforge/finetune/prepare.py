@@ -123,7 +123,10 @@ def is_encoder(model_dir: Path) -> bool:
     """True when model_dir holds a bidirectional encoder (BERT/RoBERTa-style)."""
     from lmforge.model.convert import hf_config_to_model_config, read_config
 
-    return not hf_config_to_model_config(read_config(model_dir)).causal
+    try:
+        return not hf_config_to_model_config(read_config(model_dir)).causal
+    except InputError as err:  # an unsupported or incomplete config.json: say whose
+        raise InputError(f"{model_dir}: {err}") from None
 
 
 def base_seq2seq_ids(cfg: FinetuneConfig, tok: TokenizerFiles) -> seq2seq.Seq2SeqIds:

@@ -28,21 +28,14 @@ def sft_val_metrics(
     base_val_loss is the untuned model on the same val batches as val_loss, so the gain of any
     method is base_val_loss - val_loss.
     """
-    from lmforge.model.convert import load_pretrained
-
     out: dict[str, Any] = {}
     base = None
     if cfg.eval.compare_base:
-        base = load_pretrained(
-            cfg.model_dir(), next(model.parameters()).device, quantized="dequantize"
-        )
-        with torch.no_grad():
-            out["base_val_loss"] = rounded(eval_fn(cfg, data.val_rows)(base)["val_loss"])
+        base, out["base_val_loss"] = _base_and_val_loss(cfg, model, data)
     examples = data.val_examples[: cfg.eval.rouge_examples]
     if examples:
-        stops = eos_ids(
-            tuned_generation_config(cfg.model_dir(), tok)
-        )  # what final/ will stop at, base included
+        # what final/ will stop at, the base's answers included
+        stops = eos_ids(tuned_generation_config(cfg.model_dir(), tok))
         opts = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
         score, _ = rouge_eval(model, tok, examples, stops, **opts)
         out.update(rouge_l=round(score, 4), rouge_examples=len(examples))
@@ -57,8 +50,6 @@ def seq2seq_val_metrics(
 ) -> dict[str, Any]:
     """Text metrics of greedy outputs on val (base_* and base_val_loss too for a pretrained
     base), and val_outputs.jsonl with each source, target and output."""
-    from lmforge.model.convert import load_pretrained
-
     examples = data.val_examples[: cfg.eval.rouge_examples]
     if not examples:
         return {}
@@ -70,14 +61,23 @@ def seq2seq_val_metrics(
     )
     out: dict[str, Any] = {**scores, "eval_examples": len(examples)}
     if cfg.eval.compare_base and not cfg.from_scratch:
-        base = load_pretrained(
-            cfg.model_dir(), next(model.parameters()).device, quantized="dequantize"
-        )
-        with torch.no_grad():
-            out["base_val_loss"] = rounded(eval_fn(cfg, data.val_rows)(base)["val_loss"])
+        base, out["base_val_loss"] = _base_and_val_loss(cfg, model, data)
         base_scores, _ = seq2seq.seq2seq_eval(base, tok, examples, ids, **opts)
         out.update({f"base_{k}": v for k, v in base_scores.items()})
     return out
+
+
+def _base_and_val_loss(
+    cfg: FinetuneConfig, model: nn.Module, data: Prepared
+) -> tuple[nn.Module, float | None]:
+    """The untuned base model (on the tuned one's device) and its loss on the same val batches
+    as val_loss."""
+    from lmforge.model.convert import load_pretrained
+
+    device = next(model.parameters()).device
+    base = load_pretrained(cfg.model_dir(), device, quantized="dequantize")
+    with torch.no_grad():
+        return base, rounded(eval_fn(cfg, data.val_rows)(base)["val_loss"])
 
 
 def rounded(x: float | None) -> float | None:

@@ -457,18 +457,9 @@ class CompletionService:
                 async with aclosing(self.event_batches(prep)) as batches:
                     async for batch in batches:
                         for job, event in batch:
-                            if job.finish_reason == "content_filter":
-                                continue  # refused output: nothing more from this choice
-                            text = self._accept(prep, job, event)
-                            reason = job.finish_reason if event.finish_reason else None
-                            if reason is None and job.finish_reason == "content_filter":
-                                reason = "content_filter"
-                            lp = None
-                            if job.logprobs is not None:
-                                lp = job.logprobs.build(sent[job.index])
-                                sent[job.index] = len(job.logprobs.tokens)
-                            if text or reason or lp:
-                                out.append(chunk([piece(job, text, reason, lp)]))
+                            part = self._stream_part(prep, job, event, sent)
+                            if part is not None:
+                                out.append(chunk([piece(job, *part)]))
                         if out:  # one write (one socket send) for all of them
                             yield "".join(out)
                             out.clear()
@@ -486,6 +477,23 @@ class CompletionService:
         if prep.include_usage:
             yield chunk([], usage=self._usage(prep))
         yield "data: [DONE]\n\n"
+
+    def _stream_part(
+        self, prep: Prepared, job: Job, event: Any, sent: dict[int, int]
+    ) -> tuple[str, str | None, Any] | None:
+        """What one event adds to its choice's stream: (text, finish_reason, logprobs since
+        `sent[job.index]`), or None when it adds nothing (text held back, a refused choice)."""
+        if job.finish_reason == "content_filter":
+            return None  # refused output: nothing more from this choice
+        text = self._accept(prep, job, event)
+        reason = job.finish_reason if event.finish_reason else None
+        if reason is None and job.finish_reason == "content_filter":
+            reason = "content_filter"
+        lp = None
+        if job.logprobs is not None:
+            lp = job.logprobs.build(sent[job.index])
+            sent[job.index] = len(job.logprobs.tokens)
+        return (text, reason, lp) if text or reason or lp else None
 
 
 async def _pump(handle: Any, job: Job, queue: asyncio.Queue) -> None:

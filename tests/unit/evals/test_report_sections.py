@@ -129,3 +129,24 @@ def test_dialogue_retrieval_blocks_compare_with_and_without_passages() -> None:
     only = {k: v for k, v in scores.items() if k != "without_retrieval"}
     (alone,) = _retrieval_blocks(only)
     assert alone.table is None and "recall@2" in alone.text
+
+
+def test_importing_the_package_registers_every_stage_kind_as_before_the_split() -> None:
+    """report.py imports only lmforge.evals.report_sections: a module its __init__ left out
+    would drop that stage's section from every report without an error."""
+    import importlib
+
+    from lmforge.evals import report
+
+    importlib.import_module("lmforge.evals.report_sections")
+    curves = ("loss.png",)
+    expected = {
+        "data": ((), True), "tokenizer": ((), False), "tokens": ((), False),
+        "tasks": ((), False), "pretrain": (curves, True), "finetune": (curves, True),
+        "tune": ((), False), "align": (curves, True), "compress": ((), False),
+        "dialogue": (curves, True),
+    }  # fmt: skip
+    for kind, (replaces, headline) in expected.items():
+        assert kind in report.SECTIONS, kind
+        assert report.REPLACES[kind] == replaces, kind
+        assert (kind not in report.NO_HEADLINE_TABLE) is headline, kind

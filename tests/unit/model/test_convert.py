@@ -292,6 +292,10 @@ def test_bad_inputs_are_reported_in_one_line(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(InputError, match=r"no model\.safetensors"):
         load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "foo"}')
+    unsupported = re.escape(f"{tmp_path}: config.json model_type 'foo' is not supported")
+    with pytest.raises(InputError, match=f"^{unsupported}"):  # which model's config.json
+        load_pretrained(tmp_path)
 
 
 def test_model_display_name_is_the_stage_for_a_final_dir(tmp_path, monkeypatch):

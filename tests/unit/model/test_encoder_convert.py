@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.transformer import Transformer
@@ -141,8 +142,11 @@ def test_encoder_without_hf_family_refuses_a_biased_head_and_keeps_native_mlm(tm
 
     model = randomize(Transformer(preset_config("bert-micro", n_kv_head=2)))  # GQA: no HF family
     head = ClassifierHead(torch.zeros(2, 64), ["a", "b"], bias=torch.zeros(2), per_token=True)
-    with pytest.raises(ValueError, match="exports only as BERT/RoBERTa"):
+    with pytest.raises(
+        ConfigError, match="clf: an encoder classifier exports only as BERT/RoBERTa"
+    ):
         save_pretrained(model, tmp_path / "clf", classifier=head)
+    assert not (tmp_path / "clf").exists()  # refused before anything was written
     save_pretrained(model, tmp_path / "mlm")  # lmforge's own layout round-trips exactly
     idx = ids(256)
     assert torch.equal(our_logits(load_pretrained(tmp_path / "mlm"), idx), our_logits(model, idx))

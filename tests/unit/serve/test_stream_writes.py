@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from lmforge.serve.completions import CompletionService, Job, Prepared
 from lmforge.serve.engine import SamplingParams
-from lmforge.serve.handle import RequestHandle, TokenEvent
+from lmforge.serve.handle import NO_TOKEN, RequestHandle, TokenEvent
 from lmforge.serve.metrics import ServerMetrics
 
 
@@ -16,29 +16,32 @@ class QueuedEngine:
     """An engine whose requests have all their events queued before the stream reads them:
     a reader that fell behind the engine."""
 
-    def __init__(self, texts: list[str]) -> None:
-        self.texts = texts
+    def __init__(self, texts: list[str], final: TokenEvent | None = None) -> None:
+        self.texts, self.final = texts, final
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         handle = RequestHandle(request_id, len(prompt_ids))
         for i, text in enumerate(self.texts):
-            last = i == len(self.texts) - 1
+            last = i == len(self.texts) - 1 and self.final is None
             handle.push(TokenEvent(i, text, finish_reason="length" if last else None))
+        if self.final is not None:
+            handle.push(self.final)
         return handle
 
     def abort(self, request_id: str) -> None:
         raise AssertionError(f"{request_id} finished; nothing to abort")
 
 
-def streamed(texts: list[str], n: int) -> list[str]:
-    """The strings stream() hands the response, one per write, for n choices of `texts`."""
+def streamed(texts: list[str], n: int, final: TokenEvent | None = None) -> list[str]:
+    """The strings stream() hands the response, one per write, for n choices of `texts` (then
+    `final`, when given, as each choice's last event)."""
     state = SimpleNamespace(
         settings=SimpleNamespace(request_timeout_s=30.0), metrics=ServerMetrics(),
         safety=None, feedback=None, cache=None,
     )  # fmt: skip
     params = SamplingParams(max_tokens=len(texts))
     jobs = [Job(i, [1, 2, 3], "abc", params) for i in range(n)]
-    prep = Prepared("completion", "cmpl-1", "m", QueuedEngine(texts), jobs, 3, stream=True)
+    prep = Prepared("completion", "cmpl-1", "m", QueuedEngine(texts, final), jobs, 3, stream=True)
 
     async def read() -> list[str]:
         return [write async for write in CompletionService(state).stream(prep)]
@@ -64,3 +67,14 @@ def test_choices_of_one_request_share_the_write_and_keep_their_order():
     got = [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks(writes[0])]
     for index in range(3):  # each choice's tokens in order, every choice complete
         assert [text for i, text in got if i == index] == ["a", "b"]
+
+
+def test_an_error_keeps_the_tokens_that_arrived_before_it_in_the_same_write():
+    """A generation error after some tokens of the same batch: those tokens still reach the
+    client, ahead of the error body, in the one write that ends the stream."""
+    error = TokenEvent(NO_TOKEN, "", finish_reason="error", error="device lost")
+    writes = streamed(["Hel", "lo"], n=1, final=error)
+    assert len(writes) == 1  # no [DONE] after an error
+    sent = chunks(writes[0])
+    assert [c["choices"][0]["text"] for c in sent[:2]] == ["Hel", "lo"]
+    assert sent[2]["error"]["message"] == "generation failed: device lost"

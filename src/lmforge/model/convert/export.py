@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.errors import ConfigError
@@ -51,40 +51,21 @@ def save_pretrained(
     if classifier is not None and classifier.pooling != "first":
         raise ConfigError(MEAN_POOLING_REFUSAL)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if wraps_transformers(model):  # the T5 adapter: transformers writes its own module
+        out_dir.mkdir(parents=True, exist_ok=True)
         model.save_hf(out_dir, extra_config)
         if generation_config is not None:
             atomic_write_json(out_dir / "generation_config.json", generation_config)
         return
     cfg: ModelConfig = model.config
-    state = model.state_dict()
     model_type = family_for(cfg)
     if model_type is None and classifier is not None and classifier.encoder:
-        raise ValueError(
-            "an encoder classifier exports only as BERT/RoBERTa (family_for found none for this "
-            "config); keep the bert-* preset's shape"
+        raise ConfigError(
+            f"{out_dir}: an encoder classifier exports only as BERT/RoBERTa (family_for found "
+            "none for this config); keep the bert-* preset's shape"
         )
-    if model_type is None:
-        log.info("model config has no Hugging Face equivalent; writing lmforge's own layout")
-        architecture = NATIVE_CLASSIFIER if classifier else "LmforgeTransformer"
-        hf: dict[str, Any] = {"architectures": [architecture], "model_type": NATIVE}
-        skip = "lm_head.weight" if cfg.tie_embeddings else None
-        tensors = {k: v.detach() for k, v in state.items() if k != skip}
-    elif classifier is None:
-        family = FAMILIES[model_type]
-        architecture = family.architecture
-        if model_type in ENCODER_FAMILIES and not cfg.mlm_head:
-            architecture = f"{architecture.removesuffix('ForMaskedLM')}Model"
-        hf = family.hf_config(cfg, model_type, architecture)
-        tensors = ours_to_hf(state, family.rules(cfg))
-    else:
-        family = FAMILIES[model_type]
-        architecture = family.classifier
-        if classifier.per_token:
-            architecture = token_classifier_architecture(model_type)
-        hf = family.hf_config(cfg, model_type, architecture)
-        tensors = ours_to_hf(state, without_lm_head(family.rules(cfg)))
+    out_dir.mkdir(parents=True, exist_ok=True)  # refused above: no empty directory left behind
+    hf, tensors = _body_layout(cfg, model.state_dict(), model_type, classifier)
     dtype = next(model.parameters()).dtype
     if classifier is not None:
         if model_type in ENCODER_FAMILIES:
@@ -106,3 +87,31 @@ def save_pretrained(
     if generation_config is not None:
         atomic_write_json(out_dir / "generation_config.json", generation_config)
     atomic_write_json(out_dir / "config.json", hf)
+
+
+def _body_layout(
+    cfg: ModelConfig,
+    state: dict[str, Tensor],
+    model_type: str | None,
+    classifier: ClassifierHead | None,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """config.json's architecture fields and the body's tensors under the family's names (the
+    LM, the bare encoder, or a classifier's body without lm_head), else lmforge's own layout."""
+    if model_type is None:
+        log.info("model config has no Hugging Face equivalent; writing lmforge's own layout")
+        architecture = NATIVE_CLASSIFIER if classifier else "LmforgeTransformer"
+        skip = "lm_head.weight" if cfg.tie_embeddings else None
+        tensors = {k: v.detach() for k, v in state.items() if k != skip}
+        return {"architectures": [architecture], "model_type": NATIVE}, tensors
+    family = FAMILIES[model_type]
+    rules = family.rules(cfg)
+    if classifier is None:
+        architecture = family.architecture
+        if model_type in ENCODER_FAMILIES and not cfg.mlm_head:
+            architecture = f"{architecture.removesuffix('ForMaskedLM')}Model"
+    else:
+        architecture = family.classifier
+        if classifier.per_token:
+            architecture = token_classifier_architecture(model_type)
+        rules = without_lm_head(rules)
+    return family.hf_config(cfg, model_type, architecture), ours_to_hf(state, rules)

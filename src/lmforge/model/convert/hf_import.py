@@ -58,7 +58,10 @@ def checkpoint_state(
 ) -> tuple[ModelConfig, dict[str, Tensor | QuantWeight]]:
     """The ModelConfig and our state dict (quantized weights as QuantWeight when kept) of a
     checkpoint, its lm_head tied or, for a classifier without one, zeros."""
-    cfg = hf_config_to_model_config(hf)
+    try:
+        cfg = hf_config_to_model_config(hf)
+    except InputError as err:  # an unsupported or incomplete config.json: say whose
+        raise InputError(f"{model_dir}: {err}") from None
     quant = hf.get("quantization_config")
     if quant and quantized == "keep":
         tensors = read_quantized(read_tensors(model_dir), quant, model_dir)
