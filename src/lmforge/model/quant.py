@@ -212,8 +212,9 @@ class QuantLinear(nn.Module):
     def _kernel_int4_forward(self, x: Tensor) -> Tensor:
         """x @ weight.T through torch's int4 kernel (bf16 activations); off the kernel's ground
         (grad enabled, another device) through the weight read back from its layout."""
-        if not _inference_on_cpu(x):
-            return F.linear(x, self.weight.to(x.dtype))
+        if not _inference_on_cpu(x):  # chunks of output rows, like _int4_forward's
+            chunks = int4pack.dequantize_chunks(*_kernel_args(self), int4pack.int4pack_layout())
+            return torch.cat([F.linear(x, w.to(x.dtype)) for w in chunks], dim=-1)
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (N, in)
         y = int4pack.matmul(flat, self.int4pack, self.scales_and_zeros, self.group_size)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -300,13 +301,16 @@ def _register_kernel_buffers(module: nn.Module, rows: int, cols: int, group_size
     module.register_buffer("scales_and_zeros", groups)
 
 
+def _kernel_args(module: QuantLinear | QuantEmbedding) -> tuple[Tensor, Tensor, int]:
+    return module.int4pack, module.scales_and_zeros, module.group_size
+
+
 def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | None) -> Tensor:
     """Float32 rows (all of them for None) of a kernel-packed weight, read back from its bytes."""
     layout = int4pack.int4pack_layout()
-    args = (module.int4pack, module.scales_and_zeros, module.group_size)
     if rows is None:
-        return int4pack.dequantize(*args, layout)
-    return int4pack.dequantize_rows(*args, rows, layout)
+        return int4pack.dequantize(*_kernel_args(module), layout)
+    return int4pack.dequantize_rows(*_kernel_args(module), rows, layout)
 
 
 def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:
