@@ -16,6 +16,7 @@ model.quant_checkpoint.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +242,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        return _apply_keeping_kernel_scales(self, fn, super()._apply, recurse)
+
 
 class QuantEmbedding(nn.Module):
     """An embedding table kept as int8/int4 codes (a scale per row or per group of columns):
@@ -293,12 +297,34 @@ class QuantEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # rows follow model.to(dtype)
+        return _apply_keeping_kernel_scales(self, fn, super()._apply, recurse)
+
 
 def _register_kernel_buffers(module: nn.Module, rows: int, cols: int, group_size: int) -> None:
     """An int4 (rows, cols) weight's buffers in torch's int4 kernel layout (model.int4pack)."""
     module.register_buffer("int4pack", torch.empty(rows, cols // 2, dtype=torch.uint8))
     groups = torch.empty(cols // group_size, rows, 2, dtype=torch.bfloat16)
     module.register_buffer("scales_and_zeros", groups)
+
+
+def _apply_keeping_kernel_scales(
+    module: QuantLinear | QuantEmbedding,
+    fn: Callable[[Tensor], Tensor],
+    apply: Callable[..., nn.Module],
+    recurse: bool,
+) -> nn.Module:
+    """nn.Module._apply (model.to(dtype), .float(), .half(), .cuda()) with a kernel-packed
+    weight's scales_and_zeros kept as they are, bf16: the kernel takes no other dtype (torch
+    2.13: "expected scalar type BFloat16"), bf16 -> fp16 would lose range, and a tied pair
+    keeps sharing them."""
+    if not module.kernel_packed:
+        return apply(fn, recurse)
+    scales = module.scales_and_zeros
+    apply(fn, recurse)
+    module.scales_and_zeros = scales.to(module.int4pack.device)
+    return module
 
 
 def _kernel_args(module: QuantLinear | QuantEmbedding) -> tuple[Tensor, Tensor, int]:

@@ -213,3 +213,18 @@ def test_off_the_kernel_the_weight_is_read_back_a_chunk_of_rows_at_a_time(monkey
     assert y.shape == (2, 3, 176) and torch.allclose(y, F.linear(x, whole), atol=1e-5)
     y.sum().backward()
     assert torch.allclose(x.grad, whole.sum(0).expand(2, 3, 64), atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_kept_int4_model_moved_to_another_dtype_still_runs(tmp_path: Path, dtype) -> None:
+    model = load_pretrained(micro_int4(tmp_path))
+    with torch.no_grad():
+        ref = model(IDS)
+        model.to(dtype)  # .float() / .half() / .bfloat16() after loading
+        got = model(IDS)
+    packed = [m for m in model.modules() if getattr(m, "kernel_packed", False)]
+    assert packed and all(m.scales_and_zeros.dtype == torch.bfloat16 for m in packed)
+    assert model.lm_head.scales_and_zeros is model.tok_emb.scales_and_zeros  # still tied
+    assert model.tok_emb(IDS).dtype == dtype and got.dtype == dtype
+    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
