@@ -92,11 +92,18 @@ def _aligned(t: Tensor) -> Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
+def _tracing() -> bool:
+    """Under torch.compile or torch.export. torch.compiler.is_exporting is newer than the
+    torch>=2.6 we take (pytorch#142425, December 2024), and is_compiling covers export too."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or (exporting is not None and exporting())
+
+
 def _inference_on_cpu(x: Tensor) -> bool:
     """Whether x goes through a CPU kernel: inference (no autograd through the kernels), outside
     torch.compile/export (no data_ptr), in a float dtype KERNEL_DTYPE takes."""
     return (
-        not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        not _tracing()
         and x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPE
         and not torch.is_grad_enabled()

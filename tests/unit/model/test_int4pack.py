@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -228,3 +229,22 @@ def test_a_kept_int4_model_moved_to_another_dtype_still_runs(tmp_path: Path, dty
     assert model.lm_head.scales_and_zeros is model.tok_emb.scales_and_zeros  # still tied
     assert model.tok_emb(IDS).dtype == dtype and got.dtype == dtype
     assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_a_torch_without_is_exporting_still_runs_the_kernels(monkeypatch) -> None:
+    torch.manual_seed(0)
+    layers = {"aten::_weight_int8pack_mm": QuantLinear.from_linear(torch.nn.Linear(64, 64), "int8")}
+    if int4pack_layout() is not None:
+        layers["aten::_weight_int4pack_mm_for_cpu"] = packed_linear(torch.randn(64, 64), 32)[0]
+    x = torch.randn(2, 64)
+    # torch.compiler.is_exporting came after some torch versions lmforge takes (>= 2.6); this
+    # torch's own first import of torch._dynamo reads it, so that import is done before
+    importlib.import_module("torch._dynamo")
+    monkeypatch.delattr(torch.compiler, "is_exporting")
+    for kernel, layer in layers.items():
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            got = layer(x)
+        ref = F.linear(x, layer.weight, layer.bias)
+        assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
+        ran = any(e.name == kernel for e in prof.events())
+        assert ran == (kernel.endswith("for_cpu") or quant.int8_kernel_available())
