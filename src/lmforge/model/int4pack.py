@@ -80,8 +80,8 @@ def dequantize_rows(
     """The float32 weight rows (len(rows), in) of a packed weight: (code - 8) * scale."""
     codes = unpack_codes(packed, rows, layout).float()  # (R, K)
     scale = scales_and_zeros[:, rows, 0].T.float()  # (R, G)
-    groups = codes.view(len(rows), -1, group_size).sub_(8).mul_(scale[..., None])
-    return groups.view(len(rows), -1)
+    shape = (len(rows), scales_and_zeros.shape[0], group_size)  # no -1: R may be 0
+    return codes.view(shape).sub_(8).mul_(scale[..., None]).view(len(rows), codes.shape[1])
 
 
 def dequantize(packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout) -> Tensor:

@@ -248,3 +248,12 @@ def test_a_torch_without_is_exporting_still_runs_the_kernels(monkeypatch) -> Non
         assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
         ran = any(e.name == kernel for e in prof.events())
         assert ran == (kernel.endswith("for_cpu") or quant.int8_kernel_available())
+
+
+@needs_kernel
+def test_an_empty_lookup_or_batch_gives_empty_outputs(tmp_path: Path) -> None:
+    model = load_pretrained(micro_int4(tmp_path))
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        assert model.tok_emb(empty).shape == (2, 0, model.config.n_embd)
+        assert model.lm_head(torch.randn(0, model.config.n_embd)).shape == (0, 256)
