@@ -7,10 +7,11 @@ quantized by `compress quantize`'s quantize_dir to int8 and int4. Then:
   default) in a fresh child process, which reports what its resident set (VmRSS) grew by after
   the load and after decoding 2 tokens ("decoding": every weight read once, as when serving;
   fp32 weights are safetensors' file mapping, resident once touched), the peak (VmHWM: int4
-  dequantizes each matrix per forward) and the summed bytes of the parameters and buffers;
-  "RSS vs fp32" compares the decoding column; "in kernel layout" counts the int4 matrices
-  repacked for torch's CPU int4 kernel (model.int4pack; GPT-2's Conv1D weights, grouped along
-  the output, stay in ours and are dequantized per forward);
+  reads the file's mapping while repacking; in our own layout it dequantizes each matrix per
+  forward) and the summed bytes of the parameters and buffers; "RSS vs fp32" compares the
+  decoding column; "in kernel layout" counts the int4 matrices repacked for torch's CPU int4
+  kernel (model.int4pack; the rest, e.g. a vocabulary that is not a multiple of 16, stay in
+  ours and are dequantized per forward);
 - **speed**: the three models decode greedily (lmforge.model.generate: prompt, then one cached
   token a step) in this process, round-robin so machine noise hits all alike, median of the
   rounds; also how many tokens agree with fp32's.

@@ -3,8 +3,9 @@
 The checkpoint's matrices are rounded with lmforge.model.quant (the QLoRA base's quantizer: int8
 with one scale per output row, int4 with one scale per group of input columns, two codes a byte)
 and written under their own names in model.safetensors, with config.json's quantization_config
-saying how; load_pretrained keeps them quantized (eval, generate, serve: int8/int4 memory, int8
-matmuls on CPU) and dequantizes them for training, so the directory needs nothing but itself.
+saying how; load_pretrained keeps them quantized (eval, generate, serve: int8/int4 memory, torch's
+int8 and int4 matmuls on CPU) and dequantizes them for training, so the directory needs nothing
+but itself.
 dynamic_int8() is torch.ao's dynamic quantization (int8 weights, activations quantized per
 batch, fbgemm int8 matmuls) of every nn.Linear, applied in memory after loading, since its
 packed weights have no safetensors form; the stage measures both.

@@ -33,7 +33,12 @@ class QuantizeSettings(Section):
     scheme: Literal["int8", "int4"] = Field(
         "int8", description="int8 (a scale per row) | int4 (a scale per group of columns)"
     )
-    group_size: int = Field(32, ge=2, description="int4: input columns sharing one scale (even)")
+    group_size: int = Field(
+        32,
+        ge=2,
+        description="int4: input columns sharing one scale (even; torch's CPU int4 kernel "
+        "takes 32, 64, 128 or 256, other sizes are dequantized per forward)",
+    )
 
 
 class ExportSettings(Section):

@@ -12,6 +12,7 @@ int4pack_layout() found torch to use on this machine (it differs with the CPU's 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -79,19 +80,24 @@ def dequantize_rows(
     """The float32 weight rows (len(rows), in) of a packed weight: (code - 8) * scale."""
     codes = unpack_codes(packed, rows, layout).float()  # (R, K)
     scale = scales_and_zeros[:, rows, 0].T.float()  # (R, G)
-    groups = codes.view(len(rows), -1, group_size).sub_(8).mul_(scale[..., None])
-    return groups.view(len(rows), -1)
+    shape = (len(rows), scales_and_zeros.shape[0], group_size)  # no -1: R may be 0
+    return codes.view(shape).sub_(8).mul_(scale[..., None]).view(len(rows), codes.shape[1])
 
 
 def dequantize(packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout) -> Tensor:
     """The whole float32 weight (out, in), a chunk of rows at a time."""
+    return torch.cat(list(dequantize_chunks(packed, scales_and_zeros, group_size, layout)))
+
+
+def dequantize_chunks(
+    packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout
+) -> Iterator[Tensor]:
+    """The float32 weight's consecutive chunks of about PACK_CHUNK_WEIGHTS weights (rows, in):
+    a matmul off the kernel never holds a vocab-wide head in floats whole."""
     out_f, step = packed.shape[0], _chunk_rows(packed.shape[1] * 2)
     rows = torch.arange(out_f, device=packed.device)
-    parts = [
-        dequantize_rows(packed, scales_and_zeros, group_size, rows[r : r + step], layout)
-        for r in range(0, out_f, step)
-    ]
-    return torch.cat(parts)
+    for r in range(0, out_f, step):
+        yield dequantize_rows(packed, scales_and_zeros, group_size, rows[r : r + step], layout)
 
 
 def _chunk_rows(in_features: int) -> int:

@@ -16,6 +16,7 @@ model.quant_checkpoint.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,11 +92,18 @@ def _aligned(t: Tensor) -> Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
+def _tracing() -> bool:
+    """Under torch.compile or torch.export. torch.compiler.is_exporting is newer than the
+    torch>=2.6 we take (pytorch#142425, December 2024), and is_compiling covers export too."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or (exporting is not None and exporting())
+
+
 def _inference_on_cpu(x: Tensor) -> bool:
     """Whether x goes through a CPU kernel: inference (no autograd through the kernels), outside
     torch.compile/export (no data_ptr), in a float dtype KERNEL_DTYPE takes."""
     return (
-        not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        not _tracing()
         and x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPE
         and not torch.is_grad_enabled()
@@ -212,8 +220,9 @@ class QuantLinear(nn.Module):
     def _kernel_int4_forward(self, x: Tensor) -> Tensor:
         """x @ weight.T through torch's int4 kernel (bf16 activations); off the kernel's ground
         (grad enabled, another device) through the weight read back from its layout."""
-        if not _inference_on_cpu(x):
-            return F.linear(x, self.weight.to(x.dtype))
+        if not _inference_on_cpu(x):  # chunks of output rows, like _int4_forward's
+            chunks = int4pack.dequantize_chunks(*_kernel_args(self), int4pack.int4pack_layout())
+            return torch.cat([F.linear(x, w.to(x.dtype)) for w in chunks], dim=-1)
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (N, in)
         y = int4pack.matmul(flat, self.int4pack, self.scales_and_zeros, self.group_size)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -239,6 +248,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        return _apply_keeping_kernel_scales(self, fn, super()._apply, recurse)
 
 
 class QuantEmbedding(nn.Module):
@@ -292,6 +304,10 @@ class QuantEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # rows follow model.to(dtype)
+        return _apply_keeping_kernel_scales(self, fn, super()._apply, recurse)
+
 
 def _register_kernel_buffers(module: nn.Module, rows: int, cols: int, group_size: int) -> None:
     """An int4 (rows, cols) weight's buffers in torch's int4 kernel layout (model.int4pack)."""
@@ -300,13 +316,34 @@ def _register_kernel_buffers(module: nn.Module, rows: int, cols: int, group_size
     module.register_buffer("scales_and_zeros", groups)
 
 
+def _apply_keeping_kernel_scales(
+    module: QuantLinear | QuantEmbedding,
+    fn: Callable[[Tensor], Tensor],
+    apply: Callable[..., nn.Module],
+    recurse: bool,
+) -> nn.Module:
+    """nn.Module._apply (model.to(dtype), .float(), .half(), .cuda()) with a kernel-packed
+    weight's scales_and_zeros kept as they are, bf16: the kernel takes no other dtype (torch
+    2.13: "expected scalar type BFloat16"), bf16 -> fp16 would lose range, and a tied pair
+    keeps sharing them."""
+    if not module.kernel_packed:
+        return apply(fn, recurse)
+    scales = module.scales_and_zeros
+    apply(fn, recurse)
+    module.scales_and_zeros = scales.to(module.int4pack.device)
+    return module
+
+
+def _kernel_args(module: QuantLinear | QuantEmbedding) -> tuple[Tensor, Tensor, int]:
+    return module.int4pack, module.scales_and_zeros, module.group_size
+
+
 def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | None) -> Tensor:
     """Float32 rows (all of them for None) of a kernel-packed weight, read back from its bytes."""
     layout = int4pack.int4pack_layout()
-    args = (module.int4pack, module.scales_and_zeros, module.group_size)
     if rows is None:
-        return int4pack.dequantize(*args, layout)
-    return int4pack.dequantize_rows(*args, rows, layout)
+        return int4pack.dequantize(*_kernel_args(module), layout)
+    return int4pack.dequantize_rows(*_kernel_args(module), rows, layout)
 
 
 def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:

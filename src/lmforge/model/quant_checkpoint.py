@@ -238,3 +238,9 @@ def _check_method(config: dict[str, Any], where: object) -> None:
             f"{where}: quantization_config.quant_method {config.get('quant_method')!r} is not "
             f"supported; lmforge reads its own ('{QUANT_METHOD}') or unquantized checkpoints"
         )
+    missing = [key for key in ("bits", "group_size") if key not in config]
+    if missing:
+        raise InputError(
+            f"{where}: config.json's quantization_config lacks {', '.join(missing)}; quantize "
+            "the original model again with `lmforge compress quantize`"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -58,16 +59,22 @@ def test_repacked_weights_are_ours_up_to_bf16_scales(group_size: int) -> None:
     assert torch.allclose(layer(x), F.linear(x, bf16), atol=1e-5)
 
 
-@needs_kernel
-def test_a_kept_int4_model_runs_the_kernel_and_holds_one_layout(tmp_path: Path) -> None:
+def micro_int4(tmp_path: Path) -> Path:
+    """An int4 directory of a llama-style micro model whose tied table (256 rows) the kernel
+    takes (it takes 16k rows)."""
     from lmforge.model.config import preset_config
     from lmforge.model.convert import save_pretrained
     from lmforge.model.transformer import Transformer
 
-    torch.manual_seed(0)  # llama-style, a tied table of 256 rows (the kernel takes 16k rows)
+    torch.manual_seed(0)
     save_pretrained(Transformer(preset_config("micro")), tmp_path / "f")
     quantize_dir(tmp_path / "f", tmp_path / "q", "int4", 32)
-    model = load_pretrained(tmp_path / "q")
+    return tmp_path / "q"
+
+
+@needs_kernel
+def test_a_kept_int4_model_runs_the_kernel_and_holds_one_layout(tmp_path: Path) -> None:
+    model = load_pretrained(micro_int4(tmp_path))
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert all(m.kernel_packed and not hasattr(m, "codes") for m in linears)
     assert isinstance(model.tok_emb, QuantEmbedding) and model.tok_emb.kernel_packed
@@ -187,3 +194,66 @@ def test_packing_in_chunks_of_rows_gives_the_same_bytes(monkeypatch) -> None:
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
     rows = int4pack.dequantize(*chunked, 32, int4pack_layout())
     assert torch.equal(rows, dequantize_weight(codes, scale.bfloat16().float(), 4, 32))
+
+
+@needs_kernel
+def test_off_the_kernel_the_weight_is_read_back_a_chunk_of_rows_at_a_time(monkeypatch) -> None:
+    from lmforge.model import int4pack
+
+    torch.manual_seed(0)
+    layer, _ = packed_linear(torch.randn(176, 64), 32)
+    whole = layer.weight
+
+    def whole_weight(*args):
+        raise AssertionError("a vocab-wide head would exist in floats whole")
+
+    monkeypatch.setattr(int4pack, "dequantize", whole_weight)
+    monkeypatch.setattr(int4pack, "PACK_CHUNK_WEIGHTS", 64 * 64)  # chunks of 64, 64, 48 rows
+    x = torch.randn(2, 3, 64, requires_grad=True)  # grad enabled: not the kernel
+    y = layer(x)
+    assert y.shape == (2, 3, 176) and torch.allclose(y, F.linear(x, whole), atol=1e-5)
+    y.sum().backward()
+    assert torch.allclose(x.grad, whole.sum(0).expand(2, 3, 64), atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_kept_int4_model_moved_to_another_dtype_still_runs(tmp_path: Path, dtype) -> None:
+    model = load_pretrained(micro_int4(tmp_path))
+    with torch.no_grad():
+        ref = model(IDS)
+        model.to(dtype)  # .float() / .half() / .bfloat16() after loading
+        got = model(IDS)
+    packed = [m for m in model.modules() if getattr(m, "kernel_packed", False)]
+    assert packed and all(m.scales_and_zeros.dtype == torch.bfloat16 for m in packed)
+    assert model.lm_head.scales_and_zeros is model.tok_emb.scales_and_zeros  # still tied
+    assert model.tok_emb(IDS).dtype == dtype and got.dtype == dtype
+    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_a_torch_without_is_exporting_still_runs_the_kernels(monkeypatch) -> None:
+    torch.manual_seed(0)
+    layers = {"aten::_weight_int8pack_mm": QuantLinear.from_linear(torch.nn.Linear(64, 64), "int8")}
+    if int4pack_layout() is not None:
+        layers["aten::_weight_int4pack_mm_for_cpu"] = packed_linear(torch.randn(64, 64), 32)[0]
+    x = torch.randn(2, 64)
+    # torch.compiler.is_exporting came after some torch versions lmforge takes (>= 2.6); this
+    # torch's own first import of torch._dynamo reads it, so that import is done before
+    importlib.import_module("torch._dynamo")
+    monkeypatch.delattr(torch.compiler, "is_exporting")
+    for kernel, layer in layers.items():
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            got = layer(x)
+        ref = F.linear(x, layer.weight, layer.bias)
+        assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
+        ran = any(e.name == kernel for e in prof.events())
+        assert ran == (kernel.endswith("for_cpu") or quant.int8_kernel_available())
+
+
+@needs_kernel
+def test_an_empty_lookup_or_batch_gives_empty_outputs(tmp_path: Path) -> None:
+    model = load_pretrained(micro_int4(tmp_path))
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        assert model.tok_emb(empty).shape == (2, 0, model.config.n_embd)
+        assert model.lm_head(torch.randn(0, model.config.n_embd)).shape == (0, 256)

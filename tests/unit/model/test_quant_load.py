@@ -179,6 +179,19 @@ def test_a_config_that_is_not_the_checkpoints_is_refused_when_kept(dirs, tmp_pat
             load_pretrained(bad, quantized=mode)
 
 
+def test_a_quantization_config_without_bits_is_refused_naming_the_directory(dirs, tmp_path):
+    import json
+    import shutil
+
+    bad = shutil.copytree(dirs["micro-int4"], tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["quantization_config"]["bits"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    for mode in ("keep", "dequantize"):
+        with pytest.raises(InputError, match=f"{bad}: .*quantization_config lacks bits"):
+            load_pretrained(bad, quantized=mode)
+
+
 def test_a_quantized_name_the_model_lacks_is_left_for_load_state_dict() -> None:
     model = nn.Sequential(nn.Linear(8, 4))
     w = QuantWeight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), 8, 32)
