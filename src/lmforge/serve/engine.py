@@ -7,7 +7,7 @@ Requests join and leave the running batch at every decoding step. A background t
    prompt longer than that budget is prefilled alone, one budget-sized chunk per step (the
    model's start_pos + explicit causal mask), with the running batch decoding in between;
 2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
-   group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
+   group, each group its own BatchCache; serve/scheduler.py keeps padding under 25% of a pass, since
    a prefill is compute-bound already and padding only adds work); each newcomer samples its
    first token from the prefill logits and the groups' keys/values merge into the running
    batch's cache in one copy (BatchCache.merge: all blocks right-aligned at the longest length);
@@ -61,19 +61,19 @@ from lmforge.serve.handle import (
     collect,
 )
 from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
+from lmforge.serve.scheduler import admit, plan_prefill, prefill_groups
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
 
 # The engine contract in one import (the handle and sampling types live in their own modules).
 __all__ = [
     "NO_TOKEN", "Completion", "Engine", "EngineClosed", "EngineStats", "QueueFull",
-    "RequestHandle", "SamplingParams", "TokenEvent", "collect",
+    "RequestHandle", "SamplingParams", "TokenEvent", "collect", "prefill_groups",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 _threads_configured = False
-PREFILL_PADDING = 0.25  # most padding a prefill pass may add, as a fraction of its prompt tokens
 
 
 class QueueFull(LmforgeError):
@@ -326,7 +326,10 @@ class Engine:
                     self._apply_aborts()
                     if self._stopping and not (self._waiting or self._running or self._chunked):
                         return
-                    joining = [] if self._chunked else self._admit()
+                    free = self.max_batch_size - len(self._running)
+                    joining = (
+                        [] if self._chunked else admit(self._waiting, free, self.max_prefill_tokens)
+                    )
                     for row in joining:
                         self._active[row.request_id] = row
                 try:
@@ -343,20 +346,6 @@ class Engine:
                         self._running, self._cache = [], None
                         self._chunked.clear()
                         self._chunk = None
-
-    def _admit(self) -> list[_Row]:
-        """(lock held) Waiting requests for this step's prefill: as many as the batch has free
-        rows and max_prefill_tokens allows (one at least), so a burst of long prompts delays
-        the running rows' next tokens by one budget's prefill, not by all of them."""
-        free = self.max_batch_size - len(self._running)
-        budget = self.max_prefill_tokens
-        joining: list[_Row] = []
-        while self._waiting and len(joining) < free:
-            if joining and len(self._waiting[0].prompt) > budget:
-                break
-            joining.append(self._waiting.popleft())
-            budget -= len(joining[-1].prompt)
-        return joining
 
     def _apply_aborts(self) -> None:
         """(lock held) Drops aborted rows from the running batch."""
@@ -385,14 +374,11 @@ class Engine:
             self._cache = None
 
     def _prefill(self, rows: list[_Row]) -> None:
-        """Prefills newcomers in groups of similar length, then merges them into the batch."""
-        joined: list[tuple[list[_Row], BatchCache]] = []
-        for group in prefill_groups([r.prompt for r in rows]):
-            group_rows = [rows[i] for i in group]
-            if len(group) * len(group_rows[0].prompt) > self.max_prefill_tokens:
-                self._chunked.extend(group_rows)  # longest first: each alone, chunk by chunk
-            else:
-                joined += self._prefill_group(group_rows)
+        """Prefills newcomers in groups of similar length, then merges them into the batch;
+        prompts over the budget wait in _chunked, prefilled a chunk a step."""
+        whole, chunked = plan_prefill([r.prompt for r in rows], self.max_prefill_tokens)
+        joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
+        self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
 
     def _join(self, joined: list[tuple[list[_Row], BatchCache]]) -> None:
@@ -600,27 +586,6 @@ class Engine:
 def _error_event(exc: BaseException) -> TokenEvent:
     """The final event of a request that failed: what went wrong, for the server's 500 body."""
     return TokenEvent(NO_TOKEN, "", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
-
-
-def prefill_groups(prompts: list[list[int]], waste: float = PREFILL_PADDING) -> list[list[int]]:
-    """Indices of prompts grouped for prefill: longest first, a group closed when padding to its
-    longest prompt would add more than `waste` (a fraction) to its tokens. A prefill is already
-    compute-bound on its own tokens, so padding is pure loss; similar lengths still share a pass.
-    """
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    groups: list[list[int]] = []
-    total = 0
-    for i in order:
-        n = len(prompts[i])
-        if groups and len(prompts[groups[-1][0]]) * (len(groups[-1]) + 1) <= (1 + waste) * (
-            total + n
-        ):
-            groups[-1].append(i)
-            total += n
-        else:
-            groups.append([i])
-            total = n
-    return groups
 
 
 def _default_gen(files: TokenizerFiles) -> dict[str, Any]:
