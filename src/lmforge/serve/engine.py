@@ -60,6 +60,7 @@ from lmforge.serve.handle import (
     WakeBatch,
     collect,
 )
+from lmforge.serve.request_book import RequestBook, Row, error_event
 from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
 from lmforge.serve.scheduler import admit, plan_prefill, prefill_groups
 from lmforge.tokenizer.files import TokenizerFiles
@@ -100,23 +101,6 @@ class EngineStats:
     cache_capacity: int  # KV positions allocated (rows x storage columns)
 
 
-class _Row:
-    """A request inside the engine: its params, its text stream, and its place in the batch."""
-
-    def __init__(
-        self, handle: RequestHandle, prompt: list[int], params: SamplingParams, stops: frozenset
-    ) -> None:
-        self.handle, self.prompt, self.params, self.stops = handle, prompt, params, stops
-        self.generated = 0
-        self.pending = -1  # last sampled token, fed at the next decoding step
-        self.stream: TextStream | None = None
-        self.generator: torch.Generator | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self.handle.request_id
-
-
 class Engine:
     """Continuous-batching generation on one model; submit() from any thread."""
 
@@ -150,17 +134,19 @@ class Engine:
         gen = generation_config if generation_config is not None else _default_gen(files)
         self.model_stops = frozenset(eos_ids(gen))
         self._lock = threading.Condition()
-        self._waiting: deque[_Row] = deque()
-        self._active: dict[str, _Row] = {}  # admitted, not finished
-        self._aborts: set[str] = set()
-        self._running: list[_Row] = []
+        self._book = RequestBook()  # waiting, active and abort-asked requests; the counts
+        self._running: list[Row] = []
         self._cache: BatchCache | None = None
-        self._chunked: deque[_Row] = deque()  # prompts over the budget, prefilled a chunk a step
+        self._chunked: deque[Row] = deque()  # prompts over the budget, prefilled a chunk a step
         self._chunk: tuple[BatchCache, int] | None = None  # the first one's cache, columns done
         self._closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._counts = dict(steps=0, prefills=0, prompt_tokens=0, generated_tokens=0, finished=0)
+
+    @property
+    def _counts(self) -> dict[str, int]:
+        """(lock held) The all-time counts EngineStats reports (Seq2SeqEngine counts its steps)."""
+        return self._book.counts
 
     @classmethod
     def from_dir(
@@ -225,34 +211,26 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosed(f"engine {self.name!r} is shutting down; no new requests")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._book.waiting) >= self.max_queue:
                 raise QueueFull(
-                    f"engine {self.name!r}: {len(self._waiting)} requests already waiting "
+                    f"engine {self.name!r}: {len(self._book.waiting)} requests already waiting "
                     f"(max_queue {self.max_queue}); retry later"
                 )
-            if request_id in self._active or any(r.request_id == request_id for r in self._waiting):
-                raise InputError(f"request id {request_id!r} is already in use")
-            self._waiting.append(_Row(handle, prompt, params, stops))
+            self._book.queue(Row(handle, prompt, params, stops))
             self._lock.notify_all()
         return handle
 
     def abort(self, request_id: str) -> None:
         """Ends a request (finish_reason "abort"): at once if waiting, else at the next step."""
         with self._lock:
-            for row in self._waiting:
-                if row.request_id == request_id:
-                    self._waiting.remove(row)
-                    self._finish_aborted(row)
-                    return
-            if request_id in self._active:
-                self._aborts.add(request_id)
+            if self._book.abort(request_id):
                 self._lock.notify_all()
 
     def stats(self) -> EngineStats:
         with self._lock:
             tokens, capacity = self._cache_usage()
             return EngineStats(
-                queue_depth=len(self._waiting),
+                queue_depth=len(self._book.waiting),
                 running=len(self._running),
                 max_batch_size=self.max_batch_size,
                 cache_tokens=tokens,
@@ -276,7 +254,7 @@ class Engine:
             self._closed = True
             self._stopping = True
             if not drain or self._thread is None:
-                self._abort_all()
+                self._book.abort_all()
             self._lock.notify_all()
             thread = self._thread
         if thread is None:
@@ -284,7 +262,7 @@ class Engine:
         thread.join(timeout)
         if thread.is_alive():
             with self._lock:
-                self._abort_all()
+                self._book.abort_all()
                 self._lock.notify_all()
             thread.join()
 
@@ -311,27 +289,21 @@ class Engine:
                 "max_tokens"
             )
 
-    def _abort_all(self) -> None:
-        """(lock held) Aborts the waiting requests now and the admitted ones at the next step."""
-        while self._waiting:
-            self._finish_aborted(self._waiting.popleft())
-        self._aborts.update(self._active)
-
     def _loop(self) -> None:
+        book = self._book
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._waiting or self._running or self._chunked or self._stopping):
+                    while not (book.waiting or self._running or self._chunked or self._stopping):
                         self._lock.wait()
                     self._apply_aborts()
-                    if self._stopping and not (self._waiting or self._running or self._chunked):
+                    if self._stopping and not (book.waiting or self._running or self._chunked):
                         return
                     free = self.max_batch_size - len(self._running)
                     joining = (
-                        [] if self._chunked else admit(self._waiting, free, self.max_prefill_tokens)
+                        [] if self._chunked else admit(book.waiting, free, self.max_prefill_tokens)
                     )
-                    for row in joining:
-                        self._active[row.request_id] = row
+                    book.admit(joining)
                 try:
                     if self._chunked:
                         self._prefill_chunk()
@@ -349,19 +321,20 @@ class Engine:
 
     def _apply_aborts(self) -> None:
         """(lock held) Drops aborted rows from the running batch."""
-        if not self._aborts:
+        book = self._book
+        if not book.aborts:
             return
-        keep = [i for i, r in enumerate(self._running) if r.request_id not in self._aborts]
+        keep = [i for i, r in enumerate(self._running) if r.request_id not in book.aborts]
         for row in self._running:
-            if row.request_id in self._aborts:
-                self._finish_aborted(row)
-        for row in [r for r in self._chunked if r.request_id in self._aborts]:
+            if row.request_id in book.aborts:
+                book.finish_aborted(row)
+        for row in [r for r in self._chunked if r.request_id in book.aborts]:
             if row is self._chunked[0]:
                 self._chunk = None
             self._chunked.remove(row)
             log.debug("request %s aborted during its chunked prefill", row.request_id)
-            self._finish_aborted(row)
-        self._aborts &= set(self._active)  # those still being admitted wait for the next step
+            book.finish_aborted(row)
+        book.aborts &= set(book.active)  # those still being admitted wait for the next step
         self._keep(keep)
 
     def _keep(self, keep: list[int]) -> None:
@@ -373,7 +346,7 @@ class Engine:
         if not self._running:
             self._cache = None
 
-    def _prefill(self, rows: list[_Row]) -> None:
+    def _prefill(self, rows: list[Row]) -> None:
         """Prefills newcomers in groups of similar length, then merges them into the batch;
         prompts over the budget wait in _chunked, prefilled a chunk a step."""
         whole, chunked = plan_prefill([r.prompt for r in rows], self.max_prefill_tokens)
@@ -381,7 +354,7 @@ class Engine:
         self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
 
-    def _join(self, joined: list[tuple[list[_Row], BatchCache]]) -> None:
+    def _join(self, joined: list[tuple[list[Row], BatchCache]]) -> None:
         """Merges prefilled rows (and their caches) into the running batch."""
         if not joined:
             return
@@ -393,7 +366,7 @@ class Engine:
         with self._lock:
             self._running += [row for group_rows, _ in joined for row in group_rows]
 
-    def _prefill_group(self, rows: list[_Row]) -> list[tuple[list[_Row], BatchCache]]:
+    def _prefill_group(self, rows: list[Row]) -> list[tuple[list[Row], BatchCache]]:
         """One prefill pass; if it fails, one pass per row, failing only the rows that fail.
         Returns the rows that continue, with their cache."""
         try:
@@ -444,13 +417,13 @@ class Engine:
         if self._emit([row], logits):
             self._join([([row], cache)])
 
-    def _start(self, row: _Row) -> None:
+    def _start(self, row: Row) -> None:
         """A request's text stream and (when sampling) its generator, at its prefill."""
         row.stream = TextStream(self.files.tokenizer, row.params.stop)
         if not row.params.greedy:
             row.generator = new_generator(row.params.seed, self.device)
 
-    def _prefill_forward(self, rows: list[_Row]) -> tuple[BatchCache, Tensor]:
+    def _prefill_forward(self, rows: list[Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""
         ids, mask = left_pad([r.prompt for r in rows], device=self.device)
         cache = BatchCache.empty(self.model, len(rows), ids.size(1))
@@ -486,7 +459,7 @@ class Engine:
         self._emit(rows, logits, leave=self._keep)
 
     def _emit(
-        self, rows: list[_Row], logits: Tensor, leave: Callable[[list[int]], None] | None = None
+        self, rows: list[Row], logits: Tensor, leave: Callable[[list[int]], None] | None = None
     ) -> list[int]:
         """Samples each row's next token and sends its event; returns the rows that continue.
 
@@ -502,7 +475,7 @@ class Engine:
 
     def _emit_rows(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         logits: Tensor,
         leave: Callable[[list[int]], None] | None,
         wakes: WakeBatch,
@@ -510,7 +483,7 @@ class Engine:
         params = [r.params for r in rows]
         k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         keep: list[int] = []
-        finals: list[tuple[_Row, TokenEvent]] = []
+        finals: list[tuple[Row, TokenEvent]] = []
         try:
             chosen = sample_rows(logits, params, [r.generator for r in rows]).tolist()
             if k is not None:
@@ -519,7 +492,7 @@ class Engine:
                 top_values, top_ids = top_values.tolist(), top_ids.tolist()
         except Exception as exc:  # fail these rows, keep serving
             log.exception("sampling failed for %d requests", len(rows))
-            chosen, finals = [], [(row, _error_event(exc)) for row in rows]
+            chosen, finals = [], [(row, error_event(exc)) for row in rows]
         for i, (row, token) in enumerate(zip(rows, chosen, strict=False)):
             try:
                 event = self._next_event(row, token)
@@ -529,7 +502,7 @@ class Engine:
                     event.top_logprobs = self._alternatives(top_ids[i][:n], top_values[i][:n])
             except Exception as exc:  # a row's own failure ends only that row
                 log.exception("request %s failed", row.request_id)
-                finals.append((row, _error_event(exc)))
+                finals.append((row, error_event(exc)))
                 continue
             if event.finish_reason is None:
                 row.pending = token
@@ -541,11 +514,11 @@ class Engine:
             if leave is not None:
                 leave(keep)
             for row, event in finals:
-                self._finish(row, event)
+                self._book.finish(row, event)
             self._counts["generated_tokens"] += len(chosen)
         return keep
 
-    def _next_event(self, row: _Row, token: int) -> TokenEvent:
+    def _next_event(self, row: Row, token: int) -> TokenEvent:
         assert row.stream is not None
         row.generated += 1
         if token in row.stops:
@@ -564,28 +537,9 @@ class Engine:
             out.setdefault(self.files.decode([token_id], skip_special_tokens=False), value)
         return out
 
-    def _fail(self, rows: list[_Row], exc: BaseException) -> None:
+    def _fail(self, rows: list[Row], exc: BaseException) -> None:
         with self._lock:
-            for row in rows:
-                self._finish(row, _error_event(exc))
-
-    def _finish_aborted(self, row: _Row) -> None:
-        """(lock held) Ends a request with finish_reason "abort"."""
-        self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
-
-    def _finish(self, row: _Row, event: TokenEvent) -> None:
-        """(lock held) Sends a request's final event and forgets the request."""
-        if row.handle.finished:
-            return
-        self._active.pop(row.request_id, None)
-        self._aborts.discard(row.request_id)
-        self._counts["finished"] += 1
-        row.handle.push(event)
-
-
-def _error_event(exc: BaseException) -> TokenEvent:
-    """The final event of a request that failed: what went wrong, for the server's 500 body."""
-    return TokenEvent(NO_TOKEN, "", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
+            self._book.fail(rows, exc)
 
 
 def _default_gen(files: TokenizerFiles) -> dict[str, Any]:
