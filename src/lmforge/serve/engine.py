@@ -52,6 +52,7 @@ from lmforge.errors import InputError, LmforgeError
 from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.detok import TextStream
+from lmforge.serve.emit import emit_tokens
 from lmforge.serve.handle import (
     NO_TOKEN,
     Completion,
@@ -60,8 +61,8 @@ from lmforge.serve.handle import (
     WakeBatch,
     collect,
 )
-from lmforge.serve.request_book import RequestBook, Row, error_event
-from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
+from lmforge.serve.request_book import RequestBook, Row
+from lmforge.serve.sampling import SamplingParams, new_generator
 from lmforge.serve.scheduler import admit, plan_prefill, prefill_groups
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
@@ -469,73 +470,16 @@ class Engine:
         """
         wakes = WakeBatch()
         try:
-            return self._emit_rows(rows, logits, leave, wakes)
+            emitted = emit_tokens(rows, logits, self.files, wakes)
+            with self._lock:
+                if leave is not None:
+                    leave(emitted.keep)
+                for row, event in emitted.finals:
+                    self._book.finish(row, event)
+                self._counts["generated_tokens"] += emitted.sampled
+            return emitted.keep
         finally:
             wakes.send()
-
-    def _emit_rows(
-        self,
-        rows: list[Row],
-        logits: Tensor,
-        leave: Callable[[list[int]], None] | None,
-        wakes: WakeBatch,
-    ) -> list[int]:
-        params = [r.params for r in rows]
-        k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        keep: list[int] = []
-        finals: list[tuple[Row, TokenEvent]] = []
-        try:
-            chosen = sample_rows(logits, params, [r.generator for r in rows]).tolist()
-            if k is not None:
-                ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)
-                lps, top_values, top_ids = top_logprobs(logits, ids, k)
-                top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        except Exception as exc:  # fail these rows, keep serving
-            log.exception("sampling failed for %d requests", len(rows))
-            chosen, finals = [], [(row, error_event(exc)) for row in rows]
-        for i, (row, token) in enumerate(zip(rows, chosen, strict=False)):
-            try:
-                event = self._next_event(row, token)
-                if row.params.logprobs is not None:
-                    n = row.params.logprobs
-                    event.logprob = lps[i]
-                    event.top_logprobs = self._alternatives(top_ids[i][:n], top_values[i][:n])
-            except Exception as exc:  # a row's own failure ends only that row
-                log.exception("request %s failed", row.request_id)
-                finals.append((row, error_event(exc)))
-                continue
-            if event.finish_reason is None:
-                row.pending = token
-                keep.append(i)
-                row.handle.push(event, wakes)
-            else:
-                finals.append((row, event))
-        with self._lock:
-            if leave is not None:
-                leave(keep)
-            for row, event in finals:
-                self._book.finish(row, event)
-            self._counts["generated_tokens"] += len(chosen)
-        return keep
-
-    def _next_event(self, row: Row, token: int) -> TokenEvent:
-        assert row.stream is not None
-        row.generated += 1
-        if token in row.stops:
-            return TokenEvent(token, row.stream.flush(), finish_reason="stop")
-        text, stopped = row.stream.push(token)
-        if stopped:
-            return TokenEvent(token, text, finish_reason="stop")
-        if row.generated >= row.params.max_tokens:
-            return TokenEvent(token, text + row.stream.flush(), finish_reason="length")
-        return TokenEvent(token, text)
-
-    def _alternatives(self, ids: list[int], values: list[float]) -> dict[str, float]:
-        """Top-k alternatives as {decoded token: logprob}; the likelier wins a string collision."""
-        out: dict[str, float] = {}
-        for token_id, value in zip(ids, values, strict=True):
-            out.setdefault(self.files.decode([token_id], skip_special_tokens=False), value)
-        return out
 
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
         with self._lock:
