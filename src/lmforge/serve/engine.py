@@ -53,6 +53,7 @@ from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.detok import TextStream
 from lmforge.serve.emit import emit_tokens
+from lmforge.serve.engine_threads import configure_threads as _configure_threads
 from lmforge.serve.handle import (
     NO_TOKEN,
     Completion,
@@ -74,8 +75,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-_threads_configured = False
 
 
 class QueueFull(LmforgeError):
@@ -489,20 +488,3 @@ class Engine:
 def _default_gen(files: TokenizerFiles) -> dict[str, Any]:
     """The stop set lmforge writes for a model with this tokenizer (no generation_config given)."""
     return generation_config(files)
-
-
-def _configure_threads(threads: int | None) -> None:
-    """torch's intra-op threads (process-wide): `threads` when given, else lmforge's default
-    (usable CPUs, or OMP_NUM_THREADS), set once. On a small shared CPU fewer threads than cores
-    can serve faster: the HTTP event loop needs a core too (see `lmforge serve --threads`)."""
-    global _threads_configured
-    if threads is not None:
-        if threads < 1:
-            raise InputError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-        _threads_configured = True
-    elif not _threads_configured:
-        from lmforge.common.threads import configure_torch_threads
-
-        configure_torch_threads()
-        _threads_configured = True
