@@ -7,7 +7,7 @@ Requests join and leave the running batch at every decoding step. A background t
    prompt longer than that budget is prefilled alone, one budget-sized chunk per step (the
    model's start_pos + explicit causal mask), with the running batch decoding in between;
 2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
-   group, each group its own BatchCache; serve/scheduler.py keeps padding under 25% of a pass, since
+   group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
    a prefill is compute-bound already and padding only adds work); each newcomer samples its
    first token from the prefill logits and the groups' keys/values merge into the running
    batch's cache in one copy (BatchCache.merge: all blocks right-aligned at the longest length);
@@ -18,17 +18,14 @@ Requests join and leave the running batch at every decoding step. A background t
    (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows leave the batch
    (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
 
-Why this layout (the right-aligned batch cache, serve/batch_cache.py) rather than fixed slots
-(a preallocated (max_batch_size, block_size) cache, one slot per request, each row at its own
-start_pos): the model's forward takes one start_pos for the whole batch, and left-padding with
-pad_mask is what it already supports exactly (greedy rows equal generate() alone); fixed slots
-would run attention over max_batch_size x block_size keys every step, most of them empty, while
-the right-aligned cache only spans the live rows and the longest live sequence. Measured on the
-2-core CPU (the `small` body, 11M params, 16 rows, one decoding step, one thread, a loaded
-machine): 96 cached positions 44 ms against 1023 (fixed slots at block_size 1024) 87 ms, and 47
-against 56 ms at block_size 512. Joining and leaving cost one copy of the cache, once per
-request, not per step. Throughput (16 concurrent requests 5.9x one at a time through the engine,
-5.1x generate() one at a time, one thread): benchmarks/bench_serve_engine.py.
+This module is the public API (start/submit/abort/stats/shutdown) and the loop that orders the
+steps under one lock; the parts it composes live beside it: the scheduling policy of steps 1-2
+(serve/scheduler.py: admit, plan_prefill, prefill_groups), the forward passes of steps 2-3
+(serve/causal_step.py, which also says why the batch is one right-aligned cache rather than
+fixed slots, with measurements), emission of step 4 (serve/emit.py), the requests' queue,
+aborts, final events and counts (serve/request_book.py), and torch's thread count
+(serve/engine_threads.py). Throughput (16 concurrent requests 5.9x one at a time through the
+engine, 5.1x generate() one at a time, one thread): benchmarks/bench_serve_engine.py.
 
 Failures stay local: an exception while prefilling retries the newcomers one by one and fails
 (finish_reason "error") only those that fail alone; one in a decoding step fails the rows of that
@@ -49,8 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError, LmforgeError
-from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
+from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass
 from lmforge.serve.detok import TextStream
 from lmforge.serve.emit import emit_tokens
 from lmforge.serve.engine_threads import configure_threads as _configure_threads
@@ -396,9 +393,7 @@ class Engine:
         cache, done = self._chunk
         end = min(done + self.max_prefill_tokens, len(row.prompt))
         try:
-            ids = torch.tensor([row.prompt[done:end]], dtype=torch.long, device=self.device)
-            h = self.model.hidden_states(ids, kv_cache=cache, start_pos=done)
-            logits = self.model.lm_head(h[:, -1]) if end == len(row.prompt) else None
+            logits = chunk_pass(self.model, cache, row.prompt, done, end, self.device)
         except Exception as exc:  # this request alone fails
             log.exception("prefill of request %s failed", row.request_id)
             self._chunked.popleft()
@@ -425,29 +420,17 @@ class Engine:
 
     def _prefill_forward(self, rows: list[Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""
-        ids, mask = left_pad([r.prompt for r in rows], device=self.device)
-        cache = BatchCache.empty(self.model, len(rows), ids.size(1))
-        padded = not bool(mask.all())
-        h = self.model.hidden_states(ids, kv_cache=cache, pad_mask=mask if padded else None)
-        cache.pad_mask = mask
+        cache, logits = prefill_pass(self.model, [r.prompt for r in rows], self.device)
         for row in rows:
             self._start(row)
-        return cache, self.model.lm_head(h[:, -1])  # (B, V): last column = each last token
+        return cache, logits
 
     def _decode(self) -> None:
         """One decoding step for the whole running batch."""
         rows, cache = self._running, self._cache
         assert cache is not None
         try:
-            ids = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
-            start_pos = cache.length
-            cache.reserve(1)
-            padded = cache.padded()
-            mask = cache.extend_mask(1)
-            h = self.model.hidden_states(
-                ids, kv_cache=cache, start_pos=start_pos, pad_mask=mask if padded else None
-            )
-            logits = self.model.lm_head(h[:, -1])
+            logits = decode_pass(self.model, cache, [r.pending for r in rows], self.device)
         except Exception as exc:  # fail this step's rows, keep serving
             log.exception("decoding step failed for %d requests", len(rows))
             self._fail(rows, exc)
