@@ -59,11 +59,12 @@ from lmforge.serve.handle import (
     WakeBatch,
     collect,
 )
+from lmforge.serve.model_dir import load_served_model
 from lmforge.serve.request_book import RequestBook, Row
 from lmforge.serve.sampling import SamplingParams, new_generator
 from lmforge.serve.scheduler import admit, plan_prefill, prefill_groups
 from lmforge.tokenizer.files import TokenizerFiles
-from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
+from lmforge.tokenizer.generation import eos_ids, generation_config
 
 # The engine contract in one import (the handle and sampling types live in their own modules).
 __all__ = [
@@ -155,30 +156,15 @@ class Engine:
         dtype: torch.dtype | None = None,
         **kw: Any,
     ) -> Engine:
-        """An engine for a model directory (lmforge export or HF checkpoint), not yet started.
-
-        device "auto" is CUDA when available, else CPU. dtype defaults to config.json's
-        torch_dtype (float16 becomes float32 on CPU, where half matmuls are slow).
-        """
-        from lmforge.model.convert import (
-            load_pretrained,
-            model_display_name,
-            read_config,
-            resolve_model_dir,
-        )
-
-        model_dir = resolve_model_dir(Path(model_dir))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            dtype = getattr(torch, str(read_config(model_dir).get("torch_dtype", "float32")))
-            if device == "cpu" and dtype == torch.float16:
-                dtype = torch.float32
-        files = TokenizerFiles.load(model_dir)
-        model = load_pretrained(model_dir, device=device, dtype=dtype)
-        gen = load_generation_config(model_dir, files)
+        """An engine for a model directory (lmforge export or HF checkpoint), not yet started;
+        device and dtype as serve/model_dir.py resolves them."""
+        served = load_served_model(model_dir, name=name, device=device, dtype=dtype)
         return cls(
-            model, files, name=name or model_display_name(model_dir), generation_config=gen, **kw
+            served.model,
+            served.files,
+            name=served.name,
+            generation_config=served.generation_config,
+            **kw,
         )
 
     # -- the API the server calls -----------------------------------------------------------
