@@ -18,17 +18,14 @@ Requests join and leave the running batch at every decoding step. A background t
    (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows leave the batch
    (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
 
-Why this layout (the right-aligned batch cache, serve/batch_cache.py) rather than fixed slots
-(a preallocated (max_batch_size, block_size) cache, one slot per request, each row at its own
-start_pos): the model's forward takes one start_pos for the whole batch, and left-padding with
-pad_mask is what it already supports exactly (greedy rows equal generate() alone); fixed slots
-would run attention over max_batch_size x block_size keys every step, most of them empty, while
-the right-aligned cache only spans the live rows and the longest live sequence. Measured on the
-2-core CPU (the `small` body, 11M params, 16 rows, one decoding step, one thread, a loaded
-machine): 96 cached positions 44 ms against 1023 (fixed slots at block_size 1024) 87 ms, and 47
-against 56 ms at block_size 512. Joining and leaving cost one copy of the cache, once per
-request, not per step. Throughput (16 concurrent requests 5.9x one at a time through the engine,
-5.1x generate() one at a time, one thread): benchmarks/bench_serve_engine.py.
+This module is the public API (start/submit/abort/stats/shutdown) and the loop that orders the
+steps under one lock; the parts it composes live beside it: the scheduling policy of steps 1-2
+(serve/scheduler.py: admit, plan_prefill, prefill_groups), the forward passes of steps 2-3
+(serve/causal_step.py, which also says why the batch is one right-aligned cache rather than
+fixed slots, with measurements), emission of step 4 (serve/emit.py), the requests' queue,
+aborts, final events and counts (serve/request_book.py), and torch's thread count
+(serve/engine_threads.py). Throughput (16 concurrent requests 5.9x one at a time through the
+engine, 5.1x generate() one at a time, one thread): benchmarks/bench_serve_engine.py.
 
 Failures stay local: an exception while prefilling retries the newcomers one by one and fails
 (finish_reason "error") only those that fail alone; one in a decoding step fails the rows of that
@@ -49,9 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError, LmforgeError
-from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
+from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass
 from lmforge.serve.detok import TextStream
+from lmforge.serve.emit import emit_tokens
+from lmforge.serve.engine_threads import configure_threads as _configure_threads
 from lmforge.serve.handle import (
     NO_TOKEN,
     Completion,
@@ -60,20 +59,20 @@ from lmforge.serve.handle import (
     WakeBatch,
     collect,
 )
-from lmforge.serve.sampling import SamplingParams, new_generator, sample_rows, top_logprobs
+from lmforge.serve.model_dir import load_served_model
+from lmforge.serve.request_book import RequestBook, Row
+from lmforge.serve.sampling import SamplingParams, new_generator
+from lmforge.serve.scheduler import admit, plan_prefill, prefill_groups
 from lmforge.tokenizer.files import TokenizerFiles
-from lmforge.tokenizer.generation import eos_ids, generation_config, load_generation_config
+from lmforge.tokenizer.generation import eos_ids, generation_config
 
 # The engine contract in one import (the handle and sampling types live in their own modules).
 __all__ = [
     "NO_TOKEN", "Completion", "Engine", "EngineClosed", "EngineStats", "QueueFull",
-    "RequestHandle", "SamplingParams", "TokenEvent", "collect",
+    "RequestHandle", "SamplingParams", "TokenEvent", "collect", "prefill_groups",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-_threads_configured = False
-PREFILL_PADDING = 0.25  # most padding a prefill pass may add, as a fraction of its prompt tokens
 
 
 class QueueFull(LmforgeError):
@@ -98,23 +97,6 @@ class EngineStats:
     finished: int  # requests finished (any finish_reason), all time
     cache_tokens: int  # KV positions the running batch spans (rows x L, padding included)
     cache_capacity: int  # KV positions allocated (rows x storage columns)
-
-
-class _Row:
-    """A request inside the engine: its params, its text stream, and its place in the batch."""
-
-    def __init__(
-        self, handle: RequestHandle, prompt: list[int], params: SamplingParams, stops: frozenset
-    ) -> None:
-        self.handle, self.prompt, self.params, self.stops = handle, prompt, params, stops
-        self.generated = 0
-        self.pending = -1  # last sampled token, fed at the next decoding step
-        self.stream: TextStream | None = None
-        self.generator: torch.Generator | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self.handle.request_id
 
 
 class Engine:
@@ -150,17 +132,19 @@ class Engine:
         gen = generation_config if generation_config is not None else _default_gen(files)
         self.model_stops = frozenset(eos_ids(gen))
         self._lock = threading.Condition()
-        self._waiting: deque[_Row] = deque()
-        self._active: dict[str, _Row] = {}  # admitted, not finished
-        self._aborts: set[str] = set()
-        self._running: list[_Row] = []
+        self._book = RequestBook()  # waiting, active and abort-asked requests; the counts
+        self._running: list[Row] = []
         self._cache: BatchCache | None = None
-        self._chunked: deque[_Row] = deque()  # prompts over the budget, prefilled a chunk a step
+        self._chunked: deque[Row] = deque()  # prompts over the budget, prefilled a chunk a step
         self._chunk: tuple[BatchCache, int] | None = None  # the first one's cache, columns done
         self._closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._counts = dict(steps=0, prefills=0, prompt_tokens=0, generated_tokens=0, finished=0)
+
+    @property
+    def _counts(self) -> dict[str, int]:
+        """(lock held) The all-time counts EngineStats reports (Seq2SeqEngine counts its steps)."""
+        return self._book.counts
 
     @classmethod
     def from_dir(
@@ -172,30 +156,15 @@ class Engine:
         dtype: torch.dtype | None = None,
         **kw: Any,
     ) -> Engine:
-        """An engine for a model directory (lmforge export or HF checkpoint), not yet started.
-
-        device "auto" is CUDA when available, else CPU. dtype defaults to config.json's
-        torch_dtype (float16 becomes float32 on CPU, where half matmuls are slow).
-        """
-        from lmforge.model.convert import (
-            load_pretrained,
-            model_display_name,
-            read_config,
-            resolve_model_dir,
-        )
-
-        model_dir = resolve_model_dir(Path(model_dir))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            dtype = getattr(torch, str(read_config(model_dir).get("torch_dtype", "float32")))
-            if device == "cpu" and dtype == torch.float16:
-                dtype = torch.float32
-        files = TokenizerFiles.load(model_dir)
-        model = load_pretrained(model_dir, device=device, dtype=dtype)
-        gen = load_generation_config(model_dir, files)
+        """An engine for a model directory (lmforge export or HF checkpoint), not yet started;
+        device and dtype as serve/model_dir.py resolves them."""
+        served = load_served_model(model_dir, name=name, device=device, dtype=dtype)
         return cls(
-            model, files, name=name or model_display_name(model_dir), generation_config=gen, **kw
+            served.model,
+            served.files,
+            name=served.name,
+            generation_config=served.generation_config,
+            **kw,
         )
 
     # -- the API the server calls -----------------------------------------------------------
@@ -225,34 +194,26 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosed(f"engine {self.name!r} is shutting down; no new requests")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._book.waiting) >= self.max_queue:
                 raise QueueFull(
-                    f"engine {self.name!r}: {len(self._waiting)} requests already waiting "
+                    f"engine {self.name!r}: {len(self._book.waiting)} requests already waiting "
                     f"(max_queue {self.max_queue}); retry later"
                 )
-            if request_id in self._active or any(r.request_id == request_id for r in self._waiting):
-                raise InputError(f"request id {request_id!r} is already in use")
-            self._waiting.append(_Row(handle, prompt, params, stops))
+            self._book.queue(Row(handle, prompt, params, stops))
             self._lock.notify_all()
         return handle
 
     def abort(self, request_id: str) -> None:
         """Ends a request (finish_reason "abort"): at once if waiting, else at the next step."""
         with self._lock:
-            for row in self._waiting:
-                if row.request_id == request_id:
-                    self._waiting.remove(row)
-                    self._finish_aborted(row)
-                    return
-            if request_id in self._active:
-                self._aborts.add(request_id)
+            if self._book.abort(request_id):
                 self._lock.notify_all()
 
     def stats(self) -> EngineStats:
         with self._lock:
             tokens, capacity = self._cache_usage()
             return EngineStats(
-                queue_depth=len(self._waiting),
+                queue_depth=len(self._book.waiting),
                 running=len(self._running),
                 max_batch_size=self.max_batch_size,
                 cache_tokens=tokens,
@@ -276,7 +237,7 @@ class Engine:
             self._closed = True
             self._stopping = True
             if not drain or self._thread is None:
-                self._abort_all()
+                self._book.abort_all()
             self._lock.notify_all()
             thread = self._thread
         if thread is None:
@@ -284,7 +245,7 @@ class Engine:
         thread.join(timeout)
         if thread.is_alive():
             with self._lock:
-                self._abort_all()
+                self._book.abort_all()
                 self._lock.notify_all()
             thread.join()
 
@@ -311,24 +272,21 @@ class Engine:
                 "max_tokens"
             )
 
-    def _abort_all(self) -> None:
-        """(lock held) Aborts the waiting requests now and the admitted ones at the next step."""
-        while self._waiting:
-            self._finish_aborted(self._waiting.popleft())
-        self._aborts.update(self._active)
-
     def _loop(self) -> None:
+        book = self._book
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._waiting or self._running or self._chunked or self._stopping):
+                    while not (book.waiting or self._running or self._chunked or self._stopping):
                         self._lock.wait()
                     self._apply_aborts()
-                    if self._stopping and not (self._waiting or self._running or self._chunked):
+                    if self._stopping and not (book.waiting or self._running or self._chunked):
                         return
-                    joining = [] if self._chunked else self._admit()
-                    for row in joining:
-                        self._active[row.request_id] = row
+                    free = self.max_batch_size - len(self._running)
+                    joining = (
+                        [] if self._chunked else admit(book.waiting, free, self.max_prefill_tokens)
+                    )
+                    book.admit(joining)
                 try:
                     if self._chunked:
                         self._prefill_chunk()
@@ -344,35 +302,22 @@ class Engine:
                         self._chunked.clear()
                         self._chunk = None
 
-    def _admit(self) -> list[_Row]:
-        """(lock held) Waiting requests for this step's prefill: as many as the batch has free
-        rows and max_prefill_tokens allows (one at least), so a burst of long prompts delays
-        the running rows' next tokens by one budget's prefill, not by all of them."""
-        free = self.max_batch_size - len(self._running)
-        budget = self.max_prefill_tokens
-        joining: list[_Row] = []
-        while self._waiting and len(joining) < free:
-            if joining and len(self._waiting[0].prompt) > budget:
-                break
-            joining.append(self._waiting.popleft())
-            budget -= len(joining[-1].prompt)
-        return joining
-
     def _apply_aborts(self) -> None:
         """(lock held) Drops aborted rows from the running batch."""
-        if not self._aborts:
+        book = self._book
+        if not book.aborts:
             return
-        keep = [i for i, r in enumerate(self._running) if r.request_id not in self._aborts]
+        keep = [i for i, r in enumerate(self._running) if r.request_id not in book.aborts]
         for row in self._running:
-            if row.request_id in self._aborts:
-                self._finish_aborted(row)
-        for row in [r for r in self._chunked if r.request_id in self._aborts]:
+            if row.request_id in book.aborts:
+                book.finish_aborted(row)
+        for row in [r for r in self._chunked if r.request_id in book.aborts]:
             if row is self._chunked[0]:
                 self._chunk = None
             self._chunked.remove(row)
             log.debug("request %s aborted during its chunked prefill", row.request_id)
-            self._finish_aborted(row)
-        self._aborts &= set(self._active)  # those still being admitted wait for the next step
+            book.finish_aborted(row)
+        book.aborts &= set(book.active)  # those still being admitted wait for the next step
         self._keep(keep)
 
     def _keep(self, keep: list[int]) -> None:
@@ -384,18 +329,15 @@ class Engine:
         if not self._running:
             self._cache = None
 
-    def _prefill(self, rows: list[_Row]) -> None:
-        """Prefills newcomers in groups of similar length, then merges them into the batch."""
-        joined: list[tuple[list[_Row], BatchCache]] = []
-        for group in prefill_groups([r.prompt for r in rows]):
-            group_rows = [rows[i] for i in group]
-            if len(group) * len(group_rows[0].prompt) > self.max_prefill_tokens:
-                self._chunked.extend(group_rows)  # longest first: each alone, chunk by chunk
-            else:
-                joined += self._prefill_group(group_rows)
+    def _prefill(self, rows: list[Row]) -> None:
+        """Prefills newcomers in groups of similar length, then merges them into the batch;
+        prompts over the budget wait in _chunked, prefilled a chunk a step."""
+        whole, chunked = plan_prefill([r.prompt for r in rows], self.max_prefill_tokens)
+        joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
+        self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
 
-    def _join(self, joined: list[tuple[list[_Row], BatchCache]]) -> None:
+    def _join(self, joined: list[tuple[list[Row], BatchCache]]) -> None:
         """Merges prefilled rows (and their caches) into the running batch."""
         if not joined:
             return
@@ -407,7 +349,7 @@ class Engine:
         with self._lock:
             self._running += [row for group_rows, _ in joined for row in group_rows]
 
-    def _prefill_group(self, rows: list[_Row]) -> list[tuple[list[_Row], BatchCache]]:
+    def _prefill_group(self, rows: list[Row]) -> list[tuple[list[Row], BatchCache]]:
         """One prefill pass; if it fails, one pass per row, failing only the rows that fail.
         Returns the rows that continue, with their cache."""
         try:
@@ -437,9 +379,7 @@ class Engine:
         cache, done = self._chunk
         end = min(done + self.max_prefill_tokens, len(row.prompt))
         try:
-            ids = torch.tensor([row.prompt[done:end]], dtype=torch.long, device=self.device)
-            h = self.model.hidden_states(ids, kv_cache=cache, start_pos=done)
-            logits = self.model.lm_head(h[:, -1]) if end == len(row.prompt) else None
+            logits = chunk_pass(self.model, cache, row.prompt, done, end, self.device)
         except Exception as exc:  # this request alone fails
             log.exception("prefill of request %s failed", row.request_id)
             self._chunked.popleft()
@@ -458,37 +398,25 @@ class Engine:
         if self._emit([row], logits):
             self._join([([row], cache)])
 
-    def _start(self, row: _Row) -> None:
+    def _start(self, row: Row) -> None:
         """A request's text stream and (when sampling) its generator, at its prefill."""
         row.stream = TextStream(self.files.tokenizer, row.params.stop)
         if not row.params.greedy:
             row.generator = new_generator(row.params.seed, self.device)
 
-    def _prefill_forward(self, rows: list[_Row]) -> tuple[BatchCache, Tensor]:
+    def _prefill_forward(self, rows: list[Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""
-        ids, mask = left_pad([r.prompt for r in rows], device=self.device)
-        cache = BatchCache.empty(self.model, len(rows), ids.size(1))
-        padded = not bool(mask.all())
-        h = self.model.hidden_states(ids, kv_cache=cache, pad_mask=mask if padded else None)
-        cache.pad_mask = mask
+        cache, logits = prefill_pass(self.model, [r.prompt for r in rows], self.device)
         for row in rows:
             self._start(row)
-        return cache, self.model.lm_head(h[:, -1])  # (B, V): last column = each last token
+        return cache, logits
 
     def _decode(self) -> None:
         """One decoding step for the whole running batch."""
         rows, cache = self._running, self._cache
         assert cache is not None
         try:
-            ids = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
-            start_pos = cache.length
-            cache.reserve(1)
-            padded = cache.padded()
-            mask = cache.extend_mask(1)
-            h = self.model.hidden_states(
-                ids, kv_cache=cache, start_pos=start_pos, pad_mask=mask if padded else None
-            )
-            logits = self.model.lm_head(h[:, -1])
+            logits = decode_pass(self.model, cache, [r.pending for r in rows], self.device)
         except Exception as exc:  # fail this step's rows, keep serving
             log.exception("decoding step failed for %d requests", len(rows))
             self._fail(rows, exc)
@@ -500,7 +428,7 @@ class Engine:
         self._emit(rows, logits, leave=self._keep)
 
     def _emit(
-        self, rows: list[_Row], logits: Tensor, leave: Callable[[list[int]], None] | None = None
+        self, rows: list[Row], logits: Tensor, leave: Callable[[list[int]], None] | None = None
     ) -> list[int]:
         """Samples each row's next token and sends its event; returns the rows that continue.
 
@@ -510,136 +438,22 @@ class Engine:
         """
         wakes = WakeBatch()
         try:
-            return self._emit_rows(rows, logits, leave, wakes)
+            emitted = emit_tokens(rows, logits, self.files, wakes)
+            with self._lock:
+                if leave is not None:
+                    leave(emitted.keep)
+                for row, event in emitted.finals:
+                    self._book.finish(row, event)
+                self._counts["generated_tokens"] += emitted.sampled
+            return emitted.keep
         finally:
             wakes.send()
 
-    def _emit_rows(
-        self,
-        rows: list[_Row],
-        logits: Tensor,
-        leave: Callable[[list[int]], None] | None,
-        wakes: WakeBatch,
-    ) -> list[int]:
-        params = [r.params for r in rows]
-        k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        keep: list[int] = []
-        finals: list[tuple[_Row, TokenEvent]] = []
-        try:
-            chosen = sample_rows(logits, params, [r.generator for r in rows]).tolist()
-            if k is not None:
-                ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)
-                lps, top_values, top_ids = top_logprobs(logits, ids, k)
-                top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        except Exception as exc:  # fail these rows, keep serving
-            log.exception("sampling failed for %d requests", len(rows))
-            chosen, finals = [], [(row, _error_event(exc)) for row in rows]
-        for i, (row, token) in enumerate(zip(rows, chosen, strict=False)):
-            try:
-                event = self._next_event(row, token)
-                if row.params.logprobs is not None:
-                    n = row.params.logprobs
-                    event.logprob = lps[i]
-                    event.top_logprobs = self._alternatives(top_ids[i][:n], top_values[i][:n])
-            except Exception as exc:  # a row's own failure ends only that row
-                log.exception("request %s failed", row.request_id)
-                finals.append((row, _error_event(exc)))
-                continue
-            if event.finish_reason is None:
-                row.pending = token
-                keep.append(i)
-                row.handle.push(event, wakes)
-            else:
-                finals.append((row, event))
+    def _fail(self, rows: list[Row], exc: BaseException) -> None:
         with self._lock:
-            if leave is not None:
-                leave(keep)
-            for row, event in finals:
-                self._finish(row, event)
-            self._counts["generated_tokens"] += len(chosen)
-        return keep
-
-    def _next_event(self, row: _Row, token: int) -> TokenEvent:
-        assert row.stream is not None
-        row.generated += 1
-        if token in row.stops:
-            return TokenEvent(token, row.stream.flush(), finish_reason="stop")
-        text, stopped = row.stream.push(token)
-        if stopped:
-            return TokenEvent(token, text, finish_reason="stop")
-        if row.generated >= row.params.max_tokens:
-            return TokenEvent(token, text + row.stream.flush(), finish_reason="length")
-        return TokenEvent(token, text)
-
-    def _alternatives(self, ids: list[int], values: list[float]) -> dict[str, float]:
-        """Top-k alternatives as {decoded token: logprob}; the likelier wins a string collision."""
-        out: dict[str, float] = {}
-        for token_id, value in zip(ids, values, strict=True):
-            out.setdefault(self.files.decode([token_id], skip_special_tokens=False), value)
-        return out
-
-    def _fail(self, rows: list[_Row], exc: BaseException) -> None:
-        with self._lock:
-            for row in rows:
-                self._finish(row, _error_event(exc))
-
-    def _finish_aborted(self, row: _Row) -> None:
-        """(lock held) Ends a request with finish_reason "abort"."""
-        self._finish(row, TokenEvent(NO_TOKEN, "", finish_reason="abort"))
-
-    def _finish(self, row: _Row, event: TokenEvent) -> None:
-        """(lock held) Sends a request's final event and forgets the request."""
-        if row.handle.finished:
-            return
-        self._active.pop(row.request_id, None)
-        self._aborts.discard(row.request_id)
-        self._counts["finished"] += 1
-        row.handle.push(event)
-
-
-def _error_event(exc: BaseException) -> TokenEvent:
-    """The final event of a request that failed: what went wrong, for the server's 500 body."""
-    return TokenEvent(NO_TOKEN, "", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
-
-
-def prefill_groups(prompts: list[list[int]], waste: float = PREFILL_PADDING) -> list[list[int]]:
-    """Indices of prompts grouped for prefill: longest first, a group closed when padding to its
-    longest prompt would add more than `waste` (a fraction) to its tokens. A prefill is already
-    compute-bound on its own tokens, so padding is pure loss; similar lengths still share a pass.
-    """
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    groups: list[list[int]] = []
-    total = 0
-    for i in order:
-        n = len(prompts[i])
-        if groups and len(prompts[groups[-1][0]]) * (len(groups[-1]) + 1) <= (1 + waste) * (
-            total + n
-        ):
-            groups[-1].append(i)
-            total += n
-        else:
-            groups.append([i])
-            total = n
-    return groups
+            self._book.fail(rows, exc)
 
 
 def _default_gen(files: TokenizerFiles) -> dict[str, Any]:
     """The stop set lmforge writes for a model with this tokenizer (no generation_config given)."""
     return generation_config(files)
-
-
-def _configure_threads(threads: int | None) -> None:
-    """torch's intra-op threads (process-wide): `threads` when given, else lmforge's default
-    (usable CPUs, or OMP_NUM_THREADS), set once. On a small shared CPU fewer threads than cores
-    can serve faster: the HTTP event loop needs a core too (see `lmforge serve --threads`)."""
-    global _threads_configured
-    if threads is not None:
-        if threads < 1:
-            raise InputError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-        _threads_configured = True
-    elif not _threads_configured:
-        from lmforge.common.threads import configure_torch_threads
-
-        configure_torch_threads()
-        _threads_configured = True

@@ -1,0 +1,68 @@
+"""The engine's forward passes on a causal Transformer: prefill, a prompt's chunk, a decoding step.
+
+Each pass takes the model and the running batch's layout (serve/batch_cache.py: rows
+right-aligned at one length L, left padding masked) and returns next-token logits (B, V); the
+engine samples from them (serve/emit.py) and keeps failures local to the rows of the pass.
+
+- prefill_pass: newcomers' prompts left-padded into one pass, a fresh BatchCache of their own;
+- chunk_pass: the next positions of a prompt prefilled alone (start_pos + the model's causal
+  mask), logits only once the prompt is whole;
+- decode_pass: every row feeds its last token at start_pos=L with the batch's pad_mask, so each
+  row keeps its own positions (model.transformer.pad_positions) and never attends to another
+  row's padding.
+
+Why this layout (the right-aligned batch cache) rather than fixed slots (a preallocated
+(max_batch_size, block_size) cache, one slot per request, each row at its own start_pos): the
+model's forward takes one start_pos for the whole batch, and left-padding with pad_mask is what it
+already supports exactly (greedy rows equal generate() alone); fixed slots would run attention
+over max_batch_size x block_size keys every step, most of them empty, while the right-aligned
+cache only spans the live rows and the longest live sequence. Measured on the 2-core CPU (the
+`small` body, 11M params, 16 rows, one decoding step, one thread, a loaded machine): 96 cached
+positions 44 ms against 1023 (fixed slots at block_size 1024) 87 ms, and 47 against 56 ms at
+block_size 512. Joining and leaving cost one copy of the cache, once per request, not per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.model.generate import left_pad
+from lmforge.serve.batch_cache import BatchCache
+
+
+def prefill_pass(
+    model: nn.Module, prompts: list[list[int]], device: torch.device
+) -> tuple[BatchCache, Tensor]:
+    """The prompts in one left-padded forward pass: their cache and next-token logits (B, V)."""
+    ids, mask = left_pad(prompts, device=device)
+    cache = BatchCache.empty(model, len(prompts), ids.size(1))
+    padded = not bool(mask.all())
+    h = model.hidden_states(ids, kv_cache=cache, pad_mask=mask if padded else None)
+    cache.pad_mask = mask
+    return cache, model.lm_head(h[:, -1])  # (B, V): last column = each last token
+
+
+def chunk_pass(
+    model: nn.Module, cache: BatchCache, prompt: list[int], done: int, end: int,
+    device: torch.device,
+) -> Tensor | None:  # fmt: skip
+    """prompt[done:end] into its own one-row cache; logits (1, V) once the prompt is whole."""
+    ids = torch.tensor([prompt[done:end]], dtype=torch.long, device=device)
+    h = model.hidden_states(ids, kv_cache=cache, start_pos=done)
+    return model.lm_head(h[:, -1]) if end == len(prompt) else None
+
+
+def decode_pass(
+    model: nn.Module, cache: BatchCache, tokens: list[int], device: torch.device
+) -> Tensor:
+    """One decoding step: each row's last sampled token in, next-token logits (B, V) out."""
+    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+    start_pos = cache.length
+    cache.reserve(1)
+    padded = cache.padded()
+    mask = cache.extend_mask(1)
+    h = model.hidden_states(
+        ids, kv_cache=cache, start_pos=start_pos, pad_mask=mask if padded else None
+    )
+    return model.lm_head(h[:, -1])

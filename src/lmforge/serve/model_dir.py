@@ -1,0 +1,56 @@
+"""A model directory loaded for serving: the model on its device and dtype, its tokenizer files,
+its generation config (the stop set) and its display name.
+
+device "auto" is CUDA when available, else CPU. dtype defaults to config.json's torch_dtype, but
+float16 becomes float32 on CPU, where half matmuls are slow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.tokenizer.files import TokenizerFiles
+from lmforge.tokenizer.generation import load_generation_config
+
+
+@dataclass
+class ServedModel:
+    """What an engine is built from."""
+
+    model: nn.Module
+    files: TokenizerFiles
+    generation_config: dict[str, Any]
+    name: str  # the name given, else the directory's display name (runs/q/sft/final -> sft)
+
+
+def load_served_model(
+    model_dir: Path | str,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> ServedModel:
+    """Loads an lmforge export or HF checkpoint directory on `device` in `dtype` (see module)."""
+    from lmforge.model.convert import (
+        load_pretrained,
+        model_display_name,
+        read_config,
+        resolve_model_dir,
+    )
+
+    model_dir = resolve_model_dir(Path(model_dir))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = getattr(torch, str(read_config(model_dir).get("torch_dtype", "float32")))
+        if device == "cpu" and dtype == torch.float16:
+            dtype = torch.float32
+    files = TokenizerFiles.load(model_dir)
+    model = load_pretrained(model_dir, device=device, dtype=dtype)
+    gen = load_generation_config(model_dir, files)
+    return ServedModel(model, files, gen, name or model_display_name(model_dir))
