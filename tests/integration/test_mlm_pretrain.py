@@ -94,3 +94,26 @@ def test_mlm_without_mask_token_or_with_a_decoder_is_refused(tmp_path):
     decoder = {**base, "out": str(tmp_path / "b"), "model": {"preset": "micro"}}
     with pytest.raises(ConfigError, match="cannot train a causal decoder; use a bert-"):
         pretrain(load_config(PretrainConfig, values=decoder))
+
+
+@pytest.mark.integration
+def test_mlm_val_probability_fixes_the_val_masks_whatever_the_training_rate(tmp_path):
+    from lmforge.config import load_config
+    from lmforge.train.pretrain import PretrainConfig, pretrain
+
+    tokens, tok_dir = make_corpus_shards(tmp_path)
+    base = {"tokens": str(tokens), "tokenizer": str(tok_dir), "objective": "mlm",
+            "model": {"preset": "bert-micro"},
+            "train": {"max_steps": 1, "warmup_steps": 0, "seq_len": 32, "micro_batch_size": 4,
+                      "eval_steps": 2, "ckpt_every": 0, "device": "cpu"}}  # fmt: skip
+
+    def initial_val_loss(name: str, **mask: float) -> float:
+        out = pretrain(load_config(PretrainConfig, values={**base, **mask, "out": tmp_path / name}))
+        return json.loads((out / "manifest.json").read_text())["metrics"]["initial_val_loss"]
+
+    # the same untrained model (seeded) scores the same val masks, so the same initial loss
+    bert_rate = initial_val_loss("a", mlm_probability=0.15)
+    fixed = initial_val_loss("b", mlm_probability=0.4, mlm_val_probability=0.15)
+    follows_training = initial_val_loss("c", mlm_probability=0.4)
+    assert fixed == bert_rate
+    assert follows_training != bert_rate

@@ -3,7 +3,8 @@ through the one training loop.
 
 objective=mlm trains a bidirectional encoder preset (bert-micro, bert-tiny, bert-base) with
 train/mlm.py's loss_fn on the same shards; its val_loss is the masked-token loss on val windows
-masked once with fixed seeds, and the manifest adds initial_val_loss (before any step).
+masked once with fixed seeds (at mlm_val_probability when set, so runs trained at different mask
+rates compare), and the manifest adds initial_val_loss (before any step).
 
 Inputs: a token shard directory (`lmforge tokenizer encode`: train.bin, val.bin, meta.json) and
 the tokenizer that made it (refused when its hash differs from the one in meta.json). Outputs in
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +81,13 @@ class PretrainConfig(StageConfig):
     )
     mlm_probability: float = Field(
         0.15, gt=0, lt=1, description="mlm: share of tokens chosen for prediction (80/10/10)"
+    )
+    mlm_val_probability: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="mlm: share of val tokens masked for val_loss (None: mlm_probability); fix "
+        "it (BERT's 0.15) to compare runs trained at different mlm_probability",
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
 
@@ -161,7 +170,8 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     if cfg.objective == "mlm":
         spec = mask_spec(cfg, model.config.vocab_size)
         loss_fn = make_mlm_loss(spec)
-        prepare_val = lambda batch, i: masked_val_batch(batch, spec, seed=tc.seed + i)  # noqa: E731
+        val_spec = replace(spec, probability=cfg.mlm_val_probability or cfg.mlm_probability)
+        prepare_val = lambda batch, i: masked_val_batch(batch, val_spec, seed=tc.seed + i)  # noqa: E731
     ranks = {"rank": rt.env.rank, "world_size": rt.env.world_size}
     train_tokens = open_tokens(Path(cfg.tokens) / "train.bin", meta["dtype"])
     val_tokens = open_tokens(Path(cfg.tokens) / "val.bin", meta["dtype"])
