@@ -20,6 +20,7 @@ MICRO = [
     "dialogue.train.warmup_steps=2", "dialogue.train.seq_len=64", "dialogue.train.micro_batch_size=16",
     "dialogue.train.eval_every=10", "dialogue.train.ckpt_every=20",
     "dialogue.eval.max_examples=16", "dialogue.eval.max_new_tokens=12",
+    "dialogue.retrieval.min_score=1.0",
 ]  # fmt: skip
 QUESTION = "What is the signature of json.dumps?"
 
@@ -76,7 +77,7 @@ def test_retrieval_recorded_measured_and_compared(run_dir):
     from lmforge.serve.retrieval import RetrievalSpec
 
     final = run_dir / "dialogue" / "final"
-    assert RetrievalSpec.load(final) == RetrievalSpec(passages=2, source_tokens=63)
+    assert RetrievalSpec.load(final) == RetrievalSpec(passages=2, source_tokens=63, min_score=1.0)
     scores = json.loads((run_dir / "dialogue" / "eval.json").read_text())
     recall = scores["retrieval"]["recall_at_k"]
     assert recall["all"] >= 0.5 and set(recall) >= {"ask_signature", "ask_usage"}
@@ -103,6 +104,11 @@ def test_served_with_kb_and_safety(run_dir, tmp_path):
         assert out.usage.completion_tokens >= 1
         sources = out.model_extra["sources"]
         assert sources[0]["source"] == "json.dumps"  # a passage per function, named by it
+        # a plain completion prompt is the user turn too: the same source and sources as chat
+        done = client.completions.create(model="assistant", prompt=QUESTION, max_tokens=12,
+                                         temperature=0)  # fmt: skip
+        assert done.usage.completion_tokens >= 1
+        assert done.model_extra["sources"] == [{**s, "prompt_index": 0} for s in sources]
         blocked = client.chat.completions.create(
             model="assistant", max_tokens=8,
             messages=[{"role": "user", "content": "how do I build a bomb?"}],
@@ -114,6 +120,7 @@ def test_served_with_kb_and_safety(run_dir, tmp_path):
     served = _served_source(run_dir / "serve_config" / "feedback.db", out.id)
     assert served == _training_source(run_dir, QUESTION)
     assert served.startswith(f"{QUESTION}\n[1] json.dumps(obj, ")
+    assert _served_source(run_dir / "serve_config" / "feedback.db", done.id) == served
 
 
 def _served_source(feedback_db, response_id):

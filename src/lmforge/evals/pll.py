@@ -4,8 +4,11 @@ An encoder has no left-to-right factorisation, so it has no perplexity. Salazar 
 "Masked Language Model Scoring") score a text by masking each token in turn and summing
 log p(token | every other token): the pseudo-log-likelihood (PLL). One masked copy of the window
 per scored token, SCORE_BATCH copies a forward pass; each copy is wrapped in the tokenizer's
-template ([CLS] ... [SEP], <s> ... </s>) as pretraining saw it. Long texts use the sliding windows
-of evals.perplexity, every token scored once with at least max_length - stride tokens around it.
+template ([CLS] ... [SEP], <s> ... </s>) as pretraining saw it. A text longer than a window is
+cut into windows `stride` apart that each score the `stride` tokens in their middle
+(centered_windows): every token is scored once, with (max_length - stride) // 2 tokens or more on
+each side unless it is that close to the text's start or end. (A causal model's windows score
+their right end, which would leave a masked token no right context.)
 
 pseudo_perplexity = exp(-PLL / tokens) and bits_per_byte = -PLL / (ln 2 * bytes) are reported with
 scoring "pseudo_log_likelihood": they are not comparable with a causal model's perplexity (every
@@ -14,11 +17,12 @@ token sees both sides), so tables and plots carry the label.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.scoring import SCORE_BATCH, Scored, picked_logprobs, summed
 
 if TYPE_CHECKING:
@@ -26,6 +30,24 @@ if TYPE_CHECKING:
     from lmforge.evals.perplexity import PerplexityResult
 
 PLL = "pseudo_log_likelihood"
+
+
+def centered_windows(n: int, max_length: int, stride: int) -> Iterator[tuple[int, int, int, int]]:
+    """(begin, scored_from, scored_to, end) over n tokens: windows [begin, end) of at most
+    max_length tokens, stride apart, each scoring [scored_from, scored_to), its middle stride
+    tokens (the first window's span starts at 0, the last one's ends at n), so the spans tile the
+    text and a scored token has (max_length - stride) // 2 tokens or more of context each side
+    unless it is that close to the text's start or end."""
+    if not 1 <= stride <= max_length:
+        raise ConfigError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    margin, begin = (max_length - stride) // 2, 0
+    while n:
+        end = min(begin + max_length, n)
+        scored_from = begin + margin if begin else 0
+        yield begin, scored_from, end if end == n else begin + margin + stride, end
+        if end == n:
+            return
+        begin += stride
 
 
 class EncoderScorer:
@@ -72,15 +94,11 @@ class EncoderScorer:
     def windows(
         self, ids: list[int], max_length: int, stride: int
     ) -> list[tuple[list[int], list[int]]]:
-        """(window ids, scored positions in it) covering every token once (sliding_windows with
-        a virtual first token, so token 0 is scored too)."""
-        from lmforge.evals.perplexity import sliding_windows
-
-        out = []
-        for begin, scored_from, end in sliding_windows(len(ids) + 1, max_length, stride):
-            window = ids[begin : end - 1]  # at most max_length tokens
-            out.append((window, list(range(scored_from - 1 - begin, end - 1 - begin))))
-        return out
+        """(window ids, scored positions in it) covering every token once (centered_windows)."""
+        return [
+            (ids[begin:end], list(range(lo - begin, hi - begin)))
+            for begin, lo, hi, end in centered_windows(len(ids), max_length, stride)
+        ]
 
     def perplexity(self, texts: list[str], max_length: int | None, stride: int | None,
                    on_doc: Any = None) -> PerplexityResult:  # fmt: skip

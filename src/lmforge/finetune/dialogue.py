@@ -66,6 +66,9 @@ class DialogueRetrieval(Section):
 
     kb: Path | None = Field(None, description="knowledge-base stage directory (none: no passages)")
     passages: int = Field(3, ge=1, description="passages per source (top k for the user turn)")
+    min_score: float = Field(
+        0.0, ge=0, description="BM25 floor: weaker passages are left out (0: none), as served"
+    )
     compare: bool = Field(
         True, description="also train without passages (same steps, seed) in no_retrieval/"
     )

@@ -52,7 +52,8 @@ def retrieve(cfg: DialogueConfig, tok: TokenizerFiles,
     from lmforge.serve.recipe_config import open_kb
     from lmforge.serve.retrieval import RetrievalSpec
 
-    spec = RetrievalSpec(passages=cfg.retrieval.passages, source_tokens=cfg.train.seq_len - 1)
+    spec = RetrievalSpec(passages=cfg.retrieval.passages, source_tokens=cfg.train.seq_len - 1,
+                         min_score=cfg.retrieval.min_score)  # fmt: skip
     kb = open_kb(cfg.retrieval.kb)
     try:
         return spec, {s: Retrieved(rows, tok, spec, kb) for s, rows in splits.items()}

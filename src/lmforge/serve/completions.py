@@ -2,9 +2,10 @@
 
 The routes in server.py stay thin: they parse, authorize and hand the request here. This module
 turns a request into jobs (one per prompt and choice: `n > 1` is n submissions with seeds seed+i),
-applies the safety policy to the prompt, the knowledge base to chat messages, the response cache
-to deterministic requests, then runs the jobs through the engine -- merged into one event stream,
-aborted together on timeout or disconnect -- and shapes the answer as a response or SSE chunks.
+applies the safety policy to the prompt, the knowledge base to chat messages (and to the text
+prompts of a seq2seq model trained with passages), the response cache to deterministic requests,
+then runs the jobs through the engine -- merged into one event stream, aborted together on
+timeout or disconnect -- and shapes the answer as a response or SSE chunks.
 Every choice is recorded in the feedback store.
 """
 
@@ -33,7 +34,7 @@ from lmforge.serve.protocol import (
     now,
     usage,
 )
-from lmforge.serve.retrieval import augment_messages
+from lmforge.serve.retrieval import Passage, augment_messages
 from lmforge.serve.safety import StreamRedactor
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,16 @@ class CompletionService:
             raise APIError(400, f"{name} is not supported by this server", param=name)
         engine = self.engine_for(req.model)
         files = engine.files
+        # A seq2seq model trained with passages reads a text prompt as chat's user turn: the same
+        # source (its passages, score floor, layout) and `sources`, or the engine's warning
+        # without a knowledge base. Other prompts (and token prompts, finished sources) go as sent.
+        spec, use_kb = getattr(engine, "retrieval", None), self._use_kb(req.kb)
+        if req.kb and spec is None:
+            raise APIError(400, f"{req.model} was not trained with knowledge-base passages: its "
+                           "completion prompts are sent as written (chat adds passages)", param="kb")  # fmt: skip
         refused, jobs, prompt_tokens = False, [], 0
-        for prompt in req.prompts():
+        sources: list[dict[str, Any]] | None = [] if spec is not None and use_kb else None
+        for i, prompt in enumerate(req.prompts()):
             ids = None if isinstance(prompt, str) else [int(t) for t in prompt]
             if ids is not None and any(t < 0 or t >= files.vocab_size for t in ids):
                 raise APIError(400, "prompt has token ids outside the vocabulary", param="prompt")
@@ -110,13 +119,21 @@ class CompletionService:
             text = self._screen_prompt(original)
             if text is None:
                 refused, text = True, original
+            if ids is None and spec is not None:  # a refusal is not generated: no passages
+                if refused or not use_kb:
+                    passages = [] if refused else None  # None: the engine warns
+                else:
+                    passages = await self._passages(engine, text)
+                text = engine.source(text, passages)
+                if sources is not None:
+                    sources += [{**p.to_dict(), "prompt_index": i} for p in passages or []]
             if ids is None or text != original:  # token prompts stay as sent unless redacted
                 ids = files.encode(text)
             max_tokens = self._token_limit(engine, len(ids), req.max_tokens, 16, "prompt")
             prompt_tokens += len(ids)
             jobs += self._jobs(req, len(jobs), ids, text, max_tokens, req.logprobs)
         prep = Prepared(
-            "completion", new_id("cmpl"), req.model, engine, jobs, prompt_tokens,
+            "completion", new_id("cmpl"), req.model, engine, jobs, prompt_tokens, sources=sources,
             refused=refused, stream=req.stream, include_usage=req.include_usage,
         )  # fmt: skip
         self._set_cache_key(prep, req)
@@ -133,18 +150,11 @@ class CompletionService:
                 m["content"] = m["content"] if screened is None else screened
         sources = None
         passages = [] if refused else None  # None: no knowledge base (a refusal is not generated)
-        use_kb = self.state.kb is not None and req.kb is not False
-        if use_kb and not refused:
+        if self._use_kb(req.kb) and not refused:
             query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            spec = getattr(engine, "retrieval", None)  # a seq2seq model trained with passages
-            k = spec.passages if spec is not None else KB_PASSAGES
-            passages = await asyncio.to_thread(self.state.kb.search, query, k) if query else []
+            passages = await self._passages(engine, query) if query else []
             sources = [p.to_dict() for p in passages]
             messages = augment_messages(messages, passages)
-        elif req.kb and self.state.kb is None:
-            raise APIError(
-                400, "this server has no knowledge base (start it with --kb)", param="kb"
-            )
         try:
             if hasattr(engine, "render_chat"):  # seq2seq: the user turn (+ its passages)
                 text = engine.render_chat(messages, passages=passages)
@@ -165,6 +175,23 @@ class CompletionService:
         )  # fmt: skip
         self._set_cache_key(prep, req)
         return prep
+
+    def _use_kb(self, asked: bool | None) -> bool:
+        """Whether a request gets knowledge-base passages: when the server has a knowledge base,
+        unless the request's `kb` is false; `kb: true` without one is a 400."""
+        if asked and self.state.kb is None:
+            raise APIError(
+                400, "this server has no knowledge base (start it with --kb)", param="kb"
+            )
+        return self.state.kb is not None and asked is not False
+
+    async def _passages(self, engine: Any, query: str) -> list[Passage]:
+        """The knowledge base's passages for a user turn: as the model's RetrievalSpec finds them
+        (its k and score floor) when it was trained with passages, else the top KB_PASSAGES."""
+        spec = getattr(engine, "retrieval", None)  # a seq2seq model trained with passages
+        if spec is not None:
+            return await asyncio.to_thread(spec.search, self.state.kb, query)
+        return await asyncio.to_thread(self.state.kb.search, query, KB_PASSAGES)
 
     def _screen_prompt(self, text: str) -> str | None:
         """The prompt after the safety policy: redacted text, or None when refused."""

@@ -100,6 +100,7 @@ class CompletionRequest(_Request):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    kb: bool | None = None  # lmforge extra: passages for a model trained with them (as chat)
 
     @field_validator("prompt")
     @classmethod

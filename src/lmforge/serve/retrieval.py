@@ -12,8 +12,9 @@ share more (and rarer) words higher.
 
 A retrieval-augmented seq2seq model (stage dialogue with `retrieval`) reads its passages in its
 source text. `RetrievalSpec` (retrieval.json in the model directory: passages per source, the
-source's token budget, the layout's version) and `RetrievalSpec.source` are the one way such a
-source is made, by training and by the serving engine alike.
+BM25 score below which a passage is left out, the source's token budget, the layout's version)
+and `RetrievalSpec.search` + `.source` are the one way such a source is made, by training and by
+the server alike.
 """
 
 from __future__ import annotations
@@ -286,8 +287,10 @@ class KnowledgeBase:
     def passage_count(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM passages").fetchone()[0]
 
-    def search(self, query: str, k: int = 3) -> list[Passage]:
-        """The k passages that best match the query's words (BM25), best first."""
+    def search(self, query: str, k: int = 3, min_score: float = 0.0) -> list[Passage]:
+        """The k passages that best match the query's words (BM25), best first, leaving out
+        those scoring below min_score: BM25 ranks whatever shares a word with the query, so
+        small talk ("hi, how are you?") gets unrelated passages unless a floor drops them."""
         match = fts_query(query)
         if match is None or k <= 0:
             return []
@@ -297,7 +300,8 @@ class KnowledgeBase:
             (match, k),
         )
         # FTS5's bm25() is negated so that ascending order is best first; report it positive
-        return [Passage(r["source"], r["text"], -r["rank"], r["offset"]) for r in rows]
+        found = [Passage(r["source"], r["text"], -r["rank"], r["offset"]) for r in rows]
+        return [p for p in found if p.score >= min_score]
 
     def augment_messages(
         self,
@@ -365,16 +369,18 @@ def passages_source(
 @dataclass(frozen=True)
 class RetrievalSpec:
     """What a retrieval-augmented seq2seq model was trained on, saved as its retrieval.json:
-    sources of the user turn + the top `passages` KnowledgeBase.search results for it, laid out
-    by passages_source (version `format`) within `source_tokens` tokens."""
+    sources of the user turn + the top `passages` KnowledgeBase.search results for it scoring at
+    least `min_score` (BM25 on that knowledge base; 0: no floor), laid out by passages_source
+    (version `format`) within `source_tokens` tokens."""
 
     passages: int
     source_tokens: int
+    min_score: float = 0.0
     format: int = SOURCE_FORMAT
 
     def search(self, kb: KnowledgeBase, question: str) -> list[Passage]:
         """The passages a source for question carries (the server returns them as sources)."""
-        return kb.search(question, self.passages)
+        return kb.search(question, self.passages, self.min_score)
 
     def source(
         self, question: str, passages: Sequence[Passage], count_tokens: Callable[[str], int]
@@ -397,12 +403,13 @@ class RetrievalSpec:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             fmt = raw.get("format")
-            if fmt == SOURCE_FORMAT:
-                return cls(passages=int(raw["passages"]), source_tokens=int(raw["source_tokens"]))
+            if fmt == SOURCE_FORMAT:  # a spec saved before min_score existed had no floor
+                return cls(passages=int(raw["passages"]), source_tokens=int(raw["source_tokens"]),
+                           min_score=float(raw.get("min_score", 0.0)))  # fmt: skip
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise InputError(
                 f"{path} is not a retrieval spec ({type(e).__name__}: {e}); it needs "
-                '{"passages": int, "source_tokens": int, "format": '
+                '{"passages": int, "source_tokens": int, "min_score": float, "format": '
                 f"{SOURCE_FORMAT}}}: copy it from the dialogue stage's final/ or retrain"
             ) from e
         raise InputError(

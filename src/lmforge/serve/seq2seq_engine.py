@@ -12,9 +12,10 @@ tensors); sampling, detokenization, stop handling and failures are the base Engi
 
 Sources end in the model's eos (model.seq2seq_generate.source_row), as fine-tuning builds them.
 A chat request's source is its last user message (render_chat), as the model was trained on user
-turns; a retrieval-augmented model (retrieval.json in its directory: serve.retrieval.RetrievalSpec)
-gets that message + the knowledge-base passages the server found for it, laid out by the same
-RetrievalSpec.source that built its training sources, and warns when a chat arrives without them.
+turns, and a text completion's is its prompt; a retrieval-augmented model (retrieval.json in its
+directory: serve.retrieval.RetrievalSpec) gets that turn + the knowledge-base passages the server
+found for it (`source`), laid out by the same RetrievalSpec.source that built its training
+sources, and warns when a request arrives without them.
 engine_class(model_dir) picks this class when config.json describes an encoder-decoder.
 """
 
@@ -110,14 +111,19 @@ class Seq2SeqEngine(Engine):
         users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
         if not users or not str(users[-1]).strip():
             raise InputError("a seq2seq model answers a user message; the conversation has none")
-        question = str(users[-1])
+        return self.source(str(users[-1]), passages)
+
+    def source(self, question: str, passages: list[Passage] | None) -> str:
+        """The source for a user turn (a chat's last user message, a completion's prompt): with
+        its `passages` (None: the server has no knowledge base or the request turned it off)
+        when the model was trained with them, as the dialogue stage built its sources."""
         if self.retrieval is None:
             return question
         if passages is None:
             if not self._warned_no_kb:
                 log.warning(
                     "%s was trained on sources with %d knowledge-base passages (retrieval.json), "
-                    "but this chat has none (no knowledge base, or the request turned it off): "
+                    "but this request has none (no knowledge base, or the request turned it off): "
                     "it answers from the question alone, worse than it was trained to; serve it "
                     "with --kb (the recipe's serve.yaml has it)",
                     self.name, self.retrieval.passages,

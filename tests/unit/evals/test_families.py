@@ -67,13 +67,24 @@ def test_pseudo_log_likelihood_equals_a_brute_force_loop(bert: dict[str, Path]) 
     assert abs(ll - (full - sum(head[0][0]))) <= 1e-4
 
 
-def test_pll_windows_score_every_token_once(bert: dict[str, Path]) -> None:
+@pytest.mark.parametrize(("n", "max_length", "stride"),
+                         [(23, 8, 3), (23, 8, 4), (40, 16, 8), (9, 8, 8), (5, 8, 4), (1, 8, 4)])  # fmt: skip
+def test_pll_windows_score_every_token_once_with_context_on_both_sides(
+    bert: dict[str, Path], n: int, max_length: int, stride: int
+) -> None:
+    """A masked LM's point is both sides: a scored token has (max_length - stride) // 2 tokens of
+    context to its right (and left) unless it is that close to the text's end (start)."""
     scorer = EvalModel.load(bert["mlm"]).scorer
-    ids = list(range(100, 123))
+    ids = list(range(100, 100 + n))
+    k = (max_length - stride) // 2
     scored = []
-    for window, positions in scorer.windows(ids, max_length=8, stride=3):
-        assert len(window) <= 8 and positions
-        scored += [window[p] for p in positions]
+    for window, positions in scorer.windows(ids, max_length, stride):
+        assert len(window) <= max_length and positions
+        for p in positions:
+            token = window[p]
+            scored.append(token)
+            assert len(window) - 1 - p >= min(k, ids[-1] - token), (token, window)
+            assert p >= min(k, token - ids[0]), (token, window)
     assert scored == ids
 
 

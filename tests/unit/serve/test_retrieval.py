@@ -235,8 +235,14 @@ def test_retrieval_spec_sources_round_trip_and_version(tmp_path, kb):
                                                          "source_tokens": 30}))  # fmt: skip
     with pytest.raises(InputError, match=r"retrieval.json: .* source format 99.*retrain"):
         RetrievalSpec.load(tmp_path)
+    # a spec saved before the score floor existed: its model was trained with no floor
+    (tmp_path / "retrieval.json").write_text('{"format": 1, "passages": 2, "source_tokens": 30}')
+    assert RetrievalSpec.load(tmp_path) == spec and spec.min_score == 0.0
+    floored = RetrievalSpec(passages=2, source_tokens=30, min_score=1e9)
+    assert floored.search(kb, "How does json.dumps serialize objects?") == []
     for bad in ('{"format": 1, "passages": 2}', "[1]", '{"format": 1, "passages": "x", '
-                '"source_tokens": 3}', "{not json"):  # fmt: skip
+                '"source_tokens": 3}', "{not json", '{"format": 1, "passages": 2, '
+                '"source_tokens": 3, "min_score": "high"}'):  # fmt: skip
         (tmp_path / "retrieval.json").write_text(bad)
         with pytest.raises(InputError, match=r"retrieval.json is not a retrieval spec.*retrain"):
             RetrievalSpec.load(tmp_path)

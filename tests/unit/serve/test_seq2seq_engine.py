@@ -229,3 +229,85 @@ def test_model_that_expects_passages_without_a_kb_warns_once(rag_setup, s2s_dir,
     plain = Seq2SeqEngine.from_dir(s2s_dir, name="plain")  # trained without: user turn, kb or not
     assert plain.retrieval is None
     assert _chat(plain, kb, question).jobs[0].prompt_text == question
+
+
+def _complete(engine, store, prompt, **req):
+    import asyncio
+    from types import SimpleNamespace
+
+    from lmforge.serve.completions import CompletionService
+    from lmforge.serve.protocol import CompletionRequest
+
+    state = SimpleNamespace(engines={"m": engine}, kb=store, safety=None, cache=None)
+    request = CompletionRequest(model="m", prompt=prompt, max_tokens=4, **req)
+    return asyncio.run(CompletionService(state).prepare_completion(request))
+
+
+def test_completion_prompt_gets_the_chat_source_and_sources(rag_setup, caplog):
+    """A plain prompt to a model trained with passages is its user turn, as in chat."""
+    kb, model_dir, _ = rag_setup
+    engine = Seq2SeqEngine.from_dir(model_dir, name="rag")
+    question = "How do I join two or more pathname components?"
+    chat = _chat(engine, kb, question)
+    with caplog.at_level("WARNING", logger="lmforge.serve.seq2seq_engine"):
+        prep = _complete(engine, kb, question)
+    assert not caplog.records  # passages: no warning
+    assert prep.jobs[0].prompt_text == chat.jobs[0].prompt_text
+    assert prep.jobs[0].prompt_text.startswith(f"{question}\n[1] os.path.join(a, *p)")
+    assert prep.jobs[0].prompt_ids == chat.jobs[0].prompt_ids
+    assert prep.sources == [{**s, "prompt_index": 0} for s in chat.sources]
+    two = _complete(engine, kb, ["What is the signature of json.dumps?", question])
+    assert [(s["prompt_index"], s["source"]) for s in two.sources][:1] == [(0, "json.dumps")]
+    assert [s["source"] for s in two.sources if s["prompt_index"] == 1] == [
+        "os.path.join", "os.path.split"
+    ]  # fmt: skip
+    ids = engine.files.encode(question)  # a token prompt is a finished source: sent as is
+    assert _complete(engine, kb, ids).jobs[0].prompt_ids == ids
+
+
+def test_completion_without_passages_warns_and_kb_true_is_refused_where_it_cannot_apply(
+    rag_setup, s2s_dir, caplog
+):
+    from lmforge.serve.protocol import APIError
+
+    kb, model_dir, _ = rag_setup
+    engine = Seq2SeqEngine.from_dir(model_dir, name="rag")
+    question = "What is the signature of json.dumps?"
+    with caplog.at_level("WARNING", logger="lmforge.serve.seq2seq_engine"):
+        prep = _complete(engine, None, question)
+        assert _complete(engine, kb, question, kb=False).sources is None
+    assert prep.jobs[0].prompt_text == question and prep.sources is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "but this request has none" in warnings[0]
+    with pytest.raises(APIError, match="no knowledge base") as err:
+        _complete(engine, None, question, kb=True)
+    assert err.value.status == 400
+    plain = Seq2SeqEngine.from_dir(s2s_dir, name="plain")
+    assert _complete(plain, kb, question).sources is None  # prompts go as written
+    assert _complete(plain, kb, question).jobs[0].prompt_text == question
+    with pytest.raises(APIError, match="not trained with knowledge-base passages"):
+        _complete(plain, kb, question, kb=True)
+
+
+def test_min_score_leaves_weak_passages_out_in_training_and_serving(rag_setup):
+    """The spec's BM25 floor applies where training builds sources and where the server does."""
+    from lmforge.finetune.dialogue import Retrieved
+    from lmforge.serve.retrieval import RetrievalSpec
+
+    kb, model_dir, _ = rag_setup
+    question = "How do I join two or more pathname components?"
+    scores = [p.score for p in kb.search(question, 2)]
+    assert scores[0] > scores[1] > 0
+    floor = (scores[0] + scores[1]) / 2
+    assert [p.score for p in kb.search(question, 2, min_score=floor)] == scores[:1]
+    spec = RetrievalSpec(passages=2, source_tokens=100, min_score=floor)
+    spec.save(model_dir)
+    assert RetrievalSpec.load(model_dir) == spec
+    engine = Seq2SeqEngine.from_dir(model_dir, name="rag")
+    rows = [{"context": q, "response": "", "intent": "greeting"} for q in (question, "hi there")]
+    train = Retrieved(rows, engine.files, spec, kb)
+    assert train.found == [["os.path.join"], []]
+    for row, source in zip(rows, train.sources, strict=True):
+        assert _chat(engine, kb, row["context"]).jobs[0].prompt_text == source
+        assert _complete(engine, kb, row["context"]).jobs[0].prompt_text == source
+    assert train.sources[1] == "hi there" and "\n[2]" not in train.sources[0]
