@@ -208,7 +208,7 @@ class _PortableRepr(pydoc.HTMLRepr):
     """
 
     def repr1(self, x: Any, level: int) -> str:
-        if isinstance(x, str):
+        if type(x) is str:  # not a str subclass such as a StrEnum member: pydoc shows its repr
             return self.repr_string(_clean(x), level)
         if hasattr(self, "repr_" + "_".join(type(x).__name__.split())):
             return super().repr1(x, level)  # containers: their items come back here

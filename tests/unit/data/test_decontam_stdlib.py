@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
+import pydoc
 import re
 import sys
 from pathlib import Path
@@ -114,6 +116,10 @@ def test_stdlib_data_values_are_cleaned_before_pydoc_truncates_them():
     deep = os.path.join(sys.executable, "d" * 300)
     shown = _PortableRepr().repr([deep, {"k": deep}])
     assert sys.executable not in shown and shown.startswith("['&lt;python&gt;/ddd")
+    member = enum.Enum("Method", {"GET": "GET"}, type=str).GET  # a str, shown as pydoc shows it
+    assert (
+        _PortableRepr().repr(member) == pydoc.HTMLRepr().repr(member) == "&lt;Method.GET: 'GET'&gt;"
+    )
 
 
 def test_stdlib_corpus_does_not_depend_on_the_machine_or_the_run(stdlib_docs):
