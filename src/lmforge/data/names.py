@@ -1,16 +1,19 @@
 """Person-name detection from lexicons and cue phrases (no NER model): the `name` PII detector.
 
 A name is found two ways:
-- a full name: a given name, an optional middle initial and a surname-like word ("Alice Smith",
-  "Alice B. Smith"). Surname-like = a known surname, or a Title-case word that is not a common
-  English word ("Alice Python" is not a name, "Alice Kowalczyk" is);
+- a full name: a given name, an optional second given name or middle initial, up to two surname
+  particles and a surname-like word ("Alice Smith", "Alice B. Smith", "Mary Ann Smith", "Guido
+  van Rossum"). Surname-like = a known surname, or a Title-case word that is not a common
+  English word ("Alice Python" is not a name, "Alice Kowalczyk" is). The words may be wrapped
+  onto the next line, not across a blank line;
 - after a cue: "my name is", "I am", "I'm", "this is", "Dear", a sign-off line ("Regards,\\n"),
   a given name with an optional surname; after a title (Mr./Mrs./Ms./Dr./Prof.) also a lone
-  surname.
-Given names that are also English words ("Will", "May", "Mark", "Bob") count only after a cue or
-before a known surname that is not a common word ("Will Smith", not "Will Return"). A word inside
-an identifier (`self.Alice`, `Alice_Smith`, `AliceSmith`, `Alice(`) never matches; a possessive
-keeps its "'s" ("<NAME>'s").
+  surname ("Mr. van Rossum").
+Given names that are also English words ("Will", "May", "Skip") count only after a cue, before a
+known surname that is not a common word ("Will Smith", not "Will Return"), or, unless they are
+everyday words (AMBIGUOUS_GIVEN: "Will", "Max", "Grant"), before a word that is no known name or
+common word ("Skip Montanaro", not "Max Heap"). A word inside an identifier (`self.Alice`,
+`Alice_Smith`, `AliceSmith`, `Alice(`) never matches; a possessive keeps its "'s" ("<NAME>'s").
 
 The lexicons (resources/names.json) come from the faker package's person providers (MIT; see the
 file's `source` and `license`, rebuilt by scripts/extract_names.py); they are read and compiled
@@ -38,6 +41,7 @@ AMBIGUOUS_GIVEN = frozenset(
     "Rich Frank Jack Drew Pat Sue Rob Don Bob Eve Carol Dan Ben Tom Sam Al Ed Ted Kit Jay Lee "
     "Miles Norman Mason Hunter Carter Cooper Parker Taylor Tyler Walker Baker Else Per My Us "
     "Monty Von Van De Del Della La Le "  # "Monty Python", "Von Neumann": particles, not names
+    "An Tab "  # "An\nObject", "Tab Nanny" (tabnanny's title) in the stdlib docs
     "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Wed Thu Fri Sat Sun".split()
 )
 # Title-case words that are never surname-like besides the lexicon's common words: the calendar
@@ -63,8 +67,12 @@ _WORD = rf"(?:Ma?c|O['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
 _START = r"(?<![\w.@/\\$#-])"
 # Not the start of an identifier or a dotted/hyphenated word: `Alice_x`, `Alice(`, `Alice.smith`.
 _END = r"(?![\w(]|[.:/-]\w)"
-_GAP = r"[ \t]+"
+# between the words of a name: spaces, or one line break (a name wrapped onto the next line)
+_GAP = r"(?:[ \t]+|[ \t]*\r?\n[ \t]*)"
 _INITIAL = rf"(?:{_GAP}[A-Z]\.)?"
+# lowercase surname particles, up to two ("Guido van Rossum", "Maria de la Cruz")
+PARTICLES = "van von de da del della der den di du dos das ter ten la le zu".split()
+_PARTICLE = rf"(?:{'|'.join(PARTICLES)})"
 _CUES = (
     r"\b[Mm]y name is ",
     r"\bI am ",
@@ -123,12 +131,14 @@ def trie_regex(words: Iterable[str]) -> str:
 @functools.cache
 def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ...]:
     """The detectors as data.pii's (pattern, check of the matched text or None) pairs, longest
-    first: a given name + a surname after a cue or anywhere; an ambiguous given name + a known
-    surname; a lone given name after a cue; a lone surname after a title.
+    first: an ambiguous given name + a surname (checked by _surname_after_word); a given name +
+    a surname after a cue or anywhere; a lone given name after a cue; a lone surname after a
+    title.
 
     Every pattern with a surname requires it (no optional tail), so `regex`'s partial matching
     reports "my name is Alice Sm" as a full name in progress rather than settling on "Alice".
-    The large given-name trie is in the first pattern only; the others check the lexicon."""
+    The large given-name trie is in the first two patterns only (as the optional second given
+    name, and the first); the others check the lexicon."""
     lex = lexicon()
     given = lex["given"]
     ambiguous = trie_regex(given & lex["common_given"])
@@ -140,22 +150,44 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     strict = lex["surnames"] - (lex["common_words"] - WORD_SURNAMES) - NOT_SURNAMES
     cue = "|".join(f"(?<={c})" for c in _CUES)
     title = "|".join(f"(?<=\\b{re.escape(t)})" for t in _TITLES)
-    surname = rf"{_INITIAL}{_GAP}{surname_like}"
+    surname = rf"{_INITIAL}(?:{_GAP}{_PARTICLE}){{0,2}}{_GAP}{surname_like}"
+    given_names = trie_regex(given)
+    middle = rf"(?:{_GAP}(?:{given_names}))?"  # "Mary Ann Smith", "Jean Paul Sartre"
     # every name starts with a capital: testing that first skips the lookbehinds at most
     # positions (25x faster on the stdlib docs)
     cap = f"(?=[{_UP}])"
+    cap_or_particle = f"(?=[{_UP}{''.join(sorted({p[0] for p in PARTICLES}))}])"  # "Mr. van Rossum"
     return (
+        # first, so a name that starts with a word ("Jean Paul Sartre") is not cut to its tail
+        (
+            re.compile(rf"{cap}{_START}(?:{ambiguous}){middle}{surname}{_END}"),
+            functools.partial(_surname_after_word, strict=strict, lex=lex),
+        ),
         (
             re.compile(
                 rf"{cap}(?:{cue}|{title}|{_START}(?!(?:{ambiguous}){_END}))"
-                rf"(?:{trie_regex(given)}){surname}{_END}"
+                rf"(?:{given_names}){middle}{surname}{_END}"
             ),
             None,
         ),
-        (
-            re.compile(rf"{cap}{_START}(?:{ambiguous}){surname}{_END}"),
-            lambda text: any(part in strict for part in text.split()[-1].split("-")),
-        ),
         (re.compile(rf"{cap}(?:{cue}|{title}){_WORD}{_END}"), given.__contains__),
-        (re.compile(rf"{cap}(?:{title}){surname_like}{_END}"), None),
+        (
+            re.compile(
+                rf"{cap_or_particle}(?:{title})(?:{_PARTICLE}{_GAP}){{0,2}}{surname_like}{_END}"
+            ),
+            None,
+        ),
     )
+
+
+def _surname_after_word(text: str, strict: frozenset[str], lex: dict[str, frozenset[str]]) -> bool:
+    """Whether a given name that is also a word starts a name: before a known surname that is not
+    a common word ("Will Smith", "Mary Ann Smith"), or, unless the given name is on the stop list
+    of everyday words (AMBIGUOUS_GIVEN, the lexicon's common words), before a word that is no
+    known name at all ("Skip Montanaro"; "Max Heap", "Grant Access" stay text)."""
+    words = text.split()
+    parts = words[-1].split("-")
+    if any(part in strict for part in parts):
+        return True
+    everyday = words[0] in AMBIGUOUS_GIVEN or words[0] in lex["common_words"]
+    return not everyday and not any(p in lex["surnames"] or p in lex["given"] for p in parts)

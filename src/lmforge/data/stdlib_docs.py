@@ -9,6 +9,11 @@ deterministic order.
 Importing arbitrary modules can print, open windows or hang, so the collection runs in a child
 process (`python -m lmforge.data.stdlib_docs`) whose stdout/stderr go to /dev/null, with a
 per-module alarm and a skip list; records come back as JSON lines on a private pipe.
+
+The text must not depend on the machine or the run (a newcomer's corpus is byte-identical to
+ours, and the model does not learn noise): the child gets a fixed environment (pydoc prints
+os.environ), and object addresses, this interpreter's paths and the home directory become
+stand-ins, in data values before pydoc truncates them and in the rendered text.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import contextlib
 import inspect
 import json
 import os
+import pydoc
 import re
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +89,25 @@ SKIP = {
 }
 SKIP_PARTS = {"test", "tests", "idle_test", "__main__"}
 IMPORT_TIMEOUT_S = 5
-_ADDR = re.compile(r" at 0x[0-9a-fA-F]+")
-_PATH = re.compile(r"/[^\s\"'<>]*?/lib/python3\.\d+/")
+# An object's address (pydoc's stripid removes " at 0x..." the same way), also in HTML where the
+# space is &nbsp;, and ctypes' "handle 7f..." of a loaded library.
+_SPACE = r"(?:\s|&nbsp;)"
+_ADDR = re.compile(
+    rf"{_SPACE}at{_SPACE}0x[0-9a-fA-F]{{6,}}|,?{_SPACE}handle{_SPACE}(?:0x)?[0-9a-fA-F]{{6,}}\b"
+)
+# Another install's stdlib directory, from the start of a path (not ~/.local/lib/python3.x/).
+_PATH = re.compile(r"(?<![\w.~>-])/[^\s\"'<>]*?/lib/python3\.\d+/")
+# Prefixes shared by every Debian-like system Python; docstrings also use them as examples.
+_SYSTEM_PREFIXES = {"/", "/usr", "/usr/local"}
+# The child's whole environment: pydoc's pages of os and posix print it.
+_CHILD_ENV = {
+    "PYTHONHASHSEED": "0",
+    "PYTHONWARNINGS": "ignore",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONNOUSERSITE": "1",
+    "PYTHONUTF8": "1",
+    "PATH": os.defpath,
+}
 
 
 def _module_names() -> list[str]:
@@ -134,23 +159,67 @@ def _import(name: str) -> Any:
 
 
 def _own_paths() -> list[tuple[str, str]]:
-    """This interpreter's location (a venv's path differs per checkout) and its stand-ins.
+    """This run's paths that pydoc prints, with their stand-ins, the longest (most specific) first.
 
-    Defaults such as platform.architecture(executable=sys.executable) print it into signatures
-    and pydoc pages. sys.prefix is replaced only inside a venv, where it is a unique path; a
-    system prefix such as /usr also occurs in ordinary docstrings.
+    Defaults such as platform.architecture(executable=sys.executable) print the interpreter into
+    signatures; sys.path, sys.prefix, module reprs and site.USER_BASE print the install, the
+    checkout and the home directory into the pages of sys and site. sys.prefix is replaced only
+    inside a venv and the base prefix only when it is not a shared system prefix such as /usr,
+    which also occurs in ordinary docstrings. A sys.path entry under none of these (a .pth
+    file's, such as an editable install's source folder) becomes <sys.path>.
     """
-    pairs = [(sys.executable, "<python>")]
+    pairs = [
+        (sys.executable, "<python>"),
+        (str(Path(__file__).resolve().parents[2]), "<lmforge>"),  # the child's cwd and sys.path[0]
+        (sysconfig.get_path("stdlib"), "<stdlib>"),
+        (os.path.expanduser("~"), "~"),
+    ]
     if sys.prefix != sys.base_prefix:
         pairs.append((sys.prefix, "<venv>"))
-    return [(path, stand_in) for path, stand_in in pairs if path]
+    pairs += [(prefix, "<python-prefix>") for prefix in (sys.base_prefix, sys.base_exec_prefix)]
+    stand_ins: dict[str, str] = {}
+    for path, stand_in in pairs:  # the first stand-in of a path wins (e.g. base_exec_prefix)
+        if path and path not in _SYSTEM_PREFIXES:
+            stand_ins.setdefault(path, stand_in)
+    for entry in sys.path:
+        if entry and not any(entry == p or entry.startswith(p + os.sep) for p in stand_ins):
+            stand_ins[entry] = "<sys.path>"
+    return sorted(stand_ins.items(), key=lambda pair: -len(pair[0]))
+
+
+@cache
+def _own_paths_pattern() -> re.Pattern[str]:
+    """Any of _own_paths as a whole path (not the start of a longer name such as /rootfs)."""
+    alternatives = "|".join(re.escape(path) for path, _ in _own_paths())
+    return re.compile(rf"(?:{alternatives})(?![\w.-])")
 
 
 def _clean(text: str) -> str:
     """Removes what differs between runs and machines: object addresses and install paths."""
-    for path, stand_in in _own_paths():  # the executable first: it lies inside the venv
-        text = text.replace(path, stand_in)
+    stand_ins = dict(_own_paths())
+    text = _own_paths_pattern().sub(lambda m: stand_ins[m.group()], text)
     return _PATH.sub("<stdlib>/", _ADDR.sub("", text))
+
+
+class _PortableRepr(pydoc.HTMLRepr):
+    """pydoc's repr of data values (sys.path, sys.modules...) cleaned before it truncates them.
+
+    Truncation ("/root/.pyenv/versions/3...dynload") would hide a path from _clean afterwards.
+    """
+
+    def repr1(self, x: Any, level: int) -> str:
+        if type(x) is str:  # not a str subclass such as a StrEnum member: pydoc shows its repr
+            return self.repr_string(_clean(x), level)
+        if hasattr(self, "repr_" + "_".join(type(x).__name__.split())):
+            return super().repr1(x, level)  # containers: their items come back here
+        return self.escape(pydoc.cram(pydoc.stripid(_clean(repr(x))), self.maxother))
+
+
+class _PortableHTMLDoc(pydoc.HTMLDoc):
+    """pydoc.HTMLDoc whose data values go through _PortableRepr."""
+
+    _repr_instance = _PortableRepr()
+    repr = _repr_instance.repr
 
 
 def _public_members(mod: Any) -> list[tuple[str, Any]]:
@@ -228,10 +297,9 @@ def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
             "signature": rec["signature"],
         }
     if html and "." not in name:
-        import pydoc
-
+        html_doc = _PortableHTMLDoc()
         try:
-            page = pydoc.html.page(pydoc.describe(mod), pydoc.html.document(mod, name))
+            page = html_doc.page(pydoc.describe(mod), html_doc.document(mod, name))
         except Exception:  # pydoc fails on a few odd modules; the docstrings remain
             return
         yield {
@@ -277,10 +345,18 @@ def _child_main(what: str) -> None:
 
 
 def _run_child(what: str) -> Iterator[dict[str, Any]]:
-    env = dict(os.environ, PYTHONHASHSEED="0", PYTHONWARNINGS="ignore", PYTHONDONTWRITEBYTECODE="1")
+    # The child imports this checkout's lmforge from its cwd (sys.path[0] under -m), so it needs
+    # no PYTHONPATH from this process' environment.
     cmd = [sys.executable, "-m", "lmforge.data.stdlib_docs", what]
+    src_root = Path(__file__).resolve().parents[2]
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=_CHILD_ENV,
+        cwd=src_root,
+        text=True,
+        encoding="utf-8",
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:

@@ -206,7 +206,8 @@ def train(
 
             if not eta_announced and (spent := time.perf_counter() - run_t0) >= ETA_AFTER_S:
                 eta_announced = True
-                left = spent / (state.step - first_step) * (cfg.max_steps - state.step)
+                step_s = spent / (state.step - first_step)
+                left = projected_left_s(step_s, state.step, cfg, accum, eval_fn is not None)
                 if left >= ETA_MIN_LEFT_S and rt.env.is_main:
                     ctx.announce_eta(left, _speed(run_tokens / spent, rt))
             done = state.step == cfg.max_steps
@@ -248,6 +249,27 @@ def train(
         stopped_early=stopped_early,
         resumed_from=resumed_from,
     )
+
+
+def projected_left_s(
+    step_s: float, step: int, cfg: TrainConfig, accum: int, evaluates: bool
+) -> float:
+    """Seconds the loop has left after `step`: its training steps at the measured pace, and the
+    evaluations still to come, which the first seconds of training never saw.
+
+    An evaluation runs eval_steps forward passes of one micro-batch; a forward pass costs about
+    a third of a micro-batch's training (the backward pass costs twice the forward: 6N vs 2N
+    FLOPs per token), so an evaluation takes eval_steps / (3 * accum) training steps, accum
+    being the micro-batches of a training step on each rank.
+    """
+    left = (cfg.max_steps - step) * step_s
+    if not evaluates:
+        return left
+    every = cfg.eval_every or cfg.max_steps  # 0: only at the end
+    # evaluations at multiples of `every` from this step on (its own comes after this check)
+    # and at the last step
+    evals = cfg.max_steps // every - (step - 1) // every + (cfg.max_steps % every != 0)
+    return left + evals * cfg.eval_steps * step_s / (3 * accum)
 
 
 def _speed(tokens_per_s: float, rt: Runtime) -> str:

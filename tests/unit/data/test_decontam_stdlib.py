@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import enum
 import json
+import os
+import pydoc
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
 from lmforge.data.decontam import Decontaminator
-from lmforge.data.stdlib_docs import _clean, _module_names, iter_functions, read_stdlib_docs
+from lmforge.data.stdlib_docs import (
+    _clean,
+    _module_names,
+    _PortableRepr,
+    iter_functions,
+    read_stdlib_docs,
+)
 from lmforge.errors import InputError
 
 from .corpus import prose
@@ -28,9 +39,15 @@ def test_decontaminator_finds_shared_13grams_from_jsonl_and_text(tmp_path):
         Decontaminator.from_files([tmp_path / "missing.jsonl"])
 
 
+# Set in the collecting process: the corpus must not show it (pydoc prints os.environ).
+ENV_MARKER = ("LMFORGE_TEST_ENV_MARKER", "/marker/of/this/run")
+
+
 @pytest.fixture(scope="module")
 def stdlib_docs():
-    return list(read_stdlib_docs())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(*ENV_MARKER)
+        return list(read_stdlib_docs())
 
 
 def test_stdlib_docs_corpus_is_real_text_with_duplicates(stdlib_docs):
@@ -70,3 +87,55 @@ def test_stdlib_text_does_not_depend_on_where_python_is_installed():
     if sys.prefix != sys.base_prefix:  # inside a venv (as tests and the quickstart run)
         assert _clean(f"site: {sys.prefix}/share") == "site: <venv>/share"
     assert _clean("see /usr/bin/env and 0x1F") == "see /usr/bin/env and 0x1F"
+
+
+def test_stdlib_text_has_no_addresses_in_html_or_ctypes_handles():
+    page = "timeout=&amp;lt;object&nbsp;at&nbsp;0x7fe8433a4b40&amp;gt;, pythonapi = <PyDLL 'None', handle 7fe843d782e0>"
+    assert _clean(page) == "timeout=&amp;lt;object&amp;gt;, pythonapi = <PyDLL 'None'>"
+    assert (
+        _clean("0xdeadbeef, 0x10ffff, at 0x1F") == "0xdeadbeef, 0x10ffff, at 0x1F"
+    )  # examples stay
+
+
+def test_stdlib_text_replaces_home_and_install_paths_as_whole_paths():
+    home = os.path.expanduser("~")
+    if home not in ("", "/"):
+        user_site = f"{home}/.local/lib/python3.11/site-packages"
+        assert (
+            _clean(f"USER_SITE = '{user_site}'")
+            == "USER_SITE = '~/.local/lib/python3.11/site-packages'"
+        )
+        assert _clean(f"{home}fs") == f"{home}fs"  # only a whole path component is the home
+    src_root = str(Path(__file__).resolve().parents[3] / "src")
+    if Path(src_root, "lmforge").is_dir():
+        assert _clean(f"argv = ['{src_root}/lmforge/x.py']") == "argv = ['<lmforge>/lmforge/x.py']"
+    assert _clean("/usr/lib/python3.9/os.py") == "<stdlib>/os.py"  # another install's stdlib
+
+
+def test_stdlib_data_values_are_cleaned_before_pydoc_truncates_them():
+    deep = os.path.join(sys.executable, "d" * 300)
+    shown = _PortableRepr().repr([deep, {"k": deep}])
+    assert sys.executable not in shown and shown.startswith("['&lt;python&gt;/ddd")
+    member = enum.Enum("Method", {"GET": "GET"}, type=str).GET  # a str, shown as pydoc shows it
+    assert (
+        _PortableRepr().repr(member) == pydoc.HTMLRepr().repr(member) == "&lt;Method.GET: 'GET'&gt;"
+    )
+
+
+def test_stdlib_corpus_does_not_depend_on_the_machine_or_the_run(stdlib_docs):
+    """No address, install path, checkout, home or environment of this run in any document."""
+    run_specific = {sys.executable, os.getcwd(), str(Path(__file__).resolve().parents[3])}
+    run_specific |= {ENV_MARKER[0], ENV_MARKER[1]}
+    if sys.prefix != sys.base_prefix:
+        run_specific.add(sys.prefix)
+    home = os.path.expanduser("~")
+    if home not in ("", "/"):
+        run_specific.add(home + "/")
+    address = re.compile(r"(?:\s|&nbsp;)at(?:\s|&nbsp;)0x[0-9a-fA-F]{6,}|handle [0-9a-f]{6,}")
+    for doc in stdlib_docs:
+        assert not address.search(doc.text), doc.id
+        found = [s for s in run_specific if s in doc.text]
+        assert not found, (doc.id, found)
+    pages = {d.id: d.text for d in stdlib_docs}
+    assert "environ({'PYTHONHASHSEED': '0'" in pages["stdlib-html:os"]  # the fixed child env
+    assert "&lt;python&gt;" in pages["stdlib-html:sys"]  # sys.executable, shown as its stand-in

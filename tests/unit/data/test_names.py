@@ -32,6 +32,19 @@ CASES = [
     ("Return Alice Smith now", ["Alice Smith"]),  # a Title-case word before the name
     ("Alice Smith's book", ["Alice Smith"]),  # the possessive stays: "<NAME>'s book"
     ("Written by Sjoerd Mullender.", ["Sjoerd Mullender"]),  # unknown surname, not a word
+    # surname particles, after a given name or a title
+    ("Written by Guido van Rossum.", ["Guido van Rossum"]),
+    ("Ludwig von Mises, Vincent van der Berg", ["Ludwig von Mises", "Vincent van der Berg"]),
+    ("Maria de la Cruz met Mr. van Rossum.", ["Maria de la Cruz", "van Rossum"]),
+    # a name wrapped onto the next line
+    (
+        "Thanks to Guido\nvan Rossum and Sjoerd\r\nMullender.",
+        ["Guido\nvan Rossum", "Sjoerd\r\nMullender"],
+    ),
+    # a given name that is also a word, before a surname-like word that is not one
+    ("Thanks to Skip Montanaro.", ["Skip Montanaro"]),
+    # double given names, also when the first is a word
+    ("Mary Ann Smith and Jean Paul Sartre", ["Mary Ann Smith", "Jean Paul Sartre"]),
     # stop-list given names need a cue or a known surname after them
     ("Will Return the value. May 2024. Mark the item. Grant Access.", []),
     ("Bill Payment Service, Rose Garden, Case Study, Long Term", []),
@@ -41,6 +54,10 @@ CASES = [
     ("self.Alice Smith, Alice_Smith, AliceSmith, Alice(x), alice.smith, /Alice Smith", []),
     ("The Python Software Foundation and the Unicode Standard", []),
     ("i am alice smith", []),  # lowercase is not a name to this detector
+    # the new rules' limits: one line break (not a paragraph), particles need a name after them
+    ("Alice\n\nSmith, Alice\n\nvan Rossum", []),
+    ("Alice de la mode, Grace van the Return, the van der Waals force", []),
+    ("Skip Return values. Max Heap. Will Python do? An\nObject. Tab Nanny", []),
 ]
 
 

@@ -11,7 +11,7 @@ from lmforge.errors import StageError
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loader import TokenWindows
-from lmforge.train.loop import train
+from lmforge.train.loop import projected_left_s, train
 
 from .helpers import KilledAt, TinyLM, bigram_tokens, lm_loss, make_ctx
 
@@ -172,3 +172,18 @@ def test_time_estimate_is_announced_once_early(tmp_path, monkeypatch):
     assert len(calls) == 1
     left, speed = calls[0]
     assert left > 0 and speed.endswith(f"tokens/s on {torch.get_num_threads()} CPU threads")
+
+
+def test_projected_time_left_counts_the_evaluations_still_to_come():
+    """The quickstart's pretraining (300 steps, eval every 100 of 10 batches) measured at 0.5 s a
+    step after 21 steps: 279 steps and 3 evaluations of 10 forward passes (1/3 of a step each)."""
+    cfg = _cfg(max_steps=300, eval_every=100, eval_steps=10)
+    assert projected_left_s(0.5, 21, cfg, 1, evaluates=False) == pytest.approx(139.5)
+    assert projected_left_s(0.5, 21, cfg, 1, evaluates=True) == pytest.approx(139.5 + 3 * 10 / 6)
+    assert projected_left_s(0.5, 100, cfg, 1, True) == pytest.approx(100 + 3 * 10 / 6)  # its own
+    assert projected_left_s(0.5, 101, cfg, 1, True) == pytest.approx(99.5 + 2 * 10 / 6)
+    assert projected_left_s(0.5, 21, cfg, 4, True) == pytest.approx(139.5 + 3 * 10 / 24)  # accum
+    ragged = _cfg(max_steps=250, eval_every=100, eval_steps=6)  # at 100, 200 and the last step
+    assert projected_left_s(1.0, 5, ragged, 1, True) == pytest.approx(245 + 3 * 2)
+    only_end = _cfg(max_steps=40, eval_every=0, eval_steps=3)
+    assert projected_left_s(1.0, 10, only_end, 1, True) == pytest.approx(30 + 1)
