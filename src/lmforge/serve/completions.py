@@ -465,10 +465,14 @@ class CompletionService:
                 return {"index": job.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
             return {"index": job.index, "text": text, "logprobs": lp, "finish_reason": reason}
 
-        if prep.kind == "chat":
+        # Chat's first chunk names the role; a completion with sources (a seq2seq model trained
+        # with passages) opens every choice with no text yet. Either carries the sources there.
+        if prep.kind == "chat" or prep.sources is not None:
             extra = {"sources": prep.sources} if prep.sources is not None else {}
-            yield chunk([{"index": j.index, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None} for j in prep.jobs], **extra)  # fmt: skip
+            opening = [piece(j, "", None) for j in prep.jobs]
+            if prep.kind == "chat":
+                opening = [{**p, "delta": {"role": "assistant", "content": ""}} for p in opening]
+            yield chunk(opening, **extra)
         if prep.refused:
             text = self.state.safety.refusal_message
             for job in prep.jobs:
