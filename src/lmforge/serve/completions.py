@@ -1,79 +1,30 @@
 """One completion request, from a validated OpenAI request to engine jobs and back to OpenAI JSON.
 
-The routes in server.py stay thin: they parse, authorize and hand the request here. This module
-turns a request into jobs (one per prompt and choice: `n > 1` is n submissions with seeds seed+i),
-applies the safety policy to the prompt, the knowledge base to chat messages (and to the text
-prompts of a seq2seq model trained with passages), the response cache to deterministic requests,
-then runs the jobs through the engine -- merged into one event stream, aborted together on
-timeout or disconnect -- and shapes the answer as a response or SSE chunks.
-Every choice is recorded in the feedback store.
+The routes in server.py stay thin: they parse, authorize and hand the request here. prepare.py
+turns it into jobs (prompt safety, knowledge-base passages, token limits, the cache key); this
+module answers a cached request from the response cache, runs the others' jobs through the
+engine -- merged into one event stream, aborted together on timeout or disconnect -- and shapes
+the answer as a response or SSE chunks. Every choice is recorded in the feedback store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.errors import InputError
-from lmforge.serve.cache import cache_key
-from lmforge.serve.engine import EngineClosed, QueueFull, SamplingParams
+from lmforge.serve.engine import EngineClosed, QueueFull
 from lmforge.serve.handle import NO_TOKEN
-from lmforge.serve.protocol import (
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    LogprobsBuilder,
-    new_id,
-    now,
-    usage,
-)
-from lmforge.serve.retrieval import Passage, augment_messages
+from lmforge.serve.prepare import Job, Prepared, RequestPreparer
+from lmforge.serve.protocol import APIError, ChatRequest, CompletionRequest, now, usage
 from lmforge.serve.safety import StreamRedactor
 
 log = logging.getLogger(__name__)
-
-KB_PASSAGES = 3  # passages a chat gets, unless its model was trained with another number
-
-
-@dataclass
-class Job:
-    """One choice: a prompt and its params, submitted to the engine as request_id."""
-
-    index: int
-    prompt_ids: list[int]
-    prompt_text: str
-    params: Any  # engine.SamplingParams
-    request_id: str = ""
-    text: list[str] = field(default_factory=list)
-    tokens: int = 0
-    finish_reason: str | None = None
-    logprobs: LogprobsBuilder | None = None
-    redactor: Any = None  # safety.StreamRedactor for this choice's output
-
-
-@dataclass
-class Prepared:
-    """A request ready to run: its jobs and everything the response needs."""
-
-    kind: str  # "completion" | "chat"
-    response_id: str
-    model: str
-    engine: Any
-    jobs: list[Job]
-    prompt_tokens: int
-    messages: list[dict[str, str]] | None = None
-    sources: list[dict[str, Any]] | None = None
-    refused: bool = False  # the prompt was refused: answer with the policy's refusal text
-    cache_key: str | None = None
-    stream: bool = False
-    include_usage: bool = False
 
 
 class CompletionService:
@@ -81,190 +32,15 @@ class CompletionService:
 
     def __init__(self, state: Any) -> None:
         self.state = state  # server.ServeState: engines, cache, safety, kb, feedback, metrics
-
-    # ---- preparing -------------------------------------------------------------------------
-
-    def engine_for(self, model: str) -> Any:
-        engine = self.state.engines.get(model)
-        if engine is None:
-            served = ", ".join(sorted(self.state.engines))
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves: {served}",
-                param="model",
-                code="model_not_found",
-            )
-        return engine
+        self.preparer = RequestPreparer(state)
 
     async def prepare_completion(self, req: CompletionRequest) -> Prepared:
-        if req.echo or req.suffix or (req.best_of or 1) > req.n:
-            name = "echo" if req.echo else "suffix" if req.suffix else "best_of"
-            raise APIError(400, f"{name} is not supported by this server", param=name)
-        engine = self.engine_for(req.model)
-        files = engine.files
-        # A seq2seq model trained with passages reads a text prompt as chat's user turn: the same
-        # source (its passages, score floor, layout) and `sources`, or the engine's warning
-        # without a knowledge base. Other prompts (and token prompts, finished sources) go as sent.
-        spec, use_kb = getattr(engine, "retrieval", None), self._use_kb(req.kb)
-        if req.kb and spec is None:
-            raise APIError(400, f"{req.model} was not trained with knowledge-base passages: its "
-                           "completion prompts are sent as written (chat adds passages)", param="kb")  # fmt: skip
-        refused, jobs, prompt_tokens = False, [], 0
-        sources: list[dict[str, Any]] | None = [] if spec is not None and use_kb else None
-        for i, prompt in enumerate(req.prompts()):
-            ids = None if isinstance(prompt, str) else [int(t) for t in prompt]
-            if ids is not None and any(t < 0 or t >= files.vocab_size for t in ids):
-                raise APIError(400, "prompt has token ids outside the vocabulary", param="prompt")
-            original = prompt if ids is None else files.decode(ids, skip_special_tokens=False)
-            text = self._screen_prompt(original)
-            if text is None:
-                refused, text = True, original
-            if ids is None and spec is not None:  # a refusal is not generated: no passages
-                if refused or not use_kb:
-                    passages = [] if refused else None  # None: the engine warns
-                else:
-                    passages = await self._passages(engine, text)
-                text = engine.source(text, passages)
-                if sources is not None:
-                    sources += [{**p.to_dict(), "prompt_index": i} for p in passages or []]
-            if ids is None or text != original:  # token prompts stay as sent unless redacted
-                ids = files.encode(text)
-            max_tokens = self._token_limit(engine, len(ids), req.max_tokens, 16, "prompt")
-            prompt_tokens += len(ids)
-            jobs += self._jobs(req, len(jobs), ids, text, max_tokens, req.logprobs)
-        prep = Prepared(
-            "completion", new_id("cmpl"), req.model, engine, jobs, prompt_tokens, sources=sources,
-            refused=refused, stream=req.stream, include_usage=req.include_usage,
-        )  # fmt: skip
-        self._set_cache_key(prep, req)
-        return prep
+        """The /v1/completions request, ready to run (prepare.py)."""
+        return await self.preparer.prepare_completion(req)
 
     async def prepare_chat(self, req: ChatRequest) -> Prepared:
-        engine = self.engine_for(req.model)
-        messages = req.plain_messages()
-        refused = False
-        for m in messages:
-            if m["role"] != "assistant":  # the model's own turns are not the user's prompt
-                screened = self._screen_prompt(m["content"])
-                refused |= screened is None
-                m["content"] = m["content"] if screened is None else screened
-        sources = None
-        passages = [] if refused else None  # None: no knowledge base (a refusal is not generated)
-        if self._use_kb(req.kb) and not refused:
-            query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            passages = await self._passages(engine, query) if query else []
-            sources = [p.to_dict() for p in passages]
-            messages = augment_messages(messages, passages)
-        try:
-            if hasattr(engine, "render_chat"):  # seq2seq: the user turn (+ its passages)
-                text = engine.render_chat(messages, passages=passages)
-            else:
-                text = engine.files.render_chat(messages, add_generation_prompt=True)
-        except Exception as exc:  # a template may refuse a conversation (e.g. role order)
-            raise APIError(
-                400, f"the chat template rejected the messages: {exc}", param="messages"
-            ) from None
-        ids = engine.files.encode(text)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = self._token_limit(engine, len(ids), req.token_limit, None, "messages")
-        prep = Prepared(
-            "chat", new_id("chatcmpl"), req.model, engine,
-            self._jobs(req, 0, ids, text, max_tokens, logprobs), len(ids),
-            messages=messages, sources=sources, refused=refused, stream=req.stream,
-            include_usage=req.include_usage,
-        )  # fmt: skip
-        self._set_cache_key(prep, req)
-        return prep
-
-    def _use_kb(self, asked: bool | None) -> bool:
-        """Whether a request gets knowledge-base passages: when the server has a knowledge base,
-        unless the request's `kb` is false; `kb: true` without one is a 400."""
-        if asked and self.state.kb is None:
-            raise APIError(
-                400, "this server has no knowledge base (start it with --kb)", param="kb"
-            )
-        return self.state.kb is not None and asked is not False
-
-    async def _passages(self, engine: Any, query: str) -> list[Passage]:
-        """The knowledge base's passages for a user turn: as the model's RetrievalSpec finds them
-        (its k and score floor) when it was trained with passages, else the top KB_PASSAGES."""
-        spec = getattr(engine, "retrieval", None)  # a seq2seq model trained with passages
-        if spec is not None:
-            return await asyncio.to_thread(spec.search, self.state.kb, query)
-        return await asyncio.to_thread(self.state.kb.search, query, KB_PASSAGES)
-
-    def _screen_prompt(self, text: str) -> str | None:
-        """The prompt after the safety policy: redacted text, or None when refused."""
-        policy = self.state.safety
-        if policy is None:
-            return text
-        verdict = policy.check_prompt(text)
-        self.state.metrics.safety.labels("prompt", verdict.action).inc()
-        return None if verdict.action == "refuse" else verdict.text
-
-    @staticmethod
-    def _token_limit(
-        engine: Any, prompt_len: int, asked: int | None, default: int | None, prompt_param: str
-    ) -> int:
-        """max_tokens, checked against the room the engine leaves after the prompt (the default
-        fills it), so a request the engine would refuse is a 400 naming the field."""
-        if prompt_len == 0:
-            raise APIError(400, "the prompt is empty", param=prompt_param)
-        room = engine.token_room(prompt_len)
-        if room < 1:
-            raise APIError(
-                400,
-                f"the {prompt_len}-token prompt leaves no room for an answer in the model's "
-                f"context window of {engine.max_context} tokens; shorten it",
-                param=prompt_param,
-                code="context_length_exceeded",
-            )
-        if asked is None:
-            return min(default or room, room)
-        if asked > room:
-            raise APIError(
-                400,
-                f"max_tokens={asked} does not fit: the model's context window of "
-                f"{engine.max_context} tokens leaves {room} for an answer to this "
-                f"{prompt_len}-token prompt; ask for at most {room}",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        return asked
-
-    def _jobs(
-        self, req: Any, start: int, ids: list[int], text: str, max_tokens: int, logprobs: int | None
-    ) -> list[Job]:
-        jobs = []
-        for i in range(req.n):
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=req.top_k or 0,
-                stop=tuple(req.stop_list),
-                seed=None if req.seed is None else req.seed + i,
-                logprobs=logprobs,
-                ignore_eos=req.ignore_eos,
-            )
-            try:
-                params.validate()
-            except InputError as exc:
-                raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
-            job = Job(start + i, ids, text, params)
-            if logprobs is not None:
-                job.logprobs = LogprobsBuilder(chat=isinstance(req, ChatRequest))
-            jobs.append(job)
-        return jobs
-
-    def _set_cache_key(self, prep: Prepared, req: Any) -> None:
-        if self.state.cache is None or prep.refused or prep.stream:
-            return
-        model = self.state.model_ids[prep.model]  # name@content hash: new weights, new keys
-        key = cache_key(model, prep.jobs[0].prompt_ids, prep.jobs[0].params)
-        if key is not None:  # n, several prompts and the kind are part of what is asked too
-            extra = json.dumps([prep.kind, [j.prompt_ids for j in prep.jobs], prep.sources])
-            prep.cache_key = f"{key}:{hashlib.sha256(extra.encode()).hexdigest()[:16]}"
+        """The /v1/chat/completions request, ready to run (prepare.py)."""
+        return await self.preparer.prepare_chat(req)
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -465,10 +241,14 @@ class CompletionService:
                 return {"index": job.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
             return {"index": job.index, "text": text, "logprobs": lp, "finish_reason": reason}
 
-        if prep.kind == "chat":
+        # Chat's first chunk names the role; a completion with sources (a seq2seq model trained
+        # with passages) opens every choice with no text yet. Either carries the sources there.
+        if prep.kind == "chat" or prep.sources is not None:
             extra = {"sources": prep.sources} if prep.sources is not None else {}
-            yield chunk([{"index": j.index, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None} for j in prep.jobs], **extra)  # fmt: skip
+            opening = [piece(j, "", None) for j in prep.jobs]
+            if prep.kind == "chat":
+                opening = [{**p, "delta": {"role": "assistant", "content": ""}} for p in opening]
+            yield chunk(opening, **extra)
         if prep.refused:
             text = self.state.safety.refusal_message
             for job in prep.jobs:

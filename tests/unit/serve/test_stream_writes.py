@@ -32,16 +32,19 @@ class QueuedEngine:
         raise AssertionError(f"{request_id} finished; nothing to abort")
 
 
-def streamed(texts: list[str], n: int, final: TokenEvent | None = None) -> list[str]:
+def streamed(
+    texts: list[str], n: int, final: TokenEvent | None = None, sources: list | None = None
+) -> list[str]:
     """The strings stream() hands the response, one per write, for n choices of `texts` (then
-    `final`, when given, as each choice's last event)."""
+    `final`, when given, as each choice's last event), of a completion with these `sources`."""
     state = SimpleNamespace(
         settings=SimpleNamespace(request_timeout_s=30.0), metrics=ServerMetrics(),
         safety=None, feedback=None, cache=None,
     )  # fmt: skip
     params = SamplingParams(max_tokens=len(texts))
     jobs = [Job(i, [1, 2, 3], "abc", params) for i in range(n)]
-    prep = Prepared("completion", "cmpl-1", "m", QueuedEngine(texts, final), jobs, 3, stream=True)
+    engine = QueuedEngine(texts, final)
+    prep = Prepared("completion", "cmpl-1", "m", engine, jobs, 3, sources=sources, stream=True)
 
     async def read() -> list[str]:
         return [write async for write in CompletionService(state).stream(prep)]
@@ -78,3 +81,22 @@ def test_an_error_keeps_the_tokens_that_arrived_before_it_in_the_same_write():
     sent = chunks(writes[0])
     assert [c["choices"][0]["text"] for c in sent[:2]] == ["Hel", "lo"]
     assert sent[2]["error"]["message"] == "generation failed: device lost"
+
+
+def test_a_completion_with_sources_streams_them_first_with_an_empty_piece_per_choice():
+    """As chat's role chunk does: the first chunk carries `sources`, every choice with no text
+    yet (a client reading choices[0].text gets ""); without sources nothing is added."""
+    sources = [{"source": "json.dumps", "text": "json.dumps(obj)", "prompt_index": 0}]
+    writes = streamed(["a", "b"], n=2, sources=sources)
+    assert len(writes) == 3  # the sources, the tokens, [DONE]
+    [first] = chunks(writes[0])
+    assert first["sources"] == sources
+    assert first["choices"] == [
+        {"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(2)
+    ]
+    tokens = chunks(writes[1])
+    assert all("sources" not in c for c in tokens)
+    assert "".join(c["choices"][0]["text"] for c in tokens) == "abab"
+    plain = streamed(["a", "b"], n=2)
+    assert len(plain) == 2 and "sources" not in plain[0]
+    assert "".join(c["choices"][0]["text"] for c in chunks(plain[0])) == "abab"
