@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -404,8 +405,11 @@ class RetrievalSpec:
             raw = json.loads(path.read_text(encoding="utf-8"))
             fmt = raw.get("format")
             if fmt == SOURCE_FORMAT:  # a spec saved before min_score existed had no floor
+                min_score = float(raw.get("min_score", 0.0))
+                if not 0 <= min_score < math.inf:  # NaN too: it would drop every passage
+                    raise ValueError(f"min_score must be a BM25 score >= 0, got {min_score}")
                 return cls(passages=int(raw["passages"]), source_tokens=int(raw["source_tokens"]),
-                           min_score=float(raw.get("min_score", 0.0)))  # fmt: skip
+                           min_score=min_score)  # fmt: skip
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise InputError(
                 f"{path} is not a retrieval spec ({type(e).__name__}: {e}); it needs "
