@@ -77,6 +77,7 @@ def test_retrieval_recorded_measured_and_compared(run_dir):
     assert RetrievalSpec.load(final) == RetrievalSpec(passages=2, source_tokens=63, min_score=1.0)
     scores = json.loads((run_dir / "dialogue" / "eval.json").read_text())
     recall = scores["retrieval"]["recall_at_k"]
+    assert scores["retrieval"]["min_score"] == 1.0  # the report says what recall was measured under
     assert recall["all"] >= 0.5 and set(recall) >= {"ask_signature", "ask_usage"}
     plain = scores["without_retrieval"]
     assert set(plain["per_intent"]) == set(scores["per_intent"])

@@ -357,7 +357,8 @@ def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
     if spec is not None:
         recall = recall_at_k(splits["test"], sources["test"].found)
         metrics.update(retrieval_passages=spec.passages, test_recall_at_k=recall.get("all"))
-        report.update(retrieval={"passages": spec.passages, "recall_at_k": recall})
+        report.update(retrieval={"passages": spec.passages, "min_score": spec.min_score,
+                                 "recall_at_k": recall})  # fmt: skip
     special = ids.config(tok.bos_id)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         save_pretrained(model.seq2seq, tmp, extra_config=special, generation_config=special)
