@@ -71,7 +71,7 @@ def test_model_dir_and_report_sections(run_dir):
 
 
 def test_retrieval_recorded_measured_and_compared(run_dir):
-    from lmforge.serve.retrieval import RetrievalSpec
+    from lmforge.serve.retrieval_spec import RetrievalSpec
 
     final = run_dir / "dialogue" / "final"
     assert RetrievalSpec.load(final) == RetrievalSpec(passages=2, source_tokens=63, min_score=1.0)
@@ -134,7 +134,7 @@ def _training_source(run_dir, question):
     """The source the dialogue stage builds for the same user turn, from the recipe's KB."""
     from lmforge.finetune.dialogue import Retrieved
     from lmforge.serve.recipe_config import open_kb
-    from lmforge.serve.retrieval import RetrievalSpec
+    from lmforge.serve.retrieval_spec import RetrievalSpec
     from lmforge.tokenizer.files import TokenizerFiles
 
     final = run_dir / "dialogue" / "final"

@@ -16,7 +16,7 @@ overall and per intent, intent accuracy and macro-F1. Rows, ids and scoring are 
 
 With `retrieval.kb` (a knowledge-base stage) the responder is retrieval-augmented: each source is
 the user turn + the top `retrieval.passages` passages KnowledgeBase.search finds for it (those
-scoring under `retrieval.min_score` left out), laid out by serve.retrieval.RetrievalSpec.source --
+scoring under `retrieval.min_score` left out), laid out by serve.retrieval_spec.RetrievalSpec.source --
 the function the serving engine formats chat and completion sources with -- and
 final/retrieval.json records the spec, so the server builds the same sources
 (finetune.dialogue_retrieval). Held-out scores then include retrieval recall@k (the asked-about

@@ -4,15 +4,8 @@ import sqlite3
 import pytest
 
 from lmforge.errors import InputError
-from lmforge.serve.retrieval import (
-    KnowledgeBase,
-    Passage,
-    RetrievalSpec,
-    augment_messages,
-    chunk_words,
-    fts_query,
-    passages_source,
-)
+from lmforge.serve.retrieval import KnowledgeBase, Passage, augment_messages, chunk_words, fts_query
+from lmforge.serve.retrieval_spec import RetrievalSpec, passages_source
 
 DOCS = {
     "cooking.md": "# Bread\nKnead the dough for ten minutes, let it rise, then bake the loaf "
