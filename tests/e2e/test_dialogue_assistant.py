@@ -71,12 +71,13 @@ def test_model_dir_and_report_sections(run_dir):
 
 
 def test_retrieval_recorded_measured_and_compared(run_dir):
-    from lmforge.serve.retrieval import RetrievalSpec
+    from lmforge.serve.retrieval_spec import RetrievalSpec
 
     final = run_dir / "dialogue" / "final"
     assert RetrievalSpec.load(final) == RetrievalSpec(passages=2, source_tokens=63, min_score=1.0)
     scores = json.loads((run_dir / "dialogue" / "eval.json").read_text())
     recall = scores["retrieval"]["recall_at_k"]
+    assert scores["retrieval"]["min_score"] == 1.0  # the report says what recall was measured under
     assert recall["all"] >= 0.5 and set(recall) >= {"ask_signature", "ask_usage"}
     plain = scores["without_retrieval"]
     assert set(plain["per_intent"]) == set(scores["per_intent"])
@@ -143,7 +144,7 @@ def _training_source(run_dir, question):
     """The source the dialogue stage builds for the same user turn, from the recipe's KB."""
     from lmforge.finetune.dialogue import Retrieved
     from lmforge.serve.recipe_config import open_kb
-    from lmforge.serve.retrieval import RetrievalSpec
+    from lmforge.serve.retrieval_spec import RetrievalSpec
     from lmforge.tokenizer.files import TokenizerFiles
 
     final = run_dir / "dialogue" / "final"

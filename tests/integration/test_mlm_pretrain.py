@@ -117,3 +117,15 @@ def test_mlm_val_probability_fixes_the_val_masks_whatever_the_training_rate(tmp_
     follows_training = initial_val_loss("c", mlm_probability=0.4)
     assert fixed == bert_rate
     assert follows_training != bert_rate
+
+
+def test_mlm_val_probability_without_mlm_is_refused(tmp_path):
+    from lmforge.config import load_config
+    from lmforge.errors import ConfigError
+    from lmforge.train.pretrain import PretrainConfig
+
+    values = {"tokens": str(tmp_path), "tokenizer": str(tmp_path), "out": str(tmp_path / "o"),
+              "mlm_val_probability": 0.15}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"objective=clm masks nothing; set objective=mlm"):
+        load_config(PretrainConfig, values=values)
+    assert load_config(PretrainConfig, values={**values, "objective": "mlm"}).mlm_val_probability

@@ -15,9 +15,10 @@ overall and per intent, intent accuracy and macro-F1. Rows, ids and scoring are 
 (sources end in eos).
 
 With `retrieval.kb` (a knowledge-base stage) the responder is retrieval-augmented: each source is
-the user turn + the top `retrieval.passages` passages KnowledgeBase.search finds for it, laid out
-by serve.retrieval.RetrievalSpec.source -- the function the serving engine formats chat sources
-with -- and final/retrieval.json records the spec, so the server builds the same sources
+the user turn + the top `retrieval.passages` passages KnowledgeBase.search finds for it (those
+scoring under `retrieval.min_score` left out), laid out by serve.retrieval_spec.RetrievalSpec.source --
+the function the serving engine formats chat and completion sources with -- and
+final/retrieval.json records the spec, so the server builds the same sources
 (finetune.dialogue_retrieval). Held-out scores then include retrieval recall@k (the asked-about
 function's passage among the top k) and, with `retrieval.compare`, the same training without
 passages (no_retrieval/).
@@ -357,7 +358,8 @@ def build(cfg: DialogueConfig, ctx: StageContext) -> dict[str, Any]:
     if spec is not None:
         recall = recall_at_k(splits["test"], sources["test"].found)
         metrics.update(retrieval_passages=spec.passages, test_recall_at_k=recall.get("all"))
-        report.update(retrieval={"passages": spec.passages, "recall_at_k": recall})
+        report.update(retrieval={"passages": spec.passages, "min_score": spec.min_score,
+                                 "recall_at_k": recall})  # fmt: skip
     special = ids.config(tok.bos_id)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         save_pretrained(model.seq2seq, tmp, extra_config=special, generation_config=special)

@@ -1,9 +1,10 @@
 """The dialogue stage's retrieval augmentation: each source is the user turn plus its top
-knowledge-base passages, laid out by serve.retrieval.RetrievalSpec.source -- the function the
+knowledge-base passages, laid out by serve.retrieval_spec.RetrievalSpec.source -- the function the
 serving engine formats chat sources with -- and recall@k of those passages on held-out dialogues.
 
-The index is read through serve.retrieval (a leaf module: SQLite and the data readers), the one
-place finetune reaches into serve, because training and serving must share that one function.
+The index and the layout are read through serve.retrieval and serve.retrieval_spec (leaf modules:
+SQLite and the data readers), the one place finetune reaches into serve, because training and
+serving must share that one function.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def retrieve(cfg: DialogueConfig, tok: TokenizerFiles,
     if cfg.retrieval.kb is None:
         return None, {s: Retrieved(rows, tok, None, None) for s, rows in splits.items()}
     from lmforge.serve.recipe_config import open_kb
-    from lmforge.serve.retrieval import RetrievalSpec
+    from lmforge.serve.retrieval_spec import RetrievalSpec
 
     spec = RetrievalSpec(passages=cfg.retrieval.passages, source_tokens=cfg.train.seq_len - 1,
                          min_score=cfg.retrieval.min_score)  # fmt: skip

@@ -109,7 +109,7 @@ class ServeConfigStage(StageConfig):
 
 
 def build(cfg: ServeConfigStage, ctx: StageContext) -> dict[str, Any]:
-    from lmforge.serve.retrieval import RetrievalSpec
+    from lmforge.serve.retrieval_spec import RetrievalSpec
     from lmforge.serve.safety import DEFAULT_POLICY, SafetyPolicy
     from lmforge.serve.settings import ServeSettings
 

@@ -13,7 +13,7 @@ tensors); sampling, detokenization, stop handling and failures are the base Engi
 Sources end in the model's eos (model.seq2seq_generate.source_row), as fine-tuning builds them.
 A chat request's source is its last user message (render_chat), as the model was trained on user
 turns, and a text completion's is its prompt; a retrieval-augmented model (retrieval.json in its
-directory: serve.retrieval.RetrievalSpec) gets that turn + the knowledge-base passages the server
+directory: serve.retrieval_spec.RetrievalSpec) gets that turn + the knowledge-base passages the server
 found for it (`source`), laid out by the same RetrievalSpec.source that built its training
 sources, and warns when a request arrives without them.
 engine_class(model_dir) picks this class when config.json describes an encoder-decoder.
@@ -32,7 +32,8 @@ from lmforge.errors import InputError
 from lmforge.model.generate import KVCache
 from lmforge.model.seq2seq_generate import right_pad, source_row
 from lmforge.serve.engine import Engine
-from lmforge.serve.retrieval import Passage, RetrievalSpec
+from lmforge.serve.retrieval import Passage
+from lmforge.serve.retrieval_spec import RetrievalSpec
 from lmforge.serve.sampling import SamplingParams
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
@@ -90,6 +90,15 @@ class PretrainConfig(StageConfig):
         "it (BERT's 0.15) to compare runs trained at different mlm_probability",
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
+
+    @model_validator(mode="after")
+    def _val_masking_needs_mlm(self) -> PretrainConfig:
+        if self.mlm_val_probability is not None and self.objective != "mlm":
+            raise ConfigError(
+                f"mlm_val_probability is set but objective={self.objective} masks nothing; set "
+                "objective=mlm or drop mlm_val_probability"
+            )
+        return self
 
     def inputs(self) -> list[Path]:
         return [self.tokens, self.tokenizer, *([self.init_from] if self.init_from else [])]

@@ -88,6 +88,28 @@ def test_pll_windows_score_every_token_once_with_context_on_both_sides(
     assert scored == ids
 
 
+def test_centered_windows_tile_every_length_and_stride() -> None:
+    """The same invariants over every small case (empty text, n < window, odd and full strides),
+    without a model; a stride outside [1, max_length] is a config error."""
+    from lmforge.errors import ConfigError
+    from lmforge.evals.pll import centered_windows
+
+    for max_length in range(1, 13):
+        for stride in range(1, max_length + 1):
+            k = (max_length - stride) // 2
+            for n in range(40):
+                scored = []
+                for begin, lo, hi, end in centered_windows(n, max_length, stride):
+                    assert 0 <= begin <= lo < hi <= end <= n and end - begin <= max_length
+                    for t in range(lo, hi):
+                        assert min(t - begin, end - 1 - t) >= min(k, t, n - 1 - t)
+                    scored += range(lo, hi)
+                assert scored == list(range(n)), (n, max_length, stride)
+    for stride in (0, 9):
+        with pytest.raises(ConfigError, match=r"stride must be in \[1, max_length=8\]"):
+            list(centered_windows(20, 8, stride))
+
+
 def test_encoder_classifier_head_gives_transformers_probabilities(bert: dict[str, Path]) -> None:
     model = EvalModel.load(bert["clf"])
     assert model.head.labels == ["neg", "neu", "pos"] and model.head.reads == "first_token_pooler"

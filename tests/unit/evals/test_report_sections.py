@@ -129,6 +129,10 @@ def test_dialogue_retrieval_blocks_compare_with_and_without_passages() -> None:
     only = {k: v for k, v in scores.items() if k != "without_retrieval"}
     (alone,) = _retrieval_blocks(only)
     assert alone.table is None and "recall@2" in alone.text
+    assert "scoring at least" not in alone.text  # no floor (or an eval.json from before it)
+    floored = {**only, "retrieval": {**only["retrieval"], "min_score": 8.0}}
+    (text,) = _retrieval_blocks(floored)
+    assert "top 2 knowledge-base passages for the user turn scoring at least 8 (BM25;" in text.text
 
 
 def test_importing_the_package_registers_every_stage_kind_as_before_the_split() -> None:

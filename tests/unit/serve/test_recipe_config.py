@@ -10,7 +10,8 @@ from lmforge.artifacts import run_stage
 from lmforge.config import load_yaml
 from lmforge.errors import ConfigError
 from lmforge.serve.recipe_config import KnowledgeBaseStage, ServeConfigStage, build, build_kb
-from lmforge.serve.retrieval import KnowledgeBase, RetrievalSpec
+from lmforge.serve.retrieval import KnowledgeBase
+from lmforge.serve.retrieval_spec import RetrievalSpec
 
 FUNCTIONS = [
     {"qualname": "os.path.join", "module": "os.path", "signature": "(a, *p)",

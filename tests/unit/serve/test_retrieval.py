@@ -4,15 +4,8 @@ import sqlite3
 import pytest
 
 from lmforge.errors import InputError
-from lmforge.serve.retrieval import (
-    KnowledgeBase,
-    Passage,
-    RetrievalSpec,
-    augment_messages,
-    chunk_words,
-    fts_query,
-    passages_source,
-)
+from lmforge.serve.retrieval import KnowledgeBase, Passage, augment_messages, chunk_words, fts_query
+from lmforge.serve.retrieval_spec import RetrievalSpec, passages_source
 
 DOCS = {
     "cooking.md": "# Bread\nKnead the dough for ten minutes, let it rise, then bake the loaf "
@@ -242,7 +235,9 @@ def test_retrieval_spec_sources_round_trip_and_version(tmp_path, kb):
     assert floored.search(kb, "How does json.dumps serialize objects?") == []
     for bad in ('{"format": 1, "passages": 2}', "[1]", '{"format": 1, "passages": "x", '
                 '"source_tokens": 3}', "{not json", '{"format": 1, "passages": 2, '
-                '"source_tokens": 3, "min_score": "high"}'):  # fmt: skip
+                '"source_tokens": 3, "min_score": "high"}', *(
+                '{"format": 1, "passages": 2, "source_tokens": 3, "min_score": ' + v + "}"
+                for v in ("NaN", "Infinity", "-1", "null"))):  # fmt: skip
         (tmp_path / "retrieval.json").write_text(bad)
         with pytest.raises(InputError, match=r"retrieval.json is not a retrieval spec.*retrain"):
             RetrievalSpec.load(tmp_path)

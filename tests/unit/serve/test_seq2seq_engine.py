@@ -166,7 +166,8 @@ def rag_setup(s2s_dir, tmp_path):
     import json
     import shutil
 
-    from lmforge.serve.retrieval import KnowledgeBase, RetrievalSpec
+    from lmforge.serve.retrieval import KnowledgeBase
+    from lmforge.serve.retrieval_spec import RetrievalSpec
 
     docs = tmp_path / "kb"
     docs.mkdir()
@@ -292,7 +293,7 @@ def test_completion_without_passages_warns_and_kb_true_is_refused_where_it_canno
 def test_min_score_leaves_weak_passages_out_in_training_and_serving(rag_setup):
     """The spec's BM25 floor applies where training builds sources and where the server does."""
     from lmforge.finetune.dialogue import Retrieved
-    from lmforge.serve.retrieval import RetrievalSpec
+    from lmforge.serve.retrieval_spec import RetrievalSpec
 
     kb, model_dir, _ = rag_setup
     question = "How do I join two or more pathname components?"

@@ -52,8 +52,10 @@ def _retrieval_blocks(scores: dict[str, Any]) -> list[Block]:
     if not retrieval:
         return []
     k, recall = retrieval["passages"], retrieval["recall_at_k"]
-    text = (f"Each source carries the top {k} knowledge-base passages for the user turn; the "
-            f"asked-about function's passage is among them for {recall.get('all', 0):.1%} of the "
+    floor = retrieval.get("min_score") or 0  # eval.json written before the floor existed: none
+    scoring = f" scoring at least {floor:g} (BM25; fewer or none below it)" if floor else ""
+    text = (f"Each source carries the top {k} knowledge-base passages for the user turn{scoring}; "
+            f"the asked-about function's passage is among them for {recall.get('all', 0):.1%} of the "
             f"held-out questions about a function (recall@{k}).")  # fmt: skip
     plain = scores.get("without_retrieval")
     if plain is None:
