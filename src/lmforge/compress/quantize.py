@@ -32,14 +32,21 @@ from lmforge.model.hf_families import FAMILIES
 from lmforge.model.quant_checkpoint import quantize_tensors
 
 
+def require_float_source(src: Path, hf: dict[str, Any]) -> None:
+    """Refuse to quantize src (config.json `hf`) when it is quantized already: rounding codes
+    again only loses quality."""
+    if hf.get("quantization_config"):
+        raise ConfigError(
+            f"{src} is already quantized ({hf['quantization_config'].get('quant_method')}): "
+            "method=quantize needs float weights; quantize the float checkpoint it was made from "
+            "(the 'source' in the compression.json of the compress run that wrote it)"
+        )
+
+
 def quantize_dir(src: Path, dst: Path, scheme: str, group_size: int) -> dict[str, Any]:
     """Write src's checkpoint to dst with every matrix quantized; returns quantization_config."""
     hf = read_config(src)
-    if hf.get("quantization_config"):
-        raise ConfigError(
-            f"{src} is already quantized ({hf['quantization_config'].get('quant_method')}); "
-            "quantize the original model instead"
-        )
+    require_float_source(src, hf)
     tensors = read_tensors(src)
     flip = stored_transposed(hf, tensors)
     tensors, quant = quantize_tensors(tensors, scheme, group_size, flip)

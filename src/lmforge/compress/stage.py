@@ -133,17 +133,20 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.compress import export, measure
     from lmforge.compress.distill import distill_method
     from lmforge.compress.prune import prune_method
-    from lmforge.compress.quantize import quantize_method
+    from lmforge.compress.quantize import quantize_method, require_float_source
     from lmforge.evals.lm import EvalModel
     from lmforge.evals.perplexity import read_texts
     from lmforge.model.convert import read_config
 
     src = cfg.model_dir()
     require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
+    hf = read_config(src)
+    if cfg.method == "quantize":  # refused before the slow measurement of src
+        require_float_source(src, hf)
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above
-    served = EvalModel.load(src) if read_config(src).get("quantization_config") else original
+    served = EvalModel.load(src) if hf.get("quantization_config") else original
     before = measure.model_report(served, src, texts, cfg.speed)
     ctx.log.info("original: %s", before)
     if cfg.method == "quantize":

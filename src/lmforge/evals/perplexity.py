@@ -120,6 +120,30 @@ def sliding_windows(n: int, max_length: int, stride: int) -> Iterator[tuple[int,
         begin += stride
 
 
+def window_lengths(
+    max_length: int | None, stride: int | None, window: int, context: str
+) -> tuple[int, int]:
+    """(max_length, stride) a scorer's windows use: max_length capped to `window`, the most text
+    tokens the model reads at once (`context` says why, for the error), stride half of it unless
+    set. A stride longer than the capped max_length is refused naming the requested and the
+    effective max_length: the cap is what a user who set max_length does not see."""
+    effective = min(max_length or window, window)
+    if not stride:
+        return effective, max(effective // 2, 1)
+    if stride > effective:
+        if max_length is None:
+            why = f"max_length is unset, so it is {context}, {window} tokens"
+        elif max_length > window:
+            why = f"max_length {max_length} was capped to {window}, {context}"
+        else:
+            why = f"max_length is {max_length}"
+        raise ConfigError(
+            f"stride {stride} is longer than the effective max_length {effective} ({why}): set "
+            f"stride to {effective} or less, or leave it unset (half of max_length)"
+        )
+    return effective, stride
+
+
 def document_tokens(model: EvalModel, text: str) -> tuple[list[int], int]:
     """(seq, bytes): the document as scored; targets are seq[1:], covering `bytes` UTF-8 bytes.
 
@@ -156,6 +180,7 @@ def perplexity(
     max_length: int | None = None,
     stride: int | None = None,
     on_doc: Callable[[], None] | None = None,
+    task: str | None = None,
 ) -> PerplexityResult:
     """Perplexity / bits-per-byte of model over texts, as the model's family defines it
     (model.scorer: causal sliding windows, an encoder's pseudo-log-likelihood, or a refusal).
@@ -164,8 +189,14 @@ def perplexity(
         max_length: tokens of input per window (default and maximum: the model's block_size).
         stride: how far each window moves (default max_length // 2); smaller = more context for
             every token and more compute.
+        task: the task's name, which a window error (window_lengths) names.
     """
-    return model.scorer.perplexity(list(texts), max_length, stride, on_doc)
+    try:
+        return model.scorer.perplexity(list(texts), max_length, stride, on_doc)
+    except ConfigError as exc:
+        if task is None:
+            raise
+        raise ConfigError(f"task '{task}': {exc}") from None
 
 
 def causal_perplexity(
@@ -176,8 +207,7 @@ def causal_perplexity(
     on_doc: Callable[[], None] | None = None,
 ) -> PerplexityResult:
     """A causal LM's perplexity with the module docstring's sliding windows."""
-    max_length = min(max_length or model.block_size, model.block_size)
-    stride = stride or max(max_length // 2, 1)
+    max_length, stride = window_lengths(max_length, stride, model.block_size, "the model's context")
     total = PerplexityResult()
     for i, text in enumerate(texts):
         total.add(score_document(model, text, max_length, stride, index=i))

@@ -103,10 +103,12 @@ class EncoderScorer:
     def perplexity(self, texts: list[str], max_length: int | None, stride: int | None,
                    on_doc: Any = None) -> PerplexityResult:  # fmt: skip
         """PLL of every token of every text (the module docstring), as a PerplexityResult."""
-        from lmforge.evals.perplexity import DocScore, PerplexityResult
+        from lmforge.evals.perplexity import DocScore, PerplexityResult, window_lengths
 
-        max_length = min(max_length or self.width, self.width)
-        stride = stride or max(max_length // 2, 1)
+        context = (
+            f"the model's context less the {len(self.prefix) + len(self.suffix)} template tokens"
+        )
+        max_length, stride = window_lengths(max_length, stride, self.width, context)
         total = PerplexityResult(scoring=PLL)
         for i, text in enumerate(texts):
             ids = self.lm.encode(text)

@@ -22,7 +22,9 @@ def run_perplexity(model: EvalModel, spec: TaskSpec, _: GenerationSettings) -> T
         texts = read_texts(spec.data, spec.split, spec.max_examples)
     else:
         raise ConfigError(f"task '{spec.name}': give 'data' or inline 'examples'")
-    result = perplexity(model, texts, max_length=spec.max_length, stride=spec.stride)
+    result = perplexity(
+        model, texts, max_length=spec.max_length, stride=spec.stride, task=spec.name
+    )
     metrics = result.metrics()
     train_dir = spec.data if spec.data is not None and Path(spec.data).is_dir() else None
     if spec.baseline and train_dir is not None and any(Path(train_dir).glob("train.jsonl*")):

@@ -20,6 +20,7 @@ from lmforge.serve.cache import cache_key
 from lmforge.serve.protocol import APIError, ChatRequest, CompletionRequest, LogprobsBuilder, new_id
 from lmforge.serve.retrieval import Passage, augment_messages
 from lmforge.serve.sampling import SamplingParams
+from lmforge.serve.seq2seq_engine import user_turn
 
 KB_PASSAGES = 3  # passages a chat gets, unless its model was trained with another number
 
@@ -100,6 +101,10 @@ class RequestPreparer:
             if text is None:
                 refused, text = True, original
             if ids is None and spec is not None:  # a refusal is not generated: no passages
+                try:
+                    user_turn(text, f"prompt {i} is blank")  # as chat refuses a blank question
+                except InputError as exc:
+                    raise APIError(400, str(exc), param="prompt") from None
                 if refused or not use_kb:
                     passages = [] if refused else None  # None: the engine warns
                 else:

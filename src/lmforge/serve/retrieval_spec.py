@@ -2,7 +2,8 @@
 
 Such a model (stage dialogue with `retrieval`) reads its passages in its source text.
 `RetrievalSpec` (retrieval.json in the model directory: passages per source, the BM25 score below
-which a passage is left out, the source's token budget, the layout's version) and
+which a passage is left out, the source's token budget, the format's version: 2 with a floor, so
+an lmforge from before the floor refuses the model rather than serve it without one) and
 `RetrievalSpec.search` + `.source` (passages_source's layout) are the one way such a source is
 made, by training (finetune.dialogue_retrieval) and by the server (serve.seq2seq_engine) alike.
 The index itself is serve.retrieval's KnowledgeBase.
@@ -22,9 +23,12 @@ from lmforge.errors import InputError
 if TYPE_CHECKING:
     from lmforge.serve.retrieval import KnowledgeBase, Passage
 
-__all__ = ["RETRIEVAL_FILE", "SOURCE_FORMAT", "RetrievalSpec", "passages_source"]
+__all__ = ["FLOOR_FORMAT", "RETRIEVAL_FILE", "SOURCE_FORMAT", "RetrievalSpec", "passages_source"]
 
 SOURCE_FORMAT = 1  # passages_source's layout; a model directory records the one it was trained on
+# The same layout with passages under a BM25 score left out. A spec with a floor says so, since an
+# lmforge from before the floor reads format 1 only and would serve the model without it.
+FLOOR_FORMAT = 2
 RETRIEVAL_FILE = "retrieval.json"
 
 
@@ -63,12 +67,16 @@ class RetrievalSpec:
     """What a retrieval-augmented seq2seq model was trained on, saved as its retrieval.json:
     sources of the user turn + the top `passages` KnowledgeBase.search results for it scoring at
     least `min_score` (BM25 on that knowledge base; 0: no floor), laid out by passages_source
-    (version `format`) within `source_tokens` tokens."""
+    within `source_tokens` tokens."""
 
     passages: int
     source_tokens: int
     min_score: float = 0.0
-    format: int = SOURCE_FORMAT
+
+    @property
+    def format(self) -> int:
+        """The version retrieval.json records: the oldest whose readers build these sources."""
+        return FLOOR_FORMAT if self.min_score > 0 else SOURCE_FORMAT
 
     def search(self, kb: KnowledgeBase, question: str) -> list[Passage]:
         """The passages a source for question carries (the server returns them as sources)."""
@@ -83,7 +91,7 @@ class RetrievalSpec:
 
     def save(self, model_dir: Path) -> None:
         (Path(model_dir) / RETRIEVAL_FILE).write_text(
-            json.dumps(asdict(self), indent=2), encoding="utf-8"
+            json.dumps({**asdict(self), "format": self.format}, indent=2), encoding="utf-8"
         )
 
     @classmethod
@@ -95,7 +103,8 @@ class RetrievalSpec:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             fmt = raw.get("format")
-            if fmt == SOURCE_FORMAT:  # a spec saved before min_score existed had no floor
+            # format 1 saved before min_score existed had no floor; after, it may carry one
+            if fmt in (SOURCE_FORMAT, FLOOR_FORMAT):
                 min_score = float(raw.get("min_score", 0.0))
                 if not 0 <= min_score < math.inf:  # NaN too: it would drop every passage
                     raise ValueError(f"min_score must be a BM25 score >= 0, got {min_score}")
@@ -105,10 +114,12 @@ class RetrievalSpec:
             raise InputError(
                 f"{path} is not a retrieval spec ({type(e).__name__}: {e}); it needs "
                 '{"passages": int, "source_tokens": int, "min_score": float, "format": '
-                f"{SOURCE_FORMAT}}}: copy it from the dialogue stage's final/ or retrain"
+                f"{SOURCE_FORMAT} or {FLOOR_FORMAT}}}: copy it from the dialogue stage's final/ or "
+                "retrain"
             ) from e
         raise InputError(
-            f"{path}: the model was trained on knowledge-base source format {fmt}, this "
-            f"lmforge writes format {SOURCE_FORMAT}; retrain it (stage dialogue with retrieval) "
-            "with this version"
+            f"{path}: the model was trained on knowledge-base source format {fmt}; this lmforge "
+            f"reads formats {SOURCE_FORMAT} and {FLOOR_FORMAT} ({FLOOR_FORMAT}: with a BM25 score "
+            "floor): upgrade lmforge, or retrain the model (stage dialogue with retrieval) with "
+            "this version"
         )

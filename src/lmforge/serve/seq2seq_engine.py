@@ -73,6 +73,15 @@ class _Cohort:
         self.cache.k, self.cache.v = self.cache.k[:, idx], self.cache.v[:, idx]
 
 
+def user_turn(text: str, missing: str) -> str:
+    """text as the user turn a seq2seq model answers (a chat's last user message, a text
+    completion prompt to a model trained with passages); a blank one is refused, `missing`
+    saying where, since there is nothing to answer or to find passages for."""
+    if not text.strip():
+        raise InputError(f"a seq2seq model answers a user message; {missing}")
+    return text
+
+
 class Seq2SeqEngine(Engine):
     """Continuous batching for an encoder-decoder: see the module docstring."""
 
@@ -110,9 +119,8 @@ class Seq2SeqEngine(Engine):
         knowledge base's results for it; None when there is no knowledge base) when the model was
         trained with them."""
         users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
-        if not users or not str(users[-1]).strip():
-            raise InputError("a seq2seq model answers a user message; the conversation has none")
-        return self.source(str(users[-1]), passages)
+        question = user_turn(str(users[-1]) if users else "", "the conversation has none")
+        return self.source(question, passages)
 
     def source(self, question: str, passages: list[Passage] | None) -> str:
         """The source for a user turn (a chat's last user message, a completion's prompt): with

@@ -4,7 +4,8 @@ Of the tokens chosen (each with probability `probability`, never a special token
 document separator, padding or [MASK] itself), 80% become [MASK], 10% a random ordinary token and
 10% stay as they are; the loss is cross-entropy on the chosen positions only (IGNORE_INDEX
 elsewhere). Training draws fresh masks every step; validation masks each val batch with its own
-seeded generator, so every evaluation scores the same masked tokens and losses are comparable.
+seeded CPU generator, so every evaluation, on any device, scores the same masked tokens and
+losses are comparable.
 With a tokenizer whose template opens a text with [CLS] (MaskSpec.start_ids), every window starts
 with it as BERT's pretraining inputs do (its first token gives way), so the first position a
 classifier pools has been trained as [CLS]; documents inside a window stay [SEP]-separated.
@@ -96,7 +97,11 @@ def make_mlm_loss(spec: MaskSpec):
 
 
 def masked_val_batch(batch: dict[str, Tensor], spec: MaskSpec, seed: int) -> dict[str, Tensor]:
-    """A validation batch masked once, reproducibly (the same masks at every evaluation)."""
-    generator = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
-    ids, labels = mask_tokens(batch["input_ids"], spec, generator)
-    return {**batch, "input_ids": ids, "mlm_labels": labels}
+    """A validation batch masked once, reproducibly (the same masks at every evaluation).
+
+    The masks are drawn on CPU and moved: a CUDA generator draws other numbers from the same
+    seed, so masking on the batch's device would give CPU and GPU runs different val_loss.
+    """
+    ids = batch["input_ids"]
+    corrupted, labels = mask_tokens(ids.cpu(), spec, torch.Generator().manual_seed(seed))
+    return {**batch, "input_ids": corrupted.to(ids.device), "mlm_labels": labels.to(ids.device)}

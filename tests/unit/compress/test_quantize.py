@@ -103,3 +103,27 @@ def test_gpt2_style_checkpoint_quantizes_and_reloads(tmp_path: Path) -> None:
     with torch.no_grad():
         ref, got = load_pretrained(src)(ids), load_pretrained(tmp_path / "q")(ids)
     assert (ref - got).abs().max().item() < 0.02 * ref.abs().max().item()
+
+
+def test_the_stage_refuses_a_quantized_source_before_loading_or_measuring_it(
+    trained_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-quantizing is refused up front, not after the slow measurement of the source."""
+    from lmforge.compress import measure
+
+    quantize_dir(trained_dir, tmp_path / "q8", "int8", 32)
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the source was loaded or measured before the refusal")
+
+    monkeypatch.setattr(measure, "model_report", no_work)
+    monkeypatch.setattr(EvalModel, "load", no_work)
+    cfg = CompressConfig(
+        method="quantize", model=tmp_path / "q8", data=data_dir, out=tmp_path / "o"
+    )
+    with pytest.raises(ConfigError) as err:
+        compress(cfg)
+    msg = str(err.value)
+    assert f"{tmp_path / 'q8'} is already quantized (lmforge)" in msg
+    assert "quantize the float checkpoint it was made from" in msg
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -110,6 +110,25 @@ def test_centered_windows_tile_every_length_and_stride() -> None:
             list(centered_windows(20, 8, stride))
 
 
+def test_encoder_stride_past_its_window_names_the_task_and_the_template_cut(
+    bert: dict[str, Path],
+) -> None:
+    """An encoder's window is its context less [CLS]/[SEP]: the error says so, with both lengths."""
+    from lmforge.errors import ConfigError
+
+    model = EvalModel.load(bert["mlm"])
+    width = model.scorer.width
+    spec = TaskSpec(name="pll", type="perplexity", examples=[{"text": TEXTS[0]}],
+                    max_length=4096, stride=width + 1)  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        run_task(model, spec, GenerationSettings())
+    assert str(err.value) == (
+        f"task 'pll': stride {width + 1} is longer than the effective max_length {width} "
+        f"(max_length 4096 was capped to {width}, the model's context less the 2 template "
+        f"tokens): set stride to {width} or less, or leave it unset (half of max_length)"
+    )
+
+
 def test_encoder_classifier_head_gives_transformers_probabilities(bert: dict[str, Path]) -> None:
     model = EvalModel.load(bert["clf"])
     assert model.head.labels == ["neg", "neu", "pos"] and model.head.reads == "first_token_pooler"

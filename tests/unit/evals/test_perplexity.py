@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.evals.lm import EvalModel
+from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.perplexity import perplexity, read_texts, sliding_windows, unigram_baseline
+from lmforge.evals.tasks import TaskSpec, run_task
 
 from .helpers import CORPUS, make_model_dir
 
@@ -116,3 +118,21 @@ def test_read_texts_from_data_dir_and_errors(tmp_path: Path) -> None:
     bad.write_text('{"text": "ok"}\n{"body": "x"}\n')
     with pytest.raises(InputError, match=r"bad\.jsonl record 2: needs a string field"):
         read_texts(bad)
+
+
+@pytest.mark.parametrize(
+    ("max_length", "why"),
+    [(512, r"max_length 512 was capped to 64, the model's context"), (None, r"unset")],
+)
+def test_stride_past_the_capped_window_names_task_field_and_both_lengths(
+    model_dir: Path, max_length: int | None, why: str
+) -> None:
+    """A user who set max_length 512 on a 64-token model learns why 100 is too long a stride."""
+    model = EvalModel.load(model_dir)
+    spec = TaskSpec(name="wiki", type="perplexity", examples=[{"text": TEXTS[0]}],
+                    max_length=max_length, stride=100)  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        run_task(model, spec, GenerationSettings())
+    msg = str(err.value)
+    assert msg.startswith("task 'wiki': stride 100 is longer than the effective max_length 64")
+    assert re.search(why, msg) and "set stride to 64 or less" in msg

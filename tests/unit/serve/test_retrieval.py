@@ -214,6 +214,31 @@ def test_passages_source_keeps_the_user_turn_and_fits_passages_to_the_budget():
     assert passages_source(question, [], words, 50) == question
 
 
+def test_a_score_floor_is_written_as_a_format_older_readers_refuse(tmp_path):
+    """An lmforge from before the floor reads format 1 only: a floored spec must not look like
+    one, or that lmforge would serve the model without its floor. Without a floor the file stays
+    format 1 (older readers serve it right); this one reads both, and refuses a future format."""
+    plain = RetrievalSpec(passages=2, source_tokens=30)
+    floored = RetrievalSpec(passages=2, source_tokens=30, min_score=8.5)
+    for spec, fmt in ((plain, 1), (floored, 2)):
+        spec.save(tmp_path)
+        raw = json.loads((tmp_path / "retrieval.json").read_text())
+        assert raw == {"passages": 2, "source_tokens": 30, "min_score": spec.min_score,
+                       "format": fmt}  # fmt: skip
+        assert RetrievalSpec.load(tmp_path) == spec
+    # written by lmforge between the floor and this format: format 1 with a floor, still honoured
+    (tmp_path / "retrieval.json").write_text(json.dumps({**raw, "format": 1}))
+    assert RetrievalSpec.load(tmp_path) == floored
+    (tmp_path / "retrieval.json").write_text(json.dumps({**raw, "format": 3}))
+    with pytest.raises(InputError) as err:
+        RetrievalSpec.load(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path / 'retrieval.json'}: the model was trained on knowledge-base source format 3; "
+        "this lmforge reads formats 1 and 2 (2: with a BM25 score floor): upgrade lmforge, or "
+        "retrain the model (stage dialogue with retrieval) with this version"
+    )
+
+
 def test_retrieval_spec_sources_round_trip_and_version(tmp_path, kb):
     spec = RetrievalSpec(passages=2, source_tokens=30)
     found = spec.search(kb, "How does json.dumps serialize objects?")

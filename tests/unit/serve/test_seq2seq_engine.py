@@ -290,6 +290,27 @@ def test_completion_without_passages_warns_and_kb_true_is_refused_where_it_canno
         _complete(plain, kb, question, kb=True)
 
 
+def test_a_blank_text_prompt_is_refused_as_chat_refuses_a_blank_user_message(rag_setup):
+    """A model trained with passages answers a user turn: a blank one is a 400 on both routes,
+    not a source of passages for nothing."""
+    from lmforge.serve.protocol import APIError
+
+    kb, model_dir, _ = rag_setup
+    engine = Seq2SeqEngine.from_dir(model_dir, name="rag")
+    with pytest.raises(APIError) as chat:
+        _chat(engine, kb, " \n\t")
+    with pytest.raises(APIError) as completion:
+        _complete(engine, kb, ["What is the signature of json.dumps?", " \n\t"])
+    assert chat.value.status == completion.value.status == 400
+    assert completion.value.param == "prompt"
+    assert str(completion.value) == "a seq2seq model answers a user message; prompt 1 is blank"
+    assert str(chat.value).endswith(
+        "a seq2seq model answers a user message; the conversation has none"
+    )
+    ids = engine.files.encode(" ")  # a token prompt is a finished source: sent as is
+    assert _complete(engine, kb, ids).jobs[0].prompt_ids == ids
+
+
 def test_min_score_leaves_weak_passages_out_in_training_and_serving(rag_setup):
     """The spec's BM25 floor applies where training builds sources and where the server does."""
     from lmforge.finetune.dialogue import Retrieved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmforge.model.chunked_loss import IGNORE_INDEX
@@ -61,3 +62,25 @@ def test_windows_open_with_the_templates_cls_which_is_never_masked():
     assert (ids[:, 0] != 2).all()  # the caller's batch is left as it was
     chosen = labels != IGNORE_INDEX
     assert chosen[:, 1:].any() and torch.equal(labels[chosen], ids[chosen])
+
+
+def test_val_masks_are_pinned_on_cpu():
+    """The seeded val masks on CPU are the ones earlier runs scored (val_loss stays comparable)."""
+    ids = torch.randint(4, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = masked_val_batch({"input_ids": ids}, SPEC, seed=7)
+    expected = ids.clone()
+    expected[1, [1, 3, 13]] = torch.tensor([3, 23, 3])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[1, [1, 3, 13]] = torch.tensor([42, 13, 6])
+    assert torch.equal(out["input_ids"], expected) and torch.equal(out["mlm_labels"], labels)
+
+
+@pytest.mark.gpu
+def test_val_masks_do_not_depend_on_the_batch_device():
+    """CPU and CUDA runs with one seed score the same masked tokens (same val_loss)."""
+    ids = torch.randint(4, 50, (4, 64), generator=torch.Generator().manual_seed(0))
+    on_cpu = masked_val_batch({"input_ids": ids}, SPEC, seed=7)
+    on_gpu = masked_val_batch({"input_ids": ids.cuda()}, SPEC, seed=7)
+    assert on_gpu["input_ids"].is_cuda and on_gpu["mlm_labels"].is_cuda
+    assert torch.equal(on_gpu["input_ids"].cpu(), on_cpu["input_ids"])
+    assert torch.equal(on_gpu["mlm_labels"].cpu(), on_cpu["mlm_labels"])
