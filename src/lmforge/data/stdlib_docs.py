@@ -12,7 +12,8 @@ per-module alarm and a skip list; records come back as JSON lines on a private p
 
 The text must not depend on the machine or the run (a newcomer's corpus is byte-identical to
 ours, and the model does not learn noise): the child gets a fixed environment (pydoc prints
-os.environ), and object addresses, this interpreter's paths and the home directory become
+os.environ) and a sys.path of the stdlib alone (an installed lmforge and a checkout differ there),
+and object addresses, this interpreter's paths and the home directory become
 stand-ins, in data values before pydoc truncates them and in the rendered text.
 """
 
@@ -312,6 +313,27 @@ def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
         }
 
 
+def _stdlib_path(entries: list[str]) -> list[str]:
+    """The entries of sys.path that hold the standard library (its zip, its directory and
+    lib-dynload), for the child once lmforge is imported.
+
+    The rest differs between installs (the checkout's src/ or site-packages as the cwd, an
+    editable install's .pth entry, PYTHONPATH) and pydoc's page of sys prints sys.path; with
+    the stdlib alone there, nothing installed beside it can shadow a stdlib module either.
+    """
+    stdlib = {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")}
+    stdlib_zip = f"python{sys.version_info.major}{sys.version_info.minor}.zip"
+    return [
+        entry
+        for entry in entries
+        if os.path.basename(entry) == stdlib_zip
+        or (
+            any(entry == d or entry.startswith(d + os.sep) for d in stdlib)
+            and not {"site-packages", "dist-packages"} & set(Path(entry).parts)
+        )
+    ]
+
+
 def _child_main(what: str) -> None:
     """Runs in the child: silences stdout/stderr, writes JSON lines to the saved real stdout."""
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
@@ -319,6 +341,7 @@ def _child_main(what: str) -> None:
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     sys.stdin = open(os.devnull)  # nothing may wait for input
+    sys.path[:] = _stdlib_path(sys.path)
     if what == "docs":
         from pydoc_data.topics import topics
 

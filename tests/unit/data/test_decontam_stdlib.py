@@ -8,6 +8,7 @@ import os
 import pydoc
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from lmforge.data.stdlib_docs import (
     _clean,
     _module_names,
     _PortableRepr,
+    _stdlib_path,
     iter_functions,
     read_stdlib_docs,
 )
@@ -139,3 +141,15 @@ def test_stdlib_corpus_does_not_depend_on_the_machine_or_the_run(stdlib_docs):
     pages = {d.id: d.text for d in stdlib_docs}
     assert "environ({'PYTHONHASHSEED': '0'" in pages["stdlib-html:os"]  # the fixed child env
     assert "&lt;python&gt;" in pages["stdlib-html:sys"]  # sys.executable, shown as its stand-in
+    # sys.path: the stdlib only, the same for a checkout (src/ as the cwd) and an installed copy
+    sys_path = re.search(r"<strong>path</strong> = (.*?)<br>", pages["stdlib-html:sys"]).group(1)
+    assert "&lt;stdlib&gt;" in sys_path
+    assert not re.search(r"lmforge|sys\.path|site-packages|dist-packages", sys_path), sys_path
+
+
+def test_child_sys_path_keeps_only_the_standard_library():
+    stdlib = sysconfig.get_path("stdlib")
+    zip_name = f"python{sys.version_info.major}{sys.version_info.minor}.zip"
+    kept = [os.path.join(os.path.dirname(stdlib), zip_name), stdlib, f"{stdlib}/lib-dynload"]
+    others = ["/checkout/src", f"{stdlib}/site-packages", "/venv/lib/site-packages", f"{stdlib}x"]
+    assert _stdlib_path([others[0], *kept, *others[1:]]) == kept
