@@ -42,6 +42,10 @@ AMBIGUOUS_GIVEN = frozenset(
     "Miles Norman Mason Hunter Carter Cooper Parker Taylor Tyler Walker Baker Else Per My Us "
     "Monty Von Van De Del Della La Le "  # "Monty Python", "Von Neumann": particles, not names
     "An Tab "  # "An\nObject", "Tab Nanny" (tabnanny's title) in the stdlib docs
+    # technical words: "Server Authentication" (ssl's page), "Unknown Error", "Odd Function",
+    # "Math Software" (stdlib sources) were names before an unknown word
+    "Server Unknown Unnamed Odd Math Alpha Beta Delta Theta Eta Meta Echo Edit Valid Branch Link "
+    "Lemma Nil Trace "
     "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Wed Thu Fri Sat Sun".split()
 )
 # Title-case words that are never surname-like besides the lexicon's common words: the calendar
