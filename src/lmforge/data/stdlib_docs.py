@@ -159,7 +159,8 @@ def _import(name: str) -> Any:
         signal.signal(signal.SIGALRM, old)
 
 
-def _own_paths() -> list[tuple[str, str]]:
+@cache
+def _own_paths() -> tuple[tuple[str, str], ...]:
     """This run's paths that pydoc prints, with their stand-ins, the longest (most specific) first.
 
     Defaults such as platform.architecture(executable=sys.executable) print the interpreter into
@@ -185,7 +186,7 @@ def _own_paths() -> list[tuple[str, str]]:
     for entry in sys.path:
         if entry and not any(entry == p or entry.startswith(p + os.sep) for p in stand_ins):
             stand_ins[entry] = "<sys.path>"
-    return sorted(stand_ins.items(), key=lambda pair: -len(pair[0]))
+    return tuple(sorted(stand_ins.items(), key=lambda pair: -len(pair[0])))
 
 
 @cache
@@ -195,9 +196,15 @@ def _own_paths_pattern() -> re.Pattern[str]:
     return re.compile(rf"(?:{alternatives})(?![\w.-])")
 
 
+@cache
+def _own_stand_ins() -> dict[str, str]:
+    """_own_paths by path, built once like the pattern that finds them (they must agree)."""
+    return dict(_own_paths())
+
+
 def _clean(text: str) -> str:
     """Removes what differs between runs and machines: object addresses and install paths."""
-    stand_ins = dict(_own_paths())
+    stand_ins = _own_stand_ins()
     text = _own_paths_pattern().sub(lambda m: stand_ins[m.group()], text)
     return _PATH.sub("<stdlib>/", _ADDR.sub("", text))
 
@@ -341,6 +348,7 @@ def _child_main(what: str) -> None:
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     sys.stdin = open(os.devnull)  # nothing may wait for input
+    _own_paths()  # its stand-ins from the whole sys.path, fixed before an import can change it
     sys.path[:] = _stdlib_path(sys.path)
     if what == "docs":
         from pydoc_data.topics import topics
