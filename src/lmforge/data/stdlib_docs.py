@@ -394,7 +394,11 @@ def _run_child(what: str) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
         if proc.wait() != 0:
             raise InputError(
-                f"{NAME}: collecting the standard-library docs failed (exit {proc.returncode})"
+                f"{NAME}: collecting the standard-library docs failed (exit {proc.returncode}; "
+                f"the child's error, if any, is above): `{' '.join(cmd)}` runs in {src_root} "
+                f"with only {sorted(_CHILD_ENV)} set, so lmforge and its dependencies must import "
+                "there without PYTHONPATH (install them into this interpreter, or use another "
+                "source)"
             )
 
 

@@ -153,3 +153,11 @@ def test_child_sys_path_keeps_only_the_standard_library():
     kept = [os.path.join(os.path.dirname(stdlib), zip_name), stdlib, f"{stdlib}/lib-dynload"]
     others = ["/checkout/src", f"{stdlib}/site-packages", "/venv/lib/site-packages", f"{stdlib}x"]
     assert _stdlib_path([others[0], *kept, *others[1:]]) == kept
+
+
+def test_a_failing_collector_says_what_it_ran_and_what_to_do(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "false")  # exits 1, like a child that cannot import
+    with pytest.raises(
+        InputError, match=r"exit 1.*`false -m lmforge.data.stdlib_docs docs`.*PYTHONPATH"
+    ):
+        list(read_stdlib_docs())
