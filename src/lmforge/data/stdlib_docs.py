@@ -24,16 +24,15 @@ import inspect
 import json
 import os
 import pydoc
-import re
 import subprocess
 import sys
 import sysconfig
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from lmforge.data.document import Document
+from lmforge.data.stdlib_portable import PortableHTMLDoc, clean, own_paths
 from lmforge.errors import InputError
 
 NAME = "stdlib-docs"
@@ -90,16 +89,6 @@ SKIP = {
 }
 SKIP_PARTS = {"test", "tests", "idle_test", "__main__"}
 IMPORT_TIMEOUT_S = 5
-# An object's address (pydoc's stripid removes " at 0x..." the same way), also in HTML where the
-# space is &nbsp;, and ctypes' "handle 7f..." of a loaded library.
-_SPACE = r"(?:\s|&nbsp;)"
-_ADDR = re.compile(
-    rf"{_SPACE}at{_SPACE}0x[0-9a-fA-F]{{6,}}|,?{_SPACE}handle{_SPACE}(?:0x)?[0-9a-fA-F]{{6,}}\b"
-)
-# Another install's stdlib directory, from the start of a path (not ~/.local/lib/python3.x/).
-_PATH = re.compile(r"(?<![\w.~>-])/[^\s\"'<>]*?/lib/python3\.\d+/")
-# Prefixes shared by every Debian-like system Python; docstrings also use them as examples.
-_SYSTEM_PREFIXES = {"/", "/usr", "/usr/local"}
 # The child's whole environment: pydoc's pages of os and posix print it.
 _CHILD_ENV = {
     "PYTHONHASHSEED": "0",
@@ -159,77 +148,6 @@ def _import(name: str) -> Any:
         signal.signal(signal.SIGALRM, old)
 
 
-@cache
-def _own_paths() -> tuple[tuple[str, str], ...]:
-    """This run's paths that pydoc prints, with their stand-ins, the longest (most specific) first.
-
-    Defaults such as platform.architecture(executable=sys.executable) print the interpreter into
-    signatures; sys.path, sys.prefix, module reprs and site.USER_BASE print the install, the
-    checkout and the home directory into the pages of sys and site. sys.prefix is replaced only
-    inside a venv and the base prefix only when it is not a shared system prefix such as /usr,
-    which also occurs in ordinary docstrings. A sys.path entry under none of these (a .pth
-    file's, such as an editable install's source folder) becomes <sys.path>.
-    """
-    pairs = [
-        (sys.executable, "<python>"),
-        (str(Path(__file__).resolve().parents[2]), "<lmforge>"),  # the child's cwd and sys.path[0]
-        (sysconfig.get_path("stdlib"), "<stdlib>"),
-        (os.path.expanduser("~"), "~"),
-    ]
-    if sys.prefix != sys.base_prefix:
-        pairs.append((sys.prefix, "<venv>"))
-    pairs += [(prefix, "<python-prefix>") for prefix in (sys.base_prefix, sys.base_exec_prefix)]
-    stand_ins: dict[str, str] = {}
-    for path, stand_in in pairs:  # the first stand-in of a path wins (e.g. base_exec_prefix)
-        if path and path not in _SYSTEM_PREFIXES:
-            stand_ins.setdefault(path, stand_in)
-    for entry in sys.path:
-        if entry and not any(entry == p or entry.startswith(p + os.sep) for p in stand_ins):
-            stand_ins[entry] = "<sys.path>"
-    return tuple(sorted(stand_ins.items(), key=lambda pair: -len(pair[0])))
-
-
-@cache
-def _own_paths_pattern() -> re.Pattern[str]:
-    """Any of _own_paths as a whole path (not the start of a longer name such as /rootfs)."""
-    alternatives = "|".join(re.escape(path) for path, _ in _own_paths())
-    return re.compile(rf"(?:{alternatives})(?![\w.-])")
-
-
-@cache
-def _own_stand_ins() -> dict[str, str]:
-    """_own_paths by path, built once like the pattern that finds them (they must agree)."""
-    return dict(_own_paths())
-
-
-def _clean(text: str) -> str:
-    """Removes what differs between runs and machines: object addresses and install paths."""
-    stand_ins = _own_stand_ins()
-    text = _own_paths_pattern().sub(lambda m: stand_ins[m.group()], text)
-    return _PATH.sub("<stdlib>/", _ADDR.sub("", text))
-
-
-class _PortableRepr(pydoc.HTMLRepr):
-    """pydoc's repr of data values (sys.path, sys.modules...) cleaned before it truncates them.
-
-    Truncation ("/root/.pyenv/versions/3...dynload") would hide a path from _clean afterwards.
-    """
-
-    def repr1(self, x: Any, level: int) -> str:
-        if type(x) is str:  # not a str subclass such as a StrEnum member: pydoc shows its repr
-            return self.repr_string(_clean(x), level)
-        if hasattr(self, "repr_" + "_".join(type(x).__name__.split())):
-            return super().repr1(x, level)  # containers: their items come back here
-        return self.escape(pydoc.cram(pydoc.stripid(_clean(repr(x))), self.maxother))
-
-
-class _PortableHTMLDoc(pydoc.HTMLDoc):
-    """pydoc.HTMLDoc whose data values go through _PortableRepr."""
-
-    _repr_instance = _PortableRepr()
-    repr = _repr_instance.repr
-
-
 def _public_members(mod: Any) -> list[tuple[str, Any]]:
     """Classes and functions defined in mod itself (not re-exported), by name."""
     out = []
@@ -270,8 +188,8 @@ def _function_records(mod: Any) -> Iterator[dict[str, Any]]:
             yield {
                 "qualname": f"{mod.__name__}.{qual}",
                 "module": mod.__name__,
-                "signature": _clean(_signature(fn)),
-                "docstring": _clean(doc),
+                "signature": clean(_signature(fn)),
+                "docstring": clean(doc),
             }
 
 
@@ -281,7 +199,7 @@ def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
     if doc := inspect.getdoc(mod):
         yield {
             "id": f"stdlib:{name}",
-            "text": _clean(doc),
+            "text": clean(doc),
             "kind": "module",
             "module": name,
             "qualname": name,
@@ -290,7 +208,7 @@ def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
         if inspect.isclass(obj) and (doc := inspect.getdoc(obj)):
             yield {
                 "id": f"stdlib:{name}.{cname}",
-                "text": _clean(doc),
+                "text": clean(doc),
                 "kind": "class",
                 "module": name,
                 "qualname": f"{name}.{cname}",
@@ -305,14 +223,14 @@ def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
             "signature": rec["signature"],
         }
     if html and "." not in name:
-        html_doc = _PortableHTMLDoc()
+        html_doc = PortableHTMLDoc()
         try:
             page = html_doc.page(pydoc.describe(mod), html_doc.document(mod, name))
         except Exception:  # pydoc fails on a few odd modules; the docstrings remain
             return
         yield {
             "id": f"stdlib-html:{name}",
-            "text": _clean(page),
+            "text": clean(page),
             "kind": "html_page",
             "module": name,
             "qualname": name,
@@ -348,7 +266,7 @@ def _child_main(what: str) -> None:
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     sys.stdin = open(os.devnull)  # nothing may wait for input
-    _own_paths()  # its stand-ins from the whole sys.path, fixed before an import can change it
+    own_paths()  # its stand-ins from the whole sys.path, fixed before an import can change it
     sys.path[:] = _stdlib_path(sys.path)
     if what == "docs":
         from pydoc_data.topics import topics

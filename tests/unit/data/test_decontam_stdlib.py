@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.decontam import Decontaminator
-from lmforge.data.stdlib_docs import (
-    _clean,
-    _module_names,
-    _PortableRepr,
-    _stdlib_path,
-    iter_functions,
-    read_stdlib_docs,
-)
+from lmforge.data.stdlib_docs import _module_names, _stdlib_path, iter_functions, read_stdlib_docs
+from lmforge.data.stdlib_portable import PortableRepr
+from lmforge.data.stdlib_portable import clean as _clean
 from lmforge.errors import InputError
 
 from .corpus import prose
@@ -116,11 +111,11 @@ def test_stdlib_text_replaces_home_and_install_paths_as_whole_paths():
 
 def test_stdlib_data_values_are_cleaned_before_pydoc_truncates_them():
     deep = os.path.join(sys.executable, "d" * 300)
-    shown = _PortableRepr().repr([deep, {"k": deep}])
+    shown = PortableRepr().repr([deep, {"k": deep}])
     assert sys.executable not in shown and shown.startswith("['&lt;python&gt;/ddd")
     member = enum.Enum("Method", {"GET": "GET"}, type=str).GET  # a str, shown as pydoc shows it
     assert (
-        _PortableRepr().repr(member) == pydoc.HTMLRepr().repr(member) == "&lt;Method.GET: 'GET'&gt;"
+        PortableRepr().repr(member) == pydoc.HTMLRepr().repr(member) == "&lt;Method.GET: 'GET'&gt;"
     )
 
 
