@@ -42,6 +42,10 @@ AMBIGUOUS_GIVEN = frozenset(
     "Miles Norman Mason Hunter Carter Cooper Parker Taylor Tyler Walker Baker Else Per My Us "
     "Monty Von Van De Del Della La Le "  # "Monty Python", "Von Neumann": particles, not names
     "An Tab "  # "An\nObject", "Tab Nanny" (tabnanny's title) in the stdlib docs
+    # technical words: "Server Authentication" (ssl's page), "Unknown Error", "Odd Function",
+    # "Math Software" (stdlib sources) were names before an unknown word
+    "Server Unknown Unnamed Odd Math Alpha Beta Delta Theta Eta Meta Echo Edit Valid Branch Link "
+    "Lemma Nil Trace "
     "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Wed Thu Fri Sat Sun".split()
 )
 # Title-case words that are never surname-like besides the lexicon's common words: the calendar
@@ -69,7 +73,6 @@ _START = r"(?<![\w.@/\\$#-])"
 _END = r"(?![\w(]|[.:/-]\w)"
 # between the words of a name: spaces, or one line break (a name wrapped onto the next line)
 _GAP = r"(?:[ \t]+|[ \t]*\r?\n[ \t]*)"
-_INITIAL = rf"(?:{_GAP}[A-Z]\.)?"
 # lowercase surname particles, up to two ("Guido van Rossum", "Maria de la Cruz")
 PARTICLES = "van von de da del della der den di du dos das ter ten la le zu".split()
 _PARTICLE = rf"(?:{'|'.join(PARTICLES)})"
@@ -137,8 +140,8 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
 
     Every pattern with a surname requires it (no optional tail), so `regex`'s partial matching
     reports "my name is Alice Sm" as a full name in progress rather than settling on "Alice".
-    The large given-name trie is in the first two patterns only (as the optional second given
-    name, and the first); the others check the lexicon."""
+    The large given-name trie is in the first two patterns only, once in each (a repeat, not a
+    second copy, for a second given name); the others check the lexicon."""
     lex = lexicon()
     given = lex["given"]
     ambiguous = trie_regex(given & lex["common_given"])
@@ -150,9 +153,12 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     strict = lex["surnames"] - (lex["common_words"] - WORD_SURNAMES) - NOT_SURNAMES
     cue = "|".join(f"(?<={c})" for c in _CUES)
     title = "|".join(f"(?<=\\b{re.escape(t)})" for t in _TITLES)
-    surname = rf"{_INITIAL}(?:{_GAP}{_PARTICLE}){{0,2}}{_GAP}{surname_like}"
-    given_names = trie_regex(given)
-    middle = rf"(?:{_GAP}(?:{given_names}))?"  # "Mary Ann Smith", "Jean Paul Sartre"
+    # after the given name(s) and a gap: an initial, up to two particles and the surname
+    particles_surname = rf"(?:{_PARTICLE}{_GAP}){{0,2}}{surname_like}"
+    surname = rf"(?:[A-Z]\.{_GAP})?{particles_surname}"
+    # a given name and the gap after it; once per pattern (the trie of ~13k names is most of the
+    # compile time), as a repeat for "Mary Ann Smith" and "Jean Paul Sartre"
+    given_gap = rf"(?:{trie_regex(given)}){_GAP}"
     # every name starts with a capital: testing that first skips the lookbehinds at most
     # positions (25x faster on the stdlib docs)
     cap = f"(?=[{_UP}])"
@@ -160,21 +166,19 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     return (
         # first, so a name that starts with a word ("Jean Paul Sartre") is not cut to its tail
         (
-            re.compile(rf"{cap}{_START}(?:{ambiguous}){middle}{surname}{_END}"),
+            re.compile(rf"{cap}{_START}(?:{ambiguous}){_GAP}(?:{given_gap})?{surname}{_END}"),
             functools.partial(_surname_after_word, strict=strict, lex=lex),
         ),
         (
             re.compile(
                 rf"{cap}(?:{cue}|{title}|{_START}(?!(?:{ambiguous}){_END}))"
-                rf"(?:{given_names}){middle}{surname}{_END}"
+                rf"(?:{given_gap}){{1,2}}{surname}{_END}"
             ),
             None,
         ),
         (re.compile(rf"{cap}(?:{cue}|{title}){_WORD}{_END}"), given.__contains__),
         (
-            re.compile(
-                rf"{cap_or_particle}(?:{title})(?:{_PARTICLE}{_GAP}){{0,2}}{surname_like}{_END}"
-            ),
+            re.compile(rf"{cap_or_particle}(?:{title}){particles_surname}{_END}"),
             None,
         ),
     )

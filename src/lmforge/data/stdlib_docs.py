@@ -12,7 +12,8 @@ per-module alarm and a skip list; records come back as JSON lines on a private p
 
 The text must not depend on the machine or the run (a newcomer's corpus is byte-identical to
 ours, and the model does not learn noise): the child gets a fixed environment (pydoc prints
-os.environ), and object addresses, this interpreter's paths and the home directory become
+os.environ) and a sys.path of the stdlib alone (an installed lmforge and a checkout differ there),
+and object addresses, this interpreter's paths and the home directory become
 stand-ins, in data values before pydoc truncates them and in the rendered text.
 """
 
@@ -23,16 +24,15 @@ import inspect
 import json
 import os
 import pydoc
-import re
 import subprocess
 import sys
 import sysconfig
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from lmforge.data.document import Document
+from lmforge.data.stdlib_portable import PortableHTMLDoc, clean, own_paths
 from lmforge.errors import InputError
 
 NAME = "stdlib-docs"
@@ -89,16 +89,6 @@ SKIP = {
 }
 SKIP_PARTS = {"test", "tests", "idle_test", "__main__"}
 IMPORT_TIMEOUT_S = 5
-# An object's address (pydoc's stripid removes " at 0x..." the same way), also in HTML where the
-# space is &nbsp;, and ctypes' "handle 7f..." of a loaded library.
-_SPACE = r"(?:\s|&nbsp;)"
-_ADDR = re.compile(
-    rf"{_SPACE}at{_SPACE}0x[0-9a-fA-F]{{6,}}|,?{_SPACE}handle{_SPACE}(?:0x)?[0-9a-fA-F]{{6,}}\b"
-)
-# Another install's stdlib directory, from the start of a path (not ~/.local/lib/python3.x/).
-_PATH = re.compile(r"(?<![\w.~>-])/[^\s\"'<>]*?/lib/python3\.\d+/")
-# Prefixes shared by every Debian-like system Python; docstrings also use them as examples.
-_SYSTEM_PREFIXES = {"/", "/usr", "/usr/local"}
 # The child's whole environment: pydoc's pages of os and posix print it.
 _CHILD_ENV = {
     "PYTHONHASHSEED": "0",
@@ -158,70 +148,6 @@ def _import(name: str) -> Any:
         signal.signal(signal.SIGALRM, old)
 
 
-def _own_paths() -> list[tuple[str, str]]:
-    """This run's paths that pydoc prints, with their stand-ins, the longest (most specific) first.
-
-    Defaults such as platform.architecture(executable=sys.executable) print the interpreter into
-    signatures; sys.path, sys.prefix, module reprs and site.USER_BASE print the install, the
-    checkout and the home directory into the pages of sys and site. sys.prefix is replaced only
-    inside a venv and the base prefix only when it is not a shared system prefix such as /usr,
-    which also occurs in ordinary docstrings. A sys.path entry under none of these (a .pth
-    file's, such as an editable install's source folder) becomes <sys.path>.
-    """
-    pairs = [
-        (sys.executable, "<python>"),
-        (str(Path(__file__).resolve().parents[2]), "<lmforge>"),  # the child's cwd and sys.path[0]
-        (sysconfig.get_path("stdlib"), "<stdlib>"),
-        (os.path.expanduser("~"), "~"),
-    ]
-    if sys.prefix != sys.base_prefix:
-        pairs.append((sys.prefix, "<venv>"))
-    pairs += [(prefix, "<python-prefix>") for prefix in (sys.base_prefix, sys.base_exec_prefix)]
-    stand_ins: dict[str, str] = {}
-    for path, stand_in in pairs:  # the first stand-in of a path wins (e.g. base_exec_prefix)
-        if path and path not in _SYSTEM_PREFIXES:
-            stand_ins.setdefault(path, stand_in)
-    for entry in sys.path:
-        if entry and not any(entry == p or entry.startswith(p + os.sep) for p in stand_ins):
-            stand_ins[entry] = "<sys.path>"
-    return sorted(stand_ins.items(), key=lambda pair: -len(pair[0]))
-
-
-@cache
-def _own_paths_pattern() -> re.Pattern[str]:
-    """Any of _own_paths as a whole path (not the start of a longer name such as /rootfs)."""
-    alternatives = "|".join(re.escape(path) for path, _ in _own_paths())
-    return re.compile(rf"(?:{alternatives})(?![\w.-])")
-
-
-def _clean(text: str) -> str:
-    """Removes what differs between runs and machines: object addresses and install paths."""
-    stand_ins = dict(_own_paths())
-    text = _own_paths_pattern().sub(lambda m: stand_ins[m.group()], text)
-    return _PATH.sub("<stdlib>/", _ADDR.sub("", text))
-
-
-class _PortableRepr(pydoc.HTMLRepr):
-    """pydoc's repr of data values (sys.path, sys.modules...) cleaned before it truncates them.
-
-    Truncation ("/root/.pyenv/versions/3...dynload") would hide a path from _clean afterwards.
-    """
-
-    def repr1(self, x: Any, level: int) -> str:
-        if type(x) is str:  # not a str subclass such as a StrEnum member: pydoc shows its repr
-            return self.repr_string(_clean(x), level)
-        if hasattr(self, "repr_" + "_".join(type(x).__name__.split())):
-            return super().repr1(x, level)  # containers: their items come back here
-        return self.escape(pydoc.cram(pydoc.stripid(_clean(repr(x))), self.maxother))
-
-
-class _PortableHTMLDoc(pydoc.HTMLDoc):
-    """pydoc.HTMLDoc whose data values go through _PortableRepr."""
-
-    _repr_instance = _PortableRepr()
-    repr = _repr_instance.repr
-
-
 def _public_members(mod: Any) -> list[tuple[str, Any]]:
     """Classes and functions defined in mod itself (not re-exported), by name."""
     out = []
@@ -262,8 +188,8 @@ def _function_records(mod: Any) -> Iterator[dict[str, Any]]:
             yield {
                 "qualname": f"{mod.__name__}.{qual}",
                 "module": mod.__name__,
-                "signature": _clean(_signature(fn)),
-                "docstring": _clean(doc),
+                "signature": clean(_signature(fn)),
+                "docstring": clean(doc),
             }
 
 
@@ -273,7 +199,7 @@ def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
     if doc := inspect.getdoc(mod):
         yield {
             "id": f"stdlib:{name}",
-            "text": _clean(doc),
+            "text": clean(doc),
             "kind": "module",
             "module": name,
             "qualname": name,
@@ -282,7 +208,7 @@ def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
         if inspect.isclass(obj) and (doc := inspect.getdoc(obj)):
             yield {
                 "id": f"stdlib:{name}.{cname}",
-                "text": _clean(doc),
+                "text": clean(doc),
                 "kind": "class",
                 "module": name,
                 "qualname": f"{name}.{cname}",
@@ -297,19 +223,40 @@ def _doc_records(mod: Any, html: bool) -> Iterator[dict[str, Any]]:
             "signature": rec["signature"],
         }
     if html and "." not in name:
-        html_doc = _PortableHTMLDoc()
+        html_doc = PortableHTMLDoc()
         try:
             page = html_doc.page(pydoc.describe(mod), html_doc.document(mod, name))
         except Exception:  # pydoc fails on a few odd modules; the docstrings remain
             return
         yield {
             "id": f"stdlib-html:{name}",
-            "text": _clean(page),
+            "text": clean(page),
             "kind": "html_page",
             "module": name,
             "qualname": name,
             "content_type": "text/html",
         }
+
+
+def _stdlib_path(entries: list[str]) -> list[str]:
+    """The entries of sys.path that hold the standard library (its zip, its directory and
+    lib-dynload), for the child once lmforge is imported.
+
+    The rest differs between installs (the checkout's src/ or site-packages as the cwd, an
+    editable install's .pth entry, PYTHONPATH) and pydoc's page of sys prints sys.path; with
+    the stdlib alone there, nothing installed beside it can shadow a stdlib module either.
+    """
+    stdlib = {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")}
+    stdlib_zip = f"python{sys.version_info.major}{sys.version_info.minor}.zip"
+    return [
+        entry
+        for entry in entries
+        if os.path.basename(entry) == stdlib_zip
+        or (
+            any(entry == d or entry.startswith(d + os.sep) for d in stdlib)
+            and not {"site-packages", "dist-packages"} & set(Path(entry).parts)
+        )
+    ]
 
 
 def _child_main(what: str) -> None:
@@ -319,6 +266,8 @@ def _child_main(what: str) -> None:
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     sys.stdin = open(os.devnull)  # nothing may wait for input
+    own_paths()  # its stand-ins from the whole sys.path, fixed before an import can change it
+    sys.path[:] = _stdlib_path(sys.path)
     if what == "docs":
         from pydoc_data.topics import topics
 
@@ -363,7 +312,11 @@ def _run_child(what: str) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
         if proc.wait() != 0:
             raise InputError(
-                f"{NAME}: collecting the standard-library docs failed (exit {proc.returncode})"
+                f"{NAME}: collecting the standard-library docs failed (exit {proc.returncode}; "
+                f"the child's error, if any, is above): `{' '.join(cmd)}` runs in {src_root} "
+                f"with only {sorted(_CHILD_ENV)} set, so lmforge and its dependencies must import "
+                "there without PYTHONPATH (install them into this interpreter, or use another "
+                "source)"
             )
 
 

@@ -144,6 +144,7 @@ def train(
     stopped_early = False
     window_tokens, window_t0 = 0, time.perf_counter()
     run_tokens, run_t0, first_step = 0, time.perf_counter(), state.step
+    eval_s = 0.0  # evaluations before the ETA: not training pace (projected_left_s adds them)
     eta_announced = False
     with ctx.progress("train", total=cfg.max_steps, unit="step") as bar:
         bar.advance(state.step)
@@ -206,7 +207,7 @@ def train(
 
             if not eta_announced and (spent := time.perf_counter() - run_t0) >= ETA_AFTER_S:
                 eta_announced = True
-                step_s = spent / (state.step - first_step)
+                step_s = (spent - eval_s) / (state.step - first_step)
                 left = projected_left_s(step_s, state.step, cfg, accum, eval_fn is not None)
                 if left >= ETA_MIN_LEFT_S and rt.env.is_main:
                     ctx.announce_eta(left, _speed(run_tokens / spent, rt))
@@ -215,7 +216,9 @@ def train(
             if eval_fn is not None and (
                 done or (cfg.eval_every and state.step % cfg.eval_every == 0)
             ):
+                eval_t0 = time.perf_counter()
                 evaluated = _evaluate(model, eval_fn, rt)
+                eval_s += time.perf_counter() - eval_t0
                 val_loss = state.last_val_loss = evaluated["val_loss"]
                 ctx.metrics.log(step=state.step, tokens_seen=state.tokens_seen, **evaluated)
                 stopped_early = _update_early_stop(state, val_loss, cfg)

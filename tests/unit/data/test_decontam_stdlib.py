@@ -8,18 +8,15 @@ import os
 import pydoc
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 from lmforge.data.decontam import Decontaminator
-from lmforge.data.stdlib_docs import (
-    _clean,
-    _module_names,
-    _PortableRepr,
-    iter_functions,
-    read_stdlib_docs,
-)
+from lmforge.data.stdlib_docs import _module_names, _stdlib_path, iter_functions, read_stdlib_docs
+from lmforge.data.stdlib_portable import PortableRepr
+from lmforge.data.stdlib_portable import clean as _clean
 from lmforge.errors import InputError
 
 from .corpus import prose
@@ -114,11 +111,11 @@ def test_stdlib_text_replaces_home_and_install_paths_as_whole_paths():
 
 def test_stdlib_data_values_are_cleaned_before_pydoc_truncates_them():
     deep = os.path.join(sys.executable, "d" * 300)
-    shown = _PortableRepr().repr([deep, {"k": deep}])
+    shown = PortableRepr().repr([deep, {"k": deep}])
     assert sys.executable not in shown and shown.startswith("['&lt;python&gt;/ddd")
     member = enum.Enum("Method", {"GET": "GET"}, type=str).GET  # a str, shown as pydoc shows it
     assert (
-        _PortableRepr().repr(member) == pydoc.HTMLRepr().repr(member) == "&lt;Method.GET: 'GET'&gt;"
+        PortableRepr().repr(member) == pydoc.HTMLRepr().repr(member) == "&lt;Method.GET: 'GET'&gt;"
     )
 
 
@@ -139,3 +136,23 @@ def test_stdlib_corpus_does_not_depend_on_the_machine_or_the_run(stdlib_docs):
     pages = {d.id: d.text for d in stdlib_docs}
     assert "environ({'PYTHONHASHSEED': '0'" in pages["stdlib-html:os"]  # the fixed child env
     assert "&lt;python&gt;" in pages["stdlib-html:sys"]  # sys.executable, shown as its stand-in
+    # sys.path: the stdlib only, the same for a checkout (src/ as the cwd) and an installed copy
+    sys_path = re.search(r"<strong>path</strong> = (.*?)<br>", pages["stdlib-html:sys"]).group(1)
+    assert "&lt;stdlib&gt;" in sys_path
+    assert not re.search(r"lmforge|sys\.path|site-packages|dist-packages", sys_path), sys_path
+
+
+def test_child_sys_path_keeps_only_the_standard_library():
+    stdlib = sysconfig.get_path("stdlib")
+    zip_name = f"python{sys.version_info.major}{sys.version_info.minor}.zip"
+    kept = [os.path.join(os.path.dirname(stdlib), zip_name), stdlib, f"{stdlib}/lib-dynload"]
+    others = ["/checkout/src", f"{stdlib}/site-packages", "/venv/lib/site-packages", f"{stdlib}x"]
+    assert _stdlib_path([others[0], *kept, *others[1:]]) == kept
+
+
+def test_a_failing_collector_says_what_it_ran_and_what_to_do(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "false")  # exits 1, like a child that cannot import
+    with pytest.raises(
+        InputError, match=r"exit 1.*`false -m lmforge.data.stdlib_docs docs`.*PYTHONPATH"
+    ):
+        list(read_stdlib_docs())

@@ -58,6 +58,8 @@ CASES = [
     ("Alice\n\nSmith, Alice\n\nvan Rossum", []),
     ("Alice de la mode, Grace van the Return, the van der Waals force", []),
     ("Skip Return values. Max Heap. Will Python do? An\nObject. Tab Nanny", []),
+    # technical words that are given names, before words the lexicon does not know
+    ("TLS Web Server Authentication; Unknown Error; Odd Function; Math Software", []),
 ]
 
 

@@ -187,3 +187,33 @@ def test_projected_time_left_counts_the_evaluations_still_to_come():
     assert projected_left_s(1.0, 5, ragged, 1, True) == pytest.approx(245 + 3 * 2)
     only_end = _cfg(max_steps=40, eval_every=0, eval_steps=3)
     assert projected_left_s(1.0, 10, only_end, 1, True) == pytest.approx(30 + 1)
+
+
+def test_time_estimate_leaves_out_the_evaluations_already_run(tmp_path, monkeypatch):
+    """An evaluation inside the first seconds is not training pace: counted in the measured pace
+    and again as an evaluation to come, it made the estimate 0.5 s x 11 evaluations too long."""
+    import time
+
+    import lmforge.train.loop as loop
+
+    monkeypatch.setattr(loop, "ETA_AFTER_S", 0.25)  # after step 1's evaluation, at step 2
+    monkeypatch.setattr(loop, "ETA_MIN_LEFT_S", 0.0)
+    calls = []
+    monkeypatch.setattr(
+        "lmforge.artifacts.StageContext.announce_eta",
+        lambda self, left, speed: calls.append(left),
+    )
+
+    def slow_eval(model):
+        time.sleep(0.5)
+        return {"val_loss": 1.0}
+
+    cfg = _cfg(max_steps=12, eval_every=1, eval_steps=1)
+    loader = TokenWindows(TOKENS[:-4000], cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed)
+    ctx = make_ctx(tmp_path)
+    try:
+        train(TinyLM(), lm_loss, loader, cfg, ctx, eval_fn=slow_eval)
+    finally:
+        ctx.metrics.close()
+    # 10 steps and 11 one-batch evaluations at a tiny model's pace (ms); 2.7 s or more before
+    assert len(calls) == 1 and 0 < calls[0] < 1.5
