@@ -34,7 +34,7 @@ def run_local(
             yield pipeline.run_batch(batch)
         return
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=pipeline.init_worker, initargs=(cfg_data,)) as pool:
+    with ctx.Pool(workers, initializer=pipeline.init_worker, initargs=(cfg_data, True)) as pool:
         pending: deque = deque()
         for batch in batches:
             pending.append(pool.apply_async(pipeline.run_batch, (batch,)))

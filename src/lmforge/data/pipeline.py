@@ -207,15 +207,29 @@ class Worker:
 
 
 _WORKER: Worker | None = None
+_INIT_ERROR: Exception | None = None
 
 
-def init_worker(cfg_data: dict[str, Any]) -> None:
-    """Process-pool initializer: builds this process's Worker from the config's JSON form."""
-    global _WORKER
-    _WORKER = Worker(DataConfig.model_validate(cfg_data))
+def init_worker(cfg_data: dict[str, Any], defer_errors: bool = False) -> None:
+    """Builds this process's Worker from the config's JSON form.
+
+    As a process-pool initializer it must not raise (defer_errors=True): multiprocessing replaces
+    a worker whose initializer fails with a new one, forever, so a missing eval set hung the
+    stage printing tracebacks. The error is kept and raised by the first run_batch instead,
+    which hands it to the parent like any batch error.
+    """
+    global _WORKER, _INIT_ERROR
+    try:
+        _WORKER = Worker(DataConfig.model_validate(cfg_data))
+    except Exception as exc:
+        if not defer_errors:
+            raise
+        _INIT_ERROR = exc
 
 
 def run_batch(batch: list[tuple[int, Document]]) -> dict[str, Any]:
     """Pool entry point (module-level so it pickles)."""
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR
     assert _WORKER is not None, "init_worker was not called in this process"
     return _WORKER.process_batch(batch)
