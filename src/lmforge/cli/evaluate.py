@@ -1,0 +1,93 @@
+"""Commands that read a trained model: `eval` (a stage: tasks, one comparison table) and
+`generate` (answers on stdout, no stage).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lmforge.cli.options import ConfigOpt, ForceOpt, SetOpt, run_stage_command
+from lmforge.common.logging import console
+
+
+def eval_cmd(
+    model: Annotated[
+        list[Path] | None,
+        typer.Option("--model", help="Model directory (HF layout) or training stage; repeatable."),
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tasks: task YAML, JSONL examples or data directories."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Stage directory: eval.json, errors, plots.")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Evaluate one or more models on tasks and compare them in one table.
+
+    Example: lmforge eval --model runs/x/pretrain --model runs/x/finetune --tasks runs/x/data,my_task.yaml --out runs/x/eval
+    """
+    values: dict[str, Any] = {"out": out}
+    if model:
+        values["models"] = [str(m) for m in model]
+    if tasks:
+        values["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
+    run_stage_command("eval", values, config, sets, force)
+
+
+def generate_cmd(
+    model: Annotated[
+        Path, typer.Option(help="Model directory (HF layout) or a training stage directory.")
+    ],
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help='File of prompts: one per line, or .jsonl with a "prompt" field.'),
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option(help="Send prompts as user turns through the chat template.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens per answer.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k best.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Cut answers at this string (repeatable).")
+    ] = None,
+    num_samples: Annotated[int, typer.Option(min=1, help="Answers per prompt.")] = 1,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 16,
+    out: Annotated[Path | None, typer.Option(help="Also write the answers here as JSONL.")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Generate text from a model: raw continuation, or chat answers with --chat.
+
+    Example: lmforge generate --model runs/quickstart/sft --chat -p "What does os.path.join do?"
+    """
+    from lmforge.common.io import read_prompts, write_jsonl
+    from lmforge.config import validate
+    from lmforge.evals.lm import EvalModel, GenerationSettings
+    from lmforge.evals.sample import sample
+
+    settings = validate(GenerationSettings, {
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+        "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
+        "seed": seed,
+    }, where="generate")  # fmt: skip
+    texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
+    lm = EvalModel.load(model, device=device)
+    rows = sample(lm, texts, settings, chat=chat, num_samples=num_samples, batch_size=batch_size)
+    for row in rows:  # the answers are this command's data: stdout, even under --quiet
+        typer.echo(f"> {row['prompt']}\n{row['completion']}\n")
+    if out is not None:
+        write_jsonl(out, rows)
+        console().print(f"[green]✓[/green] {len(rows)} answers: {out}")
