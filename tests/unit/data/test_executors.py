@@ -26,7 +26,7 @@ def _batches(n: int) -> list[list[tuple[int, Document]]]:
 def test_a_worker_that_cannot_start_fails_the_stage_once_instead_of_hanging(tmp_path, workers):
     missing = tmp_path / "no_such_eval_set.jsonl"
     cfg = _cfg(tmp_path, decontam={"eval_sets": [str(missing)]})
-    with pytest.raises(InputError, match="no_such_eval_set.jsonl is not a file"):
+    with pytest.raises(InputError, match=r"no_such_eval_set\.jsonl is not a file"):
         list(run_local(_batches(6), cfg, workers))
 
 
