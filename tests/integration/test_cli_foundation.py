@@ -50,6 +50,20 @@ def test_help_lists_commands_with_examples(tmp_path: Path) -> None:
     assert "Example: lmforge run" in run_help.stdout
 
 
+def test_usage_errors_are_one_line_and_bare_lmforge_prints_help(tmp_path: Path) -> None:
+    unknown = lmforge("nosuch", cwd=tmp_path)
+    assert unknown.returncode == 2, unknown.stderr
+    assert "No such command 'nosuch'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    bad_flag = lmforge("run", "--no-such-flag", cwd=tmp_path)
+    assert bad_flag.returncode == 2 and "No such option" in bad_flag.stderr
+    assert "Traceback" not in bad_flag.stderr
+    bare = lmforge(cwd=tmp_path)  # no arguments: the help, as click's no_args_is_help gives it
+    assert "Traceback" not in bare.stdout + bare.stderr
+    assert "Usage:" in bare.stdout + bare.stderr and "quickstart" in bare.stdout + bare.stderr
+    assert bare.returncode in (0, 2)
+
+
 def test_config_error_is_one_line_exit_2(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path)
     result = lmforge("run", str(recipe), "--set", "shout.repeat=abc", cwd=tmp_path)

@@ -67,6 +67,26 @@ for _name, _group in (
     app.add_typer(_group, name=_name)
 
 
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """click's exception class `name` and, where typer bundles its own copy of click (typer >=
+    0.2x raises typer._click's classes, which click's handlers never catch), that copy's too."""
+    found = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as bundled
+    except ImportError:  # typer running on the installed click
+        bundled = None
+    if bundled is not None and hasattr(bundled, name):
+        found.append(getattr(bundled, name))
+    if hasattr(typer, name):  # typer.Exit / typer.Abort
+        found.append(getattr(typer, name))
+    return tuple(dict.fromkeys(found))
+
+
+CLICK_ERRORS = _click_classes("ClickException")
+EXITS = _click_classes("Exit")
+ABORTS = _click_classes("Abort")
+
+
 def main() -> None:
     """Console entry point: runs the app and turns expected errors into one line + exit code."""
     command = typer.main.get_command(app)
@@ -77,12 +97,12 @@ def main() -> None:
             f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True
         )
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except EXITS as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except CLICK_ERRORS as exc:  # usage errors (and bare `lmforge`: help), no traceback
         exc.show()
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except ABORTS:
         sys.exit(130)
     except KeyboardInterrupt:
         console().print("[red]interrupted[/red]")
