@@ -11,7 +11,10 @@ not be interpreted, so each word is quoted and the words are OR-ed; BM25 then ra
 share more (and rarer) words higher. The PII placeholders the data stage (and the serving safety
 filter's redaction) put in text, `<EMAIL>`, `<NAME>`..., are not the user's words: they are left
 out of the query, or "I am <NAME>" would search for "name". Training (RetrievalSpec.search) and
-serving search through this one query.
+serving search through this one query. Which passages it finds is not part of a model's
+retrieval.json (which pins the layout; the documents can change too), so dropping placeholders
+bumped no format: a model trained before scores the same on sources built either way (measured
+in the dialogue-assistant recipe's header).
 
 A retrieval-augmented seq2seq model reads the passages in its source text, laid out as
 serve.retrieval_spec says (its retrieval.json).
