@@ -8,7 +8,13 @@ text. A rebuild re-indexes only files whose content hash changed, and drops remo
 
 Queries are people's text: FTS5 query syntax in them (quotes, AND/OR/NOT, `col:`, `*`, `^`) must
 not be interpreted, so each word is quoted and the words are OR-ed; BM25 then ranks passages that
-share more (and rarer) words higher.
+share more (and rarer) words higher. The PII placeholders the data stage (and the serving safety
+filter's redaction) put in text, `<EMAIL>`, `<NAME>`..., are not the user's words: they are left
+out of the query, or "I am <NAME>" would search for "name". Training (RetrievalSpec.search) and
+serving search through this one query. Which passages it finds is not part of a model's
+retrieval.json (which pins the layout; the documents can change too), so dropping placeholders
+bumped no format: a model trained before scores the same on sources built either way (measured
+in the dialogue-assistant recipe's header).
 
 A retrieval-augmented seq2seq model reads the passages in its source text, laid out as
 serve.retrieval_spec says (its retrieval.json).
@@ -16,6 +22,7 @@ serve.retrieval_spec says (its retrieval.json).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sqlite3
@@ -76,8 +83,18 @@ def chunk_words(text: str, passage_words: int, overlap: int) -> Iterator[tuple[i
         yield window[0][0], text[window[0][0] : window[-1][1]]
 
 
+@functools.cache
+def _placeholders() -> re.Pattern[str]:
+    """data.pii's placeholders (imported on first use: lmforge.data is slow to import)."""
+    from lmforge.data.pii import PLACEHOLDERS
+
+    return re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
+
+
 def fts_query(text: str) -> str | None:
-    """The user's words as a safe FTS5 query ("w1" OR "w2" ...), or None when it has no words."""
+    """The user's words as a safe FTS5 query ("w1" OR "w2" ...), or None when it has no words;
+    PII placeholders are not words of the user's (module docstring)."""
+    text = _placeholders().sub(" ", text)
     words = list(dict.fromkeys(t.lower() for t in TERM.findall(text)))
     terms = ([w for w in words if w not in STOPWORDS] or words)[:MAX_QUERY_TERMS]
     return " OR ".join(f'"{t}"' for t in terms) if terms else None

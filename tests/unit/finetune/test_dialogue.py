@@ -150,3 +150,28 @@ def test_trim_cuts_a_batch_to_its_longest_source_and_target():
     assert out["attention_mask"].shape == (2, 3) and out["labels"].shape == (2, 4)
     assert out["decoder_input_ids"].tolist() == [[0, 1, 2, 3], [6, 7, 8, 9]]
     assert out["intent"].tolist() == [0, 1]
+
+
+def test_training_sources_leave_pii_placeholders_out_of_retrieval(tmp_path):
+    """The dialogues' anonymized turns ("I am <NAME> (<EMAIL>)") find the passages of the user's
+    own words, as the server's search does, not ones about names and emails."""
+    from lmforge.finetune.dialogue_retrieval import Retrieved
+    from lmforge.serve.retrieval import KnowledgeBase
+    from lmforge.serve.retrieval_spec import RetrievalSpec
+
+    class Words:  # one token per word
+        def encode(self, text: str) -> list[str]:
+            return text.split()
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/json.loads.txt").write_text("json.loads parses a JSON document.")
+    (tmp_path / "docs/email.policy.txt").write_text("How email handles a name and a phone.")
+    kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
+    asked = "I am <NAME> (<EMAIL>). How do I parse JSON?"
+    rows = [{"context": asked}, {"context": "How do I parse JSON?"}, {"context": "<NAME> <PHONE>"}]
+    got = Retrieved(rows, Words(), RetrievalSpec(passages=2, source_tokens=40), kb)
+    kb.close()
+    assert got.found == [["json.loads.txt"], ["json.loads.txt"], []]
+    assert got.sources == [f"{asked}\n[1] json.loads parses a JSON document.",
+                           "How do I parse JSON?\n[1] json.loads parses a JSON document.",
+                           "<NAME> <PHONE>"]  # fmt: skip

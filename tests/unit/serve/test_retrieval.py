@@ -266,3 +266,24 @@ def test_retrieval_spec_sources_round_trip_and_version(tmp_path, kb):
         (tmp_path / "retrieval.json").write_text(bad)
         with pytest.raises(InputError, match=r"retrieval.json is not a retrieval spec.*retrain"):
             RetrievalSpec.load(tmp_path)
+
+
+def test_pii_placeholders_do_not_steer_retrieval(tmp_path):
+    """The data stage's `<EMAIL>`, `<NAME>`... are not the user's words: "I am <NAME>" must not
+    find a passage about names, and a query of placeholders alone finds nothing."""
+    from lmforge.data.pii import PLACEHOLDERS
+
+    write_docs(tmp_path / "docs", {**DOCS, "contact.txt": "Email us your name, phone number, "
+                                   "card number and IP address to open a support ticket."})  # fmt: skip
+    kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
+    spec = RetrievalSpec(passages=2, source_tokens=60)
+    only = " ".join(PLACEHOLDERS.values())
+    for q in ("I am <NAME> (<EMAIL>, <PHONE>). How do I parse a JSON string?", f"{only} greetings"):
+        plain = q.replace("<NAME>", "").replace("<EMAIL>", "").replace("<PHONE>", "")
+        plain = plain.replace("<CARD_NUMBER>", "").replace("<IP_ADDRESS>", "")
+        assert [p.source for p in kb.search(q, k=5)] == [p.source for p in kb.search(plain, k=5)]
+        assert spec.search(kb, q) == spec.search(kb, plain)
+    assert all(p.source != "contact.txt" for p in kb.search(f"{only} greetings", k=5))
+    assert fts_query(only) is None and kb.search(only) == [] and spec.search(kb, only) == []
+    assert fts_query("<NAME>'s email") == '"s" OR "email"'  # the user's own "email" stays
+    kb.close()
