@@ -52,12 +52,15 @@ def pack(codes: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor, Tensor]
     packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=codes.device)
     step = _chunk_rows(in_f)
     for r in range(0, out_f, step):
-        c = codes[r : r + step]
-        q = torch.stack([c & 0xF, c >> 4], dim=-1).reshape(c.shape[0], in_f).to(torch.int32)
-        packed[r : r + step] = convert(q, INNER_K_TILES)
+        packed[r : r + step] = convert(_nibbles(codes[r : r + step]).to(torch.int32), INNER_K_TILES)
     scales = scale.reshape(out_f, in_f // group_size).T  # (G, out)
     scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)
     return packed, scales_and_zeros.to(torch.bfloat16).contiguous()
+
+
+def _nibbles(codes: Tensor) -> Tensor:
+    """Our two-a-byte codes (rows, in / 2) as one code a column (rows, in): low nibble first."""
+    return torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
 
 
 def unpack_codes(packed: Tensor, rows: Tensor, layout: Layout) -> Tensor:
@@ -128,7 +131,7 @@ def _probe_layout() -> Layout | None:
     out_f, in_f, group_size = 112, 64, 32
     codes = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, generator=gen)
     scale = torch.rand(out_f, in_f // group_size, 1, generator=gen) + 0.5
-    want = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(out_f, in_f)
+    want = _nibbles(codes)
     try:
         packed, scales_and_zeros = pack(codes, scale, group_size)
         eye = torch.eye(in_f, dtype=torch.bfloat16)  # eye @ W.T: each weight, rounded to bf16
