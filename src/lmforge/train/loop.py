@@ -263,7 +263,8 @@ def _log_step(
 def _announce_eta_once(
     ctx: Any, pace: Pace, state: LoopState, cfg: TrainConfig, parts: _Parts, evaluates: bool
 ) -> None:
-    """Once ETA_AFTER_S of the run have passed, tells ctx the time left (if ETA_MIN_LEFT_S)."""
+    """Once ETA_AFTER_S of the run have passed, tells ctx the time left if it is ETA_MIN_LEFT_S
+    or more."""
     if pace.eta_announced or (spent := time.perf_counter() - pace.run_t0) < ETA_AFTER_S:
         return
     pace.eta_announced = True
@@ -301,7 +302,6 @@ def _result(
     parts: _Parts, state: LoopState, pace: Pace, stopped_early: bool, resumed_from: int | None
 ) -> TrainResult:
     """The trained model (unwrapped), its full state dict and the run's headline numbers."""
-    run_elapsed = max(time.perf_counter() - pace.run_t0, 1e-9)
     return TrainResult(
         model=unwrap_model(parts.model),
         state_dict=full_model_state(parts.model),  # a collective under FSDP: complete on rank 0
@@ -310,7 +310,7 @@ def _result(
         train_loss=state.last_loss,
         val_loss=state.last_val_loss,
         best_val_loss=state.best_val_loss,
-        tokens_per_s=pace.run_tokens / run_elapsed,
+        tokens_per_s=pace.run_tokens_per_s(),
         skipped_steps=state.skipped_steps,
         stopped_early=stopped_early,
         resumed_from=resumed_from,

@@ -62,6 +62,10 @@ class Pace:
         """Throughput since the window started: what a metrics row reports."""
         return self.window_tokens / max(time.perf_counter() - self.window_t0, 1e-9)
 
+    def run_tokens_per_s(self) -> float:
+        """Throughput since the loop started, evaluations and checkpoints included."""
+        return self.run_tokens / max(time.perf_counter() - self.run_t0, 1e-9)
+
 
 def projected_left_s(
     step_s: float, step: int, cfg: TrainConfig, accum: int, evaluates: bool
