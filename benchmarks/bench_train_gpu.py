@@ -27,7 +27,7 @@ the compile), with torch.cuda.synchronize() before each clock reading:
 MFU = FLOPs/token x tokens/s / peak, with one formula for all: 6N + 12 L H Q T (PaLM appendix B;
 nanoGPT's estimate_mfu and our Transformer.flops_per_token), N = parameters less lookup-only
 tables (the position embedding; a tied token embedding counts, as it is also the output matmul).
-The peak comes from lmforge.train.loop.PEAK_FLOPS by device name (989 TFLOP/s dense bf16 on H100);
+The peak comes from lmforge.train.pace.PEAK_FLOPS by device name (989 TFLOP/s dense bf16 on H100);
 on CPU or an unknown GPU, MFU is null.
 
 --micro-batch-sweep 12,16,24,32 then trains lmforge alone at each micro-batch (others freed

@@ -60,3 +60,30 @@ def test_recipe_chains_quantize_into_export_and_caches(tmp_path: Path) -> None:
     assert report["onnx"]["decode_max_abs_diff"] < 1e-3
     again = dict(run_recipe(recipe, out=tmp_path / "run"))
     assert all(r.cached for r in again.values())
+
+
+def test_each_method_puts_only_the_flags_given_into_its_section(monkeypatch) -> None:
+    """Flags left out stay out (the config's defaults apply); --tokens goes to the stage."""
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    seen = []
+    monkeypatch.setattr("lmforge.cli.compress.run_stage_command",
+                        lambda kind, values, *rest: seen.append((kind, values)))  # fmt: skip
+    base = {"model": Path("m"), "out": Path("o"), "data": None}
+    calls = [
+        (["prune", "--kind", "neurons", "--tokens", "t"],
+         {"method": "prune", **base, "prune": {"kind": "neurons"}, "tokens": Path("t")}),
+        (["prune", "--sparsity", "0.25"], {"method": "prune", **base, "prune": {"sparsity": 0.25}}),
+        (["distill", "--student", "micro", "--tokens", "t"],
+         {"method": "distill", **base, "distill": {"student": "micro"}, "tokens": Path("t")}),
+        (["distill"], {"method": "distill", **base}),
+        (["quantize", "--scheme", "int4"], {"method": "quantize", **base, "quantize": {"scheme": "int4"}}),
+        (["export", "--formats", "onnx, gguf"],
+         {"method": "export", **base, "export": {"formats": ["onnx", "gguf"]}}),
+    ]  # fmt: skip
+    for args, expected in calls:
+        result = CliRunner().invoke(app, ["compress", *args, "--model", "m", "--out", "o"])
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == ("compress", expected), args

@@ -27,9 +27,14 @@ CompressDataOpt = Annotated[
 
 def _compress(method: str, model: Path | None, out: Path | None, data: Path | None,
               config: Path | None, sets: list[str] | None, force: bool,
-              extra: dict[str, Any]) -> None:  # fmt: skip
+              settings: dict[str, Any], tokens: Path | None = None) -> None:  # fmt: skip
+    """Runs the compress stage; the method's flags that were given fill its config section."""
     values: dict[str, Any] = {"method": method, "model": model, "out": out, "data": data}
-    run_stage_command("compress", {**values, **extra}, config, sets, force)
+    if given := {k: v for k, v in settings.items() if v is not None}:
+        values[method] = given
+    if tokens is not None:
+        values["tokens"] = tokens
+    run_stage_command("compress", values, config, sets, force)
 
 
 @compress_app.command("quantize")
@@ -46,8 +51,7 @@ def compress_quantize_cmd(
 
     Example: lmforge compress quantize --model runs/x/pretrain --data runs/x/data --out runs/x/int8 --scheme int8
     """
-    extra = {"quantize": {"scheme": scheme}} if scheme else {}
-    _compress("quantize", model, out, data, config, sets, force, extra)
+    _compress("quantize", model, out, data, config, sets, force, {"scheme": scheme})
 
 
 @compress_app.command("prune")
@@ -68,11 +72,8 @@ def compress_prune_cmd(
 
     Example: lmforge compress prune --model runs/x/pretrain --data runs/x/data --tokens runs/x/tokens --out runs/x/pruned --kind neurons --sparsity 0.25 --set train.max_steps=50
     """
-    settings = {k: v for k, v in (("kind", kind), ("sparsity", sparsity)) if v is not None}
-    extra: dict[str, Any] = {"prune": settings} if settings else {}
-    if tokens is not None:
-        extra["tokens"] = tokens
-    _compress("prune", model, out, data, config, sets, force, extra)
+    settings = {"kind": kind, "sparsity": sparsity}
+    _compress("prune", model, out, data, config, sets, force, settings, tokens)
 
 
 @compress_app.command("distill")
@@ -92,10 +93,7 @@ def compress_distill_cmd(
 
     Example: lmforge compress distill --model runs/x/pretrain --data runs/x/data --tokens runs/x/tokens --out runs/x/student --student micro --set train.max_steps=300
     """
-    extra: dict[str, Any] = {"distill": {"student": student}} if student else {}
-    if tokens is not None:
-        extra["tokens"] = tokens
-    _compress("distill", model, out, data, config, sets, force, extra)
+    _compress("distill", model, out, data, config, sets, force, {"student": student}, tokens)
 
 
 @compress_app.command("export")
@@ -114,5 +112,5 @@ def compress_export_cmd(
 
     Example: lmforge compress export --model runs/x/pretrain --out runs/x/export --formats onnx,gguf --set export.gguf_type=q8_0
     """
-    extra = {"export": {"formats": [f.strip() for f in formats.split(",")]}} if formats else {}
-    _compress("export", model, out, None, config, sets, force, extra)
+    listed = [f.strip() for f in formats.split(",")] if formats else None
+    _compress("export", model, out, None, config, sets, force, {"formats": listed})

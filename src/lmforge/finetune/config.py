@@ -29,20 +29,30 @@ class SFTOptions(Section):
 
 
 class EvalOptions(Section):
-    """Held-out evaluation after training (the `eval:` section)."""
+    """Held-out evaluation after training (the `eval:` section).
+
+    align's AlignEval shares four of these fields but no base: each stage's help says which of
+    its tasks or methods a field serves and what its batches hold, and the defaults are each
+    stage's own choice.
+    """
 
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="share of data held out for validation when no val_data"
     )
     rouge_examples: int = Field(
-        32, ge=0, description="SFT: val examples answered greedily for ROUGE-L (0 = skip)"
+        32,
+        ge=0,
+        description="sft, seq2seq: val examples answered greedily for ROUGE-L (seq2seq: BLEU and "
+        "exact match too; 0 = skip)",
     )
-    max_new_tokens: int = Field(48, ge=1, description="SFT: answer length limit for ROUGE-L")
-    compare_base: bool = Field(True, description="SFT: also score the base model's ROUGE-L")
+    max_new_tokens: int = Field(48, ge=1, description="sft, seq2seq: answer length limit")
+    compare_base: bool = Field(
+        True, description="sft, seq2seq: also score the base model (seq2seq: not from_scratch)"
+    )
     batch_size: int = Field(
         16,
         ge=1,
-        description="SFT: prompts decoded together (greedy answers do not change)",
+        description="sft, seq2seq: prompts decoded together (greedy answers do not change)",
         json_schema_extra=NOT_HASHED,
     )
 

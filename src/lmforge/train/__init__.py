@@ -1,10 +1,11 @@
 """lmforge.train: the one training loop and the pretrain stage.
 
 Modules: config (TrainConfig), optim (optimizers + lr schedules), loader (token windows, packing),
-loop (train()), checkpoint (exact resume), distributed (torchrun, DDP/FSDP2, ZeRO-1), observe
-(TensorBoard, loss.png), pretrain (the stage). `lmforge.train.pretrain(cfg)` is the stage's
-public function (it shadows the module name on this package; import the module's other names
-with `from lmforge.train.pretrain import PretrainConfig, build`).
+loop (train()), pace (throughput, MFU, time left), checkpoint (exact resume), distributed
+(torchrun, DDP/FSDP2, ZeRO-1), observe (TensorBoard, loss.png), pretrain (the stage).
+`lmforge.train.pretrain(cfg)` is the stage's public function (it shadows the module name on this
+package; import the module's other names with `from lmforge.train.pretrain import
+PretrainConfig, build`).
 """
 
 from lmforge.train.config import TrainConfig

@@ -33,6 +33,7 @@ from lmforge.train.distributed import (
 )
 from lmforge.train.distributed import unwrap as unwrap_model
 from lmforge.train.optim import ParamGroups, build_optimizer, set_lr
+from lmforge.train.pace import Pace, peak_flops, projected_left_s, speed
 
 Batch = dict[str, torch.Tensor]
 # loss_fn(model, batch) -> (loss, metrics); tensor metrics are read once per step, not per batch
@@ -42,26 +43,6 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 # The run's time estimate is announced once this much training has been timed, if the stage still
 # has at least ETA_MIN_LEFT_S to go (short fine-tunes stay quiet).
 ETA_AFTER_S, ETA_MIN_LEFT_S = 10.0, 20.0
-
-# Dense bf16 peak FLOP/s (vendor datasheets) by a part of the GPU's name, for MFU; the longest
-# matching key wins, so "H100 PCIe" is not read as the SXM part, nor an L40S as an L4. GPUs not
-# listed get no MFU rather than a wrong one.
-PEAK_FLOPS = {
-    "H100": 989e12,  # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L40": 181e12,
-    "L4": 121e12,
-}
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of the GPU called device_name, or None when it is not listed."""
-    matches = [k for k in PEAK_FLOPS if k in device_name]
-    return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 @dataclass
@@ -97,6 +78,28 @@ class TrainResult:
     resumed_from: int | None
 
 
+@dataclass
+class _Parts:
+    """What setup builds once and every step uses: the wrapped model and what updates it."""
+
+    rt: Runtime
+    model: nn.Module  # moved to the device, wrapped (DDP/FSDP) and compiled as cfg asks
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # a no-op unless the run autocasts to fp16
+    accum: int  # micro-batches per optimizer step on each rank
+
+
+@dataclass
+class _StepResult:
+    """One optimizer step's numbers, on the host."""
+
+    lr: float
+    loss: float
+    grad_norm: float
+    extra: dict[str, float]
+    n_tokens: int  # across all ranks
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -123,165 +126,195 @@ def train(
         flops_per_token: training FLOPs per token, for MFU on GPUs with a known peak.
         resume: continue from the newest checkpoint in ctx.out/checkpoints when there is one.
     """
-    rt = setup_runtime(cfg)
-    model = prepare_model(model, cfg, rt)
-    optimizer = build_optimizer(unwrap_model(model), cfg, param_groups)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    accum = cfg.accum_steps(rt.env.world_size)
+    parts = _setup(model, cfg, param_groups)
     ckpt_root = Path(ctx.out) / "checkpoints"
     state, resumed_from = LoopState(), None
     if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
-        saved = load_checkpoint(latest, model, optimizer, loader=loader)
-        state = LoopState(**saved["loop"])
+        state = _resume(latest, parts, loader, ctx)
         resumed_from = state.step
-        if state.scaler:
-            scaler.load_state_dict(state.scaler)
-        if rt.env.is_main:
-            _truncate_metrics(ctx.metrics, after_step=state.step)
-        ctx.log.info("resumed from %s (step %d)", latest, state.step)
-
-    peak = _peak_flops(rt)
+    peak = _peak_flops(parts.rt)
+    pace = Pace(first_step=state.step)
     stopped_early = False
-    window_tokens, window_t0 = 0, time.perf_counter()
-    run_tokens, run_t0, first_step = 0, time.perf_counter(), state.step
-    eval_s = 0.0  # evaluations before the ETA: not training pace (projected_left_s adds them)
-    eta_announced = False
     with ctx.progress("train", total=cfg.max_steps, unit="step") as bar:
         bar.advance(state.step)
         while state.step < cfg.max_steps:
-            lr = cfg.lr * set_lr(optimizer, state.step, cfg)
-            model.train()
-            loss_t, extra_t, n_tokens = _accumulate(model, loss_fn, loader, accum, rt, scaler)
-            n_tokens *= rt.env.world_size
-            norm_t = _clip(model, optimizer, scaler, cfg.grad_clip)
-            # The step's one host sync: the skip decision needs loss and norm on the CPU, and the
-            # loss_fn's metrics come along in the same copy.
-            synced = [mean_across_ranks(loss_t), norm_t, *extra_t.values()]
-            loss, grad_norm, *values = torch.stack(
-                [torch.as_tensor(v, device=rt.device).double() for v in synced]
-            ).tolist()
-            extra = dict(zip(extra_t, values, strict=True))
-            fp16_overflow = scaler.is_enabled() and not math.isfinite(grad_norm)
-            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not fp16_overflow):
-                optimizer.zero_grad(set_to_none=True)
-                state.skipped_steps += 1
-                state.bad_steps_in_a_row += 1
-                ctx.log.warning(
-                    "step %d: loss %s, grad norm %s: step skipped", state.step, loss, grad_norm
-                )
-                if state.bad_steps_in_a_row >= cfg.max_bad_steps:
-                    raise StageError(
-                        f"loss was NaN/inf for {state.bad_steps_in_a_row} steps in a row "
-                        f"(step {state.step}, lr {lr:.3g}); lower train.lr, set train.grad_clip, "
-                        "or check the data; raise train.max_bad_steps to tolerate more"
-                    )
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                state.bad_steps_in_a_row = 0
-                state.last_loss = loss
-            state.step += 1
-            state.tokens_seen += n_tokens
-            window_tokens += n_tokens
-            run_tokens += n_tokens
+            step = _step(parts, loss_fn, loader, cfg, state, ctx.log)
+            pace.count(step.n_tokens)
             bar.advance(1)
-
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                elapsed = max(time.perf_counter() - window_t0, 1e-9)
-                row = {
-                    "step": state.step,
-                    "loss": loss,
-                    "lr": lr,
-                    "tokens_seen": state.tokens_seen,
-                    "tokens_per_s": window_tokens / elapsed,
-                    "grad_norm": grad_norm,
-                    **extra,
-                }
-                if peak and flops_per_token:
-                    row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * rt.env.world_size)
-                ctx.metrics.log(**row)
-                shown = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
-                bar.update(loss=loss, lr=lr, tok_s=round(row["tokens_per_s"]), **shown)
-                window_tokens, window_t0 = 0, time.perf_counter()
-
-            if not eta_announced and (spent := time.perf_counter() - run_t0) >= ETA_AFTER_S:
-                eta_announced = True
-                step_s = (spent - eval_s) / (state.step - first_step)
-                left = projected_left_s(step_s, state.step, cfg, accum, eval_fn is not None)
-                if left >= ETA_MIN_LEFT_S and rt.env.is_main:
-                    ctx.announce_eta(left, _speed(run_tokens / spent, rt))
+                _log_step(ctx, bar, state, step, pace, flops_per_token, peak, parts.rt)
+                pace.restart_window()
+            _announce_eta_once(ctx, pace, state, cfg, parts, evaluates=eval_fn is not None)
             done = state.step == cfg.max_steps
             evaluated = None
             if eval_fn is not None and (
                 done or (cfg.eval_every and state.step % cfg.eval_every == 0)
             ):
-                eval_t0 = time.perf_counter()
-                evaluated = _evaluate(model, eval_fn, rt)
-                eval_s += time.perf_counter() - eval_t0
-                val_loss = state.last_val_loss = evaluated["val_loss"]
-                ctx.metrics.log(step=state.step, tokens_seen=state.tokens_seen, **evaluated)
-                stopped_early = _update_early_stop(state, val_loss, cfg)
+                evaluated = _evaluate_and_track(parts, eval_fn, state, ctx, pace)
+                stopped_early = _update_early_stop(state, evaluated["val_loss"], cfg)
                 if ctx.on_eval is not None:
                     ctx.on_eval(state.step, evaluated)  # e.g. tune's pruning; may raise to stop
-                window_t0 = time.perf_counter()  # eval time is not training throughput
+                pace.restart_window()  # eval time is not training throughput
             if cfg.ckpt_every and (done or stopped_early or state.step % cfg.ckpt_every == 0):
-                state.scaler = scaler.state_dict() if scaler.is_enabled() else {}
-                save_checkpoint(
-                    ckpt_root, state.step, model, optimizer, loader=loader,
-                    loop_state=asdict(state), keep_last=cfg.keep_last, keep_best=cfg.keep_best,
-                    val_loss=evaluated["val_loss"] if evaluated else None,
-                )  # fmt: skip
-                window_t0 = time.perf_counter()
+                val_loss = evaluated["val_loss"] if evaluated else None
+                _checkpoint(ckpt_root, parts, loader, state, cfg, val_loss)
+                pace.restart_window()
             if stopped_early:
                 ctx.log.info("early stop at step %d: no val improvement in %d evals",
                              state.step, cfg.early_stop_patience)  # fmt: skip
                 break
+    return _result(parts, state, pace, stopped_early, resumed_from)
 
-    run_elapsed = max(time.perf_counter() - run_t0, 1e-9)
+
+def _setup(model: nn.Module, cfg: TrainConfig, param_groups: ParamGroups | None) -> _Parts:
+    """Device, distributed wrapping and compile, the optimizer and the fp16 loss scaler."""
+    rt = setup_runtime(cfg)
+    model = prepare_model(model, cfg, rt)
+    optimizer = build_optimizer(unwrap_model(model), cfg, param_groups)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    return _Parts(rt, model, optimizer, scaler, cfg.accum_steps(rt.env.world_size))
+
+
+def _resume(path: Path, parts: _Parts, loader: Any, ctx: Any) -> LoopState:
+    """Restores model, optimizer, scaler and loader from `path`; returns its loop counters.
+
+    The metrics rows a killed run wrote after that checkpoint are dropped: they will be redone.
+    """
+    saved = load_checkpoint(path, parts.model, parts.optimizer, loader=loader)
+    state = LoopState(**saved["loop"])
+    if state.scaler:
+        parts.scaler.load_state_dict(state.scaler)
+    if parts.rt.env.is_main:
+        _truncate_metrics(ctx.metrics, after_step=state.step)
+    ctx.log.info("resumed from %s (step %d)", path, state.step)
+    return state
+
+
+def _step(
+    parts: _Parts, loss_fn: LossFn, loader: Iterator[Batch], cfg: TrainConfig, state: LoopState,
+    log: Any,
+) -> _StepResult:  # fmt: skip
+    """One optimizer step: micro-batches, clipping, one host sync, then the update or a skip."""
+    lr = cfg.lr * set_lr(parts.optimizer, state.step, cfg)
+    parts.model.train()
+    loss_t, extra_t, n_tokens = _accumulate(
+        parts.model, loss_fn, loader, parts.accum, parts.rt, parts.scaler
+    )
+    n_tokens *= parts.rt.env.world_size
+    norm_t = _clip(parts.model, parts.optimizer, parts.scaler, cfg.grad_clip)
+    # The step's one host sync: the skip decision needs loss and norm on the CPU, and the
+    # loss_fn's metrics come along in the same copy.
+    synced = [mean_across_ranks(loss_t), norm_t, *extra_t.values()]
+    loss, grad_norm, *values = torch.stack(
+        [torch.as_tensor(v, device=parts.rt.device).double() for v in synced]
+    ).tolist()
+    fp16_overflow = parts.scaler.is_enabled() and not math.isfinite(grad_norm)
+    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not fp16_overflow):
+        _skip_bad_step(parts.optimizer, state, cfg, log, loss=loss, grad_norm=grad_norm, lr=lr)
+    else:  # on an fp16 overflow the scaler skips the update itself and lowers its scale
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.optimizer.zero_grad(set_to_none=True)
+        state.bad_steps_in_a_row = 0
+        state.last_loss = loss
+    state.step += 1
+    state.tokens_seen += n_tokens
+    return _StepResult(lr, loss, grad_norm, dict(zip(extra_t, values, strict=True)), n_tokens)
+
+
+def _skip_bad_step(
+    optimizer: torch.optim.Optimizer, state: LoopState, cfg: TrainConfig, log: Any, *,
+    loss: float, grad_norm: float, lr: float,
+) -> None:  # fmt: skip
+    """Drops a NaN/inf step's gradients; raises once cfg.max_bad_steps come in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    state.skipped_steps += 1
+    state.bad_steps_in_a_row += 1
+    log.warning("step %d: loss %s, grad norm %s: step skipped", state.step, loss, grad_norm)
+    if state.bad_steps_in_a_row >= cfg.max_bad_steps:
+        raise StageError(
+            f"loss was NaN/inf for {state.bad_steps_in_a_row} steps in a row "
+            f"(step {state.step}, lr {lr:.3g}); lower train.lr, set train.grad_clip, "
+            "or check the data; raise train.max_bad_steps to tolerate more"
+        )
+
+
+def _log_step(
+    ctx: Any, bar: Any, state: LoopState, step: _StepResult, pace: Pace,
+    flops_per_token: float | None, peak: float | None, rt: Runtime,
+) -> None:  # fmt: skip
+    """A metrics.jsonl row and the progress bar's numbers, at the log window's throughput."""
+    row = {
+        "step": state.step,
+        "loss": step.loss,
+        "lr": step.lr,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_s": pace.window_tokens_per_s(),
+        "grad_norm": step.grad_norm,
+        **step.extra,
+    }
+    if peak and flops_per_token:
+        row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * rt.env.world_size)
+    ctx.metrics.log(**row)
+    shown = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+    bar.update(loss=step.loss, lr=step.lr, tok_s=round(row["tokens_per_s"]), **shown)
+
+
+def _announce_eta_once(
+    ctx: Any, pace: Pace, state: LoopState, cfg: TrainConfig, parts: _Parts, evaluates: bool
+) -> None:
+    """Once ETA_AFTER_S of the run have passed, tells ctx the time left if it is ETA_MIN_LEFT_S
+    or more."""
+    if pace.eta_announced or (spent := time.perf_counter() - pace.run_t0) < ETA_AFTER_S:
+        return
+    pace.eta_announced = True
+    step_s = (spent - pace.eval_s) / (state.step - pace.first_step)
+    left = projected_left_s(step_s, state.step, cfg, parts.accum, evaluates)
+    if left >= ETA_MIN_LEFT_S and parts.rt.env.is_main:
+        ctx.announce_eta(left, speed(pace.run_tokens / spent, parts.rt))
+
+
+def _evaluate_and_track(
+    parts: _Parts, eval_fn: EvalFn, state: LoopState, ctx: Any, pace: Pace
+) -> dict[str, float]:
+    """Evaluates, logs the metrics row and records the val loss; the time goes to pace.eval_s."""
+    eval_t0 = time.perf_counter()
+    evaluated = _evaluate(parts.model, eval_fn, parts.rt)
+    pace.eval_s += time.perf_counter() - eval_t0
+    state.last_val_loss = evaluated["val_loss"]
+    ctx.metrics.log(step=state.step, tokens_seen=state.tokens_seen, **evaluated)
+    return evaluated
+
+
+def _checkpoint(
+    root: Path, parts: _Parts, loader: Any, state: LoopState, cfg: TrainConfig,
+    val_loss: float | None,
+) -> None:  # fmt: skip
+    """Saves everything exact resume needs: weights, optimizer, loader, counters, scaler."""
+    state.scaler = parts.scaler.state_dict() if parts.scaler.is_enabled() else {}
+    save_checkpoint(
+        root, state.step, parts.model, parts.optimizer, loader=loader, loop_state=asdict(state),
+        keep_last=cfg.keep_last, keep_best=cfg.keep_best, val_loss=val_loss,
+    )  # fmt: skip
+
+
+def _result(
+    parts: _Parts, state: LoopState, pace: Pace, stopped_early: bool, resumed_from: int | None
+) -> TrainResult:
+    """The trained model (unwrapped), its full state dict and the run's headline numbers."""
     return TrainResult(
-        model=unwrap_model(model),
-        state_dict=full_model_state(model),  # a collective under FSDP: complete on rank 0
+        model=unwrap_model(parts.model),
+        state_dict=full_model_state(parts.model),  # a collective under FSDP: complete on rank 0
         step=state.step,
         tokens_seen=state.tokens_seen,
         train_loss=state.last_loss,
         val_loss=state.last_val_loss,
         best_val_loss=state.best_val_loss,
-        tokens_per_s=run_tokens / run_elapsed,
+        tokens_per_s=pace.run_tokens_per_s(),
         skipped_steps=state.skipped_steps,
         stopped_early=stopped_early,
         resumed_from=resumed_from,
     )
-
-
-def projected_left_s(
-    step_s: float, step: int, cfg: TrainConfig, accum: int, evaluates: bool
-) -> float:
-    """Seconds the loop has left after `step`: its training steps at the measured pace, and the
-    evaluations still to come, which the first seconds of training never saw.
-
-    An evaluation runs eval_steps forward passes of one micro-batch; a forward pass costs about
-    a third of a micro-batch's training (the backward pass costs twice the forward: 6N vs 2N
-    FLOPs per token), so an evaluation takes eval_steps / (3 * accum) training steps, accum
-    being the micro-batches of a training step on each rank.
-    """
-    left = (cfg.max_steps - step) * step_s
-    if not evaluates:
-        return left
-    every = cfg.eval_every or cfg.max_steps  # 0: only at the end
-    # evaluations at multiples of `every` from this step on (its own comes after this check)
-    # and at the last step
-    evals = cfg.max_steps // every - (step - 1) // every + (cfg.max_steps % every != 0)
-    return left + evals * cfg.eval_steps * step_s / (3 * accum)
-
-
-def _speed(tokens_per_s: float, rt: Runtime) -> str:
-    """'10,250 tokens/s on 2 CPU threads' / '... on NVIDIA H100': the rate and what gave it."""
-    if rt.device.type == "cuda":
-        where = torch.cuda.get_device_name(rt.device)
-    else:
-        where = f"{torch.get_num_threads()} CPU threads"
-    return f"{tokens_per_s:,.0f} tokens/s on {where}"
 
 
 def _autocast(rt: Runtime) -> contextlib.AbstractContextManager:
