@@ -196,6 +196,13 @@ def content_hash(path: Path) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def input_hashes(cfg: StageConfig) -> dict[str, str]:
+    """What the cache compares of a stage's inputs: each input path's content_hash, and the
+    versions of the code behind an input that has no file of its own (cfg.input_versions())."""
+    hashes = {str(Path(p).resolve()): content_hash(p) for p in cfg.inputs()}
+    return hashes | cfg.input_versions()
+
+
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     """The manifest of a complete stage directory, or None if absent or unreadable."""
     path = Path(stage_dir) / MANIFEST
@@ -243,7 +250,7 @@ def _is_valid_cache(manifest: dict[str, Any] | None, cfg_hash: str, inputs: dict
 
 def is_valid_result(cfg: StageConfig) -> dict[str, Any] | None:
     """The manifest in cfg.out if it is complete and matches cfg and its inputs, else None."""
-    inputs = {str(Path(p).resolve()): content_hash(p) for p in cfg.inputs()}
+    inputs = input_hashes(cfg)
     manifest = read_manifest(Path(cfg.out))
     return manifest if _is_valid_cache(manifest, config_hash(cfg), inputs) else None
 
@@ -298,7 +305,7 @@ def run_stage(
     """
     out = Path(cfg.out)
     cfg_hash = config_hash(cfg)
-    inputs = {str(Path(p).resolve()): content_hash(p) for p in cfg.inputs()}
+    inputs = input_hashes(cfg)
     manifest = read_manifest(out)
     if not force and _is_valid_cache(manifest, cfg_hash, inputs):
         log.debug("%s: cached (config and inputs unchanged) -> %s", stage, out)

@@ -54,6 +54,11 @@ class StageConfig(Section):
         """Paths whose content decides whether a cached result is still valid."""
         return []
 
+    def input_versions(self) -> dict[str, str]:
+        """Versions of built-in inputs whose bytes come from lmforge's code (the stdlib-docs
+        corpus), by name: like inputs(), a changed value invalidates a cached result."""
+        return {}
+
 
 def load_yaml(path: Path) -> dict[str, Any]:
     """Reads a YAML mapping, with errors that name the file."""

@@ -260,3 +260,11 @@ class DataConfig(StageConfig):
             paths += [Path(spec.path)] if Path(spec.path).is_dir() else source_files(spec)
         terms = [self.bias.terms] if self.bias.enabled and self.bias.terms else []
         return paths + list(self.decontam.eval_sets) + self.augment.inputs() + terms
+
+    def input_versions(self) -> dict[str, str]:
+        """The stdlib-docs corpus format when it is a source: a corpus built by older code
+        misses the cache (its topics file, an input, is unchanged by lmforge's code)."""
+        from lmforge.data.stdlib_docs import NAME, corpus_versions
+
+        stdlib = any(spec.path == NAME or spec.kind == NAME for spec in self.source)
+        return corpus_versions() if stdlib else {}

@@ -2,10 +2,12 @@
 
 A name is found two ways:
 - a full name: a given name, an optional second given name or middle initial, up to two surname
-  particles and a surname-like word ("Alice Smith", "Alice B. Smith", "Mary Ann Smith", "Guido
-  van Rossum"). Surname-like = a known surname, or a Title-case word that is not a common
-  English word ("Alice Python" is not a name, "Alice Kowalczyk" is). The words may be wrapped
-  onto the next line, not across a blank line;
+  particles (also "v.") and a surname of one or two surname-like words ("Alice Smith", "Alice
+  B. Smith", "Mary Ann Smith", "Guido van Rossum", "Martin v. Löwis", "Luke Kenneth Casson
+  Leighton"). Surname-like = a known surname, or a Title-case word that is not a common
+  English word ("Alice Python" is not a name, "Alice Kowalczyk" is); a second surname word
+  is on the same line and no English-looking noun or adjective ("Mathematical"). The words
+  may be wrapped onto the next line, not across a blank line;
 - after a cue: "my name is", "I am", "I'm", "this is", "Dear", a sign-off line ("Regards,\\n"),
   a given name with an optional surname; after a title (Mr./Mrs./Ms./Dr./Prof.) also a lone
   surname ("Mr. van Rossum").
@@ -46,15 +48,24 @@ AMBIGUOUS_GIVEN = frozenset(
     # "Math Software" (stdlib sources) were names before an unknown word
     "Server Unknown Unnamed Odd Math Alpha Beta Delta Theta Eta Meta Echo Edit Valid Branch Link "
     "Lemma Nil Trace "
+    # languages, places and products: "French Dataset", "Darija Translation", "Nile Valley",
+    # "Mac Catalyst", "Marine License" (in installed packages' docs)
+    "French Darija Nile Mac Marine "
     "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Wed Thu Fri Sat Sun".split()
 )
 # Title-case words that are never surname-like besides the lexicon's common words: the calendar
-# ("Jan Feb", "Sep Oct" in date tables) and the language the built-in corpus documents.
+# ("Jan Feb", "Sep Oct" in date tables), the language the built-in corpus documents and company
+# suffixes ("O'Reilly Media Inc").
 NOT_SURNAMES = frozenset(
     "January February March April May June July August September October November December "
     "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Monday Tuesday Wednesday Thursday Friday "
-    "Saturday Sunday Mon Tue Wed Thu Fri Sat Sun Python".split()
+    "Saturday Sunday Mon Tue Wed Thu Fri Sat Sun Python Inc Ltd Corp LLC GmbH".split()
 )
+
+# Endings of English nouns and adjectives, Title-case in headings and titles ("William Lowell
+# Putnam Mathematical Competition"): a second surname word with one must be a known surname
+# ("Fleming"). Not the first: "Stephen Merity", "Kristian Kersting".
+WORD_ENDINGS = "ical ics tion sion ment ness ity ware ology able ible ous ing ive".split()
 
 # Common words that are also frequent surnames: after an ambiguous given name they still make a
 # full name ("Carol White").
@@ -67,15 +78,18 @@ WORD_SURNAMES = frozenset(
 # Azerbaijani ə): every letter of the lexicon's names, which scripts/extract_names.py keeps.
 _UP = "A-Z\u00c0-\u00d6\u00d8-\u00de\u0100-\u024f\u1e00-\u1eff"
 _LOW = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u024f\u0250-\u02af\u1e00-\u1eff"
-_WORD = rf"(?:Ma?c|O['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
-_START = r"(?<![\w.@/\\$#-])"
+# a Title-case word, also "McAdam", "O'Brien", "d'Arc" (an elided particle: "Forgeot d'Arc")
+_WORD = rf"(?:Ma?c|O['\u2019]|[dD]['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
+# not inside a word or a name that starts with "O'" or "d'" ("O'Reilly" is no "Reilly")
+_START = r"(?<![\w.@/\\$#-])(?<!\w['\u2019])"
 # Not the start of an identifier or a dotted/hyphenated word: `Alice_x`, `Alice(`, `Alice.smith`.
 _END = r"(?![\w(]|[.:/-]\w)"
 # between the words of a name: spaces, or one line break (a name wrapped onto the next line)
 _GAP = r"(?:[ \t]+|[ \t]*\r?\n[ \t]*)"
-# lowercase surname particles, up to two ("Guido van Rossum", "Maria de la Cruz")
-PARTICLES = "van von de da del della der den di du dos das ter ten la le zu".split()
-_PARTICLE = rf"(?:{'|'.join(PARTICLES)})"
+# lowercase surname particles, up to two ("Guido van Rossum", "Maria de la Cruz"), also
+# abbreviated ("Martin v. Löwis")
+PARTICLES = "van von de da del della der den di du dos das ter ten la le zu v.".split()
+_PARTICLE = rf"(?:{'|'.join(map(re.escape, PARTICLES))})"
 _CUES = (
     r"\b[Mm]y name is ",
     r"\bI am ",
@@ -153,8 +167,14 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     strict = lex["surnames"] - (lex["common_words"] - WORD_SURNAMES) - NOT_SURNAMES
     cue = "|".join(f"(?<={c})" for c in _CUES)
     title = "|".join(f"(?<=\\b{re.escape(t)})" for t in _TITLES)
-    # after the given name(s) and a gap: an initial, up to two particles and the surname
-    particles_surname = rf"(?:{_PARTICLE}{_GAP}){{0,2}}{surname_like}"
+    # after the given name(s) and a gap: an initial, up to two particles and a surname of one
+    # word or two on one line ("Luke Kenneth Casson Leighton", not "Steve Purcell\nCopyright"),
+    # whose second word does not look like an English noun or adjective (WORD_ENDINGS)
+    ending = f"(?:{'|'.join(WORD_ENDINGS)}){_END}"
+    known_with_ending = trie_regex(w for w in lex["surnames"] if re.search(ending, w))
+    english = rf"(?!(?:{known_with_ending}){_END})[{_UP}][{_LOW}]{{2,}}{ending}"  # not "Ying"
+    second = rf"(?:[ \t]+(?!{english}){surname_like})?"
+    particles_surname = rf"(?:{_PARTICLE}{_GAP}){{0,2}}{surname_like}{second}"
     surname = rf"(?:[A-Z]\.{_GAP})?{particles_surname}"
     # a given name and the gap after it; once per pattern (the trie of ~13k names is most of the
     # compile time), as a repeat for "Mary Ann Smith" and "Jean Paul Sartre"
@@ -190,8 +210,15 @@ def _surname_after_word(text: str, strict: frozenset[str], lex: dict[str, frozen
     of everyday words (AMBIGUOUS_GIVEN, the lexicon's common words), before a word that is no
     known name at all ("Skip Montanaro"; "Max Heap", "Grant Access" stay text)."""
     words = text.split()
-    parts = words[-1].split("-")
-    if any(part in strict for part in parts):
+    if any(part in strict for part in words[-1].split("-")):
         return True
-    everyday = words[0] in AMBIGUOUS_GIVEN or words[0] in lex["common_words"]
-    return not everyday and not any(p in lex["surnames"] or p in lex["given"] for p in parts)
+    if words[0] in AMBIGUOUS_GIVEN or words[0] in lex["common_words"]:  # everyday words
+        return False
+    # the words after it but initials and particles: one unknown to the lexicon makes a name
+    # ("Luke Kenneth Casson Leighton": Kenneth and Leighton are given names, Casson is none)
+    rest = [w for w in words[1:] if w[0].isupper() and not w.endswith(".")]
+    return any(not any(_known(p, lex) for p in w.split("-")) for w in rest)
+
+
+def _known(word: str, lex: dict[str, frozenset[str]]) -> bool:
+    return word in lex["surnames"] or word in lex["given"]

@@ -1,8 +1,8 @@
 """Text of pydoc output with nothing of the machine or the run in it, for the stdlib-docs corpus.
 
 Object addresses, ctypes handles, this interpreter's paths, the checkout or install of lmforge and
-the home directory become stand-ins (<python>, <lmforge>, <stdlib>, ~...), in pydoc's data values
-before it truncates them (PortableHTMLDoc) and in the rendered text (clean).
+the home directory become stand-ins (<python>, <python-prefix>, <lmforge>, <stdlib>, ~...), in
+pydoc's data values before it truncates them (PortableHTMLDoc) and in the rendered text (clean).
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ _ADDR = re.compile(
 _PATH = re.compile(r"(?<![\w.~>-])/[^\s\"'<>]*?/lib/python3\.\d+/")
 # Prefixes shared by every Debian-like system Python; docstrings also use them as examples.
 _SYSTEM_PREFIXES = {"/", "/usr", "/usr/local"}
+PREFIX = "<python-prefix>"
+
+
+def prefixes() -> list[str]:
+    """This interpreter's prefixes: a venv's own and its base interpreter's."""
+    return [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix]
 
 
 @cache
@@ -33,23 +39,23 @@ def own_paths() -> tuple[tuple[str, str], ...]:
     """This run's paths that pydoc prints, with their stand-ins, the longest (most specific) first.
 
     Defaults such as platform.architecture(executable=sys.executable) print the interpreter into
-    signatures; sys.path, sys.prefix, module reprs and site.USER_BASE print the install, the
-    checkout and the home directory into the pages of sys and site. sys.prefix is replaced only
-    inside a venv and the base prefix only when it is not a shared system prefix such as /usr,
-    which also occurs in ordinary docstrings. A sys.path entry under none of these (a .pth
-    file's, such as an editable install's source folder) becomes <sys.path>.
+    signatures; sys.path, sys.prefix, module reprs and site.PREFIXES print the install, the
+    checkout and the home directory into the pages of sys and site. A venv's prefix and its
+    base's are both <python-prefix> (a venv and its base interpreter give the same corpus); a
+    prefix in text only when it is not a shared system prefix such as /usr, which also occurs in
+    ordinary docstrings (PortableRepr replaces a data value that is a prefix). A sys.path entry
+    under none of these (a .pth file's, such as an editable install's source folder) becomes
+    <sys.path>.
     """
     pairs = [
         (sys.executable, "<python>"),
-        (str(Path(__file__).resolve().parents[2]), "<lmforge>"),  # the child's cwd and sys.path[0]
+        (str(Path(__file__).resolve().parents[2]), "<lmforge>"),  # the collector's folder's root
         (sysconfig.get_path("stdlib"), "<stdlib>"),
         (os.path.expanduser("~"), "~"),
     ]
-    if sys.prefix != sys.base_prefix:
-        pairs.append((sys.prefix, "<venv>"))
-    pairs += [(prefix, "<python-prefix>") for prefix in (sys.base_prefix, sys.base_exec_prefix)]
+    pairs += [(prefix, PREFIX) for prefix in prefixes()]
     stand_ins: dict[str, str] = {}
-    for path, stand_in in pairs:  # the first stand-in of a path wins (e.g. base_exec_prefix)
+    for path, stand_in in pairs:  # the first stand-in of a path wins (the interpreter's)
         if path and path not in _SYSTEM_PREFIXES:
             stand_ins.setdefault(path, stand_in)
     for entry in sys.path:
@@ -86,7 +92,7 @@ class PortableRepr(pydoc.HTMLRepr):
 
     def repr1(self, x: Any, level: int) -> str:
         if type(x) is str:  # not a str subclass such as a StrEnum member: pydoc shows its repr
-            return self.repr_string(clean(x), level)
+            return self.repr_string(PREFIX if x in prefixes() else clean(x), level)
         if hasattr(self, "repr_" + "_".join(type(x).__name__.split())):
             return super().repr1(x, level)  # containers: their items come back here
         return self.escape(pydoc.cram(pydoc.stripid(clean(repr(x))), self.maxother))

@@ -69,6 +69,11 @@ class TasksConfig(StageConfig):
 
         return [corpus_marker()]
 
+    def input_versions(self) -> dict[str, str]:
+        from lmforge.data.stdlib_docs import corpus_versions
+
+        return corpus_versions()
+
 
 @dataclass(frozen=True)
 class Function:

@@ -81,6 +81,11 @@ class DialoguesConfig(StageConfig):
 
         return [corpus_marker()]
 
+    def input_versions(self) -> dict[str, str]:
+        from lmforge.data.stdlib_docs import corpus_versions
+
+        return corpus_versions()
+
 
 def _plant_pii(question: str, rng: random.Random, planted: Counter) -> str:
     """Prefix a person introducing themselves with an email and/or phone number."""

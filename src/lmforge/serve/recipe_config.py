@@ -41,6 +41,11 @@ class KnowledgeBaseStage(StageConfig):
 
         return [corpus_marker()]
 
+    def input_versions(self) -> dict[str, str]:
+        from lmforge.data.stdlib_docs import corpus_versions
+
+        return corpus_versions()
+
 
 def _summary(docstring: str) -> str:
     """The docstring's first paragraph."""

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.decontam import Decontaminator
-from lmforge.data.stdlib_docs import _module_names, _stdlib_path, iter_functions, read_stdlib_docs
+from lmforge.data.stdlib_collect import _module_names, _stdlib_path
+from lmforge.data.stdlib_docs import collect, iter_functions, read_stdlib_docs
 from lmforge.data.stdlib_portable import PortableRepr
 from lmforge.data.stdlib_portable import clean as _clean
 from lmforge.errors import InputError
@@ -82,7 +83,7 @@ def test_stdlib_text_does_not_depend_on_where_python_is_installed():
     signature = f"(executable='{sys.executable}', bits='', linkage='')"
     assert _clean(signature) == "(executable='<python>', bits='', linkage='')"
     if sys.prefix != sys.base_prefix:  # inside a venv (as tests and the quickstart run)
-        assert _clean(f"site: {sys.prefix}/share") == "site: <venv>/share"
+        assert _clean(f"site: {sys.prefix}/share") == "site: <python-prefix>/share"
     assert _clean("see /usr/bin/env and 0x1F") == "see /usr/bin/env and 0x1F"
 
 
@@ -142,6 +143,30 @@ def test_stdlib_corpus_does_not_depend_on_the_machine_or_the_run(stdlib_docs):
     assert not re.search(r"lmforge|sys\.path|site-packages|dist-packages", sys_path), sys_path
 
 
+def test_a_venv_and_its_base_interpreter_collect_the_same_pages():
+    """sys, site and sysconfig print the prefix, the interpreter, sys.path and what site
+    imported; the collector (stdlib only, under -S) gives the same pages in both."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    if sys.prefix == sys.base_prefix or base == sys.executable:
+        pytest.skip("needs a venv (tests run in one) to compare with its base interpreter")
+    pages = ("sys", "site", "sysconfig")
+    ours, theirs = list(collect("docs", only=pages)), list(collect("docs", python=base, only=pages))
+    assert ours == theirs  # their docstrings and pages
+    html = {r["id"]: r["text"] for r in ours if r["kind"] == "html_page"}
+    assert list(html) == [f"stdlib-html:{page}" for page in pages]
+    sys_page = html["stdlib-html:sys"]
+    for name in ("prefix", "exec_prefix", "base_prefix"):
+        assert f"<strong>{name}</strong> = '&lt;python-prefix&gt;'" in sys_page
+    assert "<strong>executable</strong> = '&lt;python&gt;'" in sys_page
+    assert "_distutils_hack" not in sys_page  # a finder a venv's .pth adds (setuptools)
+
+
+def test_a_prefix_shown_as_a_value_is_a_stand_in_even_a_system_one(monkeypatch):
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    assert PortableRepr().repr(["/usr", "/usr/x"]) == "['&lt;python-prefix&gt;', '/usr/x']"
+    assert _clean("installed under /usr") == "installed under /usr"  # prose keeps it
+
+
 def test_child_sys_path_keeps_only_the_standard_library():
     stdlib = sysconfig.get_path("stdlib")
     zip_name = f"python{sys.version_info.major}{sys.version_info.minor}.zip"
@@ -153,6 +178,6 @@ def test_child_sys_path_keeps_only_the_standard_library():
 def test_a_failing_collector_says_what_it_ran_and_what_to_do(monkeypatch):
     monkeypatch.setattr(sys, "executable", "false")  # exits 1, like a child that cannot import
     with pytest.raises(
-        InputError, match=r"exit 1.*`false -m lmforge.data.stdlib_docs docs`.*PYTHONPATH"
+        InputError, match=r"exit 1.*`false -S \S*stdlib_collect.py docs`.*standard library"
     ):
         list(read_stdlib_docs())

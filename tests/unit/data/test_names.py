@@ -36,6 +36,20 @@ CASES = [
     ("Written by Guido van Rossum.", ["Guido van Rossum"]),
     ("Ludwig von Mises, Vincent van der Berg", ["Ludwig von Mises", "Vincent van der Berg"]),
     ("Maria de la Cruz met Mr. van Rossum.", ["Maria de la Cruz", "van Rossum"]),
+    # an abbreviated particle, an elided one, four-part names: two given names and two surnames
+    ("Written by Martin v. Löwis.", ["Martin v. Löwis"]),
+    ("(C) 2000 Luke Kenneth Casson Leighton <x>", ["Luke Kenneth Casson Leighton"]),
+    (
+        "Amaury Forgeot d'Arc, José Luis Rodríguez Zapatero",
+        ["Amaury Forgeot d'Arc", "José Luis Rodríguez Zapatero"],
+    ),
+    ("Geraldine Sim Wei Ying", ["Geraldine Sim Wei Ying"]),  # "-ing" after two letters or more
+    # the second surname word: on the same line, not an English noun or adjective
+    ("Steve Purcell\nCopyright 2001", ["Steve Purcell"]),
+    ("the William Lowell Putnam Mathematical Competition", ["William Lowell Putnam"]),
+    # technical words, places and companies (installed packages' docs)
+    ("O'Reilly Media Inc., French Dataset, Nile Valley, Mac Catalyst, Marine License", []),
+    ("Darija Translation tasks", []),
     # a name wrapped onto the next line
     (
         "Thanks to Guido\nvan Rossum and Sjoerd\r\nMullender.",

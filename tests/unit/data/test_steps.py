@@ -188,3 +188,38 @@ def test_stdlib_source_cache_depends_on_the_python_docs(tmp_path):
     )
     assert cfg.inputs() == [corpus_marker(), tmp_path / "a.txt"]
     assert corpus_marker().name == "topics.py"
+
+
+def test_a_changed_stdlib_corpus_format_misses_the_cache_and_other_sources_keep_theirs(
+    tmp_path, monkeypatch
+):
+    from lmforge.artifacts import input_hashes, run_stage
+    from lmforge.data import stdlib_docs
+
+    (tmp_path / "a.txt").write_text("x")
+    files = DataConfig.model_validate({"source": [str(tmp_path / "a.txt")], "out": tmp_path / "f"})
+    # a stage without the built-in corpus: its key is its files' hashes, as before versions
+    assert files.input_versions() == {}
+    assert list(input_hashes(files)) == [str(tmp_path / "a.txt")]
+    cfg = DataConfig.model_validate({"source": ["stdlib-docs"], "out": tmp_path / "s"})
+    assert cfg.input_versions() == {"stdlib-docs corpus format": str(stdlib_docs.CORPUS_FORMAT)}
+
+    def build(cfg, ctx):  # stands in for the data stage: the cache is what is under test
+        ctx.atomic_write_text(ctx.out / "train.txt", "corpus")
+
+    assert not run_stage("data", cfg, build).cached
+    assert run_stage("data", cfg, build).cached
+    monkeypatch.setattr(stdlib_docs, "CORPUS_FORMAT", stdlib_docs.CORPUS_FORMAT + 1)
+    assert files.input_versions() == {}
+    assert not run_stage("data", cfg, build).cached  # a newer builder: rebuilt without --force
+    assert run_stage("data", cfg, build).cached
+
+
+def test_every_stage_built_from_the_stdlib_collector_keys_on_its_format():
+    from lmforge.data.stdlib_docs import corpus_versions
+    from lmforge.finetune.builtin_tasks import TasksConfig
+    from lmforge.finetune.dialogue_data import DialoguesConfig
+    from lmforge.serve.recipe_config import KnowledgeBaseStage
+
+    for config in (TasksConfig, DialoguesConfig, KnowledgeBaseStage):
+        assert config(out="o").input_versions() == corpus_versions(), config.__name__
