@@ -58,6 +58,12 @@ class KVCache:
         self.v[layer, :, :, start_pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, hd)
 
+    def reorder_cache(self, rows: Tensor) -> None:
+        """Keep rows[i] as row i (beam search: each beam takes its parent's keys and values);
+        rows may repeat or grow the batch. transformers' caches have the same method."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
 
 def left_pad(
     rows: Sequence[Sequence[int]], pad_id: int = 0, device: torch.device | str | None = None
