@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from lmforge.config import NOT_HASHED, Section, StageConfig
+from lmforge.config import HASHED_IF_SET, NOT_HASHED, Section, StageConfig
 from lmforge.data.augment import AugmentConfig
 from lmforge.finetune.freeze import FreezeConfig
 from lmforge.finetune.kfold import KFoldConfig
@@ -39,6 +39,10 @@ class EvalOptions(Section):
     )
     max_new_tokens: int = Field(48, ge=1, description="SFT: answer length limit for ROUGE-L")
     compare_base: bool = Field(True, description="SFT: also score the base model's ROUGE-L")
+    num_beams: int = Field(
+        1, ge=1, description="seq2seq: beam search width for the val outputs (1 = greedy)",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
     batch_size: int = Field(
         16,
         ge=1,

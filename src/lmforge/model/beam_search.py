@@ -64,15 +64,6 @@ class BeamSettings:
             raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {rp}")
 
 
-def check_no_sampling(num_beams: int, temperature: float, greedy: bool = False) -> None:
-    """Beams are a deterministic search: sampling with them is refused, never silently dropped."""
-    if num_beams > 1 and temperature > 0 and not greedy:
-        raise ConfigError(
-            f"num_beams={num_beams} with temperature {temperature}: beam search does not sample; "
-            "set temperature 0 for beam search, or num_beams 1 to sample"
-        )
-
-
 @torch.no_grad()
 def beam_search(
     step: Step,
