@@ -19,7 +19,7 @@ from lmforge.model.beam_search import (
     beam_generate_seq2seq_batched,
 )
 from lmforge.model.config import preset_config
-from lmforge.model.convert import save_pretrained
+from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.generate import generate_batched
 from lmforge.model.seq2seq import Seq2SeqLM
 from lmforge.model.transformer import Transformer
@@ -129,6 +129,35 @@ def test_seq2seq_beams_equal_transformers_bart(beams, tmp_path):
         end = theirs.index(2) + 1 if 2 in theirs else len(theirs)
         assert got == theirs[:end]
     assert any(row[-1:] == [2] for row in ours)
+
+
+def test_t5_adapter_beams_equal_transformers(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=200, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    hf = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4.0)  # peaked, varied tokens from a random model
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
+    sources = [[5, 6, 7, 8, 1], [9, 10, 11, 1], [12, 1]]
+    stops = [1, 173]  # 173: a token the first source's beams reach after a few others
+    beams = dict(num_beams=4, length_penalty=1.0, early_stopping=False)
+    new = beam_generate_seq2seq_batched(
+        ours, sources, 10, BeamSettings(**beams), decoder_start_id=0, pad_id=0, stop_tokens=stops
+    )
+    for source, got in zip(sources, new, strict=True):
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([source]), do_sample=False, max_new_tokens=10, eos_token_id=stops,
+                **beams,
+            )[0, 1:].tolist()  # fmt: skip
+        end = next((i + 1 for i, t in enumerate(out) if t in stops), len(out))
+        assert got == out[:end]
+    assert any(len(row) < 10 for row in new)
 
 
 def test_bad_beam_settings_are_refused():
