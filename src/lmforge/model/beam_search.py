@@ -32,6 +32,7 @@ from lmforge.model.generate import (
     KVCache,
     _check_pad_mask,
     apply_repetition_penalty,
+    check_room,
     in_length_batches,
     left_pad,
 )
@@ -188,12 +189,7 @@ def beam_generate(
     """Beam search for a decoder (Transformer) on left-padded prompts idx (B, T), pad_mask as in
     generate.generate. The prompts are prefilled once; the cache is then copied to the beams."""
     B, T = idx.shape
-    total = T + max_new_tokens
-    if total > model.config.block_size:
-        raise InputError(
-            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"block_size {model.config.block_size}; shorten the prompt or ask for fewer tokens"
-        )
+    total = check_room(model, T, max_new_tokens)
     nb = beams.num_beams
     pad_mask = _check_pad_mask(pad_mask, idx)  # None when nothing is padded
     was_training = model.training

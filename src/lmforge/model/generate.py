@@ -221,12 +221,7 @@ def generate(
     """
     _check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = idx.shape
-    total = T + max_new_tokens
-    if total > model.config.block_size:
-        raise InputError(
-            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"block_size {model.config.block_size}; shorten the prompt or ask for fewer tokens"
-        )
+    total = check_room(model, T, max_new_tokens)
     mask = _check_pad_mask(pad_mask, idx)  # None when nothing is padded: the unmasked fast path
     sampling = dict(
         temperature=temperature, top_k=top_k, top_p=top_p,
@@ -265,6 +260,18 @@ def generate(
     finally:
         model.train(was_training)
     return out
+
+
+def check_room(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
+    """The positions a generation needs, prompt_len + max_new_tokens, if the model has them."""
+    total = prompt_len + max_new_tokens
+    if total > model.config.block_size:
+        raise InputError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's block_size {model.config.block_size}; shorten the prompt or ask for fewer "
+            "tokens"
+        )
+    return total
 
 
 def _last_logits(model: nn.Module, idx: Tensor, **kwargs: object) -> Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.config import hashed_dump, validate
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.finetune.config import EvalOptions
 from lmforge.model.beam_search import (
@@ -160,7 +160,10 @@ def test_t5_adapter_beams_equal_transformers(tmp_path):
     assert any(len(row) < 10 for row in new)
 
 
-def test_bad_beam_settings_are_refused():
+def test_bad_beam_settings_and_lengths_are_refused():
+    model = Transformer(preset_config("micro"))
+    with pytest.raises(InputError, match=r"prompt \(4 tokens\) \+ max_new_tokens \(125\) exceeds"):
+        beam_generate_batched(model, [[1, 2, 3, 4]], 125, BeamSettings(2))
     with pytest.raises(ConfigError, match="num_beams must be >= 1"):
         BeamSettings(num_beams=0)
     with pytest.raises(ConfigError, match="early_stopping must be"):
