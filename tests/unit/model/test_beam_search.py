@@ -20,7 +20,7 @@ from lmforge.model.beam_search import (
 )
 from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained, save_pretrained
-from lmforge.model.generate import generate_batched
+from lmforge.model.generate import KVCache, generate_batched
 from lmforge.model.seq2seq import Seq2SeqLM
 from lmforge.model.transformer import Transformer
 from unit.evals.helpers import trained_model_dir
@@ -94,6 +94,19 @@ def test_several_stop_tokens_and_repetition_penalty_match_transformers(tmp_path)
     )
     for prompt, got in zip(PROMPTS, ours, strict=True):
         assert got == hf_beams(hf, prompt, 12, stops, repetition_penalty=1.3, **beams)
+
+
+def test_kv_cache_reorder_moves_written_positions_with_their_rows():
+    cache = KVCache(n_layer=2, batch_size=2, n_kv_head=1, max_len=6, head_dim=3)
+    k = torch.randn(2, 1, 4, 3)
+    for layer in range(2):
+        cache.update(layer, 0, k, -k)
+    cache.reorder_cache(torch.tensor([1, 1, 0]))  # grows the batch: prompts to beams
+    cache.reorder_cache(torch.tensor([2, 0, 0]))  # a step's parents
+    keys, values = cache.update(1, 4, torch.ones(3, 1, 1, 3), torch.ones(3, 1, 1, 3))
+    torch.testing.assert_close(keys[:, :, :4], k[[0, 1, 1]], atol=0, rtol=0)
+    torch.testing.assert_close(values[:, :, :4], -k[[0, 1, 1]], atol=0, rtol=0)
+    assert keys.shape == (3, 1, 5, 3) and bool((keys[:, :, 4] == 1).all())
 
 
 def test_one_beam_is_greedy_and_batching_does_not_change_beams(tmp_path):
