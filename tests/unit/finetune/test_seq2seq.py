@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmforge.artifacts import read_manifest
+from lmforge.config import validate
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.formats import load_examples
 from lmforge.finetune.seq2seq import Seq2SeqIds, encode_pairs, seq2seq_eval
@@ -231,3 +232,10 @@ def test_eval_num_beams_writes_transformers_beam_outputs(tmp_path, tokenizer_dir
         with torch.no_grad():
             new = hf.generate(src, do_sample=False, num_beams=3, max_new_tokens=8)[0, 1:]
         assert tok.decode([t for t in new.tolist() if t != 2]).strip() == row["output"]
+
+
+def test_eval_num_beams_is_refused_outside_seq2seq(tmp_path):
+    base = {"model": str(tmp_path), "data": str(tmp_path / "d.jsonl"), "out": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match=r"eval\.num_beams=2 applies to --task seq2seq"):
+        validate(FinetuneConfig, {**base, "eval": {"num_beams": 2}})
+    assert validate(FinetuneConfig, {**base, "task": "seq2seq", "eval": {"num_beams": 2}})
