@@ -50,8 +50,11 @@ def lmforge_batched(model, prompts: list[list[int]], new: int, batch: int) -> li
     return generate_batched(model, prompts, new, batch_size=batch, greedy=True)
 
 
-def hf_batched(hf_model, prompts: list[list[int]], new: int, batch: int) -> list[list[int]]:
-    """HF generate over the same length-sorted, left-padded batches lmforge builds."""
+def hf_batched(
+    hf_model, prompts: list[list[int]], new: int, batch: int, **generate_kwargs
+) -> list[list[int]]:
+    """HF generate (and generate_kwargs, e.g. num_beams) over the same length-sorted,
+    left-padded batches lmforge builds."""
     from lmforge.model.generate import left_pad, length_sorted_batches
 
     results: list[list[int]] = [[] for _ in prompts]
@@ -66,6 +69,7 @@ def hf_batched(hf_model, prompts: list[list[int]], new: int, batch: int) -> list
                 do_sample=False,
                 pad_token_id=0,
                 eos_token_id=None,
+                **generate_kwargs,
             )
         for i, row in zip(chunk, out[:, ids.size(1) :].tolist(), strict=True):
             results[i] = row
