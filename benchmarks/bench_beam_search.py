@@ -19,12 +19,10 @@ Run: `OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_beam_se
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 from _rates import print_rates, time_round_robin
-from bench_generate import hf_batched, lmforge_batched, make_prompts
+from bench_generate import hf_batched, lmforge_batched, make_prompts, model_pair
 
 
 def main() -> None:
@@ -41,20 +39,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
-
     from lmforge.model.beam_search import BeamSettings, beam_generate_batched
-    from lmforge.model.config import preset_config
-    from lmforge.model.convert import save_pretrained
-    from lmforge.model.transformer import Transformer
 
-    torch.manual_seed(0)
-    cfg = preset_config(args.preset, vocab_size=4096)
-    model = Transformer(cfg).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, Path(tmp))
-        hf = AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
-    prompts = make_prompts(args.prompts, cfg.vocab_size, args.min_len, args.max_len, seed=0)
+    model, hf = model_pair(args.preset)
+    prompts = make_prompts(args.prompts, model.config.vocab_size, args.min_len, args.max_len, 0)
     new, batch, nb = args.new_tokens, args.batch_size, args.num_beams
     print(f"model {args.preset} ({model.num_params() / 1e6:.2f}M params), {args.prompts} prompts "
           f"of {args.min_len}-{args.max_len} tokens, {new} new tokens each, batch {batch}, "
