@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lmforge.config import hashed_dump, validate
 from lmforge.errors import ConfigError, InputError
-from lmforge.evals.lm import EvalModel, GenerationSettings
+from lmforge.evals.lm import GenerationSettings
 from lmforge.finetune.config import EvalOptions
 from lmforge.model.beam_search import (
     BeamSettings,
@@ -23,7 +19,6 @@ from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.generate import KVCache, generate_batched
 from lmforge.model.seq2seq import Seq2SeqLM
 from lmforge.model.transformer import Transformer
-from unit.evals.helpers import trained_model_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -181,33 +176,6 @@ def test_bad_beam_settings_and_lengths_are_refused():
         BeamSettings(num_beams=0)
     with pytest.raises(ConfigError, match="early_stopping must be"):
         BeamSettings(num_beams=2, early_stopping="sometimes")
-
-
-def test_cli_writes_transformers_beam_answers(tmp_path):
-    model_dir = trained_model_dir(tmp_path / "model")
-    out = tmp_path / "answers.jsonl"
-    prompts = ["def add(a, b):\n", "The quick brown"]
-    args = ["--model", str(model_dir), "-p", prompts[0], "-p", prompts[1], "--max-new-tokens", "10"]
-    cmd = [sys.executable, "-m", "lmforge.cli", "generate", *args]
-    beams = ["--num-beams", "3", "--length-penalty", "0.5", "--out", str(out)]
-    proc = subprocess.run([*cmd, *beams], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    lm = EvalModel.load(model_dir)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    for prompt, row in zip(prompts, rows, strict=True):
-        ids = lm.start(prompt)
-        with torch.no_grad():
-            new = hf.generate(
-                torch.tensor([ids]), do_sample=False, num_beams=3, length_penalty=0.5,
-                max_new_tokens=10,
-            )[0, len(ids) :].tolist()  # fmt: skip
-        assert row["completion"] == lm.decode([t for t in new if t not in lm.stop_ids()])
-    greedy = lm.generate_batch(prompts, GenerationSettings(max_new_tokens=10))
-    assert [r["completion"] for r in rows] != greedy
-    sampled = subprocess.run([*cmd, "--num-beams", "2", "--temperature", "0.8"],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert sampled.returncode == 2 and "beam search does not sample" in sampled.stderr
 
 
 def test_beam_settings_leave_existing_config_hashes_alone():
