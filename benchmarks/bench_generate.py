@@ -50,8 +50,11 @@ def lmforge_batched(model, prompts: list[list[int]], new: int, batch: int) -> li
     return generate_batched(model, prompts, new, batch_size=batch, greedy=True)
 
 
-def hf_batched(hf_model, prompts: list[list[int]], new: int, batch: int) -> list[list[int]]:
-    """HF generate over the same length-sorted, left-padded batches lmforge builds."""
+def hf_batched(
+    hf_model, prompts: list[list[int]], new: int, batch: int, **generate_kwargs
+) -> list[list[int]]:
+    """HF generate (and generate_kwargs, e.g. num_beams) over the same length-sorted,
+    left-padded batches lmforge builds."""
     from lmforge.model.generate import left_pad, length_sorted_batches
 
     results: list[list[int]] = [[] for _ in prompts]
@@ -66,10 +69,27 @@ def hf_batched(hf_model, prompts: list[list[int]], new: int, batch: int) -> list
                 do_sample=False,
                 pad_token_id=0,
                 eos_token_id=None,
+                **generate_kwargs,
             )
         for i, row in zip(chunk, out[:, ids.size(1) :].tolist(), strict=True):
             results[i] = row
     return results
+
+
+def model_pair(preset: str, vocab_size: int = 4096):
+    """Our `preset` body with random weights (seed 0), and transformers' load of its export."""
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(preset_config(preset, vocab_size=vocab_size)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, Path(tmp))
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    return model, hf
 
 
 def main() -> None:
@@ -86,19 +106,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
-
-    from lmforge.model.config import preset_config
-    from lmforge.model.convert import save_pretrained
-    from lmforge.model.transformer import Transformer
-
-    torch.manual_seed(0)
-    cfg = preset_config(args.preset, vocab_size=4096)
-    model = Transformer(cfg).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, Path(tmp))
-        hf = AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
-    prompts = make_prompts(args.prompts, cfg.vocab_size, args.min_len, args.max_len, seed=0)
+    model, hf = model_pair(args.preset)
+    prompts = make_prompts(args.prompts, model.config.vocab_size, args.min_len, args.max_len, 0)
     n_new = args.prompts * args.new_tokens
     print(f"model {args.preset} ({model.num_params() / 1e6:.2f}M params), {args.prompts} prompts "
           f"of {args.min_len}-{args.max_len} tokens, {args.new_tokens} new tokens each, batch "

@@ -37,6 +37,9 @@ C = TypeVar("C", bound=BaseModel)
 # Field(json_schema_extra=NOT_HASHED) marks settings that cannot change a stage's output (worker
 # counts, progress display) so that changing them does not rerun the stage.
 NOT_HASHED = {"hashed": False}
+# Field(json_schema_extra=HASHED_IF_SET) marks a setting added later whose default reproduces the
+# old output: hashed only when set away from its default, so existing cached results stay valid.
+HASHED_IF_SET = {"hashed": "if_set"}
 
 
 class Section(BaseModel):
@@ -197,10 +200,12 @@ def hashed_dump(cfg: BaseModel) -> dict[str, Any]:
     def strip(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
         for name, field in type(model).model_fields.items():
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            if extra.get("hashed") is False:
+            value = getattr(model, name)
+            if extra.get("hashed") is False or (
+                extra.get("hashed") == "if_set" and value == field.default
+            ):
                 data.pop(name, None)
                 continue
-            value = getattr(model, name)
             if isinstance(value, BaseModel) and isinstance(data.get(name), dict):
                 data[name] = strip(value, data[name])
         return data

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from unit.evals.helpers import trained_model_dir
 from unit.finetune.helpers import make_model_dir as make_chat_model_dir
 from unit.finetune.helpers import make_tokenizer_dir
@@ -46,6 +47,39 @@ def test_cli_prints_and_writes_the_greedy_answers(model_dir: Path, tmp_path: Pat
     assert any(expected), "the trained model should write something"
     for prompt, answer in zip(PROMPTS, expected, strict=True):
         assert f"> {prompt}\n{answer}\n" in proc.stdout
+
+
+def test_cli_beam_search_writes_transformers_beam_answers(model_dir: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "beams.jsonl"
+    asked = [
+        "--model",
+        str(model_dir),
+        "-p",
+        PROMPTS[0],
+        "-p",
+        PROMPTS[1],
+        "--max-new-tokens",
+        "10",
+    ]
+    beams = ["--num-beams", "3", "--length-penalty", "0.5", "--out", str(out)]
+    proc = lmforge("generate", *asked, *beams)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    lm = EvalModel.load(model_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for prompt, row in zip(PROMPTS[:2], rows, strict=True):
+        ids = lm.start(prompt)
+        with torch.no_grad():
+            new = hf.generate(
+                torch.tensor([ids]), do_sample=False, num_beams=3, length_penalty=0.5,
+                max_new_tokens=10,
+            )[0, len(ids) :].tolist()  # fmt: skip
+        assert row["completion"] == lm.decode([t for t in new if t not in lm.stop_ids()])
+    greedy = lm.generate_batch(PROMPTS[:2], GenerationSettings(max_new_tokens=10))
+    assert [r["completion"] for r in rows] != greedy
+    sampled = lmforge("generate", *asked, "--num-beams", "2", "--temperature", "0.8")
+    assert sampled.returncode == 2 and "beam search does not sample" in sampled.stderr
 
 
 def test_cli_bad_prompts_file_is_one_line_naming_the_line(model_dir: Path, tmp_path: Path) -> None:

@@ -60,6 +60,12 @@ def generate_cmd(
     top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k best.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = None,
     repetition_penalty: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
+    num_beams: Annotated[
+        int, typer.Option(min=1, help="Beam search width (with temperature 0); 1 = no beams.")
+    ] = 1,
+    length_penalty: Annotated[
+        float, typer.Option(help="Beams: score = sum(log p) / length ** this (> 0: longer).")
+    ] = 1.0,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Cut answers at this string (repeatable).")
     ] = None,
@@ -81,7 +87,7 @@ def generate_cmd(
     settings = validate(GenerationSettings, {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
         "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
-        "seed": seed,
+        "seed": seed, "num_beams": num_beams, "length_penalty": length_penalty,
     }, where="generate")  # fmt: skip
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)

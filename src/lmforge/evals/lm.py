@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.artifacts import require_artifact
-from lmforge.config import Section
+from lmforge.config import HASHED_IF_SET, Section
 from lmforge.errors import InputError
 from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.tokenizer.files import TokenizerFiles
@@ -47,6 +47,28 @@ class GenerationSettings(Section):
         default_factory=list, description="cut the output at the first of these strings"
     )
     seed: int = Field(0, description="sampling seed (ignored when greedy)")
+    num_beams: int = Field(
+        1, ge=1, description="beam search width (1 = greedy or sampling; beams need temperature 0)",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+    length_penalty: float = Field(
+        1.0, description="beams: an answer scores sum(log p) / length ** this (> 0 favours long)",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+    early_stopping: bool | Literal["never"] = Field(
+        False, description="beams: false = until no beam can beat the finished ones (HF's "
+        "default), true = at num_beams finished, never = exhaustive",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _beams_do_not_sample(self) -> GenerationSettings:
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError(
+                f"num_beams={self.num_beams} with temperature {self.temperature}: beam search "
+                "does not sample; set temperature 0 for beams, or num_beams 1 to sample"
+            )
+        return self
 
 
 class EvalModel:

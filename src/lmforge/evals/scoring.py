@@ -28,6 +28,7 @@ from lmforge.errors import InputError
 if TYPE_CHECKING:
     from lmforge.evals.lm import EvalModel, GenerationSettings
     from lmforge.evals.perplexity import PerplexityResult
+    from lmforge.model.beam_search import BeamSettings
 
 SCORE_BATCH = 16  # rows per forward pass when scoring
 Scored = tuple[list[float], bool]  # log p of every target token, and whether all are the argmax
@@ -175,10 +176,27 @@ class CausalScorer:
                     "empty prompt and the tokenizer has no BOS/EOS token to start from"
                 )
             rows.append(ids[-(lm.block_size - budget) :])
+        if settings.num_beams > 1:
+            from lmforge.model.beam_search import beam_generate_batched
+
+            return beam_generate_batched(
+                lm.model, rows, budget, beam_settings(settings), batch_size=batch_size,
+                stop_tokens=lm.stop_ids(),
+            )  # fmt: skip
         return generate_batched(
             lm.model, rows, budget, batch_size=batch_size, stop_tokens=lm.stop_ids(),
             greedy=settings.temperature == 0, **sampling_kwargs(settings),
         )  # fmt: skip
+
+
+def beam_settings(settings: GenerationSettings) -> BeamSettings:
+    """The beam search the settings ask for (num_beams > 1; temperature 0 is checked there)."""
+    from lmforge.model.beam_search import BeamSettings
+
+    return BeamSettings(
+        settings.num_beams, settings.length_penalty, settings.early_stopping,
+        settings.repetition_penalty,
+    )  # fmt: skip
 
 
 def sampling_kwargs(settings: GenerationSettings) -> dict[str, Any]:
@@ -257,9 +275,16 @@ class Seq2SeqScorer:
         from lmforge.model.seq2seq_generate import generate_seq2seq_batched
 
         lm = self.lm
+        sources = [self.source(p) for p in prompts]
+        budget = min(settings.max_new_tokens, lm.block_size - 1)
+        ids = dict(decoder_start_id=self.start, pad_id=lm.pad_id, stop_tokens=self.stops)
+        if settings.num_beams > 1:
+            from lmforge.model.beam_search import beam_generate_seq2seq_batched
+
+            return beam_generate_seq2seq_batched(
+                lm.model, sources, budget, beam_settings(settings), batch_size=batch_size, **ids
+            )
         return generate_seq2seq_batched(
-            lm.model, [self.source(p) for p in prompts],
-            min(settings.max_new_tokens, lm.block_size - 1), decoder_start_id=self.start,
-            pad_id=lm.pad_id, stop_tokens=self.stops, batch_size=batch_size,
-            greedy=settings.temperature == 0, **sampling_kwargs(settings),
+            lm.model, sources, budget, batch_size=batch_size, greedy=settings.temperature == 0,
+            **ids, **sampling_kwargs(settings),
         )  # fmt: skip

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from lmforge.config import NOT_HASHED, Section, StageConfig
+from lmforge.config import HASHED_IF_SET, NOT_HASHED, Section, StageConfig
 from lmforge.data.augment import AugmentConfig
 from lmforge.finetune.freeze import FreezeConfig
 from lmforge.finetune.kfold import KFoldConfig
@@ -49,6 +49,10 @@ class EvalOptions(Section):
     compare_base: bool = Field(
         True, description="sft, seq2seq: also score the base model (seq2seq: not from_scratch)"
     )
+    num_beams: int = Field(
+        1, ge=1, description="seq2seq: beam search width for the val outputs (1 = greedy)",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
     batch_size: int = Field(
         16,
         ge=1,
@@ -101,6 +105,15 @@ class FinetuneConfig(StageConfig):
     )
     eval: EvalOptions = Field(default_factory=EvalOptions, description="held-out evaluation")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
+
+    @model_validator(mode="after")
+    def _beams_only_for_seq2seq(self) -> FinetuneConfig:
+        if self.eval.num_beams > 1 and self.task != "seq2seq":
+            raise ValueError(
+                f"eval.num_beams={self.eval.num_beams} applies to --task seq2seq's val outputs; "
+                f"--task {self.task} is evaluated greedily: unset eval.num_beams"
+            )
+        return self
 
     def inputs(self) -> list[Path]:
         paths = [p for p in (self.model, self.data, self.val_data) if p is not None]

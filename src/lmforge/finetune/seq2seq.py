@@ -135,17 +135,23 @@ def seq2seq_eval(
     ids: Seq2SeqIds,
     max_new_tokens: int,
     batch_size: int,
+    num_beams: int = 1,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """ROUGE-1/2/L, BLEU and exact match of greedy outputs on examples, and the outputs."""
+    """ROUGE-1/2/L, BLEU and exact match of greedy (num_beams 1) or beam search outputs on
+    examples, and the outputs."""
     from lmforge.evals.metrics import bleu, exact_match, rouge
+    from lmforge.model.beam_search import BeamSettings, beam_generate_seq2seq_batched
     from lmforge.model.seq2seq_generate import generate_seq2seq_batched
 
     max_len = model.config.block_size
     sources = [source_row(tok.encode(e["source"]), ids.eos, max_len) for e in examples]
-    new = generate_seq2seq_batched(
-        model, sources, min(max_new_tokens, max_len - 1), decoder_start_id=ids.decoder_start,
-        pad_id=ids.pad, stop_tokens=[ids.eos], batch_size=batch_size, greedy=True,
-    )  # fmt: skip
+    opts = dict(decoder_start_id=ids.decoder_start, pad_id=ids.pad, stop_tokens=[ids.eos],
+                batch_size=batch_size)  # fmt: skip
+    budget = min(max_new_tokens, max_len - 1)
+    if num_beams > 1:
+        new = beam_generate_seq2seq_batched(model, sources, budget, BeamSettings(num_beams), **opts)
+    else:
+        new = generate_seq2seq_batched(model, sources, budget, greedy=True, **opts)
     outputs = [tok.decode([t for t in row if t != ids.eos]).strip() for row in new]
     refs = [e["target"] for e in examples]
     scores = {**rouge(outputs, refs), "bleu": bleu(outputs, refs)["bleu"],

@@ -48,13 +48,15 @@ def sft_val_metrics(
 def seq2seq_val_metrics(
     cfg: FinetuneConfig, ctx: StageContext, tok: TokenizerFiles, model: nn.Module, data: Prepared
 ) -> dict[str, Any]:
-    """Text metrics of greedy outputs on val (base_* and base_val_loss too for a pretrained
-    base), and val_outputs.jsonl with each source, target and output."""
+    """Text metrics of greedy (or eval.num_beams beam search) outputs on val (base_* and
+    base_val_loss too for a pretrained base), and val_outputs.jsonl with each source, target
+    and output."""
     examples = data.val_examples[: cfg.eval.rouge_examples]
     if not examples:
         return {}
     ids = base_seq2seq_ids(cfg, tok)
-    opts = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    opts = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                num_beams=cfg.eval.num_beams)  # fmt: skip
     scores, rows = seq2seq.seq2seq_eval(model, tok, examples, ids, **opts)
     ctx.atomic_write_text(
         ctx.out / "val_outputs.jsonl", "".join(json.dumps(r) + "\n" for r in rows)

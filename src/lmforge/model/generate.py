@@ -39,6 +39,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.length = 0  # positions written so far: what reorder_cache copies
+        self._spare: tuple[Tensor, Tensor] | None = None  # reorder_cache's target buffers
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> KVCache:
@@ -56,7 +58,22 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions, step needs {end}")
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
+        self.length = max(self.length, end)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, hd)
+
+    def reorder_cache(self, rows: Tensor) -> None:
+        """Keep rows[i] as row i (beam search: each beam takes its parent's keys and values);
+        rows may repeat or grow the batch. transformers' caches have the same method."""
+        if rows.numel() != self.k.size(1):  # a new batch size: the prompts' rows to their beams
+            self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+            self._spare = None
+            return
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        n = self.length  # into the spare buffers (no allocation), only the written positions
+        for src, dst in zip((self.k, self.v), self._spare, strict=True):
+            torch.index_select(src[:, :, :, :n], 1, rows, out=dst[:, :, :, :n])
+        (self.k, self.v), self._spare = self._spare, (self.k, self.v)
 
 
 def left_pad(
@@ -215,12 +232,7 @@ def generate(
     """
     _check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = idx.shape
-    total = T + max_new_tokens
-    if total > model.config.block_size:
-        raise InputError(
-            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"block_size {model.config.block_size}; shorten the prompt or ask for fewer tokens"
-        )
+    total = check_room(model, T, max_new_tokens)
     mask = _check_pad_mask(pad_mask, idx)  # None when nothing is padded: the unmasked fast path
     sampling = dict(
         temperature=temperature, top_k=top_k, top_p=top_p,
@@ -259,6 +271,18 @@ def generate(
     finally:
         model.train(was_training)
     return out
+
+
+def check_room(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
+    """The positions a generation needs, prompt_len + max_new_tokens, if the model has them."""
+    total = prompt_len + max_new_tokens
+    if total > model.config.block_size:
+        raise InputError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's block_size {model.config.block_size}; shorten the prompt or ask for fewer "
+            "tokens"
+        )
+    return total
 
 
 def _last_logits(model: nn.Module, idx: Tensor, **kwargs: object) -> Tensor:

@@ -17,8 +17,9 @@ from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.perplexity import perplexity
 from lmforge.evals.stage import evaluate
 from lmforge.evals.tasks import TaskSpec, run_task
+from lmforge.model.convert import load_pretrained, save_pretrained
 
-from .family_dirs import SEQ2SEQ_IDS, bart_dirs, bert_dirs
+from .family_dirs import SEQ2SEQ_IDS, _copy_files, bart_dirs, bert_dirs
 
 transformers = pytest.importorskip("transformers")
 TEXTS = ["the capital is paris .", "def f ( ) : return x + 1", "alpha beta gamma delta one two"]
@@ -336,3 +337,26 @@ def test_the_harness_refuses_a_rolling_loglikelihood_that_is_not_causal(
     lm = LmforgeLM(str(bert["mlm"]))
     with pytest.raises(InputError, match="scores by pseudo_log_likelihood"):
         lm.loglikelihood_rolling([SimpleNamespace(args=("the capital is paris .",))])
+
+
+def test_seq2seq_beam_generation_equals_transformers(bart: dict[str, Path], tmp_path) -> None:
+    peaked = load_pretrained(bart["bart"])  # the fixture's small weights answer eos at once
+    with torch.no_grad():
+        for p in peaked.parameters():
+            p.mul_(8.0)
+    save_pretrained(peaked, tmp_path, extra_config=SEQ2SEQ_IDS, generation_config=SEQ2SEQ_IDS)
+    model = EvalModel.load(_copy_files(bart["tok"], tmp_path))
+    prompts = ["What is the capital of France?", "def f(x): return x + 1"]
+    beams = GenerationSettings(max_new_tokens=8, num_beams=3, length_penalty=0.5)
+    texts = model.generate_batch(prompts, beams)
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    for prompt, text in zip(prompts, texts, strict=True):
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([model.scorer.source(prompt)]), do_sample=False, num_beams=3,
+                length_penalty=0.5, max_new_tokens=8,
+            )[0, 1:].tolist()  # fmt: skip
+        assert text == model.decode([t for t in out if t not in model.stop_ids()])
+    assert all(texts) and texts != model.generate_batch(
+        prompts, GenerationSettings(max_new_tokens=8)
+    )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmforge.artifacts import read_manifest
+from lmforge.config import validate
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.formats import load_examples
 from lmforge.finetune.seq2seq import Seq2SeqIds, encode_pairs, seq2seq_eval
@@ -213,3 +214,28 @@ def test_eval_model_generates_from_a_seq2seq_dir(tmp_path, tokenizer_dir):
     )  # fmt: skip
     settings = GenerationSettings(max_new_tokens=6)
     assert model.generate("cat dog", settings) == tok.decode(ids)
+
+
+def test_eval_num_beams_writes_transformers_beam_outputs(tmp_path, tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    base = _bart_dir(tmp_path, tokenizer_dir)
+    data = _write(tmp_path / "d.jsonl", _copy_pairs(24, seed=0))
+    cfg = _config(tmp_path, base, data, train={"max_steps": 8, "lr": 3e-3})
+    cfg.eval.num_beams, cfg.eval.compare_base = 3, False
+    out = finetune(cfg)
+    outputs = [json.loads(x) for x in (out / "val_outputs.jsonl").read_text().splitlines()]
+    tok = load_chat_tokenizer(tokenizer_dir)
+    assert any(row["output"] for row in outputs)
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(out / "final").eval()
+    for row in outputs:
+        src = torch.tensor([[*tok.encode(row["source"]), 2]])
+        with torch.no_grad():
+            new = hf.generate(src, do_sample=False, num_beams=3, max_new_tokens=8)[0, 1:]
+        assert tok.decode([t for t in new.tolist() if t != 2]).strip() == row["output"]
+
+
+def test_eval_num_beams_is_refused_outside_seq2seq(tmp_path):
+    base = {"model": str(tmp_path), "data": str(tmp_path / "d.jsonl"), "out": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match=r"eval\.num_beams=2 applies to --task seq2seq"):
+        validate(FinetuneConfig, {**base, "eval": {"num_beams": 2}})
+    assert validate(FinetuneConfig, {**base, "task": "seq2seq", "eval": {"num_beams": 2}})
