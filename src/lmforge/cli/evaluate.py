@@ -68,6 +68,10 @@ def generate_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 16,
     out: Annotated[Path | None, typer.Option(help="Also write the answers here as JSONL.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    compile: Annotated[
+        str,
+        typer.Option(help="torch.compile the decoding step: off | on | auto (on for CUDA only)."),
+    ] = "off",
 ) -> None:
     """Generate text from a model: raw continuation, or chat answers with --chat.
 
@@ -81,7 +85,7 @@ def generate_cmd(
     settings = validate(GenerationSettings, {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
         "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
-        "seed": seed,
+        "seed": seed, "compile": compile,
     }, where="generate")  # fmt: skip
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)

@@ -25,6 +25,7 @@ from lmforge.artifacts import require_artifact
 from lmforge.config import Section
 from lmforge.errors import InputError
 from lmforge.evals.scoring import Scorer, scorer_for
+from lmforge.model.compiled_decode import COMPILE_HELP, DecodeCompile
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
@@ -47,6 +48,7 @@ class GenerationSettings(Section):
         default_factory=list, description="cut the output at the first of these strings"
     )
     seed: int = Field(0, description="sampling seed (ignored when greedy)")
+    compile: DecodeCompile = Field("off", description=COMPILE_HELP + " (causal models)")
 
 
 class EvalModel:

@@ -9,7 +9,10 @@ engine samples from them (serve/emit.py) and keeps failures local to the rows of
   mask), logits only once the prompt is whole;
 - decode_pass: every row feeds its last token at start_pos=L with the batch's pad_mask, so each
   row keeps its own positions (model.transformer.pad_positions) and never attends to another
-  row's padding.
+  row's padding. compiled=True runs model/compiled_decode.py's decode_step instead: the same
+  step over the cache's whole storage with a mask of its live columns, shapes fixed until rows
+  join or leave or the storage grows (a recompile each of the first few times, then a graph
+  dynamic in those sizes).
 
 Why this layout (the right-aligned batch cache) rather than fixed slots (a preallocated
 (max_batch_size, block_size) cache, one slot per request, each row at its own start_pos): the
@@ -27,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lmforge.model.compiled_decode import compiled_decode_step
 from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
 
@@ -54,15 +58,29 @@ def chunk_pass(
 
 
 def decode_pass(
-    model: nn.Module, cache: BatchCache, tokens: list[int], device: torch.device
-) -> Tensor:
+    model: nn.Module, cache: BatchCache, tokens: list[int], device: torch.device,
+    compiled: bool = False,
+) -> Tensor:  # fmt: skip
     """One decoding step: each row's last sampled token in, next-token logits (B, V) out."""
     ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
     start_pos = cache.length
     cache.reserve(1)
     padded = cache.padded()
     mask = cache.extend_mask(1)
+    if compiled:
+        return _compiled_pass(model, cache, ids, mask, start_pos)
     h = model.hidden_states(
         ids, kv_cache=cache, start_pos=start_pos, pad_mask=mask if padded else None
     )
     return model.lm_head(h[:, -1])
+
+
+def _compiled_pass(
+    model: nn.Module, cache: BatchCache, ids: Tensor, mask: Tensor, start_pos: int
+) -> Tensor:
+    """decode_pass through the compiled decode_step: the live columns (start .. start + L + 1,
+    the new one included) marked in a (B, capacity) mask, the new key/value at start + L."""
+    valid = torch.zeros((cache.rows, cache.capacity), dtype=torch.bool, device=ids.device)
+    valid[:, cache.start : cache.start + mask.size(1)] = mask.bool()
+    col = torch.tensor([cache.start + start_pos], device=ids.device)
+    return compiled_decode_step()(model, ids, valid, col, cache.k, cache.v)

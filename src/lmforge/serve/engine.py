@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError, LmforgeError
+from lmforge.model.compiled_decode import use_compiled_decode
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass
 from lmforge.serve.detok import TextStream
@@ -113,6 +114,7 @@ class Engine:
         generation_config: dict[str, Any] | None = None,
         max_prefill_tokens: int = 2048,
         threads: int | None = None,
+        compile: str = "off",
     ) -> None:
         if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise InputError(
@@ -129,6 +131,8 @@ class Engine:
         self.max_context: int = model.config.block_size
         self.vocab_size: int = model.config.vocab_size
         self.device = next(model.parameters()).device
+        # decoding steps through model/compiled_decode.py (off | on | auto: CUDA only)
+        self.compiled_decode = use_compiled_decode(compile, self.device)
         gen = generation_config if generation_config is not None else _default_gen(files)
         self.model_stops = frozenset(eos_ids(gen))
         self._lock = threading.Condition()
@@ -416,7 +420,8 @@ class Engine:
         rows, cache = self._running, self._cache
         assert cache is not None
         try:
-            logits = decode_pass(self.model, cache, [r.pending for r in rows], self.device)
+            tokens = [r.pending for r in rows]
+            logits = decode_pass(self.model, cache, tokens, self.device, self.compiled_decode)
         except Exception as exc:  # fail this step's rows, keep serving
             log.exception("decoding step failed for %d requests", len(rows))
             self._fail(rows, exc)
