@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from lmforge.errors import InputError, LmforgeError
 from lmforge.model.compiled_decode import use_compiled_decode
 from lmforge.serve.batch_cache import BatchCache
-from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass
+from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass, warm_up_compiled
 from lmforge.serve.detok import TextStream
 from lmforge.serve.emit import emit_tokens
 from lmforge.serve.engine_threads import configure_threads as _configure_threads
@@ -174,12 +174,15 @@ class Engine:
     # -- the API the server calls -----------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the step loop in a background (daemon) thread."""
+        """Starts the step loop in a background (daemon) thread (compiling the decoding step
+        first, when compiled_decode)."""
         with self._lock:
             if self._closed:
                 raise EngineClosed(f"engine {self.name!r} is shut down; create a new one")
             if self._thread is not None:
                 return
+            if self.compiled_decode:
+                warm_up_compiled(self.model, self.device)
             self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}")
             self._thread.daemon = True
             self._thread.start()
