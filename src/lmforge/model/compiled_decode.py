@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 DecodeCompile = Literal["off", "on", "auto"]
 COMPILE_HELP = (
-    "torch.compile the decoding step: on, off, or auto (on for CUDA only; on CPU the compiled "
-    "step measured no faster, see docs/benchmarks.md)"
+    "torch.compile the decoding step: on, off, or auto (on for CUDA only: on a CPU the compile "
+    "takes longer than it saves but for very long runs, docs/benchmarks.md)"
 )
 MIN_CAPACITY = 64  # the smallest cache generate() allocates when compiling: fewer shapes
 BACKEND = "inductor"  # torch.compile's backend for decode_step (tests may use "aot_eager")
