@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from lmforge.config import hashed_dump
 from lmforge.errors import ConfigError
 from lmforge.model import compiled_decode
 from lmforge.model.compiled_decode import (
@@ -149,6 +150,8 @@ def test_eval_generation_setting_compile_reaches_generate(model_dir):
     compiled = lm.generate_batch(prompts, GenerationSettings(max_new_tokens=12, compile="on"))
     assert compiled == eager
     assert _frames_compiled() == 1
+    # a speed switch, not a result: turning it on does not rerun a cached eval stage
+    assert hashed_dump(GenerationSettings(compile="on")) == hashed_dump(GenerationSettings())
 
 
 @pytest.mark.usefixtures("aot_eager")

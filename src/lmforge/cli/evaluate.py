@@ -84,8 +84,9 @@ def generate_cmd(
 
     settings = validate(GenerationSettings, {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+        "compile": compile,
         "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
-        "seed": seed, "compile": compile,
+        "seed": seed,
     }, where="generate")  # fmt: skip
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from lmforge.config import NOT_HASHED
 from lmforge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,11 +33,17 @@ if TYPE_CHECKING:
 
 DecodeCompile = Literal["off", "on", "auto"]
 COMPILE_HELP = (
-    "torch.compile the decoding step: on, off, or auto (on for CUDA only: on a CPU the compile "
-    "takes longer than it saves but for very long runs, docs/benchmarks.md)"
+    "torch.compile the decoding step of causal models: on, off, or auto (on for CUDA only: on a "
+    "CPU the compile takes longer than it saves but for very long runs, docs/benchmarks.md)"
 )
 MIN_CAPACITY = 64  # the smallest cache generate() allocates when compiling: fewer shapes
 BACKEND = "inductor"  # torch.compile's backend for decode_step (tests may use "aot_eager")
+
+
+def compile_field() -> Any:
+    """The `compile` setting (GenerationSettings, ServeSettings), default off. Not hashed: it
+    changes how fast decoding runs, not what it decodes (the same greedy tokens, tested)."""
+    return Field("off", description=COMPILE_HELP, json_schema_extra=NOT_HASHED)
 
 
 def use_compiled_decode(mode: str, device: torch.device | str) -> bool:
