@@ -16,8 +16,14 @@ weights. Per batch size:
   the ratio is ours / HF at each one's median (> 1: ours is slower);
 - every contender's greedy tokens are checked against HF's (the comparison is void otherwise).
 
+`--compile` adds our two paths with decoding compiled (model/compiled_decode.py: the serving
+engine's decode_pass(compiled=True) and generate()'s FixedShapeSteps) and their compiled / eager
+ratios (< 1: compiling pays); the compile itself happens in the untimed warm-up round and is
+printed per batch.
+
 Run: `OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_decode_step.py`
-(`--padded` for left-padded rows, `--profile` for torch.profiler's op table of each side).
+(`--padded` for left-padded rows, `--profile` for torch.profiler's op table of each side,
+`--compile` for the compiled arm, `--preset tiny --batches 1,16` for the smaller body).
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ import torch
 from torch import Tensor
 
 Step = Callable[[], list[list[int]]]  # runs prefill + decode, returns tokens; times itself
+COMPILE_COLUMNS = (
+    " BatchCache compiled ms/step | KVCache compiled ms/step | BatchCache compiled / eager "
+    "| KVCache compiled / eager | warm-up s (compiles included) |"
+)
 
 
 def build(preset: str, vocab: int, block_size: int, out: Path):
@@ -68,25 +78,41 @@ class Timed:
         self.rounds: list[float] = []
 
 
-def ours_step(model, ids: Tensor, mask: Tensor | None, steps: int, cache_kind: str, clock: Timed):
+def ours_step(
+    model, ids: Tensor, mask: Tensor | None, steps: int, cache_kind: str, clock: Timed,
+    compiled: bool = False,
+):  # fmt: skip
+    from lmforge.model.compiled_decode import FixedShapeSteps, decode_capacity
     from lmforge.model.generate import KVCache
     from lmforge.serve.batch_cache import BatchCache
+    from lmforge.serve.causal_step import decode_pass
 
     def run() -> list[list[int]]:
         B, T = ids.shape
         if cache_kind == "batch":
             cache = BatchCache.empty(model, B, T)
         else:
-            cache = KVCache.for_model(model, B, T + steps)
+            size = decode_capacity(T + steps, model.config.block_size) if compiled else T + steps
+            cache = KVCache.for_model(model, B, size)
         h = model.hidden_states(ids, kv_cache=cache, pad_mask=mask)
         if cache_kind == "batch":
             cache.pad_mask = mask if mask is not None else torch.ones_like(ids)
         nxt = model.lm_head(h[:, -1]).argmax(-1)
         out = [nxt]
         step_mask = mask
+        fixed = FixedShapeSteps(model, cache, mask, T) if compiled and cache_kind == "kv" else None
         t0 = time.perf_counter()
         for i in range(steps - 1):
             pos = T + i
+            if compiled:  # the engine's decode_pass (its ids from a list, as the engine has them)
+                logits = (
+                    fixed(nxt[:, None])
+                    if fixed is not None
+                    else decode_pass(model, cache, nxt.tolist(), ids.device, compiled=True)
+                )
+                nxt = logits.argmax(-1)
+                out.append(nxt)
+                continue
             if cache_kind == "batch":
                 cache.reserve(1)
                 padded = cache.padded()
@@ -151,6 +177,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096, help="vocabulary (bench_serve's: ~300)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="print op tables (largest batch)")
+    ap.add_argument("--compile", action="store_true", help="add our paths, decoding compiled")
     args = ap.parse_args()
     if args.steps < 2:
         ap.error(f"--steps {args.steps}: at least 2 (the first token comes from the prefill)")
@@ -163,7 +190,8 @@ def main() -> None:
           f"steps, {args.rounds} rounds, {torch.get_num_threads()} thread(s), "
           f"torch {torch.__version__}")  # fmt: skip
     print("\n| batch | ours BatchCache ms/step | ours KVCache ms/step | HF ms/step "
-          "| BatchCache / HF | KVCache / HF |\n|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+          "| BatchCache / HF | KVCache / HF |" + COMPILE_COLUMNS * args.compile
+          + "\n|---:|---:|---:|---:|---:|---:|" + "---:|" * 5 * args.compile)  # fmt: skip
     batches = [int(b) for b in args.batches.split(",")]
     with torch.inference_mode():
         for batch in batches:
@@ -174,8 +202,16 @@ def main() -> None:
                 "kv": ours_step(ours, ids, mask, args.steps, "kv", clocks["kv"]),
                 "hf": hf_step(hf, ids, mask, args.steps, clocks["hf"]),
             }
+            if args.compile:
+                for kind in ("batch", "kv"):
+                    clocks[f"{kind}+c"] = Timed()
+                    runs[f"{kind}+c"] = ours_step(
+                        ours, ids, mask, args.steps, kind, clocks[f"{kind}+c"], compiled=True
+                    )
+            t0 = time.perf_counter()
             tokens = {name: run() for name, run in runs.items()}  # warm-up, and the check
-            for name in ("batch", "kv"):
+            warm_s = time.perf_counter() - t0  # the compiles, when --compile
+            for name in [n for n in runs if n != "hf"]:
                 if tokens[name] != tokens["hf"]:
                     raise SystemExit(f"batch {batch}: {name}'s greedy tokens differ from HF's")
             for clock in clocks.values():
@@ -186,8 +222,12 @@ def main() -> None:
             ms = {
                 n: statistics.median(c.rounds) * 1e3 / (args.steps - 1) for n, c in clocks.items()
             }
-            print(f"| {batch} | {ms['batch']:.2f} | {ms['kv']:.2f} | {ms['hf']:.2f} "
-                  f"| {ms['batch'] / ms['hf']:.2f}x | {ms['kv'] / ms['hf']:.2f}x |")  # fmt: skip
+            row = (f"| {batch} | {ms['batch']:.2f} | {ms['kv']:.2f} | {ms['hf']:.2f} "
+                   f"| {ms['batch'] / ms['hf']:.2f}x | {ms['kv'] / ms['hf']:.2f}x |")  # fmt: skip
+            if args.compile:
+                row += (f" {ms['batch+c']:.2f} | {ms['kv+c']:.2f} | {ms['batch+c'] / ms['batch']:.2f}x "
+                        f"| {ms['kv+c'] / ms['kv']:.2f}x | {warm_s:.0f} |")  # fmt: skip
+            print(row)
             if args.profile and batch == max(batches):
                 profile("ours (BatchCache)", runs["batch"])
                 profile("HF", runs["hf"])

@@ -2,8 +2,9 @@
 where it compiles) and on "cuda" under `pytest -m gpu` (benchmarks/device/issue18_rest.sh), so
 the device run checks exactly what CPU already passes: compiled pretraining that learns, checkpoints
 and resumes; compiled SFT and LoRA; compiled KV-cache generation against eager; the serve
-engine's continuous batching against generate; bf16 autocast (what train.dtype=auto picks on a
-GPU) against fp32.
+engine's continuous batching against generate; compiled decoding (generate(compile="on") and the
+engine's compile setting, model/compiled_decode.py) against eager, compiling once; bf16 autocast
+(what train.dtype=auto picks on a GPU) against fp32.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
 from unit.train.helpers import KilledAt, bigram_tokens, make_ctx
 
 from lmforge.model.config import preset_config
-from lmforge.model.generate import generate
+from lmforge.model.generate import generate, left_pad
 from lmforge.model.transformer import Transformer
 from lmforge.runner import run_single
 from lmforge.train.checkpoint import latest_checkpoint
@@ -147,6 +148,43 @@ def test_engine_continuous_batching_equals_generate(chat_model, device):
         alone = generate(model, torch.tensor([ids], device=on), n, greedy=True)
         assert got == alone[0, len(ids) :].tolist()
     assert len({tuple(r) for r in results}) > 1
+
+
+@pytest.mark.usefixtures("exact_fp32")
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decoding_equals_eager_and_compiles_once(device):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _micro(init_std=0.2).to(device).eval()
+    ids, mask = left_pad([[1, 5, 9, 2, 7], [3, 3, 8], [6, 1, 4, 4]], device=device)
+    want = generate(model, ids, 40, pad_mask=mask, greedy=True)
+    assert torch.equal(generate(model, ids, 40, pad_mask=mask, greedy=True, compile="on"), want)
+    assert counters["frames"]["ok"] == 1  # 39 steps over a growing cache: one graph
+    assert len(set(want[0, 5:].tolist())) > 2  # the model is not degenerate
+
+
+@pytest.mark.usefixtures("exact_fp32")
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_compiled_decoding_equals_generate(chat_model, device):
+    from lmforge.serve.engine import Engine, SamplingParams, collect
+
+    engine = Engine.from_dir(chat_model, device=device, max_batch_size=4, compile="on")
+    engine.start()  # compiles the step (one row, several) before serving
+    try:
+        prompts = [engine.files.encode(p) for p in ("say alpha", "What is", "def f(x):", "b")]
+        lengths = [20, 9, 70, 12]  # one answer outgrows the first 64 storage columns
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+        handles = [engine.submit(ids, p, f"r{i}") for i, (ids, p) in enumerate(zip(prompts, params, strict=True))]  # fmt: skip
+        results = [collect(h).token_ids for h in handles]
+    finally:
+        engine.shutdown(drain=False)
+    on = next(engine.model.parameters()).device
+    assert on.type == device and engine.compiled_decode
+    for ids, n, got in zip(prompts, lengths, results, strict=True):
+        alone = generate(engine.model, torch.tensor([ids], device=on), n, greedy=True)
+        assert got == alone[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -91,6 +91,17 @@ def test_cli_bad_prompts_file_is_one_line_naming_the_line(model_dir: Path, tmp_p
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_compile_is_checked_and_auto_on_cpu_answers_as_eager(model_dir: Path) -> None:
+    proc = lmforge("generate", "--model", str(model_dir), "-p", "x", "--compile", "always")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "compile" in proc.stderr and "'off', 'on' or 'auto'" in proc.stderr
+    proc = lmforge("generate", "--model", str(model_dir), "-p", PROMPTS[1], "--max-new-tokens",
+                   "8", "--compile", "auto")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    expected = EvalModel.load(model_dir).generate(PROMPTS[1], GenerationSettings(max_new_tokens=8))
+    assert f"> {PROMPTS[1]}\n{expected}\n" in proc.stdout
+
+
 def test_sampling_is_seeded_and_num_samples_needs_a_temperature(model_dir: Path) -> None:
     model = EvalModel.load(model_dir)
     settings = GenerationSettings(max_new_tokens=10, temperature=1.0, seed=3)

@@ -74,6 +74,10 @@ def generate_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 16,
     out: Annotated[Path | None, typer.Option(help="Also write the answers here as JSONL.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    compile: Annotated[
+        str,
+        typer.Option(help="torch.compile the decoding step: off | on | auto (on for CUDA only)."),
+    ] = "off",
 ) -> None:
     """Generate text from a model: raw continuation, or chat answers with --chat.
 
@@ -86,6 +90,7 @@ def generate_cmd(
 
     settings = validate(GenerationSettings, {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+        "compile": compile,
         "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
         "seed": seed, "num_beams": num_beams, "length_penalty": length_penalty,
     }, where="generate")  # fmt: skip

@@ -25,6 +25,7 @@ from lmforge.artifacts import require_artifact
 from lmforge.config import HASHED_IF_SET, Section
 from lmforge.errors import InputError
 from lmforge.evals.scoring import Scorer, scorer_for
+from lmforge.model.compiled_decode import DecodeCompile, compile_field
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
@@ -43,6 +44,7 @@ class GenerationSettings(Section):
     top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
     repetition_penalty: float = Field(1.0, gt=0, description="1 = off")
+    compile: DecodeCompile = compile_field()
     stop: list[str] = Field(
         default_factory=list, description="cut the output at the first of these strings"
     )

@@ -185,7 +185,8 @@ class CausalScorer:
             )  # fmt: skip
         return generate_batched(
             lm.model, rows, budget, batch_size=batch_size, stop_tokens=lm.stop_ids(),
-            greedy=settings.temperature == 0, **sampling_kwargs(settings),
+            greedy=settings.temperature == 0, compile=settings.compile,
+            **sampling_kwargs(settings),
         )  # fmt: skip
 
 

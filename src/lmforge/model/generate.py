@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.model.compiled_decode import FixedShapeSteps, decode_capacity, use_compiled_decode
 
 
 class KVCache:
@@ -220,6 +221,7 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
+    compile: str = "off",
 ) -> Tensor:
     """Continue each row of idx (B, T); returns (B, T + n), n <= max_new_tokens.
 
@@ -229,6 +231,8 @@ def generate(
     A row that emits one of stop_tokens keeps that token and is padded with it afterwards;
     generation ends early once every row has stopped. temperature=0 or greedy=True is argmax.
     use_cache=False recomputes the whole prefix each step (the reference the cache is tested on).
+    compile: off | on | auto (on for CUDA only): decoding steps (not the prefill) run
+    torch.compile'd on fixed shapes, model/compiled_decode.py; the same tokens up to rounding.
     """
     _check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = idx.shape
@@ -242,12 +246,15 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     pad = torch.zeros(B, dtype=torch.long, device=idx.device)  # each finished row's stop token
     ones = torch.ones((B, 1), dtype=torch.long, device=idx.device)
+    compiled = use_cache and use_compiled_decode(compile, idx.device)
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache.for_model(model, B, total) if use_cache else None
+        size = decode_capacity(total, model.config.block_size) if compiled else total
+        cache = KVCache.for_model(model, B, size) if use_cache else None
         out = idx
         logits = _last_logits(model, idx, kv_cache=cache, pad_mask=mask)  # (B, V)
+        fixed = FixedShapeSteps(model, cache, mask, T) if compiled else None
         for step in range(max_new_tokens):
             nxt = sample_next(logits, out, history_mask=mask, **sampling)  # (B,)
             nxt = torch.where(finished, pad, nxt)
@@ -261,7 +268,9 @@ def generate(
                     break
             if step + 1 == max_new_tokens:
                 break
-            if cache is not None:
+            if fixed is not None:
+                logits = fixed(nxt[:, None])
+            elif cache is not None:
                 pos = out.size(1) - 1
                 logits = _last_logits(
                     model, nxt[:, None], kv_cache=cache, start_pos=pos, pad_mask=mask

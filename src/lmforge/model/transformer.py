@@ -373,19 +373,9 @@ class Transformer(nn.Module):
             pos = pad_positions(pad_mask, start_pos)  # (B, T)
         else:
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
-        x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(pos + self.config.pos_offset if self.config.pos_offset else pos)
-        if self.type_emb is not None and token_type_ids is not None:
-            x = x + self.type_emb(token_type_ids)
-        elif self.type_emb is not None:
-            x = x + self.type_emb.weight[0]  # single-segment inputs: token type 0 everywhere
-        if self.emb_norm is not None:
-            x = self.emb_norm(x)
-        rope = None
-        if self.rope_cos is not None:  # a slice is a view; per-row positions gather per token
-            at = slice(start_pos, start_pos + T) if pos.dim() == 1 else pos
-            rope = self.rope_cos[at].unsqueeze(-3), self.rope_sin[at].unsqueeze(-3)  # (B|1,1,T,hd)
+        x = self.embed(idx, pos, token_type_ids)  # (B, T, C)
+        # a slice is a view; per-row positions gather per token
+        rope = self.rope_at(slice(start_pos, start_pos + T) if pos.dim() == 1 else pos)
         mask = attention_mask(
             T, start_pos, doc_ids, self.config.sliding_window, idx.device, pad_mask,
             causal=self.config.causal,
@@ -397,6 +387,28 @@ class Transformer(nn.Module):
             else:
                 x = block(x, rope, mask, kv_cache, start_pos)
         return self.norm_f(x)  # (B, T, C)
+
+    def embed(self, idx: Tensor, pos: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """The blocks' input (B, T, C): token (+ position, + type) embeddings of idx at
+        positions pos ((T,) or (B, T)), normed where the model norms them. hidden_states and the
+        compiled decoding step (model/compiled_decode.py) share it."""
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos + self.config.pos_offset if self.config.pos_offset else pos)
+        if self.type_emb is not None and token_type_ids is not None:
+            x = x + self.type_emb(token_type_ids)
+        elif self.type_emb is not None:
+            x = x + self.type_emb.weight[0]  # single-segment inputs: token type 0 everywhere
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        return x
+
+    def rope_at(self, at: slice | Tensor) -> Rope | None:
+        """The rotary (cos, sin) tables at positions `at` (a slice, or (B, T) per-row positions),
+        each (B|1, 1, T, hd); None for a model without rotary embeddings."""
+        if self.rope_cos is None:
+            return None
+        return self.rope_cos[at].unsqueeze(-3), self.rope_sin[at].unsqueeze(-3)
 
     def forward(
         self,

@@ -9,7 +9,11 @@ engine samples from them (serve/emit.py) and keeps failures local to the rows of
   mask), logits only once the prompt is whole;
 - decode_pass: every row feeds its last token at start_pos=L with the batch's pad_mask, so each
   row keeps its own positions (model.transformer.pad_positions) and never attends to another
-  row's padding.
+  row's padding. compiled=True runs model/compiled_decode.py's decode_step instead: the same
+  step over the cache's whole storage with a mask of its live columns. Rows join and leave and
+  the storage grows, so those two sizes are marked dynamic: one graph serves every batch of two
+  or more rows and any storage width (dynamo gives a batch of one row its own);
+  warm_up_compiled compiles both when the engine starts, not under the first requests.
 
 Why this layout (the right-aligned batch cache) rather than fixed slots (a preallocated
 (max_batch_size, block_size) cache, one slot per request, each row at its own start_pos): the
@@ -27,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lmforge.model.compiled_decode import compiled_decode_step
 from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
 
@@ -54,15 +59,40 @@ def chunk_pass(
 
 
 def decode_pass(
-    model: nn.Module, cache: BatchCache, tokens: list[int], device: torch.device
-) -> Tensor:
+    model: nn.Module, cache: BatchCache, tokens: list[int], device: torch.device,
+    compiled: bool = False,
+) -> Tensor:  # fmt: skip
     """One decoding step: each row's last sampled token in, next-token logits (B, V) out."""
     ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
     start_pos = cache.length
     cache.reserve(1)
     padded = cache.padded()
     mask = cache.extend_mask(1)
+    if compiled:
+        return _compiled_pass(model, cache, ids, mask, start_pos)
     h = model.hidden_states(
         ids, kv_cache=cache, start_pos=start_pos, pad_mask=mask if padded else None
     )
     return model.lm_head(h[:, -1])
+
+
+def _compiled_pass(
+    model: nn.Module, cache: BatchCache, ids: Tensor, mask: Tensor, start_pos: int
+) -> Tensor:
+    """decode_pass through the compiled decode_step: the live columns (start .. start + L + 1,
+    the new one included) marked in a (B, capacity) mask, the new key/value at start + L."""
+    valid = torch.zeros((cache.rows, cache.capacity), dtype=torch.bool, device=ids.device)
+    valid[:, cache.start : cache.start + mask.size(1)] = mask.bool()
+    col = torch.tensor([cache.start + start_pos], device=ids.device)
+    for t, dims in ((ids, (0,)), (valid, (0, 1)), (cache.k, (1, 3)), (cache.v, (1, 3))):
+        torch._dynamo.mark_dynamic(t, dims)  # rows, storage columns
+    return compiled_decode_step()(model, ids, valid, col, cache.k, cache.v)
+
+
+def warm_up_compiled(model: nn.Module, device: torch.device) -> None:
+    """Compiles the decoding step for one row and for several, on a throwaway batch, so that
+    no request waits for a compile (tens of seconds on a CPU)."""
+    with torch.inference_mode():
+        for rows in (1, 2):
+            cache, _ = prefill_pass(model, [[0]] * rows, device)
+            decode_pass(model, cache, [0] * rows, device, compiled=True)

@@ -46,8 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError, LmforgeError
+from lmforge.model.compiled_decode import use_compiled_decode
 from lmforge.serve.batch_cache import BatchCache
-from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass
+from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass, warm_up_compiled
 from lmforge.serve.detok import TextStream
 from lmforge.serve.emit import emit_tokens
 from lmforge.serve.engine_threads import configure_threads as _configure_threads
@@ -113,6 +114,7 @@ class Engine:
         generation_config: dict[str, Any] | None = None,
         max_prefill_tokens: int = 2048,
         threads: int | None = None,
+        compile: str = "off",
     ) -> None:
         if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise InputError(
@@ -129,6 +131,8 @@ class Engine:
         self.max_context: int = model.config.block_size
         self.vocab_size: int = model.config.vocab_size
         self.device = next(model.parameters()).device
+        # decoding steps through model/compiled_decode.py (off | on | auto: CUDA only)
+        self.compiled_decode = use_compiled_decode(compile, self.device)
         gen = generation_config if generation_config is not None else _default_gen(files)
         self.model_stops = frozenset(eos_ids(gen))
         self._lock = threading.Condition()
@@ -170,12 +174,15 @@ class Engine:
     # -- the API the server calls -----------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the step loop in a background (daemon) thread."""
+        """Starts the step loop in a background (daemon) thread (compiling the decoding step
+        first, when compiled_decode)."""
         with self._lock:
             if self._closed:
                 raise EngineClosed(f"engine {self.name!r} is shut down; create a new one")
             if self._thread is not None:
                 return
+            if self.compiled_decode:
+                warm_up_compiled(self.model, self.device)
             self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}")
             self._thread.daemon = True
             self._thread.start()
@@ -416,7 +423,8 @@ class Engine:
         rows, cache = self._running, self._cache
         assert cache is not None
         try:
-            logits = decode_pass(self.model, cache, [r.pending for r in rows], self.device)
+            tokens = [r.pending for r in rows]
+            logits = decode_pass(self.model, cache, tokens, self.device, self.compiled_decode)
         except Exception as exc:  # fail this step's rows, keep serving
             log.exception("decoding step failed for %d requests", len(rows))
             self._fail(rows, exc)

@@ -88,6 +88,9 @@ class Seq2SeqEngine(Engine):
     def __init__(self, model: nn.Module, files: TokenizerFiles, *,
                  retrieval: RetrievalSpec | None = None, **kw: Any) -> None:  # fmt: skip
         super().__init__(model, files, **kw)
+        if self.compiled_decode:  # model/compiled_decode.py steps causal Transformers only
+            log.warning("%s: compiled decoding is for causal models; it decodes eagerly", self.name)
+            self.compiled_decode = False
         self.retrieval = retrieval  # the model's sources carry knowledge-base passages
         self._warned_no_kb = False
         gen = kw.get("generation_config") or {}

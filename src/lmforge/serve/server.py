@@ -93,6 +93,7 @@ def start_engines(state: ServeState) -> None:
         engine = engine_class(spec.path).from_dir(
             spec.path, name=spec.name, device=s.device,
             max_batch_size=s.max_batch_size, max_queue=s.max_queue, threads=s.torch_threads(),
+            compile=s.compile,
         )  # fmt: skip
         engine.start()
         state.engines[spec.name] = engine

@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 
 from lmforge.config import Section
 from lmforge.errors import ConfigError
+from lmforge.model.compiled_decode import DecodeCompile, compile_field
 from lmforge.model.convert import model_display_name
 
 ENV_CONFIG = "LMFORGE_SERVE_CONFIG"
@@ -41,6 +42,7 @@ class ServeSettings(Section):
     graceful_timeout_s: float = Field(30.0, ge=0)
     cache_entries: int = Field(1024, ge=0, description="response cache size; 0 = off")
     device: str = "auto"
+    compile: DecodeCompile = compile_field()
     threads: int | None = Field(
         None, ge=1, description="torch threads per worker (default: usable CPUs / workers)"
     )

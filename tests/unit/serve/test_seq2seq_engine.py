@@ -54,6 +54,15 @@ def test_engine_class_by_config(s2s_dir, tmp_path):
     assert engine_class(make_model_dir(tmp_path / "causal", tok)) is Engine
 
 
+def test_compile_on_warns_and_decodes_eagerly(s2s_dir, caplog):
+    """Compiled decoding (model/compiled_decode.py) steps causal models; a seq2seq dir asked
+    for it says so and serves eagerly rather than failing the server."""
+    with caplog.at_level("WARNING", logger="lmforge.serve.seq2seq_engine"):
+        engine = Seq2SeqEngine.from_dir(s2s_dir, name="s2s", compile="on")
+    assert not engine.compiled_decode
+    assert "s2s: compiled decoding is for causal models; it decodes eagerly" in caplog.text
+
+
 def test_joining_at_different_steps_equals_batched_generate(s2s_dir):
     engine = Seq2SeqEngine.from_dir(s2s_dir, name="s2s", max_batch_size=4)
     engine.start()
