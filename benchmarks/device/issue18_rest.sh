@@ -7,7 +7,7 @@
 #   3. the same with train.compile=true in the same run directory (tasks, data, tokenizer and
 #      tokens are cached; every training stage and the evals rerun), for time and quality side
 #      by side.
-# Each step has its own time limit (180 + 120 + 180 s), so the call ends inside ~8 minutes and a
+# Each step has its own time limit (240 + 120 + 180 s), so the call ends inside ~9 minutes and a
 # step that runs over still leaves the others' results. Into $OUT (at most 8 files come back):
 #   pytest_gpu.log, quickstart.log, quickstart_compile.log, summary.json (per run: each stage's
 #   seconds and manifest metrics; step exit codes and seconds), eval.json and
@@ -54,7 +54,7 @@ step() {  # step NAME LIMIT_S LOG CMD...: runs CMD under LIMIT_S, logs to LOG, r
 }
 
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
-step pytest 180 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m "$MARK" \
+step pytest 240 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m "$MARK" \
   tests/integration/test_cuda_paths.py
 step quickstart 120 "$OUT/quickstart.log" "$PY" -m lmforge.cli quickstart --out "$RUNS/qs" \
   --set train.device=auto "${SHORT[@]}"
