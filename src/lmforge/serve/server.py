@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from lmforge.errors import InputError
 from lmforge.serve.cache import ResponseCache, model_identity
-from lmforge.serve.completions import CompletionService
+from lmforge.serve.completions import SSE_DONE, CompletionService
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.metrics import GAUGE_PERIOD_S, MULTIPROC_ENV, ServerMetrics, multiprocess_dir
 from lmforge.serve.protocol import (
@@ -302,7 +302,20 @@ def _error(exc: APIError) -> JSONResponse:
 
 class ClosingStreamingResponse(StreamingResponse):
     """Closes its generator however the response ends, so a client that goes away mid-stream
-    aborts its engine requests now, not whenever the generator is garbage-collected."""
+    aborts its engine requests now, not whenever the generator is garbage-collected. The
+    stream's last write (ending with [DONE]) ends the response: the HTTP end of body leaves
+    with it (the same socket send under httptools) rather than in an empty message after it."""
+
+    async def stream_response(self, send: Any) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        async for write in self.body_iterator:
+            last = write.endswith(SSE_DONE)
+            body = write.encode(self.charset)
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+            if last:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         try:
