@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from exc
 
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.serve.cache import ResponseCache, model_identity
 from lmforge.serve.completions import SSE_DONE, CompletionService
 from lmforge.serve.feedback import FeedbackStore
@@ -123,6 +124,8 @@ def create_app(settings: ServeSettings | None = None, kb: KnowledgeBase | None =
         gauges, m = None, state.metrics
         if m.multiprocess_dir is not None:  # scrapes reach other workers too
             gauges = asyncio.create_task(m.observe_engines_every(state.engines, GAUGE_PERIOD_S))
+        loop = type(asyncio.get_running_loop())
+        log.info("event loop %s.%s", loop.__module__, loop.__qualname__)  # what serves, not asked
         state.ready = True
         try:
             yield
@@ -362,16 +365,44 @@ class Guard:
             m.requests.labels(endpoint, str(status[0])).inc()
 
 
+def event_loop_and_http(settings: ServeSettings) -> tuple[str, str]:
+    """The event loop and HTTP parser uvicorn runs: the settings' choices, "auto" made explicit
+    the way uvicorn resolves it (uvloop / httptools when installed, else asyncio / h11); asking
+    for one that is not installed is a ConfigError naming the flag."""
+
+    def pick(flag: str, choice: str, fast: str, fallback: str) -> str:
+        installed = importlib.util.find_spec(fast) is not None
+        if choice == "auto":
+            return fast if installed else fallback
+        if choice == fast and not installed:
+            raise ConfigError(
+                f"--{flag} {choice}: {choice} is not installed; pip install 'lmforge[serve]' "
+                f"(or {choice}), or pass --{flag} {fallback}"
+            )
+        return choice
+
+    return pick("loop", settings.loop, "uvloop", "asyncio"), pick(
+        "http", settings.http, "httptools", "h11"
+    )
+
+
+def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    """uvicorn.run / uvicorn.Config keywords for these settings (all but the app and workers)."""
+    loop, http = event_loop_and_http(settings)
+    return dict(
+        host=settings.host, port=settings.port, loop=loop, http=http,
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s), log_level="info",
+    )  # fmt: skip
+
+
 def serve(settings: ServeSettings) -> None:
     """Runs the server until SIGINT/SIGTERM; in-flight requests get graceful_timeout_s to end."""
     import uvicorn
 
+    common = uvicorn_options(settings)  # a missing --loop/--http choice fails before the kb build
+    log.info("uvicorn with event loop %s, HTTP parser %s", common["loop"], common["http"])
     # built once here (so a bad --kb fails before the server starts), not by every worker at once
     kb = open_knowledge_base(settings) if settings.kb is not None else None
-    common = dict(
-        host=settings.host, port=settings.port,
-        timeout_graceful_shutdown=int(settings.graceful_timeout_s), log_level="info",
-    )  # fmt: skip
     if settings.workers == 1:
         uvicorn.run(create_app(settings, kb=kb), **common)
         return
