@@ -125,7 +125,7 @@ def create_app(settings: ServeSettings | None = None, kb: KnowledgeBase | None =
         if m.multiprocess_dir is not None:  # scrapes reach other workers too
             gauges = asyncio.create_task(m.observe_engines_every(state.engines, GAUGE_PERIOD_S))
         loop = type(asyncio.get_running_loop())
-        log.info("event loop %s.%s", loop.__module__, loop.__qualname__)  # what serves, not asked
+        log.info("event loop %s.%s", loop.__module__, loop.__qualname__)  # the one running
         state.ready = True
         try:
             yield
@@ -381,9 +381,8 @@ def event_loop_and_http(settings: ServeSettings) -> tuple[str, str]:
             )
         return choice
 
-    return pick("loop", settings.loop, "uvloop", "asyncio"), pick(
-        "http", settings.http, "httptools", "h11"
-    )
+    loop = pick("loop", settings.loop, "uvloop", "asyncio")
+    return loop, pick("http", settings.http, "httptools", "h11")
 
 
 def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
