@@ -18,6 +18,11 @@ with HF it times the server's own Engine on the same requests in this process (n
 client), which splits the server's gap to HF into the engine's and the HTTP streaming's parts.
 On a CPU-only machine without `--hf` that part is skipped with the reason.
 
+`--loop` / `--http` pick the server's event loop and HTTP parser (`lmforge serve`'s flags);
+`--compare asyncio/h11,uvloop/httptools --rounds 4` instead starts a server per pair in turn,
+alternating pairs round by round on the same model, and prints every round's tokens/s per level
+and each pair's median (A/B on a noisy machine: the spread across rounds is the error bar).
+
 Run: `.venv/bin/python benchmarks/bench_serve.py --preset tiny --requests 64 --max-tokens 64`
 """
 
@@ -126,6 +131,41 @@ def in_process_rates(
     return {name: requests * max_tokens / statistics.median(s) for name, s in seconds.items()}
 
 
+def serve_and_bench(
+    model_dir: Path, serve_args: list[str], levels: list[int], requests: int, max_tokens: int
+) -> dict[str, Any]:
+    """`lmforge serve model_dir *serve_args` on a free port, warmed up, then bench's levels."""
+    with ServerProcess([model_dir], args=serve_args, ready_timeout=300) as server:
+        run_bench(server.url, None, [1], 2, 4, ignore_eos=True)  # warm the server up
+        return run_bench(server.url, None, levels, requests, max_tokens, ignore_eos=True)
+
+
+def compare_pairs(
+    model_dir: Path, serve_args: list[str], pairs: list[str], rounds: int, levels: list[int],
+    requests: int, max_tokens: int,
+) -> None:  # fmt: skip
+    """Alternates a server per LOOP/HTTP pair, `rounds` times; prints tokens/s per round."""
+    rates: dict[str, list[list[float]]] = {pair: [] for pair in pairs}
+    for r in range(rounds):
+        for pair in pairs:
+            loop, _, http = pair.partition("/")
+            result = serve_and_bench(
+                model_dir, [*serve_args, "--loop", loop, "--http", http], levels, requests,
+                max_tokens,
+            )  # fmt: skip
+            row = [level["output_tokens_per_s"] for level in result["levels"]]
+            errors = sum(level["errors"] for level in result["levels"])
+            rates[pair].append(row)
+            print(f"round {r + 1} {pair}: " + ", ".join(
+                f"c={c} {rate:,.0f} tokens/s" for c, rate in zip(levels, row, strict=True)
+            ) + (f" ({errors} errors)" if errors else ""), flush=True)  # fmt: skip
+    for pair, rows in rates.items():
+        medians = [statistics.median(col) for col in zip(*rows, strict=True)]
+        print(f"median {pair}: " + ", ".join(
+            f"c={c} {m:,.0f} tokens/s" for c, m in zip(levels, medians, strict=True)
+        ))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="model dir to serve (default: build --preset)")
@@ -135,6 +175,12 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16", help="levels; the ratio is last / first")
     ap.add_argument("--device", default="auto", help="the server's device: auto | cpu | cuda")
     ap.add_argument("--hf", action="store_true", help="time HF generate even without CUDA")
+    ap.add_argument("--loop", default="auto", help="the server's event loop (lmforge serve --loop)")
+    ap.add_argument("--http", default="auto", help="the server's HTTP parser (--http)")
+    ap.add_argument(
+        "--compare", help="LOOP/HTTP pairs to alternate, e.g. asyncio/h11,uvloop/httptools"
+    )
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of --compare")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -143,11 +189,14 @@ def main() -> None:
         model_dir = args.model or build_model_dir(Path(tmp), args.preset)
         serve_args = ["--feedback-db", f"{tmp}/feedback.db", "--device", args.device,
                       "--max-batch-size", str(max(levels))]  # fmt: skip
-        with ServerProcess([model_dir], args=serve_args, ready_timeout=300) as server:
-            run_bench(server.url, None, [1], 2, 4, ignore_eos=True)  # warm the server up
-            result = run_bench(
-                server.url, None, levels, args.requests, args.max_tokens, ignore_eos=True
+        if args.compare:
+            pairs = args.compare.split(",")
+            compare_pairs(
+                model_dir, serve_args, pairs, args.rounds, levels, args.requests, args.max_tokens
             )
+            return
+        serve_args += ["--loop", args.loop, "--http", args.http]
+        result = serve_and_bench(model_dir, serve_args, levels, args.requests, args.max_tokens)
         from lmforge.common.logging import console
 
         print(f"model {model_dir} ({'built: ' + args.preset if not args.model else 'given'}), "

@@ -69,6 +69,12 @@ def serve_cmd(
             help="torch.compile causal models' decoding step: off | on | auto (on for CUDA only)."
         ),
     ] = "off",
+    loop: Annotated[
+        str, typer.Option(help="Event loop: auto (uvloop when installed) | asyncio | uvloop.")
+    ] = "auto",
+    http: Annotated[
+        str, typer.Option(help="HTTP parser: auto (httptools when installed) | h11 | httptools.")
+    ] = "auto",
 ) -> None:
     """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions
     (streaming), /v1/models, /v1/feedback, /metrics, /health, and the chat page at /.
@@ -86,7 +92,7 @@ def serve_cmd(
     flags = {"host": host, "port": port, "workers": workers, "device": device,
              "max_batch_size": max_batch_size, "max_queue": max_queue,
              "request_timeout_s": request_timeout, "threads": threads,
-             "compile": compile}  # fmt: skip
+             "compile": compile, "loop": loop, "http": http}  # fmt: skip
     if config is not None:
         from lmforge.serve.recipe_config import load_serve_config
 

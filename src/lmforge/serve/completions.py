@@ -26,6 +26,8 @@ from lmforge.serve.safety import StreamRedactor
 
 log = logging.getLogger(__name__)
 
+SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end of a stream: nothing is written after it
+
 
 class CompletionService:
     """Runs completion and chat requests against the app's engines and stores."""
@@ -224,7 +226,12 @@ class CompletionService:
     # ---- streaming -------------------------------------------------------------------------
 
     async def stream(self, prep: Prepared) -> AsyncIterator[str]:
-        """SSE lines: OpenAI chunks, an optional usage chunk, then [DONE]."""
+        """SSE writes: OpenAI chunks, an optional usage chunk, then [DONE].
+
+        Each string is one write to the client. The events that arrived together share one;
+        the stream's end -- the last events, the usage chunk and [DONE] -- is a single write
+        (SSE_DONE ends it), sent once the choices are in the feedback store, so a client that
+        rates the answer as soon as it has [DONE] finds it there."""
         obj = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
         created = now()
 
@@ -249,26 +256,27 @@ class CompletionService:
             if prep.kind == "chat":
                 opening = [{**p, "delta": {"role": "assistant", "content": ""}} for p in opening]
             yield chunk(opening, **extra)
+        out: list[str] = []  # SSE chunks not written yet
         if prep.refused:
             text = self.state.safety.refusal_message
-            for job in prep.jobs:
-                yield chunk([piece(job, text, "content_filter")])
+            out += [chunk([piece(job, text, "content_filter")]) for job in prep.jobs]
             await self.record(prep, [text] * len(prep.jobs))
         else:
             if self.state.safety is not None:
                 for job in prep.jobs:
                     job.redactor = StreamRedactor(self.state.safety)
             sent = {job.index: 0 for job in prep.jobs}
-            out: list[str] = []  # the SSE chunks of the events that arrived together
+            ended = 0  # choices whose final event has arrived
             try:
                 async with aclosing(self.event_batches(prep)) as batches:
                     async for batch in batches:
                         for job, event in batch:
+                            ended += event.finish_reason is not None
                             part = self._stream_part(prep, job, event, sent)
                             if part is not None:
                                 out.append(chunk([piece(job, *part)]))
-                        if out:  # one write (one socket send) for all of them
-                            yield "".join(out)
+                        if out and ended < len(prep.jobs):  # the last ones wait for the end
+                            yield "".join(out)  # one write (one socket send) for all of them
                             out.clear()
             except TimeoutError:
                 err = APIError(504, "the request timed out", type="timeout", code="timeout")
@@ -282,8 +290,8 @@ class CompletionService:
                     self.state.metrics.safety.labels("output", job.redactor.verdict).inc()
             await self.record(prep, ["".join(j.text) for j in prep.jobs])
         if prep.include_usage:
-            yield chunk([], usage=self._usage(prep))
-        yield "data: [DONE]\n\n"
+            out.append(chunk([], usage=self._usage(prep)))
+        yield "".join(out) + SSE_DONE
 
     def _stream_part(
         self, prep: Prepared, job: Job, event: Any, sent: dict[int, int]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import json
 import logging
 import os
@@ -27,9 +28,9 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from exc
 
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.serve.cache import ResponseCache, model_identity
-from lmforge.serve.completions import CompletionService
+from lmforge.serve.completions import SSE_DONE, CompletionService
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.metrics import GAUGE_PERIOD_S, MULTIPROC_ENV, ServerMetrics, multiprocess_dir
 from lmforge.serve.protocol import (
@@ -124,6 +125,8 @@ def create_app(settings: ServeSettings | None = None, kb: KnowledgeBase | None =
         gauges, m = None, state.metrics
         if m.multiprocess_dir is not None:  # scrapes reach other workers too
             gauges = asyncio.create_task(m.observe_engines_every(state.engines, GAUGE_PERIOD_S))
+        loop = type(asyncio.get_running_loop())
+        log.info("event loop %s.%s", loop.__module__, loop.__qualname__)  # the one running
         state.ready = True
         try:
             yield
@@ -303,7 +306,20 @@ def _error(exc: APIError) -> JSONResponse:
 
 class ClosingStreamingResponse(StreamingResponse):
     """Closes its generator however the response ends, so a client that goes away mid-stream
-    aborts its engine requests now, not whenever the generator is garbage-collected."""
+    aborts its engine requests now, not whenever the generator is garbage-collected. The
+    stream's last write (ending with [DONE]) ends the response: the HTTP end of body leaves
+    with it (the same socket send under httptools) rather than in an empty message after it."""
+
+    async def stream_response(self, send: Any) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        async for write in self.body_iterator:
+            last = write.endswith(SSE_DONE)
+            body = write.encode(self.charset)
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+            if last:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         try:
@@ -350,16 +366,43 @@ class Guard:
             m.requests.labels(endpoint, str(status[0])).inc()
 
 
+def event_loop_and_http(settings: ServeSettings) -> tuple[str, str]:
+    """The event loop and HTTP parser uvicorn runs: the settings' choices, "auto" made explicit
+    the way uvicorn resolves it (uvloop / httptools when installed, else asyncio / h11); asking
+    for one that is not installed is a ConfigError naming the flag."""
+
+    def pick(flag: str, choice: str, fast: str, fallback: str) -> str:
+        installed = importlib.util.find_spec(fast) is not None
+        if choice == "auto":
+            return fast if installed else fallback
+        if choice == fast and not installed:
+            raise ConfigError(
+                f"--{flag} {choice}: {choice} is not installed; pip install 'lmforge[serve]' "
+                f"(or {choice}), or pass --{flag} {fallback}"
+            )
+        return choice
+
+    loop = pick("loop", settings.loop, "uvloop", "asyncio")
+    return loop, pick("http", settings.http, "httptools", "h11")
+
+
+def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    """uvicorn.run / uvicorn.Config keywords for these settings (all but the app and workers)."""
+    loop, http = event_loop_and_http(settings)
+    return dict(
+        host=settings.host, port=settings.port, loop=loop, http=http,
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s), log_level="info",
+    )  # fmt: skip
+
+
 def serve(settings: ServeSettings) -> None:
     """Runs the server until SIGINT/SIGTERM; in-flight requests get graceful_timeout_s to end."""
     import uvicorn
 
+    common = uvicorn_options(settings)  # a missing --loop/--http choice fails before the kb build
+    log.info("uvicorn with event loop %s, HTTP parser %s", common["loop"], common["http"])
     # built once here (so a bad --kb fails before the server starts), not by every worker at once
     kb = open_knowledge_base(settings) if settings.kb is not None else None
-    common = dict(
-        host=settings.host, port=settings.port,
-        timeout_graceful_shutdown=int(settings.graceful_timeout_s), log_level="info",
-    )  # fmt: skip
     if settings.workers == 1:
         uvicorn.run(create_app(settings, kb=kb), **common)
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 
@@ -32,6 +33,12 @@ class ServeSettings(Section):
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = Field(None, description="Bearer key every /v1 route requires")
     workers: int = Field(1, ge=1, description="uvicorn worker processes behind the port")
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="event loop: auto = uvloop when installed, else asyncio"
+    )
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="HTTP/1.1 parser: auto = httptools when installed, else h11"
+    )
     kb: Path | None = Field(None, description="documents directory of the knowledge base")
     kb_db: Path | None = Field(None, description="knowledge base index (default beside feedback)")
     safety: Path | None = Field(None, description="safety policy YAML")

@@ -21,7 +21,8 @@ def test_help_has_an_example_and_every_flag():
     out = lmforge("serve", "--help").stdout
     assert "Example: lmforge serve --model" in out
     for flag in ("--model", "--api-key", "--workers", "--kb", "--safety", "--feedback-db",
-                 "--max-batch-size", "--max-queue", "--request-timeout", "--threads", "bench"):  # fmt: skip
+                 "--max-batch-size", "--max-queue", "--request-timeout", "--threads", "--loop",
+                 "--http", "bench"):  # fmt: skip
         assert flag in out, flag
 
 

@@ -1,4 +1,5 @@
-"""Streaming: the events that reach a response together leave in one SSE write, in order."""
+"""Streaming: the events that reach a response together leave in one SSE write, in order, and
+the stream's end (the last tokens, the usage chunk, [DONE]) is one write after the feedback row."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import json
 from types import SimpleNamespace
 
-from lmforge.serve.completions import CompletionService, Job, Prepared
+from lmforge.serve.completions import SSE_DONE, CompletionService, Job, Prepared
 from lmforge.serve.engine import SamplingParams
 from lmforge.serve.handle import NO_TOKEN, RequestHandle, TokenEvent
 from lmforge.serve.metrics import ServerMetrics
@@ -32,22 +33,68 @@ class QueuedEngine:
         raise AssertionError(f"{request_id} finished; nothing to abort")
 
 
+class SteppedEngine(QueuedEngine):
+    """An engine that pushes its next event only once the client has read a write, as a reader
+    that keeps up with the engine sees them: every token a wake-up of its own."""
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+        self.handle, self.pushed = RequestHandle(request_id, len(prompt_ids)), 0
+        self.advance()
+        return self.handle
+
+    def advance(self) -> None:
+        if self.pushed < len(self.texts):
+            last = self.pushed == len(self.texts) - 1
+            event = TokenEvent(
+                self.pushed, self.texts[self.pushed], finish_reason="length" if last else None
+            )
+            self.handle.push(event)
+            self.pushed += 1
+
+
+class ListStore:
+    """A feedback store that keeps its rows in a list."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    def record_response(self, *row) -> None:
+        self.rows.append(row)
+
+
 def streamed(
-    texts: list[str], n: int, final: TokenEvent | None = None, sources: list | None = None
+    texts: list[str],
+    n: int,
+    final: TokenEvent | None = None,
+    sources: list | None = None,
+    engine: QueuedEngine | None = None,
+    usage: bool = False,
+    feedback: ListStore | None = None,
 ) -> list[str]:
     """The strings stream() hands the response, one per write, for n choices of `texts` (then
-    `final`, when given, as each choice's last event), of a completion with these `sources`."""
+    `final`, when given, as each choice's last event), of a completion with these `sources`;
+    each write that ends with [DONE] is checked to come after the feedback rows."""
     state = SimpleNamespace(
         settings=SimpleNamespace(request_timeout_s=30.0), metrics=ServerMetrics(),
-        safety=None, feedback=None, cache=None,
+        safety=None, feedback=feedback, cache=None,
     )  # fmt: skip
     params = SamplingParams(max_tokens=len(texts))
     jobs = [Job(i, [1, 2, 3], "abc", params) for i in range(n)]
-    engine = QueuedEngine(texts, final)
-    prep = Prepared("completion", "cmpl-1", "m", engine, jobs, 3, sources=sources, stream=True)
+    engine = engine or QueuedEngine(texts, final)
+    prep = Prepared(
+        "completion", "cmpl-1", "m", engine, jobs, 3, sources=sources, stream=True,
+        include_usage=usage,
+    )  # fmt: skip
 
     async def read() -> list[str]:
-        return [write async for write in CompletionService(state).stream(prep)]
+        writes = []
+        async for write in CompletionService(state).stream(prep):
+            if feedback is not None and write.endswith(SSE_DONE):
+                assert len(feedback.rows) == n  # recorded before the client can rate it
+            writes.append(write)
+            if isinstance(engine, SteppedEngine):
+                engine.advance()
+        return writes
 
     return asyncio.run(read())
 
@@ -56,17 +103,36 @@ def chunks(write: str) -> list[dict]:
     return [json.loads(line[6:]) for line in write.split("\n\n") if line.startswith("data: {")]
 
 
-def test_events_that_arrived_together_are_one_write():
+def test_events_that_arrived_together_are_one_write_with_the_end():
     writes = streamed(["Hel", "lo", "!"], n=1)
-    assert len(writes) == 2  # the three tokens, then [DONE]
+    assert len(writes) == 1  # the three tokens, then [DONE]
     assert [c["choices"][0]["text"] for c in chunks(writes[0])] == ["Hel", "lo", "!"]
     assert [c["choices"][0]["finish_reason"] for c in chunks(writes[0])] == [None, None, "length"]
-    assert writes[1] == "data: [DONE]\n\n"
+    assert writes[0].endswith("\n\ndata: [DONE]\n\n")
+
+
+def test_the_last_tokens_usage_and_done_are_one_write_after_the_feedback_row():
+    """Tokens that arrive one wake-up at a time leave one write each, but the last one waits
+    for the usage chunk and [DONE] (and the feedback row: see streamed()) to go out with them."""
+    texts = ["Hel", "lo", " wor", "ld"]
+    store = ListStore()
+    writes = streamed(texts, n=1, engine=SteppedEngine(texts), usage=True, feedback=store)
+    assert [[c["choices"][0]["text"] for c in chunks(w) if c["choices"]] for w in writes] == [
+        ["Hel"],
+        ["lo"],
+        [" wor"],
+        ["ld"],
+    ]
+    *_, last_token, usage_chunk = chunks(writes[-1])
+    assert last_token["choices"][0]["finish_reason"] == "length"
+    assert usage_chunk["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert writes[-1].endswith(SSE_DONE) and not any(w.endswith(SSE_DONE) for w in writes[:-1])
+    assert [row[4] for row in store.rows] == ["Hello world"]
 
 
 def test_choices_of_one_request_share_the_write_and_keep_their_order():
     writes = streamed(["a", "b"], n=3)
-    assert len(writes) == 2
+    assert len(writes) == 1
     got = [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks(writes[0])]
     for index in range(3):  # each choice's tokens in order, every choice complete
         assert [text for i, text in got if i == index] == ["a", "b"]
@@ -88,7 +154,7 @@ def test_a_completion_with_sources_streams_them_first_with_an_empty_piece_per_ch
     yet (a client reading choices[0].text gets ""); without sources nothing is added."""
     sources = [{"source": "json.dumps", "text": "json.dumps(obj)", "prompt_index": 0}]
     writes = streamed(["a", "b"], n=2, sources=sources)
-    assert len(writes) == 3  # the sources, the tokens, [DONE]
+    assert len(writes) == 2  # the sources, then the tokens with [DONE]
     [first] = chunks(writes[0])
     assert first["sources"] == sources
     assert first["choices"] == [
@@ -98,5 +164,5 @@ def test_a_completion_with_sources_streams_them_first_with_an_empty_piece_per_ch
     assert all("sources" not in c for c in tokens)
     assert "".join(c["choices"][0]["text"] for c in tokens) == "abab"
     plain = streamed(["a", "b"], n=2)
-    assert len(plain) == 2 and "sources" not in plain[0]
+    assert len(plain) == 1 and "sources" not in plain[0]
     assert "".join(c["choices"][0]["text"] for c in chunks(plain[0])) == "abab"
