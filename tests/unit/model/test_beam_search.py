@@ -31,6 +31,8 @@ BEAMS = [
     dict(num_beams=4, length_penalty=2.0, early_stopping=False),
     dict(num_beams=3, length_penalty=-0.5, early_stopping=True),
     dict(num_beams=4, length_penalty=1.5, early_stopping="never"),
+    # a prompt whose num_beams are finished while its batch-mates run on takes no more
+    dict(num_beams=3, length_penalty=2.0, early_stopping=True),
 ]
 
 
