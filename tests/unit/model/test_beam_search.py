@@ -93,6 +93,20 @@ def test_several_stop_tokens_and_repetition_penalty_match_transformers(tmp_path)
         assert got == hf_beams(hf, prompt, 12, stops, repetition_penalty=1.3, **beams)
 
 
+def test_left_padding_is_not_a_seen_token_for_the_repetition_penalty(tmp_path):
+    model, _ = decoder("micro", tmp_path)
+    beams = BeamSettings(num_beams=4, repetition_penalty=1.3)
+    rows = beam_generate_batched(model, PROMPTS, 10, beams, batch_size=1)
+    short = [len(p) < max(map(len, PROMPTS)) for p in PROMPTS]  # left-padded in a batch of all
+    padded = [row for row, pad in zip(rows, short, strict=True) if pad]
+    often = max({t for r in padded for t in r}, key=lambda t: sum(r.count(t) for r in padded))
+    with torch.no_grad():  # swap ids 0 and `often` (tied embeddings): left_pad's pad id is likely
+        model.tok_emb.weight[[0, often]] = model.tok_emb.weight[[often, 0]]
+    alone = beam_generate_batched(model, PROMPTS, 10, beams, batch_size=1)
+    assert any(0 in row for row, pad in zip(alone, short, strict=True) if pad)
+    assert beam_generate_batched(model, PROMPTS, 10, beams, batch_size=4) == alone
+
+
 def test_kv_cache_reorder_moves_written_positions_with_their_rows():
     cache = KVCache(n_layer=2, batch_size=2, n_kv_head=1, max_len=6, head_dim=3)
     k = torch.randn(2, 1, 4, 3)
