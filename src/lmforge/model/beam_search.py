@@ -104,7 +104,7 @@ def beam_search(
         total = (logp.view(B, nb, V) + scores[:, :, None]).view(B, nb * V)
         cand_scores, cand = torch.topk(total, K)  # (B, K), best first
         cand_beam, cand_tok = cand // V, cand % V
-        cand_gen = gen.gather(1, cand_beam[:, :, None].expand(B, K, max_new_tokens)).clone()
+        cand_gen = gen.gather(1, cand_beam[:, :, None].expand(B, K, max_new_tokens))  # a copy
         cand_gen[:, :, t] = cand_tok
         last = t + 1 == max_new_tokens  # every candidate ends here: max length
         stopped = torch.isin(cand_tok, stops) | last  # (B, K)
