@@ -113,10 +113,11 @@ def test_kv_cache_reorder_moves_written_positions_with_their_rows():
     for layer in range(2):
         cache.update(layer, 0, k, -k)
     cache.reorder_cache(torch.tensor([1, 1, 0]))  # grows the batch: prompts to beams
-    cache.reorder_cache(torch.tensor([2, 0, 0]))  # a step's parents
+    cache.reorder_cache(torch.tensor([2, 0, 0]))  # a step's parents: rows k[[0, 1, 1]]
+    cache.reorder_cache(torch.tensor([1, 2, 0]))  # the next step's, back into the first buffer
     keys, values = cache.update(1, 4, torch.ones(3, 1, 1, 3), torch.ones(3, 1, 1, 3))
-    torch.testing.assert_close(keys[:, :, :4], k[[0, 1, 1]], atol=0, rtol=0)
-    torch.testing.assert_close(values[:, :, :4], -k[[0, 1, 1]], atol=0, rtol=0)
+    torch.testing.assert_close(keys[:, :, :4], k[[1, 1, 0]], atol=0, rtol=0)
+    torch.testing.assert_close(values[:, :, :4], -k[[1, 1, 0]], atol=0, rtol=0)
     assert keys.shape == (3, 1, 5, 3) and bool((keys[:, :, 4] == 1).all())
 
 
