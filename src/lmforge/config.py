@@ -16,6 +16,7 @@ from typing import Any, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from lmforge.errors import ConfigError
 
@@ -195,14 +196,15 @@ def _field_description(cls: type[BaseModel], loc: list[str]) -> str:
 
 
 def hashed_dump(cfg: BaseModel) -> dict[str, Any]:
-    """The config as JSON-able data without `out` and without fields marked NOT_HASHED."""
+    """The config as JSON-able data without `out`, fields marked NOT_HASHED, and fields marked
+    HASHED_IF_SET that hold their default."""
 
     def strip(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
         for name, field in type(model).model_fields.items():
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             value = getattr(model, name)
             if extra.get("hashed") is False or (
-                extra.get("hashed") == "if_set" and value == field.default
+                extra.get("hashed") == "if_set" and value == _default(field, model)
             ):
                 data.pop(name, None)
                 continue
@@ -213,6 +215,11 @@ def hashed_dump(cfg: BaseModel) -> dict[str, Any]:
     data = strip(cfg, cfg.model_dump(mode="json"))
     data.pop("out", None)
     return data
+
+
+def _default(field: FieldInfo, model: BaseModel) -> Any:
+    """A field's default value, from its default_factory too (field.default is then unset)."""
+    return field.get_default(call_default_factory=True, validated_data=dict(model))
 
 
 def config_hash(cfg: BaseModel) -> str:

@@ -58,8 +58,9 @@ class GenerationSettings(Section):
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
     early_stopping: bool | Literal["never"] = Field(
-        False, description="beams: false = until no beam can beat the finished ones (HF's "
-        "default), true = at num_beams finished, never = exhaustive",
+        False, description="beams: false = until num_beams are finished and the best running "
+        "beam, scored at its length so far, cannot beat them (HF's default; with length_penalty "
+        "> 0 it still might later), true = at num_beams finished, never = exhaustive",
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
 

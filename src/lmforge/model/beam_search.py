@@ -104,7 +104,7 @@ def beam_search(
         total = (logp.view(B, nb, V) + scores[:, :, None]).view(B, nb * V)
         cand_scores, cand = torch.topk(total, K)  # (B, K), best first
         cand_beam, cand_tok = cand // V, cand % V
-        cand_gen = gen.gather(1, cand_beam[:, :, None].expand(B, K, max_new_tokens)).clone()
+        cand_gen = gen.gather(1, cand_beam[:, :, None].expand(B, K, max_new_tokens))  # a copy
         cand_gen[:, :, t] = cand_tok
         last = t + 1 == max_new_tokens  # every candidate ends here: max length
         stopped = torch.isin(cand_tok, stops) | last  # (B, K)
@@ -122,10 +122,11 @@ def beam_search(
             break
         beam_idx = (cand_beam.gather(1, keep) + offsets).view(N)  # (N,) rows the beams came from
         tokens = gen[:, :, t].reshape(N)
-        history = torch.cat([history.index_select(0, beam_idx), tokens[:, None]], dim=1)
-        if history_mask is not None:
-            ones = history_mask.new_ones((N, 1))
-            history_mask = torch.cat([history_mask.index_select(0, beam_idx), ones], dim=1)
+        if beams.repetition_penalty != 1.0:  # the only reader of the history
+            history = torch.cat([history.index_select(0, beam_idx), tokens[:, None]], dim=1)
+            if history_mask is not None:
+                ones = history_mask.new_ones((N, 1))
+                history_mask = torch.cat([history_mask.index_select(0, beam_idx), ones], dim=1)
         logits = step(tokens, beam_idx)
     return done.best()
 

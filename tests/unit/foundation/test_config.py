@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from lmforge.config import Section, StageConfig, config_hash, describe_fields, load_config
+from lmforge.config import (
+    HASHED_IF_SET,
+    Section,
+    StageConfig,
+    config_hash,
+    describe_fields,
+    load_config,
+)
 from lmforge.errors import ConfigError
 
 
@@ -73,6 +80,29 @@ def test_hash_ignores_out_but_not_values() -> None:
     c = load_config(Toy, values={"data": "d", "out": "o1"}, overrides=["train.lr=0.5"])
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(c)
+
+
+class TrainLater(Train):
+    warmup: int = Field(0, description="added later", json_schema_extra=HASHED_IF_SET)
+
+
+class ToyLater(Toy):
+    """Toy after two releases: settings added with defaults that reproduce the old output."""
+
+    train: TrainLater = TrainLater()
+    tags: list[str] = Field(
+        default_factory=list, description="added later", json_schema_extra=HASHED_IF_SET
+    )
+
+
+def test_fields_hashed_if_set_keep_old_hashes_at_their_defaults() -> None:
+    values = {"data": "d", "out": "o"}
+    old = config_hash(load_config(Toy, values=values))
+    assert config_hash(load_config(ToyLater, values=values)) == old
+    explicit = ["train.warmup=0", "tags=[]"]  # set, but to the defaults: the same output
+    assert config_hash(load_config(ToyLater, values=values, overrides=explicit)) == old
+    for changed in ("train.warmup=5", "tags=[a]"):
+        assert config_hash(load_config(ToyLater, values=values, overrides=[changed])) != old
 
 
 def test_describe_fields_lists_dotted_keys_with_docs() -> None:

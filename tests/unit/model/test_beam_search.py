@@ -31,6 +31,8 @@ BEAMS = [
     dict(num_beams=4, length_penalty=2.0, early_stopping=False),
     dict(num_beams=3, length_penalty=-0.5, early_stopping=True),
     dict(num_beams=4, length_penalty=1.5, early_stopping="never"),
+    # a prompt whose num_beams are finished while its batch-mates run on takes no more
+    dict(num_beams=3, length_penalty=2.0, early_stopping=True),
 ]
 
 
@@ -91,16 +93,31 @@ def test_several_stop_tokens_and_repetition_penalty_match_transformers(tmp_path)
         assert got == hf_beams(hf, prompt, 12, stops, repetition_penalty=1.3, **beams)
 
 
+def test_left_padding_is_not_a_seen_token_for_the_repetition_penalty(tmp_path):
+    model, _ = decoder("micro", tmp_path)
+    beams = BeamSettings(num_beams=4, repetition_penalty=1.3)
+    rows = beam_generate_batched(model, PROMPTS, 10, beams, batch_size=1)
+    short = [len(p) < max(map(len, PROMPTS)) for p in PROMPTS]  # left-padded in a batch of all
+    padded = [row for row, pad in zip(rows, short, strict=True) if pad]
+    often = max({t for r in padded for t in r}, key=lambda t: sum(r.count(t) for r in padded))
+    with torch.no_grad():  # swap ids 0 and `often` (tied embeddings): left_pad's pad id is likely
+        model.tok_emb.weight[[0, often]] = model.tok_emb.weight[[often, 0]]
+    alone = beam_generate_batched(model, PROMPTS, 10, beams, batch_size=1)
+    assert any(0 in row for row, pad in zip(alone, short, strict=True) if pad)
+    assert beam_generate_batched(model, PROMPTS, 10, beams, batch_size=4) == alone
+
+
 def test_kv_cache_reorder_moves_written_positions_with_their_rows():
     cache = KVCache(n_layer=2, batch_size=2, n_kv_head=1, max_len=6, head_dim=3)
     k = torch.randn(2, 1, 4, 3)
     for layer in range(2):
         cache.update(layer, 0, k, -k)
     cache.reorder_cache(torch.tensor([1, 1, 0]))  # grows the batch: prompts to beams
-    cache.reorder_cache(torch.tensor([2, 0, 0]))  # a step's parents
+    cache.reorder_cache(torch.tensor([2, 0, 0]))  # a step's parents: rows k[[0, 1, 1]]
+    cache.reorder_cache(torch.tensor([1, 2, 0]))  # the next step's, back into the first buffer
     keys, values = cache.update(1, 4, torch.ones(3, 1, 1, 3), torch.ones(3, 1, 1, 3))
-    torch.testing.assert_close(keys[:, :, :4], k[[0, 1, 1]], atol=0, rtol=0)
-    torch.testing.assert_close(values[:, :, :4], -k[[0, 1, 1]], atol=0, rtol=0)
+    torch.testing.assert_close(keys[:, :, :4], k[[1, 1, 0]], atol=0, rtol=0)
+    torch.testing.assert_close(values[:, :, :4], -k[[1, 1, 0]], atol=0, rtol=0)
     assert keys.shape == (3, 1, 5, 3) and bool((keys[:, :, 4] == 1).all())
 
 
