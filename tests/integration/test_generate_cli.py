@@ -114,6 +114,8 @@ def test_sampling_is_seeded_and_num_samples_needs_a_temperature(model_dir: Path)
     assert len({r["completion"] for r in first}) > 1, "temperature 1 should vary the answers"
     with pytest.raises(ConfigError, match="set --temperature above 0"):
         sample(model, PROMPTS, GenerationSettings(), num_samples=2)
+    with pytest.raises(ConfigError, match="drop --num-samples or --num-beams"):
+        sample(model, PROMPTS, GenerationSettings(num_beams=2), num_samples=2)
     with pytest.raises(InputError, match="no prompts"):
         sample(model, [], GenerationSettings())
 

@@ -30,6 +30,11 @@ def sample(
     """
     if not prompts:
         raise InputError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+    if num_samples > 1 and settings.num_beams > 1:
+        raise ConfigError(
+            f"num_samples={num_samples} with num_beams={settings.num_beams} would repeat one beam "
+            "answer (beam search is deterministic); drop --num-samples or --num-beams"
+        )
     if num_samples > 1 and settings.temperature == 0:
         raise ConfigError(
             f"num_samples={num_samples} with temperature 0 would repeat one greedy answer; "
