@@ -147,12 +147,7 @@ class _Int4KernelLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        packed: Tensor,
-        scales_and_zeros: Tensor,
-        group_size: int,
-        out_features: int,
+        ctx, x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, out_features: int
     ) -> Tensor:
         ctx.save_for_backward(packed, scales_and_zeros)
         ctx.group_size, ctx.out_features = group_size, out_features
@@ -160,7 +155,7 @@ class _Int4KernelLinear(torch.autograd.Function):
         return int4pack.matmul(flat, packed, scales_and_zeros, group_size, out_features).to(x.dtype)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
         packed, scales_and_zeros = ctx.saved_tensors
         chunks = int4pack.dequantize_chunks(
             packed, scales_and_zeros, ctx.group_size, int4pack.int4pack_layout(), ctx.out_features
