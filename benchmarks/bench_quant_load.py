@@ -10,19 +10,21 @@ quantized by `compress quantize`'s quantize_dir to int8 and int4. Then:
   reads the file's mapping while repacking; in our own layout it dequantizes each matrix per
   forward) and the summed bytes of the parameters and buffers; "RSS vs fp32" compares the
   decoding column; "in kernel layout" counts the int4 matrices repacked for torch's CPU int4
-  kernel (model.int4pack; the rest, e.g. a vocabulary that is not a multiple of 16, stay in
-  ours and are dequantized per forward);
+  kernel (model.int4pack; the rest, e.g. in a group size the kernel lacks, stay in ours and
+  are dequantized per forward);
 - **speed**: the three models decode greedily (lmforge.model.generate: prompt, then one cached
   token a step) in this process, round-robin so machine noise hits all alike, median of the
   rounds; also how many tokens agree with fp32's.
 
 Run: `OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_quant_load.py`
-(`--preset micro --new-tokens 8 --rounds 1` for a quick check).
+(`--preset micro --new-tokens 8 --rounds 1` for a quick check; `--vocab-size 50257` for GPT-2's
+own vocabulary, whose rows the int4 kernel takes padded to a multiple of 16).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -122,11 +124,15 @@ def decode_times(
     return {name: statistics.median(t) for name, t in times.items()}, same
 
 
-def make_dirs(work: Path, preset: str, group_size: int) -> tuple[dict[str, Path], int]:
-    """fp32, int8 and int4 directories of one random `preset` model (and its parameter count),
-    plus the micro int8 warm-up directory measure_load loads first."""
+def make_dirs(
+    work: Path, preset: str, group_size: int, vocab_size: int | None = None
+) -> tuple[dict[str, Path], int]:
+    """fp32, int8 and int4 directories of one random `preset` model (`vocab_size` rows, if
+    given; and its parameter count), plus the micro int8 warm-up directory measure_load loads
+    first."""
     torch.manual_seed(0)
-    model = Transformer(preset_config(preset))
+    config = preset_config(preset)
+    model = Transformer(dataclasses.replace(config, vocab_size=vocab_size or config.vocab_size))
     n_params = model.num_params()
     save_pretrained(model, work / "fp32")
     del model
@@ -143,6 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2-124m", help="model shape (random weights)")
     ap.add_argument("--group-size", type=int, default=32, help="int4 group size")
+    ap.add_argument("--vocab-size", type=int, help="the preset's with another vocabulary")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
@@ -153,7 +160,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-quant-load-") as tmp:  # ~1 GB for gpt2-124m
         work = Path(tmp)
-        dirs, n_params = make_dirs(work, args.preset, args.group_size)
+        dirs, n_params = make_dirs(work, args.preset, args.group_size, args.vocab_size)
         memory = {name: load_in_child(d, work / "warmup") for name, d in dirs.items()}
         seconds, same = decode_times(dirs, args.prompt_tokens, args.new_tokens, args.rounds)
         file_mb = {n: (d / "model.safetensors").stat().st_size / 2**20 for n, d in dirs.items()}

@@ -3,10 +3,12 @@
 `inject(model, LoraConfig)` freezes the model and swaps every nn.Linear whose name matches a
 target pattern for a LoRALinear: y = base(x) + (alpha / r) * B(A(dropout(x))), with B zero at
 the start so the model is unchanged until it trains. With `quantize: int8|int4` the frozen base
-Linear is first replaced by a weight-only QuantLinear (QLoRA-style). `merge(model)` folds the
-adapters back into plain nn.Linear weights. `save_peft_adapter` writes adapter_config.json +
-adapter_model.safetensors under PEFT's key names for the Hugging Face export of the same model,
-splitting our fused q/k/v and gate/up projections with the export's own name table.
+Linear is first replaced by a weight-only QuantLinear (QLoRA-style; an int4 base's forward runs
+torch's CPU int4 kernel, in training too, where it takes the shape: model.quant). `merge(model)`
+folds the adapters back into plain nn.Linear weights. `save_peft_adapter` writes
+adapter_config.json + adapter_model.safetensors under PEFT's key names for the Hugging Face export
+of the same model, splitting our fused q/k/v and gate/up projections with the export's own name
+table.
 """
 
 from __future__ import annotations

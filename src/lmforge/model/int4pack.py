@@ -7,6 +7,8 @@ dequantizes `code * scale + zero` with the same code offset, from its own interl
 exactly, with zero 0 and the scales rounded to bf16. The packed bytes are then the only copy: a
 lookup (a tied embedding table) or a float weight reads rows back out of them, in the layout
 int4pack_layout() found torch to use on this machine (it differs with the CPU's vector width).
+The kernel takes output rows in multiples of ROW_MULTIPLE: a weight with others (GPT-2's
+50257-token head) is packed with zero rows after its own, whose outputs matmul() drops.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from torch import Tensor
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes (qGroupSize) the kernel takes
 INNER_K_TILES = 2  # the packer's innerKTiles argument (unused by the CPU layout; K % 32 == 0)
 PACK_CHUNK_WEIGHTS = 1 << 18  # weights packed / unpacked at a time (1 MB of int32 codes)
+ROW_MULTIPLE = 16  # the kernel's output rows come in blocks of 16
+ZERO_CODES = 0x88  # a byte of two codes 8: weight 0 whatever the scale
 
 
 class Layout(NamedTuple):
@@ -37,25 +41,37 @@ class Layout(NamedTuple):
 LAYOUTS = (Layout(64, True), Layout(32, True), Layout(32, False))
 
 
-def packable(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether the kernel takes a weight of this shape and group size (blocks of 16 rows)."""
-    return group_size in KERNEL_GROUP_SIZES and out_features % 16 == 0 and in_features % 32 == 0
+def packable(in_features: int, group_size: int) -> bool:
+    """Whether the kernel takes a weight of this width and group size (any rows: padded)."""
+    return (
+        group_size in KERNEL_GROUP_SIZES and in_features % 32 == 0 and in_features % group_size == 0
+    )
+
+
+def padded_rows(out_features: int) -> int:
+    """The rows a weight of out_features rows is packed with: the next multiple of 16."""
+    return -(-out_features // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def pack(codes: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """(packed (out, in / 2) uint8, scales_and_zeros (in / group_size, out, 2) bf16) of our
-    int4 codes (out, in / 2) and scales (out, in / group_size, 1), a chunk of rows at a time
-    (each block of rows packs on its own, so chunks are consecutive rows): small transients,
-    which a load's heap does not keep growing by."""
+    """(packed (rows, in / 2) uint8, scales_and_zeros (in / group_size, rows, 2) bf16) of our
+    int4 codes (out, in / 2) and scales (out, in / group_size, 1), rows = padded_rows(out) (the
+    padding: zero weights), a chunk of rows at a time (each block of rows packs on its own, so
+    chunks are consecutive rows): small transients, which a load's heap does not keep growing by."""
     out_f, in_f = codes.shape[0], codes.shape[1] * 2
+    rows = padded_rows(out_f)
     convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-    packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=codes.device)
+    packed = torch.empty(rows, in_f // 2, dtype=torch.uint8, device=codes.device)
     step = _chunk_rows(in_f)
-    for r in range(0, out_f, step):
-        packed[r : r + step] = convert(_nibbles(codes[r : r + step]).to(torch.int32), INNER_K_TILES)
-    scales = scale.reshape(out_f, in_f // group_size).T  # (G, out)
+    for r in range(0, rows, step):
+        chunk = codes[r : r + step]
+        if r + step >= rows > out_f:  # the last chunk: the zero rows after the weight's
+            chunk = torch.cat([chunk, chunk.new_full((rows - out_f, chunk.shape[1]), ZERO_CODES)])
+        packed[r : r + step] = convert(_nibbles(chunk).to(torch.int32), INNER_K_TILES)
+    scales = torch.zeros(in_f // group_size, rows, dtype=scale.dtype, device=scale.device)
+    scales[:, :out_f] = scale.reshape(out_f, in_f // group_size).T  # (G, rows)
     scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)
-    return packed, scales_and_zeros.to(torch.bfloat16).contiguous()
+    return packed, scales_and_zeros.to(torch.bfloat16)
 
 
 def _nibbles(codes: Tensor) -> Tensor:
@@ -77,30 +93,64 @@ def unpack_codes(packed: Tensor, rows: Tensor, layout: Layout) -> Tensor:
     return (packed.reshape(-1)[idx] >> shift[:, None]) & 0xF
 
 
+def unpack_block_codes(packed: Tensor, start: int, stop: int, layout: Layout) -> Tensor:
+    """Codes 0..15 (stop - start, in) of consecutive rows, from `start` (a multiple of
+    layout.block) to `stop` (one too, or the packed rows' end): whole blocks unpacked by
+    reshaping their bytes, many times faster than unpack_codes' gather."""
+    in_f, flat = packed.shape[1] * 2, packed.reshape(-1)
+    full = min(stop, packed.shape[0] // layout.block * layout.block)  # where full blocks end
+    n = (full - start) // layout.block
+    blocks = flat[start * in_f // 2 : full * in_f // 2].view(n, in_f, layout.block // 2)
+    parts = [_block_codes(blocks, layout.halves)]
+    if stop > full:  # the short last block: rows 2i and 2i + 1 share a byte
+        short = flat[full * in_f // 2 : stop * in_f // 2].view(1, in_f, (stop - full) // 2)
+        parts.append(_block_codes(short, False))
+    return torch.cat(parts)
+
+
+def _block_codes(blocks: Tensor, halves: bool) -> Tensor:
+    """Codes (n * rows, K) of n blocks' bytes (n, K, rows / 2): a byte holds rows i and i +
+    rows / 2 (`halves`) or rows 2i and 2i + 1, the first in its low nibble."""
+    low, high = blocks & 0xF, blocks >> 4
+    codes = torch.cat([low, high], 2) if halves else torch.stack([low, high], 3).flatten(2)
+    return codes.transpose(1, 2).reshape(-1, blocks.shape[1])
+
+
 def dequantize_rows(
     packed: Tensor, scales_and_zeros: Tensor, group_size: int, rows: Tensor, layout: Layout
 ) -> Tensor:
     """The float32 weight rows (len(rows), in) of a packed weight: (code - 8) * scale."""
-    codes = unpack_codes(packed, rows, layout).float()  # (R, K)
-    scale = scales_and_zeros[:, rows, 0].T.float()  # (R, G)
-    shape = (len(rows), scales_and_zeros.shape[0], group_size)  # no -1: R may be 0
-    return codes.view(shape).sub_(8).mul_(scale[..., None]).view(len(rows), codes.shape[1])
+    codes = unpack_codes(packed, rows, layout)
+    return _scaled(codes, scales_and_zeros[:, rows], group_size)
 
 
-def dequantize(packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout) -> Tensor:
-    """The whole float32 weight (out, in), a chunk of rows at a time."""
-    return torch.cat(list(dequantize_chunks(packed, scales_and_zeros, group_size, layout)))
+def _scaled(codes: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """(code - 8) * scale in float32 of codes (R, in) and their rows' scales_and_zeros (G, R, 2)."""
+    rows, in_f = codes.shape
+    scale = scales_and_zeros[..., 0].T.float()  # (R, G)
+    shape = (rows, scale.shape[1], group_size)  # no -1: R may be 0
+    return codes.float().view(shape).sub_(8).mul_(scale[..., None]).view(rows, in_f)
+
+
+def dequantize(
+    packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout, out_features: int
+) -> Tensor:
+    """The whole float32 weight (out_features, in) (no padding), a chunk of rows at a time."""
+    chunks = dequantize_chunks(packed, scales_and_zeros, group_size, layout, out_features)
+    return torch.cat(list(chunks))
 
 
 def dequantize_chunks(
-    packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout
+    packed: Tensor, scales_and_zeros: Tensor, group_size: int, layout: Layout, out_features: int
 ) -> Iterator[Tensor]:
-    """The float32 weight's consecutive chunks of about PACK_CHUNK_WEIGHTS weights (rows, in):
-    a matmul off the kernel never holds a vocab-wide head in floats whole."""
-    out_f, step = packed.shape[0], _chunk_rows(packed.shape[1] * 2)
-    rows = torch.arange(out_f, device=packed.device)
-    for r in range(0, out_f, step):
-        yield dequantize_rows(packed, scales_and_zeros, group_size, rows[r : r + step], layout)
+    """The float32 weight's consecutive chunks of about PACK_CHUNK_WEIGHTS weights (rows, in),
+    up to row out_features: a matmul off the kernel (or its backward) never holds a vocab-wide
+    head in floats whole. Chunks are whole blocks of rows (unpack_block_codes)."""
+    step = _chunk_rows(packed.shape[1] * 2)
+    for r in range(0, out_features, step):
+        stop = min(r + step, packed.shape[0])
+        codes = unpack_block_codes(packed, r, stop, layout)[: out_features - r]
+        yield _scaled(codes, scales_and_zeros[:, r : r + len(codes)], group_size)
 
 
 def _chunk_rows(in_features: int) -> int:
@@ -108,9 +158,13 @@ def _chunk_rows(in_features: int) -> int:
     return max(64, PACK_CHUNK_WEIGHTS // in_features // 64 * 64)
 
 
-def matmul(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
-    """x (N, in) bf16 @ the packed weight's transpose: (N, out) bf16, torch's CPU kernel."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+def matmul(
+    x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, out_features: int
+) -> Tensor:
+    """x (N, in) bf16 @ the packed weight's transpose: (N, out_features) bf16, torch's CPU
+    kernel (the padding rows' outputs dropped)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+    return y if y.shape[1] == out_features else y[:, :out_features]
 
 
 @functools.cache
@@ -135,7 +189,7 @@ def _probe_layout() -> Layout | None:
     try:
         packed, scales_and_zeros = pack(codes, scale, group_size)
         eye = torch.eye(in_f, dtype=torch.bfloat16)  # eye @ W.T: each weight, rounded to bf16
-        product = matmul(eye, packed, scales_and_zeros, group_size).T.float()
+        product = matmul(eye, packed, scales_and_zeros, group_size, out_f).T.float()
     except (RuntimeError, NotImplementedError, TypeError):  # missing kernel, other signature
         return None
     bf16_scale = scale.to(torch.bfloat16).float()

@@ -4,10 +4,12 @@ QuantLinear keeps a frozen weight as int8 (one scale per output row) or 4-bit (o
 group of `group_size` input columns, two values packed per byte), so it takes 1/4 or, with
 groups of 32 and their fp32 scales (5 bits a weight), 1/6.4 of its fp32 memory. Inference on
 CPU runs torch's weight-only matmuls with bf16 activations: int8's aten._weight_int8pack_mm,
-and int4's aten._weight_int4pack_mm_for_cpu on a checkpoint's weights repacked at load into
-its layout (model.int4pack); otherwise (grad enabled, GPU, a torch without the kernel, a group
-size it lacks, QLoRA's base) the weight is dequantized on every forward. QLoRA trains LoRA
-adapters on top in full precision. Symmetric absmax rounding: small, readable, no custom kernels.
+and int4's aten._weight_int4pack_mm_for_cpu on weights packed into its layout (model.int4pack:
+a checkpoint's at load, QLoRA's base when quantized); int4's also with grad enabled (QLoRA
+training: its backward reads the frozen weight back for the input's gradient, a chunk of rows at
+a time). Otherwise (int8 with grad enabled, GPU, a torch without the kernel, a group size it
+lacks) the weight is dequantized on every forward. QLoRA trains LoRA adapters on top in full
+precision. Symmetric absmax rounding: small, readable, no custom kernels.
 
 A whole checkpoint's quantization (`lmforge compress quantize`) and how it loads is
 model.quant_checkpoint.
@@ -16,6 +18,7 @@ model.quant_checkpoint.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -99,15 +102,15 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or (exporting is not None and exporting())
 
 
+def _cpu_kernel_input(x: Tensor) -> bool:
+    """Whether x can go through a CPU kernel: on CPU, outside torch.compile/export (no
+    data_ptr), in a float dtype KERNEL_DTYPE takes."""
+    return not _tracing() and x.device.type == "cpu" and x.dtype in KERNEL_DTYPE
+
+
 def _inference_on_cpu(x: Tensor) -> bool:
-    """Whether x goes through a CPU kernel: inference (no autograd through the kernels), outside
-    torch.compile/export (no data_ptr), in a float dtype KERNEL_DTYPE takes."""
-    return (
-        not _tracing()
-        and x.device.type == "cpu"
-        and x.dtype in KERNEL_DTYPE
-        and not torch.is_grad_enabled()
-    )
+    """Whether x goes through a CPU kernel that has no backward: inference only."""
+    return _cpu_kernel_input(x) and not torch.is_grad_enabled()
 
 
 def _uses_int8_kernel(x: Tensor, layer: QuantLinear) -> bool:
@@ -125,15 +128,44 @@ def _uses_int8_kernel(x: Tensor, layer: QuantLinear) -> bool:
 
 
 def kernel_packable(bits: int, shape: tuple[int, int], group_size: int, device: object) -> bool:
-    """Whether an int4 weight of this (out, in) shape on `device` loads repacked for torch's CPU
-    int4 kernel (model.int4pack): a CPU weight in a group size and shape the kernel takes, on a
+    """Whether an int4 weight of this (out, in) shape on `device` is packed for torch's CPU
+    int4 kernel (model.int4pack): a CPU weight in a group size and width the kernel takes, on a
     torch whose kernel works here."""
     return (
         bits == 4
         and torch.device(device).type == "cpu"
-        and int4pack.packable(*shape, group_size)
+        and int4pack.packable(shape[1], group_size)
         and int4pack.int4pack_layout() is not None
     )
+
+
+class _Int4KernelLinear(torch.autograd.Function):
+    """x (N, in) @ a frozen kernel-packed int4 weight's transpose: the forward through torch's
+    int4 kernel (bf16 activations, the output in x's dtype); the backward gives x's gradient only
+    (the weight is frozen), grad @ weight in grad's dtype, the weight read back a chunk of rows
+    at a time: nothing but the packed bytes is kept between the two."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, out_features: int
+    ) -> Tensor:
+        ctx.save_for_backward(packed, scales_and_zeros)
+        ctx.group_size, ctx.out_features = group_size, out_features
+        flat = x.to(torch.bfloat16).contiguous()
+        return int4pack.matmul(flat, packed, scales_and_zeros, group_size, out_features).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+        packed, scales_and_zeros = ctx.saved_tensors
+        chunks = int4pack.dequantize_chunks(
+            packed, scales_and_zeros, ctx.group_size, int4pack.int4pack_layout(), ctx.out_features
+        )
+        grad_x = grad.new_zeros(grad.shape[0], packed.shape[1] * 2)
+        start = 0
+        for w in chunks:  # grad @ weight = the sum over chunks of output rows
+            grad_x.addmm_(grad[:, start : start + w.shape[0]], w.to(grad.dtype))
+            start += w.shape[0]
+        return grad_x, None, None, None, None
 
 
 class QuantLinear(nn.Module):
@@ -144,9 +176,10 @@ class QuantLinear(nn.Module):
     transposed; inference on CPU runs torch's int8 weight-only matmul where torch has it, with
     activations in bf16 (KERNEL_DTYPE: the rest of an fp32 model stays fp32). int4
     codes stay packed ((out, in / 2), or (in, out / 2) when transposed) and are dequantized on
-    each forward, unless `kernel_packed` (a checkpoint's weight that kernel_packable): then the
-    weight is held only in torch's int4 kernel layout (buffers int4pack, scales_and_zeros: see
-    model.int4pack) and inference on CPU runs that kernel with bf16 activations.
+    each forward, unless `kernel_packed` (a checkpoint's or QLoRA base's weight that
+    kernel_packable): then the weight is held only in torch's int4 kernel layout (buffers
+    int4pack, scales_and_zeros: see model.int4pack) and the forward on CPU, training included,
+    runs that kernel with bf16 activations.
     """
 
     def __init__(
@@ -180,11 +213,18 @@ class QuantLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, kind: str = "int8", group_size: int = 32
     ) -> QuantLinear:
-        """linear's weight quantized (the QLoRA base)."""
+        """linear's weight quantized (the QLoRA base); int4 packed for torch's CPU int4 kernel
+        where kernel_packable."""
         if kind not in BITS:
             raise ConfigError(f"unknown quantization {kind!r}; valid: {', '.join(BITS)}")
-        q = cls(linear.in_features, linear.out_features, BITS[kind], group_size)
-        q.codes, q.scale = quantize_weight(linear.weight.detach().float(), q.bits, group_size)
+        bits, weight = BITS[kind], linear.weight.detach()
+        codes, scale = quantize_weight(weight.float(), bits, group_size)
+        packed = kernel_packable(bits, tuple(weight.shape), group_size, weight.device)
+        q = cls(linear.in_features, linear.out_features, bits, group_size, kernel_packed=packed)
+        if packed:
+            q.int4pack, q.scales_and_zeros = int4pack.pack(codes, scale, group_size)
+        else:
+            q.codes, q.scale = codes, scale
         q.bias = linear.bias.detach().clone() if linear.bias is not None else None
         return q
 
@@ -218,14 +258,17 @@ class QuantLinear(nn.Module):
         return y if bias is None else y + bias
 
     def _kernel_int4_forward(self, x: Tensor) -> Tensor:
-        """x @ weight.T through torch's int4 kernel (bf16 activations); off the kernel's ground
-        (grad enabled, another device) through the weight read back from its layout."""
-        if not _inference_on_cpu(x):  # chunks of output rows, like _int4_forward's
-            chunks = int4pack.dequantize_chunks(*_kernel_args(self), int4pack.int4pack_layout())
+        """x @ weight.T through torch's int4 kernel (bf16 activations; with grad enabled too:
+        _Int4KernelLinear); off the kernel's ground (another device, torch.compile) through the
+        weight read back from its layout."""
+        if not _cpu_kernel_input(x):  # chunks of output rows, like _int4_forward's
+            chunks = int4pack.dequantize_chunks(
+                *_kernel_args(self), int4pack.int4pack_layout(), self.out_features
+            )
             return torch.cat([F.linear(x, w.to(x.dtype)) for w in chunks], dim=-1)
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (N, in)
-        y = int4pack.matmul(flat, self.int4pack, self.scales_and_zeros, self.group_size)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        y = _Int4KernelLinear.apply(flat, *_kernel_args(self), self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _int4_forward(self, x: Tensor) -> Tensor:
         """x @ weight.T, dequantizing INT4_CHUNK_WEIGHTS weights at a time: a vocab-wide head
@@ -310,7 +353,9 @@ class QuantEmbedding(nn.Module):
 
 
 def _register_kernel_buffers(module: nn.Module, rows: int, cols: int, group_size: int) -> None:
-    """An int4 (rows, cols) weight's buffers in torch's int4 kernel layout (model.int4pack)."""
+    """An int4 (rows, cols) weight's buffers in torch's int4 kernel layout (model.int4pack),
+    its rows padded to the kernel's multiple."""
+    rows = int4pack.padded_rows(rows)
     module.register_buffer("int4pack", torch.empty(rows, cols // 2, dtype=torch.uint8))
     groups = torch.empty(cols // group_size, rows, 2, dtype=torch.bfloat16)
     module.register_buffer("scales_and_zeros", groups)
@@ -338,11 +383,18 @@ def _kernel_args(module: QuantLinear | QuantEmbedding) -> tuple[Tensor, Tensor, 
     return module.int4pack, module.scales_and_zeros, module.group_size
 
 
+def _weight_shape(module: QuantLinear | QuantEmbedding) -> tuple[int, int]:
+    """The (rows, columns) of the weight a quantized module stands for (no kernel padding)."""
+    if isinstance(module, QuantLinear):
+        return module.out_features, module.in_features
+    return module.num_embeddings, module.embedding_dim
+
+
 def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | None) -> Tensor:
     """Float32 rows (all of them for None) of a kernel-packed weight, read back from its bytes."""
     layout = int4pack.int4pack_layout()
     if rows is None:
-        return int4pack.dequantize(*_kernel_args(module), layout)
+        return int4pack.dequantize(*_kernel_args(module), layout, _weight_shape(module)[0])
     return int4pack.dequantize_rows(*_kernel_args(module), rows, layout)
 
 
@@ -352,9 +404,8 @@ def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:
 
 
 def quantized_numel(model: nn.Module) -> int:
-    """How many weights the model holds as codes (a table shared by two modules counts once):
-    what parameter counts add, since codes are buffers."""
+    """How many weights the model holds as codes (a table shared by two modules counts once;
+    the kernel layout's padding rows do not count): what parameter counts add, since codes are
+    buffers."""
     kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
-    return sum(
-        {id(_stored_codes(m)): _stored_codes(m).numel() * (8 // m.bits) for m in kept}.values()
-    )
+    return sum({id(_stored_codes(m)): math.prod(_weight_shape(m)) for m in kept}.values())

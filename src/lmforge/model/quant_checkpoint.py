@@ -5,8 +5,8 @@ compress quantize`): model.safetensors then holds the codes under each weight's 
 `<name>_scale`, and config.json's `quantization_config` (quant_method "lmforge") says which
 tensors are quantized with how many bits. load_pretrained() keeps them quantized by default
 (read_quantized -> QuantWeight -> keep_quantized: QuantLinear / QuantEmbedding built from the
-stored codes, never an fp32 matrix; int4 ones repacked for torch's CPU int4 kernel where it
-takes them, model.int4pack) or dequantizes them for training (dequantize_tensors).
+stored codes, never an fp32 matrix; int4 ones a matmul uses repacked for torch's CPU int4 kernel
+where it takes them, model.int4pack) or dequantizes them for training (dequantize_tensors).
 """
 
 from __future__ import annotations
@@ -178,18 +178,25 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
 
     A weight whose module is missing or of another shape (a config.json that is not the
     checkpoint's) is dequantized too, so load_state_dict refuses it as it refuses floats.
-    A kernel_packable weight is repacked (into the only copy that stays resident), the others
-    get memory of their own (read_quantized leaves int4 codes in the file's mapping); either
-    once for a table tied to the LM head, so both modules share the bytes."""
+    A kernel_packable weight of a Linear (or of a table tied to one: lookups are no matmuls,
+    so an untied table keeps our layout and fp32 scales) is repacked (into the only copy that
+    stays resident), the others get memory of their own (read_quantized leaves int4 codes in
+    the file's mapping); either once for a table tied to the LM head, so both modules share
+    the bytes."""
     out: dict[str, Tensor] = {}
     stored: dict[int, tuple[Tensor, Tensor]] = {}  # id(codes) -> the two buffers
+    modules = {
+        name: _submodule(model, name.removesuffix(".weight")) if name.endswith(".weight") else None
+        for name, value in state.items()
+        if isinstance(value, QuantWeight)
+    }
+    matmul_codes = {id(state[n].codes) for n, m in modules.items() if type(m) is nn.Linear}
     for name, value in state.items():
         if not isinstance(value, QuantWeight):
             out[name] = value
             continue
         path = name.removesuffix(".weight")
-        module = _submodule(model, path) if name.endswith(".weight") else None
-        swapped = _quant_module(module, value)
+        swapped = _quant_module(modules[name], value, id(value.codes) in matmul_codes)
         if swapped is None:  # not a plain Linear/Embedding weight: the module gets floats
             out[name] = value.dequantize().to(value.scale.dtype)
             continue
@@ -199,18 +206,21 @@ def keep_quantized(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]
             stored[id(value.codes)] = (
                 int4pack.pack(value.codes, value.scale, value.group_size)
                 if swapped.kernel_packed
-                else (_owned(value.codes), _owned(value.scale))
+                else _owned(value)
             )
         names = ("int4pack", "scales_and_zeros") if swapped.kernel_packed else ("codes", "scale")
         out[f"{path}.{names[0]}"], out[f"{path}.{names[1]}"] = stored[id(value.codes)]
     return out
 
 
-def _owned(t: Tensor) -> Tensor:
-    """t, or a copy of it where t is a view into a larger storage (the file's mapping)."""
-    storage = t.untyped_storage()
-    whole = storage.nbytes() == t.nbytes and storage.data_ptr() == t.data_ptr()
-    return t if whole else t.clone()
+def _owned(value: QuantWeight) -> tuple[Tensor, Tensor]:
+    """value's codes and scale in memory of their own. read_quantized copied int8 ones and left
+    int4 ones in the file's mapping, which one kept tensor holds resident whole (gpt2-124m: +74
+    MB); safetensors gives each tensor a storage of its own over the mapping, so a view of it
+    looks like memory of its own: int4 ones are always copied."""
+    if value.bits == 8:
+        return value.codes, value.scale
+    return value.codes.clone(), value.scale.clone()
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:
@@ -220,10 +230,12 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _quant_module(module: nn.Module | None, w: QuantWeight) -> nn.Module | None:
+def _quant_module(module: nn.Module | None, w: QuantWeight, in_a_matmul: bool) -> nn.Module | None:
+    """The QuantLinear / QuantEmbedding standing for module, kernel-packed when a matmul uses
+    the weight and the kernel takes it; None for another module or shape."""
     if type(module) not in (nn.Linear, nn.Embedding) or tuple(module.weight.shape) != w.shape:
         return None
-    packed = w.kernel_packable
+    packed = in_a_matmul and w.kernel_packable
     if type(module) is nn.Linear:
         bias = module.bias is not None
         return QuantLinear(*reversed(w.shape), w.bits, w.group_size, bias, w.transposed, packed)

@@ -14,7 +14,9 @@ from lmforge.finetune.lora import (
     save_peft_adapter,
     trainable_fraction,
 )
+from lmforge.model import quant
 from lmforge.model.config import preset_config
+from lmforge.model.int4pack import int4pack_layout
 from lmforge.model.quant import QuantLinear, dequantize_weight, quantize_weight
 from lmforge.model.transformer import Transformer
 
@@ -131,3 +133,62 @@ def test_qlora_trains_adapters_over_a_quantized_base():
     assert qkv.lora_B.weight.grad is not None and qkv.lora_B.weight.grad.abs().sum() > 0
     merge(model)
     assert isinstance(model.blocks[0].attn.qkv, torch.nn.Linear)
+
+
+needs_int4_kernel = pytest.mark.skipif(
+    int4pack_layout() is None, reason="this torch has no working CPU int4 kernel (torch < 2.6)"
+)
+
+
+def _grads(model, idx):
+    """(logits, input embeddings' gradient, LoRA parameters' gradients) of a small loss."""
+    emb = model.tok_emb(idx).detach().requires_grad_(True)
+    # the blocks' input as a leaf whose gradient we read
+    hook = model.tok_emb.register_forward_hook(lambda module, args, out: emb)
+    logits = model(idx)
+    hook.remove()
+    logits.logsumexp(-1).mean().backward()
+    named = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), emb.grad, named
+
+
+@needs_int4_kernel
+def test_qlora_int4_base_trains_through_the_kernel_with_the_dequantized_paths_grads(monkeypatch):
+    def qlora(kernel: bool):
+        model = _model()
+        with monkeypatch.context() as m:
+            if not kernel:  # the base in our own layout, dequantized every forward
+                m.setattr(quant, "kernel_packable", lambda *args: False)
+            inject(model, LoraConfig(r=4, quantize="int4", group_size=32))
+        _randomize_adapters(model)
+        return model
+
+    kernel, dequantized = qlora(True), qlora(False)
+    bases = [m.base for m in lora_modules(kernel).values()]
+    assert bases and all(b.kernel_packed and not hasattr(b, "codes") for b in bases)
+    assert not any(m.base.kernel_packed for m in lora_modules(dequantized).values())
+    with torch.profiler.profile() as prof:
+        got = _grads(kernel, IDX)
+    calls = [e.name for e in prof.events()]
+    assert calls.count("aten::_weight_int4pack_mm_for_cpu") == len(bases)  # grad enabled too
+    ref = _grads(dequantized, IDX)
+    # bf16 activations and bf16 scales in the kernel's base: within 2% of each tensor's range
+    assert got[2].keys() == ref[2].keys() and all("lora_" in n for n in got[2])
+    pairs = [(got[0], ref[0]), (got[1], ref[1]), *((got[2][n], ref[2][n]) for n in ref[2])]
+    for a, b in pairs:  # at most 1.1% here (torch 2.13)
+        assert a.abs().sum() > 0 and (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+@needs_int4_kernel
+def test_qlora_int4_base_of_rows_the_kernel_lacks_gives_the_inputs_exact_gradient():
+    torch.manual_seed(0)
+    layer = LoRALinear(QuantLinear.from_linear(torch.nn.Linear(64, 50), "int4", 32), 4, 8.0)
+    assert layer.base.kernel_packed and layer.base.int4pack.shape[0] == 64  # padded rows
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    weight = layer.base.weight + layer.delta_weight()  # (50, 64), the base's bf16 scales
+    assert y.shape == (3, 50)
+    assert torch.allclose(x.grad, grad @ weight.detach(), rtol=1e-5, atol=1e-5)
+    assert layer.lora_B.weight.grad.abs().sum() > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -55,19 +56,35 @@ def test_repacked_weights_are_ours_up_to_bf16_scales(group_size: int) -> None:
         got = layer(x)
     ref = F.linear(x, ours)
     assert got.shape == (3, 5, 112) and (got - ref).abs().max() < 1e-2 * ref.abs().max()
-    x.requires_grad_(True)  # off the kernel (grad enabled): the float weight read back
-    assert torch.allclose(layer(x), F.linear(x, bf16), atol=1e-5)
+    x.requires_grad_(True)  # grad enabled: the kernel too, x's gradient off the weight read back
+    y = layer(x)
+    assert torch.equal(y.detach(), got)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert torch.allclose(x.grad, grad @ bf16, rtol=1e-5, atol=1e-4)
 
 
-def micro_int4(tmp_path: Path) -> Path:
-    """An int4 directory of a llama-style micro model whose tied table (256 rows) the kernel
-    takes (it takes 16k rows)."""
+def in_file_mapping(model: torch.nn.Module, file: Path) -> list[str]:
+    """The model's buffers whose memory lies in a mapping of `file` (Linux: /proc/self/maps),
+    which would keep the whole file resident."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[5] == str(file.resolve()):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((lo, hi))
+    return [n for n, b in model.named_buffers() if any(lo <= b.data_ptr() < hi for lo, hi in spans)]
+
+
+def micro_int4(tmp_path: Path, preset: str = "micro", **changes: object) -> Path:
+    """An int4 directory of a micro model (llama-style by default; `changes` to its config)."""
     from lmforge.model.config import preset_config
     from lmforge.model.convert import save_pretrained
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)
-    save_pretrained(Transformer(preset_config("micro")), tmp_path / "f")
+    config = dataclasses.replace(preset_config(preset), **changes)
+    save_pretrained(Transformer(config), tmp_path / "f")
     quantize_dir(tmp_path / "f", tmp_path / "q", "int4", 32)
     return tmp_path / "q"
 
@@ -94,8 +111,8 @@ def test_a_group_size_the_kernel_lacks_keeps_our_layout(tmp_path: Path) -> None:
     model = load_pretrained(tmp_path / "q")
     kept = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     assert kept and not any(m.kernel_packed for m in kept)
-    codes = model.lm_head.codes  # copied out of the file's mapping, once for the tied pair
-    assert codes is model.tok_emb.codes and codes.untyped_storage().nbytes() == codes.nbytes
+    assert model.lm_head.codes is model.tok_emb.codes  # the tied pair's, once
+    assert not in_file_mapping(model, tmp_path / "q" / "model.safetensors")  # copied out of it
     floats = load_pretrained(tmp_path / "q", quantized="dequantize")
     with torch.no_grad():
         ref, got = floats(IDS), model(IDS)
@@ -148,8 +165,8 @@ def test_each_cpu_layout_is_found_and_read_back(capability: str, layout: Layout)
         "from lmforge.model.quant import quantize_weight, dequantize_weight\n"
         "lay = int4pack_layout()\n"
         "torch.manual_seed(0)\n"
-        "codes, scale = quantize_weight(torch.randn(80, 64), 4, 32)\n"
-        "w = dequantize(*pack(codes, scale, 32), 32, lay)\n"
+        "codes, scale = quantize_weight(torch.randn(72, 64), 4, 32)\n"  # padded to 80
+        "w = dequantize(*pack(codes, scale, 32), 32, lay, 72)\n"
         "ok = torch.equal(w, dequantize_weight(codes, scale.bfloat16().float(), 4, 32))\n"
         "print(tuple(lay), ok)\n"
     )
@@ -192,26 +209,31 @@ def test_packing_in_chunks_of_rows_gives_the_same_bytes(monkeypatch) -> None:
     monkeypatch.setattr(int4pack, "PACK_CHUNK_WEIGHTS", 64 * 64)  # chunks of 64 rows
     chunked = int4pack.pack(codes, scale, 32)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
-    rows = int4pack.dequantize(*chunked, 32, int4pack_layout())
+    rows = int4pack.dequantize(*chunked, 32, int4pack_layout(), 176)
     assert torch.equal(rows, dequantize_weight(codes, scale.bfloat16().float(), 4, 32))
 
 
 @needs_kernel
-def test_off_the_kernel_the_weight_is_read_back_a_chunk_of_rows_at_a_time(monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_off_the_kernel_and_in_its_backward_the_weight_is_read_a_chunk_of_rows_at_a_time(
+    monkeypatch, dtype
+) -> None:
     from lmforge.model import int4pack
 
     torch.manual_seed(0)
     layer, _ = packed_linear(torch.randn(176, 64), 32)
-    whole = layer.weight
+    whole = layer.weight.to(dtype)
 
     def whole_weight(*args):
         raise AssertionError("a vocab-wide head would exist in floats whole")
 
     monkeypatch.setattr(int4pack, "dequantize", whole_weight)
     monkeypatch.setattr(int4pack, "PACK_CHUNK_WEIGHTS", 64 * 64)  # chunks of 64, 64, 48 rows
-    x = torch.randn(2, 3, 64, requires_grad=True)  # grad enabled: not the kernel
+    x = torch.randn(2, 3, 64, dtype=dtype, requires_grad=True)  # float64: not the kernel
     y = layer(x)
-    assert y.shape == (2, 3, 176) and torch.allclose(y, F.linear(x, whole), atol=1e-5)
+    ref = F.linear(x, whole)
+    tolerance = 1e-5 if dtype == torch.float64 else 1e-2  # the kernel's bf16 activations
+    assert y.shape == (2, 3, 176) and (y - ref).abs().max() < tolerance * ref.abs().max()
     y.sum().backward()
     assert torch.allclose(x.grad, whole.sum(0).expand(2, 3, 64), atol=1e-4)
 
@@ -257,3 +279,57 @@ def test_an_empty_lookup_or_batch_gives_empty_outputs(tmp_path: Path) -> None:
     with torch.no_grad():
         assert model.tok_emb(empty).shape == (2, 0, model.config.n_embd)
         assert model.lm_head(torch.randn(0, model.config.n_embd)).shape == (0, 256)
+
+
+@needs_kernel
+def test_a_head_of_rows_the_kernel_lacks_is_padded_with_zero_rows() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    head, scale = packed_linear(w[:50], 32)  # 50 rows: packed as 64, 14 of them zero
+    full, _ = packed_linear(w, 32)
+    assert head.kernel_packed and head.int4pack.shape == (64, 48)
+    assert head.scales_and_zeros.shape == (3, 64, 2)
+    codes = quantize_weight(w[:50], 4, 32)[0]
+    bf16 = dequantize_weight(codes, scale.bfloat16().float(), 4, 32)
+    assert torch.equal(head.weight, bf16)  # (50, 96): the padding never reads back
+    x = torch.randn(2, 7, 96)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = head(x)
+    assert any(e.name == "aten::_weight_int4pack_mm_for_cpu" for e in prof.events())
+    with torch.no_grad():  # each output row is its own: the padding changes none of them
+        assert got.shape == (2, 7, 50) and torch.equal(got, full(x)[..., :50])
+    ours = F.linear(x, dequantize_weight(codes, scale, 4, 32))  # the dequantize path
+    assert (got - ours).abs().max() < 1e-2 * ours.abs().max()
+
+
+@needs_kernel
+def test_a_vocabulary_the_kernel_lacks_runs_it_and_only_matmuls_are_packed(tmp_path) -> None:
+    # GPT-2 style: a tied 250-token table (not a multiple of 16) and an untied position table
+    model = load_pretrained(micro_int4(tmp_path, "micro-gpt2", vocab_size=250))
+    assert model.lm_head.kernel_packed and model.lm_head.int4pack.shape[0] == 256
+    assert model.tok_emb.int4pack is model.lm_head.int4pack  # tied: the head's bytes, once
+    pos = model.pos_emb  # a lookup only: our layout, fp32 scales, no repacking
+    assert isinstance(pos, QuantEmbedding) and not pos.kernel_packed
+    assert pos.scale.dtype == torch.float32 and not hasattr(pos, "int4pack")
+    assert not in_file_mapping(model, tmp_path / "q" / "model.safetensors")  # copied out of it
+    floats = load_pretrained(tmp_path / "q", quantized="dequantize")
+    positions = torch.arange(0, 128, 5)
+    assert torch.equal(pos(positions), floats.pos_emb(positions))  # exactly: no bf16 scales
+    assert quant.quantized_numel(model) == sum(
+        p.numel() for n, p in floats.named_parameters() if p.dim() == 2 and n != "lm_head.weight"
+    )  # the padding rows count for nothing
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = model(IDS)
+    calls = [e for e in prof.events() if e.name == "aten::_weight_int4pack_mm_for_cpu"]
+    assert len(calls) == 9  # 4 linears x 2 blocks and the head
+    with torch.no_grad():
+        ref = floats(IDS)
+    assert got.shape == (1, 29, 250) and (got - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+@needs_kernel
+def test_an_untied_token_table_keeps_our_layout_and_its_head_the_kernels(tmp_path) -> None:
+    model = load_pretrained(micro_int4(tmp_path, tie_embeddings=False))
+    assert model.lm_head.kernel_packed and not model.tok_emb.kernel_packed
+    floats = load_pretrained(tmp_path / "q", quantized="dequantize")
+    assert torch.equal(model.tok_emb(IDS), floats.tok_emb(IDS))
