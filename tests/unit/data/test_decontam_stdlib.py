@@ -203,3 +203,13 @@ def test_a_reader_that_stops_early_ends_the_collector(monkeypatch):
     assert next(r for r in records if r["kind"] != "topic")["kind"] == "module"
     records.close()
     assert started[0].returncode == -signal.SIGKILL  # not 1, its exit after every module
+
+
+def test_no_module_beside_the_collector_shadows_a_stdlib_module():
+    """The child runs stdlib_collect.py by path, so its folder is sys.path[0] while pydoc,
+    json and the rest import: a data/html.py there would replace the standard library's."""
+    from lmforge.data import stdlib_collect
+
+    folder = Path(stdlib_collect.__file__).parent
+    names = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
+    assert not names & set(sys.stdlib_module_names)
