@@ -11,7 +11,8 @@ from lmforge.errors import StageError
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loader import TokenWindows
-from lmforge.train.loop import projected_left_s, train
+from lmforge.train.loop import train
+from lmforge.train.pace import projected_left_s
 
 from .helpers import KilledAt, TinyLM, bigram_tokens, lm_loss, make_ctx
 
@@ -148,7 +149,7 @@ def test_rerun_after_the_last_checkpoint_reports_the_same_result(tmp_path):
 
 
 def test_mfu_peak_is_the_longest_matching_gpu_name():
-    from lmforge.train.loop import peak_flops
+    from lmforge.train.pace import peak_flops
 
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
