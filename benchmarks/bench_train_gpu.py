@@ -61,7 +61,7 @@ import lmforge
 from lmforge.model.config import preset_config
 from lmforge.model.transformer import Transformer
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import peak_flops as lmforge_peak_flops
+from lmforge.train.pace import peak_flops as lmforge_peak_flops
 from lmforge.train.pretrain import lm_loss
 
 LR, BETAS, WEIGHT_DECAY = 6e-4, (0.9, 0.95), 0.1

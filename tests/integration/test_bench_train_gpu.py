@@ -43,7 +43,7 @@ def test_cpu_dry_run_measures_every_contender_without_mfu(tmp_path: Path) -> Non
 @pytest.mark.gpu
 def test_cuda_dry_run_reports_mfu_and_memory(tmp_path: Path) -> None:
     """The CUDA-only branches: pinned batches, synchronize, peak memory, the peak FLOP/s lookup."""
-    from lmforge.train.loop import peak_flops
+    from lmforge.train.pace import peak_flops
 
     report = dry_run(tmp_path, "cuda")
     known_gpu = peak_flops(report["device"]) is not None

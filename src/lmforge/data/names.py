@@ -210,7 +210,9 @@ def _surname_after_word(text: str, strict: frozenset[str], lex: dict[str, frozen
     of everyday words (AMBIGUOUS_GIVEN, the lexicon's common words), before a word that is no
     known name at all ("Skip Montanaro"; "Max Heap", "Grant Access" stay text)."""
     words = text.split()
-    if any(part in strict for part in words[-1].split("-")):
+    # any word after it: the surname may be two words, the strict one first ("Mark Hammond
+    # Windows" is no less a name than "Mark Hammond")
+    if any(part in strict for word in words[1:] for part in word.split("-")):
         return True
     if words[0] in AMBIGUOUS_GIVEN or words[0] in lex["common_words"]:  # everyday words
         return False

@@ -69,8 +69,14 @@ def collect(
         encoding="utf-8",
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            yield json.loads(line)
+        try:
+            for line in proc.stdout:
+                yield json.loads(line)
+        except BaseException:  # GeneratorExit too: the reader stopped early (islice, an error)
+            # else the child imports every module left, its writes to the closed pipe failing
+            # quietly, while Popen's exit waits for it
+            proc.kill()
+            raise
         if proc.wait() != 0:
             raise InputError(
                 f"{NAME}: collecting the standard-library docs failed (exit {proc.returncode}; "

@@ -302,6 +302,7 @@ def _result(
     parts: _Parts, state: LoopState, pace: Pace, stopped_early: bool, resumed_from: int | None
 ) -> TrainResult:
     """The trained model (unwrapped), its full state dict and the run's headline numbers."""
+    tokens_per_s = pace.run_tokens_per_s()  # read first: gathering the state dict is not training
     return TrainResult(
         model=unwrap_model(parts.model),
         state_dict=full_model_state(parts.model),  # a collective under FSDP: complete on rank 0
@@ -310,7 +311,7 @@ def _result(
         train_loss=state.last_loss,
         val_loss=state.last_val_loss,
         best_val_loss=state.best_val_loss,
-        tokens_per_s=pace.run_tokens_per_s(),
+        tokens_per_s=tokens_per_s,
         skipped_steps=state.skipped_steps,
         stopped_early=stopped_early,
         resumed_from=resumed_from,

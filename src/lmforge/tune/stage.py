@@ -59,7 +59,7 @@ class TuneConfig(StageConfig):
     study_name: str | None = Field(
         None,
         description="study to create or join (default: <stage>-<hash of this config and the "
-        "inputs' content>; give one name to workers whose paths differ)",
+        "inputs' content and versions>; give one name to workers whose paths differ)",
     )
     heartbeat_s: int = Field(
         10, ge=1, description="seconds between a running trial's heartbeats",
@@ -92,17 +92,24 @@ class TuneConfig(StageConfig):
         """The tuned stage's inputs: a trial reruns when they change."""
         return self.trial_config(0, {}).inputs()
 
+    def input_versions(self) -> dict[str, str]:
+        """The tuned stage's input versions (e.g. the stdlib-docs corpus format), like inputs()."""
+        return self.trial_config(0, {}).input_versions()
+
     def resolved_study_name(self) -> str:
         """The study name: given, or derived so that a changed search never continues an old one.
 
-        Everything hashed except `trials` goes in, plus the inputs' content, so raising `trials`
-        continues the same study while new data or a new space starts a fresh one.
+        Everything hashed except `trials` goes in, plus the inputs' content and versions, so
+        raising `trials` continues the same study while new data (or data from a newer builder)
+        or a new space starts a fresh one.
         """
         if self.study_name:
             return self.study_name
         data = hashed_dump(self)
         data.pop("trials", None)
         data["inputs"] = sorted(content_hash(p) for p in self.inputs())
+        if versions := self.input_versions():  # no key without: those studies keep their names
+            data["input_versions"] = versions
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
         return f"{self.stage}-{digest[:12]}"
 

@@ -181,3 +181,35 @@ def test_a_failing_collector_says_what_it_ran_and_what_to_do(monkeypatch):
         InputError, match=r"exit 1.*`false -S \S*stdlib_collect.py docs`.*standard library"
     ):
         list(read_stdlib_docs())
+
+
+def test_a_reader_that_stops_early_ends_the_collector(monkeypatch):
+    """Closing the records after the first module's ends the child at once; it used to import
+    every module left while the close waited for it (9.7 s of a 10.6 s collection, loaded VM)."""
+    import signal
+    import subprocess
+
+    from lmforge.data import stdlib_docs
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(stdlib_docs.subprocess, "Popen", Recorded)
+    records = collect("docs")
+    assert next(r for r in records if r["kind"] != "topic")["kind"] == "module"
+    records.close()
+    assert started[0].returncode == -signal.SIGKILL  # not 1, its exit after every module
+
+
+def test_no_module_beside_the_collector_shadows_a_stdlib_module():
+    """The child runs stdlib_collect.py by path, so its folder is sys.path[0] while pydoc,
+    json and the rest import: a data/html.py there would replace the standard library's."""
+    from lmforge.data import stdlib_collect
+
+    folder = Path(stdlib_collect.__file__).parent
+    names = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
+    assert not names & set(sys.stdlib_module_names)

@@ -87,6 +87,14 @@ def test_name_detector_hits_and_misses(text, names):
     assert step.counts == ({"name": len(names)} if names else {})
 
 
+def test_an_everyday_given_name_and_a_known_surname_stay_a_name_before_another_word():
+    """A match such as "Mark Hammond Windows" reads as a two-word surname; its last word decided
+    alone, and the whole match, "Mark Hammond" too, was left as text."""
+    step = PiiStep(email=False, phone=False, ip=False, card=False, names=True)
+    out = step.anonymize("Author: Mark Hammond Windows extensions")
+    assert "Mark" not in out and "Hammond" not in out and step.counts == {"name": 1}
+
+
 def test_pii_step_replaces_names_only_when_asked_and_counts_them():
     text = "I am Alice Smith (alice.smith@example.com); Will Return; Dan Brown's patch."
     off = PiiStep()

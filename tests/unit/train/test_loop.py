@@ -11,7 +11,8 @@ from lmforge.errors import StageError
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loader import TokenWindows
-from lmforge.train.loop import projected_left_s, train
+from lmforge.train.loop import train
+from lmforge.train.pace import projected_left_s
 
 from .helpers import KilledAt, TinyLM, bigram_tokens, lm_loss, make_ctx
 
@@ -148,7 +149,7 @@ def test_rerun_after_the_last_checkpoint_reports_the_same_result(tmp_path):
 
 
 def test_mfu_peak_is_the_longest_matching_gpu_name():
-    from lmforge.train.loop import peak_flops
+    from lmforge.train.pace import peak_flops
 
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
@@ -217,3 +218,31 @@ def test_time_estimate_leaves_out_the_evaluations_already_run(tmp_path, monkeypa
         ctx.metrics.close()
     # 10 steps and 11 one-batch evaluations at a tiny model's pace (ms); 2.7 s or more before
     assert len(calls) == 1 and 0 < calls[0] < 1.5
+
+
+def test_the_runs_tokens_per_s_leaves_out_gathering_the_weights(tmp_path, monkeypatch):
+    """TrainResult.tokens_per_s is the training's: gathering the full state dict after the loop
+    (a collective under FSDP) is not in it. The pace's clock here: 100 s a step, 1000 s to
+    gather."""
+    import time
+    from types import SimpleNamespace
+
+    import lmforge.train.loop as loop
+    import lmforge.train.pace as pace
+
+    clock = [time.perf_counter()]  # where the pace's run starts, read from the real clock
+    monkeypatch.setattr(pace, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    gather = loop.full_model_state
+
+    def slow_gather(model):
+        clock[0] += 1000.0
+        return gather(model)
+
+    def slow_loss(model, batch):
+        clock[0] += 100.0
+        return lm_loss(model, batch)
+
+    monkeypatch.setattr(loop, "full_model_state", slow_gather)
+    result, _ = _run(tmp_path, _cfg(max_steps=4, eval_every=0), loss_fn=slow_loss)
+    # 4 steps of 8 x 16 tokens in 400 s, less the real seconds of setup before the run's start
+    assert result.tokens_per_s == pytest.approx(4 * 8 * 16 / 400.0, rel=0.05)  # not / 1400

@@ -147,3 +147,18 @@ def test_a_storage_that_cannot_be_opened_is_a_config_error_naming_it(tmp_path):
     cfg = _tune(tmp_path, storage="nosuchdb://host/db")
     with pytest.raises(ConfigError, match=r"tune storage 'nosuchdb://host/db' cannot be opened"):
         open_storage(cfg)
+
+
+def test_default_study_name_follows_the_tuned_stages_input_versions(tmp_path, monkeypatch):
+    """A data stage over the built-in corpus: a new corpus format is new data (the topics
+    file, its one input path, is the same), so the search starts a fresh study."""
+    from lmforge.data import stdlib_docs
+
+    base = {"source": ["stdlib-docs"], "quality": {"gopher_quality": {"min_words": 50}}}
+    space = {"quality.gopher_quality.min_words": {"low": 10, "high": 100, "type": "int"}}
+    cfg = _tune(tmp_path, stage="data", base=base, space=space, objective="docs_out")
+    assert cfg.input_versions() == stdlib_docs.corpus_versions()  # also in the tune's cache key
+    name = cfg.resolved_study_name()
+    assert name == cfg.resolved_study_name()
+    monkeypatch.setattr(stdlib_docs, "CORPUS_FORMAT", stdlib_docs.CORPUS_FORMAT + 1)
+    assert cfg.resolved_study_name() != name
