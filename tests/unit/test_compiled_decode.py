@@ -202,3 +202,41 @@ def test_generate_compiled_with_inductor_equals_eager():
     ids, mask = left_pad(PROMPTS)
     want = generate(model, ids, 24, pad_mask=mask, greedy=True)
     assert torch.equal(generate(model, ids, 24, pad_mask=mask, greedy=True, compile="on"), want)
+
+
+def _copied(cache):
+    from lmforge.serve.batch_cache import BatchCache
+
+    return BatchCache(cache.k.clone(), cache.v.clone(), cache.pad_mask.clone(), cache.limit)
+
+
+@pytest.mark.usefixtures("aot_eager")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_engine_compiled_pass_logits_match_eager_as_rows_join_leave_and_storage_grows(variant):
+    """decode_pass(compiled=True) against the eager pass on twin batch caches: left-padded rows,
+    a row leaving (the storage's start moves off 0), a longer row joining (the batch shifts
+    right), and the storage growing past its first GROW columns, with and without a window."""
+    from lmforge.serve.causal_step import decode_pass, prefill_pass
+
+    model = _model(**VARIANTS[variant])
+    with torch.inference_mode():
+        eager, logits = prefill_pass(model, PROMPTS, torch.device("cpu"))
+        compiled = _copied(eager)
+        first_capacity = eager.capacity
+        for step in range(75):
+            if step == 10:  # the longest row leaves: all-padding columns are trimmed by start
+                for c in (eager, compiled):
+                    c.keep([1, 2])
+                logits = logits[1:]
+                assert compiled.start > 0
+            if step == 20:  # a joiner longer than the batch so far: everyone shifts right
+                joiner, first = prefill_pass(model, [list(range(1, 31))], torch.device("cpu"))
+                eager.merge([joiner])
+                compiled.merge([_copied(joiner)])
+                logits = torch.cat([logits, first])
+            tokens = logits.argmax(-1).tolist()
+            logits = decode_pass(model, eager, tokens, torch.device("cpu"))
+            got = decode_pass(model, compiled, tokens, torch.device("cpu"), compiled=True)
+            torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-5)
+    assert eager.capacity > first_capacity  # the storage grew on the way
+    assert torch.equal(compiled.pad_mask, eager.pad_mask)
