@@ -9,6 +9,9 @@ counted by dynamo whatever the backend. One test runs the default inductor backe
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -115,6 +118,23 @@ def test_generate_compiled_samples_like_eager_with_stops_and_penalty():
     want = generate(model, ids, 25, generator=torch.Generator().manual_seed(7), **kw)
     got = generate(model, ids, 25, generator=torch.Generator().manual_seed(7), compile="on", **kw)
     assert torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_each_model_compiles_under_its_own_recompile_limit_and_is_freed_with_it():
+    """dynamo counts recompiles per code object: had models shared one, the second
+    architecture here would hit the limit (1 for this test; 8 by default) and decode eagerly."""
+    ids = torch.tensor([[1, 2, 3]])
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n_head in (4, 2):  # two architectures
+            _assert_same_greedy(_model(n_head=n_head, n_kv_head=n_head), ids, 6)
+    assert _frames_compiled() == 2
+    model = _model()
+    _assert_same_greedy(model, ids, 6)
+    freed = weakref.ref(model)
+    del model
+    gc.collect()
+    assert freed() is None and not compiled_decode._STEPS  # no compiled step outlives its model
 
 
 def test_compile_modes_and_capacity():
