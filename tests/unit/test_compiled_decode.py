@@ -10,6 +10,7 @@ counted by dynamo whatever the backend. One test runs the default inductor backe
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -200,6 +201,61 @@ def test_serve_engine_compiled_answers_equal_generate_with_few_recompiles(model_
         assert got == alone[0, len(prompts[i]) :].tolist()
     # rows joined and left (1 to 4) and the storage grew past 64 columns: no recompile
     assert _frames_compiled() == 2
+
+
+def test_engine_compiles_outside_its_lock_and_a_shutdown_meanwhile_stops_the_start(
+    model_dir, monkeypatch
+):
+    from lmforge.serve import engine as engine_module
+    from lmforge.serve.engine import Engine, EngineClosed, SamplingParams
+
+    compiling, finish = threading.Event(), threading.Event()
+
+    def slow_warm_up(model, device):  # stands in for the compile: tens of seconds on a CPU
+        compiling.set()
+        finish.wait(30)
+
+    monkeypatch.setattr(engine_module, "warm_up_compiled", slow_warm_up)
+    engine = Engine.from_dir(model_dir, device="cpu", compile="on")
+    failed: list[BaseException] = []
+    starter = threading.Thread(target=lambda: _catching(engine.start, failed))
+    starter.start()
+    try:
+        assert compiling.wait(30)
+        asker = threading.Thread(target=engine.stats)
+        asker.start()
+        asker.join(5)
+        assert not asker.is_alive()  # stats() did not wait for the compile
+        handle = engine.submit([1, 2], SamplingParams(max_tokens=2), "r")  # queued meanwhile
+        engine.shutdown(drain=False)
+    finally:
+        finish.set()
+        starter.join(30)
+    assert handle.finished and isinstance(failed[0], EngineClosed)  # no loop after a shutdown
+
+
+def _catching(fn, caught: list[BaseException]) -> None:
+    try:
+        fn()
+    except Exception as exc:
+        caught.append(exc)
+
+
+def test_engine_names_the_compile_setting_when_the_compile_fails(model_dir, monkeypatch):
+    from lmforge.serve.engine import Engine
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compiled_decode, "BACKEND", no_compiler)
+    torch._dynamo.reset()
+    engine = Engine.from_dir(model_dir, device="cpu", compile="on")
+    with pytest.raises(
+        ConfigError, match=r"failed; serve with compile off [\s\S]*no C\+\+ compiler"
+    ):
+        engine.start()
+    engine.shutdown()
+    torch._dynamo.reset()
 
 
 def test_serve_settings_compile_is_validated():
