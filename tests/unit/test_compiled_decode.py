@@ -258,6 +258,23 @@ def test_engine_names_the_compile_setting_when_the_compile_fails(model_dir, monk
     torch._dynamo.reset()
 
 
+@pytest.mark.usefixtures("aot_eager")
+def test_a_kept_int4_checkpoint_compiles_to_one_graph(tmp_path):
+    """Layers in torch's int4 kernel layout read their layout at load, not in forward, where
+    int4pack_layout's cache and device context broke the graph at every layer."""
+    from lmforge.compress.quantize import quantize_dir
+    from lmforge.model.convert import load_pretrained
+    from lmforge.model.quant import QuantLinear
+    from unit.evals.helpers import make_model_dir
+
+    quantize_dir(make_model_dir(tmp_path / "fp32", preset="micro"), tmp_path / "int4", "int4", 32)
+    model = load_pretrained(tmp_path / "int4").eval()
+    if not any(isinstance(m, QuantLinear) and m.kernel_packed for m in model.modules()):
+        pytest.skip("this torch has no CPU int4 kernel layout: nothing kernel-packed to compile")
+    generate(model, torch.tensor([[1, 2, 3, 4]]), 8, greedy=True, compile="on")
+    assert _frames_compiled() == 1 and not counters["graph_break"]
+
+
 def test_serve_settings_compile_is_validated():
     from pydantic import ValidationError
 

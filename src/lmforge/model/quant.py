@@ -221,7 +221,7 @@ class QuantLinear(nn.Module):
         """x @ weight.T through torch's int4 kernel (bf16 activations); off the kernel's ground
         (grad enabled, another device) through the weight read back from its layout."""
         if not _inference_on_cpu(x):  # chunks of output rows, like _int4_forward's
-            chunks = int4pack.dequantize_chunks(*_kernel_args(self), int4pack.int4pack_layout())
+            chunks = int4pack.dequantize_chunks(*_kernel_args(self), self.layout)
             return torch.cat([F.linear(x, w.to(x.dtype)) for w in chunks], dim=-1)
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (N, in)
         y = int4pack.matmul(flat, self.int4pack, self.scales_and_zeros, self.group_size)
@@ -310,7 +310,10 @@ class QuantEmbedding(nn.Module):
 
 
 def _register_kernel_buffers(module: nn.Module, rows: int, cols: int, group_size: int) -> None:
-    """An int4 (rows, cols) weight's buffers in torch's int4 kernel layout (model.int4pack)."""
+    """An int4 (rows, cols) weight's buffers in torch's int4 kernel layout (model.int4pack),
+    and that layout's rows (`layout`), read here rather than in forward: under torch.compile
+    int4pack_layout's cache and device context would break the graph at every such layer."""
+    module.layout = int4pack.int4pack_layout()
     module.register_buffer("int4pack", torch.empty(rows, cols // 2, dtype=torch.uint8))
     groups = torch.empty(cols // group_size, rows, 2, dtype=torch.bfloat16)
     module.register_buffer("scales_and_zeros", groups)
@@ -340,10 +343,9 @@ def _kernel_args(module: QuantLinear | QuantEmbedding) -> tuple[Tensor, Tensor, 
 
 def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | None) -> Tensor:
     """Float32 rows (all of them for None) of a kernel-packed weight, read back from its bytes."""
-    layout = int4pack.int4pack_layout()
     if rows is None:
-        return int4pack.dequantize(*_kernel_args(module), layout)
-    return int4pack.dequantize_rows(*_kernel_args(module), rows, layout)
+        return int4pack.dequantize(*_kernel_args(module), module.layout)
+    return int4pack.dequantize_rows(*_kernel_args(module), rows, module.layout)
 
 
 def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:
