@@ -148,9 +148,12 @@ def test_compile_modes_and_capacity():
     assert decode_capacity(70, 96) == 96
 
 
-def test_generate_rejects_an_unknown_compile_mode():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_rejects_an_unknown_compile_mode(use_cache):
     with pytest.raises(ConfigError, match="compile must be"):
-        generate(_model(), torch.tensor([[1, 2]]), 3, greedy=True, compile="fast")
+        generate(
+            _model(), torch.tensor([[1, 2]]), 3, greedy=True, compile="fast", use_cache=use_cache
+        )
 
 
 @pytest.fixture(scope="module")
