@@ -112,6 +112,18 @@ def _assert_same_greedy(model: Transformer, ids: torch.Tensor, n: int) -> None:
 
 
 @pytest.mark.usefixtures("aot_eager")
+@pytest.mark.parametrize("variant", ["rope-gqa", "learned-pos-mha", "sliding-window"])
+def test_generate_compiled_fills_a_block_size_that_is_no_power_of_two(variant):
+    """prompt + new tokens = block_size 40: the cache is block_size wide (not the next power of
+    two) and the last positions (the rotary/learned tables' last rows) decode as eagerly."""
+    model = _model(block_size=40, **VARIANTS[variant])
+    ids, mask = left_pad(PROMPTS)
+    n = 40 - ids.size(1)
+    want = generate(model, ids, n, pad_mask=mask, greedy=True)
+    assert torch.equal(generate(model, ids, n, pad_mask=mask, greedy=True, compile="on"), want)
+
+
+@pytest.mark.usefixtures("aot_eager")
 def test_generate_compiled_samples_like_eager_with_stops_and_penalty():
     model = _model(seed=1)
     ids, mask = left_pad(PROMPTS)
