@@ -9,6 +9,10 @@ counted by dynamo whatever the backend. One test runs the default inductor backe
 
 from __future__ import annotations
 
+import gc
+import threading
+import weakref
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -108,6 +112,18 @@ def _assert_same_greedy(model: Transformer, ids: torch.Tensor, n: int) -> None:
 
 
 @pytest.mark.usefixtures("aot_eager")
+@pytest.mark.parametrize("variant", ["rope-gqa", "learned-pos-mha", "sliding-window"])
+def test_generate_compiled_fills_a_block_size_that_is_no_power_of_two(variant):
+    """prompt + new tokens = block_size 40: the cache is block_size wide (not the next power of
+    two) and the last positions (the rotary/learned tables' last rows) decode as eagerly."""
+    model = _model(block_size=40, **VARIANTS[variant])
+    ids, mask = left_pad(PROMPTS)
+    n = 40 - ids.size(1)
+    want = generate(model, ids, n, pad_mask=mask, greedy=True)
+    assert torch.equal(generate(model, ids, n, pad_mask=mask, greedy=True, compile="on"), want)
+
+
+@pytest.mark.usefixtures("aot_eager")
 def test_generate_compiled_samples_like_eager_with_stops_and_penalty():
     model = _model(seed=1)
     ids, mask = left_pad(PROMPTS)
@@ -115,6 +131,23 @@ def test_generate_compiled_samples_like_eager_with_stops_and_penalty():
     want = generate(model, ids, 25, generator=torch.Generator().manual_seed(7), **kw)
     got = generate(model, ids, 25, generator=torch.Generator().manual_seed(7), compile="on", **kw)
     assert torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_each_model_compiles_under_its_own_recompile_limit_and_is_freed_with_it():
+    """dynamo counts recompiles per code object: had models shared one, the second
+    architecture here would hit the limit (1 for this test; 8 by default) and decode eagerly."""
+    ids = torch.tensor([[1, 2, 3]])
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n_head in (4, 2):  # two architectures
+            _assert_same_greedy(_model(n_head=n_head, n_kv_head=n_head), ids, 6)
+    assert _frames_compiled() == 2
+    model = _model()
+    _assert_same_greedy(model, ids, 6)
+    freed = weakref.ref(model)
+    del model
+    gc.collect()
+    assert freed() is None and not compiled_decode._STEPS  # no compiled step outlives its model
 
 
 def test_compile_modes_and_capacity():
@@ -127,9 +160,12 @@ def test_compile_modes_and_capacity():
     assert decode_capacity(70, 96) == 96
 
 
-def test_generate_rejects_an_unknown_compile_mode():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_rejects_an_unknown_compile_mode(use_cache):
     with pytest.raises(ConfigError, match="compile must be"):
-        generate(_model(), torch.tensor([[1, 2]]), 3, greedy=True, compile="fast")
+        generate(
+            _model(), torch.tensor([[1, 2]]), 3, greedy=True, compile="fast", use_cache=use_cache
+        )
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +218,78 @@ def test_serve_engine_compiled_answers_equal_generate_with_few_recompiles(model_
     assert _frames_compiled() == 2
 
 
+def test_engine_compiles_outside_its_lock_and_a_shutdown_meanwhile_stops_the_start(
+    model_dir, monkeypatch
+):
+    from lmforge.serve import engine as engine_module
+    from lmforge.serve.engine import Engine, EngineClosed, SamplingParams
+
+    compiling, finish = threading.Event(), threading.Event()
+
+    def slow_warm_up(model, device):  # stands in for the compile: tens of seconds on a CPU
+        compiling.set()
+        finish.wait(30)
+
+    monkeypatch.setattr(engine_module, "warm_up_compiled", slow_warm_up)
+    engine = Engine.from_dir(model_dir, device="cpu", compile="on")
+    failed: list[BaseException] = []
+    starter = threading.Thread(target=lambda: _catching(engine.start, failed))
+    starter.start()
+    try:
+        assert compiling.wait(30)
+        asker = threading.Thread(target=engine.stats)
+        asker.start()
+        asker.join(5)
+        assert not asker.is_alive()  # stats() did not wait for the compile
+        handle = engine.submit([1, 2], SamplingParams(max_tokens=2), "r")  # queued meanwhile
+        engine.shutdown(drain=False)
+    finally:
+        finish.set()
+        starter.join(30)
+    assert handle.finished and isinstance(failed[0], EngineClosed)  # no loop after a shutdown
+
+
+def _catching(fn, caught: list[BaseException]) -> None:
+    try:
+        fn()
+    except Exception as exc:
+        caught.append(exc)
+
+
+def test_engine_names_the_compile_setting_when_the_compile_fails(model_dir, monkeypatch):
+    from lmforge.serve.engine import Engine
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compiled_decode, "BACKEND", no_compiler)
+    torch._dynamo.reset()
+    engine = Engine.from_dir(model_dir, device="cpu", compile="on")
+    with pytest.raises(
+        ConfigError, match=r"failed; serve with compile off [\s\S]*no C\+\+ compiler"
+    ):
+        engine.start()
+    engine.shutdown()
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_a_kept_int4_checkpoint_compiles_to_one_graph(tmp_path):
+    """Layers in torch's int4 kernel layout read their layout at load, not in forward, where
+    int4pack_layout's cache and device context broke the graph at every layer."""
+    from lmforge.compress.quantize import quantize_dir
+    from lmforge.model.convert import load_pretrained
+    from lmforge.model.quant import QuantLinear
+    from unit.evals.helpers import make_model_dir
+
+    quantize_dir(make_model_dir(tmp_path / "fp32", preset="micro"), tmp_path / "int4", "int4", 32)
+    model = load_pretrained(tmp_path / "int4").eval()
+    if not any(isinstance(m, QuantLinear) and m.kernel_packed for m in model.modules()):
+        pytest.skip("this torch has no CPU int4 kernel layout: nothing kernel-packed to compile")
+    generate(model, torch.tensor([[1, 2, 3, 4]]), 8, greedy=True, compile="on")
+    assert _frames_compiled() == 1 and not counters["graph_break"]
+
+
 def test_serve_settings_compile_is_validated():
     from pydantic import ValidationError
 
@@ -202,3 +310,41 @@ def test_generate_compiled_with_inductor_equals_eager():
     ids, mask = left_pad(PROMPTS)
     want = generate(model, ids, 24, pad_mask=mask, greedy=True)
     assert torch.equal(generate(model, ids, 24, pad_mask=mask, greedy=True, compile="on"), want)
+
+
+def _copied(cache):
+    from lmforge.serve.batch_cache import BatchCache
+
+    return BatchCache(cache.k.clone(), cache.v.clone(), cache.pad_mask.clone(), cache.limit)
+
+
+@pytest.mark.usefixtures("aot_eager")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_engine_compiled_pass_logits_match_eager_as_rows_join_leave_and_storage_grows(variant):
+    """decode_pass(compiled=True) against the eager pass on twin batch caches: left-padded rows,
+    a row leaving (the storage's start moves off 0), a longer row joining (the batch shifts
+    right), and the storage growing past its first GROW columns, with and without a window."""
+    from lmforge.serve.causal_step import decode_pass, prefill_pass
+
+    model = _model(**VARIANTS[variant])
+    with torch.inference_mode():
+        eager, logits = prefill_pass(model, PROMPTS, torch.device("cpu"))
+        compiled = _copied(eager)
+        first_capacity = eager.capacity
+        for step in range(75):
+            if step == 10:  # the longest row leaves: all-padding columns are trimmed by start
+                for c in (eager, compiled):
+                    c.keep([1, 2])
+                logits = logits[1:]
+                assert compiled.start > 0
+            if step == 20:  # a joiner longer than the batch so far: everyone shifts right
+                joiner, first = prefill_pass(model, [list(range(1, 31))], torch.device("cpu"))
+                eager.merge([joiner])
+                compiled.merge([_copied(joiner)])
+                logits = torch.cat([logits, first])
+            tokens = logits.argmax(-1).tolist()
+            logits = decode_pass(model, eager, tokens, torch.device("cpu"))
+            got = decode_pass(model, compiled, tokens, torch.device("cpu"), compiled=True)
+            torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-5)
+    assert eager.capacity > first_capacity  # the storage grew on the way
+    assert torch.equal(compiled.pad_mask, eager.pad_mask)

@@ -17,7 +17,9 @@ grows in chunks. Prefill stays eager: it runs once per request and its shapes ar
 
 from __future__ import annotations
 
-import functools
+import threading
+import types
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -103,15 +105,28 @@ def decode_step(
     return model.lm_head(model.norm_f(x)[:, -1])  # (B, V)
 
 
-@functools.cache
-def _compiled(backend: str) -> Callable[..., Tensor]:
-    return torch.compile(decode_step, backend=backend)
+_STEPS: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
+_STEPS_LOCK = threading.Lock()  # engines of several models start from several threads
 
 
-def compiled_decode_step() -> Callable[..., Tensor]:
-    """decode_step under torch.compile (BACKEND); one wrapper per process, so a model's graph
-    compiles once and is reused by every later generation with the same shapes."""
-    return _compiled(BACKEND)
+def compiled_decode_step(model: nn.Module) -> Callable[..., Tensor]:
+    """decode_step under torch.compile (BACKEND) for `model`: its graphs compile once and serve
+    every later generation with the same shapes. Each model has its own copy of decode_step's
+    code, because dynamo keeps graphs and counts recompiles per code object: one shared copy
+    stops compiling at torch._dynamo.config.recompile_limit (8) graphs in a process, which a few
+    model architectures reach, and then runs eagerly with no more than a logged warning."""
+    with _STEPS_LOCK:
+        step = _STEPS.get(model)
+        if step is None:
+            step = _STEPS[model] = torch.compile(_own_code(decode_step), backend=BACKEND)
+    return step
+
+
+def _own_code(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """fn with a code object of its own (where dynamo's cache of fn's graphs lives)."""
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
 
 
 class FixedShapeSteps:
@@ -128,7 +143,7 @@ class FixedShapeSteps:
         self.valid[:, :prompt_len] = True if pad_mask is None else pad_mask.bool()
         self.next = prompt_len  # the column the next token goes to (col on the device)
         self.col = torch.tensor([prompt_len], device=self.k.device)
-        self.step = compiled_decode_step()
+        self.step = compiled_decode_step(model)
 
     def __call__(self, ids: Tensor) -> Tensor:
         if self.next >= self.valid.size(1):

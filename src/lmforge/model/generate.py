@@ -246,7 +246,7 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     pad = torch.zeros(B, dtype=torch.long, device=idx.device)  # each finished row's stop token
     ones = torch.ones((B, 1), dtype=torch.long, device=idx.device)
-    compiled = use_cache and use_compiled_decode(compile, idx.device)
+    compiled = use_compiled_decode(compile, idx.device) and use_cache  # checks the mode first
     was_training = model.training
     model.eval()
     try:

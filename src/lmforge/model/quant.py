@@ -262,9 +262,7 @@ class QuantLinear(nn.Module):
         _Int4KernelLinear); off the kernel's ground (another device, torch.compile) through the
         weight read back from its layout."""
         if not _cpu_kernel_input(x):  # chunks of output rows, like _int4_forward's
-            chunks = int4pack.dequantize_chunks(
-                *_kernel_args(self), int4pack.int4pack_layout(), self.out_features
-            )
+            chunks = int4pack.dequantize_chunks(*_kernel_args(self), self.layout, self.out_features)
             return torch.cat([F.linear(x, w.to(x.dtype)) for w in chunks], dim=-1)
         flat = x.reshape(-1, self.in_features)  # (N, in)
         y = _Int4KernelLinear.apply(flat, *_kernel_args(self), self.out_features)
@@ -354,7 +352,10 @@ class QuantEmbedding(nn.Module):
 
 def _register_kernel_buffers(module: nn.Module, rows: int, cols: int, group_size: int) -> None:
     """An int4 (rows, cols) weight's buffers in torch's int4 kernel layout (model.int4pack),
-    its rows padded to the kernel's multiple."""
+    its rows padded to the kernel's multiple, and that layout (`layout`), read here rather than
+    in forward: under torch.compile int4pack_layout's cache and device context would break the
+    graph at every such layer."""
+    module.layout = int4pack.int4pack_layout()
     rows = int4pack.padded_rows(rows)
     module.register_buffer("int4pack", torch.empty(rows, cols // 2, dtype=torch.uint8))
     groups = torch.empty(cols // group_size, rows, 2, dtype=torch.bfloat16)
@@ -392,10 +393,9 @@ def _weight_shape(module: QuantLinear | QuantEmbedding) -> tuple[int, int]:
 
 def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | None) -> Tensor:
     """Float32 rows (all of them for None) of a kernel-packed weight, read back from its bytes."""
-    layout = int4pack.int4pack_layout()
     if rows is None:
-        return int4pack.dequantize(*_kernel_args(module), layout, _weight_shape(module)[0])
-    return int4pack.dequantize_rows(*_kernel_args(module), rows, layout)
+        return int4pack.dequantize(*_kernel_args(module), module.layout, _weight_shape(module)[0])
+    return int4pack.dequantize_rows(*_kernel_args(module), rows, module.layout)
 
 
 def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:

@@ -86,7 +86,7 @@ def _compiled_pass(
     col = torch.tensor([cache.start + start_pos], device=ids.device)
     for t, dims in ((ids, (0,)), (valid, (0, 1)), (cache.k, (1, 3)), (cache.v, (1, 3))):
         torch._dynamo.mark_dynamic(t, dims)  # rows, storage columns
-    return compiled_decode_step()(model, ids, valid, col, cache.k, cache.v)
+    return compiled_decode_step(model)(model, ids, valid, col, cache.k, cache.v)
 
 
 def warm_up_compiled(model: nn.Module, device: torch.device) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.errors import InputError, LmforgeError
+from lmforge.errors import ConfigError, InputError, LmforgeError
 from lmforge.model.compiled_decode import use_compiled_decode
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass, warm_up_compiled
@@ -174,18 +174,32 @@ class Engine:
     # -- the API the server calls -----------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the step loop in a background (daemon) thread (compiling the decoding step
-        first, when compiled_decode)."""
-        with self._lock:
-            if self._closed:
-                raise EngineClosed(f"engine {self.name!r} is shut down; create a new one")
-            if self._thread is not None:
-                return
-            if self.compiled_decode:
+        """Starts the step loop in a background (daemon) thread. With compiled_decode the
+        decoding step compiles first, outside the lock (tens of seconds): submit() queues,
+        stats() and shutdown() answer meanwhile."""
+        if not self._startable():
+            return
+        if self.compiled_decode:
+            try:
                 warm_up_compiled(self.model, self.device)
+            except Exception as exc:
+                raise ConfigError(
+                    f"engine {self.name!r}: compiling the decoding step failed; serve with "
+                    f"compile off (--compile off) or mend the cause: {exc}"
+                ) from exc
+        with self._lock:
+            if not self._startable():  # shut down, or started elsewhere, while compiling
+                return
             self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}")
             self._thread.daemon = True
             self._thread.start()
+
+    def _startable(self) -> bool:
+        """Whether start() has a loop to start: False once started; EngineClosed once shut."""
+        with self._lock:
+            if self._closed:
+                raise EngineClosed(f"engine {self.name!r} is shut down; create a new one")
+            return self._thread is None
 
     def submit(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
