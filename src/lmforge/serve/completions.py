@@ -228,8 +228,9 @@ class CompletionService:
     async def stream(self, prep: Prepared) -> AsyncIterator[str]:
         """SSE writes: OpenAI chunks, an optional usage chunk, then [DONE].
 
-        Each string is one write to the client. The events that arrived together share one;
-        the stream's end -- the last events, the usage chunk and [DONE] -- is a single write
+        Each string is one write to the client. The events that arrived together share one (the
+        first one also carries the opening chunk: chat's role, a completion's sources); the
+        stream's end -- the last events, the usage chunk and [DONE] -- is a single write
         (SSE_DONE ends it), sent once the choices are in the feedback store, so a client that
         rates the answer as soon as it has [DONE] finds it there."""
         obj = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
@@ -248,15 +249,16 @@ class CompletionService:
                 return {"index": job.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
             return {"index": job.index, "text": text, "logprobs": lp, "finish_reason": reason}
 
+        out: list[str] = []  # SSE chunks not written yet
         # Chat's first chunk names the role; a completion with sources (a seq2seq model trained
-        # with passages) opens every choice with no text yet. Either carries the sources there.
+        # with passages) opens every choice with no text yet. Either carries the sources there,
+        # and leaves in the first tokens' write (the headers have told the client it is on).
         if prep.kind == "chat" or prep.sources is not None:
             extra = {"sources": prep.sources} if prep.sources is not None else {}
             opening = [piece(j, "", None) for j in prep.jobs]
             if prep.kind == "chat":
                 opening = [{**p, "delta": {"role": "assistant", "content": ""}} for p in opening]
-            yield chunk(opening, **extra)
-        out: list[str] = []  # SSE chunks not written yet
+            out.append(chunk(opening, **extra))
         if prep.refused:
             text = self.state.safety.refusal_message
             out += [chunk([piece(job, text, "content_filter")]) for job in prep.jobs]

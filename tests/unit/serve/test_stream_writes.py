@@ -70,9 +70,10 @@ def streamed(
     engine: QueuedEngine | None = None,
     usage: bool = False,
     feedback: ListStore | None = None,
+    kind: str = "completion",
 ) -> list[str]:
     """The strings stream() hands the response, one per write, for n choices of `texts` (then
-    `final`, when given, as each choice's last event), of a completion with these `sources`;
+    `final`, when given, as each choice's last event), of a `kind` request with these `sources`;
     each write that ends with [DONE] is checked to come after the feedback rows."""
     state = SimpleNamespace(
         settings=SimpleNamespace(request_timeout_s=30.0), metrics=ServerMetrics(),
@@ -82,7 +83,7 @@ def streamed(
     jobs = [Job(i, [1, 2, 3], "abc", params) for i in range(n)]
     engine = engine or QueuedEngine(texts, final)
     prep = Prepared(
-        "completion", "cmpl-1", "m", engine, jobs, 3, sources=sources, stream=True,
+        kind, "cmpl-1", "m", engine, jobs, 3, sources=sources, stream=True,
         include_usage=usage,
     )  # fmt: skip
 
@@ -154,15 +155,30 @@ def test_a_completion_with_sources_streams_them_first_with_an_empty_piece_per_ch
     yet (a client reading choices[0].text gets ""); without sources nothing is added."""
     sources = [{"source": "json.dumps", "text": "json.dumps(obj)", "prompt_index": 0}]
     writes = streamed(["a", "b"], n=2, sources=sources)
-    assert len(writes) == 2  # the sources, then the tokens with [DONE]
-    [first] = chunks(writes[0])
+    assert len(writes) == 1  # the sources ride with the tokens and [DONE]
+    first, *tokens = chunks(writes[0])
     assert first["sources"] == sources
     assert first["choices"] == [
         {"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(2)
     ]
-    tokens = chunks(writes[1])
     assert all("sources" not in c for c in tokens)
     assert "".join(c["choices"][0]["text"] for c in tokens) == "abab"
     plain = streamed(["a", "b"], n=2)
     assert len(plain) == 1 and "sources" not in plain[0]
     assert "".join(c["choices"][0]["text"] for c in chunks(plain[0])) == "abab"
+
+
+def test_chats_role_chunk_rides_with_the_first_tokens():
+    """Chat's opening chunk (the role) is not a write of its own: it leaves with the first
+    tokens, so a chat stream takes as many writes as a completion's."""
+    texts = ["Hel", "lo", "!"]
+    writes = streamed(texts, n=1, engine=SteppedEngine(texts), kind="chat")
+    assert len(writes) == len(texts)
+    role, *first_tokens = chunks(writes[0])
+    assert role["object"] == "chat.completion.chunk"
+    assert role["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+         "finish_reason": None}
+    ]  # fmt: skip
+    assert [c["choices"][0]["delta"] for c in first_tokens] == [{"content": "Hel"}]
+    assert all("role" not in c["choices"][0]["delta"] for w in writes[1:] for c in chunks(w))
