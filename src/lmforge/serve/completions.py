@@ -282,10 +282,16 @@ class CompletionService:
                             out.clear()
             except TimeoutError:
                 err = APIError(504, "the request timed out", type="timeout", code="timeout")
-                yield "".join(out) + f"data: {json.dumps(err.body())}\n\n"
-                return
             except APIError as exc:
-                yield "".join(out) + f"data: {json.dumps(exc.body())}\n\n"
+                err = exc
+            except Exception as exc:  # a bug: as a non-streamed answer's, an error body, not a
+                # cut connection that loses the chunks held back for the end
+                log.exception("stream %s failed", prep.response_id)
+                err = APIError(500, f"internal error: {exc}", type="server_error")
+            else:
+                err = None
+            if err is not None:  # the chunks before it, then the error; no [DONE]
+                yield "".join(out) + f"data: {json.dumps(err.body())}\n\n"
                 return
             for job in prep.jobs:
                 if job.redactor is not None:

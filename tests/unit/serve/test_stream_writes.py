@@ -182,3 +182,26 @@ def test_chats_role_chunk_rides_with_the_first_tokens():
     ]  # fmt: skip
     assert [c["choices"][0]["delta"] for c in first_tokens] == [{"content": "Hel"}]
     assert all("role" not in c["choices"][0]["delta"] for w in writes[1:] for c in chunks(w))
+
+
+def test_an_unexpected_error_ends_the_stream_with_an_error_body_after_the_held_back_tokens(
+    monkeypatch, caplog
+):
+    """A bug while the stream's last chunks wait for the end: the client still gets them, then
+    a server_error body (as a non-streamed answer would), not a connection cut mid-body."""
+    accept = CompletionService._stream_part
+
+    def failing_on_the_end(self, prep, job, event, sent):
+        if event.finish_reason is not None:
+            raise RuntimeError("bug at the end")
+        return accept(self, prep, job, event, sent)
+
+    monkeypatch.setattr(CompletionService, "_stream_part", failing_on_the_end)
+    final = TokenEvent(NO_TOKEN, "", finish_reason="stop")
+    writes = streamed(["Hel", "lo"], n=1, final=final)
+    assert len(writes) == 1 and not writes[0].endswith(SSE_DONE)
+    sent = chunks(writes[0])
+    assert [c["choices"][0]["text"] for c in sent[:2]] == ["Hel", "lo"]
+    assert sent[2]["error"]["message"] == "internal error: bug at the end"
+    assert sent[2]["error"]["type"] == "server_error"
+    assert "stream cmpl-1 failed" in caplog.text
