@@ -288,6 +288,7 @@ class CompletionService:
         reason = job.finish_reason if event.finish_reason else None
         if reason is None and job.finish_reason == "content_filter":
             reason = "content_filter"
+            prep.engine.abort(job.request_id)  # nothing more of it is sent: stop decoding it
         lp = None
         if job.logprobs is not None:
             lp = job.logprobs.build(sent[job.index])

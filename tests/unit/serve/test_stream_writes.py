@@ -11,6 +11,7 @@ from lmforge.serve.completions import SSE_DONE, CompletionService, Job, Prepared
 from lmforge.serve.engine import SamplingParams
 from lmforge.serve.handle import NO_TOKEN, RequestHandle, TokenEvent
 from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.safety import SafetyPolicy, SafetyRule
 
 
 class QueuedEngine:
@@ -52,6 +53,18 @@ class SteppedEngine(QueuedEngine):
             self.pushed += 1
 
 
+class AbortableEngine(SteppedEngine):
+    """A stepped engine that ends a request it is asked to abort, as the real one does."""
+
+    def __init__(self, texts: list[str]) -> None:
+        super().__init__(texts)
+        self.aborted: list[str] = []
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        self.handle.push(TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+
+
 class ListStore:
     """A feedback store that keeps its rows in a list."""
 
@@ -71,13 +84,14 @@ def streamed(
     usage: bool = False,
     feedback: ListStore | None = None,
     kind: str = "completion",
+    safety: SafetyPolicy | None = None,
 ) -> list[str]:
     """The strings stream() hands the response, one per write, for n choices of `texts` (then
     `final`, when given, as each choice's last event), of a `kind` request with these `sources`;
     each write that ends with [DONE] is checked to come after the feedback rows."""
     state = SimpleNamespace(
         settings=SimpleNamespace(request_timeout_s=30.0), metrics=ServerMetrics(),
-        safety=None, feedback=feedback, cache=None,
+        safety=safety, feedback=feedback, cache=None,
     )  # fmt: skip
     params = SamplingParams(max_tokens=len(texts))
     jobs = [Job(i, [1, 2, 3], "abc", params) for i in range(n)]
@@ -205,3 +219,17 @@ def test_an_unexpected_error_ends_the_stream_with_an_error_body_after_the_held_b
     assert sent[2]["error"]["message"] == "internal error: bug at the end"
     assert sent[2]["error"]["type"] == "server_error"
     assert "stream cmpl-1 failed" in caplog.text
+
+
+def test_a_choice_refused_mid_stream_is_aborted_not_decoded_to_its_end():
+    """Once the output filter refuses a choice nothing more of it is sent, so its engine
+    request is aborted at once: the stream ends without decoding the rest (max_tokens)."""
+    texts = ["Sure. A bo", "mb is ", *["more "] * 50]
+    engine = AbortableEngine(texts)
+    refuse = SafetyRule(name="weapons", words=["bomb"], action="refuse")
+    writes = streamed(texts, n=1, engine=engine, safety=SafetyPolicy(rules=[refuse]))
+    assert engine.aborted == ["cmpl-1-0"] and engine.pushed < 5  # of 52
+    sent = [c["choices"][0] for w in writes for c in chunks(w)]
+    assert "".join(c["text"] for c in sent) == "Sure. A "
+    assert [c["finish_reason"] for c in sent if c["finish_reason"]] == ["content_filter"]
+    assert writes[-1].endswith(SSE_DONE)
