@@ -1,5 +1,6 @@
-"""Streaming: the events that reach a response together leave in one SSE write, in order, and
-the stream's end (the last tokens, the usage chunk, [DONE]) is one write after the feedback row."""
+"""Streaming: the events that reach a response together leave in one SSE write, in order (the
+first with the opening chunk), the stream's end (the last tokens, the usage chunk, [DONE]) is one
+write after the feedback row, errors keep what came before them, and a refused choice is aborted."""
 
 from __future__ import annotations
 
