@@ -36,13 +36,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from lmforge.serve.bench import DEFAULT_PROMPTS, render_table, run_bench
 from lmforge.serve.launch import ServerProcess
+from lmforge.serve.settings import ServeSettings
 
+LOOPS = get_args(ServeSettings.model_fields["loop"].annotation)  # --loop's choices
+HTTPS = get_args(ServeSettings.model_fields["http"].annotation)  # --http's
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
@@ -166,7 +169,9 @@ def compare_pairs(
         ))  # fmt: skip
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The flags, --compare's pairs (as .pairs) checked before a model is built or a server
+    started for any of them."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="model dir to serve (default: build --preset)")
     ap.add_argument("--preset", default="tiny", help="lmforge model preset when building")
@@ -175,13 +180,25 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16", help="levels; the ratio is last / first")
     ap.add_argument("--device", default="auto", help="the server's device: auto | cpu | cuda")
     ap.add_argument("--hf", action="store_true", help="time HF generate even without CUDA")
-    ap.add_argument("--loop", default="auto", help="the server's event loop (lmforge serve --loop)")
-    ap.add_argument("--http", default="auto", help="the server's HTTP parser (--http)")
+    ap.add_argument("--loop", default="auto", choices=LOOPS, help="the server's event loop")
+    ap.add_argument("--http", default="auto", choices=HTTPS, help="the server's HTTP parser")
     ap.add_argument(
         "--compare", help="LOOP/HTTP pairs to alternate, e.g. asyncio/h11,uvloop/httptools"
     )
     ap.add_argument("--rounds", type=int, default=4, help="rounds of --compare")
     args = ap.parse_args()
+    args.pairs = args.compare.split(",") if args.compare else []
+    for pair in args.pairs:
+        loop, _, http = pair.partition("/")
+        if loop not in LOOPS or http not in HTTPS:
+            ap.error(f"--compare {pair!r}: want LOOP/HTTP, LOOP in {LOOPS}, HTTP in {HTTPS}")
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     cuda = torch.cuda.is_available() and args.device != "cpu"
 
@@ -189,10 +206,10 @@ def main() -> None:
         model_dir = args.model or build_model_dir(Path(tmp), args.preset)
         serve_args = ["--feedback-db", f"{tmp}/feedback.db", "--device", args.device,
                       "--max-batch-size", str(max(levels))]  # fmt: skip
-        if args.compare:
-            pairs = args.compare.split(",")
+        if args.pairs:
+            pairs, rounds = args.pairs, args.rounds
             compare_pairs(
-                model_dir, serve_args, pairs, args.rounds, levels, args.requests, args.max_tokens
+                model_dir, serve_args, pairs, rounds, levels, args.requests, args.max_tokens
             )
             return
         serve_args += ["--loop", args.loop, "--http", args.http]

@@ -53,7 +53,8 @@ def serve_cmd(
         Path | None,
         typer.Option(
             help="serve.yaml (e.g. a recipe's serve-config stage): models, kb, safety, feedback "
-            "from the file; host, port, api key, workers, limits, device and compile from the flags."
+            "from the file; host, port, api key, workers, limits, threads, device, compile, "
+            "loop and http from the flags."
         ),
     ] = None,
     threads: Annotated[

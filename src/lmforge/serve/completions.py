@@ -228,38 +228,16 @@ class CompletionService:
     async def stream(self, prep: Prepared) -> AsyncIterator[str]:
         """SSE writes: OpenAI chunks, an optional usage chunk, then [DONE].
 
-        Each string is one write to the client. The events that arrived together share one;
-        the stream's end -- the last events, the usage chunk and [DONE] -- is a single write
+        Each string is one write to the client. The events that arrived together share one (the
+        first one also carries the opening chunk: chat's role, a completion's sources); the
+        stream's end -- the last events, the usage chunk and [DONE] -- is a single write
         (SSE_DONE ends it), sent once the choices are in the feedback store, so a client that
         rates the answer as soon as it has [DONE] finds it there."""
-        obj = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
-        created = now()
-
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {"id": prep.response_id, "object": obj, "created": created,
-                    "model": prep.model, "system_fingerprint": None, "choices": choices, **extra}  # fmt: skip
-            if prep.include_usage and "usage" not in extra:
-                body["usage"] = None
-            return f"data: {json.dumps(body)}\n\n"
-
-        def piece(job: Job, text: str, reason: str | None, lp: Any = None) -> dict[str, Any]:
-            if prep.kind == "chat":
-                delta = {"content": text} if text or reason is None else {}
-                return {"index": job.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            return {"index": job.index, "text": text, "logprobs": lp, "finish_reason": reason}
-
-        # Chat's first chunk names the role; a completion with sources (a seq2seq model trained
-        # with passages) opens every choice with no text yet. Either carries the sources there.
-        if prep.kind == "chat" or prep.sources is not None:
-            extra = {"sources": prep.sources} if prep.sources is not None else {}
-            opening = [piece(j, "", None) for j in prep.jobs]
-            if prep.kind == "chat":
-                opening = [{**p, "delta": {"role": "assistant", "content": ""}} for p in opening]
-            yield chunk(opening, **extra)
-        out: list[str] = []  # SSE chunks not written yet
+        sse = StreamChunks(prep)
+        out = sse.opening()  # SSE chunks not written yet
         if prep.refused:
             text = self.state.safety.refusal_message
-            out += [chunk([piece(job, text, "content_filter")]) for job in prep.jobs]
+            out += [sse.chunk([sse.piece(job, text, "content_filter")]) for job in prep.jobs]
             await self.record(prep, [text] * len(prep.jobs))
         else:
             if self.state.safety is not None:
@@ -274,23 +252,29 @@ class CompletionService:
                             ended += event.finish_reason is not None
                             part = self._stream_part(prep, job, event, sent)
                             if part is not None:
-                                out.append(chunk([piece(job, *part)]))
+                                out.append(sse.chunk([sse.piece(job, *part)]))
                         if out and ended < len(prep.jobs):  # the last ones wait for the end
                             yield "".join(out)  # one write (one socket send) for all of them
                             out.clear()
             except TimeoutError:
                 err = APIError(504, "the request timed out", type="timeout", code="timeout")
-                yield "".join(out) + f"data: {json.dumps(err.body())}\n\n"
-                return
             except APIError as exc:
-                yield "".join(out) + f"data: {json.dumps(exc.body())}\n\n"
+                err = exc
+            except Exception as exc:  # a bug: as a non-streamed answer's, an error body, not a
+                # cut connection that loses the chunks held back for the end
+                log.exception("stream %s failed", prep.response_id)
+                err = APIError(500, f"internal error: {exc}", type="server_error")
+            else:
+                err = None
+            if err is not None:  # the chunks before it, then the error; no [DONE]
+                yield "".join(out) + f"data: {json.dumps(err.body())}\n\n"
                 return
             for job in prep.jobs:
                 if job.redactor is not None:
                     self.state.metrics.safety.labels("output", job.redactor.verdict).inc()
             await self.record(prep, ["".join(j.text) for j in prep.jobs])
         if prep.include_usage:
-            out.append(chunk([], usage=self._usage(prep)))
+            out.append(sse.chunk([], usage=self._usage(prep)))
         yield "".join(out) + SSE_DONE
 
     def _stream_part(
@@ -304,11 +288,48 @@ class CompletionService:
         reason = job.finish_reason if event.finish_reason else None
         if reason is None and job.finish_reason == "content_filter":
             reason = "content_filter"
+            prep.engine.abort(job.request_id)  # nothing more of it is sent: stop decoding it
         lp = None
         if job.logprobs is not None:
             lp = job.logprobs.build(sent[job.index])
             sent[job.index] = len(job.logprobs.tokens)
         return (text, reason, lp) if text or reason or lp else None
+
+
+class StreamChunks:
+    """The SSE chunks of one streamed response: OpenAI's envelope around each choice's piece."""
+
+    def __init__(self, prep: Prepared) -> None:
+        self.prep = prep
+        self.object = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
+        self.created = now()
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        prep = self.prep
+        body = {"id": prep.response_id, "object": self.object, "created": self.created,
+                "model": prep.model, "system_fingerprint": None, "choices": choices, **extra}  # fmt: skip
+        if prep.include_usage and "usage" not in extra:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    def piece(self, job: Job, text: str, reason: str | None, lp: Any = None) -> dict[str, Any]:
+        if self.prep.kind == "chat":
+            delta = {"content": text} if text or reason is None else {}
+            return {"index": job.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        return {"index": job.index, "text": text, "logprobs": lp, "finish_reason": reason}
+
+    def opening(self) -> list[str]:
+        """Chat's first chunk names the role; a completion with sources (a seq2seq model trained
+        with passages) opens every choice with no text yet. Either carries the sources there.
+        It leaves in the first tokens' write (the headers have told the client it is on)."""
+        prep = self.prep
+        if prep.kind != "chat" and prep.sources is None:
+            return []
+        extra = {"sources": prep.sources} if prep.sources is not None else {}
+        opening = [self.piece(j, "", None) for j in prep.jobs]
+        if prep.kind == "chat":
+            opening = [{**p, "delta": {"role": "assistant", "content": ""}} for p in opening]
+        return [self.chunk(opening, **extra)]
 
 
 async def _pump(handle: Any, job: Job, queue: asyncio.Queue) -> None:

@@ -1,10 +1,13 @@
 """The app under a real uvicorn on 127.0.0.1 (in a thread of this process), read by the official
 openai client: under each event loop / HTTP parser pair the server is asked for, that pair is
 what runs, streamed answers equal the whole answer, and a stream ends in one write -- the last
-tokens, the usage chunk and [DONE] in the message that also ends the HTTP body."""
+tokens, the usage chunk and [DONE] in the message that also ends the HTTP body. The streaming
+response's ASGI messages are also checked on their own: its ends, and a client gone mid-stream
+(either way a server tells it) closing the stream's generator at once."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -20,8 +23,14 @@ import openai
 import uvicorn
 
 from lmforge.errors import ConfigError
+from lmforge.serve.completions import SSE_DONE
 from lmforge.serve.launch import free_port
-from lmforge.serve.server import create_app, event_loop_and_http, uvicorn_options
+from lmforge.serve.server import (
+    ClosingStreamingResponse,
+    create_app,
+    event_loop_and_http,
+    uvicorn_options,
+)
 from lmforge.serve.settings import ServeSettings
 
 DONE = b"data: [DONE]\n\n"
@@ -128,3 +137,64 @@ def test_auto_picks_what_is_installed_and_a_missing_choice_names_its_flag(tmp_pa
     assert event_loop_and_http(settings()) == ("uvloop", "h11")
     with pytest.raises(ConfigError, match=r"--http httptools: .* or pass --http h11"):
         event_loop_and_http(settings(http="httptools"))
+
+
+def respond(writes, spec_version="2.3", gone_after=None, then_wait=True):
+    """The body messages ClosingStreamingResponse sends for a stream of `writes` (then, with
+    `then_wait`, one that never comes, as from an engine still generating), and whether the
+    stream's generator was closed. `gone_after`: the client disconnects once that many bodies
+    were sent; a 2.3 server then says so through receive(), a 2.4 one by send() raising."""
+    bodies: list[tuple[bytes, bool]] = []
+    closed = []
+    gone = asyncio.Event()
+
+    async def stream():
+        try:
+            for write in writes:
+                yield write
+            if then_wait:  # generating: only the client's leaving ends this
+                await asyncio.Event().wait()
+        finally:
+            closed.append(True)
+
+    async def receive():
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if gone.is_set() and spec_version >= "2.4":
+            raise OSError("connection reset by peer")
+        if message["type"] == "http.response.body":
+            bodies.append((message["body"], message["more_body"]))
+            if len(bodies) == gone_after:
+                gone.set()
+
+    async def run() -> bool:
+        scope = {"type": "http", "asgi": {"spec_version": spec_version}}
+        response = ClosingStreamingResponse(stream(), media_type="text/event-stream")
+        try:
+            await asyncio.wait_for(response(scope, receive, send), timeout=10)
+        except Exception as exc:  # starlette's ClientDisconnect under 2.4
+            assert type(exc).__name__ == "ClientDisconnect", exc
+        return closed == [True]  # now, not when asyncio.run finalizes leftover generators
+
+    return bodies, asyncio.run(run())
+
+
+def test_the_write_with_done_ends_the_body_and_an_error_end_still_closes_it():
+    """[DONE]'s write ends the body and nothing is read after it (the stream would wait
+    forever); a stream that ends on an error body gets the empty closing message."""
+    bodies, closed = respond(["data: 1\n\n", "data: 2\n\n" + SSE_DONE])
+    assert bodies == [(b"data: 1\n\n", True), (b"data: 2\n\n" + DONE, False)] and closed
+    error = 'data: {"error": {"message": "the request timed out"}}\n\n'
+    bodies, closed = respond(["data: 1\n\n", error], then_wait=False)
+    assert bodies == [(b"data: 1\n\n", True), (error.encode(), True), (b"", False)] and closed
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_a_client_gone_mid_stream_closes_the_generator(spec_version):
+    """The generator's close is what aborts the request's engine jobs (completions.py)."""
+    bodies, closed = respond(["data: 1\n\n", "data: 2\n\n"], spec_version, gone_after=1)
+    assert closed
+    assert all(more for _, more in bodies)  # no end of body was sent to nobody
+    assert bodies[0] == (b"data: 1\n\n", True)

@@ -1,5 +1,6 @@
-"""Streaming: the events that reach a response together leave in one SSE write, in order, and
-the stream's end (the last tokens, the usage chunk, [DONE]) is one write after the feedback row."""
+"""Streaming: the events that reach a response together leave in one SSE write, in order (the
+first with the opening chunk), the stream's end (the last tokens, the usage chunk, [DONE]) is one
+write after the feedback row, errors keep what came before them, and a refused choice is aborted."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lmforge.serve.completions import SSE_DONE, CompletionService, Job, Prepared
 from lmforge.serve.engine import SamplingParams
 from lmforge.serve.handle import NO_TOKEN, RequestHandle, TokenEvent
 from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.safety import SafetyPolicy, SafetyRule
 
 
 class QueuedEngine:
@@ -52,6 +54,18 @@ class SteppedEngine(QueuedEngine):
             self.pushed += 1
 
 
+class AbortableEngine(SteppedEngine):
+    """A stepped engine that ends a request it is asked to abort, as the real one does."""
+
+    def __init__(self, texts: list[str]) -> None:
+        super().__init__(texts)
+        self.aborted: list[str] = []
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        self.handle.push(TokenEvent(NO_TOKEN, "", finish_reason="abort"))
+
+
 class ListStore:
     """A feedback store that keeps its rows in a list."""
 
@@ -70,19 +84,21 @@ def streamed(
     engine: QueuedEngine | None = None,
     usage: bool = False,
     feedback: ListStore | None = None,
+    kind: str = "completion",
+    safety: SafetyPolicy | None = None,
 ) -> list[str]:
     """The strings stream() hands the response, one per write, for n choices of `texts` (then
-    `final`, when given, as each choice's last event), of a completion with these `sources`;
+    `final`, when given, as each choice's last event), of a `kind` request with these `sources`;
     each write that ends with [DONE] is checked to come after the feedback rows."""
     state = SimpleNamespace(
         settings=SimpleNamespace(request_timeout_s=30.0), metrics=ServerMetrics(),
-        safety=None, feedback=feedback, cache=None,
+        safety=safety, feedback=feedback, cache=None,
     )  # fmt: skip
     params = SamplingParams(max_tokens=len(texts))
     jobs = [Job(i, [1, 2, 3], "abc", params) for i in range(n)]
     engine = engine or QueuedEngine(texts, final)
     prep = Prepared(
-        "completion", "cmpl-1", "m", engine, jobs, 3, sources=sources, stream=True,
+        kind, "cmpl-1", "m", engine, jobs, 3, sources=sources, stream=True,
         include_usage=usage,
     )  # fmt: skip
 
@@ -154,15 +170,67 @@ def test_a_completion_with_sources_streams_them_first_with_an_empty_piece_per_ch
     yet (a client reading choices[0].text gets ""); without sources nothing is added."""
     sources = [{"source": "json.dumps", "text": "json.dumps(obj)", "prompt_index": 0}]
     writes = streamed(["a", "b"], n=2, sources=sources)
-    assert len(writes) == 2  # the sources, then the tokens with [DONE]
-    [first] = chunks(writes[0])
+    assert len(writes) == 1  # the sources ride with the tokens and [DONE]
+    first, *tokens = chunks(writes[0])
     assert first["sources"] == sources
     assert first["choices"] == [
         {"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(2)
     ]
-    tokens = chunks(writes[1])
     assert all("sources" not in c for c in tokens)
     assert "".join(c["choices"][0]["text"] for c in tokens) == "abab"
     plain = streamed(["a", "b"], n=2)
     assert len(plain) == 1 and "sources" not in plain[0]
     assert "".join(c["choices"][0]["text"] for c in chunks(plain[0])) == "abab"
+
+
+def test_chats_role_chunk_rides_with_the_first_tokens():
+    """Chat's opening chunk (the role) is not a write of its own: it leaves with the first
+    tokens, so a chat stream takes as many writes as a completion's."""
+    texts = ["Hel", "lo", "!"]
+    writes = streamed(texts, n=1, engine=SteppedEngine(texts), kind="chat")
+    assert len(writes) == len(texts)
+    role, *first_tokens = chunks(writes[0])
+    assert role["object"] == "chat.completion.chunk"
+    assert role["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+         "finish_reason": None}
+    ]  # fmt: skip
+    assert [c["choices"][0]["delta"] for c in first_tokens] == [{"content": "Hel"}]
+    assert all("role" not in c["choices"][0]["delta"] for w in writes[1:] for c in chunks(w))
+
+
+def test_an_unexpected_error_ends_the_stream_with_an_error_body_after_the_held_back_tokens(
+    monkeypatch, caplog
+):
+    """A bug while the stream's last chunks wait for the end: the client still gets them, then
+    a server_error body (as a non-streamed answer would), not a connection cut mid-body."""
+    accept = CompletionService._stream_part
+
+    def failing_on_the_end(self, prep, job, event, sent):
+        if event.finish_reason is not None:
+            raise RuntimeError("bug at the end")
+        return accept(self, prep, job, event, sent)
+
+    monkeypatch.setattr(CompletionService, "_stream_part", failing_on_the_end)
+    final = TokenEvent(NO_TOKEN, "", finish_reason="stop")
+    writes = streamed(["Hel", "lo"], n=1, final=final)
+    assert len(writes) == 1 and not writes[0].endswith(SSE_DONE)
+    sent = chunks(writes[0])
+    assert [c["choices"][0]["text"] for c in sent[:2]] == ["Hel", "lo"]
+    assert sent[2]["error"]["message"] == "internal error: bug at the end"
+    assert sent[2]["error"]["type"] == "server_error"
+    assert "stream cmpl-1 failed" in caplog.text
+
+
+def test_a_choice_refused_mid_stream_is_aborted_not_decoded_to_its_end():
+    """Once the output filter refuses a choice nothing more of it is sent, so its engine
+    request is aborted at once: the stream ends without decoding the rest (max_tokens)."""
+    texts = ["Sure. A bo", "mb is ", *["more "] * 50]
+    engine = AbortableEngine(texts)
+    refuse = SafetyRule(name="weapons", words=["bomb"], action="refuse")
+    writes = streamed(texts, n=1, engine=engine, safety=SafetyPolicy(rules=[refuse]))
+    assert engine.aborted == ["cmpl-1-0"] and engine.pushed < 5  # of 52
+    sent = [c["choices"][0] for w in writes for c in chunks(w)]
+    assert "".join(c["text"] for c in sent) == "Sure. A "
+    assert [c["finish_reason"] for c in sent if c["finish_reason"]] == ["content_filter"]
+    assert writes[-1].endswith(SSE_DONE)
