@@ -287,3 +287,17 @@ def test_pii_placeholders_do_not_steer_retrieval(tmp_path):
     assert fts_query(only) is None and kb.search(only) == [] and spec.search(kb, only) == []
     assert fts_query("<NAME>'s email") == '"s" OR "email"'  # the user's own "email" stays
     kb.close()
+
+
+def test_am_is_not_a_search_word(tmp_path):
+    """ "I am <NAME> (<EMAIL>). <question>": after the placeholders only "I am" is left of the
+    introduction, and "am" must not pull in a passage that merely contains it."""
+    write_docs(tmp_path / "docs", {**DOCS, "hours.txt": "We open at 9 am and close at 5 pm."})
+    kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
+    assert fts_query("I am <NAME> (<EMAIL>). When do you open?") == '"open"'
+    assert kb.search("I am <NAME>. How tall is the Eiffel tower?", k=5) == []
+    assert [p.source for p in kb.search("I am <NAME>. When does the Moon orbit?", k=5)] == [
+        "space.txt"
+    ]
+    assert fts_query("I am") == '"i" OR "am"'  # only stopwords: kept, as for any query
+    kb.close()
