@@ -52,9 +52,8 @@ def serve_cmd(
     config: Annotated[
         Path | None,
         typer.Option(
-            help="serve.yaml (e.g. a recipe's serve-config stage): models, kb, safety, feedback "
-            "from the file; host, port, api key, workers, limits, threads, device, compile, "
-            "loop and http from the flags."
+            help="serve.yaml (e.g. a recipe's serve-config stage): its settings, with any flag "
+            "given on the command line overriding the file's value."
         ),
     ] = None,
     threads: Annotated[
@@ -98,7 +97,8 @@ def serve_cmd(
         from lmforge.serve.recipe_config import load_serve_config
 
         base = load_serve_config(config)
-        fields = {**base.model_dump(), **flags, "api_key": api_key or base.api_key}
+        given = {k: v for k, v in flags.items() if _given_on_command_line(ctx, k)}
+        fields = {**base.model_dump(), **given, "api_key": api_key or base.api_key}
     elif not model:
         raise ConfigError("lmforge serve needs --model DIR (or NAME=DIR); see --help")
     else:
@@ -108,6 +108,14 @@ def serve_cmd(
     from lmforge.serve.server import serve  # torch and FastAPI: only once the flags are right
 
     serve(settings)
+
+
+def _given_on_command_line(ctx: typer.Context, setting: str) -> bool:
+    """Whether the flag behind a ServeSettings field was typed (or came from the environment),
+    not left at its default: only such flags override a serve.yaml's values."""
+    param = {"request_timeout_s": "request_timeout"}.get(setting, setting)
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name != "DEFAULT"
 
 
 @serve_app.command("bench")

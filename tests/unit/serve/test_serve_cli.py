@@ -61,3 +61,29 @@ def test_torch_threads_come_from_the_flag_then_omp_then_cpus_shared_by_workers(
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_serve_yaml_keeps_its_values_unless_a_flag_is_given(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    import lmforge.serve.server as server
+    from lmforge.cli import app
+
+    (tmp_path / "m").mkdir()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": "m", "path": str(tmp_path / "m")}], "port": 9001, "loop": "asyncio",
+        "compile": "on", "max_batch_size": 4, "request_timeout_s": 7.0,
+    }))  # fmt: skip
+    started = []
+    monkeypatch.setattr(server, "serve", started.append)
+    result = CliRunner().invoke(app, ["serve", "--config", str(config), "--max-batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    (settings,) = started
+    assert (settings.port, settings.loop, settings.compile) == (9001, "asyncio", "on")
+    assert settings.request_timeout_s == 7.0  # flags left at their defaults leave the file alone
+    assert settings.max_batch_size == 8  # a flag given wins
+    result = CliRunner().invoke(app, ["serve", "--config", str(config), "--request-timeout", "3"])
+    assert result.exit_code == 0, result.output
+    assert started[-1].request_timeout_s == 3.0 and started[-1].port == 9001
