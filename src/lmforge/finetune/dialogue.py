@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from lmforge.artifacts import StageContext, require_artifact
 from lmforge.common.io import read_jsonl, write_jsonl
 from lmforge.common.logging import MetricsWriter
-from lmforge.config import Section, StageConfig
+from lmforge.config import NOT_HASHED, Section, StageConfig
 from lmforge.errors import InputError
 from lmforge.finetune.dialogue_data import parse_dialogue
 from lmforge.finetune.dialogue_retrieval import Retrieved, recall_at_k, retrieve
@@ -60,6 +60,12 @@ DATA_HINT = "run a data stage over @dialogues/dialogues.jsonl (recipe dialogue-a
 class DialogueEval(Section):
     max_examples: int = Field(200, ge=1, description="held-out test dialogues generated")
     max_new_tokens: int = Field(48, ge=1, description="response length cap (tokens)")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="test dialogues decoded (and intent-classified) together; answers do not change",
+        json_schema_extra=NOT_HASHED,
+    )
 
 
 class DialogueRetrieval(Section):
@@ -268,8 +274,8 @@ def evaluate(model: DialogueModel, test: Encoded, rows: list[dict[str, Any]],
     """Held-out responses (finetune.seq2seq's ROUGE/BLEU/exact match) and intents."""
     n = min(len(rows), cfg.eval.max_examples)
     scores, outputs = seq2seq_eval(model.seq2seq, tok, test.examples[:n], ids,
-                                   cfg.eval.max_new_tokens, batch_size=32)  # fmt: skip
-    pred = predict_intents(model, test)
+                                   cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)  # fmt: skip
+    pred = predict_intents(model, test, cfg.eval.batch_size)
     samples = [{"context": rows[i]["context"], "passages": found[i], "source": o["source"],
                 "reference": o["target"],
                 "prediction": o["output"], "intent": rows[i]["intent"],

@@ -175,3 +175,31 @@ def test_training_sources_leave_pii_placeholders_out_of_retrieval(tmp_path):
     assert got.sources == [f"{asked}\n[1] json.loads parses a JSON document.",
                            "How do I parse JSON?\n[1] json.loads parses a JSON document.",
                            "<NAME> <PHONE>"]  # fmt: skip
+
+
+def test_eval_batch_size_changes_neither_intents_nor_the_config_hash(tmp_path):
+    import numpy as np
+
+    from lmforge.config import config_hash
+    from lmforge.finetune.dialogue import DialogueConfig, predict_intents
+
+    class Rows:  # Encoded's interface: padded rows of different lengths
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(2)
+            self.ids = torch.randint(3, 64, (7, 9), generator=g)
+            self.mask = torch.ones(7, 9, dtype=torch.long)
+            for i, n in enumerate([9, 4, 6, 9, 2, 5, 8]):
+                self.mask[i, n:] = 0
+
+        def __len__(self) -> int:
+            return 7
+
+        def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+            keep = int(self.mask[idx].sum(1).max())
+            return {"input_ids": self.ids[idx, :keep], "attention_mask": self.mask[idx, :keep]}
+
+    model = _model()
+    assert (predict_intents(model, Rows(), 1) == predict_intents(model, Rows(), 32)).all()
+    cfg = DialogueConfig(out=tmp_path / "o", data=tmp_path / "d", tokenizer=tmp_path / "t")
+    wider = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 4})})
+    assert config_hash(wider) == config_hash(cfg)
