@@ -404,8 +404,12 @@ def _peak_flops(rt: Runtime) -> float | None:
 
 
 def _truncate_metrics(writer: Any, after_step: int) -> None:
-    """Drops metrics rows a killed run wrote after its last checkpoint (they will be redone)."""
+    """Drops metrics rows a killed run wrote after its last checkpoint (they will be redone).
+    Rewritten atomically (a crash here keeps the old rows), with the writer's handle closed first
+    so its next row opens the new file rather than the replaced one."""
     import json
+
+    from lmforge.common.io import atomic_write_text
 
     path = Path(getattr(writer, "path", ""))
     if not path.is_file():
@@ -418,4 +422,6 @@ def _truncate_metrics(writer: Any, after_step: int) -> None:
             continue  # a torn last line
         if row.get("step", 0) <= after_step:
             keep.append(line)
-    path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+    if hasattr(writer, "close"):
+        writer.close()
+    atomic_write_text(path, "".join(f"{line}\n" for line in keep))

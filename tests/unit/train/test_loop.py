@@ -246,3 +246,17 @@ def test_the_runs_tokens_per_s_leaves_out_gathering_the_weights(tmp_path, monkey
     result, _ = _run(tmp_path, _cfg(max_steps=4, eval_every=0), loss_fn=slow_loss)
     # 4 steps of 8 x 16 tokens in 400 s, less the real seconds of setup before the run's start
     assert result.tokens_per_s == pytest.approx(4 * 8 * 16 / 400.0, rel=0.05)  # not / 1400
+
+
+def test_truncating_metrics_keeps_earlier_rows_and_the_writers_next_row(tmp_path):
+    from lmforge.common.logging import MetricsWriter, read_metrics
+    from lmforge.train.loop import _truncate_metrics
+
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    for step in range(1, 6):
+        writer.log(step=step)  # the handle stays open, as in a run resumed in-process
+    with open(writer.path, "a", encoding="utf-8") as fh:
+        fh.write('{"step": 6, "lo')  # a torn last line from a killed process
+    _truncate_metrics(writer, after_step=3)
+    writer.log(step=4)
+    assert [row["step"] for row in read_metrics(writer.path)] == [1, 2, 3, 4]
