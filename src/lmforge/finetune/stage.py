@@ -7,7 +7,8 @@ the trainable parameters (LoRA adapters, or the model minus frozen parts, in lay
 groups) and the loss_fn. Outputs: final/ (the merged model, its generation_config.json (the
 stop tokens of the chat template it was tuned on) and tokenizer files; for classify and
 multitask the model is a Hugging Face *ForSequenceClassification with id2label and the pad id
-its inputs are pooled by, see lmforge.model.convert), adapter/ (PEFT format, LoRA only),
+its inputs are pooled by, see lmforge.model.convert; a mean-pooled encoder classifier is the
+encoder plus model.convert.MEAN_HEAD beside it), adapter/ (PEFT format, LoRA only),
 metrics.jsonl, loss.png, checkpoints/ (a killed run resumes), and headline metrics in the manifest.
 
 The pieces: config (FinetuneConfig), prepare (examples -> rows), fit (the task's model through
