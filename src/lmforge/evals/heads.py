@@ -6,6 +6,8 @@ A head is chosen by the files that hold it, never by the model's name:
   over the source (the text, then eos), through a biased Linear;
 - an encoder's *ForSequenceClassification (biased head with pooler: BERT's pooler, RoBERTa's
   classification head dense): the first token of the template-wrapped text through dense + tanh;
+- an encoder's mean-pooled head (finetune pooling "mean", model.convert.mean_head's file beside
+  the encoder): the mean of the template-wrapped text's states, through a biased Linear;
 - a decoder's *ForSequenceClassification (score.weight, no bias), or the older head.safetensors +
   labels.json: the rightmost token that is not the pad token (finetune.heads.pooled_index);
 - an encoder's *ForTokenClassification (per-token head): the tagging task's TokenTagger.
@@ -55,15 +57,30 @@ def last_token(lm: EvalModel, text: str) -> torch.Tensor:
     return h[0, pooled_index(ids, lm.pad_id)]
 
 
+def encoder_states(lm: EvalModel, text: str) -> torch.Tensor:
+    """An encoder's states (T, C) over the template-wrapped text's real tokens: up to the last
+    one that is not the pad id, as finetune.heads.encode_texts sets `last`."""
+    from lmforge.finetune.heads import pooled_index
+
+    ids, types, _ = lm.files.encode_input(text, max_len=lm.block_size)
+    ids, types = ids or [lm.pad_id], types or [0]
+    n = pooled_index(ids, lm.pad_id) + 1
+    x, t = (torch.tensor([v[:n]], device=lm.device) for v in (ids, types))
+    return lm.model.hidden_states(x, token_type_ids=t)[0]
+
+
 def pooled_first_token(dense: nn.Linear) -> Pool:
     """An encoder's first-token state of the template-wrapped text through dense + tanh."""
 
     def pool(lm: EvalModel, text: str) -> torch.Tensor:
-        ids, types, _ = lm.files.encode_input(text, max_len=lm.block_size)
-        x, t = (torch.tensor([v], device=lm.device) for v in (ids, types))
-        return torch.tanh(dense(lm.model.hidden_states(x, token_type_ids=t)[0, 0]))
+        return torch.tanh(dense(encoder_states(lm, text)[0]))
 
     return pool
+
+
+def mean_token_state(lm: EvalModel, text: str) -> torch.Tensor:
+    """The mean of an encoder's states over the template-wrapped text (finetune pooling "mean")."""
+    return encoder_states(lm, text).mean(0)
 
 
 def mean_source_state(lm: EvalModel, text: str) -> torch.Tensor:
@@ -89,6 +106,9 @@ def load_sequence_head(lm: EvalModel) -> SequenceHead | None:
     head = load_classifier(lm.path)
     if head is not None and head.per_token:
         return None
+    if head is not None and head.pooling == "mean":
+        linear = _linear(head.weight, head.bias, lm.device)
+        return SequenceHead(head.labels, linear, mean_token_state, "mean_tokens")
     if head is not None and head.pool_weight is not None:
         dense = _linear(head.pool_weight, head.pool_bias, lm.device)
         linear = _linear(head.weight, head.bias, lm.device)

@@ -91,8 +91,8 @@ class FinetuneConfig(StageConfig):
         "first",
         description="classify on an encoder: first ([CLS] through the pooler, exported as "
         "*ForSequenceClassification) | mean (average of the tokens' states; no transformers "
-        "class computes it, so final/ is not written: the trained weights go to "
-        "mean_pooled_classifier.safetensors)",
+        "class computes it, so final/ holds the encoder and the head as "
+        "mean_pooled_classifier.safetensors, which lmforge eval reloads)",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="freezing / layer LRs")

@@ -2,8 +2,10 @@
 
 Shared by every stage that trains a model from a model directory (finetune, align): the adapters
 are saved in PEFT format and then merged, and final/ gets config.json + model.safetensors (a
-*ForSequenceClassification when a classifier head is given), the base's tokenizer files and, for a
-causal LM, generation_config.json with the stops of the chat template it was tuned on.
+*ForSequenceClassification when a classifier head is given; a mean-pooled head, which no
+transformers class computes, goes beside the encoder as model.convert.MEAN_HEAD), the base's
+tokenizer files and, for a causal LM, generation_config.json with the stops of the chat template
+it was tuned on.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def export_model(
     config.json and make up generation_config.json; model_dir then may hold only a tokenizer
     (a model trained from scratch).
     """
-    from lmforge.model.convert import save_pretrained
+    from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, save_mean_head, save_pretrained
 
+    mean_head = classifier if classifier is not None and classifier.pooling == "mean" else None
     if lora_modules(lm):
         head, task_type = _encoder_head(lm, classifier)
         with ctx.atomic_path(ctx.out / "adapter") as tmp:
@@ -68,19 +71,24 @@ def export_model(
         special["pad_token_id"] = tok.pad_id
     else:
         generation = tuned_generation_config(model_dir, tok)
+    if mean_head is not None:  # the encoder alone, its head in a file of its own
+        special[MEAN_HEAD_KEY], classifier = MEAN_HEAD, None
     with ctx.atomic_path(ctx.out / "final") as tmp:
         save_pretrained(
             lm, tmp, extra_config=special, classifier=classifier, generation_config=generation
         )
         copy_tokenizer_files(model_dir, tmp)
+        if mean_head is not None:
+            save_mean_head(mean_head, tmp)
 
 
 def _encoder_head(lm: nn.Module, classifier: Any) -> tuple[dict[str, Any] | None, str | None]:
     """(an encoder classifier's head tensors under transformers' names, PEFT task type), which
-    the adapter carries as modules_to_save; (None, None) for other models."""
+    the adapter carries as modules_to_save; (None, None) for other models and a mean-pooled head
+    (no transformers class holds it: final/ keeps it beside the encoder)."""
     from lmforge.model.hf_families import family_for
 
-    if classifier is None or not classifier.encoder:
+    if classifier is None or not classifier.encoder or classifier.pooling == "mean":
         return None, None
     task_type = "TOKEN_CLS" if classifier.per_token else "SEQ_CLS"
     return classifier.encoder_tensors(family_for(lm.config)), task_type

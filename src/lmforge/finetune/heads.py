@@ -22,7 +22,8 @@ specials of its tokenizer's template ([CLS] text [SEP], <s> text </s>; a pair's 
 token type 1), exactly as transformers' tokenizer makes them, so an imported checkpoint is tuned
 on the inputs it was pretrained on. pooling="mean" averages the real tokens' states instead (no
 pooler): sentence-transformers style, which no transformers *ForSequenceClassification computes,
-so such a classifier is not exported as one (model.convert refuses).
+so such a classifier is not exported as one (model.convert refuses): final/ holds the encoder
+and the head beside it (model.convert.mean_head), which evals.heads reloads.
 """
 
 from __future__ import annotations

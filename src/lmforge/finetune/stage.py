@@ -7,7 +7,8 @@ the trainable parameters (LoRA adapters, or the model minus frozen parts, in lay
 groups) and the loss_fn. Outputs: final/ (the merged model, its generation_config.json (the
 stop tokens of the chat template it was tuned on) and tokenizer files; for classify and
 multitask the model is a Hugging Face *ForSequenceClassification with id2label and the pad id
-its inputs are pooled by, see lmforge.model.convert), adapter/ (PEFT format, LoRA only),
+its inputs are pooled by, see lmforge.model.convert; a mean-pooled encoder classifier is the
+encoder plus model.convert.MEAN_HEAD beside it), adapter/ (PEFT format, LoRA only),
 metrics.jsonl, loss.png, checkpoints/ (a killed run resumes), and headline metrics in the manifest.
 
 The pieces: config (FinetuneConfig), prepare (examples -> rows), fit (the task's model through
@@ -21,7 +22,6 @@ that is itself a classifier with the same label set starts the head from its own
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from lmforge.finetune.config import FinetuneConfig
 from lmforge.finetune.cross_validate import cross_validate
 from lmforge.finetune.export import export_model
 from lmforge.finetune.fit import fit
-from lmforge.finetune.lora import lora_modules, merge, trainable_fraction
+from lmforge.finetune.lora import trainable_fraction
 from lmforge.finetune.prepare import base_seq2seq_ids, load_splits, prepare, task_labels
 from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.finetune.task_eval import rounded, seq2seq_val_metrics, sft_val_metrics
@@ -96,9 +96,12 @@ def build(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         )
     _write_outputs(cfg, ctx, tok, model, lm, labels)
     if cfg.task == "classify" and cfg.pooling == "mean":
-        from lmforge.model.convert import MEAN_POOLING_REFUSAL
+        from lmforge.model.convert import MEAN_HEAD
 
-        headline["export"] = f"refused: {MEAN_POOLING_REFUSAL}"
+        headline["export"] = (
+            f"final/ holds the encoder and its head as {MEAN_HEAD}: no transformers "
+            "*ForSequenceClassification pools the mean (lmforge eval reloads it)"
+        )
     return headline
 
 
@@ -117,26 +120,11 @@ def _write_outputs(
         seq2seq_ids = base_seq2seq_ids(cfg, tok).config(tok.bos_id)
     elif cfg.task != "sft":
         classifier = model.classifier_head(labels)
-    if classifier is not None and classifier.pooling == "mean":
-        _save_unexportable(ctx, model, labels)
-    else:  # a classifier pools by the pad id encode_texts padded with
-        export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier, seq2seq_ids=seq2seq_ids)
+    # a classifier pools by the pad id encode_texts padded with
+    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier, seq2seq_ids=seq2seq_ids)
     ctx.metrics.close()
     rows = read_metrics(ctx.out / "metrics.jsonl")
     plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")
-
-
-def _save_unexportable(ctx: StageContext, model: nn.Module, labels: list[str]) -> None:
-    """A mean-pooled classifier: no transformers class computes it (convert.MEAN_POOLING_REFUSAL),
-    so no final/; its weights (SequenceClassifier's state dict, LoRA merged) and labels are kept
-    so the training is not lost (no lmforge loader reads this file yet)."""
-    from safetensors.torch import save_model
-
-    if lora_modules(model):
-        merge(model)
-    with ctx.atomic_path(ctx.out / "mean_pooled_classifier.safetensors") as tmp:
-        # save_model keeps one name of tied tensors (the MLM head shares the embedding)
-        save_model(model, str(tmp), metadata={"labels": json.dumps(labels), "pooling": "mean"})
 
 
 def _augmenter(cfg: FinetuneConfig) -> Augmenter | None:

@@ -1,6 +1,6 @@
 """LoRA on encoders (classify with sentence pairs, tag): PEFT loads the adapter (head included,
 as modules_to_save) on transformers' Bert model and matches our merged export; mean pooling
-trains but is refused as an export."""
+trains, is refused as a *ForSequenceClassification and keeps its head beside the merged encoder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lmforge.errors import ConfigError
 from lmforge.finetune import heads
 from lmforge.finetune.stage import FinetuneConfig, finetune
 from lmforge.model.config import preset_config
-from lmforge.model.convert import save_pretrained
+from lmforge.model.convert import load_classifier, read_config, save_pretrained
 from lmforge.model.transformer import Transformer
 
 from .encoder_tokenizers import bert_tokenizer_dir
@@ -30,6 +30,10 @@ TRAIN = {"max_steps": 12, "lr": 3e-3, "micro_batch_size": 8, "seq_len": 16, "war
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("enc-lora")
     return make_model_dir(root / "base", bert_tokenizer_dir(root / "tok"), preset="bert-micro")
+
+
+def base_width(model_dir) -> int:
+    return read_config(model_dir)["hidden_size"]
 
 
 def _pairs(path, n=32):
@@ -87,7 +91,7 @@ def test_lora_tagger_loads_in_peft_with_merged_logits(base, tmp_path):
         assert (merged(**enc).logits - adapted(**enc).logits).abs().max().item() <= 1e-4
 
 
-def test_mean_pooling_trains_masks_padding_and_refuses_export(base, tmp_path):
+def test_mean_pooling_trains_masks_padding_and_keeps_its_head_beside_the_encoder(base, tmp_path):
     lm = Transformer(preset_config("bert-micro", vocab_size=64))
     model = heads.SequenceClassifier(lm, 2, pooling="mean").eval()
     ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
@@ -103,14 +107,11 @@ def test_mean_pooling_trains_masks_padding_and_refuses_export(base, tmp_path):
     with pytest.raises(ValueError, match="for an encoder"):
         heads.SequenceClassifier(Transformer(preset_config("micro", vocab_size=64)), 2, "mean")
     values = {"model": base, "data": _pairs(tmp_path / "p.jsonl"), "out": tmp_path / "out",
-              "task": "classify", "pooling": "mean", "train": TRAIN}  # fmt: skip
+              "task": "classify", "pooling": "mean", "method": "lora", "train": TRAIN}  # fmt: skip
     out = finetune(FinetuneConfig.model_validate(values))
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["metrics"]["export"].startswith("refused: a mean-pooled classifier")
-    assert not (out / "final").exists()
-    from safetensors import safe_open
-
-    with safe_open(out / "mean_pooled_classifier.safetensors", "pt") as f:
-        assert json.loads(f.metadata()["labels"]) == ["different", "same"]
-        keys = list(f.keys())
-        assert "head.weight" in keys and not any(k.startswith("pool.") for k in keys)
+    # the adapter holds the body's LoRA only; final/ the merged encoder and the head beside it
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert not adapter.get("modules_to_save")
+    head = load_classifier(out / "final")
+    assert (head.pooling, head.labels, head.pool_weight) == ("mean", ["different", "same"], None)
+    assert head.weight.shape == (2, base_width(base)) and head.bias.shape == (2,)

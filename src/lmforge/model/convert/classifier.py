@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from lmforge.model.convert.files import read_config, read_tensor
+from lmforge.model.convert.mean_head import load_mean_head
 from lmforge.model.hf_families import ENCODER_FAMILIES
 from lmforge.model.hf_families.bert import encoder_head_names
 from lmforge.model.hf_families.rules import SCORE
@@ -25,7 +26,8 @@ class ClassifierHead:
     (pool_weight/pool_bias: dense + tanh on the first token, *ForSequenceClassification) or none
     and per_token (*ForTokenClassification: every position is classified). pooling "mean" (an
     encoder's mean of its real tokens' states, no pooler) has no transformers class: save_pretrained
-    refuses it rather than writing a model that computes something else.
+    refuses it rather than writing a model that computes something else; it is saved beside the
+    encoder instead (model.convert.mean_head).
     """
 
     weight: Tensor
@@ -64,12 +66,16 @@ class ClassifierHead:
 
 
 def load_classifier(model_dir: Path | str) -> ClassifierHead | None:
-    """The sequence-classification head of a model directory (score.weight + id2label), if any.
+    """The sequence-classification head of a model directory (score.weight + id2label, or a
+    mean-pooled encoder's mean_head.MEAN_HEAD), if any.
 
     Labels missing from id2label (transformers omits the default two) are named LABEL_<i>.
     """
     model_dir = Path(model_dir)
     hf = read_config(model_dir)
+    mean = load_mean_head(model_dir, hf)
+    if mean is not None:
+        return mean
     if hf.get("model_type") in ENCODER_FAMILIES:
         return _load_encoder_classifier(model_dir, hf)
     weight = _read_head_tensor(model_dir, hf, SCORE)

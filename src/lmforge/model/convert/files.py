@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lmforge.errors import InputError
+from lmforge.model.convert.mean_head import MEAN_HEAD, RERUN
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,15 @@ log = logging.getLogger(__name__)
 def resolve_model_dir(path: Path | str) -> Path:
     """A model directory; a training stage's directory stands for its final/ model."""
     path = Path(path)
-    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+    if (path / "config.json").exists():
+        return path
+    if (path / "final" / "config.json").exists():
         return path / "final"
+    if (path / MEAN_HEAD).is_file():  # before final/ was written beside a mean-pooled head
+        raise InputError(
+            f"{path / MEAN_HEAD} is a mean-pooled classifier without its encoder's config.json "
+            f"(an older lmforge wrote no final/); {RERUN} with --force to write final/"
+        )
     return path
 
 

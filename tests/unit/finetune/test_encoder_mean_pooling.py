@@ -1,0 +1,118 @@
+"""A mean-pooled encoder classifier: finetune writes final/ as the encoder plus
+mean_pooled_classifier.safetensors, the eval stage reloads it with the stage's own val metrics,
+transformers' BertModel + the head file reproduce its logits, and a broken head is named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.errors import InputError
+from lmforge.evals.lm import EvalModel
+from lmforge.evals.stage import evaluate
+from lmforge.finetune.stage import FinetuneConfig, finetune
+from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY
+
+from .encoder_tokenizers import bert_tokenizer_dir
+from .helpers import make_model_dir
+
+transformers = pytest.importorskip("transformers")
+WORDS = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"]
+TRAIN = {"max_steps": 10, "lr": 3e-3, "micro_batch_size": 8, "seq_len": 16, "warmup_steps": 2,
+         "eval_every": 0, "eval_steps": 1, "ckpt_every": 0}  # fmt: skip
+
+
+def _rows(n: int, shift: int) -> list[dict[str, str]]:
+    # the label is the first word; the second word is noise
+    return [{"text": f"{WORDS[i % 4]} {WORDS[(i * 3 + shift) % 8]} text", "label": WORDS[i % 4]}
+            for i in range(n)]  # fmt: skip
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(finetune stage dir of a mean-pooled bert-micro classifier, its val rows)."""
+    root = tmp_path_factory.mktemp("mean-pool")
+    base = make_model_dir(root / "base", bert_tokenizer_dir(root / "tok"), preset="bert-micro")
+    val = _rows(16, shift=1)
+    values = {"model": base, "data": _write(root / "train.jsonl", _rows(48, shift=0)),
+              "val_data": _write(root / "val.jsonl", val), "out": root / "out",
+              "task": "classify", "pooling": "mean", "train": TRAIN}  # fmt: skip
+    return finetune(FinetuneConfig.model_validate(values)), val
+
+
+def test_eval_stage_reloads_it_with_the_finetune_val_metrics(trained, tmp_path):
+    out, val = trained
+    manifest = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert MEAN_HEAD in manifest["export"]
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["architectures"] == ["BertForMaskedLM"] and config[MEAN_HEAD_KEY] == MEAN_HEAD
+    task = {"name": "val", "type": "classification", "classifier": "head", "examples": val}
+    stage = evaluate({"models": [{"name": "mean", "path": out}], "tasks": [task],
+                      "out": tmp_path / "eval"})  # fmt: skip
+    res = json.loads((stage / "eval.json").read_text())["results"]["mean"]["val"]
+    assert res["scoring"] == "head (mean_tokens)" and res["n"] == len(val)
+    ours = {
+        k: round(res[k], 4) for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+    }
+    theirs = {k: manifest[k] for k in ("accuracy", "precision", "recall", "macro_f1")}
+    assert list(ours.values()) == list(theirs.values()), (ours, theirs)
+    assert (stage / "plots" / "confusion_mean_val.png").is_file()
+    errors = [json.loads(line) for line in (stage / "errors.jsonl").read_text().splitlines()]
+    wrong = round((1 - manifest["accuracy"]) * len(val))
+    assert len(errors) == min(5, wrong)
+    assert all(e["model"] == "mean" and e["predicted"] != e["label"] for e in errors)
+
+
+def test_transformers_bert_model_and_the_head_file_give_our_logits(trained):
+    from safetensors import safe_open
+
+    final = trained[0] / "final"
+    texts = ["alpha one text", "delta", "gamma three four two text"]
+    with safe_open(str(final / MEAN_HEAD), "pt") as f:
+        weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+        labels = json.loads(f.metadata()["labels"])
+    bert = transformers.BertModel.from_pretrained(final).eval()
+    enc = transformers.AutoTokenizer.from_pretrained(final)(
+        texts, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        h = bert(**enc).last_hidden_state  # (B, T, C)
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        want = torch.log_softmax((h * m).sum(1) / m.sum(1) @ weight.T + bias, dim=-1)
+    model = EvalModel.load(trained[0])
+    assert model.head.labels == labels == sorted(WORDS[:4])
+    got = np.asarray([model.classify(t) for t in texts])
+    assert np.abs(got - want.numpy()).max() <= 1e-4
+
+
+def test_a_missing_or_foreign_head_file_is_named(trained, tmp_path):
+    from safetensors.torch import save_file
+
+    final = shutil.copytree(trained[0] / "final", tmp_path / "run" / "final")
+    (final / MEAN_HEAD).unlink()
+    task = {"name": "val", "type": "classification", "examples": trained[1]}
+    with pytest.raises(InputError, match=rf"{MEAN_HEAD}, which is missing; rerun the finetune"):
+        evaluate({"models": [tmp_path / "run"], "tasks": [task], "out": tmp_path / "eval"})
+    # the layout an older lmforge wrote: the whole classifier's state beside no final/
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({"head.weight": torch.zeros(2, 4), "lm.wte.weight": torch.zeros(9, 4)},
+              str(old / MEAN_HEAD), metadata={"labels": '["a", "b"]', "pooling": "mean"})  # fmt: skip
+    with pytest.raises(InputError, match=rf"{MEAN_HEAD} is a mean-pooled classifier without"):
+        EvalModel.load(old)
+    shutil.copy(old / MEAN_HEAD, final / MEAN_HEAD)
+    with pytest.raises(InputError, match=r"found tensors \['head.weight', 'lm.wte.weight'\]"):
+        _ = EvalModel.load(final).head
+    save_file({"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}, str(final / MEAN_HEAD),
+              metadata={"labels": '["a", "b"]'})  # fmt: skip
+    with pytest.raises(InputError, match=r"weight \(3, 4\) and bias \(3,\) do not fit its 2"):
+        _ = EvalModel.load(final).head
