@@ -146,11 +146,30 @@ def dequantize_chunks(
     """The float32 weight's consecutive chunks of about PACK_CHUNK_WEIGHTS weights (rows, in),
     up to row out_features: a matmul off the kernel (or its backward) never holds a vocab-wide
     head in floats whole. Chunks are whole blocks of rows (unpack_block_codes)."""
+    for r, codes in _code_chunks(packed, layout, out_features):
+        yield _scaled(codes, scales_and_zeros[:, r : r + len(codes)], group_size)
+
+
+def unpack(
+    packed: Tensor, scales_and_zeros: Tensor, layout: Layout, out_features: int
+) -> tuple[Tensor, Tensor]:
+    """Inverse of pack: our codes (out_features, in / 2) uint8 and scales (out_features, G, 1)
+    float32 (the bf16 values the kernel holds), the padding rows dropped. What a state dict
+    holds: the kernel's bytes depend on the CPU (layout), these do not."""
+    codes = torch.empty(out_features, packed.shape[1], dtype=torch.uint8, device=packed.device)
+    for r, chunk in _code_chunks(packed, layout, out_features):
+        codes[r : r + len(chunk)] = chunk[:, 0::2] | (chunk[:, 1::2] << 4)
+    scale = scales_and_zeros[:, :out_features, 0].T.float()  # (out, G)
+    return codes, scale[..., None].contiguous()
+
+
+def _code_chunks(packed: Tensor, layout: Layout, out_features: int) -> Iterator[tuple[int, Tensor]]:
+    """(first row, codes 0..15 (rows, in)) of consecutive chunks of about PACK_CHUNK_WEIGHTS
+    weights, whole blocks of rows (unpack_block_codes), up to row out_features."""
     step = _chunk_rows(packed.shape[1] * 2)
     for r in range(0, out_features, step):
         stop = min(r + step, packed.shape[0])
-        codes = unpack_block_codes(packed, r, stop, layout)[: out_features - r]
-        yield _scaled(codes, scales_and_zeros[:, r : r + len(codes)], group_size)
+        yield r, unpack_block_codes(packed, r, stop, layout)[: out_features - r]
 
 
 def _chunk_rows(in_features: int) -> int:

@@ -168,7 +168,31 @@ class _Int4KernelLinear(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-class QuantLinear(nn.Module):
+class _StateInOurLayout(nn.Module):
+    """State dicts of a kernel-packed int4 weight in our layout, read back at load for this
+    machine's kernel (_state_in_our_layout): checkpoints that load on any CPU."""
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _state_in_our_layout(self, destination, prefix)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        _state_in_kernel_layout(self, state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class QuantLinear(_StateInOurLayout):
     """A frozen Linear whose weight lives as int8/int4 codes; computes in the input's dtype.
 
     `transposed` marks a weight its checkpoint stores as (in, out) (GPT-2's Conv1D). int8 codes
@@ -296,7 +320,7 @@ class QuantLinear(nn.Module):
         return _apply_keeping_kernel_scales(self, fn, super()._apply, recurse)
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_StateInOurLayout):
     """An embedding table kept as int8/int4 codes (a scale per row or per group of columns):
     a lookup dequantizes only the rows it gathers. `kernel_packed`: int4 held in torch's int4
     kernel layout like QuantLinear's (a table tied to the LM head shares the head's bytes);
@@ -377,6 +401,40 @@ def _apply_keeping_kernel_scales(
     apply(fn, recurse)
     module.scales_and_zeros = scales.to(module.int4pack.device)
     return module
+
+
+def _state_in_our_layout(module: nn.Module, state: dict, prefix: str) -> None:
+    """A kernel-packed weight's state dict entries (int4pack, scales_and_zeros) swapped for our
+    layout's (codes, scale: the bf16 scales in float32), the padding rows left out: the kernel's
+    bytes differ with the CPU (int4pack.Layout), so a training checkpoint written on one machine
+    would be read wrongly, silently, on another; ours load anywhere."""
+    if not module.kernel_packed:
+        return
+    packed, scales = state.pop(prefix + "int4pack"), state.pop(prefix + "scales_and_zeros")
+    layout, rows = int4pack.int4pack_layout(), _weight_shape(module)[0]
+    state[prefix + "codes"], state[prefix + "scale"] = int4pack.unpack(packed, scales, layout, rows)
+
+
+def _state_in_kernel_layout(
+    module: nn.Module, state: dict, prefix: str, error_msgs: list[str]
+) -> None:
+    """Inverse of _state_in_our_layout before a load: codes and scale (ours) in state repacked
+    for this machine's kernel. Kernel-layout entries pass as they are (keep_quantized packs them
+    here, at load)."""
+    codes_key, scale_key = prefix + "codes", prefix + "scale"
+    if not module.kernel_packed or codes_key not in state or scale_key not in state:
+        return
+    codes, scale = state.pop(codes_key), state.pop(scale_key)
+    rows, cols = _weight_shape(module)
+    want = ((rows, cols // 2), (rows, cols // module.group_size, 1))
+    if (tuple(codes.shape), tuple(scale.shape)) != want:
+        error_msgs.append(
+            f"size mismatch for {codes_key} / {scale_key}: the checkpoint's are "
+            f"{tuple(codes.shape)} / {tuple(scale.shape)}, this int4 module's {want[0]} / {want[1]}"
+        )
+        return
+    packed = int4pack.pack(codes.cpu().to(torch.uint8), scale.cpu().float(), module.group_size)
+    state[prefix + "int4pack"], state[prefix + "scales_and_zeros"] = packed
 
 
 def _kernel_args(module: QuantLinear | QuantEmbedding) -> tuple[Tensor, Tensor, int]:
