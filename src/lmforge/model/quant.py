@@ -450,10 +450,12 @@ def _weight_shape(module: QuantLinear | QuantEmbedding) -> tuple[int, int]:
 
 def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | None) -> Tensor:
     """Float32 rows (all of them for None) of a kernel-packed weight, read back from its bytes."""
-    layout = int4pack.int4pack_layout()
+    layout, n_rows = int4pack.int4pack_layout(), _weight_shape(module)[0]
     if rows is None:
-        return int4pack.dequantize(*_kernel_args(module), layout, _weight_shape(module)[0])
-    return int4pack.dequantize_rows(*_kernel_args(module), rows, layout)
+        return int4pack.dequantize(*_kernel_args(module), layout, n_rows)
+    packed, scales_and_zeros, group_size = _kernel_args(module)
+    # the padding rows' scales out of reach: an id past the table raises, as nn.Embedding's
+    return int4pack.dequantize_rows(packed, scales_and_zeros[:, :n_rows], group_size, rows, layout)
 
 
 def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:

@@ -234,3 +234,27 @@ def test_a_qlora_checkpoint_resumes_on_a_cpu_of_another_int4_layout(tmp_path):
     assert bases.keys() == lora_modules(model).keys()
     for name, module in lora_modules(model).items():
         assert module.base.kernel_packed and torch.equal(module.base.weight, bases[name])
+
+
+@needs_int4_kernel
+def test_qlora_int4_exports_hold_no_kernel_bytes(tmp_path):
+    from safetensors.torch import load_file
+
+    from lmforge.model.convert import save_pretrained
+
+    save_pretrained(_model(), tmp_path / "plain")
+    model = inject(_model(), LoraConfig(r=4, quantize="int4"))
+    _randomize_adapters(model)
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.base.kernel_packed
+    want = (qkv.base.weight + qkv.delta_weight()).detach()  # the base as it trained: bf16 scales
+    save_peft_adapter(model, tmp_path / "adapter")
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter)
+    save_pretrained(merge(model), tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in merged.items()} == {
+        k: (v.shape, v.dtype) for k, v in plain.items()
+    }
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], want[:64])

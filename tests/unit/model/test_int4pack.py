@@ -372,3 +372,14 @@ def test_a_kept_tied_tables_state_dict_is_in_our_layout_and_loads_back(tmp_path:
                 m.int4pack.zero_()
         again.load_state_dict(state)
         assert torch.equal(again(IDS), model(IDS))
+
+
+@needs_kernel
+def test_a_lookup_past_the_table_raises_rather_than_read_the_padding_rows(tmp_path) -> None:
+    model = load_pretrained(micro_int4(tmp_path, "micro-gpt2", vocab_size=250))
+    table = model.tok_emb  # 250 rows, packed as 256 with the head's
+    assert table.kernel_packed and table.int4pack.shape[0] == 256
+    with torch.no_grad():
+        assert table(torch.tensor([249])).abs().sum() > 0
+        with pytest.raises(IndexError, match="out of bounds"):
+            table(torch.tensor([3, 252]))  # a padding row: zeros, were it read
