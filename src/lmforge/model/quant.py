@@ -172,12 +172,13 @@ class _Int4KernelLinear(torch.autograd.Function):
 
 
 class _StateInOurLayout(nn.Module):
-    """State dicts of a kernel-packed int4 weight in our layout, read back at load for this
-    machine's kernel (_state_in_our_layout): checkpoints that load on any CPU."""
+    """State dicts of a kernel-packed int4 weight in our layout, packed at load for this
+    machine's kernel (int4pack.state_to_ours): checkpoints that load on any CPU."""
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        _state_in_our_layout(self, destination, prefix)
+        if self.kernel_packed:
+            int4pack.state_to_ours(destination, prefix, _weight_shape(self)[0])
 
     def _load_from_state_dict(
         self,
@@ -189,7 +190,11 @@ class _StateInOurLayout(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        _state_in_kernel_layout(self, state_dict, prefix, error_msgs)
+        if self.kernel_packed:
+            error = int4pack.state_to_kernel(
+                state_dict, prefix, _weight_shape(self), self.group_size
+            )
+            error_msgs += [error] if error else []
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -404,40 +409,6 @@ def _apply_keeping_kernel_scales(
     apply(fn, recurse)
     module.scales_and_zeros = scales.to(module.int4pack.device)
     return module
-
-
-def _state_in_our_layout(module: nn.Module, state: dict, prefix: str) -> None:
-    """A kernel-packed weight's state dict entries (int4pack, scales_and_zeros) swapped for our
-    layout's (codes, scale: the bf16 scales in float32), the padding rows left out: the kernel's
-    bytes differ with the CPU (int4pack.Layout), so a training checkpoint written on one machine
-    would be read wrongly, silently, on another; ours load anywhere."""
-    if not module.kernel_packed:
-        return
-    packed, scales = state.pop(prefix + "int4pack"), state.pop(prefix + "scales_and_zeros")
-    layout, rows = int4pack.int4pack_layout(), _weight_shape(module)[0]
-    state[prefix + "codes"], state[prefix + "scale"] = int4pack.unpack(packed, scales, layout, rows)
-
-
-def _state_in_kernel_layout(
-    module: nn.Module, state: dict, prefix: str, error_msgs: list[str]
-) -> None:
-    """Inverse of _state_in_our_layout before a load: codes and scale (ours) in state repacked
-    for this machine's kernel. Kernel-layout entries pass as they are (keep_quantized packs them
-    here, at load)."""
-    codes_key, scale_key = prefix + "codes", prefix + "scale"
-    if not module.kernel_packed or codes_key not in state or scale_key not in state:
-        return
-    codes, scale = state.pop(codes_key), state.pop(scale_key)
-    rows, cols = _weight_shape(module)
-    want = ((rows, cols // 2), (rows, cols // module.group_size, 1))
-    if (tuple(codes.shape), tuple(scale.shape)) != want:
-        error_msgs.append(
-            f"size mismatch for {codes_key} / {scale_key}: the checkpoint's are "
-            f"{tuple(codes.shape)} / {tuple(scale.shape)}, this int4 module's {want[0]} / {want[1]}"
-        )
-        return
-    packed = int4pack.pack(codes.cpu().to(torch.uint8), scale.cpu().float(), module.group_size)
-    state[prefix + "int4pack"], state[prefix + "scales_and_zeros"] = packed
 
 
 def _kernel_args(module: QuantLinear | QuantEmbedding) -> tuple[Tensor, Tensor, int]:
