@@ -10,8 +10,9 @@ quantized by `compress quantize`'s quantize_dir to int8 and int4. Then:
   reads the file's mapping while repacking; in our own layout it dequantizes each matrix per
   forward) and the summed bytes of the parameters and buffers; "RSS vs fp32" compares the
   decoding column; "in kernel layout" counts the int4 matrices repacked for torch's CPU int4
-  kernel (model.int4pack; the rest, e.g. in a group size the kernel lacks, stay in ours and
-  are dequantized per forward);
+  kernel (model.int4pack; the rest stay in ours: a table no matmul uses, such as GPT-2's
+  positions, dequantizes the rows it looks up, a matrix in a group size the kernel lacks
+  dequantizes per forward);
 - **speed**: the three models decode greedily (lmforge.model.generate: prompt, then one cached
   token a step) in this process, round-robin so machine noise hits all alike, median of the
   rounds; also how many tokens agree with fp32's.

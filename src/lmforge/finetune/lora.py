@@ -4,7 +4,9 @@
 target pattern for a LoRALinear: y = base(x) + (alpha / r) * B(A(dropout(x))), with B zero at
 the start so the model is unchanged until it trains. With `quantize: int8|int4` the frozen base
 Linear is first replaced by a weight-only QuantLinear (QLoRA-style; an int4 base's forward runs
-torch's CPU int4 kernel, in training too, where it takes the shape: model.quant). `merge(model)`
+torch's CPU int4 kernel, in training too, where it takes the shape: model.quant. The base then
+computes with bf16 activations (its output cast back to the model's dtype; the adapters stay in
+it) and bf16-rounded scales, which merge() keeps: the weights it trained with). `merge(model)`
 folds the adapters back into plain nn.Linear weights. `save_peft_adapter` writes
 adapter_config.json + adapter_model.safetensors under PEFT's key names for the Hugging Face export
 of the same model, splitting our fused q/k/v and gate/up projections with the export's own name
@@ -79,7 +81,8 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding base + update (dequantized when the base was quantized)."""
+        """A plain nn.Linear holding base + update (dequantized when the base was quantized:
+        an int4 base packed for the kernel with its bf16 scales)."""
         base = self.base
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
         with torch.no_grad():

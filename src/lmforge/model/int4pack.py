@@ -146,11 +146,63 @@ def dequantize_chunks(
     """The float32 weight's consecutive chunks of about PACK_CHUNK_WEIGHTS weights (rows, in),
     up to row out_features: a matmul off the kernel (or its backward) never holds a vocab-wide
     head in floats whole. Chunks are whole blocks of rows (unpack_block_codes)."""
+    for r, codes in _code_chunks(packed, layout, out_features):
+        yield _scaled(codes, scales_and_zeros[:, r : r + len(codes)], group_size)
+
+
+def unpack(
+    packed: Tensor, scales_and_zeros: Tensor, layout: Layout, out_features: int
+) -> tuple[Tensor, Tensor]:
+    """Inverse of pack: our codes (out_features, in / 2) uint8 and scales (out_features, G, 1)
+    float32 (the bf16 values the kernel holds), the padding rows dropped. What a state dict
+    holds: the kernel's bytes depend on the CPU (layout), these do not."""
+    codes = torch.empty(out_features, packed.shape[1], dtype=torch.uint8, device=packed.device)
+    for r, chunk in _code_chunks(packed, layout, out_features):
+        codes[r : r + len(chunk)] = chunk[:, 0::2] | (chunk[:, 1::2] << 4)
+    scale = scales_and_zeros[:, :out_features, 0].T.float()  # (out, G)
+    return codes, scale[..., None].contiguous()
+
+
+def state_to_ours(state: dict[str, Tensor], prefix: str, out_features: int) -> None:
+    """A state dict's packed weight (prefix + int4pack, scales_and_zeros) swapped, in place, for
+    our layout's codes and scale (unpack): what state dicts and training checkpoints hold, since
+    the kernel's bytes differ with the CPU (Layout), so a checkpoint written on one machine would
+    be read wrongly, silently, on another."""
+    packed, scales = state.pop(prefix + "int4pack"), state.pop(prefix + "scales_and_zeros")
+    codes_and_scale = unpack(packed, scales, int4pack_layout(), out_features)
+    state[prefix + "codes"], state[prefix + "scale"] = codes_and_scale
+
+
+def state_to_kernel(
+    state: dict[str, Tensor], prefix: str, shape: tuple[int, int], group_size: int
+) -> str | None:
+    """Inverse of state_to_ours before a load, in place: prefix + codes and scale, where there,
+    packed for this machine's kernel (entries already in its layout pass as they are:
+    keep_quantized packs them at load); a message when the codes are not of the (out, in)
+    weight's shape."""
+    codes_key, scale_key = prefix + "codes", prefix + "scale"
+    if codes_key not in state or scale_key not in state:
+        return None
+    codes, scale = state.pop(codes_key), state.pop(scale_key)
+    rows, cols = shape
+    want = ((rows, cols // 2), (rows, cols // group_size, 1))
+    if (tuple(codes.shape), tuple(scale.shape)) != want:
+        return (
+            f"size mismatch for {codes_key} / {scale_key}: the checkpoint's are "
+            f"{tuple(codes.shape)} / {tuple(scale.shape)}, this int4 weight's {want[0]} / {want[1]}"
+        )
+    packed = pack(codes.cpu().to(torch.uint8), scale.cpu().float(), group_size)
+    state[prefix + "int4pack"], state[prefix + "scales_and_zeros"] = packed
+    return None
+
+
+def _code_chunks(packed: Tensor, layout: Layout, out_features: int) -> Iterator[tuple[int, Tensor]]:
+    """(first row, codes 0..15 (rows, in)) of consecutive chunks of about PACK_CHUNK_WEIGHTS
+    weights, whole blocks of rows (unpack_block_codes), up to row out_features."""
     step = _chunk_rows(packed.shape[1] * 2)
     for r in range(0, out_features, step):
         stop = min(r + step, packed.shape[0])
-        codes = unpack_block_codes(packed, r, stop, layout)[: out_features - r]
-        yield _scaled(codes, scales_and_zeros[:, r : r + len(codes)], group_size)
+        yield r, unpack_block_codes(packed, r, stop, layout)[: out_features - r]
 
 
 def _chunk_rows(in_features: int) -> int:

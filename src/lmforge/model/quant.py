@@ -142,8 +142,8 @@ def kernel_packable(bits: int, shape: tuple[int, int], group_size: int, device: 
 class _Int4KernelLinear(torch.autograd.Function):
     """x (N, in) @ a frozen kernel-packed int4 weight's transpose: the forward through torch's
     int4 kernel (bf16 activations, the output in x's dtype); the backward gives x's gradient only
-    (the weight is frozen), grad @ weight in grad's dtype, the weight read back a chunk of rows
-    at a time: nothing but the packed bytes is kept between the two."""
+    (the weight is frozen), grad @ weight in grad's dtype (summed in float32), the weight read
+    back a chunk of rows at a time: nothing but the packed bytes is kept between the two."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -160,15 +160,47 @@ class _Int4KernelLinear(torch.autograd.Function):
         chunks = int4pack.dequantize_chunks(
             packed, scales_and_zeros, ctx.group_size, int4pack.int4pack_layout(), ctx.out_features
         )
-        grad_x = grad.new_zeros(grad.shape[0], packed.shape[1] * 2)
+        # summed in float32 at least, rounded to grad's dtype once: bf16 partial sums lost 5x
+        # F.linear's accuracy over 32 chunks
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        grad_x = grad.new_zeros(grad.shape[0], packed.shape[1] * 2, dtype=acc)
         start = 0
         for w in chunks:  # grad @ weight = the sum over chunks of output rows
-            grad_x.addmm_(grad[:, start : start + w.shape[0]], w.to(grad.dtype))
+            grad_x.addmm_(grad[:, start : start + w.shape[0]].to(acc), w.to(acc))
             start += w.shape[0]
-        return grad_x, None, None, None, None
+        return grad_x.to(grad.dtype), None, None, None, None
 
 
-class QuantLinear(nn.Module):
+class _StateInOurLayout(nn.Module):
+    """State dicts of a kernel-packed int4 weight in our layout, packed at load for this
+    machine's kernel (int4pack.state_to_ours): checkpoints that load on any CPU."""
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_packed:
+            int4pack.state_to_ours(destination, prefix, _weight_shape(self)[0])
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        if self.kernel_packed:
+            error = int4pack.state_to_kernel(
+                state_dict, prefix, _weight_shape(self), self.group_size
+            )
+            error_msgs += [error] if error else []
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class QuantLinear(_StateInOurLayout):
     """A frozen Linear whose weight lives as int8/int4 codes; computes in the input's dtype.
 
     `transposed` marks a weight its checkpoint stores as (in, out) (GPT-2's Conv1D). int8 codes
@@ -294,7 +326,7 @@ class QuantLinear(nn.Module):
         return _apply_keeping_kernel_scales(self, fn, super()._apply, recurse)
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_StateInOurLayout):
     """An embedding table kept as int8/int4 codes (a scale per row or per group of columns):
     a lookup dequantizes only the rows it gathers. `kernel_packed`: int4 held in torch's int4
     kernel layout like QuantLinear's (a table tied to the LM head shares the head's bytes);
@@ -393,9 +425,14 @@ def _weight_shape(module: QuantLinear | QuantEmbedding) -> tuple[int, int]:
 
 def _kernel_packed_rows(module: QuantLinear | QuantEmbedding, rows: Tensor | None) -> Tensor:
     """Float32 rows (all of them for None) of a kernel-packed weight, read back from its bytes."""
+    n_rows = _weight_shape(module)[0]
     if rows is None:
-        return int4pack.dequantize(*_kernel_args(module), module.layout, _weight_shape(module)[0])
-    return int4pack.dequantize_rows(*_kernel_args(module), rows, module.layout)
+        return int4pack.dequantize(*_kernel_args(module), module.layout, n_rows)
+    packed, scales_and_zeros, group_size = _kernel_args(module)
+    # the padding rows' scales out of reach: an id past the table raises, as nn.Embedding's
+    return int4pack.dequantize_rows(
+        packed, scales_and_zeros[:, :n_rows], group_size, rows, module.layout
+    )
 
 
 def _stored_codes(module: QuantLinear | QuantEmbedding) -> Tensor:

@@ -1,5 +1,9 @@
 """LoRA: injection, only adapters train, merge, PEFT-format parity, QLoRA-style quantized base."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -192,3 +196,65 @@ def test_qlora_int4_base_of_rows_the_kernel_lacks_gives_the_inputs_exact_gradien
     assert y.shape == (3, 50)
     assert torch.allclose(x.grad, grad @ weight.detach(), rtol=1e-5, atol=1e-5)
     assert layer.lora_B.weight.grad.abs().sum() > 0
+
+
+QLORA_CHECKPOINT = """
+import sys, torch
+from lmforge.finetune.lora import LoraConfig, inject, lora_modules
+from lmforge.model.config import preset_config
+from lmforge.model.int4pack import int4pack_layout
+from lmforge.model.transformer import Transformer
+from lmforge.train.checkpoint import save_checkpoint
+model = inject(Transformer(preset_config("micro")), LoraConfig(r=4, quantize="int4"))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+save_checkpoint(sys.argv[1], 1, model, optimizer)
+bases = {n: m.base.weight for n, m in lora_modules(model).items()}  # read in its own layout
+torch.save(bases, sys.argv[1] + "/bases.pt")
+print(tuple(int4pack_layout()), all(m.base.kernel_packed for m in lora_modules(model).values()))
+"""
+
+
+@needs_int4_kernel
+def test_a_qlora_checkpoint_resumes_on_a_cpu_of_another_int4_layout(tmp_path):
+    from lmforge.train.checkpoint import load_checkpoint
+
+    # torch packs int4 per CPU vector width; ATen's ATEN_CPU_CAPABILITY=default gives the
+    # unvectorized layout in a fresh process, as on a CPU without AVX2 (its random numbers
+    # differ too: the child's weights are compared, not regenerated)
+    if tuple(int4pack_layout()) == (32, False):
+        pytest.skip("this process already packs int4 in the unvectorized layout")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    script = [sys.executable, "-c", QLORA_CHECKPOINT, str(tmp_path)]
+    out = subprocess.run(script, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "(32, False) True", out.stderr
+    model = inject(_model(), LoraConfig(r=4, quantize="int4"))  # its own base, replaced
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    load_checkpoint(tmp_path / "step_1", model, optimizer)
+    bases = torch.load(tmp_path / "bases.pt")
+    assert bases.keys() == lora_modules(model).keys()
+    for name, module in lora_modules(model).items():
+        assert module.base.kernel_packed and torch.equal(module.base.weight, bases[name])
+
+
+@needs_int4_kernel
+def test_qlora_int4_exports_hold_no_kernel_bytes(tmp_path):
+    from safetensors.torch import load_file
+
+    from lmforge.model.convert import save_pretrained
+
+    save_pretrained(_model(), tmp_path / "plain")
+    model = inject(_model(), LoraConfig(r=4, quantize="int4"))
+    _randomize_adapters(model)
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.base.kernel_packed
+    want = (qkv.base.weight + qkv.delta_weight()).detach()  # the base as it trained: bf16 scales
+    save_peft_adapter(model, tmp_path / "adapter")
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter)
+    save_pretrained(merge(model), tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in merged.items()} == {
+        k: (v.shape, v.dtype) for k, v in plain.items()
+    }
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], want[:64])

@@ -196,9 +196,11 @@ class _Killed(RowBatches):
         return super().__next__()
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, model_dir, monkeypatch):
+@pytest.mark.parametrize("quantize", ["none", "int4"])  # int4: checkpoints repacked at load
+def test_killed_run_resumes_to_the_same_weights(tmp_path, model_dir, monkeypatch, quantize):
     data = _labeled(tmp_path / "c.jsonl")
     kw = {"task": "multitask", "method": "lora", "eval": {"rouge_examples": 0}}
+    kw["lora"] = {"quantize": quantize}
     full = finetune(_cfg(tmp_path / "a", model_dir, data, **kw))
     monkeypatch.setattr(ft, "RowBatches", _Killed)
     cfg = _cfg(tmp_path / "b", model_dir, data, **kw)

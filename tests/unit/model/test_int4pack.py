@@ -333,3 +333,70 @@ def test_an_untied_token_table_keeps_our_layout_and_its_head_the_kernels(tmp_pat
     assert model.lm_head.kernel_packed and not model.tok_emb.kernel_packed
     floats = load_pretrained(tmp_path / "q", quantized="dequantize")
     assert torch.equal(model.tok_emb(IDS), floats.tok_emb(IDS))
+
+
+@needs_kernel
+def test_a_state_dict_holds_our_codes_not_the_kernels_bytes() -> None:
+    # the kernel's bytes differ with the CPU; ours (and bf16 scales) load on any machine
+    torch.manual_seed(0)
+    w = torch.randn(50, 96)  # packed as 64 rows: the padding stays out of the state dict
+    layer, scale = packed_linear(w, 32)
+    state = layer.state_dict()
+    codes = quantize_weight(w, 4, 32)[0]
+    assert state.keys() == {"codes", "scale"}
+    assert torch.equal(state["codes"], codes)
+    assert torch.equal(state["scale"], scale.bfloat16().float())
+    ours = QuantLinear(96, 50, 4, 32)  # our layout, as where the kernel is missing
+    ours.load_state_dict(state)
+    assert torch.equal(ours.weight, layer.weight)
+    again = QuantLinear(96, 50, 4, 32, kernel_packed=True)  # repacked at load, fp32 scales too
+    again.load_state_dict({"codes": codes, "scale": scale})
+    assert torch.equal(again.int4pack, layer.int4pack)
+    assert torch.equal(again.scales_and_zeros, layer.scales_and_zeros)
+    with pytest.raises(RuntimeError, match=r"size mismatch for codes / scale.*\(50, 48\)"):
+        QuantLinear(96, 50, 4, 32, kernel_packed=True).load_state_dict(
+            {"codes": codes[:40], "scale": scale[:40]}
+        )
+
+
+@needs_kernel
+def test_a_kept_tied_tables_state_dict_is_in_our_layout_and_loads_back(tmp_path: Path) -> None:
+    model = load_pretrained(micro_int4(tmp_path, "micro-gpt2", vocab_size=250))
+    state = model.state_dict()
+    assert not [k for k in state if k.endswith(("int4pack", "scales_and_zeros"))]
+    assert state["tok_emb.codes"].shape == (250, 32)  # not the kernel's 256 rows
+    again = load_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        for m in again.modules():
+            if getattr(m, "kernel_packed", False):
+                m.int4pack.zero_()
+        again.load_state_dict(state)
+        assert torch.equal(again(IDS), model(IDS))
+
+
+@needs_kernel
+def test_a_lookup_past_the_table_raises_rather_than_read_the_padding_rows(tmp_path) -> None:
+    model = load_pretrained(micro_int4(tmp_path, "micro-gpt2", vocab_size=250))
+    table = model.tok_emb  # 250 rows, packed as 256 with the head's
+    assert table.kernel_packed and table.int4pack.shape[0] == 256
+    with torch.no_grad():
+        assert table(torch.tensor([249])).abs().sum() > 0
+        with pytest.raises(IndexError, match="out of bounds"):
+            table(torch.tensor([3, 252]))  # a padding row: zeros, were it read
+
+
+@needs_kernel
+def test_a_bf16_inputs_gradient_is_summed_in_float32_over_the_weights_chunks(monkeypatch) -> None:
+    from lmforge.model import int4pack
+
+    monkeypatch.setattr(int4pack, "PACK_CHUNK_WEIGHTS", 64 * 64)  # 32 chunks of 64 rows
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 2048, bias=False), "int4", 32)
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    exact = grad.double() @ layer.weight.double()
+    # bf16 partial sums were off by 1.3% of the largest entry here; one rounding, 0.26%
+    assert x.grad.dtype == torch.bfloat16
+    assert (x.grad.double() - exact).abs().max() < 2**-8 * exact.abs().max()
