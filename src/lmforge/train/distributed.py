@@ -116,7 +116,10 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, env: DistEnv, device: torch.d
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [env.local_rank] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        # every rank builds the same buffers (rotary tables, a QLoRA base's frozen codes), and
+        # none changes in training: broadcasting them from rank 0 each forward would copy a
+        # quantized base every step (and its int4 kernel bytes, whose layout is per CPU)
+        return DDP(model, device_ids=ids, broadcast_buffers=False)
     from torch.distributed.fsdp import fully_shard
 
     for block in _blocks(model):

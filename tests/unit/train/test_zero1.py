@@ -61,3 +61,12 @@ def test_zero1_trains_like_adamw_and_resumes(tmp_path, gloo_group, monkeypatch):
     for a, b in zip(resumed.state_dict.values(), results["zero1"].state_dict.values(), strict=True):
         assert torch.equal(a, b)
     assert np.isfinite(resumed.train_loss)
+
+
+def test_ddp_leaves_each_ranks_buffers_alone(gloo_group):
+    from lmforge.train.distributed import DistEnv, wrap_model
+
+    env = DistEnv(rank=0, local_rank=0, world_size=2)  # wraps; DDP runs on the 1-rank group
+    wrapped = wrap_model(TinyLM(), TrainConfig(distributed="ddp"), env, torch.device("cpu"))
+    assert type(wrapped).__name__ == "DistributedDataParallel"
+    assert wrapped.broadcast_buffers is False  # a QLoRA base is not re-sent every forward
