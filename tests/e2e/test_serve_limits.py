@@ -198,9 +198,17 @@ def test_several_workers_behind_one_port_with_true_metrics(serve_model, tmp_path
         greedy(client, "one more", max_tokens=4)
         assert totals(srv) == {"requests": k + 1, "e2e": k + 1, "ttft": k + 1, "tokens": 4 * k + 4}
         assert not stale.exists()  # a dead server's directory is swept
+        # every worker, the restarted one too, logs through lmforge's handler as one process does
+        deadline = time.monotonic() + 60
+        while min(srv.output().count(line) for line in WORKER_LINES) < 3:
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.2)
     finally:
         assert srv.stopped_cleanly(), srv.output()
     assert [p.name for p in base.iterdir()] == ["counter_777.db"]  # its own dir is removed
+
+
+WORKER_LINES = ("INFO     serving micro from", "INFO     event loop ")  # RichHandler's layout
 
 
 def leave_counts(path, n: int) -> None:

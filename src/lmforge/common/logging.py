@@ -1,6 +1,7 @@
 """Human-facing output: one rich console, log setup for --quiet / --log-json, metrics.jsonl.
 
-Nothing here runs at import time; the CLI calls setup_logging() once. Library code only uses
+Nothing here runs at import time; the CLI calls setup_logging() once (a child process it starts,
+such as a uvicorn worker, repeats it from logging_env()). Library code only uses
 `logging.getLogger(__name__)`; only rank zero prints.
 """
 
@@ -17,7 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 
-_state = {"quiet": False, "json": False}
+_state = {"quiet": False, "json": False, "verbose": False, "set_up": False}
+LOG_ENV = "LMFORGE_LOGGING"  # setup_logging's choices, for child processes to repeat
 
 
 def is_rank_zero() -> bool:
@@ -53,7 +55,7 @@ class _JsonFormatter(logging.Formatter):
 
 def setup_logging(quiet: bool = False, log_json: bool = False, verbose: bool = False) -> None:
     """Routes lmforge's loggers to rich (or JSON lines) on stderr."""
-    _state.update(quiet=quiet, json=log_json)
+    _state.update(quiet=quiet, json=log_json, verbose=verbose, set_up=True)
     root = logging.getLogger("lmforge")
     root.handlers.clear()
     if log_json:
@@ -65,6 +67,23 @@ def setup_logging(quiet: bool = False, log_json: bool = False, verbose: bool = F
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     root.setLevel(level if is_rank_zero() else logging.WARNING)
     root.propagate = False
+
+
+def logging_env() -> dict[str, str]:
+    """An environment entry holding this process's setup_logging choices (none when it never
+    ran), for a child process that imports lmforge afresh to repeat them."""
+    if not _state["set_up"]:
+        return {}
+    choices = {"quiet": _state["quiet"], "log_json": _state["json"], "verbose": _state["verbose"]}
+    return {LOG_ENV: json.dumps(choices)}
+
+
+def setup_logging_from_env() -> None:
+    """In a child process: setup_logging as its parent ran it (see logging_env); nothing when
+    the parent never set up logging (lmforge used as a library)."""
+    choices = os.environ.get(LOG_ENV)
+    if choices is not None:
+        setup_logging(**json.loads(choices))
 
 
 class MetricsWriter:

@@ -12,9 +12,9 @@ from lmforge.common.lazy import lazy_getattr
 
 _EXPORTS = {
     "Engine": "lmforge.serve.engine",
-    "EngineClosed": "lmforge.serve.engine",
-    "EngineStats": "lmforge.serve.engine",
-    "QueueFull": "lmforge.serve.engine",
+    "EngineClosed": "lmforge.serve.engine_types",
+    "EngineStats": "lmforge.serve.engine_types",
+    "QueueFull": "lmforge.serve.engine_types",
     "SamplingParams": "lmforge.serve.sampling",
     "RequestHandle": "lmforge.serve.handle",
     "TokenEvent": "lmforge.serve.handle",

@@ -36,22 +36,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lmforge.errors import ConfigError, InputError, LmforgeError
+from lmforge.errors import ConfigError, InputError
 from lmforge.model.compiled_decode import use_compiled_decode
 from lmforge.serve.batch_cache import BatchCache
-from lmforge.serve.causal_step import chunk_pass, decode_pass, prefill_pass, warm_up_compiled
+from lmforge.serve.causal_step import decode_pass, prefill_pass, warm_up_compiled
+from lmforge.serve.chunked_prefill import ChunkedPrefills
 from lmforge.serve.detok import TextStream
 from lmforge.serve.emit import emit_tokens
 from lmforge.serve.engine_threads import configure_threads as _configure_threads
+from lmforge.serve.engine_types import EngineClosed, EngineStats, QueueFull
 from lmforge.serve.handle import (
     NO_TOKEN,
     Completion,
@@ -74,30 +74,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(LmforgeError):
-    """The waiting queue is full: retry later (HTTP 429)."""
-
-
-class EngineClosed(LmforgeError):
-    """The engine is shutting down or stopped and takes no new requests (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for /metrics."""
-
-    queue_depth: int  # requests waiting for a batch slot
-    running: int  # rows in the running batch
-    max_batch_size: int
-    steps: int  # decoding steps run (prefills not counted)
-    prefills: int  # prefill passes run
-    prompt_tokens: int  # prompt tokens prefilled, all time
-    generated_tokens: int  # tokens generated, all time
-    finished: int  # requests finished (any finish_reason), all time
-    cache_tokens: int  # KV positions the running batch spans (rows x L, padding included)
-    cache_capacity: int  # KV positions allocated (rows x storage columns)
 
 
 class Engine:
@@ -139,8 +115,8 @@ class Engine:
         self._book = RequestBook()  # waiting, active and abort-asked requests; the counts
         self._running: list[Row] = []
         self._cache: BatchCache | None = None
-        self._chunked: deque[Row] = deque()  # prompts over the budget, prefilled a chunk a step
-        self._chunk: tuple[BatchCache, int] | None = None  # the first one's cache, columns done
+        # prompts over the budget, prefilled a chunk a step
+        self._chunked = ChunkedPrefills(self.model, self.device, max_prefill_tokens)
         self._closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -321,7 +297,6 @@ class Engine:
                     with self._lock:
                         self._running, self._cache = [], None
                         self._chunked.clear()
-                        self._chunk = None
 
     def _apply_aborts(self) -> None:
         """(lock held) Drops aborted rows from the running batch."""
@@ -332,10 +307,7 @@ class Engine:
         for row in self._running:
             if row.request_id in book.aborts:
                 book.finish_aborted(row)
-        for row in [r for r in self._chunked if r.request_id in book.aborts]:
-            if row is self._chunked[0]:
-                self._chunk = None
-            self._chunked.remove(row)
+        for row in self._chunked.remove(book.aborts):
             log.debug("request %s aborted during its chunked prefill", row.request_id)
             book.finish_aborted(row)
         book.aborts &= set(book.active)  # those still being admitted wait for the next step
@@ -393,29 +365,19 @@ class Engine:
     def _prefill_chunk(self) -> None:
         """The next max_prefill_tokens of the first over-budget prompt; at its end the request
         samples its first token and joins the batch. Running rows decode between chunks."""
-        row = self._chunked[0]
-        if self._chunk is None:
-            self._start(row)
-            self._chunk = BatchCache.empty(self.model, 1, len(row.prompt)), 0
-        cache, done = self._chunk
-        end = min(done + self.max_prefill_tokens, len(row.prompt))
+        row = self._chunked.rows[0]
         try:
-            logits = chunk_pass(self.model, cache, row.prompt, done, end, self.device)
+            prefilled = self._chunked.step(self._start)
         except Exception as exc:  # this request alone fails
             log.exception("prefill of request %s failed", row.request_id)
-            self._chunked.popleft()
-            self._chunk = None
             self._fail([row], exc)
             return
-        if logits is None:
-            self._chunk = cache, end
+        if prefilled is None:
             return
-        self._chunked.popleft()
-        self._chunk = None
-        cache.pad_mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        _, cache, logits = prefilled
         with self._lock:
             self._counts["prefills"] += 1
-            self._counts["prompt_tokens"] += end
+            self._counts["prompt_tokens"] += len(row.prompt)
         if self._emit([row], logits):
             self._join([([row], cache)])
 

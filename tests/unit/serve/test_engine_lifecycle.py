@@ -272,7 +272,7 @@ def test_a_prompt_over_the_budget_is_prefilled_in_chunks_between_decoding_steps(
         long_tokens = collect(long).token_ids
         second = eng.submit(long_prompt, greedy(8), "aborted-while-chunked")
         deadline = time.monotonic() + 10
-        while eng._chunk is None and time.monotonic() < deadline:  # its prefill has begun
+        while eng._chunked.progress is None and time.monotonic() < deadline:  # prefill begun
             time.sleep(0.001)
         eng.abort("aborted-while-chunked")
         rest = [e.token_id for e in events]

@@ -1,0 +1,92 @@
+"""ServeState, what one server process shares between its routes, and its start-up and shutdown:
+the stores the settings ask for, and the engines (all started, or none left running)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.serve.cache import ResponseCache, model_identity
+from lmforge.serve.feedback import FeedbackStore
+from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.retrieval import KnowledgeBase
+from lmforge.serve.safety import SafetyPolicy
+from lmforge.serve.seq2seq_engine import engine_class
+from lmforge.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeState:
+    """What the routes share: the engines by model name and the optional stores."""
+
+    settings: ServeSettings
+    metrics: ServerMetrics
+    engines: dict[str, Any] = field(default_factory=dict)
+    model_ids: dict[str, str] = field(default_factory=dict)  # name -> name@content hash
+    created: dict[str, int] = field(default_factory=dict)
+    cache: Any = None
+    safety: Any = None
+    kb: Any = None
+    feedback: Any = None
+    ready: bool = False
+
+
+def open_stores(state: ServeState) -> None:
+    """The response cache, safety policy, knowledge base and feedback store the settings ask for."""
+    s = state.settings
+    if s.cache_entries:
+        state.cache = ResponseCache(max_entries=s.cache_entries)
+    if s.safety is not None:
+        state.safety = SafetyPolicy.from_file(s.safety)
+    if s.kb is not None and state.kb is None:  # not passed in by serve(): build it, or with
+        # several workers open the index serve() built before starting them
+        state.kb = KnowledgeBase.open(s.kb_path()) if s.workers > 1 else open_knowledge_base(s)
+    state.feedback = FeedbackStore(s.feedback_path())
+
+
+def open_knowledge_base(settings: ServeSettings) -> Any:
+    """Builds (incrementally: unchanged files are skipped) or opens the --kb index."""
+    return KnowledgeBase.build(settings.kb, settings.kb_path())
+
+
+def start_engines(state: ServeState) -> None:
+    """Loads and starts an engine per served model. If one fails to load or start, the engines
+    already started are stopped (their requests aborted) before the error goes on: a server
+    that fails at start-up leaves no decoding threads behind."""
+    try:
+        for spec in state.settings.models:
+            _start_engine(state, spec)
+    except BaseException:
+        if state.engines:
+            log.info("stopping the %d engine(s) already started", len(state.engines))
+        for engine in state.engines.values():
+            engine.shutdown(drain=False)
+        state.engines.clear()
+        state.model_ids.clear()
+        state.created.clear()
+        raise
+
+
+def _start_engine(state: ServeState, spec: Any) -> None:
+    s = state.settings
+    engine = engine_class(spec.path).from_dir(
+        spec.path, name=spec.name, device=s.device,
+        max_batch_size=s.max_batch_size, max_queue=s.max_queue, threads=s.torch_threads(),
+        compile=s.compile,
+    )  # fmt: skip
+    engine.start()
+    state.engines[spec.name] = engine
+    state.model_ids[spec.name] = model_identity(spec.name, spec.path)
+    state.created[spec.name] = int(time.time())
+    log.info("serving %s from %s (context %d)", spec.name, spec.path, engine.max_context)
+
+
+def stop_engines(state: ServeState) -> None:
+    """Drain: finish what is running (up to the graceful timeout), then stop."""
+    timeout = state.settings.graceful_timeout_s
+    for engine in state.engines.values():
+        engine.shutdown(drain=True, timeout=timeout)
