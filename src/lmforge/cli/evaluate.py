@@ -56,21 +56,21 @@ def generate_cmd(
         bool, typer.Option(help="Send prompts as user turns through the chat template.")
     ] = False,
     max_new_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Most new tokens per answer [default: 64].")
+        int | None, typer.Option(min=1, help="Most new tokens per answer; default 64.")
     ] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k best.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="1 = off [default: 1].")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="1 = off; default 1.")] = None,
     num_beams: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Beam search width (with temperature 0); 1 = no beams [default: 1]."
+            min=1, help="Beam search width (with temperature 0); 1 = no beams; default 1."
         ),
     ] = None,
     length_penalty: Annotated[
         float | None,
-        typer.Option(help="Beams: score = sum(log p) / length ** this (> 0: longer) [default: 1]."),
+        typer.Option(help="Beams: score = sum(log p) / length ** this (> 0: longer); default 1."),
     ] = None,
     no_repeat_ngram_size: Annotated[
         int | None, typer.Option(min=0, help="Never repeat an n-gram of this size; 0 = off.")
