@@ -79,7 +79,8 @@ class GenerationSettings(Section):
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
     forced_bos_token_id: int | None = Field(
-        None, ge=0, description="an encoder-decoder's first target token is always this id",
+        None, ge=0, description="the token after a one-token start (an encoder-decoder's "
+        "decoder start) is always this id",
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
     forced_eos_token_id: int | list[int] | None = Field(

@@ -12,12 +12,10 @@ stay greedy unless asked to sample.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import InputError
-from lmforge.tokenizer.generation import GENERATION_CONFIG
+from lmforge.tokenizer.generation import GENERATION_CONFIG, read_json_object
 
 # the keys read, under transformers' names (GenerationSettings uses the same)
 DEFAULT_KEYS = (
@@ -48,12 +46,7 @@ def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) ->
         path = model_dir / "config.json"
     if not path.is_file():
         return {}
-    try:
-        source = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(source, dict):
-        raise InputError(f"{path} must hold a JSON object")
+    source = read_json_object(path)
     found = {k: source[k] for k in DEFAULT_KEYS if source.get(k) is not None}
     max_length = source.get("max_length")
     if is_encoder_decoder and "max_new_tokens" not in found and isinstance(max_length, int):
