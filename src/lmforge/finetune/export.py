@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from lmforge.finetune.lora import lora_modules, merge, save_peft_adapter
+from lmforge.model.generation_defaults import checkpoint_generation_keys
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from lmforge.tokenizer.generation import (
     SPECIAL_KEYS,
@@ -61,13 +62,14 @@ def export_model(
     )
     special = {k: config_json[k] for k in SPECIAL_KEYS if config_json.get(k) is not None}
     generation = None
+    decoding = checkpoint_generation_keys(model_dir)  # the base's beams etc., as transformers keeps
     if seq2seq_ids is not None:
         special.update(seq2seq_ids)
-        generation = dict(seq2seq_ids)
+        generation = {**decoding, **seq2seq_ids}
     elif classifier is not None:  # a classifier generates nothing (transformers writes no file)
         special["pad_token_id"] = tok.pad_id
     else:
-        generation = tuned_generation_config(model_dir, tok)
+        generation = {**decoding, **tuned_generation_config(model_dir, tok)}
     with ctx.atomic_path(ctx.out / "final") as tmp:
         save_pretrained(
             lm, tmp, extra_config=special, classifier=classifier, generation_config=generation

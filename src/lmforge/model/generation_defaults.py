@@ -32,14 +32,10 @@ DEFAULT_KEYS = (
 )
 
 
-def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) -> dict[str, Any]:
-    """The generation defaults model_dir's checkpoint sets, {} when it sets none.
-
-    Read from generation_config.json, or from config.json when there is no such file (as
-    transformers does). An encoder-decoder's max_length (the target, decoder start included)
-    becomes max_new_tokens = max_length - 1 when max_new_tokens is not set; a decoder's
-    max_length counts its prompt, so it is not read (lmforge's max_new_tokens applies).
-    """
+def checkpoint_generation_keys(model_dir: Path | str) -> dict[str, Any]:
+    """The decoding keys (DEFAULT_KEYS and max_length) model_dir's checkpoint sets, as written:
+    from generation_config.json, or from config.json when there is no such file (as transformers
+    does). What an export of a model tuned from this checkpoint carries on, so it decodes alike."""
     model_dir = Path(model_dir)
     path = model_dir / GENERATION_CONFIG
     if not path.is_file():
@@ -47,8 +43,18 @@ def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) ->
     if not path.is_file():
         return {}
     source = read_json_object(path)
-    found = {k: source[k] for k in DEFAULT_KEYS if source.get(k) is not None}
-    max_length = source.get("max_length")
+    return {k: source[k] for k in (*DEFAULT_KEYS, "max_length") if source.get(k) is not None}
+
+
+def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) -> dict[str, Any]:
+    """The generation defaults model_dir's checkpoint sets, {} when it sets none.
+
+    An encoder-decoder's max_length (the target, decoder start included) becomes
+    max_new_tokens = max_length - 1 when max_new_tokens is not set; a decoder's max_length
+    counts its prompt, so it is not read (lmforge's max_new_tokens applies).
+    """
+    found = checkpoint_generation_keys(model_dir)
+    max_length = found.pop("max_length", None)
     if is_encoder_decoder and "max_new_tokens" not in found and isinstance(max_length, int):
         found["max_new_tokens"] = max(max_length - 1, 1)
     return found

@@ -203,3 +203,26 @@ def test_forced_bos_and_eos_equal_transformers(T):
     rules = LogitsRules(forced_eos_token_id=(2, 4))
     assert torch.equal(rules.apply(logits, ids, None, 0, 1, []), eos)  # the last step
     assert torch.equal(rules.apply(logits, ids, None, 0, 2, []), logits)  # not the last
+
+
+@pytest.mark.parametrize("in_config_json", [False, True], ids=["generation_config", "config"])
+def test_a_model_tuned_from_the_checkpoint_exports_its_defaults(tmp_path, tok, in_config_json):
+    from types import SimpleNamespace
+
+    from lmforge.common.io import atomic_path
+    from lmforge.finetune.export import export_model
+    from lmforge.model.convert import load_pretrained
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    path, _ = bart_dir(tmp_path, tok, in_config_json)
+    ctx = SimpleNamespace(out=tmp_path / "tuned", atomic_path=atomic_path)
+    ids = {k: BART_GEN[k] for k in ("pad_token_id", "eos_token_id", "decoder_start_token_id")}
+    export_model(ctx, path, load_pretrained(path), TokenizerFiles.load(path), seq2seq_ids=ids)
+    final = tmp_path / "tuned" / "final"
+    written = json.loads((final / "generation_config.json").read_text())
+    assert {k: written[k] for k in ("num_beams", "max_length", "forced_bos_token_id")} == {
+        "num_beams": 4, "max_length": 14, "forced_bos_token_id": 1,
+    }  # fmt: skip
+    lm, hf = EvalModel.load(final), transformers.AutoModelForSeq2SeqLM.from_pretrained(final)
+    for prompt, row in zip(PROMPTS, ours(lm, GenerationSettings()), strict=True):
+        assert row == hf_new_ids(hf.eval(), lm.scorer.source(prompt), 1, [2])
