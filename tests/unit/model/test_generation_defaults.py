@@ -94,11 +94,12 @@ def test_bart_generates_with_its_checkpoint_defaults_as_transformers(tmp_path, t
     for prompt, row in zip(PROMPTS, got, strict=True):
         assert row == hf_new_ids(hf.eval(), lm.scorer.source(prompt), 1, [2])
         assert row[0] == 1 and len(row) >= 5  # forced bos; min_length 6 counts the start
-    plain = ours(lm, GenerationSettings(num_beams=1, no_repeat_ngram_size=0, min_length=0))
-    assert plain != got  # the defaults changed what the model says
-    for prompt, row in zip(PROMPTS, plain, strict=True):  # explicit settings win, as in HF
-        explicit = dict(num_beams=1, no_repeat_ngram_size=0, min_length=0)
-        assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
+    plain = dict(num_beams=1, no_repeat_ngram_size=0, min_length=0)
+    for explicit in ({"num_beams": 1}, plain):  # greedy under the rules; explicit settings win
+        rows = ours(lm, GenerationSettings(**explicit))
+        assert rows != got  # the settings changed what the model says
+        for prompt, row in zip(PROMPTS, rows, strict=True):
+            assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
 
 
 def llama_dir(tmp_path, tok):
@@ -226,3 +227,24 @@ def test_a_model_tuned_from_the_checkpoint_exports_its_defaults(tmp_path, tok, i
     lm, hf = EvalModel.load(final), transformers.AutoModelForSeq2SeqLM.from_pretrained(final)
     for prompt, row in zip(PROMPTS, ours(lm, GenerationSettings()), strict=True):
         assert row == hf_new_ids(hf.eval(), lm.scorer.source(prompt), 1, [2])
+
+
+def test_generate_cli_uses_the_checkpoint_defaults_unless_an_option_is_given(tmp_path, tok):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    path, _ = llama_dir(tmp_path, tok)
+    lm = EvalModel.load(path)
+    answers = {}
+    for name, options in (("defaults", []), ("greedy", ["--num-beams", "1"])):
+        out = tmp_path / f"{name}.jsonl"
+        args = ["generate", "--model", str(path), "--out", str(out)]
+        result = CliRunner().invoke(
+            app, [*args, *(a for p in PROMPTS for a in ("-p", p)), *options]
+        )
+        assert result.exit_code == 0, result.output
+        answers[name] = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    assert answers["defaults"] == lm.generate_batch(PROMPTS, GenerationSettings())
+    assert answers["greedy"] == lm.generate_batch(PROMPTS, GenerationSettings(num_beams=1))
+    assert answers["greedy"] != answers["defaults"]
