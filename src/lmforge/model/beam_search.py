@@ -111,8 +111,7 @@ def beam_search(
         cand_gen[:, :, t] = cand_tok
         last = t + 1 == max_new_tokens  # every candidate ends here: max length
         stopped = torch.isin(cand_tok, stops) | last  # (B, K)
-        # a hypothesis a rule forbade (-inf) never finishes: transformers' -1e9 empty slots win
-        may_finish = stopped & rank_in_top & open_[:, None] & torch.isfinite(cand_scores)
+        may_finish = stopped & rank_in_top & open_[:, None]
         if beams.early_stopping is True:
             may_finish &= ~done.full()[:, None]
         done.add(cand_gen, cand_scores / (t + 1) ** beams.length_penalty, may_finish, t + 1)
@@ -153,7 +152,11 @@ class Finished:
         self.filled = torch.zeros((B, nb), dtype=torch.bool, device=device)
 
     def add(self, tokens: Tensor, scores: Tensor, mask: Tensor, length: int) -> None:
-        """Merge candidates tokens (B, K, L) with scores (B, K) where mask (B, K); keep the best."""
+        """Merge candidates tokens (B, K, L) with scores (B, K) where mask (B, K); keep the best.
+
+        A candidate a logits rule forbade (-inf) never counts as finished (transformers' empty
+        slots score -1e9, so it never enters them)."""
+        mask = mask & torch.isfinite(scores)
         nb = self.scores.size(1)
         all_scores = torch.cat([self.scores, scores.masked_fill(~mask, float("-inf"))], dim=1)
         best = torch.topk(all_scores, nb).indices  # (B, nb)

@@ -20,6 +20,7 @@ from ..finetune.helpers import make_tokenizer_dir
 
 transformers = pytest.importorskip("transformers")
 
+NEG = float("-inf")
 PROMPTS = ["What is the capital of France?", "Return the absolute value", "os.path.join"]
 # bart-large-cnn's kind of defaults, scaled to a tiny model (our tokenizer: pad 0, eos 2)
 BART_GEN = dict(
@@ -248,3 +249,16 @@ def test_generate_cli_uses_the_checkpoint_defaults_unless_an_option_is_given(tmp
     assert answers["defaults"] == lm.generate_batch(PROMPTS, GenerationSettings())
     assert answers["greedy"] == lm.generate_batch(PROMPTS, GenerationSettings(num_beams=1))
     assert answers["greedy"] != answers["defaults"]
+
+
+def test_a_hypothesis_a_rule_forbade_never_fills_a_finished_slot():
+    from lmforge.model.beam_search import Finished
+
+    done = Finished(1, 2, 3, torch.device("cpu"))
+    tokens = torch.zeros((1, 4, 3), dtype=torch.long)
+    done.add(tokens, torch.tensor([[NEG, NEG, NEG, NEG]]), torch.ones((1, 4), dtype=torch.bool), 1)
+    assert not bool(done.filled.any())
+    done.add(
+        tokens, torch.tensor([[-1.0, NEG, -2.0, NEG]]), torch.ones((1, 4), dtype=torch.bool), 2
+    )
+    assert bool(done.full().all()) and done.scores.tolist() == [[-1.0, -2.0]]
