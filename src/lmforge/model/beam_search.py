@@ -115,8 +115,9 @@ def beam_search(
         if beams.early_stopping is True:
             may_finish &= ~done.full()[:, None]
         done.add(cand_gen, cand_scores / (t + 1) ** beams.length_penalty, may_finish, t + 1)
-        keep = torch.topk(cand_scores.masked_fill(stopped, float("-inf")), nb).indices  # (B, nb)
-        scores = cand_scores.gather(1, keep)
+        running = cand_scores.masked_fill(stopped, float("-inf"))  # a stopped one never runs on
+        keep = torch.topk(running, nb).indices  # (B, nb)
+        scores = running.gather(1, keep)
         gen = cand_gen.gather(1, keep[:, :, None].expand(B, nb, max_new_tokens))
         open_ &= ~done.full() | (best_possible(scores, t + 1, max_new_tokens, beams) > done.worst())
         if last or not bool(open_.any()):

@@ -262,3 +262,13 @@ def test_a_hypothesis_a_rule_forbade_never_fills_a_finished_slot():
         tokens, torch.tensor([[-1.0, NEG, -2.0, NEG]]), torch.ones((1, 4), dtype=torch.bool), 2
     )
     assert bool(done.full().all()) and done.scores.tolist() == [[-1.0, -2.0]]
+
+
+def test_a_finished_hypothesis_never_runs_on_when_rules_leave_few_candidates():
+    from lmforge.model.beam_search import BeamSettings, beam_search
+
+    logits = torch.tensor([[0.6, 0.1, 0.3]]).log().repeat(4, 1)  # eos 0 likely, bos 1, word 2
+    rules = LogitsRules(forced_bos_token_id=1)  # step one: a single token is possible
+    beams = BeamSettings(4, length_penalty=5.0, early_stopping=True, rules=rules)
+    best = beam_search(lambda *_: logits, logits, torch.tensor([[2]] * 4), 4, beams, [0])[0]
+    assert best[0] == 1 and 0 not in best[:-1]
