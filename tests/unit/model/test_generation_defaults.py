@@ -44,7 +44,7 @@ def peaked(model: torch.nn.Module, scale: float) -> torch.nn.Module:
     return model.eval()
 
 
-def save_hf(hf, gen: dict, tmp_path, tok, in_config_json: bool):
+def save_hf(hf, gen: dict, tmp_path, tok, in_config_json: bool) -> None:
     """hf saved with gen as generation_config.json, or (older checkpoints) inside config.json."""
     hf.generation_config = transformers.GenerationConfig(**gen)
     hf.save_pretrained(tmp_path)
@@ -53,7 +53,6 @@ def save_hf(hf, gen: dict, tmp_path, tok, in_config_json: bool):
         config = json.loads((tmp_path / "config.json").read_text())
         (tmp_path / "config.json").write_text(json.dumps({**config, **gen}))
     _copy_files(tok, tmp_path)
-    return transformers.AutoModelForSeq2SeqLM if hf.config.is_encoder_decoder else None
 
 
 def hf_new_ids(hf, ids: list[int], skip: int, stops: list[int], **explicit) -> list[int]:
