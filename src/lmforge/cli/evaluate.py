@@ -55,17 +55,29 @@ def generate_cmd(
     chat: Annotated[
         bool, typer.Option(help="Send prompts as user turns through the chat template.")
     ] = False,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens per answer.")] = 64,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Most new tokens per answer; default 64.")
+    ] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k best.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
+    repetition_penalty: Annotated[float | None, typer.Option(help="1 = off; default 1.")] = None,
     num_beams: Annotated[
-        int, typer.Option(min=1, help="Beam search width (with temperature 0); 1 = no beams.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1, help="Beam search width (with temperature 0); 1 = no beams; default 1."
+        ),
+    ] = None,
     length_penalty: Annotated[
-        float, typer.Option(help="Beams: score = sum(log p) / length ** this (> 0: longer).")
-    ] = 1.0,
+        float | None,
+        typer.Option(help="Beams: score = sum(log p) / length ** this (> 0: longer); default 1."),
+    ] = None,
+    no_repeat_ngram_size: Annotated[
+        int | None, typer.Option(min=0, help="Never repeat an n-gram of this size; 0 = off.")
+    ] = None,
+    min_new_tokens: Annotated[
+        int | None, typer.Option(min=0, help="No stop token before this many new tokens.")
+    ] = None,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Cut answers at this string (repeatable).")
     ] = None,
@@ -81,6 +93,11 @@ def generate_cmd(
 ) -> None:
     """Generate text from a model: raw continuation, or chat answers with --chat.
 
+    Options left unset take the checkpoint's own defaults where its generation_config.json
+    (or, older, config.json) sets them, as transformers' generate() does: max new tokens (an
+    encoder-decoder's max_length - 1), beams, length and repetition penalties, no-repeat
+    n-grams, minimum lengths, forced first/last tokens. Options given always win.
+
     Example: lmforge generate --model runs/quickstart/sft --chat -p "What does os.path.join do?"
     """
     from lmforge.common.io import read_prompts, write_jsonl
@@ -88,12 +105,17 @@ def generate_cmd(
     from lmforge.evals.lm import EvalModel, GenerationSettings
     from lmforge.evals.sample import sample
 
-    settings = validate(GenerationSettings, {
+    given = {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
         "compile": compile,
         "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
         "seed": seed, "num_beams": num_beams, "length_penalty": length_penalty,
-    }, where="generate")  # fmt: skip
+        "no_repeat_ngram_size": no_repeat_ngram_size, "min_new_tokens": min_new_tokens,
+    }  # fmt: skip
+    # unset options stay unset: EvalModel.settings_for fills them from the checkpoint
+    settings = validate(
+        GenerationSettings, {k: v for k, v in given.items() if v is not None}, where="generate"
+    )
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)
     rows = sample(lm, texts, settings, chat=chat, num_samples=num_samples, batch_size=batch_size)

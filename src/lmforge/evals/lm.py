@@ -22,10 +22,12 @@ import torch
 from pydantic import Field, model_validator
 
 from lmforge.artifacts import require_artifact
-from lmforge.config import HASHED_IF_SET, Section
+from lmforge.config import HASHED_IF_SET, Section, validate
 from lmforge.errors import InputError
 from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.model.compiled_decode import DecodeCompile, compile_field
+from lmforge.model.generation_defaults import read_generation_defaults
+from lmforge.model.logits_rules import LogitsRules
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
@@ -64,6 +66,28 @@ class GenerationSettings(Section):
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
 
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="never repeat an n-gram of this size (0 = off)",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+    min_length: int = Field(
+        0, ge=0, description="no stop token before the sequence (prompt or decoder start "
+        "included) has this many tokens (0 = off)", json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+    min_new_tokens: int = Field(
+        0, ge=0, description="no stop token before this many new tokens (0 = off)",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+    forced_bos_token_id: int | None = Field(
+        None, ge=0, description="the token after a one-token start (an encoder-decoder's "
+        "decoder start) is always this id",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+    forced_eos_token_id: int | list[int] | None = Field(
+        None, description="the last token a length limit allows is always this id (or one of "
+        "these)", json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+
     @model_validator(mode="after")
     def _beams_do_not_sample(self) -> GenerationSettings:
         if self.num_beams > 1 and self.temperature > 0:
@@ -72,6 +96,15 @@ class GenerationSettings(Section):
                 "does not sample; set temperature 0 for beams, or num_beams 1 to sample"
             )
         return self
+
+    def logits_rules(self) -> LogitsRules:
+        """The n-gram, minimum-length and forced-token rules every decoding step applies."""
+        forced_eos = self.forced_eos_token_id
+        return LogitsRules(
+            self.no_repeat_ngram_size, self.min_length, self.min_new_tokens,
+            self.forced_bos_token_id,
+            tuple(forced_eos) if isinstance(forced_eos, list) else forced_eos,
+        )  # fmt: skip
 
 
 class EvalModel:
@@ -101,6 +134,10 @@ class EvalModel:
         self.generation_config = load_generation_config(self.path, files)
         self._head: SequenceHead | bool | None = False  # False: not loaded
         self.scorer: Scorer = scorer_for(self, hf)
+        # what transformers would decode with unasked: the checkpoint's generation_config
+        self.generation_defaults = read_generation_defaults(
+            self.path, self.scorer.kind == "seq2seq"
+        )
 
     @classmethod
     def load(
@@ -191,6 +228,19 @@ class EvalModel:
 
     # -- generation ----------------------------------------------------------------------------
 
+    def settings_for(self, settings: GenerationSettings) -> GenerationSettings:
+        """settings with the checkpoint's generation defaults where settings leave a field unset
+        (a value given explicitly wins, even when it equals the default). A checkpoint's
+        num_beams is not used when the settings ask to sample (temperature > 0)."""
+        defaults = dict(self.generation_defaults)
+        if settings.temperature > 0:
+            defaults.pop("num_beams", None)
+        given = settings.model_dump(exclude_unset=True)
+        if not defaults.keys() - given.keys():
+            return settings
+        where = f"{self.path}'s generation defaults"
+        return validate(GenerationSettings, {**settings.model_dump(), **defaults, **given}, where)
+
     def generate(self, prompt: str, settings: GenerationSettings, chat: bool = False) -> str:
         """The model's continuation of prompt: generate_batch() for one prompt."""
         return self.generate_batch([prompt], settings, chat=chat)[0]
@@ -210,7 +260,7 @@ class EvalModel:
         prompt at a time; sampled prompt i draws from its own generator seeded by
         (settings.seed, i), so the batch size does not change what is sampled.
         """
-        new = self.scorer.generate(prompts, settings, chat, batch_size)
+        new = self.scorer.generate(prompts, self.settings_for(settings), chat, batch_size)
         return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
 
 

@@ -196,14 +196,14 @@ def beam_settings(settings: GenerationSettings) -> BeamSettings:
 
     return BeamSettings(
         settings.num_beams, settings.length_penalty, settings.early_stopping,
-        settings.repetition_penalty,
+        settings.repetition_penalty, settings.logits_rules(),
     )  # fmt: skip
 
 
 def sampling_kwargs(settings: GenerationSettings) -> dict[str, Any]:
     return {"temperature": settings.temperature, "top_k": settings.top_k,
             "top_p": settings.top_p, "repetition_penalty": settings.repetition_penalty,
-            "seed": settings.seed}  # fmt: skip
+            "seed": settings.seed, "rules": settings.logits_rules()}  # fmt: skip
 
 
 class Seq2SeqScorer:

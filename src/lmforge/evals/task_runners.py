@@ -45,7 +45,7 @@ def run_perplexity(model: EvalModel, spec: TaskSpec, _: GenerationSettings) -> T
 
 
 def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> TaskResult:
-    settings = spec.generation or settings
+    settings = model.settings_for(spec.generation or settings)  # recorded as generated
     rows = load_examples(spec)
     prompts = [task_prompt(spec, r) for r in rows]
     refs = [str(r["reference"]) for r in rows]

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from lmforge.finetune.lora import lora_modules, merge, save_peft_adapter
+from lmforge.model.generation_defaults import checkpoint_generation_keys
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from lmforge.tokenizer.generation import (
     SPECIAL_KEYS,
@@ -64,13 +65,14 @@ def export_model(
     )
     special = {k: config_json[k] for k in SPECIAL_KEYS if config_json.get(k) is not None}
     generation = None
+    decoding = checkpoint_generation_keys(model_dir)  # the base's beams etc., as transformers keeps
     if seq2seq_ids is not None:
         special.update(seq2seq_ids)
-        generation = dict(seq2seq_ids)
+        generation = {**decoding, **seq2seq_ids}
     elif classifier is not None:  # a classifier generates nothing (transformers writes no file)
         special["pad_token_id"] = tok.pad_id
     else:
-        generation = tuned_generation_config(model_dir, tok)
+        generation = {**decoding, **tuned_generation_config(model_dir, tok)}
     if mean_head is not None:  # the encoder alone, its head in a file of its own
         special[MEAN_HEAD_KEY], classifier = MEAN_HEAD, None
     with ctx.atomic_path(ctx.out / "final") as tmp:

@@ -36,6 +36,7 @@ from lmforge.model.generate import (
     in_length_batches,
     left_pad,
 )
+from lmforge.model.logits_rules import NO_RULES, LogitsRules
 from lmforge.model.seq2seq_generate import right_pad
 
 EarlyStopping = bool | Literal["never"]
@@ -53,6 +54,7 @@ class BeamSettings:
     length_penalty: float = 1.0
     early_stopping: EarlyStopping = False
     repetition_penalty: float = 1.0
+    rules: LogitsRules = NO_RULES  # a checkpoint's n-gram, min-length, forced-token rules
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -101,6 +103,7 @@ def beam_search(
         logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
         if beams.repetition_penalty != 1.0:
             logp = apply_repetition_penalty(logp, history, beams.repetition_penalty, history_mask)
+        logp = beams.rules.apply(logp, history, history_mask, t, max_new_tokens, stop_tokens)
         total = (logp.view(B, nb, V) + scores[:, :, None]).view(B, nb * V)
         cand_scores, cand = torch.topk(total, K)  # (B, K), best first
         cand_beam, cand_tok = cand // V, cand % V
@@ -112,8 +115,9 @@ def beam_search(
         if beams.early_stopping is True:
             may_finish &= ~done.full()[:, None]
         done.add(cand_gen, cand_scores / (t + 1) ** beams.length_penalty, may_finish, t + 1)
-        keep = torch.topk(cand_scores.masked_fill(stopped, float("-inf")), nb).indices  # (B, nb)
-        scores = cand_scores.gather(1, keep)
+        running = cand_scores.masked_fill(stopped, float("-inf"))  # a stopped one never runs on
+        keep = torch.topk(running, nb).indices  # (B, nb)
+        scores = running.gather(1, keep)
         gen = cand_gen.gather(1, keep[:, :, None].expand(B, nb, max_new_tokens))
         open_ &= ~done.full() | (best_possible(scores, t + 1, max_new_tokens, beams) > done.worst())
         if last or not bool(open_.any()):
@@ -122,7 +126,7 @@ def beam_search(
             break
         beam_idx = (cand_beam.gather(1, keep) + offsets).view(N)  # (N,) rows the beams came from
         tokens = gen[:, :, t].reshape(N)
-        if beams.repetition_penalty != 1.0:  # the only reader of the history
+        if beams.repetition_penalty != 1.0 or beams.rules.active:  # the history's readers
             history = torch.cat([history.index_select(0, beam_idx), tokens[:, None]], dim=1)
             if history_mask is not None:
                 ones = history_mask.new_ones((N, 1))
@@ -149,7 +153,11 @@ class Finished:
         self.filled = torch.zeros((B, nb), dtype=torch.bool, device=device)
 
     def add(self, tokens: Tensor, scores: Tensor, mask: Tensor, length: int) -> None:
-        """Merge candidates tokens (B, K, L) with scores (B, K) where mask (B, K); keep the best."""
+        """Merge candidates tokens (B, K, L) with scores (B, K) where mask (B, K); keep the best.
+
+        A candidate a logits rule forbade (-inf) never counts as finished (transformers' empty
+        slots score -1e9, so it never enters them)."""
+        mask = mask & torch.isfinite(scores)
         nb = self.scores.size(1)
         all_scores = torch.cat([self.scores, scores.masked_fill(~mask, float("-inf"))], dim=1)
         best = torch.topk(all_scores, nb).indices  # (B, nb)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.compiled_decode import FixedShapeSteps, decode_capacity, use_compiled_decode
+from lmforge.model.logits_rules import NO_RULES, LogitsRules
 
 
 class KVCache:
@@ -222,6 +223,7 @@ def generate(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
     compile: str = "off",
+    rules: LogitsRules = NO_RULES,
 ) -> Tensor:
     """Continue each row of idx (B, T); returns (B, T + n), n <= max_new_tokens.
 
@@ -233,6 +235,7 @@ def generate(
     use_cache=False recomputes the whole prefix each step (the reference the cache is tested on).
     compile: off | on | auto (on for CUDA only): decoding steps (not the prefill) run
     torch.compile'd on fixed shapes, model/compiled_decode.py; the same tokens up to rounding.
+    rules: a checkpoint's n-gram, minimum-length and forced-token rules (model/logits_rules.py).
     """
     _check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = idx.shape
@@ -256,6 +259,7 @@ def generate(
         logits = _last_logits(model, idx, kv_cache=cache, pad_mask=mask)  # (B, V)
         fixed = FixedShapeSteps(model, cache, mask, T) if compiled else None
         for step in range(max_new_tokens):
+            logits = rules.apply(logits, out, mask, step, max_new_tokens, stop_tokens)
             nxt = sample_next(logits, out, history_mask=mask, **sampling)  # (B,)
             nxt = torch.where(finished, pad, nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)

@@ -24,6 +24,7 @@ from lmforge.model.generate import (
     pad_rows,
     sample_next,
 )
+from lmforge.model.logits_rules import NO_RULES, LogitsRules
 
 
 def source_row(ids: Sequence[int], eos: int, max_len: int) -> list[int]:
@@ -51,13 +52,14 @@ def generate_seq2seq(
     *,
     decoder_start_id: int,
     stop_tokens: Sequence[int] = (),
+    rules: LogitsRules = NO_RULES,
     **sampling: Any,
 ) -> Tensor:
     """Target ids (B, 1 + n), n <= max_new_tokens, starting with decoder_start_id.
 
     A row that emits a stop token keeps it and is padded with it afterwards; decoding ends once
     every row has stopped. sampling: generate.sample_next's keywords (greedy, temperature, top_k,
-    top_p, repetition_penalty, generator: one, or one per row).
+    top_p, repetition_penalty, generator: one, or one per row); rules: model/logits_rules.py.
     """
     _check_sampling(
         sampling.get("temperature", 1.0), sampling.get("top_k"), sampling.get("top_p"),
@@ -76,7 +78,10 @@ def generate_seq2seq(
         pad = torch.zeros(B, dtype=torch.long, device=src.device)
         for step in range(max_new_tokens):
             h = model.decode(out[:, -1:], cross, src_mask, kv_cache=cache, start_pos=step)
-            nxt = torch.where(finished, pad, sample_next(model.logits(h[:, -1]), out, **sampling))
+            logits = rules.apply(
+                model.logits(h[:, -1]), out, None, step, max_new_tokens, stop_tokens
+            )
+            nxt = torch.where(finished, pad, sample_next(logits, out, **sampling))
             out = torch.cat([out, nxt[:, None]], dim=1)
             hit = torch.isin(nxt, stops) & ~finished
             pad, finished = torch.where(hit, nxt, pad), finished | hit

@@ -50,10 +50,12 @@ def load_generation_config(
     model_dir = Path(model_dir)
     path = model_dir / GENERATION_CONFIG
     if path.is_file():
-        gen = _read_json(path)
+        gen = read_json_object(path)
         eos_ids(gen, path)  # a malformed eos_token_id is an error here, not mid-generation
         return gen
-    config = _read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
+    config = (
+        read_json_object(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
+    )
     base = {k: config[k] for k in SPECIAL_KEYS if config.get(k) is not None}
     return generation_config(files or TokenizerFiles.load(model_dir), base)
 
@@ -71,7 +73,8 @@ def eos_ids(gen: dict[str, Any], path: Path | None = None) -> list[int]:
     return list(ids)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in path; an InputError naming it when it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

@@ -1,0 +1,60 @@
+"""A checkpoint's own generation defaults: what transformers' generate() would use unasked.
+
+Hugging Face checkpoints carry decoding settings in generation_config.json (older ones: the same
+keys in config.json, which transformers reads only when the file is absent), e.g. a summarizer's
+num_beams 4, length_penalty 2.0, no_repeat_ngram_size 3, min_length 56, max_length 142 and its
+forced bos/eos tokens. read_generation_defaults() returns the ones lmforge applies, under the
+names GenerationSettings uses (transformers' own); settings the user gave win over them
+(evals.lm.EvalModel.settings_for). Our own exports write no such keys, so nothing changes for
+them. Sampling keys (do_sample, temperature, top_k, top_p) are not read: lmforge's generations
+stay greedy unless asked to sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmforge.tokenizer.generation import GENERATION_CONFIG, read_json_object
+
+# the keys read, under transformers' names (GenerationSettings uses the same)
+DEFAULT_KEYS = (
+    "max_new_tokens",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_length",
+    "min_new_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+)
+
+
+def checkpoint_generation_keys(model_dir: Path | str) -> dict[str, Any]:
+    """The decoding keys (DEFAULT_KEYS and max_length) model_dir's checkpoint sets, as written:
+    from generation_config.json, or from config.json when there is no such file (as transformers
+    does). What an export of a model tuned from this checkpoint carries on, so it decodes alike."""
+    model_dir = Path(model_dir)
+    path = model_dir / GENERATION_CONFIG
+    if not path.is_file():
+        path = model_dir / "config.json"
+    if not path.is_file():
+        return {}
+    source = read_json_object(path)
+    return {k: source[k] for k in (*DEFAULT_KEYS, "max_length") if source.get(k) is not None}
+
+
+def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) -> dict[str, Any]:
+    """The generation defaults model_dir's checkpoint sets, {} when it sets none.
+
+    An encoder-decoder's max_length (the target, decoder start included) becomes
+    max_new_tokens = max_length - 1 when max_new_tokens is not set; a decoder's max_length
+    counts its prompt, so it is not read (lmforge's max_new_tokens applies).
+    """
+    found = checkpoint_generation_keys(model_dir)
+    max_length = found.pop("max_length", None)
+    if is_encoder_decoder and "max_new_tokens" not in found and isinstance(max_length, int):
+        found["max_new_tokens"] = max(max_length - 1, 1)
+    return found

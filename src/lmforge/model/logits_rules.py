@@ -1,0 +1,114 @@
+"""The logits rules a checkpoint's generation_config can ask for, as transformers applies them.
+
+One LogitsRules value is applied at every decoding step by greedy and sampled decoding
+(generate.generate, seq2seq_generate.generate_seq2seq) and by beam search (on log-probabilities,
+as transformers does), so the three agree. Each rule is transformers' processor of the same
+name: NoRepeatNGramLogitsProcessor (no_repeat_ngram_size), MinLengthLogitsProcessor (min_length:
+the whole sequence, prompt or decoder start included), MinNewTokensLengthLogitsProcessor
+(min_new_tokens), ForcedBOSTokenLogitsProcessor (the first token after a one-token start, i.e. an
+encoder-decoder's first target token) and ForcedEOSTokenLogitsProcessor (the last step). Lengths
+and n-grams are per row, without left padding, i.e. what transformers does for one prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import ConfigError
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class LogitsRules:
+    """Which rules apply (transformers' generation_config names; 0 / None = off)."""
+
+    no_repeat_ngram_size: int = 0
+    min_length: int = 0
+    min_new_tokens: int = 0
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("no_repeat_ngram_size", "min_length", "min_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any rule may change a logit (callers skip the work otherwise)."""
+        return self != NO_RULES
+
+    def apply(
+        self,
+        logits: Tensor,
+        history: Tensor,
+        history_mask: Tensor | None,
+        step: int,
+        max_new_tokens: int,
+        eos: Sequence[int],
+    ) -> Tensor:
+        """logits (B, V) for new token `step` (0-based) after history (B, T) with the rules
+        applied; history_mask (B, T) 0 at left padding; eos: the stop ids min lengths hold off."""
+        if not self.active:
+            return logits
+        lengths = (
+            torch.full((history.size(0),), history.size(1), device=history.device)
+            if history_mask is None
+            else history_mask.sum(dim=1)
+        )  # (B,) each row's tokens so far
+        if self.no_repeat_ngram_size:
+            logits = ban_repeated_ngrams(logits, history, history_mask, self.no_repeat_ngram_size)
+        if eos and (step < self.min_new_tokens or self.min_length):
+            too_short = (lengths < self.min_length) | (step < self.min_new_tokens)  # (B,)
+            logits = ban_tokens(logits, too_short, eos)
+        if self.forced_bos_token_id is not None:
+            logits = force_token(logits, lengths == 1, [self.forced_bos_token_id])
+        if self.forced_eos_token_id is not None and step == max_new_tokens - 1:
+            forced = self.forced_eos_token_id
+            ids = [forced] if isinstance(forced, int) else list(forced)
+            logits = force_token(logits, torch.ones_like(lengths, dtype=torch.bool), ids)
+        return logits
+
+
+NO_RULES = LogitsRules()  # the default everywhere: decoding as before
+
+
+def ban_tokens(logits: Tensor, rows: Tensor, ids: Sequence[int]) -> Tensor:
+    """logits with ids set to -inf in the rows (B,) marked True."""
+    cols = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+    cols[list(ids)] = True
+    return logits.masked_fill(rows[:, None] & cols[None, :], NEG_INF)
+
+
+def force_token(logits: Tensor, rows: Tensor, ids: Sequence[int]) -> Tensor:
+    """In the rows (B,) marked True: every logit -inf except ids, which become 0."""
+    forced = torch.full_like(logits, NEG_INF)
+    forced[:, list(ids)] = 0.0
+    return torch.where(rows[:, None], forced, logits)
+
+
+def ban_repeated_ngrams(
+    logits: Tensor, history: Tensor, history_mask: Tensor | None, n: int
+) -> Tensor:
+    """-inf for each token that would complete an n-gram its row has already produced."""
+    banned_rows, banned_cols = [], []
+    for row, tokens in enumerate(history.tolist()):
+        if history_mask is not None:
+            tokens = tokens[len(tokens) - int(history_mask[row].sum()) :]  # padding on the left
+        if len(tokens) + 1 < n:
+            continue
+        prefix = tokens[len(tokens) - n + 1 :]
+        for i in range(len(tokens) - n + 1):
+            if tokens[i : i + n - 1] == prefix:
+                banned_rows.append(row)
+                banned_cols.append(tokens[i + n - 1])
+    if not banned_rows:
+        return logits
+    dev = logits.device
+    where = (torch.tensor(banned_rows, device=dev), torch.tensor(banned_cols, device=dev))
+    return logits.index_put(where, torch.tensor(NEG_INF, dtype=logits.dtype, device=dev))
