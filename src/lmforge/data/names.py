@@ -5,8 +5,9 @@ A name is found two ways:
   particles (also "v.") and a surname of one or two surname-like words ("Alice Smith", "Alice
   B. Smith", "Mary Ann Smith", "Guido van Rossum", "Martin v. Löwis", "Luke Kenneth Casson
   Leighton"). Surname-like = a known surname, or a Title-case word that is not a common
-  English word ("Alice Python" is not a name, "Alice Kowalczyk" is); a second surname word
-  is on the same line and no English-looking noun or adjective ("Mathematical"). The words
+  English word nor a Python module's name ("Alice Python" and "Raymond Hettinger Itertools"
+  are no names, "Alice Kowalczyk" is); a second surname word is on the same line and no
+  English-looking noun or adjective ("Mathematical"). The words
   may be wrapped onto the next line, not across a blank line;
 - after a cue: "my name is", "I am", "I'm", "this is", "Dear", a sign-off line ("Regards,\\n"),
   a given name with an optional surname; after a title (Mr./Mrs./Ms./Dr./Prof.) also a lone
@@ -15,7 +16,9 @@ Given names that are also English words ("Will", "May", "Skip") count only after
 known surname that is not a common word ("Will Smith", not "Will Return"), or, unless they are
 everyday words (AMBIGUOUS_GIVEN: "Will", "Max", "Grant"), before a word that is no known name or
 common word ("Skip Montanaro", not "Max Heap"). A word inside an identifier (`self.Alice`,
-`Alice_Smith`, `AliceSmith`, `Alice(`) never matches; a possessive keeps its "'s" ("<NAME>'s").
+`Alice_Smith`, `AliceSmith`, `Alice(`) never matches, nor one after a letter and an apostrophe
+("O'Reilly" is no "Reilly") but a Python string prefix (`u'Alice Smith'`); a possessive keeps its
+"'s" ("<NAME>'s").
 
 The lexicons (resources/names.json) come from the faker package's person providers (MIT; see the
 file's `source` and `license`, rebuilt by scripts/extract_names.py); they are read and compiled
@@ -29,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -80,8 +84,12 @@ _UP = "A-Z\u00c0-\u00d6\u00d8-\u00de\u0100-\u024f\u1e00-\u1eff"
 _LOW = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u024f\u0250-\u02af\u1e00-\u1eff"
 # a Title-case word, also "McAdam", "O'Brien", "d'Arc" (an elided particle: "Forgeot d'Arc")
 _WORD = rf"(?:Ma?c|O['\u2019]|[dD]['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
-# not inside a word or a name that starts with "O'" or "d'" ("O'Reilly" is no "Reilly")
-_START = r"(?<![\w.@/\\$#-])(?<!\w['\u2019])"
+# not inside a word or a name that starts with "O'" or "d'" ("O'Reilly" is no "Reilly"), but
+# after a Python string prefix (u'', b'', f'', r'', rb'', fr'': `u'Alice Smith'`)
+_START = (
+    r"(?<![\w.@/\\$#-])"
+    r"(?:(?<!\w['\u2019])|(?<=\b[uUbBfFrR]')|(?<=\b[rR][bBfF]')|(?<=\b[bBfF][rR]'))"
+)
 # Not the start of an identifier or a dotted/hyphenated word: `Alice_x`, `Alice(`, `Alice.smith`.
 _END = r"(?![\w(]|[.:/-]\w)"
 # between the words of a name: spaces, or one line break (a name wrapped onto the next line)
@@ -148,9 +156,11 @@ def trie_regex(words: Iterable[str]) -> str:
 @functools.cache
 def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ...]:
     """The detectors as data.pii's (pattern, check of the matched text or None) pairs, longest
-    first: an ambiguous given name + a surname (checked by _surname_after_word); a given name +
-    a surname after a cue or anywhere; a lone given name after a cue; a lone surname after a
-    title.
+    first: given name(s) + a surname, one pattern for every name so the leftmost start wins (run
+    separately, one took the tail of the other's name: "Greg <NAME>"), an ambiguous first given
+    name checked by _surname_after_word; given name(s) + a surname after a cue, a title or, not
+    starting with an ambiguous given name, anywhere (a name inside a rejected "Max Alice
+    Kowalczyk"); a lone given name after a cue; a lone surname after a title.
 
     Every pattern with a surname requires it (no optional tail), so `regex`'s partial matching
     reports "my name is Alice Sm" as a full name in progress rather than settling on "Alice".
@@ -159,8 +169,13 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     lex = lexicon()
     given = lex["given"]
     ambiguous = trie_regex(given & lex["common_given"])
-    # a Title-case word, unless it is a common word that is not also a known surname
-    not_surname = (lex["common_words"] - lex["surnames"]) | NOT_SURNAMES
+    # a Title-case word, unless it is a common word that is not also a known surname, or a
+    # Python module's name that is no known name (heading words of the Python docs: "Raymond
+    # Hettinger Itertools", "Greg Ward Distutils")
+    modules = {m.capitalize() for m in sys.stdlib_module_names if m.isalpha() and len(m) > 2}
+    not_surname = (
+        (lex["common_words"] - lex["surnames"]) | NOT_SURNAMES | (modules - lex["surnames"] - given)
+    )
     surname_like = rf"(?!(?:{trie_regex(not_surname)}){_END}){_WORD}"
     # a known surname that is not a common word makes an ambiguous given name a name (in a
     # double-barrelled surname, either part: "Anna Smith-Jones")
@@ -184,10 +199,13 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     cap = f"(?=[{_UP}])"
     cap_or_particle = f"(?=[{_UP}{''.join(sorted({p[0] for p in PARTICLES}))}])"  # "Mr. van Rossum"
     return (
-        # first, so a name that starts with a word ("Jean Paul Sartre") is not cut to its tail
+        # every start in one scan, so neither "Jean Paul Sartre" (a word first) nor "Greg Ward
+        # Distutils" (a word second) is cut to its tail
         (
-            re.compile(rf"{cap}{_START}(?:{ambiguous}){_GAP}(?:{given_gap})?{surname}{_END}"),
-            functools.partial(_surname_after_word, strict=strict, lex=lex),
+            re.compile(rf"{cap}{_START}(?:{given_gap}){{1,2}}{surname}{_END}"),
+            functools.partial(
+                _name_start, ambiguous=given & lex["common_given"], strict=strict, lex=lex
+            ),
         ),
         (
             re.compile(
@@ -202,6 +220,15 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
             None,
         ),
     )
+
+
+def _name_start(
+    text: str, ambiguous: frozenset[str], strict: frozenset[str], lex: dict[str, frozenset[str]]
+) -> bool:
+    """Whether a match of given name(s) + a surname is a name: always, unless its first given
+    name is also a word; then as _surname_after_word says."""
+    first = text.split(maxsplit=1)[0]
+    return first not in ambiguous or _surname_after_word(text, strict, lex)
 
 
 def _surname_after_word(text: str, strict: frozenset[str], lex: dict[str, frozenset[str]]) -> bool:

@@ -46,8 +46,9 @@ MAX_QUERY_TERMS = 64
 # Dropped from queries (unless nothing else is left): they match most passages, so OR-ing them in
 # adds little to BM25 but makes a query scan most of the index (measured: 3.6x slower). "am" too:
 # a word of self-introductions ("I am <NAME>"), not of questions, that finds "9 am" in a shop's FAQ.
+# "s" too: what "<NAME>'s" leaves once the placeholder is dropped, and any "shop's" in the index.
 STOPWORDS = frozenset(
-    "a am an and are as at be by can do does for from how i in is it of on or the to was what "
+    "a am an and are as at be by can do does for from how i in is it of on or s the to was what "
     "when where which who why with you".split()
 )
 WORD = re.compile(r"\S+")

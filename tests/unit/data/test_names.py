@@ -74,6 +74,20 @@ CASES = [
     ("Skip Return values. Max Heap. Will Python do? An\nObject. Tab Nanny", []),
     # technical words that are given names, before words the lexicon does not know
     ("TLS Web Server Authentication; Unknown Error; Odd Function; Math Software", []),
+    # a name is taken from its first word, also when a later word is an ambiguous given name
+    # ("Ward"): run alone first, that word's pattern left "Greg" in clear text
+    ("By Greg Ward Distutils and Alice Smith Jr", ["Greg Ward", "Alice Smith Jr"]),
+    # a Python module's name is no surname (a heading word after a name)
+    ("Raymond Hettinger Itertools; Mr. Itertools", ["Raymond Hettinger"]),
+    # an everyday given name before a name: the name is still found, the word stays
+    ("Max Alice Kowalczyk and Will Alice Kowalczyk", ["Alice Kowalczyk", "Alice Kowalczyk"]),
+    # a legal case is two people's names: replaced as one, deliberately ("v." is a particle)
+    ("See Jordan v. Brown (1999).", ["Jordan v. Brown"]),
+    # a name in a Python string with a prefix; not after other letters and an apostrophe
+    (
+        "u'Alice Smith', f'Jean Paul Sartre', rb'Will Smith', l'Alice Smith",
+        ["Alice Smith", "Jean Paul Sartre", "Will Smith"],
+    ),
 ]
 
 

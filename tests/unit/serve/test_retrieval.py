@@ -285,7 +285,7 @@ def test_pii_placeholders_do_not_steer_retrieval(tmp_path):
         assert spec.search(kb, q) == spec.search(kb, plain)
     assert all(p.source != "contact.txt" for p in kb.search(f"{only} greetings", k=5))
     assert fts_query(only) is None and kb.search(only) == [] and spec.search(kb, only) == []
-    assert fts_query("<NAME>'s email") == '"s" OR "email"'  # the user's own "email" stays
+    assert fts_query("<NAME>'s email") == '"email"'  # the user's own "email" stays
     kb.close()
 
 
@@ -300,4 +300,16 @@ def test_am_is_not_a_search_word(tmp_path):
         "space.txt"
     ]
     assert fts_query("I am") == '"i" OR "am"'  # only stopwords: kept, as for any query
+    kb.close()
+
+
+def test_a_possessive_s_is_not_a_search_word(tmp_path):
+    """ "<NAME>'s" leaves a lone "s" once the placeholder is dropped; as a search word it found
+    every passage with a possessive ("the shop's")."""
+    write_docs(tmp_path / "docs", {**DOCS, "shop.txt": "The shop's doors open at nine."})
+    kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
+    assert fts_query("What is <NAME>'s tower height?") == '"tower" OR "height"'
+    assert kb.search("What is <NAME>'s tower height?", k=5) == []
+    assert [p.source for p in kb.search("When do <NAME>'s doors open?", k=5)] == ["shop.txt"]
+    assert fts_query("'s") == '"s"'  # only stopwords: kept, as for any query
     kb.close()
