@@ -153,6 +153,15 @@ def trie_regex(words: Iterable[str]) -> str:
     return emit(trie) or "(?!)"
 
 
+# modules Python 3.12/3.13 removed (PEP 594, distutils...): still heading words of older docs, and
+# one list on every Python keeps the detector's output the same whatever interpreter runs it
+REMOVED_STDLIB_MODULES = frozenset({
+    "aifc", "asynchat", "asyncore", "audioop", "cgi", "cgitb", "chunk", "crypt", "distutils",
+    "imghdr", "imp", "lib2to3", "mailcap", "msilib", "nis", "nntplib", "ossaudiodev", "pipes",
+    "smtpd", "sndhdr", "spwd", "sunau", "telnetlib", "uu", "xdrlib",
+})  # fmt: skip
+
+
 @functools.cache
 def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ...]:
     """The detectors as data.pii's (pattern, check of the matched text or None) pairs, longest
@@ -172,7 +181,8 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
     # a Title-case word, unless it is a common word that is not also a known surname, or a
     # Python module's name that is no known name (heading words of the Python docs: "Raymond
     # Hettinger Itertools", "Greg Ward Distutils")
-    modules = {m.capitalize() for m in sys.stdlib_module_names if m.isalpha() and len(m) > 2}
+    stdlib = set(sys.stdlib_module_names) | REMOVED_STDLIB_MODULES
+    modules = {m.capitalize() for m in stdlib if m.isalpha() and len(m) > 2}
     not_surname = (
         (lex["common_words"] - lex["surnames"]) | NOT_SURNAMES | (modules - lex["surnames"] - given)
     )
