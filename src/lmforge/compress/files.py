@@ -1,4 +1,6 @@
-"""The model directory every compress method writes: weights, config, tokenizer, stop tokens."""
+"""The model directory every compress method writes: weights, config, tokenizer, stop tokens,
+and a mean-pooled classifier's head file (model.convert.mean_head), which quantize and prune
+carry unchanged (they keep n_embd) and distill and export refuse (they cannot keep it)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.model.convert import read_config, save_pretrained
+from lmforge.errors import ConfigError
+from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, read_config, save_pretrained
 from lmforge.tokenizer.files import copy_tokenizer_files
 from lmforge.tokenizer.generation import GENERATION_CONFIG, SPECIAL_KEYS
 
@@ -26,9 +29,41 @@ def special_ids(model_dir: Path) -> dict[str, int]:
     return {k: hf[k] for k in SPECIAL_KEYS if type(hf.get(k)) is int}
 
 
+def has_mean_head(model_dir: Path) -> bool:
+    """Whether model_dir is a mean-pooled classifier (its config.json names MEAN_HEAD)."""
+    return bool(read_config(model_dir).get(MEAN_HEAD_KEY)) or (model_dir / MEAN_HEAD).is_file()
+
+
+def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
+    """src's mean-pooled head file copied to dst; returns the config.json key that names it
+    ({} when src has no such head)."""
+    if not has_mean_head(src):
+        return {}
+    if not (src / MEAN_HEAD).is_file():
+        raise ConfigError(f"{src}: config.json names {MEAN_HEAD}, which is missing; rerun the "
+                          "finetune stage that trained it (--task classify --set pooling=mean)")  # fmt: skip
+    shutil.copy2(src / MEAN_HEAD, dst / MEAN_HEAD)
+    return {MEAN_HEAD_KEY: MEAN_HEAD}
+
+
+def refuse_mean_head(src: Path, method: str) -> None:
+    """ConfigError when src is a mean-pooled classifier whose head `method` would lose."""
+    why = {"distill": "its student's states are not the ones the head was trained on",
+           "export": "ONNX and GGUF hold the encoder alone"}  # fmt: skip
+    if has_mean_head(src):
+        raise ConfigError(
+            f"{src} is a mean-pooled classifier (its head {MEAN_HEAD} reads the encoder's "
+            f"states); compress {method} cannot keep that head ({why[method]}): use "
+            "method=quantize or method=prune, which keep it"
+        )
+
+
 def write_final(model: nn.Module, src: Path, ctx: Any) -> Path:
-    """ctx.out/final: model saved (save_pretrained) with src's special ids and side files."""
+    """ctx.out/final: model saved (save_pretrained) with src's special ids, side files and
+    mean-pooled head (prune keeps n_embd, the width the head reads)."""
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(model, tmp, extra_config=special_ids(src))
+        tmp.mkdir(parents=True, exist_ok=True)
+        head_key = copy_mean_head(src, tmp)
+        save_pretrained(model, tmp, extra_config=special_ids(src) | head_key)
         copy_side_files(src, tmp)
     return ctx.out / "final"

@@ -79,13 +79,13 @@ def delta_pct(after: float | None, before: float | None) -> float | None:
 def model_report(
     model: EvalModel, weights: Path, texts: list[str] | None, speed: Any
 ) -> dict[str, Any]:
-    """weights_bytes, tokens_per_s and (with texts) perplexity / bits_per_byte of one model."""
-    row: dict[str, Any] = {
-        "weights_bytes": weights_bytes(weights),
-        "tokens_per_s": decode_tokens_per_s(
+    """weights_bytes, tokens_per_s (a causal model's: an encoder does not decode) and (with
+    texts) perplexity / bits_per_byte of one model."""
+    row: dict[str, Any] = {"weights_bytes": weights_bytes(weights)}
+    if model.model.config.causal:
+        row["tokens_per_s"] = decode_tokens_per_s(
             model.model, speed.prompt_tokens, speed.new_tokens, speed.repeats
-        ),
-    }
+        )
     if texts:
         row.update(quality(model, texts))
     return row

@@ -132,6 +132,7 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     """Measures the original, runs the method, measures the result; writes compression.json."""
     from lmforge.compress import export, measure
     from lmforge.compress.distill import distill_method
+    from lmforge.compress.files import refuse_mean_head
     from lmforge.compress.prune import prune_method
     from lmforge.compress.quantize import quantize_method, require_float_source
     from lmforge.evals.lm import EvalModel
@@ -143,6 +144,8 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     hf = read_config(src)
     if cfg.method == "quantize":  # refused before the slow measurement of src
         require_float_source(src, hf)
+    if cfg.method in ("distill", "export"):
+        refuse_mean_head(src, cfg.method)
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above

@@ -116,3 +116,30 @@ def test_a_missing_or_foreign_head_file_is_named(trained, tmp_path):
               metadata={"labels": '["a", "b"]'})  # fmt: skip
     with pytest.raises(InputError, match=r"weight \(3, 4\) and bias \(3,\) do not fit its 2"):
         _ = EvalModel.load(final).head
+
+
+def test_compress_quantize_and_prune_keep_the_head_distill_and_export_refuse(trained, tmp_path):
+    from lmforge.compress.stage import CompressConfig, compress
+    from lmforge.errors import ConfigError
+
+    out = trained[0]
+    texts = ["alpha one text", "delta", "gamma three four two text"]
+    want = np.asarray([EvalModel.load(out).classify(t) for t in texts])
+    head_bytes = (out / "final" / MEAN_HEAD).read_bytes()
+    width = json.loads((out / "final" / "config.json").read_text())["intermediate_size"]
+    for method, settings in (("quantize", {}), ("prune", {"kind": "neurons", "sparsity": 0.25})):
+        values = {"method": method, "model": out, "out": tmp_path / method, method: settings}
+        final = compress(CompressConfig.model_validate(values)) / "final"
+        config = json.loads((final / "config.json").read_text())
+        assert config[MEAN_HEAD_KEY] == MEAN_HEAD and (final / MEAN_HEAD).read_bytes() == head_bytes
+        model = EvalModel.load(final)
+        assert (model.head.reads, model.head.labels) == ("mean_tokens", sorted(WORDS[:4]))
+        got = np.asarray([model.classify(t) for t in texts])
+        if method == "quantize":  # int8 rows: the classifier barely moves
+            assert "quantization_config" in config and np.abs(got - want).max() <= 0.01
+        else:  # a quarter of the MLP units gone, the head still reads n_embd-wide states
+            assert config["intermediate_size"] == width * 3 // 4 and np.isfinite(got).all()
+    for method in ("distill", "export"):
+        values = {"method": method, "model": out, "out": tmp_path / method}
+        with pytest.raises(ConfigError, match=rf"compress {method} cannot keep that head"):
+            compress(CompressConfig.model_validate(values))
