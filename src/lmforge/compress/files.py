@@ -1,6 +1,6 @@
 """The model directory every compress method writes: weights, config, tokenizer, stop tokens,
 and a mean-pooled classifier's head file (model.convert.mean_head), which quantize and prune
-carry unchanged (they keep n_embd) and distill and export refuse (they cannot keep it)."""
+carry unchanged (they keep n_embd; distill and export refuse encoders, compress.stage)."""
 
 from __future__ import annotations
 
@@ -44,18 +44,6 @@ def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
                           "finetune stage that trained it (--task classify --set pooling=mean)")  # fmt: skip
     shutil.copy2(src / MEAN_HEAD, dst / MEAN_HEAD)
     return {MEAN_HEAD_KEY: MEAN_HEAD}
-
-
-def refuse_mean_head(src: Path, method: str) -> None:
-    """ConfigError when src is a mean-pooled classifier whose head `method` would lose."""
-    why = {"distill": "its student's states are not the ones the head was trained on",
-           "export": "ONNX and GGUF hold the encoder alone"}  # fmt: skip
-    if has_mean_head(src):
-        raise ConfigError(
-            f"{src} is a mean-pooled classifier (its head {MEAN_HEAD} reads the encoder's "
-            f"states); compress {method} cannot keep that head ({why[method]}): use "
-            "method=quantize or method=prune, which keep it"
-        )
 
 
 def write_final(model: nn.Module, src: Path, ctx: Any) -> Path:

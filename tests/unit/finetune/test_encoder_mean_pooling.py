@@ -118,7 +118,7 @@ def test_a_missing_or_foreign_head_file_is_named(trained, tmp_path):
         _ = EvalModel.load(final).head
 
 
-def test_compress_quantize_and_prune_keep_the_head_distill_and_export_refuse(trained, tmp_path):
+def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(trained, tmp_path):
     from lmforge.compress.stage import CompressConfig, compress
     from lmforge.errors import ConfigError
 
@@ -139,7 +139,7 @@ def test_compress_quantize_and_prune_keep_the_head_distill_and_export_refuse(tra
             assert "quantization_config" in config and np.abs(got - want).max() <= 0.01
         else:  # a quarter of the MLP units gone, the head still reads n_embd-wide states
             assert config["intermediate_size"] == width * 3 // 4 and np.isfinite(got).all()
-    for method in ("distill", "export"):
-        values = {"method": method, "model": out, "out": tmp_path / method}
-        with pytest.raises(ConfigError, match=rf"compress {method} cannot keep that head"):
+    for method, extra in (("distill", {}), ("export", {}), ("prune", {"tokens": tmp_path})):
+        values = {"method": method, "model": out, "out": tmp_path / "refused", **extra}
+        with pytest.raises(ConfigError, match=rf"is an encoder: {method}.* use method=quantize"):
             compress(CompressConfig.model_validate(values))
