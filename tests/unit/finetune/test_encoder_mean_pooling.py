@@ -143,3 +143,42 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
         values = {"method": method, "model": out, "out": tmp_path / "refused", **extra}
         with pytest.raises(ConfigError, match=rf"is an encoder: {method}.* use method=quantize"):
             compress(CompressConfig.model_validate(values))
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_eval_stops_where_training_does_at_a_text_ending_in_pad_tokens(pooling, tmp_path):
+    # no template ([CLS] ... [SEP]) ends the text, so its own trailing pad-id tokens are the end
+    from lmforge.finetune.heads import SequenceClassifier, encode_texts
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_mean_head, save_pretrained
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
+
+    from .helpers import make_tokenizer_dir
+
+    tok_dir = make_tokenizer_dir(tmp_path / "tok")
+    tok = TokenizerFiles.load(tok_dir)
+    texts = ["The capital is Paris.<|pad|><|pad|>", "The capital is Paris."]
+    assert tok.encode(texts[0])[-2:] == [tok.pad_id] * 2
+    torch.manual_seed(0)
+    model = SequenceClassifier(Transformer(preset_config("bert-micro", vocab_size=tok.vocab_size)),
+                               2, pooling).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(std=0.5)
+    head, special = model.classifier_head(["a", "b"]), {"pad_token_id": tok.pad_id}
+    if pooling == "mean":
+        save_pretrained(model.lm, tmp_path / "m", extra_config=special | {MEAN_HEAD_KEY: MEAN_HEAD})
+        save_mean_head(head, tmp_path / "m")
+    else:
+        save_pretrained(model.lm, tmp_path / "m", extra_config=special, classifier=head)
+    copy_tokenizer_files(tok_dir, tmp_path / "m")
+    rows, _ = encode_texts(tok, texts, [0, 0], 32, template=True)
+    with torch.no_grad():
+        batch = {k: torch.from_numpy(v) for k, v in rows.items()}
+        want = model(batch["input_ids"], batch["last"], batch["token_type_ids"])[0]
+    got = torch.tensor(
+        [EvalModel.load(tmp_path / "m").classify(t) for t in texts], dtype=torch.float64
+    )
+    assert torch.allclose(got, want.log_softmax(-1).double(), atol=1e-5)
+    assert torch.allclose(got[0], got[1], atol=1e-6)  # the trailing pads are not attended
