@@ -182,3 +182,25 @@ def test_eval_stops_where_training_does_at_a_text_ending_in_pad_tokens(pooling, 
     )
     assert torch.allclose(got, want.log_softmax(-1).double(), atol=1e-5)
     assert torch.allclose(got[0], got[1], atol=1e-6)  # the trailing pads are not attended
+
+
+def test_finetune_and_eval_macro_averages_differ_by_a_class_absent_from_both():
+    # finetune's val metrics average over the classes in the truth or the predictions
+    # (scikit-learn's default); eval's over every label of the head (scikit-learn's labels=):
+    # a class neither present nor predicted counts 0 in eval only, so the README's "equal" needs
+    # every label among the rows or predictions
+    from lmforge.evals.metrics import classification_metrics as eval_metrics
+    from lmforge.finetune.heads import classification_metrics as finetune_metrics
+
+    y_true, y_pred, labels = [0, 0, 1, 1], [0, 1, 1, 1], ["a", "b", "c"]
+    tuned = finetune_metrics(y_true, y_pred, n_classes=3)
+    names = [[labels[i] for i in ys] for ys in (y_true, y_pred)]
+    for head_labels, scale in ((labels, 3 / 2), (labels[:2], 1)):
+        scored = eval_metrics(*names, head_labels)
+        pairs = (
+            ("precision", "precision_macro"),
+            ("recall", "recall_macro"),
+            ("macro_f1", "f1_macro"),
+        )
+        assert [tuned[a] for a, _ in pairs] == [round(scored[b] * scale, 4) for _, b in pairs]
+    assert tuned["macro_f1"] == 0.7333 and tuned["accuracy"] == scored["accuracy"] == 0.75
