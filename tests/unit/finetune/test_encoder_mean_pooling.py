@@ -204,3 +204,18 @@ def test_finetune_and_eval_macro_averages_differ_by_a_class_absent_from_both():
         )
         assert [tuned[a] for a, _ in pairs] == [round(scored[b] * scale, 4) for _, b in pairs]
     assert tuned["macro_f1"] == 0.7333 and tuned["accuracy"] == scored["accuracy"] == 0.75
+
+
+def test_a_new_classifier_starts_from_a_base_head_only_when_it_pools_the_same(trained):
+    from lmforge.finetune.fit import _start_from_base_head
+    from lmforge.finetune.heads import SequenceClassifier
+    from lmforge.model.convert import load_classifier, load_pretrained
+
+    final, labels = trained[0] / "final", sorted(WORDS[:4])
+    base = load_classifier(final)
+    for pooling in ("mean", "first"):
+        model = SequenceClassifier(load_pretrained(final), len(labels), pooling)
+        fresh = model.head.weight.detach().clone()
+        _start_from_base_head(model, final, labels)
+        started = torch.equal(model.head.weight, base.weight)
+        assert started == (pooling == "mean") and started != torch.equal(model.head.weight, fresh)
