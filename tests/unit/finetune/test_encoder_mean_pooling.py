@@ -116,6 +116,10 @@ def test_a_missing_or_foreign_head_file_is_named(trained, tmp_path):
               metadata={"labels": '["a", "b"]'})  # fmt: skip
     with pytest.raises(InputError, match=r"weight \(3, 4\) and bias \(3,\) do not fit its 2"):
         _ = EvalModel.load(final).head
+    save_file({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, str(final / MEAN_HEAD),
+              metadata={"labels": '["a", "b"]'})  # fmt: skip
+    with pytest.raises(InputError, match=r"reads 4-wide states, .* hidden_size\) makes 64"):
+        _ = EvalModel.load(final).head
 
 
 def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(trained, tmp_path):
