@@ -10,8 +10,13 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.errors import ConfigError
-from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, read_config, save_pretrained
+from lmforge.model.convert import (
+    MEAN_HEAD,
+    MEAN_HEAD_KEY,
+    load_classifier,
+    read_config,
+    save_pretrained,
+)
 from lmforge.tokenizer.files import copy_tokenizer_files
 from lmforge.tokenizer.generation import GENERATION_CONFIG, SPECIAL_KEYS
 
@@ -29,19 +34,12 @@ def special_ids(model_dir: Path) -> dict[str, int]:
     return {k: hf[k] for k in SPECIAL_KEYS if type(hf.get(k)) is int}
 
 
-def has_mean_head(model_dir: Path) -> bool:
-    """Whether model_dir is a mean-pooled classifier (its config.json names MEAN_HEAD)."""
-    return bool(read_config(model_dir).get(MEAN_HEAD_KEY)) or (model_dir / MEAN_HEAD).is_file()
-
-
 def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
-    """src's mean-pooled head file copied to dst; returns the config.json key that names it
-    ({} when src has no such head)."""
-    if not has_mean_head(src):
+    """src's mean-pooled head file (config.json names it, or it is there) copied to dst; returns
+    the config.json key that names it ({} when src has no such head)."""
+    if not (read_config(src).get(MEAN_HEAD_KEY) or (src / MEAN_HEAD).is_file()):
         return {}
-    if not (src / MEAN_HEAD).is_file():
-        raise ConfigError(f"{src}: config.json names {MEAN_HEAD}, which is missing; rerun the "
-                          "finetune stage that trained it (--task classify --set pooling=mean)")  # fmt: skip
+    load_classifier(src)  # InputError for a missing or foreign head file, naming the rerun
     shutil.copy2(src / MEAN_HEAD, dst / MEAN_HEAD)
     return {MEAN_HEAD_KEY: MEAN_HEAD}
 

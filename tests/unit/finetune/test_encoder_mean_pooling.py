@@ -97,11 +97,16 @@ def test_transformers_bert_model_and_the_head_file_give_our_logits(trained):
 def test_a_missing_or_foreign_head_file_is_named(trained, tmp_path):
     from safetensors.torch import save_file
 
+    from lmforge.compress.stage import CompressConfig, compress
+
     final = shutil.copytree(trained[0] / "final", tmp_path / "run" / "final")
     (final / MEAN_HEAD).unlink()
     task = {"name": "val", "type": "classification", "examples": trained[1]}
     with pytest.raises(InputError, match=rf"{MEAN_HEAD}, which is missing; rerun the finetune"):
         evaluate({"models": [tmp_path / "run"], "tasks": [task], "out": tmp_path / "eval"})
+    with pytest.raises(InputError, match=rf"{MEAN_HEAD}, which is missing; rerun the finetune"):
+        compress(CompressConfig(method="quantize", model=tmp_path / "run", out=tmp_path / "q"))
+    assert not (tmp_path / "q" / "final").exists()
     # the layout an older lmforge wrote: the whole classifier's state beside no final/
     old = tmp_path / "old"
     old.mkdir()
