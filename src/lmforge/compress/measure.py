@@ -64,9 +64,11 @@ def decode_tokens_per_s(
 
 
 def quality(model: EvalModel, texts: list[str]) -> dict[str, Any]:
-    """Perplexity and bits-per-byte of model on texts (lmforge.evals.perplexity)."""
+    """Perplexity (an encoder's: pseudo-perplexity) and bits-per-byte of model on texts
+    (lmforge.evals.perplexity)."""
     result = perplexity(model, texts).metrics()
-    return {k: result[k] for k in ("perplexity", "bits_per_byte", "tokens")}
+    keys = ("perplexity", "pseudo_perplexity", "bits_per_byte", "tokens")
+    return {k: result[k] for k in keys if k in result}
 
 
 def delta_pct(after: float | None, before: float | None) -> float | None:

@@ -136,9 +136,12 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
     want = np.asarray([EvalModel.load(out).classify(t) for t in texts])
     head_bytes = (out / "final" / MEAN_HEAD).read_bytes()
     width = json.loads((out / "final" / "config.json").read_text())["intermediate_size"]
+    data = _write(tmp_path / "val.jsonl", trained[1])
     for method, settings in (("quantize", {}), ("prune", {"kind": "neurons", "sparsity": 0.25})):
         values = {"method": method, "model": out, "out": tmp_path / method, method: settings}
-        final = compress(CompressConfig.model_validate(values)) / "final"
+        final = compress(CompressConfig.model_validate(values | {"data": data})) / "final"
+        report = json.loads((final.parent / "compression.json").read_text())
+        assert "tokens_per_s" not in report["after"] and report["after"]["pseudo_perplexity"] > 1
         config = json.loads((final / "config.json").read_text())
         assert config[MEAN_HEAD_KEY] == MEAN_HEAD and (final / MEAN_HEAD).read_bytes() == head_bytes
         model = EvalModel.load(final)
