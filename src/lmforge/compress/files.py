@@ -1,6 +1,6 @@
 """The model directory every compress method writes: weights, config, tokenizer, stop tokens,
-and a mean-pooled classifier's head file (model.convert.mean_head), which quantize and prune
-carry unchanged (they keep n_embd; distill and export refuse encoders, compress.stage)."""
+and a classifier's head (a mean-pooled one's file, model.convert.mean_head), which quantize and
+prune carry unchanged (they keep n_embd; distill refuses classifiers, compress.stage)."""
 
 from __future__ import annotations
 
@@ -46,10 +46,14 @@ def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
 
 def write_final(model: nn.Module, src: Path, ctx: Any) -> Path:
     """ctx.out/final: model saved (save_pretrained) with src's special ids, side files and
-    mean-pooled head (prune keeps n_embd, the width the head reads)."""
+    classifier head, if any (prune keeps n_embd, the width a head reads): a
+    *For{Sequence,Token}Classification's in the model file, a mean-pooled one's beside it."""
+    head = load_classifier(src)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        head_key = copy_mean_head(src, tmp)
-        save_pretrained(model, tmp, extra_config=special_ids(src) | head_key)
+        extra = special_ids(src)
+        if head is not None and head.pooling == "mean":
+            extra, head = extra | copy_mean_head(src, tmp), None
+        save_pretrained(model, tmp, extra_config=extra, classifier=head)
         copy_side_files(src, tmp)
     return ctx.out / "final"

@@ -150,7 +150,7 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.compress.quantize import quantize_method, require_float_source
     from lmforge.evals.lm import EvalModel
     from lmforge.evals.perplexity import read_texts
-    from lmforge.model.convert import read_config
+    from lmforge.model.convert import load_classifier, read_config
     from lmforge.model.hf_families import ENCODER_FAMILIES
 
     src = cfg.model_dir()
@@ -160,6 +160,9 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
         require_float_source(src, hf)
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
         refuse_encoder(cfg, src)
+    if cfg.method == "distill" and load_classifier(src) is not None:
+        raise ConfigError(f"{src} is a classifier: distill trains a language model, which would "
+                          "drop its head; use method=quantize or method=prune (both keep it)")  # fmt: skip
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above
