@@ -1,4 +1,6 @@
-"""The model directory every compress method writes: weights, config, tokenizer, stop tokens."""
+"""The model directory every compress method writes: weights, config, tokenizer, stop tokens,
+and a classifier's head (a mean-pooled one's file, model.convert.mean_head), which quantize and
+prune carry unchanged (they keep n_embd; distill refuses classifiers, compress.stage)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,13 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.model.convert import read_config, save_pretrained
+from lmforge.model.convert import (
+    MEAN_HEAD,
+    MEAN_HEAD_KEY,
+    load_classifier,
+    read_config,
+    save_pretrained,
+)
 from lmforge.tokenizer.files import copy_tokenizer_files
 from lmforge.tokenizer.generation import GENERATION_CONFIG, SPECIAL_KEYS
 
@@ -26,9 +34,26 @@ def special_ids(model_dir: Path) -> dict[str, int]:
     return {k: hf[k] for k in SPECIAL_KEYS if type(hf.get(k)) is int}
 
 
+def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
+    """src's mean-pooled head file (config.json names it, or it is there) copied to dst; returns
+    the config.json key that names it ({} when src has no such head)."""
+    if not (read_config(src).get(MEAN_HEAD_KEY) or (src / MEAN_HEAD).is_file()):
+        return {}
+    load_classifier(src)  # InputError for a missing or foreign head file, naming the rerun
+    shutil.copy2(src / MEAN_HEAD, dst / MEAN_HEAD)
+    return {MEAN_HEAD_KEY: MEAN_HEAD}
+
+
 def write_final(model: nn.Module, src: Path, ctx: Any) -> Path:
-    """ctx.out/final: model saved (save_pretrained) with src's special ids and side files."""
+    """ctx.out/final: model saved (save_pretrained) with src's special ids, side files and
+    classifier head, if any (prune keeps n_embd, the width a head reads): a
+    *For{Sequence,Token}Classification's in the model file, a mean-pooled one's beside it."""
+    head = load_classifier(src)
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        save_pretrained(model, tmp, extra_config=special_ids(src))
+        tmp.mkdir(parents=True, exist_ok=True)
+        extra = special_ids(src)
+        if head is not None and head.pooling == "mean":
+            extra, head = extra | copy_mean_head(src, tmp), None
+        save_pretrained(model, tmp, extra_config=extra, classifier=head)
         copy_side_files(src, tmp)
     return ctx.out / "final"

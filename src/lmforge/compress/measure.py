@@ -64,9 +64,11 @@ def decode_tokens_per_s(
 
 
 def quality(model: EvalModel, texts: list[str]) -> dict[str, Any]:
-    """Perplexity and bits-per-byte of model on texts (lmforge.evals.perplexity)."""
+    """Perplexity (an encoder's: pseudo-perplexity) and bits-per-byte of model on texts
+    (lmforge.evals.perplexity)."""
     result = perplexity(model, texts).metrics()
-    return {k: result[k] for k in ("perplexity", "bits_per_byte", "tokens")}
+    keys = ("perplexity", "pseudo_perplexity", "bits_per_byte", "tokens")
+    return {k: result[k] for k in keys if k in result}
 
 
 def delta_pct(after: float | None, before: float | None) -> float | None:
@@ -79,13 +81,13 @@ def delta_pct(after: float | None, before: float | None) -> float | None:
 def model_report(
     model: EvalModel, weights: Path, texts: list[str] | None, speed: Any
 ) -> dict[str, Any]:
-    """weights_bytes, tokens_per_s and (with texts) perplexity / bits_per_byte of one model."""
-    row: dict[str, Any] = {
-        "weights_bytes": weights_bytes(weights),
-        "tokens_per_s": decode_tokens_per_s(
+    """weights_bytes, tokens_per_s (a causal model's: an encoder does not decode) and (with
+    texts) perplexity / bits_per_byte of one model."""
+    row: dict[str, Any] = {"weights_bytes": weights_bytes(weights)}
+    if model.model.config.causal:
+        row["tokens_per_s"] = decode_tokens_per_s(
             model.model, speed.prompt_tokens, speed.new_tokens, speed.repeats
-        ),
-    }
+        )
     if texts:
         row.update(quality(model, texts))
     return row

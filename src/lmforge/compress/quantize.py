@@ -24,7 +24,7 @@ from torch import nn
 
 from lmforge.artifacts import StageContext
 from lmforge.common.io import atomic_path, atomic_write_json
-from lmforge.compress.files import copy_side_files
+from lmforge.compress.files import copy_mean_head, copy_side_files
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.convert import hf_config_to_model_config, read_config, read_tensors
@@ -54,6 +54,7 @@ def quantize_dir(src: Path, dst: Path, scheme: str, group_size: int) -> dict[str
     with atomic_path(dst / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     copy_side_files(src, dst)
+    copy_mean_head(src, dst)  # float, beside the quantized encoder; config.json names it
     atomic_write_json(dst / "config.json", {**hf, "quantization_config": quant})
     return quant
 

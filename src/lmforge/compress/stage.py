@@ -20,6 +20,7 @@ from pydantic import Field
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.config import Section, StageConfig
+from lmforge.errors import ConfigError
 from lmforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,19 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
     return run_stage("compress", cfg, build, force=force).out
 
 
+def refuse_encoder(cfg: CompressConfig, src: Path) -> None:
+    """ConfigError for what an encoder (BERT/RoBERTa) cannot go through: distill's and prune
+    recovery's next-token loss, export's KV-cache graphs (quantize and prune keep a mean-pooled
+    classifier's head, compress.files)."""
+    what = {"distill": "distill trains a causal student on next-token loss",
+            "export": "export writes decoders' KV-cache graphs (ONNX, GGUF)"}.get(cfg.method)  # fmt: skip
+    if cfg.method == "prune" and cfg.tokens is not None:
+        what = "prune's recovery (tokens) trains next-token loss, which an encoder does not learn"
+    if what:
+        raise ConfigError(f"{src} is an encoder: {what}; use method=quantize, or "
+                          "method=prune without tokens")  # fmt: skip
+
+
 def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     """Measures the original, runs the method, measures the result; writes compression.json."""
     from lmforge.compress import export, measure
@@ -136,13 +150,19 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.compress.quantize import quantize_method, require_float_source
     from lmforge.evals.lm import EvalModel
     from lmforge.evals.perplexity import read_texts
-    from lmforge.model.convert import read_config
+    from lmforge.model.convert import load_classifier, read_config
+    from lmforge.model.hf_families import ENCODER_FAMILIES
 
     src = cfg.model_dir()
     require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
     hf = read_config(src)
     if cfg.method == "quantize":  # refused before the slow measurement of src
         require_float_source(src, hf)
+    if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
+        refuse_encoder(cfg, src)
+    if cfg.method == "distill" and load_classifier(src) is not None:
+        raise ConfigError(f"{src} is a classifier: distill trains a language model, which would "
+                          "drop its head; use method=quantize or method=prune (both keep it)")  # fmt: skip
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above

@@ -59,7 +59,9 @@ def last_token(lm: EvalModel, text: str) -> torch.Tensor:
 
 def encoder_states(lm: EvalModel, text: str) -> torch.Tensor:
     """An encoder's states (T, C) over the template-wrapped text's real tokens: up to the last
-    one that is not the pad id, as finetune.heads.encode_texts sets `last`."""
+    one that is not the pad id, as finetune.heads.encode_texts sets `last` and training masks.
+    Only a tokenizer without a template ([CLS] ... [SEP]) lets a text end in pad ids; for such a
+    text transformers' tokenizer marks them attended, so its logits differ from ours there."""
     from lmforge.finetune.heads import pooled_index
 
     ids, types, _ = lm.files.encode_input(text, max_len=lm.block_size)

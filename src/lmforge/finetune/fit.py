@@ -62,8 +62,7 @@ def build_model(cfg: FinetuneConfig, labels: list[str]) -> tuple[nn.Module, nn.M
         if cfg.pooling == "mean" and (lm.config.causal or cfg.task != "classify"):
             raise ConfigError("pooling: mean is for --task classify on an encoder")
         model = heads.SequenceClassifier(lm, len(labels), pooling=cfg.pooling)
-        if cfg.pooling == "first":
-            _start_from_base_head(model, cfg.model_dir(), labels)
+        _start_from_base_head(model, cfg.model_dir(), labels)
     if cfg.method == "full":
         apply_freeze(model, cfg.freeze, lm.config.n_layer)
     return model, lm
@@ -93,11 +92,16 @@ def _build_seq2seq(cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
 
 
 def _start_from_base_head(model: nn.Module, model_dir: Path, labels: list[str]) -> None:
-    """Copies the base model's classifier rows into the new head when it has exactly our labels."""
+    """Copies the base model's classifier rows into the new head when it has exactly our labels
+    and reads the same pooled state (a mean-pooled head never starts a first-token one)."""
     from lmforge.model.convert import load_classifier
 
     base = load_classifier(model_dir)
     if base is None or base.per_token != isinstance(model, tagging.TokenTagger):
+        return
+    if base.pooling != getattr(model, "pooling", base.pooling):
+        log.info("%s pools %s, not %s: the head starts fresh", model_dir, base.pooling,
+                 model.pooling)  # fmt: skip
         return
     if sorted(base.labels) != labels:
         log.info("%s classifies %s, not %s: the head starts fresh", model_dir, base.labels, labels)

@@ -91,3 +91,35 @@ def test_prune_stage_recovers_and_keeps_zeros(trained_dir: Path, data_dir: Path,
     assert report["pruning"]["block_sparsity"] >= 0.6 - 0.01  # the fine-tune kept the zeros
     assert sparsity_of(load_pretrained(out / "final")) >= 0.59
     assert (out / "final" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("preset", ["micro", "bert-micro"])
+def test_prune_keeps_a_classifier_head_and_distill_refuses_it(preset: str, tmp_path: Path):
+    from lmforge.finetune.heads import SequenceClassifier
+    from lmforge.model.convert import load_classifier, save_pretrained
+    from lmforge.tokenizer.files import copy_tokenizer_files
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    tok_dir = make_tokenizer_dir(tmp_path / "tok")
+    tok = TokenizerFiles.load(tok_dir)
+    torch.manual_seed(0)
+    lm = Transformer(preset_config(preset, vocab_size=tok.vocab_size))
+    head = SequenceClassifier(lm, 2).classifier_head(["no", "yes"])
+    save_pretrained(lm, tmp_path / "cls", extra_config={"pad_token_id": tok.pad_id},
+                    classifier=head)  # fmt: skip
+    copy_tokenizer_files(tok_dir, tmp_path / "cls")
+    cfg = {"model": tmp_path / "cls", "prune": {"kind": "neurons", "sparsity": 0.5}}
+    final = compress(
+        CompressConfig.model_validate({"method": "prune", "out": tmp_path / "p", **cfg})
+    )
+    kept = load_classifier(final / "final")
+    assert kept is not None and kept.labels == head.labels and torch.equal(kept.weight, head.weight)
+    if head.pool_weight is not None:  # the encoder's pooler too
+        assert torch.equal(kept.pool_weight, head.pool_weight)
+    config = json.loads((final / "final" / "config.json").read_text())
+    assert config["pad_token_id"] == tok.pad_id and config["architectures"][0].endswith(
+        "ForSequenceClassification"
+    )
+    values = {"method": "distill", "out": tmp_path / "d", "tokens": tmp_path, **cfg}
+    with pytest.raises(ConfigError, match=r"is a(n encoder| classifier): distill"):
+        compress(CompressConfig.model_validate(values))

@@ -97,11 +97,16 @@ def test_transformers_bert_model_and_the_head_file_give_our_logits(trained):
 def test_a_missing_or_foreign_head_file_is_named(trained, tmp_path):
     from safetensors.torch import save_file
 
+    from lmforge.compress.stage import CompressConfig, compress
+
     final = shutil.copytree(trained[0] / "final", tmp_path / "run" / "final")
     (final / MEAN_HEAD).unlink()
     task = {"name": "val", "type": "classification", "examples": trained[1]}
     with pytest.raises(InputError, match=rf"{MEAN_HEAD}, which is missing; rerun the finetune"):
         evaluate({"models": [tmp_path / "run"], "tasks": [task], "out": tmp_path / "eval"})
+    with pytest.raises(InputError, match=rf"{MEAN_HEAD}, which is missing; rerun the finetune"):
+        compress(CompressConfig(method="quantize", model=tmp_path / "run", out=tmp_path / "q"))
+    assert not (tmp_path / "q" / "final").exists()
     # the layout an older lmforge wrote: the whole classifier's state beside no final/
     old = tmp_path / "old"
     old.mkdir()
@@ -116,3 +121,113 @@ def test_a_missing_or_foreign_head_file_is_named(trained, tmp_path):
               metadata={"labels": '["a", "b"]'})  # fmt: skip
     with pytest.raises(InputError, match=r"weight \(3, 4\) and bias \(3,\) do not fit its 2"):
         _ = EvalModel.load(final).head
+    save_file({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, str(final / MEAN_HEAD),
+              metadata={"labels": '["a", "b"]'})  # fmt: skip
+    with pytest.raises(InputError, match=r"reads 4-wide states, .* hidden_size\) makes 64"):
+        _ = EvalModel.load(final).head
+
+
+def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(trained, tmp_path):
+    from lmforge.compress.stage import CompressConfig, compress
+    from lmforge.errors import ConfigError
+
+    out = trained[0]
+    texts = ["alpha one text", "delta", "gamma three four two text"]
+    want = np.asarray([EvalModel.load(out).classify(t) for t in texts])
+    head_bytes = (out / "final" / MEAN_HEAD).read_bytes()
+    width = json.loads((out / "final" / "config.json").read_text())["intermediate_size"]
+    data = _write(tmp_path / "val.jsonl", trained[1])
+    for method, settings in (("quantize", {}), ("prune", {"kind": "neurons", "sparsity": 0.25})):
+        values = {"method": method, "model": out, "out": tmp_path / method, method: settings}
+        final = compress(CompressConfig.model_validate(values | {"data": data})) / "final"
+        report = json.loads((final.parent / "compression.json").read_text())
+        assert "tokens_per_s" not in report["after"] and report["after"]["pseudo_perplexity"] > 1
+        config = json.loads((final / "config.json").read_text())
+        assert config[MEAN_HEAD_KEY] == MEAN_HEAD and (final / MEAN_HEAD).read_bytes() == head_bytes
+        model = EvalModel.load(final)
+        assert (model.head.reads, model.head.labels) == ("mean_tokens", sorted(WORDS[:4]))
+        got = np.asarray([model.classify(t) for t in texts])
+        if method == "quantize":  # int8 rows: the classifier barely moves
+            assert "quantization_config" in config and np.abs(got - want).max() <= 0.01
+        else:  # a quarter of the MLP units gone, the head still reads n_embd-wide states
+            assert config["intermediate_size"] == width * 3 // 4 and np.isfinite(got).all()
+    for method, extra in (("distill", {}), ("export", {}), ("prune", {"tokens": tmp_path})):
+        values = {"method": method, "model": out, "out": tmp_path / "refused", **extra}
+        with pytest.raises(ConfigError, match=rf"is an encoder: {method}.* use method=quantize"):
+            compress(CompressConfig.model_validate(values))
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_eval_stops_where_training_does_at_a_text_ending_in_pad_tokens(pooling, tmp_path):
+    # no template ([CLS] ... [SEP]) ends the text, so its own trailing pad-id tokens are the end
+    from lmforge.finetune.heads import SequenceClassifier, encode_texts
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_mean_head, save_pretrained
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
+
+    from .helpers import make_tokenizer_dir
+
+    tok_dir = make_tokenizer_dir(tmp_path / "tok")
+    tok = TokenizerFiles.load(tok_dir)
+    texts = ["The capital is Paris.<|pad|><|pad|>", "The capital is Paris."]
+    assert tok.encode(texts[0])[-2:] == [tok.pad_id] * 2
+    torch.manual_seed(0)
+    model = SequenceClassifier(Transformer(preset_config("bert-micro", vocab_size=tok.vocab_size)),
+                               2, pooling).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(std=0.5)
+    head, special = model.classifier_head(["a", "b"]), {"pad_token_id": tok.pad_id}
+    if pooling == "mean":
+        save_pretrained(model.lm, tmp_path / "m", extra_config=special | {MEAN_HEAD_KEY: MEAN_HEAD})
+        save_mean_head(head, tmp_path / "m")
+    else:
+        save_pretrained(model.lm, tmp_path / "m", extra_config=special, classifier=head)
+    copy_tokenizer_files(tok_dir, tmp_path / "m")
+    rows, _ = encode_texts(tok, texts, [0, 0], 32, template=True)
+    with torch.no_grad():
+        batch = {k: torch.from_numpy(v) for k, v in rows.items()}
+        want = model(batch["input_ids"], batch["last"], batch["token_type_ids"])[0]
+    got = torch.tensor(
+        [EvalModel.load(tmp_path / "m").classify(t) for t in texts], dtype=torch.float64
+    )
+    assert torch.allclose(got, want.log_softmax(-1).double(), atol=1e-5)
+    assert torch.allclose(got[0], got[1], atol=1e-6)  # the trailing pads are not attended
+
+
+def test_finetune_and_eval_macro_averages_differ_by_a_class_absent_from_both():
+    # finetune's val metrics average over the classes in the truth or the predictions
+    # (scikit-learn's default); eval's over every label of the head (scikit-learn's labels=):
+    # a class neither present nor predicted counts 0 in eval only, so the README's "equal" needs
+    # every label among the rows or predictions
+    from lmforge.evals.metrics import classification_metrics as eval_metrics
+    from lmforge.finetune.heads import classification_metrics as finetune_metrics
+
+    y_true, y_pred, labels = [0, 0, 1, 1], [0, 1, 1, 1], ["a", "b", "c"]
+    tuned = finetune_metrics(y_true, y_pred, n_classes=3)
+    names = [[labels[i] for i in ys] for ys in (y_true, y_pred)]
+    for head_labels, scale in ((labels, 3 / 2), (labels[:2], 1)):
+        scored = eval_metrics(*names, head_labels)
+        pairs = (
+            ("precision", "precision_macro"),
+            ("recall", "recall_macro"),
+            ("macro_f1", "f1_macro"),
+        )
+        assert [tuned[a] for a, _ in pairs] == [round(scored[b] * scale, 4) for _, b in pairs]
+    assert tuned["macro_f1"] == 0.7333 and tuned["accuracy"] == scored["accuracy"] == 0.75
+
+
+def test_a_new_classifier_starts_from_a_base_head_only_when_it_pools_the_same(trained):
+    from lmforge.finetune.fit import _start_from_base_head
+    from lmforge.finetune.heads import SequenceClassifier
+    from lmforge.model.convert import load_classifier, load_pretrained
+
+    final, labels = trained[0] / "final", sorted(WORDS[:4])
+    base = load_classifier(final)
+    for pooling in ("mean", "first"):
+        model = SequenceClassifier(load_pretrained(final), len(labels), pooling)
+        fresh = model.head.weight.detach().clone()
+        _start_from_base_head(model, final, labels)
+        started = torch.equal(model.head.weight, base.weight)
+        assert started == (pooling == "mean") and started != torch.equal(model.head.weight, fresh)

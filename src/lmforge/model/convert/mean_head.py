@@ -62,4 +62,10 @@ def load_mean_head(model_dir: Path, hf: dict[str, Any]) -> ClassifierHead | None
             f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit its "
             f"{len(labels)} labels; {RERUN}"
         )
+    width = hf.get("hidden_size")
+    if width is not None and weight.shape[1] != width:
+        raise InputError(
+            f"{path}: its weight reads {weight.shape[1]}-wide states, the encoder beside it "
+            f"(config.json hidden_size) makes {width}; the head belongs to another model: {RERUN}"
+        )
     return ClassifierHead(weight, labels, bias, pooling="mean")
