@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from lmforge.evals.heads import SequenceHead
 
 GENERATE_BATCH = 16  # prompts per batch when generating
+# transformers sets min_length = min_new_tokens + the input length when min_new_tokens is set
+MIN_LENGTH_KEYS = {"min_length", "min_new_tokens"}
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
 
@@ -231,11 +233,17 @@ class EvalModel:
     def settings_for(self, settings: GenerationSettings) -> GenerationSettings:
         """settings with the checkpoint's generation defaults where settings leave a field unset
         (a value given explicitly wins, even when it equals the default). A checkpoint's
-        num_beams is not used when the settings ask to sample (temperature > 0)."""
+        num_beams is not used when the settings ask to sample (temperature > 0). As in
+        transformers, min_new_tokens replaces min_length: a checkpoint's min_new_tokens drops its
+        min_length, and a minimum the settings give (either key) drops both of the checkpoint's."""
         defaults = dict(self.generation_defaults)
         if settings.temperature > 0:
             defaults.pop("num_beams", None)
         given = settings.model_dump(exclude_unset=True)
+        if given.keys() & MIN_LENGTH_KEYS:
+            defaults = {k: v for k, v in defaults.items() if k not in MIN_LENGTH_KEYS}
+        elif "min_new_tokens" in defaults:
+            defaults.pop("min_length", None)
         if not defaults.keys() - given.keys():
             return settings
         where = f"{self.path}'s generation defaults"

@@ -102,6 +102,21 @@ def test_bart_generates_with_its_checkpoint_defaults_as_transformers(tmp_path, t
             assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
 
 
+def test_min_new_tokens_given_replaces_the_checkpoint_min_length_as_transformers(tmp_path, tok):
+    path, hf = bart_dir(tmp_path, tok, in_config_json=False)
+    lm = EvalModel.load(path)
+    hf.eval()
+    for explicit in ({"min_new_tokens": 0}, {"min_new_tokens": 2}):
+        resolved = lm.settings_for(GenerationSettings(**explicit))
+        assert resolved.min_length == 0  # transformers: min_length = min_new_tokens + 1
+        for prompt, row in zip(PROMPTS, ours(lm, GenerationSettings(**explicit)), strict=True):
+            assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
+    checkpoint = {**lm.generation_defaults, "min_new_tokens": 3}
+    lm.generation_defaults = checkpoint  # a checkpoint setting both: min_new_tokens wins
+    assert lm.settings_for(GenerationSettings()).min_length == 0
+    assert lm.settings_for(GenerationSettings(min_length=4)).min_new_tokens == 0  # given wins
+
+
 def llama_dir(tmp_path, tok):
     cfg = transformers.LlamaConfig(
         vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
