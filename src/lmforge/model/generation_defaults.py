@@ -12,6 +12,7 @@ stay greedy unless asked to sample.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +59,15 @@ def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) ->
     if is_encoder_decoder and "max_new_tokens" not in found and isinstance(max_length, int):
         found["max_new_tokens"] = max(max_length - 1, 1)
     return found
+
+
+def defaults_left_unset(model_dir: Path | str, given: AbstractSet[str]) -> dict[str, Any]:
+    """The checkpoint's decoding keys (checkpoint_generation_keys) that settings giving the
+    fields `given` leave to it, max_length counting as max_new_tokens: what a cache key must
+    hold, since a field given at its default value hashes like one left unset. A superset of
+    what settings_for applies (it also drops num_beams when sampling, min_length under
+    min_new_tokens): an extra key costs a rerun, a missing one would reuse a stale result."""
+    found = checkpoint_generation_keys(model_dir)
+    if "max_new_tokens" in given:
+        found.pop("max_length", None)
+    return {k: v for k, v in found.items() if k not in given}

@@ -286,3 +286,37 @@ def test_a_finished_hypothesis_never_runs_on_when_rules_leave_few_candidates():
     beams = BeamSettings(4, length_penalty=5.0, early_stopping=True, rules=rules)
     best = beam_search(lambda *_: logits, logits, torch.tensor([[2]] * 4), 4, beams, [0])[0]
     assert best[0] == 1 and 0 not in best[:-1]
+
+
+def test_the_eval_cache_key_holds_the_checkpoint_defaults_left_unset(tmp_path, tok):
+    from lmforge.artifacts import input_hashes
+    from lmforge.evals.stage import EvalConfig
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.seq2seq import Seq2SeqLM
+
+    path, _ = bart_dir(tmp_path, tok, in_config_json=False)
+    task = {"name": "g", "type": "generation", "examples": [{"prompt": "a", "reference": "b"}]}
+
+    def versions(generation: dict, tasks=(task,), model=path) -> dict:
+        cfg = validate(EvalConfig, {"models": [model], "tasks": list(tasks), "out": tmp_path / "e",
+                                    "generation": generation})  # fmt: skip
+        return cfg.input_versions()
+
+    unset = versions({})
+    assert json.loads(next(iter(unset.values())))["num_beams"] == 4
+    explicit = versions({"num_beams": 1})  # hashes as {}: the key must differ
+    assert explicit != unset and "num_beams" not in json.loads(next(iter(explicit.values())))
+    every = {k: 0 for k in ("no_repeat_ngram_size", "min_length", "min_new_tokens")}
+    every |= {"num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
+              "max_new_tokens": 8, "forced_bos_token_id": None, "forced_eos_token_id": None}  # fmt: skip
+    assert versions(every) == {}  # all given: as before this change
+    per_task = {**task, "generation": every}
+    assert versions({}, tasks=(per_task,)) == {}  # the task's own settings are what apply
+    no_gen = {"name": "p", "type": "perplexity", "examples": [{"text": "a b"}]}
+    assert versions({}, tasks=(no_gen,)) == {}  # nothing generated, nothing to key
+    save_pretrained(Seq2SeqLM(preset_config("bart-micro")), tmp_path / "ours")
+    _copy_files(tok, tmp_path / "ours")
+    ours_cfg = {"models": [tmp_path / "ours"], "tasks": [task], "out": tmp_path / "e"}
+    assert validate(EvalConfig, ours_cfg).input_versions() == {}  # our models' keys stay
+    assert len(input_hashes(validate(EvalConfig, ours_cfg))) == 1  # the model dir alone
