@@ -320,3 +320,29 @@ def test_the_eval_cache_key_holds_the_checkpoint_defaults_left_unset(tmp_path, t
     ours_cfg = {"models": [tmp_path / "ours"], "tasks": [task], "out": tmp_path / "e"}
     assert validate(EvalConfig, ours_cfg).input_versions() == {}  # our models' keys stay
     assert len(input_hashes(validate(EvalConfig, ours_cfg))) == 1  # the model dir alone
+
+
+def test_compiled_decoding_applies_the_rules_as_eager_decoding(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from lmforge.model import compiled_decode
+    from lmforge.model.config import preset_config
+    from lmforge.model.generate import generate, left_pad
+    from lmforge.model.transformer import Transformer
+
+    monkeypatch.setattr(compiled_decode, "BACKEND", "aot_eager")  # seconds, not the inductor's
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Transformer(preset_config("micro", vocab_size=32, n_layer=2, init_std=0.2)).eval()
+    ids, mask = left_pad([[1, 5, 9, 2, 7, 4], [3, 3, 8], [30, 2, 2, 11, 6]])
+    rules = LogitsRules(no_repeat_ngram_size=2, min_new_tokens=4, forced_eos_token_id=2)
+    kw = dict(pad_mask=mask, greedy=True, stop_tokens=[2], rules=rules)
+    try:
+        want = generate(model, ids, 12, **kw)
+        assert torch.equal(generate(model, ids, 12, compile="on", **kw), want)
+        assert want[:, -1].tolist() == [2, 2, 2]  # forced eos at the last step, or stopped
+        assert counters["frames"]["ok"] == 1  # the rules run outside the compiled step
+    finally:
+        torch._dynamo.reset()
+    assert not torch.equal(want, generate(model, ids, 12, pad_mask=mask, greedy=True))
