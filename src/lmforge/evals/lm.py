@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeInt, model_validator
 
 from lmforge.artifacts import require_artifact
 from lmforge.config import HASHED_IF_SET, Section, validate
@@ -85,7 +85,7 @@ class GenerationSettings(Section):
         "decoder start) is always this id",
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
-    forced_eos_token_id: int | list[int] | None = Field(
+    forced_eos_token_id: NonNegativeInt | list[NonNegativeInt] | None = Field(
         None, description="the last token a length limit allows is always this id (or one of "
         "these)", json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip

@@ -37,6 +37,16 @@ class LogitsRules:
         for name in ("no_repeat_ngram_size", "min_length", "min_new_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if any(i < 0 for i in self.forced_ids()):  # -1 would force the vocabulary's last token
+            raise ConfigError(
+                f"forced_bos_token_id / forced_eos_token_id must be token ids >= 0, got "
+                f"{self.forced_bos_token_id} / {self.forced_eos_token_id}"
+            )
+
+    def forced_ids(self) -> list[int]:
+        """Every id a forcing rule names."""
+        bos, eos = self.forced_bos_token_id, self.forced_eos_token_id
+        return [*([] if bos is None else [bos]), *([eos] if isinstance(eos, int) else eos or ())]
 
     @property
     def active(self) -> bool:
@@ -56,6 +66,11 @@ class LogitsRules:
         applied; history_mask (B, T) 0 at left padding; eos: the stop ids min lengths hold off."""
         if not self.active:
             return logits
+        if (big := max(self.forced_ids(), default=-1)) >= logits.size(-1):
+            raise ConfigError(
+                f"forced token id {big} is outside the model's vocabulary of {logits.size(-1)}; "
+                "fix forced_bos_token_id / forced_eos_token_id (settings or generation_config.json)"
+            )
         lengths = (
             torch.full((history.size(0),), history.size(1), device=history.device)
             if history_mask is None

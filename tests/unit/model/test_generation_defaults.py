@@ -346,3 +346,15 @@ def test_compiled_decoding_applies_the_rules_as_eager_decoding(monkeypatch):
     finally:
         torch._dynamo.reset()
     assert not torch.equal(want, generate(model, ids, 12, pad_mask=mask, greedy=True))
+
+
+def test_forced_ids_outside_the_vocabulary_are_refused_with_the_key_named():
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="forced_bos_token_id / forced_eos_token_id"):
+        LogitsRules(forced_eos_token_id=(2, -1))
+    with pytest.raises(ConfigError, match="forced_eos_token_id"):  # named where it was given
+        validate(GenerationSettings, {"forced_eos_token_id": [2, -1]}, where="eval.generation")
+    ids, logits = random_case()  # a vocabulary of 9
+    with pytest.raises(ConfigError, match=r"forced token id 9 is outside .* vocabulary of 9"):
+        LogitsRules(forced_bos_token_id=9).apply(logits, ids[:, :1], None, 0, 4, [2])
