@@ -5,8 +5,8 @@ keys in config.json, which transformers reads only when the file is absent), e.g
 num_beams 4, length_penalty 2.0, no_repeat_ngram_size 3, min_length 56, max_length 142 and its
 forced bos/eos tokens. read_generation_defaults() returns the ones lmforge applies, under the
 names GenerationSettings uses (transformers' own); settings the user gave win over them
-(evals.lm.EvalModel.settings_for). Our own exports write no such keys, so nothing changes for
-them. Sampling keys (do_sample, temperature, top_k, top_p) are not read: lmforge's generations
+(evals.lm.EvalModel.settings_for). Models lmforge builds write no such keys, so nothing changes
+for them; one tuned from an imported checkpoint carries its base's (finetune.export). Sampling keys (do_sample, temperature, top_k, top_p) are not read: lmforge's generations
 stay greedy unless asked to sample.
 """
 

@@ -7,7 +7,9 @@ name: NoRepeatNGramLogitsProcessor (no_repeat_ngram_size), MinLengthLogitsProces
 the whole sequence, prompt or decoder start included), MinNewTokensLengthLogitsProcessor
 (min_new_tokens), ForcedBOSTokenLogitsProcessor (the first token after a one-token start, i.e. an
 encoder-decoder's first target token) and ForcedEOSTokenLogitsProcessor (the last step). Lengths
-and n-grams are per row, without left padding, i.e. what transformers does for one prompt.
+and n-grams are per row, without left padding, i.e. what transformers does for one prompt (in a
+left-padded batch transformers counts the padding in min_length and in its n-grams), so a row's
+tokens do not depend on the batch it is in.
 """
 
 from __future__ import annotations
