@@ -358,3 +358,15 @@ def test_forced_ids_outside_the_vocabulary_are_refused_with_the_key_named():
     ids, logits = random_case()  # a vocabulary of 9
     with pytest.raises(ConfigError, match=r"forced token id 9 is outside .* vocabulary of 9"):
         LogitsRules(forced_bos_token_id=9).apply(logits, ids[:, :1], None, 0, 4, [2])
+
+
+def test_beams_cut_at_max_length_end_with_the_forced_eos_as_transformers(tmp_path, tok):
+    path, hf = bart_dir(tmp_path, tok, in_config_json=False)
+    lm = EvalModel.load(path)
+    hf.eval()
+    for explicit in ({"max_new_tokens": 4, "min_length": 0}, {"max_new_tokens": 5}):
+        rows = ours(lm, GenerationSettings(**explicit))
+        for prompt, row in zip(PROMPTS, rows, strict=True):
+            assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
+            assert row[-1] == 2 and len(row) <= explicit["max_new_tokens"]
+        assert max(map(len, rows)) == explicit["max_new_tokens"]  # one reached the limit
