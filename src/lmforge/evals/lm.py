@@ -26,7 +26,7 @@ from lmforge.config import HASHED_IF_SET, Section, validate
 from lmforge.errors import InputError
 from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.model.compiled_decode import DecodeCompile, compile_field
-from lmforge.model.generation_defaults import read_generation_defaults
+from lmforge.model.generation_defaults import read_generation_defaults, warn_not_applied
 from lmforge.model.logits_rules import LogitsRules
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
@@ -140,6 +140,7 @@ class EvalModel:
         self.generation_defaults = read_generation_defaults(
             self.path, self.scorer.kind == "seq2seq"
         )
+        warn_not_applied(self.path)
 
     @classmethod
     def load(

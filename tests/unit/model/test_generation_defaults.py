@@ -5,6 +5,7 @@ each logits rule equals transformers' processor, and settings given explicitly w
 from __future__ import annotations
 
 import json
+import logging
 from itertools import pairwise
 
 import pytest
@@ -370,3 +371,21 @@ def test_beams_cut_at_max_length_end_with_the_forced_eos_as_transformers(tmp_pat
             assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
             assert row[-1] == 2 and len(row) <= explicit["max_new_tokens"]
         assert max(map(len, rows)) == explicit["max_new_tokens"]  # one reached the limit
+
+
+def test_a_checkpoint_setting_keys_lmforge_does_not_apply_gets_a_warning(tmp_path, caplog):
+    from lmforge.model.generation_defaults import warn_not_applied
+
+    gen = {"num_beams": 4, "suppress_tokens": [5], "num_beam_groups": 1, "bad_words_ids": [],
+           "diversity_penalty": 0.5}  # fmt: skip
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    logger = logging.getLogger("lmforge.model.generation_defaults")
+    logger.addHandler(caplog.handler)  # whether or not a CLI test stopped lmforge's propagation
+    try:
+        assert warn_not_applied(tmp_path) == ["suppress_tokens", "diversity_penalty"]
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "suppress_tokens, diversity_penalty" in caplog.text
+    assert "generation_config.json" in caplog.text
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 4}))
+    assert warn_not_applied(tmp_path) == []
