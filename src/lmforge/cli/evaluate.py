@@ -76,7 +76,12 @@ def generate_cmd(
         int | None, typer.Option(min=0, help="Never repeat an n-gram of this size; 0 = off.")
     ] = None,
     min_new_tokens: Annotated[
-        int | None, typer.Option(min=0, help="No stop token before this many new tokens.")
+        int | None,
+        typer.Option(
+            min=0,
+            help="No stop token before this many new tokens; replaces the checkpoint's "
+            "min_length (0 turns it off).",
+        ),
     ] = None,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Cut answers at this string (repeatable).")

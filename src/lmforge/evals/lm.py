@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeInt, model_validator
 
 from lmforge.artifacts import require_artifact
 from lmforge.config import HASHED_IF_SET, Section, validate
 from lmforge.errors import InputError
 from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.model.compiled_decode import DecodeCompile, compile_field
-from lmforge.model.generation_defaults import read_generation_defaults
+from lmforge.model.generation_defaults import read_generation_defaults, warn_not_applied
 from lmforge.model.logits_rules import LogitsRules
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from lmforge.evals.heads import SequenceHead
 
 GENERATE_BATCH = 16  # prompts per batch when generating
+# transformers sets min_length = min_new_tokens + the input length when min_new_tokens is set
+MIN_LENGTH_KEYS = {"min_length", "min_new_tokens"}
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
 
@@ -83,7 +85,7 @@ class GenerationSettings(Section):
         "decoder start) is always this id",
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
-    forced_eos_token_id: int | list[int] | None = Field(
+    forced_eos_token_id: NonNegativeInt | list[NonNegativeInt] | None = Field(
         None, description="the last token a length limit allows is always this id (or one of "
         "these)", json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
@@ -138,6 +140,7 @@ class EvalModel:
         self.generation_defaults = read_generation_defaults(
             self.path, self.scorer.kind == "seq2seq"
         )
+        warn_not_applied(self.path)
 
     @classmethod
     def load(
@@ -231,11 +234,17 @@ class EvalModel:
     def settings_for(self, settings: GenerationSettings) -> GenerationSettings:
         """settings with the checkpoint's generation defaults where settings leave a field unset
         (a value given explicitly wins, even when it equals the default). A checkpoint's
-        num_beams is not used when the settings ask to sample (temperature > 0)."""
+        num_beams is not used when the settings ask to sample (temperature > 0). As in
+        transformers, min_new_tokens replaces min_length: a checkpoint's min_new_tokens drops its
+        min_length, and a minimum the settings give (either key) drops both of the checkpoint's."""
         defaults = dict(self.generation_defaults)
         if settings.temperature > 0:
             defaults.pop("num_beams", None)
         given = settings.model_dump(exclude_unset=True)
+        if given.keys() & MIN_LENGTH_KEYS:
+            defaults = {k: v for k, v in defaults.items() if k not in MIN_LENGTH_KEYS}
+        elif "min_new_tokens" in defaults:
+            defaults.pop("min_length", None)
         if not defaults.keys() - given.keys():
             return settings
         where = f"{self.path}'s generation defaults"

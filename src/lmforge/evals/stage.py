@@ -35,6 +35,7 @@ from lmforge.evals.metrics import plot_confusion
 from lmforge.evals.task_format import TaskResult, TaskSpec
 from lmforge.evals.tasks import TASK_TYPES, load_task, run_task
 from lmforge.model.convert import model_display_name, resolve_model_dir
+from lmforge.model.generation_defaults import defaults_left_unset
 
 
 class ModelRef(Section):
@@ -90,6 +91,28 @@ class EvalConfig(StageConfig):
                 if extra is not None and Path(extra) not in paths:
                     paths.append(Path(extra))
         return paths
+
+    def input_versions(self) -> dict[str, str]:
+        """Per model, the checkpoint generation defaults its generation tasks leave unset
+        (EvalModel.settings_for applies them), so that neither a result cached before lmforge
+        read them nor one with those fields given (at their default value they hash as unset)
+        is reused. None for our own models (they set none): their cached results stay valid."""
+        given = [
+            (spec.generation or self.generation).model_fields_set
+            for spec in self.task_specs()
+            if spec.type == "generation"
+        ]
+        versions = {}
+        for ref in self.model_refs() if given else []:
+            model_dir = resolve_model_dir(ref.path)
+            unset = {
+                k: v for fields in given for k, v in defaults_left_unset(model_dir, fields).items()
+            }
+            if unset:
+                versions[f"generation_defaults:{model_dir.resolve()}"] = json.dumps(
+                    unset, sort_keys=True
+                )
+        return versions
 
 
 def evaluate(cfg: EvalConfig | dict[str, Any], force: bool = False) -> Path:

@@ -5,17 +5,24 @@ keys in config.json, which transformers reads only when the file is absent), e.g
 num_beams 4, length_penalty 2.0, no_repeat_ngram_size 3, min_length 56, max_length 142 and its
 forced bos/eos tokens. read_generation_defaults() returns the ones lmforge applies, under the
 names GenerationSettings uses (transformers' own); settings the user gave win over them
-(evals.lm.EvalModel.settings_for). Our own exports write no such keys, so nothing changes for
-them. Sampling keys (do_sample, temperature, top_k, top_p) are not read: lmforge's generations
-stay greedy unless asked to sample.
+(evals.lm.EvalModel.settings_for). Models lmforge builds write no such keys, so nothing changes
+for them; one tuned from an imported checkpoint carries its base's (finetune.export). Sampling
+keys (do_sample, temperature, top_k, top_p) are not read: lmforge's generations stay greedy
+unless asked to sample. Other keys that change transformers' greedy or beam outputs
+(NOT_APPLIED: suppressed or banned tokens, beam groups, ...) are not applied; a checkpoint that
+sets one gets a warning (warn_not_applied).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
 from lmforge.tokenizer.generation import GENERATION_CONFIG, read_json_object
+
+log = logging.getLogger(__name__)
 
 # the keys read, under transformers' names (GenerationSettings uses the same)
 DEFAULT_KEYS = (
@@ -32,18 +39,44 @@ DEFAULT_KEYS = (
 )
 
 
+# keys transformers' generate() also reads that change greedy or beam outputs, with their
+# defaults: lmforge does not apply them, so it warns when a checkpoint sets one
+NOT_APPLIED = {
+    "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_decoder_ids": None, "sequence_bias": None, "encoder_no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0, "exponential_decay_length_penalty": None,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "renormalize_logits": False,
+}  # fmt: skip
+
+
+def _checkpoint_source(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """(the file, its JSON object): generation_config.json, or config.json when there is no such
+    file (as transformers does); (None, {}) when neither exists."""
+    for path in (model_dir / GENERATION_CONFIG, model_dir / "config.json"):
+        if path.is_file():
+            return path, read_json_object(path)
+    return None, {}
+
+
 def checkpoint_generation_keys(model_dir: Path | str) -> dict[str, Any]:
     """The decoding keys (DEFAULT_KEYS and max_length) model_dir's checkpoint sets, as written:
     from generation_config.json, or from config.json when there is no such file (as transformers
     does). What an export of a model tuned from this checkpoint carries on, so it decodes alike."""
-    model_dir = Path(model_dir)
-    path = model_dir / GENERATION_CONFIG
-    if not path.is_file():
-        path = model_dir / "config.json"
-    if not path.is_file():
-        return {}
-    source = read_json_object(path)
+    _, source = _checkpoint_source(Path(model_dir))
     return {k: source[k] for k in (*DEFAULT_KEYS, "max_length") if source.get(k) is not None}
+
+
+def warn_not_applied(model_dir: Path | str) -> list[str]:
+    """The keys of NOT_APPLIED model_dir's checkpoint sets away from their defaults, logged as a
+    warning (its outputs may then differ from transformers' generate())."""
+    path, source = _checkpoint_source(Path(model_dir))
+    keys = [k for k, default in NOT_APPLIED.items() if source.get(k) not in (None, [], default)]
+    if keys:
+        log.warning(
+            "%s sets %s, which lmforge's decoding does not apply: its generations may differ "
+            "from transformers' generate()", path, ", ".join(keys),
+        )  # fmt: skip
+    return keys
 
 
 def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) -> dict[str, Any]:
@@ -58,3 +91,15 @@ def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) ->
     if is_encoder_decoder and "max_new_tokens" not in found and isinstance(max_length, int):
         found["max_new_tokens"] = max(max_length - 1, 1)
     return found
+
+
+def defaults_left_unset(model_dir: Path | str, given: AbstractSet[str]) -> dict[str, Any]:
+    """The checkpoint's decoding keys (checkpoint_generation_keys) that settings giving the
+    fields `given` leave to it, max_length counting as max_new_tokens: what a cache key must
+    hold, since a field given at its default value hashes like one left unset. A superset of
+    what settings_for applies (it also drops num_beams when sampling, min_length under
+    min_new_tokens): an extra key costs a rerun, a missing one would reuse a stale result."""
+    found = checkpoint_generation_keys(model_dir)
+    if "max_new_tokens" in given:
+        found.pop("max_length", None)
+    return {k: v for k, v in found.items() if k not in given}

@@ -7,7 +7,9 @@ name: NoRepeatNGramLogitsProcessor (no_repeat_ngram_size), MinLengthLogitsProces
 the whole sequence, prompt or decoder start included), MinNewTokensLengthLogitsProcessor
 (min_new_tokens), ForcedBOSTokenLogitsProcessor (the first token after a one-token start, i.e. an
 encoder-decoder's first target token) and ForcedEOSTokenLogitsProcessor (the last step). Lengths
-and n-grams are per row, without left padding, i.e. what transformers does for one prompt.
+and n-grams are per row, without left padding, i.e. what transformers does for one prompt (in a
+left-padded batch transformers counts the padding in min_length and in its n-grams), so a row's
+tokens do not depend on the batch it is in.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ class LogitsRules:
         for name in ("no_repeat_ngram_size", "min_length", "min_new_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if any(i < 0 for i in self.forced_ids()):  # -1 would force the vocabulary's last token
+            raise ConfigError(
+                f"forced_bos_token_id / forced_eos_token_id must be token ids >= 0, got "
+                f"{self.forced_bos_token_id} / {self.forced_eos_token_id}"
+            )
+
+    def forced_ids(self) -> list[int]:
+        """Every id a forcing rule names."""
+        bos, eos = self.forced_bos_token_id, self.forced_eos_token_id
+        return [*([] if bos is None else [bos]), *([eos] if isinstance(eos, int) else eos or ())]
 
     @property
     def active(self) -> bool:
@@ -56,6 +68,11 @@ class LogitsRules:
         applied; history_mask (B, T) 0 at left padding; eos: the stop ids min lengths hold off."""
         if not self.active:
             return logits
+        if (big := max(self.forced_ids(), default=-1)) >= logits.size(-1):
+            raise ConfigError(
+                f"forced token id {big} is outside the model's vocabulary of {logits.size(-1)}; "
+                "fix forced_bos_token_id / forced_eos_token_id (settings or generation_config.json)"
+            )
         lengths = (
             torch.full((history.size(0),), history.size(1), device=history.device)
             if history_mask is None

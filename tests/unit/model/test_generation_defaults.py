@@ -5,6 +5,7 @@ each logits rule equals transformers' processor, and settings given explicitly w
 from __future__ import annotations
 
 import json
+import logging
 from itertools import pairwise
 
 import pytest
@@ -100,6 +101,21 @@ def test_bart_generates_with_its_checkpoint_defaults_as_transformers(tmp_path, t
         assert rows != got  # the settings changed what the model says
         for prompt, row in zip(PROMPTS, rows, strict=True):
             assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
+
+
+def test_min_new_tokens_given_replaces_the_checkpoint_min_length_as_transformers(tmp_path, tok):
+    path, hf = bart_dir(tmp_path, tok, in_config_json=False)
+    lm = EvalModel.load(path)
+    hf.eval()
+    for explicit in ({"min_new_tokens": 0}, {"min_new_tokens": 2}):
+        resolved = lm.settings_for(GenerationSettings(**explicit))
+        assert resolved.min_length == 0  # transformers: min_length = min_new_tokens + 1
+        for prompt, row in zip(PROMPTS, ours(lm, GenerationSettings(**explicit)), strict=True):
+            assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
+    checkpoint = {**lm.generation_defaults, "min_new_tokens": 3}
+    lm.generation_defaults = checkpoint  # a checkpoint setting both: min_new_tokens wins
+    assert lm.settings_for(GenerationSettings()).min_length == 0
+    assert lm.settings_for(GenerationSettings(min_length=4)).min_new_tokens == 0  # given wins
 
 
 def llama_dir(tmp_path, tok):
@@ -271,3 +287,105 @@ def test_a_finished_hypothesis_never_runs_on_when_rules_leave_few_candidates():
     beams = BeamSettings(4, length_penalty=5.0, early_stopping=True, rules=rules)
     best = beam_search(lambda *_: logits, logits, torch.tensor([[2]] * 4), 4, beams, [0])[0]
     assert best[0] == 1 and 0 not in best[:-1]
+
+
+def test_the_eval_cache_key_holds_the_checkpoint_defaults_left_unset(tmp_path, tok):
+    from lmforge.artifacts import input_hashes
+    from lmforge.evals.stage import EvalConfig
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.seq2seq import Seq2SeqLM
+
+    path, _ = bart_dir(tmp_path, tok, in_config_json=False)
+    task = {"name": "g", "type": "generation", "examples": [{"prompt": "a", "reference": "b"}]}
+
+    def versions(generation: dict, tasks=(task,), model=path) -> dict:
+        cfg = validate(EvalConfig, {"models": [model], "tasks": list(tasks), "out": tmp_path / "e",
+                                    "generation": generation})  # fmt: skip
+        return cfg.input_versions()
+
+    unset = versions({})
+    assert json.loads(next(iter(unset.values())))["num_beams"] == 4
+    explicit = versions({"num_beams": 1})  # hashes as {}: the key must differ
+    assert explicit != unset and "num_beams" not in json.loads(next(iter(explicit.values())))
+    every = {k: 0 for k in ("no_repeat_ngram_size", "min_length", "min_new_tokens")}
+    every |= {"num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
+              "max_new_tokens": 8, "forced_bos_token_id": None, "forced_eos_token_id": None}  # fmt: skip
+    assert versions(every) == {}  # all given: as before this change
+    per_task = {**task, "generation": every}
+    assert versions({}, tasks=(per_task,)) == {}  # the task's own settings are what apply
+    no_gen = {"name": "p", "type": "perplexity", "examples": [{"text": "a b"}]}
+    assert versions({}, tasks=(no_gen,)) == {}  # nothing generated, nothing to key
+    save_pretrained(Seq2SeqLM(preset_config("bart-micro")), tmp_path / "ours")
+    _copy_files(tok, tmp_path / "ours")
+    ours_cfg = {"models": [tmp_path / "ours"], "tasks": [task], "out": tmp_path / "e"}
+    assert validate(EvalConfig, ours_cfg).input_versions() == {}  # our models' keys stay
+    assert len(input_hashes(validate(EvalConfig, ours_cfg))) == 1  # the model dir alone
+
+
+def test_compiled_decoding_applies_the_rules_as_eager_decoding(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from lmforge.model import compiled_decode
+    from lmforge.model.config import preset_config
+    from lmforge.model.generate import generate, left_pad
+    from lmforge.model.transformer import Transformer
+
+    monkeypatch.setattr(compiled_decode, "BACKEND", "aot_eager")  # seconds, not the inductor's
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Transformer(preset_config("micro", vocab_size=32, n_layer=2, init_std=0.2)).eval()
+    ids, mask = left_pad([[1, 5, 9, 2, 7, 4], [3, 3, 8], [30, 2, 2, 11, 6]])
+    rules = LogitsRules(no_repeat_ngram_size=2, min_new_tokens=4, forced_eos_token_id=2)
+    kw = dict(pad_mask=mask, greedy=True, stop_tokens=[2], rules=rules)
+    try:
+        want = generate(model, ids, 12, **kw)
+        assert torch.equal(generate(model, ids, 12, compile="on", **kw), want)
+        assert want[:, -1].tolist() == [2, 2, 2]  # forced eos at the last step, or stopped
+        assert counters["frames"]["ok"] == 1  # the rules run outside the compiled step
+    finally:
+        torch._dynamo.reset()
+    assert not torch.equal(want, generate(model, ids, 12, pad_mask=mask, greedy=True))
+
+
+def test_forced_ids_outside_the_vocabulary_are_refused_with_the_key_named():
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="forced_bos_token_id / forced_eos_token_id"):
+        LogitsRules(forced_eos_token_id=(2, -1))
+    with pytest.raises(ConfigError, match="forced_eos_token_id"):  # named where it was given
+        validate(GenerationSettings, {"forced_eos_token_id": [2, -1]}, where="eval.generation")
+    ids, logits = random_case()  # a vocabulary of 9
+    with pytest.raises(ConfigError, match=r"forced token id 9 is outside .* vocabulary of 9"):
+        LogitsRules(forced_bos_token_id=9).apply(logits, ids[:, :1], None, 0, 4, [2])
+
+
+def test_beams_cut_at_max_length_end_with_the_forced_eos_as_transformers(tmp_path, tok):
+    path, hf = bart_dir(tmp_path, tok, in_config_json=False)
+    lm = EvalModel.load(path)
+    hf.eval()
+    for explicit in ({"max_new_tokens": 4, "min_length": 0}, {"max_new_tokens": 5}):
+        rows = ours(lm, GenerationSettings(**explicit))
+        for prompt, row in zip(PROMPTS, rows, strict=True):
+            assert row == hf_new_ids(hf, lm.scorer.source(prompt), 1, [2], **explicit)
+            assert row[-1] == 2 and len(row) <= explicit["max_new_tokens"]
+        assert max(map(len, rows)) == explicit["max_new_tokens"]  # one reached the limit
+
+
+def test_a_checkpoint_setting_keys_lmforge_does_not_apply_gets_a_warning(tmp_path, caplog):
+    from lmforge.model.generation_defaults import warn_not_applied
+
+    gen = {"num_beams": 4, "suppress_tokens": [5], "num_beam_groups": 1, "bad_words_ids": [],
+           "diversity_penalty": 0.5}  # fmt: skip
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    logger = logging.getLogger("lmforge.model.generation_defaults")
+    logger.addHandler(caplog.handler)  # whether or not a CLI test stopped lmforge's propagation
+    try:
+        assert warn_not_applied(tmp_path) == ["suppress_tokens", "diversity_penalty"]
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "suppress_tokens, diversity_penalty" in caplog.text
+    assert "generation_config.json" in caplog.text
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 4}))
+    assert warn_not_applied(tmp_path) == []
