@@ -144,13 +144,14 @@ def refuse_encoder(cfg: CompressConfig, src: Path) -> None:
 
 def refuse_classifier(cfg: CompressConfig, src: Path) -> None:
     """ConfigError for what a sequence classifier's head would not survive: distill's and prune
-    recovery's next-token loss (the head is never trained), export's language-model graphs
-    (vocabulary logits, no head)."""
-    what = {"distill": "distill trains a language model, which would drop its head",
-            "export": "export writes a language model's graphs (vocabulary logits of ONNX and "
-            "GGUF), without its head"}.get(cfg.method)  # fmt: skip
+    recovery's next-token loss (the head is never trained), GGUF (a language model's file)."""
+    what = {"distill": "distill trains a language model, which would drop its head"}.get(cfg.method)
     if cfg.method == "prune" and cfg.tokens is not None:
         what = "prune's recovery (tokens) trains next-token loss, not its classification head"
+    if cfg.method == "export" and "gguf" in cfg.export.formats:
+        raise ConfigError(f"{src} is a classifier: export to GGUF writes a language model, "
+                          "without its head; export the classifier with "
+                          "--set 'export.formats=[onnx]'")  # fmt: skip
     if what:
         raise ConfigError(f"{src} is a classifier: {what}; use method=quantize, or "
                           "method=prune without tokens (both keep the head)")  # fmt: skip
