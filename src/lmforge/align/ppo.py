@@ -72,9 +72,14 @@ def adapters_off(lm: nn.Module) -> Iterator[bool]:
             m.scaling = s
 
 
-def load_reward_model(path: Path, vocab_size: int) -> nn.Module:
-    """The reward stage's final/ (a 1-label classifier) as a frozen SequenceClassifier."""
+def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
+    """The reward stage's final/ (a 1-label classifier) as a frozen SequenceClassifier.
+
+    It scores the policy's token ids at the last token (align.ppo.score), so it must be a decoder
+    (an encoder pools [CLS] of its own template) reading the policy's vocabulary (tok's).
+    """
     from lmforge.model.convert import load_classifier, load_pretrained, resolve_model_dir
+    from lmforge.tokenizer.files import TokenizerFiles
 
     path = resolve_model_dir(path)
     head = load_classifier(path)
@@ -84,10 +89,22 @@ def load_reward_model(path: Path, vocab_size: int) -> nn.Module:
             "train one with: lmforge align --method reward"
         )
     lm = load_pretrained(path, quantized="dequantize")
+    if not lm.config.causal or head.pool_weight is not None or head.pooling == "mean":
+        raise ConfigError(
+            f"ppo.reward_model={path} is an encoder classifier: a reward model scores the "
+            "policy's token ids at the last token, as a decoder; train one with: lmforge align "
+            "--method reward --model <the policy's base model>"
+        )
     if lm.config.vocab_size != vocab_size:
         raise ConfigError(
             f"ppo.reward_model vocab_size {lm.config.vocab_size} differs from the policy's "
             f"{vocab_size}: the reward model must share the policy's tokenizer"
+        )
+    if TokenizerFiles.load(path).tokenizer.get_vocab() != tok.tokenizer.get_vocab():
+        raise ConfigError(
+            f"ppo.reward_model={path}'s tokenizer.json maps tokens to other ids than the "
+            f"policy's ({tok.path}): it would score ids it never read; train the reward model "
+            "on the policy's base model (lmforge align --method reward)"
         )
     model = reward_model(lm)
     with torch.no_grad():

@@ -259,7 +259,7 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     """PPO against the reward model; held-out mean reward and KL before and after."""
     opts, seq_len = cfg.ppo, cfg.train.seq_len
     prompts, val_prompts = load_prompt_splits(cfg)
-    reward = load_reward_model(opts.reward_model, lm.config.vocab_size)
+    reward = load_reward_model(opts.reward_model, lm.config.vocab_size, tok)
     reference = frozen_copy(lm) if cfg.tuning == "full" else None  # LoRA: the base itself
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)

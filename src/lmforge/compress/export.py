@@ -23,7 +23,9 @@ from lmforge.compress.files import copy_side_files, special_ids
 from lmforge.compress.gguf_export import check_gguf, encode_tensor, export_gguf
 from lmforge.compress.measure import prompt_ids, quality, weights_bytes
 from lmforge.compress.onnx_export import (
+    check_classifier_onnx,
     check_onnx,
+    export_classifier_onnx,
     export_onnx,
     ort_decode_tokens_per_s,
     ort_session,
@@ -90,6 +92,23 @@ def gguf_quality(
     return row
 
 
+def classifier_onnx(settings: Any, ctx: StageContext, src: Path, original: EvalModel) -> dict:
+    """onnx/: a decoder classifier's graph (label logits at the last non-pad token) beside its
+    config.json (id2label) and tokenizer files, checked against PyTorch; its size and check."""
+    head = original.head
+    if head.reads != "last_token":
+        raise ConfigError(f"{src}'s head pools {head.reads}: ONNX export takes a decoder "
+                          "classifier (last-token head); use method=quantize")  # fmt: skip
+    with ctx.atomic_path(ctx.out / "onnx") as tmp:
+        tmp.mkdir(parents=True)
+        args = (original.model, head.linear, original.pad_id)
+        export_classifier_onnx(*args, tmp / "model.onnx", settings.opset)
+        checks = check_classifier_onnx(*args, ort_session(tmp / "model.onnx"), settings.atol)
+        copy_side_files(src, tmp)
+        shutil.copy2(src / "config.json", tmp / "config.json")
+    return {"weights_bytes": weights_bytes(ctx.out / "onnx" / "model.onnx"), **checks}
+
+
 def export_method(
     cfg: Any,
     ctx: StageContext,
@@ -105,7 +124,9 @@ def export_method(
     for fmt in settings.formats:
         require_extra(fmt)
     result: dict[str, Any] = {}
-    if "onnx" in settings.formats:
+    if "onnx" in settings.formats and original.head is not None:  # a sequence classifier
+        result["onnx"] = classifier_onnx(settings, ctx, src, original)
+    elif "onnx" in settings.formats:
         with ctx.atomic_path(ctx.out / "onnx") as tmp:
             tmp.mkdir(parents=True)
             export_onnx(model, tmp / "model.onnx", settings.opset)

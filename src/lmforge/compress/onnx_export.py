@@ -5,6 +5,10 @@ The graph takes `input_ids` (B, T), `attention_mask` (B, P + T; 1 = token, 0 = l
 `present_keys` / `present_values` (n_layer, B, n_kv_head, P + T, hd). P = 0 is the prefill; each
 decode step feeds back the presents. B, T and P are dynamic. The attention mask is always passed
 to the model, so one graph serves prefill and decode (the explicit-mask attention path).
+
+A decoder sequence classifier (*ForSequenceClassification) exports its own graph instead:
+`input_ids` (B, T), right-padded with the pad id, -> `logits` (B, n_labels), its head read at
+each row's rightmost non-pad token, where fine-tuning and transformers pool.
 """
 
 from __future__ import annotations
@@ -154,3 +158,66 @@ def ort_decode_tokens_per_s(
         return new_tokens
 
     return time_decode(step, repeats)
+
+
+class LastTokenClassifier(nn.Module):
+    """A decoder classifier as input_ids -> label logits: what its ONNX graph computes."""
+
+    def __init__(self, model: nn.Module, score: nn.Linear, pad_id: int) -> None:
+        super().__init__()
+        self.model, self.score, self.pad_id = model, score, pad_id
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        # causal: right pads change nothing; an all-ones mask takes the traceable masked path
+        h = self.model.hidden_states(input_ids, pad_mask=torch.ones_like(input_ids))  # (B, T, C)
+        pos = torch.arange(input_ids.size(1), device=input_ids.device)
+        last = ((input_ids != self.pad_id) * pos).amax(1)  # (B,) rightmost non-pad, 0 if none
+        return self.score(h[torch.arange(h.size(0), device=h.device), last])  # (B, n_labels)
+
+
+def export_classifier_onnx(
+    model: nn.Module, score: nn.Linear, pad_id: int, path: Path, opset: int = 18
+) -> None:
+    """Write a decoder classifier (model + its score Linear, fp32, eval) to path as an ONNX graph."""
+    wrapper = LastTokenClassifier(model.float(), score.float(), pad_id).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    dyn = torch.export.Dim.DYNAMIC
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (ids,),
+            dynamo=True,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": {0: dyn, 1: dyn}},
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    program.save(str(path))
+
+
+@torch.no_grad()
+def check_classifier_onnx(
+    model: nn.Module, score: nn.Linear, pad_id: int, session: Any, atol: float
+) -> dict[str, float]:
+    """Max |logit difference| ONNX vs PyTorch on a right-padded batch: each row is compared
+    with the model run on its real tokens alone, read at the last one. Raises StageError beyond
+    atol."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=gen)
+    ids[ids == pad_id] = (pad_id + 1) % model.config.vocab_size
+    lengths = [7, 4, 1]
+    for row, n in enumerate(lengths):
+        ids[row, n:] = pad_id
+    (got,) = session.run(None, {"input_ids": ids.numpy()})
+    want = torch.stack(
+        [score(model.hidden_states(ids[r : r + 1, :n])[0, -1]) for r, n in enumerate(lengths)]
+    )
+    diff = float(np.abs(got - want.float().numpy()).max())
+    if diff > atol:
+        raise StageError(
+            f"ONNX classifier logits differ from PyTorch by {diff:.2e} (> atol {atol}); "
+            "the export is wrong for this model, please report it"
+        )
+    return {"max_abs_logit_diff": diff}

@@ -142,6 +142,21 @@ def refuse_encoder(cfg: CompressConfig, src: Path) -> None:
                           "method=prune without tokens")  # fmt: skip
 
 
+def refuse_classifier(cfg: CompressConfig, src: Path) -> None:
+    """ConfigError for what a sequence classifier's head would not survive: distill's and prune
+    recovery's next-token loss (the head is never trained), GGUF (a language model's file)."""
+    what = {"distill": "distill trains a language model, which would drop its head"}.get(cfg.method)
+    if cfg.method == "prune" and cfg.tokens is not None:
+        what = "prune's recovery (tokens) trains next-token loss, not its classification head"
+    if cfg.method == "export" and "gguf" in cfg.export.formats:
+        raise ConfigError(f"{src} is a classifier: export to GGUF writes a language model, "
+                          "without its head; export the classifier with "
+                          "--set 'export.formats=[onnx]'")  # fmt: skip
+    if what:
+        raise ConfigError(f"{src} is a classifier: {what}; use method=quantize, or "
+                          "method=prune without tokens (both keep the head)")  # fmt: skip
+
+
 def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     """Measures the original, runs the method, measures the result; writes compression.json."""
     from lmforge.compress import export, measure
@@ -160,9 +175,8 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
         require_float_source(src, hf)
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
         refuse_encoder(cfg, src)
-    if cfg.method == "distill" and load_classifier(src) is not None:
-        raise ConfigError(f"{src} is a classifier: distill trains a language model, which would "
-                          "drop its head; use method=quantize or method=prune (both keep it)")  # fmt: skip
+    if load_classifier(src) is not None:
+        refuse_classifier(cfg, src)
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above

@@ -29,7 +29,8 @@ from lmforge.errors import InputError
 if TYPE_CHECKING:
     from lmforge.evals.lm import EvalModel
 
-Pool = Callable[["EvalModel", str], torch.Tensor]  # (lm, text) -> pooled state (C,)
+# (lm, text, text_pair or None) -> pooled state (C,)
+Pool = Callable[["EvalModel", str, "str | None"], torch.Tensor]
 
 
 @dataclass
@@ -42,29 +43,31 @@ class SequenceHead:
     reads: str  # how it pools, recorded in the task's metrics
 
     @torch.no_grad()
-    def log_probs(self, lm: EvalModel, text: str) -> list[float]:
-        pooled = self.pool(lm, text)
+    def log_probs(self, lm: EvalModel, text: str, pair: str | None = None) -> list[float]:
+        pooled = self.pool(lm, text, pair)
         logits = self.linear(pooled.to(self.linear.weight.dtype)).float()  # (n_classes,)
         return torch.log_softmax(logits, dim=-1).double().tolist()
 
 
-def last_token(lm: EvalModel, text: str) -> torch.Tensor:
-    """A decoder's state at the rightmost non-pad token (where fine-tuning and transformers pool)."""
+def last_token(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
+    """A decoder's state at the rightmost non-pad token (where fine-tuning and transformers pool);
+    a pair is read as fine-tuning joined it, "text text_pair" (finetune.heads.encode_texts)."""
     from lmforge.finetune.heads import pooled_index
 
-    ids = lm.encode(text)[: lm.block_size] or [lm.pad_id]
+    ids = lm.encode(text if pair is None else f"{text} {pair}")[: lm.block_size] or [lm.pad_id]
     h = lm.model.hidden_states(torch.tensor([ids], device=lm.device))
     return h[0, pooled_index(ids, lm.pad_id)]
 
 
-def encoder_states(lm: EvalModel, text: str) -> torch.Tensor:
+def encoder_states(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
     """An encoder's states (T, C) over the template-wrapped text's real tokens: up to the last
     one that is not the pad id, as finetune.heads.encode_texts sets `last` and training masks.
+    A pair is wrapped as in training ([CLS] text [SEP] pair [SEP], token type 1 on the pair).
     Only a tokenizer without a template ([CLS] ... [SEP]) lets a text end in pad ids; for such a
     text transformers' tokenizer marks them attended, so its logits differ from ours there."""
     from lmforge.finetune.heads import pooled_index
 
-    ids, types, _ = lm.files.encode_input(text, max_len=lm.block_size)
+    ids, types, _ = lm.files.encode_input(text, pair, max_len=lm.block_size)
     ids, types = ids or [lm.pad_id], types or [0]
     n = pooled_index(ids, lm.pad_id) + 1
     x, t = (torch.tensor([v[:n]], device=lm.device) for v in (ids, types))
@@ -74,19 +77,24 @@ def encoder_states(lm: EvalModel, text: str) -> torch.Tensor:
 def pooled_first_token(dense: nn.Linear) -> Pool:
     """An encoder's first-token state of the template-wrapped text through dense + tanh."""
 
-    def pool(lm: EvalModel, text: str) -> torch.Tensor:
-        return torch.tanh(dense(encoder_states(lm, text)[0]))
+    def pool(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
+        return torch.tanh(dense(encoder_states(lm, text, pair)[0]))
 
     return pool
 
 
-def mean_token_state(lm: EvalModel, text: str) -> torch.Tensor:
+def mean_token_state(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
     """The mean of an encoder's states over the template-wrapped text (finetune pooling "mean")."""
-    return encoder_states(lm, text).mean(0)
+    return encoder_states(lm, text, pair).mean(0)
 
 
-def mean_source_state(lm: EvalModel, text: str) -> torch.Tensor:
+def mean_source_state(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
     """The mean of an encoder-decoder's encoder states over the source (the dialogue's intent)."""
+    if pair is not None:
+        raise InputError(
+            f"{lm.path}'s intent head reads one dialogue text, not a pair: drop the examples' "
+            "text_pair or evaluate a sentence-pair classifier (lmforge finetune --task classify)"
+        )
     src = torch.tensor([lm.scorer.source(text)], device=lm.device)
     return lm.model.encode(src)[0].mean(0)
 

@@ -198,15 +198,16 @@ class EvalModel:
             self._head = load_sequence_head(self)
         return self._head
 
-    def classify(self, text: str) -> list[float]:
-        """Log-probabilities of each head label for text, pooled as the head was trained."""
+    def classify(self, text: str, pair: str | None = None) -> list[float]:
+        """Log-probabilities of each head label for text (and its pair's second text), pooled
+        as the head was trained."""
         if self.head is None:
             raise InputError(
                 f"{self.path} has no classification head (no score.weight / classifier + "
                 "id2label in config.json, no intent_head.safetensors); train one with "
                 "`lmforge finetune --task classify`"
             )
-        return self.head.log_probs(self, text)
+        return self.head.log_probs(self, text, pair)
 
     # -- scoring (the family's scorer: evals.scoring) --------------------------------------------
 

@@ -130,6 +130,19 @@ def _use_head(model: EvalModel, spec: TaskSpec) -> bool:
     return spec.classifier != "likelihood" and model.head is not None
 
 
+def _check_pairs_prompted(spec: TaskSpec, rows: list[dict[str, Any]]) -> None:
+    """Label likelihood reads only the prompt: a pair's second text must be in its template."""
+    from lmforge.evals.tasks import TASK_TYPES
+
+    template = spec.prompt_template or TASK_TYPES[spec.type].default_template
+    if any(r.get("text_pair") is not None for r in rows) and "{text_pair}" not in template:
+        raise ConfigError(
+            f"task '{spec.name}': its examples have a text_pair, which label likelihood would "
+            f"not read (prompt_template {template!r}); put {{text_pair}} in the task's "
+            "prompt_template, or score with the model's trained head (classifier: head)"
+        )
+
+
 def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) -> TaskResult:
     rows = load_examples(spec)
     use_head = _use_head(model, spec)
@@ -141,10 +154,13 @@ def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) 
             f"task '{spec.name}': labels {unknown} are not in the "
             f"{'model head' if use_head else 'task'}'s labels {labels}"
         )
+    if not use_head:
+        _check_pairs_prompted(spec, rows)
     records, y_true, y_pred = [], [], []
     for i, row in enumerate(rows):
-        if use_head:
-            lls = model.classify(str(row["text"]))
+        pair = None if row.get("text_pair") is None else str(row["text_pair"])
+        if use_head:  # a pair as training read it (evals.heads)
+            lls = model.classify(str(row["text"]), pair)
         else:
             lls = choice_loglikelihoods(
                 model, task_prompt(spec, row), labels, spec.target_delimiter
@@ -158,6 +174,7 @@ def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) 
             {
                 "index": i,
                 "text": str(row["text"]),
+                **({} if pair is None else {"text_pair": pair}),
                 "label": true,
                 "predicted": pred,
                 "loglikelihoods": dict(zip(labels, lls, strict=True)),

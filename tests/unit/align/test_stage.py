@@ -143,7 +143,7 @@ def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir)
     tok = load_chat_tokenizer(model_dir)
     lm = load_pretrained(model_dir)
     policy = PolicyWithValue(lm)
-    reward = load_reward_model(reward_dir, lm.config.vocab_size)
+    reward = load_reward_model(reward_dir, lm.config.vocab_size, tok)
     opts = PPOOptions(rollout_prompts=4, max_new_tokens=6, kl_coef=0.1)
     prompts = [[{"role": "user", "content": f"Say {w}"}] for w in WORDS[:4]]
     src = Rollouts(policy, lm, reward, tok, prompts, opts, 2, 48, 0)
@@ -179,7 +179,7 @@ def test_batch_reward_norm_prices_whitened_scores_and_eval_samples_each_prompt(
     tok = load_chat_tokenizer(model_dir)
     lm = load_pretrained(model_dir)
     policy = PolicyWithValue(lm)  # values 0 (zero-initialised head)
-    reward = load_reward_model(reward_dir, lm.config.vocab_size)
+    reward = load_reward_model(reward_dir, lm.config.vocab_size, tok)
     prompts = [[{"role": "user", "content": f"Say {w}"}] for w in WORDS[:4]]
     # no KL, gamma = lam = 1: the return at an answer's first token is its priced score
     for norm in ("none", "batch"):
@@ -223,3 +223,40 @@ def test_pair_rewards_cut_at_the_furthest_pooled_token_equal_the_full_rows(model
     with torch.no_grad():
         full = model(ids.flatten(0, 1), last.flatten())[0].view(3, 2)
         assert torch.allclose(pair_rewards(model, ids, last), full, atol=1e-5)
+
+
+def test_ppo_refuses_an_encoder_or_a_foreign_tokenizer_reward_model(
+    tmp_path, model_dir, tokenizer_dir, reward_dir
+):
+    import shutil
+
+    from tiny_tokenizers import train_byte_bpe
+
+    from lmforge.align.ppo import load_reward_model
+    from lmforge.finetune.heads import SequenceClassifier
+    from lmforge.finetune.sft import load_chat_tokenizer
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.files import copy_tokenizer_files
+    from unit.finetune.helpers import CORPUS, SPECIALS
+
+    tok = load_chat_tokenizer(model_dir)
+    vocab = tok.vocab_size
+    torch.manual_seed(0)
+    encoder = Transformer(preset_config("bert-micro", vocab_size=vocab))
+    head = SequenceClassifier(encoder, 1).classifier_head(["reward"])
+    save_pretrained(encoder, tmp_path / "enc", extra_config={"pad_token_id": tok.pad_id},
+                    classifier=head)  # fmt: skip
+    copy_tokenizer_files(tokenizer_dir, tmp_path / "enc")
+    with pytest.raises(ConfigError, match=r"is an encoder classifier: a reward model scores"):
+        load_reward_model(tmp_path / "enc", vocab, tok)
+    # the reward model's own weights, read through a tokenizer of the same size, other ids
+    foreign = shutil.copytree(reward_dir / "final", tmp_path / "foreign")
+    train_byte_bpe([t.upper() for t in CORPUS], vocab, SPECIALS).save(
+        str(foreign / "tokenizer.json")
+    )
+    assert TokenizerFiles.load(foreign).vocab_size == vocab
+    with pytest.raises(ConfigError, match=r"maps tokens to other ids than the policy's"):
+        load_reward_model(foreign, vocab, tok)
+    assert load_reward_model(reward_dir, vocab, tok) is not None  # the policy's own tokenizer

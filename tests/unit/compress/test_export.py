@@ -17,6 +17,7 @@ from lmforge.compress.gguf_export import (
     tokenizer_metadata,
 )
 from lmforge.compress.onnx_export import (
+    check_classifier_onnx,
     check_onnx,
     empty_past,
     export_onnx,
@@ -173,3 +174,47 @@ def test_a_quantized_source_is_measured_as_it_runs(trained_dir, data_dir, tmp_pa
     floats = EvalModel.load(tmp_path / "q", quantized="dequantize")  # what the GGUF holds
     want = measure.quality(floats, read_texts(data_dir, "val", limit=64))
     assert report["gguf"]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+
+
+def test_a_decoder_classifier_exports_its_label_logits_not_the_lm(tmp_path: Path) -> None:
+    from lmforge.evals.lm import EvalModel
+    from lmforge.finetune.heads import SequenceClassifier
+    from lmforge.model.convert import save_pretrained
+    from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    tok_dir = make_tokenizer_dir(tmp_path / "tok")
+    tok = TokenizerFiles.load(tok_dir)
+    torch.manual_seed(0)
+    model = SequenceClassifier(Transformer(preset_config("micro", vocab_size=tok.vocab_size)), 3)
+    with torch.no_grad():
+        model.head.weight.normal_(std=0.5)  # logits far enough apart to tell rows apart
+    head = model.classifier_head(["a", "b", "c"])
+    save_pretrained(model.lm, tmp_path / "cls", extra_config={"pad_token_id": tok.pad_id},
+                    classifier=head)  # fmt: skip
+    copy_tokenizer_files(tok_dir, tmp_path / "cls")
+    with pytest.raises(ConfigError, match=r"is a classifier: export to GGUF .*formats=\[onnx\]"):
+        compress(CompressConfig(method="export", model=tmp_path / "cls", out=tmp_path / "g"))
+    values = {"method": "export", "model": tmp_path / "cls", "out": tmp_path / "x",
+              "export": {"formats": ["onnx"]}}  # fmt: skip
+    out = compress(CompressConfig.model_validate(values))
+    report = json.loads((out / "compression.json").read_text())
+    assert report["onnx"]["max_abs_logit_diff"] < 1e-4 and "tokens_per_s" not in report["onnx"]
+    config = json.loads((out / "onnx" / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification")
+    # onnxruntime on a right-padded batch of texts gives what the eval stage scores per text
+    texts = ["The capital is Paris.", "def f(x)", "Return the absolute value of a number."]
+    rows = [tok.encode(t) for t in texts]
+    ids = np.full((3, max(map(len, rows))), tok.pad_id, dtype=np.int64)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = row
+    (logits,) = ort_session(out / "onnx" / "model.onnx").run(None, {"input_ids": ids})
+    assert logits.shape == (3, 3)
+    want = np.asarray([EvalModel.load(tmp_path / "cls").classify(t) for t in texts])
+    assert np.abs(torch.log_softmax(torch.from_numpy(logits), -1).numpy() - want).max() < 1e-4
+    assert np.abs(want[0] - want[1]).max() > 1e-3  # the rows differ: each read at its own end
+    other = torch.nn.Linear(model.lm.config.n_embd, 3, bias=False)  # another head's weights
+    with pytest.raises(StageError, match="ONNX classifier logits differ from PyTorch"):
+        check_classifier_onnx(
+            model.lm, other, tok.pad_id, ort_session(out / "onnx" / "model.onnx"), 1e-4
+        )

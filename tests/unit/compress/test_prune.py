@@ -94,7 +94,9 @@ def test_prune_stage_recovers_and_keeps_zeros(trained_dir: Path, data_dir: Path,
 
 
 @pytest.mark.parametrize("preset", ["micro", "bert-micro"])
-def test_prune_keeps_a_classifier_head_and_distill_refuses_it(preset: str, tmp_path: Path):
+def test_prune_keeps_a_classifier_head_distill_export_and_recovery_refuse_it(
+    preset: str, tmp_path: Path
+):
     from lmforge.finetune.heads import SequenceClassifier
     from lmforge.model.convert import load_classifier, save_pretrained
     from lmforge.tokenizer.files import copy_tokenizer_files
@@ -120,6 +122,9 @@ def test_prune_keeps_a_classifier_head_and_distill_refuses_it(preset: str, tmp_p
     assert config["pad_token_id"] == tok.pad_id and config["architectures"][0].endswith(
         "ForSequenceClassification"
     )
-    values = {"method": "distill", "out": tmp_path / "d", "tokens": tmp_path, **cfg}
-    with pytest.raises(ConfigError, match=r"is a(n encoder| classifier): distill"):
-        compress(CompressConfig.model_validate(values))
+    refused = {"distill": r"distill", "export": r"export", "prune": r"prune's recovery \(tokens\)"}
+    for method, says in refused.items():
+        values = {"method": method, "out": tmp_path / method, "tokens": tmp_path, **cfg}
+        with pytest.raises(ConfigError, match=rf"is a(n encoder| classifier): {says}"):
+            compress(CompressConfig.model_validate(values))
+        assert not (tmp_path / method / "manifest.json").exists()

@@ -127,3 +127,32 @@ def test_the_stage_refuses_a_quantized_source_before_loading_or_measuring_it(
     assert f"{tmp_path / 'q8'} is already quantized (lmforge)" in msg
     assert "quantize the float checkpoint it was made from" in msg
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_a_decoder_classifiers_rounded_head_keeps_its_predictions(tmp_path: Path) -> None:
+    # quantize rounds every matrix, the score head's too: on a tiny trained classifier the
+    # predictions stay and the log-probabilities move little (the README's numbers)
+    import numpy as np
+
+    from lmforge.finetune.stage import FinetuneConfig, finetune
+    from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
+
+    words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"]
+    rows = [{"text": f"{words[i % 4]} {words[(i * 3 + 1) % 8]} text", "label": words[i % 4]}
+            for i in range(192)]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = make_model_dir(tmp_path / "base", make_tokenizer_dir(tmp_path / "tok"))
+    train = {"max_steps": 40, "lr": 3e-3, "micro_batch_size": 8, "seq_len": 32,
+             "warmup_steps": 2, "eval_every": 0, "eval_steps": 1, "ckpt_every": 0}  # fmt: skip
+    out = finetune(FinetuneConfig.model_validate({"model": base, "data": tmp_path / "train.jsonl",
+                   "out": tmp_path / "ft", "task": "classify", "train": train}))  # fmt: skip
+    texts = [r["text"] for r in rows[:16]]
+    want = np.asarray([EvalModel.load(out).classify(t) for t in texts])
+    for scheme, tol in (("int8", 0.02), ("int4", 0.6)):
+        values = {"method": "quantize", "model": out, "out": tmp_path / scheme,
+                  "quantize": {"scheme": scheme}}  # fmt: skip
+        final = compress(CompressConfig.model_validate(values)) / "final"
+        bits = json.loads((final / "config.json").read_text())["quantization_config"]["bits"]
+        assert bits["score.weight"] == int(scheme[-1])
+        got = np.asarray([EvalModel.load(final).classify(t) for t in texts])
+        assert (got.argmax(1) == want.argmax(1)).all() and np.abs(got - want).max() <= tol

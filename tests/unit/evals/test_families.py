@@ -142,6 +142,22 @@ def test_encoder_classifier_head_gives_transformers_probabilities(bert: dict[str
         assert np.abs(np.asarray(model.classify(text)) - want).max() <= 1e-4
 
 
+def test_encoder_classifier_reads_a_pair_as_transformers_tokenizer_pairs_it(
+    bert: dict[str, Path],
+) -> None:
+    model = EvalModel.load(bert["clf"])
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(bert["clf"]).eval()
+    enc = transformers.AutoTokenizer.from_pretrained(bert["clf"])(
+        TEXTS[0], TEXTS[1], return_tensors="pt"
+    )
+    assert enc["token_type_ids"][0, -1] == 1  # the pair's second text is segment 1
+    with torch.no_grad():
+        want = torch.log_softmax(hf(**enc).logits[0], -1).numpy()
+    got = np.asarray(model.classify(TEXTS[0], TEXTS[1]))
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(got - np.asarray(model.classify(TEXTS[0]))).max() > 1e-4
+
+
 def test_encoders_through_the_eval_stage(bert: dict[str, Path], tmp_path: Path) -> None:
     rows = [{"text": t, "label": lab} for t, lab in zip(TEXTS, ["neg", "pos", "neu"], strict=True)]
     mc = [{"query": "the capital is", "choices": ["paris .", "one two"], "gold": 0}]
@@ -306,6 +322,10 @@ def test_dialogue_intent_head_is_a_classification_head(bart: dict[str, Path]) ->
     spec = TaskSpec(name="intent", type="classification", classifier="head", examples=rows)
     result = run_task(model, spec, GenerationSettings())
     assert result.metrics["scoring"] == "head (mean_source)" and result.metrics["n"] == 2
+    pairs = [{**rows[0], "text_pair": "and the river?"}]
+    with pytest.raises(InputError, match=r"intent head reads one dialogue text, not a pair"):
+        run_task(model, TaskSpec(name="intent", type="classification", examples=pairs),
+                 GenerationSettings())  # fmt: skip
 
 
 def test_unsupported_combinations_say_what_to_do(

@@ -1,5 +1,6 @@
-"""Report section of the compress stage: size, decode speed and perplexity of the original and
-each variant, and a quality-vs-size plot (compression.json)."""
+"""Report section of the compress stage: size, decode speed and perplexity (an encoder's:
+pseudo-perplexity) of the original and each variant, and a quality-vs-size plot
+(compression.json)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 from lmforge.common.plots import pyplot
 from lmforge.evals.report import Block, StageInfo, register_section
 from lmforge.evals.report_sections.common import fmt_num, read_json
+
+PSEUDO = "pseudo-perplexity"  # an encoder's (masked-token) perplexity, compress.measure.quality
 
 
 def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -80,8 +83,9 @@ def compress_section(stage: StageInfo) -> list[Block]:
             bits.append(f"{r['weights_bytes'] / max(base['weights_bytes'], 1):.2f}x the size")
         if r.get("tokens_per_s"):
             bits.append(f"{r['tokens_per_s'] / max(base['tokens_per_s'], 1e-9):.2f}x the speed")
-        if r.get("perplexity") is not None and base.get("perplexity"):
-            bits.append(f"perplexity {100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%")
+        for key, name in (("perplexity", "perplexity"), ("pseudo_perplexity", PSEUDO)):
+            if r.get(key) is not None and base.get(key):
+                bits.append(f"{name} {100 * (r[key] / base[key] - 1):+.2f}%")
         if r.get("decode_max_abs_diff") is not None:
             diff = max(r["prefill_max_abs_diff"], r["decode_max_abs_diff"])
             bits.append(f"logits within {diff:.1e}")
@@ -89,7 +93,9 @@ def compress_section(stage: StageInfo) -> list[Block]:
             bits.append(f"logits within {r['max_abs_logit_diff']:.1e}")
         parts.append(f"{r['variant']} " + ", ".join(bits))
     blocks = [Block(text=text + "; ".join(parts) + ".", summary=True)]
-    table = [["variant", "MB", "size", "tokens/s", "speed", "perplexity", "bits/byte"]]
+    pseudo = any(r.get("pseudo_perplexity") is not None for r in rows)  # an encoder's
+    table = [["variant", "MB", "size", "tokens/s", "speed", "perplexity"]
+             + [PSEUDO] * pseudo + ["bits/byte"]]  # fmt: skip
     for r in rows:
         size = r.get("weights_bytes")
         tps = r.get("tokens_per_s")
@@ -100,6 +106,7 @@ def compress_section(stage: StageInfo) -> list[Block]:
             f"{tps:.0f}" if tps else "",
             f"{tps / max(base['tokens_per_s'], 1e-9):.2f}x" if tps else "",
             fmt_num(r.get("perplexity", "")),
+            *[fmt_num(r.get("pseudo_perplexity", ""))] * pseudo,
             fmt_num(r.get("bits_per_byte", "")),
         ])  # fmt: skip
     blocks.append(Block(text="Trade-offs (greedy decode with a KV cache, this machine):",

@@ -1,0 +1,70 @@
+"""Sentence-pair classifiers: the eval stage scores {text, text_pair} rows as finetune encoded
+them (an encoder: [CLS] text [SEP] pair [SEP] with token type 1 on the pair; a decoder: the two
+texts joined), so its metrics equal the finetune stage's val metrics on the same rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.errors import ConfigError
+from lmforge.evals.lm import EvalModel
+from lmforge.evals.stage import evaluate
+from lmforge.finetune.stage import FinetuneConfig, finetune
+
+from .encoder_tokenizers import bert_tokenizer_dir
+from .helpers import make_model_dir, make_tokenizer_dir
+
+WORDS = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"]
+# seq_len holds every row whole: eval reads up to the block size, training up to seq_len
+TRAIN = {"max_steps": 10, "lr": 3e-3, "micro_batch_size": 8, "seq_len": 32, "warmup_steps": 2,
+         "eval_every": 0, "eval_steps": 1, "ckpt_every": 0}  # fmt: skip
+
+
+def _rows(n: int, shift: int) -> list[dict[str, str]]:
+    # the label is the pair's first word; the text is noise
+    return [{"text": f"{WORDS[(i * 3 + shift) % 8]} text", "text_pair": f"{WORDS[i % 4]} pair",
+             "label": WORDS[i % 4]} for i in range(n)]  # fmt: skip
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module", params=["bert-micro", "micro"])
+def trained(request, tmp_path_factory):
+    """(finetune stage dir of a pair classifier on an encoder or a decoder, its val rows)."""
+    root = tmp_path_factory.mktemp(request.param)
+    tok = bert_tokenizer_dir if request.param == "bert-micro" else make_tokenizer_dir
+    base = make_model_dir(root / "base", tok(root / "tok"), preset=request.param)
+    val = _rows(16, shift=1)
+    values = {"model": base, "data": _write(root / "train.jsonl", _rows(48, shift=0)),
+              "val_data": _write(root / "val.jsonl", val), "out": root / "out",
+              "task": "classify", "train": TRAIN}  # fmt: skip
+    return finetune(FinetuneConfig.model_validate(values)), val
+
+
+def test_eval_scores_pairs_with_the_finetune_val_metrics(trained, tmp_path):
+    out, val = trained
+    manifest = json.loads((out / "manifest.json").read_text())["metrics"]
+    task = {"name": "val", "type": "classification", "classifier": "head", "examples": val}
+    stage = evaluate({"models": [{"name": "pair", "path": out}], "tasks": [task],
+                      "out": tmp_path / "eval"})  # fmt: skip
+    res = json.loads((stage / "eval.json").read_text())["results"]["pair"]["val"]
+    assert res["n"] == len(val)
+    ours = [round(res[k], 4) for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")]
+    theirs = [manifest[k] for k in ("accuracy", "precision", "recall", "macro_f1")]
+    assert ours == theirs
+    # the pair's second text moves the scores: scoring the first text alone differs
+    model = EvalModel.load(out)
+    row = val[0]
+    assert model.classify(row["text"], row["text_pair"]) != model.classify(row["text"])
+
+
+def test_label_likelihood_refuses_a_pair_its_prompt_does_not_read(trained, tmp_path):
+    out, val = trained
+    task = {"name": "val", "type": "classification", "classifier": "likelihood", "examples": val}
+    with pytest.raises(ConfigError, match=r"text_pair, which label likelihood would not read"):
+        evaluate({"models": [out], "tasks": [task], "out": tmp_path / "eval"})
