@@ -69,6 +69,14 @@ def serve_cmd(
             help="torch.compile causal models' decoding step: off | on | auto (on for CUDA only)."
         ),
     ] = "off",
+    generation_config: Annotated[
+        str,
+        typer.Option(
+            help="auto: a model's generation_config fills the request fields a request leaves "
+            "unset (max_tokens, repetition_penalty, sampling under do_sample, no-repeat n-grams, "
+            "min lengths, forced tokens), as vLLM does | none: the server's own defaults."
+        ),
+    ] = "auto",
     loop: Annotated[
         str, typer.Option(help="Event loop: auto (uvloop when installed) | asyncio | uvloop.")
     ] = "auto",
@@ -92,7 +100,8 @@ def serve_cmd(
     flags = {"host": host, "port": port, "workers": workers, "device": device,
              "max_batch_size": max_batch_size, "max_queue": max_queue,
              "request_timeout_s": request_timeout, "threads": threads,
-             "compile": compile, "loop": loop, "http": http}  # fmt: skip
+             "compile": compile, "generation_config": generation_config, "loop": loop,
+             "http": http}  # fmt: skip
     if config is not None:
         from lmforge.serve.recipe_config import load_serve_config
 

@@ -85,7 +85,7 @@ class CompletionService:
                     raise APIError(400, str(exc), param="max_tokens") from None
                 handles.append(handle)
                 tasks.append(asyncio.create_task(_pump(handle, job, queue)))
-            remaining = len(tasks)
+            remaining, ended, late = len(tasks), 0, False
             while remaining:
                 items = [await queue.get()]
                 while not queue.empty():
@@ -93,15 +93,18 @@ class CompletionService:
                 batch: list[tuple[Job, Any]] = []
                 for job, events in items:
                     if job is None:
-                        if batch:
-                            yield batch
-                        raise TimeoutError(f"no complete answer within {timeout}s")
-                    if events is None:
+                        late = True
+                    elif events is None:
                         remaining -= 1
-                        continue
-                    batch += [(job, event) for event in events]
+                    else:
+                        batch += [(job, event) for event in events]
+                        ended += sum(event.finish_reason is not None for event in events)
                 if batch:
                     yield batch
+                # a deadline that fires once every choice has its final event (their end
+                # markers still on the way) is not a timeout: the answer is complete
+                if late and ended < len(tasks):
+                    raise TimeoutError(f"no complete answer within {timeout}s")
         finally:
             timer.cancel()
             for task in tasks:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmforge.model.generate import apply_repetition_penalty
 from lmforge.serve.handle import TokenEvent, WakeBatch
 from lmforge.serve.request_book import Row, error_event
 from lmforge.serve.sampling import sample_rows, top_logprobs
@@ -42,7 +43,8 @@ def emit_tokens(
     keep: list[int] = []
     finals: list[tuple[Row, TokenEvent]] = []
     try:
-        chosen = sample_rows(logits, params, [r.generator for r in rows]).tolist()
+        ruled = history_rules(rows, logits)
+        chosen = sample_rows(ruled, params, [r.generator for r in rows]).tolist()
         if k is not None:
             ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)
             lps, top_values, top_ids = top_logprobs(logits, ids, k)
@@ -70,10 +72,32 @@ def emit_tokens(
     return Emitted(keep, finals, len(chosen))
 
 
+def history_rules(rows: list[Row], logits: Tensor) -> Tensor:
+    """logits (B, V) with each row's logits rules and repetition penalty applied over its
+    history, in generate()'s order; rows that ask for neither are left as they are (and when
+    none asks, logits itself comes back). The chosen token's logprobs stay the raw model's."""
+    out = None
+    for i, row in enumerate(rows):
+        p = row.params
+        if row.history is None or not p.sees_history:
+            continue
+        out = logits.float().clone() if out is None else out
+        history = torch.tensor([row.history], dtype=torch.long, device=logits.device)
+        one = p.rules.apply(
+            out[i : i + 1], history, None, row.generated, p.max_tokens, sorted(row.stops)
+        )
+        if p.repetition_penalty != 1.0:
+            one = apply_repetition_penalty(one, history, p.repetition_penalty)
+        out[i] = one[0]
+    return logits if out is None else out
+
+
 def next_event(row: Row, token: int) -> TokenEvent:
     """The row's event for its sampled `token`: the text it adds, and its end if it ends."""
     assert row.stream is not None
     row.generated += 1
+    if row.history is not None:
+        row.history.append(token)
     if token in row.stops:
         return TokenEvent(token, row.stream.flush(), finish_reason="stop")
     text, stopped = row.stream.push(token)

@@ -62,6 +62,7 @@ from lmforge.serve.handle import (
 )
 from lmforge.serve.model_dir import load_served_model
 from lmforge.serve.request_book import RequestBook, Row
+from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults
 from lmforge.serve.sampling import SamplingParams, new_generator
 from lmforge.serve.scheduler import admit, plan_prefill, prefill_groups
 from lmforge.tokenizer.files import TokenizerFiles
@@ -91,6 +92,7 @@ class Engine:
         max_prefill_tokens: int = 2048,
         threads: int | None = None,
         compile: str = "off",
+        request_defaults: RequestDefaults = NO_DEFAULTS,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise InputError(
@@ -109,6 +111,8 @@ class Engine:
         self.device = next(model.parameters()).device
         # decoding steps through model/compiled_decode.py (off | on | auto: CUDA only)
         self.compiled_decode = use_compiled_decode(compile, self.device)
+        # the request fields a request leaves unset (serve/request_defaults.py; read by from_dir)
+        self.request_defaults = request_defaults
         gen = generation_config if generation_config is not None else _default_gen(files)
         self.model_stops = frozenset(eos_ids(gen))
         self._lock = threading.Condition()
@@ -134,16 +138,22 @@ class Engine:
         name: str | None = None,
         device: str = "auto",
         dtype: torch.dtype | None = None,
+        checkpoint_defaults: bool = True,
         **kw: Any,
     ) -> Engine:
         """An engine for a model directory (lmforge export or HF checkpoint), not yet started;
-        device and dtype as serve/model_dir.py resolves them."""
-        served = load_served_model(model_dir, name=name, device=device, dtype=dtype)
+        device and dtype as serve/model_dir.py resolves them. checkpoint_defaults: the
+        checkpoint's generation_config fills the fields a request leaves unset (vLLM's
+        --generation-config auto); False keeps the server's own defaults (none)."""
+        served = load_served_model(
+            model_dir, name=name, device=device, dtype=dtype, request_defaults=checkpoint_defaults
+        )
         return cls(
             served.model,
             served.files,
             name=served.name,
             generation_config=served.generation_config,
+            request_defaults=served.request_defaults,
             **kw,
         )
 
@@ -382,10 +392,17 @@ class Engine:
             self._join([([row], cache)])
 
     def _start(self, row: Row) -> None:
-        """A request's text stream and (when sampling) its generator, at its prefill."""
+        """A request's text stream, (when sampling) its generator and (when a penalty or a rule
+        needs it) its history, at its prefill."""
         row.stream = TextStream(self.files.tokenizer, row.params.stop)
         if not row.params.greedy:
             row.generator = new_generator(row.params.seed, self.device)
+        if row.params.sees_history:
+            row.history = self._history_start(row)
+
+    def _history_start(self, row: Row) -> list[int]:
+        """The tokens before the answer that the rules count: a causal model's prompt."""
+        return list(row.prompt)
 
     def _prefill_forward(self, rows: list[Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""

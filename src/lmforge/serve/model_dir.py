@@ -1,5 +1,6 @@
 """A model directory loaded for serving: the model on its device and dtype, its tokenizer files,
-its generation config (the stop set) and its display name.
+its generation config (the stop set), its display name and, unless turned off, the defaults its
+generation_config gives the request fields a request leaves unset (serve/request_defaults.py).
 
 device "auto" is CUDA when available, else CPU. dtype defaults to config.json's torch_dtype, but
 float16 becomes float32 on CPU, where half matmuls are slow.
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults, read_request_defaults
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import load_generation_config
 
@@ -26,6 +28,7 @@ class ServedModel:
     files: TokenizerFiles
     generation_config: dict[str, Any]
     name: str  # the name given, else the directory's display name (runs/q/sft/final -> sft)
+    request_defaults: RequestDefaults = NO_DEFAULTS  # its generation_config's request defaults
 
 
 def load_served_model(
@@ -34,8 +37,10 @@ def load_served_model(
     name: str | None = None,
     device: str = "auto",
     dtype: torch.dtype | None = None,
+    request_defaults: bool = True,
 ) -> ServedModel:
-    """Loads an lmforge export or HF checkpoint directory on `device` in `dtype` (see module)."""
+    """Loads an lmforge export or HF checkpoint directory on `device` in `dtype` (see module);
+    request_defaults: read its generation_config's defaults for unset request fields."""
     from lmforge.model.convert import (
         load_pretrained,
         model_display_name,
@@ -53,4 +58,9 @@ def load_served_model(
     files = TokenizerFiles.load(model_dir)
     model = load_pretrained(model_dir, device=device, dtype=dtype)
     gen = load_generation_config(model_dir, files)
-    return ServedModel(model, files, gen, name or model_display_name(model_dir))
+    defaults = (
+        read_request_defaults(model_dir, bool(getattr(model.config, "is_encoder_decoder", False)))
+        if request_defaults
+        else NO_DEFAULTS
+    )
+    return ServedModel(model, files, gen, name or model_display_name(model_dir), defaults)

@@ -114,7 +114,8 @@ class RequestPreparer:
                     sources += [{**p.to_dict(), "prompt_index": i} for p in passages or []]
             if ids is None or text != original:  # token prompts stay as sent unless redacted
                 ids = files.encode(text)
-            max_tokens = self._token_limit(engine, len(ids), req.max_tokens, 16, "prompt")
+            default = engine.request_defaults.max_tokens or 16  # OpenAI's, unless the model's
+            max_tokens = self._token_limit(engine, len(ids), req.max_tokens, default, "prompt")
             prompt_tokens += len(ids)
             jobs += self._jobs(req, len(jobs), ids, text, max_tokens, req.logprobs)
         prep = Prepared(
@@ -151,7 +152,8 @@ class RequestPreparer:
             ) from None
         ids = engine.files.encode(text)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = self._token_limit(engine, len(ids), req.token_limit, None, "messages")
+        default = engine.request_defaults.max_tokens  # None: the room the context leaves
+        max_tokens = self._token_limit(engine, len(ids), req.token_limit, default, "messages")
         prep = Prepared(
             "chat", new_id("chatcmpl"), req.model, engine,
             self._jobs(req, 0, ids, text, max_tokens, logprobs), len(ids),
@@ -220,13 +222,15 @@ class RequestPreparer:
     def _jobs(
         self, req: Any, start: int, ids: list[int], text: str, max_tokens: int, logprobs: int | None
     ) -> list[Job]:
-        jobs = []
+        jobs, defaults = [], self.engine_for(req.model).request_defaults
         for i in range(req.n):
             params = SamplingParams(
                 max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=req.top_k or 0,
+                temperature=defaults.pick("temperature", req.temperature, 1.0),
+                top_p=defaults.pick("top_p", req.top_p, 1.0),
+                top_k=defaults.pick("top_k", req.top_k, 0),
+                repetition_penalty=defaults.pick("repetition_penalty", req.repetition_penalty, 1.0),
+                rules=defaults.rules,
                 stop=tuple(req.stop_list),
                 seed=None if req.seed is None else req.seed + i,
                 logprobs=logprobs,

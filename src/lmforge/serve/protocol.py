@@ -56,7 +56,9 @@ class StreamOptions(BaseModel):
 
 
 class _Request(BaseModel):
-    """Fields completions and chat share; vLLM-style extras (top_k, ignore_eos) are honoured."""
+    """Fields completions and chat share; vLLM-style extras (top_k, repetition_penalty, ignore_eos)
+    are honoured; the fields left unset take the model's generation_config where it sets them
+    (serve/request_defaults.py)."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -65,6 +67,7 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)  # vLLM's extra; 1 = off
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False

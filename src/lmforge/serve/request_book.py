@@ -30,6 +30,9 @@ class Row:
         self.pending = -1  # last sampled token, fed at the next decoding step
         self.stream: TextStream | None = None
         self.generator: torch.Generator | None = None
+        # what the repetition penalty and logits rules see (the prompt, or a decoder's start,
+        # then the answer so far): kept only for rows whose params use them
+        self.history: list[int] | None = None
 
     @property
     def request_id(self) -> str:

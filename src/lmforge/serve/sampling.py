@@ -9,7 +9,7 @@ request draws the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lmforge.errors import InputError
 from lmforge.model.generate import draw_per_row, top_k_filter, top_p_filter
+from lmforge.model.logits_rules import NO_RULES, LogitsRules
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
@@ -34,10 +35,17 @@ class SamplingParams:
     seed: int | None = None  # fixed seed => reproducible whatever the batch it runs in
     logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob + top-k alternatives
     ignore_eos: bool = False  # do not stop at the model's own stop tokens
+    repetition_penalty: float = 1.0  # 1 = off; over the prompt and the answer so far
+    rules: LogitsRules = field(default=NO_RULES)  # the checkpoint's n-gram/min-length/forced rules
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def sees_history(self) -> bool:
+        """Whether decoding needs the row's tokens so far (a penalty or a rule applies)."""
+        return self.repetition_penalty != 1.0 or self.rules.active
 
     def validate(self) -> None:
         """Raises InputError naming the first bad field and its valid range."""
@@ -56,6 +64,7 @@ class SamplingParams:
                 all(type(t) is int and t >= 0 for t in self.stop_token_ids),
                 "token ids >= 0",
             ),
+            ("repetition_penalty", self.repetition_penalty > 0, "a number > 0 (1 = off)"),
             ("seed", self.seed is None or type(self.seed) is int, "an int or None"),
             (
                 "logprobs",

@@ -144,6 +144,10 @@ class Seq2SeqEngine(Engine):
             return question
         return self.retrieval.source(question, passages, lambda text: len(self.files.encode(text)))
 
+    def _history_start(self, row: Any) -> list[int]:
+        """The rules count the decoder's tokens, from its start token (the source is apart)."""
+        return [self.decoder_start_id]
+
     def token_room(self, prompt_len: int) -> int:
         """The most tokens an answer to a source of `prompt_len` tokens can have: the decoder's
         context after its start token, whatever the source's length (the encoder reads the

@@ -50,6 +50,12 @@ class ServeSettings(Section):
     cache_entries: int = Field(1024, ge=0, description="response cache size; 0 = off")
     device: str = "auto"
     compile: DecodeCompile = compile_field()
+    generation_config: Literal["auto", "none"] = Field(
+        "auto", description="auto: a model's generation_config.json (or config.json) fills the "
+        "request fields a request leaves unset (max_tokens, repetition_penalty, temperature/"
+        "top_k/top_p under do_sample, no-repeat n-grams, min lengths, forced tokens), as vLLM's "
+        "--generation-config auto; none: the server's own defaults only",
+    )  # fmt: skip
     threads: int | None = Field(
         None, ge=1, description="torch threads per worker (default: usable CPUs / workers)"
     )

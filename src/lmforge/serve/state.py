@@ -76,7 +76,7 @@ def _start_engine(state: ServeState, spec: Any) -> None:
     engine = engine_class(spec.path).from_dir(
         spec.path, name=spec.name, device=s.device,
         max_batch_size=s.max_batch_size, max_queue=s.max_queue, threads=s.torch_threads(),
-        compile=s.compile,
+        compile=s.compile, checkpoint_defaults=s.generation_config == "auto",
     )  # fmt: skip
     engine.start()
     state.engines[spec.name] = engine

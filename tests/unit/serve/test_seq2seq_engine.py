@@ -342,3 +342,28 @@ def test_min_score_leaves_weak_passages_out_in_training_and_serving(rag_setup):
         assert _chat(engine, kb, row["context"]).jobs[0].prompt_text == source
         assert _complete(engine, kb, row["context"]).jobs[0].prompt_text == source
     assert train.sources[1] == "hi there" and "\n[2]" not in train.sources[0]
+
+
+def test_a_checkpoints_logits_rules_decode_as_generate_seq2seq(s2s_dir):
+    """The rules a summarizer's generation_config asks for (no repeated n-grams, a minimum
+    length, forced first and last tokens) count the decoder's tokens from its start, as
+    generate_seq2seq applies them; a row without rules in the same batch is untouched."""
+    from lmforge.model.logits_rules import LogitsRules
+
+    engine = Seq2SeqEngine.from_dir(s2s_dir, device="cpu", max_batch_size=4)
+    engine.start()
+    try:
+        ids = [engine.files.encode(p) for p in PROMPTS[:2]]
+        stops = sorted(engine.model_stops)
+        rules = LogitsRules(no_repeat_ngram_size=1, min_new_tokens=6, forced_bos_token_id=7,
+                            forced_eos_token_id=stops[0])  # fmt: skip
+        ruled = SamplingParams(max_tokens=9, temperature=0.0, rules=rules)
+        plain = SamplingParams(max_tokens=9, temperature=0.0)
+        handles = [engine.submit(ids[0], ruled, "r"), engine.submit(ids[1], plain, "p")]
+        outs = [collect(h) for h in handles]
+        want = _reference(engine, ids[:1], 9, stop_tokens=stops, rules=rules)[0]
+        assert outs[0].token_ids == want
+        assert want[0] == 7 and want[-1] == stops[0] and len(set(want)) == len(want)
+        assert outs[1].token_ids == _reference(engine, ids[1:], 9, stop_tokens=stops)[0]
+    finally:
+        engine.shutdown()

@@ -87,3 +87,22 @@ def test_a_serve_yaml_keeps_its_values_unless_a_flag_is_given(tmp_path, monkeypa
     result = CliRunner().invoke(app, ["serve", "--config", str(config), "--request-timeout", "3"])
     assert result.exit_code == 0, result.output
     assert started[-1].request_timeout_s == 3.0 and started[-1].port == 9001
+
+
+def test_generation_config_flag_defaults_to_auto_and_none_turns_it_off(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lmforge.serve.server as server
+    from lmforge.cli import app
+
+    (tmp_path / "m").mkdir()
+    started = []
+    monkeypatch.setattr(server, "serve", started.append)
+    for extra, want in (([], "auto"), (["--generation-config", "none"], "none")):
+        result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), *extra])
+        assert result.exit_code == 0, result.output
+        assert started[-1].generation_config == want
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(tmp_path / "m"), "--generation-config", "vllm"]
+    )
+    assert result.exit_code != 0 and "generation_config" in str(result.exception or result.output)
