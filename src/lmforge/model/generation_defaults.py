@@ -66,6 +66,15 @@ def checkpoint_generation_keys(model_dir: Path | str) -> dict[str, Any]:
     return {k: source[k] for k in (*DEFAULT_KEYS, "max_length") if source.get(k) is not None}
 
 
+def sampling_defaults(model_dir: Path | str) -> dict[str, Any]:
+    """temperature/top_k/top_p model_dir's checkpoint sets, only when it also sets do_sample
+    true: transformers' generate() never samples otherwise, so they are no defaults then."""
+    _, source = _checkpoint_source(Path(model_dir))
+    if source.get("do_sample") is not True:
+        return {}
+    return {k: source[k] for k in ("temperature", "top_k", "top_p") if source.get(k) is not None}
+
+
 def warn_not_applied(model_dir: Path | str) -> list[str]:
     """The keys of NOT_APPLIED model_dir's checkpoint sets away from their defaults, logged as a
     warning (its outputs may then differ from transformers' generate())."""

@@ -17,11 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.model.generation_defaults import read_generation_defaults
+from lmforge.model.generation_defaults import read_generation_defaults, sampling_defaults
 from lmforge.model.logits_rules import NO_RULES, LogitsRules
-from lmforge.tokenizer.generation import GENERATION_CONFIG, read_json_object
-
-SAMPLING_KEYS = ("temperature", "top_k", "top_p")  # used only under do_sample: true
 
 
 @dataclass(frozen=True)
@@ -61,17 +58,5 @@ def read_request_defaults(model_dir: Path | str, is_encoder_decoder: bool) -> Re
         max_tokens=found.get("max_new_tokens"),
         repetition_penalty=found.get("repetition_penalty"),
         rules=rules,
-        **_sampling_defaults(Path(model_dir)),
+        **sampling_defaults(model_dir),
     )
-
-
-def _sampling_defaults(model_dir: Path) -> dict[str, Any]:
-    """temperature/top_k/top_p from generation_config.json when it sets do_sample true (a
-    checkpoint without that file samples only if asked, as transformers does)."""
-    path = model_dir / GENERATION_CONFIG
-    if not path.is_file():
-        return {}
-    config = read_json_object(path)
-    if config.get("do_sample") is not True:
-        return {}
-    return {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}
