@@ -21,7 +21,7 @@ from lmforge.model.generate import draw_per_row, top_k_filter, top_p_filter
 from lmforge.model.logits_rules import NO_RULES, LogitsRules
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
-MAX_LOGIT_BIAS = 100.0  # OpenAI's range [-100, 100]: -100 bans a token, 100 forces it
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range [-100, 100]: -100 bans a token in effect, 100 forces it
 
 
 @dataclass(frozen=True)
