@@ -104,6 +104,8 @@ class _Request(BaseModel):
                     f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
                     f"got {bias} for token {key}"
                 )
+        if value and len({int(k) for k in value}) < len(value):  # "5" and "05": one token
+            raise ValueError("keys must name each token id once")
         return value
 
     @property

@@ -128,6 +128,7 @@ def test_min_tokens_keeps_a_model_that_would_stop_at_once_going(served):
         ({"logit_bias": {"5": 100.5}}, "logit_bias", "[-100, 100]"),
         ({"logit_bias": {"5": -101}}, "logit_bias", "[-100, 100]"),
         ({"logit_bias": {"5": "lots"}}, "logit_bias.5", "number"),
+        ({"logit_bias": {"5": 1, "05": 1}}, "logit_bias", "each token id once"),
         ({"logit_bias": {"99999": 1}}, "logit_bias", "outside the model's vocabulary"),
         ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
         ({"min_tokens": 9, "max_tokens": 8}, "min_tokens", "more than max_tokens=8"),
