@@ -3,8 +3,10 @@
 One job per prompt and choice (`n > 1` is n submissions with seeds seed+i). The safety policy
 screens the prompt (redacted, or the request refused), the knowledge base augments chat messages
 (and the text prompts of a seq2seq model trained with passages, which carry `sources`),
-max_tokens is checked against the model's context (a 400 naming the field), and a deterministic
-request gets its response-cache key. completions.py runs what this module prepares.
+max_tokens is checked against the model's context (a 400 naming the field), logit_bias against
+its vocabulary and min_tokens against max_tokens (min_tokens overrides the checkpoint's
+min_new_tokens for this request), and a deterministic request gets its response-cache key.
+completions.py runs what this module prepares.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmforge.errors import InputError
+from lmforge.model.logits_rules import LogitsRules
 from lmforge.serve.cache import cache_key
 from lmforge.serve.protocol import APIError, ChatRequest, CompletionRequest, LogprobsBuilder, new_id
 from lmforge.serve.retrieval import Passage, augment_messages
@@ -222,7 +225,10 @@ class RequestPreparer:
     def _jobs(
         self, req: Any, start: int, ids: list[int], text: str, max_tokens: int, logprobs: int | None
     ) -> list[Job]:
-        jobs, defaults = [], self.engine_for(req.model).request_defaults
+        engine = self.engine_for(req.model)
+        jobs, defaults = [], engine.request_defaults
+        rules = self._min_tokens_rules(req, defaults.rules, max_tokens)
+        bias = self._logit_bias(req, engine.files.vocab_size)
         for i in range(req.n):
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -230,7 +236,8 @@ class RequestPreparer:
                 top_p=defaults.pick("top_p", req.top_p, 1.0),
                 top_k=defaults.pick("top_k", req.top_k, 0),
                 repetition_penalty=defaults.pick("repetition_penalty", req.repetition_penalty, 1.0),
-                rules=defaults.rules,
+                rules=rules,
+                logit_bias=bias,
                 stop=tuple(req.stop_list),
                 seed=None if req.seed is None else req.seed + i,
                 logprobs=logprobs,
@@ -245,6 +252,33 @@ class RequestPreparer:
                 job.logprobs = LogprobsBuilder(chat=isinstance(req, ChatRequest))
             jobs.append(job)
         return jobs
+
+    @staticmethod
+    def _logit_bias(req: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """The request's logit_bias as (token id, bias) pairs, every id inside the vocabulary."""
+        pairs = req.bias_pairs
+        if pairs and (big := max(t for t, _ in pairs)) >= vocab_size:
+            raise APIError(
+                400,
+                f"logit_bias names token id {big}, outside the model's vocabulary of "
+                f"{vocab_size} ids (0 .. {vocab_size - 1})",
+                param="logit_bias",
+            )
+        return pairs
+
+    @staticmethod
+    def _min_tokens_rules(req: Any, rules: LogitsRules, max_tokens: int) -> LogitsRules:
+        """The checkpoint's rules with the request's min_tokens as min_new_tokens, when it sets
+        one (at most max_tokens, as vLLM checks)."""
+        if req.min_tokens is None:
+            return rules
+        if req.min_tokens > max_tokens:
+            raise APIError(
+                400,
+                f"min_tokens={req.min_tokens} is more than max_tokens={max_tokens}",
+                param="min_tokens",
+            )
+        return replace(rules, min_new_tokens=req.min_tokens)
 
     def _set_cache_key(self, prep: Prepared, req: Any) -> None:
         if self.state.cache is None or prep.refused or prep.stream:

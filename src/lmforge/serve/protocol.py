@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lmforge.serve.sampling import MAX_LOGIT_BIAS
+
 # OpenAI caps top_logprobs at 20 for chat and logprobs at 5 for completions.
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETION = 5
@@ -56,9 +58,10 @@ class StreamOptions(BaseModel):
 
 
 class _Request(BaseModel):
-    """Fields completions and chat share; vLLM-style extras (top_k, repetition_penalty, ignore_eos)
-    are honoured; the fields left unset take the model's generation_config where it sets them
-    (serve/request_defaults.py)."""
+    """Fields completions and chat share; vLLM-style extras (top_k, repetition_penalty, ignore_eos,
+    min_tokens) are honoured; the fields left unset take the model's generation_config where it
+    sets them (serve/request_defaults.py). logit_bias changes which token is drawn, never the
+    logprobs reported: those stay the raw model's, as vLLM reports them."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -74,6 +77,8 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     ignore_eos: bool = False
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's extra: stop tokens masked until then
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a string) -> [-100, 100]
     user: str | None = None
 
     @field_validator("stop")
@@ -87,6 +92,26 @@ class _Request(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (digit strings), got {key!r}")
+            if not abs(bias) <= MAX_LOGIT_BIAS:  # NaN too
+                raise ValueError(
+                    f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                    f"got {bias} for token {key}"
+                )
+        if value and len({int(k) for k in value}) < len(value):  # "5" and "05": one token
+            raise ValueError("keys must name each token id once")
+        return value
+
+    @property
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as SamplingParams takes it: (token id, bias) pairs."""
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
 
     @property
     def stop_list(self) -> list[str]:

@@ -4,7 +4,8 @@ Every row of the running batch may ask for something else (greedy, a temperature
 seed), so the batch's logits are sampled in two groups: greedy rows take one vectorized argmax;
 sampled rows go through model.generate's filters (batched per top_k/top_p setting) and draw with
 the Gumbel-max trick, each row's uniforms from its own generator (draw_per_row), so a seeded
-request draws the same tokens whatever else shares its batch.
+request draws the same tokens whatever else shares its batch. A row's OpenAI logit_bias is added
+to its logits before either (apply_logit_bias); logprobs are taken from the raw logits.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lmforge.model.generate import draw_per_row, top_k_filter, top_p_filter
 from lmforge.model.logits_rules import NO_RULES, LogitsRules
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range [-100, 100]: -100 bans a token in effect, 100 forces it
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class SamplingParams:
     ignore_eos: bool = False  # do not stop at the model's own stop tokens
     repetition_penalty: float = 1.0  # 1 = off; over the prompt and the answer so far
     rules: LogitsRules = field(default=NO_RULES)  # the checkpoint's n-gram/min-length/forced rules
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the row's logits
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +68,14 @@ class SamplingParams:
                 "token ids >= 0",
             ),
             ("repetition_penalty", self.repetition_penalty > 0, "a number > 0 (1 = off)"),
+            (
+                "logit_bias",
+                all(
+                    type(t) is int and t >= 0 and abs(b) <= MAX_LOGIT_BIAS
+                    for t, b in self.logit_bias
+                ),
+                f"(token id >= 0, bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]) pairs",
+            ),
             ("seed", self.seed is None or type(self.seed) is int, "an int or None"),
             (
                 "logprobs",
@@ -98,7 +109,7 @@ def sample_rows(
     is the same whatever shares its batch, and a per-row loop only added Python and kernel
     launch overhead (16 sampled rows of a 4k vocabulary: see the commit that vectorized it).
     """
-    logits = logits.float()
+    logits = apply_logit_bias(logits.float(), params)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return logits.argmax(dim=-1)
@@ -123,6 +134,19 @@ def sample_rows(
         rows[at] = group
     out[index] = draw_per_row(rows, [generators[i] for i in sampled])
     return out
+
+
+def apply_logit_bias(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """logits (B, V) plus each row's logit_bias, in one scatter over the rows that have one;
+    without any, logits itself comes back (rows without a bias pay nothing)."""
+    entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
+    if not entries:
+        return logits
+    rows, cols, biases = zip(*entries, strict=True)
+    dev = logits.device
+    where = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+    bias = torch.tensor(biases, dtype=logits.dtype, device=dev)
+    return logits.index_put(where, bias, accumulate=True)  # a new tensor: logits stay raw
 
 
 def top_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[list[float], Tensor, Tensor]:

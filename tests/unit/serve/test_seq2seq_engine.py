@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmforge.errors import InputError
+from lmforge.model.logits_rules import LogitsRules
 from lmforge.model.seq2seq_generate import generate_seq2seq_batched, source_row
 from lmforge.serve.engine import Engine
 from lmforge.serve.handle import collect
@@ -365,5 +366,37 @@ def test_a_checkpoints_logits_rules_decode_as_generate_seq2seq(s2s_dir):
         assert outs[0].token_ids == want
         assert want[0] == 7 and want[-1] == stops[0] and len(set(want)) == len(want)
         assert outs[1].token_ids == _reference(engine, ids[1:], 9, stop_tokens=stops)[0]
+    finally:
+        engine.shutdown()
+
+
+def test_logit_bias_and_min_tokens_steer_the_decoder_per_row(s2s_dir):
+    """A seq2seq batch: +100 forces a token, -100 bans the greedy one, min_tokens holds off the
+    stop tokens, and the row without any decodes as generate_seq2seq."""
+    engine = Seq2SeqEngine.from_dir(s2s_dir, device="cpu", max_batch_size=4)
+    engine.start()
+    try:
+        ids = engine.files.encode(PROMPTS[0])
+        want = _reference(engine, [ids], 6)[0]
+        eos = sorted(engine.model_stops)[0]
+        asks = {
+            "plain": SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+            "forced": SamplingParams(max_tokens=3, temperature=0.0, logit_bias=((9, 100.0),)),
+            "banned": SamplingParams(
+                max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias=((want[0], -100.0),)
+            ),
+            "held": SamplingParams(
+                max_tokens=6,
+                temperature=0.0,
+                logit_bias=((eos, 100.0),),
+                rules=LogitsRules(min_new_tokens=4),
+            ),
+        }
+        handles = {name: engine.submit(ids, p, name) for name, p in asks.items()}
+        out = {name: collect(h).token_ids for name, h in handles.items()}
+        assert out["plain"] == want
+        assert out["forced"] == [9, 9, 9]
+        assert want[0] not in out["banned"] and len(out["banned"]) == 6
+        assert out["held"][4] == eos and eos not in out["held"][:4]
     finally:
         engine.shutdown()
