@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from lmforge.errors import StageError
 
-INPUTS = ["input_ids", "attention_mask", "past_keys", "past_values"]
 OUTPUTS = ["logits", "present_keys", "present_values"]
 
 
@@ -81,13 +80,21 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
         "past_keys": {1: dyn, 3: dyn},
         "past_values": {1: dyn, 3: dyn},
     }
+    save_graph(wrapper, (ids, mask, past_k, past_v), OUTPUTS, dynamic, path, opset)
+
+
+def save_graph(
+    wrapper: nn.Module, args: tuple, outputs: list[str], dynamic: dict, path: Path, opset: int
+) -> None:
+    """Trace wrapper on example args (torch.onnx dynamo; inputs named as dynamic's keys, those
+    axes dynamic) and write one self-contained .onnx file (no external data)."""
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,
-            (ids, mask, past_k, past_v),
+            args,
             dynamo=True,
-            input_names=INPUTS,
-            output_names=OUTPUTS,
+            input_names=list(dynamic),
+            output_names=outputs,
             dynamic_shapes=dynamic,
             opset_version=opset,
             external_data=False,
@@ -187,19 +194,8 @@ def export_classifier_onnx(
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
     mask = torch.ones((2, 5), dtype=torch.long)
     dyn = torch.export.Dim.DYNAMIC
-    with torch.no_grad():
-        program = torch.onnx.export(
-            wrapper,
-            (ids, mask),
-            dynamo=True,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}},
-            opset_version=opset,
-            external_data=False,
-            verbose=False,
-        )
-    program.save(str(path))
+    dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
+    save_graph(wrapper, (ids, mask), ["logits"], dynamic, path, opset)
 
 
 def padded_batch(rows: list[Tensor], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
