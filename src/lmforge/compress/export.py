@@ -93,8 +93,9 @@ def gguf_quality(
 
 
 def classifier_onnx(settings: Any, ctx: StageContext, src: Path, original: EvalModel) -> dict:
-    """onnx/: a decoder classifier's graph (label logits at the last non-pad token) beside its
-    config.json (id2label) and tokenizer files, checked against PyTorch; its size and check."""
+    """onnx/: a decoder classifier's graph (label logits at the last attended non-pad token)
+    beside its config.json (id2label) and tokenizer files, checked against PyTorch; its size and
+    check."""
     head = original.head
     if head.reads != "last_token":
         raise ConfigError(f"{src}'s head pools {head.reads}: ONNX export takes a decoder "

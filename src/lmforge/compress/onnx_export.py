@@ -7,8 +7,10 @@ decode step feeds back the presents. B, T and P are dynamic. The attention mask 
 to the model, so one graph serves prefill and decode (the explicit-mask attention path).
 
 A decoder sequence classifier (*ForSequenceClassification) exports its own graph instead:
-`input_ids` (B, T), right-padded with the pad id, -> `logits` (B, n_labels), its head read at
-each row's rightmost non-pad token, where fine-tuning and transformers pool.
+`input_ids` and `attention_mask` (B, T; padding right or left) -> `logits` (B, n_labels), its
+head read at each row's rightmost attended token that is not the pad id, where fine-tuning and
+transformers pool. The mask says which tokens are padding, so a pad id that is also a real token
+(GPT-2's eos) is still read inside the text, and left padding shifts no position.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from torch import Tensor, nn
 
 from lmforge.errors import StageError
 
-INPUTS = ["input_ids", "attention_mask", "past_keys", "past_values"]
 OUTPUTS = ["logits", "present_keys", "present_values"]
 
 
@@ -79,13 +80,21 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
         "past_keys": {1: dyn, 3: dyn},
         "past_values": {1: dyn, 3: dyn},
     }
+    save_graph(wrapper, (ids, mask, past_k, past_v), OUTPUTS, dynamic, path, opset)
+
+
+def save_graph(
+    wrapper: nn.Module, args: tuple, outputs: list[str], dynamic: dict, path: Path, opset: int
+) -> None:
+    """Trace wrapper on example args (torch.onnx dynamo; inputs named as dynamic's keys, those
+    axes dynamic) and write one self-contained .onnx file (no external data)."""
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,
-            (ids, mask, past_k, past_v),
+            args,
             dynamo=True,
-            input_names=INPUTS,
-            output_names=OUTPUTS,
+            input_names=list(dynamic),
+            output_names=outputs,
             dynamic_shapes=dynamic,
             opset_version=opset,
             external_data=False,
@@ -161,17 +170,19 @@ def ort_decode_tokens_per_s(
 
 
 class LastTokenClassifier(nn.Module):
-    """A decoder classifier as input_ids -> label logits: what its ONNX graph computes."""
+    """A decoder classifier as (input_ids, attention_mask) -> label logits: its ONNX graph."""
 
     def __init__(self, model: nn.Module, score: nn.Linear, pad_id: int) -> None:
         super().__init__()
         self.model, self.score, self.pad_id = model, score, pad_id
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        # causal: right pads change nothing; an all-ones mask takes the traceable masked path
-        h = self.model.hidden_states(input_ids, pad_mask=torch.ones_like(input_ids))  # (B, T, C)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        # the mask hides padding keys and counts positions from each row's first token, so a
+        # right- or left-padded row reads as the row alone (Transformer.hidden_states)
+        h = self.model.hidden_states(input_ids, pad_mask=attention_mask)  # (B, T, C)
         pos = torch.arange(input_ids.size(1), device=input_ids.device)
-        last = ((input_ids != self.pad_id) * pos).amax(1)  # (B,) rightmost non-pad, 0 if none
+        read = (attention_mask != 0) & (input_ids != self.pad_id)  # finetune.heads.pooled_index
+        last = (read * pos).amax(1)  # (B,) rightmost such token, 0 if none
         return self.score(h[torch.arange(h.size(0), device=h.device), last])  # (B, n_labels)
 
 
@@ -181,40 +192,43 @@ def export_classifier_onnx(
     """Write a decoder classifier (model + its score Linear, fp32, eval) to path as an ONNX graph."""
     wrapper = LastTokenClassifier(model.float(), score.float(), pad_id).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    mask = torch.ones((2, 5), dtype=torch.long)
     dyn = torch.export.Dim.DYNAMIC
-    with torch.no_grad():
-        program = torch.onnx.export(
-            wrapper,
-            (ids,),
-            dynamo=True,
-            input_names=["input_ids"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: dyn, 1: dyn}},
-            opset_version=opset,
-            external_data=False,
-            verbose=False,
-        )
-    program.save(str(path))
+    dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
+    save_graph(wrapper, (ids, mask), ["logits"], dynamic, path, opset)
+
+
+def padded_batch(rows: list[Tensor], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) of 1-D id rows padded to the longest, right or left."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(T - len(row), T) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    return ids, mask
 
 
 @torch.no_grad()
 def check_classifier_onnx(
     model: nn.Module, score: nn.Linear, pad_id: int, session: Any, atol: float
 ) -> dict[str, float]:
-    """Max |logit difference| ONNX vs PyTorch on a right-padded batch: each row is compared
-    with the model run on its real tokens alone, read at the last one. Raises StageError beyond
+    """Max |logit difference| ONNX vs PyTorch on a right- and a left-padded batch (rows of 7, 4
+    and 1 tokens, one of them holding the pad id inside as a real token): each row is compared
+    with the model run on its tokens alone, read at the last one. Raises StageError beyond
     atol."""
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=gen)
-    ids[ids == pad_id] = (pad_id + 1) % model.config.vocab_size
-    lengths = [7, 4, 1]
-    for row, n in enumerate(lengths):
-        ids[row, n:] = pad_id
-    (got,) = session.run(None, {"input_ids": ids.numpy()})
-    want = torch.stack(
-        [score(model.hidden_states(ids[r : r + 1, :n])[0, -1]) for r, n in enumerate(lengths)]
-    )
-    diff = float(np.abs(got - want.float().numpy()).max())
+    vocab = model.config.vocab_size
+    rows = [torch.randint(0, vocab, (n,), generator=gen) for n in (7, 4, 1)]
+    for row in rows:
+        row[row == pad_id] = (pad_id + 1) % vocab  # a trailing pad id is not read (pooled_index)
+    rows[0][2] = pad_id  # ... but one inside the text is a token like any other
+    want = torch.stack([score(model.hidden_states(r[None])[0, -1]) for r in rows]).float()
+    diff = 0.0
+    for left in (False, True):
+        ids, mask = padded_batch(rows, pad_id, left)
+        (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        diff = max(diff, float(np.abs(got - want.numpy()).max()))
     if diff > atol:
         raise StageError(
             f"ONNX classifier logits differ from PyTorch by {diff:.2e} (> atol {atol}); "

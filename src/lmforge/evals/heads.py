@@ -62,7 +62,8 @@ def last_token(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tenso
 def encoder_states(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
     """An encoder's states (T, C) over the template-wrapped text's real tokens: up to the last
     one that is not the pad id, as finetune.heads.encode_texts sets `last` and training masks.
-    A pair is wrapped as in training ([CLS] text [SEP] pair [SEP], token type 1 on the pair).
+    A pair is wrapped as in training, by the template (BERT: [CLS] text [SEP] pair [SEP], token
+    type 1 on the pair; RoBERTa: <s> text </s></s> pair </s>, all type 0, its one type).
     Only a tokenizer without a template ([CLS] ... [SEP]) lets a text end in pad ids; for such a
     text transformers' tokenizer marks them attended, so its logits differ from ours there."""
     from lmforge.finetune.heads import pooled_index

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
 import numpy as np
@@ -135,7 +137,9 @@ def _check_pairs_prompted(spec: TaskSpec, rows: list[dict[str, Any]]) -> None:
     from lmforge.evals.tasks import TASK_TYPES
 
     template = spec.prompt_template or TASK_TYPES[spec.type].default_template
-    if any(r.get("text_pair") is not None for r in rows) and "{text_pair}" not in template:
+    # the template's field names ("{text_pair!r}" and "{text_pair:.80}" read it too)
+    fields = {re.split(r"[.\[]", f)[0] for _, f, _, _ in Formatter().parse(template) if f}
+    if any(r.get("text_pair") is not None for r in rows) and "text_pair" not in fields:
         raise ConfigError(
             f"task '{spec.name}': its examples have a text_pair, which label likelihood would "
             f"not read (prompt_template {template!r}); put {{text_pair}} in the task's "

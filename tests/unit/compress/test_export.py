@@ -22,6 +22,7 @@ from lmforge.compress.onnx_export import (
     empty_past,
     export_onnx,
     ort_session,
+    padded_batch,
     run_step,
 )
 from lmforge.compress.stage import CompressConfig, compress
@@ -202,17 +203,21 @@ def test_a_decoder_classifier_exports_its_label_logits_not_the_lm(tmp_path: Path
     assert report["onnx"]["max_abs_logit_diff"] < 1e-4 and "tokens_per_s" not in report["onnx"]
     config = json.loads((out / "onnx" / "config.json").read_text())
     assert config["architectures"][0].endswith("ForSequenceClassification")
-    # onnxruntime on a right-padded batch of texts gives what the eval stage scores per text
+    # onnxruntime on a right- or left-padded batch of texts (and one alone: batch 1) gives what
+    # the eval stage scores per text
     texts = ["The capital is Paris.", "def f(x)", "Return the absolute value of a number."]
-    rows = [tok.encode(t) for t in texts]
-    ids = np.full((3, max(map(len, rows))), tok.pad_id, dtype=np.int64)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = row
-    (logits,) = ort_session(out / "onnx" / "model.onnx").run(None, {"input_ids": ids})
-    assert logits.shape == (3, 3)
+    rows = [torch.tensor(tok.encode(t)) for t in texts]
     want = np.asarray([EvalModel.load(tmp_path / "cls").classify(t) for t in texts])
-    assert np.abs(torch.log_softmax(torch.from_numpy(logits), -1).numpy() - want).max() < 1e-4
     assert np.abs(want[0] - want[1]).max() > 1e-3  # the rows differ: each read at its own end
+    session = ort_session(out / "onnx" / "model.onnx")
+    for batch, expect in ((rows, want), (rows[1:2], want[1:2])):
+        for left in (False, True):
+            ids, mask = padded_batch(batch, tok.pad_id, left)
+            feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            (logits,) = session.run(None, feed)
+            assert logits.shape == (len(batch), 3)
+            got = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+            assert np.abs(got - expect).max() < 1e-4, f"left={left}, batch of {len(batch)}"
     other = torch.nn.Linear(model.lm.config.n_embd, 3, bias=False)  # another head's weights
     with pytest.raises(StageError, match="ONNX classifier logits differ from PyTorch"):
         check_classifier_onnx(

@@ -68,3 +68,15 @@ def test_label_likelihood_refuses_a_pair_its_prompt_does_not_read(trained, tmp_p
     task = {"name": "val", "type": "classification", "classifier": "likelihood", "examples": val}
     with pytest.raises(ConfigError, match=r"text_pair, which label likelihood would not read"):
         evaluate({"models": [out], "tasks": [task], "out": tmp_path / "eval"})
+
+
+@pytest.mark.parametrize("trained", ["micro"], indirect=True)  # an encoder's head has no LM
+def test_label_likelihood_scores_a_pair_a_template_reads_with_a_format_spec(trained, tmp_path):
+    out, val = trained
+    template = "Text: {text}\nPair: {text_pair!s:.40}\nLabel:"
+    task = {"name": "val", "type": "classification", "classifier": "likelihood",
+            "examples": val, "prompt_template": template}  # fmt: skip
+    stage = evaluate({"models": [{"name": "pair", "path": out}], "tasks": [task],
+                      "out": tmp_path / "eval"})  # fmt: skip
+    res = json.loads((stage / "eval.json").read_text())["results"]["pair"]["val"]
+    assert res["n"] == len(val) and res["scoring"] == "causal"  # the labels' likelihood
