@@ -51,10 +51,10 @@ class SequenceHead:
 
 def last_token(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
     """A decoder's state at the rightmost non-pad token (where fine-tuning and transformers pool);
-    a pair is read as fine-tuning joined it, "text text_pair" (finetune.heads.encode_texts)."""
-    from lmforge.finetune.heads import pooled_index
+    a pair is read as fine-tuning joined it (finetune.heads.joined_pair)."""
+    from lmforge.finetune.heads import joined_pair, pooled_index
 
-    ids = lm.encode(text if pair is None else f"{text} {pair}")[: lm.block_size] or [lm.pad_id]
+    ids = lm.encode(joined_pair(text, pair))[: lm.block_size] or [lm.pad_id]
     h = lm.model.hidden_states(torch.tensor([ids], device=lm.device))
     return h[0, pooled_index(ids, lm.pad_id)]
 

@@ -104,6 +104,11 @@ def padded_rows(n: int, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarr
     return ids, labels, np.zeros(n, dtype=np.int64)
 
 
+def joined_pair(text: str, pair: str | None) -> str:
+    """How a decoder reads a sentence pair: one text, "text pair" (encoders use their template)."""
+    return text if pair is None else f"{text} {pair}"
+
+
 def encode_texts(
     tok: Any,
     texts: list[str],
@@ -127,7 +132,7 @@ def encode_texts(
         if template:
             toks, segs, cut = tok.encode_input(text, pair, max_len=seq_len)
         else:
-            full = tok.encode(text if pair is None else f"{text} {pair}")
+            full = tok.encode(joined_pair(text, pair))
             toks, segs, cut = full[:seq_len], [0] * min(len(full), seq_len), len(full) > seq_len
         toks = toks or [tok.pad_id]
         truncated += cut
