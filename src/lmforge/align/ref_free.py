@@ -8,6 +8,7 @@ ORPO is SFT on the chosen replies plus lambda times an odds-ratio term against t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -19,7 +20,15 @@ from lmforge.align.losses import orpo_odds_ratio_loss, simpo_loss
 from lmforge.align.reward import row_batches
 from lmforge.model.transformer import IGNORE_INDEX
 
-RefFreeMethod = Literal["simpo", "orpo"]
+
+@dataclass(frozen=True)
+class RefFreeSpec:
+    """Which method and its settings: SimPO's beta and target margin gamma, ORPO's lambda."""
+
+    method: Literal["simpo", "orpo"]
+    beta: float = 2.0
+    gamma: float = 1.0
+    lam: float = 0.1
 
 
 def pair_mean_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,30 +38,28 @@ def pair_mean_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tens
     return summed, summed / n_tokens
 
 
-def ref_free_loss(
-    method: RefFreeMethod, mean: Tensor, beta: float, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def ref_free_loss(spec: RefFreeSpec, mean: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, per-pair reward margin (B,)) of per-token mean log-probs (B, 2).
 
     simpo: the SimPO loss, margin beta * (mean chosen - mean rejected). orpo: NLL of the chosen
     replies + lam * the odds-ratio loss, margin the log odds ratio.
     """
     chosen, rejected = mean[:, 0], mean[:, 1]
-    if method == "simpo":
-        loss, chosen_r, rejected_r = simpo_loss(chosen, rejected, beta, gamma)
+    if spec.method == "simpo":
+        loss, chosen_r, rejected_r = simpo_loss(chosen, rejected, spec.beta, spec.gamma)
         return loss, chosen_r - rejected_r
-    if method == "orpo":
+    if spec.method == "orpo":
         odds_loss, log_odds = orpo_odds_ratio_loss(chosen, rejected)
-        return -chosen.float().mean() + lam * odds_loss, log_odds
-    raise ValueError(f"unknown reference-free method {method!r} (simpo | orpo)")
+        return -chosen.float().mean() + spec.lam * odds_loss, log_odds
+    raise ValueError(f"unknown reference-free method {spec.method!r} (simpo | orpo)")
 
 
-def make_ref_free_loss(method: RefFreeMethod, beta: float, gamma: float, lam: float):
+def make_ref_free_loss(spec: RefFreeSpec):
     """loss_fn for the loop; logs the reward margin, preference accuracy and mean log-probs."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         _, mean = pair_mean_logps(model, batch["input_ids"], batch["labels"])
-        loss, margin = ref_free_loss(method, mean, beta, gamma, lam)
+        loss, margin = ref_free_loss(spec, mean)
         mean = mean.detach()
         return loss, {
             "reward_margin": margin.mean(),
@@ -66,15 +73,9 @@ def make_ref_free_loss(method: RefFreeMethod, beta: float, gamma: float, lam: fl
 
 @torch.no_grad()
 def evaluate_ref_free(
-    model: nn.Module,
-    rows: dict[str, np.ndarray],
-    batch_size: int,
-    method: RefFreeMethod,
-    beta: float,
-    gamma: float,
-    lam: float,
+    model: nn.Module, rows: dict[str, np.ndarray], batch_size: int, spec: RefFreeSpec,
     limit: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, float]:  # fmt: skip
     """Held-out loss, preference accuracy (mean log-prob of chosen above rejected), reward
     margin, and the summed chosen-over-rejected log-prob margin (val_logp_margin, as DPO's)."""
     device = next(model.parameters()).device
@@ -87,7 +88,7 @@ def evaluate_ref_free(
         means.append(mean)
     model.train(was_training)
     summed, mean = torch.cat(sums), torch.cat(means)
-    loss, margin = ref_free_loss(method, mean, beta, gamma, lam)
+    loss, margin = ref_free_loss(spec, mean)
     return {
         "val_loss": float(loss),
         "val_pref_accuracy": float((mean[:, 0] > mean[:, 1]).float().mean()),

@@ -38,7 +38,7 @@ from lmforge.align.ppo import (
     standard_error,
 )
 from lmforge.align.prefs import load_pairs, load_prompts
-from lmforge.align.ref_free import evaluate_ref_free, make_ref_free_loss
+from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
@@ -285,16 +285,16 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     before training (from the same weights, so no second copy is loaded for them)."""
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
-    args = (cfg.method, cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.lam)
+    spec = RefFreeSpec(cfg.method, cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.lam)
     bs, examples = cfg.eval.batch_size, _rouge_examples(cfg, val_pairs)
-    before = evaluate_ref_free(lm, val_rows, bs, *args)
+    before = evaluate_ref_free(lm, val_rows, bs, spec)
     ref_rouge = _rouge_l(cfg, tok, lm, examples) if examples else None
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
-    model, fit = _fit(cfg, ctx, lm, make_ref_free_loss(*args), loader,
-                      lambda m: evaluate_ref_free(m, val_rows, bs, *args, cfg.train.eval_steps))  # fmt: skip
-    after = evaluate_ref_free(model, val_rows, bs, *args)
+    model, fit = _fit(cfg, ctx, lm, make_ref_free_loss(spec), loader,
+                      lambda m: evaluate_ref_free(m, val_rows, bs, spec, cfg.train.eval_steps))  # fmt: skip
+    after = evaluate_ref_free(model, val_rows, bs, spec)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     headline.update({f"ref_{k[4:]}": _round(before[k]) for k in (
         "val_logp_margin", "val_pref_accuracy", "val_reward_margin")})  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.align.losses import orpo_odds_ratio_loss, simpo_loss
-from lmforge.align.ref_free import make_ref_free_loss, ref_free_loss
+from lmforge.align.ref_free import RefFreeSpec, make_ref_free_loss, ref_free_loss
 from lmforge.align.stage import align
 from lmforge.artifacts import read_manifest
 from unit.align.test_stage import _cfg
@@ -49,7 +49,7 @@ def test_orpo_odds_ratio_and_total_loss_equal_trl_orpo():
         math.log(pc / (1 - pc)) - math.log(pr / (1 - pr)), abs=1e-5
     )
     # total as TRL's compute_loss: chosen NLL - beta * mean(log sigmoid(log odds))
-    total, margin = ref_free_loss("orpo", torch.stack([CHOSEN, REJECTED], 1), 2.0, 1.0, lam=0.1)
+    total, margin = ref_free_loss(RefFreeSpec("orpo", lam=0.1), torch.stack([CHOSEN, REJECTED], 1))
     assert total.item() == pytest.approx(-CHOSEN.mean().item() - losses.mean().item(), abs=1e-6)
     assert torch.equal(margin, log_odds)
 
@@ -66,7 +66,7 @@ def test_loss_fn_normalises_log_probs_by_reply_length():
 
     ids = torch.zeros(1, 2, 3, dtype=torch.long)
     labels = torch.tensor([[[1, 1, -100], [0, -100, -100]]])  # chosen 2 tokens, rejected 1
-    loss, metrics = make_ref_free_loss("simpo", 2.0, 0.5, 0.1)(Fixed(), {"input_ids": ids,
+    loss, metrics = make_ref_free_loss(RefFreeSpec("simpo", 2.0, 0.5))(Fixed(), {"input_ids": ids,
                                                                         "labels": labels})  # fmt: skip
     margin = 2.0 * (math.log(0.75) - math.log(0.25))  # means: 2 log .75 / 2 vs log .25 / 1
     assert metrics["reward_margin"].item() == pytest.approx(margin, abs=1e-6)
@@ -76,7 +76,7 @@ def test_loss_fn_normalises_log_probs_by_reply_length():
 
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match=r"simpo \| orpo"):
-        ref_free_loss("cpo", torch.zeros(1, 2), 1.0, 0.0, 0.1)
+        ref_free_loss(RefFreeSpec("cpo"), torch.zeros(1, 2))
 
 
 @pytest.mark.parametrize(
