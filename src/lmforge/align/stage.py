@@ -5,8 +5,9 @@ model) and preference data (align.prefs; PPO reads only the prompts). method=rew
 Transformer with a scalar head on Bradley-Terry and writes final/ as a *ForSequenceClassification
 with num_labels=1. method=dpo trains the policy (full, or LoRA adapters over the frozen base)
 against reference log-probs scored once before training. method=simpo|orpo train it on its own
-length-normalised log-probs (align.ref_free): no reference model is loaded or scored. method=ppo samples answers, scores them
-with a reward model (ppo.reward_model) and trains policy + value head (align.ppo). Policies are
+length-normalised log-probs (align.ref_free): no reference model is loaded or scored.
+method=ppo samples answers, scores them with a reward model (ppo.reward_model) and trains
+policy + value head (align.ppo). Policies are
 written to final/ as a causal LM (+ adapter/ for LoRA). Headline metrics: held-out pairwise
 accuracy, per kind too (reward); preference accuracy, implicit reward margin, chosen-over-rejected
 log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo; simpo and
@@ -17,6 +18,7 @@ held-out answers, before and after, and the reward gain paired by prompt (ppo).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -292,8 +294,9 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
-    model, fit = _fit(cfg, ctx, lm, make_ref_free_loss(spec), loader,
-                      lambda m: evaluate_ref_free(m, val_rows, bs, spec, cfg.train.eval_steps))  # fmt: skip
+    evaluate = partial(evaluate_ref_free, rows=val_rows, batch_size=bs, spec=spec,
+                       limit=cfg.train.eval_steps)  # fmt: skip
+    model, fit = _fit(cfg, ctx, lm, make_ref_free_loss(spec), loader, evaluate)
     after = evaluate_ref_free(model, val_rows, bs, spec)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     headline.update({f"ref_{k[4:]}": _round(before[k]) for k in (
