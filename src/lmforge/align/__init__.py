@@ -1,9 +1,9 @@
-"""lmforge.align: preference data, reward models and DPO/IPO, trained through the one loop.
+"""lmforge.align: preference data, reward models, DPO/IPO, SimPO/ORPO, PPO, in the one loop.
 
 Public API: `align(AlignConfig(...)) -> Path` (the align stage) and
 `make_preferences(PreferencesConfig(...)) -> Path` (built-in synthetic pairs), plus the pieces
-in prefs, synthetic, encode, losses, reward and dpo. Imports are lazy so `import lmforge.align`
-does not pull in torch.
+in prefs, synthetic, encode, losses, reward, dpo, ref_free and ppo. Imports are lazy so
+`import lmforge.align` does not pull in torch.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 - bradley_terry_loss: reward model training, -log sigmoid(r_chosen - r_rejected).
 - dpo_loss: Direct Preference Optimization (Rafailov et al., 2023), sigmoid or IPO (Azar et al.,
   2023) form, from summed response log-probs of the policy and of a frozen reference.
+- simpo_loss: SimPO (Meng et al., 2024), reference-free: beta * the length-normalised log-prob
+  margin must exceed a target margin gamma.
+- orpo_odds_ratio_loss: ORPO's (Hong et al., 2024) odds-ratio term, -log sigmoid(log odds ratio)
+  of length-normalised log-probs; the method adds it, times lambda, to the chosen replies' NLL.
 - sequence_logps / token_logps: log-probs of the labelled tokens (the response) of each row.
 - PPO (Schulman et al., 2017) with a KL-penalized reward as in Ouyang et al. (2022): gae,
   ppo_policy_loss (the clipped surrogate), value_loss (clipped), masked_mean.
@@ -10,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -48,6 +53,38 @@ def dpo_loss(
     else:
         raise ValueError(f"unknown DPO loss kind {kind!r} (sigmoid | ipo)")
     return loss.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def simpo_loss(
+    chosen_avg: Tensor, rejected_avg: Tensor, beta: float, gamma: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss, chosen rewards, rejected rewards); inputs are (B,) per-token mean log-probs.
+
+    The reward of a reply is beta * its mean token log-prob, so no reference model is needed and
+    long replies are not favoured; -log sigmoid(reward margin - gamma) keeps pushing until the
+    margin clears gamma by a few units.
+    """
+    chosen_r, rejected_r = beta * chosen_avg.float(), beta * rejected_avg.float()
+    loss = -F.logsigmoid(chosen_r - rejected_r - gamma)
+    return loss.mean(), chosen_r.detach(), rejected_r.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, switching form at -log 2 so neither branch loses precision."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_odds_ratio_loss(chosen_avg: Tensor, rejected_avg: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean -log sigmoid(log odds ratio), log odds ratios (B,)) of per-token mean log-probs.
+
+    odds(y) = p / (1 - p) with p = exp(mean log-prob); the log ratio odds(chosen) / odds(rejected)
+    penalises the rejected reply only mildly once it is unlikely, unlike a raw probability ratio.
+    Mean log-probs are clamped just below 0 so a reply the model is certain of stays finite.
+    """
+    chosen = chosen_avg.float().clamp(max=-1e-6)
+    rejected = rejected_avg.float().clamp(max=-1e-6)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return -F.logsigmoid(log_odds).mean(), log_odds.detach()
 
 
 def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:

@@ -1,20 +1,24 @@
-"""The `align` stage: a reward model, or a policy by DPO/IPO or PPO, through the one loop.
+"""The `align` stage: a reward model, or a policy by DPO/IPO, SimPO, ORPO or PPO, in the one loop.
 
 Inputs: a model directory in Hugging Face layout with its tokenizer files (usually the SFT
 model) and preference data (align.prefs; PPO reads only the prompts). method=reward trains the
 Transformer with a scalar head on Bradley-Terry and writes final/ as a *ForSequenceClassification
 with num_labels=1. method=dpo trains the policy (full, or LoRA adapters over the frozen base)
-against reference log-probs scored once before training. method=ppo samples answers, scores them
-with a reward model (ppo.reward_model) and trains policy + value head (align.ppo). Policies are
+against reference log-probs scored once before training. method=simpo|orpo train it on its own
+length-normalised log-probs (align.ref_free): no reference model is loaded or scored.
+method=ppo samples answers, scores them with a reward model (ppo.reward_model) and trains
+policy + value head (align.ppo). Policies are
 written to final/ as a causal LM (+ adapter/ for LoRA). Headline metrics: held-out pairwise
 accuracy, per kind too (reward); preference accuracy, implicit reward margin, chosen-over-rejected
-log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo); mean
+log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo; simpo and
+orpo: the same numbers, the "reference" being the starting model scored before training); mean
 reward (+- its standard error), KL to the reference, entropy and answer length of sampled
 held-out answers, before and after, and the reward gain paired by prompt (ppo).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +40,7 @@ from lmforge.align.ppo import (
     standard_error,
 )
 from lmforge.align.prefs import load_pairs, load_prompts
+from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
@@ -65,6 +70,25 @@ class DPOOptions(Section):
     )
     sft_weight: float = Field(
         0.0, ge=0, description="weight of the chosen replies' NLL (RPO) that keeps them likely"
+    )
+
+
+class SimPOOptions(Section):
+    """The `simpo:` section (SimPO, Meng et al., 2024)."""
+
+    beta: float = Field(
+        2.0, gt=0, description="scale of the reward, beta * a reply's mean token log-prob"
+    )
+    gamma: float = Field(
+        1.0, ge=0, description="target reward margin chosen over rejected (the paper's gamma)"
+    )
+
+
+class ORPOOptions(Section):
+    """The `orpo:` section (ORPO, Hong et al., 2024)."""
+
+    lam: float = Field(
+        0.1, gt=0, description="weight of the odds-ratio loss beside the chosen replies' NLL"
     )
 
 
@@ -122,12 +146,15 @@ class AlignConfig(StageConfig):
         "serving feedback store (align.prefs)"
     )
     val_data: Path | None = Field(None, description="held-out pairs (default: split from data)")
-    method: Literal["reward", "dpo", "ppo"] = Field(
-        description="reward (reward model) | dpo (policy from pairs) | ppo (policy from a reward model)"
+    method: Literal["reward", "dpo", "simpo", "orpo", "ppo"] = Field(
+        description="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
+        "orpo (policy from pairs, no reference) | ppo (policy from a reward model)"
     )
     tuning: Literal["full", "lora"] = Field("full", description="full | lora (adapters only)")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
     dpo: DPOOptions = Field(default_factory=DPOOptions, description="DPO settings")
+    simpo: SimPOOptions = Field(default_factory=SimPOOptions, description="SimPO settings")
+    orpo: ORPOOptions = Field(default_factory=ORPOOptions, description="ORPO settings")
     ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO settings")
     eval: AlignEval = Field(default_factory=AlignEval, description="held-out evaluation")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
@@ -183,8 +210,8 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
             f"{lm.config.block_size}; lower train.seq_len"
         )
-    method = {"reward": _reward, "dpo": _dpo, "ppo": _ppo}[cfg.method]
-    model, headline = method(cfg, ctx, tok, lm)
+    method = {"reward": _reward, "dpo": _dpo, "simpo": _ref_free, "orpo": _ref_free, "ppo": _ppo}
+    model, headline = method[cfg.method](cfg, ctx, tok, lm)
     _write_outputs(cfg, ctx, tok, model, lm)
     return headline
 
@@ -255,6 +282,31 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     return model, headline
 
 
+def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+    """SimPO or ORPO on the policy's own log-probs; the starting model's numbers are scored
+    before training (from the same weights, so no second copy is loaded for them)."""
+    train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
+    headline.pop("val_kinds")
+    spec = RefFreeSpec(cfg.method, cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.lam)
+    bs, examples = cfg.eval.batch_size, _rouge_examples(cfg, val_pairs)
+    before = evaluate_ref_free(lm, val_rows, bs, spec)
+    ref_rouge = _rouge_l(cfg, tok, lm, examples) if examples else None
+    lm.train()
+    _adapt(cfg, lm)
+    loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
+    evaluate = partial(evaluate_ref_free, rows=val_rows, batch_size=bs, spec=spec,
+                       limit=cfg.train.eval_steps)  # fmt: skip
+    model, fit = _fit(cfg, ctx, lm, make_ref_free_loss(spec), loader, evaluate)
+    after = evaluate_ref_free(model, val_rows, bs, spec)
+    headline.update(fit, **{k: _round(v) for k, v in after.items()})
+    headline.update({f"ref_{k[4:]}": _round(before[k]) for k in (
+        "val_logp_margin", "val_pref_accuracy", "val_reward_margin")})  # fmt: skip
+    if examples:
+        headline.update(rouge_l=_rouge_l(cfg, tok, model, examples), ref_rouge_l=ref_rouge,
+                        rouge_examples=len(examples))  # fmt: skip
+    return model, headline
+
+
 def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
     """PPO against the reward model; held-out mean reward and KL before and after."""
     opts, seq_len = cfg.ppo, cfg.train.seq_len
@@ -288,6 +340,20 @@ def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list, reference: Any)
     """Greedy ROUGE-L against the chosen answers of held-out prompts: policy and reference."""
     from lmforge.model.convert import load_pretrained
 
+    examples = _rouge_examples(cfg, pairs)
+    if not examples:
+        return {}
+    if reference is None:
+        reference = load_pretrained(cfg.model_dir(), quantized="dequantize")
+    return {
+        "rouge_l": _rouge_l(cfg, tok, policy, examples),
+        "ref_rouge_l": _rouge_l(cfg, tok, reference.to(next(policy.parameters()).device), examples),
+        "rouge_examples": len(examples),
+    }
+
+
+def _rouge_examples(cfg: AlignConfig, pairs: list) -> list[dict]:
+    """Up to eval.rouge_examples held-out prompts (each once) with their chosen answers."""
     seen, examples = set(), []
     for p in pairs:
         key = str(p["prompt"])
@@ -296,19 +362,14 @@ def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list, reference: Any)
             examples.append(
                 {"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
             )
-    if not examples:
-        return {}
-    if reference is None:
-        reference = load_pretrained(cfg.model_dir(), quantized="dequantize")
-    stops = eos_ids(tuned_generation_config(cfg.model_dir(), tok))  # what final/ stops at
-    args = (examples, stops, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    score, _ = rouge_eval(policy, tok, *args)
-    ref_score, _ = rouge_eval(reference.to(next(policy.parameters()).device), tok, *args)
-    return {
-        "rouge_l": round(score, 4),
-        "ref_rouge_l": round(ref_score, 4),
-        "rouge_examples": len(examples),
-    }
+    return examples
+
+
+def _rouge_l(cfg: AlignConfig, tok: Any, model: Any, examples: list[dict]) -> float:
+    """Greedy ROUGE-L of model's answers to examples, stopping where final/ will stop."""
+    stops = eos_ids(tuned_generation_config(cfg.model_dir(), tok))
+    score, _ = rouge_eval(model, tok, examples, stops, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    return round(score, 4)
 
 
 def _write_outputs(cfg: AlignConfig, ctx: StageContext, tok: Any, model: Any, lm: Any) -> None:

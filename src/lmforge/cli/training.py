@@ -99,14 +99,15 @@ def align_cmd(
     method: Annotated[
         str | None,
         typer.Option(
-            help="reward (reward model) | dpo (policy from pairs) | ppo (policy from a reward model)"
+            help="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
+            "orpo (policy from pairs, no reference) | ppo (policy from a reward model)"
         ),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Align a model on preference pairs: a reward model, or a policy by DPO / IPO or PPO.
+    """Align a model on preference pairs: a reward model, or a policy by DPO / IPO, SimPO, ORPO or PPO.
 
     Example: lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/dpo --method dpo --set dpo.beta=0.1
     """

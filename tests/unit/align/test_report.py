@@ -27,6 +27,7 @@ def test_each_method_leads_with_its_headline(tmp_path):
     dpo = {"ref_logp_margin": 20.5, "val_logp_margin": 27.1, "val_pref_accuracy": 0.77,
            "ref_rouge_l": 0.14, "rouge_l": 0.17}  # fmt: skip
     assert "20.5 -> 27.1" in align_section(_stage(tmp_path, "dpo", dpo))[0].text
+    assert align_section(_stage(tmp_path, "simpo", dpo))[0].text.startswith("SimPO: held-out")
     reward = {"val_pair_accuracy": 0.75, "base_val_pair_accuracy": 0.5}
     assert "pairwise accuracy 0.75" in align_section(_stage(tmp_path, "reward", reward))[0].text
     # a stage without its headline metrics still gets the curves

@@ -1,5 +1,5 @@
-"""Report section of the align stage: the method's headline (pairwise accuracy, DPO margins and
-ROUGE-L, PPO reward and KL) before the same training curves as the training stages."""
+"""Report section of the align stage: the method's headline (pairwise accuracy, DPO/SimPO/ORPO
+margins and ROUGE-L, PPO reward and KL) before the same training curves as the training stages."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from lmforge.evals.report import Block, StageInfo, register_section
 from lmforge.evals.report_sections.common import fmt_num
 from lmforge.evals.report_sections.training import training_section
 
+POLICY_FROM_PAIRS = {"dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
+
 
 def _align_summary(method: str, m: dict[str, Any]) -> str:
     """The headline of an align stage in one sentence, by method (manifest metrics)."""
     if method == "reward" and "val_pair_accuracy" in m:
         return (f"Reward model: held-out pairwise accuracy {fmt_num(m['val_pair_accuracy'])} "
                 f"(untrained head {fmt_num(m.get('base_val_pair_accuracy'))}).")  # fmt: skip
-    if method == "dpo" and "val_logp_margin" in m:
-        text = (f"DPO: held-out chosen-over-rejected log-prob margin {fmt_num(m['ref_logp_margin'])}"
-                f" -> {fmt_num(m['val_logp_margin'])}, preference accuracy "
+    if method in POLICY_FROM_PAIRS and "val_logp_margin" in m:
+        text = (f"{POLICY_FROM_PAIRS[method]}: held-out chosen-over-rejected log-prob margin "
+                f"{fmt_num(m['ref_logp_margin'])} -> {fmt_num(m['val_logp_margin'])}, preference accuracy "
                 f"{fmt_num(m['val_pref_accuracy'])}")  # fmt: skip
         if "rouge_l" in m:
             text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
