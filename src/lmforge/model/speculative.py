@@ -15,7 +15,7 @@ Batch size 1: rows of a batch would accept different counts and leave the cache 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -25,18 +25,33 @@ from lmforge.model.generate import KVCache, check_room
 
 
 @dataclass
-class SpeculativeResult:
-    """New tokens (through the first stop) and how the draft fared."""
+class DraftStats:
+    """How a draft fared: the tokens it proposed, those the target kept, the target's passes."""
 
-    tokens: list[int]
     proposed: int = 0  # draft tokens the target checked
     accepted: int = 0  # of those, the ones it agreed with
     target_passes: int = 0  # target forwards, the prompt's prefill included
+    tokens: int = 0  # new tokens generated
 
     @property
     def acceptance_rate(self) -> float:
         """accepted / proposed (0 when nothing was proposed)."""
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    def add(self, other: DraftStats) -> None:
+        """Sum other into self (totals over prompts)."""
+        self.proposed += other.proposed
+        self.accepted += other.accepted
+        self.target_passes += other.target_passes
+        self.tokens += other.tokens
+
+
+@dataclass
+class SpeculativeResult:
+    """New tokens (through the first stop) and how the draft fared."""
+
+    tokens: list[int]
+    stats: DraftStats = field(default_factory=DraftStats)
 
 
 def check_draft(target: nn.Module, draft: nn.Module) -> None:
@@ -86,11 +101,11 @@ def speculative_generate(
         t_cache = KVCache.for_model(target, 1, total)
         d_cache = KVCache.for_model(draft, 1, total)
         out = list(prompt)
-        first = _logits(target, out, t_cache, 0)[-1].argmax().item()  # prefill
-        result = SpeculativeResult([first], target_passes=1)
-        out.append(first)
+        last = _logits(target, out, t_cache, 0)[-1].argmax().item()  # prefill
+        result = SpeculativeResult([last], DraftStats(target_passes=1))
+        out.append(last)
         d_seen = 0  # leading positions of the draft's cache that hold out's tokens
-        while first not in stops and len(result.tokens) < max_new_tokens:
+        while last not in stops and len(result.tokens) < max_new_tokens:
             k = min(draft_tokens, max_new_tokens - len(result.tokens) - 1)  # never overshoot
             guesses, d_seen = _propose(draft, d_cache, out, d_seen, k)
             n = len(out)  # the target's cache holds out[:n - 1]
@@ -99,18 +114,19 @@ def speculative_generate(
             new = [*guesses[:m], verify[m]]
             cut = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
             new = new[:cut]
-            result.proposed += len(guesses)
-            result.accepted += min(m, cut)
-            result.target_passes += 1
+            result.stats.proposed += len(guesses)
+            result.stats.accepted += min(m, cut)
+            result.stats.target_passes += 1
             t_cache.length = n + m  # columns past the accepted tokens are rewritten next round
             d_seen = min(d_seen, n + m)
             d_cache.length = d_seen
             out += new
             result.tokens += new
-            first = new[-1]
+            last = new[-1]
     finally:
         target.train(modes[0])
         draft.train(modes[1])
+    result.stats.tokens = len(result.tokens)
     return result
 
 

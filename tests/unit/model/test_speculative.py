@@ -36,17 +36,19 @@ def test_a_disagreeing_draft_still_gives_the_targets_greedy_tokens(k, style, ove
         res = speculative_generate(target, draft, prompt, 40, draft_tokens=k)
         assert res.tokens == greedy(target, prompt, 40)
         assert len(res.tokens) == 40
-        assert res.proposed > 0 and res.acceptance_rate < 0.5  # the draft did disagree
-        assert res.target_passes <= 40
+        assert res.stats.proposed > 0 and res.stats.acceptance_rate < 0.5  # the draft did disagree
+        assert res.stats.target_passes <= 40
 
 
 def test_the_target_as_its_own_draft_has_every_guess_accepted():
     target = make(0)
     res = speculative_generate(target, target, PROMPTS[1], 41, draft_tokens=4)
     assert res.tokens == greedy(target, PROMPTS[1], 41)
-    assert res.accepted == res.proposed == 32  # 8 rounds of 4 guesses + the target's 9th token
-    assert res.acceptance_rate == 1.0
-    assert res.target_passes == 1 + 8  # prefill, then 5 tokens a pass
+    assert (
+        res.stats.accepted == res.stats.proposed == 32
+    )  # 8 rounds of 4 guesses + the target's 9th token
+    assert res.stats.acceptance_rate == 1.0
+    assert res.stats.target_passes == 1 + 8  # prefill, then 5 tokens a pass
 
 
 def test_stop_tokens_end_the_answer_where_generate_ends_it():
