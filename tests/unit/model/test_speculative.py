@@ -44,9 +44,8 @@ def test_the_target_as_its_own_draft_has_every_guess_accepted():
     target = make(0)
     res = speculative_generate(target, target, PROMPTS[1], 41, draft_tokens=4)
     assert res.tokens == greedy(target, PROMPTS[1], 41)
-    assert (
-        res.stats.accepted == res.stats.proposed == 32
-    )  # 8 rounds of 4 guesses + the target's 9th token
+    # 41 tokens: 1 from the prefill, then 8 rounds of 4 accepted guesses + the target's own
+    assert res.stats.accepted == res.stats.proposed == 32
     assert res.stats.acceptance_rate == 1.0
     assert res.stats.target_passes == 1 + 8  # prefill, then 5 tokens a pass
 
