@@ -11,6 +11,10 @@ repeated); three drafts bound what a draft can do:
 - **distilled**: the same small shape trained for --steps steps on the target's own greedy
   continuations of other random prompts (a stand-in for `compress --method distill`).
 
+With --markov-steps N the target is first trained N steps on walks of a fixed random Markov
+chain (each id goes to one of two successors, 3:1), and every prompt is a walk of it: a trained
+target whose text a small draft can learn, unlike a random one's.
+
 Every contender's output is checked equal to plain greedy token for token.
 
 Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_speculative.py`
@@ -47,6 +51,21 @@ def plain(target: Transformer, rows: list[list[int]], new: int) -> list[list[int
     ]
 
 
+def fit(model: Transformer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> float:
+    """steps AdamW steps of next-token loss on random batches of 32 rows of (x, y); last loss."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        pick = torch.randint(0, len(x), (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[pick]).flatten(0, 1), y[pick].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss.item()
+
+
 def distill(draft: Transformer, target: Transformer, rows: list[list[int]], new: int, steps: int,
             lr: float) -> float:  # fmt: skip
     """Trains draft on the target's greedy continuations of rows (loss on the continuations);
@@ -58,17 +77,21 @@ def distill(draft: Transformer, target: Transformer, rows: list[list[int]], new:
     y = torch.full_like(x, -100)
     for i, (p, s) in enumerate(zip(rows, seqs, strict=True)):
         y[i, len(p) - 1 : len(s) - 1] = torch.tensor(s[len(p) :])
-    draft.train()
-    opt = torch.optim.AdamW(draft.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        pick = torch.randint(0, len(seqs), (32,), generator=g)
-        loss = torch.nn.functional.cross_entropy(draft(x[pick]).flatten(0, 1), y[pick].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    draft.eval()
-    return loss.item()
+    return fit(draft, x, y, steps, lr)
+
+
+def markov_rows(n: int, length: int, states: int, seed: int) -> list[list[int]]:
+    """n walks of a fixed random chain over ids 1..states-1: each id goes to its first successor
+    with p = 0.75, else its second (the same chain whatever the seed; seed picks the walks)."""
+    succ = np.random.default_rng(1234).integers(1, states, (states, 2))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        row = [int(rng.integers(1, states))]
+        for _ in range(length - 1):
+            row.append(int(succ[row[-1], int(rng.random() > 0.75)]))
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -79,19 +102,33 @@ def main() -> None:
     ap.add_argument("--train-prompts", type=int, default=512)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--markov-steps", type=int, default=0,
+                    help="> 0: first train the target this many steps on walks of a random "
+                    "Markov chain over 512 ids, and draw every prompt from the chain")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     target = make(0, n_layer=12, n_embd=512, intermediate_size=1408, n_head=8, n_kv_head=8)
     small = dict(n_layer=1, n_embd=128, intermediate_size=352)
     drafts = {"self": target, "random": make(1, **small), "distilled": make(2, **small)}
+    draw = prompts
+    if args.markov_steps:
+        t0 = time.perf_counter()
+        walks = torch.tensor(markov_rows(512, 64, 512, seed=2))
+        loss = fit(target, walks[:, :-1], walks[:, 1:], args.markov_steps, lr=1e-3)
+        print(f"target: {args.markov_steps} steps on the chain in "
+              f"{time.perf_counter() - t0:.0f} s, last loss {loss:.3f}")  # fmt: skip
+
+        def draw(n: int, vocab: int, seed: int) -> list[list[int]]:
+            return [w[: 4 + i % 21] for i, w in enumerate(markov_rows(n, 24, 512, seed))]
+
     t0 = time.perf_counter()
-    loss = distill(drafts["distilled"], target, prompts(args.train_prompts, 4096, seed=1),
+    loss = distill(drafts["distilled"], target, draw(args.train_prompts, 4096, seed=1),
                    args.new_tokens, args.steps, lr=3e-3)  # fmt: skip
     print(f"distilled draft: {args.steps} steps in {time.perf_counter() - t0:.0f} s, "
           f"last loss {loss:.3f}")  # fmt: skip
     for name, m in [("target", target), *drafts.items()]:
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params")
-    rows = prompts(args.prompts, 4096, seed=0)
+    rows = draw(args.prompts, 4096, seed=0)
     stats: dict[str, DraftStats] = {}
 
     def spec(name: str):
