@@ -95,6 +95,16 @@ def generate_cmd(
         str,
         typer.Option(help="torch.compile the decoding step: off | on | auto (on for CUDA only)."),
     ] = "off",
+    draft_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Speculative decoding: this smaller model (same tokenizer) proposes tokens the "
+            "model verifies; greedy only, the same answers, one prompt at a time."
+        ),
+    ] = None,
+    draft_tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens the draft proposes per target pass.")
+    ] = 4,
 ) -> None:
     """Generate text from a model: raw continuation, or chat answers with --chat.
 
@@ -123,7 +133,22 @@ def generate_cmd(
     )
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)
-    rows = sample(lm, texts, settings, chat=chat, num_samples=num_samples, batch_size=batch_size)
+    if draft_model is not None:
+        from lmforge.evals.speculative import speculative_sample
+
+        draft = EvalModel.load(draft_model, device=device)
+        rows, stats = speculative_sample(
+            lm, draft, texts, settings, chat=chat, draft_tokens=draft_tokens,
+            num_samples=num_samples,
+        )  # fmt: skip
+        console().print(
+            f"draft acceptance {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.proposed}), "
+            f"{stats.tokens} tokens in {stats.target_passes} target passes"
+        )
+    else:
+        rows = sample(
+            lm, texts, settings, chat=chat, num_samples=num_samples, batch_size=batch_size
+        )
     for row in rows:  # the answers are this command's data: stdout, even under --quiet
         typer.echo(f"> {row['prompt']}\n{row['completion']}\n")
     if out is not None:

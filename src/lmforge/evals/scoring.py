@@ -167,15 +167,7 @@ class CausalScorer:
         from lmforge.model.generate import generate_batched
 
         lm = self.lm
-        budget = min(settings.max_new_tokens, max(lm.block_size - 1, 1))
-        rows = []
-        for prompt in prompts:
-            ids = lm.encode(lm.render_chat(prompt)) if chat else lm.start(prompt)
-            if not ids:
-                raise InputError(
-                    "empty prompt and the tokenizer has no BOS/EOS token to start from"
-                )
-            rows.append(ids[-(lm.block_size - budget) :])
+        budget, rows = self.prompt_rows(prompts, settings, chat)
         if settings.num_beams > 1:
             from lmforge.model.beam_search import beam_generate_batched
 
@@ -188,6 +180,23 @@ class CausalScorer:
             greedy=settings.temperature == 0, compile=settings.compile,
             **sampling_kwargs(settings),
         )  # fmt: skip
+
+    def prompt_rows(
+        self, prompts: list[str], settings: GenerationSettings, chat: bool
+    ) -> tuple[int, list[list[int]]]:
+        """(new-token budget, each prompt's ids) as generate() feeds them: chat-rendered or a
+        document start, cut from the left so that prompt + budget fit the model's block_size."""
+        lm = self.lm
+        budget = min(settings.max_new_tokens, max(lm.block_size - 1, 1))
+        rows = []
+        for prompt in prompts:
+            ids = lm.encode(lm.render_chat(prompt)) if chat else lm.start(prompt)
+            if not ids:
+                raise InputError(
+                    "empty prompt and the tokenizer has no BOS/EOS token to start from"
+                )
+            rows.append(ids[-(lm.block_size - budget) :])
+        return budget, rows
 
 
 def beam_settings(settings: GenerationSettings) -> BeamSettings:

@@ -1,0 +1,93 @@
+"""Speculative decoding returns the target's own greedy tokens, whatever the draft proposes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError, InputError
+from lmforge.model.config import preset_config
+from lmforge.model.generate import generate, new_tokens
+from lmforge.model.speculative import speculative_generate
+from lmforge.model.transformer import Transformer
+
+
+def make(seed: int, name: str = "micro", **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    # float64: the target's k+1-token verify pass and its one-token steps round alike
+    return Transformer(preset_config(name, init_std=0.2, **overrides)).double()
+
+
+def greedy(model: Transformer, prompt: list[int], n: int, stops: list[int] = ()) -> list[int]:
+    out = generate(model, torch.tensor([prompt]), n, greedy=True, stop_tokens=stops)
+    return new_tokens(out, len(prompt), stops)[0]
+
+
+PROMPTS = [[5], [17, 3, 99, 42, 7, 200, 11], list(range(30, 50))]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize(("style", "overrides"), [("micro", {}), ("micro-gpt2", {}),
+                                                  ("micro", {"sliding_window": 6})])  # fmt: skip
+def test_a_disagreeing_draft_still_gives_the_targets_greedy_tokens(k, style, overrides):
+    target = make(0, style, **overrides)
+    draft = make(1, "micro", n_layer=1)  # another random model: mostly wrong guesses
+    for prompt in PROMPTS:
+        res = speculative_generate(target, draft, prompt, 40, draft_tokens=k)
+        assert res.tokens == greedy(target, prompt, 40)
+        assert len(res.tokens) == 40
+        assert res.stats.proposed > 0 and res.stats.acceptance_rate < 0.5  # the draft did disagree
+        assert res.stats.target_passes <= 40
+
+
+def test_the_target_as_its_own_draft_has_every_guess_accepted():
+    target = make(0)
+    res = speculative_generate(target, target, PROMPTS[1], 41, draft_tokens=4)
+    assert res.tokens == greedy(target, PROMPTS[1], 41)
+    # 41 tokens: 1 from the prefill, then 8 rounds of 4 accepted guesses + the target's own
+    assert res.stats.accepted == res.stats.proposed == 32
+    assert res.stats.acceptance_rate == 1.0
+    assert res.stats.target_passes == 1 + 8  # prefill, then 5 tokens a pass
+
+
+def test_stop_tokens_end_the_answer_where_generate_ends_it():
+    target, draft = make(0), make(0)
+    full = greedy(target, PROMPTS[1], 40)
+    stop = full[9]
+    expected = full[: full.index(stop) + 1]
+    res = speculative_generate(target, draft, PROMPTS[1], 40, draft_tokens=4, stop_tokens=[stop])
+    assert res.tokens == expected == greedy(target, PROMPTS[1], 40, [stop])
+    res = speculative_generate(target, make(2), PROMPTS[1], 40, draft_tokens=3, stop_tokens=[stop])
+    assert res.tokens == expected
+
+
+@pytest.mark.parametrize("n", [1, 2, 6, 7])
+def test_max_new_tokens_is_never_exceeded(n):
+    target = make(0)
+    res = speculative_generate(target, target, PROMPTS[1], n, draft_tokens=5)
+    assert res.tokens == greedy(target, PROMPTS[1], n)
+
+
+def test_the_block_size_of_either_model_bounds_the_generation():
+    target, draft = make(0, block_size=32), make(1, block_size=16)
+    assert speculative_generate(target, target, [1] * 8, 24).tokens == greedy(target, [1] * 8, 24)
+    with pytest.raises(InputError, match="block_size 32"):
+        speculative_generate(target, target, [1] * 8, 25)
+    with pytest.raises(InputError, match="block_size 16"):
+        speculative_generate(target, draft, [1] * 8, 10)
+
+
+def test_a_draft_with_another_vocabulary_is_refused():
+    with pytest.raises(ConfigError, match=r"draft's vocabulary \(300 tokens\) differs"):
+        speculative_generate(make(0), make(1, vocab_size=300), [1, 2], 5)
+
+
+def test_bad_arguments_are_refused():
+    model = make(0)
+    with pytest.raises(ConfigError, match="draft_tokens must be >= 1"):
+        speculative_generate(model, model, [1], 5, draft_tokens=0)
+    with pytest.raises(InputError, match="at least one token"):
+        speculative_generate(model, model, [], 5)
+    encoder = Transformer(preset_config("bert-micro"))
+    with pytest.raises(ConfigError, match="draft is not one"):
+        speculative_generate(model, encoder, [1], 5)
