@@ -101,12 +101,7 @@ class GenerationSettings(Section):
 
     def logits_rules(self) -> LogitsRules:
         """The n-gram, minimum-length and forced-token rules every decoding step applies."""
-        forced_eos = self.forced_eos_token_id
-        return LogitsRules(
-            self.no_repeat_ngram_size, self.min_length, self.min_new_tokens,
-            self.forced_bos_token_id,
-            tuple(forced_eos) if isinstance(forced_eos, list) else forced_eos,
-        )  # fmt: skip
+        return LogitsRules.from_keys(self.model_dump())
 
 
 class EvalModel:

@@ -14,8 +14,9 @@ tokens do not depend on the batch it is in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +45,19 @@ class LogitsRules:
                 f"forced_bos_token_id / forced_eos_token_id must be token ids >= 0, got "
                 f"{self.forced_bos_token_id} / {self.forced_eos_token_id}"
             )
+
+    @classmethod
+    def from_keys(cls, keys: Mapping[str, Any]) -> LogitsRules:
+        """The rules a generation_config-style mapping sets (a missing key: that rule off; a list
+        of forced EOS ids, as JSON holds it, becomes a tuple)."""
+        eos = keys.get("forced_eos_token_id")
+        return cls(
+            no_repeat_ngram_size=keys.get("no_repeat_ngram_size", 0),
+            min_length=keys.get("min_length", 0),
+            min_new_tokens=keys.get("min_new_tokens", 0),
+            forced_bos_token_id=keys.get("forced_bos_token_id"),
+            forced_eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
 
     def forced_ids(self) -> list[int]:
         """Every id a forcing rule names."""

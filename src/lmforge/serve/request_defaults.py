@@ -46,17 +46,9 @@ NO_DEFAULTS = RequestDefaults()  # --generation-config none, or a checkpoint tha
 def read_request_defaults(model_dir: Path | str, is_encoder_decoder: bool) -> RequestDefaults:
     """model_dir's checkpoint generation settings as request defaults (see the module)."""
     found = read_generation_defaults(model_dir, is_encoder_decoder)
-    forced_eos = found.get("forced_eos_token_id")
-    rules = LogitsRules(
-        no_repeat_ngram_size=found.get("no_repeat_ngram_size", 0),
-        min_length=found.get("min_length", 0),
-        min_new_tokens=found.get("min_new_tokens", 0),
-        forced_bos_token_id=found.get("forced_bos_token_id"),
-        forced_eos_token_id=tuple(forced_eos) if isinstance(forced_eos, list) else forced_eos,
-    )
     return RequestDefaults(
         max_tokens=found.get("max_new_tokens"),
         repetition_penalty=found.get("repetition_penalty"),
-        rules=rules,
+        rules=LogitsRules.from_keys(found),
         **sampling_defaults(model_dir),
     )
