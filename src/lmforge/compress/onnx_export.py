@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import StageError
+from lmforge.model.generate import pad_rows
 
 OUTPUTS = ["logits", "present_keys", "present_values"]
 
@@ -198,17 +199,6 @@ def export_classifier_onnx(
     save_graph(wrapper, (ids, mask), ["logits"], dynamic, path, opset)
 
 
-def padded_batch(rows: list[Tensor], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
-    """(input_ids, attention_mask) of 1-D id rows padded to the longest, right or left."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(T - len(row), T) if left else slice(0, len(row))
-        ids[i, span], mask[i, span] = row, 1
-    return ids, mask
-
-
 @torch.no_grad()
 def check_classifier_onnx(
     model: nn.Module, score: nn.Linear, pad_id: int, session: Any, atol: float
@@ -226,7 +216,7 @@ def check_classifier_onnx(
     want = torch.stack([score(model.hidden_states(r[None])[0, -1]) for r in rows]).float()
     diff = 0.0
     for left in (False, True):
-        ids, mask = padded_batch(rows, pad_id, left)
+        ids, mask = pad_rows(rows, pad_id, None, left=left)
         (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         diff = max(diff, float(np.abs(got - want.numpy()).max()))
     if diff > atol:

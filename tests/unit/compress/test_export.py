@@ -22,14 +22,13 @@ from lmforge.compress.onnx_export import (
     empty_past,
     export_onnx,
     ort_session,
-    padded_batch,
     run_step,
 )
 from lmforge.compress.stage import CompressConfig, compress
 from lmforge.errors import ConfigError, StageError
 from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained
-from lmforge.model.generate import generate
+from lmforge.model.generate import generate, pad_rows
 from lmforge.model.transformer import Transformer, apply_rotary
 
 
@@ -212,7 +211,7 @@ def test_a_decoder_classifier_exports_its_label_logits_not_the_lm(tmp_path: Path
     session = ort_session(out / "onnx" / "model.onnx")
     for batch, expect in ((rows, want), (rows[1:2], want[1:2])):
         for left in (False, True):
-            ids, mask = padded_batch(batch, tok.pad_id, left)
+            ids, mask = pad_rows(batch, tok.pad_id, None, left=left)
             feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
             (logits,) = session.run(None, feed)
             assert logits.shape == (len(batch), 3)
