@@ -34,6 +34,7 @@ from lmforge.model.generate import (
     apply_repetition_penalty,
     check_room,
     in_length_batches,
+    last_logits,
     left_pad,
 )
 from lmforge.model.logits_rules import NO_RULES, LogitsRules
@@ -205,7 +206,7 @@ def beam_generate(
     model.eval()
     try:
         cache = KVCache.for_model(model, B, total)
-        h = model.hidden_states(idx, kv_cache=cache, pad_mask=pad_mask)[:, -1]  # (B, C)
+        first = _expand(last_logits(model, idx, kv_cache=cache, pad_mask=pad_mask), nb)
         cache.reorder_cache(torch.arange(B, device=idx.device).repeat_interleave(nb))
         mask = _expand(pad_mask, nb)
         pos = T
@@ -215,11 +216,12 @@ def beam_generate(
             cache.reorder_cache(beam_idx)
             if mask is not None:  # a prompt's beams share its padding: no reorder needed
                 mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
-            h = model.hidden_states(tokens[:, None], kv_cache=cache, start_pos=pos, pad_mask=mask)
+            logits = last_logits(
+                model, tokens[:, None], kv_cache=cache, start_pos=pos, pad_mask=mask
+            )
             pos += 1
-            return model.lm_head(h[:, -1])
+            return logits
 
-        first = _expand(model.lm_head(h), nb)
         return beam_search(step, first, _expand(idx, nb), max_new_tokens, beams, stop_tokens, mask)
     finally:
         model.train(was_training)

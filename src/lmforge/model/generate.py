@@ -256,7 +256,7 @@ def generate(
         size = decode_capacity(total, model.config.block_size) if compiled else total
         cache = KVCache.for_model(model, B, size) if use_cache else None
         out = idx
-        logits = _last_logits(model, idx, kv_cache=cache, pad_mask=mask)  # (B, V)
+        logits = last_logits(model, idx, kv_cache=cache, pad_mask=mask)  # (B, V)
         fixed = FixedShapeSteps(model, cache, mask, T) if compiled else None
         for step in range(max_new_tokens):
             logits = rules.apply(logits, out, mask, step, max_new_tokens, stop_tokens)
@@ -276,11 +276,11 @@ def generate(
                 logits = fixed(nxt[:, None])
             elif cache is not None:
                 pos = out.size(1) - 1
-                logits = _last_logits(
+                logits = last_logits(
                     model, nxt[:, None], kv_cache=cache, start_pos=pos, pad_mask=mask
                 )
             else:
-                logits = _last_logits(model, out, pad_mask=mask)
+                logits = last_logits(model, out, pad_mask=mask)
     finally:
         model.train(was_training)
     return out
@@ -298,7 +298,7 @@ def check_room(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
     return total
 
 
-def _last_logits(model: nn.Module, idx: Tensor, **kwargs: object) -> Tensor:
+def last_logits(model: nn.Module, idx: Tensor, **kwargs: object) -> Tensor:
     """Next-token logits (B, V) at the last position only: lm_head on one position per row, not
     on the whole prompt (most of a prefill's matmul work at a small model's vocabulary)."""
     return model.lm_head(model.hidden_states(idx, **kwargs)[:, -1])

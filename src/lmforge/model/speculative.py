@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.model.generate import KVCache, check_room
+from lmforge.model.generate import KVCache, check_room, last_logits
 
 
 @dataclass
@@ -101,7 +101,7 @@ def speculative_generate(
         t_cache = KVCache.for_model(target, 1, total)
         d_cache = KVCache.for_model(draft, 1, total)
         out = list(prompt)
-        last = _logits(target, out, t_cache, 0)[-1].argmax().item()  # prefill
+        last = _next_token(target, out, t_cache, 0)  # prefill
         result = SpeculativeResult([last], DraftStats(target_passes=1))
         out.append(last)
         d_seen = 0  # leading positions of the draft's cache that hold out's tokens
@@ -117,9 +117,7 @@ def speculative_generate(
             result.stats.proposed += len(guesses)
             result.stats.accepted += min(m, cut)
             result.stats.target_passes += 1
-            t_cache.length = n + m  # columns past the accepted tokens are rewritten next round
-            d_seen = min(d_seen, n + m)
-            d_cache.length = d_seen
+            d_seen = min(d_seen, n + m)  # columns past the accepted tokens are rewritten next round
             out += new
             result.tokens += new
             last = new[-1]
@@ -138,11 +136,18 @@ def _propose(
     guesses: list[int] = []
     feed = out[seen:]
     for _ in range(k):
-        nxt = _logits(draft, feed, cache, seen)[-1].argmax().item()
+        nxt = _next_token(draft, feed, cache, seen)
         seen += len(feed)
         guesses.append(nxt)
         feed = [nxt]
     return guesses, seen
+
+
+def _next_token(model: nn.Module, ids: list[int], cache: KVCache, start_pos: int) -> int:
+    """The greedy token after ids, read at start_pos over cache (lm_head on the last position
+    only, as generate's prefill)."""
+    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    return int(last_logits(model, idx, kv_cache=cache, start_pos=start_pos)[0].argmax())
 
 
 def _logits(model: nn.Module, ids: list[int], cache: KVCache, start_pos: int) -> Tensor:
