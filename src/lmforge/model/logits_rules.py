@@ -93,11 +93,13 @@ class LogitsRules:
             else history_mask.sum(dim=1)
         )  # (B,) each row's tokens so far
         if self.no_repeat_ngram_size:
-            logits = ban_repeated_ngrams(logits, history, history_mask, self.no_repeat_ngram_size)
+            logits = ban_repeated_ngrams(
+                logits, history, lengths.tolist(), self.no_repeat_ngram_size
+            )
         if eos and (step < self.min_new_tokens or self.min_length):
             too_short = (lengths < self.min_length) | (step < self.min_new_tokens)  # (B,)
             logits = ban_tokens(logits, too_short, eos)
-        if self.forced_bos_token_id is not None:
+        if self.forced_bos_token_id is not None and step == 0:  # only then can a row hold one
             logits = force_token(logits, lengths == 1, [self.forced_bos_token_id])
         if self.forced_eos_token_id is not None and step == max_new_tokens - 1:
             forced = self.forced_eos_token_id
@@ -123,14 +125,12 @@ def force_token(logits: Tensor, rows: Tensor, ids: Sequence[int]) -> Tensor:
     return torch.where(rows[:, None], forced, logits)
 
 
-def ban_repeated_ngrams(
-    logits: Tensor, history: Tensor, history_mask: Tensor | None, n: int
-) -> Tensor:
-    """-inf for each token that would complete an n-gram its row has already produced."""
+def ban_repeated_ngrams(logits: Tensor, history: Tensor, lengths: list[int], n: int) -> Tensor:
+    """-inf for each token that would complete an n-gram its row has already produced; lengths:
+    each row's tokens at the end of history (left padding before them)."""
     banned_rows, banned_cols = [], []
     for row, tokens in enumerate(history.tolist()):
-        if history_mask is not None:
-            tokens = tokens[len(tokens) - int(history_mask[row].sum()) :]  # padding on the left
+        tokens = tokens[len(tokens) - lengths[row] :]
         if len(tokens) + 1 < n:
             continue
         prefix = tokens[len(tokens) - n + 1 :]
