@@ -24,6 +24,11 @@ def pair_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
     return sequence_logps(logits, labels.flatten(0, 1)).view(ids.size(0), 2)
 
 
+def per_token(summed: Tensor, labels: Tensor) -> Tensor:
+    """Summed reply log-probs (B, 2) divided by their replies' token counts (labels (B, 2, T))."""
+    return summed / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+
+
 @torch.no_grad()
 def reference_logps(model: nn.Module, rows: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """Reply log-probs (N, 2) of every pair row under the (frozen) reference model."""
@@ -51,8 +56,7 @@ def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: floa
             logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind
         )
         if sft_weight > 0:
-            n_tokens = (batch["labels"][:, 0] != IGNORE_INDEX).sum(-1).clamp(min=1)
-            loss = loss + sft_weight * (-logps[:, 0] / n_tokens).mean()
+            loss = loss + sft_weight * -per_token(logps, batch["labels"])[:, 0].mean()
         return loss, {
             "reward_margin": (chosen_r - rejected_r).mean(),
             "pref_acc": (chosen_r > rejected_r).float().mean(),

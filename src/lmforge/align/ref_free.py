@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmforge.align.dpo import pair_logps
+from lmforge.align.dpo import pair_logps, per_token
 from lmforge.align.losses import orpo_odds_ratio_loss, simpo_loss
 from lmforge.align.reward import row_batches
-from lmforge.model.transformer import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,7 @@ class RefFreeSpec:
 def pair_mean_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """(summed, per-token mean) reply log-probs, each (B, 2), of pair rows ids/labels (B, 2, T)."""
     summed = pair_logps(model, ids, labels)
-    n_tokens = (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
-    return summed, summed / n_tokens
+    return summed, per_token(summed, labels)
 
 
 def ref_free_loss(spec: RefFreeSpec, mean: Tensor) -> tuple[Tensor, Tensor]:
