@@ -44,9 +44,9 @@ class ChunkedPrefills:
         self.rows.clear()
         self.progress = None
 
-    def step(self, start: Callable[[Row], None]) -> tuple[Row, BatchCache, Tensor] | None:
+    def step(self, start: Callable[[Row], None]) -> tuple[BatchCache, Tensor] | None:
         """The next chunk of the first prompt (start(row) before its first chunk): at the
-        prompt's end it leaves the queue and its row, cache and last logits come back, else
+        prompt's end it leaves the queue and its cache and last logits come back, else
         None. A failing pass drops the row too, then raises."""
         row = self.rows[0]
         if self.progress is None:
@@ -66,4 +66,4 @@ class ChunkedPrefills:
         self.rows.popleft()
         self.progress = None
         cache.pad_mask = torch.ones((1, end), dtype=torch.long, device=self.device)
-        return row, cache, logits
+        return cache, logits

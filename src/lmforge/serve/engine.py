@@ -384,7 +384,7 @@ class Engine:
             return
         if prefilled is None:
             return
-        _, cache, logits = prefilled
+        cache, logits = prefilled
         with self._lock:
             self._counts["prefills"] += 1
             self._counts["prompt_tokens"] += len(row.prompt)
