@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lmforge.model.quant_kernels import tracing
 from lmforge.model.quant_module import QuantModule
 from lmforge.model.quant_rounding import dequantize_weight
 
@@ -55,11 +56,25 @@ class QuantEmbedding(QuantModule):
 
     def forward(self, idx: Tensor) -> Tensor:
         flat = idx.reshape(-1)
+        if not tracing():  # under torch.compile/export a data-dependent check would break the graph
+            self._check_ids(flat)
         if self.kernel_packed:
             rows = self.kernel_packed_rows(flat).to(self.dtype)
         else:
             rows = dequantize_weight(self.codes[flat], self.scale[flat], self.bits, self.group_size)
         return rows.reshape(*idx.shape, self.embedding_dim)
+
+    def _check_ids(self, flat: Tensor) -> None:
+        """IndexError naming the first id outside 0..num_embeddings - 1, as nn.Embedding refuses
+        them: indexing the codes would read a negative id's row from the table's end (the
+        kernel layout's, from another block's bytes) without a word."""
+        outside = (flat < 0) | (flat >= self.num_embeddings)
+        if bool(outside.any()):
+            bad = int(flat[outside][0])
+            raise IndexError(
+                f"token id {bad} is out of range for an embedding table of "
+                f"{self.num_embeddings} rows (ids 0..{self.num_embeddings - 1})"
+            )
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"

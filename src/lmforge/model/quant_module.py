@@ -8,12 +8,22 @@ for this machine's kernel, since the kernel's bytes differ with the CPU.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lmforge.model import int4pack
+
+# A table tied to the LM head holds one packed weight (int4pack, scales_and_zeros) in both
+# modules. Its state dict entries in our layout are then one pair of tensors too (stored once:
+# train.checkpoint.save_weights' aliases, torch.save's shared storage), and a state dict's one
+# pair packs once at load, so the modules stay tied under load_state_dict(assign=True). Both
+# maps hold the other side weakly: nothing outlives the state dict or the module holding it.
+_OURS_OF_PACKED = WeakIdKeyDictionary()  # a module's int4pack -> Shared (codes, scale)
+_PACKED_OF_OURS = WeakIdKeyDictionary()  # a state dict's codes -> Shared (int4pack, s_and_z)
 
 
 class QuantModule(nn.Module):
@@ -59,8 +69,17 @@ class QuantModule(nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.kernel_packed:
+        if not self.kernel_packed:
+            return
+        names = (prefix + "codes", prefix + "scale")
+        ours = _shared(_OURS_OF_PACKED, self.int4pack, self.scales_and_zeros)
+        if ours is None:  # unpacked here, unless a module sharing the weight already did
             int4pack.state_to_ours(destination, prefix, self.weight_shape[0])
+            ours = tuple(destination[n] for n in names)
+            _OURS_OF_PACKED[self.int4pack] = _Shared(self.int4pack, self.scales_and_zeros, *ours)
+        else:
+            del destination[prefix + "int4pack"], destination[prefix + "scales_and_zeros"]
+        destination[names[0]], destination[names[1]] = ours
 
     def _load_from_state_dict(
         self,
@@ -73,11 +92,25 @@ class QuantModule(nn.Module):
         error_msgs: list[str],
     ) -> None:
         if self.kernel_packed:
-            error = int4pack.state_to_kernel(state_dict, prefix, self.weight_shape, self.group_size)
-            error_msgs += [error] if error else []
+            error_msgs += self._pack_loaded(state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _pack_loaded(self, state_dict: dict, prefix: str) -> list[str]:
+        """state_dict's codes and scale under prefix packed for this machine's kernel, in place
+        (int4pack.state_to_kernel), once for a pair another module packed already; its error."""
+        codes, scale = state_dict.get(prefix + "codes"), state_dict.get(prefix + "scale")
+        packed = None if codes is None else _shared(_PACKED_OF_OURS, codes, scale)
+        if packed is not None:
+            del state_dict[prefix + "codes"], state_dict[prefix + "scale"]
+            state_dict[prefix + "int4pack"], state_dict[prefix + "scales_and_zeros"] = packed
+            return []
+        error = int4pack.state_to_kernel(state_dict, prefix, self.weight_shape, self.group_size)
+        if error is None and codes is not None and scale is not None:
+            packed = (state_dict[prefix + "int4pack"], state_dict[prefix + "scales_and_zeros"])
+            _PACKED_OF_OURS[codes] = _Shared(codes, scale, *packed)
+        return [error] if error else []
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         """nn.Module._apply (model.to(dtype), .float(), .half(), .cuda()) with a kernel-packed
@@ -90,3 +123,32 @@ class QuantModule(nn.Module):
         super()._apply(fn, recurse)
         self.scales_and_zeros = scales.to(self.int4pack.device)
         return self
+
+
+class _Shared:
+    """Weak references to the pair (first, second) made from a key tensor and its partner, and
+    the versions of all four: stale once any is gone or was written to in place."""
+
+    def __init__(self, key: Tensor, partner: Tensor, first: Tensor, second: Tensor) -> None:
+        self.partner = weakref.ref(partner)
+        self.first, self.second = weakref.ref(first), weakref.ref(second)
+        self.versions = _versions(key, partner, first, second)
+
+
+def _shared(
+    made: WeakIdKeyDictionary, key: Tensor, partner: Tensor | None
+) -> tuple[Tensor, Tensor] | None:
+    """The pair made[key] made from key and partner, if all four are alive and unchanged."""
+    entry = made.get(key)
+    if entry is None or partner is None or entry.partner() is not partner:
+        return None
+    first, second = entry.first(), entry.second()
+    if first is None or second is None:
+        return None
+    if _versions(key, partner, first, second) != entry.versions:
+        return None
+    return first, second
+
+
+def _versions(*tensors: Tensor) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors)
