@@ -9,10 +9,11 @@ the bad value and what is allowed (a ConfigError, exit code 2).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -58,10 +59,22 @@ class StageConfig(Section):
         """Paths whose content decides whether a cached result is still valid."""
         return []
 
+    # built-in inputs (bytes from lmforge's code, no file of their own) the stage reads, each as
+    # the "module:function" returning its versions, imported only when a cache key is taken
+    version_sources: ClassVar[tuple[str, ...]] = ()
+
     def input_versions(self) -> dict[str, str]:
         """Versions of built-in inputs whose bytes come from lmforge's code (the stdlib-docs
-        corpus), by name: like inputs(), a changed value invalidates a cached result."""
-        return {}
+        corpus), by name: like inputs(), a changed value invalidates a cached result. Those of
+        version_sources, merged; a stage whose inputs follow its settings overrides this."""
+        versions: dict[str, str] = {}
+        for source in self.version_sources:
+            module, _, function = source.partition(":")
+            versions |= getattr(importlib.import_module(module), function)()
+        return versions
+
+
+STDLIB_DOCS_VERSIONS = "lmforge.data.stdlib_docs:corpus_versions"  # the built-in corpus's
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmforge.config import NOT_HASHED, Section, StageConfig
+from lmforge.config import NOT_HASHED, STDLIB_DOCS_VERSIONS, Section, StageConfig
 from lmforge.data.augment import AugmentConfig
 
 SourceKind = Literal["auto", "text", "jsonl", "parquet", "html", "warc", "hf", "stdlib-docs"]
@@ -261,10 +261,12 @@ class DataConfig(StageConfig):
         terms = [self.bias.terms] if self.bias.enabled and self.bias.terms else []
         return paths + list(self.decontam.eval_sets) + self.augment.inputs() + terms
 
+    version_sources = (STDLIB_DOCS_VERSIONS,)
+
     def input_versions(self) -> dict[str, str]:
         """The stdlib-docs corpus format when it is a source: a corpus built by older code
         misses the cache (its topics file, an input, is unchanged by lmforge's code)."""
-        from lmforge.data.stdlib_docs import NAME, corpus_versions
+        from lmforge.data.stdlib_docs import NAME
 
         stdlib = any(spec.path == NAME or spec.kind == NAME for spec in self.source)
-        return corpus_versions() if stdlib else {}
+        return super().input_versions() if stdlib else {}

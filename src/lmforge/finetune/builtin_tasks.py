@@ -27,7 +27,7 @@ from pydantic import Field
 
 from lmforge.artifacts import StageContext, run_stage
 from lmforge.common.io import write_jsonl
-from lmforge.config import StageConfig
+from lmforge.config import STDLIB_DOCS_VERSIONS, StageConfig
 from lmforge.errors import ConfigError
 
 # Module family -> stdlib modules in it. Fixed, so labels are the same on every machine.
@@ -69,10 +69,7 @@ class TasksConfig(StageConfig):
 
         return [corpus_marker()]
 
-    def input_versions(self) -> dict[str, str]:
-        from lmforge.data.stdlib_docs import corpus_versions
-
-        return corpus_versions()
+    version_sources = (STDLIB_DOCS_VERSIONS,)
 
 
 @dataclass(frozen=True)

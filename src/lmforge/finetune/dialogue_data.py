@@ -29,7 +29,7 @@ from pydantic import Field
 
 from lmforge.artifacts import StageContext
 from lmforge.common.io import write_jsonl
-from lmforge.config import StageConfig
+from lmforge.config import STDLIB_DOCS_VERSIONS, StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.builtin_tasks import SPLITS, split_of, stdlib_functions, summary
 
@@ -81,10 +81,7 @@ class DialoguesConfig(StageConfig):
 
         return [corpus_marker()]
 
-    def input_versions(self) -> dict[str, str]:
-        from lmforge.data.stdlib_docs import corpus_versions
-
-        return corpus_versions()
+    version_sources = (STDLIB_DOCS_VERSIONS,)
 
 
 def _plant_pii(question: str, rng: random.Random, planted: Counter) -> str:

@@ -20,14 +20,10 @@ from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.model import int4pack
-from lmforge.model.quant import (
-    BITS,
-    QuantEmbedding,
-    QuantLinear,
-    dequantize_weight,
-    kernel_packable,
-    quantize_weight,
-)
+from lmforge.model.quant import QuantLinear
+from lmforge.model.quant_embedding import QuantEmbedding
+from lmforge.model.quant_kernels import kernel_packable
+from lmforge.model.quant_rounding import BITS, dequantize_weight, quantize_weight
 
 QUANT_METHOD = "lmforge"  # quantization_config.quant_method of our checkpoints
 SCALE_SUFFIX = "_scale"

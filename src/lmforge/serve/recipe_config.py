@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from lmforge.artifacts import StageContext, require_artifact
-from lmforge.config import StageConfig, load_yaml, to_yaml, validate
+from lmforge.config import STDLIB_DOCS_VERSIONS, StageConfig, load_yaml, to_yaml, validate
 from lmforge.errors import ConfigError
 
 KB_DOCS, KB_INDEX = "kb", "kb.db"
@@ -41,10 +41,7 @@ class KnowledgeBaseStage(StageConfig):
 
         return [corpus_marker()]
 
-    def input_versions(self) -> dict[str, str]:
-        from lmforge.data.stdlib_docs import corpus_versions
-
-        return corpus_versions()
+    version_sources = (STDLIB_DOCS_VERSIONS,)
 
 
 def _summary(docstring: str) -> str:

@@ -1,0 +1,89 @@
+"""Quantized embedding tables: ids outside the table refused, a tied int4 table and LM head
+saved once and reloaded tied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.compress.quantize import quantize_dir
+from lmforge.model import int4pack
+from lmforge.model.convert import load_pretrained
+from lmforge.model.quant_embedding import QuantEmbedding
+from lmforge.model.quant_rounding import dequantize_weight, quantize_weight
+from lmforge.train.checkpoint import load_weights, save_weights
+from unit.evals.helpers import make_model_dir
+
+LAYOUTS = [
+    "int8",
+    "int4",
+    pytest.param(
+        "int4-kernel",
+        marks=pytest.mark.skipif(
+            int4pack.int4pack_layout() is None, reason="this torch has no CPU int4 kernel"
+        ),
+    ),
+]
+
+
+def quantized_table(layout: str) -> tuple[nn.Embedding, QuantEmbedding, torch.Tensor]:
+    """A 64 x 64 nn.Embedding, its QuantEmbedding in `layout` and the dequantized table."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(64, 64)
+    bits, packed = (8, False) if layout == "int8" else (4, layout == "int4-kernel")
+    codes, scale = quantize_weight(emb.weight.detach(), bits, 32)
+    table = QuantEmbedding(64, 64, bits, 32, kernel_packed=packed)
+    if packed:
+        table.int4pack, table.scales_and_zeros = int4pack.pack(codes, scale, 32)
+    else:
+        table.codes, table.scale = codes, scale
+    return emb, table, dequantize_weight(codes, scale, bits, 32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bad", [-1, -64, 64])
+def test_an_id_outside_a_quantized_table_is_refused_like_nn_embedding(layout, bad) -> None:
+    emb, table, weight = quantized_table(layout)
+    ids = torch.tensor([[3, 5], [bad, 7]])
+    with pytest.raises(IndexError):  # what torch's own table does
+        emb(ids)
+    with pytest.raises(IndexError, match=rf"token id {bad} is out of range .* 64 rows"):
+        table(ids)
+    ok = torch.tensor([[0, 63], [5, 7]])  # the edges are in range and read their own rows
+    assert torch.allclose(table(ok), weight[ok], atol=1e-2 if layout == "int4-kernel" else 0)
+
+
+def test_a_kept_quantized_model_refuses_a_negative_token_id(tmp_path: Path) -> None:
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / "int4", "int4", 32)
+    model = load_pretrained(tmp_path / "int4")
+    assert isinstance(model.tok_emb, QuantEmbedding)
+    with pytest.raises(IndexError, match="token id -1 is out of range"):
+        model(torch.tensor([[5, -1, 6]]))
+
+
+def test_a_tied_int4_table_and_head_are_saved_once_and_reload_tied(tmp_path: Path) -> None:
+    src = make_model_dir(tmp_path / "fp32")  # the micro preset ties its embeddings
+    quantize_dir(src, tmp_path / "int4", "int4", 32)
+    model = load_pretrained(tmp_path / "int4")
+    assert model.tok_emb.stored_codes is model.lm_head.stored_codes
+    state = model.state_dict()
+    save_weights(state, tmp_path / "tied.safetensors")
+    untied = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    save_weights(untied, tmp_path / "one_copy.safetensors")
+    table = state["tok_emb.codes"].nbytes + state["tok_emb.scale"].nbytes
+    extra = (tmp_path / "tied.safetensors").stat().st_size
+    extra -= (tmp_path / "one_copy.safetensors").stat().st_size
+    assert table > 5000 and 0 <= extra < 200  # the head's names as aliases, not its bytes
+
+    reloaded = load_pretrained(tmp_path / "int4")
+    reloaded.load_state_dict(load_weights(tmp_path / "tied.safetensors"), assign=True)
+    assert reloaded.tok_emb.stored_codes is reloaded.lm_head.stored_codes
+    scales = "scales_and_zeros" if model.tok_emb.kernel_packed else "scale"
+    assert getattr(reloaded.tok_emb, scales) is getattr(reloaded.lm_head, scales)
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), model(ids))
