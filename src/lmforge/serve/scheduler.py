@@ -9,6 +9,7 @@ tested and changed without a model.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 PREFILL_PADDING = 0.25  # most padding a prefill pass may add, as a fraction of its prompt tokens
@@ -21,16 +22,20 @@ class _Prompted(Protocol):
 R = TypeVar("R", bound=_Prompted)
 
 
-def admit(waiting: deque[R], free: int, budget: int) -> list[R]:
+def admit(
+    waiting: deque[R], free: int, budget: int, cost: Callable[[R], int] | None = None
+) -> list[R]:
     """Pops the waiting requests for this step's prefill: as many as the batch has `free` rows
     and the `budget` of prompt tokens allows (one at least), so a burst of long prompts delays
-    the running rows' next tokens by one budget's prefill, not by all of them."""
+    the running rows' next tokens by one budget's prefill, not by all of them. cost(request):
+    the tokens its prefill runs (default its prompt's length; less with a prefix cache hit)."""
     joining: list[R] = []
     while waiting and len(joining) < free:
-        if joining and len(waiting[0].prompt) > budget:
+        tokens = len(waiting[0].prompt) if cost is None else cost(waiting[0])
+        if joining and tokens > budget:
             break
         joining.append(waiting.popleft())
-        budget -= len(joining[-1].prompt)
+        budget -= tokens
     return joining
 
 
