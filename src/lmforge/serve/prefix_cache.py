@@ -25,8 +25,10 @@ import logging
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+if TYPE_CHECKING:  # torch stays unimported here: the CLI reads DEFAULT_MB before loading it
+    from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
