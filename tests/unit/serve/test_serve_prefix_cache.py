@@ -40,16 +40,16 @@ def test_a_key_is_the_whole_prefix_and_the_last_token_is_always_left_to_the_mode
     cache.store(prompt, *_kv(3 * B))
     assert cache.stats().blocks == 3
     # the same block after different earlier tokens is another key
-    other = [99] + prompt[1:]
+    other = [99, *prompt[1:]]
     assert cache.keys(other, 3)[1:] != cache.keys(prompt, 3)[1:]
     assert cache.peek(other) == 0
     # at most len - 1 tokens: a prompt of exactly one or three blocks reuses one block fewer
     assert cache.peek(prompt[:B]) == 0
     assert cache.peek(prompt[: B + 1]) == B
     assert cache.peek(prompt) == 2 * B
-    assert cache.peek(prompt + [5]) == 3 * B
+    assert cache.peek([*prompt, 5]) == 3 * B
     assert cache.peek(prompt[: B - 3]) == 0  # shorter than a block
-    hit = cache.lookup(prompt + [5, 6])
+    hit = cache.lookup([*prompt, 5, 6])
     assert hit.tokens == 3 * B and len(hit.k) == 3
     k = torch.zeros(2, 2, 3 * B, 4)
     v = torch.zeros_like(k)
@@ -74,16 +74,16 @@ def test_a_hash_collision_cannot_hand_out_another_prompts_keys(monkeypatch):
 def test_lru_evicts_leaves_first_and_never_the_prompt_being_stored():
     cache = PrefixCache(3 * _block_bytes())
     a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
-    cache.store(a + [1], *_kv(2 * B + 1))
-    cache.store(b + [1], *_kv(2 * B + 1, fill=2.0))  # needs one of a's blocks: a's leaf goes
+    cache.store([*a, 1], *_kv(2 * B + 1))
+    cache.store([*b, 1], *_kv(2 * B + 1, fill=2.0))  # needs one of a's blocks: a's leaf goes
     stats = cache.stats()
     assert (stats.blocks, stats.evictions, stats.bytes) == (3, 1, 3 * _block_bytes())
-    assert cache.peek(a + [1]) == B  # a's first block survived, its second did not
-    assert cache.peek(b + [1]) == 2 * B
-    assert torch.equal(cache.lookup(b + [1]).k[1], _kv(2 * B, fill=2.0)[0][:, :, B:])
-    cache.lookup(a + [1])  # a's block is now the youngest: b's leaf is the oldest entry
-    cache.store(list(range(900, 900 + B)) + [1], *_kv(B + 1))
-    assert cache.peek(a + [1]) == B and cache.peek(b + [1]) == B  # b's leaf was the oldest
+    assert cache.peek([*a, 1]) == B  # a's first block survived, its second did not
+    assert cache.peek([*b, 1]) == 2 * B
+    assert torch.equal(cache.lookup([*b, 1]).k[1], _kv(2 * B, fill=2.0)[0][:, :, B:])
+    cache.lookup([*a, 1])  # a's block is now the youngest: b's leaf is the oldest entry
+    cache.store([*list(range(900, 900 + B)), 1], *_kv(B + 1))
+    assert cache.peek([*a, 1]) == B and cache.peek([*b, 1]) == B  # b's leaf was the oldest
     # a prompt bigger than the whole budget keeps what fits and evicts nothing of its own
     long = list(range(2000, 2000 + 5 * B))
     cache.store(long, *_kv(5 * B))
@@ -104,14 +104,13 @@ def _model(preset: str, vocab_size: int) -> Transformer:
 
 
 PROMPTS = [
-    SYSTEM + [40, 41, 42],
-    SYSTEM + [50],
+    [*SYSTEM, 40, 41, 42],
+    [*SYSTEM, 50],
     SYSTEM[: 2 * B + 1],  # two whole blocks and one token
     SYSTEM[:B],  # exactly one block: nothing reusable
     SYSTEM[: B - 4],  # shorter than a block
-    SYSTEM[: B + 3] + [60, 61, 62, 63, 64, 65, 66, 67, 68],
-    SYSTEM
-    + list(range(70, 70 + B + 9)),  # after its hit, a tail longer than the chunk tests' budgets
+    [*SYSTEM[: B + 3], 60, 61, 62, 63, 64, 65, 66, 67, 68],
+    [*SYSTEM, *range(70, 70 + B + 9)],  # after its hit, a tail over the chunk tests' budgets
     [9, 8, 7],
 ]
 
