@@ -12,16 +12,16 @@ from torch import Tensor, nn
 
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.causal_step import chunk_pass
-from lmforge.serve.prefix_cache import NO_HIT, PrefixCache
+from lmforge.serve.prefix_cache import PrefixCache
 from lmforge.serve.request_book import Row
 
 
 class ChunkedPrefills:
     """The queue of over-budget prompts and the first one's progress: its cache, columns done.
-    prefix: the engine's prefix cache (None: off), looked up when a prompt's prefill begins."""
+    prefix: the engine's prefix cache, looked up when a prompt's prefill begins."""
 
     def __init__(
-        self, model: nn.Module, device: torch.device, budget: int, prefix: PrefixCache | None
+        self, model: nn.Module, device: torch.device, budget: int, prefix: PrefixCache
     ) -> None:
         self.model, self.device, self.budget, self.prefix = model, device, budget, prefix
         self.rows: deque[Row] = deque()
@@ -56,7 +56,7 @@ class ChunkedPrefills:
         row = self.rows[0]
         if self.progress is None:
             start(row)
-            hit = NO_HIT if self.prefix is None else self.prefix.lookup(row.prompt)
+            hit = self.prefix.lookup(row.prompt)
             cache = BatchCache.empty(self.model, 1, len(row.prompt))
             hit.write(cache.k[:, 0], cache.v[:, 0], hit.tokens)
             self.progress = cache, hit.tokens

@@ -61,7 +61,7 @@ from lmforge.serve.handle import (
     collect,
 )
 from lmforge.serve.model_dir import load_served_model
-from lmforge.serve.prefix_cache import NO_PREFIX_CACHE, PrefixCache
+from lmforge.serve.prefix_cache import PrefixCache
 from lmforge.serve.request_book import RequestBook, Row
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults
 from lmforge.serve.sampling import SamplingParams, new_generator
@@ -96,11 +96,10 @@ class Engine:
         request_defaults: RequestDefaults = NO_DEFAULTS,
         prefix_cache_mb: float = 0,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0:
+        if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise InputError(
-                "max_batch_size and max_prefill_tokens must be >= 1, max_queue and "
-                f"prefix_cache_mb >= 0, got {max_batch_size}, {max_prefill_tokens}, "
-                f"{max_queue}, {prefix_cache_mb}"
+                "max_batch_size and max_prefill_tokens must be >= 1 and max_queue >= 0, got "
+                f"{max_batch_size}, {max_prefill_tokens}, {max_queue}"
             )
         _configure_threads(threads)
         self.model = model.eval()
@@ -122,7 +121,7 @@ class Engine:
         self._book = RequestBook()  # waiting, active and abort-asked requests; the counts
         self._running: list[Row] = []
         self._cache: BatchCache | None = None
-        # prompts' leading blocks' keys/values, reused by later prompts (None: off)
+        # prompts' leading blocks' keys/values, reused by later prompts (serve/prefix_cache.py)
         self._prefix = PrefixCache.for_model(model, prefix_cache_mb)
         # prompts over the budget, prefilled a chunk a step
         self._chunked = ChunkedPrefills(self.model, self.device, max_prefill_tokens, self._prefix)
@@ -230,7 +229,7 @@ class Engine:
                 max_batch_size=self.max_batch_size,
                 cache_tokens=tokens,
                 cache_capacity=capacity,
-                prefix=self._prefix.stats() if self._prefix else NO_PREFIX_CACHE,
+                prefix=self._prefix.stats(),
                 **self._counts,
             )
 
@@ -297,7 +296,8 @@ class Engine:
                         return
                     free = self.max_batch_size - len(self._running)
                     joining = [] if self._chunked else admit(
-                        book.waiting, free, self.max_prefill_tokens, self._prefill_cost
+                        book.waiting, free, self.max_prefill_tokens,
+                        cost=lambda prompt: len(self._prefix.uncached(prompt)),
                     )  # fmt: skip
                     book.admit(joining)
                 try:
@@ -341,20 +341,11 @@ class Engine:
     def _prefill(self, rows: list[Row]) -> None:
         """Prefills newcomers in groups of similar length, then merges them into the batch;
         prompts over the budget wait in _chunked, prefilled a chunk a step."""
-        todo = [r.prompt[len(r.prompt) - self._prefill_cost(r) :] for r in rows]  # uncached
+        todo = [self._prefix.uncached(r.prompt) for r in rows]  # a cached prefix costs nothing
         whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
         joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
         self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
-
-    def _prefill_cost(self, row: Row) -> int:
-        """Prompt tokens a row's prefill runs: those the prefix cache does not hold."""
-        return len(row.prompt) - (self._prefix.peek(row.prompt) if self._prefix else 0)
-
-    def _remember(self, rows: list[Row], cache: BatchCache) -> None:
-        """Stores the prefilled prompts' blocks in the prefix cache, for later prompts."""
-        for i, row in enumerate(rows if self._prefix else []):
-            self._prefix.store(row.prompt, *cache.row_kv(i, len(row.prompt)))
 
     def _join(self, joined: list[tuple[list[Row], BatchCache]]) -> None:
         """Merges prefilled rows (and their caches) into the running batch."""
@@ -401,7 +392,7 @@ class Engine:
         if prefilled is None:
             return
         cache, logits = prefilled
-        self._remember([row], cache)
+        self._prefix.store_batch([row.prompt], cache)
         with self._lock:
             self._counts["prefills"] += 1
             self._counts["prompt_tokens"] += len(row.prompt)
@@ -425,9 +416,9 @@ class Engine:
         """The newcomers' prompts in one left-padded forward pass (from their prefix cache hits
         on): their cache and next logits."""
         prompts = [r.prompt for r in rows]
-        hits = [self._prefix.lookup(p) for p in prompts] if self._prefix else None
+        hits = [self._prefix.lookup(p) for p in prompts]
         cache, logits = prefill_pass(self.model, prompts, self.device, hits)
-        self._remember(rows, cache)
+        self._prefix.store_batch(prompts, cache)
         for row in rows:
             self._start(row)
         return cache, logits

@@ -27,8 +27,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lmforge.errors import InputError
+
 if TYPE_CHECKING:  # torch stays unimported here: the CLI reads DEFAULT_MB before loading it
     from torch import Tensor, nn
+
+    from lmforge.serve.batch_cache import BatchCache
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +94,15 @@ NO_PREFIX_CACHE = PrefixCacheStats()  # an engine without one
 
 
 class PrefixCache:
-    """Block-hashed prompt keys/values in an LRU of at most `budget_bytes`; the engine's thread
-    looks up and stores, any thread may read stats()."""
+    """Block-hashed prompt keys/values in an LRU of at most `budget_bytes` (0: off, every
+    lookup a silent NO_HIT); the engine's thread looks up and stores, any thread may read
+    stats()."""
 
     def __init__(self, budget_bytes: int, block_tokens: int = BLOCK_TOKENS) -> None:
-        if budget_bytes < 1 or block_tokens < 1:
-            raise ValueError(
-                f"a prefix cache needs a budget and block size >= 1, got {budget_bytes} bytes, "
-                f"{block_tokens} tokens"
+        if budget_bytes < 0 or block_tokens < 1:
+            raise InputError(
+                f"a prefix cache needs a budget >= 0 and a block size >= 1, got {budget_bytes} "
+                f"bytes, {block_tokens} tokens"
             )
         self.budget = budget_bytes
         self.block_tokens = block_tokens
@@ -106,15 +111,15 @@ class PrefixCache:
         self._hits = self._misses = self._hit_tokens = self._evictions = 0
 
     @classmethod
-    def for_model(cls, model: nn.Module, mb: float) -> PrefixCache | None:
-        """The cache of an engine over `model` with `mb` MiB: None when mb is 0, or for an
+    def for_model(cls, model: nn.Module, mb: float) -> PrefixCache:
+        """The cache of an engine over `model` with `mb` MiB: off when mb is 0, or for an
         encoder-decoder, whose decoder starts from its source's cross keys/values rather than a
         prompt prefix (Seq2SeqEngine prefills its own way; the cache would never be used)."""
-        if not mb:
-            return None
-        if getattr(model.config, "is_encoder_decoder", False):
+        if mb < 0:
+            raise InputError(f"prefix_cache_mb must be >= 0 (0 = off), got {mb}")
+        if mb and getattr(model.config, "is_encoder_decoder", False):
             log.info("prefix caching is for causal models; this encoder-decoder runs without")
-            return None
+            mb = 0
         return cls(int(mb * 2**20))
 
     def keys(self, prompt: list[int], blocks: int) -> list[bytes]:
@@ -141,14 +146,22 @@ class PrefixCache:
         """Blocks a lookup may reuse: whole blocks, the last prompt token left out."""
         return (len(prompt) - 1) // self.block_tokens
 
+    def uncached(self, prompt: list[int]) -> list[int]:
+        """The prompt's positions a prefill must run now: those after what lookup() would
+        cover (the scheduler's cost; nothing counted or touched)."""
+        return prompt[self.peek(prompt) :]
+
     def peek(self, prompt: list[int]) -> int:
-        """Prompt positions lookup() would cover now, counting and touching nothing (the
-        scheduler's prefill cost)."""
+        """Prompt positions lookup() would cover now, counting and touching nothing."""
+        if not self.budget:
+            return 0
         keys = self.keys(prompt, self._reusable_blocks(prompt))
         return len(self._cached(prompt, keys)) * self.block_tokens
 
     def lookup(self, prompt: list[int]) -> PrefixHit:
         """The longest cached block prefix of the prompt (at most len - 1 tokens); counted."""
+        if not self.budget:
+            return NO_HIT
         keys = self.keys(prompt, self._reusable_blocks(prompt))
         found = self._cached(prompt, keys)
         if not found:
@@ -165,6 +178,8 @@ class PrefixCache:
         len(prompt), hd); blocks already held are only touched. Evicts least recently used
         blocks (never this prompt's) to stay under the budget; stores fewer blocks, or none,
         when even that is not enough."""
+        if not self.budget:
+            return
         n = self.block_tokens
         keys = self.keys(prompt, len(prompt) // n)
         held = keys[: len(self._cached(prompt, keys))]
@@ -189,6 +204,11 @@ class PrefixCache:
             self._blocks[keys[i]] = block
             self._bytes += block.nbytes
         self._touch(held)
+
+    def store_batch(self, prompts: list[list[int]], cache: BatchCache) -> None:
+        """store() for each row of a just-prefilled batch (rows right-aligned, in this order)."""
+        for i, prompt in enumerate(prompts):
+            self.store(prompt, *cache.row_kv(i, len(prompt)))
 
     def _touch(self, keys: list[bytes]) -> None:
         """Marks a chain's blocks used, deepest first, so each parent ends younger than its child."""

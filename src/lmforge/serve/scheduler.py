@@ -23,15 +23,15 @@ R = TypeVar("R", bound=_Prompted)
 
 
 def admit(
-    waiting: deque[R], free: int, budget: int, cost: Callable[[R], int] | None = None
+    waiting: deque[R], free: int, budget: int, cost: Callable[[list[int]], int] = len
 ) -> list[R]:
     """Pops the waiting requests for this step's prefill: as many as the batch has `free` rows
     and the `budget` of prompt tokens allows (one at least), so a burst of long prompts delays
-    the running rows' next tokens by one budget's prefill, not by all of them. cost(request):
-    the tokens its prefill runs (default its prompt's length; less with a prefix cache hit)."""
+    the running rows' next tokens by one budget's prefill, not by all of them. cost(prompt):
+    the tokens its prefill runs (its length; less after a prefix cache hit)."""
     joining: list[R] = []
     while waiting and len(joining) < free:
-        tokens = len(waiting[0].prompt) if cost is None else cost(waiting[0])
+        tokens = cost(waiting[0].prompt)
         if joining and tokens > budget:
             break
         joining.append(waiting.popleft())

@@ -210,7 +210,7 @@ def test_an_encoder_decoder_engine_runs_without_a_prefix_cache(files):
     torch.manual_seed(0)
     model = Seq2SeqLM(preset_config("bart-micro", vocab_size=files.vocab_size, init_std=0.2))
     engine = Seq2SeqEngine(model.eval(), files, name="s2s", prefix_cache_mb=4)
-    assert PrefixCache.for_model(model, 4) is None
+    assert PrefixCache.for_model(model, 4).budget == 0  # off
     engine.start()
     try:
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -224,7 +224,7 @@ def test_an_encoder_decoder_engine_runs_without_a_prefix_cache(files):
 def test_a_negative_budget_is_refused(files):
     from lmforge.errors import InputError
 
-    with pytest.raises(InputError, match="prefix_cache_mb >= 0"):
+    with pytest.raises(InputError, match=r"prefix_cache_mb must be >= 0 \(0 = off\), got -1"):
         Engine(_model("micro", files.vocab_size), files, name="m", prefix_cache_mb=-1)
 
 
