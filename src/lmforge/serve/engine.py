@@ -8,9 +8,10 @@ Requests join and leave the running batch at every decoding step. A background t
    model's start_pos + explicit causal mask), with the running batch decoding in between;
 2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
    group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
-   a prefill is compute-bound already and padding only adds work); each newcomer samples its
-   first token from the prefill logits and the groups' keys/values merge into the running
-   batch's cache in one copy (BatchCache.merge: all blocks right-aligned at the longest length);
+   a prefill is compute-bound already and padding only adds work); the leading blocks of a
+   prompt that the prefix cache holds are copied in, not recomputed (serve/prefix_cache.py, off
+   unless prefix_cache_mb); each newcomer samples its first token from the prefill logits and
+   the groups' keys/values merge into the running batch's cache in one copy (BatchCache.merge);
 3. one decoding step for the whole running batch: every row feeds its last token at start_pos=L
    with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
    and never attends to another row's padding;
@@ -296,8 +297,7 @@ class Engine:
                         return
                     free = self.max_batch_size - len(self._running)
                     joining = [] if self._chunked else admit(
-                        book.waiting, free, self.max_prefill_tokens,
-                        cost=lambda prompt: len(self._prefix.uncached(prompt)),
+                        book.waiting, free, self.max_prefill_tokens, self._prefix.prefill_tokens
                     )  # fmt: skip
                     book.admit(joining)
                 try:
@@ -341,7 +341,7 @@ class Engine:
     def _prefill(self, rows: list[Row]) -> None:
         """Prefills newcomers in groups of similar length, then merges them into the batch;
         prompts over the budget wait in _chunked, prefilled a chunk a step."""
-        todo = [self._prefix.uncached(r.prompt) for r in rows]  # a cached prefix costs nothing
+        todo = [r.prompt[self._prefix.peek(r.prompt) :] for r in rows]  # what is not cached
         whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
         joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
         self._chunked.extend(rows[i] for i in chunked)

@@ -146,10 +146,9 @@ class PrefixCache:
         """Blocks a lookup may reuse: whole blocks, the last prompt token left out."""
         return (len(prompt) - 1) // self.block_tokens
 
-    def uncached(self, prompt: list[int]) -> list[int]:
-        """The prompt's positions a prefill must run now: those after what lookup() would
-        cover (the scheduler's cost; nothing counted or touched)."""
-        return prompt[self.peek(prompt) :]
+    def prefill_tokens(self, prompt: list[int]) -> int:
+        """Positions a prefill of the prompt must run now (the scheduler's cost)."""
+        return len(prompt) - self.peek(prompt)
 
     def peek(self, prompt: list[int]) -> int:
         """Prompt positions lookup() would cover now, counting and touching nothing."""

@@ -90,6 +90,21 @@ def test_lru_evicts_leaves_first_and_never_the_prompt_being_stored():
     assert cache.peek(long) == 3 * B and cache.stats().bytes <= cache.budget
 
 
+def test_admission_counts_only_the_tokens_a_prefill_runs():
+    from collections import deque
+    from types import SimpleNamespace
+
+    from lmforge.serve.scheduler import admit
+
+    cache = PrefixCache(10 * _block_bytes())
+    shared = list(range(3 * B))
+    cache.store(shared, *_kv(3 * B))
+    waiting = [SimpleNamespace(prompt=[*shared, i]) for i in range(4)]
+    assert cache.prefill_tokens(waiting[0].prompt) == 1
+    assert len(admit(deque(waiting), 8, 3 * B + 2)) == 1  # whole prompts: one fits the budget
+    assert len(admit(deque(waiting), 8, 3 * B + 2, cache.prefill_tokens)) == 4
+
+
 # -- the engine: the same answers with the cache on and off -------------------------------------
 
 
