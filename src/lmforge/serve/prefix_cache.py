@@ -36,9 +36,7 @@ if TYPE_CHECKING:  # torch stays unimported here: the CLI reads DEFAULT_MB befor
 
 log = logging.getLogger(__name__)
 
-BLOCK_TOKENS = (
-    16  # tokens per cached block: vLLM's default; a prefix is reused whole blocks at a time
-)
+BLOCK_TOKENS = 16  # tokens per cached block (vLLM's default); prefixes are reused in whole blocks
 DEFAULT_MB = 256  # see ServeSettings.prefix_cache_mb for why
 _ROOT = b""  # the chain's key before the first block
 
