@@ -57,7 +57,7 @@ def run(engine, prompts: list[list[int]], n_new: int, burst: bool) -> tuple[list
     return answers, [h.first_token_at - h.submitted_at for h in handles], wall
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--system", type=int, default=768, help="shared system prompt (tokens)")
@@ -68,14 +68,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.requests, args.rounds, args.system = 4, 1, 128
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     from lmforge.model.config import preset_config
     from lmforge.model.transformer import Transformer
     from lmforge.serve.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
         files = make_tokenizer(4096, Path(tmp))
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the random `small` body
     model = Transformer(preset_config("small", vocab_size=files.vocab_size)).eval()
     prompts = make_requests(args, files.vocab_size)
     print(f"model small body ({model.num_params() / 1e6:.1f}M params), {args.requests} requests: "
