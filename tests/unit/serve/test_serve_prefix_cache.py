@@ -1,6 +1,6 @@
 """Automatic prefix caching: the store's keys, limits and LRU; the engine's answers identical with
 the cache on and off (RoPE and learned positions, batches joining, n > 1, chunked prefill, int8
-weights); and a real server whose /metrics hit counters rise while its answers stay the same."""
+and int4 weights); a real server whose /metrics hit counters rise, its answers unchanged."""
 
 from __future__ import annotations
 
@@ -199,11 +199,12 @@ def test_a_cache_too_small_for_a_block_stores_nothing_and_changes_nothing(files)
     assert (stats.blocks, stats.hits) == (0, 0)
 
 
-def test_int8_weights_give_the_same_answers_with_the_cache(serve_model_dir, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "int4"])  # weights served quantized; the KV float
+def test_quantized_weights_give_the_same_answers_with_the_cache(serve_model_dir, tmp_path, scheme):
     from lmforge.compress.quantize import quantize_dir
 
-    q = tmp_path / "int8"
-    quantize_dir(serve_model_dir, q, "int8", 32)
+    q = tmp_path / scheme
+    quantize_dir(serve_model_dir, q, scheme, 32)
     runs = []
     for mb in (0, 4):
         engine = Engine.from_dir(q, device="cpu", prefix_cache_mb=mb)
