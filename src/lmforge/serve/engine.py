@@ -297,7 +297,7 @@ class Engine:
                         return
                     free = self.max_batch_size - len(self._running)
                     joining = [] if self._chunked else admit(
-                        book.waiting, free, self.max_prefill_tokens, self._prefix.prefill_tokens
+                        book.waiting, free, self.max_prefill_tokens, self._prefix
                     )  # fmt: skip
                     book.admit(joining)
                 try:

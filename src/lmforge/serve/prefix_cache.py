@@ -144,9 +144,15 @@ class PrefixCache:
         """Blocks a lookup may reuse: whole blocks, the last prompt token left out."""
         return (len(prompt) - 1) // self.block_tokens
 
-    def prefill_tokens(self, prompt: list[int]) -> int:
-        """Positions a prefill of the prompt must run now (the scheduler's cost)."""
-        return len(prompt) - self.peek(prompt)
+    def prefill_need(self, prompt: list[int]) -> tuple[int, bytes | None]:
+        """What admitting the prompt now costs (serve/scheduler.py's admit): the positions its
+        prefill runs, and the key of the first block that prefill computes and a later lookup
+        could reuse (None: none); nothing counted or touched."""
+        if not self.budget:
+            return len(prompt), None
+        keys = self.keys(prompt, self._reusable_blocks(prompt))
+        have = len(self._cached(prompt, keys))
+        return len(prompt) - have * self.block_tokens, keys[have] if have < len(keys) else None
 
     def peek(self, prompt: list[int]) -> int:
         """Prompt positions lookup() would cover now, counting and touching nothing."""

@@ -90,7 +90,7 @@ def test_lru_evicts_leaves_first_and_never_the_prompt_being_stored():
     assert cache.peek(long) == 3 * B and cache.stats().bytes <= cache.budget
 
 
-def test_admission_counts_only_the_tokens_a_prefill_runs():
+def test_admission_counts_uncached_tokens_and_prefills_a_new_shared_prefix_once():
     from collections import deque
     from types import SimpleNamespace
 
@@ -100,9 +100,20 @@ def test_admission_counts_only_the_tokens_a_prefill_runs():
     shared = list(range(3 * B))
     cache.store(shared, *_kv(3 * B))
     waiting = [SimpleNamespace(prompt=[*shared, i]) for i in range(4)]
-    assert cache.prefill_tokens(waiting[0].prompt) == 1
+    assert cache.prefill_need(waiting[0].prompt) == (1, None)  # all but the last token cached
     assert len(admit(deque(waiting), 8, 3 * B + 2)) == 1  # whole prompts: one fits the budget
-    assert len(admit(deque(waiting), 8, 3 * B + 2, cache.prefill_tokens)) == 4
+    assert len(admit(deque(waiting), 8, 3 * B + 2, cache)) == 4
+    # a burst over a new shared prefix: the first prompt alone, the rest once it is cached
+    new = [SimpleNamespace(prompt=[*range(500, 500 + 2 * B), i]) for i in range(3)]
+    other = SimpleNamespace(prompt=list(range(900, 900 + 2 * B)))
+    queue = deque([new[0], other, *new[1:]])
+    assert admit(queue, 8, 10_000, cache) == [new[0], other]  # new[1] waits, in order
+    cache.store(new[0].prompt, *_kv(2 * B + 1))
+    assert admit(queue, 8, 10_000, cache) == new[1:]
+    assert cache.prefill_need(new[1].prompt) == (1, None)
+    off = PrefixCache(0)
+    assert admit(deque(new), 8, 10_000, off) == new  # the cache off: nothing waits
+    assert off.prefill_need(new[0].prompt) == (2 * B + 1, None)
 
 
 # -- the engine: the same answers with the cache on and off -------------------------------------
