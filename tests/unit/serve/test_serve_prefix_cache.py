@@ -255,6 +255,26 @@ def test_a_negative_budget_is_refused(files):
         Engine(_model("micro", files.vocab_size), files, name="m", prefix_cache_mb=-1)
 
 
+def test_the_flag_reaches_the_settings_and_a_negative_one_is_refused(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lmforge.serve.server as server
+    from lmforge.cli import app
+    from lmforge.serve.prefix_cache import DEFAULT_MB
+
+    (tmp_path / "m").mkdir()
+    started = []
+    monkeypatch.setattr(server, "serve", started.append)
+    for extra, want in (([], DEFAULT_MB), (["--prefix-cache-mb", "0"], 0)):
+        result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), *extra])
+        assert result.exit_code == 0, result.output
+        assert started[-1].prefix_cache_mb == want
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(tmp_path / "m"), "--prefix-cache-mb", "-1"]
+    )
+    assert result.exit_code == 2 and "--prefix-cache-mb" in result.output
+
+
 # -- through a real server -----------------------------------------------------------------------
 
 
