@@ -275,6 +275,35 @@ def test_the_flag_reaches_the_settings_and_a_negative_one_is_refused(tmp_path, m
     assert result.exit_code == 2 and "--prefix-cache-mb" in result.output
 
 
+def test_metrics_turn_the_engines_all_time_counts_into_counter_increments():
+    pytest.importorskip("prometheus_client")
+    from types import SimpleNamespace
+
+    from lmforge.serve.metrics import ServerMetrics
+    from lmforge.serve.prefix_cache import PrefixCacheStats
+
+    def engine(**prefix):
+        stats = SimpleNamespace(
+            queue_depth=0, running=0, cache_tokens=0, cache_capacity=0,
+            prefix=PrefixCacheStats(**prefix),
+        )  # fmt: skip
+        return SimpleNamespace(stats=lambda: stats)
+
+    m = ServerMetrics()
+    m.render({"m": engine(hits=2, misses=1, hit_tokens=64, evictions=0, bytes=100)})
+    body = m.render(
+        {"m": engine(hits=5, misses=1, hit_tokens=160, evictions=3, bytes=40)}
+    ).decode()  # a second scrape: the counters move by the difference, once
+    for line in (
+        'lmforge_prefix_cache_lookups_total{model="m",result="hit"} 5.0',
+        'lmforge_prefix_cache_lookups_total{model="m",result="miss"} 1.0',
+        'lmforge_prefix_cache_hit_tokens_total{model="m"} 160.0',
+        'lmforge_prefix_cache_evictions_total{model="m"} 3.0',
+        'lmforge_prefix_cache_bytes{model="m"} 40.0',
+    ):
+        assert line in body, line
+
+
 # -- through a real server -----------------------------------------------------------------------
 
 
