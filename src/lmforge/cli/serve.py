@@ -83,8 +83,8 @@ def serve_cmd(
         float,
         typer.Option(
             min=0,
-            help="MiB of prompt keys/values kept per model so prompts sharing a prefix (a system "
-            "prompt, few-shot examples) prefill it once; 0 = off.",
+            help="MiB of prompt keys/values kept per model and worker, so prompts sharing a prefix "
+            "(a system prompt, few-shot examples) prefill it once; 0 = off.",
         ),
     ] = DEFAULT_PREFIX_CACHE_MB,
     loop: Annotated[
