@@ -58,10 +58,10 @@ class ServeSettings(Section):
         "--generation-config auto; none: the server's own defaults only",
     )  # fmt: skip
     prefix_cache_mb: float = Field(
-        DEFAULT_MB, ge=0, description="MiB of prompt keys/values each worker keeps per causal model for "
-        "automatic prefix caching (a shared system prompt is prefilled once); 0 = off. The "
-        "default holds ~40k tokens of the `small` preset, ~8k of a 1B bf16 Llama: several long "
-        "shared prefixes, small next to the weights",
+        DEFAULT_MB, ge=0, description="MiB of prompt keys/values each worker keeps per causal "
+        "model for automatic prefix caching (a shared system prompt is prefilled once); 0 = off. "
+        "The default holds ~40k tokens of the `small` preset (fp32), ~8k of a 1B bf16 Llama: "
+        "several long shared prefixes, small next to the weights",
     )  # fmt: skip
     threads: int | None = Field(
         None, ge=1, description="torch threads per worker (default: usable CPUs / workers)"
