@@ -101,7 +101,8 @@ def main() -> None:
                 results.setdefault((mode, name), []).append((statistics.median(ttft), wall))
                 answers.setdefault(name, []).append(out)
         print(f"  cache on, last engine: {prefix.hits} hits, {prefix.misses} misses, "
-              f"{prefix.hit_tokens} prompt tokens reused, {prefix.bytes / 2**20:.1f} MiB held")  # fmt: skip
+              f"{prefix.hit_tokens} prompt tokens reused, "
+              f"{prefix.bytes / 2**20:.1f} MiB held")  # fmt: skip
 
     same = all(a == b for a, b in zip(answers["off"], answers["on"], strict=True))
     print(f"answers identical with the cache on and off: {same}")

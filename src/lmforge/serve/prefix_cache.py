@@ -214,7 +214,7 @@ class PrefixCache:
             self.store(prompt, *cache.row_kv(i, len(prompt)))
 
     def _touch(self, keys: list[bytes]) -> None:
-        """Marks a chain's blocks used, deepest first, so each parent ends younger than its child."""
+        """Marks a chain's blocks used, deepest first: each parent ends younger than its child."""
         for key in reversed(keys):
             self._blocks.move_to_end(key)
 
