@@ -140,33 +140,29 @@ class PrefixCache:
             found.append(block)
         return found
 
-    def _reusable_blocks(self, prompt: list[int]) -> int:
-        """Blocks a lookup may reuse: whole blocks, the last prompt token left out."""
-        return (len(prompt) - 1) // self.block_tokens
+    def _reusable(self, prompt: list[int]) -> tuple[list[bytes], list[_Block]]:
+        """The keys of the blocks a lookup may reuse (whole blocks, the last prompt token left
+        out) and the leading run of them that is cached."""
+        keys = self.keys(prompt, (len(prompt) - 1) // self.block_tokens if self.budget else 0)
+        return keys, self._cached(prompt, keys)
 
     def prefill_need(self, prompt: list[int]) -> tuple[int, bytes | None]:
         """What admitting the prompt now costs (serve/scheduler.py's admit): the positions its
         prefill runs, and the key of the first block that prefill computes and a later lookup
         could reuse (None: none); nothing counted or touched."""
-        if not self.budget:
-            return len(prompt), None
-        keys = self.keys(prompt, self._reusable_blocks(prompt))
-        have = len(self._cached(prompt, keys))
+        keys, found = self._reusable(prompt)
+        have = len(found)
         return len(prompt) - have * self.block_tokens, keys[have] if have < len(keys) else None
 
     def peek(self, prompt: list[int]) -> int:
         """Prompt positions lookup() would cover now, counting and touching nothing."""
-        if not self.budget:
-            return 0
-        keys = self.keys(prompt, self._reusable_blocks(prompt))
-        return len(self._cached(prompt, keys)) * self.block_tokens
+        return len(self._reusable(prompt)[1]) * self.block_tokens
 
     def lookup(self, prompt: list[int]) -> PrefixHit:
         """The longest cached block prefix of the prompt (at most len - 1 tokens); counted."""
         if not self.budget:
             return NO_HIT
-        keys = self.keys(prompt, self._reusable_blocks(prompt))
-        found = self._cached(prompt, keys)
+        keys, found = self._reusable(prompt)
         if not found:
             self._misses += 1
             return NO_HIT
@@ -190,12 +186,7 @@ class PrefixCache:
         self._touch(held)  # to the young end, out of the eviction's way
         if new:
             per_block = 2 * k[:, :, :n].numel() * k.element_size()
-            while self._bytes + len(new) * per_block > self.budget and len(self._blocks) > len(
-                held
-            ):
-                _, gone = self._blocks.popitem(last=False)
-                self._bytes -= gone.nbytes
-                self._evictions += 1
+            self._evict(len(new) * per_block, keep=len(held))
             new = new[: max(0, (self.budget - self._bytes) // per_block)]
         first = len(held)
         for i in reversed(range(first, first + len(new))):  # deepest first: parents stay younger
@@ -207,6 +198,14 @@ class PrefixCache:
             self._blocks[keys[i]] = block
             self._bytes += block.nbytes
         self._touch(held)
+
+    def _evict(self, need: int, keep: int) -> None:
+        """Drops least recently used blocks until `need` more bytes fit, sparing the `keep`
+        youngest (the chain being stored, just touched)."""
+        while self._bytes + need > self.budget and len(self._blocks) > keep:
+            _, gone = self._blocks.popitem(last=False)
+            self._bytes -= gone.nbytes
+            self._evictions += 1
 
     def store_batch(self, prompts: list[list[int]], cache: BatchCache) -> None:
         """store() for each row of a just-prefilled batch (rows right-aligned, in this order)."""
