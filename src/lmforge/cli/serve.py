@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from lmforge.serve.prefix_cache import DEFAULT_MB as DEFAULT_PREFIX_CACHE_MB
+
 serve_app = typer.Typer(
     help="Serve models over an OpenAI-compatible HTTP API (and its tools: see commands).\n\n"
     "Example: lmforge serve --model runs/quickstart/sft/final --port 8000",
@@ -77,6 +79,14 @@ def serve_cmd(
             "min lengths, forced tokens), as vLLM does | none: the server's own defaults."
         ),
     ] = "auto",
+    prefix_cache_mb: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="MiB of prompt keys/values kept per model and worker, so prompts sharing a prefix "
+            "(a system prompt, few-shot examples) prefill it once; 0 = off.",
+        ),
+    ] = DEFAULT_PREFIX_CACHE_MB,
     loop: Annotated[
         str, typer.Option(help="Event loop: auto (uvloop when installed) | asyncio | uvloop.")
     ] = "auto",
@@ -101,7 +111,7 @@ def serve_cmd(
              "max_batch_size": max_batch_size, "max_queue": max_queue,
              "request_timeout_s": request_timeout, "threads": threads,
              "compile": compile, "generation_config": generation_config, "loop": loop,
-             "http": http}  # fmt: skip
+             "http": http, "prefix_cache_mb": prefix_cache_mb}  # fmt: skip
     if config is not None:
         from lmforge.serve.recipe_config import load_serve_config
 

@@ -76,6 +76,11 @@ class BatchCache:
         self.v[layer, :, :, lo:hi] = v
         return self.k[layer, :, :, self.start : hi], self.v[layer, :, :, self.start : hi]
 
+    def row_kv(self, row: int, n: int) -> tuple[Tensor, Tensor]:
+        """Views of one row's keys/values at its last n positions: (n_layer, n_kv_head, n, hd)."""
+        hi = self.start + self.length
+        return self.k[:, row, :, hi - n : hi], self.v[:, row, :, hi - n : hi]
+
     def reserve(self, n: int) -> None:
         """Make room for n more columns after L: compact to start 0 first, grow if still short."""
         need = self.length + n

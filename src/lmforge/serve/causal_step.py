@@ -4,7 +4,8 @@ Each pass takes the model and the running batch's layout (serve/batch_cache.py: 
 right-aligned at one length L, left padding masked) and returns next-token logits (B, V); the
 engine samples from them (serve/emit.py) and keeps failures local to the rows of the pass.
 
-- prefill_pass: newcomers' prompts left-padded into one pass, a fresh BatchCache of their own;
+- prefill_pass: newcomers' prompts left-padded into one pass, a fresh BatchCache of their own
+  (with prefix cache hits: only the uncached tail of the columns runs);
 - chunk_pass: the next positions of a prompt prefilled alone (start_pos + the model's causal
   mask), logits only once the prompt is whole;
 - decode_pass: every row feeds its last token at start_pos=L with the batch's pad_mask, so each
@@ -34,16 +35,31 @@ from torch import Tensor, nn
 from lmforge.model.compiled_decode import compiled_decode_step
 from lmforge.model.generate import left_pad
 from lmforge.serve.batch_cache import BatchCache
+from lmforge.serve.prefix_cache import PrefixHit
 
 
 def prefill_pass(
-    model: nn.Module, prompts: list[list[int]], device: torch.device
-) -> tuple[BatchCache, Tensor]:
-    """The prompts in one left-padded forward pass: their cache and next-token logits (B, V)."""
+    model: nn.Module, prompts: list[list[int]], device: torch.device,
+    hits: list[PrefixHit] | None = None,
+) -> tuple[BatchCache, Tensor]:  # fmt: skip
+    """The prompts in one left-padded forward pass: their cache and next-token logits (B, V).
+
+    hits (serve/prefix_cache.py): each prompt's cached leading positions. The pass then runs
+    only the last T columns, T the longest uncached part, over the keys/values copied in before
+    them; a row whose uncached part is shorter recomputes some cached positions in place of
+    padding, so the layout stays plain left padding (no gap inside a row).
+    """
     ids, mask = left_pad(prompts, device=device)
-    cache = BatchCache.empty(model, len(prompts), ids.size(1))
+    B, L = ids.shape
+    cache = BatchCache.empty(model, B, L)
+    T = max(len(p) - h.tokens for p, h in zip(prompts, hits, strict=True)) if hits else L
+    for i, (prompt, hit) in enumerate(zip(prompts, hits or [], strict=False)):
+        first = L - len(prompt)  # the row's first token's column
+        hit.write(cache.k[:, i, :, first:], cache.v[:, i, :, first:], len(prompt) - T)
     padded = not bool(mask.all())
-    h = model.hidden_states(ids, kv_cache=cache, pad_mask=mask if padded else None)
+    h = model.hidden_states(
+        ids[:, L - T :], kv_cache=cache, start_pos=L - T, pad_mask=mask if padded else None
+    )
     cache.pad_mask = mask
     return cache, model.lm_head(h[:, -1])  # (B, V): last column = each last token
 

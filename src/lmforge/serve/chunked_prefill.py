@@ -1,5 +1,6 @@
 """Prompts longer than the engine's per-step prefill budget, prefilled one budget-sized chunk a
-step (first come, first served), so the running batch keeps decoding in between."""
+step (first come, first served), so the running batch keeps decoding in between. A prompt with
+a prefix cache hit starts after its cached positions, copied into its cache first."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from torch import Tensor, nn
 
 from lmforge.serve.batch_cache import BatchCache
 from lmforge.serve.causal_step import chunk_pass
+from lmforge.serve.prefix_cache import PrefixCache
 from lmforge.serve.request_book import Row
 
 
 class ChunkedPrefills:
-    """The queue of over-budget prompts and the first one's progress: its cache, columns done."""
+    """The queue of over-budget prompts and the first one's progress: its cache, columns done.
+    prefix: the engine's prefix cache, looked up when a prompt's prefill begins."""
 
-    def __init__(self, model: nn.Module, device: torch.device, budget: int) -> None:
-        self.model, self.device, self.budget = model, device, budget
+    def __init__(
+        self, model: nn.Module, device: torch.device, budget: int, prefix: PrefixCache
+    ) -> None:
+        self.model, self.device, self.budget, self.prefix = model, device, budget, prefix
         self.rows: deque[Row] = deque()
         self.progress: tuple[BatchCache, int] | None = None  # the first row's, once begun
 
@@ -51,7 +56,10 @@ class ChunkedPrefills:
         row = self.rows[0]
         if self.progress is None:
             start(row)
-            self.progress = BatchCache.empty(self.model, 1, len(row.prompt)), 0
+            hit = self.prefix.lookup(row.prompt)
+            cache = BatchCache.empty(self.model, 1, len(row.prompt))
+            hit.write(cache.k[:, 0], cache.v[:, 0], hit.tokens)
+            self.progress = cache, hit.tokens
         cache, done = self.progress
         end = min(done + self.budget, len(row.prompt))
         try:

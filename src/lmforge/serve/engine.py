@@ -8,9 +8,10 @@ Requests join and leave the running batch at every decoding step. A background t
    model's start_pos + explicit causal mask), with the running batch decoding in between;
 2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
    group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
-   a prefill is compute-bound already and padding only adds work); each newcomer samples its
-   first token from the prefill logits and the groups' keys/values merge into the running
-   batch's cache in one copy (BatchCache.merge: all blocks right-aligned at the longest length);
+   a prefill is compute-bound already and padding only adds work); the leading blocks of a
+   prompt that the prefix cache holds are copied in, not recomputed (serve/prefix_cache.py, off
+   unless prefix_cache_mb); each newcomer samples its first token from the prefill logits and
+   the groups' keys/values merge into the running batch's cache in one copy (BatchCache.merge);
 3. one decoding step for the whole running batch: every row feeds its last token at start_pos=L
    with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
    and never attends to another row's padding;
@@ -61,6 +62,7 @@ from lmforge.serve.handle import (
     collect,
 )
 from lmforge.serve.model_dir import load_served_model
+from lmforge.serve.prefix_cache import PrefixCache
 from lmforge.serve.request_book import RequestBook, Row
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults
 from lmforge.serve.sampling import SamplingParams, new_generator
@@ -93,6 +95,7 @@ class Engine:
         threads: int | None = None,
         compile: str = "off",
         request_defaults: RequestDefaults = NO_DEFAULTS,
+        prefix_cache_mb: float = 0,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise InputError(
@@ -119,8 +122,10 @@ class Engine:
         self._book = RequestBook()  # waiting, active and abort-asked requests; the counts
         self._running: list[Row] = []
         self._cache: BatchCache | None = None
+        # prompts' leading blocks' keys/values, reused by later prompts (serve/prefix_cache.py)
+        self._prefix = PrefixCache.for_model(model, prefix_cache_mb)
         # prompts over the budget, prefilled a chunk a step
-        self._chunked = ChunkedPrefills(self.model, self.device, max_prefill_tokens)
+        self._chunked = ChunkedPrefills(self.model, self.device, max_prefill_tokens, self._prefix)
         self._closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -225,6 +230,7 @@ class Engine:
                 max_batch_size=self.max_batch_size,
                 cache_tokens=tokens,
                 cache_capacity=capacity,
+                prefix=self._prefix.stats(),
                 **self._counts,
             )
 
@@ -290,9 +296,9 @@ class Engine:
                     if self._stopping and not (book.waiting or self._running or self._chunked):
                         return
                     free = self.max_batch_size - len(self._running)
-                    joining = (
-                        [] if self._chunked else admit(book.waiting, free, self.max_prefill_tokens)
-                    )
+                    joining = [] if self._chunked else admit(
+                        book.waiting, free, self.max_prefill_tokens, self._prefix
+                    )  # fmt: skip
                     book.admit(joining)
                 try:
                     if self._chunked:
@@ -335,7 +341,8 @@ class Engine:
     def _prefill(self, rows: list[Row]) -> None:
         """Prefills newcomers in groups of similar length, then merges them into the batch;
         prompts over the budget wait in _chunked, prefilled a chunk a step."""
-        whole, chunked = plan_prefill([r.prompt for r in rows], self.max_prefill_tokens)
+        todo = [r.prompt[self._prefix.peek(r.prompt) :] for r in rows]  # what is not cached
+        whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
         joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
         self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
@@ -385,6 +392,7 @@ class Engine:
         if prefilled is None:
             return
         cache, logits = prefilled
+        self._prefix.store_batch([row.prompt], cache)
         with self._lock:
             self._counts["prefills"] += 1
             self._counts["prompt_tokens"] += len(row.prompt)
@@ -405,8 +413,12 @@ class Engine:
         return list(row.prompt)
 
     def _prefill_forward(self, rows: list[Row]) -> tuple[BatchCache, Tensor]:
-        """The newcomers' prompts in one left-padded forward pass: their cache and next logits."""
-        cache, logits = prefill_pass(self.model, [r.prompt for r in rows], self.device)
+        """The newcomers' prompts in one left-padded forward pass (from their prefix cache hits
+        on): their cache and next logits."""
+        prompts = [r.prompt for r in rows]
+        hits = [self._prefix.lookup(p) for p in prompts]
+        cache, logits = prefill_pass(self.model, prompts, self.device, hits)
+        self._prefix.store_batch(prompts, cache)
         for row in rows:
             self._start(row)
         return cache, logits

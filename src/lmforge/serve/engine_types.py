@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmforge.errors import LmforgeError
+from lmforge.serve.prefix_cache import NO_PREFIX_CACHE, PrefixCacheStats
 
 
 class QueueFull(LmforgeError):
@@ -29,3 +30,4 @@ class EngineStats:
     finished: int  # requests finished (any finish_reason), all time
     cache_tokens: int  # KV positions the running batch spans (rows x L, padding included)
     cache_capacity: int  # KV positions allocated (rows x storage columns)
+    prefix: PrefixCacheStats = NO_PREFIX_CACHE  # the prefix cache's (zeros when off)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError
+from lmforge.serve.prefix_cache import NO_PREFIX_CACHE, PrefixCacheStats
 
 try:
     from prometheus_client import (
@@ -149,6 +150,19 @@ class ServerMetrics:
         self.kv_tokens = self._gauge("lmforge_kv_cache_tokens", "KV positions the batch spans")
         self.kv_capacity = self._gauge("lmforge_kv_cache_capacity", "KV positions allocated")
         self.cache = Counter("lmforge_cache", "Response cache lookups", ["result"], registry=r)
+        self.prefix_lookups = Counter(
+            "lmforge_prefix_cache_lookups", "Prompt prefix cache lookups (hit: a block reused)",
+            ["model", "result"], registry=r,
+        )  # fmt: skip
+        self.prefix_hit_tokens = Counter(
+            "lmforge_prefix_cache_hit_tokens", "Prompt tokens reused, not prefilled", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.prefix_evictions = Counter(
+            "lmforge_prefix_cache_evictions", "Prefix cache blocks evicted", ["model"], registry=r
+        )
+        self.prefix_bytes = self._gauge("lmforge_prefix_cache_bytes", "Prefix cache bytes held")
+        self._prefix_seen: dict[str, PrefixCacheStats] = {}  # each engine's, at the last read
         self.safety = Counter(
             "lmforge_safety_verdicts", "Safety verdicts by where and action", ["where", "action"],
             registry=r,
@@ -172,6 +186,18 @@ class ServerMetrics:
             self.running.labels(name).set(stats.running)
             self.kv_tokens.labels(name).set(stats.cache_tokens)
             self.kv_capacity.labels(name).set(stats.cache_capacity)
+            self._count_prefix(name, stats.prefix)
+
+    def _count_prefix(self, name: str, now: PrefixCacheStats) -> None:
+        """The prefix cache's all-time counts (EngineStats) as counter increments since the
+        last read."""
+        was = self._prefix_seen.get(name, NO_PREFIX_CACHE)
+        self._prefix_seen[name] = now
+        self.prefix_lookups.labels(name, "hit").inc(max(0, now.hits - was.hits))
+        self.prefix_lookups.labels(name, "miss").inc(max(0, now.misses - was.misses))
+        self.prefix_hit_tokens.labels(name).inc(max(0, now.hit_tokens - was.hit_tokens))
+        self.prefix_evictions.labels(name).inc(max(0, now.evictions - was.evictions))
+        self.prefix_bytes.labels(name).set(now.bytes)
 
     async def observe_engines_every(self, engines: dict[str, Any], period: float) -> None:
         """Writes the engine gauges every `period` seconds until cancelled: with several workers

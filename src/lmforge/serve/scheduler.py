@@ -21,16 +21,32 @@ class _Prompted(Protocol):
 R = TypeVar("R", bound=_Prompted)
 
 
-def admit(waiting: deque[R], free: int, budget: int) -> list[R]:
+class PrefixIndex(Protocol):
+    """What admission asks of a prefix cache (serve/prefix_cache.py's PrefixCache)."""
+
+    def prefill_need(self, prompt: list[int]) -> tuple[int, bytes | None]: ...
+
+
+def admit(waiting: deque[R], free: int, budget: int, prefix: PrefixIndex | None = None) -> list[R]:
     """Pops the waiting requests for this step's prefill: as many as the batch has `free` rows
     and the `budget` of prompt tokens allows (one at least), so a burst of long prompts delays
-    the running rows' next tokens by one budget's prefill, not by all of them."""
+    the running rows' next tokens by one budget's prefill, not by all of them.
+
+    With a prefix cache a prompt costs only its uncached tokens, and one whose first uncached
+    block is also that of a prompt joining now waits (and those behind it, in order) for the
+    next step, when the block is cached: a burst sharing a new system prompt prefills it once,
+    not once per prompt admitted with the first (SGLang's in-batch prefix check)."""
     joining: list[R] = []
+    starts: set[bytes] = set()  # the joining prompts' first uncached blocks
     while waiting and len(joining) < free:
-        if joining and len(waiting[0].prompt) > budget:
+        prompt = waiting[0].prompt
+        tokens, start = (len(prompt), None) if prefix is None else prefix.prefill_need(prompt)
+        if joining and (tokens > budget or start in starts):
             break
         joining.append(waiting.popleft())
-        budget -= len(joining[-1].prompt)
+        budget -= tokens
+        if start is not None:
+            starts.add(start)
     return joining
 
 

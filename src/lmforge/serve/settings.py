@@ -17,6 +17,7 @@ from lmforge.config import Section
 from lmforge.errors import ConfigError
 from lmforge.model.compiled_decode import DecodeCompile, compile_field
 from lmforge.model.convert import model_display_name
+from lmforge.serve.prefix_cache import DEFAULT_MB
 
 ENV_CONFIG = "LMFORGE_SERVE_CONFIG"
 ENV_API_KEY = "LMFORGE_API_KEY"
@@ -55,6 +56,12 @@ class ServeSettings(Section):
         "request fields a request leaves unset (max_tokens, repetition_penalty, temperature/"
         "top_k/top_p under do_sample, no-repeat n-grams, min lengths, forced tokens), as vLLM's "
         "--generation-config auto; none: the server's own defaults only",
+    )  # fmt: skip
+    prefix_cache_mb: float = Field(
+        DEFAULT_MB, ge=0, description="MiB of prompt keys/values each worker keeps per causal "
+        "model for automatic prefix caching (a shared system prompt is prefilled once); 0 = off. "
+        "The default holds ~40k tokens of the `small` preset (fp32), ~8k of a 1B bf16 Llama: "
+        "several long shared prefixes, small next to the weights",
     )  # fmt: skip
     threads: int | None = Field(
         None, ge=1, description="torch threads per worker (default: usable CPUs / workers)"

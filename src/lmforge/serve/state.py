@@ -77,6 +77,7 @@ def _start_engine(state: ServeState, spec: Any) -> None:
         spec.path, name=spec.name, device=s.device,
         max_batch_size=s.max_batch_size, max_queue=s.max_queue, threads=s.torch_threads(),
         compile=s.compile, checkpoint_defaults=s.generation_config == "auto",
+        prefix_cache_mb=s.prefix_cache_mb,
     )  # fmt: skip
     engine.start()
     state.engines[spec.name] = engine

@@ -15,6 +15,7 @@ pytest.importorskip("prometheus_client")
 
 from lmforge.errors import ConfigError
 from lmforge.serve.metrics import DIR_PREFIX, MULTIPROC_ENV, ServerMetrics, multiprocess_dir
+from lmforge.serve.prefix_cache import NO_PREFIX_CACHE
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -23,12 +24,15 @@ ROOT = Path(__file__).resolve().parents[3]
 WORKER = textwrap.dedent("""
     import sys, types
     from lmforge.serve.metrics import ServerMetrics
+    from lmforge.serve.prefix_cache import NO_PREFIX_CACHE
     n, queue, crash = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "crash"
     m = ServerMetrics(sys.argv[4])
     for _ in range(n):
         m.requests.labels("/v1/completions", "200").inc()
         m.ttft.labels("micro").observe(0.02)
-    stats = types.SimpleNamespace(queue_depth=queue, running=1, cache_tokens=8, cache_capacity=64)
+    stats = types.SimpleNamespace(
+        queue_depth=queue, running=1, cache_tokens=8, cache_capacity=64, prefix=NO_PREFIX_CACHE
+    )
     engine = types.SimpleNamespace(stats=lambda: stats)
     sys.stdout.write(m.render({"micro": engine}).decode())
     if not crash:
@@ -105,7 +109,9 @@ def test_periodic_gauges_survive_a_failed_engine_read(caplog):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("engine busy")
-        return types.SimpleNamespace(queue_depth=3, running=2, cache_tokens=8, cache_capacity=64)
+        return types.SimpleNamespace(
+            queue_depth=3, running=2, cache_tokens=8, cache_capacity=64, prefix=NO_PREFIX_CACHE
+        )
 
     m = ServerMetrics()
 

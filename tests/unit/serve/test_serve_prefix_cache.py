@@ -1,0 +1,352 @@
+"""Automatic prefix caching: the store's keys, limits and LRU; the engine's answers identical with
+the cache on and off (RoPE and learned positions, batches joining, n > 1, chunked prefill, int8
+and int4 weights); a real server whose /metrics hit counters rise, its answers unchanged."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+import torch
+
+from lmforge.model.config import preset_config
+from lmforge.model.transformer import Transformer
+from lmforge.serve.engine import Engine, SamplingParams, collect
+from lmforge.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
+from lmforge.tokenizer.files import TokenizerFiles
+
+B = BLOCK_TOKENS
+SYSTEM = [(7 * i + 3) % 200 + 5 for i in range(2 * B + 5)]  # a shared "system prompt"
+
+
+def _kv(n_tokens: int, fill: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake keys/values (n_layer 2, n_kv_head 2, n_tokens, hd 4) whose values name their column."""
+    k = torch.arange(n_tokens, dtype=torch.float32).expand(2, 2, 4, n_tokens).transpose(2, 3)
+    return k * fill, -k * fill
+
+
+def _block_bytes() -> int:
+    k, v = _kv(B)
+    return k.nbytes + v.nbytes
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+def test_a_key_is_the_whole_prefix_and_the_last_token_is_always_left_to_the_model():
+    cache = PrefixCache(10 * _block_bytes())
+    prompt = list(range(3 * B))
+    cache.store(prompt, *_kv(3 * B))
+    assert cache.stats().blocks == 3
+    # the same block after different earlier tokens is another key
+    other = [99, *prompt[1:]]
+    assert cache.keys(other, 3)[1:] != cache.keys(prompt, 3)[1:]
+    assert cache.peek(other) == 0
+    # at most len - 1 tokens: a prompt of exactly one or three blocks reuses one block fewer
+    assert cache.peek(prompt[:B]) == 0
+    assert cache.peek(prompt[: B + 1]) == B
+    assert cache.peek(prompt) == 2 * B
+    assert cache.peek([*prompt, 5]) == 3 * B
+    assert cache.peek(prompt[: B - 3]) == 0  # shorter than a block
+    hit = cache.lookup([*prompt, 5, 6])
+    assert hit.tokens == 3 * B and len(hit.k) == 3
+    k = torch.zeros(2, 2, 3 * B, 4)
+    v = torch.zeros_like(k)
+    hit.write(k, v, 2 * B + 3)  # the first positions only, across a block boundary
+    want_k, want_v = _kv(3 * B)
+    assert torch.equal(k[:, :, : 2 * B + 3], want_k[:, :, : 2 * B + 3])
+    assert torch.equal(v[:, :, : 2 * B + 3], want_v[:, :, : 2 * B + 3])
+    assert not k[:, :, 2 * B + 3 :].any()
+    assert cache.lookup(prompt[:B]).tokens == 0
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.hit_tokens) == (1, 1, 3 * B)
+
+
+def test_a_hash_collision_cannot_hand_out_another_prompts_keys(monkeypatch):
+    cache = PrefixCache(10 * _block_bytes())
+    cache.store(list(range(2 * B)), *_kv(2 * B))
+    monkeypatch.setattr(cache, "keys", lambda prompt, n: [b"same"] * n if n else [])
+    cache._blocks = {b"same": next(iter(cache._blocks.values()))}  # one entry under every key
+    assert cache.peek([1000 + i for i in range(2 * B)]) == 0  # its tokens differ: no hit
+
+
+def test_lru_evicts_leaves_first_and_never_the_prompt_being_stored():
+    cache = PrefixCache(3 * _block_bytes())
+    a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
+    cache.store([*a, 1], *_kv(2 * B + 1))
+    cache.store([*b, 1], *_kv(2 * B + 1, fill=2.0))  # needs one of a's blocks: a's leaf goes
+    stats = cache.stats()
+    assert (stats.blocks, stats.evictions, stats.bytes) == (3, 1, 3 * _block_bytes())
+    assert cache.peek([*a, 1]) == B  # a's first block survived, its second did not
+    assert cache.peek([*b, 1]) == 2 * B
+    assert torch.equal(cache.lookup([*b, 1]).k[1], _kv(2 * B, fill=2.0)[0][:, :, B:])
+    cache.lookup([*a, 1])  # a's block is now the youngest: b's leaf is the oldest entry
+    cache.store([*list(range(900, 900 + B)), 1], *_kv(B + 1))
+    assert cache.peek([*a, 1]) == B and cache.peek([*b, 1]) == B  # b's leaf was the oldest
+    # a prompt bigger than the whole budget keeps what fits and evicts nothing of its own
+    long = list(range(2000, 2000 + 5 * B))
+    cache.store(long, *_kv(5 * B))
+    assert cache.peek(long) == 3 * B and cache.stats().bytes <= cache.budget
+
+
+def test_admission_counts_uncached_tokens_and_prefills_a_new_shared_prefix_once():
+    from collections import deque
+    from types import SimpleNamespace
+
+    from lmforge.serve.scheduler import admit
+
+    cache = PrefixCache(10 * _block_bytes())
+    shared = list(range(3 * B))
+    cache.store(shared, *_kv(3 * B))
+    waiting = [SimpleNamespace(prompt=[*shared, i]) for i in range(4)]
+    assert cache.prefill_need(waiting[0].prompt) == (1, None)  # all but the last token cached
+    assert len(admit(deque(waiting), 8, 3 * B + 2)) == 1  # whole prompts: one fits the budget
+    assert len(admit(deque(waiting), 8, 3 * B + 2, cache)) == 4
+    # a burst over a new shared prefix: the first prompt alone, the rest once it is cached
+    new = [SimpleNamespace(prompt=[*range(500, 500 + 2 * B), i]) for i in range(3)]
+    other = SimpleNamespace(prompt=list(range(900, 900 + 2 * B)))
+    queue = deque([new[0], other, *new[1:]])
+    assert admit(queue, 8, 10_000, cache) == [new[0], other]  # new[1] waits, in order
+    cache.store(new[0].prompt, *_kv(2 * B + 1))
+    assert admit(queue, 8, 10_000, cache) == new[1:]
+    assert cache.prefill_need(new[1].prompt) == (1, None)
+    off = PrefixCache(0)
+    assert admit(deque(new), 8, 10_000, off) == new  # the cache off: nothing waits
+    assert off.prefill_need(new[0].prompt) == (2 * B + 1, None)
+
+
+# -- the engine: the same answers with the cache on and off -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(serve_model_dir) -> TokenizerFiles:
+    return TokenizerFiles.load(serve_model_dir)
+
+
+def _model(preset: str, vocab_size: int) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset_config(preset, vocab_size=vocab_size, init_std=0.2)).eval()
+
+
+PROMPTS = [
+    [*SYSTEM, 40, 41, 42],
+    [*SYSTEM, 50],
+    SYSTEM[: 2 * B + 1],  # two whole blocks and one token
+    SYSTEM[:B],  # exactly one block: nothing reusable
+    SYSTEM[: B - 4],  # shorter than a block
+    [*SYSTEM[: B + 3], 60, 61, 62, 63, 64, 65, 66, 67, 68],
+    [*SYSTEM, *range(70, 70 + B + 9)],  # after its hit, a tail over the chunk tests' budgets
+    [9, 8, 7],
+]
+
+
+def _answers(engine: Engine, prompts: list[list[int]], tag: str, stagger: bool = True):
+    """(tokens, logprobs) of a greedy and a seeded answer per prompt (n > 1: the same prompt
+    twice); with stagger, every other prompt's greedy request is decoding before the next
+    ones are submitted, so they join a running batch."""
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    seeded = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True, logprobs=0)
+    started = []  # (handle, its first event, read early)
+    for i, ids in enumerate(prompts):
+        handle = engine.submit(ids, greedy, f"{tag}-g{i}")
+        first = next(iter(handle)) if stagger and i % 2 == 0 else None
+        started += [(handle, first), (engine.submit(ids, seeded, f"{tag}-s{i}"), None)]
+    out = []
+    for handle, first in started:
+        c = collect(handle)
+        head = [] if first is None else [(first.token_id, first.logprob)]
+        pairs = head + list(zip(c.token_ids, c.logprobs, strict=True))
+        out.append(([t for t, _ in pairs], [lp for _, lp in pairs]))
+    return out
+
+
+def _served(model, files, mb: float, budget: int = 2048, rounds: int = 2):
+    engine = Engine(model, files, name="m", prefix_cache_mb=mb, max_prefill_tokens=budget)
+    engine.start()
+    try:
+        results = [_answers(engine, PROMPTS, f"r{r}") for r in range(rounds)]
+        return results, engine.stats().prefix
+    finally:
+        engine.shutdown(drain=False)
+
+
+def _assert_same(off, on) -> None:
+    for a, b in zip(off, on, strict=True):
+        assert a[0] == b[0]  # the same tokens
+        assert a[1] == pytest.approx(b[1], abs=1e-4)  # logprobs up to float reassociation
+
+
+@pytest.mark.parametrize("preset", ["micro", "micro-gpt2"])  # RoPE; learned positions
+def test_answers_are_the_same_with_the_cache_on_and_off(files, preset):
+    model = _model(preset, files.vocab_size)
+    off, none = _served(model, files, 0)
+    on, stats = _served(model, files, 4)
+    assert none.hits == 0 and none.blocks == 0
+    for r in range(2):
+        _assert_same(off[r], on[r])
+    # the second round found the first round's blocks: every prompt over one block + 1 token
+    reusable = [p for p in PROMPTS if len(p) > B]
+    assert stats.hits >= 2 * len(reusable)
+    assert stats.hit_tokens >= 2 * sum((len(p) - 1) // B * B for p in reusable)
+    assert len({tuple(a[0]) for a in off[0]}) > 2  # the model is not degenerate
+
+
+@pytest.mark.parametrize("budget", [7, B, B + 1])  # chunks inside, at and across block edges
+def test_chunked_prefill_starts_after_the_cached_blocks(files, budget):
+    model = _model("micro", files.vocab_size)
+    off, _ = _served(model, files, 0, budget=budget)
+    on, stats = _served(model, files, 4, budget=budget)
+    for r in range(2):
+        _assert_same(off[r], on[r])
+    assert stats.hits > 0
+
+
+def test_a_cache_too_small_for_a_block_stores_nothing_and_changes_nothing(files):
+    model = _model("micro", files.vocab_size)
+    off, _ = _served(model, files, 0, rounds=1)
+    on, stats = _served(model, files, 1e-4, rounds=1)
+    _assert_same(off[0], on[0])
+    assert (stats.blocks, stats.hits) == (0, 0)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])  # weights served quantized; the KV float
+def test_quantized_weights_give_the_same_answers_with_the_cache(serve_model_dir, tmp_path, scheme):
+    from lmforge.compress.quantize import quantize_dir
+
+    q = tmp_path / scheme
+    quantize_dir(serve_model_dir, q, scheme, 32)
+    runs = []
+    for mb in (0, 4):
+        engine = Engine.from_dir(q, device="cpu", prefix_cache_mb=mb)
+        engine.start()
+        try:
+            runs.append([_answers(engine, PROMPTS, f"q{r}", stagger=False) for r in range(2)])
+            stats = engine.stats().prefix
+        finally:
+            engine.shutdown(drain=False)
+    for r in range(2):
+        assert [a[0] for a in runs[0][r]] == [a[0] for a in runs[1][r]]
+    assert stats.hits > 0
+
+
+def test_an_encoder_decoder_engine_runs_without_a_prefix_cache(files):
+    from lmforge.model.seq2seq import Seq2SeqLM
+    from lmforge.serve.seq2seq_engine import Seq2SeqEngine
+
+    torch.manual_seed(0)
+    model = Seq2SeqLM(preset_config("bart-micro", vocab_size=files.vocab_size, init_std=0.2))
+    engine = Seq2SeqEngine(model.eval(), files, name="s2s", prefix_cache_mb=4)
+    assert PrefixCache.for_model(model, 4).budget == 0  # off
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        for i in range(2):
+            assert len(collect(engine.submit(SYSTEM, params, f"s{i}")).token_ids) == 4
+        assert engine.stats().prefix.hits == engine.stats().prefix.misses == 0
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_a_negative_budget_is_refused(files):
+    from lmforge.errors import InputError
+
+    with pytest.raises(InputError, match=r"prefix_cache_mb must be >= 0 \(0 = off\), got -1"):
+        Engine(_model("micro", files.vocab_size), files, name="m", prefix_cache_mb=-1)
+
+
+def test_the_flag_reaches_the_settings_and_a_negative_one_is_refused(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lmforge.serve.server as server
+    from lmforge.cli import app
+    from lmforge.serve.prefix_cache import DEFAULT_MB
+
+    (tmp_path / "m").mkdir()
+    started = []
+    monkeypatch.setattr(server, "serve", started.append)
+    for extra, want in (([], DEFAULT_MB), (["--prefix-cache-mb", "0"], 0)):
+        result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), *extra])
+        assert result.exit_code == 0, result.output
+        assert started[-1].prefix_cache_mb == want
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(tmp_path / "m"), "--prefix-cache-mb", "-1"]
+    )
+    assert result.exit_code == 2 and "--prefix-cache-mb" in result.output
+
+
+def test_metrics_turn_the_engines_all_time_counts_into_counter_increments():
+    pytest.importorskip("prometheus_client")
+    from types import SimpleNamespace
+
+    from lmforge.serve.metrics import ServerMetrics
+    from lmforge.serve.prefix_cache import PrefixCacheStats
+
+    def engine(**prefix):
+        stats = SimpleNamespace(
+            queue_depth=0, running=0, cache_tokens=0, cache_capacity=0,
+            prefix=PrefixCacheStats(**prefix),
+        )  # fmt: skip
+        return SimpleNamespace(stats=lambda: stats)
+
+    m = ServerMetrics()
+    m.render({"m": engine(hits=2, misses=1, hit_tokens=64, evictions=0, bytes=100)})
+    body = m.render(
+        {"m": engine(hits=5, misses=1, hit_tokens=160, evictions=3, bytes=40)}
+    ).decode()  # a second scrape: the counters move by the difference, once
+    for line in (
+        'lmforge_prefix_cache_lookups_total{model="m",result="hit"} 5.0',
+        'lmforge_prefix_cache_lookups_total{model="m",result="miss"} 1.0',
+        'lmforge_prefix_cache_hit_tokens_total{model="m"} 160.0',
+        'lmforge_prefix_cache_evictions_total{model="m"} 3.0',
+        'lmforge_prefix_cache_bytes{model="m"} 40.0',
+    ):
+        assert line in body, line
+
+
+# -- through a real server -----------------------------------------------------------------------
+
+
+def _metric(url: str, name: str) -> float:
+    body = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", body, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_server_answers_the_same_and_its_metrics_count_the_hits(serve_model_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from lmforge.serve.launch import free_port
+    from lmforge.serve.server import create_app
+    from lmforge.serve.settings import ServeSettings
+    from unit.serve.test_serve_uvicorn import running
+
+    system = "You are a careful assistant. Answer in one short sentence. "
+    questions = ["What is the capital of France?", "def f(x):", "Paris", "user assistant"]
+    answers = {}
+    for mb in (0, 2):
+        settings = ServeSettings(
+            models=[{"name": "m", "path": serve_model_dir}], feedback_db=tmp_path / f"{mb}.db",
+            port=free_port(), prefix_cache_mb=mb, cache_entries=0,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{settings.port}"
+        with running(settings, create_app(settings)):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="-")
+            hits = []
+            for q in questions:
+                answer = client.completions.create(
+                    model="m", prompt=system + q, max_tokens=8, temperature=0, logprobs=1
+                )
+                answers.setdefault(q, []).append(answer.choices[0])
+                hits.append(
+                    _metric(url, 'lmforge_prefix_cache_lookups_total{model="m",result="hit"}')
+                )
+            hit_tokens = _metric(url, 'lmforge_prefix_cache_hit_tokens_total{model="m"}')
+        if mb:
+            assert hits == [0, 1, 2, 3]  # every question after the first reuses the system prompt
+            assert hit_tokens >= 3 * B
+        else:
+            assert hits == [0, 0, 0, 0] and hit_tokens == 0
+    for off, on in answers.values():
+        assert off.text == on.text
+        assert off.logprobs.token_logprobs == pytest.approx(on.logprobs.token_logprobs, abs=1e-4)
