@@ -129,32 +129,41 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
     return run_stage("compress", cfg, build, force=force).out
 
 
-def refuse_encoder(cfg: CompressConfig, src: Path) -> None:
-    """ConfigError for what an encoder (BERT/RoBERTa) cannot go through: distill's and prune
-    recovery's next-token loss, export's KV-cache graphs (quantize and prune keep a mean-pooled
-    classifier's head, compress.files)."""
-    what = {"distill": "distill trains a causal student on next-token loss",
-            "export": "export writes decoders' KV-cache graphs (ONNX, GGUF)"}.get(cfg.method)  # fmt: skip
-    if cfg.method == "prune" and cfg.tokens is not None:
-        what = "prune's recovery (tokens) trains next-token loss, which an encoder does not learn"
-    if what:
-        raise ConfigError(f"{src} is an encoder: {what}; use method=quantize, or "
-                          "method=prune without tokens")  # fmt: skip
+RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
+# what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
+# to do instead); quantize and prune keep a classifier's head and an encoder's layout
+ENCODER_CANNOT = {
+    "distill": ("distill trains a causal student on next-token loss", RECOVERY_INSTEAD),
+    "export-onnx": ("export writes decoders' KV-cache graphs (ONNX, GGUF)", RECOVERY_INSTEAD),
+    "export-gguf": ("export writes decoders' KV-cache graphs (ONNX, GGUF)", RECOVERY_INSTEAD),
+    "prune-recovery": ("prune's recovery (tokens) trains next-token loss, which an encoder does "
+                       "not learn", RECOVERY_INSTEAD),
+}  # fmt: skip
+CLASSIFIER_CANNOT = {
+    "distill": ("distill trains a language model, which would drop its head",
+                f"{RECOVERY_INSTEAD} (both keep the head)"),
+    "prune-recovery": ("prune's recovery (tokens) trains next-token loss, not its classification "
+                       "head", f"{RECOVERY_INSTEAD} (both keep the head)"),
+    "export-gguf": ("export to GGUF writes a language model, without its head",
+                    "export the classifier with --set 'export.formats=[onnx]'"),
+}  # fmt: skip
 
 
-def refuse_classifier(cfg: CompressConfig, src: Path) -> None:
-    """ConfigError for what a sequence classifier's head would not survive: distill's and prune
-    recovery's next-token loss (the head is never trained), GGUF (a language model's file)."""
-    what = {"distill": "distill trains a language model, which would drop its head"}.get(cfg.method)
+def steps(cfg: CompressConfig) -> list[str]:
+    """What cfg makes the stage do, as ENCODER_CANNOT and CLASSIFIER_CANNOT name it."""
+    if cfg.method == "export":
+        return [f"export-{fmt}" for fmt in cfg.export.formats]
     if cfg.method == "prune" and cfg.tokens is not None:
-        what = "prune's recovery (tokens) trains next-token loss, not its classification head"
-    if cfg.method == "export" and "gguf" in cfg.export.formats:
-        raise ConfigError(f"{src} is a classifier: export to GGUF writes a language model, "
-                          "without its head; export the classifier with "
-                          "--set 'export.formats=[onnx]'")  # fmt: skip
-    if what:
-        raise ConfigError(f"{src} is a classifier: {what}; use method=quantize, or "
-                          "method=prune without tokens (both keep the head)")  # fmt: skip
+        return ["prune", "prune-recovery"]
+    return [cfg.method]
+
+
+def refuse(cfg: CompressConfig, src: Path, model: str, cannot: dict[str, tuple[str, str]]) -> None:
+    """ConfigError for the first step of cfg that `model` (what src is) cannot go through."""
+    for step in steps(cfg):
+        if step in cannot:
+            why, instead = cannot[step]
+            raise ConfigError(f"{src} is {model}: {why}; {instead}")
 
 
 def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
@@ -174,9 +183,9 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     if cfg.method == "quantize":  # refused before the slow measurement of src
         require_float_source(src, hf)
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
-        refuse_encoder(cfg, src)
+        refuse(cfg, src, "an encoder", ENCODER_CANNOT)
     if load_classifier(src) is not None:
-        refuse_classifier(cfg, src)
+        refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above
