@@ -34,6 +34,15 @@ def special_ids(model_dir: Path) -> dict[str, int]:
     return {k: hf[k] for k in SPECIAL_KEYS if type(hf.get(k)) is int}
 
 
+def input_length(model_dir: Path) -> dict[str, int]:
+    """The input length a fine-tuned classifier's config.json records (the seq_len eval cuts its
+    texts at, evals.heads), {} when none: carried so the result reads texts as the source did."""
+    from lmforge.finetune.heads import SEQ_LEN_KEY
+
+    hf = read_config(model_dir)
+    return {SEQ_LEN_KEY: hf[SEQ_LEN_KEY]} if SEQ_LEN_KEY in hf else {}
+
+
 def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
     """src's mean-pooled head file (config.json names it, or it is there) copied to dst; returns
     the config.json key that names it ({} when src has no such head)."""
@@ -51,7 +60,7 @@ def write_final(model: nn.Module, src: Path, ctx: Any) -> Path:
     head = load_classifier(src)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        extra = special_ids(src)
+        extra = special_ids(src) | input_length(src)
         if head is not None and head.pooling == "mean":
             extra, head = extra | copy_mean_head(src, tmp), None
         save_pretrained(model, tmp, extra_config=extra, classifier=head)

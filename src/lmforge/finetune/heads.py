@@ -38,6 +38,10 @@ from torch import Tensor, nn
 
 from lmforge.model.transformer import IGNORE_INDEX, next_token_loss
 
+# config.json key of a fine-tuned classifier: the train.seq_len its rows were cut at, where eval
+# cuts them too (evals.heads), so a text longer than that scores the same in both
+SEQ_LEN_KEY = "lmforge_classifier_seq_len"
+
 
 class SequenceClassifier(nn.Module):
     """A Transformer plus `head`: Linear(n_embd, n_classes, bias=False) on the pooled state."""

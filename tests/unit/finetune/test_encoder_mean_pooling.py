@@ -14,6 +14,7 @@ import torch
 from lmforge.errors import InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.evals.stage import evaluate
+from lmforge.finetune.heads import SEQ_LEN_KEY
 from lmforge.finetune.stage import FinetuneConfig, finetune
 from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY
 
@@ -135,7 +136,8 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
     texts = ["alpha one text", "delta", "gamma three four two text"]
     want = np.asarray([EvalModel.load(out).classify(t) for t in texts])
     head_bytes = (out / "final" / MEAN_HEAD).read_bytes()
-    width = json.loads((out / "final" / "config.json").read_text())["intermediate_size"]
+    source = json.loads((out / "final" / "config.json").read_text())
+    width, seq_len = source["intermediate_size"], source[SEQ_LEN_KEY]
     data = _write(tmp_path / "val.jsonl", trained[1])
     for method, settings in (("quantize", {}), ("prune", {"kind": "neurons", "sparsity": 0.25})):
         values = {"method": method, "model": out, "out": tmp_path / method, method: settings}
@@ -144,6 +146,7 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
         assert "tokens_per_s" not in report["after"] and report["after"]["pseudo_perplexity"] > 1
         config = json.loads((final / "config.json").read_text())
         assert config[MEAN_HEAD_KEY] == MEAN_HEAD and (final / MEAN_HEAD).read_bytes() == head_bytes
+        assert config[SEQ_LEN_KEY] == seq_len  # eval cuts texts where the source's fine-tune did
         model = EvalModel.load(final)
         assert (model.head.reads, model.head.labels) == ("mean_tokens", sorted(WORDS[:4]))
         got = np.asarray([model.classify(t) for t in texts])

@@ -17,7 +17,7 @@ from .encoder_tokenizers import bert_tokenizer_dir
 from .helpers import make_model_dir, make_tokenizer_dir
 
 WORDS = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"]
-# seq_len holds every row whole: eval reads up to the block size, training up to seq_len
+# seq_len holds every row whole (test_classify_input_len.py: longer ones, cut alike)
 TRAIN = {"max_steps": 10, "lr": 3e-3, "micro_batch_size": 8, "seq_len": 32, "warmup_steps": 2,
          "eval_every": 0, "eval_steps": 1, "ckpt_every": 0}  # fmt: skip
 
