@@ -134,8 +134,8 @@ RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
 # to do instead); quantize and prune keep a classifier's head and an encoder's layout
 ENCODER_CANNOT = {
     "distill": ("distill trains a causal student on next-token loss", RECOVERY_INSTEAD),
-    "export-onnx": ("export writes decoders' KV-cache graphs (ONNX, GGUF)", RECOVERY_INSTEAD),
-    "export-gguf": ("export writes decoders' KV-cache graphs (ONNX, GGUF)", RECOVERY_INSTEAD),
+    "export-gguf": ("export to GGUF writes llama.cpp's decoders", "export it with --set "
+                    "'export.formats=[onnx]' (its classifier's logits or hidden states)"),
     "prune-recovery": ("prune's recovery (tokens) trains next-token loss, which an encoder does "
                        "not learn", RECOVERY_INSTEAD),
 }  # fmt: skip

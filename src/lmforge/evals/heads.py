@@ -108,7 +108,10 @@ def mean_source_state(lm: EvalModel, text: str, pair: str | None, max_len: int) 
     return lm.model.encode(src)[0].mean(0)
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Linear:
+def linear_of(
+    weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str = "cpu"
+) -> nn.Linear:
+    """An eval-mode Linear holding a head's weight (and bias) on device."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.load_state_dict({"weight": weight} | ({"bias": bias} if bias is not None else {}))
     return linear.to(device).eval()
@@ -145,11 +148,11 @@ def load_sequence_head(lm: EvalModel) -> SequenceHead | None:
         return None
     if head is None:
         return _legacy_head(lm)
-    linear, max_len = _linear(head.weight, head.bias, lm.device), input_len(lm)
+    linear, max_len = linear_of(head.weight, head.bias, lm.device), input_len(lm)
     if head.pooling == "mean":
         return SequenceHead(head.labels, linear, mean_token_state, "mean_tokens", max_len)
     if head.pool_weight is not None:
-        dense = _linear(head.pool_weight, head.pool_bias, lm.device)
+        dense = linear_of(head.pool_weight, head.pool_bias, lm.device)
         return SequenceHead(head.labels, linear, pooled_first_token(dense), "first_token_pooler",
                             max_len)  # fmt: skip
     return SequenceHead(head.labels, linear, last_token, "last_token", max_len)
@@ -169,7 +172,7 @@ def _legacy_head(lm: EvalModel) -> SequenceHead | None:
             f"{model_dir}: head.safetensors has {state['weight'].shape[0]} classes but "
             f"labels.json {len(labels)}"
         )
-    return SequenceHead(labels, _linear(state["weight"], state.get("bias"), lm.device),
+    return SequenceHead(labels, linear_of(state["weight"], state.get("bias"), lm.device),
                         last_token, "last_token", lm.block_size)  # fmt: skip
 
 
