@@ -3,7 +3,8 @@
 `lmforge compress quantize --model DIR --out DIR` writes `final/` (a model directory: config.json,
 model.safetensors, tokenizer files, generation_config.json when the source has one) that eval and
 generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
-`tokens`, recovered by a short fine-tune through the one training loop); `lmforge compress
+`tokens`, recovered by a short fine-tune through the one training loop; a classifier with
+`examples`, on its classification loss, its accuracy measured); `lmforge compress
 distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (KV-cache inputs and
 outputs, checked against PyTorch with onnxruntime) and `model.gguf` (llama.cpp, read back with
 gguf's reader). Both write compression.json: weight bytes, greedy decode tokens/s and (with
@@ -108,6 +109,16 @@ class CompressConfig(StageConfig):
     tokens: Path | None = Field(
         None, description="token shards (lmforge tokenizer encode): prune's recovery, distill"
     )
+    examples: Path | None = Field(
+        None,
+        description="labelled examples (finetune's classification files: text, label, optional "
+        "text_pair): a sequence classifier's prune recovery trains its classification loss on them",
+    )
+    val_examples: Path | None = Field(
+        None,
+        description="held-out labelled examples scoring the classifier's accuracy before and after "
+        "pruning and after recovery (default: examples)",
+    )
     train: TrainConfig = Field(
         default_factory=recovery_train, description="prune's recovery / distill's training"
     )
@@ -115,7 +126,8 @@ class CompressConfig(StageConfig):
     speed: SpeedSettings = Field(default_factory=SpeedSettings, description="speed measurement")
 
     def inputs(self) -> list[Path]:
-        return [p for p in (self.model, self.data, self.tokens) if p is not None]
+        paths = (self.model, self.data, self.tokens, self.examples, self.val_examples)
+        return [p for p in paths if p is not None]
 
     def model_dir(self) -> Path:
         """`model`, or its final/ when `model` is a training stage's directory."""
@@ -141,9 +153,11 @@ ENCODER_CANNOT = {
 }  # fmt: skip
 CLASSIFIER_CANNOT = {
     "distill": ("distill trains a language model, which would drop its head",
-                f"{RECOVERY_INSTEAD} (both keep the head)"),
-    "prune-recovery": ("prune's recovery (tokens) trains next-token loss, not its classification "
-                       "head", f"{RECOVERY_INSTEAD} (both keep the head)"),
+                "use method=quantize, or method=prune (both keep the head; prune recovers on "
+                "labelled examples)"),
+    "prune-recovery": ("prune's recovery on tokens trains next-token loss, not its "
+                       "classification head", "recover it on labelled examples instead "
+                       "(--set examples=FILE: text, label; the head is trained with it)"),
     "export-gguf": ("export to GGUF writes a language model, without its head",
                     "export the classifier with --set 'export.formats=[onnx]'"),
 }  # fmt: skip
@@ -182,10 +196,15 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     hf = read_config(src)
     if cfg.method == "quantize":  # refused before the slow measurement of src
         require_float_source(src, hf)
+    head = load_classifier(src)
+    if head is not None:  # first: a classifier's refusals say how to keep its head
+        refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
         refuse(cfg, src, "an encoder", ENCODER_CANNOT)
-    if load_classifier(src) is not None:
-        refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
+    if cfg.examples is not None and (cfg.method != "prune" or head is None or head.per_token):
+        raise ConfigError(f"examples train a sequence classifier's prune recovery, not method="
+                          f"{cfg.method} of {src}; drop examples (or --set tokens=DIR to "
+                          "recover a language model)")  # fmt: skip
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above

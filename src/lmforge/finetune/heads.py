@@ -77,6 +77,19 @@ class SequenceClassifier(nn.Module):
         pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
         return self.head(pooled), h
 
+    @classmethod
+    def from_head(cls, lm: nn.Module, head: Any) -> SequenceClassifier:
+        """lm with a saved head (model.convert.ClassifierHead: a sequence head, class i =
+        head.labels[i]) on it again, pooling as it was trained: classifier_head's inverse."""
+        model = cls(lm, len(head.labels), pooling=head.pooling)
+        saved = {"head.weight": head.weight, "head.bias": head.bias,
+                 "pool.weight": head.pool_weight, "pool.bias": head.pool_bias}  # fmt: skip
+        state = model.state_dict()  # tensors sharing the parameters' storage
+        with torch.no_grad():
+            for name in (n for n in saved if n in state):  # an encoder's bias, a pooler's dense
+                state[name].copy_(saved[name])
+        return model
+
     def classifier_head(self, labels: list[str]) -> Any:
         """The head as model.convert.ClassifierHead, for export."""
         from lmforge.model.convert import ClassifierHead

@@ -69,7 +69,9 @@ def test_an_encoder_exports_to_onnx_and_matches_eval_on_padded_batches(head, tmp
     from lmforge.compress.onnx_export import ort_session
 
     src, tok = encoder_dir(tmp_path, head)
-    with pytest.raises(ConfigError, match=r"is an encoder: export to GGUF .*formats=\[onnx\]"):
+    with pytest.raises(
+        ConfigError, match=r"is a(n encoder| classifier): export to GGUF .*formats=\[onnx\]"
+    ):
         compress(CompressConfig(method="export", model=src, out=tmp_path / "g"))
     values = {"method": "export", "model": src, "out": tmp_path / "x",
               "export": {"formats": ["onnx"]}}  # fmt: skip

@@ -154,11 +154,12 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
             assert "quantization_config" in config and np.abs(got - want).max() <= 0.01
         else:  # a quarter of the MLP units gone, the head still reads n_embd-wide states
             assert config["intermediate_size"] == width * 3 // 4 and np.isfinite(got).all()
-    for method, extra in (("distill", {}), ("prune", {"tokens": tmp_path})):
-        values = {"method": method, "model": out, "out": tmp_path / "refused", **extra}
-        with pytest.raises(ConfigError, match=rf"is an encoder: {method}.* use method=quantize"):
+    refused = {"distill": "use method=quantize", "prune": "recover it on labelled examples"}
+    for method, says in refused.items():
+        values = {"method": method, "model": out, "out": tmp_path / "refused", "tokens": tmp_path}
+        with pytest.raises(ConfigError, match=rf"is a classifier: {method}.*; {says}"):
             compress(CompressConfig.model_validate(values))
-    with pytest.raises(ConfigError, match=r"is an encoder: export to GGUF"):  # ONNX: it exports
+    with pytest.raises(ConfigError, match=r"is a classifier: export to GGUF"):  # ONNX: it exports
         compress(CompressConfig(method="export", model=out, out=tmp_path / "refused"))
 
 
