@@ -69,14 +69,15 @@ def recover_classifier(
     """(the trained head as model.convert.ClassifierHead, the report's accuracies and recovery,
     the config.json keys final/ adds: the seq_len rows were cut at when src records none)."""
     from lmforge.compress.prune import keep_zeros
+    from lmforge.evals.heads import input_len
     from lmforge.finetune.heads import SEQ_LEN_KEY, SequenceClassifier, classify_loss
     from lmforge.model.convert import load_classifier, read_config
     from lmforge.train.loader import RowBatches
     from lmforge.train.loop import train
 
     head, tc = load_classifier(src), cfg.train
-    recorded = read_config(src).get(SEQ_LEN_KEY)
-    seq_len = recorded or min(tc.seq_len, pruned.config.block_size)
+    recorded = read_config(src).get(SEQ_LEN_KEY) is not None
+    seq_len = input_len(original) if recorded else min(tc.seq_len, pruned.config.block_size)
     encoder, val_path = not pruned.config.causal, cfg.val_examples or cfg.examples
     train_rows = labelled_rows(cfg.examples, head.labels, original.files, seq_len, encoder)
     val_rows = labelled_rows(val_path, head.labels, original.files, seq_len, encoder)
