@@ -67,6 +67,7 @@ def padded_feed(tok: TokenizerFiles, left: bool) -> tuple[dict[str, np.ndarray],
 @pytest.mark.parametrize("head", ["mean", "first", "none"])
 def test_an_encoder_exports_to_onnx_and_matches_eval_on_padded_batches(head, tmp_path):
     from lmforge.compress.onnx_export import ort_session
+    from lmforge.evals.report import write_report
 
     src, tok = encoder_dir(tmp_path, head)
     with pytest.raises(
@@ -79,6 +80,11 @@ def test_an_encoder_exports_to_onnx_and_matches_eval_on_padded_batches(head, tmp
     report = json.loads((out / "compression.json").read_text())
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["onnx"]["weights_bytes"] > 0
     assert "tokens_per_s" not in report["onnx"]
+    page = write_report(tmp_path).read_text()
+    assert (
+        f"ONNX (onnxruntime) {report['onnx']['weights_bytes'] / report['before']['weights_bytes']:.2f}x the size, outputs within {report['onnx']['max_abs_diff']:.1e}"
+        in page
+    )
     onnx = out / "onnx"
     assert (onnx / "tokenizer.json").is_file() and (onnx / "config.json").is_file()
     assert (onnx / MEAN_HEAD).is_file() == (head == "mean")

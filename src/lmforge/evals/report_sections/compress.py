@@ -102,6 +102,8 @@ def compress_section(stage: StageInfo) -> list[Block]:
             bits.append(f"logits within {diff:.1e}")
         if r.get("max_abs_logit_diff") is not None:  # GGUF: the file's rounded weights
             bits.append(f"logits within {r['max_abs_logit_diff']:.1e}")
+        if r.get("max_abs_diff") is not None:  # an encoder's ONNX graph: logits or states
+            bits.append(f"outputs within {r['max_abs_diff']:.1e}")
         if r.get("accuracy") is not None and base.get("accuracy") is not None:
             bits.append(f"accuracy {r['accuracy']:.3f} (original {base['accuracy']:.3f})")
         parts.append(f"{r['variant']} " + ", ".join(bits))
