@@ -19,13 +19,16 @@ import torch
 from torch import nn
 
 from lmforge.artifacts import StageContext
-from lmforge.compress.files import copy_side_files, special_ids
+from lmforge.compress.files import copy_mean_head, copy_side_files, special_ids
 from lmforge.compress.gguf_export import check_gguf, encode_tensor, export_gguf
 from lmforge.compress.measure import prompt_ids, quality, weights_bytes
 from lmforge.compress.onnx_export import (
+    EncoderGraph,
     check_classifier_onnx,
+    check_encoder_onnx,
     check_onnx,
     export_classifier_onnx,
+    export_encoder_onnx,
     export_onnx,
     ort_decode_tokens_per_s,
     ort_session,
@@ -100,12 +103,47 @@ def classifier_onnx(settings: Any, ctx: StageContext, src: Path, original: EvalM
     if head.reads != "last_token":
         raise ConfigError(f"{src}'s head pools {head.reads}: ONNX export takes a decoder "
                           "classifier (last-token head); use method=quantize")  # fmt: skip
+    args = (original.model, head.linear, original.pad_id)
+
+    def write(onnx: Path) -> dict[str, float]:
+        export_classifier_onnx(*args, onnx, settings.opset)
+        return check_classifier_onnx(*args, ort_session(onnx), settings.atol)
+
+    return onnx_dir(ctx, src, write)
+
+
+def encoder_onnx(settings: Any, ctx: StageContext, src: Path, original: EvalModel) -> dict:
+    """onnx/: an encoder's graph (its sequence head's label logits, pooled in the graph, or its
+    hidden states) beside its config.json (and a mean-pooled head's file) and tokenizer files,
+    checked against PyTorch on padded batches; its size and check."""
+    from lmforge.evals.heads import linear_of
+    from lmforge.model.convert import load_classifier
+
+    head = load_classifier(src)
+    if head is not None and head.per_token:
+        raise ConfigError(f"{src} is a token classifier: ONNX export takes an encoder with a "
+                          "sequence head or none; use method=quantize")  # fmt: skip
+    linear = pool = None
+    if head is not None:
+        linear = linear_of(head.weight, head.bias)
+        pool = linear_of(head.pool_weight, head.pool_bias) if head.pooling == "first" else None
+    graph = EncoderGraph(original.model, linear, pool)
+
+    def write(onnx: Path) -> dict[str, float]:
+        export_encoder_onnx(graph, onnx, settings.opset)
+        return check_encoder_onnx(graph, original.pad_id, ort_session(onnx), settings.atol)
+
+    return onnx_dir(ctx, src, write)
+
+
+def onnx_dir(ctx: StageContext, src: Path, write: Any) -> dict[str, Any]:
+    """ctx.out/onnx, written whole or not at all: write(model.onnx) exports and checks the graph,
+    then src's config.json, head file (a mean-pooled one's) and tokenizer files go beside it."""
     with ctx.atomic_path(ctx.out / "onnx") as tmp:
         tmp.mkdir(parents=True)
-        args = (original.model, head.linear, original.pad_id)
-        export_classifier_onnx(*args, tmp / "model.onnx", settings.opset)
-        checks = check_classifier_onnx(*args, ort_session(tmp / "model.onnx"), settings.atol)
+        checks = write(tmp / "model.onnx")
         copy_side_files(src, tmp)
+        copy_mean_head(src, tmp)
         shutil.copy2(src / "config.json", tmp / "config.json")
     return {"weights_bytes": weights_bytes(ctx.out / "onnx" / "model.onnx"), **checks}
 
@@ -125,25 +163,21 @@ def export_method(
     for fmt in settings.formats:
         require_extra(fmt)
     result: dict[str, Any] = {}
-    if "onnx" in settings.formats and original.head is not None:  # a sequence classifier
+    if "onnx" in settings.formats and not model.config.causal:  # BERT/RoBERTa: no KV cache
+        result["onnx"] = encoder_onnx(settings, ctx, src, original)
+    elif "onnx" in settings.formats and original.head is not None:  # a decoder classifier
         result["onnx"] = classifier_onnx(settings, ctx, src, original)
     elif "onnx" in settings.formats:
-        with ctx.atomic_path(ctx.out / "onnx") as tmp:
-            tmp.mkdir(parents=True)
-            export_onnx(model, tmp / "model.onnx", settings.opset)
-            session = ort_session(tmp / "model.onnx")
-            checks = check_onnx(model, session, settings.atol)
-            copy_side_files(src, tmp)
-            shutil.copy2(src / "config.json", tmp / "config.json")
-        speed = cfg.speed
-        tps = ort_decode_tokens_per_s(
+
+        def write(onnx: Path) -> dict[str, float]:
+            export_onnx(model, onnx, settings.opset)
+            return check_onnx(model, ort_session(onnx), settings.atol)
+
+        result["onnx"] = onnx_dir(ctx, src, write)
+        speed, session = cfg.speed, ort_session(ctx.out / "onnx" / "model.onnx")
+        result["onnx"]["tokens_per_s"] = ort_decode_tokens_per_s(
             session, model, speed.prompt_tokens, speed.new_tokens, speed.repeats
         )
-        result["onnx"] = {
-            "weights_bytes": weights_bytes(ctx.out / "onnx" / "model.onnx"),
-            "tokens_per_s": tps,
-            **checks,
-        }
     if "gguf" in settings.formats:
         special, file_type = special_ids(src), settings.gguf_type
         with ctx.atomic_path(ctx.out / "model.gguf") as tmp:

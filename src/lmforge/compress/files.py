@@ -1,6 +1,7 @@
 """The model directory every compress method writes: weights, config, tokenizer, stop tokens,
 and a classifier's head (a mean-pooled one's file, model.convert.mean_head), which quantize and
-prune carry unchanged (they keep n_embd; distill refuses classifiers, compress.stage)."""
+prune carry (they keep n_embd; prune's recovery of a classifier trains it; distill refuses
+classifiers, compress.stage)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from torch import nn
 from lmforge.model.convert import (
     MEAN_HEAD,
     MEAN_HEAD_KEY,
+    ClassifierHead,
     load_classifier,
     read_config,
+    save_mean_head,
     save_pretrained,
 )
 from lmforge.tokenizer.files import copy_tokenizer_files
@@ -34,6 +37,15 @@ def special_ids(model_dir: Path) -> dict[str, int]:
     return {k: hf[k] for k in SPECIAL_KEYS if type(hf.get(k)) is int}
 
 
+def input_length(model_dir: Path) -> dict[str, int]:
+    """The input length a fine-tuned classifier's config.json records (the seq_len eval cuts its
+    texts at, evals.heads), {} when none: carried so the result reads texts as the source did."""
+    from lmforge.finetune.heads import SEQ_LEN_KEY
+
+    hf = read_config(model_dir)
+    return {SEQ_LEN_KEY: hf[SEQ_LEN_KEY]} if SEQ_LEN_KEY in hf else {}
+
+
 def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
     """src's mean-pooled head file (config.json names it, or it is there) copied to dst; returns
     the config.json key that names it ({} when src has no such head)."""
@@ -44,16 +56,24 @@ def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
     return {MEAN_HEAD_KEY: MEAN_HEAD}
 
 
-def write_final(model: nn.Module, src: Path, ctx: Any) -> Path:
-    """ctx.out/final: model saved (save_pretrained) with src's special ids, side files and
-    classifier head, if any (prune keeps n_embd, the width a head reads): a
-    *For{Sequence,Token}Classification's in the model file, a mean-pooled one's beside it."""
-    head = load_classifier(src)
+def write_final(
+    model: nn.Module,
+    src: Path,
+    ctx: Any,
+    head: ClassifierHead | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """ctx.out/final: model saved (save_pretrained) with src's special ids, recorded input
+    length, side files and classifier head, if any (prune keeps n_embd, the width a head reads):
+    a *For{Sequence,Token}Classification's in the model file, a mean-pooled one's beside it.
+    head: one trained with model (prune's recovery) instead of src's; extra: config.json keys."""
+    trained, head = head is not None, head or load_classifier(src)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        extra = special_ids(src)
+        config = special_ids(src) | input_length(src) | (extra or {})
         if head is not None and head.pooling == "mean":
-            extra, head = extra | copy_mean_head(src, tmp), None
-        save_pretrained(model, tmp, extra_config=extra, classifier=head)
+            save_mean_head(head, tmp) if trained else copy_mean_head(src, tmp)
+            config, head = config | {MEAN_HEAD_KEY: MEAN_HEAD}, None
+        save_pretrained(model, tmp, extra_config=config, classifier=head)
         copy_side_files(src, tmp)
     return ctx.out / "final"

@@ -11,6 +11,11 @@ A decoder sequence classifier (*ForSequenceClassification) exports its own graph
 head read at each row's rightmost attended token that is not the pad id, where fine-tuning and
 transformers pool. The mask says which tokens are padding, so a pad id that is also a real token
 (GPT-2's eos) is still read inside the text, and left padding shifts no position.
+
+An encoder (BERT/RoBERTa; no KV cache) exports as `input_ids`, `attention_mask` (+
+`token_type_ids` for BERT's segments) -> `logits` (B, n_labels) of its classifier, pooled in the
+graph (a mean-pooled head: the mean over the mask; a *ForSequenceClassification: the pooler on
+the first token), or `last_hidden_state` (B, T, C) for an encoder without a sequence head.
 """
 
 from __future__ import annotations
@@ -225,3 +230,87 @@ def check_classifier_onnx(
             "the export is wrong for this model, please report it"
         )
     return {"max_abs_logit_diff": diff}
+
+
+class EncoderGraph(nn.Module):
+    """An encoder (BERT/RoBERTa) as (input_ids, attention_mask[, token_type_ids]) -> its head's
+    label logits (B, n_labels), pooled in the graph as fine-tuning pooled: the mean of the
+    attended tokens' states (pool None), or BERT's pooler (dense + tanh) on the first attended
+    token; without a head, last_hidden_state (B, T, C). Padding may be right or left: the mask
+    hides it from attention and the pooling, and positions count from each row's first token."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear | None, pool: nn.Linear | None) -> None:
+        super().__init__()
+        self.model, self.head, self.pool = model, head, pool
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        h = self.model.hidden_states(
+            input_ids, pad_mask=attention_mask, token_type_ids=token_type_ids
+        )  # (B, T, C)
+        if self.head is None:
+            return h
+        if self.pool is None:  # finetune.heads.SequenceClassifier's pooling "mean"
+            m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+            return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+        first = attention_mask.ne(0).int().argmax(1)  # (B,) [CLS] of a left-padded row too
+        return self.head(torch.tanh(self.pool(h[torch.arange(h.size(0), device=h.device), first])))
+
+
+def has_token_types(model: nn.Module) -> bool:
+    """Whether the encoder's graph takes token_type_ids (BERT's segments; RoBERTa has one)."""
+    return model.config.type_vocab_size > 1
+
+
+def export_encoder_onnx(graph: EncoderGraph, path: Path, opset: int = 18) -> None:
+    """Write an encoder graph (fp32, eval) to path: inputs input_ids, attention_mask (and
+    token_type_ids where the model has segments), output logits or last_hidden_state."""
+    graph = graph.float().eval()
+    ids = torch.randint(0, graph.model.config.vocab_size, (2, 5))
+    args: tuple[Tensor, ...] = (ids, torch.ones_like(ids))
+    names = ["input_ids", "attention_mask"]
+    if has_token_types(graph.model):
+        args, names = (*args, torch.zeros_like(ids)), [*names, "token_type_ids"]
+    dyn = torch.export.Dim.DYNAMIC
+    output = "logits" if graph.head is not None else "last_hidden_state"
+    save_graph(graph, args, [output], {n: {0: dyn, 1: dyn} for n in names}, path, opset)
+
+
+@torch.no_grad()
+def check_encoder_onnx(graph: EncoderGraph, pad_id: int, session: Any, atol: float) -> dict:
+    """Max |difference| ONNX vs PyTorch (label logits, or the hidden states of real tokens) on a
+    right- and a left-padded batch of rows of 7, 4 and 1 tokens (the longest a pair: its second
+    half token type 1 where the model has types), each compared with the graph run on its
+    tokens alone. Raises StageError beyond atol."""
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, graph.model.config.vocab_size, (n,), generator=gen) for n in (7, 4, 1)]
+    typed = has_token_types(graph.model)
+    types = [torch.zeros_like(r) for r in rows]
+    types[0][4:] = int(typed)
+
+    def feed(ids: Tensor, mask: Tensor, segs: Tensor) -> dict[str, np.ndarray]:
+        return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()} | (
+            {"token_type_ids": segs.numpy()} if typed else {}
+        )
+
+    alone = [
+        graph(r[None], torch.ones_like(r[None]), t[None])[0]
+        for r, t in zip(rows, types, strict=True)
+    ]
+    diff = 0.0
+    for left in (False, True):
+        ids, mask = pad_rows(rows, pad_id, None, left=left)
+        segs, _ = pad_rows(types, 0, None, left=left)
+        (got,) = session.run(None, feed(ids, mask, segs))
+        if graph.head is not None:
+            want = torch.stack(alone).numpy()
+        else:  # the real tokens' states, row after row
+            got, want = got[mask.bool().numpy()], torch.cat(alone).numpy()
+        diff = max(diff, float(np.abs(got - want).max()))
+    if diff > atol:
+        raise StageError(
+            f"ONNX encoder outputs differ from PyTorch by {diff:.2e} (> atol {atol}); "
+            "the export is wrong for this model, please report it"
+        )
+    return {"max_abs_diff": diff}

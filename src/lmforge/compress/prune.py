@@ -11,7 +11,9 @@
   ||attention-output columns|| of the group's heads. n_head and n_kv_head shrink, head_dim stays.
 
 Recovery (with `tokens`): a short fine-tune through the one training loop on the token shards,
-next-token loss; magnitude pruning keeps its zeros by masking the gradients of pruned weights.
+next-token loss; magnitude pruning keeps its zeros by masking the gradients of pruned weights. A
+sequence classifier recovers on labelled `examples` instead, its classification loss
+(compress.prune_classifier), with its accuracy before and after pruning and after recovery.
 """
 
 from __future__ import annotations
@@ -170,6 +172,13 @@ def shard_loaders(tokens: Path, model_dir: Path, tc: Any, loss_fn: Any) -> tuple
     return loader, evaluate
 
 
+def keep_zeros(model: Transformer, masks: dict[str, Tensor]) -> None:
+    """Hooks that zero the gradients of magnitude-pruned weights, so training keeps them zero."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].register_hook(lambda g, m=mask: g * m.to(g.dtype))
+
+
 def recover(
     model: Transformer, masks: dict[str, Tensor], tokens: Path, model_dir: Path, cfg: Any, ctx: Any
 ) -> dict[str, float]:
@@ -178,9 +187,7 @@ def recover(
     from lmforge.train.pretrain import lm_loss
 
     loader, evaluate = shard_loaders(tokens, model_dir, cfg.train, lm_loss)
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        params[name].register_hook(lambda g, m=mask: g * m.to(g.dtype))
+    keep_zeros(model, masks)
     result = train(model.train(), lm_loss, loader, cfg.train, ctx, eval_fn=evaluate, resume=False)
     model.eval()
     return {"steps": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss}
@@ -203,12 +210,18 @@ def prune_method(
         "kind": settings.kind, "target": settings.sparsity, "scope": settings.scope,
         "params_before": n_before, "params_after": pruned.num_params(),
     }}  # fmt: skip
+    head, extra = None, {}  # a classifier's recovery trains its head: final/ holds that one
+    if (cfg.tokens is not None or cfg.examples is not None) and texts:
+        unrecovered = EvalModel("pruned", src, pruned, original.files)
+        report["before_recovery"] = quality(unrecovered, texts)
     if cfg.tokens is not None:
-        if texts:
-            unrecovered = EvalModel("pruned", src, pruned, original.files)
-            report["before_recovery"] = quality(unrecovered, texts)
         report["recovery"] = recover(pruned, masks, Path(cfg.tokens), src, cfg, ctx)
+    elif cfg.examples is not None:
+        from lmforge.compress.prune_classifier import recover_classifier
+
+        head, recovered, extra = recover_classifier(pruned, masks, src, original, cfg, ctx)
+        report.update(recovered)
     report["pruning"]["block_sparsity"] = sparsity_of(pruned)
-    final = write_final(pruned, src, ctx)
+    final = write_final(pruned, src, ctx, head=head, extra=extra)
     report["after"] = model_report(EvalModel.load(final), final, texts, cfg.speed)
     return report

@@ -3,7 +3,8 @@
 `lmforge compress quantize --model DIR --out DIR` writes `final/` (a model directory: config.json,
 model.safetensors, tokenizer files, generation_config.json when the source has one) that eval and
 generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
-`tokens`, recovered by a short fine-tune through the one training loop); `lmforge compress
+`tokens`, recovered by a short fine-tune through the one training loop; a classifier with
+`examples`, on its classification loss, its accuracy measured); `lmforge compress
 distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (KV-cache inputs and
 outputs, checked against PyTorch with onnxruntime) and `model.gguf` (llama.cpp, read back with
 gguf's reader). Both write compression.json: weight bytes, greedy decode tokens/s and (with
@@ -108,6 +109,16 @@ class CompressConfig(StageConfig):
     tokens: Path | None = Field(
         None, description="token shards (lmforge tokenizer encode): prune's recovery, distill"
     )
+    examples: Path | None = Field(
+        None,
+        description="labelled examples (finetune's classification files: text, label, optional "
+        "text_pair): a sequence classifier's prune recovery trains its classification loss on them",
+    )
+    val_examples: Path | None = Field(
+        None,
+        description="held-out labelled examples scoring the classifier's accuracy before and after "
+        "pruning and after recovery (default: examples)",
+    )
     train: TrainConfig = Field(
         default_factory=recovery_train, description="prune's recovery / distill's training"
     )
@@ -115,7 +126,8 @@ class CompressConfig(StageConfig):
     speed: SpeedSettings = Field(default_factory=SpeedSettings, description="speed measurement")
 
     def inputs(self) -> list[Path]:
-        return [p for p in (self.model, self.data, self.tokens) if p is not None]
+        paths = (self.model, self.data, self.tokens, self.examples, self.val_examples)
+        return [p for p in paths if p is not None]
 
     def model_dir(self) -> Path:
         """`model`, or its final/ when `model` is a training stage's directory."""
@@ -129,32 +141,43 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
     return run_stage("compress", cfg, build, force=force).out
 
 
-def refuse_encoder(cfg: CompressConfig, src: Path) -> None:
-    """ConfigError for what an encoder (BERT/RoBERTa) cannot go through: distill's and prune
-    recovery's next-token loss, export's KV-cache graphs (quantize and prune keep a mean-pooled
-    classifier's head, compress.files)."""
-    what = {"distill": "distill trains a causal student on next-token loss",
-            "export": "export writes decoders' KV-cache graphs (ONNX, GGUF)"}.get(cfg.method)  # fmt: skip
-    if cfg.method == "prune" and cfg.tokens is not None:
-        what = "prune's recovery (tokens) trains next-token loss, which an encoder does not learn"
-    if what:
-        raise ConfigError(f"{src} is an encoder: {what}; use method=quantize, or "
-                          "method=prune without tokens")  # fmt: skip
+RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
+# what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
+# to do instead); quantize and prune keep a classifier's head and an encoder's layout
+ENCODER_CANNOT = {
+    "distill": ("distill trains a causal student on next-token loss", RECOVERY_INSTEAD),
+    "export-gguf": ("export to GGUF writes llama.cpp's decoders", "export it with --set "
+                    "'export.formats=[onnx]' (its classifier's logits or hidden states)"),
+    "prune-recovery": ("prune's recovery (tokens) trains next-token loss, which an encoder does "
+                       "not learn", RECOVERY_INSTEAD),
+}  # fmt: skip
+CLASSIFIER_CANNOT = {
+    "distill": ("distill trains a language model, which would drop its head",
+                "use method=quantize, or method=prune (both keep the head; prune recovers on "
+                "labelled examples)"),
+    "prune-recovery": ("prune's recovery on tokens trains next-token loss, not its "
+                       "classification head", "recover it on labelled examples instead "
+                       "(--set examples=FILE: text, label; the head is trained with it)"),
+    "export-gguf": ("export to GGUF writes a language model, without its head",
+                    "export the classifier with --set 'export.formats=[onnx]'"),
+}  # fmt: skip
 
 
-def refuse_classifier(cfg: CompressConfig, src: Path) -> None:
-    """ConfigError for what a sequence classifier's head would not survive: distill's and prune
-    recovery's next-token loss (the head is never trained), GGUF (a language model's file)."""
-    what = {"distill": "distill trains a language model, which would drop its head"}.get(cfg.method)
+def steps(cfg: CompressConfig) -> list[str]:
+    """What cfg makes the stage do, as ENCODER_CANNOT and CLASSIFIER_CANNOT name it."""
+    if cfg.method == "export":
+        return [f"export-{fmt}" for fmt in cfg.export.formats]
     if cfg.method == "prune" and cfg.tokens is not None:
-        what = "prune's recovery (tokens) trains next-token loss, not its classification head"
-    if cfg.method == "export" and "gguf" in cfg.export.formats:
-        raise ConfigError(f"{src} is a classifier: export to GGUF writes a language model, "
-                          "without its head; export the classifier with "
-                          "--set 'export.formats=[onnx]'")  # fmt: skip
-    if what:
-        raise ConfigError(f"{src} is a classifier: {what}; use method=quantize, or "
-                          "method=prune without tokens (both keep the head)")  # fmt: skip
+        return ["prune", "prune-recovery"]
+    return [cfg.method]
+
+
+def refuse(cfg: CompressConfig, src: Path, model: str, cannot: dict[str, tuple[str, str]]) -> None:
+    """ConfigError for the first step of cfg that `model` (what src is) cannot go through."""
+    for step in steps(cfg):
+        if step in cannot:
+            why, instead = cannot[step]
+            raise ConfigError(f"{src} is {model}: {why}; {instead}")
 
 
 def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
@@ -173,10 +196,15 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     hf = read_config(src)
     if cfg.method == "quantize":  # refused before the slow measurement of src
         require_float_source(src, hf)
+    head = load_classifier(src)
+    if head is not None:  # first: a classifier's refusals say how to keep its head
+        refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
-        refuse_encoder(cfg, src)
-    if load_classifier(src) is not None:
-        refuse_classifier(cfg, src)
+        refuse(cfg, src, "an encoder", ENCODER_CANNOT)
+    if cfg.examples is not None and (cfg.method != "prune" or head is None or head.per_token):
+        raise ConfigError(f"examples train a sequence classifier's prune recovery, not method="
+                          f"{cfg.method} of {src}; drop examples (or --set tokens=DIR to "
+                          "recover a language model)")  # fmt: skip
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above

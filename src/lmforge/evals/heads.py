@@ -11,6 +11,10 @@ A head is chosen by the files that hold it, never by the model's name:
 - a decoder's *ForSequenceClassification (score.weight, no bias), or the older head.safetensors +
   labels.json: the rightmost token that is not the pad token (finetune.heads.pooled_index);
 - an encoder's *ForTokenClassification (per-token head): the tagging task's TokenTagger.
+
+A sequence head reads at most the tokens its fine-tune did: the input length config.json records
+(finetune.heads.SEQ_LEN_KEY, the train.seq_len its rows were cut at), else the model's block
+size, so a long text gets in eval the logits finetune's val metrics gave it.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from lmforge.errors import InputError
 if TYPE_CHECKING:
     from lmforge.evals.lm import EvalModel
 
-# (lm, text, text_pair or None) -> pooled state (C,)
-Pool = Callable[["EvalModel", str, "str | None"], torch.Tensor]
+# (lm, text, text_pair or None, tokens read at most) -> pooled state (C,)
+Pool = Callable[["EvalModel", str, "str | None", int], torch.Tensor]
 
 
 @dataclass
@@ -41,34 +45,37 @@ class SequenceHead:
     linear: nn.Linear
     pool: Pool
     reads: str  # how it pools, recorded in the task's metrics
+    max_len: int  # tokens read at most, where its fine-tune cut its rows (module docstring)
 
     @torch.no_grad()
     def log_probs(self, lm: EvalModel, text: str, pair: str | None = None) -> list[float]:
-        pooled = self.pool(lm, text, pair)
+        pooled = self.pool(lm, text, pair, self.max_len)
         logits = self.linear(pooled.to(self.linear.weight.dtype)).float()  # (n_classes,)
         return torch.log_softmax(logits, dim=-1).double().tolist()
 
 
-def last_token(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
-    """A decoder's state at the rightmost non-pad token (where fine-tuning and transformers pool);
-    a pair is read as fine-tuning joined it (finetune.heads.joined_pair)."""
+def last_token(lm: EvalModel, text: str, pair: str | None, max_len: int) -> torch.Tensor:
+    """A decoder's state at the rightmost non-pad token (where fine-tuning and transformers pool)
+    of the text's first max_len tokens; a pair is read as fine-tuning joined it
+    (finetune.heads.joined_pair)."""
     from lmforge.finetune.heads import joined_pair, pooled_index
 
-    ids = lm.encode(joined_pair(text, pair))[: lm.block_size] or [lm.pad_id]
+    ids = lm.encode(joined_pair(text, pair))[:max_len] or [lm.pad_id]
     h = lm.model.hidden_states(torch.tensor([ids], device=lm.device))
     return h[0, pooled_index(ids, lm.pad_id)]
 
 
-def encoder_states(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
-    """An encoder's states (T, C) over the template-wrapped text's real tokens: up to the last
-    one that is not the pad id, as finetune.heads.encode_texts sets `last` and training masks.
+def encoder_states(lm: EvalModel, text: str, pair: str | None, max_len: int) -> torch.Tensor:
+    """An encoder's states (T, C) over the template-wrapped text's real tokens (cut to max_len as
+    finetune.heads.encode_texts cuts them): up to the last one that is not the pad id, as
+    encode_texts sets `last` and training masks.
     A pair is wrapped as in training, by the template (BERT: [CLS] text [SEP] pair [SEP], token
     type 1 on the pair; RoBERTa: <s> text </s></s> pair </s>, all type 0, its one type).
     Only a tokenizer without a template ([CLS] ... [SEP]) lets a text end in pad ids; for such a
     text transformers' tokenizer marks them attended, so its logits differ from ours there."""
     from lmforge.finetune.heads import pooled_index
 
-    ids, types, _ = lm.files.encode_input(text, pair, max_len=lm.block_size)
+    ids, types, _ = lm.files.encode_input(text, pair, max_len=max_len)
     ids, types = ids or [lm.pad_id], types or [0]
     n = pooled_index(ids, lm.pad_id) + 1
     x, t = (torch.tensor([v[:n]], device=lm.device) for v in (ids, types))
@@ -78,19 +85,20 @@ def encoder_states(lm: EvalModel, text: str, pair: str | None = None) -> torch.T
 def pooled_first_token(dense: nn.Linear) -> Pool:
     """An encoder's first-token state of the template-wrapped text through dense + tanh."""
 
-    def pool(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
-        return torch.tanh(dense(encoder_states(lm, text, pair)[0]))
+    def pool(lm: EvalModel, text: str, pair: str | None, max_len: int) -> torch.Tensor:
+        return torch.tanh(dense(encoder_states(lm, text, pair, max_len)[0]))
 
     return pool
 
 
-def mean_token_state(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
+def mean_token_state(lm: EvalModel, text: str, pair: str | None, max_len: int) -> torch.Tensor:
     """The mean of an encoder's states over the template-wrapped text (finetune pooling "mean")."""
-    return encoder_states(lm, text, pair).mean(0)
+    return encoder_states(lm, text, pair, max_len).mean(0)
 
 
-def mean_source_state(lm: EvalModel, text: str, pair: str | None = None) -> torch.Tensor:
-    """The mean of an encoder-decoder's encoder states over the source (the dialogue's intent)."""
+def mean_source_state(lm: EvalModel, text: str, pair: str | None, max_len: int) -> torch.Tensor:
+    """The mean of an encoder-decoder's encoder states over the source (the dialogue's intent;
+    the scorer cuts the source, max_len is the block size)."""
     if pair is not None:
         raise InputError(
             f"{lm.path}'s intent head reads one dialogue text, not a pair: drop the examples' "
@@ -100,10 +108,30 @@ def mean_source_state(lm: EvalModel, text: str, pair: str | None = None) -> torc
     return lm.model.encode(src)[0].mean(0)
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Linear:
+def linear_of(
+    weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str = "cpu"
+) -> nn.Linear:
+    """An eval-mode Linear holding a head's weight (and bias) on device."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.load_state_dict({"weight": weight} | ({"bias": bias} if bias is not None else {}))
     return linear.to(device).eval()
+
+
+def input_len(lm: EvalModel) -> int:
+    """Tokens a sequence head reads at most: the train.seq_len its fine-tune recorded in
+    config.json (finetune.heads.SEQ_LEN_KEY), else the block size (an imported classifier)."""
+    from lmforge.finetune.heads import SEQ_LEN_KEY
+    from lmforge.model.convert import read_config
+
+    recorded = read_config(lm.path).get(SEQ_LEN_KEY)
+    if recorded is None:
+        return lm.block_size
+    if type(recorded) is not int or not 0 < recorded <= lm.block_size:
+        raise InputError(
+            f"{lm.path}/config.json: {SEQ_LEN_KEY}={recorded!r} is not a length from 1 to the "
+            f"block size {lm.block_size}; fix it, or delete the key to read up to the block size"
+        )
+    return recorded
 
 
 def load_sequence_head(lm: EvalModel) -> SequenceHead | None:
@@ -113,21 +141,21 @@ def load_sequence_head(lm: EvalModel) -> SequenceHead | None:
 
     if (lm.path / INTENT_HEAD).is_file():
         linear, labels = load_intent_head(lm.path)
-        return SequenceHead(labels, linear.to(lm.device), mean_source_state, "mean_source")
+        return SequenceHead(labels, linear.to(lm.device), mean_source_state, "mean_source",
+                            lm.block_size)  # fmt: skip
     head = load_classifier(lm.path)
     if head is not None and head.per_token:
         return None
-    if head is not None and head.pooling == "mean":
-        linear = _linear(head.weight, head.bias, lm.device)
-        return SequenceHead(head.labels, linear, mean_token_state, "mean_tokens")
-    if head is not None and head.pool_weight is not None:
-        dense = _linear(head.pool_weight, head.pool_bias, lm.device)
-        linear = _linear(head.weight, head.bias, lm.device)
-        return SequenceHead(head.labels, linear, pooled_first_token(dense), "first_token_pooler")
-    if head is not None:
-        return SequenceHead(head.labels, _linear(head.weight, head.bias, lm.device), last_token,
-                            "last_token")  # fmt: skip
-    return _legacy_head(lm)
+    if head is None:
+        return _legacy_head(lm)
+    linear, max_len = linear_of(head.weight, head.bias, lm.device), input_len(lm)
+    if head.pooling == "mean":
+        return SequenceHead(head.labels, linear, mean_token_state, "mean_tokens", max_len)
+    if head.pool_weight is not None:
+        dense = linear_of(head.pool_weight, head.pool_bias, lm.device)
+        return SequenceHead(head.labels, linear, pooled_first_token(dense), "first_token_pooler",
+                            max_len)  # fmt: skip
+    return SequenceHead(head.labels, linear, last_token, "last_token", max_len)
 
 
 def _legacy_head(lm: EvalModel) -> SequenceHead | None:
@@ -144,8 +172,8 @@ def _legacy_head(lm: EvalModel) -> SequenceHead | None:
             f"{model_dir}: head.safetensors has {state['weight'].shape[0]} classes but "
             f"labels.json {len(labels)}"
         )
-    return SequenceHead(labels, _linear(state["weight"], state.get("bias"), lm.device),
-                        last_token, "last_token")  # fmt: skip
+    return SequenceHead(labels, linear_of(state["weight"], state.get("bias"), lm.device),
+                        last_token, "last_token", lm.block_size)  # fmt: skip
 
 
 def load_token_head(lm: EvalModel) -> tuple[nn.Module, list[str]]:

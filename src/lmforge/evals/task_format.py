@@ -102,9 +102,20 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
                 f"(a {spec.type} task needs {', '.join(needed)}; 'fields' maps them from other "
                 "names)"
             )
+        if spec.type == "classification":  # the pair rule finetune reads its data by
+            _check_text_pair(row, f"{where} record {i + 1}")
     if not rows:
         raise InputError(f"{where}: no examples")
     return rows
+
+
+def _check_text_pair(row: dict[str, Any], where: str) -> None:
+    from lmforge.finetune.formats import text_pair
+
+    try:
+        text_pair(row)
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from None
 
 
 def renamed(row: Any, fields: dict[str, str], where: str) -> Any:

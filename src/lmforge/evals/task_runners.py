@@ -162,7 +162,7 @@ def run_classification(model: EvalModel, spec: TaskSpec, _: GenerationSettings) 
         _check_pairs_prompted(spec, rows)
     records, y_true, y_pred = [], [], []
     for i, row in enumerate(rows):
-        pair = None if row.get("text_pair") is None else str(row["text_pair"])
+        pair = row.get("text_pair")  # a string or None (task_format checked it)
         if use_head:  # a pair as training read it (evals.heads)
             lls = model.classify(str(row["text"]), pair)
         else:

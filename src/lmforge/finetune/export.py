@@ -40,6 +40,7 @@ def export_model(
     *,
     classifier: Any = None,
     seq2seq_ids: dict[str, Any] | None = None,
+    seq_len: int | None = None,
 ) -> None:
     """adapter/ when `lm` carries LoRA adapters (then merged into it) and final/.
 
@@ -48,7 +49,8 @@ def export_model(
     (model.convert.ClassifierHead) pools by its pad id, a causal LM stops at its chat template's
     end of turn. seq2seq_ids (an encoder-decoder's pad, eos, decoder start and bos) go into
     config.json and make up generation_config.json; model_dir then may hold only a tokenizer
-    (a model trained from scratch).
+    (a model trained from scratch). seq_len: the length a classifier's rows were cut at, which
+    config.json records for eval to cut at (finetune.heads.SEQ_LEN_KEY).
     """
     from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, save_mean_head, save_pretrained
 
@@ -71,6 +73,10 @@ def export_model(
         generation = {**decoding, **seq2seq_ids}
     elif classifier is not None:  # a classifier generates nothing (transformers writes no file)
         special["pad_token_id"] = tok.pad_id
+        if seq_len is not None:
+            from lmforge.finetune.heads import SEQ_LEN_KEY
+
+            special[SEQ_LEN_KEY] = seq_len
     else:
         generation = {**decoding, **tuned_generation_config(model_dir, tok)}
     if mean_head is not None:  # the encoder alone, its head in a file of its own

@@ -193,12 +193,24 @@ def _prompt_completion(r: Record) -> Example:
     return {"messages": msgs, "meta": {}}
 
 
+def text_pair(record: Record) -> str | None:
+    """A classification record's second text, None without one (absent or null): the one rule
+    finetune and eval read pairs by. Anything but a string is a ValueError (callers name the
+    record): str() would make a number or a list into text the model was never meant to read."""
+    pair = record.get("text_pair")
+    if pair is None or isinstance(pair, str):
+        return pair
+    raise ValueError(
+        f"text_pair must be a string (the second text of a pair), got {type(pair).__name__} "
+        f"{pair!r:.60}; quote it, or drop the field (null) for a single text"
+    )
+
+
 def _classification(r: Record) -> Example:
     example = {"text": r["text"], "label": str(r["label"])}
-    if r.get("text_pair") is not None:
-        if not isinstance(r["text_pair"], str):
-            raise ValueError("text_pair must be a string (the second text of a pair)")
-        example["text_pair"] = r["text_pair"]
+    pair = text_pair(r)
+    if pair is not None:
+        example["text_pair"] = pair
     if isinstance(r.get("fold"), int):  # the data stage's fold assignment, for k-fold
         example["fold"] = r["fold"]
     for key in ("id", "augmented", "source_id"):  # augmented rows stay out of held-out parts

@@ -38,6 +38,10 @@ from torch import Tensor, nn
 
 from lmforge.model.transformer import IGNORE_INDEX, next_token_loss
 
+# config.json key of a fine-tuned classifier: the train.seq_len its rows were cut at, where eval
+# cuts them too (evals.heads), so a text longer than that scores the same in both
+SEQ_LEN_KEY = "lmforge_classifier_seq_len"
+
 
 class SequenceClassifier(nn.Module):
     """A Transformer plus `head`: Linear(n_embd, n_classes, bias=False) on the pooled state."""
@@ -72,6 +76,19 @@ class SequenceClassifier(nn.Module):
         h = self.lm.hidden_states(idx)  # (B, T, C)
         pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
         return self.head(pooled), h
+
+    @classmethod
+    def from_head(cls, lm: nn.Module, head: Any) -> SequenceClassifier:
+        """lm with a saved head (model.convert.ClassifierHead: a sequence head, class i =
+        head.labels[i]) on it again, pooling as it was trained: classifier_head's inverse."""
+        model = cls(lm, len(head.labels), pooling=head.pooling)
+        saved = {"head.weight": head.weight, "head.bias": head.bias,
+                 "pool.weight": head.pool_weight, "pool.bias": head.pool_bias}  # fmt: skip
+        state = model.state_dict()  # tensors sharing the parameters' storage
+        with torch.no_grad():
+            for name in (n for n in saved if n in state):  # an encoder's bias, a pooler's dense
+                state[name].copy_(saved[name])
+        return model
 
     def classifier_head(self, labels: list[str]) -> Any:
         """The head as model.convert.ClassifierHead, for export."""

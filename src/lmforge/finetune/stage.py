@@ -121,7 +121,8 @@ def _write_outputs(
     elif cfg.task != "sft":
         classifier = model.classifier_head(labels)
     # a classifier pools by the pad id encode_texts padded with
-    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier, seq2seq_ids=seq2seq_ids)
+    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier, seq2seq_ids=seq2seq_ids,
+                 seq_len=cfg.train.seq_len)  # fmt: skip
     ctx.metrics.close()
     rows = read_metrics(ctx.out / "metrics.jsonl")
     plot_losses(rows, ctx.out / "loss.png", title=f"finetune ({cfg.task}, {cfg.method})")

@@ -122,9 +122,9 @@ def test_prune_keeps_a_classifier_head_distill_export_and_recovery_refuse_it(
     assert config["pad_token_id"] == tok.pad_id and config["architectures"][0].endswith(
         "ForSequenceClassification"
     )
-    refused = {"distill": r"distill", "export": r"export", "prune": r"prune's recovery \(tokens\)"}
+    refused = {"distill": r"distill", "export": r"export", "prune": r"prune's recovery on tokens"}
     for method, says in refused.items():
         values = {"method": method, "out": tmp_path / method, "tokens": tmp_path, **cfg}
-        with pytest.raises(ConfigError, match=rf"is a(n encoder| classifier): {says}"):
+        with pytest.raises(ConfigError, match=rf"is a classifier: {says}"):
             compress(CompressConfig.model_validate(values))
         assert not (tmp_path / method / "manifest.json").exists()

@@ -14,6 +14,7 @@ import torch
 from lmforge.errors import InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.evals.stage import evaluate
+from lmforge.finetune.heads import SEQ_LEN_KEY
 from lmforge.finetune.stage import FinetuneConfig, finetune
 from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY
 
@@ -135,7 +136,8 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
     texts = ["alpha one text", "delta", "gamma three four two text"]
     want = np.asarray([EvalModel.load(out).classify(t) for t in texts])
     head_bytes = (out / "final" / MEAN_HEAD).read_bytes()
-    width = json.loads((out / "final" / "config.json").read_text())["intermediate_size"]
+    source = json.loads((out / "final" / "config.json").read_text())
+    width, seq_len = source["intermediate_size"], source[SEQ_LEN_KEY]
     data = _write(tmp_path / "val.jsonl", trained[1])
     for method, settings in (("quantize", {}), ("prune", {"kind": "neurons", "sparsity": 0.25})):
         values = {"method": method, "model": out, "out": tmp_path / method, method: settings}
@@ -144,6 +146,7 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
         assert "tokens_per_s" not in report["after"] and report["after"]["pseudo_perplexity"] > 1
         config = json.loads((final / "config.json").read_text())
         assert config[MEAN_HEAD_KEY] == MEAN_HEAD and (final / MEAN_HEAD).read_bytes() == head_bytes
+        assert config[SEQ_LEN_KEY] == seq_len  # eval cuts texts where the source's fine-tune did
         model = EvalModel.load(final)
         assert (model.head.reads, model.head.labels) == ("mean_tokens", sorted(WORDS[:4]))
         got = np.asarray([model.classify(t) for t in texts])
@@ -151,10 +154,13 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
             assert "quantization_config" in config and np.abs(got - want).max() <= 0.01
         else:  # a quarter of the MLP units gone, the head still reads n_embd-wide states
             assert config["intermediate_size"] == width * 3 // 4 and np.isfinite(got).all()
-    for method, extra in (("distill", {}), ("export", {}), ("prune", {"tokens": tmp_path})):
-        values = {"method": method, "model": out, "out": tmp_path / "refused", **extra}
-        with pytest.raises(ConfigError, match=rf"is an encoder: {method}.* use method=quantize"):
+    refused = {"distill": "use method=quantize", "prune": "recover it on labelled examples"}
+    for method, says in refused.items():
+        values = {"method": method, "model": out, "out": tmp_path / "refused", "tokens": tmp_path}
+        with pytest.raises(ConfigError, match=rf"is a classifier: {method}.*; {says}"):
             compress(CompressConfig.model_validate(values))
+    with pytest.raises(ConfigError, match=r"is a classifier: export to GGUF"):  # ONNX: it exports
+        compress(CompressConfig(method="export", model=out, out=tmp_path / "refused"))
 
 
 @pytest.mark.parametrize("pooling", ["first", "mean"])

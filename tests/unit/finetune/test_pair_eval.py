@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.evals.stage import evaluate
 from lmforge.finetune.stage import FinetuneConfig, finetune
@@ -17,7 +17,7 @@ from .encoder_tokenizers import bert_tokenizer_dir
 from .helpers import make_model_dir, make_tokenizer_dir
 
 WORDS = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"]
-# seq_len holds every row whole: eval reads up to the block size, training up to seq_len
+# seq_len holds every row whole (test_classify_input_len.py: longer ones, cut alike)
 TRAIN = {"max_steps": 10, "lr": 3e-3, "micro_batch_size": 8, "seq_len": 32, "warmup_steps": 2,
          "eval_every": 0, "eval_steps": 1, "ckpt_every": 0}  # fmt: skip
 
@@ -80,3 +80,24 @@ def test_label_likelihood_scores_a_pair_a_template_reads_with_a_format_spec(trai
                       "out": tmp_path / "eval"})  # fmt: skip
     res = json.loads((stage / "eval.json").read_text())["results"]["pair"]["val"]
     assert res["n"] == len(val) and res["scoring"] == "causal"  # the labels' likelihood
+
+
+def test_a_non_string_text_pair_is_refused_by_one_rule_in_finetune_and_eval(tmp_path):
+    from lmforge.evals.task_format import TaskSpec, load_examples
+    from lmforge.finetune.formats import read_file
+
+    rows = [
+        {"text": "a", "text_pair": None, "label": "x"},
+        {"text": "b", "text_pair": 3, "label": "y"},
+    ]
+    bad = _write(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(InputError, match=r"bad\.jsonl line 2: text_pair must be a string") as tuned:
+        read_file(bad)
+    spec = TaskSpec(name="pairs", type="classification", data=bad)
+    with pytest.raises(InputError, match=r"bad\.jsonl record 2: text_pair must be a string") as ev:
+        load_examples(spec)  # eval used to score str(3) = "3" as the pair
+    assert "got int 3; quote it" in str(ev.value)
+    assert str(tuned.value).split(": ", 1)[1] == str(ev.value).split(": ", 1)[1]  # one message
+    good = _write(tmp_path / "good.jsonl", rows[:1])  # null: a single text, in both
+    assert read_file(good)[1] == [{"text": "a", "label": "x"}]
+    assert load_examples(TaskSpec(name="one", type="classification", data=good)) == rows[:1]

@@ -1,6 +1,6 @@
 """Report section of the compress stage: size, decode speed and perplexity (an encoder's:
-pseudo-perplexity) of the original and each variant, and a quality-vs-size plot
-(compression.json)."""
+pseudo-perplexity; a pruned classifier's accuracy) of the original and each variant, and a
+quality-vs-size plot (compression.json)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,12 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     if method == "prune":
         p = report.get("pruning") or {}
         label = f"{p.get('kind', '?')} pruned {p.get('target', '?')}"
-        if report.get("before_recovery"):
-            rows.append({"variant": f"{label}, before recovery", **report["before_recovery"]})
+        if report.get("before_recovery") or "accuracy_pruned" in report:
+            unrecovered = report.get("before_recovery") or {}
+            rows.append({"variant": f"{label}, before recovery", **unrecovered})
             label += f", recovered {(report.get('recovery') or {}).get('steps', '?')} steps"
         rows.append({"variant": label, **(report.get("after") or {})})
+        _add_accuracy(report, rows)
     if method == "distill":
         d = report.get("distillation") or {}
         label = f"student {d.get('student', '?')} ({fmt_num(d.get('student_params'))} params)"
@@ -41,6 +43,15 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     if report.get("gguf"):  # compression.json before export.gguf_type: always f32
         rows.append({"variant": f"GGUF {report['gguf'].get('file_type', 'f32')}", **report["gguf"]})
     return rows
+
+
+def _add_accuracy(report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """A pruned classifier's accuracies (compress.prune_classifier) on its rows: the original,
+    before recovery, recovered."""
+    keys = ("accuracy_original", "accuracy_pruned", "accuracy_recovered")
+    if all(k in report for k in keys):
+        for row, key in zip(rows, keys, strict=True):
+            row["accuracy"] = report[key]
 
 
 def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -91,11 +102,16 @@ def compress_section(stage: StageInfo) -> list[Block]:
             bits.append(f"logits within {diff:.1e}")
         if r.get("max_abs_logit_diff") is not None:  # GGUF: the file's rounded weights
             bits.append(f"logits within {r['max_abs_logit_diff']:.1e}")
+        if r.get("max_abs_diff") is not None:  # an encoder's ONNX graph: logits or states
+            bits.append(f"outputs within {r['max_abs_diff']:.1e}")
+        if r.get("accuracy") is not None and base.get("accuracy") is not None:
+            bits.append(f"accuracy {r['accuracy']:.3f} (original {base['accuracy']:.3f})")
         parts.append(f"{r['variant']} " + ", ".join(bits))
     blocks = [Block(text=text + "; ".join(parts) + ".", summary=True)]
     pseudo = any(r.get("pseudo_perplexity") is not None for r in rows)  # an encoder's
+    accuracy = any(r.get("accuracy") is not None for r in rows)  # a pruned classifier's
     table = [["variant", "MB", "size", "tokens/s", "speed", "perplexity"]
-             + [PSEUDO] * pseudo + ["bits/byte"]]  # fmt: skip
+             + [PSEUDO] * pseudo + ["bits/byte"] + ["accuracy"] * accuracy]  # fmt: skip
     for r in rows:
         size = r.get("weights_bytes")
         tps = r.get("tokens_per_s")
@@ -108,6 +124,7 @@ def compress_section(stage: StageInfo) -> list[Block]:
             fmt_num(r.get("perplexity", "")),
             *[fmt_num(r.get("pseudo_perplexity", ""))] * pseudo,
             fmt_num(r.get("bits_per_byte", "")),
+            *[fmt_num(r.get("accuracy", ""))] * accuracy,
         ])  # fmt: skip
     blocks.append(Block(text="Trade-offs (greedy decode with a KV cache, this machine):",
                         table=table))  # fmt: skip
