@@ -36,14 +36,19 @@ def _utf8_length(lead: int) -> int:
     return 0
 
 
-def _code_range(partial: bytes, length: int) -> tuple[int, int]:
-    """The code points whose UTF-8 encoding (of `length` bytes) starts with `partial`."""
+def _code_ranges(partial: bytes, length: int) -> list[tuple[int, int]]:
+    """The code points whose UTF-8 encoding (of `length` bytes) starts with `partial`, as
+    ranges: none below the length's minimum (overlong), above U+10FFFF, or surrogates."""
     value = partial[0] & (0x7F >> length)
     for b in partial[1:]:
         value = (value << 6) | (b & 0x3F)
     rest = 6 * (length - len(partial))
-    lo, hi = value << rest, (value << rest) | ((1 << rest) - 1)
-    return max(lo, _MIN_CODE[length]), min(hi, 0x10FFFF)
+    lo, hi = (
+        max(value << rest, _MIN_CODE[length]),
+        min((value << rest) | ((1 << rest) - 1), 0x10FFFF),
+    )
+    ranges = [(lo, min(hi, 0xD7FF)), (max(lo, 0xE000), hi)]
+    return [(a, b) for a, b in ranges if a <= b]
 
 
 class Vocabulary:
@@ -78,8 +83,9 @@ class TokenGuide:
             out = None if nxt == DEAD else (nxt, b"")
         elif length and all(0x80 <= c <= 0xBF for c in data[1:]):
             if len(data) < length:
-                lo, hi = _code_range(data, length)
-                out = (state, data) if lo <= hi and self.automaton.meets(state, lo, hi) else None
+                meets = self.automaton.meets
+                ok = any(meets(state, lo, hi) for lo, hi in _code_ranges(data, length))
+                out = (state, data) if ok else None
             else:
                 try:
                     ch = data.decode("utf-8")
