@@ -25,13 +25,17 @@ def guided_logits(rows: list[Row], ruled: Tensor, raw: Tensor) -> Tensor:
     if not guided:
         return ruled
     vocab = ruled.shape[-1]
-    allow = torch.zeros(len(guided), vocab, dtype=torch.bool)
+    masks = []
+    for i in guided:
+        row = rows[i]
+        mask = row.params.guide.tokens.allowed(row.guide_state)  # cached per guide state
+        if mask.numel() != vocab:  # the model's vocabulary is padded past the tokenizer's
+            mask = torch.cat([mask, mask.new_zeros(max(vocab - mask.numel(), 0))])[:vocab]
+        masks.append(mask)
+    allow = torch.stack(masks)  # a new tensor: the cached masks stay as they are
     for j, i in enumerate(guided):
         row = rows[i]
-        tokens = row.params.guide.tokens
-        mask = tokens.allowed(row.guide_state)[:vocab]
-        allow[j, : mask.numel()] = mask
-        if tokens.accepts(row.guide_state):
+        if row.params.guide.tokens.accepts(row.guide_state):
             allow[j, [t for t in row.stops if t < vocab]] = True
     allow = allow.to(ruled.device)
     index = torch.tensor(guided, dtype=torch.long, device=ruled.device)
