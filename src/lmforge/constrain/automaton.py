@@ -140,6 +140,7 @@ class Automaton:
         self._ids: dict[frozenset[tuple[int, ...]], int] = {}
         self._steps: dict[tuple[int, str], int] = {}
         self._ranges: dict[tuple[int, int, int], bool] = {}
+        self._moves: dict[tuple[tuple[int, ...], ...], int] = {}  # the stacks a char moved to
         self.start = self._intern(self._closure([(self.graph.rule_start[grammar.start],)]))
         if self.start == DEAD:
             raise ConstraintError("the constraint matches nothing")
@@ -186,7 +187,11 @@ class Automaton:
                 for cs, to in g.chars[stack[-1]]
                 if cs.contains(ch)
             ]
-            nxt = self._steps[key] = self._intern(self._closure(moved)) if moved else DEAD
+            moves = tuple(moved)  # chars that take the same edges share one closure
+            nxt = self._moves.get(moves)
+            if nxt is None:
+                nxt = self._moves[moves] = self._intern(self._closure(moved)) if moved else DEAD
+            self._steps[key] = nxt
         return nxt
 
     def meets(self, state: int, lo: int, hi: int) -> bool:

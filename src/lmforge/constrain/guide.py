@@ -30,7 +30,7 @@ GRAMMARS: dict[str, Callable[[str], Grammar]] = {
     "regex": regex_grammar,
     "choice": lambda spec: choice_grammar(json.loads(spec)),
 }
-GUIDE_CACHE = 32  # compiled guides kept per vocabulary
+GUIDE_CACHE = 16  # compiled guides kept per vocabulary (each up to MASK_CACHE_BYTES of masks)
 
 
 @dataclass(frozen=True)

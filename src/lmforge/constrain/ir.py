@@ -7,7 +7,8 @@ of the grammar, so recursive languages (any JSON value, nested $defs) stay finit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_right
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,17 @@ class CharSet:
 
     ranges: tuple[tuple[int, int], ...]
     negate: bool = False
+    # the ranges merged, as starts and ends for a binary search (not compared or hashed)
+    _starts: list[int] = field(default_factory=list, compare=False, repr=False)
+    _ends: list[int] = field(default_factory=list, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for lo, hi in sorted(self.ranges):
+            if self._ends and lo <= self._ends[-1] + 1:
+                self._ends[-1] = max(self._ends[-1], hi)
+            else:
+                self._starts.append(lo)
+                self._ends.append(hi)
 
     @classmethod
     def of(cls, chars: str, negate: bool = False) -> CharSet:
@@ -23,8 +35,8 @@ class CharSet:
 
     def contains(self, ch: str) -> bool:
         code = ord(ch)
-        inside = any(lo <= code <= hi for lo, hi in self.ranges)
-        return inside != self.negate
+        i = bisect_right(self._starts, code) - 1
+        return (i >= 0 and code <= self._ends[i]) != self.negate
 
     def meets(self, lo: int, hi: int) -> bool:
         """Whether some code point in [lo, hi] is in the set."""

@@ -5,6 +5,9 @@ the bytes of that unfinished character wait until the next token completes it (a
 character is allowed only if some character the automaton can read starts with it). A mask is
 computed by one walk of the trie that enters only the branches the automaton keeps alive, and is
 cached per guide state: inside a JSON string or a `.*`, states repeat and the mask is a lookup.
+Where a byte leaves the state as it is (a string's plain characters, a number's digits), a
+subtree whose every byte does so is taken whole without walking it: most of a vocabulary, inside
+a JSON string.
 Stop tokens are not in the masks: the caller allows them exactly when `accepts` says so.
 """
 
@@ -16,10 +19,11 @@ import torch
 from torch import Tensor
 
 from lmforge.constrain.automaton import DEAD, Automaton
-from lmforge.constrain.vocab import TrieNode, build_trie
+from lmforge.constrain.vocab import ByteTrie
 
 GuideState = tuple[int, bytes]  # (automaton state, bytes of an unfinished character)
-MASK_CACHE = 512  # masks kept per guide (a 50k vocabulary's mask is 50 KB)
+MASK_CACHE_BYTES = 8 << 20  # masks kept per guide: 160 of a 50k vocabulary, 2,048 of a 4k one
+_MISS = object()  # not computed yet (None is a computed answer: dead)
 _MIN_CODE = {2: 0x80, 3: 0x800, 4: 0x10000}  # below: an overlong encoding
 
 
@@ -57,7 +61,7 @@ class Vocabulary:
     def __init__(self, tokens: list[bytes]) -> None:
         self.tokens = tokens
         self.size = len(tokens)
-        self.trie: TrieNode = build_trie(tokens)
+        self.trie = ByteTrie(tokens)
 
 
 class TokenGuide:
@@ -67,14 +71,38 @@ class TokenGuide:
         self.automaton = automaton
         self.vocab = vocab
         self.start: GuideState = (automaton.start, b"")
-        self._bytes: dict[tuple[int, bytes, int], GuideState | None] = {}
+        # guide state -> {byte: the state after it, or None}: the walk's inner loop is a lookup
+        self._rows: dict[GuideState, dict[int, GuideState | None]] = {}
+        self._loops: dict[GuideState, int] = {}  # bitmask of the ASCII bytes that keep the state
         self._masks: OrderedDict[GuideState, Tensor] = OrderedDict()
+        self._mask_cache = max(64, MASK_CACHE_BYTES // max(vocab.size, 1))
 
-    def _byte(self, state: int, pending: bytes, b: int) -> GuideState | None:
+    def _row(self, at: GuideState) -> dict[int, GuideState | None]:
+        row = self._rows.get(at)
+        if row is None:
+            row = self._rows[at] = {}
+        return row
+
+    def _self_loops(self, at: GuideState) -> int:
+        """Bitmask of the ASCII bytes after which the guide state is `at` again (a byte of a
+        multi-byte character always changes it: its pending bytes)."""
+        loops = self._loops.get(at)
+        if loops is None:
+            loops = self._loops[at] = sum(
+                1 << b for b in range(0x80) if not at[1] and self._byte(at, b) == at
+            )
+        return loops
+
+    def _byte(self, at: GuideState, b: int) -> GuideState | None:
         """The guide state after one more byte, or None when no answer can go on this way."""
-        key = (state, pending, b)
-        if key in self._bytes:
-            return self._bytes[key]
+        row = self._row(at)
+        out = row.get(b, _MISS)
+        if out is _MISS:
+            out = row[b] = self._next(at, b)
+        return out  # type: ignore[return-value]
+
+    def _next(self, at: GuideState, b: int) -> GuideState | None:
+        state, pending = at
         out: GuideState | None = None
         data = pending + bytes((b,))
         length = _utf8_length(data[0])
@@ -93,7 +121,6 @@ class TokenGuide:
                     ch = ""
                 nxt = self.automaton.step(state, ch) if ch else DEAD
                 out = None if nxt == DEAD else (nxt, b"")
-        self._bytes[key] = out
         return out
 
     def advance(self, state: GuideState, token_id: int) -> GuideState | None:
@@ -103,7 +130,7 @@ class TokenGuide:
             return None
         current: GuideState | None = state
         for b in data:
-            current = self._byte(current[0], current[1], b)
+            current = self._byte(current, b)
             if current is None:
                 return None
         return current
@@ -123,26 +150,29 @@ class TokenGuide:
         if ids:
             mask[torch.tensor(ids, dtype=torch.long)] = True
         self._masks[state] = mask
-        if len(self._masks) > MASK_CACHE:
+        if len(self._masks) > self._mask_cache:
             self._masks.popitem(last=False)
         return mask
 
     def allowed_ids(self, state: GuideState) -> list[int]:
         """The ids `allowed` marks, by one walk of the live branches of the trie."""
+        trie = self.vocab.trie
+        children, ends, subtree, below = trie.children, trie.ids, trie.subtree_ids, trie.below
         ids: list[int] = []
-        todo = [(self.vocab.trie, state[0], state[1])]
-        step = self._byte
+        todo = [(0, state)]
         while todo:
-            node, s, pending = todo.pop()
-            for b, child in node.items():
-                if b is None:
-                    continue
-                nxt = step(s, pending, b)
+            node, at = todo.pop()
+            row, loops = self._row(at), self._self_loops(at)
+            for b, child in children[node].items():
+                nxt = row.get(b, _MISS)
+                if nxt is _MISS:
+                    nxt = row[b] = self._next(at, b)
                 if nxt is None:
                     continue
-                here = child.get(None)
-                if here is not None:
-                    ids += here
-                if len(child) > (here is not None):
-                    todo.append((child, nxt[0], nxt[1]))
+                if nxt == at and not below[child] & ~loops:  # the whole subtree stays here
+                    ids += subtree[child]
+                    continue
+                ids += ends[child]
+                if children[child]:
+                    todo.append((child, nxt))
         return ids

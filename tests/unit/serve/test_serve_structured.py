@@ -117,12 +117,14 @@ def test_choice_and_regex(client):
         assert all(re.fullmatch(pattern, t) for t in texts), texts
 
 
-def test_greedy_guided_answer_with_a_stop_string_is_cut_there(client):
-    out = client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=10, temperature=0,
-        extra_body={"guided_choice": ["alpha-beta", "gamma"]}, stop=["-"],
-    )  # fmt: skip
-    assert out.choices[0].message.content in ("alpha", "gamma")
+def test_greedy_guided_answers_are_cached_apart_and_cut_at_stop_strings(client):
+    ask = dict(model="m", messages=CHAT, max_tokens=10, temperature=0)
+    free = client.chat.completions.create(**ask).choices[0].message.content  # now cached
+    guided = dict(extra_body={"guided_choice": ["alpha-beta", "gamma"]})
+    first = client.chat.completions.create(**ask, **guided).choices[0].message.content
+    assert first in ("alpha-beta", "gamma") and first != free  # the cache key has the guide
+    cut = client.chat.completions.create(**ask, **guided, stop=["-"]).choices[0].message.content
+    assert cut == first.split("-")[0]
 
 
 @pytest.mark.parametrize(
