@@ -162,14 +162,14 @@ class TokenGuide:
         todo = [(0, state)]
         while todo:
             node, at = todo.pop()
-            row, loops = self._row(at), self._self_loops(at)
+            row = self._row(at)
             for b, child in children[node].items():
                 nxt = row.get(b, _MISS)
                 if nxt is _MISS:
                     nxt = row[b] = self._next(at, b)
                 if nxt is None:
                     continue
-                if nxt == at and not below[child] & ~loops:  # the whole subtree stays here
+                if nxt == at and not below[child] & ~self._self_loops(at):  # all stays here
                     ids += subtree[child]
                     continue
                 ids += ends[child]
