@@ -12,11 +12,15 @@ from __future__ import annotations
 from lmforge.constrain.automaton import ConstraintError, Grammar
 from lmforge.constrain.ir import Alt, Chars, CharSet, Lit, Node, Repeat, Seq
 
-_R = lambda a, b: (ord(a), ord(b))  # noqa: E731
-CLASSES = {
-    "d": ((_R("0", "9"),), False),
-    "w": ((_R("0", "9"), _R("A", "Z"), _R("_", "_"), _R("a", "z")), False),
-    "s": ((_R("\t", "\r"), _R(" ", " ")), False),
+
+def _span(first: str, last: str) -> tuple[int, int]:
+    return ord(first), ord(last)
+
+
+CLASSES = {  # \d \w \s as under re.ASCII; their capitals are the negations
+    "d": (_span("0", "9"),),
+    "w": (_span("0", "9"), _span("A", "Z"), _span("_", "_"), _span("a", "z")),
+    "s": (_span("\t", "\r"), _span(" ", " ")),
 }
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
 MAX_REPEAT = 1000
@@ -94,7 +98,7 @@ class _Parser:
         if ch == ".":
             return Chars(CharSet.of("\n", negate=True))
         if ch == "\\":
-            return self.escape(in_class=False)
+            return self.escape()
         if ch in "*+?":
             self.i -= 1
             raise self.fail(f"a quantifier {ch!r} with nothing to repeat")
@@ -103,11 +107,10 @@ class _Parser:
             raise self.fail(f"anchor {ch!r} inside the pattern")
         return Lit(ch)
 
-    def escape(self, in_class: bool) -> Node:
+    def escape(self) -> Node:
         ch = self.take()
         if ch.lower() in CLASSES:
-            ranges, _ = CLASSES[ch.lower()]
-            return Chars(CharSet(ranges, negate=ch.isupper()))
+            return Chars(CharSet(CLASSES[ch.lower()], negate=ch.isupper()))
         if ch in ESCAPES:
             return Lit(ESCAPES[ch])
         if ch.isalnum():
@@ -123,7 +126,7 @@ class _Parser:
         while (ch := self.take()) != "]" or first:
             first = False
             if ch == "\\":
-                esc = self.escape(in_class=True)
+                esc = self.escape()
                 if isinstance(esc, Chars):
                     if esc.set.negate:
                         raise self.fail("a negated class escape inside [...]")
@@ -134,7 +137,7 @@ class _Parser:
                 self.i += 1
                 end = self.take()
                 if end == "\\":
-                    end = self.escape(in_class=True).text  # type: ignore[union-attr]
+                    end = self.escape().text  # type: ignore[union-attr]
                 if ord(end) < ord(ch):
                     raise self.fail(f"range {ch}-{end} (reversed)")
                 ranges.append((ord(ch), ord(end)))

@@ -90,6 +90,17 @@ def test_json_object_mode_on_completions_gives_objects(client):
     assert all(isinstance(json.loads(text), dict) for text in finished)
 
 
+def test_vllm_guided_json_as_text_on_completions(client):
+    schema = {"type": "array", "items": {"enum": [1, "two", None]}, "minItems": 2, "maxItems": 3}
+    out = client.completions.create(
+        model="m", prompt="A list:", max_tokens=30, n=3, seed=11,
+        extra_body={"guided_json": json.dumps(schema)},
+    )  # fmt: skip
+    for choice in out.choices:
+        items = json.loads(choice.text)
+        assert 2 <= len(items) <= 3 and all(i in (1, "two", None) for i in items)
+
+
 def test_choice_and_regex(client):
     choices = ["red", "green", "blue sky"]
     answers = set()
