@@ -192,3 +192,29 @@ def test_stop_strings_wait_for_min_tokens(engine):
     assert early.text == free.text[: free.text.find(stop)] and early.finish_reason == "stop"
     late = answer(24)  # stop strings ignored for the whole answer
     assert late.text == free.text and late.finish_reason == "length"
+
+
+def test_rules_that_ban_every_allowed_token_yield_to_the_grammar(engine):
+    from lmforge.serve.guided_rows import guided_logits
+    from lmforge.serve.handle import RequestHandle
+    from lmforge.serve.request_book import Row
+
+    guide = compiler_for(engine.files).compile("choice", json.dumps(["zq", "q"]))
+    guided = Row(RequestHandle("g", 1), [1], SamplingParams(guide=guide), frozenset())
+    free = Row(RequestHandle("f", 1), [1], SamplingParams(), frozenset())
+    raw = torch.randn(2, engine.vocab_size)
+    ruled = raw.clone()
+    ruled[0] = float("-inf")  # say, min_tokens banning the only tokens the grammar allows
+    out = guided_logits([guided, free], ruled, raw)
+    allowed = guide.tokens.allowed(guided.guide_state)
+    assert allowed.sum() >= 2 and torch.equal(torch.isfinite(out[0]), allowed)
+    assert torch.equal(out[0][allowed], raw[0][allowed])  # the raw logits, under the mask
+    assert torch.equal(out[1], raw[1])  # an unguided row is left as it is
+    assert torch.isinf(ruled[0]).all()  # the caller's tensors are not written
+
+
+def test_a_complete_answer_ends_even_when_stop_tokens_are_ignored(engine):
+    guide = compiler_for(engine.files).compile("choice", json.dumps(["zq"]))
+    params = SamplingParams(max_tokens=12, temperature=0.7, seed=1, ignore_eos=True, guide=guide)
+    done = collect(engine.submit(engine.files.encode("Hi"), params, "complete"))
+    assert (done.text, done.finish_reason) == ("zq", "stop")
