@@ -151,6 +151,11 @@ class _Request(BaseModel):
         except ConstraintError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_constraint") from None
 
+    @property
+    def asks_constraint(self) -> bool:
+        """Whether the request asks for a structured output (two at once: a 400)."""
+        return self._constraint() is not None
+
     def _constraint(self) -> tuple[str, str, Any] | None:
         """(param, kind, value): kind is json_object, json_schema, regex or choice."""
         fmt = self.response_format
