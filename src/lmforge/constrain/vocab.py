@@ -4,7 +4,8 @@ Each token's bytes are what it adds to the answer: for a byte-level BPE (GPT-2's
 lmforge trains) its symbols mapped back to bytes, so a token may hold part of a UTF-8 character;
 otherwise the text it adds after an anchor token (decode([anchor, id]) minus decode([anchor]),
 which keeps a SentencePiece word's leading space), tokens that decode to an incomplete character
-left out. Special tokens, and tokens that add nothing, are never allowed by a constraint: an
+left out. (Decoding drops the space of a SentencePiece answer's first piece; here it counts, so a
+grammar that cannot start with a space, JSON's, starts with the pieces that carry none.) Special tokens, and tokens that add nothing, are never allowed by a constraint: an
 empty token could repeat forever without advancing it.
 """
 

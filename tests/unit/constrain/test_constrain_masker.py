@@ -137,3 +137,23 @@ def test_trained_byte_level_vocabulary_round_trips(tmp_path):
     g1 = compiler.compile("choice", json.dumps(["yes", "no"]))
     g2 = compiler.compile("choice", json.dumps(["yes", "no"]))
     assert g1 == g2 and g1.tokens is g2.tokens
+
+
+def test_sentencepiece_style_vocabulary_bytes_keep_word_spaces():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = ['Hello world, a test of the tokenizer: naïve café, {"a": [1, 2]}'] * 20
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=80, special_tokens=["<unk>", "<eos>"], unk_token="<unk>"
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tokens = GuideCompiler(tok).vocab.tokens
+    assert tokens[tok.token_to_id("<eos>")] == b"" and tokens[tok.token_to_id("<unk>")] == b""
+    for text in ["Hello world, naïve café", '{"a": [1, 2]} test']:
+        ids = tok.encode(text).ids
+        joined = b"".join(tokens[i] for i in ids).decode("utf-8")
+        # "▁" is a space wherever the token comes; decoding drops the one a text starts with
+        assert joined == " " + tok.decode(ids) == " " + text
