@@ -38,11 +38,21 @@ class CompletionService:
 
     async def prepare_completion(self, req: CompletionRequest) -> Prepared:
         """The /v1/completions request, ready to run (prepare.py)."""
+        await self._compile_guide(req)
         return await self.preparer.prepare_completion(req)
 
     async def prepare_chat(self, req: ChatRequest) -> Prepared:
         """The /v1/chat/completions request, ready to run (prepare.py)."""
+        await self._compile_guide(req)
         return await self.preparer.prepare_chat(req)
+
+    async def _compile_guide(self, req: ChatRequest | CompletionRequest) -> None:
+        """Compiles a structured-output request's constraint off the event loop: the first one
+        for a model builds its vocabulary's byte trie (seconds for a 50k vocabulary; see
+        docs/benchmarks.md), and prepare.py then finds the guide cached."""
+        if req.asks_constraint:
+            files = self.preparer.engine_for(req.model).files
+            await asyncio.to_thread(req.guide, files)
 
     # ---- running ---------------------------------------------------------------------------
 

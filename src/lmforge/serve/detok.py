@@ -6,7 +6,10 @@ vLLM and TGI do, each step decodes a short window of ids twice, with and without
 and sends the difference; while the window's text ends in U+FFFD (a character still incomplete)
 nothing is sent. Stop strings are handled on top: the text is cut before the first stop string,
 and any tail that could still become one is held back, so no part of a stop string is ever sent.
-The texts sent, concatenated, equal decoding all the ids (cut at the stop string).
+The texts sent, concatenated, equal decoding all the ids (cut at the stop string). As vLLM does,
+stop strings are not looked for before min_tokens: a push with stops_active=False (the caller's
+row is still short of min_tokens) never ends the text, and a stop string that lies wholly in the
+text written by such pushes never ends it later either.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ class TextStream:
         self.read_offset = 0  # ids up to here have had their text appended
         self.text = ""  # all text decoded so far (may include a held-back stop prefix)
         self.sent = 0  # characters of self.text already sent
+        self.stops_from = 0  # a stop string counts only if it ends past this index of self.text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Adds a token; returns (text to send now, whether a stop string was reached)."""
+    def push(self, token_id: int, stops_active: bool = True) -> tuple[str, bool]:
+        """Adds a token; returns (text to send now, whether a stop string was reached).
+        stops_active=False: the text so far may hold stop strings (before min_tokens)."""
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         after = self._decode(self.ids[self.prefix_offset :])
@@ -42,6 +47,8 @@ class TextStream:
             searched_from = max(0, len(self.text) - self.longest_stop + 1)
             self.text += after[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            if not stops_active:
+                self.stops_from = len(self.text)
             cut = self._find_stop(searched_from)
             if cut is not None:
                 self.text = self.text[:cut]
@@ -59,7 +66,11 @@ class TextStream:
         return self._release(len(self.text))
 
     def _find_stop(self, searched_from: int) -> int | None:
-        hits = [i for s in self.stop if (i := self.text.find(s, searched_from)) >= 0]
+        hits = [
+            i
+            for s in self.stop
+            if (i := self.text.find(s, max(searched_from, self.stops_from - len(s) + 1))) >= 0
+        ]
         return min(hits) if hits else None
 
     def _held_back(self) -> int:

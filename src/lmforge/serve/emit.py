@@ -1,7 +1,8 @@
 """A step's logits become each row's next token and its TokenEvent.
 
 One batched draw for the step's rows (serve/sampling.py), logprobs when asked, the row's text
-piece (serve/detok.py) and its end: a stop token or string, or max_tokens. emit_tokens pushes
+piece (serve/detok.py) and its end: a stop token or string (neither before min_tokens, as in
+vLLM), a structured answer complete (serve/guided_rows.py), or max_tokens. emit_tokens pushes
 the events of the rows that continue (their asyncio readers woken once for the step, through the
 caller's WakeBatch) and returns the final events, which the engine sends under its lock once the
 finished rows have left the batch. Failures stay local: a failed draw fails this call's rows, a
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lmforge.model.generate import apply_repetition_penalty
+from lmforge.serve.guided_rows import advance_guide, guided_logits
 from lmforge.serve.handle import TokenEvent, WakeBatch
 from lmforge.serve.request_book import Row, error_event
 from lmforge.serve.sampling import sample_rows, top_logprobs
@@ -43,7 +45,7 @@ def emit_tokens(
     keep: list[int] = []
     finals: list[tuple[Row, TokenEvent]] = []
     try:
-        ruled = history_rules(rows, logits)
+        ruled = guided_logits(rows, history_rules(rows, logits), logits)
         chosen = sample_rows(ruled, params, [r.generator for r in rows]).tolist()
         if k is not None:
             ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)
@@ -100,9 +102,12 @@ def next_event(row: Row, token: int) -> TokenEvent:
         row.history.append(token)
     if token in row.stops:
         return TokenEvent(token, row.stream.flush(), finish_reason="stop")
-    text, stopped = row.stream.push(token)
+    complete = advance_guide(row, token)
+    text, stopped = row.stream.push(token, row.generated >= row.params.rules.min_new_tokens)
     if stopped:
         return TokenEvent(token, text, finish_reason="stop")
+    if complete:
+        return TokenEvent(token, text + row.stream.flush(), finish_reason="stop")
     if row.generated >= row.params.max_tokens:
         return TokenEvent(token, text + row.stream.flush(), finish_reason="length")
     return TokenEvent(token, text)

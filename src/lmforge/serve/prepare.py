@@ -229,6 +229,7 @@ class RequestPreparer:
         jobs, defaults = [], engine.request_defaults
         rules = self._min_tokens_rules(req, defaults.rules, max_tokens)
         bias = self._logit_bias(req, engine.files.vocab_size)
+        guide = req.guide(engine.files)  # structured output (a 400 when it cannot compile)
         for i in range(req.n):
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -238,6 +239,7 @@ class RequestPreparer:
                 repetition_penalty=defaults.pick("repetition_penalty", req.repetition_penalty, 1.0),
                 rules=rules,
                 logit_bias=bias,
+                guide=guide,
                 stop=tuple(req.stop_list),
                 seed=None if req.seed is None else req.seed + i,
                 logprobs=logprobs,

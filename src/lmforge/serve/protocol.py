@@ -8,12 +8,14 @@ byte in field names (the openai client parses them into its own types).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lmforge.constrain import ConstraintError, Guide, compiler_for, spec_text
 from lmforge.serve.sampling import MAX_LOGIT_BIAS
 
 # OpenAI caps top_logprobs at 20 for chat and logprobs at 5 for completions.
@@ -57,6 +59,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: the schema the answer must validate against."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64)
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON under a schema."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object (name, schema)")
+        return self
+
+
 class _Request(BaseModel):
     """Fields completions and chat share; vLLM-style extras (top_k, repetition_penalty, ignore_eos,
     min_tokens) are honoured; the fields left unset take the model's generation_config where it
@@ -80,6 +106,11 @@ class _Request(BaseModel):
     min_tokens: int | None = Field(None, ge=0)  # vLLM's extra: stop tokens masked until then
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a string) -> [-100, 100]
     user: str | None = None
+    # structured outputs (lmforge/constrain): OpenAI's response_format, or one of vLLM's extras
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema (or its text)
+    guided_regex: str | None = Field(None, min_length=1)  # vLLM's: the answer fullmatches it
+    guided_choice: list[str] | None = Field(None, min_length=1)  # vLLM's: exactly one of these
 
     @field_validator("stop")
     @classmethod
@@ -107,6 +138,57 @@ class _Request(BaseModel):
         if value and len({int(k) for k in value}) < len(value):  # "5" and "05": one token
             raise ValueError("keys must name each token id once")
         return value
+
+    def guide(self, files: Any) -> Guide | None:
+        """The structured-output constraint asked for, compiled over the tokenizer `files`; None
+        for free text. Two constraints at once, or one that cannot compile, is a 400."""
+        asked = self._constraint()
+        if asked is None:
+            return None
+        param, kind, value = asked
+        try:
+            return compiler_for(files).compile(kind, spec_text(kind, value))
+        except ConstraintError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_constraint") from None
+
+    @property
+    def asks_constraint(self) -> bool:
+        """Whether the request asks for a structured output (two at once: a 400)."""
+        return self._constraint() is not None
+
+    def _constraint(self) -> tuple[str, str, Any] | None:
+        """(param, kind, value): kind is json_object, json_schema, regex or choice."""
+        fmt = self.response_format
+        asked = {
+            "response_format": None if fmt is None or fmt.type == "text" else fmt,
+            "guided_json": self.guided_json,
+            "guided_regex": self.guided_regex,
+            "guided_choice": self.guided_choice,
+        }
+        given = [name for name, value in asked.items() if value is not None]
+        if len(given) > 1:
+            raise APIError(
+                400, f"give one structured-output constraint, got {' and '.join(given)}",
+                param=given[1],
+            )  # fmt: skip
+        if not given:
+            return None
+        param = given[0]
+        if fmt is not None and param == "response_format":
+            if fmt.type == "json_object":
+                return param, "json_object", None
+            return param, "json_schema", fmt.json_schema.schema_  # type: ignore[union-attr]
+        if self.guided_regex is not None:
+            return param, "regex", self.guided_regex
+        if self.guided_choice is not None:
+            return param, "choice", self.guided_choice
+        schema = self.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise APIError(400, f"guided_json is not valid JSON: {exc}", param=param) from None
+        return param, "json_schema", schema
 
     @property
     def bias_pairs(self) -> tuple[tuple[int, float], ...]:

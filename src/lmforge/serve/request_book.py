@@ -33,6 +33,8 @@ class Row:
         # what the repetition penalty and logits rules see (the prompt, or a decoder's start,
         # then the answer so far): kept only for rows whose params use them
         self.history: list[int] | None = None
+        # where the answer is in its structured-output grammar (serve/guided_rows.py)
+        self.guide_state = params.guide.tokens.start if params.guide is not None else None
 
     @property
     def request_id(self) -> str:

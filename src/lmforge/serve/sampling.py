@@ -5,7 +5,8 @@ seed), so the batch's logits are sampled in two groups: greedy rows take one vec
 sampled rows go through model.generate's filters (batched per top_k/top_p setting) and draw with
 the Gumbel-max trick, each row's uniforms from its own generator (draw_per_row), so a seeded
 request draws the same tokens whatever else shares its batch. A row's OpenAI logit_bias is added
-to its logits before either (apply_logit_bias); logprobs are taken from the raw logits.
+to its logits before either (apply_logit_bias); logprobs are taken from the raw logits. A row's
+structured-output guide masks its logits before all of this (serve/guided_rows.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.constrain import Guide
 from lmforge.errors import InputError
 from lmforge.model.generate import draw_per_row, top_k_filter, top_p_filter
 from lmforge.model.logits_rules import NO_RULES, LogitsRules
@@ -40,6 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off; over the prompt and the answer so far
     rules: LogitsRules = field(default=NO_RULES)  # the checkpoint's n-gram/min-length/forced rules
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the row's logits
+    guide: Guide | None = None  # structured output: only tokens its grammar allows (constrain/)
 
     @property
     def greedy(self) -> bool:
@@ -75,6 +78,11 @@ class SamplingParams:
                     for t, b in self.logit_bias
                 ),
                 f"(token id >= 0, bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]) pairs",
+            ),
+            (
+                "guide",
+                self.guide is None or (isinstance(self.guide, Guide) and self.guide.compiled),
+                "None or a compiled constrain.Guide (GuideCompiler.compile)",
             ),
             ("seed", self.seed is None or type(self.seed) is int, "an int or None"),
             (

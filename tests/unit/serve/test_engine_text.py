@@ -50,6 +50,26 @@ def test_stop_strings_cut_the_text_and_no_part_of_them_is_sent(engine):
     assert stopped and "".join(pieces) == "What is the capital of France? The capital "
 
 
+def test_stop_strings_before_min_tokens_never_end_the_text(engine):
+    tok = engine.files.tokenizer
+    ids = engine.files.encode("The capital is Paris. The capital is Rome. The end.")
+    for active_from, expected in [
+        (0, "The "),  # "capital" from the first token on
+        (4, "The capital is Paris. The "),  # the first "capital" was written before min_tokens
+        (len(ids), "The capital is Paris. The capital is Rome. The end."),
+    ]:
+        s = TextStream(tok, ("capital",))
+        pieces, stopped = [], False
+        for n, t in enumerate(ids, start=1):
+            text, stopped = s.push(t, stops_active=n >= active_from)
+            pieces.append(text)
+            if stopped:
+                break
+        if not stopped:
+            pieces.append(s.flush())
+        assert "".join(pieces) == expected, active_from
+
+
 def test_a_held_back_stop_prefix_is_sent_when_it_does_not_complete(engine):
     tok = engine.files.tokenizer
     ids = engine.files.encode("The capital is Pa")

@@ -1,0 +1,84 @@
+"""JSON's grammar (RFC 8259) as grammar rules: any value, and the pieces schemas reuse.
+
+Whitespace is bounded: at most one space or newline where JSON allows whitespace (after `{`, `[`,
+`:` and `,`, and before `}` and `]`), so a weak model cannot spend its whole answer on blanks.
+"""
+
+from __future__ import annotations
+
+from lmforge.constrain.automaton import Grammar
+from lmforge.constrain.ir import Alt, Chars, CharSet, Lit, Members, Node, Ref, Repeat, optional, seq
+
+WS = optional(Chars(CharSet.of(" \n")))
+DIGIT = Chars(CharSet(((ord("0"), ord("9")),)))
+HEX = Chars(CharSet(((ord("0"), ord("9")), (ord("a"), ord("f")), (ord("A"), ord("F")))))
+# one character of a string's content: unescaped (not ", \ or a control character) or an escape
+STRING_CHAR = Alt(
+    (
+        Chars(CharSet(((0, 0x1F), (ord('"'), ord('"')), (ord("\\"), ord("\\"))), negate=True)),
+        seq("\\", Chars(CharSet.of('"\\/bfnrt'))),
+        seq("\\u", HEX, HEX, HEX, HEX),
+    )
+)
+INTEGER = seq(
+    optional(Lit("-")),
+    Alt((Lit("0"), seq(Chars(CharSet(((ord("1"), ord("9")),))), Repeat(DIGIT, 0, None)))),
+)
+NUMBER = seq(
+    INTEGER,
+    optional(seq(".", Repeat(DIGIT, 1, None))),
+    optional(
+        seq(Chars(CharSet.of("eE")), optional(Chars(CharSet.of("+-"))), Repeat(DIGIT, 1, None))
+    ),
+)
+COMMA = seq(WS, ",", WS)
+
+# rule names of the generic JSON grammar, shared by every grammar that embeds it
+VALUE, OBJECT, ARRAY, STRING = "json:value", "json:object", "json:array", "json:string"
+
+
+def string(min_length: int = 0, max_length: int | None = None) -> Node:
+    """A JSON string whose decoded length is in [min_length, max_length]."""
+    return seq('"', Repeat(STRING_CHAR, min_length, max_length), '"')
+
+
+def listing(item: Node, min_items: int = 0, max_items: int | None = None) -> Node:
+    """`item`s between brackets, comma-separated, their count in [min_items, max_items]."""
+    if max_items == 0:
+        return seq("[", WS, "]")
+    rest = Repeat(
+        seq(COMMA, item), max(min_items - 1, 0), None if max_items is None else max_items - 1
+    )
+    items: Node = seq(item, rest)
+    return seq("[", WS, items if min_items else optional(items), WS, "]")
+
+
+def members(pairs: list[tuple[str, Node, bool]]) -> Node:
+    """An object with these (key, value, required) members in this order, no others."""
+    import json
+
+    if not pairs:
+        return seq("{", WS, "}")
+    nodes = tuple(
+        (seq(json.dumps(key, ensure_ascii=False), WS, ":", WS, value), req)
+        for key, value, req in pairs
+    )
+    return seq("{", WS, Members(nodes, COMMA), WS, "}")
+
+
+def json_rules() -> dict[str, Node]:
+    """The rules for any JSON value (objects with any keys, arrays of any values)."""
+    member = seq(Ref(STRING), WS, ":", WS, Ref(VALUE))
+    return {
+        VALUE: Alt(
+            (Ref(OBJECT), Ref(ARRAY), Ref(STRING), NUMBER, Lit("true"), Lit("false"), Lit("null"))
+        ),
+        OBJECT: seq("{", WS, optional(seq(member, Repeat(seq(COMMA, member), 0, None))), WS, "}"),
+        ARRAY: listing(Ref(VALUE)),
+        STRING: string(),
+    }
+
+
+def json_object_grammar() -> Grammar:
+    """OpenAI's json_object mode: the answer is one JSON object."""
+    return Grammar(json_rules(), OBJECT)

@@ -1,0 +1,155 @@
+"""A JSON schema subset compiled to a grammar whose every answer validates against the schema.
+
+Supported: type (one or a list), object (properties, required, additionalProperties), string
+(enum, const, minLength, maxLength), integer, number, boolean, null, array (items, minItems,
+maxItems), enum, const, anyOf, and local $ref to #/$defs or #/definitions (recursion included).
+Annotations (title, description, default, ...) are ignored; any other keyword is refused with a
+ConstraintError naming it and where it is, rather than producing output that may not validate.
+Objects are written with their properties in the schema's order and no others (extra properties
+are allowed by a schema unless additionalProperties is false, never required).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lmforge.constrain import json_grammar as jg
+from lmforge.constrain.automaton import ConstraintError, Grammar
+from lmforge.constrain.ir import Alt, Lit, Node, Ref
+
+ANNOTATIONS = frozenset(
+    {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+     "readOnly", "writeOnly", "$defs", "definitions", "strict"}
+)  # fmt: skip
+KEYWORDS = {
+    "object": {"properties", "required", "additionalProperties"},
+    "array": {"items", "minItems", "maxItems"},
+    "string": {"minLength", "maxLength"},
+    "integer": set(),
+    "number": set(),
+    "boolean": set(),
+    "null": set(),
+}
+GENERAL = {"type", "enum", "const", "anyOf", "$ref"}
+
+
+def schema_grammar(schema: Any) -> Grammar:
+    """The grammar of the JSON texts valid under `schema`; ConstraintError when unsupported."""
+    compiler = _SchemaCompiler(schema)
+    compiler.rules["schema:root"] = compiler.node(schema, "#")
+    return Grammar(compiler.rules, "schema:root")
+
+
+def _literal(value: Any) -> Lit:
+    return Lit(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+class _SchemaCompiler:
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.rules: dict[str, Node] = jg.json_rules()
+
+    def node(self, schema: Any, path: str) -> Node:
+        if schema is True or schema == {}:
+            return Ref(jg.VALUE)
+        if not isinstance(schema, dict):
+            raise ConstraintError(f"the schema at {path} must be an object, got {schema!r}")
+        types = schema.get("type")
+        allowed = set(GENERAL) | ANNOTATIONS
+        for t in [types] if isinstance(types, str) else types or []:
+            if t not in KEYWORDS:
+                raise ConstraintError(
+                    f"unsupported JSON schema type {t!r} at {path}/type; supported: "
+                    + ", ".join(KEYWORDS)
+                )
+            allowed |= KEYWORDS[t]
+        for key in schema:
+            if key not in allowed:
+                raise ConstraintError(
+                    f"unsupported JSON schema keyword {key!r} at {path}"
+                    + ("" if types else " (or it needs a matching 'type')")
+                )
+        if "$ref" in schema:
+            return self._ref(schema["$ref"], f"{path}/$ref")
+        if "const" in schema:
+            return _literal(schema["const"])
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list) or not schema["enum"]:
+                raise ConstraintError(f"enum at {path} must be a non-empty list")
+            return Alt(tuple(_literal(v) for v in schema["enum"]))
+        if "anyOf" in schema:
+            options = schema["anyOf"]
+            if not isinstance(options, list) or not options:
+                raise ConstraintError(f"anyOf at {path} must be a non-empty list of schemas")
+            return Alt(tuple(self.node(s, f"{path}/anyOf/{i}") for i, s in enumerate(options)))
+        if types is None:
+            return Ref(jg.VALUE)
+        if isinstance(types, list):
+            return Alt(tuple(self._typed(t, schema, path) for t in types))
+        return self._typed(types, schema, path)
+
+    def _typed(self, kind: str, schema: dict[str, Any], path: str) -> Node:
+        if kind == "object":
+            return self._object(schema, path)
+        if kind == "array":
+            low, high = _bounds(schema, "minItems", "maxItems", path)
+            item = self._rule(schema.get("items", True), f"{path}/items")
+            return jg.listing(item, low, high)
+        if kind == "string":
+            return jg.string(*_bounds(schema, "minLength", "maxLength", path))
+        simple = {
+            "integer": jg.INTEGER,
+            "number": jg.NUMBER,
+            "boolean": Alt((Lit("true"), Lit("false"))),
+            "null": Lit("null"),
+        }
+        return simple[kind]
+
+    def _object(self, schema: dict[str, Any], path: str) -> Node:
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties", True)
+        if extra not in (True, False):
+            raise ConstraintError(
+                f"unsupported additionalProperties schema at {path} (only true or false)"
+            )
+        if props is None:
+            return Ref(jg.OBJECT) if extra else jg.members([])
+        if not isinstance(props, dict):
+            raise ConstraintError(f"properties at {path} must be an object")
+        required = schema.get("required", [])
+        unknown = [r for r in required if r not in props]
+        if unknown:
+            raise ConstraintError(f"required names {unknown} at {path}, not among its properties")
+        pairs = [
+            (key, self._rule(sub, f"{path}/properties/{key}"), key in required)
+            for key, sub in props.items()
+        ]
+        return jg.members(pairs)
+
+    def _rule(self, schema: Any, path: str) -> Node:
+        """A subschema as its own rule: a call, so repeating it does not copy its automaton."""
+        name = f"schema:{path}"
+        if name not in self.rules:
+            self.rules[name] = Lit("")  # placeholder while compiling (recursion through $ref)
+            self.rules[name] = self.node(schema, path)
+        return Ref(name)
+
+    def _ref(self, ref: Any, path: str) -> Node:
+        parts = ref.split("/") if isinstance(ref, str) else []
+        if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
+            raise ConstraintError(
+                f"unsupported $ref {ref!r} at {path}: only '#/$defs/<name>' and "
+                "'#/definitions/<name>'"
+            )
+        target = self.root.get(parts[1], {}).get(parts[2]) if isinstance(self.root, dict) else None
+        if target is None:
+            raise ConstraintError(f"$ref {ref!r} at {path} names no definition")
+        return self._rule(target, f"#/{parts[1]}/{parts[2]}")
+
+
+def _bounds(schema: dict[str, Any], low: str, high: str, path: str) -> tuple[int, int | None]:
+    lo, hi = schema.get(low, 0), schema.get(high)
+    if type(lo) is not int or lo < 0 or (hi is not None and (type(hi) is not int or hi < lo)):
+        raise ConstraintError(f"{low}/{high} at {path} must be ints with 0 <= {low} <= {high}")
+    return lo, hi

@@ -1,0 +1,64 @@
+"""Structured outputs in the engine: each guided row's logits masked to what its grammar allows,
+and its guide moved past each token it emits.
+
+A row whose params carry a Guide (constrain/) keeps its guide state on the Row. Before sampling,
+its logits outside the allowed tokens become -inf (its stop tokens are allowed exactly when the
+grammar accepts the answer so far), after the history rules and before logit_bias, temperature,
+top-k/top-p or greedy; logprobs stay the raw model's. When the rules ban every allowed token (a
+min_tokens ban on the stop token where only the stop token may come, say), the grammar wins: the
+row's raw logits are masked instead. An answer the grammar accepts and cannot extend ends at once
+with finish_reason "stop", stop token or not (so ignore_eos and min_tokens cannot make it loop).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmforge.serve.request_book import Row
+
+
+def guided_logits(rows: list[Row], ruled: Tensor, raw: Tensor) -> Tensor:
+    """`ruled` (B, V) with each guided row's disallowed tokens at -inf; `ruled` itself when no
+    row is guided. `raw` is the model's logits, the fallback when the rules left nothing."""
+    guided = [i for i, row in enumerate(rows) if row.guide_state is not None]
+    if not guided:
+        return ruled
+    vocab = ruled.shape[-1]
+    masks = []
+    for i in guided:
+        row = rows[i]
+        mask = row.params.guide.tokens.allowed(row.guide_state)  # cached per guide state
+        if mask.numel() != vocab:  # the model's vocabulary is padded past the tokenizer's
+            mask = torch.cat([mask, mask.new_zeros(max(vocab - mask.numel(), 0))])[:vocab]
+        masks.append(mask)
+    allow = torch.stack(masks)  # a new tensor: the cached masks stay as they are
+    for j, i in enumerate(guided):
+        row = rows[i]
+        if row.params.guide.tokens.accepts(row.guide_state):
+            allow[j, [t for t in row.stops if t < vocab]] = True
+    allow = allow.to(ruled.device)
+    index = torch.tensor(guided, dtype=torch.long, device=ruled.device)
+    out = ruled.float().clone()
+    masked = out.index_select(0, index).masked_fill(~allow, float("-inf"))
+    empty = ~torch.isfinite(masked).any(dim=-1)
+    if bool(empty.any()):  # one sync per step with guided rows
+        fallback = raw.float().index_select(0, index).masked_fill(~allow, float("-inf"))
+        masked = torch.where(empty[:, None], fallback, masked)
+    out[index] = masked
+    return out
+
+
+def advance_guide(row: Row, token: int) -> bool:
+    """Moves the row's guide past `token` (a stop token leaves it); True when the answer is
+    complete: accepted, and no token can extend it."""
+    if row.guide_state is None or token in row.stops:
+        return False
+    tokens = row.params.guide.tokens
+    state = tokens.advance(row.guide_state, token)
+    if state is None:
+        raise RuntimeError(
+            f"token {token} is outside the request's {row.params.guide.kind} constraint"
+        )
+    row.guide_state = state
+    return tokens.accepts(state) and not bool(tokens.allowed(state).any())

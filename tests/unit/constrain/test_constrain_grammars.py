@@ -1,0 +1,174 @@
+"""The character automata accept exactly their languages: JSON (against Python's json), the
+JSON-schema subset (against jsonschema), regexes (against re.fullmatch) and choices; unsupported
+constructs are refused naming what is unsupported."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lmforge.constrain import Automaton, ConstraintError
+from lmforge.constrain.json_grammar import json_object_grammar
+from lmforge.constrain.json_schema import schema_grammar
+from lmforge.constrain.regex import choice_grammar, regex_grammar
+
+JSON_TEXTS = [
+    "{}", "{ }", '{"a":1}', '{"a": 1}', '{"a": -0.5e3}', '{"a": 0}', '{"a": 1E+10}',
+    '{"a": [1, 2.25, -0, true, false, null]}', '{"a": []}', '{"a": [ ]}', '{"": ""}',
+    '{"a": {"b": {"c": [{}]}}}', '{"é": "日本語 ü"}', '{"a": "x\\"y\\\\z\\n\\u00e9\\/"}',
+    '{"a": 1, "a": 2}', '{\n"a": 1\n}', '{"emoji": "🙂"}',
+    # not JSON
+    "", "[]", '"a"', "{", "}", '{"a"}', '{"a":}', '{"a":1,}', '{,}', '{"a":01}', '{"a":1.}',
+    '{"a":.5}', '{"a":+1}', '{"a":-}', '{"a":1e}', '{"a":"\\x"}', '{"a":"\\u12"}',
+    '{"a":"tab\there"}', "{'a':1}", '{"a":tru}', '{"a":True}', '{"a":[1,]}', '{"a":[,1]}',
+    '{"a":1}}', '{"a":1} ', ' {"a":1}', '{"a":NaN}',
+]  # fmt: skip
+
+
+def _refuse(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def is_json_object(text: str) -> bool:
+    """Python's json, strict: no NaN/Infinity, no surrounding whitespace."""
+    try:
+        return isinstance(json.loads(text, parse_constant=_refuse), dict) and text == text.strip()
+    except ValueError:
+        return False
+
+
+def test_json_object_matches_pythons_json_where_whitespace_is_bounded():
+    auto = Automaton(json_object_grammar())
+    for text in JSON_TEXTS:
+        assert auto.matches(text) == is_json_object(text), text
+    # whitespace: at most one space or newline per place JSON allows it
+    assert auto.matches('{ "a": 1 }') and not auto.matches('{  "a": 1}')
+    assert not auto.matches('{"a":\t1}')  # valid JSON, but not a whitespace the grammar writes
+
+
+def test_json_nesting_is_bounded_not_unlimited():
+    auto = Automaton(json_object_grammar())
+    assert auto.matches('{"a":' + "[" * 20 + "]" * 20 + "}")
+    assert not auto.matches('{"a":' + "[" * 80 + "]" * 80 + "}")  # past MAX_DEPTH
+
+
+SCHEMA = {
+    "type": "object",
+    "title": "Person",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 4, "description": "d"},
+        "age": {"type": "integer"},
+        "score": {"type": ["number", "null"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 2},
+        "kind": {"anyOf": [{"const": "x"}, {"type": "boolean"}]},
+        "extra": {"type": "object"},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+SCHEMA_TEXTS = [
+    '{"name":"bo","age":3}', '{"name": "bob", "age": -12}', '{"name":"ab\\"c","age":0}',
+    '{"name":"bo","age":3,"score":null}', '{"name":"bo","age":3,"score":-1.5e2}',
+    '{"name":"bo","age":3,"tags":["a"]}', '{"name":"bo","age":3,"tags":["a","b"]}',
+    '{"name":"bo","age":3,"kind":"x"}', '{"name":"bo","age":3,"kind":false}',
+    '{"name":"bo","age":3,"extra":{"q":[1]}}', '{"name":"日本","age":3,"score":2,"kind":true}',
+    # invalid (or out of the fixed property order)
+    '{"name":"bo"}', '{"age":3}', '{"name":"","age":3}', '{"name":"bobby","age":3}',
+    '{"name":"bo","age":3.5}', '{"name":"bo","age":3,"tags":[]}',
+    '{"name":"bo","age":3,"tags":["a","b","a"]}', '{"name":"bo","age":3,"tags":["c"]}',
+    '{"name":"bo","age":3,"kind":"y"}', '{"name":"bo","age":3,"other":1}',
+    '{"name":"bo","age":3,"extra":[]}', '{"name":"bo","age":3,}', '{"name":"bo",,"age":3}',
+    '{"age":3,"name":"bo"}',
+]  # fmt: skip
+
+
+def test_schema_grammar_accepts_only_valid_documents():
+    jsonschema = pytest.importorskip("jsonschema")
+    auto = Automaton(schema_grammar(SCHEMA))
+    accepted = [t for t in SCHEMA_TEXTS if auto.matches(t)]
+    assert len(accepted) == 11  # the first eleven
+    assert accepted == SCHEMA_TEXTS[:11]
+    for text in accepted:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    # the one valid document refused is out of the schema's property order (documented)
+    jsonschema.validate(json.loads('{"age":3,"name":"bo"}'), SCHEMA)
+
+
+def test_schema_refs_recursion_enum_const_and_empty_schema():
+    tree = {
+        "$defs": {"Node": {"type": "object", "properties": {
+            "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}},
+            "required": ["v"]}},
+        "$ref": "#/$defs/Node",
+    }  # fmt: skip
+    auto = Automaton(schema_grammar(tree))
+    assert auto.matches('{"v":1,"kids":[{"v":2},{"v":3,"kids":[]}]}')
+    assert not auto.matches('{"v":1,"kids":[{"w":2}]}')
+    assert Automaton(schema_grammar({"enum": ["a", 1, None, [1]]})).matches("[1]")
+    assert not Automaton(schema_grammar({"enum": ["a", 1]})).matches('"b"')
+    assert Automaton(schema_grammar({"const": {"k": "é"}})).matches('{"k":"é"}')
+    anything = Automaton(schema_grammar({}))
+    assert anything.matches('[1,{"a":null}]') and anything.matches('"s"')
+
+
+@pytest.mark.parametrize(
+    ("schema", "named"),
+    [
+        ({"type": "string", "pattern": "a+"}, "'pattern' at #"),
+        ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}},
+         "'minimum' at #/properties/a"),
+        ({"oneOf": [{"type": "string"}]}, "'oneOf' at #"),
+        ({"type": "date"}, "type 'date' at #/type"),
+        ({"$ref": "http://x/s.json"}, "unsupported $ref"),
+        ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties"),
+        ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "['b']"),
+        ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems/maxItems"),
+        ({"type": "string", "maxLength": 10**6}, "too large"),
+    ],
+)  # fmt: skip
+def test_unsupported_schema_is_refused_naming_the_keyword(schema, named):
+    with pytest.raises(ConstraintError) as err:
+        Automaton(schema_grammar(schema))
+    assert named in str(err.value)
+
+
+REGEX_CASES = {
+    r"[a-c]{2,4}-\d+": ["ab-1", "cccc-0099", "a-1", "abcab-1", "ab-", "AB-1"],
+    r"(foo|ba[rz])+\.?": ["foo", "barbaz.", "foo..", "", "fooba"],
+    r"\w+@\w+\.(com|org)": ["a_b@x.com", "a@b.org", "a@b.net", "@b.com"],
+    r"^-?(0|[1-9]\d*)(\.\d+)?$": ["0", "-12.50", "01", "1.", "-"],
+    r"[^a-z\s]x*?y{0,2}": ["Axyy", "1", "ax", " x", "Zyyy"],
+    r"(?:a|b)*c": ["c", "abababc", "abd"],
+    r"\{\d\}|.": ["{1}", "q", "\n", "{}"],
+    r"colou?r [A-Z][a-z]{1,}": ["color Red", "colour Xy", "colour X", "colr Red"],
+}
+
+
+@pytest.mark.parametrize("pattern", list(REGEX_CASES))
+def test_regex_matches_exactly_what_re_fullmatch_matches(pattern):
+    auto = Automaton(regex_grammar(pattern))
+    for text in REGEX_CASES[pattern]:
+        assert auto.matches(text) == bool(re.fullmatch(pattern, text, re.ASCII)), text
+
+
+@pytest.mark.parametrize(
+    ("pattern", "named"),
+    [(r"(?=a)b", "group syntax '(?'"), (r"(a)\1", "escape '\\1'"), (r"\bword", "escape '\\b'"),
+     (r"a**", "repeated quantifier"), (r"*a", "nothing to repeat"), (r"(ab", "missing ')'"),
+     (r"a{5,2}", "repeat {5,2}"), (r"a^b", "anchor '^'")],
+)  # fmt: skip
+def test_unsupported_regex_is_refused_naming_the_construct(pattern, named):
+    with pytest.raises(ConstraintError) as err:
+        regex_grammar(pattern)
+    assert named in str(err.value)
+
+
+def test_choice_accepts_only_whole_choices():
+    auto = Automaton(choice_grammar(["yes", "no", "yes please"]))
+    assert [auto.matches(t) for t in ["yes", "no", "yes please", "ye", "yes ", "nope"]] == [
+        True, True, True, False, False, False,
+    ]  # fmt: skip
+    with pytest.raises(ConstraintError, match="non-empty list"):
+        choice_grammar([])

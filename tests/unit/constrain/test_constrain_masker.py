@@ -1,0 +1,159 @@
+"""The token masker: its trie walk equals a brute-force check of every token, tokens holding part
+of a UTF-8 character are allowed exactly when the character can still complete, and the byte
+view of a trained byte-level BPE round-trips every token."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from lmforge.constrain import Automaton, GuideCompiler, TokenGuide, Vocabulary
+from lmforge.constrain.automaton import DEAD
+from lmforge.constrain.json_grammar import json_object_grammar
+from lmforge.constrain.json_schema import schema_grammar
+from lmforge.constrain.regex import choice_grammar, regex_grammar
+
+# a small vocabulary: single characters, words, JSON pieces, and the two halves of é (C3 A9), ü
+# (C3 BC) and 日 (E6 97 A5), alone and glued to ASCII; surrogate (ED A0) and overlong (E0 80)
+# starts that no character completes
+VOCAB = [
+    b"", b"{", b"}", b'"', b":", b",", b" ", b"\n", b"[", b"]", b"a", b"b", b"ab", b'{"', b'":',
+    b'",', b'"}', b"1", b"0", b"-", b".", b"5", b"e", b"12", b"true", b"null", b"\\", b"\\n",
+    b"\xc3", b"\xa9", b"\xbc", b"\xc3\xa9", b"a\xc3", b"\xa9b", b"\xe6", b"\xe6\x97", b"\xa5",
+    b"\x97\xa5", b"\xff", b"\x80", b"\xed", b"\xed\xa0", b"\xed\x9f", b"\xbf", b"\xe0\x80", b"  ", b"yes", b"no", b"y", b"es", b"\t", b"x", b"{}",
+]  # fmt: skip
+
+
+def viable(auto: Automaton, data: bytes) -> bool:
+    """Brute force: `data` (a whole answer so far) can still be extended to a match: its
+    complete characters step the automaton, and an unfinished last character has at least one
+    completion (every continuation byte tried) that the automaton can read."""
+    for cut in range(len(data), max(len(data) - 4, -1), -1):
+        try:
+            text = data[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        tail = data[cut:]
+        break
+    else:
+        return False
+    state = auto.start
+    for ch in text:
+        state = auto.step(state, ch)
+        if state == DEAD:
+            return False
+    if not tail:
+        return True
+    return any(completes(auto, state, tail + bytes([b])) for b in range(0x80, 0xC0))
+
+
+def completes(auto: Automaton, state: int, data: bytes) -> bool:
+    try:
+        ch = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # still unfinished, or invalid
+        if exc.reason == "unexpected end of data" and len(data) < 4:
+            return any(completes(auto, state, data + bytes([b])) for b in range(0x80, 0xC0))
+        return False
+    return auto.step(state, ch) != DEAD
+
+
+GRAMMARS = {
+    "json_object": json_object_grammar(),
+    "schema": schema_grammar({"type": "object", "properties": {"a": {"type": "string"},
+                              "b": {"type": "array", "items": {"type": "integer"}}}}),
+    "regex": regex_grammar(r"(ab|é|日)+\d?"),
+    "choice": choice_grammar(["yes", "no", "é"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(GRAMMARS))
+def test_mask_equals_brute_force_along_random_walks(name):
+    auto = Automaton(GRAMMARS[name])
+    guide = TokenGuide(auto, Vocabulary(VOCAB))
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(20):
+        state, answer = guide.start, b""
+        for _ in range(12):
+            expected = sorted(i for i, t in enumerate(VOCAB) if t and viable(auto, answer + t))
+            assert sorted(guide.allowed_ids(state)) == expected, answer
+            mask = guide.allowed(state)
+            assert mask.nonzero().flatten().tolist() == expected
+            accepts = not viable_partial(answer) and auto.matches(answer.decode("utf-8"))
+            assert guide.accepts(state) == accepts
+            checked += 1
+            if not expected:
+                break
+            token = rng.choice(expected)
+            state, answer = guide.advance(state, token), answer + VOCAB[token]
+            assert state is not None
+    assert checked > 30
+    assert guide.advance(guide.start, VOCAB.index(b"\xff")) is None  # never valid UTF-8
+
+
+def viable_partial(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+def test_partial_characters_need_a_completion_the_grammar_allows():
+    guide = TokenGuide(Automaton(regex_grammar("é+")), Vocabulary(VOCAB))
+    allowed = {VOCAB[i] for i in guide.allowed_ids(guide.start)}
+    assert allowed == {b"\xc3", b"\xc3\xa9"}  # not 日's lead byte, not a continuation byte
+    half = guide.advance(guide.start, VOCAB.index(b"\xc3"))
+    assert not guide.accepts(half)  # the answer may not end inside a character
+    assert {VOCAB[i] for i in guide.allowed_ids(half)} == {b"\xa9"}  # not "\xa9b": é then b
+    whole = guide.advance(half, VOCAB.index(b"\xa9"))
+    assert guide.accepts(whole)
+    assert guide.advance(half, VOCAB.index(b"\xbc")) is None  # ü, not é
+
+
+def test_masks_are_cached_per_state_and_reused():
+    guide = TokenGuide(Automaton(json_object_grammar()), Vocabulary(VOCAB))
+    state = guide.advance(guide.advance(guide.start, VOCAB.index(b'{"')), VOCAB.index(b"a"))
+    again = guide.advance(state, VOCAB.index(b"a"))  # inside a string: the same state
+    assert again == state
+    assert guide.allowed(state) is guide.allowed(again)
+
+
+def test_trained_byte_level_vocabulary_round_trips(tmp_path):
+    from lmforge.tokenizer.files import TokenizerFiles
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    files = TokenizerFiles.load(make_tokenizer_dir(tmp_path))
+    compiler = GuideCompiler(files.tokenizer)
+    tokens = compiler.vocab.tokens
+    assert all(tokens[i] == b"" for i in files.special_ids())
+    assert sum(bool(t) for t in tokens) == files.vocab_size - len(files.special_ids())
+    for text in ['{"naïve": "日本語", "n": -0.5e3}', "Hello there, wörld 🙂", "a\n\tb"]:
+        ids = files.encode(text)
+        assert b"".join(tokens[i] for i in ids).decode("utf-8") == files.decode(ids) == text
+    # one compiled guide per (kind, spec), shared by the requests that ask for it
+    g1 = compiler.compile("choice", json.dumps(["yes", "no"]))
+    g2 = compiler.compile("choice", json.dumps(["yes", "no"]))
+    assert g1 == g2 and g1.tokens is g2.tokens
+
+
+def test_sentencepiece_style_vocabulary_bytes_keep_word_spaces():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = ['Hello world, a test of the tokenizer: naïve café, {"a": [1, 2]}'] * 20
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=80, special_tokens=["<unk>", "<eos>"], unk_token="<unk>"
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tokens = GuideCompiler(tok).vocab.tokens
+    assert tokens[tok.token_to_id("<eos>")] == b"" and tokens[tok.token_to_id("<unk>")] == b""
+    for text in ["Hello world, naïve café", '{"a": [1, 2]} test']:
+        ids = tok.encode(text).ids
+        joined = b"".join(tokens[i] for i in ids).decode("utf-8")
+        # "▁" is a space wherever the token comes; decoding drops the one a text starts with
+        assert joined == " " + tok.decode(ids) == " " + text
