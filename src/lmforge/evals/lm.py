@@ -14,6 +14,7 @@ generation_config.json's eos_token_id (lmforge.tokenizer.generation).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -33,6 +34,8 @@ from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
 if TYPE_CHECKING:
     from lmforge.evals.heads import SequenceHead
+
+log = logging.getLogger(__name__)
 
 GENERATE_BATCH = 16  # prompts per batch when generating
 # transformers sets min_length = min_new_tokens + the input length when min_new_tokens is set
@@ -232,7 +235,8 @@ class EvalModel:
         (a value given explicitly wins, even when it equals the default). A checkpoint's
         num_beams is not used when the settings ask to sample (temperature > 0). As in
         transformers, min_new_tokens replaces min_length: a checkpoint's min_new_tokens drops its
-        min_length, and a minimum the settings give (either key) drops both of the checkpoint's."""
+        min_length, a minimum the settings give (either key) drops both of the checkpoint's, and
+        settings giving both keep min_new_tokens alone (transformers warns and does the same)."""
         defaults = dict(self.generation_defaults)
         if settings.temperature > 0:
             defaults.pop("num_beams", None)
@@ -241,10 +245,18 @@ class EvalModel:
             defaults = {k: v for k, v in defaults.items() if k not in MIN_LENGTH_KEYS}
         elif "min_new_tokens" in defaults:
             defaults.pop("min_length", None)
-        if not defaults.keys() - given.keys():
-            return settings
-        where = f"{self.path}'s generation defaults"
-        return validate(GenerationSettings, {**settings.model_dump(), **defaults, **given}, where)
+        if "min_new_tokens" in given and given.get("min_length"):
+            log.warning(
+                "min_new_tokens (%d) and min_length (%d) are both set: min_new_tokens applies "
+                "alone, as in transformers", given["min_new_tokens"], given["min_length"],
+            )  # fmt: skip
+            given["min_length"] = 0
+        if defaults.keys() - given.keys() or given.get("min_length", 0) != settings.min_length:
+            where = f"{self.path}'s generation defaults"
+            settings = validate(
+                GenerationSettings, {**settings.model_dump(), **defaults, **given}, where
+            )
+        return settings
 
     def generate(self, prompt: str, settings: GenerationSettings, chat: bool = False) -> str:
         """The model's continuation of prompt: generate_batch() for one prompt."""

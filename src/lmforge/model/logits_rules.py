@@ -5,7 +5,8 @@ One LogitsRules value is applied at every decoding step by greedy and sampled de
 as transformers does), so the three agree. Each rule is transformers' processor of the same
 name: NoRepeatNGramLogitsProcessor (no_repeat_ngram_size), MinLengthLogitsProcessor (min_length:
 the whole sequence, prompt or decoder start included), MinNewTokensLengthLogitsProcessor
-(min_new_tokens), ForcedBOSTokenLogitsProcessor (the first token after a one-token start, i.e. an
+(min_new_tokens; when it is set, min_length is not applied: transformers then sets
+min_length = min_new_tokens + the input length, the same rule), ForcedBOSTokenLogitsProcessor (the first token after a one-token start, i.e. an
 encoder-decoder's first target token) and ForcedEOSTokenLogitsProcessor (the last step). Lengths
 and n-grams are per row, without left padding, i.e. what transformers does for one prompt (in a
 left-padded batch transformers counts the padding in min_length and in its n-grams), so a row's
@@ -96,8 +97,9 @@ class LogitsRules:
             logits = ban_repeated_ngrams(
                 logits, history, lengths.tolist(), self.no_repeat_ngram_size
             )
-        if eos and (step < self.min_new_tokens or self.min_length):
-            too_short = (lengths < self.min_length) | (step < self.min_new_tokens)  # (B,)
+        min_length = 0 if self.min_new_tokens else self.min_length  # min_new_tokens wins
+        if eos and (step < self.min_new_tokens or min_length):
+            too_short = (lengths < min_length) | (step < self.min_new_tokens)  # (B,)
             logits = ban_tokens(logits, too_short, eos)
         if self.forced_bos_token_id is not None and step == 0:  # only then can a row hold one
             logits = force_token(logits, lengths == 1, [self.forced_bos_token_id])

@@ -1,0 +1,80 @@
+"""Generation settings resolved as transformers' generate() resolves them: minimum and maximum
+lengths' precedence, a checkpoint's sampling keys, beam-only options refused without beams, and
+the vectorized n-gram ban; each compared with transformers on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.evals.lm import EvalModel, GenerationSettings
+from lmforge.model.logits_rules import LogitsRules
+
+from .test_generation_defaults import PROMPTS, hf_new_ids, peaked, random_case, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def tok(tmp_path):
+    from ..finetune.helpers import make_tokenizer_dir
+
+    return make_tokenizer_dir(tmp_path / "tok")
+
+
+def tiny_llama(tmp_path, tok, gen: dict, eos_at_step: int | None = None):
+    """A peaked tiny Llama saved with gen as its generation_config; with eos_at_step, its eos is
+    the token greedy decoding of PROMPTS[0] emits at that step (so length rules matter)."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )  # fmt: skip
+    hf = peaked(transformers.LlamaForCausalLM(cfg), 0.2)
+    path = tmp_path / "llama"
+    if eos_at_step is not None:
+        save_hf(hf, {"bos_token_id": 1, "pad_token_id": 0}, path, tok, in_config_json=False)
+        ids = EvalModel.load(path).start(PROMPTS[0])
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=eos_at_step + 1, do_sample=False)
+        gen = {**gen, "eos_token_id": out[0, len(ids) + eos_at_step].item()}
+    save_hf(hf, {"bos_token_id": 1, "pad_token_id": 0, **gen}, path, tok, in_config_json=False)
+    return path, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def ours(lm: EvalModel, settings: GenerationSettings, prompts=PROMPTS) -> list[list[int]]:
+    return lm.scorer.generate(prompts, lm.settings_for(settings), False, 2)
+
+
+# -- min_length and min_new_tokens together: min_new_tokens alone -----------------------------
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_min_new_tokens_set_leaves_min_length_unapplied_as_transformers(step):
+    ids, logits = random_case()  # 12 tokens: the prompt's 12 - step, then step new ones
+    prompt_len = ids.size(1) - step
+    # transformers' generate() rewrites min_length to min_new_tokens + the prompt's length
+    want = transformers.MinLengthLogitsProcessor(2 + prompt_len, [2])(ids, logits.clone())
+    want = transformers.MinNewTokensLengthLogitsProcessor(prompt_len, 2, [2])(ids, want)
+    got = LogitsRules(min_length=20, min_new_tokens=2).apply(logits, ids, None, step, 9, [2])
+    assert torch.equal(got, want)
+    assert torch.isinf(got[:, 2]).all() == (step < 2)  # min_length 20 would ban eos at any step
+
+
+def test_settings_giving_both_minimums_decode_as_transformers(tmp_path, tok, caplog):
+    path, hf = tiny_llama(tmp_path, tok, {"max_new_tokens": 12}, eos_at_step=1)
+    lm = EvalModel.load(path)
+    eos = lm.stop_ids()
+    ids = lm.start(PROMPTS[0])
+    assert len(ours(lm, GenerationSettings(), PROMPTS[:1])[0]) <= 2  # stops early unasked
+    both = {"min_length": len(ids) + 10, "min_new_tokens": 3}
+    resolved = lm.settings_for(GenerationSettings(**both))
+    assert (resolved.min_length, resolved.min_new_tokens) == (0, 3)
+    assert "min_new_tokens applies alone" in caplog.text
+    for prompt, row in zip(PROMPTS, ours(lm, GenerationSettings(**both)), strict=True):
+        start = lm.start(prompt)
+        assert row == hf_new_ids(hf, start, len(start), eos, **both)
+    zero = {"min_length": len(ids) + 10, "min_new_tokens": 0}  # 0 given: no minimum at all
+    assert ours(lm, GenerationSettings(**zero), PROMPTS[:1]) == [
+        hf_new_ids(hf, ids, len(ids), eos, **zero)
+    ]
