@@ -70,7 +70,10 @@ def generate_cmd(
     ] = None,
     length_penalty: Annotated[
         float | None,
-        typer.Option(help="Beams: score = sum(log p) / length ** this (> 0: longer); default 1."),
+        typer.Option(
+            help="Beams only (refused without them): score = sum(log p) / length ** this "
+            "(> 0: longer); default 1."
+        ),
     ] = None,
     no_repeat_ngram_size: Annotated[
         int | None, typer.Option(min=0, help="Never repeat an n-gram of this size; 0 = off.")

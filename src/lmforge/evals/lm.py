@@ -24,7 +24,7 @@ from pydantic import Field, NonNegativeInt, model_validator
 
 from lmforge.artifacts import require_artifact
 from lmforge.config import HASHED_IF_SET, Section, validate
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.model.compiled_decode import DecodeCompile, compile_field
 from lmforge.model.generation_defaults import read_generation_defaults, warn_not_applied
@@ -61,13 +61,15 @@ class GenerationSettings(Section):
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
     length_penalty: float = Field(
-        1.0, description="beams: an answer scores sum(log p) / length ** this (> 0 favours long)",
+        1.0, description="beams: an answer scores sum(log p) / length ** this (> 0 favours long); "
+        "refused without beams",
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
     early_stopping: bool | Literal["never"] = Field(
         False, description="beams: false = until num_beams are finished and the best running "
         "beam, scored at its length so far, cannot beat them (HF's default; with length_penalty "
-        "> 0 it still might later), true = at num_beams finished, never = exhaustive",
+        "> 0 it still might later), true = at num_beams finished, never = exhaustive; refused "
+        "without beams",
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
 
@@ -256,6 +258,7 @@ class EvalModel:
             settings = validate(
                 GenerationSettings, {**settings.model_dump(), **defaults, **given}, where
             )
+        refuse_beam_options_without_beams(settings, given)
         return settings
 
     def generate(self, prompt: str, settings: GenerationSettings, chat: bool = False) -> str:
@@ -279,6 +282,27 @@ class EvalModel:
         """
         new = self.scorer.generate(prompts, self.settings_for(settings), chat, batch_size)
         return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
+
+
+# options only beam search reads, with the value that changes nothing
+BEAM_ONLY = {"length_penalty": 1.0, "early_stopping": False}
+
+
+def refuse_beam_options_without_beams(settings: GenerationSettings, given: dict) -> None:
+    """A ConfigError when the user gave a beam-only option (BEAM_ONLY) that the resolved decoding
+    (num_beams 1) would silently ignore. transformers' generate() only warns, but its
+    GenerationConfig refuses to be saved with one (validate(strict=True)); lmforge's settings are
+    recorded beside every output, so they are refused here. A checkpoint's own length_penalty
+    under num_beams 1 given by the user is left alone (transformers does not warn either)."""
+    if settings.num_beams > 1:
+        return
+    for key, inert in BEAM_ONLY.items():
+        if key in given and given[key] != inert:
+            raise ConfigError(
+                f"{key}={given[key]} applies to beam search only, and this decoding has "
+                "num_beams 1, so it would be ignored; ask for beams (num_beams > 1, "
+                f"--num-beams on the command line) or leave {key} unset"
+            )
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

@@ -78,3 +78,37 @@ def test_settings_giving_both_minimums_decode_as_transformers(tmp_path, tok, cap
     assert ours(lm, GenerationSettings(**zero), PROMPTS[:1]) == [
         hf_new_ids(hf, ids, len(ids), eos, **zero)
     ]
+
+
+# -- beam-only options without beams: refused, not silently ignored ---------------------------
+
+
+def test_length_penalty_without_beams_is_refused_and_with_beams_kept(tmp_path, tok):
+    from lmforge.errors import ConfigError
+
+    path, _ = tiny_llama(tmp_path, tok, {"max_new_tokens": 6})
+    lm = EvalModel.load(path)
+    for given in ({"length_penalty": 2.0}, {"early_stopping": True}):
+        name = next(iter(given))
+        with pytest.raises(ConfigError, match=f"{name}=.* beam search only.*num_beams > 1"):
+            lm.settings_for(GenerationSettings(**given))
+        assert lm.settings_for(GenerationSettings(num_beams=2, **given)).num_beams == 2
+    assert lm.settings_for(GenerationSettings(length_penalty=1.0)).length_penalty == 1.0  # inert
+    lm.generation_defaults = {"num_beams": 3, "length_penalty": 2.0}  # the checkpoint's beams
+    assert lm.settings_for(GenerationSettings(length_penalty=0.5)).num_beams == 3
+    assert lm.settings_for(GenerationSettings(num_beams=1)).length_penalty == 2.0  # its own: kept
+
+
+def test_generate_cli_refuses_length_penalty_without_beams(tmp_path, tok):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+    from lmforge.errors import ConfigError
+
+    path, _ = tiny_llama(tmp_path, tok, {"max_new_tokens": 6})
+    args = ["generate", "--model", str(path), "-p", "hello", "--length-penalty", "2"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "--num-beams" in str(result.exception)
+    result = CliRunner().invoke(app, [*args, "--num-beams", "2"])
+    assert result.exit_code == 0, result.output
