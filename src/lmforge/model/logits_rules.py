@@ -94,9 +94,7 @@ class LogitsRules:
             else history_mask.sum(dim=1)
         )  # (B,) each row's tokens so far
         if self.no_repeat_ngram_size:
-            logits = ban_repeated_ngrams(
-                logits, history, lengths.tolist(), self.no_repeat_ngram_size
-            )
+            logits = ban_repeated_ngrams(logits, history, lengths, self.no_repeat_ngram_size)
         min_length = 0 if self.min_new_tokens else self.min_length  # min_new_tokens wins
         if eos and (step < self.min_new_tokens or min_length):
             too_short = (lengths < min_length) | (step < self.min_new_tokens)  # (B,)
@@ -127,21 +125,19 @@ def force_token(logits: Tensor, rows: Tensor, ids: Sequence[int]) -> Tensor:
     return torch.where(rows[:, None], forced, logits)
 
 
-def ban_repeated_ngrams(logits: Tensor, history: Tensor, lengths: list[int], n: int) -> Tensor:
-    """-inf for each token that would complete an n-gram its row has already produced; lengths:
-    each row's tokens at the end of history (left padding before them)."""
-    banned_rows, banned_cols = [], []
-    for row, tokens in enumerate(history.tolist()):
-        tokens = tokens[len(tokens) - lengths[row] :]
-        if len(tokens) + 1 < n:
-            continue
-        prefix = tokens[len(tokens) - n + 1 :]
-        for i in range(len(tokens) - n + 1):
-            if tokens[i : i + n - 1] == prefix:
-                banned_rows.append(row)
-                banned_cols.append(tokens[i + n - 1])
-    if not banned_rows:
+def ban_repeated_ngrams(logits: Tensor, history: Tensor, lengths: Tensor, n: int) -> Tensor:
+    """-inf for each token that would complete an n-gram its row has already produced; lengths
+    (B,): each row's tokens at the end of history (left padding before them). Tensor ops over
+    every window of history at once: no per-row Python loop, no device sync."""
+    T = history.size(1)
+    if n > T:  # no complete n-gram yet, in any row
         return logits
-    dev = logits.device
-    where = (torch.tensor(banned_rows, device=dev), torch.tensor(banned_cols, device=dev))
-    return logits.index_put(where, torch.tensor(NEG_INF, dtype=logits.dtype, device=dev))
+    windows = history.unfold(1, n, 1)  # (B, W, n), W = T - n + 1: every n-gram, in order
+    prefix = history[:, T - n + 1 :]  # (B, n - 1) the n-1 tokens the next one would follow
+    matches = (windows[:, :, : n - 1] == prefix[:, None, :]).all(dim=-1)  # (B, W)
+    starts = torch.arange(windows.size(1), device=history.device)  # (W,)
+    matches &= starts[None, :] >= (T - lengths)[:, None]  # windows inside the row's own tokens
+    # -inf where a match names the token, +inf (a no-op under amin) elsewhere; only the (B, W)
+    # candidates are touched, never a (B, V) mask (one costs more than the whole ban at 32k)
+    bans = torch.where(matches, NEG_INF, float("inf")).to(logits.dtype)  # (B, W)
+    return logits.clone().scatter_reduce_(1, windows[:, :, n - 1], bans, reduce="amin")

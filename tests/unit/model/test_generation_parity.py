@@ -112,3 +112,26 @@ def test_generate_cli_refuses_length_penalty_without_beams(tmp_path, tok):
     assert "--num-beams" in str(result.exception)
     result = CliRunner().invoke(app, [*args, "--num-beams", "2"])
     assert result.exit_code == 0, result.output
+
+
+# -- the vectorized n-gram ban: transformers' processor, row by row ---------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorized_ngram_ban_equals_transformers_on_random_padded_histories(n, seed):
+    from lmforge.model.logits_rules import ban_repeated_ngrams
+
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 6, 40, 11  # a small vocabulary: many repeats to ban
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[:, 20:30] = ids[:, 30:40].clone()  # the last n - 1 tokens seen before: a sure ban
+    logits = torch.randn(B, V, generator=g)
+    lengths = torch.tensor([T, T - 1, 25, n, max(n - 1, 1), 1])  # short rows: nothing to ban
+    got = ban_repeated_ngrams(logits, ids, lengths, n)
+    for row in range(B):
+        alone = ids[row : row + 1, T - int(lengths[row]) :]  # the row without its left padding
+        want = transformers.NoRepeatNGramLogitsProcessor(n)(alone, logits[row : row + 1].clone())
+        assert torch.equal(got[row : row + 1], want), row
+    assert bool(torch.isinf(got[:3]).any())  # the long rows had n-grams to ban
+    assert torch.equal(ban_repeated_ngrams(logits, ids[:, : n - 1], lengths * 0 + n - 1, n), logits)
