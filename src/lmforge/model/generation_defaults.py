@@ -92,13 +92,18 @@ def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) ->
     """The generation defaults model_dir's checkpoint sets, {} when it sets none.
 
     An encoder-decoder's max_length (the target, decoder start included) becomes
-    max_new_tokens = max_length - 1 when max_new_tokens is not set; a decoder's max_length
-    counts its prompt, so it is not read (lmforge's max_new_tokens applies).
+    max_new_tokens = max_length - 1 when max_new_tokens is not set; a decoder's stays
+    max_length (its prompt included: each prompt's budget is max_length minus its length,
+    GenerationSettings.max_length). A max_new_tokens set beside it wins, as in transformers.
     """
     found = checkpoint_generation_keys(model_dir)
     max_length = found.pop("max_length", None)
-    if is_encoder_decoder and "max_new_tokens" not in found and isinstance(max_length, int):
+    if "max_new_tokens" in found or not isinstance(max_length, int):
+        return found
+    if is_encoder_decoder:
         found["max_new_tokens"] = max(max_length - 1, 1)
+    else:
+        found["max_length"] = max_length
     return found
 
 

@@ -135,3 +135,33 @@ def test_vectorized_ngram_ban_equals_transformers_on_random_padded_histories(n, 
         assert torch.equal(got[row : row + 1], want), row
     assert bool(torch.isinf(got[:3]).any())  # the long rows had n-grams to ban
     assert torch.equal(ban_repeated_ngrams(logits, ids[:, : n - 1], lengths * 0 + n - 1, n), logits)
+
+
+# -- a decoder checkpoint's max_length: the prompt included, max_new_tokens wins ----------------
+
+
+def test_a_decoder_checkpoints_max_length_counts_the_prompt_as_transformers(tmp_path, tok):
+    from lmforge.errors import InputError
+
+    path, hf = tiny_llama(tmp_path, tok, {"eos_token_id": 2})
+    lm = EvalModel.load(path)
+    starts = [lm.start(p) for p in PROMPTS]
+    longest = max(map(len, starts))
+    assert len({len(s) for s in starts}) == len(PROMPTS)  # one batch would pad
+    path, hf = tiny_llama(tmp_path, tok, {"eos_token_id": 2, "max_length": longest + 5})
+    lm = EvalModel.load(path)
+    assert lm.generation_defaults == {"max_length": longest + 5}
+    for explicit in ({}, {"num_beams": 2}, {"max_new_tokens": 3}):
+        rows = ours(lm, GenerationSettings(**explicit))
+        for ids, row in zip(starts, rows, strict=True):
+            assert row == hf_new_ids(hf, ids, len(ids), [2], **explicit)
+        if not explicit:  # no stop in these: each prompt filled up to max_length
+            assert [len(s) + len(r) for s, r in zip(starts, rows, strict=True)] == [longest + 5] * 3
+    assert max(map(len, ours(lm, GenerationSettings(max_new_tokens=3)))) == 3  # given: wins
+    with pytest.raises(InputError, match=f"prompt 0 has {len(starts[0])} tokens.*max_length"):
+        ours(lm, GenerationSettings(max_length=len(starts[0])))
+    lm.generation_defaults = {"max_length": longest + 5, "max_new_tokens": 2}
+    lm.sets_max_new_tokens = True  # a checkpoint setting both: max_new_tokens wins
+    assert max(map(len, ours(lm, GenerationSettings()))) == 2
+    assert max(map(len, ours(lm, GenerationSettings(max_length=longest + 9)))) == 2  # still
+
