@@ -30,6 +30,7 @@ from lmforge.model.compiled_decode import DecodeCompile, compile_field
 from lmforge.model.generation_defaults import (
     checkpoint_generation_keys,
     read_generation_defaults,
+    unapplied_keys,
     warn_not_applied,
 )
 from lmforge.model.logits_rules import LogitsRules
@@ -278,6 +279,20 @@ class EvalModel:
             settings = validate(GenerationSettings, {**defaults, **given}, where)
         refuse_beam_options_without_beams(settings, given, self.generation_defaults)
         return settings
+
+    def checkpoint_record(
+        self, settings: GenerationSettings, *, sampling_applied: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """What decoding with settings takes from the checkpoint: "used", the fields settings_for
+        fills from it, and "ignored", its keys left out (generation_defaults.unapplied_keys:
+        its do_sample and sampling keys too unless sampling_applied, as `lmforge generate`
+        does). Recorded beside generation metrics and printed by `lmforge generate`."""
+        resolved = self.settings_for(settings)
+        taken = resolved.model_fields_set - settings.model_fields_set
+        return {
+            "used": {k: getattr(resolved, k) for k in sorted(taken)},
+            "ignored": unapplied_keys(self.path, sampling_applied=sampling_applied),
+        }
 
     def generate(self, prompt: str, settings: GenerationSettings, chat: bool = False) -> str:
         """The model's continuation of prompt: generate_batch() for one prompt."""

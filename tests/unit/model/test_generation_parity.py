@@ -4,6 +4,8 @@ the vectorized n-gram ban; each compared with transformers on tiny random models
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -165,3 +167,66 @@ def test_a_decoder_checkpoints_max_length_counts_the_prompt_as_transformers(tmp_
     assert max(map(len, ours(lm, GenerationSettings()))) == 2
     assert max(map(len, ours(lm, GenerationSettings(max_length=longest + 9)))) == 2  # still
 
+
+# -- a checkpoint's sampling: `lmforge generate` follows it, eval records it as ignored ----------
+
+
+def run_generate(path, tmp_path, *options: str):
+    """`lmforge generate` on PROMPTS: (its answers, its output)."""
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    out = tmp_path / "answers.jsonl"
+    prompts = [a for p in PROMPTS for a in ("-p", p)]
+    args = ["generate", "--model", str(path), "--out", str(out), *prompts, *options]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    return [json.loads(line)["completion"] for line in lines], result.output
+
+
+def test_generate_cli_samples_as_the_checkpoint_says_unless_greedy(tmp_path, tok):
+    # top_k 1: transformers' sampling is then deterministic, so ours can be compared token for token
+    gen = {"do_sample": True, "temperature": 1.5, "top_k": 1, "max_new_tokens": 6}
+    path, hf = tiny_llama(tmp_path, tok, gen)
+    lm = EvalModel.load(path)
+    answers, output = run_generate(path, tmp_path)
+    assert "temperature=1.5, top_k=1, top_p=1.0 (transformers' default)" in output
+    for prompt, answer in zip(PROMPTS, answers, strict=True):
+        ids = lm.start(prompt)
+        assert answer == lm.decode(hf_new_ids(hf, ids, len(ids), lm.stop_ids()))
+    path, _ = tiny_llama(tmp_path, tok, {"do_sample": True, "max_new_tokens": 6})  # top_k 50
+    lm = EvalModel.load(path)
+    sampled, output = run_generate(path, tmp_path)
+    assert "temperature=1.0 (transformers' default), top_k=50 (transformers' default)" in output
+    want = lm.generate_batch(PROMPTS, GenerationSettings(temperature=1.0, top_k=50, top_p=1.0))
+    assert sampled == want  # seed 0 as the command's default
+    greedy, output = run_generate(path, tmp_path, "--greedy")
+    assert greedy == lm.generate_batch(PROMPTS, GenerationSettings()) != sampled
+    assert "temperature" not in output
+    assert run_generate(path, tmp_path, "--temperature", "0")[0] == greedy  # explicit wins
+    assert run_generate(path, tmp_path, "--top-k", "1")[0] == greedy  # top_k 1: the argmax
+
+
+def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_path, tok):
+    from lmforge.config import validate
+    from lmforge.evals.stage import EvalConfig
+
+    gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 5}
+    path, hf = tiny_llama(tmp_path, tok, gen)
+    lm = EvalModel.load(path)
+    record = lm.checkpoint_record(GenerationSettings())
+    assert record == {
+        "used": {"max_new_tokens": 5},
+        "ignored": {"do_sample": True, "temperature": 0.7, "top_p": 0.9},
+    }
+    for prompt, row in zip(PROMPTS, ours(lm, GenerationSettings()), strict=True):
+        ids = lm.start(prompt)  # greedy, as transformers' generate(do_sample=False)
+        assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids(), do_sample=False)
+    assert lm.checkpoint_record(GenerationSettings(max_new_tokens=3))["used"] == {}
+    task = {"name": "g", "type": "generation", "examples": [{"prompt": "a", "reference": "b"}]}
+    cfg = validate(EvalConfig, {"models": [path], "tasks": [task], "out": tmp_path / "e"})
+    versions = cfg.input_versions()
+    ignored = next(v for k, v in versions.items() if k.startswith("generation_ignored:"))
+    assert json.loads(ignored) == record["ignored"]  # recorded in eval.json: in the key too
