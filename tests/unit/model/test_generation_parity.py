@@ -12,7 +12,7 @@ import torch
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.model.logits_rules import LogitsRules
 
-from .test_generation_defaults import PROMPTS, hf_new_ids, peaked, random_case, save_hf
+from .test_generation_defaults import PROMPTS, hf_new_ids, peaked_llama, random_case, save_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,12 +27,7 @@ def tok(tmp_path):
 def tiny_llama(tmp_path, tok, gen: dict, eos_at_step: int | None = None):
     """A peaked tiny Llama saved with gen as its generation_config; with eos_at_step, its eos is
     the token greedy decoding of PROMPTS[0] emits at that step (so length rules matter)."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0,
-    )  # fmt: skip
-    hf = peaked(transformers.LlamaForCausalLM(cfg), 0.2)
+    hf = peaked_llama()
     path = tmp_path / "llama"
     if eos_at_step is not None:
         save_hf(hf, {"bos_token_id": 1, "pad_token_id": 0}, path, tok, in_config_json=False)
@@ -230,3 +225,35 @@ def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_
     versions = cfg.input_versions()
     ignored = next(v for k, v in versions.items() if k.startswith("generation_ignored:"))
     assert json.loads(ignored) == record["ignored"]  # recorded in eval.json: in the key too
+
+
+# -- a fine-tune's export forces the token its answers end with --------------------------------
+
+
+def test_a_chat_fine_tunes_export_forces_its_end_of_turn_in_transformers_too(tmp_path, tok):
+    from types import SimpleNamespace
+
+    from lmforge.common.io import atomic_path
+    from lmforge.finetune.export import export_model
+    from lmforge.model.convert import load_pretrained
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    gen = {"eos_token_id": 7, "forced_eos_token_id": 7, "max_new_tokens": 5, "num_beams": 2}
+    path, _ = tiny_llama(tmp_path, tok, gen)  # the base ends documents with 7, forced at the limit
+    files = TokenizerFiles.load(path)
+    im_end = files.token_id("<|im_end|>")
+    assert im_end not in (None, 7)
+    ctx = SimpleNamespace(out=tmp_path / "tuned", atomic_path=atomic_path)
+    export_model(ctx, path, load_pretrained(path), files)
+    final = tmp_path / "tuned" / "final"
+    written = json.loads((final / "generation_config.json").read_text())
+    assert written["forced_eos_token_id"] == im_end and written["num_beams"] == 2
+    assert written["eos_token_id"] == [7, im_end]  # the base's stop kept, the reply's added
+    lm = EvalModel.load(final)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    rows = lm.scorer.generate(PROMPTS, lm.settings_for(GenerationSettings()), True, 2)
+    for prompt, row in zip(PROMPTS, rows, strict=True):
+        ids = lm.encode(lm.render_chat(prompt))
+        assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids())
+        assert row[-1] in (7, im_end) and (len(row) < 5 or row[-1] == im_end)
+    assert max(map(len, rows)) == 5  # one answer ran to the limit: ended by the end of turn
