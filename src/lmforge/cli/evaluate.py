@@ -150,8 +150,9 @@ def generate_cmd(
     }  # fmt: skip
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)
-    # the checkpoint's sampling unless asked otherwise (speculative decoding is greedy only)
-    asked = greedy or temperature is not None or draft_model is not None
+    # the checkpoint's sampling unless asked otherwise (speculative decoding and beams given on
+    # the command line do not sample: transformers' beam sampling is not implemented)
+    asked = greedy or temperature is not None or draft_model is not None or (num_beams or 1) > 1
     sampling = {} if asked else checkpoint_sampling(lm.path)
     given = {**sampling, **{k: v for k, v in given.items() if v is not None}}
     # unset options stay unset: EvalModel.settings_for fills them from the checkpoint

@@ -78,7 +78,7 @@ def sampling_defaults(model_dir: Path | str) -> dict[str, Any]:
     _, source = _checkpoint_source(Path(model_dir))
     if source.get("do_sample") is not True:
         return {}
-    return {k: source[k] for k in ("temperature", "top_k", "top_p") if source.get(k) is not None}
+    return {k: source[k] for k in SAMPLING_KEYS if source.get(k) is not None}
 
 
 def checkpoint_sampling(model_dir: Path | str) -> dict[str, Any]:

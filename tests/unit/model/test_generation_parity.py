@@ -202,6 +202,8 @@ def test_generate_cli_samples_as_the_checkpoint_says_unless_greedy(tmp_path, tok
     assert "temperature" not in output
     assert run_generate(path, tmp_path, "--temperature", "0")[0] == greedy  # explicit wins
     assert run_generate(path, tmp_path, "--top-k", "1")[0] == greedy  # top_k 1: the argmax
+    beams = lm.generate_batch(PROMPTS, GenerationSettings(num_beams=2))
+    assert run_generate(path, tmp_path, "--num-beams", "2")[0] == beams  # beams do not sample
 
 
 def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_path, tok):
