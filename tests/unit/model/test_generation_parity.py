@@ -208,6 +208,7 @@ def test_generate_cli_samples_as_the_checkpoint_says_unless_greedy(tmp_path, tok
 
 def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_path, tok):
     from lmforge.config import validate
+    from lmforge.evals import evaluate
     from lmforge.evals.stage import EvalConfig
 
     gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 5}
@@ -227,6 +228,10 @@ def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_
     versions = cfg.input_versions()
     ignored = next(v for k, v in versions.items() if k.startswith("generation_ignored:"))
     assert json.loads(ignored) == record["ignored"]  # recorded in eval.json: in the key too
+    report = json.loads((evaluate(cfg) / "eval.json").read_text())
+    (result,) = report["results"].values()
+    assert result["g"]["generation"]["checkpoint"] == record
+    assert result["g"]["generation"]["temperature"] == 0.0
 
 
 # -- a fine-tune's export forces the token its answers end with --------------------------------
