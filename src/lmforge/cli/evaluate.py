@@ -58,7 +58,19 @@ def generate_cmd(
     max_new_tokens: Annotated[
         int | None, typer.Option(min=1, help="Most new tokens per answer; default 64.")
     ] = None,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="0 = greedy; default: the checkpoint's when it samples (do_sample), else 0.",
+        ),
+    ] = None,
+    greedy: Annotated[
+        bool,
+        typer.Option(
+            "--greedy", help="Decode greedily even when the checkpoint's generation config samples."
+        ),
+    ] = False,
     top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k best.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="1 = off; default 1.")] = None,
@@ -70,7 +82,10 @@ def generate_cmd(
     ] = None,
     length_penalty: Annotated[
         float | None,
-        typer.Option(help="Beams: score = sum(log p) / length ** this (> 0: longer); default 1."),
+        typer.Option(
+            help="Beams only (refused without them): score = sum(log p) / length ** this "
+            "(> 0: longer); default 1."
+        ),
     ] = None,
     no_repeat_ngram_size: Annotated[
         int | None, typer.Option(min=0, help="Never repeat an n-gram of this size; 0 = off.")
@@ -109,30 +124,40 @@ def generate_cmd(
     """Generate text from a model: raw continuation, or chat answers with --chat.
 
     Options left unset take the checkpoint's own defaults where its generation_config.json
-    (or, older, config.json) sets them, as transformers' generate() does: max new tokens (an
-    encoder-decoder's max_length - 1), beams, length and repetition penalties, no-repeat
-    n-grams, minimum lengths, forced first/last tokens. Options given always win.
+    (or, older, config.json) sets them, as transformers' generate() does: sampling (do_sample
+    with its temperature, top_k, top_p; transformers' top_k 50 when it sets none), max new
+    tokens (or max_length, the prompt included), beams, length and repetition penalties,
+    no-repeat n-grams, minimum lengths, forced first/last tokens; the command prints those it
+    took. Options given always win; --greedy turns the checkpoint's sampling off.
 
     Example: lmforge generate --model runs/quickstart/sft --chat -p "What does os.path.join do?"
     """
     from lmforge.common.io import read_prompts, write_jsonl
     from lmforge.config import validate
+    from lmforge.errors import ConfigError
     from lmforge.evals.lm import EvalModel, GenerationSettings
     from lmforge.evals.sample import sample
+    from lmforge.model.generation_defaults import checkpoint_sampling
 
+    if greedy and temperature:
+        raise ConfigError(f"--greedy with --temperature {temperature}: pick one")
     given = {
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-        "compile": compile,
+        "max_new_tokens": max_new_tokens, "temperature": 0.0 if greedy else temperature,
+        "top_k": top_k, "compile": compile,
         "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
         "seed": seed, "num_beams": num_beams, "length_penalty": length_penalty,
         "no_repeat_ngram_size": no_repeat_ngram_size, "min_new_tokens": min_new_tokens,
     }  # fmt: skip
-    # unset options stay unset: EvalModel.settings_for fills them from the checkpoint
-    settings = validate(
-        GenerationSettings, {k: v for k, v in given.items() if v is not None}, where="generate"
-    )
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)
+    # the checkpoint's sampling unless asked otherwise (speculative decoding and beams given on
+    # the command line do not sample: transformers' beam sampling is not implemented)
+    asked = greedy or temperature is not None or draft_model is not None or (num_beams or 1) > 1
+    sampling = {} if asked else checkpoint_sampling(lm.path)
+    given = {**sampling, **{k: v for k, v in given.items() if v is not None}}
+    # unset options stay unset: EvalModel.settings_for fills them from the checkpoint
+    settings = validate(GenerationSettings, given, where="generate")
+    print_checkpoint_settings(lm, settings, sampling)
     if draft_model is not None:
         from lmforge.evals.speculative import speculative_sample
 
@@ -154,3 +179,24 @@ def generate_cmd(
     if out is not None:
         write_jsonl(out, rows)
         console().print(f"[green]✓[/green] {len(rows)} answers: {out}")
+
+
+def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) -> None:
+    """One line naming the decoding settings taken from lm's checkpoint (sampling: those of
+    generation_defaults.checkpoint_sampling that no option replaced), if any."""
+    from lmforge.model.generation_defaults import sampling_defaults
+
+    written = sampling_defaults(lm.path)
+    taken = [
+        f"{k}={v}" + ("" if k in written else " (transformers' default)")
+        for k, v in sampling.items()
+        if getattr(settings, k) == v  # not replaced by an option
+    ]
+    record = lm.checkpoint_record(settings, sampling_applied=True)
+    taken += [f"{k}={v}" for k, v in record["used"].items()]
+    if taken:
+        hint = "; --greedy to decode greedily" if sampling else ""
+        console().print(
+            f"from the checkpoint's generation config: {', '.join(taken)} (options given win{hint})",
+            soft_wrap=True,
+        )

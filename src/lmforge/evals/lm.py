@@ -14,25 +14,33 @@ generation_config.json's eos_token_id (lmforge.tokenizer.generation).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, model_validator
 
 from lmforge.artifacts import require_artifact
 from lmforge.config import HASHED_IF_SET, Section, validate
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.model.compiled_decode import DecodeCompile, compile_field
-from lmforge.model.generation_defaults import read_generation_defaults, warn_not_applied
+from lmforge.model.generation_defaults import (
+    checkpoint_generation_keys,
+    read_generation_defaults,
+    unapplied_keys,
+    warn_not_applied,
+)
 from lmforge.model.logits_rules import LogitsRules
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
 if TYPE_CHECKING:
     from lmforge.evals.heads import SequenceHead
+
+log = logging.getLogger(__name__)
 
 GENERATE_BATCH = 16  # prompts per batch when generating
 # transformers sets min_length = min_new_tokens + the input length when min_new_tokens is set
@@ -44,6 +52,11 @@ class GenerationSettings(Section):
     """How continuations are produced; recorded next to every generation metric."""
 
     max_new_tokens: int = Field(64, ge=1, description="most tokens generated per prompt")
+    max_length: int | None = Field(
+        None, ge=2, description="most tokens in all, the prompt (an encoder-decoder: the decoder "
+        "start) included, as transformers' max_length; applies only when max_new_tokens is not "
+        "set (given or the checkpoint's)", json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
     temperature: float = Field(0.0, ge=0, description="0 = greedy (the default), else sampling")
     top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
@@ -58,13 +71,15 @@ class GenerationSettings(Section):
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
     length_penalty: float = Field(
-        1.0, description="beams: an answer scores sum(log p) / length ** this (> 0 favours long)",
+        1.0, description="beams: an answer scores sum(log p) / length ** this (> 0 favours long); "
+        "refused without beams",
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
     early_stopping: bool | Literal["never"] = Field(
         False, description="beams: false = until num_beams are finished and the best running "
         "beam, scored at its length so far, cannot beat them (HF's default; with length_penalty "
-        "> 0 it still might later), true = at num_beams finished, never = exhaustive",
+        "> 0 it still might later), true = at num_beams finished, never = exhaustive; refused "
+        "without beams",
         json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
 
@@ -98,6 +113,11 @@ class GenerationSettings(Section):
                 "does not sample; set temperature 0 for beams, or num_beams 1 to sample"
             )
         return self
+
+    def length_limit(self) -> int | None:
+        """max_length when it applies: a max_new_tokens set (given or the checkpoint's, as
+        settings_for merges them) wins over it, as in transformers."""
+        return None if "max_new_tokens" in self.model_fields_set else self.max_length
 
     def logits_rules(self) -> LogitsRules:
         """The n-gram, minimum-length and forced-token rules every decoding step applies."""
@@ -135,6 +155,7 @@ class EvalModel:
         self.generation_defaults = read_generation_defaults(
             self.path, self.scorer.kind == "seq2seq"
         )
+        self.sets_max_new_tokens = "max_new_tokens" in checkpoint_generation_keys(self.path)
         warn_not_applied(self.path)
 
     @classmethod
@@ -232,7 +253,11 @@ class EvalModel:
         (a value given explicitly wins, even when it equals the default). A checkpoint's
         num_beams is not used when the settings ask to sample (temperature > 0). As in
         transformers, min_new_tokens replaces min_length: a checkpoint's min_new_tokens drops its
-        min_length, and a minimum the settings give (either key) drops both of the checkpoint's."""
+        min_length, a minimum the settings give (either key) drops both of the checkpoint's, and
+        settings giving both keep min_new_tokens alone (transformers warns and does the same);
+        max_new_tokens (given, else the checkpoint's) wins over max_length (given, else the
+        checkpoint's; an encoder-decoder's becomes max_new_tokens when read). The result's
+        fields_set holds what was given or taken from the checkpoint (length_limit reads it)."""
         defaults = dict(self.generation_defaults)
         if settings.temperature > 0:
             defaults.pop("num_beams", None)
@@ -241,10 +266,33 @@ class EvalModel:
             defaults = {k: v for k, v in defaults.items() if k not in MIN_LENGTH_KEYS}
         elif "min_new_tokens" in defaults:
             defaults.pop("min_length", None)
-        if not defaults.keys() - given.keys():
-            return settings
-        where = f"{self.path}'s generation defaults"
-        return validate(GenerationSettings, {**settings.model_dump(), **defaults, **given}, where)
+        if "max_length" in given and not self.sets_max_new_tokens:
+            defaults.pop("max_new_tokens", None)  # the checkpoint's max_length, given anew
+        if "min_new_tokens" in given and given.get("min_length"):
+            log.warning(
+                "min_new_tokens (%d) and min_length (%d) are both set: min_new_tokens applies "
+                "alone, as in transformers", given["min_new_tokens"], given["min_length"],
+            )  # fmt: skip
+            given["min_length"] = 0
+        if defaults.keys() - given.keys() or given.get("min_length", 0) != settings.min_length:
+            where = f"{self.path}'s generation defaults"
+            settings = validate(GenerationSettings, {**defaults, **given}, where)
+        refuse_beam_options_without_beams(settings, given, self.generation_defaults)
+        return settings
+
+    def checkpoint_record(
+        self, settings: GenerationSettings, *, sampling_applied: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """What decoding with settings takes from the checkpoint: "used", the fields settings_for
+        fills from it, and "ignored", its keys left out (generation_defaults.unapplied_keys:
+        its do_sample and sampling keys too unless sampling_applied, as `lmforge generate`
+        does). Recorded beside generation metrics and printed by `lmforge generate`."""
+        resolved = self.settings_for(settings)
+        taken = resolved.model_fields_set - settings.model_fields_set
+        return {
+            "used": {k: getattr(resolved, k) for k in sorted(taken)},
+            "ignored": unapplied_keys(self.path, sampling_applied=sampling_applied),
+        }
 
     def generate(self, prompt: str, settings: GenerationSettings, chat: bool = False) -> str:
         """The model's continuation of prompt: generate_batch() for one prompt."""
@@ -267,6 +315,30 @@ class EvalModel:
         """
         new = self.scorer.generate(prompts, self.settings_for(settings), chat, batch_size)
         return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
+
+
+# options only beam search reads, with the value that changes nothing
+BEAM_ONLY = {"length_penalty": 1.0, "early_stopping": False}
+
+
+def refuse_beam_options_without_beams(
+    settings: GenerationSettings, given: dict[str, Any], checkpoint: dict[str, Any]
+) -> None:
+    """A ConfigError when the user gave a beam-only option (BEAM_ONLY) that the resolved decoding
+    (num_beams 1) would silently ignore. transformers' generate() only warns, but its
+    GenerationConfig refuses to be saved with one (validate(strict=True)); lmforge's settings are
+    recorded beside every output, so they are refused here. A checkpoint's own length_penalty
+    under num_beams 1 given by the user is left alone (transformers does not warn either), so
+    is the same value given again (settings settings_for already resolved)."""
+    if settings.num_beams > 1:
+        return
+    for key, inert in BEAM_ONLY.items():
+        if key in given and given[key] not in (inert, checkpoint.get(key, inert)):
+            raise ConfigError(
+                f"{key}={given[key]} applies to beam search only, and this decoding has "
+                "num_beams 1, so it would be ignored; ask for beams (num_beams > 1, "
+                f"--num-beams on the command line) or leave {key} unset"
+            )
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

@@ -167,36 +167,47 @@ class CausalScorer:
         from lmforge.model.generate import generate_batched
 
         lm = self.lm
-        budget, rows = self.prompt_rows(prompts, settings, chat)
+        budget, rows, limit = self.prompt_rows(prompts, settings, chat)
+        common = dict(batch_size=batch_size, stop_tokens=lm.stop_ids(), max_length=limit)
         if settings.num_beams > 1:
             from lmforge.model.beam_search import beam_generate_batched
 
-            return beam_generate_batched(
-                lm.model, rows, budget, beam_settings(settings), batch_size=batch_size,
-                stop_tokens=lm.stop_ids(),
-            )  # fmt: skip
+            return beam_generate_batched(lm.model, rows, budget, beam_settings(settings), **common)
         return generate_batched(
-            lm.model, rows, budget, batch_size=batch_size, stop_tokens=lm.stop_ids(),
-            greedy=settings.temperature == 0, compile=settings.compile,
-            **sampling_kwargs(settings),
+            lm.model, rows, budget, greedy=settings.temperature == 0, compile=settings.compile,
+            **common, **sampling_kwargs(settings),
         )  # fmt: skip
 
     def prompt_rows(
         self, prompts: list[str], settings: GenerationSettings, chat: bool
-    ) -> tuple[int, list[list[int]]]:
-        """(new-token budget, each prompt's ids) as generate() feeds them: chat-rendered or a
-        document start, cut from the left so that prompt + budget fit the model's block_size."""
+    ) -> tuple[int, list[list[int]], int | None]:
+        """(new-token budget, each prompt's ids, max_length or None) as generate() feeds them:
+        chat-rendered or a document start, cut from the left so that prompt + budget fit the
+        model's block_size. Under a max_length (settings.length_limit, at most block_size) a
+        prompt's budget is max_length - its length (model.generate.batch_budget), and a prompt
+        that leaves no room is an InputError, as transformers' ValueError."""
         lm = self.lm
+        asked = settings.length_limit()
+        limit = None if asked is None else min(asked, lm.block_size)
         budget = min(settings.max_new_tokens, max(lm.block_size - 1, 1))
+        keep = lm.block_size - budget  # the most prompt tokens kept
+        if limit is not None:  # a one-token prompt's budget; longer ones get less
+            budget, keep = limit - 1, limit - 1
         rows = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             ids = lm.encode(lm.render_chat(prompt)) if chat else lm.start(prompt)
             if not ids:
                 raise InputError(
                     "empty prompt and the tokenizer has no BOS/EOS token to start from"
                 )
-            rows.append(ids[-(lm.block_size - budget) :])
-        return budget, rows
+            if asked is not None and len(ids) >= asked:
+                raise InputError(
+                    f"prompt {i} has {len(ids)} tokens, at least max_length {asked} (the "
+                    "checkpoint's generation_config.json or the settings), which counts the "
+                    "prompt; set max_new_tokens (--max-new-tokens) instead"
+                )
+            rows.append(ids[-keep:])
+        return budget, rows, limit
 
 
 def beam_settings(settings: GenerationSettings) -> BeamSettings:
@@ -286,7 +297,8 @@ class Seq2SeqScorer:
 
         lm = self.lm
         sources = [self.source(p) for p in prompts]
-        budget = min(settings.max_new_tokens, lm.block_size - 1)
+        limit = settings.length_limit()  # the decoder start included
+        budget = min(settings.max_new_tokens if limit is None else limit - 1, lm.block_size - 1)
         ids = dict(decoder_start_id=self.start, pad_id=lm.pad_id, stop_tokens=self.stops)
         if settings.num_beams > 1:
             from lmforge.model.beam_search import beam_generate_seq2seq_batched

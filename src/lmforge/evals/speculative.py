@@ -12,6 +12,7 @@ from typing import Any
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel, GenerationSettings, cut_at_stop
+from lmforge.model.generate import batch_budget
 from lmforge.model.speculative import DraftStats, check_draft, speculative_generate
 from lmforge.tokenizer.files import tokenizer_hash
 
@@ -72,11 +73,12 @@ def speculative_sample(
     check_draft_model(lm, draft)
     settings = lm.settings_for(settings)
     greedy_only(settings)
-    budget, rows = lm.scorer.prompt_rows(prompts, settings, chat)
+    budget, rows, limit = lm.scorer.prompt_rows(prompts, settings, chat)
     stats, records = DraftStats(), []
     for prompt, ids in zip(prompts, rows, strict=True):
         res = speculative_generate(
-            lm.model, draft.model, ids, budget, draft_tokens=draft_tokens,
+            lm.model, draft.model, ids, batch_budget(budget, limit, len(ids)),
+            draft_tokens=draft_tokens,
             stop_tokens=lm.stop_ids(),
         )  # fmt: skip
         stats.add(res.stats)

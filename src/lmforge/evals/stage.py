@@ -35,7 +35,7 @@ from lmforge.evals.metrics import plot_confusion
 from lmforge.evals.task_format import TaskResult, TaskSpec
 from lmforge.evals.tasks import TASK_TYPES, load_task, run_task
 from lmforge.model.convert import model_display_name, resolve_model_dir
-from lmforge.model.generation_defaults import defaults_left_unset
+from lmforge.model.generation_defaults import defaults_left_unset, unapplied_keys
 
 
 class ModelRef(Section):
@@ -96,7 +96,10 @@ class EvalConfig(StageConfig):
         """Per model, the checkpoint generation defaults its generation tasks leave unset
         (EvalModel.settings_for applies them), so that neither a result cached before lmforge
         read them nor one with those fields given (at their default value they hash as unset)
-        is reused. None for our own models (they set none): their cached results stay valid."""
+        is reused; and the checkpoint keys eval leaves out (do_sample and its sampling keys:
+        eval decodes as its settings say), which change no output but are recorded in
+        eval.json, so a result cached before that record is not reused. None for our own models
+        (they set none): their cached results stay valid."""
         given = [
             (spec.generation or self.generation).model_fields_set
             for spec in self.task_specs()
@@ -111,6 +114,10 @@ class EvalConfig(StageConfig):
             if unset:
                 versions[f"generation_defaults:{model_dir.resolve()}"] = json.dumps(
                     unset, sort_keys=True
+                )
+            if ignored := unapplied_keys(model_dir, sampling_applied=False):
+                versions[f"generation_ignored:{model_dir.resolve()}"] = json.dumps(
+                    ignored, sort_keys=True
                 )
         return versions
 

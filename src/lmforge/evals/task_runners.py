@@ -47,6 +47,7 @@ def run_perplexity(model: EvalModel, spec: TaskSpec, _: GenerationSettings) -> T
 
 
 def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> TaskResult:
+    checkpoint = model.checkpoint_record(spec.generation or settings)  # sampling keys: ignored
     settings = model.settings_for(spec.generation or settings)  # recorded as generated
     rows = load_examples(spec)
     prompts = [task_prompt(spec, r) for r in rows]
@@ -74,7 +75,7 @@ def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSetting
     metrics["exact_match"] = M.exact_match(outputs, refs)
     metrics.update(reference_perplexity(ref_scores, model.scorer.scoring))
     metrics["n"] = len(rows)
-    metrics["generation"] = {**settings.model_dump(), "chat": chat}
+    metrics["generation"] = {**settings.model_dump(), "chat": chat, "checkpoint": checkpoint}
     return TaskResult(metrics, records)
 
 

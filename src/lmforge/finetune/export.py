@@ -5,7 +5,8 @@ are saved in PEFT format and then merged, and final/ gets config.json + model.sa
 *ForSequenceClassification when a classifier head is given; a mean-pooled head, which no
 transformers class computes, goes beside the encoder as model.convert.MEAN_HEAD), the base's
 tokenizer files and, for a causal LM, generation_config.json with the stops of the chat template
-it was tuned on.
+it was tuned on; the base's decoding keys come along, its forced eos moved to the token the tuned
+model ends its answers with (tuned_decoding).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmforge.model.generation_defaults import checkpoint_generation_keys
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from lmforge.tokenizer.generation import (
     SPECIAL_KEYS,
+    eos_ids,
     generation_config,
     load_generation_config,
 )
@@ -30,6 +32,28 @@ def tuned_generation_config(model_dir: Path, tok: TokenizerFiles) -> dict[str, A
     """final/'s generation_config.json: the base model's, with the stops of the chat template
     the model was tuned on (the base may have stopped at the document end only)."""
     return generation_config(tok, load_generation_config(model_dir, tok))
+
+
+def tuned_decoding(model_dir: Path, tok: TokenizerFiles, end: int | None) -> dict[str, Any]:
+    """The base's decoding keys (checkpoint_generation_keys: beams, n-grams, ...) for final/,
+    with a forced_eos_token_id that named the base's end (its eos ids) now naming `end`, where
+    the tuned model's answers end (a chat template's end of turn, an encoder-decoder's eos): the
+    last token a length limit allows is then that one, in lmforge and transformers alike."""
+    decoding = checkpoint_generation_keys(model_dir)
+    forced = decoding.get("forced_eos_token_id")
+    if forced is None or end is None:
+        return decoding
+    base_eos = set(eos_ids(load_generation_config(model_dir, tok)))
+    if set(forced if isinstance(forced, list) else [forced]) <= base_eos:
+        decoding["forced_eos_token_id"] = end
+    return decoding
+
+
+def answer_end(tok: TokenizerFiles) -> int | None:
+    """The token a model tuned on tok's data ends its answers with: the chat template's end of
+    turn, else eos."""
+    turn = tok.turn_end_token()
+    return tok.token_id(turn) if turn is not None else tok.eos_id
 
 
 def export_model(
@@ -67,10 +91,10 @@ def export_model(
     )
     special = {k: config_json[k] for k in SPECIAL_KEYS if config_json.get(k) is not None}
     generation = None
-    decoding = checkpoint_generation_keys(model_dir)  # the base's beams etc., as transformers keeps
     if seq2seq_ids is not None:
         special.update(seq2seq_ids)
-        generation = {**decoding, **seq2seq_ids}
+        eos = seq2seq_ids.get("eos_token_id")
+        generation = {**tuned_decoding(model_dir, tok, eos), **seq2seq_ids}
     elif classifier is not None:  # a classifier generates nothing (transformers writes no file)
         special["pad_token_id"] = tok.pad_id
         if seq_len is not None:
@@ -78,7 +102,8 @@ def export_model(
 
             special[SEQ_LEN_KEY] = seq_len
     else:
-        generation = {**decoding, **tuned_generation_config(model_dir, tok)}
+        decoding = tuned_decoding(model_dir, tok, answer_end(tok))  # over the base's own
+        generation = {**tuned_generation_config(model_dir, tok), **decoding}
     if mean_head is not None:  # the encoder alone, its head in a file of its own
         special[MEAN_HEAD_KEY], classifier = MEAN_HEAD, None
     with ctx.atomic_path(ctx.out / "final") as tmp:

@@ -32,6 +32,7 @@ from lmforge.model.generate import (
     KVCache,
     _check_pad_mask,
     apply_repetition_penalty,
+    batch_budget,
     check_room,
     in_length_batches,
     last_logits,
@@ -272,18 +273,20 @@ def beam_generate_batched(
     *,
     batch_size: int = 16,
     stop_tokens: Sequence[int] = (),
+    max_length: int | None = None,
 ) -> list[list[int]]:
     """beam_generate over token lists of any lengths, batch_size prompts (each with num_beams
-    rows) at a time, in order of length, left-padded; results in the prompts' order."""
+    rows) at a time, in order of length, left-padded; results in the prompts' order.
+    max_length: the prompt included, as generate_batched's."""
     device = next(model.parameters()).device
 
     def one_batch(rows: list[Sequence[int]], _: dict) -> list[list[int]]:
         ids, pad_mask = left_pad(rows, device=device)
-        return beam_generate(
-            model, ids, max_new_tokens, beams, pad_mask=pad_mask, stop_tokens=stop_tokens
-        )
+        n = batch_budget(max_new_tokens, max_length, ids.size(1))
+        return beam_generate(model, ids, n, beams, pad_mask=pad_mask, stop_tokens=stop_tokens)
 
-    return in_length_batches(prompts, one_batch, batch_size, None, device, {})
+    one_length = max_length is not None
+    return in_length_batches(prompts, one_batch, batch_size, None, device, {}, one_length)
 
 
 def beam_generate_seq2seq_batched(

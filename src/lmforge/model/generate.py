@@ -12,6 +12,7 @@ or Gumbel-max from one generator per row when a prompt's sample must not depend 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -326,6 +327,7 @@ def generate_batched(
     batch_size: int = 16,
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
+    max_length: int | None = None,
     **sampling: Any,
 ) -> list[list[int]]:
     """generate() over token lists of any lengths: each prompt's new ids, through its first stop.
@@ -335,18 +337,35 @@ def generate_batched(
     results equal one prompt at a time. With seed, prompt i samples from its own generator
     seeded by (seed, i), so sampled results do not depend on batch_size or on the other prompts'
     lengths: rerunning with another batch size reproduces them. seed and a sampling generator
-    are exclusive (ConfigError): see in_length_batches.
+    are exclusive (ConfigError): see in_length_batches. max_length: transformers' max_length,
+    the prompt included: a prompt then gets at most max_length - its length new tokens
+    (batch_budget).
     """
     device = next(model.parameters()).device
 
     def one_batch(rows: list[Sequence[int]], batch_sampling: dict[str, Any]) -> list[list[int]]:
         ids, pad_mask = left_pad(rows, device=device)
-        out = generate(
-            model, ids, max_new_tokens, pad_mask=pad_mask, stop_tokens=stop_tokens, **batch_sampling
-        )
+        n = batch_budget(max_new_tokens, max_length, ids.size(1))
+        out = generate(model, ids, n, pad_mask=pad_mask, stop_tokens=stop_tokens, **batch_sampling)
         return new_tokens(out, ids.size(1), stop_tokens)
 
-    return in_length_batches(prompts, one_batch, batch_size, seed, device, sampling)
+    one_length = max_length is not None
+    return in_length_batches(prompts, one_batch, batch_size, seed, device, sampling, one_length)
+
+
+def batch_budget(max_new_tokens: int, max_length: int | None, prompt_len: int) -> int:
+    """The new tokens a batch of prompt_len-token prompts gets: max_new_tokens, and with a
+    max_length (prompt included, as transformers counts it) at most max_length - prompt_len.
+    Under a max_length every prompt of a batch has one length (in_length_batches' one_length),
+    so each gets exactly what it would alone."""
+    if max_length is None:
+        return max_new_tokens
+    if prompt_len >= max_length:
+        raise InputError(
+            f"a prompt of {prompt_len} tokens leaves no room under max_length {max_length} "
+            "(which counts the prompt); shorten the prompt or set max_new_tokens"
+        )
+    return min(max_new_tokens, max_length - prompt_len)
 
 
 def in_length_batches(
@@ -356,9 +375,11 @@ def in_length_batches(
     seed: int | None,
     device: torch.device | str,
     sampling: dict[str, Any],
+    one_length: bool = False,
 ) -> list[list[int]]:
     """run_batch(rows of one batch, sampling) over batch_size rows at a time, shortest first;
     results in the rows' order. The loop of generate_batched and generate_seq2seq_batched.
+    one_length: a batch holds rows of one length only (a budget that depends on the length).
 
     seed gives row i its own generator seeded by (seed, i), so a row's sample does not depend on
     batch_size or its batch-mates. seed and sampling["generator"] are two ways to say where the
@@ -375,7 +396,7 @@ def in_length_batches(
             "each needs at least one token: drop them, or start them with a bos token"
         )
     results: list[list[int]] = [[] for _ in rows]
-    for chunk in length_sorted_batches(rows, batch_size):
+    for chunk in length_sorted_batches(rows, batch_size, one_length):
         batch_sampling = dict(sampling)
         if seed is not None:
             batch_sampling["generator"] = [
@@ -387,10 +408,18 @@ def in_length_batches(
     return results
 
 
-def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """Indices of prompts in batches of batch_size, shortest first, so a batch pads little."""
+def length_sorted_batches(
+    prompts: Sequence[Sequence[int]], batch_size: int, one_length: bool = False
+) -> list[list[int]]:
+    """Indices of prompts in batches of batch_size, shortest first, so a batch pads little;
+    one_length: a batch also ends where the prompts' length changes."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
+    runs = groupby(order, key=lambda i: len(prompts[i])) if one_length else [(0, order)]
+    return [
+        run[lo : lo + batch_size]
+        for run in (list(indices) for _, indices in runs)
+        for lo in range(0, len(run), batch_size)
+    ]
 
 
 def row_seed(seed: int, index: int) -> int:

@@ -7,10 +7,11 @@ forced bos/eos tokens. read_generation_defaults() returns the ones lmforge appli
 names GenerationSettings uses (transformers' own); settings the user gave win over them
 (evals.lm.EvalModel.settings_for). Models lmforge builds write no such keys, so nothing changes
 for them; one tuned from an imported checkpoint carries its base's (finetune.export). Sampling
-keys (do_sample, temperature, top_k, top_p) are not read: lmforge's generations stay greedy
-unless asked to sample. Other keys that change transformers' greedy or beam outputs
-(NOT_APPLIED: suppressed or banned tokens, beam groups, ...) are not applied; a checkpoint that
-sets one gets a warning (warn_not_applied).
+keys (do_sample, temperature, top_k, top_p) are read apart (checkpoint_sampling): `lmforge
+generate` samples as transformers would, while the eval stage decodes as its settings say and
+records them as ignored (unapplied_keys). Other keys that change transformers' greedy or beam
+outputs (NOT_APPLIED: suppressed or banned tokens, beam groups, ...) are not applied; a
+checkpoint that sets one gets a warning (warn_not_applied).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ NOT_APPLIED = {
 }  # fmt: skip
 
 
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+# transformers' GenerationConfig values for the sampling keys a checkpoint leaves unset
+HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
 def _checkpoint_source(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
     """(the file, its JSON object): generation_config.json, or config.json when there is no such
     file (as transformers does); (None, {}) when neither exists."""
@@ -72,18 +78,46 @@ def sampling_defaults(model_dir: Path | str) -> dict[str, Any]:
     _, source = _checkpoint_source(Path(model_dir))
     if source.get("do_sample") is not True:
         return {}
-    return {k: source[k] for k in ("temperature", "top_k", "top_p") if source.get(k) is not None}
+    return {k: source[k] for k in SAMPLING_KEYS if source.get(k) is not None}
+
+
+def checkpoint_sampling(model_dir: Path | str) -> dict[str, Any]:
+    """The sampling transformers' generate() does unasked on model_dir's checkpoint, under
+    GenerationSettings' names: {} unless it sets do_sample true; then its temperature, top_k and
+    top_p, and transformers' defaults for those it leaves unset (HF_SAMPLING_DEFAULTS: top_k 50
+    included; a top_k of 0, transformers' "off", becomes None)."""
+    _, source = _checkpoint_source(Path(model_dir))
+    if source.get("do_sample") is not True:
+        return {}
+    found = {**HF_SAMPLING_DEFAULTS, **sampling_defaults(model_dir)}  # serve's, filled in
+    return {**found, "top_k": found["top_k"] or None}
+
+
+def unapplied_keys(model_dir: Path | str, *, sampling_applied: bool) -> dict[str, Any]:
+    """The decoding keys model_dir's checkpoint sets that lmforge leaves out, as written:
+    NOT_APPLIED's set away from their defaults and, unless sampling_applied (`lmforge generate`
+    applies checkpoint_sampling, the eval stage does not), do_sample true with the sampling keys
+    it sets."""
+    _, source = _checkpoint_source(Path(model_dir))
+    keys = {
+        k: source[k]
+        for k, default in NOT_APPLIED.items()
+        if source.get(k) not in (None, [], default)
+    }
+    if not sampling_applied and source.get("do_sample") is True:
+        keys |= {k: source[k] for k in ("do_sample", *SAMPLING_KEYS) if source.get(k) is not None}
+    return keys
 
 
 def warn_not_applied(model_dir: Path | str) -> list[str]:
     """The keys of NOT_APPLIED model_dir's checkpoint sets away from their defaults, logged as a
     warning (its outputs may then differ from transformers' generate())."""
-    path, source = _checkpoint_source(Path(model_dir))
-    keys = [k for k, default in NOT_APPLIED.items() if source.get(k) not in (None, [], default)]
+    keys = list(unapplied_keys(model_dir, sampling_applied=True))
     if keys:
         log.warning(
             "%s sets %s, which lmforge's decoding does not apply: its generations may differ "
-            "from transformers' generate()", path, ", ".join(keys),
+            "from transformers' generate()", _checkpoint_source(Path(model_dir))[0],
+            ", ".join(keys),
         )  # fmt: skip
     return keys
 
@@ -92,13 +126,18 @@ def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) ->
     """The generation defaults model_dir's checkpoint sets, {} when it sets none.
 
     An encoder-decoder's max_length (the target, decoder start included) becomes
-    max_new_tokens = max_length - 1 when max_new_tokens is not set; a decoder's max_length
-    counts its prompt, so it is not read (lmforge's max_new_tokens applies).
+    max_new_tokens = max_length - 1 when max_new_tokens is not set; a decoder's stays
+    max_length (its prompt included: each prompt's budget is max_length minus its length,
+    GenerationSettings.max_length). A max_new_tokens set beside it wins, as in transformers.
     """
     found = checkpoint_generation_keys(model_dir)
     max_length = found.pop("max_length", None)
-    if is_encoder_decoder and "max_new_tokens" not in found and isinstance(max_length, int):
+    if "max_new_tokens" in found or not isinstance(max_length, int):
+        return found
+    if is_encoder_decoder:
         found["max_new_tokens"] = max(max_length - 1, 1)
+    else:
+        found["max_length"] = max_length
     return found
 
 

@@ -5,7 +5,8 @@ One LogitsRules value is applied at every decoding step by greedy and sampled de
 as transformers does), so the three agree. Each rule is transformers' processor of the same
 name: NoRepeatNGramLogitsProcessor (no_repeat_ngram_size), MinLengthLogitsProcessor (min_length:
 the whole sequence, prompt or decoder start included), MinNewTokensLengthLogitsProcessor
-(min_new_tokens), ForcedBOSTokenLogitsProcessor (the first token after a one-token start, i.e. an
+(min_new_tokens; when it is set, min_length is not applied: transformers then sets
+min_length = min_new_tokens + the input length, the same rule), ForcedBOSTokenLogitsProcessor (the first token after a one-token start, i.e. an
 encoder-decoder's first target token) and ForcedEOSTokenLogitsProcessor (the last step). Lengths
 and n-grams are per row, without left padding, i.e. what transformers does for one prompt (in a
 left-padded batch transformers counts the padding in min_length and in its n-grams), so a row's
@@ -93,11 +94,10 @@ class LogitsRules:
             else history_mask.sum(dim=1)
         )  # (B,) each row's tokens so far
         if self.no_repeat_ngram_size:
-            logits = ban_repeated_ngrams(
-                logits, history, lengths.tolist(), self.no_repeat_ngram_size
-            )
-        if eos and (step < self.min_new_tokens or self.min_length):
-            too_short = (lengths < self.min_length) | (step < self.min_new_tokens)  # (B,)
+            logits = ban_repeated_ngrams(logits, history, lengths, self.no_repeat_ngram_size)
+        min_length = 0 if self.min_new_tokens else self.min_length  # min_new_tokens wins
+        if eos and (step < self.min_new_tokens or min_length):
+            too_short = (lengths < min_length) | (step < self.min_new_tokens)  # (B,)
             logits = ban_tokens(logits, too_short, eos)
         if self.forced_bos_token_id is not None and step == 0:  # only then can a row hold one
             logits = force_token(logits, lengths == 1, [self.forced_bos_token_id])
@@ -125,21 +125,19 @@ def force_token(logits: Tensor, rows: Tensor, ids: Sequence[int]) -> Tensor:
     return torch.where(rows[:, None], forced, logits)
 
 
-def ban_repeated_ngrams(logits: Tensor, history: Tensor, lengths: list[int], n: int) -> Tensor:
-    """-inf for each token that would complete an n-gram its row has already produced; lengths:
-    each row's tokens at the end of history (left padding before them)."""
-    banned_rows, banned_cols = [], []
-    for row, tokens in enumerate(history.tolist()):
-        tokens = tokens[len(tokens) - lengths[row] :]
-        if len(tokens) + 1 < n:
-            continue
-        prefix = tokens[len(tokens) - n + 1 :]
-        for i in range(len(tokens) - n + 1):
-            if tokens[i : i + n - 1] == prefix:
-                banned_rows.append(row)
-                banned_cols.append(tokens[i + n - 1])
-    if not banned_rows:
+def ban_repeated_ngrams(logits: Tensor, history: Tensor, lengths: Tensor, n: int) -> Tensor:
+    """-inf for each token that would complete an n-gram its row has already produced; lengths
+    (B,): each row's tokens at the end of history (left padding before them). Tensor ops over
+    every window of history at once: no per-row Python loop, no device sync."""
+    T = history.size(1)
+    if n > T:  # no complete n-gram yet, in any row
         return logits
-    dev = logits.device
-    where = (torch.tensor(banned_rows, device=dev), torch.tensor(banned_cols, device=dev))
-    return logits.index_put(where, torch.tensor(NEG_INF, dtype=logits.dtype, device=dev))
+    windows = history.unfold(1, n, 1)  # (B, W, n), W = T - n + 1: every n-gram, in order
+    prefix = history[:, T - n + 1 :]  # (B, n - 1) the n-1 tokens the next one would follow
+    matches = (windows[:, :, : n - 1] == prefix[:, None, :]).all(dim=-1)  # (B, W)
+    starts = torch.arange(windows.size(1), device=history.device)  # (W,)
+    matches &= starts[None, :] >= (T - lengths)[:, None]  # windows inside the row's own tokens
+    # -inf where a match names the token, +inf (a no-op under amin) elsewhere; only the (B, W)
+    # candidates are touched, never a (B, V) mask (one costs more than the whole ban at 32k)
+    bans = torch.where(matches, NEG_INF, float("inf")).to(logits.dtype)  # (B, W)
+    return logits.clone().scatter_reduce_(1, windows[:, :, n - 1], bans, reduce="amin")

@@ -270,3 +270,11 @@ def test_bad_sampling_settings_and_lengths_are_reported():
         generate(model, prompt, 2, top_p=0.0)
     with pytest.raises(InputError, match="block_size"):
         generate(model, prompt, 200)
+
+
+def test_length_sorted_batches_end_where_the_length_changes_under_one_length():
+    from lmforge.model.generate import length_sorted_batches
+
+    prompts = [[1] * 3, [1] * 2, [1] * 3, [1] * 3, [1] * 2, [1]]
+    assert length_sorted_batches(prompts, 2) == [[5, 1], [4, 0], [2, 3]]
+    assert length_sorted_batches(prompts, 2, one_length=True) == [[5], [1, 4], [0, 2], [3]]

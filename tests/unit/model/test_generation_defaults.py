@@ -118,13 +118,18 @@ def test_min_new_tokens_given_replaces_the_checkpoint_min_length_as_transformers
     assert lm.settings_for(GenerationSettings(min_length=4)).min_new_tokens == 0  # given wins
 
 
-def llama_dir(tmp_path, tok):
+def peaked_llama():
+    """A tiny random transformers Llama with peaked next-token choices."""
     cfg = transformers.LlamaConfig(
         vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
         pad_token_id=0,
     )  # fmt: skip
-    hf = peaked(transformers.LlamaForCausalLM(cfg), 0.2)
+    return peaked(transformers.LlamaForCausalLM(cfg), 0.2)
+
+
+def llama_dir(tmp_path, tok):
+    hf = peaked_llama()
     save_hf(hf, LLAMA_GEN, tmp_path / "llama", tok, in_config_json=False)
     return tmp_path / "llama", transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
 
