@@ -127,7 +127,8 @@ class QuantModule(nn.Module):
 
 class _Shared:
     """Weak references to the pair (first, second) made from a key tensor and its partner, and
-    the versions of all four: stale once any is gone or was written to in place."""
+    the versions of all four: stale once any is gone or was written to in place (never reused
+    when one is an inference tensor, whose writes no version counter sees)."""
 
     def __init__(self, key: Tensor, partner: Tensor, first: Tensor, second: Tensor) -> None:
         self.partner = weakref.ref(partner)
@@ -145,10 +146,15 @@ def _shared(
     first, second = entry.first(), entry.second()
     if first is None or second is None:
         return None
-    if _versions(key, partner, first, second) != entry.versions:
+    versions = _versions(key, partner, first, second)
+    if versions is None or versions != entry.versions:
         return None
     return first, second
 
 
-def _versions(*tensors: Tensor) -> tuple[int, ...]:
+def _versions(*tensors: Tensor) -> tuple[int, ...] | None:
+    """The tensors' version counters; None if one was made under torch.inference_mode, which
+    keeps none (reading it raises), so an in-place write to it cannot be told."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple(t._version for t in tensors)

@@ -87,3 +87,24 @@ def test_a_tied_int4_table_and_head_are_saved_once_and_reload_tied(tmp_path: Pat
     ids = torch.arange(1, 30)[None]
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model(ids))
+
+
+def test_a_kept_int4_model_made_under_inference_mode_saves_and_loads(tmp_path: Path) -> None:
+    # inference tensors keep no version counter: the tied pair's reuse must not read one
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / "int4", "int4", 32)
+    reference = load_pretrained(tmp_path / "int4")
+    with torch.inference_mode():
+        model = load_pretrained(tmp_path / "int4")
+        state = model.state_dict()
+    want = reference.state_dict()
+    assert state.keys() == want.keys()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    ids = torch.arange(1, 30)[None]
+    copied = load_pretrained(tmp_path / "int4")
+    copied.load_state_dict(state)  # into normal tensors
+    with torch.inference_mode():
+        assigned = load_pretrained(tmp_path / "int4")
+        assigned.load_state_dict(state, assign=True)  # torch assigns inference tensors only here
+        for reloaded in (copied, assigned):
+            assert torch.equal(reloaded(ids), reference(ids))
