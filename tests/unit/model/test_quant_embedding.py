@@ -3,6 +3,8 @@ saved once and reloaded tied."""
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ from torch import nn
 from lmforge.compress.quantize import quantize_dir
 from lmforge.model import int4pack
 from lmforge.model.convert import load_pretrained
+from lmforge.model.quant import quantized_numel
 from lmforge.model.quant_embedding import QuantEmbedding
+from lmforge.model.quant_module import QuantModule
 from lmforge.model.quant_rounding import dequantize_weight, quantize_weight
 from lmforge.train.checkpoint import load_weights, save_weights
 from unit.evals.helpers import make_model_dir
@@ -108,3 +112,19 @@ def test_a_kept_int4_model_made_under_inference_mode_saves_and_loads(tmp_path: P
         assigned.load_state_dict(state, assign=True)  # torch assigns inference tensors only here
         for reloaded in (copied, assigned):
             assert torch.equal(reloaded(ids), reference(ids))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_tied_table_assigned_from_torch_load_counts_once(tmp_path: Path, kind: str) -> None:
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / kind, kind, 32)
+    model = load_pretrained(tmp_path / kind)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = load_pretrained(tmp_path / kind)
+    reloaded.load_state_dict(torch.load(buffer), assign=True)
+    codes = (reloaded.tok_emb.stored_codes, reloaded.lm_head.stored_codes)
+    assert codes[0].data_ptr() == codes[1].data_ptr()  # one table's bytes, maybe two tensors
+    kept = [m for n, m in reloaded.named_modules() if isinstance(m, QuantModule) and n != "lm_head"]
+    assert quantized_numel(reloaded) == sum(math.prod(m.weight_shape) for m in kept)
