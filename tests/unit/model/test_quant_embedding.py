@@ -128,3 +128,16 @@ def test_a_tied_table_assigned_from_torch_load_counts_once(tmp_path: Path, kind:
     assert codes[0].data_ptr() == codes[1].data_ptr()  # one table's bytes, maybe two tensors
     kept = [m for n, m in reloaded.named_modules() if isinstance(m, QuantModule) and n != "lm_head"]
     assert quantized_numel(reloaded) == sum(math.prod(m.weight_shape) for m in kept)
+
+
+@pytest.mark.skipif(int4pack.int4pack_layout() is None, reason="this torch has no CPU int4 kernel")
+def test_each_state_dict_unpacks_the_tables_bytes_as_they_are_now(tmp_path: Path) -> None:
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / "int4", "int4", 32)
+    model = load_pretrained(tmp_path / "int4")
+    first = model.state_dict()  # kept alive: its pair must not stand for the next state dict
+    model.tok_emb.int4pack.data.fill_(int4pack.ZERO_CODES)  # a write no version counter sees
+    second = model.state_dict()
+    assert bool((second["tok_emb.codes"] == int4pack.ZERO_CODES).all())
+    assert not torch.equal(first["tok_emb.codes"], second["tok_emb.codes"])
+    assert second["tok_emb.codes"] is second["lm_head.codes"]  # the tied pair still saved once
