@@ -83,7 +83,7 @@ def _version_source(owner: type, source: str) -> Callable[[], dict[str, str]]:
             raise ValueError("not of the form 'module:function'")
         return getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ImportError(f"{owner.__name__}.version_sources: {source!r}: {err}") from None
+        raise ImportError(f"{owner.__name__}.version_sources: {source!r}: {err}") from err
 
 
 STDLIB_DOCS_VERSIONS = "lmforge.data.stdlib_docs:corpus_versions"  # the built-in corpus's
