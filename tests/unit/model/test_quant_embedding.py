@@ -1,5 +1,6 @@
 """Quantized embedding tables: ids outside the table refused, a tied int4 table and LM head
-saved once and reloaded tied."""
+saved once and reloaded tied (under torch.inference_mode too; each state dict from the bytes as
+they are then), a tied table's weights counted once."""
 
 from __future__ import annotations
 
