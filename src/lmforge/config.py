@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_args, get_origin
 
@@ -69,9 +69,21 @@ class StageConfig(Section):
         version_sources, merged; a stage whose inputs follow its settings overrides this."""
         versions: dict[str, str] = {}
         for source in self.version_sources:
-            module, _, function = source.partition(":")
-            versions |= getattr(importlib.import_module(module), function)()
+            versions |= _version_source(type(self), source)()
         return versions
+
+
+def _version_source(owner: type, source: str) -> Callable[[], dict[str, str]]:
+    """The function a version_sources entry names; ImportError naming the config class and the
+    entry when it names none (a typo otherwise surfaces only when a cache key is taken, as a
+    bare ModuleNotFoundError, or AttributeError: '' for an entry without its colon)."""
+    module, colon, function = source.partition(":")
+    try:
+        if not (module and colon and function):
+            raise ValueError("not of the form 'module:function'")
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ImportError(f"{owner.__name__}.version_sources: {source!r}: {err}") from err
 
 
 STDLIB_DOCS_VERSIONS = "lmforge.data.stdlib_docs:corpus_versions"  # the built-in corpus's

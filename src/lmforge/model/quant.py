@@ -182,4 +182,10 @@ def quantized_numel(model: nn.Module) -> int:
     the kernel layout's padding rows do not count): what parameter counts add, since codes are
     buffers."""
     kept = [m for m in model.modules() if isinstance(m, QuantModule)]
-    return sum({id(m.stored_codes): math.prod(m.weight_shape) for m in kept}.values())
+    return sum({_bytes_of(m.stored_codes): math.prod(m.weight_shape) for m in kept}.values())
+
+
+def _bytes_of(codes: Tensor) -> object:
+    """Which bytes codes are: a tied table's modules hold one tensor, or two over one storage
+    once a torch.load'ed state dict is assigned (load_state_dict(assign=True))."""
+    return id(codes) if codes.is_meta else (codes.device, codes.data_ptr(), tuple(codes.shape))

@@ -56,7 +56,11 @@ class QuantEmbedding(QuantModule):
 
     def forward(self, idx: Tensor) -> Tensor:
         flat = idx.reshape(-1)
-        if not tracing():  # under torch.compile/export a data-dependent check would break the graph
+        # not under torch.compile/export, where the data-dependent branch would break the graph
+        # at every step; a compiled decoding step (model.compiled_decode) is fed only the ids
+        # it sampled from logits as wide as the table, the prompt having passed the eager,
+        # checked prefill
+        if not tracing():
             self._check_ids(flat)
         if self.kernel_packed:
             rows = self.kernel_packed_rows(flat).to(self.dtype)

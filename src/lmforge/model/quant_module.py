@@ -22,6 +22,10 @@ from lmforge.model import int4pack
 # train.checkpoint.save_weights' aliases, torch.save's shared storage), and a state dict's one
 # pair packs once at load, so the modules stay tied under load_state_dict(assign=True). Both
 # maps hold the other side weakly: nothing outlives the state dict or the module holding it.
+# An unpacked pair serves only the state dict it is written into, so each state_dict() call
+# unpacks afresh (a write to the buffers that no version counter sees, through .data, cannot
+# leave a later one stale); a packed pair serves any later load of the same two tensors, as
+# load_state_dict hands each module a dict of its own.
 _OURS_OF_PACKED = WeakIdKeyDictionary()  # a module's int4pack -> Shared (codes, scale)
 _PACKED_OF_OURS = WeakIdKeyDictionary()  # a state dict's codes -> Shared (int4pack, s_and_z)
 
@@ -72,11 +76,12 @@ class QuantModule(nn.Module):
         if not self.kernel_packed:
             return
         names = (prefix + "codes", prefix + "scale")
-        ours = _shared(_OURS_OF_PACKED, self.int4pack, self.scales_and_zeros)
+        key, partner = self.int4pack, self.scales_and_zeros
+        ours = _shared(_OURS_OF_PACKED, key, partner, scope=destination)
         if ours is None:  # unpacked here, unless a module sharing the weight already did
             int4pack.state_to_ours(destination, prefix, self.weight_shape[0])
             ours = tuple(destination[n] for n in names)
-            _OURS_OF_PACKED[self.int4pack] = _Shared(self.int4pack, self.scales_and_zeros, *ours)
+            _OURS_OF_PACKED[key] = _Shared(key, partner, *ours, scope=destination)
         else:
             del destination[prefix + "int4pack"], destination[prefix + "scales_and_zeros"]
         destination[names[0]], destination[names[1]] = ours
@@ -127,28 +132,48 @@ class QuantModule(nn.Module):
 
 class _Shared:
     """Weak references to the pair (first, second) made from a key tensor and its partner, and
-    the versions of all four: stale once any is gone or was written to in place."""
+    the versions of all four: stale once any is gone or was written to in place (never reused
+    when one is an inference tensor, whose writes no version counter sees)."""
 
-    def __init__(self, key: Tensor, partner: Tensor, first: Tensor, second: Tensor) -> None:
+    def __init__(
+        self, key: Tensor, partner: Tensor, first: Tensor, second: Tensor, scope: object = None
+    ) -> None:
         self.partner = weakref.ref(partner)
         self.first, self.second = weakref.ref(first), weakref.ref(second)
         self.versions = _versions(key, partner, first, second)
+        self.scope = _weak_or_none(scope)  # the one state dict the pair serves, if any
+
+
+def _weak_or_none(obj: object) -> weakref.ref | None:
+    """A weak reference to obj; None for None or an object that takes none (a plain dict)."""
+    try:
+        return None if obj is None else weakref.ref(obj)
+    except TypeError:
+        return None
 
 
 def _shared(
-    made: WeakIdKeyDictionary, key: Tensor, partner: Tensor | None
+    made: WeakIdKeyDictionary, key: Tensor, partner: Tensor | None, scope: object = None
 ) -> tuple[Tensor, Tensor] | None:
-    """The pair made[key] made from key and partner, if all four are alive and unchanged."""
+    """The pair made[key] made from key and partner, if all four are alive and unchanged (and,
+    with scope, made for scope)."""
     entry = made.get(key)
     if entry is None or partner is None or entry.partner() is not partner:
+        return None
+    if scope is not None and (entry.scope is None or entry.scope() is not scope):
         return None
     first, second = entry.first(), entry.second()
     if first is None or second is None:
         return None
-    if _versions(key, partner, first, second) != entry.versions:
+    versions = _versions(key, partner, first, second)
+    if versions is None or versions != entry.versions:
         return None
     return first, second
 
 
-def _versions(*tensors: Tensor) -> tuple[int, ...]:
+def _versions(*tensors: Tensor) -> tuple[int, ...] | None:
+    """The tensors' version counters; None if one was made under torch.inference_mode, which
+    keeps none (reading it raises), so an in-place write to it cannot be told."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple(t._version for t in tensors)

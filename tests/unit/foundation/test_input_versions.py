@@ -67,3 +67,19 @@ def test_version_sources_are_merged_and_are_no_config_field(tmp_path: Path) -> N
     assert TwoSources(out=tmp_path).input_versions() == {**STDLIB, "other builder": "7"}
     assert "version_sources" not in TwoSources.model_fields
     assert config_hash(TwoSources(out=tmp_path)) == config_hash(StageConfig(out=tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("lmforge.data.stdlib_docs.corpus_versions", "not of the form 'module:function'"),
+        ("lmforge.data.stdlib_doc:corpus_versions", "No module named 'lmforge.data.stdlib_doc'"),
+        ("lmforge.data.stdlib_docs:corpus_version", "has no attribute 'corpus_version'"),
+    ],
+)
+def test_a_version_source_naming_nothing_says_which_config_and_entry(tmp_path, source, why):
+    class Misnamed(StageConfig):
+        version_sources = (source,)
+
+    with pytest.raises(ImportError, match=rf"^Misnamed.version_sources: '{source}': .*{why}"):
+        Misnamed(out=tmp_path).input_versions()

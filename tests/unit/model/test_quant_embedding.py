@@ -1,8 +1,11 @@
 """Quantized embedding tables: ids outside the table refused, a tied int4 table and LM head
-saved once and reloaded tied."""
+saved once and reloaded tied (under torch.inference_mode too; each state dict from the bytes as
+they are then), a tied table's weights counted once."""
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,9 @@ from torch import nn
 from lmforge.compress.quantize import quantize_dir
 from lmforge.model import int4pack
 from lmforge.model.convert import load_pretrained
+from lmforge.model.quant import quantized_numel
 from lmforge.model.quant_embedding import QuantEmbedding
+from lmforge.model.quant_module import QuantModule
 from lmforge.model.quant_rounding import dequantize_weight, quantize_weight
 from lmforge.train.checkpoint import load_weights, save_weights
 from unit.evals.helpers import make_model_dir
@@ -87,3 +92,53 @@ def test_a_tied_int4_table_and_head_are_saved_once_and_reload_tied(tmp_path: Pat
     ids = torch.arange(1, 30)[None]
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model(ids))
+
+
+def test_a_kept_int4_model_made_under_inference_mode_saves_and_loads(tmp_path: Path) -> None:
+    # inference tensors keep no version counter: the tied pair's reuse must not read one
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / "int4", "int4", 32)
+    reference = load_pretrained(tmp_path / "int4")
+    with torch.inference_mode():
+        model = load_pretrained(tmp_path / "int4")
+        state = model.state_dict()
+    want = reference.state_dict()
+    assert state.keys() == want.keys()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    ids = torch.arange(1, 30)[None]
+    copied = load_pretrained(tmp_path / "int4")
+    copied.load_state_dict(state)  # into normal tensors
+    with torch.inference_mode():
+        assigned = load_pretrained(tmp_path / "int4")
+        assigned.load_state_dict(state, assign=True)  # torch assigns inference tensors only here
+        for reloaded in (copied, assigned):
+            assert torch.equal(reloaded(ids), reference(ids))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_tied_table_assigned_from_torch_load_counts_once(tmp_path: Path, kind: str) -> None:
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / kind, kind, 32)
+    model = load_pretrained(tmp_path / kind)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = load_pretrained(tmp_path / kind)
+    reloaded.load_state_dict(torch.load(buffer), assign=True)
+    codes = (reloaded.tok_emb.stored_codes, reloaded.lm_head.stored_codes)
+    assert codes[0].data_ptr() == codes[1].data_ptr()  # one table's bytes, maybe two tensors
+    kept = [m for n, m in reloaded.named_modules() if isinstance(m, QuantModule) and n != "lm_head"]
+    assert quantized_numel(reloaded) == sum(math.prod(m.weight_shape) for m in kept)
+
+
+@pytest.mark.skipif(int4pack.int4pack_layout() is None, reason="this torch has no CPU int4 kernel")
+def test_each_state_dict_unpacks_the_tables_bytes_as_they_are_now(tmp_path: Path) -> None:
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / "int4", "int4", 32)
+    model = load_pretrained(tmp_path / "int4")
+    first = model.state_dict()  # kept alive: its pair must not stand for the next state dict
+    model.tok_emb.int4pack.data.fill_(int4pack.ZERO_CODES)  # a write no version counter sees
+    second = model.state_dict()
+    assert bool((second["tok_emb.codes"] == int4pack.ZERO_CODES).all())
+    assert not torch.equal(first["tok_emb.codes"], second["tok_emb.codes"])
+    assert second["tok_emb.codes"] is second["lm_head.codes"]  # the tied pair still saved once

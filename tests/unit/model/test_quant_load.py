@@ -14,7 +14,7 @@ from lmforge.compress.quantize import quantize_dir
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.model import quant
-from lmforge.model.convert import load_pretrained
+from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.int4pack import int4pack_layout
 from lmforge.model.quant import (
     QuantEmbedding,
@@ -83,6 +83,19 @@ def test_the_load_says_it_kept_quantized_weights(dirs, caplog) -> None:
         model = load_pretrained(dirs["micro-gpt2-int8"])
     n = sum(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
     assert f"kept {n} matrices quantized (int8)" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_save_pretrained_refuses_a_kept_model_saying_what_to_do(dirs, tmp_path, kind) -> None:
+    model = load_pretrained(dirs[f"micro-{kind}"])
+    with pytest.raises(
+        ConfigError, match=rf"keeps \d+ module\(s\) quantized .*int{kind[3]}.*dequantize"
+    ):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any file
+    floats = load_pretrained(dirs[f"micro-{kind}"], quantized="dequantize")
+    save_pretrained(floats, tmp_path / "out")  # the way out the error names
+    assert torch.allclose(load_pretrained(tmp_path / "out")(IDS), floats(IDS))
 
 
 def test_an_unknown_quantized_mode_is_refused(dirs) -> None:

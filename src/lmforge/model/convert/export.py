@@ -18,6 +18,7 @@ from lmforge.model.convert.hf_import import NATIVE
 from lmforge.model.hf_families import ENCODER_FAMILIES, FAMILIES, family_for
 from lmforge.model.hf_families.bert import token_classifier_architecture
 from lmforge.model.hf_families.rules import SCORE, ours_to_hf, without_lm_head
+from lmforge.model.quant_module import QuantModule
 from lmforge.model.t5 import wraps_transformers
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,11 @@ def save_pretrained(
     generate() reads (lmforge.tokenizer.generation builds it from the tokenizer).
     With classifier, the model is written as a sequence classifier (see the module docstring);
     extra_config should then carry the pad_token_id the classifier's inputs are padded with.
-    A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper.
+    A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper. A model
+    holding quantized modules (QuantLinear / QuantEmbedding) is refused: see _refuse_quantized.
     """
     model = getattr(model, "_orig_mod", model)
+    _refuse_quantized(model, out_dir)
     if classifier is not None and classifier.pooling != "first":
         raise ConfigError(MEAN_POOLING_REFUSAL)
     out_dir = Path(out_dir)
@@ -87,6 +90,23 @@ def save_pretrained(
     if generation_config is not None:
         atomic_write_json(out_dir / "generation_config.json", generation_config)
     atomic_write_json(out_dir / "config.json", hf)
+
+
+def _refuse_quantized(model: nn.Module, out_dir: Path | str) -> None:
+    """ConfigError naming a quantized module of model and what to save instead: the layouts
+    save_pretrained writes hold float weights (its config.json carries no quantization_config);
+    a quantized module has codes and scales under other names."""
+    kept = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    if not kept:
+        return
+    name, module = kept[0]
+    raise ConfigError(
+        f"{out_dir}: the model keeps {len(kept)} module(s) quantized (e.g. {name}, "
+        f"int{module.bits}), and save_pretrained writes float weights only. A model loaded "
+        "kept-quantized from an `lmforge compress quantize` output is that output: copy its "
+        "directory, or load it with load_pretrained(..., quantized='dequantize') to save float "
+        "weights; a QLoRA model: merge its adapters first (lmforge.finetune.lora.merge)"
+    )
 
 
 def _body_layout(
