@@ -24,9 +24,14 @@ def pair_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
     return sequence_logps(logits, labels.flatten(0, 1)).view(ids.size(0), 2)
 
 
+def reply_lengths(labels: Tensor) -> Tensor:
+    """Token counts (B, 2) of the replies labelled in pair rows labels (B, 2, T)."""
+    return (labels != IGNORE_INDEX).sum(-1)
+
+
 def per_token(summed: Tensor, labels: Tensor) -> Tensor:
     """Summed reply log-probs (B, 2) divided by their replies' token counts (labels (B, 2, T))."""
-    return summed / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return summed / reply_lengths(labels).clamp(min=1)
 
 
 @torch.no_grad()
