@@ -35,15 +35,25 @@ def per_token(summed: Tensor, labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def score_pairs(
+    model: nn.Module, rows: dict[str, np.ndarray], batch_size: int, limit: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(summed reply log-probs, reply lengths), each (N, 2), of the first `limit` batches of pair
+    rows (all when None), scored in eval mode; the model's mode is restored after."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps, lengths = [], []
+    for b in row_batches({k: rows[k] for k in ("input_ids", "labels")}, batch_size, device, limit):
+        logps.append(pair_logps(model, b["input_ids"], b["labels"]))
+        lengths.append(reply_lengths(b["labels"]))
+    model.train(was_training)
+    return torch.cat(logps), torch.cat(lengths)
+
+
 def reference_logps(model: nn.Module, rows: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """Reply log-probs (N, 2) of every pair row under the (frozen) reference model."""
-    device = next(model.parameters()).device
-    model.eval()
-    out = [
-        pair_logps(model, b["input_ids"], b["labels"]).cpu()
-        for b in row_batches({k: rows[k] for k in ("input_ids", "labels")}, batch_size, device)
-    ]
-    return torch.cat(out).numpy().astype(np.float32)
+    return score_pairs(model, rows, batch_size)[0].cpu().numpy().astype(np.float32)
 
 
 def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: float = 0.0):
@@ -83,15 +93,8 @@ def evaluate_dpo(
 ) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward accuracy and margin, and the chosen-over-rejected
     log-prob margin of the policy (val_logp_margin) beside the reference's (ref_logp_margin)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logps, refs = [], []
-    for b in row_batches(rows, batch_size, device, limit):
-        logps.append(pair_logps(model, b["input_ids"], b["labels"]))
-        refs.append(b["ref_logps"])
-    model.train(was_training)
-    logp, ref = torch.cat(logps), torch.cat(refs).float()
+    logp, _ = score_pairs(model, rows, batch_size, limit)
+    ref = torch.from_numpy(rows["ref_logps"][: len(logp)]).to(logp.device).float()
     loss, chosen_r, rejected_r = dpo_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, kind)
     return {
         "val_loss": float(loss),

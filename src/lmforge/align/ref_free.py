@@ -12,12 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
-from lmforge.align.dpo import pair_logps, reply_lengths
+from lmforge.align.dpo import pair_logps, reply_lengths, score_pairs
 from lmforge.align.losses import orpo_odds_ratio_loss, simpo_loss
-from lmforge.align.reward import row_batches
 
 
 @dataclass(frozen=True)
@@ -69,22 +67,13 @@ def make_ref_free_loss(spec: RefFreeSpec):
     return loss_fn
 
 
-@torch.no_grad()
 def evaluate_ref_free(
     model: nn.Module, rows: dict[str, np.ndarray], batch_size: int, spec: RefFreeSpec,
     limit: int | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Held-out loss, preference accuracy (mean log-prob of chosen above rejected), reward
     margin, and the summed chosen-over-rejected log-prob margin (val_logp_margin, as DPO's)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums, lens = [], []
-    for b in row_batches(rows, batch_size, device, limit):
-        sums.append(pair_logps(model, b["input_ids"], b["labels"]))
-        lens.append(reply_lengths(b["labels"]))
-    model.train(was_training)
-    summed, lengths = torch.cat(sums), torch.cat(lens)
+    summed, lengths = score_pairs(model, rows, batch_size, limit)
     mean = summed / lengths.clamp(min=1)
     loss, margin = ref_free_loss(spec, summed, lengths)
     return {

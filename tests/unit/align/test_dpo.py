@@ -1,0 +1,73 @@
+"""Held-out scoring: one batch loop (align.dpo.score_pairs) behind DPO's, SimPO/ORPO's and the
+reference's numbers, equal to the training losses on the same rows, the model's mode kept."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lmforge.align.dpo import evaluate_dpo, make_dpo_loss, pair_logps, reference_logps
+from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
+
+V, T = 7, 6
+
+
+class Bigram(nn.Module):
+    """logits = a learned table of the current token: a model with parameters, no attention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Embedding(V, V)
+
+    def forward(self, ids):
+        return self.table(ids)
+
+
+def _rows(n=5):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, V, size=(n, 2, T))
+    labels = np.full((n, 2, T), -100)
+    for i in range(n):
+        for side in range(2):
+            start = rng.integers(1, T - 1)  # replies of 1 to T - 2 tokens after the prompt
+            labels[i, side, start - 1 : T - 1] = ids[i, side, start:]
+    ref = rng.normal(-8.0, 2.0, size=(n, 2)).astype(np.float32)
+    return {"input_ids": ids, "labels": labels, "ref_logps": ref}
+
+
+def _batch(rows, n=None):
+    return {k: torch.from_numpy(v[:n]) for k, v in rows.items()}
+
+
+def test_reference_logps_are_the_summed_reply_log_probs_of_every_row():
+    model, rows = Bigram(), _rows()
+    ref = reference_logps(model, rows, batch_size=2)
+    b = _batch(rows)
+    assert ref.shape == (5, 2) and ref.dtype == np.float32
+    np.testing.assert_allclose(ref, pair_logps(model, b["input_ids"], b["labels"]).detach(), 1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_dpo_equals_the_training_loss_over_the_same_rows(training):
+    model, rows = Bigram().train(training), _rows()
+    loss_fn = make_dpo_loss(0.1, "sigmoid")
+    got = evaluate_dpo(model, rows, batch_size=2, beta=0.1, kind="sigmoid")
+    want, metrics = loss_fn(model, _batch(rows))
+    assert got["val_loss"] == pytest.approx(want.item(), abs=1e-6)
+    assert got["val_reward_margin"] == pytest.approx(metrics["reward_margin"].item(), abs=1e-6)
+    assert model.training is training
+    first = evaluate_dpo(model, rows, batch_size=2, beta=0.1, kind="sigmoid", limit=1)
+    assert first["val_loss"] == pytest.approx(loss_fn(model, _batch(rows, 2))[0].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["simpo", "orpo"])
+def test_evaluate_ref_free_equals_the_training_loss_over_the_same_rows(method):
+    model, rows = Bigram().train(), _rows()
+    rows.pop("ref_logps")
+    spec = RefFreeSpec(method)
+    got = evaluate_ref_free(model, rows, batch_size=2, spec=spec)
+    want, metrics = make_ref_free_loss(spec)(model, _batch(rows))
+    assert got["val_loss"] == pytest.approx(want.item(), abs=1e-6)
+    assert got["val_reward_margin"] == pytest.approx(metrics["reward_margin"].item(), abs=1e-6)
+    assert model.training
