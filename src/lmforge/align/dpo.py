@@ -66,9 +66,9 @@ def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: floa
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         logps = pair_logps(model, batch["input_ids"], batch["labels"])
-        ref = batch["ref_logps"]
+        ref, lengths = batch["ref_logps"], reply_lengths(batch["labels"])
         loss, chosen_r, rejected_r = dpo_loss(
-            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind
+            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths
         )
         if sft_weight > 0:
             loss = loss + sft_weight * -per_token(logps, batch["labels"])[:, 0].mean()
@@ -93,9 +93,11 @@ def evaluate_dpo(
 ) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward accuracy and margin, and the chosen-over-rejected
     log-prob margin of the policy (val_logp_margin) beside the reference's (ref_logp_margin)."""
-    logp, _ = score_pairs(model, rows, batch_size, limit)
+    logp, lengths = score_pairs(model, rows, batch_size, limit)
     ref = torch.from_numpy(rows["ref_logps"][: len(logp)]).to(logp.device).float()
-    loss, chosen_r, rejected_r = dpo_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, kind)
+    loss, chosen_r, rejected_r = dpo_loss(
+        logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths
+    )
     return {
         "val_loss": float(loss),
         "val_pref_accuracy": float((chosen_r > rejected_r).float().mean()),

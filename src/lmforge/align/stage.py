@@ -64,7 +64,10 @@ class DPOOptions(Section):
     """The `dpo:` section."""
 
     beta: float = Field(0.1, gt=0, description="strength of the KL anchor to the reference")
-    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) | ipo")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid (DPO) | ipo (per-token log-ratio margin regressed to 1 / (2 beta))",
+    )
     reference: Path | None = Field(
         None, description="reference model directory (default: the starting model itself)"
     )
