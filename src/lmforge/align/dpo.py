@@ -7,12 +7,14 @@ base. Rows then carry `ref_logps` (N, 2) next to the pair tokens (align.encode).
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmforge.align.encode import refuse_other_vocab
 from lmforge.align.losses import dpo_loss, sequence_logps
 from lmforge.align.reward import row_batches
 from lmforge.model.transformer import IGNORE_INDEX
@@ -32,6 +34,20 @@ def reply_lengths(labels: Tensor) -> Tensor:
 def per_token(summed: Tensor, labels: Tensor) -> Tensor:
     """Summed reply log-probs (B, 2) divided by their replies' token counts (labels (B, 2, T))."""
     return summed / reply_lengths(labels).clamp(min=1)
+
+
+def load_reference(path: Path, tok: Any) -> nn.Module:
+    """dpo.reference's model (a model directory or a training stage's, as --model), refused
+    before its weights load unless its tokenizer gives the policy's (tok's) token ids."""
+    from lmforge.model.convert import load_pretrained, resolve_model_dir
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    path = resolve_model_dir(path)
+    refuse_other_vocab(
+        TokenizerFiles.load(path), tok, "dpo.reference",
+        "use a model tuned from the policy's base, or leave dpo.reference unset (the start)",
+    )  # fmt: skip
+    return load_pretrained(path, quantized="dequantize")
 
 
 @torch.no_grad()

@@ -71,3 +71,27 @@ def test_evaluate_ref_free_equals_the_training_loss_over_the_same_rows(method):
     assert got["val_loss"] == pytest.approx(want.item(), abs=1e-6)
     assert got["val_reward_margin"] == pytest.approx(metrics["reward_margin"].item(), abs=1e-6)
     assert model.training
+
+
+def test_dpo_reference_reads_a_stage_directory_and_refuses_another_tokenizer(tmp_path, model_dir):
+    import shutil
+
+    from tiny_tokenizers import train_byte_bpe
+
+    from lmforge.align.dpo import load_reference
+    from lmforge.errors import ConfigError
+    from lmforge.finetune.sft import load_chat_tokenizer
+    from lmforge.model.convert import load_pretrained
+    from unit.finetune.helpers import CORPUS, SPECIALS
+
+    tok = load_chat_tokenizer(model_dir)
+    stage = tmp_path / "sft"
+    shutil.copytree(model_dir, stage / "final")  # a finetune stage's directory, as --model takes
+    got, want = load_reference(stage, tok).state_dict(), load_pretrained(model_dir).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    foreign = shutil.copytree(model_dir, tmp_path / "foreign")  # same weights, other token ids
+    train_byte_bpe([t.upper() for t in CORPUS], tok.vocab_size, SPECIALS).save(
+        str(foreign / "tokenizer.json")
+    )
+    with pytest.raises(ConfigError, match=r"dpo\.reference=.*maps tokens to other ids than the"):
+        load_reference(foreign, tok)
