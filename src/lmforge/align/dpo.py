@@ -21,9 +21,18 @@ from lmforge.model.transformer import IGNORE_INDEX
 
 
 def pair_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
-    """Summed reply log-probs (B, 2) of pair rows ids/labels (B, 2, T)."""
-    logits = model(ids.flatten(0, 1))  # (2B, T, V)
-    return sequence_logps(logits, labels.flatten(0, 1)).view(ids.size(0), 2)
+    """Summed reply log-probs (B, 2) of pair rows ids/labels (B, 2, T).
+
+    The batch is cut after its last labelled position first (as reward.pair_rewards): causal
+    attention makes the right padding beyond it invisible to every labelled position, and pairs
+    are mostly far shorter than train.seq_len, so the forward and the (2B, T, V) log-softmax
+    shrink with the same log-probs.
+    """
+    ids, labels = ids.flatten(0, 1), labels.flatten(0, 1)
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()  # positions labelled in some row
+    end = int(labelled.max()) + 1 if len(labelled) else 1
+    logits = model(ids[:, :end])  # (2B, end, V)
+    return sequence_logps(logits, labels[:, :end]).view(-1, 2)
 
 
 def reply_lengths(labels: Tensor) -> Tensor:

@@ -95,3 +95,24 @@ def test_dpo_reference_reads_a_stage_directory_and_refuses_another_tokenizer(tmp
     )
     with pytest.raises(ConfigError, match=r"dpo\.reference=.*maps tokens to other ids than the"):
         load_reference(foreign, tok)
+
+
+def test_pair_logps_cut_after_the_last_labelled_position_equal_the_full_rows(model_dir):
+    from lmforge.align.losses import sequence_logps
+    from lmforge.model.convert import load_pretrained
+
+    torch.manual_seed(0)
+    model = load_pretrained(model_dir).eval()
+    ids = torch.randint(3, 60, (3, 2, 40))
+    labels = torch.full((3, 2, 40), -100)
+    labels[0, 0, 4:9], labels[1, 1, 10:21], labels[2, 0, 2:5], labels[2, 1, 6:7] = 7, 8, 9, 10
+    ids[..., 22:] = 0  # right padding past the last labelled position
+    with torch.no_grad():
+        full = sequence_logps(model(ids.flatten(0, 1)), labels.flatten(0, 1)).view(3, 2)
+        assert torch.allclose(pair_logps(model, ids, labels), full, atol=1e-5)
+
+    seen = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        pair_logps(model, ids, labels)
+    assert seen == [21]  # position 20 is the last one labelled
