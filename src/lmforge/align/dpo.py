@@ -7,38 +7,78 @@ base. Rows then carry `ref_logps` (N, 2) next to the pair tokens (align.encode).
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmforge.align.encode import refuse_other_vocab
 from lmforge.align.losses import dpo_loss, sequence_logps
 from lmforge.align.reward import row_batches
 from lmforge.model.transformer import IGNORE_INDEX
 
 
 def pair_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
-    """Summed reply log-probs (B, 2) of pair rows ids/labels (B, 2, T)."""
-    logits = model(ids.flatten(0, 1))  # (2B, T, V)
-    return sequence_logps(logits, labels.flatten(0, 1)).view(ids.size(0), 2)
+    """Summed reply log-probs (B, 2) of pair rows ids/labels (B, 2, T).
+
+    The batch is cut after its last labelled position first (as reward.pair_rewards): causal
+    attention makes the right padding beyond it invisible to every labelled position, and pairs
+    are mostly far shorter than train.seq_len, so the forward and the (2B, T, V) log-softmax
+    shrink with the same log-probs.
+    """
+    ids, labels = ids.flatten(0, 1), labels.flatten(0, 1)
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()  # positions labelled in some row
+    end = int(labelled.max()) + 1 if len(labelled) else 1
+    logits = model(ids[:, :end])  # (2B, end, V)
+    return sequence_logps(logits, labels[:, :end]).view(-1, 2)
+
+
+def reply_lengths(labels: Tensor) -> Tensor:
+    """Token counts (B, 2) of the replies labelled in pair rows labels (B, 2, T)."""
+    return (labels != IGNORE_INDEX).sum(-1)
 
 
 def per_token(summed: Tensor, labels: Tensor) -> Tensor:
     """Summed reply log-probs (B, 2) divided by their replies' token counts (labels (B, 2, T))."""
-    return summed / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return summed / reply_lengths(labels).clamp(min=1)
+
+
+def load_reference(path: Path, tok: Any) -> nn.Module:
+    """dpo.reference's model (a model directory or a training stage's, as --model), refused
+    before its weights load unless its tokenizer gives the policy's (tok's) token ids."""
+    from lmforge.model.convert import load_pretrained, resolve_model_dir
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    path = resolve_model_dir(path)
+    refuse_other_vocab(
+        TokenizerFiles.load(path), tok, "dpo.reference",
+        "use a model tuned from the policy's base, or leave dpo.reference unset (the start)",
+    )  # fmt: skip
+    return load_pretrained(path, quantized="dequantize")
 
 
 @torch.no_grad()
+def score_pairs(
+    model: nn.Module, rows: dict[str, np.ndarray], batch_size: int, limit: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(summed reply log-probs, reply lengths), each (N, 2), of the first `limit` batches of pair
+    rows (all when None), scored in eval mode; the model's mode is restored after."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps, lengths = [], []
+    for b in row_batches({k: rows[k] for k in ("input_ids", "labels")}, batch_size, device, limit):
+        logps.append(pair_logps(model, b["input_ids"], b["labels"]))
+        lengths.append(reply_lengths(b["labels"]))
+    model.train(was_training)
+    return torch.cat(logps), torch.cat(lengths)
+
+
 def reference_logps(model: nn.Module, rows: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """Reply log-probs (N, 2) of every pair row under the (frozen) reference model."""
-    device = next(model.parameters()).device
-    model.eval()
-    out = [
-        pair_logps(model, b["input_ids"], b["labels"]).cpu()
-        for b in row_batches({k: rows[k] for k in ("input_ids", "labels")}, batch_size, device)
-    ]
-    return torch.cat(out).numpy().astype(np.float32)
+    return score_pairs(model, rows, batch_size)[0].cpu().numpy().astype(np.float32)
 
 
 def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: float = 0.0):
@@ -51,9 +91,9 @@ def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: floa
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         logps = pair_logps(model, batch["input_ids"], batch["labels"])
-        ref = batch["ref_logps"]
+        ref, lengths = batch["ref_logps"], reply_lengths(batch["labels"])
         loss, chosen_r, rejected_r = dpo_loss(
-            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind
+            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths
         )
         if sft_weight > 0:
             loss = loss + sft_weight * -per_token(logps, batch["labels"])[:, 0].mean()
@@ -78,16 +118,11 @@ def evaluate_dpo(
 ) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward accuracy and margin, and the chosen-over-rejected
     log-prob margin of the policy (val_logp_margin) beside the reference's (ref_logp_margin)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logps, refs = [], []
-    for b in row_batches(rows, batch_size, device, limit):
-        logps.append(pair_logps(model, b["input_ids"], b["labels"]))
-        refs.append(b["ref_logps"])
-    model.train(was_training)
-    logp, ref = torch.cat(logps), torch.cat(refs).float()
-    loss, chosen_r, rejected_r = dpo_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, kind)
+    logp, lengths = score_pairs(model, rows, batch_size, limit)
+    ref = torch.from_numpy(rows["ref_logps"][: len(logp)]).to(logp.device).float()
+    loss, chosen_r, rejected_r = dpo_loss(
+        logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths
+    )
     return {
         "val_loss": float(loss),
         "val_pref_accuracy": float((chosen_r > rejected_r).float().mean()),

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.heads import pooled_index
 from lmforge.finetune.sft import encode_chat
 from lmforge.model.transformer import IGNORE_INDEX
@@ -72,3 +72,20 @@ def encode_pairs(
     if any(groups):
         stats["kinds"] = groups
     return rows, stats
+
+
+def refuse_other_vocab(theirs: Any, ours: Any, role: str, fix: str) -> None:
+    """ConfigError naming a token a model's tokenizer (theirs, the model set by `role`) maps to
+    another id than the policy's (ours): it would score ids it never read. Added tokens count
+    (they are ids the policy can emit); merges, normalizer and chat template do not (the policy's
+    ids are read)."""
+    a, b = theirs.tokenizer.get_vocab(), ours.tokenizer.get_vocab()  # both: ~35 ms at 50k tokens
+    if a == b:
+        return
+    token = min(a.keys() ^ b.keys() or {t for t in a if a[t] != b[t]})
+    ids = [v.get(token, "absent") for v in (a, b)]
+    raise ConfigError(
+        f"{role}={theirs.path}'s tokenizer.json maps tokens to other ids than the policy's "
+        f"({ours.path}), e.g. {token!r}: id {ids[0]} vs {ids[1]}; it would score ids it never "
+        f"read; {fix}"
+    )

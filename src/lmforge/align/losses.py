@@ -2,7 +2,8 @@
 
 - bradley_terry_loss: reward model training, -log sigmoid(r_chosen - r_rejected).
 - dpo_loss: Direct Preference Optimization (Rafailov et al., 2023), sigmoid or IPO (Azar et al.,
-  2023) form, from summed response log-probs of the policy and of a frozen reference.
+  2023; per-token log-ratios) form, from summed response log-probs of the policy and of a frozen
+  reference.
 - simpo_loss: SimPO (Meng et al., 2024), reference-free: beta * the length-normalised log-prob
   margin must exceed a target margin gamma.
 - orpo_odds_ratio_loss: ORPO's (Hong et al., 2024) odds-ratio term, -log sigmoid(log odds ratio)
@@ -36,19 +37,26 @@ def dpo_loss(
     ref_rejected: Tensor,
     beta: float,
     kind: Literal["sigmoid", "ipo"] = "sigmoid",
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss, chosen rewards, rejected rewards) of pairs; inputs are (B,) log-probs.
 
     The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)). sigmoid:
     -log sigmoid(reward margin). ipo: (h - 1 / (2 beta))^2 where h is the margin of the log-ratios
-    without beta, which regresses the margin to a fixed target instead of pushing it to infinity.
+    without beta, each divided by its reply's token count (lengths (B, 2), needed for ipo), which
+    regresses the margin to a fixed target instead of pushing it to infinity. Per token as TRL's
+    DPOTrainer (its IPO authors' form): a summed margin would make the target's scale, and so
+    beta's meaning, depend on how long the replies are.
     """
     chosen_ratio = policy_chosen.float() - ref_chosen.float()
     rejected_ratio = policy_rejected.float() - ref_rejected.float()
-    h = chosen_ratio - rejected_ratio
     if kind == "sigmoid":
-        loss = -F.logsigmoid(beta * h)
+        loss = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
     elif kind == "ipo":
+        if lengths is None:
+            raise ValueError("the IPO loss needs the replies' token counts (lengths)")
+        n = lengths.float().clamp(min=1.0)
+        h = chosen_ratio / n[:, 0] - rejected_ratio / n[:, 1]
         loss = (h - 1.0 / (2.0 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss kind {kind!r} (sigmoid | ipo)")

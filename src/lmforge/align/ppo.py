@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmforge.align.encode import encode_reply
+from lmforge.align.encode import encode_reply, refuse_other_vocab
 from lmforge.align.losses import (
     gae,
     masked_mean,
@@ -72,23 +72,6 @@ def adapters_off(lm: nn.Module) -> Iterator[bool]:
             m.scaling = s
 
 
-def refuse_other_vocab(theirs: Any, ours: Any) -> None:
-    """ConfigError naming a token the reward model's tokenizer (theirs) maps to another id than
-    the policy's (ours): it would score ids it never read. Added tokens count (they are ids the
-    policy can emit); merges, normalizer and chat template do not (the policy's ids are read)."""
-    a, b = theirs.tokenizer.get_vocab(), ours.tokenizer.get_vocab()  # both: ~35 ms at 50k tokens
-    if a == b:
-        return
-    token = min(a.keys() ^ b.keys() or {t for t in a if a[t] != b[t]})
-    ids = [v.get(token, "absent") for v in (a, b)]
-    raise ConfigError(
-        f"ppo.reward_model={theirs.path}'s tokenizer.json maps tokens to other ids than the "
-        f"policy's ({ours.path}), e.g. {token!r}: id {ids[0]} vs {ids[1]}; it would score ids "
-        "it never read; train the reward model on the policy's base model "
-        "(lmforge align --method reward)"
-    )
-
-
 def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
     """The reward stage's final/ (a 1-label classifier) as a frozen SequenceClassifier.
 
@@ -105,7 +88,10 @@ def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
             f"ppo.reward_model={path} is not a reward model (a 1-label classifier); "
             "train one with: lmforge align --method reward"
         )
-    refuse_other_vocab(TokenizerFiles.load(path), tok)  # before loading the weights
+    refuse_other_vocab(  # before loading the weights
+        TokenizerFiles.load(path), tok, "ppo.reward_model",
+        "train the reward model on the policy's base model (lmforge align --method reward)",
+    )  # fmt: skip
     lm = load_pretrained(path, quantized="dequantize")
     if not lm.config.causal or head.pool_weight is not None or head.pooling == "mean":
         raise ConfigError(

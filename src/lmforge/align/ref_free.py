@@ -12,12 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
-from lmforge.align.dpo import pair_logps, per_token
+from lmforge.align.dpo import pair_logps, reply_lengths, score_pairs
 from lmforge.align.losses import orpo_odds_ratio_loss, simpo_loss
-from lmforge.align.reward import row_batches
 
 
 @dataclass(frozen=True)
@@ -30,25 +28,24 @@ class RefFreeSpec:
     lam: float = 0.1
 
 
-def pair_mean_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(summed, per-token mean) reply log-probs, each (B, 2), of pair rows ids/labels (B, 2, T)."""
-    summed = pair_logps(model, ids, labels)
-    return summed, per_token(summed, labels)
+def ref_free_loss(spec: RefFreeSpec, summed: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, per-pair reward margin (B,)) of summed reply log-probs and reply lengths (B, 2).
 
-
-def ref_free_loss(spec: RefFreeSpec, mean: Tensor) -> tuple[Tensor, Tensor]:
-    """(loss, per-pair reward margin (B,)) of per-token mean log-probs (B, 2).
-
-    simpo: the SimPO loss, margin beta * (mean chosen - mean rejected). orpo: NLL of the chosen
-    replies + lam * the odds-ratio loss, margin the log odds ratio.
+    simpo: the SimPO loss on per-token mean log-probs, margin beta * (mean chosen - mean
+    rejected). orpo: the chosen replies' NLL averaged over all their tokens in the batch (as
+    TRL's ORPOTrainer, so a long reply weighs by its length; TRL also counts the prompt's
+    tokens, here only the reply's are) + lam * the odds-ratio loss on per-token means, margin
+    the log odds ratio.
     """
+    mean = summed / lengths.clamp(min=1)
     chosen, rejected = mean[:, 0], mean[:, 1]
     if spec.method == "simpo":
         loss, chosen_r, rejected_r = simpo_loss(chosen, rejected, spec.beta, spec.gamma)
         return loss, chosen_r - rejected_r
     if spec.method == "orpo":
         odds_loss, log_odds = orpo_odds_ratio_loss(chosen, rejected)
-        return -chosen.float().mean() + spec.lam * odds_loss, log_odds
+        nll = -summed[:, 0].float().sum() / lengths[:, 0].sum().clamp(min=1)
+        return nll + spec.lam * odds_loss, log_odds
     raise ValueError(f"unknown reference-free method {spec.method!r} (simpo | orpo)")
 
 
@@ -56,9 +53,10 @@ def make_ref_free_loss(spec: RefFreeSpec):
     """loss_fn for the loop; logs the reward margin, preference accuracy and mean log-probs."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        _, mean = pair_mean_logps(model, batch["input_ids"], batch["labels"])
-        loss, margin = ref_free_loss(spec, mean)
-        mean = mean.detach()
+        summed = pair_logps(model, batch["input_ids"], batch["labels"])
+        lengths = reply_lengths(batch["labels"])
+        loss, margin = ref_free_loss(spec, summed, lengths)
+        mean = summed.detach() / lengths.clamp(min=1)
         return loss, {
             "reward_margin": margin.mean(),
             "pref_acc": (mean[:, 0] > mean[:, 1]).float().mean(),
@@ -69,24 +67,15 @@ def make_ref_free_loss(spec: RefFreeSpec):
     return loss_fn
 
 
-@torch.no_grad()
 def evaluate_ref_free(
     model: nn.Module, rows: dict[str, np.ndarray], batch_size: int, spec: RefFreeSpec,
     limit: int | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Held-out loss, preference accuracy (mean log-prob of chosen above rejected), reward
     margin, and the summed chosen-over-rejected log-prob margin (val_logp_margin, as DPO's)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums, means = [], []
-    for b in row_batches(rows, batch_size, device, limit):
-        summed, mean = pair_mean_logps(model, b["input_ids"], b["labels"])
-        sums.append(summed)
-        means.append(mean)
-    model.train(was_training)
-    summed, mean = torch.cat(sums), torch.cat(means)
-    loss, margin = ref_free_loss(spec, mean)
+    summed, lengths = score_pairs(model, rows, batch_size, limit)
+    mean = summed / lengths.clamp(min=1)
+    loss, margin = ref_free_loss(spec, summed, lengths)
     return {
         "val_loss": float(loss),
         "val_pref_accuracy": float((mean[:, 0] > mean[:, 1]).float().mean()),

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from lmforge.align.dpo import evaluate_dpo, make_dpo_loss, reference_logps
+from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.encode import encode_pairs
 from lmforge.align.ppo import (
     HeldOutEval,
@@ -64,7 +64,10 @@ class DPOOptions(Section):
     """The `dpo:` section."""
 
     beta: float = Field(0.1, gt=0, description="strength of the KL anchor to the reference")
-    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) | ipo")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid (DPO) | ipo (per-token log-ratio margin regressed to 1 / (2 beta))",
+    )
     reference: Path | None = Field(
         None, description="reference model directory (default: the starting model itself)"
     )
@@ -263,12 +266,11 @@ def _reward(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any
 
 def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
     """DPO/IPO against reference log-probs scored once; log-prob margins and ROUGE-L."""
-    from lmforge.model.convert import load_pretrained
 
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
     bs, beta, kind = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss
-    ref = load_pretrained(cfg.dpo.reference, quantized="dequantize") if cfg.dpo.reference else lm
+    ref = load_reference(cfg.dpo.reference, tok) if cfg.dpo.reference else lm
     train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
     val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
     lm.train()

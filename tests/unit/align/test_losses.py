@@ -38,12 +38,21 @@ def test_dpo_sigmoid_loss_and_implicit_rewards():
     assert rejected_r.tolist() == pytest.approx([-0.5, 0.0])
 
 
-def test_ipo_regresses_the_log_ratio_margin_to_one_over_two_beta():
-    loss, _, _ = dpo_loss(*_pairs(), beta=0.5, kind="ipo")
+def test_ipo_regresses_the_per_token_log_ratio_margin_to_one_over_two_beta():
+    ones = torch.ones(2, 2)
+    loss, _, _ = dpo_loss(*_pairs(), beta=0.5, kind="ipo", lengths=ones)
     # target 1 / (2 * 0.5) = 1: pair 0 has margin 2 -> (2 - 1)^2 = 1, pair 1 margin 0 -> 1
     assert loss.item() == pytest.approx(1.0, abs=1e-6)
-    loss, _, _ = dpo_loss(*_pairs(), beta=0.25, kind="ipo")  # target 2: (0)^2 and (-2)^2
+    loss, _, _ = dpo_loss(*_pairs(), beta=0.25, kind="ipo", lengths=ones)  # target 2: 0 and 4
     assert loss.item() == pytest.approx(2.0, abs=1e-6)
+    # TRL's DPOTrainer ipo: each log-ratio over its reply's token count before the margin; pair
+    # 0's chosen reply has 2 tokens and its rejected 4: 1 / 2 - (-1 / 4) = 0.75 -> (0.75 - 1)^2
+    lengths = torch.tensor([[2, 4], [1, 1]])
+    loss, chosen_r, _ = dpo_loss(*_pairs(), beta=0.5, kind="ipo", lengths=lengths)
+    assert loss.item() == pytest.approx((0.25**2 + 1.0) / 2, abs=1e-6)
+    assert chosen_r.tolist() == pytest.approx([0.5, 0.0])  # rewards stay summed, as TRL's
+    with pytest.raises(ValueError, match="token counts"):
+        dpo_loss(*_pairs(), beta=0.5, kind="ipo")
 
 
 def test_dpo_gradient_pushes_chosen_up_and_rejected_down():

@@ -48,10 +48,41 @@ def test_orpo_odds_ratio_and_total_loss_equal_trl_orpo():
     assert log_odds[0].item() == pytest.approx(
         math.log(pc / (1 - pc)) - math.log(pr / (1 - pr)), abs=1e-5
     )
-    # total as TRL's compute_loss: chosen NLL - beta * mean(log sigmoid(log odds))
-    total, margin = ref_free_loss(RefFreeSpec("orpo", lam=0.1), torch.stack([CHOSEN, REJECTED], 1))
+    # total as TRL's compute_loss: chosen NLL - beta * mean(log sigmoid(log odds)); one token a
+    # reply here, so the token mean of the NLL is the mean over pairs
+    ones = torch.ones(4, 2, dtype=torch.long)
+    total, margin = ref_free_loss(
+        RefFreeSpec("orpo", lam=0.1), torch.stack([CHOSEN, REJECTED], 1), ones
+    )
     assert total.item() == pytest.approx(-CHOSEN.mean().item() - losses.mean().item(), abs=1e-6)
     assert torch.equal(margin, log_odds)
+
+
+def test_orpo_nll_is_averaged_over_all_chosen_tokens_of_the_batch_as_trl():
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 3)  # rows: pair 0 chosen, rejected, pair 1 chosen, rejected
+
+    class Fixed(torch.nn.Module):
+        def forward(self, ids):
+            return logits
+
+    no = -100  # chosen replies of 1 and 4 tokens, rejected of 2 and 3
+    labels = torch.tensor([[[2, no, no, no, no], [0, 1, no, no, no]],
+                           [[1, 0, 2, 2, no], [no, 2, 2, 1, no]]])  # fmt: skip
+    batch = {"input_ids": torch.zeros(2, 2, 5, dtype=torch.long), "labels": labels}
+    loss, _ = make_ref_free_loss(RefFreeSpec("orpo", lam=0.1))(Fixed(), batch)
+    # TRL by hand: nn.CrossEntropyLoss() (mean over every labelled token) on the chosen rows,
+    # minus beta times the mean log sigmoid of the log odds of per-token mean log-probs
+    flat = labels.flatten(0, 1)
+    nll = F.cross_entropy(logits[0::2].reshape(-1, 3), flat[0::2].reshape(-1), ignore_index=no)
+    picked = torch.log_softmax(logits, -1).gather(-1, flat.clamp(min=0)[..., None])[..., 0]
+    mean = (picked * (flat != no)).sum(-1) / (flat != no).sum(-1)
+    ratio_losses, *_ = orpo.ORPOTrainer.odds_ratio_loss(_trl(0.1), mean[0::2], mean[1::2])
+    assert loss.item() == pytest.approx(nll.item() - ratio_losses.mean().item(), abs=1e-6)
+    # not the mean over replies of each reply's mean NLL, which weighs the 1-token reply 4 times more
+    per_reply = -mean[0::2].mean()
+    assert abs(per_reply.item() - nll.item()) > 0.05
 
 
 def test_orpo_stays_finite_when_a_reply_is_certain():
@@ -76,7 +107,7 @@ def test_loss_fn_normalises_log_probs_by_reply_length():
 
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match=r"simpo \| orpo"):
-        ref_free_loss(RefFreeSpec("cpo"), torch.zeros(1, 2))
+        ref_free_loss(RefFreeSpec("cpo"), torch.zeros(1, 2), torch.ones(1, 2))
 
 
 @pytest.mark.parametrize(
