@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.errors import InputError
+from lmforge.config import validate
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.finetune.heads import SEQ_LEN_KEY, SequenceClassifier, encode_texts
 from lmforge.finetune.stage import FinetuneConfig, finetune
@@ -75,3 +76,13 @@ def test_a_recorded_seq_len_beyond_the_block_size_is_refused(tmp_path):
     (final / "config.json").write_text(json.dumps(config | {SEQ_LEN_KEY: 10**6}))
     with pytest.raises(InputError, match=rf"config.json: {SEQ_LEN_KEY}=1000000 is not a length"):
         _ = EvalModel.load(final).head
+
+
+@pytest.mark.parametrize("task", ["classify", "multitask", "tag", "seq2seq"])
+def test_a_truncation_policy_is_refused_where_rows_are_cut_at_their_start(task, tmp_path):
+    base = {"model": str(tmp_path), "data": str(tmp_path / "d.jsonl"), "out": str(tmp_path / "o")}
+    for policy in ("left", "drop"):  # was ignored: rows kept their start whatever it said
+        with pytest.raises(ConfigError, match=rf"sft\.truncation={policy} applies to --task sft"):
+            validate(FinetuneConfig, {**base, "task": task, "sft": {"truncation": policy}})
+        assert validate(FinetuneConfig, {**base, "sft": {"truncation": policy}}).task == "sft"
+    assert validate(FinetuneConfig, {**base, "task": task, "sft": {"truncation": "right"}})
