@@ -205,6 +205,10 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
         raise ConfigError(f"examples train a sequence classifier's prune recovery, not method="
                           f"{cfg.method} of {src}; drop examples (or --set tokens=DIR to "
                           "recover a language model)")  # fmt: skip
+    if cfg.val_examples is not None and cfg.examples is None:
+        raise ConfigError(f"val_examples={cfg.val_examples} score a classifier's prune recovery "
+                          "on examples, but examples is unset: --set examples=FILE too, or drop "
+                          "val_examples")  # fmt: skip
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above
