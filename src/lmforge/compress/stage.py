@@ -201,6 +201,9 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
         refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
         refuse(cfg, src, "an encoder", ENCODER_CANNOT)
+    if cfg.method == "export" and (hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"):
+        raise ConfigError(f"{src} is an encoder-decoder: export writes a decoder's KV-cache graph "
+                          "or an encoder's, not both with cross-attention; use method=quantize")  # fmt: skip
     if cfg.examples is not None and (cfg.method != "prune" or head is None or head.per_token):
         raise ConfigError(f"examples train a sequence classifier's prune recovery, not method="
                           f"{cfg.method} of {src}; drop examples (or --set tokens=DIR to "

@@ -125,3 +125,20 @@ def test_a_wrong_encoder_graph_fails_its_check(tmp_path):
     with pytest.raises(StageError, match="ONNX encoder outputs differ from PyTorch"):
         check_encoder_onnx(EncoderGraph(lm, other, None), tok.pad_id,
                            ort_session(tmp_path / "m.onnx"), 1e-4)  # fmt: skip
+
+
+def test_an_encoder_decoder_is_refused_before_an_export_crash(tmp_path):
+    from lmforge.model.seq2seq import Seq2SeqLM
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    tok_dir = make_tokenizer_dir(tmp_path / "tok")
+    vocab = TokenizerFiles.load(tok_dir).vocab_size
+    ids = {"pad_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2}
+    save_pretrained(Seq2SeqLM(preset_config("bart-micro", vocab_size=vocab)), tmp_path / "bart",
+                    extra_config=ids)  # fmt: skip
+    copy_tokenizer_files(tok_dir, tmp_path / "bart")
+    values = {"method": "export", "model": tmp_path / "bart", "out": tmp_path / "x",
+              "export": {"formats": ["onnx"]}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"bart is an encoder-decoder: export .* method=quantize"):
+        compress(CompressConfig.model_validate(values))  # was a TorchExportError mid-stage
+    assert not (tmp_path / "x" / "manifest.json").exists()
