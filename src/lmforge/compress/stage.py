@@ -180,21 +180,15 @@ def refuse(cfg: CompressConfig, src: Path, model: str, cannot: dict[str, tuple[s
             raise ConfigError(f"{src} is {model}: {why}; {instead}")
 
 
-def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
-    """Measures the original, runs the method, measures the result; writes compression.json."""
-    from lmforge.compress import export, measure
-    from lmforge.compress.distill import distill_method
-    from lmforge.compress.prune import prune_method
-    from lmforge.compress.quantize import quantize_method, require_float_source
-    from lmforge.evals.lm import EvalModel
-    from lmforge.evals.perplexity import read_texts
-    from lmforge.model.convert import load_classifier, read_config
+def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
+    """ConfigError for what src (config.json `hf`) cannot go through with cfg: a quantized
+    source re-quantized, a classifier's or an encoder's steps above, an encoder-decoder's
+    export, examples where they train nothing."""
+    from lmforge.compress.quantize import require_float_source
+    from lmforge.model.convert import load_classifier
     from lmforge.model.hf_families import ENCODER_FAMILIES
 
-    src = cfg.model_dir()
-    require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
-    hf = read_config(src)
-    if cfg.method == "quantize":  # refused before the slow measurement of src
+    if cfg.method == "quantize":
         require_float_source(src, hf)
     head = load_classifier(src)
     if head is not None:  # first: a classifier's refusals say how to keep its head
@@ -212,6 +206,22 @@ def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
         raise ConfigError(f"val_examples={cfg.val_examples} score a classifier's prune recovery "
                           "on examples, but examples is unset: --set examples=FILE too, or drop "
                           "val_examples")  # fmt: skip
+
+
+def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
+    """Measures the original, runs the method, measures the result; writes compression.json."""
+    from lmforge.compress import export, measure
+    from lmforge.compress.distill import distill_method
+    from lmforge.compress.prune import prune_method
+    from lmforge.compress.quantize import quantize_method
+    from lmforge.evals.lm import EvalModel
+    from lmforge.evals.perplexity import read_texts
+    from lmforge.model.convert import read_config
+
+    src = cfg.model_dir()
+    require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
+    hf = read_config(src)
+    refuse_source(cfg, src, hf)  # before the slow measurement of src
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above
