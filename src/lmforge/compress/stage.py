@@ -193,6 +193,9 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
     head = load_classifier(src)
     if head is not None:  # first: a classifier's refusals say how to keep its head
         refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
+    if head is not None and head.per_token and "export-onnx" in steps(cfg):
+        raise ConfigError(f"{src} is a token classifier: ONNX export takes an encoder with a "
+                          "sequence head or none; use method=quantize")  # fmt: skip
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
         refuse(cfg, src, "an encoder", ENCODER_CANNOT)
     if cfg.method == "export" and (hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"):
