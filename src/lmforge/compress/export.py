@@ -1,7 +1,8 @@
 """`compress export`: onnx/ (model.onnx + tokenizer files) and model.gguf, each checked.
 
-ONNX is compared with PyTorch's logits under onnxruntime (a left-padded prefill and one cached
-decode step) and timed at greedy decoding; GGUF (matrices as `export.gguf_type`) is read back
+ONNX is compared with PyTorch's logits under onnxruntime (a decoder LM's: a left-padded prefill
+and one cached decode step, then timed at greedy decoding; a decoder classifier's label logits
+and an encoder's outputs: right- and left-padded batches, compress.onnx_export); GGUF (matrices as `export.gguf_type`) is read back
 with gguf's reader, and what its rounding costs is measured on the model holding the file's
 weights: max |logit difference| and, with `data`, perplexity. A check that fails is a
 StageError, and the stage then leaves no manifest.

@@ -5,8 +5,9 @@ model.safetensors, tokenizer files, generation_config.json when the source has o
 generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
 `tokens`, recovered by a short fine-tune through the one training loop; a classifier with
 `examples`, on its classification loss, its accuracy measured); `lmforge compress
-distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (KV-cache inputs and
-outputs, checked against PyTorch with onnxruntime) and `model.gguf` (llama.cpp, read back with
+distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (a decoder's KV-cache
+inputs and outputs, a classifier's label logits or an encoder's outputs, checked against PyTorch
+with onnxruntime) and `model.gguf` (llama.cpp, read back with
 gguf's reader). Both write compression.json: weight bytes, greedy decode tokens/s and (with
 `data`) perplexity / bits-per-byte of the original and the result.
 """
