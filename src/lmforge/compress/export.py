@@ -1,7 +1,8 @@
 """`compress export`: onnx/ (model.onnx + tokenizer files) and model.gguf, each checked.
 
-ONNX is compared with PyTorch's logits under onnxruntime (a left-padded prefill and one cached
-decode step) and timed at greedy decoding; GGUF (matrices as `export.gguf_type`) is read back
+ONNX is compared with PyTorch's logits under onnxruntime (a decoder LM's: a left-padded prefill
+and one cached decode step, then timed at greedy decoding; a decoder classifier's label logits
+and an encoder's outputs: right- and left-padded batches, compress.onnx_export); GGUF (matrices as `export.gguf_type`) is read back
 with gguf's reader, and what its rounding costs is measured on the model holding the file's
 weights: max |logit difference| and, with `data`, perplexity. A check that fails is a
 StageError, and the stage then leaves no manifest.
@@ -119,10 +120,7 @@ def encoder_onnx(settings: Any, ctx: StageContext, src: Path, original: EvalMode
     from lmforge.evals.heads import linear_of
     from lmforge.model.convert import load_classifier
 
-    head = load_classifier(src)
-    if head is not None and head.per_token:
-        raise ConfigError(f"{src} is a token classifier: ONNX export takes an encoder with a "
-                          "sequence head or none; use method=quantize")  # fmt: skip
+    head = load_classifier(src)  # a sequence head or none (stage.refuse_source: a token head)
     linear = pool = None
     if head is not None:
         linear = linear_of(head.weight, head.bias)

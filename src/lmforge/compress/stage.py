@@ -5,8 +5,9 @@ model.safetensors, tokenizer files, generation_config.json when the source has o
 generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
 `tokens`, recovered by a short fine-tune through the one training loop; a classifier with
 `examples`, on its classification loss, its accuracy measured); `lmforge compress
-distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (KV-cache inputs and
-outputs, checked against PyTorch with onnxruntime) and `model.gguf` (llama.cpp, read back with
+distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (a decoder's KV-cache
+inputs and outputs, a classifier's label logits or an encoder's outputs, checked against PyTorch
+with onnxruntime) and `model.gguf` (llama.cpp, read back with
 gguf's reader). Both write compression.json: weight bytes, greedy decode tokens/s and (with
 `data`) perplexity / bits-per-byte of the original and the result.
 """
@@ -180,31 +181,51 @@ def refuse(cfg: CompressConfig, src: Path, model: str, cannot: dict[str, tuple[s
             raise ConfigError(f"{src} is {model}: {why}; {instead}")
 
 
+def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
+    """ConfigError for what src (config.json `hf`) cannot go through with cfg: a quantized
+    source re-quantized, a classifier's or an encoder's steps above, an encoder-decoder's
+    export, examples where they train nothing."""
+    from lmforge.compress.quantize import require_float_source
+    from lmforge.model.convert import load_classifier
+    from lmforge.model.hf_families import ENCODER_FAMILIES
+
+    if cfg.method == "quantize":
+        require_float_source(src, hf)
+    head = load_classifier(src)
+    if head is not None:  # first: a classifier's refusals say how to keep its head
+        refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
+    if head is not None and head.per_token and "export-onnx" in steps(cfg):
+        raise ConfigError(f"{src} is a token classifier: ONNX export takes an encoder with a "
+                          "sequence head or none; use method=quantize")  # fmt: skip
+    if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
+        refuse(cfg, src, "an encoder", ENCODER_CANNOT)
+    if cfg.method == "export" and (hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"):
+        raise ConfigError(f"{src} is an encoder-decoder: export writes a decoder's KV-cache graph "
+                          "or an encoder's, not both with cross-attention; use method=quantize")  # fmt: skip
+    if cfg.examples is not None and (cfg.method != "prune" or head is None or head.per_token):
+        raise ConfigError(f"examples train a sequence classifier's prune recovery, not method="
+                          f"{cfg.method} of {src}; drop examples (or --set tokens=DIR to "
+                          "recover a language model)")  # fmt: skip
+    if cfg.val_examples is not None and cfg.examples is None:
+        raise ConfigError(f"val_examples={cfg.val_examples} score a classifier's prune recovery "
+                          "on examples, but examples is unset: --set examples=FILE too, or drop "
+                          "val_examples")  # fmt: skip
+
+
 def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:
     """Measures the original, runs the method, measures the result; writes compression.json."""
     from lmforge.compress import export, measure
     from lmforge.compress.distill import distill_method
     from lmforge.compress.prune import prune_method
-    from lmforge.compress.quantize import quantize_method, require_float_source
+    from lmforge.compress.quantize import quantize_method
     from lmforge.evals.lm import EvalModel
     from lmforge.evals.perplexity import read_texts
-    from lmforge.model.convert import load_classifier, read_config
-    from lmforge.model.hf_families import ENCODER_FAMILIES
+    from lmforge.model.convert import read_config
 
     src = cfg.model_dir()
     require_artifact(src, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
     hf = read_config(src)
-    if cfg.method == "quantize":  # refused before the slow measurement of src
-        require_float_source(src, hf)
-    head = load_classifier(src)
-    if head is not None:  # first: a classifier's refusals say how to keep its head
-        refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
-    if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
-        refuse(cfg, src, "an encoder", ENCODER_CANNOT)
-    if cfg.examples is not None and (cfg.method != "prune" or head is None or head.per_token):
-        raise ConfigError(f"examples train a sequence classifier's prune recovery, not method="
-                          f"{cfg.method} of {src}; drop examples (or --set tokens=DIR to "
-                          "recover a language model)")  # fmt: skip
+    refuse_source(cfg, src, hf)  # before the slow measurement of src
     texts = read_texts(cfg.data, cfg.split, limit=cfg.max_docs) if cfg.data else None
     original = EvalModel.load(src, quantized="dequantize")  # exported, pruned, distilled: floats
     # a quantized source is measured as it runs (kept quantized), not as the floats above

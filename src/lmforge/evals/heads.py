@@ -12,9 +12,10 @@ A head is chosen by the files that hold it, never by the model's name:
   labels.json: the rightmost token that is not the pad token (finetune.heads.pooled_index);
 - an encoder's *ForTokenClassification (per-token head): the tagging task's TokenTagger.
 
-A sequence head reads at most the tokens its fine-tune did: the input length config.json records
-(finetune.heads.SEQ_LEN_KEY, the train.seq_len its rows were cut at), else the model's block
-size, so a long text gets in eval the logits finetune's val metrics gave it.
+A sequence head (and the tagging task's token head) reads at most the tokens its fine-tune did:
+the input length config.json records (finetune.heads.SEQ_LEN_KEY, the train.seq_len its rows
+were cut at), else the model's block size, so a long text gets in eval the logits finetune's val
+metrics gave it.
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def linear_of(
 
 
 def input_len(lm: EvalModel) -> int:
-    """Tokens a sequence head reads at most: the train.seq_len its fine-tune recorded in
-    config.json (finetune.heads.SEQ_LEN_KEY), else the block size (an imported classifier)."""
+    """Tokens a sequence or token head reads at most: the train.seq_len its fine-tune recorded
+    in config.json (finetune.heads.SEQ_LEN_KEY), else the block size (an imported classifier)."""
     from lmforge.finetune.heads import SEQ_LEN_KEY
     from lmforge.model.convert import read_config
 

@@ -4,8 +4,9 @@ Sentences are encoded as `finetune --task tag` trained them (finetune.tagging.en
 word's tag on its first subword, inside the tokenizer's template) and tagged by the directory's
 *ForTokenClassification head (evals.heads.load_token_head). Metrics are evals.metrics': word
 accuracy and, for BIO tags, entity precision / recall / F1 (seqeval-style, exact spans) overall
-and per entity type, with the word-level confusion matrix. Words past the model's window are not
-scored (`truncated` counts the sentences cut).
+and per entity type, with the word-level confusion matrix. Words past the train.seq_len the
+fine-tune recorded (evals.heads.input_len; else the model's window) are not scored, as its val
+metrics did not score them (`truncated` counts the sentences cut).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lmforge.evals import metrics as M
 
 def run_tagging(model: Any, spec: Any, _settings: Any) -> Any:
     """Tags every example's words with the model's head; the metrics above."""
-    from lmforge.evals.heads import load_token_head
+    from lmforge.evals.heads import input_len, load_token_head
     from lmforge.evals.task_format import TaskResult, load_examples
     from lmforge.finetune.tagging import encode_tagged, predict_tags
 
@@ -37,7 +38,7 @@ def run_tagging(model: Any, spec: Any, _settings: Any) -> Any:
         if unknown:
             raise InputError(f"task '{spec.name}' record {i + 1}: tags {unknown} are not in the "
                              f"model head's tags {labels}")  # fmt: skip
-    encoded, truncated = encode_tagged(model.files, rows, index, model.block_size)
+    encoded, truncated = encode_tagged(model.files, rows, index, input_len(model))
     pred = predict_tags(tagger, encoded)
     gold = [
         [index[str(t)] for t in row["tags"]][: len(p)] for row, p in zip(rows, pred, strict=True)

@@ -23,7 +23,9 @@ class SFTOptions(Section):
     """How chat examples become training rows (the `sft:` section)."""
 
     truncation: Literal["left", "right", "drop"] = Field(
-        "right", description="examples longer than train.seq_len: keep start|keep end|drop"
+        "right",
+        description="--task sft: examples longer than train.seq_len: keep start|keep end|drop "
+        "(other tasks keep the start; set otherwise, refused)",
     )
     packing: bool = Field(True, description="pack short examples into one row (no cross-attention)")
 
@@ -112,6 +114,18 @@ class FinetuneConfig(StageConfig):
             raise ValueError(
                 f"eval.num_beams={self.eval.num_beams} applies to --task seq2seq's val outputs; "
                 f"--task {self.task} is evaluated greedily: unset eval.num_beams"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _truncation_only_for_sft(self) -> FinetuneConfig:
+        # other tasks cut every row at train.seq_len keeping its start, where eval cuts too
+        # (a classifier records it, finetune.heads.SEQ_LEN_KEY): a policy set here would be ignored
+        if self.sft.truncation != "right" and self.task != "sft":
+            raise ValueError(
+                f"sft.truncation={self.sft.truncation} applies to --task sft's chat rows; --task "
+                f"{self.task} keeps the start of a row longer than train.seq_len (eval reads the "
+                "same tokens): unset sft.truncation, or drop long rows from the data"
             )
         return self
 

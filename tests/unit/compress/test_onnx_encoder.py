@@ -16,7 +16,13 @@ from lmforge.compress.stage import CompressConfig, compress
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.config import preset_config
-from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, save_mean_head, save_pretrained
+from lmforge.model.convert import (
+    MEAN_HEAD,
+    MEAN_HEAD_KEY,
+    load_pretrained,
+    save_mean_head,
+    save_pretrained,
+)
 from lmforge.model.generate import pad_rows
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
@@ -115,7 +121,6 @@ def test_a_wrong_encoder_graph_fails_its_check(tmp_path):
         ort_session,
     )
     from lmforge.errors import StageError
-    from lmforge.model.convert import load_pretrained
 
     src, tok = encoder_dir(tmp_path, "none")
     lm = load_pretrained(src)
@@ -125,3 +130,42 @@ def test_a_wrong_encoder_graph_fails_its_check(tmp_path):
     with pytest.raises(StageError, match="ONNX encoder outputs differ from PyTorch"):
         check_encoder_onnx(EncoderGraph(lm, other, None), tok.pad_id,
                            ort_session(tmp_path / "m.onnx"), 1e-4)  # fmt: skip
+
+
+def test_a_token_classifier_is_refused_before_the_original_is_measured(tmp_path, monkeypatch):
+    from lmforge.compress import measure
+    from lmforge.finetune.tagging import TokenTagger
+
+    def measured(*_):
+        raise AssertionError("measured the original before refusing it")
+
+    monkeypatch.setattr(measure, "model_report", measured)
+
+    src, _ = encoder_dir(tmp_path, "none")
+    lm = load_pretrained(src)
+    tagger = TokenTagger(lm, 2)
+    save_pretrained(lm, tmp_path / "tagger", extra_config={"pad_token_id": 0},
+                    classifier=tagger.classifier_head(["B-X", "O"]))  # fmt: skip
+    copy_tokenizer_files(src, tmp_path / "tagger")
+    values = {"method": "export", "model": tmp_path / "tagger", "out": tmp_path / "x",
+              "export": {"formats": ["onnx"]}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"tagger is a token classifier: ONNX export takes"):
+        compress(CompressConfig.model_validate(values))
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_an_encoder_decoder_is_refused_before_an_export_crash(tmp_path):
+    from lmforge.model.seq2seq import Seq2SeqLM
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    tok_dir = make_tokenizer_dir(tmp_path / "tok")
+    vocab = TokenizerFiles.load(tok_dir).vocab_size
+    ids = {"pad_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2}
+    save_pretrained(Seq2SeqLM(preset_config("bart-micro", vocab_size=vocab)), tmp_path / "bart",
+                    extra_config=ids)  # fmt: skip
+    copy_tokenizer_files(tok_dir, tmp_path / "bart")
+    values = {"method": "export", "model": tmp_path / "bart", "out": tmp_path / "x",
+              "export": {"formats": ["onnx"]}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"bart is an encoder-decoder: export .* method=quantize"):
+        compress(CompressConfig.model_validate(values))  # was a TorchExportError mid-stage
+    assert not (tmp_path / "x" / "manifest.json").exists()

@@ -95,10 +95,24 @@ def test_recovery_trains_the_classification_loss_and_reports_accuracy(classifier
     original = f"(original {report['accuracy_original']:.3f})"
     for key in ("accuracy_pruned", "accuracy_recovered"):
         assert f"accuracy {report[key]:.3f} {original}" in page
+    assert "Accuracy on 16 rows of val.jsonl." in page  # held out: no training-rows warning
+
+
+def test_the_report_says_when_accuracy_is_on_the_recovery_training_rows():
+    from lmforge.evals.report_sections.compress import _accuracy_rows
+
+    cls = {"examples": "/d/train.jsonl", "val_examples": "/d/train.jsonl", "val_rows": 48}
+    assert _accuracy_rows({"classification": cls}) == (
+        " Accuracy on 48 rows of train.jsonl, the examples the recovery trained on (no held-out "
+        "val_examples given)."
+    )
+    held_out = {"classification": cls | {"val_examples": "/d/val.jsonl", "val_rows": 16}}
+    assert _accuracy_rows(held_out) == " Accuracy on 16 rows of val.jsonl."
+    assert _accuracy_rows({"method": "prune"}) == ""  # no classifier, no sentence
 
 
 def test_examples_are_refused_where_they_train_nothing(classifier, tmp_path):
-    src, train, _ = classifier
+    src, train, val = classifier
     with pytest.raises(
         ConfigError, match=r"is a classifier: prune's recovery on tokens .*examples"
     ):
@@ -109,3 +123,5 @@ def test_examples_are_refused_where_they_train_nothing(classifier, tmp_path):
     with pytest.raises(InputError, match=r"other\.jsonl: labels \['gamma'\] are not the classif"):
         compress(CompressConfig(method="prune", model=src, examples=other, out=tmp_path / "o"))
     assert not (tmp_path / "o" / "manifest.json").exists()
+    with pytest.raises(ConfigError, match=r"val_examples=.*val\.jsonl score .* examples is unset"):
+        compress(CompressConfig(method="prune", model=src, val_examples=val, out=tmp_path / "v"))

@@ -1,6 +1,7 @@
 """A classifier reads a long text as its fine-tune did: finetune records the train.seq_len its
 rows were cut at in final/config.json, and eval (and compress, which carries the key) cuts there
-too, so a text longer than seq_len gets the same logits in eval as in finetune's val metrics."""
+too, so a text longer than seq_len gets the same logits in eval as in finetune's val metrics (and
+a tagger's eval scores the words its val metrics scored)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.errors import InputError
+from lmforge.config import validate
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel
 from lmforge.finetune.heads import SEQ_LEN_KEY, SequenceClassifier, encode_texts
 from lmforge.finetune.stage import FinetuneConfig, finetune
@@ -75,3 +77,38 @@ def test_a_recorded_seq_len_beyond_the_block_size_is_refused(tmp_path):
     (final / "config.json").write_text(json.dumps(config | {SEQ_LEN_KEY: 10**6}))
     with pytest.raises(InputError, match=rf"config.json: {SEQ_LEN_KEY}=1000000 is not a length"):
         _ = EvalModel.load(final).head
+
+
+@pytest.mark.parametrize("task", ["classify", "multitask", "tag", "seq2seq"])
+def test_a_truncation_policy_is_refused_where_rows_are_cut_at_their_start(task, tmp_path):
+    base = {"model": str(tmp_path), "data": str(tmp_path / "d.jsonl"), "out": str(tmp_path / "o")}
+    for policy in ("left", "drop"):  # was ignored: rows kept their start whatever it said
+        with pytest.raises(ConfigError, match=rf"sft\.truncation={policy} applies to --task sft"):
+            validate(FinetuneConfig, {**base, "task": task, "sft": {"truncation": policy}})
+        assert validate(FinetuneConfig, {**base, "sft": {"truncation": policy}}).task == "sft"
+    assert validate(FinetuneConfig, {**base, "task": task, "sft": {"truncation": "right"}})
+
+
+def test_eval_tags_the_words_a_token_classifier_was_fine_tuned_on(tokenizer_dir, tmp_path):
+    from lmforge.evals.heads import load_token_head
+    from lmforge.evals.tagging import run_tagging
+    from lmforge.evals.task_format import TaskSpec
+    from lmforge.finetune.tagging import TokenTagger, encode_tagged, predict_tags
+    from lmforge.model.convert import save_pretrained
+    from lmforge.tokenizer.files import copy_tokenizer_files
+
+    tags = ["B-X", "O"]
+    src = make_model_dir(tmp_path / "base", tokenizer_dir, preset="bert-micro")
+    tagger = TokenTagger(EvalModel.load(src).model, len(tags))
+    final = tmp_path / "final"  # as finetune --task tag exports it, train.seq_len recorded
+    save_pretrained(tagger.lm, final, extra_config={SEQ_LEN_KEY: SEQ_LEN},
+                    classifier=tagger.classifier_head(tags))  # fmt: skip
+    copy_tokenizer_files(tokenizer_dir, final)
+    rows = [{"tokens": WORDS[i:] + WORDS[:i], "tags": ["B-X"] + ["O"] * 7} for i in range(3)]
+    model = EvalModel.load(final)
+    result = run_tagging(model, TaskSpec(name="t", type="tagging", examples=rows), None)
+    index = {t: i for i, t in enumerate(tags)}
+    encoded, cut = encode_tagged(model.files, rows, index, SEQ_LEN)  # finetune's val rows
+    assert result.metrics["truncated"] == cut == len(rows)  # eval read the block size before
+    want = [[tags[t] for t in row] for row in predict_tags(load_token_head(model)[0], encoded)]
+    assert [r["predicted"] for r in result.records] == want

@@ -54,6 +54,19 @@ def _add_accuracy(report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
             row["accuracy"] = report[key]
 
 
+def _accuracy_rows(report: dict[str, Any]) -> str:
+    """Which rows a pruned classifier's accuracies were measured on, saying when they are the
+    recovery's own training examples (no val_examples), so a reader does not take them for
+    held-out accuracy; "" without accuracies."""
+    cls = report.get("classification")
+    if not isinstance(cls, dict) or "val_rows" not in cls:
+        return ""
+    note = f" Accuracy on {cls['val_rows']} rows of {Path(str(cls.get('val_examples'))).name}"
+    if cls.get("val_examples") == cls.get("examples"):
+        note += ", the examples the recovery trained on (no held-out val_examples given)"
+    return note + "."
+
+
 def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Perplexity against megabytes on disk, each point labelled with its decode tokens/s."""
     points = [r for r in rows if r.get("perplexity") is not None and r.get("weights_bytes")]
@@ -107,7 +120,7 @@ def compress_section(stage: StageInfo) -> list[Block]:
         if r.get("accuracy") is not None and base.get("accuracy") is not None:
             bits.append(f"accuracy {r['accuracy']:.3f} (original {base['accuracy']:.3f})")
         parts.append(f"{r['variant']} " + ", ".join(bits))
-    blocks = [Block(text=text + "; ".join(parts) + ".", summary=True)]
+    blocks = [Block(text=text + "; ".join(parts) + "." + _accuracy_rows(report), summary=True)]
     pseudo = any(r.get("pseudo_perplexity") is not None for r in rows)  # an encoder's
     accuracy = any(r.get("accuracy") is not None for r in rows)  # a pruned classifier's
     table = [["variant", "MB", "size", "tokens/s", "speed", "perplexity"]
