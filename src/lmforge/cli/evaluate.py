@@ -62,7 +62,8 @@ def generate_cmd(
         float | None,
         typer.Option(
             min=0.0,
-            help="0 = greedy; default: the checkpoint's when it samples (do_sample), else 0.",
+            help="0 = greedy; default: the checkpoint's when it samples (do_sample, whose "
+            "top_k/top_p then apply too), else 0.",
         ),
     ] = None,
     greedy: Annotated[
@@ -150,9 +151,10 @@ def generate_cmd(
     }  # fmt: skip
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)
-    # the checkpoint's sampling unless asked otherwise (speculative decoding and beams given on
-    # the command line do not sample: transformers' beam sampling is not implemented)
-    asked = greedy or temperature is not None or draft_model is not None or (num_beams or 1) > 1
+    # the checkpoint's sampling unless asked not to sample (speculative decoding and beams given
+    # on the command line do not sample: transformers' beam sampling is not implemented); a
+    # temperature given replaces its temperature alone, as generate(temperature=...) does
+    asked = greedy or temperature == 0 or draft_model is not None or (num_beams or 1) > 1
     sampling = {} if asked else checkpoint_sampling(lm.path)
     given = {**sampling, **{k: v for k, v in given.items() if v is not None}}
     # unset options stay unset: EvalModel.settings_for fills them from the checkpoint

@@ -191,6 +191,10 @@ def test_generate_cli_samples_as_the_checkpoint_says_unless_greedy(tmp_path, tok
     for prompt, answer in zip(PROMPTS, answers, strict=True):
         ids = lm.start(prompt)
         assert answer == lm.decode(hf_new_ids(hf, ids, len(ids), lm.stop_ids()))
+    # a temperature given replaces the checkpoint's alone, as generate(temperature=...) does: its
+    # top_k 1 still applies, so a flat temperature still picks the argmax
+    hotter, output = run_generate(path, tmp_path, "--temperature", "20")
+    assert hotter == answers and "top_k=1" in output and "temperature=1.5" not in output
     path, _ = tiny_llama(tmp_path, tok, {"do_sample": True, "max_new_tokens": 6})  # top_k 50
     lm = EvalModel.load(path)
     sampled, output = run_generate(path, tmp_path)
