@@ -268,3 +268,27 @@ def test_a_chat_fine_tunes_export_forces_its_end_of_turn_in_transformers_too(tmp
         assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids())
         assert row[-1] in (7, im_end) and (len(row) < 5 or row[-1] == im_end)
     assert max(map(len, rows)) == 5  # one answer ran to the limit: ended by the end of turn
+
+
+def test_export_moves_a_forced_eos_only_when_it_named_the_bases_end(tmp_path, tok):
+    """An encoder-decoder's export passes its own eos as the end: a forced eos among the base's
+    eos ids moves there, one naming another token stays, and no end known leaves it as is."""
+    import shutil
+
+    from lmforge.finetune.export import answer_end, tuned_decoding
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    base = shutil.copytree(tok, tmp_path / "base")
+    files = TokenizerFiles.load(base)
+
+    def moved(forced, end: int | None = 9):
+        gen = {"eos_token_id": [2, 3], "forced_eos_token_id": forced, "num_beams": 4}
+        (base / "generation_config.json").write_text(json.dumps(gen))
+        return tuned_decoding(base, files, end)
+
+    assert moved(2) == {"forced_eos_token_id": 9, "num_beams": 4}
+    assert moved([2, 3])["forced_eos_token_id"] == 9
+    assert moved(7)["forced_eos_token_id"] == 7  # not the base's end: the base's own choice
+    assert moved([2, 7])["forced_eos_token_id"] == [2, 7]
+    assert moved(2, end=None)["forced_eos_token_id"] == 2
+    assert answer_end(files) == files.token_id("<|im_end|>")  # a chat template: its end of turn
