@@ -292,3 +292,16 @@ def test_export_moves_a_forced_eos_only_when_it_named_the_bases_end(tmp_path, to
     assert moved([2, 7])["forced_eos_token_id"] == [2, 7]
     assert moved(2, end=None)["forced_eos_token_id"] == 2
     assert answer_end(files) == files.token_id("<|im_end|>")  # a chat template: its end of turn
+
+
+def test_sampling_keys_lmforge_does_not_apply_are_named_when_the_checkpoint_samples(tmp_path):
+    from lmforge.model.generation_defaults import unapplied_keys, warn_not_applied
+
+    gen = {"do_sample": True, "temperature": 0.7, "min_p": 0.1, "typical_p": 1.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    assert warn_not_applied(tmp_path) == ["min_p"]  # `lmforge generate` samples without it
+    assert unapplied_keys(tmp_path, sampling_applied=False) == {
+        "min_p": 0.1, "do_sample": True, "temperature": 0.7,
+    }  # fmt: skip
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}))
+    assert warn_not_applied(tmp_path) == []  # transformers does not sample: min_p unused
