@@ -185,7 +185,8 @@ def generate_cmd(
 
 def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) -> None:
     """One line naming the decoding settings taken from lm's checkpoint (sampling: those of
-    generation_defaults.checkpoint_sampling that no option replaced), if any."""
+    generation_defaults.checkpoint_sampling that no option replaced), if any; and one when its
+    num_beams goes unused because it samples (transformers' beam sampling, not implemented)."""
     from lmforge.model.generation_defaults import sampling_defaults
 
     written = sampling_defaults(lm.path)
@@ -200,5 +201,18 @@ def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) 
         hint = "; --greedy to decode greedily" if sampling else ""
         console().print(
             f"from the checkpoint's generation config: {', '.join(taken)} (options given win{hint})",
+            soft_wrap=True,
+        )
+    beams = lm.generation_defaults.get("num_beams", 1)
+    if (
+        sampling
+        and settings.temperature > 0
+        and beams > 1
+        and "num_beams" not in settings.model_fields_set
+    ):
+        console().print(
+            f"the checkpoint's num_beams={beams} with do_sample is transformers' beam sampling, "
+            "which lmforge does not implement: sampling without beams (--greedy for its beam "
+            "search)",
             soft_wrap=True,
         )

@@ -208,6 +208,11 @@ def test_generate_cli_samples_as_the_checkpoint_says_unless_greedy(tmp_path, tok
     assert run_generate(path, tmp_path, "--top-k", "1")[0] == greedy  # top_k 1: the argmax
     beams = lm.generate_batch(PROMPTS, GenerationSettings(num_beams=2))
     assert run_generate(path, tmp_path, "--num-beams", "2")[0] == beams  # beams do not sample
+    # the checkpoint's own beams with do_sample: beam sampling, not implemented, said so
+    path, _ = tiny_llama(tmp_path, tok, {"do_sample": True, "num_beams": 2, "max_new_tokens": 6})
+    _, output = run_generate(path, tmp_path)
+    assert "num_beams=2 with do_sample is transformers' beam sampling" in output
+    assert run_generate(path, tmp_path, "--greedy")[0] == beams  # --greedy: its beam search
 
 
 def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_path, tok):
