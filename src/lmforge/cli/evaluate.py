@@ -191,7 +191,7 @@ def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) 
 
     written = sampling_defaults(lm.path)
     taken = [
-        f"{k}={v}" + ("" if k in written else " (transformers' default)")
+        f"{k}={written[k]}" if k in written else f"{k}={v} (transformers' default)"
         for k, v in sampling.items()
         if getattr(settings, k) == v  # not replaced by an option
     ]

@@ -213,6 +213,8 @@ def test_generate_cli_samples_as_the_checkpoint_says_unless_greedy(tmp_path, tok
     _, output = run_generate(path, tmp_path)
     assert "num_beams=2 with do_sample is transformers' beam sampling" in output
     assert run_generate(path, tmp_path, "--greedy")[0] == beams  # --greedy: its beam search
+    path, _ = tiny_llama(tmp_path, tok, {"do_sample": True, "top_k": 0, "max_new_tokens": 6})
+    assert "top_k=0," in run_generate(path, tmp_path)[1]  # as written (0: off), not None
 
 
 def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_path, tok):
