@@ -62,7 +62,8 @@ def generate_cmd(
         float | None,
         typer.Option(
             min=0.0,
-            help="0 = greedy; default: the checkpoint's when it samples (do_sample), else 0.",
+            help="0 = greedy; default: the checkpoint's when it samples (do_sample, whose "
+            "top_k/top_p then apply too), else 0.",
         ),
     ] = None,
     greedy: Annotated[
@@ -150,9 +151,10 @@ def generate_cmd(
     }  # fmt: skip
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)
-    # the checkpoint's sampling unless asked otherwise (speculative decoding and beams given on
-    # the command line do not sample: transformers' beam sampling is not implemented)
-    asked = greedy or temperature is not None or draft_model is not None or (num_beams or 1) > 1
+    # the checkpoint's sampling unless asked not to sample (speculative decoding and beams given
+    # on the command line do not sample: transformers' beam sampling is not implemented); a
+    # temperature given replaces its temperature alone, as generate(temperature=...) does
+    asked = greedy or temperature == 0 or draft_model is not None or (num_beams or 1) > 1
     sampling = {} if asked else checkpoint_sampling(lm.path)
     given = {**sampling, **{k: v for k, v in given.items() if v is not None}}
     # unset options stay unset: EvalModel.settings_for fills them from the checkpoint
@@ -183,12 +185,13 @@ def generate_cmd(
 
 def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) -> None:
     """One line naming the decoding settings taken from lm's checkpoint (sampling: those of
-    generation_defaults.checkpoint_sampling that no option replaced), if any."""
+    generation_defaults.checkpoint_sampling that no option replaced), if any; and one when its
+    num_beams goes unused because it samples (transformers' beam sampling, not implemented)."""
     from lmforge.model.generation_defaults import sampling_defaults
 
     written = sampling_defaults(lm.path)
     taken = [
-        f"{k}={v}" + ("" if k in written else " (transformers' default)")
+        f"{k}={written[k]}" if k in written else f"{k}={v} (transformers' default)"
         for k, v in sampling.items()
         if getattr(settings, k) == v  # not replaced by an option
     ]
@@ -198,5 +201,18 @@ def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) 
         hint = "; --greedy to decode greedily" if sampling else ""
         console().print(
             f"from the checkpoint's generation config: {', '.join(taken)} (options given win{hint})",
+            soft_wrap=True,
+        )
+    beams = lm.generation_defaults.get("num_beams", 1)
+    if (
+        sampling
+        and settings.temperature > 0
+        and beams > 1
+        and "num_beams" not in settings.model_fields_set
+    ):
+        console().print(
+            f"the checkpoint's num_beams={beams} with do_sample is transformers' beam sampling, "
+            "which lmforge does not implement: sampling without beams (--greedy for its beam "
+            "search)",
             soft_wrap=True,
         )

@@ -53,6 +53,9 @@ NOT_APPLIED = {
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 # transformers' GenerationConfig values for the sampling keys a checkpoint leaves unset
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# keys transformers' sampling also reads, with their defaults: lmforge's sampling does not apply
+# them, so a checkpoint that samples with one set gets them named (unapplied_keys)
+SAMPLING_NOT_APPLIED = {"typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 def _checkpoint_source(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -97,14 +100,14 @@ def unapplied_keys(model_dir: Path | str, *, sampling_applied: bool) -> dict[str
     """The decoding keys model_dir's checkpoint sets that lmforge leaves out, as written:
     NOT_APPLIED's set away from their defaults and, unless sampling_applied (`lmforge generate`
     applies checkpoint_sampling, the eval stage does not), do_sample true with the sampling keys
-    it sets."""
+    it sets; under do_sample true, SAMPLING_NOT_APPLIED's set away from their defaults too."""
     _, source = _checkpoint_source(Path(model_dir))
+    samples = source.get("do_sample") is True
+    unread = {**NOT_APPLIED, **(SAMPLING_NOT_APPLIED if samples else {})}
     keys = {
-        k: source[k]
-        for k, default in NOT_APPLIED.items()
-        if source.get(k) not in (None, [], default)
+        k: source[k] for k, default in unread.items() if source.get(k) not in (None, [], default)
     }
-    if not sampling_applied and source.get("do_sample") is True:
+    if not sampling_applied and samples:
         keys |= {k: source[k] for k in ("do_sample", *SAMPLING_KEYS) if source.get(k) is not None}
     return keys
 

@@ -6,8 +6,9 @@ as transformers does), so the three agree. Each rule is transformers' processor 
 name: NoRepeatNGramLogitsProcessor (no_repeat_ngram_size), MinLengthLogitsProcessor (min_length:
 the whole sequence, prompt or decoder start included), MinNewTokensLengthLogitsProcessor
 (min_new_tokens; when it is set, min_length is not applied: transformers then sets
-min_length = min_new_tokens + the input length, the same rule), ForcedBOSTokenLogitsProcessor (the first token after a one-token start, i.e. an
-encoder-decoder's first target token) and ForcedEOSTokenLogitsProcessor (the last step). Lengths
+min_length = min_new_tokens + the input length, the same rule), ForcedBOSTokenLogitsProcessor
+(the first token after a one-token start, i.e. an encoder-decoder's first target token) and
+ForcedEOSTokenLogitsProcessor (the last step). Lengths
 and n-grams are per row, without left padding, i.e. what transformers does for one prompt (in a
 left-padded batch transformers counts the padding in min_length and in its n-grams), so a row's
 tokens do not depend on the batch it is in.

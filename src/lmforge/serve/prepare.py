@@ -117,7 +117,8 @@ class RequestPreparer:
                     sources += [{**p.to_dict(), "prompt_index": i} for p in passages or []]
             if ids is None or text != original:  # token prompts stay as sent unless redacted
                 ids = files.encode(text)
-            default = engine.request_defaults.max_tokens or 16  # OpenAI's, unless the model's
+            # OpenAI's 16, unless the model's
+            default = self._checkpoint_max_tokens(engine, len(ids), req.max_tokens) or 16
             max_tokens = self._token_limit(engine, len(ids), req.max_tokens, default, "prompt")
             prompt_tokens += len(ids)
             jobs += self._jobs(req, len(jobs), ids, text, max_tokens, req.logprobs)
@@ -155,7 +156,7 @@ class RequestPreparer:
             ) from None
         ids = engine.files.encode(text)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        default = engine.request_defaults.max_tokens  # None: the room the context leaves
+        default = self._checkpoint_max_tokens(engine, len(ids), req.token_limit)  # None: the room
         max_tokens = self._token_limit(engine, len(ids), req.token_limit, default, "messages")
         prep = Prepared(
             "chat", new_id("chatcmpl"), req.model, engine,
@@ -221,6 +222,17 @@ class RequestPreparer:
                 code="context_length_exceeded",
             )
         return asked
+
+    @staticmethod
+    def _checkpoint_max_tokens(engine: Any, prompt_len: int, asked: int | None) -> int | None:
+        """The checkpoint's max_tokens (RequestDefaults.max_tokens_for) when the request sets none
+        (asked None), a 400 naming max_tokens when its max_length leaves the prompt no room."""
+        if asked is not None:
+            return None
+        try:
+            return engine.request_defaults.max_tokens_for(prompt_len)
+        except InputError as exc:
+            raise APIError(400, str(exc), param="max_tokens") from None
 
     def _jobs(
         self, req: Any, start: int, ids: list[int], text: str, max_tokens: int, logprobs: int | None

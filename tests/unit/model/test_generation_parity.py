@@ -191,6 +191,10 @@ def test_generate_cli_samples_as_the_checkpoint_says_unless_greedy(tmp_path, tok
     for prompt, answer in zip(PROMPTS, answers, strict=True):
         ids = lm.start(prompt)
         assert answer == lm.decode(hf_new_ids(hf, ids, len(ids), lm.stop_ids()))
+    # a temperature given replaces the checkpoint's alone, as generate(temperature=...) does: its
+    # top_k 1 still applies, so a flat temperature still picks the argmax
+    hotter, output = run_generate(path, tmp_path, "--temperature", "20")
+    assert hotter == answers and "top_k=1" in output and "temperature=1.5" not in output
     path, _ = tiny_llama(tmp_path, tok, {"do_sample": True, "max_new_tokens": 6})  # top_k 50
     lm = EvalModel.load(path)
     sampled, output = run_generate(path, tmp_path)
@@ -204,6 +208,13 @@ def test_generate_cli_samples_as_the_checkpoint_says_unless_greedy(tmp_path, tok
     assert run_generate(path, tmp_path, "--top-k", "1")[0] == greedy  # top_k 1: the argmax
     beams = lm.generate_batch(PROMPTS, GenerationSettings(num_beams=2))
     assert run_generate(path, tmp_path, "--num-beams", "2")[0] == beams  # beams do not sample
+    # the checkpoint's own beams with do_sample: beam sampling, not implemented, said so
+    path, _ = tiny_llama(tmp_path, tok, {"do_sample": True, "num_beams": 2, "max_new_tokens": 6})
+    _, output = run_generate(path, tmp_path)
+    assert "num_beams=2 with do_sample is transformers' beam sampling" in output
+    assert run_generate(path, tmp_path, "--greedy")[0] == beams  # --greedy: its beam search
+    path, _ = tiny_llama(tmp_path, tok, {"do_sample": True, "top_k": 0, "max_new_tokens": 6})
+    assert "top_k=0," in run_generate(path, tmp_path)[1]  # as written (0: off), not None
 
 
 def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_path, tok):
@@ -264,3 +275,40 @@ def test_a_chat_fine_tunes_export_forces_its_end_of_turn_in_transformers_too(tmp
         assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids())
         assert row[-1] in (7, im_end) and (len(row) < 5 or row[-1] == im_end)
     assert max(map(len, rows)) == 5  # one answer ran to the limit: ended by the end of turn
+
+
+def test_export_moves_a_forced_eos_only_when_it_named_the_bases_end(tmp_path, tok):
+    """An encoder-decoder's export passes its own eos as the end: a forced eos among the base's
+    eos ids moves there, one naming another token stays, and no end known leaves it as is."""
+    import shutil
+
+    from lmforge.finetune.export import answer_end, tuned_decoding
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    base = shutil.copytree(tok, tmp_path / "base")
+    files = TokenizerFiles.load(base)
+
+    def moved(forced, end: int | None = 9):
+        gen = {"eos_token_id": [2, 3], "forced_eos_token_id": forced, "num_beams": 4}
+        (base / "generation_config.json").write_text(json.dumps(gen))
+        return tuned_decoding(base, files, end)
+
+    assert moved(2) == {"forced_eos_token_id": 9, "num_beams": 4}
+    assert moved([2, 3])["forced_eos_token_id"] == 9
+    assert moved(7)["forced_eos_token_id"] == 7  # not the base's end: the base's own choice
+    assert moved([2, 7])["forced_eos_token_id"] == [2, 7]
+    assert moved(2, end=None)["forced_eos_token_id"] == 2
+    assert answer_end(files) == files.token_id("<|im_end|>")  # a chat template: its end of turn
+
+
+def test_sampling_keys_lmforge_does_not_apply_are_named_when_the_checkpoint_samples(tmp_path):
+    from lmforge.model.generation_defaults import unapplied_keys, warn_not_applied
+
+    gen = {"do_sample": True, "temperature": 0.7, "min_p": 0.1, "typical_p": 1.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    assert warn_not_applied(tmp_path) == ["min_p"]  # `lmforge generate` samples without it
+    assert unapplied_keys(tmp_path, sampling_applied=False) == {
+        "min_p": 0.1, "do_sample": True, "temperature": 0.7,
+    }  # fmt: skip
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}))
+    assert warn_not_applied(tmp_path) == []  # transformers does not sample: min_p unused

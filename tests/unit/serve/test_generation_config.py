@@ -7,6 +7,7 @@ read by the openai client."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,26 @@ def test_history_rules_change_only_the_rows_that_ask():
     assert out[1, 4] == float("-inf") and out[1, 1] == float("-inf") and out[1, 2] == 0
     assert out[2, 4] == 1.0 and out[2, 0] == 0  # 2.0 / 2
     assert history_rules(rows[:1], logits) is logits  # nobody asks: no copy
+
+
+def test_a_decoders_max_length_counts_the_prompt_as_in_lmforge_generate(model_dirs, tmp_path):
+    """Without max_new_tokens, a decoder checkpoint's max_length (prompt included) bounds a
+    request that sets no max_tokens, as `lmforge generate` and transformers bound it; a request's
+    max_tokens wins; a prompt that leaves no room is a 400 naming max_tokens."""
+    files = TokenizerFiles.load(model_dirs["plain"])
+    prompt_len = len(files.encode(files.render_chat(QUESTION, add_generation_prompt=True)))
+    # min_new_tokens holds every stop off, so the answer is exactly as long as its budget
+    limited = tmp_path / "limited"
+    shutil.copytree(model_dirs["plain"], limited)
+    with_generation_config(limited, min_new_tokens=50, max_length=prompt_len + 6)
+    assert read_request_defaults(limited, False).max_tokens_for(prompt_len) == 6
+
+    text, tokens = chat_answers({"limited": limited}, tmp_path, "auto")["limited"]
+    assert tokens == 6  # max_length - the prompt, not OpenAI's default nor the context's room
+    assert text == generate_chat(limited, GenerationSettings())
+    assert chat_answers({"limited": limited}, tmp_path, "auto", max_tokens=3)["limited"][1] == 3
+
+    with_generation_config(limited, max_length=prompt_len)
+    with pytest.raises(openai.BadRequestError, match="max_length") as err:
+        chat_answers({"limited": limited}, tmp_path, "auto")
+    assert err.value.body["param"] == "max_tokens"
