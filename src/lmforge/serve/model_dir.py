@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.errors import InputError
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults, read_request_defaults
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import load_generation_config
@@ -39,8 +40,11 @@ def model_tasks(model_dir: Path | str) -> ModelTasks:
 
     if is_encoder_decoder(model_dir):
         return ModelTasks(generate=True, embed=False)
-    causal = hf_config_to_model_config(read_config(resolve_model_dir(Path(model_dir)))).causal
-    return ModelTasks(generate=causal, embed=True)
+    try:
+        cfg = hf_config_to_model_config(read_config(resolve_model_dir(Path(model_dir))))
+    except InputError as err:  # an unsupported or incomplete config.json: say whose
+        raise InputError(f"{model_dir}: {err}") from None
+    return ModelTasks(generate=cfg.causal, embed=True)
 
 
 @dataclass

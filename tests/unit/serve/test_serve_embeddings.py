@@ -256,3 +256,23 @@ def test_a_shut_down_embedder_refuses_and_fails_what_waits(encoder_dir):
         waiting.result(timeout=5)
     with pytest.raises(EngineClosed, match="shut down"):
         embedder.submit([2, 3])
+
+
+def test_embed_flags_reach_the_settings(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lmforge.serve.server as server_module
+    from lmforge.cli import app
+
+    (tmp_path / "m").mkdir()
+    started = []
+    monkeypatch.setattr(server_module, "serve", started.append)
+    for extra, want in (([], ("auto", True)),
+                        (["--embed-pooling", "cls", "--no-embed-normalize"], ("cls", False))):  # fmt: skip
+        result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), *extra])
+        assert result.exit_code == 0, result.output
+        assert (started[-1].embed_pooling, started[-1].embed_normalize) == want
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(tmp_path / "m"), "--embed-pooling", "max"]
+    )
+    assert result.exit_code != 0 and "embed_pooling" in str(result.exception or result.output)
