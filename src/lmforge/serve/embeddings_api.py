@@ -40,11 +40,8 @@ class EmbeddingRequest(BaseModel):
     def inputs(self) -> list[str | list[int]]:
         """The input field as a list: one string or one token list per input."""
         x = self.input
-        if isinstance(x, str):
-            return [x]
-        if x and isinstance(x[0], int):
-            return [list(x)]  # type: ignore[arg-type]
-        return list(x)  # type: ignore[arg-type]
+        one = isinstance(x, str) or (x and isinstance(x[0], int))  # a text, or one token list
+        return [x] if one else list(x)  # type: ignore[list-item, arg-type]
 
 
 def embedder_for(state: Any, model: str) -> Any:

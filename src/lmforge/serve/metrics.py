@@ -170,16 +170,10 @@ class ServerMetrics:
         self.feedback = Counter(
             "lmforge_feedback_rows", "Rows written to the feedback store", ["kind"], registry=r
         )
-        self.embedding_requests = Counter(
-            "lmforge_embedding_requests", "/v1/embeddings requests answered", ["model"],
-            registry=r,
-        )  # fmt: skip
-        self.embedding_inputs = Counter(
-            "lmforge_embedding_inputs", "Inputs embedded", ["model"], registry=r
-        )
-        self.embedding_tokens = Counter(
-            "lmforge_embedding_tokens", "Input tokens embedded", ["model"], registry=r
-        )
+        self.embedding_requests = self._per_model("lmforge_embedding_requests",
+                                                  "/v1/embeddings requests answered")  # fmt: skip
+        self.embedding_inputs = self._per_model("lmforge_embedding_inputs", "Inputs embedded")
+        self.embedding_tokens = self._per_model("lmforge_embedding_tokens", "Input tokens embedded")
         self._scraped = self.registry
         if self.multiprocess_dir is not None:  # the files of every worker, merged at each scrape
             _check_multiprocess_values(self.multiprocess_dir)
@@ -191,6 +185,9 @@ class ServerMetrics:
         self.embedding_requests.labels(model).inc()
         self.embedding_inputs.labels(model).inc(inputs)
         self.embedding_tokens.labels(model).inc(tokens)
+
+    def _per_model(self, name: str, doc: str) -> Counter:
+        return Counter(name, doc, ["model"], registry=self.registry)
 
     def _gauge(self, name: str, doc: str) -> Gauge:
         return Gauge(name, doc, ["model"], registry=self.registry, multiprocess_mode="livesum")
