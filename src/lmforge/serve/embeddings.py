@@ -206,7 +206,7 @@ class Embedder:
         ids, mask = ids.to(self.device), mask.to(self.device)
         # an encoder's pad keys masked; a decoder's right padding is after every real token
         h = self.model.hidden_states(ids, pad_mask=None if self.causal else mask)  # (B, T, C)
-        pooled = pool_states(h, mask, self.pooling).float()  # (B, C)
+        pooled = pool_states(h.float(), mask, self.pooling)  # (B, C), pooled in float32
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
         return pooled.cpu()
