@@ -1,15 +1,8 @@
 """Embedder: a model's pooled, L2-normalised hidden states for /v1/embeddings, batched across
 requests on one thread of its own.
 
-Pooling (`pool_states`) reads the final hidden states of right-padded rows:
-- "mean": the mean over the real tokens (finetune.heads.mean_pool, the function the mean-pooled
-  classifier trains with), an encoder's default (sentence-transformers' default too);
-- "cls": the first token's state ([CLS] / <s>), without BERT's pooler dense, as vLLM's CLS
-  pooling; encoders only (a causal model's first token has seen only itself);
-- "last": the last real token's state, a decoder's default (e5-mistral's and vLLM's for causal
-  embedding models): the only position that has read the whole text.
-"auto" picks mean for an encoder and last for a decoder. Vectors are L2-normalised unless
-normalize is off (vLLM's default is on).
+Pooling as serve/embeddings_pooling.py chooses and computes it (mean, cls or last); vectors are
+L2-normalised unless normalize is off (vLLM's default is on).
 
 Batching: submit() queues one input's token ids and returns a Future; the thread takes what is
 waiting (up to max_batch_size inputs), sorts it by length, cuts it into batches of at most
@@ -26,48 +19,21 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.errors import ConfigError
-from lmforge.finetune.heads import mean_pool
+from lmforge.serve.embeddings_pooling import checkpoint_pooling, pool_states, resolve_pooling
 from lmforge.serve.engine_threads import configure_threads
 from lmforge.serve.engine_types import EngineClosed, QueueFull
 from lmforge.tokenizer.files import TokenizerFiles
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("auto", "mean", "cls", "last")
 MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds a batch's activation memory
-
-
-def resolve_pooling(pooling: str, causal: bool, name: str) -> str:
-    """The pooling a model gets: auto -> mean (encoder) or last (decoder); cls on a decoder is a
-    ConfigError naming the model."""
-    if pooling not in POOLINGS:
-        raise ConfigError(f"--embed-pooling {pooling!r}: valid: {', '.join(POOLINGS)}")
-    if pooling == "auto":
-        return "last" if causal else "mean"
-    if pooling == "cls" and causal:
-        raise ConfigError(
-            f"--embed-pooling cls: {name} is a causal model, whose first token has seen only "
-            "itself; use last (its default) or mean"
-        )
-    return pooling
-
-
-def pool_states(h: Tensor, mask: Tensor, pooling: str) -> Tensor:
-    """(B, C) pooled states of h (B, T, C), right-padded rows whose real tokens mask (B, T)
-    marks; pooling "mean", "cls" or "last" (module docstring)."""
-    if pooling == "mean":
-        return mean_pool(h, mask)
-    if pooling == "cls":
-        return h[:, 0]
-    last = mask.sum(1) - 1  # (B,) each row's last real position
-    return h[torch.arange(h.size(0), device=h.device), last]
 
 
 class Embedder:
@@ -212,10 +178,14 @@ class Embedder:
         return pooled.cpu()
 
 
-def embedder_settings(settings: Any) -> dict[str, Any]:
-    """The Embedder keywords a ServeSettings gives."""
+def embedder_settings(settings: Any, model_dir: Path) -> dict[str, Any]:
+    """The Embedder keywords a ServeSettings gives model_dir: --embed-pooling, or under auto the
+    pooling its checkpoint names (embeddings_pooling.checkpoint_pooling)."""
+    pooling = settings.embed_pooling
+    if pooling == "auto":
+        pooling = checkpoint_pooling(model_dir) or "auto"
     return {
-        "pooling": settings.embed_pooling, "normalize": settings.embed_normalize,
+        "pooling": pooling, "normalize": settings.embed_normalize,
         "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
         "threads": settings.torch_threads(),
     }  # fmt: skip

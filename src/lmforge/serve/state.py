@@ -101,7 +101,7 @@ def _start_engine(state: ServeState, spec: Any) -> None:
                                    request_defaults=False)  # fmt: skip
         model, files = served.model, served.files
     if tasks.embed:
-        embedder = Embedder(model, files, name=spec.name, **embedder_settings(s))
+        embedder = Embedder(model, files, name=spec.name, **embedder_settings(s, spec.path))
         embedder.start()
         state.embedders[spec.name] = embedder
     state.model_ids[spec.name] = model_identity(spec.name, spec.path)

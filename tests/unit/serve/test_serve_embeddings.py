@@ -29,7 +29,8 @@ from lmforge.errors import ConfigError
 from lmforge.finetune.heads import mean_pool
 from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, ClassifierHead, load_pretrained
 from lmforge.model.convert.mean_head import save_mean_head
-from lmforge.serve.embeddings import Embedder, resolve_pooling
+from lmforge.serve.embeddings import Embedder, embedder_settings
+from lmforge.serve.embeddings_pooling import checkpoint_pooling, resolve_pooling
 from lmforge.serve.launch import free_port
 from lmforge.serve.server import create_app
 from lmforge.serve.settings import ServeSettings
@@ -60,11 +61,33 @@ def classifier_dir(encoder_dir, tmp_path_factory):
     return out
 
 
+def sentence_transformers_dir(encoder_dir, out, modes: dict[str, bool], extra=()):
+    """The encoder as sentence-transformers saves one: modules.json + 1_Pooling/config.json."""
+    shutil.copytree(encoder_dir, out)
+    st = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "", "type": f"{st}Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": f"{st}Pooling"},
+               *extra]  # fmt: skip
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, "pooling_mode_mean_tokens": False, **modes})
+    )
+    return out
+
+
 @pytest.fixture(scope="module")
-def server(encoder_dir, classifier_dir, serve_model_dir, tmp_path_factory):
+def cls_dir(encoder_dir, tmp_path_factory):
+    """The encoder as a sentence-transformers checkpoint trained with CLS pooling (as BGE)."""
+    out = tmp_path_factory.mktemp("embed-st") / "st"
+    return sentence_transformers_dir(encoder_dir, out, {"pooling_mode_cls_token": True})
+
+
+@pytest.fixture(scope="module")
+def server(encoder_dir, classifier_dir, cls_dir, serve_model_dir, tmp_path_factory):
     settings = ServeSettings(
         models=[{"name": "enc", "path": encoder_dir}, {"name": "clf", "path": classifier_dir},
-                {"name": "dec", "path": serve_model_dir}],
+                {"name": "dec", "path": serve_model_dir}, {"name": "st", "path": cls_dir}],
         feedback_db=tmp_path_factory.mktemp("embed-fb") / "f.db", port=free_port(),
         loop="asyncio", http="h11",
     )  # fmt: skip
@@ -195,13 +218,13 @@ def test_errors_name_the_input_and_what_to_do(client, server, encoder_dir):
 
     with pytest.raises(openai.BadRequestError, match="'enc' is an embedding model: it serves"):
         client.chat.completions.create(model="enc", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.NotFoundError, match="serves: clf, dec, enc"):
+    with pytest.raises(openai.NotFoundError, match="serves: clf, dec, enc, st"):
         client.embeddings.create(model="nope", input="x")
 
 
 def test_models_and_metrics_list_the_embedding_models(client, server):
     models = {m.id: m.model_extra["max_model_len"] for m in client.models.list().data}
-    assert models == {"enc": 128, "clf": 128, "dec": 128}
+    assert models == {"enc": 128, "clf": 128, "dec": 128, "st": 128}
     client.embeddings.create(model="enc", input=["x", "y z"])
     metrics = httpx.get(f"{server}/metrics").text
     requests = [line for line in metrics.splitlines()
@@ -227,6 +250,36 @@ def test_waiting_inputs_run_sorted_in_padded_batches_equal_to_one_at_a_time(enco
     assert all(b == sorted(b) and max(b) * len(b) <= 128 for b in shapes)  # sorted, bounded
     alone = torch.stack([forward([r])[0] for r in rows])
     assert (batched - alone).abs().max().item() <= 1e-5
+
+
+def test_a_sentence_transformers_dir_is_pooled_as_its_pooling_module_says(
+    client, cls_dir, encoder_dir, tmp_path
+):
+    got = client.embeddings.create(model="st", input=TEXTS, encoding_format="float")
+    files = TokenizerFiles.load(cls_dir)
+    model = load_pretrained(cls_dir)
+    with torch.no_grad():
+        first = [model.hidden_states(torch.tensor([files.encode_input(t)[0]]))[0, 0] for t in TEXTS]
+    want = F.normalize(torch.stack(first), dim=-1).numpy()
+    assert np.abs(vectors(got) - want).max() <= 1e-5
+    settings = ServeSettings(models=[{"name": "st", "path": cls_dir}])
+    assert embedder_settings(settings, cls_dir)["pooling"] == "cls"
+    assert embedder_settings(settings, encoder_dir)["pooling"] == "auto"  # no modules.json
+    flagged = ServeSettings(models=[{"name": "st", "path": cls_dir}], embed_pooling="mean")
+    assert embedder_settings(flagged, cls_dir)["pooling"] == "mean"  # the flag wins
+
+    maxed = sentence_transformers_dir(
+        encoder_dir, tmp_path / "max", {"pooling_mode_max_tokens": True}
+    )
+    with pytest.raises(
+        ConfigError, match=r"1_Pooling/config.json: pooling pooling_mode_max_tokens"
+    ):
+        checkpoint_pooling(maxed)
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    densed = sentence_transformers_dir(encoder_dir, tmp_path / "dense",
+                                       {"pooling_mode_mean_tokens": True}, [dense])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"lists sentence_transformers\.models\.Dense, which"):
+        checkpoint_pooling(densed)
 
 
 def test_cls_pooling_without_normalising_is_the_first_state(encoder_dir, serve_model_dir):
@@ -267,8 +320,8 @@ def test_embed_flags_reach_the_settings(tmp_path, monkeypatch):
     (tmp_path / "m").mkdir()
     started = []
     monkeypatch.setattr(server_module, "serve", started.append)
-    for extra, want in (([], ("auto", True)),
-                        (["--embed-pooling", "cls", "--no-embed-normalize"], ("cls", False))):  # fmt: skip
+    flags = ["--embed-pooling", "cls", "--no-embed-normalize"]
+    for extra, want in (([], ("auto", True)), (flags, ("cls", False))):
         result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), *extra])
         assert result.exit_code == 0, result.output
         assert (started[-1].embed_pooling, started[-1].embed_normalize) == want
