@@ -75,7 +75,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_encoder_dir(Path(tmp), args.preset)
         batch = texts(args.requests)
-        with ServerProcess([f"enc={model}"], args=["--threads", str(args.threads)]) as server:
+        flags = ["--threads", str(args.threads), "--feedback-db", f"{tmp}/feedback.db"]
+        with ServerProcess([f"enc={model}"], args=flags) as server:
             timed(server.url, batch[:16], 16)  # warm-up
             rates: dict[int, list[float]] = {1: [], 16: []}
             for _ in range(args.rounds):
