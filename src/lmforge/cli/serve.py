@@ -93,10 +93,21 @@ def serve_cmd(
     http: Annotated[
         str, typer.Option(help="HTTP parser: auto (httptools when installed) | h11 | httptools.")
     ] = "auto",
+    embed_pooling: Annotated[
+        str,
+        typer.Option(
+            help="/v1/embeddings pooling: auto (mean over an encoder's tokens, a decoder's last "
+            "token) | mean | cls (an encoder's first token) | last."
+        ),
+    ] = "auto",
+    embed_normalize: Annotated[
+        bool, typer.Option(help="L2-normalise /v1/embeddings vectors (vLLM's default).")
+    ] = True,
 ) -> None:
     """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions
-    (streaming), /v1/models, /v1/feedback, /metrics, /health, and the chat page at /.
-    Encoder-decoder model directories (BART/T5 layout) are served too.
+    (streaming), /v1/embeddings, /v1/models, /v1/feedback, /metrics, /health, and the chat page
+    at /. Encoder-decoder model directories (BART/T5 layout) are served too; encoder directories
+    (BERT/RoBERTa, classifiers' encoders) are embedding models: /v1/embeddings only.
 
     Example: lmforge serve --model runs/quickstart/sft/final --model base=runs/quickstart/pretrain/final --api-key secret
     Example: lmforge serve --config runs/dialogue-assistant/serve_config/serve.yaml --port 8000
@@ -111,7 +122,8 @@ def serve_cmd(
              "max_batch_size": max_batch_size, "max_queue": max_queue,
              "request_timeout_s": request_timeout, "threads": threads,
              "compile": compile, "generation_config": generation_config, "loop": loop,
-             "http": http, "prefix_cache_mb": prefix_cache_mb}  # fmt: skip
+             "http": http, "prefix_cache_mb": prefix_cache_mb, "embed_pooling": embed_pooling,
+             "embed_normalize": embed_normalize}  # fmt: skip
     if config is not None:
         from lmforge.serve.recipe_config import load_serve_config
 

@@ -70,8 +70,7 @@ class SequenceClassifier(nn.Module):
             mask = real_tokens(idx, last)
             h = self.lm.hidden_states(idx, pad_mask=mask, token_type_ids=token_type_ids)
             if self.pool is None:  # mean of the real tokens' states
-                m = mask.unsqueeze(-1).to(h.dtype)
-                return self.head((h * m).sum(1) / m.sum(1)), h
+                return self.head(mean_pool(h, mask)), h
             return self.head(torch.tanh(self.pool(h[:, 0]))), h
         h = self.lm.hidden_states(idx)  # (B, T, C)
         pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
@@ -107,6 +106,13 @@ class SequenceClassifier(nn.Module):
 def real_tokens(idx: Tensor, last: Tensor) -> Tensor:
     """Pad mask (B, T) of right-padded rows: 1 up to and including each row's `last`."""
     return (torch.arange(idx.size(1), device=idx.device)[None, :] <= last[:, None]).long()
+
+
+def mean_pool(h: Tensor, mask: Tensor) -> Tensor:
+    """(B, C) mean of states h (B, T, C) over the tokens mask (B, T) marks: the mean-pooled
+    classifier's input and `lmforge serve`'s encoder embeddings (serve/embeddings.py)."""
+    m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+    return (h * m).sum(1) / m.sum(1)
 
 
 def pooled_index(ids: list[int], pad_id: int) -> int:

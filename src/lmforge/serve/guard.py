@@ -13,7 +13,8 @@ from lmforge.serve.protocol import APIError
 
 OPEN_PATHS = {"/health", "/ready", "/ping", "/metrics", "/"}  # no API key needed
 KNOWN_PATHS = OPEN_PATHS | {
-    "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/invocations"
+    "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/feedback",
+    "/invocations",
 }  # fmt: skip
 
 

@@ -170,11 +170,24 @@ class ServerMetrics:
         self.feedback = Counter(
             "lmforge_feedback_rows", "Rows written to the feedback store", ["kind"], registry=r
         )
+        self.embedding_requests = self._per_model("lmforge_embedding_requests",
+                                                  "/v1/embeddings requests answered")  # fmt: skip
+        self.embedding_inputs = self._per_model("lmforge_embedding_inputs", "Inputs embedded")
+        self.embedding_tokens = self._per_model("lmforge_embedding_tokens", "Input tokens embedded")
         self._scraped = self.registry
         if self.multiprocess_dir is not None:  # the files of every worker, merged at each scrape
             _check_multiprocess_values(self.multiprocess_dir)
             self._scraped = CollectorRegistry()
             MultiProcessCollector(self._scraped, path=str(self.multiprocess_dir))
+
+    def count_embeddings(self, model: str, inputs: int, tokens: int) -> None:
+        """One answered /v1/embeddings request of `inputs` inputs and `tokens` tokens."""
+        self.embedding_requests.labels(model).inc()
+        self.embedding_inputs.labels(model).inc(inputs)
+        self.embedding_tokens.labels(model).inc(tokens)
+
+    def _per_model(self, name: str, doc: str) -> Counter:
+        return Counter(name, doc, ["model"], registry=self.registry)
 
     def _gauge(self, name: str, doc: str) -> Gauge:
         return Gauge(name, doc, ["model"], registry=self.registry, multiprocess_mode="livesum")

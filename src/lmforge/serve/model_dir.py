@@ -1,6 +1,7 @@
 """A model directory loaded for serving: the model on its device and dtype, its tokenizer files,
 its generation config (the stop set), its display name and, unless turned off, the defaults its
-generation_config gives the request fields a request leaves unset (serve/request_defaults.py).
+generation_config gives the request fields a request leaves unset (serve/request_defaults.py);
+and what a directory can serve (`model_tasks`), read from its config.json before loading.
 
 device "auto" is CUDA when available, else CPU. dtype defaults to config.json's torch_dtype, but
 float16 becomes float32 on CPU, where half matmuls are slow.
@@ -15,9 +16,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.errors import InputError
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults, read_request_defaults
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import load_generation_config
+
+
+@dataclass(frozen=True)
+class ModelTasks:
+    """What `lmforge serve` does with a model directory."""
+
+    generate: bool  # completions and chat (a decoder, or an encoder-decoder)
+    embed: bool  # /v1/embeddings (an encoder, or a decoder)
+
+
+def model_tasks(model_dir: Path | str) -> ModelTasks:
+    """An encoder (BERT/RoBERTa, a classifier's or mean-pooled classifier's encoder) embeds only,
+    as vLLM serves pooling models; a decoder generates and embeds (last-token pooling); an
+    encoder-decoder generates only."""
+    from lmforge.model.convert import read_config, resolve_model_dir
+    from lmforge.model.convert.hf_import import hf_config_to_model_config
+    from lmforge.serve.seq2seq_engine import is_encoder_decoder
+
+    if is_encoder_decoder(model_dir):
+        return ModelTasks(generate=True, embed=False)
+    try:
+        cfg = hf_config_to_model_config(read_config(resolve_model_dir(Path(model_dir))))
+    except InputError as err:  # an unsupported or incomplete config.json: say whose
+        raise InputError(f"{model_dir}: {err}") from None
+    return ModelTasks(generate=cfg.causal, embed=True)
 
 
 @dataclass

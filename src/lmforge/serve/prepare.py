@@ -70,8 +70,13 @@ class RequestPreparer:
 
     def engine_for(self, model: str) -> Any:
         engine = self.state.engines.get(model)
+        if engine is None and model in self.state.embedders:  # vLLM refuses them so too
+            raise APIError(
+                400, f"the model {model!r} is an embedding model: it serves /v1/embeddings, not "
+                "completions or chat", param="model", code="embedding_model",
+            )  # fmt: skip
         if engine is None:
-            served = ", ".join(sorted(self.state.engines))
+            served = ", ".join(sorted(self.state.max_context()))
             raise APIError(
                 404,
                 f"the model {model!r} does not exist; this server serves: {served}",

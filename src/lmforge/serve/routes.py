@@ -1,9 +1,10 @@
 """The server's routes, one function per seam, each adding its routes to the app.
 
 error handlers (every error as OpenAI's error body), the completion routes (/v1/completions,
-/v1/chat/completions, SageMaker's /invocations), feedback (/v1/feedback) and the status routes
-(/v1/models, /health, /ready, /ping, /metrics). Each route parses and hands over: requests run in
-completions.py, ratings go to the feedback store, the numbers come from ServeState.
+/v1/chat/completions, SageMaker's /invocations), embeddings (/v1/embeddings), feedback
+(/v1/feedback) and the status routes (/v1/models, /health, /ready, /ping, /metrics). Each route
+parses and hands over: requests run in completions.py, embeddings in embeddings_api.py, ratings
+go to the feedback store, the numbers come from ServeState.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import InputError
 from lmforge.serve.completions import CompletionService
+from lmforge.serve.embeddings_api import EmbeddingRequest, create_embeddings
 from lmforge.serve.guard import error_response
 from lmforge.serve.protocol import (
     APIError,
@@ -97,6 +99,17 @@ def add_completion_routes(app: FastAPI, state: ServeState) -> None:
         return await completion(request, body)
 
 
+def add_embedding_route(app: FastAPI, state: ServeState) -> None:
+    """/v1/embeddings: OpenAI's embeddings API over the models that embed."""
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        req = parse_request(EmbeddingRequest, await request_json(request))
+        if not state.ready:
+            raise APIError(503, "the server is not ready", type="server_error", code="not_ready")
+        return await create_embeddings(state, req)
+
+
 def add_feedback_route(app: FastAPI, state: ServeState) -> None:
     """/v1/feedback: a rating of one response, or a choice between two."""
 
@@ -140,8 +153,8 @@ def add_status_routes(app: FastAPI, state: ServeState) -> None:
     async def models() -> dict[str, Any]:
         data = [
             {"id": name, "object": "model", "created": state.created.get(name, 0),
-             "owned_by": "lmforge", "max_model_len": engine.max_context}
-            for name, engine in state.engines.items()
+             "owned_by": "lmforge", "max_model_len": context}
+            for name, context in state.max_context().items()
         ]  # fmt: skip
         return {"object": "list", "data": data}
 
@@ -153,7 +166,7 @@ def add_status_routes(app: FastAPI, state: ServeState) -> None:
     async def ready() -> Response:
         if not state.ready:
             return JSONResponse({"status": "not ready"}, status_code=503)
-        return JSONResponse({"status": "ready", "models": sorted(state.engines)})
+        return JSONResponse({"status": "ready", "models": sorted(state.max_context())})
 
     @app.get("/ping")
     async def ping() -> Response:

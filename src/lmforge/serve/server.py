@@ -26,6 +26,7 @@ from lmforge.serve.metrics import GAUGE_PERIOD_S, MULTIPROC_ENV, ServerMetrics
 from lmforge.serve.retrieval import KnowledgeBase
 from lmforge.serve.routes import (
     add_completion_routes,
+    add_embedding_route,
     add_error_handlers,
     add_feedback_route,
     add_status_routes,
@@ -57,6 +58,7 @@ def create_app(settings: ServeSettings | None = None, kb: KnowledgeBase | None =
     app.add_middleware(Guard, state=state, api_key=settings.resolved_api_key())
     add_error_handlers(app)
     add_completion_routes(app, state)
+    add_embedding_route(app, state)
     add_feedback_route(app, state)
     add_status_routes(app, state)
     if WEB_DIR.is_dir():

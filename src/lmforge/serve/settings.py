@@ -66,6 +66,11 @@ class ServeSettings(Section):
     threads: int | None = Field(
         None, ge=1, description="torch threads per worker (default: usable CPUs / workers)"
     )
+    embed_pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="/v1/embeddings pooling: auto = mean over an encoder's tokens, a "
+        "decoder's last token; cls = an encoder's first token (serve/embeddings.py)",
+    )  # fmt: skip
+    embed_normalize: bool = Field(True, description="L2-normalise /v1/embeddings vectors")
 
     def torch_threads(self) -> int | None:
         """Threads each worker's engines compute with: --threads, else OMP_NUM_THREADS (None:

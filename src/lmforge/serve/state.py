@@ -1,5 +1,9 @@
 """ServeState, what one server process shares between its routes, and its start-up and shutdown:
-the stores the settings ask for, and the engines (all started, or none left running)."""
+the stores the settings ask for, and the engines (all started, or none left running).
+
+Per model directory (serve/model_dir.model_tasks): a decoder gets a generation Engine and an
+Embedder sharing its module; an encoder an Embedder only (an embedding model); an
+encoder-decoder a Seq2SeqEngine only."""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.serve.cache import ResponseCache, model_identity
+from lmforge.serve.embeddings import Embedder, embedder_settings
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.model_dir import load_served_model, model_tasks
 from lmforge.serve.retrieval import KnowledgeBase
 from lmforge.serve.safety import SafetyPolicy
 from lmforge.serve.seq2seq_engine import engine_class
@@ -21,11 +27,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServeState:
-    """What the routes share: the engines by model name and the optional stores."""
+    """What the routes share: the engines and embedders by model name, the optional stores."""
 
     settings: ServeSettings
     metrics: ServerMetrics
-    engines: dict[str, Any] = field(default_factory=dict)
+    engines: dict[str, Any] = field(default_factory=dict)  # generation, by model name
+    embedders: dict[str, Embedder] = field(default_factory=dict)  # /v1/embeddings, by name
     model_ids: dict[str, str] = field(default_factory=dict)  # name -> name@content hash
     created: dict[str, int] = field(default_factory=dict)
     cache: Any = None
@@ -33,6 +40,10 @@ class ServeState:
     kb: Any = None
     feedback: Any = None
     ready: bool = False
+
+    def max_context(self) -> dict[str, int]:
+        """Every served model's context length, by name (generation or embeddings)."""
+        return {name: m.max_context for name, m in {**self.embedders, **self.engines}.items()}
 
 
 def open_stores(state: ServeState) -> None:
@@ -63,9 +74,10 @@ def start_engines(state: ServeState) -> None:
     except BaseException:
         if state.engines:
             log.info("stopping the %d engine(s) already started", len(state.engines))
-        for engine in state.engines.values():
+        for engine in (*state.engines.values(), *state.embedders.values()):
             engine.shutdown(drain=False)
         state.engines.clear()
+        state.embedders.clear()
         state.model_ids.clear()
         state.created.clear()
         raise
@@ -73,21 +85,35 @@ def start_engines(state: ServeState) -> None:
 
 def _start_engine(state: ServeState, spec: Any) -> None:
     s = state.settings
-    engine = engine_class(spec.path).from_dir(
-        spec.path, name=spec.name, device=s.device,
-        max_batch_size=s.max_batch_size, max_queue=s.max_queue, threads=s.torch_threads(),
-        compile=s.compile, checkpoint_defaults=s.generation_config == "auto",
-        prefix_cache_mb=s.prefix_cache_mb,
-    )  # fmt: skip
-    engine.start()
-    state.engines[spec.name] = engine
+    tasks = model_tasks(spec.path)
+    if tasks.generate:
+        engine = engine_class(spec.path).from_dir(
+            spec.path, name=spec.name, device=s.device,
+            max_batch_size=s.max_batch_size, max_queue=s.max_queue, threads=s.torch_threads(),
+            compile=s.compile, checkpoint_defaults=s.generation_config == "auto",
+            prefix_cache_mb=s.prefix_cache_mb,
+        )  # fmt: skip
+        engine.start()
+        state.engines[spec.name] = engine
+        model, files = engine.model, engine.files  # an embedder shares them
+    else:
+        served = load_served_model(spec.path, name=spec.name, device=s.device,
+                                   request_defaults=False)  # fmt: skip
+        model, files = served.model, served.files
+    if tasks.embed:
+        embedder = Embedder(model, files, name=spec.name, **embedder_settings(s, spec.path))
+        embedder.start()
+        state.embedders[spec.name] = embedder
     state.model_ids[spec.name] = model_identity(spec.name, spec.path)
     state.created[spec.name] = int(time.time())
-    log.info("serving %s from %s (context %d)", spec.name, spec.path, engine.max_context)
+    what = " + ".join(k for k, on in (("generation", tasks.generate), ("embeddings", tasks.embed))
+                      if on)  # fmt: skip
+    log.info("serving %s from %s (%s, context %d)", spec.name, spec.path, what,
+             state.max_context()[spec.name])  # fmt: skip
 
 
 def stop_engines(state: ServeState) -> None:
     """Drain: finish what is running (up to the graceful timeout), then stop."""
     timeout = state.settings.graceful_timeout_s
-    for engine in state.engines.values():
+    for engine in (*state.engines.values(), *state.embedders.values()):
         engine.shutdown(drain=True, timeout=timeout)

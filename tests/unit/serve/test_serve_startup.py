@@ -1,5 +1,6 @@
-"""A server process's start-up: engine k failing stops engines 0..k-1, and a --workers N worker
-sets up lmforge's logging as the CLI did in the parent (its "serving ..." lines appear)."""
+"""A server process's start-up: engine k failing stops engines 0..k-1 (and their embedders),
+and a --workers N worker sets up lmforge's logging as the CLI did in the parent (its "serving
+..." lines appear)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from fastapi.testclient import TestClient
 from lmforge.common import logging as lm_logging
 from lmforge.errors import InputError
 from lmforge.serve import state as state_module
+from lmforge.serve.embeddings import Embedder
 from lmforge.serve.engine import Engine, EngineClosed, SamplingParams
 from lmforge.serve.metrics import MULTIPROC_ENV, ServerMetrics
+from lmforge.serve.model_dir import ModelTasks
 from lmforge.serve.runner import create_worker_app
 from lmforge.serve.settings import ENV_CONFIG, ServeSettings
 from lmforge.serve.state import ServeState, start_engines
@@ -32,16 +35,26 @@ def test_an_engine_failing_to_start_stops_those_already_started(
     serve_model_dir, tmp_path, monkeypatch
 ):
     started: list[Engine] = []
+    embedders: list[Embedder] = []
 
     class RecordedEngine(Engine):
         def start(self) -> None:
             super().start()
             started.append(self)
 
+    class RecordedEmbedder(Embedder):
+        def start(self) -> None:
+            super().start()
+            embedders.append(self)
+
     bad = tmp_path / "bad"
     monkeypatch.setattr(
         state_module, "engine_class", lambda path: BrokenEngine if path == bad else RecordedEngine
     )
+    monkeypatch.setattr(state_module, "Embedder", RecordedEmbedder)
+    tasks = state_module.model_tasks  # the broken dir has no config.json to read
+    monkeypatch.setattr(state_module, "model_tasks",
+                        lambda path: ModelTasks(True, False) if path == bad else tasks(path))  # fmt: skip
     settings = ServeSettings(
         models=[{"name": "a", "path": serve_model_dir}, {"name": "b", "path": serve_model_dir},
                 {"name": "c", "path": bad}],
@@ -56,6 +69,11 @@ def test_an_engine_failing_to_start_stops_those_already_started(
         with pytest.raises(EngineClosed):
             engine.submit([1, 2], SamplingParams(max_tokens=1), "late")
     assert state.engines == {} and state.model_ids == {}
+    assert len(embedders) == 2 and state.embedders == {}  # the decoders' embedders stopped too
+    for embedder in embedders:
+        assert not embedder._thread.is_alive()
+        with pytest.raises(EngineClosed):
+            embedder.submit([1, 2])
 
 
 @pytest.fixture

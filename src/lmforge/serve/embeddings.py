@@ -1,0 +1,191 @@
+"""Embedder: a model's pooled, L2-normalised hidden states for /v1/embeddings, batched across
+requests on one thread of its own.
+
+Pooling as serve/embeddings_pooling.py chooses and computes it (mean, cls or last); vectors are
+L2-normalised unless normalize is off (vLLM's default is on).
+
+Batching: submit() queues one input's token ids and returns a Future; the thread takes what is
+waiting (up to max_batch_size inputs), sorts it by length, cuts it into batches of at most
+max_batch_tokens padded tokens, right-pads each and runs one forward per batch. An encoder's
+padding is hidden by the pad mask, a decoder's by causal attention (pooling reads only real
+tokens), so a vector does not depend on what it was batched with (to float rounding). A decoder
+shares its module with its generation engine (one copy of the weights): forward passes without a
+cache keep no state, so the two threads never write to each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.serve.embeddings_pooling import checkpoint_pooling, pool_states, resolve_pooling
+from lmforge.serve.engine_threads import configure_threads
+from lmforge.serve.engine_types import EngineClosed, QueueFull
+from lmforge.tokenizer.files import TokenizerFiles
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds a batch's activation memory
+
+
+class Embedder:
+    """Embeddings of one model; submit() from any thread, start() before, shutdown() after."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        files: TokenizerFiles,
+        *,
+        name: str,
+        pooling: str = "auto",
+        normalize: bool = True,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        threads: int | None = None,
+    ) -> None:
+        configure_threads(threads)
+        self.model = model.eval()
+        self.files = files
+        self.name = name
+        self.causal: bool = model.config.causal
+        self.pooling = resolve_pooling(pooling, self.causal, name)
+        self.normalize = normalize
+        self.max_context: int = model.config.block_size
+        self.dim: int = model.config.n_embd
+        self.vocab_size: int = model.config.vocab_size
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_batch_tokens = max(max_batch_tokens, self.max_context)  # one input always fits
+        self.device = next(model.parameters()).device
+        self._lock = threading.Condition()
+        self._waiting: deque[tuple[list[int], Future]] = deque()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def tokenize(self, text: str, max_len: int | None = None) -> list[int]:
+        """The model input of a text as transformers' tokenizer(text) makes it: an encoder's
+        specials ([CLS] text [SEP]) or a decoder's (a BOS where its tokenizer adds one); cut to
+        max_len tokens keeping the specials, as truncation=True does."""
+        return self.files.encode_input(text, max_len=max_len)[0]
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name=f"embed-{self.name}")
+                self._thread.daemon = True
+                self._thread.start()
+
+    def submit(self, ids: list[int]) -> Future:
+        """A Future of the input's vector (C,) float32 on the CPU; QueueFull past max_queue
+        waiting inputs, EngineClosed once shut down."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise EngineClosed(f"embedder {self.name!r} is shut down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"embedder {self.name!r}: {self.max_queue} inputs waiting")
+            self._waiting.append((ids, future))
+            self._lock.notify()
+        return future
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops taking inputs; drain: embed those waiting first (up to timeout seconds), else
+        fail them with EngineClosed."""
+        with self._lock:
+            self._closed = True
+            if not drain:
+                self._fail_waiting()
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._lock:  # what the drain did not reach in time
+            self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        while self._waiting:
+            _, future = self._waiting.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineClosed(f"embedder {self.name!r} shut down"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closed:
+                    self._lock.wait()
+                if not self._waiting:
+                    return  # closed and drained
+                n = min(len(self._waiting), self.max_batch_size)
+                taken = [self._waiting.popleft() for _ in range(n)]
+            taken = [(ids, f) for ids, f in taken if f.set_running_or_notify_cancel()]
+            if not taken:
+                continue
+            try:
+                vectors = self.embed([ids for ids, _ in taken])
+            except Exception as exc:  # the requests get the error; the thread serves the next
+                log.exception("embedder %s: a batch of %d failed", self.name, len(taken))
+                for _, future in taken:
+                    future.set_exception(exc)
+                continue
+            for (_, future), vector in zip(taken, vectors, strict=True):
+                future.set_result(vector)
+
+    @torch.inference_mode()
+    def embed(self, rows: list[list[int]]) -> list[Tensor]:
+        """The vectors of rows (each non-empty, within the context), in order: sorted by length
+        and run in batches of at most max_batch_tokens padded tokens."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out: list[Tensor | None] = [None] * len(rows)
+        start = 0
+        while start < len(order):
+            end = start + 1  # sorted: the batch's last row is its longest
+            while end < len(order) and len(rows[order[end]]) * (end - start + 1) <= (
+                self.max_batch_tokens
+            ):
+                end += 1
+            batch = order[start:end]
+            for i, vector in zip(batch, self._forward([rows[i] for i in batch]), strict=True):
+                out[i] = vector
+            start = end
+        return out  # type: ignore[return-value]
+
+    def _forward(self, rows: list[list[int]]) -> Tensor:
+        """(B, C) pooled (and normalised) float32 vectors on the CPU of right-padded rows."""
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, : len(r)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # an encoder's pad keys masked; a decoder's right padding is after every real token
+        h = self.model.hidden_states(ids, pad_mask=None if self.causal else mask)  # (B, T, C)
+        pooled = pool_states(h.float(), mask, self.pooling)  # (B, C), pooled in float32
+        if self.normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        return pooled.cpu()
+
+
+def embedder_settings(settings: Any, model_dir: Path) -> dict[str, Any]:
+    """The Embedder keywords a ServeSettings gives model_dir: --embed-pooling, or under auto the
+    pooling its checkpoint names (embeddings_pooling.checkpoint_pooling)."""
+    pooling = settings.embed_pooling
+    if pooling == "auto":
+        pooling = checkpoint_pooling(model_dir) or "auto"
+    return {
+        "pooling": pooling, "normalize": settings.embed_normalize,
+        "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
+        "threads": settings.torch_threads(),
+    }  # fmt: skip

@@ -1,0 +1,148 @@
+"""/v1/embeddings as OpenAI's API: the request, its checks, and the response, over an Embedder.
+
+`input` is a string, a list of strings, a list of token ids or a list of such lists. A text is
+tokenized as transformers' tokenizer(text) does (an encoder's [CLS] ... [SEP]); token ids are the
+model's input as sent (no specials added). Every input must fit the model's context: a longer one
+is a 400 naming its index and length (vLLM's behaviour), unless `truncate_prompt_tokens` (vLLM's
+extra parameter; -1: the context) asks to keep its first k tokens, specials kept for a text.
+An empty input is a 400 (as OpenAI's). `encoding_format` "float" (lists of numbers) or "base64"
+(little-endian float32 bytes, as OpenAI sends them); `dimensions` only as the model's own size
+(no Matryoshka truncation); `user` is accepted and ignored. Embeddings go around the response
+cache and the feedback store: a vector is cheap to recompute and not something to rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.serve.engine_types import EngineClosed, QueueFull
+from lmforge.serve.protocol import APIError
+
+Input = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request (+ vLLM's truncate_prompt_tokens)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model: str
+    input: Input
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+
+    def inputs(self) -> list[str | list[int]]:
+        """The input field as a list: one string or one token list per input."""
+        x = self.input
+        one = isinstance(x, str) or (x and isinstance(x[0], int))  # a text, or one token list
+        return [x] if one else list(x)  # type: ignore[list-item, arg-type]
+
+
+def embedder_for(state: Any, model: str) -> Any:
+    """The Embedder serving `model`: a 400 for a model that generates only, 404 if unknown."""
+    embedder = state.embedders.get(model)
+    if embedder is not None:
+        return embedder
+    if model in state.engines:
+        raise APIError(
+            400, f"the model {model!r} is an encoder-decoder (generation) model and does not "
+            "serve embeddings; send it completions or chat", param="model",
+        )  # fmt: skip
+    served = ", ".join(sorted(state.max_context()))
+    raise APIError(404, f"the model {model!r} does not exist; this server serves: {served}",
+                   param="model", code="model_not_found")  # fmt: skip
+
+
+def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
+    """Each input's token ids, checked: non-empty, inside the vocabulary, within the context
+    (or cut by truncate_prompt_tokens); a 400 naming the input's index otherwise."""
+    if req.dimensions is not None and req.dimensions != embedder.dim:
+        raise APIError(
+            400, f"dimensions={req.dimensions}: {req.model} makes {embedder.dim}-dimensional "
+            "embeddings and does not shorten them; leave dimensions out or send "
+            f"{embedder.dim}", param="dimensions",
+        )  # fmt: skip
+    inputs, context = req.inputs(), embedder.max_context
+    if not inputs:
+        raise APIError(400, "input is empty: send a string, a list of strings or token ids",
+                       param="input")  # fmt: skip
+    cut = req.truncate_prompt_tokens
+    if cut is not None and not 1 <= (cut := context if cut == -1 else cut) <= context:
+        raise APIError(400, f"truncate_prompt_tokens={req.truncate_prompt_tokens} must be from "
+                       f"1 to the model's context of {context} tokens (or -1: the context)",
+                       param="truncate_prompt_tokens")  # fmt: skip
+    rows = []
+    for i, x in enumerate(inputs):
+        if not x:
+            raise APIError(400, f"input[{i}] is empty", param="input")
+        if isinstance(x, str):
+            ids = embedder.tokenize(x, max_len=cut)
+        else:
+            if any(t < 0 or t >= embedder.vocab_size for t in x):
+                raise APIError(400, f"input[{i}] has token ids outside the vocabulary of "
+                               f"{embedder.vocab_size}", param="input")  # fmt: skip
+            ids = x[:cut] if cut is not None else list(x)
+        if len(ids) > context:
+            raise APIError(
+                400, f"input[{i}] is {len(ids)} tokens, more than {req.model}'s context of "
+                f"{context} tokens; shorten it, or send truncate_prompt_tokens to cut it",
+                param="input", code="context_length_exceeded",
+            )  # fmt: skip
+        rows.append(ids)
+    return rows
+
+
+async def embed_rows(embedder: Any, rows: list[list[int]], timeout: float) -> list[np.ndarray]:
+    """The rows' vectors (float32) from the embedder's batcher; 429 when its queue is full, 503
+    when it is shut down, 504 past `timeout` seconds (the inputs not started are cancelled)."""
+    futures = []
+    try:
+        for ids in rows:
+            futures.append(asyncio.wrap_future(embedder.submit(ids)))
+        vectors = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+    except QueueFull:
+        raise APIError(429, "the server is busy (embedding queue full); retry shortly",
+                       type="rate_limit_error", code="queue_full") from None  # fmt: skip
+    except EngineClosed:
+        raise APIError(503, "the server is shutting down", type="server_error",
+                       code="closed") from None  # fmt: skip
+    except TimeoutError:
+        raise APIError(504, f"the request took longer than {timeout}s", type="timeout",
+                       code="timeout") from None  # fmt: skip
+    finally:
+        for f in futures:
+            f.cancel()  # no-op for the finished; frees the queue of the rest
+    return [v.numpy() for v in vectors]
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    """A vector as OpenAI sends it: a list of floats, or base64 of little-endian float32."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def embedding_response(
+    model: str, vectors: list[np.ndarray], encoding_format: str, prompt_tokens: int
+) -> dict[str, Any]:
+    """OpenAI's embeddings response body."""
+    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, encoding_format)}
+            for i, v in enumerate(vectors)]  # fmt: skip
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return {"object": "list", "data": data, "model": model, "usage": usage}
+
+
+async def create_embeddings(state: Any, req: EmbeddingRequest) -> dict[str, Any]:
+    """The response to one request: checked, tokenized, embedded, counted in /metrics."""
+    embedder = embedder_for(state, req.model)
+    rows = await asyncio.to_thread(input_rows, embedder, req)
+    tokens = sum(len(r) for r in rows)
+    vectors = await embed_rows(embedder, rows, state.settings.request_timeout_s)
+    state.metrics.count_embeddings(req.model, len(rows), tokens)
+    return embedding_response(req.model, vectors, req.encoding_format, tokens)

@@ -1,0 +1,91 @@
+"""How /v1/embeddings pools a model's hidden states, and which pooling a model directory gets.
+
+`pool_states` reads the final hidden states of right-padded rows:
+- "mean": the mean over the real tokens (finetune.heads.mean_pool, the function the mean-pooled
+  classifier trains with), an encoder's default (sentence-transformers' default too);
+- "cls": the first token's state ([CLS] / <s>), without BERT's pooler dense, as vLLM's CLS
+  pooling; encoders only (a causal model's first token has seen only itself);
+- "last": the last real token's state, a decoder's default (e5-mistral's and vLLM's for causal
+  embedding models): the only position that has read the whole text.
+
+Which one (`lmforge serve --embed-pooling`, default auto): a pooling named on the command line;
+under auto, the one a sentence-transformers checkpoint was trained with (`checkpoint_pooling`:
+modules.json's Pooling module, e.g. BGE's CLS, MiniLM's mean), as vLLM reads it; else mean for an
+encoder and last for a decoder (`resolve_pooling`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import ConfigError
+from lmforge.finetune.heads import mean_pool
+
+ST_MODULES = "modules.json"  # sentence-transformers' list of modules, the Pooling one's path
+ST_POOLING = "sentence_transformers.models.Pooling"
+ST_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+            "pooling_mode_lasttoken": "last"}  # fmt: skip
+ST_APPLIED = {"sentence_transformers.models.Transformer", ST_POOLING,
+              "sentence_transformers.models.Normalize"}  # fmt: skip
+
+POOLINGS = ("auto", "mean", "cls", "last")
+
+
+def resolve_pooling(pooling: str, causal: bool, name: str) -> str:
+    """The pooling a model gets: auto -> mean (encoder) or last (decoder); cls on a decoder is a
+    ConfigError naming the model."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"--embed-pooling {pooling!r}: valid: {', '.join(POOLINGS)}")
+    if pooling == "auto":
+        return "last" if causal else "mean"
+    if pooling == "cls" and causal:
+        raise ConfigError(
+            f"--embed-pooling cls: {name} is a causal model, whose first token has seen only "
+            "itself; use last (its default) or mean"
+        )
+    return pooling
+
+
+def pool_states(h: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """(B, C) pooled states of h (B, T, C), right-padded rows whose real tokens mask (B, T)
+    marks; pooling "mean", "cls" or "last" (module docstring)."""
+    if pooling == "mean":
+        return mean_pool(h, mask)
+    if pooling == "cls":
+        return h[:, 0]
+    last = mask.sum(1) - 1  # (B,) each row's last real position
+    return h[torch.arange(h.size(0), device=h.device), last]
+
+
+def checkpoint_pooling(model_dir: Path | str) -> str | None:
+    """The pooling a sentence-transformers directory's Pooling module names, None for a
+    directory without modules.json. A module this server does not apply (Dense, a pooling mode
+    other than mean/cls/last, or several at once) is a ConfigError naming the file: its
+    vectors would not be the ones the model was trained to give."""
+    from lmforge.model.convert import resolve_model_dir
+
+    model_dir = resolve_model_dir(Path(model_dir))
+    path = model_dir / ST_MODULES
+    if not path.is_file():
+        return None
+    modules = json.loads(path.read_text(encoding="utf-8"))
+    other = sorted({m.get("type", "?") for m in modules} - ST_APPLIED)
+    if other:
+        raise ConfigError(f"{path} lists {', '.join(other)}, which /v1/embeddings does not apply; "
+                          "serve a directory without it (or without modules.json)")  # fmt: skip
+    pooling = next((m for m in modules if m.get("type") == ST_POOLING), None)
+    if pooling is None:
+        return None
+    config_path = model_dir / pooling.get("path", "") / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
+    if len(modes) != 1 or modes[0] not in ST_MODES:
+        raise ConfigError(
+            f"{config_path}: pooling {'+'.join(modes) or 'none'}; /v1/embeddings pools one of "
+            f"{', '.join(ST_MODES)}: pass --embed-pooling mean|cls|last to choose one"
+        )
+    return ST_MODES[modes[0]]

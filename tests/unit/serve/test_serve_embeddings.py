@@ -1,0 +1,331 @@
+"""/v1/embeddings under a real uvicorn on 127.0.0.1, read by the official openai client: an
+encoder (bert-micro, and the same encoder as a mean-pooled classifier's directory) and a micro
+decoder. Vectors equal our own forward + pooling and, for the encoder, transformers' BertModel +
+mean pooling over the mask; float and base64 agree; token ids equal text; concurrent requests
+equal serial ones; the errors say what is wrong. The Embedder's batching and pooling choices are
+checked on their own below."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+pytest.importorskip("transformers")
+
+import openai
+import transformers
+
+from lmforge.errors import ConfigError
+from lmforge.finetune.heads import mean_pool
+from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, ClassifierHead, load_pretrained
+from lmforge.model.convert.mean_head import save_mean_head
+from lmforge.serve.embeddings import Embedder, embedder_settings
+from lmforge.serve.embeddings_pooling import checkpoint_pooling, resolve_pooling
+from lmforge.serve.launch import free_port
+from lmforge.serve.server import create_app
+from lmforge.serve.settings import ServeSettings
+from lmforge.tokenizer.files import TokenizerFiles
+from unit.finetune.encoder_tokenizers import bert_tokenizer_dir
+from unit.finetune.helpers import make_model_dir
+from unit.serve.test_serve_uvicorn import running
+
+TEXTS = ["The capital is Paris.", "x y", "def f(x): return x + 1 and more words here", "a"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed-encoder")
+    return make_model_dir(root / "enc", bert_tokenizer_dir(root / "tok"), preset="bert-micro",
+                          init_std=0.2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(encoder_dir, tmp_path_factory):
+    """The encoder as a mean-pooled classifier's final/: the encoder + its head file."""
+    out = tmp_path_factory.mktemp("embed-classifier") / "final"
+    shutil.copytree(encoder_dir, out)
+    head = ClassifierHead(torch.randn(2, 64), ["no", "yes"], torch.zeros(2), pooling="mean")
+    save_mean_head(head, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, MEAN_HEAD_KEY: MEAN_HEAD}))
+    return out
+
+
+def sentence_transformers_dir(encoder_dir, out, modes: dict[str, bool], extra=()):
+    """The encoder as sentence-transformers saves one: modules.json + 1_Pooling/config.json."""
+    shutil.copytree(encoder_dir, out)
+    st = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "", "type": f"{st}Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": f"{st}Pooling"},
+               *extra]  # fmt: skip
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, "pooling_mode_mean_tokens": False, **modes})
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def cls_dir(encoder_dir, tmp_path_factory):
+    """The encoder as a sentence-transformers checkpoint trained with CLS pooling (as BGE)."""
+    out = tmp_path_factory.mktemp("embed-st") / "st"
+    return sentence_transformers_dir(encoder_dir, out, {"pooling_mode_cls_token": True})
+
+
+@pytest.fixture(scope="module")
+def server(encoder_dir, classifier_dir, cls_dir, serve_model_dir, tmp_path_factory):
+    settings = ServeSettings(
+        models=[{"name": "enc", "path": encoder_dir}, {"name": "clf", "path": classifier_dir},
+                {"name": "dec", "path": serve_model_dir}, {"name": "st", "path": cls_dir}],
+        feedback_db=tmp_path_factory.mktemp("embed-fb") / "f.db", port=free_port(),
+        loop="asyncio", http="h11",
+    )  # fmt: skip
+    with running(settings, create_app(settings)):
+        yield f"http://127.0.0.1:{settings.port}"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="-", max_retries=0)
+
+
+def vectors(response) -> np.ndarray:
+    return np.array([d.embedding for d in sorted(response.data, key=lambda d: d.index)])
+
+
+def our_vectors(model_dir, rows: list[list[int]], pooling: str) -> np.ndarray:
+    """Each row alone through our model, pooled and L2-normalised: the reference."""
+    model = load_pretrained(model_dir)
+    out = []
+    with torch.no_grad():
+        for ids in rows:
+            h = model.hidden_states(torch.tensor([ids]))  # (1, T, C)
+            pooled = mean_pool(h, torch.ones(1, len(ids))) if pooling == "mean" else h[:, -1]
+            out.append(F.normalize(pooled, dim=-1)[0].numpy())
+    return np.stack(out)
+
+
+def test_encoder_vectors_equal_ours_and_transformers_mean_pooling(client, encoder_dir):
+    got = client.embeddings.create(model="enc", input=TEXTS, encoding_format="float")
+    files = TokenizerFiles.load(encoder_dir)
+    rows = [files.encode_input(t)[0] for t in TEXTS]
+    assert rows[0][0] == files.tokenizer.token_to_id("[CLS]")  # the template's specials
+    assert got.usage.prompt_tokens == got.usage.total_tokens == sum(map(len, rows))
+    assert got.model == "enc" and [d.index for d in got.data] == [0, 1, 2, 3]
+    assert np.abs(vectors(got) - our_vectors(encoder_dir, rows, "mean")).max() <= 1e-5
+
+    # transformers' BertModel over the padded batch, mean over its attention mask
+    tok = transformers.AutoTokenizer.from_pretrained(encoder_dir)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    bert = transformers.BertModel.from_pretrained(encoder_dir, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        h = bert(**batch).last_hidden_state
+    theirs = F.normalize(mean_pool(h, batch["attention_mask"]), dim=-1).numpy()
+    assert np.abs(vectors(got) - theirs).max() <= 1e-4
+    assert np.abs(np.linalg.norm(vectors(got), axis=1) - 1).max() <= 1e-5
+
+
+def test_base64_and_token_ids_give_the_same_vectors(client, encoder_dir):
+    floats = vectors(client.embeddings.create(model="enc", input=TEXTS, encoding_format="float"))
+    raw = client.embeddings.create(model="enc", input=TEXTS, encoding_format="base64")
+    decoded = np.stack(
+        [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data]
+    )
+    assert decoded.shape == (4, 64) and np.array_equal(decoded, floats.astype(np.float32))
+    # the client's default (it asks for base64 and decodes it) says the same
+    assert np.array_equal(vectors(client.embeddings.create(model="enc", input=TEXTS)), decoded)
+    files = TokenizerFiles.load(encoder_dir)
+    rows = [files.encode_input(t)[0] for t in TEXTS]
+    by_ids = client.embeddings.create(model="enc", input=rows, encoding_format="float")
+    assert np.abs(vectors(by_ids) - floats).max() <= 1e-6
+    one = client.embeddings.create(model="enc", input=rows[0], encoding_format="float")
+    assert np.abs(vectors(one)[0] - floats[0]).max() <= 1e-6
+    single = client.embeddings.create(model="enc", input=TEXTS[0], encoding_format="float")
+    assert np.abs(vectors(single)[0] - floats[0]).max() <= 1e-6
+
+
+def test_a_mean_pooled_classifier_dir_embeds_with_its_encoder(client):
+    enc = vectors(client.embeddings.create(model="enc", input=TEXTS, encoding_format="float"))
+    clf = vectors(client.embeddings.create(model="clf", input=TEXTS, encoding_format="float"))
+    assert np.abs(clf - enc).max() <= 1e-6
+    with pytest.raises(openai.BadRequestError, match="'clf' is an embedding model"):
+        client.completions.create(model="clf", prompt="x y", max_tokens=2)
+
+
+def test_decoder_pools_its_last_token_and_still_generates(client, serve_model_dir):
+    got = client.embeddings.create(model="dec", input=TEXTS, encoding_format="float")
+    files = TokenizerFiles.load(serve_model_dir)
+    rows = [files.encode_input(t)[0] for t in TEXTS]
+    assert rows[0] == files.encode(TEXTS[0])  # this tokenizer adds no specials
+    assert got.usage.prompt_tokens == sum(map(len, rows))
+    assert np.abs(vectors(got) - our_vectors(serve_model_dir, rows, "last")).max() <= 1e-5
+    done = client.completions.create(model="dec", prompt="Hello", max_tokens=3, temperature=0)
+    assert done.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("model", ["enc", "dec"])
+def test_sixteen_concurrent_requests_equal_serial_ones(client, model):
+    texts = [" ".join(TEXTS[: 1 + i % 4]) + f" {i}" * (i % 5) for i in range(16)]
+
+    def embed(text: str) -> np.ndarray:
+        got = client.embeddings.create(model=model, input=text, encoding_format="float")
+        return vectors(got)[0]
+
+    serial = np.stack([embed(t) for t in texts])
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = np.stack(list(pool.map(embed, texts)))
+    assert np.abs(concurrent - serial).max() <= 1e-5
+
+
+def test_errors_name_the_input_and_what_to_do(client, server, encoder_dir):
+    too_long = [5] * 129  # bert-micro's context is 128
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="enc", input=[[5, 6], too_long])
+    assert "input[1] is 129 tokens, more than enc's context of 128 tokens" in err.value.message
+    assert err.value.code == "context_length_exceeded"
+    cut = client.embeddings.create(model="enc", input=[too_long], encoding_format="float",
+                                   extra_body={"truncate_prompt_tokens": 128})  # fmt: skip
+    whole = client.embeddings.create(model="enc", input=[too_long[:128]], encoding_format="float")
+    assert cut.usage.prompt_tokens == 128 and np.array_equal(vectors(cut), vectors(whole))
+    long_text = " ".join(["alpha"] * 300)
+    cut = client.embeddings.create(model="enc", input=long_text, encoding_format="float",
+                                   extra_body={"truncate_prompt_tokens": -1})  # fmt: skip
+    assert cut.usage.prompt_tokens == 128  # [CLS] + 126 words + [SEP]
+
+    cases = [
+        ({"input": "x", "dimensions": 32}, "dimensions=32: enc makes 64-dimensional"),
+        ({"input": ""}, "input[0] is empty"),
+        ({"input": ["x", ""]}, "input[1] is empty"),
+        ({"input": []}, "input is empty"),
+        ({"input": [[1, 9999]]}, "input[0] has token ids outside the vocabulary"),
+        ({"input": "x", "truncate_prompt_tokens": 500}, "truncate_prompt_tokens=500 must be"),
+    ]
+    for body, message in cases:
+        r = httpx.post(f"{server}/v1/embeddings", json={"model": "enc", **body})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
+    assert len(vectors(client.embeddings.create(model="enc", input="x", dimensions=64))[0]) == 64
+
+    with pytest.raises(openai.BadRequestError, match="'enc' is an embedding model: it serves"):
+        client.chat.completions.create(model="enc", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError, match="serves: clf, dec, enc, st"):
+        client.embeddings.create(model="nope", input="x")
+
+
+def test_models_and_metrics_list_the_embedding_models(client, server):
+    models = {m.id: m.model_extra["max_model_len"] for m in client.models.list().data}
+    assert models == {"enc": 128, "clf": 128, "dec": 128, "st": 128}
+    client.embeddings.create(model="enc", input=["x", "y z"])
+    metrics = httpx.get(f"{server}/metrics").text
+    requests = [line for line in metrics.splitlines()
+                if line.startswith('lmforge_embedding_requests_total{model="enc"}')]  # fmt: skip
+    assert requests and float(requests[0].split()[-1]) >= 1
+    assert 'lmforge_embedding_tokens_total{model="enc"}' in metrics
+    assert 'lmforge_requests_total{endpoint="/v1/embeddings",status="200"}' in metrics
+
+
+def test_waiting_inputs_run_sorted_in_padded_batches_equal_to_one_at_a_time(encoder_dir):
+    model = load_pretrained(encoder_dir)
+    files = TokenizerFiles.load(encoder_dir)
+    rows = [files.encode_input(t)[0] for t in TEXTS * 4]
+    embedder = Embedder(model, files, name="enc", max_batch_tokens=128)
+    shapes = []
+    forward = embedder._forward
+    embedder._forward = lambda batch: shapes.append([len(r) for r in batch]) or forward(batch)
+    futures = [embedder.submit(r) for r in rows]  # all waiting before the thread starts
+    embedder.start()
+    batched = torch.stack([f.result(timeout=30) for f in futures])
+    embedder.shutdown()
+    assert sum(map(len, shapes)) == 16 and len(shapes) < 16  # several inputs per forward
+    assert all(b == sorted(b) and max(b) * len(b) <= 128 for b in shapes)  # sorted, bounded
+    alone = torch.stack([forward([r])[0] for r in rows])
+    assert (batched - alone).abs().max().item() <= 1e-5
+
+
+def test_a_sentence_transformers_dir_is_pooled_as_its_pooling_module_says(
+    client, cls_dir, encoder_dir, tmp_path
+):
+    got = client.embeddings.create(model="st", input=TEXTS, encoding_format="float")
+    files = TokenizerFiles.load(cls_dir)
+    model = load_pretrained(cls_dir)
+    with torch.no_grad():
+        first = [model.hidden_states(torch.tensor([files.encode_input(t)[0]]))[0, 0] for t in TEXTS]
+    want = F.normalize(torch.stack(first), dim=-1).numpy()
+    assert np.abs(vectors(got) - want).max() <= 1e-5
+    settings = ServeSettings(models=[{"name": "st", "path": cls_dir}])
+    assert embedder_settings(settings, cls_dir)["pooling"] == "cls"
+    assert embedder_settings(settings, encoder_dir)["pooling"] == "auto"  # no modules.json
+    flagged = ServeSettings(models=[{"name": "st", "path": cls_dir}], embed_pooling="mean")
+    assert embedder_settings(flagged, cls_dir)["pooling"] == "mean"  # the flag wins
+
+    maxed = sentence_transformers_dir(
+        encoder_dir, tmp_path / "max", {"pooling_mode_max_tokens": True}
+    )
+    with pytest.raises(
+        ConfigError, match=r"1_Pooling/config.json: pooling pooling_mode_max_tokens"
+    ):
+        checkpoint_pooling(maxed)
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    densed = sentence_transformers_dir(encoder_dir, tmp_path / "dense",
+                                       {"pooling_mode_mean_tokens": True}, [dense])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"lists sentence_transformers\.models\.Dense, which"):
+        checkpoint_pooling(densed)
+
+
+def test_cls_pooling_without_normalising_is_the_first_state(encoder_dir, serve_model_dir):
+    model = load_pretrained(encoder_dir)
+    files = TokenizerFiles.load(encoder_dir)
+    embedder = Embedder(model, files, name="enc", pooling="cls", normalize=False)
+    ids = files.encode_input(TEXTS[0])[0]
+    with torch.no_grad():
+        first = model.hidden_states(torch.tensor([ids]))[0, 0]
+    assert torch.allclose(embedder.embed([ids])[0], first, atol=1e-6)
+    assert resolve_pooling("auto", causal=False, name="e") == "mean"
+    assert resolve_pooling("auto", causal=True, name="d") == "last"
+    with pytest.raises(ConfigError, match="--embed-pooling cls: d is a causal model"):
+        resolve_pooling("cls", causal=True, name="d")
+
+
+def test_a_shut_down_embedder_refuses_and_fails_what_waits(encoder_dir):
+    from lmforge.serve.engine_types import EngineClosed, QueueFull
+
+    files = TokenizerFiles.load(encoder_dir)
+    embedder = Embedder(load_pretrained(encoder_dir), files, name="enc", max_queue=1)
+    waiting = embedder.submit([2, 3])  # never started: it waits
+    with pytest.raises(QueueFull):
+        embedder.submit([2, 3])
+    embedder.shutdown(drain=False)
+    with pytest.raises(EngineClosed):
+        waiting.result(timeout=5)
+    with pytest.raises(EngineClosed, match="shut down"):
+        embedder.submit([2, 3])
+
+
+def test_embed_flags_reach_the_settings(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lmforge.serve.server as server_module
+    from lmforge.cli import app
+
+    (tmp_path / "m").mkdir()
+    started = []
+    monkeypatch.setattr(server_module, "serve", started.append)
+    flags = ["--embed-pooling", "cls", "--no-embed-normalize"]
+    for extra, want in (([], ("auto", True)), (flags, ("cls", False))):
+        result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), *extra])
+        assert result.exit_code == 0, result.output
+        assert (started[-1].embed_pooling, started[-1].embed_normalize) == want
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(tmp_path / "m"), "--embed-pooling", "max"]
+    )
+    assert result.exit_code != 0 and "embed_pooling" in str(result.exception or result.output)
