@@ -2,6 +2,8 @@
 
 Whitespace is bounded: at most one space or newline where JSON allows whitespace (after `{`, `[`,
 `:` and `,`, and before `}` and `]`), so a weak model cannot spend its whole answer on blanks.
+A `\\u` escape of a surrogate must be a high-low pair (one character, as a schema's string lengths
+count it): RFC 8259's grammar also lets a lone surrogate through, which no UTF-8 text can hold.
 """
 
 from __future__ import annotations
@@ -12,12 +14,33 @@ from lmforge.constrain.ir import Alt, Chars, CharSet, Lit, Members, Node, Ref, R
 WS = optional(Chars(CharSet.of(" \n")))
 DIGIT = Chars(CharSet(((ord("0"), ord("9")),)))
 HEX = Chars(CharSet(((ord("0"), ord("9")), (ord("a"), ord("f")), (ord("A"), ord("F")))))
+# a \u escape: a code point outside the surrogates, or a high and a low surrogate as one pair (a
+# lone surrogate is no Unicode character: it would not encode to UTF-8 once parsed)
+_D = Chars(CharSet.of("dD"))
+U_ESCAPE = Alt(
+    (
+        seq("\\u", Chars(CharSet.of("0123456789abcefABCEF")), HEX, HEX, HEX),
+        seq("\\u", _D, Chars(CharSet.of("01234567")), HEX, HEX),
+        seq(
+            "\\u",
+            _D,
+            Chars(CharSet.of("89abAB")),
+            HEX,
+            HEX,
+            "\\u",
+            _D,
+            Chars(CharSet.of("cdefCDEF")),
+            HEX,
+            HEX,
+        ),
+    )
+)
 # one character of a string's content: unescaped (not ", \ or a control character) or an escape
 STRING_CHAR = Alt(
     (
         Chars(CharSet(((0, 0x1F), (ord('"'), ord('"')), (ord("\\"), ord("\\"))), negate=True)),
         seq("\\", Chars(CharSet.of('"\\/bfnrt'))),
-        seq("\\u", HEX, HEX, HEX, HEX),
+        U_ESCAPE,
     )
 )
 INTEGER = seq(

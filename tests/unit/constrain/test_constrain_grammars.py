@@ -48,6 +48,29 @@ def test_json_object_matches_pythons_json_where_whitespace_is_bounded():
     assert not auto.matches('{"a":\t1}')  # valid JSON, but not a whitespace the grammar writes
 
 
+def test_unicode_escapes_pair_surrogates_and_count_a_pair_as_one_character():
+    auto = Automaton(json_object_grammar())
+    for text in [
+        '{"a":"\\ud83d\\ude00"}',
+        '{"a":"\\uD83D\\uDE00x"}',
+        '{"a":"\\ud7ff\\ue000\\u00E9"}',
+    ]:
+        assert auto.matches(text), text
+        json.loads(text)["a"].encode("utf-8")  # a parsed answer is text UTF-8 can hold
+    for text in [
+        '{"a":"\\ud83d"}',
+        '{"a":"\\ude00"}',
+        '{"a":"\\ude00\\ud83d"}',
+        '{"a":"\\ud83dx"}',
+    ]:
+        assert not auto.matches(text), text  # a lone surrogate
+    one = Automaton(schema_grammar({"type": "string", "minLength": 1, "maxLength": 1}))
+    assert one.matches('"\\ud83d\\ude00"') and len(json.loads('"\\ud83d\\ude00"')) == 1
+    assert not Automaton(schema_grammar({"type": "string", "minLength": 2})).matches(
+        '"\\ud83d\\ude00"'
+    )
+
+
 def test_json_nesting_is_bounded_not_unlimited():
     auto = Automaton(json_object_grammar())
     assert auto.matches('{"a":' + "[" * 20 + "]" * 20 + "}")
