@@ -132,6 +132,11 @@ def test_schema_refs_recursion_enum_const_and_empty_schema():
     assert Automaton(schema_grammar({"enum": ["a", 1, None, [1]]})).matches("[1]")
     assert not Automaton(schema_grammar({"enum": ["a", 1]})).matches('"b"')
     assert Automaton(schema_grammar({"const": {"k": "é"}})).matches('{"k":"é"}')
+    # enum/const with a type: the values of that type (JSON's: 1.0 is an integer, true no number)
+    typed = Automaton(schema_grammar({"type": "integer", "enum": ["1", 1.0, 2, True, 2.5]}))
+    assert [typed.matches(t) for t in ('"1"', "1.0", "2", "true", "2.5")] == [0, 1, 1, 0, 0]
+    both = Automaton(schema_grammar({"enum": ["a", "b"], "const": "b"}))
+    assert both.matches('"b"') and not both.matches('"a"')
     anything = Automaton(schema_grammar({}))
     assert anything.matches('[1,{"a":null}]') and anything.matches('"s"')
 
@@ -149,6 +154,15 @@ def test_schema_refs_recursion_enum_const_and_empty_schema():
         ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "['b']"),
         ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems/maxItems"),
         ({"type": "string", "maxLength": 10**6}, "too large"),
+        ({"type": "object", "properties": {"a": {}}, "required": "a"}, "must be a list"),
+        # keywords beside $ref/anyOf/enum/const would apply too: refused, never dropped
+        ({"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "type": "string"},
+         "'$ref' with ['type']"),
+        ({"type": "object", "properties": {"a": {}}, "anyOf": [{"type": "object"}]},
+         "'anyOf' with ['type', 'properties']"),
+        ({"type": "string", "enum": ["ab", "c"], "maxLength": 1}, "'enum' with ['maxLength']"),
+        ({"type": "string", "enum": [1, None]}, "allows no value"),
+        ({"enum": ["a"], "const": "b"}, "allows no value"),
     ],
 )  # fmt: skip
 def test_unsupported_schema_is_refused_naming_the_keyword(schema, named):
