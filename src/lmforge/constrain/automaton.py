@@ -175,6 +175,11 @@ class Automaton:
             self._states.append(stacks)
         return sid
 
+    @property
+    def size(self) -> int:
+        """States interned so far (each with its memoized steps: the automaton's memory)."""
+        return len(self._states)
+
     def step(self, state: int, ch: str) -> int:
         """The state after reading `ch`, or DEAD."""
         key = (state, ch)

@@ -139,6 +139,22 @@ def test_trained_byte_level_vocabulary_round_trips(tmp_path):
     assert g1 == g2 and g1.tokens is g2.tokens
 
 
+def test_a_cached_guide_grown_past_its_state_bound_is_compiled_afresh(tmp_path, monkeypatch):
+    from lmforge.constrain import guide as guide_module
+    from lmforge.tokenizer.files import TokenizerFiles
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    compiler = GuideCompiler(TokenizerFiles.load(make_tokenizer_dir(tmp_path)).tokenizer)
+    first = compiler.compile("json_object", "").tokens
+    monkeypatch.setattr(guide_module, "MAX_GUIDE_STATES", first.automaton.size + 2)
+    assert compiler.compile("json_object", "").tokens is first  # within the bound: shared
+    assert first.automaton.matches('{"a":' + "[" * 5 + "]" * 5 + "}")  # each depth a new state
+    assert first.automaton.size > guide_module.MAX_GUIDE_STATES
+    fresh = compiler.compile("json_object", "").tokens
+    assert fresh is not first and fresh.automaton.size < first.automaton.size
+    assert compiler.compile("json_object", "").tokens is fresh
+
+
 def test_sentencepiece_style_vocabulary_bytes_keep_word_spaces():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
