@@ -35,6 +35,7 @@ GUIDE_CACHE = 16  # compiled guides kept per vocabulary (each up to MASK_CACHE_B
 # one per new nesting of brackets; about 6 KB a state, measured on a random walk that nests);
 # a cached guide past this many automaton states is dropped, and the next request compiles anew
 MAX_GUIDE_STATES = 10_000
+GUIDE_WARM_SECONDS = 0.5  # the server's budget for a new guide's first masks (TokenGuide.warm)
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,10 @@ class GuideCompiler:
         self._guides: OrderedDict[tuple[str, str], TokenGuide] = OrderedDict()
         self._lock = threading.Lock()
 
-    def compile(self, kind: str, spec: str) -> Guide:
-        """The Guide for (kind, spec); ConstraintError names what is wrong with it."""
+    def compile(self, kind: str, spec: str, warm_seconds: float = 0.0) -> Guide:
+        """The Guide for (kind, spec); ConstraintError names what is wrong with it. A newly
+        compiled one first spends up to `warm_seconds` computing its first masks (TokenGuide.warm;
+        the server's worker thread does, so the engine's thread does not)."""
         key = (kind, spec)
         with self._lock:
             tokens = self._guides.get(key)
@@ -94,6 +97,8 @@ class GuideCompiler:
         if kind not in GRAMMARS:
             raise ConstraintError(f"unknown constraint kind {kind!r}; one of {sorted(GRAMMARS)}")
         tokens = TokenGuide(Automaton(GRAMMARS[kind](spec)), self.vocab)
+        if warm_seconds > 0:
+            tokens.warm(warm_seconds)  # while no other thread sees it
         with self._lock:
             self._guides[key] = tokens
             if len(self._guides) > GUIDE_CACHE:

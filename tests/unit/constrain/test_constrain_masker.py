@@ -121,6 +121,18 @@ def test_masks_are_cached_per_state_and_reused():
     assert guide.allowed(state) is guide.allowed(again)
 
 
+def test_warm_computes_the_masks_answers_reach_first():
+    guide = TokenGuide(Automaton(GRAMMARS["schema"]), Vocabulary(VOCAB))
+    assert guide.warm(seconds=0.0) == 0
+    assert guide.warm(seconds=30.0) == len(guide._masks) > 10
+    state = guide.start
+    for token in (b'{"', b"a", b'":', b'"', b"\xc3", b"\xa9", b'",'):  # each step finds its mask
+        assert state in guide._masks, token
+        state = guide.advance(state, VOCAB.index(token))
+    for state, mask in guide._masks.items():  # the masks a walk on demand computes
+        assert sorted(mask.nonzero().flatten().tolist()) == sorted(guide.allowed_ids(state))
+
+
 def test_trained_byte_level_vocabulary_round_trips(tmp_path):
     from lmforge.tokenizer.files import TokenizerFiles
     from unit.finetune.helpers import make_tokenizer_dir
