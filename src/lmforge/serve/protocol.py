@@ -150,7 +150,15 @@ class _Request(BaseModel):
         try:
             return compiler_for(files).compile(kind, spec_text(kind, value), warm_seconds)
         except ConstraintError as exc:
-            raise APIError(400, str(exc), param=param, code="invalid_constraint") from None
+            if kind != "json_schema":
+                raise APIError(400, str(exc), param=param) from None
+            fmt = self.response_format
+            where = param
+            if param == "response_format" and fmt is not None and fmt.json_schema is not None:
+                where = f"response_format '{fmt.json_schema.name}'"
+            raise APIError(  # OpenAI's body for a schema it cannot use
+                400, f"Invalid schema for {where}: {exc}", param=param, code="invalid_json_schema"
+            ) from None
 
     @property
     def asks_constraint(self) -> bool:

@@ -161,6 +161,25 @@ def test_bad_constraints_are_400s_that_say_why(client, extra, says):
     assert says in err.value.body["message"]
 
 
+def test_an_unusable_schema_gets_openais_error_body(client):
+    bad = {"type": "string", "pattern": "^a+$"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="m", messages=CHAT, max_tokens=5, response_format=schema_format(bad)
+        )
+    body = err.value.body
+    assert body["message"].startswith("Invalid schema for response_format 't': unsupported")
+    assert (body["type"], body["param"], body["code"]) == (
+        "invalid_request_error", "response_format", "invalid_json_schema",
+    )  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model="m", prompt="x", max_tokens=5, extra_body={"guided_json": bad}
+        )
+    assert err.value.body["message"].startswith("Invalid schema for guided_json: unsupported")
+    assert err.value.body["param"] == "guided_json"
+
+
 def test_guided_logprobs_stay_the_raw_models(engine):
     files = engine.files
     prompt = files.encode("Pick one:")
