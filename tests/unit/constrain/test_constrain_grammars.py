@@ -180,6 +180,7 @@ REGEX_CASES = {
     r"(?:a|b)*c": ["c", "abababc", "abd"],
     r"\{\d\}|.": ["{1}", "q", "\n", "{}"],
     r"colou?r [A-Z][a-z]{1,}": ["color Red", "colour Xy", "colour X", "colr Red"],
+    r"x{,2}y{,}z{}": ["z{}", "xxz{}", "yyyz{}", "xxxz{}", "z"],  # {,n}: from 0, as re has it
 }
 
 
@@ -194,7 +195,8 @@ def test_regex_matches_exactly_what_re_fullmatch_matches(pattern):
     ("pattern", "named"),
     [(r"(?=a)b", "group syntax '(?'"), (r"(a)\1", "escape '\\1'"), (r"\bword", "escape '\\b'"),
      (r"a**", "repeated quantifier"), (r"*a", "nothing to repeat"), (r"(ab", "missing ')'"),
-     (r"a{5,2}", "repeat {5,2}"), (r"a^b", "anchor '^'")],
+     (r"a{5,2}", "repeat {5,2}"), (r"a^b", "anchor '^'"), (r"a{2}{3}", "repeated quantifier"),
+     (r"a*{2}", "repeated quantifier")],
 )  # fmt: skip
 def test_unsupported_regex_is_refused_naming_the_construct(pattern, named):
     with pytest.raises(ConstraintError) as err:
