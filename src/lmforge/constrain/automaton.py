@@ -127,8 +127,7 @@ class _Graph:
             if not required:
                 self.empty[none[i]].append(none[i + 1])
                 self.empty[some[i]].append(some[i + 1])
-        self.empty[none[n]].append(b)
-        self.empty[some[n]].append(b)
+        self.empty[some[n]].append(b)  # none[n], no member written, is no way out
 
 
 class Automaton:

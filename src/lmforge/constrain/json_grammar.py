@@ -65,6 +65,13 @@ def string(min_length: int = 0, max_length: int | None = None) -> Node:
     return seq('"', Repeat(STRING_CHAR, min_length, max_length), '"')
 
 
+def enclosed(open_: str, body: Node, close: str, may_be_empty: bool) -> Node:
+    """`body` (never empty) between brackets, or, if it may be empty, the brackets alone: one
+    whitespace at most either way."""
+    full = seq(open_, WS, body, WS, close)
+    return Alt((seq(open_, WS, close), full)) if may_be_empty else full
+
+
 def listing(item: Node, min_items: int = 0, max_items: int | None = None) -> Node:
     """`item`s between brackets, comma-separated, their count in [min_items, max_items]."""
     if max_items == 0:
@@ -72,8 +79,7 @@ def listing(item: Node, min_items: int = 0, max_items: int | None = None) -> Nod
     rest = Repeat(
         seq(COMMA, item), max(min_items - 1, 0), None if max_items is None else max_items - 1
     )
-    items: Node = seq(item, rest)
-    return seq("[", WS, items if min_items else optional(items), WS, "]")
+    return enclosed("[", seq(item, rest), "]", may_be_empty=min_items == 0)
 
 
 def members(pairs: list[tuple[str, Node, bool]]) -> Node:
@@ -86,7 +92,7 @@ def members(pairs: list[tuple[str, Node, bool]]) -> Node:
         (seq(json.dumps(key, ensure_ascii=False), WS, ":", WS, value), req)
         for key, value, req in pairs
     )
-    return seq("{", WS, Members(nodes, COMMA), WS, "}")
+    return enclosed("{", Members(nodes, COMMA), "}", may_be_empty=not any(r for *_, r in pairs))
 
 
 def json_rules() -> dict[str, Node]:
@@ -96,7 +102,7 @@ def json_rules() -> dict[str, Node]:
         VALUE: Alt(
             (Ref(OBJECT), Ref(ARRAY), Ref(STRING), NUMBER, Lit("true"), Lit("false"), Lit("null"))
         ),
-        OBJECT: seq("{", WS, optional(seq(member, Repeat(seq(COMMA, member), 0, None))), WS, "}"),
+        OBJECT: enclosed("{", seq(member, Repeat(seq(COMMA, member), 0, None)), "}", True),
         ARRAY: listing(Ref(VALUE)),
         STRING: string(),
     }

@@ -45,6 +45,12 @@ def test_json_object_matches_pythons_json_where_whitespace_is_bounded():
         assert auto.matches(text) == is_json_object(text), text
     # whitespace: at most one space or newline per place JSON allows it
     assert auto.matches('{ "a": 1 }') and not auto.matches('{  "a": 1}')
+    for empty in ("{  }", "{\n }", '{"a": [ \n]}'):  # empty brackets: one whitespace, too
+        assert not auto.matches(empty) and is_json_object(empty), empty
+    optional = Automaton(schema_grammar({"type": "object", "properties": {"a": {}, "b": {}}}))
+    assert optional.matches("{ }") and optional.matches('{ "b": 1 }')
+    assert not optional.matches("{  }") and not optional.matches('{"a": 1,}')
+    assert not Automaton(schema_grammar({"type": "array", "maxItems": 3})).matches("[ \n]")
     assert not auto.matches('{"a":\t1}')  # valid JSON, but not a whitespace the grammar writes
 
 
