@@ -35,12 +35,12 @@ U_ESCAPE = Alt(
         ),
     )
 )
+ESCAPE = "json:escape"  # a rule, called: a string's maxLength copies one call, not its ~20 nodes
 # one character of a string's content: unescaped (not ", \ or a control character) or an escape
 STRING_CHAR = Alt(
     (
         Chars(CharSet(((0, 0x1F), (ord('"'), ord('"')), (ord("\\"), ord("\\"))), negate=True)),
-        seq("\\", Chars(CharSet.of('"\\/bfnrt'))),
-        U_ESCAPE,
+        Ref(ESCAPE),
     )
 )
 INTEGER = seq(
@@ -105,6 +105,7 @@ def json_rules() -> dict[str, Node]:
         OBJECT: enclosed("{", seq(member, Repeat(seq(COMMA, member), 0, None)), "}", True),
         ARRAY: listing(Ref(VALUE)),
         STRING: string(),
+        ESCAPE: Alt((seq("\\", Chars(CharSet.of('"\\/bfnrt'))), U_ESCAPE)),
     }
 
 
