@@ -57,8 +57,13 @@ def advance_guide(row: Row, token: int) -> bool:
     tokens = row.params.guide.tokens
     state = tokens.advance(row.guide_state, token)
     if state is None:
-        raise RuntimeError(
-            f"token {token} is outside the request's {row.params.guide.kind} constraint"
-        )
+        kind = row.params.guide.kind
+        if not bool(tokens.allowed(row.guide_state).any()):  # the mask left the draw nothing
+            raise RuntimeError(
+                f"the {kind} constraint cannot go on after {row.generated - 1} tokens: no token "
+                "of this tokenizer's vocabulary continues it (does it need a character the "
+                "vocabulary cannot write?)"
+            )
+        raise RuntimeError(f"token {token} is outside the request's {kind} constraint")
     row.guide_state = state
     return tokens.accepts(state) and not bool(tokens.allowed(state).any())

@@ -237,3 +237,23 @@ def test_a_complete_answer_ends_even_when_stop_tokens_are_ignored(engine):
     params = SamplingParams(max_tokens=12, temperature=0.7, seed=1, ignore_eos=True, guide=guide)
     done = collect(engine.submit(engine.files.encode("Hi"), params, "complete"))
     assert (done.text, done.finish_reason) == ("zq", "stop")
+
+
+def test_a_grammar_the_vocabulary_cannot_write_fails_the_row_saying_so():
+    from lmforge.constrain import Automaton, TokenGuide, Vocabulary
+    from lmforge.constrain.guide import _bound
+    from lmforge.constrain.regex import regex_grammar
+    from lmforge.serve.guided_rows import advance_guide, guided_logits
+    from lmforge.serve.handle import RequestHandle
+    from lmforge.serve.request_book import Row
+
+    tokens = TokenGuide(Automaton(regex_grammar("aé")), Vocabulary([b"", b"a", b"b"]))
+    guide = _bound("regex", "aé", tokens)
+    row = Row(RequestHandle("r", 1), [1], SamplingParams(guide=guide), frozenset())
+    row.generated = 1
+    assert advance_guide(row, 1) is False  # "a": fine so far
+    out = guided_logits([row], torch.zeros(1, 3), torch.zeros(1, 3))
+    assert torch.isinf(out).all()  # nothing can follow: no token writes "é"
+    row.generated = 2
+    with pytest.raises(RuntimeError, match="regex constraint cannot go on after 1 tokens"):
+        advance_guide(row, 2)  # whatever the draw made of a row of -inf
