@@ -3,7 +3,7 @@ and its guide moved past each token it emits.
 
 A row whose params carry a Guide (constrain/) keeps its guide state on the Row. Before sampling,
 its logits outside the allowed tokens become -inf (its stop tokens are allowed exactly when the
-grammar accepts the answer so far), after the history rules and before logit_bias, temperature,
+grammar accepts the answer so far, even one that is also plain text the grammar could take), after the history rules and before logit_bias, temperature,
 top-k/top-p or greedy; logprobs stay the raw model's. When the rules ban every allowed token (a
 min_tokens ban on the stop token where only the stop token may come, say), the grammar wins: the
 row's raw logits are masked instead. An answer the grammar accepts and cannot extend ends at once
@@ -35,8 +35,10 @@ def guided_logits(rows: list[Row], ruled: Tensor, raw: Tensor) -> Tensor:
     allow = torch.stack(masks)  # a new tensor: the cached masks stay as they are
     for j, i in enumerate(guided):
         row = rows[i]
-        if row.params.guide.tokens.accepts(row.guide_state):
-            allow[j, [t for t in row.stops if t < vocab]] = True
+        # a stop token ends the answer, whatever text it has: allowed exactly where it may end
+        allow[j, [t for t in row.stops if t < vocab]] = row.params.guide.tokens.accepts(
+            row.guide_state
+        )
     allow = allow.to(ruled.device)
     index = torch.tensor(guided, dtype=torch.long, device=ruled.device)
     out = ruled.float().clone()

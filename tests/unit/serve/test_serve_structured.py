@@ -257,3 +257,22 @@ def test_a_grammar_the_vocabulary_cannot_write_fails_the_row_saying_so():
     row.generated = 2
     with pytest.raises(RuntimeError, match="regex constraint cannot go on after 1 tokens"):
         advance_guide(row, 2)  # whatever the draw made of a row of -inf
+
+
+def test_a_stop_token_that_is_also_text_is_allowed_only_where_the_answer_may_end():
+    from lmforge.constrain import Automaton, TokenGuide, Vocabulary
+    from lmforge.constrain.guide import _bound
+    from lmforge.constrain.regex import regex_grammar
+    from lmforge.serve.guided_rows import advance_guide, guided_logits
+    from lmforge.serve.handle import RequestHandle
+    from lmforge.serve.request_book import Row
+
+    tokens = TokenGuide(Automaton(regex_grammar("(a|b)b")), Vocabulary([b"", b"a", b"b"]))
+    params = SamplingParams(guide=_bound("regex", "(a|b)b", tokens))
+    row = Row(RequestHandle("r", 1), [1], params, frozenset({1}))  # "a" is also a stop token
+    logits = torch.zeros(1, 3)
+    assert torch.isfinite(guided_logits([row], logits, logits)[0]).tolist() == [0, 0, 1]
+    assert advance_guide(row, 2) is False
+    assert torch.isfinite(guided_logits([row], logits, logits)[0]).tolist() == [0, 0, 1]
+    assert advance_guide(row, 2) is True  # "bb": complete
+    assert torch.isfinite(guided_logits([row], logits, logits)[0]).tolist() == [0, 1, 0]
