@@ -147,6 +147,23 @@ def test_schema_refs_recursion_enum_const_and_empty_schema():
     assert anything.matches('[1,{"a":null}]') and anything.matches('"s"')
 
 
+def test_a_pydantic_models_schema_compiles_and_its_answers_validate():
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Item(BaseModel):  # pydantic writes $ref + default, const + type, anyOf with null
+        name: str = Field(description="n", max_length=5)
+        kind: Literal["a"]
+        note: str | None = None
+        sub: Item | None = None
+
+    auto = Automaton(schema_grammar(Item.model_json_schema()))
+    text = '{"name":"x","kind":"a","note":null,"sub":{"name":"y","kind":"a","sub":null}}'
+    assert auto.matches(text) and Item.model_validate_json(text).sub.name == "y"
+    assert not auto.matches('{"name":"x","kind":"b"}')
+
+
 @pytest.mark.parametrize(
     ("schema", "named"),
     [
