@@ -44,8 +44,12 @@ def schema_grammar(schema: Any) -> Grammar:
     return Grammar(compiler.rules, "schema:root")
 
 
-def _literal(value: Any) -> Lit:
-    return Lit(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+def _literal(value: Any, path: str) -> Lit:
+    """An enum/const value as the JSON text it must be written as."""
+    try:
+        return Lit(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    except ValueError:  # Python's json reads NaN and Infinity, which are not JSON
+        raise ConstraintError(f"the enum/const value {value!r} at {path} is not JSON") from None
 
 
 class _SchemaCompiler:
@@ -77,7 +81,7 @@ class _SchemaCompiler:
         if "$ref" in schema:
             return self._ref(schema["$ref"], f"{path}/$ref")
         if "const" in schema or "enum" in schema:
-            return Alt(tuple(_literal(v) for v in _values(schema, path)))
+            return Alt(tuple(_literal(v, path) for v in _values(schema, path)))
         if "anyOf" in schema:
             options = schema["anyOf"]
             if not isinstance(options, list) or not options:
@@ -177,9 +181,11 @@ def _values(schema: dict[str, Any], path: str) -> list[Any]:
         if not isinstance(values, list) or not values:
             raise ConstraintError(f"enum at {path} must be a non-empty list")
     if "const" in schema:
-        const = _literal(schema["const"])
+        const = _literal(schema["const"], path)
         values = (
-            [schema["const"]] if values is None else [v for v in values if _literal(v) == const]
+            [schema["const"]]
+            if values is None
+            else [v for v in values if _literal(v, path) == const]
         )
     types = schema.get("type")
     if types is not None:

@@ -186,6 +186,7 @@ def test_a_pydantic_models_schema_compiles_and_its_answers_validate():
         ({"type": "string", "enum": ["ab", "c"], "maxLength": 1}, "'enum' with ['maxLength']"),
         ({"type": "string", "enum": [1, None]}, "allows no value"),
         ({"enum": ["a"], "const": "b"}, "allows no value"),
+        ({"enum": [1, float("nan")]}, "value nan at # is not JSON"),  # json.loads reads NaN
     ],
 )  # fmt: skip
 def test_unsupported_schema_is_refused_naming_the_keyword(schema, named):
