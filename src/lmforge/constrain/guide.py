@@ -35,7 +35,8 @@ GUIDE_CACHE = 16  # compiled guides kept per vocabulary (each up to MASK_CACHE_B
 # one per new nesting of brackets; about 6 KB a state, measured on a random walk that nests);
 # a cached guide past this many automaton states is dropped, and the next request compiles anew
 MAX_GUIDE_STATES = 10_000
-GUIDE_WARM_SECONDS = 0.5  # the server's budget for a new guide's first masks (TokenGuide.warm)
+GUIDE_WARM_SECONDS = 1.0  # the server's budget for a new guide's first masks (TokenGuide.warm;
+# 0.5 s did not reliably shorten the engine's cold walks at 50k tokens, docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
