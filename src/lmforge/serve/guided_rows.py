@@ -3,11 +3,12 @@ and its guide moved past each token it emits.
 
 A row whose params carry a Guide (constrain/) keeps its guide state on the Row. Before sampling,
 its logits outside the allowed tokens become -inf (its stop tokens are allowed exactly when the
-grammar accepts the answer so far, even one that is also plain text the grammar could take), after the history rules and before logit_bias, temperature,
-top-k/top-p or greedy; logprobs stay the raw model's. When the rules ban every allowed token (a
-min_tokens ban on the stop token where only the stop token may come, say), the grammar wins: the
-row's raw logits are masked instead. An answer the grammar accepts and cannot extend ends at once
-with finish_reason "stop", stop token or not (so ignore_eos and min_tokens cannot make it loop).
+grammar accepts the answer so far, even one whose text the grammar could take elsewhere), after
+the history rules and before logit_bias, temperature, top-k/top-p or greedy; logprobs stay the
+raw model's. When the rules ban every allowed token (a min_tokens ban on the stop token where
+only the stop token may come, say), the grammar wins: the row's raw logits are masked instead.
+An answer the grammar accepts and cannot extend ends at once with finish_reason "stop", stop
+token or not (so ignore_eos and min_tokens cannot make it loop).
 """
 
 from __future__ import annotations
