@@ -158,14 +158,16 @@ def _check_siblings(schema: dict[str, Any], path: str) -> None:
     """$ref, anyOf, enum and const are compiled alone, so a keyword beside them that would also
     constrain the value (all of a schema's keywords apply) is refused, not silently dropped;
     enum/const may have a `type` (_values keeps the values of that type)."""
-    for alone in ("$ref", "anyOf", "enum", "const"):
+    companions = {
+        "$ref": set(),
+        "anyOf": set(),
+        "enum": {"type", "const"},
+        "const": {"type", "enum"},
+    }
+    for alone, allowed in companions.items():
         if alone not in schema:
             continue
-        beside = [
-            k for k in schema
-            if k != alone and k not in ANNOTATIONS and not (k == "type" and alone in ("enum", "const"))
-            and not (alone == "const" and k == "enum") and not (alone == "enum" and k == "const")
-        ]  # fmt: skip
+        beside = [k for k in schema if k != alone and k not in ANNOTATIONS and k not in allowed]
         if beside:
             raise ConstraintError(
                 f"unsupported JSON schema: {alone!r} with {beside} beside it at {path} (all "
