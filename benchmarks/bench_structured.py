@@ -8,7 +8,7 @@ token at every step, as a model would under the mask, and times the mask (a trie
 guide state, a dict lookup on a state seen before) and the guide's advance. Then the engine-side
 step for a batch of 8 guided rows (serve/guided_rows.py: masks gathered, logits masked).
 
-    .venv/bin/python benchmarks/bench_structured.py [--steps 200] [--corpus-mb 20]
+    .venv/bin/python benchmarks/bench_structured.py [--steps 200] [--corpus-mb 20] [--warm-seconds 0]
 """
 
 from __future__ import annotations
@@ -74,10 +74,13 @@ def train_bpe(texts: list[str], vocab_size: int):
     return tok
 
 
-def walk(compiler: GuideCompiler, kind: str, steps: int, seed: int = 0) -> dict[str, float]:
-    """A seeded random walk under the mask; restarts when the answer is complete."""
+def walk(
+    compiler: GuideCompiler, kind: str, steps: int, seed: int = 0, warm_seconds: float = 0.0
+) -> dict[str, float]:
+    """A seeded random walk under the mask; restarts when the answer is complete. warm_seconds:
+    the compile first warms the guide's masks (what the server does, GUIDE_WARM_SECONDS)."""
     t0 = time.perf_counter()
-    guide = compiler.compile(kind, SPECS[kind]).tokens
+    guide = compiler.compile(kind, SPECS[kind], warm_seconds).tokens
     compile_s = time.perf_counter() - t0
     rng = random.Random(seed)
     state = guide.start
@@ -161,6 +164,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--corpus-mb", type=float, default=20.0)
+    ap.add_argument("--warm-seconds", type=float, default=0.0, help="warm each guide first")
     args = ap.parse_args()
     torch.set_num_threads(1)
     texts = corpus(args.corpus_mb)
@@ -173,7 +177,7 @@ def main() -> None:
         print(f"vocab {tok.get_vocab_size()}: BPE trained in {train_s:.1f}s; token bytes + trie "
               f"{time.perf_counter() - t0:.2f}s")  # fmt: skip
         for kind in SPECS:
-            r = walk(compiler, kind, args.steps)
+            r = walk(compiler, kind, args.steps, warm_seconds=args.warm_seconds)
             print(f"  {kind:12s} compile {r['compile_ms']:7.1f} ms | {r['misses']:3d} new states "
                   f"{r['miss_ms']:7.2f} ms | {r['hits']:3d} seen {r['hit_ms']:.4f} ms | mean "
                   f"{r['step_ms']:6.2f} ms/step | advance {r['advance_ms']:.4f} ms")  # fmt: skip

@@ -127,8 +127,7 @@ class _Graph:
             if not required:
                 self.empty[none[i]].append(none[i + 1])
                 self.empty[some[i]].append(some[i + 1])
-        self.empty[none[n]].append(b)
-        self.empty[some[n]].append(b)
+        self.empty[some[n]].append(b)  # none[n], no member written, is no way out
 
 
 class Automaton:
@@ -174,6 +173,11 @@ class Automaton:
             sid = self._ids[stacks] = len(self._states)
             self._states.append(stacks)
         return sid
+
+    @property
+    def size(self) -> int:
+        """States interned so far (each with its memoized steps: the automaton's memory)."""
+        return len(self._states)
 
     def step(self, state: int, ch: str) -> int:
         """The state after reading `ch`, or DEAD."""

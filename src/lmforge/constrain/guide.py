@@ -31,6 +31,12 @@ GRAMMARS: dict[str, Callable[[str], Grammar]] = {
     "choice": lambda spec: choice_grammar(json.loads(spec)),
 }
 GUIDE_CACHE = 16  # compiled guides kept per vocabulary (each up to MASK_CACHE_BYTES of masks)
+# A guide's memoized states and steps grow with every new state its answers reach (json_object:
+# one per new nesting of brackets; about 6 KB a state, measured on a random walk that nests);
+# a cached guide past this many automaton states is dropped, and the next request compiles anew
+MAX_GUIDE_STATES = 10_000
+GUIDE_WARM_SECONDS = 1.0  # the server's budget for a new guide's first masks (TokenGuide.warm;
+# 0.5 s did not reliably shorten the engine's cold walks at 50k tokens, docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -77,17 +83,23 @@ class GuideCompiler:
         self._guides: OrderedDict[tuple[str, str], TokenGuide] = OrderedDict()
         self._lock = threading.Lock()
 
-    def compile(self, kind: str, spec: str) -> Guide:
-        """The Guide for (kind, spec); ConstraintError names what is wrong with it."""
+    def compile(self, kind: str, spec: str, warm_seconds: float = 0.0) -> Guide:
+        """The Guide for (kind, spec); ConstraintError names what is wrong with it. A newly
+        compiled one first spends up to `warm_seconds` computing its first masks (TokenGuide.warm;
+        the server's worker thread does, so the engine's thread does not)."""
         key = (kind, spec)
         with self._lock:
             tokens = self._guides.get(key)
-            if tokens is not None:
+            if tokens is not None and tokens.automaton.size > MAX_GUIDE_STATES:
+                del self._guides[key]  # rows still using it keep it until they end
+            elif tokens is not None:
                 self._guides.move_to_end(key)
                 return _bound(kind, spec, tokens)
         if kind not in GRAMMARS:
             raise ConstraintError(f"unknown constraint kind {kind!r}; one of {sorted(GRAMMARS)}")
         tokens = TokenGuide(Automaton(GRAMMARS[kind](spec)), self.vocab)
+        if warm_seconds > 0:
+            tokens.warm(warm_seconds)  # while no other thread sees it
         with self._lock:
             self._guides[key] = tokens
             if len(self._guides) > GUIDE_CACHE:

@@ -93,7 +93,8 @@ class Ref:
 @dataclass(frozen=True)
 class Members:
     """A JSON object's members in a fixed order, joined by `sep`; each (node, required). Optional
-    members may be left out, and the separators follow whichever members are written."""
+    members may be left out, and the separators follow whichever members are written; at least
+    one is written (an empty object is the caller's other option: its whitespace differs)."""
 
     members: tuple[tuple[Node, bool], ...]
     sep: Node

@@ -2,6 +2,8 @@
 
 Whitespace is bounded: at most one space or newline where JSON allows whitespace (after `{`, `[`,
 `:` and `,`, and before `}` and `]`), so a weak model cannot spend its whole answer on blanks.
+A `\\u` escape of a surrogate must be a high-low pair (one character, as a schema's string lengths
+count it): RFC 8259's grammar also lets a lone surrogate through, which no UTF-8 text can hold.
 """
 
 from __future__ import annotations
@@ -12,12 +14,33 @@ from lmforge.constrain.ir import Alt, Chars, CharSet, Lit, Members, Node, Ref, R
 WS = optional(Chars(CharSet.of(" \n")))
 DIGIT = Chars(CharSet(((ord("0"), ord("9")),)))
 HEX = Chars(CharSet(((ord("0"), ord("9")), (ord("a"), ord("f")), (ord("A"), ord("F")))))
+# a \u escape: a code point outside the surrogates, or a high and a low surrogate as one pair (a
+# lone surrogate is no Unicode character: it would not encode to UTF-8 once parsed)
+_D = Chars(CharSet.of("dD"))
+U_ESCAPE = Alt(
+    (
+        seq("\\u", Chars(CharSet.of("0123456789abcefABCEF")), HEX, HEX, HEX),
+        seq("\\u", _D, Chars(CharSet.of("01234567")), HEX, HEX),
+        seq(
+            "\\u",
+            _D,
+            Chars(CharSet.of("89abAB")),
+            HEX,
+            HEX,
+            "\\u",
+            _D,
+            Chars(CharSet.of("cdefCDEF")),
+            HEX,
+            HEX,
+        ),
+    )
+)
+ESCAPE = "json:escape"  # a rule, called: a string's maxLength copies one call, not its ~20 nodes
 # one character of a string's content: unescaped (not ", \ or a control character) or an escape
 STRING_CHAR = Alt(
     (
         Chars(CharSet(((0, 0x1F), (ord('"'), ord('"')), (ord("\\"), ord("\\"))), negate=True)),
-        seq("\\", Chars(CharSet.of('"\\/bfnrt'))),
-        seq("\\u", HEX, HEX, HEX, HEX),
+        Ref(ESCAPE),
     )
 )
 INTEGER = seq(
@@ -42,6 +65,13 @@ def string(min_length: int = 0, max_length: int | None = None) -> Node:
     return seq('"', Repeat(STRING_CHAR, min_length, max_length), '"')
 
 
+def enclosed(open_: str, body: Node, close: str, may_be_empty: bool) -> Node:
+    """`body` (never empty) between brackets, or, if it may be empty, the brackets alone: one
+    whitespace at most either way."""
+    full = seq(open_, WS, body, WS, close)
+    return Alt((seq(open_, WS, close), full)) if may_be_empty else full
+
+
 def listing(item: Node, min_items: int = 0, max_items: int | None = None) -> Node:
     """`item`s between brackets, comma-separated, their count in [min_items, max_items]."""
     if max_items == 0:
@@ -49,8 +79,7 @@ def listing(item: Node, min_items: int = 0, max_items: int | None = None) -> Nod
     rest = Repeat(
         seq(COMMA, item), max(min_items - 1, 0), None if max_items is None else max_items - 1
     )
-    items: Node = seq(item, rest)
-    return seq("[", WS, items if min_items else optional(items), WS, "]")
+    return enclosed("[", seq(item, rest), "]", may_be_empty=min_items == 0)
 
 
 def members(pairs: list[tuple[str, Node, bool]]) -> Node:
@@ -63,7 +92,7 @@ def members(pairs: list[tuple[str, Node, bool]]) -> Node:
         (seq(json.dumps(key, ensure_ascii=False), WS, ":", WS, value), req)
         for key, value, req in pairs
     )
-    return seq("{", WS, Members(nodes, COMMA), WS, "}")
+    return enclosed("{", Members(nodes, COMMA), "}", may_be_empty=not any(r for *_, r in pairs))
 
 
 def json_rules() -> dict[str, Node]:
@@ -73,9 +102,10 @@ def json_rules() -> dict[str, Node]:
         VALUE: Alt(
             (Ref(OBJECT), Ref(ARRAY), Ref(STRING), NUMBER, Lit("true"), Lit("false"), Lit("null"))
         ),
-        OBJECT: seq("{", WS, optional(seq(member, Repeat(seq(COMMA, member), 0, None))), WS, "}"),
+        OBJECT: enclosed("{", seq(member, Repeat(seq(COMMA, member), 0, None)), "}", True),
         ARRAY: listing(Ref(VALUE)),
         STRING: string(),
+        ESCAPE: Alt((seq("\\", Chars(CharSet.of('"\\/bfnrt'))), U_ESCAPE)),
     }
 
 

@@ -4,9 +4,12 @@ Supported: type (one or a list), object (properties, required, additionalPropert
 (enum, const, minLength, maxLength), integer, number, boolean, null, array (items, minItems,
 maxItems), enum, const, anyOf, and local $ref to #/$defs or #/definitions (recursion included).
 Annotations (title, description, default, ...) are ignored; any other keyword is refused with a
-ConstraintError naming it and where it is, rather than producing output that may not validate.
-Objects are written with their properties in the schema's order and no others (extra properties
-are allowed by a schema unless additionalProperties is false, never required).
+ConstraintError naming it and where it is, rather than producing output that may not validate;
+so is a keyword beside $ref, anyOf, enum or const (all of them would apply; an enum/const may
+have a type: its values of that type are kept).
+Objects are written with their properties in the schema's order and no others: a property the
+schema does not name is never written, even where additionalProperties (true by default) allows
+it; an object schema without properties, unless additionalProperties is false, is any object.
 """
 
 from __future__ import annotations
@@ -41,8 +44,12 @@ def schema_grammar(schema: Any) -> Grammar:
     return Grammar(compiler.rules, "schema:root")
 
 
-def _literal(value: Any) -> Lit:
-    return Lit(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+def _literal(value: Any, path: str) -> Lit:
+    """An enum/const value as the JSON text it must be written as."""
+    try:
+        return Lit(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    except ValueError:  # Python's json reads NaN and Infinity, which are not JSON
+        raise ConstraintError(f"the enum/const value {value!r} at {path} is not JSON") from None
 
 
 class _SchemaCompiler:
@@ -70,14 +77,11 @@ class _SchemaCompiler:
                     f"unsupported JSON schema keyword {key!r} at {path}"
                     + ("" if types else " (or it needs a matching 'type')")
                 )
+        _check_siblings(schema, path)
         if "$ref" in schema:
             return self._ref(schema["$ref"], f"{path}/$ref")
-        if "const" in schema:
-            return _literal(schema["const"])
-        if "enum" in schema:
-            if not isinstance(schema["enum"], list) or not schema["enum"]:
-                raise ConstraintError(f"enum at {path} must be a non-empty list")
-            return Alt(tuple(_literal(v) for v in schema["enum"]))
+        if "const" in schema or "enum" in schema:
+            return Alt(tuple(_literal(v, path) for v in _values(schema, path)))
         if "anyOf" in schema:
             options = schema["anyOf"]
             if not isinstance(options, list) or not options:
@@ -118,6 +122,8 @@ class _SchemaCompiler:
         if not isinstance(props, dict):
             raise ConstraintError(f"properties at {path} must be an object")
         required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ConstraintError(f"required at {path} must be a list of property names")
         unknown = [r for r in required if r not in props]
         if unknown:
             raise ConstraintError(f"required names {unknown} at {path}, not among its properties")
@@ -146,6 +152,60 @@ class _SchemaCompiler:
         if target is None:
             raise ConstraintError(f"$ref {ref!r} at {path} names no definition")
         return self._rule(target, f"#/{parts[1]}/{parts[2]}")
+
+
+def _check_siblings(schema: dict[str, Any], path: str) -> None:
+    """$ref, anyOf, enum and const are compiled alone, so a keyword beside them that would also
+    constrain the value (all of a schema's keywords apply) is refused, not silently dropped;
+    enum/const may have a `type` (_values keeps the values of that type)."""
+    companions = {
+        "$ref": set(),
+        "anyOf": set(),
+        "enum": {"type", "const"},
+        "const": {"type", "enum"},
+    }
+    for alone, allowed in companions.items():
+        if alone not in schema:
+            continue
+        beside = [k for k in schema if k != alone and k not in ANNOTATIONS and k not in allowed]
+        if beside:
+            raise ConstraintError(
+                f"unsupported JSON schema: {alone!r} with {beside} beside it at {path} (all "
+                f"would apply); move them into the {alone!r} schemas, or drop them"
+            )
+
+
+def _values(schema: dict[str, Any], path: str) -> list[Any]:
+    """The values enum and const allow (both: those in each), of the schema's type if it has one."""
+    values: list[Any] | None = None
+    if "enum" in schema:
+        values = schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise ConstraintError(f"enum at {path} must be a non-empty list")
+    if "const" in schema:
+        const = _literal(schema["const"], path)
+        values = (
+            [schema["const"]]
+            if values is None
+            else [v for v in values if _literal(v, path) == const]
+        )
+    types = schema.get("type")
+    if types is not None:
+        kinds = [types] if isinstance(types, str) else types
+        values = [v for v in values or [] if any(_is_type(v, k) for k in kinds)]
+    if not values:
+        raise ConstraintError(f"the enum/const at {path} allows no value (of its type)")
+    return values
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    """Whether a JSON value is of a JSON schema type (1.0 is an integer, true is no number)."""
+    if isinstance(value, bool):
+        return kind == "boolean"
+    if isinstance(value, int | float):
+        return kind == "number" or (kind == "integer" and float(value).is_integer())
+    names = {str: "string", list: "array", dict: "object", type(None): "null"}
+    return names.get(type(value)) == kind
 
 
 def _bounds(schema: dict[str, Any], low: str, high: str, path: str) -> tuple[int, int | None]:

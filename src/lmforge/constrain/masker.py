@@ -13,7 +13,8 @@ Stop tokens are not in the masks: the caller allows them exactly when `accepts` 
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 
 import torch
 from torch import Tensor
@@ -145,8 +146,10 @@ class TokenGuide:
         if mask is not None:
             self._masks.move_to_end(state)
             return mask
+        return self._cache_mask(state, self.allowed_ids(state))
+
+    def _cache_mask(self, state: GuideState, ids: list[int]) -> Tensor:
         mask = torch.zeros(self.vocab.size, dtype=torch.bool)
-        ids = self.allowed_ids(state)
         if ids:
             mask[torch.tensor(ids, dtype=torch.long)] = True
         self._masks[state] = mask
@@ -154,8 +157,25 @@ class TokenGuide:
             self._masks.popitem(last=False)
         return mask
 
-    def allowed_ids(self, state: GuideState) -> list[int]:
-        """The ids `allowed` marks, by one walk of the live branches of the trie."""
+    def warm(self, seconds: float) -> int:
+        """Computes the masks of the states answers reach first (breadth first from the start)
+        until `seconds` pass, none is left, or the mask cache is full; returns how many. For the
+        compiling thread, before the guide is shared: a mask walk on the engine's thread
+        delays every row of its step (33-49 ms a new state at 50k tokens, docs/benchmarks.md)."""
+        deadline = time.perf_counter() + seconds
+        seen, todo = {self.start}, deque([self.start])
+        while todo and len(self._masks) < self._mask_cache and time.perf_counter() < deadline:
+            state = todo.popleft()
+            successors: set[GuideState] = set()
+            self._cache_mask(state, self.allowed_ids(state, successors))
+            fresh = successors - seen
+            seen |= fresh
+            todo.extend(fresh)
+        return len(self._masks)
+
+    def allowed_ids(self, state: GuideState, successors: set | None = None) -> list[int]:
+        """The ids `allowed` marks, by one walk of the live branches of the trie; `successors`,
+        when given, gets the states those tokens lead to."""
         trie = self.vocab.trie
         children, ends, subtree, below = trie.children, trie.ids, trie.subtree_ids, trie.below
         ids: list[int] = []
@@ -173,6 +193,8 @@ class TokenGuide:
                     ids += subtree[child]
                     continue
                 ids += ends[child]
+                if successors is not None and ends[child]:
+                    successors.add(nxt)
                 if children[child]:
                     todo.append((child, nxt))
         return ids

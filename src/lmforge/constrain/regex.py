@@ -2,7 +2,7 @@
 
 Supported: literals and escapes (\\n \\t \\. ...), classes ([a-z0-9_], [^...], \\d \\w \\s and
 their negations, ASCII as under re.ASCII), `.` (any character but a newline), `?`, `*`, `+`,
-`{m}`, `{m,}`, `{m,n}` (a trailing lazy `?` changes nothing for a full match), `|`, groups
+`{m}`, `{m,}`, `{,n}`, `{m,n}` (a trailing lazy `?` changes nothing for a full match), `|`, groups
 `(...)` and `(?:...)`, and `^`/`$` at the ends. Anything else (lookarounds, backreferences,
 word boundaries, flags) is refused with a ConstraintError naming it and its position.
 """
@@ -156,18 +156,28 @@ class _Parser:
             return node
         if self.peek() == "?":  # lazy: the same language under a full match
             self.i += 1
-        if self.peek() in ("?", "*", "+"):
+        if self.peek() in ("?", "*", "+") or (self.peek() == "{" and self._braces_ahead()):
             raise self.fail("a repeated quantifier")
         return Repeat(node, low, high)
 
+    def _braces_ahead(self) -> bool:
+        """Whether a {m,n} quantifier is at the cursor (the cursor stays)."""
+        at = self.i
+        try:
+            return self.braces() is not None
+        finally:
+            self.i = at
+
     def braces(self) -> tuple[int, int | None] | None:
-        """{m}, {m,} or {m,n} at the cursor (consumed), or None when it is a literal '{'."""
+        """{m}, {m,}, {,n}, {,} or {m,n} at the cursor (consumed; a left-out m is 0, as in
+        Python's re), or None when it is a literal '{'."""
         end = self.p.find("}", self.i)
         body = self.p[self.i + 1 : end] if end > 0 else ""
         low, comma, high = body.partition(",")
-        if not low.isdigit() or (high and not high.isdigit()):
+        if not (low.isdigit() or (comma and not low)) or (high and not high.isdigit()):
             return None
-        lo, hi = int(low), (int(high) if high else None) if comma else int(low)
+        lo = int(low) if low else 0
+        hi = (int(high) if high else None) if comma else lo
         if (hi is not None and hi < lo) or max(lo, hi or 0) > MAX_REPEAT:
             raise self.fail(f"repeat {{{body}}} (bounds must satisfy m <= n <= {MAX_REPEAT})")
         self.i = end + 1

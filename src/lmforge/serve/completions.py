@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+from lmforge.constrain.guide import GUIDE_WARM_SECONDS
 from lmforge.errors import InputError
 from lmforge.serve.engine import EngineClosed, QueueFull
 from lmforge.serve.handle import NO_TOKEN
@@ -49,10 +50,12 @@ class CompletionService:
     async def _compile_guide(self, req: ChatRequest | CompletionRequest) -> None:
         """Compiles a structured-output request's constraint off the event loop: the first one
         for a model builds its vocabulary's byte trie (seconds for a 50k vocabulary; see
-        docs/benchmarks.md), and prepare.py then finds the guide cached."""
+        docs/benchmarks.md), a new constraint computes its first masks (GUIDE_WARM_SECONDS, so
+        the engine's thread, which runs every request's step, does not), and prepare.py then
+        finds the guide cached."""
         if req.asks_constraint:
             files = self.preparer.engine_for(req.model).files
-            await asyncio.to_thread(req.guide, files)
+            await asyncio.to_thread(req.guide, files, GUIDE_WARM_SECONDS)
 
     # ---- running ---------------------------------------------------------------------------
 

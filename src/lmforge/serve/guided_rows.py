@@ -3,11 +3,12 @@ and its guide moved past each token it emits.
 
 A row whose params carry a Guide (constrain/) keeps its guide state on the Row. Before sampling,
 its logits outside the allowed tokens become -inf (its stop tokens are allowed exactly when the
-grammar accepts the answer so far), after the history rules and before logit_bias, temperature,
-top-k/top-p or greedy; logprobs stay the raw model's. When the rules ban every allowed token (a
-min_tokens ban on the stop token where only the stop token may come, say), the grammar wins: the
-row's raw logits are masked instead. An answer the grammar accepts and cannot extend ends at once
-with finish_reason "stop", stop token or not (so ignore_eos and min_tokens cannot make it loop).
+grammar accepts the answer so far, even one whose text the grammar could take elsewhere), after
+the history rules and before logit_bias, temperature, top-k/top-p or greedy; logprobs stay the
+raw model's. When the rules ban every allowed token (a min_tokens ban on the stop token where
+only the stop token may come, say), the grammar wins: the row's raw logits are masked instead.
+An answer the grammar accepts and cannot extend ends at once with finish_reason "stop", stop
+token or not (so ignore_eos and min_tokens cannot make it loop).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def guided_logits(rows: list[Row], ruled: Tensor, raw: Tensor) -> Tensor:
     allow = torch.stack(masks)  # a new tensor: the cached masks stay as they are
     for j, i in enumerate(guided):
         row = rows[i]
-        if row.params.guide.tokens.accepts(row.guide_state):
-            allow[j, [t for t in row.stops if t < vocab]] = True
+        # a stop token ends the answer, whatever text it has: allowed exactly where it may end
+        allow[j, [t for t in row.stops if t < vocab]] = row.params.guide.tokens.accepts(
+            row.guide_state
+        )
     allow = allow.to(ruled.device)
     index = torch.tensor(guided, dtype=torch.long, device=ruled.device)
     out = ruled.float().clone()
@@ -57,8 +60,13 @@ def advance_guide(row: Row, token: int) -> bool:
     tokens = row.params.guide.tokens
     state = tokens.advance(row.guide_state, token)
     if state is None:
-        raise RuntimeError(
-            f"token {token} is outside the request's {row.params.guide.kind} constraint"
-        )
+        kind = row.params.guide.kind
+        if not bool(tokens.allowed(row.guide_state).any()):  # the mask left the draw nothing
+            raise RuntimeError(
+                f"the {kind} constraint cannot go on after {row.generated - 1} tokens: no token "
+                "of this tokenizer's vocabulary continues it (does it need a character the "
+                "vocabulary cannot write?)"
+            )
+        raise RuntimeError(f"token {token} is outside the request's {kind} constraint")
     row.guide_state = state
     return tokens.accepts(state) and not bool(tokens.allowed(state).any())

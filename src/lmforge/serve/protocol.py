@@ -139,17 +139,26 @@ class _Request(BaseModel):
             raise ValueError("keys must name each token id once")
         return value
 
-    def guide(self, files: Any) -> Guide | None:
-        """The structured-output constraint asked for, compiled over the tokenizer `files`; None
-        for free text. Two constraints at once, or one that cannot compile, is a 400."""
+    def guide(self, files: Any, warm_seconds: float = 0.0) -> Guide | None:
+        """The structured-output constraint asked for, compiled over the tokenizer `files`
+        (GuideCompiler.compile: warm_seconds); None for free text. Two constraints at once, or
+        one that cannot compile, is a 400."""
         asked = self._constraint()
         if asked is None:
             return None
         param, kind, value = asked
         try:
-            return compiler_for(files).compile(kind, spec_text(kind, value))
+            return compiler_for(files).compile(kind, spec_text(kind, value), warm_seconds)
         except ConstraintError as exc:
-            raise APIError(400, str(exc), param=param, code="invalid_constraint") from None
+            if kind != "json_schema":
+                raise APIError(400, str(exc), param=param) from None
+            fmt = self.response_format
+            where = param
+            if param == "response_format" and fmt is not None and fmt.json_schema is not None:
+                where = f"response_format '{fmt.json_schema.name}'"
+            raise APIError(  # OpenAI's body for a schema it cannot use
+                400, f"Invalid schema for {where}: {exc}", param=param, code="invalid_json_schema"
+            ) from None
 
     @property
     def asks_constraint(self) -> bool:

@@ -45,7 +45,36 @@ def test_json_object_matches_pythons_json_where_whitespace_is_bounded():
         assert auto.matches(text) == is_json_object(text), text
     # whitespace: at most one space or newline per place JSON allows it
     assert auto.matches('{ "a": 1 }') and not auto.matches('{  "a": 1}')
+    for empty in ("{  }", "{\n }", '{"a": [ \n]}'):  # empty brackets: one whitespace, too
+        assert not auto.matches(empty) and is_json_object(empty), empty
+    optional = Automaton(schema_grammar({"type": "object", "properties": {"a": {}, "b": {}}}))
+    assert optional.matches("{ }") and optional.matches('{ "b": 1 }')
+    assert not optional.matches("{  }") and not optional.matches('{"a": 1,}')
+    assert not Automaton(schema_grammar({"type": "array", "maxItems": 3})).matches("[ \n]")
     assert not auto.matches('{"a":\t1}')  # valid JSON, but not a whitespace the grammar writes
+
+
+def test_unicode_escapes_pair_surrogates_and_count_a_pair_as_one_character():
+    auto = Automaton(json_object_grammar())
+    for text in [
+        '{"a":"\\ud83d\\ude00"}',
+        '{"a":"\\uD83D\\uDE00x"}',
+        '{"a":"\\ud7ff\\ue000\\u00E9"}',
+    ]:
+        assert auto.matches(text), text
+        json.loads(text)["a"].encode("utf-8")  # a parsed answer is text UTF-8 can hold
+    for text in [
+        '{"a":"\\ud83d"}',
+        '{"a":"\\ude00"}',
+        '{"a":"\\ude00\\ud83d"}',
+        '{"a":"\\ud83dx"}',
+    ]:
+        assert not auto.matches(text), text  # a lone surrogate
+    one = Automaton(schema_grammar({"type": "string", "minLength": 1, "maxLength": 1}))
+    assert one.matches('"\\ud83d\\ude00"') and len(json.loads('"\\ud83d\\ude00"')) == 1
+    assert not Automaton(schema_grammar({"type": "string", "minLength": 2})).matches(
+        '"\\ud83d\\ude00"'
+    )
 
 
 def test_json_nesting_is_bounded_not_unlimited():
@@ -109,8 +138,30 @@ def test_schema_refs_recursion_enum_const_and_empty_schema():
     assert Automaton(schema_grammar({"enum": ["a", 1, None, [1]]})).matches("[1]")
     assert not Automaton(schema_grammar({"enum": ["a", 1]})).matches('"b"')
     assert Automaton(schema_grammar({"const": {"k": "é"}})).matches('{"k":"é"}')
+    # enum/const with a type: the values of that type (JSON's: 1.0 is an integer, true no number)
+    typed = Automaton(schema_grammar({"type": "integer", "enum": ["1", 1.0, 2, True, 2.5]}))
+    assert [typed.matches(t) for t in ('"1"', "1.0", "2", "true", "2.5")] == [0, 1, 1, 0, 0]
+    both = Automaton(schema_grammar({"enum": ["a", "b"], "const": "b"}))
+    assert both.matches('"b"') and not both.matches('"a"')
     anything = Automaton(schema_grammar({}))
     assert anything.matches('[1,{"a":null}]') and anything.matches('"s"')
+
+
+def test_a_pydantic_models_schema_compiles_and_its_answers_validate():
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Item(BaseModel):  # pydantic writes $ref + default, const + type, anyOf with null
+        name: str = Field(description="n", max_length=5)
+        kind: Literal["a"]
+        note: str | None = None
+        sub: Item | None = None
+
+    auto = Automaton(schema_grammar(Item.model_json_schema()))
+    text = '{"name":"x","kind":"a","note":null,"sub":{"name":"y","kind":"a","sub":null}}'
+    assert auto.matches(text) and Item.model_validate_json(text).sub.name == "y"
+    assert not auto.matches('{"name":"x","kind":"b"}')
 
 
 @pytest.mark.parametrize(
@@ -126,6 +177,16 @@ def test_schema_refs_recursion_enum_const_and_empty_schema():
         ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "['b']"),
         ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems/maxItems"),
         ({"type": "string", "maxLength": 10**6}, "too large"),
+        ({"type": "object", "properties": {"a": {}}, "required": "a"}, "must be a list"),
+        # keywords beside $ref/anyOf/enum/const would apply too: refused, never dropped
+        ({"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "type": "string"},
+         "'$ref' with ['type']"),
+        ({"type": "object", "properties": {"a": {}}, "anyOf": [{"type": "object"}]},
+         "'anyOf' with ['type', 'properties']"),
+        ({"type": "string", "enum": ["ab", "c"], "maxLength": 1}, "'enum' with ['maxLength']"),
+        ({"type": "string", "enum": [1, None]}, "allows no value"),
+        ({"enum": ["a"], "const": "b"}, "allows no value"),
+        ({"enum": [1, float("nan")]}, "value nan at # is not JSON"),  # json.loads reads NaN
     ],
 )  # fmt: skip
 def test_unsupported_schema_is_refused_naming_the_keyword(schema, named):
@@ -143,6 +204,7 @@ REGEX_CASES = {
     r"(?:a|b)*c": ["c", "abababc", "abd"],
     r"\{\d\}|.": ["{1}", "q", "\n", "{}"],
     r"colou?r [A-Z][a-z]{1,}": ["color Red", "colour Xy", "colour X", "colr Red"],
+    r"x{,2}y{,}z{}": ["z{}", "xxz{}", "yyyz{}", "xxxz{}", "z"],  # {,n}: from 0, as re has it
 }
 
 
@@ -157,7 +219,8 @@ def test_regex_matches_exactly_what_re_fullmatch_matches(pattern):
     ("pattern", "named"),
     [(r"(?=a)b", "group syntax '(?'"), (r"(a)\1", "escape '\\1'"), (r"\bword", "escape '\\b'"),
      (r"a**", "repeated quantifier"), (r"*a", "nothing to repeat"), (r"(ab", "missing ')'"),
-     (r"a{5,2}", "repeat {5,2}"), (r"a^b", "anchor '^'")],
+     (r"a{5,2}", "repeat {5,2}"), (r"a^b", "anchor '^'"), (r"a{2}{3}", "repeated quantifier"),
+     (r"a*{2}", "repeated quantifier")],
 )  # fmt: skip
 def test_unsupported_regex_is_refused_naming_the_construct(pattern, named):
     with pytest.raises(ConstraintError) as err:

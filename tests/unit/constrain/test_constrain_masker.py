@@ -121,6 +121,18 @@ def test_masks_are_cached_per_state_and_reused():
     assert guide.allowed(state) is guide.allowed(again)
 
 
+def test_warm_computes_the_masks_answers_reach_first():
+    guide = TokenGuide(Automaton(GRAMMARS["schema"]), Vocabulary(VOCAB))
+    assert guide.warm(seconds=0.0) == 0
+    assert guide.warm(seconds=30.0) == len(guide._masks) > 10
+    state = guide.start
+    for token in (b'{"', b"a", b'":', b'"', b"\xc3", b"\xa9", b'",'):  # each step finds its mask
+        assert state in guide._masks, token
+        state = guide.advance(state, VOCAB.index(token))
+    for state, mask in guide._masks.items():  # the masks a walk on demand computes
+        assert sorted(mask.nonzero().flatten().tolist()) == sorted(guide.allowed_ids(state))
+
+
 def test_trained_byte_level_vocabulary_round_trips(tmp_path):
     from lmforge.tokenizer.files import TokenizerFiles
     from unit.finetune.helpers import make_tokenizer_dir
@@ -137,6 +149,22 @@ def test_trained_byte_level_vocabulary_round_trips(tmp_path):
     g1 = compiler.compile("choice", json.dumps(["yes", "no"]))
     g2 = compiler.compile("choice", json.dumps(["yes", "no"]))
     assert g1 == g2 and g1.tokens is g2.tokens
+
+
+def test_a_cached_guide_grown_past_its_state_bound_is_compiled_afresh(tmp_path, monkeypatch):
+    from lmforge.constrain import guide as guide_module
+    from lmforge.tokenizer.files import TokenizerFiles
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    compiler = GuideCompiler(TokenizerFiles.load(make_tokenizer_dir(tmp_path)).tokenizer)
+    first = compiler.compile("json_object", "").tokens
+    monkeypatch.setattr(guide_module, "MAX_GUIDE_STATES", first.automaton.size + 2)
+    assert compiler.compile("json_object", "").tokens is first  # within the bound: shared
+    assert first.automaton.matches('{"a":' + "[" * 5 + "]" * 5 + "}")  # each depth a new state
+    assert first.automaton.size > guide_module.MAX_GUIDE_STATES
+    fresh = compiler.compile("json_object", "").tokens
+    assert fresh is not first and fresh.automaton.size < first.automaton.size
+    assert compiler.compile("json_object", "").tokens is fresh
 
 
 def test_sentencepiece_style_vocabulary_bytes_keep_word_spaces():

@@ -50,6 +50,19 @@ def test_stop_strings_cut_the_text_and_no_part_of_them_is_sent(engine):
     assert stopped and "".join(pieces) == "What is the capital of France? The capital "
 
 
+def streamed(tok, ids: list[int], stops: tuple[str, ...], active_from: int) -> tuple[str, bool]:
+    """The pieces a TextStream sends for ids, joined, with stop strings active from the
+    active_from-th token on (min_tokens), and whether a stop string ended it."""
+    s = TextStream(tok, stops)
+    pieces, stopped = [], False
+    for n, t in enumerate(ids, start=1):
+        text, stopped = s.push(t, stops_active=n >= active_from)
+        pieces.append(text)
+        if stopped:
+            return "".join(pieces), True
+    return "".join(pieces) + s.flush(), False
+
+
 def test_stop_strings_before_min_tokens_never_end_the_text(engine):
     tok = engine.files.tokenizer
     ids = engine.files.encode("The capital is Paris. The capital is Rome. The end.")
@@ -58,16 +71,19 @@ def test_stop_strings_before_min_tokens_never_end_the_text(engine):
         (4, "The capital is Paris. The "),  # the first "capital" was written before min_tokens
         (len(ids), "The capital is Paris. The capital is Rome. The end."),
     ]:
-        s = TextStream(tok, ("capital",))
-        pieces, stopped = [], False
-        for n, t in enumerate(ids, start=1):
-            text, stopped = s.push(t, stops_active=n >= active_from)
-            pieces.append(text)
-            if stopped:
-                break
-        if not stopped:
-            pieces.append(s.flush())
-        assert "".join(pieces) == expected, active_from
+        assert streamed(tok, ids, ("capital",), active_from)[0] == expected, active_from
+
+
+def test_a_stop_string_held_back_before_min_tokens_ends_the_text_if_it_ends_after(engine):
+    tok = engine.files.tokenizer
+    ids = engine.files.encode("The capital is Paris. The capital is Rome.")
+    pa = next(n for n in range(len(ids)) if tok.decode(ids[: n + 1]).endswith("is Pa")) + 1
+    for active_from, expected in [
+        (pa, "The capital "),  # "is " written (held back) before min_tokens, "Pa" after: a stop
+        (pa + 1, "The capital is Paris. The capital is Rome."),  # wholly before: sent after all
+    ]:
+        text, stopped = streamed(tok, ids, ("is Pa",), active_from)
+        assert text == expected and stopped == (active_from == pa), active_from
 
 
 def test_a_held_back_stop_prefix_is_sent_when_it_does_not_complete(engine):

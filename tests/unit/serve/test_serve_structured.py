@@ -79,7 +79,7 @@ def test_json_schema_answers_validate_streamed_and_not(client, seed):
 
 def test_json_object_mode_on_completions_gives_objects(client):
     finished = []
-    for seed in range(3):  # a random model may write one long string until max_tokens
+    for seed in range(6):  # a random model may write one long string until max_tokens
         out = client.completions.create(
             model="m", prompt="A JSON object:", max_tokens=60, n=4, seed=seed,
             extra_body={"response_format": {"type": "json_object"}},  # vLLM takes it here too
@@ -161,6 +161,25 @@ def test_bad_constraints_are_400s_that_say_why(client, extra, says):
     assert says in err.value.body["message"]
 
 
+def test_an_unusable_schema_gets_openais_error_body(client):
+    bad = {"type": "string", "pattern": "^a+$"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="m", messages=CHAT, max_tokens=5, response_format=schema_format(bad)
+        )
+    body = err.value.body
+    assert body["message"].startswith("Invalid schema for response_format 't': unsupported")
+    assert (body["type"], body["param"], body["code"]) == (
+        "invalid_request_error", "response_format", "invalid_json_schema",
+    )  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model="m", prompt="x", max_tokens=5, extra_body={"guided_json": bad}
+        )
+    assert err.value.body["message"].startswith("Invalid schema for guided_json: unsupported")
+    assert err.value.body["param"] == "guided_json"
+
+
 def test_guided_logprobs_stay_the_raw_models(engine):
     files = engine.files
     prompt = files.encode("Pick one:")
@@ -218,3 +237,42 @@ def test_a_complete_answer_ends_even_when_stop_tokens_are_ignored(engine):
     params = SamplingParams(max_tokens=12, temperature=0.7, seed=1, ignore_eos=True, guide=guide)
     done = collect(engine.submit(engine.files.encode("Hi"), params, "complete"))
     assert (done.text, done.finish_reason) == ("zq", "stop")
+
+
+def test_a_grammar_the_vocabulary_cannot_write_fails_the_row_saying_so():
+    from lmforge.constrain import Automaton, TokenGuide, Vocabulary
+    from lmforge.constrain.guide import _bound
+    from lmforge.constrain.regex import regex_grammar
+    from lmforge.serve.guided_rows import advance_guide, guided_logits
+    from lmforge.serve.handle import RequestHandle
+    from lmforge.serve.request_book import Row
+
+    tokens = TokenGuide(Automaton(regex_grammar("aé")), Vocabulary([b"", b"a", b"b"]))
+    guide = _bound("regex", "aé", tokens)
+    row = Row(RequestHandle("r", 1), [1], SamplingParams(guide=guide), frozenset())
+    row.generated = 1
+    assert advance_guide(row, 1) is False  # "a": fine so far
+    out = guided_logits([row], torch.zeros(1, 3), torch.zeros(1, 3))
+    assert torch.isinf(out).all()  # nothing can follow: no token writes "é"
+    row.generated = 2
+    with pytest.raises(RuntimeError, match="regex constraint cannot go on after 1 tokens"):
+        advance_guide(row, 2)  # whatever the draw made of a row of -inf
+
+
+def test_a_stop_token_that_is_also_text_is_allowed_only_where_the_answer_may_end():
+    from lmforge.constrain import Automaton, TokenGuide, Vocabulary
+    from lmforge.constrain.guide import _bound
+    from lmforge.constrain.regex import regex_grammar
+    from lmforge.serve.guided_rows import advance_guide, guided_logits
+    from lmforge.serve.handle import RequestHandle
+    from lmforge.serve.request_book import Row
+
+    tokens = TokenGuide(Automaton(regex_grammar("(a|b)b")), Vocabulary([b"", b"a", b"b"]))
+    params = SamplingParams(guide=_bound("regex", "(a|b)b", tokens))
+    row = Row(RequestHandle("r", 1), [1], params, frozenset({1}))  # "a" is also a stop token
+    logits = torch.zeros(1, 3)
+    assert torch.isfinite(guided_logits([row], logits, logits)[0]).tolist() == [0, 0, 1]
+    assert advance_guide(row, 2) is False
+    assert torch.isfinite(guided_logits([row], logits, logits)[0]).tolist() == [0, 0, 1]
+    assert advance_guide(row, 2) is True  # "bb": complete
+    assert torch.isfinite(guided_logits([row], logits, logits)[0]).tolist() == [0, 1, 0]
