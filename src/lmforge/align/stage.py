@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
+from lmforge.align.dropout import disable_dropout
 from lmforge.align.encode import encode_pairs
 from lmforge.align.ppo import (
     HeldOutEval,
@@ -154,6 +155,11 @@ class AlignConfig(StageConfig):
         "orpo (policy from pairs, no reference) | ppo (policy from a reward model)"
     )
     tuning: Literal["full", "lora"] = Field("full", description="full | lora (adapters only)")
+    disable_dropout: bool = Field(
+        True,
+        description="train with every dropout rate at 0, as TRL's trainers by default (DPO and "
+        "PPO compare train-mode log-probs with eval-mode ones); the saved config keeps its rate",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
     dpo: DPOOptions = Field(default_factory=DPOOptions, description="DPO settings")
     simpo: SimPOOptions = Field(default_factory=SimPOOptions, description="SimPO settings")
@@ -233,6 +239,8 @@ def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dic
 
 def _fit(cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any):
     """The one loop, and the headline numbers every method shares."""
+    if cfg.disable_dropout:
+        disable_dropout(model)  # after _adapt: the LoRA adapters' dropout too
     result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn)
     trainable, total = trainable_fraction(result.model)
     headline = {
