@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
@@ -45,7 +45,7 @@ from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
-from lmforge.config import NOT_HASHED, Section, StageConfig
+from lmforge.config import HASHED_IF_SET, NOT_HASHED, Section, StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.evaluate import rouge_eval
 from lmforge.finetune.export import export_model, tuned_generation_config
@@ -65,9 +65,18 @@ class DPOOptions(Section):
     """The `dpo:` section."""
 
     beta: float = Field(0.1, gt=0, description="strength of the KL anchor to the reference")
-    loss: Literal["sigmoid", "ipo"] = Field(
+    loss: Literal["sigmoid", "hinge", "ipo"] = Field(
         "sigmoid",
-        description="sigmoid (DPO) | ipo (per-token log-ratio margin regressed to 1 / (2 beta))",
+        description="sigmoid (DPO) | hinge (SLiC: relu(1 - reward margin)) | ipo (per-token "
+        "log-ratio margin regressed to 1 / (2 beta))",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="sigmoid loss: the probability a preference label is wrong (conservative "
+        "DPO, TRL's formula); the margin then settles instead of growing without bound",
+        json_schema_extra=HASHED_IF_SET,
     )
     reference: Path | None = Field(
         None, description="reference model directory (default: the starting model itself)"
@@ -75,6 +84,15 @@ class DPOOptions(Section):
     sft_weight: float = Field(
         0.0, ge=0, description="weight of the chosen replies' NLL (RPO) that keeps them likely"
     )
+
+    @model_validator(mode="after")
+    def _smoothing_only_for_sigmoid(self) -> DPOOptions:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(
+                f"dpo.label_smoothing={self.label_smoothing} applies to dpo.loss=sigmoid, not "
+                f"{self.loss}: unset dpo.label_smoothing or use dpo.loss=sigmoid"
+            )
+        return self
 
 
 class SimPOOptions(Section):
@@ -277,16 +295,16 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
 
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
-    bs, beta, kind = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss
+    bs, beta, kind, eps = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
     ref = load_reference(cfg.dpo.reference, tok) if cfg.dpo.reference else lm
     train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
     val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
-    model, fit = _fit(cfg, ctx, lm, make_dpo_loss(beta, kind, cfg.dpo.sft_weight), loader,
-                      lambda m: evaluate_dpo(m, val_rows, bs, beta, kind, cfg.train.eval_steps))  # fmt: skip
-    after = evaluate_dpo(model, val_rows, bs, beta, kind)
+    model, fit = _fit(cfg, ctx, lm, make_dpo_loss(beta, kind, cfg.dpo.sft_weight, eps), loader,
+                      lambda m: evaluate_dpo(m, val_rows, bs, beta, kind, cfg.train.eval_steps, eps))  # fmt: skip
+    after = evaluate_dpo(model, val_rows, bs, beta, kind, label_smoothing=eps)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     headline.update(_rouge(cfg, tok, model, val_pairs, ref if cfg.dpo.reference else None))
     return model, headline

@@ -48,16 +48,20 @@ def test_reference_logps_are_the_summed_reply_log_probs_of_every_row():
     np.testing.assert_allclose(ref, pair_logps(model, b["input_ids"], b["labels"]).detach(), 1e-6)
 
 
-@pytest.mark.parametrize("training, kind", [(True, "sigmoid"), (False, "sigmoid"), (True, "ipo")])
-def test_evaluate_dpo_equals_the_training_loss_over_the_same_rows(training, kind):
+@pytest.mark.parametrize(
+    "training, kind, eps",
+    [(True, "sigmoid", 0.0), (False, "sigmoid", 0.0), (True, "ipo", 0.0), (True, "hinge", 0.0),
+     (True, "sigmoid", 0.2)],
+)  # fmt: skip
+def test_evaluate_dpo_equals_the_training_loss_over_the_same_rows(training, kind, eps):
     model, rows = Bigram().train(training), _rows()
-    loss_fn = make_dpo_loss(0.1, kind)
-    got = evaluate_dpo(model, rows, batch_size=2, beta=0.1, kind=kind)
+    loss_fn = make_dpo_loss(0.1, kind, label_smoothing=eps)
+    got = evaluate_dpo(model, rows, batch_size=2, beta=0.1, kind=kind, label_smoothing=eps)
     want, metrics = loss_fn(model, _batch(rows))
     assert got["val_loss"] == pytest.approx(want.item(), abs=1e-6)
     assert got["val_reward_margin"] == pytest.approx(metrics["reward_margin"].item(), abs=1e-6)
     assert model.training is training
-    first = evaluate_dpo(model, rows, batch_size=2, beta=0.1, kind=kind, limit=1)
+    first = evaluate_dpo(model, rows, 2, beta=0.1, kind=kind, limit=1, label_smoothing=eps)
     assert first["val_loss"] == pytest.approx(loss_fn(model, _batch(rows, 2))[0].item(), abs=1e-6)
 
 

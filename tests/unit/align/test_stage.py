@@ -261,3 +261,16 @@ def test_ppo_refuses_an_encoder_or_a_foreign_tokenizer_reward_model(
     with pytest.raises(ConfigError, match=says):
         load_reward_model(foreign, vocab, tok)
     assert load_reward_model(reward_dir, vocab, tok) is not None  # the policy's own tokenizer
+
+
+def test_label_smoothing_is_refused_outside_the_sigmoid_loss(tmp_path):
+    from lmforge.config import validate
+
+    base = {"model": str(tmp_path), "data": str(tmp_path / "p.jsonl"), "out": str(tmp_path / "o"),
+            "method": "dpo"}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"dpo\.label_smoothing=0\.1 applies to dpo\.loss=sig"):
+        validate(AlignConfig, {**base, "dpo": {"loss": "hinge", "label_smoothing": 0.1}})
+    with pytest.raises(ConfigError, match=r"dpo\.label_smoothing"):
+        validate(AlignConfig, {**base, "dpo": {"label_smoothing": 0.5}})  # a coin flip: no signal
+    cfg = validate(AlignConfig, {**base, "dpo": {"label_smoothing": 0.1}})
+    assert cfg.dpo.label_smoothing == 0.1
