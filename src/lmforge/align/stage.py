@@ -232,6 +232,12 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
     tok = load_chat_tokenizer(model_dir)
     forget_other_runs(ctx.out / "checkpoints", ctx.run_hash)
     lm = load_pretrained(model_dir, quantized="dequantize").train()
+    if cfg.method != "reward" and not lm.config.causal:
+        raise ConfigError(
+            f"--method {cfg.method} tunes a causal LM's reply log-probs; {model_dir} is an "
+            "encoder (causal=False), which reads every token it would be scored on: start from "
+            f"a causal model ({MODEL_HINT})"
+        )
     if cfg.train.seq_len > lm.config.block_size:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="

@@ -274,3 +274,14 @@ def test_label_smoothing_is_refused_outside_the_sigmoid_loss(tmp_path):
         validate(AlignConfig, {**base, "dpo": {"label_smoothing": 0.5}})  # a coin flip: no signal
     cfg = validate(AlignConfig, {**base, "dpo": {"label_smoothing": 0.1}})
     assert cfg.dpo.label_smoothing == 0.1
+
+
+def test_policy_methods_refuse_an_encoder(tmp_path, tokenizer_dir):
+    """An encoder sees the next token it is scored on: its reply log-probs would be meaningless
+    (and batches cut after the last labelled token would change them)."""
+    from ..finetune.helpers import make_model_dir
+
+    encoder = make_model_dir(tmp_path / "enc", tokenizer_dir, causal=False)
+    with pytest.raises(ConfigError, match=r"--method dpo tunes a causal LM.*causal=False"):
+        align(_cfg(tmp_path, encoder, "dpo"))
+    assert not (tmp_path / "dpo" / "final").exists()
