@@ -305,6 +305,7 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     ref = load_reference(cfg.dpo.reference, tok) if cfg.dpo.reference else lm
     train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
     val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
+    del ref  # its log-probs are all training needs: one model in memory (ROUGE reloads it)
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
@@ -312,7 +313,7 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
                       lambda m: evaluate_dpo(m, val_rows, bs, beta, kind, cfg.train.eval_steps, eps))  # fmt: skip
     after = evaluate_dpo(model, val_rows, bs, beta, kind, label_smoothing=eps)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
-    headline.update(_rouge(cfg, tok, model, val_pairs, ref if cfg.dpo.reference else None))
+    headline.update(_rouge(cfg, tok, model, val_pairs))
     return model, headline
 
 
@@ -370,15 +371,16 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     return policy, headline
 
 
-def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list, reference: Any) -> dict:
-    """Greedy ROUGE-L against the chosen answers of held-out prompts: policy and reference."""
-    from lmforge.model.convert import load_pretrained
+def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:
+    """Greedy ROUGE-L against the chosen answers of held-out prompts: policy and reference (the
+    start or dpo.reference, loaded again: training held only the policy)."""
+    from lmforge.model.convert import load_pretrained, resolve_model_dir
 
     examples = _rouge_examples(cfg, pairs)
     if not examples:
         return {}
-    if reference is None:
-        reference = load_pretrained(cfg.model_dir(), quantized="dequantize")
+    where = resolve_model_dir(cfg.dpo.reference) if cfg.dpo.reference else cfg.model_dir()
+    reference = load_pretrained(where, quantized="dequantize")
     return {
         "rouge_l": _rouge_l(cfg, tok, policy, examples),
         "ref_rouge_l": _rouge_l(cfg, tok, reference.to(next(policy.parameters()).device), examples),

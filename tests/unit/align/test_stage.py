@@ -85,6 +85,7 @@ def test_ipo_against_an_explicit_reference_directory(tmp_path, model_dir):
     m = read_manifest(out)["metrics"]
     assert m["val_logp_margin"] > m["ref_logp_margin"] + 0.5 and m["val_pref_accuracy"] >= 0.9
     assert str(model_dir) in read_manifest(out)["inputs"]  # the reference is a hashed input
+    assert m["ref_rouge_l"] >= 0 and m["rouge_examples"] == 2  # the reference reloaded to decode
 
 
 def test_bad_preference_file_fails_before_training(tmp_path, model_dir):
