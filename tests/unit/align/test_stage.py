@@ -136,8 +136,8 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
 
 
 def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir):
+    from lmforge.align.config import PPOOptions
     from lmforge.align.ppo import PolicyWithValue, Rollouts, load_reward_model, make_rollout
-    from lmforge.align.stage import PPOOptions
     from lmforge.finetune.sft import load_chat_tokenizer
     from lmforge.model.convert import load_pretrained
 
@@ -164,6 +164,7 @@ def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir)
 def test_batch_reward_norm_prices_whitened_scores_and_eval_samples_each_prompt(
     model_dir, reward_dir
 ):
+    from lmforge.align.config import PPOOptions
     from lmforge.align.losses import whiten
     from lmforge.align.ppo import (
         PolicyWithValue,
@@ -173,7 +174,6 @@ def test_batch_reward_norm_prices_whitened_scores_and_eval_samples_each_prompt(
         make_rollout,
         rollout_metrics,
     )
-    from lmforge.align.stage import PPOOptions
     from lmforge.finetune.sft import load_chat_tokenizer
     from lmforge.model.convert import load_pretrained
 
