@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lmforge.align.dropout import disable_dropout
 from lmforge.align.stage import AlignConfig, align
-from lmforge.finetune.lora import LoraConfig, inject
+from lmforge.finetune.lora import LoraConfig, LoRALinear, inject
 from lmforge.model.config import preset_config
 from lmforge.model.transformer import Transformer
 
@@ -17,7 +18,8 @@ from ..finetune.helpers import make_model_dir
 from .test_stage import _prefs
 
 
-def test_disable_dropout_zeroes_residual_attention_and_lora_dropout():
+def _only(kind: str) -> Transformer:
+    """A micro model with LoRA adapters whose only non-zero dropout is `kind`."""
     torch.manual_seed(0)
     model = Transformer(preset_config("micro", vocab_size=50, dropout=0.5))
     inject(model, LoraConfig(dropout=0.5))
@@ -25,25 +27,24 @@ def test_disable_dropout_zeroes_residual_attention_and_lora_dropout():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    ids = torch.randint(0, 50, (2, 12))
+    lora = {id(m.dropout) for m in model.modules() if isinstance(m, LoRALinear)}
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and kind != ("lora" if id(m) in lora else "residual"):
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float) and kind != "attention":
+            m.dropout = 0.0  # the attention's SDPA dropout_p
+    return model
+
+
+@pytest.mark.parametrize("kind", ["residual", "attention", "lora"])
+def test_disable_dropout_zeroes_every_kind_of_dropout(kind):
+    model, ids = _only(kind), torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         want = model.eval()(ids)
-        assert not torch.allclose(model.train()(ids), want)
+        assert not torch.allclose(model.train()(ids), want)  # this dropout alone is on
         disable_dropout(model)
         assert torch.allclose(model.train()(ids), want, atol=1e-6)
     assert model.config.dropout == 0.5  # exported as trained from
-    for keep_only in ("attention", "residual"):  # each kind of dropout alone is found
-        torch.manual_seed(0)
-        model = Transformer(preset_config("micro", vocab_size=50, dropout=0.5)).train()
-        for m in model.modules():
-            if keep_only == "attention" and isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-            if keep_only == "residual" and isinstance(getattr(m, "dropout", None), float):
-                m.dropout = 0.0
-        with torch.no_grad():
-            assert not torch.allclose(model(ids), model.eval()(ids))
-            disable_dropout(model.train())
-            assert torch.allclose(model(ids), model.eval()(ids), atol=1e-6)
 
 
 @pytest.mark.parametrize("disable", [True, False])
