@@ -48,10 +48,14 @@ def per_token(summed: Tensor, labels: Tensor) -> Tensor:
 def load_reference(path: Path, tok: Any) -> nn.Module:
     """dpo.reference's model (a model directory or a training stage's, as --model), refused
     before its weights load unless its tokenizer gives the policy's (tok's) token ids."""
+    from lmforge.artifacts import require_artifact
     from lmforge.model.convert import load_pretrained, resolve_model_dir
     from lmforge.tokenizer.files import TokenizerFiles
 
     path = resolve_model_dir(path)
+    require_artifact(path, ["config.json", "tokenizer.json"], hint=(
+        "lmforge finetune --model DIR --data FILE --out DIR, then dpo.reference=DIR; or unset "
+        "dpo.reference (the reference is then the starting model)"))  # fmt: skip
     refuse_other_vocab(
         TokenizerFiles.load(path), tok, "dpo.reference",
         "use a model tuned from the policy's base, or leave dpo.reference unset (the start)",

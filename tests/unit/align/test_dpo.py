@@ -83,7 +83,7 @@ def test_dpo_reference_reads_a_stage_directory_and_refuses_another_tokenizer(tmp
     from tiny_tokenizers import train_byte_bpe
 
     from lmforge.align.dpo import load_reference
-    from lmforge.errors import ConfigError
+    from lmforge.errors import ConfigError, InputError
     from lmforge.finetune.sft import load_chat_tokenizer
     from lmforge.model.convert import load_pretrained
     from unit.finetune.helpers import CORPUS, SPECIALS
@@ -97,6 +97,12 @@ def test_dpo_reference_reads_a_stage_directory_and_refuses_another_tokenizer(tmp
     train_byte_bpe([t.upper() for t in CORPUS], tok.vocab_size, SPECIALS).save(
         str(foreign / "tokenizer.json")
     )
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(
+            InputError, match=r"(has no config\.json|does not exist).*dpo\.reference"
+        ):
+            load_reference(bad, tok)
     with pytest.raises(ConfigError, match=r"dpo\.reference=.*maps tokens to other ids than the"):
         load_reference(foreign, tok)
 
