@@ -2,8 +2,8 @@
 
 Public API: `align(AlignConfig(...)) -> Path` (the align stage) and
 `make_preferences(PreferencesConfig(...)) -> Path` (built-in synthetic pairs), plus the pieces
-in prefs, synthetic, encode, losses, reward, dpo, ref_free and ppo. Imports are lazy so
-`import lmforge.align` does not pull in torch.
+in prefs, synthetic, encode, losses, dropout, reward, dpo, ref_free and ppo (config: the
+stage's typed config). Imports are lazy so `import lmforge.align` does not pull in torch.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from lmforge.common.lazy import lazy_getattr
 
 _EXPORTS = {
-    "AlignConfig": "lmforge.align.stage",
+    "AlignConfig": "lmforge.align.config",
     "align": "lmforge.align.stage",
     "PreferencesConfig": "lmforge.align.synthetic",
     "make_preferences": "lmforge.align.synthetic",

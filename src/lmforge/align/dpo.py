@@ -48,10 +48,14 @@ def per_token(summed: Tensor, labels: Tensor) -> Tensor:
 def load_reference(path: Path, tok: Any) -> nn.Module:
     """dpo.reference's model (a model directory or a training stage's, as --model), refused
     before its weights load unless its tokenizer gives the policy's (tok's) token ids."""
+    from lmforge.artifacts import require_artifact
     from lmforge.model.convert import load_pretrained, resolve_model_dir
     from lmforge.tokenizer.files import TokenizerFiles
 
     path = resolve_model_dir(path)
+    require_artifact(path, ["config.json", "tokenizer.json"], hint=(
+        "lmforge finetune --model DIR --data FILE --out DIR, then dpo.reference=DIR; or unset "
+        "dpo.reference (the reference is then the starting model)"))  # fmt: skip
     refuse_other_vocab(
         TokenizerFiles.load(path), tok, "dpo.reference",
         "use a model tuned from the policy's base, or leave dpo.reference unset (the start)",
@@ -81,7 +85,10 @@ def reference_logps(model: nn.Module, rows: dict[str, np.ndarray], batch_size: i
     return score_pairs(model, rows, batch_size)[0].cpu().numpy().astype(np.float32)
 
 
-def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: float = 0.0):
+Kind = Literal["sigmoid", "hinge", "ipo"]
+
+
+def make_dpo_loss(beta: float, kind: Kind, sft_weight: float = 0.0, label_smoothing: float = 0.0):
     """loss_fn for the loop; logs implicit rewards, their margin and preference accuracy.
 
     sft_weight > 0 adds the chosen replies' per-token negative log-likelihood (RPO, Pang et al.,
@@ -93,7 +100,7 @@ def make_dpo_loss(beta: float, kind: Literal["sigmoid", "ipo"], sft_weight: floa
         logps = pair_logps(model, batch["input_ids"], batch["labels"])
         ref, lengths = batch["ref_logps"], reply_lengths(batch["labels"])
         loss, chosen_r, rejected_r = dpo_loss(
-            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths
+            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths, label_smoothing
         )
         if sft_weight > 0:
             loss = loss + sft_weight * -per_token(logps, batch["labels"])[:, 0].mean()
@@ -113,15 +120,16 @@ def evaluate_dpo(
     rows: dict[str, np.ndarray],
     batch_size: int,
     beta: float,
-    kind: Literal["sigmoid", "ipo"],
+    kind: Kind,
     limit: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward accuracy and margin, and the chosen-over-rejected
     log-prob margin of the policy (val_logp_margin) beside the reference's (ref_logp_margin)."""
     logp, lengths = score_pairs(model, rows, batch_size, limit)
     ref = torch.from_numpy(rows["ref_logps"][: len(logp)]).to(logp.device).float()
     loss, chosen_r, rejected_r = dpo_loss(
-        logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths
+        logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths, label_smoothing
     )
     return {
         "val_loss": float(loss),

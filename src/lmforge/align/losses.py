@@ -1,9 +1,9 @@
 """Alignment losses as pure functions of small tensors (no model inside), each unit-tested.
 
 - bradley_terry_loss: reward model training, -log sigmoid(r_chosen - r_rejected).
-- dpo_loss: Direct Preference Optimization (Rafailov et al., 2023), sigmoid or IPO (Azar et al.,
-  2023; per-token log-ratios) form, from summed response log-probs of the policy and of a frozen
-  reference.
+- dpo_loss: Direct Preference Optimization (Rafailov et al., 2023), sigmoid (optionally
+  conservative, label-smoothed), hinge (SLiC) or IPO (Azar et al., 2023; per-token log-ratios)
+  form, from summed response log-probs of the policy and of a frozen reference.
 - simpo_loss: SimPO (Meng et al., 2024), reference-free: beta * the length-normalised log-prob
   margin must exceed a target margin gamma.
 - orpo_odds_ratio_loss: ORPO's (Hong et al., 2024) odds-ratio term, -log sigmoid(log odds ratio)
@@ -36,22 +36,33 @@ def dpo_loss(
     ref_chosen: Tensor,
     ref_rejected: Tensor,
     beta: float,
-    kind: Literal["sigmoid", "ipo"] = "sigmoid",
+    kind: Literal["sigmoid", "hinge", "ipo"] = "sigmoid",
     lengths: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss, chosen rewards, rejected rewards) of pairs; inputs are (B,) log-probs.
 
     The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)). sigmoid:
-    -log sigmoid(reward margin). ipo: (h - 1 / (2 beta))^2 where h is the margin of the log-ratios
+    -log sigmoid(reward margin); with label_smoothing eps (conservative DPO, Mitchell 2023, as
+    TRL's sigmoid loss had it) the preference is taken as flipped with probability eps,
+    -(1 - eps) log sigmoid(m) - eps log sigmoid(-m), so the margin settles where
+    sigmoid(m) = 1 - eps instead of growing without bound. hinge (SLiC, Zhao et al., 2023):
+    relu(1 - reward margin). ipo: (h - 1 / (2 beta))^2 where h is the margin of the log-ratios
     without beta, each divided by its reply's token count (lengths (B, 2), needed for ipo), which
     regresses the margin to a fixed target instead of pushing it to infinity. Per token as TRL's
     DPOTrainer (its IPO authors' form): a summed margin would make the target's scale, and so
     beta's meaning, depend on how long the replies are.
     """
+    if label_smoothing and kind != "sigmoid":
+        raise ValueError(f"label_smoothing applies to the sigmoid loss, not {kind!r}")
     chosen_ratio = policy_chosen.float() - ref_chosen.float()
     rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    margin = beta * (chosen_ratio - rejected_ratio)
     if kind == "sigmoid":
-        loss = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+        eps = label_smoothing
+        loss = -(1.0 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
+    elif kind == "hinge":
+        loss = torch.relu(1.0 - margin)
     elif kind == "ipo":
         if lengths is None:
             raise ValueError("the IPO loss needs the replies' token counts (lengths)")
@@ -59,7 +70,7 @@ def dpo_loss(
         h = chosen_ratio / n[:, 0] - rejected_ratio / n[:, 1]
         loss = (h - 1.0 / (2.0 * beta)) ** 2
     else:
-        raise ValueError(f"unknown DPO loss kind {kind!r} (sigmoid | ipo)")
+        raise ValueError(f"unknown DPO loss kind {kind!r} (sigmoid | hinge | ipo)")
     return loss.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 

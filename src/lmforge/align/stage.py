@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
+from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
+from lmforge.align.dropout import disable_dropout
 from lmforge.align.encode import encode_pairs
 from lmforge.align.ppo import (
     HeldOutEval,
@@ -44,133 +45,18 @@ from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
-from lmforge.config import NOT_HASHED, Section, StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.evaluate import rouge_eval
 from lmforge.finetune.export import export_model, tuned_generation_config
-from lmforge.finetune.lora import LoraConfig, inject, trainable_fraction
+from lmforge.finetune.lora import inject, trainable_fraction
 from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.tokenizer.generation import eos_ids
 from lmforge.train.checkpoint import forget_other_runs
-from lmforge.train.config import TrainConfig
 from lmforge.train.loader import RowBatches
 from lmforge.train.loop import train
 from lmforge.train.observe import plot_losses
 
 MODEL_HINT = "lmforge finetune --model DIR --data FILE --out DIR (its final/ directory)"
-
-
-class DPOOptions(Section):
-    """The `dpo:` section."""
-
-    beta: float = Field(0.1, gt=0, description="strength of the KL anchor to the reference")
-    loss: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid",
-        description="sigmoid (DPO) | ipo (per-token log-ratio margin regressed to 1 / (2 beta))",
-    )
-    reference: Path | None = Field(
-        None, description="reference model directory (default: the starting model itself)"
-    )
-    sft_weight: float = Field(
-        0.0, ge=0, description="weight of the chosen replies' NLL (RPO) that keeps them likely"
-    )
-
-
-class SimPOOptions(Section):
-    """The `simpo:` section (SimPO, Meng et al., 2024)."""
-
-    beta: float = Field(
-        2.0, gt=0, description="scale of the reward, beta * a reply's mean token log-prob"
-    )
-    gamma: float = Field(
-        1.0, ge=0, description="target reward margin chosen over rejected (the paper's gamma)"
-    )
-
-
-class ORPOOptions(Section):
-    """The `orpo:` section (ORPO, Hong et al., 2024)."""
-
-    lam: float = Field(
-        0.1, gt=0, description="weight of the odds-ratio loss beside the chosen replies' NLL"
-    )
-
-
-class PPOOptions(Section):
-    """The `ppo:` section."""
-
-    reward_model: Path | None = Field(
-        None, description="reward model: an `align --method reward` stage dir or its final/"
-    )
-    rollout_prompts: int = Field(
-        16, ge=1, description="prompts answered per rollout (a multiple of micro_batch_size)"
-    )
-    ppo_epochs: int = Field(2, ge=1, description="passes over each rollout's minibatches")
-    max_new_tokens: int = Field(32, ge=1, description="answer length limit while sampling")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
-    kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty to the reference")
-    reward_norm: Literal["none", "batch"] = Field(
-        "none",
-        description="none: the reward model's raw score | batch: scores whitened across each "
-        "rollout (mean 0, std 1), so the KL penalty and the value head see the same scale "
-        "whatever the reward model's offset and spread",
-    )
-    clip: float = Field(0.2, gt=0, description="policy ratio clip range")
-    vf_coef: float = Field(0.5, ge=0, description="weight of the value loss")
-    vf_clip: float = Field(0.2, gt=0, description="value clip range")
-    gamma: float = Field(1.0, ge=0, le=1, description="discount")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
-    eval_prompts: int = Field(32, ge=1, description="held-out prompts scored before/after")
-    eval_samples: int = Field(
-        1, ge=1, description="answers sampled per held-out prompt (more: a less noisy mean)"
-    )
-
-
-class AlignEval(Section):
-    """Held-out evaluation (the `eval:` section)."""
-
-    val_fraction: float = Field(
-        0.1, gt=0, lt=1, description="share of pairs held out when no val_data"
-    )
-    rouge_examples: int = Field(
-        32, ge=0, description="dpo: held-out prompts answered greedily for ROUGE-L (0 = skip)"
-    )
-    max_new_tokens: int = Field(48, ge=1, description="dpo: answer length limit for ROUGE-L")
-    batch_size: int = Field(
-        16, ge=1, description="rows scored / prompts decoded together", json_schema_extra=NOT_HASHED
-    )
-
-
-class AlignConfig(StageConfig):
-    """`lmforge align --model DIR --data FILE --out DIR --method reward|dpo|ppo`."""
-
-    model: Path = Field(description="model directory in HF layout with tokenizer files")
-    data: Path = Field(
-        description="preference pairs: .jsonl file or directory, a feedback export or the "
-        "serving feedback store (align.prefs)"
-    )
-    val_data: Path | None = Field(None, description="held-out pairs (default: split from data)")
-    method: Literal["reward", "dpo", "simpo", "orpo", "ppo"] = Field(
-        description="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
-        "orpo (policy from pairs, no reference) | ppo (policy from a reward model)"
-    )
-    tuning: Literal["full", "lora"] = Field("full", description="full | lora (adapters only)")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
-    dpo: DPOOptions = Field(default_factory=DPOOptions, description="DPO settings")
-    simpo: SimPOOptions = Field(default_factory=SimPOOptions, description="SimPO settings")
-    orpo: ORPOOptions = Field(default_factory=ORPOOptions, description="ORPO settings")
-    ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO settings")
-    eval: AlignEval = Field(default_factory=AlignEval, description="held-out evaluation")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
-
-    def inputs(self) -> list[Path]:
-        paths = (self.model, self.data, self.val_data, self.dpo.reference, self.ppo.reward_model)
-        return [p for p in paths if p is not None]
-
-    def model_dir(self) -> Path:
-        """`model`, or its final/ when `model` is a training stage's directory."""
-        from lmforge.model.convert import resolve_model_dir
-
-        return resolve_model_dir(self.model)
 
 
 def align(cfg: AlignConfig, force: bool = False) -> Path:
@@ -208,6 +94,12 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
     tok = load_chat_tokenizer(model_dir)
     forget_other_runs(ctx.out / "checkpoints", ctx.run_hash)
     lm = load_pretrained(model_dir, quantized="dequantize").train()
+    if cfg.method != "reward" and not lm.config.causal:
+        raise ConfigError(
+            f"--method {cfg.method} tunes a causal LM's reply log-probs; {model_dir} is an "
+            "encoder (causal=False), which reads every token it would be scored on: start from "
+            f"a causal model ({MODEL_HINT})"
+        )
     if cfg.train.seq_len > lm.config.block_size:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
@@ -233,6 +125,8 @@ def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dic
 
 def _fit(cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any):
     """The one loop, and the headline numbers every method shares."""
+    if cfg.disable_dropout:
+        disable_dropout(model)  # after _adapt: the LoRA adapters' dropout too
     result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn)
     trainable, total = trainable_fraction(result.model)
     headline = {
@@ -269,18 +163,19 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
 
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
-    bs, beta, kind = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss
+    bs, beta, kind, eps = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
     ref = load_reference(cfg.dpo.reference, tok) if cfg.dpo.reference else lm
     train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
     val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
+    del ref  # its log-probs are all training needs: one model in memory (ROUGE reloads it)
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
-    model, fit = _fit(cfg, ctx, lm, make_dpo_loss(beta, kind, cfg.dpo.sft_weight), loader,
-                      lambda m: evaluate_dpo(m, val_rows, bs, beta, kind, cfg.train.eval_steps))  # fmt: skip
-    after = evaluate_dpo(model, val_rows, bs, beta, kind)
+    model, fit = _fit(cfg, ctx, lm, make_dpo_loss(beta, kind, cfg.dpo.sft_weight, eps), loader,
+                      lambda m: evaluate_dpo(m, val_rows, bs, beta, kind, cfg.train.eval_steps, eps))  # fmt: skip
+    after = evaluate_dpo(model, val_rows, bs, beta, kind, label_smoothing=eps)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
-    headline.update(_rouge(cfg, tok, model, val_pairs, ref if cfg.dpo.reference else None))
+    headline.update(_rouge(cfg, tok, model, val_pairs))
     return model, headline
 
 
@@ -338,15 +233,16 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     return policy, headline
 
 
-def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list, reference: Any) -> dict:
-    """Greedy ROUGE-L against the chosen answers of held-out prompts: policy and reference."""
-    from lmforge.model.convert import load_pretrained
+def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:
+    """Greedy ROUGE-L against the chosen answers of held-out prompts: policy and reference (the
+    start or dpo.reference, loaded again: training held only the policy)."""
+    from lmforge.model.convert import load_pretrained, resolve_model_dir
 
     examples = _rouge_examples(cfg, pairs)
     if not examples:
         return {}
-    if reference is None:
-        reference = load_pretrained(cfg.model_dir(), quantized="dequantize")
+    where = resolve_model_dir(cfg.dpo.reference) if cfg.dpo.reference else cfg.model_dir()
+    reference = load_pretrained(where, quantized="dequantize")
     return {
         "rouge_l": _rouge_l(cfg, tok, policy, examples),
         "ref_rouge_l": _rouge_l(cfg, tok, reference.to(next(policy.parameters()).device), examples),

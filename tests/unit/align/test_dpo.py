@@ -48,16 +48,20 @@ def test_reference_logps_are_the_summed_reply_log_probs_of_every_row():
     np.testing.assert_allclose(ref, pair_logps(model, b["input_ids"], b["labels"]).detach(), 1e-6)
 
 
-@pytest.mark.parametrize("training, kind", [(True, "sigmoid"), (False, "sigmoid"), (True, "ipo")])
-def test_evaluate_dpo_equals_the_training_loss_over_the_same_rows(training, kind):
+@pytest.mark.parametrize(
+    "training, kind, eps",
+    [(True, "sigmoid", 0.0), (False, "sigmoid", 0.0), (True, "ipo", 0.0), (True, "hinge", 0.0),
+     (True, "sigmoid", 0.2)],
+)  # fmt: skip
+def test_evaluate_dpo_equals_the_training_loss_over_the_same_rows(training, kind, eps):
     model, rows = Bigram().train(training), _rows()
-    loss_fn = make_dpo_loss(0.1, kind)
-    got = evaluate_dpo(model, rows, batch_size=2, beta=0.1, kind=kind)
+    loss_fn = make_dpo_loss(0.1, kind, label_smoothing=eps)
+    got = evaluate_dpo(model, rows, batch_size=2, beta=0.1, kind=kind, label_smoothing=eps)
     want, metrics = loss_fn(model, _batch(rows))
     assert got["val_loss"] == pytest.approx(want.item(), abs=1e-6)
     assert got["val_reward_margin"] == pytest.approx(metrics["reward_margin"].item(), abs=1e-6)
     assert model.training is training
-    first = evaluate_dpo(model, rows, batch_size=2, beta=0.1, kind=kind, limit=1)
+    first = evaluate_dpo(model, rows, 2, beta=0.1, kind=kind, limit=1, label_smoothing=eps)
     assert first["val_loss"] == pytest.approx(loss_fn(model, _batch(rows, 2))[0].item(), abs=1e-6)
 
 
@@ -79,7 +83,7 @@ def test_dpo_reference_reads_a_stage_directory_and_refuses_another_tokenizer(tmp
     from tiny_tokenizers import train_byte_bpe
 
     from lmforge.align.dpo import load_reference
-    from lmforge.errors import ConfigError
+    from lmforge.errors import ConfigError, InputError
     from lmforge.finetune.sft import load_chat_tokenizer
     from lmforge.model.convert import load_pretrained
     from unit.finetune.helpers import CORPUS, SPECIALS
@@ -93,6 +97,12 @@ def test_dpo_reference_reads_a_stage_directory_and_refuses_another_tokenizer(tmp
     train_byte_bpe([t.upper() for t in CORPUS], tok.vocab_size, SPECIALS).save(
         str(foreign / "tokenizer.json")
     )
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(
+            InputError, match=r"(has no config\.json|does not exist).*dpo\.reference"
+        ):
+            load_reference(bad, tok)
     with pytest.raises(ConfigError, match=r"dpo\.reference=.*maps tokens to other ids than the"):
         load_reference(foreign, tok)
 

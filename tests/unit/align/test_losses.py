@@ -65,8 +65,38 @@ def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
 
 
 def test_unknown_dpo_kind_is_refused():
-    with pytest.raises(ValueError, match="sigmoid \\| ipo"):
-        dpo_loss(*_pairs(), beta=0.1, kind="hinge")
+    with pytest.raises(ValueError, match="sigmoid \\| hinge \\| ipo"):
+        dpo_loss(*_pairs(), beta=0.1, kind="robust")
+    with pytest.raises(ValueError, match="label_smoothing applies to the sigmoid loss"):
+        dpo_loss(*_pairs(), beta=0.1, kind="ipo", lengths=torch.ones(2, 2), label_smoothing=0.1)
+
+
+def test_hinge_is_relu_of_one_minus_the_reward_margin():
+    # reward margins beta * h: pair 0 h = 2, pair 1 h = 0
+    loss, chosen_r, _ = dpo_loss(*_pairs(), beta=0.25, kind="hinge")  # relu(0.5), relu(1)
+    assert loss.item() == pytest.approx((0.5 + 1.0) / 2, abs=1e-6)
+    assert chosen_r.tolist() == pytest.approx([0.25, 0.0])
+    loss, _, _ = dpo_loss(*_pairs(), beta=1.0, kind="hinge")  # pair 0 past the margin: 0
+    assert loss.item() == pytest.approx((0.0 + 1.0) / 2, abs=1e-6)
+
+
+def test_label_smoothing_is_conservative_dpo_and_settles_the_margin():
+    eps = 0.1
+    loss, _, _ = dpo_loss(*_pairs(), beta=0.5, label_smoothing=eps)
+    # pair 0, reward margin 1: 0.9 * -log sigmoid(1) + 0.1 * -log sigmoid(-1); pair 1: log 2
+    want = (0.9 * SOFTPLUS_M1 + 0.1 * (1.0 + SOFTPLUS_M1) + LOG2) / 2
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    plain, _, _ = dpo_loss(*_pairs(), beta=0.5)
+    assert dpo_loss(*_pairs(), beta=0.5, label_smoothing=0.0)[0].item() == plain.item()
+    # the gradient vanishes where sigmoid(reward margin) = 1 - eps, not only at infinity
+    beta, m = 0.5, math.log((1 - eps) / eps)
+    pc = torch.tensor([m / beta], requires_grad=True)
+    zero = torch.zeros(1)
+    dpo_loss(pc, zero, zero, zero, beta=beta, label_smoothing=eps)[0].backward()
+    assert pc.grad.item() == pytest.approx(0.0, abs=1e-6)
+    pc.grad = None
+    dpo_loss(pc, zero, zero, zero, beta=beta)[0].backward()
+    assert pc.grad.item() < -0.01  # plain DPO still pushes
 
 
 def test_sequence_logps_sums_labelled_tokens_only():

@@ -65,7 +65,7 @@ def test_orpo_nll_is_averaged_over_all_chosen_tokens_of_the_batch_as_trl():
 
     class Fixed(torch.nn.Module):
         def forward(self, ids):
-            return logits
+            return logits[:, : ids.size(1)]  # pair_logps cuts the batch
 
     no = -100  # chosen replies of 1 and 4 tokens, rejected of 2 and 3
     labels = torch.tensor([[[2, no, no, no, no], [0, 1, no, no, no]],

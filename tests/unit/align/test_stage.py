@@ -85,6 +85,7 @@ def test_ipo_against_an_explicit_reference_directory(tmp_path, model_dir):
     m = read_manifest(out)["metrics"]
     assert m["val_logp_margin"] > m["ref_logp_margin"] + 0.5 and m["val_pref_accuracy"] >= 0.9
     assert str(model_dir) in read_manifest(out)["inputs"]  # the reference is a hashed input
+    assert m["ref_rouge_l"] >= 0 and m["rouge_examples"] == 2  # the reference reloaded to decode
 
 
 def test_bad_preference_file_fails_before_training(tmp_path, model_dir):
@@ -135,8 +136,8 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
 
 
 def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir):
+    from lmforge.align.config import PPOOptions
     from lmforge.align.ppo import PolicyWithValue, Rollouts, load_reward_model, make_rollout
-    from lmforge.align.stage import PPOOptions
     from lmforge.finetune.sft import load_chat_tokenizer
     from lmforge.model.convert import load_pretrained
 
@@ -163,6 +164,7 @@ def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir)
 def test_batch_reward_norm_prices_whitened_scores_and_eval_samples_each_prompt(
     model_dir, reward_dir
 ):
+    from lmforge.align.config import PPOOptions
     from lmforge.align.losses import whiten
     from lmforge.align.ppo import (
         PolicyWithValue,
@@ -172,7 +174,6 @@ def test_batch_reward_norm_prices_whitened_scores_and_eval_samples_each_prompt(
         make_rollout,
         rollout_metrics,
     )
-    from lmforge.align.stage import PPOOptions
     from lmforge.finetune.sft import load_chat_tokenizer
     from lmforge.model.convert import load_pretrained
 
@@ -261,3 +262,27 @@ def test_ppo_refuses_an_encoder_or_a_foreign_tokenizer_reward_model(
     with pytest.raises(ConfigError, match=says):
         load_reward_model(foreign, vocab, tok)
     assert load_reward_model(reward_dir, vocab, tok) is not None  # the policy's own tokenizer
+
+
+def test_label_smoothing_is_refused_outside_the_sigmoid_loss(tmp_path):
+    from lmforge.config import validate
+
+    base = {"model": str(tmp_path), "data": str(tmp_path / "p.jsonl"), "out": str(tmp_path / "o"),
+            "method": "dpo"}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"dpo\.label_smoothing=0\.1 applies to dpo\.loss=sig"):
+        validate(AlignConfig, {**base, "dpo": {"loss": "hinge", "label_smoothing": 0.1}})
+    with pytest.raises(ConfigError, match=r"dpo\.label_smoothing"):
+        validate(AlignConfig, {**base, "dpo": {"label_smoothing": 0.5}})  # a coin flip: no signal
+    cfg = validate(AlignConfig, {**base, "dpo": {"label_smoothing": 0.1}})
+    assert cfg.dpo.label_smoothing == 0.1
+
+
+def test_policy_methods_refuse_an_encoder(tmp_path, tokenizer_dir):
+    """An encoder sees the next token it is scored on: its reply log-probs would be meaningless
+    (and batches cut after the last labelled token would change them)."""
+    from ..finetune.helpers import make_model_dir
+
+    encoder = make_model_dir(tmp_path / "enc", tokenizer_dir, causal=False)
+    with pytest.raises(ConfigError, match=r"--method dpo tunes a causal LM.*causal=False"):
+        align(_cfg(tmp_path, encoder, "dpo"))
+    assert not (tmp_path / "dpo" / "final").exists()

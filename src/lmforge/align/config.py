@@ -1,0 +1,149 @@
+"""The align stage's typed config: AlignConfig and its per-method sections (dpo, simpo, orpo,
+ppo, eval); every field's description is its CLI help. The stage itself is align.stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmforge.config import HASHED_IF_SET, NOT_HASHED, Section, StageConfig
+from lmforge.finetune.lora import LoraConfig
+from lmforge.train.config import TrainConfig
+
+
+class DPOOptions(Section):
+    """The `dpo:` section."""
+
+    beta: float = Field(0.1, gt=0, description="strength of the KL anchor to the reference")
+    loss: Literal["sigmoid", "hinge", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid (DPO) | hinge (SLiC: relu(1 - reward margin)) | ipo (per-token "
+        "log-ratio margin regressed to 1 / (2 beta))",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="sigmoid loss: the probability a preference label is wrong (conservative "
+        "DPO, TRL's formula); the margin then settles instead of growing without bound",
+        json_schema_extra=HASHED_IF_SET,
+    )
+    reference: Path | None = Field(
+        None, description="reference model directory (default: the starting model itself)"
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="weight of the chosen replies' NLL (RPO) that keeps them likely"
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_only_for_sigmoid(self) -> DPOOptions:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(
+                f"dpo.label_smoothing={self.label_smoothing} applies to dpo.loss=sigmoid, not "
+                f"{self.loss}: unset dpo.label_smoothing or use dpo.loss=sigmoid"
+            )
+        return self
+
+
+class SimPOOptions(Section):
+    """The `simpo:` section (SimPO, Meng et al., 2024)."""
+
+    beta: float = Field(
+        2.0, gt=0, description="scale of the reward, beta * a reply's mean token log-prob"
+    )
+    gamma: float = Field(
+        1.0, ge=0, description="target reward margin chosen over rejected (the paper's gamma)"
+    )
+
+
+class ORPOOptions(Section):
+    """The `orpo:` section (ORPO, Hong et al., 2024)."""
+
+    lam: float = Field(
+        0.1, gt=0, description="weight of the odds-ratio loss beside the chosen replies' NLL"
+    )
+
+
+class PPOOptions(Section):
+    """The `ppo:` section."""
+
+    reward_model: Path | None = Field(
+        None, description="reward model: an `align --method reward` stage dir or its final/"
+    )
+    rollout_prompts: int = Field(
+        16, ge=1, description="prompts answered per rollout (a multiple of micro_batch_size)"
+    )
+    ppo_epochs: int = Field(2, ge=1, description="passes over each rollout's minibatches")
+    max_new_tokens: int = Field(32, ge=1, description="answer length limit while sampling")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
+    kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty to the reference")
+    reward_norm: Literal["none", "batch"] = Field(
+        "none",
+        description="none: the reward model's raw score | batch: scores whitened across each "
+        "rollout (mean 0, std 1), so the KL penalty and the value head see the same scale "
+        "whatever the reward model's offset and spread",
+    )
+    clip: float = Field(0.2, gt=0, description="policy ratio clip range")
+    vf_coef: float = Field(0.5, ge=0, description="weight of the value loss")
+    vf_clip: float = Field(0.2, gt=0, description="value clip range")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts scored before/after")
+    eval_samples: int = Field(
+        1, ge=1, description="answers sampled per held-out prompt (more: a less noisy mean)"
+    )
+
+
+class AlignEval(Section):
+    """Held-out evaluation (the `eval:` section)."""
+
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of pairs held out when no val_data"
+    )
+    rouge_examples: int = Field(
+        32, ge=0, description="dpo: held-out prompts answered greedily for ROUGE-L (0 = skip)"
+    )
+    max_new_tokens: int = Field(48, ge=1, description="dpo: answer length limit for ROUGE-L")
+    batch_size: int = Field(
+        16, ge=1, description="rows scored / prompts decoded together", json_schema_extra=NOT_HASHED
+    )
+
+
+class AlignConfig(StageConfig):
+    """`lmforge align --model DIR --data FILE --out DIR --method reward|dpo|simpo|orpo|ppo`."""
+
+    model: Path = Field(description="model directory in HF layout with tokenizer files")
+    data: Path = Field(
+        description="preference pairs: .jsonl file or directory, a feedback export or the "
+        "serving feedback store (align.prefs)"
+    )
+    val_data: Path | None = Field(None, description="held-out pairs (default: split from data)")
+    method: Literal["reward", "dpo", "simpo", "orpo", "ppo"] = Field(
+        description="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
+        "orpo (policy from pairs, no reference) | ppo (policy from a reward model)"
+    )
+    tuning: Literal["full", "lora"] = Field("full", description="full | lora (adapters only)")
+    disable_dropout: bool = Field(
+        True,
+        description="train with every dropout rate at 0, as TRL's trainers by default (DPO and "
+        "PPO compare train-mode log-probs with eval-mode ones); the saved config keeps its rate",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
+    dpo: DPOOptions = Field(default_factory=DPOOptions, description="DPO settings")
+    simpo: SimPOOptions = Field(default_factory=SimPOOptions, description="SimPO settings")
+    orpo: ORPOOptions = Field(default_factory=ORPOOptions, description="ORPO settings")
+    ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO settings")
+    eval: AlignEval = Field(default_factory=AlignEval, description="held-out evaluation")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
+
+    def inputs(self) -> list[Path]:
+        paths = (self.model, self.data, self.val_data, self.dpo.reference, self.ppo.reward_model)
+        return [p for p in paths if p is not None]
+
+    def model_dir(self) -> Path:
+        """`model`, or its final/ when `model` is a training stage's directory."""
+        from lmforge.model.convert import resolve_model_dir
+
+        return resolve_model_dir(self.model)
