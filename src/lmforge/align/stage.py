@@ -274,10 +274,11 @@ def _write_outputs(cfg: AlignConfig, ctx: StageContext, tok: Any, model: Any, lm
     """adapter/ (LoRA), final/ (reward classifier or policy LM, tokenizer files), loss.png."""
     from lmforge.model.convert import ClassifierHead
 
-    classifier = None
-    if cfg.method == "reward":
+    classifier, seq_len = None, None
+    if cfg.method == "reward":  # eval and PPO score its texts cut where its pairs were cut
         classifier = ClassifierHead(model.head.weight.detach().cpu(), ["reward"])
-    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier)
+        seq_len = cfg.train.seq_len
+    export_model(ctx, cfg.model_dir(), lm, tok, classifier=classifier, seq_len=seq_len)
     ctx.metrics.close()
     plot_losses(read_metrics(ctx.out / "metrics.jsonl"), ctx.out / "loss.png",
                 title=f"align ({cfg.method}, {cfg.tuning})")  # fmt: skip

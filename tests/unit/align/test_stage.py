@@ -47,6 +47,7 @@ def test_reward_model_learns_pairs_and_exports_a_one_label_hf_classifier(reward_
     assert config["num_labels"] == 1 and config["architectures"][0].endswith(
         "ForSequenceClassification"
     )
+    assert config["lmforge_classifier_seq_len"] == FAST["seq_len"]  # eval cuts where pairs were
     # transformers' reward for a chosen and a rejected conversation ranks them as ours did
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(out / "final"))
