@@ -343,7 +343,8 @@ class Engine:
         prompts over the budget wait in _chunked, prefilled a chunk a step."""
         todo = [r.prompt[self._prefix.peek(r.prompt) :] for r in rows]  # what is not cached
         whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
-        joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
+        with self._prefix.holding(r.prompt for r in rows):  # each pass finds what todo counted
+            joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
         self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
 

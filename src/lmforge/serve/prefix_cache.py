@@ -24,6 +24,8 @@ import hashlib
 import logging
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -106,6 +108,7 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # oldest first
         self._bytes = 0
+        self._held: frozenset[bytes] = frozenset()  # blocks eviction spares (holding())
         self._hits = self._misses = self._hit_tokens = self._evictions = 0
 
     @classmethod
@@ -186,7 +189,7 @@ class PrefixCache:
         self._touch(held)  # to the young end, out of the eviction's way
         if new:
             per_block = 2 * k[:, :, :n].numel() * k.element_size()
-            self._evict(len(new) * per_block, keep=len(held))
+            self._evict(len(new) * per_block, spare=set(held))
             new = new[: max(0, (self.budget - self._bytes) // per_block)]
         first = len(held)
         for i in reversed(range(first, first + len(new))):  # deepest first: parents stay younger
@@ -199,13 +202,33 @@ class PrefixCache:
             self._bytes += block.nbytes
         self._touch(held)
 
-    def _evict(self, need: int, keep: int) -> None:
-        """Drops least recently used blocks until `need` more bytes fit, sparing the `keep`
-        youngest (the chain being stored, just touched)."""
-        while self._bytes + need > self.budget and len(self._blocks) > keep:
-            _, gone = self._blocks.popitem(last=False)
-            self._bytes -= gone.nbytes
+    def _evict(self, need: int, spare: set[bytes]) -> None:
+        """Drops least recently used blocks until `need` more bytes fit, sparing `spare` (the
+        chain being stored) and the blocks held (holding()). Spared chains run from the first
+        block, so every block left keeps its parent."""
+        spare = spare | self._held
+        while self._bytes + need > self.budget:
+            victim = next((key for key in self._blocks if key not in spare), None)
+            if victim is None:
+                return
+            self._bytes -= self._blocks.pop(victim).nbytes
             self._evictions += 1
+
+    @contextmanager
+    def holding(self, prompts: Iterable[list[int]]) -> Iterator[None]:
+        """Keeps the prompts' cached blocks from eviction inside the block. A step's prefill
+        is planned from peek() and run one group at a time: without this, one group's store()
+        could evict blocks a later group was counted on to reuse, and that group's pass would
+        run more tokens than the step's budget."""
+        before, keys = self._held, set()
+        for prompt in prompts:
+            reusable, cached = self._reusable(prompt)
+            keys.update(reusable[: len(cached)])
+        self._held = before | keys
+        try:
+            yield
+        finally:
+            self._held = before
 
     def store_batch(self, prompts: list[list[int]], cache: BatchCache) -> None:
         """store() for each row of a just-prefilled batch (rows right-aligned, in this order)."""

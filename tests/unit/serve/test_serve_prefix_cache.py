@@ -210,6 +210,49 @@ def test_a_cache_too_small_for_a_block_stores_nothing_and_changes_nothing(files)
     assert (stats.blocks, stats.hits) == (0, 0)
 
 
+def test_a_group_keeps_the_blocks_its_step_was_planned_with(files, monkeypatch):
+    """Two prompts admitted in one step, prefilled in two groups: the first group's store must
+    not evict the blocks the second was counted on to reuse (its pass would run them again,
+    over the step's prefill budget)."""
+    import lmforge.serve.engine as engine_module
+    from lmforge.serve.causal_step import prefill_pass
+
+    model = _model("micro", files.vocab_size)
+    shared = [*SYSTEM[: 2 * B], 1]  # its two blocks cached before the step
+    new = [(5 * i + 1) % 200 + 5 for i in range(3 * B + 1)]  # three blocks the step stores
+    budget = len(new) + 1  # both prompts' uncached tokens, and no more
+    cfg = model.config
+    block = 2 * cfg.n_layer * cfg.n_kv_head * B * cfg.hd * 4  # one block's fp32 keys/values
+    runs = {}
+    for mb in (0, 3 * block / 2**20):  # off; room for three blocks
+        engine = Engine(model, files, name="m", prefix_cache_mb=mb, max_prefill_tokens=budget)
+        with torch.inference_mode():
+            cache, _ = prefill_pass(model, [shared], torch.device("cpu"))
+        engine._prefix.store_batch([shared], cache)
+        passes = []  # the tokens each pass ran
+
+        def spy(model, prompts, device, hits, passes=passes):
+            passes.append(sum(len(p) - h.tokens for p, h in zip(prompts, hits, strict=True)))
+            return prefill_pass(model, prompts, device, hits)
+
+        monkeypatch.setattr(engine_module, "prefill_pass", spy)
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1)
+        handles = [engine.submit(p, params, f"{mb}-{i}") for i, p in enumerate((new, shared))]
+        engine.start()  # both were waiting: admitted in its first step, two groups
+        try:
+            runs[mb] = [collect(h) for h in handles]
+        finally:
+            engine.shutdown(drain=False)
+        if mb:
+            assert passes == [len(new), 1]  # the shared prompt ran only its last token
+            assert sum(passes) <= budget
+            assert engine.stats().prefix.hits == 1
+    off, on = runs.values()
+    for a, b in zip(off, on, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])  # weights served quantized; the KV float
 def test_quantized_weights_give_the_same_answers_with_the_cache(serve_model_dir, tmp_path, scheme):
     from lmforge.compress.quantize import quantize_dir
