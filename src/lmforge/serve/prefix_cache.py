@@ -189,6 +189,9 @@ class PrefixCache:
         self._touch(held)  # to the young end, out of the eviction's way
         if new:
             per_block = 2 * k[:, :, :n].numel() * k.element_size()
+            if per_block > self.budget:
+                self._turn_off(per_block)
+                return
             self._evict(len(new) * per_block, spare=set(held))
             new = new[: max(0, (self.budget - self._bytes) // per_block)]
         first = len(held)
@@ -201,6 +204,16 @@ class PrefixCache:
             self._blocks[keys[i]] = block
             self._bytes += block.nbytes
         self._touch(held)
+
+    def _turn_off(self, per_block: int) -> None:
+        """A budget under one block can never store one: off (budget 0), so that admission
+        stops holding prompts back a step for blocks that will never be cached."""
+        log.warning(
+            "prefix cache off: one %d-token block of this model's keys/values takes %.3f MiB, "
+            "more than its budget of %.3f MiB; raise --prefix-cache-mb (or set it to 0)",
+            self.block_tokens, per_block / 2**20, self.budget / 2**20,
+        )  # fmt: skip
+        self.budget = 0
 
     def _evict(self, need: int, spare: set[bytes]) -> None:
         """Drops least recently used blocks until `need` more bytes fit, sparing `spare` (the

@@ -116,6 +116,24 @@ def test_admission_counts_uncached_tokens_and_prefills_a_new_shared_prefix_once(
     assert off.prefill_need(new[0].prompt) == (2 * B + 1, None)
 
 
+def test_a_budget_under_one_block_turns_the_cache_off_so_admission_stops_waiting(caplog):
+    from collections import deque
+    from types import SimpleNamespace
+
+    from lmforge.serve.scheduler import admit
+
+    cache = PrefixCache(_block_bytes() - 1)
+    burst = [SimpleNamespace(prompt=[*range(2 * B), i]) for i in range(4)]
+    queue = deque(burst)
+    assert admit(queue, 8, 10_000, cache) == burst[:1]  # the others wait for its blocks...
+    with caplog.at_level("WARNING", logger="lmforge.serve.prefix_cache"):
+        cache.store(burst[0].prompt, *_kv(2 * B + 1))  # ...which can never be stored
+    assert "raise --prefix-cache-mb" in caplog.text
+    assert cache.budget == 0 and cache.stats().blocks == 0
+    assert admit(queue, 8, 10_000, cache) == burst[1:]  # so they no longer wait
+    assert cache.lookup(burst[1].prompt).tokens == 0
+
+
 # -- the engine: the same answers with the cache on and off -------------------------------------
 
 
