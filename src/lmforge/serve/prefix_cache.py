@@ -201,8 +201,9 @@ class PrefixCache:
                 k[:, :, i * n : (i + 1) * n].clone(),
                 v[:, :, i * n : (i + 1) * n].clone(),
             )
+            collided = self._blocks.pop(keys[i], None)  # another prompt's tokens, same key
+            self._bytes += block.nbytes - (collided.nbytes if collided else 0)
             self._blocks[keys[i]] = block
-            self._bytes += block.nbytes
         self._touch(held)
 
     def _turn_off(self, per_block: int) -> None:

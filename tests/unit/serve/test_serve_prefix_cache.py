@@ -71,6 +71,18 @@ def test_a_hash_collision_cannot_hand_out_another_prompts_keys(monkeypatch):
     assert cache.peek([1000 + i for i in range(2 * B)]) == 0  # its tokens differ: no hit
 
 
+def test_a_colliding_key_is_replaced_and_its_bytes_counted_once(monkeypatch):
+    cache = PrefixCache(10 * _block_bytes())
+    monkeypatch.setattr(cache, "keys", lambda prompt, n: [b"%d" % i for i in range(n)])
+    a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
+    cache.store(a, *_kv(2 * B))
+    cache.store(b, *_kv(2 * B, fill=2.0))  # every key collides with a's
+    stats = cache.stats()
+    assert (stats.blocks, stats.bytes) == (2, 2 * _block_bytes())
+    assert cache.peek([*a, 1]) == 0
+    assert torch.equal(cache.lookup([*b, 1]).k[1], _kv(2 * B, fill=2.0)[0][:, :, B:])
+
+
 def test_lru_evicts_leaves_first_and_never_the_prompt_being_stored():
     cache = PrefixCache(3 * _block_bytes())
     a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
