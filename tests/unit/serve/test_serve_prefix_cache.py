@@ -154,9 +154,10 @@ def files(serve_model_dir) -> TokenizerFiles:
     return TokenizerFiles.load(serve_model_dir)
 
 
-def _model(preset: str, vocab_size: int) -> Transformer:
+def _model(preset: str, vocab_size: int, **overrides) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(preset_config(preset, vocab_size=vocab_size, init_std=0.2)).eval()
+    config = preset_config(preset, vocab_size=vocab_size, init_std=0.2, **overrides)
+    return Transformer(config).eval()
 
 
 PROMPTS = [
@@ -207,9 +208,12 @@ def _assert_same(off, on) -> None:
         assert a[1] == pytest.approx(b[1], abs=1e-4)  # logprobs up to float reassociation
 
 
-@pytest.mark.parametrize("preset", ["micro", "micro-gpt2"])  # RoPE; learned positions
-def test_answers_are_the_same_with_the_cache_on_and_off(files, preset):
-    model = _model(preset, files.vocab_size)
+@pytest.mark.parametrize(
+    ("preset", "window"),  # RoPE (GQA); learned positions; a window inside the cached blocks
+    [("micro", None), ("micro-gpt2", None), ("micro", 8)],
+)
+def test_answers_are_the_same_with_the_cache_on_and_off(files, preset, window):
+    model = _model(preset, files.vocab_size, sliding_window=window)
     off, none = _served(model, files, 0)
     on, stats = _served(model, files, 4)
     assert none.hits == 0 and none.blocks == 0
