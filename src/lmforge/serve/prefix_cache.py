@@ -195,12 +195,16 @@ class PrefixCache:
             self._evict(len(new) * per_block, spare=set(held))
             new = new[: max(0, (self.budget - self._bytes) // per_block)]
         first = len(held)
-        for i in reversed(range(first, first + len(new))):  # deepest first: parents stay younger
-            block = _Block(
+        # all copied before any goes in: running out of memory leaves no block without its parent
+        blocks = [
+            _Block(
                 tuple(prompt[i * n : (i + 1) * n]),
                 k[:, :, i * n : (i + 1) * n].clone(),
                 v[:, :, i * n : (i + 1) * n].clone(),
             )
+            for i in range(first, first + len(new))
+        ]
+        for i, block in reversed(list(enumerate(blocks, first))):  # deepest first: parents younger
             collided = self._blocks.pop(keys[i], None)  # another prompt's tokens, same key
             self._bytes += block.nbytes - (collided.nbytes if collided else 0)
             self._blocks[keys[i]] = block
@@ -245,9 +249,21 @@ class PrefixCache:
             self._held = before
 
     def store_batch(self, prompts: list[list[int]], cache: BatchCache) -> None:
-        """store() for each row of a just-prefilled batch (rows right-aligned, in this order)."""
+        """store() for each row of a just-prefilled batch (rows right-aligned, in this order).
+        Out of device memory, the rows left are not kept: a cache must not fail the requests
+        whose prefill succeeded."""
+        import torch  # the engine's, loaded by now; the CLI imports this module without it
+
         for i, prompt in enumerate(prompts):
-            self.store(prompt, *cache.row_kv(i, len(prompt)))
+            try:
+                self.store(prompt, *cache.row_kv(i, len(prompt)))
+            except torch.OutOfMemoryError:
+                log.warning(
+                    "prefix cache: out of device memory copying a prompt's blocks (%.1f MiB "
+                    "held); not kept. Lower --prefix-cache-mb if this repeats",
+                    self._bytes / 2**20,
+                )  # fmt: skip
+                return
 
     def _touch(self, keys: list[bytes]) -> None:
         """Marks a chain's blocks used, deepest first: each parent ends younger than its child."""

@@ -244,6 +244,23 @@ def test_a_cache_too_small_for_a_block_stores_nothing_and_changes_nothing(files)
     assert (stats.blocks, stats.hits) == (0, 0)
 
 
+def test_running_out_of_device_memory_in_the_cache_fails_no_request(files, monkeypatch, caplog):
+    import lmforge.serve.prefix_cache as prefix_cache
+
+    model = _model("micro", files.vocab_size)
+    off, _ = _served(model, files, 0, rounds=1)
+
+    def short_of_memory(*args):  # every copy of a block fails, as on a full GPU
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(prefix_cache, "_Block", short_of_memory)
+    with caplog.at_level("WARNING", logger="lmforge.serve.prefix_cache"):
+        on, stats = _served(model, files, 4, rounds=1)
+    _assert_same(off[0], on[0])
+    assert (stats.blocks, stats.bytes) == (0, 0)
+    assert "out of device memory" in caplog.text
+
+
 def test_a_group_keeps_the_blocks_its_step_was_planned_with(files, monkeypatch):
     """Two prompts admitted in one step, prefilled in two groups: the first group's store must
     not evict the blocks the second was counted on to reuse (its pass would run them again,
