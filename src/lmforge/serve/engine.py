@@ -386,6 +386,8 @@ class Engine:
         row = self._chunked.rows[0]
         try:
             prefilled = self._chunked.step(self._start)
+            if prefilled is not None:  # the row has left _chunked: a failure must name it here
+                self._prefix.store_batch([row.prompt], prefilled[0])
         except Exception as exc:  # this request alone fails
             log.exception("prefill of request %s failed", row.request_id)
             self._fail([row], exc)
@@ -393,7 +395,6 @@ class Engine:
         if prefilled is None:
             return
         cache, logits = prefilled
-        self._prefix.store_batch([row.prompt], cache)
         with self._lock:
             self._counts["prefills"] += 1
             self._counts["prompt_tokens"] += len(row.prompt)

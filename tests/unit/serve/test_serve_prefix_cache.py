@@ -261,6 +261,31 @@ def test_running_out_of_device_memory_in_the_cache_fails_no_request(files, monke
     assert "out of device memory" in caplog.text
 
 
+def test_a_failure_keeping_a_chunked_prompts_blocks_fails_that_request_not_hangs_it(files):
+    import time
+
+    engine = Engine(_model("micro", files.vocab_size), files, name="m", prefix_cache_mb=4,
+                    max_prefill_tokens=7)  # fmt: skip
+
+    def broken(prompts, cache):
+        raise RuntimeError("prefix cache bug")
+
+    engine._prefix.store_batch = broken
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        chunked = engine.submit(PROMPTS[0], params, "chunked")  # over the budget: in chunks
+        deadline = time.monotonic() + 30
+        while not chunked.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chunked.finish_reason == "error"
+        del engine._prefix.store_batch  # mended: the engine serves on
+        short = collect(engine.submit([9, 8, 7], params, "after"))
+        assert len(short.token_ids) == 4
+    finally:
+        engine.shutdown(drain=False)
+
+
 def test_a_group_keeps_the_blocks_its_step_was_planned_with(files, monkeypatch):
     """Two prompts admitted in one step, prefilled in two groups: the first group's store must
     not evict the blocks the second was counted on to reuse (its pass would run them again,
