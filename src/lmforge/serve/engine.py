@@ -398,8 +398,12 @@ class Engine:
         with self._lock:
             self._counts["prefills"] += 1
             self._counts["prompt_tokens"] += len(row.prompt)
-        if self._emit([row], logits):
-            self._join([([row], cache)])
+        try:
+            if self._emit([row], logits):
+                self._join([([row], cache)])
+        except Exception as exc:  # it left _chunked: the loop's handler would not see it
+            self._fail([row], exc)
+            raise
 
     def _start(self, row: Row) -> None:
         """A request's text stream, (when sampling) its generator and (when a penalty or a rule

@@ -261,16 +261,19 @@ def test_running_out_of_device_memory_in_the_cache_fails_no_request(files, monke
     assert "out of device memory" in caplog.text
 
 
-def test_a_failure_keeping_a_chunked_prompts_blocks_fails_that_request_not_hangs_it(files):
+@pytest.mark.parametrize("where", ["store_batch", "_emit"])  # the cache; the first token
+def test_a_failure_after_a_chunked_prefill_fails_that_request_not_hangs_it(files, where):
+    """The row has left the chunked queue by then, so the engine's step handler cannot see it."""
     import time
 
     engine = Engine(_model("micro", files.vocab_size), files, name="m", prefix_cache_mb=4,
                     max_prefill_tokens=7)  # fmt: skip
 
-    def broken(prompts, cache):
-        raise RuntimeError("prefix cache bug")
+    def broken(*args):
+        raise RuntimeError("a bug")
 
-    engine._prefix.store_batch = broken
+    owner = engine._prefix if where == "store_batch" else engine
+    setattr(owner, where, broken)
     engine.start()
     try:
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -279,7 +282,7 @@ def test_a_failure_keeping_a_chunked_prompts_blocks_fails_that_request_not_hangs
         while not chunked.finished and time.monotonic() < deadline:
             time.sleep(0.01)
         assert chunked.finish_reason == "error"
-        del engine._prefix.store_batch  # mended: the engine serves on
+        delattr(owner, where)  # mended: the engine serves on
         short = collect(engine.submit([9, 8, 7], params, "after"))
         assert len(short.token_ids) == 4
     finally:
