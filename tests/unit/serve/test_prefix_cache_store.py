@@ -126,3 +126,18 @@ def test_a_budget_under_one_block_turns_the_cache_off_so_admission_stops_waiting
     assert cache.budget == 0 and cache.stats().blocks == 0
     assert admit(queue, 8, 10_000, cache) == burst[1:]  # so they no longer wait
     assert cache.lookup(burst[1].prompt).tokens == 0
+
+
+def test_a_block_owns_its_bytes_and_keeps_no_batch_cache_alive():
+    """The budget counts each block's own bytes: a block must be a copy, never a view into the
+    (much larger) batch cache it was stored from, which would stay alive behind it."""
+    batch_k = torch.randn(2, 3, 2, 4 * B, 4)  # (n_layer, rows, n_kv_head, columns, hd)
+    batch_v = torch.randn_like(batch_k)
+    cache = PrefixCache(10 * _block_bytes())
+    cache.store(list(range(2 * B)), batch_k[:, 1, :, B : 3 * B], batch_v[:, 1, :, B : 3 * B])
+    blocks = cache._blocks.values()
+    assert len(blocks) == 2 and cache.stats().bytes == 2 * _block_bytes()
+    for block in blocks:
+        for t in (block.k, block.v):
+            assert t.untyped_storage().nbytes() == t.nbytes == _block_bytes() // 2
+    assert torch.equal(cache.lookup(list(range(2 * B + 1))).k[1], batch_k[:, 1, :, 2 * B : 3 * B])
