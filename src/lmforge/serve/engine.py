@@ -343,7 +343,8 @@ class Engine:
         prompts over the budget wait in _chunked, prefilled a chunk a step."""
         todo = [r.prompt[self._prefix.peek(r.prompt) :] for r in rows]  # what is not cached
         whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
-        joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
+        with self._prefix.holding(r.prompt for r in rows):  # each pass finds what todo counted
+            joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
         self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
 
@@ -385,6 +386,8 @@ class Engine:
         row = self._chunked.rows[0]
         try:
             prefilled = self._chunked.step(self._start)
+            if prefilled is not None:  # the row has left _chunked: a failure must name it here
+                self._prefix.store_batch([row.prompt], prefilled[0])
         except Exception as exc:  # this request alone fails
             log.exception("prefill of request %s failed", row.request_id)
             self._fail([row], exc)
@@ -392,12 +395,15 @@ class Engine:
         if prefilled is None:
             return
         cache, logits = prefilled
-        self._prefix.store_batch([row.prompt], cache)
         with self._lock:
             self._counts["prefills"] += 1
             self._counts["prompt_tokens"] += len(row.prompt)
-        if self._emit([row], logits):
-            self._join([([row], cache)])
+        try:
+            if self._emit([row], logits):
+                self._join([([row], cache)])
+        except Exception as exc:  # it left _chunked: the loop's handler would not see it
+            self._fail([row], exc)
+            raise
 
     def _start(self, row: Row) -> None:
         """A request's text stream, (when sampling) its generator and (when a penalty or a rule

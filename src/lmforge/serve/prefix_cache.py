@@ -24,6 +24,8 @@ import hashlib
 import logging
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -106,6 +108,7 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # oldest first
         self._bytes = 0
+        self._held: frozenset[bytes] = frozenset()  # blocks eviction spares (holding())
         self._hits = self._misses = self._hit_tokens = self._evictions = 0
 
     @classmethod
@@ -186,31 +189,81 @@ class PrefixCache:
         self._touch(held)  # to the young end, out of the eviction's way
         if new:
             per_block = 2 * k[:, :, :n].numel() * k.element_size()
-            self._evict(len(new) * per_block, keep=len(held))
+            if per_block > self.budget:
+                self._turn_off(per_block)
+                return
+            self._evict(len(new) * per_block, spare=set(held))
             new = new[: max(0, (self.budget - self._bytes) // per_block)]
         first = len(held)
-        for i in reversed(range(first, first + len(new))):  # deepest first: parents stay younger
-            block = _Block(
+        # all copied before any goes in: running out of memory leaves no block without its parent
+        blocks = [
+            _Block(
                 tuple(prompt[i * n : (i + 1) * n]),
                 k[:, :, i * n : (i + 1) * n].clone(),
                 v[:, :, i * n : (i + 1) * n].clone(),
             )
+            for i in range(first, first + len(new))
+        ]
+        for i, block in reversed(list(enumerate(blocks, first))):  # deepest first: parents younger
+            collided = self._blocks.pop(keys[i], None)  # another prompt's tokens, same key
+            self._bytes += block.nbytes - (collided.nbytes if collided else 0)
             self._blocks[keys[i]] = block
-            self._bytes += block.nbytes
         self._touch(held)
 
-    def _evict(self, need: int, keep: int) -> None:
-        """Drops least recently used blocks until `need` more bytes fit, sparing the `keep`
-        youngest (the chain being stored, just touched)."""
-        while self._bytes + need > self.budget and len(self._blocks) > keep:
-            _, gone = self._blocks.popitem(last=False)
-            self._bytes -= gone.nbytes
+    def _turn_off(self, per_block: int) -> None:
+        """A budget under one block can never store one: off (budget 0), so that admission
+        stops holding prompts back a step for blocks that will never be cached."""
+        log.warning(
+            "prefix cache off: one %d-token block of this model's keys/values takes %.3f MiB, "
+            "more than its budget of %.3f MiB; raise --prefix-cache-mb (or set it to 0)",
+            self.block_tokens, per_block / 2**20, self.budget / 2**20,
+        )  # fmt: skip
+        self.budget = 0
+
+    def _evict(self, need: int, spare: set[bytes]) -> None:
+        """Drops least recently used blocks until `need` more bytes fit, sparing `spare` (the
+        chain being stored) and the blocks held (holding()). Spared chains run from the first
+        block, so every block left keeps its parent."""
+        spare = spare | self._held
+        while self._bytes + need > self.budget:
+            victim = next((key for key in self._blocks if key not in spare), None)
+            if victim is None:
+                return
+            self._bytes -= self._blocks.pop(victim).nbytes
             self._evictions += 1
 
+    @contextmanager
+    def holding(self, prompts: Iterable[list[int]]) -> Iterator[None]:
+        """Keeps the prompts' cached blocks from eviction inside the block. A step's prefill
+        is planned from peek() and run one group at a time: without this, one group's store()
+        could evict blocks a later group was counted on to reuse, and that group's pass would
+        run more tokens than the step's budget."""
+        before, keys = self._held, set()
+        for prompt in prompts:
+            reusable, cached = self._reusable(prompt)
+            keys.update(reusable[: len(cached)])
+        self._held = before | keys
+        try:
+            yield
+        finally:
+            self._held = before
+
     def store_batch(self, prompts: list[list[int]], cache: BatchCache) -> None:
-        """store() for each row of a just-prefilled batch (rows right-aligned, in this order)."""
+        """store() for each row of a just-prefilled batch (rows right-aligned, in this order).
+        Out of device memory, the rows left are not kept: a cache must not fail the requests
+        whose prefill succeeded."""
+        import torch  # the engine's, loaded by now; the CLI imports this module without it
+
         for i, prompt in enumerate(prompts):
-            self.store(prompt, *cache.row_kv(i, len(prompt)))
+            try:
+                self.store(prompt, *cache.row_kv(i, len(prompt)))
+            except torch.OutOfMemoryError:
+                log.warning(
+                    "prefix cache: out of device memory copying a prompt's blocks (%.1f MiB "
+                    "held); not kept. Lower --prefix-cache-mb if this repeats",
+                    self._bytes / 2**20,
+                )  # fmt: skip
+                return
 
     def _touch(self, keys: list[bytes]) -> None:
         """Marks a chain's blocks used, deepest first: each parent ends younger than its child."""

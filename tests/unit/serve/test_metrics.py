@@ -24,14 +24,15 @@ ROOT = Path(__file__).resolve().parents[3]
 WORKER = textwrap.dedent("""
     import sys, types
     from lmforge.serve.metrics import ServerMetrics
-    from lmforge.serve.prefix_cache import NO_PREFIX_CACHE
+    from lmforge.serve.prefix_cache import PrefixCacheStats
     n, queue, crash = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "crash"
     m = ServerMetrics(sys.argv[4])
     for _ in range(n):
         m.requests.labels("/v1/completions", "200").inc()
         m.ttft.labels("micro").observe(0.02)
+    prefix = PrefixCacheStats(hits=n, hit_tokens=16 * n, bytes=100 * queue)
     stats = types.SimpleNamespace(
-        queue_depth=queue, running=1, cache_tokens=8, cache_capacity=64, prefix=NO_PREFIX_CACHE
+        queue_depth=queue, running=1, cache_tokens=8, cache_capacity=64, prefix=prefix
     )
     engine = types.SimpleNamespace(stats=lambda: stats)
     sys.stdout.write(m.render({"micro": engine}).decode())
@@ -60,6 +61,11 @@ def test_counters_sum_over_workers_and_a_dead_workers_gauges_leave(tmp_path):
     # the first worker died without close(): its gauges are dropped, not added to the second's
     assert float(second['lmforge_queue_depth{model="micro"}']) == 5
     assert float(second['lmforge_kv_cache_capacity{model="micro"}']) == 64
+    # each worker's own prefix cache: its hits add up, its bytes held leave with it
+    hits = 'lmforge_prefix_cache_lookups_total{model="micro",result="hit"}'
+    assert float(second[hits]) == 7
+    assert float(second['lmforge_prefix_cache_hit_tokens_total{model="micro"}']) == 16 * 7
+    assert float(second['lmforge_prefix_cache_bytes{model="micro"}']) == 500
     assert not list(tmp_path.glob("gauge_live*"))  # the second closed, the first was swept
     assert list(tmp_path.glob("counter_*.db"))  # totals stay
 

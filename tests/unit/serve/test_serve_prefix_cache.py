@@ -1,6 +1,7 @@
-"""Automatic prefix caching: the store's keys, limits and LRU; the engine's answers identical with
-the cache on and off (RoPE and learned positions, batches joining, n > 1, chunked prefill, int8
-and int4 weights); a real server whose /metrics hit counters rise, its answers unchanged."""
+"""Automatic prefix caching in the engine: answers identical with the cache on and off (RoPE and
+learned positions, a sliding window, batches joining, n > 1, chunked prefill, int8 and int4
+weights), failures that stay inside their request; a real server whose /metrics hit counters
+rise, its answers unchanged. The store itself: test_prefix_cache_store.py."""
 
 from __future__ import annotations
 
@@ -20,102 +21,6 @@ B = BLOCK_TOKENS
 SYSTEM = [(7 * i + 3) % 200 + 5 for i in range(2 * B + 5)]  # a shared "system prompt"
 
 
-def _kv(n_tokens: int, fill: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fake keys/values (n_layer 2, n_kv_head 2, n_tokens, hd 4) whose values name their column."""
-    k = torch.arange(n_tokens, dtype=torch.float32).expand(2, 2, 4, n_tokens).transpose(2, 3)
-    return k * fill, -k * fill
-
-
-def _block_bytes() -> int:
-    k, v = _kv(B)
-    return k.nbytes + v.nbytes
-
-
-# -- the store ---------------------------------------------------------------------------------
-
-
-def test_a_key_is_the_whole_prefix_and_the_last_token_is_always_left_to_the_model():
-    cache = PrefixCache(10 * _block_bytes())
-    prompt = list(range(3 * B))
-    cache.store(prompt, *_kv(3 * B))
-    assert cache.stats().blocks == 3
-    # the same block after different earlier tokens is another key
-    other = [99, *prompt[1:]]
-    assert cache.keys(other, 3)[1:] != cache.keys(prompt, 3)[1:]
-    assert cache.peek(other) == 0
-    # at most len - 1 tokens: a prompt of exactly one or three blocks reuses one block fewer
-    assert cache.peek(prompt[:B]) == 0
-    assert cache.peek(prompt[: B + 1]) == B
-    assert cache.peek(prompt) == 2 * B
-    assert cache.peek([*prompt, 5]) == 3 * B
-    assert cache.peek(prompt[: B - 3]) == 0  # shorter than a block
-    hit = cache.lookup([*prompt, 5, 6])
-    assert hit.tokens == 3 * B and len(hit.k) == 3
-    k = torch.zeros(2, 2, 3 * B, 4)
-    v = torch.zeros_like(k)
-    hit.write(k, v, 2 * B + 3)  # the first positions only, across a block boundary
-    want_k, want_v = _kv(3 * B)
-    assert torch.equal(k[:, :, : 2 * B + 3], want_k[:, :, : 2 * B + 3])
-    assert torch.equal(v[:, :, : 2 * B + 3], want_v[:, :, : 2 * B + 3])
-    assert not k[:, :, 2 * B + 3 :].any()
-    assert cache.lookup(prompt[:B]).tokens == 0
-    stats = cache.stats()
-    assert (stats.hits, stats.misses, stats.hit_tokens) == (1, 1, 3 * B)
-
-
-def test_a_hash_collision_cannot_hand_out_another_prompts_keys(monkeypatch):
-    cache = PrefixCache(10 * _block_bytes())
-    cache.store(list(range(2 * B)), *_kv(2 * B))
-    monkeypatch.setattr(cache, "keys", lambda prompt, n: [b"same"] * n if n else [])
-    cache._blocks = {b"same": next(iter(cache._blocks.values()))}  # one entry under every key
-    assert cache.peek([1000 + i for i in range(2 * B)]) == 0  # its tokens differ: no hit
-
-
-def test_lru_evicts_leaves_first_and_never_the_prompt_being_stored():
-    cache = PrefixCache(3 * _block_bytes())
-    a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
-    cache.store([*a, 1], *_kv(2 * B + 1))
-    cache.store([*b, 1], *_kv(2 * B + 1, fill=2.0))  # needs one of a's blocks: a's leaf goes
-    stats = cache.stats()
-    assert (stats.blocks, stats.evictions, stats.bytes) == (3, 1, 3 * _block_bytes())
-    assert cache.peek([*a, 1]) == B  # a's first block survived, its second did not
-    assert cache.peek([*b, 1]) == 2 * B
-    assert torch.equal(cache.lookup([*b, 1]).k[1], _kv(2 * B, fill=2.0)[0][:, :, B:])
-    cache.lookup([*a, 1])  # a's block is now the youngest: b's leaf is the oldest entry
-    cache.store([*list(range(900, 900 + B)), 1], *_kv(B + 1))
-    assert cache.peek([*a, 1]) == B and cache.peek([*b, 1]) == B  # b's leaf was the oldest
-    # a prompt bigger than the whole budget keeps what fits and evicts nothing of its own
-    long = list(range(2000, 2000 + 5 * B))
-    cache.store(long, *_kv(5 * B))
-    assert cache.peek(long) == 3 * B and cache.stats().bytes <= cache.budget
-
-
-def test_admission_counts_uncached_tokens_and_prefills_a_new_shared_prefix_once():
-    from collections import deque
-    from types import SimpleNamespace
-
-    from lmforge.serve.scheduler import admit
-
-    cache = PrefixCache(10 * _block_bytes())
-    shared = list(range(3 * B))
-    cache.store(shared, *_kv(3 * B))
-    waiting = [SimpleNamespace(prompt=[*shared, i]) for i in range(4)]
-    assert cache.prefill_need(waiting[0].prompt) == (1, None)  # all but the last token cached
-    assert len(admit(deque(waiting), 8, 3 * B + 2)) == 1  # whole prompts: one fits the budget
-    assert len(admit(deque(waiting), 8, 3 * B + 2, cache)) == 4
-    # a burst over a new shared prefix: the first prompt alone, the rest once it is cached
-    new = [SimpleNamespace(prompt=[*range(500, 500 + 2 * B), i]) for i in range(3)]
-    other = SimpleNamespace(prompt=list(range(900, 900 + 2 * B)))
-    queue = deque([new[0], other, *new[1:]])
-    assert admit(queue, 8, 10_000, cache) == [new[0], other]  # new[1] waits, in order
-    cache.store(new[0].prompt, *_kv(2 * B + 1))
-    assert admit(queue, 8, 10_000, cache) == new[1:]
-    assert cache.prefill_need(new[1].prompt) == (1, None)
-    off = PrefixCache(0)
-    assert admit(deque(new), 8, 10_000, off) == new  # the cache off: nothing waits
-    assert off.prefill_need(new[0].prompt) == (2 * B + 1, None)
-
-
 # -- the engine: the same answers with the cache on and off -------------------------------------
 
 
@@ -124,9 +29,10 @@ def files(serve_model_dir) -> TokenizerFiles:
     return TokenizerFiles.load(serve_model_dir)
 
 
-def _model(preset: str, vocab_size: int) -> Transformer:
+def _model(preset: str, vocab_size: int, **overrides) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(preset_config(preset, vocab_size=vocab_size, init_std=0.2)).eval()
+    config = preset_config(preset, vocab_size=vocab_size, init_std=0.2, **overrides)
+    return Transformer(config).eval()
 
 
 PROMPTS = [
@@ -177,9 +83,12 @@ def _assert_same(off, on) -> None:
         assert a[1] == pytest.approx(b[1], abs=1e-4)  # logprobs up to float reassociation
 
 
-@pytest.mark.parametrize("preset", ["micro", "micro-gpt2"])  # RoPE; learned positions
-def test_answers_are_the_same_with_the_cache_on_and_off(files, preset):
-    model = _model(preset, files.vocab_size)
+@pytest.mark.parametrize(
+    ("preset", "window"),  # RoPE (GQA); learned positions; a window inside the cached blocks
+    [("micro", None), ("micro-gpt2", None), ("micro", 8)],
+)
+def test_answers_are_the_same_with_the_cache_on_and_off(files, preset, window):
+    model = _model(preset, files.vocab_size, sliding_window=window)
     off, none = _served(model, files, 0)
     on, stats = _served(model, files, 4)
     assert none.hits == 0 and none.blocks == 0
@@ -208,6 +117,94 @@ def test_a_cache_too_small_for_a_block_stores_nothing_and_changes_nothing(files)
     on, stats = _served(model, files, 1e-4, rounds=1)
     _assert_same(off[0], on[0])
     assert (stats.blocks, stats.hits) == (0, 0)
+
+
+def test_running_out_of_device_memory_in_the_cache_fails_no_request(files, monkeypatch, caplog):
+    import lmforge.serve.prefix_cache as prefix_cache
+
+    model = _model("micro", files.vocab_size)
+    off, _ = _served(model, files, 0, rounds=1)
+
+    def short_of_memory(*args):  # every copy of a block fails, as on a full GPU
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(prefix_cache, "_Block", short_of_memory)
+    with caplog.at_level("WARNING", logger="lmforge.serve.prefix_cache"):
+        on, stats = _served(model, files, 4, rounds=1)
+    _assert_same(off[0], on[0])
+    assert (stats.blocks, stats.bytes) == (0, 0)
+    assert "out of device memory" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["store_batch", "_emit"])  # the cache; the first token
+def test_a_failure_after_a_chunked_prefill_fails_that_request_not_hangs_it(files, where):
+    """The row has left the chunked queue by then, so the engine's step handler cannot see it."""
+    import time
+
+    engine = Engine(_model("micro", files.vocab_size), files, name="m", prefix_cache_mb=4,
+                    max_prefill_tokens=7)  # fmt: skip
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    owner = engine._prefix if where == "store_batch" else engine
+    setattr(owner, where, broken)
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        chunked = engine.submit(PROMPTS[0], params, "chunked")  # over the budget: in chunks
+        deadline = time.monotonic() + 30
+        while not chunked.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chunked.finish_reason == "error"
+        delattr(owner, where)  # mended: the engine serves on
+        short = collect(engine.submit([9, 8, 7], params, "after"))
+        assert len(short.token_ids) == 4
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_a_group_keeps_the_blocks_its_step_was_planned_with(files, monkeypatch):
+    """Two prompts admitted in one step, prefilled in two groups: the first group's store must
+    not evict the blocks the second was counted on to reuse (its pass would run them again,
+    over the step's prefill budget)."""
+    import lmforge.serve.engine as engine_module
+    from lmforge.serve.causal_step import prefill_pass
+
+    model = _model("micro", files.vocab_size)
+    shared = [*SYSTEM[: 2 * B], 1]  # its two blocks cached before the step
+    new = [(5 * i + 1) % 200 + 5 for i in range(3 * B + 1)]  # three blocks the step stores
+    budget = len(new) + 1  # both prompts' uncached tokens, and no more
+    cfg = model.config
+    block = 2 * cfg.n_layer * cfg.n_kv_head * B * cfg.hd * 4  # one block's fp32 keys/values
+    runs = {}
+    for mb in (0, 3 * block / 2**20):  # off; room for three blocks
+        engine = Engine(model, files, name="m", prefix_cache_mb=mb, max_prefill_tokens=budget)
+        with torch.inference_mode():
+            cache, _ = prefill_pass(model, [shared], torch.device("cpu"))
+        engine._prefix.store_batch([shared], cache)
+        passes = []  # the tokens each pass ran
+
+        def spy(model, prompts, device, hits, passes=passes):
+            passes.append(sum(len(p) - h.tokens for p, h in zip(prompts, hits, strict=True)))
+            return prefill_pass(model, prompts, device, hits)
+
+        monkeypatch.setattr(engine_module, "prefill_pass", spy)
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1)
+        handles = [engine.submit(p, params, f"{mb}-{i}") for i, p in enumerate((new, shared))]
+        engine.start()  # both were waiting: admitted in its first step, two groups
+        try:
+            runs[mb] = [collect(h) for h in handles]
+        finally:
+            engine.shutdown(drain=False)
+        if mb:
+            assert passes == [len(new), 1]  # the shared prompt ran only its last token
+            assert sum(passes) <= budget
+            assert engine.stats().prefix.hits == 1
+    off, on = runs.values()
+    for a, b in zip(off, on, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])  # weights served quantized; the KV float
