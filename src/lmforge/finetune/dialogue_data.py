@@ -12,11 +12,11 @@ Some user turns carry planted PII (an email address and/or a phone number, with 
 so the data stage's PII step has something to anonymize; stats.json counts what was planted.
 The name is found only with data.pii.names on (the dialogue-assistant recipe turns it on).
 Splits go by a stable hash of the function (or of the core phrasing for the small-talk intents), so
-a held-out dialogue asks about a function, or says a small-talk phrasing, never seen in training. One row per dialogue in
-dialogues.jsonl: text ("User: ...\\nAssistant: ..." so the data stage cleans, anonymizes and
-tokenizes both turns), intent, split and function (the qualified name a question asks about,
-which retrieval recall is scored against; null for small talk); {split}.jsonl hold {context,
-response, intent, function}.
+a held-out dialogue asks about a function, or says a small-talk phrasing, never seen in training.
+One row per dialogue in dialogues.jsonl: text ("User: ...\\nAssistant: ..." so the data stage
+cleans, anonymizes and tokenizes both turns), intent, split and function (the qualified name a
+question asks about, which retrieval recall is scored against; null for small talk);
+{split}.jsonl hold {context, response, intent, function}.
 """
 
 from __future__ import annotations

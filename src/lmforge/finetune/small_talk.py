@@ -4,9 +4,9 @@ of scope, each many ways.
 A turn is one core phrasing (a "body": "good morning", "thanks, that helped", "what is the weather
 in Paris?") dressed in a surface form drawn from the intent's openers x closers x end punctuation x
 casing ("Oh, good morning! :)", "ok, thanks, that helped. See ya.", "quick question: what is the
-weather in Paris, please?"). The surface pieces are shared by every body of an intent and carry no meaning,
-so a model learns the intent from the body; the split goes by body, so a held-out turn's core
-phrasing is never seen in training, only its dressing is. Deterministic by seed.
+weather in Paris, please?"). The surface pieces are shared by every body of an intent and carry
+no meaning, so a model learns the intent from the body; the split goes by body, so a held-out
+turn's core phrasing is never seen in training, only its dressing is. Deterministic by seed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SmallTalk:
-    """One small-talk intent: its fixed answer, core phrasings and the surface pieces around them."""
+    """One small-talk intent: its answer, core phrasings and the surface pieces around them."""
 
     answer: str
     bodies: tuple[str, ...]  # core phrasings, the unit of the train/val/test split
@@ -102,9 +102,9 @@ def surface_forms(intent: str, body: str, n: int, seed: int) -> list[str]:
     """`n` distinct surface forms of one body (fewer if the intent has fewer), chosen by seed."""
     talk = SMALL_TALK[intent]
     core = body.rstrip("?.!")
+    pieces = itertools.product(talk.openers, talk.closers, _ends(body), talk.tails, _CASINGS)
     forms = sorted({case(_form(opener, core, closer, end, tail))
-                    for opener, closer, end, tail, case in itertools.product(
-                        talk.openers, talk.closers, _ends(body), talk.tails, _CASINGS)})  # fmt: skip
+                    for opener, closer, end, tail, case in pieces})  # fmt: skip
     return random.Random(f"{seed}:{intent}:{body}").sample(forms, min(n, len(forms)))
 
 
