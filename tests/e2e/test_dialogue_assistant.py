@@ -14,7 +14,7 @@ import pytest
 from e2e.serve_helpers import ServerProcess
 
 MICRO = [
-    "dialogues.max_functions=80", "dialogues.small_talk_copies=2", "tokenizer.vocab_size=512",
+    "dialogues.max_functions=80", "dialogues.small_talk_forms=2", "tokenizer.vocab_size=512",
     "dialogue.model.preset=bart-micro", "dialogue.train.max_steps=20",
     "dialogue.train.warmup_steps=2", "dialogue.train.seq_len=64", "dialogue.train.micro_batch_size=16",
     "dialogue.train.eval_every=10", "dialogue.train.ckpt_every=20",

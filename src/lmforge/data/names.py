@@ -17,8 +17,11 @@ known surname that is not a common word ("Will Smith", not "Will Return"), or, u
 everyday words (AMBIGUOUS_GIVEN: "Will", "Max", "Grant"), before a word that is no known name or
 common word ("Skip Montanaro", not "Max Heap"). A word inside an identifier (`self.Alice`,
 `Alice_Smith`, `AliceSmith`, `Alice(`) never matches, nor one after a letter and an apostrophe
-("O'Reilly" is no "Reilly") but a Python string prefix (`u'Alice Smith'`); a possessive keeps its
-"'s" ("<NAME>'s").
+("O'Reilly" is no "Reilly") but a Python string prefix (`u'Alice Smith'`) or an elided French or
+Italian word ("l'<NAME>", "d'<NAME>", "dell'<NAME>", "qu'<NAME>"); a word with an O'/Mc/Mac
+prefix right before a name goes with it ("O'Jean Paul Sartre" is one name), and surnames may
+carry elided or Irish particles ("Dell'Acqua", "Mac Diarmada", "Ó Broin"). A possessive keeps
+its "'s" ("<NAME>'s").
 
 The lexicons (resources/names.json) come from the faker package's person providers (MIT; see the
 file's `source` and `license`, rebuilt by scripts/extract_names.py); they are read and compiled
@@ -82,21 +85,34 @@ WORD_SURNAMES = frozenset(
 # Azerbaijani ə): every letter of the lexicon's names, which scripts/extract_names.py keeps.
 _UP = "A-Z\u00c0-\u00d6\u00d8-\u00de\u0100-\u024f\u1e00-\u1eff"
 _LOW = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u024f\u0250-\u02af\u1e00-\u1eff"
-# a Title-case word, also "McAdam", "O'Brien", "d'Arc" (an elided particle: "Forgeot d'Arc")
-_WORD = rf"(?:Ma?c|O['\u2019]|[dD]['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
+# a Title-case word, also "McAdam", "O'Brien", "d'Arc", "Dell'Acqua" (elided particles:
+# "Forgeot d'Arc", "Giovanni Dell'Acqua")
+_WORD = rf"(?:Ma?c|O['\u2019]|[dD](?:[ae]ll)?['\u2019])?[{_UP}][{_LOW}]+(?:-[{_UP}][{_LOW}]+)?"
+# French and Italian articles and words elided before a name, which is no part of it:
+# "l'Alice Smith", "d'Alice Smith", "dell'Alice Smith", "qu'Alice Smith"
+ELIDED = "l d dell dall nell sull all qu jusqu lorsqu puisqu quoiqu".split()
+# a name can start right after one (fixed-width lookbehinds, also capitalized: "L'", "Dell'")
+_AFTER_ELISION = "|".join(rf"(?<=\b[{w[0]}{w[0].upper()}]{w[1:]}['\u2019])" for w in ELIDED)
 # not inside a word or a name that starts with "O'" or "d'" ("O'Reilly" is no "Reilly"), but
-# after a Python string prefix (u'', b'', f'', r'', rb'', fr'': `u'Alice Smith'`)
+# after an elided word or a Python string prefix (u'', b'', f'', r'', rb'', fr'': `u'Alice Smith'`)
 _START = (
     r"(?<![\w.@/\\$#-])"
-    r"(?:(?<!\w['\u2019])|(?<=\b[uUbBfFrR]')|(?<=\b[rR][bBfF]')|(?<=\b[bBfF][rR]'))"
+    r"(?:(?<!\w['\u2019])|(?<=\b[uUbBfFrR]')|(?<=\b[rR][bBfF]')|(?<=\b[bBfF][rR]')"
+    rf"|{_AFTER_ELISION})"
 )
+# a word with an Irish or Scottish surname prefix right before a name is taken with it, so none
+# of it is left in clear text: "O'Jean Paul Sartre", "McJean Paul Sartre" (alone it is a name
+# only where a surname may be: "Conan O'Brien", not "MacArthur Foundation")
+_GLUED = rf"(?:O['\u2019]|Ma?c)[{_UP}][{_LOW}]+"
 # Not the start of an identifier or a dotted/hyphenated word: `Alice_x`, `Alice(`, `Alice.smith`.
 _END = r"(?![\w(]|[.:/-]\w)"
 # between the words of a name: spaces, or one line break (a name wrapped onto the next line)
 _GAP = r"(?:[ \t]+|[ \t]*\r?\n[ \t]*)"
-# lowercase surname particles, up to two ("Guido van Rossum", "Maria de la Cruz"), also
-# abbreviated ("Martin v. Löwis")
-PARTICLES = "van von de da del della der den di du dos das ter ten la le zu v.".split()
+# surname particles, up to two ("Guido van Rossum", "Maria de la Cruz"), also abbreviated
+# ("Martin v. Löwis") and the Irish ones ("Seán Mac Diarmada", "Eoin Ó Broin")
+PARTICLES = (
+    "van von de da del della der den di du dos das ter ten la le zu v. Mac Mc Ó Ní Nic Uí".split()
+)
 _PARTICLE = rf"(?:{'|'.join(map(re.escape, PARTICLES))})"
 _CUES = (
     r"\b[Mm]y name is ",
@@ -212,7 +228,7 @@ def name_patterns() -> tuple[tuple[re.Pattern, Callable[[str], bool] | None], ..
         # every start in one scan, so neither "Jean Paul Sartre" (a word first) nor "Greg Ward
         # Distutils" (a word second) is cut to its tail
         (
-            re.compile(rf"{cap}{_START}(?:{given_gap}){{1,2}}{surname}{_END}"),
+            re.compile(rf"{cap}{_START}(?:{_GLUED}{_GAP})?(?:{given_gap}){{1,2}}{surname}{_END}"),
             functools.partial(
                 _name_start, ambiguous=given & lex["common_given"], strict=strict, lex=lex
             ),
@@ -237,6 +253,7 @@ def _name_start(
 ) -> bool:
     """Whether a match of given name(s) + a surname is a name: always, unless its first given
     name is also a word; then as _surname_after_word says."""
+    text = re.sub(rf"^{_GLUED}{_GAP}", "", text)  # the name proper after a glued word
     first = text.split(maxsplit=1)[0]
     return first not in ambiguous or _surname_after_word(text, strict, lex)
 

@@ -36,8 +36,9 @@ NAME = "stdlib-docs"
 # records): bump it in the commit that changes them (stdlib_collect, stdlib_portable's stand-ins,
 # the child's command or environment), so that every stage built from them misses its cache
 # (corpus_versions() is their input_versions(); their file input, corpus_marker(), is the
-# Python's own). 2: the child runs under -S (a venv and its base interpreter agree).
-CORPUS_FORMAT = 2
+# Python's own). 2: the child runs under -S (a venv and its base interpreter agree). 3: module
+# pages leave out __warningregistry__ (runtime state: what warned before the page was rendered).
+CORPUS_FORMAT = 3
 COLLECTOR = Path(__file__).with_name("stdlib_collect.py")
 # The child's whole environment: pydoc's pages of os and posix print it.
 _CHILD_ENV = {

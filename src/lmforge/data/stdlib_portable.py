@@ -2,7 +2,8 @@
 
 Object addresses, ctypes handles, this interpreter's paths, the checkout or install of lmforge and
 the home directory become stand-ins (<python>, <python-prefix>, <lmforge>, <stdlib>, ~...), in
-pydoc's data values before it truncates them (PortableHTMLDoc) and in the rendered text (clean).
+pydoc's data values before it truncates them (PortableHTMLDoc) and in the rendered text (clean);
+a module's runtime state (its __warningregistry__) is left off its page.
 """
 
 from __future__ import annotations
@@ -98,8 +99,22 @@ class PortableRepr(pydoc.HTMLRepr):
         return self.escape(pydoc.cram(pydoc.stripid(clean(repr(x))), self.maxother))
 
 
+# Module attributes that are runtime state, not documentation: warnings.warn records in the
+# warning's module which warnings it has shown, so the page would differ by what ran before.
+RUNTIME_STATE = ("__warningregistry__",)
+
+
 class PortableHTMLDoc(pydoc.HTMLDoc):
-    """pydoc.HTMLDoc whose data values go through PortableRepr."""
+    """pydoc.HTMLDoc whose data values go through PortableRepr, without runtime state."""
 
     _repr_instance = PortableRepr()
     repr = _repr_instance.repr
+
+    def docmodule(self, module: Any, *args: Any, **kwargs: Any) -> str:
+        """The module's page with RUNTIME_STATE out of its namespace while pydoc reads it."""
+        namespace = vars(module)
+        hidden = {name: namespace.pop(name) for name in RUNTIME_STATE if name in namespace}
+        try:
+            return super().docmodule(module, *args, **kwargs)
+        finally:
+            namespace.update(hidden)

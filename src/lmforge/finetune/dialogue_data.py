@@ -5,17 +5,18 @@ Made from the same documented stdlib functions as builtin_tasks (no download), d
 - ask_usage: "How do I join two or more pathname components?" -> "Use os.path.join. <summary>"
 - ask_signature: "What arguments does os.path.join take?" -> "os.path.join(a, *p)"
 - ask_module: "Which module is join in?" -> "join is in the os.path module (os.path.join)."
-- greeting / goodbye / out_of_scope: fixed phrasings with fixed answers.
+- greeting / goodbye / out_of_scope: many phrasings (finetune.small_talk: core phrasings x
+  openers x closers x punctuation x casing) with fixed answers.
 
 Some user turns carry planted PII (an email address and/or a phone number, with a person's name)
 so the data stage's PII step has something to anonymize; stats.json counts what was planted.
 The name is found only with data.pii.names on (the dialogue-assistant recipe turns it on).
-Splits go by a stable hash of the function (or of the phrasing for the small-talk intents), so a
-held-out dialogue asks about a function never seen in training. One row per dialogue in
-dialogues.jsonl: text ("User: ...\\nAssistant: ..." so the data stage cleans, anonymizes and
-tokenizes both turns), intent, split and function (the qualified name a question asks about,
-which retrieval recall is scored against; null for small talk); {split}.jsonl hold {context,
-response, intent, function}.
+Splits go by a stable hash of the function (or of the core phrasing for the small-talk intents), so
+a held-out dialogue asks about a function, or says a small-talk phrasing, never seen in training.
+One row per dialogue in dialogues.jsonl: text ("User: ...\\nAssistant: ..." so the data stage
+cleans, anonymizes and tokenizes both turns), intent, split and function (the qualified name a
+question asks about, which retrieval recall is scored against; null for small talk);
+{split}.jsonl hold {context, response, intent, function}.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lmforge.common.io import write_jsonl
 from lmforge.config import STDLIB_DOCS_VERSIONS, StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.builtin_tasks import SPLITS, split_of, stdlib_functions, summary
+from lmforge.finetune.small_talk import small_talk_turns
 
 FUNCTION_INTENTS = ("ask_usage", "ask_signature", "ask_module")
 INTENTS = (*FUNCTION_INTENTS, "greeting", "goodbye", "out_of_scope")
@@ -42,24 +44,6 @@ _SIGNATURE = ("What arguments does {name} take?", "What is the signature of {nam
               "how do I call {name}?")  # fmt: skip
 _MODULE = ("Which module is {short} in?", "where does {short} come from?",
            "What do I import to get {short}?")  # fmt: skip
-_SMALL_TALK: dict[str, tuple[tuple[str, ...], str]] = {
-    "greeting": (
-        ("hi", "hello", "hello there", "good morning", "hey, anyone there?", "hi, nice to meet you",
-         "good afternoon", "greetings", "hey there", "hello, who are you?"),
-        "Hello! Ask me about a Python function or module.",
-    ),
-    "goodbye": (
-        ("bye", "thanks, bye", "goodbye", "that is all, thank you", "see you later",
-         "thank you, that helped", "ok thanks, goodbye", "bye for now", "cheers, bye"),
-        "Goodbye! Happy coding.",
-    ),
-    "out_of_scope": (
-        ("what is the weather in Paris?", "tell me a joke", "who won the football game?",
-         "can you book a table for two?", "what is the capital of Peru?", "sing me a song",
-         "recommend a good movie", "how tall is Mount Everest?", "what should I cook tonight?"),
-        "Sorry, I can only answer questions about the Python standard library.",
-    ),
-}  # fmt: skip
 _NAMES = ("Alice Smith", "Bob Jones", "Carol White", "Dan Brown", "Eve Miller", "Frank Moore")
 # verbs a summary may start with for "How do I <summary>?" to read as a question
 _VERBS = re.compile(r"^(?!Returns?\b|This\b|The\b|A\b|An\b|If\b)[A-Z][a-z]+\b(?<!s)(?<!ed) ")
@@ -69,7 +53,9 @@ class DialoguesConfig(StageConfig):
     """`stage: dialogues` in a recipe: the built-in dialogue data (see the module docstring)."""
 
     max_functions: int = Field(0, ge=0, description="use at most this many functions (0 = all)")
-    small_talk_copies: int = Field(8, ge=1, description="dialogues per small-talk phrasing")
+    small_talk_forms: int = Field(
+        6, ge=1, description="dialogues per small-talk core phrasing, each a different surface form"
+    )
     pii_fraction: float = Field(0.15, ge=0, le=1, description="user turns that carry planted PII")
     max_answer_chars: int = Field(160, ge=20, description="ask_usage: answer summary cap (chars)")
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -128,10 +114,7 @@ def _function_dialogues(cfg: DialoguesConfig) -> list[tuple[str, str, str, str]]
 def make_dialogues(cfg: DialoguesConfig) -> tuple[dict[str, list[dict[str, Any]]], Counter]:
     """{split: [{context, response, intent, function}]} and the planted PII counts."""
     rows = _function_dialogues(cfg)
-    for intent, (phrasings, answer) in _SMALL_TALK.items():
-        for i, phrase in enumerate(phrasings):
-            # copies of a phrasing share its split (its key), so none is both seen and held out
-            rows += [(f"{intent}:{i}", intent, phrase, answer)] * cfg.small_talk_copies
+    rows += small_talk_turns(cfg.small_talk_forms, cfg.seed)
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     planted: Counter = Counter()
     rng = random.Random(cfg.seed)

@@ -9,6 +9,8 @@ import pydoc
 import re
 import sys
 import sysconfig
+import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from lmforge.data.decontam import Decontaminator
 from lmforge.data.stdlib_collect import _module_names, _stdlib_path
 from lmforge.data.stdlib_docs import collect, iter_functions, read_stdlib_docs
-from lmforge.data.stdlib_portable import PortableRepr
+from lmforge.data.stdlib_portable import PortableHTMLDoc, PortableRepr
 from lmforge.data.stdlib_portable import clean as _clean
 from lmforge.errors import InputError
 
@@ -132,6 +134,7 @@ def test_stdlib_corpus_does_not_depend_on_the_machine_or_the_run(stdlib_docs):
     address = re.compile(r"(?:\s|&nbsp;)at(?:\s|&nbsp;)0x[0-9a-fA-F]{6,}|handle [0-9a-f]{6,}")
     for doc in stdlib_docs:
         assert not address.search(doc.text), doc.id
+        assert "__warningregistry__" not in doc.text, doc.id  # what warned before (aifc...)
         found = [s for s in run_specific if s in doc.text]
         assert not found, (doc.id, found)
     pages = {d.id: d.text for d in stdlib_docs}
@@ -159,6 +162,20 @@ def test_a_venv_and_its_base_interpreter_collect_the_same_pages():
         assert f"<strong>{name}</strong> = '&lt;python-prefix&gt;'" in sys_page
     assert "<strong>executable</strong> = '&lt;python&gt;'" in sys_page
     assert "_distutils_hack" not in sys_page  # a finder a venv's .pth adds (setuptools)
+
+
+def test_a_module_page_leaves_out_its_warning_registry_and_keeps_it_in_the_module():
+    module = types.ModuleType("warned", "A module that has warned.")
+    exec("import warnings\nLIMIT = 3\ndef old():\n    warnings.warn('old')", vars(module))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as in the collector (PYTHONWARNINGS): still recorded
+        module.old()
+    registry = module.__warningregistry__
+    assert registry  # the runtime state a plain pydoc page shows
+    assert "__warningregistry__" in pydoc.HTMLDoc().docmodule(module)
+    page = PortableHTMLDoc().docmodule(module)
+    assert "__warningregistry__" not in page and "<strong>LIMIT</strong> = 3" in page
+    assert module.__warningregistry__ is registry  # only hidden while the page was rendered
 
 
 def test_a_prefix_shown_as_a_value_is_a_stand_in_even_a_system_one(monkeypatch):

@@ -85,9 +85,54 @@ CASES = [
     ("See Jordan v. Brown (1999).", ["Jordan v. Brown"]),
     # a name in a Python string with a prefix; not after other letters and an apostrophe
     (
-        "u'Alice Smith', f'Jean Paul Sartre', rb'Will Smith', l'Alice Smith",
+        "u'Alice Smith', f'Jean Paul Sartre', rb'Will Smith', xl'Alice Smith",
         ["Alice Smith", "Jean Paul Sartre", "Will Smith"],
     ),
+    # French and Italian elided articles and words before a name: the name, not the article
+    # (the whole name: "l'Jean Paul Sartre" once left "l'Jean" in clear text)
+    ("l'Jean Paul Sartre", ["Jean Paul Sartre"]),
+    ("Le livre d'Alice Martin est sur la table.", ["Alice Martin"]),
+    (
+        "C'est l'idée de Jean Paul Sartre et l'œuvre d'Albert Camus.",
+        ["Jean Paul Sartre", "Albert Camus"],
+    ),
+    ("Je pense qu'Émile Zola avait raison.", ["Émile Zola"]),
+    ("La maison d'Honoré de Balzac est à Paris.", ["Honoré de Balzac"]),
+    (
+        "Lorsqu'Isabelle Martin est arrivée, puisqu'Olivier Dubois l'a dit.",
+        ["Isabelle Martin", "Olivier Dubois"],
+    ),
+    ("D'Alice Martin, je n'ai rien reçu. Qu'Alice Martin vienne !", ["Alice Martin"] * 2),
+    (
+        "J’ai lu le livre d’Antoine Dupont et l’avis de Claire Dubois.",
+        ["Antoine Dupont", "Claire Dubois"],
+    ),
+    ("Le opere d'Alessandro Manzoni e dell'Umberto Eco.", ["Alessandro Manzoni", "Umberto Eco"]),
+    # elided particles that are part of a surname, and Irish ones, glued or not
+    (
+        "Ho parlato con Giovanni Dell'Acqua e Luca Dall'Olio.",
+        ["Giovanni Dell'Acqua", "Luca Dall'Olio"],
+    ),
+    ("Mario D'Angelo e Gabriele D'Annunzio.", ["Mario D'Angelo", "Gabriele D'Annunzio"]),
+    (
+        "Conan O'Brien met Mary McAleese and Sean Mac Diarmada.",
+        ["Conan O'Brien", "Mary McAleese", "Sean Mac Diarmada"],
+    ),
+    ("Eoin Ó Broin and Mary Ní Dhomhnaill wrote it.", ["Eoin Ó Broin", "Mary Ní Dhomhnaill"]),
+    ("Thanks to Patrick O'Neill and Siobhan McCarthy.", ["Patrick O'Neill", "Siobhan McCarthy"]),
+    # a word with O' or Mc right before a name goes with it (it left "O'Jean" in clear text)
+    ("Ask O'Jean Paul Sartre or McJean Paul Sartre.", ["O'Jean Paul Sartre", "McJean Paul Sartre"]),
+    # ... and the same words in prose and code that hold no name
+    ("l'eau, d'accord, dell'anno, qu'il, jusqu'ici, lorsqu'on, nell'ambito, aujourd'hui Jean", []),
+    ("C'est l'Histoire de France, l'Europe et l'Amérique du Nord.", []),
+    ("L'Académie française, l'Institut Pasteur, L'Oréal Paris, D'Artagnan and l'Alice", []),
+    ("the d'Alembert operator and l'Hôpital's rule", []),
+    ("Côte d'Ivoire, Valle d'Aosta, Reggio nell'Emilia, Sant'Angelo", []),
+    ("Dell'Orto carburettors and the Dall'Ara stadium", []),
+    ("O'Reilly Media, McDonald's, MacBook Pro, McAfee Antivirus, Mac Catalyst", []),
+    ("the McKinsey Global Institute and the MacArthur Foundation; McDonald Max Heap", []),
+    ("Don't Repeat Yourself, Isn't It, Won't Fix, Can't Stop, I'd Rather Not", []),
+    ("s = d['key']; print(f'{l!r}'); x = all('Return Value')", []),
 ]
 
 

@@ -23,6 +23,7 @@ from lmforge.finetune.dialogue_data import (
     parse_dialogue,
 )
 from lmforge.finetune.dialogue_retrieval import recall_at_k
+from lmforge.finetune.small_talk import SMALL_TALK, surface_forms
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,42 @@ def test_planted_pii_is_counted(dialogues):
     phones = sum(len(re.findall(r"\+1 555-\d{3}-\d{4}", c)) for c in contexts)
     assert planted["email"] == emails > 0 and planted["phone"] == phones > 0
     assert planted["names"] == sum(c.startswith("I am ") for c in contexts)
+
+
+def _small_talk_by_split(splits) -> dict[str, set[str]]:
+    """Small-talk user turns per split, planted PII ("I am <name> (<contact>). ") cut off."""
+    return {s: {re.sub(r"^I am [^)]*\)\. ", "", r["context"]) for r in rows
+                if r["function"] is None} for s, rows in splits.items()}  # fmt: skip
+
+
+def test_held_out_small_talk_is_phrased_unlike_any_training_turn(dialogues):
+    cfg, splits, _ = dialogues
+    turns = _small_talk_by_split(splits)
+    assert not turns["test"] & turns["train"] and not turns["val"] & turns["train"]
+    for intent, talk in SMALL_TALK.items():
+        held_out = 0
+        for body in talk.bodies:  # every form of one core phrasing is in one split
+            forms = set(surface_forms(intent, body, cfg.small_talk_forms, cfg.seed))
+            assert len(forms) == cfg.small_talk_forms
+            homes = {s for s, seen in turns.items() if forms & seen}
+            assert len(homes) == 1 and forms <= turns[homes.pop()], body
+            held_out += bool(forms & turns["test"])
+        assert held_out >= 1, intent
+    intents = {r["intent"] for r in splits["test"] if r["function"] is None}
+    assert intents == {"greeting", "goodbye", "out_of_scope"}
+    assert len(turns["train"]) >= 500  # many phrasings to learn from, not ~9 an intent
+
+
+def test_small_talk_forms_are_natural_variants_of_their_phrasing():
+    forms = surface_forms("out_of_scope", "what is the weather in Paris?", 40, seed=3)
+    assert forms == surface_forms("out_of_scope", "what is the weather in Paris?", 40, seed=3)
+    assert forms != surface_forms("out_of_scope", "what is the weather in Paris?", 40, seed=4)
+    assert len(set(forms)) == 40
+    assert all("weather in paris" in f.lower() and "?" in f for f in forms)  # still a question
+    greetings = surface_forms("greeting", "good morning", 200, seed=0)
+    assert "Good morning!" in greetings and "oh, good morning. I have a question." in greetings
+    assert all(not f.endswith("?") for f in greetings)
+    assert any(f.startswith("Good") for f in greetings) and any(f == f.lower() for f in greetings)
 
 
 def test_parse_round_trip_and_clear_error():

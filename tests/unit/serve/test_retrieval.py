@@ -1,5 +1,8 @@
 import json
+import multiprocessing
 import sqlite3
+import sys
+import time
 
 import pytest
 
@@ -172,21 +175,51 @@ def test_a_sqlite_without_fts5_is_a_clear_error():
         require_fts5(NoFts5())
 
 
+def _build_at(docs, db, start: float) -> int | str:
+    """One process's build of `db`, started at `start` (time.time()) with the others."""
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        kb = KnowledgeBase.build(docs, db)
+    except Exception as err:  # reported, not raised: the test shows every process's outcome
+        return repr(err)
+    added = len(kb.last_build["added"])
+    kb.close()
+    return added
+
+
 def test_concurrent_builds_of_one_index_wait_for_each_other(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Processes building one new index at once: each waits for the others' locks, also while
+    switching the new file to WAL, where SQLite answers "database is locked" at once instead of
+    waiting (it did under load: two connections with a read lock that both want the write
+    lock), so exactly one indexes the documents and the others find nothing left to do."""
     write_docs(tmp_path / "docs")
+    processes, rounds = 6, 10
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(processes) as pool:
+        for i in range(rounds):  # a new database each round: the race is in creating it
+            db, start = tmp_path / f"kb{i}.db", time.time() + 0.05
+            reports = pool.starmap(_build_at, [(tmp_path / "docs", db, start)] * processes)
+            assert sorted(reports, key=str) == [0] * (processes - 1) + [4], (i, reports)
+            assert KnowledgeBase.open(db).passage_count() == 5
 
-    def build(_):
-        kb = KnowledgeBase.build(tmp_path / "docs", tmp_path / "kb.db")
-        report = {k: len(v) for k, v in kb.last_build.items()}
-        kb.close()
-        return report
 
-    with ThreadPoolExecutor(3) as pool:
-        reports = list(pool.map(build, range(3)))
-    assert sorted(r["added"] for r in reports) == [0, 0, 4]  # one indexed, the others found it
-    assert KnowledgeBase.open(tmp_path / "kb.db").passage_count() == 5
+def test_a_database_locked_past_the_busy_timeout_is_named_as_locked_not_as_no_database(tmp_path):
+    from lmforge.serve.sqlite_conn import ThreadConnections
+
+    db = tmp_path / "kb.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # no WAL yet: switching to it needs this lock
+    conns = ThreadConnections(db, ["journal_mode = WAL"], what="a knowledge base",
+                              busy_timeout_ms=100)  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(InputError, match=r"kb.db: a knowledge base stayed locked for 100 ms"):
+        conns.get()
+    assert time.monotonic() - t0 >= 0.1
+    holder.execute("COMMIT")
+    assert conns.get().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conns.close()
+    holder.close()
 
 
 def words(text: str) -> int:  # a token counter for the layout tests: one token per word
