@@ -15,7 +15,7 @@ from lmforge.finetune.dialogue_data import DialoguesConfig
 from lmforge.serve.recipe_config import KnowledgeBaseStage
 from lmforge.tune.stage import TuneConfig
 
-STDLIB = {"stdlib-docs corpus format": "2"}  # stdlib_docs.CORPUS_FORMAT at 733e5c3
+STDLIB = {"stdlib-docs corpus format": "3"}  # stdlib_docs.CORPUS_FORMAT now
 
 # (config_hash, input_versions) of each default config, computed at 733e5c3 (each stage's own
 # input_versions body). A change here reruns every cached stage of that kind: on purpose only
@@ -23,7 +23,7 @@ STDLIB = {"stdlib-docs corpus format": "2"}  # stdlib_docs.CORPUS_FORMAT at 733e
 PINNED = {
     "stage": ("44136fa355b3678a", {}),
     "knowledge-base": ("6582a6bb8f8cf3a1", STDLIB),
-    "dialogues": ("e9ecec14ba7806aa", STDLIB),
+    "dialogues": ("a81a2f1111acc572", STDLIB),  # small_talk_copies -> small_talk_forms (fce4639)
     "tasks": ("90a8923c201fe177", STDLIB),
     "data-stdlib": ("d1855b1201081ec9", STDLIB),
     "data-file": ("7261d491ac556bfe", {}),
