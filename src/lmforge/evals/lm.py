@@ -300,14 +300,18 @@ class EvalModel:
         return settings
 
     def checkpoint_record(
-        self, settings: GenerationSettings, *, sampling_applied: bool = False
+        self,
+        settings: GenerationSettings,
+        resolved: GenerationSettings,
+        *,
+        sampling_applied: bool = False,
     ) -> dict[str, dict[str, Any]]:
         """What decoding with settings takes from the checkpoint: "used", the fields settings_for
-        fills from it, and "ignored", its keys left out (generation_defaults.unapplied_keys:
-        its do_sample and sampling keys too unless sampling_applied, as `lmforge generate`
-        does; and the eval stage's self.left_out). Recorded beside generation metrics and
-        printed by `lmforge generate`."""
-        resolved = self.settings_for(settings)
+        filled from it in resolved (the caller's settings_for(settings): resolving again would
+        repeat its warnings), and "ignored", its keys left out (generation_defaults.
+        unapplied_keys: its do_sample and sampling keys too unless sampling_applied, as `lmforge
+        generate` does; and the eval stage's self.left_out). Recorded beside generation metrics
+        and printed by `lmforge generate`."""
         taken = resolved.model_fields_set - settings.model_fields_set
         ignored = unapplied_keys(self.path, sampling_applied=sampling_applied) | self.left_out
         return {"used": {k: getattr(resolved, k) for k in sorted(taken)}, "ignored": ignored}

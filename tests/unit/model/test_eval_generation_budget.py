@@ -1,6 +1,6 @@
 """The eval stage's own token budget over a decoder checkpoint's max_length (Llama-2-style
 generation_configs set it to the whole context; lm-evaluation-harness ignores it), recorded as
-ignored in eval.json and in the cache key."""
+ignored in eval.json and in the cache key; and the settings' warnings logged once per run."""
 
 from __future__ import annotations
 
@@ -87,3 +87,23 @@ def test_a_quickstart_like_eval_config_hashes_as_before():
     cfg = {"models": models, "tasks": tasks, "generation": {"max_new_tokens": 32},
            "out": "runs/eval"}  # fmt: skip
     assert config_hash(validate(EvalConfig, cfg)) == "b04812a035d9565d"
+
+
+def test_both_minimums_given_warn_once_per_eval_task(tmp_path, tok, monkeypatch):
+    """run_generation resolves its settings once: checkpoint_record reads that resolution."""
+    from lmforge.evals import lm
+    from lmforge.evals.task_format import TaskSpec
+    from lmforge.evals.task_runners import run_generation
+
+    path, _ = llama_with_max_length(tmp_path, tok, max_length=20)
+    warnings: list[str] = []
+    monkeypatch.setattr(lm.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    both = {"min_length": 3, "min_new_tokens": 2, "max_new_tokens": 4}
+    spec = validate(TaskSpec, {**TASK, "generation": both})
+    result = run_generation(EvalModel.load(path), spec, GenerationSettings())
+    assert [w for w in warnings if "min_new_tokens applies alone" in w] == [
+        "min_new_tokens (2) and min_length (3) are both set: min_new_tokens applies alone, as in "
+        "transformers"
+    ]
+    generation = result.metrics["generation"]
+    assert (generation["min_length"], generation["min_new_tokens"]) == (0, 2)

@@ -225,7 +225,7 @@ def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_
     gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 5}
     path, hf = tiny_llama(tmp_path, tok, gen)
     lm = EvalModel.load(path)
-    record = lm.checkpoint_record(GenerationSettings())
+    record = lm.checkpoint_record(GenerationSettings(), lm.settings_for(GenerationSettings()))
     assert record == {
         "used": {"max_new_tokens": 5},
         "ignored": {"do_sample": True, "temperature": 0.7, "top_p": 0.9},
@@ -233,7 +233,8 @@ def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_
     for prompt, row in zip(PROMPTS, ours(lm, GenerationSettings()), strict=True):
         ids = lm.start(prompt)  # greedy, as transformers' generate(do_sample=False)
         assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids(), do_sample=False)
-    assert lm.checkpoint_record(GenerationSettings(max_new_tokens=3))["used"] == {}
+    three = GenerationSettings(max_new_tokens=3)
+    assert lm.checkpoint_record(three, lm.settings_for(three))["used"] == {}
     task = {"name": "g", "type": "generation", "examples": [{"prompt": "a", "reference": "b"}]}
     cfg = validate(EvalConfig, {"models": [path], "tasks": [task], "out": tmp_path / "e"})
     versions = cfg.input_versions()
