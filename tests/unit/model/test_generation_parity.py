@@ -278,6 +278,39 @@ def test_a_chat_fine_tunes_export_forces_its_end_of_turn_in_transformers_too(tmp
     assert max(map(len, rows)) == 5  # one answer ran to the limit: ended by the end of turn
 
 
+def test_a_plain_fine_tunes_export_forces_its_eos_in_transformers_too(tmp_path, tok):
+    """No chat template: the tuned model ends its texts with the tokenizer's eos, so a forced
+    eos naming the base's end moves there, and transformers' generate() ends on it too."""
+    from types import SimpleNamespace
+
+    from lmforge.common.io import atomic_path
+    from lmforge.finetune.export import export_model
+    from lmforge.model.convert import load_pretrained
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    gen = {"eos_token_id": 7, "forced_eos_token_id": 7, "max_new_tokens": 5}
+    path, _ = tiny_llama(tmp_path, tok, gen)  # the base ends documents with 7, forced at the limit
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    del config["chat_template"]  # a plain decoder's tokenizer: eos is its only end
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    files = TokenizerFiles.load(path)
+    assert files.chat_template is None and files.eos_id not in (None, 7)
+    ctx = SimpleNamespace(out=tmp_path / "tuned", atomic_path=atomic_path)
+    export_model(ctx, path, load_pretrained(path), files)
+    final = tmp_path / "tuned" / "final"
+    written = json.loads((final / "generation_config.json").read_text())
+    assert written["forced_eos_token_id"] == files.eos_id  # moved from the base's 7
+    lm = EvalModel.load(final)
+    assert set(lm.stop_ids()) == {7, files.eos_id}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    rows = lm.scorer.generate(PROMPTS, lm.settings_for(GenerationSettings()), False, 2)
+    for prompt, row in zip(PROMPTS, rows, strict=True):
+        ids = lm.start(prompt)
+        assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids())
+        assert len(row) < 5 or row[-1] == files.eos_id
+    assert max(map(len, rows)) == 5  # one text ran to the limit: ended by the forced eos
+
+
 def test_export_moves_a_forced_eos_only_when_it_named_the_bases_end(tmp_path, tok):
     """An encoder-decoder's export passes its own eos as the end: a forced eos among the base's
     eos ids moves there, one naming another token stays, and no end known leaves it as is."""
