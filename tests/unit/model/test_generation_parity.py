@@ -117,7 +117,7 @@ def test_generate_cli_refuses_length_penalty_without_beams(tmp_path, tok):
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorized_ngram_ban_equals_transformers_on_random_padded_histories(n, seed):
-    from lmforge.model.logits_rules import ban_repeated_ngrams
+    from lmforge.model.logits_rules import ban_repeated_ngrams_
 
     g = torch.Generator().manual_seed(seed)
     B, T, V = 6, 40, 11  # a small vocabulary: many repeats to ban
@@ -125,13 +125,16 @@ def test_vectorized_ngram_ban_equals_transformers_on_random_padded_histories(n, 
     ids[:, 20:30] = ids[:, 30:40].clone()  # the last n - 1 tokens seen before: a sure ban
     logits = torch.randn(B, V, generator=g)
     lengths = torch.tensor([T, T - 1, 25, n, max(n - 1, 1), 1])  # short rows: nothing to ban
-    got = ban_repeated_ngrams(logits, ids, lengths, n)
+    written = logits.clone()
+    got = ban_repeated_ngrams_(written, ids, lengths, n)
+    assert got is written  # in place: no (B, V) copy
     for row in range(B):
         alone = ids[row : row + 1, T - int(lengths[row]) :]  # the row without its left padding
         want = transformers.NoRepeatNGramLogitsProcessor(n)(alone, logits[row : row + 1].clone())
         assert torch.equal(got[row : row + 1], want), row
     assert bool(torch.isinf(got[:3]).any())  # the long rows had n-grams to ban
-    assert torch.equal(ban_repeated_ngrams(logits, ids[:, : n - 1], lengths * 0 + n - 1, n), logits)
+    short = ban_repeated_ngrams_(logits.clone(), ids[:, : n - 1], lengths * 0 + n - 1, n)
+    assert torch.equal(short, logits)
 
 
 # -- a decoder checkpoint's max_length: the prompt included, max_new_tokens wins ----------------
