@@ -77,11 +77,12 @@ class LogitsRules:
         history: Tensor,
         history_mask: Tensor | None,
         step: int,
-        max_new_tokens: int,
+        max_new_tokens: int | Tensor,
         eos: Sequence[int],
     ) -> Tensor:
         """logits (B, V) for new token `step` (0-based) after history (B, T) with the rules
-        applied; history_mask (B, T) 0 at left padding; eos: the stop ids min lengths hold off.
+        applied; history_mask (B, T) 0 at left padding; eos: the stop ids min lengths hold off;
+        max_new_tokens: the limit (or (B,) each row's) whose last step a forced eos takes.
         logits may be written in place (the n-gram ban): pass a step's logits no one else
         reads, and use the tensor returned."""
         if not self.active:
@@ -104,10 +105,12 @@ class LogitsRules:
             logits = ban_tokens(logits, too_short, eos)
         if self.forced_bos_token_id is not None and step == 0:  # only then can a row hold one
             logits = force_token(logits, lengths == 1, [self.forced_bos_token_id])
-        if self.forced_eos_token_id is not None and step == max_new_tokens - 1:
-            forced = self.forced_eos_token_id
+        forced = self.forced_eos_token_id
+        last = step == max_new_tokens - 1  # a bool, or (B,) with each row's limit
+        if forced is not None and (bool(last.any()) if isinstance(last, Tensor) else last):
             ids = [forced] if isinstance(forced, int) else list(forced)
-            logits = force_token(logits, torch.ones_like(lengths, dtype=torch.bool), ids)
+            rows = torch.as_tensor(last, device=logits.device).expand(lengths.shape)
+            logits = force_token(logits, rows, ids)
         return logits
 
 
