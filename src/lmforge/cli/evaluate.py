@@ -158,8 +158,9 @@ def generate_cmd(
     sampling = {} if asked else checkpoint_sampling(lm.path)
     given = {**sampling, **{k: v for k, v in given.items() if v is not None}}
     # unset options stay unset: EvalModel.settings_for fills them from the checkpoint
-    settings = validate(GenerationSettings, given, where="generate")
-    print_checkpoint_settings(lm, settings, sampling)
+    asked_settings = validate(GenerationSettings, given, where="generate")
+    settings = lm.settings_for(asked_settings)  # once: its warnings print once
+    print_checkpoint_settings(lm, asked_settings, settings, sampling)
     if draft_model is not None:
         from lmforge.evals.speculative import speculative_sample
 
@@ -183,10 +184,11 @@ def generate_cmd(
         console().print(f"[green]✓[/green] {len(rows)} answers: {out}")
 
 
-def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) -> None:
+def print_checkpoint_settings(lm: Any, asked: Any, settings: Any, sampling: dict[str, Any]) -> None:
     """One line naming the decoding settings taken from lm's checkpoint (sampling: those of
     generation_defaults.checkpoint_sampling that no option replaced), if any; and one when its
-    num_beams goes unused because it samples (transformers' beam sampling, not implemented)."""
+    num_beams goes unused because it samples (transformers' beam sampling, not implemented).
+    asked: the options given; settings: lm.settings_for(asked)."""
     from lmforge.model.generation_defaults import sampling_defaults
 
     written = sampling_defaults(lm.path)
@@ -195,7 +197,7 @@ def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) 
         for k, v in sampling.items()
         if getattr(settings, k) == v  # not replaced by an option
     ]
-    record = lm.checkpoint_record(settings, sampling_applied=True)
+    record = lm.checkpoint_record(asked, settings, sampling_applied=True)
     taken += [f"{k}={v}" for k, v in record["used"].items()]
     if taken:
         hint = "; --greedy to decode greedily" if sampling else ""
@@ -208,7 +210,7 @@ def print_checkpoint_settings(lm: Any, settings: Any, sampling: dict[str, Any]) 
         sampling
         and settings.temperature > 0
         and beams > 1
-        and "num_beams" not in settings.model_fields_set
+        and "num_beams" not in asked.model_fields_set
     ):
         console().print(
             f"the checkpoint's num_beams={beams} with do_sample is transformers' beam sampling, "

@@ -29,6 +29,7 @@ from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.model.compiled_decode import DecodeCompile, compile_field
 from lmforge.model.generation_defaults import (
     checkpoint_generation_keys,
+    eval_leaves_out,
     read_generation_defaults,
     unapplied_keys,
     warn_not_applied,
@@ -129,7 +130,13 @@ class EvalModel:
     generation are the family's (self.scorer, chosen from config.json by evals.scoring)."""
 
     def __init__(
-        self, name: str, path: Path, model: torch.nn.Module, files: TokenizerFiles
+        self,
+        name: str,
+        path: Path,
+        model: torch.nn.Module,
+        files: TokenizerFiles,
+        *,
+        checkpoint_max_length: bool = True,
     ) -> None:
         self.name = name
         self.path = Path(path)
@@ -155,22 +162,34 @@ class EvalModel:
         self.generation_defaults = read_generation_defaults(
             self.path, self.scorer.kind == "seq2seq"
         )
+        # the eval stage (checkpoint_max_length=False) leaves a decoder's max_length out
+        self.left_out = {} if checkpoint_max_length else eval_leaves_out(self.generation_defaults)
         self.sets_max_new_tokens = "max_new_tokens" in checkpoint_generation_keys(self.path)
         warn_not_applied(self.path)
 
     @classmethod
     def load(
-        cls, path: Path | str, name: str | None = None, device: str = "cpu", quantized: str = "keep"
+        cls,
+        path: Path | str,
+        name: str | None = None,
+        device: str = "cpu",
+        quantized: str = "keep",
+        checkpoint_max_length: bool = True,
     ) -> EvalModel:
         """Loads model + tokenizer from a directory written by lmforge or save_pretrained
-        (a quantized one kept quantized unless quantized="dequantize": load_pretrained)."""
+        (a quantized one kept quantized unless quantized="dequantize": load_pretrained);
+        checkpoint_max_length=False: a decoder's max_length in its generation_config is not
+        applied but recorded as ignored (the eval stage: generation_defaults.eval_leaves_out)."""
         from lmforge.model.convert import load_pretrained, model_display_name, resolve_model_dir
 
         model_dir = resolve_model_dir(Path(path))
         require_artifact(model_dir, ["config.json", "tokenizer.json"], hint=MODEL_HINT)
         tok = TokenizerFiles.load(model_dir)
         model = load_pretrained(model_dir, device=device, quantized=quantized)
-        return cls(name or model_display_name(model_dir), model_dir, model, tok)
+        return cls(
+            name or model_display_name(model_dir), model_dir, model, tok,
+            checkpoint_max_length=checkpoint_max_length,
+        )  # fmt: skip
 
     # -- text <-> ids --------------------------------------------------------------------------
 
@@ -281,18 +300,21 @@ class EvalModel:
         return settings
 
     def checkpoint_record(
-        self, settings: GenerationSettings, *, sampling_applied: bool = False
+        self,
+        settings: GenerationSettings,
+        resolved: GenerationSettings,
+        *,
+        sampling_applied: bool = False,
     ) -> dict[str, dict[str, Any]]:
         """What decoding with settings takes from the checkpoint: "used", the fields settings_for
-        fills from it, and "ignored", its keys left out (generation_defaults.unapplied_keys:
-        its do_sample and sampling keys too unless sampling_applied, as `lmforge generate`
-        does). Recorded beside generation metrics and printed by `lmforge generate`."""
-        resolved = self.settings_for(settings)
+        filled from it in resolved (the caller's settings_for(settings): resolving again would
+        repeat its warnings), and "ignored", its keys left out (generation_defaults.
+        unapplied_keys: its do_sample and sampling keys too unless sampling_applied, as `lmforge
+        generate` does; and the eval stage's self.left_out). Recorded beside generation metrics
+        and printed by `lmforge generate`."""
         taken = resolved.model_fields_set - settings.model_fields_set
-        return {
-            "used": {k: getattr(resolved, k) for k in sorted(taken)},
-            "ignored": unapplied_keys(self.path, sampling_applied=sampling_applied),
-        }
+        ignored = unapplied_keys(self.path, sampling_applied=sampling_applied) | self.left_out
+        return {"used": {k: getattr(resolved, k) for k in sorted(taken)}, "ignored": ignored}
 
     def generate(self, prompt: str, settings: GenerationSettings, chat: bool = False) -> str:
         """The model's continuation of prompt: generate_batch() for one prompt."""

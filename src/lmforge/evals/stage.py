@@ -35,7 +35,12 @@ from lmforge.evals.metrics import plot_confusion
 from lmforge.evals.task_format import TaskResult, TaskSpec
 from lmforge.evals.tasks import TASK_TYPES, load_task, run_task
 from lmforge.model.convert import model_display_name, resolve_model_dir
-from lmforge.model.generation_defaults import defaults_left_unset, unapplied_keys
+from lmforge.model.generation_defaults import (
+    defaults_left_unset,
+    eval_leaves_out,
+    read_generation_defaults,
+    unapplied_keys,
+)
 
 
 class ModelRef(Section):
@@ -97,9 +102,12 @@ class EvalConfig(StageConfig):
         (EvalModel.settings_for applies them), so that neither a result cached before lmforge
         read them nor one with those fields given (at their default value they hash as unset)
         is reused; and the checkpoint keys eval leaves out (do_sample and its sampling keys:
-        eval decodes as its settings say), which change no output but are recorded in
-        eval.json, so a result cached before that record is not reused. None for our own models
-        (they set none): their cached results stay valid."""
+        eval decodes as its settings say; a decoder's max_length: eval_leaves_out), recorded in
+        eval.json, so a result cached before that record (or before eval left max_length out)
+        is not reused. None for our own models (they set none): their cached results stay
+        valid."""
+        from lmforge.serve.seq2seq_engine import is_encoder_decoder
+
         given = [
             (spec.generation or self.generation).model_fields_set
             for spec in self.task_specs()
@@ -108,14 +116,18 @@ class EvalConfig(StageConfig):
         versions = {}
         for ref in self.model_refs() if given else []:
             model_dir = resolve_model_dir(ref.path)
+            defaults = read_generation_defaults(model_dir, is_encoder_decoder(model_dir))
+            left_out = eval_leaves_out(defaults)
             unset = {
-                k: v for fields in given for k, v in defaults_left_unset(model_dir, fields).items()
+                k: v
+                for fields in given
+                for k, v in defaults_left_unset(model_dir, fields, left_out.keys()).items()
             }
             if unset:
                 versions[f"generation_defaults:{model_dir.resolve()}"] = json.dumps(
                     unset, sort_keys=True
                 )
-            if ignored := unapplied_keys(model_dir, sampling_applied=False):
+            if ignored := unapplied_keys(model_dir, sampling_applied=False) | left_out:
                 versions[f"generation_ignored:{model_dir.resolve()}"] = json.dumps(
                     ignored, sort_keys=True
                 )
@@ -146,7 +158,9 @@ def build(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
     models_info, errors, generations = [], [], []
     plots = ctx.out / "plots"
     for ref in refs:
-        model = EvalModel.load(ref.path, name=ref.name, device=cfg.device)
+        model = EvalModel.load(
+            ref.path, name=ref.name, device=cfg.device, checkpoint_max_length=False
+        )  # a decoder's max_length is the context: eval's max_new_tokens stands
         models_info.append({"name": ref.name, "path": str(model.path),
                             "params": model.num_params(), "family": model.scorer.kind,
                             "scoring": model.scorer.scoring})  # fmt: skip

@@ -47,8 +47,9 @@ def run_perplexity(model: EvalModel, spec: TaskSpec, _: GenerationSettings) -> T
 
 
 def run_generation(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> TaskResult:
-    checkpoint = model.checkpoint_record(spec.generation or settings)  # sampling keys: ignored
-    settings = model.settings_for(spec.generation or settings)  # recorded as generated
+    given = spec.generation or settings
+    settings = model.settings_for(given)  # recorded as generated
+    checkpoint = model.checkpoint_record(given, settings)  # sampling keys: ignored
     rows = load_examples(spec)
     prompts = [task_prompt(spec, r) for r in rows]
     refs = [str(r["reference"]) for r in rows]

@@ -285,7 +285,7 @@ def beam_generate_batched(
         n = batch_budget(max_new_tokens, max_length, ids.size(1))
         return beam_generate(model, ids, n, beams, pad_mask=pad_mask, stop_tokens=stop_tokens)
 
-    one_length = max_length is not None
+    one_length = None if max_length is None else 0  # one budget a batch: one prompt length
     return in_length_batches(prompts, one_batch, batch_size, None, device, {}, one_length)
 
 

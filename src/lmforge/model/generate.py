@@ -12,7 +12,6 @@ or Gumbel-max from one generator per row when a prompt's sample must not depend 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import groupby
 from typing import Any
 
 import torch
@@ -225,6 +224,7 @@ def generate(
     use_cache: bool = True,
     compile: str = "off",
     rules: LogitsRules = NO_RULES,
+    row_budgets: Sequence[int] | None = None,
 ) -> Tensor:
     """Continue each row of idx (B, T); returns (B, T + n), n <= max_new_tokens.
 
@@ -237,6 +237,9 @@ def generate(
     compile: off | on | auto (on for CUDA only): decoding steps (not the prefill) run
     torch.compile'd on fixed shapes, model/compiled_decode.py; the same tokens up to rounding.
     rules: a checkpoint's n-gram, minimum-length and forced-token rules (model/logits_rules.py).
+    row_budgets (B,): each row's own new-token limit (<= max_new_tokens), as if it ran alone
+    with it: the row ends there as at a stop (out[i, T + row_budgets[i]:] is not its own) and
+    a forced eos comes at its own last step.
     """
     _check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = idx.shape
@@ -247,6 +250,8 @@ def generate(
         repetition_penalty=repetition_penalty, greedy=greedy, generator=generator,
     )  # fmt: skip
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+    budgets = None if row_budgets is None else torch.tensor(row_budgets, device=idx.device)
+    limits = max_new_tokens if budgets is None else budgets  # where each row's last step is
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     pad = torch.zeros(B, dtype=torch.long, device=idx.device)  # each finished row's stop token
     ones = torch.ones((B, 1), dtype=torch.long, device=idx.device)
@@ -260,7 +265,7 @@ def generate(
         logits = last_logits(model, idx, kv_cache=cache, pad_mask=mask)  # (B, V)
         fixed = FixedShapeSteps(model, cache, mask, T) if compiled else None
         for step in range(max_new_tokens):
-            logits = rules.apply(logits, out, mask, step, max_new_tokens, stop_tokens)
+            logits = rules.apply(logits, out, mask, step, limits, stop_tokens)
             nxt = sample_next(logits, out, history_mask=mask, **sampling)  # (B,)
             nxt = torch.where(finished, pad, nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
@@ -269,8 +274,10 @@ def generate(
                 hit = torch.isin(nxt, stops) & ~finished
                 pad = torch.where(hit, nxt, pad)
                 finished |= hit
-                if bool(finished.all()):
-                    break
+            if budgets is not None:
+                finished |= budgets <= step + 1
+            if (len(stops) or budgets is not None) and bool(finished.all()):
+                break
             if step + 1 == max_new_tokens:
                 break
             if fixed is not None:
@@ -339,25 +346,29 @@ def generate_batched(
     lengths: rerunning with another batch size reproduces them. seed and a sampling generator
     are exclusive (ConfigError): see in_length_batches. max_length: transformers' max_length,
     the prompt included: a prompt then gets at most max_length - its length new tokens
-    (batch_budget).
+    (batch_budget), its own budget in a batch of varied lengths (generate's row_budgets); a
+    batch's lengths span at most block_size - max_length, so that its longest prompt and its
+    shortest prompt's budget fit the model's positions.
     """
     device = next(model.parameters()).device
 
     def one_batch(rows: list[Sequence[int]], batch_sampling: dict[str, Any]) -> list[list[int]]:
         ids, pad_mask = left_pad(rows, device=device)
-        n = batch_budget(max_new_tokens, max_length, ids.size(1))
-        out = generate(model, ids, n, pad_mask=pad_mask, stop_tokens=stop_tokens, **batch_sampling)
-        return new_tokens(out, ids.size(1), stop_tokens)
+        budgets = [batch_budget(max_new_tokens, max_length, len(row)) for row in rows]
+        out = generate(
+            model, ids, max(budgets), pad_mask=pad_mask, stop_tokens=stop_tokens,
+            row_budgets=None if max_length is None else budgets, **batch_sampling,
+        )  # fmt: skip
+        new = new_tokens(out, ids.size(1), stop_tokens)
+        return [row[:budget] for row, budget in zip(new, budgets, strict=True)]
 
-    one_length = max_length is not None
-    return in_length_batches(prompts, one_batch, batch_size, seed, device, sampling, one_length)
+    span = None if max_length is None else max(model.config.block_size - max_length, 0)
+    return in_length_batches(prompts, one_batch, batch_size, seed, device, sampling, span)
 
 
 def batch_budget(max_new_tokens: int, max_length: int | None, prompt_len: int) -> int:
-    """The new tokens a batch of prompt_len-token prompts gets: max_new_tokens, and with a
-    max_length (prompt included, as transformers counts it) at most max_length - prompt_len.
-    Under a max_length every prompt of a batch has one length (in_length_batches' one_length),
-    so each gets exactly what it would alone."""
+    """The new tokens a prompt_len-token prompt gets: max_new_tokens, and with a max_length
+    (prompt included, as transformers counts it) at most max_length - prompt_len."""
     if max_length is None:
         return max_new_tokens
     if prompt_len >= max_length:
@@ -375,11 +386,11 @@ def in_length_batches(
     seed: int | None,
     device: torch.device | str,
     sampling: dict[str, Any],
-    one_length: bool = False,
+    max_span: int | None = None,
 ) -> list[list[int]]:
     """run_batch(rows of one batch, sampling) over batch_size rows at a time, shortest first;
     results in the rows' order. The loop of generate_batched and generate_seq2seq_batched.
-    one_length: a batch holds rows of one length only (a budget that depends on the length).
+    max_span: length_sorted_batches'.
 
     seed gives row i its own generator seeded by (seed, i), so a row's sample does not depend on
     batch_size or its batch-mates. seed and sampling["generator"] are two ways to say where the
@@ -396,7 +407,7 @@ def in_length_batches(
             "each needs at least one token: drop them, or start them with a bos token"
         )
     results: list[list[int]] = [[] for _ in rows]
-    for chunk in length_sorted_batches(rows, batch_size, one_length):
+    for chunk in length_sorted_batches(rows, batch_size, max_span):
         batch_sampling = dict(sampling)
         if seed is not None:
             batch_sampling["generator"] = [
@@ -409,17 +420,20 @@ def in_length_batches(
 
 
 def length_sorted_batches(
-    prompts: Sequence[Sequence[int]], batch_size: int, one_length: bool = False
+    prompts: Sequence[Sequence[int]], batch_size: int, max_span: int | None = None
 ) -> list[list[int]]:
     """Indices of prompts in batches of batch_size, shortest first, so a batch pads little;
-    one_length: a batch also ends where the prompts' length changes."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    runs = groupby(order, key=lambda i: len(prompts[i])) if one_length else [(0, order)]
-    return [
-        run[lo : lo + batch_size]
-        for run in (list(indices) for _, indices in runs)
-        for lo in range(0, len(run), batch_size)
-    ]
+    max_span: a batch's longest prompt is at most this much longer than its shortest (0: one
+    length a batch; None: any)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        last = batches[-1] if batches else []
+        span = len(prompts[i]) - len(prompts[last[0]]) if last else 0
+        if last and len(last) < batch_size and (max_span is None or span <= max_span):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def row_seed(seed: int, index: int) -> int:

@@ -144,13 +144,25 @@ def read_generation_defaults(model_dir: Path | str, is_encoder_decoder: bool) ->
     return found
 
 
-def defaults_left_unset(model_dir: Path | str, given: AbstractSet[str]) -> dict[str, Any]:
+def eval_leaves_out(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Pops from read_generation_defaults' result the key the eval stage does not apply and
+    returns it ({} or {"max_length": n}): a decoder's max_length. Llama-2-style checkpoints set
+    it to the whole context (4096), which would replace eval's own max_new_tokens with a budget
+    of the context less the prompt; lm-evaluation-harness ignores it too. `lmforge generate` and
+    serve follow it, as transformers does (an encoder-decoder's became max_new_tokens: kept)."""
+    return {"max_length": defaults.pop("max_length")} if "max_length" in defaults else {}
+
+
+def defaults_left_unset(
+    model_dir: Path | str, given: AbstractSet[str], left_out: AbstractSet[str] = frozenset()
+) -> dict[str, Any]:
     """The checkpoint's decoding keys (checkpoint_generation_keys) that settings giving the
     fields `given` leave to it, max_length counting as max_new_tokens: what a cache key must
     hold, since a field given at its default value hashes like one left unset. A superset of
     what settings_for applies (it also drops num_beams when sampling, min_length under
-    min_new_tokens): an extra key costs a rerun, a missing one would reuse a stale result."""
+    min_new_tokens): an extra key costs a rerun, a missing one would reuse a stale result.
+    Keys in left_out (eval_leaves_out's) are not applied: they are keyed as ignored instead."""
     found = checkpoint_generation_keys(model_dir)
     if "max_new_tokens" in given:
         found.pop("max_length", None)
-    return {k: v for k, v in found.items() if k not in given}
+    return {k: v for k, v in found.items() if k not in given and k not in left_out}

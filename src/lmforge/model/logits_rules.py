@@ -77,11 +77,14 @@ class LogitsRules:
         history: Tensor,
         history_mask: Tensor | None,
         step: int,
-        max_new_tokens: int,
+        max_new_tokens: int | Tensor,
         eos: Sequence[int],
     ) -> Tensor:
         """logits (B, V) for new token `step` (0-based) after history (B, T) with the rules
-        applied; history_mask (B, T) 0 at left padding; eos: the stop ids min lengths hold off."""
+        applied; history_mask (B, T) 0 at left padding; eos: the stop ids min lengths hold off;
+        max_new_tokens: the limit (or (B,) each row's) whose last step a forced eos takes.
+        logits may be written in place (the n-gram ban): pass a step's logits no one else
+        reads, and use the tensor returned."""
         if not self.active:
             return logits
         if (big := max(self.forced_ids(), default=-1)) >= logits.size(-1):
@@ -95,17 +98,19 @@ class LogitsRules:
             else history_mask.sum(dim=1)
         )  # (B,) each row's tokens so far
         if self.no_repeat_ngram_size:
-            logits = ban_repeated_ngrams(logits, history, lengths, self.no_repeat_ngram_size)
+            logits = ban_repeated_ngrams_(logits, history, lengths, self.no_repeat_ngram_size)
         min_length = 0 if self.min_new_tokens else self.min_length  # min_new_tokens wins
         if eos and (step < self.min_new_tokens or min_length):
             too_short = (lengths < min_length) | (step < self.min_new_tokens)  # (B,)
             logits = ban_tokens(logits, too_short, eos)
         if self.forced_bos_token_id is not None and step == 0:  # only then can a row hold one
             logits = force_token(logits, lengths == 1, [self.forced_bos_token_id])
-        if self.forced_eos_token_id is not None and step == max_new_tokens - 1:
-            forced = self.forced_eos_token_id
+        forced = self.forced_eos_token_id
+        last = step == max_new_tokens - 1  # a bool, or (B,) with each row's limit
+        if forced is not None and (bool(last.any()) if isinstance(last, Tensor) else last):
             ids = [forced] if isinstance(forced, int) else list(forced)
-            logits = force_token(logits, torch.ones_like(lengths, dtype=torch.bool), ids)
+            rows = torch.as_tensor(last, device=logits.device).expand(lengths.shape)
+            logits = force_token(logits, rows, ids)
         return logits
 
 
@@ -126,10 +131,11 @@ def force_token(logits: Tensor, rows: Tensor, ids: Sequence[int]) -> Tensor:
     return torch.where(rows[:, None], forced, logits)
 
 
-def ban_repeated_ngrams(logits: Tensor, history: Tensor, lengths: Tensor, n: int) -> Tensor:
-    """-inf for each token that would complete an n-gram its row has already produced; lengths
-    (B,): each row's tokens at the end of history (left padding before them). Tensor ops over
-    every window of history at once: no per-row Python loop, no device sync."""
+def ban_repeated_ngrams_(logits: Tensor, history: Tensor, lengths: Tensor, n: int) -> Tensor:
+    """logits, written in place: -inf for each token that would complete an n-gram its row has
+    already produced; lengths (B,): each row's tokens at the end of history (left padding
+    before them). Tensor ops over every window of history at once: no per-row Python loop, no
+    device sync, no (B, V) copy or mask (at 32k ids either costs more than the ban itself)."""
     T = history.size(1)
     if n > T:  # no complete n-gram yet, in any row
         return logits
@@ -138,7 +144,8 @@ def ban_repeated_ngrams(logits: Tensor, history: Tensor, lengths: Tensor, n: int
     matches = (windows[:, :, : n - 1] == prefix[:, None, :]).all(dim=-1)  # (B, W)
     starts = torch.arange(windows.size(1), device=history.device)  # (W,)
     matches &= starts[None, :] >= (T - lengths)[:, None]  # windows inside the row's own tokens
-    # -inf where a match names the token, +inf (a no-op under amin) elsewhere; only the (B, W)
-    # candidates are touched, never a (B, V) mask (one costs more than the whole ban at 32k)
+    # a match writes -inf at its token; the rest write +inf, a no-op under amin, at column 0
+    # (one cache line per row: scattered at their own tokens they cost a cache miss each)
+    cols = torch.where(matches, windows[:, :, n - 1], 0)  # (B, W)
     bans = torch.where(matches, NEG_INF, float("inf")).to(logits.dtype)  # (B, W)
-    return logits.clone().scatter_reduce_(1, windows[:, :, n - 1], bans, reduce="amin")
+    return logits.scatter_reduce_(1, cols, bans, reduce="amin")

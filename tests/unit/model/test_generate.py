@@ -272,9 +272,40 @@ def test_bad_sampling_settings_and_lengths_are_reported():
         generate(model, prompt, 200)
 
 
-def test_length_sorted_batches_end_where_the_length_changes_under_one_length():
+def test_length_sorted_batches_span_at_most_max_span():
     from lmforge.model.generate import length_sorted_batches
 
     prompts = [[1] * 3, [1] * 2, [1] * 3, [1] * 3, [1] * 2, [1]]
     assert length_sorted_batches(prompts, 2) == [[5, 1], [4, 0], [2, 3]]
-    assert length_sorted_batches(prompts, 2, one_length=True) == [[5], [1, 4], [0, 2], [3]]
+    assert length_sorted_batches(prompts, 2, max_span=0) == [[5], [1, 4], [0, 2], [3]]
+    assert length_sorted_batches(prompts, 4) == [[5, 1, 4, 0], [2, 3]]
+    assert length_sorted_batches(prompts, 4, max_span=1) == [[5, 1, 4], [0, 2, 3]]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_max_length_batches_varied_lengths_each_row_as_alone(greedy, monkeypatch):
+    """Under max_length each row stops at its own budget (max_length - its length) in a batch of
+    varied lengths: the same tokens as each prompt run alone, forced eos at its own last step."""
+    import importlib
+
+    from lmforge.model.logits_rules import LogitsRules
+
+    gen = importlib.import_module("lmforge.model.generate")  # the module, not the function
+    model = make()  # block_size 64: max_length 20 lets lengths span 44 in a batch
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (3, 9, 5, 14, 7)]
+    kw = dict(greedy=greedy, seed=None if greedy else 5, rules=LogitsRules(forced_eos_token_id=2))
+    calls = []
+    run = gen.generate
+    monkeypatch.setattr(
+        gen, "generate", lambda m, ids, *a, **k: calls.append(ids) or run(m, ids, *a, **k)
+    )
+    batched = generate_batched(model, prompts, 30, batch_size=8, max_length=20, **kw)
+    assert [c.size(0) for c in calls] == [5]  # one batch of five lengths
+    assert [len(p) + len(r) for p, r in zip(prompts, batched, strict=True)] == [20] * 5
+    assert all(r[-1] == 2 for r in batched)  # forced at each row's own last step
+    for i, (prompt, row) in enumerate(zip(prompts, batched, strict=True)):
+        alone = gen.generate(model, torch.tensor([prompt]), 20 - len(prompt), greedy=greedy,
+                             rules=kw["rules"], generator=None if greedy else [
+                                 torch.Generator().manual_seed(row_seed(5, i))])  # fmt: skip
+        assert row == alone[0, len(prompt) :].tolist(), i

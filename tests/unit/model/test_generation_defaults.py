@@ -191,11 +191,11 @@ def random_case(seed: int = 0, T: int = 12, V: int = 9):
 def test_no_repeat_ngram_equals_transformers(n):
     ids, logits = random_case()
     want = transformers.NoRepeatNGramLogitsProcessor(n)(ids, logits.clone())
-    got = LogitsRules(no_repeat_ngram_size=n).apply(logits, ids, None, 0, 5, [2])
+    got = LogitsRules(no_repeat_ngram_size=n).apply(logits.clone(), ids, None, 0, 5, [2])
     assert torch.equal(got, want) and bool(torch.isinf(got).any())
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding: row 0 is its last 8 tokens alone
-    padded = LogitsRules(no_repeat_ngram_size=n).apply(logits, ids, mask, 0, 5, [2])
+    padded = LogitsRules(no_repeat_ngram_size=n).apply(logits.clone(), ids, mask, 0, 5, [2])
     alone = transformers.NoRepeatNGramLogitsProcessor(n)(ids[:1, 4:], logits[:1].clone())
     assert torch.equal(padded[:1], alone)
 

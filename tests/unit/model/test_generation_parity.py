@@ -117,7 +117,7 @@ def test_generate_cli_refuses_length_penalty_without_beams(tmp_path, tok):
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorized_ngram_ban_equals_transformers_on_random_padded_histories(n, seed):
-    from lmforge.model.logits_rules import ban_repeated_ngrams
+    from lmforge.model.logits_rules import ban_repeated_ngrams_
 
     g = torch.Generator().manual_seed(seed)
     B, T, V = 6, 40, 11  # a small vocabulary: many repeats to ban
@@ -125,13 +125,16 @@ def test_vectorized_ngram_ban_equals_transformers_on_random_padded_histories(n, 
     ids[:, 20:30] = ids[:, 30:40].clone()  # the last n - 1 tokens seen before: a sure ban
     logits = torch.randn(B, V, generator=g)
     lengths = torch.tensor([T, T - 1, 25, n, max(n - 1, 1), 1])  # short rows: nothing to ban
-    got = ban_repeated_ngrams(logits, ids, lengths, n)
+    written = logits.clone()
+    got = ban_repeated_ngrams_(written, ids, lengths, n)
+    assert got is written  # in place: no (B, V) copy
     for row in range(B):
         alone = ids[row : row + 1, T - int(lengths[row]) :]  # the row without its left padding
         want = transformers.NoRepeatNGramLogitsProcessor(n)(alone, logits[row : row + 1].clone())
         assert torch.equal(got[row : row + 1], want), row
     assert bool(torch.isinf(got[:3]).any())  # the long rows had n-grams to ban
-    assert torch.equal(ban_repeated_ngrams(logits, ids[:, : n - 1], lengths * 0 + n - 1, n), logits)
+    short = ban_repeated_ngrams_(logits.clone(), ids[:, : n - 1], lengths * 0 + n - 1, n)
+    assert torch.equal(short, logits)
 
 
 # -- a decoder checkpoint's max_length: the prompt included, max_new_tokens wins ----------------
@@ -225,7 +228,7 @@ def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_
     gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 5}
     path, hf = tiny_llama(tmp_path, tok, gen)
     lm = EvalModel.load(path)
-    record = lm.checkpoint_record(GenerationSettings())
+    record = lm.checkpoint_record(GenerationSettings(), lm.settings_for(GenerationSettings()))
     assert record == {
         "used": {"max_new_tokens": 5},
         "ignored": {"do_sample": True, "temperature": 0.7, "top_p": 0.9},
@@ -233,7 +236,8 @@ def test_eval_decodes_as_its_settings_and_records_the_sampling_keys_ignored(tmp_
     for prompt, row in zip(PROMPTS, ours(lm, GenerationSettings()), strict=True):
         ids = lm.start(prompt)  # greedy, as transformers' generate(do_sample=False)
         assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids(), do_sample=False)
-    assert lm.checkpoint_record(GenerationSettings(max_new_tokens=3))["used"] == {}
+    three = GenerationSettings(max_new_tokens=3)
+    assert lm.checkpoint_record(three, lm.settings_for(three))["used"] == {}
     task = {"name": "g", "type": "generation", "examples": [{"prompt": "a", "reference": "b"}]}
     cfg = validate(EvalConfig, {"models": [path], "tasks": [task], "out": tmp_path / "e"})
     versions = cfg.input_versions()
@@ -275,6 +279,39 @@ def test_a_chat_fine_tunes_export_forces_its_end_of_turn_in_transformers_too(tmp
         assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids())
         assert row[-1] in (7, im_end) and (len(row) < 5 or row[-1] == im_end)
     assert max(map(len, rows)) == 5  # one answer ran to the limit: ended by the end of turn
+
+
+def test_a_plain_fine_tunes_export_forces_its_eos_in_transformers_too(tmp_path, tok):
+    """No chat template: the tuned model ends its texts with the tokenizer's eos, so a forced
+    eos naming the base's end moves there, and transformers' generate() ends on it too."""
+    from types import SimpleNamespace
+
+    from lmforge.common.io import atomic_path
+    from lmforge.finetune.export import export_model
+    from lmforge.model.convert import load_pretrained
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    gen = {"eos_token_id": 7, "forced_eos_token_id": 7, "max_new_tokens": 5}
+    path, _ = tiny_llama(tmp_path, tok, gen)  # the base ends documents with 7, forced at the limit
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    del config["chat_template"]  # a plain decoder's tokenizer: eos is its only end
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    files = TokenizerFiles.load(path)
+    assert files.chat_template is None and files.eos_id not in (None, 7)
+    ctx = SimpleNamespace(out=tmp_path / "tuned", atomic_path=atomic_path)
+    export_model(ctx, path, load_pretrained(path), files)
+    final = tmp_path / "tuned" / "final"
+    written = json.loads((final / "generation_config.json").read_text())
+    assert written["forced_eos_token_id"] == files.eos_id  # moved from the base's 7
+    lm = EvalModel.load(final)
+    assert set(lm.stop_ids()) == {7, files.eos_id}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    rows = lm.scorer.generate(PROMPTS, lm.settings_for(GenerationSettings()), False, 2)
+    for prompt, row in zip(PROMPTS, rows, strict=True):
+        ids = lm.start(prompt)
+        assert row == hf_new_ids(hf, ids, len(ids), lm.stop_ids())
+        assert len(row) < 5 or row[-1] == files.eos_id
+    assert max(map(len, rows)) == 5  # one text ran to the limit: ended by the forced eos
 
 
 def test_export_moves_a_forced_eos_only_when_it_named_the_bases_end(tmp_path, tok):
