@@ -1,37 +1,14 @@
 """The serving engine: continuous batching of generation requests on one Transformer.
 
-Requests join and leave the running batch at every decoding step. A background thread loops:
-
-1. apply aborts; admit waiting requests into the free batch slots (max_batch_size), up to
-   max_prefill_tokens prompt tokens a step, so a burst of prompts stalls decoding little; a
-   prompt longer than that budget is prefilled alone, one budget-sized chunk per step (the
-   model's start_pos + explicit causal mask), with the running batch decoding in between;
-2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
-   group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
-   a prefill is compute-bound already and padding only adds work); the leading blocks of a
-   prompt that the prefix cache holds are copied in, not recomputed (serve/prefix_cache.py, off
-   unless prefix_cache_mb); each newcomer samples its first token from the prefill logits and
-   the groups' keys/values merge into the running batch's cache in one copy (BatchCache.merge);
-3. one decoding step for the whole running batch: every row feeds its last token at start_pos=L
-   with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
-   and never attends to another row's padding;
-4. each row samples under its own SamplingParams (serve/sampling.py), detokenizes incrementally
-   (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows leave the batch
-   (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
-
-This module is the public API (start/submit/abort/stats/shutdown, the prompt checks) and the
-start and stop of the loop's thread; the loop itself and the steps it orders under one lock are
-serve/step_loop.py (StepLoop, Engine's base), which composes the parts beside it: the scheduling
-policy of steps 1-2 (serve/scheduler.py: admit, plan_prefill, prefill_groups), the forward passes
-of steps 2-3 (serve/causal_step.py, which also says why the batch is one right-aligned cache
-rather than fixed slots, with measurements), emission of step 4 (serve/emit.py), the requests'
-queue, aborts, final events and counts (serve/request_book.py), and torch's thread count
-(serve/engine_threads.py). Throughput (16 concurrent requests 5.9x one at a time through the
-engine, 5.1x generate() one at a time, one thread): benchmarks/bench_serve_engine.py.
-
-Failures stay local: an exception while prefilling retries the newcomers one by one and fails
-(finish_reason "error") only those that fail alone; one in a decoding step fails the rows of that
-step; an exception while emitting a row's token fails that row. The loop keeps serving.
+Requests join and leave the running batch at every decoding step, in a background thread whose
+loop, and the steps it orders under one lock, are serve/step_loop.py (StepLoop, Engine's base:
+admission, prefill with the prefix cache and chunked prefill, decoding, emission, failures that
+stay local). This module is what the server calls: start (the loop's thread, after compiling
+the decoding step when asked), submit (the prompt checks, the queue's limit), abort, stats,
+shutdown (drain or abort, with a timeout), token_room, and from_dir; torch's thread count is
+set once per process (serve/engine_threads.py). Throughput (16 concurrent requests 5.9x one at a
+time through the engine, 5.1x generate() one at a time, one thread):
+benchmarks/bench_serve_engine.py.
 """
 
 from __future__ import annotations

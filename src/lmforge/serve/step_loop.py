@@ -1,16 +1,33 @@
-"""The step loop of the serving engine: what its background thread does, one step at a time.
+"""The serving engine's step loop: what its background thread does, one step at a time.
 
-Each step, under the engine's one lock: apply aborts; admit waiting requests into the free batch
-slots (serve/scheduler.py: admit, up to max_prefill_tokens prompt tokens a step); prefill the
-newcomers in groups of similar length (plan_prefill, prefill_groups), the prefix cache's blocks
-copied in (serve/prefix_cache.py), a prompt over the budget a chunk a step instead
-(serve/chunked_prefill.py); one decoding step for the whole running batch (serve/causal_step.py);
-each row's token and event (serve/emit.py); finished rows leave the batch.
+1. apply aborts; admit waiting requests into the free batch slots (max_batch_size), up to
+   max_prefill_tokens prompt tokens a step, so a burst of prompts stalls decoding little; a
+   prompt longer than that budget is prefilled alone, one budget-sized chunk per step (the
+   model's start_pos + explicit causal mask), with the running batch decoding in between;
+2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
+   group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
+   a prefill is compute-bound already and padding only adds work); the leading blocks of a
+   prompt that the prefix cache holds are copied in, not recomputed (serve/prefix_cache.py, off
+   unless prefix_cache_mb); each newcomer samples its first token from the prefill logits and
+   the groups' keys/values merge into the running batch's cache in one copy (BatchCache.merge);
+3. one decoding step for the whole running batch: every row feeds its last token at start_pos=L
+   with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
+   and never attends to another row's padding;
+4. each row samples under its own SamplingParams (serve/sampling.py), detokenizes incrementally
+   (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows leave the batch
+   (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
 
-StepLoop owns the running batch (its rows and BatchCache), the request book and the lock; Engine
-(serve/engine.py) adds the public API and the thread's start and stop on top. Seq2SeqEngine
-overrides the steps that depend on the model's shape (_prefill, _prefill_forward, _decode,
-_keep, _cache_usage, _history_start): its batch is cohorts, not one cache.
+StepLoop orders these steps under one lock and owns what they share: the running batch (its rows
+and BatchCache), the request book, the prefix cache and the chunked prefills. It composes the
+parts beside it: the scheduling policy of steps 1-2 (serve/scheduler.py: admit, plan_prefill,
+prefill_groups), the forward passes of steps 2-3 (serve/causal_step.py, which also says why the
+batch is one right-aligned cache rather than fixed slots, with measurements), emission of step 4
+(serve/emit.py), and the requests' queue, aborts, final events and counts
+(serve/request_book.py). Engine (serve/engine.py) adds the public API and starts and stops the
+thread. Seq2SeqEngine overrides the steps that depend on the model's shape (_prefill,
+_prefill_forward, _history_start, _decode, _keep, _cache_usage): its batch is cohorts, each with
+its own encoder output and decoder cache, not one right-aligned cache; the loop, admission,
+emission and failure handling are shared as they are.
 
 Failures stay local: an exception while prefilling retries the newcomers one by one and fails
 (finish_reason "error") only those that fail alone; one in a decoding step fails the rows of that
