@@ -1,72 +1,37 @@
 """The serving engine: continuous batching of generation requests on one Transformer.
 
-Requests join and leave the running batch at every decoding step. A background thread loops:
-
-1. apply aborts; admit waiting requests into the free batch slots (max_batch_size), up to
-   max_prefill_tokens prompt tokens a step, so a burst of prompts stalls decoding little; a
-   prompt longer than that budget is prefilled alone, one budget-sized chunk per step (the
-   model's start_pos + explicit causal mask), with the running batch decoding in between;
-2. prefill the newcomers, those of similar length together (left-padded, one forward pass per
-   group, each group its own BatchCache; prefill_groups keeps padding under 25% of a pass, since
-   a prefill is compute-bound already and padding only adds work); the leading blocks of a
-   prompt that the prefix cache holds are copied in, not recomputed (serve/prefix_cache.py, off
-   unless prefix_cache_mb); each newcomer samples its first token from the prefill logits and
-   the groups' keys/values merge into the running batch's cache in one copy (BatchCache.merge);
-3. one decoding step for the whole running batch: every row feeds its last token at start_pos=L
-   with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
-   and never attends to another row's padding;
-4. each row samples under its own SamplingParams (serve/sampling.py), detokenizes incrementally
-   (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows leave the batch
-   (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
-
-This module is the public API (start/submit/abort/stats/shutdown) and the loop that orders the
-steps under one lock; the parts it composes live beside it: the scheduling policy of steps 1-2
-(serve/scheduler.py: admit, plan_prefill, prefill_groups), the forward passes of steps 2-3
-(serve/causal_step.py, which also says why the batch is one right-aligned cache rather than
-fixed slots, with measurements), emission of step 4 (serve/emit.py), the requests' queue,
-aborts, final events and counts (serve/request_book.py), and torch's thread count
-(serve/engine_threads.py). Throughput (16 concurrent requests 5.9x one at a time through the
-engine, 5.1x generate() one at a time, one thread): benchmarks/bench_serve_engine.py.
-
-Failures stay local: an exception while prefilling retries the newcomers one by one and fails
-(finish_reason "error") only those that fail alone; one in a decoding step fails the rows of that
-step; an exception while emitting a row's token fails that row. The loop keeps serving.
+Requests join and leave the running batch at every decoding step, in a background thread whose
+loop, and the steps it orders under one lock, are serve/step_loop.py (StepLoop, Engine's base:
+admission, prefill with the prefix cache and chunked prefill, decoding, emission, failures that
+stay local). This module is what the server calls: start (the loop's thread, after compiling
+the decoding step when asked), submit (the prompt checks, the queue's limit), abort, stats,
+shutdown (drain or abort, with a timeout), token_room, and from_dir; torch's thread count is
+set once per process (serve/engine_threads.py). Throughput (16 concurrent requests 5.9x one at a
+time through the engine, 5.1x generate() one at a time, one thread):
+benchmarks/bench_serve_engine.py.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.model.compiled_decode import use_compiled_decode
-from lmforge.serve.batch_cache import BatchCache
-from lmforge.serve.causal_step import decode_pass, prefill_pass, warm_up_compiled
-from lmforge.serve.chunked_prefill import ChunkedPrefills
-from lmforge.serve.detok import TextStream
-from lmforge.serve.emit import emit_tokens
+from lmforge.serve.causal_step import warm_up_compiled
 from lmforge.serve.engine_threads import configure_threads as _configure_threads
 from lmforge.serve.engine_types import EngineClosed, EngineStats, QueueFull
-from lmforge.serve.handle import (
-    NO_TOKEN,
-    Completion,
-    RequestHandle,
-    TokenEvent,
-    WakeBatch,
-    collect,
-)
+from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
 from lmforge.serve.model_dir import load_served_model
-from lmforge.serve.prefix_cache import PrefixCache
-from lmforge.serve.request_book import RequestBook, Row
+from lmforge.serve.request_book import Row
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults
-from lmforge.serve.sampling import SamplingParams, new_generator
-from lmforge.serve.scheduler import admit, plan_prefill, prefill_groups
+from lmforge.serve.sampling import SamplingParams
+from lmforge.serve.scheduler import prefill_groups
+from lmforge.serve.step_loop import StepLoop
 from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids, generation_config
 
@@ -76,10 +41,8 @@ __all__ = [
     "RequestHandle", "SamplingParams", "TokenEvent", "collect", "prefill_groups",
 ]  # fmt: skip
 
-log = logging.getLogger(__name__)
 
-
-class Engine:
+class Engine(StepLoop):
     """Continuous-batching generation on one model; submit() from any thread."""
 
     def __init__(
@@ -103,37 +66,24 @@ class Engine:
                 f"{max_batch_size}, {max_prefill_tokens}, {max_queue}"
             )
         _configure_threads(threads)
-        self.model = model.eval()
-        self.files = files
+        super().__init__(
+            model,
+            files,
+            max_batch_size=max_batch_size,
+            max_prefill_tokens=max_prefill_tokens,
+            compile=compile,
+            prefix_cache_mb=prefix_cache_mb,
+        )
         self.name = name
-        self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens prefilled per step
         self.max_context: int = model.config.block_size
         self.vocab_size: int = model.config.vocab_size
-        self.device = next(model.parameters()).device
-        # decoding steps through model/compiled_decode.py (off | on | auto: CUDA only)
-        self.compiled_decode = use_compiled_decode(compile, self.device)
         # the request fields a request leaves unset (serve/request_defaults.py; read by from_dir)
         self.request_defaults = request_defaults
         gen = generation_config if generation_config is not None else _default_gen(files)
         self.model_stops = frozenset(eos_ids(gen))
-        self._lock = threading.Condition()
-        self._book = RequestBook()  # waiting, active and abort-asked requests; the counts
-        self._running: list[Row] = []
-        self._cache: BatchCache | None = None
-        # prompts' leading blocks' keys/values, reused by later prompts (serve/prefix_cache.py)
-        self._prefix = PrefixCache.for_model(model, prefix_cache_mb)
-        # prompts over the budget, prefilled a chunk a step
-        self._chunked = ChunkedPrefills(self.model, self.device, max_prefill_tokens, self._prefix)
         self._closed = False
-        self._stopping = False
         self._thread: threading.Thread | None = None
-
-    @property
-    def _counts(self) -> dict[str, int]:
-        """(lock held) The all-time counts EngineStats reports (Seq2SeqEngine counts its steps)."""
-        return self._book.counts
 
     @classmethod
     def from_dir(
@@ -234,13 +184,6 @@ class Engine:
                 **self._counts,
             )
 
-    def _cache_usage(self) -> tuple[int, int]:
-        """(lock held) KV positions the running batch spans, and those allocated."""
-        cache = self._cache
-        if cache is None:
-            return 0, 0
-        return len(self._running) * cache.length, cache.rows * cache.capacity
-
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuses new requests; drain=True finishes the in-flight ones first, else aborts them.
 
@@ -262,7 +205,7 @@ class Engine:
                 self._lock.notify_all()
             thread.join()
 
-    # -- the step loop ------------------------------------------------------------------------
+    # -- the prompt checks submit runs --------------------------------------------------------
 
     def _check_ids(self, prompt: list[int]) -> None:
         if not prompt:
@@ -284,193 +227,6 @@ class Engine:
                 f"model's context of {self.max_context} tokens; shorten the prompt or lower "
                 "max_tokens"
             )
-
-    def _loop(self) -> None:
-        book = self._book
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not (book.waiting or self._running or self._chunked or self._stopping):
-                        self._lock.wait()
-                    self._apply_aborts()
-                    if self._stopping and not (book.waiting or self._running or self._chunked):
-                        return
-                    free = self.max_batch_size - len(self._running)
-                    joining = [] if self._chunked else admit(
-                        book.waiting, free, self.max_prefill_tokens, self._prefix
-                    )  # fmt: skip
-                    book.admit(joining)
-                try:
-                    if self._chunked:
-                        self._prefill_chunk()
-                    elif joining:
-                        self._prefill(joining)
-                    if self._running:
-                        self._decode()
-                except Exception as exc:  # an engine bug: fail the batch rather than hang readers
-                    log.exception("engine step failed")
-                    self._fail([*self._running, *joining, *self._chunked], exc)
-                    with self._lock:
-                        self._running, self._cache = [], None
-                        self._chunked.clear()
-
-    def _apply_aborts(self) -> None:
-        """(lock held) Drops aborted rows from the running batch."""
-        book = self._book
-        if not book.aborts:
-            return
-        keep = [i for i, r in enumerate(self._running) if r.request_id not in book.aborts]
-        for row in self._running:
-            if row.request_id in book.aborts:
-                book.finish_aborted(row)
-        for row in self._chunked.remove(book.aborts):
-            log.debug("request %s aborted during its chunked prefill", row.request_id)
-            book.finish_aborted(row)
-        book.aborts &= set(book.active)  # those still being admitted wait for the next step
-        self._keep(keep)
-
-    def _keep(self, keep: list[int]) -> None:
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[i] for i in keep]
-        if self._cache is not None:
-            self._cache.keep(keep)
-        if not self._running:
-            self._cache = None
-
-    def _prefill(self, rows: list[Row]) -> None:
-        """Prefills newcomers in groups of similar length, then merges them into the batch;
-        prompts over the budget wait in _chunked, prefilled a chunk a step."""
-        todo = [r.prompt[self._prefix.peek(r.prompt) :] for r in rows]  # what is not cached
-        whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
-        with self._prefix.holding(r.prompt for r in rows):  # each pass finds what todo counted
-            joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
-        self._chunked.extend(rows[i] for i in chunked)
-        self._join(joined)
-
-    def _join(self, joined: list[tuple[list[Row], BatchCache]]) -> None:
-        """Merges prefilled rows (and their caches) into the running batch."""
-        if not joined:
-            return
-        caches = [cache for _, cache in joined]
-        if self._cache is None:
-            self._cache = caches.pop(0)
-        if caches:
-            self._cache.merge(caches)
-        with self._lock:
-            self._running += [row for group_rows, _ in joined for row in group_rows]
-
-    def _prefill_group(self, rows: list[Row]) -> list[tuple[list[Row], BatchCache]]:
-        """One prefill pass; if it fails, one pass per row, failing only the rows that fail.
-        Returns the rows that continue, with their cache."""
-        try:
-            cache, logits = self._prefill_forward(rows)
-        except Exception as exc:  # any failure must stay inside these requests
-            if len(rows) > 1:
-                return [joined for row in rows for joined in self._prefill_group([row])]
-            log.exception("prefill of request %s failed", rows[0].request_id)
-            self._fail(rows, exc)
-            return []
-        with self._lock:
-            self._counts["prefills"] += 1
-            self._counts["prompt_tokens"] += sum(len(r.prompt) for r in rows)
-        keep = self._emit(rows, logits)
-        if not keep:
-            return []
-        cache.keep(keep)
-        return [([rows[i] for i in keep], cache)]
-
-    def _prefill_chunk(self) -> None:
-        """The next max_prefill_tokens of the first over-budget prompt; at its end the request
-        samples its first token and joins the batch. Running rows decode between chunks."""
-        row = self._chunked.rows[0]
-        try:
-            prefilled = self._chunked.step(self._start)
-            if prefilled is not None:  # the row has left _chunked: a failure must name it here
-                self._prefix.store_batch([row.prompt], prefilled[0])
-        except Exception as exc:  # this request alone fails
-            log.exception("prefill of request %s failed", row.request_id)
-            self._fail([row], exc)
-            return
-        if prefilled is None:
-            return
-        cache, logits = prefilled
-        with self._lock:
-            self._counts["prefills"] += 1
-            self._counts["prompt_tokens"] += len(row.prompt)
-        try:
-            if self._emit([row], logits):
-                self._join([([row], cache)])
-        except Exception as exc:  # it left _chunked: the loop's handler would not see it
-            self._fail([row], exc)
-            raise
-
-    def _start(self, row: Row) -> None:
-        """A request's text stream, (when sampling) its generator and (when a penalty or a rule
-        needs it) its history, at its prefill."""
-        row.stream = TextStream(self.files.tokenizer, row.params.stop)
-        if not row.params.greedy:
-            row.generator = new_generator(row.params.seed, self.device)
-        if row.params.sees_history:
-            row.history = self._history_start(row)
-
-    def _history_start(self, row: Row) -> list[int]:
-        """The tokens before the answer that the rules count: a causal model's prompt."""
-        return list(row.prompt)
-
-    def _prefill_forward(self, rows: list[Row]) -> tuple[BatchCache, Tensor]:
-        """The newcomers' prompts in one left-padded forward pass (from their prefix cache hits
-        on): their cache and next logits."""
-        prompts = [r.prompt for r in rows]
-        hits = [self._prefix.lookup(p) for p in prompts]
-        cache, logits = prefill_pass(self.model, prompts, self.device, hits)
-        self._prefix.store_batch(prompts, cache)
-        for row in rows:
-            self._start(row)
-        return cache, logits
-
-    def _decode(self) -> None:
-        """One decoding step for the whole running batch."""
-        rows, cache = self._running, self._cache
-        assert cache is not None
-        try:
-            tokens = [r.pending for r in rows]
-            logits = decode_pass(self.model, cache, tokens, self.device, self.compiled_decode)
-        except Exception as exc:  # fail this step's rows, keep serving
-            log.exception("decoding step failed for %d requests", len(rows))
-            self._fail(rows, exc)
-            with self._lock:
-                self._running, self._cache = [], None
-            return
-        with self._lock:
-            self._counts["steps"] += 1
-        self._emit(rows, logits, leave=self._keep)
-
-    def _emit(
-        self, rows: list[Row], logits: Tensor, leave: Callable[[list[int]], None] | None = None
-    ) -> list[int]:
-        """Samples each row's next token and sends its event; returns the rows that continue.
-
-        leave(keep) drops the others from the running batch, under the lock and before their
-        final events go out, so a reader that saw its request end never finds it still running.
-        The rows' asyncio readers are woken once for the whole step (WakeBatch), not per row.
-        """
-        wakes = WakeBatch()
-        try:
-            emitted = emit_tokens(rows, logits, self.files, wakes)
-            with self._lock:
-                if leave is not None:
-                    leave(emitted.keep)
-                for row, event in emitted.finals:
-                    self._book.finish(row, event)
-                self._counts["generated_tokens"] += emitted.sampled
-            return emitted.keep
-        finally:
-            wakes.send()
-
-    def _fail(self, rows: list[Row], exc: BaseException) -> None:
-        with self._lock:
-            self._book.fail(rows, exc)
 
 
 def _default_gen(files: TokenizerFiles) -> dict[str, Any]:

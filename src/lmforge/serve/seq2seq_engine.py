@@ -190,7 +190,7 @@ class Seq2SeqEngine(Engine):
 
     def _prefill(self, rows: list[Any]) -> None:
         """Encodes the newcomers in one pass and takes their first decoder step as a cohort
-        (Engine._prefill_group: a failed pass retries them one by one, each its own cohort)."""
+        (StepLoop._prefill_group: a failed pass retries them one by one, each its own cohort)."""
         joined = self._prefill_group(rows)
         with self._lock:
             self._cohorts += [cohort for _, cohort in joined]
@@ -198,7 +198,7 @@ class Seq2SeqEngine(Engine):
 
     def _prefill_forward(self, rows: list[Any]) -> tuple[_Cohort, Tensor]:
         """The newcomers' cohort and their first decoder step's logits (a _Cohort keeps rows as a
-        BatchCache does, which is all Engine._prefill_group asks of it)."""
+        BatchCache does, which is all StepLoop._prefill_group asks of it)."""
         model = self.model
         sources = [r.prompt if self.source_eos is None else
                    source_row(r.prompt, self.source_eos, self.max_context) for r in rows]  # fmt: skip

@@ -168,7 +168,7 @@ def test_a_group_keeps_the_blocks_its_step_was_planned_with(files, monkeypatch):
     """Two prompts admitted in one step, prefilled in two groups: the first group's store must
     not evict the blocks the second was counted on to reuse (its pass would run them again,
     over the step's prefill budget)."""
-    import lmforge.serve.engine as engine_module
+    import lmforge.serve.step_loop as step_loop_module
     from lmforge.serve.causal_step import prefill_pass
 
     model = _model("micro", files.vocab_size)
@@ -189,7 +189,7 @@ def test_a_group_keeps_the_blocks_its_step_was_planned_with(files, monkeypatch):
             passes.append(sum(len(p) - h.tokens for p, h in zip(prompts, hits, strict=True)))
             return prefill_pass(model, prompts, device, hits)
 
-        monkeypatch.setattr(engine_module, "prefill_pass", spy)
+        monkeypatch.setattr(step_loop_module, "prefill_pass", spy)
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1)
         handles = [engine.submit(p, params, f"{mb}-{i}") for i, p in enumerate((new, shared))]
         engine.start()  # both were waiting: admitted in its first step, two groups
