@@ -382,7 +382,9 @@ class StreamChunks:
         extra = {"sources": prep.sources} if prep.sources is not None else {}
         opening = [self.piece(j, "", None) for j in prep.jobs]
         if prep.kind == "chat":
-            opening = [{**p, "delta": {"role": "assistant", "content": ""}} for p in opening]
+            calls_only = prep.tools is not None and prep.tools.guided_functions
+            content = None if calls_only else ""  # an answer that is calls has no content
+            opening = [{**p, "delta": {"role": "assistant", "content": content}} for p in opening]
         return [self.chunk(opening, **extra)]
 
 

@@ -70,9 +70,9 @@ class ToolPlan:
         """A function's parameters schema (no parameters: the empty object)."""
         fn = next(t["function"] for t in self.tools if t["function"]["name"] == name)
         params = fn.get("parameters")
-        return {"type": "object", "properties": {}, "additionalProperties": False} if (
-            params is None
-        ) else params  # fmt: skip
+        if params is None:
+            return {"type": "object", "properties": {}, "additionalProperties": False}
+        return params
 
     @property
     def guided_functions(self) -> list[str]:
@@ -107,7 +107,7 @@ class ToolPlan:
             out["$defs"] = defs
         return out
 
-    def calls(self, text: str, reason: str | None) -> tuple[str | None, list[Call]]:
+    def calls(self, text: str) -> tuple[str | None, list[Call]]:
         """(content, calls) of a generated answer."""
         if self.mode == "named":
             return None, [(self.name, text)]  # type: ignore[list-item]
@@ -125,7 +125,7 @@ class ToolPlan:
 
     def message(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The choice's message and finish_reason for a generated answer."""
-        content, calls = self.calls(text, reason)
+        content, calls = self.calls(text)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [
@@ -189,48 +189,46 @@ class ToolStream:
 
     plan: ToolPlan
     text: list[str] = field(default_factory=list)
+    pending: str = ""  # auto: text not sent yet (trailing whitespace, a tag's possible start)
     sent: int = 0  # characters of content sent
     opened: bool = False  # named: its call's opening delta sent
     held: bool = False  # auto: a <tool_call> was seen; the rest waits for the end
 
     def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The deltas a new piece of the answer lets out now."""
         self.text.append(piece)
-        mode = self.plan.mode
-        if mode == "named":
+        if self.plan.mode == "named":
             deltas = [] if self.opened else [self._open(0, self.plan.name)]  # type: ignore[arg-type]
             self.opened = True
             return deltas + ([_args(0, piece)] if piece else [])
-        if mode == "required" or (mode == "auto" and self.held):
+        if self.plan.mode != "auto" or self.held:
             return []
-        if mode == "none":
-            return [{"content": piece}] if piece else []
-        text = "".join(self.text)
-        if TOOL_CALL_OPEN in text:
+        self.pending += piece
+        cut = self.pending.find(TOOL_CALL_OPEN)
+        if cut >= 0:
             self.held = True
-            ready = text[: text.index(TOOL_CALL_OPEN)].rstrip()
+            ready = self.pending[:cut].rstrip()
         else:
-            ready = text.rstrip()
+            ready = self.pending.rstrip()
             for k in range(len(TOOL_CALL_OPEN) - 1, 0, -1):  # a suffix that may begin the tag
                 if ready.endswith(TOOL_CALL_OPEN[:k]):
                     ready = ready[:-k].rstrip()
                     break
-        return self._content(ready)
+        self.pending = self.pending[len(ready) :]
+        self.sent += len(ready)
+        return [{"content": ready}] if ready else []
 
     def end(self, reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
         """The deltas still to send once the answer is complete, and its finish_reason."""
-        content, calls = self.plan.calls("".join(self.text), reason)
+        content, calls = self.plan.calls("".join(self.text))
         if self.plan.mode == "named":
-            return ([] if self.opened else [self._open(0, self.plan.name)]), finish_reason(  # type: ignore[arg-type]
-                calls, reason
-            )
-        deltas = self._content(content or "")
+            deltas = [] if self.opened else [self._open(0, self.plan.name)]  # type: ignore[arg-type]
+            return deltas, finish_reason(calls, reason)
+        rest = (content or "")[self.sent :]  # what was sent is a prefix of the content
+        deltas = [{"content": rest}] if rest else []
         for i, (name, arguments) in enumerate(calls):
             deltas += [self._open(i, name), _args(i, arguments)]
         return deltas, finish_reason(calls, reason)
-
-    def _content(self, ready: str) -> list[dict[str, Any]]:
-        new, self.sent = ready[self.sent :], max(self.sent, len(ready))
-        return [{"content": new}] if new else []
 
     @staticmethod
     def _open(index: int, name: str) -> dict[str, Any]:

@@ -123,6 +123,7 @@ def test_named_tool_choice_gives_one_valid_call_streamed_and_not(client, seed):
     final = streamed(client, **ask)
     assert [calls_of(c) for c in final.choices] == [calls_of(c) for c in whole.choices]
     assert [c.finish_reason for c in final.choices] == ["tool_calls"] * 2
+    assert [c.message.content for c in final.choices] == [None, None]
     for choice in final.choices:
         check_calls(choice.message.tool_calls, ["get_weather"])
 
@@ -345,3 +346,21 @@ def test_an_unusable_parameters_schema_gets_openais_schema_error(client):
         assert (body["param"], body["code"]) == ("tools", "invalid_json_schema")
     out = client.chat.completions.create(model="m", messages=CHAT, tools=bad, max_tokens=3)
     assert out.choices[0].message.content  # auto does not compile the schema: it is only shown
+
+
+def test_a_tool_set_compiles_once(serve_model_dir):
+    from lmforge.serve.protocol import ChatRequest, parse_request
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    files = TokenizerFiles.load(serve_model_dir)
+
+    def guide(messages, tools, choice="required"):
+        body = {"model": "m", "messages": messages, "tools": tools, "tool_choice": choice}
+        return parse_request(ChatRequest, body).guide(files)
+
+    first = guide(CHAT, TOOLS)
+    assert first.kind == "json_schema" and json.loads(first.spec)["items"]["anyOf"]
+    assert guide(SECOND_TURN, TOOLS).tokens is first.tokens  # same tools: the compiled guide
+    assert guide(CHAT, TOOLS[:1]).tokens is not first.tokens
+    assert json.loads(guide(CHAT, TOOLS, NAMED).spec) == WEATHER
+    assert guide(CHAT, TOOLS, "auto") is None and guide(CHAT, TOOLS, "none") is None
