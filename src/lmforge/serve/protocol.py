@@ -263,20 +263,6 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for names
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes none
-    strict: bool | None = None
-
-
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["function"]
-    function: FunctionDef
-
-
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
@@ -288,6 +274,19 @@ class NamedToolChoice(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["function"]
     function: NamedFunction
+
+
+class FunctionDef(NamedFunction):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes none
+    strict: bool | None = None
+
+
+class Tool(NamedToolChoice):
+    """A tool of the request: a function with its definition (only functions, as OpenAI)."""
+
+    function: FunctionDef
 
 
 class ChatMessage(BaseModel):
