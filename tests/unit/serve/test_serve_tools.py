@@ -54,9 +54,14 @@ CHAT = [{"role": "user", "content": "Weather in Oslo?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.fixture(scope="module")
-def tools_model_dir(tmp_path_factory):
-    """The micro chat model with room for the tool prompt (about 1,000 byte-level tokens)."""
+TAUGHT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+TAUGHT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+def micro_chat_model(tmp_path_factory, name, teach=None):
+    """A micro chat model dir with room for the tool prompt (about 600-1,000 byte-level tokens);
+    with `teach` (messages, tools, answer), trained until it writes that answer greedily."""
     import torch
 
     from lmforge.model.config import preset_config
@@ -65,23 +70,36 @@ def tools_model_dir(tmp_path_factory):
     from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
     from unit.finetune.helpers import make_tokenizer_dir
 
-    tok = make_tokenizer_dir(tmp_path_factory.mktemp("tools-tok"))
-    out = tmp_path_factory.mktemp("tools-model")
+    tok = make_tokenizer_dir(tmp_path_factory.mktemp(f"{name}-tok"))
+    out = tmp_path_factory.mktemp(name)
+    files = TokenizerFiles.load(tok)
     torch.manual_seed(0)
-    config = preset_config(
-        "micro", vocab_size=TokenizerFiles.load(tok).vocab_size, init_std=0.2, block_size=2048
-    )
-    save_pretrained(Transformer(config).eval(), out)
+    init = 0.02 if teach else 0.2  # peaky random weights vary the answers; training wants calm
+    config = preset_config("micro", vocab_size=files.vocab_size, init_std=init, block_size=2048)
+    model = Transformer(config)
+    if teach is not None:
+        messages, tools, answer = teach
+        prompt = files.encode(files.render_chat(messages, True, tools=tools))
+        ids = torch.tensor([prompt + files.encode(answer + "<|im_end|>")])
+        labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+        labels[:, : len(prompt) - 1] = -100  # the loss on the answer only
+        opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
+        for _ in range(90):  # loss ~0.02: the answer is the greedy one
+            opt.zero_grad()
+            model(ids, labels=labels).backward()
+            opt.step()
+    save_pretrained(model.eval(), out)
     copy_tokenizer_files(tok, out)
     return out
 
 
 @pytest.fixture(scope="module")
-def served(tools_model_dir, tmp_path_factory):
+def served(tmp_path_factory):
     db = tmp_path_factory.mktemp("tools") / "f.db"
-    settings = ServeSettings(
-        models=[{"name": "m", "path": tools_model_dir}], feedback_db=db, port=free_port()
-    )
+    taught = micro_chat_model(tmp_path_factory, "taught", (CHAT, TAUGHT_TOOLS, TAUGHT))
+    models = [{"name": "m", "path": micro_chat_model(tmp_path_factory, "random")},
+              {"name": "taught", "path": taught}]  # fmt: skip
+    settings = ServeSettings(models=models, feedback_db=db, port=free_port())
     with running(settings, create_app(settings)):
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="-"), db
 
@@ -172,6 +190,25 @@ def test_auto_and_none_answer_in_text_here(client):
         )
         assert out.choices[0].message.tool_calls is None
         assert out.choices[0].message.content and out.choices[0].finish_reason == "length"
+
+
+def test_auto_reads_the_calls_a_model_writes_streamed_and_not(client):
+    ask = dict(model="taught", messages=CHAT, tools=TAUGHT_TOOLS, max_tokens=120, temperature=0)
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert (whole.finish_reason, whole.message.content) == ("tool_calls", "Let me check.")
+    assert calls_of(whole) == [("get_weather", '{"city": "Oslo"}')]
+    content, deltas = "", []
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            deltas += choice.delta.tool_calls or []
+            assert "<" not in (choice.delta.content or "")  # the tag never leaks as content
+    assert content == "Let me check." and [d.function.name for d in deltas] == ["get_weather", None]
+    final = streamed(client, **ask).choices[0]
+    assert (final.finish_reason, final.message.content) == ("tool_calls", "Let me check.")
+    assert calls_of(final) == calls_of(whole)
+    plain = client.chat.completions.create(**ask, tool_choice="none").choices[0]
+    assert (plain.finish_reason, plain.message.content) == ("stop", TAUGHT)  # no parsing
 
 
 def test_greedy_cached_answers_get_new_call_ids(client):
