@@ -4,7 +4,8 @@ as OpenAI's `tool_calls`, whole or as stream deltas.
 tool_choice, as vLLM implements it:
 - "none": a plain answer (the tools are still in the prompt, as OpenAI shows them to the model);
 - "auto": free generation; Hermes `<tool_call>` blocks in the text (tokenizer/hermes_tools.py)
-  become tool calls, the text before them the content;
+  become tool calls, the text before them the content (parallel_tool_calls false: the first
+  call only; a name outside the tools is passed on, as vLLM does);
 - a named function: the answer is its arguments, guided by its `parameters` schema;
 - "required": the answer is a JSON array of {"name", "arguments"} objects, each one of the
   tools' (anyOf), at least one (exactly one with parallel_tool_calls false).
@@ -112,7 +113,8 @@ class ToolPlan:
         if self.mode == "named":
             return None, [(self.name, text)]  # type: ignore[list-item]
         if self.mode == "auto":
-            return parse_tool_calls(text)
+            content, calls = parse_tool_calls(text)
+            return content, calls if self.parallel else calls[:1]
         if self.mode == "required":
             try:
                 items = json.loads(text)

@@ -401,3 +401,30 @@ def test_a_tool_set_compiles_once(serve_model_dir):
     assert guide(CHAT, TOOLS[:1]).tokens is not first.tokens
     assert json.loads(guide(CHAT, TOOLS, NAMED).spec) == WEATHER
     assert guide(CHAT, TOOLS, "auto") is None and guide(CHAT, TOOLS, "none") is None
+
+
+def test_the_guiding_schemas():
+    bare = {"type": "function", "function": {"name": "ping"}}
+    named = ToolPlan("named", (bare,), "ping")
+    assert named.schema() == {"type": "object", "properties": {}, "additionalProperties": False}
+    one = ToolPlan("required", (TOOLS[1], bare), parallel=False).schema()
+    assert (one["type"], one["minItems"], one["maxItems"]) == ("array", 1, 1)
+    time_call, ping_call = one["items"]["anyOf"]
+    assert time_call["properties"]["name"] == {"const": "get_time"}
+    assert time_call["properties"]["arguments"]["properties"]["zone"] == {"$ref": "#/$defs/t0.zone"}
+    assert "$defs" not in time_call["properties"]["arguments"]
+    assert one["$defs"] == {"t0.zone": {"enum": ["UTC", "CET"]}}
+    assert ping_call["required"] == ["name", "arguments"]
+    jsonschema.validate([{"name": "get_time", "arguments": {"zone": "CET"}}], one)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "get_time", "arguments": {"zone": "PST"}}], one)
+    assert "maxItems" not in ToolPlan("required", (bare,)).schema()
+
+
+def test_one_call_at_most_without_parallel_tool_calls():
+    text = '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": "b"}</tool_call>'
+    message, reason = ToolPlan("auto", (), parallel=False).message(text, "stop")
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["a"]
+    assert reason == "tool_calls" and message["content"] is None
+    message, reason = ToolPlan("auto", ()).message(text, "length")
+    assert len(message["tool_calls"]) == 2 and reason == "length"  # cut: the reason stays
