@@ -140,6 +140,11 @@ class RequestPreparer:
 
     async def prepare_chat(self, req: ChatRequest) -> Prepared:
         engine = self.engine_for(req.model)
+        plan = req.tool_plan()
+        tools = list(plan.tools) if plan is not None else None
+        if plan is not None and hasattr(engine, "render_chat"):
+            raise APIError(400, f"{req.model} is a seq2seq model: it answers the last user turn "
+                           "and takes no tools", param="tools")  # fmt: skip
         messages = req.plain_messages()
         refused = False
         for m in messages:
@@ -154,11 +159,6 @@ class RequestPreparer:
             passages = await self._passages(engine, query) if query else []
             sources = [p.to_dict() for p in passages]
             messages = augment_messages(messages, passages)
-        plan = req.tool_plan()
-        tools = list(plan.tools) if plan is not None else None
-        if plan is not None and hasattr(engine, "render_chat"):
-            raise APIError(400, f"{req.model} is a seq2seq model: it answers the last user turn "
-                           "and takes no tools", param="tools")  # fmt: skip
         try:
             if hasattr(engine, "render_chat"):  # seq2seq: the user turn (+ its passages)
                 text = engine.render_chat(messages, passages=passages)

@@ -353,7 +353,7 @@ class ChatRequest(_Request):
             role = "system" if m.role == "developer" else m.role
             message: dict[str, Any] = {"role": role, "content": m.text()}
             if m.tool_calls:
-                message["tool_calls"] = [c.model_dump(exclude_unset=False) for c in m.tool_calls]
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
             if m.tool_call_id is not None:
                 message["tool_call_id"] = m.tool_call_id
             out.append(message)
