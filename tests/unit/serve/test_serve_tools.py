@@ -186,7 +186,13 @@ def test_auto_and_none_answer_in_text_here(client):
     # the random model writes no <tool_call>: both give content, no calls (auto parses them out)
     for choice in ("auto", "none"):
         out = client.chat.completions.create(
-            model="m", messages=CHAT, tools=TOOLS, tool_choice=choice, max_tokens=8, seed=0
+            model="m",
+            messages=CHAT,
+            tools=TOOLS,
+            tool_choice=choice,
+            max_tokens=8,
+            seed=0,
+            extra_body={"ignore_eos": True},
         )
         assert out.choices[0].message.tool_calls is None
         assert out.choices[0].message.content and out.choices[0].finish_reason == "length"
@@ -381,8 +387,10 @@ def test_an_unusable_parameters_schema_gets_openais_schema_error(client):
         body = err.value.body
         assert body["message"].startswith("Invalid schema for function 'f': unsupported JSON")
         assert (body["param"], body["code"]) == ("tools", "invalid_json_schema")
-    out = client.chat.completions.create(model="m", messages=CHAT, tools=bad, max_tokens=3)
-    assert out.choices[0].message.content  # auto does not compile the schema: it is only shown
+    out = client.chat.completions.create(  # auto does not compile the schema: it is only shown
+        model="m", messages=CHAT, tools=bad, max_tokens=3, seed=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].message.content and out.choices[0].finish_reason == "length"
 
 
 def test_a_tool_set_compiles_once(serve_model_dir):
