@@ -10,10 +10,13 @@ on (and vLLM's `hermes` parser reads back):
   `{"type": "function", "function": {...}}` JSON line per tool inside `<tools></tools>`;
 - an assistant turn with tool calls gets, after its text, one block per call:
   `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`;
-- a tool result is a `tool` turn: `<tool_response>\\n{content}\\n</tool_response>`.
+- a tool result is `<tool_response>\\n{content}\\n</tool_response>` in a `user` turn, the
+  results of consecutive tool messages in one turn, a line apart (as Qwen 2.5's template does).
 
-`parse_tool_calls` reads such blocks back out of generated text. Both directions live here so
-the server and fine-tuning data (a conversation rendered for training) use one format.
+Only system, user and assistant turns come out, the roles `lmforge finetune` reads, so the
+feedback store's conversations (kept in this form) export as fine-tuning data for it as they are.
+`parse_tool_calls` reads the blocks back out of generated text. Both directions live here so
+the server and fine-tuning data use one format.
 """
 
 from __future__ import annotations
@@ -83,6 +86,10 @@ def hermes_messages(messages: Sequence[Message], tools: Sequence[Message] | None
             content = assistant_text(content, calls)
         elif role == "tool":
             content = f"<tool_response>\n{content}\n</tool_response>"
+            if i and messages[i - 1]["role"] == "tool":  # one turn for consecutive results
+                out[-1]["content"] += "\n" + content
+                continue
+            role = "user"
         out.append({"role": role, "content": content})
     if tools:
         block = TOOLS_PROMPT.format(tools="\n".join(_dumps(t) for t in tools))

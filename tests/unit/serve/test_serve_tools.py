@@ -266,12 +266,36 @@ def test_a_tool_result_renders_into_the_chatml_prompt_exactly():
         "<|im_start|>user\nWeather in Oslo?<|im_end|>\n"
         '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
         '{"city": "Oslo", "unit": "c"}}\n</tool_call><|im_end|>\n'
-        '<|im_start|>tool\n<tool_response>\n{"temp": 3}\n</tool_response><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"temp": 3}\n</tool_response><|im_end|>\n'
         "<|im_start|>assistant\n"
     )
     messages, extra = template_turns(SECOND_TURN, TOOLS, CHATML_TEMPLATE)
     assert extra == {} and render_chat(messages, True) == expected
     assert hermes_messages(SECOND_TURN, TOOLS) == messages
+
+
+def test_hermes_turns_are_ones_finetune_reads():
+    from lmforge.finetune.formats import ROLES
+
+    two = {
+        "role": "assistant",
+        "content": "Both.",
+        "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+            {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+        ],
+    }
+    chat = [*SECOND_TURN, {"role": "assistant", "content": "3 C."}, {"role": "user", "content": "And?"},
+            two, {"role": "tool", "tool_call_id": "a", "content": "12:00"},
+            {"role": "tool", "tool_call_id": "b", "content": "rain"}]  # fmt: skip
+    turns = hermes_messages(chat, None)
+    assert {t["role"] for t in turns} <= set(ROLES) and len(turns) == len(chat) - 1
+    assert turns[-2]["content"] == (
+        'Both.\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+    )  # an empty arguments string is no arguments
+    assert turns[-1] == {"role": "user", "content": (
+        "<tool_response>\n12:00\n</tool_response>\n<tool_response>\nrain\n</tool_response>")}  # fmt: skip
 
 
 def test_a_template_that_reads_tools_gets_them_as_transformers_passes_them():
