@@ -24,6 +24,7 @@ from lmforge.serve.handle import NO_TOKEN
 from lmforge.serve.prepare import Job, Prepared, RequestPreparer
 from lmforge.serve.protocol import APIError, ChatRequest, CompletionRequest, now, usage
 from lmforge.serve.safety import StreamRedactor
+from lmforge.serve.tools import ToolStream, calls_tools, message_text, renew_call_ids
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class CompletionService:
             return await self._finish(prep, self._refusal(prep))
         cached = self._cache_get(prep)
         if cached is not None:
-            return await self._finish(prep, cached)
+            return await self._finish(prep, renew_call_ids(cached))
         async with aclosing(self.events(prep)) as events:
             async for job, event in events:
                 self._accept(prep, job, event)
@@ -198,6 +199,8 @@ class CompletionService:
         logprobs = job.logprobs.build() if job.logprobs is not None else None
         if prep.kind == "chat":
             message = {"role": "assistant", "content": text}
+            if calls_tools(prep) and reason != "content_filter":
+                message, reason = prep.tools.message(text, reason)  # type: ignore[union-attr]
             return {"index": job.index, "message": message, "logprobs": logprobs,
                     "finish_reason": reason}  # fmt: skip
         return {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
@@ -213,7 +216,8 @@ class CompletionService:
         if prep.sources is not None:
             out["sources"] = prep.sources
         texts = [
-            c["message"]["content"] if prep.kind == "chat" else c["text"] for c in body["choices"]
+            message_text(c["message"]) if prep.kind == "chat" else c["text"]
+            for c in body["choices"]
         ]
         await self.record(prep, texts)
         return out
@@ -227,6 +231,8 @@ class CompletionService:
         for job, text in zip(prep.jobs, texts, strict=True):
             rid = prep.response_id if job.index == 0 else f"{prep.response_id}-{job.index}"
             params = dataclasses.asdict(job.params)
+            if prep.tools is not None:
+                params.update(prep.tools.record())
             rows.append((rid, prep.model, job.prompt_text, prep.messages, text, params))
 
         def write() -> None:
@@ -256,9 +262,11 @@ class CompletionService:
             out += [sse.chunk([sse.piece(job, text, "content_filter")]) for job in prep.jobs]
             await self.record(prep, [text] * len(prep.jobs))
         else:
-            if self.state.safety is not None:
-                for job in prep.jobs:
+            for job in prep.jobs:
+                if self.state.safety is not None:
                     job.redactor = StreamRedactor(self.state.safety)
+                if calls_tools(prep):
+                    job.tool_stream = ToolStream(prep.tools)  # type: ignore[arg-type]
             sent = {job.index: 0 for job in prep.jobs}
             ended = 0  # choices whose final event has arrived
             try:
@@ -268,7 +276,7 @@ class CompletionService:
                             ended += event.finish_reason is not None
                             part = self._stream_part(prep, job, event, sent)
                             if part is not None:
-                                out.append(sse.chunk([sse.piece(job, *part)]))
+                                out += [sse.chunk([piece]) for piece in sse.pieces(job, *part)]
                         if out and ended < len(prep.jobs):  # the last ones wait for the end
                             yield "".join(out)  # one write (one socket send) for all of them
                             out.clear()
@@ -288,10 +296,18 @@ class CompletionService:
             for job in prep.jobs:
                 if job.redactor is not None:
                     self.state.metrics.safety.labels("output", job.redactor.verdict).inc()
-            await self.record(prep, ["".join(j.text) for j in prep.jobs])
+            await self.record(prep, [self._streamed_text(prep, j) for j in prep.jobs])
         if prep.include_usage:
             out.append(sse.chunk([], usage=self._usage(prep)))
         yield "".join(out) + SSE_DONE
+
+    @staticmethod
+    def _streamed_text(prep: Prepared, job: Job) -> str:
+        """A streamed choice's text as record() keeps it (tool calls: message_text)."""
+        text = "".join(job.text)
+        if job.tool_stream is None or job.finish_reason == "content_filter":
+            return text
+        return message_text(prep.tools.message(text, job.finish_reason)[0])  # type: ignore[union-attr]
 
     def _stream_part(
         self, prep: Prepared, job: Job, event: Any, sent: dict[int, int]
@@ -328,11 +344,33 @@ class StreamChunks:
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
 
-    def piece(self, job: Job, text: str, reason: str | None, lp: Any = None) -> dict[str, Any]:
+    def piece(
+        self, job: Job, text: str, reason: str | None, lp: Any = None, delta: Any = None
+    ) -> dict[str, Any]:
         if self.prep.kind == "chat":
-            delta = {"content": text} if text or reason is None else {}
+            if delta is None:
+                delta = {"content": text} if text or reason is None else {}
             return {"index": job.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
         return {"index": job.index, "text": text, "logprobs": lp, "finish_reason": reason}
+
+    def pieces(self, job: Job, text: str, reason: str | None, lp: Any) -> list[dict[str, Any]]:
+        """One event's choice pieces: one, or, for an answer that may call tools, one per delta
+        of its ToolStream (content, a call's opening, argument pieces), the logprobs on the
+        first and the finish_reason on the last; none when the deltas wait (and no lp)."""
+        stream = job.tool_stream
+        if stream is None or reason == "content_filter":
+            return [self.piece(job, text, reason, lp)]
+        deltas = stream.feed(text)
+        if reason is not None:
+            more, reason = stream.end(reason)
+            deltas += more
+        if not deltas and (reason is not None or lp):
+            deltas = [{}]
+        last = len(deltas) - 1
+        return [
+            self.piece(job, "", reason if i == last else None, lp if i == 0 else None, delta)
+            for i, delta in enumerate(deltas)
+        ]
 
     def opening(self) -> list[str]:
         """Chat's first chunk names the role; a completion with sources (a seq2seq model trained
@@ -344,7 +382,9 @@ class StreamChunks:
         extra = {"sources": prep.sources} if prep.sources is not None else {}
         opening = [self.piece(j, "", None) for j in prep.jobs]
         if prep.kind == "chat":
-            opening = [{**p, "delta": {"role": "assistant", "content": ""}} for p in opening]
+            calls_only = prep.tools is not None and prep.tools.guided_functions
+            content = None if calls_only else ""  # an answer that is calls has no content
+            opening = [{**p, "delta": {"role": "assistant", "content": content}} for p in opening]
         return [self.chunk(opening, **extra)]
 
 

@@ -24,6 +24,8 @@ from lmforge.serve.protocol import APIError, ChatRequest, CompletionRequest, Log
 from lmforge.serve.retrieval import Passage, augment_messages
 from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.seq2seq_engine import user_turn
+from lmforge.serve.tools import ToolPlan, ToolStream
+from lmforge.tokenizer.hermes_tools import hermes_messages
 
 KB_PASSAGES = 3  # passages a chat gets, unless its model was trained with another number
 
@@ -42,6 +44,7 @@ class Job:
     finish_reason: str | None = None
     logprobs: LogprobsBuilder | None = None
     redactor: Any = None  # safety.StreamRedactor for this choice's output
+    tool_stream: ToolStream | None = None  # a streamed chat answer that may call tools
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Prepared:
     cache_key: str | None = None
     stream: bool = False
     include_usage: bool = False
+    tools: ToolPlan | None = None  # chat with tools: how its answer becomes tool calls
 
 
 class RequestPreparer:
@@ -136,6 +140,11 @@ class RequestPreparer:
 
     async def prepare_chat(self, req: ChatRequest) -> Prepared:
         engine = self.engine_for(req.model)
+        plan = req.tool_plan()
+        tools = list(plan.tools) if plan is not None else None
+        if plan is not None and hasattr(engine, "render_chat"):
+            raise APIError(400, f"{req.model} is a seq2seq model: it answers the last user turn "
+                           "and takes no tools", param="tools")  # fmt: skip
         messages = req.plain_messages()
         refused = False
         for m in messages:
@@ -154,7 +163,10 @@ class RequestPreparer:
             if hasattr(engine, "render_chat"):  # seq2seq: the user turn (+ its passages)
                 text = engine.render_chat(messages, passages=passages)
             else:
-                text = engine.files.render_chat(messages, add_generation_prompt=True)
+                text = engine.files.render_chat(messages, add_generation_prompt=True, tools=tools)
+            recorded = hermes_messages(messages, tools)  # the feedback store's form (and export's)
+        except InputError as exc:  # a tool call's arguments that are not JSON
+            raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # a template may refuse a conversation (e.g. role order)
             raise APIError(
                 400, f"the chat template rejected the messages: {exc}", param="messages"
@@ -166,8 +178,8 @@ class RequestPreparer:
         prep = Prepared(
             "chat", new_id("chatcmpl"), req.model, engine,
             self._jobs(req, 0, ids, text, max_tokens, logprobs), len(ids),
-            messages=messages, sources=sources, refused=refused, stream=req.stream,
-            include_usage=req.include_usage,
+            messages=recorded, sources=sources, refused=refused, stream=req.stream,
+            include_usage=req.include_usage, tools=plan,
         )  # fmt: skip
         self._set_cache_key(prep, req)
         return prep
@@ -305,5 +317,7 @@ class RequestPreparer:
         model = self.state.model_ids[prep.model]  # name@content hash: new weights, new keys
         key = cache_key(model, prep.jobs[0].prompt_ids, prep.jobs[0].params)
         if key is not None:  # n, several prompts and the kind are part of what is asked too
-            extra = json.dumps([prep.kind, [j.prompt_ids for j in prep.jobs], prep.sources])
+            plan = prep.tools  # "none" and "auto" share prompt and params, not the answer
+            shape = None if plan is None else [plan.mode, plan.name, plan.parallel]
+            extra = json.dumps([prep.kind, [j.prompt_ids for j in prep.jobs], prep.sources, shape])
             prep.cache_key = f"{key}:{hashlib.sha256(extra.encode()).hexdigest()[:16]}"

@@ -91,6 +91,15 @@ def compile_chat_template(template: str) -> Any:
         raise InputError(f"the chat template does not compile: {exc}") from None
 
 
+@lru_cache(maxsize=32)
+def template_reads_tools(template: str) -> bool:
+    """Whether a chat template reads the `tools` variable (renders tool definitions itself)."""
+    from jinja2 import meta
+
+    compiled = compile_chat_template(template)
+    return "tools" in meta.find_undeclared_variables(compiled.environment.parse(template))
+
+
 def render_chat(
     messages: Sequence[Message],
     add_generation_prompt: bool = False,

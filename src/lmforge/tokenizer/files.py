@@ -25,6 +25,7 @@ from lmforge.tokenizer.chat import (
     render_chat,
     turn_end,
 )
+from lmforge.tokenizer.hermes_tools import template_turns
 
 # CHATML_TEMPLATE lives in chat.py; importers of it from here keep working.
 __all__ = ["CHATML_TEMPLATE", "TOKENIZER_HINT", "TokenizerFiles", "tokenizer_hash"]
@@ -240,12 +241,17 @@ class TokenizerFiles:
             )
 
     def render_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False)."""
+        """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False);
+        with `tools`, tool calls or tool turns, as hermes_tools.template_turns renders them."""
         self._require_template()
+        messages, extra = template_turns(messages, tools, self.chat_template)
         return render_chat(
-            messages, add_generation_prompt, template=self.chat_template, **self.special
+            messages, add_generation_prompt, template=self.chat_template, **extra, **self.special
         )
 
     def encode_chat(

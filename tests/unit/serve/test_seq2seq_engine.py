@@ -159,6 +159,9 @@ def test_server_gives_the_decoder_its_whole_context_whatever_the_source(s2s_dir,
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
         assert n // 2 < usage["prompt_tokens"] <= n and usage["completion_tokens"] == n - 1
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        r = client.post("/v1/chat/completions", json={**chat, "tools": tools})
+        assert r.status_code == 400 and "seq2seq model" in r.json()["error"]["message"]
 
 
 FUNCTIONS = {

@@ -171,3 +171,59 @@ def test_stop_ids_are_eos_then_the_templates_turn_end(bpe_dir: Path) -> None:
     assert files.stop_ids() == [0]
     files.chat_template = None
     assert files.turn_end_token() is None and files.stop_ids() == [0]
+
+
+# A tool-calling template in the style of Qwen 2.5's: it reads `tools` and renders tool calls and
+# results itself, so TokenizerFiles.render_chat hands it transformers' tools= and the calls.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}"
+    "{{ messages[0].content }}\n\n{% endif %}# Tools\n<tools>{% for tool in tools %}\n"
+    "{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}"
+    "<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or (m.role == 'assistant' and not m.tool_calls) %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% elif m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content or '' }}"
+    '{% for tc in m.tool_calls %}<tool_call>\n{"name": "{{ tc.function.name }}", '
+    '"arguments": {{ tc.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n'
+    "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]  # fmt: skip
+
+
+def tool_chat(arguments):
+    return [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "add", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]  # fmt: skip
+
+
+def test_a_template_that_reads_tools_renders_as_transformers_does(bpe_dir: Path, tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+    local = tmp_path / "tok"
+    local.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        (local / name).write_bytes((bpe_dir / name).read_bytes())
+    config = json.loads((bpe_dir / "tokenizer_config.json").read_text())
+    (local / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": TOOLS_TEMPLATE})
+    )
+    files = TokenizerFiles.load(local)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(local))
+    expected = theirs.apply_chat_template(
+        tool_chat({"a": 2, "b": 3}), tools=TOOLS, tokenize=False, add_generation_prompt=True
+    )  # transformers wants the arguments as an object; OpenAI sends them as JSON text
+    assert files.render_chat(tool_chat('{"a": 2, "b": 3}'), True, tools=TOOLS) == expected
+    assert '"arguments": {"a": 2, "b": 3}' in expected and '"name": "add"' in expected
+    plain = [{"role": "user", "content": "hi"}]  # no tools: as transformers, the plain turns
+    assert files.render_chat(plain, True) == theirs.apply_chat_template(
+        plain, tokenize=False, add_generation_prompt=True
+    )

@@ -1,0 +1,243 @@
+"""Tool calling for chat: what a request's tools and tool_choice ask of decoding, and the answer
+as OpenAI's `tool_calls`, whole or as stream deltas.
+
+tool_choice, as vLLM implements it:
+- "none": a plain answer (the tools are still in the prompt, as OpenAI shows them to the model);
+- "auto": free generation; Hermes `<tool_call>` blocks in the text (tokenizer/hermes_tools.py)
+  become tool calls, the text before them the content (parallel_tool_calls false: the first
+  call only; a name outside the tools is passed on, as vLLM does);
+- a named function: the answer is its arguments, guided by its `parameters` schema;
+- "required": the answer is a JSON array of {"name", "arguments"} objects, each one of the
+  tools' (anyOf), at least one (exactly one with parallel_tool_calls false).
+The guided schemas compile through constrain's GuideCompiler, which keeps compiled guides per
+schema text: a tool set used again reuses its guide. An answer with calls that ended normally has
+finish_reason "tool_calls"; one cut by max_tokens keeps "length".
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.tokenizer.hermes_tools import TOOL_CALL_OPEN, assistant_text, parse_tool_calls
+
+Call = tuple[str, str]  # (function name, arguments as JSON text)
+
+
+def call_id() -> str:
+    """An OpenAI-style tool call id: "call_" + 24 random hex digits."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _hoisted(schema: Any, prefix: str, defs: dict[str, Any]) -> Any:
+    """`schema` with its local $refs renamed under `prefix`, its definitions moved into `defs`
+    (a tool's parameters keep working inside the combined "required" schema)."""
+
+    def rename(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key in ("$defs", "definitions") and node is schema and isinstance(value, dict):
+                    continue
+                if key == "$ref" and isinstance(value, str):
+                    parts = value.split("/")
+                    if len(parts) == 3 and parts[0] == "#" and parts[1] in ("$defs", "definitions"):
+                        value = f"#/$defs/{prefix}{parts[2]}"
+                out[key] = rename(value)
+            return out
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        return node
+
+    if isinstance(schema, dict):
+        for where in ("$defs", "definitions"):
+            for name, sub in (schema.get(where) or {}).items():
+                defs[f"{prefix}{name}"] = rename(sub)
+    return rename(schema)
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """A chat request's tools (OpenAI's dicts) and what tool_choice asks of them."""
+
+    mode: str  # "none" | "auto" | "required" | "named"
+    tools: tuple[dict[str, Any], ...]
+    name: str | None = None  # the function a named tool_choice forces
+    parallel: bool = True
+
+    def parameters(self, name: str) -> Any:
+        """A function's parameters schema (no parameters: the empty object)."""
+        fn = next(t["function"] for t in self.tools if t["function"]["name"] == name)
+        params = fn.get("parameters")
+        if params is None:
+            return {"type": "object", "properties": {}, "additionalProperties": False}
+        return params
+
+    @property
+    def guided_functions(self) -> list[str]:
+        """The functions whose schemas constrain the answer (none for "none" and "auto")."""
+        if self.mode == "named":
+            return [self.name]  # type: ignore[list-item]
+        if self.mode == "required":
+            return [t["function"]["name"] for t in self.tools]
+        return []
+
+    def schema(self) -> Any:
+        """The JSON schema the answer is guided by (named and required only)."""
+        if self.mode == "named":
+            return self.parameters(self.name)  # type: ignore[arg-type]
+        defs: dict[str, Any] = {}
+        options = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": name},
+                    "arguments": _hoisted(self.parameters(name), f"t{i}.", defs),
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for i, name in enumerate(self.guided_functions)
+        ]
+        out: dict[str, Any] = {"type": "array", "items": {"anyOf": options}, "minItems": 1}
+        if not self.parallel:
+            out["maxItems"] = 1
+        if defs:
+            out["$defs"] = defs
+        return out
+
+    def calls(self, text: str) -> tuple[str | None, list[Call]]:
+        """(content, calls) of a generated answer."""
+        if self.mode == "named":
+            return None, [(self.name, text)]  # type: ignore[list-item]
+        if self.mode == "auto":
+            content, calls = parse_tool_calls(text)
+            return content, calls if self.parallel else calls[:1]
+        if self.mode == "required":
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:  # cut by max_tokens: the text as it is
+                return text, []
+            return None, [
+                (c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items
+            ]
+        return text, []
+
+    def message(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The choice's message and finish_reason for a generated answer."""
+        content, calls = self.calls(text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [
+                {"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}}
+                for n, a in calls
+            ]
+        return message, finish_reason(calls, reason)
+
+    def record(self) -> dict[str, Any]:
+        """What the feedback store's params get: the tools and the choice."""
+        return {"tools": list(self.tools), "tool_choice": self.mode, "tool_name": self.name}
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:  # named arguments cut by max_tokens: kept as written
+        return arguments
+
+
+def calls_tools(prep: Any) -> bool:
+    """Whether a prepared request's answer may be tool calls (tools, tool_choice not "none")."""
+    return prep.tools is not None and prep.tools.mode != "none"
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """An answer's message as the feedback store keeps it: in the Hermes format, so that an
+    exported conversation teaches the model the calls it made (hermes_tools.assistant_text)."""
+    calls = [
+        (c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []
+    ]
+    return assistant_text(message["content"], [(n, _json_or_text(a)) for n, a in calls])
+
+
+def finish_reason(calls: list[Call], reason: str | None) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def renew_call_ids(body: dict[str, Any]) -> dict[str, Any]:
+    """A cached response with new tool call ids (ids are unique per response)."""
+    choices = []
+    for choice in body["choices"]:
+        calls = choice.get("message", {}).get("tool_calls")
+        if calls:
+            message = {**choice["message"], "tool_calls": [{**c, "id": call_id()} for c in calls]}
+            choice = {**choice, "message": message}
+        choices.append(choice)
+    return {**body, "choices": choices}
+
+
+@dataclass
+class ToolStream:
+    """One choice's stream as OpenAI's chat deltas: content as it comes, and each tool call as an
+    opening delta ({index, id, type, function: {name, arguments: ""}}) then argument pieces.
+
+    Named: the arguments stream as generated. Auto: content streams until `<tool_call>` (a
+    suffix that may begin it, and trailing whitespace, wait); from there the text waits for the
+    end and is parsed as the whole answer is, so the stream accumulates to the same message
+    (a malformed call: the rest as content). Required: the array waits for the end.
+    """
+
+    plan: ToolPlan
+    text: list[str] = field(default_factory=list)
+    pending: str = ""  # auto: text not sent yet (trailing whitespace, a tag's possible start)
+    sent: int = 0  # characters of content sent
+    opened: bool = False  # named: its call's opening delta sent
+    held: bool = False  # auto: a <tool_call> was seen; the rest waits for the end
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The deltas a new piece of the answer lets out now."""
+        self.text.append(piece)
+        if self.plan.mode == "named":
+            deltas = [] if self.opened else [self._open(0, self.plan.name)]  # type: ignore[arg-type]
+            self.opened = True
+            return deltas + ([_args(0, piece)] if piece else [])
+        if self.plan.mode != "auto" or self.held:
+            return []
+        self.pending += piece
+        cut = self.pending.find(TOOL_CALL_OPEN)
+        if cut >= 0:
+            self.held = True
+            ready = self.pending[:cut].rstrip()
+        else:
+            ready = self.pending.rstrip()
+            for k in range(len(TOOL_CALL_OPEN) - 1, 0, -1):  # a suffix that may begin the tag
+                if ready.endswith(TOOL_CALL_OPEN[:k]):
+                    ready = ready[:-k].rstrip()
+                    break
+        self.pending = self.pending[len(ready) :]
+        self.sent += len(ready)
+        return [{"content": ready}] if ready else []
+
+    def end(self, reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """The deltas still to send once the answer is complete, and its finish_reason."""
+        content, calls = self.plan.calls("".join(self.text))
+        if self.plan.mode == "named":
+            deltas = [] if self.opened else [self._open(0, self.plan.name)]  # type: ignore[arg-type]
+            return deltas, finish_reason(calls, reason)
+        rest = (content or "")[self.sent :]  # what was sent is a prefix of the content
+        deltas = [{"content": rest}] if rest else []
+        for i, (name, arguments) in enumerate(calls):
+            deltas += [self._open(i, name), _args(i, arguments)]
+        return deltas, finish_reason(calls, reason)
+
+    @staticmethod
+    def _open(index: int, name: str) -> dict[str, Any]:
+        call = {"index": index, "id": call_id(), "type": "function",
+                "function": {"name": name, "arguments": ""}}  # fmt: skip
+        return {"tool_calls": [call]}
+
+
+def _args(index: int, piece: str) -> dict[str, Any]:
+    return {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}

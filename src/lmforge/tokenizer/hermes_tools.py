@@ -1,0 +1,151 @@
+"""Tool calling as plain chat turns, in the Hermes format, for templates that know no tools.
+
+A template that reads the `tools` variable (Qwen 2.5's, Llama 3.1's, ...) renders tool definitions,
+assistant tool calls and tool results itself, as transformers' `apply_chat_template(tools=...)`
+does. Our built-in ChatML template does not, so `hermes_messages` turns a tool conversation into
+role/content turns any template renders, in the format Hermes 2 Pro and Qwen 2.5 were fine-tuned
+on (and vLLM's `hermes` parser reads back):
+
+- the tools go into the system turn (after its text, if there is one): TOOLS_PROMPT, then one
+  `{"type": "function", "function": {...}}` JSON line per tool inside `<tools></tools>`;
+- an assistant turn with tool calls gets, after its text, one block per call:
+  `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`;
+- a tool result is `<tool_response>\\n{content}\\n</tool_response>` in a `user` turn, the
+  results of consecutive tool messages in one turn, a line apart (as Qwen 2.5's template does).
+
+Only system, user and assistant turns come out, the roles `lmforge finetune` reads, so the
+feedback store's conversations (kept in this form) export as fine-tuning data for it as they are.
+`parse_tool_calls` reads the blocks back out of generated text. Both directions live here so
+the server and fine-tuning data use one format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from lmforge.errors import InputError
+from lmforge.tokenizer.chat import template_reads_tools
+
+Message = dict[str, Any]
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+TOOLS_PROMPT = (
+    "You are a function calling AI model. You are provided with function signatures within "
+    "<tools></tools> XML tags. You may call one or more functions to assist with the user query. "
+    "Don't make assumptions about what values to plug into functions. Here are the available "
+    "tools:\n<tools>\n{tools}\n</tools>\nFor each function call, return a json object with the "
+    "function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+# a closed block, or an unclosed last one (generation stopped inside it), as vLLM's hermes parser
+_CALLS = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def call_arguments(arguments: Any, where: str) -> Any:
+    """A tool call's arguments as a JSON value: OpenAI sends them as a JSON string."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: the arguments are not JSON ({exc})") from None
+
+
+def tool_call_text(name: str, arguments: Any) -> str:
+    """One call as the model writes it."""
+    return f"{TOOL_CALL_OPEN}\n{_dumps({'name': name, 'arguments': arguments})}\n{TOOL_CALL_CLOSE}"
+
+
+def assistant_text(content: str | None, calls: Sequence[tuple[str, Any]]) -> str:
+    """An assistant turn's text: its content, then one block per (name, arguments) call."""
+    return "\n".join(([content] if content else []) + [tool_call_text(*c) for c in calls])
+
+
+def hermes_messages(messages: Sequence[Message], tools: Sequence[Message] | None) -> list[Message]:
+    """The conversation as role/content turns in the Hermes format (see the module docstring).
+    InputError names the message whose tool call arguments are not JSON."""
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m.get("content") or ""
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [
+                (
+                    c["function"]["name"],
+                    call_arguments(c["function"]["arguments"], f"messages[{i}].tool_calls[{j}]"),
+                )
+                for j, c in enumerate(m["tool_calls"])
+            ]
+            content = assistant_text(content, calls)
+        elif role == "tool":
+            content = f"<tool_response>\n{content}\n</tool_response>"
+            if i and messages[i - 1]["role"] == "tool":  # one turn for consecutive results
+                out[-1]["content"] += "\n" + content
+                continue
+            role = "user"
+        out.append({"role": role, "content": content})
+    if tools:
+        block = TOOLS_PROMPT.format(tools="\n".join(_dumps(t) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{block}" if out[0]["content"] else block
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(content, [(name, arguments JSON text)]) from generated text.
+
+    The content is the text before the first `<tool_call>` (trailing whitespace dropped; None when
+    nothing is left). As vLLM's hermes parser does, a block that is not a JSON object with a string
+    `name` (malformed, or cut off by max_tokens) makes the whole text content and no calls; a
+    call without `arguments` has `{}`.
+    """
+    start = text.find(TOOL_CALL_OPEN)
+    if start < 0:
+        return text, []
+    calls = []
+    for match in _CALLS.finditer(text):
+        body = (match.group(1) if match.group(1) is not None else match.group(2)).strip()
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError:
+            return text, []
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return text, []
+        calls.append((call["name"], _dumps(call.get("arguments", {}))))
+    return text[:start].rstrip() or None, calls
+
+
+def template_turns(
+    messages: Sequence[Message], tools: Sequence[Message] | None, template: str
+) -> tuple[list[Message], dict[str, Any]]:
+    """(messages, extra template variables) for rendering a conversation with `template`.
+
+    A template that reads `tools` gets them as transformers passes them, with each call's
+    arguments as a JSON object (as vLLM hands them over); any other gets hermes_messages.
+    A conversation without tools, tool calls or tool turns is returned as it is.
+    """
+    has_tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if not tools and not has_tool_turns:
+        return list(messages), {}
+    if not template_reads_tools(template):
+        return hermes_messages(messages, tools), {}
+    out = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": call_arguments(
+                    c["function"]["arguments"], f"messages[{i}].tool_calls[{j}]")}}
+                for j, c in enumerate(m["tool_calls"])
+            ]  # fmt: skip
+        out.append(m)
+    return out, {"tools": list(tools) if tools else None}

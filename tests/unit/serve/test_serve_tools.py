@@ -1,0 +1,462 @@
+"""Tool calling end to end: a real uvicorn on 127.0.0.1, the official openai client, a tiny random
+model. A named tool_choice gives one call whose arguments validate against the function's schema
+(several seeds, n=2, streamed and not: the stream accumulates to the same calls), "required"
+gives calls of the given tools, a tool result renders into the prompt exactly, the feedback store
+keeps the calls, and bad tool requests are 400s that say why. Auto's Hermes parsing and its
+stream are checked on strings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+pytest.importorskip("jsonschema")
+
+import jsonschema
+import openai
+
+from lmforge.serve.feedback import FeedbackStore
+from lmforge.serve.launch import free_port
+from lmforge.serve.server import create_app
+from lmforge.serve.settings import ServeSettings
+from lmforge.serve.tools import ToolPlan, ToolStream
+from lmforge.tokenizer.chat import CHATML_TEMPLATE, render_chat
+from lmforge.tokenizer.hermes_tools import hermes_messages, parse_tool_calls, template_turns
+from unit.serve.test_serve_uvicorn import running
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "unit": {"enum": ["c", "f"]},
+        "days": {"type": "integer"},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"$ref": "#/$defs/zone"}},
+    "required": ["zone"],
+    "additionalProperties": False,
+    "$defs": {"zone": {"enum": ["UTC", "CET"]}},
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]  # fmt: skip
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+CHAT = [{"role": "user", "content": "Weather in Oslo?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+TAUGHT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+TAUGHT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+def micro_chat_model(tmp_path_factory, name, teach=None):
+    """A micro chat model dir with room for the tool prompt (about 600-1,000 byte-level tokens);
+    with `teach` (messages, tools, answer), trained until it writes that answer greedily."""
+    import torch
+
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    tok = make_tokenizer_dir(tmp_path_factory.mktemp(f"{name}-tok"))
+    out = tmp_path_factory.mktemp(name)
+    files = TokenizerFiles.load(tok)
+    torch.manual_seed(0)
+    init = 0.02 if teach else 0.2  # peaky random weights vary the answers; training wants calm
+    config = preset_config("micro", vocab_size=files.vocab_size, init_std=init, block_size=2048)
+    model = Transformer(config)
+    if teach is not None:
+        messages, tools, answer = teach
+        prompt = files.encode(files.render_chat(messages, True, tools=tools))
+        ids = torch.tensor([prompt + files.encode(answer + "<|im_end|>")])
+        labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+        labels[:, : len(prompt) - 1] = -100  # the loss on the answer only
+        opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
+        for _ in range(90):  # loss ~0.02: the answer is the greedy one
+            opt.zero_grad()
+            model(ids, labels=labels).backward()
+            opt.step()
+    save_pretrained(model.eval(), out)
+    copy_tokenizer_files(tok, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    db = tmp_path_factory.mktemp("tools") / "f.db"
+    taught = micro_chat_model(tmp_path_factory, "taught", (CHAT, TAUGHT_TOOLS, TAUGHT))
+    models = [{"name": "m", "path": micro_chat_model(tmp_path_factory, "random")},
+              {"name": "taught", "path": taught}]  # fmt: skip
+    settings = ServeSettings(models=models, feedback_db=db, port=free_port())
+    with running(settings, create_app(settings)):
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="-"), db
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served[0]
+
+
+def check_calls(calls, names):
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_") and len(call.id) == 29
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def streamed(client, **ask):
+    """The openai client's own accumulation of a stream (ChatCompletionStreamState)."""
+    with client.chat.completions.stream(**ask) as stream:
+        try:
+            return stream.get_final_completion()
+        except openai.LengthFinishReasonError as exc:  # it refuses to parse a choice cut short
+            return exc.completion
+
+
+def calls_of(choice):
+    return [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_named_tool_choice_gives_one_valid_call_streamed_and_not(client, seed):
+    ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60, n=2,
+               seed=seed, temperature=1.0)  # fmt: skip
+    whole = client.chat.completions.create(**ask)
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(choice.message.tool_calls) == 1
+        check_calls(choice.message.tool_calls, ["get_weather"])
+    final = streamed(client, **ask)
+    assert [calls_of(c) for c in final.choices] == [calls_of(c) for c in whole.choices]
+    assert [c.finish_reason for c in final.choices] == ["tool_calls"] * 2
+    assert [c.message.content for c in final.choices] == [None, None]
+    for choice in final.choices:
+        check_calls(choice.message.tool_calls, ["get_weather"])
+
+
+def test_named_arguments_stream_as_pieces_after_the_opening(client):
+    ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60, seed=4)
+    deltas = []
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        deltas += [c.delta.tool_calls[0] for c in chunk.choices if c.delta.tool_calls]
+    opening, pieces = deltas[0], deltas[1:]
+    assert (opening.index, opening.function.name, opening.function.arguments) == (
+        0, "get_weather", "",
+    )  # fmt: skip
+    assert opening.id.startswith("call_") and all(p.id is None for p in pieces)
+    assert len(pieces) > 1  # token by token, not one piece at the end
+    jsonschema.validate(json.loads("".join(p.function.arguments for p in pieces)), WEATHER)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_gives_calls_of_the_tools(client, parallel):
+    names, cut = set(), 0
+    for seed in range(3):
+        ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice="required", n=2,
+                   max_tokens=300, seed=seed, parallel_tool_calls=parallel)  # fmt: skip
+        whole = client.chat.completions.create(**ask)
+        for choice in whole.choices:
+            if choice.finish_reason == "length":  # a random model may ramble in a string
+                cut += 1
+                continue
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            calls = choice.message.tool_calls
+            assert len(calls) >= 1 and (parallel or len(calls) == 1)
+            check_calls(calls, SCHEMAS)
+            names |= {c.function.name for c in calls}
+        final = streamed(client, **ask)
+        assert [calls_of(c) for c in final.choices] == [calls_of(c) for c in whole.choices]
+    assert cut <= 1 and names <= set(SCHEMAS)
+    assert len(names) == 2 or not parallel  # both tools called (seeds 1 and 2 do)
+
+
+def test_auto_and_none_answer_in_text_here(client):
+    # the random model writes no <tool_call>: both give content, no calls (auto parses them out)
+    for choice in ("auto", "none"):
+        out = client.chat.completions.create(
+            model="m",
+            messages=CHAT,
+            tools=TOOLS,
+            tool_choice=choice,
+            max_tokens=8,
+            seed=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert out.choices[0].message.tool_calls is None
+        assert out.choices[0].message.content and out.choices[0].finish_reason == "length"
+
+
+def test_auto_reads_the_calls_a_model_writes_streamed_and_not(client):
+    ask = dict(model="taught", messages=CHAT, tools=TAUGHT_TOOLS, max_tokens=120, temperature=0)
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert (whole.finish_reason, whole.message.content) == ("tool_calls", "Let me check.")
+    assert calls_of(whole) == [("get_weather", '{"city": "Oslo"}')]
+    content, deltas = "", []
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            deltas += choice.delta.tool_calls or []
+            assert "<" not in (choice.delta.content or "")  # the tag never leaks as content
+    assert content == "Let me check." and [d.function.name for d in deltas] == ["get_weather", None]
+    final = streamed(client, **ask).choices[0]
+    assert (final.finish_reason, final.message.content) == ("tool_calls", "Let me check.")
+    assert calls_of(final) == calls_of(whole)
+    plain = client.chat.completions.create(**ask, tool_choice="none").choices[0]
+    assert (plain.finish_reason, plain.message.content) == ("stop", TAUGHT)  # no parsing
+
+
+def test_greedy_cached_answers_get_new_call_ids(client):
+    ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60,
+               temperature=0)  # fmt: skip
+    first, again = (client.chat.completions.create(**ask).choices[0] for _ in range(2))
+    assert calls_of(first) == calls_of(again)
+    assert first.message.tool_calls[0].id != again.message.tool_calls[0].id
+    plain = client.chat.completions.create(**{**ask, "tool_choice": "none"}).choices[0]
+    assert plain.message.tool_calls is None  # "none" is cached apart from the named choice
+
+
+def test_the_feedback_store_keeps_the_calls_in_hermes_form(served):
+    client, db = served
+    out = client.chat.completions.create(
+        model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60, seed=9
+    )
+    call = out.choices[0].message.tool_calls[0]
+    with FeedbackStore(db) as store:
+        row = store.response(out.id)
+    args = json.dumps(json.loads(call.function.arguments), ensure_ascii=False)
+    assert (
+        row["text"] == f'<tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call>'
+    )
+    assert row["messages"][0]["role"] == "system" and "<tools>" in row["messages"][0]["content"]
+    assert row["params"]["tools"] == TOOLS and row["params"]["tool_choice"] == "named"
+
+
+SECOND_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'},
+]  # fmt: skip
+
+
+def test_a_tool_result_renders_into_the_chatml_prompt_exactly():
+    tools_line = "\n".join(json.dumps(t) for t in TOOLS)
+    expected = (
+        "<|im_start|>system\nBe brief.\n\nYou are a function calling AI model. You are provided "
+        "with function signatures within <tools></tools> XML tags. You may call one or more "
+        "functions to assist with the user query. Don't make assumptions about what values to "
+        f"plug into functions. Here are the available tools:\n<tools>\n{tools_line}\n</tools>\n"
+        "For each function call, return a json object with the function name and arguments "
+        "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nWeather in Oslo?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Oslo", "unit": "c"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"temp": 3}\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\n"
+    )
+    messages, extra = template_turns(SECOND_TURN, TOOLS, CHATML_TEMPLATE)
+    assert extra == {} and render_chat(messages, True) == expected
+    assert hermes_messages(SECOND_TURN, TOOLS) == messages
+
+
+def test_hermes_turns_are_ones_finetune_reads():
+    from lmforge.finetune.formats import ROLES
+
+    two = {
+        "role": "assistant",
+        "content": "Both.",
+        "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+            {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+        ],
+    }
+    chat = [*SECOND_TURN, {"role": "assistant", "content": "3 C."}, {"role": "user", "content": "And?"},
+            two, {"role": "tool", "tool_call_id": "a", "content": "12:00"},
+            {"role": "tool", "tool_call_id": "b", "content": "rain"}]  # fmt: skip
+    turns = hermes_messages(chat, None)
+    assert {t["role"] for t in turns} <= set(ROLES) and len(turns) == len(chat) - 1
+    assert turns[-2]["content"] == (
+        'Both.\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+    )  # an empty arguments string is no arguments
+    assert turns[-1] == {"role": "user", "content": (
+        "<tool_response>\n12:00\n</tool_response>\n<tool_response>\nrain\n</tool_response>")}  # fmt: skip
+
+
+def test_a_template_that_reads_tools_gets_them_as_transformers_passes_them():
+    template = (
+        "{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}{{ m.role }}:"
+        "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}"
+        "{% endfor %}{{ m.content or '' }};{% endfor %}"
+    )
+    messages, extra = template_turns(SECOND_TURN, TOOLS, template)
+    text = render_chat(messages, template=template, **extra)
+    assert text == (
+        '[get_weather][get_time]system:Be brief.;user:Weather in Oslo?;'
+        'assistant:get_weather{"city": "Oslo", "unit": "c"};tool:{"temp": 3};'
+    )  # fmt: skip
+
+
+def test_the_second_turn_is_served(client):
+    out = client.chat.completions.create(
+        model="m", messages=SECOND_TURN, tools=TOOLS, max_tokens=4, seed=0
+    )
+    assert out.usage.prompt_tokens > 100  # the tools and the result are in the prompt
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ("The weather is fine.", "The weather is fine.", []),
+        ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+         "</tool_call>", "Let me look.", [("get_weather", '{"city": "Oslo"}')]),
+        ('<tool_call>{"name": "a", "arguments": {"x": [1, 2]}}</tool_call>\n'
+         '<tool_call>{"name": "b"}</tool_call>', None, [("a", '{"x": [1, 2]}'), ("b", "{}")]),
+        ('<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call><tool_call>{"name": "b", '
+         '"argu', None, None),  # the second cut off: everything is content
+        ("Hm <tool_call>{name: a}</tool_call>", None, None),  # malformed JSON
+        ('<tool_call>["a", {}]</tool_call>', None, None),  # not an object with a name
+        ('<tool_call>{"name": "a", "arguments": {}}', None, [("a", "{}")]),  # unclosed, whole
+    ],
+)  # fmt: skip
+def test_auto_parses_hermes_calls(text, content, calls):
+    if calls is None:  # as vLLM: a malformed call leaves the whole text as content
+        assert parse_tool_calls(text) == (text, [])
+    else:
+        assert parse_tool_calls(text) == (content, calls)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Plain words <tool but no call>, then more.  ",
+        'Sure.\n\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}\n'
+        "</tool_call>",
+        'Oops <tool_call>{"name": "get_time", "arguments": {"zone"</tool_call> tail',
+    ],
+)
+@pytest.mark.parametrize("size", [1, 3, 7, 1000])
+def test_auto_stream_deltas_accumulate_to_the_whole_message(text, size):
+    plan = ToolPlan("auto", tuple(TOOLS))
+    whole, reason = plan.message(text, "stop")
+    stream, deltas = ToolStream(plan), []
+    for i in range(0, len(text), size):
+        deltas += stream.feed(text[i : i + size])
+    more, streamed_reason = stream.end("stop")
+    content, calls = "", {}
+    for delta in deltas + more:
+        content += delta.get("content", "")
+        for call in delta.get("tool_calls", []):
+            entry = calls.setdefault(call["index"], {"name": None, "arguments": ""})
+            entry["name"] = call["function"].get("name", entry["name"])
+            entry["arguments"] += call["function"]["arguments"]
+    assert streamed_reason == reason == ("tool_calls" if "tool_calls" in whole else "stop")
+    assert (content or None) == whole["content"]
+    expected = [c["function"] for c in whole.get("tool_calls", [])]
+    assert [calls[i] for i in sorted(calls)] == expected
+    assert not any(d.get("content", "").endswith("<") for d in deltas if "<tool" in text)
+
+
+@pytest.mark.parametrize(
+    ("ask", "param", "says"),
+    [
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+         "names the function 'nope', which is not among the tools (get_weather, get_time)"),
+        ({"tools": [{"type": "function", "function": {"description": "x"}}]},
+         "tools.0.function.name", "missing required parameter 'tools.0.function.name'"),
+        ({"tools": None, "tool_choice": "auto"}, "tool_choice",
+         "tool_choice is only allowed when tools are given"),
+        ({"response_format": {"type": "json_object"}}, "tools",
+         "tools cannot be combined with response_format"),
+        ({"tools": TOOLS + TOOLS[:1]}, "tools", "more than once"),
+        ({"messages": [{"role": "tool", "content": "3"}]}, "messages.0",
+         "needs the tool_call_id"),
+        ({"messages": [*SECOND_TURN[:2], {**SECOND_TURN[2], "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
+         "messages", "messages[2].tool_calls[0]: the arguments are not JSON"),
+    ],
+)  # fmt: skip
+def test_bad_tool_requests_are_400s_that_say_why(client, ask, param, says):
+    body = {"model": "m", "messages": CHAT, "tools": TOOLS, "max_tokens": 5, **ask}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**body)
+    assert says in err.value.body["message"] and err.value.body["param"] == param
+
+
+def test_an_unusable_parameters_schema_gets_openais_schema_error(client):
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "pattern": "^a$"}}}}}]  # fmt: skip
+    for choice in ({"type": "function", "function": {"name": "f"}}, "required"):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model="m", messages=CHAT, tools=bad, tool_choice=choice, max_tokens=5
+            )
+        body = err.value.body
+        assert body["message"].startswith("Invalid schema for function 'f': unsupported JSON")
+        assert (body["param"], body["code"]) == ("tools", "invalid_json_schema")
+    out = client.chat.completions.create(  # auto does not compile the schema: it is only shown
+        model="m", messages=CHAT, tools=bad, max_tokens=3, seed=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].message.content and out.choices[0].finish_reason == "length"
+
+
+def test_a_tool_set_compiles_once(serve_model_dir):
+    from lmforge.serve.protocol import ChatRequest, parse_request
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    files = TokenizerFiles.load(serve_model_dir)
+
+    def guide(messages, tools, choice="required"):
+        body = {"model": "m", "messages": messages, "tools": tools, "tool_choice": choice}
+        return parse_request(ChatRequest, body).guide(files)
+
+    first = guide(CHAT, TOOLS)
+    assert first.kind == "json_schema" and json.loads(first.spec)["items"]["anyOf"]
+    assert guide(SECOND_TURN, TOOLS).tokens is first.tokens  # same tools: the compiled guide
+    assert guide(CHAT, TOOLS[:1]).tokens is not first.tokens
+    assert json.loads(guide(CHAT, TOOLS, NAMED).spec) == WEATHER
+    assert guide(CHAT, TOOLS, "auto") is None and guide(CHAT, TOOLS, "none") is None
+
+
+def test_the_guiding_schemas():
+    bare = {"type": "function", "function": {"name": "ping"}}
+    named = ToolPlan("named", (bare,), "ping")
+    assert named.schema() == {"type": "object", "properties": {}, "additionalProperties": False}
+    one = ToolPlan("required", (TOOLS[1], bare), parallel=False).schema()
+    assert (one["type"], one["minItems"], one["maxItems"]) == ("array", 1, 1)
+    time_call, ping_call = one["items"]["anyOf"]
+    assert time_call["properties"]["name"] == {"const": "get_time"}
+    assert time_call["properties"]["arguments"]["properties"]["zone"] == {"$ref": "#/$defs/t0.zone"}
+    assert "$defs" not in time_call["properties"]["arguments"]
+    assert one["$defs"] == {"t0.zone": {"enum": ["UTC", "CET"]}}
+    assert ping_call["required"] == ["name", "arguments"]
+    jsonschema.validate([{"name": "get_time", "arguments": {"zone": "CET"}}], one)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "get_time", "arguments": {"zone": "PST"}}], one)
+    assert "maxItems" not in ToolPlan("required", (bare,)).schema()
+
+
+def test_one_call_at_most_without_parallel_tool_calls():
+    text = '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": "b"}</tool_call>'
+    message, reason = ToolPlan("auto", (), parallel=False).message(text, "stop")
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["a"]
+    assert reason == "tool_calls" and message["content"] is None
+    message, reason = ToolPlan("auto", ()).message(text, "length")
+    assert len(message["tool_calls"]) == 2 and reason == "length"  # cut: the reason stays
