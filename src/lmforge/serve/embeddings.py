@@ -84,17 +84,24 @@ class Embedder:
                 self._thread.start()
 
     def submit(self, ids: list[int]) -> Future:
-        """A Future of the input's vector (C,) float32 on the CPU; QueueFull past max_queue
-        waiting inputs, EngineClosed once shut down."""
-        future: Future = Future()
+        """A Future of the input's vector (C,) float32 on the CPU (submit_many of one)."""
+        return self.submit_many([ids])[0]
+
+    def submit_many(self, rows: list[list[int]]) -> list[Future]:
+        """Futures of the rows' vectors, queued all or none: QueueFull when max_queue inputs
+        would be passed (a request larger than max_queue still goes into an empty queue, so
+        one of OpenAI's 2048-input requests is not refused forever), EngineClosed once shut
+        down."""
+        futures: list[Future] = [Future() for _ in rows]
         with self._lock:
             if self._closed:
                 raise EngineClosed(f"embedder {self.name!r} is shut down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"embedder {self.name!r}: {self.max_queue} inputs waiting")
-            self._waiting.append((ids, future))
+            if self._waiting and len(self._waiting) + len(rows) > self.max_queue:
+                raise QueueFull(f"embedder {self.name!r}: {len(self._waiting)} inputs waiting, "
+                                f"{len(rows)} more would pass {self.max_queue}")  # fmt: skip
+            self._waiting.extend(zip(rows, futures, strict=True))
             self._lock.notify()
-        return future
+        return futures
 
     def queue_depth(self) -> int:
         with self._lock:
@@ -130,37 +137,49 @@ class Embedder:
                 n = min(len(self._waiting), self.max_batch_size)
                 taken = [self._waiting.popleft() for _ in range(n)]
             taken = [(ids, f) for ids, f in taken if f.set_running_or_notify_cancel()]
-            if not taken:
-                continue
-            try:
-                vectors = self.embed([ids for ids, _ in taken])
-            except Exception as exc:  # the requests get the error; the thread serves the next
-                log.exception("embedder %s: a batch of %d failed", self.name, len(taken))
-                for _, future in taken:
-                    future.set_exception(exc)
-                continue
-            for (_, future), vector in zip(taken, vectors, strict=True):
-                future.set_result(vector)
+            rows = [ids for ids, _ in taken]
+            for batch in self._batches(rows):
+                self._run([taken[i] for i in batch])
 
-    @torch.inference_mode()
-    def embed(self, rows: list[list[int]]) -> list[Tensor]:
-        """The vectors of rows (each non-empty, within the context), in order: sorted by length
-        and run in batches of at most max_batch_tokens padded tokens."""
+    def _run(self, batch: list[tuple[list[int], Future]]) -> None:
+        """One forward's futures answered: their vectors, or its error (only this batch's
+        inputs get it; the thread goes on with the next)."""
+        try:
+            vectors = self._forward([ids for ids, _ in batch])
+        except Exception as exc:
+            log.exception("embedder %s: a batch of %d inputs failed", self.name, len(batch))
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for (_, future), vector in zip(batch, vectors, strict=True):
+            future.set_result(vector)
+
+    def _batches(self, rows: list[list[int]]) -> list[list[int]]:
+        """The rows' indices sorted by length and cut into batches of at most max_batch_tokens
+        padded tokens (B * the longest), so a batch's activations stay bounded; attention's
+        scores still grow with the longest row squared."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        out: list[Tensor | None] = [None] * len(rows)
-        start = 0
+        batches, start = [], 0
         while start < len(order):
             end = start + 1  # sorted: the batch's last row is its longest
             while end < len(order) and len(rows[order[end]]) * (end - start + 1) <= (
                 self.max_batch_tokens
             ):
                 end += 1
-            batch = order[start:end]
+            batches.append(order[start:end])
+            start = end
+        return batches
+
+    def embed(self, rows: list[list[int]]) -> list[Tensor]:
+        """The vectors of rows (each non-empty, within the context), in order, on the calling
+        thread: run in the batches _batches plans."""
+        out: list[Tensor | None] = [None] * len(rows)
+        for batch in self._batches(rows):
             for i, vector in zip(batch, self._forward([rows[i] for i in batch]), strict=True):
                 out[i] = vector
-            start = end
         return out  # type: ignore[return-value]
 
+    @torch.inference_mode()
     def _forward(self, rows: list[list[int]]) -> Tensor:
         """(B, C) pooled (and normalised) float32 vectors on the CPU of right-padded rows."""
         T = max(len(r) for r in rows)

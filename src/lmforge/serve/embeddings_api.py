@@ -102,9 +102,8 @@ async def embed_rows(embedder: Any, rows: list[list[int]], timeout: float) -> li
     """The rows' vectors (float32) from the embedder's batcher; 429 when its queue is full, 503
     when it is shut down, 504 past `timeout` seconds (the inputs not started are cancelled)."""
     futures = []
-    try:
-        for ids in rows:
-            futures.append(asyncio.wrap_future(embedder.submit(ids)))
+    try:  # the request's inputs queue together or not at all
+        futures = [asyncio.wrap_future(f) for f in embedder.submit_many(rows)]
         vectors = await asyncio.wait_for(asyncio.gather(*futures), timeout)
     except QueueFull:
         raise APIError(429, "the server is busy (embedding queue full); retry shortly",

@@ -329,3 +329,41 @@ def test_embed_flags_reach_the_settings(tmp_path, monkeypatch):
         app, ["serve", "--model", str(tmp_path / "m"), "--embed-pooling", "max"]
     )
     assert result.exit_code != 0 and "embed_pooling" in str(result.exception or result.output)
+
+
+def test_a_failing_forward_fails_only_its_batch(encoder_dir):
+    files = TokenizerFiles.load(encoder_dir)
+    embedder = Embedder(load_pretrained(encoder_dir), files, name="enc", max_batch_tokens=128)
+    forward = embedder._forward
+
+    def fails_on_long_rows(batch):
+        if max(map(len, batch)) > 20:
+            raise RuntimeError("out of memory")
+        return forward(batch)
+
+    embedder._forward = fails_on_long_rows
+    short, long = [2, 3, 4], [5] * 60  # 60 * 3 > 128: the short rows batch apart
+    futures = embedder.submit_many([long, short, long, short])  # one take, two batches
+    embedder.start()
+    for f in (futures[0], futures[2]):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            f.result(timeout=30)
+    alone = forward([short])[0]
+    for f in (futures[1], futures[3]):
+        assert torch.allclose(f.result(timeout=30), alone, atol=1e-5)
+    assert embedder.submit(short).result(timeout=30) is not None  # the thread goes on
+    embedder.shutdown()
+
+
+def test_a_request_queues_whole_and_may_be_larger_than_the_queue(encoder_dir):
+    from lmforge.serve.engine_types import QueueFull
+
+    files = TokenizerFiles.load(encoder_dir)
+    embedder = Embedder(load_pretrained(encoder_dir), files, name="enc", max_queue=4)
+    big = embedder.submit_many([[2, 3]] * 10)  # an empty queue takes a request of any size
+    with pytest.raises(QueueFull, match="10 inputs waiting, 1 more would pass 4"):
+        embedder.submit([2, 3])
+    assert embedder.queue_depth() == 10  # nothing of the refused request queued
+    embedder.start()
+    assert len({tuple(f.result(timeout=30).tolist()) for f in big}) == 1
+    embedder.shutdown()
