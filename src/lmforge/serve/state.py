@@ -45,6 +45,13 @@ class ServeState:
         """Every served model's context length, by name (generation or embeddings)."""
         return {name: m.max_context for name, m in {**self.embedders, **self.engines}.items()}
 
+    def tasks(self, name: str) -> list[str]:
+        """What model `name` serves, as vLLM names its tasks: "generate" (completions and chat),
+        "embed" (/v1/embeddings). /v1/models lists it (a field OpenAI clients ignore) so the
+        chat page offers only the models that generate."""
+        return [task for task, served in (("generate", self.engines), ("embed", self.embedders))
+                if name in served]  # fmt: skip
+
 
 def open_stores(state: ServeState) -> None:
     """The response cache, safety policy, knowledge base and feedback store the settings ask for."""

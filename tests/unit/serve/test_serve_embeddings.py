@@ -225,6 +225,9 @@ def test_errors_name_the_input_and_what_to_do(client, server, encoder_dir):
 def test_models_and_metrics_list_the_embedding_models(client, server):
     models = {m.id: m.model_extra["max_model_len"] for m in client.models.list().data}
     assert models == {"enc": 128, "clf": 128, "dec": 128, "st": 128}
+    tasks = {m.id: m.model_extra["tasks"] for m in client.models.list().data}
+    embed, both = ["embed"], ["generate", "embed"]
+    assert tasks == {"enc": embed, "clf": embed, "dec": both, "st": embed}  # the chat page reads it
     client.embeddings.create(model="enc", input=["x", "y z"])
     metrics = httpx.get(f"{server}/metrics").text
     requests = [line for line in metrics.splitlines()
