@@ -2,11 +2,13 @@
 requests on one thread of its own.
 
 Pooling as serve/embeddings_pooling.py chooses and computes it (mean, cls or last); vectors are
-L2-normalised unless normalize is off (vLLM's default is on).
+L2-normalised unless normalize is off (`embedder_settings`: --embed-normalize, else a
+sentence-transformers directory's Normalize module as vLLM reads it, else on).
 
-Batching: submit() queues one input's token ids and returns a Future; the thread takes what is
-waiting (up to max_batch_size inputs), sorts it by length, cuts it into batches of at most
-max_batch_tokens padded tokens, right-pads each and runs one forward per batch. An encoder's
+Batching: submit_many() queues a request's token ids (all or none) and returns Futures; the
+thread takes what is waiting (up to max_batch_size inputs, first come first served), sorts it by
+length, cuts it into batches of at most max_batch_tokens padded tokens, right-pads each and runs
+one forward per batch; a forward that raises fails only its own batch's inputs. An encoder's
 padding is hidden by the pad mask, a decoder's by causal attention (pooling reads only real
 tokens), so a vector does not depend on what it was batched with (to float rounding). A decoder
 shares its module with its generation engine (one copy of the weights): forward passes without a
@@ -26,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.serve.embeddings_pooling import checkpoint_pooling, pool_states, resolve_pooling
+from lmforge.serve.embeddings_pooling import (
+    checkpoint_normalize,
+    checkpoint_pooling,
+    pool_states,
+    resolve_pooling,
+)
 from lmforge.serve.engine_threads import configure_threads
 from lmforge.serve.engine_types import EngineClosed, QueueFull
 from lmforge.tokenizer.files import TokenizerFiles
@@ -199,12 +206,15 @@ class Embedder:
 
 def embedder_settings(settings: Any, model_dir: Path) -> dict[str, Any]:
     """The Embedder keywords a ServeSettings gives model_dir: --embed-pooling, or under auto the
-    pooling its checkpoint names (embeddings_pooling.checkpoint_pooling)."""
-    pooling = settings.embed_pooling
+    pooling its checkpoint names (embeddings_pooling.checkpoint_pooling); --embed-normalize, or
+    unset, its modules.json's Normalize module (checkpoint_normalize), else on."""
+    pooling, normalize = settings.embed_pooling, settings.embed_normalize
     if pooling == "auto":
         pooling = checkpoint_pooling(model_dir) or "auto"
+    if normalize is None:
+        normalize = checkpoint_normalize(model_dir) is not False
     return {
-        "pooling": pooling, "normalize": settings.embed_normalize,
+        "pooling": pooling, "normalize": normalize,
         "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
         "threads": settings.torch_threads(),
     }  # fmt: skip

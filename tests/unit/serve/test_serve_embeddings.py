@@ -30,7 +30,11 @@ from lmforge.finetune.heads import mean_pool
 from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, ClassifierHead, load_pretrained
 from lmforge.model.convert.mean_head import save_mean_head
 from lmforge.serve.embeddings import Embedder, embedder_settings
-from lmforge.serve.embeddings_pooling import checkpoint_pooling, resolve_pooling
+from lmforge.serve.embeddings_pooling import (
+    checkpoint_normalize,
+    checkpoint_pooling,
+    resolve_pooling,
+)
 from lmforge.serve.launch import free_port
 from lmforge.serve.server import create_app
 from lmforge.serve.settings import ServeSettings
@@ -76,11 +80,20 @@ def sentence_transformers_dir(encoder_dir, out, modes: dict[str, bool], extra=()
     return out
 
 
+NORM = {
+    "idx": 2,
+    "name": "2",
+    "path": "2_Normalize",
+    "type": "sentence_transformers.models.Normalize",
+}
+
+
 @pytest.fixture(scope="module")
 def cls_dir(encoder_dir, tmp_path_factory):
-    """The encoder as a sentence-transformers checkpoint trained with CLS pooling (as BGE)."""
+    """The encoder as a sentence-transformers checkpoint trained with CLS pooling and
+    normalised (as BGE)."""
     out = tmp_path_factory.mktemp("embed-st") / "st"
-    return sentence_transformers_dir(encoder_dir, out, {"pooling_mode_cls_token": True})
+    return sentence_transformers_dir(encoder_dir, out, {"pooling_mode_cls_token": True}, [NORM])
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +298,34 @@ def test_a_sentence_transformers_dir_is_pooled_as_its_pooling_module_says(
         checkpoint_pooling(densed)
 
 
+def test_normalising_follows_the_normalize_module_and_bad_files_are_named(
+    cls_dir, encoder_dir, tmp_path
+):
+    settings = ServeSettings(models=[{"name": "st", "path": cls_dir}])
+    assert embedder_settings(settings, cls_dir)["normalize"] is True  # Normalize listed
+    assert embedder_settings(settings, encoder_dir)["normalize"] is True  # no modules.json
+    plain = sentence_transformers_dir(encoder_dir, tmp_path / "plain",
+                                      {"pooling_mode_mean_tokens": True})  # fmt: skip
+    assert checkpoint_normalize(plain) is False
+    assert embedder_settings(settings, plain)["normalize"] is False  # as vLLM: not normalised
+    off = ServeSettings(models=[{"name": "st", "path": cls_dir}], embed_normalize=False)
+    assert embedder_settings(off, cls_dir)["normalize"] is False  # the flag wins
+
+    (plain / "1_Pooling" / "config.json").unlink()
+    with pytest.raises(
+        ConfigError, match=r"1_Pooling/config.json \(its Pooling module's config\) is missing"
+    ):
+        checkpoint_pooling(plain)
+    (plain / "modules.json").write_text("[{")
+    with pytest.raises(
+        ConfigError, match=r"modules.json \(sentence-transformers' module list\) is not valid JSON"
+    ):
+        checkpoint_pooling(plain)
+    (plain / "modules.json").write_text('{"type": "x"}')
+    with pytest.raises(ConfigError, match=r"modules.json: expected a JSON list of modules"):
+        checkpoint_normalize(plain)
+
+
 def test_cls_pooling_without_normalising_is_the_first_state(encoder_dir, serve_model_dir):
     model = load_pretrained(encoder_dir)
     files = TokenizerFiles.load(encoder_dir)
@@ -324,7 +365,7 @@ def test_embed_flags_reach_the_settings(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(server_module, "serve", started.append)
     flags = ["--embed-pooling", "cls", "--no-embed-normalize"]
-    for extra, want in (([], ("auto", True)), (flags, ("cls", False))):
+    for extra, want in (([], ("auto", None)), (flags, ("cls", False))):
         result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), *extra])
         assert result.exit_code == 0, result.output
         assert (started[-1].embed_pooling, started[-1].embed_normalize) == want
