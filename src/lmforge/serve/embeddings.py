@@ -12,7 +12,10 @@ one forward per batch; a forward that raises fails only its own batch's inputs. 
 padding is hidden by the pad mask, a decoder's by causal attention (pooling reads only real
 tokens), so a vector does not depend on what it was batched with (to float rounding). A decoder
 shares its module with its generation engine (one copy of the weights): forward passes without a
-cache keep no state, so the two threads never write to each other.
+cache keep no state, so the two threads never write to each other (tested with the engine's
+decoding step eager and torch.compile'd). They do compete for the device: an embedding batch's
+activations sit beside the engine's KV cache, and on a CPU both threads' intra-op pools share
+the cores.
 """
 
 from __future__ import annotations

@@ -411,3 +411,44 @@ def test_a_request_queues_whole_and_may_be_larger_than_the_queue(encoder_dir):
     embedder.start()
     assert len({tuple(f.result(timeout=30).tolist()) for f in big}) == 1
     embedder.shutdown()
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_a_decoder_embeds_while_its_engine_generates_on_the_same_module(
+    serve_model_dir, compile, monkeypatch
+):
+    """The embedder's thread and the engine's run forward on one module at once (eager, or
+    the engine's decoding step torch.compile'd under compile on): neither changes what the
+    other computes, since a forward without a cache writes no module state."""
+    from lmforge.model import compiled_decode
+    from lmforge.serve.engine import Engine, SamplingParams, collect
+
+    monkeypatch.setattr(compiled_decode, "BACKEND", "aot_eager")  # seconds, not inductor's
+    engine = Engine.from_dir(serve_model_dir, device="cpu", max_batch_size=4, compile=compile)
+    embedder = Embedder(engine.model, engine.files, name="dec", max_batch_size=4)
+    rows = [engine.files.encode_input(t)[0] for t in TEXTS * 2]
+    prompts = [engine.files.encode(t) for t in TEXTS]
+
+    def generate() -> list[list[int]]:  # staggered lengths: batches of 4, 3, 2, 1 rows
+        handles = [engine.submit(p, SamplingParams(max_tokens=8 + 4 * i, temperature=0.0,
+                                                   ignore_eos=True), f"r{i}")
+                   for i, p in enumerate(prompts)]  # fmt: skip
+        return [collect(h).token_ids for h in handles]
+
+    vectors_alone = torch.stack(embedder.embed(rows))
+    engine.start()
+    try:
+        tokens_alone = generate()
+        embedder.start()
+        with ThreadPoolExecutor(1) as pool:
+            generating = pool.submit(generate)
+            together = []
+            while not generating.done() or not together:
+                together.append(torch.stack([f.result(30) for f in embedder.submit_many(rows)]))
+            assert generating.result(timeout=60) == tokens_alone
+        assert len(together) > 1  # several rounds of embeddings ran while it generated
+        for got in together:
+            assert (got - vectors_alone).abs().max().item() <= 1e-5
+    finally:
+        embedder.shutdown()
+        engine.shutdown(drain=False)
