@@ -4,7 +4,9 @@
 tokenized as transformers' tokenizer(text) does (an encoder's [CLS] ... [SEP]); token ids are the
 model's input as sent (no specials added). Every input must fit the model's context: a longer one
 is a 400 naming its index and length (vLLM's behaviour), unless `truncate_prompt_tokens` (vLLM's
-extra parameter; -1: the context) asks to keep its first k tokens, specials kept for a text.
+extra parameter; -1: the context) asks to keep its first k tokens, specials kept for a text, as
+transformers' truncation=True and sentence-transformers cut (vLLM keeps the last k of a token-id
+input).
 An empty input is a 400 (as OpenAI's). `encoding_format` "float" (lists of numbers) or "base64"
 (little-endian float32 bytes, as OpenAI sends them); `dimensions` only as the model's own size
 (no Matryoshka truncation); `user` is accepted and ignored. Embeddings go around the response
