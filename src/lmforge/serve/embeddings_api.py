@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmforge.errors import ConfigError
 from lmforge.serve.engine_types import EngineClosed, QueueFull
 from lmforge.serve.protocol import APIError
 
@@ -84,12 +85,14 @@ def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
         if not x:
             raise APIError(400, f"input[{i}] is empty", param="input")
         if isinstance(x, str):
-            ids = embedder.tokenize(x, max_len=cut)
+            ids = _tokenized(embedder, x, cut, i)
         else:
             if any(t < 0 or t >= embedder.vocab_size for t in x):
                 raise APIError(400, f"input[{i}] has token ids outside the vocabulary of "
                                f"{embedder.vocab_size}", param="input")  # fmt: skip
             ids = x[:cut] if cut is not None else list(x)
+        if not ids:  # a tokenizer that drops the whole text (no specials added)
+            raise APIError(400, f"input[{i}] has no tokens once tokenized", param="input")
         if len(ids) > context:
             raise APIError(
                 400, f"input[{i}] is {len(ids)} tokens, more than {req.model}'s context of "
@@ -98,6 +101,16 @@ def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
             )  # fmt: skip
         rows.append(ids)
     return rows
+
+
+def _tokenized(embedder: Any, text: str, cut: int | None, i: int) -> list[int]:
+    """input[i]'s token ids, cut to `cut`; a cut too short for the specials is a 400."""
+    try:
+        return embedder.tokenize(text, max_len=cut)
+    except ConfigError:  # encode_input: max_len below the specials it adds
+        raise APIError(400, f"input[{i}]: truncate_prompt_tokens={cut} leaves no room for the "
+                       "text's special tokens; send a larger value",
+                       param="truncate_prompt_tokens") from None  # fmt: skip
 
 
 async def embed_rows(embedder: Any, rows: list[list[int]], timeout: float) -> list[np.ndarray]:

@@ -223,7 +223,9 @@ def test_errors_name_the_input_and_what_to_do(client, server, encoder_dir):
         ({"input": []}, "input is empty"),
         ({"input": [[1, 9999]]}, "input[0] has token ids outside the vocabulary"),
         ({"input": "x", "truncate_prompt_tokens": 500}, "truncate_prompt_tokens=500 must be"),
-    ]
+        ({"input": "x y", "truncate_prompt_tokens": 1},
+         "input[0]: truncate_prompt_tokens=1 leaves no room for the text's special tokens"),
+    ]  # fmt: skip
     for body, message in cases:
         r = httpx.post(f"{server}/v1/embeddings", json={"model": "enc", **body})
         assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
@@ -452,3 +454,19 @@ def test_a_decoder_embeds_while_its_engine_generates_on_the_same_module(
     finally:
         embedder.shutdown()
         engine.shutdown(drain=False)
+
+
+def test_a_text_that_tokenizes_to_nothing_is_a_400_not_a_nan_vector():
+    from types import SimpleNamespace
+
+    from lmforge.serve.embeddings_api import EmbeddingRequest, input_rows
+    from lmforge.serve.protocol import APIError
+
+    # as a tokenizer that strips the text and adds no specials would
+    def tokenize(text: str, max_len: int | None) -> list[int]:
+        return [] if text.isspace() else [3]
+
+    dropping = SimpleNamespace(dim=4, max_context=8, vocab_size=10, tokenize=tokenize)
+    assert input_rows(dropping, EmbeddingRequest(model="m", input=["x"])) == [[3]]
+    with pytest.raises(APIError, match=r"input\[1\] has no tokens once tokenized"):
+        input_rows(dropping, EmbeddingRequest(model="m", input=["x", " "]))
