@@ -470,3 +470,16 @@ def test_a_text_that_tokenizes_to_nothing_is_a_400_not_a_nan_vector():
     assert input_rows(dropping, EmbeddingRequest(model="m", input=["x"])) == [[3]]
     with pytest.raises(APIError, match=r"input\[1\] has no tokens once tokenized"):
         input_rows(dropping, EmbeddingRequest(model="m", input=["x", " "]))
+
+
+def test_a_bf16_model_pools_and_normalises_in_float32(encoder_dir):
+    model = load_pretrained(encoder_dir).to(torch.bfloat16)
+    files = TokenizerFiles.load(encoder_dir)
+    rows = [files.encode_input(t)[0] for t in TEXTS]
+    embedder = Embedder(model, files, name="enc")
+    got = [embedder.embed([r])[0] for r in rows]  # alone: the same bf16 states as below
+    with torch.no_grad():
+        want = [F.normalize(model.hidden_states(torch.tensor([r]))[0].float().mean(0), dim=-1)
+                for r in rows]  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32 and (g - w).abs().max().item() <= 1e-6
