@@ -483,3 +483,16 @@ def test_a_bf16_model_pools_and_normalises_in_float32(encoder_dir):
                 for r in rows]  # fmt: skip
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32 and (g - w).abs().max().item() <= 1e-6
+
+
+def test_the_response_body_is_openais_shape(server):
+    body = httpx.post(f"{server}/v1/embeddings", json={"model": "enc", "input": ["a b", "c"]})
+    body = body.raise_for_status().json()
+    assert set(body) == {"object", "data", "model", "usage"}
+    assert body["object"] == "list" and body["model"] == "enc"
+    assert [set(d) for d in body["data"]] == [{"object", "index", "embedding"}] * 2
+    assert [(d["object"], d["index"]) for d in body["data"]] == [("embedding", 0), ("embedding", 1)]
+    assert all(isinstance(x, float) for d in body["data"] for x in d["embedding"])
+    usage = body["usage"]
+    assert set(usage) == {"prompt_tokens", "total_tokens"}
+    assert usage["prompt_tokens"] == usage["total_tokens"] == 4 + 3  # [CLS] a b [SEP] + 3
