@@ -42,8 +42,12 @@ class ServeState:
     ready: bool = False
 
     def max_context(self) -> dict[str, int]:
-        """Every served model's context length, by name (generation or embeddings)."""
-        return {name: m.max_context for name, m in {**self.embedders, **self.engines}.items()}
+        """Every served model's context length, by name (generation or embeddings), in the
+        order the settings list them (/v1/models' order: the chat page's and serve bench's
+        default is the first that generates)."""
+        served = {**self.embedders, **self.engines}
+        names = [spec.name for spec in self.settings.models if spec.name in served]
+        return {name: served[name].max_context for name in names}
 
     def tasks(self, name: str) -> list[str]:
         """What model `name` serves, as vLLM names its tasks: "generate" (completions and chat),
