@@ -83,8 +83,9 @@ def start_engines(state: ServeState) -> None:
         for spec in state.settings.models:
             _start_engine(state, spec)
     except BaseException:
-        if state.engines:
-            log.info("stopping the %d engine(s) already started", len(state.engines))
+        if state.engines or state.embedders:
+            log.info("stopping the %d engine(s) and %d embedder(s) already started",
+                     len(state.engines), len(state.embedders))  # fmt: skip
         for engine in (*state.engines.values(), *state.embedders.values()):
             engine.shutdown(drain=False)
         state.engines.clear()
