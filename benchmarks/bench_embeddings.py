@@ -4,8 +4,8 @@ One run, one model, one machine: builds an encoder directory (the `--preset` sha
 weights, the tests' BERT WordPiece tokenizer), starts the real server (`lmforge serve`, through
 serve/launch.py), then sends `--requests` one-text requests (texts of 4-40 words) one at a time,
 and the same requests from 16 client threads, each level `--rounds` times alternately; prints
-texts/s per round, the medians, and the ratio. The vectors of both levels are compared too
-(batched must equal alone within 1e-5).
+texts/s per round, the medians, and the ratio. The vectors of both levels are compared too:
+the run stops if batched ones differ from one-at-a-time ones by more than 1e-5.
 
 Run: `.venv/bin/python benchmarks/bench_embeddings.py --preset bert-tiny --requests 256`
 """
@@ -88,6 +88,8 @@ def main() -> None:
                     else:
                         diff = float(np.abs(vectors - alone).max())
                         print(f"max |16 clients - 1 client| = {diff:.2e}")
+                        if diff > 1e-5:  # a number from wrong vectors is no number
+                            sys.exit(f"batched vectors differ from one-at-a-time by {diff:.2e}")
                 print(f"texts/s: 1 client {rates[1][-1]:.1f}, 16 clients {rates[16][-1]:.1f}")
     one, many = statistics.median(rates[1]), statistics.median(rates[16])
     print(f"median texts/s: 1 client {one:.1f}, 16 clients {many:.1f} ({many / one:.2f}x)")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from unit.finetune.encoder_tokenizers import bert_tokenizer_dir
 from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
 
 from e2e.test_report_browser import find_chromium
@@ -37,7 +38,9 @@ def server(
     tmp = tmp_path_factory.mktemp("serve_web")
     # the micro preset's context (128 tokens) is no more than the page's default max tokens
     short = make_model_dir(tmp / "short", make_tokenizer_dir(tmp / "tok"), block_size=SHORT)
-    models = [f"a={serve_model}", f"b={serve_model}", f"short={short}"]
+    # an encoder: /v1/models lists it (embeddings only), the page must not offer it for chat
+    enc = make_model_dir(tmp / "enc", bert_tokenizer_dir(tmp / "bert"), preset="bert-micro")
+    models = [f"a={serve_model}", f"b={serve_model}", f"short={short}", f"enc={enc}"]
     docs = tmp / "docs"
     docs.mkdir()
     (docs / "france.md").write_text("Paris is the capital of France and its largest city.\n")
@@ -67,7 +70,8 @@ def test_chat_streams_and_feedback_reaches_the_database(server: tuple[str, Path]
         page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
         page.on("pageerror", lambda e: console_errors.append(str(e)))
         page.goto(url + "/")
-        expect(page.locator("#model-a option")).to_have_count(3)
+        expect(page.locator("#model-a option")).to_have_count(3)  # not the encoder
+        assert page.locator("#model-a option").all_text_contents() == ["a", "b", "short"]
         page.fill("#max-tokens", "48")
 
         # chat: Enter sends; the answer is appended chunk by chunk while it streams
@@ -127,3 +131,19 @@ def test_chat_streams_and_feedback_reaches_the_database(server: tuple[str, Path]
         browser.close()
     # the 400 is logged by Chromium as a failed resource load; anything else is a page bug
     assert [e for e in console_errors if "status of 400" not in e] == []
+
+
+def test_a_server_of_embedding_models_only_says_so(server: tuple[str, Path]) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    only_enc = {"object": "list", "data": [{"id": "enc", "object": "model", "created": 0,
+                "owned_by": "lmforge", "max_model_len": 128, "tasks": ["embed"]}]}  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.route("**/v1/models", lambda route: route.fulfill(json=only_enc))
+        page.goto(url + "/")
+        expect(page.locator("#error")).to_contain_text("embedding models only")
+        expect(page.locator("#model-a option")).to_have_count(0)
+        browser.close()

@@ -101,8 +101,12 @@ def serve_cmd(
         ),
     ] = "auto",
     embed_normalize: Annotated[
-        bool, typer.Option(help="L2-normalise /v1/embeddings vectors (vLLM's default).")
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="L2-normalise /v1/embeddings vectors (default: as a sentence-transformers "
+            "dir's modules.json says, a Normalize module, as vLLM reads it; else on)."
+        ),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions
     (streaming), /v1/embeddings, /v1/models, /v1/feedback, /metrics, /health, and the chat page

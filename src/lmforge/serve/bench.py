@@ -181,16 +181,18 @@ async def run_level(
 
 
 def first_model(url: str, api_key: str | None = None) -> str:
-    """The first model GET /v1/models lists (the default when --model is not given)."""
+    """The first model GET /v1/models lists that generates (the default when --model is not
+    given): an embedding-only model (its `tasks` without "generate") answers no completions."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     response = httpx.get(f"{url}/v1/models", headers=headers, timeout=30.0)
     if response.status_code != 200:
         raise InputError(f"{url}/v1/models: {_error_text(response.status_code, response.content)}")
-    models = response.json().get("data") or []
+    models = [m for m in response.json().get("data") or []
+              if "generate" in m.get("tasks", ["generate"])]  # fmt: skip
     if not models:
-        raise InputError(f"{url}/v1/models lists no model; pass --model NAME")
+        raise InputError(f"{url}/v1/models lists no model that generates; pass --model NAME")
     return models[0]["id"]
 
 

@@ -2,15 +2,20 @@
 requests on one thread of its own.
 
 Pooling as serve/embeddings_pooling.py chooses and computes it (mean, cls or last); vectors are
-L2-normalised unless normalize is off (vLLM's default is on).
+L2-normalised unless normalize is off (`embedder_settings`: --embed-normalize, else a
+sentence-transformers directory's Normalize module as vLLM reads it, else on).
 
-Batching: submit() queues one input's token ids and returns a Future; the thread takes what is
-waiting (up to max_batch_size inputs), sorts it by length, cuts it into batches of at most
-max_batch_tokens padded tokens, right-pads each and runs one forward per batch. An encoder's
+Batching: submit_many() queues a request's token ids (all or none) and returns Futures; the
+thread takes what is waiting (up to max_batch_size inputs, first come first served), sorts it by
+length, cuts it into batches of at most max_batch_tokens padded tokens, right-pads each and runs
+one forward per batch; a forward that raises fails only its own batch's inputs. An encoder's
 padding is hidden by the pad mask, a decoder's by causal attention (pooling reads only real
 tokens), so a vector does not depend on what it was batched with (to float rounding). A decoder
 shares its module with its generation engine (one copy of the weights): forward passes without a
-cache keep no state, so the two threads never write to each other.
+cache keep no state, so the two threads never write to each other (tested with the engine's
+decoding step eager and torch.compile'd). They do compete for the device: an embedding batch's
+activations sit beside the engine's KV cache, and on a CPU both threads' intra-op pools share
+the cores.
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.serve.embeddings_pooling import checkpoint_pooling, pool_states, resolve_pooling
+from lmforge.serve.embeddings_pooling import (
+    checkpoint_normalize,
+    checkpoint_pooling,
+    pool_states,
+    resolve_pooling,
+)
 from lmforge.serve.engine_threads import configure_threads
 from lmforge.serve.engine_types import EngineClosed, QueueFull
 from lmforge.tokenizer.files import TokenizerFiles
@@ -84,17 +94,24 @@ class Embedder:
                 self._thread.start()
 
     def submit(self, ids: list[int]) -> Future:
-        """A Future of the input's vector (C,) float32 on the CPU; QueueFull past max_queue
-        waiting inputs, EngineClosed once shut down."""
-        future: Future = Future()
+        """A Future of the input's vector (C,) float32 on the CPU (submit_many of one)."""
+        return self.submit_many([ids])[0]
+
+    def submit_many(self, rows: list[list[int]]) -> list[Future]:
+        """Futures of the rows' vectors, queued all or none: QueueFull when max_queue inputs
+        would be passed (a request larger than max_queue still goes into an empty queue, so
+        one of OpenAI's 2048-input requests is not refused forever), EngineClosed once shut
+        down."""
+        futures: list[Future] = [Future() for _ in rows]
         with self._lock:
             if self._closed:
                 raise EngineClosed(f"embedder {self.name!r} is shut down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"embedder {self.name!r}: {self.max_queue} inputs waiting")
-            self._waiting.append((ids, future))
+            if self._waiting and len(self._waiting) + len(rows) > self.max_queue:
+                raise QueueFull(f"embedder {self.name!r}: {len(self._waiting)} inputs waiting, "
+                                f"{len(rows)} more would pass {self.max_queue}")  # fmt: skip
+            self._waiting.extend(zip(rows, futures, strict=True))
             self._lock.notify()
-        return future
+        return futures
 
     def queue_depth(self) -> int:
         with self._lock:
@@ -130,37 +147,49 @@ class Embedder:
                 n = min(len(self._waiting), self.max_batch_size)
                 taken = [self._waiting.popleft() for _ in range(n)]
             taken = [(ids, f) for ids, f in taken if f.set_running_or_notify_cancel()]
-            if not taken:
-                continue
-            try:
-                vectors = self.embed([ids for ids, _ in taken])
-            except Exception as exc:  # the requests get the error; the thread serves the next
-                log.exception("embedder %s: a batch of %d failed", self.name, len(taken))
-                for _, future in taken:
-                    future.set_exception(exc)
-                continue
-            for (_, future), vector in zip(taken, vectors, strict=True):
-                future.set_result(vector)
+            rows = [ids for ids, _ in taken]
+            for batch in self._batches(rows):
+                self._run([taken[i] for i in batch])
 
-    @torch.inference_mode()
-    def embed(self, rows: list[list[int]]) -> list[Tensor]:
-        """The vectors of rows (each non-empty, within the context), in order: sorted by length
-        and run in batches of at most max_batch_tokens padded tokens."""
+    def _run(self, batch: list[tuple[list[int], Future]]) -> None:
+        """One forward's futures answered: their vectors, or its error (only this batch's
+        inputs get it; the thread goes on with the next)."""
+        try:
+            vectors = self._forward([ids for ids, _ in batch])
+        except Exception as exc:
+            log.exception("embedder %s: a batch of %d inputs failed", self.name, len(batch))
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for (_, future), vector in zip(batch, vectors, strict=True):
+            future.set_result(vector)
+
+    def _batches(self, rows: list[list[int]]) -> list[list[int]]:
+        """The rows' indices sorted by length and cut into batches of at most max_batch_tokens
+        padded tokens (B * the longest), so a batch's activations stay bounded; attention's
+        scores still grow with the longest row squared."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        out: list[Tensor | None] = [None] * len(rows)
-        start = 0
+        batches, start = [], 0
         while start < len(order):
             end = start + 1  # sorted: the batch's last row is its longest
             while end < len(order) and len(rows[order[end]]) * (end - start + 1) <= (
                 self.max_batch_tokens
             ):
                 end += 1
-            batch = order[start:end]
+            batches.append(order[start:end])
+            start = end
+        return batches
+
+    def embed(self, rows: list[list[int]]) -> list[Tensor]:
+        """The vectors of rows (each non-empty, within the context), in order, on the calling
+        thread: run in the batches _batches plans."""
+        out: list[Tensor | None] = [None] * len(rows)
+        for batch in self._batches(rows):
             for i, vector in zip(batch, self._forward([rows[i] for i in batch]), strict=True):
                 out[i] = vector
-            start = end
         return out  # type: ignore[return-value]
 
+    @torch.inference_mode()
     def _forward(self, rows: list[list[int]]) -> Tensor:
         """(B, C) pooled (and normalised) float32 vectors on the CPU of right-padded rows."""
         T = max(len(r) for r in rows)
@@ -180,12 +209,15 @@ class Embedder:
 
 def embedder_settings(settings: Any, model_dir: Path) -> dict[str, Any]:
     """The Embedder keywords a ServeSettings gives model_dir: --embed-pooling, or under auto the
-    pooling its checkpoint names (embeddings_pooling.checkpoint_pooling)."""
-    pooling = settings.embed_pooling
+    pooling its checkpoint names (embeddings_pooling.checkpoint_pooling); --embed-normalize, or
+    unset, its modules.json's Normalize module (checkpoint_normalize), else on."""
+    pooling, normalize = settings.embed_pooling, settings.embed_normalize
     if pooling == "auto":
         pooling = checkpoint_pooling(model_dir) or "auto"
+    if normalize is None:
+        normalize = checkpoint_normalize(model_dir) is not False
     return {
-        "pooling": pooling, "normalize": settings.embed_normalize,
+        "pooling": pooling, "normalize": normalize,
         "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
         "threads": settings.torch_threads(),
     }  # fmt: skip

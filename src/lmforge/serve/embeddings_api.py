@@ -4,7 +4,9 @@
 tokenized as transformers' tokenizer(text) does (an encoder's [CLS] ... [SEP]); token ids are the
 model's input as sent (no specials added). Every input must fit the model's context: a longer one
 is a 400 naming its index and length (vLLM's behaviour), unless `truncate_prompt_tokens` (vLLM's
-extra parameter; -1: the context) asks to keep its first k tokens, specials kept for a text.
+extra parameter; -1: the context) asks to keep its first k tokens, specials kept for a text, as
+transformers' truncation=True and sentence-transformers cut (vLLM keeps the last k of a token-id
+input).
 An empty input is a 400 (as OpenAI's). `encoding_format` "float" (lists of numbers) or "base64"
 (little-endian float32 bytes, as OpenAI sends them); `dimensions` only as the model's own size
 (no Matryoshka truncation); `user` is accepted and ignored. Embeddings go around the response
@@ -20,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmforge.errors import ConfigError
 from lmforge.serve.engine_types import EngineClosed, QueueFull
 from lmforge.serve.protocol import APIError
 
@@ -82,12 +85,14 @@ def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
         if not x:
             raise APIError(400, f"input[{i}] is empty", param="input")
         if isinstance(x, str):
-            ids = embedder.tokenize(x, max_len=cut)
+            ids = _tokenized(embedder, x, cut, i)
         else:
             if any(t < 0 or t >= embedder.vocab_size for t in x):
                 raise APIError(400, f"input[{i}] has token ids outside the vocabulary of "
                                f"{embedder.vocab_size}", param="input")  # fmt: skip
             ids = x[:cut] if cut is not None else list(x)
+        if not ids:  # a tokenizer that drops the whole text (no specials added)
+            raise APIError(400, f"input[{i}] has no tokens once tokenized", param="input")
         if len(ids) > context:
             raise APIError(
                 400, f"input[{i}] is {len(ids)} tokens, more than {req.model}'s context of "
@@ -98,13 +103,22 @@ def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
     return rows
 
 
+def _tokenized(embedder: Any, text: str, cut: int | None, i: int) -> list[int]:
+    """input[i]'s token ids, cut to `cut`; a cut too short for the specials is a 400."""
+    try:
+        return embedder.tokenize(text, max_len=cut)
+    except ConfigError:  # encode_input: max_len below the specials it adds
+        raise APIError(400, f"input[{i}]: truncate_prompt_tokens={cut} leaves no room for the "
+                       "text's special tokens; send a larger value",
+                       param="truncate_prompt_tokens") from None  # fmt: skip
+
+
 async def embed_rows(embedder: Any, rows: list[list[int]], timeout: float) -> list[np.ndarray]:
     """The rows' vectors (float32) from the embedder's batcher; 429 when its queue is full, 503
     when it is shut down, 504 past `timeout` seconds (the inputs not started are cancelled)."""
     futures = []
-    try:
-        for ids in rows:
-            futures.append(asyncio.wrap_future(embedder.submit(ids)))
+    try:  # the request's inputs queue together or not at all
+        futures = [asyncio.wrap_future(f) for f in embedder.submit_many(rows)]
         vectors = await asyncio.wait_for(asyncio.gather(*futures), timeout)
     except QueueFull:
         raise APIError(429, "the server is busy (embedding queue full); retry shortly",

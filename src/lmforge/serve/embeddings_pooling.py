@@ -11,7 +11,8 @@
 Which one (`lmforge serve --embed-pooling`, default auto): a pooling named on the command line;
 under auto, the one a sentence-transformers checkpoint was trained with (`checkpoint_pooling`:
 modules.json's Pooling module, e.g. BGE's CLS, MiniLM's mean), as vLLM reads it; else mean for an
-encoder and last for a decoder (`resolve_pooling`).
+encoder and last for a decoder (`resolve_pooling`). Normalising likewise follows modules.json
+where there is one (`checkpoint_normalize`: a Normalize module or not), as vLLM does.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ ST_MODULES = "modules.json"  # sentence-transformers' list of modules, the Pooli
 ST_POOLING = "sentence_transformers.models.Pooling"
 ST_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
             "pooling_mode_lasttoken": "last"}  # fmt: skip
-ST_APPLIED = {"sentence_transformers.models.Transformer", ST_POOLING,
-              "sentence_transformers.models.Normalize"}  # fmt: skip
+ST_NORMALIZE = "sentence_transformers.models.Normalize"
+ST_APPLIED = {"sentence_transformers.models.Transformer", ST_POOLING, ST_NORMALIZE}
 
 POOLINGS = ("auto", "mean", "cls", "last")
 
@@ -66,22 +67,17 @@ def checkpoint_pooling(model_dir: Path | str) -> str | None:
     directory without modules.json. A module this server does not apply (Dense, a pooling mode
     other than mean/cls/last, or several at once) is a ConfigError naming the file: its
     vectors would not be the ones the model was trained to give."""
-    from lmforge.model.convert import resolve_model_dir
-
-    model_dir = resolve_model_dir(Path(model_dir))
-    path = model_dir / ST_MODULES
-    if not path.is_file():
+    found = _st_modules(model_dir)
+    if found is None:
         return None
-    modules = json.loads(path.read_text(encoding="utf-8"))
-    other = sorted({m.get("type", "?") for m in modules} - ST_APPLIED)
-    if other:
-        raise ConfigError(f"{path} lists {', '.join(other)}, which /v1/embeddings does not apply; "
-                          "serve a directory without it (or without modules.json)")  # fmt: skip
+    model_dir, modules = found
     pooling = next((m for m in modules if m.get("type") == ST_POOLING), None)
     if pooling is None:
         return None
-    config_path = model_dir / pooling.get("path", "") / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path = model_dir / str(pooling.get("path", "")) / "config.json"
+    config = _read_json(config_path, "its Pooling module's config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path}: expected a JSON object of pooling_mode_* keys")
     modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
     if len(modes) != 1 or modes[0] not in ST_MODES:
         raise ConfigError(
@@ -89,3 +85,41 @@ def checkpoint_pooling(model_dir: Path | str) -> str | None:
             f"{', '.join(ST_MODES)}: pass --embed-pooling mean|cls|last to choose one"
         )
     return ST_MODES[modes[0]]
+
+
+def checkpoint_normalize(model_dir: Path | str) -> bool | None:
+    """Whether a sentence-transformers directory's vectors are L2-normalised: its modules.json
+    lists a Normalize module (as vLLM reads it); None for a directory without modules.json."""
+    found = _st_modules(model_dir)
+    return None if found is None else any(m.get("type") == ST_NORMALIZE for m in found[1])
+
+
+def _st_modules(model_dir: Path | str) -> tuple[Path, list[dict]] | None:
+    """(the resolved directory, modules.json's modules) of a sentence-transformers directory,
+    checked: only modules this server applies; None without modules.json."""
+    from lmforge.model.convert import resolve_model_dir
+
+    model_dir = resolve_model_dir(Path(model_dir))
+    path = model_dir / ST_MODULES
+    if not path.is_file():
+        return None
+    modules = _read_json(path, "sentence-transformers' module list")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ConfigError(f"{path}: expected a JSON list of modules ({{\"type\": ..., "
+                          "\"path\": ...}}); mend it or serve the directory without it")  # fmt: skip
+    other = sorted({str(m.get("type", "?")) for m in modules} - ST_APPLIED)
+    if other:
+        raise ConfigError(f"{path} lists {', '.join(other)}, which /v1/embeddings does not apply; "
+                          "serve a directory without it (or without modules.json)")  # fmt: skip
+    return model_dir, modules
+
+
+def _read_json(path: Path, what: str) -> object:
+    """path's JSON; a missing or malformed file is a ConfigError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} ({what}) is missing; restore it, or pass --embed-pooling "
+                          "mean|cls|last") from None  # fmt: skip
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} ({what}) is not valid JSON: {err}") from None

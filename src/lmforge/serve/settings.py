@@ -70,7 +70,10 @@ class ServeSettings(Section):
         "auto", description="/v1/embeddings pooling: auto = mean over an encoder's tokens, a "
         "decoder's last token; cls = an encoder's first token (serve/embeddings.py)",
     )  # fmt: skip
-    embed_normalize: bool = Field(True, description="L2-normalise /v1/embeddings vectors")
+    embed_normalize: bool | None = Field(
+        None, description="L2-normalise /v1/embeddings vectors; None (auto): as a "
+        "sentence-transformers dir's modules.json says (a Normalize module), else on",
+    )  # fmt: skip
 
     def torch_threads(self) -> int | None:
         """Threads each worker's engines compute with: --threads, else OMP_NUM_THREADS (None:

@@ -42,8 +42,19 @@ class ServeState:
     ready: bool = False
 
     def max_context(self) -> dict[str, int]:
-        """Every served model's context length, by name (generation or embeddings)."""
-        return {name: m.max_context for name, m in {**self.embedders, **self.engines}.items()}
+        """Every served model's context length, by name (generation or embeddings), in the
+        order the settings list them (/v1/models' order: the chat page's and serve bench's
+        default is the first that generates)."""
+        served = {**self.embedders, **self.engines}
+        names = [spec.name for spec in self.settings.models if spec.name in served]
+        return {name: served[name].max_context for name in names}
+
+    def tasks(self, name: str) -> list[str]:
+        """What model `name` serves, as vLLM names its tasks: "generate" (completions and chat),
+        "embed" (/v1/embeddings). /v1/models lists it (a field OpenAI clients ignore) so the
+        chat page offers only the models that generate."""
+        return [task for task, served in (("generate", self.engines), ("embed", self.embedders))
+                if name in served]  # fmt: skip
 
 
 def open_stores(state: ServeState) -> None:
@@ -72,8 +83,9 @@ def start_engines(state: ServeState) -> None:
         for spec in state.settings.models:
             _start_engine(state, spec)
     except BaseException:
-        if state.engines:
-            log.info("stopping the %d engine(s) already started", len(state.engines))
+        if state.engines or state.embedders:
+            log.info("stopping the %d engine(s) and %d embedder(s) already started",
+                     len(state.engines), len(state.embedders))  # fmt: skip
         for engine in (*state.engines.values(), *state.embedders.values()):
             engine.shutdown(drain=False)
         state.engines.clear()

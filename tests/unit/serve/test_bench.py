@@ -145,3 +145,19 @@ def test_cli_serve_bench_runs_against_a_url(server_url: str, tmp_path: Path) -> 
     assert [lv["output_tokens"] for lv in json.loads(out.read_text())["levels"]] == [6, 6]
     bad = subprocess.run([*cmd[:7], "--concurrency", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "expected positive integers" in bad.stdout + bad.stderr
+
+
+def test_the_default_model_is_the_first_that_generates(monkeypatch) -> None:
+    import httpx
+
+    from lmforge.serve.bench import first_model
+
+    listed: list[dict] = []
+    monkeypatch.setattr(httpx, "get", lambda *a, **k: httpx.Response(200, json={"data": listed}))
+    listed[:] = [{"id": "enc", "tasks": ["embed"]}, {"id": "dec", "tasks": ["generate", "embed"]}]
+    assert first_model("http://x") == "dec"  # not the embedding-only encoder
+    listed[:] = [{"id": "other"}]  # a server without tasks (vLLM, OpenAI): every model generates
+    assert first_model("http://x") == "other"
+    listed[:] = [{"id": "enc", "tasks": ["embed"]}]
+    with pytest.raises(InputError, match="lists no model that generates; pass --model NAME"):
+        first_model("http://x")

@@ -30,7 +30,11 @@ from lmforge.finetune.heads import mean_pool
 from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, ClassifierHead, load_pretrained
 from lmforge.model.convert.mean_head import save_mean_head
 from lmforge.serve.embeddings import Embedder, embedder_settings
-from lmforge.serve.embeddings_pooling import checkpoint_pooling, resolve_pooling
+from lmforge.serve.embeddings_pooling import (
+    checkpoint_normalize,
+    checkpoint_pooling,
+    resolve_pooling,
+)
 from lmforge.serve.launch import free_port
 from lmforge.serve.server import create_app
 from lmforge.serve.settings import ServeSettings
@@ -76,11 +80,20 @@ def sentence_transformers_dir(encoder_dir, out, modes: dict[str, bool], extra=()
     return out
 
 
+NORM = {
+    "idx": 2,
+    "name": "2",
+    "path": "2_Normalize",
+    "type": "sentence_transformers.models.Normalize",
+}
+
+
 @pytest.fixture(scope="module")
 def cls_dir(encoder_dir, tmp_path_factory):
-    """The encoder as a sentence-transformers checkpoint trained with CLS pooling (as BGE)."""
+    """The encoder as a sentence-transformers checkpoint trained with CLS pooling and
+    normalised (as BGE)."""
     out = tmp_path_factory.mktemp("embed-st") / "st"
-    return sentence_transformers_dir(encoder_dir, out, {"pooling_mode_cls_token": True})
+    return sentence_transformers_dir(encoder_dir, out, {"pooling_mode_cls_token": True}, [NORM])
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +223,9 @@ def test_errors_name_the_input_and_what_to_do(client, server, encoder_dir):
         ({"input": []}, "input is empty"),
         ({"input": [[1, 9999]]}, "input[0] has token ids outside the vocabulary"),
         ({"input": "x", "truncate_prompt_tokens": 500}, "truncate_prompt_tokens=500 must be"),
-    ]
+        ({"input": "x y", "truncate_prompt_tokens": 1},
+         "input[0]: truncate_prompt_tokens=1 leaves no room for the text's special tokens"),
+    ]  # fmt: skip
     for body, message in cases:
         r = httpx.post(f"{server}/v1/embeddings", json={"model": "enc", **body})
         assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
@@ -225,6 +240,10 @@ def test_errors_name_the_input_and_what_to_do(client, server, encoder_dir):
 def test_models_and_metrics_list_the_embedding_models(client, server):
     models = {m.id: m.model_extra["max_model_len"] for m in client.models.list().data}
     assert models == {"enc": 128, "clf": 128, "dec": 128, "st": 128}
+    tasks = {m.id: m.model_extra["tasks"] for m in client.models.list().data}
+    embed, both = ["embed"], ["generate", "embed"]
+    assert tasks == {"enc": embed, "clf": embed, "dec": both, "st": embed}  # the chat page reads it
+    assert list(tasks) == ["enc", "clf", "dec", "st"]  # as the settings list them
     client.embeddings.create(model="enc", input=["x", "y z"])
     metrics = httpx.get(f"{server}/metrics").text
     requests = [line for line in metrics.splitlines()
@@ -282,6 +301,34 @@ def test_a_sentence_transformers_dir_is_pooled_as_its_pooling_module_says(
         checkpoint_pooling(densed)
 
 
+def test_normalising_follows_the_normalize_module_and_bad_files_are_named(
+    cls_dir, encoder_dir, tmp_path
+):
+    settings = ServeSettings(models=[{"name": "st", "path": cls_dir}])
+    assert embedder_settings(settings, cls_dir)["normalize"] is True  # Normalize listed
+    assert embedder_settings(settings, encoder_dir)["normalize"] is True  # no modules.json
+    plain = sentence_transformers_dir(encoder_dir, tmp_path / "plain",
+                                      {"pooling_mode_mean_tokens": True})  # fmt: skip
+    assert checkpoint_normalize(plain) is False
+    assert embedder_settings(settings, plain)["normalize"] is False  # as vLLM: not normalised
+    off = ServeSettings(models=[{"name": "st", "path": cls_dir}], embed_normalize=False)
+    assert embedder_settings(off, cls_dir)["normalize"] is False  # the flag wins
+
+    (plain / "1_Pooling" / "config.json").unlink()
+    with pytest.raises(
+        ConfigError, match=r"1_Pooling/config.json \(its Pooling module's config\) is missing"
+    ):
+        checkpoint_pooling(plain)
+    (plain / "modules.json").write_text("[{")
+    with pytest.raises(
+        ConfigError, match=r"modules.json \(sentence-transformers' module list\) is not valid JSON"
+    ):
+        checkpoint_pooling(plain)
+    (plain / "modules.json").write_text('{"type": "x"}')
+    with pytest.raises(ConfigError, match=r"modules.json: expected a JSON list of modules"):
+        checkpoint_normalize(plain)
+
+
 def test_cls_pooling_without_normalising_is_the_first_state(encoder_dir, serve_model_dir):
     model = load_pretrained(encoder_dir)
     files = TokenizerFiles.load(encoder_dir)
@@ -321,7 +368,7 @@ def test_embed_flags_reach_the_settings(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(server_module, "serve", started.append)
     flags = ["--embed-pooling", "cls", "--no-embed-normalize"]
-    for extra, want in (([], ("auto", True)), (flags, ("cls", False))):
+    for extra, want in (([], ("auto", None)), (flags, ("cls", False))):
         result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), *extra])
         assert result.exit_code == 0, result.output
         assert (started[-1].embed_pooling, started[-1].embed_normalize) == want
@@ -329,3 +376,140 @@ def test_embed_flags_reach_the_settings(tmp_path, monkeypatch):
         app, ["serve", "--model", str(tmp_path / "m"), "--embed-pooling", "max"]
     )
     assert result.exit_code != 0 and "embed_pooling" in str(result.exception or result.output)
+
+
+def test_a_failing_forward_fails_only_its_batch(encoder_dir):
+    files = TokenizerFiles.load(encoder_dir)
+    embedder = Embedder(load_pretrained(encoder_dir), files, name="enc", max_batch_tokens=128)
+    forward = embedder._forward
+
+    def fails_on_long_rows(batch):
+        if max(map(len, batch)) > 20:
+            raise RuntimeError("out of memory")
+        return forward(batch)
+
+    embedder._forward = fails_on_long_rows
+    short, long = [2, 3, 4], [5] * 60  # 60 * 3 > 128: the short rows batch apart
+    futures = embedder.submit_many([long, short, long, short])  # one take, two batches
+    embedder.start()
+    for f in (futures[0], futures[2]):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            f.result(timeout=30)
+    alone = forward([short])[0]
+    for f in (futures[1], futures[3]):
+        assert torch.allclose(f.result(timeout=30), alone, atol=1e-5)
+    assert embedder.submit(short).result(timeout=30) is not None  # the thread goes on
+    embedder.shutdown()
+
+
+def test_a_request_queues_whole_and_may_be_larger_than_the_queue(encoder_dir):
+    from lmforge.serve.engine_types import QueueFull
+
+    files = TokenizerFiles.load(encoder_dir)
+    embedder = Embedder(load_pretrained(encoder_dir), files, name="enc", max_queue=4)
+    big = embedder.submit_many([[2, 3]] * 10)  # an empty queue takes a request of any size
+    with pytest.raises(QueueFull, match="10 inputs waiting, 1 more would pass 4"):
+        embedder.submit([2, 3])
+    assert embedder.queue_depth() == 10  # nothing of the refused request queued
+    embedder.start()
+    assert len({tuple(f.result(timeout=30).tolist()) for f in big}) == 1
+    embedder.shutdown()
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_a_decoder_embeds_while_its_engine_generates_on_the_same_module(
+    serve_model_dir, compile, monkeypatch
+):
+    """The embedder's thread and the engine's run forward on one module at once (eager, or
+    the engine's decoding step torch.compile'd under compile on): neither changes what the
+    other computes, since a forward without a cache writes no module state."""
+    from lmforge.model import compiled_decode
+    from lmforge.serve.engine import Engine, SamplingParams, collect
+
+    monkeypatch.setattr(compiled_decode, "BACKEND", "aot_eager")  # seconds, not inductor's
+    engine = Engine.from_dir(serve_model_dir, device="cpu", max_batch_size=4, compile=compile)
+    embedder = Embedder(engine.model, engine.files, name="dec", max_batch_size=4)
+    rows = [engine.files.encode_input(t)[0] for t in TEXTS * 2]
+    prompts = [engine.files.encode(t) for t in TEXTS]
+
+    def generate() -> list[list[int]]:  # staggered lengths: batches of 4, 3, 2, 1 rows
+        handles = [engine.submit(p, SamplingParams(max_tokens=16 + 8 * i, temperature=0.0,
+                                                   ignore_eos=True), f"r{i}")
+                   for i, p in enumerate(prompts)]  # fmt: skip
+        return [collect(h).token_ids for h in handles]
+
+    vectors_alone = torch.stack(embedder.embed(rows))
+    engine.start()
+    try:
+        tokens_alone = generate()
+        embedder.start()
+        with ThreadPoolExecutor(1) as pool:
+            generating = pool.submit(generate)
+            together, overlapping = [], 0
+            while not generating.done() or not together:
+                futures = embedder.submit_many(rows)
+                overlapping += not generating.done()  # queued while the engine still decodes
+                together.append(torch.stack([f.result(30) for f in futures]))
+            assert generating.result(timeout=60) == tokens_alone
+        assert overlapping >= 1
+        for got in together:
+            assert (got - vectors_alone).abs().max().item() <= 1e-5
+    finally:
+        embedder.shutdown()
+        engine.shutdown(drain=False)
+
+
+def test_a_text_that_tokenizes_to_nothing_is_a_400_not_a_nan_vector():
+    from types import SimpleNamespace
+
+    from lmforge.serve.embeddings_api import EmbeddingRequest, input_rows
+    from lmforge.serve.protocol import APIError
+
+    # as a tokenizer that strips the text and adds no specials would
+    def tokenize(text: str, max_len: int | None) -> list[int]:
+        return [] if text.isspace() else [3]
+
+    dropping = SimpleNamespace(dim=4, max_context=8, vocab_size=10, tokenize=tokenize)
+    assert input_rows(dropping, EmbeddingRequest(model="m", input=["x"])) == [[3]]
+    with pytest.raises(APIError, match=r"input\[1\] has no tokens once tokenized"):
+        input_rows(dropping, EmbeddingRequest(model="m", input=["x", " "]))
+
+
+def test_a_bf16_model_pools_and_normalises_in_float32(encoder_dir):
+    model = load_pretrained(encoder_dir).to(torch.bfloat16)
+    files = TokenizerFiles.load(encoder_dir)
+    rows = [files.encode_input(t)[0] for t in TEXTS]
+    embedder = Embedder(model, files, name="enc")
+    got = [embedder.embed([r])[0] for r in rows]  # alone: the same bf16 states as below
+    with torch.no_grad():
+        want = [F.normalize(model.hidden_states(torch.tensor([r]))[0].float().mean(0), dim=-1)
+                for r in rows]  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32 and (g - w).abs().max().item() <= 1e-6
+
+
+def test_the_response_body_is_openais_shape(server):
+    body = httpx.post(f"{server}/v1/embeddings", json={"model": "enc", "input": ["a b", "c"]})
+    body = body.raise_for_status().json()
+    assert set(body) == {"object", "data", "model", "usage"}
+    assert body["object"] == "list" and body["model"] == "enc"
+    assert [set(d) for d in body["data"]] == [{"object", "index", "embedding"}] * 2
+    assert [(d["object"], d["index"]) for d in body["data"]] == [("embedding", 0), ("embedding", 1)]
+    assert all(isinstance(x, float) for d in body["data"] for x in d["embedding"])
+    usage = body["usage"]
+    assert set(usage) == {"prompt_tokens", "total_tokens"}
+    assert usage["prompt_tokens"] == usage["total_tokens"] == 4 + 3  # [CLS] a b [SEP] + 3
+
+
+def test_models_are_listed_in_the_settings_order(tmp_path):
+    from types import SimpleNamespace
+
+    from lmforge.serve.state import ServeState
+
+    names = ["s2s", "dec", "enc"]  # generation only, both, embeddings only
+    settings = ServeSettings(models=[{"name": n, "path": tmp_path} for n in names])
+    m = SimpleNamespace(max_context=8)
+    state = ServeState(settings, metrics=None, engines={"dec": m, "s2s": m},
+                       embedders={"dec": m, "enc": m})  # fmt: skip
+    assert list(state.max_context()) == names
+    assert [state.tasks(n) for n in names] == [["generate"], ["generate", "embed"], ["embed"]]

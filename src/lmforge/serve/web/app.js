@@ -301,8 +301,10 @@ async function send(event) {
 async function loadModels() {
   try {
     const body = await (await request("/v1/models")).json();
-    const ids = body.data.map((m) => m.id);
-    state.contexts = Object.fromEntries(body.data.map((m) => [m.id, m.max_model_len]));
+    // embedding-only models (tasks without "generate") cannot chat: not offered
+    const chat = body.data.filter((m) => !m.tasks || m.tasks.includes("generate"));
+    const ids = chat.map((m) => m.id);
+    state.contexts = Object.fromEntries(chat.map((m) => [m.id, m.max_model_len]));
     for (const [n, select] of [$("model-a"), $("model-b")].entries()) {
       const previous = select.value;
       select.replaceChildren(
@@ -315,7 +317,8 @@ async function loadModels() {
       const fallback = ids[Math.min(n, ids.length - 1)];
       select.value = ids.includes(previous) ? previous : fallback;
     }
-    showError(ids.length ? "" : "the server serves no model");
+    const none = body.data.length ? "the server serves embedding models only" : "the server serves no model";
+    showError(ids.length ? "" : none);
   } catch (err) {
     showError(`models: ${err.message}`);
   }
