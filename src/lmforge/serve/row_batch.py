@@ -1,0 +1,144 @@
+"""The tensors a decoding step needs that change only when rows join or leave the batch, or grow
+by one token a row per step: kept across steps instead of rebuilt from Python lists each step.
+
+A RowBatch holds, for the rows of one step in order: the scatter index of their logit_bias, the
+history of the rows whose logits rules need it (a (R, capacity) token table, a view per row),
+and the distinct tokens each repetition-penalized row has seen (padded with its own first token,
+so the penalty is one gather and one scatter over those columns, not a (B, V) mask). Every Row
+points to the RowBatch it was last emitted in; RowBatch.of reuses it while a step's rows are the
+same Row objects in the same order (the engine's running batch between joins and leaves), else
+builds a new one from the rows' history lists. After each draw, append() adds the step's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmforge.serve.request_book import Row
+from lmforge.serve.sampling import LogitBias, logit_bias_of
+
+MIN_COLUMNS = 64  # a token table's first capacity; it doubles when a row outgrows it
+
+
+class TokenTable:
+    """Each row's token list as row j of a (R, capacity) long tensor, grown by appending; the
+    columns past a row's length hold `pads[j]` (a token the row already has, or 0)."""
+
+    def __init__(self, lists: list[list[int]], pads: list[int], device: torch.device) -> None:
+        self.lengths = [len(tokens) for tokens in lists]
+        self.pads = pads
+        capacity = max([MIN_COLUMNS, *self.lengths])
+        rows = [t + [pad] * (capacity - len(t)) for t, pad in zip(lists, pads, strict=True)]
+        self.ids = torch.tensor(rows, dtype=torch.long, device=device).view(len(lists), capacity)
+
+    def append(self, items: list[tuple[int, int]]) -> None:
+        """Appends token t to row j for each (j, t), in one write."""
+        if not items:
+            return
+        if max(self.lengths[j] for j, _ in items) >= self.ids.size(1):
+            self._grow()
+        js = [j for j, _ in items]
+        cols = [self.lengths[j] for j in js]
+        dev = self.ids.device
+        self.ids[torch.tensor(js, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
+            [t for _, t in items], dtype=torch.long, device=dev
+        )
+        for j in js:
+            self.lengths[j] += 1
+
+    def refill(self, j: int, pad: int) -> None:
+        """Row j's padding becomes `pad` (its first token, once an empty row has one)."""
+        self.pads[j] = pad
+        self.ids[j, self.lengths[j] :] = pad
+
+    def row(self, j: int) -> Tensor:
+        """Row j's tokens, (1, length): a view."""
+        return self.ids[j : j + 1, : self.lengths[j]]
+
+    def _grow(self) -> None:
+        pads = torch.tensor(self.pads, dtype=torch.long, device=self.ids.device)
+        more = pads[:, None].expand(-1, self.ids.size(1))
+        self.ids = torch.cat([self.ids, more], dim=1)
+
+
+class SeenTokens:
+    """The distinct tokens of each repetition-penalized row, and the penalty over them."""
+
+    def __init__(self, rows: list[Row], at: list[int], device: torch.device) -> None:
+        self.at = at  # batch positions of the penalized rows
+        self.index = torch.tensor(at, dtype=torch.long, device=device)
+        self.sets = [set(rows[i].history or ()) for i in at]
+        lists = [list(dict.fromkeys(rows[i].history or ())) for i in at]
+        self.table = TokenTable(lists, [seen[0] if seen else 0 for seen in lists], device)
+        self.penalties = [rows[i].params.repetition_penalty for i in at]
+        # 1 (exactly a no-op) for a row that has seen nothing yet: its padding is not a token
+        self.penalty = torch.tensor(
+            [[p if seen else 1.0] for p, seen in zip(self.penalties, self.sets, strict=True)],
+            device=device,
+        )
+
+    def add(self, tokens: list[int]) -> None:
+        """Marks each penalized row's token of this step (tokens: by batch position) seen."""
+        new = []
+        for j, i in enumerate(self.at):
+            token = tokens[i]
+            if token in self.sets[j]:
+                continue
+            if not self.sets[j]:  # the row's first token: now its padding, and penalized
+                self.table.refill(j, token)
+                self.penalty[j, 0] = self.penalties[j]
+            self.sets[j].add(token)
+            new.append((j, token))
+        self.table.append(new)
+
+    def apply(self, logits: Tensor) -> None:
+        """Penalizes, in place in logits (B, V), each penalized row's seen tokens: positive
+        logits divided by the penalty, negative ones multiplied (apply_repetition_penalty)."""
+        rows = logits.index_select(0, self.index)
+        seen = rows.gather(1, self.table.ids)  # padding repeats a seen token: the same value
+        penalized = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        logits.index_copy_(0, self.index, rows.scatter_(1, self.table.ids, penalized))
+
+
+class RowBatch:
+    """The kept per-step tensors of one batch of rows; see the module."""
+
+    def __init__(self, rows: list[Row], device: torch.device) -> None:
+        self.rows = list(rows)
+        self.bias: LogitBias | None = logit_bias_of([r.params for r in rows], device)
+        ruled = [i for i, r in enumerate(rows) if r.history is not None and r.params.rules.active]
+        self.ruled = {i: j for j, i in enumerate(ruled)}  # batch position -> history row
+        self.history = TokenTable([list(rows[i].history) for i in ruled], [0] * len(ruled), device)
+        penalized = [
+            i
+            for i, r in enumerate(rows)
+            if r.history is not None and r.params.repetition_penalty != 1.0
+        ]
+        self.seen = SeenTokens(rows, penalized, device) if penalized else None
+        for row in rows:
+            row.batch = self
+
+    @classmethod
+    def of(cls, rows: list[Row], device: torch.device) -> RowBatch:
+        """The rows' RowBatch: the one they were last emitted in if it has exactly these rows
+        in this order, else a new one."""
+        kept = rows[0].batch if rows else None
+        if (
+            kept is not None
+            and len(kept.rows) == len(rows)
+            and all(a is b for a, b in zip(kept.rows, rows, strict=True))
+        ):
+            return kept
+        return cls(rows, device)
+
+    def history_of(self, i: int) -> Tensor | None:
+        """The history (1, T) of the row at batch position i, when its rules need it."""
+        j = self.ruled.get(i)
+        return None if j is None else self.history.row(j)
+
+    def append(self, tokens: list[int]) -> None:
+        """This step's drawn tokens (by batch position) join the rows' histories."""
+        self.history.append([(j, tokens[i]) for i, j in self.ruled.items()])
+        if self.seen is not None:
+            self.seen.add(tokens)
