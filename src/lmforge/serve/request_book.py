@@ -105,6 +105,7 @@ class RequestBook:
             return
         self.active.pop(row.request_id, None)
         self.aborts.discard(row.request_id)
+        row.batch = None  # its batch refers to it: let both go without waiting for the gc
         self.counts["finished"] += 1
         row.handle.push(event)
 
