@@ -141,12 +141,12 @@ def test_history_rules_change_only_the_rows_that_ask():
         row(SamplingParams(max_tokens=4, rules=LogitsRules(no_repeat_ngram_size=1)), [4, 1]),
         row(SamplingParams(max_tokens=4, repetition_penalty=2.0), [4, 1]),
     ]
-    out = history_rules(rows, logits, RowBatch(rows, logits.device))
+    out = history_rules(rows, logits, RowBatch.build(rows, logits.device))
     assert torch.equal(out[0], logits[0])
     assert out[1, 4] == float("-inf") and out[1, 1] == float("-inf") and out[1, 2] == 0
     assert out[2, 4] == 1.0 and out[2, 0] == 0  # 2.0 / 2
     assert (
-        history_rules(rows[:1], logits, RowBatch(rows[:1], logits.device)) is logits
+        history_rules(rows[:1], logits, RowBatch.build(rows[:1], logits.device)) is logits
     )  # nobody asks: no copy
 
 

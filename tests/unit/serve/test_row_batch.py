@@ -48,42 +48,50 @@ def rebuilt_each_step(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def step(rows: list[Row], rng: random.Random) -> RowBatch:
+    """One decoding step: the kept state's logits against the rebuilt ones', then a token each."""
+    logits = torch.randn(len(rows), V) * 3
+    batch = RowBatch.of(rows, logits.device)
+    assert torch.equal(history_rules(rows, logits, batch), rebuilt_each_step(rows, logits))
+    params = [r.params for r in rows]
+    assert torch.equal(
+        apply_logit_bias(logits, batch.bias),
+        apply_logit_bias(logits, logit_bias_of(params, logits.device)),
+    )
+    tokens = [rng.choice([rng.randrange(V), 5]) for _ in rows]  # repeats, as models do
+    batch.append(tokens)
+    for row, token in zip(rows, tokens, strict=True):
+        row.generated += 1
+        if row.history is not None:
+            row.history.append(token)
+    return batch
+
+
 def test_kept_state_equals_the_rebuilt_one_as_rows_join_and_leave():
+    """As in the engine: a newcomer's first token is drawn alone (its prefill), then it joins
+    the running batch anywhere; rows leave from anywhere."""
     rng = random.Random(0)
     torch.manual_seed(0)
     rows: list[Row] = []
-    rebuilds = 0
+    batches = set()
     for _ in range(120):
-        if rng.random() < 0.15 or not rows:  # a row joins, anywhere in the batch
-            length = rng.choice([0, 1, 3, 40]) if rng.random() < 0.5 else 1
-            history = [rng.randrange(V) for _ in range(length)]
-            rows.insert(rng.randrange(len(rows) + 1), new_row(rng.choice(KINDS), history))
+        if rng.random() < 0.15 or not rows:  # newcomers join
+            for _ in range(rng.choice([1, 1, 2])):
+                length = rng.choice([0, 1, 3, 40]) if rng.random() < 0.5 else 1
+                row = new_row(rng.choice(KINDS), [rng.randrange(V) for _ in range(length)])
+                step([row], rng)
+                rows.insert(rng.randrange(len(rows) + 1), row)
         if rng.random() < 0.08 and len(rows) > 1:  # one leaves
             rows.pop(rng.randrange(len(rows)))
-        logits = torch.randn(len(rows), V) * 3
-        kept = rows[0].batch
-        batch = RowBatch.of(rows, logits.device)
-        rebuilds += batch is not kept
-        assert torch.equal(history_rules(rows, logits, batch), rebuilt_each_step(rows, logits))
-        params = [r.params for r in rows]
-        assert torch.equal(
-            apply_logit_bias(logits, batch.bias),
-            apply_logit_bias(logits, logit_bias_of(params, logits.device)),
-        )
-        tokens = [rng.choice([rng.randrange(V), 5]) for _ in rows]  # repeats, as models do
-        batch.append(tokens)
-        for row, token in zip(rows, tokens, strict=True):
-            row.generated += 1
-            if row.history is not None:
-                row.history.append(token)
-    assert 5 < rebuilds < 60  # kept while the batch stays the same, rebuilt when it changes
+        batches.add(id(step(rows, rng)))
+    assert 5 < len(batches) < 60  # kept while the batch stays the same, regrouped when not
     assert max(len(r.history or ()) for r in rows) > 64  # past TokenTable's first columns
 
 
 def test_a_penalized_row_with_no_history_is_penalized_from_its_first_token():
     row = new_row(SamplingParams(repetition_penalty=2.0), [])
     logits = torch.tensor([[2.0, -2.0, 4.0]])
-    batch = RowBatch([row], logits.device)
+    batch = RowBatch.build([row], logits.device)
     assert torch.equal(history_rules([row], logits, batch), logits)
     batch.append([2])
     assert history_rules([row], logits, batch).tolist() == [[2.0, -2.0, 2.0]]
@@ -92,7 +100,7 @@ def test_a_penalized_row_with_no_history_is_penalized_from_its_first_token():
 
 
 def test_a_token_table_grows_and_keeps_each_rows_tokens():
-    table = TokenTable([[1, 2], []], [1, 0], torch.device("cpu"))
+    table = TokenTable.from_lists([[1, 2], []], [1, 0], torch.device("cpu"))
     for t in range(100):
         table.append([(0, t), (1, t + 1)] if t % 3 else [(0, t)])
     assert table.row(0).tolist() == [[1, 2, *range(100)]]
