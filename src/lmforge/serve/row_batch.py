@@ -8,8 +8,8 @@ so the penalty is one gather and one scatter over those columns, not a (B, V) ma
 points to the RowBatch it was last emitted in; RowBatch.of reuses it while a step's rows are the
 same Row objects in the same order (the engine's running batch between joins and leaves). When
 rows left or joined (a newcomer from its prefill's own RowBatch), the new one gathers the rows'
-kept tensors from the batches they were in (regroup); only rows never emitted are read from
-their history lists (build). After each draw, append() adds the step's tokens.
+kept tensors from the batches they were in (regroup); a batch with a row never emitted before
+is built from the rows' history lists (build). After each draw, append() adds the step's tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class TokenTable:
     def from_lists(
         cls, lists: list[list[int]], pads: list[int], device: torch.device
     ) -> TokenTable:
+        if not lists:  # no row needs one: the common case, kept cheap
+            return cls(torch.empty((0, MIN_COLUMNS), dtype=torch.long, device=device), [], [])
         lengths = [len(tokens) for tokens in lists]
         capacity = max([MIN_COLUMNS, *lengths])
         ids = torch.tensor(pads, dtype=torch.long)[:, None].repeat(1, capacity)
