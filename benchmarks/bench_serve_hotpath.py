@@ -3,28 +3,28 @@
 Runs an Engine over the `small` preset's body (4k vocabulary, random weights) on one thread with
 N concurrent seeded sampled requests that each set repetition_penalty, a logit_bias, a stop
 string and a stop token id, half of them also the checkpoint-style logits rules
-(no_repeat_ngram_size, min_new_tokens); with --guided a quarter are json_object-guided instead.
+(no_repeat_ngram_size, min_new_tokens); with --guided a quarter are also json_object-guided.
 Requests have different max_tokens, so rows leave the batch at different steps. It times, per
 decoding step: the whole step (Engine._decode: model forward + sampling + events), emit_tokens,
-and inside it history_rules (emit.py), apply_logit_bias (sampling.py) and guided_logits
-(guided_rows.py), by wrapping those functions. It prints a digest of every request's tokens, so
-two checkouts can be compared token for token:
+and inside it history_rules (emit.py), apply_logit_bias (sampling.py), guided_logits
+(guided_rows.py) and, where it exists, the kept state's RowBatch.of and append (row_batch.py),
+by wrapping those functions. It prints a digest of every request's tokens, so two checkouts
+can be compared token for token (results: docs/benchmarks.md):
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_serve_hotpath.py [--requests 32] [--guided]
+    cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src ../.venv/bin/python \
+        bench_serve_hotpath.py [--requests 32] [--rounds 3] [--guided]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
-from bench_serve_engine import make_tokenizer
+from bench_serve_engine import small_engine
 
 SPENT: dict[str, float] = defaultdict(float)  # function name -> seconds, over the timed rounds
 
@@ -74,18 +74,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from lmforge.constrain import compiler_for
-    from lmforge.model.config import preset_config
-    from lmforge.model.transformer import Transformer
     from lmforge.serve import emit, sampling
     from lmforge.serve import engine as engine_module
     from lmforge.serve.engine import Engine
 
-    with tempfile.TemporaryDirectory() as tmp:
-        files = make_tokenizer(4096, Path(tmp))
-    torch.manual_seed(0)
-    cfg = preset_config("small", vocab_size=files.vocab_size, block_size=512)
-    model = Transformer(cfg).eval()
-    engine = Engine(model, files, name="bench", max_batch_size=args.requests)
+    engine = small_engine(args.requests)
+    files, cfg = engine.files, engine.model.config
     torch.set_num_threads(1)  # after Engine(), which sizes the pool to the usable CPUs
     guide = compiler_for(files).compile("json_object", "") if args.guided else None
     rng = np.random.default_rng(1)
