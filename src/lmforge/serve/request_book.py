@@ -40,8 +40,8 @@ class Row:
         self.history: list[int] | None = None
         # where the answer is in its structured-output grammar (serve/guided_rows.py)
         self.guide_state = params.guide.tokens.start if params.guide is not None else None
-        # the batch this row was last sampled in, whose kept tensors the next step reuses while
-        # no row joins or leaves (serve/row_batch.py)
+        # the batch this row was last sampled in: its kept tensors serve the next step as they
+        # are, or regrouped when rows join or leave (serve/row_batch.py)
         self.batch: RowBatch | None = None
 
     @property
