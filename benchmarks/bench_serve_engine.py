@@ -57,6 +57,20 @@ def make_tokenizer(vocab_size: int, out: Path):
     return TokenizerFiles.load(out)
 
 
+def small_engine(max_batch_size: int):
+    """An Engine (not started) over the `small` preset's body, random weights (seed 0), and a
+    4k-token tokenizer trained here."""
+    from lmforge.model.config import preset_config
+    from lmforge.model.transformer import Transformer
+    from lmforge.serve.engine import Engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = make_tokenizer(4096, Path(tmp))
+    torch.manual_seed(0)
+    cfg = preset_config("small", vocab_size=files.vocab_size, block_size=512)
+    return Engine(Transformer(cfg).eval(), files, name="bench", max_batch_size=max_batch_size)
+
+
 def make_requests(n: int, vocab: int, args: argparse.Namespace) -> list[tuple[list[int], int]]:
     rng = np.random.default_rng(1)
     return [
@@ -124,16 +138,8 @@ def main() -> None:
     if args.quick:
         args.new_tokens, args.rounds, args.max_len = 16, 1, 32
 
-    from lmforge.model.config import preset_config
-    from lmforge.model.transformer import Transformer
-    from lmforge.serve.engine import Engine
-
-    with tempfile.TemporaryDirectory() as tmp:
-        files = make_tokenizer(4096, Path(tmp))
-    torch.manual_seed(0)
-    cfg = preset_config("small", vocab_size=files.vocab_size, block_size=512)
-    model = Transformer(cfg).eval()
-    engine = Engine(model, files, name="bench", max_batch_size=args.requests)
+    engine = small_engine(args.requests)
+    model, cfg = engine.model, engine.model.config
     if args.threads:  # after Engine(), which sizes the pool to the usable CPUs
         torch.set_num_threads(args.threads)
     engine.start()

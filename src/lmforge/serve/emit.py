@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmforge.model.generate import apply_repetition_penalty
 from lmforge.serve.guided_rows import advance_guide, guided_logits
 from lmforge.serve.handle import TokenEvent, WakeBatch
 from lmforge.serve.request_book import Row, error_event
+from lmforge.serve.row_batch import RowBatch
 from lmforge.serve.sampling import sample_rows, top_logprobs
 from lmforge.tokenizer.files import TokenizerFiles
 
@@ -45,8 +45,10 @@ def emit_tokens(
     keep: list[int] = []
     finals: list[tuple[Row, TokenEvent]] = []
     try:
-        ruled = guided_logits(rows, history_rules(rows, logits), logits)
-        chosen = sample_rows(ruled, params, [r.generator for r in rows]).tolist()
+        batch = RowBatch.of(rows, logits.device)
+        ruled = guided_logits(rows, history_rules(rows, logits, batch), logits)
+        chosen = sample_rows(ruled, params, [r.generator for r in rows], batch.bias).tolist()
+        batch.append(chosen)
         if k is not None:
             ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)
             lps, top_values, top_ids = top_logprobs(logits, ids, k)
@@ -74,24 +76,23 @@ def emit_tokens(
     return Emitted(keep, finals, len(chosen))
 
 
-def history_rules(rows: list[Row], logits: Tensor) -> Tensor:
+def history_rules(rows: list[Row], logits: Tensor, batch: RowBatch) -> Tensor:
     """logits (B, V) with each row's logits rules and repetition penalty applied over its
-    history, in generate()'s order; rows that ask for neither are left as they are (and when
-    none asks, logits itself comes back). The chosen token's logprobs stay the raw model's."""
-    out = None
-    for i, row in enumerate(rows):
+    history (kept in `batch`, the rows' RowBatch), in generate()'s order; rows that ask for
+    neither are left as they are (and when none asks, logits itself comes back). The chosen
+    token's logprobs stay the raw model's."""
+    if not batch.ruled and batch.seen is None:
+        return logits
+    out = logits.float().clone()
+    for i, j in batch.ruled.items():
+        row = rows[i]
         p = row.params
-        if row.history is None or not p.sees_history:
-            continue
-        out = logits.float().clone() if out is None else out
-        history = torch.tensor([row.history], dtype=torch.long, device=logits.device)
-        one = p.rules.apply(
-            out[i : i + 1], history, None, row.generated, p.max_tokens, sorted(row.stops)
-        )
-        if p.repetition_penalty != 1.0:
-            one = apply_repetition_penalty(one, history, p.repetition_penalty)
-        out[i] = one[0]
-    return logits if out is None else out
+        out[i] = p.rules.apply(
+            out[i : i + 1], batch.history.row(j), None, row.generated, p.max_tokens, row.stop_list
+        )[0]
+    if batch.seen is not None:  # after the rules, as generate() applies them
+        batch.seen.apply(out)
+    return out
 
 
 def next_event(row: Row, token: int) -> TokenEvent:

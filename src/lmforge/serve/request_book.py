@@ -10,6 +10,7 @@ Not locked by itself: the engine calls it under its lock, the one that guards it
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from lmforge.errors import InputError
 from lmforge.serve.detok import TextStream
 from lmforge.serve.handle import NO_TOKEN, RequestHandle, TokenEvent
 from lmforge.serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from lmforge.serve.row_batch import RowBatch
 
 
 class Row:
@@ -26,6 +30,7 @@ class Row:
         self, handle: RequestHandle, prompt: list[int], params: SamplingParams, stops: frozenset
     ) -> None:
         self.handle, self.prompt, self.params, self.stops = handle, prompt, params, stops
+        self.stop_list = sorted(stops)  # what the logits rules take, sorted once
         self.generated = 0
         self.pending = -1  # last sampled token, fed at the next decoding step
         self.stream: TextStream | None = None
@@ -35,6 +40,9 @@ class Row:
         self.history: list[int] | None = None
         # where the answer is in its structured-output grammar (serve/guided_rows.py)
         self.guide_state = params.guide.tokens.start if params.guide is not None else None
+        # the batch this row was last sampled in: its kept tensors serve the next step as they
+        # are, or regrouped when rows join or leave (serve/row_batch.py)
+        self.batch: RowBatch | None = None
 
     @property
     def request_id(self) -> str:
@@ -97,6 +105,7 @@ class RequestBook:
             return
         self.active.pop(row.request_id, None)
         self.aborts.discard(row.request_id)
+        row.batch = None  # its batch refers to it: let both go without waiting for the gc
         self.counts["finished"] += 1
         row.handle.push(event)
 

@@ -108,16 +108,20 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def sample_rows(
-    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    bias: LogitBias | None,
 ) -> Tensor:
-    """Next token of each row (B,) from last-position logits (B, V), each row by its params.
+    """Next token of each row (B,) from last-position logits (B, V), each row by its params;
+    bias: the rows' logit_bias (logit_bias_of(params), kept per batch by serve/row_batch.py).
 
     The sampled rows are scaled, filtered and drawn as one batch (rows sharing top_k/top_p
     settings filter together), not one at a time: every op here is row-wise, so a row's token
     is the same whatever shares its batch, and a per-row loop only added Python and kernel
     launch overhead (16 sampled rows of a 4k vocabulary: see the commit that vectorized it).
     """
-    logits = apply_logit_bias(logits.float(), params)
+    logits = apply_logit_bias(logits.float(), bias)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return logits.argmax(dim=-1)
@@ -144,17 +148,31 @@ def sample_rows(
     return out
 
 
-def apply_logit_bias(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-    """logits (B, V) plus each row's logit_bias, in one scatter over the rows that have one;
-    without any, logits itself comes back (rows without a bias pay nothing)."""
+@dataclass(frozen=True)
+class LogitBias:
+    """A batch's logit_bias as one scatter: the (row, token) positions and their biases."""
+
+    where: tuple[Tensor, Tensor]
+    values: Tensor  # float32
+
+
+def logit_bias_of(params: list[SamplingParams], device: torch.device) -> LogitBias | None:
+    """The rows' logit_bias entries as index tensors; None when no row has one."""
     entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
     if not entries:
-        return logits
+        return None
     rows, cols, biases = zip(*entries, strict=True)
-    dev = logits.device
-    where = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
-    bias = torch.tensor(biases, dtype=logits.dtype, device=dev)
-    return logits.index_put(where, bias, accumulate=True)  # a new tensor: logits stay raw
+    where = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+    return LogitBias(where, torch.tensor(biases, dtype=torch.float32, device=device))
+
+
+def apply_logit_bias(logits: Tensor, bias: LogitBias | None) -> Tensor:
+    """logits (B, V) plus the batch's logit_bias in one scatter; without any, logits itself
+    comes back (rows without a bias pay nothing)."""
+    if bias is None:
+        return logits
+    # a new tensor: logits stay raw
+    return logits.index_put(bias.where, bias.values.to(logits.dtype), accumulate=True)
 
 
 def top_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[list[float], Tensor, Tensor]:

@@ -24,6 +24,7 @@ from lmforge.serve.emit import history_rules
 from lmforge.serve.launch import free_port
 from lmforge.serve.request_book import Row
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults, read_request_defaults
+from lmforge.serve.row_batch import RowBatch
 from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.server import create_app
 from lmforge.serve.settings import ServeSettings
@@ -140,11 +141,13 @@ def test_history_rules_change_only_the_rows_that_ask():
         row(SamplingParams(max_tokens=4, rules=LogitsRules(no_repeat_ngram_size=1)), [4, 1]),
         row(SamplingParams(max_tokens=4, repetition_penalty=2.0), [4, 1]),
     ]
-    out = history_rules(rows, logits)
+    out = history_rules(rows, logits, RowBatch.build(rows, logits.device))
     assert torch.equal(out[0], logits[0])
     assert out[1, 4] == float("-inf") and out[1, 1] == float("-inf") and out[1, 2] == 0
     assert out[2, 4] == 1.0 and out[2, 0] == 0  # 2.0 / 2
-    assert history_rules(rows[:1], logits) is logits  # nobody asks: no copy
+    assert (
+        history_rules(rows[:1], logits, RowBatch.build(rows[:1], logits.device)) is logits
+    )  # nobody asks: no copy
 
 
 def test_a_decoders_max_length_counts_the_prompt_as_in_lmforge_generate(model_dirs, tmp_path):
