@@ -210,14 +210,20 @@ def generate_cmd(
 
 
 def read_schema_option(value: str) -> dict[str, Any]:
-    """--json-schema's value: a JSON file's path or the schema's JSON text, as a JSON object."""
+    """--json-schema's value: the schema's JSON text (it starts with "{") or a JSON file's path,
+    as a JSON object."""
     import json
 
     from lmforge.errors import InputError
 
-    path = Path(value)
-    where = f"--json-schema file {path}" if path.is_file() else "--json-schema"
-    text = path.read_text(encoding="utf-8") if path.is_file() else value
+    where, text = "--json-schema", value
+    if not value.lstrip().startswith(("{", "[")):
+        path = Path(value)
+        if not path.is_file():
+            raise InputError(
+                f"--json-schema {value}: no such file; pass a schema file or the schema's JSON text"
+            )
+        where, text = f"--json-schema file {path}", path.read_text(encoding="utf-8")
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as err:
