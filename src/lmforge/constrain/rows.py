@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lmforge.constrain.guide import Guide
-from lmforge.constrain.masker import GuideState
+from lmforge.constrain.masker import GuideState, TokenGuide
 
 
 def masked_logits(ruled: Tensor, raw: Tensor, rows: Sequence[int], allow: Tensor) -> Tensor:
@@ -60,21 +60,32 @@ class GuidedRow:
 
     def advance(self, token: int) -> bool:
         """Moves past `token` (a stop token ends the answer and leaves the state); True when the
-        answer is complete: accepted, and no token can extend it. A token the grammar does not
-        allow is a RuntimeError saying why (the draw had nothing else to take, or a caller
-        drew outside the mask)."""
+        answer is complete."""
         if token in self.stops:
             return False
-        tokens, kind = self.guide.tokens, self.guide.kind
-        state = tokens.advance(self.state, token)
-        if state is None:
-            if not bool(tokens.allowed(self.state).any()):  # the mask left the draw nothing
-                raise RuntimeError(
-                    f"the {kind} constraint cannot go on after {self.length} tokens: no token of "
-                    "this tokenizer's vocabulary continues it (does it need a character the "
-                    "vocabulary cannot write?)"
-                )
-            raise RuntimeError(f"token {token} is outside the {kind} constraint")
-        self.state, self.length = state, self.length + 1
-        self.complete = tokens.accepts(state) and not bool(tokens.allowed(state).any())
+        self.state = next_state(self.guide, self.state, token, self.length)
+        self.length += 1
+        self.complete = is_complete(self.guide.tokens, self.state)
         return self.complete
+
+
+def next_state(guide: Guide, state: GuideState, token: int, written: int) -> GuideState:
+    """The guide state after `token`; a token the grammar does not allow there is a RuntimeError
+    saying why (the mask left the draw nothing, or a caller drew outside it). written: the
+    answer's tokens before this one, for the message."""
+    tokens = guide.tokens
+    after = tokens.advance(state, token)
+    if after is None:
+        if not bool(tokens.allowed(state).any()):  # the mask left the draw nothing
+            raise RuntimeError(
+                f"the {guide.kind} constraint cannot go on after {written} tokens: no token of "
+                "this tokenizer's vocabulary continues it (does it need a character the "
+                "vocabulary cannot write?)"
+            )
+        raise RuntimeError(f"token {token} is outside the {guide.kind} constraint")
+    return after
+
+
+def is_complete(tokens: TokenGuide, state: GuideState) -> bool:
+    """Whether an answer at `state` is done: accepted, and no token can extend it."""
+    return tokens.accepts(state) and not bool(tokens.allowed(state).any())

@@ -2,7 +2,8 @@
 model. Sampled JSON answers parse and validate (several seeds), regex answers fullmatch, choices
 are one of the choices; greedy guided answers are the serving engine's for the same prompt; a
 batch of prompts of mixed lengths answers as each prompt alone; bad or clashing constraints are
-errors that name the flag."""
+errors that name the flag. Beside the serving tests: the same micro model (serve_model_dir) and
+the engine the offline answers must equal."""
 
 from __future__ import annotations
 
@@ -23,41 +24,28 @@ from lmforge.model.generate import generate
 from lmforge.model.logits_rules import LogitsRules
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from unit.finetune.helpers import make_tokenizer_dir
-from unit.serve.conftest import micro_model
 
-SCHEMA = {
+SCHEMA = {  # strings and arrays bounded: a random model's answers end within the budget
     "type": "object",
     "properties": {
         "name": {"type": "string", "maxLength": 6},
-        "level": {"enum": ["low", "high", 3]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
-        "ok": {"type": "boolean"},
+        "size": {"enum": ["S", "M", 1, None]},
+        "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
     },
-    "required": ["name", "level", "ok"],
+    "required": ["name", "size"],
     "additionalProperties": False,
 }
 PROMPTS = ["Hi", "A much longer prompt, with several more tokens in it", "JSON please:"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from lmforge.model.convert import save_pretrained
-
-    tok = make_tokenizer_dir(tmp_path_factory.mktemp("guided-tok"))
-    out = tmp_path_factory.mktemp("guided-model")
-    save_pretrained(micro_model(TokenizerFiles.load(tok).vocab_size), out)
-    copy_tokenizer_files(tok, out)
-    return out
+def lm(serve_model_dir) -> EvalModel:
+    return EvalModel.load(serve_model_dir)
 
 
-@pytest.fixture(scope="module")
-def lm(model_dir) -> EvalModel:
-    return EvalModel.load(model_dir)
-
-
-def run_cli(model_dir: Path, out: Path, *options: str):
+def run_cli(serve_model_dir: Path, out: Path, *options: str):
     prompts = [a for p in PROMPTS for a in ("-p", p)]
-    args = ["generate", "--model", str(model_dir), "--out", str(out), *prompts, *options]
+    args = ["generate", "--model", str(serve_model_dir), "--out", str(out), *prompts, *options]
     return CliRunner().invoke(app, args)
 
 
@@ -66,13 +54,13 @@ def answers(out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cli_json_schema_answers_validate(model_dir, tmp_path, seed):
+def test_cli_json_schema_answers_validate(serve_model_dir, tmp_path, seed):
     jsonschema = pytest.importorskip("jsonschema")
     schema_file = tmp_path / "schema.json"
     schema_file.write_text(json.dumps(SCHEMA))
     given = str(schema_file) if seed else json.dumps(SCHEMA)  # a file, or the schema's text
     out = tmp_path / "answers.jsonl"
-    result = run_cli(model_dir, out, "--json-schema", given, "--temperature", "1.0",
+    result = run_cli(serve_model_dir, out, "--json-schema", given, "--temperature", "1.0",
                      "--seed", str(seed), "--num-samples", "2", "--max-new-tokens", "100")  # fmt: skip
     assert result.exit_code == 0, result.output
     texts = answers(out)
@@ -82,15 +70,17 @@ def test_cli_json_schema_answers_validate(model_dir, tmp_path, seed):
     assert len(set(texts)) > 1  # sampled: not one answer repeated
 
 
-def test_cli_regex_and_choice(model_dir, tmp_path):
+def test_cli_regex_and_choice(serve_model_dir, tmp_path):
     out = tmp_path / "regex.jsonl"
-    result = run_cli(model_dir, out, "--regex", r"[a-c]{2,5}-\d{1,3}", "--max-new-tokens", "20")
+    result = run_cli(
+        serve_model_dir, out, "--regex", r"[a-c]{2,5}-\d{1,3}", "--max-new-tokens", "20"
+    )
     assert result.exit_code == 0, result.output
     for text in answers(out):
         assert re.fullmatch(r"[a-c]{2,5}-\d{1,3}", text), text
     out = tmp_path / "choice.jsonl"
     options = ["--choice", "yes", "--choice", "no way", "--temperature", "1.0"]
-    result = run_cli(model_dir, out, *options, "--num-samples", "4")
+    result = run_cli(serve_model_dir, out, *options, "--num-samples", "4")
     assert result.exit_code == 0, result.output
     texts = answers(out)
     assert set(texts) <= {"yes", "no way"} and len(texts) == 4 * len(PROMPTS)
@@ -109,15 +99,14 @@ def test_cli_regex_and_choice(model_dir, tmp_path):
         (["--regex", "a+", "--draft-model", "."], "--draft-model with --json-schema/--regex"),
     ],
 )
-def test_cli_bad_or_clashing_constraints_name_the_flag(model_dir, tmp_path, options, says):
-    result = run_cli(model_dir, tmp_path / "x.jsonl", *options)
+def test_cli_bad_or_clashing_constraints_name_the_flag(serve_model_dir, tmp_path, options, says):
+    result = run_cli(serve_model_dir, tmp_path / "x.jsonl", *options)
     assert result.exit_code != 0
     assert says in str(result.exception) + result.output
     assert not (tmp_path / "x.jsonl").exists()
 
 
-def test_greedy_guided_answers_are_the_serving_engines(model_dir, lm):
-    from lmforge.serve.engine import Engine
+def test_greedy_guided_answers_are_the_serving_engines(engine, lm):
     from lmforge.serve.handle import collect
     from lmforge.serve.sampling import SamplingParams
 
@@ -126,23 +115,18 @@ def test_greedy_guided_answers_are_the_serving_engines(model_dir, lm):
         "regex": r"[a-z ]{3,12}\.",
         "choice": ["zq", "zzq", "hello"],
     }
-    engine = Engine.from_dir(model_dir, device="cpu", max_batch_size=8)
-    engine.start()
-    try:
-        compiler = compiler_for(engine.files)
-        for kind, value in asked.items():
-            settings = GenerationSettings(max_new_tokens=70, **{kind: value})
-            offline = lm.generate_batch(PROMPTS, settings)
-            guide = compiler.compile(*settings.output_constraint())
-            params = SamplingParams(max_tokens=70, temperature=0, guide=guide)
-            served = [
-                collect(engine.submit(lm.start(p), params, f"{kind}-{i}"))
-                for i, p in enumerate(PROMPTS)
-            ]
-            assert [s.finish_reason for s in served] == ["stop"] * len(PROMPTS)
-            assert offline == [s.text for s in served], kind
-    finally:
-        engine.shutdown(drain=False)
+    compiler = compiler_for(engine.files)
+    for kind, value in asked.items():
+        settings = GenerationSettings(max_new_tokens=70, **{kind: value})
+        offline = lm.generate_batch(PROMPTS, settings)
+        guide = compiler.compile(*settings.output_constraint())
+        params = SamplingParams(max_tokens=70, temperature=0, guide=guide)
+        served = [
+            collect(engine.submit(lm.start(p), params, f"{kind}-{i}"))
+            for i, p in enumerate(PROMPTS)
+        ]
+        assert [s.finish_reason for s in served] == ["stop"] * len(PROMPTS)
+        assert offline == [s.text for s in served], kind
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
