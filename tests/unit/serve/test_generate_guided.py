@@ -192,3 +192,17 @@ def test_settings_refuse_two_constraints_and_an_empty_choice():
         GenerationSettings(choice=[])
     assert GenerationSettings(choice=["a", "b"]).output_constraint() == ("choice", '["a","b"]')
     assert GenerationSettings().output_constraint() is None
+
+
+def test_an_eval_generation_task_follows_its_constraint(lm):
+    from lmforge.evals.task_format import TaskSpec
+    from lmforge.evals.task_runners import run_generation
+
+    examples = [{"prompt": p, "reference": "yes"} for p in PROMPTS]
+    asked = GenerationSettings(choice=["yes", "no"], temperature=1.0)
+    spec = TaskSpec(type="generation", examples=examples, generation=asked, chat=False)
+    result = run_generation(lm, spec, GenerationSettings())
+    assert {r["output"] for r in result.records} <= {"yes", "no"}
+    assert result.metrics["generation"]["choice"] == ["yes", "no"]  # recorded beside the scores
+    hits = [r["output"] == "yes" for r in result.records]
+    assert result.metrics["exact_match"] == pytest.approx(sum(hits) / len(hits))
