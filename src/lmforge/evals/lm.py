@@ -129,8 +129,8 @@ class GenerationSettings(Section):
         given = [k for k in OUTPUT_CONSTRAINTS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(
-                f"{' and '.join(given)} both constrain the answer "
-                f"({', '.join(OUTPUT_CONSTRAINTS.values())}): give one"
+                f"{', '.join(given)}: only one output constraint at a time "
+                f"({', '.join(OUTPUT_CONSTRAINTS.values())}); give one"
             )
         if given and self.num_beams > 1:
             raise ValueError(

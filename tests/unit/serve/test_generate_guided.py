@@ -89,7 +89,7 @@ def test_cli_regex_and_choice(serve_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        (["--regex", "a+", "--choice", "a"], "regex and choice both constrain the answer"),
+        (["--regex", "a+", "--choice", "a"], "regex, choice: only one output constraint at a time"),
         (["--choice", "a", "--num-beams", "2"], "choice (--choice) with num_beams=2"),
         (["--regex", "a(b"], "regex (--regex):"),
         (["--json-schema", "{not json"], "--json-schema is not JSON"),
@@ -186,7 +186,7 @@ def test_a_seq2seq_model_refuses_output_constraints(tmp_path):
 
 
 def test_settings_refuse_two_constraints_and_an_empty_choice():
-    with pytest.raises(ValueError, match="json_schema and regex both constrain"):
+    with pytest.raises(ValueError, match="json_schema, regex: only one output constraint"):
         GenerationSettings(json_schema=SCHEMA, regex="a")
     with pytest.raises(ValueError, match="choice"):
         GenerationSettings(choice=[])
