@@ -102,6 +102,21 @@ def generate_cmd(
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Cut answers at this string (repeatable).")
     ] = None,
+    json_schema: Annotated[
+        str | None,
+        typer.Option(
+            "--json-schema",
+            help="Answers are JSON this schema validates: a file or the schema's JSON text "
+            "(serve's JSON-schema subset).",
+        ),
+    ] = None,
+    regex: Annotated[
+        str | None, typer.Option(help="Answers fullmatch this regular expression.")
+    ] = None,
+    choice: Annotated[
+        list[str] | None,
+        typer.Option("--choice", help="Each answer is exactly one of these (repeatable)."),
+    ] = None,
     num_samples: Annotated[int, typer.Option(min=1, help="Answers per prompt.")] = 1,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 16,
@@ -130,6 +145,8 @@ def generate_cmd(
     tokens (or max_length, the prompt included), beams, length and repetition penalties,
     no-repeat n-grams, minimum lengths, forced first/last tokens; the command prints those it
     took. Options given always win; --greedy turns the checkpoint's sampling off.
+    --json-schema, --regex or --choice (one at most) constrain every answer, greedy or sampled,
+    as the server's structured outputs do (not with --num-beams or --draft-model).
 
     Example: lmforge generate --model runs/quickstart/sft --chat -p "What does os.path.join do?"
     """
@@ -148,7 +165,14 @@ def generate_cmd(
         "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
         "seed": seed, "num_beams": num_beams, "length_penalty": length_penalty,
         "no_repeat_ngram_size": no_repeat_ngram_size, "min_new_tokens": min_new_tokens,
+        "json_schema": None if json_schema is None else read_schema_option(json_schema),
+        "regex": regex, "choice": choice or None,
     }  # fmt: skip
+    if draft_model is not None and (json_schema or regex is not None or choice):
+        raise ConfigError(
+            "--draft-model with --json-schema/--regex/--choice: speculative decoding does not "
+            "follow output constraints; drop one"
+        )
     texts = [*(prompt or []), *(read_prompts(prompts) if prompts else [])]
     lm = EvalModel.load(model, device=device)
     # the checkpoint's sampling unless asked not to sample (speculative decoding and beams given
@@ -160,6 +184,7 @@ def generate_cmd(
     # unset options stay unset: EvalModel.settings_for fills them from the checkpoint
     asked_settings = validate(GenerationSettings, given, where="generate")
     settings = lm.settings_for(asked_settings)  # once: its warnings print once
+    lm.row_constraint(settings)  # a constraint that does not compile fails before any work
     print_checkpoint_settings(lm, asked_settings, settings, sampling)
     if draft_model is not None:
         from lmforge.evals.speculative import speculative_sample
@@ -182,6 +207,32 @@ def generate_cmd(
     if out is not None:
         write_jsonl(out, rows)
         console().print(f"[green]✓[/green] {len(rows)} answers: {out}")
+
+
+def read_schema_option(value: str) -> dict[str, Any]:
+    """--json-schema's value: the schema's JSON text (it starts with "{") or a JSON file's path,
+    as a JSON object."""
+    import json
+
+    from lmforge.errors import InputError
+
+    where, text = "--json-schema", value
+    if not value.lstrip().startswith(("{", "[")):
+        path = Path(value)
+        if not path.is_file():
+            raise InputError(
+                f"--json-schema {value}: no such file; pass a schema file or the schema's JSON text"
+            )
+        where, text = f"--json-schema file {path}", path.read_text(encoding="utf-8")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{where} is not JSON ({err}); pass a schema file or the schema's JSON text"
+        ) from err
+    if not isinstance(schema, dict):
+        raise InputError(f"{where} must be a JSON object (a schema), got {type(schema).__name__}")
+    return schema
 
 
 def print_checkpoint_settings(lm: Any, asked: Any, settings: Any, sampling: dict[str, Any]) -> None:

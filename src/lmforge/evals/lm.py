@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,6 +25,8 @@ from pydantic import Field, NonNegativeInt, model_validator
 
 from lmforge.artifacts import require_artifact
 from lmforge.config import HASHED_IF_SET, Section, validate
+from lmforge.constrain import ConstraintError, compiler_for, spec_text
+from lmforge.constrain.rows import GuidedRow
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.scoring import Scorer, scorer_for
 from lmforge.model.compiled_decode import DecodeCompile, compile_field
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 GENERATE_BATCH = 16  # prompts per batch when generating
 # transformers sets min_length = min_new_tokens + the input length when min_new_tokens is set
 MIN_LENGTH_KEYS = {"min_length", "min_new_tokens"}
+# the settings that constrain answers (constrain.GRAMMARS kinds), with their generate flags
+OUTPUT_CONSTRAINTS = {"json_schema": "--json-schema", "regex": "--regex", "choice": "--choice"}
 MODEL_HINT = "lmforge pretrain --tokens DIR --tokenizer DIR --out DIR (then use OUT/final)"
 
 
@@ -105,6 +110,41 @@ class GenerationSettings(Section):
         None, description="the last token a length limit allows is always this id (or one of "
         "these)", json_schema_extra=HASHED_IF_SET,
     )  # fmt: skip
+
+    json_schema: dict[str, Any] | None = Field(
+        None, description="answers are JSON this schema validates (serve's JSON-schema subset; "
+        "--json-schema); causal models, no beams", json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+    regex: str | None = Field(
+        None, description="answers fullmatch this regular expression (serve's regex subset; "
+        "--regex)", json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+    choice: list[str] | None = Field(
+        None, min_length=1, description="each answer is exactly one of these strings (--choice)",
+        json_schema_extra=HASHED_IF_SET,
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_output_constraint(self) -> GenerationSettings:
+        given = [k for k in OUTPUT_CONSTRAINTS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"{', '.join(given)}: only one output constraint at a time "
+                f"({', '.join(OUTPUT_CONSTRAINTS.values())}); give one"
+            )
+        if given and self.num_beams > 1:
+            raise ValueError(
+                f"{given[0]} ({OUTPUT_CONSTRAINTS[given[0]]}) with num_beams={self.num_beams}: "
+                "beam search does not follow output constraints; drop --num-beams"
+            )
+        return self
+
+    def output_constraint(self) -> tuple[str, str] | None:
+        """(kind, spec text) of the constraint on the answers (constrain.GuideCompiler), if any."""
+        for key in OUTPUT_CONSTRAINTS:
+            if (value := getattr(self, key)) is not None:
+                return key, spec_text(key, value)
+        return None
 
     @model_validator(mode="after")
     def _beams_do_not_sample(self) -> GenerationSettings:
@@ -335,8 +375,29 @@ class EvalModel:
         prompt at a time; sampled prompt i draws from its own generator seeded by
         (settings.seed, i), so the batch size does not change what is sampled.
         """
-        new = self.scorer.generate(prompts, self.settings_for(settings), chat, batch_size)
+        settings = self.settings_for(settings)
+        if settings.output_constraint() is not None and self.scorer.kind != "causal":
+            raise ConfigError(
+                f"{self.path} is a {self.scorer.kind} model: output constraints (json_schema, "
+                "regex, choice) guide causal models' generation only; drop them"
+            )
+        new = self.scorer.generate(prompts, settings, chat, batch_size)
         return [cut_at_stop(self.decode(ids), settings.stop) for ids in new]
+
+    def row_constraint(self, settings: GenerationSettings) -> Callable[[], GuidedRow] | None:
+        """What builds each answer's guide under settings' output constraint (None: none),
+        compiled over this tokenizer once; a constraint that does not compile is an InputError
+        naming its setting."""
+        asked = settings.output_constraint()
+        if asked is None:
+            return None
+        kind, spec = asked
+        try:
+            guide = compiler_for(self.files).compile(kind, spec)
+        except ConstraintError as err:
+            raise InputError(f"{kind} ({OUTPUT_CONSTRAINTS[kind]}): {err}") from err
+        stops = self.stop_ids()
+        return lambda: GuidedRow(guide, stops)
 
 
 # options only beam search reads, with the value that changes nothing

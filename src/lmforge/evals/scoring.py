@@ -175,7 +175,7 @@ class CausalScorer:
             return beam_generate_batched(lm.model, rows, budget, beam_settings(settings), **common)
         return generate_batched(
             lm.model, rows, budget, greedy=settings.temperature == 0, compile=settings.compile,
-            **common, **sampling_kwargs(settings),
+            constraint=lm.row_constraint(settings), **common, **sampling_kwargs(settings),
         )  # fmt: skip
 
     def prompt_rows(

@@ -7,17 +7,20 @@ token lists): padding is masked out of attention and of the repetition penalty, 
 positions start at its own first token. Sampling follows the usual order: repetition penalty,
 temperature, top-k, top-p, then a draw (or argmax when greedy): multinomial from one generator,
 or Gumbel-max from one generator per row when a prompt's sample must not depend on its batch.
+A row may carry a RowConstraint (structured outputs: constrain.rows.GuidedRow), a stateful rule
+that masks its logits after the LogitsRules and before the draw, and moves past each token drawn.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.constrain.rows import masked_logits
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.compiled_decode import FixedShapeSteps, decode_capacity, use_compiled_decode
 from lmforge.model.logits_rules import NO_RULES, LogitsRules
@@ -76,6 +79,22 @@ class KVCache:
         for src, dst in zip((self.k, self.v), self._spare, strict=True):
             torch.index_select(src[:, :, :, :n], 1, rows, out=dst[:, :, :, :n])
         (self.k, self.v), self._spare = self._spare, (self.k, self.v)
+
+
+class RowConstraint(Protocol):
+    """A per-row rule with state: which tokens may come next, and the move past the one drawn.
+    A row ends when its constraint is complete (then `length` new tokens are its answer)."""
+
+    length: int  # tokens moved past so far
+    complete: bool  # the row's answer is done: it ends here as at a stop token
+
+    def allowed(self, vocab_size: int) -> Tensor:
+        """Bool (vocab_size,) of the tokens that may come next (a tensor the caller may keep)."""
+        ...
+
+    def advance(self, token: int) -> bool:
+        """Moves past the token drawn; True when the row is now complete."""
+        ...
 
 
 def left_pad(
@@ -225,6 +244,7 @@ def generate(
     compile: str = "off",
     rules: LogitsRules = NO_RULES,
     row_budgets: Sequence[int] | None = None,
+    constraints: Sequence[RowConstraint | None] | None = None,
 ) -> Tensor:
     """Continue each row of idx (B, T); returns (B, T + n), n <= max_new_tokens.
 
@@ -240,6 +260,10 @@ def generate(
     row_budgets (B,): each row's own new-token limit (<= max_new_tokens), as if it ran alone
     with it: the row ends there as at a stop (out[i, T + row_budgets[i]:] is not its own) and
     a forced eos comes at its own last step.
+    constraints (B,): a RowConstraint per row (None: free), masking the row's logits after
+    the rules (the raw logits under its mask where the rules left it nothing) and advanced by
+    each token the row draws; a complete one ends its row (out[i, T + constraints[i].length:]
+    is not its own).
     """
     _check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = idx.shape
@@ -265,9 +289,16 @@ def generate(
         logits = last_logits(model, idx, kv_cache=cache, pad_mask=mask)  # (B, V)
         fixed = FixedShapeSteps(model, cache, mask, T) if compiled else None
         for step in range(max_new_tokens):
-            logits = rules.apply(logits, out, mask, step, limits, stop_tokens)
-            nxt = sample_next(logits, out, history_mask=mask, **sampling)  # (B,)
+            live = None if constraints is None else _live_constraints(constraints, finished)
+            # the rules may write in place: a live constraint keeps the raw logits to fall back on
+            copy = logits.clone() if live and rules.active else logits
+            ruled = rules.apply(copy, out, mask, step, limits, stop_tokens)
+            if live:
+                ruled = masked_logits(ruled, logits, live, _allowed(constraints, live, ruled))
+            nxt = sample_next(ruled, out, history_mask=mask, **sampling)  # (B,)
             nxt = torch.where(finished, pad, nxt)
+            if live:
+                finished |= _advance(constraints, live, nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
             mask = None if mask is None else torch.cat([mask, ones], dim=1)  # (B, out.size(1))
             if len(stops):
@@ -276,7 +307,7 @@ def generate(
                 finished |= hit
             if budgets is not None:
                 finished |= budgets <= step + 1
-            if (len(stops) or budgets is not None) and bool(finished.all()):
+            if (len(stops) or budgets is not None or constraints) and bool(finished.all()):
                 break
             if step + 1 == max_new_tokens:
                 break
@@ -292,6 +323,27 @@ def generate(
     finally:
         model.train(was_training)
     return out
+
+
+def _live_constraints(constraints: Sequence[RowConstraint | None], finished: Tensor) -> list[int]:
+    """The rows with a constraint that have not finished (one sync a step)."""
+    if len(constraints) != finished.numel():
+        raise ValueError(f"{len(constraints)} constraints for {finished.numel()} rows")
+    done = finished.tolist()
+    return [i for i, c in enumerate(constraints) if c is not None and not done[i]]
+
+
+def _allowed(constraints: Sequence[Any], rows: list[int], logits: Tensor) -> Tensor:
+    return torch.stack([constraints[i].allowed(logits.size(-1)) for i in rows])
+
+
+def _advance(constraints: Sequence[Any], rows: list[int], nxt: Tensor) -> Tensor:
+    """Each live constraint moved past its row's token; (B,) True where one became complete."""
+    drawn = nxt.tolist()
+    complete = [False] * nxt.numel()
+    for i in rows:
+        complete[i] = constraints[i].advance(drawn[i])
+    return torch.tensor(complete, device=nxt.device)
 
 
 def check_room(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
@@ -335,6 +387,7 @@ def generate_batched(
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
     max_length: int | None = None,
+    constraint: Callable[[], RowConstraint] | None = None,
     **sampling: Any,
 ) -> list[list[int]]:
     """generate() over token lists of any lengths: each prompt's new ids, through its first stop.
@@ -348,18 +401,24 @@ def generate_batched(
     the prompt included: a prompt then gets at most max_length - its length new tokens
     (batch_budget), its own budget in a batch of varied lengths (generate's row_budgets); a
     batch's lengths span at most block_size - max_length, so that its longest prompt and its
-    shortest prompt's budget fit the model's positions.
+    shortest prompt's budget fit the model's positions. constraint: builds each prompt's own
+    RowConstraint (a complete one ends its answer there).
     """
     device = next(model.parameters()).device
 
     def one_batch(rows: list[Sequence[int]], batch_sampling: dict[str, Any]) -> list[list[int]]:
         ids, pad_mask = left_pad(rows, device=device)
         budgets = [batch_budget(max_new_tokens, max_length, len(row)) for row in rows]
+        constraints = None if constraint is None else [constraint() for _ in rows]
         out = generate(
             model, ids, max(budgets), pad_mask=pad_mask, stop_tokens=stop_tokens,
-            row_budgets=None if max_length is None else budgets, **batch_sampling,
+            row_budgets=None if max_length is None else budgets, constraints=constraints,
+            **batch_sampling,
         )  # fmt: skip
         new = new_tokens(out, ids.size(1), stop_tokens)
+        if constraints is not None:
+            ends = zip(constraints, budgets, strict=True)
+            budgets = [c.length if c.complete else budget for c, budget in ends]
         return [row[:budget] for row, budget in zip(new, budgets, strict=True)]
 
     span = None if max_length is None else max(model.config.block_size - max_length, 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmforge.constrain.rows import is_complete, masked_logits, next_state
 from lmforge.serve.request_book import Row
 
 
@@ -40,16 +41,7 @@ def guided_logits(rows: list[Row], ruled: Tensor, raw: Tensor) -> Tensor:
         allow[j, [t for t in row.stops if t < vocab]] = row.params.guide.tokens.accepts(
             row.guide_state
         )
-    allow = allow.to(ruled.device)
-    index = torch.tensor(guided, dtype=torch.long, device=ruled.device)
-    out = ruled.float().clone()
-    masked = out.index_select(0, index).masked_fill(~allow, float("-inf"))
-    empty = ~torch.isfinite(masked).any(dim=-1)
-    if bool(empty.any()):  # one sync per step with guided rows
-        fallback = raw.float().index_select(0, index).masked_fill(~allow, float("-inf"))
-        masked = torch.where(empty[:, None], fallback, masked)
-    out[index] = masked
-    return out
+    return masked_logits(ruled, raw, guided, allow)
 
 
 def advance_guide(row: Row, token: int) -> bool:
@@ -57,16 +49,6 @@ def advance_guide(row: Row, token: int) -> bool:
     complete: accepted, and no token can extend it."""
     if row.guide_state is None or token in row.stops:
         return False
-    tokens = row.params.guide.tokens
-    state = tokens.advance(row.guide_state, token)
-    if state is None:
-        kind = row.params.guide.kind
-        if not bool(tokens.allowed(row.guide_state).any()):  # the mask left the draw nothing
-            raise RuntimeError(
-                f"the {kind} constraint cannot go on after {row.generated - 1} tokens: no token "
-                "of this tokenizer's vocabulary continues it (does it need a character the "
-                "vocabulary cannot write?)"
-            )
-        raise RuntimeError(f"token {token} is outside the request's {kind} constraint")
-    row.guide_state = state
-    return tokens.accepts(state) and not bool(tokens.allowed(state).any())
+    guide = row.params.guide
+    row.guide_state = next_state(guide, row.guide_state, token, row.generated - 1)
+    return is_complete(guide.tokens, row.guide_state)
