@@ -134,13 +134,13 @@ def test_named_tool_choice_gives_one_valid_call_streamed_and_not(client, seed):
     ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60, n=2,
                seed=seed, temperature=1.0)  # fmt: skip
     whole = client.chat.completions.create(**ask)
-    for choice in whole.choices:
-        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    for choice in whole.choices:  # a forced call ends "stop", as OpenAI's and vLLM's do
+        assert choice.finish_reason == "stop" and choice.message.content is None
         assert len(choice.message.tool_calls) == 1
         check_calls(choice.message.tool_calls, ["get_weather"])
     final = streamed(client, **ask)
     assert [calls_of(c) for c in final.choices] == [calls_of(c) for c in whole.choices]
-    assert [c.finish_reason for c in final.choices] == ["tool_calls"] * 2
+    assert [c.finish_reason for c in final.choices] == ["stop"] * 2
     assert [c.message.content for c in final.choices] == [None, None]
     for choice in final.choices:
         check_calls(choice.message.tool_calls, ["get_weather"])
@@ -460,3 +460,18 @@ def test_one_call_at_most_without_parallel_tool_calls():
     assert reason == "tool_calls" and message["content"] is None
     message, reason = ToolPlan("auto", ()).message(text, "length")
     assert len(message["tool_calls"]) == 2 and reason == "length"  # cut: the reason stays
+
+
+def test_only_a_call_the_model_chose_ends_tool_calls():
+    # OpenAI and vLLM: auto and required calls end "tool_calls", a forced named call "stop"
+    call = '{"city": "Oslo", "unit": "c"}'
+    named = ToolPlan("named", tuple(TOOLS), "get_weather")
+    assert named.message(call, "stop")[1] == "stop"
+    stream = ToolStream(named)
+    stream.feed(call)
+    assert stream.end("stop")[1] == "stop"
+    required = ToolPlan("required", tuple(TOOLS))
+    assert required.message(f'[{{"name": "get_weather", "arguments": {call}}}]', "stop")[1] == (
+        "tool_calls"
+    )
+    assert named.message(call[:5], "length")[1] == "length"
