@@ -241,6 +241,13 @@ def test_the_feedback_store_keeps_the_calls_in_hermes_form(served):
     )
     assert row["messages"][0]["role"] == "system" and "<tools>" in row["messages"][0]["content"]
     assert row["params"]["tools"] == TOOLS and row["params"]["tool_choice"] == "named"
+    # the kept turns are what the model was shown: rendered as finetune renders its data (the
+    # plain ChatML template), they are the served prompt exactly, tool results included
+    out = client.chat.completions.create(model="m", messages=SECOND_TURN, tools=TOOLS, max_tokens=2)
+    with FeedbackStore(db) as store:
+        row = store.response(out.id)
+    assert {m["role"] for m in row["messages"]} <= {"system", "user", "assistant"}
+    assert render_chat(row["messages"], True) == row["prompt"]
 
 
 SECOND_TURN = [
