@@ -19,13 +19,9 @@ import jsonschema
 import openai
 
 from lmforge.serve.feedback import FeedbackStore
-from lmforge.serve.launch import free_port
-from lmforge.serve.server import create_app
-from lmforge.serve.settings import ServeSettings
 from lmforge.serve.tools import ToolPlan, ToolStream
 from lmforge.tokenizer.chat import CHATML_TEMPLATE, render_chat
 from lmforge.tokenizer.hermes_tools import hermes_messages, parse_tool_calls, template_turns
-from unit.serve.test_serve_uvicorn import running
 
 WEATHER = {
     "type": "object",
@@ -94,14 +90,12 @@ def micro_chat_model(tmp_path_factory, name, teach=None):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, openai_server):
     db = tmp_path_factory.mktemp("tools") / "f.db"
     taught = micro_chat_model(tmp_path_factory, "taught", (CHAT, TAUGHT_TOOLS, TAUGHT))
     models = [{"name": "m", "path": micro_chat_model(tmp_path_factory, "random")},
               {"name": "taught", "path": taught}]  # fmt: skip
-    settings = ServeSettings(models=models, feedback_db=db, port=free_port())
-    with running(settings, create_app(settings)):
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="-"), db
+    return openai_server(models, feedback_db=db), db
 
 
 @pytest.fixture(scope="module")
