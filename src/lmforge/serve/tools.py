@@ -12,7 +12,8 @@ tool_choice, as vLLM implements it:
 The guided schemas compile through constrain's GuideCompiler, which keeps compiled guides per
 schema text: a tool set used again reuses its guide. An answer whose calls the model chose (auto,
 required) and that ended normally has finish_reason "tool_calls"; a named function's forced call
-ends "stop", as OpenAI and vLLM answer it; one cut by max_tokens keeps "length".
+ends "stop", as OpenAI and vLLM answer it (OpenAI's answers for each choice, streamed and not:
+vllm-project/vllm#25054); one cut by max_tokens keeps "length".
 """
 
 from __future__ import annotations
