@@ -142,16 +142,26 @@ def test_named_tool_choice_gives_one_valid_call_streamed_and_not(client, seed):
 
 def test_named_arguments_stream_as_pieces_after_the_opening(client):
     ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60, seed=4)
-    deltas = []
-    for chunk in client.chat.completions.create(**ask, stream=True):
-        deltas += [c.delta.tool_calls[0] for c in chunk.choices if c.delta.tool_calls]
-    opening, pieces = deltas[0], deltas[1:]
-    assert (opening.index, opening.function.name, opening.function.arguments) == (
-        0, "get_weather", "",
+    chunks = [c.model_dump() for c in client.chat.completions.create(**ask, stream=True)]
+    # OpenAI's shapes: the role (no content: the answer is a call), the call's opening, then its
+    # argument pieces; the forced call's finish_reason on the last (as vLLM, not on an extra {})
+    role = chunks[0]["choices"][0]
+    assert (role["delta"]["role"], role["delta"]["content"], role["delta"]["tool_calls"]) == (
+        "assistant", None, None,
     )  # fmt: skip
-    assert opening.id.startswith("call_") and all(p.id is None for p in pieces)
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert reasons == [None] * (len(chunks) - 1) + ["stop"]
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"]["tool_calls"] or []]
+    assert all(c["choices"][0]["delta"]["content"] is None for c in chunks[1:])
+    opening, pieces = deltas[0], deltas[1:]
+    assert (opening["index"], opening["type"], opening["function"]) == (
+        0, "function", {"name": "get_weather", "arguments": ""},
+    )  # fmt: skip
+    assert opening["id"].startswith("call_") and len(opening["id"]) == 29
+    assert all(p["index"] == 0 and (p["id"], p["type"], p["function"]["name"]) == (None,) * 3
+               for p in pieces)  # fmt: skip
     assert len(pieces) > 1  # token by token, not one piece at the end
-    jsonschema.validate(json.loads("".join(p.function.arguments for p in pieces)), WEATHER)
+    jsonschema.validate(json.loads("".join(p["function"]["arguments"] for p in pieces)), WEATHER)
 
 
 @pytest.mark.parametrize("parallel", [True, False])
