@@ -8,6 +8,7 @@ stream are checked on strings."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -21,7 +22,12 @@ import openai
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.tools import ToolPlan, ToolStream
 from lmforge.tokenizer.chat import CHATML_TEMPLATE, render_chat
-from lmforge.tokenizer.hermes_tools import hermes_messages, parse_tool_calls, template_turns
+from lmforge.tokenizer.hermes_tools import (
+    TOOL_CALL_OPEN,
+    hermes_messages,
+    parse_tool_calls,
+    template_turns,
+)
 
 WEATHER = {
     "type": "object",
@@ -371,18 +377,47 @@ def test_auto_stream_deltas_accumulate_to_the_whole_message(text, size):
     for i in range(0, len(text), size):
         deltas += stream.feed(text[i : i + size])
     more, streamed_reason = stream.end("stop")
+    content, calls = accumulate(deltas + more)
+    assert streamed_reason == reason == ("tool_calls" if "tool_calls" in whole else "stop")
+    assert (content or None) == whole["content"]
+    assert calls == [c["function"] for c in whole.get("tool_calls", [])]
+    assert not any(d.get("content", "").endswith("<") for d in deltas if "<tool" in text)
+
+
+def accumulate(deltas):
+    """(content, [{name, arguments}] by index) as a client accumulates chat deltas."""
     content, calls = "", {}
-    for delta in deltas + more:
+    for delta in deltas:
         content += delta.get("content", "")
         for call in delta.get("tool_calls", []):
             entry = calls.setdefault(call["index"], {"name": None, "arguments": ""})
             entry["name"] = call["function"].get("name", entry["name"])
             entry["arguments"] += call["function"]["arguments"]
-    assert streamed_reason == reason == ("tool_calls" if "tool_calls" in whole else "stop")
-    assert (content or None) == whole["content"]
-    expected = [c["function"] for c in whole.get("tool_calls", [])]
-    assert [calls[i] for i in sorted(calls)] == expected
-    assert not any(d.get("content", "").endswith("<") for d in deltas if "<tool" in text)
+    return content, [calls[i] for i in sorted(calls)]
+
+
+def test_auto_stream_holds_back_only_a_possible_tag_however_the_text_is_cut():
+    # random mixes of tag pieces, whitespace (unicode too) and multi-byte text, cut anywhere: the
+    # stream adds up to the whole answer, and until a whole <tool_call> arrives, what it has not
+    # sent yet is whitespace around at most a beginning of the tag (nothing waits for the end)
+    pieces = ["a", " ", "\n", "<", "<tool", "_call>", "<tool_call>", "</tool_call>", "{", "}",
+              '{"name": "f", "arguments": {"x": "é"}}', "é", "日本", "\u3000", "\xa0", "tool_call>"]  # fmt: skip
+    rnd = random.Random(0)
+    for _ in range(1500):
+        text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12)))
+        plan = ToolPlan("auto", (), parallel=rnd.random() < 0.5)
+        whole, reason = plan.message(text, "stop")
+        stream, deltas, i = ToolStream(plan), [], 0
+        while i < len(text):
+            cut = i + rnd.randint(1, 5)
+            deltas += stream.feed(text[i:cut])
+            i = cut
+            unsent = text[:i][len(accumulate(deltas)[0]) :]
+            if TOOL_CALL_OPEN not in text[:i]:
+                assert TOOL_CALL_OPEN.startswith(unsent.strip()), (text, unsent)
+        more, streamed_reason = stream.end("stop")
+        expected = (whole["content"] or "", [c["function"] for c in whole.get("tool_calls", [])])
+        assert (*accumulate(deltas + more), streamed_reason) == (*expected, reason), text
 
 
 @pytest.mark.parametrize(
