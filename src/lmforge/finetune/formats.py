@@ -4,7 +4,8 @@ These shapes are recognised, per file, from its first record:
 
 - alpaca: `instruction`, optional `input`, `output` (optional `type` / `category` kept as meta)
 - sharegpt: `conversations: [{from, value}, ...]`
-- openai: `messages: [{role, content}, ...]`
+- openai: `messages: [{role, content}, ...]` (with `tools`, assistant `tool_calls` and `tool`
+  turns: the Hermes turns the server renders them as, tokenizer/hermes_tools.py)
 - prompt_completion: `prompt`, `completion`
 - classification: `text`, `label`, optional `text_pair` (a second text: an encoder reads the
   pair as [CLS] text [SEP] text_pair [SEP] with token type 1 on the second)
@@ -26,6 +27,7 @@ from typing import Any
 
 from lmforge.common.io import read_user_jsonl
 from lmforge.errors import InputError
+from lmforge.tokenizer.hermes_tools import hermes_messages
 
 Record = dict[str, Any]
 Example = dict[str, Any]
@@ -177,12 +179,21 @@ def _sharegpt(r: Record) -> Example:
 
 
 def _openai(r: Record) -> Example:
+    """OpenAI's chat format; its tool calling (`tools`, assistant `tool_calls`, `tool` turns) as
+    the Hermes turns `lmforge serve` renders and parses for a template without tools."""
     msgs = []
     for turn in r["messages"]:
-        if turn["role"] not in ROLES:
-            raise ValueError(f"unknown role {turn['role']!r} (known: {', '.join(ROLES)})")
-        msgs.append({"role": turn["role"], "content": str(turn["content"] or "")})
-    return {"messages": msgs, "meta": {}}
+        if turn["role"] not in (*ROLES, "tool"):
+            raise ValueError(f"unknown role {turn['role']!r} (known: {', '.join(ROLES)}, tool)")
+        msgs.append({**turn, "content": str(turn["content"] or "")})
+    try:  # without tools: the same role/content turns
+        return {"messages": hermes_messages(msgs, r.get("tools")), "meta": {}}
+    except InputError as err:  # arguments that are not JSON
+        raise ValueError(str(err)) from None
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            f"a tool call needs function.name and function.arguments ({err})"
+        ) from None
 
 
 def _prompt_completion(r: Record) -> Example:

@@ -10,8 +10,10 @@ tool_choice, as vLLM implements it:
 - "required": the answer is a JSON array of {"name", "arguments"} objects, each one of the
   tools' (anyOf), at least one (exactly one with parallel_tool_calls false).
 The guided schemas compile through constrain's GuideCompiler, which keeps compiled guides per
-schema text: a tool set used again reuses its guide. An answer with calls that ended normally has
-finish_reason "tool_calls"; one cut by max_tokens keeps "length".
+schema text: a tool set used again reuses its guide. An answer whose calls the model chose (auto,
+required) and that ended normally has finish_reason "tool_calls"; a named function's forced call
+ends "stop", as OpenAI and vLLM answer it (OpenAI's answers for each choice, streamed and not:
+vllm-project/vllm#25054); one cut by max_tokens keeps "length".
 """
 
 from __future__ import annotations
@@ -134,7 +136,12 @@ class ToolPlan:
                 {"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}}
                 for n, a in calls
             ]
-        return message, finish_reason(calls, reason)
+        return message, self.finish_reason(calls, reason)
+
+    def finish_reason(self, calls: list[Call], reason: str | None) -> str | None:
+        """ "tool_calls" when the model chose to call (auto, required) and stopped on its own; a
+        forced named call keeps "stop" (OpenAI's answer, and vLLM's)."""
+        return "tool_calls" if calls and reason == "stop" and self.mode != "named" else reason
 
     def record(self) -> dict[str, Any]:
         """What the feedback store's params get: the tools and the choice."""
@@ -160,10 +167,6 @@ def message_text(message: dict[str, Any]) -> str:
         (c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []
     ]
     return assistant_text(message["content"], [(n, _json_or_text(a)) for n, a in calls])
-
-
-def finish_reason(calls: list[Call], reason: str | None) -> str | None:
-    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def renew_call_ids(body: dict[str, Any]) -> dict[str, Any]:
@@ -225,12 +228,12 @@ class ToolStream:
         content, calls = self.plan.calls("".join(self.text))
         if self.plan.mode == "named":
             deltas = [] if self.opened else [self._open(0, self.plan.name)]  # type: ignore[arg-type]
-            return deltas, finish_reason(calls, reason)
+            return deltas, self.plan.finish_reason(calls, reason)
         rest = (content or "")[self.sent :]  # what was sent is a prefix of the content
         deltas = [{"content": rest}] if rest else []
         for i, (name, arguments) in enumerate(calls):
             deltas += [self._open(i, name), _args(i, arguments)]
-        return deltas, finish_reason(calls, reason)
+        return deltas, self.plan.finish_reason(calls, reason)
 
     @staticmethod
     def _open(index: int, name: str) -> dict[str, Any]:

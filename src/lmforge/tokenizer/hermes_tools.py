@@ -3,8 +3,10 @@
 A template that reads the `tools` variable (Qwen 2.5's, Llama 3.1's, ...) renders tool definitions,
 assistant tool calls and tool results itself, as transformers' `apply_chat_template(tools=...)`
 does. Our built-in ChatML template does not, so `hermes_messages` turns a tool conversation into
-role/content turns any template renders, in the format Hermes 2 Pro and Qwen 2.5 were fine-tuned
-on (and vLLM's `hermes` parser reads back):
+role/content turns any template renders, with the call and result blocks Hermes 2 Pro and Qwen 2.5
+were fine-tuned on (and vLLM's `hermes` parser reads back); the tools prompt's wording is ours
+(Hermes 2 Pro's opening, Qwen 2.5's call instructions), so it teaches a model lmforge fine-tunes
+rather than matching either model's own template word for word:
 
 - the tools go into the system turn (after its text, if there is one): TOOLS_PROMPT, then one
   `{"type": "function", "function": {...}}` JSON line per tool inside `<tools></tools>`;

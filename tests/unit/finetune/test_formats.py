@@ -113,3 +113,36 @@ def test_directory_mixing_chat_and_labels_is_refused(tmp_path):
     _jsonl(d / "b.jsonl", [{"text": "t", "label": "l"}])
     with pytest.raises(InputError, match="mixes chat and classification"):
         load_examples(d)
+
+
+def test_openai_tool_calling_becomes_the_hermes_turns_serve_renders(tmp_path):
+    from lmforge.tokenizer.hermes_tools import hermes_messages
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}
+    messages = [
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+        {"role": "assistant", "content": "5."},
+    ]
+    rows = [{"messages": messages, "tools": tools}, {"messages": messages[:2]}]
+    fmt, ex = read_file(_jsonl(tmp_path / "t.jsonl", rows))
+    assert fmt == "openai" and ex[0]["messages"] == hermes_messages(messages, tools)
+    assert [m["role"] for m in ex[0]["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
+    assert ex[1]["messages"][1] == {  # the call is what the assistant turn teaches, not ""
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>',
+    }
+    bad = {**call, "function": {"name": "add", "arguments": "{a"}}
+    rows = [{"messages": [messages[0], {**messages[1], "tool_calls": [bad]}]}]
+    with pytest.raises(
+        InputError, match=r"b\.jsonl line 1: messages\[1\]\.tool_calls\[0\]: the arg"
+    ):
+        read_file(_jsonl(tmp_path / "b.jsonl", rows))

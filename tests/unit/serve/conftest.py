@@ -1,6 +1,7 @@
-"""Fixtures: a micro chat model directory with peaky weights (varied greedy tokens) and a running
-engine over it."""
+"""Fixtures: a micro chat model directory with peaky weights (varied greedy tokens), a running
+engine over it, and the official openai client on a real server."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,24 @@ def engine(serve_model_dir):
     eng.start()
     yield eng
     eng.shutdown(drain=False)
+
+
+@pytest.fixture(scope="module")
+def openai_server():
+    """start(models, **settings): a real uvicorn on 127.0.0.1 serving `models` (ServeSettings'
+    [{"name", "path"}]) on a free port, and the official openai client on it; the servers a
+    module starts stop when it ends."""
+    openai = pytest.importorskip("openai")
+    from lmforge.serve.launch import free_port
+    from lmforge.serve.server import create_app
+    from lmforge.serve.settings import ServeSettings
+    from unit.serve.test_serve_uvicorn import running
+
+    with contextlib.ExitStack() as servers:
+
+        def start(models: list[dict], **fields):
+            settings = ServeSettings(models=models, port=free_port(), **fields)
+            servers.enter_context(running(settings, create_app(settings)))
+            return openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="-")
+
+        yield start

@@ -21,10 +21,6 @@ import torch
 from lmforge.constrain import compiler_for
 from lmforge.model.logits_rules import NO_RULES
 from lmforge.serve.engine import SamplingParams, collect
-from lmforge.serve.launch import free_port
-from lmforge.serve.server import create_app
-from lmforge.serve.settings import ServeSettings
-from unit.serve.test_serve_uvicorn import running
 
 SCHEMA = {
     "type": "object",
@@ -42,14 +38,9 @@ CHAT = [{"role": "user", "content": "JSON?"}]
 
 
 @pytest.fixture(scope="module")
-def client(serve_model_dir, tmp_path_factory):
-    settings = ServeSettings(
-        models=[{"name": "m", "path": serve_model_dir}],
-        feedback_db=tmp_path_factory.mktemp("structured") / "f.db",
-        port=free_port(),
-    )
-    with running(settings, create_app(settings)):
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="-")
+def client(serve_model_dir, tmp_path_factory, openai_server):
+    db = tmp_path_factory.mktemp("structured") / "f.db"
+    return openai_server([{"name": "m", "path": serve_model_dir}], feedback_db=db)
 
 
 def schema_format(schema):

@@ -8,6 +8,7 @@ stream are checked on strings."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -19,13 +20,14 @@ import jsonschema
 import openai
 
 from lmforge.serve.feedback import FeedbackStore
-from lmforge.serve.launch import free_port
-from lmforge.serve.server import create_app
-from lmforge.serve.settings import ServeSettings
 from lmforge.serve.tools import ToolPlan, ToolStream
 from lmforge.tokenizer.chat import CHATML_TEMPLATE, render_chat
-from lmforge.tokenizer.hermes_tools import hermes_messages, parse_tool_calls, template_turns
-from unit.serve.test_serve_uvicorn import running
+from lmforge.tokenizer.hermes_tools import (
+    TOOL_CALL_OPEN,
+    hermes_messages,
+    parse_tool_calls,
+    template_turns,
+)
 
 WEATHER = {
     "type": "object",
@@ -94,14 +96,12 @@ def micro_chat_model(tmp_path_factory, name, teach=None):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, openai_server):
     db = tmp_path_factory.mktemp("tools") / "f.db"
     taught = micro_chat_model(tmp_path_factory, "taught", (CHAT, TAUGHT_TOOLS, TAUGHT))
     models = [{"name": "m", "path": micro_chat_model(tmp_path_factory, "random")},
               {"name": "taught", "path": taught}]  # fmt: skip
-    settings = ServeSettings(models=models, feedback_db=db, port=free_port())
-    with running(settings, create_app(settings)):
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="-"), db
+    return openai_server(models, feedback_db=db), db
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +134,13 @@ def test_named_tool_choice_gives_one_valid_call_streamed_and_not(client, seed):
     ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60, n=2,
                seed=seed, temperature=1.0)  # fmt: skip
     whole = client.chat.completions.create(**ask)
-    for choice in whole.choices:
-        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    for choice in whole.choices:  # a forced call ends "stop", as OpenAI's and vLLM's do
+        assert choice.finish_reason == "stop" and choice.message.content is None
         assert len(choice.message.tool_calls) == 1
         check_calls(choice.message.tool_calls, ["get_weather"])
     final = streamed(client, **ask)
     assert [calls_of(c) for c in final.choices] == [calls_of(c) for c in whole.choices]
-    assert [c.finish_reason for c in final.choices] == ["tool_calls"] * 2
+    assert [c.finish_reason for c in final.choices] == ["stop"] * 2
     assert [c.message.content for c in final.choices] == [None, None]
     for choice in final.choices:
         check_calls(choice.message.tool_calls, ["get_weather"])
@@ -148,16 +148,26 @@ def test_named_tool_choice_gives_one_valid_call_streamed_and_not(client, seed):
 
 def test_named_arguments_stream_as_pieces_after_the_opening(client):
     ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60, seed=4)
-    deltas = []
-    for chunk in client.chat.completions.create(**ask, stream=True):
-        deltas += [c.delta.tool_calls[0] for c in chunk.choices if c.delta.tool_calls]
-    opening, pieces = deltas[0], deltas[1:]
-    assert (opening.index, opening.function.name, opening.function.arguments) == (
-        0, "get_weather", "",
+    chunks = [c.model_dump() for c in client.chat.completions.create(**ask, stream=True)]
+    # OpenAI's shapes: the role (no content: the answer is a call), the call's opening, then its
+    # argument pieces; the forced call's finish_reason on the last (as vLLM, not on an extra {})
+    role = chunks[0]["choices"][0]
+    assert (role["delta"]["role"], role["delta"]["content"], role["delta"]["tool_calls"]) == (
+        "assistant", None, None,
     )  # fmt: skip
-    assert opening.id.startswith("call_") and all(p.id is None for p in pieces)
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert reasons == [None] * (len(chunks) - 1) + ["stop"]
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"]["tool_calls"] or []]
+    assert all(c["choices"][0]["delta"]["content"] is None for c in chunks[1:])
+    opening, pieces = deltas[0], deltas[1:]
+    assert (opening["index"], opening["type"], opening["function"]) == (
+        0, "function", {"name": "get_weather", "arguments": ""},
+    )  # fmt: skip
+    assert opening["id"].startswith("call_") and len(opening["id"]) == 29
+    assert all(p["index"] == 0 and (p["id"], p["type"], p["function"]["name"]) == (None,) * 3
+               for p in pieces)  # fmt: skip
     assert len(pieces) > 1  # token by token, not one piece at the end
-    jsonschema.validate(json.loads("".join(p.function.arguments for p in pieces)), WEATHER)
+    jsonschema.validate(json.loads("".join(p["function"]["arguments"] for p in pieces)), WEATHER)
 
 
 @pytest.mark.parametrize("parallel", [True, False])
@@ -241,6 +251,13 @@ def test_the_feedback_store_keeps_the_calls_in_hermes_form(served):
     )
     assert row["messages"][0]["role"] == "system" and "<tools>" in row["messages"][0]["content"]
     assert row["params"]["tools"] == TOOLS and row["params"]["tool_choice"] == "named"
+    # the kept turns are what the model was shown: rendered as finetune renders its data (the
+    # plain ChatML template), they are the served prompt exactly, tool results included
+    out = client.chat.completions.create(model="m", messages=SECOND_TURN, tools=TOOLS, max_tokens=2)
+    with FeedbackStore(db) as store:
+        row = store.response(out.id)
+    assert {m["role"] for m in row["messages"]} <= {"system", "user", "assistant"}
+    assert render_chat(row["messages"], True) == row["prompt"]
 
 
 SECOND_TURN = [
@@ -360,18 +377,47 @@ def test_auto_stream_deltas_accumulate_to_the_whole_message(text, size):
     for i in range(0, len(text), size):
         deltas += stream.feed(text[i : i + size])
     more, streamed_reason = stream.end("stop")
+    content, calls = accumulate(deltas + more)
+    assert streamed_reason == reason == ("tool_calls" if "tool_calls" in whole else "stop")
+    assert (content or None) == whole["content"]
+    assert calls == [c["function"] for c in whole.get("tool_calls", [])]
+    assert not any(d.get("content", "").endswith("<") for d in deltas if "<tool" in text)
+
+
+def accumulate(deltas):
+    """(content, [{name, arguments}] by index) as a client accumulates chat deltas."""
     content, calls = "", {}
-    for delta in deltas + more:
+    for delta in deltas:
         content += delta.get("content", "")
         for call in delta.get("tool_calls", []):
             entry = calls.setdefault(call["index"], {"name": None, "arguments": ""})
             entry["name"] = call["function"].get("name", entry["name"])
             entry["arguments"] += call["function"]["arguments"]
-    assert streamed_reason == reason == ("tool_calls" if "tool_calls" in whole else "stop")
-    assert (content or None) == whole["content"]
-    expected = [c["function"] for c in whole.get("tool_calls", [])]
-    assert [calls[i] for i in sorted(calls)] == expected
-    assert not any(d.get("content", "").endswith("<") for d in deltas if "<tool" in text)
+    return content, [calls[i] for i in sorted(calls)]
+
+
+def test_auto_stream_holds_back_only_a_possible_tag_however_the_text_is_cut():
+    # random mixes of tag pieces, whitespace (unicode too) and multi-byte text, cut anywhere: the
+    # stream adds up to the whole answer, and until a whole <tool_call> arrives, what it has not
+    # sent yet is whitespace around at most a beginning of the tag (nothing waits for the end)
+    pieces = ["a", " ", "\n", "<", "<tool", "_call>", "<tool_call>", "</tool_call>", "{", "}",
+              '{"name": "f", "arguments": {"x": "é"}}', "é", "日本", "\u3000", "\xa0", "tool_call>"]  # fmt: skip
+    rnd = random.Random(0)
+    for _ in range(1500):
+        text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12)))
+        plan = ToolPlan("auto", (), parallel=rnd.random() < 0.5)
+        whole, reason = plan.message(text, "stop")
+        stream, deltas, i = ToolStream(plan), [], 0
+        while i < len(text):
+            cut = i + rnd.randint(1, 5)
+            deltas += stream.feed(text[i:cut])
+            i = cut
+            unsent = text[:i][len(accumulate(deltas)[0]) :]
+            if TOOL_CALL_OPEN not in text[:i]:
+                assert TOOL_CALL_OPEN.startswith(unsent.strip()), (text, unsent)
+        more, streamed_reason = stream.end("stop")
+        expected = (whole["content"] or "", [c["function"] for c in whole.get("tool_calls", [])])
+        assert (*accumulate(deltas + more), streamed_reason) == (*expected, reason), text
 
 
 @pytest.mark.parametrize(
@@ -460,3 +506,18 @@ def test_one_call_at_most_without_parallel_tool_calls():
     assert reason == "tool_calls" and message["content"] is None
     message, reason = ToolPlan("auto", ()).message(text, "length")
     assert len(message["tool_calls"]) == 2 and reason == "length"  # cut: the reason stays
+
+
+def test_only_a_call_the_model_chose_ends_tool_calls():
+    # OpenAI and vLLM: auto and required calls end "tool_calls", a forced named call "stop"
+    call = '{"city": "Oslo", "unit": "c"}'
+    named = ToolPlan("named", tuple(TOOLS), "get_weather")
+    assert named.message(call, "stop")[1] == "stop"
+    stream = ToolStream(named)
+    stream.feed(call)
+    assert stream.end("stop")[1] == "stop"
+    required = ToolPlan("required", tuple(TOOLS))
+    assert required.message(f'[{{"name": "get_weather", "arguments": {call}}}]', "stop")[1] == (
+        "tool_calls"
+    )
+    assert named.message(call[:5], "length")[1] == "length"
