@@ -12,7 +12,7 @@ from lmforge.model.logits_rules import LogitsRules
 from lmforge.serve.emit import history_rules
 from lmforge.serve.engine import collect
 from lmforge.serve.request_book import Row
-from lmforge.serve.row_batch import RowBatch, TokenTable
+from lmforge.serve.row_batch import MIN_COLUMNS, RowBatch, TokenTable
 from lmforge.serve.sampling import SamplingParams, apply_logit_bias, logit_bias_of
 
 V = 50
@@ -140,3 +140,18 @@ def test_rows_with_and_without_rules_joining_and_leaving_get_their_answers_alone
     assert [b for i, b in enumerate(batched) if i not in (0, 2)] == [
         a for i, a in enumerate(alone) if i not in (0, 2)
     ]
+
+
+def test_a_long_row_leaving_takes_its_columns_with_it():
+    """A regrouped batch's tables are as wide as its own rows need, not as the widest batch
+    they came from (else a server's tables keep every departed long answer's width)."""
+    params = SamplingParams(
+        max_tokens=90, repetition_penalty=1.3, rules=LogitsRules(no_repeat_ngram_size=2)
+    )
+    long, short = new_row(params, list(range(300))), new_row(params, [4, 1, 4])
+    assert RowBatch.build([long, short], torch.device("cpu")).seen.table.ids.size(1) >= 300
+    rng = random.Random(1)
+    for _ in range(3):  # regrouped once, then kept: still what the rows' histories give
+        batch = step([short], rng)
+    assert batch.history.ids.size(1) == MIN_COLUMNS
+    assert batch.seen.table.ids.size(1) == MIN_COLUMNS
