@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from lmforge.model.generate import apply_repetition_penalty
@@ -155,3 +156,34 @@ def test_a_long_row_leaving_takes_its_columns_with_it():
         batch = step([short], rng)
     assert batch.history.ids.size(1) == MIN_COLUMNS
     assert batch.seen.table.ids.size(1) == MIN_COLUMNS
+
+
+def test_logprobs_stay_the_raw_models_under_the_n_gram_ban(engine):
+    """The no-repeat n-gram ban writes in place into the logits it is handed: the row must get
+    the step's ruled copy, and its logprobs the raw model's (the banned token's among them)."""
+    files = engine.files
+    prompt = files.encode("The river")
+    for _ in range(20):  # a prompt whose raw next token repeats one of its own
+        with torch.inference_mode():
+            raw = torch.log_softmax(engine.model(torch.tensor([prompt]))[0, -1].float(), dim=-1)
+        if int(raw.argmax()) in prompt:
+            break
+        prompt = [*prompt, int(raw.argmax())]
+    assert int(raw.argmax()) in prompt
+    params = SamplingParams(
+        max_tokens=2, temperature=0, logprobs=2, ignore_eos=True,
+        repetition_penalty=1.5, rules=LogitsRules(no_repeat_ngram_size=1),
+    )  # fmt: skip
+    first = next(iter(engine.submit(prompt, params, "ngram-lp")))
+    assert first.token_id not in prompt  # the ban held: not the raw argmax
+    assert first.logprob == pytest.approx(raw[first.token_id].item(), abs=1e-4)
+    assert max(first.top_logprobs.values()) == pytest.approx(raw.max().item(), abs=1e-4)
+
+
+def test_history_rules_leave_the_models_logits_as_they_are():
+    rows = [new_row(kind, [3, 5, 3, 7, 5]) for kind in KINDS]
+    logits = torch.randn(len(rows), V)
+    before = logits.clone()
+    out = history_rules(rows, logits, RowBatch.build(rows, logits.device))
+    assert torch.equal(logits, before)
+    assert out.isinf().any()  # the n-gram rows' bans landed in the copy
