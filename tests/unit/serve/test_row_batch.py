@@ -8,10 +8,11 @@ import random
 import pytest
 import torch
 
-from lmforge.model.generate import apply_repetition_penalty
+from lmforge.model.generate import apply_repetition_penalty, generate
 from lmforge.model.logits_rules import LogitsRules
 from lmforge.serve.emit import history_rules
-from lmforge.serve.engine import collect
+from lmforge.serve.engine import Engine, collect
+from lmforge.serve.prefix_cache import BLOCK_TOKENS
 from lmforge.serve.request_book import Row
 from lmforge.serve.row_batch import MIN_COLUMNS, RowBatch, TokenTable
 from lmforge.serve.sampling import SamplingParams, apply_logit_bias, logit_bias_of
@@ -187,3 +188,32 @@ def test_history_rules_leave_the_models_logits_as_they_are():
     out = history_rules(rows, logits, RowBatch.build(rows, logits.device))
     assert torch.equal(logits, before)
     assert out.isinf().any()  # the n-gram rows' bans landed in the copy
+
+
+def test_a_prompt_from_the_prefix_cache_is_all_in_the_rules_history(engine):
+    """A prompt whose leading blocks the prefix cache supplies still counts them all in the
+    penalty's and the rules' history: its answers, computed or from the cache, are generate()'s
+    on the whole prompt, and a 1-gram ban keeps out a cached token the model would repeat."""
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for step in range(1, 40):  # a prompt whose plain answer repeats a token of its first blocks
+        prompt = [(step * i + 3) % 200 + 5 for i in range(2 * BLOCK_TOKENS + 5)]
+        repeated = set(collect(engine.submit(prompt, plain, f"p{step}")).token_ids)
+        if repeated & set(prompt[: 2 * BLOCK_TOKENS]):
+            break
+    assert repeated & set(prompt[: 2 * BLOCK_TOKENS])
+    rules = LogitsRules(no_repeat_ngram_size=1)
+    params = SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, repetition_penalty=1.3, rules=rules
+    )
+    cached = Engine(engine.model, engine.files, name="pc", prefix_cache_mb=4)
+    cached.start()
+    try:
+        answers = [collect(cached.submit(prompt, params, f"pc{r}")).token_ids for r in range(2)]
+        assert cached.stats().prefix.hits >= 1  # the second answer's prompt came from the cache
+    finally:
+        cached.shutdown(drain=False)
+    with torch.inference_mode():
+        want = generate(engine.model, torch.tensor([prompt]), 8, greedy=True,
+                        repetition_penalty=1.3, rules=rules)[0, len(prompt):].tolist()  # fmt: skip
+    assert answers[0] == answers[1] == want
+    assert not set(want) & set(prompt)
