@@ -75,7 +75,7 @@ def test_kept_state_equals_the_rebuilt_one_as_rows_join_and_leave():
     rng = random.Random(0)
     torch.manual_seed(0)
     rows: list[Row] = []
-    batches = set()
+    last, kept, changes = None, 0, 0
     for _ in range(120):
         if rng.random() < 0.15 or not rows:  # newcomers join
             for _ in range(rng.choice([1, 1, 2])):
@@ -85,8 +85,13 @@ def test_kept_state_equals_the_rebuilt_one_as_rows_join_and_leave():
                 rows.insert(rng.randrange(len(rows) + 1), row)
         if rng.random() < 0.08 and len(rows) > 1:  # one leaves
             rows.pop(rng.randrange(len(rows)))
-        batches.add(id(step(rows, rng)))
-    assert 5 < len(batches) < 60  # kept while the batch stays the same, regrouped when not
+        joined_or_left = last is None or last.rows != rows
+        batch = step(rows, rng)
+        kept += batch is last  # the same RowBatch object, not a rebuilt one
+        changes += joined_or_left
+        assert (batch is last) == (not joined_or_left)  # kept exactly while the rows stay
+        last = batch
+    assert kept > 60 and changes > 10
     assert max(len(r.history or ()) for r in rows) > 64  # past TokenTable's first columns
 
 
