@@ -74,8 +74,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lmforge.constrain import compiler_for
-    from lmforge.serve import emit, sampling
-    from lmforge.serve import engine as engine_module
+    from lmforge.serve import emit, sampling, step_loop
     from lmforge.serve.engine import Engine
 
     engine = small_engine(args.requests)
@@ -94,7 +93,7 @@ def main() -> None:
     ]
     engine.start()
     run_round(engine, requests, "warm")  # warm-up: guide masks cached, allocator warm
-    timings = [(Engine, "_decode"), (engine_module, "emit_tokens"), (emit, "history_rules"),
+    timings = [(Engine, "_decode"), (step_loop, "emit_tokens"), (emit, "history_rules"),
                (sampling, "apply_logit_bias"), (emit, "guided_logits")]  # fmt: skip
     if hasattr(emit, "RowBatch"):  # the kept per-batch state (absent before it was written)
         timings += [(emit.RowBatch, "of"), (emit.RowBatch, "append")]

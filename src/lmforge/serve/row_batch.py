@@ -57,17 +57,21 @@ class TokenTable:
 
     @classmethod
     def gather(cls, picks: list[tuple[TokenTable, int]], device: torch.device) -> TokenTable:
-        """Row j of each (table, j) in picks, in order, as a new table."""
+        """Row j of each (table, j) in picks, in order, as a new table. Its capacity follows
+        the picked rows (at most twice the longest, at least MIN_COLUMNS): the columns a long
+        row that left needed go with it, instead of every later step's table keeping them."""
         if not picks:
             return cls.from_lists([], [], device)
         tables = list({id(table): table for table, _ in picks}.values())
-        capacity = max(table.ids.size(1) for table in tables)
+        lengths, pads = [t.lengths[j] for t, j in picks], [t.pads[j] for t, j in picks]
+        capacity = min(
+            max(table.ids.size(1) for table in tables), max(MIN_COLUMNS, 2 * max(lengths))
+        )
         starts, n = {}, 0
         for table in tables:
             starts[id(table)], n = n, n + table.ids.size(0)
-        whole = torch.cat([table.widened(capacity) for table in tables])
+        whole = torch.cat([table.at_width(capacity) for table in tables])
         index = torch.tensor([starts[id(t)] + j for t, j in picks], device=whole.device)
-        lengths, pads = [t.lengths[j] for t, j in picks], [t.pads[j] for t, j in picks]
         return cls(whole.index_select(0, index), lengths, pads)
 
     def append(self, items: list[tuple[int, int]]) -> None:
@@ -75,7 +79,7 @@ class TokenTable:
         if not items:
             return
         if max(self.lengths[j] for j, _ in items) >= self.ids.size(1):
-            self.ids = self.widened(2 * self.ids.size(1))
+            self.ids = self.at_width(2 * self.ids.size(1))
         js = [j for j, _ in items]
         cols = [self.lengths[j] for j in js]
         dev = self.ids.device
@@ -94,11 +98,12 @@ class TokenTable:
         """Row j's tokens, (1, length): a view."""
         return self.ids[j : j + 1, : self.lengths[j]]
 
-    def widened(self, capacity: int) -> Tensor:
-        """ids with each row's padding out to `capacity` columns."""
+    def at_width(self, capacity: int) -> Tensor:
+        """ids with each row's padding cut or extended to `capacity` columns (capacity must
+        hold the longest row)."""
         extra = capacity - self.ids.size(1)
         if extra <= 0:
-            return self.ids
+            return self.ids[:, :capacity]
         pads = torch.tensor(self.pads, dtype=torch.long, device=self.ids.device)
         return torch.cat([self.ids, pads[:, None].expand(-1, extra)], dim=1)
 

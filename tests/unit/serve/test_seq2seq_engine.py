@@ -403,3 +403,30 @@ def test_logit_bias_and_min_tokens_steer_the_decoder_per_row(s2s_dir):
         assert out["held"][4] == eos and eos not in out["held"][:4]
     finally:
         engine.shutdown()
+
+
+def test_penalized_rows_leaving_a_cohort_keep_decoding_as_generate_seq2seq(s2s_dir):
+    """A cohort's rows ask for a repetition penalty and an n-gram ban and end at different steps:
+    the kept per-row state (serve/row_batch.py), regrouped as rows leave, gives each the tokens
+    generate_seq2seq gives it alone (the penalty counting the decoder's start token)."""
+    engine = Seq2SeqEngine.from_dir(s2s_dir, device="cpu", max_batch_size=4)
+    rules = LogitsRules(no_repeat_ngram_size=2)
+    ids = [engine.files.encode(p) for p in PROMPTS[:3]]
+    lengths = [3, 6, 10]
+    handles = [  # queued before the loop starts: one cohort
+        engine.submit(ids[i], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                             repetition_penalty=1.5, rules=rules), f"r{i}")
+        for i, n in enumerate(lengths)
+    ]  # fmt: skip
+    engine.start()
+    try:
+        outs = [collect(h).token_ids for h in handles]
+        want = [
+            _reference(engine, [ids[i]], n, repetition_penalty=1.5, rules=rules)[0]
+            for i, n in enumerate(lengths)
+        ]
+        assert outs == want and [len(o) for o in outs] == lengths
+        assert engine.stats().prefills == 1  # one cohort, regrouped as its rows left
+        assert want[2] != _reference(engine, ids[2:], 10)[0]  # the penalty and ban did decide
+    finally:
+        engine.shutdown()
