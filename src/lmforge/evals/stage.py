@@ -106,7 +106,7 @@ class EvalConfig(StageConfig):
         eval.json, so a result cached before that record (or before eval left max_length out)
         is not reused. None for our own models (they set none): their cached results stay
         valid."""
-        from lmforge.serve.seq2seq_engine import is_encoder_decoder
+        from lmforge.model.convert import is_encoder_decoder
 
         given = [
             (spec.generation or self.generation).model_fields_set

@@ -34,9 +34,8 @@ def model_tasks(model_dir: Path | str) -> ModelTasks:
     """An encoder (BERT/RoBERTa, a classifier's or mean-pooled classifier's encoder) embeds only,
     as vLLM serves pooling models; a decoder generates and embeds (last-token pooling); an
     encoder-decoder generates only."""
-    from lmforge.model.convert import read_config, resolve_model_dir
+    from lmforge.model.convert import is_encoder_decoder, read_config, resolve_model_dir
     from lmforge.model.convert.hf_import import hf_config_to_model_config
-    from lmforge.serve.seq2seq_engine import is_encoder_decoder
 
     if is_encoder_decoder(model_dir):
         return ModelTasks(generate=True, embed=False)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError
+from lmforge.model.convert import is_encoder_decoder
 from lmforge.model.generate import KVCache
 from lmforge.model.seq2seq_generate import right_pad, source_row
 from lmforge.serve.engine import Engine
@@ -39,14 +40,6 @@ from lmforge.tokenizer.files import TokenizerFiles
 from lmforge.tokenizer.generation import eos_ids
 
 log = logging.getLogger(__name__)
-
-
-def is_encoder_decoder(model_dir: Path | str) -> bool:
-    """config.json of a BART/T5-family or lmforge Seq2SeqLM export."""
-    from lmforge.model.convert import read_config, resolve_model_dir
-
-    hf = read_config(resolve_model_dir(Path(model_dir)))
-    return bool(hf.get("is_encoder_decoder")) or hf.get("model_type") in ("bart", "t5")
 
 
 def engine_class(model_dir: Path | str) -> type[Engine]:

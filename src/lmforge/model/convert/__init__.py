@@ -37,6 +37,7 @@ package is their one public entry point: `from lmforge.model.convert import load
 from lmforge.model.convert.classifier import ClassifierHead, load_classifier
 from lmforge.model.convert.export import MEAN_POOLING_REFUSAL, NATIVE_CLASSIFIER, save_pretrained
 from lmforge.model.convert.files import (
+    is_encoder_decoder,
     model_display_name,
     read_config,
     read_tensors,
@@ -65,6 +66,7 @@ __all__ = [
     "ClassifierHead",
     "QuantizedLoad",
     "hf_config_to_model_config",
+    "is_encoder_decoder",
     "load_classifier",
     "load_pretrained",
     "model_class",

@@ -89,6 +89,13 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise InputError(f"{path} is not valid JSON: {err}") from None
 
 
+def is_encoder_decoder(model_dir: Path | str) -> bool:
+    """config.json of a BART/T5-family or lmforge Seq2SeqLM export: eval, serve and generate
+    each pick their encoder-decoder path from it."""
+    hf = read_config(resolve_model_dir(Path(model_dir)))
+    return bool(hf.get("is_encoder_decoder")) or hf.get("model_type") in ("bart", "t5")
+
+
 def read_tensor(model_dir: Path, name: str) -> Tensor | None:
     """One tensor of a checkpoint without reading the others (safetensors), or None."""
     index = model_dir / "model.safetensors.index.json"
