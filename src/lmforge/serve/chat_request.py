@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from lmforge.constrain import ConstraintError
 from lmforge.constrain.json_schema import schema_grammar
 from lmforge.serve.api_error import APIError
-from lmforge.serve.request_models import MAX_TOP_LOGPROBS_CHAT, _Request
+from lmforge.serve.request_models import MAX_TOP_LOGPROBS_CHAT, BaseRequest
 from lmforge.serve.tools import ToolPlan
 
 
@@ -95,7 +95,7 @@ class ChatMessage(BaseModel):
         return "".join(texts)
 
 
-class ChatRequest(_Request):
+class ChatRequest(BaseRequest):
     messages: list[ChatMessage]
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)

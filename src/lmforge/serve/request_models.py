@@ -47,7 +47,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class _Request(BaseModel):
+class BaseRequest(BaseModel):
     """Fields completions and chat share; vLLM-style extras (top_k, repetition_penalty, ignore_eos,
     min_tokens) are honoured; the fields left unset take the model's generation_config where it
     sets them (serve/request_defaults.py). logit_bias changes which token is drawn, never the
@@ -177,7 +177,7 @@ class _Request(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(BaseRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS_COMPLETION)
     echo: bool = False
