@@ -10,11 +10,15 @@ The texts sent, concatenated, equal decoding all the ids (cut at the stop string
 stop strings are not looked for before min_tokens: a push with stops_active=False (the caller's
 row is still short of min_tokens) never ends the text, and a stop string that lies wholly in the
 text written by such pushes never ends it later either.
+
+Special tokens are dropped from the text, except those named in keep_special: a tool request under
+tool_choice "auto" keeps the Hermes `<tool_call>` tags, which some models (Hermes 2 Pro, Qwen 2.5)
+make special tokens, so that their calls can be read (serve/tools.py ToolPlan.kept_special).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
@@ -23,8 +27,12 @@ REPLACEMENT = "\ufffd"
 class TextStream:
     """One request's generated text, revealed token by token."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: Sequence[str] = (), keep_special: Collection[str] = ()
+    ) -> None:
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        # None: every special token is dropped; else the ids dropped (the special ones not kept)
+        self.dropped = _dropped_ids(tokenizer, keep_special) if keep_special else None
         self.stop = tuple(s for s in stop if s)
         self.longest_stop = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
@@ -35,7 +43,10 @@ class TextStream:
         self.stops_from = 0  # a stop string counts only if it ends past this index of self.text
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.dropped is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        kept = [i for i in ids if i not in self.dropped]  # what skip_special_tokens does, less some
+        return self.tokenizer.decode(kept, skip_special_tokens=False)
 
     def push(self, token_id: int, stops_active: bool = True) -> tuple[str, bool]:
         """Adds a token; returns (text to send now, whether a stop string was reached).
@@ -85,3 +96,9 @@ class TextStream:
         upto = max(upto, self.sent)
         out, self.sent = self.text[self.sent : upto], upto
         return out
+
+
+def _dropped_ids(tokenizer: Any, keep: Collection[str]) -> frozenset[int]:
+    """The ids of the tokenizer's special tokens whose text is not in `keep`."""
+    added = tokenizer.get_added_tokens_decoder()  # id -> AddedToken
+    return frozenset(i for i, tok in added.items() if tok.special and tok.content not in keep)

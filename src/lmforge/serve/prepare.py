@@ -175,9 +175,10 @@ class RequestPreparer:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         default = self._checkpoint_max_tokens(engine, len(ids), req.token_limit)  # None: the room
         max_tokens = self._token_limit(engine, len(ids), req.token_limit, default, "messages")
+        kept = plan.kept_special if plan is not None else ()  # auto: the tool-call tags
         prep = Prepared(
             "chat", new_id("chatcmpl"), req.model, engine,
-            self._jobs(req, 0, ids, text, max_tokens, logprobs), len(ids),
+            self._jobs(req, 0, ids, text, max_tokens, logprobs, kept), len(ids),
             messages=recorded, sources=sources, refused=refused, stream=req.stream,
             include_usage=req.include_usage, tools=plan,
         )  # fmt: skip
@@ -252,7 +253,14 @@ class RequestPreparer:
             raise APIError(400, str(exc), param="max_tokens") from None
 
     def _jobs(
-        self, req: Any, start: int, ids: list[int], text: str, max_tokens: int, logprobs: int | None
+        self,
+        req: Any,
+        start: int,
+        ids: list[int],
+        text: str,
+        max_tokens: int,
+        logprobs: int | None,
+        keep_special: tuple[str, ...] = (),
     ) -> list[Job]:
         engine = self.engine_for(req.model)
         jobs, defaults = [], engine.request_defaults
@@ -273,6 +281,7 @@ class RequestPreparer:
                 seed=None if req.seed is None else req.seed + i,
                 logprobs=logprobs,
                 ignore_eos=req.ignore_eos,
+                keep_special=keep_special,
             )
             try:
                 params.validate()

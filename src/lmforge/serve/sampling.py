@@ -43,6 +43,7 @@ class SamplingParams:
     rules: LogitsRules = field(default=NO_RULES)  # the checkpoint's n-gram/min-length/forced rules
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the row's logits
     guide: Guide | None = None  # structured output: only tokens its grammar allows (constrain/)
+    keep_special: tuple[str, ...] = ()  # special tokens the text keeps (auto tool calls' tags)
 
     @property
     def greedy(self) -> bool:
@@ -83,6 +84,12 @@ class SamplingParams:
                 "guide",
                 self.guide is None or (isinstance(self.guide, Guide) and self.guide.compiled),
                 "None or a compiled constrain.Guide (GuideCompiler.compile)",
+            ),
+            (
+                "keep_special",
+                isinstance(self.keep_special, tuple)
+                and all(isinstance(s, str) and s for s in self.keep_special),
+                "a tuple of non-empty strings (special tokens' texts)",
             ),
             ("seed", self.seed is None or type(self.seed) is int, "an int or None"),
             (

@@ -224,7 +224,7 @@ class StepLoop:
     def _start(self, row: Row) -> None:
         """A request's text stream, (when sampling) its generator and (when a penalty or a rule
         needs it) its history, at its prefill."""
-        row.stream = TextStream(self.files.tokenizer, row.params.stop)
+        row.stream = TextStream(self.files.tokenizer, row.params.stop, row.params.keep_special)
         if not row.params.greedy:
             row.generator = new_generator(row.params.seed, self.device)
         if row.params.sees_history:

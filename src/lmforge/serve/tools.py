@@ -23,7 +23,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.tokenizer.hermes_tools import TOOL_CALL_OPEN, assistant_text, parse_tool_calls
+from lmforge.tokenizer.hermes_tools import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    assistant_text,
+    parse_tool_calls,
+)
 
 Call = tuple[str, str]  # (function name, arguments as JSON text)
 
@@ -85,6 +90,14 @@ class ToolPlan:
         if self.mode == "required":
             return [t["function"]["name"] for t in self.tools]
         return []
+
+    @property
+    def kept_special(self) -> tuple[str, ...]:
+        """The special tokens the answer's text keeps: "auto" finds calls by their Hermes tags,
+        which some models (Hermes 2 Pro, Qwen 2.5) make special tokens, dropped otherwise. Only
+        the tags, not every special token as vLLM's hermes parser asks (skip_special_tokens
+        false): the content stays what a request without tools gets (no <|im_start|> in it)."""
+        return (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if self.mode == "auto" else ()
 
     def schema(self) -> Any:
         """The JSON schema the answer is guided by (named and required only)."""

@@ -145,6 +145,8 @@ def test_requests_without_logprobs_get_none(engine):
 def test_bad_requests_are_refused_with_the_field_named(engine):
     with pytest.raises(InputError, match="top_p"):
         SamplingParams(top_p=0).validate()
+    with pytest.raises(InputError, match="keep_special must be a tuple of non-empty strings"):
+        SamplingParams(keep_special=("",)).validate()
     with pytest.raises(InputError, match="temperature"):
         engine.submit([1, 2], SamplingParams(temperature=-1), "bad-t")
     with pytest.raises(InputError, match="context of 128"):

@@ -1,4 +1,5 @@
-"""Streamed text: whole characters only, stop strings never sent, pieces add up to the decode."""
+"""Streamed text: whole characters only, stop strings never sent, pieces add up to the decode,
+special tokens dropped but for the ones a request keeps."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from .conftest import micro_model
 UNICODE = "héllo wörld — 世界 🙂 ok"
 
 
-def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], bool]:
-    s = TextStream(tokenizer, stop)
+def stream(
+    tokenizer, ids: list[int], stop: tuple[str, ...] = (), keep: tuple[str, ...] = ()
+) -> tuple[list[str], bool]:
+    s = TextStream(tokenizer, stop, keep)
     pieces = []
     for t in ids:
         text, stopped = s.push(t)
@@ -145,3 +148,22 @@ def test_engine_streams_forced_multibyte_output_intact(serve_model_dir, monkeypa
     assert [e.token_id for e in events] == target
     assert all(REPLACEMENT not in e.text for e in events)
     assert "".join(e.text for e in events) == UNICODE
+
+
+def test_only_the_kept_special_tokens_stay_in_the_text():
+    from tiny_tokenizers import train_byte_bpe
+
+    from lmforge.tokenizer.hermes_tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+    from unit.finetune.helpers import CORPUS, SPECIALS
+
+    tok = train_byte_bpe(CORPUS, 300, [*SPECIALS, TOOL_CALL_OPEN, TOOL_CALL_CLOSE])
+    call = f'{TOOL_CALL_OPEN}\n{{"city": "{UNICODE}"}}\n{TOOL_CALL_CLOSE}'
+    ids = tok.encode(f"Let me check.<|im_start|>{call}<|pad|>").ids
+    assert len(tok.encode(TOOL_CALL_OPEN).ids) == 1  # one special id each
+    kept, stopped = stream(tok, ids, keep=(TOOL_CALL_OPEN, TOOL_CALL_CLOSE))
+    assert not stopped and "".join(kept) == f"Let me check.{call}"
+    dropped, _ = stream(tok, ids)  # the default: every special token dropped, as before
+    plain = call.replace(TOOL_CALL_OPEN, "").replace(TOOL_CALL_CLOSE, "")
+    assert "".join(dropped) == f"Let me check.{plain}" == tok.decode(ids)
+    cut, stopped = stream(tok, ids, stop=(TOOL_CALL_CLOSE,), keep=(TOOL_CALL_OPEN, TOOL_CALL_CLOSE))
+    assert stopped and "".join(cut) == f"Let me check.{call[: -len(TOOL_CALL_CLOSE)]}"

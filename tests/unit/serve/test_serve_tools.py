@@ -23,6 +23,7 @@ from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.tools import ToolPlan, ToolStream
 from lmforge.tokenizer.chat import CHATML_TEMPLATE, render_chat
 from lmforge.tokenizer.hermes_tools import (
+    TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     hermes_messages,
     parse_tool_calls,
@@ -61,9 +62,11 @@ TAUGHT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parame
 TAUGHT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
 
 
-def micro_chat_model(tmp_path_factory, name, teach=None):
+def micro_chat_model(tmp_path_factory, name, teach=None, special_tags=False):
     """A micro chat model dir with room for the tool prompt (about 600-1,000 byte-level tokens);
-    with `teach` (messages, tools, answer), trained until it writes that answer greedily."""
+    with `teach` (messages, tools, answer), trained until it writes that answer greedily; with
+    special_tags, its tokenizer has <tool_call> and </tool_call> as added special tokens (as
+    Hermes 2 Pro's and Qwen 2.5's)."""
     import torch
 
     from lmforge.model.config import preset_config
@@ -73,6 +76,12 @@ def micro_chat_model(tmp_path_factory, name, teach=None):
     from unit.finetune.helpers import make_tokenizer_dir
 
     tok = make_tokenizer_dir(tmp_path_factory.mktemp(f"{name}-tok"))
+    if special_tags:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok / "tokenizer.json"))
+        tokenizer.add_special_tokens([TOOL_CALL_OPEN, TOOL_CALL_CLOSE])
+        tokenizer.save(str(tok / "tokenizer.json"))
     out = tmp_path_factory.mktemp(name)
     files = TokenizerFiles.load(tok)
     torch.manual_seed(0)
@@ -96,11 +105,17 @@ def micro_chat_model(tmp_path_factory, name, teach=None):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, openai_server):
+def special_dir(tmp_path_factory):
+    """The taught model over a tokenizer whose tool-call tags are special tokens."""
+    return micro_chat_model(tmp_path_factory, "special", (CHAT, TAUGHT_TOOLS, TAUGHT), True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, openai_server, special_dir):
     db = tmp_path_factory.mktemp("tools") / "f.db"
     taught = micro_chat_model(tmp_path_factory, "taught", (CHAT, TAUGHT_TOOLS, TAUGHT))
     models = [{"name": "m", "path": micro_chat_model(tmp_path_factory, "random")},
-              {"name": "taught", "path": taught}]  # fmt: skip
+              {"name": "taught", "path": taught}, {"name": "special", "path": special_dir}]  # fmt: skip
     return openai_server(models, feedback_db=db), db
 
 
@@ -225,6 +240,26 @@ def test_auto_reads_the_calls_a_model_writes_streamed_and_not(client):
     assert calls_of(final) == calls_of(whole)
     plain = client.chat.completions.create(**ask, tool_choice="none").choices[0]
     assert (plain.finish_reason, plain.message.content) == ("stop", TAUGHT)  # no parsing
+
+
+def test_auto_reads_calls_whose_tags_are_special_tokens(client, special_dir):
+    # the tags are single special ids here, which the text drops unless auto keeps them
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    files = TokenizerFiles.load(special_dir)
+    added = files.tokenizer.get_added_tokens_decoder()
+    assert {t.content for t in added.values() if t.special} >= {TOOL_CALL_OPEN, TOOL_CALL_CLOSE}
+    assert len(files.encode(TOOL_CALL_OPEN)) == 1
+    ask = dict(model="special", messages=CHAT, tools=TAUGHT_TOOLS, max_tokens=120, temperature=0)
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert (whole.finish_reason, whole.message.content) == ("tool_calls", "Let me check.")
+    assert calls_of(whole) == [("get_weather", '{"city": "Oslo"}')]
+    final = streamed(client, **ask).choices[0]
+    assert (final.finish_reason, final.message.content) == ("tool_calls", "Let me check.")
+    assert calls_of(final) == calls_of(whole)
+    plain = client.chat.completions.create(**ask, tool_choice="none").choices[0]  # tags dropped
+    untagged = TAUGHT.replace(TOOL_CALL_OPEN, "").replace(TOOL_CALL_CLOSE, "")
+    assert (plain.finish_reason, plain.message.content) == ("stop", untagged)
 
 
 def test_greedy_cached_answers_get_new_call_ids(client):
