@@ -4,9 +4,10 @@
 tokenized as transformers' tokenizer(text) does (an encoder's [CLS] ... [SEP]); token ids are the
 model's input as sent (no specials added). Every input must fit the model's context: a longer one
 is a 400 naming its index and length (vLLM's behaviour), unless `truncate_prompt_tokens` (vLLM's
-extra parameter; -1: the context) asks to keep its first k tokens, specials kept for a text, as
-transformers' truncation=True and sentence-transformers cut (vLLM keeps the last k of a token-id
-input).
+extra parameter; -1: the context) cuts it to k tokens as vLLM does for an embedding model: a text
+keeps its first k tokens with its specials (transformers' truncation=True on the right, the side
+vLLM's tokenizer cuts for pooling models, and sentence-transformers' cut); a token-id input keeps
+its last k (vLLM's cut of token prompts, with no specials to keep).
 An empty input is a 400 (as OpenAI's). `encoding_format` "float" (lists of numbers) or "base64"
 (little-endian float32 bytes, as OpenAI sends them); `dimensions` only as the model's own size
 (no Matryoshka truncation); `user` is accepted and ignored. Embeddings go around the response
@@ -90,7 +91,7 @@ def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
             if any(t < 0 or t >= embedder.vocab_size for t in x):
                 raise APIError(400, f"input[{i}] has token ids outside the vocabulary of "
                                f"{embedder.vocab_size}", param="input")  # fmt: skip
-            ids = x[:cut] if cut is not None else list(x)
+            ids = list(x[-cut:] if cut is not None else x)  # vLLM: the last k token ids
         if not ids:  # a tokenizer that drops the whole text (no specials added)
             raise APIError(400, f"input[{i}] has no tokens once tokenized", param="input")
         if len(ids) > context:
