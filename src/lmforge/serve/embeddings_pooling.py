@@ -18,6 +18,8 @@ makes the model's max length: a longer input is refused unless truncate_prompt_t
 A modules.json is always checked, flags or not: a module this server does not apply (a Dense
 projection) would change the vectors. sentence-transformers' older layout, the Transformer module
 in 0_Transformer/, is read there (model.convert.resolve_model_dir loads the model from it).
+Shorter vectors (`dimensions`) only for a Matryoshka model, as vLLM decides it: its config.json
+lists `matryoshka_dimensions` or says `is_matryoshka` (`checkpoint_matryoshka`).
 """
 
 from __future__ import annotations
@@ -121,6 +123,25 @@ def checkpoint_max_length(model_dir: Path | str) -> int | None:
         raise ConfigError(f"{path}: max_seq_length {length!r} is not a positive whole number of "
                           "tokens; mend it or remove the key")  # fmt: skip
     return length
+
+
+def checkpoint_matryoshka(model_dir: Path | str) -> tuple[int, ...] | None:
+    """The sizes a Matryoshka model's vectors may be cut to, as vLLM reads its config.json: its
+    matryoshka_dimensions, or () (any size) under is_matryoshka true; None for any other model,
+    whose vectors are not trained to be cut."""
+    from lmforge.model.convert import read_config, resolve_model_dir
+
+    model_dir = resolve_model_dir(Path(model_dir))
+    config = read_config(model_dir)
+    dims = config.get("matryoshka_dimensions")
+    if dims is None:
+        return () if config.get("is_matryoshka") is True else None
+    if not isinstance(dims, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims
+    ):
+        raise ConfigError(f"{model_dir / 'config.json'}: matryoshka_dimensions {dims!r} is not a "
+                          "list of positive sizes; mend it or remove the key")  # fmt: skip
+    return tuple(sorted(set(dims)))
 
 
 def _st_modules(model_dir: Path | str) -> tuple[Path, list[dict]] | None:

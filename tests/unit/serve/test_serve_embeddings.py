@@ -625,3 +625,56 @@ def test_shutdown_drains_every_engine_at_once(encoder_dir):
     for futures in busy:
         with pytest.raises(EngineClosed):
             futures[1].result(timeout=0)  # what the drain did not reach failed, not left hanging
+
+
+def test_matryoshka_dimensions_cut_then_renormalise_only_where_the_config_says(
+    encoder_dir, tmp_path
+):
+    import asyncio
+
+    from lmforge.serve.embeddings_api import EmbeddingRequest, create_embeddings
+    from lmforge.serve.metrics import ServerMetrics
+    from lmforge.serve.protocol import APIError
+    from lmforge.serve.state import ServeState
+
+    def with_config(name, **keys):
+        out = tmp_path / name
+        shutil.copytree(encoder_dir, out)
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, **keys}))
+        return out
+
+    settings = ServeSettings(models=[{"name": "m", "path": encoder_dir}])
+    listed = with_config("listed", matryoshka_dimensions=[32, 16])
+    assert embedder_settings(settings, listed)["matryoshka"] == (16, 32)
+    assert embedder_settings(settings, encoder_dir)["matryoshka"] is None  # not Matryoshka
+    assert embedder_settings(settings, with_config("any", is_matryoshka=True))["matryoshka"] == ()
+    with pytest.raises(ConfigError, match=r"config\.json: matryoshka_dimensions 'x' is not"):
+        embedder_settings(settings, with_config("bad", matryoshka_dimensions="x"))
+
+    def embed(path, normalize=True, **body):
+        keywords = {**embedder_settings(settings, path), "normalize": normalize}
+        embedder = Embedder(load_pretrained(path), TokenizerFiles.load(path), name="m", **keywords)
+        state = ServeState(settings=settings, metrics=ServerMetrics(), embedders={"m": embedder})
+        try:
+            embedder.start()
+            out = asyncio.run(create_embeddings(state, EmbeddingRequest(model="m", **body)))
+            return np.array(out["data"][0]["embedding"])
+        finally:
+            embedder.shutdown()
+
+    full = embed(listed, input=TEXTS[0])
+    short = embed(listed, input=TEXTS[0], dimensions=16)
+    assert short.shape == (16,) and abs(np.linalg.norm(short) - 1) < 1e-5
+    assert np.abs(short - full[:16] / np.linalg.norm(full[:16])).max() < 1e-6
+    raw = embed(listed, normalize=False, input=TEXTS[0], dimensions=16)  # as vLLM: cut only
+    assert np.abs(raw - embed(listed, normalize=False, input=TEXTS[0])[:16]).max() < 1e-6
+    assert embed(listed, input=TEXTS[0], dimensions=64).shape == (64,)  # its own size
+    with pytest.raises(APIError, match="dimensions=24: m gives vectors of 16, 32 dimensions"):
+        embed(listed, input="x", dimensions=24)
+    assert embed(with_config("any2", is_matryoshka=True), input="x", dimensions=24).shape == (24,)
+    with pytest.raises(APIError, match="dimensions=65: m gives vectors of 1 to 64 dimensions"):
+        embed(with_config("any3", is_matryoshka=True), input="x", dimensions=65)
+    with pytest.raises(APIError, match="dimensions=16: m makes 64-dimensional embeddings and is "
+                       "not a Matryoshka model"):  # fmt: skip
+        embed(encoder_dir, input="x", dimensions=16)
