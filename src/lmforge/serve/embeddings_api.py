@@ -12,8 +12,9 @@ An empty input is a 400 (as OpenAI's). `encoding_format` "float" (lists of numbe
 (little-endian float32 bytes, as OpenAI sends them); `dimensions` as the model's own size, or,
 for a Matryoshka model only (its config.json's matryoshka_dimensions / is_matryoshka, as vLLM
 reads them), a smaller one: the vector's first `dimensions` values, L2-normalised again when the
-model's vectors are (vLLM's order: cut, then normalise); `user` is accepted and ignored. Embeddings go around the response
-cache and the feedback store: a vector is cheap to recompute and not something to rate.
+model's vectors are (vLLM's order: cut, then normalise); `user` is accepted and ignored.
+Embeddings go around the response cache and the feedback store: a vector is cheap to recompute
+and not something to rate.
 """
 
 from __future__ import annotations
