@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.serve.embeddings_pooling import (
+    checkpoint_matryoshka,
+    checkpoint_max_length,
     checkpoint_normalize,
     checkpoint_pooling,
     pool_states,
@@ -61,16 +63,22 @@ class Embedder:
         max_queue: int = 256,
         max_batch_tokens: int = MAX_BATCH_TOKENS,
         threads: int | None = None,
+        max_seq_length: int | None = None,
+        matryoshka: tuple[int, ...] | None = None,
     ) -> None:
         configure_threads(threads)
+        block_size = model.config.block_size
         self.model = model.eval()
         self.files = files
         self.name = name
         self.causal: bool = model.config.causal
         self.pooling = resolve_pooling(pooling, self.causal, name)
         self.normalize = normalize
-        self.max_context: int = model.config.block_size
+        # the longest input: the context, or a sentence-transformers dir's shorter max_seq_length
+        self.max_context: int = min(block_size, max_seq_length or block_size)
         self.dim: int = model.config.n_embd
+        # sizes `dimensions` may ask for (() = any up to dim), None: not a Matryoshka model
+        self.matryoshka = matryoshka
         self.vocab_size: int = model.config.vocab_size
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_batch_tokens = max(max_batch_tokens, self.max_context)  # one input always fits
@@ -210,7 +218,11 @@ class Embedder:
 def embedder_settings(settings: Any, model_dir: Path) -> dict[str, Any]:
     """The Embedder keywords a ServeSettings gives model_dir: --embed-pooling, or under auto the
     pooling its checkpoint names (embeddings_pooling.checkpoint_pooling); --embed-normalize, or
-    unset, its modules.json's Normalize module (checkpoint_normalize), else on."""
+    unset, its modules.json's Normalize module (checkpoint_normalize), else on; the longest input
+    its sentence_bert_config.json allows (checkpoint_max_length, which checks modules.json even
+    when both flags are given: a Dense module is refused); the Matryoshka sizes its config.json
+    declares (checkpoint_matryoshka)."""
+    max_seq_length = checkpoint_max_length(model_dir)
     pooling, normalize = settings.embed_pooling, settings.embed_normalize
     if pooling == "auto":
         pooling = checkpoint_pooling(model_dir) or "auto"
@@ -219,5 +231,6 @@ def embedder_settings(settings: Any, model_dir: Path) -> dict[str, Any]:
     return {
         "pooling": pooling, "normalize": normalize,
         "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
-        "threads": settings.torch_threads(),
+        "threads": settings.torch_threads(), "max_seq_length": max_seq_length,
+        "matryoshka": checkpoint_matryoshka(model_dir),
     }  # fmt: skip

@@ -4,13 +4,17 @@
 tokenized as transformers' tokenizer(text) does (an encoder's [CLS] ... [SEP]); token ids are the
 model's input as sent (no specials added). Every input must fit the model's context: a longer one
 is a 400 naming its index and length (vLLM's behaviour), unless `truncate_prompt_tokens` (vLLM's
-extra parameter; -1: the context) asks to keep its first k tokens, specials kept for a text, as
-transformers' truncation=True and sentence-transformers cut (vLLM keeps the last k of a token-id
-input).
+extra parameter; -1: the context) cuts it to k tokens as vLLM does for an embedding model: a text
+keeps its first k tokens with its specials (transformers' truncation=True on the right, the side
+vLLM's tokenizer cuts for pooling models, and sentence-transformers' cut); a token-id input keeps
+its last k (vLLM's cut of token prompts, with no specials to keep).
 An empty input is a 400 (as OpenAI's). `encoding_format` "float" (lists of numbers) or "base64"
-(little-endian float32 bytes, as OpenAI sends them); `dimensions` only as the model's own size
-(no Matryoshka truncation); `user` is accepted and ignored. Embeddings go around the response
-cache and the feedback store: a vector is cheap to recompute and not something to rate.
+(little-endian float32 bytes, as OpenAI sends them); `dimensions` as the model's own size, or,
+for a Matryoshka model only (its config.json's matryoshka_dimensions / is_matryoshka, as vLLM
+reads them), a smaller one: the vector's first `dimensions` values, L2-normalised again when the
+model's vectors are (vLLM's order: cut, then normalise); `user` is accepted and ignored.
+Embeddings go around the response cache and the feedback store: a vector is cheap to recompute
+and not something to rate.
 """
 
 from __future__ import annotations
@@ -65,12 +69,7 @@ def embedder_for(state: Any, model: str) -> Any:
 def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
     """Each input's token ids, checked: non-empty, inside the vocabulary, within the context
     (or cut by truncate_prompt_tokens); a 400 naming the input's index otherwise."""
-    if req.dimensions is not None and req.dimensions != embedder.dim:
-        raise APIError(
-            400, f"dimensions={req.dimensions}: {req.model} makes {embedder.dim}-dimensional "
-            "embeddings and does not shorten them; leave dimensions out or send "
-            f"{embedder.dim}", param="dimensions",
-        )  # fmt: skip
+    _check_dimensions(embedder, req)
     inputs, context = req.inputs(), embedder.max_context
     if not inputs:
         raise APIError(400, "input is empty: send a string, a list of strings or token ids",
@@ -90,7 +89,7 @@ def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
             if any(t < 0 or t >= embedder.vocab_size for t in x):
                 raise APIError(400, f"input[{i}] has token ids outside the vocabulary of "
                                f"{embedder.vocab_size}", param="input")  # fmt: skip
-            ids = x[:cut] if cut is not None else list(x)
+            ids = list(x[-cut:] if cut is not None else x)  # vLLM: the last k token ids
         if not ids:  # a tokenizer that drops the whole text (no specials added)
             raise APIError(400, f"input[{i}] has no tokens once tokenized", param="input")
         if len(ids) > context:
@@ -101,6 +100,35 @@ def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:
             )  # fmt: skip
         rows.append(ids)
     return rows
+
+
+def _check_dimensions(embedder: Any, req: EmbeddingRequest) -> None:
+    """A 400 unless `dimensions` is unset, the model's size, or a size a Matryoshka model's
+    config allows."""
+    d, dim = req.dimensions, embedder.dim
+    if d is None or d == dim:
+        return
+    sizes = embedder.matryoshka
+    if sizes is None:
+        raise APIError(
+            400, f"dimensions={d}: {req.model} makes {dim}-dimensional embeddings and is not a "
+            f"Matryoshka model, so it does not shorten them; leave dimensions out or send {dim}",
+            param="dimensions",
+        )  # fmt: skip
+    allowed = [s for s in sizes if s <= dim] if sizes else None
+    if d > dim or (allowed is not None and d not in allowed):
+        valid = ", ".join(map(str, allowed)) if allowed is not None else f"1 to {dim}"
+        raise APIError(400, f"dimensions={d}: {req.model} gives vectors of {valid} dimensions",
+                       param="dimensions")  # fmt: skip
+
+
+def shorten(vectors: list[np.ndarray], dimensions: int | None, normalize: bool) -> list[np.ndarray]:
+    """Matryoshka vectors cut to their first `dimensions` values, L2-normalised again when the
+    model normalises (as vLLM: cut, then normalise); unchanged without `dimensions`."""
+    if dimensions is None:
+        return vectors
+    cut = [v[:dimensions] for v in vectors]
+    return [v / max(float(np.linalg.norm(v)), 1e-12) for v in cut] if normalize else cut
 
 
 def _tokenized(embedder: Any, text: str, cut: int | None, i: int) -> list[int]:
@@ -158,5 +186,6 @@ async def create_embeddings(state: Any, req: EmbeddingRequest) -> dict[str, Any]
     rows = await asyncio.to_thread(input_rows, embedder, req)
     tokens = sum(len(r) for r in rows)
     vectors = await embed_rows(embedder, rows, state.settings.request_timeout_s)
+    vectors = shorten(vectors, req.dimensions, embedder.normalize)
     state.metrics.count_embeddings(req.model, len(rows), tokens)
     return embedding_response(req.model, vectors, req.encoding_format, tokens)

@@ -12,7 +12,14 @@ Which one (`lmforge serve --embed-pooling`, default auto): a pooling named on th
 under auto, the one a sentence-transformers checkpoint was trained with (`checkpoint_pooling`:
 modules.json's Pooling module, e.g. BGE's CLS, MiniLM's mean), as vLLM reads it; else mean for an
 encoder and last for a decoder (`resolve_pooling`). Normalising likewise follows modules.json
-where there is one (`checkpoint_normalize`: a Normalize module or not), as vLLM does.
+where there is one (`checkpoint_normalize`: a Normalize module or not), as vLLM does, and so does
+the longest input (`checkpoint_max_length`: sentence_bert_config.json's max_seq_length, which vLLM
+makes the model's max length: a longer input is refused unless truncate_prompt_tokens cuts it).
+A modules.json is always checked, flags or not: a module this server does not apply (a Dense
+projection) would change the vectors. sentence-transformers' older layout, the Transformer module
+in 0_Transformer/, is read there (model.convert.resolve_model_dir loads the model from it).
+Shorter vectors (`dimensions`) only for a Matryoshka model, as vLLM decides it: its config.json
+lists `matryoshka_dimensions` or says `is_matryoshka` (`checkpoint_matryoshka`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ ST_POOLING = "sentence_transformers.models.Pooling"
 ST_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
             "pooling_mode_lasttoken": "last"}  # fmt: skip
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
-ST_APPLIED = {"sentence_transformers.models.Transformer", ST_POOLING, ST_NORMALIZE}
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+ST_APPLIED = {ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE}
+ST_CONFIG = "sentence_bert_config.json"  # in the Transformer module's folder: max_seq_length
 
 POOLINGS = ("auto", "mean", "cls", "last")
 
@@ -94,12 +103,57 @@ def checkpoint_normalize(model_dir: Path | str) -> bool | None:
     return None if found is None else any(m.get("type") == ST_NORMALIZE for m in found[1])
 
 
-def _st_modules(model_dir: Path | str) -> tuple[Path, list[dict]] | None:
-    """(the resolved directory, modules.json's modules) of a sentence-transformers directory,
-    checked: only modules this server applies; None without modules.json."""
-    from lmforge.model.convert import resolve_model_dir
+def checkpoint_max_length(model_dir: Path | str) -> int | None:
+    """The max_seq_length of a sentence-transformers directory's Transformer module
+    (sentence_bert_config.json beside its config.json), None without one. Reading it checks
+    modules.json whatever the flags say (_st_modules refuses a module it does not apply)."""
+    found = _st_modules(model_dir)
+    if found is None:
+        return None
+    model_dir, modules = found
+    transformer = next((m for m in modules if m.get("type") == ST_TRANSFORMER), {})
+    path = model_dir / str(transformer.get("path", "")) / ST_CONFIG
+    if not path.is_file():
+        return None
+    config = _read_json(path, "its Transformer module's config")
+    length = config.get("max_seq_length") if isinstance(config, dict) else None
+    if length is None:
+        return None
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ConfigError(f"{path}: max_seq_length {length!r} is not a positive whole number of "
+                          "tokens; mend it or remove the key")  # fmt: skip
+    return length
+
+
+def checkpoint_matryoshka(model_dir: Path | str) -> tuple[int, ...] | None:
+    """The sizes a Matryoshka model's vectors may be cut to, as vLLM reads its config.json: its
+    matryoshka_dimensions, or () (any size) under is_matryoshka true; None for any other model,
+    whose vectors are not trained to be cut."""
+    from lmforge.model.convert import read_config, resolve_model_dir
 
     model_dir = resolve_model_dir(Path(model_dir))
+    config = read_config(model_dir)
+    dims = config.get("matryoshka_dimensions")
+    if dims is None:
+        return () if config.get("is_matryoshka") is True else None
+    if not isinstance(dims, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims
+    ):
+        raise ConfigError(f"{model_dir / 'config.json'}: matryoshka_dimensions {dims!r} is not a "
+                          "list of positive sizes; mend it or remove the key")  # fmt: skip
+    return tuple(sorted(set(dims)))
+
+
+def _st_modules(model_dir: Path | str) -> tuple[Path, list[dict]] | None:
+    """(the directory holding modules.json, its modules) of a sentence-transformers directory,
+    checked: only modules this server applies; None without modules.json. The directory is the
+    one given (the older layout's model is in a subfolder), else its resolved model dir (a
+    stage's final/)."""
+    from lmforge.model.convert import resolve_model_dir
+
+    model_dir = Path(model_dir)
+    if not (model_dir / ST_MODULES).is_file():
+        model_dir = resolve_model_dir(model_dir)
     path = model_dir / ST_MODULES
     if not path.is_file():
         return None

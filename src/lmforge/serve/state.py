@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +126,14 @@ def _start_engine(state: ServeState, spec: Any) -> None:
 
 
 def stop_engines(state: ServeState) -> None:
-    """Drain: finish what is running (up to the graceful timeout), then stop."""
+    """Drain: finish what is running (up to the graceful timeout), then stop. Every engine and
+    embedder drains at once, one thread each, so shutdown takes one timeout, not one per engine
+    (a decoder's engine and its embedder drain side by side)."""
     timeout = state.settings.graceful_timeout_s
-    for engine in (*state.engines.values(), *state.embedders.values()):
-        engine.shutdown(drain=True, timeout=timeout)
+    engines = [*state.engines.values(), *state.embedders.values()]
+    if not engines:
+        return
+    with ThreadPoolExecutor(len(engines), thread_name_prefix="drain") as pool:
+        drains = [pool.submit(e.shutdown, drain=True, timeout=timeout) for e in engines]
+    for drain in drains:  # all have drained (or failed): the first failure goes on
+        drain.result()

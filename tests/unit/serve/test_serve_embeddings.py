@@ -35,6 +35,7 @@ from lmforge.serve.embeddings_pooling import (
     checkpoint_pooling,
     resolve_pooling,
 )
+from lmforge.serve.engine_types import EngineClosed
 from lmforge.serve.launch import free_port
 from lmforge.serve.server import create_app
 from lmforge.serve.settings import ServeSettings
@@ -513,3 +514,167 @@ def test_models_are_listed_in_the_settings_order(tmp_path):
                        embedders={"dec": m, "enc": m})  # fmt: skip
     assert list(state.max_context()) == names
     assert [state.tasks(n) for n in names] == [["generate"], ["generate", "embed"], ["embed"]]
+
+
+def test_truncate_prompt_tokens_cuts_as_vllm_text_head_with_specials_ids_tail(encoder_dir):
+    from lmforge.serve.embeddings_api import EmbeddingRequest, input_rows
+
+    files = TokenizerFiles.load(encoder_dir)
+    embedder = Embedder(load_pretrained(encoder_dir), files, name="enc")
+    ids = [5 + i % 30 for i in range(130)]  # more than the context of 128; head != tail
+    text = " ".join(["alpha", "beta", "gamma"] * 20)
+    whole = files.encode_input(text)[0]  # [CLS] ... [SEP]
+
+    def cut(x, k):
+        return input_rows(embedder, EmbeddingRequest(model="enc", input=x,
+                                                     truncate_prompt_tokens=k))  # fmt: skip
+
+    assert cut([ids], 5) == [ids[-5:]]  # token ids: the last k, as vLLM cuts token prompts
+    assert cut([ids], -1) == [ids[-128:]]  # -1: the context's worth, from the end
+    assert cut([ids[:3]], 5) == [ids[:3]]  # shorter than k: as sent
+    assert cut(text, 6) == [whole[:5] + whole[-1:]]  # a text: its head, [CLS] and [SEP] kept
+
+
+def old_layout_dir(encoder_dir, out, max_seq_length: int):
+    """The encoder as sentence-transformers (< 2.0) saved one: the model, its tokenizer and
+    sentence_bert_config.json in 0_Transformer/, a top-level config.json of its own versions."""
+    st = "sentence_transformers.models."
+    shutil.copytree(encoder_dir, out / "0_Transformer")
+    (out / "0_Transformer" / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
+    (out / "config.json").write_text(json.dumps({"__version__": {"sentence_transformers": "0.3"}}))
+    (out / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "name": "0", "path": "0_Transformer", "type": f"{st}Transformer"},
+         {"idx": 1, "name": "1", "path": "1_Pooling", "type": f"{st}Pooling"}, NORM]
+    ))  # fmt: skip
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    return out
+
+
+def test_max_seq_length_bounds_inputs_as_vllm_and_the_old_layout_is_read(encoder_dir, tmp_path):
+    from lmforge.model.convert import resolve_model_dir
+    from lmforge.serve.embeddings_api import EmbeddingRequest, input_rows
+    from lmforge.serve.model_dir import load_served_model, model_tasks
+    from lmforge.serve.protocol import APIError
+
+    st = sentence_transformers_dir(encoder_dir, tmp_path / "st", {"pooling_mode_mean_tokens": True})
+    (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
+    settings = ServeSettings(models=[{"name": "st", "path": st}])
+    keywords = embedder_settings(settings, st)
+    assert keywords["max_seq_length"] == 16
+    embedder = Embedder(load_pretrained(st), TokenizerFiles.load(st), name="st", **keywords)
+    assert embedder.max_context == 16  # what /v1/models reports as its max_model_len
+    with pytest.raises(APIError, match=r"input\[0\] is 17 tokens, more than st's context of 16"):
+        input_rows(embedder, EmbeddingRequest(model="st", input=[list(range(5, 22))]))
+    req = EmbeddingRequest(model="st", input=" ".join(["alpha"] * 40), truncate_prompt_tokens=-1)
+    assert len(input_rows(embedder, req)[0]) == 16
+
+    (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": "long"}))
+    with pytest.raises(ConfigError, match=r"sentence_bert_config\.json: max_seq_length 'long'"):
+        embedder_settings(settings, st)
+
+    old = old_layout_dir(encoder_dir, tmp_path / "old", max_seq_length=24)
+    assert resolve_model_dir(old) == old / "0_Transformer"
+    assert model_tasks(old).embed
+    keywords = embedder_settings(settings, old)
+    assert (keywords["pooling"], keywords["normalize"], keywords["max_seq_length"]) == (
+        "cls", True, 24)  # fmt: skip
+    served = load_served_model(old, name="old")
+    embedder = Embedder(served.model, served.files, name="old", **keywords)
+    ids = TokenizerFiles.load(encoder_dir).encode_input(TEXTS[0])[0]
+    with torch.no_grad():
+        first = load_pretrained(encoder_dir).hidden_states(torch.tensor([ids]))[0, 0]
+    assert torch.allclose(embedder.embed([ids])[0], F.normalize(first, dim=-1), atol=1e-5)
+
+
+def test_a_dense_module_is_refused_even_with_both_flags(encoder_dir, tmp_path):
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    densed = sentence_transformers_dir(encoder_dir, tmp_path / "dense",
+                                       {"pooling_mode_mean_tokens": True}, [dense])  # fmt: skip
+    flagged = ServeSettings(models=[{"name": "d", "path": densed}], embed_pooling="mean",
+                            embed_normalize=True)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"lists sentence_transformers\.models\.Dense, which"):
+        embedder_settings(flagged, densed)
+
+
+def test_shutdown_drains_every_engine_at_once(encoder_dir):
+    import time
+
+    from lmforge.serve.metrics import ServerMetrics
+    from lmforge.serve.state import ServeState, stop_engines
+
+    files = TokenizerFiles.load(encoder_dir)
+    model = load_pretrained(encoder_dir)
+    settings = ServeSettings(models=[{"name": "a", "path": encoder_dir}], graceful_timeout_s=1.0)
+    state = ServeState(settings=settings, metrics=ServerMetrics())
+    busy = []
+    for name in ("a", "b"):  # each stuck in a 3 s forward: neither drains within the timeout
+        embedder = Embedder(model, files, name=name)
+        embedder._forward = lambda rows: time.sleep(3) or torch.zeros(len(rows), 64)
+        busy.append(embedder.submit_many([[2, 3], [2, 4]]))
+        embedder.max_batch_size = 1  # the second input waits behind the first
+        embedder.start()
+        state.embedders[name] = embedder
+    time.sleep(0.2)  # both threads inside their first forward
+    start = time.perf_counter()
+    stop_engines(state)
+    took = time.perf_counter() - start
+    assert 1.0 <= took < 1.8, took  # one graceful timeout, not one per embedder (2 s)
+    for futures in busy:
+        with pytest.raises(EngineClosed):
+            futures[1].result(timeout=0)  # what the drain did not reach failed, not left hanging
+
+
+def test_matryoshka_dimensions_cut_then_renormalise_only_where_the_config_says(
+    encoder_dir, tmp_path
+):
+    import asyncio
+
+    from lmforge.serve.embeddings_api import EmbeddingRequest, create_embeddings
+    from lmforge.serve.metrics import ServerMetrics
+    from lmforge.serve.protocol import APIError
+    from lmforge.serve.state import ServeState
+
+    def with_config(name, **keys):
+        out = tmp_path / name
+        shutil.copytree(encoder_dir, out)
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, **keys}))
+        return out
+
+    settings = ServeSettings(models=[{"name": "m", "path": encoder_dir}])
+    listed = with_config("listed", matryoshka_dimensions=[32, 16])
+    assert embedder_settings(settings, listed)["matryoshka"] == (16, 32)
+    assert embedder_settings(settings, encoder_dir)["matryoshka"] is None  # not Matryoshka
+    assert embedder_settings(settings, with_config("any", is_matryoshka=True))["matryoshka"] == ()
+    with pytest.raises(ConfigError, match=r"config\.json: matryoshka_dimensions 'x' is not"):
+        embedder_settings(settings, with_config("bad", matryoshka_dimensions="x"))
+
+    def embed(path, normalize=True, **body):
+        keywords = {**embedder_settings(settings, path), "normalize": normalize}
+        embedder = Embedder(load_pretrained(path), TokenizerFiles.load(path), name="m", **keywords)
+        state = ServeState(settings=settings, metrics=ServerMetrics(), embedders={"m": embedder})
+        try:
+            embedder.start()
+            out = asyncio.run(create_embeddings(state, EmbeddingRequest(model="m", **body)))
+            return np.array(out["data"][0]["embedding"])
+        finally:
+            embedder.shutdown()
+
+    full = embed(listed, input=TEXTS[0])
+    short = embed(listed, input=TEXTS[0], dimensions=16)
+    assert short.shape == (16,) and abs(np.linalg.norm(short) - 1) < 1e-5
+    assert np.abs(short - full[:16] / np.linalg.norm(full[:16])).max() < 1e-6
+    raw = embed(listed, normalize=False, input=TEXTS[0], dimensions=16)  # as vLLM: cut only
+    assert np.abs(raw - embed(listed, normalize=False, input=TEXTS[0])[:16]).max() < 1e-6
+    assert embed(listed, input=TEXTS[0], dimensions=64).shape == (64,)  # its own size
+    with pytest.raises(APIError, match="dimensions=24: m gives vectors of 16, 32 dimensions"):
+        embed(listed, input="x", dimensions=24)
+    assert embed(with_config("any2", is_matryoshka=True), input="x", dimensions=24).shape == (24,)
+    with pytest.raises(APIError, match="dimensions=65: m gives vectors of 1 to 64 dimensions"):
+        embed(with_config("any3", is_matryoshka=True), input="x", dimensions=65)
+    with pytest.raises(APIError, match="dimensions=16: m makes 64-dimensional embeddings and is "
+                       "not a Matryoshka model"):  # fmt: skip
+        embed(encoder_dir, input="x", dimensions=16)

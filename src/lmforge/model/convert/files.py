@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 def resolve_model_dir(path: Path | str) -> Path:
     """A model directory; a training stage's directory stands for its final/ model."""
     path = Path(path)
+    if (transformer := _sentence_transformers_module_dir(path)) is not None:
+        return transformer
     if (path / "config.json").exists():
         return path
     if (path / "final" / "config.json").exists():
@@ -34,6 +36,18 @@ def resolve_model_dir(path: Path | str) -> Path:
             f"(an older lmforge wrote no final/); {RERUN} with --force to write final/"
         )
     return path
+
+
+def _sentence_transformers_module_dir(path: Path) -> Path | None:
+    """The model of sentence-transformers' older layout, whose modules.json puts its Transformer
+    module (config.json, weights, tokenizer) in a folder of its own (0_Transformer/); None for
+    any other directory (the top-level config.json there is sentence-transformers' own)."""
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        sub = next(m["path"] for m in modules if m["type"].endswith(".models.Transformer"))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, StopIteration):
+        return None  # no such layout (serve/embeddings_pooling names a malformed modules.json)
+    return path / sub if sub and (path / sub / "config.json").is_file() else None
 
 
 def model_display_name(model_dir: Path | str) -> str:
