@@ -323,6 +323,34 @@ SECOND_TURN = [
 ]  # fmt: skip
 
 
+def test_a_call_cut_by_max_tokens_is_no_training_data(served):
+    from lmforge.serve.feedback_export import FeedbackExportConfig, collect
+
+    client, db = served
+    named = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, seed=3)
+    whole = client.chat.completions.create(**named, max_tokens=60)
+    cut = client.chat.completions.create(**named, max_tokens=4)
+    required = client.chat.completions.create(**{**named, "tool_choice": "required"}, max_tokens=40)
+    plain = client.chat.completions.create(**{**named, "tool_choice": "none"}, max_tokens=4)
+    assert [r.choices[0].finish_reason for r in (whole, cut, required, plain)] == [
+        "stop", "length", "length", "length",
+    ]  # fmt: skip
+    assert cut.choices[0].message.tool_calls and required.choices[0].message.tool_calls
+    with FeedbackStore(db) as store:
+        assert store.response(cut.id)["params"]["finish_reason"] == "length"
+        for r in (whole, cut, required, plain):
+            store.add_rating(r.id, 5)
+        store.add_choice(cut.id, plain.id)  # a cut call on either side: no pair
+        store.add_choice(plain.id, required.id)
+        store.add_choice(whole.id, plain.id)
+    sft, pairs, counts = collect(FeedbackExportConfig(db=db, out=db.parent / "export"))
+    assert {r["response_id"] for r in sft} == {whole.id, plain.id}  # the cut plain answer stays
+    assert [(p["chosen_id"], p["rejected_id"], p["kind"]) for p in pairs] == [
+        (whole.id, plain.id, "choice")
+    ]
+    assert counts["skipped_cut_calls"] == 2
+
+
 def test_a_tool_result_renders_into_the_chatml_prompt_exactly():
     tools_line = "\n".join(json.dumps(t) for t in TOOLS)
     expected = (
