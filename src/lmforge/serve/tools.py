@@ -298,7 +298,7 @@ class ToolStream:
     sent: int = 0  # characters of content sent
     opened: bool = False  # named: its call's opening delta sent
     held: bool = False  # auto: a <tool_call> was seen; the rest waits for the end
-    reader: CallArrayReader = field(default_factory=lambda: CallArrayReader())  # required
+    reader: CallArrayReader = field(default_factory=CallArrayReader)  # required: the array
 
     def feed(self, piece: str) -> list[dict[str, Any]]:
         """The deltas a new piece of the answer lets out now."""
