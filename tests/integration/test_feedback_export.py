@@ -79,7 +79,8 @@ def test_export_writes_sft_and_preferences_with_counts_and_reruns_on_new_feedbac
     metrics = read_manifest(out)["metrics"]
     assert metrics == {
         "sft": n + 2, "preferences": 2 * n, "choice_pairs": n, "rating_pairs": n,
-        "skipped_identical": 1, "skipped_other_prompt": 1, "responses": 4 * n + 4,
+        "skipped_identical": 1, "skipped_other_prompt": 1, "skipped_cut_calls": 0,
+        "responses": 4 * n + 4,
         "ratings": 2 * n + 3, "choices": n + 1,
     }  # fmt: skip
     assert read_manifest(out)["kind"] == "feedback-export"

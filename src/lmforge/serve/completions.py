@@ -219,18 +219,19 @@ class CompletionService:
             message_text(c["message"]) if prep.kind == "chat" else c["text"]
             for c in body["choices"]
         ]
-        await self.record(prep, texts)
+        await self.record(prep, texts, [c["finish_reason"] for c in body["choices"]])
         return out
 
-    async def record(self, prep: Prepared, texts: list[str]) -> None:
-        """One feedback row per choice: the response id for choice 0, "<id>-<i>" after."""
+    async def record(self, prep: Prepared, texts: list[str], reasons: list[str | None]) -> None:
+        """One feedback row per choice: the response id for choice 0, "<id>-<i>" after; its
+        params carry the finish_reason (the export leaves out tool calls cut by max_tokens)."""
         store = self.state.feedback
         if store is None:
             return
         rows = []
-        for job, text in zip(prep.jobs, texts, strict=True):
+        for job, text, reason in zip(prep.jobs, texts, reasons, strict=True):
             rid = prep.response_id if job.index == 0 else f"{prep.response_id}-{job.index}"
-            params = dataclasses.asdict(job.params)
+            params = {**dataclasses.asdict(job.params), "finish_reason": reason}
             if prep.tools is not None:
                 params.update(prep.tools.record())
             rows.append((rid, prep.model, job.prompt_text, prep.messages, text, params))
@@ -260,7 +261,7 @@ class CompletionService:
         if prep.refused:
             text = self.state.safety.refusal_message
             out += [sse.chunk([sse.piece(job, text, "content_filter")]) for job in prep.jobs]
-            await self.record(prep, [text] * len(prep.jobs))
+            await self.record(prep, [text] * len(prep.jobs), ["content_filter"] * len(prep.jobs))
         else:
             for job in prep.jobs:
                 if self.state.safety is not None:
@@ -296,18 +297,21 @@ class CompletionService:
             for job in prep.jobs:
                 if job.redactor is not None:
                     self.state.metrics.safety.labels("output", job.redactor.verdict).inc()
-            await self.record(prep, [self._streamed_text(prep, j) for j in prep.jobs])
+            done = [self._streamed(prep, job) for job in prep.jobs]
+            await self.record(prep, [text for text, _ in done], [reason for _, reason in done])
         if prep.include_usage:
             out.append(sse.chunk([], usage=self._usage(prep)))
         yield "".join(out) + SSE_DONE
 
     @staticmethod
-    def _streamed_text(prep: Prepared, job: Job) -> str:
-        """A streamed choice's text as record() keeps it (tool calls: message_text)."""
+    def _streamed(prep: Prepared, job: Job) -> tuple[str, str | None]:
+        """A streamed choice's text as record() keeps it (tool calls: message_text) and its
+        finish_reason as the stream gave it."""
         text = "".join(job.text)
         if job.tool_stream is None or job.finish_reason == "content_filter":
-            return text
-        return message_text(prep.tools.message(text, job.finish_reason)[0])  # type: ignore[union-attr]
+            return text, job.finish_reason
+        message, reason = prep.tools.message(text, job.finish_reason)  # type: ignore[union-attr]
+        return message_text(message), reason
 
     def _stream_part(
         self, prep: Prepared, job: Job, event: Any, sent: dict[int, int]

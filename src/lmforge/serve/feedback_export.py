@@ -10,6 +10,12 @@ DPO round learn from what people rated.
   or the same prompt text for completions) and from two responses to the same prompt whose
   mean ratings differ by at least min_rating_gap (kind "rating").
 
+A tool call cut by max_tokens (a tool request's answer with finish_reason "length" that holds a
+`<tool_call>` block) is left out of both, counted as skipped_cut_calls: the store keeps a cut
+call's arguments as a JSON string fragment, which reads as a complete call with string arguments
+and would teach that. A cut plain answer stays in: its text is what the rater saw, a true prefix
+of what the model writes. (Rows stored before the finish_reason was recorded count as complete.)
+
 The manifest (run_stage's, written last) carries the counts. `lmforge align --data` also takes
 this directory, or the database itself (align.prefs exports it through the stage registry).
 """
@@ -28,6 +34,7 @@ from lmforge.common.io import write_jsonl
 from lmforge.config import StageConfig
 from lmforge.errors import InputError
 from lmforge.serve.feedback import FeedbackStore
+from lmforge.tokenizer.hermes_tools import TOOL_CALL_OPEN
 
 __all__ = ["FeedbackExportConfig", "build", "export_feedback"]
 
@@ -58,6 +65,16 @@ def _prompt(response: dict[str, Any]) -> str | list[dict[str, str]]:
 
 def _prompt_key(response: dict[str, Any]) -> str:
     return json.dumps(_prompt(response), sort_keys=True)
+
+
+def _cut_call(response: dict[str, Any]) -> bool:
+    """Whether a response is a tool request's answer cut by max_tokens inside its calls."""
+    params = response["params"]
+    return (
+        bool(params.get("tools"))
+        and params.get("finish_reason") == "length"
+        and TOOL_CALL_OPEN in response["text"]
+    )
 
 
 def _sft_record(response: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +110,11 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
         totals = store.counts()
         rated = list(store.iter_rated())
         choices = list(store.iter_choices())
+    cut = {r["id"] for r in rated if _cut_call(r)} | {
+        side["id"] for c in choices for side in (c["chosen"], c["rejected"]) if _cut_call(side)
+    }
+    rated = [r for r in rated if r["id"] not in cut]
+    choices = [c for c in choices if not {c["chosen"]["id"], c["rejected"]["id"]} & cut]
     sft, seen = [], set()
     for r in rated:
         key = (_prompt_key(r), r["text"])
@@ -127,6 +149,7 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
         "rating_pairs": len(pairs) - n_choice_pairs,
         "skipped_identical": skipped,
         "skipped_other_prompt": mismatched,
+        "skipped_cut_calls": len(cut),
         "responses": totals["responses"],
         "ratings": totals["ratings"],
         "choices": totals["choices"],

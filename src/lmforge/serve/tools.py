@@ -8,7 +8,10 @@ tool_choice, as vLLM implements it:
   call only; a name outside the tools is passed on, as vLLM does);
 - a named function: the answer is its arguments, guided by its `parameters` schema;
 - "required": the answer is a JSON array of {"name", "arguments"} objects, each one of the
-  tools' (anyOf), at least one (exactly one with parallel_tool_calls false).
+  tools' (anyOf), at least one (exactly one with parallel_tool_calls false). CallArrayReader
+  reads it as it arrives, streamed or not: each call's arguments are their text as generated
+  (as a named call's are), and an array cut by max_tokens gives the calls begun so far, the last
+  one's arguments cut as a named call's are.
 The guided schemas compile through constrain's GuideCompiler, which keeps compiled guides per
 schema text: a tool set used again reuses its guide. An answer whose calls the model chose (auto,
 required) and that ended normally has finish_reason "tool_calls"; a named function's forced call
@@ -130,14 +133,10 @@ class ToolPlan:
         if self.mode == "auto":
             content, calls = parse_tool_calls(text)
             return content, calls if self.parallel else calls[:1]
-        if self.mode == "required":
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError:  # cut by max_tokens: the text as it is
-                return text, []
-            return None, [
-                (c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items
-            ]
+        if self.mode == "required":  # read as the stream reads it: the same calls
+            reader = CallArrayReader()
+            reader.feed(text)
+            return None, [(n, a) for n, a in reader.calls]
         return text, []
 
     def message(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
@@ -194,6 +193,93 @@ def renew_call_ids(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "choices": choices}
 
 
+def _string(raw: str) -> str:
+    """A JSON string's value from the text between its quotes."""
+    try:
+        return json.loads(f'"{raw}"')
+    except json.JSONDecodeError:  # not the guide's (an output redaction changed it): as written
+        return raw
+
+
+class CallArrayReader:
+    """Reads a "required" answer -- a JSON array of {"name", "arguments"} objects -- piece by
+    piece: a call opens once its name's string is complete, and its arguments come as their raw
+    text (held until the name is known, if the object gives them first). The guide makes the
+    array well-formed, so a small state machine over depth and strings suffices (any key order,
+    whitespace wherever JSON allows it; the whitespace between a call's fields is not part of
+    its arguments)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []  # [name, arguments text] of each call opened
+        self.depth = 0  # 1: in the array, 2: in a call's object, 3+: inside a field's value
+        self.in_string = False
+        self.escaped = False
+        self.key: str | None = None  # the call field being read (None: its key comes next)
+        self.raw = ""  # the key or name string being read, between its quotes
+        self.name: str | None = None  # the current call's name, once complete
+        self.early = ""  # its arguments read before its name
+
+    def feed(self, piece: str) -> list[tuple[int, str | None, str]]:
+        """What `piece` adds: (call index, name, "") for a call that opens, (index, None, text)
+        for argument text."""
+        out: list[tuple[int, str | None, str]] = []
+        for ch in piece:
+            self._char(ch, out)
+        return out
+
+    def _char(self, ch: str, out: list[tuple[int, str | None, str]]) -> None:
+        depth = self.depth
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif ch == "\\":
+                self.escaped = True
+            elif ch == '"':
+                self.in_string = False
+            if depth == 2 and self.key in (None, "name"):  # a key, or the name
+                if self.in_string:
+                    self.raw += ch
+                elif self.key is None:
+                    self.key, self.raw = _string(self.raw), ""
+                else:
+                    self._named(_string(self.raw), out)
+                    self.raw = ""
+            elif self.key == "arguments":
+                self._arguments(ch, out)
+            return
+        part = self.key == "arguments" and (depth > 2 or (ch not in ",:}" and not ch.isspace()))
+        if ch == '"':
+            self.in_string = True
+        elif ch in "[{":
+            self.depth += 1
+        elif ch in "]}":
+            self.depth -= 1
+        if depth == 2 and ch in ",}":  # the field ends (and with "}", the call)
+            self.key = None
+            if ch == "}":
+                self.name, self.early = None, ""
+        if part:
+            self._arguments(ch, out)
+
+    def _named(self, name: str, out: list[tuple[int, str | None, str]]) -> None:
+        self.name = name
+        self.calls.append([name, self.early])
+        out.append((len(self.calls) - 1, name, ""))
+        if self.early:
+            out.append((len(self.calls) - 1, None, self.early))
+
+    def _arguments(self, ch: str, out: list[tuple[int, str | None, str]]) -> None:
+        if self.name is None:
+            self.early += ch
+            return
+        index = len(self.calls) - 1
+        self.calls[index][1] += ch
+        if out and out[-1][:2] == (index, None):
+            out[-1] = (index, None, out[-1][2] + ch)
+        else:
+            out.append((index, None, ch))
+
+
 @dataclass
 class ToolStream:
     """One choice's stream as OpenAI's chat deltas: content as it comes, and each tool call as an
@@ -202,7 +288,8 @@ class ToolStream:
     Named: the arguments stream as generated. Auto: content streams until `<tool_call>` (a
     suffix that may begin it, and trailing whitespace, wait); from there the text waits for the
     end and is parsed as the whole answer is, so the stream accumulates to the same message
-    (a malformed call: the rest as content). Required: the array waits for the end.
+    (a malformed call: the rest as content). Required: each call opens once its name is complete
+    and its arguments follow as generated (CallArrayReader, which reads the whole answer too).
     """
 
     plan: ToolPlan
@@ -211,6 +298,7 @@ class ToolStream:
     sent: int = 0  # characters of content sent
     opened: bool = False  # named: its call's opening delta sent
     held: bool = False  # auto: a <tool_call> was seen; the rest waits for the end
+    reader: CallArrayReader = field(default_factory=CallArrayReader)  # required: the array
 
     def feed(self, piece: str) -> list[dict[str, Any]]:
         """The deltas a new piece of the answer lets out now."""
@@ -219,6 +307,11 @@ class ToolStream:
             deltas = [] if self.opened else [self._open(0, self.plan.name)]  # type: ignore[arg-type]
             self.opened = True
             return deltas + ([_args(0, piece)] if piece else [])
+        if self.plan.mode == "required":
+            return [
+                self._open(i, name) if name is not None else _args(i, text)
+                for i, name, text in self.reader.feed(piece)
+            ]
         if self.plan.mode != "auto" or self.held:
             return []
         self.pending += piece
@@ -242,6 +335,8 @@ class ToolStream:
         if self.plan.mode == "named":
             deltas = [] if self.opened else [self._open(0, self.plan.name)]  # type: ignore[arg-type]
             return deltas, self.plan.finish_reason(calls, reason)
+        if self.plan.mode == "required":  # every call and argument went out as it came
+            return [], self.plan.finish_reason(calls, reason)
         rest = (content or "")[self.sent :]  # what was sent is a prefix of the content
         deltas = [{"content": rest}] if rest else []
         for i, (name, arguments) in enumerate(calls):

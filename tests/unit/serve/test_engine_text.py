@@ -167,3 +167,64 @@ def test_only_the_kept_special_tokens_stay_in_the_text():
     assert "".join(dropped) == f"Let me check.{plain}" == tok.decode(ids)
     cut, stopped = stream(tok, ids, stop=(TOOL_CALL_CLOSE,), keep=(TOOL_CALL_OPEN, TOOL_CALL_CLOSE))
     assert stopped and "".join(cut) == f"Let me check.{call[: -len(TOOL_CALL_CLOSE)]}"
+
+
+def test_kept_tags_next_to_split_characters_stream_as_the_whole_decode():
+    # random mixes of multi-byte text, lone pieces of characters, kept tags and dropped special
+    # tokens, both byte-level layouts: the pieces add up to the whole decode (a tag that cuts a
+    # character leaves U+FFFD, as decoding it all does), and without a kept tag in the ids the
+    # text is the one a request that keeps nothing gets
+    import random
+
+    from tiny_tokenizers import train_byte_bpe
+
+    from lmforge.tokenizer.hermes_tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+    from unit.finetune.helpers import CORPUS, SPECIALS
+
+    keep, texts = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE), ["é", "日本", "🙂", " a", '{"x": 1}', "\n"]
+    rnd = random.Random(0)
+    for prefix_space in (False, True):
+        tok = train_byte_bpe(CORPUS, 300, [*SPECIALS, *keep], add_prefix_space=prefix_space)
+        specials = [tok.token_to_id(s) for s in [*SPECIALS, *keep]]
+        pieces = [i for i in range(tok.get_vocab_size()) if REPLACEMENT in tok.decode([i])]
+        assert pieces  # byte tokens that are part of a character
+        for _ in range(1500):
+            ids = []
+            for _ in range(rnd.randint(1, 10)):
+                r = rnd.random()
+                ids += (
+                    [rnd.choice(specials)] if r < 0.3
+                    else [rnd.choice(pieces)] if r < 0.4
+                    else tok.encode(rnd.choice(texts)).ids
+                )  # fmt: skip
+            kept, _ = stream(tok, ids, keep=keep)
+            kept_ids = [i for i in ids if tok.id_to_token(i) not in SPECIALS]
+            assert "".join(kept) == tok.decode(kept_ids, skip_special_tokens=False), ids
+            if not set(ids) & {tok.token_to_id(t) for t in keep}:
+                assert kept == stream(tok, ids)[0], ids
+
+
+def test_the_dropped_ids_are_read_once_per_tokenizer_and_kept_set():
+    from tiny_tokenizers import train_byte_bpe
+
+    from lmforge.tokenizer.hermes_tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+    from unit.finetune.helpers import CORPUS, SPECIALS
+
+    class Counting:  # the tokenizer, counting how often its added tokens are read
+        def __init__(self, tok):
+            self.tok, self.reads = tok, 0
+
+        def get_added_tokens_decoder(self):
+            self.reads += 1
+            return self.tok.get_added_tokens_decoder()
+
+        def decode(self, ids, skip_special_tokens):
+            return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    tok = Counting(train_byte_bpe(CORPUS, 300, [*SPECIALS, TOOL_CALL_OPEN, TOOL_CALL_CLOSE]))
+    ids = tok.tok.encode(f"<|im_start|>{TOOL_CALL_OPEN}ok{TOOL_CALL_CLOSE}").ids
+    tags = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+    for _ in range(3):
+        assert "".join(stream(tok, ids, keep=tags)[0]) == f"{TOOL_CALL_OPEN}ok{TOOL_CALL_CLOSE}"
+    assert "".join(stream(tok, ids, keep=tags[:1])[0]) == f"{TOOL_CALL_OPEN}ok"
+    assert tok.reads == 2  # once per kept set

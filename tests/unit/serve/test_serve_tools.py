@@ -1,7 +1,7 @@
 """Tool calling end to end: a real uvicorn on 127.0.0.1, the official openai client, a tiny random
 model. A named tool_choice gives one call whose arguments validate against the function's schema
 (several seeds, n=2, streamed and not: the stream accumulates to the same calls), "required"
-gives calls of the given tools, a tool result renders into the prompt exactly, the feedback store
+gives calls of the given tools (streamed as they arrive, to the same message), a tool result renders into the prompt exactly, the feedback store
 keeps the calls, and bad tool requests are 400s that say why. Auto's Hermes parsing and its
 stream are checked on strings."""
 
@@ -201,10 +201,28 @@ def test_required_gives_calls_of_the_tools(client, parallel):
             assert len(calls) >= 1 and (parallel or len(calls) == 1)
             check_calls(calls, SCHEMAS)
             names |= {c.function.name for c in calls}
-        final = streamed(client, **ask)
+        final = streamed(client, **ask)  # the same seeds: the same answers, as they streamed
         assert [calls_of(c) for c in final.choices] == [calls_of(c) for c in whole.choices]
+        assert [(c.message.content, c.finish_reason) for c in final.choices] == [
+            (c.message.content, c.finish_reason) for c in whole.choices
+        ]
     assert cut <= 1 and names <= set(SCHEMAS)
     assert len(names) == 2 or not parallel  # both tools called (seeds 1 and 2 do)
+
+
+def test_required_calls_stream_before_the_end(client):
+    ask = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice="required", max_tokens=300,
+               seed=1, stream=True)  # fmt: skip
+    chunks = [c.model_dump()["choices"] for c in client.chat.completions.create(**ask)]
+    deltas = [(i, d) for i, c in enumerate(chunks) if c for d in c[0]["delta"]["tool_calls"] or []]
+    opening = deltas[0][1]
+    assert (opening["index"], opening["type"], opening["function"]) == (
+        0, "function", {"name": opening["function"]["name"], "arguments": ""},
+    )  # fmt: skip
+    assert opening["function"]["name"] in SCHEMAS and opening["id"].startswith("call_")
+    pieces = [i for i, d in deltas if d["id"] is None]
+    assert deltas[0][0] < len(chunks) - 2 and len(set(pieces)) > 2  # not all at the end
+    assert [c[0]["finish_reason"] for c in chunks if c][-1] in ("tool_calls", "length")
 
 
 def test_auto_and_none_answer_in_text_here(client):
@@ -303,6 +321,34 @@ SECOND_TURN = [
          "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'},
 ]  # fmt: skip
+
+
+def test_a_call_cut_by_max_tokens_is_no_training_data(served):
+    from lmforge.serve.feedback_export import FeedbackExportConfig, collect
+
+    client, db = served
+    named = dict(model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, seed=3)
+    whole = client.chat.completions.create(**named, max_tokens=60)
+    cut = client.chat.completions.create(**named, max_tokens=4)
+    required = client.chat.completions.create(**{**named, "tool_choice": "required"}, max_tokens=40)
+    plain = client.chat.completions.create(**{**named, "tool_choice": "none"}, max_tokens=4)
+    assert [r.choices[0].finish_reason for r in (whole, cut, required, plain)] == [
+        "stop", "length", "length", "length",
+    ]  # fmt: skip
+    assert cut.choices[0].message.tool_calls and required.choices[0].message.tool_calls
+    with FeedbackStore(db) as store:
+        assert store.response(cut.id)["params"]["finish_reason"] == "length"
+        for r in (whole, cut, required, plain):
+            store.add_rating(r.id, 5)
+        store.add_choice(cut.id, plain.id)  # a cut call on either side: no pair
+        store.add_choice(plain.id, required.id)
+        store.add_choice(whole.id, plain.id)
+    sft, pairs, counts = collect(FeedbackExportConfig(db=db, out=db.parent / "export"))
+    assert {r["response_id"] for r in sft} == {whole.id, plain.id}  # the cut plain answer stays
+    assert [(p["chosen_id"], p["rejected_id"], p["kind"]) for p in pairs] == [
+        (whole.id, plain.id, "choice")
+    ]
+    assert counts["skipped_cut_calls"] == 2
 
 
 def test_a_tool_result_renders_into_the_chatml_prompt_exactly():
@@ -532,6 +578,60 @@ def test_the_guiding_schemas():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([{"name": "get_time", "arguments": {"zone": "PST"}}], one)
     assert "maxItems" not in ToolPlan("required", (bare,)).schema()
+
+
+def random_call_array(rnd):
+    """A "required" answer as a guide may let a model write it: any key order and JSON spacing,
+    strings with escapes and multi-byte characters, nested values."""
+    values = ["Oslo", 'a "quoted" }], word', "é日本\\n", 3, -1.5e3, True, None, [1, {"k": []}], {}]
+    calls = []
+    for _ in range(rnd.randint(1, 3)):
+        args = {f"k{i}": rnd.choice(values) for i in range(rnd.randint(0, 3))}
+        call = {"name": rnd.choice(["get_weather", 'odd "name"', "f\u00e9"]), "arguments": args}
+        calls.append(dict(reversed(call.items())) if rnd.random() < 0.3 else call)
+    seps = rnd.choice([(", ", ": "), (",", ":"), (" ,\n ", " :  ")])
+    text = json.dumps(
+        calls, separators=seps, indent=rnd.choice([None, 2]), ensure_ascii=rnd.random() < 0.5
+    )
+    return (" " if rnd.random() < 0.5 else "") + text, calls
+
+
+def test_required_calls_stream_as_they_arrive_however_the_array_is_cut():
+    # the stream's deltas (a call's opening once its name is complete, then its argument pieces)
+    # accumulate, at every cut, to the calls the whole answer's message gives for that prefix, and
+    # at the end to the array's calls, each call's arguments its text as generated
+    plan, rnd = ToolPlan("required", tuple(TOOLS)), random.Random(0)
+    for _ in range(400):
+        text, calls = random_call_array(rnd)
+        stream, deltas, i = ToolStream(plan), [], 0
+        while i < len(text):
+            cut = i + rnd.randint(1, 6)
+            deltas += stream.feed(text[i:cut])
+            i = cut
+            message, _ = plan.message(text[:i], "length")
+            so_far = [c["function"] for c in message.get("tool_calls", [])]
+            assert accumulate(deltas) == ("", so_far), text[:i]
+        more, reason = stream.end("stop")
+        assert more == [] and reason == "tool_calls"
+        got = accumulate(deltas)[1]
+        assert [(c["name"], json.loads(c["arguments"])) for c in got] == [
+            (c["name"], c["arguments"]) for c in calls
+        ]
+        opens = [d["tool_calls"][0] for d in deltas if "id" in d["tool_calls"][0]]
+        assert [o["index"] for o in opens] == list(range(len(calls)))  # each opens once
+
+
+def test_a_cut_required_array_gives_the_calls_begun():
+    plan = ToolPlan("required", tuple(TOOLS))
+    text = '[{"name": "get_time", "arguments": {"zone": "UTC"}}, {"name": "get_weather", "argu'
+    message, reason = plan.message(text, "length")
+    assert reason == "length" and message["content"] is None
+    assert [c["function"] for c in message["tool_calls"]] == [
+        {"name": "get_time", "arguments": '{"zone": "UTC"}'},
+        {"name": "get_weather", "arguments": ""},
+    ]
+    message, reason = plan.message('[{"name": "get_ti', "length")
+    assert (message, reason) == ({"role": "assistant", "content": None}, "length")
 
 
 def test_one_call_at_most_without_parallel_tool_calls():
