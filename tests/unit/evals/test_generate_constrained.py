@@ -1,9 +1,9 @@
 """Structured outputs offline: `lmforge generate --json-schema/--regex/--choice` on a tiny random
 model. Sampled JSON answers parse and validate (several seeds), regex answers fullmatch, choices
-are one of the choices; greedy guided answers are the serving engine's for the same prompt; a
-batch of prompts of mixed lengths answers as each prompt alone; bad or clashing constraints are
-errors that name the flag. Beside the serving tests: the same micro model (serve_model_dir) and
-the engine the offline answers must equal."""
+are one of the choices; a batch of prompts of mixed lengths answers as each prompt alone; bad or
+clashing constraints are errors that name the flag. The model is serve's micro chat model (peaky
+weights: answers vary and end within the budget); tests/unit/serve/test_offline_guided_parity.py
+checks that greedy answers are the serving engine's."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from lmforge.model.generate import generate
 from lmforge.model.logits_rules import LogitsRules
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from unit.finetune.helpers import make_tokenizer_dir
+from unit.serve.conftest import micro_model
 
 SCHEMA = {  # strings and arrays bounded: a random model's answers end within the budget
     "type": "object",
@@ -36,6 +37,18 @@ SCHEMA = {  # strings and arrays bounded: a random model's answers end within th
     "additionalProperties": False,
 }
 PROMPTS = ["Hi", "A much longer prompt, with several more tokens in it", "JSON please:"]
+
+
+@pytest.fixture(scope="module")
+def serve_model_dir(tmp_path_factory) -> Path:
+    """serve's micro chat model (tests/unit/serve/conftest.py), written here."""
+    from lmforge.model.convert import save_pretrained
+
+    tok = make_tokenizer_dir(tmp_path_factory.mktemp("guided-tok"))
+    out = tmp_path_factory.mktemp("guided-model")
+    save_pretrained(micro_model(TokenizerFiles.load(tok).vocab_size), out)
+    copy_tokenizer_files(tok, out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -104,29 +117,6 @@ def test_cli_bad_or_clashing_constraints_name_the_flag(serve_model_dir, tmp_path
     assert result.exit_code != 0
     assert says in str(result.exception) + result.output
     assert not (tmp_path / "x.jsonl").exists()
-
-
-def test_greedy_guided_answers_are_the_serving_engines(engine, lm):
-    from lmforge.serve.handle import collect
-    from lmforge.serve.sampling import SamplingParams
-
-    asked = {
-        "json_schema": SCHEMA,
-        "regex": r"[a-z ]{3,12}\.",
-        "choice": ["zq", "zzq", "hello"],
-    }
-    compiler = compiler_for(engine.files)
-    for kind, value in asked.items():
-        settings = GenerationSettings(max_new_tokens=70, **{kind: value})
-        offline = lm.generate_batch(PROMPTS, settings)
-        guide = compiler.compile(*settings.output_constraint())
-        params = SamplingParams(max_tokens=70, temperature=0, guide=guide)
-        served = [
-            collect(engine.submit(lm.start(p), params, f"{kind}-{i}"))
-            for i, p in enumerate(PROMPTS)
-        ]
-        assert [s.finish_reason for s in served] == ["stop"] * len(PROMPTS)
-        assert offline == [s.text for s in served], kind
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
