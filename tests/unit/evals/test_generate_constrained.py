@@ -196,3 +196,42 @@ def test_an_eval_generation_task_follows_its_constraint(lm):
     assert result.metrics["generation"]["choice"] == ["yes", "no"]  # recorded beside the scores
     hits = [r["output"] == "yes" for r in result.records]
     assert result.metrics["exact_match"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_settings_without_a_constraint_keep_their_cache_hashes():
+    """json_schema/regex/choice are HASHED_IF_SET: eval results cached before they existed stay
+    valid. The hashes are those of GenerationSettings at e5050a9, before the constraints."""
+    from lmforge.config import config_hash, hashed_dump
+
+    assert config_hash(GenerationSettings()) == "4700e5616940f13f"
+    sampled = {"temperature": 0.7, "top_p": 0.9, "stop": ["\n"], "max_new_tokens": 20, "seed": 3}
+    assert config_hash(GenerationSettings(**sampled)) == "35df1878f7c37e8a"
+    hashes = {config_hash(GenerationSettings(**sampled, **{k: v})) for k, v in
+              [("json_schema", SCHEMA), ("regex", "a+"), ("choice", ["a"]), ("choice", ["b"])]}  # fmt: skip
+    assert len(hashes) == 4 and "35df1878f7c37e8a" not in hashes
+    assert hashed_dump(GenerationSettings(regex="a+"))["regex"] == "a+"
+
+
+@pytest.mark.parametrize("kind", ["regex", "choice"])
+def test_cli_chat_answers_follow_the_constraint(serve_model_dir, tmp_path, kind):
+    """--chat renders each prompt with the chat template; the answer still follows the
+    constraint, and ends at the template's end of turn (a stop token) where the grammar may."""
+    out = tmp_path / "chat.jsonl"
+    given = ["--regex", "[a-c]{1,8}"] if kind == "regex" else ["--choice", "yes", "--choice", "no"]
+    result = run_cli(serve_model_dir, out, "--chat", *given, "--temperature", "1.0",
+                     "--num-samples", "3", "--max-new-tokens", "30")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    texts = answers(out)
+    assert len(texts) == 3 * len(PROMPTS)
+    if kind == "regex":
+        assert all(re.fullmatch("[a-c]{1,8}", t) for t in texts), texts
+    else:
+        assert set(texts) <= {"yes", "no"}
+
+
+def test_chat_sampled_batch_answers_as_each_prompt_alone(lm):
+    settings = GenerationSettings(max_new_tokens=40, regex="[a-c]{1,30}", temperature=1.0)
+    batched = lm.generate_batch(PROMPTS, settings, chat=True, batch_size=len(PROMPTS))
+    assert batched == lm.generate_batch(PROMPTS, settings, chat=True, batch_size=1)
+    assert all(re.fullmatch("[a-c]{1,30}", t) for t in batched)
+    assert batched != lm.generate_batch(PROMPTS, settings)  # the chat template was applied
