@@ -235,3 +235,25 @@ def test_chat_sampled_batch_answers_as_each_prompt_alone(lm):
     assert batched == lm.generate_batch(PROMPTS, settings, chat=True, batch_size=1)
     assert all(re.fullmatch("[a-c]{1,30}", t) for t in batched)
     assert batched != lm.generate_batch(PROMPTS, settings)  # the chat template was applied
+
+
+def test_a_checkpoints_beams_give_way_to_a_constraint(tmp_path):
+    """generation_config.json's num_beams is the checkpoint's default, not the user's ask: a
+    constraint decodes without beams (as sampling does), where an explicit --num-beams is
+    refused."""
+    from lmforge.config import validate
+    from lmforge.model.convert import save_pretrained
+
+    tok = make_tokenizer_dir(tmp_path / "tok")
+    out = tmp_path / "beamy"
+    model = micro_model(TokenizerFiles.load(tok).vocab_size)
+    save_pretrained(model, out, generation_config={"num_beams": 3})
+    copy_tokenizer_files(tok, out)
+    beamy = EvalModel.load(out)
+    asked = validate(GenerationSettings, {"regex": "[a-c]{1,6}", "max_new_tokens": 8}, "t")
+    assert beamy.settings_for(asked).num_beams == 1
+    (text,) = beamy.generate_batch(["Hi"], asked)
+    assert re.fullmatch("[a-c]{1,6}", text)
+    assert beamy.settings_for(GenerationSettings()).num_beams == 3  # unconstrained: beams
+    with pytest.raises(ConfigError, match=re.escape("regex (--regex) with num_beams=2")):
+        validate(GenerationSettings, {"regex": "a", "num_beams": 2}, "t")
