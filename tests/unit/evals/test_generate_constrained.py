@@ -24,7 +24,7 @@ from lmforge.model.generate import generate
 from lmforge.model.logits_rules import LogitsRules
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from unit.finetune.helpers import make_tokenizer_dir
-from unit.serve.conftest import micro_model
+from unit.serve.conftest import micro_model, write_micro_model_dir
 
 SCHEMA = {  # strings and arrays bounded: a random model's answers end within the budget
     "type": "object",
@@ -42,13 +42,7 @@ PROMPTS = ["Hi", "A much longer prompt, with several more tokens in it", "JSON p
 @pytest.fixture(scope="module")
 def serve_model_dir(tmp_path_factory) -> Path:
     """serve's micro chat model (tests/unit/serve/conftest.py), written here."""
-    from lmforge.model.convert import save_pretrained
-
-    tok = make_tokenizer_dir(tmp_path_factory.mktemp("guided-tok"))
-    out = tmp_path_factory.mktemp("guided-model")
-    save_pretrained(micro_model(TokenizerFiles.load(tok).vocab_size), out)
-    copy_tokenizer_files(tok, out)
-    return out
+    return write_micro_model_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
