@@ -251,3 +251,7 @@ def test_a_checkpoints_beams_give_way_to_a_constraint(tmp_path):
     assert beamy.settings_for(GenerationSettings()).num_beams == 3  # unconstrained: beams
     with pytest.raises(ConfigError, match=re.escape("regex (--regex) with num_beams=2")):
         validate(GenerationSettings, {"regex": "a", "num_beams": 2}, "t")
+    result = CliRunner().invoke(app, ["generate", "--model", str(out), "--out", str(tmp_path / "a"),
+                                      "-p", "Hi", "--regex", "[a-c]{1,6}"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "the checkpoint's num_beams=3: beam search does not follow" in result.output
