@@ -238,8 +238,8 @@ def read_schema_option(value: str) -> dict[str, Any]:
 def print_checkpoint_settings(lm: Any, asked: Any, settings: Any, sampling: dict[str, Any]) -> None:
     """One line naming the decoding settings taken from lm's checkpoint (sampling: those of
     generation_defaults.checkpoint_sampling that no option replaced), if any; and one when its
-    num_beams goes unused because it samples (transformers' beam sampling, not implemented).
-    asked: the options given; settings: lm.settings_for(asked)."""
+    num_beams goes unused because it samples (transformers' beam sampling, not implemented) or
+    an output constraint is given. asked: the options given; settings: lm.settings_for(asked)."""
     from lmforge.model.generation_defaults import sampling_defaults
 
     written = sampling_defaults(lm.path)
@@ -267,5 +267,11 @@ def print_checkpoint_settings(lm: Any, asked: Any, settings: Any, sampling: dict
             f"the checkpoint's num_beams={beams} with do_sample is transformers' beam sampling, "
             "which lmforge does not implement: sampling without beams (--greedy for its beam "
             "search)",
+            soft_wrap=True,
+        )
+    elif beams > 1 and "num_beams" not in asked.model_fields_set and asked.output_constraint():
+        console().print(
+            f"the checkpoint's num_beams={beams}: beam search does not follow output "
+            "constraints, so this decodes without beams",
             soft_wrap=True,
         )

@@ -33,6 +33,20 @@ def masked_logits(ruled: Tensor, raw: Tensor, rows: Sequence[int], allow: Tensor
     return out
 
 
+def write_allowed(
+    into: Tensor, tokens: TokenGuide, state: GuideState, stops: Iterable[int]
+) -> None:
+    """Writes into `into` (bool (V,)) the next tokens the grammar allows at `state`, the stop
+    tokens included exactly where the answer may end; ids past the tokenizer's (a padded
+    embedding) never."""
+    mask = tokens.allowed(state)  # cached per state: copied here, never written
+    vocab = into.numel()
+    n = min(mask.numel(), vocab)
+    into[:n] = mask[:n]
+    into[n:] = False
+    into[[t for t in stops if t < vocab]] = tokens.accepts(state)
+
+
 class GuidedRow:
     """One answer under a compiled Guide: model.generate's RowConstraint for structured outputs.
 
@@ -47,15 +61,9 @@ class GuidedRow:
         self.complete = False
 
     def allowed(self, vocab_size: int) -> Tensor:
-        """Bool (vocab_size,) of the next tokens the grammar allows (a new tensor), the stop
-        tokens included exactly where the answer may end; ids past the tokenizer's (a padded
-        embedding) never."""
-        tokens = self.guide.tokens
-        mask = tokens.allowed(self.state)  # cached per state: copied below, never written
-        allow = torch.zeros(vocab_size, dtype=torch.bool)
-        n = min(mask.numel(), vocab_size)
-        allow[:n] = mask[:n]
-        allow[[t for t in self.stops if t < vocab_size]] = tokens.accepts(self.state)
+        """Bool (vocab_size,) of the next tokens the grammar allows (a new tensor): write_allowed."""
+        allow = torch.empty(vocab_size, dtype=torch.bool)
+        write_allowed(allow, self.guide.tokens, self.state, self.stops)
         return allow
 
     def advance(self, token: int) -> bool:

@@ -310,7 +310,8 @@ class EvalModel:
     def settings_for(self, settings: GenerationSettings) -> GenerationSettings:
         """settings with the checkpoint's generation defaults where settings leave a field unset
         (a value given explicitly wins, even when it equals the default). A checkpoint's
-        num_beams is not used when the settings ask to sample (temperature > 0). As in
+        num_beams is not used when the settings ask to sample (temperature > 0) or constrain the
+        answers (json_schema, regex, choice). As in
         transformers, min_new_tokens replaces min_length: a checkpoint's min_new_tokens drops its
         min_length, a minimum the settings give (either key) drops both of the checkpoint's, and
         settings giving both keep min_new_tokens alone (transformers warns and does the same);
@@ -318,8 +319,8 @@ class EvalModel:
         checkpoint's; an encoder-decoder's becomes max_new_tokens when read). The result's
         fields_set holds what was given or taken from the checkpoint (length_limit reads it)."""
         defaults = dict(self.generation_defaults)
-        if settings.temperature > 0:
-            defaults.pop("num_beams", None)
+        if settings.temperature > 0 or settings.output_constraint() is not None:
+            defaults.pop("num_beams", None)  # beams neither sample nor follow a constraint
         given = settings.model_dump(exclude_unset=True)
         if given.keys() & MIN_LENGTH_KEYS:
             defaults = {k: v for k, v in defaults.items() if k not in MIN_LENGTH_KEYS}

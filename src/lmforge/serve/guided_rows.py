@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmforge.constrain.rows import is_complete, masked_logits, next_state
+from lmforge.constrain.rows import is_complete, masked_logits, next_state, write_allowed
 from lmforge.serve.request_book import Row
 
 
@@ -26,21 +26,10 @@ def guided_logits(rows: list[Row], ruled: Tensor, raw: Tensor) -> Tensor:
     guided = [i for i, row in enumerate(rows) if row.guide_state is not None]
     if not guided:
         return ruled
-    vocab = ruled.shape[-1]
-    masks = []
-    for i in guided:
-        row = rows[i]
-        mask = row.params.guide.tokens.allowed(row.guide_state)  # cached per guide state
-        if mask.numel() != vocab:  # the model's vocabulary is padded past the tokenizer's
-            mask = torch.cat([mask, mask.new_zeros(max(vocab - mask.numel(), 0))])[:vocab]
-        masks.append(mask)
-    allow = torch.stack(masks)  # a new tensor: the cached masks stay as they are
+    allow = torch.empty((len(guided), ruled.shape[-1]), dtype=torch.bool)
     for j, i in enumerate(guided):
         row = rows[i]
-        # a stop token ends the answer, whatever text it has: allowed exactly where it may end
-        allow[j, [t for t in row.stops if t < vocab]] = row.params.guide.tokens.accepts(
-            row.guide_state
-        )
+        write_allowed(allow[j], row.params.guide.tokens, row.guide_state, row.stops)
     return masked_logits(ruled, raw, guided, allow)
 
 

@@ -19,8 +19,8 @@ def micro_model(vocab_size: int, seed: int = 0):
     return Transformer(preset_config("micro", vocab_size=vocab_size, init_std=0.2)).eval()
 
 
-@pytest.fixture(scope="session")
-def serve_model_dir(tmp_path_factory) -> Path:
+def write_micro_model_dir(tmp_path_factory) -> Path:
+    """A new model directory: micro_model over a chat tokenizer (make_tokenizer_dir)."""
     from lmforge.model.convert import save_pretrained
     from lmforge.tokenizer.files import TokenizerFiles
 
@@ -29,6 +29,11 @@ def serve_model_dir(tmp_path_factory) -> Path:
     save_pretrained(micro_model(TokenizerFiles.load(tok).vocab_size), out)
     copy_tokenizer_files(tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_model_dir(tmp_path_factory) -> Path:
+    return write_micro_model_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """Structured outputs offline: `lmforge generate --json-schema/--regex/--choice` on a tiny random
 model. Sampled JSON answers parse and validate (several seeds), regex answers fullmatch, choices
-are one of the choices; greedy guided answers are the serving engine's for the same prompt; a
-batch of prompts of mixed lengths answers as each prompt alone; bad or clashing constraints are
-errors that name the flag. Beside the serving tests: the same micro model (serve_model_dir) and
-the engine the offline answers must equal."""
+are one of the choices; a batch of prompts of mixed lengths answers as each prompt alone; bad or
+clashing constraints are errors that name the flag. The model is serve's micro chat model (peaky
+weights: answers vary and end within the budget); tests/unit/serve/test_offline_guided_parity.py
+checks that greedy answers are the serving engine's."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from lmforge.model.generate import generate
 from lmforge.model.logits_rules import LogitsRules
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 from unit.finetune.helpers import make_tokenizer_dir
+from unit.serve.conftest import micro_model, write_micro_model_dir
 
 SCHEMA = {  # strings and arrays bounded: a random model's answers end within the budget
     "type": "object",
@@ -36,6 +37,12 @@ SCHEMA = {  # strings and arrays bounded: a random model's answers end within th
     "additionalProperties": False,
 }
 PROMPTS = ["Hi", "A much longer prompt, with several more tokens in it", "JSON please:"]
+
+
+@pytest.fixture(scope="module")
+def serve_model_dir(tmp_path_factory) -> Path:
+    """serve's micro chat model (tests/unit/serve/conftest.py), written here."""
+    return write_micro_model_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -104,29 +111,6 @@ def test_cli_bad_or_clashing_constraints_name_the_flag(serve_model_dir, tmp_path
     assert result.exit_code != 0
     assert says in str(result.exception) + result.output
     assert not (tmp_path / "x.jsonl").exists()
-
-
-def test_greedy_guided_answers_are_the_serving_engines(engine, lm):
-    from lmforge.serve.handle import collect
-    from lmforge.serve.sampling import SamplingParams
-
-    asked = {
-        "json_schema": SCHEMA,
-        "regex": r"[a-z ]{3,12}\.",
-        "choice": ["zq", "zzq", "hello"],
-    }
-    compiler = compiler_for(engine.files)
-    for kind, value in asked.items():
-        settings = GenerationSettings(max_new_tokens=70, **{kind: value})
-        offline = lm.generate_batch(PROMPTS, settings)
-        guide = compiler.compile(*settings.output_constraint())
-        params = SamplingParams(max_tokens=70, temperature=0, guide=guide)
-        served = [
-            collect(engine.submit(lm.start(p), params, f"{kind}-{i}"))
-            for i, p in enumerate(PROMPTS)
-        ]
-        assert [s.finish_reason for s in served] == ["stop"] * len(PROMPTS)
-        assert offline == [s.text for s in served], kind
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -206,3 +190,68 @@ def test_an_eval_generation_task_follows_its_constraint(lm):
     assert result.metrics["generation"]["choice"] == ["yes", "no"]  # recorded beside the scores
     hits = [r["output"] == "yes" for r in result.records]
     assert result.metrics["exact_match"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_settings_without_a_constraint_keep_their_cache_hashes():
+    """json_schema/regex/choice are HASHED_IF_SET: eval results cached before they existed stay
+    valid. The hashes are those of GenerationSettings at e5050a9, before the constraints."""
+    from lmforge.config import config_hash, hashed_dump
+
+    assert config_hash(GenerationSettings()) == "4700e5616940f13f"
+    sampled = {"temperature": 0.7, "top_p": 0.9, "stop": ["\n"], "max_new_tokens": 20, "seed": 3}
+    assert config_hash(GenerationSettings(**sampled)) == "35df1878f7c37e8a"
+    hashes = {config_hash(GenerationSettings(**sampled, **{k: v})) for k, v in
+              [("json_schema", SCHEMA), ("regex", "a+"), ("choice", ["a"]), ("choice", ["b"])]}  # fmt: skip
+    assert len(hashes) == 4 and "35df1878f7c37e8a" not in hashes
+    assert hashed_dump(GenerationSettings(regex="a+"))["regex"] == "a+"
+
+
+@pytest.mark.parametrize("kind", ["regex", "choice"])
+def test_cli_chat_answers_follow_the_constraint(serve_model_dir, tmp_path, kind):
+    """--chat renders each prompt with the chat template; the answer still follows the
+    constraint, and ends at the template's end of turn (a stop token) where the grammar may."""
+    out = tmp_path / "chat.jsonl"
+    given = ["--regex", "[a-c]{1,8}"] if kind == "regex" else ["--choice", "yes", "--choice", "no"]
+    result = run_cli(serve_model_dir, out, "--chat", *given, "--temperature", "1.0",
+                     "--num-samples", "3", "--max-new-tokens", "30")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    texts = answers(out)
+    assert len(texts) == 3 * len(PROMPTS)
+    if kind == "regex":
+        assert all(re.fullmatch("[a-c]{1,8}", t) for t in texts), texts
+    else:
+        assert set(texts) <= {"yes", "no"}
+
+
+def test_chat_sampled_batch_answers_as_each_prompt_alone(lm):
+    settings = GenerationSettings(max_new_tokens=40, regex="[a-c]{1,30}", temperature=1.0)
+    batched = lm.generate_batch(PROMPTS, settings, chat=True, batch_size=len(PROMPTS))
+    assert batched == lm.generate_batch(PROMPTS, settings, chat=True, batch_size=1)
+    assert all(re.fullmatch("[a-c]{1,30}", t) for t in batched)
+    assert batched != lm.generate_batch(PROMPTS, settings)  # the chat template was applied
+
+
+def test_a_checkpoints_beams_give_way_to_a_constraint(tmp_path):
+    """generation_config.json's num_beams is the checkpoint's default, not the user's ask: a
+    constraint decodes without beams (as sampling does), where an explicit --num-beams is
+    refused."""
+    from lmforge.config import validate
+    from lmforge.model.convert import save_pretrained
+
+    tok = make_tokenizer_dir(tmp_path / "tok")
+    out = tmp_path / "beamy"
+    model = micro_model(TokenizerFiles.load(tok).vocab_size)
+    save_pretrained(model, out, generation_config={"num_beams": 3})
+    copy_tokenizer_files(tok, out)
+    beamy = EvalModel.load(out)
+    asked = validate(GenerationSettings, {"regex": "[a-c]{1,6}", "max_new_tokens": 8}, "t")
+    assert beamy.settings_for(asked).num_beams == 1
+    (text,) = beamy.generate_batch(["Hi"], asked)
+    assert re.fullmatch("[a-c]{1,6}", text)
+    assert beamy.settings_for(GenerationSettings()).num_beams == 3  # unconstrained: beams
+    with pytest.raises(ConfigError, match=re.escape("regex (--regex) with num_beams=2")):
+        validate(GenerationSettings, {"regex": "a", "num_beams": 2}, "t")
+    result = CliRunner().invoke(app, ["generate", "--model", str(out), "--out", str(tmp_path / "a"),
+                                      "-p", "Hi", "--regex", "[a-c]{1,6}"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "the checkpoint's num_beams=3: beam search does not follow" in result.output
