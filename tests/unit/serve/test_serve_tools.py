@@ -14,7 +14,6 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
-pytest.importorskip("jsonschema")
 
 import jsonschema
 import openai
