@@ -1,12 +1,12 @@
-"""Autoregressive generation: a preallocated KV cache and the sampling rules.
+"""Autoregressive generation: prefill, then one cached token a step, batched and constrained.
 
 generate() runs the prompt once (prefill), then feeds one token per step, reusing cached keys and
-values, so each step costs O(T) instead of O(T^2). Prompts of different lengths run as one batch
-when left-padded (left_pad() builds the ids and the pad mask; generate_batched() does it all for
-token lists): padding is masked out of attention and of the repetition penalty, and each row's
-positions start at its own first token. Sampling follows the usual order: repetition penalty,
-temperature, top-k, top-p, then a draw (or argmax when greedy): multinomial from one generator,
-or Gumbel-max from one generator per row when a prompt's sample must not depend on its batch.
+values (kv_cache.KVCache), so each step costs O(T) instead of O(T^2). Prompts of different
+lengths run as one batch when left-padded (left_pad() builds the ids and the pad mask;
+generate_batched() does it all for token lists): padding is masked out of attention and of the
+repetition penalty, and each row's positions start at its own first token. Each token is chosen
+by token_sampling.sample_next (repetition penalty, temperature, top-k, top-p, then argmax or a
+draw; seeded per row when a prompt's sample must not depend on its batch).
 A row may carry a RowConstraint (structured outputs: constrain.rows.GuidedRow), a stateful rule
 that masks its logits after the LogitsRules and before the draw, and moves past each token drawn.
 """
