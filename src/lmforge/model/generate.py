@@ -1,12 +1,12 @@
-"""Autoregressive generation: a preallocated KV cache and the sampling rules.
+"""Autoregressive generation: prefill, then one cached token a step, batched and constrained.
 
 generate() runs the prompt once (prefill), then feeds one token per step, reusing cached keys and
-values, so each step costs O(T) instead of O(T^2). Prompts of different lengths run as one batch
-when left-padded (left_pad() builds the ids and the pad mask; generate_batched() does it all for
-token lists): padding is masked out of attention and of the repetition penalty, and each row's
-positions start at its own first token. Sampling follows the usual order: repetition penalty,
-temperature, top-k, top-p, then a draw (or argmax when greedy): multinomial from one generator,
-or Gumbel-max from one generator per row when a prompt's sample must not depend on its batch.
+values (kv_cache.KVCache), so each step costs O(T) instead of O(T^2). Prompts of different
+lengths run as one batch when left-padded (left_pad() builds the ids and the pad mask;
+generate_batched() does it all for token lists): padding is masked out of attention and of the
+repetition penalty, and each row's positions start at its own first token. Each token is chosen
+by token_sampling.sample_next (repetition penalty, temperature, top-k, top-p, then argmax or a
+draw; seeded per row when a prompt's sample must not depend on its batch).
 A row may carry a RowConstraint (structured outputs: constrain.rows.GuidedRow), a stateful rule
 that masks its logits after the LogitsRules and before the draw, and moves past each token drawn.
 """
@@ -17,68 +17,44 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.constrain.rows import masked_logits
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.compiled_decode import FixedShapeSteps, decode_capacity, use_compiled_decode
+from lmforge.model.kv_cache import KVCache
 from lmforge.model.logits_rules import NO_RULES, LogitsRules
+from lmforge.model.token_sampling import (
+    _check_sampling,
+    apply_repetition_penalty,
+    draw_per_row,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
 
-
-class KVCache:
-    """Keys and values of every layer, preallocated: k[layer] is (B, n_kv_head, max_len, hd)."""
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_kv_head: int,
-        max_len: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0  # positions written so far: what reorder_cache copies
-        self._spare: tuple[Tensor, Tensor] | None = None  # reorder_cache's target buffers
-
-    @classmethod
-    def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> KVCache:
-        """A cache shaped for `model` (a Transformer), on its device and in its dtype."""
-        cfg = model.config
-        p = next(model.parameters())
-        return cls(
-            cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.hd, device=p.device, dtype=p.dtype
-        )
-
-    def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, n_kv_head, T, hd) at start_pos; return all keys/values up to there."""
-        end = start_pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, step needs {end}")
-        self.k[layer, :, :, start_pos:end] = k
-        self.v[layer, :, :, start_pos:end] = v
-        self.length = max(self.length, end)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, hd)
-
-    def reorder_cache(self, rows: Tensor) -> None:
-        """Keep rows[i] as row i (beam search: each beam takes its parent's keys and values);
-        rows may repeat or grow the batch. transformers' caches have the same method."""
-        if rows.numel() != self.k.size(1):  # a new batch size: the prompts' rows to their beams
-            self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-            self._spare = None
-            return
-        if self._spare is None:
-            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
-        n = self.length  # into the spare buffers (no allocation), only the written positions
-        for src, dst in zip((self.k, self.v), self._spare, strict=True):
-            torch.index_select(src[:, :, :, :n], 1, rows, out=dst[:, :, :, :n])
-        (self.k, self.v), self._spare = self._spare, (self.k, self.v)
+# KVCache and the sampling functions live in kv_cache.py and token_sampling.py; importing them
+# from here keeps working
+__all__ = [
+    "KVCache",
+    "RowConstraint",
+    "apply_repetition_penalty",
+    "batch_budget",
+    "check_room",
+    "draw_per_row",
+    "generate",
+    "generate_batched",
+    "in_length_batches",
+    "last_logits",
+    "left_pad",
+    "length_sorted_batches",
+    "new_tokens",
+    "pad_rows",
+    "row_seed",
+    "sample_next",
+    "top_k_filter",
+    "top_p_filter",
+]
 
 
 class RowConstraint(Protocol):
@@ -132,98 +108,6 @@ def new_tokens(out: Tensor, prompt_len: int, stop_tokens: Sequence[int] = ()) ->
         end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         rows.append(row[:end])
     return rows
-
-
-def apply_repetition_penalty(
-    logits: Tensor, history: Tensor, penalty: float, history_mask: Tensor | None = None
-) -> Tensor:
-    """Make already-seen tokens less likely (CTRL paper / HF): divide positive, multiply negative.
-
-    history (B, T) are the tokens seen; history_mask (B, T), 0 at padding, leaves padding out.
-    """
-    weight = torch.ones_like(history, dtype=logits.dtype) if history_mask is None else history_mask
-    seen = torch.zeros_like(logits).scatter_add_(1, history, weight.to(logits.dtype)) > 0  # (B, V)
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Keep the k largest logits per row, -inf elsewhere."""
-    k = min(k, logits.size(-1))
-    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability is >= p."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of strictly better tokens
-    drop_sorted = mass_before >= p  # the most likely token always has mass_before 0, so it stays
-    drop = drop_sorted.scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_next(
-    logits: Tensor,
-    history: Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    greedy: bool = False,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    history_mask: Tensor | None = None,
-) -> Tensor:
-    """Pick one token per row from last-position logits (B, V); history (B, T) is the context.
-
-    history_mask (B, T): 0 where history is padding (ignored by the repetition penalty).
-    generator: one for the whole batch, or one per row, so that a row's draws do not depend on
-    which other rows share its batch (see draw_per_row).
-    """
-    logits = logits.float()
-    if repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, history, repetition_penalty, history_mask)
-    if greedy or temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    if isinstance(generator, Sequence):
-        return draw_per_row(logits, generator)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-
-
-def draw_per_row(logits: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-    """One draw from softmax(logits[i]) per row, with row i's randomness from generators[i] alone.
-
-    The Gumbel-max trick: argmax(log p + G), G = -log(-log U), U ~ Uniform(0, 1) is an exact
-    sample of p, and each row consumes exactly V uniforms from its own generator per step; so a
-    prompt samples the same tokens alone or in any batch. Filtered logits (-inf) never win.
-    """
-    if len(generators) != logits.size(0):
-        raise ValueError(f"{len(generators)} generators for {logits.size(0)} rows")
-    u = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    for row, g in zip(u, generators, strict=True):
-        row.uniform_(generator=g)  # what torch.rand(V, generator=g) draws
-    # in place: a (B, V) temporary per op costs more than the op itself at a serving batch
-    gumbel = u.clamp_min_(torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()  # (B, V)
-    return gumbel.add_(F.log_softmax(logits, dim=-1)).argmax(dim=-1)  # (B,)
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, rp: float) -> None:
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be >= 1 (or unset), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p must be in (0, 1] (or unset), got {top_p}")
-    if rp <= 0:
-        raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {rp}")
 
 
 @torch.no_grad()
