@@ -14,8 +14,9 @@
    with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
    and never attends to another row's padding;
 4. each row samples under its own SamplingParams (serve/sampling.py), detokenizes incrementally
-   (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows leave the batch
-   (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
+   (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows (stop, length,
+   abort) first store their prompt + answer blocks in the prefix cache, so a chat's next turn
+   reuses the answer too, then leave the batch (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
 
 StepLoop orders these steps under one lock and owns what they share: the running batch (its rows
 and BatchCache), the request book, the prefix cache and the chunked prefills. It composes the
