@@ -1,9 +1,13 @@
 """The prefix cache keeps answers: a chat's next turn (prompt + answer + a new user turn) reuses
-the previous answer's blocks in the engine (greedy and seeded, n > 1, rows of different lengths
-leaving the batch at different steps, an abort, the byte budget), its answers unchanged; and each
-row's block keys are hashed once. The prompt-only cache: test_serve_prefix_cache.py."""
+the previous answer's blocks, its answers unchanged: in the engine (greedy and seeded, n > 1, rows
+of different lengths leaving the batch at different steps, an abort, the byte budget) and through
+a real server with the openai client and a chat template; and each row's block keys are hashed
+once. The prompt-only cache: test_serve_prefix_cache.py."""
 
 from __future__ import annotations
+
+import re
+import urllib.request
 
 import pytest
 import torch
@@ -210,3 +214,68 @@ def test_the_engine_hashes_each_rows_blocks_once(model, files, hashes, mb):
     want = sum((len(p) + m - 1) // B for p, m in zip(prompts, new, strict=True)) if mb else 0
     assert len(hashes) == want
     assert not mb or engine.stats().prefix.hits >= 2  # the burst's later rows did reuse
+
+
+# -- through a real server: a chat's second turn -------------------------------------------------
+
+
+def _metric(url: str, name: str) -> float:
+    body = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", body, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+ANSWER = "Paris is the capital of the capital"  # its canonical tokens: none a prefix of another
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 3}])
+def test_a_servers_second_chat_turn_reuses_the_first_answer(
+    serve_model_dir, files, tmp_path, sampling
+):
+    """The random test model's own answers are not valid text, so they would not survive the
+    round trip through the client; turn 1 is steered to ANSWER in its canonical tokens (a
+    guided choice, the canonical tokens favoured by logit_bias), as a trained model's answer
+    would be, and comes back as the assistant message of turn 2."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from lmforge.serve.launch import free_port
+    from lmforge.serve.server import create_app
+    from lmforge.serve.settings import ServeSettings
+    from unit.serve.test_serve_uvicorn import running
+
+    canonical = files.tokenizer.encode(ANSWER).ids
+    steer = {
+        "logit_bias": {str(t): 50 for t in canonical},
+        "extra_body": {"guided_choice": [ANSWER]},
+    }
+    first = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": "Capital of France?"}]  # fmt: skip
+    second = [*first, {"role": "assistant", "content": ANSWER},
+              {"role": "user", "content": "Italy?"}]  # fmt: skip
+    hit = 'lmforge_prefix_cache_hit_tokens_total{model="m"}'
+    runs = {}
+    for mb in (0, 2):
+        settings = ServeSettings(
+            models=[{"name": "m", "path": serve_model_dir}], feedback_db=tmp_path / f"{mb}.db",
+            port=free_port(), prefix_cache_mb=mb, cache_entries=0,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{settings.port}"
+        with running(settings, create_app(settings)):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="-")
+            one = client.chat.completions.create(
+                model="m", messages=first, max_tokens=len(canonical) + 4, **sampling, **steer
+            )
+            before = _metric(url, hit)
+            two = client.chat.completions.create(
+                model="m", messages=second, max_tokens=4, logprobs=True, **sampling
+            )
+            runs[mb] = (one, two, _metric(url, hit) - before)
+    (one, two_off, none), (_, two_on, reused) = runs[0], runs[2]
+    assert one.choices[0].message.content == ANSWER
+    assert one.usage.completion_tokens == len(canonical)  # its canonical tokens, no more
+    assert two_off.choices[0].message.content == two_on.choices[0].message.content
+    got = [t.logprob for t in two_on.choices[0].logprobs.content]
+    assert got == pytest.approx([t.logprob for t in two_off.choices[0].logprobs.content], abs=1e-4)
+    fed = one.usage.prompt_tokens + len(canonical) - 1  # the last answer token was never fed
+    assert none == 0
+    assert reused == fed // B * B > one.usage.prompt_tokens // B * B  # the answer's blocks too
