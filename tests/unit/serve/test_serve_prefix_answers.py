@@ -6,9 +6,6 @@ once. The prompt-only cache: test_serve_prefix_cache.py."""
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 import pytest
 import torch
 
@@ -219,12 +216,6 @@ def test_the_engine_hashes_each_rows_blocks_once(model, files, hashes, mb):
 # -- through a real server: a chat's second turn -------------------------------------------------
 
 
-def _metric(url: str, name: str) -> float:
-    body = urllib.request.urlopen(f"{url}/metrics").read().decode()
-    found = re.search(rf"^{re.escape(name)} (\S+)$", body, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 ANSWER = "Paris is the capital of the capital"  # its canonical tokens: none a prefix of another
 
 
@@ -236,12 +227,7 @@ def test_a_servers_second_chat_turn_reuses_the_first_answer(
     round trip through the client; turn 1 is steered to ANSWER in its canonical tokens (a
     guided choice, the canonical tokens favoured by logit_bias), as a trained model's answer
     would be, and comes back as the assistant message of turn 2."""
-    pytest.importorskip("fastapi")
-    openai = pytest.importorskip("openai")
-    from lmforge.serve.launch import free_port
-    from lmforge.serve.server import create_app
-    from lmforge.serve.settings import ServeSettings
-    from unit.serve.test_serve_uvicorn import running
+    from unit.serve.test_serve_prefix_cache import _metric, served
 
     canonical = files.tokenizer.encode(ANSWER).ids
     steer = {
@@ -255,13 +241,7 @@ def test_a_servers_second_chat_turn_reuses_the_first_answer(
     hit = 'lmforge_prefix_cache_hit_tokens_total{model="m"}'
     runs = {}
     for mb in (0, 2):
-        settings = ServeSettings(
-            models=[{"name": "m", "path": serve_model_dir}], feedback_db=tmp_path / f"{mb}.db",
-            port=free_port(), prefix_cache_mb=mb, cache_entries=0,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{settings.port}"
-        with running(settings, create_app(settings)):
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="-")
+        with served(serve_model_dir, tmp_path, mb) as (url, client):
             one = client.chat.completions.create(
                 model="m", messages=first, max_tokens=len(canonical) + 4, **sampling, **steer
             )
