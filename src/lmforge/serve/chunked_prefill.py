@@ -56,7 +56,7 @@ class ChunkedPrefills:
         row = self.rows[0]
         if self.progress is None:
             start(row)
-            hit = self.prefix.lookup(row.prompt)
+            hit = self.prefix.lookup(row.chain)
             cache = BatchCache.empty(self.model, 1, len(row.prompt))
             hit.write(cache.k[:, 0], cache.v[:, 0], hit.tokens)
             self.progress = cache, hit.tokens

@@ -16,6 +16,13 @@ cached block behind a missing parent.
 
 A lookup covers at most the prompt's length minus one token, so the last prompt token is always
 run through the model and the first answer token's logits come from a real forward pass.
+
+Answers are kept too: when a request ends (stop, length or abort) the engine stores the whole
+blocks of its prompt and answer, every token whose keys/values its cache holds (all but the last
+one sampled), with the same chained keys. A chat's next turn, whose prompt is this one + the
+answer + a new user message, then reuses the answer's blocks as well (vLLM keeps every full
+block alike). Each row carries a TokenChain, its tokens and their block keys, so a block is
+hashed once however often admission, planning, lookup and stores ask for it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import hashlib
 import logging
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -41,6 +48,43 @@ log = logging.getLogger(__name__)
 BLOCK_TOKENS = 16  # tokens per cached block (vLLM's default); prefixes are reused in whole blocks
 DEFAULT_MB = 256  # see ServeSettings.prefix_cache_mb for why
 _ROOT = b""  # the chain's key before the first block
+
+
+def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """A block's key: a hash of its parent's key and its own token ids."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+class TokenChain:
+    """A row's tokens whose keys/values its cache holds (its prompt, then each answer token once
+    it has been fed back) and the keys of their whole blocks, each hashed once, when first asked
+    for."""
+
+    def __init__(self, tokens: Iterable[int], block_tokens: int = BLOCK_TOKENS) -> None:
+        self.tokens = list(tokens)
+        self.block_tokens = block_tokens
+        self._keys: list[bytes] = []
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def append(self, token: int) -> None:
+        """A token the row's cache now holds (an answer token just fed to the model)."""
+        self.tokens.append(token)
+
+    def block(self, i: int) -> tuple[int, ...]:
+        n = self.block_tokens
+        return tuple(self.tokens[i * n : (i + 1) * n])
+
+    def keys(self, blocks: int) -> list[bytes]:
+        """The chained keys of the first `blocks` (whole) blocks."""
+        while len(self._keys) < blocks:
+            parent = self._keys[-1] if self._keys else _ROOT
+            self._keys.append(block_key(parent, self.block(len(self._keys))))
+        return self._keys[:blocks]
+
+
+Tokens = Sequence[int] | TokenChain  # a prompt as a list is hashed afresh; a row's chain is not
 
 
 @dataclass(frozen=True)
@@ -123,49 +167,55 @@ class PrefixCache:
             mb = 0
         return cls(int(mb * 2**20))
 
-    def keys(self, prompt: list[int], blocks: int) -> list[bytes]:
-        """The chained keys of the prompt's first `blocks` blocks."""
-        keys, key, n = [], _ROOT, self.block_tokens
-        for i in range(blocks):
-            tokens = array("q", prompt[i * n : (i + 1) * n]).tobytes()
-            key = hashlib.blake2b(key + tokens, digest_size=16).digest()
-            keys.append(key)
-        return keys
+    def chain(self, tokens: Tokens) -> TokenChain:
+        """`tokens` as a TokenChain of this cache's block size (a row's own chain as it is)."""
+        if not isinstance(tokens, TokenChain):
+            return TokenChain(tokens, self.block_tokens)
+        if tokens.block_tokens != self.block_tokens:
+            raise ValueError(
+                f"a chain of {tokens.block_tokens}-token blocks given to a prefix cache of "
+                f"{self.block_tokens}-token blocks"
+            )
+        return tokens
 
-    def _cached(self, prompt: list[int], keys: list[bytes]) -> list[_Block]:
-        """The leading run of the prompt's blocks that is cached (tokens checked)."""
+    def keys(self, prompt: Tokens, blocks: int) -> list[bytes]:
+        """The chained keys of the prompt's first `blocks` blocks."""
+        return self.chain(prompt).keys(blocks)
+
+    def _cached(self, chain: TokenChain, keys: list[bytes]) -> list[_Block]:
+        """The leading run of the chain's blocks that is cached (tokens checked)."""
         found: list[_Block] = []
-        n = self.block_tokens
         for i, key in enumerate(keys):
             block = self._blocks.get(key)
-            if block is None or block.tokens != tuple(prompt[i * n : (i + 1) * n]):
+            if block is None or block.tokens != chain.block(i):
                 break
             found.append(block)
         return found
 
-    def _reusable(self, prompt: list[int]) -> tuple[list[bytes], list[_Block]]:
-        """The keys of the blocks a lookup may reuse (whole blocks, the last prompt token left
-        out) and the leading run of them that is cached."""
-        keys = self.keys(prompt, (len(prompt) - 1) // self.block_tokens if self.budget else 0)
-        return keys, self._cached(prompt, keys)
+    def _reusable(self, prompt: Tokens) -> tuple[TokenChain, list[bytes], list[_Block]]:
+        """The prompt's chain, the keys of the blocks a lookup may reuse (whole blocks, the last
+        prompt token left out) and the leading run of them that is cached."""
+        chain = self.chain(prompt)
+        keys = chain.keys((len(chain) - 1) // self.block_tokens if self.budget else 0)
+        return chain, keys, self._cached(chain, keys)
 
-    def prefill_need(self, prompt: list[int]) -> tuple[int, bytes | None]:
+    def prefill_need(self, prompt: Tokens) -> tuple[int, bytes | None]:
         """What admitting the prompt now costs (serve/scheduler.py's admit): the positions its
         prefill runs, and the key of the first block that prefill computes and a later lookup
         could reuse (None: none); nothing counted or touched."""
-        keys, found = self._reusable(prompt)
+        chain, keys, found = self._reusable(prompt)
         have = len(found)
-        return len(prompt) - have * self.block_tokens, keys[have] if have < len(keys) else None
+        return len(chain) - have * self.block_tokens, keys[have] if have < len(keys) else None
 
-    def peek(self, prompt: list[int]) -> int:
+    def peek(self, prompt: Tokens) -> int:
         """Prompt positions lookup() would cover now, counting and touching nothing."""
-        return len(self._reusable(prompt)[1]) * self.block_tokens
+        return len(self._reusable(prompt)[2]) * self.block_tokens
 
-    def lookup(self, prompt: list[int]) -> PrefixHit:
+    def lookup(self, prompt: Tokens) -> PrefixHit:
         """The longest cached block prefix of the prompt (at most len - 1 tokens); counted."""
         if not self.budget:
             return NO_HIT
-        keys, found = self._reusable(prompt)
+        _, keys, found = self._reusable(prompt)
         if not found:
             self._misses += 1
             return NO_HIT
@@ -175,16 +225,17 @@ class PrefixCache:
         self._hit_tokens += tokens
         return PrefixHit(tokens, [b.k for b in found], [b.v for b in found])
 
-    def store(self, prompt: list[int], k: Tensor, v: Tensor) -> None:
-        """Keeps the prompt's whole blocks from its keys/values k, v (n_layer, n_kv_head,
-        len(prompt), hd); blocks already held are only touched. Evicts least recently used
-        blocks (never this prompt's) to stay under the budget; stores fewer blocks, or none,
-        when even that is not enough."""
+    def store(self, prompt: Tokens, k: Tensor, v: Tensor) -> None:
+        """Keeps the whole blocks of the prompt (or a row's chain: prompt and answer) from its
+        keys/values k, v (n_layer, n_kv_head, len(prompt), hd); blocks already held are only
+        touched. Evicts least recently used blocks (never this chain's) to stay under the
+        budget; stores fewer blocks, or none, when even that is not enough."""
         if not self.budget:
             return
         n = self.block_tokens
-        keys = self.keys(prompt, len(prompt) // n)
-        held = keys[: len(self._cached(prompt, keys))]
+        chain = self.chain(prompt)
+        keys = chain.keys(len(chain) // n)
+        held = keys[: len(self._cached(chain, keys))]
         new = keys[len(held) :]
         self._touch(held)  # to the young end, out of the eviction's way
         if new:
@@ -198,7 +249,7 @@ class PrefixCache:
         # all copied before any goes in: running out of memory leaves no block without its parent
         blocks = [
             _Block(
-                tuple(prompt[i * n : (i + 1) * n]),
+                chain.block(i),
                 k[:, :, i * n : (i + 1) * n].clone(),
                 v[:, :, i * n : (i + 1) * n].clone(),
             )
@@ -233,14 +284,14 @@ class PrefixCache:
             self._evictions += 1
 
     @contextmanager
-    def holding(self, prompts: Iterable[list[int]]) -> Iterator[None]:
+    def holding(self, prompts: Iterable[Tokens]) -> Iterator[None]:
         """Keeps the prompts' cached blocks from eviction inside the block. A step's prefill
         is planned from peek() and run one group at a time: without this, one group's store()
         could evict blocks a later group was counted on to reuse, and that group's pass would
         run more tokens than the step's budget."""
         before, keys = self._held, set()
         for prompt in prompts:
-            reusable, cached = self._reusable(prompt)
+            _, reusable, cached = self._reusable(prompt)
             keys.update(reusable[: len(cached)])
         self._held = before | keys
         try:
@@ -248,13 +299,17 @@ class PrefixCache:
         finally:
             self._held = before
 
-    def store_batch(self, prompts: list[list[int]], cache: BatchCache) -> None:
-        """store() for each row of a just-prefilled batch (rows right-aligned, in this order).
-        Out of device memory, the rows left are not kept: a cache must not fail the requests
-        whose prefill succeeded."""
+    def store_batch(
+        self, prompts: list[Tokens], cache: BatchCache, rows: list[int] | None = None
+    ) -> None:
+        """store() for rows of a batch cache (right-aligned): `rows` (default: 0, 1, ...) hold
+        `prompts`' keys/values in their last len(prompt) columns. Out of device memory, the rows
+        left are not kept: a cache must not fail the requests whose prefill succeeded."""
+        if not self.budget:
+            return
         import torch  # the engine's, loaded by now; the CLI imports this module without it
 
-        for i, prompt in enumerate(prompts):
+        for i, prompt in zip(rows or range(len(prompts)), prompts, strict=True):
             try:
                 self.store(prompt, *cache.row_kv(i, len(prompt)))
             except torch.OutOfMemoryError:

@@ -17,6 +17,7 @@ import torch
 from lmforge.errors import InputError
 from lmforge.serve.detok import TextStream
 from lmforge.serve.handle import NO_TOKEN, RequestHandle, TokenEvent
+from lmforge.serve.prefix_cache import TokenChain
 from lmforge.serve.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ class Row:
     ) -> None:
         self.handle, self.prompt, self.params, self.stops = handle, prompt, params, stops
         self.stop_list = sorted(stops)  # what the logits rules take, sorted once
+        # the tokens its cache holds and their prefix-cache block keys (serve/prefix_cache.py)
+        self.chain = TokenChain(prompt)
         self.generated = 0
         self.pending = -1  # last sampled token, fed at the next decoding step
         self.stream: TextStream | None = None

@@ -9,13 +9,14 @@ tested and changed without a model.
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 PREFILL_PADDING = 0.25  # most padding a prefill pass may add, as a fraction of its prompt tokens
 
 
 class _Prompted(Protocol):
     prompt: list[int]
+    chain: Any  # its prompt's block keys, hashed once (serve/prefix_cache.py's TokenChain)
 
 
 R = TypeVar("R", bound=_Prompted)
@@ -24,7 +25,7 @@ R = TypeVar("R", bound=_Prompted)
 class PrefixIndex(Protocol):
     """What admission asks of a prefix cache (serve/prefix_cache.py's PrefixCache)."""
 
-    def prefill_need(self, prompt: list[int]) -> tuple[int, bytes | None]: ...
+    def prefill_need(self, prompt: Any) -> tuple[int, bytes | None]: ...
 
 
 def admit(waiting: deque[R], free: int, budget: int, prefix: PrefixIndex | None = None) -> list[R]:
@@ -39,8 +40,10 @@ def admit(waiting: deque[R], free: int, budget: int, prefix: PrefixIndex | None 
     joining: list[R] = []
     starts: set[bytes] = set()  # the joining prompts' first uncached blocks
     while waiting and len(joining) < free:
-        prompt = waiting[0].prompt
-        tokens, start = (len(prompt), None) if prefix is None else prefix.prefill_need(prompt)
+        head = waiting[0]
+        tokens, start = (
+            (len(head.prompt), None) if prefix is None else prefix.prefill_need(head.chain)
+        )
         if joining and (tokens > budget or start in starts):
             break
         joining.append(waiting.popleft())

@@ -14,8 +14,9 @@
    with the batch's pad_mask, so each row keeps its own positions (model.transformer.pad_positions)
    and never attends to another row's padding;
 4. each row samples under its own SamplingParams (serve/sampling.py), detokenizes incrementally
-   (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows leave the batch
-   (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
+   (serve/detok.py) and pushes a TokenEvent to its RequestHandle; finished rows (stop, length,
+   abort) first store their prompt + answer blocks in the prefix cache, so a chat's next turn
+   reuses the answer too, then leave the batch (index_select) and all-padding leading columns are trimmed, so L stays <= block_size.
 
 StepLoop orders these steps under one lock and owns what they share: the running batch (its rows
 and BatchCache), the request book, the prefix cache and the chunked prefills. It composes the
@@ -143,6 +144,8 @@ class StepLoop:
             log.debug("request %s aborted during its chunked prefill", row.request_id)
             book.finish_aborted(row)
         book.aborts &= set(book.active)  # those still being admitted wait for the next step
+        kept = set(keep)
+        self._store_answers([i for i in range(len(self._running)) if i not in kept])
         self._keep(keep)
 
     def _keep(self, keep: list[int]) -> None:
@@ -157,9 +160,9 @@ class StepLoop:
     def _prefill(self, rows: list[Row]) -> None:
         """Prefills newcomers in groups of similar length, then merges them into the batch;
         prompts over the budget wait in _chunked, prefilled a chunk a step."""
-        todo = [r.prompt[self._prefix.peek(r.prompt) :] for r in rows]  # what is not cached
+        todo = [r.prompt[self._prefix.peek(r.chain) :] for r in rows]  # what is not cached
         whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
-        with self._prefix.holding(r.prompt for r in rows):  # each pass finds what todo counted
+        with self._prefix.holding(r.chain for r in rows):  # each pass finds what todo counted
             joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
         self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
@@ -203,7 +206,7 @@ class StepLoop:
         try:
             prefilled = self._chunked.step(self._start)
             if prefilled is not None:  # the row has left _chunked: a failure must name it here
-                self._prefix.store_batch([row.prompt], prefilled[0])
+                self._prefix.store_batch([row.chain], prefilled[0])
         except Exception as exc:  # this request alone fails
             log.exception("prefill of request %s failed", row.request_id)
             self._fail([row], exc)
@@ -237,10 +240,9 @@ class StepLoop:
     def _prefill_forward(self, rows: list[Row]) -> tuple[BatchCache, Tensor]:
         """The newcomers' prompts in one left-padded forward pass (from their prefix cache hits
         on): their cache and next logits."""
-        prompts = [r.prompt for r in rows]
-        hits = [self._prefix.lookup(p) for p in prompts]
-        cache, logits = prefill_pass(self.model, prompts, self.device, hits)
-        self._prefix.store_batch(prompts, cache)
+        hits = [self._prefix.lookup(r.chain) for r in rows]
+        cache, logits = prefill_pass(self.model, [r.prompt for r in rows], self.device, hits)
+        self._prefix.store_batch([r.chain for r in rows], cache)
         for row in rows:
             self._start(row)
         return cache, logits
@@ -258,6 +260,8 @@ class StepLoop:
             with self._lock:
                 self._running, self._cache = [], None
             return
+        for row in rows:  # its cache now holds the token it fed
+            row.chain.append(row.pending)
         with self._lock:
             self._counts["steps"] += 1
         self._emit(rows, logits, leave=self._keep)
@@ -274,6 +278,9 @@ class StepLoop:
         wakes = WakeBatch()
         try:
             emitted = emit_tokens(rows, logits, self.files, wakes)
+            if leave is not None:  # rows of the running batch: keep the answers that end well
+                ended = {row for row, event in emitted.finals if event.finish_reason != "error"}
+                self._store_answers([i for i, row in enumerate(rows) if row in ended])
             with self._lock:
                 if leave is not None:
                     leave(emitted.keep)
@@ -283,6 +290,14 @@ class StepLoop:
             return emitted.keep
         finally:
             wakes.send()
+
+    def _store_answers(self, ending: list[int]) -> None:
+        """Stores the prefix-cache blocks of these running rows, which end now: their prompt and
+        answer, every token their cache holds (serve/prefix_cache.py), before their cache rows
+        are dropped, so a chat's next turn reuses the answer too."""
+        if ending and self._cache is not None and self._prefix.budget:
+            chains = [self._running[i].chain for i in ending]
+            self._prefix.store_batch(chains, self._cache, ending)
 
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
         with self._lock:

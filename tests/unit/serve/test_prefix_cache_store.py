@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import torch
 
-from lmforge.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
+from lmforge.serve import prefix_cache
+from lmforge.serve.prefix_cache import BLOCK_TOKENS, PrefixCache, TokenChain
 from lmforge.serve.scheduler import admit
 
 B = BLOCK_TOKENS
@@ -19,6 +20,11 @@ def _kv(n_tokens: int, fill: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake keys/values (n_layer 2, n_kv_head 2, n_tokens, hd 4) whose values name their column."""
     k = torch.arange(n_tokens, dtype=torch.float32).expand(2, 2, 4, n_tokens).transpose(2, 3)
     return k * fill, -k * fill
+
+
+def _request(prompt: list[int]) -> SimpleNamespace:
+    """What admission reads of a waiting request: its prompt and its chain."""
+    return SimpleNamespace(prompt=prompt, chain=TokenChain(prompt))
 
 
 def _block_bytes() -> int:
@@ -58,14 +64,14 @@ def test_a_key_is_the_whole_prefix_and_the_last_token_is_always_left_to_the_mode
 def test_a_hash_collision_cannot_hand_out_another_prompts_keys(monkeypatch):
     cache = PrefixCache(10 * _block_bytes())
     cache.store(list(range(2 * B)), *_kv(2 * B))
-    monkeypatch.setattr(cache, "keys", lambda prompt, n: [b"same"] * n if n else [])
+    monkeypatch.setattr(prefix_cache, "block_key", lambda parent, tokens: b"same")
     cache._blocks = {b"same": next(iter(cache._blocks.values()))}  # one entry under every key
     assert cache.peek([1000 + i for i in range(2 * B)]) == 0  # its tokens differ: no hit
 
 
 def test_a_colliding_key_is_replaced_and_its_bytes_counted_once(monkeypatch):
     cache = PrefixCache(10 * _block_bytes())
-    monkeypatch.setattr(cache, "keys", lambda prompt, n: [b"%d" % i for i in range(n)])
+    monkeypatch.setattr(prefix_cache, "block_key", lambda parent, tokens: parent + b".")  # depth
     a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
     cache.store(a, *_kv(2 * B))
     cache.store(b, *_kv(2 * B, fill=2.0))  # every key collides with a's
@@ -98,13 +104,13 @@ def test_admission_counts_uncached_tokens_and_prefills_a_new_shared_prefix_once(
     cache = PrefixCache(10 * _block_bytes())
     shared = list(range(3 * B))
     cache.store(shared, *_kv(3 * B))
-    waiting = [SimpleNamespace(prompt=[*shared, i]) for i in range(4)]
+    waiting = [_request([*shared, i]) for i in range(4)]
     assert cache.prefill_need(waiting[0].prompt) == (1, None)  # all but the last token cached
     assert len(admit(deque(waiting), 8, 3 * B + 2)) == 1  # whole prompts: one fits the budget
     assert len(admit(deque(waiting), 8, 3 * B + 2, cache)) == 4
     # a burst over a new shared prefix: the first prompt alone, the rest once it is cached
-    new = [SimpleNamespace(prompt=[*range(500, 500 + 2 * B), i]) for i in range(3)]
-    other = SimpleNamespace(prompt=list(range(900, 900 + 2 * B)))
+    new = [_request([*range(500, 500 + 2 * B), i]) for i in range(3)]
+    other = _request(list(range(900, 900 + 2 * B)))
     queue = deque([new[0], other, *new[1:]])
     assert admit(queue, 8, 10_000, cache) == [new[0], other]  # new[1] waits, in order
     cache.store(new[0].prompt, *_kv(2 * B + 1))
@@ -117,7 +123,7 @@ def test_admission_counts_uncached_tokens_and_prefills_a_new_shared_prefix_once(
 
 def test_a_budget_under_one_block_turns_the_cache_off_so_admission_stops_waiting(caplog):
     cache = PrefixCache(_block_bytes() - 1)
-    burst = [SimpleNamespace(prompt=[*range(2 * B), i]) for i in range(4)]
+    burst = [_request([*range(2 * B), i]) for i in range(4)]
     queue = deque(burst)
     assert admit(queue, 8, 10_000, cache) == burst[:1]  # the others wait for its blocks...
     with caplog.at_level("WARNING", logger="lmforge.serve.prefix_cache"):

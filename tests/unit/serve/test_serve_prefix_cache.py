@@ -5,6 +5,7 @@ rise, its answers unchanged. The store itself: test_prefix_cache_store.py."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import urllib.request
 
@@ -310,7 +311,10 @@ def _metric(url: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_a_server_answers_the_same_and_its_metrics_count_the_hits(serve_model_dir, tmp_path):
+@contextlib.contextmanager
+def served(model_dir, tmp_path, mb: float):
+    """(its url, the openai client on it) of a real server of model_dir as "m" with a prefix
+    cache of mb MiB (the response cache off), for the with-block."""
     pytest.importorskip("fastapi")
     openai = pytest.importorskip("openai")
     from lmforge.serve.launch import free_port
@@ -318,17 +322,21 @@ def test_a_server_answers_the_same_and_its_metrics_count_the_hits(serve_model_di
     from lmforge.serve.settings import ServeSettings
     from unit.serve.test_serve_uvicorn import running
 
+    settings = ServeSettings(
+        models=[{"name": "m", "path": model_dir}], feedback_db=tmp_path / f"{mb}.db",
+        port=free_port(), prefix_cache_mb=mb, cache_entries=0,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{settings.port}"
+    with running(settings, create_app(settings)):
+        yield url, openai.OpenAI(base_url=f"{url}/v1", api_key="-")
+
+
+def test_a_server_answers_the_same_and_its_metrics_count_the_hits(serve_model_dir, tmp_path):
     system = "You are a careful assistant. Answer in one short sentence. "
     questions = ["What is the capital of France?", "def f(x):", "Paris", "user assistant"]
     answers = {}
     for mb in (0, 2):
-        settings = ServeSettings(
-            models=[{"name": "m", "path": serve_model_dir}], feedback_db=tmp_path / f"{mb}.db",
-            port=free_port(), prefix_cache_mb=mb, cache_entries=0,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{settings.port}"
-        with running(settings, create_app(settings)):
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="-")
+        with served(serve_model_dir, tmp_path, mb) as (url, client):
             hits = []
             for q in questions:
                 answer = client.completions.create(
