@@ -76,8 +76,10 @@ def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
     """The reward stage's final/ (a 1-label classifier) as a frozen SequenceClassifier.
 
     It scores the policy's token ids at the last token (align.ppo.score), so it must be a decoder
-    (an encoder pools [CLS] of its own template) reading the policy's vocabulary (tok's).
+    (an encoder pools [CLS] of its own template) reading the policy's vocabulary (tok's). Its
+    `input_len`: the seq_len its pairs were cut at (config.json records it), None if unrecorded.
     """
+    from lmforge.evals.heads import recorded_input_len
     from lmforge.model.convert import load_classifier, load_pretrained, resolve_model_dir
     from lmforge.tokenizer.files import TokenizerFiles
 
@@ -107,14 +109,17 @@ def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
     model = reward_model(lm)
     with torch.no_grad():
         model.head.weight.copy_(head.weight)
+    model.input_len = recorded_input_len(path, lm.config.block_size)
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def score(reward: nn.Module, tok: Any, prompts: list, answers: list[str], seq_len: int) -> Tensor:
-    """Reward of each (prompt, answer), encoded exactly as the reward model was trained."""
+    """Reward of each (prompt, answer), encoded exactly as the reward model was trained: cut at
+    the length its pairs were cut at (reward.input_len) when the PPO run's seq_len is longer."""
     device = next(reward.parameters()).device
-    enc = [encode_reply(tok, p, a, seq_len)[0] for p, a in zip(prompts, answers, strict=True)]
+    cut = min(seq_len, reward.input_len or seq_len)
+    enc = [encode_reply(tok, p, a, cut)[0] for p, a in zip(prompts, answers, strict=True)]
     ids = torch.full((len(enc), max(map(len, enc))), tok.pad_id, dtype=torch.long)
     for r, row in enumerate(enc):
         ids[r, : len(row)] = torch.tensor(row)

@@ -121,16 +121,20 @@ def linear_of(
 def input_len(lm: EvalModel) -> int:
     """Tokens a sequence or token head reads at most: the train.seq_len its fine-tune recorded
     in config.json (finetune.heads.SEQ_LEN_KEY), else the block size (an imported classifier)."""
+    return recorded_input_len(lm.path, lm.block_size) or lm.block_size
+
+
+def recorded_input_len(model_dir: Path, block_size: int) -> int | None:
+    """The train.seq_len a classifier's config.json records (finetune.heads.SEQ_LEN_KEY), None
+    when it records none; InputError for a value that is no length from 1 to block_size."""
     from lmforge.finetune.heads import SEQ_LEN_KEY
     from lmforge.model.convert import read_config
 
-    recorded = read_config(lm.path).get(SEQ_LEN_KEY)
-    if recorded is None:
-        return lm.block_size
-    if type(recorded) is not int or not 0 < recorded <= lm.block_size:
+    recorded = read_config(model_dir).get(SEQ_LEN_KEY)
+    if recorded is not None and (type(recorded) is not int or not 0 < recorded <= block_size):
         raise InputError(
-            f"{lm.path}/config.json: {SEQ_LEN_KEY}={recorded!r} is not a length from 1 to the "
-            f"block size {lm.block_size}; fix it, or delete the key to read up to the block size"
+            f"{model_dir}/config.json: {SEQ_LEN_KEY}={recorded!r} is not a length from 1 to the "
+            f"block size {block_size}; fix it, or delete the key to read up to the block size"
         )
     return recorded
 

@@ -74,7 +74,8 @@ def export_model(
     end of turn. seq2seq_ids (an encoder-decoder's pad, eos, decoder start and bos) go into
     config.json and make up generation_config.json; model_dir then may hold only a tokenizer
     (a model trained from scratch). seq_len: the length a classifier's rows were cut at, which
-    config.json records for eval to cut at (finetune.heads.SEQ_LEN_KEY).
+    config.json records for eval to cut at (finetune.heads.SEQ_LEN_KEY) and
+    tokenizer_config.json as model_max_length, where transformers' truncation=True cuts.
     """
     from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, save_mean_head, save_pretrained
 
@@ -90,7 +91,7 @@ def export_model(
         json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     )
     special = {k: config_json[k] for k in SPECIAL_KEYS if config_json.get(k) is not None}
-    generation = None
+    generation, classifier_len = None, None
     if seq2seq_ids is not None:
         special.update(seq2seq_ids)
         eos = seq2seq_ids.get("eos_token_id")
@@ -100,7 +101,7 @@ def export_model(
         if seq_len is not None:
             from lmforge.finetune.heads import SEQ_LEN_KEY
 
-            special[SEQ_LEN_KEY] = seq_len
+            special[SEQ_LEN_KEY] = classifier_len = seq_len
     else:
         decoding = tuned_decoding(model_dir, tok, answer_end(tok))  # over the base's own
         generation = {**tuned_generation_config(model_dir, tok), **decoding}
@@ -111,8 +112,20 @@ def export_model(
             lm, tmp, extra_config=special, classifier=classifier, generation_config=generation
         )
         copy_tokenizer_files(model_dir, tmp)
+        if classifier_len is not None:
+            record_max_length(tmp, classifier_len)
         if mean_head is not None:
             save_mean_head(mean_head, tmp)
+
+
+def record_max_length(tokenizer_dir: Path, seq_len: int) -> None:
+    """Sets tokenizer_config.json's model_max_length to seq_len (the file made if absent), so
+    transformers' truncation=True (a tokenizer call, pipeline("text-classification")) cuts a
+    classifier's text where its fine-tune and lmforge eval do, not at the base's block size."""
+    path = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config["model_max_length"] = seq_len
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _encoder_head(lm: nn.Module, classifier: Any) -> tuple[dict[str, Any] | None, str | None]:

@@ -287,3 +287,44 @@ def test_policy_methods_refuse_an_encoder(tmp_path, tokenizer_dir):
     with pytest.raises(ConfigError, match=r"--method dpo tunes a causal LM.*causal=False"):
         align(_cfg(tmp_path, encoder, "dpo"))
     assert not (tmp_path / "dpo" / "final").exists()
+
+
+def test_ppo_scores_at_the_length_the_reward_model_was_trained_at(tmp_path, model_dir, reward_dir):
+    import shutil
+
+    from lmforge.align.encode import encode_reply
+    from lmforge.align.ppo import load_reward_model, score
+    from lmforge.finetune.heads import SEQ_LEN_KEY
+    from lmforge.finetune.sft import load_chat_tokenizer
+
+    tok = load_chat_tokenizer(model_dir)
+    reward = load_reward_model(reward_dir, tok.vocab_size, tok)
+    assert reward.input_len == FAST["seq_len"] == 48  # recorded by the reward stage
+    prompt, answer = [{"role": "user", "content": "Say beta 1"}], " ".join(WORDS * 2)
+    whole = encode_reply(tok, prompt, answer, 10**6)[0]
+    assert 64 < len(whole) <= reward.lm.config.block_size
+
+    def direct(model, n):  # the reward model's forward on the conversation's first n tokens
+        ids = torch.tensor([whole[:n]])
+        with torch.no_grad():
+            return model(ids, torch.tensor([n - 1]))[0].item()
+
+    want = direct(reward, 48)
+    assert score(reward, tok, [prompt], [answer], 64).item() == pytest.approx(want, abs=1e-5)
+    assert abs(direct(reward, 64) - want) > 1e-4  # what PPO scored before: its own seq_len
+    shorter = score(reward, tok, [prompt], [answer], 32).item()  # the PPO run's, when shorter
+    assert shorter == pytest.approx(direct(reward, 32), abs=1e-5)
+    # a reward model that records no length is read up to the PPO run's seq_len
+    bare = shutil.copytree(reward_dir / "final", tmp_path / "bare")
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != SEQ_LEN_KEY})
+    )
+    unrecorded = load_reward_model(bare, tok.vocab_size, tok)
+    assert unrecorded.input_len is None
+    assert score(unrecorded, tok, [prompt], [answer], 64).item() == pytest.approx(
+        direct(unrecorded, 64), abs=1e-5
+    )
+    (bare / "config.json").write_text(json.dumps(config | {SEQ_LEN_KEY: 0}))
+    with pytest.raises(InputError, match=rf"config.json: {SEQ_LEN_KEY}=0 is not a length"):
+        load_reward_model(bare, tok.vocab_size, tok)

@@ -83,6 +83,8 @@ def test_recovery_trains_the_classification_loss_and_reports_accuracy(classifier
     assert sparsity_of(load_pretrained(final)) >= 0.94
     assert not np.allclose(load_classifier(final).weight, load_classifier(src / "final").weight)
     assert json.loads((final / "config.json").read_text())[SEQ_LEN_KEY] == TUNE["seq_len"]
+    tokenizer_config = json.loads((final / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == TUNE["seq_len"]  # transformers cuts there too
     model = EvalModel.load(final)
     assert (final / MEAN_HEAD).is_file() == (model.head.reads == "mean_tokens")
     rows = [json.loads(line) for line in val.read_text().splitlines()]

@@ -112,3 +112,22 @@ def test_eval_tags_the_words_a_token_classifier_was_fine_tuned_on(tokenizer_dir,
     assert result.metrics["truncated"] == cut == len(rows)  # eval read the block size before
     want = [[tags[t] for t in row] for row in predict_tags(load_token_head(model)[0], encoded)]
     assert [r["predicted"] for r in result.records] == want
+
+
+@pytest.mark.parametrize("preset", ["micro", "bert-micro"])
+def test_transformers_truncation_cuts_where_eval_does(preset, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok_dir = (bert_tokenizer_dir if preset == "bert-micro" else make_tokenizer_dir)(tmp_path / "t")
+    base = make_model_dir(tmp_path / "base", tok_dir, preset=preset)
+    values = {"model": base, "data": _write(tmp_path / "train.jsonl", _rows(16)), "out": tmp_path / "o",
+              "task": "classify", "train": TRAIN | {"max_steps": 2}}  # fmt: skip
+    final = finetune(FinetuneConfig.model_validate(values)) / "final"
+    text = _rows(1)[0]["text"]
+    tok = transformers.AutoTokenizer.from_pretrained(final)
+    assert tok.model_max_length == SEQ_LEN  # was unset: truncation=True cut nothing
+    inputs = tok(text, truncation=True, return_tensors="pt")
+    assert inputs["input_ids"].shape == (1, SEQ_LEN) and len(tok(text)["input_ids"]) > SEQ_LEN
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(final).eval()
+    with torch.no_grad():
+        logits = torch.log_softmax(hf(**inputs).logits[0].double(), -1).numpy()
+    assert np.abs(np.asarray(EvalModel.load(final).classify(text)) - logits).max() < 1e-4
