@@ -23,6 +23,10 @@ one sampled), with the same chained keys. A chat's next turn, whose prompt is th
 answer + a new user message, then reuses the answer's blocks as well (vLLM keeps every full
 block alike). Each row carries a TokenChain, its tokens and their block keys, so a block is
 hashed once however often admission, planning, lookup and stores ask for it.
+
+A request may carry a cache_salt (vLLM's): hashed in as the first block's parent, it gives the
+request's chain keys no other salt shares, so only requests with the same salt reuse each other's
+blocks. Without it, time to first token would tell one client whether another had sent a prefix.
 """
 
 from __future__ import annotations
@@ -55,14 +59,25 @@ def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+def salt_root(salt: str | None) -> bytes:
+    """The parent key of a chain's first block: _ROOT unsalted, else the salt's own hash (its
+    own person, so that no unsalted block key equals it)."""
+    if salt is None:
+        return _ROOT
+    return hashlib.blake2b(salt.encode(), digest_size=16, person=b"lmforge-salt").digest()
+
+
 class TokenChain:
     """A row's tokens whose keys/values its cache holds (its prompt, then each answer token once
     it has been fed back) and the keys of their whole blocks, each hashed once, when first asked
-    for."""
+    for; a salt (the request's cache_salt) roots them apart from every other salt's."""
 
-    def __init__(self, tokens: Iterable[int], block_tokens: int = BLOCK_TOKENS) -> None:
+    def __init__(
+        self, tokens: Iterable[int], block_tokens: int = BLOCK_TOKENS, salt: str | None = None
+    ) -> None:
         self.tokens = list(tokens)
         self.block_tokens = block_tokens
+        self._root = salt_root(salt)
         self._keys: list[bytes] = []
 
     def __len__(self) -> int:
@@ -79,7 +94,7 @@ class TokenChain:
     def keys(self, blocks: int) -> list[bytes]:
         """The chained keys of the first `blocks` (whole) blocks."""
         while len(self._keys) < blocks:
-            parent = self._keys[-1] if self._keys else _ROOT
+            parent = self._keys[-1] if self._keys else self._root
             self._keys.append(block_key(parent, self.block(len(self._keys))))
         return self._keys[:blocks]
 
