@@ -79,6 +79,9 @@ class TokenChain:
         self.block_tokens = block_tokens
         self._root = salt_root(salt)
         self._keys: list[bytes] = []
+        # a lookup of it counted in the stats: a prefill retried row by row (its batched pass
+        # failed) looks the row up again, and the metrics must not count its prompt twice
+        self.counted = False
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -141,8 +144,8 @@ class _Block:
 class PrefixCacheStats:
     """All-time counts and the current size, for EngineStats and /metrics."""
 
-    hits: int = 0  # lookups that found at least one block
-    misses: int = 0  # lookups that found none (prompts shorter than a block + 1 included)
+    hits: int = 0  # prompts whose lookup found at least one block (a row's retries: once)
+    misses: int = 0  # prompts whose lookup found none (shorter than a block + 1 included)
     hit_tokens: int = 0  # prompt positions served from the cache instead of a forward pass
     evictions: int = 0  # blocks dropped to stay under the budget
     bytes: int = 0  # keys/values held now
@@ -227,17 +230,20 @@ class PrefixCache:
         return len(self._reusable(prompt)[2]) * self.block_tokens
 
     def lookup(self, prompt: Tokens) -> PrefixHit:
-        """The longest cached block prefix of the prompt (at most len - 1 tokens); counted."""
+        """The longest cached block prefix of the prompt (at most len - 1 tokens); counted the
+        first time a row's chain is looked up (a list prompt: every time)."""
         if not self.budget:
             return NO_HIT
-        _, keys, found = self._reusable(prompt)
+        chain, keys, found = self._reusable(prompt)
+        first, chain.counted = not chain.counted, True
         if not found:
-            self._misses += 1
+            self._misses += first
             return NO_HIT
         self._touch(keys[: len(found)])
-        self._hits += 1
         tokens = len(found) * self.block_tokens
-        self._hit_tokens += tokens
+        if first:
+            self._hits += 1
+            self._hit_tokens += tokens
         return PrefixHit(tokens, [b.k for b in found], [b.v for b in found])
 
     def store(self, prompt: Tokens, k: Tensor, v: Tensor) -> None:
