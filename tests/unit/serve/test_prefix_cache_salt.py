@@ -68,9 +68,10 @@ def test_sampling_params_refuse_a_salt_that_is_not_a_non_empty_string(salt):
         SamplingParams(cache_salt=salt).validate()
 
 
+TEXT = "the same long question, " * 3  # whole blocks of tokens, within the 128 of context
 ROUTES = {
-    "completions": {"prompt": "hi"},
-    "chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+    "completions": {"prompt": TEXT},
+    "chat/completions": {"messages": [{"role": "user", "content": TEXT}]},
 }
 
 
@@ -88,11 +89,17 @@ def test_a_bad_salt_is_a_400_naming_the_field_and_a_good_one_answers_the_same(
         models=[{"name": "m", "path": serve_model_dir}], feedback_db=tmp_path / "f.db"
     )
     body = {"model": "m", "max_tokens": 4, "temperature": 0, "ignore_eos": True, **ROUTES[route]}
-    with TestClient(create_app(settings)) as client:
+    app = create_app(settings)
+    with TestClient(app) as client:
+        prefix = app.state.serve.engines["m"].stats  # the salt reaches the engine's rows
         plain, salted, *bad = (
             client.post(f"/v1/{route}", json={**body, **extra})
             for extra in ({}, {"cache_salt": "tenant-1"}, *({"cache_salt": s} for s in (5, "", {})))
         )
+        assert (prefix().prefix.hits, prefix().prefix.misses) == (0, 2)  # salted: plain's unused
+        again = {**body, "cache_salt": "tenant-1", "max_tokens": 3}  # not the response cache's
+        assert client.post(f"/v1/{route}", json=again).status_code == 200
+        assert prefix().prefix.hits == 1
     assert plain.status_code == salted.status_code == 200
     assert plain.json()["choices"] == salted.json()["choices"]
     for r in bad:
