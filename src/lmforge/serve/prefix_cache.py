@@ -23,6 +23,10 @@ one sampled), with the same chained keys. A chat's next turn, whose prompt is th
 answer + a new user message, then reuses the answer's blocks as well (vLLM keeps every full
 block alike). Each row carries a TokenChain, its tokens and their block keys, so a block is
 hashed once however often admission, planning, lookup and stores ask for it.
+
+A request may carry a cache_salt (vLLM's): hashed in as the first block's parent, it gives the
+request's chain keys no other salt shares, so only requests with the same salt reuse each other's
+blocks. Without it, time to first token would tell one client whether another had sent a prefix.
 """
 
 from __future__ import annotations
@@ -55,15 +59,29 @@ def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+def salt_root(salt: str | None) -> bytes:
+    """The parent key of a chain's first block: _ROOT unsalted, else the salt's own hash (its
+    own person, so that no unsalted block key equals it)."""
+    if salt is None:
+        return _ROOT
+    return hashlib.blake2b(salt.encode(), digest_size=16, person=b"lmforge-salt").digest()
+
+
 class TokenChain:
     """A row's tokens whose keys/values its cache holds (its prompt, then each answer token once
     it has been fed back) and the keys of their whole blocks, each hashed once, when first asked
-    for."""
+    for; a salt (the request's cache_salt) roots them apart from every other salt's."""
 
-    def __init__(self, tokens: Iterable[int], block_tokens: int = BLOCK_TOKENS) -> None:
+    def __init__(
+        self, tokens: Iterable[int], block_tokens: int = BLOCK_TOKENS, salt: str | None = None
+    ) -> None:
         self.tokens = list(tokens)
         self.block_tokens = block_tokens
+        self._root = salt_root(salt)
         self._keys: list[bytes] = []
+        # a lookup of it counted in the stats: a prefill retried row by row (its batched pass
+        # failed) looks the row up again, and the metrics must not count its prompt twice
+        self.counted = False
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -79,7 +97,7 @@ class TokenChain:
     def keys(self, blocks: int) -> list[bytes]:
         """The chained keys of the first `blocks` (whole) blocks."""
         while len(self._keys) < blocks:
-            parent = self._keys[-1] if self._keys else _ROOT
+            parent = self._keys[-1] if self._keys else self._root
             self._keys.append(block_key(parent, self.block(len(self._keys))))
         return self._keys[:blocks]
 
@@ -126,8 +144,8 @@ class _Block:
 class PrefixCacheStats:
     """All-time counts and the current size, for EngineStats and /metrics."""
 
-    hits: int = 0  # lookups that found at least one block
-    misses: int = 0  # lookups that found none (prompts shorter than a block + 1 included)
+    hits: int = 0  # prompts whose lookup found at least one block (a row's retries: once)
+    misses: int = 0  # prompts whose lookup found none (shorter than a block + 1 included)
     hit_tokens: int = 0  # prompt positions served from the cache instead of a forward pass
     evictions: int = 0  # blocks dropped to stay under the budget
     bytes: int = 0  # keys/values held now
@@ -212,17 +230,20 @@ class PrefixCache:
         return len(self._reusable(prompt)[2]) * self.block_tokens
 
     def lookup(self, prompt: Tokens) -> PrefixHit:
-        """The longest cached block prefix of the prompt (at most len - 1 tokens); counted."""
+        """The longest cached block prefix of the prompt (at most len - 1 tokens); counted the
+        first time a row's chain is looked up (a list prompt: every time)."""
         if not self.budget:
             return NO_HIT
-        _, keys, found = self._reusable(prompt)
+        chain, keys, found = self._reusable(prompt)
+        first, chain.counted = not chain.counted, True
         if not found:
-            self._misses += 1
+            self._misses += first
             return NO_HIT
         self._touch(keys[: len(found)])
-        self._hits += 1
         tokens = len(found) * self.block_tokens
-        self._hit_tokens += tokens
+        if first:
+            self._hits += 1
+            self._hit_tokens += tokens
         return PrefixHit(tokens, [b.k for b in found], [b.v for b in found])
 
     def store(self, prompt: Tokens, k: Tensor, v: Tensor) -> None:

@@ -282,6 +282,7 @@ class RequestPreparer:
                 logprobs=logprobs,
                 ignore_eos=req.ignore_eos,
                 keep_special=keep_special,
+                cache_salt=req.cache_salt,
             )
             try:
                 params.validate()

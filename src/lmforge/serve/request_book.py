@@ -33,7 +33,7 @@ class Row:
         self.handle, self.prompt, self.params, self.stops = handle, prompt, params, stops
         self.stop_list = sorted(stops)  # what the logits rules take, sorted once
         # the tokens its cache holds and their prefix-cache block keys (serve/prefix_cache.py)
-        self.chain = TokenChain(prompt)
+        self.chain = TokenChain(prompt, salt=params.cache_salt)  # shared only within a salt
         self.generated = 0
         self.pending = -1  # last sampled token, fed at the next decoding step
         self.stream: TextStream | None = None

@@ -70,6 +70,8 @@ class BaseRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)  # vLLM's extra: stop tokens masked until then
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a string) -> [-100, 100]
     user: str | None = None
+    # vLLM's: only requests with the same salt share prefix-cache blocks (serve/prefix_cache.py)
+    cache_salt: str | None = Field(None, min_length=1)
     # structured outputs (lmforge/constrain): OpenAI's response_format, or one of vLLM's extras
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema (or its text)

@@ -44,6 +44,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the row's logits
     guide: Guide | None = None  # structured output: only tokens its grammar allows (constrain/)
     keep_special: tuple[str, ...] = ()  # special tokens the text keeps (auto tool calls' tags)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only with the same salt
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +93,11 @@ class SamplingParams:
                 "a tuple of non-empty strings (special tokens' texts)",
             ),
             ("seed", self.seed is None or type(self.seed) is int, "an int or None"),
+            (
+                "cache_salt",
+                self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt),
+                "None or a non-empty string",
+            ),
             (
                 "logprobs",
                 self.logprobs is None

@@ -208,6 +208,44 @@ def test_a_group_keeps_the_blocks_its_step_was_planned_with(files, monkeypatch):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
 
 
+def test_a_batched_prefill_retried_row_by_row_counts_each_lookup_once(files, monkeypatch):
+    """A failed batched prefill is retried one row at a time, each row looked up again: the
+    hits, misses and reused tokens must be those of the same step without the failure."""
+    import lmforge.serve.step_loop as step_loop_module
+    from lmforge.serve.causal_step import prefill_pass
+
+    model = _model("micro", files.vocab_size)
+    # two hits on SYSTEM's blocks and a miss, each with 6 tokens to run: one prefill group
+    prompts = [[*SYSTEM, 40], [*SYSTEM, 50], [9, 8, 7, 6, 5, 4]]
+    runs = []
+    for fail in (False, True):
+        engine = Engine(model, files, name="m", prefix_cache_mb=4)
+        with torch.inference_mode():
+            cache, _ = prefill_pass(model, [SYSTEM], torch.device("cpu"))
+        engine._prefix.store_batch([SYSTEM], cache)
+        passes = []  # prompts per pass
+
+        def flaky(model, prompts, device, hits, passes=passes, fail=fail):
+            passes.append(len(prompts))
+            if fail and len(prompts) > 1:
+                raise RuntimeError("batched prefill failed")
+            return prefill_pass(model, prompts, device, hits)
+
+        monkeypatch.setattr(step_loop_module, "prefill_pass", flaky)
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        handles = [engine.submit(p, params, f"{fail}-{i}") for i, p in enumerate(prompts)]
+        engine.start()  # all three were waiting: one step, one group
+        try:
+            answers = [collect(h).token_ids for h in handles]
+        finally:
+            engine.shutdown(drain=False)
+        stats = engine.stats().prefix
+        runs.append((answers, stats.hits, stats.misses, stats.hit_tokens))
+        assert passes == ([3, 1, 1, 1] if fail else [3])
+    assert runs[0][1:] == (2, 1, 2 * 2 * B)
+    assert runs[1] == runs[0]
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])  # weights served quantized; the KV float
 def test_quantized_weights_give_the_same_answers_with_the_cache(serve_model_dir, tmp_path, scheme):
     from lmforge.compress.quantize import quantize_dir
