@@ -19,14 +19,11 @@ from typing import Any
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's bytes_to_unicode table, inverted: symbol -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    codes, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, codes, strict=True)}
+    # imported here: fast_bpe pulls in the tokenizer stage (pydantic, artifacts), which a
+    # constraint compiled in the server need not load until it meets a byte-level vocabulary
+    from lmforge.tokenizer.fast_bpe import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
