@@ -92,7 +92,8 @@ def checkpoint_sampling(model_dir: Path | str) -> dict[str, Any]:
     _, source = _checkpoint_source(Path(model_dir))
     if source.get("do_sample") is not True:
         return {}
-    found = {**HF_SAMPLING_DEFAULTS, **sampling_defaults(model_dir)}  # serve's, filled in
+    set_here = {k: source[k] for k in SAMPLING_KEYS if source.get(k) is not None}
+    found = {**HF_SAMPLING_DEFAULTS, **set_here}  # serve's sampling_defaults, filled in
     return {**found, "top_k": found["top_k"] or None}
 
 
