@@ -3,6 +3,7 @@ names the field)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -36,6 +37,16 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+
+def model_not_found(model: str, served: Iterable[str]) -> APIError:
+    """The 404 for a model this server does not serve, naming those it does (OpenAI's code)."""
+    return APIError(
+        404,
+        f"the model {model!r} does not exist; this server serves: {', '.join(sorted(served))}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def parse_request(model: type[BaseModel], body: Any) -> Any:

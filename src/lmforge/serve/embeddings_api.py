@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.errors import ConfigError
+from lmforge.serve.api_error import model_not_found
 from lmforge.serve.engine_types import EngineClosed, QueueFull
 from lmforge.serve.protocol import APIError
 
@@ -61,9 +62,7 @@ def embedder_for(state: Any, model: str) -> Any:
             400, f"the model {model!r} is an encoder-decoder (generation) model and does not "
             "serve embeddings; send it completions or chat", param="model",
         )  # fmt: skip
-    served = ", ".join(sorted(state.max_context()))
-    raise APIError(404, f"the model {model!r} does not exist; this server serves: {served}",
-                   param="model", code="model_not_found")  # fmt: skip
+    raise model_not_found(model, state.max_context())
 
 
 def input_rows(embedder: Any, req: EmbeddingRequest) -> list[list[int]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmforge.errors import InputError
 from lmforge.model.logits_rules import LogitsRules
+from lmforge.serve.api_error import model_not_found
 from lmforge.serve.cache import cache_key
 from lmforge.serve.protocol import APIError, ChatRequest, CompletionRequest, LogprobsBuilder, new_id
 from lmforge.serve.retrieval import Passage, augment_messages
@@ -80,13 +81,7 @@ class RequestPreparer:
                 "completions or chat", param="model", code="embedding_model",
             )  # fmt: skip
         if engine is None:
-            served = ", ".join(sorted(self.state.max_context()))
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves: {served}",
-                param="model",
-                code="model_not_found",
-            )
+            raise model_not_found(model, self.state.max_context())
         return engine
 
     async def prepare_completion(self, req: CompletionRequest) -> Prepared:
