@@ -305,18 +305,20 @@ class PrefixCache:
             self._evictions += 1
 
     @contextmanager
-    def holding(self, prompts: Iterable[Tokens]) -> Iterator[None]:
-        """Keeps the prompts' cached blocks from eviction inside the block. A step's prefill
-        is planned from peek() and run one group at a time: without this, one group's store()
-        could evict blocks a later group was counted on to reuse, and that group's pass would
-        run more tokens than the step's budget."""
-        before, keys = self._held, set()
+    def holding(self, prompts: Iterable[Tokens]) -> Iterator[list[int]]:
+        """Keeps the prompts' cached blocks from eviction inside the block, and yields the prompt
+        positions each one's lookup() will cover (counting and touching nothing). A step's
+        prefill is planned from those and run one group at a time: without the hold, one group's
+        store() could evict blocks a later group was counted on to reuse, and that group's pass
+        would run more tokens than the step's budget."""
+        before, keys, covered = self._held, set(), []
         for prompt in prompts:
             _, reusable, cached = self._reusable(prompt)
             keys.update(reusable[: len(cached)])
+            covered.append(len(cached) * self.block_tokens)
         self._held = before | keys
         try:
-            yield
+            yield covered
         finally:
             self._held = before
 

@@ -160,9 +160,9 @@ class StepLoop:
     def _prefill(self, rows: list[Row]) -> None:
         """Prefills newcomers in groups of similar length, then merges them into the batch;
         prompts over the budget wait in _chunked, prefilled a chunk a step."""
-        todo = [r.prompt[self._prefix.peek(r.chain) :] for r in rows]  # what is not cached
-        whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
-        with self._prefix.holding(r.chain for r in rows):  # each pass finds what todo counted
+        with self._prefix.holding([r.chain for r in rows]) as cached:  # each pass finds them
+            todo = [r.prompt[c:] for r, c in zip(rows, cached, strict=True)]  # what is not cached
+            whole, chunked = plan_prefill(todo, self.max_prefill_tokens)
             joined = [j for group in whole for j in self._prefill_group([rows[i] for i in group])]
         self._chunked.extend(rows[i] for i in chunked)
         self._join(joined)
