@@ -101,8 +101,8 @@ def make_dpo_loss(beta: float, kind: Kind, sft_weight: float = 0.0, label_smooth
     """loss_fn for the loop; logs implicit rewards, their margin and preference accuracy.
 
     sft_weight > 0 adds the chosen replies' per-token negative log-likelihood (RPO, Pang et al.,
-    2024; chosen_nll, TRL's token average): plain DPO only needs the margin to grow and often gets there by lowering the chosen
-    reply's probability too, which costs answer quality.
+    2024; chosen_nll, TRL's token average): plain DPO only needs the margin to grow and often
+    gets there by lowering the chosen reply's probability too, which costs answer quality.
     """
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -3,8 +3,8 @@ version of the file.
 
 Loading a model consults config.json from several places that each take only the directory
 (the family, the loader, special ids, the checkpoint's decoding defaults, the embedder's
-settings), so `lmforge serve` and `lmforge generate` read it several times a load. read_json keeps
-each file's parsed value under its path, inode, size and modification time, and hands out a
+settings), so `lmforge serve` and `lmforge generate` read it several times a load. read_json
+keeps each file's parsed value under its path, inode, size and modification time, and hands out a
 copy (callers may change what they get). A file modified less than SETTLE_S ago is read afresh
 each time: a rewrite in place within the file system's timestamp granularity could leave all
 four the same.

@@ -30,8 +30,8 @@ only through torch.load(weights_only=True), which refuses anything but plain ten
 The jobs live in their own modules: files (a model directory's config.json and tensors),
 hf_import (config.json and HF names -> ModelConfig and our state dict), load (load_pretrained,
 model_class), classifier (ClassifierHead, load_classifier), mean_head (a mean-pooled encoder
-classifier's head file beside its encoder), export (save_pretrained, which writes that file). This
-package is their one public entry point: `from lmforge.model.convert import load_pretrained`.
+classifier's head file beside its encoder), export (save_pretrained, which writes that file too).
+This package is their one public entry point: `from lmforge.model.convert import load_pretrained`.
 """
 
 from lmforge.model.convert.classifier import ClassifierHead, load_classifier
