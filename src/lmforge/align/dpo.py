@@ -40,9 +40,18 @@ def reply_lengths(labels: Tensor) -> Tensor:
     return (labels != IGNORE_INDEX).sum(-1)
 
 
-def per_token(summed: Tensor, labels: Tensor) -> Tensor:
-    """Summed reply log-probs (B, 2) divided by their replies' token counts (labels (B, 2, T))."""
-    return summed / reply_lengths(labels).clamp(min=1)
+def per_token(summed: Tensor, lengths: Tensor) -> Tensor:
+    """Summed reply log-probs (B, 2) divided by their replies' token counts lengths (B, 2): the
+    per-token mean log-prob SimPO and ORPO judge a reply by (align.ref_free)."""
+    return summed / lengths.clamp(min=1)
+
+
+def chosen_nll(summed: Tensor, lengths: Tensor) -> Tensor:
+    """The chosen replies' negative log-likelihood averaged over all the batch's chosen tokens,
+    so a long reply weighs by its length, as TRL averages it: DPOTrainer's RPO term (rpo_alpha,
+    now loss_type "sft": cross-entropy over the flattened chosen tokens) and ORPOTrainer's NLL.
+    summed, lengths: (B, 2) summed reply log-probs and token counts, chosen first."""
+    return -summed[:, 0].float().sum() / lengths[:, 0].sum().clamp(min=1)
 
 
 def load_reference(path: Path, tok: Any) -> nn.Module:
@@ -92,8 +101,8 @@ def make_dpo_loss(beta: float, kind: Kind, sft_weight: float = 0.0, label_smooth
     """loss_fn for the loop; logs implicit rewards, their margin and preference accuracy.
 
     sft_weight > 0 adds the chosen replies' per-token negative log-likelihood (RPO, Pang et al.,
-    2024): plain DPO only needs the margin to grow and often gets there by lowering the chosen
-    reply's probability too, which costs answer quality.
+    2024; chosen_nll, TRL's token average): plain DPO only needs the margin to grow and often
+    gets there by lowering the chosen reply's probability too, which costs answer quality.
     """
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -103,7 +112,7 @@ def make_dpo_loss(beta: float, kind: Kind, sft_weight: float = 0.0, label_smooth
             logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, kind, lengths, label_smoothing
         )
         if sft_weight > 0:
-            loss = loss + sft_weight * -per_token(logps, batch["labels"])[:, 0].mean()
+            loss = loss + sft_weight * chosen_nll(logps, lengths)
         return loss, {
             "reward_margin": (chosen_r - rejected_r).mean(),
             "pref_acc": (chosen_r > rejected_r).float().mean(),

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 from torch import Tensor, nn
 
-from lmforge.align.dpo import pair_logps, reply_lengths, score_pairs
+from lmforge.align.dpo import chosen_nll, pair_logps, per_token, reply_lengths, score_pairs
 from lmforge.align.losses import orpo_odds_ratio_loss, simpo_loss
 
 
@@ -32,20 +32,18 @@ def ref_free_loss(spec: RefFreeSpec, summed: Tensor, lengths: Tensor) -> tuple[T
     """(loss, per-pair reward margin (B,)) of summed reply log-probs and reply lengths (B, 2).
 
     simpo: the SimPO loss on per-token mean log-probs, margin beta * (mean chosen - mean
-    rejected). orpo: the chosen replies' NLL averaged over all their tokens in the batch (as
-    TRL's ORPOTrainer, so a long reply weighs by its length; TRL also counts the prompt's
-    tokens, here only the reply's are) + lam * the odds-ratio loss on per-token means, margin
-    the log odds ratio.
+    rejected). orpo: the chosen replies' NLL averaged over all their tokens in the batch
+    (dpo.chosen_nll, as TRL's ORPOTrainer; TRL also counts the prompt's tokens, here only the
+    reply's are) + lam * the odds-ratio loss on per-token means, margin the log odds ratio.
     """
-    mean = summed / lengths.clamp(min=1)
+    mean = per_token(summed, lengths)
     chosen, rejected = mean[:, 0], mean[:, 1]
     if spec.method == "simpo":
         loss, chosen_r, rejected_r = simpo_loss(chosen, rejected, spec.beta, spec.gamma)
         return loss, chosen_r - rejected_r
     if spec.method == "orpo":
         odds_loss, log_odds = orpo_odds_ratio_loss(chosen, rejected)
-        nll = -summed[:, 0].float().sum() / lengths[:, 0].sum().clamp(min=1)
-        return nll + spec.lam * odds_loss, log_odds
+        return chosen_nll(summed, lengths) + spec.lam * odds_loss, log_odds
     raise ValueError(f"unknown reference-free method {spec.method!r} (simpo | orpo)")
 
 
@@ -56,7 +54,7 @@ def make_ref_free_loss(spec: RefFreeSpec):
         summed = pair_logps(model, batch["input_ids"], batch["labels"])
         lengths = reply_lengths(batch["labels"])
         loss, margin = ref_free_loss(spec, summed, lengths)
-        mean = summed.detach() / lengths.clamp(min=1)
+        mean = per_token(summed.detach(), lengths)
         return loss, {
             "reward_margin": margin.mean(),
             "pref_acc": (mean[:, 0] > mean[:, 1]).float().mean(),
@@ -74,7 +72,7 @@ def evaluate_ref_free(
     """Held-out loss, preference accuracy (mean log-prob of chosen above rejected), reward
     margin, and the summed chosen-over-rejected log-prob margin (val_logp_margin, as DPO's)."""
     summed, lengths = score_pairs(model, rows, batch_size, limit)
-    mean = summed / lengths.clamp(min=1)
+    mean = per_token(summed, lengths)
     loss, margin = ref_free_loss(spec, summed, lengths)
     return {
         "val_loss": float(loss),

@@ -17,7 +17,6 @@ from lmforge.model.convert import (
     ClassifierHead,
     load_classifier,
     read_config,
-    save_mean_head,
     save_pretrained,
 )
 from lmforge.tokenizer.files import copy_tokenizer_files
@@ -46,14 +45,13 @@ def input_length(model_dir: Path) -> dict[str, int]:
     return {SEQ_LEN_KEY: hf[SEQ_LEN_KEY]} if SEQ_LEN_KEY in hf else {}
 
 
-def copy_mean_head(src: Path, dst: Path) -> dict[str, str]:
-    """src's mean-pooled head file (config.json names it, or it is there) copied to dst; returns
-    the config.json key that names it ({} when src has no such head)."""
+def copy_mean_head(src: Path, dst: Path) -> None:
+    """src's mean-pooled head file (config.json names it, or it is there) copied to dst, for an
+    output not written by save_pretrained whose config.json is src's (quantize, ONNX)."""
     if not (read_config(src).get(MEAN_HEAD_KEY) or (src / MEAN_HEAD).is_file()):
-        return {}
+        return
     load_classifier(src)  # InputError for a missing or foreign head file, naming the rerun
     shutil.copy2(src / MEAN_HEAD, dst / MEAN_HEAD)
-    return {MEAN_HEAD_KEY: MEAN_HEAD}
 
 
 def write_final(
@@ -67,13 +65,10 @@ def write_final(
     length, side files and classifier head, if any (prune keeps n_embd, the width a head reads):
     a *For{Sequence,Token}Classification's in the model file, a mean-pooled one's beside it.
     head: one trained with model (prune's recovery) instead of src's; extra: config.json keys."""
-    trained, head = head is not None, head or load_classifier(src)
+    head = head or load_classifier(src)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         config = special_ids(src) | input_length(src) | (extra or {})
-        if head is not None and head.pooling == "mean":
-            save_mean_head(head, tmp) if trained else copy_mean_head(src, tmp)
-            config, head = config | {MEAN_HEAD_KEY: MEAN_HEAD}, None
         save_pretrained(model, tmp, extra_config=config, classifier=head)
         copy_side_files(src, tmp)
     return ctx.out / "final"

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import StageError
+from lmforge.finetune.heads import mean_pool
 from lmforge.model.generate import pad_rows
 
 OUTPUTS = ["logits", "present_keys", "present_values"]
@@ -252,8 +253,7 @@ class EncoderGraph(nn.Module):
         if self.head is None:
             return h
         if self.pool is None:  # finetune.heads.SequenceClassifier's pooling "mean"
-            m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-            return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+            return self.head(mean_pool(h, attention_mask))
         first = attention_mask.ne(0).int().argmax(1)  # (B,) [CLS] of a left-padded row too
         return self.head(torch.tanh(self.pool(h[torch.arange(h.size(0), device=h.device), first])))
 

@@ -13,7 +13,6 @@ generation_config.json's eos_token_id (lmforge.tokenizer.generation).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -183,7 +182,9 @@ class EvalModel:
         self.model = model.eval()
         self.files = files
         self.tokenizer = files.tokenizer
-        hf = json.loads((self.path / "config.json").read_text())
+        from lmforge.model.convert import read_config
+
+        hf = read_config(self.path)
         eos = hf.get("eos_token_id")
         eos = (eos[0] if eos else None) if isinstance(eos, list) else eos
         bos = hf.get("bos_token_id")

@@ -77,9 +77,8 @@ def export_model(
     config.json records for eval to cut at (finetune.heads.SEQ_LEN_KEY) and
     tokenizer_config.json as model_max_length, where transformers' truncation=True cuts.
     """
-    from lmforge.model.convert import MEAN_HEAD, MEAN_HEAD_KEY, save_mean_head, save_pretrained
+    from lmforge.model.convert import save_pretrained
 
-    mean_head = classifier if classifier is not None and classifier.pooling == "mean" else None
     if lora_modules(lm):
         head, task_type = _encoder_head(lm, classifier)
         with ctx.atomic_path(ctx.out / "adapter") as tmp:
@@ -105,8 +104,6 @@ def export_model(
     else:
         decoding = tuned_decoding(model_dir, tok, answer_end(tok))  # over the base's own
         generation = {**tuned_generation_config(model_dir, tok), **decoding}
-    if mean_head is not None:  # the encoder alone, its head in a file of its own
-        special[MEAN_HEAD_KEY], classifier = MEAN_HEAD, None
     with ctx.atomic_path(ctx.out / "final") as tmp:
         save_pretrained(
             lm, tmp, extra_config=special, classifier=classifier, generation_config=generation
@@ -114,8 +111,6 @@ def export_model(
         copy_tokenizer_files(model_dir, tmp)
         if classifier_len is not None:
             record_max_length(tmp, classifier_len)
-        if mean_head is not None:
-            save_mean_head(mean_head, tmp)
 
 
 def record_max_length(tokenizer_dir: Path, seq_len: int) -> None:

@@ -118,16 +118,43 @@ class QuantModule(nn.Module):
         return [error] if error else []
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
-        """nn.Module._apply (model.to(dtype), .float(), .half(), .cuda()) with a kernel-packed
-        weight's scales_and_zeros kept as they are, bf16: the kernel takes no other dtype (torch
-        2.13: "expected scalar type BFloat16"), bf16 -> fp16 would lose range, and a tied pair
-        keeps sharing them."""
-        if not self.kernel_packed:
-            return super()._apply(fn, recurse)
-        scales = self.scales_and_zeros
-        super()._apply(fn, recurse)
-        self.scales_and_zeros = scales.to(self.int4pack.device)
-        return self
+        """nn.Module._apply (model.to(device or dtype), .float(), .half(), .cuda()) converting
+        each buffer once per call (_once_per_call): a table tied to the LM head and the head go
+        on sharing one tensor, where nn.Module would give each module a copy of its own. A
+        kernel-packed weight's scales_and_zeros only move, staying bf16: the kernel takes no
+        other dtype (torch 2.13: "expected scalar type BFloat16"), bf16 -> fp16 would lose range."""
+        convert = fn
+        if self.kernel_packed:
+            scales = self.scales_and_zeros
+            device = fn(torch.empty(0, device=scales.device)).device
+
+            def convert(t: Tensor) -> Tensor:
+                return t.to(device) if t is scales else fn(t)
+
+        return super()._apply(_once_per_call(fn, convert), recurse)
+
+
+# One model.to()'s conversion (its fn, which nn.Module._apply passes down to every submodule)
+# -> the tensors it converted -> their results; an entry lives as long as that fn.
+_CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _once_per_call(fn: Callable[[Tensor], Tensor], convert: Callable[[Tensor], Tensor]):
+    """convert, run once per tensor across the modules one call of fn reaches: the modules that
+    shared a tensor before share its result. A result is reused only while the tensor is
+    unchanged (its version counter; an inference tensor keeps none and is not written to)."""
+    done = _CONVERTED.setdefault(fn, WeakIdKeyDictionary())
+
+    def once(t: Tensor) -> Tensor:
+        version = None if t.is_inference() else t._version
+        hit = done.get(t)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        out = convert(t)
+        done[t] = (version, out)
+        return out
+
+    return once
 
 
 class _Shared:

@@ -258,13 +258,12 @@ class PrefixCache:
         keys = chain.keys(len(chain) // n)
         held = keys[: len(self._cached(chain, keys))]
         new = keys[len(held) :]
-        self._touch(held)  # to the young end, out of the eviction's way
         if new:
             per_block = 2 * k[:, :, :n].numel() * k.element_size()
             if per_block > self.budget:
                 self._turn_off(per_block)
                 return
-            self._evict(len(new) * per_block, spare=set(held))
+            self._evict(len(new) * per_block, spare=set(held))  # touched once, below
             new = new[: max(0, (self.budget - self._bytes) // per_block)]
         first = len(held)
         # all copied before any goes in: running out of memory leaves no block without its parent

@@ -67,6 +67,16 @@ class Prepared:
     tools: ToolPlan | None = None  # chat with tools: how its answer becomes tool calls
 
 
+@dataclass(frozen=True)
+class _Alike:
+    """A request's sampling parts that are the same for each of its prompts: the checkpoint's
+    defaults, the logit bias (checked against the vocabulary) and the structured-output guide."""
+
+    defaults: Any  # the engine's request_defaults
+    bias: tuple[tuple[int, float], ...]
+    guide: Any  # constrain's Guide, or None
+
+
 class RequestPreparer:
     """Turns completion and chat requests into Prepared against the app's engines and stores."""
 
@@ -99,6 +109,7 @@ class RequestPreparer:
                            "completion prompts are sent as written (chat adds passages)", param="kb")  # fmt: skip
         refused, jobs, prompt_tokens = False, [], 0
         sources: list[dict[str, Any]] | None = [] if spec is not None and use_kb else None
+        alike = self._alike(req, engine)
         for i, prompt in enumerate(req.prompts()):
             ids = None if isinstance(prompt, str) else [int(t) for t in prompt]
             if ids is not None and any(t < 0 or t >= files.vocab_size for t in ids):
@@ -125,7 +136,7 @@ class RequestPreparer:
             default = self._checkpoint_max_tokens(engine, len(ids), req.max_tokens) or 16
             max_tokens = self._token_limit(engine, len(ids), req.max_tokens, default, "prompt")
             prompt_tokens += len(ids)
-            jobs += self._jobs(req, len(jobs), ids, text, max_tokens, req.logprobs)
+            jobs += self._jobs(req, alike, len(jobs), ids, text, max_tokens, req.logprobs)
         prep = Prepared(
             "completion", new_id("cmpl"), req.model, engine, jobs, prompt_tokens, sources=sources,
             refused=refused, stream=req.stream, include_usage=req.include_usage,
@@ -173,7 +184,8 @@ class RequestPreparer:
         kept = plan.kept_special if plan is not None else ()  # auto: the tool-call tags
         prep = Prepared(
             "chat", new_id("chatcmpl"), req.model, engine,
-            self._jobs(req, 0, ids, text, max_tokens, logprobs, kept), len(ids),
+            self._jobs(req, self._alike(req, engine), 0, ids, text, max_tokens, logprobs, kept),
+            len(ids),
             messages=recorded, sources=sources, refused=refused, stream=req.stream,
             include_usage=req.include_usage, tools=plan,
         )  # fmt: skip
@@ -247,9 +259,18 @@ class RequestPreparer:
         except InputError as exc:
             raise APIError(400, str(exc), param="max_tokens") from None
 
+    def _alike(self, req: Any, engine: Any) -> _Alike:
+        """What every prompt of the request samples with alike, built once per request."""
+        return _Alike(
+            engine.request_defaults,
+            self._logit_bias(req, engine.files.vocab_size),
+            req.guide(engine.files),  # structured output (a 400 when it cannot compile)
+        )
+
     def _jobs(
         self,
         req: Any,
+        alike: _Alike,
         start: int,
         ids: list[int],
         text: str,
@@ -257,11 +278,8 @@ class RequestPreparer:
         logprobs: int | None,
         keep_special: tuple[str, ...] = (),
     ) -> list[Job]:
-        engine = self.engine_for(req.model)
-        jobs, defaults = [], engine.request_defaults
+        jobs, defaults, bias, guide = [], alike.defaults, alike.bias, alike.guide
         rules = self._min_tokens_rules(req, defaults.rules, max_tokens)
-        bias = self._logit_bias(req, engine.files.vocab_size)
-        guide = req.guide(engine.files)  # structured output (a 400 when it cannot compile)
         for i in range(req.n):
             params = SamplingParams(
                 max_tokens=max_tokens,

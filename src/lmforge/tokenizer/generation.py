@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmforge.common.json_cache import read_json
 from lmforge.errors import InputError
 from lmforge.tokenizer.files import TokenizerFiles
 
@@ -74,9 +75,10 @@ def eos_ids(gen: dict[str, Any], path: Path | None = None) -> list[int]:
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in path; an InputError naming it when it is not one."""
+    """The JSON object in path (common.json_cache: parsed once while the file is unchanged); an
+    InputError naming it when it is not one."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):

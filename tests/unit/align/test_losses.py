@@ -163,6 +163,29 @@ def test_dpo_loss_fn_adds_the_chosen_per_token_nll_when_asked():
     assert rpo.item() == pytest.approx(expected + 2.0 * -math.log(0.75), abs=1e-6)
 
 
+def test_dpo_sft_weight_averages_the_nll_over_all_chosen_tokens_as_trl_rpo():
+    from torch import nn
+
+    from lmforge.align.dpo import make_dpo_loss
+
+    class Fixed(nn.Module):  # p(token 1) = 3/4, p(token 0) = 1/4 everywhere (vocab of 2)
+        def forward(self, ids):
+            return torch.tensor([0.0, math.log(3.0)]).expand(*ids.shape, 2)
+
+    ids = torch.zeros(2, 2, 4, dtype=torch.long)
+    likely = [[1, 1, 1, -100], [0, -100, -100, -100]]  # chosen: 3 likely tokens
+    unlikely = [[0, -100, -100, -100], [1, -100, -100, -100]]  # chosen: 1 unlikely token
+    labels = torch.tensor([likely, unlikely])
+    batch = {"input_ids": ids, "labels": labels, "ref_logps": torch.zeros(2, 2)}
+    plain, _ = make_dpo_loss(0.5, "sigmoid")(Fixed(), batch)
+    rpo, _ = make_dpo_loss(0.5, "sigmoid", sft_weight=2.0)(Fixed(), batch)
+    # TRL: F.cross_entropy over the flattened chosen tokens, one mean over all 4 of them
+    trl_nll = -(3 * math.log(0.75) + math.log(0.25)) / 4
+    assert (rpo - plain).item() == pytest.approx(2.0 * trl_nll, abs=1e-6)
+    per_reply_then_batch = -(math.log(0.75) + math.log(0.25)) / 2  # the former average
+    assert abs(per_reply_then_batch - trl_nll) > 0.1
+
+
 def test_whiten_gives_mean_zero_unit_std_and_zero_for_a_constant_batch():
     from lmforge.align.losses import whiten
 

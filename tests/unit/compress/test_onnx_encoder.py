@@ -16,13 +16,7 @@ from lmforge.compress.stage import CompressConfig, compress
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.config import preset_config
-from lmforge.model.convert import (
-    MEAN_HEAD,
-    MEAN_HEAD_KEY,
-    load_pretrained,
-    save_mean_head,
-    save_pretrained,
-)
+from lmforge.model.convert import MEAN_HEAD, load_pretrained, save_pretrained
 from lmforge.model.generate import pad_rows
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
@@ -52,11 +46,7 @@ def encoder_dir(tmp_path: Path, head: str) -> tuple[Path, TokenizerFiles]:
             for p in model.head.parameters():
                 p.normal_(std=0.5)  # logits far enough apart to tell rows apart
         labels = model.classifier_head(["a", "b", "c"])
-        if head == "mean":
-            save_pretrained(lm, out, extra_config=special | {MEAN_HEAD_KEY: MEAN_HEAD})
-            save_mean_head(labels, out)
-        else:
-            save_pretrained(lm, out, extra_config=special, classifier=labels)
+        save_pretrained(lm, out, extra_config=special, classifier=labels)
     copy_tokenizer_files(tok_dir, out)
     return out, tok
 

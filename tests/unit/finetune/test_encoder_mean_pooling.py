@@ -128,6 +128,15 @@ def test_a_missing_or_foreign_head_file_is_named(trained, tmp_path):
         _ = EvalModel.load(final).head
 
 
+def _head_file(model_dir):
+    """A mean-pooled head file's metadata and tensors, comparable with == (its bytes are not: the
+    header's metadata order varies from one write to the next)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / MEAN_HEAD), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).tolist() for k in sorted(f.keys())}
+
+
 def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(trained, tmp_path):
     from lmforge.compress.stage import CompressConfig, compress
     from lmforge.errors import ConfigError
@@ -135,7 +144,7 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
     out = trained[0]
     texts = ["alpha one text", "delta", "gamma three four two text"]
     want = np.asarray([EvalModel.load(out).classify(t) for t in texts])
-    head_bytes = (out / "final" / MEAN_HEAD).read_bytes()
+    head = _head_file(out / "final")
     source = json.loads((out / "final" / "config.json").read_text())
     width, seq_len = source["intermediate_size"], source[SEQ_LEN_KEY]
     data = _write(tmp_path / "val.jsonl", trained[1])
@@ -145,7 +154,7 @@ def test_compress_quantize_and_prune_keep_the_head_next_token_methods_refuse(tra
         report = json.loads((final.parent / "compression.json").read_text())
         assert "tokens_per_s" not in report["after"] and report["after"]["pseudo_perplexity"] > 1
         config = json.loads((final / "config.json").read_text())
-        assert config[MEAN_HEAD_KEY] == MEAN_HEAD and (final / MEAN_HEAD).read_bytes() == head_bytes
+        assert config[MEAN_HEAD_KEY] == MEAN_HEAD and _head_file(final) == head
         assert config[SEQ_LEN_KEY] == seq_len  # eval cuts texts where the source's fine-tune did
         model = EvalModel.load(final)
         assert (model.head.reads, model.head.labels) == ("mean_tokens", sorted(WORDS[:4]))
@@ -168,7 +177,7 @@ def test_eval_stops_where_training_does_at_a_text_ending_in_pad_tokens(pooling, 
     # no template ([CLS] ... [SEP]) ends the text, so its own trailing pad-id tokens are the end
     from lmforge.finetune.heads import SequenceClassifier, encode_texts
     from lmforge.model.config import preset_config
-    from lmforge.model.convert import save_mean_head, save_pretrained
+    from lmforge.model.convert import save_pretrained
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
 
@@ -185,11 +194,7 @@ def test_eval_stops_where_training_does_at_a_text_ending_in_pad_tokens(pooling, 
         for p in model.head.parameters():
             p.normal_(std=0.5)
     head, special = model.classifier_head(["a", "b"]), {"pad_token_id": tok.pad_id}
-    if pooling == "mean":
-        save_pretrained(model.lm, tmp_path / "m", extra_config=special | {MEAN_HEAD_KEY: MEAN_HEAD})
-        save_mean_head(head, tmp_path / "m")
-    else:
-        save_pretrained(model.lm, tmp_path / "m", extra_config=special, classifier=head)
+    save_pretrained(model.lm, tmp_path / "m", extra_config=special, classifier=head)
     copy_tokenizer_files(tok_dir, tmp_path / "m")
     rows, _ = encode_texts(tok, texts, [0, 0], 32, template=True)
     with torch.no_grad():
@@ -237,3 +242,26 @@ def test_a_new_classifier_starts_from_a_base_head_only_when_it_pools_the_same(tr
         _start_from_base_head(model, final, labels)
         started = torch.equal(model.head.weight, base.weight)
         assert started == (pooling == "mean") and started != torch.equal(model.head.weight, fresh)
+
+
+def test_save_pretrained_writes_a_mean_pooled_classifier_as_encoder_and_head_file(tmp_path):
+    from safetensors import safe_open
+
+    from lmforge.finetune.heads import SequenceClassifier
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import load_classifier, save_pretrained
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(Transformer(preset_config("bert-micro", vocab_size=64)), 3, "mean")
+    head = model.classifier_head(["x", "y", "z"])
+    save_pretrained(model.lm, tmp_path / "m", extra_config={"pad_token_id": 0}, classifier=head)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config[MEAN_HEAD_KEY] == MEAN_HEAD and "id2label" not in config
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        names = f.keys()
+    assert not [k for k in names if k.startswith("classifier")]  # the encoder alone
+    got = load_classifier(tmp_path / "m")
+    assert (got.pooling, got.labels) == ("mean", ["x", "y", "z"])
+    assert torch.equal(got.weight, head.weight) and torch.equal(got.bias, head.bias)
+    assert [p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".")] == []

@@ -10,6 +10,7 @@ from lmforge.finetune.heads import (
     classify_loss,
     encode_texts,
     make_multitask_loss,
+    mean_pool,
 )
 from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.model.config import preset_config
@@ -100,3 +101,11 @@ def test_pooled_index_is_the_rightmost_non_pad_token():
         pooled_index([5, 0, 6, 0], pad_id=0) == 2
     )  # a pad inside the text is skipped only at the end
     assert pooled_index([0, 0], pad_id=0) == 0
+
+
+def test_mean_pool_averages_the_marked_states_and_an_unmarked_row_gives_zeros():
+    h = torch.tensor(
+        [[[1.0, 2.0], [3.0, 6.0], [100.0, 100.0]], [[5.0, 5.0], [7.0, 7.0], [9.0, 9.0]]]
+    )
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    assert mean_pool(h, mask).tolist() == [[2.0, 4.0], [0.0, 0.0]]  # no NaN in an ONNX graph

@@ -70,11 +70,9 @@ def test_a_kept_quantized_model_refuses_a_negative_token_id(tmp_path: Path) -> N
         model(torch.tensor([[5, -1, 6]]))
 
 
-def test_a_tied_int4_table_and_head_are_saved_once_and_reload_tied(tmp_path: Path) -> None:
-    src = make_model_dir(tmp_path / "fp32")  # the micro preset ties its embeddings
-    quantize_dir(src, tmp_path / "int4", "int4", 32)
-    model = load_pretrained(tmp_path / "int4")
-    assert model.tok_emb.stored_codes is model.lm_head.stored_codes
+def assert_head_saved_as_aliases(model: nn.Module, tmp_path: Path) -> None:
+    """model saved (save_weights as tied.safetensors) stores its tied head's names as aliases of
+    the table's tensors, not a second copy of its bytes."""
     state = model.state_dict()
     save_weights(state, tmp_path / "tied.safetensors")
     untied = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
@@ -83,6 +81,14 @@ def test_a_tied_int4_table_and_head_are_saved_once_and_reload_tied(tmp_path: Pat
     extra = (tmp_path / "tied.safetensors").stat().st_size
     extra -= (tmp_path / "one_copy.safetensors").stat().st_size
     assert table > 5000 and 0 <= extra < 200  # the head's names as aliases, not its bytes
+
+
+def test_a_tied_int4_table_and_head_are_saved_once_and_reload_tied(tmp_path: Path) -> None:
+    src = make_model_dir(tmp_path / "fp32")  # the micro preset ties its embeddings
+    quantize_dir(src, tmp_path / "int4", "int4", 32)
+    model = load_pretrained(tmp_path / "int4")
+    assert model.tok_emb.stored_codes is model.lm_head.stored_codes
+    assert_head_saved_as_aliases(model, tmp_path)
 
     reloaded = load_pretrained(tmp_path / "int4")
     reloaded.load_state_dict(load_weights(tmp_path / "tied.safetensors"), assign=True)
@@ -113,6 +119,27 @@ def test_a_kept_int4_model_made_under_inference_mode_saves_and_loads(tmp_path: P
         assigned.load_state_dict(state, assign=True)  # torch assigns inference tensors only here
         for reloaded in (copied, assigned):
             assert torch.equal(reloaded(ids), reference(ids))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("to", ["cpu", torch.float32, torch.bfloat16, "meta"])
+def test_model_to_a_device_or_dtype_keeps_the_table_and_head_tied(tmp_path: Path, kind, to) -> None:
+    # nn.Module._apply gives each module's buffer its own result; "meta" stands for a device move
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / kind, kind, 32)
+    model = load_pretrained(tmp_path / kind).to(to)
+    table, head = model.tok_emb, model.lm_head
+    assert [n for n, _ in table.named_buffers()] == [n for n, _ in head.named_buffers()]
+    for name, buffer in table.named_buffers():
+        assert buffer is getattr(head, name), name
+    if table.kernel_packed:  # moved, still the kernel's bf16
+        assert table.scales_and_zeros.dtype == torch.bfloat16
+    elif to == torch.bfloat16:
+        assert table.scale.dtype == torch.bfloat16
+    if to != "meta":
+        assert_head_saved_as_aliases(model, tmp_path)
+        with torch.no_grad():
+            assert model(torch.arange(1, 9)[None]).isfinite().all()
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

@@ -30,12 +30,12 @@ only through torch.load(weights_only=True), which refuses anything but plain ten
 The jobs live in their own modules: files (a model directory's config.json and tensors),
 hf_import (config.json and HF names -> ModelConfig and our state dict), load (load_pretrained,
 model_class), classifier (ClassifierHead, load_classifier), mean_head (a mean-pooled encoder
-classifier's head file beside its encoder), export (save_pretrained). This
-package is their one public entry point: `from lmforge.model.convert import load_pretrained`.
+classifier's head file beside its encoder), export (save_pretrained, which writes that file too).
+This package is their one public entry point: `from lmforge.model.convert import load_pretrained`.
 """
 
 from lmforge.model.convert.classifier import ClassifierHead, load_classifier
-from lmforge.model.convert.export import MEAN_POOLING_REFUSAL, NATIVE_CLASSIFIER, save_pretrained
+from lmforge.model.convert.export import NATIVE_CLASSIFIER, save_pretrained
 from lmforge.model.convert.files import (
     is_encoder_decoder,
     model_display_name,
@@ -52,12 +52,11 @@ from lmforge.model.convert.hf_import import (
     hf_config_to_model_config,
 )
 from lmforge.model.convert.load import load_pretrained, model_class
-from lmforge.model.convert.mean_head import MEAN_HEAD, MEAN_HEAD_KEY, save_mean_head
+from lmforge.model.convert.mean_head import MEAN_HEAD, MEAN_HEAD_KEY
 
 __all__ = [
     "MEAN_HEAD",
     "MEAN_HEAD_KEY",
-    "MEAN_POOLING_REFUSAL",
     "NATIVE",
     "NATIVE_CLASSIFIER",
     "QUANTIZED_LOADS",
@@ -74,6 +73,5 @@ __all__ = [
     "read_config",
     "read_tensors",
     "resolve_model_dir",
-    "save_mean_head",
     "save_pretrained",
 ]

@@ -26,8 +26,7 @@ class ClassifierHead:
     (pool_weight/pool_bias: dense + tanh on the first token, *ForSequenceClassification) or none
     and per_token (*ForTokenClassification: every position is classified). pooling "mean" (an
     encoder's mean of its real tokens' states, no pooler) has no transformers class: save_pretrained
-    refuses it rather than writing a model that computes something else; it is saved beside the
-    encoder instead (model.convert.mean_head).
+    writes the encoder and this head in a file beside it (model.convert.mean_head).
     """
 
     weight: Tensor

@@ -1,5 +1,6 @@
 """Export: save_pretrained writes config.json + model.safetensors in the family's HF layout (a
-causal or masked LM, a sequence or token classifier, BART), else in lmforge's own layout."""
+causal or masked LM, a sequence or token classifier, BART), else in lmforge's own layout; a
+mean-pooled classifier as its encoder plus its head's file (model.convert.mean_head)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lmforge.errors import ConfigError
 from lmforge.model.config import ModelConfig
 from lmforge.model.convert.classifier import ClassifierHead
 from lmforge.model.convert.hf_import import NATIVE
+from lmforge.model.convert.mean_head import MEAN_HEAD, MEAN_HEAD_KEY, save_mean_head
 from lmforge.model.hf_families import ENCODER_FAMILIES, FAMILIES, family_for
 from lmforge.model.hf_families.bert import token_classifier_architecture
 from lmforge.model.hf_families.rules import SCORE, ours_to_hf, without_lm_head
@@ -24,11 +26,6 @@ from lmforge.model.t5 import wraps_transformers
 log = logging.getLogger(__name__)
 
 
-MEAN_POOLING_REFUSAL = (
-    "a mean-pooled classifier has no transformers class (BERT/RoBERTa *ForSequenceClassification "
-    "pool the first token): not exported as one, which would compute different logits; use "
-    "pooling 'first' to export"
-)
 NATIVE_CLASSIFIER = "LmforgeForSequenceClassification"  # architecture of a native-layout classifier
 
 
@@ -44,16 +41,21 @@ def save_pretrained(
     extra_config is merged into config.json (e.g. bos_token_id/eos_token_id from the tokenizer).
     generation_config is written as generation_config.json, the stop tokens transformers'
     generate() reads (lmforge.tokenizer.generation builds it from the tokenizer).
-    With classifier, the model is written as a sequence classifier (see the module docstring);
-    extra_config should then carry the pad_token_id the classifier's inputs are padded with.
+    With classifier, the model is written as a sequence or token classifier; a mean-pooled one,
+    which no transformers class computes, as the encoder transformers loads plus MEAN_HEAD beside
+    it, named by config.json (model.convert.mean_head). extra_config should then carry the
+    pad_token_id the classifier's inputs are padded with.
     A torch.compile'd model is unwrapped; pass the bare module, not a DDP/FSDP wrapper. A model
     holding quantized modules (QuantLinear / QuantEmbedding) is refused: see _refuse_quantized.
     """
     model = getattr(model, "_orig_mod", model)
     _refuse_quantized(model, out_dir)
-    if classifier is not None and classifier.pooling != "first":
-        raise ConfigError(MEAN_POOLING_REFUSAL)
     out_dir = Path(out_dir)
+    if classifier is not None and classifier.pooling == "mean":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_mean_head(classifier, out_dir)  # before config.json, which names it, is written
+        extra_config = {**(extra_config or {}), MEAN_HEAD_KEY: MEAN_HEAD}
+        classifier = None
     if wraps_transformers(model):  # the T5 adapter: transformers writes its own module
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_hf(out_dir, extra_config)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from lmforge.common.json_cache import read_json
 from lmforge.errors import InputError
 from lmforge.model.convert.mean_head import MEAN_HEAD, RERUN
 
@@ -98,7 +99,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
             "(written by lmforge pretrain/finetune or transformers' save_pretrained)"
         )
     try:
-        return json.loads(path.read_text())
+        return read_json(path)  # parsed once while unchanged: a load asks for it many times
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is not valid JSON: {err}") from None
 

@@ -26,12 +26,16 @@ RERUN = "rerun the finetune stage that trained it (--task classify --set pooling
 
 
 def save_mean_head(head: ClassifierHead, model_dir: Path) -> None:
-    """Writes head (pooling "mean": weight and bias, no pooler) as model_dir/MEAN_HEAD."""
+    """Writes head (pooling "mean": weight and bias, no pooler) as model_dir/MEAN_HEAD, atomically;
+    save_pretrained calls it for a mean-pooled classifier."""
     from safetensors.torch import save_file
+
+    from lmforge.common.io import atomic_path
 
     tensors = {"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}
     meta = {"labels": json.dumps(head.labels), "pooling": "mean"}
-    save_file(tensors, str(Path(model_dir) / MEAN_HEAD), metadata=meta)
+    with atomic_path(Path(model_dir) / MEAN_HEAD) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_mean_head(model_dir: Path, hf: dict[str, Any]) -> ClassifierHead | None:
