@@ -4,10 +4,12 @@ version of the file.
 Loading a model consults config.json from several places that each take only the directory
 (the family, the loader, special ids, the checkpoint's decoding defaults, the embedder's
 settings), so `lmforge serve` and `lmforge generate` read it several times a load. read_json
-keeps each file's parsed value under its path, inode, size and modification time, and hands out a
-copy (callers may change what they get). A file modified less than SETTLE_S ago is read afresh
-each time: a rewrite in place within the file system's timestamp granularity could leave all
-four the same.
+keeps each file's parsed value under its path, device, inode, size, modification and status
+change times (stat data as git's index compares it), and hands out a copy (callers may change
+what they get). The change time catches what the modification time alone misses: a copy that
+puts back the old one (cp -p, rsync -t, shutil.copy2), into the same or a reused inode. A file
+changed (either time) less than SETTLE_S ago is read afresh each time: a rewrite in place within
+the file system's timestamp granularity (FAT's is 2 s) could leave all of them the same.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 SETTLE_S = 2.0  # seconds since its last change after which a file's parse is kept
 MAX_FILES = 64  # parsed files kept, least recently read dropped first
 
-_parsed: OrderedDict[tuple[str, int, int, int], Any] = OrderedDict()
+_parsed: OrderedDict[tuple[str, int, int, int, int, int], Any] = OrderedDict()
 _lock = threading.Lock()  # serve starts engines and embedders from worker threads too
 
 
@@ -32,13 +34,13 @@ def read_json(path: Path | str) -> Any:
     file stays as it is; a copy each call."""
     path = Path(path)
     st = path.stat()
-    key = (str(path.absolute()), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _lock:
         if key in _parsed:
             _parsed.move_to_end(key)
             return copy.deepcopy(_parsed[key])
     value = json.loads(path.read_text(encoding="utf-8"))
-    if time.time_ns() - st.st_mtime_ns > SETTLE_S * 1e9:
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_S * 1e9:
         with _lock:
             _parsed[key] = value
             while len(_parsed) > MAX_FILES:

@@ -45,7 +45,7 @@ from lmforge.config import NOT_HASHED, Section, StageConfig
 from lmforge.errors import InputError
 from lmforge.finetune.dialogue_data import parse_dialogue
 from lmforge.finetune.dialogue_retrieval import Retrieved, recall_at_k, retrieve
-from lmforge.finetune.heads import classification_metrics
+from lmforge.finetune.heads import classification_metrics, mean_pool
 from lmforge.finetune.seq2seq import Seq2SeqIds, encode_pairs, seq2seq_eval
 from lmforge.model.transformer import IGNORE_INDEX, next_token_loss
 from lmforge.tokenizer.files import TokenizerFiles, copy_tokenizer_files
@@ -107,9 +107,7 @@ class DialogueModel(nn.Module):
         nn.init.zeros_(self.intent_head.bias)
 
     def intent_logits(self, memory: Tensor, src_mask: Tensor) -> Tensor:
-        m = src_mask.to(memory.dtype)[..., None]  # (B, S, 1)
-        pooled = (memory * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, C)
-        return self.intent_head(pooled)
+        return self.intent_head(mean_pool(memory, src_mask))
 
     def forward(self, src: Tensor, src_mask: Tensor, dec_in: Tensor) -> tuple[Tensor, Tensor]:
         """(response logits (B, T, V), intent logits (B, n_intents)) from one encoder pass."""

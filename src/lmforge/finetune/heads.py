@@ -110,8 +110,9 @@ def real_tokens(idx: Tensor, last: Tensor) -> Tensor:
 
 def mean_pool(h: Tensor, mask: Tensor) -> Tensor:
     """(B, C) mean of states h (B, T, C) over the tokens mask (B, T) marks: the mean-pooled
-    classifier's input, its ONNX graph's (compress.onnx_export) and `lmforge serve`'s encoder
-    embeddings (serve/embeddings.py). A row with no marked token pools to zeros, not NaN."""
+    classifier's input, its ONNX graph's (compress.onnx_export), the dialogue model's intent
+    head's (finetune.dialogue) and `lmforge serve`'s encoder embeddings (serve/embeddings.py). A
+    row with no marked token pools to zeros, not NaN."""
     m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
     return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 

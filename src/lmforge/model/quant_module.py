@@ -142,8 +142,13 @@ _CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _once_per_call(fn: Callable[[Tensor], Tensor], convert: Callable[[Tensor], Tensor]):
     """convert, run once per tensor across the modules one call of fn reaches: the modules that
     shared a tensor before share its result. A result is reused only while the tensor is
-    unchanged (its version counter; an inference tensor keeps none and is not written to)."""
-    done = _CONVERTED.setdefault(fn, WeakIdKeyDictionary())
+    unchanged (its version counter; an inference tensor keeps none and is not written to). An fn
+    that takes no weak reference (model._apply(torch.Tensor.half)) gets convert as it is, as from
+    nn.Module: no call to tell apart, so the modules' results are their own."""
+    try:
+        done = _CONVERTED.setdefault(fn, WeakIdKeyDictionary())
+    except TypeError:  # "cannot create weak reference to 'method_descriptor' object"
+        return convert
 
     def once(t: Tensor) -> Tensor:
         version = None if t.is_inference() else t._version

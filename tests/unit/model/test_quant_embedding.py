@@ -142,6 +142,14 @@ def test_model_to_a_device_or_dtype_keeps_the_table_and_head_tied(tmp_path: Path
             assert model(torch.arange(1, 9)[None]).isfinite().all()
 
 
+def test_apply_with_a_function_that_takes_no_weak_reference_converts_as_nn_module(tmp_path):
+    # torch.Tensor.double is a method descriptor: no memo can be keyed on it
+    src = make_model_dir(tmp_path / "fp32")
+    quantize_dir(src, tmp_path / "int8", "int8", 32)
+    model = load_pretrained(tmp_path / "int8")._apply(torch.Tensor.double)
+    assert model.tok_emb.scale.dtype == model.lm_head.scale.dtype == torch.float64
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_a_tied_table_assigned_from_torch_load_counts_once(tmp_path: Path, kind: str) -> None:
     src = make_model_dir(tmp_path / "fp32")

@@ -20,6 +20,7 @@ pytest.importorskip("fastapi")
 from typer.testing import CliRunner
 
 from lmforge.cli import app
+from lmforge.common import json_cache
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.settings import ServeSettings
 from lmforge.serve.state import ServeState, start_engines
@@ -29,12 +30,13 @@ JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
 
 
 @pytest.fixture
-def settled_dir(serve_model_dir, tmp_path) -> Path:
-    """A copy of the serve model directory with a generation_config.json, its files last
-    changed a minute ago (as a model directory being served is)."""
+def settled_dir(serve_model_dir, tmp_path, monkeypatch) -> Path:
+    """A copy of the serve model directory with a generation_config.json, its files settled (as
+    a model directory being served is): last changed longer ago than json_cache.SETTLE_S, here
+    shortened so that the test need not wait its 2 s."""
     out = with_generation_config(Path(shutil.copytree(serve_model_dir, tmp_path / "m")))
-    for path in out.iterdir():
-        os.utime(path, (time.time() - 60, time.time() - 60))
+    monkeypatch.setattr(json_cache, "SETTLE_S", 0.05)
+    time.sleep(0.1)
     return out
 
 
@@ -73,18 +75,3 @@ def test_generate_parses_each_json_file_once(settled_dir, text_reads):
     )
     assert result.exit_code == 0, result.output
     assert text_reads == {name: 1 for name in JSON_FILES}
-
-
-def test_a_json_file_changed_in_place_is_read_again(tmp_path):
-    from lmforge.common.json_cache import read_json
-
-    path = tmp_path / "config.json"
-    path.write_text('{"n_layer": 2}')
-    os.utime(path, (time.time() - 60, time.time() - 60))
-    first = read_json(path)
-    first["n_layer"] = 9  # a copy: the kept parse is not changed through it
-    assert read_json(path) == {"n_layer": 2}
-    path.write_text('{"n_layer": 3}')  # same size, changed now: never kept, always read
-    assert read_json(path) == {"n_layer": 3}
-    path.write_text('{"n_layer": 4}')
-    assert read_json(path) == {"n_layer": 4}
