@@ -37,9 +37,10 @@ KEYWORDS = {
 GENERAL = {"type", "enum", "const", "anyOf", "$ref"}
 
 
-def schema_grammar(schema: Any) -> Grammar:
-    """The grammar of the JSON texts valid under `schema`; ConstraintError when unsupported."""
-    compiler = _SchemaCompiler(schema)
+def schema_grammar(schema: Any, digits: jg.NumberDigits = jg.NumberDigits()) -> Grammar:
+    """The grammar of the JSON texts valid under `schema`, its numbers within `digits` (enum and
+    const values as given); ConstraintError when unsupported."""
+    compiler = _SchemaCompiler(schema, digits)
     compiler.rules["schema:root"] = compiler.node(schema, "#")
     return Grammar(compiler.rules, "schema:root")
 
@@ -53,9 +54,9 @@ def _literal(value: Any, path: str) -> Lit:
 
 
 class _SchemaCompiler:
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: Any, digits: jg.NumberDigits) -> None:
         self.root = root
-        self.rules: dict[str, Node] = jg.json_rules()
+        self.rules: dict[str, Node] = jg.json_rules(digits)
 
     def node(self, schema: Any, path: str) -> Node:
         if schema is True or schema == {}:
@@ -103,8 +104,8 @@ class _SchemaCompiler:
         if kind == "string":
             return jg.string(*_bounds(schema, "minLength", "maxLength", path))
         simple = {
-            "integer": jg.INTEGER,
-            "number": jg.NUMBER,
+            "integer": Ref(jg.INTEGER),
+            "number": Ref(jg.NUMBER),
             "boolean": Alt((Lit("true"), Lit("false"))),
             "null": Lit("null"),
         }

@@ -222,6 +222,7 @@ def test_level_walk_masks_equal_each_tokens_own_advance(tmp_path, kind, spec, vo
     allows exactly the tokens whose bytes the guide can step through, at the states of random
     walks over a trained byte-level BPE and over a dense vocabulary of short byte strings."""
     from lmforge.constrain.guide import GRAMMARS
+    from lmforge.constrain.json_grammar import NumberDigits
     from lmforge.tokenizer.files import TokenizerFiles
     from unit.finetune.helpers import make_tokenizer_dir
 
@@ -230,7 +231,7 @@ def test_level_walk_masks_equal_each_tokens_own_advance(tmp_path, kind, spec, vo
         vocab = GuideCompiler(files.tokenizer).vocab
     else:
         vocab = Vocabulary(dense_vocabulary())
-    guide = TokenGuide(Automaton(GRAMMARS[kind](spec)), vocab)
+    guide = TokenGuide(Automaton(GRAMMARS[kind](spec, NumberDigits())), vocab)
     oracle = TokenGuide(guide.automaton, vocab)  # steps only, never walks the trie
     rng = random.Random(1)
     checked = 0
@@ -244,3 +245,50 @@ def test_level_walk_masks_equal_each_tokens_own_advance(tmp_path, kind, spec, vo
                 break
             state = guide.advance(state, rng.choice(expected))
     assert checked > 40
+
+
+DIGIT_VOCAB = [
+    b"", b"{", b"}", b'"', b":", b",", b" ", b"-", b".", b"e", b"E", b"+", b'{"n":', b'"i":',
+    b'"k":', b"n", b"i", b"k", *(bytes([c]) for c in b"0123456789"), b"12", b"345", b"6789", b"00000", b"99999999",
+    b"1.5", b".25", b"e+10", b"123456789", b"9,",
+]  # fmt: skip
+
+
+def test_a_digit_hungry_walk_stops_at_the_digit_caps_and_its_answer_validates(tmp_path):
+    """A 'model' that draws a token with digits whenever the mask allows one still closes the
+    object: each number part stops at its cap (the enum's longer number is written as given),
+    and every answer validates against the schema."""
+    import re
+
+    import jsonschema
+
+    from lmforge.constrain.json_grammar import NumberDigits
+    from lmforge.tokenizer.files import TokenizerFiles
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    caps = NumberDigits(integer=4, fraction=3, exponent=2)
+    compiler = GuideCompiler(TokenizerFiles.load(make_tokenizer_dir(tmp_path)).tokenizer, caps)
+    capped = compiler.compile("json_object", "").tokens.automaton  # the compiler's caps apply
+    assert capped.matches('{"a":1234}') and not capped.matches('{"a":12345}')
+    schema = {"type": "object", "properties": {"n": {"type": "number"}, "i": {"type": "integer"},
+              "k": {"enum": [123456789]}}, "required": ["n", "i", "k"]}  # fmt: skip
+    guide = TokenGuide(Automaton(schema_grammar(schema, caps)), Vocabulary(DIGIT_VOCAB))
+    digits = [i for i, t in enumerate(DIGIT_VOCAB) if any(48 <= b <= 57 for b in t)]
+    for seed in range(10):
+        rng, state, answer = random.Random(seed), guide.start, b""
+        for _ in range(60):
+            allowed = guide.allowed_ids(state)
+            if not allowed:
+                break
+            hungry = sorted(set(allowed) & set(digits))
+            token = rng.choice(hungry if hungry and rng.random() < 0.9 else allowed)
+            state, answer = guide.advance(state, token), answer + DIGIT_VOCAB[token]
+        assert guide.accepts(state) and not guide.allowed_ids(state), answer
+        text = answer.decode("utf-8")
+        jsonschema.validate(json.loads(text), schema)
+        compact = re.sub(r"\s", "", text)  # no string here holds whitespace
+        n, i = re.fullmatch(r'\{"n":(.+?),"i":(.+?),"k":123456789\}', compact).groups()
+        number = re.fullmatch(r"-?(\d+)(?:\.(\d+))?(?:[eE][+-]?(\d+))?", n)
+        whole, fraction, exponent = (part or "" for part in number.groups())
+        assert len(whole) <= 4 and len(fraction) <= 3 and len(exponent) <= 2, text
+        assert len(i.lstrip("-")) <= 4, text
