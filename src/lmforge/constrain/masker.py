@@ -114,7 +114,7 @@ class TokenGuide:
         out = self._table[rows, data]
         unknown = out == _UNKNOWN
         if unknown.any():
-            for pair in np.unique(rows[unknown] * 256 + data[unknown]).tolist():
+            for pair in dict.fromkeys((rows[unknown] * 256 + data[unknown]).tolist()):
                 self._step(pair >> 8, pair & 0xFF)
             out = self._table[rows, data]
         return out
@@ -122,7 +122,7 @@ class TokenGuide:
     def _self_loops(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), 2) bitmasks of the bytes 0-63 and 64-127 after which each row's state is
         itself again (a byte of a multi-byte character always changes it: its pending bytes)."""
-        for i in np.unique(rows[~self._loops_known[rows]]).tolist():
+        for i in dict.fromkeys(rows[~self._loops_known[rows]].tolist()):
             pending = self._states[i][1]
             loops = 0 if pending else sum(1 << b for b in range(0x80) if self._step(i, b) == i)
             self._loops[i] = (loops & 0xFFFF_FFFF_FFFF_FFFF, loops >> 64)
@@ -230,7 +230,7 @@ class TokenGuide:
             stops.append(np.where(whole, trie.last[child], first + trie.ends[child]))
             if successors is not None:
                 ending = after[~whole & (trie.ends[child] > 0)]
-                successors.update(self._states[i] for i in np.unique(ending).tolist())
+                successors.update(self._states[i] for i in set(ending.tolist()))
             deeper = ~whole & (trie.degree[child] > 0)
             nodes, rows = child[deeper], after[deeper]
         n = trie.order.size
