@@ -44,6 +44,13 @@ def _utf8_length(lead: int) -> int:
     return 0
 
 
+# bytes a state's row rejects at its creation, without asking the automaton: those that start no
+# UTF-8 character (a continuation, an overlong or out-of-range lead) and, after part of a
+# character, those that do not continue it
+_STARTS_NOTHING = np.array([_utf8_length(b) == 0 for b in range(256)])
+_CONTINUES_NOTHING = np.array([not 0x80 <= b <= 0xBF for b in range(256)])
+
+
 def _code_ranges(partial: bytes, length: int) -> list[tuple[int, int]]:
     """The code points whose UTF-8 encoding (of `length` bytes) starts with `partial`, as
     ranges: none below the length's minimum (overlong), above U+10FFFF, or surrogates."""
@@ -98,6 +105,7 @@ class TokenGuide:
                 self._loops_known = np.concatenate(
                     [self._loops_known, np.zeros_like(self._loops_known)]
                 )
+            self._table[i, _CONTINUES_NOTHING if at[1] else _STARTS_NOTHING] = _DEAD
         return i
 
     def _step(self, i: int, b: int) -> int:
