@@ -80,6 +80,62 @@ def integer(digits: NumberDigits) -> Node:
     )
 
 
+def integer_range(low: int | None, high: int | None, digits: NumberDigits) -> Node | None:
+    """A JSON integer in [low, high] (None: unbounded on that side), written without leading
+    zeros or "-0", its digits within digits.integer; None when no such integer exists."""
+    top = 10**digits.integer - 1
+    low = -top if low is None else max(low, -top)
+    high = top if high is None else min(high, top)
+    if low > high:
+        return None
+    options = []
+    if low < 0:  # the negatives, as "-" and their magnitudes
+        options.append(seq("-", _natural_range(max(-high, 1), -low)))
+    if high >= 0:
+        options.append(_natural_range(max(low, 0), high))
+    return options[0] if len(options) == 1 else Alt(tuple(options))
+
+
+def _natural_range(low: int, high: int) -> Node:
+    """The decimal numerals of the integers in [low, high], 0 <= low <= high: one fixed-length
+    range per number of digits."""
+    options = []
+    for length in range(len(str(low)), len(str(high)) + 1):
+        a = max(low, 10 ** (length - 1) if length > 1 else 0)
+        b = min(high, 10**length - 1)
+        options.append(_same_length_range(str(a), str(b)))
+    return options[0] if len(options) == 1 else Alt(tuple(options))
+
+
+def _same_length_range(low: str, high: str) -> Node:
+    """The numerals from `low` to `high`, both of one length, digit by digit: the common prefix,
+    then low's first digit with anything at or above low's rest, the first digits between them
+    with any rest, and high's first digit with anything at or below high's rest (a side whose
+    rest is all zeros or all nines joins the middle, so the nodes grow with the square of the
+    length, not exponentially)."""
+    size = len(low)
+    if low == "0" * size and high == "9" * size:
+        return Repeat(DIGIT, size, size)
+    if low == high:
+        return Lit(low)
+    if size == 1:
+        return Chars(CharSet(((ord(low), ord(high)),)))
+    if low[0] == high[0]:
+        return seq(low[0], _same_length_range(low[1:], high[1:]))
+    rest = size - 1
+    first = int(low[0]) + (low[1:] != "0" * rest)  # the middle's first digits: first..last
+    last = int(high[0]) - (high[1:] != "9" * rest)
+    options: list[Node] = []
+    if first > int(low[0]):
+        options.append(seq(low[0], _same_length_range(low[1:], "9" * rest)))
+    if first <= last:
+        middle = Chars(CharSet(((ord("0") + first, ord("0") + last),)))
+        options.append(seq(middle, Repeat(DIGIT, rest, rest)))
+    if last < int(high[0]):
+        options.append(seq(high[0], _same_length_range("0" * rest, high[1:])))
+    return options[0] if len(options) == 1 else Alt(tuple(options))
+
+
 def number(digits: NumberDigits) -> Node:
     """A JSON number: an integer, an optional fraction and an optional exponent, each part
     within its digits."""

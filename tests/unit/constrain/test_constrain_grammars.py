@@ -170,8 +170,12 @@ def test_a_pydantic_models_schema_compiles_and_its_answers_validate():
     ("schema", "named"),
     [
         ({"type": "string", "pattern": "a+"}, "'pattern' at #"),
-        ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}},
+        ({"type": "object", "properties": {"a": {"type": "number", "minimum": 0}}},
          "'minimum' at #/properties/a"),
+        ({"type": ["integer", "number"], "minimum": 0}, "supported on integers, not numbers"),
+        ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum must be a number"),
+        ({"type": "integer", "minimum": 2.5, "maximum": 2.9}, "no integer at # is within"),
+        ({"type": "integer", "minimum": 10**19}, "19 digits (NumberDigits.integer)"),
         ({"oneOf": [{"type": "string"}]}, "'oneOf' at #"),
         ({"type": "date"}, "type 'date' at #/type"),
         ({"$ref": "http://x/s.json"}, "unsupported $ref"),
@@ -272,3 +276,30 @@ def test_schema_numbers_are_capped_but_enum_and_const_numbers_are_written_as_giv
     assert auto.matches('{"n":0.001,"i":null,"k":1e-06,"c":-1.5e+300}')  # json.dumps' spelling
     for too_long in ('"n":12345,"i":1', '"n":1.5,"i":12345', '"n":1.0001,"i":1', '"n":1e100,"i":1'):
         assert not auto.matches("{" + too_long + ',"k":123456789,"c":-1.5e+300}'), too_long
+
+
+def test_integer_bounds_allow_exactly_the_integers_between_them():
+    import jsonschema
+
+    from lmforge.constrain.json_grammar import NumberDigits
+
+    cases = [
+        ({"minimum": -15, "maximum": 230}, -15, 230),
+        ({"exclusiveMinimum": -1, "exclusiveMaximum": 100}, 0, 99),
+        ({"minimum": 0.5, "maximum": 7.5}, 1, 7),
+        ({"minimum": 1, "exclusiveMinimum": 3, "maximum": 1000, "exclusiveMaximum": 999}, 4, 998),
+        ({"maximum": -7}, -9999, -7),  # the other side: the digits cap
+        ({"minimum": 50}, 50, 9999),
+    ]
+    for bounds, low, high in cases:
+        schema = {"type": "integer", **bounds}
+        auto = Automaton(schema_grammar(schema, NumberDigits(integer=4)))
+        for value in [*range(-10010, 10010, 13), *range(-300, 300), low - 1, low, high, high + 1]:
+            assert auto.matches(str(value)) == (low <= value <= high), (bounds, value)
+            if auto.matches(str(value)):
+                jsonschema.validate(value, schema)
+        assert not auto.matches("-0") and not auto.matches("007"), bounds
+    optional = {"type": ["integer", "null"], "minimum": 3}
+    auto = Automaton(schema_grammar(optional))
+    assert auto.matches("null") and auto.matches("3") and not auto.matches("2")
+    assert auto.matches("9" * 19) and not auto.matches("1" + "0" * 19)  # default cap

@@ -257,7 +257,7 @@ DIGIT_VOCAB = [
 def test_a_digit_hungry_walk_stops_at_the_digit_caps_and_its_answer_validates(tmp_path):
     """A 'model' that draws a token with digits whenever the mask allows one still closes the
     object: each number part stops at its cap (the enum's longer number is written as given),
-    and every answer validates against the schema."""
+    the integer stays within its bounds, and every answer validates against the schema."""
     import re
 
     import jsonschema
@@ -270,7 +270,7 @@ def test_a_digit_hungry_walk_stops_at_the_digit_caps_and_its_answer_validates(tm
     compiler = GuideCompiler(TokenizerFiles.load(make_tokenizer_dir(tmp_path)).tokenizer, caps)
     capped = compiler.compile("json_object", "").tokens.automaton  # the compiler's caps apply
     assert capped.matches('{"a":1234}') and not capped.matches('{"a":12345}')
-    schema = {"type": "object", "properties": {"n": {"type": "number"}, "i": {"type": "integer"},
+    schema = {"type": "object", "properties": {"n": {"type": "number"}, "i": {"type": "integer", "minimum": -50, "maximum": 1234},
               "k": {"enum": [123456789]}}, "required": ["n", "i", "k"]}  # fmt: skip
     guide = TokenGuide(Automaton(schema_grammar(schema, caps)), Vocabulary(DIGIT_VOCAB))
     digits = [i for i, t in enumerate(DIGIT_VOCAB) if any(48 <= b <= 57 for b in t)]
