@@ -18,23 +18,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.constrain.automaton import Automaton, ConstraintError, Grammar
-from lmforge.constrain.json_grammar import json_object_grammar
+from lmforge.constrain.json_grammar import NumberDigits, json_object_grammar
 from lmforge.constrain.json_schema import schema_grammar
 from lmforge.constrain.masker import TokenGuide, Vocabulary
 from lmforge.constrain.regex import choice_grammar, regex_grammar
 from lmforge.constrain.vocab import token_bytes
 
-GRAMMARS: dict[str, Callable[[str], Grammar]] = {
-    "json_object": lambda spec: json_object_grammar(),
-    "json_schema": lambda spec: schema_grammar(json.loads(spec)),
-    "regex": regex_grammar,
-    "choice": lambda spec: choice_grammar(json.loads(spec)),
+# each kind's grammar from its spec, JSON numbers within the digits given
+GRAMMARS: dict[str, Callable[[str, NumberDigits], Grammar]] = {
+    "json_object": lambda spec, digits: json_object_grammar(digits),
+    "json_schema": lambda spec, digits: schema_grammar(json.loads(spec), digits),
+    "regex": lambda spec, digits: regex_grammar(spec),
+    "choice": lambda spec, digits: choice_grammar(json.loads(spec)),
 }
 GUIDE_CACHE = 16  # compiled guides kept per vocabulary (each up to MASK_CACHE_BYTES of masks)
 # A guide's memoized states and steps grow with every new state its answers reach (json_object:
 # one per new nesting of brackets; about 6 KB a state, measured on a random walk that nests);
 # a cached guide past this many automaton states is dropped, and the next request compiles anew
 MAX_GUIDE_STATES = 10_000
+NUMBER_DIGITS = NumberDigits()  # a guide's JSON numbers, unless its GuideCompiler is given others
 GUIDE_WARM_SECONDS = 1.0  # the server's budget for a new guide's first masks (TokenGuide.warm;
 # 0.5 s did not reliably shorten the engine's cold walks at 50k tokens, docs/benchmarks.md)
 
@@ -76,10 +78,12 @@ def spec_text(kind: str, value: Any) -> str:
 
 
 class GuideCompiler:
-    """Compiles constraints over one tokenizer's vocabulary, keeping the latest guides."""
+    """Compiles constraints over one tokenizer's vocabulary, keeping the latest guides; the JSON
+    numbers they allow have at most `number_digits` digits in each part."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, number_digits: NumberDigits = NUMBER_DIGITS) -> None:
         self.vocab = Vocabulary(token_bytes(tokenizer))
+        self.number_digits = number_digits
         self._guides: OrderedDict[tuple[str, str], TokenGuide] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -97,7 +101,7 @@ class GuideCompiler:
                 return _bound(kind, spec, tokens)
         if kind not in GRAMMARS:
             raise ConstraintError(f"unknown constraint kind {kind!r}; one of {sorted(GRAMMARS)}")
-        tokens = TokenGuide(Automaton(GRAMMARS[kind](spec)), self.vocab)
+        tokens = TokenGuide(Automaton(GRAMMARS[kind](spec, self.number_digits)), self.vocab)
         if warm_seconds > 0:
             tokens.warm(warm_seconds)  # while no other thread sees it
         with self._lock:

@@ -1,8 +1,10 @@
 """A JSON schema subset compiled to a grammar whose every answer validates against the schema.
 
 Supported: type (one or a list), object (properties, required, additionalProperties), string
-(enum, const, minLength, maxLength), integer, number, boolean, null, array (items, minItems,
-maxItems), enum, const, anyOf, and local $ref to #/$defs or #/definitions (recursion included).
+(enum, const, minLength, maxLength), integer (minimum, maximum, exclusiveMinimum,
+exclusiveMaximum), number, boolean, null, array (items, minItems, maxItems), enum, const, anyOf,
+and local $ref to #/$defs or #/definitions (recursion included). Numbers and integers have at
+most NumberDigits' digits (an integer's bounds are cut to them).
 Annotations (title, description, default, ...) are ignored; any other keyword is refused with a
 ConstraintError naming it and where it is, rather than producing output that may not validate;
 so is a keyword beside $ref, anyOf, enum or const (all of them would apply; an enum/const may
@@ -15,6 +17,7 @@ it; an object schema without properties, unless additionalProperties is false, i
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from lmforge.constrain import json_grammar as jg
@@ -29,17 +32,19 @@ KEYWORDS = {
     "object": {"properties", "required", "additionalProperties"},
     "array": {"items", "minItems", "maxItems"},
     "string": {"minLength", "maxLength"},
-    "integer": set(),
+    "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
     "number": set(),
     "boolean": set(),
     "null": set(),
 }
 GENERAL = {"type", "enum", "const", "anyOf", "$ref"}
+RANGE = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 
 
-def schema_grammar(schema: Any) -> Grammar:
-    """The grammar of the JSON texts valid under `schema`; ConstraintError when unsupported."""
-    compiler = _SchemaCompiler(schema)
+def schema_grammar(schema: Any, digits: jg.NumberDigits = jg.NumberDigits()) -> Grammar:
+    """The grammar of the JSON texts valid under `schema`, its numbers within `digits` (enum and
+    const values as given); ConstraintError when unsupported."""
+    compiler = _SchemaCompiler(schema, digits)
     compiler.rules["schema:root"] = compiler.node(schema, "#")
     return Grammar(compiler.rules, "schema:root")
 
@@ -53,9 +58,10 @@ def _literal(value: Any, path: str) -> Lit:
 
 
 class _SchemaCompiler:
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: Any, digits: jg.NumberDigits) -> None:
         self.root = root
-        self.rules: dict[str, Node] = jg.json_rules()
+        self.digits = digits
+        self.rules: dict[str, Node] = jg.json_rules(digits)
 
     def node(self, schema: Any, path: str) -> Node:
         if schema is True or schema == {}:
@@ -102,9 +108,11 @@ class _SchemaCompiler:
             return jg.listing(item, low, high)
         if kind == "string":
             return jg.string(*_bounds(schema, "minLength", "maxLength", path))
+        if kind in ("integer", "number") and any(k in schema for k in RANGE):
+            return self._integer_range(kind, schema, path)
         simple = {
-            "integer": jg.INTEGER,
-            "number": jg.NUMBER,
+            "integer": Ref(jg.INTEGER),
+            "number": Ref(jg.NUMBER),
             "boolean": Alt((Lit("true"), Lit("false"))),
             "null": Lit("null"),
         }
@@ -132,6 +140,27 @@ class _SchemaCompiler:
             for key, sub in props.items()
         ]
         return jg.members(pairs)
+
+    def _integer_range(self, kind: str, schema: dict[str, Any], path: str) -> Node:
+        """An integer between the schema's bounds (exclusive ones moved to the next integer),
+        within the integer digits cap."""
+        if kind == "number":
+            raise ConstraintError(
+                f"minimum/maximum at {path} are supported on integers, not numbers; use "
+                "'type': 'integer' or drop them"
+            )
+        bounds = {k: _bound(schema[k], f"{path}/{k}") for k in RANGE if k in schema}
+        lows = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
+        lows += [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else []
+        highs = [math.floor(bounds["maximum"])] if "maximum" in bounds else []
+        highs += [math.ceil(bounds["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bounds else []
+        node = jg.integer_range(max(lows, default=None), min(highs, default=None), self.digits)
+        if node is None:
+            raise ConstraintError(
+                f"no integer at {path} is within its bounds {bounds} and "
+                f"{self.digits.integer} digits (NumberDigits.integer)"
+            )
+        return node
 
     def _rule(self, schema: Any, path: str) -> Node:
         """A subschema as its own rule: a call, so repeating it does not copy its automaton."""
@@ -206,6 +235,13 @@ def _is_type(value: Any, kind: str) -> bool:
         return kind == "number" or (kind == "integer" and float(value).is_integer())
     names = {str: "string", list: "array", dict: "object", type(None): "null"}
     return names.get(type(value)) == kind
+
+
+def _bound(value: Any, path: str) -> float:
+    """A minimum/maximum's value: a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConstraintError(f"{path} must be a number, got {value!r}")
+    return value
 
 
 def _bounds(schema: dict[str, Any], low: str, high: str, path: str) -> tuple[int, int | None]:

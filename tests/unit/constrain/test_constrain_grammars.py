@@ -13,6 +13,7 @@ from lmforge.constrain import Automaton, ConstraintError
 from lmforge.constrain.json_grammar import json_object_grammar
 from lmforge.constrain.json_schema import schema_grammar
 from lmforge.constrain.regex import choice_grammar, regex_grammar
+from lmforge.errors import ConfigError
 
 JSON_TEXTS = [
     "{}", "{ }", '{"a":1}', '{"a": 1}', '{"a": -0.5e3}', '{"a": 0}', '{"a": 1E+10}',
@@ -169,8 +170,12 @@ def test_a_pydantic_models_schema_compiles_and_its_answers_validate():
     ("schema", "named"),
     [
         ({"type": "string", "pattern": "a+"}, "'pattern' at #"),
-        ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}},
+        ({"type": "object", "properties": {"a": {"type": "number", "minimum": 0}}},
          "'minimum' at #/properties/a"),
+        ({"type": ["integer", "number"], "minimum": 0}, "supported on integers, not numbers"),
+        ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum must be a number"),
+        ({"type": "integer", "minimum": 2.5, "maximum": 2.9}, "no integer at # is within"),
+        ({"type": "integer", "minimum": 10**19}, "19 digits (NumberDigits.integer)"),
         ({"oneOf": [{"type": "string"}]}, "'oneOf' at #"),
         ({"type": "date"}, "type 'date' at #/type"),
         ({"$ref": "http://x/s.json"}, "unsupported $ref"),
@@ -236,3 +241,65 @@ def test_choice_accepts_only_whole_choices():
     ]  # fmt: skip
     with pytest.raises(ConstraintError, match="non-empty list"):
         choice_grammar([])
+
+
+def test_json_numbers_have_at_most_the_digits_allowed_in_each_part():
+    from lmforge.constrain.json_grammar import NumberDigits
+
+    auto = Automaton(json_object_grammar(NumberDigits(integer=3, fraction=2, exponent=1)))
+    for ok in ['{"a":123}', '{"a":-999.99e+9}', '{"a":0.5E-1}', '{"a":[100,-0.01]}']:
+        assert auto.matches(ok), ok
+    for too_long in ['{"a":1234}', '{"a":0.123}', '{"a":1e12}', '{"a":[1,-1000]}']:
+        assert not auto.matches(too_long), too_long
+    default = Automaton(json_object_grammar())  # 19 / 17 / 3
+    assert default.matches('{"a":' + "9" * 19 + "." + "1" * 17 + "e-308}")
+    for too_long in ("9" * 20, "1." + "1" * 18, "1e1000"):
+        assert not default.matches('{"a":' + too_long + "}"), too_long
+    for name in ("integer", "fraction", "exponent"):
+        with pytest.raises(ConfigError, match=f"NumberDigits.{name} must be an int >= 1"):
+            NumberDigits(**{name: 0})
+
+
+def test_schema_numbers_are_capped_but_enum_and_const_numbers_are_written_as_given():
+    import jsonschema
+
+    from lmforge.constrain.json_grammar import NumberDigits
+
+    schema = {"type": "object", "properties": {
+        "n": {"type": "number"}, "i": {"type": ["integer", "null"]},
+        "k": {"enum": [123456789, 0.000001]}, "c": {"const": -1.5e300}},
+        "required": ["n", "i", "k", "c"]}  # fmt: skip
+    auto = Automaton(schema_grammar(schema, NumberDigits(integer=4, fraction=3, exponent=2)))
+    valid = '{"n":-12.5e10,"i":9999,"k":123456789,"c":-1.5e+300}'
+    assert auto.matches(valid)
+    jsonschema.validate(json.loads(valid), schema)
+    assert auto.matches('{"n":0.001,"i":null,"k":1e-06,"c":-1.5e+300}')  # json.dumps' spelling
+    for too_long in ('"n":12345,"i":1', '"n":1.5,"i":12345', '"n":1.0001,"i":1', '"n":1e100,"i":1'):
+        assert not auto.matches("{" + too_long + ',"k":123456789,"c":-1.5e+300}'), too_long
+
+
+def test_integer_bounds_allow_exactly_the_integers_between_them():
+    import jsonschema
+
+    from lmforge.constrain.json_grammar import NumberDigits
+
+    cases = [
+        ({"minimum": -15, "maximum": 230}, -15, 230),
+        ({"exclusiveMinimum": -1, "exclusiveMaximum": 100}, 0, 99),
+        ({"minimum": 0.5, "maximum": 7.5}, 1, 7),
+        ({"minimum": 1, "exclusiveMinimum": 3, "maximum": 1000, "exclusiveMaximum": 999}, 4, 998),
+        ({"maximum": -7}, -9999, -7),  # the other side: the digits cap
+        ({"minimum": 50}, 50, 9999),
+    ]
+    for bounds, low, high in cases:
+        schema = {"type": "integer", **bounds}
+        auto = Automaton(schema_grammar(schema, NumberDigits(integer=4)))
+        for value in [*range(-10010, 10010, 13), *range(-300, 300), low - 1, low, high, high + 1]:
+            assert auto.matches(str(value)) == (low <= value <= high), (bounds, value)
+            if auto.matches(str(value)):
+                jsonschema.validate(value, schema)
+        assert not auto.matches("-0") and not auto.matches("007"), bounds
+    optional = {"type": ["integer", "null"], "minimum": 3}
+    auto = Automaton(schema_grammar(optional))
+    assert auto.matches("null") and auto.matches("3") and not auto.matches("2")
+    assert auto.matches("9" * 19) and not auto.matches("1" + "0" * 19)  # default cap

@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from lmforge.constrain import Automaton, GuideCompiler, TokenGuide, Vocabulary
 from lmforge.constrain.automaton import DEAD
@@ -129,8 +130,9 @@ def test_warm_computes_the_masks_answers_reach_first():
     for token in (b'{"', b"a", b'":', b'"', b"\xc3", b"\xa9", b'",'):  # each step finds its mask
         assert state in guide._masks, token
         state = guide.advance(state, VOCAB.index(token))
-    for state, mask in guide._masks.items():  # the masks a walk on demand computes
-        assert sorted(mask.nonzero().flatten().tolist()) == sorted(guide.allowed_ids(state))
+    cold = TokenGuide(guide.automaton, guide.vocab)  # the masks a walk on demand computes
+    for state, mask in list(guide._masks.items()):
+        assert torch.equal(mask, cold.allowed(state))
 
 
 def test_trained_byte_level_vocabulary_round_trips(tmp_path):
@@ -185,3 +187,108 @@ def test_sentencepiece_style_vocabulary_bytes_keep_word_spaces():
         joined = b"".join(tokens[i] for i in ids).decode("utf-8")
         # "▁" is a space wherever the token comes; decoding drops the one a text starts with
         assert joined == " " + tok.decode(ids) == " " + text
+
+
+LEVEL_WALK_SPECS = [
+    ("json_object", ""),
+    ("regex", r"[A-Z][a-z]{2,12}( [A-Z][a-z]{2,12})*, \d{1,3} (years|days)\."),
+    ("choice", json.dumps(["positive", "negative", "neutral", "mixed feelings"])),
+    ("json_schema", json.dumps({
+        "type": "object",
+        "properties": {"a": {"type": "string", "maxLength": 6}, "e": {"type": "number"},
+                       "ae": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "required": ["a"]})),
+]  # fmt: skip
+
+
+def dense_vocabulary() -> list[bytes]:
+    """1,500 random strings of 1-4 bytes over JSON's punctuation, a few letters and digits, and
+    the two bytes of é (JSON's alphabet, for the JSON grammars): tokens that share prefixes and
+    whose subtrees mix bytes that keep a state with bytes that end it, in every combination the
+    whole-subtree shortcut must get right."""
+    alphabet = [*b'a e1.-,:{}[]" \\', 0xC3, 0xA9]
+    rng = random.Random(0)
+    tokens = {bytes(rng.choices(alphabet, k=rng.randint(1, 4))) for _ in range(1500)}
+    return [b"", *sorted(tokens)]
+
+
+@pytest.mark.parametrize(
+    "vocabulary,kind,spec",
+    [("trained", kind, spec) for kind, spec in LEVEL_WALK_SPECS]
+    + [("dense", kind, spec) for kind, spec in LEVEL_WALK_SPECS if kind.startswith("json")],
+)
+def test_level_walk_masks_equal_each_tokens_own_advance(tmp_path, kind, spec, vocabulary):
+    """The level-at-a-time walk (whole subtrees taken by range, gathers from the byte table)
+    allows exactly the tokens whose bytes the guide can step through, at the states of random
+    walks over a trained byte-level BPE and over a dense vocabulary of short byte strings."""
+    from lmforge.constrain.guide import GRAMMARS
+    from lmforge.constrain.json_grammar import NumberDigits
+    from lmforge.tokenizer.files import TokenizerFiles
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    if vocabulary == "trained":
+        files = TokenizerFiles.load(make_tokenizer_dir(tmp_path, vocab_size=400))
+        vocab = GuideCompiler(files.tokenizer).vocab
+    else:
+        vocab = Vocabulary(dense_vocabulary())
+    guide = TokenGuide(Automaton(GRAMMARS[kind](spec, NumberDigits())), vocab)
+    oracle = TokenGuide(guide.automaton, vocab)  # steps only, never walks the trie
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(6):
+        state = guide.start
+        for _ in range(25):
+            expected = [i for i, t in enumerate(vocab.tokens) if t and oracle.advance(state, i)]
+            assert guide.allowed_ids(state) == expected
+            checked += 1
+            if not expected:
+                break
+            state = guide.advance(state, rng.choice(expected))
+    assert checked > 40
+
+
+DIGIT_VOCAB = [
+    b"", b"{", b"}", b'"', b":", b",", b" ", b"-", b".", b"e", b"E", b"+", b'{"n":', b'"i":',
+    b'"k":', b"n", b"i", b"k", *(bytes([c]) for c in b"0123456789"), b"12", b"345", b"6789", b"00000", b"99999999",
+    b"1.5", b".25", b"e+10", b"123456789", b"9,",
+]  # fmt: skip
+
+
+def test_a_digit_hungry_walk_stops_at_the_digit_caps_and_its_answer_validates(tmp_path):
+    """A 'model' that draws a token with digits whenever the mask allows one still closes the
+    object: each number part stops at its cap (the enum's longer number is written as given),
+    the integer stays within its bounds, and every answer validates against the schema."""
+    import re
+
+    import jsonschema
+
+    from lmforge.constrain.json_grammar import NumberDigits
+    from lmforge.tokenizer.files import TokenizerFiles
+    from unit.finetune.helpers import make_tokenizer_dir
+
+    caps = NumberDigits(integer=4, fraction=3, exponent=2)
+    compiler = GuideCompiler(TokenizerFiles.load(make_tokenizer_dir(tmp_path)).tokenizer, caps)
+    capped = compiler.compile("json_object", "").tokens.automaton  # the compiler's caps apply
+    assert capped.matches('{"a":1234}') and not capped.matches('{"a":12345}')
+    schema = {"type": "object", "properties": {"n": {"type": "number"}, "i": {"type": "integer", "minimum": -50, "maximum": 1234},
+              "k": {"enum": [123456789]}}, "required": ["n", "i", "k"]}  # fmt: skip
+    guide = TokenGuide(Automaton(schema_grammar(schema, caps)), Vocabulary(DIGIT_VOCAB))
+    digits = [i for i, t in enumerate(DIGIT_VOCAB) if any(48 <= b <= 57 for b in t)]
+    for seed in range(10):
+        rng, state, answer = random.Random(seed), guide.start, b""
+        for _ in range(60):
+            allowed = guide.allowed_ids(state)
+            if not allowed:
+                break
+            hungry = sorted(set(allowed) & set(digits))
+            token = rng.choice(hungry if hungry and rng.random() < 0.9 else allowed)
+            state, answer = guide.advance(state, token), answer + DIGIT_VOCAB[token]
+        assert guide.accepts(state) and not guide.allowed_ids(state), answer
+        text = answer.decode("utf-8")
+        jsonschema.validate(json.loads(text), schema)
+        compact = re.sub(r"\s", "", text)  # no string here holds whitespace
+        n, i = re.fullmatch(r'\{"n":(.+?),"i":(.+?),"k":123456789\}', compact).groups()
+        number = re.fullmatch(r"-?(\d+)(?:\.(\d+))?(?:[eE][+-]?(\d+))?", n)
+        whole, fraction, exponent = (part or "" for part in number.groups())
+        assert len(whole) <= 4 and len(fraction) <= 3 and len(exponent) <= 2, text
+        assert len(i.lstrip("-")) <= 4, text
