@@ -47,7 +47,9 @@ def examples_of(record: dict[str, Any], where: int) -> list[Example]:
     if not isinstance(label, bool):
         raise ValueError(f"label must be true (desirable) or false (undesirable), got {label!r}")
     completion = response_text(record["completion"], "completion")
-    return [{"prompt": prompt_messages(record["prompt"]), "completion": completion, "desirable": label}]
+    return [
+        {"prompt": prompt_messages(record["prompt"]), "completion": completion, "desirable": label}
+    ]
 
 
 def load_unpaired_groups(path: Path, options: dict[str, Any] | None = None) -> list[list[Example]]:
