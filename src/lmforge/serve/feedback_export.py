@@ -1,5 +1,5 @@
-"""The feedback store as training data (stage kind "feedback-export"): the next fine-tune and
-DPO round learn from what people rated.
+"""The feedback store as training data (stage kind "feedback-export"): the next fine-tune,
+DPO or KTO round learn from what people rated.
 
 - `sft.jsonl`: well-rated responses (mean rating >= min_rating on the 1..5 scale; thumbs up = 5)
   as `{"messages": [...prompt..., {"role": "assistant", ...}]}`, the finetune stage's openai
@@ -16,7 +16,7 @@ DPO round learn from what people rated.
   (kind "choice"); a response takes each label once.
 
 A tool call cut by max_tokens (a tool request's answer with finish_reason "length" that holds a
-`<tool_call>` block) is left out of both, counted as skipped_cut_calls: the store keeps a cut
+`<tool_call>` block) is left out of all three, counted as skipped_cut_calls: the store keeps a cut
 call's arguments as a JSON string fragment, which reads as a complete call with string arguments
 and would teach that. A cut plain answer stays in: its text is what the rater saw, a true prefix
 of what the model writes. (Rows stored before the finish_reason was recorded count as complete.)
