@@ -214,11 +214,10 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     mismatched KL rows too); the same headline as DPO's plus each label's reward and AUC."""
     opts, bs, seed = cfg.kto, cfg.eval.batch_size, cfg.train.seed
     thresholds = {k: getattr(opts, k) for k in ("desirable_min_rating", "undesirable_max_rating")}
-    splits = load_splits(cfg, partial(load_unpaired_groups, options=thresholds))
-    (train_rows, counts, _), (val_rows, val_counts, val_examples) = (
-        encode_unpaired(tok, [e for g in groups for e in g], cfg.train.seq_len, seed)
-        for groups in splits
-    )
+    train, val = ([e for g in groups for e in g] for groups in load_splits(
+        cfg, partial(load_unpaired_groups, options=thresholds)))  # fmt: skip
+    train_rows, counts, _ = encode_unpaired(tok, train, cfg.train.seq_len, seed)
+    val_rows, val_counts, _ = encode_unpaired(tok, val, cfg.train.seq_len, seed)
     ctx.log.info("align kto/%s: train %s, val %s", cfg.tuning, counts, val_counts)
     if warning := balance_warning(counts, opts):
         ctx.log.warning(warning)
@@ -234,8 +233,8 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     headline = {f"{split}_{k}": c[k] for split, c in (("train", counts), ("val", val_counts))
                 for k in ("desirable", "undesirable")}  # fmt: skip
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
-    good = [{"prompt": e["prompt"], "chosen": e["completion"]} for e in val_examples
-            if e["desirable"]]  # fmt: skip
+    # ROUGE-L on every held-out record's desirable completion, as DPO's on every held-out pair
+    good = [{"prompt": e["prompt"], "chosen": e["completion"]} for e in val if e["desirable"]]
     headline.update(_rouge(cfg, tok, model, good))
     return model, headline
 
