@@ -108,7 +108,7 @@ def test_the_feedback_store_becomes_labels_by_the_rating_thresholds(tmp_path):
     with pytest.raises(ConfigError, match=r"desirable_min_rating=4\.0, this run asks 5\.0"):
         load_unpaired_groups(export, strict)
     overlap = FeedbackExportConfig(db=db, out=tmp_path / "x", undesirable_max_rating=4.0)
-    with pytest.raises(ConfigError, match="undesirable_max_rating=4.0 must be below"):
+    with pytest.raises(ConfigError, match=r"undesirable_max_rating=4\.0 must be below"):
         export_feedback(overlap)
     assert not (tmp_path / "x" / "manifest.json").exists()
 
