@@ -41,6 +41,7 @@ def test_align_quickstart_recipe_runs_from_quickstart_outputs(tmp_path, monkeypa
         "train.max_steps=3", "train.micro_batch_size=2", "train.seq_len=64",
         "train.warmup_steps=0", "train.eval_every=0", "train.eval_steps=1",
         "dpo.eval.rouge_examples=2", "dpo.eval.max_new_tokens=4",
+        "kto.eval.rouge_examples=2", "kto.eval.max_new_tokens=4",
         "ppo.ppo.rollout_prompts=4", "ppo.ppo.max_new_tokens=4", "ppo.ppo.eval_prompts=4",
         "eval.generation.max_new_tokens=4",
         "eval.tasks=[{name: explain, type: generation, max_examples: 4,"
@@ -53,6 +54,9 @@ def test_align_quickstart_recipe_runs_from_quickstart_outputs(tmp_path, monkeypa
     assert 0 <= reward["val_pair_accuracy"] <= 1 and reward["steps"] == 3
     dpo = read_manifest(tmp_path / "run/dpo")["metrics"]
     assert {"val_logp_margin", "ref_logp_margin", "rouge_l", "ref_rouge_l"} <= set(dpo)
+    kto = read_manifest(tmp_path / "run/kto")["metrics"]  # the same pairs, unpaired
+    assert kto["train_desirable"] == kto["train_undesirable"] > 100 and kto["steps"] == 3
+    assert {"val_reward_auc", "val_pair_accuracy", "val_logp_margin", "rouge_l"} <= set(kto)
     ppo = read_manifest(tmp_path / "run/ppo")["metrics"]
     assert {"val_reward", "val_reward_before", "val_kl"} <= set(ppo) and ppo["steps"] == 3
     assert (tmp_path / "run/ppo/adapter").is_dir()

@@ -79,6 +79,7 @@ def test_export_writes_sft_and_preferences_with_counts_and_reruns_on_new_feedbac
     metrics = read_manifest(out)["metrics"]
     assert metrics == {
         "sft": n + 2, "preferences": 2 * n, "choice_pairs": n, "rating_pairs": n,
+        "kto_desirable": 2 * n + 2, "kto_undesirable": 2 * n,  # each choice's sides unpaired
         "skipped_identical": 1, "skipped_other_prompt": 1, "skipped_cut_calls": 0,
         "responses": 4 * n + 4,
         "ratings": 2 * n + 3, "choices": n + 1,
@@ -128,6 +129,10 @@ def test_align_dpo_and_finetune_train_on_the_exported_feedback(tmp_path, monkeyp
     dpo = run_single("align", values, overrides=fast)
     assert dpo.metrics["train_pairs"] + dpo.metrics["val_pairs"] == 2 * len(WORDS)
     assert dpo.metrics["steps"] == 2 and (tmp_path / "dpo/final/model.safetensors").is_file()
+    values = {"model": model, "data": db, "out": tmp_path / "kto", "method": "kto"}
+    kto = run_single("align", values, overrides=fast)  # the unpaired ratings and choices
+    assert kto.metrics["train_desirable"] + kto.metrics["val_desirable"] == 2 * len(WORDS) + 2
+    assert kto.metrics["train_undesirable"] + kto.metrics["val_undesirable"] == 2 * len(WORDS)
 
     export = run_single("feedback-export", {"db": db, "out": tmp_path / "export"})
     values = {"model": model, "data": export.out / "sft.jsonl", "out": tmp_path / "sft"}

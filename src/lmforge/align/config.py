@@ -1,5 +1,5 @@
 """The align stage's typed config: AlignConfig and its per-method sections (dpo, simpo, orpo,
-ppo, eval); every field's description is its CLI help. The stage itself is align.stage."""
+ppo, kto, eval); every field's description is its CLI help. The stage itself is align.stage."""
 
 from __future__ import annotations
 
@@ -96,6 +96,37 @@ class PPOOptions(Section):
     )
 
 
+class KTOOptions(Section):
+    """The `kto:` section (KTO, Ethayarajh et al., 2024): unpaired desirable/undesirable data."""
+
+    beta: float = Field(0.1, gt=0, description="strength of the KL anchor to the reference")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="weight of a desirable example's loss (lambda_D)"
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="weight of an undesirable example's loss (lambda_U)"
+    )
+    desirable_min_rating: float = Field(
+        4.0, ge=1, le=5,
+        description="feedback store data: a response whose mean rating (1..5; thumbs up = 5) is "
+        "at least this is desirable",
+    )  # fmt: skip
+    undesirable_max_rating: float = Field(
+        2.0, ge=1, le=5,
+        description="feedback store data: a response whose mean rating is at most this (thumbs "
+        "down = 1) is undesirable; ratings between the two thresholds are left out",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _thresholds_apart(self) -> KTOOptions:
+        if self.undesirable_max_rating >= self.desirable_min_rating:
+            raise ValueError(
+                f"kto.undesirable_max_rating={self.undesirable_max_rating} must be below "
+                f"kto.desirable_min_rating={self.desirable_min_rating}, or one rating is both"
+            )
+        return self
+
+
 class AlignEval(Section):
     """Held-out evaluation (the `eval:` section)."""
 
@@ -112,17 +143,18 @@ class AlignEval(Section):
 
 
 class AlignConfig(StageConfig):
-    """`lmforge align --model DIR --data FILE --out DIR --method reward|dpo|simpo|orpo|ppo`."""
+    """`lmforge align --model DIR --data FILE --out DIR --method reward|dpo|simpo|orpo|ppo|kto`."""
 
     model: Path = Field(description="model directory in HF layout with tokenizer files")
     data: Path = Field(
-        description="preference pairs: .jsonl file or directory, a feedback export or the "
-        "serving feedback store (align.prefs)"
+        description="preference pairs (kto: also unpaired prompt/completion/label records): "
+        ".jsonl file or directory, a feedback export or the serving feedback store (align.prefs)"
     )
     val_data: Path | None = Field(None, description="held-out pairs (default: split from data)")
-    method: Literal["reward", "dpo", "simpo", "orpo", "ppo"] = Field(
+    method: Literal["reward", "dpo", "simpo", "orpo", "ppo", "kto"] = Field(
         description="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
-        "orpo (policy from pairs, no reference) | ppo (policy from a reward model)"
+        "orpo (policy from pairs, no reference) | ppo (policy from a reward model) | kto (policy "
+        "from unpaired desirable/undesirable examples against a reference)"
     )
     tuning: Literal["full", "lora"] = Field("full", description="full | lora (adapters only)")
     disable_dropout: bool = Field(
@@ -135,6 +167,7 @@ class AlignConfig(StageConfig):
     simpo: SimPOOptions = Field(default_factory=SimPOOptions, description="SimPO settings")
     orpo: ORPOOptions = Field(default_factory=ORPOOptions, description="ORPO settings")
     ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO settings")
+    kto: KTOOptions = Field(default_factory=KTOOptions, description="KTO settings")
     eval: AlignEval = Field(default_factory=AlignEval, description="held-out evaluation")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
 

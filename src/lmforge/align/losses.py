@@ -11,6 +11,8 @@
 - sequence_logps / token_logps: log-probs of the labelled tokens (the response) of each row.
 - PPO (Schulman et al., 2017) with a KL-penalized reward as in Ouyang et al. (2022): gae,
   ppo_policy_loss (the clipped surrogate), value_loss (clipped), masked_mean.
+- kto_loss: KTO (Ethayarajh et al., 2024) on unpaired desirable/undesirable completions, each
+  log-ratio judged against a batch estimate of the KL to the reference (TRL's KTOTrainer).
 """
 
 from __future__ import annotations
@@ -173,3 +175,34 @@ def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * (labels != IGNORE_INDEX)
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl_policy_logps: Tensor,
+    kl_ref_logps: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss, implicit rewards (B,), reference point z0) of unpaired examples (KTO).
+
+    Inputs are (B,) summed completion log-probs; desirable (B,) bool is each example's label;
+    kl_* are the log-probs of mismatched completions (another example's completion after this
+    prompt). z0 = the batch mean of their policy-minus-reference log-ratios, clamped at 0 and
+    detached: an estimate of KL(policy || reference) that sets where a completion counts as
+    better or worse than expected. Each desirable example costs w_d (1 - sigmoid(beta (r - z0))),
+    each undesirable one w_u (1 - sigmoid(beta (z0 - r))), r its log-ratio (Ethayarajh et al.,
+    2024, eq. 7, as TRL's KTOTrainer with loss_type="kto"); the mean runs over the whole batch.
+    """
+    ratio = policy_logps.float() - ref_logps.float()
+    z0 = (kl_policy_logps.float() - kl_ref_logps.float()).mean().detach().clamp(min=0)
+    want = desirable.bool()
+    losses = torch.where(
+        want,
+        desirable_weight * (1.0 - torch.sigmoid(beta * (ratio - z0))),
+        undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - ratio))),
+    )
+    return losses.mean(), beta * ratio.detach(), z0

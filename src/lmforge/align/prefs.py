@@ -10,7 +10,8 @@ also be TRL's conversational form, a one-message list `[{"role": "assistant", "c
 A record that fits neither shape is an InputError naming the file and line. Every pair becomes
 `{"prompt": [messages], "chosen": str, "rejected": str}`.
 
-The built-in synthetic pairs are align.synthetic's. The serving feedback store is a source too:
+The built-in synthetic pairs are align.synthetic's; KTO's unpaired records are align.unpaired's
+(which reads through record_files too). The serving feedback store is a source too:
 pass the directory `lmforge data feedback-export` wrote (its preferences.jsonl is read), or the
 store's SQLite file itself, which is exported first through the stage registry (kind
 "feedback-export": align does not import serve's internals) into a temporary directory.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.common.io import read_user_jsonl
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 
 Pair = dict[str, Any]
 ROLES = ("system", "user", "assistant")
@@ -35,7 +36,8 @@ FEEDBACK_EXPORT = "feedback-export"  # the stage kind that turns the serving sto
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def _prompt(value: Any) -> list[dict[str, str]]:
+def prompt_messages(value: Any) -> list[dict[str, str]]:
+    """A record's prompt as chat messages; ValueError says what is wrong with it."""
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and value:
@@ -50,7 +52,8 @@ def _prompt(value: Any) -> list[dict[str, str]]:
     raise ValueError("prompt must be a non-empty string or a list of {role, content} messages")
 
 
-def _response(value: Any, key: str) -> str:
+def response_text(value: Any, key: str) -> str:
+    """A reply (a string or one assistant message) as its text; ValueError names `key`."""
     one = isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
     if one and value[0].get("role") == "assistant":
         value = value[0].get("content")
@@ -63,12 +66,12 @@ def pairs_of(record: dict[str, Any]) -> list[Pair]:
     """The pairs one record holds; ValueError says what is wrong with it."""
     if "prompt" not in record:
         raise ValueError(f"record with keys {sorted(record)} has no prompt; expected {EXPECTED}")
-    prompt = _prompt(record["prompt"])
+    prompt = prompt_messages(record["prompt"])
     if "ranked" in record:
         ranked = record["ranked"]
         if not isinstance(ranked, list) or len(ranked) < 2:
             raise ValueError("ranked must list at least two responses, best first")
-        texts = [_response(r, f"ranked[{i}]") for i, r in enumerate(ranked)]
+        texts = [response_text(r, f"ranked[{i}]") for i, r in enumerate(ranked)]
         return [
             {"prompt": prompt, "chosen": texts[i], "rejected": texts[j]}
             for i in range(len(texts))
@@ -76,8 +79,8 @@ def pairs_of(record: dict[str, Any]) -> list[Pair]:
             if texts[i] != texts[j]
         ]
     if "chosen" in record and "rejected" in record:
-        chosen = _response(record["chosen"], "chosen")
-        rejected = _response(record["rejected"], "rejected")
+        chosen = response_text(record["chosen"], "chosen")
+        rejected = response_text(record["rejected"], "rejected")
         if chosen == rejected:
             raise ValueError("chosen and rejected are the same text: nothing to prefer")
         pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -89,9 +92,12 @@ def pairs_of(record: dict[str, Any]) -> list[Pair]:
     )
 
 
-def preference_files(path: Path) -> list[Path]:
-    """The JSONL files under `path` (itself when it is a file; a feedback export's
-    preferences.jsonl, not its sft.jsonl)."""
+def preference_files(
+    path: Path, export_file: str = "preferences.jsonl", options: dict[str, Any] | None = None
+) -> list[Path]:
+    """The JSONL files under `path` (itself when it is a file; a feedback export's export_file,
+    e.g. preferences.jsonl, not its sft.jsonl). options: export settings the export's manifest
+    must hold (a ConfigError names both values and the command that re-exports)."""
     from lmforge.artifacts import read_manifest
 
     path = Path(path)
@@ -101,11 +107,26 @@ def preference_files(path: Path) -> list[Path]:
         return [path]
     manifest = read_manifest(path)
     if manifest is not None and manifest.get("kind") == FEEDBACK_EXPORT:
-        return [path / "preferences.jsonl"]
+        _check_export(path, manifest, export_file, options or {})
+        return [path / export_file]
     files = sorted(p for p in path.iterdir() if p.name.endswith(SUFFIXES))
     if not files:
         raise InputError(f"{path} holds no {', '.join(SUFFIXES)} preference files")
     return files
+
+
+def _check_export(path: Path, manifest: dict, export_file: str, options: dict[str, Any]) -> None:
+    """A feedback export read as data must hold export_file, made with these settings."""
+    redo = f"lmforge data feedback-export --db DB --out {path} --force"
+    if not (path / export_file).is_file():
+        raise InputError(f"feedback export {path} has no {export_file} (an older lmforge): {redo}")
+    made = manifest.get("config", {})
+    for key, want in options.items():
+        if made.get(key) != want:
+            raise ConfigError(
+                f"feedback export {path} was made with {key}={made.get(key)}, this run asks "
+                f"{want}: {redo} --set {key}={want}, or pass the feedback store (.db) itself"
+            )
 
 
 def is_sqlite(path: Path) -> bool:
@@ -118,20 +139,23 @@ def is_sqlite(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def record_files(path: Path) -> Iterator[list[Path]]:
-    """The preference files of `path`; a feedback store is exported into a temporary directory
-    (through the stage registry) that lives as long as the context."""
+def record_files(
+    path: Path, export_file: str = "preferences.jsonl", options: dict[str, Any] | None = None
+) -> Iterator[list[Path]]:
+    """The preference files of `path`; a feedback store is exported (with `options`, its
+    export_file read) into a temporary directory (through the stage registry) that lives as long
+    as the context."""
     if not is_sqlite(path):
-        yield preference_files(path)
+        yield preference_files(path, export_file, options)
         return
     from lmforge.artifacts import run_stage
     from lmforge.stages import get_stage
 
     stage = get_stage(FEEDBACK_EXPORT)
     with tempfile.TemporaryDirectory(prefix="lmforge-feedback-") as tmp:
-        cfg = stage.config_cls(db=Path(path), out=Path(tmp) / "export")
+        cfg = stage.config_cls(db=Path(path), out=Path(tmp) / "export", **(options or {}))
         out = run_stage(FEEDBACK_EXPORT, cfg, stage.build, kind=FEEDBACK_EXPORT).out
-        yield [out / "preferences.jsonl"]
+        yield [out / export_file]
 
 
 def load_pairs(path: Path) -> list[Pair]:
@@ -159,7 +183,7 @@ def load_prompts(path: Path) -> list[list[dict[str, str]]]:
                 try:
                     if "prompt" not in record:
                         raise ValueError(f"record with keys {sorted(record)} has no prompt")
-                    prompt = _prompt(record["prompt"])
+                    prompt = prompt_messages(record["prompt"])
                 except ValueError as err:
                     raise InputError(f"{file} line {line}: {err}") from None
                 key = repr(prompt)

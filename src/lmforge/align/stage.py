@@ -7,11 +7,13 @@ with num_labels=1. method=dpo trains the policy (full, or LoRA adapters over the
 against reference log-probs scored once before training. method=simpo|orpo train it on its own
 length-normalised log-probs (align.ref_free): no reference model is loaded or scored.
 method=ppo samples answers, scores them with a reward model (ppo.reward_model) and trains
-policy + value head (align.ppo). Policies are
+policy + value head (align.ppo). method=kto trains the policy on unpaired desirable/undesirable
+examples (align.unpaired; pairs are unpaired) against the starting model (align.kto). Policies are
 written to final/ as a causal LM (+ adapter/ for LoRA). Headline metrics: held-out pairwise
 accuracy, per kind too (reward); preference accuracy, implicit reward margin, chosen-over-rejected
 log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo; simpo and
-orpo: the same numbers, the "reference" being the starting model scored before training); mean
+orpo: the same numbers, the "reference" being the starting model scored before training; kto:
+the same plus each label's mean implicit reward and their AUC); mean
 reward (+- its standard error), KL to the reference, entropy and answer length of sampled
 held-out answers, before and after, and the reward gain paired by prompt (ppo).
 """
@@ -29,6 +31,7 @@ from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
 from lmforge.align.encode import encode_pairs
+from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
 from lmforge.align.ppo import (
     HeldOutEval,
     PolicyWithValue,
@@ -43,6 +46,7 @@ from lmforge.align.ppo import (
 from lmforge.align.prefs import load_pairs, load_prompts
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
+from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
 from lmforge.errors import ConfigError, InputError
@@ -105,7 +109,8 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
             f"{lm.config.block_size}; lower train.seq_len"
         )
-    method = {"reward": _reward, "dpo": _dpo, "simpo": _ref_free, "orpo": _ref_free, "ppo": _ppo}
+    method = {"reward": _reward, "dpo": _dpo, "simpo": _ref_free, "orpo": _ref_free, "ppo": _ppo,
+              "kto": _kto}  # fmt: skip
     model, headline = method[cfg.method](cfg, ctx, tok, lm)
     _write_outputs(cfg, ctx, tok, model, lm)
     return headline
@@ -204,6 +209,36 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     return model, headline
 
 
+def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+    """KTO on unpaired examples against the starting model's log-probs, scored once (the
+    mismatched KL rows too); the same headline as DPO's plus each label's reward and AUC."""
+    opts, bs, seed = cfg.kto, cfg.eval.batch_size, cfg.train.seed
+    thresholds = {k: getattr(opts, k) for k in ("desirable_min_rating", "undesirable_max_rating")}
+    train, val = ([e for g in groups for e in g] for groups in load_splits(
+        cfg, partial(load_unpaired_groups, options=thresholds)))  # fmt: skip
+    train_rows, counts, _ = encode_unpaired(tok, train, cfg.train.seq_len, seed)
+    val_rows, val_counts, _ = encode_unpaired(tok, val, cfg.train.seq_len, seed)
+    ctx.log.info("align kto/%s: train %s, val %s", cfg.tuning, counts, val_counts)
+    if warning := balance_warning(counts, opts):
+        ctx.log.warning(warning)
+    train_rows["ref_logps"] = reference_logps(lm, train_rows, bs)
+    val_rows["ref_logps"] = reference_logps(lm, val_rows, bs)
+    lm.train()
+    _adapt(cfg, lm)
+    loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=seed)
+    evaluate = partial(evaluate_kto, rows=val_rows, batch_size=bs, opts=opts,
+                       limit=cfg.train.eval_steps)  # fmt: skip
+    model, fit = _fit(cfg, ctx, lm, make_kto_loss(opts), loader, evaluate)
+    after = evaluate_kto(model, val_rows, bs, opts)
+    headline = {f"{split}_{k}": c[k] for split, c in (("train", counts), ("val", val_counts))
+                for k in ("desirable", "undesirable")}  # fmt: skip
+    headline.update(fit, **{k: _round(v) for k, v in after.items()})
+    # ROUGE-L on every held-out record's desirable completion, as DPO's on every held-out pair
+    good = [{"prompt": e["prompt"], "chosen": e["completion"]} for e in val if e["desirable"]]
+    headline.update(_rouge(cfg, tok, model, good))
+    return model, headline
+
+
 def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
     """PPO against the reward model; held-out mean reward and KL before and after."""
     opts, seq_len = cfg.ppo, cfg.train.seq_len
@@ -241,7 +276,8 @@ def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:
     examples = _rouge_examples(cfg, pairs)
     if not examples:
         return {}
-    where = resolve_model_dir(cfg.dpo.reference) if cfg.dpo.reference else cfg.model_dir()
+    explicit = cfg.dpo.reference if cfg.method == "dpo" else None  # kto: the start
+    where = resolve_model_dir(explicit) if explicit else cfg.model_dir()
     reference = load_pretrained(where, quantized="dequantize")
     return {
         "rouge_l": _rouge_l(cfg, tok, policy, examples),

@@ -81,7 +81,8 @@ def data_feedback_export_cmd(
         Path | None, typer.Option(help="The feedback store (SQLite) `lmforge serve` wrote.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Directory: sft.jsonl, preferences.jsonl, manifest.json.")
+        Path | None,
+        typer.Option(help="Directory: sft.jsonl, preferences.jsonl, kto.jsonl, manifest.json."),
     ] = None,
     min_rating: Annotated[
         float | None,
@@ -93,8 +94,10 @@ def data_feedback_export_cmd(
 ) -> None:
     """Turn served responses and their ratings and side-by-side choices into training data.
 
-    Writes sft.jsonl (well-rated responses, for `lmforge finetune --data`) and preferences.jsonl
-    (choices, and differently-rated answers to one prompt, for `lmforge align --data`).
+    Writes sft.jsonl (well-rated responses, for `lmforge finetune --data`), preferences.jsonl
+    (choices, and differently-rated answers to one prompt, for `lmforge align --data`) and
+    kto.jsonl (each rated answer labelled desirable or undesirable by --set desirable_min_rating /
+    undesirable_max_rating, choices unpaired, for `lmforge align --method kto`).
 
     Example: lmforge data feedback-export --db runs/serve/feedback.db --out runs/fb/export --min-rating 4
     """

@@ -91,8 +91,9 @@ def align_cmd(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="Preference pairs: prompt/chosen/rejected or ranked JSONL, a feedback-export "
-            "directory, or the serving feedback store (.db) itself."
+            help="Preference pairs: prompt/chosen/rejected or ranked JSONL (kto: also unpaired "
+            "prompt/completion/label), a feedback-export directory, or the serving feedback "
+            "store (.db) itself."
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Stage directory: final/, metrics.")] = None,
@@ -100,16 +101,20 @@ def align_cmd(
         str | None,
         typer.Option(
             help="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
-            "orpo (policy from pairs, no reference) | ppo (policy from a reward model)"
+            "orpo (policy from pairs, no reference) | ppo (policy from a reward model) | kto "
+            "(policy from unpaired thumbs up/down against a reference)"
         ),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Align a model on preference pairs: a reward model, or a policy by DPO / IPO, SimPO, ORPO or PPO.
+    """Align a model on preference pairs: a reward model, or a policy by DPO / IPO, SimPO, ORPO,
+    PPO or KTO (unpaired feedback).
 
     Example: lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/dpo --method dpo --set dpo.beta=0.1
+    KTO straight from the serving feedback store (rated answers, thumbs up/down, choices unpaired):
+    lmforge align --model runs/quickstart/sft --data runs/serve/feedback.db --out runs/x/kto --method kto --set kto.desirable_min_rating=4
     """
     values: dict[str, Any] = {"model": model, "data": data, "out": out}
     if method is not None:

@@ -1,5 +1,5 @@
-"""The feedback store as training data (stage kind "feedback-export"): the next fine-tune and
-DPO round learn from what people rated.
+"""The feedback store as training data (stage kind "feedback-export"): the next fine-tune,
+DPO or KTO round learn from what people rated.
 
 - `sft.jsonl`: well-rated responses (mean rating >= min_rating on the 1..5 scale; thumbs up = 5)
   as `{"messages": [...prompt..., {"role": "assistant", ...}]}`, the finetune stage's openai
@@ -9,9 +9,14 @@ DPO round learn from what people rated.
   from side-by-side choices (kind "choice"; both answers must come from the same conversation,
   or the same prompt text for completions) and from two responses to the same prompt whose
   mean ratings differ by at least min_rating_gap (kind "rating").
+- `kto.jsonl`: `{"prompt", "completion", "label", "kind", "response_id"}`, TRL's unpaired KTO
+  shape (align.unpaired): each rated response whose mean rating is at least desirable_min_rating
+  (label true) or at most undesirable_max_rating (false), with its `rating` (kind "rating"), and
+  both sides of each side-by-side choice that made a pair above, chosen true and rejected false
+  (kind "choice"); a response takes each label once.
 
 A tool call cut by max_tokens (a tool request's answer with finish_reason "length" that holds a
-`<tool_call>` block) is left out of both, counted as skipped_cut_calls: the store keeps a cut
+`<tool_call>` block) is left out of all three, counted as skipped_cut_calls: the store keeps a cut
 call's arguments as a JSON string fragment, which reads as a complete call with string arguments
 and would teach that. A cut plain answer stays in: its text is what the rater saw, a true prefix
 of what the model writes. (Rows stored before the finish_reason was recorded count as complete.)
@@ -32,7 +37,7 @@ from pydantic import Field
 from lmforge.artifacts import StageContext, run_stage
 from lmforge.common.io import write_jsonl
 from lmforge.config import StageConfig
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.tokenizer.hermes_tools import TOOL_CALL_OPEN
 
@@ -50,6 +55,12 @@ class FeedbackExportConfig(StageConfig):
         1.0, gt=0, le=4, description="rating pairs: the better response's mean exceeds by this"
     )
     rating_pairs: bool = Field(True, description="also pair differently-rated responses")
+    desirable_min_rating: float = Field(
+        4.0, ge=1, le=5, description="kto.jsonl: responses rated at least this are desirable"
+    )
+    undesirable_max_rating: float = Field(
+        2.0, ge=1, le=5, description="kto.jsonl: responses rated at most this are undesirable"
+    )
 
     def inputs(self) -> list[Path]:
         return [self.db]
@@ -100,8 +111,39 @@ def _pair(prompt: Any, chosen: dict, rejected: dict, kind: str) -> dict[str, Any
     }
 
 
-def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str, int]]:
-    """(sft records, preference pairs, counts) read from the store."""
+def _kto_record(prompt: Any, response: dict, label: bool, kind: str) -> dict[str, Any]:
+    record = {"prompt": prompt, "completion": response["text"], "label": label, "kind": kind,
+              "response_id": response["id"]}  # fmt: skip
+    if kind == "rating":
+        record["rating"] = round(response["stars"], 3)
+    return record
+
+
+def unpaired(cfg: FeedbackExportConfig, rated: list[dict], choices: list[dict]) -> list[dict]:
+    """kto.jsonl's records: rated responses past either threshold, then both sides of the
+    choices (those that made preference pairs); a response takes each label at most once."""
+    if cfg.undesirable_max_rating >= cfg.desirable_min_rating:
+        raise ConfigError(f"undesirable_max_rating={cfg.undesirable_max_rating} must be below "
+                          f"desirable_min_rating={cfg.desirable_min_rating}: one rating is both")  # fmt: skip
+    records, seen = [], set()
+    for r in rated:
+        good, bad = r["stars"] >= cfg.desirable_min_rating, r["stars"] <= cfg.undesirable_max_rating
+        if (good or bad) and r["text"].strip():
+            seen.add((r["id"], good))
+            records.append(_kto_record(_prompt(r), r, good, "rating"))
+    for c in choices:
+        for side, label in (("chosen", True), ("rejected", False)):
+            response = c[side]
+            if (response["id"], label) not in seen and response["text"].strip():
+                seen.add((response["id"], label))
+                records.append(_kto_record(_prompt(response), response, label, "choice"))
+    return records
+
+
+def collect(
+    cfg: FeedbackExportConfig,
+) -> tuple[list[dict], list[dict], list[dict], dict[str, int]]:
+    """(sft records, preference pairs, kto records, counts) read from the store."""
     if not Path(cfg.db).is_file():
         raise InputError(
             f"feedback store {cfg.db} does not exist; pass the SQLite file `lmforge serve` wrote"
@@ -121,7 +163,7 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
         if r["stars"] >= cfg.min_rating and r["text"].strip() and key not in seen:
             seen.add(key)
             sft.append(_sft_record(r))
-    pairs, skipped, mismatched = [], 0, 0
+    pairs, skipped, mismatched, paired_choices = [], 0, 0, []
     for c in choices:
         # the pair's prompt is the conversation the answers were generated from (the choice's
         # own optional prompt text is only a note); answers to different prompts are no pair
@@ -131,6 +173,7 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
         pair = _pair(_prompt(c["chosen"]), c["chosen"], c["rejected"], "choice")
         skipped += pair is None
         pairs.extend([pair] if pair else [])
+        paired_choices.extend([c] if pair else [])
     n_choice_pairs = len(pairs)
     if cfg.rating_pairs:
         by_prompt: dict[str, list[dict]] = {}
@@ -142,11 +185,14 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
                     pair = _pair(_prompt(a), a, b, "rating")
                     skipped += pair is None
                     pairs.extend([pair] if pair else [])
+    kto = unpaired(cfg, rated, paired_choices)
     counts = {
         "sft": len(sft),
         "preferences": len(pairs),
         "choice_pairs": n_choice_pairs,
         "rating_pairs": len(pairs) - n_choice_pairs,
+        "kto_desirable": sum(r["label"] for r in kto),
+        "kto_undesirable": sum(not r["label"] for r in kto),
         "skipped_identical": skipped,
         "skipped_other_prompt": mismatched,
         "skipped_cut_calls": len(cut),
@@ -154,14 +200,16 @@ def collect(cfg: FeedbackExportConfig) -> tuple[list[dict], list[dict], dict[str
         "ratings": totals["ratings"],
         "choices": totals["choices"],
     }
-    return sft, pairs, counts
+    return sft, pairs, kto, counts
 
 
 def build(cfg: FeedbackExportConfig, ctx: StageContext) -> dict[str, Any]:
-    """Writes sft.jsonl and preferences.jsonl (atomically); the counts are the headline."""
-    sft, pairs, counts = collect(cfg)
+    """Writes sft.jsonl, preferences.jsonl and kto.jsonl (atomically); the counts are the
+    headline."""
+    sft, pairs, kto, counts = collect(cfg)
     write_jsonl(ctx.out / "sft.jsonl", sft)
     write_jsonl(ctx.out / "preferences.jsonl", pairs)
+    write_jsonl(ctx.out / "kto.jsonl", kto)
     ctx.log.info("feedback export: %s", counts)
     return counts
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmforge.align.losses import bradley_terry_loss, dpo_loss, sequence_logps
+from lmforge.align.losses import bradley_terry_loss, dpo_loss, kto_loss, sequence_logps
 
 LOG2 = math.log(2.0)
 SOFTPLUS_M1 = math.log1p(math.exp(-1.0))  # -log sigmoid(1) = 0.3132617
@@ -194,3 +194,48 @@ def test_whiten_gives_mean_zero_unit_std_and_zero_for_a_constant_batch():
     assert w.tolist() == pytest.approx([(x - 3.0) / math.sqrt(14 / 3) for x in (1, 2, 3, 6)])
     assert whiten(torch.tensor([5.0, 5.0])).tolist() == [0.0, 0.0]
     assert whiten(torch.tensor([4.0])).tolist() == [0.0]
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _trl_kto(policy, ref, labels, kl_policy, kl_ref, beta, w_d=1.0, w_u=1.0):
+    """TRL's KTOTrainer loss_type="kto", written out in floats: z0 = max(mean KL log-ratio, 0);
+    desirable 1 - sigmoid(beta (r - z0)), undesirable 1 - sigmoid(beta (z0 - r)), nanmean."""
+    z0 = max(sum(p - r for p, r in zip(kl_policy, kl_ref, strict=True)) / len(kl_policy), 0.0)
+    losses = [
+        w_d * (1 - _sigmoid(beta * (p - r - z0)))
+        if y
+        else w_u * (1 - _sigmoid(beta * (z0 - p + r)))
+        for p, r, y in zip(policy, ref, labels, strict=True)
+    ]
+    return sum(losses) / len(losses), z0
+
+
+@pytest.mark.parametrize(
+    "kl_policy, w_d, w_u",
+    [([-3.0, -9.0, -4.0], 1.0, 1.0),  # mismatched log-ratios +1, -1, +3: z0 = 1
+     ([-5.0, -11.0, -8.0], 1.0, 1.0),  # -1, -3, -1: a negative estimate clamps to z0 = 0
+     ([-3.0, -9.0, -4.0], 1.33, 0.5)],
+)  # fmt: skip
+def test_kto_loss_is_trls_formula_with_a_clamped_kl_reference_point(kl_policy, w_d, w_u):
+    policy, ref = [-10.0, -25.0, -7.0], [-12.0, -24.0, -7.5]  # summed over unequal lengths
+    labels, kl_ref, beta = [True, False, True], [-4.0, -8.0, -7.0], 0.5
+    loss, rewards, z0 = kto_loss(
+        *(torch.tensor(x) for x in (policy, ref, labels, kl_policy, kl_ref)), beta, w_d, w_u
+    )
+    want, want_z0 = _trl_kto(policy, ref, labels, kl_policy, kl_ref, beta, w_d, w_u)
+    assert loss.item() == pytest.approx(want, abs=1e-6) and z0.item() == pytest.approx(want_z0)
+    assert rewards.tolist() == pytest.approx([1.0, -0.5, 0.25])  # beta * log-ratio
+    assert want_z0 in (0.0, 1.0)
+
+
+def test_kto_gradient_raises_desirable_and_lowers_undesirable_but_not_through_z0():
+    policy = torch.tensor([-10.0, -25.0], requires_grad=True)
+    kl_policy = torch.tensor([-3.0, -9.0], requires_grad=True)
+    ref, labels, kl_ref = torch.tensor([-12.0, -24.0]), torch.tensor([True, False]), torch.zeros(2)
+    loss, _, z0 = kto_loss(policy, ref, labels, kl_policy, kl_ref - 10.0, beta=0.1)
+    loss.backward()
+    assert policy.grad[0] < 0 < policy.grad[1]  # descent raises the desirable, lowers the other
+    assert kl_policy.grad is None and not z0.requires_grad  # the reference point is detached

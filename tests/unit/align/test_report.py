@@ -28,6 +28,12 @@ def test_each_method_leads_with_its_headline(tmp_path):
            "ref_rouge_l": 0.14, "rouge_l": 0.17}  # fmt: skip
     assert "20.5 -> 27.1" in align_section(_stage(tmp_path, "dpo", dpo))[0].text
     assert align_section(_stage(tmp_path, "simpo", dpo))[0].text.startswith("SimPO: held-out")
+    kto = {"ref_logp_margin": 20.5, "val_logp_margin": 24.0, "val_reward_auc": 0.81,
+           "val_pair_accuracy": 0.78, "ref_rouge_l": 0.18, "rouge_l": 0.16}  # fmt: skip
+    assert align_section(_stage(tmp_path, "kto", kto))[0].text == (
+        "KTO: held-out desirable-over-undesirable log-prob margin 20.5 -> 24, implicit reward AUC "
+        "0.81, pairwise accuracy 0.78; ROUGE-L 0.18 -> 0.16."
+    )
     reward = {"val_pair_accuracy": 0.75, "base_val_pair_accuracy": 0.5}
     assert "pairwise accuracy 0.75" in align_section(_stage(tmp_path, "reward", reward))[0].text
     # a stage without its headline metrics still gets the curves

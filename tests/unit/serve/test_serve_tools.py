@@ -342,7 +342,7 @@ def test_a_call_cut_by_max_tokens_is_no_training_data(served):
         store.add_choice(cut.id, plain.id)  # a cut call on either side: no pair
         store.add_choice(plain.id, required.id)
         store.add_choice(whole.id, plain.id)
-    sft, pairs, counts = collect(FeedbackExportConfig(db=db, out=db.parent / "export"))
+    sft, pairs, _, counts = collect(FeedbackExportConfig(db=db, out=db.parent / "export"))
     assert {r["response_id"] for r in sft} == {whole.id, plain.id}  # the cut plain answer stays
     assert [(p["chosen_id"], p["rejected_id"], p["kind"]) for p in pairs] == [
         (whole.id, plain.id, "choice")

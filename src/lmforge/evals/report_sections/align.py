@@ -1,5 +1,5 @@
 """Report section of the align stage: the method's headline (pairwise accuracy, DPO/SimPO/ORPO
-margins and ROUGE-L, PPO reward and KL) before the same training curves as the training stages."""
+and KTO margins and ROUGE-L, PPO reward and KL) before the same training curves as the training stages."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def _align_summary(method: str, m: dict[str, Any]) -> str:
         text = (f"{POLICY_FROM_PAIRS[method]}: held-out chosen-over-rejected log-prob margin "
                 f"{fmt_num(m['ref_logp_margin'])} -> {fmt_num(m['val_logp_margin'])}, preference accuracy "
                 f"{fmt_num(m['val_pref_accuracy'])}")  # fmt: skip
+        if "rouge_l" in m:
+            text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
+        return text + "."
+    if method == "kto" and "val_reward_auc" in m:
+        text = (f"KTO: held-out desirable-over-undesirable log-prob margin "
+                f"{fmt_num(m['ref_logp_margin'])} -> {fmt_num(m['val_logp_margin'])}, implicit "
+                f"reward AUC {fmt_num(m['val_reward_auc'])}")  # fmt: skip
+        if "val_pair_accuracy" in m:
+            text += f", pairwise accuracy {fmt_num(m['val_pair_accuracy'])}"
         if "rouge_l" in m:
             text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
         return text + "."

@@ -1,0 +1,149 @@
+"""KTO: a policy from unpaired desirable/undesirable completions against a frozen reference.
+
+Each example is encoded as a pair row (align.encode): index 0 is its own prompt + completion,
+index 1 the same prompt followed by another example's completion (its KL partner, fixed by a
+seeded shuffle before training, as TRL rotates completions once in preprocessing). The mismatched
+rows estimate KL(policy || reference), the reference point z0 of the loss (losses.kto_loss). So
+DPO's code scores both the reference (once, before training: align.dpo.reference_logps) and the
+policy (align.dpo.pair_logps), the mismatched rows included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmforge.align.config import KTOOptions
+from lmforge.align.dpo import pair_logps, score_pairs
+from lmforge.align.encode import encode_pairs
+from lmforge.align.losses import kto_loss, masked_mean
+from lmforge.align.unpaired import Example, label_counts
+
+# TRL's (and the paper's eq. 8) recommended range of desirable_weight * n_desirable over
+# undesirable_weight * n_undesirable
+BALANCE_RANGE = (1.0, 4.0 / 3.0)
+
+
+def encode_unpaired(
+    tok: Any, examples: list[Example], seq_len: int, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, int], list[Example]]:
+    """(rows, counts, the examples kept, row for row) of unpaired examples.
+
+    rows: input_ids and labels (N, 2, T) (own completion, KL partner's), desirable (N,) bool and
+    pair (N,) int64 (the pair an example came from, -1 when none). An example whose own or
+    partner's completion is cut away entirely by seq_len is dropped and counted.
+    """
+    order = np.random.default_rng(seed).permutation(len(examples))
+    partner = np.empty(len(examples), dtype=np.int64)
+    partner[order] = np.roll(order, 1)  # each takes the completion before it in the shuffle
+    as_pairs = [
+        {"prompt": e["prompt"], "chosen": e["completion"],
+         "rejected": examples[partner[i]]["completion"], "kind": str(i)}
+        for i, e in enumerate(examples)
+    ]  # fmt: skip
+    rows, stats = encode_pairs(tok, as_pairs, seq_len)
+    kept = [examples[int(i)] for i in stats.pop("kinds")]  # kinds: the kept rows' indices
+    pair_ids: dict[Any, int] = {}
+    rows["desirable"] = np.array([e["desirable"] for e in kept], dtype=bool)
+    rows["pair"] = np.array(
+        [pair_ids.setdefault(e["pair"], len(pair_ids)) if "pair" in e else -1 for e in kept],
+        dtype=np.int64,
+    )
+    counts = label_counts(kept) | {"truncated": stats["truncated"], "dropped": stats["dropped"]}
+    return rows, counts, kept
+
+
+def balance_warning(counts: dict[str, int], opts: KTOOptions) -> str | None:
+    """A warning when desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    falls outside BALANCE_RANGE (TRL warns the same way), with the desirable_weight range that
+    would fix it; None when it is inside."""
+    n_des, n_und = max(counts["desirable"], 1), max(counts["undesirable"], 1)
+    ratio = opts.desirable_weight * n_des / (opts.undesirable_weight * n_und)
+    if BALANCE_RANGE[0] <= ratio <= BALANCE_RANGE[1]:
+        return None
+    low, high = (r * opts.undesirable_weight * n_und / n_des for r in BALANCE_RANGE)
+    return (
+        f"kto: {n_des} desirable and {n_und} undesirable examples at kto.desirable_weight="
+        f"{opts.desirable_weight}, kto.undesirable_weight={opts.undesirable_weight} give a "
+        f"weighted ratio of {ratio:.3g}, outside the recommended [1, 4/3]: set "
+        f"kto.desirable_weight in [{low:.3g}, {high:.3g}] (or scale kto.undesirable_weight)"
+    )
+
+
+def _kto(logps: Tensor, ref: Tensor, desirable: Tensor, opts: KTOOptions):
+    return kto_loss(logps[:, 0], ref[:, 0], desirable, logps[:, 1], ref[:, 1], opts.beta,
+                    opts.desirable_weight, opts.undesirable_weight)  # fmt: skip
+
+
+def make_kto_loss(opts: KTOOptions):
+    """loss_fn for the loop; logs z0 (kl), the mean reward of each label (0 when the batch has
+    none) and the share of examples on their label's side of z0."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        logps = pair_logps(model, batch["input_ids"], batch["labels"])
+        desirable = batch["desirable"].bool()
+        loss, rewards, z0 = _kto(logps, batch["ref_logps"], desirable, opts)
+        right = (rewards > opts.beta * z0) == desirable
+        return loss, {
+            "kl": z0,
+            "desirable_reward": masked_mean(rewards, desirable),
+            "undesirable_reward": masked_mean(rewards, ~desirable),
+            "label_acc": right.float().mean(),
+        }
+
+    return loss_fn
+
+
+def reward_auc(desirable: Tensor, undesirable: Tensor) -> float:
+    """The chance a random desirable example's reward exceeds a random undesirable one's (ties
+    count half): how well the implicit reward tells the labels apart, whatever threshold."""
+    diff = desirable[:, None] - undesirable[None, :]
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+def pair_accuracy(rewards: Tensor, desirable: Tensor, pair: Tensor) -> float | None:
+    """Share of pairs (both halves held out) whose desirable reward exceeds the undesirable's,
+    DPO's preference accuracy; None when no pair is complete."""
+    wins = []
+    for p in pair[pair >= 0].unique():
+        mine = pair == p
+        good, bad = rewards[mine & desirable], rewards[mine & ~desirable]
+        if len(good) and len(bad):
+            wins.append(float(good[0] > bad[0]))
+    return sum(wins) / len(wins) if wins else None
+
+
+@torch.no_grad()
+def evaluate_kto(
+    model: nn.Module,
+    rows: dict[str, np.ndarray],
+    batch_size: int,
+    opts: KTOOptions,
+    limit: int | None = None,
+) -> dict[str, float]:
+    """Held-out KTO loss (z0 over all scored rows), z0, mean implicit reward of each label and
+    their margin, reward AUC, pairwise accuracy (when pairs), and the desirable-over-undesirable
+    mean log-prob margin of the policy (val_logp_margin) beside the reference's."""
+    logp, _ = score_pairs(model, rows, batch_size, limit)
+    n = len(logp)
+    ref = torch.from_numpy(rows["ref_logps"][:n]).to(logp.device).float()
+    desirable = torch.from_numpy(rows["desirable"][:n]).to(logp.device)
+    loss, rewards, z0 = _kto(logp, ref, desirable, opts)
+    out = {"val_loss": float(loss), "val_kl": float(z0)}
+    if desirable.any() and (~desirable).any():
+        good, bad = rewards[desirable], rewards[~desirable]
+        out.update(
+            val_desirable_reward=float(good.mean()),
+            val_undesirable_reward=float(bad.mean()),
+            val_reward_margin=float(good.mean() - bad.mean()),
+            val_reward_auc=reward_auc(good, bad),
+            val_logp_margin=float(logp[desirable, 0].mean() - logp[~desirable, 0].mean()),
+            ref_logp_margin=float(ref[desirable, 0].mean() - ref[~desirable, 0].mean()),
+        )
+    paired = pair_accuracy(rewards, desirable, torch.from_numpy(rows["pair"][:n]).to(logp.device))
+    if paired is not None:
+        out["val_pair_accuracy"] = paired
+    return out
