@@ -26,7 +26,9 @@ from lmforge.serve.causal_step import warm_up_compiled
 from lmforge.serve.engine_threads import configure_threads as _configure_threads
 from lmforge.serve.engine_types import EngineClosed, EngineStats, QueueFull
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
+from lmforge.serve.lora_adapters import AdapterUpdate
 from lmforge.serve.model_dir import load_served_model
+from lmforge.serve.multi_lora import attach_adapters
 from lmforge.serve.request_book import Row
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults
 from lmforge.serve.sampling import SamplingParams
@@ -142,10 +144,29 @@ class Engine(StepLoop):
                 raise EngineClosed(f"engine {self.name!r} is shut down; create a new one")
             return self._thread is None
 
+    def attach_adapters(self, adapters: Sequence[AdapterUpdate]) -> None:
+        """Serves these LoRA adapters on this engine's model (serve/multi_lora.py), before
+        start(); a request picks one by name (submit's adapter)."""
+        if self.compiled_decode:
+            raise ConfigError(
+                f"engine {self.name!r}: LoRA adapters run outside the compiled decoding step; "
+                "serve them with --compile off"
+            )
+        if self._thread is not None:
+            raise ConfigError(f"engine {self.name!r} is running: attach adapters before start()")
+        self._adapters = attach_adapters(self.model, {a.name: a.updates for a in adapters})
+
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        adapter: str | None = None,
     ) -> RequestHandle:
-        """Queues a request; its events arrive on the returned handle."""
+        """Queues a request (with `adapter`: one of its attached LoRA adapters, by name); its
+        events arrive on the returned handle."""
+        if adapter is not None and adapter not in self._adapters.slot:
+            raise InputError(f"engine {self.name!r} serves no LoRA adapter {adapter!r}")
         params.validate()
         prompt = list(prompt_ids)
         self._check_prompt(prompt, params)
@@ -161,7 +182,7 @@ class Engine(StepLoop):
                     f"engine {self.name!r}: {len(self._book.waiting)} requests already waiting "
                     f"(max_queue {self.max_queue}); retry later"
                 )
-            self._book.queue(Row(handle, prompt, params, stops))
+            self._book.queue(Row(handle, prompt, params, stops, adapter))
             self._lock.notify_all()
         return handle
 

@@ -51,6 +51,7 @@ from lmforge.serve.chunked_prefill import ChunkedPrefills
 from lmforge.serve.detok import TextStream
 from lmforge.serve.emit import emit_tokens
 from lmforge.serve.handle import WakeBatch
+from lmforge.serve.multi_lora import AdapterSlots
 from lmforge.serve.prefix_cache import PrefixCache
 from lmforge.serve.request_book import RequestBook, Row
 from lmforge.serve.sampling import new_generator
@@ -89,6 +90,7 @@ class StepLoop:
         # prompts over the budget, prefilled a chunk a step
         self._chunked = ChunkedPrefills(self.model, self.device, max_prefill_tokens, self._prefix)
         self._stopping = False  # set by shutdown: the loop returns once nothing is left
+        self._adapters = AdapterSlots()  # LoRA adapters' slots (serve/multi_lora.py): none yet
 
     @property
     def _counts(self) -> dict[str, int]:
@@ -203,6 +205,7 @@ class StepLoop:
         """The next max_prefill_tokens of the first over-budget prompt; at its end the request
         samples its first token and joins the batch. Running rows decode between chunks."""
         row = self._chunked.rows[0]
+        self._adapters.select([row.adapter])
         try:
             prefilled = self._chunked.step(self._start)
             if prefilled is not None:  # the row has left _chunked: a failure must name it here
@@ -241,6 +244,7 @@ class StepLoop:
         """The newcomers' prompts in one left-padded forward pass (from their prefix cache hits
         on): their cache and next logits."""
         hits = [self._prefix.lookup(r.chain) for r in rows]
+        self._adapters.select([r.adapter for r in rows])
         cache, logits = prefill_pass(self.model, [r.prompt for r in rows], self.device, hits)
         self._prefix.store_batch([r.chain for r in rows], cache)
         for row in rows:
@@ -253,6 +257,7 @@ class StepLoop:
         assert cache is not None
         try:
             tokens = [r.pending for r in rows]
+            self._adapters.select([r.adapter for r in rows])
             logits = decode_pass(self.model, cache, tokens, self.device, self.compiled_decode)
         except Exception as exc:  # fail this step's rows, keep serving
             log.exception("decoding step failed for %d requests", len(rows))

@@ -1,0 +1,109 @@
+"""Many LoRA adapters on one served base model, their rows mixed in one batch (vLLM's multi-LoRA).
+
+`attach_adapters(model, adapters)` swaps every linear an adapter targets for a MultiLoRALinear:
+the base linear plus all adapters' A and B stacked, (slots, r, in) and (slots, out, r), slot 0
+all zeros (the base's rows), ranks padded with zeros to the layer's largest and alpha / r folded
+into B. Before each forward the engine names each row's adapter (AdapterSlots.select); the layer
+then adds, per row, B[slot] A[slot] x with one gather and two batched matmuls, so rows of several
+adapters and of the base run in one forward pass, prefill (whole or chunked) or decoding step,
+over the same KV cache layout. A forward with no adapter row runs the base alone, as before.
+
+The selection is thread-local: the engine's thread sets it, and another thread running the same
+module (the base's /v1/embeddings embedder) sees none and gets the base. Not supported, and
+refused at start-up: a quantized base linear (kept-quantized int8/int4: the adapter would add to
+weights it was not trained on) and the compiled decoding step (its graph does not see the slots).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.errors import ConfigError
+from lmforge.finetune.lora import replace_module
+
+
+class AdapterSlots:
+    """Adapter name -> slot in every MultiLoRALinear's stacks, and each row's slot for the next
+    forward passes of the calling thread (None: no row has an adapter)."""
+
+    def __init__(self, names: Sequence[str] = (), device: torch.device | str = "cpu") -> None:
+        self.slot = {name: i + 1 for i, name in enumerate(names)}
+        self.device = torch.device(device)
+        self._local = threading.local()
+
+    def __bool__(self) -> bool:
+        return bool(self.slot)
+
+    def select(self, adapters: Sequence[str | None]) -> None:
+        """Each row's adapter name (None: the base) for this thread's next forward passes."""
+        if not self.slot:
+            return
+        slots = [0 if name is None else self.slot[name] for name in adapters]
+        self._local.index = (
+            torch.tensor(slots, dtype=torch.long, device=self.device) if any(slots) else None
+        )
+
+    def current(self) -> Tensor | None:
+        """(B,) the rows' slots as the calling thread last selected them; None: all base."""
+        return getattr(self._local, "index", None)
+
+
+class MultiLoRALinear(nn.Module):
+    """A base linear plus every adapter's low-rank update, picked per row (see module)."""
+
+    def __init__(self, base: nn.Linear, a: Tensor, b: Tensor, slots: AdapterSlots) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_a", a, persistent=False)  # (slots, r, in)
+        self.register_buffer("lora_b", b, persistent=False)  # (slots, out, r), scaling folded in
+        self.slots = slots
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, in)
+        y = self.base(x)
+        index = self.slots.current()
+        if index is None:
+            return y
+        a = self.lora_a.index_select(0, index)  # (B, r, in)
+        b = self.lora_b.index_select(0, index)  # (B, out, r)
+        return y + (x @ a.transpose(1, 2)) @ b.transpose(1, 2)  # (B, T, out)
+
+
+def attach_adapters(
+    model: nn.Module, updates: dict[str, dict[str, tuple[Tensor, Tensor]]]
+) -> AdapterSlots:
+    """Installs the adapters (name -> our linear's name -> (A (r, in), B (out, r) scaled),
+    serve/lora_adapters.py) into `model` in place; their slots, in the order given."""
+    params = next(model.parameters())
+    slots = AdapterSlots(list(updates), params.device)
+    targets = sorted({module for adapter in updates.values() for module in adapter})
+    for module_name in targets:
+        base = model.get_submodule(module_name)
+        if type(base) is not nn.Linear:
+            raise ConfigError(
+                f"{module_name} is a {type(base).__name__}, not a plain linear layer (a "
+                "kept-quantized base?): LoRA adapters are served on an unquantized base only; "
+                "serve the base's unquantized export, or merge the adapter and quantize that"
+            )
+        rank = max(adapter[module_name][0].size(0) for adapter in updates.values()
+                   if module_name in adapter)  # fmt: skip
+        a = torch.zeros(len(updates) + 1, rank, base.in_features)
+        b = torch.zeros(len(updates) + 1, base.out_features, rank)
+        for slot, adapter in enumerate(updates.values(), start=1):
+            if module_name in adapter:
+                a_i, b_i = adapter[module_name]
+                a[slot, : a_i.size(0)], b[slot, :, : b_i.size(1)] = a_i, b_i
+        a, b = (t.to(params.device, params.dtype) for t in (a, b))
+        replace_module(model, module_name, MultiLoRALinear(base, a, b, slots))
+    return slots
