@@ -141,6 +141,7 @@ def _start_engine(state: ServeState, spec: Any, loras: list[LoraSpec]) -> None:
         state.engines[spec.name] = engine  # stopped with the others if its adapters fail
         if loras:
             _attach_loras(state, engine, loras)
+        engine.start()
         model, files = engine.model, engine.files  # an embedder shares them
     else:
         served = load_served_model(spec.path, name=spec.name, device=s.device,

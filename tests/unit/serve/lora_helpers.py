@@ -29,3 +29,12 @@ def make_adapter(
     save_pretrained(merge(model), merged)
     copy_tokenizer_files(base_dir, merged)
     return adapter, merged
+
+
+def two_adapters(base_dir: Path, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """name -> (adapter dir, merged dir): a1 on every default target (r=4), a2 on the attention
+    only (r=2: ranks pad, and the MLPs are the base's for it)."""
+    a1 = make_adapter(base_dir, tmp_path_factory.mktemp("a1"), seed=1)
+    a2 = make_adapter(base_dir, tmp_path_factory.mktemp("a2"), seed=2, r=2,
+                      targets=["attn.qkv", "attn.proj"])  # fmt: skip
+    return {"a1": a1, "a2": a2}

@@ -22,7 +22,7 @@ from lmforge.serve.multi_lora import MultiLoRALinear
 from lmforge.serve.prefix_cache import BLOCK_TOKENS
 from lmforge.tokenizer.files import TokenizerFiles
 from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
-from unit.serve.lora_helpers import make_adapter
+from unit.serve.lora_helpers import two_adapters
 
 PROMPTS = [
     [(5 * i + 7) % 250 + 3 for i in range(3 * BLOCK_TOKENS + 2)],  # three blocks and more
@@ -34,12 +34,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2
 
 @pytest.fixture(scope="module")
 def lora_dirs(serve_model_dir, tmp_path_factory):
-    """Two adapters over the served micro model: a1 on every default target (r=4), a2 on the
-    attention only (r=2, so ranks pad and some layers are the base for it); and their merges."""
-    a1, m1 = make_adapter(serve_model_dir, tmp_path_factory.mktemp("a1"), seed=1)
-    a2, m2 = make_adapter(serve_model_dir, tmp_path_factory.mktemp("a2"), seed=2, r=2,
-                          targets=["attn.qkv", "attn.proj"])  # fmt: skip
-    return {"a1": (a1, m1), "a2": (a2, m2)}
+    return two_adapters(serve_model_dir, tmp_path_factory)
 
 
 def _engine(model_dir, adapters=(), **kw) -> Engine:
