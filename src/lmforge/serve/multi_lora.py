@@ -1,12 +1,17 @@
 """Many LoRA adapters on one served base model, their rows mixed in one batch (vLLM's multi-LoRA).
 
 `attach_adapters(model, adapters)` swaps every linear an adapter targets for a MultiLoRALinear:
-the base linear plus all adapters' A and B stacked, (slots, r, in) and (slots, out, r), slot 0
-all zeros (the base's rows), ranks padded with zeros to the layer's largest and alpha / r folded
-into B. Before each forward the engine names each row's adapter (AdapterSlots.select); the layer
-then adds, per row, B[slot] A[slot] x with one gather and two batched matmuls, so rows of several
-adapters and of the base run in one forward pass, prefill (whole or chunked) or decoding step,
-over the same KV cache layout. A forward with no adapter row runs the base alone, as before.
+the base linear plus all adapters' A stacked row-wise, (n * r, in), and their B column-wise,
+(out, n * r), each adapter's rank zero-padded to the layer's largest and alpha / r folded into B.
+Before each forward the engine names each row's adapter (AdapterSlots.select); the layer runs x
+through every adapter's A in one matmul, zeroes in each row the columns of the adapters it does
+not use (a (B, n * r) 0/1 mask; a base row's is all zeros), and adds the result through B in a
+second matmul: rows of several adapters and of the base run in one forward pass, prefill (whole
+or chunked) or decoding step, over the same KV cache layout, and each row gets exactly its own
+B A x (the other columns add exact zeros). Two dense matmuls cost less on a CPU than a gather of
+each row's A and B and two batched matmuls (B tiny ones per decoding step) while n * r stays
+small next to the layer's width (docs/benchmarks.md, multi-LoRA). A forward with no adapter row
+runs the base alone, as before.
 
 The selection is thread-local: the engine's thread sets it, and another thread running the same
 module (the base's /v1/embeddings embedder) sees none and gets the base. Not supported, and
@@ -27,16 +32,18 @@ from lmforge.finetune.lora import replace_module
 
 
 class AdapterSlots:
-    """Adapter name -> slot in every MultiLoRALinear's stacks, and each row's slot for the next
-    forward passes of the calling thread (None: no row has an adapter)."""
+    """Adapter name -> slot (1..n; 0 is the base) in every MultiLoRALinear's stacks, and each
+    row's slot for the next forward passes of the calling thread (None: no row has an adapter)."""
 
-    def __init__(self, names: Sequence[str] = (), device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        names: Sequence[str] = (),
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.slot = {name: i + 1 for i, name in enumerate(names)}
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype
         self._local = threading.local()
-
-    def __bool__(self) -> bool:
-        return bool(self.slot)
 
     def select(self, adapters: Sequence[str | None]) -> None:
         """Each row's adapter name (None: the base) for this thread's next forward passes."""
@@ -46,10 +53,20 @@ class AdapterSlots:
         self._local.index = (
             torch.tensor(slots, dtype=torch.long, device=self.device) if any(slots) else None
         )
+        self._local.masks = {}
 
     def current(self) -> Tensor | None:
         """(B,) the rows' slots as the calling thread last selected them; None: all base."""
         return getattr(self._local, "index", None)
+
+    def mask(self, rank: int) -> Tensor:
+        """(B, n * rank) 1 where a column belongs to the row's adapter, for the selected rows
+        (one per layer rank, built once per selection)."""
+        masks = self._local.masks
+        if rank not in masks:
+            owner = torch.arange(len(self.slot) * rank, device=self.device) // rank + 1
+            masks[rank] = (owner[None, :] == self._local.index[:, None]).to(self.dtype)
+        return masks[rank]
 
 
 class MultiLoRALinear(nn.Module):
@@ -58,9 +75,10 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, a: Tensor, b: Tensor, slots: AdapterSlots) -> None:
         super().__init__()
         self.base = base
-        self.register_buffer("lora_a", a, persistent=False)  # (slots, r, in)
-        self.register_buffer("lora_b", b, persistent=False)  # (slots, out, r), scaling folded in
+        self.register_buffer("lora_a", a, persistent=False)  # (n * r, in)
+        self.register_buffer("lora_b", b, persistent=False)  # (out, n * r), scaling folded in
         self.slots = slots
+        self.rank = a.size(0) // len(slots.slot)
 
     @property
     def in_features(self) -> int:
@@ -75,9 +93,8 @@ class MultiLoRALinear(nn.Module):
         index = self.slots.current()
         if index is None:
             return y
-        a = self.lora_a.index_select(0, index)  # (B, r, in)
-        b = self.lora_b.index_select(0, index)  # (B, out, r)
-        return y + (x @ a.transpose(1, 2)) @ b.transpose(1, 2)  # (B, T, out)
+        h = (x @ self.lora_a.T) * self.slots.mask(self.rank)[:, None]  # (B, T, n * r)
+        return y + h @ self.lora_b.T  # (B, T, out)
 
 
 def attach_adapters(
@@ -86,7 +103,8 @@ def attach_adapters(
     """Installs the adapters (name -> our linear's name -> (A (r, in), B (out, r) scaled),
     serve/lora_adapters.py) into `model` in place; their slots, in the order given."""
     params = next(model.parameters())
-    slots = AdapterSlots(list(updates), params.device)
+    slots = AdapterSlots(list(updates), params.device, params.dtype)
+    n = len(updates)
     targets = sorted({module for adapter in updates.values() for module in adapter})
     for module_name in targets:
         base = model.get_submodule(module_name)
@@ -98,12 +116,13 @@ def attach_adapters(
             )
         rank = max(adapter[module_name][0].size(0) for adapter in updates.values()
                    if module_name in adapter)  # fmt: skip
-        a = torch.zeros(len(updates) + 1, rank, base.in_features)
-        b = torch.zeros(len(updates) + 1, base.out_features, rank)
-        for slot, adapter in enumerate(updates.values(), start=1):
-            if module_name in adapter:
+        a = torch.zeros(n * rank, base.in_features)
+        b = torch.zeros(base.out_features, n * rank)
+        for i, adapter in enumerate(updates.values()):
+            if module_name in adapter:  # else its columns stay zero: the base for it
                 a_i, b_i = adapter[module_name]
-                a[slot, : a_i.size(0)], b[slot, :, : b_i.size(1)] = a_i, b_i
+                a[i * rank : i * rank + a_i.size(0)] = a_i
+                b[:, i * rank : i * rank + b_i.size(1)] = b_i
         a, b = (t.to(params.device, params.dtype) for t in (a, b))
         replace_module(model, module_name, MultiLoRALinear(base, a, b, slots))
     return slots

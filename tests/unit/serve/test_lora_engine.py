@@ -126,7 +126,7 @@ def test_separate_q_k_v_adapters_of_hf_peft_are_exact(serve_model_dir, lora_dirs
     engine = _engine(serve_model_dir, [("hf", adapter)])
     try:
         qkv = engine.model.get_submodule("blocks.0.attn.qkv")
-        assert isinstance(qkv, MultiLoRALinear) and qkv.lora_a.shape[1] == 3 * config["r"]
+        assert isinstance(qkv, MultiLoRALinear) and qkv.lora_a.shape[0] == 3 * config["r"]
         for i, prompt in enumerate(PROMPTS):
             got, want = (
                 _answer(engine, prompt, f"g{i}", "hf"),
