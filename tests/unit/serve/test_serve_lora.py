@@ -198,3 +198,32 @@ def test_adapter_names_and_specs_are_checked(serve_model_dir, lora_dirs):
         parse_lora_specs([str(a1)])
     with pytest.raises(ConfigError, match="not a directory"):
         parse_lora_specs([f"z={a1}/nope"])
+
+
+def test_the_cli_takes_lora_and_vllms_lora_modules_on_flags_and_in_a_serve_yaml(
+    serve_model_dir, lora_dirs, tmp_path, monkeypatch
+):
+    import yaml
+    from typer.testing import CliRunner
+
+    import lmforge.serve.server as server
+    from lmforge.cli import app
+
+    a1, a2 = lora_dirs["a1"][0], lora_dirs["a2"][0]
+    started = []
+    monkeypatch.setattr(server, "serve", started.append)
+    vllm = json.dumps({"name": "two", "path": str(a2), "base_model_name": "base"})
+    flags = ["--model", f"base={serve_model_dir}", "--lora", f"one={a1}", "--lora-modules", vllm]
+    result = CliRunner().invoke(app, ["serve", *flags])
+    assert result.exit_code == 0, result.output
+    assert [(s.name, s.path, s.base_model_name) for s in started[-1].loras] == [
+        ("one", a1, None), ("two", a2, "base"),
+    ]  # fmt: skip
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": "base", "path": str(serve_model_dir)}],
+        "loras": [{"name": "one", "path": str(a1)}],
+    }))  # fmt: skip
+    result = CliRunner().invoke(app, ["serve", "--config", str(config), "--lora", f"two={a2}"])
+    assert result.exit_code == 0, result.output
+    assert [s.name for s in started[-1].loras] == ["one", "two"]
