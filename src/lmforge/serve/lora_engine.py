@@ -29,18 +29,8 @@ class AdapterEngine:
         self.path: Path = adapter.path
         template = adapter.chat_template
         self.files = base.files if template is None else replace(base.files, chat_template=template)
-
-    @property
-    def max_context(self) -> int:
-        return self.base.max_context
-
-    @property
-    def vocab_size(self) -> int:
-        return self.base.vocab_size
-
-    @property
-    def request_defaults(self):  # the base's generation_config defaults
-        return self.base.request_defaults
+        self.max_context = base.max_context
+        self.request_defaults = base.request_defaults  # its generation_config's, the base's
 
     def token_room(self, prompt_len: int) -> int:
         return self.base.token_room(prompt_len)

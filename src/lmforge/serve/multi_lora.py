@@ -80,14 +80,6 @@ class MultiLoRALinear(nn.Module):
         self.slots = slots
         self.rank = a.size(0) // len(slots.slot)
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, in)
         y = self.base(x)
         index = self.slots.current()
