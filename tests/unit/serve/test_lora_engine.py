@@ -207,3 +207,16 @@ def test_a_compiled_decoding_step_is_refused_with_adapters(serve_model_dir, lora
 def test_a_request_for_an_adapter_the_engine_lacks_is_refused(engine):
     with pytest.raises(InputError, match="serves no LoRA adapter 'ghost'"):
         engine.submit([1, 2], GREEDY, "ghost", adapter="ghost")
+
+
+def test_a_kept_quantized_base_linear_is_refused(serve_model_dir, lora_dirs):
+    from lmforge.finetune.lora import replace_module
+    from lmforge.model.quant import QuantLinear
+    from lmforge.serve.multi_lora import attach_adapters
+
+    model = load_pretrained(serve_model_dir, device="cpu")
+    update = read_adapter(model, "a1", lora_dirs["a1"][0])
+    qkv = model.get_submodule("blocks.0.attn.qkv")
+    replace_module(model, "blocks.0.attn.qkv", QuantLinear.from_linear(qkv, "int8", 32))
+    with pytest.raises(ConfigError, match=r"blocks\.0\.attn\.qkv is a QuantLinear.* unquantized"):
+        attach_adapters(model, {"a1": update.updates})

@@ -161,6 +161,9 @@ def test_the_bases_embeddings_stay_the_bases(servers):
     want = merged.embeddings.create(model="plain", input=PROMPTS).data
     for g, w in zip(got, want, strict=True):
         assert g.embedding == pytest.approx(w.embedding, abs=1e-5)
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError, match="LoRA adapter: it serves completions and"):
+        lora.embeddings.create(model="a1", input=PROMPTS)
 
 
 # -- start-up ----------------------------------------------------------------------------------
