@@ -13,6 +13,8 @@ so the work is fixed), all submitted at once, runs through the engine:
 
 Rounds alternate the settings; the medians of output tokens/s are printed with their ratio. The
 mixed burst's adapter answers are checked token for token against engines of the merged models.
+Then one decoding step of the same rows, timed with every row on the base and with the mixed
+rows' adapters, interleaved (the path's cost without a burst's admission and sampling).
 Memory: the bytes of the base's weights plus the adapters' stacked A/B, against the weights of
 the base and two merged copies (what serving three model directories holds).
 
@@ -83,6 +85,26 @@ def burst(engine, prompts, names, n_new: int) -> tuple[list[list[int]], float]:
     return answers, len(prompts) * n_new / (time.perf_counter() - t0)
 
 
+def step_times(engine, prompts, names_by_label: dict, steps: int) -> dict[str, float]:
+    """Median ms of one decoding step of all prompts' rows (their first 48 tokens prefilled, the
+    cache growing a column a step), the rows' adapters set per label, the labels interleaved step
+    by step so the machine's load drifts hit them alike."""
+    from lmforge.serve.causal_step import decode_pass, prefill_pass
+
+    device = engine.device
+    with torch.inference_mode():
+        engine._adapters.select([None] * len(prompts))
+        cache, _ = prefill_pass(engine.model, [p[:48] for p in prompts], device)
+        times: dict[str, list[float]] = {label: [] for label in names_by_label}
+        for _ in range(steps):
+            for label, names in names_by_label.items():
+                engine._adapters.select(names)
+                t0 = time.perf_counter()
+                decode_pass(engine.model, cache, [1] * len(prompts), device)
+                times[label].append(1e3 * (time.perf_counter() - t0))
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def weight_bytes(module: nn.Module) -> int:
     tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}.values()
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -125,6 +147,9 @@ def main() -> None:
             same = sum(w == mixed_answers[i] for w, i in zip(want, idx, strict=True))
             print(f"{name}: {same}/{len(idx)} mixed-burst answers equal its merged model's")
             merged.shutdown()
+        steps = step_times(
+            lora, prompts, {"base rows": [None] * args.requests, "mixed rows": mixed_names}, 40
+        )
         base_bytes = weight_bytes(plain.model)
         lora_bytes = weight_bytes(lora.model)
         plain.shutdown()
@@ -136,6 +161,8 @@ def main() -> None:
         )
     print(f"mixed / base alone: {medians['mixed'] / medians['base alone']:.3f}")
     print(f"base attached / base alone: {medians['base, attached'] / medians['base alone']:.3f}")
+    print(f"one decoding step, {args.requests} rows: base {steps['base rows']:.2f} ms, mixed "
+          f"{steps['mixed rows']:.2f} ms ({steps['mixed rows'] / steps['base rows']:.3f}x)")  # fmt: skip
     mib = 2**20
     print(f"weights: base + 2 adapters {lora_bytes / mib:.1f} MiB (adapters "
           f"{(lora_bytes - base_bytes) / mib:.2f}) vs base + 2 merged copies "
