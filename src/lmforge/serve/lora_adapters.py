@@ -98,7 +98,11 @@ def read_adapter(model: nn.Module, name: str, path: Path) -> AdapterUpdate:
         _check_shapes(where, module, parts, r, linear)
         updates[module] = _fuse(parts, scaling)
     _check_vocabulary(where, Path(path), model.config.vocab_size)
-    return AdapterUpdate(name, Path(path), updates, _chat_template(Path(path)))
+    try:
+        template = _chat_template(Path(path))
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return AdapterUpdate(name, Path(path), updates, template)
 
 
 def _check_vocabulary(where: str, path: Path, vocab_size: int) -> None:
@@ -172,7 +176,10 @@ def _chat_template(path: Path) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     config = path / "tokenizer_config.json"
-    if config.is_file():
+    if not config.is_file():
+        return None
+    try:
         template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
+    except (ValueError, AttributeError) as exc:
+        raise InputError(f"{config} is not a JSON object: {exc}") from None
+    return template if isinstance(template, str) else None

@@ -80,13 +80,14 @@ class MultiLoRALinear(nn.Module):
         self.slots = slots
         self.rank = a.size(0) // len(slots.slot)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, in)
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, in), or (B, in) (a head on last states)
         y = self.base(x)
         index = self.slots.current()
         if index is None:
             return y
-        h = (x @ self.lora_a.T) * self.slots.mask(self.rank)[:, None]  # (B, T, n * r)
-        return y + h @ self.lora_b.T  # (B, T, out)
+        mask = self.slots.mask(self.rank)  # (B, n * r)
+        mask = mask.view(mask.size(0), *[1] * (x.dim() - 2), mask.size(1))
+        return y + ((x @ self.lora_a.T) * mask) @ self.lora_b.T  # (B, T, out)
 
 
 def attach_adapters(
@@ -102,9 +103,10 @@ def attach_adapters(
         base = model.get_submodule(module_name)
         if type(base) is not nn.Linear:
             raise ConfigError(
-                f"{module_name} is a {type(base).__name__}, not a plain linear layer (a "
-                "kept-quantized base?): LoRA adapters are served on an unquantized base only; "
-                "serve the base's unquantized export, or merge the adapter and quantize that"
+                f"{module_name} is a {type(base).__name__}, not a plain linear layer: served "
+                "adapters update linear layers of an unquantized base only (a kept-quantized "
+                "base's are quantized modules; an embedding is not served adapted); serve the "
+                "unquantized base, or merge the adapter (finetune.lora.merge) and serve that"
             )
         rank = max(adapter[module_name][0].size(0) for adapter in updates.values()
                    if module_name in adapter)  # fmt: skip

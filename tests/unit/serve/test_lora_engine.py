@@ -6,12 +6,14 @@ naming the adapter."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.lora import peft_module_pairs
@@ -181,6 +183,11 @@ def test_an_adapter_of_another_size_or_vocabulary_is_refused(serve_model_dir, lo
     shutil.copy(bigger / "tokenizer.json", other_vocab / "tokenizer.json")
     with pytest.raises(InputError, match="another vocabulary"):
         read_adapter(load_pretrained(serve_model_dir, device="cpu"), "v", other_vocab)
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_dirs["a1"][0], broken)
+    (broken / "tokenizer_config.json").write_text("{chat_template: nope", encoding="utf-8")
+    with pytest.raises(InputError, match=r"LoRA adapter 'b' .*tokenizer_config\.json is not a"):
+        read_adapter(load_pretrained(serve_model_dir, device="cpu"), "b", broken)
     with pytest.raises(InputError, match=r"adapter_config\.json is missing"):
         read_adapter(load_pretrained(serve_model_dir, device="cpu"), "none", tmp_path)
 
@@ -218,5 +225,33 @@ def test_a_kept_quantized_base_linear_is_refused(serve_model_dir, lora_dirs):
     update = read_adapter(model, "a1", lora_dirs["a1"][0])
     qkv = model.get_submodule("blocks.0.attn.qkv")
     replace_module(model, "blocks.0.attn.qkv", QuantLinear.from_linear(qkv, "int8", 32))
-    with pytest.raises(ConfigError, match=r"blocks\.0\.attn\.qkv is a QuantLinear.* unquantized"):
+    with pytest.raises(
+        ConfigError,
+        match=r"blocks\.0\.attn\.qkv is a QuantLinear, not a plain linear layer.* unquantized",
+    ):
         attach_adapters(model, {"a1": update.updates})
+
+
+def test_each_row_gets_its_own_update_on_2d_and_3d_inputs():
+    """A linear fed last states (B, in), as a head is, or sequences (B, T, in): row i adds its
+    adapter's scaled B A x and nothing else; a base row adds nothing."""
+    from lmforge.serve.multi_lora import attach_adapters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    updates = {
+        "x": {"0": (torch.randn(2, 6), torch.randn(5, 2))},  # rank 2: padded to 3
+        "y": {"0": (torch.randn(3, 6), torch.randn(5, 3))},
+    }
+    base = copy.deepcopy(model[0])
+    slots = attach_adapters(model, updates)
+    names = ["y", None, "x", "y"]
+    slots.select(names)
+    for shape in ((4, 6), (4, 3, 6)):
+        x = torch.randn(*shape)
+        want = base(x).clone()
+        for i, name in enumerate(names):
+            if name is not None:
+                a, b = updates[name]["0"]
+                want[i] += x[i] @ a.T @ b.T
+        torch.testing.assert_close(model(x), want)
