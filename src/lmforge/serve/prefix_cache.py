@@ -27,6 +27,8 @@ hashed once however often admission, planning, lookup and stores ask for it.
 A request may carry a cache_salt (vLLM's): hashed in as the first block's parent, it gives the
 request's chain keys no other salt shares, so only requests with the same salt reuse each other's
 blocks. Without it, time to first token would tell one client whether another had sent a prefix.
+A row of a LoRA adapter (serve/multi_lora.py) hashes the adapter's name into its root the same
+way: its keys/values are another model's, never given to the base's or another adapter's rows.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ parts beside it: the scheduling policy of steps 1-2 (serve/scheduler.py: admit, 
 prefill_groups), the forward passes of steps 2-3 (serve/causal_step.py, which also says why the
 batch is one right-aligned cache rather than fixed slots, with measurements), emission of step 4
 (serve/emit.py), and the requests' queue, aborts, final events and counts
-(serve/request_book.py). Engine (serve/engine.py) adds the public API and starts and stops the
-thread. Seq2SeqEngine overrides the steps that depend on the model's shape (_prefill,
+(serve/request_book.py). Before each forward pass it names the pass's rows' LoRA adapters
+(serve/multi_lora.py; none attached: nothing). Engine (serve/engine.py) adds the public API and
+starts and stops the thread. Seq2SeqEngine overrides the steps that depend on the model's shape (_prefill,
 _prefill_forward, _history_start, _decode, _keep, _cache_usage): its batch is cohorts, each with
 its own encoder output and decoder cache, not one right-aligned cache; the loop, admission,
 emission and failure handling are shared as they are.
