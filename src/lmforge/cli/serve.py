@@ -36,6 +36,13 @@ def serve_cmd(
             "requests (repeatable).",
         ),
     ] = None,
+    allow_runtime_lora_updating: Annotated[
+        bool,
+        typer.Option(
+            help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING); one worker only."
+        ),
+    ] = False,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[
@@ -137,7 +144,8 @@ def serve_cmd(
              "request_timeout_s": request_timeout, "threads": threads,
              "compile": compile, "generation_config": generation_config, "loop": loop,
              "http": http, "prefix_cache_mb": prefix_cache_mb, "embed_pooling": embed_pooling,
-             "embed_normalize": embed_normalize}  # fmt: skip
+             "embed_normalize": embed_normalize,
+             "runtime_lora_updating": allow_runtime_lora_updating}  # fmt: skip
     if config is not None:
         from lmforge.serve.recipe_config import load_serve_config
 
@@ -160,7 +168,8 @@ def serve_cmd(
 def _given_on_command_line(ctx: typer.Context, setting: str) -> bool:
     """Whether the flag behind a ServeSettings field was typed (or came from the environment),
     not left at its default: only such flags override a serve.yaml's values."""
-    param = {"request_timeout_s": "request_timeout"}.get(setting, setting)
+    param = {"request_timeout_s": "request_timeout",
+             "runtime_lora_updating": "allow_runtime_lora_updating"}.get(setting, setting)  # fmt: skip
     source = ctx.get_parameter_source(param)
     return source is not None and source.name != "DEFAULT"
 

@@ -17,6 +17,7 @@ rank the sum of theirs: the update is exact either way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -38,6 +39,18 @@ class AdapterUpdate:
     path: Path
     updates: dict[str, tuple[Tensor, Tensor]]  # linear -> (A (r, in), scaling * B (out, r))
     chat_template: str | None  # its directory's own, when it has one
+
+    @property
+    def key(self) -> str:
+        """name@digest of its updates: what its rows' prefix-cache blocks are keyed by, so an
+        adapter unloaded and loaded again under its name with other weights shares nothing
+        with the old one, and the same weights again share."""
+        digest = hashlib.blake2b(digest_size=12)
+        for module, (a, b) in sorted(self.updates.items()):
+            digest.update(module.encode())
+            digest.update(a.numpy().tobytes())
+            digest.update(b.numpy().tobytes())
+        return f"{self.name}@{digest.hexdigest()}"
 
 
 def adapter_base(name: str, path: Path, asked: str | None, bases: dict[str, Path]) -> str:

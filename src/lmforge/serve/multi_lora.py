@@ -80,6 +80,14 @@ class MultiLoRALinear(nn.Module):
         self.slots = slots
         self.rank = a.size(0) // len(slots.slot)
 
+    @property
+    def in_features(self) -> int:  # read when another adapter is checked against the model
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, in), or (B, in) (a head on last states)
         y = self.base(x)
         index = self.slots.current()
@@ -90,24 +98,31 @@ class MultiLoRALinear(nn.Module):
         return y + ((x @ self.lora_a.T) * mask) @ self.lora_b.T  # (B, T, out)
 
 
+Stacks = dict[str, tuple[Tensor, Tensor]]  # linear's name -> (A stack, B stack)
+
+
 def attach_adapters(
     model: nn.Module, updates: dict[str, dict[str, tuple[Tensor, Tensor]]]
 ) -> AdapterSlots:
     """Installs the adapters (name -> our linear's name -> (A (r, in), B (out, r) scaled),
     serve/lora_adapters.py) into `model` in place; their slots, in the order given."""
+    slots, stacks = stack_adapters(model, updates)
+    install(model, slots, stacks)
+    return slots
+
+
+def stack_adapters(
+    model: nn.Module, updates: dict[str, dict[str, tuple[Tensor, Tensor]]]
+) -> tuple[AdapterSlots, Stacks]:
+    """The slots and every targeted linear's stacks for exactly these adapters, built without
+    touching the model (a runtime change is built beside the running model, then installed
+    between two steps)."""
     params = next(model.parameters())
     slots = AdapterSlots(list(updates), params.device, params.dtype)
     n = len(updates)
-    targets = sorted({module for adapter in updates.values() for module in adapter})
-    for module_name in targets:
-        base = model.get_submodule(module_name)
-        if type(base) is not nn.Linear:
-            raise ConfigError(
-                f"{module_name} is a {type(base).__name__}, not a plain linear layer: served "
-                "adapters update linear layers of an unquantized base only (a kept-quantized "
-                "base's are quantized modules; an embedding is not served adapted); serve the "
-                "unquantized base, or merge the adapter (finetune.lora.merge) and serve that"
-            )
+    stacks: Stacks = {}
+    for module_name in sorted({module for adapter in updates.values() for module in adapter}):
+        base = _base_linear(model, module_name)
         rank = max(adapter[module_name][0].size(0) for adapter in updates.values()
                    if module_name in adapter)  # fmt: skip
         a = torch.zeros(n * rank, base.in_features)
@@ -117,6 +132,29 @@ def attach_adapters(
                 a_i, b_i = adapter[module_name]
                 a[i * rank : i * rank + a_i.size(0)] = a_i
                 b[:, i * rank : i * rank + b_i.size(1)] = b_i
-        a, b = (t.to(params.device, params.dtype) for t in (a, b))
+        stacks[module_name] = (a.to(params.device, params.dtype), b.to(params.device, params.dtype))
+    return slots, stacks
+
+
+def install(model: nn.Module, slots: AdapterSlots, stacks: Stacks) -> None:
+    """Every linear in `stacks` becomes (or stays) a MultiLoRALinear with these stacks; one that
+    an earlier set of adapters wrapped and this set does not target is its base linear again."""
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+    for module_name in wrapped - set(stacks):
+        replace_module(model, module_name, model.get_submodule(module_name).base)
+    for module_name, (a, b) in stacks.items():
+        base = _base_linear(model, module_name)
         replace_module(model, module_name, MultiLoRALinear(base, a, b, slots))
-    return slots
+
+
+def _base_linear(model: nn.Module, module_name: str) -> nn.Linear:
+    module = model.get_submodule(module_name)
+    base = module.base if isinstance(module, MultiLoRALinear) else module
+    if type(base) is not nn.Linear:
+        raise ConfigError(
+            f"{module_name} is a {type(base).__name__}, not a plain linear layer: served "
+            "adapters update linear layers of an unquantized base only (a kept-quantized "
+            "base's are quantized modules; an embedding is not served adapted); serve the "
+            "unquantized base, or merge the adapter (finetune.lora.merge) and serve that"
+        )
+    return base

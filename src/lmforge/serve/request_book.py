@@ -34,13 +34,14 @@ class Row:
         params: SamplingParams,
         stops: frozenset,
         adapter: str | None = None,
+        adapter_key: str | None = None,
     ) -> None:
         self.handle, self.prompt, self.params, self.stops = handle, prompt, params, stops
         self.adapter = adapter  # the LoRA adapter its forward passes add (None: the base)
         self.stop_list = sorted(stops)  # what the logits rules take, sorted once
         # the tokens its cache holds and their prefix-cache block keys (serve/prefix_cache.py)
-        # shared only within a salt and an adapter
-        self.chain = TokenChain(prompt, salt=params.cache_salt, adapter=adapter)
+        # shared only within a salt and an adapter's weights (adapter_key: name@digest)
+        self.chain = TokenChain(prompt, salt=params.cache_salt, adapter=adapter_key or adapter)
         self.generated = 0
         self.pending = -1  # last sampled token, fed at the next decoding step
         self.stream: TextStream | None = None

@@ -45,6 +45,11 @@ class ServeSettings(Section):
         default_factory=list, description="LoRA adapters served on the base models, each under "
         "its own name, their rows batched with the base's (serve/multi_lora.py)",
     )  # fmt: skip
+    runtime_lora_updating: bool = Field(
+        False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+        "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING): adapters loaded and unloaded while running; "
+        "one worker only",
+    )  # fmt: skip
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = Field(None, description="Bearer key every /v1 route requires")
@@ -97,6 +102,9 @@ class ServeSettings(Section):
         if dupes:
             raise ValueError(f"the name {dupes[0]!r} is given to two served models or adapters; "
                              "name each --model / --lora once")  # fmt: skip
+        if self.runtime_lora_updating and self.workers > 1:
+            raise ValueError("runtime LoRA updating needs --workers 1: a load would reach one "
+                             "worker of several")  # fmt: skip
         return self
 
     def torch_threads(self) -> int | None:

@@ -11,14 +11,15 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.serve.cache import ResponseCache, model_identity
 from lmforge.serve.embeddings import Embedder, embedder_settings
 from lmforge.serve.engine import Engine
 from lmforge.serve.feedback import FeedbackStore
-from lmforge.serve.lora_adapters import adapter_base, read_adapter
+from lmforge.serve.lora_adapters import AdapterUpdate, adapter_base, read_adapter
 from lmforge.serve.lora_engine import AdapterEngine
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.model_dir import load_served_model, model_tasks
@@ -54,6 +55,7 @@ class ServeState:
         served = {**self.embedders, **self.engines, **self.adapters}
         names = [spec.name for spec in [*self.settings.models, *self.settings.loras]
                  if spec.name in served]  # fmt: skip
+        names += [name for name in self.adapters if name not in names]  # loaded at runtime
         return {name: served[name].max_context for name in names}
 
     def tasks(self, name: str) -> list[str]:
@@ -166,12 +168,41 @@ def _attach_loras(state: ServeState, engine: Any, loras: list[LoraSpec]) -> None
     updates = [read_adapter(engine.model, lora.name, lora.path) for lora in loras]
     engine.attach_adapters(updates)
     for update in updates:
-        state.adapters[update.name] = AdapterEngine(engine, update)
-        # the response cache's key: the adapter's bytes and the base's
-        base_id = state.model_ids[engine.name]
-        state.model_ids[update.name] = f"{model_identity(update.name, update.path)}+{base_id}"
-        state.created[update.name] = int(time.time())
-        log.info("serving LoRA adapter %s from %s on %s", update.name, update.path, engine.name)
+        _serve_adapter(state, engine, update)
+
+
+def _serve_adapter(state: ServeState, engine: Engine, update: AdapterUpdate) -> None:
+    """Routes requests for the adapter's name to it, on its base's engine."""
+    # the response cache's key: the adapter's bytes and the base's
+    base_id = state.model_ids[engine.name]
+    state.model_ids[update.name] = f"{model_identity(update.name, update.path)}+{base_id}"
+    state.created[update.name] = int(time.time())
+    state.adapters[update.name] = AdapterEngine(engine, update)
+    log.info("serving LoRA adapter %s from %s on %s", update.name, update.path, engine.name)
+
+
+def load_adapter(state: ServeState, name: str, path: Path, base: str | None) -> None:
+    """(runtime, --allow-runtime-lora-updating) Reads one more adapter and serves it."""
+    if name in state.max_context():
+        raise InputError(f"the name {name!r} is served already; unload it first or pick another")
+    bases = {spec.name: spec.path for spec in state.settings.models
+             if type(state.engines.get(spec.name)) is Engine}  # fmt: skip
+    engine = state.engines[adapter_base(name, path, base, bases)]
+    update = read_adapter(engine.model, name, path)
+    engine.load_adapter(update)
+    _serve_adapter(state, engine, update)
+
+
+def unload_adapter(state: ServeState, name: str) -> None:
+    """(runtime) Stops serving an adapter (refused while its requests wait or run)."""
+    adapter = state.adapters.get(name)
+    if adapter is None:
+        raise KeyError(name)
+    adapter.base.unload_adapter(name)
+    del state.adapters[name]
+    state.model_ids.pop(name, None)
+    state.created.pop(name, None)
+    log.info("unloaded LoRA adapter %s", name)
 
 
 def stop_engines(state: ServeState) -> None:

@@ -52,7 +52,7 @@ from lmforge.serve.chunked_prefill import ChunkedPrefills
 from lmforge.serve.detok import TextStream
 from lmforge.serve.emit import emit_tokens
 from lmforge.serve.handle import WakeBatch
-from lmforge.serve.multi_lora import AdapterSlots
+from lmforge.serve.multi_lora import AdapterSlots, install
 from lmforge.serve.prefix_cache import PrefixCache
 from lmforge.serve.request_book import RequestBook, Row
 from lmforge.serve.sampling import new_generator
@@ -92,6 +92,8 @@ class StepLoop:
         self._chunked = ChunkedPrefills(self.model, self.device, max_prefill_tokens, self._prefix)
         self._stopping = False  # set by shutdown: the loop returns once nothing is left
         self._adapters = AdapterSlots()  # LoRA adapters' slots (serve/multi_lora.py): none yet
+        self._lora: dict = {}  # adapter name -> its updates, the set _adapters serves
+        self._lora_pending: tuple | None = None  # a runtime change, installed between steps
 
     @property
     def _counts(self) -> dict[str, int]:
@@ -110,8 +112,10 @@ class StepLoop:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (book.waiting or self._running or self._chunked or self._stopping):
+                    while not (book.waiting or self._running or self._chunked or self._stopping
+                               or self._lora_pending):  # fmt: skip
                         self._lock.wait()
+                    self._install_adapters()
                     self._apply_aborts()
                     if self._stopping and not (book.waiting or self._running or self._chunked):
                         return
@@ -133,6 +137,16 @@ class StepLoop:
                     with self._lock:
                         self._running, self._cache = [], None
                         self._chunked.clear()
+
+    def _install_adapters(self) -> None:
+        """(lock held, between steps: no forward runs) A pending change of the LoRA adapters
+        served (Engine.load_adapter / unload_adapter) goes into the model."""
+        if self._lora_pending is None:
+            return
+        self._lora, self._adapters, stacks, done = self._lora_pending
+        install(self.model, self._adapters, stacks)
+        self._lora_pending = None
+        done.set()
 
     def _apply_aborts(self) -> None:
         """(lock held) Drops aborted rows from the running batch."""

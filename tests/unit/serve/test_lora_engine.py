@@ -255,3 +255,39 @@ def test_each_row_gets_its_own_update_on_2d_and_3d_inputs():
                 a, b = updates[name]["0"]
                 want[i] += x[i] @ a.T @ b.T
         torch.testing.assert_close(model(x), want)
+
+
+# -- loading and unloading while running ---------------------------------------------------------
+
+
+def test_adapters_load_and_unload_while_requests_run(serve_model_dir, lora_dirs, alone, tmp_path):
+    engine = _engine(serve_model_dir, prefix_cache_mb=8)  # starts with no adapter
+    try:
+        slow = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        running = engine.submit(PROMPTS[1], slow, "running")  # on the base throughout
+        engine.load_adapter(read_adapter(engine.model, "a1", lora_dirs["a1"][0]))
+        _assert_same(_answer(engine, PROMPTS[0], "l1", "a1"), alone["a1"][0])
+        engine.load_adapter(read_adapter(engine.model, "a2", lora_dirs["a2"][0]))
+        _assert_same(_answer(engine, PROMPTS[2], "l2", "a2"), alone["a2"][2])
+        with pytest.raises(InputError, match="already serves 'a1'"):
+            engine.load_adapter(read_adapter(engine.model, "a1", lora_dirs["a1"][0]))
+
+        busy = engine.submit(PROMPTS[0], slow, "busy", adapter="a1")
+        with pytest.raises(InputError, match="'a1' has 1 requests waiting or running"):
+            engine.unload_adapter("a1")
+        collect(busy)
+        engine.unload_adapter("a1")
+        with pytest.raises(InputError, match="serves no LoRA adapter 'a1'"):
+            engine.submit(PROMPTS[0], GREEDY, "gone", adapter="a1")
+        _assert_same(_answer(engine, PROMPTS[2], "l3", "a2"), alone["a2"][2])  # slots moved
+
+        # a1's name again with a2's weights: a1's cached blocks of PROMPTS[0] must not serve it
+        engine.load_adapter(read_adapter(engine.model, "a1", lora_dirs["a2"][0]))
+        _assert_same(_answer(engine, PROMPTS[0], "l4", "a1"), alone["a2"][0])
+        assert collect(running).finish_reason == "length"
+        for name in ("a1", "a2"):
+            engine.unload_adapter(name)
+        assert not any(isinstance(m, MultiLoRALinear) for m in engine.model.modules())
+        _assert_same(_answer(engine, PROMPTS[2], "l5"), alone[None][2])
+    finally:
+        engine.shutdown()

@@ -230,3 +230,40 @@ def test_the_cli_takes_lora_and_vllms_lora_modules_on_flags_and_in_a_serve_yaml(
     result = CliRunner().invoke(app, ["serve", "--config", str(config), "--lora", f"two={a2}"])
     assert result.exit_code == 0, result.output
     assert [s.name for s in started[-1].loras] == ["one", "two"]
+    assert not started[-1].runtime_lora_updating
+    result = CliRunner().invoke(app, ["serve", *flags, "--allow-runtime-lora-updating"])
+    assert result.exit_code == 0 and started[-1].runtime_lora_updating
+
+
+def test_runtime_loading_behind_its_flag(servers, serve_model_dir, lora_dirs, openai_server):
+    import httpx
+
+    lora, merged, _ = servers
+    off = str(lora.base_url).removesuffix("/v1/")
+    # flag off: no such route (the chat page's static mount answers a POST with 405)
+    assert httpx.post(f"{off}/v1/load_lora_adapter", json={}).status_code in (404, 405)
+    client = openai_server([{"name": "base", "path": serve_model_dir}], runtime_lora_updating=True)
+    url = str(client.base_url).removesuffix("/v1/")
+    load = {"lora_name": "late", "lora_path": str(lora_dirs["a2"][0])}
+    answer = httpx.post(f"{url}/v1/load_lora_adapter", json=load)
+    assert answer.status_code == 200 and "added successfully" in answer.text
+    models = {m.id: m.model_extra for m in client.models.list().data}
+    assert models["late"]["parent"] == "base" and models["late"]["root"] == load["lora_path"]
+    assert _complete(client, "late", PROMPTS[2])[:2] == _complete(merged, "m2", PROMPTS[2])[:2]
+    again = httpx.post(f"{url}/v1/load_lora_adapter", json=load)
+    assert again.status_code == 400 and "served already" in again.json()["error"]["message"]
+    bad = httpx.post(f"{url}/v1/load_lora_adapter", json={**load, "lora_name": "x",
+                                                         "lora_path": str(serve_model_dir)})  # fmt: skip
+    assert bad.status_code == 400 and "adapter_config.json is missing" in bad.text
+
+    gone = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late"})
+    assert gone.status_code == 200 and "removed successfully" in gone.text
+    assert "late" not in {m.id for m in client.models.list().data}
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.NotFoundError):
+        _complete(client, "late", PROMPTS[2])
+    unknown = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late"})
+    assert unknown.status_code == 404
+    with pytest.raises(ValidationError, match="needs --workers 1"):
+        ServeSettings(models=[{"name": "b", "path": serve_model_dir}], workers=2,
+                      runtime_lora_updating=True)  # fmt: skip
