@@ -5,7 +5,7 @@ loop, and the steps it orders under one lock, are serve/step_loop.py (StepLoop, 
 admission, prefill with the prefix cache and chunked prefill, decoding, emission, failures that
 stay local). This module is what the server calls: start (the loop's thread, after compiling
 the decoding step when asked), attach_adapters (LoRA adapters served on its model, before
-start), submit (the prompt checks, the queue's limit; a row's adapter), abort, stats,
+start; load_adapter / unload_adapter while running), submit (the prompt checks, the queue's limit; a row's adapter), abort, stats,
 shutdown (drain or abort, with a timeout), token_room, and from_dir; torch's thread count is
 set once per process (serve/engine_threads.py). Throughput (16 concurrent requests 5.9x one at a
 time through the engine, 5.1x generate() one at a time, one thread):

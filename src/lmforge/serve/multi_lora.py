@@ -11,7 +11,9 @@ or chunked) or decoding step, over the same KV cache layout, and each row gets e
 B A x (the other columns add exact zeros). Two dense matmuls cost less on a CPU than a gather of
 each row's A and B and two batched matmuls (B tiny ones per decoding step) while n * r stays
 small next to the layer's width (docs/benchmarks.md, multi-LoRA). A forward with no adapter row
-runs the base alone, as before.
+runs the base alone, as before. A change of the adapters while serving (Engine.load_adapter)
+builds the new stacks beside the model (stack_adapters) and installs them between two steps
+(install), unwrapping the linears no adapter targets any more.
 
 The selection is thread-local: the engine's thread sets it, and another thread running the same
 module (the base's /v1/embeddings embedder) sees none and gets the base. Not supported, and

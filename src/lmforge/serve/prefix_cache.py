@@ -27,8 +27,9 @@ hashed once however often admission, planning, lookup and stores ask for it.
 A request may carry a cache_salt (vLLM's): hashed in as the first block's parent, it gives the
 request's chain keys no other salt shares, so only requests with the same salt reuse each other's
 blocks. Without it, time to first token would tell one client whether another had sent a prefix.
-A row of a LoRA adapter (serve/multi_lora.py) hashes the adapter's name into its root the same
-way: its keys/values are another model's, never given to the base's or another adapter's rows.
+A row of a LoRA adapter (serve/multi_lora.py) hashes the adapter's key (its name and a digest
+of its weights) into its root the same way: its keys/values are another model's, never given to
+the base's or another adapter's rows, nor to an adapter loaded later under the same name.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
 def salt_root(salt: str | None, adapter: str | None = None) -> bytes:
     """The parent key of a chain's first block: _ROOT unsalted, else the salt's own hash (its
     own person, so that no unsalted block key equals it); a LoRA adapter's rows (another
-    model's keys/values) hash its name over that, so no two adapters, nor the base, share."""
+    model's keys/values) hash its key (name@digest) over that, so no two adapters, nor the
+    base, share."""
     root = _ROOT
     if salt is not None:
         root = hashlib.blake2b(salt.encode(), digest_size=16, person=b"lmforge-salt").digest()

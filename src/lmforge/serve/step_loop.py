@@ -25,7 +25,8 @@ prefill_groups), the forward passes of steps 2-3 (serve/causal_step.py, which al
 batch is one right-aligned cache rather than fixed slots, with measurements), emission of step 4
 (serve/emit.py), and the requests' queue, aborts, final events and counts
 (serve/request_book.py). Before each forward pass it names the pass's rows' LoRA adapters
-(serve/multi_lora.py; none attached: nothing). Engine (serve/engine.py) adds the public API and
+(serve/multi_lora.py; none attached: nothing), and between two steps it installs a change of
+the adapters loaded at runtime (_install_adapters). Engine (serve/engine.py) adds the public API and
 starts and stops the thread. Seq2SeqEngine overrides the steps that depend on the model's shape (_prefill,
 _prefill_forward, _history_start, _decode, _keep, _cache_usage): its batch is cohorts, each with
 its own encoder output and decoder cache, not one right-aligned cache; the loop, admission,
