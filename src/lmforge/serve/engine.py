@@ -166,7 +166,8 @@ class Engine(StepLoop):
         """Serves one more LoRA adapter while running (vLLM's runtime loading): its stacks are
         built beside the model, then installed by the loop between two steps."""
         if self.compiled_decode:
-            raise ConfigError(f"engine {self.name!r} compiles its decoding step: no adapters")
+            raise ConfigError(f"engine {self.name!r} compiles its decoding step, which adapters "
+                              "run outside of; serve with --compile off")  # fmt: skip
         with self._lora_change:  # one change at a time, each from the set the last one left
             with self._lock:
                 if adapter.name in self._lora:

@@ -137,7 +137,8 @@ def _start_engine(state: ServeState, spec: Any, loras: list[LoraSpec]) -> None:
         engine = engine_class(spec.path).from_dir(
             spec.path, name=spec.name, device=s.device,
             max_batch_size=s.max_batch_size, max_queue=s.max_queue, threads=s.torch_threads(),
-            compile="off" if loras and s.compile == "auto" else s.compile,
+            compile="off" if (loras or s.runtime_lora_updating) and s.compile == "auto"
+            else s.compile,  # adapters run outside the compiled step
             checkpoint_defaults=s.generation_config == "auto", prefix_cache_mb=s.prefix_cache_mb,
         )  # fmt: skip
         state.engines[spec.name] = engine  # stopped with the others if its adapters fail
