@@ -26,6 +26,23 @@ def serve_cmd(
         list[str] | None,
         typer.Option("--model", help="Model dir, or NAME=DIR to serve it under NAME (repeatable)."),
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            "--lora-modules",
+            help='LoRA adapter NAME=ADAPTER_DIR (or vLLM\'s JSON {"name", "path", '
+            '"base_model_name"}) served on its base model under NAME, batched with the base\'s '
+            "requests (repeatable).",
+        ),
+    ] = None,
+    allow_runtime_lora_updating: Annotated[
+        bool,
+        typer.Option(
+            help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING); one worker only."
+        ),
+    ] = False,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[
@@ -120,25 +137,28 @@ def serve_cmd(
         return
     from lmforge.config import validate
     from lmforge.errors import ConfigError
-    from lmforge.serve.settings import ServeSettings, parse_model_specs
+    from lmforge.serve.settings import ServeSettings, parse_lora_specs, parse_model_specs
 
     flags = {"host": host, "port": port, "workers": workers, "device": device,
              "max_batch_size": max_batch_size, "max_queue": max_queue,
              "request_timeout_s": request_timeout, "threads": threads,
              "compile": compile, "generation_config": generation_config, "loop": loop,
              "http": http, "prefix_cache_mb": prefix_cache_mb, "embed_pooling": embed_pooling,
-             "embed_normalize": embed_normalize}  # fmt: skip
+             "embed_normalize": embed_normalize,
+             "runtime_lora_updating": allow_runtime_lora_updating}  # fmt: skip
     if config is not None:
         from lmforge.serve.recipe_config import load_serve_config
 
         base = load_serve_config(config)
         given = {k: v for k, v in flags.items() if _given_on_command_line(ctx, k)}
         fields = {**base.model_dump(), **given, "api_key": api_key or base.api_key}
+        fields["loras"] = [*fields["loras"], *parse_lora_specs(lora or [])]
     elif not model:
         raise ConfigError("lmforge serve needs --model DIR (or NAME=DIR); see --help")
     else:
         fields = {"models": parse_model_specs(model), "kb": kb, "safety": safety,
-                  "feedback_db": feedback_db, **flags, "api_key": api_key}  # fmt: skip
+                  "feedback_db": feedback_db, **flags, "api_key": api_key,
+                  "loras": parse_lora_specs(lora or [])}  # fmt: skip
     settings = validate(ServeSettings, fields, where="serve")
     from lmforge.serve.server import serve  # torch and FastAPI: only once the flags are right
 
@@ -148,7 +168,8 @@ def serve_cmd(
 def _given_on_command_line(ctx: typer.Context, setting: str) -> bool:
     """Whether the flag behind a ServeSettings field was typed (or came from the environment),
     not left at its default: only such flags override a serve.yaml's values."""
-    param = {"request_timeout_s": "request_timeout"}.get(setting, setting)
+    param = {"request_timeout_s": "request_timeout",
+             "runtime_lora_updating": "allow_runtime_lora_updating"}.get(setting, setting)  # fmt: skip
     source = ctx.get_parameter_source(param)
     return source is not None and source.name != "DEFAULT"
 

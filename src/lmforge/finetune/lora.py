@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.config import Section
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.model.quant import QuantLinear, quantized_numel
 from lmforge.model.t5 import wraps_transformers
 
@@ -100,7 +100,7 @@ def matches(name: str, patterns: list[str]) -> bool:
     )
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -122,7 +122,7 @@ def inject(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         if cfg.quantize != "none":
             base = QuantLinear.from_linear(base, cfg.quantize, cfg.group_size)
         device = next(iter(model.parameters())).device
-        _replace(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout).to(device))
+        replace_module(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout).to(device))
     return model
 
 
@@ -146,7 +146,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 def merge(model: nn.Module) -> nn.Module:
     """Folds every adapter into its base: the model becomes a plain Transformer again."""
     for name, module in lora_modules(model).items():
-        _replace(model, name, module.merged())
+        replace_module(model, name, module.merged())
     return model
 
 
@@ -254,44 +254,80 @@ def save_peft_adapter(
     return out_dir
 
 
-def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
-    """Injects adapters per adapter_config.json and loads their weights (inverse of save)."""
+def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, Tensor]]:
+    """(adapter_config.json, adapter_model.safetensors' tensors) of a PEFT adapter directory;
+    a missing file or an unreadable config is an InputError naming it."""
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    config_path, weights_path = (
+        adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    )  # fmt: skip
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise InputError(
+                f"{path} is missing: a PEFT adapter directory holds adapter_config.json and "
+                "adapter_model.safetensors (lmforge finetune --method lora writes them)"
+            )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
+        raise InputError(f"{config_path} has no r / lora_alpha: not a LoRA adapter config")
+    return config, load_file(str(weights_path))
+
+
+def peft_module_pairs(
+    model: nn.Module, saved: dict[str, Tensor]
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """Our linear's name -> its PEFT (lora_A, lora_B) pairs, one per Hugging Face module it
+    fuses (q/k/v, gate/up), in the order the export's name table concatenates them. Adapted
+    modules that are not in the model's table are an InputError naming one."""
+    from lmforge.model.hf_families import FAMILIES, family_for
+
+    adapted = {
+        k.removeprefix("base_model.model.").split(".lora_")[0] for k in saved if ".lora_" in k
+    }
+    pairs: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    used: set[str] = set()
+    for rule in FAMILIES[family_for(model.config)].rules(model.config):
+        hf = [h.removesuffix(".weight") for h in rule.hf_names]
+        if not rule.ours.endswith(".weight") or not any(h in adapted for h in hf):
+            continue
+        missing = [h for h in hf if h not in adapted]
+        if missing:  # one part of a fused linear adapted alone: a zero update for the others
+            raise InputError(
+                f"the adapter adapts {sorted(set(hf) - set(missing))[0]} but not {missing[0]}, "
+                f"which {rule.ours.removesuffix('.weight')} fuses with it; adapt all of them"
+            )
+        keys = [f"base_model.model.{h}" for h in hf]
+        pairs[rule.ours.removesuffix(".weight")] = [
+            (saved[f"{k}.lora_A.weight"], saved[f"{k}.lora_B.weight"]) for k in keys
+        ]
+        used.update(hf)
+    unknown = sorted(adapted - used)
+    if unknown:
+        raise InputError(
+            f"the adapter adapts {unknown[0]}, which this model does not have: it was trained "
+            "on another architecture"
+        )
+    return pairs
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Injects adapters per adapter_config.json and loads their weights (inverse of save)."""
+    config, saved = read_peft_adapter(adapter_dir)
+    pairs = peft_module_pairs(model, saved)
     cfg = LoraConfig(
         r=config["r"],
         alpha=config["lora_alpha"],
         dropout=config.get("lora_dropout", 0.0),
-        targets=_our_targets_for(model, saved),
+        targets=list(pairs),
     )
     inject(model, cfg)
-    _load_from_peft(model, saved)
-    return model
-
-
-def _our_targets_for(model: nn.Module, saved: dict[str, Tensor]) -> list[str]:
-    from lmforge.model.hf_families import FAMILIES, family_for
-
-    rules = FAMILIES[family_for(model.config)].rules(model.config)
-    adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in saved}
-    return [
-        r.ours.removesuffix(".weight")
-        for r in rules
-        if r.ours.endswith(".weight")
-        and any(h.removesuffix(".weight") in adapted for h in r.hf_names)
-    ]
-
-
-def _load_from_peft(model: nn.Module, saved: dict[str, Tensor]) -> None:
-    from lmforge.model.hf_families import FAMILIES, family_for
-
-    rules = {r.ours: r for r in FAMILIES[family_for(model.config)].rules(model.config)}
     with torch.no_grad():
         for name, module in lora_modules(model).items():
-            rule = rules[f"{name}.weight"]
-            keys = [f"base_model.model.{h.removesuffix('.weight')}" for h in rule.hf_names]
-            module.lora_A.weight.copy_(saved[f"{keys[0]}.lora_A.weight"])
-            module.lora_B.weight.copy_(torch.cat([saved[f"{k}.lora_B.weight"] for k in keys]))
+            module.lora_A.weight.copy_(pairs[name][0][0])
+            module.lora_B.weight.copy_(torch.cat([b for _, b in pairs[name]]))
+    return model

@@ -128,6 +128,8 @@ class CompletionService:
                     engine.abort(handle.request_id)
             for handle in handles:
                 self._observe(prep.model, handle)
+            if handles:
+                self.state.metrics.model_requests.labels(prep.model).inc()
 
     def _observe(self, model: str, handle: Any) -> None:
         m = self.state.metrics

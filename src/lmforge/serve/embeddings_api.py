@@ -57,6 +57,11 @@ def embedder_for(state: Any, model: str) -> Any:
     embedder = state.embedders.get(model)
     if embedder is not None:
         return embedder
+    if model in state.adapters:
+        raise APIError(
+            400, f"{model!r} is a LoRA adapter: it serves completions and chat; embeddings come "
+            f"from its base, {state.adapters[model].base.name!r}", param="model",
+        )  # fmt: skip
     if model in state.engines:
         raise APIError(
             400, f"the model {model!r} is an encoder-decoder (generation) model and does not "

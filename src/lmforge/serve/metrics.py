@@ -127,6 +127,10 @@ class ServerMetrics:
             "lmforge_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
             registry=r,
         )  # fmt: skip
+        self.model_requests = Counter(
+            "lmforge_model_requests", "Completion and chat requests run, by model or LoRA adapter",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.prompt_tokens = Counter(
             "lmforge_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
         )

@@ -27,6 +27,9 @@ hashed once however often admission, planning, lookup and stores ask for it.
 A request may carry a cache_salt (vLLM's): hashed in as the first block's parent, it gives the
 request's chain keys no other salt shares, so only requests with the same salt reuse each other's
 blocks. Without it, time to first token would tell one client whether another had sent a prefix.
+A row of a LoRA adapter (serve/multi_lora.py) hashes the adapter's key (its name and a digest
+of its weights) into its root the same way: its keys/values are another model's, never given to
+the base's or another adapter's rows, nor to an adapter loaded later under the same name.
 """
 
 from __future__ import annotations
@@ -59,12 +62,18 @@ def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
-def salt_root(salt: str | None) -> bytes:
+def salt_root(salt: str | None, adapter: str | None = None) -> bytes:
     """The parent key of a chain's first block: _ROOT unsalted, else the salt's own hash (its
-    own person, so that no unsalted block key equals it)."""
-    if salt is None:
-        return _ROOT
-    return hashlib.blake2b(salt.encode(), digest_size=16, person=b"lmforge-salt").digest()
+    own person, so that no unsalted block key equals it); a LoRA adapter's rows (another
+    model's keys/values) hash its key (name@digest) over that, so no two adapters, nor the
+    base, share."""
+    root = _ROOT
+    if salt is not None:
+        root = hashlib.blake2b(salt.encode(), digest_size=16, person=b"lmforge-salt").digest()
+    if adapter is not None:
+        key = root + adapter.encode()
+        root = hashlib.blake2b(key, digest_size=16, person=b"lmforge-lora").digest()
+    return root
 
 
 class TokenChain:
@@ -73,11 +82,15 @@ class TokenChain:
     for; a salt (the request's cache_salt) roots them apart from every other salt's."""
 
     def __init__(
-        self, tokens: Iterable[int], block_tokens: int = BLOCK_TOKENS, salt: str | None = None
+        self,
+        tokens: Iterable[int],
+        block_tokens: int = BLOCK_TOKENS,
+        salt: str | None = None,
+        adapter: str | None = None,
     ) -> None:
         self.tokens = list(tokens)
         self.block_tokens = block_tokens
-        self._root = salt_root(salt)
+        self._root = salt_root(salt, adapter)
         self._keys: list[bytes] = []
         # a lookup of it counted in the stats: a prefill retried row by row (its batched pass
         # failed) looks the row up again, and the metrics must not count its prompt twice

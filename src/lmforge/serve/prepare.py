@@ -84,7 +84,7 @@ class RequestPreparer:
         self.state = state  # server.ServeState: engines, cache, safety, kb, metrics, model_ids
 
     def engine_for(self, model: str) -> Any:
-        engine = self.state.engines.get(model)
+        engine = self.state.engines.get(model) or self.state.adapters.get(model)
         if engine is None and model in self.state.embedders:  # vLLM refuses them so too
             raise APIError(
                 400, f"the model {model!r} is an embedding model: it serves /v1/embeddings, not "

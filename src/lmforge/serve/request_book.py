@@ -28,12 +28,20 @@ class Row:
     """A request inside the engine: its params, its text stream, and its place in the batch."""
 
     def __init__(
-        self, handle: RequestHandle, prompt: list[int], params: SamplingParams, stops: frozenset
+        self,
+        handle: RequestHandle,
+        prompt: list[int],
+        params: SamplingParams,
+        stops: frozenset,
+        adapter: str | None = None,
+        adapter_key: str | None = None,
     ) -> None:
         self.handle, self.prompt, self.params, self.stops = handle, prompt, params, stops
+        self.adapter = adapter  # the LoRA adapter its forward passes add (None: the base)
         self.stop_list = sorted(stops)  # what the logits rules take, sorted once
         # the tokens its cache holds and their prefix-cache block keys (serve/prefix_cache.py)
-        self.chain = TokenChain(prompt, salt=params.cache_salt)  # shared only within a salt
+        # shared only within a salt and an adapter's weights (adapter_key: name@digest)
+        self.chain = TokenChain(prompt, salt=params.cache_salt, adapter=adapter_key or adapter)
         self.generated = 0
         self.pending = -1  # last sampled token, fed at the next decoding step
         self.stream: TextStream | None = None

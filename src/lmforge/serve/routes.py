@@ -153,7 +153,8 @@ def add_status_routes(app: FastAPI, state: ServeState) -> None:
     async def models() -> dict[str, Any]:
         data = [
             {"id": name, "object": "model", "created": state.created.get(name, 0),
-             "owned_by": "lmforge", "max_model_len": context, "tasks": state.tasks(name)}
+             "owned_by": "lmforge", "max_model_len": context, "tasks": state.tasks(name),
+             **state.lineage(name)}
             for name, context in state.max_context().items()
         ]  # fmt: skip
         return {"object": "list", "data": data}

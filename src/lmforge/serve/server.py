@@ -22,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from exc
 
 from lmforge.serve.guard import Guard
+from lmforge.serve.lora_routes import add_lora_routes
 from lmforge.serve.metrics import GAUGE_PERIOD_S, MULTIPROC_ENV, ServerMetrics
 from lmforge.serve.retrieval import KnowledgeBase
 from lmforge.serve.routes import (
@@ -61,6 +62,8 @@ def create_app(settings: ServeSettings | None = None, kb: KnowledgeBase | None =
     add_embedding_route(app, state)
     add_feedback_route(app, state)
     add_status_routes(app, state)
+    if settings.runtime_lora_updating:
+        add_lora_routes(app, state)
     if WEB_DIR.is_dir():
         from fastapi.staticfiles import StaticFiles
 

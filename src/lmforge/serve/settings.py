@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from lmforge.config import Section
 from lmforge.errors import ConfigError
@@ -28,8 +28,28 @@ class ModelSpec(Section):
     path: Path
 
 
+class LoraSpec(Section):
+    """A LoRA adapter served on a base model under its own name (vLLM's --lora-modules)."""
+
+    name: str = Field(min_length=1, description="the `model` name requests pick it by")
+    path: Path = Field(description="its PEFT adapter directory (adapter_config.json + weights)")
+    base_model_name: str | None = Field(
+        None, description="the served model it attaches to (default: its adapter_config.json's "
+        "base_model_name_or_path, or the one model that generates)",
+    )  # fmt: skip
+
+
 class ServeSettings(Section):
     models: list[ModelSpec] = Field(min_length=1, description="models served, by name")
+    loras: list[LoraSpec] = Field(
+        default_factory=list, description="LoRA adapters served on the base models, each under "
+        "its own name, their rows batched with the base's (serve/multi_lora.py)",
+    )  # fmt: skip
+    runtime_lora_updating: bool = Field(
+        False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+        "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING): adapters loaded and unloaded while running; "
+        "one worker only",
+    )  # fmt: skip
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = Field(None, description="Bearer key every /v1 route requires")
@@ -74,6 +94,18 @@ class ServeSettings(Section):
         None, description="L2-normalise /v1/embeddings vectors; None (auto): as a "
         "sentence-transformers dir's modules.json says (a Normalize module), else on",
     )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _names_once(self) -> ServeSettings:
+        names = [m.name for m in self.models] + [a.name for a in self.loras]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"the name {dupes[0]!r} is given to two served models or adapters; "
+                             "name each --model / --lora once")  # fmt: skip
+        if self.runtime_lora_updating and self.workers > 1:
+            raise ValueError("runtime LoRA updating needs --workers 1: a load would reach one "
+                             "worker of several")  # fmt: skip
+        return self
 
     def torch_threads(self) -> int | None:
         """Threads each worker's engines compute with: --threads, else OMP_NUM_THREADS (None:
@@ -124,6 +156,28 @@ def parse_model_specs(values: list[str]) -> list[ModelSpec]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"--model: name {dupes[0]!r} is used twice; name them NAME=DIR")
+    return specs
+
+
+def parse_lora_specs(values: list[str]) -> list[LoraSpec]:
+    """`--lora NAME=DIR`, or vLLM's JSON form {"name", "path", "base_model_name"}."""
+    specs = []
+    for value in values:
+        if value.lstrip().startswith("{"):
+            try:
+                fields = json.loads(value)
+                specs.append(LoraSpec.model_validate(fields))
+            except (ValueError, ValidationError) as exc:
+                raise ConfigError(f"--lora {value}: not a valid adapter object "
+                                  f'{{"name", "path", "base_model_name"?}}: {exc}') from None  # fmt: skip
+        else:
+            name, sep, path = value.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--lora {value}: give NAME=ADAPTER_DIR")
+            specs.append(LoraSpec(name=name, path=Path(path)))
+    for spec in specs:
+        if not spec.path.is_dir():
+            raise ConfigError(f"--lora {spec.name}={spec.path}: not a directory (a PEFT adapter)")
     return specs
 
 

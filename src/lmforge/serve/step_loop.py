@@ -24,8 +24,10 @@ parts beside it: the scheduling policy of steps 1-2 (serve/scheduler.py: admit, 
 prefill_groups), the forward passes of steps 2-3 (serve/causal_step.py, which also says why the
 batch is one right-aligned cache rather than fixed slots, with measurements), emission of step 4
 (serve/emit.py), and the requests' queue, aborts, final events and counts
-(serve/request_book.py). Engine (serve/engine.py) adds the public API and starts and stops the
-thread. Seq2SeqEngine overrides the steps that depend on the model's shape (_prefill,
+(serve/request_book.py). Before each forward pass it names the pass's rows' LoRA adapters
+(serve/multi_lora.py; none attached: nothing), and between two steps it installs a change of
+the adapters loaded at runtime (_install_adapters). Engine (serve/engine.py) adds the public API and
+starts and stops the thread. Seq2SeqEngine overrides the steps that depend on the model's shape (_prefill,
 _prefill_forward, _history_start, _decode, _keep, _cache_usage): its batch is cohorts, each with
 its own encoder output and decoder cache, not one right-aligned cache; the loop, admission,
 emission and failure handling are shared as they are.
@@ -51,6 +53,7 @@ from lmforge.serve.chunked_prefill import ChunkedPrefills
 from lmforge.serve.detok import TextStream
 from lmforge.serve.emit import emit_tokens
 from lmforge.serve.handle import WakeBatch
+from lmforge.serve.multi_lora import AdapterSlots, install
 from lmforge.serve.prefix_cache import PrefixCache
 from lmforge.serve.request_book import RequestBook, Row
 from lmforge.serve.sampling import new_generator
@@ -89,6 +92,9 @@ class StepLoop:
         # prompts over the budget, prefilled a chunk a step
         self._chunked = ChunkedPrefills(self.model, self.device, max_prefill_tokens, self._prefix)
         self._stopping = False  # set by shutdown: the loop returns once nothing is left
+        self._adapters = AdapterSlots()  # LoRA adapters' slots (serve/multi_lora.py): none yet
+        self._lora: dict = {}  # adapter name -> its updates, the set _adapters serves
+        self._lora_pending: tuple | None = None  # a runtime change, installed between steps
 
     @property
     def _counts(self) -> dict[str, int]:
@@ -107,8 +113,10 @@ class StepLoop:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (book.waiting or self._running or self._chunked or self._stopping):
+                    while not (book.waiting or self._running or self._chunked or self._stopping
+                               or self._lora_pending):  # fmt: skip
                         self._lock.wait()
+                    self._install_adapters()
                     self._apply_aborts()
                     if self._stopping and not (book.waiting or self._running or self._chunked):
                         return
@@ -130,6 +138,16 @@ class StepLoop:
                     with self._lock:
                         self._running, self._cache = [], None
                         self._chunked.clear()
+
+    def _install_adapters(self) -> None:
+        """(lock held, between steps: no forward runs) A pending change of the LoRA adapters
+        served (Engine.load_adapter / unload_adapter) goes into the model."""
+        if self._lora_pending is None:
+            return
+        self._lora, self._adapters, stacks, done = self._lora_pending
+        install(self.model, self._adapters, stacks)
+        self._lora_pending = None
+        done.set()
 
     def _apply_aborts(self) -> None:
         """(lock held) Drops aborted rows from the running batch."""
@@ -203,6 +221,7 @@ class StepLoop:
         """The next max_prefill_tokens of the first over-budget prompt; at its end the request
         samples its first token and joins the batch. Running rows decode between chunks."""
         row = self._chunked.rows[0]
+        self._adapters.select([row.adapter])
         try:
             prefilled = self._chunked.step(self._start)
             if prefilled is not None:  # the row has left _chunked: a failure must name it here
@@ -241,6 +260,7 @@ class StepLoop:
         """The newcomers' prompts in one left-padded forward pass (from their prefix cache hits
         on): their cache and next logits."""
         hits = [self._prefix.lookup(r.chain) for r in rows]
+        self._adapters.select([r.adapter for r in rows])
         cache, logits = prefill_pass(self.model, [r.prompt for r in rows], self.device, hits)
         self._prefix.store_batch([r.chain for r in rows], cache)
         for row in rows:
@@ -253,6 +273,7 @@ class StepLoop:
         assert cache is not None
         try:
             tokens = [r.pending for r in rows]
+            self._adapters.select([r.adapter for r in rows])
             logits = decode_pass(self.model, cache, tokens, self.device, self.compiled_decode)
         except Exception as exc:  # fail this step's rows, keep serving
             log.exception("decoding step failed for %d requests", len(rows))

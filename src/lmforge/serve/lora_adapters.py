@@ -1,0 +1,198 @@
+"""The LoRA adapters `lmforge serve --lora NAME=DIR` serves: which base each attaches to, and
+each one read from its PEFT directory and checked against that base at start-up.
+
+A directory is finetune/lora.py's PEFT output or Hugging Face PEFT's for an imported Llama,
+Qwen2 or GPT-2 (the export's name table maps its modules onto ours). An adapter attaches to the
+base its spec names (vLLM's base_model_name), else to the served model whose name or directory
+is its adapter_config.json's base_model_name_or_path, else, when one model generates, to that
+one. Whatever the base cannot run exactly is refused, naming the adapter and what to do: a rank
+or shape that does not fit the base (another model size or vocabulary), a module the base lacks,
+DoRA, trained biases, rank/alpha patterns, modules_to_save (whole replaced layers).
+
+Each adapted linear's update becomes one (A, B) pair with alpha / r folded into B. A fused
+linear of ours (q/k/v, gate/up) from separate PEFT modules keeps one A when they share it (our
+own export writes it so) and otherwise stacks the parts' A and places their B block-diagonally,
+rank the sum of theirs: the update is exact either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.errors import ConfigError, InputError
+from lmforge.finetune.lora import peft_module_pairs, read_peft_adapter
+
+
+@dataclass(frozen=True)
+class AdapterUpdate:
+    """One adapter read for a base: its updates by our linear's name, its own chat template."""
+
+    name: str
+    path: Path
+    updates: dict[str, tuple[Tensor, Tensor]]  # linear -> (A (r, in), scaling * B (out, r))
+    chat_template: str | None  # its directory's own, when it has one
+
+    @property
+    def key(self) -> str:
+        """name@digest of its updates: what its rows' prefix-cache blocks are keyed by, so an
+        adapter unloaded and loaded again under its name with other weights shares nothing
+        with the old one, and the same weights again share."""
+        digest = hashlib.blake2b(digest_size=12)
+        for module, (a, b) in sorted(self.updates.items()):
+            digest.update(module.encode())
+            digest.update(a.numpy().tobytes())
+            digest.update(b.numpy().tobytes())
+        return f"{self.name}@{digest.hexdigest()}"
+
+
+def adapter_base(name: str, path: Path, asked: str | None, bases: dict[str, Path]) -> str:
+    """The served model (of `bases`, name -> dir, those that generate) the adapter attaches to."""
+    where = f"LoRA adapter {name!r} ({path})"
+    if asked is not None:
+        if asked not in bases:
+            raise ConfigError(f"{where}: base_model_name {asked!r} is not a served model that "
+                              f"generates; served: {', '.join(bases)}")  # fmt: skip
+        return asked
+    wanted = str(_config(path, where).get("base_model_name_or_path") or "")
+    for base, base_dir in bases.items():
+        if wanted and (wanted == base or _same_dir(wanted, base_dir)):
+            return base
+    if len(bases) == 1:
+        return next(iter(bases))
+    raise ConfigError(
+        f"{where}: its base_model_name_or_path {wanted!r} is none of the served models "
+        f"({', '.join(bases)}); name its base: --lora-modules "
+        f'\'{{"name": "{name}", "path": "{path}", "base_model_name": "<one of them>"}}\''
+    )
+
+
+def _same_dir(wanted: str, base_dir: Path) -> bool:
+    try:
+        return Path(wanted).resolve() == Path(base_dir).resolve()
+    except OSError:
+        return False
+
+
+def _config(path: Path, where: str) -> dict[str, Any]:
+    file = Path(path) / "adapter_config.json"
+    if not file.is_file():
+        raise InputError(f"{where}: {file} is missing; give a PEFT adapter directory "
+                         "(lmforge finetune --method lora writes one under adapter/)")  # fmt: skip
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{where}: {file} is not valid JSON: {exc}") from None
+
+
+def read_adapter(model: nn.Module, name: str, path: Path) -> AdapterUpdate:
+    """The adapter at `path` as updates of `model`'s linears; InputError when it does not fit."""
+    where = f"LoRA adapter {name!r} ({path})"
+    try:
+        config, saved = read_peft_adapter(path)
+        _refuse_unsupported(config)
+        pairs = peft_module_pairs(model, saved)
+    except (InputError, KeyError) as exc:
+        raise InputError(f"{where}: {exc}") from None
+    if not pairs:
+        raise InputError(f"{where}: it adapts no linear layer of the base")
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    updates = {}
+    for module, parts in pairs.items():
+        linear = model.get_submodule(module)
+        _check_shapes(where, module, parts, r, linear)
+        updates[module] = _fuse(parts, scaling)
+    _check_vocabulary(where, Path(path), model.config.vocab_size)
+    try:
+        template = _chat_template(Path(path))
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return AdapterUpdate(name, Path(path), updates, template)
+
+
+def _check_vocabulary(where: str, path: Path, vocab_size: int) -> None:
+    """An adapter directory that carries its own tokenizer must have the base's vocabulary: the
+    base's embeddings and head are what its rows run through."""
+    if not (path / "tokenizer.json").is_file():
+        return
+    from lmforge.tokenizer.files import TokenizerFiles
+
+    own = TokenizerFiles.load(path).vocab_size
+    if own > vocab_size:
+        raise InputError(
+            f"{where}: its tokenizer has {own} tokens, the base's embeddings {vocab_size}: it "
+            "was trained with another vocabulary (added tokens); merge it into a model of that "
+            "vocabulary and serve that model instead"
+        )
+
+
+def _refuse_unsupported(config: dict[str, Any]) -> None:
+    refused = [
+        (config.get("peft_type", "LORA") != "LORA", f"peft_type {config.get('peft_type')!r}"),
+        (bool(config.get("use_dora")), "use_dora (DoRA)"),
+        (config.get("bias", "none") != "none", f"bias {config.get('bias')!r} (trained biases)"),
+        (bool(config.get("rank_pattern") or config.get("alpha_pattern")), "rank/alpha patterns"),
+        (bool(config.get("modules_to_save")),
+         f"modules_to_save {config.get('modules_to_save')} (whole replaced layers)"),
+    ]  # fmt: skip
+    for bad, what in refused:
+        if bad:
+            raise InputError(f"its adapter_config.json asks for {what}, which serving adapters "
+                             "does not support; merge it (finetune.lora.merge) and serve the "
+                             "merged model instead")  # fmt: skip
+
+
+def _check_shapes(
+    where: str, module: str, parts: list[tuple[Tensor, Tensor]], r: int, linear: nn.Module
+) -> None:
+    in_f, out_f = linear.in_features, linear.out_features
+    rows = sum(b.size(0) for _, b in parts)
+    for a, b in parts:
+        if a.shape[0] != r or b.shape[1] != r:
+            raise InputError(
+                f"{where}: {module}'s lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                f"have its adapter_config.json's rank r={r}; re-export the adapter"
+            )
+        if a.shape[1] != in_f:
+            raise InputError(
+                f"{where}: {module} takes {in_f} inputs on this base but the adapter's lora_A "
+                f"has {a.shape[1]}: it was trained on another base (another size); serve it "
+                "on that base"
+            )
+    if rows != out_f:
+        raise InputError(
+            f"{where}: {module} gives {out_f} outputs on this base but the adapter's lora_B "
+            f"rows sum to {rows}: it was trained on another base; serve it on that base"
+        )
+
+
+def _fuse(parts: list[tuple[Tensor, Tensor]], scaling: float) -> tuple[Tensor, Tensor]:
+    """One (A, scaling * B) for the parts of a fused linear (see module)."""
+    a0 = parts[0][0]
+    if all(torch.equal(a, a0) for a, _ in parts):
+        return a0.float(), torch.cat([b.float() for _, b in parts]) * scaling
+    a = torch.cat([a.float() for a, _ in parts])
+    return a, torch.block_diag(*[b.float() for _, b in parts]) * scaling
+
+
+def _chat_template(path: Path) -> str | None:
+    """The adapter directory's own chat template (chat_template.jinja, else tokenizer_config's
+    chat_template), as TokenizerFiles reads a model's."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError) as exc:
+        raise InputError(f"{config} is not a JSON object: {exc}") from None
+    return template if isinstance(template, str) else None
