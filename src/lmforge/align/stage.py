@@ -33,16 +33,15 @@ from lmforge.align.ppo import (
     HeldOutEval,
     PolicyWithValue,
     Rollouts,
-    frozen_copy,
     heldout_rollout,
     load_reward_model,
     make_ppo_loss,
     rollout_metrics,
-    standard_error,
 )
 from lmforge.align.prefs import load_pairs, load_prompts
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
+from lmforge.align.rollout import frozen_copy, standard_error
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
 from lmforge.errors import ConfigError, InputError
