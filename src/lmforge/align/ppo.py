@@ -15,7 +15,6 @@ Resume from a checkpoint restarts the rollout in progress with a fresh sample.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +62,15 @@ class PolicyWithValue(nn.Module):
         return self.lm.lm_head(h), self.value_head(h).squeeze(-1).float()
 
 
-def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
+def load_reward_model(
+    path: Path, vocab_size: int, tok: Any, role: str = "ppo.reward_model"
+) -> nn.Module:
     """The reward stage's final/ (a 1-label classifier) as a frozen SequenceClassifier.
 
     It scores the policy's token ids at the last token (align.ppo.score), so it must be a decoder
     (an encoder pools [CLS] of its own template) reading the policy's vocabulary (tok's). Its
     `input_len`: the seq_len its pairs were cut at (config.json records it), None if unrecorded.
+    Errors name the setting that pointed at it (`role`).
     """
     from lmforge.evals.heads import recorded_input_len
     from lmforge.model.convert import load_classifier, load_pretrained, resolve_model_dir
@@ -78,23 +80,23 @@ def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
     head = load_classifier(path)
     if head is None or head.weight.shape[0] != 1:
         raise ConfigError(
-            f"ppo.reward_model={path} is not a reward model (a 1-label classifier); "
+            f"{role}={path} is not a reward model (a 1-label classifier); "
             "train one with: lmforge align --method reward"
         )
     refuse_other_vocab(  # before loading the weights
-        TokenizerFiles.load(path), tok, "ppo.reward_model",
+        TokenizerFiles.load(path), tok, role,
         "train the reward model on the policy's base model (lmforge align --method reward)",
     )  # fmt: skip
     lm = load_pretrained(path, quantized="dequantize")
     if not lm.config.causal or head.pool_weight is not None or head.pooling == "mean":
         raise ConfigError(
-            f"ppo.reward_model={path} is an encoder classifier: a reward model scores the "
+            f"{role}={path} is an encoder classifier: a reward model scores the "
             "policy's token ids at the last token, as a decoder; train one with: lmforge align "
             "--method reward --model <the policy's base model>"
         )
     if lm.config.vocab_size != vocab_size:
         raise ConfigError(
-            f"ppo.reward_model vocab_size {lm.config.vocab_size} differs from the policy's "
+            f"{role} vocab_size {lm.config.vocab_size} differs from the policy's "
             f"{vocab_size}: the reward model must share the policy's tokenizer"
         )
     model = reward_model(lm)
@@ -239,31 +241,6 @@ def heldout_rollout(
     rollout = make_rollout(src, rows, seed=10**6)
     rollout["prompt_reward"] = rollout["score"].view(len(prompts), n).mean(1)
     return rollout
-
-
-class HeldOutEval:
-    """The loop's eval_fn (held-out rollout -> rollout_metrics) that keeps its last rollout.
-
-    The training loop evaluates at its last step (train.loop: at max_steps, or the step an early
-    stop breaks at), so once it returns, the last rollout sampled from the policy itself (not a
-    compiled or DDP wrapper) outside autocast is exactly what sampling the final policy again
-    would give: final() returns it instead of spending another held-out rollout.
-    """
-
-    def __init__(self, policy: PolicyWithValue, rollout: Callable[[nn.Module], dict[str, Tensor]]):
-        self.policy, self.rollout = policy, rollout
-        self.last: dict[str, Tensor] | None = None
-
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        rollout = self.rollout(model)
-        device = next(self.policy.parameters()).device.type
-        plain = model is self.policy and not torch.is_autocast_enabled(device)
-        self.last = rollout if plain else None
-        return rollout_metrics(rollout)
-
-    def final(self) -> dict[str, Tensor]:
-        """The final policy's held-out rollout (sampled now only if the loop made none)."""
-        return self.last if self.last is not None else self.rollout(self.policy)
 
 
 def rollout_metrics(rollout: dict[str, Tensor]) -> dict[str, float]:

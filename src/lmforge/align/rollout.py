@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -102,3 +102,33 @@ def minibatch_rows(seed: int, index: int, k: int, n_rows: int, batch_size: int) 
 def standard_error(x: Tensor) -> float:
     """Standard error of the mean of x (N,); 0 for a single value."""
     return float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0
+
+
+class HeldOutEval:
+    """The loop's eval_fn (held-out rollout -> its metrics) that keeps its last rollout.
+
+    The training loop evaluates at its last step (train.loop: at max_steps, or the step an early
+    stop breaks at), so once it returns, the last rollout sampled from the policy itself (not a
+    compiled or DDP wrapper) outside autocast is exactly what sampling the final policy again
+    would give: final() returns it instead of spending another held-out rollout.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        rollout: Callable[[nn.Module], dict[str, Tensor]],
+        metrics: Callable[[dict[str, Tensor]], dict[str, float]],
+    ) -> None:
+        self.policy, self.rollout, self.metrics = policy, rollout, metrics
+        self.last: dict[str, Tensor] | None = None
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        rollout = self.rollout(model)
+        device = next(self.policy.parameters()).device.type
+        plain = model is self.policy and not torch.is_autocast_enabled(device)
+        self.last = rollout if plain else None
+        return self.metrics(rollout)
+
+    def final(self) -> dict[str, Tensor]:
+        """The final policy's held-out rollout (sampled now only if the loop made none)."""
+        return self.last if self.last is not None else self.rollout(self.policy)

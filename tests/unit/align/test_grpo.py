@@ -1,0 +1,56 @@
+"""GRPO end to end on a micro model: the stage's outputs and metrics, its rollouts, and a regex
+reward that training actually raises."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge.align.stage import AlignConfig, align
+from lmforge.artifacts import read_manifest
+from lmforge.errors import ConfigError, InputError
+
+WORDS = ["alpha", "beta", "gamma", "delta", "paris", "value", "number", "path"]
+FAST = {"max_steps": 4, "seq_len": 48, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 1,
+        "eval_every": 0, "ckpt_every": 0}  # fmt: skip
+
+
+def _data(path, n=32, key="reference"):
+    rows = [{"prompt": f"Say {w} {i}", key: f"The {w} is here."}
+            for i, w in enumerate(WORDS * (n // len(WORDS)))]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, model_dir, rewards, train=None, **grpo):
+    grpo = {"rewards": rewards, "num_generations": 4, "rollout_prompts": 2, "max_new_tokens": 6,
+            "eval_prompts": 4, **grpo}  # fmt: skip
+    return AlignConfig(
+        model=model_dir, data=_data(tmp_path / "prompts.jsonl"), out=tmp_path / "grpo",
+        method="grpo", train={**FAST, **(train or {})}, grpo=grpo,
+        eval={"rouge_examples": 2, "max_new_tokens": 4},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_grpo_trains_and_writes_the_policy_and_its_reward_metrics(tmp_path, model_dir, tuning):
+    rewards = [{"kind": "rouge_l"}, {"kind": "length", "max_tokens": 3, "weight": 0.1}]
+    cfg = _cfg(tmp_path, model_dir, rewards, num_iterations=2, beta=0.1)
+    out = align(cfg.model_copy(update={"tuning": tuning}))
+    m = read_manifest(out)["metrics"]
+    assert m["steps"] == 4 and (m["prompts"], m["val_prompts"]) == (29, 3)
+    for key in ("val_reward", "val_reward_rouge_l", "val_reward_length", "val_answer_len"):
+        assert key in m and f"{key}_before" in m
+    assert m["val_reward_gain"] == pytest.approx(m["val_reward"] - m["val_reward_before"], abs=1e-4)
+    assert m["val_kl"] != 0 and m["val_kl_before"] == pytest.approx(0, abs=1e-4)
+    assert {"rouge_l", "ref_rouge_l"} <= set(m) and m["rouge_examples"] == 2
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "adapter").is_dir() == (tuning == "lora")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    logged = {"reward", "reward_std", "rewards/rouge_l/mean", "rewards/rouge_l/std",
+              "rewards/length/mean", "frac_reward_zero_std", "clip_low", "clip_high", "kl"}  # fmt: skip
+    assert len(steps) == 4 and logged <= set(steps[0])
+    assert abs(steps[0]["kl"]) < 1e-5  # the first minibatch's policy is the reference
+    # 8 answers per rollout served twice (num_iterations) in minibatches of 8: steps 0, 1 share
+    assert steps[0]["reward"] == steps[1]["reward"]
