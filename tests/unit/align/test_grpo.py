@@ -4,7 +4,6 @@ reward that training actually raises."""
 import json
 
 import pytest
-import torch
 
 from lmforge.align.stage import AlignConfig, align
 from lmforge.artifacts import read_manifest
@@ -54,3 +53,17 @@ def test_grpo_trains_and_writes_the_policy_and_its_reward_metrics(tmp_path, mode
     assert abs(steps[0]["kl"]) < 1e-5  # the first minibatch's policy is the reference
     # 8 answers per rollout served twice (num_iterations) in minibatches of 8: steps 0, 1 share
     assert steps[0]["reward"] == steps[1]["reward"]
+
+
+def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir):
+    with pytest.raises(ConfigError, match=r"needs grpo\.rewards"):
+        align(_cfg(tmp_path, model_dir, []))
+    with pytest.raises(ConfigError, match="= 12 answers per rollout must be a multiple"):
+        align(
+            _cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], num_generations=3, rollout_prompts=4)
+        )
+    cfg = _cfg(tmp_path, model_dir, [{"kind": "exact"}])
+    no_refs = _data(tmp_path / "bare.jsonl", key="note")
+    with pytest.raises(InputError, match=r"bare\.jsonl line 1: no reference answer.*exact"):
+        align(cfg.model_copy(update={"data": no_refs}))
+    assert not (tmp_path / "grpo" / "manifest.json").exists()

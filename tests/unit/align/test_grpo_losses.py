@@ -18,8 +18,8 @@ ADV = torch.tensor([1.0, -2.0])
 def _per_token(beta=0.0):
     """-min(r A, clip(r, 0.8, 1.28) A) + beta * k3, token by token, in plain Python."""
     rows = []
-    for logps, old, ref, adv, n in zip(LOGPS.tolist(), OLD.tolist(), REF.tolist(), ADV.tolist(),
-                                       (2, 3)):  # fmt: skip
+    rows_in = (LOGPS.tolist(), OLD.tolist(), REF.tolist(), ADV.tolist(), (2, 3))
+    for logps, old, ref, adv, n in zip(*rows_in, strict=True):
         row = []
         for t in range(n):
             r = math.exp(logps[t] - old[t])
@@ -62,7 +62,9 @@ def test_clipped_tokens_get_no_gradient_and_a_ratio_of_one_is_plain_policy_gradi
     grpo_loss(logps, OLD, ADV, MASK, 0.2, 0.28, "bnpo")[0].backward()
     grad = logps.grad
     assert grad[0, 1] == 0 and grad[1, 0] == 0 and grad[1, 2] == 0  # clipped
-    assert float(grad[0, 0]) == pytest.approx(-1.0 / 5) and float(grad[1, 1]) == pytest.approx(2 / 5)
+    assert float(grad[0, 0]) == pytest.approx(-1.0 / 5) and float(grad[1, 1]) == pytest.approx(
+        2 / 5
+    )
     assert grad[0, 2] == 0  # padding
 
 

@@ -83,7 +83,7 @@ def test_reward_config_errors_name_what_is_missing():
         RewardSpec(kind="length")
     with pytest.raises(ValueError, match="max_tokens is below min_tokens"):
         RewardSpec(kind="length", min_tokens=5, max_tokens=2)
-    with pytest.raises(ConfigError, match="needs grpo.rewards"):
+    with pytest.raises(ConfigError, match=r"needs grpo\.rewards"):
         build_rewards(GRPOOptions().rewards, None, 0, 0)
     with pytest.raises(ConfigError, match="named 'rouge_l'"):
         _score([{"kind": "rouge_l"}, {"kind": "rouge_l"}], _answers(["a"], ["a"]))
