@@ -143,7 +143,9 @@ class GRPOOptions(Section):
 
     rewards: list[RewardSpec] = Field(
         default_factory=list,
-        description="weighted reward functions, summed: [{kind: rouge_l, weight: 1.0}, ...]",
+        description="weighted reward functions, summed: [{kind: rouge_l, weight: 1.0}, ...]; "
+        "kind reward_model|rouge_l|exact|contains|regex|length|python, with its model, pattern "
+        "and match, min_tokens/max_tokens or function, and an optional name (align.rewards)",
     )
     num_generations: int = Field(8, ge=2, description="answers sampled per prompt (the group)")
     rollout_prompts: int = Field(

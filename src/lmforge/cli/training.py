@@ -100,16 +100,19 @@ def align_cmd(
         str | None,
         typer.Option(
             help="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
-            "orpo (policy from pairs, no reference) | ppo (policy from a reward model)"
+            "orpo (policy from pairs, no reference) | ppo (policy from a reward model) | grpo "
+            "(policy from verifiable rewards of groups of its own answers)"
         ),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Align a model on preference pairs: a reward model, or a policy by DPO / IPO, SimPO, ORPO or PPO.
+    """Align a model on preference pairs: a reward model, or a policy by DPO / IPO, SimPO, ORPO, PPO or GRPO.
 
     Example: lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/dpo --method dpo --set dpo.beta=0.1
+
+    Example: lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/grpo --method grpo --set tuning=lora --set 'grpo.rewards=[{kind: rouge_l}, {kind: length, max_tokens: 24, weight: 0.02}]'
     """
     values: dict[str, Any] = {"model": model, "data": data, "out": out}
     if method is not None:
