@@ -38,25 +38,26 @@ def _reference(record: dict[str, Any]) -> str | None:
     return None
 
 
+def _record(record: dict[str, Any], where: str) -> PromptRecord:
+    try:
+        if "prompt" not in record:
+            raise ValueError(f"record with keys {sorted(record)} has no prompt")
+        return PromptRecord(_prompt(record["prompt"]), _reference(record), where)
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
 def load_prompt_records(path: Path) -> list[PromptRecord]:
     """The distinct prompts of a file or directory, each with its reference answer if any."""
-    records, seen = [], set()
+    by_prompt: dict[str, PromptRecord] = {}
     with record_files(path) as files:
         for file in files:
-            for line, record in read_user_jsonl(file):
-                try:
-                    if "prompt" not in record:
-                        raise ValueError(f"record with keys {sorted(record)} has no prompt")
-                    prompt, reference = _prompt(record["prompt"]), _reference(record)
-                except ValueError as err:
-                    raise InputError(f"{file} line {line}: {err}") from None
-                key = repr(prompt)
-                if key not in seen:
-                    seen.add(key)
-                    records.append(PromptRecord(prompt, reference, f"{file} line {line}"))
-    if not records:
+            for line, raw in read_user_jsonl(file):
+                record = _record(raw, f"{file} line {line}")
+                by_prompt.setdefault(repr(record.prompt), record)
+    if not by_prompt:
         raise InputError(f"{path} holds no prompts; pass records with a prompt")
-    return records
+    return list(by_prompt.values())
 
 
 def require_references(records: list[PromptRecord], needed_by: list[str]) -> None:
