@@ -34,6 +34,7 @@ from lmforge.align.rollout import (
     HeldOutEval,
     answer_rows,
     answer_texts,
+    eval_mode,
     frozen_copy,
     minibatch_rows,
     reference_logps,
@@ -99,13 +100,11 @@ def sample_and_score(
     """(input_ids, labels, total reward (N,), each function's rewards) of one answer sampled
     per record (repeat a record for a group), in eval mode, on the policy's device."""
     device = next(lm.parameters()).device
-    was_training = lm.training
-    lm.eval()
     prompts = [r.prompt for r in records]
-    prompt_ids, answers = sample_answers(
-        lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
-    )
-    lm.train(was_training)
+    with eval_mode(lm):
+        prompt_ids, answers = sample_answers(
+            lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
+        )
     stops = set(tok.stop_ids())
     lengths = [sum(t not in stops for t in a) for a in answers]
     to_device(rewards, device)
@@ -127,13 +126,11 @@ def make_group_rollout(src: GroupRollouts, records: list[PromptRecord], seed: in
     stats["reward_std"] = float(total.view(-1, G).std(1).mean())
     stats["frac_reward_zero_std"] = float(zero_std.float().mean())
     rollout = {"input_ids": ids, "labels": labels, "advantages": adv.to(ids.device)}
-    if src.steps_per_rollout > 1:
-        was_training = src.lm.training
-        src.lm.eval()
-        rollout["old_logps"] = token_logps(src.lm(ids), labels)
-        src.lm.train(was_training)
-    if opts.beta:
-        rollout["ref_logps"] = reference_logps(src.lm, src.reference, ids, labels)
+    with eval_mode(src.lm):  # as PPO scores its rollouts: no dropout noise in the ratio
+        if src.steps_per_rollout > 1:
+            rollout["old_logps"] = token_logps(src.lm(ids), labels)
+        if opts.beta:
+            rollout["ref_logps"] = reference_logps(src.lm, src.reference, ids, labels)
     n = len(rows)
     rollout.update({LOGGED + k: torch.full((n,), v) for k, v in stats.items()})
     rollout[LOGGED + "answer_len"] = (labels != IGNORE_INDEX).sum(1).float().cpu()
@@ -176,11 +173,9 @@ def heldout_groups(
     out.update(total=total, prompt_reward=total.view(len(records), n).mean(1))
     out["answer_len"] = (labels != IGNORE_INDEX).sum(1).float().cpu()
     if reference is not None or lora_modules(lm):
-        was_training = lm.training
-        lm.eval()
-        logps = token_logps(lm(ids), labels)
-        lm.train(was_training)
-        out["kl"] = (logps - reference_logps(lm, reference, ids, labels)).sum(1).cpu()
+        with eval_mode(lm):
+            logps = token_logps(lm(ids), labels)
+            out["kl"] = (logps - reference_logps(lm, reference, ids, labels)).sum(1).cpu()
     return out
 
 

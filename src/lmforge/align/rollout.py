@@ -36,6 +36,18 @@ def adapters_off(lm: nn.Module) -> Iterator[bool]:
             m.scaling = s
 
 
+@contextlib.contextmanager
+def eval_mode(lm: nn.Module) -> Iterator[None]:
+    """lm in eval mode inside the block, back in the mode it had after (sampling and scoring
+    rollouts happen in the middle of training)."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        yield
+    finally:
+        lm.train(was_training)
+
+
 def frozen_copy(lm: nn.Module) -> nn.Module:
     """A frozen reference for full tuning (a LoRA policy uses its own base instead)."""
     return copy.deepcopy(lm).eval().requires_grad_(False)
