@@ -81,3 +81,29 @@ def test_a_regex_reward_rises_with_training(tmp_path, model_dir, seed):
     m = read_manifest(align(cfg))["metrics"]
     assert m["val_reward"] >= m["val_reward_before"] + 0.3
     assert m["val_reward"] == m["val_reward_regex"]  # one reward of weight 1: the total
+
+
+def test_a_reward_model_reward_scores_as_ppo_does_and_a_non_reward_model_is_refused(
+    tmp_path, model_dir
+):
+    from lmforge.align.config import RewardSpec
+    from lmforge.align.ppo import load_reward_model, score
+    from lmforge.align.rewards import Answers, build_rewards, score_answers
+    from lmforge.finetune.sft import load_chat_tokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}", "chosen": f"The {w}.",
+                                         "rejected": "no no"}) + "\n" for w in WORDS))  # fmt: skip
+    rm = align(AlignConfig(model=model_dir, data=pairs, out=tmp_path / "rm", method="reward",
+                           train={**FAST, "max_steps": 2, "micro_batch_size": 4}))  # fmt: skip
+    tok = load_chat_tokenizer(model_dir)
+    spec = RewardSpec(kind="reward_model", model=rm, weight=2.0)
+    (fn,) = build_rewards([spec], tok, vocab_size=tok.tokenizer.get_vocab_size(), seq_len=48)
+    prompts = [[{"role": "user", "content": "Say beta"}]] * 2
+    total, each = score_answers([fn], Answers(prompts, ["The beta.", "no no"], [None] * 2, [3, 2]))
+    expected = score(load_reward_model(rm, tok.tokenizer.get_vocab_size(), tok), tok, prompts,
+                     ["The beta.", "no no"], 48)  # fmt: skip
+    assert each["reward_model"].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert total.tolist() == pytest.approx((2 * expected).tolist(), abs=1e-5)
+    with pytest.raises(ConfigError, match=r"grpo\.rewards\[\]\.model=.* is not a reward model"):
+        build_rewards([RewardSpec(kind="reward_model", model=model_dir)], tok, 0, 48)
