@@ -43,6 +43,8 @@ def test_align_quickstart_recipe_runs_from_quickstart_outputs(tmp_path, monkeypa
         "dpo.eval.rouge_examples=2", "dpo.eval.max_new_tokens=4",
         "kto.eval.rouge_examples=2", "kto.eval.max_new_tokens=4",
         "ppo.ppo.rollout_prompts=4", "ppo.ppo.max_new_tokens=4", "ppo.ppo.eval_prompts=4",
+        "grpo.grpo.max_new_tokens=4", "grpo.grpo.eval_prompts=4",
+        "grpo.eval.rouge_examples=2", "grpo.eval.max_new_tokens=4",
         "eval.generation.max_new_tokens=4",
         "eval.tasks=[{name: explain, type: generation, max_examples: 4,"
         " data: runs/quickstart/tasks/explain_test.jsonl}]",
@@ -60,5 +62,8 @@ def test_align_quickstart_recipe_runs_from_quickstart_outputs(tmp_path, monkeypa
     ppo = read_manifest(tmp_path / "run/ppo")["metrics"]
     assert {"val_reward", "val_reward_before", "val_kl"} <= set(ppo) and ppo["steps"] == 3
     assert (tmp_path / "run/ppo/adapter").is_dir()
+    grpo = read_manifest(tmp_path / "run/grpo")["metrics"]
+    assert {"val_reward_rouge_l", "val_reward_before", "rouge_l", "ref_rouge_l"} <= set(grpo)
+    assert grpo["steps"] == 3 and (tmp_path / "run/grpo/adapter").is_dir()
     results = json.loads((tmp_path / "run/eval/eval.json").read_text())["results"]
-    assert set(results) == {"sft", "dpo", "ppo"}
+    assert set(results) == {"sft", "dpo", "ppo", "grpo"}

@@ -1,5 +1,5 @@
 """The align stage's typed config: AlignConfig and its per-method sections (dpo, simpo, orpo,
-ppo, kto, eval); every field's description is its CLI help. The stage itself is align.stage."""
+ppo, kto, grpo, eval); every field's description is its CLI help. The stage is align.stage."""
 
 from __future__ import annotations
 
@@ -127,6 +127,87 @@ class KTOOptions(Section):
         return self
 
 
+class RewardSpec(Section):
+    """One weighted reward function of `grpo.rewards` (align.rewards)."""
+
+    kind: Literal["reward_model", "rouge_l", "exact", "contains", "regex", "length", "python"] = (
+        Field(
+            description="reward_model (an `align --method reward` dir's score) | rouge_l (F1 "
+            "against the reference) | exact, contains (1 if the answer equals / contains the "
+            "reference, both lowercased with whitespace collapsed) | regex (1 if `pattern` "
+            "matches) | length (minus the tokens outside [min_tokens, max_tokens]) | python "
+            "(`function` called with prompts, answers, references)"
+        )
+    )
+    weight: float = Field(1.0, description="factor of this reward in the sum")
+    name: str | None = Field(None, description="name in logs and metrics (default: kind)")
+    model: Path | None = Field(None, description="reward_model: the reward stage dir or final/")
+    pattern: str | None = Field(None, description="regex: the pattern the answer must match")
+    match: Literal["fullmatch", "search"] = Field(
+        "fullmatch", description="regex: the whole answer (fullmatch) or anywhere in it (search)"
+    )
+    min_tokens: int = Field(0, ge=0, description="length: fewer answer tokens are penalised")
+    max_tokens: int | None = Field(
+        None, ge=1, description="length: more answer tokens are penalised (None: no limit)"
+    )
+    function: str | None = Field(
+        None,
+        description='python: "module:function" or "path.py:function", called with (prompts, '
+        "answers, references) lists and returning one float per answer",
+    )
+
+    @model_validator(mode="after")
+    def _needs_its_setting(self) -> RewardSpec:
+        needed = {"reward_model": "model", "regex": "pattern", "python": "function"}
+        key = needed.get(self.kind)
+        if key and getattr(self, key) is None:
+            raise ValueError(f"a {self.kind} reward needs `{key}`")
+        if self.kind == "length" and not (self.min_tokens or self.max_tokens):
+            raise ValueError("a length reward needs `min_tokens` or `max_tokens`")
+        if self.kind == "length" and (self.max_tokens or self.min_tokens) < self.min_tokens:
+            raise ValueError("length reward: max_tokens is below min_tokens")
+        return self
+
+
+class GRPOOptions(Section):
+    """The `grpo:` section (GRPO, Shao et al., 2024, in TRL's GRPOTrainer's terms)."""
+
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="weighted reward functions, summed: [{kind: rouge_l, weight: 1.0}, ...]; "
+        "kind reward_model|rouge_l|exact|contains|regex|length|python, with its model, pattern "
+        "and match, min_tokens/max_tokens or function, and an optional name (align.rewards)",
+    )
+    num_generations: int = Field(8, ge=2, description="answers sampled per prompt (the group)")
+    rollout_prompts: int = Field(
+        4, ge=1, description="prompts per rollout; prompts * num_generations answers must be a "
+        "multiple of train.micro_batch_size",
+    )  # fmt: skip
+    num_iterations: int = Field(
+        1, ge=1, description="passes over each rollout (mu); > 1 reuses samples, clipped ratio"
+    )
+    max_new_tokens: int = Field(32, ge=1, description="answer length limit while sampling")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
+    epsilon: float = Field(0.2, gt=0, description="ratio clip: the lower bound is 1 - epsilon")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="ratio clip's upper bound 1 + epsilon_high (DAPO's clip-higher; "
+        "default: epsilon)",
+    )  # fmt: skip
+    beta: float = Field(
+        0.0, ge=0, description="weight of the k3 KL to the reference (0: none loaded, as TRL)"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantages divided by the group's reward std | the rollout's | "
+        "none (Dr. GRPO)",
+    )  # fmt: skip
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
+        "grpo", description="grpo: mean per answer, then over answers | bnpo: mean over the "
+        "batch's tokens | dr_grpo: batch sum / (answers * max_new_tokens)",
+    )  # fmt: skip
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts sampled before/after")
+    eval_samples: int = Field(2, ge=1, description="answers sampled per held-out prompt")
+
+
 class AlignEval(Section):
     """Held-out evaluation (the `eval:` section)."""
 
@@ -143,7 +224,8 @@ class AlignEval(Section):
 
 
 class AlignConfig(StageConfig):
-    """`lmforge align --model DIR --data FILE --out DIR --method reward|dpo|simpo|orpo|ppo|kto`."""
+    """`lmforge align --model DIR --data FILE --out DIR --method M`, M one of reward, dpo, simpo,
+    orpo, ppo, kto, grpo."""
 
     model: Path = Field(description="model directory in HF layout with tokenizer files")
     data: Path = Field(
@@ -151,10 +233,11 @@ class AlignConfig(StageConfig):
         ".jsonl file or directory, a feedback export or the serving feedback store (align.prefs)"
     )
     val_data: Path | None = Field(None, description="held-out pairs (default: split from data)")
-    method: Literal["reward", "dpo", "simpo", "orpo", "ppo", "kto"] = Field(
+    method: Literal["reward", "dpo", "simpo", "orpo", "ppo", "kto", "grpo"] = Field(
         description="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
         "orpo (policy from pairs, no reference) | ppo (policy from a reward model) | kto (policy "
-        "from unpaired desirable/undesirable examples against a reference)"
+        "from unpaired desirable/undesirable examples against a reference) | grpo (policy from "
+        "group-relative rewards of its own answers)"
     )
     tuning: Literal["full", "lora"] = Field("full", description="full | lora (adapters only)")
     disable_dropout: bool = Field(
@@ -168,12 +251,14 @@ class AlignConfig(StageConfig):
     orpo: ORPOOptions = Field(default_factory=ORPOOptions, description="ORPO settings")
     ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO settings")
     kto: KTOOptions = Field(default_factory=KTOOptions, description="KTO settings")
+    grpo: GRPOOptions = Field(default_factory=GRPOOptions, description="GRPO settings")
     eval: AlignEval = Field(default_factory=AlignEval, description="held-out evaluation")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
 
     def inputs(self) -> list[Path]:
         paths = (self.model, self.data, self.val_data, self.dpo.reference, self.ppo.reward_model)
-        return [p for p in paths if p is not None]
+        rewards = [r.model for r in self.grpo.rewards]
+        return [p for p in (*paths, *rewards) if p is not None]
 
     def model_dir(self) -> Path:
         """`model`, or its final/ when `model` is a training stage's directory."""

@@ -13,6 +13,9 @@
   ppo_policy_loss (the clipped surrogate), value_loss (clipped), masked_mean.
 - kto_loss: KTO (Ethayarajh et al., 2024) on unpaired desirable/undesirable completions, each
   log-ratio judged against a batch estimate of the KL to the reference (TRL's KTOTrainer).
+- GRPO (Shao et al., 2024, DeepSeekMath): group_advantages (each answer's reward against its
+  prompt's group; scale "none" is Dr. GRPO, Liu et al., 2025) and grpo_loss (the clipped ratio
+  with DAPO's optional clip-higher, a k3 KL to the reference, and TRL's grpo/bnpo/dr_grpo sums).
 """
 
 from __future__ import annotations
@@ -206,3 +209,78 @@ def kto_loss(
         undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - ratio))),
     )
     return losses.mean(), beta * ratio.detach(), z0
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group"
+) -> tuple[Tensor, Tensor]:
+    """(advantages (N,), zero_std (N // group_size,) bool) of rewards (N,) in consecutive groups.
+
+    advantage = reward - its group's mean, divided by the group's std + 1e-4 (scale "group",
+    GRPO), by the whole batch's std + 1e-4 ("batch") or by nothing ("none", Dr. GRPO: dividing
+    by the std weights questions that are too easy or too hard up). Stds are unbiased, as TRL's.
+    zero_std marks groups whose answers all scored the same: their advantages are 0, no signal.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.float().view(-1, group_size)
+    std = groups.std(1) if group_size > 1 else torch.zeros(groups.size(0))
+    adv = groups - groups.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / (std.unsqueeze(1) + 1e-4)
+    elif scale == "batch":
+        adv = adv / (rewards.float().std() + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"unknown reward scaling {scale!r} (group | batch | none)")
+    return adv.reshape(-1), torch.isclose(std, torch.zeros_like(std))
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo",
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    max_completion_length: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, stats) of answers' token log-probs (B, T) under the policy, at sampling (old) and
+    under the reference, with one advantage per answer (B,) and mask (B, T) on answer tokens.
+
+    Per token: -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A), plus
+    beta * k3 KL, exp(ref - logp) - (ref - logp) - 1 (unbiased, always >= 0). Summed per token,
+    then: grpo, each answer's mean, averaged over answers (a long answer's tokens weigh less);
+    bnpo, the mean over every token of the batch; dr_grpo, the sum over the batch divided by
+    B * max_completion_length (a constant: no length bias). stats: clip fractions at the low
+    and high bound (where the clip takes the gradient away), and the mean KL per token.
+    """
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.float().unsqueeze(1)
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    stats = {
+        "clip_low": masked_mean(((ratio < 1.0 - epsilon_low) & (adv < 0)).float(), mask),
+        "clip_high": masked_mean(((ratio > 1.0 + epsilon_high) & (adv > 0)).float(), mask),
+    }
+    if beta:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference's log-probs (ref_logps)")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1.0
+        per_token = per_token + beta * kl
+        stats["kl"] = masked_mean(kl, mask)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("dr_grpo divides by max_completion_length; pass it")
+        loss = (per_token * mask).sum() / (logps.size(0) * max_completion_length)
+    else:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r} (grpo | bnpo | dr_grpo)")
+    return loss, {k: v.detach() for k, v in stats.items()}

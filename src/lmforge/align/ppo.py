@@ -15,13 +15,9 @@ Resume from a checkpoint restarts the rollout in progress with a fresh sample.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,9 +31,17 @@ from lmforge.align.losses import (
     whiten,
 )
 from lmforge.align.reward import reward_model
+from lmforge.align.rollout import (
+    answer_rows,
+    answer_texts,
+    minibatch_rows,
+    reference_logps,
+    rollout_prompts,
+    sample_answers,
+    standard_error,
+)
 from lmforge.errors import ConfigError
 from lmforge.finetune.heads import pooled_index
-from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
 
 
@@ -58,26 +62,15 @@ class PolicyWithValue(nn.Module):
         return self.lm.lm_head(h), self.value_head(h).squeeze(-1).float()
 
 
-@contextlib.contextmanager
-def adapters_off(lm: nn.Module) -> Iterator[bool]:
-    """Runs `lm` as its frozen base (LoRA scaling 0) inside the block; yields whether it had any."""
-    modules = list(lora_modules(lm).values())
-    saved = [m.scaling for m in modules]
-    for m in modules:
-        m.scaling = 0.0
-    try:
-        yield bool(modules)
-    finally:
-        for m, s in zip(modules, saved, strict=True):
-            m.scaling = s
-
-
-def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
+def load_reward_model(
+    path: Path, vocab_size: int, tok: Any, role: str = "ppo.reward_model"
+) -> nn.Module:
     """The reward stage's final/ (a 1-label classifier) as a frozen SequenceClassifier.
 
     It scores the policy's token ids at the last token (align.ppo.score), so it must be a decoder
     (an encoder pools [CLS] of its own template) reading the policy's vocabulary (tok's). Its
     `input_len`: the seq_len its pairs were cut at (config.json records it), None if unrecorded.
+    Errors name the setting that pointed at it (`role`).
     """
     from lmforge.evals.heads import recorded_input_len
     from lmforge.model.convert import load_classifier, load_pretrained, resolve_model_dir
@@ -87,23 +80,23 @@ def load_reward_model(path: Path, vocab_size: int, tok: Any) -> nn.Module:
     head = load_classifier(path)
     if head is None or head.weight.shape[0] != 1:
         raise ConfigError(
-            f"ppo.reward_model={path} is not a reward model (a 1-label classifier); "
+            f"{role}={path} is not a reward model (a 1-label classifier); "
             "train one with: lmforge align --method reward"
         )
     refuse_other_vocab(  # before loading the weights
-        TokenizerFiles.load(path), tok, "ppo.reward_model",
+        TokenizerFiles.load(path), tok, role,
         "train the reward model on the policy's base model (lmforge align --method reward)",
     )  # fmt: skip
     lm = load_pretrained(path, quantized="dequantize")
     if not lm.config.causal or head.pool_weight is not None or head.pooling == "mean":
         raise ConfigError(
-            f"ppo.reward_model={path} is an encoder classifier: a reward model scores the "
+            f"{role}={path} is an encoder classifier: a reward model scores the "
             "policy's token ids at the last token, as a decoder; train one with: lmforge align "
             "--method reward --model <the policy's base model>"
         )
     if lm.config.vocab_size != vocab_size:
         raise ConfigError(
-            f"ppo.reward_model vocab_size {lm.config.vocab_size} differs from the policy's "
+            f"{role} vocab_size {lm.config.vocab_size} differs from the policy's "
             f"{vocab_size}: the reward model must share the policy's tokenizer"
         )
     model = reward_model(lm)
@@ -158,33 +151,13 @@ class Rollouts:
 
     def __next__(self) -> dict[str, Tensor]:
         index, k = divmod(self.position, self.steps_per_rollout)
+        n = self.opts.rollout_prompts
         if k == 0 or self.rollout is None:
-            rng = np.random.default_rng([self.seed, index])
-            chosen = rng.choice(len(self.prompts), self.opts.rollout_prompts, replace=False)
+            chosen = rollout_prompts(self.seed, index, len(self.prompts), n)
             self.rollout = make_rollout(self, [self.prompts[i] for i in chosen], seed=index)
-        per_epoch = self.opts.rollout_prompts // self.batch_size
-        epoch, mb = divmod(k, per_epoch)
-        order = np.random.default_rng([self.seed, index, epoch]).permutation(
-            self.opts.rollout_prompts
-        )
-        rows = torch.from_numpy(order[mb * self.batch_size : (mb + 1) * self.batch_size])
+        rows = minibatch_rows(self.seed, index, k, n, self.batch_size)
         self.position += 1
         return {name: t[rows] for name, t in self.rollout.items()}
-
-
-def sample_answers(
-    lm: nn.Module, tok: Any, prompts: list, max_new_tokens: int, seed: int, temperature: float
-) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, answer ids through the stop token) sampled with one generator per prompt."""
-    from lmforge.model.generate import generate_batched
-
-    room = lm.config.block_size - max_new_tokens
-    ids = [tok.encode(tok.render_chat(p, add_generation_prompt=True))[-room:] for p in prompts]
-    answers = generate_batched(
-        lm, ids, max_new_tokens, batch_size=len(ids), stop_tokens=tok.stop_ids(), seed=seed,
-        temperature=temperature,
-    )  # fmt: skip
-    return ids, answers
 
 
 @torch.no_grad()
@@ -197,25 +170,13 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
     prompt_ids, answers = sample_answers(
         policy.lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
     )
-    stops = set(tok.stop_ids())
-    texts = [tok.decode([t for t in a if t not in stops]).strip() for a in answers]
-    scores = score(src.reward.to(device), tok, prompts, texts, src.seq_len)
-    seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    for r, (p, a) in enumerate(zip(prompt_ids, answers, strict=True)):
-        ids[r, : len(p) + len(a)] = torch.tensor(p + a)
-        labels[r, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a, dtype=torch.long)
+    scores = score(src.reward.to(device), tok, prompts, answer_texts(tok, answers), src.seq_len)
+    ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
     ids, labels = ids.to(device), labels.to(device)
     actions = labels != IGNORE_INDEX
     logits, values = policy(ids)
     old_logps = token_logps(logits, labels)
-    if src.reference is None:
-        with adapters_off(policy.lm):
-            ref_logps = token_logps(policy.lm(ids), labels)
-    else:
-        ref_logps = token_logps(src.reference.to(device)(ids), labels)
+    ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
     kl = (old_logps - ref_logps) * actions
     rewards = -opts.kl_coef * kl
     last = actions.long().cumsum(1).argmax(1)  # each row's last action position
@@ -260,11 +221,6 @@ def make_ppo_loss(clip: float, vf_coef: float, vf_clip: float):
     return loss_fn
 
 
-def frozen_copy(lm: nn.Module) -> nn.Module:
-    """A frozen reference for full tuning (a LoRA policy uses its own base instead)."""
-    return copy.deepcopy(lm).eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def heldout_rollout(
     policy: PolicyWithValue,
@@ -285,36 +241,6 @@ def heldout_rollout(
     rollout = make_rollout(src, rows, seed=10**6)
     rollout["prompt_reward"] = rollout["score"].view(len(prompts), n).mean(1)
     return rollout
-
-
-class HeldOutEval:
-    """The loop's eval_fn (held-out rollout -> rollout_metrics) that keeps its last rollout.
-
-    The training loop evaluates at its last step (train.loop: at max_steps, or the step an early
-    stop breaks at), so once it returns, the last rollout sampled from the policy itself (not a
-    compiled or DDP wrapper) outside autocast is exactly what sampling the final policy again
-    would give: final() returns it instead of spending another held-out rollout.
-    """
-
-    def __init__(self, policy: PolicyWithValue, rollout: Callable[[nn.Module], dict[str, Tensor]]):
-        self.policy, self.rollout = policy, rollout
-        self.last: dict[str, Tensor] | None = None
-
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        rollout = self.rollout(model)
-        device = next(self.policy.parameters()).device.type
-        plain = model is self.policy and not torch.is_autocast_enabled(device)
-        self.last = rollout if plain else None
-        return rollout_metrics(rollout)
-
-    def final(self) -> dict[str, Tensor]:
-        """The final policy's held-out rollout (sampled now only if the loop made none)."""
-        return self.last if self.last is not None else self.rollout(self.policy)
-
-
-def standard_error(x: Tensor) -> float:
-    """Standard error of the mean of x (N,); 0 for a single value."""
-    return float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0
 
 
 def rollout_metrics(rollout: dict[str, Tensor]) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""The `align` stage: a reward model, or a policy by DPO/IPO, SimPO, ORPO or PPO, in the one loop.
+"""The `align` stage: a reward model, or a policy by DPO/IPO, SimPO, ORPO, PPO or GRPO, in the
+one loop.
 
 Inputs: a model directory in Hugging Face layout with its tokenizer files (usually the SFT
 model) and preference data (align.prefs; PPO reads only the prompts). method=reward trains the
@@ -8,14 +9,17 @@ against reference log-probs scored once before training. method=simpo|orpo train
 length-normalised log-probs (align.ref_free): no reference model is loaded or scored.
 method=ppo samples answers, scores them with a reward model (ppo.reward_model) and trains
 policy + value head (align.ppo). method=kto trains the policy on unpaired desirable/undesirable
-examples (align.unpaired; pairs are unpaired) against the starting model (align.kto). Policies are
+examples (align.unpaired; pairs are unpaired) against the starting model (align.kto).
+method=grpo samples groups of answers per prompt, scores them with weighted verifiable rewards
+(align.rewards) and trains on group-relative advantages (align.grpo). Policies are
 written to final/ as a causal LM (+ adapter/ for LoRA). Headline metrics: held-out pairwise
 accuracy, per kind too (reward); preference accuracy, implicit reward margin, chosen-over-rejected
 log-prob margin of policy and reference, greedy ROUGE-L of policy and reference (dpo; simpo and
 orpo: the same numbers, the "reference" being the starting model scored before training; kto:
 the same plus each label's mean implicit reward and their AUC); mean
 reward (+- its standard error), KL to the reference, entropy and answer length of sampled
-held-out answers, before and after, and the reward gain paired by prompt (ppo).
+held-out answers, before and after, and the reward gain paired by prompt (ppo; grpo the same,
+per reward function too, with greedy ROUGE-L where records carry a reference).
 """
 
 from __future__ import annotations
@@ -31,21 +35,21 @@ from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
 from lmforge.align.encode import encode_pairs
+from lmforge.align.grpo import train_grpo
+from lmforge.align.grpo_data import load_prompt_records
 from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
 from lmforge.align.ppo import (
-    HeldOutEval,
     PolicyWithValue,
     Rollouts,
-    frozen_copy,
     heldout_rollout,
     load_reward_model,
     make_ppo_loss,
     rollout_metrics,
-    standard_error,
 )
 from lmforge.align.prefs import load_pairs, load_prompts
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
+from lmforge.align.rollout import HeldOutEval, frozen_copy, standard_error
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
@@ -110,7 +114,7 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
             f"{lm.config.block_size}; lower train.seq_len"
         )
     method = {"reward": _reward, "dpo": _dpo, "simpo": _ref_free, "orpo": _ref_free, "ppo": _ppo,
-              "kto": _kto}  # fmt: skip
+              "kto": _kto, "grpo": _grpo}  # fmt: skip
     model, headline = method[cfg.method](cfg, ctx, tok, lm)
     _write_outputs(cfg, ctx, tok, model, lm)
     return headline
@@ -248,7 +252,7 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)
     held_out = HeldOutEval(policy, lambda m: heldout_rollout(
-        m, reference, reward, tok, val_prompts, opts, seq_len))  # fmt: skip
+        m, reference, reward, tok, val_prompts, opts, seq_len), rollout_metrics)  # fmt: skip
     before = held_out.rollout(policy)
     loader = Rollouts(policy, reference, reward, tok, prompts, opts,
                       cfg.train.micro_batch_size, seq_len, cfg.train.seed)  # fmt: skip
@@ -266,6 +270,13 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
         val_reward_gain=_round(gain.mean()), val_reward_gain_se=_round(standard_error(gain))
     )
     return policy, headline
+
+
+def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+    """GRPO on weighted verifiable rewards (align.grpo); held-out rewards and ROUGE-L."""
+    splits = load_splits(cfg, load_prompt_records)
+    return train_grpo(cfg, tok, lm, splits, partial(_fit, cfg, ctx), partial(_adapt, cfg),
+                      partial(_rouge_l, cfg, tok))  # fmt: skip
 
 
 def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:

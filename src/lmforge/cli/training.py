@@ -102,7 +102,8 @@ def align_cmd(
         typer.Option(
             help="reward (reward model) | dpo (policy from pairs against a reference) | simpo, "
             "orpo (policy from pairs, no reference) | ppo (policy from a reward model) | kto "
-            "(policy from unpaired thumbs up/down against a reference)"
+            "(policy from unpaired thumbs up/down against a reference) | grpo (policy from "
+            "verifiable rewards of groups of its own answers)"
         ),
     ] = None,
     config: ConfigOpt = None,
@@ -110,11 +111,13 @@ def align_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Align a model on preference pairs: a reward model, or a policy by DPO / IPO, SimPO, ORPO,
-    PPO or KTO (unpaired feedback).
+    PPO, KTO (unpaired feedback) or GRPO (verifiable rewards).
 
     Example: lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/dpo --method dpo --set dpo.beta=0.1
     KTO straight from the serving feedback store (rated answers, thumbs up/down, choices unpaired):
     lmforge align --model runs/quickstart/sft --data runs/serve/feedback.db --out runs/x/kto --method kto --set kto.desirable_min_rating=4
+    GRPO on a ROUGE-L reward against each prompt's reference, with a length term:
+    lmforge align --model runs/quickstart/sft --data runs/align/prefs/prefs_train.jsonl --out runs/x/grpo --method grpo --set tuning=lora --set 'grpo.rewards=[{kind: rouge_l}, {kind: length, max_tokens: 24, weight: 0.02}]'
     """
     values: dict[str, Any] = {"model": model, "data": data, "out": out}
     if method is not None:

@@ -24,6 +24,11 @@ def test_each_method_leads_with_its_headline(tmp_path):
     assert (
         "0 -> 0.5 (gain 0.5 +- 0.12 s.e.)" in align_section(_stage(tmp_path, "ppo", paired))[0].text
     )
+    grpo = {**paired, "ref_rouge_l": 0.11, "rouge_l": 0.13}
+    text = align_section(_stage(tmp_path, "grpo", grpo))[0].text
+    assert text.startswith("GRPO: mean reward") and "ROUGE-L 0.11 -> 0.13" in text
+    grpo.pop("val_kl")  # full tuning with beta 0 loads no reference: no KL
+    assert "KL" not in align_section(_stage(tmp_path, "grpo", grpo))[0].text
     dpo = {"ref_logp_margin": 20.5, "val_logp_margin": 27.1, "val_pref_accuracy": 0.77,
            "ref_rouge_l": 0.14, "rouge_l": 0.17}  # fmt: skip
     assert "20.5 -> 27.1" in align_section(_stage(tmp_path, "dpo", dpo))[0].text

@@ -1,5 +1,6 @@
 """Report section of the align stage: the method's headline (pairwise accuracy, DPO/SimPO/ORPO
-and KTO margins and ROUGE-L, PPO reward and KL) before the same training curves as the training stages."""
+and KTO margins and ROUGE-L, PPO/GRPO reward, KL and ROUGE-L) before the same training curves as
+the training stages."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from lmforge.evals.report_sections.common import fmt_num
 from lmforge.evals.report_sections.training import training_section
 
 POLICY_FROM_PAIRS = {"dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
+RL_METHODS = {"ppo": "PPO", "grpo": "GRPO"}  # policies trained on rewards of sampled answers
 
 
 def _align_summary(method: str, m: dict[str, Any]) -> str:
@@ -33,14 +35,18 @@ def _align_summary(method: str, m: dict[str, Any]) -> str:
         if "rouge_l" in m:
             text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
         return text + "."
-    if method == "ppo" and "val_reward" in m:
+    if method in RL_METHODS and "val_reward" in m:
         gain = ""
         if "val_reward_gain_se" in m:  # paired by prompt
             gain = (f" (gain {fmt_num(m['val_reward_gain'])} +- "
                     f"{fmt_num(m['val_reward_gain_se'])} s.e.)")  # fmt: skip
-        return (f"PPO: mean reward of held-out answers {fmt_num(m['val_reward_before'])} -> "
-                f"{fmt_num(m['val_reward'])}{gain}, KL to the reference {fmt_num(m['val_kl'])} "
-                "nats per answer.")  # fmt: skip
+        text = (f"{RL_METHODS[method]}: mean reward of held-out answers "
+                f"{fmt_num(m['val_reward_before'])} -> {fmt_num(m['val_reward'])}{gain}")  # fmt: skip
+        if "val_kl" in m:  # grpo: only when a reference is at hand
+            text += f", KL to the reference {fmt_num(m['val_kl'])} nats per answer"
+        if "rouge_l" in m:
+            text += f"; greedy ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
+        return text + "."
     return ""
 
 

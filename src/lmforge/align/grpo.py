@@ -1,0 +1,239 @@
+"""GRPO (Shao et al., 2024): no value head and no learned critic; each prompt's answers are
+judged against each other, trained through the one loop.
+
+The loop's "loader" is `GroupRollouts`: every `num_iterations * rows / micro_batch_size` steps it
+picks `rollout_prompts` prompts, samples `num_generations` answers to each with the current
+policy (align.rollout, KV cache), scores them with the weighted reward functions (align.rewards)
+and turns the total into group-relative advantages (align.losses.group_advantages); in between it
+hands the loop shuffled minibatches of those answers. Old log-probs are scored at sampling time
+when the rollout serves more than one step (later minibatches then meet a moved policy and the
+clip matters); with one step per rollout the ratio is exactly 1 and they are the current ones.
+With beta > 0 the reference's log-probs are scored too: a LoRA policy's own base (adapters off),
+else a frozen copy of the starting model. Resume restarts the rollout in progress anew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.align.grpo_data import PromptRecord, require_references
+from lmforge.align.losses import group_advantages, grpo_loss, token_logps
+from lmforge.align.rewards import (
+    Answers,
+    RewardFn,
+    build_rewards,
+    reward_stats,
+    score_answers,
+    to_device,
+)
+from lmforge.align.rollout import (
+    HeldOutEval,
+    answer_rows,
+    answer_texts,
+    eval_mode,
+    frozen_copy,
+    minibatch_rows,
+    reference_logps,
+    rollout_prompts,
+    sample_answers,
+    standard_error,
+)
+from lmforge.errors import ConfigError
+from lmforge.finetune.lora import lora_modules
+from lmforge.model.transformer import IGNORE_INDEX
+
+LOGGED = "log/"  # rollout columns holding one rollout-wide number, logged by the loss
+
+
+class GroupRollouts:
+    """The GRPO loader: fresh groups of answers from the current policy, served as minibatches."""
+
+    def __init__(
+        self, lm: nn.Module, reference: nn.Module | None, rewards: list[RewardFn], tok: Any,
+        records: list[PromptRecord], opts: Any, batch_size: int, seed: int,
+    ) -> None:  # fmt: skip
+        self.rows = opts.rollout_prompts * opts.num_generations
+        if self.rows % batch_size:
+            raise ConfigError(
+                f"grpo.rollout_prompts * grpo.num_generations = {self.rows} answers per rollout "
+                f"must be a multiple of train.micro_batch_size={batch_size}"
+            )
+        if opts.rollout_prompts > len(records):
+            raise ConfigError(
+                f"grpo.rollout_prompts={opts.rollout_prompts} exceeds the {len(records)} training "
+                "prompts; lower it"
+            )
+        self.lm, self.reference, self.rewards, self.tok = lm, reference, rewards, tok
+        self.records, self.opts, self.batch_size, self.seed = records, opts, batch_size, seed
+        self.position = 0
+        self.rollout: dict[str, Tensor] | None = None
+        self.steps_per_rollout = opts.num_iterations * (self.rows // batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position, self.seed = int(state["position"]), int(state["seed"])
+        self.rollout = None
+
+    def __iter__(self) -> GroupRollouts:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        index, k = divmod(self.position, self.steps_per_rollout)
+        if k == 0 or self.rollout is None:
+            chosen = rollout_prompts(self.seed, index, len(self.records), self.opts.rollout_prompts)
+            self.rollout = make_group_rollout(self, [self.records[i] for i in chosen], seed=index)
+        rows = minibatch_rows(self.seed, index, k, self.rows, self.batch_size)
+        self.position += 1
+        return {name: t[rows] for name, t in self.rollout.items()}
+
+
+def sample_and_score(
+    lm: nn.Module, tok: Any, rewards: list[RewardFn], records: list[PromptRecord], opts: Any,
+    seed: int,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:  # fmt: skip
+    """(input_ids, labels, total reward (N,), each function's rewards) of one answer sampled
+    per record (repeat a record for a group), in eval mode, on the policy's device."""
+    device = next(lm.parameters()).device
+    prompts = [r.prompt for r in records]
+    with eval_mode(lm):
+        prompt_ids, answers = sample_answers(
+            lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
+        )
+    stops = set(tok.stop_ids())
+    lengths = [sum(t not in stops for t in a) for a in answers]
+    to_device(rewards, device)
+    batch = Answers(prompts, answer_texts(tok, answers), [r.reference for r in records], lengths)
+    total, each = score_answers(rewards, batch)
+    ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
+    return ids.to(device), labels.to(device), total, each
+
+
+@torch.no_grad()
+def make_group_rollout(src: GroupRollouts, records: list[PromptRecord], seed: int):
+    """Samples, scores and prices num_generations answers per record: tensors (N, T) or (N,),
+    rows grouped by prompt; `log/` columns repeat rollout-wide statistics on every row."""
+    opts, G = src.opts, src.opts.num_generations
+    rows = [r for r in records for _ in range(G)]  # each row samples from its own generator
+    ids, labels, total, each = sample_and_score(src.lm, src.tok, src.rewards, rows, opts, seed)
+    adv, zero_std = group_advantages(total, G, opts.scale_rewards)
+    stats = reward_stats(total, each)
+    stats["reward_std"] = float(total.view(-1, G).std(1).mean())
+    stats["frac_reward_zero_std"] = float(zero_std.float().mean())
+    rollout = {"input_ids": ids, "labels": labels, "advantages": adv.to(ids.device)}
+    with eval_mode(src.lm):  # as PPO scores its rollouts: no dropout noise in the ratio
+        if src.steps_per_rollout > 1:
+            rollout["old_logps"] = token_logps(src.lm(ids), labels)
+        if opts.beta:
+            rollout["ref_logps"] = reference_logps(src.lm, src.reference, ids, labels)
+    n = len(rows)
+    rollout.update({LOGGED + k: torch.full((n,), v) for k, v in stats.items()})
+    rollout[LOGGED + "answer_len"] = (labels != IGNORE_INDEX).sum(1).float().cpu()
+    return {k: v.cpu() for k, v in rollout.items()}  # the loop moves batches to the device
+
+
+def make_grpo_loss(opts: Any):
+    """loss_fn for the loop: align.losses.grpo_loss on a minibatch of answers; logs the rollout's
+    reward (total and per function, mean and std), its share of zero-std groups, the answer
+    length, clip fractions and (beta > 0) the KL to the reference."""
+    eps_high = opts.epsilon_high if opts.epsilon_high is not None else opts.epsilon
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = batch["labels"]
+        logps = token_logps(model(batch["input_ids"]), labels)
+        old = batch.get("old_logps", logps.detach())
+        loss, stats = grpo_loss(
+            logps, old, batch["advantages"], labels != IGNORE_INDEX, opts.epsilon, eps_high,
+            opts.loss_type, batch.get("ref_logps"), opts.beta, opts.max_new_tokens,
+        )  # fmt: skip
+        logged = {k[len(LOGGED) :]: v.mean() for k, v in batch.items() if k.startswith(LOGGED)}
+        return loss, {**logged, **stats}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def heldout_groups(
+    lm: nn.Module, reference: nn.Module | None, rewards: list[RewardFn], tok: Any,
+    records: list[PromptRecord], opts: Any,
+) -> dict[str, Tensor]:  # fmt: skip
+    """opts.eval_samples answers per held-out prompt, sampled with a fixed seed: each function's
+    rewards (N,), the total, "prompt_reward" (P,) (each prompt's mean, for a gain paired by
+    prompt), answer lengths and, when a reference is at hand (LoRA's base, or a frozen copy),
+    each answer's summed log-ratio to it (KL)."""
+    n = opts.eval_samples
+    rows = [r for r in records for _ in range(n)]
+    ids, labels, total, each = sample_and_score(lm, tok, rewards, rows, opts, seed=10**6)
+    out = {f"reward/{k}": v for k, v in each.items()}
+    out.update(total=total, prompt_reward=total.view(len(records), n).mean(1))
+    out["answer_len"] = (labels != IGNORE_INDEX).sum(1).float().cpu()
+    if reference is not None or lora_modules(lm):
+        with eval_mode(lm):
+            logps = token_logps(lm(ids), labels)
+            out["kl"] = (logps - reference_logps(lm, reference, ids, labels)).sum(1).cpu()
+    return out
+
+
+def group_metrics(held: dict[str, Tensor]) -> dict[str, float]:
+    """Mean reward (+- its standard error over prompts), each function's mean, answer length and
+    KL of held-out answers; val_loss is minus the mean reward (the loop's best-val follows it)."""
+    mean = float(held["prompt_reward"].mean())
+    metrics = {"val_loss": -mean, "val_reward": mean,
+               "val_reward_se": standard_error(held["prompt_reward"]),
+               "val_answer_len": float(held["answer_len"].mean())}  # fmt: skip
+    for key, values in held.items():
+        if key.startswith("reward/"):
+            metrics[f"val_reward_{key[len('reward/') :]}"] = float(values.mean())
+    if "kl" in held:
+        metrics["val_kl"] = float(held["kl"].mean())
+    return metrics
+
+
+def train_grpo(
+    cfg: Any, tok: Any, lm: nn.Module, splits: tuple[list, list], fit: Callable, adapt: Callable,
+    rouge: Callable,
+) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """The GRPO method of the align stage: rewards built and checked against the data, held-out
+    rewards (and greedy ROUGE-L where records have references) before and after training
+    through `fit` (the stage's one-loop call); returns (policy, headline metrics)."""
+    opts = cfg.grpo
+    records, val = splits[0], splits[1][: opts.eval_prompts]
+    rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
+    require_references(records + val, [f.name for f in rewards if f.needs_reference])
+    reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
+    examples = [
+        {"messages": [*r.prompt, {"role": "assistant", "content": r.reference}]}
+        for r in val[: cfg.eval.rouge_examples] if r.reference is not None
+    ]  # fmt: skip
+    ref_rouge = rouge(lm, examples) if examples else None  # the same weights as after adapt()
+    adapt(lm)
+    held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
+                           group_metrics)  # fmt: skip
+    before = held_out.rollout(lm)
+    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
+                           cfg.train.micro_batch_size, cfg.train.seed)  # fmt: skip
+    model, headline = fit(lm, make_grpo_loss(opts), loader, held_out)
+    after = held_out.final()  # the loop's last evaluation: not sampled a second time
+    metrics, metrics_before = group_metrics(after), group_metrics(before)
+    headline = {"prompts": len(records), "val_prompts": len(val), **headline}
+    headline.update({k: _round(v) for k, v in metrics.items() if k != "val_loss"})
+    headline.update(
+        {f"{k}_before": _round(v) for k, v in metrics_before.items() if k != "val_loss"}
+    )
+    gain = after["prompt_reward"] - before["prompt_reward"]  # paired by prompt
+    headline.update(
+        val_reward_gain=_round(gain.mean()), val_reward_gain_se=_round(standard_error(gain))
+    )
+    if examples:
+        headline.update(rouge_l=rouge(model, examples), ref_rouge_l=ref_rouge,
+                        rouge_examples=len(examples))  # fmt: skip
+    return model, headline
+
+
+def _round(x: Any) -> float:
+    return round(float(x), 5)

@@ -1,0 +1,74 @@
+"""GRPO's prompts and their reference answers, read from the align stage's data files.
+
+A record (one per line of .jsonl[.gz|.zst] files, align.prefs.record_files) needs a `prompt` (a
+string or messages, as align.prefs) and may carry a reference answer: `reference`, else `answer`,
+else a preference pair's `chosen`, else a ranked list's best. A prompt seen again keeps its first
+record. Rewards that compare with a reference (rouge_l, exact, contains) refuse data in which a
+record has none, naming its file and line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.align.prefs import prompt_messages, record_files, response_text
+from lmforge.common.io import read_user_jsonl
+from lmforge.errors import InputError
+
+REFERENCE_KEYS = ("reference", "answer", "chosen")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt (messages), its reference answer or None, and where it was read."""
+
+    prompt: list[dict[str, str]]
+    reference: str | None
+    source: str
+
+
+def _reference(record: dict[str, Any]) -> str | None:
+    for key in REFERENCE_KEYS:
+        if key in record:
+            return response_text(record[key], key)
+    if isinstance(record.get("ranked"), list) and record["ranked"]:
+        return response_text(record["ranked"][0], "ranked[0]")
+    return None
+
+
+def _record(record: dict[str, Any], where: str) -> PromptRecord:
+    try:
+        if "prompt" not in record:
+            raise ValueError(f"record with keys {sorted(record)} has no prompt")
+        return PromptRecord(prompt_messages(record["prompt"]), _reference(record), where)
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+def load_prompt_records(path: Path) -> list[PromptRecord]:
+    """The distinct prompts of a file or directory, each with its reference answer if any."""
+    by_prompt: dict[str, PromptRecord] = {}
+    with record_files(path) as files:
+        for file in files:
+            for line, raw in read_user_jsonl(file):
+                record = _record(raw, f"{file} line {line}")
+                by_prompt.setdefault(repr(record.prompt), record)
+    if not by_prompt:
+        raise InputError(f"{path} holds no prompts; pass records with a prompt")
+    return list(by_prompt.values())
+
+
+def require_references(records: list[PromptRecord], needed_by: list[str]) -> None:
+    """InputError naming the first record without a reference when a reward needs one."""
+    if not needed_by:
+        return
+    missing = next((r for r in records if r.reference is None), None)
+    if missing is not None:
+        raise InputError(
+            f"{missing.source}: no reference answer, which the grpo reward(s) "
+            f"{', '.join(needed_by)} compare against; give every record a `reference` (or "
+            f"`answer`, or a pair's `chosen`), or use rewards that need none (regex, length, "
+            "python, reward_model)"
+        )

@@ -1,0 +1,202 @@
+"""GRPO's verifiable rewards: `grpo.rewards` built into named, weighted functions and summed.
+
+Each function maps a batch of answers to one float per answer. It reads `Answers`: the prompts
+(messages), the sampled answer texts (decoded without the stop token, stripped), the records'
+reference answers (None where a record has none) and each answer's token count. Kinds:
+
+- reward_model: the score of an `align --method reward` model (align.ppo.score).
+- rouge_l: ROUGE-L F1 against the reference (finetune.evaluate.rouge_l).
+- exact / contains: 1.0 if the answer equals / contains the reference, else 0.0; both sides are
+  lowercased and their whitespace runs collapsed to one space first.
+- regex: 1.0 if `pattern` matches the answer (re.fullmatch, or re.search with match=search).
+- length: minus the number of answer tokens outside [min_tokens, max_tokens] (0 inside).
+- python: a user function "module:function" or "path/to/file.py:function", called as
+  f(prompts, answers, references) with lists, returning one finite number per answer.
+
+The total is sum(weight * reward); every function's raw values are kept for logging.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.errors import ConfigError
+from lmforge.finetune.evaluate import rouge_l
+
+NEEDS_REFERENCE = ("rouge_l", "exact", "contains")
+
+
+@dataclass
+class Answers:
+    """One batch of sampled answers and what rewards may read about them."""
+
+    prompts: list[list[dict[str, str]]]
+    texts: list[str]
+    references: list[str | None]
+    lengths: list[int]
+
+
+@dataclass
+class RewardFn:
+    """A named reward: fn(answers) -> (N,) float tensor, and its weight in the sum."""
+
+    name: str
+    weight: float
+    needs_reference: bool
+    fn: Callable[[Answers], Tensor]
+    model: nn.Module | None = None  # a reward model, moved to the policy's device
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _per_answer(values: Any, n: int, where: str) -> Tensor:
+    """values as a (n,) float tensor; a ConfigError naming `where` if it is not n finite numbers."""
+    try:
+        out = torch.as_tensor(
+            values.tolist() if hasattr(values, "tolist") else list(values), dtype=torch.float32
+        ).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(
+            f"{where} returned {type(values).__name__}, not a list of {n} numbers: {err}"
+        ) from None
+    if out.numel() != n:
+        raise ConfigError(f"{where} returned {out.numel()} values for {n} answers; return one each")
+    if not torch.isfinite(out).all():
+        raise ConfigError(f"{where} returned a NaN or infinite reward; return finite numbers")
+    return out
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """The callable named by "module:function" or "path/to/file.py:function"."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ConfigError(
+            f'reward function {spec!r}: write "module:function" or "path/to/file.py:function"'
+        )
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ConfigError(f"reward function {spec!r}: {path} is not a file")
+        module_spec = importlib.util.spec_from_file_location(f"lmforge_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise ConfigError(f"reward function {spec!r}: cannot import {where}: {err}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward function {spec!r}: {where} has no function {name}")
+    return fn
+
+
+def _python(spec: str) -> Callable[[Answers], Tensor]:
+    user = load_function(spec)
+
+    def call(a: Answers) -> Tensor:
+        values = user(list(a.prompts), list(a.texts), list(a.references))
+        return _per_answer(values, len(a.texts), f"reward function {spec}")
+
+    return call
+
+
+def _reward_model(model: nn.Module, tok: Any, seq_len: int) -> Callable[[Answers], Tensor]:
+    from lmforge.align.ppo import score
+
+    def call(a: Answers) -> Tensor:
+        return score(model, tok, a.prompts, a.texts, seq_len).cpu()
+
+    return call
+
+
+def _text_reward(test: Callable[[str, str | None], float]) -> Callable[[Answers], Tensor]:
+    def call(a: Answers) -> Tensor:
+        refs = a.references
+        return torch.tensor([test(t, r) for t, r in zip(a.texts, refs, strict=True)])
+
+    return call
+
+
+def _length(lo: int, hi: int | None) -> Callable[[Answers], Tensor]:
+    def call(a: Answers) -> Tensor:
+        n = torch.tensor(a.lengths, dtype=torch.float32)
+        over = (n - hi).clamp(min=0) if hi is not None else torch.zeros_like(n)
+        return -((lo - n).clamp(min=0) + over)
+
+    return call
+
+
+def build_rewards(specs: Sequence[Any], tok: Any, vocab_size: int, seq_len: int) -> list[RewardFn]:
+    """The RewardFns of grpo.rewards (RewardSpec); names must be distinct."""
+    if not specs:
+        raise ConfigError(
+            "--method grpo needs grpo.rewards, e.g. [{kind: rouge_l}] or "
+            "[{kind: regex, pattern: '...'}]"
+        )
+    fns: list[RewardFn] = []
+    for spec in specs:
+        kind, model = spec.kind, None
+        if kind == "reward_model":
+            from lmforge.align.ppo import load_reward_model
+
+            model = load_reward_model(spec.model, vocab_size, tok, role="grpo.rewards[].model")
+            fn = _reward_model(model, tok, seq_len)
+        elif kind == "rouge_l":
+            fn = _text_reward(rouge_l)
+        elif kind == "exact":
+            fn = _text_reward(lambda t, r: float(_normalise(t) == _normalise(r)))
+        elif kind == "contains":
+            fn = _text_reward(lambda t, r: float(_normalise(r) in _normalise(t)))
+        elif kind == "regex":
+            try:
+                pattern = re.compile(spec.pattern)
+            except re.error as err:
+                raise ConfigError(f"regex reward pattern {spec.pattern!r}: {err}") from None
+            test = pattern.fullmatch if spec.match == "fullmatch" else pattern.search
+            fn = _text_reward(lambda t, _, test=test: float(test(t) is not None))
+        elif kind == "length":
+            fn = _length(spec.min_tokens, spec.max_tokens)
+        else:
+            fn = _python(spec.function)
+        name = spec.name or kind
+        if any(f.name == name for f in fns):
+            raise ConfigError(f"two grpo.rewards are named {name!r}; give each a distinct name")
+        fns.append(RewardFn(name, spec.weight, kind in NEEDS_REFERENCE, fn, model))
+    return fns
+
+
+def score_answers(fns: Sequence[RewardFn], answers: Answers) -> tuple[Tensor, dict[str, Tensor]]:
+    """(total (N,) = sum of weight * reward, each function's raw rewards by name)."""
+    each = {f.name: f.fn(answers).float().cpu() for f in fns}
+    total = torch.zeros(len(answers.texts))
+    for f in fns:
+        total += f.weight * each[f.name]
+    return total, each
+
+
+def to_device(fns: Sequence[RewardFn], device: torch.device) -> None:
+    """Moves the reward models among fns to the policy's device."""
+    for f in fns:
+        if f.model is not None:
+            f.model.to(device)
+
+
+def reward_stats(total: Tensor, each: dict[str, Tensor]) -> dict[str, float]:
+    """Per-function mean and std, as TRL logs rewards/<name>/mean|std, and the total's mean."""
+    stats = {"reward": float(total.mean())}
+    for name, values in each.items():
+        stats[f"rewards/{name}/mean"] = float(values.mean())
+        stats[f"rewards/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
+    return stats

@@ -1,0 +1,146 @@
+"""What PPO and GRPO share to roll out a policy: answers sampled with the KV-cache sampler, the
+(B, T) rows that score them, reference log-probs (a frozen copy, or a LoRA policy's own base with
+its adapters off) and the seeded schedule that picks each rollout's prompts and minibatches.
+
+Rows are aligned to logits: at position t the action is token t + 1, so `labels` holds each answer
+token one position early and -100 elsewhere (the prompt, the padding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmforge.align.losses import token_logps
+from lmforge.finetune.lora import lora_modules
+from lmforge.model.transformer import IGNORE_INDEX
+
+
+@contextlib.contextmanager
+def adapters_off(lm: nn.Module) -> Iterator[bool]:
+    """Runs `lm` as its frozen base (LoRA scaling 0) inside the block; yields whether it had any."""
+    modules = list(lora_modules(lm).values())
+    saved = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield bool(modules)
+    finally:
+        for m, s in zip(modules, saved, strict=True):
+            m.scaling = s
+
+
+@contextlib.contextmanager
+def eval_mode(lm: nn.Module) -> Iterator[None]:
+    """lm in eval mode inside the block, back in the mode it had after (sampling and scoring
+    rollouts happen in the middle of training)."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        yield
+    finally:
+        lm.train(was_training)
+
+
+def frozen_copy(lm: nn.Module) -> nn.Module:
+    """A frozen reference for full tuning (a LoRA policy uses its own base instead)."""
+    return copy.deepcopy(lm).eval().requires_grad_(False)
+
+
+def sample_answers(
+    lm: nn.Module, tok: Any, prompts: list, max_new_tokens: int, seed: int, temperature: float
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids through the stop token) sampled with one generator per prompt."""
+    from lmforge.model.generate import generate_batched
+
+    room = lm.config.block_size - max_new_tokens
+    ids = [tok.encode(tok.render_chat(p, add_generation_prompt=True))[-room:] for p in prompts]
+    answers = generate_batched(
+        lm, ids, max_new_tokens, batch_size=len(ids), stop_tokens=tok.stop_ids(), seed=seed,
+        temperature=temperature,
+    )  # fmt: skip
+    return ids, answers
+
+
+def answer_texts(tok: Any, answers: list[list[int]]) -> list[str]:
+    """Each answer decoded without its stop token, stripped (what a reward reads)."""
+    stops = set(tok.stop_ids())
+    return [tok.decode([t for t in a if t not in stops]).strip() for a in answers]
+
+
+def answer_rows(
+    prompt_ids: list[list[int]], answers: list[list[int]], pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """(input_ids, labels) (N, T) of prompt + answer rows, right-padded; labels mark the answer."""
+    T = max(len(p) + len(a) for p, a in zip(prompt_ids, answers, strict=True))
+    ids = torch.full((len(answers), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(answers), T), IGNORE_INDEX, dtype=torch.long)
+    for r, (p, a) in enumerate(zip(prompt_ids, answers, strict=True)):
+        ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[r, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a, dtype=torch.long)
+    return ids, labels
+
+
+@torch.no_grad()
+def reference_logps(lm: nn.Module, reference: nn.Module | None, ids: Tensor, labels: Tensor):
+    """Token log-probs (B, T) of labels under the reference: `reference`, or with None the
+    policy `lm`'s own base (its LoRA adapters switched off)."""
+    if reference is None:
+        with adapters_off(lm):
+            return token_logps(lm(ids), labels)
+    return token_logps(reference.to(ids.device)(ids), labels)
+
+
+def rollout_prompts(seed: int, index: int, n_prompts: int, k: int) -> np.ndarray:
+    """The k distinct prompt indices of rollout `index` (seeded: a resume picks them again)."""
+    return np.random.default_rng([seed, index]).choice(n_prompts, k, replace=False)
+
+
+def minibatch_rows(seed: int, index: int, k: int, n_rows: int, batch_size: int) -> Tensor:
+    """The rows of the k-th minibatch of rollout `index`: each pass over its n_rows rows takes
+    them in a fresh seeded order, batch_size at a time."""
+    per_pass = n_rows // batch_size
+    epoch, mb = divmod(k, per_pass)
+    order = np.random.default_rng([seed, index, epoch]).permutation(n_rows)
+    return torch.from_numpy(order[mb * batch_size : (mb + 1) * batch_size])
+
+
+def standard_error(x: Tensor) -> float:
+    """Standard error of the mean of x (N,); 0 for a single value."""
+    return float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0
+
+
+class HeldOutEval:
+    """The loop's eval_fn (held-out rollout -> its metrics) that keeps its last rollout.
+
+    The training loop evaluates at its last step (train.loop: at max_steps, or the step an early
+    stop breaks at), so once it returns, the last rollout sampled from the policy itself (not a
+    compiled or DDP wrapper) outside autocast is exactly what sampling the final policy again
+    would give: final() returns it instead of spending another held-out rollout.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        rollout: Callable[[nn.Module], dict[str, Tensor]],
+        metrics: Callable[[dict[str, Tensor]], dict[str, float]],
+    ) -> None:
+        self.policy, self.rollout, self.metrics = policy, rollout, metrics
+        self.last: dict[str, Tensor] | None = None
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        rollout = self.rollout(model)
+        device = next(self.policy.parameters()).device.type
+        plain = model is self.policy and not torch.is_autocast_enabled(device)
+        self.last = rollout if plain else None
+        return self.metrics(rollout)
+
+    def final(self) -> dict[str, Tensor]:
+        """The final policy's held-out rollout (sampled now only if the loop made none)."""
+        return self.last if self.last is not None else self.rollout(self.policy)

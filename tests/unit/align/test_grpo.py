@@ -1,0 +1,109 @@
+"""GRPO end to end on a micro model: the stage's outputs and metrics, its rollouts, and a regex
+reward that training actually raises."""
+
+import json
+
+import pytest
+
+from lmforge.align.stage import AlignConfig, align
+from lmforge.artifacts import read_manifest
+from lmforge.errors import ConfigError, InputError
+
+WORDS = ["alpha", "beta", "gamma", "delta", "paris", "value", "number", "path"]
+FAST = {"max_steps": 4, "seq_len": 48, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 1,
+        "eval_every": 0, "ckpt_every": 0}  # fmt: skip
+
+
+def _data(path, n=32, key="reference"):
+    rows = [{"prompt": f"Say {w} {i}", key: f"The {w} is here."}
+            for i, w in enumerate(WORDS * (n // len(WORDS)))]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, model_dir, rewards, train=None, **grpo):
+    grpo = {"rewards": rewards, "num_generations": 4, "rollout_prompts": 2, "max_new_tokens": 6,
+            "eval_prompts": 4, **grpo}  # fmt: skip
+    return AlignConfig(
+        model=model_dir, data=_data(tmp_path / "prompts.jsonl"), out=tmp_path / "grpo",
+        method="grpo", train={**FAST, **(train or {})}, grpo=grpo,
+        eval={"rouge_examples": 2, "max_new_tokens": 4},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_grpo_trains_and_writes_the_policy_and_its_reward_metrics(tmp_path, model_dir, tuning):
+    rewards = [{"kind": "rouge_l"}, {"kind": "length", "max_tokens": 3, "weight": 0.1}]
+    cfg = _cfg(tmp_path, model_dir, rewards, num_iterations=2, beta=0.1)
+    out = align(cfg.model_copy(update={"tuning": tuning}))
+    m = read_manifest(out)["metrics"]
+    assert m["steps"] == 4 and (m["prompts"], m["val_prompts"]) == (29, 3)
+    for key in ("val_reward", "val_reward_rouge_l", "val_reward_length", "val_answer_len"):
+        assert key in m and f"{key}_before" in m
+    assert m["val_reward_gain"] == pytest.approx(m["val_reward"] - m["val_reward_before"], abs=1e-4)
+    assert m["val_kl"] != 0 and m["val_kl_before"] == pytest.approx(0, abs=1e-4)
+    assert {"rouge_l", "ref_rouge_l"} <= set(m) and m["rouge_examples"] == 2
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "adapter").is_dir() == (tuning == "lora")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    logged = {"reward", "reward_std", "rewards/rouge_l/mean", "rewards/rouge_l/std",
+              "rewards/length/mean", "frac_reward_zero_std", "clip_low", "clip_high", "kl"}  # fmt: skip
+    assert len(steps) == 4 and logged <= set(steps[0])
+    assert abs(steps[0]["kl"]) < 1e-5  # the first minibatch's policy is the reference
+    # 8 answers per rollout served twice (num_iterations) in minibatches of 8: steps 0, 1 share
+    assert steps[0]["reward"] == steps[1]["reward"]
+
+
+def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir):
+    with pytest.raises(ConfigError, match=r"needs grpo\.rewards"):
+        align(_cfg(tmp_path, model_dir, []))
+    with pytest.raises(ConfigError, match="= 12 answers per rollout must be a multiple"):
+        align(
+            _cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], num_generations=3, rollout_prompts=4)
+        )
+    cfg = _cfg(tmp_path, model_dir, [{"kind": "exact"}])
+    no_refs = _data(tmp_path / "bare.jsonl", key="note")
+    with pytest.raises(InputError, match=r"bare\.jsonl line 1: no reference answer.*exact"):
+        align(cfg.model_copy(update={"data": no_refs}))
+    assert not (tmp_path / "grpo" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_regex_reward_rises_with_training(tmp_path, model_dir, seed):
+    """A learnable toy task: answers must start with an ASCII letter (about 40% of the untrained
+    micro model's samples do). Held-out: 16 prompts x 4 samples, the same before and after."""
+    rewards = [{"kind": "regex", "pattern": "(?s)[A-Za-z].*"}]
+    train = {"max_steps": 60, "lr": 1e-2, "seed": seed}
+    cfg = _cfg(tmp_path, model_dir, rewards, train, num_generations=8, rollout_prompts=2,
+               max_new_tokens=3, eval_prompts=16, eval_samples=4, scale_rewards="none")  # fmt: skip
+    cfg = cfg.model_copy(update={"data": _data(tmp_path / "many.jsonl", n=160)})
+    m = read_manifest(align(cfg))["metrics"]
+    assert m["val_reward"] >= m["val_reward_before"] + 0.3
+    assert m["val_reward"] == m["val_reward_regex"]  # one reward of weight 1: the total
+
+
+def test_a_reward_model_reward_scores_as_ppo_does_and_a_non_reward_model_is_refused(
+    tmp_path, model_dir
+):
+    from lmforge.align.config import RewardSpec
+    from lmforge.align.ppo import load_reward_model, score
+    from lmforge.align.rewards import Answers, build_rewards, score_answers
+    from lmforge.finetune.sft import load_chat_tokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}", "chosen": f"The {w}.",
+                                         "rejected": "no no"}) + "\n" for w in WORDS))  # fmt: skip
+    rm = align(AlignConfig(model=model_dir, data=pairs, out=tmp_path / "rm", method="reward",
+                           train={**FAST, "max_steps": 2, "micro_batch_size": 4}))  # fmt: skip
+    tok = load_chat_tokenizer(model_dir)
+    spec = RewardSpec(kind="reward_model", model=rm, weight=2.0)
+    (fn,) = build_rewards([spec], tok, vocab_size=tok.tokenizer.get_vocab_size(), seq_len=48)
+    prompts = [[{"role": "user", "content": "Say beta"}]] * 2
+    total, each = score_answers([fn], Answers(prompts, ["The beta.", "no no"], [None] * 2, [3, 2]))
+    expected = score(load_reward_model(rm, tok.tokenizer.get_vocab_size(), tok), tok, prompts,
+                     ["The beta.", "no no"], 48)  # fmt: skip
+    assert each["reward_model"].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert total.tolist() == pytest.approx((2 * expected).tolist(), abs=1e-5)
+    with pytest.raises(ConfigError, match=r"grpo\.rewards\[\]\.model=.* is not a reward model"):
+        build_rewards([RewardSpec(kind="reward_model", model=model_dir)], tok, 0, 48)
