@@ -21,6 +21,7 @@ from lmforge.align.dpo import pair_logps, score_pairs
 from lmforge.align.encode import encode_pairs
 from lmforge.align.losses import kto_loss, masked_mean
 from lmforge.align.unpaired import Example, label_counts
+from lmforge.errors import InputError
 
 # TRL's (and the paper's eq. 8) recommended range of desirable_weight * n_desirable over
 # undesirable_weight * n_undesirable
@@ -28,14 +29,22 @@ BALANCE_RANGE = (1.0, 4.0 / 3.0)
 
 
 def encode_unpaired(
-    tok: Any, examples: list[Example], seq_len: int, seed: int
+    tok: Any, examples: list[Example], seq_len: int, seed: int, split: str = "train"
 ) -> tuple[dict[str, np.ndarray], dict[str, int], list[Example]]:
     """(rows, counts, the examples kept, row for row) of unpaired examples.
 
     rows: input_ids and labels (N, 2, T) (own completion, KL partner's), desirable (N,) bool and
     pair (N,) int64 (the pair an example came from, -1 when none). An example whose own or
-    partner's completion is cut away entirely by seq_len is dropped and counted.
+    partner's completion is cut away entirely by seq_len is dropped and counted. Fewer than two
+    examples (split names them) is an InputError: a lone example would be its own KL partner,
+    and z0 its own log-ratio (TRL refuses a batch of one for the same reason).
     """
+    if len(examples) < 2:
+        raise InputError(
+            f"kto: the {split} split holds {len(examples)} example(s), but each needs another "
+            "example's completion as its KL partner: give it at least 2 (data, val_data, "
+            "eval.val_fraction)"
+        )
     order = np.random.default_rng(seed).permutation(len(examples))
     partner = np.empty(len(examples), dtype=np.int64)
     partner[order] = np.roll(order, 1)  # each takes the completion before it in the shuffle

@@ -194,3 +194,16 @@ def test_kto_raises_desirable_over_undesirable_log_ratios_and_writes_a_policy(
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"kl", "desirable_reward", "undesirable_reward", "label_acc"} <= set(logged[0])
     assert "outside the recommended [1, 4/3]" in caplog.text  # 40 desirable vs 24: 1.67
+
+
+def test_a_split_of_one_example_is_refused_not_made_its_own_kl_partner(tokenizer_dir):
+    tok = load_chat_tokenizer(tokenizer_dir)
+    one = [{"prompt": [{"role": "user", "content": "q"}], "completion": "a", "desirable": True}]
+    with pytest.raises(InputError, match=r"held-out split holds 1 example\(s\).*at least 2"):
+        encode_unpaired(tok, one, seq_len=48, seed=0, split="held-out")
+    with pytest.raises(InputError, match="train split holds 0 example"):
+        encode_unpaired(tok, [], seq_len=48, seed=0)
+    two = [*one, {**one[0], "completion": "b", "desirable": False}]
+    rows, _, _ = encode_unpaired(tok, two, seq_len=48, seed=0)
+    for r in range(2):  # each scored beside the other's completion
+        assert not np.array_equal(rows["labels"][r, 0], rows["labels"][r, 1])
