@@ -108,9 +108,16 @@ def make_kto_loss(opts: KTOOptions):
 
 def reward_auc(desirable: Tensor, undesirable: Tensor) -> float:
     """The chance a random desirable example's reward exceeds a random undesirable one's (ties
-    count half): how well the implicit reward tells the labels apart, whatever threshold."""
-    diff = desirable[:, None] - undesirable[None, :]
-    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+    count half): how well the implicit reward tells the labels apart, whatever threshold.
+    Mann-Whitney U from tied-averaged ranks: O(n log n) memory-light, where comparing every pair
+    would hold an n_desirable x n_undesirable matrix (400 MB at 10k each)."""
+    scores = torch.cat([desirable, undesirable]).double()
+    _, where, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of each distinct value's last copy
+    ranks = (ends - (counts - 1) / 2.0)[where]  # ties share their mean rank
+    n_d, n_u = len(desirable), len(undesirable)
+    u = ranks[:n_d].sum() - n_d * (n_d + 1) / 2.0  # pairs a desirable wins, ties half
+    return float(u / (n_d * n_u))
 
 
 def pair_accuracy(rewards: Tensor, desirable: Tensor, pair: Tensor) -> float | None:

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from lmforge.align.config import KTOOptions
-from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
+from lmforge.align.kto import (
+    balance_warning,
+    encode_unpaired,
+    evaluate_kto,
+    make_kto_loss,
+    pair_accuracy,
+    reward_auc,
+)
 from lmforge.align.stage import AlignConfig, align
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import read_manifest
@@ -207,3 +214,23 @@ def test_a_split_of_one_example_is_refused_not_made_its_own_kl_partner(tokenizer
     rows, _, _ = encode_unpaired(tok, two, seq_len=48, seed=0)
     for r in range(2):  # each scored beside the other's completion
         assert not np.array_equal(rows["labels"][r, 0], rows["labels"][r, 1])
+
+
+def test_reward_auc_counts_wins_and_half_ties_as_every_pair_compared():
+    good, bad = torch.tensor([3.0, 1.0, 2.0, 2.0]), torch.tensor([2.0, 0.0, 5.0])
+    # wins over (2, 0, 5): 3 -> 2, 1 -> 1, 2 -> 1.5 twice: 6 of 12
+    assert reward_auc(good, bad) == pytest.approx(6 / 12)
+    assert reward_auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    assert reward_auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0])) == 1.0
+    g = torch.from_numpy(np.random.default_rng(0).integers(0, 6, 40).astype(np.float32))
+    b = torch.from_numpy(np.random.default_rng(1).integers(0, 6, 30).astype(np.float32))
+    d = g[:, None] - b[None, :]  # every pair, ties in plenty
+    assert reward_auc(g, b) == pytest.approx(float(((d > 0) + 0.5 * (d == 0)).float().mean()))
+
+
+def test_pair_accuracy_compares_the_two_halves_of_each_complete_pair():
+    rewards = torch.tensor([1.0, 0.5, -1.0, 0.0, 2.0, 9.0])
+    desirable = torch.tensor([True, False, True, False, True, False])
+    pair = torch.tensor([0, 0, 1, 1, 2, -1])  # pair 2 lost its other half; -1: unpaired
+    assert pair_accuracy(rewards, desirable, pair) == 0.5  # pair 0 right, pair 1 wrong
+    assert pair_accuracy(rewards, desirable, torch.full((6,), -1)) is None
