@@ -1,11 +1,13 @@
 """KTO: a policy from unpaired desirable/undesirable completions against a frozen reference.
 
 Each example is encoded as a pair row (align.encode): index 0 is its own prompt + completion,
-index 1 the same prompt followed by another example's completion (its KL partner, fixed by a
-seeded shuffle before training, as TRL rotates completions once in preprocessing). The mismatched
-rows estimate KL(policy || reference), the reference point z0 of the loss (losses.kto_loss). So
-DPO's code scores both the reference (once, before training: align.dpo.reference_logps) and the
-policy (align.dpo.pair_logps), the mismatched rows included.
+index 1 the same prompt followed by another example's completion (its KL partner, fixed once
+before training by a seeded shuffle of the whole split; TRL instead rotates completions within
+each batch, so a batch's partners there are its own completions). The mismatched rows estimate
+KL(policy || reference), the reference point z0 of the loss (losses.kto_loss). So DPO's code
+scores both the reference (once, before training: align.dpo.reference_logps) and the policy
+(align.dpo.reply_logps; the mismatched rows without gradient, as TRL's), the mismatched rows
+included.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.align.config import KTOOptions
-from lmforge.align.dpo import pair_logps, score_pairs
+from lmforge.align.dpo import reply_logps, score_pairs
 from lmforge.align.encode import encode_pairs
 from lmforge.align.losses import kto_loss, masked_mean
 from lmforge.align.unpaired import Example, label_counts
@@ -87,12 +89,22 @@ def _kto(logps: Tensor, ref: Tensor, desirable: Tensor, opts: KTOOptions):
                     opts.desirable_weight, opts.undesirable_weight)  # fmt: skip
 
 
+def kto_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+    """Summed reply log-probs (B, 2) of KTO rows (B, 2, T): the own completions with gradient,
+    the KL partners' without (z0 is detached, so their backward would only add zeros), as TRL
+    scores its KL completions under no_grad."""
+    own = reply_logps(model, ids[:, 0], labels[:, 0])
+    with torch.no_grad():
+        partner = reply_logps(model, ids[:, 1], labels[:, 1])
+    return torch.stack([own, partner], dim=1)
+
+
 def make_kto_loss(opts: KTOOptions):
     """loss_fn for the loop; logs z0 (kl), the mean reward of each label (0 when the batch has
     none) and the share of examples on their label's side of z0."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        logps = pair_logps(model, batch["input_ids"], batch["labels"])
+        logps = kto_logps(model, batch["input_ids"], batch["labels"])
         desirable = batch["desirable"].bool()
         loss, rewards, z0 = _kto(logps, batch["ref_logps"], desirable, opts)
         right = (rewards > opts.beta * z0) == desirable

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmforge.align.config import KTOOptions
+from lmforge.align.dpo import pair_logps
 from lmforge.align.kto import (
     balance_warning,
     encode_unpaired,
@@ -17,6 +18,7 @@ from lmforge.align.kto import (
     pair_accuracy,
     reward_auc,
 )
+from lmforge.align.losses import kto_loss
 from lmforge.align.stage import AlignConfig, align
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import read_manifest
@@ -234,3 +236,21 @@ def test_pair_accuracy_compares_the_two_halves_of_each_complete_pair():
     pair = torch.tensor([0, 0, 1, 1, 2, -1])  # pair 2 lost its other half; -1: unpaired
     assert pair_accuracy(rewards, desirable, pair) == 0.5  # pair 0 right, pair 1 wrong
     assert pair_accuracy(rewards, desirable, torch.full((6,), -1)) is None
+
+
+def test_the_kl_partner_rows_are_scored_without_a_graph_and_change_no_gradient():
+    model, rows, opts = Bigram(), _kto_rows(), KTOOptions(beta=0.5)
+    calls = []
+    model.register_forward_hook(
+        lambda m, args, out: calls.append((len(args[0]), out.requires_grad))
+    )
+    loss, _ = make_kto_loss(opts)(model, _batch(rows))
+    assert calls == [(6, True), (6, False)]  # own completions with a graph, partners without
+    loss.backward()
+    fast = model.table.weight.grad.clone()
+    model.zero_grad()
+    b = _batch(rows)  # the same loss with the partners' graph kept: the same gradient
+    logps = pair_logps(model, b["input_ids"], b["labels"])
+    ref, desirable = b["ref_logps"], b["desirable"]
+    kto_loss(logps[:, 0], ref[:, 0], desirable, logps[:, 1], ref[:, 1], 0.5)[0].backward()
+    torch.testing.assert_close(model.table.weight.grad, fast)
