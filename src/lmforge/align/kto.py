@@ -69,9 +69,18 @@ def encode_unpaired(
 
 def balance_warning(counts: dict[str, int], opts: KTOOptions) -> str | None:
     """A warning when desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
-    falls outside BALANCE_RANGE (TRL warns the same way), with the desirable_weight range that
-    would fix it; None when it is inside."""
-    n_des, n_und = max(counts["desirable"], 1), max(counts["undesirable"], 1)
+    falls outside BALANCE_RANGE (TRL's range; TRL checks it only when the counts differ), with
+    the desirable_weight range that would fix it, or when one label has no example at all (no
+    weight balances that); None when it is inside."""
+    n_des, n_und = counts["desirable"], counts["undesirable"]
+    if not (n_des and n_und):
+        missing = "undesirable" if n_des else "desirable"
+        return (
+            f"kto: the training data holds {n_des} desirable and {n_und} undesirable examples: "
+            f"with no {missing} one the loss only moves log-ratios one way from z0; add "
+            f"{missing} examples (a feedback store: see kto.desirable_min_rating / "
+            "kto.undesirable_max_rating)"
+        )
     ratio = opts.desirable_weight * n_des / (opts.undesirable_weight * n_und)
     if BALANCE_RANGE[0] <= ratio <= BALANCE_RANGE[1]:
         return None

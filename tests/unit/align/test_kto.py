@@ -177,6 +177,10 @@ def test_the_weight_balance_warning_follows_trls_recommended_range():
     for weight, warns in ((9.9, True), (10, False), (13.3, False), (13.4, True)):
         opts = KTOOptions(desirable_weight=weight)
         assert (balance_warning({"desirable": 10, "undesirable": 100}, opts) is None) != warns
+    lopsided = KTOOptions(desirable_weight=2.0)  # equal counts, which TRL would not check
+    assert "weighted ratio of 2" in balance_warning({"desirable": 5, "undesirable": 5}, lopsided)
+    none_bad = balance_warning({"desirable": 7, "undesirable": 0}, KTOOptions())
+    assert "7 desirable and 0 undesirable" in none_bad and "add undesirable examples" in none_bad
 
 
 def test_kto_raises_desirable_over_undesirable_log_ratios_and_writes_a_policy(
