@@ -20,19 +20,23 @@ from lmforge.align.reward import row_batches
 from lmforge.model.transformer import IGNORE_INDEX
 
 
-def pair_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
-    """Summed reply log-probs (B, 2) of pair rows ids/labels (B, 2, T).
+def reply_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+    """Summed reply log-probs (N,) of rows ids/labels (N, T).
 
     The batch is cut after its last labelled position first (as reward.pair_rewards): causal
-    attention makes the right padding beyond it invisible to every labelled position, and pairs
-    are mostly far shorter than train.seq_len, so the forward and the (2B, T, V) log-softmax
+    attention makes the right padding beyond it invisible to every labelled position, and replies
+    are mostly far shorter than train.seq_len, so the forward and the (N, T, V) log-softmax
     shrink with the same log-probs.
     """
-    ids, labels = ids.flatten(0, 1), labels.flatten(0, 1)
     labelled = (labels != IGNORE_INDEX).any(0).nonzero()  # positions labelled in some row
     end = int(labelled.max()) + 1 if len(labelled) else 1
-    logits = model(ids[:, :end])  # (2B, end, V)
-    return sequence_logps(logits, labels[:, :end]).view(-1, 2)
+    logits = model(ids[:, :end])  # (N, end, V)
+    return sequence_logps(logits, labels[:, :end])
+
+
+def pair_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+    """Summed reply log-probs (B, 2) of pair rows ids/labels (B, 2, T), in one forward."""
+    return reply_logps(model, ids.flatten(0, 1), labels.flatten(0, 1)).view(-1, 2)
 
 
 def reply_lengths(labels: Tensor) -> Tensor:

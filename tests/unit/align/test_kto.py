@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from lmforge.align.config import KTOOptions
-from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
+from lmforge.align.dpo import pair_logps
+from lmforge.align.kto import (
+    balance_warning,
+    encode_unpaired,
+    evaluate_kto,
+    make_kto_loss,
+    pair_accuracy,
+    reward_auc,
+)
+from lmforge.align.losses import kto_loss
 from lmforge.align.stage import AlignConfig, align
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import read_manifest
@@ -168,6 +177,10 @@ def test_the_weight_balance_warning_follows_trls_recommended_range():
     for weight, warns in ((9.9, True), (10, False), (13.3, False), (13.4, True)):
         opts = KTOOptions(desirable_weight=weight)
         assert (balance_warning({"desirable": 10, "undesirable": 100}, opts) is None) != warns
+    lopsided = KTOOptions(desirable_weight=2.0)  # equal counts, which TRL would not check
+    assert "weighted ratio of 2" in balance_warning({"desirable": 5, "undesirable": 5}, lopsided)
+    none_bad = balance_warning({"desirable": 7, "undesirable": 0}, KTOOptions())
+    assert "7 desirable and 0 undesirable" in none_bad and "add undesirable examples" in none_bad
 
 
 def test_kto_raises_desirable_over_undesirable_log_ratios_and_writes_a_policy(
@@ -194,3 +207,54 @@ def test_kto_raises_desirable_over_undesirable_log_ratios_and_writes_a_policy(
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"kl", "desirable_reward", "undesirable_reward", "label_acc"} <= set(logged[0])
     assert "outside the recommended [1, 4/3]" in caplog.text  # 40 desirable vs 24: 1.67
+
+
+def test_a_split_of_one_example_is_refused_not_made_its_own_kl_partner(tokenizer_dir):
+    tok = load_chat_tokenizer(tokenizer_dir)
+    one = [{"prompt": [{"role": "user", "content": "q"}], "completion": "a", "desirable": True}]
+    with pytest.raises(InputError, match=r"held-out split holds 1 example\(s\).*at least 2"):
+        encode_unpaired(tok, one, seq_len=48, seed=0, split="held-out")
+    with pytest.raises(InputError, match="train split holds 0 example"):
+        encode_unpaired(tok, [], seq_len=48, seed=0)
+    two = [*one, {**one[0], "completion": "b", "desirable": False}]
+    rows, _, _ = encode_unpaired(tok, two, seq_len=48, seed=0)
+    for r in range(2):  # each scored beside the other's completion
+        assert not np.array_equal(rows["labels"][r, 0], rows["labels"][r, 1])
+
+
+def test_reward_auc_counts_wins_and_half_ties_as_every_pair_compared():
+    good, bad = torch.tensor([3.0, 1.0, 2.0, 2.0]), torch.tensor([2.0, 0.0, 5.0])
+    # wins over (2, 0, 5): 3 -> 2, 1 -> 1, 2 -> 1.5 twice: 6 of 12
+    assert reward_auc(good, bad) == pytest.approx(6 / 12)
+    assert reward_auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    assert reward_auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0])) == 1.0
+    g = torch.from_numpy(np.random.default_rng(0).integers(0, 6, 40).astype(np.float32))
+    b = torch.from_numpy(np.random.default_rng(1).integers(0, 6, 30).astype(np.float32))
+    d = g[:, None] - b[None, :]  # every pair, ties in plenty
+    assert reward_auc(g, b) == pytest.approx(float(((d > 0) + 0.5 * (d == 0)).float().mean()))
+
+
+def test_pair_accuracy_compares_the_two_halves_of_each_complete_pair():
+    rewards = torch.tensor([1.0, 0.5, -1.0, 0.0, 2.0, 9.0])
+    desirable = torch.tensor([True, False, True, False, True, False])
+    pair = torch.tensor([0, 0, 1, 1, 2, -1])  # pair 2 lost its other half; -1: unpaired
+    assert pair_accuracy(rewards, desirable, pair) == 0.5  # pair 0 right, pair 1 wrong
+    assert pair_accuracy(rewards, desirable, torch.full((6,), -1)) is None
+
+
+def test_the_kl_partner_rows_are_scored_without_a_graph_and_change_no_gradient():
+    model, rows, opts = Bigram(), _kto_rows(), KTOOptions(beta=0.5)
+    calls = []
+    model.register_forward_hook(
+        lambda m, args, out: calls.append((len(args[0]), out.requires_grad))
+    )
+    loss, _ = make_kto_loss(opts)(model, _batch(rows))
+    assert calls == [(6, True), (6, False)]  # own completions with a graph, partners without
+    loss.backward()
+    fast = model.table.weight.grad.clone()
+    model.zero_grad()
+    b = _batch(rows)  # the same loss with the partners' graph kept: the same gradient
+    logps = pair_logps(model, b["input_ids"], b["labels"])
+    ref, desirable = b["ref_logps"], b["desirable"]
+    kto_loss(logps[:, 0], ref[:, 0], desirable, logps[:, 1], ref[:, 1], 0.5)[0].backward()
+    torch.testing.assert_close(model.table.weight.grad, fast)

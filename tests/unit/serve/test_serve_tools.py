@@ -342,11 +342,14 @@ def test_a_call_cut_by_max_tokens_is_no_training_data(served):
         store.add_choice(cut.id, plain.id)  # a cut call on either side: no pair
         store.add_choice(plain.id, required.id)
         store.add_choice(whole.id, plain.id)
-    sft, pairs, _, counts = collect(FeedbackExportConfig(db=db, out=db.parent / "export"))
+    sft, pairs, kto, counts = collect(FeedbackExportConfig(db=db, out=db.parent / "export"))
     assert {r["response_id"] for r in sft} == {whole.id, plain.id}  # the cut plain answer stays
     assert [(p["chosen_id"], p["rejected_id"], p["kind"]) for p in pairs] == [
         (whole.id, plain.id, "choice")
     ]
+    assert [(r["response_id"], r["label"]) for r in kto] == [  # kto.jsonl: no cut call either
+        (whole.id, True), (plain.id, True), (plain.id, False),  # the last from the choice
+    ]  # fmt: skip
     assert counts["skipped_cut_calls"] == 2
 
 
