@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune.lora import peft_module_pairs
+from lmforge.finetune.peft_adapter import peft_module_pairs
 from lmforge.model.convert import load_pretrained
 from lmforge.serve.engine import Engine, SamplingParams, collect
 from lmforge.serve.lora_adapters import adapter_base, read_adapter
