@@ -141,6 +141,33 @@ def test_separate_q_k_v_adapters_of_hf_peft_are_exact(serve_model_dir, lora_dirs
         want_engine.shutdown()
 
 
+def test_a_hugging_face_peft_adapter_serves_as_peft_computes_it(serve_model_dir, tmp_path):
+    """PEFT's own model is the reference: its default Llama targets (q_proj, v_proj: k of our
+    fused qkv unadapted), each with its own A, rslora's alpha / sqrt(r); a base row beside it
+    stays the base exactly."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lmforge.serve.multi_lora import attach_adapters
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(serve_model_dir).eval()
+    torch.manual_seed(6)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             use_rslora=True, init_lora_weights=False)  # fmt: skip
+    peft_model = peft.get_peft_model(hf, config).eval()
+    peft_model.save_pretrained(tmp_path / "hf")
+    model = load_pretrained(serve_model_dir, device="cpu", dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPTS[2], PROMPTS[0][:21]])
+    with torch.no_grad():
+        base = model(ids)
+        slots = attach_adapters(model, {"hf": read_adapter(model, "hf", tmp_path / "hf").updates})
+        slots.select(["hf", None])
+        got = model(ids)
+        want = peft_model(ids).logits
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
+    assert (want[0] - base[0]).abs().max() > 1e-2  # the adapter matters
+    assert torch.equal(got[1], base[1])  # a base row adds exact zeros
+
+
 # -- what start-up refuses ------------------------------------------------------------------------
 
 
