@@ -7,8 +7,10 @@ naming the adapter."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -316,5 +318,20 @@ def test_adapters_load_and_unload_while_requests_run(serve_model_dir, lora_dirs,
             engine.unload_adapter(name)
         assert not any(isinstance(m, MultiLoRALinear) for m in engine.model.modules())
         _assert_same(_answer(engine, PROMPTS[2], "l5"), alone[None][2])
+    finally:
+        engine.shutdown()
+
+
+def test_an_unloaded_adapters_weights_are_freed(serve_model_dir, lora_dirs):
+    engine = _engine(serve_model_dir)
+    try:
+        for _ in range(2):  # loaded again under its name: nothing of the first load is kept
+            engine.load_adapter(read_adapter(engine.model, "a1", lora_dirs["a1"][0]))
+            _answer(engine, PROMPTS[1], "r", "a1")  # its rows ran: masks were built
+            stack = weakref.ref(engine.model.get_submodule("blocks.0.attn.qkv").lora_a)
+            engine.unload_adapter("a1")
+            gc.collect()
+            assert stack() is None
+            assert engine._lora_keys == {} and engine._lora == {}
     finally:
         engine.shutdown()
