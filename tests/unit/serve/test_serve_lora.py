@@ -267,3 +267,45 @@ def test_runtime_loading_behind_its_flag(servers, serve_model_dir, lora_dirs, op
     with pytest.raises(ValidationError, match="needs --workers 1"):
         ServeSettings(models=[{"name": "b", "path": serve_model_dir}], workers=2,
                       runtime_lora_updating=True)  # fmt: skip
+
+
+def test_two_runtime_loads_of_one_name_on_two_bases_serve_it_once(
+    serve_model_dir, lora_dirs, tmp_path, monkeypatch
+):
+    import threading
+    import time
+
+    import lmforge.serve.state as state_module
+    from lmforge.serve.state import load_adapter, stop_engines
+
+    settings = ServeSettings(
+        models=[{"name": "b1", "path": serve_model_dir}, {"name": "b2", "path": serve_model_dir}],
+        runtime_lora_updating=True, feedback_db=tmp_path / "f.db",
+    )  # fmt: skip
+    state = ServeState(settings, ServerMetrics())
+    start_engines(state)
+    read = state_module.read_adapter
+
+    def slow_read(*args):  # widens the window between the name's check and its serving
+        time.sleep(0.3)
+        return read(*args)
+
+    monkeypatch.setattr(state_module, "read_adapter", slow_read)
+    errors = []
+
+    def load(base: str) -> None:
+        try:
+            load_adapter(state, "x", lora_dirs["a1"][0], base)
+        except InputError as exc:
+            errors.append(str(exc))
+
+    try:
+        threads = [threading.Thread(target=load, args=(b,)) for b in ("b1", "b2")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 1 and "'x' is served already" in errors[0]
+        assert sum("x" in engine._lora for engine in state.engines.values()) == 1
+    finally:
+        stop_engines(state)
