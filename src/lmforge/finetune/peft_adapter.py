@@ -63,6 +63,8 @@ def refuse_inexact(config: dict[str, Any]) -> None:
         (bool(config.get("use_dora")), "use_dora (DoRA)"),
         (config.get("bias", "none") != "none", f"bias {config.get('bias')!r} (trained biases)"),
         (bool(config.get("rank_pattern") or config.get("alpha_pattern")), "rank/alpha patterns"),
+        (bool(config.get("lora_bias")), "lora_bias (a bias on lora_B)"),
+        (bool(config.get("layer_replication")), "layer_replication (repeated layers)"),
         (bool(config.get("modules_to_save")),
          f"modules_to_save {config.get('modules_to_save')} (whole replaced layers)"),
     ]  # fmt: skip
@@ -83,9 +85,11 @@ def peft_module_pairs(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, l
     if embedding:
         raise InputError(f"the adapter adapts an embedding ({embedding[0]}); only linear layers "
                          "load as LoRA here: merge it with Hugging Face PEFT instead")  # fmt: skip
-    adapted = {
-        k.removeprefix("base_model.model.").split(".lora_")[0] for k in saved if ".lora_" in k
-    }
+    unread = sorted(k for k in saved if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if unread:  # a newer PEFT feature (trainable tokens, lora_bias, ...) would be dropped
+        raise InputError(f"the adapter's weights hold {unread[0]}, which is not a LoRA A or B "
+                         "matrix; merge it with Hugging Face PEFT instead")  # fmt: skip
+    adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in saved}
     pairs: dict[str, list[Update]] = {}
     used: set[str] = set()
     for rule in FAMILIES[family_for(model.config)].rules(model.config):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.lora import (
@@ -166,6 +167,15 @@ def test_an_adapter_that_cannot_load_exactly_is_refused(tmp_path):
         load_peft_adapter(_model(), tmp_path / "adapter")
     config_file.write_text(json.dumps({**config, "r": 8}))
     with pytest.raises(InputError, match=r"do not have its adapter_config\.json's rank r=8"):
+        load_peft_adapter(_model(), tmp_path / "adapter")
+    config_file.write_text(json.dumps(config))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("lora_B.weight")).replace(".weight", ".bias")
+    save_file({**tensors, key: torch.zeros(3)}, weights)  # PEFT's lora_bias
+    with pytest.raises(
+        InputError, match=r"weights hold .*lora_B\.bias, which is not a LoRA A or B"
+    ):
         load_peft_adapter(_model(), tmp_path / "adapter")
 
 
