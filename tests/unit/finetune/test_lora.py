@@ -177,6 +177,10 @@ def test_an_adapter_that_cannot_load_exactly_is_refused(tmp_path):
         InputError, match=r"weights hold .*lora_B\.bias, which is not a LoRA A or B"
     ):
         load_peft_adapter(_model(), tmp_path / "adapter")
+    embedding = "base_model.model.model.embed_tokens.lora_embedding_A"
+    save_file({**tensors, embedding: torch.zeros(4, 256)}, weights)
+    with pytest.raises(InputError, match=r"adapts an embedding \(.*embed_tokens"):
+        load_peft_adapter(_model(), tmp_path / "adapter")
 
 
 @pytest.mark.parametrize(("kind", "bits", "tol"), [("int8", 8, 0.01), ("int4", 4, 0.15)])
