@@ -235,14 +235,17 @@ def test_the_cli_takes_lora_and_vllms_lora_modules_on_flags_and_in_a_serve_yaml(
     assert result.exit_code == 0 and started[-1].runtime_lora_updating
 
 
-def test_runtime_loading_behind_its_flag(servers, serve_model_dir, lora_dirs, openai_server):
+def test_runtime_loading_behind_its_flag(
+    servers, serve_model_dir, lora_dirs, openai_server, tmp_path
+):
     import httpx
 
     lora, merged, _ = servers
     off = str(lora.base_url).removesuffix("/v1/")
     # flag off: no such route (the chat page's static mount answers a POST with 405)
     assert httpx.post(f"{off}/v1/load_lora_adapter", json={}).status_code in (404, 405)
-    client = openai_server([{"name": "base", "path": serve_model_dir}], runtime_lora_updating=True)
+    client = openai_server([{"name": "base", "path": serve_model_dir}], runtime_lora_updating=True,
+                           feedback_db=tmp_path / "feedback.db")  # fmt: skip  # not the cwd's
     url = str(client.base_url).removesuffix("/v1/")
     load = {"lora_name": "late", "lora_path": str(lora_dirs["a2"][0])}
     answer = httpx.post(f"{url}/v1/load_lora_adapter", json=load)
