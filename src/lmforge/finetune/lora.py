@@ -273,6 +273,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     updates, config = read_peft_updates(model, adapter_dir)
     scaling = peft_scaling(config)
     dropout = float(config.get("lora_dropout") or 0.0)
+    device = next(iter(model.parameters())).device
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
@@ -282,5 +283,5 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
             module = LoRALinear(base, rank, scaling * rank, dropout)
             module.lora_A.weight.copy_(a)
             module.lora_B.weight.copy_(b)
-            replace_module(model, name, module.to(base.weight.device))
+            replace_module(model, name, module.to(device))
     return model
