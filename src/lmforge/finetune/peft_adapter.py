@@ -90,9 +90,14 @@ def peft_module_pairs(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, l
         raise InputError(f"the adapter's weights hold {unread[0]}, which is not a LoRA A or B "
                          "matrix; merge it with Hugging Face PEFT instead")  # fmt: skip
     adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in saved}
+    family = family_for(model.config)
+    if family is None:
+        raise InputError("this model has no Hugging Face equivalent, whose module names a PEFT "
+                         "adapter uses; load adapters on a llama/mistral/qwen2/gpt2-style "
+                         "model")  # fmt: skip
     pairs: dict[str, list[Update]] = {}
     used: set[str] = set()
-    for rule in FAMILIES[family_for(model.config)].rules(model.config):
+    for rule in FAMILIES[family].rules(model.config):
         hf = [h.removesuffix(".weight") for h in rule.hf_names]
         if not rule.ours.endswith(".weight") or not any(h in adapted for h in hf):
             continue

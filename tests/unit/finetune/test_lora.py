@@ -169,6 +169,9 @@ def test_an_adapter_that_cannot_load_exactly_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"do not have its adapter_config\.json's rank r=8"):
         load_peft_adapter(_model(), tmp_path / "adapter")
     config_file.write_text(json.dumps(config))
+    no_hf_family = Transformer(preset_config("micro", post_norm=True))
+    with pytest.raises(InputError, match="no Hugging Face equivalent"):
+        load_peft_adapter(no_hf_family, tmp_path / "adapter")
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
     key = next(k for k in tensors if k.endswith("lora_B.weight")).replace(".weight", ".bias")
