@@ -29,7 +29,8 @@ Update = tuple[Tensor, Tensor]  # (A (rank, in), B (out, rank)), float32, the sc
 def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, Tensor]]:
     """(adapter_config.json, adapter_model.safetensors' tensors) of a PEFT adapter directory;
     a missing file or an unreadable config is an InputError naming it."""
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = (
@@ -47,7 +48,11 @@ def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, Tensor]]:
         raise InputError(f"{config_path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
         raise InputError(f"{config_path} has no r / lora_alpha: not a LoRA adapter config")
-    return config, load_file(str(weights_path))
+    try:  # read into memory, not mapped: a file rewritten in place later (a trainer saving to
+        # the same directory) must not pull pages from under a served adapter (SIGBUS)
+        return config, load(weights_path.read_bytes())
+    except (SafetensorError, OSError) as exc:  # a truncated or foreign file
+        raise InputError(f"{weights_path} is not a readable safetensors file: {exc}") from None
 
 
 def peft_scaling(config: dict[str, Any]) -> float:

@@ -169,11 +169,15 @@ def test_an_adapter_that_cannot_load_exactly_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"do not have its adapter_config\.json's rank r=8"):
         load_peft_adapter(_model(), tmp_path / "adapter")
     config_file.write_text(json.dumps(config))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = {k: t.clone() for k, t in load_file(weights).items()}  # not the file's pages
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match=r"adapter_model\.safetensors is not a readable"):
+        load_peft_adapter(_model(), tmp_path / "adapter")
+    save_file(tensors, weights)
     no_hf_family = Transformer(preset_config("micro", post_norm=True))
     with pytest.raises(InputError, match="no Hugging Face equivalent"):
         load_peft_adapter(no_hf_family, tmp_path / "adapter")
-    weights = tmp_path / "adapter" / "adapter_model.safetensors"
-    tensors = load_file(weights)
     key = next(k for k in tensors if k.endswith("lora_B.weight")).replace(".weight", ".bias")
     save_file({**tensors, key: torch.zeros(3)}, weights)  # PEFT's lora_bias
     with pytest.raises(

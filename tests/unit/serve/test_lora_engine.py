@@ -335,3 +335,17 @@ def test_an_unloaded_adapters_weights_are_freed(serve_model_dir, lora_dirs):
             assert engine._lora_keys == {} and engine._lora == {}
     finally:
         engine.shutdown()
+
+
+def test_an_adapter_file_rewritten_in_place_leaves_the_read_adapter_whole(
+    serve_model_dir, lora_dirs, tmp_path
+):
+    """A trainer saving again into a served adapter's directory truncates the file: the weights
+    read must not be pages of it (a mapped file's pages vanish: SIGBUS, the server dies)."""
+    adapter = tmp_path / "a"
+    shutil.copytree(lora_dirs["a1"][0], adapter)
+    model = load_pretrained(serve_model_dir, device="cpu")
+    update = read_adapter(model, "a", adapter)
+    key = update.key
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert update.key == key  # reads every A and B again
