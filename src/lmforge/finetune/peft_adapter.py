@@ -7,8 +7,10 @@ its modules mapped onto ours by the export's name table. A fused linear of ours 
 gate/up) from separate PEFT modules keeps one A when the parts share it (our export writes it
 so) and otherwise stacks the parts' A and places their B block-diagonally, rank the sum of
 theirs: the update is exact either way; a part PEFT did not adapt (its default targets of a
-Llama are q_proj and v_proj) adds nothing. Whatever cannot be read exactly is an InputError saying
-what: DoRA, trained biases, rank/alpha patterns, modules_to_save, another shape or rank.
+Llama are q_proj and v_proj) adds nothing. Whatever cannot be read exactly is an InputError
+saying what: DoRA, trained biases or lora_bias, rank/alpha patterns, modules_to_save, layer
+replication, tensors other than LoRA A/B (trainable tokens, embedding LoRA), another shape or
+rank, a model with no Hugging Face family. The weights are read into memory, not mapped.
 """
 
 from __future__ import annotations
