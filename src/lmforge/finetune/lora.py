@@ -10,13 +10,13 @@ it) and bf16-rounded scales, which merge() keeps: the weights it trained with). 
 folds the adapters back into plain nn.Linear weights. `save_peft_adapter` writes
 adapter_config.json + adapter_model.safetensors under PEFT's key names for the Hugging Face export
 of the same model, splitting our fused q/k/v and gate/up projections with the export's own name
-table.
+table; `load_peft_adapter` reads one back, ours or Hugging Face PEFT's, exactly
+(finetune/peft_adapter.py, the reading serving shares).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 from pathlib import Path
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lmforge.common.io import atomic_path, atomic_write_json
 from lmforge.config import Section
-from lmforge.errors import ConfigError, InputError
+from lmforge.errors import ConfigError
 from lmforge.model.quant import QuantLinear, quantized_numel
 from lmforge.model.t5 import wraps_transformers
 
@@ -226,6 +226,15 @@ def save_peft_adapter(
         or None
     )
     first = next(iter(lora_modules(model).values()))
+    shapes = {(m.r, m.alpha): n for n, m in lora_modules(model).items()}
+    if len(shapes) > 1:  # one r and lora_alpha in adapter_config.json for every module
+        (r1, a1), (r2, a2) = list(shapes)[:2]
+        raise ConfigError(
+            f"the adapters have several ranks ({shapes[(r1, a1)]}: r={r1} alpha={a1}, "
+            f"{shapes[(r2, a2)]}: r={r2} alpha={a2}; a Hugging Face adapter loaded with "
+            "separate q/k/v A), which one adapter_config.json cannot say; merge them "
+            "(finetune.lora.merge) and save the merged model instead"
+        )
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     # Exact module names as one regex, so PEFT adapts these modules and no others.
     targets = "^(" + "|".join(re.escape(m) for m in hf_modules) + ")$"
@@ -254,80 +263,25 @@ def save_peft_adapter(
     return out_dir
 
 
-def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, Tensor]]:
-    """(adapter_config.json, adapter_model.safetensors' tensors) of a PEFT adapter directory;
-    a missing file or an unreadable config is an InputError naming it."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = (
-        adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    )  # fmt: skip
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise InputError(
-                f"{path} is missing: a PEFT adapter directory holds adapter_config.json and "
-                "adapter_model.safetensors (lmforge finetune --method lora writes them)"
-            )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
-        raise InputError(f"{config_path} has no r / lora_alpha: not a LoRA adapter config")
-    return config, load_file(str(weights_path))
-
-
-def peft_module_pairs(
-    model: nn.Module, saved: dict[str, Tensor]
-) -> dict[str, list[tuple[Tensor, Tensor]]]:
-    """Our linear's name -> its PEFT (lora_A, lora_B) pairs, one per Hugging Face module it
-    fuses (q/k/v, gate/up), in the order the export's name table concatenates them. Adapted
-    modules that are not in the model's table are an InputError naming one."""
-    from lmforge.model.hf_families import FAMILIES, family_for
-
-    adapted = {
-        k.removeprefix("base_model.model.").split(".lora_")[0] for k in saved if ".lora_" in k
-    }
-    pairs: dict[str, list[tuple[Tensor, Tensor]]] = {}
-    used: set[str] = set()
-    for rule in FAMILIES[family_for(model.config)].rules(model.config):
-        hf = [h.removesuffix(".weight") for h in rule.hf_names]
-        if not rule.ours.endswith(".weight") or not any(h in adapted for h in hf):
-            continue
-        missing = [h for h in hf if h not in adapted]
-        if missing:  # one part of a fused linear adapted alone: a zero update for the others
-            raise InputError(
-                f"the adapter adapts {sorted(set(hf) - set(missing))[0]} but not {missing[0]}, "
-                f"which {rule.ours.removesuffix('.weight')} fuses with it; adapt all of them"
-            )
-        keys = [f"base_model.model.{h}" for h in hf]
-        pairs[rule.ours.removesuffix(".weight")] = [
-            (saved[f"{k}.lora_A.weight"], saved[f"{k}.lora_B.weight"]) for k in keys
-        ]
-        used.update(hf)
-    unknown = sorted(adapted - used)
-    if unknown:
-        raise InputError(
-            f"the adapter adapts {unknown[0]}, which this model does not have: it was trained "
-            "on another architecture"
-        )
-    return pairs
-
-
 def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
-    """Injects adapters per adapter_config.json and loads their weights (inverse of save)."""
-    config, saved = read_peft_adapter(adapter_dir)
-    pairs = peft_module_pairs(model, saved)
-    cfg = LoraConfig(
-        r=config["r"],
-        alpha=config["lora_alpha"],
-        dropout=config.get("lora_dropout", 0.0),
-        targets=list(pairs),
-    )
-    inject(model, cfg)
+    """Freezes `model` and adds the adapter of `adapter_dir` (our export or Hugging Face PEFT's,
+    read exactly by finetune/peft_adapter.py) as LoRALinear modules. A fused linear whose PEFT
+    parts have their own A gets rank the sum of theirs, alpha scaled to keep PEFT's factor
+    (alpha / r, or alpha / sqrt(r) with use_rslora), so its outputs are PEFT's."""
+    from lmforge.finetune.peft_adapter import peft_scaling, read_peft_updates
+
+    updates, config = read_peft_updates(model, adapter_dir)
+    scaling = peft_scaling(config)
+    dropout = float(config.get("lora_dropout") or 0.0)
+    device = next(iter(model.parameters())).device
+    for p in model.parameters():
+        p.requires_grad_(False)
     with torch.no_grad():
-        for name, module in lora_modules(model).items():
-            module.lora_A.weight.copy_(pairs[name][0][0])
-            module.lora_B.weight.copy_(torch.cat([b for _, b in pairs[name]]))
+        for name, (a, b) in updates.items():
+            base = model.get_submodule(name)
+            rank = a.size(0)
+            module = LoRALinear(base, rank, scaling * rank, dropout)
+            module.lora_A.weight.copy_(a)
+            module.lora_B.weight.copy_(b)
+            replace_module(model, name, module.to(device))
     return model

@@ -173,7 +173,11 @@ class Engine(StepLoop):
                 if adapter.name in self._lora:
                     raise InputError(f"engine {self.name!r} already serves {adapter.name!r}")
             self._lora_keys[adapter.name] = adapter.key  # before its first request can come
-            self._change_adapters({**self._lora, adapter.name: adapter.updates})
+            try:
+                self._change_adapters({**self._lora, adapter.name: adapter.updates})
+            except BaseException:
+                self._lora_keys.pop(adapter.name, None)
+                raise
 
     def unload_adapter(self, name: str) -> None:
         """Stops serving a LoRA adapter; refused while requests of it wait or run."""
@@ -189,6 +193,7 @@ class Engine(StepLoop):
                 self._unloading.add(name)  # submit refuses it from now on
             try:
                 self._change_adapters({k: v for k, v in self._lora.items() if k != name})
+                self._lora_keys.pop(name, None)
             finally:
                 with self._lock:
                     self._unloading.discard(name)

@@ -9,26 +9,23 @@ one. Whatever the base cannot run exactly is refused, naming the adapter and wha
 or shape that does not fit the base (another model size or vocabulary), a module the base lacks,
 DoRA, trained biases, rank/alpha patterns, modules_to_save (whole replaced layers).
 
-Each adapted linear's update becomes one (A, B) pair with alpha / r folded into B. A fused
-linear of ours (q/k/v, gate/up) from separate PEFT modules keeps one A when they share it (our
-own export writes it so) and otherwise stacks the parts' A and places their B block-diagonally,
-rank the sum of theirs: the update is exact either way.
+Each adapted linear's update is finetune/peft_adapter.py's exact reading (one A, or the fused
+parts' A stacked with their B block-diagonal), alpha / r (alpha / sqrt(r) with rslora) folded
+into B.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune.lora import peft_module_pairs, read_peft_adapter
+from lmforge.finetune.peft_adapter import peft_scaling, read_peft_updates
 
 
 @dataclass(frozen=True)
@@ -96,29 +93,17 @@ def read_adapter(model: nn.Module, name: str, path: Path) -> AdapterUpdate:
     """The adapter at `path` as updates of `model`'s linears; InputError when it does not fit."""
     where = f"LoRA adapter {name!r} ({path})"
     try:
-        config, saved = read_peft_adapter(path)
-        _refuse_unsupported(config)
-        pairs = peft_module_pairs(model, saved)
-    except (InputError, KeyError) as exc:
-        raise InputError(f"{where}: {exc}") from None
-    if not pairs:
-        raise InputError(f"{where}: it adapts no linear layer of the base")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    updates = {}
-    for module, parts in pairs.items():
-        linear = model.get_submodule(module)
-        _check_shapes(where, module, parts, r, linear)
-        updates[module] = _fuse(parts, scaling)
-    _check_vocabulary(where, Path(path), model.config.vocab_size)
-    try:
+        updates, config = read_peft_updates(model, path)
+        _check_vocabulary(Path(path), model.config.vocab_size)
         template = _chat_template(Path(path))
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
-    return AdapterUpdate(name, Path(path), updates, template)
+    scaling = peft_scaling(config)
+    scaled = {module: (a, b * scaling) for module, (a, b) in updates.items()}
+    return AdapterUpdate(name, Path(path), scaled, template)
 
 
-def _check_vocabulary(where: str, path: Path, vocab_size: int) -> None:
+def _check_vocabulary(path: Path, vocab_size: int) -> None:
     """An adapter directory that carries its own tokenizer must have the base's vocabulary: the
     base's embeddings and head are what its rows run through."""
     if not (path / "tokenizer.json").is_file():
@@ -128,59 +113,10 @@ def _check_vocabulary(where: str, path: Path, vocab_size: int) -> None:
     own = TokenizerFiles.load(path).vocab_size
     if own > vocab_size:
         raise InputError(
-            f"{where}: its tokenizer has {own} tokens, the base's embeddings {vocab_size}: it "
+            f"its tokenizer has {own} tokens, the base's embeddings {vocab_size}: it "
             "was trained with another vocabulary (added tokens); merge it into a model of that "
             "vocabulary and serve that model instead"
         )
-
-
-def _refuse_unsupported(config: dict[str, Any]) -> None:
-    refused = [
-        (config.get("peft_type", "LORA") != "LORA", f"peft_type {config.get('peft_type')!r}"),
-        (bool(config.get("use_dora")), "use_dora (DoRA)"),
-        (config.get("bias", "none") != "none", f"bias {config.get('bias')!r} (trained biases)"),
-        (bool(config.get("rank_pattern") or config.get("alpha_pattern")), "rank/alpha patterns"),
-        (bool(config.get("modules_to_save")),
-         f"modules_to_save {config.get('modules_to_save')} (whole replaced layers)"),
-    ]  # fmt: skip
-    for bad, what in refused:
-        if bad:
-            raise InputError(f"its adapter_config.json asks for {what}, which serving adapters "
-                             "does not support; merge it (finetune.lora.merge) and serve the "
-                             "merged model instead")  # fmt: skip
-
-
-def _check_shapes(
-    where: str, module: str, parts: list[tuple[Tensor, Tensor]], r: int, linear: nn.Module
-) -> None:
-    in_f, out_f = linear.in_features, linear.out_features
-    rows = sum(b.size(0) for _, b in parts)
-    for a, b in parts:
-        if a.shape[0] != r or b.shape[1] != r:
-            raise InputError(
-                f"{where}: {module}'s lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
-                f"have its adapter_config.json's rank r={r}; re-export the adapter"
-            )
-        if a.shape[1] != in_f:
-            raise InputError(
-                f"{where}: {module} takes {in_f} inputs on this base but the adapter's lora_A "
-                f"has {a.shape[1]}: it was trained on another base (another size); serve it "
-                "on that base"
-            )
-    if rows != out_f:
-        raise InputError(
-            f"{where}: {module} gives {out_f} outputs on this base but the adapter's lora_B "
-            f"rows sum to {rows}: it was trained on another base; serve it on that base"
-        )
-
-
-def _fuse(parts: list[tuple[Tensor, Tensor]], scaling: float) -> tuple[Tensor, Tensor]:
-    """One (A, scaling * B) for the parts of a fused linear (see module)."""
-    a0 = parts[0][0]
-    if all(torch.equal(a, a0) for a, _ in parts):
-        return a0.float(), torch.cat([b.float() for _, b in parts]) * scaling
-    a = torch.cat([a.float() for a, _ in parts])
-    return a, torch.block_diag(*[b.float() for _, b in parts]) * scaling
 
 
 def _chat_template(path: Path) -> str | None:

@@ -8,6 +8,7 @@ encoder-decoder a Seq2SeqEngine only."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,15 +48,17 @@ class ServeState:
     kb: Any = None
     feedback: Any = None
     ready: bool = False
+    lora_change: threading.Lock = field(default_factory=threading.Lock, repr=False)  # runtime
 
     def max_context(self) -> dict[str, int]:
         """Every served model's context length, by name (generation or embeddings), in the
         order the settings list them (/v1/models' order: the chat page's and serve bench's
         default is the first that generates)."""
-        served = {**self.embedders, **self.engines, **self.adapters}
+        adapters = dict(self.adapters)  # one snapshot: a runtime load may add one meanwhile
+        served = {**self.embedders, **self.engines, **adapters}
         names = [spec.name for spec in [*self.settings.models, *self.settings.loras]
                  if spec.name in served]  # fmt: skip
-        names += [name for name in self.adapters if name not in names]  # loaded at runtime
+        names += [name for name in adapters if name not in names]  # loaded at runtime
         return {name: served[name].max_context for name in names}
 
     def tasks(self, name: str) -> list[str]:
@@ -174,35 +177,40 @@ def _attach_loras(state: ServeState, engine: Any, loras: list[LoraSpec]) -> None
 
 def _serve_adapter(state: ServeState, engine: Engine, update: AdapterUpdate) -> None:
     """Routes requests for the adapter's name to it, on its base's engine."""
-    # the response cache's key: the adapter's bytes and the base's
-    base_id = state.model_ids[engine.name]
-    state.model_ids[update.name] = f"{model_identity(update.name, update.path)}+{base_id}"
+    # the response cache's key: the weights read (name@digest, not the directory hashed again,
+    # which may have changed since) and the base's
+    state.model_ids[update.name] = f"{update.key}+{state.model_ids[engine.name]}"
     state.created[update.name] = int(time.time())
     state.adapters[update.name] = AdapterEngine(engine, update)
     log.info("serving LoRA adapter %s from %s on %s", update.name, update.path, engine.name)
 
 
 def load_adapter(state: ServeState, name: str, path: Path, base: str | None) -> None:
-    """(runtime, --allow-runtime-lora-updating) Reads one more adapter and serves it."""
-    if name in state.max_context():
-        raise InputError(f"the name {name!r} is served already; unload it first or pick another")
-    bases = {spec.name: spec.path for spec in state.settings.models
-             if type(state.engines.get(spec.name)) is Engine}  # fmt: skip
-    engine = state.engines[adapter_base(name, path, base, bases)]
-    update = read_adapter(engine.model, name, path)
-    engine.load_adapter(update)
-    _serve_adapter(state, engine, update)
+    """(runtime, --allow-runtime-lora-updating) Reads one more adapter and serves it. Loads and
+    unloads run one at a time: two loads of one name on two bases would both pass the check."""
+    with state.lora_change:
+        if name in state.max_context():
+            raise InputError(f"the name {name!r} is served already; unload it first or pick "
+                             "another")  # fmt: skip
+        bases = {spec.name: spec.path for spec in state.settings.models
+                 if type(state.engines.get(spec.name)) is Engine}  # fmt: skip
+        engine = state.engines[adapter_base(name, path, base, bases)]
+        update = read_adapter(engine.model, name, path)
+        engine.load_adapter(update)
+        _serve_adapter(state, engine, update)
 
 
 def unload_adapter(state: ServeState, name: str) -> None:
-    """(runtime) Stops serving an adapter (refused while its requests wait or run)."""
-    adapter = state.adapters.get(name)
-    if adapter is None:
-        raise KeyError(name)
-    adapter.base.unload_adapter(name)
-    del state.adapters[name]
-    state.model_ids.pop(name, None)
-    state.created.pop(name, None)
+    """(runtime) Stops serving an adapter (refused while its requests wait or run). Its
+    model_ids entry stays: a request that resolved the name just before may still read it (a
+    later load of the name overwrites it)."""
+    with state.lora_change:
+        adapter = state.adapters.get(name)
+        if adapter is None:
+            raise KeyError(name)
+        adapter.base.unload_adapter(name)
+        del state.adapters[name]
+        state.created.pop(name, None)
     log.info("unloaded LoRA adapter %s", name)
 
 

@@ -1,13 +1,15 @@
 """LoRA: injection, only adapters train, merge, PEFT-format parity, QLoRA-style quantized base."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.lora import (
     LoraConfig,
     LoRALinear,
@@ -112,6 +114,80 @@ def test_adapter_round_trip_through_peft_files(tmp_path):
     save_peft_adapter(model, tmp_path / "adapter")
     fresh = load_peft_adapter(_model(), tmp_path / "adapter")
     assert torch.allclose(fresh(IDX), model(IDX), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("targets", "rslora"),
+    [
+        (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
+        (["q_proj", "v_proj"], True),  # PEFT's default Llama targets: k of the fused qkv unadapted
+    ],
+)
+def test_a_hugging_face_peft_adapter_loads_exactly(tmp_path, targets, rslora):
+    """HF PEFT trains q/k/v and gate/up each with its own A: our fused linears must reproduce
+    every part's update, with PEFT's scaling (rslora: alpha / sqrt(r))."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lmforge.model.convert import save_pretrained
+
+    save_pretrained(_model(), tmp_path / "base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    torch.manual_seed(4)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora,
+                             init_lora_weights=False)  # fmt: skip  # random A and B
+    peft_model = peft.get_peft_model(hf, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = load_peft_adapter(_model(), tmp_path / "adapter")
+    qkv = ours.blocks[0].attn.qkv
+    assert qkv.r == (4 * len({"q_proj", "k_proj", "v_proj"} & set(targets)))  # A's stacked
+    with torch.no_grad():
+        theirs = peft_model(IDX).logits
+        got = ours(IDX)
+        with peft_model.disable_adapter():
+            assert (peft_model(IDX).logits - theirs).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(got, theirs, atol=1e-4, rtol=0)
+    if len(targets) > 2:  # r=12 on qkv, 4 elsewhere: one adapter_config.json cannot say so
+        with pytest.raises(ConfigError, match="several ranks"):
+            save_peft_adapter(ours, tmp_path / "again")
+        return
+    save_peft_adapter(ours, tmp_path / "again")  # one rank (qkv's 8): PEFT reads it back alike
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    again = peft.PeftModel.from_pretrained(hf, tmp_path / "again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDX).logits, theirs, atol=1e-4, rtol=0)
+
+
+def test_an_adapter_that_cannot_load_exactly_is_refused(tmp_path):
+    model = inject(_model(), LoraConfig(r=4, alpha=8))
+    save_peft_adapter(model, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(InputError, match=r"use_dora \(DoRA\).*merge_and_unload"):
+        load_peft_adapter(_model(), tmp_path / "adapter")
+    config_file.write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(InputError, match=r"do not have its adapter_config\.json's rank r=8"):
+        load_peft_adapter(_model(), tmp_path / "adapter")
+    config_file.write_text(json.dumps(config))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = {k: t.clone() for k, t in load_file(weights).items()}  # not the file's pages
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match=r"adapter_model\.safetensors is not a readable"):
+        load_peft_adapter(_model(), tmp_path / "adapter")
+    save_file(tensors, weights)
+    no_hf_family = Transformer(preset_config("micro", post_norm=True))
+    with pytest.raises(InputError, match="no Hugging Face equivalent"):
+        load_peft_adapter(no_hf_family, tmp_path / "adapter")
+    key = next(k for k in tensors if k.endswith("lora_B.weight")).replace(".weight", ".bias")
+    save_file({**tensors, key: torch.zeros(3)}, weights)  # PEFT's lora_bias
+    with pytest.raises(
+        InputError, match=r"weights hold .*lora_B\.bias, which is not a LoRA A or B"
+    ):
+        load_peft_adapter(_model(), tmp_path / "adapter")
+    embedding = "base_model.model.model.embed_tokens.lora_embedding_A"
+    save_file({**tensors, embedding: torch.zeros(4, 256)}, weights)
+    with pytest.raises(InputError, match=r"adapts an embedding \(.*embed_tokens"):
+        load_peft_adapter(_model(), tmp_path / "adapter")
 
 
 @pytest.mark.parametrize(("kind", "bits", "tol"), [("int8", 8, 0.01), ("int4", 4, 0.15)])

@@ -7,8 +7,10 @@ naming the adapter."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune.lora import peft_module_pairs
+from lmforge.finetune.peft_adapter import peft_module_pairs
 from lmforge.model.convert import load_pretrained
 from lmforge.serve.engine import Engine, SamplingParams, collect
 from lmforge.serve.lora_adapters import adapter_base, read_adapter
@@ -139,6 +141,33 @@ def test_separate_q_k_v_adapters_of_hf_peft_are_exact(serve_model_dir, lora_dirs
     finally:
         engine.shutdown()
         want_engine.shutdown()
+
+
+def test_a_hugging_face_peft_adapter_serves_as_peft_computes_it(serve_model_dir, tmp_path):
+    """PEFT's own model is the reference: its default Llama targets (q_proj, v_proj: k of our
+    fused qkv unadapted), each with its own A, rslora's alpha / sqrt(r); a base row beside it
+    stays the base exactly."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lmforge.serve.multi_lora import attach_adapters
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(serve_model_dir).eval()
+    torch.manual_seed(6)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             use_rslora=True, init_lora_weights=False)  # fmt: skip
+    peft_model = peft.get_peft_model(hf, config).eval()
+    peft_model.save_pretrained(tmp_path / "hf")
+    model = load_pretrained(serve_model_dir, device="cpu", dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPTS[2], PROMPTS[0][:21]])
+    with torch.no_grad():
+        base = model(ids)
+        slots = attach_adapters(model, {"hf": read_adapter(model, "hf", tmp_path / "hf").updates})
+        slots.select(["hf", None])
+        got = model(ids)
+        want = peft_model(ids).logits
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
+    assert (want[0] - base[0]).abs().max() > 1e-2  # the adapter matters
+    assert torch.equal(got[1], base[1])  # a base row adds exact zeros
 
 
 # -- what start-up refuses ------------------------------------------------------------------------
@@ -291,3 +320,32 @@ def test_adapters_load_and_unload_while_requests_run(serve_model_dir, lora_dirs,
         _assert_same(_answer(engine, PROMPTS[2], "l5"), alone[None][2])
     finally:
         engine.shutdown()
+
+
+def test_an_unloaded_adapters_weights_are_freed(serve_model_dir, lora_dirs):
+    engine = _engine(serve_model_dir)
+    try:
+        for _ in range(2):  # loaded again under its name: nothing of the first load is kept
+            engine.load_adapter(read_adapter(engine.model, "a1", lora_dirs["a1"][0]))
+            _answer(engine, PROMPTS[1], "r", "a1")  # its rows ran: masks were built
+            stack = weakref.ref(engine.model.get_submodule("blocks.0.attn.qkv").lora_a)
+            engine.unload_adapter("a1")
+            gc.collect()
+            assert stack() is None
+            assert engine._lora_keys == {} and engine._lora == {}
+    finally:
+        engine.shutdown()
+
+
+def test_an_adapter_file_rewritten_in_place_leaves_the_read_adapter_whole(
+    serve_model_dir, lora_dirs, tmp_path
+):
+    """A trainer saving again into a served adapter's directory truncates the file: the weights
+    read must not be pages of it (a mapped file's pages vanish: SIGBUS, the server dies)."""
+    adapter = tmp_path / "a"
+    shutil.copytree(lora_dirs["a1"][0], adapter)
+    model = load_pretrained(serve_model_dir, device="cpu")
+    update = read_adapter(model, "a", adapter)
+    key = update.key
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert update.key == key  # reads every A and B again

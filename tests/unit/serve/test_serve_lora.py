@@ -235,14 +235,17 @@ def test_the_cli_takes_lora_and_vllms_lora_modules_on_flags_and_in_a_serve_yaml(
     assert result.exit_code == 0 and started[-1].runtime_lora_updating
 
 
-def test_runtime_loading_behind_its_flag(servers, serve_model_dir, lora_dirs, openai_server):
+def test_runtime_loading_behind_its_flag(
+    servers, serve_model_dir, lora_dirs, openai_server, tmp_path
+):
     import httpx
 
     lora, merged, _ = servers
     off = str(lora.base_url).removesuffix("/v1/")
     # flag off: no such route (the chat page's static mount answers a POST with 405)
     assert httpx.post(f"{off}/v1/load_lora_adapter", json={}).status_code in (404, 405)
-    client = openai_server([{"name": "base", "path": serve_model_dir}], runtime_lora_updating=True)
+    client = openai_server([{"name": "base", "path": serve_model_dir}], runtime_lora_updating=True,
+                           feedback_db=tmp_path / "feedback.db")  # fmt: skip  # not the cwd's
     url = str(client.base_url).removesuffix("/v1/")
     load = {"lora_name": "late", "lora_path": str(lora_dirs["a2"][0])}
     answer = httpx.post(f"{url}/v1/load_lora_adapter", json=load)
@@ -267,3 +270,45 @@ def test_runtime_loading_behind_its_flag(servers, serve_model_dir, lora_dirs, op
     with pytest.raises(ValidationError, match="needs --workers 1"):
         ServeSettings(models=[{"name": "b", "path": serve_model_dir}], workers=2,
                       runtime_lora_updating=True)  # fmt: skip
+
+
+def test_two_runtime_loads_of_one_name_on_two_bases_serve_it_once(
+    serve_model_dir, lora_dirs, tmp_path, monkeypatch
+):
+    import threading
+    import time
+
+    import lmforge.serve.state as state_module
+    from lmforge.serve.state import load_adapter, stop_engines
+
+    settings = ServeSettings(
+        models=[{"name": "b1", "path": serve_model_dir}, {"name": "b2", "path": serve_model_dir}],
+        runtime_lora_updating=True, feedback_db=tmp_path / "f.db",
+    )  # fmt: skip
+    state = ServeState(settings, ServerMetrics())
+    start_engines(state)
+    read = state_module.read_adapter
+
+    def slow_read(*args):  # widens the window between the name's check and its serving
+        time.sleep(0.3)
+        return read(*args)
+
+    monkeypatch.setattr(state_module, "read_adapter", slow_read)
+    errors = []
+
+    def load(base: str) -> None:
+        try:
+            load_adapter(state, "x", lora_dirs["a1"][0], base)
+        except InputError as exc:
+            errors.append(str(exc))
+
+    try:
+        threads = [threading.Thread(target=load, args=(b,)) for b in ("b1", "b2")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 1 and "'x' is served already" in errors[0]
+        assert sum("x" in engine._lora for engine in state.engines.values()) == 1
+    finally:
+        stop_engines(state)
