@@ -50,7 +50,7 @@ def burst(
         step = 0.0
         masks = []
         for state in states:
-            new = state not in guide._masks
+            new = not guide.has_mask(state)
             t0 = time.perf_counter()
             masks.append(guide.allowed(state))
             dt = 1e3 * (time.perf_counter() - t0)

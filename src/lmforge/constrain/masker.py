@@ -183,6 +183,10 @@ class TokenGuide:
             return mask
         return self._cache_mask(state, self._walk(state))
 
+    def has_mask(self, state: GuideState) -> bool:
+        """Whether `state`'s mask is cached (`allowed` is then a lookup, not a walk)."""
+        return state in self._masks
+
     def _cache_mask(self, state: GuideState, mask: Tensor) -> Tensor:
         self._masks[state] = mask
         if len(self._masks) > self._mask_cache:
