@@ -240,8 +240,8 @@ class TokenGuide:
             first = trie.first[child]
             starts.append(first)
             stops.append(np.where(whole, trie.last[child], first + trie.ends[child]))
-            if successors is not None:
-                ending = after[~whole & (trie.ends[child] > 0)]
+            if successors is not None:  # a whole subtree's tokens all lead to its parent's state
+                ending = after[whole | (trie.ends[child] > 0)]
                 successors.update(self._states[i] for i in set(ending.tolist()))
             deeper = ~whole & (trie.degree[child] > 0)
             nodes, rows = child[deeper], after[deeper]

@@ -164,6 +164,15 @@ def test_warm_computes_the_masks_answers_reach_first():
         assert torch.equal(mask, cold.allowed(state))
 
 
+def test_warm_follows_tokens_taken_by_the_whole_subtree_shortcut():
+    """ "xa" and "xaa" are taken whole below "x" (every byte after it keeps the a* state), and no
+    token ends at "x": warm still reaches the state they lead to, and the one after its "b"."""
+    guide = TokenGuide(Automaton(regex_grammar("xa*b")), Vocabulary([b"", b"xa", b"xaa", b"b"]))
+    assert guide.warm(seconds=30.0) == 3
+    looping = guide.advance(guide.start, 1)
+    assert all(map(guide.has_mask, (guide.start, looping, guide.advance(looping, 3))))
+
+
 def test_trained_byte_level_vocabulary_round_trips(tmp_path):
     from lmforge.tokenizer.files import TokenizerFiles
     from unit.finetune.helpers import make_tokenizer_dir
