@@ -137,7 +137,8 @@ def main() -> None:
     compiler = GuideCompiler(tok)
     print(
         f"vocab {tok.get_vocab_size()}: token bytes + trie {time.perf_counter() - t0:.2f}s; "
-        f"load average {os.getloadavg()[0]:.1f}; {args.rows} rows x {args.steps} steps"
+        f"load average {os.getloadavg()[0]:.1f}"
+        + ("" if args.memory_walks else f"; {args.rows} rows x {args.steps} steps")
     )
     if args.memory_walks:
         memory_per_state(compiler, args.memory_walks)
