@@ -9,18 +9,25 @@ compiled afresh and not warmed, so every state's first mask is a cold walk: thei
 p50/p99 per cold state, and each step's total the stall a batch of `rows` sees.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_guided_cold.py [--rows 8] [--steps 60]
-        [--tokenizer /tmp/bpe50k.json] [--warm-seconds 0]
+        [--tokenizer /tmp/bpe50k.json] [--warm-seconds 0] [--memory-walks 150]
+
+`--memory-walks N` instead measures what a json_object guide holds per automaton state besides
+its masks (the cost behind guide.MAX_GUIDE_STATES): N random walks of up to 120 tokens that
+prefer, 4 times in 10, a token opening a bracket or a value, and otherwise avoid closing ones,
+traced by tracemalloc.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmforge.constrain import GuideCompiler
@@ -50,7 +57,7 @@ def burst(
         step = 0.0
         masks = []
         for state in states:
-            new = state not in guide._masks
+            new = not guide.has_mask(state)
             t0 = time.perf_counter()
             masks.append(guide.allowed(state))
             dt = 1e3 * (time.perf_counter() - t0)
@@ -73,6 +80,40 @@ def burst(
     )
 
 
+def memory_per_state(compiler: GuideCompiler, walks: int) -> None:
+    """Prints the bytes a fresh json_object guide holds per automaton state, its masks aside,
+    after each of `walks` random walks that nest (tracemalloc, after a collection)."""
+    import tracemalloc
+
+    tokens = compiler.vocab.tokens
+    closes = np.array([b"}" in t for t in tokens])
+    opens = np.array([t.endswith((b"[", b"{", b'":')) for t in tokens])
+    rng = random.Random(0)
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    guide = compiler.compile("json_object", "").tokens
+    for walk in range(walks):
+        state = guide.start
+        for _ in range(120):
+            mask = guide.allowed(state).numpy()
+            pick = mask & opens if rng.random() < 0.4 and (mask & opens).any() else mask & ~closes
+            ids = np.flatnonzero(pick if pick.any() else mask)
+            if not ids.size:
+                break
+            state = guide.advance(state, int(rng.choice(ids)))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+        masks = sum(m.numel() * m.element_size() for m in guide._masks.values())
+        states = guide.automaton.size
+        print(
+            f"  walk {walk}: {states} automaton states, {len(guide._states)} guide states, "
+            f"{len(guide._masks)} masks {masks / 1e6:.1f} MB, all {held / 1e6:.1f} MB: "
+            f"{(held - masks) / states / 1e3:.1f} KB a state besides masks"
+        )
+    tracemalloc.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=8)
@@ -81,6 +122,7 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=float, default=20.0)
     ap.add_argument("--tokenizer", type=Path, help="a saved tokenizer.json (made if missing)")
     ap.add_argument("--warm-seconds", type=float, default=0.0, help="warm each guide first")
+    ap.add_argument("--memory-walks", type=int, default=0, help="measure memory a state instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from tokenizers import Tokenizer
@@ -95,8 +137,12 @@ def main() -> None:
     compiler = GuideCompiler(tok)
     print(
         f"vocab {tok.get_vocab_size()}: token bytes + trie {time.perf_counter() - t0:.2f}s; "
-        f"load average {os.getloadavg()[0]:.1f}; {args.rows} rows x {args.steps} steps"
+        f"load average {os.getloadavg()[0]:.1f}"
+        + ("" if args.memory_walks else f"; {args.rows} rows x {args.steps} steps")
     )
+    if args.memory_walks:
+        memory_per_state(compiler, args.memory_walks)
+        return
     for kind in SPECS:
         r = burst(compiler, kind, args.rows, args.steps, args.warm_seconds)
         print(

@@ -86,7 +86,7 @@ def walk(
     state = guide.start
     miss, hit, adv = [], [], []
     for _ in range(steps):
-        cached = state in guide._masks
+        cached = guide.has_mask(state)
         t0 = time.perf_counter()
         mask = guide.allowed(state)
         dt = time.perf_counter() - t0

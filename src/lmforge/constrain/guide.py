@@ -33,8 +33,11 @@ GRAMMARS: dict[str, Callable[[str, NumberDigits], Grammar]] = {
 }
 GUIDE_CACHE = 16  # compiled guides kept per vocabulary (each up to MASK_CACHE_BYTES of masks)
 # A guide's memoized states and steps grow with every new state its answers reach (json_object:
-# one per new nesting of brackets; about 6 KB a state, measured on a random walk that nests);
-# a cached guide past this many automaton states is dropped, and the next request compiles anew
+# one per new nesting of brackets): about 13 KB an automaton state besides the masks (some 3.4
+# byte-table rows of 1 KB, states inside a split UTF-8 character included, the table grown
+# twofold, plus the automaton's memoized steps; benchmarks/bench_guided_cold.py --memory-walks
+# 150, 50k byte-level BPE: 1,208 states, 15.6 MB), so about 130 MB at this bound; a cached
+# guide past this many automaton states is dropped, and the next request compiles anew
 MAX_GUIDE_STATES = 10_000
 NUMBER_DIGITS = NumberDigits()  # a guide's JSON numbers, unless its GuideCompiler is given others
 GUIDE_WARM_SECONDS = 1.0  # the server's budget for a new guide's first masks (TokenGuide.warm;

@@ -183,6 +183,10 @@ class TokenGuide:
             return mask
         return self._cache_mask(state, self._walk(state))
 
+    def has_mask(self, state: GuideState) -> bool:
+        """Whether `state`'s mask is cached (`allowed` is then a lookup, not a walk)."""
+        return state in self._masks
+
     def _cache_mask(self, state: GuideState, mask: Tensor) -> Tensor:
         self._masks[state] = mask
         if len(self._masks) > self._mask_cache:
@@ -236,8 +240,8 @@ class TokenGuide:
             first = trie.first[child]
             starts.append(first)
             stops.append(np.where(whole, trie.last[child], first + trie.ends[child]))
-            if successors is not None:
-                ending = after[~whole & (trie.ends[child] > 0)]
+            if successors is not None:  # a whole subtree's tokens all lead to its parent's state
+                ending = after[whole | (trie.ends[child] > 0)]
                 successors.update(self._states[i] for i in set(ending.tolist()))
             deeper = ~whole & (trie.degree[child] > 0)
             nodes, rows = child[deeper], after[deeper]

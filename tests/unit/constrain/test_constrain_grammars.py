@@ -5,6 +5,7 @@ constructs are refused naming what is unsupported."""
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -303,3 +304,53 @@ def test_integer_bounds_allow_exactly_the_integers_between_them():
     auto = Automaton(schema_grammar(optional))
     assert auto.matches("null") and auto.matches("3") and not auto.matches("2")
     assert auto.matches("9" * 19) and not auto.matches("1" + "0" * 19)  # default cap
+
+
+def canonical_integers(cap: int) -> list[str]:
+    """Every string of an optional minus and 1 to cap + 1 digits (leading zeros, "-0" and one
+    digit past the cap included), and a few near misses."""
+    from itertools import product
+
+    bodies = ["".join(p) for n in range(1, cap + 2) for p in product("0123456789", repeat=n)]
+    return [*bodies, *("-" + b for b in bodies), "", "-", "+1", "1.0", "1e1", " 1", "--1"]
+
+
+BOUND_TESTS = {
+    "minimum": lambda v, b: v >= b, "exclusiveMinimum": lambda v, b: v > b,
+    "maximum": lambda v, b: v <= b, "exclusiveMaximum": lambda v, b: v < b,
+}  # fmt: skip
+
+
+def test_integer_bounds_match_a_brute_force_check_of_every_short_numeral():
+    """Random schemas' bounds (inclusive or exclusive, int or fractional, negative, 0, at and
+    past the digit cap) allow exactly the numerals of an int written without leading zeros or
+    "-0", within the cap, that meet every bound as JSON schema states it; bounds no such int
+    meets are refused."""
+    from lmforge.constrain.json_grammar import NumberDigits
+
+    cap = 2
+    texts = canonical_integers(cap)
+    edges = [0, 1, -1, 9, -9, 10, -10, 98, 99, 100, -99, -100, 150, -150, 0.5, -0.5, 99.5, -99.5]
+    rng = random.Random(0)
+    compiled = refused = 0
+    for trial in range(120):
+        bounds = {k: rng.choice(edges) if trial % 2 else rng.randint(-120, 120)
+                  for k in BOUND_TESTS if rng.random() < 0.45} or {"minimum": rng.choice(edges)}  # fmt: skip
+
+        def valid(text: str, bounds=bounds) -> bool:
+            if not re.fullmatch(r"-?\d+", text) or str(int(text)) != text:  # 007, -0, +1, 1.0
+                return False
+            value = int(text)
+            return abs(value) < 10**cap and all(BOUND_TESTS[k](value, b) for k, b in bounds.items())
+
+        schema = {"type": "integer", **bounds}
+        if not any(valid(t) for t in texts):
+            with pytest.raises(ConstraintError, match="no integer at # is within its bounds"):
+                schema_grammar(schema, NumberDigits(integer=cap))
+            refused += 1
+            continue
+        auto = Automaton(schema_grammar(schema, NumberDigits(integer=cap)))
+        for text in texts:
+            assert auto.matches(text) == valid(text), (bounds, text)
+        compiled += 1
+    assert compiled > 60 and refused > 20

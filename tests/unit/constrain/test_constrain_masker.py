@@ -27,27 +27,55 @@ VOCAB = [
 ]  # fmt: skip
 
 
-def viable(auto: Automaton, data: bytes) -> bool:
-    """Brute force: `data` (a whole answer so far) can still be extended to a match: its
-    complete characters step the automaton, and an unfinished last character has at least one
-    completion (every continuation byte tried) that the automaton can read."""
+def viable(auto: Automaton, data: bytes, state: int | None = None, by_range=False) -> bool:
+    """Brute force: `data` (a whole answer so far, or what follows automaton `state`) can still
+    be extended to a match: its complete characters step the automaton, and an unfinished last
+    character has at least one completion (every continuation byte tried; `by_range`: every
+    next byte tried, the bytes after it as a range) it can read."""
+    split = complete_part(auto, data, auto.start if state is None else state)
+    if split is None:
+        return False
+    state, tail = split
+    if not tail:
+        return True
+    if by_range:
+        return completes_in_range(auto, state, tail)
+    return any(completes(auto, state, tail + bytes([b])) for b in range(0x80, 0xC0))
+
+
+def completes_in_range(auto: Automaton, state: int, tail: bytes) -> bool:
+    """Whether some character that starts with `tail` can be read: for each next byte, the
+    characters it starts are one range of code points, from its completion by 0x80 bytes to its
+    completion by 0xBF bytes, as Python's decoder reads them (neither decodes when the next byte
+    makes an overlong, a surrogate or a code point past U+10FFFF). 64 decodes, not 64**3."""
+    for rest in range(4 - len(tail)):
+        for b in range(0x80, 0xC0):
+            try:
+                lo = (tail + bytes([b]) + b"\x80" * rest).decode("utf-8")
+                hi = (tail + bytes([b]) + b"\xbf" * rest).decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if len(lo) == len(hi) == 1 and auto.meets(state, ord(lo), ord(hi)):
+                return True
+    return False
+
+
+def complete_part(auto: Automaton, data: bytes, state: int) -> tuple[int, bytes] | None:
+    """The automaton state after `data`'s complete characters, and the bytes of its unfinished
+    last character; None when they are not UTF-8 or the automaton refuses them."""
     for cut in range(len(data), max(len(data) - 4, -1), -1):
         try:
             text = data[:cut].decode("utf-8")
         except UnicodeDecodeError:
             continue
-        tail = data[cut:]
         break
     else:
-        return False
-    state = auto.start
+        return None
     for ch in text:
         state = auto.step(state, ch)
         if state == DEAD:
-            return False
-    if not tail:
-        return True
-    return any(completes(auto, state, tail + bytes([b])) for b in range(0x80, 0xC0))
+            return None
+    return state, data[cut:]
 
 
 def completes(auto: Automaton, state: int, data: bytes) -> bool:
@@ -128,11 +156,21 @@ def test_warm_computes_the_masks_answers_reach_first():
     assert guide.warm(seconds=30.0) == len(guide._masks) > 10
     state = guide.start
     for token in (b'{"', b"a", b'":', b'"', b"\xc3", b"\xa9", b'",'):  # each step finds its mask
-        assert state in guide._masks, token
+        assert guide.has_mask(state), token
         state = guide.advance(state, VOCAB.index(token))
     cold = TokenGuide(guide.automaton, guide.vocab)  # the masks a walk on demand computes
+    assert not cold.has_mask(guide.start)
     for state, mask in list(guide._masks.items()):
         assert torch.equal(mask, cold.allowed(state))
+
+
+def test_warm_follows_tokens_taken_by_the_whole_subtree_shortcut():
+    """ "xa" and "xaa" are taken whole below "x" (every byte after it keeps the a* state), and no
+    token ends at "x": warm still reaches the state they lead to, and the one after its "b"."""
+    guide = TokenGuide(Automaton(regex_grammar("xa*b")), Vocabulary([b"", b"xa", b"xaa", b"b"]))
+    assert guide.warm(seconds=30.0) == 3
+    looping = guide.advance(guide.start, 1)
+    assert all(map(guide.has_mask, (guide.start, looping, guide.advance(looping, 3))))
 
 
 def test_trained_byte_level_vocabulary_round_trips(tmp_path):
@@ -201,26 +239,44 @@ LEVEL_WALK_SPECS = [
 ]  # fmt: skip
 
 
-def dense_vocabulary() -> list[bytes]:
+def dense_vocabulary(hostile: bool = False) -> list[bytes]:
     """1,500 random strings of 1-4 bytes over JSON's punctuation, a few letters and digits, and
     the two bytes of é (JSON's alphabet, for the JSON grammars): tokens that share prefixes and
     whose subtrees mix bytes that keep a state with bytes that end it, in every combination the
-    whole-subtree shortcut must get right."""
+    whole-subtree shortcut must get right. `hostile` adds bytes no UTF-8 text holds (FF, C0, a
+    lone continuation), a surrogate's lead (ED A0), 日's and 🙂's bytes (three and four), an id
+    whose bytes repeat another's and empty tokens among them."""
     alphabet = [*b'a e1.-,:{}[]" \\', 0xC3, 0xA9]
+    if hostile:
+        alphabet += [0xFF, 0xC0, 0x80, 0xED, 0xA0, 0xE6, 0x97, 0xA5, 0xF0, 0x9F, 0x99, 0x82]
     rng = random.Random(0)
-    tokens = {bytes(rng.choices(alphabet, k=rng.randint(1, 4))) for _ in range(1500)}
-    return [b"", *sorted(tokens)]
+    tokens = [
+        b"",
+        *sorted({bytes(rng.choices(alphabet, k=rng.randint(1, 4))) for _ in range(1500)}),
+    ]
+    if hostile:
+        tokens[100:100] = [b"", tokens[50], "日🙂".encode()]
+    return tokens
+
+
+def oracle_ids(auto: Automaton, vocab: Vocabulary, state: int, tail: bytes) -> list[int]:
+    """The ids whose bytes, after an answer at automaton `state` with `tail` bytes of an
+    unfinished character, leave it viable: brute force, no trie, no byte table."""
+    return [i for i, t in enumerate(vocab.tokens) if t and viable(auto, tail + t, state, True)]
 
 
 @pytest.mark.parametrize(
     "vocabulary,kind,spec",
     [("trained", kind, spec) for kind, spec in LEVEL_WALK_SPECS]
-    + [("dense", kind, spec) for kind, spec in LEVEL_WALK_SPECS if kind.startswith("json")],
-)
+    + [(v, kind, spec) for v in ("dense", "hostile") for kind, spec in LEVEL_WALK_SPECS
+       if kind.startswith("json")],
+)  # fmt: skip
 def test_level_walk_masks_equal_each_tokens_own_advance(tmp_path, kind, spec, vocabulary):
     """The level-at-a-time walk (whole subtrees taken by range, gathers from the byte table)
-    allows exactly the tokens whose bytes the guide can step through, at the states of random
-    walks over a trained byte-level BPE and over a dense vocabulary of short byte strings."""
+    allows exactly the tokens a brute-force check of their bytes finds viable, and `advance`
+    steps exactly those to the state the check reaches, at the states of random walks (half of
+    them nesting brackets, so json_object's byte table grows past its first 64 rows) over a
+    trained byte-level BPE and dense vocabularies of short byte strings."""
     from lmforge.constrain.guide import GRAMMARS
     from lmforge.constrain.json_grammar import NumberDigits
     from lmforge.tokenizer.files import TokenizerFiles
@@ -230,21 +286,32 @@ def test_level_walk_masks_equal_each_tokens_own_advance(tmp_path, kind, spec, vo
         files = TokenizerFiles.load(make_tokenizer_dir(tmp_path, vocab_size=400))
         vocab = GuideCompiler(files.tokenizer).vocab
     else:
-        vocab = Vocabulary(dense_vocabulary())
-    guide = TokenGuide(Automaton(GRAMMARS[kind](spec, NumberDigits())), vocab)
-    oracle = TokenGuide(guide.automaton, vocab)  # steps only, never walks the trie
+        vocab = Vocabulary(dense_vocabulary(hostile=vocabulary == "hostile"))
+    auto = Automaton(GRAMMARS[kind](spec, NumberDigits()))
+    guide = TokenGuide(auto, vocab)
+    nesting = [vocab.tokens.index(bytes([c])) for c in b'{"a":' + b"[" * 20]
     rng = random.Random(1)
     checked = 0
-    for _ in range(6):
-        state = guide.start
-        for _ in range(25):
-            expected = [i for i, t in enumerate(vocab.tokens) if t and oracle.advance(state, i)]
+    for walk in range(6):
+        state, at = guide.start, (auto.start, b"")
+        for step in range(25):
+            expected = oracle_ids(auto, vocab, *at)
             assert guide.allowed_ids(state) == expected
+            stepped = [i for i in range(vocab.size) if guide.advance(state, i) is not None]
+            assert stepped == expected
             checked += 1
             if not expected:
                 break
-            state = guide.advance(state, rng.choice(expected))
+            deeper = walk % 2 and nesting[step] in expected  # json_object: `{"a":[[[...`
+            token = nesting[step] if deeper else rng.choice(expected)
+            state, at = (
+                guide.advance(state, token),
+                complete_part(auto, at[1] + vocab.tokens[token], at[0]),
+            )
+            assert state == at
     assert checked > 40
+    if kind == "json_object" and vocabulary != "trained":
+        assert len(guide._states) > 64  # the table grew (it starts with 64 rows)
 
 
 DIGIT_VOCAB = [
