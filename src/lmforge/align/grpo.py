@@ -40,6 +40,7 @@ from lmforge.align.rollout import (
     reference_logps,
     rollout_prompts,
     sample_answers,
+    sampling_seed,
     standard_error,
 )
 from lmforge.errors import ConfigError
@@ -87,7 +88,9 @@ class GroupRollouts:
         index, k = divmod(self.position, self.steps_per_rollout)
         if k == 0 or self.rollout is None:
             chosen = rollout_prompts(self.seed, index, len(self.records), self.opts.rollout_prompts)
-            self.rollout = make_group_rollout(self, [self.records[i] for i in chosen], seed=index)
+            self.rollout = make_group_rollout(
+                self, [self.records[i] for i in chosen], sampling_seed(self.seed, index)
+            )
         rows = minibatch_rows(self.seed, index, k, self.rows, self.batch_size)
         self.position += 1
         return {name: t[rows] for name, t in self.rollout.items()}

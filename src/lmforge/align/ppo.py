@@ -38,6 +38,7 @@ from lmforge.align.rollout import (
     reference_logps,
     rollout_prompts,
     sample_answers,
+    sampling_seed,
     standard_error,
 )
 from lmforge.errors import ConfigError
@@ -154,7 +155,9 @@ class Rollouts:
         n = self.opts.rollout_prompts
         if k == 0 or self.rollout is None:
             chosen = rollout_prompts(self.seed, index, len(self.prompts), n)
-            self.rollout = make_rollout(self, [self.prompts[i] for i in chosen], seed=index)
+            self.rollout = make_rollout(
+                self, [self.prompts[i] for i in chosen], sampling_seed(self.seed, index)
+            )
         rows = minibatch_rows(self.seed, index, k, n, self.batch_size)
         self.position += 1
         return {name: t[rows] for name, t in self.rollout.items()}

@@ -102,6 +102,12 @@ def rollout_prompts(seed: int, index: int, n_prompts: int, k: int) -> np.ndarray
     return np.random.default_rng([seed, index]).choice(n_prompts, k, replace=False)
 
 
+def sampling_seed(seed: int, index: int) -> int:
+    """The sampling seed of rollout `index` in a run with train.seed `seed`: runs at two seeds
+    sample different answers, a resume samples the same ones again."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
 def minibatch_rows(seed: int, index: int, k: int, n_rows: int, batch_size: int) -> Tensor:
     """The rows of the k-th minibatch of rollout `index`: each pass over its n_rows rows takes
     them in a fresh seeded order, batch_size at a time."""

@@ -107,3 +107,26 @@ def test_a_reward_model_reward_scores_as_ppo_does_and_a_non_reward_model_is_refu
     assert total.tolist() == pytest.approx((2 * expected).tolist(), abs=1e-5)
     with pytest.raises(ConfigError, match=r"grpo\.rewards\[\]\.model=.* is not a reward model"):
         build_rewards([RewardSpec(kind="reward_model", model=model_dir)], tok, 0, 48)
+
+
+def test_rollouts_sample_by_train_seed_and_reproduce_at_one_seed(model_dir):
+    """One prompt repeated, so only the sampling seed can tell two runs' rollouts apart."""
+    from lmforge.align.config import GRPOOptions
+    from lmforge.align.grpo import GroupRollouts
+    from lmforge.align.grpo_data import PromptRecord
+    from lmforge.align.rewards import build_rewards
+    from lmforge.finetune.sft import load_chat_tokenizer
+    from lmforge.model.convert import load_pretrained
+
+    tok, lm = load_chat_tokenizer(model_dir), load_pretrained(model_dir)
+    records = [PromptRecord([{"role": "user", "content": "Say alpha"}], None, "x")] * 2
+    opts = GRPOOptions(rewards=[{"kind": "length", "max_tokens": 2}], num_generations=4,
+                       rollout_prompts=2, max_new_tokens=6)  # fmt: skip
+    rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, 48)
+
+    def answers(seed):
+        batch = next(GroupRollouts(lm, None, rewards, tok, records, opts, 8, seed))
+        return sorted(map(tuple, batch["input_ids"].tolist()))
+
+    assert answers(0) == answers(0)
+    assert answers(0) != answers(1)

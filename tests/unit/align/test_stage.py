@@ -108,7 +108,9 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
     ppo = {"reward_model": reward_dir, "rollout_prompts": 16, "max_new_tokens": 8,
            "eval_prompts": 8}  # fmt: skip
     cfg = _cfg(tmp_path, model_dir, "ppo", tuning=tuning, ppo=ppo)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 8})})
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"max_steps": 8, "lr": 1e-2})}
+    )
     held_out_rollouts, real = [], stage.heldout_rollout
 
     def counted(*args):
