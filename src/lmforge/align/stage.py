@@ -136,7 +136,7 @@ def _fit(cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: 
     """The one loop, and the headline numbers every method shares."""
     if cfg.disable_dropout:
         disable_dropout(model)  # after _adapt: the LoRA adapters' dropout too
-    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn)
+    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn, perplexity=False)
     trainable, total = trainable_fraction(result.model)
     headline = {
         "steps": result.step, "train_loss": _round(result.train_loss),

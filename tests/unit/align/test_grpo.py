@@ -53,6 +53,8 @@ def test_grpo_trains_and_writes_the_policy_and_its_reward_metrics(tmp_path, mode
     assert abs(steps[0]["kl"]) < 1e-5  # the first minibatch's policy is the reference
     # 8 answers per rollout served twice (num_iterations) in minibatches of 8: steps 0, 1 share
     assert steps[0]["reward"] == steps[1]["reward"]
+    (final_eval,) = [r for r in rows if "val_loss" in r]  # minus the reward: exp() means nothing
+    assert final_eval["val_reward"] == -final_eval["val_loss"] and "val_ppl" not in final_eval
 
 
 def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir):
