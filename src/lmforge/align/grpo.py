@@ -126,8 +126,9 @@ def make_group_rollout(src: GroupRollouts, records: list[PromptRecord], seed: in
     ids, labels, total, each = sample_and_score(src.lm, src.tok, src.rewards, rows, opts, seed)
     adv, zero_std = group_advantages(total, G, opts.scale_rewards)
     stats = reward_stats(total, each)
-    stats["reward_std"] = float(total.view(-1, G).std(1).mean())
-    stats["frac_reward_zero_std"] = float(zero_std.float().mean())
+    stats["reward_std"] = float(total.std())  # over the rollout, as TRL's
+    stats["reward_group_std"] = float(total.view(-1, G).std(1).mean())  # what advantages see
+    stats["frac_reward_zero_std"] = float(zero_std.float().mean())  # per group, any scaling
     rollout = {"input_ids": ids, "labels": labels, "advantages": adv.to(ids.device)}
     with eval_mode(src.lm):  # as PPO scores its rollouts: no dropout noise in the ratio
         if src.steps_per_rollout > 1:

@@ -47,7 +47,7 @@ def test_grpo_trains_and_writes_the_policy_and_its_reward_metrics(tmp_path, mode
     assert (out / "adapter").is_dir() == (tuning == "lora")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    logged = {"reward", "reward_std", "rewards/rouge_l/mean", "rewards/rouge_l/std",
+    logged = {"reward", "reward_std", "reward_group_std", "rewards/rouge_l/mean", "rewards/rouge_l/std",
               "rewards/length/mean", "frac_reward_zero_std", "clip_low", "clip_high", "kl"}  # fmt: skip
     assert len(steps) == 4 and logged <= set(steps[0])
     assert abs(steps[0]["kl"]) < 1e-5  # the first minibatch's policy is the reference
