@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.align.losses import token_logps
+from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
 
@@ -60,6 +61,11 @@ def sample_answers(
     from lmforge.model.generate import generate_batched
 
     room = lm.config.block_size - max_new_tokens
+    if room < 1:  # ids[-0:] would keep the whole prompt and overrun the position table
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"block_size={lm.config.block_size}; lower ppo.max_new_tokens / grpo.max_new_tokens"
+        )
     ids = [tok.encode(tok.render_chat(p, add_generation_prompt=True))[-room:] for p in prompts]
     answers = generate_batched(
         lm, ids, max_new_tokens, batch_size=len(ids), stop_tokens=tok.stop_ids(), seed=seed,

@@ -64,6 +64,8 @@ def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir)
         align(
             _cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], num_generations=3, rollout_prompts=4)
         )
+    with pytest.raises(ConfigError, match="max_new_tokens=4096 leaves no room for a prompt"):
+        align(_cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], max_new_tokens=4096))
     cfg = _cfg(tmp_path, model_dir, [{"kind": "exact"}])
     no_refs = _data(tmp_path / "bare.jsonl", key="note")
     with pytest.raises(InputError, match=r"bare\.jsonl line 1: no reference answer.*exact"):
