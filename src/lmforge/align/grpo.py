@@ -1,7 +1,7 @@
 """GRPO (Shao et al., 2024): no value head and no learned critic; each prompt's answers are
 judged against each other, trained through the one loop.
 
-The loop's "loader" is `GroupRollouts`: every `num_iterations * rows / micro_batch_size` steps it
+The loop's "loader" is `GroupRollouts(...).loader` (align.rollout.RolloutLoader): every `num_iterations * rows / micro_batch_size` steps it
 picks `rollout_prompts` prompts, samples `num_generations` answers to each with the current
 policy (align.rollout, KV cache), scores them with the weighted reward functions (align.rewards)
 and turns the total into group-relative advantages (align.losses.group_advantages); in between it
@@ -9,7 +9,7 @@ hands the loop shuffled minibatches of those answers. Old log-probs are scored a
 when the rollout serves more than one step (later minibatches then meet a moved policy and the
 clip matters); with one step per rollout the ratio is exactly 1 and they are the current ones.
 With beta > 0 the reference's log-probs are scored too: a LoRA policy's own base (adapters off),
-else a frozen copy of the starting model. Resume restarts the rollout in progress anew.
+else a frozen copy of the starting model. Resume samples the rollout in progress again.
 """
 
 from __future__ import annotations
@@ -32,15 +32,13 @@ from lmforge.align.rewards import (
 )
 from lmforge.align.rollout import (
     HeldOutEval,
+    RolloutLoader,
     answer_rows,
     answer_texts,
     eval_mode,
     frozen_copy,
-    minibatch_rows,
     reference_logps,
-    rollout_prompts,
     sample_answers,
-    sampling_seed,
     standard_error,
 )
 from lmforge.errors import ConfigError
@@ -51,49 +49,26 @@ LOGGED = "log/"  # rollout columns holding one rollout-wide number, logged by th
 
 
 class GroupRollouts:
-    """The GRPO loader: fresh groups of answers from the current policy, served as minibatches."""
+    """What a GRPO rollout reads (policy, reference, reward functions, prompts, settings);
+    `loader` serves fresh groups of answers of the current policy to the loop as minibatches."""
 
     def __init__(
         self, lm: nn.Module, reference: nn.Module | None, rewards: list[RewardFn], tok: Any,
         records: list[PromptRecord], opts: Any, batch_size: int, seed: int,
     ) -> None:  # fmt: skip
-        self.rows = opts.rollout_prompts * opts.num_generations
-        if self.rows % batch_size:
+        rows = opts.rollout_prompts * opts.num_generations
+        if rows % batch_size:
             raise ConfigError(
-                f"grpo.rollout_prompts * grpo.num_generations = {self.rows} answers per rollout "
+                f"grpo.rollout_prompts * grpo.num_generations = {rows} answers per rollout "
                 f"must be a multiple of train.micro_batch_size={batch_size}"
             )
-        if opts.rollout_prompts > len(records):
-            raise ConfigError(
-                f"grpo.rollout_prompts={opts.rollout_prompts} exceeds the {len(records)} training "
-                "prompts; lower it"
-            )
         self.lm, self.reference, self.rewards, self.tok = lm, reference, rewards, tok
-        self.records, self.opts, self.batch_size, self.seed = records, opts, batch_size, seed
-        self.position = 0
-        self.rollout: dict[str, Tensor] | None = None
-        self.steps_per_rollout = opts.num_iterations * (self.rows // batch_size)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position, self.seed = int(state["position"]), int(state["seed"])
-        self.rollout = None
-
-    def __iter__(self) -> GroupRollouts:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        index, k = divmod(self.position, self.steps_per_rollout)
-        if k == 0 or self.rollout is None:
-            chosen = rollout_prompts(self.seed, index, len(self.records), self.opts.rollout_prompts)
-            self.rollout = make_group_rollout(
-                self, [self.records[i] for i in chosen], sampling_seed(self.seed, index)
-            )
-        rows = minibatch_rows(self.seed, index, k, self.rows, self.batch_size)
-        self.position += 1
-        return {name: t[rows] for name, t in self.rollout.items()}
+        self.opts = opts
+        self.loader = RolloutLoader(
+            lambda chosen, seed: make_group_rollout(self, [records[i] for i in chosen], seed),
+            len(records), opts.rollout_prompts, rows, opts.num_iterations, batch_size, seed,
+            "grpo.rollout_prompts",
+        )  # fmt: skip
 
 
 def sample_and_score(
@@ -131,7 +106,7 @@ def make_group_rollout(src: GroupRollouts, records: list[PromptRecord], seed: in
     stats["frac_reward_zero_std"] = float(zero_std.float().mean())  # per group, any scaling
     rollout = {"input_ids": ids, "labels": labels, "advantages": adv.to(ids.device)}
     with eval_mode(src.lm):  # as PPO scores its rollouts: no dropout noise in the ratio
-        if src.steps_per_rollout > 1:
+        if src.loader.steps_per_rollout > 1:
             rollout["old_logps"] = token_logps(src.lm(ids), labels)
         if opts.beta:
             rollout["ref_logps"] = reference_logps(src.lm, src.reference, ids, labels)
@@ -220,7 +195,7 @@ def train_grpo(
                            group_metrics)  # fmt: skip
     before = held_out.rollout(lm)
     loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
-                           cfg.train.micro_batch_size, cfg.train.seed)  # fmt: skip
+                           cfg.train.micro_batch_size, cfg.train.seed).loader  # fmt: skip
     model, headline = fit(lm, make_grpo_loss(opts), loader, held_out)
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
     metrics, metrics_before = group_metrics(after), group_metrics(before)

@@ -32,13 +32,11 @@ from lmforge.align.losses import (
 )
 from lmforge.align.reward import reward_model
 from lmforge.align.rollout import (
+    RolloutLoader,
     answer_rows,
     answer_texts,
-    minibatch_rows,
     reference_logps,
-    rollout_prompts,
     sample_answers,
-    sampling_seed,
     standard_error,
 )
 from lmforge.errors import ConfigError
@@ -122,7 +120,8 @@ def score(reward: nn.Module, tok: Any, prompts: list, answers: list[str], seq_le
 
 
 class Rollouts:
-    """The PPO loader: fresh rollouts from the current policy, served as minibatches."""
+    """What a PPO rollout reads (policy, reference, reward model, prompts, settings); `loader`
+    serves fresh rollouts of the current policy to the loop as minibatches."""
 
     def __init__(
         self, policy: PolicyWithValue, reference: nn.Module | None, reward: nn.Module, tok: Any,
@@ -134,33 +133,12 @@ class Rollouts:
                 f"train.micro_batch_size={batch_size}"
             )
         self.policy, self.reference, self.reward, self.tok = policy, reference, reward, tok
-        self.prompts, self.opts, self.batch_size = prompts, opts, batch_size
-        self.seq_len, self.seed = seq_len, seed
-        self.position = 0
-        self.rollout: dict[str, Tensor] | None = None
-        self.steps_per_rollout = opts.ppo_epochs * (opts.rollout_prompts // batch_size)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position, self.seed = int(state["position"]), int(state["seed"])
-        self.rollout = None
-
-    def __iter__(self) -> Rollouts:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        index, k = divmod(self.position, self.steps_per_rollout)
-        n = self.opts.rollout_prompts
-        if k == 0 or self.rollout is None:
-            chosen = rollout_prompts(self.seed, index, len(self.prompts), n)
-            self.rollout = make_rollout(
-                self, [self.prompts[i] for i in chosen], sampling_seed(self.seed, index)
-            )
-        rows = minibatch_rows(self.seed, index, k, n, self.batch_size)
-        self.position += 1
-        return {name: t[rows] for name, t in self.rollout.items()}
+        self.prompts, self.opts, self.seq_len = prompts, opts, seq_len
+        n = opts.rollout_prompts
+        self.loader = RolloutLoader(
+            lambda chosen, seed: make_rollout(self, [prompts[i] for i in chosen], seed),
+            len(prompts), n, n, opts.ppo_epochs, batch_size, seed, "ppo.rollout_prompts",
+        )  # fmt: skip
 
 
 @torch.no_grad()

@@ -255,7 +255,7 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
         m, reference, reward, tok, val_prompts, opts, seq_len), rollout_metrics)  # fmt: skip
     before = held_out.rollout(policy)
     loader = Rollouts(policy, reference, reward, tok, prompts, opts,
-                      cfg.train.micro_batch_size, seq_len, cfg.train.seed)  # fmt: skip
+                      cfg.train.micro_batch_size, seq_len, cfg.train.seed).loader  # fmt: skip
     policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
                        loader, held_out)  # fmt: skip
     after = held_out.final()  # the loop's last evaluation: not sampled a second time

@@ -64,6 +64,8 @@ def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir)
         align(
             _cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], num_generations=3, rollout_prompts=4)
         )
+    with pytest.raises(ConfigError, match=r"grpo\.rollout_prompts=40 exceeds the 29 training"):
+        align(_cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], rollout_prompts=40))
     with pytest.raises(ConfigError, match="max_new_tokens=4096 leaves no room for a prompt"):
         align(_cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], max_new_tokens=4096))
     cfg = _cfg(tmp_path, model_dir, [{"kind": "exact"}])
@@ -129,7 +131,7 @@ def test_rollouts_sample_by_train_seed_and_reproduce_at_one_seed(model_dir):
     rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, 48)
 
     def answers(seed):
-        batch = next(GroupRollouts(lm, None, rewards, tok, records, opts, 8, seed))
+        batch = next(GroupRollouts(lm, None, rewards, tok, records, opts, 8, seed).loader)
         return sorted(map(tuple, batch["input_ids"].tolist()))
 
     assert answers(0) == answers(0)
