@@ -92,8 +92,12 @@ def load_function(spec: str) -> Callable[..., Any]:
     except FileNotFoundError:
         raise ConfigError(f"reward function {spec!r}: {where} is not a file") from None
     except Exception as err:  # the user's module: a SyntaxError, a missing import, anything
+        hint = ""
+        if isinstance(err, ModuleNotFoundError) and f"{where}.".startswith(f"{err.name}."):
+            hint = (" (the current directory is not on the lmforge command's import path: name "
+                    'the file, "path/to/file.py:function")')  # fmt: skip
         raise ConfigError(
-            f"reward function {spec!r}: cannot import {where}: {type(err).__name__}: {err}"
+            f"reward function {spec!r}: cannot import {where}: {type(err).__name__}: {err}{hint}"
         ) from err
     fn = getattr(module, name, None)
     if not callable(fn):

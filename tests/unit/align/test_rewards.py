@@ -81,7 +81,7 @@ def test_python_rewards_from_a_module_or_a_file(tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match=rf"my_rewards:{name} {error}"):
             _score([{"kind": "python", "function": f"my_rewards:{name}"}], answers)
     for spec, error in (("my_rewards:absent", "has no function absent"),
-                        ("no_such_module_x:f", "cannot import"), ("by_len", "module:function"),
+                        ("no_such_module_x:f", "cannot import .*path/to/file.py:function"), ("by_len", "module:function"),
                         (f"{tmp_path / 'gone.py'}:f", "is not a file"),
                         (f"{tmp_path / 'broken.py'}:f", "cannot import .*SyntaxError")):  # fmt: skip
         with pytest.raises(ConfigError, match=error):
