@@ -1,15 +1,16 @@
 """GRPO (Shao et al., 2024): no value head and no learned critic; each prompt's answers are
 judged against each other, trained through the one loop.
 
-The loop's "loader" is `GroupRollouts(...).loader` (align.rollout.RolloutLoader): every `num_iterations * rows / micro_batch_size` steps it
-picks `rollout_prompts` prompts, samples `num_generations` answers to each with the current
-policy (align.rollout, KV cache), scores them with the weighted reward functions (align.rewards)
-and turns the total into group-relative advantages (align.losses.group_advantages); in between it
-hands the loop shuffled minibatches of those answers. Old log-probs are scored at sampling time
-when the rollout serves more than one step (later minibatches then meet a moved policy and the
-clip matters); with one step per rollout the ratio is exactly 1 and they are the current ones.
-With beta > 0 the reference's log-probs are scored too: a LoRA policy's own base (adapters off),
-else a frozen copy of the starting model. Resume samples the rollout in progress again.
+The loop's "loader" is `GroupRollouts(...).loader` (align.rollout.RolloutLoader): every
+`num_iterations * rows / micro_batch_size` steps it picks `rollout_prompts` prompts, samples
+`num_generations` answers to each with the current policy (align.rollout, KV cache), scores them
+with the weighted reward functions (align.rewards) and turns the total into group-relative
+advantages (align.losses.group_advantages); in between it hands the loop shuffled minibatches of
+those answers. Old log-probs are scored at sampling time when the rollout serves more than one step
+(later minibatches then meet a moved policy and the clip matters); with one step per rollout the
+ratio is exactly 1 and they are the current ones. With beta > 0 the reference's log-probs are scored
+too: a LoRA policy's own base (adapters off), else a frozen copy of the starting model. Resume
+samples the rollout in progress anew (its prompts and seed, the resumed policy).
 """
 
 from __future__ import annotations

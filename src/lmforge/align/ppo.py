@@ -1,16 +1,18 @@
 """PPO (RLHF): a policy with a value head, rewards from the reward model, a KL penalty to a frozen
 reference, GAE and the clipped objective, trained through the one loop.
 
-The loop's "loader" is `Rollouts`: every `ppo_epochs * minibatches` steps it samples answers to a
-batch of prompts with the current policy (model.generate, KV cache), scores them with the reward
-model, and computes old log-probs, reference log-probs, values, per-token rewards (a KL penalty
-on every answer token, the reward model's score on the last) and GAE advantages; in between it
-hands the loop shuffled minibatches of that rollout, so the later ones meet a policy that has
-moved and the clip matters. With a LoRA policy the reference is the same model with its adapters
-switched off (one copy of the base in memory); with full tuning it is a frozen copy.
+The loop's "loader" is `Rollouts(...).loader` (align.rollout.RolloutLoader): every `ppo_epochs *
+minibatches` steps it samples answers to a batch of prompts with the current policy (model.generate,
+KV cache), scores them with the reward model, and computes old log-probs, reference log-probs,
+values, per-token rewards (a KL penalty on every answer token, the reward model's score on the last)
+and GAE advantages; in between it hands the loop shuffled minibatches of that rollout, so the later
+ones meet a policy that has moved and the clip matters. With a LoRA policy the reference is the same
+model with its adapters switched off (one copy of the base in memory); with full tuning it is a
+frozen copy.
 
 Batches are (B, T) aligned to logits: at position t the action is token t + 1 (mask `actions`).
-Resume from a checkpoint restarts the rollout in progress with a fresh sample.
+Resume from a checkpoint samples the rollout in progress anew (its prompts and seed, the resumed
+policy).
 """
 
 from __future__ import annotations
