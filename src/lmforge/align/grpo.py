@@ -40,11 +40,13 @@ from lmforge.align.rollout import (
     frozen_copy,
     reference_logps,
     sample_answers,
+    scoring_autocast,
     standard_error,
 )
 from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.train.distributed import setup_runtime
 
 LOGGED = "log/"  # rollout columns holding one rollout-wide number, logged by the loss
 
@@ -56,6 +58,7 @@ class GroupRollouts:
     def __init__(
         self, lm: nn.Module, reference: nn.Module | None, rewards: list[RewardFn], tok: Any,
         records: list[PromptRecord], opts: Any, batch_size: int, seed: int,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         rows = opts.rollout_prompts * opts.num_generations
         if rows % batch_size:
@@ -64,7 +67,7 @@ class GroupRollouts:
                 f"must be a multiple of train.micro_batch_size={batch_size}"
             )
         self.lm, self.reference, self.rewards, self.tok = lm, reference, rewards, tok
-        self.opts = opts
+        self.opts, self.amp_dtype = opts, amp_dtype
         self.loader = RolloutLoader(
             lambda chosen, seed: make_group_rollout(self, [records[i] for i in chosen], seed),
             len(records), opts.rollout_prompts, rows, opts.num_iterations, batch_size, seed,
@@ -106,7 +109,8 @@ def make_group_rollout(src: GroupRollouts, records: list[PromptRecord], seed: in
     stats["reward_group_std"] = float(total.view(-1, G).std(1).mean())  # what advantages see
     stats["frac_reward_zero_std"] = float(zero_std.float().mean())  # per group, any scaling
     rollout = {"input_ids": ids, "labels": labels, "advantages": adv.to(ids.device)}
-    with eval_mode(src.lm):  # as PPO scores its rollouts: no dropout noise in the ratio
+    # as PPO scores its rollouts: no dropout noise in the ratio, the loss's autocast
+    with eval_mode(src.lm), scoring_autocast(src.lm, src.amp_dtype):
         if src.loader.steps_per_rollout > 1:
             rollout["old_logps"] = token_logps(src.lm(ids), labels)
         if opts.beta:
@@ -195,8 +199,9 @@ def train_grpo(
     held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
                            group_metrics)  # fmt: skip
     before = held_out.rollout(lm)
+    amp = setup_runtime(cfg.train).amp_dtype  # the loop's autocast, for old/reference log-probs
     loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
-                           cfg.train.micro_batch_size, cfg.train.seed).loader  # fmt: skip
+                           cfg.train.micro_batch_size, cfg.train.seed, amp).loader  # fmt: skip
     model, headline = fit(lm, make_grpo_loss(opts), loader, held_out)
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
     metrics, metrics_before = group_metrics(after), group_metrics(before)

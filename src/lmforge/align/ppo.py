@@ -39,6 +39,7 @@ from lmforge.align.rollout import (
     answer_texts,
     reference_logps,
     sample_answers,
+    scoring_autocast,
     standard_error,
 )
 from lmforge.errors import ConfigError
@@ -128,6 +129,7 @@ class Rollouts:
     def __init__(
         self, policy: PolicyWithValue, reference: nn.Module | None, reward: nn.Module, tok: Any,
         prompts: list, opts: Any, batch_size: int, seq_len: int, seed: int,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         if opts.rollout_prompts % batch_size:
             raise ConfigError(
@@ -136,6 +138,7 @@ class Rollouts:
             )
         self.policy, self.reference, self.reward, self.tok = policy, reference, reward, tok
         self.prompts, self.opts, self.seq_len = prompts, opts, seq_len
+        self.amp_dtype = amp_dtype  # the loop's autocast: old log-probs and values in its numerics
         n = opts.rollout_prompts
         self.loader = RolloutLoader(
             lambda chosen, seed: make_rollout(self, [prompts[i] for i in chosen], seed),
@@ -157,9 +160,10 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
     ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
     ids, labels = ids.to(device), labels.to(device)
     actions = labels != IGNORE_INDEX
-    logits, values = policy(ids)
-    old_logps = token_logps(logits, labels)
-    ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
+    with scoring_autocast(policy, src.amp_dtype):
+        logits, values = policy(ids)
+        old_logps = token_logps(logits, labels)
+        ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
     kl = (old_logps - ref_logps) * actions
     rewards = -opts.kl_coef * kl
     last = actions.long().cumsum(1).argmax(1)  # each row's last action position

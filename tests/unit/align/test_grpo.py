@@ -115,8 +115,9 @@ def test_a_reward_model_reward_scores_as_ppo_does_and_a_non_reward_model_is_refu
         build_rewards([RewardSpec(kind="reward_model", model=model_dir)], tok, 0, 48)
 
 
-def test_rollouts_sample_by_train_seed_and_reproduce_at_one_seed(model_dir):
-    """One prompt repeated, so only the sampling seed can tell two runs' rollouts apart."""
+def _one_prompt_rollouts(model_dir, **grpo):
+    """(lm, GroupRollouts(seed, amp_dtype)) on one prompt repeated: only the sampling seed can
+    tell two rollouts apart."""
     from lmforge.align.config import GRPOOptions
     from lmforge.align.grpo import GroupRollouts
     from lmforge.align.grpo_data import PromptRecord
@@ -127,12 +128,35 @@ def test_rollouts_sample_by_train_seed_and_reproduce_at_one_seed(model_dir):
     tok, lm = load_chat_tokenizer(model_dir), load_pretrained(model_dir)
     records = [PromptRecord([{"role": "user", "content": "Say alpha"}], None, "x")] * 2
     opts = GRPOOptions(rewards=[{"kind": "length", "max_tokens": 2}], num_generations=4,
-                       rollout_prompts=2, max_new_tokens=6)  # fmt: skip
+                       rollout_prompts=2, max_new_tokens=6, **grpo)  # fmt: skip
     rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, 48)
+    return lm, lambda seed, amp=None: GroupRollouts(lm, None, rewards, tok, records, opts, 8,
+                                                    seed, amp)  # fmt: skip
+
+
+def test_rollouts_sample_by_train_seed_and_reproduce_at_one_seed(model_dir):
+    _, rollouts = _one_prompt_rollouts(model_dir)
 
     def answers(seed):
-        batch = next(GroupRollouts(lm, None, rewards, tok, records, opts, 8, seed).loader)
+        batch = next(rollouts(seed).loader)
         return sorted(map(tuple, batch["input_ids"].tolist()))
 
     assert answers(0) == answers(0)
     assert answers(0) != answers(1)
+
+
+def test_old_and_reference_logps_are_scored_in_the_loops_autocast(model_dir):
+    """bf16 autocast (train.dtype): the loss's first forward must give ratio 1 and KL 0 exactly."""
+    import torch
+
+    from lmforge.align.losses import token_logps
+
+    lm, rollouts = _one_prompt_rollouts(model_dir, num_iterations=2, beta=0.1)
+    batch = next(rollouts(0, torch.bfloat16).loader)
+    lm.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = token_logps(lm(batch["input_ids"]), batch["labels"])
+    assert torch.equal(batch["old_logps"], logps)
+    assert torch.equal(batch["ref_logps"], logps)  # no adapters: the policy is its own base
+    with torch.no_grad():
+        assert not torch.equal(token_logps(lm(batch["input_ids"]), batch["labels"]), logps)
