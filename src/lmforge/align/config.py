@@ -215,9 +215,12 @@ class AlignEval(Section):
         0.1, gt=0, lt=1, description="share of pairs held out when no val_data"
     )
     rouge_examples: int = Field(
-        32, ge=0, description="dpo: held-out prompts answered greedily for ROUGE-L (0 = skip)"
+        32, ge=0, description="held-out prompts answered greedily for ROUGE-L against their "
+        "reference (every policy method but ppo; 0 = skip)",
+    )  # fmt: skip
+    max_new_tokens: int = Field(
+        48, ge=1, description="answer length limit of those greedy answers (ROUGE-L)"
     )
-    max_new_tokens: int = Field(48, ge=1, description="dpo: answer length limit for ROUGE-L")
     batch_size: int = Field(
         16, ge=1, description="rows scored / prompts decoded together", json_schema_extra=NOT_HASHED
     )

@@ -1,15 +1,16 @@
 """GRPO (Shao et al., 2024): no value head and no learned critic; each prompt's answers are
 judged against each other, trained through the one loop.
 
-The loop's "loader" is `GroupRollouts`: every `num_iterations * rows / micro_batch_size` steps it
-picks `rollout_prompts` prompts, samples `num_generations` answers to each with the current
-policy (align.rollout, KV cache), scores them with the weighted reward functions (align.rewards)
-and turns the total into group-relative advantages (align.losses.group_advantages); in between it
-hands the loop shuffled minibatches of those answers. Old log-probs are scored at sampling time
-when the rollout serves more than one step (later minibatches then meet a moved policy and the
-clip matters); with one step per rollout the ratio is exactly 1 and they are the current ones.
-With beta > 0 the reference's log-probs are scored too: a LoRA policy's own base (adapters off),
-else a frozen copy of the starting model. Resume restarts the rollout in progress anew.
+The loop's "loader" is `GroupRollouts(...).loader` (align.rollout.RolloutLoader): every
+`num_iterations * rows / micro_batch_size` steps it picks `rollout_prompts` prompts, samples
+`num_generations` answers to each with the current policy (align.rollout, KV cache), scores them
+with the weighted reward functions (align.rewards) and turns the total into group-relative
+advantages (align.losses.group_advantages); in between it hands the loop shuffled minibatches of
+those answers. Old log-probs are scored at sampling time when the rollout serves more than one step
+(later minibatches then meet a moved policy and the clip matters); with one step per rollout the
+ratio is exactly 1 and they are the current ones. With beta > 0 the reference's log-probs are scored
+too: a LoRA policy's own base (adapters off), else a frozen copy of the starting model. Resume
+samples the rollout in progress anew (its prompts and seed, the resumed policy).
 """
 
 from __future__ import annotations
@@ -32,65 +33,46 @@ from lmforge.align.rewards import (
 )
 from lmforge.align.rollout import (
     HeldOutEval,
+    RolloutLoader,
     answer_rows,
     answer_texts,
     eval_mode,
     frozen_copy,
-    minibatch_rows,
     reference_logps,
-    rollout_prompts,
     sample_answers,
+    scoring_autocast,
     standard_error,
 )
 from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.train.distributed import setup_runtime
 
 LOGGED = "log/"  # rollout columns holding one rollout-wide number, logged by the loss
 
 
 class GroupRollouts:
-    """The GRPO loader: fresh groups of answers from the current policy, served as minibatches."""
+    """What a GRPO rollout reads (policy, reference, reward functions, prompts, settings);
+    `loader` serves fresh groups of answers of the current policy to the loop as minibatches."""
 
     def __init__(
         self, lm: nn.Module, reference: nn.Module | None, rewards: list[RewardFn], tok: Any,
         records: list[PromptRecord], opts: Any, batch_size: int, seed: int,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
-        self.rows = opts.rollout_prompts * opts.num_generations
-        if self.rows % batch_size:
+        rows = opts.rollout_prompts * opts.num_generations
+        if rows % batch_size:
             raise ConfigError(
-                f"grpo.rollout_prompts * grpo.num_generations = {self.rows} answers per rollout "
+                f"grpo.rollout_prompts * grpo.num_generations = {rows} answers per rollout "
                 f"must be a multiple of train.micro_batch_size={batch_size}"
             )
-        if opts.rollout_prompts > len(records):
-            raise ConfigError(
-                f"grpo.rollout_prompts={opts.rollout_prompts} exceeds the {len(records)} training "
-                "prompts; lower it"
-            )
         self.lm, self.reference, self.rewards, self.tok = lm, reference, rewards, tok
-        self.records, self.opts, self.batch_size, self.seed = records, opts, batch_size, seed
-        self.position = 0
-        self.rollout: dict[str, Tensor] | None = None
-        self.steps_per_rollout = opts.num_iterations * (self.rows // batch_size)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position, self.seed = int(state["position"]), int(state["seed"])
-        self.rollout = None
-
-    def __iter__(self) -> GroupRollouts:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        index, k = divmod(self.position, self.steps_per_rollout)
-        if k == 0 or self.rollout is None:
-            chosen = rollout_prompts(self.seed, index, len(self.records), self.opts.rollout_prompts)
-            self.rollout = make_group_rollout(self, [self.records[i] for i in chosen], seed=index)
-        rows = minibatch_rows(self.seed, index, k, self.rows, self.batch_size)
-        self.position += 1
-        return {name: t[rows] for name, t in self.rollout.items()}
+        self.opts, self.amp_dtype = opts, amp_dtype
+        self.loader = RolloutLoader(
+            lambda chosen, seed: make_group_rollout(self, [records[i] for i in chosen], seed),
+            len(records), opts.rollout_prompts, rows, opts.num_iterations, batch_size, seed,
+            "grpo.rollout_prompts",
+        )  # fmt: skip
 
 
 def sample_and_score(
@@ -123,11 +105,13 @@ def make_group_rollout(src: GroupRollouts, records: list[PromptRecord], seed: in
     ids, labels, total, each = sample_and_score(src.lm, src.tok, src.rewards, rows, opts, seed)
     adv, zero_std = group_advantages(total, G, opts.scale_rewards)
     stats = reward_stats(total, each)
-    stats["reward_std"] = float(total.view(-1, G).std(1).mean())
-    stats["frac_reward_zero_std"] = float(zero_std.float().mean())
+    stats["reward_std"] = float(total.std())  # over the rollout, as TRL's
+    stats["reward_group_std"] = float(total.view(-1, G).std(1).mean())  # what advantages see
+    stats["frac_reward_zero_std"] = float(zero_std.float().mean())  # per group, any scaling
     rollout = {"input_ids": ids, "labels": labels, "advantages": adv.to(ids.device)}
-    with eval_mode(src.lm):  # as PPO scores its rollouts: no dropout noise in the ratio
-        if src.steps_per_rollout > 1:
+    # as PPO scores its rollouts: no dropout noise in the ratio, the loss's autocast
+    with eval_mode(src.lm), scoring_autocast(src.lm, src.amp_dtype):
+        if src.loader.steps_per_rollout > 1:
             rollout["old_logps"] = token_logps(src.lm(ids), labels)
         if opts.beta:
             rollout["ref_logps"] = reference_logps(src.lm, src.reference, ids, labels)
@@ -215,8 +199,9 @@ def train_grpo(
     held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
                            group_metrics)  # fmt: skip
     before = held_out.rollout(lm)
+    amp = setup_runtime(cfg.train).amp_dtype  # the loop's autocast, for old/reference log-probs
     loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
-                           cfg.train.micro_batch_size, cfg.train.seed)  # fmt: skip
+                           cfg.train.micro_batch_size, cfg.train.seed, amp).loader  # fmt: skip
     model, headline = fit(lm, make_grpo_loss(opts), loader, held_out)
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
     metrics, metrics_before = group_metrics(after), group_metrics(before)

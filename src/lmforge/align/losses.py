@@ -220,6 +220,8 @@ def group_advantages(
     GRPO), by the whole batch's std + 1e-4 ("batch") or by nothing ("none", Dr. GRPO: dividing
     by the std weights questions that are too easy or too hard up). Stds are unbiased, as TRL's.
     zero_std marks groups whose answers all scored the same: their advantages are 0, no signal.
+    It is per group whatever the scaling (TRL's code flags every answer by the batch std under
+    "batch", so its frac_reward_zero_std is then 0 or 1, not the share its docs describe).
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")

@@ -1,16 +1,18 @@
 """PPO (RLHF): a policy with a value head, rewards from the reward model, a KL penalty to a frozen
 reference, GAE and the clipped objective, trained through the one loop.
 
-The loop's "loader" is `Rollouts`: every `ppo_epochs * minibatches` steps it samples answers to a
-batch of prompts with the current policy (model.generate, KV cache), scores them with the reward
-model, and computes old log-probs, reference log-probs, values, per-token rewards (a KL penalty
-on every answer token, the reward model's score on the last) and GAE advantages; in between it
-hands the loop shuffled minibatches of that rollout, so the later ones meet a policy that has
-moved and the clip matters. With a LoRA policy the reference is the same model with its adapters
-switched off (one copy of the base in memory); with full tuning it is a frozen copy.
+The loop's "loader" is `Rollouts(...).loader` (align.rollout.RolloutLoader): every `ppo_epochs *
+minibatches` steps it samples answers to a batch of prompts with the current policy (model.generate,
+KV cache), scores them with the reward model, and computes old log-probs, reference log-probs,
+values, per-token rewards (a KL penalty on every answer token, the reward model's score on the last)
+and GAE advantages; in between it hands the loop shuffled minibatches of that rollout, so the later
+ones meet a policy that has moved and the clip matters. With a LoRA policy the reference is the same
+model with its adapters switched off (one copy of the base in memory); with full tuning it is a
+frozen copy.
 
 Batches are (B, T) aligned to logits: at position t the action is token t + 1 (mask `actions`).
-Resume from a checkpoint restarts the rollout in progress with a fresh sample.
+Resume from a checkpoint samples the rollout in progress anew (its prompts and seed, the resumed
+policy).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from lmforge.align.losses import (
 )
 from lmforge.align.reward import reward_model
 from lmforge.align.rollout import (
+    RolloutLoader,
     answer_rows,
     answer_texts,
-    minibatch_rows,
     reference_logps,
-    rollout_prompts,
     sample_answers,
+    scoring_autocast,
     standard_error,
 )
 from lmforge.errors import ConfigError
@@ -121,11 +123,13 @@ def score(reward: nn.Module, tok: Any, prompts: list, answers: list[str], seq_le
 
 
 class Rollouts:
-    """The PPO loader: fresh rollouts from the current policy, served as minibatches."""
+    """What a PPO rollout reads (policy, reference, reward model, prompts, settings); `loader`
+    serves fresh rollouts of the current policy to the loop as minibatches."""
 
     def __init__(
         self, policy: PolicyWithValue, reference: nn.Module | None, reward: nn.Module, tok: Any,
         prompts: list, opts: Any, batch_size: int, seq_len: int, seed: int,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         if opts.rollout_prompts % batch_size:
             raise ConfigError(
@@ -133,31 +137,13 @@ class Rollouts:
                 f"train.micro_batch_size={batch_size}"
             )
         self.policy, self.reference, self.reward, self.tok = policy, reference, reward, tok
-        self.prompts, self.opts, self.batch_size = prompts, opts, batch_size
-        self.seq_len, self.seed = seq_len, seed
-        self.position = 0
-        self.rollout: dict[str, Tensor] | None = None
-        self.steps_per_rollout = opts.ppo_epochs * (opts.rollout_prompts // batch_size)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position, self.seed = int(state["position"]), int(state["seed"])
-        self.rollout = None
-
-    def __iter__(self) -> Rollouts:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        index, k = divmod(self.position, self.steps_per_rollout)
-        n = self.opts.rollout_prompts
-        if k == 0 or self.rollout is None:
-            chosen = rollout_prompts(self.seed, index, len(self.prompts), n)
-            self.rollout = make_rollout(self, [self.prompts[i] for i in chosen], seed=index)
-        rows = minibatch_rows(self.seed, index, k, n, self.batch_size)
-        self.position += 1
-        return {name: t[rows] for name, t in self.rollout.items()}
+        self.prompts, self.opts, self.seq_len = prompts, opts, seq_len
+        self.amp_dtype = amp_dtype  # the loop's autocast: old log-probs and values in its numerics
+        n = opts.rollout_prompts
+        self.loader = RolloutLoader(
+            lambda chosen, seed: make_rollout(self, [prompts[i] for i in chosen], seed),
+            len(prompts), n, n, opts.ppo_epochs, batch_size, seed, "ppo.rollout_prompts",
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -174,9 +160,10 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
     ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
     ids, labels = ids.to(device), labels.to(device)
     actions = labels != IGNORE_INDEX
-    logits, values = policy(ids)
-    old_logps = token_logps(logits, labels)
-    ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
+    with scoring_autocast(policy, src.amp_dtype):
+        logits, values = policy(ids)
+        old_logps = token_logps(logits, labels)
+        ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
     kl = (old_logps - ref_logps) * actions
     rewards = -opts.kl_coef * kl
     last = actions.long().cumsum(1).argmax(1)  # each row's last action position

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,29 +85,54 @@ def load_function(spec: str) -> Callable[..., Any]:
         raise ConfigError(
             f'reward function {spec!r}: write "module:function" or "path/to/file.py:function"'
         )
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise ConfigError(f"reward function {spec!r}: {path} is not a file")
-        module_spec = importlib.util.spec_from_file_location(f"lmforge_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as err:
-            raise ConfigError(f"reward function {spec!r}: cannot import {where}: {err}") from None
+    try:
+        module = (
+            _import_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
+        )
+    except FileNotFoundError:
+        raise ConfigError(f"reward function {spec!r}: {where} is not a file") from None
+    except Exception as err:  # the user's module: a SyntaxError, a missing import, anything
+        hint = ""
+        if isinstance(err, ModuleNotFoundError) and f"{where}.".startswith(f"{err.name}."):
+            hint = (" (the current directory is not on the lmforge command's import path: name "
+                    'the file, "path/to/file.py:function")')  # fmt: skip
+        raise ConfigError(
+            f"reward function {spec!r}: cannot import {where}: {type(err).__name__}: {err}{hint}"
+        ) from err
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"reward function {spec!r}: {where} has no function {name}")
     return fn
 
 
+def _import_file(path: Path) -> Any:
+    """The module of a .py file, registered in sys.modules as importing it would (dataclasses
+    and pickling look their module up there)."""
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    name = f"lmforge_reward_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def _python(spec: str) -> Callable[[Answers], Tensor]:
     user = load_function(spec)
 
     def call(a: Answers) -> Tensor:
-        values = user(list(a.prompts), list(a.texts), list(a.references))
+        try:
+            values = user(list(a.prompts), list(a.texts), list(a.references))
+        except Exception as err:
+            raise ConfigError(
+                f"reward function {spec} raised {type(err).__name__}: {err}; make it return a "
+                "number for every answer"
+            ) from err
         return _per_answer(values, len(a.texts), f"reward function {spec}")
 
     return call

@@ -1,6 +1,6 @@
 """What PPO and GRPO share to roll out a policy: answers sampled with the KV-cache sampler, the
 (B, T) rows that score them, reference log-probs (a frozen copy, or a LoRA policy's own base with
-its adapters off) and the seeded schedule that picks each rollout's prompts and minibatches.
+its adapters off) and RolloutLoader, the seeded schedule of rollouts and their minibatches.
 
 Rows are aligned to logits: at position t the action is token t + 1, so `labels` holds each answer
 token one position early and -100 elsewhere (the prompt, the padding).
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.align.losses import token_logps
+from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
 
@@ -48,6 +49,15 @@ def eval_mode(lm: nn.Module) -> Iterator[None]:
         lm.train(was_training)
 
 
+def scoring_autocast(lm: nn.Module, amp_dtype: torch.dtype | None) -> Any:
+    """The loop's autocast (train.dtype) for scoring a rollout's old and reference log-probs:
+    the numerics of the loss's forward, so the ratio starts at 1 and the KL at 0 exactly rather
+    than off by bf16 rounding."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(lm.parameters()).device.type, dtype=amp_dtype)
+
+
 def frozen_copy(lm: nn.Module) -> nn.Module:
     """A frozen reference for full tuning (a LoRA policy uses its own base instead)."""
     return copy.deepcopy(lm).eval().requires_grad_(False)
@@ -60,6 +70,11 @@ def sample_answers(
     from lmforge.model.generate import generate_batched
 
     room = lm.config.block_size - max_new_tokens
+    if room < 1:  # ids[-0:] would keep the whole prompt and overrun the position table
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"block_size={lm.config.block_size}; lower ppo.max_new_tokens / grpo.max_new_tokens"
+        )
     ids = [tok.encode(tok.render_chat(p, add_generation_prompt=True))[-room:] for p in prompts]
     answers = generate_batched(
         lm, ids, max_new_tokens, batch_size=len(ids), stop_tokens=tok.stop_ids(), seed=seed,
@@ -97,18 +112,52 @@ def reference_logps(lm: nn.Module, reference: nn.Module | None, ids: Tensor, lab
     return token_logps(reference.to(ids.device)(ids), labels)
 
 
-def rollout_prompts(seed: int, index: int, n_prompts: int, k: int) -> np.ndarray:
-    """The k distinct prompt indices of rollout `index` (seeded: a resume picks them again)."""
-    return np.random.default_rng([seed, index]).choice(n_prompts, k, replace=False)
+class RolloutLoader:
+    """The loop's loader of PPO and GRPO: a fresh rollout every `steps_per_rollout` steps, its
+    rows served as shuffled minibatches in between.
 
+    Rollout `index` is make(prompt indices, sampling seed) on `rollout_prompts` distinct prompts
+    of `n_prompts`, both drawn from (train.seed, index): two seeds sample differently, a resume
+    (state_dict: position, seed) samples the rollout in progress again, from the resumed policy.
+    Each of `passes` passes over its `rows` rows takes them in a fresh seeded order.
+    """
 
-def minibatch_rows(seed: int, index: int, k: int, n_rows: int, batch_size: int) -> Tensor:
-    """The rows of the k-th minibatch of rollout `index`: each pass over its n_rows rows takes
-    them in a fresh seeded order, batch_size at a time."""
-    per_pass = n_rows // batch_size
-    epoch, mb = divmod(k, per_pass)
-    order = np.random.default_rng([seed, index, epoch]).permutation(n_rows)
-    return torch.from_numpy(order[mb * batch_size : (mb + 1) * batch_size])
+    def __init__(
+        self, make: Callable[[list[int], int], dict[str, Tensor]], n_prompts: int,
+        rollout_prompts: int, rows: int, passes: int, batch_size: int, seed: int, setting: str,
+    ) -> None:  # fmt: skip
+        if rollout_prompts > n_prompts:
+            raise ConfigError(
+                f"{setting}={rollout_prompts} exceeds the {n_prompts} training prompts; lower it"
+            )
+        self.make, self.n_prompts, self.rollout_prompts = make, n_prompts, rollout_prompts
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.steps_per_rollout = passes * (rows // batch_size)
+        self.position = 0
+        self.rollout: dict[str, Tensor] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position, self.seed = int(state["position"]), int(state["seed"])
+        self.rollout = None
+
+    def __iter__(self) -> RolloutLoader:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        index, k = divmod(self.position, self.steps_per_rollout)
+        if k == 0 or self.rollout is None:
+            rng = np.random.default_rng([self.seed, index])
+            chosen = rng.choice(self.n_prompts, self.rollout_prompts, replace=False).tolist()
+            sampling = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
+            self.rollout = self.make(chosen, sampling)
+        epoch, mb = divmod(k, self.rows // self.batch_size)
+        order = np.random.default_rng([self.seed, index, epoch]).permutation(self.rows)
+        rows = torch.from_numpy(order[mb * self.batch_size : (mb + 1) * self.batch_size])
+        self.position += 1
+        return {name: t[rows] for name, t in self.rollout.items()}
 
 
 def standard_error(x: Tensor) -> float:

@@ -60,6 +60,7 @@ from lmforge.finetune.lora import inject, trainable_fraction
 from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.tokenizer.generation import eos_ids
 from lmforge.train.checkpoint import forget_other_runs
+from lmforge.train.distributed import setup_runtime
 from lmforge.train.loader import RowBatches
 from lmforge.train.loop import train
 from lmforge.train.observe import plot_losses
@@ -136,7 +137,7 @@ def _fit(cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: 
     """The one loop, and the headline numbers every method shares."""
     if cfg.disable_dropout:
         disable_dropout(model)  # after _adapt: the LoRA adapters' dropout too
-    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn)
+    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn, perplexity=False)
     trainable, total = trainable_fraction(result.model)
     headline = {
         "steps": result.step, "train_loss": _round(result.train_loss),
@@ -255,7 +256,8 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
         m, reference, reward, tok, val_prompts, opts, seq_len), rollout_metrics)  # fmt: skip
     before = held_out.rollout(policy)
     loader = Rollouts(policy, reference, reward, tok, prompts, opts,
-                      cfg.train.micro_batch_size, seq_len, cfg.train.seed)  # fmt: skip
+                      cfg.train.micro_batch_size, seq_len, cfg.train.seed,
+                      setup_runtime(cfg.train).amp_dtype).loader  # fmt: skip
     policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
                        loader, held_out)  # fmt: skip
     after = held_out.final()  # the loop's last evaluation: not sampled a second time

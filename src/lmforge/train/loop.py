@@ -111,6 +111,7 @@ def train(
     param_groups: ParamGroups | None = None,
     flops_per_token: float | None = None,
     resume: bool = True,
+    perplexity: bool = True,
 ) -> TrainResult:
     """Trains `model` for cfg.max_steps optimizer steps; see the module docstring.
 
@@ -125,6 +126,7 @@ def train(
         param_groups: optimizer groups (default: every trainable parameter, decay split).
         flops_per_token: training FLOPs per token, for MFU on GPUs with a known peak.
         resume: continue from the newest checkpoint in ctx.out/checkpoints when there is one.
+        perplexity: log val_ppl = exp(val_loss); False where val_loss is no token NLL (align).
     """
     parts = _setup(model, cfg, param_groups)
     ckpt_root = Path(ctx.out) / "checkpoints"
@@ -150,7 +152,7 @@ def train(
             if eval_fn is not None and (
                 done or (cfg.eval_every and state.step % cfg.eval_every == 0)
             ):
-                evaluated = _evaluate_and_track(parts, eval_fn, state, ctx, pace)
+                evaluated = _evaluate_and_track(parts, eval_fn, state, ctx, pace, perplexity)
                 stopped_early = _update_early_stop(state, evaluated["val_loss"], cfg)
                 if ctx.on_eval is not None:
                     ctx.on_eval(state.step, evaluated)  # e.g. tune's pruning; may raise to stop
@@ -275,11 +277,11 @@ def _announce_eta_once(
 
 
 def _evaluate_and_track(
-    parts: _Parts, eval_fn: EvalFn, state: LoopState, ctx: Any, pace: Pace
+    parts: _Parts, eval_fn: EvalFn, state: LoopState, ctx: Any, pace: Pace, perplexity: bool
 ) -> dict[str, float]:
     """Evaluates, logs the metrics row and records the val loss; the time goes to pace.eval_s."""
     eval_t0 = time.perf_counter()
-    evaluated = _evaluate(parts.model, eval_fn, parts.rt)
+    evaluated = _evaluate(parts.model, eval_fn, parts.rt, perplexity)
     pace.eval_s += time.perf_counter() - eval_t0
     state.last_val_loss = evaluated["val_loss"]
     ctx.metrics.log(step=state.step, tokens_seen=state.tokens_seen, **evaluated)
@@ -372,8 +374,8 @@ def _clip(
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, eval_fn: EvalFn, rt: Runtime) -> dict[str, float]:
-    """Runs eval_fn in eval mode; averages over ranks; adds perplexity."""
+def _evaluate(model: nn.Module, eval_fn: EvalFn, rt: Runtime, perplexity: bool) -> dict[str, float]:
+    """Runs eval_fn in eval mode; averages over ranks; adds perplexity if asked."""
     model.eval()
     with _autocast(rt):
         result = {
@@ -381,7 +383,8 @@ def _evaluate(model: nn.Module, eval_fn: EvalFn, rt: Runtime) -> dict[str, float
             for k, v in eval_fn(model).items()
         }
     model.train()
-    result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
+    if perplexity:
+        result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
     return result
 
 

@@ -47,12 +47,14 @@ def test_grpo_trains_and_writes_the_policy_and_its_reward_metrics(tmp_path, mode
     assert (out / "adapter").is_dir() == (tuning == "lora")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    logged = {"reward", "reward_std", "rewards/rouge_l/mean", "rewards/rouge_l/std",
+    logged = {"reward", "reward_std", "reward_group_std", "rewards/rouge_l/mean", "rewards/rouge_l/std",
               "rewards/length/mean", "frac_reward_zero_std", "clip_low", "clip_high", "kl"}  # fmt: skip
     assert len(steps) == 4 and logged <= set(steps[0])
     assert abs(steps[0]["kl"]) < 1e-5  # the first minibatch's policy is the reference
     # 8 answers per rollout served twice (num_iterations) in minibatches of 8: steps 0, 1 share
     assert steps[0]["reward"] == steps[1]["reward"]
+    (final_eval,) = [r for r in rows if "val_loss" in r]  # minus the reward: exp() means nothing
+    assert final_eval["val_reward"] == -final_eval["val_loss"] and "val_ppl" not in final_eval
 
 
 def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir):
@@ -62,6 +64,10 @@ def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir)
         align(
             _cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], num_generations=3, rollout_prompts=4)
         )
+    with pytest.raises(ConfigError, match=r"grpo\.rollout_prompts=40 exceeds the 29 training"):
+        align(_cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], rollout_prompts=40))
+    with pytest.raises(ConfigError, match="max_new_tokens=4096 leaves no room for a prompt"):
+        align(_cfg(tmp_path, model_dir, [{"kind": "rouge_l"}], max_new_tokens=4096))
     cfg = _cfg(tmp_path, model_dir, [{"kind": "exact"}])
     no_refs = _data(tmp_path / "bare.jsonl", key="note")
     with pytest.raises(InputError, match=r"bare\.jsonl line 1: no reference answer.*exact"):
@@ -107,3 +113,50 @@ def test_a_reward_model_reward_scores_as_ppo_does_and_a_non_reward_model_is_refu
     assert total.tolist() == pytest.approx((2 * expected).tolist(), abs=1e-5)
     with pytest.raises(ConfigError, match=r"grpo\.rewards\[\]\.model=.* is not a reward model"):
         build_rewards([RewardSpec(kind="reward_model", model=model_dir)], tok, 0, 48)
+
+
+def _one_prompt_rollouts(model_dir, **grpo):
+    """(lm, GroupRollouts(seed, amp_dtype)) on one prompt repeated: only the sampling seed can
+    tell two rollouts apart."""
+    from lmforge.align.config import GRPOOptions
+    from lmforge.align.grpo import GroupRollouts
+    from lmforge.align.grpo_data import PromptRecord
+    from lmforge.align.rewards import build_rewards
+    from lmforge.finetune.sft import load_chat_tokenizer
+    from lmforge.model.convert import load_pretrained
+
+    tok, lm = load_chat_tokenizer(model_dir), load_pretrained(model_dir)
+    records = [PromptRecord([{"role": "user", "content": "Say alpha"}], None, "x")] * 2
+    opts = GRPOOptions(rewards=[{"kind": "length", "max_tokens": 2}], num_generations=4,
+                       rollout_prompts=2, max_new_tokens=6, **grpo)  # fmt: skip
+    rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, 48)
+    return lm, lambda seed, amp=None: GroupRollouts(lm, None, rewards, tok, records, opts, 8,
+                                                    seed, amp)  # fmt: skip
+
+
+def test_rollouts_sample_by_train_seed_and_reproduce_at_one_seed(model_dir):
+    _, rollouts = _one_prompt_rollouts(model_dir)
+
+    def answers(seed):
+        batch = next(rollouts(seed).loader)
+        return sorted(map(tuple, batch["input_ids"].tolist()))
+
+    assert answers(0) == answers(0)
+    assert answers(0) != answers(1)
+
+
+def test_old_and_reference_logps_are_scored_in_the_loops_autocast(model_dir):
+    """bf16 autocast (train.dtype): the loss's first forward must give ratio 1 and KL 0 exactly."""
+    import torch
+
+    from lmforge.align.losses import token_logps
+
+    lm, rollouts = _one_prompt_rollouts(model_dir, num_iterations=2, beta=0.1)
+    batch = next(rollouts(0, torch.bfloat16).loader)
+    lm.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = token_logps(lm(batch["input_ids"]), batch["labels"])
+    assert torch.equal(batch["old_logps"], logps)
+    assert torch.equal(batch["ref_logps"], logps)  # no adapters: the policy is its own base
+    with torch.no_grad():
+        assert not torch.equal(token_logps(lm(batch["input_ids"]), batch["labels"]), logps)

@@ -85,8 +85,9 @@ def test_group_advantages_scale_by_group_batch_or_not_at_all():
     assert adv.tolist() == pytest.approx([c / (group_std + 1e-4) for c in centred[:4]] + [0.0] * 4)
     assert zero_std.tolist() == [False, True]  # the all-5 group carries no signal
     batch_std = float(rewards.std())
-    adv, _ = group_advantages(rewards, 4, "batch")
+    adv, zero_std = group_advantages(rewards, 4, "batch")
     assert adv.tolist() == pytest.approx([c / (batch_std + 1e-4) for c in centred])
+    assert zero_std.tolist() == [False, True]  # still per group: the batch std is not 0
     adv, _ = group_advantages(rewards, 4, "none")  # Dr. GRPO: centred only
     assert adv.tolist() == pytest.approx(centred)
     with pytest.raises(ValueError, match="groups of 3"):

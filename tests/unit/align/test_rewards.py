@@ -59,19 +59,31 @@ def test_python_rewards_from_a_module_or_a_file(tmp_path, monkeypatch):
         "    return ['many'] * len(answers)\n"
         "def nan(prompts, answers, references):\n"
         "    return [float('nan')] * len(answers)\n"
+        "def fails(prompts, answers, references):\n"
+        "    return [1 / 0 for a in answers]\n"
     )
+    (tmp_path / "typed.py").write_text(  # dataclasses look their module up in sys.modules
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n"
+        "@dataclass\nclass Score:\n    value: float\n"
+        "def score(prompts, answers, references):\n    return [Score(0.5).value for a in answers]\n"
+    )
+    (tmp_path / "broken.py").write_text("def f(prompts, answers, references:\n")
     answers = _answers(["ab", "abcd"])
     by_file = {"kind": "python", "function": f"{tmp_path / 'my_rewards.py'}:by_len"}
     assert _score([by_file], answers)[0].tolist() == [2.0, 4.0]
     monkeypatch.syspath_prepend(str(tmp_path))
     assert _score([{"kind": "python", "function": "my_rewards:by_len"}], answers)[0][1] == 4.0
-    for name, error in (("short", "1 values for 2 answers"), ("words", "not a list of 2 numbers"),
-                        ("nan", "NaN")):  # fmt: skip
-        with pytest.raises(ConfigError, match=rf"my_rewards:{name} returned .*{error}"):
+    typed = {"kind": "python", "function": f"{tmp_path / 'typed.py'}:score"}
+    assert _score([typed], answers)[0].tolist() == [0.5, 0.5]
+    for name, error in (("short", "returned 1 values for 2 answers"),
+                        ("words", "returned .*not a list of 2 numbers"), ("nan", "returned .*NaN"),
+                        ("fails", "raised ZeroDivisionError")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"my_rewards:{name} {error}"):
             _score([{"kind": "python", "function": f"my_rewards:{name}"}], answers)
     for spec, error in (("my_rewards:absent", "has no function absent"),
-                        ("no_such_module_x:f", "cannot import"), ("by_len", "module:function"),
-                        (f"{tmp_path / 'gone.py'}:f", "is not a file")):  # fmt: skip
+                        ("no_such_module_x:f", "cannot import .*path/to/file.py:function"), ("by_len", "module:function"),
+                        (f"{tmp_path / 'gone.py'}:f", "is not a file"),
+                        (f"{tmp_path / 'broken.py'}:f", "cannot import .*SyntaxError")):  # fmt: skip
         with pytest.raises(ConfigError, match=error):
             _score([{"kind": "python", "function": spec}], answers)
 

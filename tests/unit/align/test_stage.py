@@ -108,7 +108,9 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
     ppo = {"reward_model": reward_dir, "rollout_prompts": 16, "max_new_tokens": 8,
            "eval_prompts": 8}  # fmt: skip
     cfg = _cfg(tmp_path, model_dir, "ppo", tuning=tuning, ppo=ppo)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 8})})
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"max_steps": 8, "lr": 1e-2})}
+    )
     held_out_rollouts, real = [], stage.heldout_rollout
 
     def counted(*args):
@@ -158,8 +160,8 @@ def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir)
     assert (r["advantages"][~actions] == 0).all() and (r["returns"][~actions] == 0).all()
     assert r["score"].shape == (4,) and torch.isfinite(r["score"]).all()
     # the loader serves ppo_epochs passes of minibatches of one rollout, then samples anew
-    first = [next(src)["input_ids"] for _ in range(src.steps_per_rollout)]
-    assert src.steps_per_rollout == 4 and all(b.shape[0] == 2 for b in first)
+    first = [next(src.loader)["input_ids"] for _ in range(src.loader.steps_per_rollout)]
+    assert src.loader.steps_per_rollout == 4 and all(b.shape[0] == 2 for b in first)
 
 
 def test_batch_reward_norm_prices_whitened_scores_and_eval_samples_each_prompt(
