@@ -29,7 +29,7 @@ from lmforge.serve.engine_types import EngineClosed, EngineStats, QueueFull
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
 from lmforge.serve.lora_adapters import AdapterUpdate
 from lmforge.serve.model_dir import load_served_model
-from lmforge.serve.multi_lora import attach_adapters, stack_adapters
+from lmforge.serve.multi_lora import stack_adapters
 from lmforge.serve.request_book import Row
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults
 from lmforge.serve.sampling import SamplingParams
@@ -158,9 +158,8 @@ class Engine(StepLoop):
             )
         if self._thread is not None:
             raise ConfigError(f"engine {self.name!r} is running: attach adapters before start()")
-        self._lora = {a.name: a.updates for a in adapters}
         self._lora_keys = {a.name: a.key for a in adapters}
-        self._adapters = attach_adapters(self.model, self._lora)
+        self._change_adapters({a.name: a.updates for a in adapters})
 
     def load_adapter(self, adapter: AdapterUpdate) -> None:
         """Serves one more LoRA adapter while running (vLLM's runtime loading): its stacks are
@@ -200,11 +199,12 @@ class Engine(StepLoop):
 
     def _change_adapters(self, updates: dict) -> None:
         """Builds the stacks of exactly these adapters and waits until the loop installed them
-        (installs them itself when no loop runs)."""
-        slots, stacks = stack_adapters(self.model, updates)
+        (installs them itself when no loop runs). What the engine keeps of them
+        (_lora) is views into the stacks: no second copy."""
+        slots, stacks, views = stack_adapters(self.model, updates)
         done = threading.Event()
         with self._lock:
-            self._lora_pending = (updates, slots, stacks, done)
+            self._lora_pending = (views, slots, stacks, done)
             self._lock.notify_all()
         while not done.wait(0.5):
             if self._thread is None or not self._thread.is_alive():
