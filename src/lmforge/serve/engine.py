@@ -199,12 +199,14 @@ class Engine(StepLoop):
 
     def _change_adapters(self, updates: dict) -> None:
         """Builds the stacks of exactly these adapters and waits until the loop installed them
-        (installs them itself when no loop runs). What the engine keeps of them
+        (installs them itself, at once, when no loop runs). What the engine keeps of them
         (_lora) is views into the stacks: no second copy."""
         slots, stacks, views = stack_adapters(self.model, updates)
         done = threading.Event()
         with self._lock:
             self._lora_pending = (views, slots, stacks, done)
+            if self._thread is None:  # not started: nothing runs the model, install now
+                self._install_adapters()
             self._lock.notify_all()
         while not done.wait(0.5):
             if self._thread is None or not self._thread.is_alive():

@@ -10,6 +10,7 @@ import copy
 import gc
 import json
 import shutil
+import time
 import weakref
 
 import pytest
@@ -379,6 +380,20 @@ def test_the_engine_holds_each_adapter_once(serve_model_dir, lora_dirs):
         for module, (a, b) in engine._lora["b1"].items():
             assert torch.equal(a, update.updates[module][0])
             assert torch.equal(b, update.updates[module][1])
+    finally:
+        engine.shutdown()
+
+
+def test_an_adapter_loaded_before_start_is_installed_at_once(serve_model_dir, lora_dirs, alone):
+    engine = Engine.from_dir(serve_model_dir, device="cpu", max_batch_size=4)
+    update = read_adapter(engine.model, "a1", lora_dirs["a1"][0])
+    t0 = time.perf_counter()
+    engine.load_adapter(update)  # no step loop yet to install it between two steps
+    assert time.perf_counter() - t0 < 0.3  # was a 0.5 s wait for the loop
+    assert isinstance(engine.model.get_submodule("blocks.0.attn.qkv"), MultiLoRALinear)
+    engine.start()
+    try:
+        _assert_same(_answer(engine, PROMPTS[0], "early", "a1"), alone["a1"][0])
     finally:
         engine.shutdown()
 
