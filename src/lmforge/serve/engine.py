@@ -27,7 +27,7 @@ from lmforge.serve.causal_step import warm_up_compiled
 from lmforge.serve.engine_threads import configure_threads as _configure_threads
 from lmforge.serve.engine_types import EngineClosed, EngineStats, QueueFull
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
-from lmforge.serve.lora_adapters import AdapterUpdate
+from lmforge.serve.lora_adapters import AdapterNotServed, AdapterUpdate
 from lmforge.serve.model_dir import load_served_model
 from lmforge.serve.multi_lora import stack_adapters
 from lmforge.serve.request_book import Row
@@ -233,7 +233,7 @@ class Engine(StepLoop):
             if self._closed:
                 raise EngineClosed(f"engine {self.name!r} is shutting down; no new requests")
             if adapter is not None and (adapter not in self._lora or adapter in self._unloading):
-                raise InputError(f"engine {self.name!r} serves no LoRA adapter {adapter!r}")
+                raise AdapterNotServed(f"engine {self.name!r} serves no LoRA adapter {adapter!r}")
             if len(self._book.waiting) >= self.max_queue:
                 raise QueueFull(
                     f"engine {self.name!r}: {len(self._book.waiting)} requests already waiting "

@@ -28,6 +28,11 @@ from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.peft_adapter import peft_scaling, read_peft_updates
 
 
+class AdapterNotServed(InputError):
+    """A request names a LoRA adapter its engine does not serve (unloaded meanwhile): the
+    server answers 404 model_not_found, as for any model it does not serve."""
+
+
 @dataclass(frozen=True)
 class AdapterUpdate:
     """One adapter read for a base: its updates by our linear's name, its own chat template."""
