@@ -235,6 +235,20 @@ def test_an_adapter_attaches_to_the_base_it_names_or_the_only_one(lora_dirs, ser
         adapter_base("x", a1, "nope", {"p": a1.parent})
 
 
+def test_finding_an_adapters_base_reads_its_config_as_loading_it_does(lora_dirs, tmp_path):
+    """adapter_base reads adapter_config.json through finetune/peft_adapter's one reader: the
+    same refusals, naming the adapter, before any weight is read."""
+    bases = {"solo": tmp_path}
+    with pytest.raises(InputError, match=r"LoRA adapter 'x' .*adapter_config.json is missing"):
+        adapter_base("x", tmp_path, None, bases)
+    (tmp_path / "adapter_config.json").write_text("{", encoding="utf-8")
+    with pytest.raises(InputError, match=r"LoRA adapter 'x' .*is not valid JSON"):
+        adapter_base("x", tmp_path, None, bases)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}', encoding="utf-8")
+    with pytest.raises(InputError, match=r"no r / lora_alpha: not a LoRA adapter config"):
+        adapter_base("x", tmp_path, None, bases)
+
+
 def test_a_compiled_decoding_step_is_refused_with_adapters(serve_model_dir, lora_dirs):
     engine = Engine.from_dir(serve_model_dir, device="cpu", compile="on")
     with pytest.raises(ConfigError, match="--compile off"):
