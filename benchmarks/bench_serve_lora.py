@@ -15,10 +15,15 @@ Rounds alternate the settings; the medians of output tokens/s are printed with t
 mixed burst's adapter answers are checked token for token against engines of the merged models.
 Then one decoding step of the same rows, timed with every row on the base and with the mixed
 rows' adapters, interleaved (the path's cost without a burst's admission and sampling).
-Memory: the bytes of the base's weights plus the adapters' stacked A/B, against the weights of
-the base and two merged copies (what serving three model directories holds).
+Memory: every distinct storage the engine holds for weights (the base's, the adapters' stacked
+A/B, its record of the adapters: views into the stacks), against the weights of the base and
+two merged copies (what serving three model directories holds); --memory-only prints only this.
+--layer-only times one linear alone instead (the small preset's qkv, 384 -> 1152, --requests
+decoding rows, two adapters of --rank): the base, the masked form the engine uses, and the
+gathered form (each row's A and B gathered, two batched matmuls), interleaved.
 
-Run: `PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_lora.py`
+Run: `cd benchmarks && PYTHONPATH=../src:. OMP_NUM_THREADS=1 ../.venv/bin/python
+bench_serve_lora.py [--layer-only | --memory-only]`
 """
 
 from __future__ import annotations
@@ -105,9 +110,65 @@ def step_times(engine, prompts, names_by_label: dict, steps: int) -> dict[str, f
     return {label: statistics.median(t) for label, t in times.items()}
 
 
-def weight_bytes(module: nn.Module) -> int:
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}.values()
-    return sum(t.numel() * t.element_size() for t in tensors)
+def held_bytes(engine) -> int:
+    """Bytes of every distinct storage the engine holds for weights: the model's parameters and
+    buffers (the adapters' stacks among them) and its record of the adapters (views into the
+    stacks since each adapter is held once: counted once)."""
+    tensors = [*engine.model.parameters(), *engine.model.buffers()]
+    tensors += [t for updates in engine._lora.values() for pair in updates.values() for t in pair]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def memory(base: Path, adapters: dict[str, tuple[Path, Path]]) -> None:
+    """Prints what an engine with both adapters holds against the base's and merged copies'."""
+    plain = engine_for(base, {}, 1)
+    lora = engine_for(base, {n: a for n, (a, _) in adapters.items()}, 1)
+    base_bytes, lora_bytes = held_bytes(plain), held_bytes(lora)
+    plain.shutdown()
+    lora.shutdown()
+    mib = 2**20
+    print(f"weights: base + 2 adapters {lora_bytes / mib:.1f} MiB (adapters "
+          f"{(lora_bytes - base_bytes) / mib:.2f}) vs base + 2 merged copies "
+          f"{3 * base_bytes / mib:.1f} MiB")  # fmt: skip
+
+
+def layer_times(rows: int, n_in: int, n_out: int, rank: int, reps: int) -> dict[str, float]:
+    """Median us of one linear's forward on a decoding step's rows (rows, 1, n_in), two adapters
+    of `rank` and the base in turn over the rows: the base alone, the masked form
+    (serve/multi_lora.py: every adapter's A in one matmul, the rows' columns kept, one matmul
+    through the stacked B) and the gathered form (each row's A and B gathered, two batched
+    matmuls), interleaved rep by rep."""
+    from lmforge.serve.multi_lora import attach_adapters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(n_in, n_out))
+    base = model[0]
+    updates = {name: {"0": (0.05 * torch.randn(rank, n_in), 0.05 * torch.randn(n_out, rank))}
+               for name in ("a1", "a2")}  # fmt: skip
+    slots = attach_adapters(model, updates)
+    names = [(None, "a1", "a2")[i % 3] for i in range(rows)]
+    slots.select(names)
+    index = slots.current()
+    zero = (torch.zeros(rank, n_in), torch.zeros(n_out, rank))
+    a_all = torch.stack([zero[0]] + [u["0"][0] for u in updates.values()])  # (3, r, in)
+    b_all = torch.stack([zero[1]] + [u["0"][1] for u in updates.values()])  # (3, out, r)
+
+    def gathered(x):
+        h = torch.bmm(x, a_all[index].transpose(1, 2))  # (rows, 1, r)
+        return base(x) + torch.bmm(h, b_all[index].transpose(1, 2))
+
+    forms = {"base": base, "masked": model, "gathered": gathered}
+    x = torch.randn(rows, 1, n_in)
+    torch.testing.assert_close(model(x), gathered(x), rtol=1e-4, atol=1e-5)  # the same sums
+    times: dict[str, list[float]] = {label: [] for label in forms}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for label, form in forms.items():
+                t0 = time.perf_counter()
+                form(x)
+                times[label].append(1e6 * (time.perf_counter() - t0))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def main() -> None:
@@ -116,11 +177,23 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layer-only", action="store_true",
+                    help="time one linear alone: base, masked and gathered forms")  # fmt: skip
+    ap.add_argument("--memory-only", action="store_true", help="only the weights' bytes")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.layer_only:  # the small preset's qkv: 384 -> 1152
+        us = layer_times(args.requests, 384, 1152, args.rank, 2000)
+        print(f"one linear 384 -> 1152, {args.requests} rows, 2 adapters r={args.rank}: base "
+              f"{us['base']:.0f} us, masked +{us['masked'] - us['base']:.0f} us, gathered "
+              f"+{us['gathered'] - us['base']:.0f} us (medians of 2000)")  # fmt: skip
+        return
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = build(Path(tmp), args.rank)
+        if args.memory_only:
+            memory(base, adapters)
+            return
         prompts = [rng.integers(1, 4000, int(rng.integers(32, 65))).tolist()
                    for _ in range(args.requests)]  # fmt: skip
         mixed_names = [(None, "a1", "a2")[i % 3] for i in range(args.requests)]
@@ -150,10 +223,9 @@ def main() -> None:
         steps = step_times(
             lora, prompts, {"base rows": [None] * args.requests, "mixed rows": mixed_names}, 40
         )
-        base_bytes = weight_bytes(plain.model)
-        lora_bytes = weight_bytes(lora.model)
         plain.shutdown()
         lora.shutdown()
+        memory(base, adapters)
     medians = {label: statistics.median(r) for label, r in rates.items()}
     for label, r in rates.items():
         print(
@@ -163,10 +235,6 @@ def main() -> None:
     print(f"base attached / base alone: {medians['base, attached'] / medians['base alone']:.3f}")
     print(f"one decoding step, {args.requests} rows: base {steps['base rows']:.2f} ms, mixed "
           f"{steps['mixed rows']:.2f} ms ({steps['mixed rows'] / steps['base rows']:.3f}x)")  # fmt: skip
-    mib = 2**20
-    print(f"weights: base + 2 adapters {lora_bytes / mib:.1f} MiB (adapters "
-          f"{(lora_bytes - base_bytes) / mib:.2f}) vs base + 2 merged copies "
-          f"{3 * base_bytes / mib:.1f} MiB")  # fmt: skip
 
 
 if __name__ == "__main__":

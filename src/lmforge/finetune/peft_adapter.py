@@ -34,27 +34,36 @@ def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = (
-        adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    )  # fmt: skip
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise InputError(
-                f"{path} is missing: a PEFT adapter directory holds adapter_config.json and "
-                "adapter_model.safetensors (lmforge finetune --method lora writes them)"
-            )
+    config = read_peft_config(adapter_dir)
+    weights_path = Path(adapter_dir) / "adapter_model.safetensors"
+    _require(weights_path)
+    try:  # read into memory, not mapped: a file rewritten in place later (a trainer saving to
+        # the same directory) must not pull pages from under a served adapter (SIGBUS)
+        return config, load(weights_path.read_bytes())
+    except (SafetensorError, OSError) as exc:  # a truncated or foreign file
+        raise InputError(f"{weights_path} is not a readable safetensors file: {exc}") from None
+
+
+def read_peft_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json of a PEFT adapter directory, checked to be a LoRA config (the one
+    reader: serving reads it alone first, to find the adapter's base)."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    _require(config_path)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise InputError(f"{config_path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
         raise InputError(f"{config_path} has no r / lora_alpha: not a LoRA adapter config")
-    try:  # read into memory, not mapped: a file rewritten in place later (a trainer saving to
-        # the same directory) must not pull pages from under a served adapter (SIGBUS)
-        return config, load(weights_path.read_bytes())
-    except (SafetensorError, OSError) as exc:  # a truncated or foreign file
-        raise InputError(f"{weights_path} is not a readable safetensors file: {exc}") from None
+    return config
+
+
+def _require(path: Path) -> None:
+    if not path.is_file():
+        raise InputError(
+            f"{path} is missing: a PEFT adapter directory holds adapter_config.json and "
+            "adapter_model.safetensors (lmforge finetune --method lora writes them)"
+        )
 
 
 def peft_scaling(config: dict[str, Any]) -> float:

@@ -19,8 +19,10 @@ from typing import Any
 
 from lmforge.constrain.guide import GUIDE_WARM_SECONDS
 from lmforge.errors import InputError
+from lmforge.serve.api_error import model_not_found
 from lmforge.serve.engine import EngineClosed, QueueFull
 from lmforge.serve.handle import NO_TOKEN
+from lmforge.serve.lora_adapters import AdapterNotServed
 from lmforge.serve.prepare import Job, Prepared, RequestPreparer
 from lmforge.serve.protocol import APIError, ChatRequest, CompletionRequest, now, usage
 from lmforge.serve.safety import StreamRedactor
@@ -95,6 +97,8 @@ class CompletionService:
                     raise APIError(
                         503, "the server is shutting down", type="server_error", code="closed"
                     ) from None
+                except AdapterNotServed:  # a LoRA adapter unloaded since the request resolved
+                    raise model_not_found(prep.model, self.state.max_context()) from None
                 except InputError as exc:
                     raise APIError(400, str(exc), param="max_tokens") from None
                 handles.append(handle)

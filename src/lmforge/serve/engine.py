@@ -27,9 +27,9 @@ from lmforge.serve.causal_step import warm_up_compiled
 from lmforge.serve.engine_threads import configure_threads as _configure_threads
 from lmforge.serve.engine_types import EngineClosed, EngineStats, QueueFull
 from lmforge.serve.handle import NO_TOKEN, Completion, RequestHandle, TokenEvent, collect
-from lmforge.serve.lora_adapters import AdapterUpdate
+from lmforge.serve.lora_adapters import AdapterNotServed, AdapterUpdate
 from lmforge.serve.model_dir import load_served_model
-from lmforge.serve.multi_lora import attach_adapters, stack_adapters
+from lmforge.serve.multi_lora import stack_adapters
 from lmforge.serve.request_book import Row
 from lmforge.serve.request_defaults import NO_DEFAULTS, RequestDefaults
 from lmforge.serve.sampling import SamplingParams
@@ -158,9 +158,8 @@ class Engine(StepLoop):
             )
         if self._thread is not None:
             raise ConfigError(f"engine {self.name!r} is running: attach adapters before start()")
-        self._lora = {a.name: a.updates for a in adapters}
         self._lora_keys = {a.name: a.key for a in adapters}
-        self._adapters = attach_adapters(self.model, self._lora)
+        self._change_adapters({a.name: a.updates for a in adapters})
 
     def load_adapter(self, adapter: AdapterUpdate) -> None:
         """Serves one more LoRA adapter while running (vLLM's runtime loading): its stacks are
@@ -200,11 +199,14 @@ class Engine(StepLoop):
 
     def _change_adapters(self, updates: dict) -> None:
         """Builds the stacks of exactly these adapters and waits until the loop installed them
-        (installs them itself when no loop runs)."""
-        slots, stacks = stack_adapters(self.model, updates)
+        (installs them itself, at once, when no loop runs). What the engine keeps of them
+        (_lora) is views into the stacks: no second copy."""
+        slots, stacks, views = stack_adapters(self.model, updates)
         done = threading.Event()
         with self._lock:
-            self._lora_pending = (updates, slots, stacks, done)
+            self._lora_pending = (views, slots, stacks, done)
+            if self._thread is None:  # not started: nothing runs the model, install now
+                self._install_adapters()
             self._lock.notify_all()
         while not done.wait(0.5):
             if self._thread is None or not self._thread.is_alive():
@@ -231,7 +233,7 @@ class Engine(StepLoop):
             if self._closed:
                 raise EngineClosed(f"engine {self.name!r} is shutting down; no new requests")
             if adapter is not None and (adapter not in self._lora or adapter in self._unloading):
-                raise InputError(f"engine {self.name!r} serves no LoRA adapter {adapter!r}")
+                raise AdapterNotServed(f"engine {self.name!r} serves no LoRA adapter {adapter!r}")
             if len(self._book.waiting) >= self.max_queue:
                 raise QueueFull(
                     f"engine {self.name!r}: {len(self._book.waiting)} requests already waiting "

@@ -20,12 +20,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune.peft_adapter import peft_scaling, read_peft_updates
+from lmforge.finetune.peft_adapter import peft_scaling, read_peft_config, read_peft_updates
+
+
+class AdapterNotServed(InputError):
+    """A request names a LoRA adapter its engine does not serve (unloaded meanwhile): the
+    server answers 404 model_not_found, as for any model it does not serve."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,11 @@ def adapter_base(name: str, path: Path, asked: str | None, bases: dict[str, Path
             raise ConfigError(f"{where}: base_model_name {asked!r} is not a served model that "
                               f"generates; served: {', '.join(bases)}")  # fmt: skip
         return asked
-    wanted = str(_config(path, where).get("base_model_name_or_path") or "")
+    try:
+        config = read_peft_config(path)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    wanted = str(config.get("base_model_name_or_path") or "")
     for base, base_dir in bases.items():
         if wanted and (wanted == base or _same_dir(wanted, base_dir)):
             return base
@@ -76,17 +84,6 @@ def _same_dir(wanted: str, base_dir: Path) -> bool:
         return Path(wanted).resolve() == Path(base_dir).resolve()
     except OSError:
         return False
-
-
-def _config(path: Path, where: str) -> dict[str, Any]:
-    file = Path(path) / "adapter_config.json"
-    if not file.is_file():
-        raise InputError(f"{where}: {file} is missing; give a PEFT adapter directory "
-                         "(lmforge finetune --method lora writes one under adapter/)")  # fmt: skip
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{where}: {file} is not valid JSON: {exc}") from None
 
 
 def read_adapter(model: nn.Module, name: str, path: Path) -> AdapterUpdate:

@@ -2,7 +2,8 @@
 updating, as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING): POST /v1/load_lora_adapter reads an
 adapter and serves it on its base while requests run (Engine.load_adapter installs it between
 two steps), POST /v1/unload_lora_adapter stops serving one (refused while its requests wait or
-run). Both answer a line of text on success, as vLLM; a bad adapter is a 400 naming it."""
+run) and drops its /metrics series. Both answer a line of text on success, as vLLM; a bad
+adapter is a 400 naming it."""
 
 from __future__ import annotations
 
@@ -59,4 +60,5 @@ def add_lora_routes(app: FastAPI, state: ServeState) -> None:
                            param="lora_name", code="lora_not_found") from None  # fmt: skip
         except InputError as exc:
             raise APIError(400, str(exc), param="lora_name") from None
+        state.metrics.forget_model(req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")

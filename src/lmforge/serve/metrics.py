@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,15 @@ class ServerMetrics:
         self.embedding_requests.labels(model).inc()
         self.embedding_inputs.labels(model).inc(inputs)
         self.embedding_tokens.labels(model).inc(tokens)
+
+    def forget_model(self, model: str) -> None:
+        """Drops a model's request series (a LoRA adapter unloaded at runtime), so /metrics no
+        longer shows a model the server stopped serving; one it never counted is skipped. Only
+        this process's series: runtime unloading needs one worker (ServeSettings)."""
+        for metric in (self.model_requests, self.prompt_tokens, self.generated_tokens,
+                       self.ttft, self.itl):  # fmt: skip
+            with suppress(KeyError):
+                metric.remove(model)
 
     def _per_model(self, name: str, doc: str) -> Counter:
         return Counter(name, doc, ["model"], registry=self.registry)

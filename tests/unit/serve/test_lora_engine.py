@@ -10,6 +10,7 @@ import copy
 import gc
 import json
 import shutil
+import time
 import weakref
 
 import pytest
@@ -234,6 +235,20 @@ def test_an_adapter_attaches_to_the_base_it_names_or_the_only_one(lora_dirs, ser
         adapter_base("x", a1, "nope", {"p": a1.parent})
 
 
+def test_finding_an_adapters_base_reads_its_config_as_loading_it_does(lora_dirs, tmp_path):
+    """adapter_base reads adapter_config.json through finetune/peft_adapter's one reader: the
+    same refusals, naming the adapter, before any weight is read."""
+    bases = {"solo": tmp_path}
+    with pytest.raises(InputError, match=r"LoRA adapter 'x' .*adapter_config.json is missing"):
+        adapter_base("x", tmp_path, None, bases)
+    (tmp_path / "adapter_config.json").write_text("{", encoding="utf-8")
+    with pytest.raises(InputError, match=r"LoRA adapter 'x' .*is not valid JSON"):
+        adapter_base("x", tmp_path, None, bases)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}', encoding="utf-8")
+    with pytest.raises(InputError, match=r"no r / lora_alpha: not a LoRA adapter config"):
+        adapter_base("x", tmp_path, None, bases)
+
+
 def test_a_compiled_decoding_step_is_refused_with_adapters(serve_model_dir, lora_dirs):
     engine = Engine.from_dir(serve_model_dir, device="cpu", compile="on")
     with pytest.raises(ConfigError, match="--compile off"):
@@ -349,3 +364,79 @@ def test_an_adapter_file_rewritten_in_place_leaves_the_read_adapter_whole(
     key = update.key
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     assert update.key == key  # reads every A and B again
+
+
+def _held_bytes(engine: Engine) -> int:
+    """Bytes of every distinct storage behind the stacks and the engine's own adapter record."""
+    tensors = [t for m in engine.model.modules() if isinstance(m, MultiLoRALinear)
+               for t in (m.lora_a, m.lora_b)]  # fmt: skip
+    tensors += [t for updates in engine._lora.values() for pair in updates.values() for t in pair]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_the_engine_holds_each_adapter_once(serve_model_dir, lora_dirs):
+    """N adapters of one rank hold N adapters' bytes: the stacks, and no float32 copy beside
+    them to rebuild the stacks from (the record of each is views into the stacks)."""
+    engine = Engine.from_dir(serve_model_dir, device="cpu", max_batch_size=4)
+    update = read_adapter(engine.model, "a1", lora_dirs["a1"][0])
+    one = sum(a.numel() + b.numel() for a, b in update.updates.values()) * 4  # float32
+    engine.attach_adapters([update])
+    engine.start()
+    try:
+        assert _held_bytes(engine) == one
+        engine.load_adapter(read_adapter(engine.model, "b1", lora_dirs["a1"][0]))
+        assert _held_bytes(engine) == 2 * one
+        engine.unload_adapter("a1")
+        assert _held_bytes(engine) == one
+        _answer(engine, PROMPTS[1], "b1", "b1")  # rebuilt from the views: still a1's weights
+        assert engine._lora["b1"].keys() == update.updates.keys()
+        for module, (a, b) in engine._lora["b1"].items():
+            assert torch.equal(a, update.updates[module][0])
+            assert torch.equal(b, update.updates[module][1])
+    finally:
+        engine.shutdown()
+
+
+def test_an_adapter_loaded_before_start_is_installed_at_once(serve_model_dir, lora_dirs, alone):
+    engine = Engine.from_dir(serve_model_dir, device="cpu", max_batch_size=4)
+    update = read_adapter(engine.model, "a1", lora_dirs["a1"][0])
+    t0 = time.perf_counter()
+    engine.load_adapter(update)  # no step loop yet to install it between two steps
+    assert time.perf_counter() - t0 < 0.3  # was a 0.5 s wait for the loop
+    assert isinstance(engine.model.get_submodule("blocks.0.attn.qkv"), MultiLoRALinear)
+    engine.start()
+    try:
+        _assert_same(_answer(engine, PROMPTS[0], "early", "a1"), alone["a1"][0])
+    finally:
+        engine.shutdown()
+
+
+def test_an_adapter_overflowing_float16_leaves_the_other_rows_exact():
+    """In float16 one adapter's x A overflowing to inf must not reach the base's rows or
+    another adapter's (a 0/1 mask product would make inf * 0 = NaN there)."""
+    from lmforge.serve.multi_lora import attach_adapters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).half()
+    base = copy.deepcopy(model[0])
+    small = (torch.randn(2, 8), torch.randn(4, 2))
+    updates = {"huge": {"0": (torch.full((2, 8), 6e4), torch.ones(4, 2))}, "small": {"0": small}}
+    slots = attach_adapters(model, updates)
+    slots.select([None, "huge", "small"])
+    x = torch.ones(3, 5, 8, dtype=torch.float16)
+    with torch.inference_mode():
+        y = model(x)
+        assert torch.isinf(x[1] @ model[0].lora_a.T).any()  # the huge adapter does overflow
+        assert torch.equal(y[0], base(x[0]))
+        want = base(x[2]).float() + x[2].float() @ small[0].T @ small[1].T
+        torch.testing.assert_close(y[2].float(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_an_adapter_whose_weights_overflow_the_model_dtype_is_refused():
+    from lmforge.serve.multi_lora import attach_adapters
+
+    model = nn.Sequential(nn.Linear(8, 4)).half()
+    too_big = {"big": {"0": (torch.ones(2, 8), torch.full((4, 2), 1e6))}}  # past float16's max
+    with pytest.raises(ConfigError, match=r"0: a LoRA adapter's A or B .* overflows .*float16"):
+        attach_adapters(model, too_big)

@@ -312,3 +312,48 @@ def test_two_runtime_loads_of_one_name_on_two_bases_serve_it_once(
         assert sum("x" in engine._lora for engine in state.engines.values()) == 1
     finally:
         stop_engines(state)
+
+
+def test_a_request_for_an_adapter_unloaded_meanwhile_is_a_404(serve_model_dir, lora_dirs, tmp_path):
+    """The request resolved the adapter's name, then the adapter left its engine before submit:
+    404 model_not_found, as for any model not served (not a 400 naming max_tokens)."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.server import create_app
+
+    settings = ServeSettings(models=[{"name": "base", "path": serve_model_dir}],
+                             loras=[{"name": "a1", "path": lora_dirs["a1"][0]}],
+                             feedback_db=tmp_path / "f.db")  # fmt: skip
+    app = create_app(settings)
+    with TestClient(app) as client:
+        app.state.serve.engines["base"].unload_adapter("a1")  # its route still resolves it
+        answer = client.post(
+            "/v1/completions", json={"model": "a1", "prompt": "x", "max_tokens": 2}
+        )
+    assert answer.status_code == 404
+    error = answer.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'a1' does not exist" in error["message"]
+
+
+def test_an_unloaded_adapters_metrics_series_are_dropped(serve_model_dir, lora_dirs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.server import create_app
+
+    settings = ServeSettings(models=[{"name": "base", "path": serve_model_dir}],
+                             runtime_lora_updating=True, feedback_db=tmp_path / "f.db")  # fmt: skip
+    ask = {"prompt": "x", "max_tokens": 2, "temperature": 0}
+    with TestClient(create_app(settings)) as client:
+        load = {"lora_name": "late", "lora_path": str(lora_dirs["a1"][0])}
+        assert client.post("/v1/load_lora_adapter", json=load).status_code == 200
+        for model in ("late", "base"):
+            assert client.post("/v1/completions", json={**ask, "model": model}).status_code == 200
+        before = client.get("/metrics").text
+        assert 'lmforge_model_requests_total{model="late"} 1.0' in before
+        assert 'lmforge_time_to_first_token_seconds_count{model="late"}' in before
+        unload = client.post("/v1/unload_lora_adapter", json={"lora_name": "late"})
+        assert unload.status_code == 200
+        after = client.get("/metrics").text
+    assert 'model="late"' not in after
+    assert 'lmforge_model_requests_total{model="base"} 1.0' in after
