@@ -8,8 +8,9 @@ repeated); three drafts bound what a draft can do:
   what the verify pass costs when nothing is wasted.
 - **random**: an untrained small model: acceptance ~0, the lower bound (the draft's cost for
   nothing).
-- **distilled**: the same small shape trained for --steps steps on the target's own greedy
-  continuations of other random prompts (a stand-in for `compress --method distill`).
+- **trained**: the same small shape trained for --steps steps on the target's own greedy
+  continuations of other random prompts (a stand-in for `compress --method distill`; this
+  distillation reached ~0% acceptance on a random target: docs/benchmarks.md).
 
 With --markov-steps N the target (default init) is first trained N steps on walks of a fixed
 random Markov chain (each id goes to one of two successors, 3:1), every prompt is a walk of it,
@@ -25,7 +26,8 @@ confidence 0.4) on the same weights exported with save_pretrained; the ratios pr
 Every contender's output is checked equal to plain greedy token for token (transformers' rows
 may differ where fp32 rounding flips a near tie).
 
-Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_speculative.py`
+Run: `cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src ../.venv/bin/python
+bench_speculative.py [--markov-steps 200 --prompts 8]` (the speedup case: docs/benchmarks.md)
 """
 
 from __future__ import annotations
