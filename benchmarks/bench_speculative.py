@@ -19,7 +19,8 @@ continuations: a target and a draft trained on one corpus, as a model family's s
 greedy texts agree where both learned the chain's likelier successor.
 
 Also timed, in the same round-robin: speculative decoding with transformers' draft-length
-controls (schedule "heuristic", confidence 0.4), and transformers' own greedy generate() and
+controls (schedule "heuristic", confidence 0.4) and with schedule "backoff" (heuristic, plus
+pauses of the draft after fruitless one-guess rounds), and transformers' own greedy generate() and
 assisted generation (generate(assistant_model=...), its defaults: up to 20 draft tokens,
 confidence 0.4) on the same weights exported with save_pretrained; the ratios print at the end.
 
@@ -185,8 +186,10 @@ def main() -> None:
     contenders |= {
         f"speculative, {n} draft": spec(n, f"{n}, k={args.draft_tokens}") for n in drafts
     }
-    contenders |= {f"speculative heuristic, {n} draft": spec(n, f"{n}, heuristic", **adaptive)
-                   for n in ("random", "trained")}  # fmt: skip
+    backoff = dict(schedule="backoff", confidence=0.4)
+    for n in ("random", "trained"):
+        contenders[f"speculative heuristic, {n} draft"] = spec(n, f"{n}, heuristic", **adaptive)
+        contenders[f"speculative backoff, {n} draft"] = spec(n, f"{n}, backoff", **backoff)
     contenders |= {"HF greedy": hf(), "HF assisted, random draft": hf("random"),
                    "HF assisted, trained draft": hf("trained")}  # fmt: skip
     times, outputs = time_round_robin(contenders, args.rounds)
@@ -199,7 +202,7 @@ def main() -> None:
               f"{s.tokens / s.target_passes:.2f} tokens per target pass")  # fmt: skip
     ratios = [(name, "plain greedy") for name in contenders if name != "plain greedy"]
     ratios += [(f"speculative{h}, {n} draft", f"HF assisted, {n} draft")
-               for n in ("random", "trained") for h in ("", " heuristic")]  # fmt: skip
+               for n in ("random", "trained") for h in ("", " heuristic", " backoff")]  # fmt: skip
     print_rates(times, args.prompts * args.new_tokens, ratios)
 
 

@@ -14,8 +14,13 @@ Batch size 1: rows of a batch would accept different counts and leave the cache 
 How many tokens the draft proposes follows transformers' assisted generation: schedule
 "heuristic" grows k by 2 after a round with every guess accepted and shrinks it by 1 (to 1 at
 least) after one with a miss; confidence stops a round's drafting after a guess the draft gives
-less than that probability (transformers' assistant_confidence_threshold, fixed here). Neither
-changes the tokens, only how many guesses each target pass checks.
+less than that probability (transformers' assistant_confidence_threshold, fixed here).
+Schedule "backoff" is "heuristic" that can also stop drafting: a round at k = 1 that keeps no
+guess pauses the draft for 1, then 2, 4, ... (at most MAX_PAUSE) plain target steps, back to 1
+once a guess is kept. On one CPU core a (k+1)-token verify costs 1.5-2x a one-token step
+(docs/benchmarks.md), so a draft that never agrees costs ~0.6x with k >= 1; paused, it costs
+little more than its probes. None of these changes the tokens, only how many guesses each target
+pass checks.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from torch import Tensor, nn
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.generate import KVCache, check_room, last_logits
 
-SCHEDULES = ("constant", "heuristic")  # how k moves between rounds (transformers' names)
+SCHEDULES = ("constant", "heuristic", "backoff")  # how k moves between rounds
+MAX_PAUSE = 32  # backoff: the most plain target steps between two probes of the draft
 
 
 @dataclass
@@ -91,8 +97,8 @@ def speculative_generate(
     stop_tokens: Sequence[int] = (),
 ) -> SpeculativeResult:
     """The target's greedy continuation of prompt (token ids), verified k=draft_tokens at a time
-    (schedule "heuristic": k starts there and adapts; confidence: a round's drafting stops after
-    a guess below that probability).
+    (schedule "heuristic"/"backoff": k starts there and adapts; confidence: a round's drafting
+    stops after a guess below that probability).
 
     Returns the same new tokens as new_tokens(generate(target, prompt, max_new_tokens,
     greedy=True, stop_tokens=...)): at most max_new_tokens, through the first stop token.
@@ -122,8 +128,10 @@ def speculative_generate(
         out.append(last)
         d_seen = 0  # leading positions of the draft's cache that hold out's tokens
         k_next = draft_tokens
+        paused, pause = 0, 1  # backoff: plain steps left, the next pause's length
         while last not in stops and len(result.tokens) < max_new_tokens:
-            k = min(k_next, max_new_tokens - len(result.tokens) - 1)  # never overshoot
+            room = max_new_tokens - len(result.tokens) - 1  # never overshoot
+            k = 0 if paused else min(k_next, room)  # k = 0: a plain target step
             guesses, d_seen = _propose(draft, d_cache, out, d_seen, k, confidence)
             n = len(out)  # the target's cache holds out[:n - 1]
             verify = _logits(target, [out[-1], *guesses], t_cache, n - 1).argmax(-1).tolist()
@@ -135,7 +143,13 @@ def speculative_generate(
             result.stats.accepted += min(m, cut)
             result.stats.target_passes += 1
             d_seen = min(d_seen, n + m)  # columns past the accepted tokens are rewritten next round
-            if schedule == "heuristic" and guesses:
+            if paused:
+                paused -= 1
+            elif schedule != "constant" and guesses:
+                if schedule == "backoff" and m == 0 and k_next == 1:
+                    paused, pause = pause, min(2 * pause, MAX_PAUSE)
+                elif m:
+                    pause = 1
                 k_next = k_next + 2 if m == len(guesses) else max(1, k_next - 1)
             out += new
             result.tokens += new

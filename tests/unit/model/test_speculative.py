@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -133,7 +135,41 @@ def test_a_confidence_of_one_stops_each_round_after_one_guess():
 
 def test_bad_schedule_or_confidence_is_refused():
     model = make(0)
-    with pytest.raises(ConfigError, match="schedule must be one of constant, heuristic"):
+    with pytest.raises(ConfigError, match="schedule must be one of constant, heuristic, backoff"):
         speculative_generate(model, model, [1], 5, schedule="fast")
     with pytest.raises(ConfigError, match=r"confidence must be a probability in \[0, 1\]"):
         speculative_generate(model, model, [1], 5, confidence=1.5)
+
+
+def test_backoff_pauses_a_draft_that_never_agrees_and_keeps_the_targets_tokens():
+    target, useless = make(0), make(1, n_layer=1)
+    for prompt in PROMPTS:
+        res = speculative_generate(target, useless, prompt, 60, draft_tokens=2, schedule="backoff")
+        assert res.tokens == greedy(target, prompt, 60)
+        assert res.stats.accepted == 0
+        # k 2, 1, then probes of 1 guess after pauses of 1, 2, 4, 8, 16, 32 plain steps
+        assert res.stats.proposed <= 2 + 1 + 6
+        assert res.stats.target_passes == 60  # one token a pass, as plain greedy
+
+
+def test_backoff_with_a_draft_that_agrees_never_pauses():
+    target = make(0)
+    for prompt in PROMPTS:
+        res = speculative_generate(target, target, prompt, 40, schedule="backoff")
+        heuristic = speculative_generate(target, target, prompt, 40, schedule="heuristic")
+        assert res.tokens == heuristic.tokens == greedy(target, prompt, 40)
+        assert res.stats == heuristic.stats
+
+
+def test_backoff_with_a_partly_agreeing_draft_keeps_the_targets_tokens():
+    target = make(0)
+    partly = copy.deepcopy(target)  # the target, perturbed: agrees on 30-50% of its guesses
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for w in partly.parameters():
+            w.add_(torch.randn_like(w) * 0.01)
+    for prompt in PROMPTS:
+        res = speculative_generate(target, partly, prompt, 50, draft_tokens=3, schedule="backoff")
+        assert res.tokens == greedy(target, prompt, 50)
+        assert 0 < res.stats.acceptance_rate < 1
+        assert res.stats.target_passes < 40  # kept drafting: guesses saved target passes
