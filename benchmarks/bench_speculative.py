@@ -8,26 +8,40 @@ repeated); three drafts bound what a draft can do:
   what the verify pass costs when nothing is wasted.
 - **random**: an untrained small model: acceptance ~0, the lower bound (the draft's cost for
   nothing).
-- **distilled**: the same small shape trained for --steps steps on the target's own greedy
-  continuations of other random prompts (a stand-in for `compress --method distill`).
+- **trained**: the same small shape trained for --steps steps on the target's own greedy
+  continuations of other random prompts (a stand-in for `compress --method distill`; this
+  distillation reached ~0% acceptance on a random target: docs/benchmarks.md).
 
-With --markov-steps N the target is first trained N steps on walks of a fixed random Markov
-chain (each id goes to one of two successors, 3:1), and every prompt is a walk of it: a trained
-target whose text a small draft can learn, unlike a random one's.
+With --markov-steps N the target (default init) is first trained N steps on walks of a fixed
+random Markov chain (each id goes to one of two successors, 3:1), every prompt is a walk of it,
+and the small "trained" draft learns the same walks for --steps steps instead of the target's
+continuations: a target and a draft trained on one corpus, as a model family's sizes are, whose
+greedy texts agree where both learned the chain's likelier successor.
 
-Every contender's output is checked equal to plain greedy token for token.
+Also timed, in the same round-robin: speculative decoding with transformers' draft-length
+controls (schedule "heuristic", confidence 0.4) and with schedule "backoff" (heuristic, plus
+pauses of the draft after fruitless one-guess rounds), and transformers' own greedy generate() and
+assisted generation (generate(assistant_model=...), its defaults: up to 20 draft tokens,
+confidence 0.4) on the same weights exported with save_pretrained; the ratios print at the end.
 
-Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_speculative.py`
+Every contender's output is checked equal to plain greedy token for token (transformers' rows
+may differ where fp32 rounding flips a near tie).
+
+Run: `cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src ../.venv/bin/python
+bench_speculative.py [--markov-steps 200 --prompts 8]` (the speedup case: docs/benchmarks.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from _rates import print_rates, time_round_robin
+from bench_generate import hf_batched
 
 from lmforge.model.config import preset_config
 from lmforge.model.generate import generate, generate_batched
@@ -35,9 +49,20 @@ from lmforge.model.speculative import DraftStats, speculative_generate
 from lmforge.model.transformer import Transformer
 
 
-def make(seed: int, **shape) -> Transformer:
+def make(seed: int, init_std: float = 0.2, **shape) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(preset_config("tiny", init_std=0.2, **shape)).eval()
+    return Transformer(preset_config("tiny", init_std=init_std, **shape)).eval()
+
+
+def hf_copy(model: Transformer):
+    """transformers' load of model's save_pretrained export (LlamaForCausalLM)."""
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.model.convert import save_pretrained
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, Path(tmp))
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
 
 
 def prompts(n: int, vocab: int, seed: int, lo: int = 4, hi: int = 24) -> list[list[int]]:
@@ -51,13 +76,14 @@ def plain(target: Transformer, rows: list[list[int]], new: int) -> list[list[int
     ]
 
 
-def fit(model: Transformer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> float:
-    """steps AdamW steps of next-token loss on random batches of 32 rows of (x, y); last loss."""
+def fit(model: Transformer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+        batch: int = 32) -> float:  # fmt: skip
+    """steps AdamW steps of next-token loss on random batches of rows of (x, y); last loss."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        pick = torch.randint(0, len(x), (32,), generator=g)
+        pick = torch.randint(0, len(x), (batch,), generator=g)
         loss = torch.nn.functional.cross_entropy(model(x[pick]).flatten(0, 1), y[pick].flatten())
         opt.zero_grad()
         loss.backward()
@@ -103,59 +129,81 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--markov-steps", type=int, default=0,
-                    help="> 0: first train the target this many steps on walks of a random "
-                    "Markov chain over 512 ids, and draw every prompt from the chain")  # fmt: skip
+                    help="> 0: first train the target this many steps (batches of 16 walks of "
+                    "32 tokens, lr 3e-3) on walks of a random Markov chain over 512 ids, draw "
+                    "every prompt from the chain and train the small draft on the same walks")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
-    target = make(0, n_layer=12, n_embd=512, intermediate_size=1408, n_head=8, n_kv_head=8)
+    big = dict(n_layer=12, n_embd=512, intermediate_size=1408, n_head=8, n_kv_head=8)
     small = dict(n_layer=1, n_embd=128, intermediate_size=352)
-    drafts = {"self": target, "random": make(1, **small), "distilled": make(2, **small)}
+    init_std = 0.02 if args.markov_steps else 0.2  # a trained model starts from the usual init
+    target = make(0, init_std, **big)
+    drafts = {"self": target, "random": make(1, **small), "trained": make(2, init_std, **small)}
     draw = prompts
+    t0 = time.perf_counter()
     if args.markov_steps:
-        t0 = time.perf_counter()
-        walks = torch.tensor(markov_rows(512, 64, 512, seed=2))
-        loss = fit(target, walks[:, :-1], walks[:, 1:], args.markov_steps, lr=1e-3)
+        walks = torch.tensor(markov_rows(1024, 33, 512, seed=2))
+        x, y = walks[:, :-1], walks[:, 1:]
+        loss = fit(target, x, y, args.markov_steps, lr=3e-3, batch=16)
         print(f"target: {args.markov_steps} steps on the chain in "
               f"{time.perf_counter() - t0:.0f} s, last loss {loss:.3f}")  # fmt: skip
+        t0 = time.perf_counter()
+        loss = fit(drafts["trained"], x, y, args.steps, lr=3e-3, batch=16)
 
         def draw(n: int, vocab: int, seed: int) -> list[list[int]]:
             return [w[: 4 + i % 21] for i, w in enumerate(markov_rows(n, 24, 512, seed))]
 
-    t0 = time.perf_counter()
-    loss = distill(drafts["distilled"], target, draw(args.train_prompts, 4096, seed=1),
-                   args.new_tokens, args.steps, lr=3e-3)  # fmt: skip
-    print(f"distilled draft: {args.steps} steps in {time.perf_counter() - t0:.0f} s, "
+    else:
+        loss = distill(drafts["trained"], target, draw(args.train_prompts, 4096, seed=1),
+                       args.new_tokens, args.steps, lr=3e-3)  # fmt: skip
+    print(f"trained draft: {args.steps} steps in {time.perf_counter() - t0:.0f} s, "
           f"last loss {loss:.3f}")  # fmt: skip
     for name, m in [("target", target), *drafts.items()]:
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params")
     rows = draw(args.prompts, 4096, seed=0)
+    hf_target, hf_drafts = hf_copy(target), {n: hf_copy(drafts[n]) for n in ("random", "trained")}
     stats: dict[str, DraftStats] = {}
 
-    def spec(name: str):
+    def spec(name: str, label: str, **controls):
         def run() -> list[list[int]]:
-            stats[name] = DraftStats()
+            stats[label] = DraftStats()
             out = []
             for p in rows:
                 res = speculative_generate(target, drafts[name], p, args.new_tokens,
-                                           draft_tokens=args.draft_tokens)  # fmt: skip
-                stats[name].add(res.stats)
+                                           draft_tokens=args.draft_tokens, **controls)  # fmt: skip
+                stats[label].add(res.stats)
                 out.append(res.tokens)
             return out
 
         return run
 
+    def hf(assistant=None):
+        kwargs = {} if assistant is None else {"assistant_model": hf_drafts[assistant]}
+        return lambda: hf_batched(hf_target, rows, args.new_tokens, 1, **kwargs)
+
+    adaptive = dict(schedule="heuristic", confidence=0.4)
     contenders = {"plain greedy": lambda: plain(target, rows, args.new_tokens)}
-    contenders |= {f"speculative, {name} draft": spec(name) for name in drafts}
+    contenders |= {
+        f"speculative, {n} draft": spec(n, f"{n}, k={args.draft_tokens}") for n in drafts
+    }
+    backoff = dict(schedule="backoff", confidence=0.4)
+    for n in ("random", "trained"):
+        contenders[f"speculative heuristic, {n} draft"] = spec(n, f"{n}, heuristic", **adaptive)
+        contenders[f"speculative backoff, {n} draft"] = spec(n, f"{n}, backoff", **backoff)
+    contenders |= {"HF greedy": hf(), "HF assisted, random draft": hf("random"),
+                   "HF assisted, trained draft": hf("trained")}  # fmt: skip
     times, outputs = time_round_robin(contenders, args.rounds)
     ref = outputs["plain greedy"]
     for name, out in outputs.items():
         same = sum(a == b for a, b in zip(out, ref, strict=True))
         print(f"{name}: {same}/{len(ref)} rows equal to plain greedy")
     for name, s in stats.items():
-        print(f"{name} draft: acceptance {s.acceptance_rate:.1%} ({s.accepted}/{s.proposed}), "
+        print(f"{name}: acceptance {s.acceptance_rate:.1%} ({s.accepted}/{s.proposed}), "
               f"{s.tokens / s.target_passes:.2f} tokens per target pass")  # fmt: skip
-    print_rates(times, args.prompts * args.new_tokens,
-                [(f"speculative, {n} draft", "plain greedy") for n in drafts])  # fmt: skip
+    ratios = [(name, "plain greedy") for name in contenders if name != "plain greedy"]
+    ratios += [(f"speculative{h}, {n} draft", f"HF assisted, {n} draft")
+               for n in ("random", "trained") for h in ("", " heuristic", " backoff")]  # fmt: skip
+    print_rates(times, args.prompts * args.new_tokens, ratios)
 
 
 if __name__ == "__main__":

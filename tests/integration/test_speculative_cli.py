@@ -25,13 +25,17 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return trained_model_dir(root / "target"), trained_model_dir(root / "draft", steps=15)
 
 
-def test_cli_answers_are_the_targets_greedy_ones(dirs, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "draft_options",
+    [["--draft-tokens", "3"], ["--draft-schedule", "heuristic", "--draft-confidence", "0.3"]],
+)
+def test_cli_answers_are_the_targets_greedy_ones(dirs, tmp_path: Path, draft_options) -> None:
     target, draft = dirs
     out = tmp_path / "answers.jsonl"
     args = ["-p", PROMPTS[0], "-p", PROMPTS[1], "--max-new-tokens", "16", "--out", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "lmforge.cli", "generate", "--model", str(target),
-         "--draft-model", str(draft), "--draft-tokens", "3", *args],
+         "--draft-model", str(draft), *draft_options, *args],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -136,6 +136,24 @@ def generate_cmd(
     draft_tokens: Annotated[
         int, typer.Option(min=1, help="Tokens the draft proposes per target pass.")
     ] = 4,
+    draft_schedule: Annotated[
+        str,
+        typer.Option(
+            help="constant: --draft-tokens every pass | heuristic: +2 after a pass that accepts "
+            "every guess, -1 (to 1) after a miss (transformers' num_assistant_tokens_schedule) | "
+            "backoff: heuristic, and a pass at 1 that keeps nothing pauses the draft for 1, 2, "
+            "4, ... plain steps (a draft that never agrees then costs little)."
+        ),
+    ] = "constant",
+    draft_confidence: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Stop a pass's drafting after a guess the draft gives less than this "
+            "probability (transformers' assistant_confidence_threshold, fixed).",
+        ),
+    ] = None,
 ) -> None:
     """Generate text from a model: raw continuation, or chat answers with --chat.
 
@@ -192,7 +210,7 @@ def generate_cmd(
         draft = EvalModel.load(draft_model, device=device)
         rows, stats = speculative_sample(
             lm, draft, texts, settings, chat=chat, draft_tokens=draft_tokens,
-            num_samples=num_samples,
+            schedule=draft_schedule, confidence=draft_confidence, num_samples=num_samples,
         )  # fmt: skip
         console().print(
             f"draft acceptance {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.proposed}), "

@@ -59,10 +59,12 @@ def speculative_sample(
     *,
     chat: bool = False,
     draft_tokens: int = 4,
+    schedule: str = "constant",
+    confidence: float | None = None,
     num_samples: int = 1,
 ) -> tuple[list[dict[str, Any]], DraftStats]:
     """evals.sample.sample's records for greedy answers, one prompt at a time, and the draft's
-    acceptance over them."""
+    acceptance over them (draft_tokens, schedule, confidence: model.speculative's)."""
     if not prompts:
         raise InputError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
     if num_samples != 1:
@@ -78,7 +80,7 @@ def speculative_sample(
     for prompt, ids in zip(prompts, rows, strict=True):
         res = speculative_generate(
             lm.model, draft.model, ids, batch_budget(budget, limit, len(ids)),
-            draft_tokens=draft_tokens,
+            draft_tokens=draft_tokens, schedule=schedule, confidence=confidence,
             stop_tokens=lm.stop_ids(),
         )  # fmt: skip
         stats.add(res.stats)

@@ -10,6 +10,17 @@ generate() token for token; the draft only changes how many target passes it tak
 Rejected guesses need no copy-back: both caches keep their columns in place and the next round
 writes over the rejected ones (KVCache.update returns only the columns up to what it wrote).
 Batch size 1: rows of a batch would accept different counts and leave the cache ragged.
+
+How many tokens the draft proposes follows transformers' assisted generation: schedule
+"heuristic" grows k by 2 after a round with every guess accepted and shrinks it by 1 (to 1 at
+least) after one with a miss; confidence stops a round's drafting after a guess the draft gives
+less than that probability (transformers' assistant_confidence_threshold, fixed here).
+Schedule "backoff" is "heuristic" that can also stop drafting: a round at k = 1 that keeps no
+guess pauses the draft for 1, then 2, 4, ... (at most MAX_PAUSE) plain target steps, back to 1
+once a guess is kept. On one CPU core a (k+1)-token verify costs 1.5-2x a one-token step
+(docs/benchmarks.md), so a draft that never agrees costs ~0.6x with k >= 1; paused, it costs
+little more than its probes. None of these changes the tokens, only how many guesses each target
+pass checks.
 """
 
 from __future__ import annotations
@@ -22,6 +33,9 @@ from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.generate import KVCache, check_room, last_logits
+
+SCHEDULES = ("constant", "heuristic", "backoff")  # how k moves between rounds
+MAX_PAUSE = 32  # backoff: the most plain target steps between two probes of the draft
 
 
 @dataclass
@@ -78,9 +92,13 @@ def speculative_generate(
     max_new_tokens: int,
     *,
     draft_tokens: int = 4,
+    schedule: str = "constant",
+    confidence: float | None = None,
     stop_tokens: Sequence[int] = (),
 ) -> SpeculativeResult:
-    """The target's greedy continuation of prompt (token ids), verified k=draft_tokens at a time.
+    """The target's greedy continuation of prompt (token ids), verified k=draft_tokens at a time
+    (schedule "heuristic"/"backoff": k starts there and adapts; confidence: a round's drafting
+    stops after a guess below that probability).
 
     Returns the same new tokens as new_tokens(generate(target, prompt, max_new_tokens,
     greedy=True, stop_tokens=...)): at most max_new_tokens, through the first stop token.
@@ -88,6 +106,10 @@ def speculative_generate(
     """
     if draft_tokens < 1:
         raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise ConfigError(f"confidence must be a probability in [0, 1], got {confidence}")
     if not prompt:
         raise InputError("speculative decoding needs a prompt of at least one token")
     check_draft(target, draft)
@@ -105,9 +127,12 @@ def speculative_generate(
         result = SpeculativeResult([last], DraftStats(target_passes=1))
         out.append(last)
         d_seen = 0  # leading positions of the draft's cache that hold out's tokens
+        k_next = draft_tokens
+        paused, pause = 0, 1  # backoff: plain steps left, the next pause's length
         while last not in stops and len(result.tokens) < max_new_tokens:
-            k = min(draft_tokens, max_new_tokens - len(result.tokens) - 1)  # never overshoot
-            guesses, d_seen = _propose(draft, d_cache, out, d_seen, k)
+            room = max_new_tokens - len(result.tokens) - 1  # never overshoot
+            k = 0 if paused else min(k_next, room)  # k = 0: a plain target step
+            guesses, d_seen = _propose(draft, d_cache, out, d_seen, k, confidence)
             n = len(out)  # the target's cache holds out[:n - 1]
             verify = _logits(target, [out[-1], *guesses], t_cache, n - 1).argmax(-1).tolist()
             m = next((i for i, g in enumerate(guesses) if g != verify[i]), len(guesses))
@@ -118,6 +143,14 @@ def speculative_generate(
             result.stats.accepted += min(m, cut)
             result.stats.target_passes += 1
             d_seen = min(d_seen, n + m)  # columns past the accepted tokens are rewritten next round
+            if paused:
+                paused -= 1
+            elif schedule != "constant" and guesses:
+                if schedule == "backoff" and m == 0 and k_next == 1:
+                    paused, pause = pause, min(2 * pause, MAX_PAUSE)
+                elif m:
+                    pause = 1
+                k_next = k_next + 2 if m == len(guesses) else max(1, k_next - 1)
             out += new
             result.tokens += new
             last = new[-1]
@@ -129,25 +162,33 @@ def speculative_generate(
 
 
 def _propose(
-    draft: nn.Module, cache: KVCache, out: list[int], seen: int, k: int
+    draft: nn.Module, cache: KVCache, out: list[int], seen: int, k: int, confidence: float | None
 ) -> tuple[list[int], int]:
-    """k greedy draft tokens after out; feeds the draft what its cache lacks, then its guesses
-    but the last. Returns the guesses and how many leading cache columns are now filled."""
+    """Up to k greedy draft tokens after out (fewer when one falls below confidence: it is the
+    last); feeds the draft what its cache lacks, then its guesses but the last. Returns the
+    guesses and how many leading cache columns are now filled."""
     guesses: list[int] = []
     feed = out[seen:]
     for _ in range(k):
-        nxt = _next_token(draft, feed, cache, seen)
+        logits = _last_logits(draft, feed, cache, seen)
         seen += len(feed)
-        guesses.append(nxt)
-        feed = [nxt]
+        guesses.append(int(logits.argmax()))
+        if confidence is not None and float(logits.double().softmax(-1).max()) < confidence:
+            break
+        feed = guesses[-1:]
     return guesses, seen
 
 
 def _next_token(model: nn.Module, ids: list[int], cache: KVCache, start_pos: int) -> int:
-    """The greedy token after ids, read at start_pos over cache (lm_head on the last position
-    only, as generate's prefill)."""
+    """The greedy token after ids, read at start_pos over cache."""
+    return int(_last_logits(model, ids, cache, start_pos).argmax())
+
+
+def _last_logits(model: nn.Module, ids: list[int], cache: KVCache, start_pos: int) -> Tensor:
+    """Next-token logits (V,) after ids, read at start_pos over cache (lm_head on the last
+    position only, as generate's prefill)."""
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    return int(last_logits(model, idx, kv_cache=cache, start_pos=start_pos)[0].argmax())
+    return last_logits(model, idx, kv_cache=cache, start_pos=start_pos)[0]
 
 
 def _logits(model: nn.Module, ids: list[int], cache: KVCache, start_pos: int) -> Tensor:

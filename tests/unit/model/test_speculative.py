@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -91,3 +93,83 @@ def test_bad_arguments_are_refused():
     encoder = Transformer(preset_config("bert-micro"))
     with pytest.raises(ConfigError, match="draft is not one"):
         speculative_generate(model, encoder, [1], 5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "heuristic"])
+@pytest.mark.parametrize("confidence", [None, 0.5, 1.0])
+def test_the_schedule_and_the_confidence_stop_keep_the_targets_greedy_tokens(schedule, confidence):
+    target = make(0)
+    for draft in (make(1, n_layer=1), target):  # mostly wrong guesses; every guess right
+        for prompt in PROMPTS:
+            res = speculative_generate(target, draft, prompt, 33, draft_tokens=2,
+                                       schedule=schedule, confidence=confidence)  # fmt: skip
+            assert res.tokens == greedy(target, prompt, 33)
+
+
+def test_the_heuristic_schedule_grows_k_while_every_guess_is_accepted():
+    target = make(0)
+    # k = 1, 3, 5, 7, 9, 11, then the last 3 tokens' room: 1 + (2+4+6+8+10+12) + (3+1) = 47
+    res = speculative_generate(target, target, PROMPTS[1], 47, draft_tokens=1, schedule="heuristic")
+    assert res.tokens == greedy(target, PROMPTS[1], 47)
+    assert res.stats.target_passes == 1 + 7
+    assert res.stats.accepted == res.stats.proposed == 1 + 3 + 5 + 7 + 9 + 11 + 3
+
+
+def test_the_heuristic_schedule_shrinks_k_to_one_when_guesses_miss():
+    target, draft = make(0), make(1, n_layer=1)
+    res = speculative_generate(target, draft, PROMPTS[1], 30, draft_tokens=6, schedule="heuristic")
+    constant = speculative_generate(target, draft, PROMPTS[1], 30, draft_tokens=6)
+    assert res.tokens == constant.tokens
+    # every round misses here, so k goes 6, 5, 4, 3, 2, then 1 a round: far fewer guesses
+    assert res.stats.accepted == constant.stats.accepted == 0
+    assert res.stats.proposed < constant.stats.proposed / 3
+
+
+def test_a_confidence_of_one_stops_each_round_after_one_guess():
+    target = make(0)
+    res = speculative_generate(target, target, PROMPTS[1], 21, draft_tokens=4, confidence=1.0)
+    assert res.tokens == greedy(target, PROMPTS[1], 21)
+    assert res.stats.proposed == res.stats.accepted == 10  # one guess + the target's own a pass
+    assert res.stats.target_passes == 1 + 10
+
+
+def test_bad_schedule_or_confidence_is_refused():
+    model = make(0)
+    with pytest.raises(ConfigError, match="schedule must be one of constant, heuristic, backoff"):
+        speculative_generate(model, model, [1], 5, schedule="fast")
+    with pytest.raises(ConfigError, match=r"confidence must be a probability in \[0, 1\]"):
+        speculative_generate(model, model, [1], 5, confidence=1.5)
+
+
+def test_backoff_pauses_a_draft_that_never_agrees_and_keeps_the_targets_tokens():
+    target, useless = make(0), make(1, n_layer=1)
+    for prompt in PROMPTS:
+        res = speculative_generate(target, useless, prompt, 60, draft_tokens=2, schedule="backoff")
+        assert res.tokens == greedy(target, prompt, 60)
+        assert res.stats.accepted == 0
+        # k 2, 1, then probes of 1 guess after pauses of 1, 2, 4, 8, 16, 32 plain steps
+        assert res.stats.proposed <= 2 + 1 + 6
+        assert res.stats.target_passes == 60  # one token a pass, as plain greedy
+
+
+def test_backoff_with_a_draft_that_agrees_never_pauses():
+    target = make(0)
+    for prompt in PROMPTS:
+        res = speculative_generate(target, target, prompt, 40, schedule="backoff")
+        heuristic = speculative_generate(target, target, prompt, 40, schedule="heuristic")
+        assert res.tokens == heuristic.tokens == greedy(target, prompt, 40)
+        assert res.stats == heuristic.stats
+
+
+def test_backoff_with_a_partly_agreeing_draft_keeps_the_targets_tokens():
+    target = make(0)
+    partly = copy.deepcopy(target)  # the target, perturbed: agrees on 30-50% of its guesses
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for w in partly.parameters():
+            w.add_(torch.randn_like(w) * 0.01)
+    for prompt in PROMPTS:
+        res = speculative_generate(target, partly, prompt, 50, draft_tokens=3, schedule="backoff")
+        assert res.tokens == greedy(target, prompt, 50)
+        assert 0 < res.stats.acceptance_rate < 1
+        assert res.stats.target_passes < 40  # kept drafting: guesses saved target passes
