@@ -517,6 +517,9 @@ def test_auto_stream_holds_back_only_a_possible_tag_however_the_text_is_cut():
         ({"messages": [*SECOND_TURN[:2], {**SECOND_TURN[2], "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
          "messages", "messages[2].tool_calls[0]: the arguments are not JSON"),
+        ({"messages": [*SECOND_TURN, {**SECOND_TURN[3], "tool_call_id": "call_9"}]}, "messages",
+         "messages[4]: tool_call_id 'call_9' names no tool call of the assistant message it "
+         "answers (messages[2], calls 'call_1')"),
     ],
 )  # fmt: skip
 def test_bad_tool_requests_are_400s_that_say_why(client, ask, param, says):
