@@ -26,7 +26,7 @@ from lmforge.serve.retrieval import Passage, augment_messages
 from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.seq2seq_engine import user_turn
 from lmforge.serve.tools import ToolPlan, ToolStream
-from lmforge.tokenizer.hermes_tools import hermes_messages
+from lmforge.tokenizer.hermes_tools import matched_tool_results
 
 KB_PASSAGES = 3  # passages a chat gets, unless its model was trained with another number
 
@@ -170,7 +170,7 @@ class RequestPreparer:
                 text = engine.render_chat(messages, passages=passages)
             else:
                 text = engine.files.render_chat(messages, add_generation_prompt=True, tools=tools)
-            recorded = hermes_messages(messages, tools)  # the feedback store's form (and export's)
+            recorded = matched_tool_results(messages)  # OpenAI's form: feedback_export renders it
         except InputError as exc:  # a tool call's arguments that are not JSON
             raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # a template may refuse a conversation (e.g. role order)

@@ -221,6 +221,13 @@ def template_turns(
         return list(messages), {}
     if not template_reads_tools(template):
         return hermes_messages(messages, tools), {}
+    return openai_turns(messages), {"tools": list(tools) if tools else None}
+
+
+def openai_turns(messages: Sequence[Message]) -> list[Message]:
+    """The conversation as a template that reads `tools` takes it, as transformers'
+    apply_chat_template does: tool results matched to their calls (matched_tool_results), each
+    call's arguments a JSON object (as vLLM hands them over) rather than OpenAI's JSON text."""
     out = []
     for i, m in enumerate(matched_tool_results(messages)):
         m = dict(m)
@@ -231,4 +238,4 @@ def template_turns(
                 for j, c in enumerate(m["tool_calls"])
             ]  # fmt: skip
         out.append(m)
-    return out, {"tools": list(tools) if tools else None}
+    return out
