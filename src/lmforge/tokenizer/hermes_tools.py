@@ -84,8 +84,9 @@ def _call_ids(m: Message, i: int) -> list[str | None]:
 
 def _answered_calls(run: list[int], messages: Sequence[Message], k: int) -> list[tuple[int, int]]:
     """(call index, message index) for each tool result in `run` (message indices), which follow
-    the assistant message `k`: by tool_call_id, an id-less result by order where that is
-    unambiguous (one call left to answer, or no ids in the run at all and one result a call)."""
+    the assistant message `k`: by tool_call_id, id-less results by order where that is
+    unambiguous (one call left to answer, or as many results as calls left and those calls
+    without ids, so that order is all there is)."""
     ids = _call_ids(messages[k], k)
     matched: dict[int, int] = {}  # call index -> result's message index
     idless = []
@@ -109,7 +110,9 @@ def _answered_calls(run: list[int], messages: Sequence[Message], k: int) -> list
         matched[j] = i
     left = [j for j in range(len(ids)) if j not in matched]
     if idless:
-        by_order = len(idless) == len(left) and (len(left) == 1 or len(idless) == len(run))
+        by_order = len(idless) == len(left) and (
+            len(left) == 1 or all(ids[j] is None for j in left)
+        )
         if not by_order:
             raise InputError(
                 f"messages[{idless[0]}]: a tool result without tool_call_id, and which of the "

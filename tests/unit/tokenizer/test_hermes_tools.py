@@ -55,6 +55,8 @@ def test_a_result_without_id_falls_back_to_order_only_where_unambiguous():
     with pytest.raises(InputError, match=r"messages\[2\]: a tool result without tool_call_id.*2 "
                        r"unanswered call\(s\) of messages\[1\]"):  # fmt: skip
         matched_tool_results(chat(TWO, result(None, "12:00")))
+    with pytest.raises(InputError, match=r"messages\[2\]: a tool result without tool_call_id"):
+        matched_tool_results(chat(TWO, result(None, "12:00"), result(None, "rain")))  # calls' ids
     with pytest.raises(InputError, match=r"messages\[3\]: a tool result without tool_call_id"):
         matched_tool_results(chat([*TWO, call("c", "x")], result("a", "1"), result(None, "2")))
 
