@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,38 @@ def test_read_prompts_plain_text_skips_blank_lines(tmp_path: Path) -> None:
     assert read_prompts(path) == ["first prompt", "second prompt"]
     with pytest.raises(InputError, match="prompts file not found"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_cli_min_length_counts_the_prompt_and_min_new_tokens_wins(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # make the greedy first token a stop token: unforced, the answer is that one token
+    shutil.copytree(model_dir, model := tmp_path / "model")
+    lm = EvalModel.load(model)
+    prompt = PROMPTS[2]
+    ids = lm.start(prompt)
+    with torch.no_grad():
+        first = int(lm.model(torch.tensor([ids]))[0, -1].argmax())
+    config_file = model / "generation_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    config_file.write_text(json.dumps({**config, "eos_token_id": [*lm.stop_ids(), first]}))
+
+    def answer(*args: str) -> tuple[str, str]:
+        out = tmp_path / "answers.jsonl"
+        proc = lmforge("generate", "--model", str(model), "-p", prompt, "--max-new-tokens", "4",
+                       "--out", str(out), *args)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(out.read_text())["completion"], " ".join(
+            (proc.stdout + proc.stderr).split()
+        )
+
+    short = lm.decode([first])
+    assert answer()[0] == short
+    assert answer("--min-length", str(len(ids)))[0] == short  # the prompt already has that length
+    forced, _ = answer("--min-length", str(len(ids) + 2))  # the stop barred for 2 new tokens
+    expected = EvalModel.load(model).generate_batch(
+        [prompt], GenerationSettings(max_new_tokens=4, min_length=len(ids) + 2)
+    )
+    assert forced == expected[0] and not forced.startswith(short)
+    both, printed = answer("--min-length", str(len(ids) + 2), "--min-new-tokens", "0")
+    assert both == short and "min_new_tokens applies alone" in printed

@@ -99,6 +99,14 @@ def generate_cmd(
             "min_length (0 turns it off).",
         ),
     ] = None,
+    min_length: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="No stop token before the sequence, prompt included, has this many tokens "
+            "(transformers' min_length); replaces the checkpoint's; --min-new-tokens wins.",
+        ),
+    ] = None,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Cut answers at this string (repeatable).")
     ] = None,
@@ -183,6 +191,7 @@ def generate_cmd(
         "top_p": top_p, "repetition_penalty": repetition_penalty, "stop": stop or [],
         "seed": seed, "num_beams": num_beams, "length_penalty": length_penalty,
         "no_repeat_ngram_size": no_repeat_ngram_size, "min_new_tokens": min_new_tokens,
+        "min_length": min_length,
         "json_schema": None if json_schema is None else read_schema_option(json_schema),
         "regex": regex, "choice": choice or None,
     }  # fmt: skip

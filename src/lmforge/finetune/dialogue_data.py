@@ -10,6 +10,8 @@ Made from the same documented stdlib functions as builtin_tasks (no download), d
 
 Some user turns carry planted PII (an email address and/or a phone number, with a person's name)
 so the data stage's PII step has something to anonymize; stats.json counts what was planted.
+Training small talk also gets small_talk_pii_copies of each core phrasing with such a prefix
+(beside the plain turn), so a self-introduction before small talk is no sign of a question.
 The name is found only with data.pii.names on (the dialogue-assistant recipe turns it on).
 Splits go by a stable hash of the function (or of the core phrasing for the small-talk intents), so
 a held-out dialogue asks about a function, or says a small-talk phrasing, never seen in training.
@@ -57,6 +59,10 @@ class DialoguesConfig(StageConfig):
         6, ge=1, description="dialogues per small-talk core phrasing, each a different surface form"
     )
     pii_fraction: float = Field(0.15, ge=0, le=1, description="user turns that carry planted PII")
+    small_talk_pii_copies: int = Field(
+        1, ge=0, description="training small-talk turns per core phrasing added again with a "
+        "planted PII prefix (the same answer): every phrasing is seen after a self-introduction",
+    )  # fmt: skip
     max_answer_chars: int = Field(160, ge=20, description="ask_usage: answer summary cap (chars)")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
@@ -118,15 +124,37 @@ def make_dialogues(cfg: DialoguesConfig) -> tuple[dict[str, list[dict[str, Any]]
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     planted: Counter = Counter()
     rng = random.Random(cfg.seed)
+    plain_small_talk: dict[str, list[dict[str, Any]]] = {}  # training core phrasing -> its turns
     for key, intent, question, answer in rows:
-        if rng.random() < cfg.pii_fraction:
+        introduced = rng.random() < cfg.pii_fraction
+        if introduced:
             question = _plant_pii(question, rng, planted)
         split = split_of(key, cfg)  # type: ignore[arg-type]  (val/test_fraction + seed)
         function = key if intent in FUNCTION_INTENTS else None
-        out[split].append(
-            {"context": question, "response": answer, "intent": intent, "function": function}
-        )
+        row = {"context": question, "response": answer, "intent": intent, "function": function}
+        out[split].append(row)
+        if split == "train" and function is None and not introduced:
+            plain_small_talk.setdefault(key, []).append(row)
+    out["train"] += _introduced_small_talk(plain_small_talk, cfg, planted)
     return out, planted
+
+
+def _introduced_small_talk(
+    plain: dict[str, list[dict[str, Any]]], cfg: DialoguesConfig, planted: Counter
+) -> list[dict[str, Any]]:
+    """Copies of training small talk with a planted PII prefix: small_talk_pii_copies per core
+    phrasing, of forms that have none. Planted at pii_fraction alone, ~15% of the phrasings were
+    ever seen after "I am <NAME> (<EMAIL>).", and ~80% of the turns after it are questions; a
+    held-out phrasing after it was then classified, and often answered, as a question (every
+    intent-head miss of the recipe at three seeds). A copy beside its plain twin teaches that
+    the prefix does not change the answer. Its own random stream: the other rows stay as they
+    were."""
+    rng = random.Random(f"{cfg.seed}:small-talk-pii")
+    copies = []
+    for turns in plain.values():
+        for row in rng.sample(turns, min(cfg.small_talk_pii_copies, len(turns))):
+            copies.append({**row, "context": _plant_pii(row["context"], rng, planted)})
+    return copies
 
 
 def dialogue_text(context: str, response: str) -> str:

@@ -180,7 +180,8 @@ def _sharegpt(r: Record) -> Example:
 
 def _openai(r: Record) -> Example:
     """OpenAI's chat format; its tool calling (`tools`, assistant `tool_calls`, `tool` turns) as
-    the Hermes turns `lmforge serve` renders and parses for a template without tools."""
+    the Hermes turns `lmforge serve` renders and parses for a template without tools, tool
+    results matched to their calls by tool_call_id as the server matches them."""
     msgs = []
     for turn in r["messages"]:
         if turn["role"] not in (*ROLES, "tool"):

@@ -9,9 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lmforge.constrain import ConstraintError
 from lmforge.constrain.json_schema import schema_grammar
+from lmforge.errors import InputError
 from lmforge.serve.api_error import APIError
 from lmforge.serve.request_models import MAX_TOP_LOGPROBS_CHAT, BaseRequest
 from lmforge.serve.tools import ToolPlan
+from lmforge.tokenizer.hermes_tools import matched_tool_results
 
 
 class ContentPart(BaseModel):
@@ -119,7 +121,9 @@ class ChatRequest(BaseRequest):
 
     def plain_messages(self) -> list[dict[str, Any]]:
         """Messages as the chat template takes them ("developer" is OpenAI's new "system"), with
-        an assistant message's tool_calls and a tool message's tool_call_id."""
+        an assistant message's tool_calls and a tool message's tool_call_id, tool results in the
+        order of their calls (matched by id: hermes_tools.matched_tool_results); a result that
+        answers no call of the assistant message before it is a 400 naming its index and id."""
         out: list[dict[str, Any]] = []
         for m in self.messages:
             role = "system" if m.role == "developer" else m.role
@@ -129,7 +133,10 @@ class ChatRequest(BaseRequest):
             if m.tool_call_id is not None:
                 message["tool_call_id"] = m.tool_call_id
             out.append(message)
-        return out
+        try:
+            return matched_tool_results(out)
+        except InputError as exc:
+            raise APIError(400, str(exc), param="messages") from None
 
     def tool_plan(self) -> ToolPlan | None:
         """What tools and tool_choice ask (serve/tools.py), None without tools; a 400 for a

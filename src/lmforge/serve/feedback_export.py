@@ -4,7 +4,10 @@ DPO or KTO round learn from what people rated.
 - `sft.jsonl`: well-rated responses (mean rating >= min_rating on the 1..5 scale; thumbs up = 5)
   as `{"messages": [...prompt..., {"role": "assistant", ...}]}`, the finetune stage's openai
   shape. A completion (no chat messages) becomes one user turn, as finetune reads
-  prompt/completion records.
+  prompt/completion records. A tool request's row keeps OpenAI's form: the assistant's
+  `tool_calls` (arguments as JSON objects, as chat templates take them), `tool` results and
+  `tools`, so the model's own template renders the prompt that was served (rows stored before
+  the server kept this form hold Hermes turns and export as they are).
 - `preferences.jsonl`: `{"prompt", "chosen", "rejected", "kind"}`, align.prefs' pair shape,
   from side-by-side choices (kind "choice"; both answers must come from the same conversation,
   or the same prompt text for completions) and from two responses to the same prompt whose
@@ -39,7 +42,12 @@ from lmforge.common.io import write_jsonl
 from lmforge.config import StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.serve.feedback import FeedbackStore
-from lmforge.tokenizer.hermes_tools import TOOL_CALL_OPEN
+from lmforge.tokenizer.hermes_tools import (
+    TOOL_CALL_OPEN,
+    hermes_messages,
+    openai_turns,
+    parse_tool_calls,
+)
 
 __all__ = ["FeedbackExportConfig", "build", "export_feedback"]
 
@@ -66,9 +74,21 @@ class FeedbackExportConfig(StageConfig):
         return [self.db]
 
 
+def _openai_form(response: dict[str, Any]) -> bool:
+    """Whether a row keeps its conversation in OpenAI's form (tool calls, tool results, the tools
+    in its params), as the server stores tool requests now; older rows hold Hermes turns."""
+    messages = response["messages"] or []
+    return response["params"].get("messages_form") == "openai" or any(
+        m.get("tool_calls") or m["role"] == "tool" for m in messages
+    )
+
+
 def _prompt(response: dict[str, Any]) -> str | list[dict[str, str]]:
-    """The prompt as align/finetune read it: the chat messages, else the raw prompt text."""
+    """The prompt as align reads it: the chat messages as role/content turns (tool calling in
+    Hermes turns, as older rows hold it), else the raw prompt text."""
     messages = response["messages"]
+    if messages and _openai_form(response):
+        messages = hermes_messages(messages, response["params"].get("tools"))
     if messages:
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     return response["prompt"]
@@ -88,14 +108,32 @@ def _cut_call(response: dict[str, Any]) -> bool:
     )
 
 
+def _answer(response: dict[str, Any]) -> dict[str, Any]:
+    """The answer as an OpenAI assistant message: the calls the stored (Hermes) text holds, when
+    the model was let call tools, with their arguments as JSON objects (as in openai_turns)."""
+    text, params = response["text"], response["params"]
+    content, calls = (text, []) if params.get("tool_choice") == "none" else parse_tool_calls(text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": name, "arguments": json.loads(arguments)}}
+            for name, arguments in calls
+        ]
+    return message
+
+
 def _sft_record(response: dict[str, Any]) -> dict[str, Any]:
+    """The finetune stage's openai record: a row in OpenAI's form keeps it, with its tools, so
+    that the model's own chat template renders the prompt that was served (ChatML: the Hermes
+    turns finetune makes of it); a Hermes-form row keeps its role/content turns."""
+    meta = {"response_id": response["id"], "rating": round(response["stars"], 3)}
+    if response["messages"] and _openai_form(response):
+        tools = response["params"].get("tools")
+        turns = [*openai_turns(response["messages"]), _answer(response)]
+        return {"messages": turns, **({"tools": tools} if tools else {}), **meta}
     prompt = _prompt(response)
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return {
-        "messages": [*turns, {"role": "assistant", "content": response["text"]}],
-        "response_id": response["id"],
-        "rating": round(response["stars"], 3),
-    }
+    return {"messages": [*turns, {"role": "assistant", "content": response["text"]}], **meta}
 
 
 def _pair(prompt: Any, chosen: dict, rejected: dict, kind: str) -> dict[str, Any] | None:

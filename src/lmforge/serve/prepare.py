@@ -26,7 +26,6 @@ from lmforge.serve.retrieval import Passage, augment_messages
 from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.seq2seq_engine import user_turn
 from lmforge.serve.tools import ToolPlan, ToolStream
-from lmforge.tokenizer.hermes_tools import hermes_messages
 
 KB_PASSAGES = 3  # passages a chat gets, unless its model was trained with another number
 
@@ -170,7 +169,6 @@ class RequestPreparer:
                 text = engine.render_chat(messages, passages=passages)
             else:
                 text = engine.files.render_chat(messages, add_generation_prompt=True, tools=tools)
-            recorded = hermes_messages(messages, tools)  # the feedback store's form (and export's)
         except InputError as exc:  # a tool call's arguments that are not JSON
             raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # a template may refuse a conversation (e.g. role order)
@@ -186,7 +184,7 @@ class RequestPreparer:
             "chat", new_id("chatcmpl"), req.model, engine,
             self._jobs(req, self._alike(req, engine), 0, ids, text, max_tokens, logprobs, kept),
             len(ids),
-            messages=recorded, sources=sources, refused=refused, stream=req.stream,
+            messages=messages, sources=sources, refused=refused, stream=req.stream,
             include_usage=req.include_usage, tools=plan,
         )  # fmt: skip
         self._set_cache_key(prep, req)

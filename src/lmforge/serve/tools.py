@@ -156,8 +156,10 @@ class ToolPlan:
         return "tool_calls" if calls and reason == "stop" and self.mode != "named" else reason
 
     def record(self) -> dict[str, Any]:
-        """What the feedback store's params get: the tools and the choice."""
-        return {"tools": list(self.tools), "tool_choice": self.mode, "tool_name": self.name}
+        """What the feedback store's params get: the tools and the choice, and that the row's
+        messages are in OpenAI's form (older rows hold Hermes turns: feedback_export reads both)."""
+        return {"tools": list(self.tools), "tool_choice": self.mode, "tool_name": self.name,
+                "messages_form": "openai"}  # fmt: skip
 
 
 def _json_or_text(arguments: str) -> Any:

@@ -15,6 +15,9 @@ rather than matching either model's own template word for word:
 - a tool result is `<tool_response>\\n{content}\\n</tool_response>` in a `user` turn, the
   results of consecutive tool messages in one turn, a line apart (as Qwen 2.5's template does).
 
+Tool results are matched to the calls they answer by tool_call_id (matched_tool_results) and
+rendered in the order of the calls, for this format and for templates that read `tools` alike.
+
 Only system, user and assistant turns come out, the roles `lmforge finetune` reads, so the
 feedback store's conversations (kept in this form) export as fine-tuning data for it as they are.
 `parse_tool_calls` reads the blocks back out of generated text. Both directions live here so
@@ -71,9 +74,89 @@ def assistant_text(content: str | None, calls: Sequence[tuple[str, Any]]) -> str
     return "\n".join(([content] if content else []) + [tool_call_text(*c) for c in calls])
 
 
+def _call_ids(m: Message, i: int) -> list[str | None]:
+    ids = [c.get("id") for c in m["tool_calls"]]
+    twice = sorted({c for c in ids if c is not None and ids.count(c) > 1})
+    if twice:
+        raise InputError(f"messages[{i}].tool_calls: the id(s) {twice} are given more than once")
+    return ids
+
+
+def _answered_calls(run: list[int], messages: Sequence[Message], k: int) -> list[tuple[int, int]]:
+    """(call index, message index) for each tool result in `run` (message indices), which follow
+    the assistant message `k`: by tool_call_id, id-less results by order where that is
+    unambiguous (one call left to answer, or as many results as calls left and those calls
+    without ids, so that order is all there is)."""
+    ids = _call_ids(messages[k], k)
+    matched: dict[int, int] = {}  # call index -> result's message index
+    idless = []
+    for i in run:
+        rid = messages[i].get("tool_call_id")
+        if rid is None:
+            idless.append(i)
+            continue
+        if rid not in ids:
+            known = ", ".join(repr(c) for c in ids if c is not None) or "none with an id"
+            raise InputError(
+                f"messages[{i}]: tool_call_id {rid!r} names no tool call of the assistant "
+                f"message it answers (messages[{k}], calls {known}); give the id of one of them"
+            )
+        j = ids.index(rid)
+        if j in matched:
+            raise InputError(
+                f"messages[{i}]: tool_call_id {rid!r} was answered already by "
+                f"messages[{matched[j]}]; send one result per call"
+            )
+        matched[j] = i
+    left = [j for j in range(len(ids)) if j not in matched]
+    if idless:
+        by_order = len(idless) == len(left) and (
+            len(left) == 1 or all(ids[j] is None for j in left)
+        )
+        if not by_order:
+            raise InputError(
+                f"messages[{idless[0]}]: a tool result without tool_call_id, and which of the "
+                f"{len(left)} unanswered call(s) of messages[{k}] it answers is ambiguous; give "
+                "each tool message the tool_call_id of its call"
+            )
+        matched.update(zip(left, idless, strict=True))
+    return sorted(matched.items())
+
+
+def matched_tool_results(messages: Sequence[Message]) -> list[Message]:
+    """The conversation with each run of tool results matched to the calls of the assistant
+    message before it by tool_call_id, as OpenAI defines it (see _answered_calls), and put in the
+    order of those calls, each with its call's id: the order a model sees results in is the
+    order it made the calls, whatever order the client sent them in. InputError names the message
+    and the id of a result that answers no call, or answers one twice."""
+    out: list[Message] = []
+    i = 0
+    while i < len(messages):
+        if messages[i]["role"] != "tool":
+            out.append(messages[i])
+            i += 1
+            continue
+        k = i - 1
+        run = list(range(i, next((j for j in range(i, len(messages))
+                                  if messages[j]["role"] != "tool"), len(messages))))  # fmt: skip
+        if k < 0 or messages[k]["role"] != "assistant" or not messages[k].get("tool_calls"):
+            raise InputError(
+                f"messages[{i}]: a tool result must follow the assistant message whose "
+                "tool_calls it answers"
+            )
+        calls = messages[k]["tool_calls"]
+        for j, r in _answered_calls(run, messages, k):
+            cid = calls[j].get("id")
+            out.append({**messages[r], "tool_call_id": cid} if cid else messages[r])
+        i = run[-1] + 1
+    return out
+
+
 def hermes_messages(messages: Sequence[Message], tools: Sequence[Message] | None) -> list[Message]:
-    """The conversation as role/content turns in the Hermes format (see the module docstring).
-    InputError names the message whose tool call arguments are not JSON."""
+    """The conversation as role/content turns in the Hermes format (see the module docstring),
+    tool results matched to their calls (matched_tool_results). InputError names the message
+    whose tool call arguments are not JSON, or whose tool result answers no call."""
+    messages = matched_tool_results(messages)
     out: list[Message] = []
     for i, m in enumerate(messages):
         role, content = m["role"], m.get("content") or ""
@@ -132,7 +215,8 @@ def template_turns(
     """(messages, extra template variables) for rendering a conversation with `template`.
 
     A template that reads `tools` gets them as transformers passes them, with each call's
-    arguments as a JSON object (as vLLM hands them over); any other gets hermes_messages.
+    arguments as a JSON object (as vLLM hands them over) and the tool results in the order of
+    their calls (matched_tool_results); any other gets hermes_messages.
     A conversation without tools, tool calls or tool turns is returned as it is.
     """
     has_tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
@@ -140,8 +224,15 @@ def template_turns(
         return list(messages), {}
     if not template_reads_tools(template):
         return hermes_messages(messages, tools), {}
+    return openai_turns(messages), {"tools": list(tools) if tools else None}
+
+
+def openai_turns(messages: Sequence[Message]) -> list[Message]:
+    """The conversation as a template that reads `tools` takes it, as transformers'
+    apply_chat_template does: tool results matched to their calls (matched_tool_results), each
+    call's arguments a JSON object (as vLLM hands them over) rather than OpenAI's JSON text."""
     out = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(matched_tool_results(messages)):
         m = dict(m)
         if m.get("tool_calls"):
             m["tool_calls"] = [
@@ -150,4 +241,4 @@ def template_turns(
                 for j, c in enumerate(m["tool_calls"])
             ]  # fmt: skip
         out.append(m)
-    return out, {"tools": list(tools) if tools else None}
+    return out

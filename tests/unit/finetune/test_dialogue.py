@@ -90,6 +90,33 @@ def test_held_out_small_talk_is_phrased_unlike_any_training_turn(dialogues):
     assert len(turns["train"]) >= 500  # many phrasings to learn from, not ~9 an intent
 
 
+def test_every_training_small_talk_phrasing_is_also_said_after_a_self_introduction(dialogues):
+    cfg, splits, planted = dialogues
+    bare, _ = make_dialogues(cfg.model_copy(update={"small_talk_pii_copies": 0}))
+    assert bare["val"] == splits["val"] and bare["test"] == splits["test"]
+    n_bare = len(bare["train"])
+    assert splits["train"][:n_bare] == bare["train"]  # the copies come after, the rest as it was
+    copies = splits["train"][n_bare:]
+    plain = {(r["context"], r["response"]) for r in bare["train"] if r["function"] is None}
+    for copy in copies:  # a plain training turn, introduced, with that turn's answer
+        assert copy["function"] is None and copy["context"].startswith("I am ")
+        assert (re.sub(r"^I am [^)]*\)\. ", "", copy["context"]), copy["response"]) in plain
+    phrasings = {
+        (intent, body)
+        for intent, talk in SMALL_TALK.items()
+        for body in talk.bodies
+        if set(surface_forms(intent, body, cfg.small_talk_forms, cfg.seed)) & {c for c, _ in plain}
+    }
+    introduced = _small_talk_by_split({"train": [r for r in splits["train"]
+                                                 if r["context"].startswith("I am ")]})["train"]  # fmt: skip
+    for intent, body in phrasings:  # each one after a self-introduction at least once
+        forms = set(surface_forms(intent, body, cfg.small_talk_forms, cfg.seed))
+        assert forms & introduced, body
+    assert len(copies) == len(phrasings) * cfg.small_talk_pii_copies > 0
+    assert planted["names"] == sum(r["context"].startswith("I am ") for rows in splits.values()
+                                   for r in rows)  # fmt: skip
+
+
 def test_small_talk_forms_are_natural_variants_of_their_phrasing():
     forms = surface_forms("out_of_scope", "what is the weather in Paris?", 40, seed=3)
     assert forms == surface_forms("out_of_scope", "what is the weather in Paris?", 40, seed=3)

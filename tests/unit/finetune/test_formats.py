@@ -146,3 +146,28 @@ def test_openai_tool_calling_becomes_the_hermes_turns_serve_renders(tmp_path):
         InputError, match=r"b\.jsonl line 1: messages\[1\]\.tool_calls\[0\]: the arg"
     ):
         read_file(_jsonl(tmp_path / "b.jsonl", rows))
+
+
+def test_openai_tool_results_are_matched_to_their_calls_by_id(tmp_path):
+    calls = [{"id": i, "type": "function", "function": {"name": n, "arguments": "{}"}}
+             for i, n in (("t", "get_time"), ("w", "get_weather"))]  # fmt: skip
+    head = [{"role": "user", "content": "Time and weather?"},
+            {"role": "assistant", "content": None, "tool_calls": calls}]  # fmt: skip
+    results = [{"role": "tool", "tool_call_id": "t", "content": "12:00"},
+               {"role": "tool", "tool_call_id": "w", "content": "rain"}]  # fmt: skip
+    tail = [{"role": "assistant", "content": "Noon, rain."}]
+    rows = [{"messages": head + results + tail}, {"messages": head + results[::-1] + tail}]
+    _, ex = read_file(_jsonl(tmp_path / "t.jsonl", rows))
+    assert ex[0]["messages"] == ex[1]["messages"]  # the same turns, as the server renders them
+    assert ex[0]["messages"][2]["content"].index("12:00") < ex[0]["messages"][2]["content"].index(
+        "rain"
+    )
+    idless = [{k: v for k, v in r.items() if k != "tool_call_id"} for r in results]
+    rows = [{"messages": [*head, results[1], idless[0], *tail]}, {"messages": head + idless[:1]}]
+    with pytest.raises(InputError, match=r"u\.jsonl line 2: messages\[2\]: a tool result "
+                       "without tool_call_id"):  # fmt: skip
+        read_file(_jsonl(tmp_path / "u.jsonl", rows))  # line 1 (one call left) reads
+    rows = [{"messages": [*head, {**results[0], "tool_call_id": "x"}, *tail]}]
+    with pytest.raises(InputError, match=r"v\.jsonl line 1: messages\[2\]: tool_call_id 'x' "
+                       "names no tool call"):  # fmt: skip
+        read_file(_jsonl(tmp_path / "v.jsonl", rows))

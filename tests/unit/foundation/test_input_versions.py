@@ -23,7 +23,7 @@ STDLIB = {"stdlib-docs corpus format": "3"}  # stdlib_docs.CORPUS_FORMAT now
 PINNED = {
     "stage": ("44136fa355b3678a", {}),
     "knowledge-base": ("6582a6bb8f8cf3a1", STDLIB),
-    "dialogues": ("a81a2f1111acc572", STDLIB),  # small_talk_copies -> small_talk_forms (fce4639)
+    "dialogues": ("ee981c8cc77bf2c6", STDLIB),  # + small_talk_pii_copies (s7-chat): new data
     "tasks": ("90a8923c201fe177", STDLIB),
     "data-stdlib": ("d1855b1201081ec9", STDLIB),
     "data-file": ("7261d491ac556bfe", {}),

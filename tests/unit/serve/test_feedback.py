@@ -215,3 +215,48 @@ def test_read_only_store_reads_while_a_writer_holds_the_lock(tmp_path):
     with pytest.raises(InputError, match="cannot open a feedback store"):
         FeedbackStore(tmp_path / "missing.db", read_only=True)
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_old_hermes_rows_and_openai_rows_of_one_conversation_export_alike(tmp_path):
+    import json
+
+    from lmforge.finetune.formats import read_file
+    from lmforge.serve.feedback_export import FeedbackExportConfig, collect
+    from lmforge.tokenizer.hermes_tools import hermes_messages
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}
+    conversation = [
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+    ]
+    answer = '<tool_call>\n{"name": "add", "arguments": {"a": 3}}\n</tool_call>'
+    params = {"tools": tools, "tool_choice": "auto", "finish_reason": "stop"}
+    with FeedbackStore(tmp_path / "f.db") as store:  # the old server kept Hermes turns
+        store.record_response("old", "m", "p", hermes_messages(conversation, tools), answer, params)
+        store.record_response("new", "m", "p", conversation, answer + "\nmore", {
+            **params, "messages_form": "openai"})  # fmt: skip
+        store.add_rating("old", 5)
+        store.add_rating("new", 2)
+    sft, pairs, _ = collect(FeedbackExportConfig(db=tmp_path / "f.db", out=tmp_path / "x"))
+    (old,) = sft
+    assert old["messages"] == [
+        *hermes_messages(conversation, tools), {"role": "assistant", "content": answer}
+    ] and "tools" not in old  # fmt: skip
+    # the two forms are one prompt: a rating pair, its prompt the Hermes turns align reads
+    assert [(p["chosen_id"], p["rejected_id"]) for p in pairs] == [("old", "new")]
+    assert pairs[0]["prompt"] == hermes_messages(conversation, tools)
+    with FeedbackStore(tmp_path / "f.db") as store:
+        store.add_rating("new", 5)
+        store.add_rating("new", 5)  # a mean of 4
+    sft, _, _ = collect(FeedbackExportConfig(db=tmp_path / "f.db", out=tmp_path / "x"))
+    new = next(r for r in sft if r["response_id"] == "new")
+    assert new["tools"] == tools and new["messages"][-1] == {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 3}}}],
+    }  # fmt: skip
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in sft))
+    (a, b) = read_file(rows)[1]  # finetune makes the same Hermes turns of both
+    assert a["messages"][:-1] == b["messages"][:-1] and a["messages"][-1] == old["messages"][-1]

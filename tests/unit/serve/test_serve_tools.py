@@ -109,12 +109,31 @@ def special_dir(tmp_path_factory):
     return micro_chat_model(tmp_path_factory, "special", (CHAT, TAUGHT_TOOLS, TAUGHT), True)
 
 
+# a chat template that renders tools, calls and results itself (as Qwen 2.5's does, shorter)
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools{% for t in tools %}\n{{ t | tojson }}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>tool "
+    "{{ m.tool_call_id }}\n{{ m.content }}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n"
+    "{{ m.content or '' }}{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} "
+    "{{ c.function.arguments | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, openai_server, special_dir):
+def tools_template_dir(tmp_path_factory):
+    out = micro_chat_model(tmp_path_factory, "tools-template")
+    (out / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, openai_server, special_dir, tools_template_dir):
     db = tmp_path_factory.mktemp("tools") / "f.db"
     taught = micro_chat_model(tmp_path_factory, "taught", (CHAT, TAUGHT_TOOLS, TAUGHT))
     models = [{"name": "m", "path": micro_chat_model(tmp_path_factory, "random")},
-              {"name": "taught", "path": taught}, {"name": "special", "path": special_dir}]  # fmt: skip
+              {"name": "taught", "path": taught}, {"name": "special", "path": special_dir},
+              {"name": "tools-template", "path": tools_template_dir}]  # fmt: skip
     return openai_server(models, feedback_db=db), db
 
 
@@ -289,7 +308,7 @@ def test_greedy_cached_answers_get_new_call_ids(client):
     assert plain.message.tool_calls is None  # "none" is cached apart from the named choice
 
 
-def test_the_feedback_store_keeps_the_calls_in_hermes_form(served):
+def test_the_feedback_store_keeps_the_calls_in_openai_form(served):
     client, db = served
     out = client.chat.completions.create(
         model="m", messages=CHAT, tools=TOOLS, tool_choice=NAMED, max_tokens=60, seed=9
@@ -301,15 +320,61 @@ def test_the_feedback_store_keeps_the_calls_in_hermes_form(served):
     assert (
         row["text"] == f'<tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call>'
     )
-    assert row["messages"][0]["role"] == "system" and "<tools>" in row["messages"][0]["content"]
+    assert row["messages"] == CHAT and row["params"]["messages_form"] == "openai"
     assert row["params"]["tools"] == TOOLS and row["params"]["tool_choice"] == "named"
-    # the kept turns are what the model was shown: rendered as finetune renders its data (the
-    # plain ChatML template), they are the served prompt exactly, tool results included
+    # for a template without tools, the Hermes turns made of the kept conversation (as finetune
+    # makes them of the exported row) render to the served prompt exactly, tool results included
     out = client.chat.completions.create(model="m", messages=SECOND_TURN, tools=TOOLS, max_tokens=2)
     with FeedbackStore(db) as store:
         row = store.response(out.id)
-    assert {m["role"] for m in row["messages"]} <= {"system", "user", "assistant"}
-    assert render_chat(row["messages"], True) == row["prompt"]
+    assert row["messages"] == [m if m["content"] else {**m, "content": ""} for m in SECOND_TURN]
+    assert render_chat(hermes_messages(row["messages"], TOOLS), True) == row["prompt"]
+
+
+def test_exported_tool_rows_render_through_the_models_template_to_the_served_prompt(
+    served, tools_template_dir
+):
+    from lmforge.finetune.formats import read_file
+    from lmforge.serve.feedback_export import FeedbackExportConfig, collect
+
+    transformers = pytest.importorskip("transformers")
+    client, db = served
+    two = {"role": "assistant", "content": "Both.", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+        {"id": "b", "type": "function", "function": {"name": "get_weather",
+                                                     "arguments": '{"city": "Oslo"}'}}]}  # fmt: skip
+    results = [
+        {"role": "tool", "tool_call_id": "b", "content": "rain"},
+        {"role": "tool", "tool_call_id": "a", "content": "12:00"},
+    ]  # the calls' reverse
+    asked = [*SECOND_TURN, {"role": "assistant", "content": "3 C."}, {"role": "user", "content": "And?"},
+             two, *results, {"role": "user", "content": "Again?"}]  # fmt: skip
+    out = client.chat.completions.create(model="tools-template", messages=asked, tools=TOOLS,
+                                         tool_choice=NAMED, max_tokens=60, seed=9)  # fmt: skip
+    assert out.choices[0].finish_reason == "stop"
+    with FeedbackStore(db) as store:
+        served_prompt = store.response(out.id)["prompt"]
+        store.add_rating(out.id, 5)
+    assert served_prompt.index("tool a\n12:00") < served_prompt.index("tool b\nrain")
+    sft, _, _ = collect(FeedbackExportConfig(db=db, out=db.parent / "export-tools"))
+    (row,) = [r for r in sft if r["response_id"] == out.id]
+    tok = transformers.AutoTokenizer.from_pretrained(tools_template_dir)
+    prompt = tok.apply_chat_template(row["messages"][:-1], tools=row["tools"], tokenize=False,
+                                     add_generation_prompt=True)  # fmt: skip
+    assert prompt == served_prompt
+    arguments = json.loads(out.choices[0].message.tool_calls[0].function.arguments)
+    arguments = json.dumps(arguments, ensure_ascii=False)
+    answer = f"<tool_call>get_weather {arguments}</tool_call><|im_end|>\n"
+    assert tok.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False) == (
+        prompt + answer
+    )
+    # and finetune reads the row (as the Hermes turns it teaches a ChatML model)
+    data = db.parent / "sft-row.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    (example,) = read_file(data)[1]
+    assert example["messages"][-1]["content"] == (
+        f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
+    )
 
 
 SECOND_TURN = [
@@ -343,11 +408,12 @@ def test_a_call_cut_by_max_tokens_is_no_training_data(served):
         store.add_choice(plain.id, required.id)
         store.add_choice(whole.id, plain.id)
     sft, pairs, kto, counts = collect(FeedbackExportConfig(db=db, out=db.parent / "export"))
-    assert {r["response_id"] for r in sft} == {whole.id, plain.id}  # the cut plain answer stays
+    ids = {whole.id, cut.id, required.id, plain.id}  # (the store is the module's: other rows)
+    assert {r["response_id"] for r in sft} & ids == {whole.id, plain.id}  # the cut plain stays
     assert [(p["chosen_id"], p["rejected_id"], p["kind"]) for p in pairs] == [
         (whole.id, plain.id, "choice")
     ]
-    assert [(r["response_id"], r["label"]) for r in kto] == [  # kto.jsonl: no cut call either
+    assert [(r["response_id"], r["label"]) for r in kto if r["response_id"] in ids] == [  # no cut
         (whole.id, True), (plain.id, True), (plain.id, False),  # the last from the choice
     ]  # fmt: skip
     assert counts["skipped_cut_calls"] == 2
@@ -520,6 +586,9 @@ def test_auto_stream_holds_back_only_a_possible_tag_however_the_text_is_cut():
         ({"messages": [*SECOND_TURN[:2], {**SECOND_TURN[2], "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
          "messages", "messages[2].tool_calls[0]: the arguments are not JSON"),
+        ({"messages": [*SECOND_TURN, {**SECOND_TURN[3], "tool_call_id": "call_9"}]}, "messages",
+         "messages[4]: tool_call_id 'call_9' names no tool call of the assistant message it "
+         "answers (messages[2], calls 'call_1')"),
     ],
 )  # fmt: skip
 def test_bad_tool_requests_are_400s_that_say_why(client, ask, param, says):
