@@ -173,3 +173,30 @@ def test_backoff_with_a_partly_agreeing_draft_keeps_the_targets_tokens():
         assert res.tokens == greedy(target, prompt, 50)
         assert 0 < res.stats.acceptance_rate < 1
         assert res.stats.target_passes < 40  # kept drafting: guesses saved target passes
+
+
+class _WrongFirst(torch.nn.Module):
+    """An lm_head whose first `wrong` calls return negated logits (a guess the target never
+    makes), then the real ones: a draft that disagrees, is paused, then agrees."""
+
+    def __init__(self, head: torch.nn.Module, wrong: int) -> None:
+        super().__init__()
+        self.head, self.wrong = head, wrong
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.wrong -= 1
+        return -self.head(h) if self.wrong >= 0 else self.head(h)
+
+
+@pytest.mark.parametrize("wrong", [2, 4, 6])
+def test_backoff_catches_the_draft_cache_up_on_tokens_made_while_paused(wrong):
+    target = make(0)
+    draft = copy.deepcopy(target)  # the target itself once its head turns right
+    draft.lm_head = _WrongFirst(draft.lm_head, wrong)
+    prompt = PROMPTS[1]
+    res = speculative_generate(target, draft, prompt, 120, draft_tokens=1, schedule="backoff")
+    assert res.tokens == greedy(target, prompt, 120)
+    # the draft's cache skipped the paused steps' tokens; fed them on its next probe, every guess
+    # after the head turns right is the target's own: the only misses are the wrong ones
+    assert res.stats.proposed - res.stats.accepted == wrong
+    assert res.stats.accepted > 30
