@@ -10,7 +10,7 @@ import torch
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.config import preset_config
 from lmforge.model.generate import generate, new_tokens
-from lmforge.model.speculative import speculative_generate
+from lmforge.model.speculative import SCHEDULES, speculative_generate
 from lmforge.model.transformer import Transformer
 
 
@@ -52,21 +52,25 @@ def test_the_target_as_its_own_draft_has_every_guess_accepted():
     assert res.stats.target_passes == 1 + 8  # prefill, then 5 tokens a pass
 
 
-def test_stop_tokens_end_the_answer_where_generate_ends_it():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_stop_tokens_end_the_answer_where_generate_ends_it(schedule):
     target, draft = make(0), make(0)
     full = greedy(target, PROMPTS[1], 40)
-    stop = full[9]
+    stop = full[9]  # inside a round's guesses: accepted, then the answer ends there
     expected = full[: full.index(stop) + 1]
-    res = speculative_generate(target, draft, PROMPTS[1], 40, draft_tokens=4, stop_tokens=[stop])
+    res = speculative_generate(target, draft, PROMPTS[1], 40, draft_tokens=4,
+                               schedule=schedule, stop_tokens=[stop])  # fmt: skip
     assert res.tokens == expected == greedy(target, PROMPTS[1], 40, [stop])
-    res = speculative_generate(target, make(2), PROMPTS[1], 40, draft_tokens=3, stop_tokens=[stop])
+    res = speculative_generate(target, make(2), PROMPTS[1], 40, draft_tokens=3,
+                               schedule=schedule, stop_tokens=[stop])  # fmt: skip
     assert res.tokens == expected
 
 
-@pytest.mark.parametrize("n", [1, 2, 6, 7])
-def test_max_new_tokens_is_never_exceeded(n):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("n", [1, 2, 6, 7, 12])
+def test_max_new_tokens_is_never_exceeded(n, schedule):
     target = make(0)
-    res = speculative_generate(target, target, PROMPTS[1], n, draft_tokens=5)
+    res = speculative_generate(target, target, PROMPTS[1], n, draft_tokens=5, schedule=schedule)
     assert res.tokens == greedy(target, PROMPTS[1], n)
 
 
@@ -95,7 +99,7 @@ def test_bad_arguments_are_refused():
         speculative_generate(model, encoder, [1], 5)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "heuristic"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("confidence", [None, 0.5, 1.0])
 def test_the_schedule_and_the_confidence_stop_keep_the_targets_greedy_tokens(schedule, confidence):
     target = make(0)
