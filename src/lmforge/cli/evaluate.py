@@ -140,7 +140,8 @@ def generate_cmd(
         str,
         typer.Option(
             help="constant: --draft-tokens every pass | heuristic: +2 after a pass that accepts "
-            "every guess, -1 (to 1) after a miss (transformers' num_assistant_tokens_schedule) | "
+            "every guess, -1 (to 1) after a miss, from --draft-tokens for each prompt "
+            "(transformers' heuristic_transient num_assistant_tokens_schedule) | "
             "backoff: heuristic, and a pass at 1 that keeps nothing pauses the draft for 1, 2, "
             "4, ... plain steps (a draft that never agrees then costs little)."
         ),

@@ -13,8 +13,11 @@ Batch size 1: rows of a batch would accept different counts and leave the cache 
 
 How many tokens the draft proposes follows transformers' assisted generation: schedule
 "heuristic" grows k by 2 after a round with every guess accepted and shrinks it by 1 (to 1 at
-least) after one with a miss; confidence stops a round's drafting after a guess the draft gives
-less than that probability (transformers' assistant_confidence_threshold, fixed here).
+least) after one with a miss, from draft_tokens again for each call (transformers'
+"heuristic_transient"; its "heuristic" carries k over to the next generate call); confidence
+stops a round's drafting after a guess the draft gives less than that probability, that guess
+included (transformers' assistant_confidence_threshold, fixed here: transformers re-fits its
+threshold during a call from the guesses' probabilities and outcomes).
 Schedule "backoff" is "heuristic" that can also stop drafting: a round at k = 1 that keeps no
 guess pauses the draft for 1, then 2, 4, ... (at most MAX_PAUSE) plain target steps, back to 1
 once a guess is kept. On one CPU core a (k+1)-token verify costs 1.5-2x a one-token step
