@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 from unit.evals.helpers import make_model_dir, trained_model_dir
 
+from lmforge.cli import app
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.speculative import speculative_sample
@@ -79,3 +81,18 @@ def test_settings_that_are_not_plain_greedy_are_refused(dirs, settings, named) -
     target = EvalModel.load(dirs[0])
     with pytest.raises(ConfigError, match=named):
         speculative_sample(target, target, PROMPTS, GenerationSettings(**settings))
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--draft-schedule", "fast"], "--draft-schedule 'fast': pick one of constant, heuristic"),
+        (["--draft-schedule", "backoff"], "add --draft-model DIR or drop them"),
+        (["--draft-confidence", "0.4"], "add --draft-model DIR or drop them"),
+    ],
+)
+def test_draft_options_are_checked_before_a_model_loads(tmp_path: Path, options, named) -> None:
+    missing = tmp_path / "no-model"  # never read: the options are refused first
+    res = CliRunner().invoke(app, ["generate", "--model", str(missing), "-p", "hi", *options])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, ConfigError) and named in str(res.exception), res.output

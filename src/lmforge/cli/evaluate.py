@@ -148,7 +148,8 @@ def generate_cmd(
         str,
         typer.Option(
             help="constant: --draft-tokens every pass | heuristic: +2 after a pass that accepts "
-            "every guess, -1 (to 1) after a miss (transformers' num_assistant_tokens_schedule) | "
+            "every guess, -1 (to 1) after a miss, from --draft-tokens for each prompt "
+            "(transformers' heuristic_transient num_assistant_tokens_schedule) | "
             "backoff: heuristic, and a pass at 1 that keeps nothing pauses the draft for 1, 2, "
             "4, ... plain steps (a draft that never agrees then costs little)."
         ),
@@ -195,6 +196,7 @@ def generate_cmd(
         "json_schema": None if json_schema is None else read_schema_option(json_schema),
         "regex": regex, "choice": choice or None,
     }  # fmt: skip
+    check_draft_options(draft_model, draft_schedule, draft_confidence)
     if draft_model is not None and (json_schema or regex is not None or choice):
         raise ConfigError(
             "--draft-model with --json-schema/--regex/--choice: speculative decoding does not "
@@ -234,6 +236,21 @@ def generate_cmd(
     if out is not None:
         write_jsonl(out, rows)
         console().print(f"[green]✓[/green] {len(rows)} answers: {out}")
+
+
+def check_draft_options(draft_model: Path | None, schedule: str, confidence: float | None) -> None:
+    """ConfigError naming the flag, before any model loads: an unknown --draft-schedule, or
+    --draft-schedule/--draft-confidence without the --draft-model they steer."""
+    from lmforge.errors import ConfigError
+    from lmforge.model.speculative import SCHEDULES
+
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"--draft-schedule {schedule!r}: pick one of {', '.join(SCHEDULES)}")
+    if draft_model is None and (schedule != "constant" or confidence is not None):
+        raise ConfigError(
+            "--draft-schedule/--draft-confidence steer a draft model's guesses: add "
+            "--draft-model DIR or drop them"
+        )
 
 
 def read_schema_option(value: str) -> dict[str, Any]:

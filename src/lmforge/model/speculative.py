@@ -13,8 +13,11 @@ Batch size 1: rows of a batch would accept different counts and leave the cache 
 
 How many tokens the draft proposes follows transformers' assisted generation: schedule
 "heuristic" grows k by 2 after a round with every guess accepted and shrinks it by 1 (to 1 at
-least) after one with a miss; confidence stops a round's drafting after a guess the draft gives
-less than that probability (transformers' assistant_confidence_threshold, fixed here).
+least) after one with a miss, from draft_tokens again for each call (transformers'
+"heuristic_transient"; its "heuristic" carries k over to the next generate call); confidence
+stops a round's drafting after a guess the draft gives less than that probability, that guess
+included (transformers' assistant_confidence_threshold, fixed here: transformers re-fits its
+threshold during a call from the guesses' probabilities and outcomes).
 Schedule "backoff" is "heuristic" that can also stop drafting: a round at k = 1 that keeps no
 guess pauses the draft for 1, then 2, 4, ... (at most MAX_PAUSE) plain target steps, back to 1
 once a guess is kept. On one CPU core a (k+1)-token verify costs 1.5-2x a one-token step
@@ -84,6 +87,42 @@ def check_draft(target: nn.Module, draft: nn.Module) -> None:
         )
 
 
+@dataclass
+class DraftLength:
+    """How many guesses each round drafts under a schedule (the module docstring's rules)."""
+
+    schedule: str
+    k: int  # the next drafting round's guesses, before room cuts them
+    paused: int = 0  # backoff: plain target steps left before the draft's next probe
+    pause: int = 1  # backoff: the next pause's length
+
+    def next(self, room: int) -> int:
+        """This round's guesses: 0 (a plain target step) while paused, at most room."""
+        return 0 if self.paused else min(self.k, room)
+
+    def update(self, proposed: int, agreed: int) -> None:
+        """After a round whose target pass checked proposed guesses and agreed with the first
+        agreed of them."""
+        if self.paused:
+            self.paused -= 1
+        elif self.schedule != "constant" and proposed:
+            if self.schedule == "backoff" and agreed == 0 and self.k == 1:
+                self.paused, self.pause = self.pause, min(2 * self.pause, MAX_PAUSE)
+            elif agreed:
+                self.pause = 1
+            self.k = self.k + 2 if agreed == proposed else max(1, self.k - 1)
+
+
+def _check_controls(draft_tokens: int, schedule: str, confidence: float | None) -> None:
+    """ConfigError for a draft length, schedule or confidence speculative_generate cannot use."""
+    if draft_tokens < 1:
+        raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise ConfigError(f"confidence must be a probability in [0, 1], got {confidence}")
+
+
 @torch.no_grad()
 def speculative_generate(
     target: nn.Module,
@@ -104,12 +143,7 @@ def speculative_generate(
     greedy=True, stop_tokens=...)): at most max_new_tokens, through the first stop token.
     Both models must hold prompt + max_new_tokens positions (InputError otherwise).
     """
-    if draft_tokens < 1:
-        raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if confidence is not None and not 0.0 <= confidence <= 1.0:
-        raise ConfigError(f"confidence must be a probability in [0, 1], got {confidence}")
+    _check_controls(draft_tokens, schedule, confidence)
     if not prompt:
         raise InputError("speculative decoding needs a prompt of at least one token")
     check_draft(target, draft)
@@ -127,11 +161,9 @@ def speculative_generate(
         result = SpeculativeResult([last], DraftStats(target_passes=1))
         out.append(last)
         d_seen = 0  # leading positions of the draft's cache that hold out's tokens
-        k_next = draft_tokens
-        paused, pause = 0, 1  # backoff: plain steps left, the next pause's length
+        length = DraftLength(schedule, draft_tokens)
         while last not in stops and len(result.tokens) < max_new_tokens:
-            room = max_new_tokens - len(result.tokens) - 1  # never overshoot
-            k = 0 if paused else min(k_next, room)  # k = 0: a plain target step
+            k = length.next(room=max_new_tokens - len(result.tokens) - 1)  # never overshoot
             guesses, d_seen = _propose(draft, d_cache, out, d_seen, k, confidence)
             n = len(out)  # the target's cache holds out[:n - 1]
             verify = _logits(target, [out[-1], *guesses], t_cache, n - 1).argmax(-1).tolist()
@@ -143,14 +175,7 @@ def speculative_generate(
             result.stats.accepted += min(m, cut)
             result.stats.target_passes += 1
             d_seen = min(d_seen, n + m)  # columns past the accepted tokens are rewritten next round
-            if paused:
-                paused -= 1
-            elif schedule != "constant" and guesses:
-                if schedule == "backoff" and m == 0 and k_next == 1:
-                    paused, pause = pause, min(2 * pause, MAX_PAUSE)
-                elif m:
-                    pause = 1
-                k_next = k_next + 2 if m == len(guesses) else max(1, k_next - 1)
+            length.update(proposed=len(guesses), agreed=m)
             out += new
             result.tokens += new
             last = new[-1]

@@ -10,7 +10,7 @@ import torch
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.config import preset_config
 from lmforge.model.generate import generate, new_tokens
-from lmforge.model.speculative import speculative_generate
+from lmforge.model.speculative import SCHEDULES, speculative_generate
 from lmforge.model.transformer import Transformer
 
 
@@ -52,21 +52,25 @@ def test_the_target_as_its_own_draft_has_every_guess_accepted():
     assert res.stats.target_passes == 1 + 8  # prefill, then 5 tokens a pass
 
 
-def test_stop_tokens_end_the_answer_where_generate_ends_it():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_stop_tokens_end_the_answer_where_generate_ends_it(schedule):
     target, draft = make(0), make(0)
     full = greedy(target, PROMPTS[1], 40)
-    stop = full[9]
+    stop = full[9]  # inside a round's guesses: accepted, then the answer ends there
     expected = full[: full.index(stop) + 1]
-    res = speculative_generate(target, draft, PROMPTS[1], 40, draft_tokens=4, stop_tokens=[stop])
+    res = speculative_generate(target, draft, PROMPTS[1], 40, draft_tokens=4,
+                               schedule=schedule, stop_tokens=[stop])  # fmt: skip
     assert res.tokens == expected == greedy(target, PROMPTS[1], 40, [stop])
-    res = speculative_generate(target, make(2), PROMPTS[1], 40, draft_tokens=3, stop_tokens=[stop])
+    res = speculative_generate(target, make(2), PROMPTS[1], 40, draft_tokens=3,
+                               schedule=schedule, stop_tokens=[stop])  # fmt: skip
     assert res.tokens == expected
 
 
-@pytest.mark.parametrize("n", [1, 2, 6, 7])
-def test_max_new_tokens_is_never_exceeded(n):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("n", [1, 2, 6, 7, 12])
+def test_max_new_tokens_is_never_exceeded(n, schedule):
     target = make(0)
-    res = speculative_generate(target, target, PROMPTS[1], n, draft_tokens=5)
+    res = speculative_generate(target, target, PROMPTS[1], n, draft_tokens=5, schedule=schedule)
     assert res.tokens == greedy(target, PROMPTS[1], n)
 
 
@@ -95,7 +99,7 @@ def test_bad_arguments_are_refused():
         speculative_generate(model, encoder, [1], 5)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "heuristic"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("confidence", [None, 0.5, 1.0])
 def test_the_schedule_and_the_confidence_stop_keep_the_targets_greedy_tokens(schedule, confidence):
     target = make(0)
@@ -173,3 +177,30 @@ def test_backoff_with_a_partly_agreeing_draft_keeps_the_targets_tokens():
         assert res.tokens == greedy(target, prompt, 50)
         assert 0 < res.stats.acceptance_rate < 1
         assert res.stats.target_passes < 40  # kept drafting: guesses saved target passes
+
+
+class _WrongFirst(torch.nn.Module):
+    """An lm_head whose first `wrong` calls return negated logits (a guess the target never
+    makes), then the real ones: a draft that disagrees, is paused, then agrees."""
+
+    def __init__(self, head: torch.nn.Module, wrong: int) -> None:
+        super().__init__()
+        self.head, self.wrong = head, wrong
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.wrong -= 1
+        return -self.head(h) if self.wrong >= 0 else self.head(h)
+
+
+@pytest.mark.parametrize("wrong", [2, 4, 6])
+def test_backoff_catches_the_draft_cache_up_on_tokens_made_while_paused(wrong):
+    target = make(0)
+    draft = copy.deepcopy(target)  # the target itself once its head turns right
+    draft.lm_head = _WrongFirst(draft.lm_head, wrong)
+    prompt = PROMPTS[1]
+    res = speculative_generate(target, draft, prompt, 120, draft_tokens=1, schedule="backoff")
+    assert res.tokens == greedy(target, prompt, 120)
+    # the draft's cache skipped the paused steps' tokens; fed them on its next probe, every guess
+    # after the head turns right is the target's own: the only misses are the wrong ones
+    assert res.stats.proposed - res.stats.accepted == wrong
+    assert res.stats.accepted > 30
