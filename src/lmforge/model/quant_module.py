@@ -151,7 +151,7 @@ def _once_per_call(fn: Callable[[Tensor], Tensor], convert: Callable[[Tensor], T
         return convert
 
     def once(t: Tensor) -> Tensor:
-        version = None if t.is_inference() else t._version
+        version = _versions(t)
         hit = done.get(t)
         if hit is not None and hit[0] == version:
             return hit[1]
