@@ -14,6 +14,13 @@ POLICY_FROM_PAIRS = {"dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
 RL_METHODS = {"ppo": "PPO", "grpo": "GRPO"}  # policies trained on rewards of sampled answers
 
 
+def _rouge(m: dict[str, Any], label: str = "ROUGE-L") -> str:
+    """The "; ROUGE-L before -> after" ending of a headline, when the stage measured it."""
+    if "rouge_l" not in m:
+        return ""
+    return f"; {label} {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
+
+
 def _align_summary(method: str, m: dict[str, Any]) -> str:
     """The headline of an align stage in one sentence, by method (manifest metrics)."""
     if method == "reward" and "val_pair_accuracy" in m:
@@ -23,18 +30,14 @@ def _align_summary(method: str, m: dict[str, Any]) -> str:
         text = (f"{POLICY_FROM_PAIRS[method]}: held-out chosen-over-rejected log-prob margin "
                 f"{fmt_num(m['ref_logp_margin'])} -> {fmt_num(m['val_logp_margin'])}, preference accuracy "
                 f"{fmt_num(m['val_pref_accuracy'])}")  # fmt: skip
-        if "rouge_l" in m:
-            text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
-        return text + "."
+        return text + _rouge(m) + "."
     if method == "kto" and "val_reward_auc" in m:
         text = (f"KTO: held-out desirable-over-undesirable log-prob margin "
                 f"{fmt_num(m['ref_logp_margin'])} -> {fmt_num(m['val_logp_margin'])}, implicit "
                 f"reward AUC {fmt_num(m['val_reward_auc'])}")  # fmt: skip
         if "val_pair_accuracy" in m:
             text += f", pairwise accuracy {fmt_num(m['val_pair_accuracy'])}"
-        if "rouge_l" in m:
-            text += f"; ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
-        return text + "."
+        return text + _rouge(m) + "."
     if method in RL_METHODS and "val_reward" in m:
         gain = ""
         if "val_reward_gain_se" in m:  # paired by prompt
@@ -44,9 +47,7 @@ def _align_summary(method: str, m: dict[str, Any]) -> str:
                 f"{fmt_num(m['val_reward_before'])} -> {fmt_num(m['val_reward'])}{gain}")  # fmt: skip
         if "val_kl" in m:  # grpo: only when a reference is at hand
             text += f", KL to the reference {fmt_num(m['val_kl'])} nats per answer"
-        if "rouge_l" in m:
-            text += f"; greedy ROUGE-L {fmt_num(m['ref_rouge_l'])} -> {fmt_num(m['rouge_l'])}"
-        return text + "."
+        return text + _rouge(m, "greedy ROUGE-L") + "."
     return ""
 
 
