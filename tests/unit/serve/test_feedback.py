@@ -239,7 +239,7 @@ def test_old_hermes_rows_and_openai_rows_of_one_conversation_export_alike(tmp_pa
             **params, "messages_form": "openai"})  # fmt: skip
         store.add_rating("old", 5)
         store.add_rating("new", 2)
-    sft, pairs, _ = collect(FeedbackExportConfig(db=tmp_path / "f.db", out=tmp_path / "x"))
+    sft, pairs, _, _ = collect(FeedbackExportConfig(db=tmp_path / "f.db", out=tmp_path / "x"))
     (old,) = sft
     assert old["messages"] == [
         *hermes_messages(conversation, tools), {"role": "assistant", "content": answer}
@@ -250,7 +250,7 @@ def test_old_hermes_rows_and_openai_rows_of_one_conversation_export_alike(tmp_pa
     with FeedbackStore(tmp_path / "f.db") as store:
         store.add_rating("new", 5)
         store.add_rating("new", 5)  # a mean of 4
-    sft, _, _ = collect(FeedbackExportConfig(db=tmp_path / "f.db", out=tmp_path / "x"))
+    sft, _, _, _ = collect(FeedbackExportConfig(db=tmp_path / "f.db", out=tmp_path / "x"))
     new = next(r for r in sft if r["response_id"] == "new")
     assert new["tools"] == tools and new["messages"][-1] == {
         "role": "assistant", "content": None,
