@@ -356,7 +356,7 @@ def test_exported_tool_rows_render_through_the_models_template_to_the_served_pro
         served_prompt = store.response(out.id)["prompt"]
         store.add_rating(out.id, 5)
     assert served_prompt.index("tool a\n12:00") < served_prompt.index("tool b\nrain")
-    sft, _, _ = collect(FeedbackExportConfig(db=db, out=db.parent / "export-tools"))
+    sft, _, _, _ = collect(FeedbackExportConfig(db=db, out=db.parent / "export-tools"))
     (row,) = [r for r in sft if r["response_id"] == out.id]
     tok = transformers.AutoTokenizer.from_pretrained(tools_template_dir)
     prompt = tok.apply_chat_template(row["messages"][:-1], tools=row["tools"], tokenize=False,
