@@ -124,8 +124,10 @@ def _answer(response: dict[str, Any]) -> dict[str, Any]:
 
 def _sft_record(response: dict[str, Any]) -> dict[str, Any]:
     """The finetune stage's openai record: a row in OpenAI's form keeps it, with its tools, so
-    that the model's own chat template renders the prompt that was served (ChatML: the Hermes
-    turns finetune makes of it); a Hermes-form row keeps its role/content turns."""
+    that the model's own chat template, given `tools` (transformers' apply_chat_template, as TRL
+    passes them), renders the prompt that was served. `lmforge finetune` reads it as the Hermes
+    turns serve renders for a template without tools (ChatML), with any template; a Hermes-form
+    row keeps its role/content turns."""
     meta = {"response_id": response["id"], "rating": round(response["stars"], 3)}
     if response["messages"] and _openai_form(response):
         tools = response["params"].get("tools")

@@ -18,8 +18,9 @@ rather than matching either model's own template word for word:
 Tool results are matched to the calls they answer by tool_call_id (matched_tool_results) and
 rendered in the order of the calls, for this format and for templates that read `tools` alike.
 
-Only system, user and assistant turns come out, the roles `lmforge finetune` reads, so the
-feedback store's conversations (kept in this form) export as fine-tuning data for it as they are.
+Only system, user and assistant turns come out, the roles `lmforge finetune` reads: finetune's
+OpenAI records and feedback-export's prompts for align are made of them (the feedback store keeps
+tool conversations in OpenAI's form; rows stored before that hold these turns).
 `parse_tool_calls` reads the blocks back out of generated text. Both directions live here so
 the server and fine-tuning data use one format.
 """
