@@ -71,6 +71,8 @@ def test_a_result_without_id_falls_back_to_order_only_where_unambiguous():
          r"messages\[3\]: tool_call_id 'a' was answered already by messages\[2\]"),
         ([{"role": "user", "content": "hi"}, result("a", "1")],
          r"messages\[1\]: a tool result must follow the assistant message"),
+        (chat(TWO, result("a", "1"), {"role": "user", "content": "and b?"}, result("b", "2")),
+         r"messages\[4\]: a tool result must follow the assistant message"),  # a user turn between
         (chat([call("a", "f"), call("a", "g")], result("a", "1")),
          r"messages\[1\]\.tool_calls: the id\(s\) \['a'\] are given more than once"),
     ],
