@@ -316,3 +316,18 @@ def test_a_served_tool_conversation_reaches_finetune_and_align_through_every_exp
             (good, True),
             ("I cannot tell.", False),
         } and all(e["prompt"] == prompt for e in examples)
+
+
+def test_a_stored_tool_conversation_the_server_would_refuse_names_its_row(tmp_path):
+    from lmforge.serve.feedback_export import FeedbackExportConfig, collect
+
+    call = {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    stray = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "zz", "content": "1"}]  # fmt: skip
+    with FeedbackStore(tmp_path / "f.db") as store:
+        store.record_response("r1", "m", "p", stray, "ok", {"messages_form": "openai"})
+        store.add_rating("r1", 5)
+    with pytest.raises(
+        InputError, match=r"feedback store row 'r1': messages\[2\]: tool_call_id 'zz'"
+    ):
+        collect(FeedbackExportConfig(db=tmp_path / "f.db", out=tmp_path / "x"))
