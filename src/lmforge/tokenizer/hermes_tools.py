@@ -110,6 +110,12 @@ def _answered_calls(run: list[int], messages: Sequence[Message], k: int) -> list
             )
         matched[j] = i
     left = [j for j in range(len(ids)) if j not in matched]
+    if len(idless) > len(left):
+        raise InputError(
+            f"messages[{idless[len(left)]}]: a tool result without tool_call_id, but messages[{k}] "
+            f"has {len(left)} call(s) left to answer for {len(idless)} such results; send one "
+            "result per call"
+        )
     if idless:
         by_order = len(idless) == len(left) and (
             len(left) == 1 or all(ids[j] is None for j in left)
