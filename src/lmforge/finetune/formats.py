@@ -132,7 +132,12 @@ def _turns(x: Any, key_a: str, key_b: str) -> bool:
 def _openai_turns(x: Any) -> bool:
     """OpenAI's messages: each with a role and content, or an assistant's tool_calls alone (as
     OpenAI's fine-tuning examples write a call, with no content key)."""
-    return _turns(x, "role", "role") and all("content" in t or t.get("tool_calls") for t in x)
+    return (
+        isinstance(x, list)
+        and len(x) > 0
+        and all(isinstance(t, dict) and "role" in t and ("content" in t or t.get("tool_calls"))
+                for t in x)
+    )  # fmt: skip
 
 
 # name -> does a record have this shape?  Checked in this order.
