@@ -129,9 +129,20 @@ def _turns(x: Any, key_a: str, key_b: str) -> bool:
     )
 
 
+def _openai_turns(x: Any) -> bool:
+    """OpenAI's messages: each with a role and content, or an assistant's tool_calls alone (as
+    OpenAI's fine-tuning examples write a call, with no content key)."""
+    return (
+        isinstance(x, list)
+        and len(x) > 0
+        and all(isinstance(t, dict) and "role" in t and ("content" in t or t.get("tool_calls"))
+                for t in x)
+    )  # fmt: skip
+
+
 # name -> does a record have this shape?  Checked in this order.
 DETECTORS: dict[str, Callable[[Record], bool]] = {
-    "openai": lambda r: _turns(r.get("messages"), "role", "content"),
+    "openai": lambda r: _openai_turns(r.get("messages")),
     "sharegpt": lambda r: _turns(r.get("conversations"), "from", "value"),
     "alpaca": lambda r: _is_str(r.get("instruction")) and _is_str(r.get("output")),
     "prompt_completion": lambda r: _is_str(r.get("prompt")) and _is_str(r.get("completion")),
@@ -186,7 +197,7 @@ def _openai(r: Record) -> Example:
     for turn in r["messages"]:
         if turn["role"] not in (*ROLES, "tool"):
             raise ValueError(f"unknown role {turn['role']!r} (known: {', '.join(ROLES)}, tool)")
-        msgs.append({**turn, "content": str(turn["content"] or "")})
+        msgs.append({**turn, "content": str(turn.get("content") or "")})
     try:  # without tools: the same role/content turns
         return {"messages": hermes_messages(msgs, r.get("tools")), "meta": {}}
     except InputError as err:  # arguments that are not JSON

@@ -83,12 +83,24 @@ def _openai_form(response: dict[str, Any]) -> bool:
     )
 
 
+def _tool_turns(response: dict[str, Any], make: Any, *args: Any) -> list[dict[str, Any]]:
+    """make(messages, *args) of a row in OpenAI's form; a conversation it refuses (a tool result
+    that answers no call, arguments that are not JSON) is an InputError naming the row."""
+    try:
+        return make(response["messages"], *args)
+    except InputError as exc:
+        raise InputError(
+            f"feedback store row {response['id']!r}: {exc}; the server refuses such a "
+            "conversation now: correct or delete that row"
+        ) from None
+
+
 def _prompt(response: dict[str, Any]) -> str | list[dict[str, str]]:
     """The prompt as align reads it: the chat messages as role/content turns (tool calling in
     Hermes turns, as older rows hold it), else the raw prompt text."""
     messages = response["messages"]
     if messages and _openai_form(response):
-        messages = hermes_messages(messages, response["params"].get("tools"))
+        messages = _tool_turns(response, hermes_messages, response["params"].get("tools"))
     if messages:
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     return response["prompt"]
@@ -124,12 +136,14 @@ def _answer(response: dict[str, Any]) -> dict[str, Any]:
 
 def _sft_record(response: dict[str, Any]) -> dict[str, Any]:
     """The finetune stage's openai record: a row in OpenAI's form keeps it, with its tools, so
-    that the model's own chat template renders the prompt that was served (ChatML: the Hermes
-    turns finetune makes of it); a Hermes-form row keeps its role/content turns."""
+    that the model's own chat template, given `tools` (transformers' apply_chat_template, as TRL
+    passes them), renders the prompt that was served. `lmforge finetune` reads it as the Hermes
+    turns serve renders for a template without tools (ChatML), with any template; a Hermes-form
+    row keeps its role/content turns."""
     meta = {"response_id": response["id"], "rating": round(response["stars"], 3)}
     if response["messages"] and _openai_form(response):
         tools = response["params"].get("tools")
-        turns = [*openai_turns(response["messages"]), _answer(response)]
+        turns = [*_tool_turns(response, openai_turns), _answer(response)]
         return {"messages": turns, **({"tools": tools} if tools else {}), **meta}
     prompt = _prompt(response)
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

@@ -18,8 +18,9 @@ rather than matching either model's own template word for word:
 Tool results are matched to the calls they answer by tool_call_id (matched_tool_results) and
 rendered in the order of the calls, for this format and for templates that read `tools` alike.
 
-Only system, user and assistant turns come out, the roles `lmforge finetune` reads, so the
-feedback store's conversations (kept in this form) export as fine-tuning data for it as they are.
+Only system, user and assistant turns come out, the roles `lmforge finetune` reads: finetune's
+OpenAI records and feedback-export's prompts for align are made of them (the feedback store keeps
+tool conversations in OpenAI's form; rows stored before that hold these turns).
 `parse_tool_calls` reads the blocks back out of generated text. Both directions live here so
 the server and fine-tuning data use one format.
 """
@@ -109,6 +110,12 @@ def _answered_calls(run: list[int], messages: Sequence[Message], k: int) -> list
             )
         matched[j] = i
     left = [j for j in range(len(ids)) if j not in matched]
+    if len(idless) > len(left):
+        raise InputError(
+            f"messages[{idless[len(left)]}]: a tool result without tool_call_id, but messages[{k}] "
+            f"has {len(left)} call(s) left to answer for {len(idless)} such results; send one "
+            "result per call"
+        )
     if idless:
         by_order = len(idless) == len(left) and (
             len(left) == 1 or all(ids[j] is None for j in left)

@@ -171,3 +171,19 @@ def test_openai_tool_results_are_matched_to_their_calls_by_id(tmp_path):
     with pytest.raises(InputError, match=r"v\.jsonl line 1: messages\[2\]: tool_call_id 'x' "
                        "names no tool call"):  # fmt: skip
         read_file(_jsonl(tmp_path / "v.jsonl", rows))
+
+
+def test_an_openai_tool_call_without_a_content_key_reads(tmp_path):
+    # OpenAI's fine-tuning examples write an assistant's call with no "content" at all
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    rows = [{"messages": [{"role": "user", "content": "go"},
+                          {"role": "assistant", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "c", "content": "done"},
+                          {"role": "assistant", "content": "Done."}]}]  # fmt: skip
+    fmt, (ex,) = read_file(_jsonl(tmp_path / "c.jsonl", rows))
+    assert fmt == "openai" and ex["messages"][1] == {
+        "role": "assistant", "content": '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    }  # fmt: skip
+    no_content = [{"messages": [{"role": "user", "content": "go"}, {"role": "assistant"}]}]
+    with pytest.raises(InputError, match=r"d\.jsonl"):  # a turn with neither is still no shape
+        read_file(_jsonl(tmp_path / "d.jsonl", no_content))

@@ -260,3 +260,74 @@ def test_old_hermes_rows_and_openai_rows_of_one_conversation_export_alike(tmp_pa
     rows.write_text("".join(json.dumps(r) + "\n" for r in sft))
     (a, b) = read_file(rows)[1]  # finetune makes the same Hermes turns of both
     assert a["messages"][:-1] == b["messages"][:-1] and a["messages"][-1] == old["messages"][-1]
+
+
+def test_a_served_tool_conversation_reaches_finetune_and_align_through_every_export(tmp_path):
+    """A tool request as the server stores it (plain_messages, ToolPlan.record: parallel calls
+    of one function, results sent out of order, a user turn after them) read by every consumer:
+    sft.jsonl by finetune, preferences.jsonl and kto.jsonl by align, and the store by align."""
+    from lmforge.align.prefs import load_pairs
+    from lmforge.align.unpaired import load_unpaired_groups
+    from lmforge.finetune.formats import load_examples
+    from lmforge.serve.chat_request import ChatRequest
+    from lmforge.serve.feedback_export import FeedbackExportConfig, export_feedback
+    from lmforge.tokenizer.hermes_tools import hermes_messages
+
+    def call(cid, city):
+        args = f'{{"city": "{city}"}}'
+        return {"id": cid, "type": "function", "function": {"name": "weather", "arguments": args}}
+
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    req = ChatRequest(model="m", tools=[tool], messages=[
+        {"role": "user", "content": "Weather in Oslo and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("b", "Oslo"), call("a", "Rome")]},
+        {"role": "tool", "tool_call_id": "a", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "b", "content": "snow"},
+        {"role": "user", "content": "And in Bergen?"},
+    ])  # fmt: skip
+    messages, params = req.plain_messages(), {"finish_reason": "stop", **req.tool_plan().record()}
+    good = '<tool_call>\n{"name": "weather", "arguments": {"city": "Bergen"}}\n</tool_call>'
+    db = tmp_path / "f.db"
+    with FeedbackStore(db) as store:
+        store.record_response("good", "m", "p", messages, good, params)
+        store.record_response("bad", "m", "p", messages, "I cannot tell.", params)
+        store.add_rating("good", 5)
+        store.add_rating("bad", -1)  # thumbs down
+        store.add_choice("good", "bad")
+    out = export_feedback(FeedbackExportConfig(db=db, out=tmp_path / "export"))
+
+    fmt, examples = load_examples(out / "sft.jsonl")  # finetune: the Hermes turns serve renders
+    (example,) = examples
+    prompt = hermes_messages(messages, [tool])
+    assert fmt == "openai" and example["messages"] == [
+        *prompt,
+        {"role": "assistant", "content": good},
+    ]
+    assert "snow\n</tool_response>\n<tool_response>\nsunny" in prompt[3]["content"]  # call order
+    assert prompt[-1] == {"role": "user", "content": "And in Bergen?"}
+
+    for source in (out / "preferences.jsonl", db):  # align dpo: the export, or the store itself
+        pairs = load_pairs(source)
+        assert pairs and all(p["prompt"] == prompt for p in pairs)
+        assert {(p["chosen"], p["rejected"]) for p in pairs} == {(good, "I cannot tell.")}
+    for source in (out / "kto.jsonl", db):  # align kto
+        examples = [e for group in load_unpaired_groups(source) for e in group]
+        assert {(e["completion"], e["desirable"]) for e in examples} == {
+            (good, True),
+            ("I cannot tell.", False),
+        } and all(e["prompt"] == prompt for e in examples)
+
+
+def test_a_stored_tool_conversation_the_server_would_refuse_names_its_row(tmp_path):
+    from lmforge.serve.feedback_export import FeedbackExportConfig, collect
+
+    call = {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    stray = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "zz", "content": "1"}]  # fmt: skip
+    with FeedbackStore(tmp_path / "f.db") as store:
+        store.record_response("r1", "m", "p", stray, "ok", {"messages_form": "openai"})
+        store.add_rating("r1", 5)
+    with pytest.raises(
+        InputError, match=r"feedback store row 'r1': messages\[2\]: tool_call_id 'zz'"
+    ):
+        collect(FeedbackExportConfig(db=tmp_path / "f.db", out=tmp_path / "x"))

@@ -377,6 +377,27 @@ def test_exported_tool_rows_render_through_the_models_template_to_the_served_pro
     )
 
 
+def test_a_streamed_tool_answer_is_stored_and_exported_as_a_whole_one(served):
+    from lmforge.serve.feedback_export import FeedbackExportConfig, collect
+
+    client, db = served
+    ask = dict(model="taught", messages=CHAT, tools=TAUGHT_TOOLS, max_tokens=120, temperature=0)
+    final = streamed(client, **ask)
+    assert final.choices[0].finish_reason == "tool_calls"
+    with FeedbackStore(db) as store:
+        row = store.response(final.id)
+        store.add_rating(final.id, 5)
+    assert row["text"] == TAUGHT and row["params"]["messages_form"] == "openai"
+    assert row["messages"] == CHAT and row["params"]["finish_reason"] == "tool_calls"
+    sft = collect(FeedbackExportConfig(db=db, out=db.parent / "export-streamed"))[0]
+    (exported,) = [r for r in sft if r["response_id"] == final.id]
+    assert exported["tools"] == TAUGHT_TOOLS and exported["messages"][-1] == {
+        "role": "assistant", "content": "Let me check.",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                         "arguments": {"city": "Oslo"}}}],
+    }  # fmt: skip
+
+
 SECOND_TURN = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Weather in Oslo?"},

@@ -71,6 +71,13 @@ def test_a_result_without_id_falls_back_to_order_only_where_unambiguous():
          r"messages\[3\]: tool_call_id 'a' was answered already by messages\[2\]"),
         ([{"role": "user", "content": "hi"}, result("a", "1")],
          r"messages\[1\]: a tool result must follow the assistant message"),
+        (chat(TWO, result("a", "1"), {"role": "user", "content": "and b?"}, result("b", "2")),
+         r"messages\[4\]: a tool result must follow the assistant message"),  # a user turn between
+        (chat([call("a", "f")], result("a", "1"), result(None, "2")),
+         r"messages\[3\]: a tool result without tool_call_id, but messages\[1\] has 0 call\(s\) "
+         r"left to answer for 1 such results"),
+        (chat([call(None, "f"), call(None, "f")], *[result(None, str(n)) for n in range(3)]),
+         r"messages\[4\]: a tool result without tool_call_id, but messages\[1\] has 2 call"),
         (chat([call("a", "f"), call("a", "g")], result("a", "1")),
          r"messages\[1\]\.tool_calls: the id\(s\) \['a'\] are given more than once"),
     ],
