@@ -39,6 +39,7 @@ from lmforge.align.rollout import (
     eval_mode,
     frozen_copy,
     reference_logps,
+    reward_headline,
     sample_answers,
     scoring_autocast,
     standard_error,
@@ -204,21 +205,9 @@ def train_grpo(
                            cfg.train.micro_batch_size, cfg.train.seed, amp).loader  # fmt: skip
     model, headline = fit(lm, make_grpo_loss(opts), loader, held_out)
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
-    metrics, metrics_before = group_metrics(after), group_metrics(before)
     headline = {"prompts": len(records), "val_prompts": len(val), **headline}
-    headline.update({k: _round(v) for k, v in metrics.items() if k != "val_loss"})
-    headline.update(
-        {f"{k}_before": _round(v) for k, v in metrics_before.items() if k != "val_loss"}
-    )
-    gain = after["prompt_reward"] - before["prompt_reward"]  # paired by prompt
-    headline.update(
-        val_reward_gain=_round(gain.mean()), val_reward_gain_se=_round(standard_error(gain))
-    )
+    headline.update(reward_headline(before, after, group_metrics))
     if examples:
         headline.update(rouge_l=rouge(model, examples), ref_rouge_l=ref_rouge,
                         rouge_examples=len(examples))  # fmt: skip
     return model, headline
-
-
-def _round(x: Any) -> float:
-    return round(float(x), 5)

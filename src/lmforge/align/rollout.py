@@ -193,3 +193,21 @@ class HeldOutEval:
     def final(self) -> dict[str, Tensor]:
         """The final policy's held-out rollout (sampled now only if the loop made none)."""
         return self.last if self.last is not None else self.rollout(self.policy)
+
+
+def reward_headline(
+    before: dict[str, Tensor],
+    after: dict[str, Tensor],
+    metrics: Callable[[dict[str, Tensor]], dict[str, float]],
+    before_keys: list[str] | None = None,
+) -> dict[str, float]:
+    """PPO's and GRPO's held-out headline: the final rollout's metrics (val_loss aside), those of
+    `before_keys` (default: all) before training as `*_before`, and the reward gain paired by
+    prompt, whose standard error leaves out the spread between prompts."""
+    now, then = metrics(after), metrics(before)
+    keys = before_keys if before_keys is not None else [k for k in then if k != "val_loss"]
+    gain = after["prompt_reward"] - before["prompt_reward"]
+    headline = {k: v for k, v in now.items() if k != "val_loss"}
+    headline.update({f"{k}_before": then[k] for k in keys})
+    headline.update(val_reward_gain=gain.mean(), val_reward_gain_se=standard_error(gain))
+    return {k: round(float(v), 5) for k, v in headline.items()}

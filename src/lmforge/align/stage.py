@@ -49,7 +49,7 @@ from lmforge.align.ppo import (
 from lmforge.align.prefs import load_pairs, load_prompts
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
-from lmforge.align.rollout import HeldOutEval, frozen_copy, standard_error
+from lmforge.align.rollout import HeldOutEval, frozen_copy, reward_headline
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
@@ -262,15 +262,8 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
                        loader, held_out)  # fmt: skip
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
     headline = {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
-    metrics, metrics_before = rollout_metrics(after), rollout_metrics(before)
-    headline.update({k: _round(v) for k, v in metrics.items() if k != "val_loss"})
-    headline.update({f"{k}_before": _round(metrics_before[k]) for k in (
-        "val_reward", "val_reward_se", "val_kl", "val_answer_len")})  # fmt: skip
-    # paired by prompt: the gain's standard error without the spread between prompts
-    gain = after["prompt_reward"] - before["prompt_reward"]
-    headline.update(
-        val_reward_gain=_round(gain.mean()), val_reward_gain_se=_round(standard_error(gain))
-    )
+    headline.update(reward_headline(before, after, rollout_metrics, before_keys=[
+        "val_reward", "val_reward_se", "val_kl", "val_answer_len"]))  # fmt: skip
     return policy, headline
 
 
