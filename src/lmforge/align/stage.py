@@ -221,8 +221,8 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     thresholds = {k: getattr(opts, k) for k in ("desirable_min_rating", "undesirable_max_rating")}
     train, val = ([e for g in groups for e in g] for groups in load_splits(
         cfg, partial(load_unpaired_groups, options=thresholds)))  # fmt: skip
-    train_rows, counts, _ = encode_unpaired(tok, train, cfg.train.seq_len, seed)
-    val_rows, val_counts, _ = encode_unpaired(tok, val, cfg.train.seq_len, seed, "held-out")
+    train_rows, counts = encode_unpaired(tok, train, cfg.train.seq_len, seed)
+    val_rows, val_counts = encode_unpaired(tok, val, cfg.train.seq_len, seed, "held-out")
     ctx.log.info("align kto/%s: train %s, val %s", cfg.tuning, counts, val_counts)
     if warning := balance_warning(counts, opts):
         ctx.log.warning(warning)
