@@ -37,6 +37,7 @@ from lmforge.align.rollout import (
     RolloutLoader,
     answer_rows,
     answer_texts,
+    eval_mode,
     reference_logps,
     sample_answers,
     scoring_autocast,
@@ -151,19 +152,18 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
     """Samples, scores and prices one batch of answers; every tensor is (N, T) or (N,)."""
     opts, tok, policy = src.opts, src.tok, src.policy
     device = next(policy.parameters()).device
-    was_training = policy.training
-    policy.eval()
-    prompt_ids, answers = sample_answers(
-        policy.lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
-    )
-    scores = score(src.reward.to(device), tok, prompts, answer_texts(tok, answers), src.seq_len)
-    ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
-    ids, labels = ids.to(device), labels.to(device)
+    with eval_mode(policy):
+        prompt_ids, answers = sample_answers(
+            policy.lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
+        )
+        scores = score(src.reward.to(device), tok, prompts, answer_texts(tok, answers), src.seq_len)
+        ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
+        ids, labels = ids.to(device), labels.to(device)
+        with scoring_autocast(policy, src.amp_dtype):
+            logits, values = policy(ids)
+            old_logps = token_logps(logits, labels)
+            ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
     actions = labels != IGNORE_INDEX
-    with scoring_autocast(policy, src.amp_dtype):
-        logits, values = policy(ids)
-        old_logps = token_logps(logits, labels)
-        ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
     kl = (old_logps - ref_logps) * actions
     rewards = -opts.kl_coef * kl
     last = actions.long().cumsum(1).argmax(1)  # each row's last action position
@@ -177,7 +177,6 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
     )
     adv = (adv - mean) / (std + 1e-8) * actions
     entropy = -(torch.softmax(logits.float(), -1) * torch.log_softmax(logits.float(), -1)).sum(-1)
-    policy.train(was_training)
     rollout = {
         "input_ids": ids, "labels": labels, "old_logps": old_logps, "old_values": values,
         "advantages": adv, "returns": returns, "score": scores, "kl": kl.sum(1),
