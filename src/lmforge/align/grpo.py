@@ -15,31 +15,20 @@ samples the rollout in progress anew (its prompts and seed, the resumed policy).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lmforge.align.grpo_data import PromptRecord, require_references
+from lmforge.align.grpo_data import PromptRecord
 from lmforge.align.losses import group_advantages, grpo_loss, token_logps
-from lmforge.align.rewards import (
-    Answers,
-    RewardFn,
-    build_rewards,
-    reward_stats,
-    score_answers,
-    to_device,
-)
+from lmforge.align.rewards import Answers, RewardFn, reward_stats, score_answers, to_device
 from lmforge.align.rollout import (
-    HeldOutEval,
     RolloutLoader,
     answer_rows,
     answer_texts,
     eval_mode,
-    frozen_copy,
     reference_logps,
-    reward_headline,
     sample_answers,
     scoring_autocast,
     standard_error,
@@ -47,7 +36,6 @@ from lmforge.align.rollout import (
 from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
-from lmforge.train.distributed import setup_runtime
 
 LOGGED = "log/"  # rollout columns holding one rollout-wide number, logged by the loss
 
@@ -177,37 +165,3 @@ def group_metrics(held: dict[str, Tensor]) -> dict[str, float]:
     if "kl" in held:
         metrics["val_kl"] = float(held["kl"].mean())
     return metrics
-
-
-def train_grpo(
-    cfg: Any, tok: Any, lm: nn.Module, splits: tuple[list, list], fit: Callable, adapt: Callable,
-    rouge: Callable,
-) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    """The GRPO method of the align stage: rewards built and checked against the data, held-out
-    rewards (and greedy ROUGE-L where records have references) before and after training
-    through `fit` (the stage's one-loop call); returns (policy, headline metrics)."""
-    opts = cfg.grpo
-    records, val = splits[0], splits[1][: opts.eval_prompts]
-    rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
-    require_references(records + val, [f.name for f in rewards if f.needs_reference])
-    reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
-    examples = [
-        {"messages": [*r.prompt, {"role": "assistant", "content": r.reference}]}
-        for r in val[: cfg.eval.rouge_examples] if r.reference is not None
-    ]  # fmt: skip
-    ref_rouge = rouge(lm, examples) if examples else None  # the same weights as after adapt()
-    adapt(lm)
-    held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
-                           group_metrics)  # fmt: skip
-    before = held_out.rollout(lm)
-    amp = setup_runtime(cfg.train).amp_dtype  # the loop's autocast, for old/reference log-probs
-    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
-                           cfg.train.micro_batch_size, cfg.train.seed, amp).loader  # fmt: skip
-    model, headline = fit(lm, make_grpo_loss(opts), loader, held_out)
-    after = held_out.final()  # the loop's last evaluation: not sampled a second time
-    headline = {"prompts": len(records), "val_prompts": len(val), **headline}
-    headline.update(reward_headline(before, after, group_metrics))
-    if examples:
-        headline.update(rouge_l=rouge(model, examples), ref_rouge_l=ref_rouge,
-                        rouge_examples=len(examples))  # fmt: skip
-    return model, headline

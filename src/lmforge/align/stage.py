@@ -35,8 +35,8 @@ from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
 from lmforge.align.encode import encode_pairs
-from lmforge.align.grpo import train_grpo
-from lmforge.align.grpo_data import load_prompt_records
+from lmforge.align.grpo import GroupRollouts, group_metrics, heldout_groups, make_grpo_loss
+from lmforge.align.grpo_data import load_prompt_records, require_references
 from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
 from lmforge.align.ppo import (
     PolicyWithValue,
@@ -49,6 +49,7 @@ from lmforge.align.ppo import (
 from lmforge.align.prefs import load_pairs, load_prompts
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
+from lmforge.align.rewards import build_rewards
 from lmforge.align.rollout import HeldOutEval, frozen_copy, reward_headline
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
@@ -268,10 +269,33 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
 
 
 def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
-    """GRPO on weighted verifiable rewards (align.grpo); held-out rewards and ROUGE-L."""
-    splits = load_splits(cfg, load_prompt_records)
-    return train_grpo(cfg, tok, lm, splits, partial(_fit, cfg, ctx), partial(_adapt, cfg),
-                      partial(_rouge_l, cfg, tok))  # fmt: skip
+    """GRPO on weighted verifiable rewards (align.grpo), the rewards checked against the data;
+    held-out rewards (and greedy ROUGE-L where records carry a reference) before and after."""
+    opts = cfg.grpo
+    records, val = load_splits(cfg, load_prompt_records)
+    val = val[: opts.eval_prompts]
+    rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
+    require_references(records + val, [f.name for f in rewards if f.needs_reference])
+    reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
+    examples = _rouge_examples(
+        cfg, [{"prompt": r.prompt, "chosen": r.reference} for r in val if r.reference is not None]
+    )
+    ref_rouge = _rouge_l(cfg, tok, lm, examples) if examples else None  # as _adapt leaves it
+    _adapt(cfg, lm)
+    held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
+                           group_metrics)  # fmt: skip
+    before = held_out.rollout(lm)
+    amp = setup_runtime(cfg.train).amp_dtype  # the loop's autocast, for old/reference log-probs
+    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
+                           cfg.train.micro_batch_size, cfg.train.seed, amp).loader  # fmt: skip
+    model, fit = _fit(cfg, ctx, lm, make_grpo_loss(opts), loader, held_out)
+    after = held_out.final()  # the loop's last evaluation: not sampled a second time
+    headline = {"prompts": len(records), "val_prompts": len(val), **fit}
+    headline.update(reward_headline(before, after, group_metrics))
+    if examples:
+        headline.update(rouge_l=_rouge_l(cfg, tok, model, examples), ref_rouge_l=ref_rouge,
+                        rouge_examples=len(examples))  # fmt: skip
+    return model, headline
 
 
 def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:
