@@ -30,12 +30,13 @@ from lmforge.align.rollout import (
     eval_mode,
     reference_logps,
     sample_answers,
-    scoring_autocast,
     standard_error,
 )
 from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.train.distributed import Runtime
+from lmforge.train.loop import autocast
 
 LOGGED = "log/"  # rollout columns holding one rollout-wide number, logged by the loss
 
@@ -47,7 +48,7 @@ class GroupRollouts:
     def __init__(
         self, lm: nn.Module, reference: nn.Module | None, rewards: list[RewardFn], tok: Any,
         records: list[PromptRecord], opts: Any, batch_size: int, seed: int,
-        amp_dtype: torch.dtype | None = None,
+        rt: Runtime | None = None,
     ) -> None:  # fmt: skip
         rows = opts.rollout_prompts * opts.num_generations
         if rows % batch_size:
@@ -56,7 +57,7 @@ class GroupRollouts:
                 f"must be a multiple of train.micro_batch_size={batch_size}"
             )
         self.lm, self.reference, self.rewards, self.tok = lm, reference, rewards, tok
-        self.opts, self.amp_dtype = opts, amp_dtype
+        self.opts, self.rt = opts, rt  # the loop's runtime: its autocast scores log-probs
         self.loader = RolloutLoader(
             lambda chosen, seed: make_group_rollout(self, [records[i] for i in chosen], seed),
             len(records), opts.rollout_prompts, rows, opts.num_iterations, batch_size, seed,
@@ -99,7 +100,7 @@ def make_group_rollout(src: GroupRollouts, records: list[PromptRecord], seed: in
     stats["frac_reward_zero_std"] = float(zero_std.float().mean())  # per group, any scaling
     rollout = {"input_ids": ids, "labels": labels, "advantages": adv.to(ids.device)}
     # as PPO scores its rollouts: no dropout noise in the ratio, the loss's autocast
-    with eval_mode(src.lm), scoring_autocast(src.lm, src.amp_dtype):
+    with eval_mode(src.lm), autocast(src.rt):
         if src.loader.steps_per_rollout > 1:
             rollout["old_logps"] = token_logps(src.lm(ids), labels)
         if opts.beta:

@@ -40,12 +40,13 @@ from lmforge.align.rollout import (
     eval_mode,
     reference_logps,
     sample_answers,
-    scoring_autocast,
     standard_error,
 )
 from lmforge.errors import ConfigError
 from lmforge.finetune.heads import pooled_index
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.train.distributed import Runtime
+from lmforge.train.loop import autocast
 
 
 class PolicyWithValue(nn.Module):
@@ -130,7 +131,7 @@ class Rollouts:
     def __init__(
         self, policy: PolicyWithValue, reference: nn.Module | None, reward: nn.Module, tok: Any,
         prompts: list, opts: Any, batch_size: int, seq_len: int, seed: int,
-        amp_dtype: torch.dtype | None = None,
+        rt: Runtime | None = None,
     ) -> None:  # fmt: skip
         if opts.rollout_prompts % batch_size:
             raise ConfigError(
@@ -139,7 +140,7 @@ class Rollouts:
             )
         self.policy, self.reference, self.reward, self.tok = policy, reference, reward, tok
         self.prompts, self.opts, self.seq_len = prompts, opts, seq_len
-        self.amp_dtype = amp_dtype  # the loop's autocast: old log-probs and values in its numerics
+        self.rt = rt  # the loop's runtime: old log-probs and values in its autocast's numerics
         n = opts.rollout_prompts
         self.loader = RolloutLoader(
             lambda chosen, seed: make_rollout(self, [prompts[i] for i in chosen], seed),
@@ -159,7 +160,7 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
         scores = score(src.reward.to(device), tok, prompts, answer_texts(tok, answers), src.seq_len)
         ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
         ids, labels = ids.to(device), labels.to(device)
-        with scoring_autocast(policy, src.amp_dtype):
+        with autocast(src.rt):
             logits, values = policy(ids)
             old_logps = token_logps(logits, labels)
             ref_logps = reference_logps(policy.lm, src.reference, ids, labels)

@@ -49,15 +49,6 @@ def eval_mode(lm: nn.Module) -> Iterator[None]:
         lm.train(was_training)
 
 
-def scoring_autocast(lm: nn.Module, amp_dtype: torch.dtype | None) -> Any:
-    """The loop's autocast (train.dtype) for scoring a rollout's old and reference log-probs:
-    the numerics of the loss's forward, so the ratio starts at 1 and the KL at 0 exactly rather
-    than off by bf16 rounding."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(next(lm.parameters()).device.type, dtype=amp_dtype)
-
-
 def frozen_copy(lm: nn.Module) -> nn.Module:
     """A frozen reference for full tuning (a LoRA policy uses its own base instead)."""
     return copy.deepcopy(lm).eval().requires_grad_(False)

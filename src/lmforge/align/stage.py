@@ -61,7 +61,7 @@ from lmforge.finetune.lora import inject, trainable_fraction
 from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.tokenizer.generation import eos_ids
 from lmforge.train.checkpoint import forget_other_runs
-from lmforge.train.distributed import setup_runtime
+from lmforge.train.distributed import Runtime, setup_runtime
 from lmforge.train.loader import RowBatches
 from lmforge.train.loop import train
 from lmforge.train.observe import plot_losses
@@ -134,11 +134,16 @@ def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dic
     return train_rows, val_rows, val_pairs, counts
 
 
-def _fit(cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any):
-    """The one loop, and the headline numbers every method shares."""
+def _fit(
+    cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any,
+    rt: Runtime | None = None,
+):  # fmt: skip
+    """The one loop (on rt, the runtime a rollout loader shares with it), and the headline
+    numbers every method shares."""
     if cfg.disable_dropout:
         disable_dropout(model)  # after _adapt: the LoRA adapters' dropout too
-    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn, perplexity=False)
+    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn, perplexity=False,
+                   runtime=rt)  # fmt: skip
     trainable, total = trainable_fraction(result.model)
     headline = {
         "steps": result.step, "train_loss": _round(result.train_loss),
@@ -256,11 +261,11 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     held_out = HeldOutEval(policy, lambda m: heldout_rollout(
         m, reference, reward, tok, val_prompts, opts, seq_len), rollout_metrics)  # fmt: skip
     before = held_out.rollout(policy)
+    rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
     loader = Rollouts(policy, reference, reward, tok, prompts, opts,
-                      cfg.train.micro_batch_size, seq_len, cfg.train.seed,
-                      setup_runtime(cfg.train).amp_dtype).loader  # fmt: skip
+                      cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader  # fmt: skip
     policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
-                       loader, held_out)  # fmt: skip
+                       loader, held_out, rt)  # fmt: skip
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
     headline = {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
     headline.update(reward_headline(before, after, rollout_metrics, before_keys=[
@@ -285,10 +290,10 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
                            group_metrics)  # fmt: skip
     before = held_out.rollout(lm)
-    amp = setup_runtime(cfg.train).amp_dtype  # the loop's autocast, for old/reference log-probs
+    rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
     loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
-                           cfg.train.micro_batch_size, cfg.train.seed, amp).loader  # fmt: skip
-    model, fit = _fit(cfg, ctx, lm, make_grpo_loss(opts), loader, held_out)
+                           cfg.train.micro_batch_size, cfg.train.seed, rt).loader  # fmt: skip
+    model, fit = _fit(cfg, ctx, lm, make_grpo_loss(opts), loader, held_out, rt)
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
     headline = {"prompts": len(records), "val_prompts": len(val), **fit}
     headline.update(reward_headline(before, after, group_metrics))
