@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lmforge.align.encode import refuse_other_vocab
 from lmforge.align.losses import dpo_loss, sequence_logps
 from lmforge.align.reward import row_batches
+from lmforge.align.rollout import eval_mode
 from lmforge.model.transformer import IGNORE_INDEX
 
 
@@ -83,13 +84,12 @@ def score_pairs(
     """(summed reply log-probs, reply lengths), each (N, 2), of the first `limit` batches of pair
     rows (all when None), scored in eval mode; the model's mode is restored after."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     logps, lengths = [], []
-    for b in row_batches({k: rows[k] for k in ("input_ids", "labels")}, batch_size, device, limit):
-        logps.append(pair_logps(model, b["input_ids"], b["labels"]))
-        lengths.append(reply_lengths(b["labels"]))
-    model.train(was_training)
+    pairs = {k: rows[k] for k in ("input_ids", "labels")}
+    with eval_mode(model):
+        for b in row_batches(pairs, batch_size, device, limit):
+            logps.append(pair_logps(model, b["input_ids"], b["labels"]))
+            lengths.append(reply_lengths(b["labels"]))
     return torch.cat(logps), torch.cat(lengths)
 
 

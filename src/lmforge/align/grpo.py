@@ -15,38 +15,28 @@ samples the rollout in progress anew (its prompts and seed, the resumed policy).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lmforge.align.grpo_data import PromptRecord, require_references
+from lmforge.align.grpo_data import PromptRecord
 from lmforge.align.losses import group_advantages, grpo_loss, token_logps
-from lmforge.align.rewards import (
-    Answers,
-    RewardFn,
-    build_rewards,
-    reward_stats,
-    score_answers,
-    to_device,
-)
+from lmforge.align.rewards import Answers, RewardFn, reward_stats, score_answers, to_device
 from lmforge.align.rollout import (
-    HeldOutEval,
     RolloutLoader,
     answer_rows,
     answer_texts,
     eval_mode,
-    frozen_copy,
     reference_logps,
     sample_answers,
-    scoring_autocast,
     standard_error,
 )
 from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
-from lmforge.train.distributed import setup_runtime
+from lmforge.train.distributed import Runtime
+from lmforge.train.loop import autocast
 
 LOGGED = "log/"  # rollout columns holding one rollout-wide number, logged by the loss
 
@@ -58,7 +48,7 @@ class GroupRollouts:
     def __init__(
         self, lm: nn.Module, reference: nn.Module | None, rewards: list[RewardFn], tok: Any,
         records: list[PromptRecord], opts: Any, batch_size: int, seed: int,
-        amp_dtype: torch.dtype | None = None,
+        rt: Runtime | None = None,
     ) -> None:  # fmt: skip
         rows = opts.rollout_prompts * opts.num_generations
         if rows % batch_size:
@@ -67,7 +57,7 @@ class GroupRollouts:
                 f"must be a multiple of train.micro_batch_size={batch_size}"
             )
         self.lm, self.reference, self.rewards, self.tok = lm, reference, rewards, tok
-        self.opts, self.amp_dtype = opts, amp_dtype
+        self.opts, self.rt = opts, rt  # the loop's runtime: its autocast scores log-probs
         self.loader = RolloutLoader(
             lambda chosen, seed: make_group_rollout(self, [records[i] for i in chosen], seed),
             len(records), opts.rollout_prompts, rows, opts.num_iterations, batch_size, seed,
@@ -110,7 +100,7 @@ def make_group_rollout(src: GroupRollouts, records: list[PromptRecord], seed: in
     stats["frac_reward_zero_std"] = float(zero_std.float().mean())  # per group, any scaling
     rollout = {"input_ids": ids, "labels": labels, "advantages": adv.to(ids.device)}
     # as PPO scores its rollouts: no dropout noise in the ratio, the loss's autocast
-    with eval_mode(src.lm), scoring_autocast(src.lm, src.amp_dtype):
+    with eval_mode(src.lm), autocast(src.rt):
         if src.loader.steps_per_rollout > 1:
             rollout["old_logps"] = token_logps(src.lm(ids), labels)
         if opts.beta:
@@ -176,49 +166,3 @@ def group_metrics(held: dict[str, Tensor]) -> dict[str, float]:
     if "kl" in held:
         metrics["val_kl"] = float(held["kl"].mean())
     return metrics
-
-
-def train_grpo(
-    cfg: Any, tok: Any, lm: nn.Module, splits: tuple[list, list], fit: Callable, adapt: Callable,
-    rouge: Callable,
-) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    """The GRPO method of the align stage: rewards built and checked against the data, held-out
-    rewards (and greedy ROUGE-L where records have references) before and after training
-    through `fit` (the stage's one-loop call); returns (policy, headline metrics)."""
-    opts = cfg.grpo
-    records, val = splits[0], splits[1][: opts.eval_prompts]
-    rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
-    require_references(records + val, [f.name for f in rewards if f.needs_reference])
-    reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
-    examples = [
-        {"messages": [*r.prompt, {"role": "assistant", "content": r.reference}]}
-        for r in val[: cfg.eval.rouge_examples] if r.reference is not None
-    ]  # fmt: skip
-    ref_rouge = rouge(lm, examples) if examples else None  # the same weights as after adapt()
-    adapt(lm)
-    held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
-                           group_metrics)  # fmt: skip
-    before = held_out.rollout(lm)
-    amp = setup_runtime(cfg.train).amp_dtype  # the loop's autocast, for old/reference log-probs
-    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
-                           cfg.train.micro_batch_size, cfg.train.seed, amp).loader  # fmt: skip
-    model, headline = fit(lm, make_grpo_loss(opts), loader, held_out)
-    after = held_out.final()  # the loop's last evaluation: not sampled a second time
-    metrics, metrics_before = group_metrics(after), group_metrics(before)
-    headline = {"prompts": len(records), "val_prompts": len(val), **headline}
-    headline.update({k: _round(v) for k, v in metrics.items() if k != "val_loss"})
-    headline.update(
-        {f"{k}_before": _round(v) for k, v in metrics_before.items() if k != "val_loss"}
-    )
-    gain = after["prompt_reward"] - before["prompt_reward"]  # paired by prompt
-    headline.update(
-        val_reward_gain=_round(gain.mean()), val_reward_gain_se=_round(standard_error(gain))
-    )
-    if examples:
-        headline.update(rouge_l=rouge(model, examples), ref_rouge_l=ref_rouge,
-                        rouge_examples=len(examples))  # fmt: skip
-    return model, headline
-
-
-def _round(x: Any) -> float:
-    return round(float(x), 5)

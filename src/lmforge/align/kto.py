@@ -32,8 +32,8 @@ BALANCE_RANGE = (1.0, 4.0 / 3.0)
 
 def encode_unpaired(
     tok: Any, examples: list[Example], seq_len: int, seed: int, split: str = "train"
-) -> tuple[dict[str, np.ndarray], dict[str, int], list[Example]]:
-    """(rows, counts, the examples kept, row for row) of unpaired examples.
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """(rows, counts) of unpaired examples.
 
     rows: input_ids and labels (N, 2, T) (own completion, KL partner's), desirable (N,) bool and
     pair (N,) int64 (the pair an example came from, -1 when none). An example whose own or
@@ -64,7 +64,7 @@ def encode_unpaired(
         dtype=np.int64,
     )
     counts = label_counts(kept) | {"truncated": stats["truncated"], "dropped": stats["dropped"]}
-    return rows, counts, kept
+    return rows, counts
 
 
 def balance_warning(counts: dict[str, int], opts: KTOOptions) -> str | None:

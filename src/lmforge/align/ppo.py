@@ -37,14 +37,16 @@ from lmforge.align.rollout import (
     RolloutLoader,
     answer_rows,
     answer_texts,
+    eval_mode,
     reference_logps,
     sample_answers,
-    scoring_autocast,
     standard_error,
 )
 from lmforge.errors import ConfigError
 from lmforge.finetune.heads import pooled_index
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.train.distributed import Runtime
+from lmforge.train.loop import autocast
 
 
 class PolicyWithValue(nn.Module):
@@ -129,7 +131,7 @@ class Rollouts:
     def __init__(
         self, policy: PolicyWithValue, reference: nn.Module | None, reward: nn.Module, tok: Any,
         prompts: list, opts: Any, batch_size: int, seq_len: int, seed: int,
-        amp_dtype: torch.dtype | None = None,
+        rt: Runtime | None = None,
     ) -> None:  # fmt: skip
         if opts.rollout_prompts % batch_size:
             raise ConfigError(
@@ -138,7 +140,7 @@ class Rollouts:
             )
         self.policy, self.reference, self.reward, self.tok = policy, reference, reward, tok
         self.prompts, self.opts, self.seq_len = prompts, opts, seq_len
-        self.amp_dtype = amp_dtype  # the loop's autocast: old log-probs and values in its numerics
+        self.rt = rt  # the loop's runtime: old log-probs and values in its autocast's numerics
         n = opts.rollout_prompts
         self.loader = RolloutLoader(
             lambda chosen, seed: make_rollout(self, [prompts[i] for i in chosen], seed),
@@ -151,19 +153,18 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
     """Samples, scores and prices one batch of answers; every tensor is (N, T) or (N,)."""
     opts, tok, policy = src.opts, src.tok, src.policy
     device = next(policy.parameters()).device
-    was_training = policy.training
-    policy.eval()
-    prompt_ids, answers = sample_answers(
-        policy.lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
-    )
-    scores = score(src.reward.to(device), tok, prompts, answer_texts(tok, answers), src.seq_len)
-    ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
-    ids, labels = ids.to(device), labels.to(device)
+    with eval_mode(policy):
+        prompt_ids, answers = sample_answers(
+            policy.lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
+        )
+        scores = score(src.reward.to(device), tok, prompts, answer_texts(tok, answers), src.seq_len)
+        ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
+        ids, labels = ids.to(device), labels.to(device)
+        with autocast(src.rt):
+            logits, values = policy(ids)
+            old_logps = token_logps(logits, labels)
+            ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
     actions = labels != IGNORE_INDEX
-    with scoring_autocast(policy, src.amp_dtype):
-        logits, values = policy(ids)
-        old_logps = token_logps(logits, labels)
-        ref_logps = reference_logps(policy.lm, src.reference, ids, labels)
     kl = (old_logps - ref_logps) * actions
     rewards = -opts.kl_coef * kl
     last = actions.long().cumsum(1).argmax(1)  # each row's last action position
@@ -177,7 +178,6 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
     )
     adv = (adv - mean) / (std + 1e-8) * actions
     entropy = -(torch.softmax(logits.float(), -1) * torch.log_softmax(logits.float(), -1)).sum(-1)
-    policy.train(was_training)
     rollout = {
         "input_ids": ids, "labels": labels, "old_logps": old_logps, "old_values": values,
         "advantages": adv, "returns": returns, "score": scores, "kl": kl.sum(1),

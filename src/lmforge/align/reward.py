@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.align.losses import bradley_terry_loss
+from lmforge.align.rollout import eval_mode
 from lmforge.finetune.heads import SequenceClassifier
 
 
@@ -65,15 +66,9 @@ def evaluate_rewards(
     """Held-out Bradley-Terry loss, pairwise accuracy and mean reward margin; with kinds (one per
     row), the accuracy of each kind too (val_pair_accuracy_<kind>)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    r = torch.cat(
-        [
-            pair_rewards(model, b["input_ids"], b["last"])
-            for b in row_batches(rows, batch_size, device, limit)
-        ]
-    )
-    model.train(was_training)
+    with eval_mode(model):
+        batches = row_batches(rows, batch_size, device, limit)
+        r = torch.cat([pair_rewards(model, b["input_ids"], b["last"]) for b in batches])
     margin = r[:, 0] - r[:, 1]
     out = {
         "val_loss": float(bradley_terry_loss(r[:, 0], r[:, 1])),

@@ -49,15 +49,6 @@ def eval_mode(lm: nn.Module) -> Iterator[None]:
         lm.train(was_training)
 
 
-def scoring_autocast(lm: nn.Module, amp_dtype: torch.dtype | None) -> Any:
-    """The loop's autocast (train.dtype) for scoring a rollout's old and reference log-probs:
-    the numerics of the loss's forward, so the ratio starts at 1 and the KL at 0 exactly rather
-    than off by bf16 rounding."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(next(lm.parameters()).device.type, dtype=amp_dtype)
-
-
 def frozen_copy(lm: nn.Module) -> nn.Module:
     """A frozen reference for full tuning (a LoRA policy uses its own base instead)."""
     return copy.deepcopy(lm).eval().requires_grad_(False)
@@ -193,3 +184,21 @@ class HeldOutEval:
     def final(self) -> dict[str, Tensor]:
         """The final policy's held-out rollout (sampled now only if the loop made none)."""
         return self.last if self.last is not None else self.rollout(self.policy)
+
+
+def reward_headline(
+    before: dict[str, Tensor],
+    after: dict[str, Tensor],
+    metrics: Callable[[dict[str, Tensor]], dict[str, float]],
+    before_keys: list[str] | None = None,
+) -> dict[str, float]:
+    """PPO's and GRPO's held-out headline: the final rollout's metrics (val_loss aside), those of
+    `before_keys` (default: all) before training as `*_before`, and the reward gain paired by
+    prompt, whose standard error leaves out the spread between prompts."""
+    now, then = metrics(after), metrics(before)
+    keys = before_keys if before_keys is not None else [k for k in then if k != "val_loss"]
+    gain = after["prompt_reward"] - before["prompt_reward"]
+    headline = {k: v for k, v in now.items() if k != "val_loss"}
+    headline.update({f"{k}_before": then[k] for k in keys})
+    headline.update(val_reward_gain=gain.mean(), val_reward_gain_se=standard_error(gain))
+    return {k: round(float(v), 5) for k, v in headline.items()}

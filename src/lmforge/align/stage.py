@@ -35,8 +35,8 @@ from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
 from lmforge.align.encode import encode_pairs
-from lmforge.align.grpo import train_grpo
-from lmforge.align.grpo_data import load_prompt_records
+from lmforge.align.grpo import GroupRollouts, group_metrics, heldout_groups, make_grpo_loss
+from lmforge.align.grpo_data import load_prompt_records, require_references
 from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
 from lmforge.align.ppo import (
     PolicyWithValue,
@@ -49,7 +49,8 @@ from lmforge.align.ppo import (
 from lmforge.align.prefs import load_pairs, load_prompts
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
-from lmforge.align.rollout import HeldOutEval, frozen_copy, standard_error
+from lmforge.align.rewards import build_rewards
+from lmforge.align.rollout import HeldOutEval, frozen_copy, reward_headline
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
@@ -60,7 +61,7 @@ from lmforge.finetune.lora import inject, trainable_fraction
 from lmforge.finetune.sft import load_chat_tokenizer
 from lmforge.tokenizer.generation import eos_ids
 from lmforge.train.checkpoint import forget_other_runs
-from lmforge.train.distributed import setup_runtime
+from lmforge.train.distributed import Runtime, setup_runtime
 from lmforge.train.loader import RowBatches
 from lmforge.train.loop import train
 from lmforge.train.observe import plot_losses
@@ -133,11 +134,16 @@ def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dic
     return train_rows, val_rows, val_pairs, counts
 
 
-def _fit(cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any):
-    """The one loop, and the headline numbers every method shares."""
+def _fit(
+    cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any,
+    rt: Runtime | None = None,
+):  # fmt: skip
+    """The one loop (on rt, the runtime a rollout loader shares with it), and the headline
+    numbers every method shares."""
     if cfg.disable_dropout:
         disable_dropout(model)  # after _adapt: the LoRA adapters' dropout too
-    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn, perplexity=False)
+    result = train(model, loss_fn, loader, cfg.train, ctx, eval_fn=eval_fn, perplexity=False,
+                   runtime=rt)  # fmt: skip
     trainable, total = trainable_fraction(result.model)
     headline = {
         "steps": result.step, "train_loss": _round(result.train_loss),
@@ -221,8 +227,8 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     thresholds = {k: getattr(opts, k) for k in ("desirable_min_rating", "undesirable_max_rating")}
     train, val = ([e for g in groups for e in g] for groups in load_splits(
         cfg, partial(load_unpaired_groups, options=thresholds)))  # fmt: skip
-    train_rows, counts, _ = encode_unpaired(tok, train, cfg.train.seq_len, seed)
-    val_rows, val_counts, _ = encode_unpaired(tok, val, cfg.train.seq_len, seed, "held-out")
+    train_rows, counts = encode_unpaired(tok, train, cfg.train.seq_len, seed)
+    val_rows, val_counts = encode_unpaired(tok, val, cfg.train.seq_len, seed, "held-out")
     ctx.log.info("align kto/%s: train %s, val %s", cfg.tuning, counts, val_counts)
     if warning := balance_warning(counts, opts):
         ctx.log.warning(warning)
@@ -255,30 +261,46 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     held_out = HeldOutEval(policy, lambda m: heldout_rollout(
         m, reference, reward, tok, val_prompts, opts, seq_len), rollout_metrics)  # fmt: skip
     before = held_out.rollout(policy)
+    rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
     loader = Rollouts(policy, reference, reward, tok, prompts, opts,
-                      cfg.train.micro_batch_size, seq_len, cfg.train.seed,
-                      setup_runtime(cfg.train).amp_dtype).loader  # fmt: skip
+                      cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader  # fmt: skip
     policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
-                       loader, held_out)  # fmt: skip
+                       loader, held_out, rt)  # fmt: skip
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
     headline = {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
-    metrics, metrics_before = rollout_metrics(after), rollout_metrics(before)
-    headline.update({k: _round(v) for k, v in metrics.items() if k != "val_loss"})
-    headline.update({f"{k}_before": _round(metrics_before[k]) for k in (
-        "val_reward", "val_reward_se", "val_kl", "val_answer_len")})  # fmt: skip
-    # paired by prompt: the gain's standard error without the spread between prompts
-    gain = after["prompt_reward"] - before["prompt_reward"]
-    headline.update(
-        val_reward_gain=_round(gain.mean()), val_reward_gain_se=_round(standard_error(gain))
-    )
+    headline.update(reward_headline(before, after, rollout_metrics, before_keys=[
+        "val_reward", "val_reward_se", "val_kl", "val_answer_len"]))  # fmt: skip
     return policy, headline
 
 
 def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
-    """GRPO on weighted verifiable rewards (align.grpo); held-out rewards and ROUGE-L."""
-    splits = load_splits(cfg, load_prompt_records)
-    return train_grpo(cfg, tok, lm, splits, partial(_fit, cfg, ctx), partial(_adapt, cfg),
-                      partial(_rouge_l, cfg, tok))  # fmt: skip
+    """GRPO on weighted verifiable rewards (align.grpo), the rewards checked against the data;
+    held-out rewards (and greedy ROUGE-L where records carry a reference) before and after."""
+    opts = cfg.grpo
+    records, val = load_splits(cfg, load_prompt_records)
+    val = val[: opts.eval_prompts]
+    rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
+    require_references(records + val, [f.name for f in rewards if f.needs_reference])
+    reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
+    examples = _rouge_examples(
+        cfg, [{"prompt": r.prompt, "chosen": r.reference} for r in val if r.reference is not None]
+    )
+    ref_rouge = _rouge_l(cfg, tok, lm, examples) if examples else None  # as _adapt leaves it
+    _adapt(cfg, lm)
+    held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
+                           group_metrics)  # fmt: skip
+    before = held_out.rollout(lm)
+    rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
+    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
+                           cfg.train.micro_batch_size, cfg.train.seed, rt).loader  # fmt: skip
+    model, fit = _fit(cfg, ctx, lm, make_grpo_loss(opts), loader, held_out, rt)
+    after = held_out.final()  # the loop's last evaluation: not sampled a second time
+    headline = {"prompts": len(records), "val_prompts": len(val), **fit}
+    headline.update(reward_headline(before, after, group_metrics))
+    if examples:
+        headline.update(rouge_l=_rouge_l(cfg, tok, model, examples), ref_rouge_l=ref_rouge,
+                        rouge_examples=len(examples))  # fmt: skip
+    return model, headline
 
 
 def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:

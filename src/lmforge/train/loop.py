@@ -112,6 +112,7 @@ def train(
     flops_per_token: float | None = None,
     resume: bool = True,
     perplexity: bool = True,
+    runtime: Runtime | None = None,
 ) -> TrainResult:
     """Trains `model` for cfg.max_steps optimizer steps; see the module docstring.
 
@@ -127,8 +128,9 @@ def train(
         flops_per_token: training FLOPs per token, for MFU on GPUs with a known peak.
         resume: continue from the newest checkpoint in ctx.out/checkpoints when there is one.
         perplexity: log val_ppl = exp(val_loss); False where val_loss is no token NLL (align).
+        runtime: setup_runtime(cfg) when the caller has already made it (default: made here).
     """
-    parts = _setup(model, cfg, param_groups)
+    parts = _setup(model, cfg, param_groups, runtime)
     ckpt_root = Path(ctx.out) / "checkpoints"
     state, resumed_from = LoopState(), None
     if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
@@ -168,9 +170,11 @@ def train(
     return _result(parts, state, pace, stopped_early, resumed_from)
 
 
-def _setup(model: nn.Module, cfg: TrainConfig, param_groups: ParamGroups | None) -> _Parts:
+def _setup(
+    model: nn.Module, cfg: TrainConfig, param_groups: ParamGroups | None, rt: Runtime | None
+) -> _Parts:
     """Device, distributed wrapping and compile, the optimizer and the fp16 loss scaler."""
-    rt = setup_runtime(cfg)
+    rt = rt if rt is not None else setup_runtime(cfg)
     model = prepare_model(model, cfg, rt)
     optimizer = build_optimizer(unwrap_model(model), cfg, param_groups)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
@@ -320,8 +324,10 @@ def _result(
     )
 
 
-def _autocast(rt: Runtime) -> contextlib.AbstractContextManager:
-    if rt.amp_dtype is None:
+def autocast(rt: Runtime | None) -> contextlib.AbstractContextManager:
+    """The loop's autocast: train.dtype on the run's device (none for fp32, or without a runtime).
+    Public for what scores rows the loss will see (PPO/GRPO rollouts) in the loss's numerics."""
+    if rt is None or rt.amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
 
@@ -351,7 +357,7 @@ def _accumulate(
         batch = _to_device(next(loader), rt.device)
         n_tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
         with no_sync(model, skip_sync=micro < accum - 1):  # DDP: forward and backward inside
-            with _autocast(rt):
+            with autocast(rt):
                 loss, metrics = loss_fn(model, batch)
             scaler.scale(loss / accum).backward()
         total += loss.detach().float()
@@ -377,7 +383,7 @@ def _clip(
 def _evaluate(model: nn.Module, eval_fn: EvalFn, rt: Runtime, perplexity: bool) -> dict[str, float]:
     """Runs eval_fn in eval mode; averages over ranks; adds perplexity if asked."""
     model.eval()
-    with _autocast(rt):
+    with autocast(rt):
         result = {
             k: float(mean_across_ranks(torch.tensor(float(v), device=rt.device)))
             for k, v in eval_fn(model).items()

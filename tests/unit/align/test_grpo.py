@@ -116,22 +116,29 @@ def test_a_reward_model_reward_scores_as_ppo_does_and_a_non_reward_model_is_refu
 
 
 def _one_prompt_rollouts(model_dir, **grpo):
-    """(lm, GroupRollouts(seed, amp_dtype)) on one prompt repeated: only the sampling seed can
+    """(lm, GroupRollouts(seed, autocast dtype)) on one prompt repeated: only the sampling seed can
     tell two rollouts apart."""
+    import torch
+
     from lmforge.align.config import GRPOOptions
     from lmforge.align.grpo import GroupRollouts
     from lmforge.align.grpo_data import PromptRecord
     from lmforge.align.rewards import build_rewards
     from lmforge.finetune.sft import load_chat_tokenizer
     from lmforge.model.convert import load_pretrained
+    from lmforge.train.distributed import Runtime, dist_env
 
     tok, lm = load_chat_tokenizer(model_dir), load_pretrained(model_dir)
     records = [PromptRecord([{"role": "user", "content": "Say alpha"}], None, "x")] * 2
     opts = GRPOOptions(rewards=[{"kind": "length", "max_tokens": 2}], num_generations=4,
                        rollout_prompts=2, max_new_tokens=6, **grpo)  # fmt: skip
     rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, 48)
-    return lm, lambda seed, amp=None: GroupRollouts(lm, None, rewards, tok, records, opts, 8,
-                                                    seed, amp)  # fmt: skip
+
+    def rollouts(seed, amp=None):  # on the loop's runtime, autocasting to amp
+        rt = Runtime(torch.device("cpu"), amp, dist_env()) if amp is not None else None
+        return GroupRollouts(lm, None, rewards, tok, records, opts, 8, seed, rt)
+
+    return lm, rollouts
 
 
 def test_rollouts_sample_by_train_seed_and_reproduce_at_one_seed(model_dir):

@@ -127,15 +127,18 @@ def test_each_example_is_scored_beside_another_examples_completion(tokenizer_dir
     examples = [{"prompt": [{"role": "user", "content": f"q{i}"}], "completion": f"answer {i}",
                  "desirable": i % 2 == 0} for i in range(6)]  # fmt: skip
     examples[0]["prompt"][0]["content"] = "long " * 60  # its reply falls past seq_len: dropped
-    rows, counts, kept = encode_unpaired(tok, examples, seq_len=48, seed=0)
+    rows, counts = encode_unpaired(tok, examples, seq_len=48, seed=0)
     assert rows["input_ids"].shape[:2] == (5, 2) and counts["dropped"] == 1
-    assert (counts["desirable"], counts["undesirable"]) == (2, 3) and examples[0] not in kept
-    assert rows["desirable"].tolist() == [e["desirable"] for e in kept]
-    for r, e in enumerate(kept):
+    assert (counts["desirable"], counts["undesirable"]) == (2, 3)
+    scored = []  # which example each row holds, read back from its own completion
+    for r in range(5):
         own = tok.decode([t for t in rows["labels"][r, 0] if t >= 0])
         other = tok.decode([t for t in rows["labels"][r, 1] if t >= 0])
-        assert own.startswith(e["completion"]) and not other.startswith(e["completion"])
+        e = next(e for e in examples if own.startswith(e["completion"]))
+        scored.append(examples.index(e))
+        assert not other.startswith(e["completion"]) and rows["desirable"][r] == e["desirable"]
         assert np.array_equal(rows["input_ids"][r, 0, :3], rows["input_ids"][r, 1, :3])  # prompt
+    assert sorted(scored) == [1, 2, 3, 4, 5]  # example 0 dropped, each other one row
 
 
 def _kto_rows():
@@ -217,7 +220,7 @@ def test_a_split_of_one_example_is_refused_not_made_its_own_kl_partner(tokenizer
     with pytest.raises(InputError, match="train split holds 0 example"):
         encode_unpaired(tok, [], seq_len=48, seed=0)
     two = [*one, {**one[0], "completion": "b", "desirable": False}]
-    rows, _, _ = encode_unpaired(tok, two, seq_len=48, seed=0)
+    rows, _ = encode_unpaired(tok, two, seq_len=48, seed=0)
     for r in range(2):  # each scored beside the other's completion
         assert not np.array_equal(rows["labels"][r, 0], rows["labels"][r, 1])
 
