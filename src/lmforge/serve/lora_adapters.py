@@ -16,6 +16,7 @@ into B.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -41,11 +42,12 @@ class AdapterUpdate:
     updates: dict[str, tuple[Tensor, Tensor]]  # linear -> (A (r, in), scaling * B (out, r))
     chat_template: str | None  # its directory's own, when it has one
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """name@digest of its updates: what its rows' prefix-cache blocks are keyed by, so an
         adapter unloaded and loaded again under its name with other weights shares nothing
-        with the old one, and the same weights again share."""
+        with the old one, and the same weights again share. Hashed once (the weights are many
+        MB; cached_property writes the instance's __dict__, which frozen does not guard)."""
         digest = hashlib.blake2b(digest_size=12)
         for module, (a, b) in sorted(self.updates.items()):
             digest.update(module.encode())
