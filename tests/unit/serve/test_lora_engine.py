@@ -216,7 +216,7 @@ def test_an_adapter_of_another_size_or_vocabulary_is_refused(serve_model_dir, lo
     broken = tmp_path / "broken"
     shutil.copytree(lora_dirs["a1"][0], broken)
     (broken / "tokenizer_config.json").write_text("{chat_template: nope", encoding="utf-8")
-    with pytest.raises(InputError, match=r"LoRA adapter 'b' .*tokenizer_config\.json is not a"):
+    with pytest.raises(InputError, match=r"LoRA adapter 'b' .*tokenizer_config\.json is not valid"):
         read_adapter(load_pretrained(serve_model_dir, device="cpu"), "b", broken)
     with pytest.raises(InputError, match=r"adapter_config\.json is missing"):
         read_adapter(load_pretrained(serve_model_dir, device="cpu"), "none", tmp_path)
