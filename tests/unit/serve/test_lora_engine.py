@@ -251,8 +251,13 @@ def test_finding_an_adapters_base_reads_its_config_as_loading_it_does(lora_dirs,
 
 def test_a_compiled_decoding_step_is_refused_with_adapters(serve_model_dir, lora_dirs):
     engine = Engine.from_dir(serve_model_dir, device="cpu", compile="on")
-    with pytest.raises(ConfigError, match="--compile off"):
-        engine.attach_adapters([read_adapter(engine.model, "a1", lora_dirs["a1"][0])])
+    adapter = read_adapter(engine.model, "a1", lora_dirs["a1"][0])
+    refusal = r"LoRA adapters run outside the compiled decoding step; serve them with --compile off"
+    with pytest.raises(ConfigError, match=refusal):
+        engine.attach_adapters([adapter])
+    with pytest.raises(ConfigError, match=refusal):  # runtime loading: the same refusal
+        engine.load_adapter(adapter)
+    assert engine._lora_keys == {}  # refused before any bookkeeping
 
 
 def test_a_request_for_an_adapter_the_engine_lacks_is_refused(engine):
