@@ -15,7 +15,6 @@ rank, a model with no Hugging Face family. The weights are read into memory, not
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError
+from lmforge.tokenizer.generation import read_json_object
 
 Update = tuple[Tensor, Tensor]  # (A (rank, in), B (out, rank)), float32, the scaling not in B
 
@@ -49,11 +49,8 @@ def read_peft_config(adapter_dir: Path) -> dict[str, Any]:
     reader: serving reads it alone first, to find the adapter's base)."""
     config_path = Path(adapter_dir) / "adapter_config.json"
     _require(config_path)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
+    config = read_json_object(config_path)  # json_cache: serving reads it twice per adapter
+    if "r" not in config or "lora_alpha" not in config:
         raise InputError(f"{config_path} has no r / lora_alpha: not a LoRA adapter config")
     return config
 

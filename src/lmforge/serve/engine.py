@@ -151,11 +151,7 @@ class Engine(StepLoop):
     def attach_adapters(self, adapters: Sequence[AdapterUpdate]) -> None:
         """Serves these LoRA adapters on this engine's model (serve/multi_lora.py), before
         start(); a request picks one by name (submit's adapter)."""
-        if self.compiled_decode:
-            raise ConfigError(
-                f"engine {self.name!r}: LoRA adapters run outside the compiled decoding step; "
-                "serve them with --compile off"
-            )
+        self._refuse_compiled_decode()
         if self._thread is not None:
             raise ConfigError(f"engine {self.name!r} is running: attach adapters before start()")
         self._lora_keys = {a.name: a.key for a in adapters}
@@ -164,9 +160,7 @@ class Engine(StepLoop):
     def load_adapter(self, adapter: AdapterUpdate) -> None:
         """Serves one more LoRA adapter while running (vLLM's runtime loading): its stacks are
         built beside the model, then installed by the loop between two steps."""
-        if self.compiled_decode:
-            raise ConfigError(f"engine {self.name!r} compiles its decoding step, which adapters "
-                              "run outside of; serve with --compile off")  # fmt: skip
+        self._refuse_compiled_decode()
         with self._lora_change:  # one change at a time, each from the set the last one left
             with self._lock:
                 if adapter.name in self._lora:
@@ -196,6 +190,16 @@ class Engine(StepLoop):
             finally:
                 with self._lock:
                     self._unloading.discard(name)
+
+    def _refuse_compiled_decode(self) -> None:
+        """ConfigError when this engine compiles its decoding step: adapters run outside it.
+        Called first by attach_adapters and load_adapter, before either changes anything
+        (_change_adapters, which both reach, comes after their own bookkeeping)."""
+        if self.compiled_decode:
+            raise ConfigError(
+                f"engine {self.name!r}: LoRA adapters run outside the compiled decoding step; "
+                "serve them with --compile off"
+            )
 
     def _change_adapters(self, updates: dict) -> None:
         """Builds the stacks of exactly these adapters and waits until the loop installed them

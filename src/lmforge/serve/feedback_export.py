@@ -35,12 +35,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.artifacts import StageContext, run_stage
 from lmforge.common.io import write_jsonl
 from lmforge.config import StageConfig
-from lmforge.errors import ConfigError, InputError
+from lmforge.errors import InputError
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.tokenizer.hermes_tools import (
     TOOL_CALL_OPEN,
@@ -69,6 +69,15 @@ class FeedbackExportConfig(StageConfig):
     undesirable_max_rating: float = Field(
         2.0, ge=1, le=5, description="kto.jsonl: responses rated at most this are undesirable"
     )
+
+    @model_validator(mode="after")
+    def _thresholds_apart(self) -> FeedbackExportConfig:
+        if self.undesirable_max_rating >= self.desirable_min_rating:
+            raise ValueError(
+                f"undesirable_max_rating={self.undesirable_max_rating} must be below "
+                f"desirable_min_rating={self.desirable_min_rating}: one rating is both"
+            )
+        return self
 
     def inputs(self) -> list[Path]:
         return [self.db]
@@ -174,9 +183,6 @@ def _kto_record(prompt: Any, response: dict, label: bool, kind: str) -> dict[str
 def unpaired(cfg: FeedbackExportConfig, rated: list[dict], choices: list[dict]) -> list[dict]:
     """kto.jsonl's records: rated responses past either threshold, then both sides of the
     choices (those that made preference pairs); a response takes each label at most once."""
-    if cfg.undesirable_max_rating >= cfg.desirable_min_rating:
-        raise ConfigError(f"undesirable_max_rating={cfg.undesirable_max_rating} must be below "
-                          f"desirable_min_rating={cfg.desirable_min_rating}: one rating is both")  # fmt: skip
     records, seen = [], set()
     for r in rated:
         good, bad = r["stars"] >= cfg.desirable_min_rating, r["stars"] <= cfg.undesirable_max_rating

@@ -16,8 +16,8 @@ into B.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +41,12 @@ class AdapterUpdate:
     updates: dict[str, tuple[Tensor, Tensor]]  # linear -> (A (r, in), scaling * B (out, r))
     chat_template: str | None  # its directory's own, when it has one
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """name@digest of its updates: what its rows' prefix-cache blocks are keyed by, so an
         adapter unloaded and loaded again under its name with other weights shares nothing
-        with the old one, and the same weights again share."""
+        with the old one, and the same weights again share. Hashed once (the weights are many
+        MB; cached_property writes the instance's __dict__, which frozen does not guard)."""
         digest = hashlib.blake2b(digest_size=12)
         for module, (a, b) in sorted(self.updates.items()):
             digest.update(module.encode())
@@ -91,8 +92,7 @@ def read_adapter(model: nn.Module, name: str, path: Path) -> AdapterUpdate:
     where = f"LoRA adapter {name!r} ({path})"
     try:
         updates, config = read_peft_updates(model, path)
-        _check_vocabulary(Path(path), model.config.vocab_size)
-        template = _chat_template(Path(path))
+        template = _checked_chat_template(Path(path), model.config.vocab_size)
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
     scaling = peft_scaling(config)
@@ -100,32 +100,21 @@ def read_adapter(model: nn.Module, name: str, path: Path) -> AdapterUpdate:
     return AdapterUpdate(name, Path(path), scaled, template)
 
 
-def _check_vocabulary(path: Path, vocab_size: int) -> None:
-    """An adapter directory that carries its own tokenizer must have the base's vocabulary: the
-    base's embeddings and head are what its rows run through."""
-    if not (path / "tokenizer.json").is_file():
-        return
-    from lmforge.tokenizer.files import TokenizerFiles
+def _checked_chat_template(path: Path, vocab_size: int) -> str | None:
+    """The adapter directory's own chat template, as TokenizerFiles reads a model's. A directory
+    that carries its own tokenizer must have the base's vocabulary: the base's embeddings and
+    head are what its rows run through."""
+    from lmforge.tokenizer.files import TokenizerFiles, dir_chat_template
+    from lmforge.tokenizer.generation import read_json_object
 
-    own = TokenizerFiles.load(path).vocab_size
-    if own > vocab_size:
+    if not (path / "tokenizer.json").is_file():
+        config = path / "tokenizer_config.json"
+        return dir_chat_template(path, read_json_object(config) if config.is_file() else {})
+    own = TokenizerFiles.load(path)
+    if own.vocab_size > vocab_size:
         raise InputError(
-            f"its tokenizer has {own} tokens, the base's embeddings {vocab_size}: it "
+            f"its tokenizer has {own.vocab_size} tokens, the base's embeddings {vocab_size}: it "
             "was trained with another vocabulary (added tokens); merge it into a model of that "
             "vocabulary and serve that model instead"
         )
-
-
-def _chat_template(path: Path) -> str | None:
-    """The adapter directory's own chat template (chat_template.jinja, else tokenizer_config's
-    chat_template), as TokenizerFiles reads a model's."""
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    config = path / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    try:
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    except (ValueError, AttributeError) as exc:
-        raise InputError(f"{config} is not a JSON object: {exc}") from None
-    return template if isinstance(template, str) else None
+    return own.chat_template

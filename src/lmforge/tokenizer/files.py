@@ -78,6 +78,15 @@ def longest_first(lengths: list[int], budget: int) -> list[int]:
     return [long, short] if lengths[0] > lengths[1] else [short, long]
 
 
+def dir_chat_template(path: Path, config: dict[str, Any]) -> str | None:
+    """A directory's chat template: its chat_template.jinja, else `config`'s (its
+    tokenizer_config.json as read) chat_template when that is a string."""
+    if (Path(path) / "chat_template.jinja").is_file():
+        return (Path(path) / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
 @dataclass
 class TokenizerFiles:
     """tokenizer.json plus the metadata around it, loaded from a tokenizer or model directory."""
@@ -106,15 +115,13 @@ class TokenizerFiles:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
             if (path / name).is_file():
                 config.update(json.loads((path / name).read_text(encoding="utf-8")))
-        template = config.get("chat_template")
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        template = dir_chat_template(path, config)
         special = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
             token = _token_string(config.get(key))
             if token is not None and tok.token_to_id(token) is not None:
                 special[key] = token
-        return cls(path, tok, template if isinstance(template, str) else None, special)
+        return cls(path, tok, template, special)
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.tokenizer.token_to_id(token)

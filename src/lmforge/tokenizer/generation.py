@@ -11,7 +11,6 @@ lmforge and transformers stop at the same tokens.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     InputError naming it when it is not one."""
     try:
         data = read_json(path)
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError of bytes not UTF-8
         raise InputError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a JSON object")

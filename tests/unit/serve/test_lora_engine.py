@@ -216,7 +216,7 @@ def test_an_adapter_of_another_size_or_vocabulary_is_refused(serve_model_dir, lo
     broken = tmp_path / "broken"
     shutil.copytree(lora_dirs["a1"][0], broken)
     (broken / "tokenizer_config.json").write_text("{chat_template: nope", encoding="utf-8")
-    with pytest.raises(InputError, match=r"LoRA adapter 'b' .*tokenizer_config\.json is not a"):
+    with pytest.raises(InputError, match=r"LoRA adapter 'b' .*tokenizer_config\.json is not valid"):
         read_adapter(load_pretrained(serve_model_dir, device="cpu"), "b", broken)
     with pytest.raises(InputError, match=r"adapter_config\.json is missing"):
         read_adapter(load_pretrained(serve_model_dir, device="cpu"), "none", tmp_path)
@@ -251,8 +251,13 @@ def test_finding_an_adapters_base_reads_its_config_as_loading_it_does(lora_dirs,
 
 def test_a_compiled_decoding_step_is_refused_with_adapters(serve_model_dir, lora_dirs):
     engine = Engine.from_dir(serve_model_dir, device="cpu", compile="on")
-    with pytest.raises(ConfigError, match="--compile off"):
-        engine.attach_adapters([read_adapter(engine.model, "a1", lora_dirs["a1"][0])])
+    adapter = read_adapter(engine.model, "a1", lora_dirs["a1"][0])
+    refusal = r"LoRA adapters run outside the compiled decoding step; serve them with --compile off"
+    with pytest.raises(ConfigError, match=refusal):
+        engine.attach_adapters([adapter])
+    with pytest.raises(ConfigError, match=refusal):  # runtime loading: the same refusal
+        engine.load_adapter(adapter)
+    assert engine._lora_keys == {}  # refused before any bookkeeping
 
 
 def test_a_request_for_an_adapter_the_engine_lacks_is_refused(engine):
