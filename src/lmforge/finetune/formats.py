@@ -5,7 +5,8 @@ These shapes are recognised, per file, from its first record:
 - alpaca: `instruction`, optional `input`, `output` (optional `type` / `category` kept as meta)
 - sharegpt: `conversations: [{from, value}, ...]`
 - openai: `messages: [{role, content}, ...]` (with `tools`, assistant `tool_calls` and `tool`
-  turns: the Hermes turns the server renders them as, tokenizer/hermes_tools.py)
+  turns: kept as they are under `tool_conversation`, rendered as `lmforge serve` renders them:
+  through a template that reads `tools`, else as Hermes turns, tokenizer/hermes_tools.py)
 - prompt_completion: `prompt`, `completion`
 - classification: `text`, `label`, optional `text_pair` (a second text: an encoder reads the
   pair as [CLS] text [SEP] text_pair [SEP] with token type 1 on the second)
@@ -14,7 +15,8 @@ These shapes are recognised, per file, from its first record:
 
 Every record of a file must fit that file's shape; one that does not is an InputError naming the
 file and line (row for Parquet / HF datasets). Chat shapes become `{"messages": [...], "meta":
-{...}}` with roles system/user/assistant; classification becomes `{"text": str, "label": str}`,
+{...}}` with roles system/user/assistant (a tool conversation also keeps its OpenAI form:
+`"tool_conversation": {"messages": [...], "tools": [...]}`); classification becomes `{"text": str, "label": str}`,
 tagging `{"tokens": [str], "tags": [str]}`, seq2seq `{"source": str, "target": str}`.
 """
 
@@ -190,16 +192,23 @@ def _sharegpt(r: Record) -> Example:
 
 
 def _openai(r: Record) -> Example:
-    """OpenAI's chat format; its tool calling (`tools`, assistant `tool_calls`, `tool` turns) as
-    the Hermes turns `lmforge serve` renders and parses for a template without tools, tool
-    results matched to their calls by tool_call_id as the server matches them."""
+    """OpenAI's chat format. Its tool calling (`tools`, assistant `tool_calls`, `tool` turns) is
+    kept as it came under `tool_conversation`, for the chat encoding to render as `lmforge
+    serve` does (hermes_tools.template_turns: through a template that reads `tools`, else as
+    Hermes turns); `messages` holds the Hermes turns, the role/content form every chat reader
+    takes. Making them checks the record (arguments are JSON, each result answers a call), so a
+    bad one is named by its file and line."""
     msgs = []
     for turn in r["messages"]:
         if turn["role"] not in (*ROLES, "tool"):
             raise ValueError(f"unknown role {turn['role']!r} (known: {', '.join(ROLES)}, tool)")
         msgs.append({**turn, "content": str(turn.get("content") or "")})
+    tools = r.get("tools") or None
     try:  # without tools: the same role/content turns
-        return {"messages": hermes_messages(msgs, r.get("tools")), "meta": {}}
+        example = {"messages": hermes_messages(msgs, tools), "meta": {}}
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs):
+            example["tool_conversation"] = {"messages": msgs, "tools": tools}
+        return example
     except InputError as err:  # arguments that are not JSON
         raise ValueError(str(err)) from None
     except (KeyError, TypeError) as err:

@@ -1,9 +1,11 @@
 """Supervised fine-tuning data: chat rendering, assistant-only loss masks, truncation, packing.
 
 A conversation is rendered with the tokenizer's Jinja chat template exactly as transformers'
-apply_chat_template does, and the loss mask covers exactly the assistant replies (with their
-end-of-turn marker), as located by lmforge.tokenizer.chat: the template's generation blocks
-when it has them, else the text each assistant turn adds to the rendered conversation.
+apply_chat_template does (a tool conversation as `lmforge serve` renders it: through a template
+that reads `tools`, else as Hermes turns), and the loss mask covers exactly the assistant replies
+(with their end-of-turn marker, tool calls included), as located by lmforge.tokenizer.chat: the
+template's generation blocks when it has them, else the text each assistant turn adds to the
+rendered conversation.
 Examples longer than train.seq_len follow the truncation policy, and short ones are packed
 into rows with doc_ids so attention never crosses an example boundary.
 """
@@ -37,14 +39,26 @@ def load_chat_tokenizer(path: Path) -> TokenizerFiles:
     return tok
 
 
-def encode_chat(tok: TokenizerFiles, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask): 1 exactly on the tokens of assistant replies.
+def encode_chat(
+    tok: TokenizerFiles, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask): 1 exactly on the tokens of assistant replies (tool calls too).
 
     The spans come from the tokenizer package (the template's generation blocks, as
     transformers' return_assistant_tokens_mask, or prefix renders for other templates).
     """
-    enc = tok.encode_chat(messages)
+    enc = tok.encode_chat(messages, tools=tools)
     return enc.ids, enc.assistant_mask
+
+
+def example_ids(tok: TokenizerFiles, example: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """encode_chat of a chat example; a tool conversation in its OpenAI form, which the
+    tokenizer renders as `lmforge serve` does: through a template that reads `tools` (so the
+    model learns the prompt it is served with), else as the Hermes turns of `messages`."""
+    tooled = example.get("tool_conversation")
+    if tooled is None:
+        return encode_chat(tok, example["messages"])
+    return encode_chat(tok, tooled["messages"], tooled["tools"])
 
 
 def truncate(
@@ -74,7 +88,7 @@ def build_sft_rows(
     docs, masks = [], []
     counts = {"examples": len(examples), "truncated": 0, "dropped": 0, "no_target": 0}
     for example in examples:
-        ids, mask = encode_chat(tok, example["messages"])
+        ids, mask = example_ids(tok, example)
         fitted = truncate(ids, mask, seq_len, truncation)
         if fitted is None:
             counts["dropped"] += 1

@@ -262,14 +262,20 @@ class TokenizerFiles:
         )
 
     def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> ChatEncoding:
-        """Renders and encodes a conversation: ids + assistant_mask (1 = loss on that token)."""
+        """Renders and encodes a conversation: ids + assistant_mask (1 = loss on that token);
+        tool calling as render_chat renders it."""
         self._require_template()
+        messages, extra = template_turns(messages, tools, self.chat_template)
         return encode_chat(
             self.tokenizer,
             messages,
             add_generation_prompt,
             template=self.chat_template,
+            **extra,
             **self.special,
         )

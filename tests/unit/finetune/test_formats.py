@@ -140,6 +140,12 @@ def test_openai_tool_calling_becomes_the_hermes_turns_serve_renders(tmp_path):
         "role": "assistant",
         "content": '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>',
     }
+    # the OpenAI form kept for a template that reads tools (finetune/sft.py renders it)
+    kept = [{**m, "content": m["content"] or ""} for m in messages]
+    assert ex[0]["tool_conversation"] == {"messages": kept, "tools": tools}
+    assert ex[1]["tool_conversation"] == {"messages": kept[:2], "tools": None}
+    plain = [{"messages": [messages[0], messages[3]]}]
+    assert "tool_conversation" not in read_file(_jsonl(tmp_path / "p.jsonl", plain))[1][0]
     bad = {**call, "function": {"name": "add", "arguments": "{a"}}
     rows = [{"messages": [messages[0], {**messages[1], "tool_calls": [bad]}]}]
     with pytest.raises(

@@ -1,10 +1,19 @@
 """SFT data: template rendering as transformers does, the assistant-only mask, truncation, packing."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
 from lmforge.errors import InputError
-from lmforge.finetune.sft import build_sft_rows, encode_chat, load_chat_tokenizer, truncate
+from lmforge.finetune.sft import (
+    build_sft_rows,
+    encode_chat,
+    example_ids,
+    load_chat_tokenizer,
+    truncate,
+)
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -83,3 +92,117 @@ def test_nothing_fits_is_an_input_error(tokenizer_dir):
     tok = load_chat_tokenizer(tokenizer_dir)
     with pytest.raises(InputError, match="seq_len"):
         build_sft_rows(tok, [{"messages": CONV}], 8, truncation="drop")
+
+
+# A template that reads `tools` (Qwen 2.5's layout, shorter): tools in the system turn, calls in
+# <tool_call> blocks, consecutive results in one user turn; the assistant turns (calls included)
+# in generation blocks, so transformers can say which tokens are the assistant's.
+TOOLS_TEMPLATE = """{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+{% endif %}# Tools
+<tools>{% for t in tools %}
+{{ t | tojson }}{% endfor %}
+</tools><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'user' %}<|im_start|>user
+{{ m.content }}<|im_end|>
+{% elif m.role == 'assistant' %}<|im_start|>assistant
+{% generation %}{{ m.content or '' }}{% for c in m.tool_calls or [] %}<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>{% endgeneration %}
+{% elif m.role == 'tool' %}{% if loop.previtem.role != 'tool' %}<|im_start|>user{% endif %}
+<tool_response>
+{{ m.content }}
+</tool_response>{% if loop.last or loop.nextitem.role != 'tool' %}<|im_end|>
+{% endif %}{% endif %}
+{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+TOOLS = [
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}},
+]  # fmt: skip
+CALLS = [
+    {"id": "a", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+    {"id": "b", "type": "function", "function": {"name": "get_weather",
+                                                 "arguments": '{"city": "Oslo"}'}},
+]  # fmt: skip
+RESULTS = [
+    {"role": "tool", "tool_call_id": "a", "content": "12:00"},
+    {"role": "tool", "tool_call_id": "b", "content": "rain"},
+]
+ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Time and weather?"}]
+ANSWER = {"role": "assistant", "content": "12:00, rain."}
+
+
+def tool_example(tmp_path, results):
+    """The finetune example of the tool conversation record (results in the order given)."""
+    from lmforge.finetune.formats import read_file
+
+    messages = [*ASK, {"role": "assistant", "content": "", "tool_calls": CALLS}, *results, ANSWER]
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n")
+    (example,) = read_file(data)[1]
+    return example
+
+
+# the same conversation as the server hands it to the template (and vLLM to transformers):
+# arguments as JSON objects, results in the order of their calls
+PARSED = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+          for c in CALLS]  # fmt: skip
+SERVED = [*ASK, {"role": "assistant", "content": "", "tool_calls": PARSED}, *RESULTS, ANSWER]
+TRAINED = (
+    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><tool_call>\n'
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
+    "12:00, rain.<|im_end|>"
+)
+
+
+def tools_model(tokenizer_dir, tmp_path, template):
+    """A copy of the tiny tokenizer with `template` as its chat template, and transformers' view."""
+    transformers = pytest.importorskip("transformers")
+    model = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, model)
+    (model / "chat_template.jinja").write_text(template)
+    return load_chat_tokenizer(model), transformers.PreTrainedTokenizerFast.from_pretrained(model)
+
+
+@pytest.mark.parametrize("results", [RESULTS, RESULTS[::-1]], ids=["in-order", "reversed"])
+def test_a_tool_conversation_is_trained_through_a_template_that_reads_tools(
+    tokenizer_dir, tmp_path, results
+):
+    tok, hf = tools_model(tokenizer_dir, tmp_path, TOOLS_TEMPLATE)
+    ids, mask = example_ids(tok, tool_example(tmp_path, results))
+    ref = hf.apply_chat_template(SERVED, tools=TOOLS, return_dict=True,
+                                 return_assistant_tokens_mask=True)  # fmt: skip
+    assert ids == list(ref["input_ids"])
+    assert mask == list(ref["assistant_masks"])
+    assert hf.decode([i for i, m in zip(ids, mask, strict=True) if m]) == TRAINED
+
+
+def test_a_tools_template_without_generation_blocks_masks_by_prefix_renders(
+    tokenizer_dir, tmp_path
+):
+    template = TOOLS_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tok, hf = tools_model(tokenizer_dir, tmp_path, template)
+    ids, mask = example_ids(tok, tool_example(tmp_path, RESULTS))
+    assert ids == list(hf.apply_chat_template(SERVED, tools=TOOLS, return_dict=True)["input_ids"])
+    trained = hf.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == TRAINED.replace("<|im_end|>", "<|im_end|>\n")  # each turn's whole text
+    runs = np.flatnonzero(np.diff(np.r_[0, mask, 0]) == 1)
+    assert len(runs) == 2  # one per assistant turn
+
+
+def test_a_tool_conversation_is_hermes_turns_for_a_template_without_tools(tokenizer_dir, tmp_path):
+    from lmforge.tokenizer.hermes_tools import hermes_messages
+
+    tok = load_chat_tokenizer(tokenizer_dir)
+    example = tool_example(tmp_path, RESULTS[::-1])
+    turns = hermes_messages([*ASK, {"role": "assistant", "content": "", "tool_calls": CALLS},
+                             *RESULTS, ANSWER], TOOLS)  # fmt: skip
+    assert example["messages"] == turns
+    assert example_ids(tok, example) == encode_chat(tok, turns)
+    assert "<tool_response>\n12:00\n</tool_response>" in tok.render_chat(turns)
