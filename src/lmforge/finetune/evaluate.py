@@ -38,6 +38,15 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def answer_prompt(tok: TokenizerFiles, example: dict[str, Any]) -> str:
+    """The conversation up to its last assistant turn, ready for that answer; a tool conversation
+    is rendered from its OpenAI form as it is trained and served (sft.example_ids)."""
+    tooled = example.get("tool_conversation") or {"messages": example["messages"], "tools": None}
+    msgs = tooled["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return tok.render_chat(msgs[:last], add_generation_prompt=True, tools=tooled["tools"])
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module,
@@ -56,11 +65,7 @@ def generate_answers(
     from lmforge.model.generate import generate_batched
 
     room = model.config.block_size - max_new_tokens
-    prompts = []
-    for example in examples:
-        msgs = example["messages"]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompts.append(tok.encode(tok.render_chat(msgs[:last], add_generation_prompt=True))[-room:])
+    prompts = [tok.encode(answer_prompt(tok, example))[-room:] for example in examples]
     new = generate_batched(
         model, prompts, max_new_tokens, batch_size=batch_size, stop_tokens=stops, greedy=True
     )

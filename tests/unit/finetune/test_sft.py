@@ -183,6 +183,15 @@ def test_a_tool_conversation_is_trained_through_a_template_that_reads_tools(
     assert hf.decode([i for i, m in zip(ids, mask, strict=True) if m]) == TRAINED
 
 
+def test_a_tool_conversation_is_prompted_for_its_answer_as_it_is_served(tokenizer_dir, tmp_path):
+    from lmforge.finetune.evaluate import answer_prompt
+
+    tok, hf = tools_model(tokenizer_dir, tmp_path, TOOLS_TEMPLATE)
+    prompt = answer_prompt(tok, tool_example(tmp_path, RESULTS[::-1]))
+    assert prompt == hf.apply_chat_template(SERVED[:-1], tools=TOOLS, tokenize=False,
+                                            add_generation_prompt=True)  # fmt: skip
+
+
 def test_a_tools_template_without_generation_blocks_masks_by_prefix_renders(
     tokenizer_dir, tmp_path
 ):
