@@ -368,13 +368,18 @@ def test_exported_tool_rows_render_through_the_models_template_to_the_served_pro
     assert tok.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False) == (
         prompt + answer
     )
-    # and finetune reads the row (as the Hermes turns it teaches a ChatML model)
+    # and finetune reads the row: Hermes turns for a ChatML model, and for this model, whose
+    # template reads tools, the OpenAI form its validation prompt renders to the served prompt
+    from lmforge.finetune.evaluate import answer_prompt
+    from lmforge.finetune.sft import load_chat_tokenizer
+
     data = db.parent / "sft-row.jsonl"
     data.write_text(json.dumps(row) + "\n")
     (example,) = read_file(data)[1]
     assert example["messages"][-1]["content"] == (
         f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
     )
+    assert answer_prompt(load_chat_tokenizer(tools_template_dir), example) == served_prompt
 
 
 def test_a_streamed_tool_answer_is_stored_and_exported_as_a_whole_one(served):
