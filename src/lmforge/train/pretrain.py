@@ -200,7 +200,9 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     if cfg.objective == "mlm":
         initial = _initial_val_loss(model, evaluate, rt.device)
         ctx.log.info("masked-token val loss before training: %.4f", initial)
-    result = train(model, loss_fn, loader, tc, ctx, eval_fn=evaluate, flops_per_token=flops)
+    result = train(
+        model, loss_fn, loader, tc, ctx, eval_fn=evaluate, flops_per_token=flops, runtime=rt
+    )
     if rt.env.is_main:
         _write_outputs(cfg, ctx, result)
     barrier()
