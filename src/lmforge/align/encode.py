@@ -2,7 +2,8 @@
 
 Each pair becomes rows of shape (2, T): index 0 the chosen conversation, 1 the rejected one, each
 the prompt plus one assistant reply rendered with the model's chat template (the SFT encoding, so
-a policy is scored on exactly the tokens it was fine-tuned to produce). Arrays: `input_ids`
+a policy is scored on exactly the tokens it was fine-tuned to produce; a tool conversation as it
+was served: through a template that reads `tools`, else as Hermes turns). Arrays: `input_ids`
 (N, 2, T) right-padded with the pad id, `labels` (N, 2, T) holding the next token only where it
 belongs to the reply (its end-of-turn marker included) and -100 elsewhere, and `last` (N, 2), the
 position a reward head pools (finetune.heads.pooled_index: the last non-pad token, as transformers'
@@ -19,19 +20,46 @@ import numpy as np
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.heads import pooled_index
-from lmforge.finetune.sft import encode_chat
+from lmforge.finetune.sft import example_ids
 from lmforge.model.transformer import IGNORE_INDEX
 
 
 def encode_reply(
-    tok: Any, prompt: list[dict[str, str]], reply: str, seq_len: int
+    tok: Any,
+    prompt: list[dict[str, str]],
+    reply: str,
+    seq_len: int,
+    tool_conversation: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[int], bool]:
-    """(ids, labels, truncated) of prompt + reply cut to seq_len; labels mark the reply."""
-    ids, mask = encode_chat(tok, [*prompt, {"role": "assistant", "content": reply}])
+    """(ids, labels, truncated) of prompt + reply cut to seq_len; labels mark the reply.
+
+    With tool_conversation (the prompt's OpenAI form and its tools, align.prefs.prompt_fields)
+    the conversation is rendered by finetune's example_ids, as `lmforge serve` rendered it:
+    through a template that reads `tools`, else as the Hermes turns `prompt` holds. The reply is
+    the text the model wrote (its tool calls the Hermes blocks it generated).
+    """
+    answer = {"role": "assistant", "content": reply}
+    example: dict[str, Any] = {"messages": [*prompt, answer]}
+    if tool_conversation is not None:
+        messages = [*tool_conversation["messages"], answer]
+        example["tool_conversation"] = {"messages": messages, "tools": tool_conversation["tools"]}
+    ids, mask = _reply_only(example_ids(tok, example))
     truncated = len(ids) > seq_len
     ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
     return ids, [*labels, IGNORE_INDEX], truncated
+
+
+def _reply_only(encoded: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """(ids, mask) with the mask on the last assistant turn only, the reply: the chat encoding
+    marks every assistant turn, and a prompt's own (a tool call answered by its results) is
+    context to condition on, not a reply to score."""
+    ids, mask = encoded
+    end = max((t for t, m in enumerate(mask) if m), default=-1)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ids, [int(start <= t <= end) for t in range(len(mask))]
 
 
 def encode_pairs(
@@ -43,7 +71,8 @@ def encode_pairs(
     groups: list[str] = []
     for pair in pairs:
         sides = [
-            encode_reply(tok, pair["prompt"], pair[k], seq_len) for k in ("chosen", "rejected")
+            encode_reply(tok, pair["prompt"], pair[k], seq_len, pair.get("tool_conversation"))
+            for k in ("chosen", "rejected")
         ]
         truncated += sum(cut for _, _, cut in sides)
         if any(all(t == IGNORE_INDEX for t in labels) for _, labels, _ in sides):

@@ -42,7 +42,8 @@ def _record(record: dict[str, Any], where: str) -> PromptRecord:
     try:
         if "prompt" not in record:
             raise ValueError(f"record with keys {sorted(record)} has no prompt")
-        return PromptRecord(prompt_messages(record["prompt"]), _reference(record), where)
+        prompt = prompt_messages(record["prompt"], record.get("tools"))  # tools: Hermes turns
+        return PromptRecord(prompt, _reference(record), where)
     except ValueError as err:
         raise InputError(f"{where}: {err}") from None
 

@@ -51,7 +51,8 @@ def encode_unpaired(
     partner = np.empty(len(examples), dtype=np.int64)
     partner[order] = np.roll(order, 1)  # each takes the completion before it in the shuffle
     as_pairs = [
-        {"prompt": e["prompt"], "chosen": e["completion"],
+        {"prompt": e["prompt"], "tool_conversation": e.get("tool_conversation"),
+         "chosen": e["completion"],
          "rejected": examples[partner[i]]["completion"], "kind": str(i)}
         for i, e in enumerate(examples)
     ]  # fmt: skip

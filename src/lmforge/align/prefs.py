@@ -5,10 +5,14 @@ A record is one of (per line of a .jsonl[.gz|.zst] file; every file under a dire
 - pair: `{"prompt": P, "chosen": str, "rejected": str}`
 - ranked: `{"prompt": P, "ranked": [best, ..., worst]}`, which becomes every (better, worse) pair
 
-P is a string (one user turn) or OpenAI-style messages `[{role, content}, ...]`; a response may
-also be TRL's conversational form, a one-message list `[{"role": "assistant", "content": ...}]`.
-A record that fits neither shape is an InputError naming the file and line. Every pair becomes
-`{"prompt": [messages], "chosen": str, "rejected": str}`.
+P is a string (one user turn) or OpenAI-style messages `[{role, content}, ...]`, tool calling
+included (assistant `tool_calls`, `tool` results, the record's `tools`, as a feedback export
+writes a served tool request); a response may also be TRL's conversational form, a one-message
+list `[{"role": "assistant", "content": ...}]`. A record that fits neither shape is an
+InputError naming the file and line. Every pair becomes `{"prompt": [messages], "chosen": str,
+"rejected": str}`, the prompt as role/content turns (a tool conversation's Hermes turns), and a
+tool conversation keeps its OpenAI form under `tool_conversation` (prompt_fields) for the
+encoding, which renders it as finetune and serve do.
 
 The built-in synthetic pairs are align.synthetic's; KTO's unpaired records are align.unpaired's
 (which reads through record_files too). The serving feedback store is a source too:
@@ -27,6 +31,7 @@ from typing import Any
 
 from lmforge.common.io import read_user_jsonl
 from lmforge.errors import ConfigError, InputError
+from lmforge.tokenizer.hermes_tools import hermes_messages, openai_turns
 
 Pair = dict[str, Any]
 ROLES = ("system", "user", "assistant")
@@ -36,20 +41,59 @@ FEEDBACK_EXPORT = "feedback-export"  # the stage kind that turns the serving sto
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def prompt_messages(value: Any) -> list[dict[str, str]]:
-    """A record's prompt as chat messages; ValueError says what is wrong with it."""
+def prompt_messages(value: Any, tools: Any = None) -> list[dict[str, str]]:
+    """A record's prompt as role/content chat messages; ValueError says what is wrong with it.
+
+    A tool conversation (OpenAI's form: assistant `tool_calls`, `tool` results, the record's
+    `tools`) becomes its Hermes turns, the form every prompt reader takes; tool_conversation
+    keeps the OpenAI form for the encoding."""
     if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
+        value = [{"role": "user", "content": value}]
     if isinstance(value, list) and value:
         for m in value:
-            if not (
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            ):
-                raise ValueError(f"prompt messages need a role in {ROLES} and string content")
+            if not isinstance(m, dict) or m.get("role") not in (*ROLES, "tool"):
+                raise ValueError(f"prompt messages need a role in {(*ROLES, 'tool')}")
+            calls = m["role"] == "assistant" and m.get("tool_calls")
+            if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+                raise ValueError("prompt messages need string content (null only beside calls)")
         if value[-1]["role"] == "assistant":
             raise ValueError("the prompt's last message is the assistant's; it must await one")
+        tools = _tools(tools)
+        if tools or _calls_tools(value):
+            try:
+                return hermes_messages(value, tools)
+            except InputError as err:  # arguments that are not JSON, a result answering no call
+                raise ValueError(str(err)) from None
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"a tool call needs function.name and arguments ({err})") from None
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise ValueError("prompt must be a non-empty string or a list of {role, content} messages")
+
+
+def _tools(tools: Any) -> list[dict[str, Any]] | None:
+    """A record's `tools` (OpenAI tool definitions) checked; None without any."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError("tools must be a list of OpenAI tool definitions ({type, function})")
+    return tools
+
+
+def _calls_tools(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+
+
+def prompt_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """{"prompt": role/content turns} of a record with a prompt, plus, for a tool conversation,
+    `tool_conversation`: {"messages": its OpenAI form, "tools"}, which align's encoding renders
+    as finetune's does (through a template that reads `tools`, else as the Hermes turns), so a
+    policy is scored on the prompt it was served with. ValueError says what is wrong."""
+    value, tools = record["prompt"], record.get("tools")
+    fields: dict[str, Any] = {"prompt": prompt_messages(value, tools)}
+    value = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    if _tools(tools) or _calls_tools(value):
+        fields["tool_conversation"] = {"messages": openai_turns(value), "tools": _tools(tools)}
+    return fields
 
 
 def response_text(value: Any, key: str) -> str:
@@ -66,14 +110,14 @@ def pairs_of(record: dict[str, Any]) -> list[Pair]:
     """The pairs one record holds; ValueError says what is wrong with it."""
     if "prompt" not in record:
         raise ValueError(f"record with keys {sorted(record)} has no prompt; expected {EXPECTED}")
-    prompt = prompt_messages(record["prompt"])
+    prompt = prompt_fields(record)
     if "ranked" in record:
         ranked = record["ranked"]
         if not isinstance(ranked, list) or len(ranked) < 2:
             raise ValueError("ranked must list at least two responses, best first")
         texts = [response_text(r, f"ranked[{i}]") for i, r in enumerate(ranked)]
         return [
-            {"prompt": prompt, "chosen": texts[i], "rejected": texts[j]}
+            {**prompt, "chosen": texts[i], "rejected": texts[j]}
             for i in range(len(texts))
             for j in range(i + 1, len(texts))
             if texts[i] != texts[j]
@@ -83,7 +127,7 @@ def pairs_of(record: dict[str, Any]) -> list[Pair]:
         rejected = response_text(record["rejected"], "rejected")
         if chosen == rejected:
             raise ValueError("chosen and rejected are the same text: nothing to prefer")
-        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        pair = {**prompt, "chosen": chosen, "rejected": rejected}
         if isinstance(record.get("kind"), str):  # e.g. the synthetic pairs' rejection kind
             pair["kind"] = record["kind"]
         return [pair]
@@ -183,7 +227,7 @@ def load_prompts(path: Path) -> list[list[dict[str, str]]]:
                 try:
                     if "prompt" not in record:
                         raise ValueError(f"record with keys {sorted(record)} has no prompt")
-                    prompt = prompt_messages(record["prompt"])
+                    prompt = prompt_messages(record["prompt"], record.get("tools"))
                 except ValueError as err:
                     raise InputError(f"{file} line {line}: {err}") from None
                 key = repr(prompt)

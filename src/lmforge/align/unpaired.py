@@ -12,7 +12,8 @@ P is a string or chat messages, as align.prefs. The serving feedback store is a 
 SQLite file (exported first with the rating thresholds given) or a feedback export directory,
 whose kto.jsonl is read. A record that fits no shape is an InputError naming the file and line.
 Every example becomes `{"prompt": [messages], "completion": str, "desirable": bool}` plus
-`"pair": (record, index)` when it came from a pair.
+`"pair": (record, index)` when it came from a pair, and a tool conversation's OpenAI form under
+`tool_conversation` (align.prefs.prompt_fields: a record with `tools`, tool calls or results).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.align.prefs import pairs_of, prompt_messages, record_files, response_text
+from lmforge.align.prefs import pairs_of, prompt_fields, record_files, response_text
 from lmforge.common.io import read_user_jsonl
 from lmforge.errors import InputError
 
@@ -33,7 +34,7 @@ def examples_of(record: dict[str, Any], where: int) -> list[Example]:
     what is wrong with it."""
     if "label" not in record and "completion" not in record:
         return [
-            {"prompt": p["prompt"], "completion": p[side], "desirable": side == "chosen",
+            {**_prompt_of(p), "completion": p[side], "desirable": side == "chosen",
              "pair": (where, i)}
             for i, p in enumerate(pairs_of(record))
             for side in ("chosen", "rejected")
@@ -47,9 +48,12 @@ def examples_of(record: dict[str, Any], where: int) -> list[Example]:
     if not isinstance(label, bool):
         raise ValueError(f"label must be true (desirable) or false (undesirable), got {label!r}")
     completion = response_text(record["completion"], "completion")
-    return [
-        {"prompt": prompt_messages(record["prompt"]), "completion": completion, "desirable": label}
-    ]
+    return [{**prompt_fields(record), "completion": completion, "desirable": label}]
+
+
+def _prompt_of(pair: dict[str, Any]) -> dict[str, Any]:
+    """A pair's prompt fields (its tool conversation too, when it has one)."""
+    return {k: pair[k] for k in ("prompt", "tool_conversation") if k in pair}
 
 
 def load_unpaired_groups(path: Path, options: dict[str, Any] | None = None) -> list[list[Example]]:

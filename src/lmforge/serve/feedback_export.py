@@ -18,6 +18,11 @@ DPO or KTO round learn from what people rated.
   both sides of each side-by-side choice that made a pair above, chosen true and rejected false
   (kind "choice"); a response takes each label once.
 
+In both, a tool request's prompt keeps OpenAI's form as in sft.jsonl, with its `tools` beside it,
+so that align renders it as it was served (through a template that reads `tools`, else as Hermes
+turns); Hermes-form rows keep their turns. The answers are the stored texts: tool calls as the
+`<tool_call>` blocks the model wrote.
+
 A tool call cut by max_tokens (a tool request's answer with finish_reason "length" that holds a
 `<tool_call>` block) is left out of all three, counted as skipped_cut_calls: the store keeps a cut
 call's arguments as a JSON string fragment, which reads as a complete call with string arguments
@@ -104,19 +109,29 @@ def _tool_turns(response: dict[str, Any], make: Any, *args: Any) -> list[dict[st
         ) from None
 
 
-def _prompt(response: dict[str, Any]) -> str | list[dict[str, str]]:
-    """The prompt as align reads it: the chat messages as role/content turns (tool calling in
-    Hermes turns, as older rows hold it), else the raw prompt text."""
+def _prompt(response: dict[str, Any]) -> dict[str, Any]:
+    """The prompt fields of align's records: {"prompt": the chat messages} (a row in OpenAI's
+    form as openai_turns gives them, with {"tools": [...]} when it had tools, so align renders
+    the prompt that was served; a Hermes-form row's role/content turns), else the raw text."""
     messages = response["messages"]
     if messages and _openai_form(response):
-        messages = _tool_turns(response, hermes_messages, response["params"].get("tools"))
+        tools = response["params"].get("tools")
+        return {
+            "prompt": _tool_turns(response, openai_turns),
+            **({"tools": tools} if tools else {}),
+        }
     if messages:
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    return response["prompt"]
+        return {"prompt": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    return {"prompt": response["prompt"]}
 
 
 def _prompt_key(response: dict[str, Any]) -> str:
-    return json.dumps(_prompt(response), sort_keys=True)
+    """Prompts compare as the Hermes turns they render to, so that rows of one conversation
+    stored in either form (older rows hold Hermes turns) are one prompt."""
+    if response["messages"] and _openai_form(response):
+        tools = response["params"].get("tools")
+        return json.dumps(_tool_turns(response, hermes_messages, tools), sort_keys=True)
+    return json.dumps(_prompt(response)["prompt"], sort_keys=True)
 
 
 def _cut_call(response: dict[str, Any]) -> bool:
@@ -150,20 +165,19 @@ def _sft_record(response: dict[str, Any]) -> dict[str, Any]:
     turns serve renders for a template without tools (ChatML), with any template; a Hermes-form
     row keeps its role/content turns."""
     meta = {"response_id": response["id"], "rating": round(response["stars"], 3)}
+    fields = _prompt(response)
     if response["messages"] and _openai_form(response):
-        tools = response["params"].get("tools")
-        turns = [*_tool_turns(response, openai_turns), _answer(response)]
-        return {"messages": turns, **({"tools": tools} if tools else {}), **meta}
-    prompt = _prompt(response)
+        return {"messages": [*fields.pop("prompt"), _answer(response)], **fields, **meta}
+    prompt = fields["prompt"]
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return {"messages": [*turns, {"role": "assistant", "content": response["text"]}], **meta}
 
 
-def _pair(prompt: Any, chosen: dict, rejected: dict, kind: str) -> dict[str, Any] | None:
+def _pair(prompt: dict, chosen: dict, rejected: dict, kind: str) -> dict[str, Any] | None:
     if chosen["text"].strip() == rejected["text"].strip() or not chosen["text"].strip():
         return None  # nothing to prefer
     return {
-        "prompt": prompt,
+        **prompt,
         "chosen": chosen["text"],
         "rejected": rejected["text"],
         "kind": kind,
@@ -172,8 +186,8 @@ def _pair(prompt: Any, chosen: dict, rejected: dict, kind: str) -> dict[str, Any
     }
 
 
-def _kto_record(prompt: Any, response: dict, label: bool, kind: str) -> dict[str, Any]:
-    record = {"prompt": prompt, "completion": response["text"], "label": label, "kind": kind,
+def _kto_record(prompt: dict, response: dict, label: bool, kind: str) -> dict[str, Any]:
+    record = {**prompt, "completion": response["text"], "label": label, "kind": kind,
               "response_id": response["id"]}  # fmt: skip
     if kind == "rating":
         record["rating"] = round(response["stars"], 3)
