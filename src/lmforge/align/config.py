@@ -158,6 +158,21 @@ class RewardSpec(Section):
 
     @model_validator(mode="after")
     def _needs_its_setting(self) -> RewardSpec:
+        owner = {"model": "reward_model", "pattern": "regex", "match": "regex",
+                 "min_tokens": "length", "max_tokens": "length", "function": "python"}  # fmt: skip
+        # a key of another kind set away from its default (compared by value, not by "was it
+        # given", so a dumped config validates again) is a typo, never silently ignored
+        fields = type(self).model_fields
+        stray = sorted(
+            k
+            for k, kind in owner.items()
+            if kind != self.kind and getattr(self, k) != fields[k].default
+        )
+        if stray:
+            raise ValueError(
+                f"a {self.kind} reward does not read {', '.join(f'`{k}`' for k in stray)} "
+                f"({', '.join(f'{k}: {owner[k]}' for k in stray)}): remove it or fix `kind`"
+            )
         needed = {"reward_model": "model", "regex": "pattern", "python": "function"}
         key = needed.get(self.kind)
         if key and getattr(self, key) is None:

@@ -91,6 +91,14 @@ def test_python_rewards_from_a_module_or_a_file(tmp_path, monkeypatch):
 def test_reward_config_errors_name_what_is_missing():
     with pytest.raises(ValueError, match="regex reward needs `pattern`"):
         RewardSpec(kind="regex")
+    with pytest.raises(
+        ValueError, match=r"a rouge_l reward does not read `pattern` \(pattern: regex"
+    ):
+        RewardSpec(kind="rouge_l", pattern="[A-Z].*")
+    with pytest.raises(ValueError, match=r"regex reward does not read `max_tokens`, `model`"):
+        RewardSpec(kind="regex", pattern="x", model="rm", max_tokens=3)
+    spec = RewardSpec(kind="regex", pattern="x", match="search", weight=0.5, name="starts")
+    assert RewardSpec.model_validate(spec.model_dump()) == spec  # a dumped config reads again
     with pytest.raises(ValueError, match="needs `min_tokens` or `max_tokens`"):
         RewardSpec(kind="length")
     with pytest.raises(ValueError, match="max_tokens is below min_tokens"):
