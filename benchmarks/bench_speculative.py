@@ -24,8 +24,8 @@ pauses of the draft after fruitless one-guess rounds), and transformers' own gre
 assisted generation (generate(assistant_model=...), its defaults: up to 20 draft tokens,
 confidence 0.4) on the same weights exported with save_pretrained; the ratios print at the end.
 
-Every contender's output is checked equal to plain greedy token for token (transformers' rows
-may differ where fp32 rounding flips a near tie).
+Every contender's output is compared with plain greedy token for token; the run fails if one of
+ours differs (transformers' rows may differ where fp32 rounding flips a near tie).
 
 Run: `cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src ../.venv/bin/python
 bench_speculative.py [--markov-steps 200 --prompts 8]` (the speedup case: docs/benchmarks.md)
@@ -194,9 +194,11 @@ def main() -> None:
                    "HF assisted, trained draft": hf("trained")}  # fmt: skip
     times, outputs = time_round_robin(contenders, args.rounds)
     ref = outputs["plain greedy"]
+    differ = []
     for name, out in outputs.items():
         same = sum(a == b for a, b in zip(out, ref, strict=True))
         print(f"{name}: {same}/{len(ref)} rows equal to plain greedy")
+        differ += [name] if same < len(ref) and not name.startswith("HF") else []
     for name, s in stats.items():
         print(f"{name}: acceptance {s.acceptance_rate:.1%} ({s.accepted}/{s.proposed}), "
               f"{s.tokens / s.target_passes:.2f} tokens per target pass")  # fmt: skip
@@ -204,6 +206,8 @@ def main() -> None:
     ratios += [(f"speculative{h}, {n} draft", f"HF assisted, {n} draft")
                for n in ("random", "trained") for h in ("", " heuristic", " backoff")]  # fmt: skip
     print_rates(times, args.prompts * args.new_tokens, ratios)
+    if differ:  # ours must give plain greedy's answers: a speedup of others is none
+        raise SystemExit(f"answers differ from plain greedy: {', '.join(differ)}")
 
 
 if __name__ == "__main__":
