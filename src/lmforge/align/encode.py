@@ -20,7 +20,7 @@ import numpy as np
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.heads import pooled_index
-from lmforge.finetune.sft import example_ids
+from lmforge.finetune.sft import encode_chat
 from lmforge.model.transformer import IGNORE_INDEX
 
 
@@ -34,16 +34,15 @@ def encode_reply(
     """(ids, labels, truncated) of prompt + reply cut to seq_len; labels mark the reply.
 
     With tool_conversation (the prompt's OpenAI form and its tools, align.prefs.prompt_fields)
-    the conversation is rendered by finetune's example_ids, as `lmforge serve` rendered it:
+    the conversation is rendered by finetune's encode_chat with its tools, as `lmforge serve` rendered it:
     through a template that reads `tools`, else as the Hermes turns `prompt` holds. The reply is
     the text the model wrote (its tool calls the Hermes blocks it generated).
     """
     answer = {"role": "assistant", "content": reply}
-    example: dict[str, Any] = {"messages": [*prompt, answer]}
+    messages, tools = [*prompt, answer], None
     if tool_conversation is not None:
-        messages = [*tool_conversation["messages"], answer]
-        example["tool_conversation"] = {"messages": messages, "tools": tool_conversation["tools"]}
-    ids, mask = _reply_only(example_ids(tok, example))
+        messages, tools = [*tool_conversation["messages"], answer], tool_conversation["tools"]
+    ids, mask = _reply_only(encode_chat(tok, messages, tools))
     truncated = len(ids) > seq_len
     ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]

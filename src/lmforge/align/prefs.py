@@ -31,7 +31,7 @@ from typing import Any
 
 from lmforge.common.io import read_user_jsonl
 from lmforge.errors import ConfigError, InputError
-from lmforge.tokenizer.hermes_tools import hermes_messages, openai_turns
+from lmforge.tokenizer.hermes_tools import has_tool_turns, hermes_messages, openai_turns
 
 Pair = dict[str, Any]
 ROLES = ("system", "user", "assistant")
@@ -59,7 +59,7 @@ def prompt_messages(value: Any, tools: Any = None) -> list[dict[str, str]]:
         if value[-1]["role"] == "assistant":
             raise ValueError("the prompt's last message is the assistant's; it must await one")
         tools = _tools(tools)
-        if tools or _calls_tools(value):
+        if tools or has_tool_turns(value):
             try:
                 return hermes_messages(value, tools)
             except InputError as err:  # arguments that are not JSON, a result answering no call
@@ -79,10 +79,6 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
     return tools
 
 
-def _calls_tools(messages: list[dict[str, Any]]) -> bool:
-    return any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-
-
 def prompt_fields(record: dict[str, Any]) -> dict[str, Any]:
     """{"prompt": role/content turns} of a record with a prompt, plus, for a tool conversation,
     `tool_conversation`: {"messages": its OpenAI form, "tools"}, which align's encoding renders
@@ -91,7 +87,7 @@ def prompt_fields(record: dict[str, Any]) -> dict[str, Any]:
     value, tools = record["prompt"], record.get("tools")
     fields: dict[str, Any] = {"prompt": prompt_messages(value, tools)}
     value = [{"role": "user", "content": value}] if isinstance(value, str) else value
-    if _tools(tools) or _calls_tools(value):
+    if _tools(tools) or has_tool_turns(value):
         fields["tool_conversation"] = {"messages": openai_turns(value), "tools": _tools(tools)}
     return fields
 

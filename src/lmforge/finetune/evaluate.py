@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge.finetune.sft import chat_of
 from lmforge.tokenizer.files import TokenizerFiles
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -40,11 +41,10 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 def answer_prompt(tok: TokenizerFiles, example: dict[str, Any]) -> str:
     """The conversation up to its last assistant turn, ready for that answer; a tool conversation
-    is rendered from its OpenAI form as it is trained and served (sft.example_ids)."""
-    tooled = example.get("tool_conversation") or {"messages": example["messages"], "tools": None}
-    msgs = tooled["messages"]
+    is rendered from its OpenAI form as it is trained and served (sft.chat_of)."""
+    msgs, tools = chat_of(example)
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    return tok.render_chat(msgs[:last], add_generation_prompt=True, tools=tooled["tools"])
+    return tok.render_chat(msgs[:last], add_generation_prompt=True, tools=tools)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from typing import Any
 
 from lmforge.common.io import read_user_jsonl
 from lmforge.errors import InputError
-from lmforge.tokenizer.hermes_tools import hermes_messages
+from lmforge.tokenizer.hermes_tools import has_tool_turns, hermes_messages
 
 Record = dict[str, Any]
 Example = dict[str, Any]
@@ -206,7 +206,7 @@ def _openai(r: Record) -> Example:
     tools = r.get("tools") or None
     try:  # without tools: the same role/content turns
         example = {"messages": hermes_messages(msgs, tools), "meta": {}}
-        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs):
+        if tools or has_tool_turns(msgs):
             example["tool_conversation"] = {"messages": msgs, "tools": tools}
         return example
     except InputError as err:  # arguments that are not JSON

@@ -51,14 +51,19 @@ def encode_chat(
     return enc.ids, enc.assistant_mask
 
 
-def example_ids(tok: TokenizerFiles, example: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """encode_chat of a chat example; a tool conversation in its OpenAI form, which the
-    tokenizer renders as `lmforge serve` does: through a template that reads `tools` (so the
-    model learns the prompt it is served with), else as the Hermes turns of `messages`."""
+def chat_of(example: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict] | None]:
+    """(messages, tools) to render of a chat example: a tool conversation in its OpenAI form,
+    which the tokenizer renders as `lmforge serve` does (through a template that reads `tools`,
+    so the model learns the prompt it is served with, else as Hermes turns), else `messages`."""
     tooled = example.get("tool_conversation")
     if tooled is None:
-        return encode_chat(tok, example["messages"])
-    return encode_chat(tok, tooled["messages"], tooled["tools"])
+        return example["messages"], None
+    return tooled["messages"], tooled["tools"]
+
+
+def example_ids(tok: TokenizerFiles, example: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """encode_chat of a chat example's conversation (chat_of)."""
+    return encode_chat(tok, *chat_of(example))
 
 
 def truncate(

@@ -49,6 +49,7 @@ from lmforge.errors import InputError
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.tokenizer.hermes_tools import (
     TOOL_CALL_OPEN,
+    has_tool_turns,
     hermes_messages,
     openai_turns,
     parse_tool_calls,
@@ -92,9 +93,7 @@ def _openai_form(response: dict[str, Any]) -> bool:
     """Whether a row keeps its conversation in OpenAI's form (tool calls, tool results, the tools
     in its params), as the server stores tool requests now; older rows hold Hermes turns."""
     messages = response["messages"] or []
-    return response["params"].get("messages_form") == "openai" or any(
-        m.get("tool_calls") or m["role"] == "tool" for m in messages
-    )
+    return response["params"].get("messages_form") == "openai" or has_tool_turns(messages)
 
 
 def _tool_turns(response: dict[str, Any], make: Any, *args: Any) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmforge.errors import InputError
@@ -216,6 +216,11 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     return text[:start].rstrip() or None, calls
 
 
+def has_tool_turns(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a conversation holds tool calls or tool results (rendered with the tools path)."""
+    return any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+
+
 def template_turns(
     messages: Sequence[Message], tools: Sequence[Message] | None, template: str
 ) -> tuple[list[Message], dict[str, Any]]:
@@ -226,8 +231,7 @@ def template_turns(
     their calls (matched_tool_results); any other gets hermes_messages.
     A conversation without tools, tool calls or tool turns is returned as it is.
     """
-    has_tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-    if not tools and not has_tool_turns:
+    if not tools and not has_tool_turns(messages):
         return list(messages), {}
     if not template_reads_tools(template):
         return hermes_messages(messages, tools), {}
