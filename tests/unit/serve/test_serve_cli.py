@@ -26,6 +26,34 @@ def test_help_has_an_example_and_every_flag():
         assert flag in out, flag
 
 
+# every `lmforge serve` option, in --help order, with its default (as before serve_cmd's options
+# moved into aliases: the list must not change by accident)
+SERVE_OPTIONS = [
+    (["--model"], None), (["--lora", "--lora-modules"], None),
+    (["--allow-runtime-lora-updating"], False), (["--host"], "127.0.0.1"), (["--port"], 8000),
+    (["--api-key"], None), (["--workers"], 1), (["--kb"], None), (["--safety"], None),
+    (["--feedback-db"], None), (["--max-batch-size"], 32), (["--max-queue"], 256),
+    (["--request-timeout"], 120.0), (["--device"], "auto"), (["--config"], None),
+    (["--threads"], None), (["--compile"], "off"), (["--generation-config"], "auto"),
+    (["--prefix-cache-mb"], 256), (["--loop"], "auto"), (["--http"], "auto"),
+    (["--embed-pooling"], "auto"), (["--embed-normalize"], None),
+]  # fmt: skip
+
+
+def test_serve_keeps_every_option_with_its_default_and_help():
+    import typer.main
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    params = typer.main.get_command(app).commands["serve"].params
+    assert [(p.opts, p.default) for p in params] == SERVE_OPTIONS
+    assert all(p.help for p in params)
+    out = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["serve", "--help"]).output
+    for opts, _ in SERVE_OPTIONS:
+        assert all(opt in out for opt in opts), opts
+
+
 def test_bad_flags_are_one_line_errors(tmp_path):
     r = lmforge("serve")
     assert r.returncode == 2 and "needs --model" in r.stderr + r.stdout
