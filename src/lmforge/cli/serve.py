@@ -127,11 +127,11 @@ EmbedNormalizeOpt = Annotated[
 # Flags that set the ServeSettings field of their name (or of the name given here) and, with
 # --config, override the file's value when typed on the command line.
 SETTING_FLAGS = {
-    "host": "host", "port": "port", "workers": "workers", "device": "device",
-    "max_batch_size": "max_batch_size", "max_queue": "max_queue",
-    "request_timeout": "request_timeout_s", "threads": "threads", "compile": "compile",
-    "generation_config": "generation_config", "loop": "loop", "http": "http",
-    "prefix_cache_mb": "prefix_cache_mb", "embed_pooling": "embed_pooling",
+    "host": "host", "port": "port", "workers": "workers", "kb": "kb", "safety": "safety",
+    "feedback_db": "feedback_db", "device": "device", "max_batch_size": "max_batch_size",
+    "max_queue": "max_queue", "request_timeout": "request_timeout_s", "threads": "threads",
+    "compile": "compile", "generation_config": "generation_config", "loop": "loop",
+    "http": "http", "prefix_cache_mb": "prefix_cache_mb", "embed_pooling": "embed_pooling",
     "embed_normalize": "embed_normalize", "allow_runtime_lora_updating": "runtime_lora_updating",
 }  # fmt: skip
 
@@ -181,26 +181,28 @@ def serve_cmd(
 
 def serve_settings(ctx: typer.Context) -> ServeSettings:
     """ServeSettings from the flags (ctx.params): a --config file's settings with the flags
-    typed on the command line over them, else the flags alone (--model required)."""
+    typed on the command line over them (--model's models replace the file's, --lora's
+    adapters join its own), else the flags alone (--model required)."""
     from lmforge.config import validate
     from lmforge.errors import ConfigError
     from lmforge.serve.settings import ServeSettings, parse_lora_specs, parse_model_specs
 
-    flag = ctx.params
-    if flag["config"] is not None:
+    flag, config = ctx.params, ctx.params["config"]
+    fields = {f: flag[p] for p, f in SETTING_FLAGS.items()
+              if config is None or _given_on_command_line(ctx, p)}  # fmt: skip
+    if flag["model"]:
+        fields["models"] = parse_model_specs(flag["model"])
+    elif config is None:
+        raise ConfigError("lmforge serve needs --model DIR (or NAME=DIR); see --help")
+    loras = parse_lora_specs(flag["lora"] or [])
+    if config is not None:  # the file's settings under the flags typed; --lora adds adapters
         from lmforge.serve.recipe_config import load_serve_config
 
-        base = load_serve_config(flag["config"])
-        given = {f: flag[p] for p, f in SETTING_FLAGS.items() if _given_on_command_line(ctx, p)}
-        fields = {**base.model_dump(), **given, "api_key": flag["api_key"] or base.api_key}
-        fields["loras"] = [*fields["loras"], *parse_lora_specs(flag["lora"] or [])]
-    elif not flag["model"]:
-        raise ConfigError("lmforge serve needs --model DIR (or NAME=DIR); see --help")
+        base = load_serve_config(config).model_dump()
+        fields = {**base, **fields, "api_key": flag["api_key"] or base["api_key"],
+                  "loras": [*base["loras"], *loras]}  # fmt: skip
     else:
-        fields = {"models": parse_model_specs(flag["model"]), "kb": flag["kb"],
-                  "safety": flag["safety"], "feedback_db": flag["feedback_db"],
-                  **{f: flag[p] for p, f in SETTING_FLAGS.items()}, "api_key": flag["api_key"],
-                  "loras": parse_lora_specs(flag["lora"] or [])}  # fmt: skip
+        fields.update(api_key=flag["api_key"], loras=loras)
     return validate(ServeSettings, fields, where="serve")
 
 

@@ -115,6 +115,17 @@ def test_a_serve_yaml_keeps_its_values_unless_a_flag_is_given(tmp_path, monkeypa
     result = CliRunner().invoke(app, ["serve", "--config", str(config), "--request-timeout", "3"])
     assert result.exit_code == 0, result.output
     assert started[-1].request_timeout_s == 3.0 and started[-1].port == 9001
+    assert (started[-1].kb, started[-1].feedback_db, started[-1].safety) == (None, None, None)
+    # the flags naming models and stores override the file's too (they were dropped before)
+    (tmp_path / "n").mkdir()
+    typed = ["--model", f"n={tmp_path / 'n'}", "--kb", str(tmp_path / "docs"),
+             "--feedback-db", str(tmp_path / "f.db"), "--safety", str(tmp_path / "s.yaml")]  # fmt: skip
+    result = CliRunner().invoke(app, ["serve", "--config", str(config), *typed])
+    assert result.exit_code == 0, result.output
+    settings = started[-1]
+    assert [(m.name, m.path) for m in settings.models] == [("n", tmp_path / "n")]
+    assert (settings.kb, settings.feedback_db) == (tmp_path / "docs", tmp_path / "f.db")
+    assert settings.safety == tmp_path / "s.yaml" and settings.port == 9001
 
 
 def test_generation_config_flag_defaults_to_auto_and_none_turns_it_off(tmp_path, monkeypatch):
