@@ -24,8 +24,9 @@ pauses of the draft after fruitless one-guess rounds), and transformers' own gre
 assisted generation (generate(assistant_model=...), its defaults: up to 20 draft tokens,
 confidence 0.4) on the same weights exported with save_pretrained; the ratios print at the end.
 
-Every contender's output is compared with plain greedy token for token; the run fails if one of
-ours differs (transformers' rows may differ where fp32 rounding flips a near tie).
+Each contender runs one untimed warm-up round, then --rounds timed ones. Every contender's
+output is compared with plain greedy token for token; the run fails if one of ours differs
+(transformers' rows may differ where fp32 rounding flips a near tie).
 
 Run: `cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src ../.venv/bin/python
 bench_speculative.py [--markov-steps 200 --prompts 8]` (the speedup case: docs/benchmarks.md)
@@ -192,6 +193,8 @@ def main() -> None:
         contenders[f"speculative backoff, {n} draft"] = spec(n, f"{n}, backoff", **backoff)
     contenders |= {"HF greedy": hf(), "HF assisted, random draft": hf("random"),
                    "HF assisted, trained draft": hf("trained")}  # fmt: skip
+    for run in contenders.values():  # one untimed round: first-call costs (allocations, HF's
+        run()  # set-up) fall outside the times; spec() resets its stats each call
     times, outputs = time_round_robin(contenders, args.rounds)
     ref = outputs["plain greedy"]
     differ = []

@@ -10,6 +10,9 @@ what they get). The change time catches what the modification time alone misses:
 puts back the old one (cp -p, rsync -t, shutil.copy2), into the same or a reused inode. A file
 changed (either time) less than SETTLE_S ago is read afresh each time: a rewrite in place within
 the file system's timestamp granularity (FAT's is 2 s) could leave all of them the same.
+
+read_json_object is the reader for such a file a person supplies (a model or tokenizer directory
+from anywhere): malformed JSON is an InputError naming the file, line and column and what to do.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+from lmforge.errors import InputError
 
 SETTLE_S = 2.0  # seconds since its last change after which a file's parse is kept
 MAX_FILES = 64  # parsed files kept, least recently read dropped first
@@ -47,3 +52,21 @@ def read_json(path: Path | str) -> Any:
                 _parsed.popitem(last=False)
         return copy.deepcopy(value)
     return value
+
+
+REWRITE_HINT = "mend it, or write the directory again with the tool that made it"
+
+
+def read_json_object(path: Path | str, fix: str = REWRITE_HINT) -> dict[str, Any]:
+    """The JSON object in path (read_json: parsed once while the file is unchanged); an
+    InputError naming the file, where it breaks and `fix` (what to do) when it is not one."""
+    try:
+        data = read_json(path)
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno} column {err.colno}"
+        raise InputError(f"{path} is not valid JSON ({where}: {err.msg}); {fix}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text (byte {err.start}); {fix}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object, not a {type(data).__name__}; {fix}")
+    return data

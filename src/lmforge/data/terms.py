@@ -14,11 +14,11 @@ replaces ("He" -> "She", "HIS" -> "HER"). When a term sits in several pairs ("he
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.common.json_cache import read_json_object
 from lmforge.errors import InputError
 
 BUILTIN = Path(__file__).parent / "resources" / "bias_terms.json"
@@ -89,13 +89,12 @@ def load_groups(path: Path | None = None, names: list[str] | None = None) -> lis
         raise InputError(
             f"bias terms file {source} not found (JSON or YAML: group -> sides, pairs)"
         )
-    text = source.read_text(encoding="utf-8")
     if source.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
     else:
-        data = json.loads(text)
+        data = read_json_object(source, "mend it (group -> sides, pairs)")
     groups = []
     for name, body in (data or {}).items():
         sides, pairs = (body or {}).get("sides"), (body or {}).get("pairs")

@@ -3,7 +3,6 @@ trains on (packed chat, labeled texts, tagged words or source+target pairs)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +130,7 @@ def is_encoder(model_dir: Path) -> bool:
 
 def base_seq2seq_ids(cfg: FinetuneConfig, tok: TokenizerFiles) -> seq2seq.Seq2SeqIds:
     """The base model's special ids (none from scratch: the tokenizer's)."""
-    config_json = cfg.model_dir() / "config.json"
-    base = {} if cfg.from_scratch else json.loads(config_json.read_text(encoding="utf-8"))
+    from lmforge.model.convert import read_config
+
+    base = {} if cfg.from_scratch else read_config(cfg.model_dir())
     return seq2seq.Seq2SeqIds.of(base, tok)

@@ -90,10 +90,13 @@ class FeedbackExportConfig(StageConfig):
 
 
 def _openai_form(response: dict[str, Any]) -> bool:
-    """Whether a row keeps its conversation in OpenAI's form (tool calls, tool results, the tools
-    in its params), as the server stores tool requests now; older rows hold Hermes turns."""
-    messages = response["messages"] or []
-    return response["params"].get("messages_form") == "openai" or has_tool_turns(messages)
+    """Whether a row keeps a conversation in OpenAI's form (tool calls, tool results, the tools
+    in its params), as the server stores tool requests now; older rows hold Hermes turns, and a
+    completion none."""
+    messages = response["messages"]
+    return bool(messages) and (
+        response["params"].get("messages_form") == "openai" or has_tool_turns(messages)
+    )
 
 
 def _tool_turns(response: dict[str, Any], make: Any, *args: Any) -> list[dict[str, Any]]:
@@ -108,29 +111,35 @@ def _tool_turns(response: dict[str, Any], make: Any, *args: Any) -> list[dict[st
         ) from None
 
 
+def _openai_prompt(response: dict[str, Any]) -> dict[str, Any]:
+    """A row in OpenAI's form: {"prompt": its messages as openai_turns gives them} with
+    {"tools": [...]} when it had tools, so align renders the prompt that was served."""
+    tools = response["params"].get("tools")
+    return {"prompt": _tool_turns(response, openai_turns), **({"tools": tools} if tools else {})}
+
+
+def _plain_prompt(response: dict[str, Any]) -> list[dict[str, Any]] | str:
+    """Any other row's prompt: a Hermes-form row's role/content turns, else the raw text."""
+    if response["messages"]:
+        return [{"role": m["role"], "content": m["content"]} for m in response["messages"]]
+    return response["prompt"]
+
+
 def _prompt(response: dict[str, Any]) -> dict[str, Any]:
-    """The prompt fields of align's records: {"prompt": the chat messages} (a row in OpenAI's
-    form as openai_turns gives them, with {"tools": [...]} when it had tools, so align renders
-    the prompt that was served; a Hermes-form row's role/content turns), else the raw text."""
-    messages = response["messages"]
-    if messages and _openai_form(response):
-        tools = response["params"].get("tools")
-        return {
-            "prompt": _tool_turns(response, openai_turns),
-            **({"tools": tools} if tools else {}),
-        }
-    if messages:
-        return {"prompt": [{"role": m["role"], "content": m["content"]} for m in messages]}
-    return {"prompt": response["prompt"]}
+    """The prompt fields of align's records: {"prompt": the chat messages or the raw text},
+    with the tools of a row in OpenAI's form."""
+    return (
+        _openai_prompt(response) if _openai_form(response) else {"prompt": _plain_prompt(response)}
+    )
 
 
 def _prompt_key(response: dict[str, Any]) -> str:
     """Prompts compare as the Hermes turns they render to, so that rows of one conversation
     stored in either form (older rows hold Hermes turns) are one prompt."""
-    if response["messages"] and _openai_form(response):
+    if _openai_form(response):
         tools = response["params"].get("tools")
         return json.dumps(_tool_turns(response, hermes_messages, tools), sort_keys=True)
-    return json.dumps(_prompt(response)["prompt"], sort_keys=True)
+    return json.dumps(_plain_prompt(response), sort_keys=True)
 
 
 def _cut_call(response: dict[str, Any]) -> bool:
@@ -164,10 +173,10 @@ def _sft_record(response: dict[str, Any]) -> dict[str, Any]:
     turns serve renders for a template without tools (ChatML), with any template; a Hermes-form
     row keeps its role/content turns."""
     meta = {"response_id": response["id"], "rating": round(response["stars"], 3)}
-    fields = _prompt(response)
-    if response["messages"] and _openai_form(response):
+    if _openai_form(response):
+        fields = _openai_prompt(response)
         return {"messages": [*fields.pop("prompt"), _answer(response)], **fields, **meta}
-    prompt = fields["prompt"]
+    prompt = _plain_prompt(response)
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return {"messages": [*turns, {"role": "assistant", "content": response["text"]}], **meta}
 

@@ -8,7 +8,6 @@ through `TokenizerFiles`, so special-token and chat-template handling lives in o
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import xxhash
 
+from lmforge.common.json_cache import read_json_object
 from lmforge.errors import ConfigError, InputError
 from lmforge.tokenizer.chat import (
     CHATML_TEMPLATE,
@@ -33,6 +33,8 @@ __all__ = ["CHATML_TEMPLATE", "TOKENIZER_HINT", "TokenizerFiles", "tokenizer_has
 log = logging.getLogger(__name__)
 
 TOKENIZER_HINT = "lmforge tokenizer train --data DIR --out DIR"
+# what to do about a malformed tokenizer_config.json or special_tokens_map.json
+TOKENIZER_FIX = f"mend it, or save the tokenizer again (save_pretrained, or {TOKENIZER_HINT})"
 # The files that make a directory loadable by transformers.AutoTokenizer.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -114,7 +116,7 @@ class TokenizerFiles:
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
             if (path / name).is_file():
-                config.update(json.loads((path / name).read_text(encoding="utf-8")))
+                config.update(read_json_object(path / name, TOKENIZER_FIX))
         template = dir_chat_template(path, config)
         special = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.common.json_cache import read_json
+from lmforge.common.json_cache import read_json_object
 from lmforge.errors import InputError
 from lmforge.tokenizer.files import TokenizerFiles
 
@@ -71,15 +71,3 @@ def eos_ids(gen: dict[str, Any], path: Path | None = None) -> list[int]:
             "delete the file (lmforge then derives it from the tokenizer)"
         )
     return list(ids)
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in path (common.json_cache: parsed once while the file is unchanged); an
-    InputError naming it when it is not one."""
-    try:
-        data = read_json(path)
-    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError of bytes not UTF-8
-        raise InputError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path} must hold a JSON object")
-    return data

@@ -41,6 +41,11 @@ def test_user_term_files_json_and_yaml(tmp_path):
     bad.write_text(json.dumps({"x": {"sides": ["a"], "pairs": [["a", "b"]]}}))
     with pytest.raises(InputError, match="group 'x' needs 'sides'"):
         load_groups(bad)
+    bad.write_text('{"x": {"sides": ["a", "b"]')
+    with pytest.raises(
+        InputError, match=r"bad\.json is not valid JSON \(line 1 column 27: .*; mend"
+    ):
+        load_groups(bad)
     with pytest.raises(InputError, match=r"bias groups \['nope'\] are not in"):
         load_groups(names=["nope"])
 

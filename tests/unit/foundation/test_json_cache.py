@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.common import json_cache
-from lmforge.common.json_cache import read_json
+from lmforge.common.json_cache import read_json, read_json_object
+from lmforge.errors import InputError
 
 SETTLED = 0.05  # SETTLE_S for these tests, so that they need not wait 2 s for a file to settle
 
@@ -78,3 +80,19 @@ def test_a_recent_change_is_read_afresh_when_the_stat_data_cannot_show_it(tmp_pa
     assert read_json(path) == {"n_layer": 2}
     path.write_text('{"n_layer": 3}')
     assert read_json(path) == {"n_layer": 3}
+
+
+def test_a_file_that_is_no_json_object_is_an_input_error_saying_where_and_what_to_do(tmp_path):
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text('{\n  "eos_token": "</s>",\n  bos_token: "<s>"\n}', encoding="utf-8")
+    where = re.escape(f"{path} is not valid JSON (line 3 column 3: Expecting property name")
+    with pytest.raises(InputError, match=f"^{where}.*; rewrite it$"):
+        read_json_object(path, "rewrite it")
+    path.write_bytes(b'{"eos_token": "\xff"}')
+    with pytest.raises(InputError, match=r"is not UTF-8 text \(byte 15\); mend it"):
+        read_json_object(path)
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(InputError, match=r"must hold a JSON object, not a list; mend it"):
+        read_json_object(path)
+    path.write_text('{"eos_token": "</s>"}', encoding="utf-8")
+    assert read_json_object(path) == {"eos_token": "</s>"}

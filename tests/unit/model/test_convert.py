@@ -292,6 +292,9 @@ def test_bad_inputs_are_reported_in_one_line(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(InputError, match=r"no model\.safetensors"):
         load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "foo",}')
+    with pytest.raises(InputError, match=r"config\.json is not valid JSON \(line 1 column 22"):
+        load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "foo"}')
     unsupported = re.escape(f"{tmp_path}: config.json model_type 'foo' is not supported")
     with pytest.raises(InputError, match=f"^{unsupported}"):  # which model's config.json

@@ -26,6 +26,34 @@ def test_help_has_an_example_and_every_flag():
         assert flag in out, flag
 
 
+# every `lmforge serve` option, in --help order, with its default (as before serve_cmd's options
+# moved into aliases: the list must not change by accident)
+SERVE_OPTIONS = [
+    (["--model"], None), (["--lora", "--lora-modules"], None),
+    (["--allow-runtime-lora-updating"], False), (["--host"], "127.0.0.1"), (["--port"], 8000),
+    (["--api-key"], None), (["--workers"], 1), (["--kb"], None), (["--safety"], None),
+    (["--feedback-db"], None), (["--max-batch-size"], 32), (["--max-queue"], 256),
+    (["--request-timeout"], 120.0), (["--device"], "auto"), (["--config"], None),
+    (["--threads"], None), (["--compile"], "off"), (["--generation-config"], "auto"),
+    (["--prefix-cache-mb"], 256), (["--loop"], "auto"), (["--http"], "auto"),
+    (["--embed-pooling"], "auto"), (["--embed-normalize"], None),
+]  # fmt: skip
+
+
+def test_serve_keeps_every_option_with_its_default_and_help():
+    import typer.main
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    params = typer.main.get_command(app).commands["serve"].params
+    assert [(p.opts, p.default) for p in params] == SERVE_OPTIONS
+    assert all(p.help for p in params)
+    out = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["serve", "--help"]).output
+    for opts, _ in SERVE_OPTIONS:
+        assert all(opt in out for opt in opts), opts
+
+
 def test_bad_flags_are_one_line_errors(tmp_path):
     r = lmforge("serve")
     assert r.returncode == 2 and "needs --model" in r.stderr + r.stdout
@@ -87,6 +115,17 @@ def test_a_serve_yaml_keeps_its_values_unless_a_flag_is_given(tmp_path, monkeypa
     result = CliRunner().invoke(app, ["serve", "--config", str(config), "--request-timeout", "3"])
     assert result.exit_code == 0, result.output
     assert started[-1].request_timeout_s == 3.0 and started[-1].port == 9001
+    assert (started[-1].kb, started[-1].feedback_db, started[-1].safety) == (None, None, None)
+    # the flags naming models and stores override the file's too (they were dropped before)
+    (tmp_path / "n").mkdir()
+    typed = ["--model", f"n={tmp_path / 'n'}", "--kb", str(tmp_path / "docs"),
+             "--feedback-db", str(tmp_path / "f.db"), "--safety", str(tmp_path / "s.yaml")]  # fmt: skip
+    result = CliRunner().invoke(app, ["serve", "--config", str(config), *typed])
+    assert result.exit_code == 0, result.output
+    settings = started[-1]
+    assert [(m.name, m.path) for m in settings.models] == [("n", tmp_path / "n")]
+    assert (settings.kb, settings.feedback_db) == (tmp_path / "docs", tmp_path / "f.db")
+    assert settings.safety == tmp_path / "s.yaml" and settings.port == 9001
 
 
 def test_generation_config_flag_defaults_to_auto_and_none_turns_it_off(tmp_path, monkeypatch):

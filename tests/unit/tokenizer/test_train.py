@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,21 @@ def test_missing_inputs_name_the_command(tmp_path: Path) -> None:
         train_tokenizer(TokenizerConfig(data=tmp_path / "nope", out=tmp_path / "t"))
     with pytest.raises(InputError, match=r"no tokenizer\.json to import"):
         train_tokenizer(TokenizerConfig(import_from=tmp_path, out=tmp_path / "t2"))
+
+
+def test_a_malformed_tokenizer_config_names_the_file_line_and_what_to_do(
+    bpe_dir: Path, tmp_path: Path
+) -> None:
+    copied = tmp_path / "tok"
+    shutil.copytree(bpe_dir, copied)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        good = (copied / name).read_text(encoding="utf-8")
+        (copied / name).write_text(good.replace('"', "'", 2), encoding="utf-8")
+        bad = re.escape(f"{copied / name} is not valid JSON (line ")
+        with pytest.raises(InputError, match=f"^{bad}.*save the tokenizer again"):
+            TokenizerFiles.load(copied)
+        (copied / name).write_text(good, encoding="utf-8")
+    assert TokenizerFiles.load(copied).special == TokenizerFiles.load(bpe_dir).special
 
 
 def test_wordpiece_with_a_mask_token_for_masked_lm(corpus: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from lmforge.common.json_cache import read_json
+from lmforge.common.json_cache import read_json_object
 from lmforge.errors import InputError
 from lmforge.model.convert.mean_head import MEAN_HEAD, RERUN
 
@@ -98,10 +98,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
             f"{path} not found; a model directory needs config.json + model.safetensors "
             "(written by lmforge pretrain/finetune or transformers' save_pretrained)"
         )
-    try:
-        return read_json(path)  # parsed once while unchanged: a load asks for it many times
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON: {err}") from None
+    # parsed once while unchanged (json_cache): a load asks for it many times
+    return read_json_object(
+        path, "mend it, or save the model again (an lmforge training stage or save_pretrained)"
+    )
 
 
 def is_encoder_decoder(model_dir: Path | str) -> bool:
