@@ -134,13 +134,18 @@ class ExecResult:
         return self.status == "passed"
 
 
-def require_opt_in(allowed: bool, setting: str) -> None:
+def opt_in_message(what: str, setting: str) -> str:
+    """Why running model-written code is refused, and the setting that allows it."""
+    return (
+        f"{what} runs model-written code on this machine (a separate process with limits, not "
+        f"a security boundary); set {setting}: true to allow it"
+    )
+
+
+def require_opt_in(allowed: bool, what: str, setting: str) -> None:
     """A ConfigError naming `setting` unless the user opted in to running model-written code."""
     if not allowed:
-        raise ConfigError(
-            f"this runs model-written code on this machine (a separate process with limits, not "
-            f"a security boundary); set {setting}: true to allow it"
-        )
+        raise ConfigError(opt_in_message(what, setting))
 
 
 def _environment(home: Path) -> dict[str, str]:

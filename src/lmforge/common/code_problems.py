@@ -4,7 +4,8 @@ Two record shapes, as the usual benchmarks ship them:
 
 - HumanEval: {prompt, test, entry_point}. The model continues the prompt (a signature and
   docstring); the program is prompt + completion, and the one test is `test` followed by
-  `check(entry_point)`.
+  `check(entry_point)`. An answer that writes the whole function (a chat model's) follows the
+  prompt closed with `pass`, so it replaces the prompt's function and keeps its imports.
 - MBPP: {text or prompt, test_list or tests: ["assert ...", ...], test_setup_code?}. The model
   writes the whole function; the program is test_setup_code + completion, each assert a test.
 
@@ -36,6 +37,7 @@ class CodeProblem:
     prompt: str
     tests: tuple[str, ...]
     setup: str = ""
+    entry_point: str = ""  # HumanEval: the function the test checks
 
     @property
     def default_stops(self) -> tuple[str, ...]:
@@ -51,7 +53,9 @@ class CodeProblem:
     def job(self, completion: str) -> CodeJob:
         """The program the answer makes, with this problem's tests."""
         if self.style == "humaneval":
-            return CodeJob(self.prompt + completion, self.tests)
+            restated = re.search(rf"^def {re.escape(self.entry_point)}\(", completion, re.M)
+            joint = "    pass\n\n" if restated else ""
+            return CodeJob(self.prompt + joint + completion, self.tests)
         return CodeJob(f"{self.setup}\n{completion}" if self.setup else completion, self.tests)
 
 
@@ -64,7 +68,7 @@ def code_problem(record: Any, where: str) -> CodeProblem:
             if not isinstance(record.get(key), str):
                 raise InputError(f"{where}: a HumanEval record needs a string `{key}`")
         test = f"{record['test']}\n\ncheck({record['entry_point']})\n"
-        return CodeProblem("humaneval", record["prompt"], (test,))
+        return CodeProblem("humaneval", record["prompt"], (test,), "", record["entry_point"])
     key = "test_list" if "test_list" in record else "tests"
     tests = record.get(key)
     text = record.get("text", record.get("prompt"))

@@ -65,7 +65,7 @@ def pass_metrics(passed: list[int], n: int, ks: list[int]) -> dict[str, Any]:
 
 def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> TaskResult:
     opts = spec.code or CodeTaskOptions()
-    require_opt_in(opts.allow_code_execution, f"task '{spec.name}': code.allow_code_execution")
+    require_opt_in(opts.allow_code_execution, f"task '{spec.name}'", "code.allow_code_execution")
     rows = load_examples(spec)
     problems = [code_problem(r, f"task '{spec.name}' example {i + 1}") for i, r in enumerate(rows)]
     prompts = [

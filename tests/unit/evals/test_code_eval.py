@@ -104,7 +104,9 @@ def test_eval_stage_writes_pass_at_k_errors_and_a_comparison(
 
 
 def test_refused_without_the_opt_in(model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"task 'add': code\.allow_code_execution: true"):
+    with pytest.raises(
+        ConfigError, match=r"task 'add' runs model-written .* set code\.allow_code_execution: true"
+    ):
         evaluate({"models": [str(model_dir)], "tasks": [task(allow_code_execution=False)],
                   "out": str(tmp_path / "ev")})  # fmt: skip
     assert not (tmp_path / "ev" / "eval.json").exists()

@@ -97,9 +97,9 @@ def test_jobs_run_in_order_several_at_a_time() -> None:
 
 
 def test_opt_in_is_required_by_name() -> None:
-    with pytest.raises(ConfigError, match=r"set grpo\.rewards\[0\]\.allow_code_execution: true"):
-        require_opt_in(False, "grpo.rewards[0].allow_code_execution")
-    require_opt_in(True, "anything")
+    with pytest.raises(ConfigError, match=r"^task 'x' runs model-written code .* set a\.b: true"):
+        require_opt_in(False, "task 'x'", "a.b")
+    require_opt_in(True, "task 'x'", "a.b")
 
 
 def test_humaneval_and_mbpp_records_become_programs() -> None:
