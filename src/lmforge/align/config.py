@@ -158,21 +158,28 @@ class RewardSpec(Section):
         "answers, references) lists and returning one float per answer",
     )
     allow_code_execution: bool = Field(
-        False, description="code_tests: run the model's answers on this machine (required: a "
-        "separate limited process, not a security boundary)", json_schema_extra=HASHED_IF_SET,
-    )  # fmt: skip
+        False,
+        description="code_tests: run the model's answers on this machine (required: a separate "
+        "limited process, not a security boundary)",
+        json_schema_extra=HASHED_IF_SET,
+    )
     partial: bool = Field(
-        False, description="code_tests: the fraction of the record's asserts passed, not 1/0",
+        False,
+        description="code_tests: the fraction of the record's asserts passed, not 1/0",
         json_schema_extra=HASHED_IF_SET,
-    )  # fmt: skip
+    )
     timeout_s: float = Field(
-        10.0, gt=0, description="code_tests: wall-clock seconds per answer",
+        10.0,
+        gt=0,
+        description="code_tests: wall-clock seconds per answer",
         json_schema_extra=HASHED_IF_SET,
-    )  # fmt: skip
+    )
     memory_mb: int = Field(
-        1024, ge=64, description="code_tests: address space per answer run (RLIMIT_AS)",
+        1024,
+        ge=64,
+        description="code_tests: address space per answer run (RLIMIT_AS)",
         json_schema_extra=HASHED_IF_SET,
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _needs_its_setting(self) -> RewardSpec:

@@ -68,7 +68,8 @@ shutil.rmtree = _disabled("shutil.rmtree")
 
 def _describe(err, filenames):
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename in filenames]
-    where = f" at {frames[-1].filename} line {frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    last = frames[-1] if frames else None
+    where = f" at {last.filename} line {last.lineno}: {last.line}" if last else ""
     text = f"{type(err).__name__}{': ' + str(err) if str(err) else ''}{where}"
     return ("failed" if isinstance(err, AssertionError) else "error"), text
 

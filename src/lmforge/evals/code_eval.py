@@ -75,11 +75,12 @@ def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> 
     gen = _sampling(spec, settings, opts)
     chat = bool(spec.chat)
     samples = sample(model, prompts, gen, chat=chat, num_samples=opts.n)
+    asked = [p for p in problems for _ in range(opts.n)]  # in the order sample() returns
     completions = [
         cut_at_stop(s["completion"], opts.stop if opts.stop is not None else p.default_stops)
-        for s, p in zip(samples, (p for p in problems for _ in range(opts.n)), strict=True)
+        for s, p in zip(samples, asked, strict=True)
     ]
-    jobs = [problems[i // opts.n].job(c) for i, c in enumerate(completions)]
+    jobs = [p.job(c) for p, c in zip(asked, completions, strict=True)]
     results = run_jobs(jobs, SandboxLimits(opts.timeout_s, opts.memory_mb))
     records = [
         {"index": i // opts.n, "sample": s["sample"], "prompt": s["prompt"], "completion": c,
@@ -92,11 +93,12 @@ def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> 
         counts = Counter(r["status"] for r in records if r["index"] == i)
         per_problem.append({"index": i, "passed": counts["passed"], "statuses": dict(counts)})
     statuses = Counter(r["status"] for r in records)
+    stop_record = opts.stop if opts.stop is not None else "per record (HumanEval / MBPP stops)"
     metrics: dict[str, Any] = pass_metrics([p["passed"] for p in per_problem], opts.n, opts.ks())
     metrics.update({
         "n": len(problems), "samples_per_problem": opts.n,
         "status_counts": {s: statuses[s] for s in STATUSES}, "per_problem": per_problem,
         "sandbox": {"timeout_s": opts.timeout_s, "memory_mb": opts.memory_mb},
-        "generation": {**gen.model_dump(), "chat": chat, "stop": opts.stop or "per record"},
+        "generation": {**gen.model_dump(), "chat": chat, "stop": stop_record},
     })  # fmt: skip
     return TaskResult(metrics, records)
