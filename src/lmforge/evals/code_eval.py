@@ -63,9 +63,15 @@ def pass_metrics(passed: list[int], n: int, ks: list[int]) -> dict[str, Any]:
     return out
 
 
+def require_code_opt_in(spec: TaskSpec) -> None:
+    """A ConfigError naming code.allow_code_execution unless the task sets it."""
+    allowed = spec.code is not None and spec.code.allow_code_execution
+    require_opt_in(allowed, f"task '{spec.name}'", "code.allow_code_execution")
+
+
 def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> TaskResult:
+    require_code_opt_in(spec)
     opts = spec.code or CodeTaskOptions()
-    require_opt_in(opts.allow_code_execution, f"task '{spec.name}'", "code.allow_code_execution")
     rows = load_examples(spec)
     problems = [code_problem(r, f"task '{spec.name}' example {i + 1}") for i, r in enumerate(rows)]
     prompts = [

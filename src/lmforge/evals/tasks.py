@@ -35,7 +35,7 @@ from lmforge.common.io import read_jsonl
 from lmforge.config import load_yaml, validate
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.bias import run_counterfactual
-from lmforge.evals.code_eval import run_code
+from lmforge.evals.code_eval import require_code_opt_in, run_code
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.tagging import run_tagging
 from lmforge.evals.task_format import TaskResult, TaskSpec
@@ -113,7 +113,15 @@ def infer_type(keys: set[str]) -> str:
 
 
 def load_task(item: str | Path | dict[str, Any]) -> TaskSpec:
-    """A TaskSpec from an inline mapping, a YAML task file, a JSONL file or a data directory."""
+    """A TaskSpec from an inline mapping, a YAML task file, a JSONL file or a data directory; a
+    code task without its opt-in is refused here, before any model loads."""
+    spec = _task_spec(item)
+    if spec.type == "code":
+        require_code_opt_in(spec)
+    return spec
+
+
+def _task_spec(item: str | Path | dict[str, Any]) -> TaskSpec:
     if isinstance(item, dict):
         spec = validate(TaskSpec, item, where="task")
         return (

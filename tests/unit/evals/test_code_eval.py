@@ -104,12 +104,16 @@ def test_eval_stage_writes_pass_at_k_errors_and_a_comparison(
 
 
 def test_refused_without_the_opt_in(model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(
-        ConfigError, match=r"task 'add' runs model-written .* set code\.allow_code_execution: true"
-    ):
-        evaluate({"models": [str(model_dir)], "tasks": [task(allow_code_execution=False)],
-                  "out": str(tmp_path / "ev")})  # fmt: skip
-    assert not (tmp_path / "ev" / "eval.json").exists()
+    refusal = r"task '(add|code)' runs model-written .* set code\.allow_code_execution: true"
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    for item in (task(allow_code_execution=False), str(data)):  # a JSONL file: no code section
+        with pytest.raises(ConfigError, match=refusal):
+            evaluate({"models": [str(model_dir)], "tasks": [item], "out": str(tmp_path / "ev")})
+    assert not (tmp_path / "ev").exists()  # refused before anything ran
+    with pytest.raises(ConfigError, match=refusal):  # the runner checks too
+        run_task(EvalModel.load(model_dir), TaskSpec(name="add", type="code", examples=PROBLEMS),
+                 GenerationSettings())  # fmt: skip
 
 
 def test_sampling_keys_belong_to_the_code_section(model_dir: Path) -> None:
