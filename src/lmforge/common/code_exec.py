@@ -49,6 +49,7 @@ job_file, result_file = sys.argv[1], sys.argv[2]
 del sys.argv[1:]
 with open(job_file, encoding="utf-8") as f:
     job = json.load(f)
+REASON_CHARS = job["reason_chars"]
 os.remove(job_file)
 for name, soft in (("RLIMIT_AS", job["memory"]), ("RLIMIT_CPU", job["cpu"]),
                    ("RLIMIT_CORE", 0), ("RLIMIT_FSIZE", job["fsize"])):
@@ -70,7 +71,11 @@ def _describe(err, filenames):
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename in filenames]
     last = frames[-1] if frames else None
     where = f" at {last.filename} line {last.lineno}: {last.line}" if last else ""
-    text = f"{type(err).__name__}{': ' + str(err) if str(err) else ''}{where}"
+    try:  # the program's own exception class may fail to print
+        message = str(err)[:REASON_CHARS]
+    except BaseException:
+        message = "(its message could not be printed)"
+    text = f"{type(err).__name__}{': ' + message if message else ''}{where}"
     return ("failed" if isinstance(err, AssertionError) else "error"), text
 
 def _run(source, filename, scope):
@@ -177,7 +182,8 @@ def _ended_without_result(proc: subprocess.Popen, stderr: Path) -> tuple[Status,
 def run_job(job: CodeJob, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
     """Runs one job in a fresh limited subprocess; never raises on what the program does."""
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="lmforge-code-") as tmp:
+    # a program may leave files it cannot remove (chmod): cleaning up must not raise here
+    with tempfile.TemporaryDirectory(prefix="lmforge-code-", ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         work = root / "work"
         work.mkdir()
@@ -185,6 +191,7 @@ def run_job(job: CodeJob, limits: SandboxLimits = SandboxLimits()) -> ExecResult
         job_file.write_text(json.dumps({
             "program": job.program, "tests": list(job.tests), "memory": limits.memory_mb << 20,
             "cpu": math.ceil(limits.timeout_s) + 1, "fsize": OUTPUT_LIMIT,
+            "reason_chars": REASON_CHARS,
         }), encoding="utf-8")  # fmt: skip
         stderr = root / "stderr.txt"
         with open(stderr, "wb") as err:

@@ -123,3 +123,14 @@ def test_humaneval_and_mbpp_records_become_programs() -> None:
 def test_extract_code_takes_the_first_fenced_block() -> None:
     assert extract_code("Here:\n```python\nx = 1\n```\nmore") == "x = 1\n"
     assert extract_code("x = 2") == "x = 2"
+
+
+def test_unprintable_exceptions_and_long_messages_are_reasons() -> None:
+    program = (
+        "class Odd(Exception):\n    def __str__(self):\n        raise RuntimeError\nraise Odd()\n"
+    )
+    r = run_job(CodeJob(program), FAST)
+    assert (r.status, r.reason) == ("error", "Odd: (its message could not be printed) at "
+                                    "<program> line 4: raise Odd()")  # fmt: skip
+    r = run_job(CodeJob("", ("assert False, 'x' * 10**6",)), FAST)
+    assert r.status == "failed" and len(r.reason) == 300
