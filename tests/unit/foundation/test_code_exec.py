@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,7 +79,11 @@ def test_an_early_exit_never_passes(program: str, reason: str) -> None:
 
 
 def test_fresh_directory_scrubbed_environment_and_nothing_left(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
+    here, scratch = tmp_path / "cwd", tmp_path / "tmp"
+    here.mkdir()
+    scratch.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the sandbox's dir is made
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
     program = (
         "import os, sys\nopen('out.txt', 'w').write('x')\n"
@@ -87,7 +92,7 @@ def test_fresh_directory_scrubbed_environment_and_nothing_left(tmp_path: Path, m
         "assert sys.stdin is None or sys.stdin.read() == ''\n"
     )
     assert run_job(CodeJob(program), FAST).status == "passed"
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(here) == [] and os.listdir(scratch) == []
 
 
 def test_jobs_run_in_order_several_at_a_time() -> None:
