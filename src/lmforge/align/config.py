@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from lmforge.common.code_exec import opt_in_message
 from lmforge.config import HASHED_IF_SET, NOT_HASHED, Section, StageConfig
 from lmforge.finetune.lora import LoraConfig
 from lmforge.train.config import TrainConfig
@@ -130,15 +131,16 @@ class KTOOptions(Section):
 class RewardSpec(Section):
     """One weighted reward function of `grpo.rewards` (align.rewards)."""
 
-    kind: Literal["reward_model", "rouge_l", "exact", "contains", "regex", "length", "python"] = (
-        Field(
-            description="reward_model (an `align --method reward` dir's score) | rouge_l (F1 "
-            "against the reference) | exact, contains (1 if the answer equals / contains the "
-            "reference, both lowercased with whitespace collapsed) | regex (1 if `pattern` "
-            "matches) | length (minus the tokens outside [min_tokens, max_tokens]) | python "
-            "(`function` called with prompts, answers, references)"
-        )
-    )
+    kind: Literal[
+        "reward_model", "rouge_l", "exact", "contains", "regex", "length", "python", "code_tests"
+    ] = Field(
+        description="reward_model (an `align --method reward` dir's score) | rouge_l (F1 "
+        "against the reference) | exact, contains (1 if the answer equals / contains the "
+        "reference, both lowercased with whitespace collapsed) | regex (1 if `pattern` "
+        "matches) | length (minus the tokens outside [min_tokens, max_tokens]) | python "
+        "(`function` called with prompts, answers, references) | code_tests (1 if the answer "
+        "passes the record's HumanEval/MBPP tests in the code sandbox)"
+    )  # fmt: skip
     weight: float = Field(1.0, description="factor of this reward in the sum")
     name: str | None = Field(None, description="name in logs and metrics (default: kind)")
     model: Path | None = Field(None, description="reward_model: the reward stage dir or final/")
@@ -155,11 +157,36 @@ class RewardSpec(Section):
         description='python: "module:function" or "path.py:function", called with (prompts, '
         "answers, references) lists and returning one float per answer",
     )
+    allow_code_execution: bool = Field(
+        False,
+        description="code_tests: run the model's answers on this machine (required: a separate "
+        "limited process, not a security boundary)",
+        json_schema_extra=HASHED_IF_SET,
+    )
+    partial: bool = Field(
+        False,
+        description="code_tests: the fraction of the record's asserts passed, not 1/0",
+        json_schema_extra=HASHED_IF_SET,
+    )
+    timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="code_tests: wall-clock seconds per answer",
+        json_schema_extra=HASHED_IF_SET,
+    )
+    memory_mb: int = Field(
+        1024,
+        ge=64,
+        description="code_tests: address space per answer run (RLIMIT_AS)",
+        json_schema_extra=HASHED_IF_SET,
+    )
 
     @model_validator(mode="after")
     def _needs_its_setting(self) -> RewardSpec:
         owner = {"model": "reward_model", "pattern": "regex", "match": "regex",
-                 "min_tokens": "length", "max_tokens": "length", "function": "python"}  # fmt: skip
+                 "min_tokens": "length", "max_tokens": "length", "function": "python",
+                 "allow_code_execution": "code_tests", "partial": "code_tests",
+                 "timeout_s": "code_tests", "memory_mb": "code_tests"}  # fmt: skip
         # a key of another kind set away from its default (compared by value, not by "was it
         # given", so a dumped config validates again) is a typo, never silently ignored
         fields = type(self).model_fields
@@ -177,6 +204,8 @@ class RewardSpec(Section):
         key = needed.get(self.kind)
         if key and getattr(self, key) is None:
             raise ValueError(f"a {self.kind} reward needs `{key}`")
+        if self.kind == "code_tests" and not self.allow_code_execution:
+            raise ValueError(opt_in_message("a code_tests reward", "allow_code_execution"))
         if self.kind == "length" and not (self.min_tokens or self.max_tokens):
             raise ValueError("a length reward needs `min_tokens` or `max_tokens`")
         if self.kind == "length" and (self.max_tokens or self.min_tokens) < self.min_tokens:
@@ -190,8 +219,9 @@ class GRPOOptions(Section):
     rewards: list[RewardSpec] = Field(
         default_factory=list,
         description="weighted reward functions, summed: [{kind: rouge_l, weight: 1.0}, ...]; "
-        "kind reward_model|rouge_l|exact|contains|regex|length|python, with its model, pattern "
-        "and match, min_tokens/max_tokens or function, and an optional name (align.rewards)",
+        "kind reward_model|rouge_l|exact|contains|regex|length|python|code_tests, with its "
+        "model, pattern and match, min_tokens/max_tokens, function or allow_code_execution and "
+        "partial, and an optional name (align.rewards)",
     )
     num_generations: int = Field(8, ge=2, description="answers sampled per prompt (the group)")
     rollout_prompts: int = Field(

@@ -2,9 +2,10 @@
 
 A record (one per line of .jsonl[.gz|.zst] files, align.prefs.record_files) needs a `prompt` (a
 string or messages, as align.prefs) and may carry a reference answer: `reference`, else `answer`,
-else a preference pair's `chosen`, else a ranked list's best. A prompt seen again keeps its first
-record. Rewards that compare with a reference (rouge_l, exact, contains) refuse data in which a
-record has none, naming its file and line.
+else a preference pair's `chosen`, else a ranked list's best, and code tests (HumanEval's
+`test` + `entry_point`, or MBPP's `test_list`/`tests`, common.code_problems). A prompt seen again
+keeps its first record. Rewards that compare with a reference (rouge_l, exact, contains) refuse
+data in which a record has none, and code_tests data without tests, naming its file and line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.align.prefs import prompt_messages, record_files, response_text
+from lmforge.common.code_problems import CodeProblem, code_problem, has_tests
 from lmforge.common.io import read_user_jsonl
 from lmforge.errors import InputError
 
@@ -22,11 +24,13 @@ REFERENCE_KEYS = ("reference", "answer", "chosen")
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A prompt (messages), its reference answer or None, and where it was read."""
+    """A prompt (messages), its reference answer or None, where it was read, and its code
+    tests or None."""
 
     prompt: list[dict[str, str]]
     reference: str | None
     source: str
+    code: CodeProblem | None = None
 
 
 def _reference(record: dict[str, Any]) -> str | None:
@@ -43,7 +47,8 @@ def _record(record: dict[str, Any], where: str) -> PromptRecord:
         if "prompt" not in record:
             raise ValueError(f"record with keys {sorted(record)} has no prompt")
         prompt = prompt_messages(record["prompt"], record.get("tools"))  # tools: Hermes turns
-        return PromptRecord(prompt, _reference(record), where)
+        code = code_problem(record, where) if has_tests(record) else None
+        return PromptRecord(prompt, _reference(record), where, code)
     except ValueError as err:
         raise InputError(f"{where}: {err}") from None
 
@@ -72,4 +77,15 @@ def require_references(records: list[PromptRecord], needed_by: list[str]) -> Non
             f"{', '.join(needed_by)} compare against; give every record a `reference` (or "
             f"`answer`, or a pair's `chosen`), or use rewards that need none (regex, length, "
             "python, reward_model)"
+        )
+
+
+def require_tests(records: list[PromptRecord], needed_by: list[str]) -> None:
+    """InputError naming the first record without code tests when a reward runs them."""
+    missing = next((r for r in records if r.code is None), None) if needed_by else None
+    if missing is not None:
+        raise InputError(
+            f"{missing.source}: no code tests, which the grpo reward(s) {', '.join(needed_by)} "
+            "run the answers against; give every record HumanEval's `test` and `entry_point` or "
+            "MBPP's `test_list` of asserts"
         )

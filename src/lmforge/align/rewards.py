@@ -12,6 +12,10 @@ reference answers (None where a record has none) and each answer's token count. 
 - length: minus the number of answer tokens outside [min_tokens, max_tokens] (0 inside).
 - python: a user function "module:function" or "path/to/file.py:function", called as
   f(prompts, answers, references) with lists, returning one finite number per answer.
+- code_tests: the answer (its first ```python block if it has one) run against its record's
+  HumanEval/MBPP tests in the code sandbox (common.code_exec), all answers of a batch in
+  parallel: 1.0 if it passes, else 0.0; with partial, the fraction of the asserts passed.
+  Refused unless the spec sets allow_code_execution.
 
 The total is sum(weight * reward); every function's raw values are kept for logging.
 """
@@ -23,13 +27,15 @@ import importlib.util
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lmforge.common.code_exec import SandboxLimits, run_jobs
+from lmforge.common.code_problems import CodeProblem, extract_code
 from lmforge.errors import ConfigError
 from lmforge.finetune.evaluate import rouge_l
 
@@ -44,6 +50,7 @@ class Answers:
     texts: list[str]
     references: list[str | None]
     lengths: list[int]
+    code: list[CodeProblem | None] = field(default_factory=list)  # each record's tests
 
 
 @dataclass
@@ -55,6 +62,7 @@ class RewardFn:
     needs_reference: bool
     fn: Callable[[Answers], Tensor]
     model: nn.Module | None = None  # a reward model, moved to the policy's device
+    needs_tests: bool = False  # code_tests: every record must carry code tests
 
 
 def _normalise(text: str) -> str:
@@ -155,6 +163,19 @@ def _text_reward(test: Callable[[str, str | None], float]) -> Callable[[Answers]
     return call
 
 
+def _code_tests(limits: SandboxLimits, partial: bool) -> Callable[[Answers], Tensor]:
+    def call(a: Answers) -> Tensor:
+        if len(a.code) != len(a.texts) or any(p is None for p in a.code):
+            raise ConfigError("a code_tests reward needs every answer's record to carry tests")
+        jobs = [p.job(extract_code(t)) for p, t in zip(a.code, a.texts, strict=True)]
+        results = run_jobs(jobs, limits)
+        if partial:
+            return torch.tensor([r.tests_passed / max(r.tests_total, 1) for r in results])
+        return torch.tensor([float(r.passed) for r in results])
+
+    return call
+
+
 def _length(lo: int, hi: int | None) -> Callable[[Answers], Tensor]:
     def call(a: Answers) -> Tensor:
         n = torch.tensor(a.lengths, dtype=torch.float32)
@@ -194,12 +215,16 @@ def build_rewards(specs: Sequence[Any], tok: Any, vocab_size: int, seq_len: int)
             fn = _text_reward(lambda t, _, test=test: float(test(t) is not None))
         elif kind == "length":
             fn = _length(spec.min_tokens, spec.max_tokens)
+        elif kind == "code_tests":
+            fn = _code_tests(SandboxLimits(spec.timeout_s, spec.memory_mb), spec.partial)
         else:
             fn = _python(spec.function)
         name = spec.name or kind
         if any(f.name == name for f in fns):
             raise ConfigError(f"two grpo.rewards are named {name!r}; give each a distinct name")
-        fns.append(RewardFn(name, spec.weight, kind in NEEDS_REFERENCE, fn, model))
+        fns.append(
+            RewardFn(name, spec.weight, kind in NEEDS_REFERENCE, fn, model, kind == "code_tests")
+        )
     return fns
 
 

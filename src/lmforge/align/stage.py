@@ -36,7 +36,7 @@ from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, refer
 from lmforge.align.dropout import disable_dropout
 from lmforge.align.encode import encode_pairs
 from lmforge.align.grpo import GroupRollouts, group_metrics, heldout_groups, make_grpo_loss
-from lmforge.align.grpo_data import load_prompt_records, require_references
+from lmforge.align.grpo_data import load_prompt_records, require_references, require_tests
 from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
 from lmforge.align.ppo import (
     PolicyWithValue,
@@ -281,6 +281,7 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     val = val[: opts.eval_prompts]
     rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
     require_references(records + val, [f.name for f in rewards if f.needs_reference])
+    require_tests(records + val, [f.name for f in rewards if f.needs_tests])
     reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
     examples = _rouge_examples(
         cfg, [{"prompt": r.prompt, "chosen": r.reference} for r in val if r.reference is not None]

@@ -44,6 +44,12 @@ WORST: dict[str, WorstRule] = {
     "tagging": WorstRule(
         lambda r: r["errors"] > 0, lambda r: -r["errors"], "errors", "most mistagged words"
     ),
+    "code": WorstRule(
+        lambda r: r["status"] != "passed",
+        lambda r: r["tests_passed"] / max(r["tests_total"], 1),
+        "tests_passed",
+        "program did not pass its tests",
+    ),
 }
 
 

@@ -76,7 +76,7 @@ def task_blocks(report: dict[str, Any], task: dict[str, Any]) -> list[Block]:
         text += f"; BLEU signature {first['bleu_signature']}"
     if isinstance(first.get("generation"), dict):
         text += "; generation " + json.dumps(first["generation"])
-    blocks = [Block(text=text, table=table)]
+    blocks = [Block(text=text + code_note(models, per_model), table=table)]
     for m, r in zip(models, per_model, strict=True):
         if isinstance(r.get("per_type"), dict):  # tagging: seqeval's per-entity-type report
             rows = [["entity type", "precision", "recall", "f1", "support"]]
@@ -84,6 +84,17 @@ def task_blocks(report: dict[str, Any], task: dict[str, Any]) -> list[Block]:
                      for k, v in r["per_type"].items()]  # fmt: skip
             blocks.append(Block(text=f"{m} on {task['name']}: entities per type", table=rows))
     return blocks
+
+
+def code_note(models: list[str], per_model: list[dict[str, Any]]) -> str:
+    """A code task's program statuses per model and the pass@k it could not compute."""
+    notes = [
+        f"{m}: " + ", ".join(f"{n} {s}" for s, n in r["status_counts"].items())
+        + (f" ({r['skipped']})" if "skipped" in r else "")
+        for m, r in zip(models, per_model, strict=True)
+        if isinstance(r.get("status_counts"), dict)
+    ]  # fmt: skip
+    return f"; programs {'; '.join(notes)}" if notes else ""
 
 
 def generation_samples(rows: list[dict[str, Any]], n: int = N_SAMPLES) -> list[dict[str, Any]]:
@@ -120,6 +131,8 @@ def _errors_block(stage_dir: Path) -> list[Block]:
     for r in rows:
         if r["type"] == "multiple_choice":
             expected, got = r["choices"][r["gold"]], r["choices"][r["predicted"]]
+        elif r["type"] == "code":
+            expected, got = "passes its tests", clip(f"{r['status']}: {r['detail']}", 200)
         else:
             expected, got = r.get("label", ""), r.get("predicted", "")
         text = r.get("text", r.get("prompt", ""))

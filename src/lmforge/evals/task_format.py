@@ -11,15 +11,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from lmforge.common.code_problems import code_problem
 from lmforge.common.io import read_jsonl
 from lmforge.config import Section
 from lmforge.errors import ConfigError, InputError
+from lmforge.evals.code_options import CodeTaskOptions
 from lmforge.evals.lm import GenerationSettings
 from lmforge.evals.perplexity import split_file
 
 TaskTypeName = Literal[
-    "perplexity", "generation", "classification", "multiple_choice", "counterfactual", "tagging"
-]
+    "perplexity", "generation", "classification", "multiple_choice", "counterfactual", "tagging",
+    "code",
+]  # fmt: skip
 
 
 class TaskSpec(Section):
@@ -28,7 +31,7 @@ class TaskSpec(Section):
     name: str = Field("", description="name in tables (default: the file name)")
     type: TaskTypeName = Field(
         description="perplexity | generation | classification | multiple_choice | counterfactual"
-        " | tagging"
+        " | tagging | code"
     )
     data: Path | None = Field(None, description="JSONL file or data stage directory")
     examples: list[dict[str, Any]] | None = Field(
@@ -65,6 +68,10 @@ class TaskSpec(Section):
     groups: list[str] | None = Field(None, description="counterfactual: only these groups")
     target_label: str | None = Field(
         None, description="counterfactual with a head: the class whose probability is compared"
+    )
+    code: CodeTaskOptions | None = Field(
+        None,
+        description="code: samples, pass@k, sampling and sandbox settings (evals.code_options)",
     )
 
 
@@ -104,6 +111,8 @@ def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
             )
         if spec.type == "classification":  # the pair rule finetune reads its data by
             _check_text_pair(row, f"{where} record {i + 1}")
+        if spec.type == "code":  # HumanEval or MBPP shape
+            code_problem(row, f"{where} record {i + 1}")
     if not rows:
         raise InputError(f"{where}: no examples")
     return rows

@@ -1,6 +1,6 @@
 """Evaluation tasks: a small file format users extend without code, and the runners behind it.
 
-A task is a `TaskSpec`: a type plus where its examples are. Six types are built in:
+A task is a `TaskSpec`: a type plus where its examples are. Seven types are built in:
 
 - perplexity: texts ({"text"}), or a data stage directory (its `val` split); perplexity and
   bits-per-byte with a sliding window, plus the unigram baseline when a train split is at hand;
@@ -12,7 +12,9 @@ A task is a `TaskSpec`: a type plus where its examples are. Six types are built 
 - counterfactual: {"text"}; demographic terms swapped to each side of a group and both versions
   scored (class probability or log-likelihood per token); the gap per group (evals/bias.py);
 - tagging: {"tokens", "tags"}; an encoder's token-classification head tags each word; word
-  accuracy and, for BIO tags, entity precision/recall/F1 per type (evals/tagging.py).
+  accuracy and, for BIO tags, entity precision/recall/F1 per type (evals/tagging.py);
+- code: HumanEval {"prompt", "test", "entry_point"} or MBPP {"text", "test_list"} records; n
+  sampled programs per problem run against the tests in a sandbox, pass@k (evals/code_eval.py).
 
 A task is given as a YAML file (a TaskSpec; its `data` is relative to the file, or `examples` are
 inline), a JSONL file (type inferred from the first record's fields), or a data directory.
@@ -28,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.common.code_problems import has_tests
 from lmforge.common.io import read_jsonl
 from lmforge.config import load_yaml, validate
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.bias import run_counterfactual
+from lmforge.evals.code_eval import require_code_opt_in, run_code
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.tagging import run_tagging
 from lmforge.evals.task_format import TaskResult, TaskSpec
@@ -77,6 +81,7 @@ TASK_TYPES: dict[str, TaskType] = {
     "tagging": TaskType(
         run_tagging, ("tokens", "tags"), "entity_f1", True, fallback_metric="token_accuracy"
     ),
+    "code": TaskType(run_code, (), "pass@1", True),  # its record shapes: common.code_problems
 }
 
 
@@ -96,6 +101,8 @@ def _stem(path: Path) -> str:
 
 def infer_type(keys: set[str]) -> str:
     """The task type whose fields a record has (the most specific one wins)."""
+    if has_tests(keys):
+        return "code"
     for name in ("multiple_choice", "tagging", "generation", "classification", "perplexity"):
         if set(TASK_TYPES[name].fields) <= keys:
             return name
@@ -106,7 +113,15 @@ def infer_type(keys: set[str]) -> str:
 
 
 def load_task(item: str | Path | dict[str, Any]) -> TaskSpec:
-    """A TaskSpec from an inline mapping, a YAML task file, a JSONL file or a data directory."""
+    """A TaskSpec from an inline mapping, a YAML task file, a JSONL file or a data directory; a
+    code task without its opt-in is refused here, before any model loads."""
+    spec = _task_spec(item)
+    if spec.type == "code":
+        require_code_opt_in(spec)
+    return spec
+
+
+def _task_spec(item: str | Path | dict[str, Any]) -> TaskSpec:
     if isinstance(item, dict):
         spec = validate(TaskSpec, item, where="task")
         return (

@@ -1,0 +1,141 @@
+"""The code sandbox: every way a program ends is a result, never an exception in the caller."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.common.code_exec import CodeJob, SandboxLimits, require_opt_in, run_job, run_jobs
+from lmforge.common.code_problems import code_problem, extract_code
+from lmforge.errors import ConfigError, InputError
+
+FAST = SandboxLimits(timeout_s=5.0, memory_mb=512)
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+def test_passing_program_and_tests() -> None:
+    r = run_job(CodeJob(ADD, ("assert add(1, 2) == 3", "assert add(-1, 1) == 0")), FAST)
+    assert (r.status, r.reason, r.tests_passed, r.tests_total) == ("passed", "", 2, 2)
+
+
+def test_failing_assert_reports_its_reason_and_counts_the_rest() -> None:
+    tests = (
+        "assert add(1, 2) == 3",
+        "assert add(2, 2) == 5, 'two and two'",
+        "assert add(0, 0) == 0",
+    )
+    r = run_job(CodeJob(ADD, tests), FAST)
+    assert r.status == "failed" and r.tests_passed == 2 and r.tests_total == 3
+    assert r.reason == "AssertionError: two and two at <test 2> line 1: " + tests[1]
+
+
+def test_exception_is_an_error_with_its_type() -> None:
+    r = run_job(CodeJob("def f(x):\n    return x / 0\n", ("assert f(1) == 1",)), FAST)
+    assert r.status == "error" and r.reason.startswith("ZeroDivisionError: division by zero")
+    assert run_job(CodeJob("def f(:\n", ()), FAST).reason.startswith("SyntaxError")
+
+
+def test_infinite_loop_times_out_within_the_limit() -> None:
+    start = time.monotonic()
+    r = run_job(CodeJob("while True:\n    pass\n"), SandboxLimits(timeout_s=1.0))
+    assert r.status == "timeout" and r.reason == "ran past 1 s"
+    assert time.monotonic() - start < 3.0
+
+
+def test_a_blocked_program_is_killed_at_the_timeout() -> None:
+    # a sleeping test and a thread that never ends: wall-clock time, not CPU time, runs out
+    program = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+    r = run_job(CodeJob(program, ("time.sleep(60)",)), SandboxLimits(timeout_s=1.0))
+    assert r.status == "timeout" and r.seconds < 3.0
+
+
+def test_memory_bomb_is_an_error_not_a_crash() -> None:
+    r = run_job(CodeJob("x = bytearray(8 << 30)\n"), FAST)
+    assert r.status == "error" and r.reason.startswith("MemoryError")
+
+
+def test_os_system_and_subprocess_are_refused() -> None:
+    r = run_job(CodeJob("import os\nos.system('touch /tmp/nope')\n"), FAST)
+    assert r.status == "error" and "os.system is disabled" in r.reason
+    r = run_job(CodeJob("import subprocess\nsubprocess.run(['true'])\n"), FAST)
+    assert r.status == "error" and "subprocess.Popen is disabled" in r.reason
+
+
+@pytest.mark.parametrize(
+    ("program", "reason"),
+    [
+        ("import sys\nsys.exit(0)\n", "the program exited (code 0) before its tests ran"),
+        ("import os\nos._exit(0)\n", "exited with code 0 before its tests finished"),
+        ("import os\nos._exit(3)\n", "exited with code 3 before its tests finished"),
+    ],
+)
+def test_an_early_exit_never_passes(program: str, reason: str) -> None:
+    r = run_job(CodeJob(program, ("assert False",)), FAST)
+    assert (r.status, r.reason) == ("error", reason)
+
+
+def test_fresh_directory_scrubbed_environment_and_nothing_left(tmp_path: Path, monkeypatch) -> None:
+    here, scratch = tmp_path / "cwd", tmp_path / "tmp"
+    here.mkdir()
+    scratch.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the sandbox's dir is made
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    program = (
+        "import os, sys\nopen('out.txt', 'w').write('x')\n"
+        "assert os.listdir('.') == ['out.txt'], os.listdir('.')\n"
+        "assert 'SECRET_TOKEN' not in os.environ\n"
+        "assert sys.stdin is None or sys.stdin.read() == ''\n"
+    )
+    assert run_job(CodeJob(program), FAST).status == "passed"
+    assert os.listdir(here) == [] and os.listdir(scratch) == []
+
+
+def test_jobs_run_in_order_several_at_a_time() -> None:
+    jobs = [CodeJob(ADD, (f"assert add({i}, 1) == {i + 1 if i % 2 else 0}",)) for i in range(6)]
+    results = run_jobs(jobs, FAST, workers=2)
+    assert [r.status for r in results] == ["failed", "passed"] * 3
+
+
+def test_opt_in_is_required_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"^task 'x' runs model-written code .* set a\.b: true"):
+        require_opt_in(False, "task 'x'", "a.b")
+    require_opt_in(True, "task 'x'", "a.b")
+
+
+def test_humaneval_and_mbpp_records_become_programs() -> None:
+    he = code_problem(
+        {"prompt": "def inc(x):\n", "test": "def check(f):\n    assert f(1) == 2\n",
+         "entry_point": "inc"}, "r1",
+    )  # fmt: skip
+    assert run_job(he.job("    return x + 1\n"), FAST).status == "passed"
+    assert run_job(he.job("    return x\n"), FAST).status == "failed"
+    mbpp = code_problem(
+        {"text": "Double a number.", "test_list": ["assert dbl(2) == K * 2", "assert dbl(0) == 0"],
+         "test_setup_code": "K = 2"}, "r2",
+    )  # fmt: skip
+    assert mbpp.default_prompt() == '"""\nDouble a number.\nassert dbl(2) == K * 2\n"""\n'
+    r = run_job(mbpp.job("def dbl(x):\n    return 2 * x\n"), FAST)
+    assert (r.status, r.tests_passed) == ("passed", 2)
+    with pytest.raises(InputError, match=r"data\.jsonl line 3: no tests"):
+        code_problem({"prompt": "x"}, "data.jsonl line 3")
+
+
+def test_extract_code_takes_the_first_fenced_block() -> None:
+    assert extract_code("Here:\n```python\nx = 1\n```\nmore") == "x = 1\n"
+    assert extract_code("x = 2") == "x = 2"
+
+
+def test_unprintable_exceptions_and_long_messages_are_reasons() -> None:
+    program = (
+        "class Odd(Exception):\n    def __str__(self):\n        raise RuntimeError\nraise Odd()\n"
+    )
+    r = run_job(CodeJob(program), FAST)
+    assert (r.status, r.reason) == ("error", "Odd: (its message could not be printed) at "
+                                    "<program> line 4: raise Odd()")  # fmt: skip
+    r = run_job(CodeJob("", ("assert False, 'x' * 10**6",)), FAST)
+    assert r.status == "failed" and len(r.reason) == 300
