@@ -13,12 +13,18 @@ from lmforge.compress.quantize import quantize_dir
 from lmforge.errors import InputError
 from lmforge.finetune.lora import LoraConfig, inject, lora_modules, save_peft_adapter
 from lmforge.model.config import preset_config
-from lmforge.model.convert import hf_config_to_model_config, load_pretrained, save_pretrained
+from lmforge.model.convert import (
+    ClassifierHead,
+    hf_config_to_model_config,
+    load_classifier,
+    load_pretrained,
+    save_pretrained,
+)
 from lmforge.model.generate import generate, left_pad
 from lmforge.model.hf_families import family_for
 from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import Transformer
-from unit.model.test_convert import VOCAB, randomize
+from unit.model.test_convert import PAD, VOCAB, pooled_logits, randomize, right_padded
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,6 +90,29 @@ def test_export_loads_as_qwen3_in_transformers_with_same_logits(overrides, tmp_p
     back = load_pretrained(tmp_path)
     assert back.config == model.config
     torch.testing.assert_close(back(idx), expected, atol=0, rtol=0)
+
+
+def test_qwen3_classifier_export_loads_in_transformers_with_same_logits(tmp_path):
+    model = ours_qwen3()
+    score = 0.1 * torch.randn(3, model.config.n_embd, generator=torch.Generator().manual_seed(2))
+    save_pretrained(model, tmp_path, {"pad_token_id": PAD}, ClassifierHead(score, ["a", "b", "c"]))
+    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert type(hf).__name__ == "Qwen3ForSequenceClassification" and not any(info.values())
+    idx = right_padded([12, 7, 20, 1])
+    with torch.no_grad():
+        expected = hf.eval()(idx).logits
+    assert (pooled_logits(model, score, idx) - expected).abs().max().item() <= 1e-4
+    assert torch.equal(load_classifier(tmp_path).weight, score)
+
+
+def test_a_meta_device_build_gets_unit_qk_norm_gains_from_init_weights():
+    with torch.device("meta"):
+        model = Transformer(preset_config("micro", qk_norm=True))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert all(torch.equal(b.attn.k_norm.weight, torch.ones(16)) for b in model.blocks)
 
 
 def test_qk_norm_changes_the_logits_so_the_parity_tests_can_fail():
