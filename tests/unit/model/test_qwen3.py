@@ -75,9 +75,17 @@ def test_import_keeps_head_dim_norm_weights_and_theta(tmp_path):
     assert ours.blocks[1].attn.k_norm.weight.shape == (16,)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "sliding_window": 5}])
-def test_export_loads_as_qwen3_in_transformers_with_same_logits(overrides, tmp_path):
-    model = ours_qwen3(**overrides)
+LLAMA3_ROPE = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0)
+EXPORTS = {
+    "tied": {},
+    "untied-window": {"tie_embeddings": False, "sliding_window": 5},
+    "llama3-rope": {"rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 16}},
+}
+
+
+@pytest.mark.parametrize("kind", EXPORTS)
+def test_export_loads_as_qwen3_in_transformers_with_same_logits(kind, tmp_path):
+    model = ours_qwen3(**EXPORTS[kind])
     save_pretrained(model, tmp_path, extra_config={"eos_token_id": 2})
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == 24
