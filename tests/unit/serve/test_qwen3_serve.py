@@ -1,4 +1,4 @@
-"""The serving engine on a qk_norm model: batched prefill, chunked prefill and decoding steps
+"""The serving engine on a qk_norm model (head_dim 24, not n_embd / n_head): batched prefill, chunked prefill and decoding steps
 (serve/causal_step.py) give the greedy tokens of recomputing the whole prefix."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from lmforge.tokenizer.files import TokenizerFiles
 def test_engine_chunked_and_batched_answers_equal_generate_with_qk_norm(serve_model_dir):
     files = TokenizerFiles.load(serve_model_dir)
     torch.manual_seed(0)
-    cfg = preset_config("micro", vocab_size=files.vocab_size, init_std=0.2, qk_norm=True)
+    cfg = preset_config(
+        "micro", vocab_size=files.vocab_size, init_std=0.2, qk_norm=True, head_dim=24
+    )
     model = Transformer(cfg).eval()
     with torch.no_grad():  # gains away from 1: a path that skipped a norm would answer otherwise
         for block in model.blocks:
