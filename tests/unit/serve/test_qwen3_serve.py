@@ -1,5 +1,6 @@
-"""The serving engine on a qk_norm model (head_dim 24, not n_embd / n_head): batched prefill, chunked prefill and decoding steps
-(serve/causal_step.py) give the greedy tokens of recomputing the whole prefix."""
+"""The serving engine on a qk_norm model (head_dim 24, not n_embd / n_head): batched prefill,
+chunked prefill and decoding steps (serve/causal_step.py) give the greedy tokens of recomputing
+the whole prefix."""
 
 from __future__ import annotations
 
