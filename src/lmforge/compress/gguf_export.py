@@ -82,8 +82,8 @@ def gguf_arch(cfg: Any) -> str:
             return arch
         problems.append(f"as {arch}: {', '.join(wrong)}")
     raise ConfigError(
-        f"GGUF export writes llama-style (qwen3 with qk_norm) or GPT-2-style decoders only; this model does not fit "
-        f"({'; '.join(problems)}); use --set export.formats=[onnx]"
+        "GGUF export writes llama-style (qwen3 with qk_norm) or GPT-2-style decoders only; this "
+        f"model does not fit ({'; '.join(problems)}); use --set export.formats=[onnx]"
     )
 
 
