@@ -1,11 +1,13 @@
 """GGUF export for llama.cpp users (the `gguf` package), checked by reading the file back.
 
 Llama-style models map onto llama.cpp's "llama" architecture (RMSNorm, rotary positions, SwiGLU,
-no biases), GPT-2-style ones onto "gpt2" (LayerNorm, learned positions, tanh GELU, biases).
-Tensors get llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm; no output.weight when
-the embeddings are tied). For llama the fused q/k/v and gate/up matrices are split, and q/k rows
-are reordered from the Hugging Face rotary layout (rotate halves) to GGML's (rotate adjacent
-pairs), as llama.cpp's convert_hf_to_gguf.py does; gpt2 keeps the fused attn_qkv. Matrices are
+no biases), the same with model.qk_norm onto "qwen3", GPT-2-style ones onto "gpt2" (LayerNorm,
+learned positions, tanh GELU, biases). Tensors get llama.cpp's names (token_embd, blk.N.attn_q,
+..., output_norm; no output.weight when the embeddings are tied). For llama and qwen3 the fused
+q/k/v and gate/up matrices are split; for llama q/k rows are reordered from the Hugging Face
+rotary layout (rotate halves) to GGML's (rotate adjacent pairs), while qwen3 rotates halves
+(llama.cpp's NEOX rotary) and keeps them, adding attn_q_norm/attn_k_norm, as llama.cpp's
+convert_hf_to_gguf.py does; gpt2 keeps the fused attn_qkv. Matrices are
 stored as f32, f16 or q8_0 (norms and biases stay f32, as llama.cpp wants them).
 
 The tokenizer goes in as tokenizer.ggml.* (model "gpt2" = byte-level BPE): tokens (padded to the
@@ -51,9 +53,13 @@ Q8_BLOCK = 32  # values sharing one q8_0 scale: a row's length must be a multipl
 # what each llama.cpp architecture needs of a ModelConfig, beyond COMMON_NEEDS
 ARCH_NEEDS = {
     "llama": (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"), ("bias", False),
-              ("attn_bias", False), ("sliding_window", None), ("rope_scaling", None)),
+              ("attn_bias", False), ("sliding_window", None), ("rope_scaling", None),
+              ("qk_norm", False)),
+    "qwen3": (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"), ("bias", False),
+              ("attn_bias", False), ("sliding_window", None), ("rope_scaling", None),
+              ("qk_norm", True)),
     "gpt2": (("norm", "layernorm"), ("pos", "learned"), ("mlp", "gelu"), ("bias", True),
-             ("head_dim", None), ("sliding_window", None)),
+             ("head_dim", None), ("sliding_window", None), ("qk_norm", False)),
 }  # fmt: skip
 COMMON_NEEDS = (("causal", True), ("post_norm", False), ("emb_norm", False),
                 ("type_vocab_size", 0), ("pos_offset", 0), ("mlm_head", False),
@@ -64,7 +70,7 @@ GPT2_NAMES = {"attn_norm": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "at
 
 
 def gguf_arch(cfg: Any) -> str:
-    """The llama.cpp architecture cfg maps onto exactly ("llama" or "gpt2"); else ConfigError."""
+    """The llama.cpp architecture cfg maps onto exactly (llama, qwen3, gpt2); else ConfigError."""
     problems = []
     for arch, needs in ARCH_NEEDS.items():
         wrong = [
@@ -76,8 +82,8 @@ def gguf_arch(cfg: Any) -> str:
             return arch
         problems.append(f"as {arch}: {', '.join(wrong)}")
     raise ConfigError(
-        f"GGUF export writes llama-style or GPT-2-style decoders only; this model does not fit "
-        f"({'; '.join(problems)}); use --set export.formats=[onnx]"
+        "GGUF export writes llama-style (qwen3 with qk_norm) or GPT-2-style decoders only; this "
+        f"model does not fit ({'; '.join(problems)}); use --set export.formats=[onnx]"
     )
 
 
@@ -91,14 +97,17 @@ def rope_permute(w: Tensor, n_head: int) -> Tensor:
 
 
 def llama_block(state: dict[str, Tensor], i: int, cfg: Any) -> dict[str, Tensor]:
-    """Block i under llama.cpp's llama names: q/k/v and gate/up split, q/k rows permuted."""
+    """Block i under llama.cpp's llama names: q/k/v and gate/up split, q/k rows permuted; with
+    qk_norm (qwen3) q/k rows stay in rotate-halves order and their norms come along."""
     nh, nkv, hd, p = cfg.n_head, cfg.n_kv_head, cfg.hd, f"blocks.{i}."
     q, k, v = state[p + "attn.qkv.weight"].split([nh * hd, nkv * hd, nkv * hd])
     gate, up = state[p + "mlp.fc.weight"].chunk(2)
+    norms = ["q", "k"] if cfg.qk_norm else []  # (q_norm, k_norm: qwen3)
     return {
         f"blk.{i}.attn_norm.weight": state[p + "attn_norm.weight"],
-        f"blk.{i}.attn_q.weight": rope_permute(q, nh),
-        f"blk.{i}.attn_k.weight": rope_permute(k, nkv),
+        f"blk.{i}.attn_q.weight": q if cfg.qk_norm else rope_permute(q, nh),
+        f"blk.{i}.attn_k.weight": k if cfg.qk_norm else rope_permute(k, nkv),
+        **{f"blk.{i}.attn_{x}_norm.weight": state[f"{p}attn.{x}_norm.weight"] for x in norms},
         f"blk.{i}.attn_v.weight": v,
         f"blk.{i}.attn_output.weight": state[p + "attn.proj.weight"],
         f"blk.{i}.ffn_norm.weight": state[p + "mlp_norm.weight"],
@@ -136,7 +145,7 @@ def gguf_tensors(model: nn.Module) -> dict[str, np.ndarray]:
         out["output_norm.bias"] = state["norm_f.bias"]
     if not cfg.tie_embeddings:
         out["output.weight"] = state["lm_head.weight"]
-    block = llama_block if arch == "llama" else gpt2_block
+    block = gpt2_block if arch == "gpt2" else llama_block
     for i in range(cfg.n_layer):
         out.update(block(state, i, cfg))
     return {name: t.contiguous().numpy() for name, t in out.items()}
@@ -241,7 +250,7 @@ def add_hyperparameters(writer: Any, cfg: Any, arch: str) -> None:
 def export_gguf(
     model: nn.Module, model_dir: Path, path: Path, special: dict[str, int], file_type: str = "f32"
 ) -> None:
-    """Write model (llama- or GPT-2-style) with its tokenizer metadata to path, matrices as
+    """Write model (llama-, qwen3- or GPT-2-style) with its tokenizer metadata to path, matrices as
     file_type (f32 | f16 | q8_0)."""
     import gguf
 

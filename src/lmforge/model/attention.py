@@ -4,6 +4,10 @@ Attention goes through F.scaled_dot_product_attention: the is_causal fast path w
 restricts attention, else the boolean mask model.masks builds. The Transformer's blocks
 (model.blocks) and the encoder-decoder's (model.seq2seq) use it alike.
 
+With model.qk_norm, each head's queries and keys go through an RMSNorm over hd (one gain vector
+shared by all heads, as Qwen3 and OLMo-2 train with) before rotary embeddings; every path that
+computes q/k (training, prefill, cached and compiled decoding, serving) runs this forward.
+
 Shapes: B batch, T sequence length, C = n_embd, hd = head_dim.
 """
 
@@ -63,6 +67,10 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias or config.attn_bias)
         self.proj = nn.Linear(config.n_head * config.hd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        from lmforge.model.blocks import RMSNorm  # here: model.blocks imports this module
+
+        self.q_norm = RMSNorm(config.hd, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.hd, config.norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -78,6 +86,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, n_head, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, over hd
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:

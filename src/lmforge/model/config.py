@@ -46,6 +46,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init (residual projections get /sqrt(2*n_layer))
     head_dim: int | None = None  # per-head width; None means n_embd // n_head
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral)
+    qk_norm: bool = False  # RMSNorm over hd on each head's queries and keys, before rotary (Qwen3)
     rope_scaling: dict[str, Any] | None = field(default=None)  # {"rope_type": "llama3", ...}
     # Encoder (BERT/RoBERTa) switches; the defaults are the decoder's, so decoders never change.
     causal: bool = True  # False: bidirectional encoder; pad masks then only hide padding keys

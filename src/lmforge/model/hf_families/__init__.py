@@ -9,8 +9,8 @@ A sequence classifier is the same body without lm_head plus SCORE, a bias-free
 Linear(n_embd, num_labels) that every family here names alike; its class is the family's
 `classifier` architecture (e.g. LlamaForSequenceClassification).
 
-One module per family group (llama: llama/mistral/qwen2, gpt2, bert: bert/roberta, bart) holds
-its config translation and name table; rules holds the table machinery. This module is the
+One module per family group (llama: llama/mistral/qwen2/qwen3, gpt2, bert: bert/roberta, bart)
+holds its config translation and name table; rules holds the table machinery. This module is the
 registry (FAMILIES) and family_for, which recognizes the family that represents a ModelConfig.
 """
 
@@ -36,6 +36,7 @@ from lmforge.model.hf_families.llama import (
     llama_rules,
     mistral_config,
     qwen2_config,
+    qwen3_config,
 )
 from lmforge.model.hf_families.rules import Rule
 
@@ -99,6 +100,13 @@ FAMILIES: dict[str, Family] = {
         bart_hf,
         bart_rules,
     ),
+    "qwen3": Family(
+        "Qwen3ForCausalLM",
+        "Qwen3ForSequenceClassification",
+        qwen3_config,
+        llama_like_hf,
+        llama_rules,
+    ),
 }
 ENCODER_FAMILIES = ("bert", "roberta")
 SEQ2SEQ_FAMILIES = ("bart",)
@@ -107,6 +115,8 @@ SEQ2SEQ_FAMILIES = ("bart",)
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
+    if cfg.qk_norm:  # of the families here only Qwen3 has q_norm/k_norm
+        return "qwen3" if _qwen3_shape(cfg) else None
     if cfg.is_encoder_decoder:
         return "bart" if _bart_shape(cfg, standard_heads) else None
     if not cfg.causal:
@@ -124,6 +134,17 @@ def family_for(cfg: ModelConfig) -> str | None:
     if cfg.attn_bias and not cfg.bias:
         return "qwen2" if standard_heads and cfg.rope_scaling is None else None
     return "llama"
+
+
+def _qwen3_shape(cfg: ModelConfig) -> bool:
+    """A bias-free Llama-style decoder (what Qwen3ForCausalLM computes, given q_norm/k_norm)."""
+    encoder_parts = cfg.post_norm or cfg.emb_norm or cfg.type_vocab_size or cfg.pos_offset
+    return (
+        cfg.causal  # not an encoder, nor an encoder-decoder
+        and not (encoder_parts or cfg.mlm_head)
+        and (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu")
+        and not (cfg.bias or cfg.attn_bias)
+    )
 
 
 def _has_shape(cfg: ModelConfig, shape: dict[str, Any], standard_heads: bool) -> bool:

@@ -1,4 +1,5 @@
-"""llama, mistral, qwen2: RMSNorm + RoPE + SwiGLU, differing only in biases / windows.
+"""llama, mistral, qwen2, qwen3: RMSNorm + RoPE + SwiGLU, differing in biases, windows and
+Qwen3's per-head RMSNorm on queries and keys (q_norm/k_norm, our model.qk_norm).
 
 config.json <-> ModelConfig (rope_theta/rope_scaling in the v4 or v5 layout) and the name table.
 """
@@ -36,7 +37,7 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _llama_like_config(
-    hf: dict[str, Any], attn_bias: bool, sliding_window: int | None
+    hf: dict[str, Any], attn_bias: bool, sliding_window: int | None, qk_norm: bool = False
 ) -> ModelConfig:
     require_supported(hf, "hidden_act", ("silu",), "silu")
     bias = bool(hf.get("attention_bias", False))
@@ -61,6 +62,7 @@ def _llama_like_config(
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         head_dim=None if head_dim in (None, hf["hidden_size"] // n_head) else head_dim,
         sliding_window=sliding_window,
+        qk_norm=qk_norm,
     )
 
 
@@ -75,6 +77,34 @@ def mistral_config(hf: dict[str, Any]) -> ModelConfig:
 def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
     require_supported(hf, "use_sliding_window", (False,), False)
     return _llama_like_config(hf, attn_bias=True, sliding_window=None)
+
+
+def qwen3_config(hf: dict[str, Any]) -> ModelConfig:
+    """Qwen3: bias-free, q_norm/k_norm; a sliding window only when every layer has it."""
+    require_supported(hf, "attention_bias", (False,), False)  # it also biases o_proj: not ours
+    return _llama_like_config(hf, attn_bias=False, sliding_window=_qwen3_window(hf), qk_norm=True)
+
+
+def _qwen3_window(hf: dict[str, Any]) -> int | None:
+    """The window every layer uses (None: full attention); a mix of full and sliding layers,
+    which our one model.sliding_window cannot express, is an InputError."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    n_layer = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28)
+        else "full_attention"
+        for i in range(n_layer)
+    ]  # fmt: skip
+    kinds = set(types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"} and window is not None:
+        return window
+    raise InputError(
+        f"config.json layer_types {sorted(kinds)} (use_sliding_window, sliding_window, "
+        "max_window_layers) mix full and sliding-window layers; lmforge supports all-full or, "
+        "with max_window_layers=0, all-sliding"
+    )
 
 
 def llama_like_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
@@ -99,6 +129,15 @@ def llama_like_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[
         hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     elif model_type == "mistral":
         hf["sliding_window"] = cfg.sliding_window
+    elif model_type == "qwen3":
+        sliding = cfg.sliding_window is not None
+        hf.update(
+            attention_bias=False,
+            use_sliding_window=sliding,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=0 if sliding else cfg.n_layer,
+            layer_types=[f"{'sliding' if sliding else 'full'}_attention"] * cfg.n_layer,
+        )
     else:  # qwen2
         hf.update(use_sliding_window=False, sliding_window=None)
     return hf
@@ -120,6 +159,8 @@ def llama_rules(cfg: ModelConfig) -> list[Rule]:
             Rule(o + "attn_norm.weight", (f"model.layers.{i}.input_layernorm.weight",)),
             Rule(o + "mlp_norm.weight", (f"model.layers.{i}.post_attention_layernorm.weight",)),
         ]
+        if cfg.qk_norm:
+            rules += [Rule(o + f"attn.{x}_norm.weight", (a + f"{x}_norm.weight",)) for x in "qk"]
         for p in ["weight"] + (["bias"] if cfg.bias or cfg.attn_bias else []):
             rules.append(Rule(o + f"attn.qkv.{p}", tuple(a + f"{x}_proj.{p}" for x in "qkv"), qkv))
         for p in params:

@@ -1,0 +1,53 @@
+"""GGUF export of a qk_norm model as llama.cpp's qwen3: q/k in rotate-halves order, their norms.
+
+Checked by reading the file back (gguf's reader); llama.cpp itself is not installed here, so
+benchmarks/check_gguf_llamacpp.py has not run on a qwen3 file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.compress.gguf_export import check_gguf, export_gguf, gguf_arch
+from lmforge.errors import ConfigError
+from lmforge.model.config import preset_config
+from lmforge.model.convert import load_pretrained, save_pretrained
+from lmforge.model.transformer import Transformer
+from unit.compress.test_gguf import lmforge_tokenizer, read_fields
+
+gguf = pytest.importorskip("gguf")
+
+
+def test_qk_norm_model_exports_as_llama_cpp_qwen3(tmp_path) -> None:
+    tok = lmforge_tokenizer(tmp_path)
+    cfg = preset_config("micro", vocab_size=tok.get_vocab_size(), qk_norm=True, head_dim=24)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # gains away from 1, so a swapped or missing norm shows
+        for block in model.blocks:
+            block.attn.q_norm.weight.uniform_(0.5, 1.5)
+            block.attn.k_norm.weight.uniform_(0.5, 1.5)
+    save_pretrained(model, tmp_path / "m")
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    model = load_pretrained(tmp_path / "m")
+    export_gguf(model, tmp_path / "m", tmp_path / "m.gguf", {}, "f32")
+    assert check_gguf(tmp_path / "m.gguf", model, tmp_path / "m", {})["tensors"] == 2 + 11 * 2
+    fields = read_fields(tmp_path / "m.gguf")
+    assert fields["general.architecture"] == "qwen3"
+    assert fields["qwen3.attention.key_length"] == fields["qwen3.rope.dimension_count"] == 24
+    tensors = {
+        t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors
+    }
+    attn = model.blocks[1].attn
+    q_rows = attn.qkv.weight[: 4 * 24].detach().numpy()  # llama.cpp's qwen3 rotates halves too
+    assert np.array_equal(tensors["blk.1.attn_q.weight"], q_rows)
+    for x in "qk":
+        norm = getattr(attn, f"{x}_norm").weight.detach().numpy()
+        assert np.array_equal(tensors[f"blk.1.attn_{x}_norm.weight"], norm)
+
+
+def test_gguf_refuses_a_qk_norm_model_llama_cpp_has_no_architecture_for() -> None:
+    with pytest.raises(ConfigError, match=r"as qwen3: attn_bias=True \(needs False\)"):
+        gguf_arch(preset_config("micro", qk_norm=True, attn_bias=True))
+    assert gguf_arch(preset_config("micro")) == "llama"  # qk_norm off: llama, as before
