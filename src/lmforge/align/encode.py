@@ -20,8 +20,27 @@ import numpy as np
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.heads import pooled_index
-from lmforge.finetune.sft import encode_chat
+from lmforge.finetune.sft import example_ids
 from lmforge.model.transformer import IGNORE_INDEX
+
+
+def reply_example(
+    prompt: list[dict[str, str]], reply: str, tool_conversation: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """prompt + reply as a finetune chat example: `messages`, and for a tool conversation (the
+    prompt's OpenAI form and its tools, align.prefs.prompt_fields) `tool_conversation` with the
+    reply appended. Training (encode_reply, through sft.example_ids) and held-out ROUGE-L
+    (finetune.evaluate.answer_prompt) both render it through sft.chat_of, so the reply is
+    prompted by the same ids in both: through a template that reads `tools`, as `lmforge serve`
+    rendered it, else as the Hermes turns `prompt` holds."""
+    answer = {"role": "assistant", "content": reply}
+    example: dict[str, Any] = {"messages": [*prompt, answer]}
+    if tool_conversation is not None:
+        example["tool_conversation"] = {
+            "messages": [*tool_conversation["messages"], answer],
+            "tools": tool_conversation["tools"],
+        }
+    return example
 
 
 def encode_reply(
@@ -31,18 +50,10 @@ def encode_reply(
     seq_len: int,
     tool_conversation: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[int], bool]:
-    """(ids, labels, truncated) of prompt + reply cut to seq_len; labels mark the reply.
-
-    With tool_conversation (the prompt's OpenAI form and its tools, align.prefs.prompt_fields)
-    the conversation is rendered by finetune's encode_chat with its tools, as `lmforge serve` rendered it:
-    through a template that reads `tools`, else as the Hermes turns `prompt` holds. The reply is
-    the text the model wrote (its tool calls the Hermes blocks it generated).
-    """
-    answer = {"role": "assistant", "content": reply}
-    messages, tools = [*prompt, answer], None
-    if tool_conversation is not None:
-        messages, tools = [*tool_conversation["messages"], answer], tool_conversation["tools"]
-    ids, mask = _reply_only(encode_chat(tok, messages, tools))
+    """(ids, labels, truncated) of prompt + reply cut to seq_len; labels mark the reply, the text
+    the model wrote (its tool calls the Hermes blocks it generated), rendered as reply_example."""
+    example = reply_example(prompt, reply, tool_conversation)
+    ids, mask = _reply_only(example_ids(tok, example))
     truncated = len(ids) > seq_len
     ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]

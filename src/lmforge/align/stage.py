@@ -34,7 +34,7 @@ import torch
 from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
-from lmforge.align.encode import encode_pairs
+from lmforge.align.encode import encode_pairs, reply_example
 from lmforge.align.grpo import GroupRollouts, group_metrics, heldout_groups, make_grpo_loss
 from lmforge.align.grpo_data import load_prompt_records, require_references
 from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
@@ -245,8 +245,8 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
                 for k in ("desirable", "undesirable")}  # fmt: skip
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     # ROUGE-L on every held-out record's desirable completion, as DPO's on every held-out pair
-    good = [{"prompt": e["prompt"], "chosen": e["completion"]} for e in val if e["desirable"]]
-    headline.update(_rouge(cfg, tok, model, good))
+    good = [e for e in val if e["desirable"]]
+    headline.update(_rouge(cfg, tok, model, good, reply="completion"))
     return model, headline
 
 
@@ -303,12 +303,13 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     return model, headline
 
 
-def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:
-    """Greedy ROUGE-L against the chosen answers of held-out prompts: policy and reference (the
-    start or dpo.reference, loaded again: training held only the policy)."""
+def _rouge(cfg: AlignConfig, tok: Any, policy: Any, records: list, reply: str = "chosen") -> dict:
+    """Greedy ROUGE-L against the `reply` answers of held-out prompts (pairs' chosen, KTO's
+    desirable completions): policy and reference (the start or dpo.reference, loaded again:
+    training held only the policy)."""
     from lmforge.model.convert import load_pretrained, resolve_model_dir
 
-    examples = _rouge_examples(cfg, pairs)
+    examples = _rouge_examples(cfg, records, reply)
     if not examples:
         return {}
     explicit = cfg.dpo.reference if cfg.method == "dpo" else None  # kto: the start
@@ -321,16 +322,16 @@ def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:
     }
 
 
-def _rouge_examples(cfg: AlignConfig, pairs: list) -> list[dict]:
-    """Up to eval.rouge_examples held-out prompts (each once) with their chosen answers."""
+def _rouge_examples(cfg: AlignConfig, records: list, reply: str = "chosen") -> list[dict]:
+    """Up to eval.rouge_examples held-out prompts (each once) with their `reply` answers, as
+    chat examples rendered as training renders them (encode.reply_example: a tool conversation
+    through a template that reads `tools`)."""
     seen, examples = set(), []
-    for p in pairs:
-        key = str(p["prompt"])
+    for r in records:
+        key = str(r["prompt"])
         if key not in seen and len(examples) < cfg.eval.rouge_examples:
             seen.add(key)
-            examples.append(
-                {"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
-            )
+            examples.append(reply_example(r["prompt"], r[reply], r.get("tool_conversation")))
     return examples
 
 

@@ -8,12 +8,15 @@ import json
 
 import pytest
 
+from lmforge.align.config import AlignConfig
 from lmforge.align.encode import encode_pairs
 from lmforge.align.kto import encode_unpaired
 from lmforge.align.prefs import load_pairs, pairs_of
+from lmforge.align.stage import _rouge_examples
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.common.io import read_jsonl
 from lmforge.errors import InputError
+from lmforge.finetune.evaluate import answer_prompt
 from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.feedback_export import FeedbackExportConfig, export_feedback
@@ -116,3 +119,20 @@ def test_a_text_prompt_with_tools_keeps_them(tokenizer_dir, tmp_path):
     rows, _ = encode_pairs(tok, [pair], seq_len=512)
     got = _reply_after(rows["input_ids"][0, 0], rows["labels"][0, 0], list(served["input_ids"]))
     assert hf.decode(got) == GOOD + "<|im_end|>"
+
+
+@pytest.mark.parametrize("template", [TOOLS_TEMPLATE, CHATML_TEMPLATE], ids=["tools", "chatml"])
+def test_held_out_rouge_prompts_a_tool_record_with_the_training_prompt_ids(
+    export, tokenizer_dir, tmp_path, template
+):
+    tok, _ = tools_model(tokenizer_dir, tmp_path, template)
+    cfg = AlignConfig(method="dpo", model=tmp_path, data=export, out=tmp_path / "out")
+    pairs = load_pairs(export)
+    examples = [e for e in load_unpaired_groups(export)[0] if e["desirable"]]
+    rows, _ = encode_pairs(tok, pairs, seq_len=1024)
+    start = int((rows["labels"][0, 0] != IGNORE_INDEX).argmax()) + 1  # the reply's first token
+    trained = rows["input_ids"][0, 0, :start].tolist()
+    for rouge in (_rouge_examples(cfg, pairs), _rouge_examples(cfg, examples, "completion")):
+        (example,) = rouge  # DPO's from pairs, KTO's from desirable examples
+        assert tok.encode(answer_prompt(tok, example)) == trained
+        assert [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"] == GOOD
