@@ -8,8 +8,8 @@ was served: through a template that reads `tools`, else as Hermes turns). Arrays
 belongs to the reply (its end-of-turn marker included) and -100 elsewhere, and `last` (N, 2), the
 position a reward head pools (finetune.heads.pooled_index: the last non-pad token, as transformers'
 *ForSequenceClassification). A conversation longer than T keeps its start; a pair in which either
-reply is cut away entirely is dropped and counted. Pairs that carry a `kind` (the synthetic
-ones do) list their kinds in the stats, row for row, for per-kind metrics.
+reply is cut away entirely is dropped and counted; the kept pairs' indices come back beside the
+rows (the synthetic pairs' `kind` follows them into per-kind metrics).
 """
 
 from __future__ import annotations
@@ -74,12 +74,14 @@ def _reply_only(encoded: tuple[list[int], list[int]]) -> tuple[list[int], list[i
 
 def encode_pairs(
     tok: Any, pairs: list[dict[str, Any]], seq_len: int
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Rows for every pair that keeps a reply token on both sides, and counts."""
+) -> tuple[dict[str, np.ndarray], dict[str, int], list[int]]:
+    """(rows, counts, kept): rows for every pair that keeps a reply token on both sides, and
+    `kept`, the index in `pairs` of each row's pair (for what travels beside a pair: its kind,
+    a KTO example's label)."""
     kept: list[tuple[list[int], list[int]]] = []
     truncated = dropped = 0
-    groups: list[str] = []
-    for pair in pairs:
+    indices: list[int] = []
+    for i, pair in enumerate(pairs):
         sides = [
             encode_reply(tok, pair["prompt"], pair[k], seq_len, pair.get("tool_conversation"))
             for k in ("chosen", "rejected")
@@ -89,7 +91,7 @@ def encode_pairs(
             dropped += 1
             continue
         kept.extend((ids, labels) for ids, labels, _ in sides)
-        groups.append(pair.get("kind", ""))
+        indices.append(i)
     if not kept:
         raise InputError(
             f"no preference pair keeps a reply within train.seq_len={seq_len}; raise train.seq_len"
@@ -107,10 +109,7 @@ def encode_pairs(
         "labels": labels.reshape(n, 2, seq_len),
         "last": last.reshape(n, 2),
     }
-    stats = {"pairs": n, "truncated": truncated, "dropped": dropped}
-    if any(groups):
-        stats["kinds"] = groups
-    return rows, stats
+    return rows, {"pairs": n, "truncated": truncated, "dropped": dropped}, indices
 
 
 def refuse_other_vocab(theirs: Any, ours: Any, role: str, fix: str) -> None:

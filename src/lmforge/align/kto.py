@@ -53,11 +53,11 @@ def encode_unpaired(
     as_pairs = [
         {"prompt": e["prompt"], "tool_conversation": e.get("tool_conversation"),
          "chosen": e["completion"],
-         "rejected": examples[partner[i]]["completion"], "kind": str(i)}
+         "rejected": examples[partner[i]]["completion"]}
         for i, e in enumerate(examples)
     ]  # fmt: skip
-    rows, stats = encode_pairs(tok, as_pairs, seq_len)
-    kept = [examples[int(i)] for i in stats.pop("kinds")]  # kinds: the kept rows' indices
+    rows, stats, indices = encode_pairs(tok, as_pairs, seq_len)
+    kept = [examples[i] for i in indices]
     pair_ids: dict[Any, int] = {}
     rows["desirable"] = np.array([e["desirable"] for e in kept], dtype=bool)
     rows["pair"] = np.array(

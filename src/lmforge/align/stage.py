@@ -125,12 +125,12 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
 def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dict, list, dict]:
     """(train rows, val rows, val pairs, headline counts) of the preference data."""
     train_pairs, val_pairs = load_splits(cfg)
-    train_rows, stats = encode_pairs(tok, train_pairs, cfg.train.seq_len)
-    val_rows, val_stats = encode_pairs(tok, val_pairs, cfg.train.seq_len)
-    stats.pop("kinds", None)
-    kinds = val_stats.pop("kinds", None)
+    train_rows, stats, _ = encode_pairs(tok, train_pairs, cfg.train.seq_len)
+    val_rows, val_stats, kept = encode_pairs(tok, val_pairs, cfg.train.seq_len)
+    kinds = [val_pairs[i].get("kind", "") for i in kept]  # the synthetic pairs carry one
     ctx.log.info("align %s/%s: train %s, val %s", cfg.method, cfg.tuning, stats, val_stats)
-    counts = {"train_pairs": stats["pairs"], "val_pairs": val_stats["pairs"], "val_kinds": kinds}
+    counts = {"train_pairs": stats["pairs"], "val_pairs": val_stats["pairs"],
+              "val_kinds": kinds if any(kinds) else None}  # fmt: skip
     return train_rows, val_rows, val_pairs, counts
 
 

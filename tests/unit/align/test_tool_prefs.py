@@ -76,7 +76,7 @@ def test_dpo_and_kto_rows_prompt_the_reply_as_it_was_served(
     assert list(served) == tok.encode_chat(SERVED[:-1], True, tools=TOOLS).ids  # (serve's path)
 
     for source in (export, export.parent / "f.db"):  # the export, or the store itself
-        rows, stats = encode_pairs(tok, load_pairs(source), seq_len=1024)
+        rows, stats, _ = encode_pairs(tok, load_pairs(source), seq_len=1024)
         assert stats["pairs"] == 1 and stats["truncated"] == 0
         for side, reply in enumerate((GOOD, BAD)):
             got = _reply_after(rows["input_ids"][0, side], rows["labels"][0, side], list(served))
@@ -116,7 +116,7 @@ def test_a_text_prompt_with_tools_keeps_them(tokenizer_dir, tmp_path):
     assert pair["tool_conversation"] == {"messages": user, "tools": TOOLS}
     assert pair["prompt"] == hermes_messages(user, TOOLS)
     served = hf.apply_chat_template(user, tools=TOOLS, add_generation_prompt=True, return_dict=True)
-    rows, _ = encode_pairs(tok, [pair], seq_len=512)
+    rows, _, _ = encode_pairs(tok, [pair], seq_len=512)
     got = _reply_after(rows["input_ids"][0, 0], rows["labels"][0, 0], list(served["input_ids"]))
     assert hf.decode(got) == GOOD + "<|im_end|>"
 
@@ -129,7 +129,7 @@ def test_held_out_rouge_prompts_a_tool_record_with_the_training_prompt_ids(
     cfg = AlignConfig(method="dpo", model=tmp_path, data=export, out=tmp_path / "out")
     pairs = load_pairs(export)
     examples = [e for e in load_unpaired_groups(export)[0] if e["desirable"]]
-    rows, _ = encode_pairs(tok, pairs, seq_len=1024)
+    rows, _, _ = encode_pairs(tok, pairs, seq_len=1024)
     start = int((rows["labels"][0, 0] != IGNORE_INDEX).argmax()) + 1  # the reply's first token
     trained = rows["input_ids"][0, 0, :start].tolist()
     for rouge in (_rouge_examples(cfg, pairs), _rouge_examples(cfg, examples, "completion")):
