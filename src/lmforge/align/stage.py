@@ -201,9 +201,9 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
     spec = RefFreeSpec(cfg.method, cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.lam)
-    bs, examples = cfg.eval.batch_size, _rouge_examples(cfg, val_pairs)
+    bs = cfg.eval.batch_size
     before = evaluate_ref_free(lm, val_rows, bs, spec)
-    ref_rouge = _rouge_l(cfg, tok, lm, examples) if examples else None
+    rouge = _rouge_from_start(cfg, tok, lm, _rouge_examples(cfg, val_pairs))
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
@@ -214,9 +214,7 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     headline.update({f"ref_{k[4:]}": _round(before[k]) for k in (
         "val_logp_margin", "val_pref_accuracy", "val_reward_margin")})  # fmt: skip
-    if examples:
-        headline.update(rouge_l=_rouge_l(cfg, tok, model, examples), ref_rouge_l=ref_rouge,
-                        rouge_examples=len(examples))  # fmt: skip
+    headline.update(rouge(model))
     return model, headline
 
 
@@ -260,17 +258,13 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     policy = PolicyWithValue(lm)
     held_out = HeldOutEval(policy, lambda m: heldout_rollout(
         m, reference, reward, tok, val_prompts, opts, seq_len), rollout_metrics)  # fmt: skip
-    before = held_out.rollout(policy)
-    rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
-    loader = Rollouts(policy, reference, reward, tok, prompts, opts,
-                      cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader  # fmt: skip
-    policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
-                       loader, held_out, rt)  # fmt: skip
-    after = held_out.final()  # the loop's last evaluation: not sampled a second time
-    headline = {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
-    headline.update(reward_headline(before, after, rollout_metrics, before_keys=[
-        "val_reward", "val_reward_se", "val_kl", "val_answer_len"]))  # fmt: skip
-    return policy, headline
+    policy, fit = _fit_rollouts(
+        cfg, ctx, policy, held_out, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
+        lambda rt: Rollouts(policy, reference, reward, tok, prompts, opts,
+                            cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader,
+        before_keys=["val_reward", "val_reward_se", "val_kl", "val_answer_len"],
+    )  # fmt: skip
+    return policy, {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
 
 
 def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
@@ -285,22 +279,30 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     examples = _rouge_examples(
         cfg, [{"prompt": r.prompt, "chosen": r.reference} for r in val if r.reference is not None]
     )
-    ref_rouge = _rouge_l(cfg, tok, lm, examples) if examples else None  # as _adapt leaves it
+    rouge = _rouge_from_start(cfg, tok, lm, examples)  # as _adapt leaves it
     _adapt(cfg, lm)
     held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
                            group_metrics)  # fmt: skip
-    before = held_out.rollout(lm)
+    model, fit = _fit_rollouts(
+        cfg, ctx, lm, held_out, make_grpo_loss(opts),
+        lambda rt: GroupRollouts(lm, reference, rewards, tok, records, opts,
+                                 cfg.train.micro_batch_size, cfg.train.seed, rt).loader,
+    )  # fmt: skip
+    return model, {"prompts": len(records), "val_prompts": len(val), **fit, **rouge(model)}
+
+
+def _fit_rollouts(
+    cfg: AlignConfig, ctx: StageContext, policy: Any, held_out: HeldOutEval, loss_fn: Any,
+    make_loader: Any, before_keys: list[str] | None = None,
+) -> tuple[Any, dict]:  # fmt: skip
+    """PPO's and GRPO's training: the held-out rollout before, the loop on the loader
+    make_loader(rt) builds on the loop's runtime (whose autocast scores its rollouts), and the
+    fit numbers with the reward headline (align.rollout.reward_headline)."""
+    before = held_out.rollout(policy)
     rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
-    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
-                           cfg.train.micro_batch_size, cfg.train.seed, rt).loader  # fmt: skip
-    model, fit = _fit(cfg, ctx, lm, make_grpo_loss(opts), loader, held_out, rt)
+    policy, fit = _fit(cfg, ctx, policy, loss_fn, make_loader(rt), held_out, rt)
     after = held_out.final()  # the loop's last evaluation: not sampled a second time
-    headline = {"prompts": len(records), "val_prompts": len(val), **fit}
-    headline.update(reward_headline(before, after, group_metrics))
-    if examples:
-        headline.update(rouge_l=_rouge_l(cfg, tok, model, examples), ref_rouge_l=ref_rouge,
-                        rouge_examples=len(examples))  # fmt: skip
-    return model, headline
+    return policy, {**fit, **reward_headline(before, after, held_out.metrics, before_keys)}
 
 
 def _rouge(cfg: AlignConfig, tok: Any, policy: Any, records: list, reply: str = "chosen") -> dict:
@@ -320,6 +322,16 @@ def _rouge(cfg: AlignConfig, tok: Any, policy: Any, records: list, reply: str = 
         "ref_rouge_l": _rouge_l(cfg, tok, reference.to(next(policy.parameters()).device), examples),
         "rouge_examples": len(examples),
     }
+
+
+def _rouge_from_start(cfg: AlignConfig, tok: Any, lm: Any, examples: list[dict]) -> Any:
+    """Scores the starting model's greedy ROUGE-L on examples now (the methods that train its
+    own weights); returns what adds the trained model's beside it to the headline."""
+    if not examples:
+        return lambda model: {}
+    start = _rouge_l(cfg, tok, lm, examples)
+    return lambda model: {"rouge_l": _rouge_l(cfg, tok, model, examples), "ref_rouge_l": start,
+                          "rouge_examples": len(examples)}  # fmt: skip
 
 
 def _rouge_examples(cfg: AlignConfig, records: list, reply: str = "chosen") -> list[dict]:
