@@ -21,6 +21,8 @@ from lmforge.align.losses import token_logps
 from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.train.distributed import Runtime
+from lmforge.train.loop import autocast
 
 
 @contextlib.contextmanager
@@ -159,10 +161,13 @@ def standard_error(x: Tensor) -> float:
 class HeldOutEval:
     """The loop's eval_fn (held-out rollout -> its metrics) that keeps its last rollout.
 
-    The training loop evaluates at its last step (train.loop: at max_steps, or the step an early
-    stop breaks at), so once it returns, the last rollout sampled from the policy itself (not a
-    compiled or DDP wrapper) outside autocast is exactly what sampling the final policy again
-    would give: final() returns it instead of spending another held-out rollout.
+    Every rollout it samples, before training (sample), during and after, runs in eval mode under
+    the loop's autocast (rt), on the device the caller moved the policy to (rt's), so "before"
+    and "after" are sampled in the same numerics. The training loop evaluates at its last step
+    (train.loop: at max_steps, or the step an early stop breaks at), so once it returns, the
+    last rollout sampled from the policy itself (not a compiled or DDP wrapper) is exactly what
+    sampling the final policy again would give: final() returns it instead of spending another
+    held-out rollout.
     """
 
     def __init__(
@@ -170,20 +175,24 @@ class HeldOutEval:
         policy: nn.Module,
         rollout: Callable[[nn.Module], dict[str, Tensor]],
         metrics: Callable[[dict[str, Tensor]], dict[str, float]],
+        rt: Runtime,
     ) -> None:
-        self.policy, self.rollout, self.metrics = policy, rollout, metrics
+        self.policy, self.rollout, self.metrics, self.rt = policy, rollout, metrics, rt
         self.last: dict[str, Tensor] | None = None
 
+    def sample(self, model: nn.Module) -> dict[str, Tensor]:
+        """model's held-out rollout, in eval mode under the loop's autocast."""
+        with eval_mode(model), autocast(self.rt):
+            return self.rollout(model)
+
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        rollout = self.rollout(model)
-        device = next(self.policy.parameters()).device.type
-        plain = model is self.policy and not torch.is_autocast_enabled(device)
-        self.last = rollout if plain else None
+        rollout = self.sample(model)
+        self.last = rollout if model is self.policy else None
         return self.metrics(rollout)
 
     def final(self) -> dict[str, Tensor]:
         """The final policy's held-out rollout (sampled now only if the loop made none)."""
-        return self.last if self.last is not None else self.rollout(self.policy)
+        return self.last if self.last is not None else self.sample(self.policy)
 
 
 def reward_headline(

@@ -256,10 +256,11 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     reference = frozen_copy(lm) if cfg.tuning == "full" else None  # LoRA: the base itself
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)
-    held_out = HeldOutEval(policy, lambda m: heldout_rollout(
-        m, reference, reward, tok, val_prompts, opts, seq_len), rollout_metrics)  # fmt: skip
+    held_out = partial(heldout_rollout, reference=reference, reward=reward, tok=tok,
+                       prompts=val_prompts, opts=opts, seq_len=seq_len)  # fmt: skip
     policy, fit = _fit_rollouts(
-        cfg, ctx, policy, held_out, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
+        cfg, ctx, setup_runtime(cfg.train), policy, held_out, rollout_metrics,
+        make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
         lambda rt: Rollouts(policy, reference, reward, tok, prompts, opts,
                             cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader,
         before_keys=["val_reward", "val_reward_se", "val_kl", "val_answer_len"],
@@ -279,12 +280,13 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     examples = _rouge_examples(
         cfg, [{"prompt": r.prompt, "chosen": r.reference} for r in val if r.reference is not None]
     )
-    rouge = _rouge_from_start(cfg, tok, lm, examples)  # as _adapt leaves it
+    rt = setup_runtime(cfg.train)
+    rouge = _rouge_from_start(cfg, tok, lm.to(rt.device), examples)  # as _adapt leaves it
     _adapt(cfg, lm)
-    held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
-                           group_metrics)  # fmt: skip
+    held_out = partial(heldout_groups, reference=reference, rewards=rewards, tok=tok,
+                       records=val, opts=opts)  # fmt: skip
     model, fit = _fit_rollouts(
-        cfg, ctx, lm, held_out, make_grpo_loss(opts),
+        cfg, ctx, rt, lm, held_out, group_metrics, make_grpo_loss(opts),
         lambda rt: GroupRollouts(lm, reference, rewards, tok, records, opts,
                                  cfg.train.micro_batch_size, cfg.train.seed, rt).loader,
     )  # fmt: skip
@@ -292,17 +294,18 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
 
 
 def _fit_rollouts(
-    cfg: AlignConfig, ctx: StageContext, policy: Any, held_out: HeldOutEval, loss_fn: Any,
-    make_loader: Any, before_keys: list[str] | None = None,
+    cfg: AlignConfig, ctx: StageContext, rt: Runtime, policy: Any, held_out: Any, metrics: Any,
+    loss_fn: Any, make_loader: Any, before_keys: list[str] | None = None,
 ) -> tuple[Any, dict]:  # fmt: skip
-    """PPO's and GRPO's training: the held-out rollout before, the loop on the loader
-    make_loader(rt) builds on the loop's runtime (whose autocast scores its rollouts), and the
-    fit numbers with the reward headline (align.rollout.reward_headline)."""
-    before = held_out.rollout(policy)
-    rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
-    policy, fit = _fit(cfg, ctx, policy, loss_fn, make_loader(rt), held_out, rt)
-    after = held_out.final()  # the loop's last evaluation: not sampled a second time
-    return policy, {**fit, **reward_headline(before, after, held_out.metrics, before_keys)}
+    """PPO's and GRPO's training on rt, the loop's runtime: the held-out rollout (held_out(model),
+    scored by metrics) before, on rt's device under its autocast as the loop's evaluations
+    after (align.rollout.HeldOutEval), the loop on the loader make_loader(rt) builds (whose
+    autocast scores its rollouts), and the fit numbers with the reward headline."""
+    evaluate = HeldOutEval(policy.to(rt.device), held_out, metrics, rt)
+    before = evaluate.sample(policy)
+    policy, fit = _fit(cfg, ctx, policy, loss_fn, make_loader(rt), evaluate, rt)
+    after = evaluate.final()  # the loop's last evaluation: not sampled a second time
+    return policy, {**fit, **reward_headline(before, after, evaluate.metrics, before_keys)}
 
 
 def _rouge(cfg: AlignConfig, tok: Any, policy: Any, records: list, reply: str = "chosen") -> dict:

@@ -113,9 +113,9 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
     )
     held_out_rollouts, real = [], stage.heldout_rollout
 
-    def counted(*args):
-        held_out_rollouts.append(args)
-        return real(*args)
+    def counted(policy, **kwargs):
+        held_out_rollouts.append(policy)
+        return real(policy, **kwargs)
 
     monkeypatch.setattr(stage, "heldout_rollout", counted)
     out = align(cfg)
