@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.finetune.evaluate import answer_prompt
 from lmforge.finetune.heads import pooled_index
 from lmforge.finetune.sft import example_ids
 from lmforge.model.transformer import IGNORE_INDEX
@@ -41,6 +42,15 @@ def reply_example(
             "tools": tool_conversation["tools"],
         }
     return example
+
+
+def prompt_ids(
+    tok: Any, prompt: list[dict[str, str]], tool_conversation: dict[str, Any] | None = None
+) -> list[int]:
+    """The ids that prompt a reply to `prompt` (the generation prompt included), rendered as
+    encode_reply renders it for training and held-out ROUGE-L prompts it (answer_prompt of
+    reply_example): what PPO and GRPO sample their answers after."""
+    return tok.encode(answer_prompt(tok, reply_example(prompt, "", tool_conversation)))
 
 
 def encode_reply(

@@ -220,25 +220,3 @@ def load_pairs(path: Path) -> list[Pair]:
     if not pairs:
         raise InputError(f"{path} holds no preference pairs; pass prompt/chosen/rejected records")
     return pairs
-
-
-def load_prompts(path: Path) -> list[list[dict[str, str]]]:
-    """The distinct prompts of a file or directory of records with a `prompt` (PPO's input):
-    preference records or prompt-only ones `{"prompt": P}`; a bad prompt names file and line."""
-    prompts, seen = [], set()
-    with record_files(path) as files:
-        for file in files:
-            for line, record in read_user_jsonl(file):
-                try:
-                    if "prompt" not in record:
-                        raise ValueError(f"record with keys {sorted(record)} has no prompt")
-                    prompt = prompt_messages(record["prompt"], record.get("tools"))
-                except ValueError as err:
-                    raise InputError(f"{file} line {line}: {err}") from None
-                key = repr(prompt)
-                if key not in seen:
-                    seen.add(key)
-                    prompts.append(prompt)
-    if not prompts:
-        raise InputError(f"{path} holds no prompts; pass records with a prompt")
-    return prompts

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmforge.align.encode import prompt_ids
 from lmforge.align.losses import token_logps
 from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
@@ -56,19 +57,27 @@ def frozen_copy(lm: nn.Module) -> nn.Module:
     return copy.deepcopy(lm).eval().requires_grad_(False)
 
 
-def sample_answers(
-    lm: nn.Module, tok: Any, prompts: list, max_new_tokens: int, seed: int, temperature: float
-) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, answer ids through the stop token) sampled with one generator per prompt."""
-    from lmforge.model.generate import generate_batched
-
+def prompt_room(lm: nn.Module, max_new_tokens: int) -> int:
+    """How many prompt tokens fit beside max_new_tokens answer tokens in the model's block."""
     room = lm.config.block_size - max_new_tokens
     if room < 1:  # ids[-0:] would keep the whole prompt and overrun the position table
         raise ConfigError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
             f"block_size={lm.config.block_size}; lower ppo.max_new_tokens / grpo.max_new_tokens"
         )
-    ids = [tok.encode(tok.render_chat(p, add_generation_prompt=True))[-room:] for p in prompts]
+    return room
+
+
+def sample_answers(
+    lm: nn.Module, tok: Any, records: list, max_new_tokens: int, seed: int, temperature: float
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids through the stop token) sampled with one generator per record
+    (align.grpo_data.PromptRecord), its prompt rendered as training renders it (prompt_ids) and
+    cut from the left to prompt_room."""
+    from lmforge.model.generate import generate_batched
+
+    room = prompt_room(lm, max_new_tokens)
+    ids = [prompt_ids(tok, r.prompt, r.tool_conversation)[-room:] for r in records]
     answers = generate_batched(
         lm, ids, max_new_tokens, batch_size=len(ids), stop_tokens=tok.stop_ids(), seed=seed,
         temperature=temperature,

@@ -46,7 +46,7 @@ from lmforge.align.ppo import (
     make_ppo_loss,
     rollout_metrics,
 )
-from lmforge.align.prefs import load_pairs, load_prompts
+from lmforge.align.prefs import load_pairs
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
 from lmforge.align.rewards import build_rewards
@@ -88,8 +88,9 @@ def load_splits(cfg: AlignConfig, read: Any = load_pairs) -> tuple[list, list]:
 
 
 def load_prompt_splits(cfg: AlignConfig) -> tuple[list, list]:
-    """PPO's (train, held-out) prompts; at most ppo.eval_prompts held out are scored."""
-    prompts, val = load_splits(cfg, load_prompts)
+    """PPO's (train, held-out) prompts (PromptRecords; their references unused); at most
+    ppo.eval_prompts held out are scored."""
+    prompts, val = load_splits(cfg, load_prompt_records)
     return prompts, val[: cfg.ppo.eval_prompts]
 
 
@@ -277,9 +278,9 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
     require_references(records + val, [f.name for f in rewards if f.needs_reference])
     reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
-    examples = _rouge_examples(
-        cfg, [{"prompt": r.prompt, "chosen": r.reference} for r in val if r.reference is not None]
-    )
+    examples = _rouge_examples(cfg, [
+        {"prompt": r.prompt, "tool_conversation": r.tool_conversation, "chosen": r.reference}
+        for r in val if r.reference is not None])  # fmt: skip
     rt = setup_runtime(cfg.train)
     rouge = _rouge_from_start(cfg, tok, lm.to(rt.device), examples)  # as _adapt leaves it
     _adapt(cfg, lm)

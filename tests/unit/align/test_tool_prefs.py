@@ -10,18 +10,22 @@ import pytest
 
 from lmforge.align.config import AlignConfig
 from lmforge.align.encode import encode_pairs
+from lmforge.align.grpo_data import load_prompt_records
 from lmforge.align.kto import encode_unpaired
 from lmforge.align.prefs import load_pairs, pairs_of
+from lmforge.align.rollout import sample_answers
 from lmforge.align.stage import _rouge_examples
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.common.io import read_jsonl
 from lmforge.errors import InputError
 from lmforge.finetune.evaluate import answer_prompt
+from lmforge.model.convert import load_pretrained
 from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.feedback_export import FeedbackExportConfig, export_feedback
 from lmforge.tokenizer.chat import CHATML_TEMPLATE
 from lmforge.tokenizer.hermes_tools import hermes_messages
+from unit.finetune.helpers import make_model_dir
 from unit.finetune.test_sft import ASK, CALLS, RESULTS, SERVED, TOOLS, TOOLS_TEMPLATE, tools_model
 
 STORED = [*ASK, {"role": "assistant", "content": "", "tool_calls": CALLS}, *RESULTS[::-1]]
@@ -136,3 +140,17 @@ def test_held_out_rouge_prompts_a_tool_record_with_the_training_prompt_ids(
         (example,) = rouge  # DPO's from pairs, KTO's from desirable examples
         assert tok.encode(answer_prompt(tok, example)) == trained
         assert [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"] == GOOD
+
+
+@pytest.mark.parametrize("template", [TOOLS_TEMPLATE, CHATML_TEMPLATE], ids=["tools", "chatml"])
+def test_ppo_and_grpo_sample_after_the_prompt_ids_dpo_trains_on(
+    export, tokenizer_dir, tmp_path, template
+):
+    tok, _ = tools_model(tokenizer_dir, tmp_path, template)
+    (record,) = load_prompt_records(export)  # PPO's and GRPO's reader
+    rows, _, _ = encode_pairs(tok, load_pairs(export), seq_len=1024)
+    start = int((rows["labels"][0, 0] != IGNORE_INDEX).argmax()) + 1
+    trained = rows["input_ids"][0, 0, :start].tolist()
+    lm = load_pretrained(make_model_dir(tmp_path / "lm", tokenizer_dir, block_size=start + 8))
+    ids, answers = sample_answers(lm, tok, [record], max_new_tokens=4, seed=0, temperature=1.0)
+    assert ids == [trained] and 1 <= len(answers[0]) <= 4
