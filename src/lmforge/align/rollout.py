@@ -73,7 +73,7 @@ def sample_answers(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, answer ids through the stop token) sampled with one generator per record
     (align.grpo_data.PromptRecord), its prompt rendered as training renders it (prompt_ids) and
-    cut from the left to prompt_room."""
+    cut from the left to prompt_room (cut_prompts_warning counts those)."""
     from lmforge.model.generate import generate_batched
 
     room = prompt_room(lm, max_new_tokens)
@@ -83,6 +83,23 @@ def sample_answers(
         temperature=temperature,
     )  # fmt: skip
     return ids, answers
+
+
+def cut_prompts_warning(
+    lm: nn.Module, tok: Any, records: list, max_new_tokens: int, setting: str
+) -> str | None:
+    """A warning counting the prompts longer than prompt_room, which sampling truncates keeping
+    their end (finetune's sft.truncation=left): their start is dropped. None when all fit."""
+    room = prompt_room(lm, max_new_tokens)
+    cut = sum(len(prompt_ids(tok, r.prompt, r.tool_conversation)) > room for r in records)
+    if not cut:
+        return None
+    return (
+        f"{setting.split('.')[0]}: {cut} of {len(records)} prompts are longer than the {room} "
+        f"tokens the model's block_size={lm.config.block_size} leaves beside {setting}="
+        f"{max_new_tokens}: they are truncated keeping their end (their start dropped) when "
+        f"sampled; lower {setting} or shorten those prompts"
+    )
 
 
 def answer_texts(tok: Any, answers: list[list[int]]) -> list[str]:

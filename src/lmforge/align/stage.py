@@ -50,7 +50,12 @@ from lmforge.align.prefs import load_pairs
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
 from lmforge.align.rewards import build_rewards
-from lmforge.align.rollout import HeldOutEval, frozen_copy, reward_headline
+from lmforge.align.rollout import (
+    HeldOutEval,
+    cut_prompts_warning,
+    frozen_copy,
+    reward_headline,
+)
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
@@ -255,6 +260,9 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     prompts, val_prompts = load_prompt_splits(cfg)
     reward = load_reward_model(opts.reward_model, lm.config.vocab_size, tok)
     reference = frozen_copy(lm) if cfg.tuning == "full" else None  # LoRA: the base itself
+    if warning := cut_prompts_warning(lm, tok, prompts + val_prompts, opts.max_new_tokens,
+                                      "ppo.max_new_tokens"):  # fmt: skip
+        ctx.log.warning(warning)
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)
     held_out = partial(heldout_rollout, reference=reference, reward=reward, tok=tok,
@@ -278,6 +286,9 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
     require_references(records + val, [f.name for f in rewards if f.needs_reference])
     reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
+    if warning := cut_prompts_warning(lm, tok, records + val, opts.max_new_tokens,
+                                      "grpo.max_new_tokens"):  # fmt: skip
+        ctx.log.warning(warning)
     examples = _rouge_examples(cfg, [
         {"prompt": r.prompt, "tool_conversation": r.tool_conversation, "chosen": r.reference}
         for r in val if r.reference is not None])  # fmt: skip

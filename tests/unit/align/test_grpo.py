@@ -192,3 +192,18 @@ def test_held_out_rollouts_before_and_after_share_the_loops_device_and_autocast(
     # before training and the loop's last evaluation, which "after" reuses: one runtime
     assert seen == [(torch.device("cpu"), True, torch.bfloat16, False)] * 2
     assert "val_reward_before" in m and "val_reward" in m
+
+
+def test_prompts_cut_to_fit_beside_the_answer_are_counted_in_one_warning(
+    tmp_path, model_dir, caplog
+):
+    """micro block_size 128 - max_new_tokens 100 leaves 28 prompt tokens: the long prompts are
+    truncated keeping their end, and the log says how many, once."""
+    cfg = _cfg(tmp_path, model_dir, [{"kind": "length", "max_tokens": 3}], max_new_tokens=100)
+    long = [{"prompt": f"Say {w} " + "again and again " * 8, "reference": "x"} for w in WORDS[:5]]
+    with open(cfg.data, "a") as fh:  # 32 short prompts (26 tokens) and 5 long ones (113)
+        fh.write("".join(json.dumps(r) + "\n" for r in long))
+    align(cfg)
+    (warning,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert warning.startswith("grpo: 5 of 37 prompts are longer than the 28 tokens")
+    assert "grpo.max_new_tokens=100" in warning and "their start dropped" in warning
