@@ -47,9 +47,9 @@ def reply_example(
 def prompt_ids(
     tok: Any, prompt: list[dict[str, str]], tool_conversation: dict[str, Any] | None = None
 ) -> list[int]:
-    """The ids that prompt a reply to `prompt` (the generation prompt included), rendered as
-    encode_reply renders it for training and held-out ROUGE-L prompts it (answer_prompt of
-    reply_example): what PPO and GRPO sample their answers after."""
+    """The ids that prompt a reply to `prompt`, through the generation prompt: what PPO and GRPO
+    sample their answers after, as held-out ROUGE-L prompts (answer_prompt of reply_example; the
+    empty reply is what it leaves out) and as encode_reply's rows hold before the reply."""
     return tok.encode(answer_prompt(tok, reply_example(prompt, "", tool_conversation)))
 
 
