@@ -7,7 +7,8 @@ import pytest
 from unit.finetune.helpers import make_model_dir, make_tokenizer_dir
 
 from integration.test_finetune_cli import lmforge
-from lmforge.align.prefs import load_pairs, load_prompts
+from lmforge.align.grpo_data import load_prompt_records
+from lmforge.align.prefs import load_pairs
 from lmforge.artifacts import read_manifest
 from lmforge.common.io import read_jsonl
 from lmforge.serve.feedback import FeedbackStore
@@ -102,7 +103,7 @@ def test_export_writes_sft_and_preferences_with_counts_and_reruns_on_new_feedbac
     assert len(load_pairs(out)) == 2 * n + 1
     from_db = load_pairs(db)
     assert len(from_db) == 2 * n + 1 and from_db[0]["prompt"] == chat("Say alpha")
-    assert len(load_prompts(db)) == n
+    assert len(load_prompt_records(db)) == n
 
     missing = lmforge("data", "feedback-export", "--db", "nope.db", "--out", "x", cwd=tmp_path)
     assert missing.returncode == 2 and "nope.db does not exist" in missing.stderr

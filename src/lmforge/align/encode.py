@@ -8,8 +8,8 @@ was served: through a template that reads `tools`, else as Hermes turns). Arrays
 belongs to the reply (its end-of-turn marker included) and -100 elsewhere, and `last` (N, 2), the
 position a reward head pools (finetune.heads.pooled_index: the last non-pad token, as transformers'
 *ForSequenceClassification). A conversation longer than T keeps its start; a pair in which either
-reply is cut away entirely is dropped and counted. Pairs that carry a `kind` (the synthetic
-ones do) list their kinds in the stats, row for row, for per-kind metrics.
+reply is cut away entirely is dropped and counted; the kept pairs' indices come back beside the
+rows (the synthetic pairs' `kind` follows them into per-kind metrics).
 """
 
 from __future__ import annotations
@@ -19,9 +19,38 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import ConfigError, InputError
+from lmforge.finetune.evaluate import answer_prompt
 from lmforge.finetune.heads import pooled_index
-from lmforge.finetune.sft import encode_chat
+from lmforge.finetune.sft import example_ids
 from lmforge.model.transformer import IGNORE_INDEX
+
+
+def reply_example(
+    prompt: list[dict[str, str]], reply: str, tool_conversation: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """prompt + reply as a finetune chat example: `messages`, and for a tool conversation (the
+    prompt's OpenAI form and its tools, align.prefs.prompt_fields) `tool_conversation` with the
+    reply appended. Training (encode_reply, through sft.example_ids) and held-out ROUGE-L
+    (finetune.evaluate.answer_prompt) both render it through sft.chat_of, so the reply is
+    prompted by the same ids in both: through a template that reads `tools`, as `lmforge serve`
+    rendered it, else as the Hermes turns `prompt` holds."""
+    answer = {"role": "assistant", "content": reply}
+    example: dict[str, Any] = {"messages": [*prompt, answer]}
+    if tool_conversation is not None:
+        example["tool_conversation"] = {
+            "messages": [*tool_conversation["messages"], answer],
+            "tools": tool_conversation["tools"],
+        }
+    return example
+
+
+def prompt_ids(
+    tok: Any, prompt: list[dict[str, str]], tool_conversation: dict[str, Any] | None = None
+) -> list[int]:
+    """The ids that prompt a reply to `prompt`, through the generation prompt: what PPO and GRPO
+    sample their answers after, as held-out ROUGE-L prompts (answer_prompt of reply_example; the
+    empty reply is what it leaves out) and as encode_reply's rows hold before the reply."""
+    return tok.encode(answer_prompt(tok, reply_example(prompt, "", tool_conversation)))
 
 
 def encode_reply(
@@ -31,18 +60,10 @@ def encode_reply(
     seq_len: int,
     tool_conversation: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[int], bool]:
-    """(ids, labels, truncated) of prompt + reply cut to seq_len; labels mark the reply.
-
-    With tool_conversation (the prompt's OpenAI form and its tools, align.prefs.prompt_fields)
-    the conversation is rendered by finetune's encode_chat with its tools, as `lmforge serve` rendered it:
-    through a template that reads `tools`, else as the Hermes turns `prompt` holds. The reply is
-    the text the model wrote (its tool calls the Hermes blocks it generated).
-    """
-    answer = {"role": "assistant", "content": reply}
-    messages, tools = [*prompt, answer], None
-    if tool_conversation is not None:
-        messages, tools = [*tool_conversation["messages"], answer], tool_conversation["tools"]
-    ids, mask = _reply_only(encode_chat(tok, messages, tools))
+    """(ids, labels, truncated) of prompt + reply cut to seq_len; labels mark the reply, the text
+    the model wrote (its tool calls the Hermes blocks it generated), rendered as reply_example."""
+    example = reply_example(prompt, reply, tool_conversation)
+    ids, mask = _reply_only(example_ids(tok, example))
     truncated = len(ids) > seq_len
     ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
@@ -63,12 +84,14 @@ def _reply_only(encoded: tuple[list[int], list[int]]) -> tuple[list[int], list[i
 
 def encode_pairs(
     tok: Any, pairs: list[dict[str, Any]], seq_len: int
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Rows for every pair that keeps a reply token on both sides, and counts."""
+) -> tuple[dict[str, np.ndarray], dict[str, int], list[int]]:
+    """(rows, counts, kept): rows for every pair that keeps a reply token on both sides, and
+    `kept`, the index in `pairs` of each row's pair (for what travels beside a pair: its kind,
+    a KTO example's label)."""
     kept: list[tuple[list[int], list[int]]] = []
     truncated = dropped = 0
-    groups: list[str] = []
-    for pair in pairs:
+    indices: list[int] = []
+    for i, pair in enumerate(pairs):
         sides = [
             encode_reply(tok, pair["prompt"], pair[k], seq_len, pair.get("tool_conversation"))
             for k in ("chosen", "rejected")
@@ -78,7 +101,7 @@ def encode_pairs(
             dropped += 1
             continue
         kept.extend((ids, labels) for ids, labels, _ in sides)
-        groups.append(pair.get("kind", ""))
+        indices.append(i)
     if not kept:
         raise InputError(
             f"no preference pair keeps a reply within train.seq_len={seq_len}; raise train.seq_len"
@@ -96,10 +119,7 @@ def encode_pairs(
         "labels": labels.reshape(n, 2, seq_len),
         "last": last.reshape(n, 2),
     }
-    stats = {"pairs": n, "truncated": truncated, "dropped": dropped}
-    if any(groups):
-        stats["kinds"] = groups
-    return rows, stats
+    return rows, {"pairs": n, "truncated": truncated, "dropped": dropped}, indices
 
 
 def refuse_other_vocab(theirs: Any, ours: Any, role: str, fix: str) -> None:

@@ -72,10 +72,10 @@ def sample_and_score(
     """(input_ids, labels, total reward (N,), each function's rewards) of one answer sampled
     per record (repeat a record for a group), in eval mode, on the policy's device."""
     device = next(lm.parameters()).device
-    prompts = [r.prompt for r in records]
+    prompts = [r.prompt for r in records]  # what reward functions read: role/content turns
     with eval_mode(lm):
         prompt_ids, answers = sample_answers(
-            lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
+            lm, tok, records, opts.max_new_tokens, seed, opts.temperature
         )
     stops = set(tok.stop_ids())
     lengths = [sum(t not in stops for t in a) for a in answers]

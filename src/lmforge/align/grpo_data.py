@@ -1,11 +1,13 @@
-"""GRPO's prompts and their reference answers, read from the align stage's data files.
+"""PPO's and GRPO's prompts and their reference answers, read from the align stage's data files.
 
 A record (one per line of .jsonl[.gz|.zst] files, align.prefs.record_files) needs a `prompt` (a
 string or messages, as align.prefs) and may carry a reference answer: `reference`, else `answer`,
 else a preference pair's `chosen`, else a ranked list's best, and code tests (HumanEval's
 `test` + `entry_point`, or MBPP's `test_list`/`tests`, common.code_problems). A prompt seen again
-keeps its first record. Rewards that compare with a reference (rouge_l, exact, contains) refuse
-data in which a record has none, and code_tests data without tests, naming its file and line.
+keeps its first record; a tool conversation keeps its OpenAI form, which the prompt is sampled
+from as it was served. Rewards that compare with a reference (rouge_l, exact, contains) refuse
+data in which a record has none, and code_tests data without tests, naming its file and line
+(PPO reads only the prompts).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.align.prefs import prompt_messages, record_files, response_text
+from lmforge.align.prefs import prompt_fields, record_files, response_text
 from lmforge.common.code_problems import CodeProblem, code_problem, has_tests
 from lmforge.common.io import read_user_jsonl
 from lmforge.errors import InputError
@@ -24,12 +26,15 @@ REFERENCE_KEYS = ("reference", "answer", "chosen")
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A prompt (messages), its reference answer or None, where it was read, and its code
-    tests or None."""
+    """A prompt (role/content messages: a tool conversation's Hermes turns), its reference answer
+    or None, where it was read, a tool conversation's OpenAI form and tools
+    (align.prefs.prompt_fields), which the prompt is rendered from when sampled (encode.prompt_ids),
+    and its code tests or None."""
 
     prompt: list[dict[str, str]]
     reference: str | None
     source: str
+    tool_conversation: dict[str, Any] | None = None
     code: CodeProblem | None = None
 
 
@@ -46,9 +51,10 @@ def _record(record: dict[str, Any], where: str) -> PromptRecord:
     try:
         if "prompt" not in record:
             raise ValueError(f"record with keys {sorted(record)} has no prompt")
-        prompt = prompt_messages(record["prompt"], record.get("tools"))  # tools: Hermes turns
+        fields = prompt_fields(record)
         code = code_problem(record, where) if has_tests(record) else None
-        return PromptRecord(prompt, _reference(record), where, code)
+        return PromptRecord(fields["prompt"], _reference(record), where,
+                            fields.get("tool_conversation"), code)  # fmt: skip
     except ValueError as err:
         raise InputError(f"{where}: {err}") from None
 

@@ -1,10 +1,10 @@
 """KTO: a policy from unpaired desirable/undesirable completions against a frozen reference.
 
 Each example is encoded as a pair row (align.encode): index 0 is its own prompt + completion,
-index 1 the same prompt followed by another example's completion (its KL partner, fixed once
-before training by a seeded shuffle of the whole split; TRL instead rotates completions within
-each batch, so a batch's partners there are its own completions). The mismatched rows estimate
-KL(policy || reference), the reference point z0 of the loss (losses.kto_loss). So DPO's code
+index 1 the same prompt followed by another example's completion (its KL partner, kl_partners:
+drawn once per split, never the example's own text when another exists; TRL shifts completions
+within each batch, so a batch's partners there are its own completions). The mismatched rows
+estimate KL(policy || reference), the reference point z0 of the loss (losses.kto_loss). So DPO's code
 scores both the reference (once, before training: align.dpo.reference_logps) and the policy
 (align.dpo.reply_logps; the mismatched rows without gradient, as TRL's), the mismatched rows
 included.
@@ -47,17 +47,15 @@ def encode_unpaired(
             "example's completion as its KL partner: give it at least 2 (data, val_data, "
             "eval.val_fraction)"
         )
-    order = np.random.default_rng(seed).permutation(len(examples))
-    partner = np.empty(len(examples), dtype=np.int64)
-    partner[order] = np.roll(order, 1)  # each takes the completion before it in the shuffle
+    partner = kl_partners([e["completion"] for e in examples], seed)
     as_pairs = [
         {"prompt": e["prompt"], "tool_conversation": e.get("tool_conversation"),
          "chosen": e["completion"],
-         "rejected": examples[partner[i]]["completion"], "kind": str(i)}
+         "rejected": examples[partner[i]]["completion"]}
         for i, e in enumerate(examples)
     ]  # fmt: skip
-    rows, stats = encode_pairs(tok, as_pairs, seq_len)
-    kept = [examples[int(i)] for i in stats.pop("kinds")]  # kinds: the kept rows' indices
+    rows, stats, indices = encode_pairs(tok, as_pairs, seq_len)
+    kept = [examples[i] for i in indices]
     pair_ids: dict[Any, int] = {}
     rows["desirable"] = np.array([e["desirable"] for e in kept], dtype=bool)
     rows["pair"] = np.array(
@@ -66,6 +64,29 @@ def encode_unpaired(
     )
     counts = label_counts(kept) | {"truncated": stats["truncated"], "dropped": stats["dropped"]}
     return rows, counts
+
+
+def kl_partners(completions: list[str], seed: int) -> np.ndarray:
+    """Index of each example's KL partner, whose completion follows the example's prompt in its
+    mismatched row: a seeded shuffle in which each takes the completion before it, then every
+    partner whose text is the example's own (a completion given twice) drawn again among the
+    examples with another text, when there is one; else the row would score the example itself.
+
+    They are drawn once per split, as the reference scores them once before training. TRL does
+    it once too, as it prepares the data (KTOTrainer's _get_kl_dataset): it shifts the
+    completions of each batch by one, so a partner there can hold the example's own text."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(completions))
+    partner = np.empty(len(completions), dtype=np.int64)
+    partner[order] = np.roll(order, 1)
+    texts: dict[str, int] = {}
+    code = np.array([texts.setdefault(c, len(texts)) for c in completions])
+    same = np.flatnonzero(code[partner] == code)
+    for text in np.unique(code[same]):
+        mine, others = same[code[same] == text], np.flatnonzero(code != text)
+        if len(others):
+            partner[mine] = rng.choice(others, size=len(mine))
+    return partner
 
 
 def balance_warning(counts: dict[str, int], opts: KTOOptions) -> str | None:

@@ -111,12 +111,18 @@ def load_reward_model(
 
 
 @torch.no_grad()
-def score(reward: nn.Module, tok: Any, prompts: list, answers: list[str], seq_len: int) -> Tensor:
-    """Reward of each (prompt, answer), encoded exactly as the reward model was trained: cut at
+def score(
+    reward: nn.Module, tok: Any, prompts: list, answers: list[str], seq_len: int,
+    tool_conversations: list | None = None,
+) -> Tensor:  # fmt: skip
+    """Reward of each (prompt, answer), encoded exactly as the reward model was trained: a tool
+    conversation (tool_conversations, one per prompt or None) as its pairs were rendered, cut at
     the length its pairs were cut at (reward.input_len) when the PPO run's seq_len is longer."""
     device = next(reward.parameters()).device
     cut = min(seq_len, reward.input_len or seq_len)
-    enc = [encode_reply(tok, p, a, cut)[0] for p, a in zip(prompts, answers, strict=True)]
+    tooled = tool_conversations or [None] * len(prompts)
+    enc = [encode_reply(tok, p, a, cut, t)[0]
+           for p, a, t in zip(prompts, answers, tooled, strict=True)]  # fmt: skip
     ids = torch.full((len(enc), max(map(len, enc))), tok.pad_id, dtype=torch.long)
     for r, row in enumerate(enc):
         ids[r, : len(row)] = torch.tensor(row)
@@ -125,8 +131,8 @@ def score(reward: nn.Module, tok: Any, prompts: list, answers: list[str], seq_le
 
 
 class Rollouts:
-    """What a PPO rollout reads (policy, reference, reward model, prompts, settings); `loader`
-    serves fresh rollouts of the current policy to the loop as minibatches."""
+    """What a PPO rollout reads (policy, reference, reward model, prompts: PromptRecords,
+    settings); `loader` serves fresh rollouts of the current policy to the loop as minibatches."""
 
     def __init__(
         self, policy: PolicyWithValue, reference: nn.Module | None, reward: nn.Module, tok: Any,
@@ -157,7 +163,9 @@ def make_rollout(src: Rollouts, prompts: list, seed: int) -> dict[str, Tensor]:
         prompt_ids, answers = sample_answers(
             policy.lm, tok, prompts, opts.max_new_tokens, seed, opts.temperature
         )
-        scores = score(src.reward.to(device), tok, prompts, answer_texts(tok, answers), src.seq_len)
+        scores = score(src.reward.to(device), tok, [r.prompt for r in prompts],
+                       answer_texts(tok, answers), src.seq_len,
+                       [r.tool_conversation for r in prompts])  # fmt: skip
         ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
         ids, labels = ids.to(device), labels.to(device)
         with autocast(src.rt):

@@ -31,7 +31,7 @@ from typing import Any
 
 from lmforge.common.io import read_user_jsonl
 from lmforge.errors import ConfigError, InputError
-from lmforge.tokenizer.hermes_tools import has_tool_turns, hermes_messages, openai_turns
+from lmforge.tokenizer.hermes_tools import has_tool_turns, hermes_messages
 
 Pair = dict[str, Any]
 ROLES = ("system", "user", "assistant")
@@ -45,29 +45,38 @@ def prompt_messages(value: Any, tools: Any = None) -> list[dict[str, str]]:
     """A record's prompt as role/content chat messages; ValueError says what is wrong with it.
 
     A tool conversation (OpenAI's form: assistant `tool_calls`, `tool` results, the record's
-    `tools`) becomes its Hermes turns, the form every prompt reader takes; tool_conversation
-    keeps the OpenAI form for the encoding."""
+    `tools`) becomes its Hermes turns, the form every prompt reader takes; prompt_fields keeps
+    the OpenAI form for the encoding."""
+    return _role_content(_turns(value), _tools(tools))
+
+
+def _turns(value: Any) -> list[dict[str, Any]]:
+    """A prompt (a string or messages) as messages, checked; ValueError says what is wrong."""
     if isinstance(value, str) and value.strip():
-        value = [{"role": "user", "content": value}]
-    if isinstance(value, list) and value:
-        for m in value:
-            if not isinstance(m, dict) or m.get("role") not in (*ROLES, "tool"):
-                raise ValueError(f"prompt messages need a role in {(*ROLES, 'tool')}")
-            calls = m["role"] == "assistant" and m.get("tool_calls")
-            if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
-                raise ValueError("prompt messages need string content (null only beside calls)")
-        if value[-1]["role"] == "assistant":
-            raise ValueError("the prompt's last message is the assistant's; it must await one")
-        tools = _tools(tools)
-        if tools or has_tool_turns(value):
-            try:
-                return hermes_messages(value, tools)
-            except InputError as err:  # arguments that are not JSON, a result answering no call
-                raise ValueError(str(err)) from None
-            except (KeyError, TypeError) as err:
-                raise ValueError(f"a tool call needs function.name and arguments ({err})") from None
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise ValueError("prompt must be a non-empty string or a list of {role, content} messages")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ValueError("prompt must be a non-empty string or a list of {role, content} messages")
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in (*ROLES, "tool"):
+            raise ValueError(f"prompt messages need a role in {(*ROLES, 'tool')}")
+        calls = m["role"] == "assistant" and m.get("tool_calls")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+            raise ValueError("prompt messages need string content (null only beside calls)")
+    if value[-1]["role"] == "assistant":
+        raise ValueError("the prompt's last message is the assistant's; it must await one")
+    return value
+
+
+def _role_content(turns: list[dict[str, Any]], tools: list | None) -> list[dict[str, str]]:
+    """Checked turns as role/content messages: a tool conversation's Hermes turns."""
+    if not (tools or has_tool_turns(turns)):
+        return [{"role": m["role"], "content": m["content"]} for m in turns]
+    try:
+        return hermes_messages(turns, tools)
+    except InputError as err:  # arguments that are not JSON, a result answering no call
+        raise ValueError(str(err)) from None
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"a tool call needs function.name and arguments ({err})") from None
 
 
 def _tools(tools: Any) -> list[dict[str, Any]] | None:
@@ -81,14 +90,14 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
 
 def prompt_fields(record: dict[str, Any]) -> dict[str, Any]:
     """{"prompt": role/content turns} of a record with a prompt, plus, for a tool conversation,
-    `tool_conversation`: {"messages": its OpenAI form, "tools"}, which align's encoding renders
-    as finetune's does (through a template that reads `tools`, else as the Hermes turns), so a
-    policy is scored on the prompt it was served with. ValueError says what is wrong."""
-    value, tools = record["prompt"], record.get("tools")
-    fields: dict[str, Any] = {"prompt": prompt_messages(value, tools)}
-    value = [{"role": "user", "content": value}] if isinstance(value, str) else value
-    if _tools(tools) or has_tool_turns(value):
-        fields["tool_conversation"] = {"messages": openai_turns(value), "tools": _tools(tools)}
+    `tool_conversation`: {"messages": its OpenAI form as it came, "tools"}, which align's
+    encoding renders as finetune's does (hermes_tools.template_turns: through a template that
+    reads `tools`, else as the Hermes turns), so a policy is scored on the prompt it was served
+    with. ValueError says what is wrong."""
+    turns, tools = _turns(record["prompt"]), _tools(record.get("tools"))
+    fields: dict[str, Any] = {"prompt": _role_content(turns, tools)}
+    if tools or has_tool_turns(turns):
+        fields["tool_conversation"] = {"messages": turns, "tools": tools}
     return fields
 
 
@@ -211,25 +220,3 @@ def load_pairs(path: Path) -> list[Pair]:
     if not pairs:
         raise InputError(f"{path} holds no preference pairs; pass prompt/chosen/rejected records")
     return pairs
-
-
-def load_prompts(path: Path) -> list[list[dict[str, str]]]:
-    """The distinct prompts of a file or directory of records with a `prompt` (PPO's input):
-    preference records or prompt-only ones `{"prompt": P}`; a bad prompt names file and line."""
-    prompts, seen = [], set()
-    with record_files(path) as files:
-        for file in files:
-            for line, record in read_user_jsonl(file):
-                try:
-                    if "prompt" not in record:
-                        raise ValueError(f"record with keys {sorted(record)} has no prompt")
-                    prompt = prompt_messages(record["prompt"], record.get("tools"))
-                except ValueError as err:
-                    raise InputError(f"{file} line {line}: {err}") from None
-                key = repr(prompt)
-                if key not in seen:
-                    seen.add(key)
-                    prompts.append(prompt)
-    if not prompts:
-        raise InputError(f"{path} holds no prompts; pass records with a prompt")
-    return prompts

@@ -17,10 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmforge.align.encode import prompt_ids
 from lmforge.align.losses import token_logps
 from lmforge.errors import ConfigError
 from lmforge.finetune.lora import lora_modules
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.train.distributed import Runtime
+from lmforge.train.loop import autocast
 
 
 @contextlib.contextmanager
@@ -54,24 +57,49 @@ def frozen_copy(lm: nn.Module) -> nn.Module:
     return copy.deepcopy(lm).eval().requires_grad_(False)
 
 
-def sample_answers(
-    lm: nn.Module, tok: Any, prompts: list, max_new_tokens: int, seed: int, temperature: float
-) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, answer ids through the stop token) sampled with one generator per prompt."""
-    from lmforge.model.generate import generate_batched
-
+def prompt_room(lm: nn.Module, max_new_tokens: int) -> int:
+    """How many prompt tokens fit beside max_new_tokens answer tokens in the model's block."""
     room = lm.config.block_size - max_new_tokens
     if room < 1:  # ids[-0:] would keep the whole prompt and overrun the position table
         raise ConfigError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
             f"block_size={lm.config.block_size}; lower ppo.max_new_tokens / grpo.max_new_tokens"
         )
-    ids = [tok.encode(tok.render_chat(p, add_generation_prompt=True))[-room:] for p in prompts]
+    return room
+
+
+def sample_answers(
+    lm: nn.Module, tok: Any, records: list, max_new_tokens: int, seed: int, temperature: float
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids through the stop token) sampled with one generator per record
+    (align.grpo_data.PromptRecord), its prompt rendered as training renders it (prompt_ids) and
+    cut from the left to prompt_room (cut_prompts_warning counts those)."""
+    from lmforge.model.generate import generate_batched
+
+    room = prompt_room(lm, max_new_tokens)
+    ids = [prompt_ids(tok, r.prompt, r.tool_conversation)[-room:] for r in records]
     answers = generate_batched(
         lm, ids, max_new_tokens, batch_size=len(ids), stop_tokens=tok.stop_ids(), seed=seed,
         temperature=temperature,
     )  # fmt: skip
     return ids, answers
+
+
+def cut_prompts_warning(
+    lm: nn.Module, tok: Any, records: list, max_new_tokens: int, setting: str
+) -> str | None:
+    """A warning counting the prompts longer than prompt_room, which sampling truncates keeping
+    their end (finetune's sft.truncation=left): their start is dropped. None when all fit."""
+    room = prompt_room(lm, max_new_tokens)
+    cut = sum(len(prompt_ids(tok, r.prompt, r.tool_conversation)) > room for r in records)
+    if not cut:
+        return None
+    return (
+        f"{setting.split('.')[0]}: {cut} of {len(records)} prompts are longer than the {room} "
+        f"tokens the model's block_size={lm.config.block_size} leaves beside {setting}="
+        f"{max_new_tokens}: they are truncated keeping their end (their start dropped) when "
+        f"sampled; lower {setting} or shorten those prompts"
+    )
 
 
 def answer_texts(tok: Any, answers: list[list[int]]) -> list[str]:
@@ -159,10 +187,13 @@ def standard_error(x: Tensor) -> float:
 class HeldOutEval:
     """The loop's eval_fn (held-out rollout -> its metrics) that keeps its last rollout.
 
-    The training loop evaluates at its last step (train.loop: at max_steps, or the step an early
-    stop breaks at), so once it returns, the last rollout sampled from the policy itself (not a
-    compiled or DDP wrapper) outside autocast is exactly what sampling the final policy again
-    would give: final() returns it instead of spending another held-out rollout.
+    Every rollout it samples, before training (sample), during and after, runs in eval mode under
+    the loop's autocast (rt), on the device the caller moved the policy to (rt's), so "before"
+    and "after" are sampled in the same numerics. The training loop evaluates at its last step
+    (train.loop: at max_steps, or the step an early stop breaks at), so once it returns, the
+    last rollout sampled from the policy itself (not a compiled or DDP wrapper) is exactly what
+    sampling the final policy again would give: final() returns it instead of spending another
+    held-out rollout.
     """
 
     def __init__(
@@ -170,20 +201,24 @@ class HeldOutEval:
         policy: nn.Module,
         rollout: Callable[[nn.Module], dict[str, Tensor]],
         metrics: Callable[[dict[str, Tensor]], dict[str, float]],
+        rt: Runtime,
     ) -> None:
-        self.policy, self.rollout, self.metrics = policy, rollout, metrics
+        self.policy, self.rollout, self.metrics, self.rt = policy, rollout, metrics, rt
         self.last: dict[str, Tensor] | None = None
 
+    def sample(self, model: nn.Module) -> dict[str, Tensor]:
+        """model's held-out rollout, in eval mode under the loop's autocast."""
+        with eval_mode(model), autocast(self.rt):
+            return self.rollout(model)
+
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        rollout = self.rollout(model)
-        device = next(self.policy.parameters()).device.type
-        plain = model is self.policy and not torch.is_autocast_enabled(device)
-        self.last = rollout if plain else None
+        rollout = self.sample(model)
+        self.last = rollout if model is self.policy else None
         return self.metrics(rollout)
 
     def final(self) -> dict[str, Tensor]:
         """The final policy's held-out rollout (sampled now only if the loop made none)."""
-        return self.last if self.last is not None else self.rollout(self.policy)
+        return self.last if self.last is not None else self.sample(self.policy)
 
 
 def reward_headline(

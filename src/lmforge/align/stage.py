@@ -34,7 +34,7 @@ import torch
 from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
-from lmforge.align.encode import encode_pairs
+from lmforge.align.encode import encode_pairs, reply_example
 from lmforge.align.grpo import GroupRollouts, group_metrics, heldout_groups, make_grpo_loss
 from lmforge.align.grpo_data import load_prompt_records, require_references, require_tests
 from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
@@ -46,11 +46,16 @@ from lmforge.align.ppo import (
     make_ppo_loss,
     rollout_metrics,
 )
-from lmforge.align.prefs import load_pairs, load_prompts
+from lmforge.align.prefs import load_pairs
 from lmforge.align.ref_free import RefFreeSpec, evaluate_ref_free, make_ref_free_loss
 from lmforge.align.reward import evaluate_rewards, reward_loss, reward_model
 from lmforge.align.rewards import build_rewards
-from lmforge.align.rollout import HeldOutEval, frozen_copy, reward_headline
+from lmforge.align.rollout import (
+    HeldOutEval,
+    cut_prompts_warning,
+    frozen_copy,
+    reward_headline,
+)
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
@@ -88,8 +93,9 @@ def load_splits(cfg: AlignConfig, read: Any = load_pairs) -> tuple[list, list]:
 
 
 def load_prompt_splits(cfg: AlignConfig) -> tuple[list, list]:
-    """PPO's (train, held-out) prompts; at most ppo.eval_prompts held out are scored."""
-    prompts, val = load_splits(cfg, load_prompts)
+    """PPO's (train, held-out) prompts (PromptRecords; their references unused); at most
+    ppo.eval_prompts held out are scored."""
+    prompts, val = load_splits(cfg, load_prompt_records)
     return prompts, val[: cfg.ppo.eval_prompts]
 
 
@@ -125,12 +131,12 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
 def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dict, list, dict]:
     """(train rows, val rows, val pairs, headline counts) of the preference data."""
     train_pairs, val_pairs = load_splits(cfg)
-    train_rows, stats = encode_pairs(tok, train_pairs, cfg.train.seq_len)
-    val_rows, val_stats = encode_pairs(tok, val_pairs, cfg.train.seq_len)
-    stats.pop("kinds", None)
-    kinds = val_stats.pop("kinds", None)
+    train_rows, stats, _ = encode_pairs(tok, train_pairs, cfg.train.seq_len)
+    val_rows, val_stats, kept = encode_pairs(tok, val_pairs, cfg.train.seq_len)
+    kinds = [val_pairs[i].get("kind", "") for i in kept]  # the synthetic pairs carry one
     ctx.log.info("align %s/%s: train %s, val %s", cfg.method, cfg.tuning, stats, val_stats)
-    counts = {"train_pairs": stats["pairs"], "val_pairs": val_stats["pairs"], "val_kinds": kinds}
+    counts = {"train_pairs": stats["pairs"], "val_pairs": val_stats["pairs"],
+              "val_kinds": kinds if any(kinds) else None}  # fmt: skip
     return train_rows, val_rows, val_pairs, counts
 
 
@@ -201,9 +207,9 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
     spec = RefFreeSpec(cfg.method, cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.lam)
-    bs, examples = cfg.eval.batch_size, _rouge_examples(cfg, val_pairs)
+    bs = cfg.eval.batch_size
     before = evaluate_ref_free(lm, val_rows, bs, spec)
-    ref_rouge = _rouge_l(cfg, tok, lm, examples) if examples else None
+    rouge = _rouge_from_start(cfg, tok, lm, _rouge_examples(cfg, val_pairs))
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
@@ -214,9 +220,7 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     headline.update({f"ref_{k[4:]}": _round(before[k]) for k in (
         "val_logp_margin", "val_pref_accuracy", "val_reward_margin")})  # fmt: skip
-    if examples:
-        headline.update(rouge_l=_rouge_l(cfg, tok, model, examples), ref_rouge_l=ref_rouge,
-                        rouge_examples=len(examples))  # fmt: skip
+    headline.update(rouge(model))
     return model, headline
 
 
@@ -245,8 +249,8 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
                 for k in ("desirable", "undesirable")}  # fmt: skip
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     # ROUGE-L on every held-out record's desirable completion, as DPO's on every held-out pair
-    good = [{"prompt": e["prompt"], "chosen": e["completion"]} for e in val if e["desirable"]]
-    headline.update(_rouge(cfg, tok, model, good))
+    good = [e for e in val if e["desirable"]]
+    headline.update(_rouge(cfg, tok, model, good, reply="completion"))
     return model, headline
 
 
@@ -256,21 +260,21 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     prompts, val_prompts = load_prompt_splits(cfg)
     reward = load_reward_model(opts.reward_model, lm.config.vocab_size, tok)
     reference = frozen_copy(lm) if cfg.tuning == "full" else None  # LoRA: the base itself
+    if warning := cut_prompts_warning(lm, tok, prompts + val_prompts, opts.max_new_tokens,
+                                      "ppo.max_new_tokens"):  # fmt: skip
+        ctx.log.warning(warning)
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)
-    held_out = HeldOutEval(policy, lambda m: heldout_rollout(
-        m, reference, reward, tok, val_prompts, opts, seq_len), rollout_metrics)  # fmt: skip
-    before = held_out.rollout(policy)
-    rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
-    loader = Rollouts(policy, reference, reward, tok, prompts, opts,
-                      cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader  # fmt: skip
-    policy, fit = _fit(cfg, ctx, policy, make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
-                       loader, held_out, rt)  # fmt: skip
-    after = held_out.final()  # the loop's last evaluation: not sampled a second time
-    headline = {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
-    headline.update(reward_headline(before, after, rollout_metrics, before_keys=[
-        "val_reward", "val_reward_se", "val_kl", "val_answer_len"]))  # fmt: skip
-    return policy, headline
+    held_out = partial(heldout_rollout, reference=reference, reward=reward, tok=tok,
+                       prompts=val_prompts, opts=opts, seq_len=seq_len)  # fmt: skip
+    policy, fit = _fit_rollouts(
+        cfg, ctx, setup_runtime(cfg.train), policy, held_out, rollout_metrics,
+        make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
+        lambda rt: Rollouts(policy, reference, reward, tok, prompts, opts,
+                            cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader,
+        before_keys=["val_reward", "val_reward_se", "val_kl", "val_answer_len"],
+    )  # fmt: skip
+    return policy, {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
 
 
 def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
@@ -283,33 +287,47 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     require_references(records + val, [f.name for f in rewards if f.needs_reference])
     require_tests(records + val, [f.name for f in rewards if f.needs_tests])
     reference = frozen_copy(lm) if cfg.tuning == "full" and opts.beta else None  # LoRA: its base
-    examples = _rouge_examples(
-        cfg, [{"prompt": r.prompt, "chosen": r.reference} for r in val if r.reference is not None]
-    )
-    ref_rouge = _rouge_l(cfg, tok, lm, examples) if examples else None  # as _adapt leaves it
+    if warning := cut_prompts_warning(lm, tok, records + val, opts.max_new_tokens,
+                                      "grpo.max_new_tokens"):  # fmt: skip
+        ctx.log.warning(warning)
+    examples = _rouge_examples(cfg, [
+        {"prompt": r.prompt, "tool_conversation": r.tool_conversation, "chosen": r.reference}
+        for r in val if r.reference is not None])  # fmt: skip
+    rt = setup_runtime(cfg.train)
+    rouge = _rouge_from_start(cfg, tok, lm.to(rt.device), examples)  # as _adapt leaves it
     _adapt(cfg, lm)
-    held_out = HeldOutEval(lm, lambda m: heldout_groups(m, reference, rewards, tok, val, opts),
-                           group_metrics)  # fmt: skip
-    before = held_out.rollout(lm)
-    rt = setup_runtime(cfg.train)  # one runtime: the loop's, whose autocast scores rollouts
-    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,
-                           cfg.train.micro_batch_size, cfg.train.seed, rt).loader  # fmt: skip
-    model, fit = _fit(cfg, ctx, lm, make_grpo_loss(opts), loader, held_out, rt)
-    after = held_out.final()  # the loop's last evaluation: not sampled a second time
-    headline = {"prompts": len(records), "val_prompts": len(val), **fit}
-    headline.update(reward_headline(before, after, group_metrics))
-    if examples:
-        headline.update(rouge_l=_rouge_l(cfg, tok, model, examples), ref_rouge_l=ref_rouge,
-                        rouge_examples=len(examples))  # fmt: skip
-    return model, headline
+    held_out = partial(heldout_groups, reference=reference, rewards=rewards, tok=tok,
+                       records=val, opts=opts)  # fmt: skip
+    model, fit = _fit_rollouts(
+        cfg, ctx, rt, lm, held_out, group_metrics, make_grpo_loss(opts),
+        lambda rt: GroupRollouts(lm, reference, rewards, tok, records, opts,
+                                 cfg.train.micro_batch_size, cfg.train.seed, rt).loader,
+    )  # fmt: skip
+    return model, {"prompts": len(records), "val_prompts": len(val), **fit, **rouge(model)}
 
 
-def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:
-    """Greedy ROUGE-L against the chosen answers of held-out prompts: policy and reference (the
-    start or dpo.reference, loaded again: training held only the policy)."""
+def _fit_rollouts(
+    cfg: AlignConfig, ctx: StageContext, rt: Runtime, policy: Any, held_out: Any, metrics: Any,
+    loss_fn: Any, make_loader: Any, before_keys: list[str] | None = None,
+) -> tuple[Any, dict]:  # fmt: skip
+    """PPO's and GRPO's training on rt, the loop's runtime: the held-out rollout (held_out(model),
+    scored by metrics) before, on rt's device under its autocast as the loop's evaluations
+    after (align.rollout.HeldOutEval), the loop on the loader make_loader(rt) builds (whose
+    autocast scores its rollouts), and the fit numbers with the reward headline."""
+    evaluate = HeldOutEval(policy.to(rt.device), held_out, metrics, rt)
+    before = evaluate.sample(policy)
+    policy, fit = _fit(cfg, ctx, policy, loss_fn, make_loader(rt), evaluate, rt)
+    after = evaluate.final()  # the loop's last evaluation: not sampled a second time
+    return policy, {**fit, **reward_headline(before, after, evaluate.metrics, before_keys)}
+
+
+def _rouge(cfg: AlignConfig, tok: Any, policy: Any, records: list, reply: str = "chosen") -> dict:
+    """Greedy ROUGE-L against the `reply` answers of held-out prompts (pairs' chosen, KTO's
+    desirable completions): policy and reference (the start or dpo.reference, loaded again:
+    training held only the policy)."""
     from lmforge.model.convert import load_pretrained, resolve_model_dir
 
-    examples = _rouge_examples(cfg, pairs)
+    examples = _rouge_examples(cfg, records, reply)
     if not examples:
         return {}
     explicit = cfg.dpo.reference if cfg.method == "dpo" else None  # kto: the start
@@ -322,16 +340,26 @@ def _rouge(cfg: AlignConfig, tok: Any, policy: Any, pairs: list) -> dict:
     }
 
 
-def _rouge_examples(cfg: AlignConfig, pairs: list) -> list[dict]:
-    """Up to eval.rouge_examples held-out prompts (each once) with their chosen answers."""
+def _rouge_from_start(cfg: AlignConfig, tok: Any, lm: Any, examples: list[dict]) -> Any:
+    """Scores the starting model's greedy ROUGE-L on examples now (the methods that train its
+    own weights); returns what adds the trained model's beside it to the headline."""
+    if not examples:
+        return lambda model: {}
+    start = _rouge_l(cfg, tok, lm, examples)
+    return lambda model: {"rouge_l": _rouge_l(cfg, tok, model, examples), "ref_rouge_l": start,
+                          "rouge_examples": len(examples)}  # fmt: skip
+
+
+def _rouge_examples(cfg: AlignConfig, records: list, reply: str = "chosen") -> list[dict]:
+    """Up to eval.rouge_examples held-out prompts (each once) with their `reply` answers, as
+    chat examples rendered as training renders them (encode.reply_example: a tool conversation
+    through a template that reads `tools`)."""
     seen, examples = set(), []
-    for p in pairs:
-        key = str(p["prompt"])
+    for r in records:
+        key = str(r["prompt"])
         if key not in seen and len(examples) < cfg.eval.rouge_examples:
             seen.add(key)
-            examples.append(
-                {"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
-            )
+            examples.append(reply_example(r["prompt"], r[reply], r.get("tool_conversation")))
     return examples
 
 

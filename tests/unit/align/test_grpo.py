@@ -167,3 +167,43 @@ def test_old_and_reference_logps_are_scored_in_the_loops_autocast(model_dir):
     assert torch.equal(batch["ref_logps"], logps)  # no adapters: the policy is its own base
     with torch.no_grad():
         assert not torch.equal(token_logps(lm(batch["input_ids"]), batch["labels"]), logps)
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_held_out_rollouts_before_and_after_share_the_loops_device_and_autocast(
+    tmp_path, model_dir, tuning, monkeypatch
+):
+    """train.dtype=bf16 on the CPU: the "before" rollout runs as the loop's evaluations do."""
+    import torch
+
+    from lmforge.align import stage
+
+    seen, real = [], stage.heldout_groups
+
+    def recorded(lm, **kwargs):
+        device = next(lm.parameters()).device
+        seen.append((device, torch.is_autocast_enabled(device.type),
+                     torch.get_autocast_dtype(device.type), lm.training))  # fmt: skip
+        return real(lm, **kwargs)
+
+    monkeypatch.setattr(stage, "heldout_groups", recorded)
+    cfg = _cfg(tmp_path, model_dir, [{"kind": "length", "max_tokens": 3}], {"dtype": "bf16"})
+    m = read_manifest(align(cfg.model_copy(update={"tuning": tuning})))["metrics"]
+    # before training and the loop's last evaluation, which "after" reuses: one runtime
+    assert seen == [(torch.device("cpu"), True, torch.bfloat16, False)] * 2
+    assert "val_reward_before" in m and "val_reward" in m
+
+
+def test_prompts_cut_to_fit_beside_the_answer_are_counted_in_one_warning(
+    tmp_path, model_dir, caplog
+):
+    """micro block_size 128 - max_new_tokens 100 leaves 28 prompt tokens: the long prompts are
+    truncated keeping their end, and the log says how many, once."""
+    cfg = _cfg(tmp_path, model_dir, [{"kind": "length", "max_tokens": 3}], max_new_tokens=100)
+    long = [{"prompt": f"Say {w} " + "again and again " * 8, "reference": "x"} for w in WORDS[:5]]
+    with open(cfg.data, "a") as fh:  # 32 short prompts (26 tokens) and 5 long ones (113)
+        fh.write("".join(json.dumps(r) + "\n" for r in long))
+    align(cfg)
+    (warning,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert warning.startswith("grpo: 5 of 37 prompts are longer than the 28 tokens")
+    assert "grpo.max_new_tokens=100" in warning and "their start dropped" in warning

@@ -14,6 +14,7 @@ from lmforge.align.kto import (
     balance_warning,
     encode_unpaired,
     evaluate_kto,
+    kl_partners,
     make_kto_loss,
     pair_accuracy,
     reward_auc,
@@ -202,7 +203,9 @@ def test_kto_raises_desirable_over_undesirable_log_ratios_and_writes_a_policy(
     m = read_manifest(out)["metrics"]
     assert m["train_desirable"] + m["val_desirable"] == 40
     assert m["train_undesirable"] + m["val_undesirable"] == 24
-    assert m["val_desirable_reward"] > 0 > m["val_undesirable_reward"]
+    # each label on its side of the reference point beta * z0 (the partners of "no no no no"
+    # are the desirable texts the policy raised, so z0 is far above 0)
+    assert m["val_desirable_reward"] > 0.5 * m["val_kl"] > m["val_undesirable_reward"]
     assert m["val_reward_auc"] == 1.0 and m["val_logp_margin"] > m["ref_logp_margin"] + 1.0
     assert "val_pair_accuracy" not in m  # no pairs in the data
     assert {"rouge_l", "ref_rouge_l"} <= set(m) and m["steps"] == 25
@@ -261,3 +264,14 @@ def test_the_kl_partner_rows_are_scored_without_a_graph_and_change_no_gradient()
     ref, desirable = b["ref_logps"], b["desirable"]
     kto_loss(logps[:, 0], ref[:, 0], desirable, logps[:, 1], ref[:, 1], 0.5)[0].backward()
     torch.testing.assert_close(model.table.weight.grad, fast)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_kl_partner_never_holds_the_examples_own_text_when_another_exists(seed):
+    texts = ["yes", "yes", "yes", "yes", "no", "maybe", "no"]  # completions given more than once
+    partner = kl_partners(texts, seed)
+    assert all(texts[partner[i]] != texts[i] for i in range(len(texts)))
+    assert (partner == kl_partners(texts, seed)).all()  # seeded
+    same = ["ok"] * 3  # no other text: each still takes another example
+    assert sorted(kl_partners(same, seed).tolist()) == [0, 1, 2]
+    assert all(kl_partners(same, seed)[i] != i for i in range(3))

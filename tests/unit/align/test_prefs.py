@@ -87,12 +87,10 @@ def test_pair_rows_label_exactly_the_reply(tokenizer_dir):
     tok = load_chat_tokenizer(tokenizer_dir)
     pairs = [{"prompt": [{"role": "user", "content": "What is the capital?"}],
               "chosen": "The capital is Paris.", "rejected": "Paris Paris Paris"}]  # fmt: skip
-    rows, stats = encode_pairs(tok, pairs, seq_len=64)
-    assert rows["input_ids"].shape == (1, 2, 64) and stats == {
-        "pairs": 1,
-        "truncated": 0,
-        "dropped": 0,
-    }
+    long = {**pairs[0], "prompt": [{"role": "user", "content": "Why? " * 80}]}
+    rows, stats, kept = encode_pairs(tok, [long, *pairs], seq_len=64)
+    assert rows["input_ids"].shape == (1, 2, 64)
+    assert stats == {"pairs": 1, "truncated": 2, "dropped": 1} and kept == [1]
     for side, reply in enumerate(["The capital is Paris.", "Paris Paris Paris"]):
         labels = rows["labels"][0, side]
         target = labels[labels != IGNORE_INDEX].tolist()

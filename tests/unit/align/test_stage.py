@@ -113,9 +113,9 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
     )
     held_out_rollouts, real = [], stage.heldout_rollout
 
-    def counted(*args):
-        held_out_rollouts.append(args)
-        return real(*args)
+    def counted(policy, **kwargs):
+        held_out_rollouts.append(policy)
+        return real(policy, **kwargs)
 
     monkeypatch.setattr(stage, "heldout_rollout", counted)
     out = align(cfg)
@@ -138,6 +138,12 @@ def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_per_step(
     assert (out / "adapter").is_dir() == (tuning == "lora")
 
 
+def _records(words):
+    from lmforge.align.grpo_data import PromptRecord
+
+    return [PromptRecord([{"role": "user", "content": f"Say {w}"}], None, "t") for w in words]
+
+
 def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir):
     from lmforge.align.config import PPOOptions
     from lmforge.align.ppo import PolicyWithValue, Rollouts, load_reward_model, make_rollout
@@ -149,7 +155,7 @@ def test_rollout_prices_exactly_the_sampled_answer_tokens(model_dir, reward_dir)
     policy = PolicyWithValue(lm)
     reward = load_reward_model(reward_dir, lm.config.vocab_size, tok)
     opts = PPOOptions(rollout_prompts=4, max_new_tokens=6, kl_coef=0.1)
-    prompts = [[{"role": "user", "content": f"Say {w}"}] for w in WORDS[:4]]
+    prompts = _records(WORDS[:4])
     src = Rollouts(policy, lm, reward, tok, prompts, opts, 2, 48, 0)
     r = make_rollout(src, prompts, seed=0)
     actions = r["labels"] != -100
@@ -184,7 +190,7 @@ def test_batch_reward_norm_prices_whitened_scores_and_eval_samples_each_prompt(
     lm = load_pretrained(model_dir)
     policy = PolicyWithValue(lm)  # values 0 (zero-initialised head)
     reward = load_reward_model(reward_dir, lm.config.vocab_size, tok)
-    prompts = [[{"role": "user", "content": f"Say {w}"}] for w in WORDS[:4]]
+    prompts = _records(WORDS[:4])
     # no KL, gamma = lam = 1: the return at an answer's first token is its priced score
     for norm in ("none", "batch"):
         opts = PPOOptions(rollout_prompts=4, max_new_tokens=6, kl_coef=0.0, lam=1.0,

@@ -8,17 +8,24 @@ import json
 
 import pytest
 
+from lmforge.align.config import AlignConfig
 from lmforge.align.encode import encode_pairs
+from lmforge.align.grpo_data import load_prompt_records
 from lmforge.align.kto import encode_unpaired
 from lmforge.align.prefs import load_pairs, pairs_of
+from lmforge.align.rollout import sample_answers
+from lmforge.align.stage import _rouge_examples
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.common.io import read_jsonl
 from lmforge.errors import InputError
+from lmforge.finetune.evaluate import answer_prompt
+from lmforge.model.convert import load_pretrained
 from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.serve.feedback import FeedbackStore
 from lmforge.serve.feedback_export import FeedbackExportConfig, export_feedback
 from lmforge.tokenizer.chat import CHATML_TEMPLATE
 from lmforge.tokenizer.hermes_tools import hermes_messages
+from unit.finetune.helpers import make_model_dir
 from unit.finetune.test_sft import ASK, CALLS, RESULTS, SERVED, TOOLS, TOOLS_TEMPLATE, tools_model
 
 STORED = [*ASK, {"role": "assistant", "content": "", "tool_calls": CALLS}, *RESULTS[::-1]]
@@ -73,7 +80,7 @@ def test_dpo_and_kto_rows_prompt_the_reply_as_it_was_served(
     assert list(served) == tok.encode_chat(SERVED[:-1], True, tools=TOOLS).ids  # (serve's path)
 
     for source in (export, export.parent / "f.db"):  # the export, or the store itself
-        rows, stats = encode_pairs(tok, load_pairs(source), seq_len=1024)
+        rows, stats, _ = encode_pairs(tok, load_pairs(source), seq_len=1024)
         assert stats["pairs"] == 1 and stats["truncated"] == 0
         for side, reply in enumerate((GOOD, BAD)):
             got = _reply_after(rows["input_ids"][0, side], rows["labels"][0, side], list(served))
@@ -113,6 +120,37 @@ def test_a_text_prompt_with_tools_keeps_them(tokenizer_dir, tmp_path):
     assert pair["tool_conversation"] == {"messages": user, "tools": TOOLS}
     assert pair["prompt"] == hermes_messages(user, TOOLS)
     served = hf.apply_chat_template(user, tools=TOOLS, add_generation_prompt=True, return_dict=True)
-    rows, _ = encode_pairs(tok, [pair], seq_len=512)
+    rows, _, _ = encode_pairs(tok, [pair], seq_len=512)
     got = _reply_after(rows["input_ids"][0, 0], rows["labels"][0, 0], list(served["input_ids"]))
     assert hf.decode(got) == GOOD + "<|im_end|>"
+
+
+@pytest.mark.parametrize("template", [TOOLS_TEMPLATE, CHATML_TEMPLATE], ids=["tools", "chatml"])
+def test_held_out_rouge_prompts_a_tool_record_with_the_training_prompt_ids(
+    export, tokenizer_dir, tmp_path, template
+):
+    tok, _ = tools_model(tokenizer_dir, tmp_path, template)
+    cfg = AlignConfig(method="dpo", model=tmp_path, data=export, out=tmp_path / "out")
+    pairs = load_pairs(export)
+    examples = [e for e in load_unpaired_groups(export)[0] if e["desirable"]]
+    rows, _, _ = encode_pairs(tok, pairs, seq_len=1024)
+    start = int((rows["labels"][0, 0] != IGNORE_INDEX).argmax()) + 1  # the reply's first token
+    trained = rows["input_ids"][0, 0, :start].tolist()
+    for rouge in (_rouge_examples(cfg, pairs), _rouge_examples(cfg, examples, "completion")):
+        (example,) = rouge  # DPO's from pairs, KTO's from desirable examples
+        assert tok.encode(answer_prompt(tok, example)) == trained
+        assert [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"] == GOOD
+
+
+@pytest.mark.parametrize("template", [TOOLS_TEMPLATE, CHATML_TEMPLATE], ids=["tools", "chatml"])
+def test_ppo_and_grpo_sample_after_the_prompt_ids_dpo_trains_on(
+    export, tokenizer_dir, tmp_path, template
+):
+    tok, _ = tools_model(tokenizer_dir, tmp_path, template)
+    (record,) = load_prompt_records(export)  # PPO's and GRPO's reader
+    rows, _, _ = encode_pairs(tok, load_pairs(export), seq_len=1024)
+    start = int((rows["labels"][0, 0] != IGNORE_INDEX).argmax()) + 1
+    trained = rows["input_ids"][0, 0, :start].tolist()
+    lm = load_pretrained(make_model_dir(tmp_path / "lm", tokenizer_dir, block_size=start + 8))
+    ids, answers = sample_answers(lm, tok, [record], max_new_tokens=4, seed=0, temperature=1.0)
+    assert ids == [trained] and 1 <= len(answers[0]) <= 4
