@@ -75,7 +75,7 @@ def test_prompt_records_carry_their_tests(tmp_path: Path) -> None:
     path = tmp_path / "code.jsonl"
     rows = [MBPP, {**HUMANEVAL, "prompt": "def inc(x):\n"}, {"prompt": "no tests here"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = load_prompt_records(path)
+    records = load_prompt_records(path, with_tests=True)
     assert (
         records[0].code.tests == tuple(MBPP["test_list"]) and records[1].code.style == "humaneval"
     )
@@ -86,7 +86,20 @@ def test_prompt_records_carry_their_tests(tmp_path: Path) -> None:
         require_tests(records, ["code_tests"])
     path.write_text(json.dumps({"prompt": "p", "tests": ["assert 1", 2]}) + "\n")
     with pytest.raises(InputError, match=r"code\.jsonl line 1: no tests"):
-        load_prompt_records(path)
+        load_prompt_records(path, with_tests=True)
+
+
+def test_tests_fields_are_ordinary_data_without_a_code_tests_reward(tmp_path: Path) -> None:
+    # a `tests` field that is not a list of asserts, or HumanEval-like keys, in data read for
+    # other rewards: neither parsed nor refused
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": "p1", "reference": "a", "tests": {"owner": "qa"}},
+            {**HUMANEVAL, "prompt": "p2", "reference": "b", "test": 3}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_prompt_records(path)
+    assert [(r.reference, r.code) for r in records] == [("a", None), ("b", None)]
+    with pytest.raises(InputError, match=r"qa\.jsonl line 1: no tests"):
+        load_prompt_records(path, with_tests=True)
 
 
 def test_grpo_trains_on_code_tests_and_refuses_records_without_tests(tmp_path, model_dir) -> None:
