@@ -36,7 +36,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def _sampling(spec: TaskSpec, settings: GenerationSettings, opts: CodeTaskOptions):
+def code_sampling(spec: TaskSpec, settings: GenerationSettings) -> GenerationSettings:
+    """What a code task samples with, before the checkpoint's defaults (EvalModel.settings_for)
+    fill what it leaves unset: the task's (else the stage's) generation settings, with the code
+    section's temperature and max_new_tokens; its stop strings cut samples afterwards."""
+    opts = spec.code or CodeTaskOptions()
     given = spec.generation or settings
     clash = [k for k in OWN_KEYS if spec.generation and k in spec.generation.model_fields_set]
     if clash:
@@ -78,7 +82,9 @@ def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> 
         task_prompt(spec, r) if spec.prompt_template else p.default_prompt()
         for r, p in zip(rows, problems, strict=True)
     ]
-    gen = _sampling(spec, settings, opts)
+    asked_settings = code_sampling(spec, settings)
+    gen = model.settings_for(asked_settings)  # recorded as sampled
+    checkpoint = model.checkpoint_record(asked_settings, gen)
     chat = bool(spec.chat)
     samples = sample(model, prompts, gen, chat=chat, num_samples=opts.n)
     asked = [p for p in problems for _ in range(opts.n)]  # in the order sample() returns
@@ -105,6 +111,7 @@ def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> 
         "n": len(problems), "samples_per_problem": opts.n,
         "status_counts": {s: statuses[s] for s in STATUSES}, "per_problem": per_problem,
         "sandbox": {"timeout_s": opts.timeout_s, "memory_mb": opts.memory_mb},
-        "generation": {**gen.model_dump(), "chat": chat, "stop": stop_record},
+        "generation": {**gen.model_dump(), "chat": chat, "stop": stop_record,
+                       "checkpoint": checkpoint},
     })  # fmt: skip
     return TaskResult(metrics, records)

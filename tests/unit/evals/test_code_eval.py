@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,29 @@ def test_code_records_are_recognised_and_checked() -> None:
     bad = TaskSpec(name="bad", type="code", examples=[{"prompt": "x", "tests": "assert 1"}])
     with pytest.raises(InputError, match="task 'bad' record 1: no tests"):
         load_examples(bad)
+
+
+def test_checkpoint_generation_defaults_key_and_record_a_code_result(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A code task samples through the checkpoint's generation_config.json as a generation
+    task does: a changed file changes the cache key, and eval.json says what it applied."""
+    from lmforge.evals.stage import EvalConfig
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(model_dir, ckpt)
+    cfg = EvalConfig.model_validate({"models": [str(ckpt)], "tasks": [task(n=1, k=None)],
+                                     "out": str(tmp_path / "ev")})  # fmt: skip
+
+    def applied() -> dict:
+        versions = cfg.input_versions().items()
+        return {k: json.loads(v) for k, v in versions if k.startswith("generation_defaults:")}
+
+    before = applied()
+    (ckpt / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.3}))
+    after = applied()
+    assert after != before and list(after.values()) == [{"repetition_penalty": 1.3}]
+    (result,) = json.loads((evaluate(cfg) / "eval.json").read_text())["results"].values()
+    generation = result["add"]["generation"]
+    assert generation["checkpoint"]["used"] == {"repetition_penalty": 1.3}
+    assert generation["repetition_penalty"] == 1.3 and generation["temperature"] == 0.0
