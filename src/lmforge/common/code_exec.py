@@ -165,18 +165,47 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the session's every process, not just the child
 
 
+def _printable(reason: str) -> str:
+    """reason cut to REASON_CHARS, lone surrogates (a program's own message may hold them)
+    escaped, so that the result can be written as UTF-8 JSON."""
+    return reason[:REASON_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _read_result(path: Path, tests_total: int) -> tuple[Status, str, int]:
+    """The child's (status, reason, tests passed); an error when the file is not one it
+    writes (the program wrote over it, or died writing it)."""
+    try:
+        out = json.loads(path.read_bytes())
+        status, reason, passed = out["status"], out["reason"], out["tests_passed"]
+        if (
+            status in STATUSES
+            and isinstance(reason, str)
+            and type(passed) is int
+            and 0 <= passed <= tests_total
+        ):
+            return status, reason, passed
+    except (ValueError, KeyError, TypeError):
+        pass
+    return "error", "its result file is not the sandbox's (the program wrote over it)", 0
+
+
 def _ended_without_result(proc: subprocess.Popen, stderr: Path) -> tuple[Status, str]:
     """Why a child wrote no result: a signal (SIGXCPU: the CPU limit) or an early exit."""
     code = proc.returncode
     if code is not None and code < 0:
-        name = signal.Signals(-code).name
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-code}"
         if -code == signal.SIGXCPU:
             return "timeout", f"killed by {name} (CPU time limit)"
         return "error", f"killed by {name}"
-    tail = stderr.read_text(encoding="utf-8", errors="replace").strip()[-REASON_CHARS:]
-    return "error", f"exited with code {code} before its tests finished" + (
-        f": {tail}" if tail else ""
-    )
+    said = f"exited with code {code} before its tests finished"
+    with open(stderr, "rb") as f:  # its last bytes only: stderr may hold OUTPUT_LIMIT of them
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4 * REASON_CHARS))
+        tail = f.read().decode("utf-8", errors="replace").strip()
+    # the tail's end (a traceback's last line) is kept whole within REASON_CHARS
+    return "error", f"{said}: {tail[-(REASON_CHARS - len(said) - 2) :]}" if tail else said
 
 
 def run_job(job: CodeJob, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
@@ -212,11 +241,10 @@ def run_job(job: CodeJob, limits: SandboxLimits = SandboxLimits()) -> ExecResult
         if timed_out:
             status, reason, passed = "timeout", f"ran past {limits.timeout_s:g} s", 0
         elif result_file.exists():
-            out = json.loads(result_file.read_text(encoding="utf-8"))
-            status, reason, passed = out["status"], out["reason"], out["tests_passed"]
+            status, reason, passed = _read_result(result_file, len(job.tests))
         else:
             (status, reason), passed = _ended_without_result(proc, stderr), 0
-    return ExecResult(status, reason[:REASON_CHARS], passed, len(job.tests), seconds)
+    return ExecResult(status, _printable(reason), passed, len(job.tests), seconds)
 
 
 def run_jobs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -139,3 +140,43 @@ def test_unprintable_exceptions_and_long_messages_are_reasons() -> None:
                                     "<program> line 4: raise Odd()")  # fmt: skip
     r = run_job(CodeJob("", ("assert False, 'x' * 10**6",)), FAST)
     assert r.status == "failed" and len(r.reason) == 300
+
+
+@pytest.mark.parametrize(
+    ("program", "reason"),
+    [
+        # a real-time signal has no name in signal.Signals
+        ("import signal\nsignal.raise_signal(signal.SIGRTMIN + 2)\n", "killed by signal "),
+        # the program overwrites the sandbox's result file (or the child dies writing it)
+        ("import __main__, os\nopen(__main__.result_file, 'w').write('{\"stat')\nos._exit(0)\n",
+         "its result file is not the sandbox's"),
+        ("import __main__, os\nopen(__main__.result_file, 'w').write('{\"status\": \"won\", "
+         "\"reason\": \"\", \"tests_passed\": 9}')\nos._exit(0)\n",
+         "its result file is not the sandbox's"),
+    ],
+)  # fmt: skip
+def test_odd_endings_are_errors_not_exceptions_in_the_caller(program: str, reason: str) -> None:
+    r = run_job(CodeJob(program, ("assert True",)), FAST)
+    assert r.status == "error" and r.reason.startswith(reason) and r.tests_passed == 0
+
+
+def test_a_reason_with_lone_surrogates_can_be_written_as_utf8() -> None:
+    r = run_job(CodeJob("raise ValueError('bad \\udc80 byte')\n"), FAST)
+    assert r.status == "error" and "bad \\udc80 byte" in r.reason
+    json.dumps(r.reason, ensure_ascii=False).encode("utf-8")  # what write_jsonl does
+
+
+def test_output_is_bounded_and_only_stderrs_tail_is_read() -> None:
+    # stdout is discarded: 256 MiB printed costs the caller nothing
+    r = run_job(
+        CodeJob("import sys\nfor _ in range(256):\n    sys.stdout.write('x' * (1 << 20))\n")
+    )
+    assert r.status == "passed"
+    # stderr goes to a file capped by RLIMIT_FSIZE: the write past 16 MiB fails in the program
+    r = run_job(CodeJob("import sys\nsys.stderr.write('x' * (64 << 20))\n"), FAST)
+    assert r.status == "error" and r.reason.startswith("OSError: [Errno 27] File too large")
+    # a crash after a long stderr: its reason is the tail
+    program = "import os, sys\nsys.stderr.write('x' * (8 << 20) + 'THE END')\nsys.stderr.flush()\nos._exit(2)\n"
+    r = run_job(CodeJob(program), FAST)
+    assert r.status == "error" and r.reason.endswith("x" * 10 + "THE END")
+    assert r.reason.startswith("exited with code 2 before its tests finished: ")
