@@ -64,6 +64,8 @@ for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "e
              "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "putenv"):
     if hasattr(os, name):
         setattr(os, name, _disabled("os." + name))
+import _posixsubprocess  # multiprocessing's spawn and forkserver start processes through it
+_posixsubprocess.fork_exec = _disabled("_posixsubprocess.fork_exec")
 subprocess.Popen = _disabled("subprocess.Popen")
 shutil.rmtree = _disabled("shutil.rmtree")
 

@@ -66,6 +66,20 @@ def test_os_system_and_subprocess_are_refused() -> None:
     assert r.status == "error" and "subprocess.Popen is disabled" in r.reason
 
 
+def test_no_process_outlives_its_run_in_a_session_of_its_own(tmp_path: Path) -> None:
+    # multiprocessing's spawn starts a fresh interpreter (not the sandbox's) that could leave
+    # the process group, so the kill at the end would miss it; starting it is refused
+    marker = tmp_path / "escaped"
+    body = f"import os, time\nos.setsid()\nopen({str(marker)!r}, 'w').write('x')\ntime.sleep(30)"
+    program = (
+        "import multiprocessing as mp, time\n"
+        f"mp.get_context('spawn').Process(target=exec, args=({body!r},)).start()\ntime.sleep(2)\n"
+    )
+    r = run_job(CodeJob(program), FAST)
+    assert r.status == "error" and "_posixsubprocess.fork_exec is disabled" in r.reason
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("program", "reason"),
     [
