@@ -3,9 +3,12 @@
 Each job (a program and its test snippets) runs in a fresh `python -I` subprocess: its own
 session (the whole process group is killed at the wall-clock timeout), resource limits set
 before any model code runs (RLIMIT_AS memory, RLIMIT_CPU, no core files, RLIMIT_FSIZE), a fresh
-temporary working directory removed afterwards, stdin closed, a scrubbed environment, and
-os.system / fork / exec / kill and subprocess disabled. The program runs first, then each test
-in the same namespace; the result says passed, failed (an assertion, with the short reason),
+temporary working directory removed afterwards, stdin closed, stdout discarded, stderr to a
+file in that directory (RLIMIT_FSIZE bounds it; only its tail is read back), a scrubbed
+environment, and os.system / fork / exec / kill, subprocess and multiprocessing's spawn
+(_posixsubprocess) disabled: Python's own ways to start a process that could leave the group
+and outlive the run (ctypes still could). The program runs first, then each test in the same
+namespace; the result says passed, failed (an assertion, with the short reason),
 timeout or error (any other exception, an early exit, a crash), and how many tests passed.
 Nothing a bad program does raises in the caller.
 
@@ -14,6 +17,11 @@ program can still read and write what the user can, and reach the network. Runni
 is therefore refused unless the user opts in (`allow_code_execution: true`, require_opt_in).
 RLIMIT_NPROC is not set: it counts every process of the user, so on a shared account it either
 blocks nothing or blocks the sandbox itself; forking is disabled in the interpreter instead.
+Neither is the disk bounded beyond each file's RLIMIT_FSIZE. The program shares its
+interpreter with the harness that runs its tests, so a program written to do so can forge its
+own verdict: scores hold for programs that try to pass the tests, not ones that attack them.
+The timeout is wall-clock: on an overloaded machine a slow correct program may time out, so
+results (and pass@k) then depend on load. Linux only (require_linux).
 """
 
 from __future__ import annotations
@@ -151,9 +159,22 @@ def opt_in_message(what: str, setting: str) -> str:
 
 
 def require_opt_in(allowed: bool, what: str, setting: str) -> None:
-    """A ConfigError naming `setting` unless the user opted in to running model-written code."""
+    """A ConfigError naming `setting` unless the user opted in to running model-written code,
+    or when this machine cannot run the sandbox (require_linux)."""
     if not allowed:
         raise ConfigError(opt_in_message(what, setting))
+    require_linux(what)
+
+
+def require_linux(what: str) -> None:
+    """A ConfigError off Linux: elsewhere the child's limits fail or do not hold (macOS does not
+    enforce RLIMIT_AS; Windows has no resource module or process groups), so every program
+    would end as an error and pass@k read 0."""
+    if not sys.platform.startswith("linux"):
+        raise ConfigError(
+            f"{what} runs model-written code in a sandbox that needs Linux (process sessions, "
+            f"RLIMIT_AS); this machine is {sys.platform}: run it on Linux"
+        )
 
 
 def _environment(home: Path) -> dict[str, str]:
@@ -212,6 +233,7 @@ def _ended_without_result(proc: subprocess.Popen, stderr: Path) -> tuple[Status,
 
 def run_job(job: CodeJob, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
     """Runs one job in a fresh limited subprocess; never raises on what the program does."""
+    require_linux("the code sandbox")
     start = time.monotonic()
     # a program may leave files it cannot remove (chmod): cleaning up must not raise here
     with tempfile.TemporaryDirectory(prefix="lmforge-code-", ignore_cleanup_errors=True) as tmp:

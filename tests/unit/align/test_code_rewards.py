@@ -4,6 +4,7 @@ code tests read from prompt records."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,15 @@ def test_humaneval_answer_completes_the_prompt_or_restates_the_function() -> Non
     assert _rewards(answers, [problem] * 3) == [1.0, 1.0, 0.0]
 
 
-def test_refused_without_the_opt_in() -> None:
+def test_refused_without_the_opt_in(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"code_tests reward runs model-written code .* "
                        r"set allow_code_execution: true"):  # fmt: skip
         RewardSpec(kind="code_tests")
     with pytest.raises(ValueError, match=r"regex reward does not read `partial`"):
         RewardSpec(kind="regex", pattern="x", partial=True)
+    monkeypatch.setattr(sys, "platform", "win32")  # refused before training, not at each batch
+    with pytest.raises(ConfigError, match=r"^a code_tests reward .* needs Linux"):
+        _rewards(["x = 1"], [code_problem(MBPP, "mbpp")])
 
 
 def test_an_answer_without_tests_is_refused() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +121,14 @@ def test_opt_in_is_required_by_name() -> None:
     with pytest.raises(ConfigError, match=r"^task 'x' runs model-written code .* set a\.b: true"):
         require_opt_in(False, "task 'x'", "a.b")
     require_opt_in(True, "task 'x'", "a.b")
+
+
+def test_refused_off_linux(monkeypatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(ConfigError, match=r"^task 'x' runs .* needs Linux .* machine is darwin"):
+        require_opt_in(True, "task 'x'", "a.b")
+    with pytest.raises(ConfigError, match=r"^the code sandbox .* needs Linux"):
+        run_job(CodeJob(ADD), FAST)
 
 
 def test_humaneval_and_mbpp_records_become_programs() -> None:
