@@ -128,6 +128,9 @@ def test_sampling_keys_belong_to_the_code_section(model_dir: Path) -> None:
 def test_code_records_are_recognised_and_checked() -> None:
     assert infer_type({"prompt", "test", "entry_point", "task_id"}) == "code"
     assert infer_type({"text", "test_list", "test_setup_code"}) == "code"
+    # a whole record of another type with a field that happens to be named `tests`
+    assert infer_type({"prompt", "reference", "tests"}) == "generation"
+    assert infer_type({"text", "label", "test_list"}) == "classification"
     bad = TaskSpec(name="bad", type="code", examples=[{"prompt": "x", "tests": "assert 1"}])
     with pytest.raises(InputError, match="task 'bad' record 1: no tests"):
         load_examples(bad)
