@@ -81,6 +81,13 @@ def test_metrics_follow_the_sampled_programs_statuses(model_dir: Path) -> None:
     assert m["pass@2"] == pytest.approx(sum(pass_at_k(3, c, 2) for c in passed) / 2)
     assert "pass@5" not in m and "code.n=3" in m["skipped"]
     assert m["generation"]["temperature"] == 0.8 and m["samples_per_problem"] == 3
+    assert len({r["completion"] for r in records}) > 2  # sampled, so the rerun checks seeding
+    again = run_task(model, TaskSpec.model_validate(task()), GenerationSettings())
+    assert [r["completion"] for r in again.records] == [r["completion"] for r in records]
+    assert {k: again.metrics[k] for k in ("pass@1", "pass@2")} == {
+        "pass@1": m["pass@1"],
+        "pass@2": m["pass@2"],
+    }
 
 
 def test_eval_stage_writes_pass_at_k_errors_and_a_comparison(
