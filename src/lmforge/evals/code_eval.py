@@ -68,9 +68,16 @@ def pass_metrics(passed: list[int], n: int, ks: list[int]) -> dict[str, Any]:
 
 
 def require_code_opt_in(spec: TaskSpec) -> None:
-    """A ConfigError naming code.allow_code_execution unless the task sets it."""
+    """A ConfigError naming code.allow_code_execution unless the task sets it; a task without a
+    code: section (a bare JSONL file) is told how to give one."""
     allowed = spec.code is not None and spec.code.allow_code_execution
-    require_opt_in(allowed, f"task '{spec.name}'", "code.allow_code_execution")
+    what = f"task '{spec.name}'"
+    if spec.code is None:
+        what += (
+            f" (no code: section; give it as a task YAML {{type: code, data: {spec.data or '...'}, "
+            "code: {allow_code_execution: true}})"
+        )
+    require_opt_in(allowed, what, "code.allow_code_execution")
 
 
 def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> TaskResult:

@@ -112,13 +112,19 @@ def test_eval_stage_writes_pass_at_k_errors_and_a_comparison(
 
 
 def test_refused_without_the_opt_in(model_dir: Path, tmp_path: Path) -> None:
-    refusal = r"task '(add|code)' runs model-written .* set code\.allow_code_execution: true"
+    refusal = r"task '(add|code)'.* runs model-written .* set code\.allow_code_execution: true"
     data = tmp_path / "code.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     for item in (task(allow_code_execution=False), str(data)):  # a JSONL file: no code section
         with pytest.raises(ConfigError, match=refusal):
             evaluate({"models": [str(model_dir)], "tasks": [item], "out": str(tmp_path / "ev")})
     assert not (tmp_path / "ev").exists()  # refused before anything ran
+    with pytest.raises(
+        ConfigError,
+        match=r"task 'code' \(no code: section; give it as a task "
+        r"YAML \{type: code, data: .*code\.jsonl, code: \{allow_code_execution",
+    ):
+        evaluate({"models": [str(model_dir)], "tasks": [str(data)], "out": str(tmp_path / "ev")})
     with pytest.raises(ConfigError, match=refusal):  # the runner checks too
         run_task(EvalModel.load(model_dir), TaskSpec(name="add", type="code", examples=PROBLEMS),
                  GenerationSettings())  # fmt: skip
