@@ -1,21 +1,22 @@
 """The `code` task type: functional correctness, pass@k over sampled programs run against tests.
 
-n samples per problem are drawn through the eval generation path (evals.sample), each cut at
-the problem's stop strings, turned into a program (common.code_problems: HumanEval or MBPP
-records) and run with its tests in the sandbox (common.code_exec), several at a time. pass@k is
-the unbiased estimator of Chen et al. 2021 over the passing counts; a k above n is skipped with
-a note. Refused unless the task sets code.allow_code_execution.
+n samples per problem are drawn through the eval generation path (evals.sample), each (a chat
+answer: its first fenced code block) cut at the problem's stop strings, turned into a program
+(common.code_problems: HumanEval or MBPP records) and run with its tests in the sandbox
+(common.code_exec), several at a time. pass@k is the unbiased estimator of Chen et al. 2021
+over the passing counts; a k above n is skipped with a note. Refused unless the task sets code.allow_code_execution.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from lmforge.common.code_exec import STATUSES, SandboxLimits, require_opt_in, run_jobs
-from lmforge.common.code_problems import code_problem
+from lmforge.common.code_problems import code_problem, extract_code
 from lmforge.config import validate
 from lmforge.errors import ConfigError
 from lmforge.evals.code_options import CodeTaskOptions
@@ -67,6 +68,12 @@ def pass_metrics(passed: list[int], n: int, ks: list[int]) -> dict[str, Any]:
     return out
 
 
+def answer_code(completion: str, stops: Sequence[str], chat: bool) -> str:
+    """A sample's program text: a chat answer's first fenced block (else the whole answer), then
+    cut at the stop strings (a fence's "```python" line would otherwise be the program)."""
+    return cut_at_stop(extract_code(completion) if chat else completion, list(stops))
+
+
 def require_code_opt_in(spec: TaskSpec) -> None:
     """A ConfigError naming code.allow_code_execution unless the task sets it; a task without a
     code: section (a bare JSONL file) is told how to give one."""
@@ -96,7 +103,7 @@ def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> 
     samples = sample(model, prompts, gen, chat=chat, num_samples=opts.n)
     asked = [p for p in problems for _ in range(opts.n)]  # in the order sample() returns
     completions = [
-        cut_at_stop(s["completion"], opts.stop if opts.stop is not None else p.default_stops)
+        answer_code(s["completion"], opts.stop if opts.stop is not None else p.default_stops, chat)
         for s, p in zip(samples, asked, strict=True)
     ]
     jobs = [p.job(c) for p, c in zip(asked, completions, strict=True)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.evals.code_eval import pass_at_k, pass_metrics
+from lmforge.evals.code_eval import answer_code, pass_at_k, pass_metrics
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.report import StageInfo
 from lmforge.evals.report_eval import eval_section
@@ -173,3 +173,19 @@ def test_checkpoint_generation_defaults_key_and_record_a_code_result(
     generation = result["add"]["generation"]
     assert generation["checkpoint"]["used"] == {"repetition_penalty": 1.3}
     assert generation["repetition_penalty"] == 1.3 and generation["temperature"] == 0.0
+
+
+def test_a_chat_answer_is_its_fenced_code_cut_at_the_stops() -> None:
+    from lmforge.common.code_exec import run_job
+    from lmforge.common.code_problems import HUMANEVAL_STOPS, code_problem
+
+    answer = (
+        "Here it is:\n```python\ndef add(a, b):\n    return a + b\n\nprint(add(1, 2))\n```\nDone."
+    )
+    code = answer_code(answer, HUMANEVAL_STOPS, chat=True)
+    assert code == "def add(a, b):\n    return a + b\n"
+    assert run_job(code_problem(PROBLEMS[0], "p").job(code)).status == "passed"
+    # a raw continuation is only cut, never searched for fences
+    assert answer_code("    return a + b\n\ndef g():", HUMANEVAL_STOPS, chat=False) == (
+        "    return a + b\n"
+    )
