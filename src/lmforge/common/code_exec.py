@@ -1,7 +1,8 @@
 """Running model-written Python against its tests in a separate, limited process.
 
 Each job (a program and its test snippets) runs in a fresh `python -I` subprocess: its own
-session (the whole process group is killed at the wall-clock timeout), resource limits set
+session (the whole process group is killed at the wall-clock timeout; an alarm a little later
+ends it on its own should the caller die first), resource limits set
 before any model code runs (RLIMIT_AS memory, RLIMIT_CPU, no core files, RLIMIT_FSIZE), a fresh
 temporary working directory removed afterwards, stdin closed, stdout discarded, stderr to a
 file in that directory (RLIMIT_FSIZE bounds it; only its tail is read back), a scrubbed
@@ -62,6 +63,8 @@ os.remove(job_file)
 for name, soft in (("RLIMIT_AS", job["memory"]), ("RLIMIT_CPU", job["cpu"]),
                    ("RLIMIT_CORE", 0), ("RLIMIT_FSIZE", job["fsize"])):
     resource.setrlimit(getattr(resource, name), (soft, soft))
+import signal
+signal.alarm(job["cpu"] + 1)  # its own deadline: a sleeping child ends even if the parent died
 import subprocess, shutil
 def _disabled(name):
     def refuse(*args, **kwargs):
@@ -213,15 +216,15 @@ def _read_result(path: Path, tests_total: int) -> tuple[Status, str, int]:
 
 
 def _ended_without_result(proc: subprocess.Popen, stderr: Path) -> tuple[Status, str]:
-    """Why a child wrote no result: a signal (SIGXCPU: the CPU limit) or an early exit."""
+    """Why a child wrote no result: a signal (SIGXCPU, SIGALRM: a time limit) or an early exit."""
     code = proc.returncode
     if code is not None and code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:  # a real-time signal has no name
             name = f"signal {-code}"
-        if -code == signal.SIGXCPU:
-            return "timeout", f"killed by {name} (CPU time limit)"
+        if -code in (signal.SIGXCPU, signal.SIGALRM):
+            return "timeout", f"killed by {name} (its CPU time or own deadline)"
         return "error", f"killed by {name}"
     said = f"exited with code {code} before its tests finished"
     with open(stderr, "rb") as f:  # its last bytes only: stderr may hold OUTPUT_LIMIT of them

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -203,3 +204,36 @@ def test_output_is_bounded_and_only_stderrs_tail_is_read() -> None:
     r = run_job(CodeJob(program), FAST)
     assert r.status == "error" and r.reason.endswith("x" * 10 + "THE END")
     assert r.reason.startswith("exited with code 2 before its tests finished: ")
+
+
+def test_a_sleeping_child_ends_on_its_own_when_the_caller_is_killed(tmp_path: Path) -> None:
+    # the caller dies (SIGKILL: no cleanup runs) while its child sleeps in a session of its own
+    pid_file = tmp_path / "pid"
+    program = (
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)"
+    )
+    caller = (
+        "from lmforge.common.code_exec import CodeJob, SandboxLimits, run_job\n"
+        f"run_job(CodeJob({program!r}), SandboxLimits(timeout_s=0.5))\n"
+    )
+    src = str(Path(__file__).parents[3] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "TMPDIR": str(tmp_path)}  # its dir is left behind
+    proc = subprocess.Popen([sys.executable, "-c", caller], env=env)
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the sandboxed program never started"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    child = int(pid_file.read_text())
+    while _alive(child):  # its alarm: ceil(0.5) + 2 s after it started
+        assert time.monotonic() < deadline, f"sandboxed process {child} outlived its caller"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie left for init to reap counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
