@@ -2,12 +2,13 @@
 
 A record (one per line of .jsonl[.gz|.zst] files, align.prefs.record_files) needs a `prompt` (a
 string or messages, as align.prefs) and may carry a reference answer: `reference`, else `answer`,
-else a preference pair's `chosen`, else a ranked list's best, and code tests (HumanEval's
-`test` + `entry_point`, or MBPP's `test_list`/`tests`, common.code_problems). A prompt seen again
-keeps its first record; a tool conversation keeps its OpenAI form, which the prompt is sampled
-from as it was served. Rewards that compare with a reference (rouge_l, exact, contains) refuse
-data in which a record has none, and code_tests data without tests, naming its file and line
-(PPO reads only the prompts).
+else a preference pair's `chosen`, else a ranked list's best, and, when a code_tests reward runs
+them, code tests (HumanEval's `test` + `entry_point`, or MBPP's `test_list`/`tests`,
+common.code_problems; without such a reward those fields are ordinary data, never parsed). A
+prompt seen again keeps its first record; a tool conversation keeps its OpenAI form, which the
+prompt is sampled from as it was served. Rewards that compare with a reference (rouge_l, exact,
+contains) refuse data in which a record has none, and code_tests data without tests, naming its
+file and line (PPO reads only the prompts).
 """
 
 from __future__ import annotations
@@ -47,25 +48,26 @@ def _reference(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _record(record: dict[str, Any], where: str) -> PromptRecord:
+def _record(record: dict[str, Any], where: str, with_tests: bool) -> PromptRecord:
     try:
         if "prompt" not in record:
             raise ValueError(f"record with keys {sorted(record)} has no prompt")
         fields = prompt_fields(record)
-        code = code_problem(record, where) if has_tests(record) else None
+        code = code_problem(record, where) if with_tests and has_tests(record) else None
         return PromptRecord(fields["prompt"], _reference(record), where,
                             fields.get("tool_conversation"), code)  # fmt: skip
     except ValueError as err:
         raise InputError(f"{where}: {err}") from None
 
 
-def load_prompt_records(path: Path) -> list[PromptRecord]:
-    """The distinct prompts of a file or directory, each with its reference answer if any."""
+def load_prompt_records(path: Path, with_tests: bool = False) -> list[PromptRecord]:
+    """The distinct prompts of a file or directory, each with its reference answer if any and,
+    with_tests (a code_tests reward runs them), its code tests if any."""
     by_prompt: dict[str, PromptRecord] = {}
     with record_files(path) as files:
         for file in files:
             for line, raw in read_user_jsonl(file):
-                record = _record(raw, f"{file} line {line}")
+                record = _record(raw, f"{file} line {line}", with_tests)
                 by_prompt.setdefault(repr(record.prompt), record)
     if not by_prompt:
         raise InputError(f"{path} holds no prompts; pass records with a prompt")

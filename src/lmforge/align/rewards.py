@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.common.code_exec import SandboxLimits, run_jobs
+from lmforge.common.code_exec import SandboxLimits, require_opt_in, run_jobs
 from lmforge.common.code_problems import CodeProblem, extract_code
 from lmforge.errors import ConfigError
 from lmforge.finetune.evaluate import rouge_l
@@ -215,7 +215,8 @@ def build_rewards(specs: Sequence[Any], tok: Any, vocab_size: int, seq_len: int)
             fn = _text_reward(lambda t, _, test=test: float(test(t) is not None))
         elif kind == "length":
             fn = _length(spec.min_tokens, spec.max_tokens)
-        elif kind == "code_tests":
+        elif kind == "code_tests":  # refused off Linux before any training
+            require_opt_in(spec.allow_code_execution, "a code_tests reward", "allow_code_execution")
             fn = _code_tests(SandboxLimits(spec.timeout_s, spec.memory_mb), spec.partial)
         else:
             fn = _python(spec.function)

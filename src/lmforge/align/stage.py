@@ -281,7 +281,8 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     """GRPO on weighted verifiable rewards (align.grpo), the rewards checked against the data;
     held-out rewards (and greedy ROUGE-L where records carry a reference) before and after."""
     opts = cfg.grpo
-    records, val = load_splits(cfg, load_prompt_records)
+    with_tests = any(spec.kind == "code_tests" for spec in opts.rewards)
+    records, val = load_splits(cfg, lambda path: load_prompt_records(path, with_tests))
     val = val[: opts.eval_prompts]
     rewards = build_rewards(opts.rewards, tok, lm.config.vocab_size, cfg.train.seq_len)
     require_references(records + val, [f.name for f in rewards if f.needs_reference])

@@ -1,11 +1,15 @@
 """Running model-written Python against its tests in a separate, limited process.
 
 Each job (a program and its test snippets) runs in a fresh `python -I` subprocess: its own
-session (the whole process group is killed at the wall-clock timeout), resource limits set
+session (the whole process group is killed at the wall-clock timeout; an alarm a little later
+ends it on its own should the caller die first), resource limits set
 before any model code runs (RLIMIT_AS memory, RLIMIT_CPU, no core files, RLIMIT_FSIZE), a fresh
-temporary working directory removed afterwards, stdin closed, a scrubbed environment, and
-os.system / fork / exec / kill and subprocess disabled. The program runs first, then each test
-in the same namespace; the result says passed, failed (an assertion, with the short reason),
+temporary working directory removed afterwards, stdin closed, stdout discarded, stderr to a
+file in that directory (RLIMIT_FSIZE bounds it; only its tail is read back), a scrubbed
+environment, and os.system / fork / exec / kill, subprocess and multiprocessing's spawn
+(_posixsubprocess) disabled: Python's own ways to start a process that could leave the group
+and outlive the run (ctypes still could). The program runs first, then each test in the same
+namespace; the result says passed, failed (an assertion, with the short reason),
 timeout or error (any other exception, an early exit, a crash), and how many tests passed.
 Nothing a bad program does raises in the caller.
 
@@ -14,6 +18,11 @@ program can still read and write what the user can, and reach the network. Runni
 is therefore refused unless the user opts in (`allow_code_execution: true`, require_opt_in).
 RLIMIT_NPROC is not set: it counts every process of the user, so on a shared account it either
 blocks nothing or blocks the sandbox itself; forking is disabled in the interpreter instead.
+Neither is the disk bounded beyond each file's RLIMIT_FSIZE. The program shares its
+interpreter with the harness that runs its tests, so a program written to do so can forge its
+own verdict: scores hold for programs that try to pass the tests, not ones that attack them.
+The timeout is wall-clock: on an overloaded machine a slow correct program may time out, so
+results (and pass@k) then depend on load. Linux only (require_linux).
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ os.remove(job_file)
 for name, soft in (("RLIMIT_AS", job["memory"]), ("RLIMIT_CPU", job["cpu"]),
                    ("RLIMIT_CORE", 0), ("RLIMIT_FSIZE", job["fsize"])):
     resource.setrlimit(getattr(resource, name), (soft, soft))
+import signal
+signal.alarm(job["cpu"] + 1)  # its own deadline: a sleeping child ends even if the parent died
 import subprocess, shutil
 def _disabled(name):
     def refuse(*args, **kwargs):
@@ -64,6 +75,8 @@ for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "e
              "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "putenv"):
     if hasattr(os, name):
         setattr(os, name, _disabled("os." + name))
+import _posixsubprocess  # multiprocessing's spawn and forkserver start processes through it
+_posixsubprocess.fork_exec = _disabled("_posixsubprocess.fork_exec")
 subprocess.Popen = _disabled("subprocess.Popen")
 shutil.rmtree = _disabled("shutil.rmtree")
 
@@ -149,9 +162,22 @@ def opt_in_message(what: str, setting: str) -> str:
 
 
 def require_opt_in(allowed: bool, what: str, setting: str) -> None:
-    """A ConfigError naming `setting` unless the user opted in to running model-written code."""
+    """A ConfigError naming `setting` unless the user opted in to running model-written code,
+    or when this machine cannot run the sandbox (require_linux)."""
     if not allowed:
         raise ConfigError(opt_in_message(what, setting))
+    require_linux(what)
+
+
+def require_linux(what: str) -> None:
+    """A ConfigError off Linux: elsewhere the child's limits fail or do not hold (macOS does not
+    enforce RLIMIT_AS; Windows has no resource module or process groups), so every program
+    would end as an error and pass@k read 0."""
+    if not sys.platform.startswith("linux"):
+        raise ConfigError(
+            f"{what} runs model-written code in a sandbox that needs Linux (process sessions, "
+            f"RLIMIT_AS); this machine is {sys.platform}: run it on Linux"
+        )
 
 
 def _environment(home: Path) -> dict[str, str]:
@@ -165,22 +191,52 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the session's every process, not just the child
 
 
+def _printable(reason: str) -> str:
+    """reason cut to REASON_CHARS, lone surrogates (a program's own message may hold them)
+    escaped, so that the result can be written as UTF-8 JSON."""
+    return reason[:REASON_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _read_result(path: Path, tests_total: int) -> tuple[Status, str, int]:
+    """The child's (status, reason, tests passed); an error when the file is not one it
+    writes (the program wrote over it, or died writing it)."""
+    try:
+        out = json.loads(path.read_bytes())
+        status, reason, passed = out["status"], out["reason"], out["tests_passed"]
+        if (
+            status in STATUSES
+            and isinstance(reason, str)
+            and type(passed) is int
+            and 0 <= passed <= tests_total
+        ):
+            return status, reason, passed
+    except (ValueError, KeyError, TypeError):
+        pass
+    return "error", "its result file is not the sandbox's (the program wrote over it)", 0
+
+
 def _ended_without_result(proc: subprocess.Popen, stderr: Path) -> tuple[Status, str]:
-    """Why a child wrote no result: a signal (SIGXCPU: the CPU limit) or an early exit."""
+    """Why a child wrote no result: a signal (SIGXCPU, SIGALRM: a time limit) or an early exit."""
     code = proc.returncode
     if code is not None and code < 0:
-        name = signal.Signals(-code).name
-        if -code == signal.SIGXCPU:
-            return "timeout", f"killed by {name} (CPU time limit)"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-code}"
+        if -code in (signal.SIGXCPU, signal.SIGALRM):
+            return "timeout", f"killed by {name} (its CPU time or own deadline)"
         return "error", f"killed by {name}"
-    tail = stderr.read_text(encoding="utf-8", errors="replace").strip()[-REASON_CHARS:]
-    return "error", f"exited with code {code} before its tests finished" + (
-        f": {tail}" if tail else ""
-    )
+    said = f"exited with code {code} before its tests finished"
+    with open(stderr, "rb") as f:  # its last bytes only: stderr may hold OUTPUT_LIMIT of them
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4 * REASON_CHARS))
+        tail = f.read().decode("utf-8", errors="replace").strip()
+    # the tail's end (a traceback's last line) is kept whole within REASON_CHARS
+    return "error", f"{said}: {tail[-(REASON_CHARS - len(said) - 2) :]}" if tail else said
 
 
 def run_job(job: CodeJob, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
     """Runs one job in a fresh limited subprocess; never raises on what the program does."""
+    require_linux("the code sandbox")
     start = time.monotonic()
     # a program may leave files it cannot remove (chmod): cleaning up must not raise here
     with tempfile.TemporaryDirectory(prefix="lmforge-code-", ignore_cleanup_errors=True) as tmp:
@@ -212,11 +268,10 @@ def run_job(job: CodeJob, limits: SandboxLimits = SandboxLimits()) -> ExecResult
         if timed_out:
             status, reason, passed = "timeout", f"ran past {limits.timeout_s:g} s", 0
         elif result_file.exists():
-            out = json.loads(result_file.read_text(encoding="utf-8"))
-            status, reason, passed = out["status"], out["reason"], out["tests_passed"]
+            status, reason, passed = _read_result(result_file, len(job.tests))
         else:
             (status, reason), passed = _ended_without_result(proc, stderr), 0
-    return ExecResult(status, reason[:REASON_CHARS], passed, len(job.tests), seconds)
+    return ExecResult(status, _printable(reason), passed, len(job.tests), seconds)
 
 
 def run_jobs(

@@ -1,21 +1,22 @@
 """The `code` task type: functional correctness, pass@k over sampled programs run against tests.
 
-n samples per problem are drawn through the eval generation path (evals.sample), each cut at
-the problem's stop strings, turned into a program (common.code_problems: HumanEval or MBPP
-records) and run with its tests in the sandbox (common.code_exec), several at a time. pass@k is
-the unbiased estimator of Chen et al. 2021 over the passing counts; a k above n is skipped with
-a note. Refused unless the task sets code.allow_code_execution.
+n samples per problem are drawn through the eval generation path (evals.sample), each (a chat
+answer: its first fenced code block) cut at the problem's stop strings, turned into a program
+(common.code_problems: HumanEval or MBPP records) and run with its tests in the sandbox
+(common.code_exec), several at a time. pass@k is the unbiased estimator of Chen et al. 2021
+over the passing counts; a k above n is skipped with a note. Refused unless the task sets code.allow_code_execution.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from lmforge.common.code_exec import STATUSES, SandboxLimits, require_opt_in, run_jobs
-from lmforge.common.code_problems import code_problem
+from lmforge.common.code_problems import code_problem, extract_code
 from lmforge.config import validate
 from lmforge.errors import ConfigError
 from lmforge.evals.code_options import CodeTaskOptions
@@ -36,7 +37,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def _sampling(spec: TaskSpec, settings: GenerationSettings, opts: CodeTaskOptions):
+def code_sampling(spec: TaskSpec, settings: GenerationSettings) -> GenerationSettings:
+    """What a code task samples with, before the checkpoint's defaults (EvalModel.settings_for)
+    fill what it leaves unset: the task's (else the stage's) generation settings, with the code
+    section's temperature and max_new_tokens; its stop strings cut samples afterwards."""
+    opts = spec.code or CodeTaskOptions()
     given = spec.generation or settings
     clash = [k for k in OWN_KEYS if spec.generation and k in spec.generation.model_fields_set]
     if clash:
@@ -63,10 +68,23 @@ def pass_metrics(passed: list[int], n: int, ks: list[int]) -> dict[str, Any]:
     return out
 
 
+def answer_code(completion: str, stops: Sequence[str], chat: bool) -> str:
+    """A sample's program text: a chat answer's first fenced block (else the whole answer), then
+    cut at the stop strings (a fence's "```python" line would otherwise be the program)."""
+    return cut_at_stop(extract_code(completion) if chat else completion, list(stops))
+
+
 def require_code_opt_in(spec: TaskSpec) -> None:
-    """A ConfigError naming code.allow_code_execution unless the task sets it."""
+    """A ConfigError naming code.allow_code_execution unless the task sets it; a task without a
+    code: section (a bare JSONL file) is told how to give one."""
     allowed = spec.code is not None and spec.code.allow_code_execution
-    require_opt_in(allowed, f"task '{spec.name}'", "code.allow_code_execution")
+    what = f"task '{spec.name}'"
+    if spec.code is None:
+        what += (
+            f" (no code: section; give it as a task YAML {{type: code, data: {spec.data or '...'}, "
+            "code: {allow_code_execution: true}})"
+        )
+    require_opt_in(allowed, what, "code.allow_code_execution")
 
 
 def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> TaskResult:
@@ -78,12 +96,14 @@ def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> 
         task_prompt(spec, r) if spec.prompt_template else p.default_prompt()
         for r, p in zip(rows, problems, strict=True)
     ]
-    gen = _sampling(spec, settings, opts)
+    asked_settings = code_sampling(spec, settings)
+    gen = model.settings_for(asked_settings)  # recorded as sampled
+    checkpoint = model.checkpoint_record(asked_settings, gen)
     chat = bool(spec.chat)
     samples = sample(model, prompts, gen, chat=chat, num_samples=opts.n)
     asked = [p for p in problems for _ in range(opts.n)]  # in the order sample() returns
     completions = [
-        cut_at_stop(s["completion"], opts.stop if opts.stop is not None else p.default_stops)
+        answer_code(s["completion"], opts.stop if opts.stop is not None else p.default_stops, chat)
         for s, p in zip(samples, asked, strict=True)
     ]
     jobs = [p.job(c) for p, c in zip(asked, completions, strict=True)]
@@ -105,6 +125,7 @@ def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> 
         "n": len(problems), "samples_per_problem": opts.n,
         "status_counts": {s: statuses[s] for s in STATUSES}, "per_problem": per_problem,
         "sandbox": {"timeout_s": opts.timeout_s, "memory_mb": opts.memory_mb},
-        "generation": {**gen.model_dump(), "chat": chat, "stop": stop_record},
+        "generation": {**gen.model_dump(), "chat": chat, "stop": stop_record,
+                       "checkpoint": checkpoint},
     })  # fmt: skip
     return TaskResult(metrics, records)

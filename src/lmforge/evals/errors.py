@@ -4,8 +4,8 @@ A metric says how often a model fails; the examples say how. For every task type
 the failures and orders them worst first: the documents with the highest loss, the generations
 with the lowest ROUGE-L, the misclassified examples and wrong multiple-choice answers the model
 was most confident about (most negative margin = log p(gold) - best other log p), the sentences
-with the most mistagged words. The rows go to
-errors.jsonl and into the report.
+with the most mistagged words, the programs that passed the fewest of their tests (code). The
+rows go to errors.jsonl and into the report.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from lmforge.common.plots import pyplot
 from lmforge.config import Section, StageConfig, validate
 from lmforge.errors import ConfigError
 from lmforge.evals.bias import plot_gaps
+from lmforge.evals.code_eval import code_sampling
 from lmforge.evals.errors import worst_examples
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.metrics import plot_confusion
@@ -98,7 +99,7 @@ class EvalConfig(StageConfig):
         return paths
 
     def input_versions(self) -> dict[str, str]:
-        """Per model, the checkpoint generation defaults its generation tasks leave unset
+        """Per model, the checkpoint generation defaults its generation and code tasks leave unset
         (EvalModel.settings_for applies them), so that neither a result cached before lmforge
         read them nor one with those fields given (at their default value they hash as unset)
         is reused; and the checkpoint keys eval leaves out (do_sample and its sampling keys:
@@ -109,9 +110,11 @@ class EvalConfig(StageConfig):
         from lmforge.model.convert import is_encoder_decoder
 
         given = [
-            (spec.generation or self.generation).model_fields_set
+            code_sampling(spec, self.generation).model_fields_set
+            if spec.type == "code"
+            else (spec.generation or self.generation).model_fields_set
             for spec in self.task_specs()
-            if spec.type == "generation"
+            if spec.type in ("generation", "code")
         ]
         versions = {}
         for ref in self.model_refs() if given else []:

@@ -100,11 +100,12 @@ def _stem(path: Path) -> str:
 
 
 def infer_type(keys: set[str]) -> str:
-    """The task type whose fields a record has (the most specific one wins)."""
-    if has_tests(keys):
-        return "code"
-    for name in ("multiple_choice", "tagging", "generation", "classification", "perplexity"):
-        if set(TASK_TYPES[name].fields) <= keys:
+    """The task type whose fields a record has (the most specific one wins). Code tests
+    (common.code_problems.has_tests) come after the other types' whole records, so a generation
+    or classification file with a field named `tests` keeps its type."""
+    order = ("multiple_choice", "tagging", "generation", "classification", "code", "perplexity")
+    for name in order:
+        if has_tests(keys) if name == "code" else set(TASK_TYPES[name].fields) <= keys:
             return name
     if {"instruction", "output"} <= keys:
         return "generation"  # Alpaca records

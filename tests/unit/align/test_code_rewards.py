@@ -4,6 +4,7 @@ code tests read from prompt records."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,15 @@ def test_humaneval_answer_completes_the_prompt_or_restates_the_function() -> Non
     assert _rewards(answers, [problem] * 3) == [1.0, 1.0, 0.0]
 
 
-def test_refused_without_the_opt_in() -> None:
+def test_refused_without_the_opt_in(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"code_tests reward runs model-written code .* "
                        r"set allow_code_execution: true"):  # fmt: skip
         RewardSpec(kind="code_tests")
     with pytest.raises(ValueError, match=r"regex reward does not read `partial`"):
         RewardSpec(kind="regex", pattern="x", partial=True)
+    monkeypatch.setattr(sys, "platform", "win32")  # refused before training, not at each batch
+    with pytest.raises(ConfigError, match=r"^a code_tests reward .* needs Linux"):
+        _rewards(["x = 1"], [code_problem(MBPP, "mbpp")])
 
 
 def test_an_answer_without_tests_is_refused() -> None:
@@ -75,7 +79,7 @@ def test_prompt_records_carry_their_tests(tmp_path: Path) -> None:
     path = tmp_path / "code.jsonl"
     rows = [MBPP, {**HUMANEVAL, "prompt": "def inc(x):\n"}, {"prompt": "no tests here"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = load_prompt_records(path)
+    records = load_prompt_records(path, with_tests=True)
     assert (
         records[0].code.tests == tuple(MBPP["test_list"]) and records[1].code.style == "humaneval"
     )
@@ -86,7 +90,20 @@ def test_prompt_records_carry_their_tests(tmp_path: Path) -> None:
         require_tests(records, ["code_tests"])
     path.write_text(json.dumps({"prompt": "p", "tests": ["assert 1", 2]}) + "\n")
     with pytest.raises(InputError, match=r"code\.jsonl line 1: no tests"):
-        load_prompt_records(path)
+        load_prompt_records(path, with_tests=True)
+
+
+def test_tests_fields_are_ordinary_data_without_a_code_tests_reward(tmp_path: Path) -> None:
+    # a `tests` field that is not a list of asserts, or HumanEval-like keys, in data read for
+    # other rewards: neither parsed nor refused
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": "p1", "reference": "a", "tests": {"owner": "qa"}},
+            {**HUMANEVAL, "prompt": "p2", "reference": "b", "test": 3}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_prompt_records(path)
+    assert [(r.reference, r.code) for r in records] == [("a", None), ("b", None)]
+    with pytest.raises(InputError, match=r"qa\.jsonl line 1: no tests"):
+        load_prompt_records(path, with_tests=True)
 
 
 def test_grpo_trains_on_code_tests_and_refuses_records_without_tests(tmp_path, model_dir) -> None:

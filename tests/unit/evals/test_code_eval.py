@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.evals.code_eval import pass_at_k, pass_metrics
+from lmforge.evals.code_eval import answer_code, pass_at_k, pass_metrics
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.report import StageInfo
 from lmforge.evals.report_eval import eval_section
@@ -80,6 +81,13 @@ def test_metrics_follow_the_sampled_programs_statuses(model_dir: Path) -> None:
     assert m["pass@2"] == pytest.approx(sum(pass_at_k(3, c, 2) for c in passed) / 2)
     assert "pass@5" not in m and "code.n=3" in m["skipped"]
     assert m["generation"]["temperature"] == 0.8 and m["samples_per_problem"] == 3
+    assert len({r["completion"] for r in records}) > 2  # sampled, so the rerun checks seeding
+    again = run_task(model, TaskSpec.model_validate(task()), GenerationSettings())
+    assert [r["completion"] for r in again.records] == [r["completion"] for r in records]
+    assert {k: again.metrics[k] for k in ("pass@1", "pass@2")} == {
+        "pass@1": m["pass@1"],
+        "pass@2": m["pass@2"],
+    }
 
 
 def test_eval_stage_writes_pass_at_k_errors_and_a_comparison(
@@ -104,13 +112,19 @@ def test_eval_stage_writes_pass_at_k_errors_and_a_comparison(
 
 
 def test_refused_without_the_opt_in(model_dir: Path, tmp_path: Path) -> None:
-    refusal = r"task '(add|code)' runs model-written .* set code\.allow_code_execution: true"
+    refusal = r"task '(add|code)'.* runs model-written .* set code\.allow_code_execution: true"
     data = tmp_path / "code.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     for item in (task(allow_code_execution=False), str(data)):  # a JSONL file: no code section
         with pytest.raises(ConfigError, match=refusal):
             evaluate({"models": [str(model_dir)], "tasks": [item], "out": str(tmp_path / "ev")})
     assert not (tmp_path / "ev").exists()  # refused before anything ran
+    with pytest.raises(
+        ConfigError,
+        match=r"task 'code' \(no code: section; give it as a task "
+        r"YAML \{type: code, data: .*code\.jsonl, code: \{allow_code_execution",
+    ):
+        evaluate({"models": [str(model_dir)], "tasks": [str(data)], "out": str(tmp_path / "ev")})
     with pytest.raises(ConfigError, match=refusal):  # the runner checks too
         run_task(EvalModel.load(model_dir), TaskSpec(name="add", type="code", examples=PROBLEMS),
                  GenerationSettings())  # fmt: skip
@@ -127,6 +141,51 @@ def test_sampling_keys_belong_to_the_code_section(model_dir: Path) -> None:
 def test_code_records_are_recognised_and_checked() -> None:
     assert infer_type({"prompt", "test", "entry_point", "task_id"}) == "code"
     assert infer_type({"text", "test_list", "test_setup_code"}) == "code"
+    # a whole record of another type with a field that happens to be named `tests`
+    assert infer_type({"prompt", "reference", "tests"}) == "generation"
+    assert infer_type({"text", "label", "test_list"}) == "classification"
     bad = TaskSpec(name="bad", type="code", examples=[{"prompt": "x", "tests": "assert 1"}])
     with pytest.raises(InputError, match="task 'bad' record 1: no tests"):
         load_examples(bad)
+
+
+def test_checkpoint_generation_defaults_key_and_record_a_code_result(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A code task samples through the checkpoint's generation_config.json as a generation
+    task does: a changed file changes the cache key, and eval.json says what it applied."""
+    from lmforge.evals.stage import EvalConfig
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(model_dir, ckpt)
+    cfg = EvalConfig.model_validate({"models": [str(ckpt)], "tasks": [task(n=1, k=None)],
+                                     "out": str(tmp_path / "ev")})  # fmt: skip
+
+    def applied() -> dict:
+        versions = cfg.input_versions().items()
+        return {k: json.loads(v) for k, v in versions if k.startswith("generation_defaults:")}
+
+    before = applied()
+    (ckpt / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.3}))
+    after = applied()
+    assert after != before and list(after.values()) == [{"repetition_penalty": 1.3}]
+    (result,) = json.loads((evaluate(cfg) / "eval.json").read_text())["results"].values()
+    generation = result["add"]["generation"]
+    assert generation["checkpoint"]["used"] == {"repetition_penalty": 1.3}
+    assert generation["repetition_penalty"] == 1.3 and generation["temperature"] == 0.0
+
+
+def test_a_chat_answer_is_its_fenced_code_cut_at_the_stops() -> None:
+    from lmforge.common.code_exec import run_job
+    from lmforge.common.code_problems import HUMANEVAL_STOPS, code_problem
+
+    answer = (
+        "Here it is:\n```python\ndef add(a, b):\n    return a + b\n\nprint(add(1, 2))\n```\nDone."
+    )
+    code = answer_code(answer, HUMANEVAL_STOPS, chat=True)
+    assert code == "def add(a, b):\n    return a + b\n"
+    assert run_job(code_problem(PROBLEMS[0], "p").job(code)).status == "passed"
+    # a raw continuation is only cut, never searched for fences
+    assert answer_code("    return a + b\n\ndef g():", HUMANEVAL_STOPS, chat=False) == (
+        "    return a + b\n"
+    )

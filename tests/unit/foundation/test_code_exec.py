@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +68,20 @@ def test_os_system_and_subprocess_are_refused() -> None:
     assert r.status == "error" and "subprocess.Popen is disabled" in r.reason
 
 
+def test_no_process_outlives_its_run_in_a_session_of_its_own(tmp_path: Path) -> None:
+    # multiprocessing's spawn starts a fresh interpreter (not the sandbox's) that could leave
+    # the process group, so the kill at the end would miss it; starting it is refused
+    marker = tmp_path / "escaped"
+    body = f"import os, time\nos.setsid()\nopen({str(marker)!r}, 'w').write('x')\ntime.sleep(30)"
+    program = (
+        "import multiprocessing as mp, time\n"
+        f"mp.get_context('spawn').Process(target=exec, args=({body!r},)).start()\ntime.sleep(2)\n"
+    )
+    r = run_job(CodeJob(program), FAST)
+    assert r.status == "error" and "_posixsubprocess.fork_exec is disabled" in r.reason
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("program", "reason"),
     [
@@ -107,6 +124,14 @@ def test_opt_in_is_required_by_name() -> None:
     require_opt_in(True, "task 'x'", "a.b")
 
 
+def test_refused_off_linux(monkeypatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(ConfigError, match=r"^task 'x' runs .* needs Linux .* machine is darwin"):
+        require_opt_in(True, "task 'x'", "a.b")
+    with pytest.raises(ConfigError, match=r"^the code sandbox .* needs Linux"):
+        run_job(CodeJob(ADD), FAST)
+
+
 def test_humaneval_and_mbpp_records_become_programs() -> None:
     he = code_problem(
         {"prompt": "def inc(x):\n", "test": "def check(f):\n    assert f(1) == 2\n",
@@ -139,3 +164,76 @@ def test_unprintable_exceptions_and_long_messages_are_reasons() -> None:
                                     "<program> line 4: raise Odd()")  # fmt: skip
     r = run_job(CodeJob("", ("assert False, 'x' * 10**6",)), FAST)
     assert r.status == "failed" and len(r.reason) == 300
+
+
+@pytest.mark.parametrize(
+    ("program", "reason"),
+    [
+        # a real-time signal has no name in signal.Signals
+        ("import signal\nsignal.raise_signal(signal.SIGRTMIN + 2)\n", "killed by signal "),
+        # the program overwrites the sandbox's result file (or the child dies writing it)
+        ("import __main__, os\nopen(__main__.result_file, 'w').write('{\"stat')\nos._exit(0)\n",
+         "its result file is not the sandbox's"),
+        ("import __main__, os\nopen(__main__.result_file, 'w').write('{\"status\": \"won\", "
+         "\"reason\": \"\", \"tests_passed\": 9}')\nos._exit(0)\n",
+         "its result file is not the sandbox's"),
+    ],
+)  # fmt: skip
+def test_odd_endings_are_errors_not_exceptions_in_the_caller(program: str, reason: str) -> None:
+    r = run_job(CodeJob(program, ("assert True",)), FAST)
+    assert r.status == "error" and r.reason.startswith(reason) and r.tests_passed == 0
+
+
+def test_a_reason_with_lone_surrogates_can_be_written_as_utf8() -> None:
+    r = run_job(CodeJob("raise ValueError('bad \\udc80 byte')\n"), FAST)
+    assert r.status == "error" and "bad \\udc80 byte" in r.reason
+    json.dumps(r.reason, ensure_ascii=False).encode("utf-8")  # what write_jsonl does
+
+
+def test_output_is_bounded_and_only_stderrs_tail_is_read() -> None:
+    # stdout is discarded: 256 MiB printed costs the caller nothing
+    r = run_job(
+        CodeJob("import sys\nfor _ in range(256):\n    sys.stdout.write('x' * (1 << 20))\n")
+    )
+    assert r.status == "passed"
+    # stderr goes to a file capped by RLIMIT_FSIZE: the write past 16 MiB fails in the program
+    r = run_job(CodeJob("import sys\nsys.stderr.write('x' * (64 << 20))\n"), FAST)
+    assert r.status == "error" and r.reason.startswith("OSError: [Errno 27] File too large")
+    # a crash after a long stderr: its reason is the tail
+    program = "import os, sys\nsys.stderr.write('x' * (8 << 20) + 'THE END')\nsys.stderr.flush()\nos._exit(2)\n"
+    r = run_job(CodeJob(program), FAST)
+    assert r.status == "error" and r.reason.endswith("x" * 10 + "THE END")
+    assert r.reason.startswith("exited with code 2 before its tests finished: ")
+
+
+def test_a_sleeping_child_ends_on_its_own_when_the_caller_is_killed(tmp_path: Path) -> None:
+    # the caller dies (SIGKILL: no cleanup runs) while its child sleeps in a session of its own
+    pid_file = tmp_path / "pid"
+    program = (
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)"
+    )
+    caller = (
+        "from lmforge.common.code_exec import CodeJob, SandboxLimits, run_job\n"
+        f"run_job(CodeJob({program!r}), SandboxLimits(timeout_s=0.5))\n"
+    )
+    src = str(Path(__file__).parents[3] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "TMPDIR": str(tmp_path)}  # its dir is left behind
+    proc = subprocess.Popen([sys.executable, "-c", caller], env=env)
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the sandboxed program never started"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    child = int(pid_file.read_text())
+    while _alive(child):  # its alarm: ceil(0.5) + 2 s after it started
+        assert time.monotonic() < deadline, f"sandboxed process {child} outlived its caller"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie left for init to reap counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
