@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.norms import RMSNorm
 
 if TYPE_CHECKING:
     from lmforge.model.generate import KVCache
@@ -67,8 +68,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias or config.attn_bias)
         self.proj = nn.Linear(config.n_head * config.hd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        from lmforge.model.blocks import RMSNorm  # here: model.blocks imports this module
-
         self.q_norm = RMSNorm(config.hd, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.hd, config.norm_eps) if config.qk_norm else None
 
