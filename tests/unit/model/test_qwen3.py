@@ -11,7 +11,13 @@ from torch import nn
 
 from lmforge.compress.quantize import quantize_dir
 from lmforge.errors import InputError
-from lmforge.finetune.lora import LoraConfig, inject, lora_modules, save_peft_adapter
+from lmforge.finetune.lora import (
+    LoraConfig,
+    inject,
+    load_peft_adapter,
+    lora_modules,
+    save_peft_adapter,
+)
 from lmforge.model.config import preset_config
 from lmforge.model.convert import (
     ClassifierHead,
@@ -187,6 +193,25 @@ def test_peft_loads_our_lora_adapter_on_the_qwen3_export(tmp_path):
         assert (model(IDX) - theirs).abs().max() <= 1e-4
         with peft_model.disable_adapter():
             assert (peft_model(IDX).logits - theirs).abs().max() > 1e-3  # the adapter counts
+
+
+def test_a_hugging_face_peft_adapter_on_a_qwen3_checkpoint_loads_exactly(tmp_path):
+    """HF PEFT's adapter of a transformers Qwen3 (separate q/k/v and gate/up, each its own A)
+    reads onto our import as the same updates: what finetune and serve's --lora load."""
+    peft = pytest.importorskip("peft")
+    hf = hf_qwen3(tmp_path / "base", **HF_MODELS["tied-gqa-wide-heads"])
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(4)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    peft_model = peft.get_peft_model(hf, config).eval()  # random A and B
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = load_peft_adapter(load_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        theirs = peft_model(IDX).logits
+        got = ours(IDX)
+        with peft_model.disable_adapter():
+            assert (peft_model(IDX).logits - theirs).abs().max() > 1e-2  # the adapter counts
+    assert (got - theirs).abs().max() <= 1e-4
 
 
 # how far the rounded weights' logits may be from the float model's, relative to the largest
