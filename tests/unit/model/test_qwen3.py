@@ -164,6 +164,26 @@ def test_qwen3_configs_lmforge_cannot_compute_are_refused():
     assert unused.sliding_window is None  # Qwen3Config ignores the window when it is off
 
 
+def test_a_qwen3_config_json_omitting_fields_reads_as_transformers_reads_it():
+    """Qwen3Config's own defaults (head_dim 128, 32768 positions, a 4096 window when sliding is
+    on), not the Llama fallbacks (n_embd / n_head, 2048, no window)."""
+    minimal = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    minimal |= dict(intermediate_size=96)
+    for extra in ({}, {"use_sliding_window": True, "max_window_layers": 0}):
+        theirs = transformers.Qwen3Config(**minimal, **extra)
+        ours = hf_config_to_model_config({"model_type": "qwen3", **minimal, **extra})
+        assert (ours.hd, ours.block_size, ours.sliding_window) == (
+            theirs.head_dim,
+            theirs.max_position_embeddings,
+            theirs.sliding_window,
+        )
+        assert (ours.norm_eps, ours.rope_theta) == (
+            theirs.rms_norm_eps,
+            theirs.rope_parameters["rope_theta"],
+        )
+    assert ours.hd == 128 and ours.sliding_window == 4096  # the defaults, not 16 and None
+
+
 @pytest.mark.parametrize("compile", ["off", "on"])
 def test_cached_padded_and_compiled_decoding_equal_recomputing_the_prefix(compile, monkeypatch):
     from lmforge.model import compiled_decode
