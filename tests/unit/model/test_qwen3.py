@@ -152,10 +152,13 @@ def test_qk_norm_models_no_hf_family_computes_export_in_lmforge_layout(tmp_path)
 def test_qwen3_configs_lmforge_cannot_compute_are_refused():
     base = {"model_type": "qwen3", **SHAPE}
     mixed = {**base, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
-    with pytest.raises(
-        InputError, match=r"mix full and sliding-window layers.*max_window_layers=0"
+    for refused in (
+        mixed,  # layers 0 full, 1 sliding
+        {**base, "layer_types": ["sliding_attention"] * 2},  # sliding, with no window
+        {**base, "layer_types": ["chunked_attention"] * 2},
     ):
-        hf_config_to_model_config(mixed)
+        with pytest.raises(InputError, match=r"lmforge runs one attention in every layer.*=0"):
+            hf_config_to_model_config(refused)
     with pytest.raises(InputError, match="attention_bias=True is not supported"):
         hf_config_to_model_config({**base, "attention_bias": True})
     all_sliding = hf_config_to_model_config({**mixed, "max_window_layers": 0})

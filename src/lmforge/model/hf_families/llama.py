@@ -93,8 +93,9 @@ def qwen3_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 def _qwen3_window(hf: dict[str, Any]) -> int | None:
-    """The window every layer uses (None: full attention); a mix of full and sliding layers,
-    which our one model.sliding_window cannot express, is an InputError."""
+    """The window every layer uses (None: full attention); anything our one
+    model.sliding_window cannot express (a mix of full and sliding layers, sliding layers
+    without a window, another attention kind) is an InputError."""
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
     n_layer = hf["num_hidden_layers"]
     types = hf.get("layer_types") or [
@@ -107,10 +108,11 @@ def _qwen3_window(hf: dict[str, Any]) -> int | None:
         return None
     if kinds == {"sliding_attention"} and window is not None:
         return window
+    settings = {k: hf.get(k) for k in ("use_sliding_window", "sliding_window", "max_window_layers")}
     raise InputError(
-        f"config.json layer_types {sorted(kinds)} (use_sliding_window, sliding_window, "
-        "max_window_layers) mix full and sliding-window layers; lmforge supports all-full or, "
-        "with max_window_layers=0, all-sliding"
+        f"config.json layer_types {sorted(kinds)} with {settings}: lmforge runs one attention in "
+        "every layer, all full_attention, or all sliding_attention with use_sliding_window true, "
+        "a sliding_window and max_window_layers=0"
     )
 
 
