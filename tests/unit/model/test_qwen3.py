@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lmforge.compress.quantize import quantize_dir
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from lmforge.finetune.lora import (
     LoraConfig,
     inject,
@@ -147,6 +147,12 @@ def test_qk_norm_models_no_hf_family_computes_export_in_lmforge_layout(tmp_path)
         torch.testing.assert_close(back(IDX), model(IDX), atol=0, rtol=0)
     gpt2_style = preset_config("micro-gpt2", qk_norm=True)
     assert family_for(gpt2_style) is None
+
+
+def test_qk_norm_is_refused_on_an_encoder_decoder_whose_cross_attention_lacks_it():
+    with pytest.raises(ConfigError, match=r"n_dec_layer > 0 .*qk_norm=false"):
+        preset_config("bart-micro", qk_norm=True)
+    assert preset_config("bert-micro", qk_norm=True).qk_norm  # self-attention only: all of it
 
 
 def test_qwen3_configs_lmforge_cannot_compute_are_refused():
