@@ -5,8 +5,9 @@ restricts attention, else the boolean mask model.masks builds. The Transformer's
 (model.blocks) and the encoder-decoder's (model.seq2seq) use it alike.
 
 With model.qk_norm, each head's queries and keys go through an RMSNorm over hd (one gain vector
-shared by all heads, as Qwen3 and OLMo-2 train with) before rotary embeddings; every path that
-computes q/k (training, prefill, cached and compiled decoding, serving) runs this forward.
+shared by all heads, as Qwen3 trains with; OLMo-2's norm instead spans all heads' n_head * hd at
+once) before rotary embeddings; every path that computes q/k (training, prefill, cached and
+compiled decoding, serving) runs this forward.
 
 Shapes: B batch, T sequence length, C = n_embd, hd = head_dim.
 """
