@@ -352,7 +352,9 @@ def check_gguf(
            else {}),
     }  # fmt: skip
     for key, value in expected.items():
-        if _field(reader, key) != value:
-            raise StageError(f"GGUF read-back: {key} is not what was written")
+        stored = _field(reader, key)
+        if stored != value:
+            shown = "" if isinstance(value, list) else f" ({stored!r}, expected {value!r})"
+            raise StageError(f"GGUF read-back: {path}: {key} is not what was written{shown}")
     return {"tensors": len(got), "tokens": len(meta["tokens"]), "merges": len(meta["merges"]),
             "pre_tokenizer": meta["pre"]}  # fmt: skip
