@@ -247,6 +247,26 @@ def add_hyperparameters(writer: Any, cfg: Any, arch: str) -> None:
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
 
 
+def written_hyperparameters(cfg: Any, arch: str) -> dict[str, Any]:
+    """The shape and rotary keys add_hyperparameters writes, as GGUFReader reads them back
+    (floats stored as float32); llama.cpp sizes and rotates attention by these."""
+    shape = {
+        f"{arch}.context_length": cfg.block_size,
+        f"{arch}.feed_forward_length": cfg.intermediate_size,
+        f"{arch}.vocab_size": cfg.vocab_size,
+    }
+    if arch == "gpt2":
+        return {**shape, "gpt2.attention.layer_norm_epsilon": float(np.float32(cfg.norm_eps))}
+    return {
+        **shape,
+        f"{arch}.attention.key_length": cfg.hd,
+        f"{arch}.attention.value_length": cfg.hd,
+        f"{arch}.rope.dimension_count": cfg.hd,
+        f"{arch}.rope.freq_base": float(np.float32(cfg.rope_theta)),
+        f"{arch}.attention.layer_norm_rms_epsilon": float(np.float32(cfg.norm_eps)),
+    }
+
+
 def export_gguf(
     model: nn.Module, model_dir: Path, path: Path, special: dict[str, int], file_type: str = "f32"
 ) -> None:
@@ -297,8 +317,8 @@ def check_gguf(
     path: Path, model: nn.Module, model_dir: Path, special: dict[str, int], file_type: str = "f32"
 ) -> dict:
     """Read path back with gguf's GGUFReader: every tensor (name, type, shape, stored values),
-    the llama hyperparameters and the tokenizer metadata must be what was written; raises
-    StageError."""
+    the hyperparameters (shapes, head width, rotary base, norm eps) and the tokenizer metadata
+    must be what was written; raises StageError."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -321,6 +341,7 @@ def check_gguf(
         f"{arch}.block_count": cfg.n_layer, f"{arch}.embedding_length": cfg.n_embd,
         f"{arch}.attention.head_count": cfg.n_head,
         f"{arch}.attention.head_count_kv": cfg.n_kv_head,
+        **written_hyperparameters(cfg, arch),
         "general.file_type": gguf.LlamaFileType[FILE_TYPES[file_type][1]],
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["pre"],
         "tokenizer.ggml.tokens": meta["tokens"], "tokenizer.ggml.token_type": meta["token_types"],
@@ -331,7 +352,9 @@ def check_gguf(
            else {}),
     }  # fmt: skip
     for key, value in expected.items():
-        if _field(reader, key) != value:
-            raise StageError(f"GGUF read-back: {key} is not what was written")
+        stored = _field(reader, key)
+        if stored != value:
+            shown = "" if isinstance(value, list) else f" ({stored!r}, expected {value!r})"
+            raise StageError(f"GGUF read-back: {path}: {key} is not what was written{shown}")
     return {"tensors": len(got), "tokens": len(meta["tokens"]), "merges": len(meta["merges"]),
             "pre_tokenizer": meta["pre"]}  # fmt: skip

@@ -5,8 +5,9 @@ restricts attention, else the boolean mask model.masks builds. The Transformer's
 (model.blocks) and the encoder-decoder's (model.seq2seq) use it alike.
 
 With model.qk_norm, each head's queries and keys go through an RMSNorm over hd (one gain vector
-shared by all heads, as Qwen3 and OLMo-2 train with) before rotary embeddings; every path that
-computes q/k (training, prefill, cached and compiled decoding, serving) runs this forward.
+shared by all heads, as Qwen3 trains with; OLMo-2's norm instead spans all heads' n_head * hd at
+once) before rotary embeddings; every path that computes q/k (training, prefill, cached and
+compiled decoding, serving) runs this forward.
 
 Shapes: B batch, T sequence length, C = n_embd, hd = head_dim.
 """
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.norms import RMSNorm
 
 if TYPE_CHECKING:
     from lmforge.model.generate import KVCache
@@ -67,8 +69,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias or config.attn_bias)
         self.proj = nn.Linear(config.n_head * config.hd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        from lmforge.model.blocks import RMSNorm  # here: model.blocks imports this module
-
         self.q_norm = RMSNorm(config.hd, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.hd, config.norm_eps) if config.qk_norm else None
 

@@ -106,11 +106,13 @@ class ModelConfig:
         seq2seq_ok = (
             not self.causal and self.pos == "learned" and self.tie_embeddings
             and not self.type_vocab_size and not self.mlm_head
+            and not self.qk_norm  # cross-attention's q/k would go unnormalised
         )  # fmt: skip
         if self.n_dec_layer and not seq2seq_ok:
             raise ConfigError(
                 "model.n_dec_layer > 0 (encoder-decoder) needs causal=false, pos='learned', "
-                "tie_embeddings=true, type_vocab_size=0 and mlm_head=false (see the bart-* presets)"
+                "tie_embeddings=true, type_vocab_size=0, mlm_head=false and qk_norm=false (see "
+                "the bart-* presets)"
             )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:

@@ -61,8 +61,8 @@ class ModelSection(Section):
     dropout: float | None = Field(None, ge=0, lt=1, description="override the dropout rate")
     qk_norm: bool | None = Field(
         None,
-        description="RMSNorm on each head's queries and keys before rotary (Qwen3, OLMo-2: "
-        "steadier training at high learning rates); exports as Qwen3",
+        description="RMSNorm on each head's queries and keys before rotary, as Qwen3 trains; a "
+        "bias-free Llama-style preset then exports as Qwen3 (others: lmforge layout)",
         json_schema_extra=HASHED_IF_SET,
     )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.compress.gguf_export import check_gguf, export_gguf, gguf_arch
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, StageError
 from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.transformer import Transformer
@@ -19,7 +19,8 @@ from unit.compress.test_gguf import lmforge_tokenizer, read_fields
 gguf = pytest.importorskip("gguf")
 
 
-def test_qk_norm_model_exports_as_llama_cpp_qwen3(tmp_path) -> None:
+def qwen3_dir(tmp_path) -> Transformer:
+    """A qk_norm model (head_dim 24, not n_embd / n_head) saved with a tokenizer to tmp_path/m."""
     tok = lmforge_tokenizer(tmp_path)
     cfg = preset_config("micro", vocab_size=tok.get_vocab_size(), qk_norm=True, head_dim=24)
     torch.manual_seed(0)
@@ -30,7 +31,11 @@ def test_qk_norm_model_exports_as_llama_cpp_qwen3(tmp_path) -> None:
             block.attn.k_norm.weight.uniform_(0.5, 1.5)
     save_pretrained(model, tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    model = load_pretrained(tmp_path / "m")
+    return load_pretrained(tmp_path / "m")
+
+
+def test_qk_norm_model_exports_as_llama_cpp_qwen3(tmp_path) -> None:
+    model = qwen3_dir(tmp_path)
     export_gguf(model, tmp_path / "m", tmp_path / "m.gguf", {}, "f32")
     assert check_gguf(tmp_path / "m.gguf", model, tmp_path / "m", {})["tensors"] == 2 + 11 * 2
     fields = read_fields(tmp_path / "m.gguf")
@@ -51,3 +56,14 @@ def test_gguf_refuses_a_qk_norm_model_llama_cpp_has_no_architecture_for() -> Non
     with pytest.raises(ConfigError, match=r"as qwen3: attn_bias=True \(needs False\)"):
         gguf_arch(preset_config("micro", qk_norm=True, attn_bias=True))
     assert gguf_arch(preset_config("micro")) == "llama"  # qk_norm off: llama, as before
+
+
+def test_read_back_catches_a_head_width_llama_cpp_would_misread(tmp_path, monkeypatch) -> None:
+    """Tensors alone cannot tell key_length 24 from 32 (the rows are the same bytes); the
+    read-back must check the hyperparameters llama.cpp shapes attention by."""
+    model = qwen3_dir(tmp_path)
+    written = gguf.GGUFWriter.add_key_length
+    monkeypatch.setattr(gguf.GGUFWriter, "add_key_length", lambda w, n: written(w, n + 8))
+    export_gguf(model, tmp_path / "m", tmp_path / "m.gguf", {}, "f32")
+    with pytest.raises(StageError, match=r"key_length is not what was written \(32, expected 24\)"):
+        check_gguf(tmp_path / "m.gguf", model, tmp_path / "m", {})

@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 from lmforge.compress.quantize import quantize_dir
-from lmforge.errors import InputError
-from lmforge.finetune.lora import LoraConfig, inject, lora_modules, save_peft_adapter
+from lmforge.errors import ConfigError, InputError
+from lmforge.finetune.lora import (
+    LoraConfig,
+    inject,
+    load_peft_adapter,
+    lora_modules,
+    save_peft_adapter,
+)
 from lmforge.model.config import preset_config
 from lmforge.model.convert import (
     ClassifierHead,
@@ -143,19 +149,48 @@ def test_qk_norm_models_no_hf_family_computes_export_in_lmforge_layout(tmp_path)
     assert family_for(gpt2_style) is None
 
 
+def test_qk_norm_is_refused_on_an_encoder_decoder_whose_cross_attention_lacks_it():
+    with pytest.raises(ConfigError, match=r"n_dec_layer > 0 .*qk_norm=false"):
+        preset_config("bart-micro", qk_norm=True)
+    assert preset_config("bert-micro", qk_norm=True).qk_norm  # self-attention only: all of it
+
+
 def test_qwen3_configs_lmforge_cannot_compute_are_refused():
     base = {"model_type": "qwen3", **SHAPE}
     mixed = {**base, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
-    with pytest.raises(
-        InputError, match=r"mix full and sliding-window layers.*max_window_layers=0"
+    for refused in (
+        mixed,  # layers 0 full, 1 sliding
+        {**base, "layer_types": ["sliding_attention"] * 2},  # sliding, with no window
+        {**base, "layer_types": ["chunked_attention"] * 2},
     ):
-        hf_config_to_model_config(mixed)
+        with pytest.raises(InputError, match=r"lmforge runs one attention in every layer.*=0"):
+            hf_config_to_model_config(refused)
     with pytest.raises(InputError, match="attention_bias=True is not supported"):
         hf_config_to_model_config({**base, "attention_bias": True})
     all_sliding = hf_config_to_model_config({**mixed, "max_window_layers": 0})
     assert all_sliding.sliding_window == 8 and all_sliding.qk_norm
     unused = hf_config_to_model_config({**base, "use_sliding_window": False, "sliding_window": 8})
     assert unused.sliding_window is None  # Qwen3Config ignores the window when it is off
+
+
+def test_a_qwen3_config_json_omitting_fields_reads_as_transformers_reads_it():
+    """Qwen3Config's own defaults (head_dim 128, 32768 positions, a 4096 window when sliding is
+    on), not the Llama fallbacks (n_embd / n_head, 2048, no window)."""
+    minimal = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    minimal |= dict(intermediate_size=96)
+    for extra in ({}, {"use_sliding_window": True, "max_window_layers": 0}):
+        theirs = transformers.Qwen3Config(**minimal, **extra)
+        ours = hf_config_to_model_config({"model_type": "qwen3", **minimal, **extra})
+        assert (ours.hd, ours.block_size, ours.sliding_window) == (
+            theirs.head_dim,
+            theirs.max_position_embeddings,
+            theirs.sliding_window,
+        )
+        assert (ours.norm_eps, ours.rope_theta) == (
+            theirs.rms_norm_eps,
+            theirs.rope_parameters["rope_theta"],
+        )
+    assert ours.hd == 128 and ours.sliding_window == 4096  # the defaults, not 16 and None
 
 
 @pytest.mark.parametrize("compile", ["off", "on"])
@@ -187,6 +222,25 @@ def test_peft_loads_our_lora_adapter_on_the_qwen3_export(tmp_path):
         assert (model(IDX) - theirs).abs().max() <= 1e-4
         with peft_model.disable_adapter():
             assert (peft_model(IDX).logits - theirs).abs().max() > 1e-3  # the adapter counts
+
+
+def test_a_hugging_face_peft_adapter_on_a_qwen3_checkpoint_loads_exactly(tmp_path):
+    """HF PEFT's adapter of a transformers Qwen3 (separate q/k/v and gate/up, each its own A)
+    reads onto our import as the same updates: what finetune and serve's --lora load."""
+    peft = pytest.importorskip("peft")
+    hf = hf_qwen3(tmp_path / "base", **HF_MODELS["tied-gqa-wide-heads"])
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(4)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    peft_model = peft.get_peft_model(hf, config).eval()  # random A and B
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = load_peft_adapter(load_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        theirs = peft_model(IDX).logits
+        got = ours(IDX)
+        with peft_model.disable_adapter():
+            assert (peft_model(IDX).logits - theirs).abs().max() > 1e-2  # the adapter counts
+    assert (got - theirs).abs().max() <= 1e-4
 
 
 # how far the rounded weights' logits may be from the float model's, relative to the largest

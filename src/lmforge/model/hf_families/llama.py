@@ -79,19 +79,27 @@ def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
     return _llama_like_config(hf, attn_bias=True, sliding_window=None)
 
 
+# Qwen3Config's defaults where they differ from _llama_like_config's fallbacks (or _qwen3_window
+# reads them): a hand-written config.json that omits one means what transformers reads it as
+QWEN3_DEFAULTS = {"head_dim": 128, "max_position_embeddings": 32768, "sliding_window": 4096,
+                  "max_window_layers": 28}  # fmt: skip
+
+
 def qwen3_config(hf: dict[str, Any]) -> ModelConfig:
     """Qwen3: bias-free, q_norm/k_norm; a sliding window only when every layer has it."""
     require_supported(hf, "attention_bias", (False,), False)  # it also biases o_proj: not ours
+    hf = {**QWEN3_DEFAULTS, **hf}
     return _llama_like_config(hf, attn_bias=False, sliding_window=_qwen3_window(hf), qk_norm=True)
 
 
 def _qwen3_window(hf: dict[str, Any]) -> int | None:
-    """The window every layer uses (None: full attention); a mix of full and sliding layers,
-    which our one model.sliding_window cannot express, is an InputError."""
+    """The window every layer uses (None: full attention); anything our one
+    model.sliding_window cannot express (a mix of full and sliding layers, sliding layers
+    without a window, another attention kind) is an InputError."""
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
     n_layer = hf["num_hidden_layers"]
     types = hf.get("layer_types") or [
-        "sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28)
+        "sliding_attention" if window is not None and i >= hf["max_window_layers"]
         else "full_attention"
         for i in range(n_layer)
     ]  # fmt: skip
@@ -100,10 +108,11 @@ def _qwen3_window(hf: dict[str, Any]) -> int | None:
         return None
     if kinds == {"sliding_attention"} and window is not None:
         return window
+    settings = {k: hf.get(k) for k in ("use_sliding_window", "sliding_window", "max_window_layers")}
     raise InputError(
-        f"config.json layer_types {sorted(kinds)} (use_sliding_window, sliding_window, "
-        "max_window_layers) mix full and sliding-window layers; lmforge supports all-full or, "
-        "with max_window_layers=0, all-sliding"
+        f"config.json layer_types {sorted(kinds)} with {settings}: lmforge runs one attention in "
+        "every layer, all full_attention, or all sliding_attention with use_sliding_window true, "
+        "a sliding_window and max_window_layers=0"
     )
 
 
