@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lmforge.errors import ConfigError
+from lmforge.model.rope import check_rope_scaling
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 MLPS = ("swiglu", "gelu", "gelu_exact")
-ROPE_TYPES = ("default", "llama3")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init (residual projections get /sqrt(2*n_layer))
     head_dim: int | None = None  # per-head width; None means n_embd // n_head
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral)
-    rope_scaling: dict[str, Any] | None = field(default=None)  # {"rope_type": "llama3", ...}
+    rope_scaling: dict[str, Any] | None = field(default=None)  # {"rope_type": ...}: model/rope.py
     # Encoder (BERT/RoBERTa) switches; the defaults are the decoder's, so decoders never change.
     causal: bool = True  # False: bidirectional encoder; pad masks then only hide padding keys
     post_norm: bool = False  # norm after each residual add (BERT), and no final norm
@@ -111,11 +111,7 @@ class ModelConfig:
                 "model.n_dec_layer > 0 (encoder-decoder) needs causal=false, pos='learned', "
                 "tie_embeddings=true, type_vocab_size=0 and mlm_head=false (see the bart-* presets)"
             )
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in ROPE_TYPES:
-            raise ConfigError(
-                f"model.rope_scaling rope_type={rope_type!r} is not one of {', '.join(ROPE_TYPES)}"
-            )
+        check_rope_scaling(self.rope_scaling)
 
     def _validate_encoder(self) -> None:
         if self.type_vocab_size < 0 or self.pos_offset < 0:
