@@ -105,8 +105,9 @@ def llama_cpp_rope_scaling(cfg: Any, arch: str) -> dict[str, str | int | float]:
             key + "yarn_beta_fast": float(scaling.get("beta_fast") or YARN_BETA_FAST),
             key + "yarn_beta_slow": float(scaling.get("beta_slow") or YARN_BETA_SLOW),
         }  # fmt: skip
+    yarn_gap = ", ".join(unexpressed) or "truncate=false or factor < 1"
     why = {
-        "yarn": f"llama.cpp's YaRN has no {', '.join(unexpressed) or 'truncate=false or factor < 1'}",
+        "yarn": f"llama.cpp's YaRN has no {yarn_gap}",
         "llama3": "llama.cpp reads it from a rope_freqs tensor, which this export does not write",
     }.get(rope_type, f"llama.cpp has no {rope_type} scaling")
     raise ConfigError(

@@ -56,14 +56,15 @@ REFUSED = {
         "lmforge's one rotary table per position cannot reproduce exactly"
     ),
 }
+POSITIVE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                 "attention_factor")  # fmt: skip
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # the paper's defaults (rotations in the old context)
 
 
-def _number(scaling: dict[str, Any], key: str, where: str) -> float:
+def _check_positive(scaling: dict[str, Any], key: str, where: str) -> None:
     value = scaling[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{where}.{key} must be a number > 0, got {value!r}")
-    return float(value)
 
 
 def check_rope_scaling(scaling: dict[str, Any] | None, where: str = "model.rope_scaling") -> None:
@@ -87,9 +88,12 @@ def check_rope_scaling(scaling: dict[str, Any] | None, where: str = "model.rope_
             f"{where} has {', '.join(unknown)}, which rope_type {rope_type!r} does not take; "
             f"it takes {', '.join((*needs, *allows)) or 'nothing else'}"
         )
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
-        if scaling.get(key) is not None:
-            _number(scaling, key, where)
+    for key in POSITIVE_KEYS:
+        if key in needs or scaling.get(key) is not None:  # a key it needs cannot be null
+            _check_positive(scaling, key, where)
+    for key in ("mscale", "mscale_all_dim"):  # 0 is allowed: transformers then ignores both
+        if scaling.get(key) is not None and not isinstance(scaling[key], (int, float)):
+            raise ConfigError(f"{where}.{key} must be a number, got {scaling[key]!r}")
     if ORIGINAL in scaling and (
         isinstance(scaling[ORIGINAL], bool) or not isinstance(scaling[ORIGINAL], int)
         or scaling[ORIGINAL] < 1
@@ -122,7 +126,7 @@ def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
     needs, allows = ROPE_KEYS.get(rope_type, ((), ()))
     if ORIGINAL in needs:
         params[ORIGINAL] = (
-            hf.get(ORIGINAL) or params.get(ORIGINAL) or hf.get("max_position_embeddings")
+            hf.get(ORIGINAL) or params.get(ORIGINAL) or hf.get("max_position_embeddings", 2048)
         )
     scaling = {"rope_type": rope_type, **{k: params[k] for k in (*needs, *allows) if k in params}}
     try:

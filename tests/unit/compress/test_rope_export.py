@@ -68,7 +68,8 @@ def test_gguf_writes_llama_cpp_rope_scaling_keys(trained_dir: Path, tmp_path: Pa
     "scaling, message",
     [
         (YARN | {"attention_factor": 0.8}, "llama.cpp's YaRN has no attention_factor"),
-        (YARN | {"mscale": 1.0, "mscale_all_dim": 1.0}, "llama.cpp's YaRN has no mscale, mscale_all_dim"),
+        (YARN | {"mscale": 1.0, "mscale_all_dim": 1.0},
+         "llama.cpp's YaRN has no mscale, mscale_all_dim"),
         (YARN | {"truncate": False}, "llama.cpp's YaRN has no truncate=false or factor < 1"),
         ({"rope_type": "dynamic", "factor": 2.0}, "llama.cpp has no dynamic scaling"),
         ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
