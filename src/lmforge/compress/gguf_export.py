@@ -88,7 +88,9 @@ def llama_cpp_rope_scaling(cfg: Any, arch: str) -> dict[str, str | int | float]:
     ConfigError for a scaling llama.cpp cannot reproduce exactly.
 
     linear is a frequency scale; YaRN is llama.cpp's own (ramp ends rounded outward, cos/sin times
-    0.1 ln(factor) + 1), so an explicit attention factor, mscale or truncate=false is refused.
+    0.1 ln(factor) + 1), so an explicit attention factor, mscale or truncate=false is refused, and
+    so are other betas than 32 and 1: llama.cpp takes those from its run settings, not the file
+    (llama-cpp-python 0.3.36 ignored the file's yarn_beta_* keys; logits then differed).
     """
     scaling = dict(cfg.rope_scaling or {}) if cfg.pos == "rope" else {}
     rope_type = scaling.pop("rope_type", "default")
@@ -98,16 +100,20 @@ def llama_cpp_rope_scaling(cfg: Any, arch: str) -> dict[str, str | int | float]:
     if rope_type == "linear":
         return {key + "type": "linear", key + "factor": factor}
     unexpressed = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if k in scaling]
+    betas = {"beta_fast": YARN_BETA_FAST, "beta_slow": YARN_BETA_SLOW}
+    unexpressed += [k for k, default in betas.items() if (scaling.get(k) or default) != default]
     if rope_type == "yarn" and not unexpressed and scaling.get("truncate", True) and factor >= 1:
         return {
             key + "type": "yarn", key + "factor": factor,
             key + "original_context_length": scaling["original_max_position_embeddings"],
-            key + "yarn_beta_fast": float(scaling.get("beta_fast") or YARN_BETA_FAST),
-            key + "yarn_beta_slow": float(scaling.get("beta_slow") or YARN_BETA_SLOW),
         }  # fmt: skip
-    yarn_gap = ", ".join(unexpressed) or "truncate=false or factor < 1"
+    yarn_gap = (
+        f"does not take {', '.join(unexpressed)} from a GGUF file"
+        if unexpressed
+        else "always rounds the ramp's ends outward (truncate) and needs factor >= 1"
+    )
     why = {
-        "yarn": f"llama.cpp's YaRN has no {yarn_gap}",
+        "yarn": f"llama.cpp's YaRN {yarn_gap}",
         "llama3": "llama.cpp reads it from a rope_freqs tensor, which this export does not write",
     }.get(rope_type, f"llama.cpp has no {rope_type} scaling")
     raise ConfigError(
