@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lmforge.errors import ConfigError, StageError
 from lmforge.model.convert import model_display_name
 from lmforge.model.quant import quantized_numel
+from lmforge.model.rope import YARN_BETA_FAST, YARN_BETA_SLOW
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # llama.cpp token types
@@ -53,11 +54,9 @@ Q8_BLOCK = 32  # values sharing one q8_0 scale: a row's length must be a multipl
 # what each llama.cpp architecture needs of a ModelConfig, beyond COMMON_NEEDS
 ARCH_NEEDS = {
     "llama": (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"), ("bias", False),
-              ("attn_bias", False), ("sliding_window", None), ("rope_scaling", None),
-              ("qk_norm", False)),
+              ("attn_bias", False), ("sliding_window", None), ("qk_norm", False)),
     "qwen3": (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"), ("bias", False),
-              ("attn_bias", False), ("sliding_window", None), ("rope_scaling", None),
-              ("qk_norm", True)),
+              ("attn_bias", False), ("sliding_window", None), ("qk_norm", True)),
     "gpt2": (("norm", "layernorm"), ("pos", "learned"), ("mlp", "gelu"), ("bias", True),
              ("head_dim", None), ("sliding_window", None), ("qk_norm", False)),
 }  # fmt: skip
@@ -79,11 +78,51 @@ def gguf_arch(cfg: Any) -> str:
             if getattr(cfg, name) != want
         ]
         if not wrong:
+            llama_cpp_rope_scaling(cfg, arch)  # refuses what llama.cpp's rotary cannot do
             return arch
         problems.append(f"as {arch}: {', '.join(wrong)}")
     raise ConfigError(
         "GGUF export writes llama-style (qwen3 with qk_norm) or GPT-2-style decoders only; this "
         f"model does not fit ({'; '.join(problems)}); use --set export.formats=[onnx]"
+    )
+
+
+def llama_cpp_rope_scaling(cfg: Any, arch: str) -> dict[str, str | int | float]:
+    """The {arch}.rope.scaling.* keys that make llama.cpp rotate as cfg.rope_scaling does; a
+    ConfigError for a scaling llama.cpp cannot reproduce exactly.
+
+    linear is a frequency scale; YaRN is llama.cpp's own (ramp ends rounded outward, cos/sin times
+    0.1 ln(factor) + 1), so an explicit attention factor, mscale or truncate=false is refused, and
+    so are other betas than 32 and 1: llama.cpp takes those from its run settings, not the file
+    (llama-cpp-python 0.3.36 ignored the file's yarn_beta_* keys; logits then differed).
+    """
+    scaling = dict(cfg.rope_scaling or {}) if cfg.pos == "rope" else {}
+    rope_type = scaling.pop("rope_type", "default")
+    if rope_type == "default":
+        return {}
+    key, factor = f"{arch}.rope.scaling.", float(scaling.get("factor", 0.0))
+    if rope_type == "linear":
+        return {key + "type": "linear", key + "factor": factor}
+    unexpressed = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if k in scaling]
+    betas = {"beta_fast": YARN_BETA_FAST, "beta_slow": YARN_BETA_SLOW}
+    unexpressed += [k for k, default in betas.items() if (scaling.get(k) or default) != default]
+    if rope_type == "yarn" and not unexpressed and scaling.get("truncate", True) and factor >= 1:
+        return {
+            key + "type": "yarn", key + "factor": factor,
+            key + "original_context_length": scaling["original_max_position_embeddings"],
+        }  # fmt: skip
+    yarn_gap = (
+        f"does not take {', '.join(unexpressed)} from a GGUF file"
+        if unexpressed
+        else "always rounds the ramp's ends outward (truncate) and needs factor >= 1"
+    )
+    why = {
+        "yarn": f"llama.cpp's YaRN {yarn_gap}",
+        "llama3": "llama.cpp reads it from a rope_freqs tensor, which this export does not write",
+    }.get(rope_type, f"llama.cpp has no {rope_type} scaling")
+    raise ConfigError(
+        f"GGUF export cannot express model.rope_scaling rope_type {rope_type!r}: {why}; "
+        "use --set export.formats=[onnx]"
     )
 
 
@@ -244,6 +283,9 @@ def add_hyperparameters(writer: Any, cfg: Any, arch: str) -> None:
     writer.add_value_length(cfg.hd)
     writer.add_rope_dimension_count(cfg.hd)
     writer.add_rope_freq_base(cfg.rope_theta)
+    add = {str: writer.add_string, int: writer.add_uint32, float: writer.add_float32}
+    for key, value in llama_cpp_rope_scaling(cfg, arch).items():
+        add[type(value)](key, value)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
 
 
@@ -350,6 +392,8 @@ def check_gguf(
         **{key: meta[k] for k, key in GGUF_SPECIAL_KEYS.items() if k in meta},
         **({"tokenizer.ggml.eot_token_id": meta["eot_token_id"]} if "eot_token_id" in meta
            else {}),
+        **{key: float(np.float32(v)) if isinstance(v, float) else v
+           for key, v in llama_cpp_rope_scaling(cfg, arch).items()},
     }  # fmt: skip
     for key, value in expected.items():
         stored = _field(reader, key)

@@ -14,7 +14,6 @@ Shapes: B batch, T sequence length, C = n_embd, hd = head_dim.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,25 +27,6 @@ if TYPE_CHECKING:
     from lmforge.model.generate import KVCache
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each broadcastable to (B, n_head, T, hd)
-
-
-def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """Rotary frequencies theta^(-2i/hd), with Llama 3's long-context rescaling if configured."""
-    hd = config.hd
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    scaling = config.rope_scaling or {}
-    if scaling.get("rope_type", "default") != "llama3":
-        return inv_freq
-    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(
-        wavelen > old_len / low, inv_freq / factor, inv_freq
-    )  # low freqs slow down
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

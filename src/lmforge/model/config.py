@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lmforge.errors import ConfigError
+from lmforge.model.rope import check_rope_scaling
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 MLPS = ("swiglu", "gelu", "gelu_exact")
-ROPE_TYPES = ("default", "llama3")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ModelConfig:
     head_dim: int | None = None  # per-head width; None means n_embd // n_head
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral)
     qk_norm: bool = False  # RMSNorm over hd on each head's queries and keys, before rotary (Qwen3)
-    rope_scaling: dict[str, Any] | None = field(default=None)  # {"rope_type": "llama3", ...}
+    rope_scaling: dict[str, Any] | None = field(default=None)  # {"rope_type": ...}: model/rope.py
     # Encoder (BERT/RoBERTa) switches; the defaults are the decoder's, so decoders never change.
     causal: bool = True  # False: bidirectional encoder; pad masks then only hide padding keys
     post_norm: bool = False  # norm after each residual add (BERT), and no final norm
@@ -114,11 +114,7 @@ class ModelConfig:
                 "tie_embeddings=true, type_vocab_size=0, mlm_head=false and qk_norm=false (see "
                 "the bart-* presets)"
             )
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in ROPE_TYPES:
-            raise ConfigError(
-                f"model.rope_scaling rope_type={rope_type!r} is not one of {', '.join(ROPE_TYPES)}"
-            )
+        check_rope_scaling(self.rope_scaling)
 
     def _validate_encoder(self) -> None:
         if self.type_vocab_size < 0 or self.pos_offset < 0:

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import InputError
-from lmforge.model.attention import CausalSelfAttention, Rope, apply_rotary, rope_inv_freq
+from lmforge.model.attention import CausalSelfAttention, Rope, apply_rotary
 from lmforge.model.blocks import MLP, Block, MLMTransform, RMSNorm, init_normal_, make_norm
 from lmforge.model.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 from lmforge.model.config import ModelConfig
 from lmforge.model.masks import attention_mask, doc_positions, pad_positions
+from lmforge.model.rope import rope_inv_freq, rope_tables
 
 if TYPE_CHECKING:
     from lmforge.model.generate import KVCache
@@ -111,10 +112,7 @@ class Transformer(nn.Module):
         if self.rope_cos is None:
             return
         device = device or self.tok_emb.weight.device
-        t = torch.arange(self.config.block_size, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, rope_inv_freq(self.config).to(device))  # (block_size, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hd)
-        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        self.rope_cos, self.rope_sin = rope_tables(self.config, device)
 
     def hidden_states(
         self,

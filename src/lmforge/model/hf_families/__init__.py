@@ -132,7 +132,7 @@ def family_for(cfg: ModelConfig) -> str | None:
         plain = not (cfg.bias or cfg.attn_bias) and cfg.rope_scaling is None
         return "mistral" if plain else None
     if cfg.attn_bias and not cfg.bias:
-        return "qwen2" if standard_heads and cfg.rope_scaling is None else None
+        return "qwen2" if standard_heads else None
     return "llama"
 
 

@@ -11,21 +11,14 @@ from typing import Any
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 from lmforge.model.hf_families.rules import Rule, require_supported
+from lmforge.model.rope import rope_scaling_from_hf
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either the v4 (rope_theta/rope_scaling) or v5 layout."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
-    if rope_type == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return theta, {"rope_type": "llama3", **{k: params[k] for k in keys}}
-    raise InputError(
-        f"config.json rope type {rope_type!r} is not supported; supported: default, llama3"
-    )
+    return theta, rope_scaling_from_hf(hf)
 
 
 def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
