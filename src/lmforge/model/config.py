@@ -195,16 +195,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
         intermediate_size=128, block_size=128, tie_embeddings=True,
     ),
+    # the same size in GPT-2 style, for tests of the other flavour
+    "micro-gpt2": dict(
+        vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
+        intermediate_size=256, block_size=128, **_GPT2_STYLE,
+    ),
     # micro with 4 SwiGLU experts (top-2) in place of each MLP: the MoE test and CPU demo size
     "micro-moe": dict(
         vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
         intermediate_size=128, block_size=128, tie_embeddings=True,
         num_experts=4, num_experts_per_tok=2,
-    ),
-    # the same size in GPT-2 style, for tests of the other flavour
-    "micro-gpt2": dict(
-        vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
-        intermediate_size=256, block_size=128, **_GPT2_STYLE,
     ),
     # the 2-core CPU quickstart: ~1.3M params with a 4096 vocab, trains in minutes
     "tiny": dict(
