@@ -70,10 +70,13 @@ class MoE(nn.Module):
         order = slots.argsort(stable=True)  # slots grouped by expert
         token_of = order // self.top_k  # (N * k,) the token each sorted slot belongs to
         rows = flat[token_of]  # (N * k, C)
+        # with gradients on, an expert no token chose still runs (on 0 rows): its gradient is
+        # zeros rather than None, so every rank's DDP buckets and FSDP reductions match
+        keep_all = torch.is_grad_enabled()
         outs = [
             self.experts[e](part)
             for e, part in enumerate(rows.split(counts.tolist()))
-            if part.size(0)
+            if part.size(0) or keep_all
         ]
         slot_weights = weights.flatten()[order].unsqueeze(-1)  # (N * k, 1) float32
         y = (torch.cat(outs) * slot_weights).to(x.dtype)  # (N * k, C)
