@@ -3,50 +3,31 @@ whose experts may see no token on a rank in a step, and match one process's loss
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
+from .test_pretrain_distributed import ARGS, _curve
 from .test_pretrain_stage import lmforge, make_shards
 
-STEPS = 12
-ARGS = [
-    "--preset", "micro-moe", "--set", f"train.max_steps={STEPS}", "--set", "train.seq_len=32",
-    "--set", "train.eval_every=6", "--set", "train.eval_steps=2", "--set", "train.ckpt_every=0",
-    "--set", "train.device=cpu", "--set", "train.lr=3e-3",
-]  # fmt: skip
-
-
-def _losses(out):
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r], [r for r in rows if "moe_aux_loss" in r]
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe-dist")
-    tokens, tok_dir = make_shards(root, n_docs=200)
-    common = ["pretrain", "--tokens", str(tokens), "--tokenizer", str(tok_dir), *ARGS]
-    lmforge(*common, "--out", str(root / "single"), "--set", "train.micro_batch_size=8")
-    return root, common
+MOE_ARGS = ["micro-moe" if a == "micro" else a for a in ARGS]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_train_a_mixture_of_experts_like_one_process(single, mode):
-    root, common = single
-    out = root / mode
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "lmforge.cli", "--quiet", *common, "--out", str(out),
-        "--set", "train.micro_batch_size=4", "--set", f"train.distributed={mode}",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, _ = _losses(root / "single")
-    two, routed = _losses(out)
-    # each rank balances its own half of the batch, so the aux term (0.01 x ~2) differs a little
-    assert two == pytest.approx(one, rel=3e-3)
-    assert two[-1] < two[0] and routed
+@pytest.mark.slow  # ~80 s on the 2-core VM: three pretraining runs, two of them on 2 ranks
+def test_two_ranks_train_a_mixture_of_experts_like_one_process(tmp_path):
+    tokens, tok_dir = make_shards(tmp_path, n_docs=200)
+    common = ["pretrain", "--tokens", str(tokens), "--tokenizer", str(tok_dir), *MOE_ARGS]
+    lmforge(*common, "--out", str(tmp_path / "single"), "--set", "train.micro_batch_size=8")
+    one, _ = _curve(tmp_path / "single")
+    for mode in ("ddp", "fsdp"):
+        ranks = ["--set", "train.micro_batch_size=4", "--set", f"train.distributed={mode}"]
+        cmd = [*TORCHRUN, "-m", "lmforge.cli", "--quiet", *common, "--out", str(tmp_path / mode)]
+        proc = subprocess.run([*cmd, *ranks], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        two, _ = _curve(tmp_path / mode)
+        # each rank balances its own half of the batch, so the aux term (0.01 x ~2) differs a bit
+        assert two == pytest.approx(one, rel=3e-3), mode
+        assert two[-1] < two[0]
