@@ -28,7 +28,7 @@ from torch import nn
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
-from lmforge.config import Section, StageConfig
+from lmforge.config import HASHED_IF_SET, Section, StageConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.tokenizer.files import (
     TOKENIZER_HINT,
@@ -59,6 +59,18 @@ class ModelSection(Section):
     intermediate_size: int | None = Field(None, ge=1, description="override the MLP hidden size")
     block_size: int | None = Field(None, ge=1, description="override the max sequence length")
     dropout: float | None = Field(None, ge=0, lt=1, description="override the dropout rate")
+    num_experts: int | None = Field(
+        None,
+        ge=0,
+        description="override the experts per layer (0 = dense MLP; see preset micro-moe)",
+        json_schema_extra=HASHED_IF_SET,
+    )
+    num_experts_per_tok: int | None = Field(
+        None,
+        ge=1,
+        description="override the top-k experts per token",
+        json_schema_extra=HASHED_IF_SET,
+    )
 
     def overrides(self) -> dict[str, Any]:
         """The fields set here, to apply over the preset."""

@@ -110,3 +110,22 @@ def test_compiled_moe_training_matches_eager(tmp_path):
     assert abs(compiled.train_loss - eager.train_loss) < 1e-4
     for a, b in zip(eager.state_dict.values(), compiled.state_dict.values(), strict=True):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_pretrain_model_section_sets_experts_and_keeps_old_hashes(tmp_path):
+    """model.num_experts / num_experts_per_tok override a preset; unset, they leave the stage's
+    config hash what it was before they existed."""
+    from lmforge.config import hashed_dump, load_config
+    from lmforge.errors import ConfigError
+    from lmforge.train.pretrain import PretrainConfig
+
+    base = {"tokens": str(tmp_path), "tokenizer": str(tmp_path), "out": str(tmp_path / "o")}
+    plain = load_config(PretrainConfig, values={**base, "model": {"preset": "tiny"}})
+    assert "num_experts" not in hashed_dump(plain)["model"]
+    overrides = ["model.num_experts=8", "model.num_experts_per_tok=1"]
+    cfg = load_config(PretrainConfig, values={**base, "model": {"preset": "tiny"}},
+                      overrides=overrides)  # fmt: skip
+    model_cfg = preset_config(cfg.model.preset, **cfg.model.overrides())
+    assert (model_cfg.num_experts, model_cfg.num_experts_per_tok) == (8, 1)
+    with pytest.raises(ConfigError, match="bias-free SwiGLU experts"):
+        preset_config("micro-gpt2", num_experts=4)
