@@ -79,3 +79,13 @@ def test_int8_checkpoint_stays_close_to_the_float_model(tmp_path):
         ref = model(idx)
         diff = (ref - back(idx)).abs().max().item()
     assert 0 < diff < 0.05 * ref.abs().max().item()
+
+
+def test_compress_export_refuses_a_mixture_before_measuring(tmp_path):
+    from lmforge.compress.stage import CompressConfig, compress
+
+    save_pretrained(_moe(), tmp_path / "moe")
+    (tmp_path / "moe" / "tokenizer.json").write_text("{}")  # refused before it is read
+    cfg = CompressConfig(method="export", model=tmp_path / "moe", out=tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"moe is a mixture of experts.*method=quantize"):
+        compress(cfg)
