@@ -219,6 +219,8 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
         _write_outputs(cfg, ctx, result)
     barrier()
     headline = _headline(result, n_params)
+    if model.config.num_experts:
+        headline.update(_routing_headline(ctx.out / "metrics.jsonl"))
     if initial is not None:
         headline.update(objective="mlm", initial_val_loss=_round(initial))
     return headline
@@ -295,6 +297,13 @@ def _headline(result: TrainResult, n_params: int) -> dict[str, Any]:
         "stopped_early": result.stopped_early,
         "resumed_from_step": result.resumed_from,
     }
+
+
+def _routing_headline(metrics_path: Path) -> dict[str, float]:
+    """A mixture of experts' balance at its last logged step: the load-balancing loss and the
+    busiest expert's load over its fair share (model.moe.routing_metrics)."""
+    rows = [r for r in read_metrics(metrics_path) if "moe_aux_loss" in r]
+    return {k: _round(rows[-1][k]) for k in ("moe_aux_loss", "moe_max_load")} if rows else {}
 
 
 def _round(x: float | None) -> float | None:

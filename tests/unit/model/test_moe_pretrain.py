@@ -90,6 +90,8 @@ def test_pretrain_cli_trains_exports_and_generates_micro_moe(tmp_path):
     assert 0 < steps[-1]["moe_expert_frac_0"] < 1 and steps[-1]["moe_aux_loss"] > 0
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert val[-1] < val[0]
+    manifest = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert manifest["moe_max_load"] == round(steps[-1]["moe_max_load"], 5) >= 1.0
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"]
     answers = tmp_path / "answers.jsonl"
