@@ -62,7 +62,7 @@ ARCH_NEEDS = {
 }  # fmt: skip
 COMMON_NEEDS = (("causal", True), ("post_norm", False), ("emb_norm", False),
                 ("type_vocab_size", 0), ("pos_offset", 0), ("mlm_head", False),
-                ("n_dec_layer", 0))  # fmt: skip
+                ("n_dec_layer", 0), ("num_experts", 0))  # fmt: skip
 # lmforge's GPT-2 block modules -> llama.cpp's gpt2 tensor names (each has a weight and a bias)
 GPT2_NAMES = {"attn_norm": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
               "mlp_norm": "ffn_norm", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}  # fmt: skip

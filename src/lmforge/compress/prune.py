@@ -67,6 +67,11 @@ def keep_top(scores: Tensor, n_keep: int) -> Tensor:
 def prune_neurons(model: Transformer, fraction: float) -> Transformer:
     """A smaller model without the least important MLP hidden units of each layer."""
     cfg = model.config
+    if cfg.num_experts:
+        raise ConfigError(
+            f"prune.kind=neurons scores dense MLP units; this model routes to {cfg.num_experts} "
+            "experts (model.num_experts); use prune.kind=magnitude or heads"
+        )
     hidden = cfg.intermediate_size
     n_keep = max(1, round(hidden * (1 - fraction)))
     new = _empty_like(model, replace(cfg, intermediate_size=n_keep))

@@ -202,6 +202,12 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
     if cfg.method == "export" and (hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"):
         raise ConfigError(f"{src} is an encoder-decoder: export writes a decoder's KV-cache graph "
                           "or an encoder's, not both with cross-attention; use method=quantize")  # fmt: skip
+    if cfg.method == "export" and (
+        hf.get("num_local_experts") or hf.get("lmforge", {}).get("num_experts")
+    ):
+        raise ConfigError(f"{src} is a mixture of experts: ONNX and GGUF export write dense MLPs "
+                          "(torch.export cannot trace the experts' per-token routing); use "
+                          "method=quantize")  # fmt: skip
     if cfg.examples is not None and (cfg.method != "prune" or head is None or head.per_token):
         raise ConfigError(f"examples train a sequence classifier's prune recovery, not method="
                           f"{cfg.method} of {src}; drop examples (or --set tokens=DIR to "

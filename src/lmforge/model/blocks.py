@@ -1,5 +1,6 @@
-"""A Transformer block and its parts: norms, the feed-forward MLP, the residual Block around
-attention (model.attention), BERT's MLM transform, and the GPT-2 init every stack of blocks gets.
+"""A Transformer block and its parts: norms, the feed-forward MLP (or model.moe's mixture of
+experts), the residual Block around attention (model.attention), BERT's MLM transform, and the
+GPT-2 init every stack of blocks gets.
 
 Shapes: B batch, T sequence length, C = n_embd.
 """
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from lmforge.model.attention import CausalSelfAttention, Rope
 from lmforge.model.config import ModelConfig
+from lmforge.model.moe import MoE
 from lmforge.model.norms import RMSNorm, make_norm
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config, lambda: MLP(config)) if config.num_experts else MLP(config)
 
     def forward(
         self,
@@ -99,4 +101,6 @@ def init_normal_(model: nn.Module, std: float, *stacks: nn.ModuleList) -> None:
         resid_std = std / math.sqrt(2 * len(blocks))
         for block in blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+            experts = getattr(block.mlp, "experts", [block.mlp])
+            for mlp in experts:
+                nn.init.normal_(mlp.proj.weight, mean=0.0, std=resid_std)

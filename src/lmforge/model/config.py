@@ -58,6 +58,12 @@ class ModelConfig:
     # Encoder-decoder (model.seq2seq.Seq2SeqLM): n_layer encoder blocks (the encoder switches
     # above) and this many causal decoder blocks with cross-attention; 0 = not a seq2seq model.
     n_dec_layer: int = 0
+    # Mixture of experts (model.moe.MoE replaces every block's MLP); 0 experts = dense MLPs.
+    num_experts: int = 0  # SwiGLU experts per layer, each intermediate_size wide (0 = dense)
+    num_experts_per_tok: int = 2  # top-k: experts each token is routed to
+    norm_topk_prob: bool = True  # renormalise the top-k softmax weights to sum 1 (Mixtral)
+    router_aux_loss_coef: float = 0.01  # Switch/Mixtral load-balancing loss weight in training
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (mean squared logsumexp)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +107,7 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
         self._validate_encoder()
+        self._validate_experts()
         if self.n_dec_layer < 0:
             raise ConfigError(f"model.n_dec_layer must be >= 0, got {self.n_dec_layer}")
         seq2seq_ok = (
@@ -125,6 +132,28 @@ class ModelConfig:
             raise ConfigError("model.sliding_window applies to causal models only; unset it")
         if self.mlm_head and self.mlp == "swiglu":
             raise ConfigError("model.mlm_head uses the MLP's GELU; set model.mlp to gelu_exact")
+
+    def _validate_experts(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ConfigError(
+                "model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0"
+            )
+        if not self.num_experts:
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"model.num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                f"model.num_experts={self.num_experts}"
+            )
+        if self.mlp != "swiglu" or self.bias:
+            raise ConfigError(
+                "model.num_experts > 0 builds bias-free SwiGLU experts; set model.mlp='swiglu' "
+                "and model.bias=false, or model.num_experts=0 for a dense MLP"
+            )
+        if self.n_dec_layer:
+            raise ConfigError("model.num_experts > 0 is for decoder-only models; set n_dec_layer=0")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
@@ -169,6 +198,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "micro-gpt2": dict(
         vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
         intermediate_size=256, block_size=128, **_GPT2_STYLE,
+    ),
+    # micro with 4 SwiGLU experts (top-2) in place of each MLP: the MoE test and CPU demo size
+    "micro-moe": dict(
+        vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+        intermediate_size=128, block_size=128, tie_embeddings=True,
+        num_experts=4, num_experts_per_tok=2,
     ),
     # the 2-core CPU quickstart: ~1.3M params with a 4096 vocab, trains in minutes
     "tiny": dict(

@@ -5,8 +5,9 @@ biases) are settings of ModelConfig, not subclasses; so is a BERT/RoBERTa encode
 post-norm blocks, embedding norm, token types, position offset, the MLM head's transform). Its
 parts each have a module: model.attention (rotary embeddings, self-attention through SDPA),
 model.masks (positions and attention masks for packed documents (doc_ids), left-padded batches
-(pad_mask), sliding windows and chunked prefill), model.blocks (norms, MLP, Block, init). Their
-names stay importable from here.
+(pad_mask), sliding windows and chunked prefill), model.blocks (norms, MLP, Block, init),
+model.moe (mixture of experts in place of the MLP when num_experts > 0). Their names stay
+importable from here.
 
 Shapes: B batch, T sequence length, C = n_embd, hd = head_dim, V = vocab_size.
 """
@@ -26,6 +27,7 @@ from lmforge.model.blocks import MLP, Block, MLMTransform, RMSNorm, init_normal_
 from lmforge.model.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 from lmforge.model.config import ModelConfig
 from lmforge.model.masks import attention_mask, doc_positions, pad_positions
+from lmforge.model.moe import moe_layers, router_loss
 from lmforge.model.rope import rope_inv_freq, rope_tables
 
 if TYPE_CHECKING:
@@ -202,16 +204,25 @@ class Transformer(nn.Module):
         cross-entropy then runs inside forward, so `model.compile()` fuses it with lm_head and
         the (B, T, V) fp32 logits are never kept for backward outside the compiled graph; eager
         fp32 training on CPU takes it chunk by chunk from the hidden states (chunked_loss.py).
+        A mixture-of-experts model in training mode adds its router losses (model.moe) to it.
         """
         h = self.hidden_states(idx, doc_ids, kv_cache, start_pos, pad_mask)
-        if labels is not None and self.mlm_transform is not None:
+        if labels is None:
+            return self.logits(h)
+        loss = self._label_loss(h, labels)
+        if self.config.num_experts and self.training:
+            loss = loss + router_loss(moe_layers(self), self.config)
+        return loss
+
+    def _label_loss(self, h: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy of the hidden states' predictions against labels (forward's)."""
+        if self.mlm_transform is not None:
             # MLM predicts ~15% of positions: the head and the V-wide logits run on those only
             picked = labels != IGNORE_INDEX  # (B, T)
             return next_token_loss(self.logits(h[picked])[None], labels[picked][None])
-        if labels is not None and self._loss_from_hidden(h):
+        if self._loss_from_hidden(h):
             return linear_cross_entropy(h, self.lm_head.weight, labels)
-        logits = self.logits(h)
-        return logits if labels is None else next_token_loss(logits, labels)
+        return next_token_loss(self.logits(h), labels)
 
     def logits(self, h: Tensor) -> Tensor:
         """Vocabulary logits (B, T, V) of hidden states (through the MLM transform if any)."""
@@ -252,7 +263,12 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * n_head * hd * T.
 
         The PaLM appendix B / nanoGPT estimate used for MFU; the second term is attention scores.
+        N counts the parameters a token uses: top-k of a mixture's experts, not all of them.
         """
         cfg = self.config
         attn = 12 * cfg.n_layer * cfg.n_head * cfg.hd * seq_len
-        return float(6 * self.num_params(exclude_embeddings=True) + attn)
+        n = self.num_params(exclude_embeddings=True)
+        for moe in moe_layers(self):  # a token runs through k of the E experts only
+            expert_params = sum(p.numel() for p in moe.experts.parameters())
+            n -= expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
+        return float(6 * n + attn)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import StageError
+from lmforge.model.moe import routing_metrics
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import (
@@ -359,6 +360,7 @@ def _accumulate(
         with no_sync(model, skip_sync=micro < accum - 1):  # DDP: forward and backward inside
             with autocast(rt):
                 loss, metrics = loss_fn(model, batch)
+            metrics = {**metrics, **routing_metrics(model)}  # a mixture of experts' balance
             scaler.scale(loss / accum).backward()
         total += loss.detach().float()
         for key, value in metrics.items():

@@ -65,6 +65,18 @@ class ModelSection(Section):
         "bias-free Llama-style preset then exports as Qwen3 (others: lmforge layout)",
         json_schema_extra=HASHED_IF_SET,
     )
+    num_experts: int | None = Field(
+        None,
+        ge=0,
+        description="override the experts per layer (0 = dense MLP; see preset micro-moe)",
+        json_schema_extra=HASHED_IF_SET,
+    )
+    num_experts_per_tok: int | None = Field(
+        None,
+        ge=1,
+        description="override the top-k experts per token",
+        json_schema_extra=HASHED_IF_SET,
+    )
 
     def overrides(self) -> dict[str, Any]:
         """The fields set here, to apply over the preset."""
@@ -213,6 +225,8 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
         _write_outputs(cfg, ctx, result)
     barrier()
     headline = _headline(result, n_params)
+    if model.config.num_experts:
+        headline.update(_routing_headline(ctx.out / "metrics.jsonl"))
     if initial is not None:
         headline.update(objective="mlm", initial_val_loss=_round(initial))
     return headline
@@ -289,6 +303,13 @@ def _headline(result: TrainResult, n_params: int) -> dict[str, Any]:
         "stopped_early": result.stopped_early,
         "resumed_from_step": result.resumed_from,
     }
+
+
+def _routing_headline(metrics_path: Path) -> dict[str, float]:
+    """A mixture of experts' balance at its last logged step: the load-balancing loss and the
+    busiest expert's load over its fair share (model.moe.routing_metrics)."""
+    rows = [r for r in read_metrics(metrics_path) if "moe_aux_loss" in r]
+    return {k: _round(rows[-1][k]) for k in ("moe_aux_loss", "moe_max_load")} if rows else {}
 
 
 def _round(x: float | None) -> float | None:

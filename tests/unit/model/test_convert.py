@@ -102,6 +102,7 @@ OUR_MODELS = {
     "llama-bias": ("micro", dict(bias=True, dropout=0.1, init_std=0.01), "LlamaForCausalLM"),
     "qwen2": ("micro", dict(attn_bias=True), "Qwen2ForCausalLM"),
     "mistral": ("micro", dict(sliding_window=5, tie_embeddings=False), "MistralForCausalLM"),
+    "mixtral": ("micro-moe", dict(tie_embeddings=False), "MixtralForCausalLM"),
     "gpt2-tied": ("micro-gpt2", {}, "GPT2LMHeadModel"),
     "gpt2-untied": ("micro-gpt2", dict(tie_embeddings=False, dropout=0.1), "GPT2LMHeadModel"),
     "gpt2-exact-gelu": ("micro-gpt2", dict(mlp="gelu_exact"), "GPT2LMHeadModel"),

@@ -28,7 +28,7 @@ QUANTIZED_LOADS: tuple[str, ...] = ("keep", "dequantize")
 
 
 # Training-only fields HF configs do not carry; taken from an export's "lmforge" key when present.
-TRAINING_FIELDS = ("dropout", "init_std")
+TRAINING_FIELDS = ("dropout", "init_std", "router_z_loss_coef")
 
 
 def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
@@ -77,6 +77,8 @@ def checkpoint_state(
         family = FAMILIES[model_type]
         if family.prefix:
             tensors = {_with_prefix(k, family.prefix): v for k, v in tensors.items()}
+        if family.renames:
+            tensors = family.renames(tensors)
         rules = family.rules(cfg)
         try:
             state = _to_ours(tensors, rules if score is None else without_lm_head(rules))

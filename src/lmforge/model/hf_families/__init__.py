@@ -9,9 +9,10 @@ A sequence classifier is the same body without lm_head plus SCORE, a bias-free
 Linear(n_embd, num_labels) that every family here names alike; its class is the family's
 `classifier` architecture (e.g. LlamaForSequenceClassification).
 
-One module per family group (llama: llama/mistral/qwen2/qwen3, gpt2, bert: bert/roberta, bart)
-holds its config translation and name table; rules holds the table machinery. This module is the
-registry (FAMILIES) and family_for, which recognizes the family that represents a ModelConfig.
+One module per family group (llama: llama/mistral/qwen2/qwen3, mixtral, gpt2, bert:
+bert/roberta, bart) holds its config translation and name table; rules holds the table
+machinery. This module is the registry (FAMILIES) and family_for, which recognizes the family
+that represents a ModelConfig.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lmforge.model.hf_families.llama import (
     qwen2_config,
     qwen3_config,
 )
+from lmforge.model.hf_families.mixtral import hub_layout, mixtral_config, mixtral_hf, mixtral_rules
 from lmforge.model.hf_families.rules import Rule
 
 
@@ -51,6 +53,8 @@ class Family:
     hf_config: Callable[[ModelConfig, str, str], dict[str, Any]]
     rules: Callable[[ModelConfig], list[Rule]]
     prefix: str = ""  # some checkpoints (the original gpt2) omit this prefix on body tensors
+    # rewrites a checkpoint's tensors to the names rules() uses (Mixtral's fused experts)
+    renames: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -107,6 +111,14 @@ FAMILIES: dict[str, Family] = {
         llama_like_hf,
         llama_rules,
     ),
+    "mixtral": Family(
+        "MixtralForCausalLM",
+        "MixtralForSequenceClassification",
+        mixtral_config,
+        mixtral_hf,
+        mixtral_rules,
+        renames=hub_layout,
+    ),
 }
 ENCODER_FAMILIES = ("bert", "roberta")
 SEQ2SEQ_FAMILIES = ("bart",)
@@ -115,14 +127,16 @@ SEQ2SEQ_FAMILIES = ("bart",)
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
-    if cfg.qk_norm:  # of the families here only Qwen3 has q_norm/k_norm
-        return "qwen3" if _qwen3_shape(cfg) else None
+    if cfg.qk_norm:  # of the families here only Qwen3 (dense) has q_norm/k_norm
+        return "qwen3" if _qwen3_shape(cfg) and not cfg.num_experts else None
     if cfg.is_encoder_decoder:
         return "bart" if _bart_shape(cfg, standard_heads) else None
     if not cfg.causal:
         return _encoder_family(cfg, standard_heads)
     if cfg.post_norm or cfg.emb_norm or cfg.type_vocab_size or cfg.pos_offset or cfg.mlm_head:
         return None  # decoders with encoder parts: no HF family has them
+    if cfg.num_experts:
+        return "mixtral" if _mixtral_shape(cfg) else None
     if (cfg.norm, cfg.pos) == ("layernorm", "learned") and cfg.mlp in ("gelu", "gelu_exact"):
         gpt2_ok = cfg.bias and cfg.n_kv_head == cfg.n_head and standard_heads
         return "gpt2" if gpt2_ok and cfg.sliding_window is None else None
@@ -145,6 +159,13 @@ def _qwen3_shape(cfg: ModelConfig) -> bool:
         and (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu")
         and not (cfg.bias or cfg.attn_bias)
     )
+
+
+def _mixtral_shape(cfg: ModelConfig) -> bool:
+    """Whether a mixture-of-experts decoder is exactly Mixtral (renormalised top-k, plain heads)."""
+    llama_like = (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu")
+    plain = not (cfg.bias or cfg.attn_bias) and cfg.rope_scaling is None
+    return llama_like and plain and cfg.norm_topk_prob
 
 
 def _has_shape(cfg: ModelConfig, shape: dict[str, Any], standard_heads: bool) -> bool:

@@ -1,0 +1,141 @@
+"""Sparse mixture of experts: the MLP of a block replaced by num_experts SwiGLU experts, each token
+sent to its top-k (Mixtral, OLMoE, Qwen-MoE).
+
+The router is a bias-free Linear(C, E); its softmax is taken in float32, the top-k weights are
+renormalised when config.norm_topk_prob (Mixtral) and used raw otherwise (Qwen-MoE), as in
+transformers' MixtralSparseMoeBlock. Experts are plain modules of nn.Linear (blocks.MLP), so LoRA,
+int8/int4 quantization and magnitude pruning find them by their usual walks.
+
+Dispatch gathers tokens: the (token, slot) pairs are sorted by expert, each expert runs once on
+its contiguous rows, and the weighted outputs are index_add'ed back, so the work is k tokens'
+worth rather than every token through every expert.
+
+Every forward keeps its routing statistics (RouterStats). Transformer.forward(labels=) adds
+router_loss() over its layers while training: the Switch/Mixtral load-balancing loss (equal to
+transformers' load_balancing_loss_func over all layers' router logits) and the ST-MoE z-loss;
+routing_metrics() gives the training loop the same numbers and each expert's share of tokens.
+
+Shapes: B batch, T sequence length, C = n_embd, N = B * T tokens, E experts, k = top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.model.config import ModelConfig
+
+
+@dataclass
+class RouterStats:
+    """One MoE forward's routing, summed over its N tokens (what the losses average)."""
+
+    assigned: Tensor  # (E,) float: top-k slots routed to each expert (no gradient)
+    prob_sum: Tensor  # (E,) float32: router softmax probabilities summed over tokens
+    z_sum: Tensor  # () float32: sum over tokens of logsumexp(router logits) ** 2
+    n_tokens: int
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts in place of one MLP: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config: ModelConfig, make_expert: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router = nn.Linear(config.n_embd, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(make_expert() for _ in range(config.num_experts))
+        self.stats: RouterStats | None = None  # the last forward's, for router_loss
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)  # (N, C)
+        logits = self.router(flat).float()  # (N, E)
+        probs = logits.softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        slots = chosen.flatten()  # (N * k,) expert of each (token, slot)
+        counts = torch.bincount(slots, minlength=self.num_experts)  # (E,)
+        self.stats = RouterStats(
+            assigned=counts.detach().float(),
+            prob_sum=probs.sum(dim=0),
+            z_sum=torch.logsumexp(logits, dim=-1).square().sum(),
+            n_tokens=flat.size(0),
+        )
+        order = slots.argsort(stable=True)  # slots grouped by expert
+        token_of = order // self.top_k  # (N * k,) the token each sorted slot belongs to
+        rows = flat[token_of]  # (N * k, C)
+        # with gradients on, an expert no token chose still runs (on 0 rows): its gradient is
+        # zeros rather than None, so every rank's DDP buckets and FSDP reductions match
+        keep_all = torch.is_grad_enabled()
+        outs = [
+            self.experts[e](part)
+            for e, part in enumerate(rows.split(counts.tolist()))
+            if part.size(0) or keep_all
+        ]
+        slot_weights = weights.flatten()[order].unsqueeze(-1)  # (N * k, 1) float32
+        y = (torch.cat(outs) * slot_weights).to(x.dtype)  # (N * k, C)
+        return torch.zeros_like(flat).index_add_(0, token_of, y).view(B, T, C)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE in model (a compiled or DDP-wrapped model is searched through its wrapper)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def _pooled(layers: list[MoE]) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """(assigned, prob_sum, z_sum) summed over the layers' last forwards, total rows, top-k."""
+    stats = [m.stats for m in layers if m.stats is not None]
+    if not stats:
+        raise RuntimeError("router statistics are read after a forward pass of the MoE model")
+    assigned = torch.stack([s.assigned for s in stats]).sum(0)
+    prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)
+    z_sum = torch.stack([s.z_sum for s in stats]).sum()
+    return assigned, prob_sum, z_sum, sum(s.n_tokens for s in stats), layers[0].top_k
+
+
+def load_balancing_loss(layers: list[MoE]) -> Tensor:
+    """Switch/Mixtral auxiliary loss E * sum_e f_e * P_e over every layer's tokens together:
+    f_e the share of top-k slots on expert e, P_e its mean router probability. k when perfectly
+    balanced, up to k * E when every token picks the same experts."""
+    assigned, prob_sum, _, rows, _ = _pooled(layers)
+    return len(prob_sum) * torch.sum(assigned / rows * (prob_sum / rows))
+
+
+def z_loss(layers: list[MoE]) -> Tensor:
+    """ST-MoE router z-loss: the mean over tokens (all layers) of logsumexp(router logits)^2."""
+    _, _, z_sum, rows, _ = _pooled(layers)
+    return z_sum / rows
+
+
+def router_loss(layers: list[MoE], config: ModelConfig) -> Tensor:
+    """What training adds to the LM loss: aux coef * load balancing + z coef * z-loss."""
+    loss = config.router_aux_loss_coef * load_balancing_loss(layers)
+    if config.router_z_loss_coef:
+        loss = loss + config.router_z_loss_coef * z_loss(layers)
+    return loss
+
+
+def routing_metrics(model: nn.Module) -> dict[str, Tensor]:
+    """Training metrics of the last forward: moe_aux_loss, moe_z_loss, moe_expert_frac_<e> (share
+    of all layers' top-k slots on expert e; 1/E each when balanced) and moe_max_load (the
+    busiest expert of any layer over its fair share; 1.0 when balanced). Empty for dense models."""
+    layers = moe_layers(model)
+    if not layers or layers[0].stats is None:
+        return {}
+    with torch.no_grad():
+        assigned, *_ = _pooled(layers)
+        frac = assigned / assigned.sum()
+        per_layer = torch.stack([m.stats.assigned / m.stats.assigned.sum() for m in layers])
+        metrics = {
+            "moe_aux_loss": load_balancing_loss(layers),
+            "moe_z_loss": z_loss(layers),
+            "moe_max_load": per_layer.max() * len(frac),
+        }
+        metrics.update({f"moe_expert_frac_{e}": f for e, f in enumerate(frac)})
+    return metrics
