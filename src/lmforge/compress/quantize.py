@@ -13,23 +13,30 @@ packed weights have no safetensors form; the stage measures both.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from lmforge.artifacts import StageContext
 from lmforge.common.io import atomic_path, atomic_write_json
+from lmforge.common.progress import progress
 from lmforge.compress.files import copy_mean_head, copy_side_files
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.convert import hf_config_to_model_config, read_config, read_tensors
 from lmforge.model.hf_families import FAMILIES
 from lmforge.model.quant_checkpoint import quantize_tensors
+
+# (src, config.json, checkpoint tensor names, RTN's tensors, quantization_config) -> tensors
+Calibrate = Callable[[Path, dict[str, Any], set[str], dict[str, Tensor], dict[str, Any]],
+                     dict[str, Tensor]]  # fmt: skip
 
 
 def require_float_source(src: Path, hf: dict[str, Any]) -> None:
@@ -43,16 +50,21 @@ def require_float_source(src: Path, hf: dict[str, Any]) -> None:
         )
 
 
-def quantize_dir(src: Path, dst: Path, scheme: str, group_size: int) -> dict[str, Any]:
-    """Write src's checkpoint to dst with every matrix quantized; returns quantization_config."""
+def quantize_dir(
+    src: Path, dst: Path, scheme: str, group_size: int, calibrate: Calibrate | None = None
+) -> dict[str, Any]:
+    """Write src's checkpoint to dst with every matrix quantized; returns quantization_config.
+    With `calibrate` (GPTQ) the blocks' Linears are rounded by it, the rest to nearest."""
     hf = read_config(src)
     require_float_source(src, hf)
     tensors = read_tensors(src)
     flip = stored_transposed(hf, tensors)
-    tensors, quant = quantize_tensors(tensors, scheme, group_size, flip)
+    rounded, quant = quantize_tensors(tensors, scheme, group_size, flip)
+    if calibrate is not None:
+        rounded = calibrate(src, hf, set(tensors), rounded, quant)
     dst.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in rounded.items()}, tmp, metadata={"format": "pt"})
     copy_side_files(src, dst)
     copy_mean_head(src, dst)  # float, beside the quantized encoder; config.json names it
     atomic_write_json(dst / "config.json", {**hf, "quantization_config": quant})
@@ -79,6 +91,29 @@ def dynamic_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
+def gptq_calibrate(ids: Tensor, settings: Any, log: logging.Logger) -> Calibrate:
+    """The `calibrate` step of quantize_dir for GPTQ on calibration windows ids (n, T)."""
+
+    def calibrate(
+        src: Path, hf: dict[str, Any], keys: set[str], tensors: dict[str, Tensor],
+        quant: dict[str, Any],
+    ) -> dict[str, Tensor]:  # fmt: skip
+        from lmforge.compress import calibrated
+        from lmforge.model.convert import load_pretrained
+
+        model = load_pretrained(src)
+        links = calibrated.checkpoint_rules(hf, keys)
+        grid = lambda name: calibrated.grid_for(name, links[name], quant)  # noqa: E731
+        with progress("GPTQ", total=len(model.blocks), unit="block") as bar:
+            rounded = calibrated.gptq_blocks(
+                model, ids, grid, settings.damp_percent, settings.desc_act, bar.advance
+            )
+        log.info("GPTQ rounded %d matrices on %d x %d calibration tokens", len(rounded), *ids.shape)
+        return calibrated.write_rounded(tensors, quant, rounded, links)
+
+    return calibrate
+
+
 def quantize_method(
     cfg: Any, ctx: StageContext, src: Path, original: EvalModel, texts: list[str] | None
 ) -> dict[str, Any]:
@@ -86,21 +121,67 @@ def quantize_method(
     from lmforge.compress.measure import model_report
 
     settings = cfg.quantize
+    start = time.perf_counter()
+    ids, source = calibration_windows(cfg, src, original)
+    calibrate = None if ids is None else gptq_calibrate(ids, settings, ctx.log)
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        quant = quantize_dir(src, tmp, settings.scheme, settings.group_size)
+        quant = quantize_dir(src, tmp, settings.scheme, settings.group_size, calibrate)
+    seconds = time.perf_counter() - start
     final = ctx.out / "final"
     after = model_report(EvalModel.load(final), final, texts, cfg.speed)
     dyn = EvalModel("dynamic-int8", src, dynamic_int8(original.model), original.files)
     dynamic = model_report(dyn, src, texts, cfg.speed)
     dynamic.pop("weights_bytes")  # in memory only: nothing on disk to measure
     bits = list(quant["bits"].values())
-    return {
-        "after": after,
-        "quantization": {
-            "scheme": settings.scheme,
-            "group_size": settings.group_size,
-            "int8_tensors": bits.count(8),
-            "int4_tensors": bits.count(4),
-        },
-        "dynamic_int8": dynamic,
+    quantization = {
+        "scheme": settings.scheme,
+        "group_size": settings.group_size,
+        "method": settings.method,
+        "int8_tensors": bits.count(8),
+        "int4_tensors": bits.count(4),
+        "seconds": round(seconds, 2),
     }
+    if ids is not None:
+        quantization["calibration"] = {
+            "source": source,
+            "samples": ids.shape[0],
+            "seq_len": ids.shape[1],
+            "seed": settings.calibration_seed,
+            "damp_percent": settings.damp_percent,
+            "desc_act": settings.desc_act,
+        }
+    return {"after": after, "quantization": quantization, "dynamic_int8": dynamic}
+
+
+def require_calibration(cfg: Any) -> None:
+    """ConfigError when a calibrated method has nothing to calibrate on (before any work)."""
+    if cfg.quantize.method != "rtn" and cfg.tokens is None and cfg.data is None:
+        raise ConfigError(
+            f"quantize.method={cfg.quantize.method} calibrates on text: pass token shards made "
+            "with the model's tokenizer (--set tokens=DIR: their train.bin) or --data DIR (its "
+            f"'{cfg.quantize.calibration_split}' split, quantize.calibration_split), or use "
+            "quantize.method=rtn"
+        )
+
+
+def calibration_windows(cfg: Any, src: Path, model: EvalModel) -> tuple[Tensor | None, str]:
+    """The calibration windows (n, T) of a calibrated method and where they came from; (None,
+    "") for rtn."""
+    from lmforge.compress import calibration
+    from lmforge.evals.perplexity import read_texts
+
+    s = cfg.quantize
+    if s.method == "rtn":
+        return None, ""
+    require_calibration(cfg)
+    seq_len = min(s.calibration_seq_len, model.block_size)
+    n, seed = s.calibration_samples, s.calibration_seed
+    if cfg.tokens is not None:
+        where = f"{cfg.tokens}/train.bin"
+        return calibration.shard_calibration(Path(cfg.tokens), src, n, seq_len, seed), where
+    texts = read_texts(cfg.data, s.calibration_split)
+    where = f"{cfg.data} split {s.calibration_split}"
+    ids = calibration.text_calibration(
+        texts, model.encode, model.prefix_id, n, seq_len, seed, where
+    )
+    return ids, where

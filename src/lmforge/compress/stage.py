@@ -42,6 +42,30 @@ class QuantizeSettings(Section):
         description="int4: input columns sharing one scale (even; torch's CPU int4 kernel "
         "takes 32, 64, 128 or 256, other sizes are dequantized per forward)",
     )
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn",
+        description="rtn (round each weight to nearest) | gptq (calibrated: each block's "
+        "Linears rounded column by column, the error spread by the inverse Hessian of their "
+        "inputs; needs tokens or data)",
+    )
+    calibration_samples: int = Field(
+        128, ge=1, description="gptq: calibration windows (random, from tokens' train.bin or data)"
+    )
+    calibration_seq_len: int = Field(
+        256, ge=2, description="gptq: tokens per calibration window (capped at the block size)"
+    )
+    calibration_seed: int = Field(0, description="gptq: seed choosing the calibration windows")
+    calibration_split: str = Field(
+        "train", description="gptq without tokens: the split of data whose texts calibrate"
+    )
+    damp_percent: float = Field(
+        0.01, gt=0, description="gptq: dampening added to H's diagonal, a fraction of its mean"
+    )
+    desc_act: bool = Field(
+        False,
+        description="gptq: round columns in descending Hessian-diagonal order (act-order); "
+        "int4 group scales are then computed from the unrounded weight first (static groups)",
+    )
 
 
 class ExportSettings(Section):
@@ -143,6 +167,8 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 
 
 RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
+CALIBRATED_CANNOT = ("calibrated quantization (GPTQ) rounds a decoder language model's blocks",
+                     "use --set quantize.method=rtn")  # fmt: skip
 # what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
 # to do instead); quantize and prune keep a classifier's head and an encoder's layout
 ENCODER_CANNOT = {
@@ -151,6 +177,7 @@ ENCODER_CANNOT = {
                     "'export.formats=[onnx]' (its classifier's logits or hidden states)"),
     "prune-recovery": ("prune's recovery (tokens) trains next-token loss, which an encoder does "
                        "not learn", RECOVERY_INSTEAD),
+    "quantize-calibrated": CALIBRATED_CANNOT,
 }  # fmt: skip
 CLASSIFIER_CANNOT = {
     "distill": ("distill trains a language model, which would drop its head",
@@ -161,6 +188,7 @@ CLASSIFIER_CANNOT = {
                        "(--set examples=FILE: text, label; the head is trained with it)"),
     "export-gguf": ("export to GGUF writes a language model, without its head",
                     "export the classifier with --set 'export.formats=[onnx]'"),
+    "quantize-calibrated": CALIBRATED_CANNOT,
 }  # fmt: skip
 
 
@@ -170,6 +198,8 @@ def steps(cfg: CompressConfig) -> list[str]:
         return [f"export-{fmt}" for fmt in cfg.export.formats]
     if cfg.method == "prune" and cfg.tokens is not None:
         return ["prune", "prune-recovery"]
+    if cfg.method == "quantize" and cfg.quantize.method != "rtn":
+        return ["quantize", "quantize-calibrated"]
     return [cfg.method]
 
 
@@ -185,12 +215,13 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
     """ConfigError for what src (config.json `hf`) cannot go through with cfg: a quantized
     source re-quantized, a classifier's or an encoder's steps above, an encoder-decoder's
     export, examples where they train nothing."""
-    from lmforge.compress.quantize import require_float_source
+    from lmforge.compress.quantize import require_calibration, require_float_source
     from lmforge.model.convert import load_classifier
     from lmforge.model.hf_families import ENCODER_FAMILIES
 
     if cfg.method == "quantize":
         require_float_source(src, hf)
+        require_calibration(cfg)
     head = load_classifier(src)
     if head is not None:  # first: a classifier's refusals say how to keep its head
         refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
