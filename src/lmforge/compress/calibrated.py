@@ -1,5 +1,6 @@
 """Calibrated rounding of a checkpoint: GPTQ on every Linear of a decoder's blocks, written as
-the same codes and scales RTN writes (model.quant_checkpoint), so nothing downstream changes.
+the same codes and scales RTN writes (model.quant_checkpoint), so nothing downstream changes;
+or AWQ's scales folded into the blocks' float tensors, which RTN then rounds.
 
 The float model is rounded block by block in place (compress.calibration's BlockInputs: each
 block sees the outputs of the blocks already rounded); each rounded weight and its (out, in)
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.compress.calibration import BlockInputs, block_linears, hessians
+from lmforge.compress.awq import awq_block
+from lmforge.compress.calibration import BlockInputs, block_linears, hessians, linear_inputs_of
 from lmforge.compress.gptq import Grid, gptq_weight
 from lmforge.errors import ConfigError
 from lmforge.model.convert.hf_import import NATIVE, hf_config_to_model_config
@@ -85,6 +87,34 @@ def gptq_blocks(
         inputs.advance(block)
         advance()
     return rounded
+
+
+def awq_blocks(
+    model: nn.Module,
+    ids: Tensor,
+    grid: Callable[[str], Grid],
+    n_grid: int,
+    advance: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """AWQ's scales searched and folded into model's blocks in order (the float model computes
+    the same; its weights now round better); returns the alpha chosen per group."""
+    inputs = BlockInputs.first(model, ids)
+    alphas: dict[str, float] = {}
+    for i, block in enumerate(model.blocks):
+        found = awq_block(block, linear_inputs_of(inputs, block),
+                          lambda name, i=i: grid(f"blocks.{i}.{name}.weight"), n_grid)  # fmt: skip
+        alphas.update({f"blocks.{i}.{group}": alpha for group, alpha in found.items()})
+        inputs.advance(block)
+        advance()
+    return alphas
+
+
+def scaled_tensors(
+    model: nn.Module, tensors: dict[str, Tensor], links: dict[str, Rule]
+) -> dict[str, Tensor]:
+    """The checkpoint's float tensors with its blocks' tensors taken from model (AWQ-scaled)."""
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.") and k in links}
+    return {**tensors, **ours_to_hf(state, [links[k] for k in state])}
 
 
 def write_rounded(

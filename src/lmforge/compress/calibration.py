@@ -137,3 +137,11 @@ def hessians(inputs: BlockInputs, block: nn.Module) -> dict[str, Tensor]:
     with linear_inputs(linears, add):
         inputs.run(block)
     return {name: (2 * sums[name] / counts[name]).float() for name in linears}
+
+
+def linear_inputs_of(inputs: BlockInputs, block: nn.Module) -> dict[str, Tensor]:
+    """Every calibration input (N, in) of each Linear of block (block_linears' names)."""
+    seen: dict[str, list[Tensor]] = {}
+    with linear_inputs(block_linears(block), lambda name, x: seen.setdefault(name, []).append(x)):
+        inputs.run(block)
+    return {name: torch.cat(xs) for name, xs in seen.items()}

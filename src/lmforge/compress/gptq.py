@@ -48,10 +48,12 @@ def block_width(grid: Grid, columns: int = 128) -> int:
 
 
 def static_scales(w: Tensor, grid: Grid) -> Tensor:
-    """(out, in) scales of w computed up front (per row, or per group for act_order)."""
+    """(out, in) scales of w computed up front, as RTN computes them."""
     out_f, in_f = w.shape
     if grid.axis == "row":
         return absmax_scale(w, grid.bits).expand(out_f, in_f).clone()
+    if grid.axis == "column":
+        return absmax_scale(w.T, grid.bits).T.expand(out_f, in_f).clone()
     groups = w.reshape(out_f, in_f // grid.group_size, grid.group_size)
     return absmax_scale(groups, grid.bits).expand_as(groups).reshape(out_f, in_f).clone()
 
@@ -60,6 +62,11 @@ def round_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     """w rounded to the nearest representable value code * scale."""
     lo, hi = code_range(bits)
     return torch.round(w / scale).clamp(lo, hi) * scale
+
+
+def round_nearest(w: Tensor, grid: Grid) -> Tensor:
+    """RTN of w on grid (what gptq_weight gives for H = I, without the column loop)."""
+    return round_to_grid(w, static_scales(w, grid), grid.bits)
 
 
 def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:

@@ -17,6 +17,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,11 @@ from lmforge.model.convert import hf_config_to_model_config, read_config, read_t
 from lmforge.model.hf_families import FAMILIES
 from lmforge.model.quant_checkpoint import quantize_tensors
 
-# (src, config.json, checkpoint tensor names, RTN's tensors, quantization_config) -> tensors
-Calibrate = Callable[[Path, dict[str, Any], set[str], dict[str, Tensor], dict[str, Any]],
-                     dict[str, Tensor]]  # fmt: skip
+# tensors -> (tensors with every matrix rounded to nearest, quantization_config)
+Rounder = Callable[[dict[str, Tensor]], tuple[dict[str, Tensor], dict[str, Any]]]
+# (src, config.json, its float tensors, the RTN rounder) -> what the rounder returns
+Calibrate = Callable[[Path, dict[str, Any], dict[str, Tensor], Rounder],
+                     tuple[dict[str, Tensor], dict[str, Any]]]  # fmt: skip
 
 
 def require_float_source(src: Path, hf: dict[str, Any]) -> None:
@@ -54,14 +57,13 @@ def quantize_dir(
     src: Path, dst: Path, scheme: str, group_size: int, calibrate: Calibrate | None = None
 ) -> dict[str, Any]:
     """Write src's checkpoint to dst with every matrix quantized; returns quantization_config.
-    With `calibrate` (GPTQ) the blocks' Linears are rounded by it, the rest to nearest."""
+    Rounded to nearest, or by `calibrate` (calibrated_rounding: GPTQ, AWQ)."""
     hf = read_config(src)
     require_float_source(src, hf)
     tensors = read_tensors(src)
     flip = stored_transposed(hf, tensors)
-    rounded, quant = quantize_tensors(tensors, scheme, group_size, flip)
-    if calibrate is not None:
-        rounded = calibrate(src, hf, set(tensors), rounded, quant)
+    rtn = partial(quantize_tensors, kind=scheme, group_size=group_size, stored_transposed=flip)
+    rounded, quant = rtn(tensors) if calibrate is None else calibrate(src, hf, tensors, rtn)
     dst.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in rounded.items()}, tmp, metadata={"format": "pt"})
@@ -91,25 +93,31 @@ def dynamic_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
-def gptq_calibrate(ids: Tensor, settings: Any, log: logging.Logger) -> Calibrate:
-    """The `calibrate` step of quantize_dir for GPTQ on calibration windows ids (n, T)."""
+def calibrated_rounding(ids: Tensor, settings: Any, log: logging.Logger) -> Calibrate:
+    """quantize_dir's `calibrate` for settings.method (gptq | awq) on calibration windows ids
+    (n, T): the blocks of the float model calibrated in order (compress.calibrated), on the
+    grids RTN chose for their checkpoint tensors."""
+    from lmforge.compress import calibrated
+    from lmforge.model.convert import load_pretrained
 
     def calibrate(
-        src: Path, hf: dict[str, Any], keys: set[str], tensors: dict[str, Tensor],
-        quant: dict[str, Any],
-    ) -> dict[str, Tensor]:  # fmt: skip
-        from lmforge.compress import calibrated
-        from lmforge.model.convert import load_pretrained
-
+        src: Path, hf: dict[str, Any], tensors: dict[str, Tensor], rtn: Rounder
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        rounded, quant = rtn(tensors)
         model = load_pretrained(src)
-        links = calibrated.checkpoint_rules(hf, keys)
+        links = calibrated.checkpoint_rules(hf, set(tensors))
         grid = lambda name: calibrated.grid_for(name, links[name], quant)  # noqa: E731
-        with progress("GPTQ", total=len(model.blocks), unit="block") as bar:
-            rounded = calibrated.gptq_blocks(
+        method = settings.method.upper()
+        with progress(method, total=len(model.blocks), unit="block") as bar:
+            if settings.method == "awq":
+                alphas = calibrated.awq_blocks(model, ids, grid, settings.awq_grid, bar.advance)
+                log.info("AWQ alphas per group: %s", alphas)
+                return rtn(calibrated.scaled_tensors(model, tensors, links))
+            weights = calibrated.gptq_blocks(
                 model, ids, grid, settings.damp_percent, settings.desc_act, bar.advance
             )
-        log.info("GPTQ rounded %d matrices on %d x %d calibration tokens", len(rounded), *ids.shape)
-        return calibrated.write_rounded(tensors, quant, rounded, links)
+        log.info("GPTQ rounded %d matrices on %d x %d tokens", len(weights), *ids.shape)
+        return calibrated.write_rounded(rounded, quant, weights, links), quant
 
     return calibrate
 
@@ -123,7 +131,7 @@ def quantize_method(
     settings = cfg.quantize
     start = time.perf_counter()
     ids, source = calibration_windows(cfg, src, original)
-    calibrate = None if ids is None else gptq_calibrate(ids, settings, ctx.log)
+    calibrate = None if ids is None else calibrated_rounding(ids, settings, ctx.log)
     with ctx.atomic_path(ctx.out / "final") as tmp:
         quant = quantize_dir(src, tmp, settings.scheme, settings.group_size, calibrate)
     seconds = time.perf_counter() - start
@@ -147,9 +155,9 @@ def quantize_method(
             "samples": ids.shape[0],
             "seq_len": ids.shape[1],
             "seed": settings.calibration_seed,
-            "damp_percent": settings.damp_percent,
-            "desc_act": settings.desc_act,
-        }
+            **({"awq_grid": settings.awq_grid} if settings.method == "awq" else
+               {"damp_percent": settings.damp_percent, "desc_act": settings.desc_act}),
+        }  # fmt: skip
     return {"after": after, "quantization": quantization, "dynamic_int8": dynamic}
 
 

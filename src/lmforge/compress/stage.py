@@ -42,21 +42,24 @@ class QuantizeSettings(Section):
         description="int4: input columns sharing one scale (even; torch's CPU int4 kernel "
         "takes 32, 64, 128 or 256, other sizes are dequantized per forward)",
     )
-    method: Literal["rtn", "gptq"] = Field(
+    method: Literal["rtn", "gptq", "awq"] = Field(
         "rtn",
         description="rtn (round each weight to nearest) | gptq (calibrated: each block's "
         "Linears rounded column by column, the error spread by the inverse Hessian of their "
-        "inputs; needs tokens or data)",
+        "inputs) | awq (calibrated: input channels scaled by activation size before rounding "
+        "to nearest, folded into the norms / producing rows); gptq and awq need tokens or data",
     )
     calibration_samples: int = Field(
-        128, ge=1, description="gptq: calibration windows (random, from tokens' train.bin or data)"
+        128,
+        ge=1,
+        description="gptq/awq: calibration windows (random, from tokens' train.bin or data)",
     )
     calibration_seq_len: int = Field(
-        256, ge=2, description="gptq: tokens per calibration window (capped at the block size)"
+        256, ge=2, description="gptq/awq: tokens per calibration window (capped at the block size)"
     )
-    calibration_seed: int = Field(0, description="gptq: seed choosing the calibration windows")
+    calibration_seed: int = Field(0, description="gptq/awq: seed choosing the calibration windows")
     calibration_split: str = Field(
-        "train", description="gptq without tokens: the split of data whose texts calibrate"
+        "train", description="gptq/awq without tokens: the split of data whose texts calibrate"
     )
     damp_percent: float = Field(
         0.01, gt=0, description="gptq: dampening added to H's diagonal, a fraction of its mean"
@@ -65,6 +68,9 @@ class QuantizeSettings(Section):
         False,
         description="gptq: round columns in descending Hessian-diagonal order (act-order); "
         "int4 group scales are then computed from the unrounded weight first (static groups)",
+    )
+    awq_grid: int = Field(
+        20, ge=1, description="awq: alphas tried per group of Linears (0, 1/awq_grid, ..., 1)"
     )
 
 
@@ -167,7 +173,7 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 
 
 RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
-CALIBRATED_CANNOT = ("calibrated quantization (GPTQ) rounds a decoder language model's blocks",
+CALIBRATED_CANNOT = ("calibrated quantization (GPTQ, AWQ) rounds a decoder language model's blocks",
                      "use --set quantize.method=rtn")  # fmt: skip
 # what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
 # to do instead); quantize and prune keep a classifier's head and an encoder's layout

@@ -13,7 +13,7 @@ import torch
 from lmforge.compress.calibrated import gptq_blocks
 from lmforge.compress.calibration import block_linears, text_calibration
 from lmforge.compress.gptq import Grid, gptq_weight
-from lmforge.compress.quantize import gptq_calibrate, quantize_dir
+from lmforge.compress.quantize import calibrated_rounding, quantize_dir
 from lmforge.compress.stage import CompressConfig, QuantizeSettings, compress
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel, GenerationSettings
@@ -96,7 +96,7 @@ def test_the_checkpoint_holds_exactly_the_rounded_weights_gptq_computed(
     src = make_model_dir(tmp_path / "src", preset=preset)
     ids = torch.randint(0, 250, (8, 32), generator=torch.Generator().manual_seed(0))
     settings = QuantizeSettings(method="gptq")
-    quant = quantize_dir(src, tmp_path / "q", scheme, 32, gptq_calibrate(ids, settings, LOG))
+    quant = quantize_dir(src, tmp_path / "q", scheme, 32, calibrated_rounding(ids, settings, LOG))
     assert set(quant["bits"].values()) == {4 if scheme == "int4" else 8}
     original, rounded = load_pretrained(src), load_pretrained(src)
     gptq_blocks(rounded, ids, lambda n: _grid(n, preset, scheme), 0.01, False)
