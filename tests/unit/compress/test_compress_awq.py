@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.compress.awq import fold_scales, scale_groups, search_scale
+from lmforge.compress.awq import clip_weight, fold_scales, scale_groups, search_scale
 from lmforge.compress.gptq import Grid, round_nearest
 from lmforge.compress.stage import CompressConfig, compress
 from lmforge.evals.lm import EvalModel, GenerationSettings
@@ -61,6 +61,18 @@ def test_searched_scales_round_with_less_output_error_than_rtn(seed: int) -> Non
     awq = sum(err(round_nearest(w * s, grid) / s, w) for w in weights)
     rtn = sum(err(round_nearest(w, grid), w) for w in weights)
     assert alpha > 0 and awq < 0.9 * rtn
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clipping_the_groups_lowers_the_rounded_output_error(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1024, 128, generator=gen)
+    w = torch.randn(96, 128, generator=gen)
+    grid = Grid(4, "group", 32)
+    clipped = clip_weight(w, x, grid)
+    err = lambda q: (x @ w.T - x @ q.T).norm().item()  # noqa: E731
+    assert err(round_nearest(clipped, grid)) < 0.98 * err(round_nearest(w, grid))  # ~5% here
+    assert (clipped.abs() <= w.abs()).all() and not torch.equal(clipped, w)
 
 
 def test_awq_stage_writes_a_model_that_loads_and_generates(trained_dir: Path, tmp_path: Path):
