@@ -6,6 +6,10 @@ and written under their own names in model.safetensors, with config.json's quant
 saying how; load_pretrained keeps them quantized (eval, generate, serve: int8/int4 memory, torch's
 int8 and int4 matmuls on CPU) and dequantizes them for training, so the directory needs nothing
 but itself.
+quantize.method picks the rounding: rtn (to nearest), or gptq / awq calibrated on windows of the
+stage's tokens or data (compress.calibration, compress.gptq, compress.awq; compress.calibrated
+runs them over the blocks and maps the result onto the same codes and scales), so the format
+is the same whatever the method.
 dynamic_int8() is torch.ao's dynamic quantization (int8 weights, activations quantized per
 batch, fbgemm int8 matmuls) of every nn.Linear, applied in memory after loading, since its
 packed weights have no safetensors form; the stage measures both.

@@ -2,7 +2,8 @@
 
 `lmforge compress quantize --model DIR --out DIR` writes `final/` (a model directory: config.json,
 model.safetensors, tokenizer files, generation_config.json when the source has one) that eval and
-generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
+generate load like any other, rounded to nearest or calibrated (quantize.method gptq | awq, on
+`tokens` or `data`); `lmforge compress prune` writes `final/` pruned (and, with
 `tokens`, recovered by a short fine-tune through the one training loop; a classifier with
 `examples`, on its classification loss, its accuracy measured); `lmforge compress
 distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (a decoder's KV-cache
@@ -236,7 +237,10 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
                           "sequence head or none; use method=quantize")  # fmt: skip
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
         refuse(cfg, src, "an encoder", ENCODER_CANNOT)
-    if cfg.method == "export" and (hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"):
+    encoder_decoder = hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"
+    if encoder_decoder:
+        refuse(cfg, src, "an encoder-decoder", {"quantize-calibrated": CALIBRATED_CANNOT})
+    if cfg.method == "export" and encoder_decoder:
         raise ConfigError(f"{src} is an encoder-decoder: export writes a decoder's KV-cache graph "
                           "or an encoder's, not both with cross-attention; use method=quantize")  # fmt: skip
     if cfg.examples is not None and (cfg.method != "prune" or head is None or head.per_token):

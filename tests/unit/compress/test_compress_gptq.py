@@ -164,3 +164,28 @@ def test_gptq_without_calibration_data_is_refused_naming_the_flags(
     with pytest.raises(ConfigError, match=r"--set tokens=DIR.*--data DIR"):
         compress(cfg)
     assert not (tmp_path / "g" / "final").exists()
+
+
+@pytest.mark.parametrize("kind", ["encoder", "encoder-decoder"])
+def test_calibrated_methods_refuse_what_has_no_decoder_blocks(
+    kind: str, data_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from lmforge.model.config import preset_config
+    from lmforge.model.convert import save_pretrained
+    from lmforge.model.seq2seq import Seq2SeqLM
+    from unit.finetune.encoder_tokenizers import bert_tokenizer_dir
+    from unit.finetune.helpers import make_model_dir as make_encoder_dir
+
+    tok = bert_tokenizer_dir(tmp_path / "tok")
+    if kind == "encoder":
+        model = make_encoder_dir(tmp_path / "m", tok, "bert-micro")
+    else:
+        model = tmp_path / "m"
+        save_pretrained(Seq2SeqLM(preset_config("bart-micro")), model)
+        shutil.copy(tok / "tokenizer.json", model / "tokenizer.json")
+    cfg = CompressConfig(method="quantize", model=model, data=data_dir, out=tmp_path / "g",
+                         quantize={"method": "awq"})  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"is an {kind}: calibrated .*quantize.method=rtn"):
+        compress(cfg)
