@@ -47,14 +47,22 @@ def shard_calibration(tokens: Path, model_dir: Path, n: int, seq_len: int, seed:
     return token_windows(open_tokens(train, meta["dtype"]), n, seq_len, seed, train)
 
 
+POOL = 4  # windows are drawn from the first POOL x n x seq_len tokens of a data split's texts
+
+
 def text_calibration(
     texts: list[str], encode: Callable[[str], list[int]], start: int | None, n: int,
     seq_len: int, seed: int, where: object,
 ) -> Tensor:  # fmt: skip
-    """Windows of the texts' tokens, each document after the start token (if any)."""
+    """Windows of the texts' tokens, each document after the start token (if any); only the
+    first POOL x n x seq_len tokens are encoded, so a large split costs no more than it needs."""
     head = [start] if start is not None else []
-    stream = np.array([t for text in texts for t in (*head, *encode(text))], dtype=np.int64)
-    return token_windows(stream, n, seq_len, seed, where)
+    ids: list[int] = []
+    for text in texts:
+        if len(ids) > POOL * n * seq_len:
+            break
+        ids += [*head, *encode(text)]
+    return token_windows(np.array(ids, dtype=np.int64), n, seq_len, seed, where)
 
 
 class _Caught(Exception):

@@ -15,7 +15,7 @@ from lmforge.compress.calibration import block_linears, text_calibration
 from lmforge.compress.gptq import Grid, gptq_weight
 from lmforge.compress.quantize import calibrated_rounding, quantize_dir
 from lmforge.compress.stage import CompressConfig, QuantizeSettings, compress
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.evals.report_sections.compress import compression_rows
 from lmforge.model.convert import load_pretrained
@@ -79,10 +79,18 @@ def test_dead_inputs_get_zero_weights_and_no_nans() -> None:
     assert torch.isfinite(q).all() and (q[:, 7] == 0).all()
 
 
-def test_calibration_windows_follow_the_seed() -> None:
-    encode = lambda text: [ord(c) % 200 for c in text]  # noqa: E731
+def test_calibration_windows_follow_the_seed_and_encode_only_what_they_need() -> None:
+    encoded: list[str] = []
+
+    def encode(text: str) -> list[int]:
+        encoded.append(text)
+        return [ord(c) % 200 for c in text]
+
     a, b, c = (text_calibration(CORPUS, encode, 0, 4, 16, seed, "corpus") for seed in (0, 0, 1))
     assert a.shape == (4, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    assert len(encoded) < 3 * len(CORPUS)  # 4 x 4 x 16 tokens are read before the end
+    with pytest.raises(InputError, match="fewer than one calibration window of 500"):
+        text_calibration(CORPUS[:1], encode, 0, 4, 500, 0, "corpus")
 
 
 @pytest.mark.parametrize(
