@@ -60,7 +60,9 @@ class QuantizeSettings(Section):
     )
     calibration_seed: int = Field(0, description="gptq/awq: seed choosing the calibration windows")
     calibration_split: str = Field(
-        "train", description="gptq/awq without tokens: the split of data whose texts calibrate"
+        "train",
+        description="gptq/awq without tokens: the split of data whose texts calibrate (its "
+        "first 4 x calibration_samples x calibration_seq_len tokens)",
     )
     damp_percent: float = Field(
         0.01, gt=0, description="gptq: dampening added to H's diagonal, a fraction of its mean"
