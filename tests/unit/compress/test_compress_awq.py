@@ -90,3 +90,33 @@ def test_awq_stage_writes_a_model_that_loads_and_generates(trained_dir: Path, tm
     assert report["after"]["perplexity"] > 0 and report["size_ratio"] < 0.3
     text = EvalModel.load(out / "final").generate("def", GenerationSettings(max_new_tokens=5))
     assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("preset", ["micro", "micro-gpt2"])
+def test_folded_model_written_back_through_the_name_table_keeps_its_logits(
+    preset: str, tmp_path: Path
+) -> None:
+    """scaled_tensors puts the folded norms and weights back under the checkpoint's names
+    (GPT-2's transposed Conv1D and LayerNorm biases, Llama's fused q/k/v and gate/up): a
+    checkpoint written from them computes what the original does."""
+    from safetensors.torch import save_file
+
+    from lmforge.compress.calibrated import checkpoint_rules, scaled_tensors
+    from lmforge.model.convert import load_pretrained, read_config, read_tensors
+    from unit.evals.helpers import make_model_dir
+
+    src = make_model_dir(tmp_path / "src", preset=preset)
+    model, tensors = load_pretrained(src), read_tensors(src)
+    torch.manual_seed(1)
+    for block in model.blocks:
+        for group in scale_groups(block):
+            width = block.get_submodule(group.consumers[0]).in_features
+            fold_scales(block, group, torch.rand(width) * 4 + 0.25)
+    written = scaled_tensors(model, tensors, checkpoint_rules(read_config(src), set(tensors)))
+    assert set(written) == set(tensors)
+    norm = next(n for n in tensors if n.endswith(("ln_1.weight", "input_layernorm.weight")))
+    assert not torch.equal(written[norm], tensors[norm])  # the attention norm took 1/s
+    save_file(written, src / "model.safetensors")
+    ids = torch.randint(0, 250, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(load_pretrained(src)(ids), model(ids), atol=1e-5, rtol=0)
