@@ -1,6 +1,7 @@
 """Calibrated rounding of a checkpoint: GPTQ on every Linear of a decoder's blocks, written as
 the same codes and scales RTN writes (model.quant_checkpoint), so nothing downstream changes;
-or AWQ's scales folded into the blocks' float tensors, which RTN then rounds.
+or AWQ's scales folded and its clipping applied into the blocks' float tensors, which RTN then
+rounds.
 
 The float model is rounded block by block in place (compress.calibration's BlockInputs: each
 block sees the outputs of the blocks already rounded); each rounded weight and its (out, in)
@@ -49,7 +50,7 @@ def checkpoint_rules(hf: dict[str, Any], keys: set[str]) -> dict[str, Rule]:
 
 def grid_for(name: str, link: Rule, quant: dict[str, Any]) -> Grid:
     """The grid RTN chose for the checkpoint tensors of one of our weights (quant: its
-    quantization_config): GPTQ must round on the same one."""
+    quantization_config): GPTQ rounds on it and AWQ's searches round to it."""
     bits = quant["bits"][link.hf_names[0]]
     flipped = link.hf_names[0] in quant.get("flipped", ())
     if bits == 8:
@@ -57,8 +58,9 @@ def grid_for(name: str, link: Rule, quant: dict[str, Any]) -> Grid:
     if link.transpose and not flipped:
         raise ConfigError(
             f"{name}: its checkpoint stores it transposed and int4 groups its "
-            f"{quant['group_size']}-wide groups along the output there, which GPTQ's column "
-            "order cannot round; pick a quantize.group_size that divides its input features"
+            f"{quant['group_size']}-wide groups along the output there, which calibrated "
+            "rounding (grouped along the input) cannot match; pick a quantize.group_size that "
+            "divides its input features, or quantize.method=rtn"
         )
     return Grid(4, "group", quant["group_size"])
 
@@ -72,8 +74,8 @@ def gptq_blocks(
     advance: Callable[[], None] = lambda: None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """GPTQ on every Linear of model's blocks in order, on calibration windows ids (n, T);
-    grid(name) says how to round the weight `name`;
-    rounds model in place and returns {our weight name: (rounded weight, scales)}."""
+    grid(name) says how to round the weight `name`. Rounds model in place and returns {our
+    weight name: (rounded weight, scales)}."""
     inputs = BlockInputs.first(model, ids)
     rounded: dict[str, tuple[Tensor, Tensor]] = {}
     for i, block in enumerate(model.blocks):
@@ -96,8 +98,9 @@ def awq_blocks(
     n_grid: int,
     advance: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """AWQ's scales searched and folded into model's blocks in order (the float model computes
-    the same; its weights now round better); returns the alpha chosen per group."""
+    """AWQ's scales searched and folded into model's blocks in order, then its clipping search
+    (the scales leave the float model's function as it was, the clipping moves it a little
+    for better rounding); returns the alpha chosen per group."""
     inputs = BlockInputs.first(model, ids)
     alphas: dict[str, float] = {}
     for i, block in enumerate(model.blocks):
