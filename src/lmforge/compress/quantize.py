@@ -6,6 +6,10 @@ and written under their own names in model.safetensors, with config.json's quant
 saying how; load_pretrained keeps them quantized (eval, generate, serve: int8/int4 memory, torch's
 int8 and int4 matmuls on CPU) and dequantizes them for training, so the directory needs nothing
 but itself.
+quantize.method picks the rounding: rtn (to nearest), or gptq / awq calibrated on windows of the
+stage's tokens or data (compress.calibration, compress.gptq, compress.awq; compress.calibrated
+runs them over the blocks and maps the result onto the same codes and scales), so the format
+is the same whatever the method.
 dynamic_int8() is torch.ao's dynamic quantization (int8 weights, activations quantized per
 batch, fbgemm int8 matmuls) of every nn.Linear, applied in memory after loading, since its
 packed weights have no safetensors form; the stage measures both.
@@ -13,23 +17,33 @@ packed weights have no safetensors form; the stage measures both.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from lmforge.artifacts import StageContext
 from lmforge.common.io import atomic_path, atomic_write_json
+from lmforge.common.progress import progress
 from lmforge.compress.files import copy_mean_head, copy_side_files
 from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.convert import hf_config_to_model_config, read_config, read_tensors
 from lmforge.model.hf_families import FAMILIES
 from lmforge.model.quant_checkpoint import quantize_tensors
+
+# tensors -> (tensors with every matrix rounded to nearest, quantization_config)
+Rounder = Callable[[dict[str, Tensor]], tuple[dict[str, Tensor], dict[str, Any]]]
+# (src, config.json, its float tensors, the RTN rounder) -> what the rounder returns
+Calibrate = Callable[[Path, dict[str, Any], dict[str, Tensor], Rounder],
+                     tuple[dict[str, Tensor], dict[str, Any]]]  # fmt: skip
 
 
 def require_float_source(src: Path, hf: dict[str, Any]) -> None:
@@ -43,16 +57,20 @@ def require_float_source(src: Path, hf: dict[str, Any]) -> None:
         )
 
 
-def quantize_dir(src: Path, dst: Path, scheme: str, group_size: int) -> dict[str, Any]:
-    """Write src's checkpoint to dst with every matrix quantized; returns quantization_config."""
+def quantize_dir(
+    src: Path, dst: Path, scheme: str, group_size: int, calibrate: Calibrate | None = None
+) -> dict[str, Any]:
+    """Write src's checkpoint to dst with every matrix quantized; returns quantization_config.
+    Rounded to nearest, or by `calibrate` (calibrated_rounding: GPTQ, AWQ)."""
     hf = read_config(src)
     require_float_source(src, hf)
     tensors = read_tensors(src)
     flip = stored_transposed(hf, tensors)
-    tensors, quant = quantize_tensors(tensors, scheme, group_size, flip)
+    rtn = partial(quantize_tensors, kind=scheme, group_size=group_size, stored_transposed=flip)
+    rounded, quant = rtn(tensors) if calibrate is None else calibrate(src, hf, tensors, rtn)
     dst.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in rounded.items()}, tmp, metadata={"format": "pt"})
     copy_side_files(src, dst)
     copy_mean_head(src, dst)  # float, beside the quantized encoder; config.json names it
     atomic_write_json(dst / "config.json", {**hf, "quantization_config": quant})
@@ -79,6 +97,35 @@ def dynamic_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
+def calibrated_rounding(ids: Tensor, settings: Any, log: logging.Logger) -> Calibrate:
+    """quantize_dir's `calibrate` for settings.method (gptq | awq) on calibration windows ids
+    (n, T): the blocks of the float model calibrated in order (compress.calibrated), on the
+    grids RTN chose for their checkpoint tensors."""
+    from lmforge.compress import calibrated
+    from lmforge.model.convert import load_pretrained
+
+    def calibrate(
+        src: Path, hf: dict[str, Any], tensors: dict[str, Tensor], rtn: Rounder
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        rounded, quant = rtn(tensors)
+        model = load_pretrained(src)
+        links = calibrated.checkpoint_rules(hf, set(tensors))
+        grid = lambda name: calibrated.grid_for(name, links[name], quant)  # noqa: E731
+        method = settings.method.upper()
+        with progress(method, total=len(model.blocks), unit="block") as bar:
+            if settings.method == "awq":
+                alphas = calibrated.awq_blocks(model, ids, grid, settings.awq_grid, bar.advance)
+                log.info("AWQ alphas per group: %s", alphas)
+                return rtn(calibrated.scaled_tensors(model, tensors, links))
+            weights = calibrated.gptq_blocks(
+                model, ids, grid, settings.damp_percent, settings.desc_act, bar.advance
+            )
+        log.info("GPTQ rounded %d matrices on %d x %d tokens", len(weights), *ids.shape)
+        return calibrated.write_rounded(rounded, quant, weights, links), quant
+
+    return calibrate
+
+
 def quantize_method(
     cfg: Any, ctx: StageContext, src: Path, original: EvalModel, texts: list[str] | None
 ) -> dict[str, Any]:
@@ -86,21 +133,67 @@ def quantize_method(
     from lmforge.compress.measure import model_report
 
     settings = cfg.quantize
+    start = time.perf_counter()
+    ids, source = calibration_windows(cfg, src, original)
+    calibrate = None if ids is None else calibrated_rounding(ids, settings, ctx.log)
     with ctx.atomic_path(ctx.out / "final") as tmp:
-        quant = quantize_dir(src, tmp, settings.scheme, settings.group_size)
+        quant = quantize_dir(src, tmp, settings.scheme, settings.group_size, calibrate)
+    seconds = time.perf_counter() - start
     final = ctx.out / "final"
     after = model_report(EvalModel.load(final), final, texts, cfg.speed)
     dyn = EvalModel("dynamic-int8", src, dynamic_int8(original.model), original.files)
     dynamic = model_report(dyn, src, texts, cfg.speed)
     dynamic.pop("weights_bytes")  # in memory only: nothing on disk to measure
     bits = list(quant["bits"].values())
-    return {
-        "after": after,
-        "quantization": {
-            "scheme": settings.scheme,
-            "group_size": settings.group_size,
-            "int8_tensors": bits.count(8),
-            "int4_tensors": bits.count(4),
-        },
-        "dynamic_int8": dynamic,
+    quantization = {
+        "scheme": settings.scheme,
+        "group_size": settings.group_size,
+        "method": settings.method,
+        "int8_tensors": bits.count(8),
+        "int4_tensors": bits.count(4),
+        "seconds": round(seconds, 2),
     }
+    if ids is not None:
+        quantization["calibration"] = {
+            "source": source,
+            "samples": ids.shape[0],
+            "seq_len": ids.shape[1],
+            "seed": settings.calibration_seed,
+            **({"awq_grid": settings.awq_grid} if settings.method == "awq" else
+               {"damp_percent": settings.damp_percent, "desc_act": settings.desc_act}),
+        }  # fmt: skip
+    return {"after": after, "quantization": quantization, "dynamic_int8": dynamic}
+
+
+def require_calibration(cfg: Any) -> None:
+    """ConfigError when a calibrated method has nothing to calibrate on (before any work)."""
+    if cfg.quantize.method != "rtn" and cfg.tokens is None and cfg.data is None:
+        raise ConfigError(
+            f"quantize.method={cfg.quantize.method} calibrates on text: pass token shards made "
+            "with the model's tokenizer (--set tokens=DIR: their train.bin) or --data DIR (its "
+            f"'{cfg.quantize.calibration_split}' split, quantize.calibration_split), or use "
+            "quantize.method=rtn"
+        )
+
+
+def calibration_windows(cfg: Any, src: Path, model: EvalModel) -> tuple[Tensor | None, str]:
+    """The calibration windows (n, T) of a calibrated method and where they came from; (None,
+    "") for rtn."""
+    from lmforge.compress import calibration
+    from lmforge.evals.perplexity import read_texts
+
+    s = cfg.quantize
+    if s.method == "rtn":
+        return None, ""
+    require_calibration(cfg)
+    seq_len = min(s.calibration_seq_len, model.block_size)
+    n, seed = s.calibration_samples, s.calibration_seed
+    if cfg.tokens is not None:
+        where = f"{cfg.tokens}/train.bin"
+        return calibration.shard_calibration(Path(cfg.tokens), src, n, seq_len, seed), where
+    texts = read_texts(cfg.data, s.calibration_split)
+    where = f"{cfg.data} split {s.calibration_split}"
+    ids = calibration.text_calibration(
+        texts, model.encode, model.prefix_id, n, seq_len, seed, where
+    )
+    return ids, where

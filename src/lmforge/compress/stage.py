@@ -2,7 +2,8 @@
 
 `lmforge compress quantize --model DIR --out DIR` writes `final/` (a model directory: config.json,
 model.safetensors, tokenizer files, generation_config.json when the source has one) that eval and
-generate load like any other; `lmforge compress prune` writes `final/` pruned (and, with
+generate load like any other, rounded to nearest or calibrated (quantize.method gptq | awq, on
+`tokens` or `data`); `lmforge compress prune` writes `final/` pruned (and, with
 `tokens`, recovered by a short fine-tune through the one training loop; a classifier with
 `examples`, on its classification loss, its accuracy measured); `lmforge compress
 distill` trains a smaller preset from the model on `tokens`; `lmforge compress export` writes `model.onnx` (a decoder's KV-cache
@@ -41,6 +42,38 @@ class QuantizeSettings(Section):
         ge=2,
         description="int4: input columns sharing one scale (even; torch's CPU int4 kernel "
         "takes 32, 64, 128 or 256, other sizes are dequantized per forward)",
+    )
+    method: Literal["rtn", "gptq", "awq"] = Field(
+        "rtn",
+        description="rtn (round each weight to nearest) | gptq (calibrated: each block's "
+        "Linears rounded column by column, the error spread by the inverse Hessian of their "
+        "inputs) | awq (calibrated: input channels scaled by activation size before rounding "
+        "to nearest, folded into the norms / producing rows); gptq and awq need tokens or data",
+    )
+    calibration_samples: int = Field(
+        128,
+        ge=1,
+        description="gptq/awq: calibration windows (random, from tokens' train.bin or data)",
+    )
+    calibration_seq_len: int = Field(
+        256, ge=2, description="gptq/awq: tokens per calibration window (capped at the block size)"
+    )
+    calibration_seed: int = Field(0, description="gptq/awq: seed choosing the calibration windows")
+    calibration_split: str = Field(
+        "train",
+        description="gptq/awq without tokens: the split of data whose texts calibrate (its "
+        "first 4 x calibration_samples x calibration_seq_len tokens)",
+    )
+    damp_percent: float = Field(
+        0.01, gt=0, description="gptq: dampening added to H's diagonal, a fraction of its mean"
+    )
+    desc_act: bool = Field(
+        False,
+        description="gptq: round columns in descending Hessian-diagonal order (act-order); "
+        "int4 group scales are then computed from the unrounded weight first (static groups)",
+    )
+    awq_grid: int = Field(
+        20, ge=1, description="awq: alphas tried per group of Linears (0, 1/awq_grid, ..., 1)"
     )
 
 
@@ -143,6 +176,8 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 
 
 RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
+CALIBRATED_CANNOT = ("calibrated quantization (GPTQ, AWQ) rounds a decoder language model's blocks",
+                     "use --set quantize.method=rtn")  # fmt: skip
 # what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
 # to do instead); quantize and prune keep a classifier's head and an encoder's layout
 ENCODER_CANNOT = {
@@ -151,6 +186,7 @@ ENCODER_CANNOT = {
                     "'export.formats=[onnx]' (its classifier's logits or hidden states)"),
     "prune-recovery": ("prune's recovery (tokens) trains next-token loss, which an encoder does "
                        "not learn", RECOVERY_INSTEAD),
+    "quantize-calibrated": CALIBRATED_CANNOT,
 }  # fmt: skip
 CLASSIFIER_CANNOT = {
     "distill": ("distill trains a language model, which would drop its head",
@@ -161,6 +197,7 @@ CLASSIFIER_CANNOT = {
                        "(--set examples=FILE: text, label; the head is trained with it)"),
     "export-gguf": ("export to GGUF writes a language model, without its head",
                     "export the classifier with --set 'export.formats=[onnx]'"),
+    "quantize-calibrated": CALIBRATED_CANNOT,
 }  # fmt: skip
 
 
@@ -170,6 +207,8 @@ def steps(cfg: CompressConfig) -> list[str]:
         return [f"export-{fmt}" for fmt in cfg.export.formats]
     if cfg.method == "prune" and cfg.tokens is not None:
         return ["prune", "prune-recovery"]
+    if cfg.method == "quantize" and cfg.quantize.method != "rtn":
+        return ["quantize", "quantize-calibrated"]
     return [cfg.method]
 
 
@@ -185,12 +224,13 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
     """ConfigError for what src (config.json `hf`) cannot go through with cfg: a quantized
     source re-quantized, a classifier's or an encoder's steps above, an encoder-decoder's
     export, examples where they train nothing."""
-    from lmforge.compress.quantize import require_float_source
+    from lmforge.compress.quantize import require_calibration, require_float_source
     from lmforge.model.convert import load_classifier
     from lmforge.model.hf_families import ENCODER_FAMILIES
 
     if cfg.method == "quantize":
         require_float_source(src, hf)
+        require_calibration(cfg)
     head = load_classifier(src)
     if head is not None:  # first: a classifier's refusals say how to keep its head
         refuse(cfg, src, "a classifier", CLASSIFIER_CANNOT)
@@ -199,7 +239,10 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
                           "sequence head or none; use method=quantize")  # fmt: skip
     if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
         refuse(cfg, src, "an encoder", ENCODER_CANNOT)
-    if cfg.method == "export" and (hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"):
+    encoder_decoder = hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"
+    if encoder_decoder:
+        refuse(cfg, src, "an encoder-decoder", {"quantize-calibrated": CALIBRATED_CANNOT})
+    if cfg.method == "export" and encoder_decoder:
         raise ConfigError(f"{src} is an encoder-decoder: export writes a decoder's KV-cache graph "
                           "or an encoder's, not both with cross-attention; use method=quantize")  # fmt: skip
     if cfg.method == "export" and (

@@ -18,21 +18,41 @@ BITS = {"int8": 8, "int4": 4}
 def quantize_weight(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
     """(codes, scales): w ~= codes * scales, symmetric per row (8 bit) or per group (4 bit)."""
     out_f, in_f = w.shape
-    qmax = 2 ** (bits - 1) - 1  # 127 or 7
     if bits == 8:
-        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax  # (out, 1)
-        return torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8), scale
+        scale = absmax_scale(w, bits)  # (out, 1)
+        return encode_weight(w, scale, bits, group_size), scale
     if in_f % group_size or group_size % 2:
         raise ConfigError(
             f"int4 quantization needs in_features ({in_f}) divisible by an even "
             f"lora.group_size ({group_size}); pick another group size"
         )
+    scale = absmax_scale(w.reshape(out_f, in_f // group_size, group_size), bits)  # (out, G, 1)
+    return encode_weight(w, scale, bits, group_size), scale
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """The signed codes' (lowest, highest): int8 is symmetric, int4 takes -8 too (code 0)."""
+    qmax = 2 ** (bits - 1) - 1  # 127 or 7
+    return (-qmax if bits == 8 else -qmax - 1), qmax
+
+
+def absmax_scale(w: Tensor, bits: int) -> Tensor:
+    """The scale that maps the largest |w| along the last dim onto the top code (keepdim)."""
+    return w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / code_range(bits)[1]
+
+
+def encode_weight(w: Tensor, scale: Tensor, bits: int, group_size: int) -> Tensor:
+    """w's codes under given scales (quantize_weight's layout): int8 (out, in), with a scale
+    per row (out, 1) or per column (1, in); int4 (out, in / 2) two a byte, scales (out, G, 1).
+    Calibrated rounding (compress.gptq) computes its own scales and writes codes through it."""
+    lo, hi = code_range(bits)
+    if bits == 8:
+        return torch.round(w / scale).clamp(lo, hi).to(torch.int8)
+    out_f, in_f = w.shape
     groups = w.reshape(out_f, in_f // group_size, group_size)
-    scale = groups.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / qmax  # (out, G, 1)
-    q = torch.round(groups / scale).clamp(-qmax - 1, qmax).to(torch.int16) + 8  # 0..15
+    q = torch.round(groups / scale).clamp(lo, hi).to(torch.int16) + 8  # 0..15
     q = q.reshape(out_f, in_f)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # (out, in/2)
-    return packed, scale
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # (out, in/2)
 
 
 def dequantize_weight(codes: Tensor, scale: Tensor, bits: int, group_size: int) -> Tensor:

@@ -21,8 +21,7 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     first = "teacher (fp32)" if method == "distill" else "original (fp32)"
     rows = [{"variant": first, **(report.get("before") or {})}]
     if method == "quantize":
-        scheme = (report.get("quantization") or {}).get("scheme", "quantized")
-        rows.append({"variant": f"{scheme} weight-only", **(report.get("after") or {})})
+        rows.append({"variant": _quantized_label(report), **(report.get("after") or {})})
         if report.get("dynamic_int8"):
             rows.append({"variant": "dynamic int8 (in memory)", **report["dynamic_int8"]})
     if method == "prune":
@@ -43,6 +42,16 @@ def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     if report.get("gguf"):  # compression.json before export.gguf_type: always f32
         rows.append({"variant": f"GGUF {report['gguf'].get('file_type', 'f32')}", **report["gguf"]})
     return rows
+
+
+def _quantized_label(report: dict[str, Any]) -> str:
+    """The result's row label: scheme, and a calibrated method with its calibration."""
+    q = report.get("quantization") or {}
+    label = f"{q.get('scheme', 'quantized')} weight-only"
+    cal = q.get("calibration")
+    if q.get("method", "rtn") == "rtn" or not cal:
+        return label
+    return f"{label}, {q['method'].upper()} on {cal['samples']} x {cal['seq_len']} tokens"
 
 
 def _add_accuracy(report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
