@@ -1,9 +1,17 @@
 """GGUF export of a qk_norm model as llama.cpp's qwen3: q/k in rotate-halves order, their norms.
 
-Checked by reading the file back (gguf's reader); llama.cpp itself is not installed here, so
-benchmarks/check_gguf_llamacpp.py has not run on a qwen3 file."""
+Checked by reading the file back (gguf's reader); the `integration` test also runs a trained
+qk_norm model's file in llama.cpp (benchmarks/check_gguf_llamacpp.py), skipped whenever
+`llama_cpp` cannot be imported, as in tests/unit/compress/test_gguf.py."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +23,7 @@ from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.transformer import Transformer
 from unit.compress.test_gguf import lmforge_tokenizer, read_fields
+from unit.compress.test_rope_export import SCRIPT
 
 gguf = pytest.importorskip("gguf")
 
@@ -67,3 +76,35 @@ def test_read_back_catches_a_head_width_llama_cpp_would_misread(tmp_path, monkey
     export_gguf(model, tmp_path / "m", tmp_path / "m.gguf", {}, "f32")
     with pytest.raises(StageError, match=r"key_length is not what was written \(32, expected 24\)"):
         check_gguf(tmp_path / "m.gguf", model, tmp_path / "m", {})
+
+
+@pytest.mark.integration
+def test_llama_cpp_runs_a_qk_norm_gguf_like_lmforge(trained_dir: Path, tmp_path: Path) -> None:
+    """A trained micro model given q/k norm gains away from 1, exported as qwen3 and run in
+    llama.cpp: logits and greedy tokens as lmforge's. Needs llama-cpp-python (skipped without)."""
+    pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (lmforge[gguf-check])"
+    )
+    trained = load_pretrained(trained_dir)
+    model = Transformer(replace(trained.config, qk_norm=True)).eval()
+    model.load_state_dict(trained.state_dict(), strict=False)  # all but the new norms
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_norm.weight.uniform_(0.5, 1.5)
+            block.attn.k_norm.weight.uniform_(0.5, 1.5)
+    config = json.loads((trained_dir / "config.json").read_text())
+    ids = {k: v for k, v in config.items() if k in ("bos_token_id", "eos_token_id")}
+    save_pretrained(model, tmp_path / "m", extra_config=ids)
+    shutil.copy(trained_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "qwen3"
+    out = tmp_path / "check.json"
+    args = [str(tmp_path / "m"), "--types", "f32", "--new-tokens", "12", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["max_abs_logit_diff"] < 1e-3
+    agreed = [tuple(a.split("/")) for a in result["greedy_agree"]]  # "tokens agreeing/generated"
+    assert len(agreed) == 4 and all(n == of for n, of in agreed)
