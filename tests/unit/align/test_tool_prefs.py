@@ -154,3 +154,47 @@ def test_ppo_and_grpo_sample_after_the_prompt_ids_dpo_trains_on(
     lm = load_pretrained(make_model_dir(tmp_path / "lm", tokenizer_dir, block_size=start + 8))
     ids, answers = sample_answers(lm, tok, [record], max_new_tokens=4, seed=0, temperature=1.0)
     assert ids == [trained] and 1 <= len(answers[0]) <= 4
+
+
+def test_grpo_rewards_read_a_tool_record_as_its_pairs_and_its_data_hold_it(
+    export, tokenizer_dir, tmp_path
+):
+    """The reward model scores a tool answer on the ids its pairs were trained on (the
+    template's, which reads tools, not the Hermes turns), in GRPO as in PPO (ppo.score); a
+    python reward gets the prompt as the record wrote it (OpenAI's form, as TRL passes it)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmforge.align.config import RewardSpec
+    from lmforge.align.grpo import sample_and_score
+    from lmforge.align.ppo import score
+    from lmforge.align.reward import reward_model
+    from lmforge.align.rewards import Answers, RewardFn, _reward_model, build_rewards
+
+    tok, _ = tools_model(tokenizer_dir, tmp_path, TOOLS_TEMPLATE)
+    (record,) = load_prompt_records(export)
+    rows, _, _ = encode_pairs(tok, load_pairs(export), seq_len=1024)
+    n = int(rows["last"][0, 0]) + 1  # the chosen row's tokens, pooled at its last
+    model_dir = make_model_dir(tmp_path / "lm", tokenizer_dir, block_size=1024)
+    rm = reward_model(load_pretrained(model_dir)).eval()
+    rm.input_len = None
+    with torch.no_grad():
+        trained = rm(torch.as_tensor(rows["input_ids"][0, :1, :n]), torch.tensor([n - 1]))[0]
+    tooled = Answers([record.prompt], [GOOD], [None], [1], [None], [record.tool_conversation])
+    assert torch.allclose(_reward_model(rm, tok, 1024)(tooled), trained.view(1), atol=1e-5)
+    assert not torch.allclose(score(rm, tok, [record.prompt], [GOOD], 1024), trained.view(1))
+
+    user = tmp_path / "seen.py"
+    user.write_text("import json, pathlib\n\ndef f(prompts, answers, references):\n"
+                    "    seen = pathlib.Path(__file__).with_suffix('.json')\n"
+                    "    seen.write_text(json.dumps([prompts, answers]))\n"
+                    "    return [0.0] * len(answers)\n")  # fmt: skip
+    (python,) = build_rewards([RewardSpec(kind="python", function=f"{user}:f")], tok, 0, 0)
+    fns = [python, RewardFn("rm", 1.0, False, _reward_model(rm, tok, 1024), rm)]
+    opts = SimpleNamespace(max_new_tokens=4, temperature=1.0)
+    *_, each = sample_and_score(load_pretrained(model_dir), tok, fns, [record], opts, seed=0)
+    prompts, answers = json.loads(user.with_suffix(".json").read_text())
+    assert prompts == [SERVED[:-1]]  # the calls and results as OpenAI's messages
+    tc = [record.tool_conversation]
+    assert torch.allclose(each["rm"], score(rm, tok, [record.prompt], answers, 1024, tc))
