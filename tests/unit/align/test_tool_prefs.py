@@ -5,15 +5,21 @@ transformers' apply_chat_template(messages, tools=..., add_generation_prompt=Tru
 template that reads tools; for ChatML, after the Hermes turns as before."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from lmforge.align.config import AlignConfig
+from lmforge.align.config import AlignConfig, PPOOptions, RewardSpec
 from lmforge.align.encode import encode_pairs
+from lmforge.align.grpo import sample_and_score
 from lmforge.align.grpo_data import load_prompt_records
 from lmforge.align.kto import encode_unpaired
+from lmforge.align.ppo import PolicyWithValue, Rollouts, make_rollout, score
 from lmforge.align.prefs import load_pairs, pairs_of
-from lmforge.align.rollout import sample_answers
+from lmforge.align.reward import reward_model
+from lmforge.align.rewards import Answers, RewardFn, _reward_model, build_rewards
+from lmforge.align.rollout import answer_texts, sample_answers
 from lmforge.align.stage import _rouge_examples
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.common.io import read_jsonl
@@ -156,22 +162,12 @@ def test_ppo_and_grpo_sample_after_the_prompt_ids_dpo_trains_on(
     assert ids == [trained] and 1 <= len(answers[0]) <= 4
 
 
-def test_grpo_rewards_read_a_tool_record_as_its_pairs_and_its_data_hold_it(
+def test_reward_models_and_python_rewards_read_a_tool_record_as_its_pairs_and_data_hold_it(
     export, tokenizer_dir, tmp_path
 ):
     """The reward model scores a tool answer on the ids its pairs were trained on (the
-    template's, which reads tools, not the Hermes turns), in GRPO as in PPO (ppo.score); a
+    template's, which reads tools, not the Hermes turns), in GRPO as in PPO's rollouts; a
     python reward gets the prompt as the record wrote it (OpenAI's form, as TRL passes it)."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from lmforge.align.config import RewardSpec
-    from lmforge.align.grpo import sample_and_score
-    from lmforge.align.ppo import score
-    from lmforge.align.reward import reward_model
-    from lmforge.align.rewards import Answers, RewardFn, _reward_model, build_rewards
-
     tok, _ = tools_model(tokenizer_dir, tmp_path, TOOLS_TEMPLATE)
     (record,) = load_prompt_records(export)
     rows, _, _ = encode_pairs(tok, load_pairs(export), seq_len=1024)
@@ -198,3 +194,9 @@ def test_grpo_rewards_read_a_tool_record_as_its_pairs_and_its_data_hold_it(
     assert prompts == [SERVED[:-1]]  # the calls and results as OpenAI's messages
     tc = [record.tool_conversation]
     assert torch.allclose(each["rm"], score(rm, tok, [record.prompt], answers, 1024, tc))
+
+    policy = PolicyWithValue(load_pretrained(model_dir))  # PPO's rollout scores it so too
+    opts = PPOOptions(rollout_prompts=1, max_new_tokens=4)
+    r = make_rollout(Rollouts(policy, policy.lm, rm, tok, [record], opts, 1, 1024, 0), [record], 0)
+    answer = answer_texts(tok, [r["labels"][0][r["labels"][0] != IGNORE_INDEX].tolist()])
+    assert torch.allclose(r["score"], score(rm, tok, [record.prompt], answer, 1024, tc))
