@@ -34,7 +34,7 @@ import torch
 from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
-from lmforge.align.encode import encode_pairs, reply_example
+from lmforge.align.encode import encode_pairs
 from lmforge.align.grpo import GroupRollouts, group_metrics, heldout_groups, make_grpo_loss
 from lmforge.align.grpo_data import load_prompt_records, require_references, require_tests
 from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
@@ -56,15 +56,14 @@ from lmforge.align.rollout import (
     frozen_copy,
     reward_headline,
 )
+from lmforge.align.rouge import rouge_beside_reference, rouge_examples, rouge_from_start
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune.evaluate import rouge_eval
-from lmforge.finetune.export import export_model, tuned_generation_config
+from lmforge.finetune.export import export_model
 from lmforge.finetune.lora import inject, trainable_fraction
 from lmforge.finetune.sft import load_chat_tokenizer
-from lmforge.tokenizer.generation import eos_ids
 from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.distributed import Runtime, setup_runtime
 from lmforge.train.loader import RowBatches
@@ -214,7 +213,7 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     with autocast(rt):
         after = evaluate_dpo(model, val_rows, bs, beta, kind, label_smoothing=eps)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
-    headline.update(_rouge(cfg, tok, model, val_pairs))
+    headline.update(rouge_beside_reference(cfg, tok, model, val_pairs))
     return model, headline
 
 
@@ -227,7 +226,7 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     bs, rt = cfg.eval.batch_size, _loop_runtime(cfg, lm)
     with autocast(rt):
         before = evaluate_ref_free(lm, val_rows, bs, spec)
-    rouge = _rouge_from_start(cfg, tok, lm, _rouge_examples(cfg, val_pairs))
+    rouge = rouge_from_start(cfg, tok, lm, rouge_examples(cfg, val_pairs))
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
@@ -272,7 +271,7 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     # ROUGE-L on every held-out record's desirable completion, as DPO's on every held-out pair
     good = [e for e in val if e["desirable"]]
-    headline.update(_rouge(cfg, tok, model, good, reply="completion"))
+    headline.update(rouge_beside_reference(cfg, tok, model, good, reply="completion"))
     return model, headline
 
 
@@ -312,11 +311,11 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     if warning := cut_prompts_warning(lm, tok, records + val, opts.max_new_tokens,
                                       "grpo.max_new_tokens"):  # fmt: skip
         ctx.log.warning(warning)
-    examples = _rouge_examples(cfg, [
+    examples = rouge_examples(cfg, [
         {"prompt": r.prompt, "tool_conversation": r.tool_conversation, "chosen": r.reference}
         for r in val if r.reference is not None])  # fmt: skip
     rt = _loop_runtime(cfg, lm)
-    rouge = _rouge_from_start(cfg, tok, lm, examples)  # as _adapt leaves it
+    rouge = rouge_from_start(cfg, tok, lm, examples)  # as _adapt leaves it
     _adapt(cfg, lm)
     held_out = partial(heldout_groups, reference=reference, rewards=rewards, tok=tok,
                        records=val, opts=opts)  # fmt: skip
@@ -341,55 +340,6 @@ def _fit_rollouts(
     policy, fit = _fit(cfg, ctx, policy, loss_fn, make_loader(rt), evaluate, rt)
     after = evaluate.final()  # the loop's last evaluation: not sampled a second time
     return policy, {**fit, **reward_headline(before, after, evaluate.metrics, before_keys)}
-
-
-def _rouge(cfg: AlignConfig, tok: Any, policy: Any, records: list, reply: str = "chosen") -> dict:
-    """Greedy ROUGE-L against the `reply` answers of held-out prompts (pairs' chosen, KTO's
-    desirable completions): policy and reference (the start or dpo.reference, loaded again:
-    training held only the policy)."""
-    from lmforge.model.convert import load_pretrained, resolve_model_dir
-
-    examples = _rouge_examples(cfg, records, reply)
-    if not examples:
-        return {}
-    explicit = cfg.dpo.reference if cfg.method == "dpo" else None  # kto: the start
-    where = resolve_model_dir(explicit) if explicit else cfg.model_dir()
-    reference = load_pretrained(where, quantized="dequantize")
-    return {
-        "rouge_l": _rouge_l(cfg, tok, policy, examples),
-        "ref_rouge_l": _rouge_l(cfg, tok, reference.to(next(policy.parameters()).device), examples),
-        "rouge_examples": len(examples),
-    }
-
-
-def _rouge_from_start(cfg: AlignConfig, tok: Any, lm: Any, examples: list[dict]) -> Any:
-    """Scores the starting model's greedy ROUGE-L on examples now (the methods that train its
-    own weights); returns what adds the trained model's beside it to the headline."""
-    if not examples:
-        return lambda model: {}
-    start = _rouge_l(cfg, tok, lm, examples)
-    return lambda model: {"rouge_l": _rouge_l(cfg, tok, model, examples), "ref_rouge_l": start,
-                          "rouge_examples": len(examples)}  # fmt: skip
-
-
-def _rouge_examples(cfg: AlignConfig, records: list, reply: str = "chosen") -> list[dict]:
-    """Up to eval.rouge_examples held-out prompts (each once) with their `reply` answers, as
-    chat examples rendered as training renders them (encode.reply_example: a tool conversation
-    through a template that reads `tools`)."""
-    seen, examples = set(), []
-    for r in records:
-        key = str(r["prompt"])
-        if key not in seen and len(examples) < cfg.eval.rouge_examples:
-            seen.add(key)
-            examples.append(reply_example(r["prompt"], r[reply], r.get("tool_conversation")))
-    return examples
-
-
-def _rouge_l(cfg: AlignConfig, tok: Any, model: Any, examples: list[dict]) -> float:
-    """Greedy ROUGE-L of model's answers to examples, stopping where final/ will stop."""
-    stops = eos_ids(tuned_generation_config(cfg.model_dir(), tok))
-    score, _ = rouge_eval(model, tok, examples, stops, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    return round(score, 4)
 
 
 def _write_outputs(cfg: AlignConfig, ctx: StageContext, tok: Any, model: Any, lm: Any) -> None:

@@ -20,7 +20,7 @@ from lmforge.align.prefs import load_pairs, pairs_of
 from lmforge.align.reward import reward_model
 from lmforge.align.rewards import Answers, RewardFn, _reward_model, build_rewards
 from lmforge.align.rollout import answer_texts, sample_answers
-from lmforge.align.stage import _rouge_examples
+from lmforge.align.rouge import rouge_examples
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.common.io import read_jsonl
 from lmforge.errors import InputError
@@ -142,7 +142,7 @@ def test_held_out_rouge_prompts_a_tool_record_with_the_training_prompt_ids(
     rows, _, _ = encode_pairs(tok, pairs, seq_len=1024)
     start = int((rows["labels"][0, 0] != IGNORE_INDEX).argmax()) + 1  # the reply's first token
     trained = rows["input_ids"][0, 0, :start].tolist()
-    for rouge in (_rouge_examples(cfg, pairs), _rouge_examples(cfg, examples, "completion")):
+    for rouge in (rouge_examples(cfg, pairs), rouge_examples(cfg, examples, "completion")):
         (example,) = rouge  # DPO's from pairs, KTO's from desirable examples
         assert tok.encode(answer_prompt(tok, example)) == trained
         assert [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"] == GOOD
