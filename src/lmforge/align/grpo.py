@@ -72,7 +72,7 @@ def sample_and_score(
     """(input_ids, labels, total reward (N,), each function's rewards) of one answer sampled
     per record (repeat a record for a group), in eval mode, on the policy's device."""
     device = next(lm.parameters()).device
-    prompts = [r.prompt for r in records]  # what reward functions read: role/content turns
+    prompts = [r.prompt for r in records]  # role/content turns; tool ones also in OpenAI form
     with eval_mode(lm):
         prompt_ids, answers = sample_answers(
             lm, tok, records, opts.max_new_tokens, seed, opts.temperature
