@@ -199,7 +199,7 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     bs, beta, kind, eps = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
     rt = _loop_runtime(cfg, lm)
     ref = load_reference(cfg.dpo.reference, tok).to(rt.device) if cfg.dpo.reference else lm
-    with autocast(rt):  # the loss's numerics: the start's log-ratio is 0
+    with autocast(rt):  # as the loss scores the policy against them
         train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
         val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
     del ref  # its log-probs are all training needs: one model in memory (ROUGE reloads it)
@@ -255,7 +255,7 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     if warning := balance_warning(counts, opts):
         ctx.log.warning(warning)
     rt = _loop_runtime(cfg, lm)
-    with autocast(rt):  # the loss's numerics: the start's log-ratio is 0
+    with autocast(rt):  # as the loss scores the policy against them
         train_rows["ref_logps"] = reference_logps(lm, train_rows, bs)
         val_rows["ref_logps"] = reference_logps(lm, val_rows, bs)
     lm.train()
@@ -289,7 +289,7 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     held_out = partial(heldout_rollout, reference=reference, reward=reward, tok=tok,
                        prompts=val_prompts, opts=opts, seq_len=seq_len)  # fmt: skip
     policy, fit = _fit_rollouts(
-        cfg, ctx, setup_runtime(cfg.train), policy, held_out, rollout_metrics,
+        cfg, ctx, _loop_runtime(cfg, lm), policy, held_out, rollout_metrics,
         make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
         lambda rt: Rollouts(policy, reference, reward, tok, prompts, opts,
                             cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader,
