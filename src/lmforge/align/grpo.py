@@ -72,7 +72,7 @@ def sample_and_score(
     """(input_ids, labels, total reward (N,), each function's rewards) of one answer sampled
     per record (repeat a record for a group), in eval mode, on the policy's device."""
     device = next(lm.parameters()).device
-    prompts = [r.prompt for r in records]  # what reward functions read: role/content turns
+    prompts = [r.prompt for r in records]  # role/content turns; tool ones also in OpenAI form
     with eval_mode(lm):
         prompt_ids, answers = sample_answers(
             lm, tok, records, opts.max_new_tokens, seed, opts.temperature
@@ -81,7 +81,7 @@ def sample_and_score(
     lengths = [sum(t not in stops for t in a) for a in answers]
     to_device(rewards, device)
     batch = Answers(prompts, answer_texts(tok, answers), [r.reference for r in records], lengths,
-                    [r.code for r in records])  # fmt: skip
+                    [r.code for r in records], [r.tool_conversation for r in records])  # fmt: skip
     total, each = score_answers(rewards, batch)
     ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
     return ids.to(device), labels.to(device), total, each

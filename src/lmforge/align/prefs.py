@@ -41,15 +41,6 @@ FEEDBACK_EXPORT = "feedback-export"  # the stage kind that turns the serving sto
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def prompt_messages(value: Any, tools: Any = None) -> list[dict[str, str]]:
-    """A record's prompt as role/content chat messages; ValueError says what is wrong with it.
-
-    A tool conversation (OpenAI's form: assistant `tool_calls`, `tool` results, the record's
-    `tools`) becomes its Hermes turns, the form every prompt reader takes; prompt_fields keeps
-    the OpenAI form for the encoding."""
-    return _role_content(_turns(value), _tools(tools))
-
-
 def _turns(value: Any) -> list[dict[str, Any]]:
     """A prompt (a string or messages) as messages, checked; ValueError says what is wrong."""
     if isinstance(value, str) and value.strip():

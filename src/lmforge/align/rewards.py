@@ -4,14 +4,16 @@ Each function maps a batch of answers to one float per answer. It reads `Answers
 (messages), the sampled answer texts (decoded without the stop token, stripped), the records'
 reference answers (None where a record has none) and each answer's token count. Kinds:
 
-- reward_model: the score of an `align --method reward` model (align.ppo.score).
+- reward_model: the score of an `align --method reward` model (align.ppo.score; a tool
+  conversation rendered as its pairs were).
 - rouge_l: ROUGE-L F1 against the reference (finetune.evaluate.rouge_l).
 - exact / contains: 1.0 if the answer equals / contains the reference, else 0.0; both sides are
   lowercased and their whitespace runs collapsed to one space first.
 - regex: 1.0 if `pattern` matches the answer (re.fullmatch, or re.search with match=search).
 - length: minus the number of answer tokens outside [min_tokens, max_tokens] (0 inside).
 - python: a user function "module:function" or "path/to/file.py:function", called as
-  f(prompts, answers, references) with lists, returning one finite number per answer.
+  f(prompts, answers, references) with lists (each prompt's messages as its record wrote them,
+  a tool conversation's in OpenAI's form), returning one finite number per answer.
 - code_tests: the answer (its first ```python block if it has one) run against its record's
   HumanEval/MBPP tests in the code sandbox (common.code_exec), all answers of a batch in
   parallel: 1.0 if it passes, else 0.0; with partial, the fraction of the asserts passed.
@@ -51,6 +53,14 @@ class Answers:
     references: list[str | None]
     lengths: list[int]
     code: list[CodeProblem | None] = field(default_factory=list)  # each record's tests
+    # each record's tool conversation (OpenAI form and tools, align.prefs.prompt_fields) or None
+    tool_conversations: list[dict[str, Any] | None] = field(default_factory=list)
+
+    def as_written(self) -> list[list[dict[str, Any]]]:
+        """Each prompt as its record wrote it: a tool conversation's OpenAI messages (assistant
+        tool_calls, tool results), not the Hermes turns `prompts` holds for it."""
+        tools = self.tool_conversations or [None] * len(self.prompts)
+        return [t["messages"] if t else p for p, t in zip(self.prompts, tools, strict=True)]
 
 
 @dataclass
@@ -135,7 +145,7 @@ def _python(spec: str) -> Callable[[Answers], Tensor]:
 
     def call(a: Answers) -> Tensor:
         try:
-            values = user(list(a.prompts), list(a.texts), list(a.references))
+            values = user(a.as_written(), list(a.texts), list(a.references))
         except Exception as err:
             raise ConfigError(
                 f"reward function {spec} raised {type(err).__name__}: {err}; make it return a "
@@ -150,7 +160,7 @@ def _reward_model(model: nn.Module, tok: Any, seq_len: int) -> Callable[[Answers
     from lmforge.align.ppo import score
 
     def call(a: Answers) -> Tensor:
-        return score(model, tok, a.prompts, a.texts, seq_len).cpu()
+        return score(model, tok, a.prompts, a.texts, seq_len, a.tool_conversations).cpu()
 
     return call
 

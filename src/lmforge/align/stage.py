@@ -34,7 +34,7 @@ import torch
 from lmforge.align.config import AlignConfig
 from lmforge.align.dpo import evaluate_dpo, load_reference, make_dpo_loss, reference_logps
 from lmforge.align.dropout import disable_dropout
-from lmforge.align.encode import encode_pairs, reply_example
+from lmforge.align.encode import encode_pairs
 from lmforge.align.grpo import GroupRollouts, group_metrics, heldout_groups, make_grpo_loss
 from lmforge.align.grpo_data import load_prompt_records, require_references, require_tests
 from lmforge.align.kto import balance_warning, encode_unpaired, evaluate_kto, make_kto_loss
@@ -56,19 +56,18 @@ from lmforge.align.rollout import (
     frozen_copy,
     reward_headline,
 )
+from lmforge.align.rouge import rouge_beside_reference, rouge_examples, rouge_from_start
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.common.logging import read_metrics
 from lmforge.errors import ConfigError, InputError
-from lmforge.finetune.evaluate import rouge_eval
-from lmforge.finetune.export import export_model, tuned_generation_config
+from lmforge.finetune.export import export_model
 from lmforge.finetune.lora import inject, trainable_fraction
 from lmforge.finetune.sft import load_chat_tokenizer
-from lmforge.tokenizer.generation import eos_ids
 from lmforge.train.checkpoint import forget_other_runs
 from lmforge.train.distributed import Runtime, setup_runtime
 from lmforge.train.loader import RowBatches
-from lmforge.train.loop import train
+from lmforge.train.loop import autocast, train
 from lmforge.train.observe import plot_losses
 
 MODEL_HINT = "lmforge finetune --model DIR --data FILE --out DIR (its final/ directory)"
@@ -142,9 +141,9 @@ def _pair_rows(cfg: AlignConfig, ctx: StageContext, tok: Any) -> tuple[dict, dic
 
 def _fit(
     cfg: AlignConfig, ctx: StageContext, model: Any, loss_fn: Any, loader: Any, eval_fn: Any,
-    rt: Runtime | None = None,
+    rt: Runtime,
 ):  # fmt: skip
-    """The one loop (on rt, the runtime a rollout loader shares with it), and the headline
+    """The one loop on rt (_loop_runtime's, which a rollout loader shares too), and the headline
     numbers every method shares."""
     if cfg.disable_dropout:
         disable_dropout(model)  # after _adapt: the LoRA adapters' dropout too
@@ -158,6 +157,16 @@ def _fit(
     return result.model, headline
 
 
+def _loop_runtime(cfg: AlignConfig, lm: Any) -> Runtime:
+    """The loop's runtime, lm moved to its device before anything is scored: what the methods
+    score before training (reference log-probs and "before" numbers, under autocast(rt) as the
+    loss, the loop's evaluations and the "after" numbers; the start's greedy ROUGE-L, without
+    autocast as the trained model's) runs on the loop's device, as fast and as precise."""
+    rt = setup_runtime(cfg.train)
+    lm.to(rt.device)
+    return rt
+
+
 def _adapt(cfg: AlignConfig, lm: Any) -> None:
     torch.manual_seed(cfg.train.seed)  # adapters and heads start the same on resume
     if cfg.tuning == "lora":
@@ -167,14 +176,16 @@ def _adapt(cfg: AlignConfig, lm: Any) -> None:
 def _reward(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
     """Bradley-Terry reward model; held-out pairwise accuracy before (random head) and after."""
     train_rows, val_rows, _, headline = _pair_rows(cfg, ctx, tok)
-    kinds, bs = headline.pop("val_kinds"), cfg.eval.batch_size
+    kinds, bs, rt = headline.pop("val_kinds"), cfg.eval.batch_size, _loop_runtime(cfg, lm)
     _adapt(cfg, lm)
-    model = reward_model(lm)
-    before = evaluate_rewards(model, val_rows, bs)
+    model = reward_model(lm).to(rt.device)
+    with autocast(rt):
+        before = evaluate_rewards(model, val_rows, bs)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
-    model, fit = _fit(cfg, ctx, model, reward_loss, loader,
-                      lambda m: evaluate_rewards(m, val_rows, bs, limit=cfg.train.eval_steps))  # fmt: skip
-    after = evaluate_rewards(model, val_rows, bs, kinds=kinds)
+    evaluate = partial(evaluate_rewards, rows=val_rows, batch_size=bs, limit=cfg.train.eval_steps)
+    model, fit = _fit(cfg, ctx, model, reward_loss, loader, evaluate, rt)
+    with autocast(rt):
+        after = evaluate_rewards(model, val_rows, bs, kinds=kinds)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     headline["base_val_pair_accuracy"] = _round(before["val_pair_accuracy"])
     return model, headline
@@ -186,18 +197,23 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
     bs, beta, kind, eps = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
-    ref = load_reference(cfg.dpo.reference, tok) if cfg.dpo.reference else lm
-    train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
-    val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
+    rt = _loop_runtime(cfg, lm)
+    ref = load_reference(cfg.dpo.reference, tok).to(rt.device) if cfg.dpo.reference else lm
+    with autocast(rt):  # as the loss scores the policy against them
+        train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
+        val_rows["ref_logps"] = reference_logps(ref, val_rows, bs)
     del ref  # its log-probs are all training needs: one model in memory (ROUGE reloads it)
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
+    evaluate = partial(evaluate_dpo, rows=val_rows, batch_size=bs, beta=beta, kind=kind,
+                       limit=cfg.train.eval_steps, label_smoothing=eps)  # fmt: skip
     model, fit = _fit(cfg, ctx, lm, make_dpo_loss(beta, kind, cfg.dpo.sft_weight, eps), loader,
-                      lambda m: evaluate_dpo(m, val_rows, bs, beta, kind, cfg.train.eval_steps, eps))  # fmt: skip
-    after = evaluate_dpo(model, val_rows, bs, beta, kind, label_smoothing=eps)
+                      evaluate, rt)  # fmt: skip
+    with autocast(rt):
+        after = evaluate_dpo(model, val_rows, bs, beta, kind, label_smoothing=eps)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
-    headline.update(_rouge(cfg, tok, model, val_pairs))
+    headline.update(rouge_beside_reference(cfg, tok, model, val_pairs))
     return model, headline
 
 
@@ -207,16 +223,18 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
     spec = RefFreeSpec(cfg.method, cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.lam)
-    bs = cfg.eval.batch_size
-    before = evaluate_ref_free(lm, val_rows, bs, spec)
-    rouge = _rouge_from_start(cfg, tok, lm, _rouge_examples(cfg, val_pairs))
+    bs, rt = cfg.eval.batch_size, _loop_runtime(cfg, lm)
+    with autocast(rt):
+        before = evaluate_ref_free(lm, val_rows, bs, spec)
+    rouge = rouge_from_start(cfg, tok, lm, rouge_examples(cfg, val_pairs))
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=cfg.train.seed)
     evaluate = partial(evaluate_ref_free, rows=val_rows, batch_size=bs, spec=spec,
                        limit=cfg.train.eval_steps)  # fmt: skip
-    model, fit = _fit(cfg, ctx, lm, make_ref_free_loss(spec), loader, evaluate)
-    after = evaluate_ref_free(model, val_rows, bs, spec)
+    model, fit = _fit(cfg, ctx, lm, make_ref_free_loss(spec), loader, evaluate, rt)
+    with autocast(rt):
+        after = evaluate_ref_free(model, val_rows, bs, spec)
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     headline.update({f"ref_{k[4:]}": _round(before[k]) for k in (
         "val_logp_margin", "val_pref_accuracy", "val_reward_margin")})  # fmt: skip
@@ -236,21 +254,24 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     ctx.log.info("align kto/%s: train %s, val %s", cfg.tuning, counts, val_counts)
     if warning := balance_warning(counts, opts):
         ctx.log.warning(warning)
-    train_rows["ref_logps"] = reference_logps(lm, train_rows, bs)
-    val_rows["ref_logps"] = reference_logps(lm, val_rows, bs)
+    rt = _loop_runtime(cfg, lm)
+    with autocast(rt):  # as the loss scores the policy against them
+        train_rows["ref_logps"] = reference_logps(lm, train_rows, bs)
+        val_rows["ref_logps"] = reference_logps(lm, val_rows, bs)
     lm.train()
     _adapt(cfg, lm)
     loader = RowBatches(train_rows, cfg.train.micro_batch_size, seed=seed)
     evaluate = partial(evaluate_kto, rows=val_rows, batch_size=bs, opts=opts,
                        limit=cfg.train.eval_steps)  # fmt: skip
-    model, fit = _fit(cfg, ctx, lm, make_kto_loss(opts), loader, evaluate)
-    after = evaluate_kto(model, val_rows, bs, opts)
+    model, fit = _fit(cfg, ctx, lm, make_kto_loss(opts), loader, evaluate, rt)
+    with autocast(rt):
+        after = evaluate_kto(model, val_rows, bs, opts)
     headline = {f"{split}_{k}": c[k] for split, c in (("train", counts), ("val", val_counts))
                 for k in ("desirable", "undesirable")}  # fmt: skip
     headline.update(fit, **{k: _round(v) for k, v in after.items()})
     # ROUGE-L on every held-out record's desirable completion, as DPO's on every held-out pair
     good = [e for e in val if e["desirable"]]
-    headline.update(_rouge(cfg, tok, model, good, reply="completion"))
+    headline.update(rouge_beside_reference(cfg, tok, model, good, reply="completion"))
     return model, headline
 
 
@@ -268,7 +289,7 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     held_out = partial(heldout_rollout, reference=reference, reward=reward, tok=tok,
                        prompts=val_prompts, opts=opts, seq_len=seq_len)  # fmt: skip
     policy, fit = _fit_rollouts(
-        cfg, ctx, setup_runtime(cfg.train), policy, held_out, rollout_metrics,
+        cfg, ctx, _loop_runtime(cfg, lm), policy, held_out, rollout_metrics,
         make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
         lambda rt: Rollouts(policy, reference, reward, tok, prompts, opts,
                             cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader,
@@ -291,11 +312,11 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     if warning := cut_prompts_warning(lm, tok, records + val, opts.max_new_tokens,
                                       "grpo.max_new_tokens"):  # fmt: skip
         ctx.log.warning(warning)
-    examples = _rouge_examples(cfg, [
+    examples = rouge_examples(cfg, [
         {"prompt": r.prompt, "tool_conversation": r.tool_conversation, "chosen": r.reference}
         for r in val if r.reference is not None])  # fmt: skip
-    rt = setup_runtime(cfg.train)
-    rouge = _rouge_from_start(cfg, tok, lm.to(rt.device), examples)  # as _adapt leaves it
+    rt = _loop_runtime(cfg, lm)
+    rouge = rouge_from_start(cfg, tok, lm, examples)  # as _adapt leaves it
     _adapt(cfg, lm)
     held_out = partial(heldout_groups, reference=reference, rewards=rewards, tok=tok,
                        records=val, opts=opts)  # fmt: skip
@@ -320,55 +341,6 @@ def _fit_rollouts(
     policy, fit = _fit(cfg, ctx, policy, loss_fn, make_loader(rt), evaluate, rt)
     after = evaluate.final()  # the loop's last evaluation: not sampled a second time
     return policy, {**fit, **reward_headline(before, after, evaluate.metrics, before_keys)}
-
-
-def _rouge(cfg: AlignConfig, tok: Any, policy: Any, records: list, reply: str = "chosen") -> dict:
-    """Greedy ROUGE-L against the `reply` answers of held-out prompts (pairs' chosen, KTO's
-    desirable completions): policy and reference (the start or dpo.reference, loaded again:
-    training held only the policy)."""
-    from lmforge.model.convert import load_pretrained, resolve_model_dir
-
-    examples = _rouge_examples(cfg, records, reply)
-    if not examples:
-        return {}
-    explicit = cfg.dpo.reference if cfg.method == "dpo" else None  # kto: the start
-    where = resolve_model_dir(explicit) if explicit else cfg.model_dir()
-    reference = load_pretrained(where, quantized="dequantize")
-    return {
-        "rouge_l": _rouge_l(cfg, tok, policy, examples),
-        "ref_rouge_l": _rouge_l(cfg, tok, reference.to(next(policy.parameters()).device), examples),
-        "rouge_examples": len(examples),
-    }
-
-
-def _rouge_from_start(cfg: AlignConfig, tok: Any, lm: Any, examples: list[dict]) -> Any:
-    """Scores the starting model's greedy ROUGE-L on examples now (the methods that train its
-    own weights); returns what adds the trained model's beside it to the headline."""
-    if not examples:
-        return lambda model: {}
-    start = _rouge_l(cfg, tok, lm, examples)
-    return lambda model: {"rouge_l": _rouge_l(cfg, tok, model, examples), "ref_rouge_l": start,
-                          "rouge_examples": len(examples)}  # fmt: skip
-
-
-def _rouge_examples(cfg: AlignConfig, records: list, reply: str = "chosen") -> list[dict]:
-    """Up to eval.rouge_examples held-out prompts (each once) with their `reply` answers, as
-    chat examples rendered as training renders them (encode.reply_example: a tool conversation
-    through a template that reads `tools`)."""
-    seen, examples = set(), []
-    for r in records:
-        key = str(r["prompt"])
-        if key not in seen and len(examples) < cfg.eval.rouge_examples:
-            seen.add(key)
-            examples.append(reply_example(r["prompt"], r[reply], r.get("tool_conversation")))
-    return examples
-
-
-def _rouge_l(cfg: AlignConfig, tok: Any, model: Any, examples: list[dict]) -> float:
-    """Greedy ROUGE-L of model's answers to examples, stopping where final/ will stop."""
-    stops = eos_ids(tuned_generation_config(cfg.model_dir(), tok))
-    score, _ = rouge_eval(model, tok, examples, stops, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    return round(score, 4)
 
 
 def _write_outputs(cfg: AlignConfig, ctx: StageContext, tok: Any, model: Any, lm: Any) -> None:

@@ -336,3 +336,38 @@ def test_ppo_scores_at_the_length_the_reward_model_was_trained_at(tmp_path, mode
     (bare / "config.json").write_text(json.dumps(config | {SEQ_LEN_KEY: 0}))
     with pytest.raises(InputError, match=rf"config.json: {SEQ_LEN_KEY}=0 is not a length"):
         load_reward_model(bare, tok.vocab_size, tok)
+
+
+@pytest.mark.parametrize("method", ["reward", "dpo", "kto", "simpo", "orpo"])
+def test_what_is_scored_before_and_after_training_runs_as_the_loops_evaluations(
+    tmp_path, model_dir, method, monkeypatch
+):
+    """train.dtype=bf16 on the CPU: reference log-probs and the "before" and "after" numbers
+    are scored on the loop's device under its autocast, as the loss and its evaluations."""
+    from lmforge.align import stage
+
+    seen = []
+
+    def recorded(fn):
+        def call(model, *args, **kwargs):
+            device = next(model.parameters()).device
+            seen.append((fn.__name__, device, torch.is_autocast_enabled(device.type),
+                         torch.get_autocast_dtype(device.type)))  # fmt: skip
+            return fn(model, *args, **kwargs)
+
+        return call
+
+    scorers = ["reference_logps", "evaluate_rewards", "evaluate_dpo", "evaluate_kto",
+               "evaluate_ref_free"]  # fmt: skip
+    for name in scorers:
+        monkeypatch.setattr(stage, name, recorded(getattr(stage, name)))
+    cfg = AlignConfig(**{**_cfg(tmp_path, model_dir, method).model_dump(),
+                         "train": {**FAST, "max_steps": 2, "dtype": "bf16"}})  # fmt: skip
+    m = read_manifest(align(cfg))["metrics"]
+    names = [name for name, *_ in seen]
+    expected = {"reward": ["evaluate_rewards"] * 3, "dpo": ["reference_logps"] * 2
+                + ["evaluate_dpo"] * 2, "kto": ["reference_logps"] * 2 + ["evaluate_kto"] * 2,
+                "simpo": ["evaluate_ref_free"] * 3, "orpo": ["evaluate_ref_free"] * 3}  # fmt: skip
+    assert names == expected[method]  # before (or the reference), the loop's last eval, after
+    assert {tuple(s[1:]) for s in seen} == {(torch.device("cpu"), True, torch.bfloat16)}
+    assert m["steps"] == 2

@@ -5,16 +5,22 @@ transformers' apply_chat_template(messages, tools=..., add_generation_prompt=Tru
 template that reads tools; for ChatML, after the Hermes turns as before."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from lmforge.align.config import AlignConfig
+from lmforge.align.config import AlignConfig, PPOOptions, RewardSpec
 from lmforge.align.encode import encode_pairs
+from lmforge.align.grpo import sample_and_score
 from lmforge.align.grpo_data import load_prompt_records
 from lmforge.align.kto import encode_unpaired
+from lmforge.align.ppo import PolicyWithValue, Rollouts, make_rollout, score
 from lmforge.align.prefs import load_pairs, pairs_of
-from lmforge.align.rollout import sample_answers
-from lmforge.align.stage import _rouge_examples
+from lmforge.align.reward import reward_model
+from lmforge.align.rewards import Answers, RewardFn, _reward_model, build_rewards
+from lmforge.align.rollout import answer_texts, sample_answers
+from lmforge.align.rouge import rouge_examples
 from lmforge.align.unpaired import load_unpaired_groups
 from lmforge.common.io import read_jsonl
 from lmforge.errors import InputError
@@ -136,7 +142,7 @@ def test_held_out_rouge_prompts_a_tool_record_with_the_training_prompt_ids(
     rows, _, _ = encode_pairs(tok, pairs, seq_len=1024)
     start = int((rows["labels"][0, 0] != IGNORE_INDEX).argmax()) + 1  # the reply's first token
     trained = rows["input_ids"][0, 0, :start].tolist()
-    for rouge in (_rouge_examples(cfg, pairs), _rouge_examples(cfg, examples, "completion")):
+    for rouge in (rouge_examples(cfg, pairs), rouge_examples(cfg, examples, "completion")):
         (example,) = rouge  # DPO's from pairs, KTO's from desirable examples
         assert tok.encode(answer_prompt(tok, example)) == trained
         assert [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"] == GOOD
@@ -154,3 +160,43 @@ def test_ppo_and_grpo_sample_after_the_prompt_ids_dpo_trains_on(
     lm = load_pretrained(make_model_dir(tmp_path / "lm", tokenizer_dir, block_size=start + 8))
     ids, answers = sample_answers(lm, tok, [record], max_new_tokens=4, seed=0, temperature=1.0)
     assert ids == [trained] and 1 <= len(answers[0]) <= 4
+
+
+def test_reward_models_and_python_rewards_read_a_tool_record_as_its_pairs_and_data_hold_it(
+    export, tokenizer_dir, tmp_path
+):
+    """The reward model scores a tool answer on the ids its pairs were trained on (the
+    template's, which reads tools, not the Hermes turns), in GRPO as in PPO's rollouts; a
+    python reward gets the prompt as the record wrote it (OpenAI's form, as TRL passes it)."""
+    tok, _ = tools_model(tokenizer_dir, tmp_path, TOOLS_TEMPLATE)
+    (record,) = load_prompt_records(export)
+    rows, _, _ = encode_pairs(tok, load_pairs(export), seq_len=1024)
+    n = int(rows["last"][0, 0]) + 1  # the chosen row's tokens, pooled at its last
+    model_dir = make_model_dir(tmp_path / "lm", tokenizer_dir, block_size=1024)
+    rm = reward_model(load_pretrained(model_dir)).eval()
+    rm.input_len = None
+    with torch.no_grad():
+        trained = rm(torch.as_tensor(rows["input_ids"][0, :1, :n]), torch.tensor([n - 1]))[0]
+    tooled = Answers([record.prompt], [GOOD], [None], [1], [None], [record.tool_conversation])
+    assert torch.allclose(_reward_model(rm, tok, 1024)(tooled), trained.view(1), atol=1e-5)
+    assert not torch.allclose(score(rm, tok, [record.prompt], [GOOD], 1024), trained.view(1))
+
+    user = tmp_path / "seen.py"
+    user.write_text("import json, pathlib\n\ndef f(prompts, answers, references):\n"
+                    "    seen = pathlib.Path(__file__).with_suffix('.json')\n"
+                    "    seen.write_text(json.dumps([prompts, answers]))\n"
+                    "    return [0.0] * len(answers)\n")  # fmt: skip
+    (python,) = build_rewards([RewardSpec(kind="python", function=f"{user}:f")], tok, 0, 0)
+    fns = [python, RewardFn("rm", 1.0, False, _reward_model(rm, tok, 1024), rm)]
+    opts = SimpleNamespace(max_new_tokens=4, temperature=1.0)
+    *_, each = sample_and_score(load_pretrained(model_dir), tok, fns, [record], opts, seed=0)
+    prompts, answers = json.loads(user.with_suffix(".json").read_text())
+    assert prompts == [SERVED[:-1]]  # the calls and results as OpenAI's messages
+    tc = [record.tool_conversation]
+    assert torch.allclose(each["rm"], score(rm, tok, [record.prompt], answers, 1024, tc))
+
+    policy = PolicyWithValue(load_pretrained(model_dir))  # PPO's rollout scores it so too
+    opts = PPOOptions(rollout_prompts=1, max_new_tokens=4)
+    r = make_rollout(Rollouts(policy, policy.lm, rm, tok, [record], opts, 1, 1024, 0), [record], 0)
+    answer = answer_texts(tok, [r["labels"][0][r["labels"][0] != IGNORE_INDEX].tolist()])
+    assert torch.allclose(r["score"], score(rm, tok, [record.prompt], answer, 1024, tc))
