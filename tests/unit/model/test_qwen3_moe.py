@@ -1,0 +1,167 @@
+"""The qwen3_moe family: transformers' Qwen3MoeForCausalLM checkpoints (hub and fused expert layouts)
+import with its logits, greedy tokens and training loss; our qk_norm mixtures export as it; configs
+that mix dense and sparse layers are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lmforge.errors import InputError
+from lmforge.model.config import preset_config
+from lmforge.model.convert import hf_config_to_model_config, load_pretrained, save_pretrained
+from lmforge.model.generate import generate
+from lmforge.model.hf_families import family_for
+from lmforge.model.transformer import Transformer
+from unit.model.test_convert import VOCAB, randomize
+
+transformers = pytest.importorskip("transformers")
+
+# moe_intermediate_size (the experts' width) differs from the dense intermediate_size, and
+# head_dim 24 is not hidden_size / heads
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+SHAPE |= dict(num_key_value_heads=2, head_dim=24, intermediate_size=80, moe_intermediate_size=48)
+SHAPE |= dict(num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+HF_MODELS = {
+    "renormalised-tied": dict(norm_topk_prob=True, tie_word_embeddings=True),
+    "raw-topk-untied": dict(norm_topk_prob=False, router_aux_loss_coef=0.02),
+    # Qwen3MoeConfig has no layer_types: use_sliding_window slides every layer whatever
+    # max_window_layers says
+    "raw-topk-sliding": dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),
+}
+IDX = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
+
+
+def hf_qwen3_moe(tmp_path, **changes) -> torch.nn.Module:
+    """A random Qwen3MoeForCausalLM saved to tmp_path in the hub layout (per-expert tensors)."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**{**SHAPE, **changes})
+    hf = randomize(transformers.Qwen3MoeForCausalLM(config))
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("kind", HF_MODELS)
+def test_qwen3_moe_checkpoint_imports_with_its_logits_and_greedy_tokens(kind, tmp_path):
+    changes = HF_MODELS[kind]
+    hf = hf_qwen3_moe(tmp_path, **changes)
+    ours = load_pretrained(tmp_path)
+    cfg = ours.config
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size) == (4, 2, 48)
+    assert cfg.qk_norm and cfg.hd == 24 and cfg.norm_topk_prob == changes.get("norm_topk_prob", 0)
+    assert cfg.router_aux_loss_coef == changes.get("router_aux_loss_coef", 0.001)
+    assert cfg.sliding_window == changes.get("sliding_window")
+    with torch.no_grad():
+        assert (ours(IDX) - hf(IDX).logits).abs().max().item() <= 1e-4
+        prompt = IDX[:1, :6]
+        want = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert torch.equal(generate(ours, prompt, 12, greedy=True), want)
+    assert family_for(cfg) == "qwen3_moe"
+
+
+def test_fused_expert_tensors_import_like_the_hub_layout(tmp_path):
+    """transformers 5's in-memory names (mlp.experts.gate_up_proj (E, 2I, C), down_proj, mlp.gate)
+    saved as they are load to the same model."""
+    hf = hf_qwen3_moe(tmp_path / "hub")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, fused / "model.safetensors")
+    (fused / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    a, b = load_pretrained(tmp_path / "hub"), load_pretrained(fused)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_training_loss_equals_transformers_with_router_logits(tmp_path):
+    """Cross-entropy + router_aux_loss_coef x load balancing, as Qwen3MoeForCausalLM computes with
+    output_router_logits (its load_balancing_loss_func over every layer's router logits)."""
+    hf = hf_qwen3_moe(tmp_path, router_aux_loss_coef=0.5)
+    ours = load_pretrained(tmp_path).train()
+    labels = torch.cat([IDX[:, 1:], torch.full((2, 1), -100)], dim=1)  # ours come shifted
+    with torch.no_grad():
+        out = hf(IDX, labels=IDX, output_router_logits=True)
+        loss = ours(IDX, labels=labels)
+        ours.eval()
+        plain = ours(IDX, labels=labels)
+    assert out.aux_loss > 1.0  # k=2 when balanced: the aux term is not negligible at coef 0.5
+    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss - plain, 0.5 * out.aux_loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_qk_norm_mixture_exports_as_qwen3_moe(norm_topk_prob, tmp_path):
+    cfg = preset_config(
+        "micro-moe", vocab_size=VOCAB, qk_norm=True, head_dim=24, tie_embeddings=norm_topk_prob,
+        norm_topk_prob=norm_topk_prob, router_aux_loss_coef=0.02,
+    )  # fmt: skip
+    model = randomize(Transformer(cfg))
+    assert family_for(cfg) == "qwen3_moe"
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert config["moe_intermediate_size"] == cfg.intermediate_size and config["num_experts"] == 4
+    assert (config["norm_topk_prob"], config["mlp_only_layers"]) == (norm_topk_prob, [])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    with torch.no_grad():
+        expected = model(IDX)
+        assert (hf(IDX).logits - expected).abs().max().item() <= 1e-4
+    back = load_pretrained(tmp_path)
+    assert back.config == model.config
+    torch.testing.assert_close(back(IDX), expected, atol=0, rtol=0)
+
+
+def test_every_layer_dense_imports_as_dense_qwen3(tmp_path):
+    """mlp_only_layers covering every layer: Qwen3MoeMLP (intermediate_size wide) throughout."""
+    hf = hf_qwen3_moe(tmp_path, mlp_only_layers=[0, 1])
+    ours = load_pretrained(tmp_path)
+    assert (ours.config.num_experts, ours.config.intermediate_size) == (0, 80)
+    with torch.no_grad():
+        assert (ours(IDX) - hf(IDX).logits).abs().max().item() <= 1e-4
+    assert family_for(ours.config) == "qwen3"
+
+
+@pytest.mark.parametrize(
+    "changes, dense, sparse",
+    [(dict(mlp_only_layers=[1]), [1], [0]), (dict(decoder_sparse_step=2), [0], [1])],
+)
+def test_configs_mixing_dense_and_sparse_layers_are_refused(changes, dense, sparse):
+    hf = {"model_type": "qwen3_moe", **SHAPE, **changes}
+    with pytest.raises(InputError) as err:
+        hf_config_to_model_config(hf)
+    msg = str(err.value)
+    assert f"layers {dense} dense MLPs and layers {sparse} mixtures of experts" in msg
+    assert "decoder_sparse_step" in msg and "mlp_only_layers" in msg and "all sparse" in msg
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(attention_bias=True), "attention_bias=True is not supported"),
+        (dict(decoder_sparse_step=0), "decoder_sparse_step=0 must be an integer >= 1"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_name(changes, match):
+    with pytest.raises(InputError, match=match):
+        hf_config_to_model_config({"model_type": "qwen3_moe", **SHAPE, **changes})
+
+
+def test_omitted_fields_read_as_transformers_reads_them():
+    """Qwen3MoeConfig's defaults (128 experts, top-8, raw top-k weights, 768-wide experts) and
+    head_dim = hidden_size / heads (not Qwen3's 128), 4 KV heads; num_local_experts is read as num_experts."""
+    hf = dict(model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2)
+    hf |= dict(num_attention_heads=8)
+    want = transformers.Qwen3MoeConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    cfg = hf_config_to_model_config(hf)
+    assert (cfg.num_experts, cfg.num_experts_per_tok) == (want.num_experts, 8)
+    assert (cfg.intermediate_size, cfg.norm_topk_prob) == (want.moe_intermediate_size, False)
+    assert cfg.router_aux_loss_coef == want.router_aux_loss_coef
+    assert cfg.hd == 8 and cfg.block_size == want.max_position_embeddings == 32768
+    assert cfg.sliding_window is None and cfg.n_kv_head == want.num_key_value_heads == 4
+    assert hf_config_to_model_config({**hf, "num_local_experts": 12}).num_experts == 12
