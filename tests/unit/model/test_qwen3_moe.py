@@ -12,11 +12,17 @@ from safetensors.torch import save_file
 
 from lmforge.errors import InputError
 from lmforge.model.config import preset_config
-from lmforge.model.convert import hf_config_to_model_config, load_pretrained, save_pretrained
+from lmforge.model.convert import (
+    ClassifierHead,
+    hf_config_to_model_config,
+    load_classifier,
+    load_pretrained,
+    save_pretrained,
+)
 from lmforge.model.generate import generate
 from lmforge.model.hf_families import family_for
 from lmforge.model.transformer import Transformer
-from unit.model.test_convert import VOCAB, randomize
+from unit.model.test_convert import PAD, VOCAB, pooled_logits, randomize, right_padded
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,13 +99,18 @@ def test_training_loss_equals_transformers_with_router_logits(tmp_path):
     torch.testing.assert_close(loss - plain, 0.5 * out.aux_loss, atol=1e-5, rtol=0)
 
 
+def ours_qwen3_moe(**overrides) -> Transformer:
+    """Our micro mixture of experts with qk_norm and Qwen3's wide heads, random weights."""
+    cfg = preset_config("micro-moe", vocab_size=VOCAB, qk_norm=True, head_dim=24, **overrides)
+    return randomize(Transformer(cfg))
+
+
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_qk_norm_mixture_exports_as_qwen3_moe(norm_topk_prob, tmp_path):
-    cfg = preset_config(
-        "micro-moe", vocab_size=VOCAB, qk_norm=True, head_dim=24, tie_embeddings=norm_topk_prob,
-        norm_topk_prob=norm_topk_prob, router_aux_loss_coef=0.02,
-    )  # fmt: skip
-    model = randomize(Transformer(cfg))
+    model = ours_qwen3_moe(
+        tie_embeddings=norm_topk_prob, norm_topk_prob=norm_topk_prob, router_aux_loss_coef=0.02
+    )
+    cfg = model.config
     assert family_for(cfg) == "qwen3_moe"
     save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -114,6 +125,21 @@ def test_qk_norm_mixture_exports_as_qwen3_moe(norm_topk_prob, tmp_path):
     back = load_pretrained(tmp_path)
     assert back.config == model.config
     torch.testing.assert_close(back(IDX), expected, atol=0, rtol=0)
+
+
+def test_qwen3_moe_classifier_export_loads_in_transformers_with_same_logits(tmp_path):
+    model = ours_qwen3_moe(norm_topk_prob=False)
+    score = 0.1 * torch.randn(3, model.config.n_embd, generator=torch.Generator().manual_seed(2))
+    save_pretrained(model, tmp_path, {"pad_token_id": PAD}, ClassifierHead(score, ["a", "b", "c"]))
+    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert type(hf).__name__ == "Qwen3MoeForSequenceClassification" and not any(info.values())
+    idx = right_padded([12, 7, 20, 1])
+    with torch.no_grad():
+        expected = hf.eval()(idx).logits
+    assert (pooled_logits(model, score, idx) - expected).abs().max().item() <= 1e-4
+    assert torch.equal(load_classifier(tmp_path).weight, score)
 
 
 def test_every_layer_dense_imports_as_dense_qwen3(tmp_path):
@@ -165,3 +191,24 @@ def test_omitted_fields_read_as_transformers_reads_them():
     assert cfg.hd == 8 and cfg.block_size == want.max_position_embeddings == 32768
     assert cfg.sliding_window is None and cfg.n_kv_head == want.num_key_value_heads == 4
     assert hf_config_to_model_config({**hf, "num_local_experts": 12}).num_experts == 12
+
+
+def test_qwen3_30b_a3b_config_reads_as_its_architecture():
+    """The hub's Qwen3-30B-A3B config.json (its architecture fields): 128 experts 768 wide, top-8
+    renormalised; max_window_layers with use_sliding_window false leaves full attention."""
+    hf = dict(
+        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], attention_bias=False,
+        decoder_sparse_step=1, head_dim=128, hidden_act="silu", hidden_size=2048,
+        intermediate_size=6144, max_position_embeddings=40960, max_window_layers=48,
+        mlp_only_layers=[], moe_intermediate_size=768, norm_topk_prob=True, num_attention_heads=32,
+        num_experts=128, num_experts_per_tok=8, num_hidden_layers=48, num_key_value_heads=4,
+        output_router_logits=False, rms_norm_eps=1e-06, rope_scaling=None, rope_theta=1000000.0,
+        router_aux_loss_coef=0.001, sliding_window=None, tie_word_embeddings=False,
+        use_sliding_window=False, vocab_size=151936,
+    )  # fmt: skip
+    cfg = hf_config_to_model_config(hf)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size) == (128, 8, 768)
+    assert cfg.norm_topk_prob and cfg.qk_norm and cfg.router_aux_loss_coef == 0.001
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.hd, cfg.n_embd) == (48, 32, 4, 128, 2048)
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.sliding_window) == (1e6, None, None)
+    assert cfg.block_size == 40960 and not cfg.tie_embeddings and family_for(cfg) == "qwen3_moe"
