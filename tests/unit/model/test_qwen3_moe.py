@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from lmforge.errors import InputError
 from lmforge.model.config import preset_config
 from lmforge.model.convert import (
-    ClassifierHead,
     hf_config_to_model_config,
     load_classifier,
     load_pretrained,
@@ -23,14 +22,14 @@ from lmforge.model.generate import generate
 from lmforge.model.hf_families import family_for
 from lmforge.model.transformer import Transformer
 from unit.model.test_convert import PAD, VOCAB, pooled_logits, randomize, right_padded
+from unit.model.test_qwen3 import SHAPE as QWEN3_SHAPE
 
 transformers = pytest.importorskip("transformers")
 
-# moe_intermediate_size (the experts' width) differs from the dense intermediate_size, and
-# head_dim 24 is not hidden_size / heads
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-SHAPE |= dict(num_key_value_heads=2, head_dim=24, intermediate_size=80, moe_intermediate_size=48)
-SHAPE |= dict(num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+# Qwen3's test attention (head_dim 24, not hidden_size / heads); the experts' width
+# moe_intermediate_size differs from the dense intermediate_size
+SHAPE = QWEN3_SHAPE | dict(intermediate_size=80, moe_intermediate_size=48)
+SHAPE |= dict(num_experts=4, num_experts_per_tok=2)
 HF_MODELS = {
     "renormalised-tied": dict(norm_topk_prob=True, tie_word_embeddings=True),
     "raw-topk-untied": dict(norm_topk_prob=False, router_aux_loss_coef=0.02),
@@ -50,10 +49,23 @@ def hf_qwen3_moe(tmp_path, **changes) -> torch.nn.Module:
     return hf
 
 
+def save_fused(hf: torch.nn.Module, model_dir) -> None:
+    """Overwrite model_dir's weights with transformers 5's in-memory names, saved as they are
+    (mlp.experts.gate_up_proj (E, 2I, C), mlp.experts.down_proj (E, C, I), mlp.gate)."""
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    if hf.config.tie_word_embeddings:  # one tensor under two names: written once, as the hub does
+        del state["lm_head.weight"]
+    save_file(state, model_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
 @pytest.mark.parametrize("kind", HF_MODELS)
-def test_qwen3_moe_checkpoint_imports_with_its_logits_and_greedy_tokens(kind, tmp_path):
+def test_qwen3_moe_checkpoint_imports_with_its_logits_and_greedy_tokens(kind, layout, tmp_path):
     changes = HF_MODELS[kind]
     hf = hf_qwen3_moe(tmp_path, **changes)
+    if layout == "fused":
+        save_fused(hf, tmp_path)
     ours = load_pretrained(tmp_path)
     cfg = ours.config
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size) == (4, 2, 48)
@@ -66,21 +78,6 @@ def test_qwen3_moe_checkpoint_imports_with_its_logits_and_greedy_tokens(kind, tm
         want = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
     assert torch.equal(generate(ours, prompt, 12, greedy=True), want)
     assert family_for(cfg) == "qwen3_moe"
-
-
-def test_fused_expert_tensors_import_like_the_hub_layout(tmp_path):
-    """transformers 5's in-memory names (mlp.experts.gate_up_proj (E, 2I, C), down_proj, mlp.gate)
-    saved as they are load to the same model."""
-    hf = hf_qwen3_moe(tmp_path / "hub")
-    fused = tmp_path / "fused"
-    fused.mkdir()
-    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
-    assert "model.layers.0.mlp.experts.gate_up_proj" in state
-    save_file(state, fused / "model.safetensors")
-    (fused / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
-    a, b = load_pretrained(tmp_path / "hub"), load_pretrained(fused)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x, y), name
 
 
 def test_training_loss_equals_transformers_with_router_logits(tmp_path):
@@ -99,47 +96,43 @@ def test_training_loss_equals_transformers_with_router_logits(tmp_path):
     torch.testing.assert_close(loss - plain, 0.5 * out.aux_loss, atol=1e-5, rtol=0)
 
 
-def ours_qwen3_moe(**overrides) -> Transformer:
-    """Our micro mixture of experts with qk_norm and Qwen3's wide heads, random weights."""
-    cfg = preset_config("micro-moe", vocab_size=VOCAB, qk_norm=True, head_dim=24, **overrides)
-    return randomize(Transformer(cfg))
-
-
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_qk_norm_mixture_exports_as_qwen3_moe(norm_topk_prob, tmp_path):
-    model = ours_qwen3_moe(
-        tie_embeddings=norm_topk_prob, norm_topk_prob=norm_topk_prob, router_aux_loss_coef=0.02
-    )
-    cfg = model.config
+    """The export's config.json (logits and the round trip: test_convert's OUR_MODELS)."""
+    cfg = preset_config(
+        "micro-moe", qk_norm=True, head_dim=24, norm_topk_prob=norm_topk_prob,
+        router_aux_loss_coef=0.02,
+    )  # fmt: skip
+    model = Transformer(cfg)
     assert family_for(cfg) == "qwen3_moe"
     save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["head_dim"] == 24
     assert config["moe_intermediate_size"] == cfg.intermediate_size and config["num_experts"] == 4
     assert (config["norm_topk_prob"], config["mlp_only_layers"]) == (norm_topk_prob, [])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
-    with torch.no_grad():
-        expected = model(IDX)
-        assert (hf(IDX).logits - expected).abs().max().item() <= 1e-4
-    back = load_pretrained(tmp_path)
-    assert back.config == model.config
-    torch.testing.assert_close(back(IDX), expected, atol=0, rtol=0)
+    assert (config["decoder_sparse_step"], config["router_aux_loss_coef"]) == (1, 0.02)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert hf.config.norm_topk_prob == norm_topk_prob and hf.config.num_experts == 4
 
 
-def test_qwen3_moe_classifier_export_loads_in_transformers_with_same_logits(tmp_path):
-    model = ours_qwen3_moe(norm_topk_prob=False)
-    score = 0.1 * torch.randn(3, model.config.n_embd, generator=torch.Generator().manual_seed(2))
-    save_pretrained(model, tmp_path, {"pad_token_id": PAD}, ClassifierHead(score, ["a", "b", "c"]))
-    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tmp_path, output_loading_info=True
-    )
-    assert type(hf).__name__ == "Qwen3MoeForSequenceClassification" and not any(info.values())
+def test_qwen3_moe_classifier_round_trips_through_transformers(tmp_path):
+    """Qwen3MoeForSequenceClassification in (body + score, no lm_head) and back out."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**SHAPE, num_labels=3, pad_token_id=PAD)
+    hf = randomize(transformers.Qwen3MoeForSequenceClassification(config))
+    hf.save_pretrained(tmp_path / "in")
+    ours, head = load_pretrained(tmp_path / "in"), load_classifier(tmp_path / "in")
     idx = right_padded([12, 7, 20, 1])
     with torch.no_grad():
-        expected = hf.eval()(idx).logits
-    assert (pooled_logits(model, score, idx) - expected).abs().max().item() <= 1e-4
-    assert torch.equal(load_classifier(tmp_path).weight, score)
+        expected = hf(idx).logits
+    assert (pooled_logits(ours, head.weight, idx) - expected).abs().max().item() <= 1e-4
+    save_pretrained(ours, tmp_path / "out", {"pad_token_id": PAD}, head)
+    back, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert type(back).__name__ == "Qwen3MoeForSequenceClassification" and not any(info.values())
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(idx).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_every_layer_dense_imports_as_dense_qwen3(tmp_path):
