@@ -60,7 +60,7 @@ def qwen3_moe_config(hf: dict[str, Any]) -> ModelConfig:
     hf = {**QWEN3_MOE_DEFAULTS, **hf}
     window = hf["sliding_window"] if hf.get("use_sliding_window") else None
     cfg = replace(mistral_config({**hf, "sliding_window": window}), qk_norm=True)
-    if not _sparse_layers(hf, experts):
+    if not _every_layer_sparse(hf, experts):
         return cfg  # Qwen3MoeMLP (intermediate_size wide) in every layer: a dense Qwen3
     return replace(
         cfg,
@@ -72,7 +72,7 @@ def qwen3_moe_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _sparse_layers(hf: dict[str, Any], experts: int) -> bool:
+def _every_layer_sparse(hf: dict[str, Any], experts: int) -> bool:
     """Whether every layer is a mixture of experts (False: none is), as Qwen3MoeDecoderLayer
     chooses; a mix is an InputError naming the fields that make it."""
     step, dense_only = hf["decoder_sparse_step"], hf.get("mlp_only_layers") or []
