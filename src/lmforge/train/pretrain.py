@@ -62,7 +62,8 @@ class ModelSection(Section):
     qk_norm: bool | None = Field(
         None,
         description="RMSNorm on each head's queries and keys before rotary, as Qwen3 trains; a "
-        "bias-free Llama-style preset then exports as Qwen3 (others: lmforge layout)",
+        "bias-free Llama-style preset then exports as Qwen3, or Qwen3-MoE with num_experts "
+        "(others: lmforge layout)",
         json_schema_extra=HASHED_IF_SET,
     )
     num_experts: int | None = Field(

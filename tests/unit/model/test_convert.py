@@ -103,6 +103,12 @@ OUR_MODELS = {
     "qwen2": ("micro", dict(attn_bias=True), "Qwen2ForCausalLM"),
     "mistral": ("micro", dict(sliding_window=5, tie_embeddings=False), "MistralForCausalLM"),
     "mixtral": ("micro-moe", dict(tie_embeddings=False), "MixtralForCausalLM"),
+    "qwen3-moe": ("micro-moe", dict(qk_norm=True, head_dim=24), "Qwen3MoeForCausalLM"),
+    "qwen3-moe-raw-topk": (
+        "micro-moe",
+        dict(qk_norm=True, norm_topk_prob=False, tie_embeddings=False),
+        "Qwen3MoeForCausalLM",
+    ),
     "gpt2-tied": ("micro-gpt2", {}, "GPT2LMHeadModel"),
     "gpt2-untied": ("micro-gpt2", dict(tie_embeddings=False, dropout=0.1), "GPT2LMHeadModel"),
     "gpt2-exact-gelu": ("micro-gpt2", dict(mlp="gelu_exact"), "GPT2LMHeadModel"),

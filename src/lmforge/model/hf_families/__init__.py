@@ -9,7 +9,7 @@ A sequence classifier is the same body without lm_head plus SCORE, a bias-free
 Linear(n_embd, num_labels) that every family here names alike; its class is the family's
 `classifier` architecture (e.g. LlamaForSequenceClassification).
 
-One module per family group (llama: llama/mistral/qwen2/qwen3, mixtral, gpt2, bert:
+One module per family group (llama: llama/mistral/qwen2/qwen3, mixtral, qwen3_moe, gpt2, bert:
 bert/roberta, bart) holds its config translation and name table; rules holds the table
 machinery. This module is the registry (FAMILIES) and family_for, which recognizes the family
 that represents a ModelConfig.
@@ -40,6 +40,12 @@ from lmforge.model.hf_families.llama import (
     qwen3_config,
 )
 from lmforge.model.hf_families.mixtral import hub_layout, mixtral_config, mixtral_hf, mixtral_rules
+from lmforge.model.hf_families.qwen3_moe import (
+    qwen3_moe_config,
+    qwen3_moe_hf,
+    qwen3_moe_layout,
+    qwen3_moe_rules,
+)
 from lmforge.model.hf_families.rules import Rule
 
 
@@ -119,6 +125,14 @@ FAMILIES: dict[str, Family] = {
         mixtral_rules,
         renames=hub_layout,
     ),
+    "qwen3_moe": Family(
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeForSequenceClassification",
+        qwen3_moe_config,
+        qwen3_moe_hf,
+        qwen3_moe_rules,
+        renames=qwen3_moe_layout,
+    ),
 }
 ENCODER_FAMILIES = ("bert", "roberta")
 SEQ2SEQ_FAMILIES = ("bart",)
@@ -127,8 +141,10 @@ SEQ2SEQ_FAMILIES = ("bart",)
 def family_for(cfg: ModelConfig) -> str | None:
     """The HF model_type that represents cfg exactly, or None (export in lmforge's own layout)."""
     standard_heads = cfg.hd * cfg.n_head == cfg.n_embd
-    if cfg.qk_norm:  # of the families here only Qwen3 (dense) has q_norm/k_norm
-        return "qwen3" if _qwen3_shape(cfg) and not cfg.num_experts else None
+    if cfg.qk_norm:  # of the families here only Qwen3 and Qwen3-MoE have q_norm/k_norm
+        if not _qwen3_shape(cfg):
+            return None
+        return "qwen3_moe" if cfg.num_experts else "qwen3"
     if cfg.is_encoder_decoder:
         return "bart" if _bart_shape(cfg, standard_heads) else None
     if not cfg.causal:
@@ -151,7 +167,8 @@ def family_for(cfg: ModelConfig) -> str | None:
 
 
 def _qwen3_shape(cfg: ModelConfig) -> bool:
-    """A bias-free Llama-style decoder (what Qwen3ForCausalLM computes, given q_norm/k_norm)."""
+    """A bias-free Llama-style decoder (what Qwen3ForCausalLM and Qwen3MoeForCausalLM compute,
+    given q_norm/k_norm)."""
     encoder_parts = cfg.post_norm or cfg.emb_norm or cfg.type_vocab_size or cfg.pos_offset
     return (
         cfg.causal  # not an encoder, nor an encoder-decoder
