@@ -15,6 +15,7 @@ Matrices outside the blocks (embeddings, the LM head) keep RTN.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -24,13 +25,15 @@ from torch import Tensor, nn
 
 from lmforge.compress.awq import awq_block
 from lmforge.compress.calibration import BlockInputs, block_linears, hessians, linear_inputs_of
-from lmforge.compress.gptq import Grid, gptq_weight
+from lmforge.compress.gptq import Grid, gptq_weight, rtn_weight
 from lmforge.errors import ConfigError
 from lmforge.model.convert.hf_import import NATIVE, hf_config_to_model_config
 from lmforge.model.hf_families import FAMILIES
 from lmforge.model.hf_families.rules import Rule, ours_to_hf
 from lmforge.model.quant_checkpoint import SCALE_SUFFIX
 from lmforge.model.quant_rounding import encode_weight
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_rules(hf: dict[str, Any], keys: set[str]) -> dict[str, Rule]:
@@ -74,15 +77,21 @@ def gptq_blocks(
     advance: Callable[[], None] = lambda: None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """GPTQ on every Linear of model's blocks in order, on calibration windows ids (n, T);
-    grid(name) says how to round the weight `name`. Rounds model in place and returns {our
-    weight name: (rounded weight, scales)}."""
+    grid(name) says how to round the weight `name`; a Linear no calibration token reached (an
+    MoE expert) is rounded to nearest. Rounds model in place and returns
+    {our weight name: (rounded weight, scales)}."""
     inputs = BlockInputs.first(model, ids)
     rounded: dict[str, tuple[Tensor, Tensor]] = {}
     for i, block in enumerate(model.blocks):
-        for name, h in hessians(inputs, block).items():
-            linear = block_linears(block)[name]
+        found = hessians(inputs, block)
+        for name, linear in block_linears(block).items():
             full = f"blocks.{i}.{name}.weight"
-            q, s = gptq_weight(linear.weight, h, grid(full), damp, act_order)
+            h = found.get(name)
+            if h is None:  # an MoE expert no calibration token was routed to: nothing to fit
+                log.warning("GPTQ: %s saw no calibration tokens; rounded to nearest", full)
+                q, s = rtn_weight(linear.weight, grid(full))
+            else:
+                q, s = gptq_weight(linear.weight, h, grid(full), damp, act_order)
             with torch.no_grad():
                 linear.weight.copy_(q)
             rounded[full] = (q, s)

@@ -1,0 +1,94 @@
+"""GPTQ and AWQ on a mixture of experts (micro-moe): the MLP norm's scale reaches the router and
+every expert, an expert no calibration token was routed to keeps RTN, and the written
+checkpoint loads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lmforge.compress.awq import fold_scales, scale_groups
+from lmforge.compress.quantize import calibrated_rounding, quantize_dir
+from lmforge.compress.stage import QuantizeSettings
+from lmforge.model.config import preset_config
+from lmforge.model.convert import load_pretrained
+from lmforge.model.moe import moe_layers
+from lmforge.model.quant_rounding import dequantize_weight, quantize_weight
+from lmforge.model.transformer import Transformer
+from unit.evals.helpers import make_model_dir
+
+LOG = logging.getLogger(__name__)
+
+
+def test_moe_scale_groups_reach_the_router_and_every_expert_and_keep_the_logits() -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset_config("micro-moe")).eval()  # 4 experts, top-2; 2 kv heads
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = model(ids)
+    for block in model.blocks:
+        groups = scale_groups(block)
+        experts = [f"mlp.experts.{e}" for e in range(4)]
+        assert [g.producer for g in groups] == [
+            "attn_norm",
+            "mlp_norm",
+            *(f"{e}.fc" for e in experts),
+        ]
+        assert groups[1].consumers == ("mlp.router", *(f"{e}.fc" for e in experts))
+        for group in groups:
+            width = block.get_submodule(group.consumers[0]).in_features
+            fold_scales(block, group, torch.rand(width) * 4 + 0.25)
+    with torch.no_grad():
+        assert torch.allclose(model(ids), ref, atol=1e-5, rtol=0)
+
+
+def unreached_experts(src: Path, ids: torch.Tensor) -> list[int]:
+    """Experts of the first MoE layer no token of ids is routed to (its inputs are the float
+    embeddings, so calibration routes them the same way)."""
+    model = load_pretrained(src)
+    with torch.no_grad():
+        model(ids)
+    return [e for e, n in enumerate(moe_layers(model)[0].stats.assigned.tolist()) if n == 0]
+
+
+def rtn_weight_of(original: torch.nn.Module, loaded: torch.nn.Module, name: str) -> bool:
+    """Whether the loaded (dequantized) weight `name` is the original's int4 g32 RTN."""
+    w = original.get_submodule(name).weight.detach()
+    rtn = dequantize_weight(*quantize_weight(w, 4, 32), 4, 32)
+    return torch.allclose(loaded.get_submodule(name).weight, rtn, atol=1e-6)
+
+
+def calibrated_moe(
+    method: str, tmp_path: Path
+) -> tuple[list[int], torch.nn.Module, torch.nn.Module]:
+    """micro-moe quantized int4 g32 by method on 2 tokens: (the first MoE layer's experts no
+    token reached, the float model, the checkpoint loaded dequantized)."""
+    src = make_model_dir(tmp_path / "src", preset="micro-moe")
+    ids = torch.tensor([[5, 9]])  # 2 tokens x top-2: at most 4 (token, expert) pairs of 4 x 2
+    idle = unreached_experts(src, ids)
+    assert idle  # the case under test
+    calibrate = calibrated_rounding(ids, QuantizeSettings(method=method), LOG)
+    quant = quantize_dir(src, tmp_path / "q", "int4", 32, calibrate)
+    assert quant["bits"]["model.layers.0.block_sparse_moe.gate.weight"] == 4  # Mixtral layout
+    with torch.no_grad():
+        logits = load_pretrained(tmp_path / "q")(torch.randint(0, 250, (2, 16)))
+    assert torch.isfinite(logits).all()
+    return idle, load_pretrained(src), load_pretrained(tmp_path / "q", quantized="dequantize")
+
+
+def test_gptq_rounds_experts_no_token_reached_to_nearest(tmp_path: Path) -> None:
+    idle, original, loaded = calibrated_moe("gptq", tmp_path)
+    for e in range(4):
+        for part in ("fc", "proj"):
+            name = f"blocks.0.mlp.experts.{e}.{part}"
+            assert rtn_weight_of(original, loaded, name) == (e in idle), name
+    assert not rtn_weight_of(original, loaded, "blocks.0.mlp.router")  # calibrated too
+
+
+def test_awq_scales_every_expert_by_the_norm_and_skips_pairs_no_token_reached(tmp_path: Path):
+    idle, original, loaded = calibrated_moe("awq", tmp_path)
+    for e in idle:  # its gate/up took the norm's scale; its down had no inputs to search on
+        assert not rtn_weight_of(original, loaded, f"blocks.0.mlp.experts.{e}.fc")
+        assert rtn_weight_of(original, loaded, f"blocks.0.mlp.experts.{e}.proj")
