@@ -170,9 +170,9 @@ def require_calibration(cfg: Any) -> None:
     if cfg.quantize.method != "rtn" and cfg.tokens is None and cfg.data is None:
         raise ConfigError(
             f"quantize.method={cfg.quantize.method} calibrates on text: pass token shards made "
-            "with the model's tokenizer (--set tokens=DIR: their train.bin) or --data DIR (its "
-            f"'{cfg.quantize.calibration_split}' split, quantize.calibration_split), or use "
-            "quantize.method=rtn"
+            "with the model's tokenizer (--tokens DIR, config key tokens: their train.bin) or "
+            f"--data DIR (its '{cfg.quantize.calibration_split}' split, "
+            "quantize.calibration_split), or use --method rtn"
         )
 
 

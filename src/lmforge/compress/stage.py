@@ -177,7 +177,7 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 
 RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
 CALIBRATED_CANNOT = ("calibrated quantization (GPTQ, AWQ) rounds a decoder language model's blocks",
-                     "use --set quantize.method=rtn")  # fmt: skip
+                     "use --method rtn (quantize.method=rtn)")  # fmt: skip
 # what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
 # to do instead); quantize and prune keep a classifier's head and an encoder's layout
 ENCODER_CANNOT = {

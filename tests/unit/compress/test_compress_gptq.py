@@ -151,6 +151,25 @@ def test_gptq_stage_on_tokens_writes_a_model_that_loads_and_generates(
     assert isinstance(text, str)
 
 
+def test_cli_method_and_tokens_flags_run_gptq_on_the_shards(
+    trained_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    tokens = write_tokens(trained_dir, tmp_path / "tokens")
+    out = tmp_path / "g"
+    args = ["compress", "quantize", "--model", str(trained_dir), "--data", str(data_dir),
+            "--out", str(out), "--scheme", "int4", "--method", "gptq", "--tokens", str(tokens),
+            "--set", "quantize.calibration_samples=4", "--set", "quantize.calibration_seq_len=16",
+            "--set", "speed.new_tokens=2"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    q = json.loads((out / "compression.json").read_text())["quantization"]
+    assert q["method"] == "gptq" and q["calibration"]["source"] == f"{tokens}/train.bin"
+
+
 def test_gptq_stage_calibrates_on_a_data_split(trained_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_split(data, "train", CORPUS * 4)
@@ -169,7 +188,7 @@ def test_gptq_without_calibration_data_is_refused_naming_the_flags(
 ) -> None:
     cfg = CompressConfig(method="quantize", model=trained_dir, out=tmp_path / "g",
                          quantize={"method": "gptq"})  # fmt: skip
-    with pytest.raises(ConfigError, match=r"--set tokens=DIR.*--data DIR"):
+    with pytest.raises(ConfigError, match=r"--tokens DIR.*--data DIR.*--method rtn"):
         compress(cfg)
     assert not (tmp_path / "g" / "final").exists()
 
