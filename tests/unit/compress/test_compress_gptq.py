@@ -7,11 +7,12 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lmforge.compress.calibrated import gptq_blocks
-from lmforge.compress.calibration import block_linears, text_calibration
+from lmforge.compress.calibration import block_linears, text_calibration, token_windows
 from lmforge.compress.gptq import Grid, gptq_weight
 from lmforge.compress.quantize import calibrated_rounding, quantize_dir
 from lmforge.compress.stage import CompressConfig, QuantizeSettings, compress
@@ -91,6 +92,17 @@ def test_calibration_windows_follow_the_seed_and_encode_only_what_they_need() ->
     assert len(encoded) < 3 * len(CORPUS)  # 4 x 4 x 16 tokens are read before the end
     with pytest.raises(InputError, match="fewer than one calibration window of 500"):
         text_calibration(CORPUS[:1], encode, 0, 4, 500, 0, "corpus")
+
+
+def test_calibration_windows_are_distinct_non_overlapping_and_all_of_a_short_stream() -> None:
+    stream = np.arange(1000)
+    ids = token_windows(stream, 20, 16, 0, "stream")
+    starts = ids[:, 0]
+    assert ids.shape == (20, 16) and len(set(starts.tolist())) == 20  # no window twice
+    assert (starts % 16 == 0).all() and torch.equal(ids, starts[:, None] + torch.arange(16))
+    assert token_windows(stream[:50], 20, 16, 0, "stream").tolist() == [
+        list(range(s, s + 16)) for s in (0, 16, 32)
+    ]  # 3 windows fit: all of them
 
 
 @pytest.mark.parametrize(
