@@ -91,7 +91,10 @@ def gptq_blocks(
                 log.warning("GPTQ: %s saw no calibration tokens; rounded to nearest", full)
                 q, s = rtn_weight(linear.weight, grid(full))
             else:
-                q, s = gptq_weight(linear.weight, h, grid(full), damp, act_order)
+                try:
+                    q, s = gptq_weight(linear.weight, h, grid(full), damp, act_order)
+                except ConfigError as e:  # which of the model's matrices it was
+                    raise ConfigError(f"{full}: {e}") from None
             with torch.no_grad():
                 linear.weight.copy_(q)
             rounded[full] = (q, s)

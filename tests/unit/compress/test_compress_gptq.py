@@ -117,6 +117,16 @@ def test_dead_inputs_get_zero_weights_and_no_nans() -> None:
     assert torch.isfinite(q).all() and (q[:, 7] == 0).all()
 
 
+def test_a_hessian_cholesky_cannot_factor_is_refused_naming_the_weight_and_the_flag() -> None:
+    from lmforge.model.config import preset_config
+    from lmforge.model.transformer import Transformer
+
+    model = Transformer(preset_config("micro", vocab_size=256)).eval()
+    ids = torch.randint(0, 256, (2, 8))
+    with pytest.raises(ConfigError, match=r"blocks\.0\.attn\.qkv\.weight: .*damp_percent"):
+        gptq_blocks(model, ids, lambda _: Grid(8, "row"), -2.0, False)  # H - 2 mean(diag) I
+
+
 def test_calibration_windows_follow_the_seed_and_encode_only_what_they_need() -> None:
     encoded: list[str] = []
 
