@@ -53,7 +53,8 @@ class QuantizeSettings(Section):
     calibration_samples: int = Field(
         128,
         ge=1,
-        description="gptq/awq: calibration windows (random, from tokens' train.bin or data)",
+        description="gptq/awq: calibration windows, drawn without replacement from the "
+        "non-overlapping windows of tokens' train.bin or data (all of them if fewer)",
     )
     calibration_seq_len: int = Field(
         256, ge=2, description="gptq/awq: tokens per calibration window (capped at the block size)"
