@@ -86,21 +86,37 @@ def gptq_blocks(
         found = hessians(inputs, block)
         for name, linear in block_linears(block).items():
             full = f"blocks.{i}.{name}.weight"
-            h = found.get(name)
-            if h is None:  # an MoE expert no calibration token was routed to: nothing to fit
-                log.warning("GPTQ: %s saw no calibration tokens; rounded to nearest", full)
-                q, s = rtn_weight(linear.weight, grid(full))
-            else:
-                try:
-                    q, s = gptq_weight(linear.weight, h, grid(full), damp, act_order)
-                except ConfigError as e:  # which of the model's matrices it was
-                    raise ConfigError(f"{full}: {e}") from None
+            q, s = gptq_linear(full, linear.weight, found.get(name), grid(full), damp, act_order)
             with torch.no_grad():
                 linear.weight.copy_(q)
             rounded[full] = (q, s)
         inputs.advance(block)
         advance()
     return rounded
+
+
+def gptq_linear(
+    name: str, w: Tensor, found: tuple[Tensor, int] | None, grid: Grid, damp: float,
+    act_order: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """GPTQ of the weight `name` on its (H, calibration tokens), found by calibration.hessians;
+    RTN when no token reached it (an MoE expert); warns when H is singular (fewer tokens than
+    inputs, as a rarely routed expert's can be), where GPTQ fits those tokens and may round
+    other inputs worse than RTN would."""
+    if found is None:  # an MoE expert no calibration token was routed to: nothing to fit
+        log.warning("GPTQ: %s saw no calibration tokens; rounded to nearest", name)
+        return rtn_weight(w, grid)
+    h, seen = found
+    if seen < w.shape[1]:
+        log.warning(
+            "GPTQ: %s saw %d calibration tokens, fewer than its %d inputs, so its Hessian is "
+            "singular and the rounding fits those tokens; raise quantize.calibration_samples",
+            name, seen, w.shape[1],
+        )  # fmt: skip
+    try:
+        return gptq_weight(w, h, grid, damp, act_order)
+    except ConfigError as e:  # which of the model's matrices it was
+        raise ConfigError(f"{name}: {e}") from None
 
 
 def awq_blocks(

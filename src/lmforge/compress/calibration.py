@@ -147,9 +147,9 @@ def linear_inputs(
             h.remove()
 
 
-def hessians(inputs: BlockInputs, block: nn.Module) -> dict[str, Tensor]:
-    """H = 2 X^T X / n of the inputs X (n calibration tokens, float64 sums) of each Linear of
-    block (block_linears' names) that calibration tokens reached: an MoE expert no token was
+def hessians(inputs: BlockInputs, block: nn.Module) -> dict[str, tuple[Tensor, int]]:
+    """(H = 2 X^T X / n, n) of the inputs X (n calibration tokens, float64 sums) of each Linear
+    of block (block_linears' names) that calibration tokens reached: an MoE expert no token was
     routed to has no inputs, hence no H, and is left out."""
     linears = block_linears(block)
     sums: dict[str, Tensor] = {}
@@ -162,7 +162,7 @@ def hessians(inputs: BlockInputs, block: nn.Module) -> dict[str, Tensor]:
 
     with linear_inputs(linears, add):
         inputs.run(block)
-    return {name: (2 * sums[name] / counts[name]).float() for name in sums if counts[name]}
+    return {n: ((2 * sums[n] / counts[n]).float(), counts[n]) for n in sums if counts[n]}
 
 
 def linear_inputs_of(inputs: BlockInputs, block: nn.Module) -> dict[str, Tensor]:

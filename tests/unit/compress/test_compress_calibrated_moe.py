@@ -78,8 +78,11 @@ def calibrated_moe(
     return idle, load_pretrained(src), load_pretrained(tmp_path / "q", quantized="dequantize")
 
 
-def test_gptq_rounds_experts_no_token_reached_to_nearest(tmp_path: Path) -> None:
-    idle, original, loaded = calibrated_moe("gptq", tmp_path)
+def test_gptq_rounds_experts_no_token_reached_to_nearest(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="lmforge.compress.calibrated"):
+        idle, original, loaded = calibrated_moe("gptq", tmp_path)
+    assert f"blocks.0.mlp.experts.{idle[0]}.fc.weight saw no calibration tokens" in caplog.text
+    assert "blocks.0.attn.qkv.weight saw 2 calibration tokens, fewer than its 64" in caplog.text
     for e in range(4):
         for part in ("fc", "proj"):
             name = f"blocks.0.mlp.experts.{e}.{part}"
