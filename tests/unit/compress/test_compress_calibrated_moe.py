@@ -95,3 +95,41 @@ def test_awq_scales_every_expert_by_the_norm_and_skips_pairs_no_token_reached(tm
     for e in idle:  # its gate/up took the norm's scale; its down had no inputs to search on
         assert not rtn_weight_of(original, loaded, f"blocks.0.mlp.experts.{e}.fc")
         assert rtn_weight_of(original, loaded, f"blocks.0.mlp.experts.{e}.proj")
+
+
+def write_fused_layout(src: Path) -> None:
+    """Rewrite src's Mixtral checkpoint in transformers' in-memory layout: each layer's experts
+    fused into (experts, rows, cols) tensors, the router under mlp.gate."""
+    from safetensors.torch import load_file, save_file
+
+    hub, fused = load_file(src / "model.safetensors"), {}
+    for layer in range(2):
+        moe, mlp = f"model.layers.{layer}.block_sparse_moe.", f"model.layers.{layer}.mlp."
+        experts = [f"{moe}experts.{e}." for e in range(4)]
+        fused[mlp + "gate.weight"] = hub.pop(moe + "gate.weight")
+        fused[mlp + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([hub.pop(e + "w1.weight"), hub.pop(e + "w3.weight")]) for e in experts]
+        )
+        fused[mlp + "experts.down_proj"] = torch.stack([hub.pop(e + "w2.weight") for e in experts])
+    save_file({**fused, **hub}, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_fused_expert_checkpoints_are_quantized_as_the_hub_layout_is(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    hub = make_model_dir(tmp_path / "hub", preset="micro-moe")
+    fused = make_model_dir(tmp_path / "fused", preset="micro-moe")
+    write_fused_layout(fused)
+    quantize_dir(hub, tmp_path / "q_hub", "int4", 32)
+    quant = quantize_dir(fused, tmp_path / "q_fused", "int4", 32)  # experts stayed float before
+    assert quant["bits"]["model.layers.1.block_sparse_moe.experts.3.w2.weight"] == 4
+    want, got = (
+        load_file(tmp_path / "q_hub/model.safetensors"),
+        load_file(tmp_path / "q_fused/model.safetensors"),
+    )
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.tensor([[5, 9, 13, 2]])
+    calibrate = calibrated_rounding(ids, QuantizeSettings(method="gptq"), LOG)
+    quantize_dir(fused, tmp_path / "g", "int4", 32, calibrate)  # a KeyError before
+    with torch.no_grad():
+        assert torch.isfinite(load_pretrained(tmp_path / "g")(ids)).all()
