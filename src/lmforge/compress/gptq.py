@@ -74,8 +74,8 @@ def rtn_weight(w: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
 
 
 def round_nearest(w: Tensor, grid: Grid) -> Tensor:
-    """RTN of w on grid."""
-    return round_to_grid(w, static_scales(w, grid), grid.bits)
+    """RTN of w on grid (float32)."""
+    return rtn_weight(w, grid)[0]
 
 
 def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
