@@ -82,41 +82,59 @@ def gptq_blocks(
     {our weight name: (rounded weight, scales)}."""
     inputs = BlockInputs.first(model, ids)
     rounded: dict[str, tuple[Tensor, Tensor]] = {}
+    unreached: list[str] = []
+    thin: list[str] = []
     for i, block in enumerate(model.blocks):
         found = hessians(inputs, block)
         for name, linear in block_linears(block).items():
             full = f"blocks.{i}.{name}.weight"
-            q, s = gptq_linear(full, linear.weight, found.get(name), grid(full), damp, act_order)
+            h, seen = found.get(name, (None, 0))
+            if h is None:
+                unreached.append(full)
+            elif seen < linear.in_features:
+                thin.append(f"{full} ({seen} < {linear.in_features})")
+            q, s = gptq_linear(full, linear.weight, h, grid(full), damp, act_order)
             with torch.no_grad():
                 linear.weight.copy_(q)
             rounded[full] = (q, s)
         inputs.advance(block)
         advance()
+    _warn_few_tokens(unreached, thin)
     return rounded
 
 
 def gptq_linear(
-    name: str, w: Tensor, found: tuple[Tensor, int] | None, grid: Grid, damp: float,
-    act_order: bool,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """GPTQ of the weight `name` on its (H, calibration tokens), found by calibration.hessians;
-    RTN when no token reached it (an MoE expert); warns when H is singular (fewer tokens than
-    inputs, as a rarely routed expert's can be), where GPTQ fits those tokens and may round
-    other inputs worse than RTN would."""
-    if found is None:  # an MoE expert no calibration token was routed to: nothing to fit
-        log.warning("GPTQ: %s saw no calibration tokens; rounded to nearest", name)
+    name: str, w: Tensor, h: Tensor | None, grid: Grid, damp: float, act_order: bool
+) -> tuple[Tensor, Tensor]:
+    """GPTQ of the weight `name` on its inputs' Hessian h; RTN when there is none (no
+    calibration token reached it: an MoE expert no token was routed to)."""
+    if h is None:
         return rtn_weight(w, grid)
-    h, seen = found
-    if seen < w.shape[1]:
-        log.warning(
-            "GPTQ: %s saw %d calibration tokens, fewer than its %d inputs, so its Hessian is "
-            "singular and the rounding fits those tokens; raise quantize.calibration_samples",
-            name, seen, w.shape[1],
-        )  # fmt: skip
     try:
         return gptq_weight(w, h, grid, damp, act_order)
     except ConfigError as e:  # which of the model's matrices it was
         raise ConfigError(f"{name}: {e}") from None
+
+
+def _warn_few_tokens(unreached: list[str], thin: list[str]) -> None:
+    """One warning each for the weights no calibration token reached (rounded to nearest) and
+    those with fewer tokens than inputs (H singular: GPTQ fits those tokens and may round other
+    inputs worse than RTN; a rarely routed expert's case), not one per expert."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    if unreached:
+        log.warning(
+            "GPTQ: %d weights saw no calibration tokens (MoE experts no token was routed to) "
+            "and were rounded to nearest: %s", len(unreached), some(unreached),
+        )  # fmt: skip
+    if thin:
+        log.warning(
+            "GPTQ: %d weights saw fewer calibration tokens than their inputs, so their Hessians "
+            "are singular and the rounding fits those tokens; raise "
+            "quantize.calibration_samples: %s", len(thin), some(thin),
+        )  # fmt: skip
 
 
 def awq_blocks(
