@@ -80,6 +80,8 @@ def test_each_method_puts_only_the_flags_given_into_its_section(monkeypatch) -> 
          {"method": "distill", **base, "distill": {"student": "micro"}, "tokens": Path("t")}),
         (["distill"], {"method": "distill", **base}),
         (["quantize", "--scheme", "int4"], {"method": "quantize", **base, "quantize": {"scheme": "int4"}}),
+        (["quantize", "--method", "gptq", "--tokens", "t"],
+         {"method": "quantize", **base, "quantize": {"method": "gptq"}, "tokens": Path("t")}),
         (["export", "--formats", "onnx, gguf"],
          {"method": "export", **base, "export": {"formats": ["onnx", "gguf"]}}),
     ]  # fmt: skip

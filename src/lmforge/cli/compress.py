@@ -43,6 +43,20 @@ def compress_quantize_cmd(
     out: CompressOutOpt = None,
     data: CompressDataOpt = None,
     scheme: Annotated[str | None, typer.Option(help="int8 | int4 (weight-only)")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="rtn (round to nearest) | gptq | awq (calibrated: need --tokens or "
+            "--data, whose train split then calibrates)"
+        ),
+    ] = None,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(
+            help="Token shards made with the model's tokenizer: gptq/awq calibrate on "
+            "their train.bin."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
@@ -50,8 +64,11 @@ def compress_quantize_cmd(
     """Quantize every weight matrix to int8/int4 (out/final/ reloads without the original).
 
     Example: lmforge compress quantize --model runs/x/pretrain --data runs/x/data --out runs/x/int8 --scheme int8
+
+    Example: lmforge compress quantize --model runs/x/pretrain --data runs/x/data --tokens runs/x/tokens --out runs/x/gptq4 --scheme int4 --method gptq
     """
-    _compress("quantize", model, out, data, config, sets, force, {"scheme": scheme})
+    settings = {"scheme": scheme, "method": method}
+    _compress("quantize", model, out, data, config, sets, force, settings, tokens)
 
 
 @compress_app.command("prune")

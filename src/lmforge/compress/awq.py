@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.compress.gptq import Grid, round_nearest
+from lmforge.model.moe import MoE
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,24 @@ class ScaleGroup:
 def scale_groups(block: nn.Module) -> list[ScaleGroup]:
     """The block's groups, as the reference code pairs them for Llama-style blocks; a GELU MLP
     has no up -> down pair (GELU does not commute with a scale), grouped-query attention no
-    v -> output pair (v's rows feed several heads' columns)."""
+    v -> output pair (v's rows feed several heads' columns). In a mixture of experts the MLP
+    norm feeds the router and every expert's gate/up, so all of them take its scale (the
+    router's columns too, or routing would see the divided norm), and each expert has its own
+    up -> down pair."""
     attn, mlp = block.attn, block.mlp
-    groups = [ScaleGroup(("attn.qkv",), "attn_norm"), ScaleGroup(("mlp.fc",), "mlp_norm")]
+    moe = isinstance(mlp, MoE)
+    mlps = [(f"mlp.experts.{e}", m) for e, m in enumerate(mlp.experts)] if moe else [("mlp", mlp)]
+    norm_fed = (("mlp.router",) if moe else ()) + tuple(f"{prefix}.fc" for prefix, _ in mlps)
+    groups = [ScaleGroup(("attn.qkv",), "attn_norm"), ScaleGroup(norm_fed, "mlp_norm")]
     if attn.n_kv_head == attn.n_head:
         v_start = (attn.n_head + attn.n_kv_head) * attn.head_dim
         groups.append(ScaleGroup(("attn.proj",), "attn.qkv", slice(v_start, None)))
-    if mlp.swiglu:
-        hidden = mlp.proj.in_features
-        groups.append(ScaleGroup(("mlp.proj",), "mlp.fc", slice(hidden, 2 * hidden)))
+    for prefix, m in mlps:
+        if m.swiglu:
+            hidden = m.proj.in_features
+            groups.append(
+                ScaleGroup((f"{prefix}.proj",), f"{prefix}.fc", slice(hidden, 2 * hidden))
+            )
     return groups
 
 
@@ -119,9 +129,12 @@ def clip_weight(
     return clipped
 
 
-def clipped_rows(block: nn.Module, name: str) -> slice:
+def clipped_rows(block: nn.Module, name: str) -> slice | None:
     """Rows of a Linear the clipping search may clamp: not the queries' and keys' (attention
-    scores are sensitive to them, so the reference code leaves q/k unclipped)."""
+    scores are sensitive to them, so the reference code leaves q/k unclipped), nor an MoE
+    router's (None: a clamped router row would move routing itself)."""
+    if name == "mlp.router":
+        return None
     if name != "attn.qkv":
         return slice(None)
     attn = block.attn
@@ -133,21 +146,25 @@ def awq_block(
 ) -> dict[str, float]:
     """Search and fold the scales of every group of block, then clip its int4 weights; inputs:
     each Linear's calibration inputs (N, in) by name (divided by the folded scales here, as
-    the scaled weights see them), grid(name) the RTN grid of that Linear. Returns alpha per
-    group."""
+    the scaled weights see them; an MoE expert no token reached has none, and keeps RTN),
+    grid(name) the RTN grid of that Linear. The first consumer's inputs score a group's scales
+    (an MoE norm group's: the router's, every token). Returns alpha per group."""
     alphas = {}
     for group in scale_groups(block):
+        if group.consumers[0] not in inputs:  # an MoE expert no calibration token reached
+            continue
         weights = [block.get_submodule(n).weight.detach().float() for n in group.consumers]
         s, alpha = search_scale(
             inputs[group.consumers[0]], weights, [grid(n) for n in group.consumers], n_grid
         )
         fold_scales(block, group, s)
-        for name in group.consumers:
+        for name in set(group.consumers) & set(inputs):
             inputs[name] = inputs[name] / s
         alphas[f"{group.producer}->{','.join(group.consumers)}"] = alpha
     for name, x in inputs.items():
-        if grid(name).axis == "group":
-            linear, rows = block.get_submodule(name), clipped_rows(block, name)
+        rows = clipped_rows(block, name)
+        if grid(name).axis == "group" and rows is not None:
+            linear = block.get_submodule(name)
             with torch.no_grad():
                 linear.weight[rows] = clip_weight(linear.weight[rows], x, grid(name), n_grid)
     return alphas

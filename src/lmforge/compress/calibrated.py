@@ -15,6 +15,7 @@ Matrices outside the blocks (embeddings, the LM head) keep RTN.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -24,13 +25,15 @@ from torch import Tensor, nn
 
 from lmforge.compress.awq import awq_block
 from lmforge.compress.calibration import BlockInputs, block_linears, hessians, linear_inputs_of
-from lmforge.compress.gptq import Grid, gptq_weight
+from lmforge.compress.gptq import Grid, gptq_weight, rtn_weight
 from lmforge.errors import ConfigError
 from lmforge.model.convert.hf_import import NATIVE, hf_config_to_model_config
 from lmforge.model.hf_families import FAMILIES
 from lmforge.model.hf_families.rules import Rule, ours_to_hf
 from lmforge.model.quant_checkpoint import SCALE_SUFFIX
 from lmforge.model.quant_rounding import encode_weight
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_rules(hf: dict[str, Any], keys: set[str]) -> dict[str, Rule]:
@@ -74,21 +77,64 @@ def gptq_blocks(
     advance: Callable[[], None] = lambda: None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """GPTQ on every Linear of model's blocks in order, on calibration windows ids (n, T);
-    grid(name) says how to round the weight `name`. Rounds model in place and returns {our
-    weight name: (rounded weight, scales)}."""
+    grid(name) says how to round the weight `name`; a Linear no calibration token reached (an
+    MoE expert) is rounded to nearest. Rounds model in place and returns
+    {our weight name: (rounded weight, scales)}."""
     inputs = BlockInputs.first(model, ids)
     rounded: dict[str, tuple[Tensor, Tensor]] = {}
+    unreached: list[str] = []
+    thin: list[str] = []
     for i, block in enumerate(model.blocks):
-        for name, h in hessians(inputs, block).items():
-            linear = block_linears(block)[name]
+        found = hessians(inputs, block)
+        for name, linear in block_linears(block).items():
             full = f"blocks.{i}.{name}.weight"
-            q, s = gptq_weight(linear.weight, h, grid(full), damp, act_order)
+            h, seen = found.get(name, (None, 0))
+            if h is None:
+                unreached.append(full)
+            elif seen < linear.in_features:
+                thin.append(f"{full} ({seen} < {linear.in_features})")
+            q, s = gptq_linear(full, linear.weight, h, grid(full), damp, act_order)
             with torch.no_grad():
                 linear.weight.copy_(q)
             rounded[full] = (q, s)
         inputs.advance(block)
         advance()
+    _warn_few_tokens(unreached, thin)
     return rounded
+
+
+def gptq_linear(
+    name: str, w: Tensor, h: Tensor | None, grid: Grid, damp: float, act_order: bool
+) -> tuple[Tensor, Tensor]:
+    """GPTQ of the weight `name` on its inputs' Hessian h; RTN when there is none (no
+    calibration token reached it: an MoE expert no token was routed to)."""
+    if h is None:
+        return rtn_weight(w, grid)
+    try:
+        return gptq_weight(w, h, grid, damp, act_order)
+    except ConfigError as e:  # which of the model's matrices it was
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _warn_few_tokens(unreached: list[str], thin: list[str]) -> None:
+    """One warning each for the weights no calibration token reached (rounded to nearest) and
+    those with fewer tokens than inputs (H singular: GPTQ fits those tokens and may round other
+    inputs worse than RTN; a rarely routed expert's case), not one per expert."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    if unreached:
+        log.warning(
+            "GPTQ: %d weights saw no calibration tokens (MoE experts no token was routed to) "
+            "and were rounded to nearest: %s", len(unreached), some(unreached),
+        )  # fmt: skip
+    if thin:
+        log.warning(
+            "GPTQ: %d weights saw fewer calibration tokens than their inputs, so their Hessians "
+            "are singular and the rounding fits those tokens; raise "
+            "quantize.calibration_samples: %s", len(thin), some(thin),
+        )  # fmt: skip
 
 
 def awq_blocks(

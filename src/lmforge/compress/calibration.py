@@ -3,16 +3,24 @@ and its Linears' inputs, captured block by block with forward hooks.
 
 The windows come from the stage's inputs: `tokens` (train.bin of `lmforge tokenizer encode`)
 or the texts of a `data` split (each document after the model's start token, concatenated),
-sampled as random contiguous windows with a seed (train.loader.TokenWindows). BlockInputs holds
+cut into non-overlapping windows of which a seed picks n without replacement. BlockInputs holds
 what the next block receives: the first block's arguments are caught by a pre-hook on the real
 forward (embeddings, rotary tables and mask as the model makes them), and after a block is
-quantized, its outputs computed with the rounded weights become the next block's inputs, so each
-block is calibrated on the inputs it will see once its predecessors are rounded (GPTQModel's
-sequential order).
+calibrated, its outputs become the next block's inputs: GPTQ's with the rounded weights, so
+each block is calibrated on the inputs it will see once its predecessors are rounded
+(GPTQModel's sequential order); AWQ's with its scaled and clipped float weights (RTN rounds
+the whole checkpoint afterwards).
+
+Memory, beyond the model (n windows of T tokens, width C, float32): BlockInputs keeps every
+window's hidden states, n x T x C x 4 bytes, twice while advance() computes the next block's;
+GPTQ adds a float64 in x in Hessian per Linear of the block; AWQ keeps every Linear's inputs
+(linear_inputs_of), n x T x (sum of the block's in_features) x 4 bytes, twice while they are
+concatenated (an MoE expert's Linears only its routed tokens, top-k of them in all).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -24,17 +32,26 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import InputError
-from lmforge.train.loader import TokenWindows
+
+log = logging.getLogger(__name__)
 
 
 def token_windows(stream: np.ndarray, n: int, seq_len: int, seed: int, where: object) -> Tensor:
-    """n random windows (n, seq_len) of a token stream, the same for the same seed."""
-    if len(stream) < seq_len + 1:
+    """n windows (n, seq_len) of a token stream drawn without replacement from its
+    non-overlapping windows, so no token calibrates twice; the same for the same seed. A stream
+    with fewer than n windows gives all of them (logged; compression.json's samples says so)."""
+    count = len(stream) // seq_len
+    if count == 0:
         raise InputError(
             f"{where} holds {len(stream)} tokens, fewer than one calibration window of "
             f"{seq_len}; give more text or lower quantize.calibration_seq_len"
         )
-    return TokenWindows(stream, seq_len, n, seed=seed).batch(0)["input_ids"]
+    if count < n:
+        log.warning("%s holds %d calibration windows of %d tokens, not %d: using all of them",
+                    where, count, seq_len, n)  # fmt: skip
+    picked = np.random.default_rng(seed).choice(count, size=min(n, count), replace=False)
+    rows = [np.asarray(stream[s : s + seq_len], dtype=np.int64) for s in np.sort(picked) * seq_len]
+    return torch.from_numpy(np.stack(rows))
 
 
 def shard_calibration(tokens: Path, model_dir: Path, n: int, seq_len: int, seed: int) -> Tensor:
@@ -130,9 +147,10 @@ def linear_inputs(
             h.remove()
 
 
-def hessians(inputs: BlockInputs, block: nn.Module) -> dict[str, Tensor]:
-    """H = 2 X^T X / n of the inputs X (n calibration tokens, float64 sums) of each Linear of
-    block (block_linears' names)."""
+def hessians(inputs: BlockInputs, block: nn.Module) -> dict[str, tuple[Tensor, int]]:
+    """(H = 2 X^T X / n, n) of the inputs X (n calibration tokens, float64 sums) of each Linear
+    of block (block_linears' names) that calibration tokens reached: an MoE expert no token was
+    routed to has no inputs, hence no H, and is left out."""
     linears = block_linears(block)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
@@ -144,7 +162,7 @@ def hessians(inputs: BlockInputs, block: nn.Module) -> dict[str, Tensor]:
 
     with linear_inputs(linears, add):
         inputs.run(block)
-    return {name: (2 * sums[name] / counts[name]).float() for name in linears}
+    return {n: ((2 * sums[n] / counts[n]).float(), counts[n]) for n in sums if counts[n]}
 
 
 def linear_inputs_of(inputs: BlockInputs, block: nn.Module) -> dict[str, Tensor]:

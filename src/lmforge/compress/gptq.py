@@ -64,9 +64,18 @@ def round_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     return torch.round(w / scale).clamp(lo, hi) * scale
 
 
+def rtn_weight(w: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
+    """(rounded weight, scales) of RTN, gptq_weight's layout: what it gives for H = I, without
+    the column loop (for a Linear with no calibration inputs, e.g. an MoE expert no token
+    reached)."""
+    w = w.detach().float()
+    scales = static_scales(w, grid)
+    return round_to_grid(w, scales, grid.bits), scales
+
+
 def round_nearest(w: Tensor, grid: Grid) -> Tensor:
-    """RTN of w on grid (what gptq_weight gives for H = I, without the column loop)."""
-    return round_to_grid(w, static_scales(w, grid), grid.bits)
+    """RTN of w on grid (float32)."""
+    return rtn_weight(w, grid)[0]
 
 
 def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:

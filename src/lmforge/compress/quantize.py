@@ -64,7 +64,7 @@ def quantize_dir(
     Rounded to nearest, or by `calibrate` (calibrated_rounding: GPTQ, AWQ)."""
     hf = read_config(src)
     require_float_source(src, hf)
-    tensors = read_tensors(src)
+    tensors = table_layout(hf, read_tensors(src))
     flip = stored_transposed(hf, tensors)
     rtn = partial(quantize_tensors, kind=scheme, group_size=group_size, stored_transposed=flip)
     rounded, quant = rtn(tensors) if calibrate is None else calibrate(src, hf, tensors, rtn)
@@ -75,6 +75,14 @@ def quantize_dir(
     copy_mean_head(src, dst)  # float, beside the quantized encoder; config.json names it
     atomic_write_json(dst / "config.json", {**hf, "quantization_config": quant})
     return quant
+
+
+def table_layout(hf: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """tensors under the names their family's table uses (model.hf_families' renames: experts
+    stored fused, (experts, rows, cols), split into per-expert matrices), so every matrix is
+    2-D: a fused expert tensor would stay float under RTN and have no grid under GPTQ/AWQ."""
+    family = FAMILIES.get(hf.get("model_type", ""))
+    return family.renames(tensors) if family is not None and family.renames else tensors
 
 
 def stored_transposed(hf: dict[str, Any], names: Iterable[str]) -> set[str]:
@@ -170,9 +178,9 @@ def require_calibration(cfg: Any) -> None:
     if cfg.quantize.method != "rtn" and cfg.tokens is None and cfg.data is None:
         raise ConfigError(
             f"quantize.method={cfg.quantize.method} calibrates on text: pass token shards made "
-            "with the model's tokenizer (--set tokens=DIR: their train.bin) or --data DIR (its "
-            f"'{cfg.quantize.calibration_split}' split, quantize.calibration_split), or use "
-            "quantize.method=rtn"
+            "with the model's tokenizer (--tokens DIR, config key tokens: their train.bin) or "
+            f"--data DIR (its '{cfg.quantize.calibration_split}' split, "
+            "quantize.calibration_split), or use --method rtn"
         )
 
 

@@ -53,7 +53,8 @@ class QuantizeSettings(Section):
     calibration_samples: int = Field(
         128,
         ge=1,
-        description="gptq/awq: calibration windows (random, from tokens' train.bin or data)",
+        description="gptq/awq: calibration windows, drawn without replacement from the "
+        "non-overlapping windows of tokens' train.bin or data (all of them if fewer)",
     )
     calibration_seq_len: int = Field(
         256, ge=2, description="gptq/awq: tokens per calibration window (capped at the block size)"
@@ -177,7 +178,7 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 
 RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
 CALIBRATED_CANNOT = ("calibrated quantization (GPTQ, AWQ) rounds a decoder language model's blocks",
-                     "use --set quantize.method=rtn")  # fmt: skip
+                     "use --method rtn (quantize.method=rtn)")  # fmt: skip
 # what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
 # to do instead); quantize and prune keep a classifier's head and an encoder's layout
 ENCODER_CANNOT = {

@@ -92,13 +92,13 @@ def test_awq_stage_writes_a_model_that_loads_and_generates(trained_dir: Path, tm
     assert isinstance(text, str)
 
 
-@pytest.mark.parametrize("preset", ["micro", "micro-gpt2"])
+@pytest.mark.parametrize("preset", ["micro", "micro-gpt2", "micro-moe"])
 def test_folded_model_written_back_through_the_name_table_keeps_its_logits(
     preset: str, tmp_path: Path
 ) -> None:
     """scaled_tensors puts the folded norms and weights back under the checkpoint's names
-    (GPT-2's transposed Conv1D and LayerNorm biases, Llama's fused q/k/v and gate/up): a
-    checkpoint written from them computes what the original does."""
+    (GPT-2's transposed Conv1D and LayerNorm biases, Llama's fused q/k/v and gate/up, Mixtral's
+    router and experts): a checkpoint written from them computes what the original does."""
     from safetensors.torch import save_file
 
     from lmforge.compress.calibrated import checkpoint_rules, scaled_tensors
