@@ -34,15 +34,24 @@ ROPES = {
     ),
     "llama-yarn-attention-factor": ("llama", YARN | dict(attention_factor=0.8)),
     "qwen2-yarn": ("qwen2", YARN),
+    "mistral-yarn": ("mistral", YARN),
+    "mixtral-linear": ("mixtral", dict(rope_type="linear", factor=2.0)),
     "llama-dynamic": ("llama", dict(rope_type="dynamic", factor=2.0)),
+}
+WINDOW = dict(sliding_window=24)  # < BLOCK: the export is then mistral/mixtral, not llama
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "mistral": (transformers.MistralConfig, WINDOW),
+    "mixtral": (transformers.MixtralConfig, WINDOW | dict(num_local_experts=4)),
 }
 
 
 def hf_model(family: str, rope: dict, seed: int = 0) -> torch.nn.Module:
     """A random transformers model whose rope_parameters are rope (theta 100: fast-turning dims)."""
-    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    config_class, extra = FAMILIES[family]
     config = config_class(
-        **SMALL, num_key_value_heads=2, rope_parameters={"rope_theta": 100.0, **rope}
+        **SMALL, **extra, num_key_value_heads=2, rope_parameters={"rope_theta": 100.0, **rope}
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -87,9 +96,10 @@ def test_greedy_generation_through_the_kv_cache_equals_transformers(imported):
 def test_export_writes_the_rope_dict_back_and_transformers_agrees(imported, tmp_path):
     hf, path, ours = imported
     save_pretrained(ours, tmp_path / "out")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]
-    imported_dict = json.loads((path / "config.json").read_text())["rope_parameters"]
-    assert written == imported_dict
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    imported_json = json.loads((path / "config.json").read_text())
+    assert written["model_type"] == imported_json["model_type"]  # the family, not llama
+    assert written["rope_parameters"] == imported_json["rope_parameters"]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     idx = torch.randint(0, VOCAB, (1, BLOCK))
     with torch.no_grad():
