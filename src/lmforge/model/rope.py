@@ -105,6 +105,12 @@ def check_rope_scaling(scaling: dict[str, Any] | None, where: str = "model.rope_
         raise ConfigError(f"{where}.truncate must be true or false, got {scaling['truncate']!r}")
 
 
+def hf_rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config.json's rope dict as transformers 5 picks it: rope_scaling (v4) over
+    rope_parameters (v5) when a file has both, {} when it has neither."""
+    return dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+
+
 def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
     """config.json's rope_parameters (v5) or rope_scaling (v4) as our rope_scaling dict, or None
     for plain RoPE; InputError naming the key when transformers' model could not be matched.
@@ -113,7 +119,7 @@ def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
     ignores are dropped) and fills original_max_position_embeddings as transformers does: a
     top-level value first, else the dict's, else max_position_embeddings.
     """
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params = hf_rope_dict(hf)
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):

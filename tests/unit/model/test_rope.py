@@ -139,6 +139,38 @@ def test_v4_rope_scaling_is_read_and_original_length_filled_as_transformers_does
     }
 
 
+NO_LENGTH = {k: v for k, v in SMALL.items() if k != "max_position_embeddings"}
+LINEAR = dict(rope_type="linear", factor=2.0)
+
+
+@pytest.mark.parametrize(
+    "config_json",
+    [
+        # both layouts in one file: transformers takes rope_scaling, then the top-level theta
+        dict(SMALL, model_type="llama", rope_theta=5.0, rope_scaling=LINEAR,
+             rope_parameters=dict(LINEAR, factor=3.0, rope_theta=7.0)),
+        # the rope dict's theta wins over the top-level one
+        dict(SMALL, model_type="llama", rope_theta=5.0,
+             rope_parameters=dict(LINEAR, rope_theta=7.0)),
+        # no max_position_embeddings: each family's default is block_size and YaRN's old length
+        dict(NO_LENGTH, model_type="mistral", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        dict(NO_LENGTH, model_type="qwen2", rope_scaling={"type": "yarn", "factor": 4.0}),
+        dict(NO_LENGTH, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+             rope_parameters={"rope_type": "dynamic", "factor": 2.0}),  # and theta 1e6
+    ],
+    ids=["both-layouts", "theta-in-dict", "mistral-defaults", "qwen2-defaults", "mixtral-defaults"],
+)  # fmt: skip
+def test_config_json_is_read_as_transformers_reads_it(config_json, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    ours = hf_config_to_model_config(config_json)
+    rope = dict(theirs.rope_parameters)
+    rope.pop("type", None)  # v4's name, kept beside rope_type
+    assert ours.rope_theta == rope.pop("rope_theta")
+    assert ours.block_size == theirs.max_position_embeddings
+    assert ours.rope_scaling == {k: v for k, v in rope.items() if v is not None}
+
+
 @pytest.mark.parametrize(
     "rope, message",
     [
