@@ -53,6 +53,8 @@ def test_onnx_export_of_a_yarn_model_matches_pytorch_past_the_original_context(t
         ({"rope_type": "linear", "factor": 2.0}, {"type": "linear", "factor": 2.0}),
         (YARN | {"beta_fast": 32, "truncate": True},  # the defaults, said explicitly
          {"type": "yarn", "factor": 4.0, "original_context_length": 16}),
+        (YARN | {"mscale": 1.0, "attention_factor": None},  # attention factor still the default
+         {"type": "yarn", "factor": 4.0, "original_context_length": 16}),
     ],
 )  # fmt: skip
 def test_gguf_writes_llama_cpp_rope_scaling_keys(trained_dir: Path, tmp_path: Path, scaling, keys):

@@ -15,6 +15,7 @@ from lmforge.errors import ConfigError, InputError
 from lmforge.model.config import ModelConfig, preset_config
 from lmforge.model.convert import hf_config_to_model_config, load_pretrained, save_pretrained
 from lmforge.model.generate import generate
+from lmforge.model.rope import rope_attention_factor, rope_inv_freq
 from lmforge.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -169,6 +170,34 @@ def test_config_json_is_read_as_transformers_reads_it(config_json, tmp_path):
     assert ours.rope_theta == rope.pop("rope_theta")
     assert ours.block_size == theirs.max_position_embeddings
     assert ours.rope_scaling == {k: v for k, v in rope.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        # nulls: transformers' defaults (betas 32/1, 0.1 ln(factor) + 1), but truncate null is off
+        dict(YARN, attention_factor=None, beta_fast=None, beta_slow=None, mscale=None,
+             mscale_all_dim=None, truncate=None),
+        dict(YARN, mscale=0.8),  # without mscale_all_dim: the default factor
+        dict(YARN, mscale=0, mscale_all_dim=1.0),  # a zero one: the default too
+        dict(YARN, mscale=1.0, mscale_all_dim=0.5, beta_fast=8, beta_slow=2),
+        dict(YARN, factor=0.5),  # < 1: transformers warns, computes; attention factor 1
+        dict(rope_type="linear", factor=0.5),
+        dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+             original_max_position_embeddings=16),
+        dict(rope_type="dynamic", factor=4.0),  # within max_position_embeddings: the default
+    ],
+)  # fmt: skip
+def test_frequencies_and_attention_factor_equal_transformers(rope, tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config_json = dict(SMALL, model_type="llama", rope_theta=100.0, rope_scaling=rope)
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[rope["rope_type"]](theirs)
+    ours = hf_config_to_model_config(config_json)
+    torch.testing.assert_close(rope_inv_freq(ours), inv_freq, rtol=1e-6, atol=0)
+    assert rope_attention_factor(ours) == pytest.approx(attention, rel=1e-12)
 
 
 @pytest.mark.parametrize(
