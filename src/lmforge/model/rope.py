@@ -120,6 +120,12 @@ def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
     top-level value first, else the dict's, else max_position_embeddings.
     """
     params = hf_rope_dict(hf)
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:  # transformers 5's per-layer-type dicts (Gemma 3 style), not one rotary
+        raise InputError(
+            f"config.json's rope dict has one per layer type ({', '.join(nested)}); lmforge "
+            "rotates every layer alike, so it imports a single rope_parameters dict only"
+        )
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):

@@ -214,6 +214,8 @@ def test_frequencies_and_attention_factor_equal_transformers(rope, tmp_path):
         (dict(type="yarn", factor=4.0, truncate="no"), "truncate must be true or false, got 'no'"),
         (dict(type="linear", factor=2.0, partial_rotary_factor=0.5),
          "partial_rotary_factor=0.5 is not supported: lmforge rotates every dimension"),
+        ({"full_attention": dict(rope_type="yarn", factor=4.0), "sliding_attention": {}},
+         r"one per layer type \(full_attention, sliding_attention\); lmforge rotates every"),
     ],
 )  # fmt: skip
 def test_config_json_rope_refusals_name_the_key(rope, message):
