@@ -169,6 +169,8 @@ def test_config_json_is_read_as_transformers_reads_it(config_json, tmp_path):
     rope.pop("type", None)  # v4's name, kept beside rope_type
     assert ours.rope_theta == rope.pop("rope_theta")
     assert ours.block_size == theirs.max_position_embeddings
+    # sliding_window: Mistral's default 4096, Mixtral's None (Llama has none)
+    assert ours.sliding_window == getattr(theirs, "sliding_window", None)
     assert ours.rope_scaling == {k: v for k, v in rope.items() if v is not None}
 
 

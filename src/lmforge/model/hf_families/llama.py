@@ -60,8 +60,9 @@ def _llama_like_config(
 
 
 # MistralConfig's/Qwen2Config's max_position_embeddings default (LlamaConfig's is the 2048 above):
-# a config.json without it means that block_size, and that original length for YaRN/llama3
-MISTRAL_DEFAULTS = {"max_position_embeddings": 4096 * 32}
+# a config.json without it means that block_size, and that original length for YaRN/llama3;
+# without sliding_window a Mistral attends over 4096 tokens (null: over all of them)
+MISTRAL_DEFAULTS = {"max_position_embeddings": 4096 * 32, "sliding_window": 4096}
 QWEN2_DEFAULTS = {"max_position_embeddings": 32768}
 
 

@@ -26,8 +26,8 @@ _FUSED = re.compile(r"(model\.layers\.\d+)\.mlp\.(experts\.gate_up_proj|experts\
 
 
 # MixtralConfig's defaults where they differ from mistral_config's: a config.json that omits
-# rope_theta (or has no rope dict with one) means 1e6, not 1e4
-MIXTRAL_DEFAULTS = {"rope_theta": 1e6}
+# rope_theta (or has no rope dict with one) means 1e6, not 1e4, and no sliding_window full attention
+MIXTRAL_DEFAULTS = {"rope_theta": 1e6, "sliding_window": None}
 
 
 def mixtral_config(hf: dict[str, Any]) -> ModelConfig:
