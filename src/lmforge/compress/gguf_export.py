@@ -20,6 +20,7 @@ where `tokenizers` does (benchmarks/check_gguf_llamacpp.py checks it in llama.cp
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from lmforge.errors import ConfigError, StageError
 from lmforge.model.convert import model_display_name
 from lmforge.model.quant import quantized_numel
-from lmforge.model.rope import YARN_BETA_FAST, YARN_BETA_SLOW
+from lmforge.model.rope import YARN_BETA_FAST, YARN_BETA_SLOW, rope_attention_factor, yarn_mscale
 from lmforge.tokenizer.generation import eos_ids, load_generation_config
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # llama.cpp token types
@@ -92,8 +93,9 @@ def llama_cpp_rope_scaling(cfg: Any, arch: str) -> dict[str, str | int | float]:
     ConfigError for a scaling llama.cpp cannot reproduce exactly.
 
     linear is a frequency scale; YaRN is llama.cpp's own (ramp ends rounded outward, cos/sin times
-    0.1 ln(factor) + 1), so an explicit attention factor, mscale or truncate=false is refused, and
-    so are other betas than 32 and 1: llama.cpp takes those from its run settings, not the file
+    0.1 ln(factor) + 1), so another attention factor (attention_factor, or mscale and
+    mscale_all_dim giving another) or truncate=false is refused, and so are other betas than 32
+    and 1: llama.cpp takes those from its run settings, not the file
     (llama-cpp-python 0.3.36 ignored the file's yarn_beta_* keys; logits then differed).
     """
     scaling = dict(cfg.rope_scaling or {}) if cfg.pos == "rope" else {}
@@ -103,7 +105,10 @@ def llama_cpp_rope_scaling(cfg: Any, arch: str) -> dict[str, str | int | float]:
     key, factor = f"{arch}.rope.scaling.", float(scaling.get("factor", 0.0))
     if rope_type == "linear":
         return {key + "type": "linear", key + "factor": factor}
-    unexpressed = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if k in scaling]
+    unexpressed = []
+    if rope_type == "yarn" and not math.isclose(rope_attention_factor(cfg), yarn_mscale(factor)):
+        attention_keys = ("attention_factor", "mscale", "mscale_all_dim")
+        unexpressed = [k for k in attention_keys if scaling.get(k) is not None]
     betas = {"beta_fast": YARN_BETA_FAST, "beta_slow": YARN_BETA_SLOW}
     unexpressed += [k for k, default in betas.items() if (scaling.get(k) or default) != default]
     if rope_type == "yarn" and not unexpressed and scaling.get("truncate", True) and factor >= 1:

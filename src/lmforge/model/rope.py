@@ -105,6 +105,12 @@ def check_rope_scaling(scaling: dict[str, Any] | None, where: str = "model.rope_
         raise ConfigError(f"{where}.truncate must be true or false, got {scaling['truncate']!r}")
 
 
+def hf_rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config.json's rope dict as transformers 5 picks it: rope_scaling (v4) over
+    rope_parameters (v5) when a file has both, {} when it has neither."""
+    return dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+
+
 def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
     """config.json's rope_parameters (v5) or rope_scaling (v4) as our rope_scaling dict, or None
     for plain RoPE; InputError naming the key when transformers' model could not be matched.
@@ -113,7 +119,13 @@ def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
     ignores are dropped) and fills original_max_position_embeddings as transformers does: a
     top-level value first, else the dict's, else max_position_embeddings.
     """
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params = hf_rope_dict(hf)
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:  # transformers 5's per-layer-type dicts (Gemma 3 style), not one rotary
+        raise InputError(
+            f"config.json's rope dict has one per layer type ({', '.join(nested)}); lmforge "
+            "rotates every layer alike, so it imports a single rope_parameters dict only"
+        )
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
@@ -128,7 +140,11 @@ def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
         params[ORIGINAL] = (
             hf.get(ORIGINAL) or params.get(ORIGINAL) or hf.get("max_position_embeddings", 2048)
         )
-    scaling = {"rope_type": rope_type, **{k: params[k] for k in (*needs, *allows) if k in params}}
+    # transformers reads an optional key set to null as unset, except truncate: null is falsy
+    optional = {k: params[k] for k in allows if params.get(k) is not None}
+    if "truncate" in params and params["truncate"] is None:
+        optional["truncate"] = False
+    scaling = {"rope_type": rope_type, **{k: params[k] for k in needs if k in params}, **optional}
     try:
         check_rope_scaling(scaling, "config.json rope_scaling")
     except ConfigError as err:
@@ -192,13 +208,16 @@ def rope_attention_factor(config: ModelConfig) -> float:
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
     factor = scaling["factor"]
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:  # 0 or null: transformers then uses the default
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
 
-    def mscale(m: float = 1.0) -> float:
-        return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
 
-    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
-        return mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"])
-    return mscale()
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's attention factor for a context `factor` times longer: 0.1 m ln(factor) + 1, and 1
+    when factor <= 1 (transformers' get_mscale; llama.cpp's with m = 1)."""
+    return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 def rope_tables(config: ModelConfig, device: torch.device | str) -> tuple[Tensor, Tensor]:

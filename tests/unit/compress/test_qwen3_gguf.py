@@ -7,9 +7,6 @@ qk_norm model's file in llama.cpp (benchmarks/check_gguf_llamacpp.py), skipped w
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,8 +19,8 @@ from lmforge.errors import ConfigError, StageError
 from lmforge.model.config import preset_config
 from lmforge.model.convert import load_pretrained, save_pretrained
 from lmforge.model.transformer import Transformer
+from unit.compress.llama_cpp_run import assert_llama_cpp_runs_like_lmforge
 from unit.compress.test_gguf import lmforge_tokenizer, read_fields
-from unit.compress.test_rope_export import SCRIPT
 
 gguf = pytest.importorskip("gguf")
 
@@ -82,9 +79,6 @@ def test_read_back_catches_a_head_width_llama_cpp_would_misread(tmp_path, monkey
 def test_llama_cpp_runs_a_qk_norm_gguf_like_lmforge(trained_dir: Path, tmp_path: Path) -> None:
     """A trained micro model given q/k norm gains away from 1, exported as qwen3 and run in
     llama.cpp: logits and greedy tokens as lmforge's. Needs llama-cpp-python (skipped without)."""
-    pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (lmforge[gguf-check])"
-    )
     trained = load_pretrained(trained_dir)
     model = Transformer(replace(trained.config, qk_norm=True)).eval()
     model.load_state_dict(trained.state_dict(), strict=False)  # all but the new norms
@@ -93,18 +87,5 @@ def test_llama_cpp_runs_a_qk_norm_gguf_like_lmforge(trained_dir: Path, tmp_path:
         for block in model.blocks:
             block.attn.q_norm.weight.uniform_(0.5, 1.5)
             block.attn.k_norm.weight.uniform_(0.5, 1.5)
-    config = json.loads((trained_dir / "config.json").read_text())
-    ids = {k: v for k, v in config.items() if k in ("bos_token_id", "eos_token_id")}
-    save_pretrained(model, tmp_path / "m", extra_config=ids)
-    shutil.copy(trained_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "qwen3"
-    out = tmp_path / "check.json"
-    args = [str(tmp_path / "m"), "--types", "f32", "--new-tokens", "12", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (result,) = json.loads(out.read_text())["results"]
-    assert result["max_abs_logit_diff"] < 1e-3
-    agreed = [tuple(a.split("/")) for a in result["greedy_agree"]]  # "tokens agreeing/generated"
-    assert len(agreed) == 4 and all(n == of for n, of in agreed)
+    model_dir = assert_llama_cpp_runs_like_lmforge(model, trained_dir, tmp_path)
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen3"

@@ -1,16 +1,13 @@
 """Exports of a rope-scaled model: ONNX (the scaled tables are buffers in the graph) and GGUF
 (llama.cpp's rope.scaling.* keys for linear and YaRN, refusals for what llama.cpp cannot do).
 
-The `integration` test runs the GGUF in llama.cpp (benchmarks/check_gguf_llamacpp.py); it is
-skipped whenever `llama_cpp` cannot be imported, as in tests/unit/compress/test_gguf.py.
+The `integration` test runs the GGUF in llama.cpp (llama_cpp_run.py: benchmarks/
+check_gguf_llamacpp.py); it is skipped whenever `llama_cpp` cannot be imported, as in
+tests/unit/compress/test_gguf.py.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,14 +19,14 @@ from lmforge.compress.gguf_export import check_gguf, export_gguf, gguf_arch
 from lmforge.compress.onnx_export import check_onnx, export_onnx, ort_session
 from lmforge.errors import ConfigError
 from lmforge.model.config import preset_config
-from lmforge.model.convert import load_pretrained, save_pretrained
+from lmforge.model.convert import load_pretrained
 from lmforge.model.rope import ORIGINAL
 from lmforge.model.transformer import Transformer
+from unit.compress.llama_cpp_run import assert_llama_cpp_runs_like_lmforge
 
 gguf = pytest.importorskip("gguf")
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "check_gguf_llamacpp.py"
 
 
 def rescaled(model_dir: Path, scaling: dict) -> Transformer:
@@ -55,6 +52,8 @@ def test_onnx_export_of_a_yarn_model_matches_pytorch_past_the_original_context(t
     [
         ({"rope_type": "linear", "factor": 2.0}, {"type": "linear", "factor": 2.0}),
         (YARN | {"beta_fast": 32, "truncate": True},  # the defaults, said explicitly
+         {"type": "yarn", "factor": 4.0, "original_context_length": 16}),
+        (YARN | {"mscale": 1.0, "attention_factor": None},  # attention factor still the default
          {"type": "yarn", "factor": 4.0, "original_context_length": 16}),
     ],
 )  # fmt: skip
@@ -101,20 +100,4 @@ def test_gguf_refuses_rope_scaling_llama_cpp_cannot_reproduce(scaling, message):
 )
 def test_llama_cpp_runs_the_rope_scaled_gguf_like_lmforge(trained_dir: Path, tmp_path, scaling):
     """Needs llama-cpp-python (skipped without it, see the module docstring)."""
-    pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (lmforge[gguf-check])"
-    )
-    config = json.loads((trained_dir / "config.json").read_text())
-    ids = {k: v for k, v in config.items() if k in ("bos_token_id", "eos_token_id")}
-    save_pretrained(rescaled(trained_dir, scaling), tmp_path / "m", extra_config=ids)
-    shutil.copy(trained_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
-    out = tmp_path / "check.json"
-    args = [str(tmp_path / "m"), "--types", "f32", "--new-tokens", "12", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (result,) = json.loads(out.read_text())["results"]
-    assert result["max_abs_logit_diff"] < 1e-3
-    agreed = [tuple(a.split("/")) for a in result["greedy_agree"]]  # "tokens agreeing/generated"
-    assert len(agreed) == 4 and all(n == of for n, of in agreed)
+    assert_llama_cpp_runs_like_lmforge(rescaled(trained_dir, scaling), trained_dir, tmp_path)

@@ -15,6 +15,7 @@ from lmforge.errors import ConfigError, InputError
 from lmforge.model.config import ModelConfig, preset_config
 from lmforge.model.convert import hf_config_to_model_config, load_pretrained, save_pretrained
 from lmforge.model.generate import generate
+from lmforge.model.rope import rope_attention_factor, rope_inv_freq
 from lmforge.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -34,15 +35,24 @@ ROPES = {
     ),
     "llama-yarn-attention-factor": ("llama", YARN | dict(attention_factor=0.8)),
     "qwen2-yarn": ("qwen2", YARN),
+    "mistral-yarn": ("mistral", YARN),
+    "mixtral-linear": ("mixtral", dict(rope_type="linear", factor=2.0)),
     "llama-dynamic": ("llama", dict(rope_type="dynamic", factor=2.0)),
+}
+WINDOW = dict(sliding_window=24)  # < BLOCK: the export is then mistral/mixtral, not llama
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "mistral": (transformers.MistralConfig, WINDOW),
+    "mixtral": (transformers.MixtralConfig, WINDOW | dict(num_local_experts=4)),
 }
 
 
 def hf_model(family: str, rope: dict, seed: int = 0) -> torch.nn.Module:
     """A random transformers model whose rope_parameters are rope (theta 100: fast-turning dims)."""
-    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    config_class, extra = FAMILIES[family]
     config = config_class(
-        **SMALL, num_key_value_heads=2, rope_parameters={"rope_theta": 100.0, **rope}
+        **SMALL, **extra, num_key_value_heads=2, rope_parameters={"rope_theta": 100.0, **rope}
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -87,9 +97,10 @@ def test_greedy_generation_through_the_kv_cache_equals_transformers(imported):
 def test_export_writes_the_rope_dict_back_and_transformers_agrees(imported, tmp_path):
     hf, path, ours = imported
     save_pretrained(ours, tmp_path / "out")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]
-    imported_dict = json.loads((path / "config.json").read_text())["rope_parameters"]
-    assert written == imported_dict
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    imported_json = json.loads((path / "config.json").read_text())
+    assert written["model_type"] == imported_json["model_type"]  # the family, not llama
+    assert written["rope_parameters"] == imported_json["rope_parameters"]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     idx = torch.randint(0, VOCAB, (1, BLOCK))
     with torch.no_grad():
@@ -129,6 +140,68 @@ def test_v4_rope_scaling_is_read_and_original_length_filled_as_transformers_does
     }
 
 
+NO_LENGTH = {k: v for k, v in SMALL.items() if k != "max_position_embeddings"}
+LINEAR = dict(rope_type="linear", factor=2.0)
+
+
+@pytest.mark.parametrize(
+    "config_json",
+    [
+        # both layouts in one file: transformers takes rope_scaling, then the top-level theta
+        dict(SMALL, model_type="llama", rope_theta=5.0, rope_scaling=LINEAR,
+             rope_parameters=dict(LINEAR, factor=3.0, rope_theta=7.0)),
+        # the rope dict's theta wins over the top-level one
+        dict(SMALL, model_type="llama", rope_theta=5.0,
+             rope_parameters=dict(LINEAR, rope_theta=7.0)),
+        # no max_position_embeddings: each family's default is block_size and YaRN's old length
+        dict(NO_LENGTH, model_type="mistral", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        dict(NO_LENGTH, model_type="qwen2", rope_scaling={"type": "yarn", "factor": 4.0}),
+        dict(NO_LENGTH, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+             rope_parameters={"rope_type": "dynamic", "factor": 2.0}),  # and theta 1e6
+    ],
+    ids=["both-layouts", "theta-in-dict", "mistral-defaults", "qwen2-defaults", "mixtral-defaults"],
+)  # fmt: skip
+def test_config_json_is_read_as_transformers_reads_it(config_json, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    ours = hf_config_to_model_config(config_json)
+    rope = dict(theirs.rope_parameters)
+    rope.pop("type", None)  # v4's name, kept beside rope_type
+    assert ours.rope_theta == rope.pop("rope_theta")
+    assert ours.block_size == theirs.max_position_embeddings
+    # sliding_window: Mistral's default 4096, Mixtral's None (Llama has none)
+    assert ours.sliding_window == getattr(theirs, "sliding_window", None)
+    assert ours.rope_scaling == {k: v for k, v in rope.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        # nulls: transformers' defaults (betas 32/1, 0.1 ln(factor) + 1), but truncate null is off
+        dict(YARN, attention_factor=None, beta_fast=None, beta_slow=None, mscale=None,
+             mscale_all_dim=None, truncate=None),
+        dict(YARN, mscale=0.8),  # without mscale_all_dim: the default factor
+        dict(YARN, mscale=0, mscale_all_dim=1.0),  # a zero one: the default too
+        dict(YARN, mscale=1.0, mscale_all_dim=0.5, beta_fast=8, beta_slow=2),
+        dict(YARN, factor=0.5),  # < 1: transformers warns, computes; attention factor 1
+        dict(rope_type="linear", factor=0.5),
+        dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+             original_max_position_embeddings=16),
+        dict(rope_type="dynamic", factor=4.0),  # within max_position_embeddings: the default
+    ],
+)  # fmt: skip
+def test_frequencies_and_attention_factor_equal_transformers(rope, tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config_json = dict(SMALL, model_type="llama", rope_theta=100.0, rope_scaling=rope)
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[rope["rope_type"]](theirs)
+    ours = hf_config_to_model_config(config_json)
+    torch.testing.assert_close(rope_inv_freq(ours), inv_freq, rtol=1e-6, atol=0)
+    assert rope_attention_factor(ours) == pytest.approx(attention, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "rope, message",
     [
@@ -143,6 +216,8 @@ def test_v4_rope_scaling_is_read_and_original_length_filled_as_transformers_does
         (dict(type="yarn", factor=4.0, truncate="no"), "truncate must be true or false, got 'no'"),
         (dict(type="linear", factor=2.0, partial_rotary_factor=0.5),
          "partial_rotary_factor=0.5 is not supported: lmforge rotates every dimension"),
+        ({"full_attention": dict(rope_type="yarn", factor=4.0), "sliding_attention": {}},
+         r"one per layer type \(full_attention, sliding_attention\); lmforge rotates every"),
     ],
 )  # fmt: skip
 def test_config_json_rope_refusals_name_the_key(rope, message):

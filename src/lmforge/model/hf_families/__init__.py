@@ -158,9 +158,8 @@ def family_for(cfg: ModelConfig) -> str | None:
         return "gpt2" if gpt2_ok and cfg.sliding_window is None else None
     if (cfg.norm, cfg.pos, cfg.mlp) != ("rmsnorm", "rope", "swiglu"):
         return None
-    if cfg.sliding_window is not None:
-        plain = not (cfg.bias or cfg.attn_bias) and cfg.rope_scaling is None
-        return "mistral" if plain else None
+    if cfg.sliding_window is not None:  # Mistral's rotary is Llama's, rope_scaling included
+        return "mistral" if not (cfg.bias or cfg.attn_bias) else None
     if cfg.attn_bias and not cfg.bias:
         return "qwen2" if standard_heads else None
     return "llama"
@@ -179,10 +178,10 @@ def _qwen3_shape(cfg: ModelConfig) -> bool:
 
 
 def _mixtral_shape(cfg: ModelConfig) -> bool:
-    """Whether a mixture-of-experts decoder is exactly Mixtral (renormalised top-k, plain heads)."""
+    """Whether a mixture-of-experts decoder is exactly Mixtral (renormalised top-k, bias-free;
+    its rotary, rope_scaling included, is Llama's)."""
     llama_like = (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu")
-    plain = not (cfg.bias or cfg.attn_bias) and cfg.rope_scaling is None
-    return llama_like and plain and cfg.norm_topk_prob
+    return llama_like and not (cfg.bias or cfg.attn_bias) and cfg.norm_topk_prob
 
 
 def _has_shape(cfg: ModelConfig, shape: dict[str, Any], standard_heads: bool) -> bool:

@@ -11,13 +11,13 @@ from typing import Any
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 from lmforge.model.hf_families.rules import Rule, require_supported
-from lmforge.model.rope import rope_scaling_from_hf
+from lmforge.model.rope import hf_rope_dict, rope_scaling_from_hf
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from either the v4 (rope_theta/rope_scaling) or v5 layout."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    """(rope_theta, rope_scaling) from either the v4 (rope_theta/rope_scaling) or v5 layout;
+    as in transformers 5, the rope dict's rope_theta wins over a top-level one."""
+    theta = float(hf_rope_dict(hf).get("rope_theta") or hf.get("rope_theta") or 10000.0)
     return theta, rope_scaling_from_hf(hf)
 
 
@@ -59,17 +59,25 @@ def _llama_like_config(
     )
 
 
+# MistralConfig's/Qwen2Config's max_position_embeddings default (LlamaConfig's is the 2048 above):
+# a config.json without it means that block_size, and that original length for YaRN/llama3;
+# without sliding_window a Mistral attends over 4096 tokens (null: over all of them)
+MISTRAL_DEFAULTS = {"max_position_embeddings": 4096 * 32, "sliding_window": 4096}
+QWEN2_DEFAULTS = {"max_position_embeddings": 32768}
+
+
 def llama_config(hf: dict[str, Any]) -> ModelConfig:
     return _llama_like_config(hf, attn_bias=False, sliding_window=None)
 
 
 def mistral_config(hf: dict[str, Any]) -> ModelConfig:
+    hf = {**MISTRAL_DEFAULTS, **hf}
     return _llama_like_config(hf, attn_bias=False, sliding_window=hf.get("sliding_window"))
 
 
 def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
     require_supported(hf, "use_sliding_window", (False,), False)
-    return _llama_like_config(hf, attn_bias=True, sliding_window=None)
+    return _llama_like_config({**QWEN2_DEFAULTS, **hf}, attn_bias=True, sliding_window=None)
 
 
 # Qwen3Config's defaults where they differ from _llama_like_config's fallbacks (or _qwen3_window

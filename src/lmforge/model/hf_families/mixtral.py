@@ -25,8 +25,13 @@ from lmforge.model.hf_families.rules import Rule
 _FUSED = re.compile(r"(model\.layers\.\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.)")
 
 
+# MixtralConfig's defaults where they differ from mistral_config's: a config.json that omits
+# rope_theta (or has no rope dict with one) means 1e6, not 1e4, and no sliding_window full attention
+MIXTRAL_DEFAULTS = {"rope_theta": 1e6, "sliding_window": None}
+
+
 def mixtral_config(hf: dict[str, Any]) -> ModelConfig:
-    cfg = mistral_config(hf)
+    cfg = mistral_config({**MIXTRAL_DEFAULTS, **hf})
     return replace(
         cfg,
         num_experts=hf["num_local_experts"],
