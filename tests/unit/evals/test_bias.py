@@ -50,6 +50,22 @@ def test_user_term_files_json_and_yaml(tmp_path):
         load_groups(names=["nope"])
 
 
+def test_a_malformed_yaml_term_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "terms.yaml"
+    path.write_text("fruit:\n  sides: [apple, pear]\n  pairs: [[apple, pear]\n")
+    with pytest.raises(InputError, match=r"terms\.yaml line 4: not valid YAML .*; mend it"):
+        load_groups(path)
+    path.write_text("- fruit\n")
+    with pytest.raises(InputError, match=r"terms\.yaml: top level must be a mapping.*; mend it"):
+        load_groups(path)
+    path.write_text("fruit: [apple, pear]\n")
+    with pytest.raises(InputError, match=r"group 'fruit' needs 'sides' \(two names\) and 'pairs'"):
+        load_groups(path)
+    path.write_text("# every group commented out\n")
+    with pytest.raises(InputError, match=r"terms\.yaml holds no term groups; mend it"):
+        load_groups(path)
+
+
 def test_planted_score_shows_a_gap_for_its_group_and_none_for_another():
     """A scorer that prefers 'she' and 'woman' texts: gender gap -1, religion gap 0."""
     groups = load_groups(names=["gender", "religion"])
