@@ -1,9 +1,10 @@
-"""Timing and the rate table the generation benchmarks share (bench_generate, bench_serve_engine,
-bench_quant_load).
+"""Timing and the rate table the generation benchmarks share (bench_generate, bench_beam_search,
+bench_speculative, bench_serve_engine, bench_quant_load).
 
 Each contender is a no-argument function that produces every request's new tokens; all run in one
-process, round-robin, so load on a shared machine falls on each alike. The table reports new
-tokens per second at each contender's median wall time.
+process, round-robin, so load on a shared machine falls on each alike, after one untimed warm-up
+round, so that first-call costs (allocations, lazy imports, a library's set-up) fall outside the
+times. The table reports new tokens per second at each contender's median wall time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ Tokens = list[list[int]]
 def time_round_robin(
     contenders: dict[str, Callable[[], Tokens]], rounds: int
 ) -> tuple[dict[str, list[float]], dict[str, Tokens]]:
-    """Each contender's wall times over rounds (one call per round, in turn) and last output."""
+    """Each contender's wall times over rounds (one call per round, in turn, after an untimed
+    warm-up call each) and last output."""
+    for fn in contenders.values():
+        fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     outputs: dict[str, Tokens] = {}
     for _ in range(rounds):

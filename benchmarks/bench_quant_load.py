@@ -116,9 +116,8 @@ def decode_times(
 
         return run
 
-    contenders = {name: decoder(name) for name in models}
-    tokens = {name: run()[0] for name, run in contenders.items()}  # warm-up; outputs compared
-    times, _ = time_round_robin(contenders, rounds)
+    times, outputs = time_round_robin({name: decoder(name) for name in models}, rounds)
+    tokens = {name: out[0] for name, out in outputs.items()}  # greedy: every round's the same
     same = {
         n: sum(a == b for a, b in zip(t, tokens["fp32"], strict=True)) for n, t in tokens.items()
     }

@@ -155,7 +155,6 @@ def main() -> None:
         "engine, one at a time": lambda: engine_sequential(engine, requests),
         "generate, one at a time": lambda: generate_sequential(model, requests),
     }
-    engine_concurrent(engine, requests[:2])  # warm-up
     times, outputs = time_round_robin(contenders, args.rounds)
     stats = engine.stats()
     engine.shutdown()
@@ -166,7 +165,7 @@ def main() -> None:
     for name in ("engine, concurrent", "engine, one at a time"):
         same = sum(a == b for a, b in zip(outputs[name], ref, strict=True))
         print(f"{name}: {same}/{len(ref)} requests equal to generate alone token for token")
-    print(f"engine: {stats.steps} decoding steps, {stats.prefills} prefills")
+    print(f"engine (warm-up round too): {stats.steps} decoding steps, {stats.prefills} prefills")
     for name, handles in LATENCY.items():
         ttft, itl = latency_ms(handles)
         print(f"{name}: median time to first token {ttft:.0f} ms, inter-token {itl:.1f} ms")

@@ -193,8 +193,8 @@ def main() -> None:
         contenders[f"speculative backoff, {n} draft"] = spec(n, f"{n}, backoff", **backoff)
     contenders |= {"HF greedy": hf(), "HF assisted, random draft": hf("random"),
                    "HF assisted, trained draft": hf("trained")}  # fmt: skip
-    for run in contenders.values():  # one untimed round: first-call costs (allocations, HF's
-        run()  # set-up) fall outside the times; spec() resets its stats each call
+    # time_round_robin's untimed warm-up round keeps HF's set-up out of the times; spec()
+    # resets its stats each call, so they are the last timed round's
     times, outputs = time_round_robin(contenders, args.rounds)
     ref = outputs["plain greedy"]
     differ = []

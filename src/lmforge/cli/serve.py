@@ -68,7 +68,8 @@ ServeConfigOpt = Annotated[
     Path | None,
     typer.Option(
         help="serve.yaml (e.g. a recipe's serve-config stage): its settings, with any flag "
-        "given on the command line overriding the file's value."
+        "given on the command line overriding the file's value (--model replaces its models, "
+        "--lora adds to its adapters); flags left out keep the file's values."
     ),
 ]
 ThreadsOpt = Annotated[

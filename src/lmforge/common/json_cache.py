@@ -11,8 +11,9 @@ puts back the old one (cp -p, rsync -t, shutil.copy2), into the same or a reused
 changed (either time) less than SETTLE_S ago is read afresh each time: a rewrite in place within
 the file system's timestamp granularity (FAT's is 2 s) could leave all of them the same.
 
-read_json_object is the reader for such a file a person supplies (a model or tokenizer directory
-from anywhere): malformed JSON is an InputError naming the file, line and column and what to do.
+read_json_object (and read_json_value, for a file holding a list) is the reader for such a file a
+person supplies (a model or tokenizer directory from anywhere): malformed JSON is an InputError
+naming the file, line and column and what to do.
 """
 
 from __future__ import annotations
@@ -57,16 +58,22 @@ def read_json(path: Path | str) -> Any:
 REWRITE_HINT = "mend it, or write the directory again with the tool that made it"
 
 
-def read_json_object(path: Path | str, fix: str = REWRITE_HINT) -> dict[str, Any]:
-    """The JSON object in path (read_json: parsed once while the file is unchanged); an
-    InputError naming the file, where it breaks and `fix` (what to do) when it is not one."""
+def read_json_value(path: Path | str, fix: str = REWRITE_HINT) -> Any:
+    """path's JSON value (read_json: parsed once while the file is unchanged); an InputError
+    naming the file, where it breaks and `fix` (what to do) when it is not JSON in UTF-8."""
     try:
-        data = read_json(path)
+        return read_json(path)
     except json.JSONDecodeError as err:
         where = f"line {err.lineno} column {err.colno}"
         raise InputError(f"{path} is not valid JSON ({where}: {err.msg}); {fix}") from None
     except UnicodeDecodeError as err:
         raise InputError(f"{path} is not UTF-8 text (byte {err.start}); {fix}") from None
+
+
+def read_json_object(path: Path | str, fix: str = REWRITE_HINT) -> dict[str, Any]:
+    """The JSON object in path (read_json_value), an InputError naming the file and `fix` when
+    it holds another value (a list, a string)."""
+    data = read_json_value(path, fix)
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a JSON object, not a {type(data).__name__}; {fix}")
     return data

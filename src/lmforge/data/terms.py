@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.common.json_cache import read_json_object
-from lmforge.errors import InputError
+from lmforge.config import load_yaml
+from lmforge.errors import ConfigError, InputError
 
 BUILTIN = Path(__file__).parent / "resources" / "bias_terms.json"
+TERMS_FIX = "mend it (group -> sides, pairs)"  # what to do about a malformed term file
 
 
 @dataclass(frozen=True)
@@ -90,14 +92,16 @@ def load_groups(path: Path | None = None, names: list[str] | None = None) -> lis
             f"bias terms file {source} not found (JSON or YAML: group -> sides, pairs)"
         )
     if source.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+        try:
+            data = load_yaml(source)  # names the file and the line where it breaks
+        except ConfigError as err:
+            raise InputError(f"{err}; {TERMS_FIX}") from None
     else:
-        data = read_json_object(source, "mend it (group -> sides, pairs)")
+        data = read_json_object(source, TERMS_FIX)
     groups = []
-    for name, body in (data or {}).items():
-        sides, pairs = (body or {}).get("sides"), (body or {}).get("pairs")
+    for name, body in data.items():
+        body = body if isinstance(body, dict) else {}
+        sides, pairs = body.get("sides"), body.get("pairs")
         if not (isinstance(sides, list) and len(sides) == 2 and isinstance(pairs, list) and pairs):
             raise InputError(
                 f"{source}: group '{name}' needs 'sides' (two names) and 'pairs' ([[a, b], ...])"
@@ -109,6 +113,8 @@ def load_groups(path: Path | None = None, names: list[str] | None = None) -> lis
             TermGroup(name, (str(sides[0]), str(sides[1])),
                       tuple((str(a).lower(), str(b).lower()) for a, b in pairs))
         )  # fmt: skip
+    if not groups:
+        raise InputError(f"{source} holds no term groups; {TERMS_FIX}, as the built-in list does")
     if names:
         unknown = sorted(set(names) - {g.name for g in groups})
         if unknown:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmforge.common.json_cache import read_json_object
 from lmforge.errors import InputError
-from lmforge.tokenizer.generation import read_json_object
 
 Update = tuple[Tensor, Tensor]  # (A (rank, in), B (out, rank)), float32, the scaling not in B
 

@@ -21,7 +21,8 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
-from lmforge.tokenizer.generation import GENERATION_CONFIG, read_json_object
+from lmforge.common.json_cache import read_json_object
+from lmforge.tokenizer.generation import GENERATION_CONFIG
 
 log = logging.getLogger(__name__)
 

@@ -104,12 +104,13 @@ def _checked_chat_template(path: Path, vocab_size: int) -> str | None:
     """The adapter directory's own chat template, as TokenizerFiles reads a model's. A directory
     that carries its own tokenizer must have the base's vocabulary: the base's embeddings and
     head are what its rows run through."""
-    from lmforge.tokenizer.files import TokenizerFiles, dir_chat_template
-    from lmforge.tokenizer.generation import read_json_object
+    from lmforge.common.json_cache import read_json_object
+    from lmforge.tokenizer.files import TOKENIZER_FIX, TokenizerFiles, dir_chat_template
 
     if not (path / "tokenizer.json").is_file():
         config = path / "tokenizer_config.json"
-        return dir_chat_template(path, read_json_object(config) if config.is_file() else {})
+        found = read_json_object(config, TOKENIZER_FIX) if config.is_file() else {}
+        return dir_chat_template(path, found)
     own = TokenizerFiles.load(path)
     if own.vocab_size > vocab_size:
         raise InputError(

@@ -33,7 +33,7 @@ __all__ = ["CHATML_TEMPLATE", "TOKENIZER_HINT", "TokenizerFiles", "tokenizer_has
 log = logging.getLogger(__name__)
 
 TOKENIZER_HINT = "lmforge tokenizer train --data DIR --out DIR"
-# what to do about a malformed tokenizer_config.json or special_tokens_map.json
+# what to do about a malformed tokenizer.json, tokenizer_config.json or special_tokens_map.json
 TOKENIZER_FIX = f"mend it, or save the tokenizer again (save_pretrained, or {TOKENIZER_HINT})"
 # The files that make a directory loadable by transformers.AutoTokenizer.
 TOKENIZER_FILES = (
@@ -109,7 +109,9 @@ class TokenizerFiles:
         try:
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
-            raise InputError(f"{path}/tokenizer.json cannot be read: {exc}") from None
+            raise InputError(
+                f"{path}/tokenizer.json cannot be read ({exc}); {TOKENIZER_FIX}"
+            ) from None
         # lengths are cut by the caller (encode_input's max_len, seq_len): a truncation saved in
         # tokenizer.json must not cut encode() silently; set once here, never toggled after
         tok.no_truncation()

@@ -50,6 +50,20 @@ def test_user_term_files_json_and_yaml(tmp_path):
         load_groups(names=["nope"])
 
 
+def test_a_malformed_yaml_term_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "terms.yaml"
+    for text, error in [
+        ("fruit:\n  sides: [apple, pear]\n  pairs: [[apple, pear]\n",
+         r"terms\.yaml line 4: not valid YAML .*; mend it"),
+        ("- fruit\n", r"terms\.yaml: top level must be a mapping.*; mend it"),
+        ("fruit: [apple, pear]\n", r"group 'fruit' needs 'sides' \(two names\) and 'pairs'"),
+        ("# every group commented out\n", r"terms\.yaml holds no term groups; mend it"),
+    ]:  # fmt: skip
+        path.write_text(text)
+        with pytest.raises(InputError, match=error):
+            load_groups(path)
+
+
 def test_planted_score_shows_a_gap_for_its_group_and_none_for_another():
     """A scorer that prefers 'she' and 'woman' texts: gender gap -1, religion gap 0."""
     groups = load_groups(names=["gender", "religion"])

@@ -317,3 +317,28 @@ def test_model_display_name_is_the_stage_for_a_final_dir(tmp_path, monkeypatch):
     assert model_display_name(".") == "sft"
     monkeypatch.chdir(final.parent)
     assert model_display_name("final") == "sft"
+
+
+def test_a_malformed_shard_index_or_module_list_names_the_file(tmp_path):
+    from lmforge.model.convert.files import read_tensor, resolve_model_dir
+
+    model = Transformer(preset_config("micro", vocab_size=VOCAB))
+    save_pretrained(model, tmp_path)
+    shard = "model-00001-of-00001.safetensors"
+    (tmp_path / "model.safetensors").rename(tmp_path / shard)
+    index = tmp_path / "model.safetensors.index.json"
+    names = list(load_file(tmp_path / shard))
+    index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, shard)}))
+    idx = torch.randint(0, VOCAB, (1, 8))
+    torch.testing.assert_close(load_pretrained(tmp_path)(idx), model(idx), atol=0, rtol=0)
+    assert torch.equal(read_tensor(tmp_path, names[0]), load_file(tmp_path / shard)[names[0]])
+    index.write_text('{"weight_map": {"a": ')
+    bad = re.escape(f"{index} is not valid JSON (line 1 column 22: Expecting value)")
+    with pytest.raises(InputError, match=f"^{bad}.*save the model again"):
+        load_pretrained(tmp_path)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(InputError, match=r"index\.json has no weight_map of tensor name -> shard"):
+        read_tensor(tmp_path, names[0])
+    (tmp_path / "modules.json").write_text('[{"type": ')  # sentence-transformers' module list
+    with pytest.raises(InputError, match=r"modules\.json is not valid JSON \(line 1 column 11"):
+        resolve_model_dir(tmp_path)  # where every command finds the model a path stands for

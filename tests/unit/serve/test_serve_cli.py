@@ -128,6 +128,44 @@ def test_a_serve_yaml_keeps_its_values_unless_a_flag_is_given(tmp_path, monkeypa
     assert settings.safety == tmp_path / "s.yaml" and settings.port == 9001
 
 
+def test_no_flag_left_at_its_default_overrides_a_serve_yaml(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    import lmforge.serve.server as server
+    from lmforge.cli import app
+    from lmforge.cli.serve import SETTING_FLAGS
+    from lmforge.serve.recipe_config import load_serve_config
+
+    (tmp_path / "m").mkdir()
+    # every setting a flag sets, at a value other than the flag's default
+    values = {
+        "models": [{"name": "m", "path": str(tmp_path / "m")}], "host": "0.0.0.0", "port": 9001,
+        "workers": 3, "kb": str(tmp_path / "docs"), "safety": str(tmp_path / "s.yaml"),
+        "feedback_db": str(tmp_path / "f.db"), "device": "cpu", "max_batch_size": 4,
+        "max_queue": 8, "request_timeout_s": 7.0, "threads": 2, "compile": "on",
+        "generation_config": "none", "loop": "asyncio", "http": "h11", "prefix_cache_mb": 1.5,
+        "embed_pooling": "mean", "embed_normalize": False, "api_key": "file-key",
+        "loras": [{"name": "ad", "path": str(tmp_path / "ad"), "base_model_name": "m"}],
+    }  # fmt: skip
+    assert set(SETTING_FLAGS.values()) - set(values) == {"runtime_lora_updating"}  # below
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(values))
+    started = []
+    monkeypatch.setattr(server, "serve", started.append)
+    result = CliRunner().invoke(app, ["serve", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert started[-1].model_dump() == load_serve_config(config).model_dump()
+    # a boolean flag: the file's true stays unless --no-... is typed; typed, either way wins
+    values |= {"workers": 1, "runtime_lora_updating": True, "embed_normalize": False}
+    config.write_text(yaml.safe_dump(values))
+    for typed, want in (([], (True, False)),
+                        (["--no-allow-runtime-lora-updating", "--embed-normalize"], (False, True))):  # fmt: skip
+        result = CliRunner().invoke(app, ["serve", "--config", str(config), *typed])
+        assert result.exit_code == 0, result.output
+        assert (started[-1].runtime_lora_updating, started[-1].embed_normalize) == want
+
+
 def test_generation_config_flag_defaults_to_auto_and_none_turns_it_off(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

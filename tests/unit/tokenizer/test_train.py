@@ -227,6 +227,10 @@ def test_a_malformed_tokenizer_config_names_the_file_line_and_what_to_do(
             TokenizerFiles.load(copied)
         (copied / name).write_text(good, encoding="utf-8")
     assert TokenizerFiles.load(copied).special == TokenizerFiles.load(bpe_dir).special
+    (copied / "tokenizer.json").write_text('{"model": ', encoding="utf-8")
+    bad = re.escape(f"{copied}/tokenizer.json cannot be read (")
+    with pytest.raises(InputError, match=f"^{bad}.*\\); mend it, or save the tokenizer again"):
+        TokenizerFiles.load(copied)
 
 
 def test_wordpiece_with_a_mask_token_for_masked_lm(corpus: Path, tmp_path: Path) -> None:

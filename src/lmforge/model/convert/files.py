@@ -4,7 +4,6 @@ torch.load(weights_only=True), which refuses anything but plain tensors)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -15,11 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from lmforge.common.json_cache import read_json_object
+from lmforge.common.json_cache import read_json_object, read_json_value
 from lmforge.errors import InputError
 from lmforge.model.convert.mean_head import MEAN_HEAD, RERUN
 
 log = logging.getLogger(__name__)
+
+# what to do about a malformed config.json or shard index
+SAVE_AGAIN = "mend it, or save the model again (an lmforge training stage or save_pretrained)"
 
 
 def resolve_model_dir(path: Path | str) -> Path:
@@ -42,12 +44,17 @@ def resolve_model_dir(path: Path | str) -> Path:
 def _sentence_transformers_module_dir(path: Path) -> Path | None:
     """The model of sentence-transformers' older layout, whose modules.json puts its Transformer
     module (config.json, weights, tokenizer) in a folder of its own (0_Transformer/); None for
-    any other directory (the top-level config.json there is sentence-transformers' own)."""
+    any other directory (the top-level config.json there is sentence-transformers' own). A
+    modules.json that is not JSON is an InputError naming it: the layout cannot be told."""
+    if not (path / "modules.json").is_file():
+        return None
+    modules = read_json_value(
+        path / "modules.json", "mend it, or save the model again with sentence-transformers"
+    )
     try:
-        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
         sub = next(m["path"] for m in modules if m["type"].endswith(".models.Transformer"))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, StopIteration):
-        return None  # no such layout (serve/embeddings_pooling names a malformed modules.json)
+    except (TypeError, KeyError, AttributeError, StopIteration):
+        return None  # no such layout (serve/embeddings_pooling names a module list it cannot use)
     return path / sub if sub and (path / sub / "config.json").is_file() else None
 
 
@@ -80,7 +87,7 @@ def read_tensors(model_dir: Path) -> dict[str, Tensor]:
         if (model_dir / weights).exists():
             return loader(model_dir / weights)
         if (model_dir / index).exists():
-            weight_map = json.loads((model_dir / index).read_text())["weight_map"]
+            weight_map = _weight_map(model_dir / index)
             tensors: dict[str, Tensor] = {}
             for shard in sorted(set(weight_map.values())):
                 tensors.update(loader(model_dir / shard))
@@ -98,10 +105,15 @@ def read_config(model_dir: Path) -> dict[str, Any]:
             f"{path} not found; a model directory needs config.json + model.safetensors "
             "(written by lmforge pretrain/finetune or transformers' save_pretrained)"
         )
-    # parsed once while unchanged (json_cache): a load asks for it many times
-    return read_json_object(
-        path, "mend it, or save the model again (an lmforge training stage or save_pretrained)"
-    )
+    return read_json_object(path, SAVE_AGAIN)  # parsed once while unchanged: a load asks often
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index (model.safetensors.index.json): tensor name -> shard file."""
+    weight_map = read_json_object(index, SAVE_AGAIN).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise InputError(f"{index} has no weight_map of tensor name -> shard file; {SAVE_AGAIN}")
+    return weight_map
 
 
 def is_encoder_decoder(model_dir: Path | str) -> bool:
@@ -115,7 +127,7 @@ def read_tensor(model_dir: Path, name: str) -> Tensor | None:
     """One tensor of a checkpoint without reading the others (safetensors), or None."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        shard = json.loads(index.read_text())["weight_map"].get(name)
+        shard = _weight_map(index).get(name)
         path = model_dir / shard if shard else None
     elif (model_dir / "model.safetensors").exists():
         path = model_dir / "model.safetensors"
