@@ -13,9 +13,10 @@ worth rather than every token through every expert.
 Every forward keeps its routing statistics (RouterStats) over the tokens it is told are real:
 padding (a packed row's doc_ids < 0, a padded batch's pad_mask 0) is routed like any token but
 left out of the statistics, as transformers' load_balancing_loss_func does given an
-attention_mask, so a fine-tuning batch's pads do not pull the balance. Transformer.forward(labels=) adds
-router_loss() over its layers while training: the Switch/Mixtral load-balancing loss (equal to
-transformers' load_balancing_loss_func over all layers' router logits) and the ST-MoE z-loss;
+attention_mask, so a fine-tuning batch's pads do not pull the balance.
+Transformer.forward(labels=) adds router_loss() over its layers while training: the
+Switch/Mixtral load-balancing loss (equal to transformers' load_balancing_loss_func over all
+layers' router logits) and the ST-MoE z-loss;
 routing_metrics() gives the training loop the same numbers and each expert's share of tokens.
 
 Shapes: B batch, T sequence length, C = n_embd, N = B * T tokens, E experts, k = top-k.
