@@ -178,6 +178,9 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
 CALIBRATED_CANNOT = ("calibrated quantization (GPTQ, AWQ) rounds a decoder language model's blocks",
                      "use --set quantize.method=rtn")  # fmt: skip
+MOE_CALIBRATED_CANNOT = ("GPTQ's Hessians and AWQ's scale groups are a dense MLP's, while an "
+                         "expert sees only the calibration tokens routed to it (an expert none "
+                         "chose has no statistics at all)", "use --set quantize.method=rtn")  # fmt: skip
 # what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
 # to do instead); quantize and prune keep a classifier's head and an encoder's layout
 ENCODER_CANNOT = {
@@ -245,9 +248,14 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
     if cfg.method == "export" and encoder_decoder:
         raise ConfigError(f"{src} is an encoder-decoder: export writes a decoder's KV-cache graph "
                           "or an encoder's, not both with cross-attention; use method=quantize")  # fmt: skip
-    if cfg.method == "export" and (
-        hf.get("num_local_experts") or hf.get("lmforge", {}).get("num_experts")
-    ):
+    moe = (
+        hf.get("num_local_experts")
+        or hf.get("num_experts")
+        or hf.get("lmforge", {}).get("num_experts")
+    )  # Mixtral's field, Qwen-MoE's, our own layout's
+    if moe:
+        refuse(cfg, src, "a mixture of experts", {"quantize-calibrated": MOE_CALIBRATED_CANNOT})
+    if cfg.method == "export" and moe:
         raise ConfigError(f"{src} is a mixture of experts: ONNX and GGUF export write dense MLPs "
                           "(torch.export cannot trace the experts' per-token routing); use "
                           "method=quantize")  # fmt: skip
