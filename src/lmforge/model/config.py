@@ -62,7 +62,9 @@ class ModelConfig:
     num_experts: int = 0  # SwiGLU experts per layer, each intermediate_size wide (0 = dense)
     num_experts_per_tok: int = 2  # top-k: experts each token is routed to
     norm_topk_prob: bool = True  # renormalise the top-k softmax weights to sum 1 (Mixtral)
-    router_aux_loss_coef: float = 0.01  # Switch/Mixtral load-balancing loss weight in training
+    # Router loss weights in training. 0.01 is Switch Transformer's alpha (ST-MoE's too); an
+    # imported Mixtral keeps its config.json's value (transformers' MixtralConfig default: 0.001).
+    router_aux_loss_coef: float = 0.01  # Switch/Mixtral load-balancing loss weight
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (mean squared logsumexp)
 
     def __post_init__(self) -> None:

@@ -77,6 +77,19 @@ class ModelSection(Section):
         description="override the top-k experts per token",
         json_schema_extra=HASHED_IF_SET,
     )
+    router_aux_loss_coef: float | None = Field(
+        None,
+        ge=0,
+        description="override the load-balancing loss weight (default 0.01, Switch Transformer's "
+        "alpha; transformers' Mixtral config defaults to 0.001)",
+        json_schema_extra=HASHED_IF_SET,
+    )
+    router_z_loss_coef: float | None = Field(
+        None,
+        ge=0,
+        description="override the router z-loss weight (default 0 = off; ST-MoE trains with 0.001)",
+        json_schema_extra=HASHED_IF_SET,
+    )
 
     def overrides(self) -> dict[str, Any]:
         """The fields set here, to apply over the preset."""

@@ -115,8 +115,8 @@ def test_compiled_moe_training_matches_eager(tmp_path):
 
 
 def test_pretrain_model_section_sets_experts_and_keeps_old_hashes(tmp_path):
-    """model.num_experts / num_experts_per_tok override a preset; unset, they leave the stage's
-    config hash what it was before they existed."""
+    """model.num_experts / num_experts_per_tok / the router loss weights override a preset;
+    unset, they leave the stage's config hash what it was before they existed."""
     from lmforge.config import hashed_dump, load_config
     from lmforge.errors import ConfigError
     from lmforge.train.pretrain import PretrainConfig
@@ -124,10 +124,13 @@ def test_pretrain_model_section_sets_experts_and_keeps_old_hashes(tmp_path):
     base = {"tokens": str(tmp_path), "tokenizer": str(tmp_path), "out": str(tmp_path / "o")}
     plain = load_config(PretrainConfig, values={**base, "model": {"preset": "tiny"}})
     assert "num_experts" not in hashed_dump(plain)["model"]
-    overrides = ["model.num_experts=8", "model.num_experts_per_tok=1"]
+    assert "router_z_loss_coef" not in hashed_dump(plain)["model"]
+    overrides = ["model.num_experts=8", "model.num_experts_per_tok=1",
+                 "model.router_aux_loss_coef=0.001", "model.router_z_loss_coef=0.001"]  # fmt: skip
     cfg = load_config(PretrainConfig, values={**base, "model": {"preset": "tiny"}},
                       overrides=overrides)  # fmt: skip
     model_cfg = preset_config(cfg.model.preset, **cfg.model.overrides())
     assert (model_cfg.num_experts, model_cfg.num_experts_per_tok) == (8, 1)
+    assert (model_cfg.router_aux_loss_coef, model_cfg.router_z_loss_coef) == (0.001, 0.001)
     with pytest.raises(ConfigError, match="bias-free SwiGLU experts"):
         preset_config("micro-gpt2", num_experts=4)
