@@ -138,10 +138,9 @@ class ModelConfig:
     def _validate_experts(self) -> None:
         if self.num_experts < 0:
             raise ConfigError(f"model.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise ConfigError(
-                "model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0"
-            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if not self.num_experts:
             return
         if not 1 <= self.num_experts_per_tok <= self.num_experts:

@@ -148,8 +148,10 @@ def test_config_errors_name_the_field():
         ModelConfig(**base, num_experts=4, mlp="gelu")
     with pytest.raises(ConfigError, match="num_experts must be >= 0"):
         ModelConfig(**base, num_experts=-1)
-    with pytest.raises(ConfigError, match="router_aux_loss_coef"):
+    with pytest.raises(ConfigError, match=r"router_aux_loss_coef must be >= 0 .*got -1.0"):
         ModelConfig(**base, num_experts=4, router_aux_loss_coef=-1.0)
+    with pytest.raises(ConfigError, match=r"router_z_loss_coef must be >= 0 .*got -0.5"):
+        ModelConfig(**base, num_experts=4, router_z_loss_coef=-0.5)
 
 
 def test_flops_count_only_the_active_experts():
