@@ -55,6 +55,10 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(make_expert() for _ in range(config.num_experts))
         self.stats: RouterStats | None = None  # the last forward's, for router_loss
 
+    # Eager inside a compiled model (train.compile, the compiled decoding step): the per-expert
+    # row counts are data, so dynamo broke the graph there anyway and then recompiled for each
+    # new spread of tokens over experts until its recompile limit (8), decoding included.
+    @torch.compiler.disable
     def forward(self, x: Tensor, real: Tensor | None = None) -> Tensor:
         """real: (B, T) bool, False on padding (left out of the routing statistics); None means
         every token is real."""

@@ -196,3 +196,20 @@ def test_lora_on_experts_trains_only_adapters(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed <= trainable  # the frozen base (router and expert weights too) never moves
     assert any(".experts." in n and "lora_B" in n for n in changed)
+
+
+def test_compiled_decoding_runs_the_experts_eagerly_and_equals_recomputing(monkeypatch):
+    """The compiled decoding step (generate compile=on) leaves MoE.forward to eager: compiled,
+    dynamo recompiled the dispatch for each new spread of tokens over experts (here it would
+    pass recompile_limit=2 and raise)."""
+    from lmforge.model import compiled_decode
+    from lmforge.model.generate import generate
+
+    monkeypatch.setattr(compiled_decode, "BACKEND", "aot_eager")  # seconds, not inductor's
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    model = _moe(init_std=0.2).eval()
+    idx = torch.randint(0, 32, (3, 7))
+    compiled = generate(model, idx, 12, greedy=True, compile="on")
+    assert torch.equal(compiled, generate(model, idx, 12, greedy=True, use_cache=False))
