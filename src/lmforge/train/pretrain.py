@@ -181,6 +181,7 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
     else:
         overrides = {"vocab_size": vocab_size, **cfg.model.overrides()}
         model = Transformer(preset_config(cfg.model.preset, **overrides))
+        _check_routing_overrides(cfg.model, model.config.num_experts)
     if model.config.causal != (cfg.objective == "clm"):
         kind = "a causal decoder" if model.config.causal else "a bidirectional encoder"
         fix = "a bert-* preset" if cfg.objective == "mlm" else "a decoder preset or objective=mlm"
@@ -193,6 +194,18 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
             f"{model.config.block_size}; lower train.seq_len or set model.block_size"
         )
     return model
+
+
+def _check_routing_overrides(section: ModelSection, num_experts: int) -> None:
+    """ConfigError for a mixture-of-experts setting over a dense model, which would ignore it."""
+    routing = ("num_experts_per_tok", "router_aux_loss_coef", "router_z_loss_coef")
+    set_here = [name for name in routing if getattr(section, name) is not None]
+    if set_here and not num_experts:
+        raise ConfigError(
+            f"model.{set_here[0]} configures a mixture of experts, but preset "
+            f"{section.preset!r} is dense (model.num_experts=0); set model.num_experts too, or "
+            "use preset micro-moe"
+        )
 
 
 def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:

@@ -134,3 +134,18 @@ def test_pretrain_model_section_sets_experts_and_keeps_old_hashes(tmp_path):
     assert (model_cfg.router_aux_loss_coef, model_cfg.router_z_loss_coef) == (0.001, 0.001)
     with pytest.raises(ConfigError, match="bias-free SwiGLU experts"):
         preset_config("micro-gpt2", num_experts=4)
+
+
+def test_routing_settings_over_a_dense_preset_are_refused_not_ignored(tmp_path):
+    from lmforge.config import load_config
+    from lmforge.errors import ConfigError
+    from lmforge.train.pretrain import PretrainConfig, _build_model
+
+    base = {"tokens": str(tmp_path), "tokenizer": str(tmp_path), "out": str(tmp_path / "o")}
+    values = {**base, "model": {"preset": "micro"}}
+    dense = load_config(PretrainConfig, values=values, overrides=["model.num_experts_per_tok=1"])
+    with pytest.raises(ConfigError, match=r"model.num_experts_per_tok .*'micro' is dense"):
+        _build_model(dense, 256)
+    sets = ["model.num_experts=4", "model.router_z_loss_coef=0.001"]
+    moe = load_config(PretrainConfig, values=values, overrides=sets)
+    assert _build_model(moe, 256).config.router_z_loss_coef == 0.001
