@@ -48,6 +48,12 @@ from lmforge.train.observe import plot_losses, write_tensorboard
 TOKENS_HINT = "lmforge tokenizer encode --data DIR --tokenizer DIR --out DIR"
 
 
+def _added_override(description: str, **limits: float) -> Any:
+    """A ModelSection override added after the first release: None (the preset's value) by
+    default and hashed only when set, so earlier runs' config hashes stay valid."""
+    return Field(None, description=description, json_schema_extra=HASHED_IF_SET, **limits)
+
+
 class ModelSection(Section):
     """Which Transformer to train: a preset, optionally with some fields changed."""
 
@@ -59,36 +65,22 @@ class ModelSection(Section):
     intermediate_size: int | None = Field(None, ge=1, description="override the MLP hidden size")
     block_size: int | None = Field(None, ge=1, description="override the max sequence length")
     dropout: float | None = Field(None, ge=0, lt=1, description="override the dropout rate")
-    qk_norm: bool | None = Field(
-        None,
-        description="RMSNorm on each head's queries and keys before rotary, as Qwen3 trains; a "
-        "bias-free Llama-style preset then exports as Qwen3 (others: lmforge layout)",
-        json_schema_extra=HASHED_IF_SET,
+    # fields added later: unset, they leave a stage's config hash what it was before them
+    qk_norm: bool | None = _added_override(
+        "RMSNorm on each head's queries and keys before rotary, as Qwen3 trains; a bias-free "
+        "Llama-style preset then exports as Qwen3 (others: lmforge layout)"
     )
-    num_experts: int | None = Field(
-        None,
+    num_experts: int | None = _added_override(
+        "override the experts per layer (0 = dense MLP; see preset micro-moe)", ge=0
+    )
+    num_experts_per_tok: int | None = _added_override("override the top-k experts per token", ge=1)
+    router_aux_loss_coef: float | None = _added_override(
+        "override the load-balancing loss weight (default 0.01, Switch Transformer's alpha; "
+        "transformers' Mixtral config defaults to 0.001)",
         ge=0,
-        description="override the experts per layer (0 = dense MLP; see preset micro-moe)",
-        json_schema_extra=HASHED_IF_SET,
     )
-    num_experts_per_tok: int | None = Field(
-        None,
-        ge=1,
-        description="override the top-k experts per token",
-        json_schema_extra=HASHED_IF_SET,
-    )
-    router_aux_loss_coef: float | None = Field(
-        None,
-        ge=0,
-        description="override the load-balancing loss weight (default 0.01, Switch Transformer's "
-        "alpha; transformers' Mixtral config defaults to 0.001)",
-        json_schema_extra=HASHED_IF_SET,
-    )
-    router_z_loss_coef: float | None = Field(
-        None,
-        ge=0,
-        description="override the router z-loss weight (default 0 = off; ST-MoE trains with 0.001)",
-        json_schema_extra=HASHED_IF_SET,
+    router_z_loss_coef: float | None = _added_override(
+        "override the router z-loss weight (default 0 = off; ST-MoE trains with 0.001)", ge=0
     )
 
     def overrides(self) -> dict[str, Any]:
