@@ -206,10 +206,9 @@ def test_compiled_decoding_runs_the_experts_eagerly_and_equals_recomputing(monke
     from lmforge.model.generate import generate
 
     monkeypatch.setattr(compiled_decode, "BACKEND", "aot_eager")  # seconds, not inductor's
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     model = _moe(init_std=0.2).eval()
     idx = torch.randint(0, 32, (3, 7))
-    compiled = generate(model, idx, 12, greedy=True, compile="on")
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        compiled = generate(model, idx, 12, greedy=True, compile="on")
     assert torch.equal(compiled, generate(model, idx, 12, greedy=True, use_cache=False))
