@@ -246,9 +246,12 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
     if cfg.method == "export" and encoder_decoder:
         raise ConfigError(f"{src} is an encoder-decoder: export writes a decoder's KV-cache graph "
                           "or an encoder's, not both with cross-attention; use method=quantize")  # fmt: skip
-    if cfg.method == "export" and (
-        hf.get("num_local_experts") or hf.get("lmforge", {}).get("num_experts")
-    ):
+    moe = (
+        hf.get("num_local_experts")
+        or hf.get("num_experts")
+        or hf.get("lmforge", {}).get("num_experts")
+    )  # Mixtral's field, Qwen-MoE's, our own layout's
+    if cfg.method == "export" and moe:
         raise ConfigError(f"{src} is a mixture of experts: ONNX and GGUF export write dense MLPs "
                           "(torch.export cannot trace the experts' per-token routing); use "
                           "method=quantize")  # fmt: skip

@@ -65,12 +65,18 @@ class Block(nn.Module):
         mask: Tensor | None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        real: Tensor | None = None,
     ) -> Tensor:
+        """real: (B, T) bool, False on padding; a mixture of experts leaves those tokens out of
+        its routing statistics (model.moe), a dense MLP ignores it."""
         if self.post_norm:
             x = self.attn_norm(x + self.attn(x, rope, mask, kv_cache, start_pos))
-            return self.mlp_norm(x + self.mlp(x))  # (B, T, C)
+            return self.mlp_norm(x + self._mlp(x, real))  # (B, T, C)
         x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache, start_pos)
-        return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+        return x + self._mlp(self.mlp_norm(x), real)  # (B, T, C)
+
+    def _mlp(self, x: Tensor, real: Tensor | None) -> Tensor:
+        return self.mlp(x, real) if isinstance(self.mlp, MoE) else self.mlp(x)
 
 
 class MLMTransform(nn.Module):

@@ -62,7 +62,9 @@ class ModelConfig:
     num_experts: int = 0  # SwiGLU experts per layer, each intermediate_size wide (0 = dense)
     num_experts_per_tok: int = 2  # top-k: experts each token is routed to
     norm_topk_prob: bool = True  # renormalise the top-k softmax weights to sum 1 (Mixtral)
-    router_aux_loss_coef: float = 0.01  # Switch/Mixtral load-balancing loss weight in training
+    # Router loss weights in training. 0.01 is Switch Transformer's alpha (ST-MoE's too); an
+    # imported Mixtral keeps its config.json's value (transformers' MixtralConfig default: 0.001).
+    router_aux_loss_coef: float = 0.01  # Switch/Mixtral load-balancing loss weight
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (mean squared logsumexp)
 
     def __post_init__(self) -> None:
@@ -136,10 +138,9 @@ class ModelConfig:
     def _validate_experts(self) -> None:
         if self.num_experts < 0:
             raise ConfigError(f"model.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise ConfigError(
-                "model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0"
-            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if not self.num_experts:
             return
         if not 1 <= self.num_experts_per_tok <= self.num_experts:

@@ -10,9 +10,13 @@ Dispatch gathers tokens: the (token, slot) pairs are sorted by expert, each expe
 its contiguous rows, and the weighted outputs are index_add'ed back, so the work is k tokens'
 worth rather than every token through every expert.
 
-Every forward keeps its routing statistics (RouterStats). Transformer.forward(labels=) adds
-router_loss() over its layers while training: the Switch/Mixtral load-balancing loss (equal to
-transformers' load_balancing_loss_func over all layers' router logits) and the ST-MoE z-loss;
+Every forward keeps its routing statistics (RouterStats) over the tokens it is told are real:
+padding (a packed row's doc_ids < 0, a padded batch's pad_mask 0) is routed like any token but
+left out of the statistics, as transformers' load_balancing_loss_func does given an
+attention_mask, so a fine-tuning batch's pads do not pull the balance.
+Transformer.forward(labels=) adds router_loss() over its layers while training: the
+Switch/Mixtral load-balancing loss (equal to transformers' load_balancing_loss_func over all
+layers' router logits) and the ST-MoE z-loss;
 routing_metrics() gives the training loop the same numbers and each expert's share of tokens.
 
 Shapes: B batch, T sequence length, C = n_embd, N = B * T tokens, E experts, k = top-k.
@@ -51,7 +55,13 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(make_expert() for _ in range(config.num_experts))
         self.stats: RouterStats | None = None  # the last forward's, for router_loss
 
-    def forward(self, x: Tensor) -> Tensor:
+    # Eager inside a compiled model (train.compile, the compiled decoding step): the per-expert
+    # row counts are data, so dynamo broke the graph there anyway and then recompiled for each
+    # new spread of tokens over experts until its recompile limit (8), decoding included.
+    @torch.compiler.disable
+    def forward(self, x: Tensor, real: Tensor | None = None) -> Tensor:
+        """real: (B, T) bool, False on padding (left out of the routing statistics); None means
+        every token is real."""
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (N, C)
         logits = self.router(flat).float()  # (N, E)
@@ -61,12 +71,7 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         slots = chosen.flatten()  # (N * k,) expert of each (token, slot)
         counts = torch.bincount(slots, minlength=self.num_experts)  # (E,)
-        self.stats = RouterStats(
-            assigned=counts.detach().float(),
-            prob_sum=probs.sum(dim=0),
-            z_sum=torch.logsumexp(logits, dim=-1).square().sum(),
-            n_tokens=flat.size(0),
-        )
+        self.stats = _stats(logits, probs, chosen, counts, real)
         order = slots.argsort(stable=True)  # slots grouped by expert
         token_of = order // self.top_k  # (N * k,) the token each sorted slot belongs to
         rows = flat[token_of]  # (N * k, C)
@@ -81,6 +86,20 @@ class MoE(nn.Module):
         slot_weights = weights.flatten()[order].unsqueeze(-1)  # (N * k, 1) float32
         y = (torch.cat(outs) * slot_weights).to(x.dtype)  # (N * k, C)
         return torch.zeros_like(flat).index_add_(0, token_of, y).view(B, T, C)
+
+
+def _stats(
+    logits: Tensor, probs: Tensor, chosen: Tensor, counts: Tensor, real: Tensor | None
+) -> RouterStats:
+    """RouterStats of one forward over its real tokens (all N when real is None)."""
+    lse_sq = torch.logsumexp(logits, dim=-1).square()  # (N,)
+    if real is None:
+        return RouterStats(counts.detach().float(), probs.sum(0), lse_sq.sum(), probs.size(0))
+    keep = real.reshape(-1, 1).to(probs.dtype)  # (N, 1)
+    E = probs.size(-1)
+    assigned = torch.bincount(chosen[real.reshape(-1)].flatten(), minlength=E).float()
+    n_real = int(real.sum())  # a count the losses divide by: read once per layer
+    return RouterStats(assigned, (probs * keep).sum(0), (lse_sq * keep[:, 0]).sum(), n_real)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -104,13 +123,14 @@ def load_balancing_loss(layers: list[MoE]) -> Tensor:
     f_e the share of top-k slots on expert e, P_e its mean router probability. k when perfectly
     balanced, up to k * E when every token picks the same experts."""
     assigned, prob_sum, _, rows, _ = _pooled(layers)
+    rows = max(rows, 1)  # a batch of padding only: no real token, no loss
     return len(prob_sum) * torch.sum(assigned / rows * (prob_sum / rows))
 
 
 def z_loss(layers: list[MoE]) -> Tensor:
     """ST-MoE router z-loss: the mean over tokens (all layers) of logsumexp(router logits)^2."""
     _, _, z_sum, rows, _ = _pooled(layers)
-    return z_sum / rows
+    return z_sum / max(rows, 1)
 
 
 def router_loss(layers: list[MoE], config: ModelConfig) -> Tensor:
@@ -130,8 +150,10 @@ def routing_metrics(model: nn.Module) -> dict[str, Tensor]:
         return {}
     with torch.no_grad():
         assigned, *_ = _pooled(layers)
-        frac = assigned / assigned.sum()
-        per_layer = torch.stack([m.stats.assigned / m.stats.assigned.sum() for m in layers])
+        frac = assigned / assigned.sum().clamp_min(1)
+        per_layer = torch.stack(
+            [m.stats.assigned / m.stats.assigned.sum().clamp_min(1) for m in layers]
+        )
         metrics = {
             "moe_aux_loss": load_balancing_loss(layers),
             "moe_z_loss": z_loss(layers),

@@ -70,6 +70,16 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
+def _real_tokens(doc_ids: Tensor | None, pad_mask: Tensor | None, start_pos: int) -> Tensor | None:
+    """(B, T) bool, False on padding (a packed row's doc_ids < 0, pad_mask 0 over the T new
+    tokens), for a mixture of experts' routing statistics; None when nothing is padding."""
+    if doc_ids is not None:
+        return doc_ids >= 0
+    if pad_mask is not None:
+        return pad_mask[:, start_pos:].bool()
+    return None
+
+
 class Transformer(nn.Module):
     """Token ids in, logits out: next-token (decoder) or masked-token (encoder with mlm_head)."""
 
@@ -152,12 +162,13 @@ class Transformer(nn.Module):
             T, start_pos, doc_ids, self.config.sliding_window, idx.device, pad_mask,
             causal=self.config.causal,
         )  # fmt: skip
+        real = _real_tokens(doc_ids, pad_mask, start_pos) if self.config.num_experts else None
         x = self.drop(x)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, None, 0, real, use_reentrant=False)
             else:
-                x = block(x, rope, mask, kv_cache, start_pos)
+                x = block(x, rope, mask, kv_cache, start_pos, real)
         return self.norm_f(x)  # (B, T, C)
 
     def embed(self, idx: Tensor, pos: Tensor, token_type_ids: Tensor | None = None) -> Tensor:

@@ -48,6 +48,12 @@ from lmforge.train.observe import plot_losses, write_tensorboard
 TOKENS_HINT = "lmforge tokenizer encode --data DIR --tokenizer DIR --out DIR"
 
 
+def _added_override(description: str, **limits: float) -> Any:
+    """A ModelSection override added after the first release: None (the preset's value) by
+    default and hashed only when set, so earlier runs' config hashes stay valid."""
+    return Field(None, description=description, json_schema_extra=HASHED_IF_SET, **limits)
+
+
 class ModelSection(Section):
     """Which Transformer to train: a preset, optionally with some fields changed."""
 
@@ -59,24 +65,23 @@ class ModelSection(Section):
     intermediate_size: int | None = Field(None, ge=1, description="override the MLP hidden size")
     block_size: int | None = Field(None, ge=1, description="override the max sequence length")
     dropout: float | None = Field(None, ge=0, lt=1, description="override the dropout rate")
-    qk_norm: bool | None = Field(
-        None,
-        description="RMSNorm on each head's queries and keys before rotary, as Qwen3 trains; a "
-        "bias-free Llama-style preset then exports as Qwen3, or Qwen3-MoE with num_experts "
-        "(others: lmforge layout)",
-        json_schema_extra=HASHED_IF_SET,
+    # fields added later: unset, they leave a stage's config hash what it was before them
+    qk_norm: bool | None = _added_override(
+        "RMSNorm on each head's queries and keys before rotary, as Qwen3 trains; a bias-free "
+        "Llama-style preset then exports as Qwen3, or Qwen3-MoE with num_experts (others: "
+        "lmforge layout)"
     )
-    num_experts: int | None = Field(
-        None,
+    num_experts: int | None = _added_override(
+        "override the experts per layer (0 = dense MLP; see preset micro-moe)", ge=0
+    )
+    num_experts_per_tok: int | None = _added_override("override the top-k experts per token", ge=1)
+    router_aux_loss_coef: float | None = _added_override(
+        "override the load-balancing loss weight (default 0.01, Switch Transformer's alpha; "
+        "transformers' Mixtral config defaults to 0.001)",
         ge=0,
-        description="override the experts per layer (0 = dense MLP; see preset micro-moe)",
-        json_schema_extra=HASHED_IF_SET,
     )
-    num_experts_per_tok: int | None = Field(
-        None,
-        ge=1,
-        description="override the top-k experts per token",
-        json_schema_extra=HASHED_IF_SET,
+    router_z_loss_coef: float | None = _added_override(
+        "override the router z-loss weight (default 0 = off; ST-MoE trains with 0.001)", ge=0
     )
 
     def overrides(self) -> dict[str, Any]:
@@ -169,6 +174,7 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
     else:
         overrides = {"vocab_size": vocab_size, **cfg.model.overrides()}
         model = Transformer(preset_config(cfg.model.preset, **overrides))
+        _check_routing_overrides(cfg.model, model.config.num_experts)
     if model.config.causal != (cfg.objective == "clm"):
         kind = "a causal decoder" if model.config.causal else "a bidirectional encoder"
         fix = "a bert-* preset" if cfg.objective == "mlm" else "a decoder preset or objective=mlm"
@@ -181,6 +187,18 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
             f"{model.config.block_size}; lower train.seq_len or set model.block_size"
         )
     return model
+
+
+def _check_routing_overrides(section: ModelSection, num_experts: int) -> None:
+    """ConfigError for a mixture-of-experts setting over a dense model, which would ignore it."""
+    routing = ("num_experts_per_tok", "router_aux_loss_coef", "router_z_loss_coef")
+    set_here = [name for name in routing if getattr(section, name) is not None]
+    if set_here and not num_experts:
+        raise ConfigError(
+            f"model.{set_here[0]} configures a mixture of experts, but preset "
+            f"{section.preset!r} is dense (model.num_experts=0); set model.num_experts too, or "
+            "use preset micro-moe"
+        )
 
 
 def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:

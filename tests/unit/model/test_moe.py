@@ -28,13 +28,13 @@ def _moe(seed: int = 0, **overrides) -> Transformer:
     return Transformer(preset_config("micro-moe", vocab_size=32, **overrides))
 
 
-def _router_logits(model: Transformer, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each layer's router logits (N, E) during one forward of model."""
+def _router_logits(model: Transformer, idx: torch.Tensor, **kw) -> tuple[torch.Tensor, ...]:
+    """Each layer's router logits (N, E) during one forward of model (kw: forward's)."""
     seen: list[torch.Tensor] = []
     hooks = [
         m.router.register_forward_hook(lambda *a: seen.append(a[2])) for m in moe_layers(model)
     ]
-    model(idx)
+    model(idx, **kw)
     for h in hooks:
         h.remove()
     return tuple(seen)
@@ -92,6 +92,39 @@ def test_aux_loss_equals_transformers_load_balancing_loss():
     torch.testing.assert_close(z_loss(moe_layers(model)), lse.square().mean())
 
 
+@pytest.mark.parametrize("padding", ["doc_ids", "pad_mask"])
+def test_padding_is_left_out_of_the_router_statistics_as_transformers_does(padding):
+    """A packed row's tail (doc_ids -1, as SFT packs) or a padded batch's pad_mask 0: the losses
+    equal transformers' load_balancing_loss_func given that attention_mask, and differ from the
+    ones counting the pads (so the test would see pads leaking in)."""
+    model = _moe(num_experts_per_tok=2, router_z_loss_coef=0.1)
+    idx = torch.randint(0, 32, (3, 20))
+    real = torch.ones(3, 20, dtype=torch.long)
+    real[0, 12:], real[2, 5:] = 0, 0
+    if padding == "doc_ids":
+        kw = {"doc_ids": torch.where(real.bool(), 0, -1)}
+    else:
+        kw = {"pad_mask": real}
+    logits = _router_logits(model, idx, **kw)
+    expected = modeling_mixtral.load_balancing_loss_func(logits, 4, 2, attention_mask=real)
+    layers = moe_layers(model)
+    torch.testing.assert_close(load_balancing_loss(layers), expected)
+    keep = real.flatten().bool()
+    lse = torch.cat([torch.logsumexp(g.float(), -1)[keep] for g in logits])
+    torch.testing.assert_close(z_loss(layers), lse.square().mean())
+    assert sum(m.stats.n_tokens for m in layers) == 2 * int(real.sum())
+    with_pads = modeling_mixtral.load_balancing_loss_func(logits, 4, 2)
+    assert not torch.allclose(expected, with_pads)
+
+
+def test_a_batch_of_padding_only_adds_no_router_loss():
+    model = _moe(router_z_loss_coef=0.1).train()
+    idx = torch.randint(0, 32, (2, 8))
+    model(idx, doc_ids=torch.full((2, 8), -1))
+    layers = moe_layers(model)
+    assert load_balancing_loss(layers).item() == 0 and z_loss(layers).item() == 0
+
+
 def test_training_loss_adds_router_losses_and_eval_does_not():
     cfg = dict(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
     model = _moe(**cfg)
@@ -115,8 +148,10 @@ def test_config_errors_name_the_field():
         ModelConfig(**base, num_experts=4, mlp="gelu")
     with pytest.raises(ConfigError, match="num_experts must be >= 0"):
         ModelConfig(**base, num_experts=-1)
-    with pytest.raises(ConfigError, match="router_aux_loss_coef"):
+    with pytest.raises(ConfigError, match=r"router_aux_loss_coef must be >= 0 .*got -1.0"):
         ModelConfig(**base, num_experts=4, router_aux_loss_coef=-1.0)
+    with pytest.raises(ConfigError, match=r"router_z_loss_coef must be >= 0 .*got -0.5"):
+        ModelConfig(**base, num_experts=4, router_z_loss_coef=-0.5)
 
 
 def test_flops_count_only_the_active_experts():
@@ -161,3 +196,19 @@ def test_lora_on_experts_trains_only_adapters(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed <= trainable  # the frozen base (router and expert weights too) never moves
     assert any(".experts." in n and "lora_B" in n for n in changed)
+
+
+def test_compiled_decoding_runs_the_experts_eagerly_and_equals_recomputing(monkeypatch):
+    """The compiled decoding step (generate compile=on) leaves MoE.forward to eager: compiled,
+    dynamo recompiled the dispatch for each new spread of tokens over experts (here it would
+    pass recompile_limit=2 and raise)."""
+    from lmforge.model import compiled_decode
+    from lmforge.model.generate import generate
+
+    monkeypatch.setattr(compiled_decode, "BACKEND", "aot_eager")  # seconds, not inductor's
+    torch._dynamo.reset()
+    model = _moe(init_std=0.2).eval()
+    idx = torch.randint(0, 32, (3, 7))
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        compiled = generate(model, idx, 12, greedy=True, compile="on")
+    assert torch.equal(compiled, generate(model, idx, 12, greedy=True, use_cache=False))
