@@ -41,7 +41,7 @@ def run_lmforge(
     model_dir: Path, pairs: list, args: argparse.Namespace
 ) -> tuple[float, torch.nn.Module]:
     tok = load_chat_tokenizer(model_dir)
-    rows, _ = encode_pairs(tok, pairs, args.seq_len)
+    rows, _, _ = encode_pairs(tok, pairs, args.seq_len)
     lm = load_pretrained(model_dir).train()
     tc = TrainConfig(
         max_steps=args.steps, lr=args.lr, micro_batch_size=args.batch, seq_len=args.seq_len,
@@ -109,7 +109,7 @@ def main() -> None:
     pairs = load_pairs(args.prefs / "prefs_train.jsonl")[: args.steps * args.batch]
     val = load_pairs(args.prefs / "prefs_val.jsonl")[: args.val_pairs]
     tok = load_chat_tokenizer(args.model)
-    val_rows, _ = encode_pairs(tok, val, args.seq_len)
+    val_rows, _, _ = encode_pairs(tok, val, args.seq_len)
     val_rows["ref_logps"] = reference_logps(load_pretrained(args.model), val_rows, 32)
 
     results = {}
