@@ -19,15 +19,20 @@ from unit.evals.helpers import CORPUS, write_split
 
 
 @pytest.mark.parametrize(
-    ("preset", "producers"),
+    ("preset", "post_norm", "producers"),
     [
-        ("micro", ["attn_norm", "mlp_norm", "attn.qkv", "mlp.fc"]),  # v -> o, up -> down too
-        ("micro-gpt2", ["attn_norm", "mlp_norm", "attn.qkv"]),  # GELU: no up -> down
+        ("micro", False, ["attn_norm", "mlp_norm", "attn.qkv", "mlp.fc"]),  # v -> o, up -> down
+        ("micro-gpt2", False, ["attn_norm", "mlp_norm", "attn.qkv"]),  # GELU: no up -> down
+        ("micro-gpt2", True, ["attn.qkv"]),  # post-norm: the norms feed no Linear
+        ("micro", True, ["attn.qkv", "mlp.fc"]),
     ],
 )
-def test_folded_scales_leave_the_float_logits_unchanged(preset: str, producers: list[str]):
+def test_folded_scales_leave_the_float_logits_unchanged(
+    preset: str, post_norm: bool, producers: list[str]
+) -> None:
     torch.manual_seed(0)
-    model = Transformer(preset_config(preset, vocab_size=256, n_kv_head=4)).eval()
+    cfg = preset_config(preset, vocab_size=256, n_kv_head=4, post_norm=post_norm)
+    model = Transformer(cfg).eval()
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         ref = model(ids)
