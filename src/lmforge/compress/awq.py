@@ -3,7 +3,7 @@ rounding to nearest, folding 1/s into whatever produces those channels, so the f
 unchanged and only the rounding sees the scaled weights.
 
 For each group of Linears sharing an input (q/k/v after the attention norm, gate/up after the
-MLP norm, the output projection after v when every head has its own v, down after up in a
+MLP norm in a pre-norm block, the output projection after v when every head has its own v, down after up in a
 gated MLP), s = mean|x|^alpha over the calibration tokens, normalised to geometric mean ~1, with
 alpha searched on a grid in [0, 1] for the least squared error of the group's outputs after RTN
 (alpha = 0 is plain RTN, so the search never does worse on the calibration tokens). The Linears'
@@ -41,12 +41,16 @@ def scale_groups(block: nn.Module) -> list[ScaleGroup]:
     v -> output pair (v's rows feed several heads' columns). In a mixture of experts the MLP
     norm feeds the router and every expert's gate/up, so all of them take its scale (the
     router's columns too, or routing would see the divided norm), and each expert has its own
-    up -> down pair."""
+    up -> down pair. A post-norm block (norm(x + attn(x))) has no norm groups: its norms come
+    after the residual add, so they feed no Linear directly and 1/s folded there would change
+    the model."""
     attn, mlp = block.attn, block.mlp
     moe = isinstance(mlp, MoE)
     mlps = [(f"mlp.experts.{e}", m) for e, m in enumerate(mlp.experts)] if moe else [("mlp", mlp)]
     norm_fed = (("mlp.router",) if moe else ()) + tuple(f"{prefix}.fc" for prefix, _ in mlps)
-    groups = [ScaleGroup(("attn.qkv",), "attn_norm"), ScaleGroup(norm_fed, "mlp_norm")]
+    groups = []
+    if not block.post_norm:
+        groups += [ScaleGroup(("attn.qkv",), "attn_norm"), ScaleGroup(norm_fed, "mlp_norm")]
     if attn.n_kv_head == attn.n_head:
         v_start = (attn.n_head + attn.n_kv_head) * attn.head_dim
         groups.append(ScaleGroup(("attn.proj",), "attn.qkv", slice(v_start, None)))

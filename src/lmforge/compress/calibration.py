@@ -21,7 +21,7 @@ concatenated (an MoE expert's Linears only its routed tokens, top-k of them in a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +68,7 @@ POOL = 4  # windows are drawn from the first POOL x n x seq_len tokens of a data
 
 
 def text_calibration(
-    texts: list[str], encode: Callable[[str], list[int]], start: int | None, n: int,
+    texts: Iterable[str], encode: Callable[[str], list[int]], start: int | None, n: int,
     seq_len: int, seed: int, where: object,
 ) -> Tensor:  # fmt: skip
     """Windows of the texts' tokens, each document after the start token (if any); only the

@@ -188,7 +188,7 @@ def calibration_windows(cfg: Any, src: Path, model: EvalModel) -> tuple[Tensor |
     """The calibration windows (n, T) of a calibrated method and where they came from; (None,
     "") for rtn."""
     from lmforge.compress import calibration
-    from lmforge.evals.perplexity import read_texts
+    from lmforge.evals.perplexity import iter_texts
 
     s = cfg.quantize
     if s.method == "rtn":
@@ -199,7 +199,7 @@ def calibration_windows(cfg: Any, src: Path, model: EvalModel) -> tuple[Tensor |
     if cfg.tokens is not None:
         where = f"{cfg.tokens}/train.bin"
         return calibration.shard_calibration(Path(cfg.tokens), src, n, seq_len, seed), where
-    texts = read_texts(cfg.data, s.calibration_split)
+    texts = iter_texts(cfg.data, s.calibration_split)  # streamed: calibration reads a few
     where = f"{cfg.data} split {s.calibration_split}"
     ids = calibration.text_calibration(
         texts, model.encode, model.prefix_id, n, seq_len, seed, where

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from lmforge.artifacts import StageContext, require_artifact, run_stage
 from lmforge.config import Section, StageConfig
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, InputError
 from lmforge.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from lmforge.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +182,9 @@ def compress(cfg: CompressConfig, force: bool = False) -> Path:
 RECOVERY_INSTEAD = "use method=quantize, or method=prune without tokens"
 CALIBRATED_CANNOT = ("calibrated quantization (GPTQ, AWQ) rounds a decoder language model's blocks",
                      "use --method rtn (quantize.method=rtn)")  # fmt: skip
-# what an encoder (BERT/RoBERTa) and a sequence classifier cannot go through: step -> (why, what
-# to do instead); quantize and prune keep a classifier's head and an encoder's layout
+# what an encoder (BERT/RoBERTa, or our layout with causal=false) and a sequence classifier
+# cannot go through: step -> (why, what to do instead); quantize and prune keep a classifier's
+# head and an encoder's layout
 ENCODER_CANNOT = {
     "distill": ("distill trains a causal student on next-token loss", RECOVERY_INSTEAD),
     "export-gguf": ("export to GGUF writes llama.cpp's decoders", "export it with --set "
@@ -227,7 +231,6 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
     export, examples where they train nothing."""
     from lmforge.compress.quantize import require_calibration, require_float_source
     from lmforge.model.convert import load_classifier
-    from lmforge.model.hf_families import ENCODER_FAMILIES
 
     if cfg.method == "quantize":
         require_float_source(src, hf)
@@ -238,20 +241,16 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
     if head is not None and head.per_token and "export-onnx" in steps(cfg):
         raise ConfigError(f"{src} is a token classifier: ONNX export takes an encoder with a "
                           "sequence head or none; use method=quantize")  # fmt: skip
-    if hf.get("model_type") in ENCODER_FAMILIES:  # a mean-pooled classifier's too
+    arch = source_architecture(src, hf)
+    encoder_decoder = arch is None or arch.is_encoder_decoder
+    if not (encoder_decoder or arch.causal):  # a mean-pooled classifier's too
         refuse(cfg, src, "an encoder", ENCODER_CANNOT)
-    encoder_decoder = hf.get("is_encoder_decoder") or hf.get("model_type") == "t5"
     if encoder_decoder:
         refuse(cfg, src, "an encoder-decoder", {"quantize-calibrated": CALIBRATED_CANNOT})
     if cfg.method == "export" and encoder_decoder:
         raise ConfigError(f"{src} is an encoder-decoder: export writes a decoder's KV-cache graph "
                           "or an encoder's, not both with cross-attention; use method=quantize")  # fmt: skip
-    moe = (
-        hf.get("num_local_experts")
-        or hf.get("num_experts")
-        or hf.get("lmforge", {}).get("num_experts")
-    )  # Mixtral's field, Qwen-MoE's, our own layout's
-    if cfg.method == "export" and moe:
+    if cfg.method == "export" and arch.num_experts:
         raise ConfigError(f"{src} is a mixture of experts: ONNX and GGUF export write dense MLPs "
                           "(torch.export cannot trace the experts' per-token routing); use "
                           "method=quantize")  # fmt: skip
@@ -263,6 +262,19 @@ def refuse_source(cfg: CompressConfig, src: Path, hf: dict[str, Any]) -> None:
         raise ConfigError(f"val_examples={cfg.val_examples} score a classifier's prune recovery "
                           "on examples, but examples is unset: --set examples=FILE too, or drop "
                           "val_examples")  # fmt: skip
+
+
+def source_architecture(src: Path, hf: dict[str, Any]) -> ModelConfig | None:
+    """src's ModelConfig from its config.json `hf` (the fields the refusals read, whichever
+    family or layout wrote them), or None for a T5, which transformers' own module runs."""
+    from lmforge.model.convert import hf_config_to_model_config
+
+    if hf.get("model_type") == "t5":
+        return None
+    try:
+        return hf_config_to_model_config(hf)
+    except InputError as err:  # unsupported or incomplete: say whose
+        raise InputError(f"{src}: {err}") from None
 
 
 def build(cfg: CompressConfig, ctx: StageContext) -> dict[str, Any]:

@@ -114,10 +114,11 @@ def run_code(model: EvalModel, spec: TaskSpec, settings: GenerationSettings) -> 
          "tests_total": r.tests_total, "seconds": round(r.seconds, 3)}
         for i, (s, c, r) in enumerate(zip(samples, completions, results, strict=True))
     ]  # fmt: skip
-    per_problem = []
-    for i in range(len(problems)):
-        counts = Counter(r["status"] for r in records if r["index"] == i)
-        per_problem.append({"index": i, "passed": counts["passed"], "statuses": dict(counts)})
+    tallies = [Counter() for _ in problems]  # one pass over the records, not one a problem
+    for r in records:
+        tallies[r["index"]][r["status"]] += 1
+    per_problem = [{"index": i, "passed": counts["passed"], "statuses": dict(counts)}
+                   for i, counts in enumerate(tallies)]  # fmt: skip
     statuses = Counter(r["status"] for r in records)
     stop_record = opts.stop if opts.stop is not None else "per record (HumanEval / MBPP stops)"
     metrics: dict[str, Any] = pass_metrics([p["passed"] for p in per_problem], opts.n, opts.ks())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +87,24 @@ def split_file(path: Path, split: str) -> Path:
     )
 
 
-def read_texts(path: Path, split: str = "val", limit: int | None = None) -> list[str]:
-    """The 'text' field of the first `limit` records of a split (empty texts skipped)."""
+def iter_texts(path: Path, split: str = "val") -> Iterator[str]:
+    """The non-empty 'text' fields of a split, streamed: a reader that needs only the first
+    few (calibration) stops early and reads no more of the file."""
     file = split_file(path, split)
-    texts: list[str] = []
+    empty = True
     for i, row in enumerate(read_jsonl(file)):
-        if limit is not None and len(texts) >= limit:
-            break
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise InputError(f"{file} record {i + 1}: needs a string field 'text'")
         if row["text"]:
-            texts.append(row["text"])
-    if not texts:
-        raise InputError(f"{file}: no non-empty 'text' records to evaluate on")
-    return texts
+            empty = False
+            yield row["text"]
+    if empty:
+        raise InputError(f"{file}: no non-empty 'text' records")
+
+
+def read_texts(path: Path, split: str = "val", limit: int | None = None) -> list[str]:
+    """The 'text' field of the first `limit` records of a split (empty texts skipped)."""
+    return list(islice(iter_texts(path, split), limit))
 
 
 def sliding_windows(n: int, max_length: int, stride: int) -> Iterator[tuple[int, int, int]]:

@@ -12,22 +12,29 @@ import torch
 from lmforge.compress.awq import clip_weight, fold_scales, scale_groups, search_scale
 from lmforge.compress.gptq import Grid, round_nearest
 from lmforge.compress.stage import CompressConfig, compress
+from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel, GenerationSettings
 from lmforge.model.config import preset_config
+from lmforge.model.convert import read_config, save_pretrained
 from lmforge.model.transformer import Transformer
 from unit.evals.helpers import CORPUS, write_split
 
 
 @pytest.mark.parametrize(
-    ("preset", "producers"),
+    ("preset", "post_norm", "producers"),
     [
-        ("micro", ["attn_norm", "mlp_norm", "attn.qkv", "mlp.fc"]),  # v -> o, up -> down too
-        ("micro-gpt2", ["attn_norm", "mlp_norm", "attn.qkv"]),  # GELU: no up -> down
+        ("micro", False, ["attn_norm", "mlp_norm", "attn.qkv", "mlp.fc"]),  # v -> o, up -> down
+        ("micro-gpt2", False, ["attn_norm", "mlp_norm", "attn.qkv"]),  # GELU: no up -> down
+        ("micro-gpt2", True, ["attn.qkv"]),  # post-norm: the norms feed no Linear
+        ("micro", True, ["attn.qkv", "mlp.fc"]),
     ],
 )
-def test_folded_scales_leave_the_float_logits_unchanged(preset: str, producers: list[str]):
+def test_folded_scales_leave_the_float_logits_unchanged(
+    preset: str, post_norm: bool, producers: list[str]
+) -> None:
     torch.manual_seed(0)
-    model = Transformer(preset_config(preset, vocab_size=256, n_kv_head=4)).eval()
+    cfg = preset_config(preset, vocab_size=256, n_kv_head=4, post_norm=post_norm)
+    model = Transformer(cfg).eval()
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         ref = model(ids)
@@ -47,6 +54,21 @@ def test_folded_scales_leave_the_float_logits_unchanged(preset: str, producers: 
 def test_grouped_query_attention_has_no_v_to_output_group() -> None:
     block = Transformer(preset_config("micro", vocab_size=256)).blocks[0]  # 4 heads, 2 kv
     assert [g.producer for g in scale_groups(block)] == ["attn_norm", "mlp_norm", "mlp.fc"]
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_an_encoder_in_our_own_layout_is_refused_calibration(method: str, tmp_path: Path):
+    """The refusal reads the architecture (causal=False), not the model_type: an encoder no HF
+    family represents is written as model_type lmforge and is still an encoder."""
+    save_pretrained(Transformer(preset_config("micro", vocab_size=64, causal=False)), tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")  # refused before it is read
+    assert read_config(tmp_path)["model_type"] == "lmforge"
+    data = tmp_path / "data"
+    write_split(data, "train", CORPUS)
+    cfg = CompressConfig(method="quantize", model=tmp_path, data=data, out=tmp_path / "c",
+                         quantize={"scheme": "int4", "method": method})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"is an encoder: calibrated quantization .* rtn"):
+        compress(cfg)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

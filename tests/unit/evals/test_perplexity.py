@@ -13,7 +13,13 @@ import torch.nn.functional as F
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.evals.lm import EvalModel, GenerationSettings
-from lmforge.evals.perplexity import perplexity, read_texts, sliding_windows, unigram_baseline
+from lmforge.evals.perplexity import (
+    iter_texts,
+    perplexity,
+    read_texts,
+    sliding_windows,
+    unigram_baseline,
+)
 from lmforge.evals.tasks import TaskSpec, run_task
 
 from .helpers import CORPUS, make_model_dir
@@ -118,6 +124,20 @@ def test_read_texts_from_data_dir_and_errors(tmp_path: Path) -> None:
     bad.write_text('{"text": "ok"}\n{"body": "x"}\n')
     with pytest.raises(InputError, match=r"bad\.jsonl record 2: needs a string field"):
         read_texts(bad)
+
+
+def test_iter_texts_streams_and_an_empty_split_names_its_file(tmp_path: Path) -> None:
+    """Calibration reads a split through iter_texts: what it never reaches is never parsed,
+    and a split without text is still an error that names the file."""
+    rows = [{"text": "a"}, {"text": "b"}, {"body": "never read"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = iter_texts(tmp_path, "train")
+    assert [next(texts), next(texts)] == ["a", "b"]  # record 3 is not read yet
+    with pytest.raises(InputError, match=r"train\.jsonl record 3: needs a string field"):
+        next(texts)
+    (tmp_path / "val.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(InputError, match=r"val\.jsonl: no non-empty 'text' records"):
+        list(iter_texts(tmp_path, "val"))
 
 
 @pytest.mark.parametrize(
