@@ -289,13 +289,13 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any, rt: Runtime) ->
         ctx.log.warning(warning)
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)
+    loader = Rollouts(policy, reference, reward, tok, prompts, opts, cfg.train.micro_batch_size,
+                      seq_len, cfg.train.seed, rt).loader  # fmt: skip
     held_out = partial(heldout_rollout, reference=reference, reward=reward, tok=tok,
                        prompts=val_prompts, opts=opts, seq_len=seq_len)  # fmt: skip
     policy, fit = _fit_rollouts(
         cfg, ctx, rt, policy, held_out, rollout_metrics,
-        make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
-        lambda rt: Rollouts(policy, reference, reward, tok, prompts, opts,
-                            cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader,
+        make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip), loader,
         before_keys=["val_reward", "val_reward_se", "val_kl", "val_answer_len"],
     )  # fmt: skip
     return policy, {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
@@ -318,29 +318,30 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any, rt: Runtime) -
     examples = rouge_examples(cfg, [
         {"prompt": r.prompt, "tool_conversation": r.tool_conversation, "chosen": r.reference}
         for r in val if r.reference is not None])  # fmt: skip
+    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,  # lm: _adapt edits in place
+                           cfg.train.micro_batch_size, cfg.train.seed, rt).loader  # fmt: skip
     rouge = rouge_from_start(cfg, tok, lm, examples)  # as _adapt leaves it
     _adapt(cfg, lm)
     held_out = partial(heldout_groups, reference=reference, rewards=rewards, tok=tok,
                        records=val, opts=opts)  # fmt: skip
     model, fit = _fit_rollouts(
-        cfg, ctx, rt, lm, held_out, group_metrics, make_grpo_loss(opts),
-        lambda rt: GroupRollouts(lm, reference, rewards, tok, records, opts,
-                                 cfg.train.micro_batch_size, cfg.train.seed, rt).loader,
+        cfg, ctx, rt, lm, held_out, group_metrics, make_grpo_loss(opts), loader
     )  # fmt: skip
     return model, {"prompts": len(records), "val_prompts": len(val), **fit, **rouge(model)}
 
 
 def _fit_rollouts(
     cfg: AlignConfig, ctx: StageContext, rt: Runtime, policy: Any, held_out: Any, metrics: Any,
-    loss_fn: Any, make_loader: Any, before_keys: list[str] | None = None,
+    loss_fn: Any, loader: Any, before_keys: list[str] | None = None,
 ) -> tuple[Any, dict]:  # fmt: skip
     """PPO's and GRPO's training on rt, the loop's runtime: the held-out rollout (held_out(model),
     scored by metrics) before, on rt's device under its autocast as the loop's evaluations
-    after (align.rollout.HeldOutEval), the loop on the loader make_loader(rt) builds (whose
-    autocast scores its rollouts), and the fit numbers with the reward headline."""
+    after (align.rollout.HeldOutEval), the loop on loader (a rollout loader built on rt, whose
+    autocast scores its rollouts, before any sampling: bad rollout settings are refused first),
+    and the fit numbers with the reward headline."""
     evaluate = HeldOutEval(policy.to(rt.device), held_out, metrics, rt)
     before = evaluate.sample(policy)
-    policy, fit = _fit(cfg, ctx, policy, loss_fn, make_loader(rt), evaluate, rt)
+    policy, fit = _fit(cfg, ctx, policy, loss_fn, loader, evaluate, rt)
     after = evaluate.final()  # the loop's last evaluation: not sampled a second time
     return policy, {**fit, **reward_headline(before, after, evaluate.metrics, before_keys)}
 
