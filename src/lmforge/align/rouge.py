@@ -31,16 +31,13 @@ def rouge_beside_reference(
     explicit = cfg.dpo.reference if cfg.method == "dpo" else None  # kto: the start
     where = resolve_model_dir(explicit) if explicit else cfg.model_dir()
     reference = load_pretrained(where, quantized="dequantize").to(next(policy.parameters()).device)
-    return {
-        "rouge_l": greedy_rouge_l(cfg, tok, policy, examples),
-        "ref_rouge_l": greedy_rouge_l(cfg, tok, reference, examples),
-        "rouge_examples": len(examples),
-    }
+    return rouge_from_start(cfg, tok, reference, examples)(policy)
 
 
 def rouge_from_start(cfg: AlignConfig, tok: Any, lm: Any, examples: list[dict]) -> Any:
-    """Scores the starting model's greedy ROUGE-L on examples now (the methods that train its
-    own weights); returns what adds the trained model's beside it to the headline."""
+    """Scores lm's greedy ROUGE-L on examples now (the starting model of the methods that train
+    its own weights, or a loaded reference); returns what adds the trained model's beside it
+    (lm's as ref_rouge_l) to the headline."""
     if not examples:
         return lambda model: {}
     start = greedy_rouge_l(cfg, tok, lm, examples)

@@ -120,9 +120,10 @@ def build(cfg: AlignConfig, ctx: StageContext) -> dict[str, Any]:
             f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size="
             f"{lm.config.block_size}; lower train.seq_len"
         )
+    rt = _loop_runtime(cfg, lm)
     method = {"reward": _reward, "dpo": _dpo, "simpo": _ref_free, "orpo": _ref_free, "ppo": _ppo,
               "kto": _kto, "grpo": _grpo}  # fmt: skip
-    model, headline = method[cfg.method](cfg, ctx, tok, lm)
+    model, headline = method[cfg.method](cfg, ctx, tok, lm, rt)
     _write_outputs(cfg, ctx, tok, model, lm)
     return headline
 
@@ -173,10 +174,12 @@ def _adapt(cfg: AlignConfig, lm: Any) -> None:
         inject(lm, cfg.lora)
 
 
-def _reward(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+def _reward(
+    cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any, rt: Runtime
+) -> tuple[Any, dict]:
     """Bradley-Terry reward model; held-out pairwise accuracy before (random head) and after."""
     train_rows, val_rows, _, headline = _pair_rows(cfg, ctx, tok)
-    kinds, bs, rt = headline.pop("val_kinds"), cfg.eval.batch_size, _loop_runtime(cfg, lm)
+    kinds, bs = headline.pop("val_kinds"), cfg.eval.batch_size
     _adapt(cfg, lm)
     model = reward_model(lm).to(rt.device)
     with autocast(rt):
@@ -191,13 +194,12 @@ def _reward(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any
     return model, headline
 
 
-def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any, rt: Runtime) -> tuple[Any, dict]:
     """DPO/IPO against reference log-probs scored once; log-prob margins and ROUGE-L."""
 
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
     bs, beta, kind, eps = cfg.eval.batch_size, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
-    rt = _loop_runtime(cfg, lm)
     ref = load_reference(cfg.dpo.reference, tok).to(rt.device) if cfg.dpo.reference else lm
     with autocast(rt):  # as the loss scores the policy against them
         train_rows["ref_logps"] = reference_logps(ref, train_rows, bs)
@@ -217,13 +219,15 @@ def _dpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     return model, headline
 
 
-def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+def _ref_free(
+    cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any, rt: Runtime
+) -> tuple[Any, dict]:
     """SimPO or ORPO on the policy's own log-probs; the starting model's numbers are scored
     before training (from the same weights, so no second copy is loaded for them)."""
     train_rows, val_rows, val_pairs, headline = _pair_rows(cfg, ctx, tok)
     headline.pop("val_kinds")
     spec = RefFreeSpec(cfg.method, cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.lam)
-    bs, rt = cfg.eval.batch_size, _loop_runtime(cfg, lm)
+    bs = cfg.eval.batch_size
     with autocast(rt):
         before = evaluate_ref_free(lm, val_rows, bs, spec)
     rouge = rouge_from_start(cfg, tok, lm, rouge_examples(cfg, val_pairs))
@@ -242,7 +246,7 @@ def _ref_free(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[A
     return model, headline
 
 
-def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any, rt: Runtime) -> tuple[Any, dict]:
     """KTO on unpaired examples against the starting model's log-probs, scored once (the
     mismatched KL rows too); the same headline as DPO's plus each label's reward and AUC."""
     opts, bs, seed = cfg.kto, cfg.eval.batch_size, cfg.train.seed
@@ -254,7 +258,6 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     ctx.log.info("align kto/%s: train %s, val %s", cfg.tuning, counts, val_counts)
     if warning := balance_warning(counts, opts):
         ctx.log.warning(warning)
-    rt = _loop_runtime(cfg, lm)
     with autocast(rt):  # as the loss scores the policy against them
         train_rows["ref_logps"] = reference_logps(lm, train_rows, bs)
         val_rows["ref_logps"] = reference_logps(lm, val_rows, bs)
@@ -275,7 +278,7 @@ def _kto(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
     return model, headline
 
 
-def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any, rt: Runtime) -> tuple[Any, dict]:
     """PPO against the reward model; held-out mean reward and KL before and after."""
     opts, seq_len = cfg.ppo, cfg.train.seq_len
     prompts, val_prompts = load_prompt_splits(cfg)
@@ -286,19 +289,19 @@ def _ppo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, d
         ctx.log.warning(warning)
     _adapt(cfg, lm)
     policy = PolicyWithValue(lm)
+    loader = Rollouts(policy, reference, reward, tok, prompts, opts, cfg.train.micro_batch_size,
+                      seq_len, cfg.train.seed, rt).loader  # fmt: skip
     held_out = partial(heldout_rollout, reference=reference, reward=reward, tok=tok,
                        prompts=val_prompts, opts=opts, seq_len=seq_len)  # fmt: skip
     policy, fit = _fit_rollouts(
-        cfg, ctx, _loop_runtime(cfg, lm), policy, held_out, rollout_metrics,
-        make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip),
-        lambda rt: Rollouts(policy, reference, reward, tok, prompts, opts,
-                            cfg.train.micro_batch_size, seq_len, cfg.train.seed, rt).loader,
+        cfg, ctx, rt, policy, held_out, rollout_metrics,
+        make_ppo_loss(opts.clip, opts.vf_coef, opts.vf_clip), loader,
         before_keys=["val_reward", "val_reward_se", "val_kl", "val_answer_len"],
     )  # fmt: skip
     return policy, {"prompts": len(prompts), "val_prompts": len(val_prompts), **fit}
 
 
-def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, dict]:
+def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any, rt: Runtime) -> tuple[Any, dict]:
     """GRPO on weighted verifiable rewards (align.grpo), the rewards checked against the data;
     held-out rewards (and greedy ROUGE-L where records carry a reference) before and after."""
     opts = cfg.grpo
@@ -315,30 +318,30 @@ def _grpo(cfg: AlignConfig, ctx: StageContext, tok: Any, lm: Any) -> tuple[Any, 
     examples = rouge_examples(cfg, [
         {"prompt": r.prompt, "tool_conversation": r.tool_conversation, "chosen": r.reference}
         for r in val if r.reference is not None])  # fmt: skip
-    rt = _loop_runtime(cfg, lm)
+    loader = GroupRollouts(lm, reference, rewards, tok, records, opts,  # lm: _adapt edits in place
+                           cfg.train.micro_batch_size, cfg.train.seed, rt).loader  # fmt: skip
     rouge = rouge_from_start(cfg, tok, lm, examples)  # as _adapt leaves it
     _adapt(cfg, lm)
     held_out = partial(heldout_groups, reference=reference, rewards=rewards, tok=tok,
                        records=val, opts=opts)  # fmt: skip
     model, fit = _fit_rollouts(
-        cfg, ctx, rt, lm, held_out, group_metrics, make_grpo_loss(opts),
-        lambda rt: GroupRollouts(lm, reference, rewards, tok, records, opts,
-                                 cfg.train.micro_batch_size, cfg.train.seed, rt).loader,
+        cfg, ctx, rt, lm, held_out, group_metrics, make_grpo_loss(opts), loader
     )  # fmt: skip
     return model, {"prompts": len(records), "val_prompts": len(val), **fit, **rouge(model)}
 
 
 def _fit_rollouts(
     cfg: AlignConfig, ctx: StageContext, rt: Runtime, policy: Any, held_out: Any, metrics: Any,
-    loss_fn: Any, make_loader: Any, before_keys: list[str] | None = None,
+    loss_fn: Any, loader: Any, before_keys: list[str] | None = None,
 ) -> tuple[Any, dict]:  # fmt: skip
     """PPO's and GRPO's training on rt, the loop's runtime: the held-out rollout (held_out(model),
     scored by metrics) before, on rt's device under its autocast as the loop's evaluations
-    after (align.rollout.HeldOutEval), the loop on the loader make_loader(rt) builds (whose
-    autocast scores its rollouts), and the fit numbers with the reward headline."""
+    after (align.rollout.HeldOutEval), the loop on loader (a rollout loader built on rt, whose
+    autocast scores its rollouts, before any sampling: bad rollout settings are refused first),
+    and the fit numbers with the reward headline."""
     evaluate = HeldOutEval(policy.to(rt.device), held_out, metrics, rt)
     before = evaluate.sample(policy)
-    policy, fit = _fit(cfg, ctx, policy, loss_fn, make_loader(rt), evaluate, rt)
+    policy, fit = _fit(cfg, ctx, policy, loss_fn, loader, evaluate, rt)
     after = evaluate.final()  # the loop's last evaluation: not sampled a second time
     return policy, {**fit, **reward_headline(before, after, evaluate.metrics, before_keys)}
 

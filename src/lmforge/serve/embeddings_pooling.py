@@ -24,12 +24,12 @@ lists `matryoshka_dimensions` or says `is_matryoshka` (`checkpoint_matryoshka`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from lmforge.common.json_cache import read_json_value
 from lmforge.errors import ConfigError
 from lmforge.finetune.heads import mean_pool
 
@@ -38,6 +38,7 @@ ST_POOLING = "sentence_transformers.models.Pooling"
 ST_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
             "pooling_mode_lasttoken": "last"}  # fmt: skip
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
+ST_FIX = "mend it, or save the model again with sentence-transformers"  # model.convert.files' too
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 ST_APPLIED = {ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE}
 ST_CONFIG = "sentence_bert_config.json"  # in the Transformer module's folder: max_seq_length
@@ -169,11 +170,10 @@ def _st_modules(model_dir: Path | str) -> tuple[Path, list[dict]] | None:
 
 
 def _read_json(path: Path, what: str) -> object:
-    """path's JSON; a missing or malformed file is a ConfigError naming it."""
+    """path's JSON: a malformed file is read_json_value's InputError naming it, as
+    model.convert's read of the same modules.json; a missing one a ConfigError naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_value(path, ST_FIX)
     except FileNotFoundError:
         raise ConfigError(f"{path} ({what}) is missing; restore it, or pass --embed-pooling "
                           "mean|cls|last") from None  # fmt: skip
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} ({what}) is not valid JSON: {err}") from None

@@ -57,7 +57,12 @@ def test_grpo_trains_and_writes_the_policy_and_its_reward_metrics(tmp_path, mode
     assert final_eval["val_reward"] == -final_eval["val_loss"] and "val_ppl" not in final_eval
 
 
-def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir):
+def test_grpo_refuses_bad_settings_and_data_before_training(tmp_path, model_dir, monkeypatch):
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled before the settings were checked")
+
+    for name in ("rouge_from_start", "heldout_groups"):  # refused before any greedy or held-out
+        monkeypatch.setattr(f"lmforge.align.stage.{name}", sampled)
     with pytest.raises(ConfigError, match=r"needs grpo\.rewards"):
         align(_cfg(tmp_path, model_dir, []))
     with pytest.raises(ConfigError, match="= 12 answers per rollout must be a multiple"):
