@@ -66,7 +66,10 @@ def quantize_dir(
     require_float_source(src, hf)
     tensors = table_layout(hf, read_tensors(src))
     flip = stored_transposed(hf, tensors)
-    rtn = partial(quantize_tensors, kind=scheme, group_size=group_size, stored_transposed=flip)
+    rtn = partial(
+        quantize_tensors, kind=scheme, group_size=group_size, stored_transposed=flip,
+        keep_float=router_tensors(hf, tensors),
+    )  # fmt: skip
     rounded, quant = rtn(tensors) if calibrate is None else calibrate(src, hf, tensors, rtn)
     dst.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst / "model.safetensors") as tmp:
@@ -94,6 +97,19 @@ def stored_transposed(hf: dict[str, Any], names: Iterable[str]) -> set[str]:
     rules = family.rules(hf_config_to_model_config(hf))
     conv1d = {n for rule in rules if rule.transpose for n in rule.hf_names}
     return {n for n in names if n in conv1d or family.prefix + n in conv1d}
+
+
+def router_tensors(hf: dict[str, Any], names: Iterable[str]) -> set[str]:
+    """The checkpoint's MoE router weights (ours: blocks.N.mlp.router, model.moe), which stay
+    float: rounding a router can switch a token's expert, a jump no tolerance bounds."""
+    from lmforge.compress.calibrated import checkpoint_rules
+    from lmforge.model.convert.hf_import import NATIVE
+
+    names = set(names)
+    if hf.get("model_type") != NATIVE and hf.get("model_type") not in FAMILIES:
+        return set()
+    rules = checkpoint_rules(hf, names).values()
+    return {n for r in rules if r.ours.endswith(".mlp.router.weight") for n in r.hf_names} & names
 
 
 def dynamic_int8(model: nn.Module) -> nn.Module:
