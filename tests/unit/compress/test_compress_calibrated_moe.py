@@ -143,3 +143,24 @@ def test_fused_expert_checkpoints_are_quantized_as_the_hub_layout_is(tmp_path: P
     quantize_dir(fused, tmp_path / "g", "int4", 32, calibrate)  # a KeyError before
     with torch.no_grad():
         assert torch.isfinite(load_pretrained(tmp_path / "g")(ids)).all()
+
+
+def test_calibrated_methods_round_each_matrix_once(tmp_path: Path, monkeypatch) -> None:
+    """RTN rounds each quantized matrix once under GPTQ and AWQ (AWQ rounded the whole
+    checkpoint twice, the first result thrown away)."""
+    from lmforge.model import quant_checkpoint
+
+    rounded: list[tuple[int, ...]] = []
+
+    def counted(w: torch.Tensor, bits: int, group_size: int):
+        rounded.append(tuple(w.shape))
+        return quantize_weight(w, bits, group_size)
+
+    monkeypatch.setattr(quant_checkpoint, "quantize_weight", counted)
+    src = make_model_dir(tmp_path / "src", preset="micro-moe")
+    ids = torch.tensor([[5, 9, 13, 2]])
+    for method in ("gptq", "awq"):
+        rounded.clear()
+        calibrate = calibrated_rounding(ids, QuantizeSettings(method=method), LOG)
+        quant = quantize_dir(src, tmp_path / method, "int4", 32, calibrate)
+        assert len(rounded) == len(quant["bits"]), method
