@@ -156,7 +156,7 @@ LINEAR = dict(rope_type="linear", factor=2.0)
         # no max_position_embeddings: each family's default is block_size and YaRN's old length
         dict(NO_LENGTH, model_type="mistral", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
         dict(NO_LENGTH, model_type="qwen2", rope_scaling={"type": "yarn", "factor": 4.0}),
-        dict(NO_LENGTH, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+        dict(NO_LENGTH, model_type="mixtral", num_local_experts=4, num_key_value_heads=2,
              rope_parameters={"rope_type": "dynamic", "factor": 2.0}),  # and theta 1e6
     ],
     ids=["both-layouts", "theta-in-dict", "mistral-defaults", "qwen2-defaults", "mixtral-defaults"],
