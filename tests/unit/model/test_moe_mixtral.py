@@ -98,7 +98,7 @@ def assert_read_as_transformers(config_json: dict, tmp_path, experts: str, width
     assert ours.rope_theta == rope.pop("rope_theta")
     scaling = {k: v for k, v in rope.items() if v is not None}
     assert ours.rope_scaling == (None if scaling == {"rope_type": "default"} else scaling)
-    head_dim = theirs.head_dim or theirs.hidden_size // theirs.num_attention_heads
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
     assert (ours.vocab_size, ours.n_embd, ours.n_layer, ours.n_head, ours.n_kv_head, ours.hd) == (
         theirs.vocab_size, theirs.hidden_size, theirs.num_hidden_layers,
         theirs.num_attention_heads, theirs.num_key_value_heads, head_dim,
