@@ -3,6 +3,8 @@ and head pruning) works, and what is written for dense MLPs (neuron pruning, GGU
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -141,3 +143,16 @@ def test_compress_export_refuses_a_mixture_before_measuring(tmp_path):
     cfg = CompressConfig(method="export", model=tmp_path / "moe", out=tmp_path / "c")
     with pytest.raises(ConfigError, match=r"moe is a mixture of experts.*method=quantize"):
         compress(cfg)
+
+
+def test_lmforge_layout_mixture_keeps_its_routers_float(tmp_path):
+    """A mixture saved in lmforge's own layout (raw top-k weights: no Mixtral form) names its
+    routers by our names, and they stay float too."""
+    model = randomize(Transformer(replace(preset_config("micro-moe"), norm_topk_prob=False)))
+    save_pretrained(model, tmp_path / "float")
+    quant = quantize_dir(tmp_path / "float", tmp_path / "int8", "int8", 32)
+    assert quant["modules_to_not_convert"] == ["blocks.0.mlp.router", "blocks.1.mlp.router"]
+    assert "blocks.0.mlp.experts.0.fc.weight" in quant["bits"]
+    back = load_pretrained(tmp_path / "int8")
+    assert type(back.blocks[1].mlp.router) is torch.nn.Linear
+    assert torch.equal(back.blocks[1].mlp.router.weight, model.blocks[1].mlp.router.weight)
