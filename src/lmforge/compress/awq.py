@@ -85,10 +85,11 @@ def candidate_scales(x_mean: Tensor, alpha: float) -> Tensor:
 
 @torch.no_grad()
 def search_scale(
-    x: Tensor, weights: list[Tensor], grids: list[Grid], n_grid: int = 20
+    x: Tensor, weights: list[Tensor], grids: list[Grid | None], n_grid: int = 20
 ) -> tuple[Tensor, float]:
     """(s, alpha) minimising sum ||x W^T - x (RTN(W s) / s)^T||^2 over the weights sharing the
-    input x (N, in), alpha in {0, 1/n_grid, ..., 1}."""
+    input x (N, in) that are rounded (grid None: kept float, no error), alpha in {0, 1/n_grid,
+    ..., 1}."""
     x = x.float()
     x_mean = x.abs().mean(dim=0)  # (in,)
     refs = [x @ w.T for w in weights]
@@ -96,7 +97,7 @@ def search_scale(
     def loss(s: Tensor) -> float:
         pairs = zip(weights, grids, refs, strict=True)
         return sum((x @ (round_nearest(w * s, g) / s).T - ref).pow(2).mean().item()
-                   for w, g, ref in pairs)  # fmt: skip
+                   for w, g, ref in pairs if g is not None)  # fmt: skip
 
     tried = ((i / n_grid, candidate_scales(x_mean, i / n_grid)) for i in range(n_grid + 1))
     _, alpha, s = min(((loss(s), alpha, s) for alpha, s in tried), key=lambda t: t[0])
@@ -146,7 +147,7 @@ def clipped_rows(block: nn.Module, name: str) -> slice | None:
 
 
 def awq_block(
-    block: nn.Module, inputs: dict[str, Tensor], grid: Callable[[str], Grid], n_grid: int
+    block: nn.Module, inputs: dict[str, Tensor], grid: Callable[[str], Grid | None], n_grid: int
 ) -> dict[str, float]:
     """Search and fold the scales of every group of block, then clip its int4 weights; inputs:
     each Linear's calibration inputs (N, in) by name (divided by the folded scales here, as
@@ -167,7 +168,7 @@ def awq_block(
         alphas[f"{group.producer}->{','.join(group.consumers)}"] = alpha
     for name, x in inputs.items():
         rows = clipped_rows(block, name)
-        if grid(name).axis == "group" and rows is not None:
+        if rows is not None and grid(name).axis == "group":
             linear = block.get_submodule(name)
             with torch.no_grad():
                 linear.weight[rows] = clip_weight(linear.weight[rows], x, grid(name), n_grid)

@@ -10,7 +10,8 @@ transposed as the checkpoint stores them: hf_families.rules.ours_to_hf), and the
 rounded weight encoded at those scales. Each Linear is rounded on the grid RTN chose for its
 checkpoint tensor (bits; a transposed int8 tensor's scale per input column), so the two agree
 on layout by construction; a scale that is not constant within its group is an internal error.
-Matrices outside the blocks (embeddings, the LM head) keep RTN.
+Matrices outside the blocks (embeddings, the LM head) keep RTN; MoE routers stay float (their
+quantization_config lists them under modules_to_not_convert), so neither method rounds them.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def checkpoint_rules(hf: dict[str, Any], keys: set[str]) -> dict[str, Rule]:
     return {r.ours: replace(r, hf_names=tuple(stored(n) for n in r.hf_names)) for r in rules}
 
 
-def grid_for(name: str, link: Rule, quant: dict[str, Any]) -> Grid:
+def grid_for(name: str, link: Rule, quant: dict[str, Any]) -> Grid | None:
     """The grid RTN chose for the checkpoint tensors of one of our weights (quant: its
-    quantization_config): GPTQ rounds on it and AWQ's searches round to it."""
-    bits = quant["bits"][link.hf_names[0]]
+    quantization_config): GPTQ rounds on it and AWQ's searches round to it; None for a weight
+    the checkpoint keeps float (an MoE router: quantization_config's modules_to_not_convert)."""
+    bits = quant["bits"].get(link.hf_names[0])
+    if bits is None:
+        return None
     flipped = link.hf_names[0] in quant.get("flipped", ())
     if bits == 8:
         return Grid(8, "column" if link.transpose else "row")
@@ -71,14 +75,15 @@ def grid_for(name: str, link: Rule, quant: dict[str, Any]) -> Grid:
 def gptq_blocks(
     model: nn.Module,
     ids: Tensor,
-    grid: Callable[[str], Grid],
+    grid: Callable[[str], Grid | None],
     damp: float,
     act_order: bool,
     advance: Callable[[], None] = lambda: None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """GPTQ on every Linear of model's blocks in order, on calibration windows ids (n, T);
-    grid(name) says how to round the weight `name`; a Linear no calibration token reached (an
-    MoE expert) is rounded to nearest. Rounds model in place and returns
+    grid(name) says how to round the weight `name` (None: it stays float, an MoE router); a
+    Linear no calibration token reached (an MoE expert) is rounded to nearest. Rounds model in
+    place and returns
     {our weight name: (rounded weight, scales)}."""
     inputs = BlockInputs.first(model, ids)
     rounded: dict[str, tuple[Tensor, Tensor]] = {}
@@ -88,6 +93,8 @@ def gptq_blocks(
         found = hessians(inputs, block)
         for name, linear in block_linears(block).items():
             full = f"blocks.{i}.{name}.weight"
+            if grid(full) is None:
+                continue
             h, seen = found.get(name, (None, 0))
             if h is None:
                 unreached.append(full)
@@ -140,7 +147,7 @@ def _warn_few_tokens(unreached: list[str], thin: list[str]) -> None:
 def awq_blocks(
     model: nn.Module,
     ids: Tensor,
-    grid: Callable[[str], Grid],
+    grid: Callable[[str], Grid | None],
     n_grid: int,
     advance: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:

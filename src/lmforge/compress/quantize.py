@@ -37,12 +37,13 @@ from lmforge.errors import ConfigError
 from lmforge.evals.lm import EvalModel
 from lmforge.model.convert import hf_config_to_model_config, read_config, read_tensors
 from lmforge.model.hf_families import FAMILIES
-from lmforge.model.quant_checkpoint import quantize_tensors
+from lmforge.model.quant_checkpoint import quantization_plan, quantize_tensors
 
 # tensors -> (tensors with every matrix rounded to nearest, quantization_config)
 Rounder = Callable[[dict[str, Tensor]], tuple[dict[str, Tensor], dict[str, Any]]]
-# (src, config.json, its float tensors, the RTN rounder) -> what the rounder returns
-Calibrate = Callable[[Path, dict[str, Any], dict[str, Tensor], Rounder],
+# (src, config.json, its float tensors, the RTN rounder, the quantization_config it writes)
+# -> what the rounder returns
+Calibrate = Callable[[Path, dict[str, Any], dict[str, Tensor], Rounder, dict[str, Any]],
                      tuple[dict[str, Tensor], dict[str, Any]]]  # fmt: skip
 
 
@@ -66,8 +67,13 @@ def quantize_dir(
     require_float_source(src, hf)
     tensors = table_layout(hf, read_tensors(src))
     flip = stored_transposed(hf, tensors)
-    rtn = partial(quantize_tensors, kind=scheme, group_size=group_size, stored_transposed=flip)
-    rounded, quant = rtn(tensors) if calibrate is None else calibrate(src, hf, tensors, rtn)
+    options = dict(kind=scheme, group_size=group_size, stored_transposed=flip,
+                   keep_float=router_tensors(hf, tensors))  # fmt: skip
+    rtn = partial(quantize_tensors, **options)
+    if calibrate is None:
+        rounded, quant = rtn(tensors)
+    else:
+        rounded, quant = calibrate(src, hf, tensors, rtn, quantization_plan(tensors, **options))
     dst.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in rounded.items()}, tmp, metadata={"format": "pt"})
@@ -96,6 +102,19 @@ def stored_transposed(hf: dict[str, Any], names: Iterable[str]) -> set[str]:
     return {n for n in names if n in conv1d or family.prefix + n in conv1d}
 
 
+def router_tensors(hf: dict[str, Any], names: Iterable[str]) -> set[str]:
+    """The checkpoint's MoE router weights (ours: blocks.N.mlp.router, model.moe), which stay
+    float: rounding a router can switch a token's expert, a jump no tolerance bounds."""
+    from lmforge.compress.calibrated import checkpoint_rules
+    from lmforge.model.convert.hf_import import NATIVE
+
+    names = set(names)
+    if hf.get("model_type") != NATIVE and hf.get("model_type") not in FAMILIES:
+        return set()
+    rules = checkpoint_rules(hf, names).values()
+    return {n for r in rules if r.ours.endswith(".mlp.router.weight") for n in r.hf_names} & names
+
+
 def dynamic_int8(model: nn.Module) -> nn.Module:
     """model with every nn.Linear replaced by torch.ao's dynamically quantized int8 Linear (CPU)."""
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
@@ -113,9 +132,12 @@ def calibrated_rounding(ids: Tensor, settings: Any, log: logging.Logger) -> Cali
     from lmforge.model.convert import load_pretrained
 
     def calibrate(
-        src: Path, hf: dict[str, Any], tensors: dict[str, Tensor], rtn: Rounder
+        src: Path,
+        hf: dict[str, Any],
+        tensors: dict[str, Tensor],
+        rtn: Rounder,
+        quant: dict[str, Any],
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        rounded, quant = rtn(tensors)
         model = load_pretrained(src)
         links = calibrated.checkpoint_rules(hf, set(tensors))
         grid = lambda name: calibrated.grid_for(name, links[name], quant)  # noqa: E731
@@ -129,6 +151,7 @@ def calibrated_rounding(ids: Tensor, settings: Any, log: logging.Logger) -> Cali
                 model, ids, grid, settings.damp_percent, settings.desc_act, bar.advance
             )
         log.info("GPTQ rounded %d matrices on %d x %d tokens", len(weights), *ids.shape)
+        rounded, _ = rtn(tensors)  # the matrices outside the blocks keep RTN
         return calibrated.write_rounded(rounded, quant, weights, links), quant
 
     return calibrate

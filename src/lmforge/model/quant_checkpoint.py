@@ -1,9 +1,10 @@
 """Quantized checkpoints: every matrix of a state dict as int8/int4 codes, and back.
 
-quantize_tensors() applies model.quant's rounding to every matrix of a checkpoint (`lmforge
-compress quantize`): model.safetensors then holds the codes under each weight's own name plus
-`<name>_scale`, and config.json's `quantization_config` (quant_method "lmforge") says which
-tensors are quantized with how many bits. load_pretrained() keeps them quantized by default
+quantize_tensors() applies model.quant's rounding to every matrix of a checkpoint but its MoE
+routers (`lmforge compress quantize`; quantization_plan() says which, with how many bits):
+model.safetensors then holds the codes under each weight's own name plus `<name>_scale`, and
+config.json's `quantization_config` (quant_method "lmforge") says which tensors are quantized
+with how many bits and which modules stay float (`modules_to_not_convert`). load_pretrained() keeps them quantized by default
 (read_quantized -> QuantWeight -> keep_quantized: QuantLinear / QuantEmbedding built from the
 stored codes, never an fp32 matrix; int4 ones a matmul uses repacked for torch's CPU int4 kernel
 where it takes them, model.int4pack) or dequantizes them for training (dequantize_tensors).
@@ -34,9 +35,32 @@ def quantize_tensors(
     kind: str,
     group_size: int = 32,
     stored_transposed: Collection[str] = (),
+    keep_float: Collection[str] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, quantization_config) with every floating-point matrix quantized.
+    """(tensors, quantization_config) with every floating-point matrix quantized as
+    quantization_plan says."""
+    config = quantization_plan(tensors, kind, group_size, stored_transposed, keep_float)
+    flipped = set(config.get("flipped", ()))
+    out = dict(tensors)
+    for name, bits in config["bits"].items():
+        t = tensors[name].T if name in flipped else tensors[name]
+        out[name], out[name + SCALE_SUFFIX] = quantize_weight(t.float(), bits, group_size)
+    return out, config
 
+
+def quantization_plan(
+    tensors: dict[str, Tensor],
+    kind: str,
+    group_size: int = 32,
+    stored_transposed: Collection[str] = (),
+    keep_float: Collection[str] = (),
+) -> dict[str, Any]:
+    """The quantization_config quantize_tensors writes for tensors, without rounding them (AWQ
+    needs its grids before it changes the tensors it rounds).
+
+    Every floating-point matrix is quantized but those named in keep_float (MoE routers:
+    rounding one can switch a token's expert, so vLLM and llama.cpp keep them float too),
+    listed by module under "modules_to_not_convert" as transformers' quantization configs do.
     int4 needs in_features divisible by group_size; a matrix that is not is kept at int8 (the
     config records each tensor's bits). Vectors (norms, biases) stay as they are. The int4
     codes of a matrix named in stored_transposed (stored (in, out), GPT-2's Conv1D) are those
@@ -45,21 +69,22 @@ def quantize_tensors(
     """
     if kind not in BITS:
         raise ConfigError(f"unknown quantization {kind!r}; valid: {', '.join(BITS)}")
-    out: dict[str, Tensor] = {}
     bits_of: dict[str, int] = {}
     flipped: list[str] = []
     for name, t in tensors.items():
-        if t.dim() != 2 or not t.is_floating_point():
-            out[name] = t
+        if t.dim() != 2 or not t.is_floating_point() or name in keep_float:
             continue
         flip = kind == "int4" and name in stored_transposed and t.shape[0] % group_size == 0
-        bits = BITS[kind] if flip or t.shape[1] % group_size == 0 else 8
-        codes, scale = quantize_weight((t.T if flip else t).float(), bits, group_size)
-        out[name], out[name + SCALE_SUFFIX] = codes, scale
-        bits_of[name] = bits
+        bits_of[name] = BITS[kind] if flip or t.shape[1] % group_size == 0 else 8
         flipped += [name] if flip else []
-    config = {"quant_method": QUANT_METHOD, "group_size": group_size, "bits": bits_of}
-    return out, {**config, "flipped": flipped} if flipped else config
+    config: dict[str, Any] = {"quant_method": QUANT_METHOD, "group_size": group_size}
+    config["bits"] = bits_of
+    if flipped:
+        config["flipped"] = flipped
+    kept = sorted(n.removesuffix(".weight") for n in keep_float if n in tensors)
+    if kept:
+        config["modules_to_not_convert"] = kept
+    return config
 
 
 def dequantize_tensors(

@@ -71,9 +71,15 @@ def calibrated_moe(
     assert idle  # the case under test
     calibrate = calibrated_rounding(ids, QuantizeSettings(method=method), LOG)
     quant = quantize_dir(src, tmp_path / "q", "int4", 32, calibrate)
-    assert quant["bits"]["model.layers.0.block_sparse_moe.gate.weight"] == 4  # Mixtral layout
+    assert quant["bits"]["model.layers.0.block_sparse_moe.experts.0.w1.weight"] == 4  # Mixtral
+    assert "model.layers.0.block_sparse_moe.gate.weight" not in quant["bits"]  # routers float
+    assert quant["modules_to_not_convert"] == [
+        f"model.layers.{i}.block_sparse_moe.gate" for i in range(2)
+    ]
+    kept = load_pretrained(tmp_path / "q")
+    assert type(kept.blocks[0].mlp.router) is torch.nn.Linear
     with torch.no_grad():
-        logits = load_pretrained(tmp_path / "q")(torch.randint(0, 250, (2, 16)))
+        logits = kept(torch.randint(0, 250, (2, 16)))
     assert torch.isfinite(logits).all()
     return idle, load_pretrained(src), load_pretrained(tmp_path / "q", quantized="dequantize")
 
@@ -90,7 +96,8 @@ def test_gptq_rounds_experts_no_token_reached_to_nearest(tmp_path: Path, caplog)
         for part in ("fc", "proj"):
             name = f"blocks.0.mlp.experts.{e}.{part}"
             assert rtn_weight_of(original, loaded, name) == (e in idle), name
-    assert not rtn_weight_of(original, loaded, "blocks.0.mlp.router")  # calibrated too
+    router = "blocks.0.mlp.router"  # kept float: GPTQ leaves it as it was
+    assert torch.equal(loaded.get_submodule(router).weight, original.get_submodule(router).weight)
 
 
 def test_awq_scales_every_expert_by_the_norm_and_skips_pairs_no_token_reached(tmp_path: Path):
@@ -136,3 +143,24 @@ def test_fused_expert_checkpoints_are_quantized_as_the_hub_layout_is(tmp_path: P
     quantize_dir(fused, tmp_path / "g", "int4", 32, calibrate)  # a KeyError before
     with torch.no_grad():
         assert torch.isfinite(load_pretrained(tmp_path / "g")(ids)).all()
+
+
+def test_calibrated_methods_round_each_matrix_once(tmp_path: Path, monkeypatch) -> None:
+    """RTN rounds each quantized matrix once under GPTQ and AWQ (AWQ rounded the whole
+    checkpoint twice, the first result thrown away)."""
+    from lmforge.model import quant_checkpoint
+
+    rounded: list[tuple[int, ...]] = []
+
+    def counted(w: torch.Tensor, bits: int, group_size: int):
+        rounded.append(tuple(w.shape))
+        return quantize_weight(w, bits, group_size)
+
+    monkeypatch.setattr(quant_checkpoint, "quantize_weight", counted)
+    src = make_model_dir(tmp_path / "src", preset="micro-moe")
+    ids = torch.tensor([[5, 9, 13, 2]])
+    for method in ("gptq", "awq"):
+        rounded.clear()
+        calibrate = calibrated_rounding(ids, QuantizeSettings(method=method), LOG)
+        quant = quantize_dir(src, tmp_path / method, "int4", 32, calibrate)
+        assert len(rounded) == len(quant["bits"]), method

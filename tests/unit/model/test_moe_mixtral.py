@@ -16,6 +16,7 @@ from lmforge.model.hf_families import family_for
 from lmforge.model.transformer import Transformer
 
 from .test_convert import randomize
+from .test_rope import rope_read_as_transformers
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,3 +85,33 @@ def test_unnormalised_topk_exports_in_lmforge_layout(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "lmforge"
     back = load_pretrained(tmp_path)
     assert back.config == model.config
+
+
+def assert_read_as_transformers(config_json: dict, tmp_path, experts: str, width: str) -> None:
+    """hf_config_to_model_config(config_json) reads every field our model has as transformers'
+    AutoConfig reads the same file, omitted fields included (experts / width: the config
+    class's names for the expert count and an expert's width)."""
+    ours, theirs = rope_read_as_transformers(config_json, tmp_path)
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    assert (ours.vocab_size, ours.n_embd, ours.n_layer, ours.n_head, ours.n_kv_head, ours.hd) == (
+        theirs.vocab_size, theirs.hidden_size, theirs.num_hidden_layers,
+        theirs.num_attention_heads, theirs.num_key_value_heads, head_dim,
+    )  # fmt: skip
+    assert (ours.norm_eps, ours.tie_embeddings) == (theirs.rms_norm_eps, theirs.tie_word_embeddings)
+    assert ours.num_experts == getattr(theirs, experts)
+    assert ours.num_experts_per_tok == theirs.num_experts_per_tok
+    assert ours.intermediate_size == getattr(theirs, width)
+    assert ours.router_aux_loss_coef == theirs.router_aux_loss_coef
+
+
+@pytest.mark.parametrize(
+    "config_json",
+    [
+        {"model_type": "mixtral"},  # Mixtral-8x7B's shape: top-2 of 8, 8 KV heads, eps 1e-5
+        {"model_type": "mixtral", "num_hidden_layers": 2, "num_experts_per_tok": 3},
+        {"model_type": "mixtral", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    ],
+    ids=["omitted", "some-given", "yarn-default-length"],
+)
+def test_omitted_mixtral_fields_read_as_transformers_reads_them(config_json, tmp_path):
+    assert_read_as_transformers(config_json, tmp_path, "num_local_experts", "intermediate_size")

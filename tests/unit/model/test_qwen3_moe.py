@@ -22,6 +22,7 @@ from lmforge.model.generate import generate
 from lmforge.model.hf_families import family_for
 from lmforge.model.transformer import Transformer
 from unit.model.test_convert import PAD, VOCAB, pooled_logits, randomize, right_padded
+from unit.model.test_moe_mixtral import assert_read_as_transformers
 from unit.model.test_qwen3 import SHAPE as QWEN3_SHAPE
 
 transformers = pytest.importorskip("transformers")
@@ -205,3 +206,18 @@ def test_qwen3_30b_a3b_config_reads_as_its_architecture():
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.hd, cfg.n_embd) == (48, 32, 4, 128, 2048)
     assert (cfg.rope_theta, cfg.rope_scaling, cfg.sliding_window) == (1e6, None, None)
     assert cfg.block_size == 40960 and not cfg.tie_embeddings and family_for(cfg) == "qwen3_moe"
+
+
+@pytest.mark.parametrize(
+    "config_json",
+    [
+        {"model_type": "qwen3_moe"},  # the config class's shape: 128 experts, top-8, 4 KV heads
+        # no max_position_embeddings: YaRN's original length is Qwen3MoeConfig's 32768
+        {"model_type": "qwen3_moe", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        {"model_type": "qwen3_moe", "num_hidden_layers": 2,
+         "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+    ],
+    ids=["omitted", "yarn-default-length", "rope-parameters"],
+)  # fmt: skip
+def test_config_json_reads_rope_and_shape_as_transformers_does(config_json, tmp_path):
+    assert_read_as_transformers(config_json, tmp_path, "num_experts", "moe_intermediate_size")

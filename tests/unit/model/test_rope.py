@@ -156,12 +156,18 @@ LINEAR = dict(rope_type="linear", factor=2.0)
         # no max_position_embeddings: each family's default is block_size and YaRN's old length
         dict(NO_LENGTH, model_type="mistral", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
         dict(NO_LENGTH, model_type="qwen2", rope_scaling={"type": "yarn", "factor": 4.0}),
-        dict(NO_LENGTH, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+        dict(NO_LENGTH, model_type="mixtral", num_local_experts=4, num_key_value_heads=2,
              rope_parameters={"rope_type": "dynamic", "factor": 2.0}),  # and theta 1e6
     ],
     ids=["both-layouts", "theta-in-dict", "mistral-defaults", "qwen2-defaults", "mixtral-defaults"],
 )  # fmt: skip
 def test_config_json_is_read_as_transformers_reads_it(config_json, tmp_path):
+    rope_read_as_transformers(config_json, tmp_path)
+
+
+def rope_read_as_transformers(config_json: dict, tmp_path) -> tuple[ModelConfig, object]:
+    """(ours, transformers' AutoConfig) read from config_json, having checked that both read
+    the same rope theta and scaling (default: our None), block_size and sliding_window."""
     (tmp_path / "config.json").write_text(json.dumps(config_json))
     theirs = transformers.AutoConfig.from_pretrained(tmp_path)
     ours = hf_config_to_model_config(config_json)
@@ -171,7 +177,9 @@ def test_config_json_is_read_as_transformers_reads_it(config_json, tmp_path):
     assert ours.block_size == theirs.max_position_embeddings
     # sliding_window: Mistral's default 4096, Mixtral's None (Llama has none)
     assert ours.sliding_window == getattr(theirs, "sliding_window", None)
-    assert ours.rope_scaling == {k: v for k, v in rope.items() if v is not None}
+    scaling = {k: v for k, v in rope.items() if v is not None}
+    assert ours.rope_scaling == (None if scaling == {"rope_type": "default"} else scaling)
+    return ours, theirs
 
 
 @pytest.mark.parametrize(

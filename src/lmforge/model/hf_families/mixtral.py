@@ -25,19 +25,33 @@ from lmforge.model.hf_families.rules import Rule
 _FUSED = re.compile(r"(model\.layers\.\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.)")
 
 
-# MixtralConfig's defaults where they differ from mistral_config's: a config.json that omits
-# rope_theta (or has no rope dict with one) means 1e6, not 1e4, and no sliding_window full attention
-MIXTRAL_DEFAULTS = {"rope_theta": 1e6, "sliding_window": None}
+# MixtralConfig's defaults for what is read here or differs from mistral_config's: a config.json
+# that omits one means what transformers reads it as (Mixtral-8x7B's shape, top-2 of 8 experts,
+# rms_norm_eps 1e-5, rope_theta 1e6 unless a rope dict has one, no sliding_window full attention)
+MIXTRAL_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "sliding_window": None,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "router_aux_loss_coef": 0.001,
+}
 
 
 def mixtral_config(hf: dict[str, Any]) -> ModelConfig:
-    cfg = mistral_config({**MIXTRAL_DEFAULTS, **hf})
+    hf = {**MIXTRAL_DEFAULTS, **hf}
     return replace(
-        cfg,
+        mistral_config(hf),
         num_experts=hf["num_local_experts"],
         num_experts_per_tok=hf["num_experts_per_tok"],
         norm_topk_prob=True,
-        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        router_aux_loss_coef=float(hf["router_aux_loss_coef"]),
     )
 
 

@@ -13,7 +13,9 @@ aux loss; lmforge's training always adds router_aux_loss_coef x the load-balanci
 same load_balancing_loss_func as Mixtral's), and exports write it false as Mixtral's do.
 
 Unlike Qwen3's, this config class has no layer_types or max_window_layers: use_sliding_window
-slides every layer, and head_dim defaults to hidden_size / num_attention_heads.
+slides every layer, and head_dim defaults to hidden_size / num_attention_heads. RoPE (either
+config layout) is read by the Llama-like reader through model.rope, so a config.json without
+max_position_embeddings gives block_size and YaRN's original length Qwen3MoeConfig's 32768.
 
 Weights: the hub layout is `mlp.gate` (the router) and `mlp.experts.N.{gate,up,down}_proj`, what
 transformers 5's save_pretrained writes. Its in-memory state dict fuses the experts as Mixtral's
@@ -36,6 +38,10 @@ from lmforge.model.hf_families.rules import Rule, require_supported
 # Qwen3MoeConfig's defaults where they differ from _llama_like_config's fallbacks or are read here:
 # a hand-written config.json that omits one means what transformers reads it as
 QWEN3_MOE_DEFAULTS = {
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
     "num_key_value_heads": 4,
     "max_position_embeddings": 32768,
     "sliding_window": 4096,
