@@ -10,7 +10,8 @@ Dispatch gathers tokens: the (token, slot) pairs are sorted by expert, each expe
 its contiguous rows, and the weighted outputs are index_add'ed back, so the work is k tokens'
 worth rather than every token through every expert.
 
-Every forward keeps its routing statistics (RouterStats) over the tokens it is told are real:
+Every training-mode forward keeps its routing statistics (RouterStats) over the tokens it is told
+are real (an eval-mode forward, which nothing reads them after, keeps none):
 padding (a packed row's doc_ids < 0, a padded batch's pad_mask 0) is routed like any token but
 left out of the statistics, as transformers' load_balancing_loss_func does given an
 attention_mask, so a fine-tuning batch's pads do not pull the balance.
@@ -53,7 +54,9 @@ class MoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.router = nn.Linear(config.n_embd, config.num_experts, bias=False)
         self.experts = nn.ModuleList(make_expert() for _ in range(config.num_experts))
-        self.stats: RouterStats | None = None  # the last forward's, for router_loss
+        # the last forward's in training mode, for router_loss and routing_metrics; None after
+        # an eval-mode forward, which computes none
+        self.stats: RouterStats | None = None
 
     # Eager inside a compiled model (train.compile, the compiled decoding step): the per-expert
     # row counts are data, so dynamo broke the graph there anyway and then recompiled for each
@@ -71,7 +74,7 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         slots = chosen.flatten()  # (N * k,) expert of each (token, slot)
         counts = torch.bincount(slots, minlength=self.num_experts)  # (E,)
-        self.stats = _stats(logits, probs, chosen, counts, real)
+        self.stats = _stats(logits, probs, chosen, counts, real) if self.training else None
         order = slots.argsort(stable=True)  # slots grouped by expert
         token_of = order // self.top_k  # (N * k,) the token each sorted slot belongs to
         rows = flat[token_of]  # (N * k, C)

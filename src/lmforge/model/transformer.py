@@ -162,7 +162,9 @@ class Transformer(nn.Module):
             T, start_pos, doc_ids, self.config.sliding_window, idx.device, pad_mask,
             causal=self.config.causal,
         )  # fmt: skip
-        real = _real_tokens(doc_ids, pad_mask, start_pos) if self.config.num_experts else None
+        # which tokens count in a mixture's routing statistics, kept in training mode only
+        moe_stats = self.config.num_experts and self.training
+        real = _real_tokens(doc_ids, pad_mask, start_pos) if moe_stats else None
         x = self.drop(x)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
