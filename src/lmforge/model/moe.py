@@ -144,11 +144,11 @@ def router_loss(layers: list[MoE], config: ModelConfig) -> Tensor:
     return loss
 
 
-def routing_metrics(model: nn.Module) -> dict[str, Tensor]:
-    """Training metrics of the last forward: moe_aux_loss, moe_z_loss, moe_expert_frac_<e> (share
-    of all layers' top-k slots on expert e; 1/E each when balanced) and moe_max_load (the
-    busiest expert of any layer over its fair share; 1.0 when balanced). Empty for dense models."""
-    layers = moe_layers(model)
+def routing_metrics(layers: list[MoE]) -> dict[str, Tensor]:
+    """Training metrics of the layers' last forward: moe_aux_loss, moe_z_loss,
+    moe_expert_frac_<e> (share of all layers' top-k slots on expert e; 1/E each when balanced)
+    and moe_max_load (the busiest expert of any layer over its fair share; 1.0 when balanced).
+    Empty for dense models (no layers)."""
     if not layers or layers[0].stats is None:
         return {}
     with torch.no_grad():
