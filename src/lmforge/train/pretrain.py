@@ -173,8 +173,9 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
             )
     else:
         overrides = {"vocab_size": vocab_size, **cfg.model.overrides()}
-        model = Transformer(preset_config(cfg.model.preset, **overrides))
-        _check_routing_overrides(cfg.model, model.config.num_experts)
+        config = preset_config(cfg.model.preset, **overrides)
+        _check_routing_overrides(cfg.model, config.num_experts)  # before building its weights
+        model = Transformer(config)
     if model.config.causal != (cfg.objective == "clm"):
         kind = "a causal decoder" if model.config.causal else "a bidirectional encoder"
         fix = "a bert-* preset" if cfg.objective == "mlm" else "a decoder preset or objective=mlm"
