@@ -110,37 +110,39 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def _pooled(layers: list[MoE]) -> tuple[Tensor, Tensor, Tensor, int, int]:
-    """(assigned, prob_sum, z_sum) summed over the layers' last forwards, total rows, top-k."""
+def _losses(layers: list[MoE]) -> tuple[Tensor, Tensor, Tensor]:
+    """(assigned, load-balancing loss, z-loss) of the layers' last forwards, their statistics
+    summed once: assigned (E,) is every layer's top-k slots per expert; the losses are
+    load_balancing_loss's and z_loss's."""
     stats = [m.stats for m in layers if m.stats is not None]
     if not stats:
         raise RuntimeError("router statistics are read after a forward pass of the MoE model")
     assigned = torch.stack([s.assigned for s in stats]).sum(0)
     prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)
     z_sum = torch.stack([s.z_sum for s in stats]).sum()
-    return assigned, prob_sum, z_sum, sum(s.n_tokens for s in stats), layers[0].top_k
+    rows = max(sum(s.n_tokens for s in stats), 1)  # a batch of padding only: no real token, no loss
+    balance = len(prob_sum) * torch.sum(assigned / rows * (prob_sum / rows))
+    return assigned, balance, z_sum / rows
 
 
 def load_balancing_loss(layers: list[MoE]) -> Tensor:
     """Switch/Mixtral auxiliary loss E * sum_e f_e * P_e over every layer's tokens together:
     f_e the share of top-k slots on expert e, P_e its mean router probability. k when perfectly
     balanced, up to k * E when every token picks the same experts."""
-    assigned, prob_sum, _, rows, _ = _pooled(layers)
-    rows = max(rows, 1)  # a batch of padding only: no real token, no loss
-    return len(prob_sum) * torch.sum(assigned / rows * (prob_sum / rows))
+    return _losses(layers)[1]
 
 
 def z_loss(layers: list[MoE]) -> Tensor:
     """ST-MoE router z-loss: the mean over tokens (all layers) of logsumexp(router logits)^2."""
-    _, _, z_sum, rows, _ = _pooled(layers)
-    return z_sum / max(rows, 1)
+    return _losses(layers)[2]
 
 
 def router_loss(layers: list[MoE], config: ModelConfig) -> Tensor:
     """What training adds to the LM loss: aux coef * load balancing + z coef * z-loss."""
-    loss = config.router_aux_loss_coef * load_balancing_loss(layers)
+    _, balance, z = _losses(layers)
+    loss = config.router_aux_loss_coef * balance
     if config.router_z_loss_coef:
-        loss = loss + config.router_z_loss_coef * z_loss(layers)
+        loss = loss + config.router_z_loss_coef * z
     return loss
 
 
@@ -152,14 +154,14 @@ def routing_metrics(layers: list[MoE]) -> dict[str, Tensor]:
     if not layers or layers[0].stats is None:
         return {}
     with torch.no_grad():
-        assigned, *_ = _pooled(layers)
+        assigned, balance, z = _losses(layers)
         frac = assigned / assigned.sum().clamp_min(1)
         per_layer = torch.stack(
             [m.stats.assigned / m.stats.assigned.sum().clamp_min(1) for m in layers]
         )
         metrics = {
-            "moe_aux_loss": load_balancing_loss(layers),
-            "moe_z_loss": z_loss(layers),
+            "moe_aux_loss": balance,
+            "moe_z_loss": z,
             "moe_max_load": per_layer.max() * len(frac),
         }
         metrics.update({f"moe_expert_frac_{e}": f for e, f in enumerate(frac)})
