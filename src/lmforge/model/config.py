@@ -188,24 +188,22 @@ BART_SHAPE: dict[str, Any] = dict(
 _BERT_STYLE = dict(BERT_SHAPE, mlp="gelu_exact", type_vocab_size=2, mlm_head=True, norm_eps=1e-12)
 _BART_STYLE = dict(BART_SHAPE, mlp="gelu_exact")
 
+# unit tests: 2 layers, 64 wide, GQA, a few thousand params per layer
+_MICRO: dict[str, Any] = dict(
+    vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+    intermediate_size=128, block_size=128, tie_embeddings=True,
+)  # fmt: skip
+
 # Named starting points. vocab_size is usually overridden with the tokenizer's size.
 PRESETS: dict[str, dict[str, Any]] = {
-    # unit tests: 2 layers, 64 wide, GQA, a few thousand params per layer
-    "micro": dict(
-        vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-        intermediate_size=128, block_size=128, tie_embeddings=True,
-    ),
+    "micro": _MICRO,
     # the same size in GPT-2 style, for tests of the other flavour
     "micro-gpt2": dict(
         vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
         intermediate_size=256, block_size=128, **_GPT2_STYLE,
     ),
     # micro with 4 SwiGLU experts (top-2) in place of each MLP: the MoE test and CPU demo size
-    "micro-moe": dict(
-        vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-        intermediate_size=128, block_size=128, tie_embeddings=True,
-        num_experts=4, num_experts_per_tok=2,
-    ),
+    "micro-moe": dict(_MICRO, num_experts=4, num_experts_per_tok=2),
     # the 2-core CPU quickstart: ~1.3M params with a 4096 vocab, trains in minutes
     "tiny": dict(
         vocab_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,

@@ -10,7 +10,8 @@ Dispatch gathers tokens: the (token, slot) pairs are sorted by expert, each expe
 its contiguous rows, and the weighted outputs are index_add'ed back, so the work is k tokens'
 worth rather than every token through every expert.
 
-Every forward keeps its routing statistics (RouterStats) over the tokens it is told are real:
+Every training-mode forward keeps its routing statistics (RouterStats) over the tokens it is told
+are real (an eval-mode forward, which nothing reads them after, keeps none):
 padding (a packed row's doc_ids < 0, a padded batch's pad_mask 0) is routed like any token but
 left out of the statistics, as transformers' load_balancing_loss_func does given an
 attention_mask, so a fine-tuning batch's pads do not pull the balance.
@@ -53,7 +54,9 @@ class MoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.router = nn.Linear(config.n_embd, config.num_experts, bias=False)
         self.experts = nn.ModuleList(make_expert() for _ in range(config.num_experts))
-        self.stats: RouterStats | None = None  # the last forward's, for router_loss
+        # the last forward's in training mode, for router_loss and routing_metrics; None after
+        # an eval-mode forward, which computes none
+        self.stats: RouterStats | None = None
 
     # Eager inside a compiled model (train.compile, the compiled decoding step): the per-expert
     # row counts are data, so dynamo broke the graph there anyway and then recompiled for each
@@ -71,7 +74,7 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         slots = chosen.flatten()  # (N * k,) expert of each (token, slot)
         counts = torch.bincount(slots, minlength=self.num_experts)  # (E,)
-        self.stats = _stats(logits, probs, chosen, counts, real)
+        self.stats = _stats(logits, probs, chosen, counts, real) if self.training else None
         order = slots.argsort(stable=True)  # slots grouped by expert
         token_of = order // self.top_k  # (N * k,) the token each sorted slot belongs to
         rows = flat[token_of]  # (N * k, C)
@@ -107,56 +110,58 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def _pooled(layers: list[MoE]) -> tuple[Tensor, Tensor, Tensor, int, int]:
-    """(assigned, prob_sum, z_sum) summed over the layers' last forwards, total rows, top-k."""
+def _losses(layers: list[MoE]) -> tuple[Tensor, Tensor, Tensor]:
+    """(assigned, load-balancing loss, z-loss) of the layers' last forwards, their statistics
+    summed once: assigned (E,) is every layer's top-k slots per expert; the losses are
+    load_balancing_loss's and z_loss's."""
     stats = [m.stats for m in layers if m.stats is not None]
     if not stats:
         raise RuntimeError("router statistics are read after a forward pass of the MoE model")
     assigned = torch.stack([s.assigned for s in stats]).sum(0)
     prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)
     z_sum = torch.stack([s.z_sum for s in stats]).sum()
-    return assigned, prob_sum, z_sum, sum(s.n_tokens for s in stats), layers[0].top_k
+    rows = max(sum(s.n_tokens for s in stats), 1)  # a batch of padding only: no real token, no loss
+    balance = len(prob_sum) * torch.sum(assigned / rows * (prob_sum / rows))
+    return assigned, balance, z_sum / rows
 
 
 def load_balancing_loss(layers: list[MoE]) -> Tensor:
     """Switch/Mixtral auxiliary loss E * sum_e f_e * P_e over every layer's tokens together:
     f_e the share of top-k slots on expert e, P_e its mean router probability. k when perfectly
     balanced, up to k * E when every token picks the same experts."""
-    assigned, prob_sum, _, rows, _ = _pooled(layers)
-    rows = max(rows, 1)  # a batch of padding only: no real token, no loss
-    return len(prob_sum) * torch.sum(assigned / rows * (prob_sum / rows))
+    return _losses(layers)[1]
 
 
 def z_loss(layers: list[MoE]) -> Tensor:
     """ST-MoE router z-loss: the mean over tokens (all layers) of logsumexp(router logits)^2."""
-    _, _, z_sum, rows, _ = _pooled(layers)
-    return z_sum / max(rows, 1)
+    return _losses(layers)[2]
 
 
 def router_loss(layers: list[MoE], config: ModelConfig) -> Tensor:
     """What training adds to the LM loss: aux coef * load balancing + z coef * z-loss."""
-    loss = config.router_aux_loss_coef * load_balancing_loss(layers)
+    _, balance, z = _losses(layers)
+    loss = config.router_aux_loss_coef * balance
     if config.router_z_loss_coef:
-        loss = loss + config.router_z_loss_coef * z_loss(layers)
+        loss = loss + config.router_z_loss_coef * z
     return loss
 
 
-def routing_metrics(model: nn.Module) -> dict[str, Tensor]:
-    """Training metrics of the last forward: moe_aux_loss, moe_z_loss, moe_expert_frac_<e> (share
-    of all layers' top-k slots on expert e; 1/E each when balanced) and moe_max_load (the
-    busiest expert of any layer over its fair share; 1.0 when balanced). Empty for dense models."""
-    layers = moe_layers(model)
+def routing_metrics(layers: list[MoE]) -> dict[str, Tensor]:
+    """Training metrics of the layers' last forward: moe_aux_loss, moe_z_loss,
+    moe_expert_frac_<e> (share of all layers' top-k slots on expert e; 1/E each when balanced)
+    and moe_max_load (the busiest expert of any layer over its fair share; 1.0 when balanced).
+    Empty for dense models (no layers)."""
     if not layers or layers[0].stats is None:
         return {}
     with torch.no_grad():
-        assigned, *_ = _pooled(layers)
+        assigned, balance, z = _losses(layers)
         frac = assigned / assigned.sum().clamp_min(1)
         per_layer = torch.stack(
             [m.stats.assigned / m.stats.assigned.sum().clamp_min(1) for m in layers]
         )
         metrics = {
-            "moe_aux_loss": load_balancing_loss(layers),
-            "moe_z_loss": z_loss(layers),
+            "moe_aux_loss": balance,
+            "moe_z_loss": z,
             "moe_max_load": per_layer.max() * len(frac),
         }
         metrics.update({f"moe_expert_frac_{e}": f for e, f in enumerate(frac)})

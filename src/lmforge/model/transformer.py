@@ -27,7 +27,7 @@ from lmforge.model.blocks import MLP, Block, MLMTransform, RMSNorm, init_normal_
 from lmforge.model.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 from lmforge.model.config import ModelConfig
 from lmforge.model.masks import attention_mask, doc_positions, pad_positions
-from lmforge.model.moe import moe_layers, router_loss
+from lmforge.model.moe import MoE, moe_layers, router_loss
 from lmforge.model.rope import rope_inv_freq, rope_tables
 
 if TYPE_CHECKING:
@@ -94,6 +94,8 @@ class Transformer(nn.Module):
         self.emb_norm = make_norm(config) if config.emb_norm else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # found once: the training loss reads them on every forward (empty for a dense model)
+        self.moe_layers: list[MoE] = moe_layers(self)
         self.norm_f = nn.Identity() if config.post_norm else make_norm(config)
         self.mlm_transform = MLMTransform(config) if config.mlm_head else None
         self.lm_head = nn.Linear(C, config.vocab_size, bias=config.mlm_head)
@@ -162,7 +164,9 @@ class Transformer(nn.Module):
             T, start_pos, doc_ids, self.config.sliding_window, idx.device, pad_mask,
             causal=self.config.causal,
         )  # fmt: skip
-        real = _real_tokens(doc_ids, pad_mask, start_pos) if self.config.num_experts else None
+        # which tokens count in a mixture's routing statistics, kept in training mode only
+        moe_stats = self.config.num_experts and self.training
+        real = _real_tokens(doc_ids, pad_mask, start_pos) if moe_stats else None
         x = self.drop(x)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -222,7 +226,7 @@ class Transformer(nn.Module):
             return self.logits(h)
         loss = self._label_loss(h, labels)
         if self.config.num_experts and self.training:
-            loss = loss + router_loss(moe_layers(self), self.config)
+            loss = loss + router_loss(self.moe_layers, self.config)
         return loss
 
     def _label_loss(self, h: Tensor, labels: Tensor) -> Tensor:
@@ -279,7 +283,7 @@ class Transformer(nn.Module):
         cfg = self.config
         attn = 12 * cfg.n_layer * cfg.n_head * cfg.hd * seq_len
         n = self.num_params(exclude_embeddings=True)
-        for moe in moe_layers(self):  # a token runs through k of the E experts only
+        for moe in self.moe_layers:  # a token runs through k of the E experts only
             expert_params = sum(p.numel() for p in moe.experts.parameters())
             n -= expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
         return float(6 * n + attn)

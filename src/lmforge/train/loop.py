@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import StageError
-from lmforge.model.moe import routing_metrics
+from lmforge.model.moe import MoE, moe_layers, routing_metrics
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import (
@@ -88,6 +88,7 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # a no-op unless the run autocasts to fp16
     accum: int  # micro-batches per optimizer step on each rank
+    moe: list[MoE]  # the model's mixture-of-experts layers, found once (empty when dense)
 
 
 @dataclass
@@ -179,7 +180,8 @@ def _setup(
     model = prepare_model(model, cfg, rt)
     optimizer = build_optimizer(unwrap_model(model), cfg, param_groups)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    return _Parts(rt, model, optimizer, scaler, cfg.accum_steps(rt.env.world_size))
+    accum = cfg.accum_steps(rt.env.world_size)
+    return _Parts(rt, model, optimizer, scaler, accum, moe_layers(model))
 
 
 def _resume(path: Path, parts: _Parts, loader: Any, ctx: Any) -> LoopState:
@@ -204,9 +206,7 @@ def _step(
     """One optimizer step: micro-batches, clipping, one host sync, then the update or a skip."""
     lr = cfg.lr * set_lr(parts.optimizer, state.step, cfg)
     parts.model.train()
-    loss_t, extra_t, n_tokens = _accumulate(
-        parts.model, loss_fn, loader, parts.accum, parts.rt, parts.scaler
-    )
+    loss_t, extra_t, n_tokens = _accumulate(parts, loss_fn, loader)
     n_tokens *= parts.rt.env.world_size
     norm_t = _clip(parts.model, parts.optimizer, parts.scaler, cfg.grad_clip)
     # The step's one host sync: the skip decision needs loss and norm on the CPU, and the
@@ -344,13 +344,14 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def _accumulate(
-    model: nn.Module, loss_fn: LossFn, loader: Iterator[Batch], accum: int, rt: Runtime, scaler: Any
+    parts: _Parts, loss_fn: LossFn, loader: Iterator[Batch]
 ) -> tuple[torch.Tensor, dict[str, Any], int]:
-    """Forward/backward over `accum` micro-batches; returns mean loss, mean metrics, tokens.
+    """Forward/backward over parts.accum micro-batches; returns mean loss, mean metrics, tokens.
 
     The loss (and any tensor metric) stays on the device: reading it here would stall the GPU
     once per micro-batch.
     """
+    model, accum, rt = parts.model, parts.accum, parts.rt
     total = torch.zeros((), device=rt.device)
     extra: dict[str, Any] = {}
     n_tokens = 0
@@ -360,8 +361,8 @@ def _accumulate(
         with no_sync(model, skip_sync=micro < accum - 1):  # DDP: forward and backward inside
             with autocast(rt):
                 loss, metrics = loss_fn(model, batch)
-            metrics = {**metrics, **routing_metrics(model)}  # a mixture of experts' balance
-            scaler.scale(loss / accum).backward()
+            metrics = {**metrics, **routing_metrics(parts.moe)}  # a mixture of experts' balance
+            parts.scaler.scale(loss / accum).backward()
         total += loss.detach().float()
         for key, value in metrics.items():
             value = value.detach().float() if torch.is_tensor(value) else float(value)

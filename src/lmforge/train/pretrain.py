@@ -173,8 +173,9 @@ def _build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
             )
     else:
         overrides = {"vocab_size": vocab_size, **cfg.model.overrides()}
-        model = Transformer(preset_config(cfg.model.preset, **overrides))
-        _check_routing_overrides(cfg.model, model.config.num_experts)
+        config = preset_config(cfg.model.preset, **overrides)
+        _check_routing_overrides(cfg.model, config.num_experts)  # before building its weights
+        model = Transformer(config)
     if model.config.causal != (cfg.objective == "clm"):
         kind = "a causal decoder" if model.config.causal else "a bidirectional encoder"
         fix = "a bert-* preset" if cfg.objective == "mlm" else "a decoder preset or objective=mlm"
@@ -240,12 +241,11 @@ def build(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     result = train(
         model, loss_fn, loader, tc, ctx, eval_fn=evaluate, flops_per_token=flops, runtime=rt
     )
-    if rt.env.is_main:
-        _write_outputs(cfg, ctx, result)
+    rows = _write_outputs(cfg, ctx, result) if rt.env.is_main else []
     barrier()
     headline = _headline(result, n_params)
     if model.config.num_experts:
-        headline.update(_routing_headline(ctx.out / "metrics.jsonl"))
+        headline.update(_routing_headline(rows))
     if initial is not None:
         headline.update(objective="mlm", initial_val_loss=_round(initial))
     return headline
@@ -280,9 +280,11 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) -> None:
+def _write_outputs(
+    cfg: PretrainConfig, ctx: StageContext, result: TrainResult
+) -> list[dict[str, Any]]:
     """final/ (model, generation_config.json, tokenizer; renamed into place complete), loss.png,
-    TensorBoard events."""
+    TensorBoard events; returns the run's metrics.jsonl rows, read back once for them."""
     from lmforge.model.convert import save_pretrained
 
     model = result.model
@@ -305,6 +307,7 @@ def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result: TrainResult) 
     plot_losses(rows, ctx.out / "loss.png", title=f"pretrain ({cfg.model.preset})")
     shutil.rmtree(ctx.out / "tensorboard", ignore_errors=True)
     write_tensorboard(rows, ctx.out / "tensorboard")
+    return rows
 
 
 def _headline(result: TrainResult, n_params: int) -> dict[str, Any]:
@@ -324,10 +327,11 @@ def _headline(result: TrainResult, n_params: int) -> dict[str, Any]:
     }
 
 
-def _routing_headline(metrics_path: Path) -> dict[str, float]:
-    """A mixture of experts' balance at its last logged step: the load-balancing loss and the
+def _routing_headline(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """A mixture of experts' balance at its last logged step (of metrics.jsonl's rows; none on a
+    rank other than the main one, which writes no manifest): the load-balancing loss and the
     busiest expert's load over its fair share (model.moe.routing_metrics)."""
-    rows = [r for r in read_metrics(metrics_path) if "moe_aux_loss" in r]
+    rows = [r for r in rows if "moe_aux_loss" in r]
     return {k: _round(rows[-1][k]) for k in ("moe_aux_loss", "moe_max_load")} if rows else {}
 
 

@@ -48,9 +48,13 @@ def unreached_experts(src: Path, ids: torch.Tensor) -> list[int]:
     """Experts of the first MoE layer no token of ids is routed to (its inputs are the float
     embeddings, so calibration routes them the same way)."""
     model = load_pretrained(src)
+    layer = moe_layers(model)[0]
+    chosen: list[torch.Tensor] = []  # the router's top-k per token (the softmax keeps the order)
+    layer.router.register_forward_hook(lambda *a: chosen.append(a[2].topk(layer.top_k).indices))
     with torch.no_grad():
         model(ids)
-    return [e for e, n in enumerate(moe_layers(model)[0].stats.assigned.tolist()) if n == 0]
+    counts = torch.bincount(chosen[0].flatten(), minlength=layer.num_experts)
+    return [e for e, n in enumerate(counts.tolist()) if n == 0]
 
 
 def rtn_weight_of(original: torch.nn.Module, loaded: torch.nn.Module, name: str) -> bool:

@@ -212,3 +212,16 @@ def test_compiled_decoding_runs_the_experts_eagerly_and_equals_recomputing(monke
     with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
         compiled = generate(model, idx, 12, greedy=True, compile="on")
     assert torch.equal(compiled, generate(model, idx, 12, greedy=True, use_cache=False))
+
+
+def test_router_statistics_are_kept_by_training_forwards_only():
+    """An eval-mode forward (generation, validation) computes none and drops the last ones, so
+    nothing reads a training step's routing as an eval batch's."""
+    model = _moe()
+    idx = torch.randint(0, 32, (2, 8))
+    model.train()(idx)
+    assert all(m.stats is not None and m.stats.n_tokens == 16 for m in model.moe_layers)
+    with torch.no_grad():
+        model.eval()(idx)
+    assert all(m.stats is None for m in model.moe_layers)
+    assert model.moe_layers == moe_layers(model) and len(model.moe_layers) == 2
