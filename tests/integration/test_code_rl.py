@@ -20,6 +20,7 @@ from lmforge.align.code_synthetic import (
 from lmforge.common.code_exec import run_jobs
 from lmforge.common.code_problems import code_problem
 from lmforge.common.io import read_jsonl
+from lmforge.errors import ConfigError
 from lmforge.runner import builtin_recipe, run_recipe
 
 pytestmark = pytest.mark.integration
@@ -62,6 +63,13 @@ def test_more_sft_examples_than_train_problems_is_refused() -> None:
         CodeProblemsConfig(out=Path("x"), train_problems=4, sft_examples=5)
 
 
+def test_more_problems_than_the_templates_give_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    held = split_constants(rng, 0.3)
+    with pytest.raises(ConfigError, match="train_problems=2000, but the templates give only 530"):
+        draw_problems(rng, 2000, held, test=False)
+
+
 def unbiased_pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
@@ -72,7 +80,6 @@ def micro_recipe(folder: Path) -> Path:
     recipe = yaml.safe_load(builtin_recipe("code-rl").read_text())
     stages = recipe["stages"]
     stages["problems"].update(train_problems=40, test_problems=4, sft_examples=8)
-    stages["data"]["language"] = {"enabled": False}
     stages["tokenizer"]["vocab_size"] = 300
     stages["pretrain"]["model"] = {"preset": "micro"}
     stages["grpo"]["grpo"].update(
@@ -89,7 +96,6 @@ def micro_recipe(folder: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # about 35 s on the 2-core VM: eight stages and 24 sandboxed programs
 def test_code_rl_recipe_micro(tmp_path: Path) -> None:
     results = dict(run_recipe(micro_recipe(tmp_path), out=tmp_path / "run"))
     assert list(results) == [
@@ -98,6 +104,9 @@ def test_code_rl_recipe_micro(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert len(list(read_jsonl(run / "problems/problems_test.jsonl"))) == 4
     assert len(list(read_jsonl(run / "problems/sft.jsonl"))) == 8
+    first = next(iter(read_jsonl(run / "problems/problems_train.jsonl")))
+    corpus = next(iter(read_jsonl(run / "problems/corpus.jsonl")))["text"]
+    assert corpus == first["prompt"] + sft_pair(first)["output"]  # the prompt, then its answer
     assert (run / "grpo/final").is_dir()
     eval_json = json.loads((run / "eval/eval.json").read_text())
     for model in ("sft", "grpo"):

@@ -1,13 +1,15 @@
 """Built-in small Python problems in HumanEval form for RL on code (kind `code_problems`).
 
 Each problem is a one-line function from a template (arithmetic on an int, a string edit, a list
-comprehension) with a drawn function name, argument name and constant: a HumanEval record
-{task_id, prompt (signature + docstring), canonical_solution, test, entry_point}. The constants
+comprehension) with a drawn argument name (the function is named after both) and constant: a
+HumanEval record {task_id, prompt (signature + docstring), canonical_solution, test, entry_point}. The constants
 split by a seeded draw: a held-out share of each template's constants appears only in test
 problems, so a model passes them by reading the docstring, not by recalling a training function.
 Writes problems_{train,test}.jsonl (what eval's `code` task and GRPO's `code_tests` reward read),
-corpus.jsonl (the train problems' whole functions as {"text"}, for pretraining), sft.jsonl (the
-first `sft_examples` train problems as chat pairs: the prompt, the whole function) and stats.json.
+corpus.jsonl (each train problem's prompt followed by the whole function that answers it, as
+{"text"}, for pretraining: a model that never saw a prompt restated does not copy its function
+name), sft.jsonl (the first `sft_examples` train problems as chat pairs: the prompt, the whole
+function) and stats.json.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from pydantic import Field, model_validator
 from lmforge.artifacts import StageContext
 from lmforge.common.io import write_jsonl
 from lmforge.config import StageConfig
+from lmforge.errors import ConfigError
 
 NUMBERS = tuple(range(2, 30))
 WORDS = ("ab", "cat", "dog", "sun", "pre", "top", "red", "max", "low", "net", "fox", "key")
-VERBS = ("get", "make", "compute", "find", "calc", "build", "take", "form")
-NOUNS = ("value", "result", "output", "answer", "total", "item", "thing", "score")
 INPUTS = {"int": [0, 1, 3, 7, 12], "str": ["", "a", "hello", "xyz"],
           "list": [[], [1, 2, 3], [5, 0, 9, 4], [7, 7, 2, 11, 3, 8]]}  # fmt: skip
 ARGS = {
@@ -67,8 +68,10 @@ TEMPLATES = (
 class CodeProblemsConfig(StageConfig):
     """`stage: code_problems` in a recipe: seeded one-line Python problems, HumanEval form."""
 
-    train_problems: int = Field(400, ge=1, description="problems in problems_train.jsonl")
-    test_problems: int = Field(64, ge=1, description="held-out problems in problems_test.jsonl")
+    train_problems: int = Field(
+        530, ge=1, description="problems in problems_train.jsonl (530: every distinct one)"
+    )
+    test_problems: int = Field(48, ge=1, description="held-out problems in problems_test.jsonl")
     sft_examples: int = Field(
         32, ge=0, description="train problems also written as chat pairs to sft.jsonl (few, so "
         "RL has room to improve)",
@@ -120,8 +123,8 @@ def draw_problems(
     rng: np.random.Generator, count: int, held: dict[str, set[Any]], test: bool
 ) -> list[dict[str, Any]]:
     """count problems over the templates in turn, constants from the held-out set (test) or the
-    rest (train), with drawn function and argument names; a split repeats no (template,
-    constant, name) triple."""
+    rest (train), with a drawn argument name; a split repeats no (template, constant, name)
+    triple."""
     split = "test" if test else "train"
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, Any, str]] = set()
@@ -131,12 +134,17 @@ def draw_problems(
         t = TEMPLATES[i % len(TEMPLATES)]
         pool = [c for c in t.constants if (c in held[t.name]) == test]
         c = pool[int(rng.integers(len(pool)))]
-        func = f"{VERBS[int(rng.integers(len(VERBS)))]}_{NOUNS[int(rng.integers(len(NOUNS)))]}"
         arg = ARGS[t.kind][int(rng.integers(len(ARGS[t.kind])))]
+        func = f"{t.name}_{arg}"  # drawn names (get_value, ...) were not copied by a tiny model
         if (t.name, c, func) in seen:
             continue
         seen.add((t.name, c, func))
         out.append(problem(t, c, func, arg, f"lmforge/{split}/{len(out)}"))
+    if len(out) < count:
+        raise ConfigError(
+            f"code_problems: {split}_problems={count}, but the templates give only {len(out)} "
+            f"distinct {split} problems at this heldout_fraction; ask for at most {len(out)}"
+        )
     return out
 
 
@@ -155,8 +163,8 @@ def build(cfg: CodeProblemsConfig, ctx: StageContext) -> dict[str, Any]:
     test = draw_problems(rng, cfg.test_problems, held, test=True)
     write_jsonl(ctx.out / "problems_train.jsonl", train)
     write_jsonl(ctx.out / "problems_test.jsonl", test)
-    write_jsonl(ctx.out / "corpus.jsonl",
-                [{"text": r["prompt"] + r["canonical_solution"]} for r in train])  # fmt: skip
+    corpus = [{"text": r["prompt"] + sft_pair(r)["output"]} for r in train]
+    write_jsonl(ctx.out / "corpus.jsonl", corpus)
     write_jsonl(ctx.out / "sft.jsonl", [sft_pair(r) for r in train[: cfg.sft_examples]])
     stats = {
         "train": len(train), "test": len(test), "sft": min(cfg.sft_examples, len(train)),
