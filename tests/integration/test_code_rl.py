@@ -108,6 +108,8 @@ def test_code_rl_recipe_micro(tmp_path: Path) -> None:
     corpus = next(iter(read_jsonl(run / "problems/corpus.jsonl")))["text"]
     assert corpus == first["prompt"] + sft_pair(first)["output"]  # the prompt, then its answer
     assert (run / "grpo/final").is_dir()
+    manifest = json.loads((run / "problems/manifest.json").read_text())
+    assert len(manifest["inputs"]["code_problems"]) == 16  # the generator's bytes key the cache
     eval_json = json.loads((run / "eval/eval.json").read_text())
     for model in ("sft", "grpo"):
         result = eval_json["results"][model]["heldout_code"]

@@ -14,8 +14,10 @@ function) and stats.json.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,6 +82,11 @@ class CodeProblemsConfig(StageConfig):
         0.3, gt=0, lt=1, description="share of each template's constants kept for test problems"
     )
     seed: int = Field(0, description="seed of the constant split and of every draw")
+
+    def input_versions(self) -> dict[str, str]:
+        """This module's bytes: the problems come from its templates, so a changed template (or
+        naming) rebuilds a cached stage as a changed setting would."""
+        return {"code_problems": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
 
     @model_validator(mode="after")
     def _sft_within_train(self) -> CodeProblemsConfig:
