@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "tune": "lmforge.tune.stage:TuneConfig:build",
     "align": "lmforge.align.stage:AlignConfig:build",
     "preferences": "lmforge.align.synthetic:PreferencesConfig:build",
+    "code_problems": "lmforge.align.code_synthetic:CodeProblemsConfig:build",
     "compress": "lmforge.compress.stage:CompressConfig:build",
     "feedback-export": "lmforge.serve.feedback_export:FeedbackExportConfig:build",
     "knowledge-base": "lmforge.serve.recipe_config:KnowledgeBaseStage:build_kb",
