@@ -81,7 +81,8 @@ def sample_and_score(
     lengths = [sum(t not in stops for t in a) for a in answers]
     to_device(rewards, device)
     batch = Answers(prompts, answer_texts(tok, answers), [r.reference for r in records], lengths,
-                    [r.code for r in records], [r.tool_conversation for r in records])  # fmt: skip
+                    [r.code for r in records], [r.tool_conversation for r in records],
+                    answer_texts(tok, answers, strip=False))  # fmt: skip
     total, each = score_answers(rewards, batch)
     ids, labels = answer_rows(prompt_ids, answers, tok.pad_id)
     return ids.to(device), labels.to(device), total, each

@@ -14,7 +14,9 @@ reference answers (None where a record has none) and each answer's token count. 
 - python: a user function "module:function" or "path/to/file.py:function", called as
   f(prompts, answers, references) with lists (each prompt's messages as its record wrote them,
   a tool conversation's in OpenAI's form), returning one finite number per answer.
-- code_tests: the answer (its first ```python block if it has one) run against its record's
+- code_tests: the answer as decoded (not stripped: a body keeps its indentation; its first
+  ```python block if it has one; cut at the problem's stop strings, as the code eval reads a
+  chat answer) run against its record's
   HumanEval/MBPP tests in the code sandbox (common.code_exec), all answers of a batch in
   parallel: 1.0 if it passes, else 0.0; with partial, the fraction of the asserts passed.
   Refused unless the spec sets allow_code_execution.
@@ -37,8 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.common.code_exec import SandboxLimits, require_opt_in, run_jobs
-from lmforge.common.code_problems import CodeProblem, extract_code
+from lmforge.common.code_problems import CodeProblem
 from lmforge.errors import ConfigError
+from lmforge.evals.code_eval import answer_code
 from lmforge.finetune.evaluate import rouge_l
 
 NEEDS_REFERENCE = ("rouge_l", "exact", "contains")
@@ -55,6 +58,9 @@ class Answers:
     code: list[CodeProblem | None] = field(default_factory=list)  # each record's tests
     # each record's tool conversation (OpenAI form and tools, align.prefs.prompt_fields) or None
     tool_conversations: list[dict[str, Any] | None] = field(default_factory=list)
+    # the answers as decoded, not stripped (code rewards: an indented body is a program); when
+    # not given (answers built by hand), texts
+    raw_texts: list[str] = field(default_factory=list)
 
     def as_written(self) -> list[list[dict[str, Any]]]:
         """Each prompt as its record wrote it: a tool conversation's OpenAI messages (assistant
@@ -177,7 +183,11 @@ def _code_tests(limits: SandboxLimits, partial: bool) -> Callable[[Answers], Ten
     def call(a: Answers) -> Tensor:
         if len(a.code) != len(a.texts) or any(p is None for p in a.code):
             raise ConfigError("a code_tests reward needs every answer's record to carry tests")
-        jobs = [p.job(extract_code(t)) for p, t in zip(a.code, a.texts, strict=True)]
+        texts = a.raw_texts or a.texts
+        # the eval's reading of a chat answer (evals.code_eval.answer_code): its first fenced
+        # block, cut at the problem's stop strings, so a reward and pass@k judge the same program
+        jobs = [p.job(answer_code(t, p.default_stops, chat=True))
+                for p, t in zip(a.code, texts, strict=True)]  # fmt: skip
         results = run_jobs(jobs, limits)
         if partial:
             return torch.tensor([r.tests_passed / max(r.tests_total, 1) for r in results])

@@ -102,10 +102,12 @@ def cut_prompts_warning(
     )
 
 
-def answer_texts(tok: Any, answers: list[list[int]]) -> list[str]:
-    """Each answer decoded without its stop token, stripped (what a reward reads)."""
+def answer_texts(tok: Any, answers: list[list[int]], strip: bool = True) -> list[str]:
+    """Each answer decoded without its stop token, stripped (what a text reward reads) unless
+    strip=False (code: a body's leading indentation is part of the program)."""
     stops = set(tok.stop_ids())
-    return [tok.decode([t for t in a if t not in stops]).strip() for a in answers]
+    texts = [tok.decode([t for t in a if t not in stops]) for a in answers]
+    return [t.strip() for t in texts] if strip else texts
 
 
 def answer_rows(

@@ -127,3 +127,33 @@ def test_grpo_trains_on_code_tests_and_refuses_records_without_tests(tmp_path, m
     data.write_text(data.read_text() + json.dumps({"prompt": "no tests"}) + "\n")
     with pytest.raises(InputError, match=r"code\.jsonl line 13: no code tests.*code_tests"):
         align(cfg.model_copy(update={"out": tmp_path / "again"}))
+
+
+class _Tok:
+    """decode/stop_ids of a character tokenizer: ids are code points, 0 the stop token."""
+
+    def stop_ids(self) -> list[int]:
+        return [0]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(map(chr, ids))
+
+
+def test_code_rewards_read_the_answer_as_decoded_and_as_the_eval_cuts_it() -> None:
+    """GRPO strips answers for text rewards, but a completion's body keeps its indentation for
+    code_tests, and an answer is cut at the problem's stop strings as the code eval cuts it."""
+    from lmforge.align.rollout import answer_texts
+
+    body = [ord(c) for c in "    return x + 1\n"] + [0]
+    assert answer_texts(_Tok(), [body]) == ["return x + 1"]
+    raw = answer_texts(_Tok(), [body], strip=False)
+    assert raw == ["    return x + 1\n"]
+    problem = code_problem(HUMANEVAL, "he")
+    fns = build_rewards([RewardSpec(kind="code_tests", allow_code_execution=True, timeout_s=1.0)],
+                        tok=None, vocab_size=0, seq_len=0)  # fmt: skip
+    trailing = "def inc(x):\n    return x + 1\nprint(undefined_name)\n"  # cut at "\nprint"
+    texts = ["return x + 1", trailing.strip()]
+    batch = Answers([PROMPT] * 2, texts, [None] * 2, [1] * 2, [problem] * 2, [], [raw[0], trailing])
+    assert score_answers(fns, batch)[0].tolist() == [1.0, 1.0]
+    stripped_only = Answers([PROMPT], texts[:1], [None], [1], [problem])
+    assert score_answers(fns, stripped_only)[0].tolist() == [0.0]  # the body lost its indent
