@@ -1,6 +1,7 @@
 """`lmforge serve`: the OpenAI-compatible server (the group's own callback) and `serve bench`.
 
-The flags are validated before torch and FastAPI are imported.
+The flags are validated before FastAPI and the models are loaded (serve.settings imports torch
+through model.convert, so a bad flag still costs torch's import).
 """
 
 from __future__ import annotations
