@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from lmforge.align.code_synthetic import (
+    ARGS,
     TEMPLATES,
     CodeProblemsConfig,
     build,
     draw_problems,
+    problem,
     sft_pair,
     split_constants,
 )
@@ -60,6 +62,14 @@ def test_test_constants_are_held_out_and_draws_are_seeded() -> None:
         assert seen and unseen and not seen & unseen, t.name
     assert problems(0) == (train, test)
     assert problems(1) != (train, test)
+
+
+def test_tests_tell_every_two_constants_of_a_template_apart() -> None:
+    """A function written with another of its template's constants fails the tests (else a
+    model passes a held-out problem without reading its constant)."""
+    for t in TEMPLATES:
+        tests = {problem(t, c, "f", ARGS[t.kind][0], "t")["test"] for c in t.constants}
+        assert len(tests) == len(t.constants), t.name
 
 
 def test_more_sft_examples_than_train_problems_is_refused() -> None:

@@ -33,8 +33,11 @@ from lmforge.errors import ConfigError
 
 NUMBERS = tuple(range(2, 30))
 WORDS = ("ab", "cat", "dog", "sun", "pre", "top", "red", "max", "low", "net", "fox", "key")
-INPUTS = {"int": [0, 1, 3, 7, 12], "str": ["", "a", "hello", "xyz"],
-          "list": [[], [1, 2, 3], [5, 0, 9, 4], [7, 7, 2, 11, 3, 8]]}  # fmt: skip
+# the tests' inputs tell every two constants of a template apart: ints above the largest
+# constant (x % 22 and x % 26 agree on every x below 22, so a wrong constant passed) and list
+# items covering 0..12 (v > 9 and v > 10 agree unless an item is 10)
+INPUTS = {"int": [0, 1, 3, 7, 12, 45, 100], "str": ["", "a", "hello", "xyz"],
+          "list": [[], [1, 2, 3], [5, 0, 9, 4], [7, 7, 2, 11, 3, 8], [10, 6, 12]]}  # fmt: skip
 ARGS = {
     "int": ("x", "n", "a", "num"),
     "str": ("s", "text", "word"),
