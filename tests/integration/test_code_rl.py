@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from math import comb
 from pathlib import Path
 
@@ -11,15 +12,20 @@ import pytest
 import yaml
 
 from lmforge.align.code_synthetic import (
+    ARGS,
     TEMPLATES,
     CodeProblemsConfig,
+    build,
     draw_problems,
+    problem,
     sft_pair,
     split_constants,
 )
+from lmforge.artifacts import StageContext
 from lmforge.common.code_exec import run_jobs
 from lmforge.common.code_problems import code_problem
 from lmforge.common.io import read_jsonl
+from lmforge.common.logging import MetricsWriter
 from lmforge.errors import ConfigError
 from lmforge.runner import builtin_recipe, run_recipe
 
@@ -58,6 +64,14 @@ def test_test_constants_are_held_out_and_draws_are_seeded() -> None:
     assert problems(1) != (train, test)
 
 
+def test_tests_tell_every_two_constants_of_a_template_apart() -> None:
+    """A function written with another of its template's constants fails the tests (else a
+    model passes a held-out problem without reading its constant)."""
+    for t in TEMPLATES:
+        tests = {problem(t, c, "f", ARGS[t.kind][0], "t")["test"] for c in t.constants}
+        assert len(tests) == len(t.constants), t.name
+
+
 def test_more_sft_examples_than_train_problems_is_refused() -> None:
     with pytest.raises(ValueError, match="sft_examples=5 exceeds train_problems=4"):
         CodeProblemsConfig(out=Path("x"), train_problems=4, sft_examples=5)
@@ -68,6 +82,38 @@ def test_more_problems_than_the_templates_give_is_refused() -> None:
     held = split_constants(rng, 0.3)
     with pytest.raises(ConfigError, match="train_problems=2000, but the templates give only 530"):
         draw_problems(rng, 2000, held, test=False)
+
+
+def test_rl_constants_reach_only_the_rl_prompts(tmp_path: Path) -> None:
+    """rl_fraction keeps a share of train constants out of the corpus and the SFT pairs: their
+    problems are RL prompts whose functions pretraining never showed."""
+    cfg = CodeProblemsConfig(out=tmp_path, sft_examples=400, rl_fraction=0.2)
+    ctx = StageContext(tmp_path, "problems", logging.getLogger("t"), MetricsWriter(tmp_path / "m"))
+    build(cfg, ctx)
+    train = list(read_jsonl(tmp_path / "problems_train.jsonl"))
+    rl = list(read_jsonl(tmp_path / "problems_rl.jsonl"))
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    corpus = "".join(r["text"] for r in read_jsonl(tmp_path / "corpus.jsonl"))
+    sft = "".join(r["instruction"] for r in read_jsonl(tmp_path / "sft.jsonl"))
+    assert 0 < len(rl) == stats["rl"] < len(train) and all(r in train for r in rl)
+    for t in TEMPLATES:
+        rl_constants = set(stats["rl_constants"][t.name])
+        kept = {r["constant"] for r in train if r["template"] == t.name} - rl_constants
+        assert kept and not rl_constants & set(stats["heldout_constants"][t.name]), t.name
+        assert rl_constants == {r["constant"] for r in rl if r["template"] == t.name}
+    assert not any(r["prompt"] in corpus or r["prompt"] in sft for r in rl)
+    # more SFT pairs asked for than the corpus has: every corpus problem, none of the RL ones
+    assert len(list(read_jsonl(tmp_path / "sft.jsonl"))) == stats["sft"] == len(train) - len(rl)
+
+
+def test_no_rl_fraction_draws_what_it_drew_before(tmp_path: Path) -> None:
+    """rl_fraction 0 writes no problems_rl.jsonl and the problems of the same seed as ever."""
+    ctx = StageContext(tmp_path, "problems", logging.getLogger("t"), MetricsWriter(tmp_path / "m"))
+    build(
+        CodeProblemsConfig(out=tmp_path, train_problems=22, test_problems=22, sft_examples=4), ctx
+    )
+    assert not (tmp_path / "problems_rl.jsonl").exists()
+    assert list(read_jsonl(tmp_path / "problems_train.jsonl")) == problems()[0]
 
 
 def unbiased_pass_at_k(n: int, c: int, k: int) -> float:

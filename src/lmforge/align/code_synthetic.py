@@ -9,7 +9,10 @@ Writes problems_{train,test}.jsonl (what eval's `code` task and GRPO's `code_tes
 corpus.jsonl (each train problem's prompt followed by the whole function that answers it, as
 {"text"}, for pretraining: a model that never saw a prompt restated does not copy its function
 name), sft.jsonl (the first `sft_examples` train problems as chat pairs: the prompt, the whole
-function) and stats.json.
+function) and stats.json. With `rl_fraction`, a further share of each template's train constants
+is kept out of corpus.jsonl and sft.jsonl: their problems go to problems_rl.jsonl, prompts whose
+reward a model earns only by reading the docstring's constant, as it must on test problems (on a
+problem pretraining showed verbatim, recalling the function earns it just as well).
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from lmforge.errors import ConfigError
 
 NUMBERS = tuple(range(2, 30))
 WORDS = ("ab", "cat", "dog", "sun", "pre", "top", "red", "max", "low", "net", "fox", "key")
-INPUTS = {"int": [0, 1, 3, 7, 12], "str": ["", "a", "hello", "xyz"],
-          "list": [[], [1, 2, 3], [5, 0, 9, 4], [7, 7, 2, 11, 3, 8]]}  # fmt: skip
+# the tests' inputs tell every two constants of a template apart: ints above the largest
+# constant (x % 22 and x % 26 agree on every x below 22, so a wrong constant passed) and list
+# items covering 0..12 (v > 9 and v > 10 agree unless an item is 10)
+INPUTS = {"int": [0, 1, 3, 7, 12, 45, 100], "str": ["", "a", "hello", "xyz"],
+          "list": [[], [1, 2, 3], [5, 0, 9, 4], [7, 7, 2, 11, 3, 8], [10, 6, 12]]}  # fmt: skip
 ARGS = {
     "int": ("x", "n", "a", "num"),
     "str": ("s", "text", "word"),
@@ -81,6 +87,11 @@ class CodeProblemsConfig(StageConfig):
     heldout_fraction: float = Field(
         0.3, gt=0, lt=1, description="share of each template's constants kept for test problems"
     )
+    rl_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of each template's constants whose train problems "
+        "only problems_rl.jsonl holds (not corpus.jsonl or sft.jsonl): RL prompts with constants "
+        "the model never saw in a function (0: none, no problems_rl.jsonl)",
+    )  # fmt: skip
     seed: int = Field(0, description="seed of the constant split and of every draw")
 
     def input_versions(self) -> dict[str, str]:
@@ -126,6 +137,19 @@ def split_constants(rng: np.random.Generator, fraction: float) -> dict[str, set[
     return held
 
 
+def split_rl_constants(
+    rng: np.random.Generator, fraction: float, held: dict[str, set[Any]]
+) -> dict[str, set[Any]]:
+    """Per template, train constants kept for RL prompts only (none at fraction 0; at least one
+    constant stays for pretraining)."""
+    rl: dict[str, set[Any]] = {}
+    for t in TEMPLATES:
+        train = [c for c in t.constants if c not in held[t.name]]
+        k = min(len(train) - 1, round(fraction * len(t.constants)))
+        rl[t.name] = {train[i] for i in rng.permutation(len(train))[:k]}
+    return rl
+
+
 def draw_problems(
     rng: np.random.Generator, count: int, held: dict[str, set[Any]], test: bool
 ) -> list[dict[str, Any]]:
@@ -163,21 +187,29 @@ def sft_pair(record: dict[str, Any]) -> dict[str, str]:
 
 
 def build(cfg: CodeProblemsConfig, ctx: StageContext) -> dict[str, Any]:
-    """Writes problems_{train,test}.jsonl, corpus.jsonl, sft.jsonl and stats.json."""
+    """Writes problems_{train,test}.jsonl, corpus.jsonl, sft.jsonl, stats.json and (rl_fraction
+    > 0) problems_rl.jsonl."""
     rng = np.random.default_rng(cfg.seed)
     held = split_constants(rng, cfg.heldout_fraction)
     train = draw_problems(rng, cfg.train_problems, held, test=False)
     test = draw_problems(rng, cfg.test_problems, held, test=True)
+    # its own stream, so rl_fraction 0 draws the problems it drew before the field existed
+    rl = split_rl_constants(np.random.default_rng([cfg.seed, 1]), cfg.rl_fraction, held)
+    seen = [r for r in train if r["constant"] not in rl[r["template"]]]
     write_jsonl(ctx.out / "problems_train.jsonl", train)
     write_jsonl(ctx.out / "problems_test.jsonl", test)
-    corpus = [{"text": r["prompt"] + sft_pair(r)["output"]} for r in train]
+    if cfg.rl_fraction > 0:
+        write_jsonl(ctx.out / "problems_rl.jsonl", [r for r in train if r not in seen])
+    corpus = [{"text": r["prompt"] + sft_pair(r)["output"]} for r in seen]
     write_jsonl(ctx.out / "corpus.jsonl", corpus)
-    write_jsonl(ctx.out / "sft.jsonl", [sft_pair(r) for r in train[: cfg.sft_examples]])
+    write_jsonl(ctx.out / "sft.jsonl", [sft_pair(r) for r in seen[: cfg.sft_examples]])
     stats = {
-        "train": len(train), "test": len(test), "sft": min(cfg.sft_examples, len(train)),
+        "train": len(train), "test": len(test), "sft": min(cfg.sft_examples, len(seen)),
+        "rl": len(train) - len(seen),
         "train_templates": dict(Counter(r["template"] for r in train)),
         "test_templates": dict(Counter(r["template"] for r in test)),
         "heldout_constants": {k: sorted(v, key=str) for k, v in held.items()},
+        "rl_constants": {k: sorted(v, key=str) for k, v in rl.items()},
     }  # fmt: skip
     ctx.atomic_write_json(ctx.out / "stats.json", stats)
     return {"train_problems": len(train), "test_problems": len(test), "sft_examples": stats["sft"]}
