@@ -4,7 +4,8 @@ A record (one per line of .jsonl[.gz|.zst] files, align.prefs.record_files) need
 string or messages, as align.prefs) and may carry a reference answer: `reference`, else `answer`,
 else a preference pair's `chosen`, else a ranked list's best, and, when a code_tests reward runs
 them, code tests (HumanEval's `test` + `entry_point`, or MBPP's `test_list`/`tests`,
-common.code_problems; without such a reward those fields are ordinary data, never parsed). A
+common.code_problems; without such a reward those fields are ordinary data, never parsed; an
+MBPP record with only `text` is prompted as the code eval prompts it: its text and first test). A
 prompt seen again keeps its first record; a tool conversation keeps its OpenAI form, which the
 prompt is sampled from as it was served. Rewards that compare with a reference (rouge_l, exact,
 contains) refuse data in which a record has none, and code_tests data without tests, naming its
@@ -50,10 +51,12 @@ def _reference(record: dict[str, Any]) -> str | None:
 
 def _record(record: dict[str, Any], where: str, with_tests: bool) -> PromptRecord:
     try:
+        code = code_problem(record, where) if with_tests and has_tests(record) else None
+        if "prompt" not in record and code is not None:  # MBPP's {text, test_list}
+            record = {**record, "prompt": code.default_prompt()}  # as the code eval shows it
         if "prompt" not in record:
             raise ValueError(f"record with keys {sorted(record)} has no prompt")
         fields = prompt_fields(record)
-        code = code_problem(record, where) if with_tests and has_tests(record) else None
         return PromptRecord(fields["prompt"], _reference(record), where,
                             fields.get("tool_conversation"), code)  # fmt: skip
     except ValueError as err:

@@ -93,6 +93,18 @@ def test_prompt_records_carry_their_tests(tmp_path: Path) -> None:
         load_prompt_records(path, with_tests=True)
 
 
+def test_an_mbpp_record_with_only_text_is_prompted_as_the_code_eval_prompts_it(tmp_path) -> None:
+    path = tmp_path / "mbpp.jsonl"
+    text_only = {"text": "Write dbl(x), twice x.", "test_list": MBPP["test_list"]}
+    path.write_text(json.dumps(text_only) + "\n")
+    (record,) = load_prompt_records(path, with_tests=True)
+    shown = record.code.default_prompt()
+    assert record.prompt == [{"role": "user", "content": shown}]
+    assert "Write dbl(x)" in shown and "assert dbl(2) == 4" in shown
+    with pytest.raises(InputError, match=r"mbpp\.jsonl line 1: record with keys .* no prompt"):
+        load_prompt_records(path)  # without a code_tests reward a prompt is still needed
+
+
 def test_tests_fields_are_ordinary_data_without_a_code_tests_reward(tmp_path: Path) -> None:
     # a `tests` field that is not a list of asserts, or HumanEval-like keys, in data read for
     # other rewards: neither parsed nor refused
