@@ -195,17 +195,19 @@ def build(cfg: CodeProblemsConfig, ctx: StageContext) -> dict[str, Any]:
     test = draw_problems(rng, cfg.test_problems, held, test=True)
     # its own stream, so rl_fraction 0 draws the problems it drew before the field existed
     rl = split_rl_constants(np.random.default_rng([cfg.seed, 1]), cfg.rl_fraction, held)
+    rl_only = [r for r in train if r["constant"] in rl[r["template"]]]
     seen = [r for r in train if r["constant"] not in rl[r["template"]]]
     write_jsonl(ctx.out / "problems_train.jsonl", train)
     write_jsonl(ctx.out / "problems_test.jsonl", test)
     if cfg.rl_fraction > 0:
-        write_jsonl(ctx.out / "problems_rl.jsonl", [r for r in train if r not in seen])
-    corpus = [{"text": r["prompt"] + sft_pair(r)["output"]} for r in seen]
-    write_jsonl(ctx.out / "corpus.jsonl", corpus)
-    write_jsonl(ctx.out / "sft.jsonl", [sft_pair(r) for r in seen[: cfg.sft_examples]])
+        write_jsonl(ctx.out / "problems_rl.jsonl", rl_only)
+    pairs = [sft_pair(r) for r in seen]
+    write_jsonl(ctx.out / "corpus.jsonl", [{"text": r["prompt"] + p["output"]}
+                                           for r, p in zip(seen, pairs, strict=True)])  # fmt: skip
+    write_jsonl(ctx.out / "sft.jsonl", pairs[: cfg.sft_examples])
     stats = {
         "train": len(train), "test": len(test), "sft": min(cfg.sft_examples, len(seen)),
-        "rl": len(train) - len(seen),
+        "rl": len(rl_only),
         "train_templates": dict(Counter(r["template"] for r in train)),
         "test_templates": dict(Counter(r["template"] for r in test)),
         "heldout_constants": {k: sorted(v, key=str) for k, v in held.items()},
